@@ -1,0 +1,280 @@
+//! Scanning one file: opened safely, read once, matched against every rule of a [`RuleSet`].
+//!
+//! Safety rules: the file is opened with `O_NOFOLLOW | O_NONBLOCK` and checked with `fstat` on
+//! the open descriptor, so a FIFO, socket or device is never read (and never blocks us), and a
+//! symlink swapped in after the directory walk is not followed. Files that vanish, shrink, grow or
+//! cannot be read are skipped with a [`SkipReason`]; nothing here panics on file content.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::Path;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use crate::rules::{RuleMatch, RuleSet, rule_match};
+
+/// Limits applied to every file.
+#[derive(Debug, Clone, Copy)]
+pub struct ScanOptions {
+    /// Larger files are skipped.
+    pub max_file_size: u64,
+    /// YARA time budget per file.
+    pub timeout: Duration,
+}
+
+impl Default for ScanOptions {
+    fn default() -> Self {
+        ScanOptions {
+            max_file_size: 64 * 1024 * 1024,
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why a file was not scanned. Counted by the caller under [`SkipReason::as_str`].
+#[derive(Debug)]
+pub enum SkipReason {
+    /// Not a regular file (FIFO, socket, device, directory).
+    NotRegular,
+    /// A symlink at the last path component.
+    Symlink,
+    /// Larger than `max_file_size`.
+    TooLarge(u64),
+    /// Gone before it could be opened.
+    Vanished,
+    /// Permission denied or another I/O error.
+    Unreadable(std::io::Error),
+    /// YARA ran out of its time budget.
+    Timeout,
+}
+
+impl SkipReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            SkipReason::NotRegular => "not_regular",
+            SkipReason::Symlink => "symlink",
+            SkipReason::TooLarge(_) => "too_large",
+            SkipReason::Vanished => "vanished",
+            SkipReason::Unreadable(_) => "unreadable",
+            SkipReason::Timeout => "timeout",
+        }
+    }
+}
+
+/// What scanning one file found.
+#[derive(Debug, Clone, Default)]
+pub struct FileReport {
+    pub size: u64,
+    pub device: u64,
+    pub inode: u64,
+    /// Set when something matched (the detection carries it).
+    pub sha256: Option<String>,
+    pub md5: Option<String>,
+    pub sha1: Option<String>,
+    pub matches: Vec<RuleMatch>,
+}
+
+/// Scans files against one rule set. One per worker thread; cheap to reuse across files.
+pub struct FileScanner<'r> {
+    rules: &'r RuleSet,
+    yara: Option<yara_x::Scanner<'r>>,
+    options: ScanOptions,
+    buf: Vec<u8>,
+}
+
+impl<'r> FileScanner<'r> {
+    pub fn new(rules: &'r RuleSet, options: ScanOptions) -> FileScanner<'r> {
+        let yara = rules.yara.as_ref().map(|r| {
+            let mut s = yara_x::Scanner::new(r);
+            s.set_timeout(options.timeout);
+            s
+        });
+        FileScanner {
+            rules,
+            yara,
+            options,
+            buf: Vec::new(),
+        }
+    }
+
+    pub fn rules(&self) -> &'r RuleSet {
+        self.rules
+    }
+
+    /// Opens, checks, reads and matches one file.
+    pub fn scan_path(&mut self, path: &Path) -> Result<FileReport, SkipReason> {
+        let file = open_regular(path)?;
+        let meta = file.metadata().map_err(SkipReason::Unreadable)?;
+        if meta.len() > self.options.max_file_size {
+            return Err(SkipReason::TooLarge(meta.len()));
+        }
+        self.buf.clear();
+        // Read at most one byte past the cap: a file that grew past it is skipped, not
+        // truncated into a partial scan.
+        let mut limited = file.take(self.options.max_file_size + 1);
+        limited
+            .read_to_end(&mut self.buf)
+            .map_err(SkipReason::Unreadable)?;
+        if self.buf.len() as u64 > self.options.max_file_size {
+            return Err(SkipReason::TooLarge(self.buf.len() as u64));
+        }
+        let mut report = FileReport {
+            size: self.buf.len() as u64,
+            device: meta.dev(),
+            inode: meta.ino(),
+            ..Default::default()
+        };
+        if let Some(scanner) = self.yara.as_mut() {
+            set_externals(scanner, path, &meta);
+            match scanner.scan(&self.buf) {
+                Ok(results) => {
+                    report
+                        .matches
+                        .extend(results.matching_rules().map(|r| rule_match(&r)));
+                }
+                Err(yara_x::ScanError::Timeout) => return Err(SkipReason::Timeout),
+                Err(e) => {
+                    return Err(SkipReason::Unreadable(std::io::Error::other(e.to_string())));
+                }
+            }
+        }
+        if !report.matches.is_empty() {
+            report.sha256 = Some(hex::encode(Sha256::digest(&self.buf)));
+        }
+        // Large buffers are not kept between files.
+        if self.buf.capacity() > 8 * 1024 * 1024 {
+            self.buf = Vec::new();
+        }
+        Ok(report)
+    }
+}
+
+/// Opens `path` without following a final symlink and without blocking, then refuses anything
+/// that is not a regular file, judged on the open descriptor.
+fn open_regular(path: &Path) -> Result<File, SkipReason> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => SkipReason::Symlink,
+            Some(libc::ENOENT) | Some(libc::ENOTDIR) => SkipReason::Vanished,
+            Some(libc::ENXIO) => SkipReason::NotRegular,
+            _ => SkipReason::Unreadable(e),
+        })?;
+    let ft = file.metadata().map_err(SkipReason::Unreadable)?.file_type();
+    if !ft.is_file() || ft.is_fifo() || ft.is_socket() || ft.is_block_device() || ft.is_char_device() {
+        return Err(SkipReason::NotRegular);
+    }
+    Ok(file)
+}
+
+/// Sets the legacy external variables for one file.
+fn set_externals(scanner: &mut yara_x::Scanner<'_>, path: &Path, meta: &std::fs::Metadata) {
+    let filename = path
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let filepath = path
+        .parent()
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let extension = path
+        .extension()
+        .map(|e| format!(".{}", e.to_string_lossy().to_lowercase()))
+        .unwrap_or_default();
+    let owner = owner_name(meta.uid());
+    for (name, value) in [
+        ("filename", filename),
+        ("filepath", filepath),
+        ("extension", extension),
+        ("filetype", String::new()),
+        ("owner", owner),
+    ] {
+        // Every name was defined when the rules were compiled; a failure here would only mean
+        // the rules were built elsewhere, and the rule then sees the empty default.
+        let _ = scanner.set_global(name, value);
+    }
+}
+
+fn owner_name(uid: u32) -> String {
+    if uid == 0 {
+        "root".to_string()
+    } else {
+        uid.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::RuleSetBuilder;
+
+    fn rules(src: &str) -> RuleSet {
+        let mut b = RuleSetBuilder::new();
+        b.add_yara_source(Path::new("t.yar"), src.as_bytes());
+        b.build_strict(0).unwrap()
+    }
+
+    #[test]
+    fn a_matching_file_reports_rule_metadata_and_sha256() {
+        let rs = rules(
+            "rule evil { meta: score = 90 description = \"d\" strings: $a = \"EVIL\" condition: $a }",
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, b"xx EVIL xx").unwrap();
+        let mut s = FileScanner::new(&rs, ScanOptions::default());
+        let r = s.scan_path(&p).unwrap();
+        assert_eq!(r.matches.len(), 1);
+        assert_eq!(r.matches[0].rule, "evil");
+        assert_eq!(r.matches[0].score, 90);
+        assert_eq!(r.matches[0].description, "d");
+        assert_eq!(
+            r.sha256.as_deref(),
+            Some(hex::encode(Sha256::digest(b"xx EVIL xx")).as_str())
+        );
+        std::fs::write(&p, b"clean").unwrap();
+        assert!(s.scan_path(&p).unwrap().matches.is_empty());
+    }
+
+    #[test]
+    fn fifo_and_symlink_are_skipped_without_blocking() {
+        let rs = rules("rule t { condition: true }");
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let status = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(status.success());
+        let mut s = FileScanner::new(&rs, ScanOptions::default());
+        assert!(matches!(s.scan_path(&fifo), Err(SkipReason::NotRegular)));
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&fifo, &link).unwrap();
+        assert!(matches!(s.scan_path(&link), Err(SkipReason::Symlink)));
+        assert!(matches!(s.scan_path(&dir.path().join("gone")), Err(SkipReason::Vanished)));
+    }
+
+    #[test]
+    fn externals_are_set_per_file() {
+        let rs = rules("rule byname { condition: filename == \"x.php\" and extension == \".php\" }");
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("x.php"), dir.path().join("y.txt"));
+        std::fs::write(&a, b"1").unwrap();
+        std::fs::write(&b, b"1").unwrap();
+        let mut s = FileScanner::new(&rs, ScanOptions::default());
+        assert_eq!(s.scan_path(&a).unwrap().matches.len(), 1);
+        assert!(s.scan_path(&b).unwrap().matches.is_empty());
+    }
+
+    #[test]
+    fn too_large_files_are_skipped() {
+        let rs = rules("rule t { condition: true }");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("big");
+        std::fs::write(&p, vec![0u8; 100]).unwrap();
+        let opts = ScanOptions { max_file_size: 10, ..Default::default() };
+        let mut s = FileScanner::new(&rs, opts);
+        assert!(matches!(s.scan_path(&p), Err(SkipReason::TooLarge(100))));
+    }
+}

@@ -1,0 +1,25 @@
+//! The Vedette rule engine: loads YARA rules and indicators, compiles them into one immutable
+//! [`RuleSet`], and matches files against it.
+//!
+//! The same code runs on agents (to detect), in `vedettectl` (to validate before publishing) and
+//! in the collector (to validate on receipt), so a rule set that validates is one agents can run.
+//! It does no async work and watches nothing: callers decide what to scan and on which thread.
+#![forbid(unsafe_code)]
+
+mod file;
+mod rules;
+
+pub use file::{FileReport, FileScanner, ScanOptions, SkipReason};
+pub use rules::{LoadReport, MatchKind, Problem, RuleMatch, RuleSet, RuleSetBuilder};
+
+/// Error that stops a rule set from being built at all.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("cannot read `{path}`: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{count} problem(s) in the rules:\n{}", problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid { count: usize, problems: Vec<Problem> },
+}

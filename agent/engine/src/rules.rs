@@ -1,0 +1,348 @@
+//! Building a [`RuleSet`] from YARA files and directories.
+//!
+//! Every YARA file compiles in its own namespace (named after the file), so two files may use the
+//! same rule name. A file that does not compile is reported with its path, line and reason and
+//! left out; the others still load. Callers that must refuse any problem (publishing) check
+//! [`LoadReport::problems`].
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use crate::EngineError;
+
+/// External variables that legacy (Loki/THOR) rules use; set per scanned file.
+pub(crate) const EXTERNALS: [&str; 5] = ["filename", "filepath", "extension", "filetype", "owner"];
+
+/// A problem found while loading rules: `file:line: reason`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub path: PathBuf,
+    pub line: Option<usize>,
+    pub reason: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(l) => write!(f, "{}:{l}: {}", self.path.display(), self.reason),
+            None => write!(f, "{}: {}", self.path.display(), self.reason),
+        }
+    }
+}
+
+/// What loading found: counts and problems.
+#[derive(Debug, Clone, Default)]
+pub struct LoadReport {
+    pub yara_files: usize,
+    pub yara_files_failed: usize,
+    pub yara_rules: usize,
+    pub problems: Vec<Problem>,
+}
+
+/// What kind of indicator matched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MatchKind {
+    Yara,
+    Hash,
+    Filename,
+    Process,
+    Connection,
+}
+
+/// One rule or indicator that matched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleMatch {
+    pub kind: MatchKind,
+    /// Rule name or indicator text.
+    pub rule: String,
+    /// Where it came from: the rule file, the IOC file and line.
+    pub source: String,
+    pub score: u32,
+    pub description: String,
+    pub author: String,
+    pub reference: String,
+}
+
+/// An immutable, compiled set of rules. Share it with `Arc`; replace it whole.
+pub struct RuleSet {
+    pub(crate) yara: Option<yara_x::Rules>,
+    /// Fleet bundle version these rules came from, 0 for host-local rules only.
+    pub bundle_version: u64,
+    report: LoadReport,
+}
+
+impl RuleSet {
+    /// A rule set that matches nothing.
+    pub fn empty() -> RuleSet {
+        RuleSet {
+            yara: None,
+            bundle_version: 0,
+            report: LoadReport::default(),
+        }
+    }
+
+    pub fn report(&self) -> &LoadReport {
+        &self.report
+    }
+
+    /// Number of YARA rules compiled.
+    pub fn yara_rules(&self) -> usize {
+        self.report.yara_rules
+    }
+}
+
+/// Collects rule sources, then compiles them.
+pub struct RuleSetBuilder {
+    compiler: yara_x::Compiler<'static>,
+    report: LoadReport,
+    namespaces: std::collections::HashMap<String, usize>,
+}
+
+impl Default for RuleSetBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RuleSetBuilder {
+    pub fn new() -> RuleSetBuilder {
+        let mut compiler = yara_x::Compiler::new();
+        // Legacy rules use regex syntax that strict mode refuses (e.g. `{` unescaped).
+        compiler.relaxed_re_syntax(true);
+        for name in EXTERNALS {
+            // Defining a fresh name in a fresh compiler cannot fail.
+            let _ = compiler.define_global(name, "");
+        }
+        RuleSetBuilder {
+            compiler,
+            report: LoadReport::default(),
+            namespaces: Default::default(),
+        }
+    }
+
+    /// Adds a YARA file, or every `.yar`/`.yara` file under a directory (recursively, in name
+    /// order). Fails only when the path itself cannot be read.
+    pub fn add_yara_path(&mut self, path: &Path) -> Result<&mut Self, EngineError> {
+        let meta = std::fs::metadata(path).map_err(|source| EngineError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        if meta.is_dir() {
+            for file in yara_files_under(path)? {
+                self.add_yara_file(&file)?;
+            }
+        } else {
+            self.add_yara_file(path)?;
+        }
+        Ok(self)
+    }
+
+    /// Adds one YARA file.
+    pub fn add_yara_file(&mut self, path: &Path) -> Result<&mut Self, EngineError> {
+        let bytes = std::fs::read(path).map_err(|source| EngineError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        self.add_yara_source(path, &bytes);
+        Ok(self)
+    }
+
+    /// Adds YARA source text that came from `origin` (a file name, or a name inside a bundle).
+    pub fn add_yara_source(&mut self, origin: &Path, bytes: &[u8]) -> &mut Self {
+        self.report.yara_files += 1;
+        let Ok(text) = std::str::from_utf8(bytes) else {
+            self.report.yara_files_failed += 1;
+            self.report.problems.push(Problem {
+                path: origin.to_owned(),
+                line: None,
+                reason: "not UTF-8 text".into(),
+            });
+            return self;
+        };
+        let ns = self.namespace_for(origin);
+        self.compiler.new_namespace(&ns);
+        let src = yara_x::SourceCode::from(text).with_origin(origin.display().to_string());
+        if let Err(e) = self.compiler.add_source(src) {
+            self.report.yara_files_failed += 1;
+            self.report.problems.push(problem_of(origin, text, &e));
+        }
+        self
+    }
+
+    /// Unique namespace per file, derived from its name.
+    fn namespace_for(&mut self, origin: &Path) -> String {
+        let stem = origin
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "rules".into());
+        let stem: String = stem
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        let n = self.namespaces.entry(stem.clone()).or_insert(0);
+        *n += 1;
+        if *n == 1 { stem } else { format!("{stem}_{n}") }
+    }
+
+    /// Compiles what was added. Files with problems are left out; see the report.
+    pub fn build(self, bundle_version: u64) -> RuleSet {
+        let mut report = self.report;
+        let rules = self.compiler.build();
+        report.yara_rules = rules.iter().len();
+        RuleSet {
+            yara: (report.yara_rules > 0).then_some(rules),
+            bundle_version,
+            report,
+        }
+    }
+
+    /// Compiles, failing with every problem when any file did not load.
+    pub fn build_strict(self, bundle_version: u64) -> Result<RuleSet, EngineError> {
+        if !self.report.problems.is_empty() {
+            return Err(EngineError::Invalid {
+                count: self.report.problems.len(),
+                problems: self.report.problems,
+            });
+        }
+        Ok(self.build(bundle_version))
+    }
+}
+
+/// `.yar`/`.yara` files under `dir`, sorted, not following symlinked directories.
+fn yara_files_under(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let entries = std::fs::read_dir(&d).map_err(|source| EngineError::Read {
+            path: d.clone(),
+            source,
+        })?;
+        for entry in entries {
+            let entry = entry.map_err(|source| EngineError::Read {
+                path: d.clone(),
+                source,
+            })?;
+            let path = entry.path();
+            let ft = entry.file_type().map_err(|source| EngineError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            if ft.is_dir() {
+                stack.push(path);
+            } else if is_yara_file(&path) && (ft.is_file() || path.is_file()) {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+pub(crate) fn is_yara_file(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yar" | "yara")
+    )
+}
+
+/// Turns a yara-x error into `file:line: reason`.
+fn problem_of(origin: &Path, text: &str, e: &yara_x::errors::CompileError) -> Problem {
+    let line = e.labels().next().map(|l| {
+        let offset = (l.span().0.start as usize).min(text.len());
+        text.as_bytes()[..offset].iter().filter(|b| **b == b'\n').count() + 1
+    });
+    let detail = e
+        .labels()
+        .next()
+        .map(|l| l.text().to_string())
+        .filter(|t| !t.is_empty() && t != e.title());
+    let reason = match detail {
+        Some(d) => format!("{} ({})", e.title(), d),
+        None => e.title().to_string(),
+    };
+    Problem {
+        path: origin.to_owned(),
+        line,
+        reason,
+    }
+}
+
+/// Reads the score of a rule from its metadata (`score`, or `severity` as a number or a word).
+pub(crate) fn rule_match(rule: &yara_x::Rule<'_, '_>) -> RuleMatch {
+    let mut m = RuleMatch {
+        kind: MatchKind::Yara,
+        rule: rule.identifier().to_string(),
+        source: rule.namespace().to_string(),
+        score: 75,
+        description: String::new(),
+        author: String::new(),
+        reference: String::new(),
+    };
+    for (key, value) in rule.metadata() {
+        let text = match &value {
+            yara_x::MetaValue::String(s) => Some(s.to_string()),
+            yara_x::MetaValue::Bytes(b) => Some(String::from_utf8_lossy(b).into_owned()),
+            _ => None,
+        };
+        let number = match value {
+            yara_x::MetaValue::Integer(i) => Some(i.clamp(0, 100) as u32),
+            yara_x::MetaValue::Float(f) => Some(f.clamp(0.0, 100.0) as u32),
+            _ => text.as_deref().and_then(|t| t.trim().parse::<u32>().ok()),
+        };
+        match key {
+            "score" => m.score = number.unwrap_or(m.score).min(100),
+            "severity" => {
+                m.score = number.unwrap_or_else(|| match text.as_deref().map(str::to_lowercase).as_deref() {
+                    Some("critical") => 100,
+                    Some("high") => 80,
+                    Some("medium") => 60,
+                    Some("low") => 40,
+                    Some("info" | "informational") => 20,
+                    _ => m.score,
+                }).min(100)
+            }
+            "description" => m.description = text.unwrap_or_default(),
+            "author" => m.author = text.unwrap_or_default(),
+            "reference" => m.reference = text.unwrap_or_default(),
+            _ => {}
+        }
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broken_file_is_reported_with_its_line_and_the_rest_loads() {
+        let mut b = RuleSetBuilder::new();
+        b.add_yara_source(Path::new("good.yar"), b"rule a { strings: $a = \"x\" condition: $a }");
+        b.add_yara_source(
+            Path::new("bad.yar"),
+            b"rule ok { condition: true }\n\nrule b { condition: $nope }",
+        );
+        let rs = b.build(0);
+        assert_eq!(rs.yara_rules(), 1);
+        let p = &rs.report().problems;
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].path, Path::new("bad.yar"));
+        assert_eq!(p[0].line, Some(3), "{}", p[0]);
+    }
+
+    #[test]
+    fn strict_build_refuses_any_problem() {
+        let mut b = RuleSetBuilder::new();
+        b.add_yara_source(Path::new("x.yar"), b"rule {");
+        let e = b.build_strict(0).err().expect("must fail");
+        assert!(e.to_string().contains("x.yar:1:"), "{e}");
+    }
+
+    #[test]
+    fn same_rule_name_in_two_files_is_fine() {
+        let mut b = RuleSetBuilder::new();
+        b.add_yara_source(Path::new("a/x.yar"), b"rule r { condition: true }");
+        b.add_yara_source(Path::new("b/x.yar"), b"rule r { condition: true }");
+        assert_eq!(b.build(0).yara_rules(), 2);
+    }
+}

@@ -1,0 +1,147 @@
+//! The agent's configuration file (TOML). Read raw, then validated into [`Settings`] with every
+//! problem reported at once; command-line flags override the file.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The file as written. Every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Paths watched in real time, recursively.
+    #[serde(default)]
+    pub watch: Vec<PathBuf>,
+    /// YARA rule files or directories of `.yar`/`.yara` files.
+    #[serde(default)]
+    pub rules: Vec<PathBuf>,
+    /// Scan worker threads; default: half the cores, at least 1.
+    pub scan_workers: Option<usize>,
+    /// Files larger than this many bytes are not scanned; default 64 MiB.
+    pub max_file_size: Option<u64>,
+    /// YARA time budget per file, e.g. `30s`.
+    pub scan_timeout: Option<String>,
+    /// Interval between heartbeats, e.g. `30s`.
+    pub heartbeat: Option<String>,
+    /// Longest wait between reconnection attempts, e.g. `60s`.
+    pub backoff_max: Option<String>,
+    /// Collector addresses (`host:port`), replacing those recorded at enrollment.
+    #[serde(default)]
+    pub collectors: Vec<String>,
+}
+
+/// Checked settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub watch: Vec<PathBuf>,
+    pub rules: Vec<PathBuf>,
+    pub scan_workers: usize,
+    pub max_file_size: u64,
+    pub scan_timeout: Duration,
+    pub heartbeat: Duration,
+    pub backoff_max: Duration,
+    pub collectors: Vec<String>,
+}
+
+/// Every problem found, each naming its key and value.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration{}:\n  {}", path.as_ref().map(|p| format!(" `{}`", p.display())).unwrap_or_default(), problems.join("\n  "))]
+pub struct ConfigError {
+    pub path: Option<PathBuf>,
+    pub problems: Vec<String>,
+}
+
+impl RawConfig {
+    pub fn load(path: &Path) -> Result<RawConfig, ConfigError> {
+        let fail = |p: String| ConfigError {
+            path: Some(path.to_owned()),
+            problems: vec![p],
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}")))?;
+        toml::from_str(&text).map_err(|e| fail(e.to_string()))
+    }
+
+    /// Checks every value; `path` is only used in messages.
+    pub fn validate(self, path: Option<&Path>) -> Result<Settings, ConfigError> {
+        let mut problems = Vec::new();
+        let mut duration = |key: &str, v: &Option<String>, default: Duration| match v {
+            None => default,
+            Some(s) => match humantime::parse_duration(s) {
+                Ok(d) if !d.is_zero() => d,
+                Ok(_) => {
+                    problems.push(format!("`{key}`: `{s}` must be longer than zero"));
+                    default
+                }
+                Err(e) => {
+                    problems.push(format!("`{key}`: `{s}` is not a duration like `30s` ({e})"));
+                    default
+                }
+            },
+        };
+        let scan_timeout = duration("scan_timeout", &self.scan_timeout, Duration::from_secs(30));
+        let heartbeat = duration("heartbeat", &self.heartbeat, Duration::from_secs(30));
+        let backoff_max = duration("backoff_max", &self.backoff_max, Duration::from_secs(60));
+        for p in &self.watch {
+            if !p.exists() {
+                problems.push(format!("`watch`: `{}` does not exist", p.display()));
+            }
+        }
+        for p in &self.rules {
+            if !p.exists() {
+                problems.push(format!("`rules`: `{}` does not exist", p.display()));
+            }
+        }
+        if self.scan_workers == Some(0) {
+            problems.push("`scan_workers`: `0` must be at least 1".into());
+        }
+        if self.max_file_size == Some(0) {
+            problems.push("`max_file_size`: `0` must be at least 1".into());
+        }
+        for c in &self.collectors {
+            if !c.contains(':') {
+                problems.push(format!("`collectors`: `{c}` is not a host:port"));
+            }
+        }
+        if !problems.is_empty() {
+            return Err(ConfigError {
+                path: path.map(Path::to_owned),
+                problems,
+            });
+        }
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        Ok(Settings {
+            watch: self.watch,
+            rules: self.rules,
+            scan_workers: self.scan_workers.unwrap_or((cores / 2).max(1)),
+            max_file_size: self.max_file_size.unwrap_or(64 * 1024 * 1024),
+            scan_timeout,
+            heartbeat,
+            backoff_max,
+            collectors: self.collectors,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_problems_are_reported_with_key_and_value() {
+        let raw: RawConfig = toml::from_str(
+            "watch = [\"/nonexistent-vedette\"]\nheartbeat = \"often\"\nscan_workers = 0\ncollectors = [\"nohost\"]",
+        )
+        .unwrap();
+        let e = raw.validate(Some(Path::new("a.toml"))).unwrap_err().to_string();
+        for s in ["`watch`", "/nonexistent-vedette", "`heartbeat`", "`often`", "`scan_workers`", "`nohost`", "a.toml"] {
+            assert!(e.contains(s), "{s} missing in {e}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let e = toml::from_str::<RawConfig>("wach = []").unwrap_err().to_string();
+        assert!(e.contains("wach"), "{e}");
+    }
+}

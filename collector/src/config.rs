@@ -1,0 +1,151 @@
+//! `collector.toml`: read raw, then validated into a [`Config`] that names every problem at once.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The file as written. Relative paths are relative to the file's own directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Address and port the gRPC server listens on, e.g. `0.0.0.0:7443`.
+    pub listen: String,
+    /// SQLite database file.
+    pub database: PathBuf,
+    /// CA and server certificate files.
+    pub tls: RawTls,
+    /// How long a shutdown waits for open streams to finish, e.g. `10s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shutdown_grace: Option<String>,
+    /// Default lifetime of enrollment tokens, e.g. `1h`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_ttl: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// The CA certificate (PEM) that issued every certificate of the fleet.
+    pub ca_cert: PathBuf,
+    /// The CA private key (PEM); needed to sign agent certificates at enrollment.
+    pub ca_key: PathBuf,
+    /// The collector's server certificate (PEM).
+    pub server_cert: PathBuf,
+    /// The server certificate's private key (PEM).
+    pub server_key: PathBuf,
+}
+
+/// A checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub database: PathBuf,
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub shutdown_grace: Duration,
+    pub token_ttl: Duration,
+}
+
+/// Every problem found in a configuration file.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration `{}`:\n  {}", path.display(), problems.join("\n  "))]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub problems: Vec<String>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let fail = |p: String| ConfigError {
+            path: path.to_owned(),
+            problems: vec![p],
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}")))?;
+        let raw: RawConfig = toml::from_str(&text).map_err(|e| fail(e.to_string()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        raw.validate(base).map_err(|problems| ConfigError {
+            path: path.to_owned(),
+            problems,
+        })
+    }
+}
+
+impl RawConfig {
+    /// Checks every key, resolving relative paths against `base`; returns all problems found.
+    pub fn validate(self, base: &Path) -> Result<Config, Vec<String>> {
+        let mut problems = Vec::new();
+        let listen = self
+            .listen
+            .parse::<SocketAddr>()
+            .map_err(|e| problems.push(format!("`listen`: `{}` is not an address:port ({e})", self.listen)))
+            .ok();
+        let mut file = |key: &str, p: &Path| {
+            let p = base.join(p);
+            if !p.is_file() {
+                problems.push(format!("`{key}`: `{}` does not exist or is not a file", p.display()));
+            }
+            p
+        };
+        let ca_cert = file("tls.ca_cert", &self.tls.ca_cert);
+        let ca_key = file("tls.ca_key", &self.tls.ca_key);
+        let server_cert = file("tls.server_cert", &self.tls.server_cert);
+        let server_key = file("tls.server_key", &self.tls.server_key);
+        let mut duration = |key: &str, v: &Option<String>, default: Duration| match v {
+            None => default,
+            Some(s) => humantime::parse_duration(s).unwrap_or_else(|e| {
+                problems.push(format!("`{key}`: `{s}` is not a duration like `10s` or `1h` ({e})"));
+                default
+            }),
+        };
+        let shutdown_grace = duration("shutdown_grace", &self.shutdown_grace, Duration::from_secs(10));
+        let token_ttl = duration("token_ttl", &self.token_ttl, Duration::from_secs(3600));
+        let database = base.join(&self.database);
+        match (listen, problems.is_empty()) {
+            (Some(listen), true) => Ok(Config {
+                listen,
+                database,
+                ca_cert,
+                ca_key,
+                server_cert,
+                server_key,
+                shutdown_grace,
+                token_ttl,
+            }),
+            _ => Err(problems),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "listen = \"nowhere\"\ndatabase = \"db\"\nshutdown_grace = \"soon\"\n[tls]\nca_cert = \"a\"\nca_key = \"b\"\nserver_cert = \"c\"\nserver_key = \"d\"\n",
+        )
+        .unwrap();
+        let e = Config::load(&p).unwrap_err();
+        let text = e.to_string();
+        for key in ["`listen`", "`tls.ca_cert`", "`tls.server_key`", "`shutdown_grace`", "`soon`"] {
+            assert!(text.contains(key), "{key} missing from: {text}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "listen = \"127.0.0.1:1\"\ndatabase = \"db\"\nlisten_port = 3\n[tls]\nca_cert = \"a\"\nca_key = \"b\"\nserver_cert = \"c\"\nserver_key = \"d\"\n").unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(e.contains("listen_port"), "{e}");
+    }
+}

@@ -1,0 +1,252 @@
+//! `vedettectl`: the operators' remote client of the admin API.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tonic::transport::Channel;
+use vedette_proto::client::{ClientTls, connect};
+use vedette_proto::limits::MAX_MESSAGE_BYTES;
+use vedette_proto::v1::admin_service_client::AdminServiceClient;
+use vedette_proto::v1::{
+    AgentInfo, CreateTokenRequest, DetectionKind, ListAgentsRequest, ListDetectionsRequest,
+    RevokeAgentRequest, StoredDetection, detection,
+};
+
+/// `vedettectl.toml`. Relative paths are relative to the file's directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CtlConfig {
+    /// The collector's `host:port`; the host must be a name in its server certificate.
+    pub collector: String,
+    /// The collector's CA certificate (PEM).
+    pub ca_cert: PathBuf,
+    /// This operator's certificate (PEM).
+    pub cert: PathBuf,
+    /// This operator's private key (PEM).
+    pub key: PathBuf,
+}
+
+impl CtlConfig {
+    pub fn load(path: &Path) -> anyhow::Result<CtlConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the vedettectl config `{}`", path.display()))?;
+        let mut c: CtlConfig = toml::from_str(&text)
+            .with_context(|| format!("invalid vedettectl config `{}`", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        c.ca_cert = base.join(&c.ca_cert);
+        c.cert = base.join(&c.cert);
+        c.key = base.join(&c.key);
+        Ok(c)
+    }
+
+    /// Connects to the collector with this operator's certificate.
+    pub async fn client(&self) -> anyhow::Result<AdminServiceClient<Channel>> {
+        let read = |p: &Path, what: &str| {
+            std::fs::read_to_string(p).with_context(|| format!("cannot read the {what} `{}`", p.display()))
+        };
+        let tls = ClientTls {
+            ca_pem: read(&self.ca_cert, "CA certificate")?,
+            identity: Some((read(&self.cert, "certificate")?, read(&self.key, "private key")?)),
+        };
+        let channel = connect(&self.collector, &tls)
+            .await
+            .with_context(|| format!("cannot connect to the collector at `{}`", self.collector))?;
+        Ok(AdminServiceClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    }
+}
+
+/// Turns a gRPC status into an error a person can act on.
+pub fn status_error(s: tonic::Status) -> anyhow::Error {
+    let hint = match s.code() {
+        tonic::Code::PermissionDenied => " (does this certificate have the needed role?)",
+        tonic::Code::Unauthenticated => " (no client certificate was accepted)",
+        tonic::Code::Unavailable => " (is the collector running and reachable?)",
+        _ => "",
+    };
+    anyhow::anyhow!("{}: {}{hint}", code_name(s.code()), s.message())
+}
+
+fn code_name(c: tonic::Code) -> &'static str {
+    match c {
+        tonic::Code::PermissionDenied => "permission denied",
+        tonic::Code::Unauthenticated => "unauthenticated",
+        tonic::Code::NotFound => "not found",
+        tonic::Code::InvalidArgument => "invalid argument",
+        tonic::Code::Unavailable => "unavailable",
+        _ => "error",
+    }
+}
+
+pub async fn token_create(cfg: &CtlConfig, ttl: Duration, uses: u32) -> anyhow::Result<String> {
+    let mut c = cfg.client().await?;
+    let r = c
+        .create_token(CreateTokenRequest {
+            ttl_seconds: ttl.as_secs().max(1),
+            uses,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    Ok(r.token)
+}
+
+pub async fn agents_list(cfg: &CtlConfig) -> anyhow::Result<Vec<AgentInfo>> {
+    let mut c = cfg.client().await?;
+    Ok(c.list_agents(ListAgentsRequest {}).await.map_err(status_error)?.into_inner().agents)
+}
+
+pub async fn agents_revoke(cfg: &CtlConfig, id: &str) -> anyhow::Result<bool> {
+    if id.is_empty() {
+        bail!("an agent id is required");
+    }
+    let mut c = cfg.client().await?;
+    let r = c
+        .revoke_agent(RevokeAgentRequest { agent_id: id.to_string() })
+        .await
+        .map_err(status_error)?;
+    Ok(r.into_inner().disconnected)
+}
+
+pub async fn detections_list(
+    cfg: &CtlConfig,
+    agent: Option<String>,
+    since: Option<SystemTime>,
+    limit: u32,
+) -> anyhow::Result<Vec<StoredDetection>> {
+    let mut c = cfg.client().await?;
+    let since_ms = since
+        .map(|t| t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0))
+        .unwrap_or(0);
+    let r = c
+        .list_detections(ListDetectionsRequest {
+            agent_id: agent.unwrap_or_default(),
+            since_ms,
+            limit,
+        })
+        .await
+        .map_err(status_error)?;
+    Ok(r.into_inner().detections)
+}
+
+/// RFC 3339 text of a millisecond timestamp, or an empty string for 0.
+pub fn rfc3339_ms(ms: i64) -> String {
+    if ms <= 0 {
+        return String::new();
+    }
+    let t = UNIX_EPOCH + Duration::from_millis(ms as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+pub fn kind_name(kind: i32) -> &'static str {
+    match DetectionKind::try_from(kind).unwrap_or(DetectionKind::Unspecified) {
+        DetectionKind::Yara => "yara",
+        DetectionKind::Hash => "hash",
+        DetectionKind::Filename => "filename",
+        DetectionKind::Process => "process",
+        DetectionKind::Connection => "connection",
+        DetectionKind::Unspecified => "unknown",
+    }
+}
+
+/// One detection as a JSON object (the `--json` line format).
+pub fn detection_json(s: &StoredDetection) -> serde_json::Value {
+    let d = s.detection.clone().unwrap_or_default();
+    let mut v = json!({
+        "id": d.id,
+        "agent_id": s.agent_id,
+        "hostname": s.hostname,
+        "kind": kind_name(d.kind),
+        "rule": d.rule,
+        "source": d.source,
+        "score": d.score,
+        "description": d.description,
+        "bundle_version": d.bundle_version,
+        "path": null,
+        "sha256": null,
+        "pid": null,
+        "observed_at": rfc3339_ms(d.observed_at_ms),
+        "received_at": rfc3339_ms(s.received_at_ms),
+    });
+    let nonempty = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    match d.target {
+        Some(detection::Target::File(f)) => {
+            v["path"] = json!(f.path);
+            v["size"] = json!(f.size);
+            v["sha256"] = json!(nonempty(&f.sha256));
+            v["md5"] = json!(nonempty(&f.md5));
+            v["sha1"] = json!(nonempty(&f.sha1));
+        }
+        Some(detection::Target::Process(p)) => {
+            v["path"] = json!(p.exe);
+            v["pid"] = json!(p.pid);
+            v["ppid"] = json!(p.ppid);
+            v["name"] = json!(p.name);
+            v["cmdline"] = json!(p.cmdline);
+            v["user"] = json!(p.user);
+            v["sha256"] = json!(nonempty(&p.exe_sha256));
+        }
+        Some(detection::Target::Connection(c)) => {
+            v["path"] = json!(c.exe);
+            v["pid"] = json!(c.pid);
+            v["remote"] = json!(format!("{}:{}", c.remote_addr, c.remote_port));
+            v["protocol"] = json!(c.protocol);
+        }
+        None => {}
+    }
+    v
+}
+
+/// One line of the human listing of detections.
+pub fn detection_line(s: &StoredDetection) -> String {
+    let v = detection_json(s);
+    let target = match (v["path"].as_str(), v["pid"].as_u64()) {
+        (Some(p), Some(pid)) => format!("pid {pid} {p}"),
+        (Some(p), None) => p.to_string(),
+        (None, _) => String::new(),
+    };
+    format!(
+        "{}  {:<20} {:<10} {:<32} {}",
+        v["received_at"].as_str().unwrap_or(""),
+        s.hostname,
+        v["kind"].as_str().unwrap_or(""),
+        v["rule"].as_str().unwrap_or(""),
+        target
+    )
+}
+
+pub fn agent_json(a: &AgentInfo) -> serde_json::Value {
+    json!({
+        "id": a.id,
+        "hostname": a.hostname,
+        "os": a.os,
+        "kernel": a.kernel,
+        "arch": a.arch,
+        "agent_version": a.agent_version,
+        "state": agent_state(a),
+        "connected": a.connected,
+        "revoked": a.revoked,
+        "enrolled_at": rfc3339_ms(a.enrolled_at_ms),
+        "first_seen": rfc3339_ms(a.first_seen_ms),
+        "last_seen": rfc3339_ms(a.last_seen_ms),
+        "bundle_version": a.bundle_version,
+        "bundle_applied_at": rfc3339_ms(a.bundle_applied_at_ms),
+        "dropped_total": a.dropped_total,
+    })
+}
+
+pub fn agent_state(a: &AgentInfo) -> &'static str {
+    if a.revoked {
+        "revoked"
+    } else if a.connected {
+        "connected"
+    } else if a.first_seen_ms == 0 {
+        "never-seen"
+    } else {
+        "disconnected"
+    }
+}

@@ -1,0 +1,138 @@
+//! Who is calling: the one place that turns a verified TLS client certificate into an identity.
+//!
+//! The TLS layer (see [`crate::server::tls`]) has already verified the chain against the
+//! collector's CA before a request reaches a handler; this module only reads the SAN URIs that
+//! [`crate::pki`] wrote. Nothing a client sends in a message is ever used as its identity.
+
+use std::collections::BTreeSet;
+
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tonic::{Request, Status};
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::pki::{AGENT_URI_PREFIX, ROLE_URI_PREFIX, Role};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    /// An enrolled agent, by the id in its certificate.
+    Agent(String),
+    /// A person or tool with the given roles (operator, maintainer).
+    Client { name: String, roles: BTreeSet<Role> },
+}
+
+impl Identity {
+    /// The identity of the verified client certificate of a request.
+    ///
+    /// Fails with UNAUTHENTICATED when the caller presented no certificate, and with
+    /// PERMISSION_DENIED when the certificate names neither an agent nor a role.
+    pub fn of<T>(request: &Request<T>) -> Result<Identity, Status> {
+        let certs = request
+            .extensions()
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .and_then(|info| info.peer_certs())
+            .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+        let leaf = certs
+            .first()
+            .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+        Identity::from_der(leaf.as_ref())
+            .ok_or_else(|| Status::permission_denied("the client certificate names no identity"))
+    }
+
+    fn from_der(der: &[u8]) -> Option<Identity> {
+        let (_, cert) = X509Certificate::from_der(der).ok()?;
+        let san = cert.subject_alternative_name().ok()??;
+        let mut agent = None;
+        let mut roles = BTreeSet::new();
+        for name in &san.value.general_names {
+            if let GeneralName::URI(uri) = name {
+                if let Some(id) = uri.strip_prefix(AGENT_URI_PREFIX) {
+                    agent = Some(id.to_string());
+                } else if let Some(role) = uri.strip_prefix(ROLE_URI_PREFIX).and_then(Role::parse)
+                {
+                    roles.insert(role);
+                }
+            }
+        }
+        // A certificate naming both an agent and roles is not one this CA issues: refuse it.
+        match (agent, roles.is_empty()) {
+            (Some(id), true) if !id.is_empty() => Some(Identity::Agent(id)),
+            (None, false) => {
+                let name = cert
+                    .subject()
+                    .iter_common_name()
+                    .next()
+                    .and_then(|cn| cn.as_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                Some(Identity::Client { name, roles })
+            }
+            _ => None,
+        }
+    }
+
+    /// The agent id, or PERMISSION_DENIED for any other identity.
+    pub fn require_agent(self) -> Result<String, Status> {
+        match self {
+            Identity::Agent(id) => Ok(id),
+            Identity::Client { .. } => Err(Status::permission_denied(
+                "only agent certificates may open an agent stream",
+            )),
+        }
+    }
+
+    /// Succeeds when the identity carries `role`; agents never do.
+    pub fn require_role(&self, role: Role) -> Result<(), Status> {
+        match self {
+            Identity::Client { roles, .. } if roles.contains(&role) => Ok(()),
+            Identity::Client { .. } => Err(Status::permission_denied(format!(
+                "this certificate lacks the {} role",
+                role.as_str()
+            ))),
+            Identity::Agent(_) => Err(Status::permission_denied(
+                "agent certificates cannot call the admin API",
+            )),
+        }
+    }
+
+    #[cfg(test)]
+    pub fn from_pem_for_tests(pem: &str) -> Identity {
+        use rustls_pki_types::CertificateDer;
+        use rustls_pki_types::pem::PemObject;
+        let der = CertificateDer::from_pem_slice(pem.as_bytes()).expect("pem");
+        Identity::from_der(der.as_ref()).expect("identity")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::Ca;
+
+    #[test]
+    fn operator_certificate_has_roles_and_no_agent() {
+        let (ca, _) = Ca::generate("test CA").unwrap();
+        let c = ca
+            .issue_client("alice", &[Role::Operator, Role::Maintainer])
+            .unwrap();
+        let id = Identity::from_pem_for_tests(&c.cert_pem);
+        assert!(id.require_role(Role::Operator).is_ok());
+        assert!(id.require_role(Role::Maintainer).is_ok());
+        assert!(id.clone().require_agent().is_err());
+        let c = ca.issue_client("bob", &[Role::Operator]).unwrap();
+        let id = Identity::from_pem_for_tests(&c.cert_pem);
+        assert_eq!(
+            id.require_role(Role::Maintainer).unwrap_err().code(),
+            tonic::Code::PermissionDenied
+        );
+    }
+
+    #[test]
+    fn agent_certificate_cannot_act_as_operator() {
+        let id = Identity::Agent("a".into());
+        assert_eq!(
+            id.require_role(Role::Operator).unwrap_err().code(),
+            tonic::Code::PermissionDenied
+        );
+    }
+}

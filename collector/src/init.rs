@@ -1,0 +1,134 @@
+//! `vedette-collector init`: a new CA, server and operator certificates, and the two config files.
+
+use std::fs;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use crate::config::{RawConfig, RawTls};
+use crate::ctl::CtlConfig;
+use crate::pki::{Ca, PkiError, Role, write_new};
+
+/// What `init` made.
+pub struct Initialized {
+    pub dir: PathBuf,
+    pub fingerprint: String,
+    pub client_address: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("`{}` already holds a CA (`ca.key`); refusing to overwrite it. Use another --dir, or remove the old CA on purpose", dir.display())]
+    CaExists { dir: PathBuf },
+    #[error("cannot create `{}`: {source}", dir.display())]
+    Dir { dir: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error("cannot encode a config file: {0}")]
+    Encode(#[from] toml::ser::Error),
+}
+
+/// Creates everything in `dir`. `names` are extra DNS names or IP addresses for the server
+/// certificate; `localhost` and `127.0.0.1` are always included.
+pub fn init(dir: &Path, listen: SocketAddr, names: &[String]) -> Result<Initialized, InitError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| InitError::Dir {
+            dir: dir.to_owned(),
+            source,
+        })?;
+    if dir.join("ca.key").exists() || dir.join("ca.crt").exists() {
+        return Err(InitError::CaExists {
+            dir: dir.to_owned(),
+        });
+    }
+    let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    if !listen.ip().is_unspecified() {
+        sans.push(listen.ip().to_string());
+    }
+    for n in names {
+        if !sans.contains(n) {
+            sans.push(n.clone());
+        }
+    }
+    let (ca, ca_key) = Ca::generate("Vedette collector CA")?;
+    // The key first, created exclusively: two concurrent inits cannot both succeed.
+    write_new(&dir.join("ca.key"), ca_key.as_bytes(), 0o600)?;
+    write_new(&dir.join("ca.crt"), ca.cert_pem().as_bytes(), 0o644)?;
+    let server = ca.issue_server(&sans)?;
+    write_new(&dir.join("server.key"), server.key_pem.as_bytes(), 0o600)?;
+    write_new(&dir.join("server.crt"), server.cert_pem.as_bytes(), 0o644)?;
+    let operator = ca.issue_client("operator", &[Role::Operator, Role::Maintainer])?;
+    write_new(&dir.join("operator.key"), operator.key_pem.as_bytes(), 0o600)?;
+    write_new(&dir.join("operator.crt"), operator.cert_pem.as_bytes(), 0o644)?;
+
+    let collector = RawConfig {
+        listen: listen.to_string(),
+        database: "vedette.db".into(),
+        tls: RawTls {
+            ca_cert: "ca.crt".into(),
+            ca_key: "ca.key".into(),
+            server_cert: "server.crt".into(),
+            server_key: "server.key".into(),
+        },
+        shutdown_grace: Some("10s".into()),
+        token_ttl: Some("1h".into()),
+    };
+    let text = format!(
+        "# Vedette collector configuration, written by `vedette-collector init`.\n\
+         # Relative paths are relative to this file's directory.\n{}",
+        toml::to_string(&collector)?
+    );
+    write_new(&dir.join("collector.toml"), text.as_bytes(), 0o600)?;
+
+    let client_address = match listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => format!("localhost:{}", listen.port()),
+        IpAddr::V6(ip) if ip.is_unspecified() => format!("localhost:{}", listen.port()),
+        _ => listen.to_string(),
+    };
+    let ctl = CtlConfig {
+        collector: client_address.clone(),
+        ca_cert: "ca.crt".into(),
+        cert: "operator.crt".into(),
+        key: "operator.key".into(),
+    };
+    let text = format!(
+        "# vedettectl configuration, written by `vedette-collector init`.\n\
+         # Relative paths are relative to this file's directory.\n{}",
+        toml::to_string(&ctl)?
+    );
+    write_new(&dir.join("vedettectl.toml"), text.as_bytes(), 0o600)?;
+    Ok(Initialized {
+        dir: dir.to_owned(),
+        fingerprint: ca.fingerprint(),
+        client_address,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn keys_are_private_and_a_second_init_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("c");
+        let out = init(&d, "127.0.0.1:7443".parse().unwrap(), &["collector.example".into()]).unwrap();
+        assert_eq!(out.fingerprint.len(), 64);
+        for key in ["ca.key", "server.key", "operator.key"] {
+            let mode = fs::metadata(d.join(key)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{key}");
+        }
+        crate::config::Config::load(&d.join("collector.toml")).unwrap();
+        CtlConfig::load(&d.join("vedettectl.toml")).unwrap();
+        let before = fs::read(d.join("ca.key")).unwrap();
+        assert!(matches!(
+            init(&d, "127.0.0.1:7443".parse().unwrap(), &[]),
+            Err(InitError::CaExists { .. })
+        ));
+        assert_eq!(fs::read(d.join("ca.key")).unwrap(), before);
+    }
+}

@@ -1,0 +1,11 @@
+//! The Vedette collector: enrolls agents under its own CA, stores their detections, and serves the
+//! admin API that `vedettectl` uses.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod ctl;
+pub mod identity;
+pub mod init;
+pub mod pki;
+pub mod server;
+pub mod store;

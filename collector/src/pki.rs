@@ -1,0 +1,280 @@
+//! The collector's certificate authority: creates it, loads it, and issues the certificates the
+//! fleet uses (server, operator/maintainer clients, agents from their CSRs).
+//!
+//! Who a certificate belongs to is written as a SAN URI, read back by [`crate::identity`]:
+//! `vedette:agent:<uuid>` for agents, `vedette:role:<role>` (one per role) for people and tools.
+//! Private keys are written with mode 0600 and never leave the host that made them.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use sha2::{Digest, Sha256};
+use time::{Duration, OffsetDateTime};
+
+/// SAN URI prefix naming an agent.
+pub const AGENT_URI_PREFIX: &str = "vedette:agent:";
+/// SAN URI prefix naming a role of a person or tool.
+pub const ROLE_URI_PREFIX: &str = "vedette:role:";
+
+/// Lifetime of the CA certificate.
+const CA_VALIDITY: Duration = Duration::days(3650);
+/// Lifetime of server and operator certificates.
+const LEAF_VALIDITY: Duration = Duration::days(825);
+/// Lifetime of agent certificates.
+const AGENT_VALIDITY: Duration = Duration::days(397);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("cannot read `{path}`: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write `{path}`: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("`{path}` already exists; refusing to overwrite it")]
+    Exists { path: PathBuf },
+    #[error("`{path}` is not a valid {what}: {reason}")]
+    Invalid {
+        path: PathBuf,
+        what: &'static str,
+        reason: String,
+    },
+    #[error("certificate signing request rejected: {0}")]
+    BadCsr(String),
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+}
+
+/// Roles a client certificate can carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    /// May enroll and revoke agents, create tokens, read detections.
+    Operator,
+    /// May publish rule bundles.
+    Maintainer,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Operator => "operator",
+            Role::Maintainer => "maintainer",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "operator" => Some(Role::Operator),
+            "maintainer" => Some(Role::Maintainer),
+            _ => None,
+        }
+    }
+}
+
+/// A PEM certificate and its PEM private key.
+pub struct IssuedCert {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// The collector's CA, loaded in memory for signing.
+pub struct Ca {
+    cert_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Ca {
+    /// Creates a new CA certificate and key.
+    pub fn generate(common_name: &str) -> Result<(Ca, String), PkiError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(common_name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        set_validity(&mut params, CA_VALIDITY);
+        let cert = params.self_signed(&key)?;
+        let key_pem = key.serialize_pem();
+        let cert_pem = cert.pem();
+        let issuer = Issuer::new(params, key);
+        Ok((Ca { cert_pem, issuer }, key_pem))
+    }
+
+    /// Loads a CA from its certificate and key files.
+    pub fn load(cert_path: &Path, key_path: &Path) -> Result<Ca, PkiError> {
+        let cert_pem = read(cert_path)?;
+        let key_pem = read(key_path)?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| PkiError::Invalid {
+            path: key_path.to_owned(),
+            what: "private key",
+            reason: e.to_string(),
+        })?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| PkiError::Invalid {
+            path: cert_path.to_owned(),
+            what: "CA certificate",
+            reason: e.to_string(),
+        })?;
+        Ok(Ca { cert_pem, issuer })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// SHA-256 of the CA certificate (DER), lowercase hex: what agents pin with `--ca-sha256`.
+    pub fn fingerprint(&self) -> String {
+        fingerprint_pem(&self.cert_pem).unwrap_or_default()
+    }
+
+    /// Issues the collector's TLS server certificate for the given DNS names and IP addresses.
+    pub fn issue_server(&self, names: &[String]) -> Result<IssuedCert, PkiError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(names.to_vec())?;
+        params.distinguished_name = dn("vedette-collector");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        set_validity(&mut params, LEAF_VALIDITY);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(IssuedCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Issues a client certificate for a person or tool with the given roles.
+    pub fn issue_client(&self, name: &str, roles: &[Role]) -> Result<IssuedCert, PkiError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(name);
+        params.subject_alt_names = roles
+            .iter()
+            .map(|r| uri(&format!("{ROLE_URI_PREFIX}{}", r.as_str())))
+            .collect::<Result<_, _>>()?;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        set_validity(&mut params, LEAF_VALIDITY);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(IssuedCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Signs an agent's CSR. Only the public key of the request is used: the subject and the
+    /// extensions are chosen here, so an agent cannot ask for a role or another agent's id.
+    pub fn sign_agent_csr(&self, csr_pem: &str, agent_id: &str) -> Result<String, PkiError> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| PkiError::BadCsr(e.to_string()))?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(agent_id);
+        params.subject_alt_names = vec![uri(&format!("{AGENT_URI_PREFIX}{agent_id}"))?];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        set_validity(&mut params, AGENT_VALIDITY);
+        let cert = params.signed_by(&csr.public_key, &self.issuer)?;
+        Ok(cert.pem())
+    }
+}
+
+fn dn(common_name: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Vedette");
+    dn.push(DnType::CommonName, common_name);
+    dn
+}
+
+fn uri(s: &str) -> Result<SanType, rcgen::Error> {
+    Ok(SanType::URI(s.to_string().try_into()?))
+}
+
+fn set_validity(params: &mut CertificateParams, validity: Duration) {
+    let now = OffsetDateTime::now_utc();
+    // Tolerate a little clock skew between the collector and its peers.
+    params.not_before = now - Duration::hours(1);
+    params.not_after = now + validity;
+}
+
+/// SHA-256 of the first certificate in a PEM text, lowercase hex.
+pub fn fingerprint_pem(pem: &str) -> Option<String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let der = CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
+    Some(hex::encode(Sha256::digest(der.as_ref())))
+}
+
+fn read(path: &Path) -> Result<String, PkiError> {
+    fs::read_to_string(path).map_err(|source| PkiError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Writes a new file with the given mode; fails if it exists.
+pub fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|source| {
+            if source.kind() == std::io::ErrorKind::AlreadyExists {
+                PkiError::Exists {
+                    path: path.to_owned(),
+                }
+            } else {
+                PkiError::Write {
+                    path: path.to_owned(),
+                    source,
+                }
+            }
+        })?;
+    f.write_all(contents)
+        .and_then(|()| f.sync_all())
+        .map_err(|source| PkiError::Write {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_certificate_ignores_what_the_csr_asks_for() {
+        let (ca, _) = Ca::generate("test CA").unwrap();
+        // The CSR asks for an operator role; the issued certificate must carry only the agent id.
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![uri("vedette:role:operator").unwrap()];
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        let pem = ca.sign_agent_csr(&csr, "0000-agent").unwrap();
+        let id = crate::identity::Identity::from_pem_for_tests(&pem);
+        assert_eq!(
+            id,
+            crate::identity::Identity::Agent("0000-agent".to_string())
+        );
+    }
+
+    #[test]
+    fn garbage_csr_is_rejected() {
+        let (ca, _) = Ca::generate("test CA").unwrap();
+        assert!(matches!(
+            ca.sign_agent_csr("not a csr", "x"),
+            Err(PkiError::BadCsr(_))
+        ));
+    }
+}

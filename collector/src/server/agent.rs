@@ -1,0 +1,310 @@
+//! `AgentService`: enrollment and the agents' long-lived streams.
+//!
+//! Invariant: `Ack(seq)` is sent only after every detection of batch `seq` is committed to the
+//! store, so an agent may forget what was acknowledged.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+use vedette_proto::limits::{MAX_BATCH_DETECTIONS, MAX_COUNTERS, MAX_STRING_BYTES};
+use vedette_proto::v1::agent_message::Msg;
+use vedette_proto::v1::agent_service_server::AgentService;
+use vedette_proto::v1::collector_message::Msg as Down;
+use vedette_proto::v1::{
+    Ack, AgentMessage, CollectorMessage, Detection, DetectionBatch, EnrollRequest, EnrollResponse,
+    Inventory, detection,
+};
+
+use super::{State, blocking};
+use crate::identity::Identity;
+use crate::store::{TokenError, now_ms};
+
+/// How long a new stream may take to send its Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest token accepted at enrollment.
+const MAX_TOKEN_BYTES: usize = 256;
+/// Longest CSR accepted at enrollment.
+const MAX_CSR_BYTES: usize = 8 * 1024;
+
+/// Numbers the streams so that a reconnecting agent's old stream does not unregister the new one.
+static STREAM_IDS: AtomicU64 = AtomicU64::new(1);
+
+pub struct AgentSvc {
+    state: Arc<State>,
+}
+
+impl AgentSvc {
+    pub(super) fn new(state: Arc<State>) -> Self {
+        AgentSvc { state }
+    }
+}
+
+/// SHA-256 of a token, as stored: the collector never keeps a usable token.
+pub(crate) fn token_hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+type DownStream = Pin<Box<dyn Stream<Item = Result<CollectorMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentService for AgentSvc {
+    async fn enroll(
+        &self,
+        request: Request<EnrollRequest>,
+    ) -> Result<Response<EnrollResponse>, Status> {
+        let peer = request.remote_addr();
+        let req = request.into_inner();
+        if req.token.is_empty() || req.token.len() > MAX_TOKEN_BYTES {
+            return Err(Status::permission_denied(TokenError::Unknown.to_string()));
+        }
+        if req.csr_pem.len() > MAX_CSR_BYTES || req.hostname.len() > MAX_STRING_BYTES {
+            return Err(Status::invalid_argument("enrollment request too large"));
+        }
+        let agent_id = uuid::Uuid::new_v4().to_string();
+        let cert_pem = self
+            .state
+            .ca
+            .sign_agent_csr(&req.csr_pem, &agent_id)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let hash = token_hash(&req.token);
+        let (id, host) = (agent_id.clone(), req.hostname.clone());
+        let verdict =
+            blocking(&self.state.store, move |s| s.enroll(&hash, &id, &host, now_ms())).await?;
+        if let Err(e) = verdict {
+            warn!(peer = ?peer, reason = %e, "enrollment refused");
+            return Err(Status::permission_denied(e.to_string()));
+        }
+        info!(agent = %agent_id, hostname = %req.hostname, "agent enrolled");
+        Ok(Response::new(EnrollResponse {
+            agent_id,
+            certificate_pem: cert_pem,
+            ca_pem: self.state.ca.cert_pem().to_string(),
+            maintainer_keys: Vec::new(),
+        }))
+    }
+
+    type ConnectStream = DownStream;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let agent_id = Identity::of(&request)?.require_agent()?;
+        let id = agent_id.clone();
+        let row = blocking(&self.state.store, move |s| s.agent(&id)).await?;
+        match row {
+            None => return Err(Status::permission_denied("unknown agent")),
+            Some(r) if r.revoked => {
+                warn!(agent = %agent_id, "revoked agent refused");
+                return Err(Status::permission_denied("this agent has been revoked"));
+            }
+            Some(_) => {}
+        }
+        if self.state.shutdown.is_cancelled() {
+            return Err(Status::unavailable("the collector is shutting down"));
+        }
+        let (tx, rx) = mpsc::channel(64);
+        let stream_id = STREAM_IDS.fetch_add(1, Ordering::Relaxed);
+        let stop = self.state.shutdown.child_token();
+        if let Some((_, old)) = self
+            .state
+            .streams()
+            .insert(agent_id.clone(), (stream_id, stop.clone()))
+        {
+            // One stream per agent: a reconnect replaces a stream the agent has given up on.
+            old.cancel();
+        }
+        let state = self.state.clone();
+        let inbound = request.into_inner();
+        self.state.tasks.spawn(async move {
+            let reason = run_stream(&state, &agent_id, inbound, &tx, &stop).await;
+            if let Err(status) = reason {
+                let _ = tx.send(Err(status)).await;
+            }
+            {
+                let mut streams = state.streams();
+                if streams.get(&agent_id).is_some_and(|(sid, _)| *sid == stream_id) {
+                    streams.remove(&agent_id);
+                }
+            }
+            let id = agent_id.clone();
+            let _ = blocking(&state.store, move |s| s.agent_disconnected(&id, now_ms())).await;
+            info!(agent = %agent_id, "agent stream closed");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Serves one agent stream until it ends, is revoked or replaced, or the collector stops.
+async fn run_stream(
+    state: &Arc<State>,
+    agent_id: &str,
+    mut inbound: Streaming<AgentMessage>,
+    tx: &mpsc::Sender<Result<CollectorMessage, Status>>,
+    stop: &CancellationToken,
+) -> Result<(), Status> {
+    let hello = tokio::select! {
+        () = stop.cancelled() => return Err(closed_reason(state)),
+        m = tokio::time::timeout(HELLO_TIMEOUT, inbound.message()) => match m {
+            Err(_) => return Err(Status::deadline_exceeded("no Hello within 30 s")),
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Ok(Some(AgentMessage { msg: Some(Msg::Hello(h)) }))) => h,
+            Ok(Ok(Some(_))) => return Err(Status::invalid_argument("the first message must be Hello")),
+        },
+    };
+    let inventory = clamp_inventory(hello.inventory.unwrap_or_default());
+    info!(agent = %agent_id, hostname = %inventory.hostname, version = %inventory.agent_version, "agent connected");
+    let id = agent_id.to_string();
+    let bundle = hello.applied_bundle_version;
+    blocking(&state.store, move |s| s.agent_connected(&id, &inventory, bundle, now_ms())).await?;
+
+    loop {
+        let msg = tokio::select! {
+            () = stop.cancelled() => return Err(closed_reason(state)),
+            m = inbound.message() => m?,
+        };
+        let Some(AgentMessage { msg: Some(msg) }) = msg else {
+            return Ok(());
+        };
+        match msg {
+            Msg::Hello(_) => return Err(Status::invalid_argument("Hello sent twice")),
+            Msg::Batch(batch) => {
+                let seq = batch.seq;
+                let detections = check_batch(batch)?;
+                let id = agent_id.to_string();
+                // Committed when this returns: only then is the Ack sent.
+                blocking(&state.store, move |s| {
+                    let now = now_ms();
+                    s.insert_detections(&id, &detections, now)?;
+                    s.agent_seen(&id, None, now)
+                })
+                .await?;
+                if tx.send(Ok(CollectorMessage { msg: Some(Down::Ack(Ack { seq })) })).await.is_err() {
+                    return Ok(());
+                }
+            }
+            Msg::Heartbeat(hb) => {
+                if hb.counters.len() > MAX_COUNTERS {
+                    return Err(Status::invalid_argument("too many heartbeat counters"));
+                }
+                let id = agent_id.to_string();
+                let dropped = hb.dropped_total;
+                blocking(&state.store, move |s| s.agent_seen(&id, Some(dropped), now_ms())).await?;
+            }
+            Msg::BundleStatus(_) => {}
+        }
+    }
+}
+
+/// Why a stream was closed from this side: shutdown, or revoked/replaced.
+fn closed_reason(state: &State) -> Status {
+    if state.shutdown.is_cancelled() {
+        Status::unavailable("the collector is shutting down")
+    } else {
+        Status::permission_denied("this stream was closed by the collector (agent revoked or reconnected)")
+    }
+}
+
+/// Checks a batch's shape; over-long strings are cut, never dropped.
+fn check_batch(batch: DetectionBatch) -> Result<Vec<Detection>, Status> {
+    if batch.detections.len() > MAX_BATCH_DETECTIONS {
+        return Err(Status::invalid_argument(format!(
+            "batch {} has {} detections; at most {MAX_BATCH_DETECTIONS} are allowed",
+            batch.seq,
+            batch.detections.len()
+        )));
+    }
+    let mut out = batch.detections;
+    for d in &mut out {
+        if uuid::Uuid::parse_str(&d.id).is_err() {
+            return Err(Status::invalid_argument(format!(
+                "detection id `{}` is not a UUID",
+                clip_owned(&d.id)
+            )));
+        }
+        for s in [&mut d.rule, &mut d.source, &mut d.description] {
+            clip(s);
+        }
+        match &mut d.target {
+            Some(detection::Target::File(f)) => {
+                clip(&mut f.path);
+                f.raw_path.truncate(MAX_STRING_BYTES);
+                for s in [&mut f.sha256, &mut f.md5, &mut f.sha1] {
+                    clip(s);
+                }
+            }
+            Some(detection::Target::Process(p)) => {
+                for s in [&mut p.name, &mut p.exe, &mut p.cmdline, &mut p.user, &mut p.exe_sha256] {
+                    clip(s);
+                }
+            }
+            Some(detection::Target::Connection(c)) => {
+                for s in [&mut c.exe, &mut c.protocol, &mut c.local_addr, &mut c.remote_addr] {
+                    clip(s);
+                }
+            }
+            None => {}
+        }
+    }
+    Ok(out)
+}
+
+fn clamp_inventory(mut inv: Inventory) -> Inventory {
+    for s in [&mut inv.hostname, &mut inv.os, &mut inv.kernel, &mut inv.agent_version, &mut inv.arch] {
+        clip(s);
+    }
+    inv
+}
+
+/// Cuts a string to the protocol's length cap on a character boundary.
+fn clip(s: &mut String) {
+    if s.len() > MAX_STRING_BYTES {
+        let mut end = MAX_STRING_BYTES;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+}
+
+fn clip_owned(s: &str) -> String {
+    let mut s = s.chars().take(64).collect::<String>();
+    clip(&mut s);
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_strings_are_cut_on_a_char_boundary() {
+        let mut s = "é".repeat(MAX_STRING_BYTES);
+        clip(&mut s);
+        assert!(s.len() <= MAX_STRING_BYTES && s.len() >= MAX_STRING_BYTES - 1);
+    }
+
+    #[test]
+    fn oversized_batch_and_bad_ids_are_refused() {
+        let big = DetectionBatch {
+            seq: 1,
+            detections: vec![Detection::default(); MAX_BATCH_DETECTIONS + 1],
+        };
+        assert_eq!(check_batch(big).unwrap_err().code(), tonic::Code::InvalidArgument);
+        let bad = DetectionBatch {
+            seq: 1,
+            detections: vec![Detection { id: "x".into(), ..Default::default() }],
+        };
+        assert_eq!(check_batch(bad).unwrap_err().code(), tonic::Code::InvalidArgument);
+    }
+}

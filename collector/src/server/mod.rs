@@ -1,0 +1,142 @@
+//! The collector's gRPC server: `run(config, shutdown)` serves the agent and admin services over
+//! mutual TLS until `shutdown` fires, then drains open streams within the configured grace period.
+
+mod admin;
+mod agent;
+pub mod tls;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+use vedette_proto::limits::MAX_MESSAGE_BYTES;
+use vedette_proto::v1::admin_service_server::AdminServiceServer;
+use vedette_proto::v1::agent_service_server::AgentServiceServer;
+
+use crate::config::Config;
+use crate::pki::Ca;
+use crate::store::Store;
+
+/// What every handler shares.
+pub(crate) struct State {
+    pub store: Arc<Store>,
+    pub ca: Ca,
+    pub token_ttl: std::time::Duration,
+    /// Open agent streams by agent id; cancelling one closes that stream.
+    pub streams: Mutex<HashMap<String, (u64, CancellationToken)>>,
+    /// Fires when the collector shuts down.
+    pub shutdown: CancellationToken,
+    /// Tracks stream tasks so that shutdown can wait for them.
+    pub tasks: TaskTracker,
+}
+
+impl State {
+    fn streams(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, CancellationToken)>> {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Runs a blocking store call off the async runtime.
+pub(crate) async fn blocking<T, F>(store: &Arc<Store>, f: F) -> Result<T, tonic::Status>
+where
+    F: FnOnce(&Store) -> Result<T, crate::store::StoreError> + Send + 'static,
+    T: Send + 'static,
+{
+    let store = store.clone();
+    match tokio::task::spawn_blocking(move || f(&store)).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "store error");
+            Err(tonic::Status::unavailable("the collector's store failed; retry later"))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "store task failed");
+            Err(tonic::Status::internal("store task failed"))
+        }
+    }
+}
+
+/// Binds the listener; separate from [`serve`] so callers learn the bound address first.
+pub async fn bind(config: &Config) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on `{}`", config.listen))
+}
+
+/// Serves until `shutdown` fires, then drains.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let tls = tls::server_config(&config.ca_cert, &config.server_cert, &config.server_key)
+        .context("cannot set up TLS")?;
+    let ca = Ca::load(&config.ca_cert, &config.ca_key).context("cannot load the CA")?;
+    let store = {
+        let path = config.database.clone();
+        tokio::task::spawn_blocking(move || Store::open(&path))
+            .await
+            .context("store task failed")??
+    };
+    let state = Arc::new(State {
+        store: Arc::new(store),
+        ca,
+        token_ttl: config.token_ttl,
+        streams: Mutex::new(HashMap::new()),
+        shutdown: shutdown.clone(),
+        tasks: TaskTracker::new(),
+    });
+    let local: SocketAddr = listener.local_addr()?;
+    info!(address = %local, database = %config.database.display(), "collector listening");
+
+    let (conn_tx, conn_rx) = mpsc::channel(64);
+    let accept_stop = shutdown.child_token();
+    let accept = tokio::spawn(tls::accept_loop(
+        listener,
+        Arc::new(tls),
+        conn_tx,
+        accept_stop.clone(),
+    ));
+
+    let agent_svc = AgentServiceServer::new(agent::AgentSvc::new(state.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let admin_svc = AdminServiceServer::new(admin::AdminSvc::new(state.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .add_service(agent_svc)
+        .add_service(admin_svc)
+        .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), shutdown.clone().cancelled_owned());
+
+    let server = tokio::spawn(server);
+    shutdown.cancelled().await;
+    info!("shutting down: draining agent streams");
+    accept_stop.cancel();
+    state.tasks.close();
+    // Stream tasks see the same token: each finishes the batch it is committing, acks it, and
+    // closes its stream; then the HTTP/2 connections close and the server future ends.
+    let drained = tokio::time::timeout(config.shutdown_grace, async {
+        state.tasks.wait().await;
+        server.await
+    })
+    .await;
+    match drained {
+        Ok(Ok(Ok(()))) => info!("collector stopped"),
+        Ok(Ok(Err(e))) => warn!(error = %e, "server ended with an error"),
+        Ok(Err(e)) => warn!(error = %e, "server task failed"),
+        Err(_) => warn!(grace = ?config.shutdown_grace, "grace period elapsed; closing remaining connections"),
+    }
+    let _ = accept.await;
+    Ok(())
+}

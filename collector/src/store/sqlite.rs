@@ -1,0 +1,402 @@
+//! SQLite implementation of the store: one file, WAL mode, schema migrations by `user_version`.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use prost::Message;
+use rusqlite::{Connection, OptionalExtension, params};
+use vedette_proto::v1::{Detection, Inventory, StoredDetection, detection};
+
+use super::{AgentRow, DetectionFilter, StoreError, TokenError};
+
+/// Schema migrations, applied in order; `PRAGMA user_version` is the number applied.
+const MIGRATIONS: &[&str] = &[
+    // 1: tokens, agents, detections.
+    "CREATE TABLE tokens (
+        hash TEXT PRIMARY KEY,
+        created_at_ms INTEGER NOT NULL,
+        expires_at_ms INTEGER NOT NULL,
+        uses_left INTEGER NOT NULL
+    );
+    CREATE TABLE agents (
+        id TEXT PRIMARY KEY,
+        hostname TEXT NOT NULL DEFAULT '',
+        os TEXT NOT NULL DEFAULT '',
+        kernel TEXT NOT NULL DEFAULT '',
+        arch TEXT NOT NULL DEFAULT '',
+        agent_version TEXT NOT NULL DEFAULT '',
+        enrolled_at_ms INTEGER NOT NULL,
+        first_seen_ms INTEGER NOT NULL DEFAULT 0,
+        last_seen_ms INTEGER NOT NULL DEFAULT 0,
+        connected INTEGER NOT NULL DEFAULT 0,
+        revoked_at_ms INTEGER,
+        bundle_version INTEGER NOT NULL DEFAULT 0,
+        bundle_applied_at_ms INTEGER NOT NULL DEFAULT 0,
+        dropped_total INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE detections (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        agent_id TEXT NOT NULL REFERENCES agents(id),
+        kind INTEGER NOT NULL,
+        rule TEXT NOT NULL,
+        path TEXT,
+        sha256 TEXT,
+        pid INTEGER,
+        observed_at_ms INTEGER NOT NULL,
+        received_at_ms INTEGER NOT NULL,
+        bundle_version INTEGER NOT NULL,
+        body BLOB NOT NULL
+    );
+    CREATE INDEX detections_agent ON detections(agent_id, seq);
+    CREATE INDEX detections_received ON detections(received_at_ms);",
+];
+
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let open_err = |source| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let mut conn = Connection::open(path).map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_err)?;
+        // FULL: a commit is on disk when it returns, so an Ack never outruns durability.
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(open_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(open_err)?;
+        let found: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(open_err)?;
+        let known = MIGRATIONS.len() as i64;
+        if found > known {
+            return Err(StoreError::TooNew {
+                path: path.to_owned(),
+                found,
+                known,
+            });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+            let tx = conn.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+        }
+        // Whoever was connected to a previous run of the collector is not connected now.
+        conn.execute("UPDATE agents SET connected = 0 WHERE connected != 0", [])?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves SQLite consistent (transactions roll back on
+        // drop), so a poisoned lock is still safe to use.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn create_token(
+        &self,
+        hash: &str,
+        now_ms: i64,
+        expires_at_ms: i64,
+        uses: u32,
+    ) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO tokens (hash, created_at_ms, expires_at_ms, uses_left) VALUES (?1, ?2, ?3, ?4)",
+            params![hash, now_ms, expires_at_ms, uses],
+        )?;
+        Ok(())
+    }
+
+    /// Spends one use of a token and records the new agent, in one transaction.
+    pub fn enroll(
+        &self,
+        token_hash: &str,
+        agent_id: &str,
+        hostname: &str,
+        now_ms: i64,
+    ) -> Result<Result<(), TokenError>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let row: Option<(i64, i64)> = tx
+            .query_row(
+                "SELECT expires_at_ms, uses_left FROM tokens WHERE hash = ?1",
+                [token_hash],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let verdict = match row {
+            None => Err(TokenError::Unknown),
+            Some((expires, _)) if expires <= now_ms => Err(TokenError::Expired),
+            Some((_, uses)) if uses <= 0 => Err(TokenError::UsedUp),
+            Some(_) => Ok(()),
+        };
+        if verdict.is_ok() {
+            tx.execute(
+                "UPDATE tokens SET uses_left = uses_left - 1 WHERE hash = ?1",
+                [token_hash],
+            )?;
+            tx.execute(
+                "INSERT INTO agents (id, hostname, enrolled_at_ms) VALUES (?1, ?2, ?3)",
+                params![agent_id, hostname, now_ms],
+            )?;
+            tx.commit()?;
+        }
+        Ok(verdict)
+    }
+
+    /// The agent's row, if it was ever enrolled.
+    pub fn agent(&self, id: &str) -> Result<Option<AgentRow>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!("{AGENT_SELECT} WHERE id = ?1"),
+                [id],
+                agent_from_row,
+            )
+            .optional()?)
+    }
+
+    pub fn list_agents(&self) -> Result<Vec<AgentRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!("{AGENT_SELECT} ORDER BY enrolled_at_ms, id"))?;
+        let rows = stmt.query_map([], agent_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Records that an agent opened its stream, with the inventory of its Hello.
+    pub fn agent_connected(
+        &self,
+        id: &str,
+        inv: &Inventory,
+        bundle_version: u64,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE agents SET hostname = ?2, os = ?3, kernel = ?4, arch = ?5, agent_version = ?6,
+                first_seen_ms = CASE WHEN first_seen_ms = 0 THEN ?7 ELSE first_seen_ms END,
+                last_seen_ms = ?7, connected = 1,
+                bundle_applied_at_ms = CASE WHEN bundle_version != ?8 THEN ?7 ELSE bundle_applied_at_ms END,
+                bundle_version = ?8
+             WHERE id = ?1",
+            params![
+                id,
+                inv.hostname,
+                inv.os,
+                inv.kernel,
+                inv.arch,
+                inv.agent_version,
+                now_ms,
+                bundle_version as i64
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn agent_seen(&self, id: &str, dropped_total: Option<u64>, now_ms: i64) -> Result<(), StoreError> {
+        match dropped_total {
+            Some(d) => self.conn().execute(
+                "UPDATE agents SET last_seen_ms = ?2, dropped_total = MAX(dropped_total, ?3) WHERE id = ?1",
+                params![id, now_ms, d as i64],
+            )?,
+            None => self.conn().execute(
+                "UPDATE agents SET last_seen_ms = ?2 WHERE id = ?1",
+                params![id, now_ms],
+            )?,
+        };
+        Ok(())
+    }
+
+    pub fn agent_disconnected(&self, id: &str, now_ms: i64) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE agents SET connected = 0, last_seen_ms = MAX(last_seen_ms, ?2) WHERE id = ?1",
+            params![id, now_ms],
+        )?;
+        Ok(())
+    }
+
+    /// Marks an agent revoked. Returns false when no such agent exists.
+    pub fn revoke_agent(&self, id: &str, now_ms: i64) -> Result<bool, StoreError> {
+        let n = self.conn().execute(
+            "UPDATE agents SET revoked_at_ms = COALESCE(revoked_at_ms, ?2) WHERE id = ?1",
+            params![id, now_ms],
+        )?;
+        Ok(n > 0)
+    }
+
+    /// Stores a batch of detections of one agent in one transaction. A detection whose id is
+    /// already stored is skipped (resends are idempotent). Returns how many were new.
+    pub fn insert_detections(
+        &self,
+        agent_id: &str,
+        detections: &[Detection],
+        received_at_ms: i64,
+    ) -> Result<usize, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let mut inserted = 0;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO detections (id, agent_id, kind, rule, path, sha256, pid, observed_at_ms,
+                    received_at_ms, bundle_version, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                 ON CONFLICT(id) DO NOTHING",
+            )?;
+            for d in detections {
+                let (path, sha256, pid) = match &d.target {
+                    Some(detection::Target::File(f)) => {
+                        (Some(f.path.as_str()), Some(f.sha256.as_str()), None)
+                    }
+                    Some(detection::Target::Process(p)) => {
+                        (Some(p.exe.as_str()), Some(p.exe_sha256.as_str()), Some(p.pid))
+                    }
+                    Some(detection::Target::Connection(c)) => (Some(c.exe.as_str()), None, Some(c.pid)),
+                    None => (None, None, None),
+                };
+                inserted += stmt.execute(params![
+                    d.id,
+                    agent_id,
+                    d.kind,
+                    d.rule,
+                    path,
+                    sha256.filter(|s| !s.is_empty()),
+                    pid,
+                    d.observed_at_ms,
+                    received_at_ms,
+                    d.bundle_version as i64,
+                    d.encode_to_vec(),
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(inserted)
+    }
+
+    /// The most recent detections matching the filter, oldest first.
+    pub fn list_detections(&self, f: &DetectionFilter) -> Result<Vec<StoredDetection>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT d.id, d.agent_id, a.hostname, d.received_at_ms, d.body
+             FROM detections d JOIN agents a ON a.id = d.agent_id
+             WHERE (?1 IS NULL OR d.agent_id = ?1) AND (?2 IS NULL OR d.received_at_ms >= ?2)
+             ORDER BY d.seq DESC LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![f.agent_id, f.since_ms, f.limit], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, Vec<u8>>(4)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, agent_id, hostname, received_at_ms, body) = row?;
+            let detection = Detection::decode(body.as_slice()).map_err(|e| StoreError::Corrupt {
+                id,
+                reason: e.to_string(),
+            })?;
+            out.push(StoredDetection {
+                detection: Some(detection),
+                agent_id,
+                hostname,
+                received_at_ms,
+            });
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Number of stored detections (all agents).
+    pub fn count_detections(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT COUNT(*) FROM detections", [], |r| r.get::<_, i64>(0))? as u64)
+    }
+}
+
+const AGENT_SELECT: &str = "SELECT id, hostname, os, kernel, arch, agent_version, enrolled_at_ms,
+    first_seen_ms, last_seen_ms, connected, revoked_at_ms IS NOT NULL, bundle_version,
+    bundle_applied_at_ms, dropped_total FROM agents";
+
+fn agent_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentRow> {
+    Ok(AgentRow {
+        id: r.get(0)?,
+        hostname: r.get(1)?,
+        os: r.get(2)?,
+        kernel: r.get(3)?,
+        arch: r.get(4)?,
+        agent_version: r.get(5)?,
+        enrolled_at_ms: r.get(6)?,
+        first_seen_ms: r.get(7)?,
+        last_seen_ms: r.get(8)?,
+        connected: r.get(9)?,
+        revoked: r.get(10)?,
+        bundle_version: r.get::<_, i64>(11)? as u64,
+        bundle_applied_at_ms: r.get(12)?,
+        dropped_total: r.get::<_, i64>(13)? as u64,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vedette_proto::v1::FileTarget;
+
+    fn detection(id: &str) -> Detection {
+        Detection {
+            id: id.into(),
+            kind: 1,
+            rule: "r".into(),
+            target: Some(detection::Target::File(FileTarget {
+                path: "/tmp/x".into(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn tokens_are_single_use_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db")).unwrap();
+        s.create_token("h1", 0, 1_000, 1).unwrap();
+        s.create_token("h2", 0, 1_000, 1).unwrap();
+        assert_eq!(s.enroll("nope", "a0", "h", 10).unwrap(), Err(TokenError::Unknown));
+        assert_eq!(s.enroll("h1", "a1", "h", 10).unwrap(), Ok(()));
+        assert_eq!(s.enroll("h1", "a2", "h", 10).unwrap(), Err(TokenError::UsedUp));
+        assert_eq!(s.enroll("h2", "a3", "h", 1_000).unwrap(), Err(TokenError::Expired));
+        assert_eq!(s.list_agents().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn detections_are_stored_once_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let s = Store::open(&path).unwrap();
+            s.create_token("h", 0, i64::MAX, 1).unwrap();
+            s.enroll("h", "a", "host", 1).unwrap().unwrap();
+            assert_eq!(s.insert_detections("a", &[detection("d1"), detection("d2")], 5).unwrap(), 2);
+            assert_eq!(s.insert_detections("a", &[detection("d2"), detection("d3")], 6).unwrap(), 1);
+        }
+        let s = Store::open(&path).unwrap();
+        let all = s.list_detections(&DetectionFilter { limit: 10, ..Default::default() }).unwrap();
+        let ids: Vec<_> = all.iter().map(|d| d.detection.as_ref().unwrap().id.clone()).collect();
+        assert_eq!(ids, ["d1", "d2", "d3"]);
+        assert_eq!(all[0].hostname, "host");
+        let last = s.list_detections(&DetectionFilter { limit: 1, ..Default::default() }).unwrap();
+        assert_eq!(last.len(), 1);
+        assert_eq!(last[0].detection.as_ref().unwrap().id, "d3");
+    }
+}

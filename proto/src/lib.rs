@@ -1,0 +1,27 @@
+//! The Vedette wire protocol (`vedette.v1`): generated message types and gRPC services, plus the
+//! size limits both peers enforce.
+#![forbid(unsafe_code)]
+
+pub mod client;
+
+pub mod v1 {
+    #![allow(clippy::all, clippy::pedantic)]
+    tonic::include_proto!("vedette.v1");
+}
+
+/// Size limits every peer applies to what it receives.
+pub mod limits {
+    /// Largest encoded message on the agent stream or admin API (a detection batch, a rule bundle).
+    pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+    /// Most detections in one batch.
+    pub const MAX_BATCH_DETECTIONS: usize = 1_000;
+    /// Longest string field (paths, command lines, rule names), in bytes.
+    pub const MAX_STRING_BYTES: usize = 8 * 1024;
+    /// Longest enrollment request (token + CSR).
+    pub const MAX_ENROLL_BYTES: usize = 16 * 1024;
+    /// Most counters in one heartbeat.
+    pub const MAX_COUNTERS: usize = 256;
+}
+
+/// Current protocol version, sent nowhere but named in logs and `--version` output.
+pub const PROTOCOL: &str = "vedette.v1";
