@@ -109,7 +109,9 @@ impl RawConfig {
                 problems,
             });
         }
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         Ok(Settings {
             watch: self.watch,
             rules: self.rules,
@@ -133,15 +135,28 @@ mod tests {
             "watch = [\"/nonexistent-vedette\"]\nheartbeat = \"often\"\nscan_workers = 0\ncollectors = [\"nohost\"]",
         )
         .unwrap();
-        let e = raw.validate(Some(Path::new("a.toml"))).unwrap_err().to_string();
-        for s in ["`watch`", "/nonexistent-vedette", "`heartbeat`", "`often`", "`scan_workers`", "`nohost`", "a.toml"] {
+        let e = raw
+            .validate(Some(Path::new("a.toml")))
+            .unwrap_err()
+            .to_string();
+        for s in [
+            "`watch`",
+            "/nonexistent-vedette",
+            "`heartbeat`",
+            "`often`",
+            "`scan_workers`",
+            "`nohost`",
+            "a.toml",
+        ] {
             assert!(e.contains(s), "{s} missing in {e}");
         }
     }
 
     #[test]
     fn unknown_keys_are_refused() {
-        let e = toml::from_str::<RawConfig>("wach = []").unwrap_err().to_string();
+        let e = toml::from_str::<RawConfig>("wach = []")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("wach"), "{e}");
     }
 }

@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, bail};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
@@ -48,9 +48,8 @@ pub async fn enroll(args: EnrollArgs<'_>) -> anyhow::Result<String> {
         );
     }
     let ca_pem = match &args.pin {
-        CaPin::File(p) => {
-            std::fs::read_to_string(p).with_context(|| format!("cannot read the CA file `{}`", p.display()))?
-        }
+        CaPin::File(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("cannot read the CA file `{}`", p.display()))?,
         CaPin::Sha256(hex_pin) => fetch_pinned_ca(args.collector, &parse_pin(hex_pin)?).await?,
     };
     state.create()?;
@@ -100,7 +99,11 @@ pub async fn enroll(args: EnrollArgs<'_>) -> anyhow::Result<String> {
 }
 
 fn parse_pin(s: &str) -> anyhow::Result<String> {
-    let clean: String = s.chars().filter(|c| *c != ':').collect::<String>().to_lowercase();
+    let clean: String = s
+        .chars()
+        .filter(|c| *c != ':')
+        .collect::<String>()
+        .to_lowercase();
     if clean.len() != 64 || !clean.chars().all(|c| c.is_ascii_hexdigit()) {
         bail!("`{s}` is not a SHA-256 fingerprint (64 hex digits)");
     }
@@ -128,7 +131,8 @@ async fn fetch_pinned_ca(address: &str, pin: &str) -> anyhow::Result<String> {
         .with_custom_certificate_verifier(verifier.clone())
         .with_no_client_auth();
     let host = host_of(address).to_string();
-    let name = ServerName::try_from(host.clone()).with_context(|| format!("`{host}` is not a valid server name"))?;
+    let name = ServerName::try_from(host.clone())
+        .with_context(|| format!("`{host}` is not a valid server name"))?;
     let tcp = TcpStream::connect(address)
         .await
         .with_context(|| format!("cannot connect to the collector at `{address}`"))?;
@@ -166,17 +170,20 @@ impl ServerCertVerifier for PinVerifier {
             .find(|c| hex::encode(Sha256::digest(c.as_ref())) == self.pin)
             .ok_or_else(|| {
                 rustls::Error::General(
-                    "no certificate presented by the collector matches the pinned CA fingerprint".into(),
+                    "no certificate presented by the collector matches the pinned CA fingerprint"
+                        .into(),
                 )
             })?;
         let mut roots = RootCertStore::empty();
         roots
             .add(ca.clone().into_owned())
             .map_err(|e| rustls::Error::General(format!("pinned CA is unusable: {e}")))?;
-        let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-            .build()
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
-        let verified = inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)?;
+        let inner =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let verified =
+            inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)?;
         *self.found.lock().unwrap_or_else(|p| p.into_inner()) = Some(ca.as_ref().to_vec());
         Ok(verified)
     }
@@ -187,7 +194,12 @@ impl ServerCertVerifier for PinVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -196,11 +208,18 @@ impl ServerCertVerifier for PinVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 

@@ -81,6 +81,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -105,7 +106,10 @@ fn main() -> ExitCode {
             };
             match rt.block_on(enroll::enroll(args)) {
                 Ok(id) => {
-                    println!("enrolled as agent {id}; credentials in {}", cmd.state_dir.display());
+                    println!(
+                        "enrolled as agent {id}; credentials in {}",
+                        cmd.state_dir.display()
+                    );
                     println!(
                         "next: vedette-agent run --state-dir {} --watch PATH --rules PATH",
                         cmd.state_dir.display()
@@ -164,7 +168,10 @@ fn main() -> ExitCode {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}

@@ -40,7 +40,7 @@ pub fn load_rules(paths: &[std::path::PathBuf]) -> anyhow::Result<RuleSet> {
     }
     info!(
         files = r.yara_files,
-        failed = r.yara_files_failed,
+        with_errors = r.yara_files_with_errors,
         rules = r.yara_rules,
         "YARA rules loaded"
     );
@@ -70,9 +70,23 @@ pub async fn run(
         max_file_size: settings.max_file_size,
         timeout: settings.scan_timeout,
     };
-    let pool = ScanPool::start(settings.scan_workers, rules.clone(), options, det_tx, counters.clone())
-        .context("cannot start scan workers")?;
-    let watch = FileWatch::start(&settings.watch, pool.sender(), counters.clone())?;
+    let pool = ScanPool::start(
+        settings.scan_workers,
+        rules.clone(),
+        options,
+        det_tx,
+        counters.clone(),
+    )
+    .context("cannot start scan workers")?;
+    // Absolute, resolved roots: detections then carry clean absolute paths.
+    let roots = settings
+        .watch
+        .iter()
+        .map(|p| {
+            std::fs::canonicalize(p).with_context(|| format!("cannot watch `{}`", p.display()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let watch = FileWatch::start(&roots, pool.sender(), counters.clone())?;
 
     let ship_cfg = ShipConfig {
         collectors,
@@ -85,7 +99,12 @@ pub async fn run(
         backoff_max: settings.backoff_max,
         drain: Duration::from_secs(5),
     };
-    let shipper = tokio::spawn(ship::run(ship_cfg, det_rx, counters.clone(), shutdown.clone()));
+    let shipper = tokio::spawn(ship::run(
+        ship_cfg,
+        det_rx,
+        counters.clone(),
+        shutdown.clone(),
+    ));
 
     shutdown.cancelled().await;
     info!("stopping");

@@ -15,7 +15,9 @@ use std::thread::JoinHandle;
 use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
-use vedette_engine::{FileReport, FileScanner, MatchKind, RuleMatch, RuleSet, ScanOptions, SkipReason};
+use vedette_engine::{
+    FileReport, FileScanner, MatchKind, RuleMatch, RuleSet, ScanOptions, SkipReason,
+};
 use vedette_proto::v1::{Detection, DetectionKind, FileTarget, detection};
 
 use crate::counters::Counters;
@@ -41,8 +43,12 @@ impl ScanPool {
         let rx = Arc::new(Mutex::new(rx));
         let mut handles = Vec::new();
         for i in 0..workers.max(1) {
-            let (rx, rules, detections, counters) =
-                (rx.clone(), rules.clone(), detections.clone(), counters.clone());
+            let (rx, rules, detections, counters) = (
+                rx.clone(),
+                rules.clone(),
+                detections.clone(),
+                counters.clone(),
+            );
             handles.push(
                 std::thread::Builder::new()
                     .name(format!("scan-{i}"))
@@ -112,7 +118,9 @@ fn worker(
                             warn!(path = %path.display(), error = %e, "skipping unreadable file")
                         }
                         SkipReason::Timeout => warn!(path = %path.display(), "YARA scan timed out"),
-                        _ => debug!(path = %path.display(), reason = reason.as_str(), "file skipped"),
+                        _ => {
+                            debug!(path = %path.display(), reason = reason.as_str(), "file skipped")
+                        }
                     }
                 }
             }
@@ -121,11 +129,19 @@ fn worker(
 }
 
 /// One detection per rule that matched the file.
-pub fn detections_of(path: &std::path::Path, report: &FileReport, bundle_version: u64) -> Vec<Detection> {
+pub fn detections_of(
+    path: &std::path::Path,
+    report: &FileReport,
+    bundle_version: u64,
+) -> Vec<Detection> {
     let observed_at_ms = now_ms();
     let raw = path.as_os_str().as_bytes();
     let text = path.to_string_lossy().into_owned();
-    let raw_path = if std::str::from_utf8(raw).is_ok() { Vec::new() } else { raw.to_vec() };
+    let raw_path = if std::str::from_utf8(raw).is_ok() {
+        Vec::new()
+    } else {
+        raw.to_vec()
+    };
     report
         .matches
         .iter()

@@ -28,7 +28,9 @@ use vedette_proto::limits::{MAX_BATCH_DETECTIONS, MAX_MESSAGE_BYTES};
 use vedette_proto::v1::agent_message::Msg;
 use vedette_proto::v1::agent_service_client::AgentServiceClient;
 use vedette_proto::v1::collector_message::Msg as Down;
-use vedette_proto::v1::{AgentMessage, CollectorMessage, Detection, DetectionBatch, Heartbeat, Hello};
+use vedette_proto::v1::{
+    AgentMessage, CollectorMessage, Detection, DetectionBatch, Heartbeat, Hello,
+};
 
 use crate::counters::Counters;
 use crate::inventory;
@@ -115,7 +117,10 @@ pub async fn run(
         if shutdown.is_cancelled() {
             let left: usize = s.unacked.iter().map(Vec::len).sum::<usize>() + detections.len();
             if left > 0 {
-                warn!(undelivered = left, "stopping with detections the collector has not acknowledged");
+                warn!(
+                    undelivered = left,
+                    "stopping with detections the collector has not acknowledged"
+                );
             }
             return;
         }
@@ -148,7 +153,9 @@ async fn open(
             applied_bundle_version: bundle_version,
         })),
     };
-    up.send(hello).await.map_err(|_| "stream closed".to_string())?;
+    up.send(hello)
+        .await
+        .map_err(|_| "stream closed".to_string())?;
     let down = client
         .connect(ReceiverStream::new(rx))
         .await
@@ -182,7 +189,10 @@ impl Shipper {
         let mut acked_upto: u64 = 0;
         for (i, batch) in self.unacked.iter().enumerate() {
             self.counters.add("detections_resent", batch.len() as u64);
-            if send_batch(&up, first_seq + i as u64, batch.clone()).await.is_err() {
+            if send_batch(&up, first_seq + i as u64, batch.clone())
+                .await
+                .is_err()
+            {
                 return End::Lost("stream closed while resending".into());
             }
         }
@@ -201,8 +211,12 @@ impl Shipper {
                     return End::Shutdown;
                 }
                 if Instant::now() >= deadline {
-                    let left: usize = self.unacked.iter().map(Vec::len).sum::<usize>() + detections.len();
-                    warn!(undelivered = left, "drain time ran out before every detection was acknowledged");
+                    let left: usize =
+                        self.unacked.iter().map(Vec::len).sum::<usize>() + detections.len();
+                    warn!(
+                        undelivered = left,
+                        "drain time ran out before every detection was acknowledged"
+                    );
                     return End::Shutdown;
                 }
             }

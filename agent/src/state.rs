@@ -41,7 +41,9 @@ pub struct Credentials {
 
 impl StateDir {
     pub fn new(dir: &Path) -> StateDir {
-        StateDir { dir: dir.to_owned() }
+        StateDir {
+            dir: dir.to_owned(),
+        }
     }
     pub fn key(&self) -> PathBuf {
         self.dir.join("agent.key")

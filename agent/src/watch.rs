@@ -7,8 +7,8 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{RecvTimeoutError, SyncSender, channel};
 use std::sync::Arc;
+use std::sync::mpsc::{RecvTimeoutError, SyncSender, channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 

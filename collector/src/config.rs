@@ -81,12 +81,20 @@ impl RawConfig {
         let listen = self
             .listen
             .parse::<SocketAddr>()
-            .map_err(|e| problems.push(format!("`listen`: `{}` is not an address:port ({e})", self.listen)))
+            .map_err(|e| {
+                problems.push(format!(
+                    "`listen`: `{}` is not an address:port ({e})",
+                    self.listen
+                ))
+            })
             .ok();
         let mut file = |key: &str, p: &Path| {
             let p = base.join(p);
             if !p.is_file() {
-                problems.push(format!("`{key}`: `{}` does not exist or is not a file", p.display()));
+                problems.push(format!(
+                    "`{key}`: `{}` does not exist or is not a file",
+                    p.display()
+                ));
             }
             p
         };
@@ -97,11 +105,17 @@ impl RawConfig {
         let mut duration = |key: &str, v: &Option<String>, default: Duration| match v {
             None => default,
             Some(s) => humantime::parse_duration(s).unwrap_or_else(|e| {
-                problems.push(format!("`{key}`: `{s}` is not a duration like `10s` or `1h` ({e})"));
+                problems.push(format!(
+                    "`{key}`: `{s}` is not a duration like `10s` or `1h` ({e})"
+                ));
                 default
             }),
         };
-        let shutdown_grace = duration("shutdown_grace", &self.shutdown_grace, Duration::from_secs(10));
+        let shutdown_grace = duration(
+            "shutdown_grace",
+            &self.shutdown_grace,
+            Duration::from_secs(10),
+        );
         let token_ttl = duration("token_ttl", &self.token_ttl, Duration::from_secs(3600));
         let database = base.join(&self.database);
         match (listen, problems.is_empty()) {
@@ -135,7 +149,13 @@ mod tests {
         .unwrap();
         let e = Config::load(&p).unwrap_err();
         let text = e.to_string();
-        for key in ["`listen`", "`tls.ca_cert`", "`tls.server_key`", "`shutdown_grace`", "`soon`"] {
+        for key in [
+            "`listen`",
+            "`tls.ca_cert`",
+            "`tls.server_key`",
+            "`shutdown_grace`",
+            "`soon`",
+        ] {
             assert!(text.contains(key), "{key} missing from: {text}");
         }
     }

@@ -45,11 +45,15 @@ impl CtlConfig {
     /// Connects to the collector with this operator's certificate.
     pub async fn client(&self) -> anyhow::Result<AdminServiceClient<Channel>> {
         let read = |p: &Path, what: &str| {
-            std::fs::read_to_string(p).with_context(|| format!("cannot read the {what} `{}`", p.display()))
+            std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read the {what} `{}`", p.display()))
         };
         let tls = ClientTls {
             ca_pem: read(&self.ca_cert, "CA certificate")?,
-            identity: Some((read(&self.cert, "certificate")?, read(&self.key, "private key")?)),
+            identity: Some((
+                read(&self.cert, "certificate")?,
+                read(&self.key, "private key")?,
+            )),
         };
         let channel = connect(&self.collector, &tls)
             .await
@@ -97,7 +101,11 @@ pub async fn token_create(cfg: &CtlConfig, ttl: Duration, uses: u32) -> anyhow::
 
 pub async fn agents_list(cfg: &CtlConfig) -> anyhow::Result<Vec<AgentInfo>> {
     let mut c = cfg.client().await?;
-    Ok(c.list_agents(ListAgentsRequest {}).await.map_err(status_error)?.into_inner().agents)
+    Ok(c.list_agents(ListAgentsRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .agents)
 }
 
 pub async fn agents_revoke(cfg: &CtlConfig, id: &str) -> anyhow::Result<bool> {
@@ -106,7 +114,9 @@ pub async fn agents_revoke(cfg: &CtlConfig, id: &str) -> anyhow::Result<bool> {
     }
     let mut c = cfg.client().await?;
     let r = c
-        .revoke_agent(RevokeAgentRequest { agent_id: id.to_string() })
+        .revoke_agent(RevokeAgentRequest {
+            agent_id: id.to_string(),
+        })
         .await
         .map_err(status_error)?;
     Ok(r.into_inner().disconnected)
@@ -120,7 +130,11 @@ pub async fn detections_list(
 ) -> anyhow::Result<Vec<StoredDetection>> {
     let mut c = cfg.client().await?;
     let since_ms = since
-        .map(|t| t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0))
+        .map(|t| {
+            t.duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0)
+        })
         .unwrap_or(0);
     let r = c
         .list_detections(ListDetectionsRequest {

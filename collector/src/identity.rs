@@ -21,6 +21,15 @@ pub enum Identity {
     Client { name: String, roles: BTreeSet<Role> },
 }
 
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Identity::Agent(id) => write!(f, "agent {id}"),
+            Identity::Client { name, .. } => write!(f, "{name}"),
+        }
+    }
+}
+
 impl Identity {
     /// The identity of the verified client certificate of a request.
     ///
@@ -48,8 +57,7 @@ impl Identity {
             if let GeneralName::URI(uri) = name {
                 if let Some(id) = uri.strip_prefix(AGENT_URI_PREFIX) {
                     agent = Some(id.to_string());
-                } else if let Some(role) = uri.strip_prefix(ROLE_URI_PREFIX).and_then(Role::parse)
-                {
+                } else if let Some(role) = uri.strip_prefix(ROLE_URI_PREFIX).and_then(Role::parse) {
                     roles.insert(role);
                 }
             }

@@ -21,7 +21,10 @@ pub enum InitError {
     #[error("`{}` already holds a CA (`ca.key`); refusing to overwrite it. Use another --dir, or remove the old CA on purpose", dir.display())]
     CaExists { dir: PathBuf },
     #[error("cannot create `{}`: {source}", dir.display())]
-    Dir { dir: PathBuf, source: std::io::Error },
+    Dir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Pki(#[from] PkiError),
     #[error("cannot encode a config file: {0}")]
@@ -61,8 +64,16 @@ pub fn init(dir: &Path, listen: SocketAddr, names: &[String]) -> Result<Initiali
     write_new(&dir.join("server.key"), server.key_pem.as_bytes(), 0o600)?;
     write_new(&dir.join("server.crt"), server.cert_pem.as_bytes(), 0o644)?;
     let operator = ca.issue_client("operator", &[Role::Operator, Role::Maintainer])?;
-    write_new(&dir.join("operator.key"), operator.key_pem.as_bytes(), 0o600)?;
-    write_new(&dir.join("operator.crt"), operator.cert_pem.as_bytes(), 0o644)?;
+    write_new(
+        &dir.join("operator.key"),
+        operator.key_pem.as_bytes(),
+        0o600,
+    )?;
+    write_new(
+        &dir.join("operator.crt"),
+        operator.cert_pem.as_bytes(),
+        0o644,
+    )?;
 
     let collector = RawConfig {
         listen: listen.to_string(),
@@ -116,7 +127,12 @@ mod tests {
     fn keys_are_private_and_a_second_init_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().join("c");
-        let out = init(&d, "127.0.0.1:7443".parse().unwrap(), &["collector.example".into()]).unwrap();
+        let out = init(
+            &d,
+            "127.0.0.1:7443".parse().unwrap(),
+            &["collector.example".into()],
+        )
+        .unwrap();
         assert_eq!(out.fingerprint.len(), 64);
         for key in ["ca.key", "server.key", "operator.key"] {
             let mode = fs::metadata(d.join(key)).unwrap().permissions().mode() & 0o777;

@@ -62,6 +62,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
         Command::Init { dir, listen, sans } => match init::init(&dir, listen, &sans) {
@@ -79,7 +80,9 @@ fn main() -> ExitCode {
                     "  vedette-agent enroll --collector {} --token $TOKEN --ca-sha256 {} --state-dir /var/lib/vedette",
                     done.client_address, done.fingerprint
                 );
-                println!("  vedette-agent run --state-dir /var/lib/vedette --watch /srv --rules /etc/vedette/rules");
+                println!(
+                    "  vedette-agent run --state-dir /var/lib/vedette --watch /srv --rules /etc/vedette/rules"
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -126,7 +129,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}

@@ -1,1 +1,4 @@
+//! End-to-end: the real collector, vedettectl and agent processes over mutual TLS on 127.0.0.1,
+//! real inotify, real SQLite, real YARA, certificates made by `vedette-collector init`.
 
+mod backbone;

@@ -1,1 +1,315 @@
+//! Harness for the end-to-end tests: runs the real `vedette-collector`, `vedettectl` and
+//! `vedette-agent` binaries as processes, on loopback, with certificates made by `init`.
+//!
+//! Every wait is a poll of a condition with a deadline ([`wait_for`]); every child process is
+//! killed when its handle drops, and its log is printed when a test fails.
 
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Where cargo put the workspace binaries (next to the test executable's `deps/`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "`{}` is missing: build the binaries first (`cargo test --workspace` does)",
+        p.display()
+    );
+    p
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, or panics after `timeout` naming `what`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process killed on drop, its output in a log file.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+    name: String,
+}
+
+impl Proc {
+    fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Proc {
+        let out = std::fs::File::create(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .env("VEDETTE_LOG", "info,vedette_agent=debug")
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc {
+            child,
+            log,
+            name: name.to_string(),
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends a signal (`TERM`, `KILL`, ...) and waits for the process to exit.
+    pub fn signal_and_wait(&mut self, signal: &str) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status();
+        wait_for(
+            Duration::from_secs(20),
+            &format!("{} to exit", self.name),
+            || self.child.try_wait().ok().flatten(),
+        )
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "----- {} log ({}) -----\n{}",
+                self.name,
+                self.log.display(),
+                self.log_text()
+            );
+        }
+    }
+}
+
+/// A collector made with `vedette-collector init` in its own directory.
+pub struct Collector {
+    pub dir: PathBuf,
+    pub addr: String,
+    pub fingerprint: String,
+    pub proc: Option<Proc>,
+    starts: usize,
+}
+
+impl Collector {
+    /// Runs `init` in `dir` for a fresh port on 127.0.0.1.
+    pub fn init(dir: &Path) -> Collector {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let out = Command::new(bin("vedette-collector"))
+            .args(["init", "--dir"])
+            .arg(dir)
+            .args(["--listen", &addr])
+            .output()
+            .expect("run vedette-collector init");
+        assert!(
+            out.status.success(),
+            "init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let fingerprint = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("CA SHA-256 fingerprint: "))
+            .expect("init prints the fingerprint")
+            .trim()
+            .to_string();
+        Collector {
+            dir: dir.to_owned(),
+            addr,
+            fingerprint,
+            proc: None,
+            starts: 0,
+        }
+    }
+
+    /// Starts `serve` and waits until it accepts connections.
+    pub fn start(&mut self) {
+        self.starts += 1;
+        let log = self.dir.join(format!("collector-{}.log", self.starts));
+        let mut cmd = Command::new(bin("vedette-collector"));
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(self.dir.join("collector.toml"));
+        self.proc = Some(Proc::spawn("collector", &mut cmd, log));
+        let addr = self.addr.clone();
+        wait_for(Duration::from_secs(20), "the collector to listen", || {
+            std::net::TcpStream::connect(&addr).ok()
+        });
+    }
+
+    /// SIGTERM and wait: a graceful stop.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut p = self.proc.take().expect("collector running");
+        p.signal_and_wait("TERM")
+    }
+
+    pub fn ctl_config(&self) -> PathBuf {
+        self.dir.join("vedettectl.toml")
+    }
+
+    /// Runs `vedettectl --config <this collector's> ARGS`.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(bin("vedettectl"))
+            .arg("--config")
+            .arg(self.ctl_config())
+            .args(args)
+            .output()
+            .expect("run vedettectl")
+    }
+
+    /// Like [`ctl`](Self::ctl), panicking with stderr unless it succeeds; returns stdout.
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        assert!(
+            out.status.success(),
+            "vedettectl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn token(&self, extra: &[&str]) -> String {
+        let mut args = vec!["token", "create"];
+        args.extend_from_slice(extra);
+        self.ctl_ok(&args).trim().to_string()
+    }
+
+    /// `detections list --json --limit 10000`, parsed.
+    pub fn detections(&self) -> Vec<Value> {
+        json_lines(&self.ctl_ok(&["detections", "list", "--json", "--limit", "10000"]))
+    }
+
+    /// `agents list --json`, parsed.
+    pub fn agents(&self) -> Vec<Value> {
+        json_lines(&self.ctl_ok(&["agents", "list", "--json"]))
+    }
+
+    pub fn file(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(name)).expect("collector file")
+    }
+}
+
+pub fn json_lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
+        .collect()
+}
+
+/// An agent with its own state directory.
+pub struct Agent {
+    pub state: PathBuf,
+    pub id: String,
+    pub proc: Option<Proc>,
+    runs: usize,
+}
+
+impl Agent {
+    /// Runs `vedette-agent enroll` (pinning the CA by fingerprint); returns the raw output.
+    pub fn try_enroll(c: &Collector, state: &Path, token: &str) -> Output {
+        Command::new(bin("vedette-agent"))
+            .args([
+                "enroll",
+                "--collector",
+                &c.addr,
+                "--token",
+                token,
+                "--ca-sha256",
+                &c.fingerprint,
+            ])
+            .arg("--state-dir")
+            .arg(state)
+            .output()
+            .expect("run vedette-agent enroll")
+    }
+
+    /// Enrolls with a fresh token, panicking on failure.
+    pub fn enroll(c: &Collector, state: &Path) -> Agent {
+        let out = Agent::try_enroll(c, state, &c.token(&[]));
+        assert!(
+            out.status.success(),
+            "enroll failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let id = stdout
+            .split_whitespace()
+            .skip_while(|w| *w != "agent")
+            .nth(1)
+            .map(|s| s.trim_end_matches(';').to_string())
+            .expect("enroll prints the agent id");
+        Agent {
+            state: state.to_owned(),
+            id,
+            proc: None,
+            runs: 0,
+        }
+    }
+
+    /// Starts `vedette-agent run` with the given extra arguments and waits until the collector
+    /// lists it as connected.
+    pub fn run(&mut self, c: &Collector, args: &[&str]) {
+        self.runs += 1;
+        let log = self.state.join(format!("agent-{}.log", self.runs));
+        let mut cmd = Command::new(bin("vedette-agent"));
+        cmd.arg("run")
+            .arg("--state-dir")
+            .arg(&self.state)
+            .args(args);
+        self.proc = Some(Proc::spawn("agent", &mut cmd, log));
+        let id = self.id.clone();
+        wait_for(Duration::from_secs(30), "the agent to connect", || {
+            c.agents()
+                .iter()
+                .any(|a| a["id"] == id.as_str() && a["connected"] == true)
+                .then_some(())
+        });
+    }
+
+    pub fn file(&self, name: &str) -> String {
+        std::fs::read_to_string(self.state.join(name)).expect("agent file")
+    }
+}
+
+/// Writes a YARA rule file matching `marker` into `dir` and returns its directory.
+pub fn rule_dir(dir: &Path, name: &str, marker: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).expect("rules dir");
+    std::fs::write(
+        dir.join(format!("{name}.yar")),
+        format!(
+            "rule {name} {{\n  meta:\n    score = 80\n    description = \"test rule\"\n  strings:\n    $m = \"{marker}\"\n  condition:\n    $m\n}}\n"
+        ),
+    )
+    .expect("rule file");
+    dir.to_owned()
+}

@@ -165,7 +165,12 @@ fn open_regular(path: &Path) -> Result<File, SkipReason> {
             _ => SkipReason::Unreadable(e),
         })?;
     let ft = file.metadata().map_err(SkipReason::Unreadable)?.file_type();
-    if !ft.is_file() || ft.is_fifo() || ft.is_socket() || ft.is_block_device() || ft.is_char_device() {
+    if !ft.is_file()
+        || ft.is_fifo()
+        || ft.is_socket()
+        || ft.is_block_device()
+        || ft.is_char_device()
+    {
         return Err(SkipReason::NotRegular);
     }
     Ok(file)
@@ -245,19 +250,26 @@ mod tests {
         let rs = rules("rule t { condition: true }");
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("fifo");
-        let status = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+        let status = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
         assert!(status.success());
         let mut s = FileScanner::new(&rs, ScanOptions::default());
         assert!(matches!(s.scan_path(&fifo), Err(SkipReason::NotRegular)));
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&fifo, &link).unwrap();
         assert!(matches!(s.scan_path(&link), Err(SkipReason::Symlink)));
-        assert!(matches!(s.scan_path(&dir.path().join("gone")), Err(SkipReason::Vanished)));
+        assert!(matches!(
+            s.scan_path(&dir.path().join("gone")),
+            Err(SkipReason::Vanished)
+        ));
     }
 
     #[test]
     fn externals_are_set_per_file() {
-        let rs = rules("rule byname { condition: filename == \"x.php\" and extension == \".php\" }");
+        let rs =
+            rules("rule byname { condition: filename == \"x.php\" and extension == \".php\" }");
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (dir.path().join("x.php"), dir.path().join("y.txt"));
         std::fs::write(&a, b"1").unwrap();
@@ -273,7 +285,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("big");
         std::fs::write(&p, vec![0u8; 100]).unwrap();
-        let opts = ScanOptions { max_file_size: 10, ..Default::default() };
+        let opts = ScanOptions {
+            max_file_size: 10,
+            ..Default::default()
+        };
         let mut s = FileScanner::new(&rs, opts);
         assert!(matches!(s.scan_path(&p), Err(SkipReason::TooLarge(100))));
     }

@@ -21,5 +21,8 @@ pub enum EngineError {
         source: std::io::Error,
     },
     #[error("{count} problem(s) in the rules:\n{}", problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
-    Invalid { count: usize, problems: Vec<Problem> },
+    Invalid {
+        count: usize,
+        problems: Vec<Problem>,
+    },
 }

@@ -34,7 +34,7 @@ impl fmt::Display for Problem {
 #[derive(Debug, Clone, Default)]
 pub struct LoadReport {
     pub yara_files: usize,
-    pub yara_files_failed: usize,
+    pub yara_files_with_errors: usize,
     pub yara_rules: usize,
     pub problems: Vec<Problem>,
 }
@@ -151,7 +151,7 @@ impl RuleSetBuilder {
     pub fn add_yara_source(&mut self, origin: &Path, bytes: &[u8]) -> &mut Self {
         self.report.yara_files += 1;
         let Ok(text) = std::str::from_utf8(bytes) else {
-            self.report.yara_files_failed += 1;
+            self.report.yara_files_with_errors += 1;
             self.report.problems.push(Problem {
                 path: origin.to_owned(),
                 line: None,
@@ -163,7 +163,7 @@ impl RuleSetBuilder {
         self.compiler.new_namespace(&ns);
         let src = yara_x::SourceCode::from(text).with_origin(origin.display().to_string());
         if let Err(e) = self.compiler.add_source(src) {
-            self.report.yara_files_failed += 1;
+            self.report.yara_files_with_errors += 1;
             self.report.problems.push(problem_of(origin, text, &e));
         }
         self
@@ -249,7 +249,11 @@ pub(crate) fn is_yara_file(path: &Path) -> bool {
 fn problem_of(origin: &Path, text: &str, e: &yara_x::errors::CompileError) -> Problem {
     let line = e.labels().next().map(|l| {
         let offset = (l.span().0.start as usize).min(text.len());
-        text.as_bytes()[..offset].iter().filter(|b| **b == b'\n').count() + 1
+        text.as_bytes()[..offset]
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count()
+            + 1
     });
     let detail = e
         .labels()
@@ -292,14 +296,16 @@ pub(crate) fn rule_match(rule: &yara_x::Rule<'_, '_>) -> RuleMatch {
         match key {
             "score" => m.score = number.unwrap_or(m.score).min(100),
             "severity" => {
-                m.score = number.unwrap_or_else(|| match text.as_deref().map(str::to_lowercase).as_deref() {
-                    Some("critical") => 100,
-                    Some("high") => 80,
-                    Some("medium") => 60,
-                    Some("low") => 40,
-                    Some("info" | "informational") => 20,
-                    _ => m.score,
-                }).min(100)
+                m.score = number
+                    .unwrap_or_else(|| match text.as_deref().map(str::to_lowercase).as_deref() {
+                        Some("critical") => 100,
+                        Some("high") => 80,
+                        Some("medium") => 60,
+                        Some("low") => 40,
+                        Some("info" | "informational") => 20,
+                        _ => m.score,
+                    })
+                    .min(100)
             }
             "description" => m.description = text.unwrap_or_default(),
             "author" => m.author = text.unwrap_or_default(),
@@ -315,15 +321,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_broken_file_is_reported_with_its_line_and_the_rest_loads() {
+    fn a_broken_rule_is_reported_with_its_line_and_the_rest_loads() {
         let mut b = RuleSetBuilder::new();
-        b.add_yara_source(Path::new("good.yar"), b"rule a { strings: $a = \"x\" condition: $a }");
+        b.add_yara_source(
+            Path::new("good.yar"),
+            b"rule a { strings: $a = \"x\" condition: $a }",
+        );
         b.add_yara_source(
             Path::new("bad.yar"),
             b"rule ok { condition: true }\n\nrule b { condition: $nope }",
         );
         let rs = b.build(0);
-        assert_eq!(rs.yara_rules(), 1);
+        // yara-x keeps the rules of a file that compiled: `a` and `ok`, not `b`.
+        assert_eq!(rs.yara_rules(), 2);
         let p = &rs.report().problems;
         assert_eq!(p.len(), 1);
         assert_eq!(p[0].path, Path::new("bad.yar"));

@@ -19,7 +19,12 @@ const EXIT_CONFIG: u8 = 64;
 )]
 struct Cli {
     /// vedettectl.toml (written by `vedette-collector init`).
-    #[arg(long, env = "VEDETTECTL_CONFIG", default_value = "/etc/vedette/vedettectl.toml", global = true)]
+    #[arg(
+        long,
+        env = "VEDETTECTL_CONFIG",
+        default_value = "/etc/vedette/vedettectl.toml",
+        global = true
+    )]
     config: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -91,11 +96,16 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e:#}");
-            eprintln!("hint: pass --config or set VEDETTECTL_CONFIG to the vedettectl.toml written by `vedette-collector init`");
+            eprintln!(
+                "hint: pass --config or set VEDETTECTL_CONFIG to the vedettectl.toml written by `vedette-collector init`"
+            );
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -149,7 +159,12 @@ async fn run(command: Command, cfg: CtlConfig) -> anyhow::Result<()> {
                 println!("revoked {id}");
             }
         }
-        Command::Detections(DetectionsCmd::List { json, agent, since, limit }) => {
+        Command::Detections(DetectionsCmd::List {
+            json,
+            agent,
+            since,
+            limit,
+        }) => {
             let list = ctl::detections_list(&cfg, agent, since, limit).await?;
             for d in &list {
                 if json {

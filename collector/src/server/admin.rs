@@ -73,8 +73,11 @@ impl AdminService for AdminSvc {
         let hash = token_hash(&token);
         let now = now_ms();
         let expires = now + (ttl as i64) * 1000;
-        blocking(&self.state.store, move |s| s.create_token(&hash, now, expires, uses)).await?;
-        info!(by = ?who, ttl_secs = ttl, uses, "enrollment token created");
+        blocking(&self.state.store, move |s| {
+            s.create_token(&hash, now, expires, uses)
+        })
+        .await?;
+        info!(by = %who, ttl_secs = ttl, uses, "enrollment token created");
         Ok(Response::new(CreateTokenResponse {
             token,
             expires_at_ms: expires,
@@ -127,7 +130,7 @@ impl AdminService for AdminSvc {
         if let Some((_, stop)) = open {
             stop.cancel();
         }
-        info!(by = ?who, agent = %agent_id, disconnected, "agent revoked");
+        info!(by = %who, agent = %agent_id, disconnected, "agent revoked");
         Ok(Response::new(RevokeAgentResponse { disconnected }))
     }
 

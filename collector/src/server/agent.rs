@@ -77,8 +77,10 @@ impl AgentService for AgentSvc {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let hash = token_hash(&req.token);
         let (id, host) = (agent_id.clone(), req.hostname.clone());
-        let verdict =
-            blocking(&self.state.store, move |s| s.enroll(&hash, &id, &host, now_ms())).await?;
+        let verdict = blocking(&self.state.store, move |s| {
+            s.enroll(&hash, &id, &host, now_ms())
+        })
+        .await?;
         if let Err(e) = verdict {
             warn!(peer = ?peer, reason = %e, "enrollment refused");
             return Err(Status::permission_denied(e.to_string()));
@@ -132,7 +134,10 @@ impl AgentService for AgentSvc {
             }
             {
                 let mut streams = state.streams();
-                if streams.get(&agent_id).is_some_and(|(sid, _)| *sid == stream_id) {
+                if streams
+                    .get(&agent_id)
+                    .is_some_and(|(sid, _)| *sid == stream_id)
+                {
                     streams.remove(&agent_id);
                 }
             }
@@ -166,7 +171,10 @@ async fn run_stream(
     info!(agent = %agent_id, hostname = %inventory.hostname, version = %inventory.agent_version, "agent connected");
     let id = agent_id.to_string();
     let bundle = hello.applied_bundle_version;
-    blocking(&state.store, move |s| s.agent_connected(&id, &inventory, bundle, now_ms())).await?;
+    blocking(&state.store, move |s| {
+        s.agent_connected(&id, &inventory, bundle, now_ms())
+    })
+    .await?;
 
     loop {
         let msg = tokio::select! {
@@ -189,7 +197,13 @@ async fn run_stream(
                     s.agent_seen(&id, None, now)
                 })
                 .await?;
-                if tx.send(Ok(CollectorMessage { msg: Some(Down::Ack(Ack { seq })) })).await.is_err() {
+                if tx
+                    .send(Ok(CollectorMessage {
+                        msg: Some(Down::Ack(Ack { seq })),
+                    }))
+                    .await
+                    .is_err()
+                {
                     return Ok(());
                 }
             }
@@ -199,7 +213,10 @@ async fn run_stream(
                 }
                 let id = agent_id.to_string();
                 let dropped = hb.dropped_total;
-                blocking(&state.store, move |s| s.agent_seen(&id, Some(dropped), now_ms())).await?;
+                blocking(&state.store, move |s| {
+                    s.agent_seen(&id, Some(dropped), now_ms())
+                })
+                .await?;
             }
             Msg::BundleStatus(_) => {}
         }
@@ -211,7 +228,9 @@ fn closed_reason(state: &State) -> Status {
     if state.shutdown.is_cancelled() {
         Status::unavailable("the collector is shutting down")
     } else {
-        Status::permission_denied("this stream was closed by the collector (agent revoked or reconnected)")
+        Status::permission_denied(
+            "this stream was closed by the collector (agent revoked or reconnected)",
+        )
     }
 }
 
@@ -244,12 +263,23 @@ fn check_batch(batch: DetectionBatch) -> Result<Vec<Detection>, Status> {
                 }
             }
             Some(detection::Target::Process(p)) => {
-                for s in [&mut p.name, &mut p.exe, &mut p.cmdline, &mut p.user, &mut p.exe_sha256] {
+                for s in [
+                    &mut p.name,
+                    &mut p.exe,
+                    &mut p.cmdline,
+                    &mut p.user,
+                    &mut p.exe_sha256,
+                ] {
                     clip(s);
                 }
             }
             Some(detection::Target::Connection(c)) => {
-                for s in [&mut c.exe, &mut c.protocol, &mut c.local_addr, &mut c.remote_addr] {
+                for s in [
+                    &mut c.exe,
+                    &mut c.protocol,
+                    &mut c.local_addr,
+                    &mut c.remote_addr,
+                ] {
                     clip(s);
                 }
             }
@@ -260,7 +290,13 @@ fn check_batch(batch: DetectionBatch) -> Result<Vec<Detection>, Status> {
 }
 
 fn clamp_inventory(mut inv: Inventory) -> Inventory {
-    for s in [&mut inv.hostname, &mut inv.os, &mut inv.kernel, &mut inv.agent_version, &mut inv.arch] {
+    for s in [
+        &mut inv.hostname,
+        &mut inv.os,
+        &mut inv.kernel,
+        &mut inv.agent_version,
+        &mut inv.arch,
+    ] {
         clip(s);
     }
     inv
@@ -300,11 +336,20 @@ mod tests {
             seq: 1,
             detections: vec![Detection::default(); MAX_BATCH_DETECTIONS + 1],
         };
-        assert_eq!(check_batch(big).unwrap_err().code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            check_batch(big).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
         let bad = DetectionBatch {
             seq: 1,
-            detections: vec![Detection { id: "x".into(), ..Default::default() }],
+            detections: vec![Detection {
+                id: "x".into(),
+                ..Default::default()
+            }],
         };
-        assert_eq!(check_batch(bad).unwrap_err().code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            check_batch(bad).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
     }
 }

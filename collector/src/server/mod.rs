@@ -54,7 +54,9 @@ where
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => {
             tracing::error!(error = %e, "store error");
-            Err(tonic::Status::unavailable("the collector's store failed; retry later"))
+            Err(tonic::Status::unavailable(
+                "the collector's store failed; retry later",
+            ))
         }
         Err(e) => {
             tracing::error!(error = %e, "store task failed");
@@ -117,7 +119,10 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
         .add_service(agent_svc)
         .add_service(admin_svc)
-        .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), shutdown.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(
+            ReceiverStream::new(conn_rx),
+            shutdown.clone().cancelled_owned(),
+        );
 
     let server = tokio::spawn(server);
     shutdown.cancelled().await;
@@ -135,7 +140,9 @@ pub async fn serve(
         Ok(Ok(Ok(()))) => info!("collector stopped"),
         Ok(Ok(Err(e))) => warn!(error = %e, "server ended with an error"),
         Ok(Err(e)) => warn!(error = %e, "server task failed"),
-        Err(_) => warn!(grace = ?config.shutdown_grace, "grace period elapsed; closing remaining connections"),
+        Err(_) => {
+            warn!(grace = ?config.shutdown_grace, "grace period elapsed; closing remaining connections")
+        }
     }
     let _ = accept.await;
     Ok(())

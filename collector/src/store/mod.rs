@@ -18,7 +18,9 @@ pub enum StoreError {
         path: PathBuf,
         source: rusqlite::Error,
     },
-    #[error("the database `{path}` has schema version {found}, newer than this collector knows ({known}); upgrade the collector")]
+    #[error(
+        "the database `{path}` has schema version {found}, newer than this collector knows ({known}); upgrade the collector"
+    )]
     TooNew {
         path: PathBuf,
         found: i64,

@@ -202,7 +202,12 @@ impl Store {
         Ok(())
     }
 
-    pub fn agent_seen(&self, id: &str, dropped_total: Option<u64>, now_ms: i64) -> Result<(), StoreError> {
+    pub fn agent_seen(
+        &self,
+        id: &str,
+        dropped_total: Option<u64>,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
         match dropped_total {
             Some(d) => self.conn().execute(
                 "UPDATE agents SET last_seen_ms = ?2, dropped_total = MAX(dropped_total, ?3) WHERE id = ?1",
@@ -256,10 +261,14 @@ impl Store {
                     Some(detection::Target::File(f)) => {
                         (Some(f.path.as_str()), Some(f.sha256.as_str()), None)
                     }
-                    Some(detection::Target::Process(p)) => {
-                        (Some(p.exe.as_str()), Some(p.exe_sha256.as_str()), Some(p.pid))
+                    Some(detection::Target::Process(p)) => (
+                        Some(p.exe.as_str()),
+                        Some(p.exe_sha256.as_str()),
+                        Some(p.pid),
+                    ),
+                    Some(detection::Target::Connection(c)) => {
+                        (Some(c.exe.as_str()), None, Some(c.pid))
                     }
-                    Some(detection::Target::Connection(c)) => (Some(c.exe.as_str()), None, Some(c.pid)),
                     None => (None, None, None),
                 };
                 inserted += stmt.execute(params![
@@ -302,10 +311,11 @@ impl Store {
         let mut out = Vec::new();
         for row in rows {
             let (id, agent_id, hostname, received_at_ms, body) = row?;
-            let detection = Detection::decode(body.as_slice()).map_err(|e| StoreError::Corrupt {
-                id,
-                reason: e.to_string(),
-            })?;
+            let detection =
+                Detection::decode(body.as_slice()).map_err(|e| StoreError::Corrupt {
+                    id,
+                    reason: e.to_string(),
+                })?;
             out.push(StoredDetection {
                 detection: Some(detection),
                 agent_id,
@@ -321,7 +331,9 @@ impl Store {
     pub fn count_detections(&self) -> Result<u64, StoreError> {
         Ok(self
             .conn()
-            .query_row("SELECT COUNT(*) FROM detections", [], |r| r.get::<_, i64>(0))? as u64)
+            .query_row("SELECT COUNT(*) FROM detections", [], |r| {
+                r.get::<_, i64>(0)
+            })? as u64)
     }
 }
 
@@ -372,10 +384,19 @@ mod tests {
         let s = Store::open(&dir.path().join("db")).unwrap();
         s.create_token("h1", 0, 1_000, 1).unwrap();
         s.create_token("h2", 0, 1_000, 1).unwrap();
-        assert_eq!(s.enroll("nope", "a0", "h", 10).unwrap(), Err(TokenError::Unknown));
+        assert_eq!(
+            s.enroll("nope", "a0", "h", 10).unwrap(),
+            Err(TokenError::Unknown)
+        );
         assert_eq!(s.enroll("h1", "a1", "h", 10).unwrap(), Ok(()));
-        assert_eq!(s.enroll("h1", "a2", "h", 10).unwrap(), Err(TokenError::UsedUp));
-        assert_eq!(s.enroll("h2", "a3", "h", 1_000).unwrap(), Err(TokenError::Expired));
+        assert_eq!(
+            s.enroll("h1", "a2", "h", 10).unwrap(),
+            Err(TokenError::UsedUp)
+        );
+        assert_eq!(
+            s.enroll("h2", "a3", "h", 1_000).unwrap(),
+            Err(TokenError::Expired)
+        );
         assert_eq!(s.list_agents().unwrap().len(), 1);
     }
 
@@ -387,15 +408,36 @@ mod tests {
             let s = Store::open(&path).unwrap();
             s.create_token("h", 0, i64::MAX, 1).unwrap();
             s.enroll("h", "a", "host", 1).unwrap().unwrap();
-            assert_eq!(s.insert_detections("a", &[detection("d1"), detection("d2")], 5).unwrap(), 2);
-            assert_eq!(s.insert_detections("a", &[detection("d2"), detection("d3")], 6).unwrap(), 1);
+            assert_eq!(
+                s.insert_detections("a", &[detection("d1"), detection("d2")], 5)
+                    .unwrap(),
+                2
+            );
+            assert_eq!(
+                s.insert_detections("a", &[detection("d2"), detection("d3")], 6)
+                    .unwrap(),
+                1
+            );
         }
         let s = Store::open(&path).unwrap();
-        let all = s.list_detections(&DetectionFilter { limit: 10, ..Default::default() }).unwrap();
-        let ids: Vec<_> = all.iter().map(|d| d.detection.as_ref().unwrap().id.clone()).collect();
+        let all = s
+            .list_detections(&DetectionFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap();
+        let ids: Vec<_> = all
+            .iter()
+            .map(|d| d.detection.as_ref().unwrap().id.clone())
+            .collect();
         assert_eq!(ids, ["d1", "d2", "d3"]);
         assert_eq!(all[0].hostname, "host");
-        let last = s.list_detections(&DetectionFilter { limit: 1, ..Default::default() }).unwrap();
+        let last = s
+            .list_detections(&DetectionFilter {
+                limit: 1,
+                ..Default::default()
+            })
+            .unwrap();
         assert_eq!(last.len(), 1);
         assert_eq!(last[0].detection.as_ref().unwrap().id, "d3");
     }
