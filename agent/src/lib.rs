@@ -2,12 +2,16 @@
 //! the collector over mutual TLS.
 #![forbid(unsafe_code)]
 
+pub mod cache;
 pub mod config;
 pub mod counters;
 pub mod enroll;
 pub mod inventory;
+pub mod procmon;
 pub mod run;
 pub mod scan;
 pub mod ship;
+pub mod standalone;
 pub mod state;
+pub mod walk;
 pub mod watch;

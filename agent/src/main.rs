@@ -32,6 +32,51 @@ enum Command {
     Enroll(EnrollCmd),
     /// Run the agent: watch files, scan them, stream detections to the collector.
     Run(RunCmd),
+    /// Scan paths (and processes) once, without a collector, and print what matched.
+    ///
+    /// Exit status: 0 nothing matched, 1 something matched, 2 error (like grep).
+    Scan(ScanCmd),
+}
+
+#[derive(Args)]
+struct ScanCmd {
+    /// YARA files (.yar, .yara), indicator lists (hash/filename/c2/process/cmdline in the name)
+    /// or directories holding them (repeatable).
+    #[arg(long = "rules", value_name = "PATH", required = true)]
+    rules: Vec<PathBuf>,
+    /// One JSON object per detection.
+    #[arg(long)]
+    json: bool,
+    /// Skip files larger than this many bytes.
+    #[arg(long, default_value_t = 64 * 1024 * 1024, value_name = "BYTES")]
+    max_file_size: u64,
+    /// YARA time budget per file (e.g. 30s).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
+    /// Also scan running processes (names, command lines, executables) and their connections.
+    #[arg(long)]
+    processes: bool,
+    /// Fail (exit 2) if any rule file or indicator line does not load.
+    #[arg(long)]
+    strict: bool,
+    /// Scanning threads.
+    #[arg(long, short = 'p', default_value_t = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))]
+    threads: usize,
+    /// Cross file-system boundaries below each path.
+    #[arg(long)]
+    cross_filesystems: bool,
+    /// Skip paths matching this glob (repeatable); /proc, /sys, /dev and /run are always skipped.
+    #[arg(long = "exclude", value_name = "GLOB")]
+    excludes: Vec<String>,
+    /// Percentage of one core each scanning thread may use (1-100).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100))]
+    max_cpu_percent: u32,
+    /// Keep results in this file: unchanged files are not scanned again with the same rules.
+    #[arg(long, value_name = "FILE")]
+    cache: Option<PathBuf>,
+    /// Files or directories to scan.
+    #[arg(value_name = "PATH")]
+    paths: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -91,6 +136,31 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Scan(cmd) => {
+            if cmd.paths.is_empty() && !cmd.processes {
+                eprintln!("error: give at least one PATH to scan, or --processes");
+                return ExitCode::from(2);
+            }
+            let args = vedette_agent::standalone::ScanArgs {
+                rules: cmd.rules,
+                paths: cmd.paths,
+                json: cmd.json,
+                processes: cmd.processes,
+                strict: cmd.strict,
+                scan: vedette_engine::ScanOptions {
+                    max_file_size: cmd.max_file_size,
+                    timeout: cmd.timeout,
+                },
+                walk: vedette_agent::walk::WalkOptions {
+                    threads: cmd.threads,
+                    one_file_system: !cmd.cross_filesystems,
+                    excludes: cmd.excludes,
+                    max_cpu_percent: cmd.max_cpu_percent,
+                },
+                cache: cmd.cache,
+            };
+            ExitCode::from(vedette_agent::standalone::run(args))
+        }
         Command::Enroll(cmd) => {
             let pin = match (cmd.ca_sha256, cmd.ca) {
                 (Some(h), _) => CaPin::Sha256(h),

@@ -31,7 +31,7 @@ const DETECTION_QUEUE: usize = 1024;
 pub fn load_rules(paths: &[std::path::PathBuf]) -> anyhow::Result<RuleSet> {
     let mut b = RuleSetBuilder::new();
     for p in paths {
-        b.add_yara_path(p)?;
+        b.add_path(p)?;
     }
     let rules = b.build(0);
     let r = rules.report();

@@ -11,6 +11,8 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::time::Duration;
 
+use md5::Md5;
+use sha1::Sha1;
 use sha2::{Digest, Sha256};
 
 use crate::rules::{RuleMatch, RuleSet, rule_match};
@@ -105,10 +107,27 @@ impl<'r> FileScanner<'r> {
 
     /// Opens, checks, reads and matches one file.
     pub fn scan_path(&mut self, path: &Path) -> Result<FileReport, SkipReason> {
+        let iocs = &self.rules.iocs;
+        let mut name_matches = Vec::new();
+        if iocs.has_filenames() {
+            iocs.match_path(&path.to_string_lossy(), &mut name_matches);
+        }
         let file = open_regular(path)?;
         let meta = file.metadata().map_err(SkipReason::Unreadable)?;
+        let mut report = FileReport {
+            size: meta.len(),
+            device: meta.dev(),
+            inode: meta.ino(),
+            matches: name_matches,
+            ..Default::default()
+        };
         if meta.len() > self.options.max_file_size {
-            return Err(SkipReason::TooLarge(meta.len()));
+            // The name alone can still be a finding.
+            return if report.matches.is_empty() {
+                Err(SkipReason::TooLarge(meta.len()))
+            } else {
+                Ok(report)
+            };
         }
         self.buf.clear();
         // Read at most one byte past the cap: a file that grew past it is skipped, not
@@ -120,12 +139,23 @@ impl<'r> FileScanner<'r> {
         if self.buf.len() as u64 > self.options.max_file_size {
             return Err(SkipReason::TooLarge(self.buf.len() as u64));
         }
-        let mut report = FileReport {
-            size: self.buf.len() as u64,
-            device: meta.dev(),
-            inode: meta.ino(),
-            ..Default::default()
-        };
+        report.size = self.buf.len() as u64;
+        // Only the digests some indicator needs.
+        if iocs.wants_md5() {
+            report.md5 = Some(hex::encode(Md5::digest(&self.buf)));
+        }
+        if iocs.wants_sha1() {
+            report.sha1 = Some(hex::encode(Sha1::digest(&self.buf)));
+        }
+        if iocs.wants_sha256() {
+            report.sha256 = Some(hex::encode(Sha256::digest(&self.buf)));
+        }
+        iocs.match_hashes(
+            report.md5.as_deref(),
+            report.sha1.as_deref(),
+            report.sha256.as_deref(),
+            &mut report.matches,
+        );
         if let Some(scanner) = self.yara.as_mut() {
             set_externals(scanner, path, &meta);
             match scanner.scan(&self.buf) {
@@ -140,7 +170,7 @@ impl<'r> FileScanner<'r> {
                 }
             }
         }
-        if !report.matches.is_empty() {
+        if !report.matches.is_empty() && report.sha256.is_none() {
             report.sha256 = Some(hex::encode(Sha256::digest(&self.buf)));
         }
         // Large buffers are not kept between files.
@@ -277,6 +307,48 @@ mod tests {
         let mut s = FileScanner::new(&rs, ScanOptions::default());
         assert_eq!(s.scan_path(&a).unwrap().matches.len(), 1);
         assert!(s.scan_path(&b).unwrap().matches.is_empty());
+    }
+
+    #[test]
+    fn hash_indicators_of_each_kind_match() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sample.bin");
+        let data = b"vedette hash sample";
+        std::fs::write(&p, data).unwrap();
+        for (name, digest) in [
+            ("md5", hex::encode(Md5::digest(data))),
+            ("sha1", hex::encode(Sha1::digest(data))),
+            ("sha256", hex::encode(Sha256::digest(data))),
+        ] {
+            let mut b = RuleSetBuilder::new();
+            let list = format!("# {name}\n{};sample {name}\n", digest.to_uppercase());
+            b.add_ioc_source(crate::IocKind::Hash, Path::new("hash-iocs.txt"), list.as_bytes());
+            let rs = b.build_strict(0).unwrap();
+            let mut s = FileScanner::new(&rs, ScanOptions::default());
+            let r = s.scan_path(&p).unwrap();
+            assert_eq!(r.matches.len(), 1, "{name}");
+            assert_eq!(r.matches[0].rule, digest);
+            assert_eq!(r.matches[0].description, format!("sample {name}"));
+            assert_eq!(r.matches[0].kind, crate::MatchKind::Hash);
+            // Only the needed digest (and sha256 for the detection) were computed.
+            assert_eq!(r.md5.is_some(), name == "md5");
+            assert_eq!(r.sha1.is_some(), name == "sha1");
+            assert!(r.sha256.is_some());
+        }
+    }
+
+    #[test]
+    fn filename_indicator_matches_even_a_file_too_large_to_read() {
+        let mut b = RuleSetBuilder::new();
+        b.add_ioc_source(crate::IocKind::Filename, Path::new("filename-iocs.txt"), b"\\\\mimikatz\\.exe$;85\n");
+        let rs = b.build_strict(0).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("mimikatz.exe");
+        std::fs::write(&p, vec![0u8; 100]).unwrap();
+        let mut s = FileScanner::new(&rs, ScanOptions { max_file_size: 10, ..Default::default() });
+        let r = s.scan_path(&p).unwrap();
+        assert_eq!(r.matches.len(), 1);
+        assert_eq!(r.matches[0].score, 85);
     }
 
     #[test]

