@@ -90,8 +90,19 @@ impl ScanCache {
     }
 
     pub fn insert(&self, stamp: Stamp, matches: Vec<RuleMatch>, sha256: Option<&str>) {
-        let sha256 = if matches.is_empty() { String::new() } else { sha256.unwrap_or("").to_string() };
-        self.map().insert((stamp.dev, stamp.ino), Entry { stamp, matches, sha256 });
+        let sha256 = if matches.is_empty() {
+            String::new()
+        } else {
+            sha256.unwrap_or("").to_string()
+        };
+        self.map().insert(
+            (stamp.dev, stamp.ino),
+            Entry {
+                stamp,
+                matches,
+                sha256,
+            },
+        );
     }
 
     pub fn len(&self) -> usize {
@@ -137,7 +148,9 @@ impl ScanCache {
                 out.extend_from_slice(&s.ctime_ns.to_le_bytes());
                 out.extend_from_slice(&(e.sha256.len() as u32).to_le_bytes());
                 out.extend_from_slice(e.sha256.as_bytes());
-                out.extend_from_slice(&(e.matches.len().min(u16::MAX as usize) as u16).to_le_bytes());
+                out.extend_from_slice(
+                    &(e.matches.len().min(u16::MAX as usize) as u16).to_le_bytes(),
+                );
                 for m in e.matches.iter().take(u16::MAX as usize) {
                     out.push(kind_code(m.kind));
                     out.push(m.score.min(255) as u8);
@@ -248,7 +261,11 @@ fn decode(bytes: &[u8], fingerprint: &[u8; 32]) -> Option<Vec<Entry>> {
                 reference: String::new(),
             });
         }
-        out.push(Entry { stamp, matches, sha256 });
+        out.push(Entry {
+            stamp,
+            matches,
+            sha256,
+        });
     }
     Some(out)
 }
@@ -258,7 +275,13 @@ mod tests {
     use super::*;
 
     fn stamp(ino: u64) -> Stamp {
-        Stamp { dev: 1, ino, size: 10, mtime_ns: 5, ctime_ns: 6 }
+        Stamp {
+            dev: 1,
+            ino,
+            size: 10,
+            mtime_ns: 5,
+            ctime_ns: 6,
+        }
     }
 
     #[test]
@@ -287,7 +310,13 @@ mod tests {
         assert_eq!(hit.matches[0].rule, "r");
         assert_eq!(hit.sha256, "abc");
         // A changed ctime is a changed file.
-        assert_eq!(c2.get(&Stamp { ctime_ns: 7, ..stamp(1) }), None);
+        assert_eq!(
+            c2.get(&Stamp {
+                ctime_ns: 7,
+                ..stamp(1)
+            }),
+            None
+        );
         // Other rules: nothing is reused.
         assert!(ScanCache::load(&path, [8; 32]).is_empty());
         // A damaged file is ignored, not parsed.

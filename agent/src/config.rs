@@ -29,6 +29,22 @@ pub struct RawConfig {
     /// Collector addresses (`host:port`), replacing those recorded at enrollment.
     #[serde(default)]
     pub collectors: Vec<String>,
+    /// Paths walked by full scans; default: the watched paths.
+    #[serde(default)]
+    pub scan_paths: Vec<PathBuf>,
+    /// Run a full scan when the agent starts; default true.
+    pub scan_on_start: Option<bool>,
+    /// Interval between full scans, e.g. `6h`; `0s` turns periodic scans off. Default `6h`.
+    pub scan_interval: Option<String>,
+    /// Percentage of one core each full-scan thread may use (1-100); default 50.
+    pub max_cpu_percent: Option<u32>,
+    /// Glob patterns of paths full scans skip (e.g. `/var/lib/docker/**`).
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Watch processes (names, command lines, executables, C2 connections); default true.
+    pub processes: Option<bool>,
+    /// Interval between process polls, e.g. `1s`.
+    pub process_interval: Option<String>,
 }
 
 /// Checked settings.
@@ -42,6 +58,14 @@ pub struct Settings {
     pub heartbeat: Duration,
     pub backoff_max: Duration,
     pub collectors: Vec<String>,
+    pub scan_paths: Vec<PathBuf>,
+    pub scan_on_start: bool,
+    /// None: no periodic full scans.
+    pub scan_interval: Option<Duration>,
+    pub max_cpu_percent: u32,
+    pub exclude: Vec<String>,
+    pub processes: bool,
+    pub process_interval: Duration,
 }
 
 /// Every problem found, each naming its key and value.
@@ -82,6 +106,39 @@ impl RawConfig {
         let scan_timeout = duration("scan_timeout", &self.scan_timeout, Duration::from_secs(30));
         let heartbeat = duration("heartbeat", &self.heartbeat, Duration::from_secs(30));
         let backoff_max = duration("backoff_max", &self.backoff_max, Duration::from_secs(60));
+        let process_interval = duration(
+            "process_interval",
+            &self.process_interval,
+            Duration::from_secs(1),
+        );
+        let scan_interval = match &self.scan_interval {
+            None => Some(Duration::from_secs(6 * 3600)),
+            Some(s) => match humantime::parse_duration(s) {
+                Ok(d) if d.is_zero() => None,
+                Ok(d) => Some(d),
+                Err(e) => {
+                    problems.push(format!(
+                        "`scan_interval`: `{s}` is not a duration like `6h` ({e})"
+                    ));
+                    None
+                }
+            },
+        };
+        if let Some(p) = self.max_cpu_percent
+            && !(1..=100).contains(&p)
+        {
+            problems.push(format!(
+                "`max_cpu_percent`: `{p}` must be between 1 and 100"
+            ));
+        }
+        if let Err(e) = crate::walk::exclusions(&self.exclude) {
+            problems.push(format!("`exclude`: {e}"));
+        }
+        for p in &self.scan_paths {
+            if !p.exists() {
+                problems.push(format!("`scan_paths`: `{}` does not exist", p.display()));
+            }
+        }
         for p in &self.watch {
             if !p.exists() {
                 problems.push(format!("`watch`: `{}` does not exist", p.display()));
@@ -113,7 +170,7 @@ impl RawConfig {
             .map(|n| n.get())
             .unwrap_or(1);
         Ok(Settings {
-            watch: self.watch,
+            watch: self.watch.clone(),
             rules: self.rules,
             scan_workers: self.scan_workers.unwrap_or((cores / 2).max(1)),
             max_file_size: self.max_file_size.unwrap_or(64 * 1024 * 1024),
@@ -121,6 +178,17 @@ impl RawConfig {
             heartbeat,
             backoff_max,
             collectors: self.collectors,
+            scan_paths: if self.scan_paths.is_empty() {
+                self.watch.clone()
+            } else {
+                self.scan_paths
+            },
+            scan_on_start: self.scan_on_start.unwrap_or(true),
+            scan_interval,
+            max_cpu_percent: self.max_cpu_percent.unwrap_or(50),
+            exclude: self.exclude,
+            processes: self.processes.unwrap_or(true),
+            process_interval,
         })
     }
 }

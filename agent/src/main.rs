@@ -147,15 +147,15 @@ fn main() -> ExitCode {
                 json: cmd.json,
                 processes: cmd.processes,
                 strict: cmd.strict,
-                scan: vedette_engine::ScanOptions {
-                    max_file_size: cmd.max_file_size,
-                    timeout: cmd.timeout,
-                },
                 walk: vedette_agent::walk::WalkOptions {
                     threads: cmd.threads,
                     one_file_system: !cmd.cross_filesystems,
                     excludes: cmd.excludes,
                     max_cpu_percent: cmd.max_cpu_percent,
+                    scan: vedette_engine::ScanOptions {
+                        max_file_size: cmd.max_file_size,
+                        timeout: cmd.timeout,
+                    },
                 },
                 cache: cmd.cache,
             };

@@ -75,13 +75,25 @@ pub fn read(pid: u32) -> Option<ProcInfo> {
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(u32::MAX);
-    Some(ProcInfo { pid, ppid, name, exe, cmdline, uid, start_ticks })
+    Some(ProcInfo {
+        pid,
+        ppid,
+        name,
+        exe,
+        cmdline,
+        uid,
+        start_ticks,
+    })
 }
 
 fn boot_time() -> u64 {
     std::fs::read_to_string("/proc/stat")
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("btime ")).and_then(|v| v.trim().parse().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("btime "))
+                .and_then(|v| v.trim().parse().ok())
+        })
         .unwrap_or(0)
 }
 
@@ -145,7 +157,9 @@ impl ProcessJudge {
     fn judge(&self, p: &ProcInfo, scanner: &mut FileScanner<'_>) -> Vec<Detection> {
         let rules = scanner.rules();
         let mut matches: Vec<RuleMatch> = Vec::new();
-        rules.iocs().match_process(&p.name, &p.cmdline, &mut matches);
+        rules
+            .iocs()
+            .match_process(&p.name, &p.cmdline, &mut matches);
         let mut exe_sha256 = String::new();
         if let Some(exe) = &p.exe {
             let (m, sha) = self.scan_exe(exe, scanner);
@@ -156,7 +170,11 @@ impl ProcessJudge {
             pid: p.pid,
             ppid: p.ppid,
             name: p.name.clone(),
-            exe: p.exe.as_ref().map(|e| e.to_string_lossy().into_owned()).unwrap_or_default(),
+            exe: p
+                .exe
+                .as_ref()
+                .map(|e| e.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             cmdline: p.cmdline.clone(),
             user: self.users.name(p.uid),
             start_time: (self.boot + p.start_ticks / TICKS_PER_SEC) as i64,
@@ -189,7 +207,8 @@ impl ProcessJudge {
         }
         match scanner.scan_path(exe) {
             Ok(r) => {
-                self.exe_cache.insert(stamp, r.matches.clone(), r.sha256.as_deref());
+                self.exe_cache
+                    .insert(stamp, r.matches.clone(), r.sha256.as_deref());
                 (r.matches, r.sha256.unwrap_or_default())
             }
             Err(_) => (Vec::new(), String::new()),
@@ -212,8 +231,13 @@ impl ProcessJudge {
         let owners = socket_owners(&inodes);
         let mut out = Vec::new();
         for (c, m) in hits {
-            let Some(&pid) = owners.get(&c.inode) else { continue };
-            if !self.reported_conns.insert((pid, c.remote.0, c.remote.1, m.rule.clone())) {
+            let Some(&pid) = owners.get(&c.inode) else {
+                continue;
+            };
+            if !self
+                .reported_conns
+                .insert((pid, c.remote.0, c.remote.1, m.rule.clone()))
+            {
                 continue;
             }
             let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
@@ -272,7 +296,12 @@ fn parse_net(proto: &'static str, text: &str) -> Vec<Conn> {
             let local = parse_addr(f.get(1)?)?;
             let remote = parse_addr(f.get(2)?)?;
             let inode = f.get(9)?.parse().ok()?;
-            (!remote.0.is_unspecified() && inode != 0).then_some(Conn { protocol: proto, local, remote, inode })
+            (!remote.0.is_unspecified() && inode != 0).then_some(Conn {
+                protocol: proto,
+                local,
+                remote,
+                inode,
+            })
         })
         .collect()
 }
@@ -282,7 +311,9 @@ fn parse_addr(s: &str) -> Option<(IpAddr, u16)> {
     let (addr, port) = s.split_once(':')?;
     let port = u16::from_str_radix(port, 16).ok()?;
     let ip = match addr.len() {
-        8 => IpAddr::V4(Ipv4Addr::from(u32::from_str_radix(addr, 16).ok()?.swap_bytes())),
+        8 => IpAddr::V4(Ipv4Addr::from(
+            u32::from_str_radix(addr, 16).ok()?.swap_bytes(),
+        )),
         32 => {
             let mut bytes = [0u8; 16];
             for (i, chunk) in bytes.chunks_mut(4).enumerate() {
@@ -310,7 +341,9 @@ pub fn socket_owners(inodes: &HashSet<u64>) -> HashMap<u64, u32> {
             continue;
         };
         for fd in fds.flatten() {
-            let Ok(target) = std::fs::read_link(fd.path()) else { continue };
+            let Ok(target) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
             let t = target.to_string_lossy();
             if let Some(inode) = t
                 .strip_prefix("socket:[")

@@ -6,7 +6,9 @@
 //! Every channel is bounded. Shutdown stops the watcher, lets the pool finish its queue, and gives
 //! the shipper its drain time to get the last detections acknowledged.
 
+use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -14,8 +16,9 @@ use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use vedette_engine::{RuleSet, RuleSetBuilder, ScanOptions};
+use vedette_engine::{FileScanner, RuleSet, RuleSetBuilder, ScanOptions};
 use vedette_proto::client::ClientTls;
+use vedette_proto::v1::Detection;
 
 use crate::config::Settings;
 use crate::counters::Counters;
@@ -74,7 +77,7 @@ pub async fn run(
         settings.scan_workers,
         rules.clone(),
         options,
-        det_tx,
+        det_tx.clone(),
         counters.clone(),
     )
     .context("cannot start scan workers")?;
@@ -87,6 +90,12 @@ pub async fn run(
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let watch = FileWatch::start(&roots, pool.sender(), counters.clone())?;
+    let mut settings = settings;
+    settings.scan_paths = settings
+        .scan_paths
+        .iter()
+        .map(|p| std::fs::canonicalize(p).with_context(|| format!("cannot scan `{}`", p.display())))
+        .collect::<anyhow::Result<Vec<_>>>()?;
 
     let ship_cfg = ShipConfig {
         collectors,
@@ -106,9 +115,63 @@ pub async fn run(
         shutdown.clone(),
     ));
 
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    if !settings.scan_paths.is_empty()
+        && (settings.scan_on_start || settings.scan_interval.is_some())
+    {
+        let (rules, det, counters, stop) = (
+            rules.clone(),
+            det_tx.clone(),
+            counters.clone(),
+            stop.clone(),
+        );
+        let cache_path = state.dir.join("scan-cache.bin");
+        let settings = settings.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("full-scan".into())
+                .spawn(move || {
+                    full_scans(
+                        &settings,
+                        &rules,
+                        options,
+                        &cache_path,
+                        &det,
+                        &counters,
+                        &stop,
+                    )
+                })?,
+        );
+    }
+    if settings.processes {
+        let (rules, det, counters, stop) = (
+            rules.clone(),
+            det_tx.clone(),
+            counters.clone(),
+            stop.clone(),
+        );
+        let interval = settings.process_interval;
+        threads.push(
+            std::thread::Builder::new()
+                .name("procmon".into())
+                .spawn(move || {
+                    watch_processes(interval, &rules, options, &det, &counters, &stop)
+                })?,
+        );
+    }
+    drop(det_tx);
+
     shutdown.cancelled().await;
     info!("stopping");
+    stop.store(true, Ordering::Relaxed);
     drop(watch);
+    let _ = tokio::task::spawn_blocking(move || {
+        for t in threads {
+            let _ = t.join();
+        }
+    })
+    .await;
     // The workers finish what is queued; their detections still reach the shipper.
     let _ = tokio::task::spawn_blocking(move || pool.join()).await;
     let _ = shipper.await;
@@ -119,4 +182,114 @@ pub async fn run(
         "agent stopped"
     );
     Ok(())
+}
+
+/// Sleeps up to `d`, waking early when `stop` is set. Returns false when stopping.
+fn pause(d: Duration, stop: &AtomicBool) -> bool {
+    let end = std::time::Instant::now() + d;
+    while std::time::Instant::now() < end {
+        if stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100).min(end - std::time::Instant::now()));
+    }
+    !stop.load(Ordering::Relaxed)
+}
+
+/// Full scans at start-up and on the interval, at the configured CPU budget. Results are cached
+/// in the state directory, so unchanged files are neither rescanned nor reported twice.
+fn full_scans(
+    settings: &Settings,
+    rules: &ArcSwap<RuleSet>,
+    options: ScanOptions,
+    cache_path: &Path,
+    det: &mpsc::Sender<Detection>,
+    counters: &Counters,
+    stop: &AtomicBool,
+) {
+    let walk = crate::walk::WalkOptions {
+        threads: settings.scan_workers,
+        one_file_system: true,
+        excludes: settings.exclude.clone(),
+        max_cpu_percent: settings.max_cpu_percent,
+        scan: options,
+    };
+    let mut first = true;
+    loop {
+        if !first || !settings.scan_on_start {
+            match settings.scan_interval {
+                Some(d) if pause(d, stop) => {}
+                _ => return,
+            }
+        }
+        first = false;
+        let current = rules.load_full();
+        let cache = crate::cache::ScanCache::load(cache_path, current.fingerprint());
+        let started = std::time::Instant::now();
+        let on_file = |path: &Path, outcome: crate::walk::Outcome| {
+            if let crate::walk::Outcome::Scanned {
+                report,
+                cached: false,
+            } = outcome
+            {
+                for d in crate::scan::detections_of(path, &report, current.bundle_version) {
+                    counters.inc("detections");
+                    let _ = det.blocking_send(d);
+                }
+            }
+        };
+        let result = crate::walk::scan_tree(
+            &settings.scan_paths,
+            &walk,
+            &current,
+            Some(&cache),
+            counters,
+            stop,
+            &on_file,
+        );
+        if let Err(e) = result {
+            warn!(error = %e, "full scan failed");
+        }
+        if let Err(e) = cache.save(cache_path) {
+            warn!(path = %cache_path.display(), error = %e, "cannot save the scan cache");
+        }
+        counters.inc("full_scans");
+        info!(
+            seconds = started.elapsed().as_secs_f64(),
+            cached_files = cache.len(),
+            "full scan finished"
+        );
+    }
+}
+
+/// Polls processes and connections; each process is judged once.
+fn watch_processes(
+    interval: Duration,
+    rules: &ArcSwap<RuleSet>,
+    options: ScanOptions,
+    det: &mpsc::Sender<Detection>,
+    counters: &Counters,
+    stop: &AtomicBool,
+) {
+    loop {
+        let current = rules.load_full();
+        let mut judge = crate::procmon::ProcessJudge::new(&current);
+        let mut scanner = FileScanner::new(&current, options);
+        loop {
+            let mut found = judge.new_processes(&mut scanner);
+            found.extend(judge.c2_connections(&current));
+            for d in found {
+                counters.inc("detections");
+                if det.blocking_send(d).is_err() {
+                    return;
+                }
+            }
+            if !pause(interval, stop) {
+                return;
+            }
+            if !Arc::ptr_eq(&rules.load(), &current) {
+                break;
+            }
+        }
+    }
 }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use serde_json::json;
-use vedette_engine::{FileScanner, RuleSet, RuleSetBuilder, ScanOptions};
+use vedette_engine::{FileScanner, RuleSet, RuleSetBuilder};
 use vedette_proto::v1::{Detection, DetectionKind, detection};
 
 use crate::cache::ScanCache;
@@ -26,7 +26,6 @@ pub struct ScanArgs {
     pub json: bool,
     pub processes: bool,
     pub strict: bool,
-    pub scan: ScanOptions,
     pub walk: WalkOptions,
     pub cache: Option<PathBuf>,
 }
@@ -60,7 +59,10 @@ pub fn load_rules(paths: &[PathBuf], strict: bool) -> Option<RuleSet> {
         i.rejected
     );
     if strict && !r.problems.is_empty() {
-        eprintln!("error: {} problem(s) in the rules and --strict is set", r.problems.len());
+        eprintln!(
+            "error: {} problem(s) in the rules and --strict is set",
+            r.problems.len()
+        );
         return None;
     }
     Some(rules)
@@ -93,7 +95,11 @@ pub fn run(args: ScanArgs) -> u8 {
     let emit = |d: &Detection| {
         matched.store(true, Ordering::Relaxed);
         detections.fetch_add(1, Ordering::Relaxed);
-        let line = if args.json { detection_json(d).to_string() } else { detection_line(d) };
+        let line = if args.json {
+            detection_json(d).to_string()
+        } else {
+            detection_line(d)
+        };
         let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
         let _ = writeln!(o, "{line}");
     };
@@ -109,13 +115,21 @@ pub fn run(args: ScanArgs) -> u8 {
         Outcome::Skipped(_) => {}
     };
     let stop = AtomicBool::new(false);
-    if let Err(e) = scan_tree(&args.paths, &args.walk, &rules, args.scan, cache.as_ref(), &counters, &stop, &on_file) {
+    if let Err(e) = scan_tree(
+        &args.paths,
+        &args.walk,
+        &rules,
+        cache.as_ref(),
+        &counters,
+        &stop,
+        &on_file,
+    ) {
         eprintln!("error: {e}");
         return 2;
     }
     if args.processes {
         let mut judge = ProcessJudge::new(&rules);
-        let mut scanner = FileScanner::new(&rules, args.scan);
+        let mut scanner = FileScanner::new(&rules, args.walk.scan);
         for d in judge.new_processes(&mut scanner) {
             emit(&d);
         }
@@ -126,10 +140,17 @@ pub fn run(args: ScanArgs) -> u8 {
     if let (Some(cache), Some(path)) = (&cache, &args.cache)
         && let Err(e) = cache.save(path)
     {
-        eprintln!("warning: cannot save the scan cache `{}`: {e}", path.display());
+        eprintln!(
+            "warning: cannot save the scan cache `{}`: {e}",
+            path.display()
+        );
     }
     let snap = counters.snapshot();
-    let skipped: u64 = snap.iter().filter(|(k, _)| k.starts_with("files_skipped_")).map(|(_, v)| v).sum();
+    let skipped: u64 = snap
+        .iter()
+        .filter(|(k, _)| k.starts_with("files_skipped_"))
+        .map(|(_, v)| v)
+        .sum();
     let reasons: Vec<String> = snap
         .iter()
         .filter_map(|(k, v)| k.strip_prefix("files_skipped_").map(|r| format!("{r} {v}")))
@@ -139,7 +160,11 @@ pub fn run(args: ScanArgs) -> u8 {
         counters.get("files_scanned") + counters.get("cache_hits"),
         counters.get("cache_hits"),
         skipped,
-        if reasons.is_empty() { String::new() } else { format!(" ({})", reasons.join(", ")) },
+        if reasons.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", reasons.join(", "))
+        },
         detections.load(Ordering::Relaxed),
         started.elapsed().as_secs_f64()
     );
@@ -200,7 +225,11 @@ pub fn detection_json(d: &Detection) -> serde_json::Value {
 }
 
 fn bracket(addr: &str) -> String {
-    if addr.contains(':') { format!("[{addr}]") } else { addr.to_string() }
+    if addr.contains(':') {
+        format!("[{addr}]")
+    } else {
+        addr.to_string()
+    }
 }
 
 /// The human form of a detection.
@@ -209,9 +238,21 @@ pub fn detection_line(d: &Detection) -> String {
         Some(detection::Target::File(f)) => f.path.clone(),
         Some(detection::Target::Process(p)) => format!("pid {} {} ({})", p.pid, p.exe, p.cmdline),
         Some(detection::Target::Connection(c)) => {
-            format!("pid {} {} -> {}:{}", c.pid, c.exe, bracket(&c.remote_addr), c.remote_port)
+            format!(
+                "pid {} {} -> {}:{}",
+                c.pid,
+                c.exe,
+                bracket(&c.remote_addr),
+                c.remote_port
+            )
         }
         None => String::new(),
     };
-    format!("{:<10} {:>3}  {}  {}", kind_name(d.kind), d.score, d.rule, target)
+    format!(
+        "{:<10} {:>3}  {}  {}",
+        kind_name(d.kind),
+        d.score,
+        d.rule,
+        target
+    )
 }

@@ -31,6 +31,8 @@ pub struct WalkOptions {
     pub excludes: Vec<String>,
     /// Percentage of one core each thread may use while scanning (1..=100).
     pub max_cpu_percent: u32,
+    /// Limits per file.
+    pub scan: ScanOptions,
 }
 
 impl Default for WalkOptions {
@@ -40,6 +42,7 @@ impl Default for WalkOptions {
             one_file_system: true,
             excludes: Vec::new(),
             max_cpu_percent: 100,
+            scan: ScanOptions::default(),
         }
     }
 }
@@ -56,7 +59,10 @@ pub fn exclusions(patterns: &[String]) -> Result<GlobSet, String> {
 /// One file's outcome, as the walk reports it.
 pub enum Outcome {
     /// Scanned now, or answered from the cache (`cached`).
-    Scanned { report: FileReport, cached: bool },
+    Scanned {
+        report: FileReport,
+        cached: bool,
+    },
     Skipped(vedette_engine::SkipReason),
 }
 
@@ -66,7 +72,6 @@ pub fn scan_tree(
     roots: &[PathBuf],
     opts: &WalkOptions,
     rules: &RuleSet,
-    scan: ScanOptions,
     cache: Option<&ScanCache>,
     counters: &Counters,
     stop: &AtomicBool,
@@ -89,9 +94,11 @@ pub fn scan_tree(
         .filter_entry(move |entry| {
             let p = entry.path();
             let is_root = root_set.iter().any(|r| r == p);
-            is_root || (!DEFAULT_EXCLUDES.iter().any(|x| p == Path::new(x)) && !excludes.is_match(p))
+            is_root
+                || (!DEFAULT_EXCLUDES.iter().any(|x| p == Path::new(x)) && !excludes.is_match(p))
         });
     let budget = opts.max_cpu_percent.clamp(1, 100);
+    let scan = opts.scan;
     let threads = opts.threads.max(1);
     // Walker threads only list and stat; scanner threads (each with its own YARA scanner, which
     // cannot move between threads) take files from a bounded queue.
@@ -112,9 +119,16 @@ pub fn scan_tree(
                         Ok(report) => {
                             counters.inc("files_scanned");
                             if let (Some(cache), Some(stamp)) = (cache, stamp) {
-                                cache.insert(stamp, report.matches.clone(), report.sha256.as_deref());
+                                cache.insert(
+                                    stamp,
+                                    report.matches.clone(),
+                                    report.sha256.as_deref(),
+                                );
                             }
-                            Outcome::Scanned { report, cached: false }
+                            Outcome::Scanned {
+                                report,
+                                cached: false,
+                            }
                         }
                         Err(reason) => {
                             counters.inc(&format!("files_skipped_{}", reason.as_str()));
@@ -140,13 +154,22 @@ pub fn scan_tree(
                 let entry = match entry {
                     Ok(e) => e,
                     Err(e) => {
-                        let looped = e.io_error().is_some_and(|io| io.raw_os_error() == Some(libc::ELOOP));
-                        counters.inc(if looped { "walk_symlink_loops" } else { "walk_errors" });
+                        let looped = e
+                            .io_error()
+                            .is_some_and(|io| io.raw_os_error() == Some(libc::ELOOP));
+                        counters.inc(if looped {
+                            "walk_symlink_loops"
+                        } else {
+                            "walk_errors"
+                        });
                         return WalkState::Continue;
                     }
                 };
                 if !entry.file_type().is_some_and(|t| t.is_file()) {
-                    if entry.file_type().is_some_and(|t| !t.is_dir() && !t.is_symlink()) {
+                    if entry
+                        .file_type()
+                        .is_some_and(|t| !t.is_dir() && !t.is_symlink())
+                    {
                         // FIFOs, sockets, devices: never opened.
                         counters.inc("files_skipped_not_regular");
                     }
@@ -166,7 +189,13 @@ pub fn scan_tree(
                         sha256: Some(hit.sha256).filter(|s| !s.is_empty()),
                         ..Default::default()
                     };
-                    on_file(path, Outcome::Scanned { report, cached: true });
+                    on_file(
+                        path,
+                        Outcome::Scanned {
+                            report,
+                            cached: true,
+                        },
+                    );
                     return WalkState::Continue;
                 }
                 if tx.send((path.to_owned(), stamp)).is_err() {

@@ -2,3 +2,4 @@
 //! real inotify, real SQLite, real YARA, certificates made by `vedette-collector init`.
 
 mod backbone;
+mod engine;

@@ -322,7 +322,11 @@ mod tests {
         ] {
             let mut b = RuleSetBuilder::new();
             let list = format!("# {name}\n{};sample {name}\n", digest.to_uppercase());
-            b.add_ioc_source(crate::IocKind::Hash, Path::new("hash-iocs.txt"), list.as_bytes());
+            b.add_ioc_source(
+                crate::IocKind::Hash,
+                Path::new("hash-iocs.txt"),
+                list.as_bytes(),
+            );
             let rs = b.build_strict(0).unwrap();
             let mut s = FileScanner::new(&rs, ScanOptions::default());
             let r = s.scan_path(&p).unwrap();
@@ -340,12 +344,22 @@ mod tests {
     #[test]
     fn filename_indicator_matches_even_a_file_too_large_to_read() {
         let mut b = RuleSetBuilder::new();
-        b.add_ioc_source(crate::IocKind::Filename, Path::new("filename-iocs.txt"), b"\\\\mimikatz\\.exe$;85\n");
+        b.add_ioc_source(
+            crate::IocKind::Filename,
+            Path::new("filename-iocs.txt"),
+            b"\\\\mimikatz\\.exe$;85\n",
+        );
         let rs = b.build_strict(0).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("mimikatz.exe");
         std::fs::write(&p, vec![0u8; 100]).unwrap();
-        let mut s = FileScanner::new(&rs, ScanOptions { max_file_size: 10, ..Default::default() });
+        let mut s = FileScanner::new(
+            &rs,
+            ScanOptions {
+                max_file_size: 10,
+                ..Default::default()
+            },
+        );
         let r = s.scan_path(&p).unwrap();
         assert_eq!(r.matches.len(), 1);
         assert_eq!(r.matches[0].score, 85);

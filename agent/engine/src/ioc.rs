@@ -73,11 +73,17 @@ enum Re {
 
 impl Re {
     fn new(pattern: &str) -> Result<Re, String> {
-        match regex::RegexBuilder::new(pattern).size_limit(32 << 20).build() {
+        match regex::RegexBuilder::new(pattern)
+            .size_limit(32 << 20)
+            .build()
+        {
             Ok(r) => Ok(Re::Std(r)),
             Err(std_err) => match fancy_regex::Regex::new(pattern) {
                 Ok(r) => Ok(Re::Fancy(Box::new(r))),
-                Err(_) => Err(format!("regex does not compile: {}", first_line(&std_err.to_string()))),
+                Err(_) => Err(format!(
+                    "regex does not compile: {}",
+                    first_line(&std_err.to_string())
+                )),
             },
         }
     }
@@ -148,7 +154,13 @@ const FIXED_SCORE: u32 = 100;
 
 impl Iocs {
     /// Parses one indicator file of the given kind; problems are appended to `problems`.
-    pub fn add_file(&mut self, kind: IocKind, origin: &Path, text: &str, problems: &mut Vec<Problem>) {
+    pub fn add_file(
+        &mut self,
+        kind: IocKind,
+        origin: &Path,
+        text: &str,
+        problems: &mut Vec<Problem>,
+    ) {
         let name = origin
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -193,7 +205,11 @@ impl Iocs {
             32 => &mut self.md5,
             40 => &mut self.sha1,
             64 => &mut self.sha256,
-            n => return Err(format!("a digest of {n} hex digits is neither MD5, SHA-1 nor SHA-256")),
+            n => {
+                return Err(format!(
+                    "a digest of {n} hex digits is neither MD5, SHA-1 nor SHA-256"
+                ));
+            }
         };
         map.insert(
             hash,
@@ -246,7 +262,10 @@ impl Iocs {
             self.counts.c2_domains += 1;
             return Ok(());
         }
-        Err(format!("`{}` is neither an IP address, a network nor a domain", clip(value)))
+        Err(format!(
+            "`{}` is neither an IP address, a network nor a domain",
+            clip(value)
+        ))
     }
 
     /// Compiles the one-pass set of standard file-name regexes. Call once after loading.
@@ -293,7 +312,13 @@ impl Iocs {
     }
 
     /// Hash indicators matching the given hex digests.
-    pub fn match_hashes(&self, md5: Option<&str>, sha1: Option<&str>, sha256: Option<&str>, out: &mut Vec<RuleMatch>) {
+    pub fn match_hashes(
+        &self,
+        md5: Option<&str>,
+        sha1: Option<&str>,
+        sha256: Option<&str>,
+        out: &mut Vec<RuleMatch>,
+    ) {
         for (map, digest) in [(&self.md5, md5), (&self.sha1, sha1), (&self.sha256, sha256)] {
             if let Some(h) = digest.and_then(|d| map.get(d).map(|h| (d, h))) {
                 out.push(RuleMatch {
@@ -396,12 +421,17 @@ fn parse_scored(line: &str, source: String) -> Result<Indicator, String> {
         .skip(1)
         .find(|(_, p)| p.trim().parse::<u32>().is_ok())
         .map(|(i, _)| i)
-        .ok_or_else(|| "no `;SCORE` field (expected REGEX;SCORE[;FALSE_POSITIVE_REGEX])".to_string())?;
+        .ok_or_else(|| {
+            "no `;SCORE` field (expected REGEX;SCORE[;FALSE_POSITIVE_REGEX])".to_string()
+        })?;
     let pattern = parts[..score_at].join(";");
     if pattern.trim().is_empty() {
         return Err("empty regex".into());
     }
-    let score: u32 = parts[score_at].trim().parse().map_err(|_| "bad score".to_string())?;
+    let score: u32 = parts[score_at]
+        .trim()
+        .parse()
+        .map_err(|_| "bad score".to_string())?;
     let fp_text = parts[score_at + 1..].join(";");
     let re = Re::new(&pattern)?;
     let fp = if fp_text.trim().is_empty() {
@@ -424,18 +454,28 @@ fn is_domain(s: &str) -> bool {
         && s.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         })
 }
 
 fn in_network(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
     match (ip, net) {
         (IpAddr::V4(a), IpAddr::V4(n)) => {
-            let mask = if bits == 0 { 0 } else { u32::MAX << (32 - u32::from(bits)) };
+            let mask = if bits == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(bits))
+            };
             u32::from(a) & mask == u32::from(n) & mask
         }
         (IpAddr::V6(a), IpAddr::V6(n)) => {
-            let mask = if bits == 0 { 0 } else { u128::MAX << (128 - u32::from(bits)) };
+            let mask = if bits == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(bits))
+            };
             u128::from(a) & mask == u128::from(n) & mask
         }
         _ => false,
@@ -468,7 +508,11 @@ mod tests {
         assert_eq!(problems.len(), 2);
         assert_eq!(problems[0].line, Some(4));
         assert_eq!(problems[1].line, Some(5));
-        assert!(problems[1].to_string().starts_with("t.txt:5: "), "{}", problems[1]);
+        assert!(
+            problems[1].to_string().starts_with("t.txt:5: "),
+            "{}",
+            problems[1]
+        );
     }
 
     #[test]
@@ -493,12 +537,18 @@ mod tests {
 
     #[test]
     fn c2_ips_networks_and_domains() {
-        let (iocs, problems) = load(IocKind::C2, "10.1.2.3\n192.0.2.0/24\nevil.example\nnot a host\n");
+        let (iocs, problems) = load(
+            IocKind::C2,
+            "10.1.2.3\n192.0.2.0/24\nevil.example\nnot a host\n",
+        );
         assert_eq!(problems.len(), 1);
         assert_eq!(iocs.counts.c2_domains, 1);
         assert!(iocs.match_ip("10.1.2.3".parse().unwrap()).is_some());
         assert!(iocs.match_ip("::ffff:10.1.2.3".parse().unwrap()).is_some());
-        assert_eq!(iocs.match_ip("192.0.2.77".parse().unwrap()).unwrap().rule, "192.0.2.0/24");
+        assert_eq!(
+            iocs.match_ip("192.0.2.77".parse().unwrap()).unwrap().rule,
+            "192.0.2.0/24"
+        );
         assert!(iocs.match_ip("192.0.3.1".parse().unwrap()).is_none());
     }
 
@@ -515,11 +565,26 @@ mod tests {
 
     #[test]
     fn list_kind_comes_from_the_file_name() {
-        assert_eq!(IocKind::of_path(Path::new("x/hash-iocs.txt")), Some(IocKind::Hash));
-        assert_eq!(IocKind::of_path(Path::new("filename-iocs.txt")), Some(IocKind::Filename));
-        assert_eq!(IocKind::of_path(Path::new("c2-iocs.txt")), Some(IocKind::C2));
-        assert_eq!(IocKind::of_path(Path::new("process-iocs.txt")), Some(IocKind::ProcessName));
-        assert_eq!(IocKind::of_path(Path::new("cmdline-iocs.txt")), Some(IocKind::Cmdline));
+        assert_eq!(
+            IocKind::of_path(Path::new("x/hash-iocs.txt")),
+            Some(IocKind::Hash)
+        );
+        assert_eq!(
+            IocKind::of_path(Path::new("filename-iocs.txt")),
+            Some(IocKind::Filename)
+        );
+        assert_eq!(
+            IocKind::of_path(Path::new("c2-iocs.txt")),
+            Some(IocKind::C2)
+        );
+        assert_eq!(
+            IocKind::of_path(Path::new("process-iocs.txt")),
+            Some(IocKind::ProcessName)
+        );
+        assert_eq!(
+            IocKind::of_path(Path::new("cmdline-iocs.txt")),
+            Some(IocKind::Cmdline)
+        );
         assert_eq!(IocKind::of_path(Path::new("keywords.txt")), None);
     }
 }

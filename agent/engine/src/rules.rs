@@ -191,7 +191,8 @@ impl RuleSetBuilder {
         self.report.ioc_files += 1;
         // Lists in the wild carry stray Latin-1 bytes in comments: decode lossily.
         let text = String::from_utf8_lossy(bytes);
-        self.iocs.add_file(kind, origin, &text, &mut self.report.problems);
+        self.iocs
+            .add_file(kind, origin, &text, &mut self.report.problems);
         self
     }
 
@@ -313,8 +314,10 @@ fn rule_files_under(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
 /// In a directory: YARA files, and indicator lists named for their kind.
 fn is_rule_file(path: &Path) -> bool {
     is_yara_file(path)
-        || (matches!(path.extension().and_then(|e| e.to_str()), Some("txt" | "ioc"))
-            && IocKind::of_path(path).is_some())
+        || (matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("txt" | "ioc")
+        ) && IocKind::of_path(path).is_some())
 }
 
 pub(crate) fn is_yara_file(path: &Path) -> bool {

@@ -1,0 +1,378 @@
+//! `vedette-agent scan` end to end: every indicator kind against real files, real processes and
+//! real loopback connections; special files; the result cache; the real signature-base content.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use md5::Md5;
+use serde_json::Value;
+use sha1::Sha1;
+use sha2::{Digest, Sha256};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_vedette-agent");
+
+/// Runs `vedette-agent scan ARGS`, killing it if it runs past `limit`.
+fn scan(args: &[&str], limit: Duration) -> Output {
+    let mut child = Command::new(AGENT)
+        .arg("scan")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run vedette-agent scan");
+    let deadline = Instant::now() + limit;
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let mut err = String::new();
+            let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+            panic!("scan {args:?} did not finish within {limit:?}: {err}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+fn json(out: &Output) -> Vec<Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON {l:?}: {e}")))
+        .collect()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn write(path: &Path, data: &[u8]) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, data).unwrap();
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn every_file_indicator_kind_is_detected_and_exit_codes_follow_grep() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rules = tmp.path().join("rules");
+    let tree = tmp.path().join("tree");
+    let (md5_data, sha1_data, sha256_data) = (
+        b"md5 sample".as_slice(),
+        b"sha1 sample".as_slice(),
+        b"sha256 sample".as_slice(),
+    );
+    write(&tree.join("a/md5.bin"), md5_data);
+    write(&tree.join("a/sha1.bin"), sha1_data);
+    write(&tree.join("a/sha256.bin"), sha256_data);
+    write(
+        &tree.join("b/yara.txt"),
+        b"header VEDETTE-SCAN-TEST-YARA trailer",
+    );
+    write(&tree.join("c/implant.elf"), b"x");
+    write(&tree.join("tools/vendor/implant.elf"), b"x");
+    write(&tree.join("c/clean.txt"), b"nothing");
+    write(
+        &rules.join("hash-iocs.txt"),
+        format!(
+            "# hashes\n{};md5 sample\n{};sha1 sample\n{};sha256 sample\n",
+            hex::encode(Md5::digest(md5_data)),
+            hex::encode(Sha1::digest(sha1_data)),
+            hex::encode(Sha256::digest(sha256_data))
+        )
+        .as_bytes(),
+    );
+    write(
+        &rules.join("filename-iocs.txt"),
+        b"# names\n/implant\\.elf$;75;/vendor/\n",
+    );
+    write(
+        &rules.join("test.yar"),
+        b"rule scan_test { meta: score = 60 strings: $a = \"VEDETTE-SCAN-TEST-YARA\" condition: $a }",
+    );
+    let out = scan(
+        &["--json", "--rules", s(&rules), s(&tree)],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let found = json(&out);
+    let by_path = |suffix: &str| -> Vec<&Value> {
+        found
+            .iter()
+            .filter(|d| d["path"].as_str().unwrap_or("").ends_with(suffix))
+            .collect()
+    };
+    let md5 = by_path("md5.bin");
+    assert_eq!(md5.len(), 1, "{found:?}");
+    assert_eq!(md5[0]["kind"], "hash");
+    assert_eq!(md5[0]["md5"], hex::encode(Md5::digest(md5_data)));
+    assert_eq!(
+        by_path("sha1.bin")[0]["sha1"],
+        hex::encode(Sha1::digest(sha1_data))
+    );
+    let sha256 = by_path("sha256.bin");
+    assert_eq!(sha256[0]["rule"], hex::encode(Sha256::digest(sha256_data)));
+    assert_eq!(sha256[0]["description"], "sha256 sample");
+    let y = by_path("yara.txt");
+    assert_eq!(
+        (
+            y[0]["kind"].as_str(),
+            y[0]["rule"].as_str(),
+            y[0]["score"].as_u64()
+        ),
+        (Some("yara"), Some("scan_test"), Some(60))
+    );
+    assert_eq!(y[0]["sha256"].as_str().map(str::len), Some(64));
+    let names = by_path("implant.elf");
+    assert_eq!(
+        names.len(),
+        1,
+        "the false-positive regex excludes the vendor copy: {names:?}"
+    );
+    assert!(names[0]["path"].as_str().unwrap().contains("/c/"));
+    assert_eq!(names[0]["score"], 75);
+    assert!(by_path("clean.txt").is_empty());
+    assert_eq!(found.len(), 5, "{found:?}");
+
+    // Nothing matched: 0. A path that does not exist: 2.
+    let clean = scan(
+        &["--rules", s(&rules), s(&tree.join("c/clean.txt"))],
+        Duration::from_secs(60),
+    );
+    assert_eq!(clean.status.code(), Some(0), "{}", stderr(&clean));
+    let missing = scan(
+        &["--rules", s(&rules), "/nonexistent/vedette"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(missing.status.code(), Some(2));
+}
+
+#[test]
+fn bad_indicator_lines_are_reported_and_strict_makes_them_fatal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rules = tmp.path().join("rules");
+    write(
+        &rules.join("filename-iocs.txt"),
+        b"ok\\.exe;50\n(unclosed;60\nno-score-here\n",
+    );
+    let out = scan(
+        &["--rules", s(&rules), s(tmp.path())],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let err = stderr(&out);
+    assert!(
+        err.contains("filename-iocs.txt:2: regex does not compile"),
+        "{err}"
+    );
+    assert!(
+        err.contains("filename-iocs.txt:3: no `;SCORE` field"),
+        "{err}"
+    );
+    assert!(
+        err.contains("1 file names") && err.contains("2 lines rejected"),
+        "{err}"
+    );
+    let strict = scan(
+        &["--strict", "--rules", s(&rules), s(tmp.path())],
+        Duration::from_secs(60),
+    );
+    assert_eq!(strict.status.code(), Some(2));
+}
+
+#[test]
+fn a_fifo_in_the_tree_does_not_hang_the_scan() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rules = tmp.path().join("rules");
+    write(
+        &rules.join("t.yar"),
+        b"rule fifo_test { strings: $a = \"FIFO-NEIGHBOUR\" condition: $a }",
+    );
+    let tree = tmp.path().join("tree");
+    write(&tree.join("x/neighbour.txt"), b"FIFO-NEIGHBOUR");
+    let status = Command::new("mkfifo")
+        .arg(tree.join("x/pipe"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::os::unix::net::UnixListener::bind(tree.join("x/sock")).unwrap();
+    let out = scan(
+        &["--json", "--rules", s(&rules), s(&tree)],
+        Duration::from_secs(30),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(json(&out).len(), 1);
+    assert!(stderr(&out).contains("not_regular 2"), "{}", stderr(&out));
+}
+
+#[test]
+fn unchanged_files_come_from_the_cache_and_rewritten_ones_are_rescanned() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rules = tmp.path().join("rules");
+    write(
+        &rules.join("t.yar"),
+        b"rule cache_test { strings: $a = \"CACHE-MARKER\" condition: $a }",
+    );
+    let tree = tmp.path().join("tree");
+    for i in 0..20 {
+        write(
+            &tree.join(format!("f{i}.txt")),
+            format!("clean {i}").as_bytes(),
+        );
+    }
+    let cache = tmp.path().join("cache.bin");
+    let args = [
+        "--json",
+        "--cache",
+        s(&cache),
+        "--rules",
+        s(&rules),
+        s(&tree),
+    ];
+    let first = scan(&args, Duration::from_secs(60));
+    assert_eq!(first.status.code(), Some(0));
+    assert!(
+        stderr(&first).contains("scanned 20 files (0 unchanged, from cache)"),
+        "{}",
+        stderr(&first)
+    );
+    let second = scan(&args, Duration::from_secs(60));
+    assert!(
+        stderr(&second).contains("scanned 20 files (20 unchanged, from cache)"),
+        "{}",
+        stderr(&second)
+    );
+    // Rewrite one file after a clean scan: it is scanned again and detected.
+    write(&tree.join("f7.txt"), b"now with CACHE-MARKER inside");
+    let third = scan(&args, Duration::from_secs(60));
+    assert_eq!(third.status.code(), Some(1));
+    assert!(
+        stderr(&third).contains("scanned 20 files (19 unchanged, from cache)"),
+        "{}",
+        stderr(&third)
+    );
+    let found = json(&third);
+    assert_eq!(found.len(), 1);
+    assert!(found[0]["path"].as_str().unwrap().ends_with("f7.txt"));
+    // Still reported from the cache on the next run (a scan reports what is there).
+    let fourth = scan(&args, Duration::from_secs(60));
+    assert_eq!(fourth.status.code(), Some(1));
+    assert!(stderr(&fourth).contains("(20 unchanged, from cache)"));
+}
+
+/// A process started from a copy of `sleep` under a telling name, matched by name, command line
+/// and executable hash; and a process connected to a loopback address listed as C2.
+#[test]
+fn processes_and_c2_connections_are_reported_with_their_pid() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rules = tmp.path().join("rules");
+    let exe = tmp.path().join("vedette-evilproc");
+    std::fs::copy("/bin/sleep", &exe).unwrap();
+    let exe_hash = hex::encode(Sha256::digest(std::fs::read(&exe).unwrap()));
+    let mut evil = Command::new(&exe).arg("313.37").spawn().unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut client = Command::new("python3")
+        .args(["-c", &format!("import socket,time\ns=socket.create_connection(('127.0.0.2',{port}))\ntime.sleep(60)")])
+        .spawn()
+        .unwrap();
+    // The connection is established once accepted: no guessing.
+    let (_conn, _) = listener.accept().unwrap();
+    write(&rules.join("process-iocs.txt"), b"^vedette-evilpro;90\n");
+    write(
+        &rules.join("cmdline-iocs.txt"),
+        b"vedette-evilproc 313\\.37;85\n",
+    );
+    write(
+        &rules.join("hash-iocs.txt"),
+        format!("{exe_hash};sleep copy\n").as_bytes(),
+    );
+    write(&rules.join("c2-iocs.txt"), b"127.0.0.2\n");
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let out = scan(
+        &["--json", "--processes", "--rules", s(&rules), s(&empty)],
+        Duration::from_secs(120),
+    );
+    let _ = evil.kill();
+    let _ = client.kill();
+    let _ = (evil.wait(), client.wait());
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let found = json(&out);
+    let of_pid = |pid: u32, kind: &str| -> Vec<Value> {
+        found
+            .iter()
+            .filter(|d| d["pid"] == pid && d["kind"] == kind)
+            .cloned()
+            .collect()
+    };
+    let evil_hits = of_pid(evil.id(), "process");
+    let rules_hit: Vec<&str> = evil_hits
+        .iter()
+        .filter_map(|d| d["rule"].as_str())
+        .collect();
+    assert!(rules_hit.contains(&"^vedette-evilpro"), "{found:?}");
+    assert!(
+        rules_hit.contains(&"vedette-evilproc 313\\.37"),
+        "{found:?}"
+    );
+    assert_eq!(evil_hits[0]["path"], s(&exe));
+    let hash_hit = of_pid(evil.id(), "hash");
+    assert_eq!(hash_hit.len(), 1, "{found:?}");
+    assert_eq!(hash_hit[0]["rule"], exe_hash);
+    let c2 = of_pid(client.id(), "connection");
+    assert_eq!(c2.len(), 1, "{found:?}");
+    assert_eq!(c2[0]["remote"], format!("127.0.0.2:{port}"));
+    assert_eq!(c2[0]["rule"], "127.0.0.2");
+}
+
+fn signature_base() -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/signature-base");
+    if p.is_dir() {
+        Some(p)
+    } else {
+        eprintln!(
+            "skipped: {} is absent (the shared signature-base data is not part of this repository)",
+            p.display()
+        );
+        None
+    }
+}
+
+#[test]
+fn real_signature_base_rules_and_iocs_load() {
+    let Some(sb) = signature_base() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    write(&tmp.path().join("clean.txt"), b"nothing here");
+    let out = scan(
+        &[
+            "--rules",
+            s(&sb.join("yara")),
+            "--rules",
+            s(&sb.join("iocs")),
+            s(tmp.path()),
+        ],
+        Duration::from_secs(300),
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("loaded "))
+        .expect("load summary");
+    let numbers: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    // loaded R YARA rules from F files (E with errors); H hashes, N names, C c2, D domains, ...
+    assert!(numbers[0] > 5_800, "{line}");
+    assert!(numbers[1] >= 737, "{line}");
+    assert!(
+        numbers[3] > 3_000 && numbers[4] > 3_000 && numbers[5] > 100,
+        "{line}"
+    );
+    eprintln!("{line}");
+}
