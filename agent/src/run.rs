@@ -89,7 +89,8 @@ pub async fn run(
             std::fs::canonicalize(p).with_context(|| format!("cannot watch `{}`", p.display()))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let watch = FileWatch::start(&roots, pool.sender(), counters.clone())?;
+    let excludes = crate::walk::exclusions(&settings.exclude).map_err(anyhow::Error::msg)?;
+    let watch = FileWatch::start(&roots, excludes, pool.sender(), counters.clone())?;
     let mut settings = settings;
     settings.scan_paths = settings
         .scan_paths

@@ -31,6 +31,7 @@ impl FileWatch {
     /// Watches `roots` and sends paths to scan into `queue`.
     pub fn start(
         roots: &[PathBuf],
+        excludes: globset::GlobSet,
         queue: SyncSender<PathBuf>,
         counters: Arc<Counters>,
     ) -> anyhow::Result<FileWatch> {
@@ -56,7 +57,7 @@ impl FileWatch {
         let roots = roots.to_vec();
         let thread = std::thread::Builder::new()
             .name("watch-debounce".into())
-            .spawn(move || debounce(rx, &roots, &queue, &counters))?;
+            .spawn(move || debounce(rx, &roots, &excludes, &queue, &counters))?;
         Ok(FileWatch {
             _watcher: watcher,
             thread: Some(thread),
@@ -97,6 +98,7 @@ fn action(kind: &EventKind) -> Action {
 fn debounce(
     rx: std::sync::mpsc::Receiver<notify::Result<Event>>,
     roots: &[PathBuf],
+    excludes: &globset::GlobSet,
     queue: &SyncSender<PathBuf>,
     counters: &Counters,
 ) {
@@ -132,7 +134,7 @@ fn debounce(
                     }
                     _ => &event.paths,
                 };
-                for p in paths {
+                for p in paths.iter().filter(|p| !excludes.is_match(p)) {
                     if now {
                         pending.insert(p.clone(), Instant::now());
                     } else if later {

@@ -376,3 +376,31 @@ fn real_signature_base_rules_and_iocs_load() {
     );
     eprintln!("{line}");
 }
+
+#[test]
+fn a_file_whose_name_is_not_utf8_is_scanned_and_reported() {
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let rules = tmp.path().join("rules");
+    write(
+        &rules.join("t.yar"),
+        b"rule odd_name { strings: $a = \"ODD-NAME-MARKER\" condition: $a }",
+    );
+    let tree = tmp.path().join("tree");
+    let odd = tree.join(std::ffi::OsStr::from_bytes(b"caf\xe9-\xff.bin"));
+    write(&odd, b"ODD-NAME-MARKER");
+    let out = scan(
+        &["--json", "--rules", s(&rules), s(&tree)],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let found = json(&out);
+    assert_eq!(found.len(), 1);
+    assert!(
+        found[0]["path"]
+            .as_str()
+            .unwrap()
+            .contains("caf\u{fffd}-\u{fffd}.bin"),
+        "{found:?}"
+    );
+}

@@ -14,11 +14,29 @@ fn startup_full_scan_finds_existing_files_once_across_restarts() {
     let tree = tmp.path().join("tree");
     std::fs::create_dir_all(tree.join("deep/er")).unwrap();
     std::fs::write(tree.join("deep/er/old-implant"), "VEDETTE-PRESENT-BEFORE").unwrap();
-    let rules = rule_dir(&tmp.path().join("rules"), "present_before", "VEDETTE-PRESENT-BEFORE");
-    let args = ["--watch", tree.to_str().unwrap(), "--rules", rules.to_str().unwrap()];
+    let rules = rule_dir(
+        &tmp.path().join("rules"),
+        "present_before",
+        "VEDETTE-PRESENT-BEFORE",
+    );
+    let args = [
+        "--watch",
+        tree.to_str().unwrap(),
+        "--rules",
+        rules.to_str().unwrap(),
+    ];
     agent.run(&c, &args);
-    let count = || c.detections().iter().filter(|d| d["rule"] == "present_before").count();
-    wait_for(Duration::from_secs(20), "the start-up scan detection", || (count() == 1).then_some(()));
+    let count = || {
+        c.detections()
+            .iter()
+            .filter(|d| d["rule"] == "present_before")
+            .count()
+    };
+    wait_for(
+        Duration::from_secs(20),
+        "the start-up scan detection",
+        || (count() == 1).then_some(()),
+    );
     let mut p = agent.proc.take().unwrap();
     assert!(p.signal_and_wait("TERM").success());
     assert!(agent.state.join("scan-cache.bin").exists());
@@ -26,8 +44,10 @@ fn startup_full_scan_finds_existing_files_once_across_restarts() {
     // Restarted: the start-up scan runs again (the log says so) but the file is unchanged.
     agent.run(&c, &args);
     let proc = agent.proc.as_mut().unwrap();
-    wait_for(Duration::from_secs(20), "the second start-up scan to finish", || {
-        proc.log_text().contains("full scan finished").then_some(())
-    });
+    wait_for(
+        Duration::from_secs(20),
+        "the second start-up scan to finish",
+        || proc.log_text().contains("full scan finished").then_some(()),
+    );
     assert_eq!(count(), 1);
 }
