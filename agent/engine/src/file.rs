@@ -130,6 +130,8 @@ impl<'r> FileScanner<'r> {
             };
         }
         self.buf.clear();
+        // One allocation of the expected size: a `Take` reader gives no size hint.
+        self.buf.reserve(meta.len() as usize + 1);
         // Read at most one byte past the cap: a file that grew past it is skipped, not
         // truncated into a partial scan.
         let mut limited = file.take(self.options.max_file_size + 1);
