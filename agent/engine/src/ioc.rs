@@ -108,6 +108,9 @@ fn first_line(s: &str) -> &str {
 struct Indicator {
     re: Re,
     fp: Option<Re>,
+    /// Written for Windows paths (contains an escaped `\\`): matched against the path with `\`
+    /// separators; every other pattern is matched against the path as it is.
+    windows: bool,
     score: u32,
     text: String,
     source: String,
@@ -139,8 +142,11 @@ pub struct Iocs {
     sha1: HashMap<String, HashIoc>,
     sha256: HashMap<String, HashIoc>,
     filenames: Vec<Indicator>,
-    /// Standard regexes of `filenames`, matched in one pass; indices into `filenames`.
-    filename_set: Option<(regex::RegexSet, Vec<usize>)>,
+    /// Standard regexes of `filenames`, matched in one pass per path form (native, Windows);
+    /// indices into `filenames`.
+    filename_sets: Vec<(regex::RegexSet, Vec<usize>, bool)>,
+    /// File-name indicators matched one by one (look-around, or a set too large to build).
+    filename_singles: Vec<usize>,
     c2_ips: HashMap<IpAddr, (String, String)>,
     c2_nets: Vec<(IpAddr, u8, String, String)>,
     c2_domains: HashMap<String, (String, String)>,
@@ -268,27 +274,41 @@ impl Iocs {
         ))
     }
 
-    /// Compiles the one-pass set of standard file-name regexes. Call once after loading.
+    /// Compiles the one-pass sets of standard file-name regexes. Call once after loading.
     pub fn finish(&mut self) {
-        let mut patterns = Vec::new();
-        let mut index = Vec::new();
-        for (i, ind) in self.filenames.iter().enumerate() {
-            if let Re::Std(r) = &ind.re {
-                patterns.push(r.as_str().to_string());
-                index.push(i);
+        for windows in [false, true] {
+            let mut patterns = Vec::new();
+            let mut index = Vec::new();
+            for (i, ind) in self.filenames.iter().enumerate() {
+                if let Re::Std(r) = &ind.re
+                    && ind.windows == windows
+                {
+                    patterns.push(r.as_str().to_string());
+                    index.push(i);
+                }
+            }
+            if patterns.is_empty() {
+                continue;
+            }
+            // Each pattern compiled alone above, so a set fails only when it is too large; its
+            // indicators are then matched one by one instead.
+            match regex::RegexSetBuilder::new(&patterns)
+                .size_limit(256 << 20)
+                .dfa_size_limit(64 << 20)
+                .build()
+            {
+                Ok(set) => self.filename_sets.push((set, index, windows)),
+                Err(_) => {
+                    for i in index {
+                        self.filename_singles.push(i);
+                    }
+                }
             }
         }
-        if patterns.is_empty() {
-            return;
-        }
-        // Each pattern compiled alone above, so the set compiles unless it is too large; then
-        // the indicators are matched one by one instead.
-        if let Ok(set) = regex::RegexSetBuilder::new(&patterns)
-            .size_limit(256 << 20)
-            .dfa_size_limit(64 << 20)
-            .build()
-        {
-            self.filename_set = Some((set, index));
+        for (i, ind) in self.filenames.iter().enumerate() {
+            if ind.re.is_fancy() {
+                self.filename_singles.push(i);
+            }
         }
     }
 
@@ -334,40 +354,25 @@ impl Iocs {
         }
     }
 
-    /// File-name indicators matching a path. Loki's lists are written for Windows paths, so the
-    /// path is also tried with `\` as separator.
+    /// File-name indicators matching a path. Loki's lists are written for Windows paths: a pattern
+    /// with an escaped backslash is matched against the path with `\` as separator.
     pub fn match_path(&self, path: &str, out: &mut Vec<RuleMatch>) {
         if self.filenames.is_empty() {
             return;
         }
         let windows = path.replace('/', "\\");
-        let hit = |ind: &Indicator| {
-            (ind.re.is_match(path) || ind.re.is_match(&windows))
-                && !ind
-                    .fp
-                    .as_ref()
-                    .is_some_and(|fp| fp.is_match(path) || fp.is_match(&windows))
-        };
-        let mut candidates: Vec<usize> = match &self.filename_set {
-            Some((set, index)) => {
-                let mut v: Vec<usize> = set.matches(path).into_iter().map(|i| index[i]).collect();
-                v.extend(set.matches(&windows).into_iter().map(|i| index[i]));
-                v.extend(
-                    self.filenames
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, ind)| ind.re.is_fancy())
-                        .map(|(i, _)| i),
-                );
-                v
-            }
-            None => (0..self.filenames.len()).collect(),
-        };
+        let form = |ind: &Indicator| if ind.windows { windows.as_str() } else { path };
+        let mut candidates: Vec<usize> = self.filename_singles.clone();
+        for (set, index, win) in &self.filename_sets {
+            let subject = if *win { windows.as_str() } else { path };
+            candidates.extend(set.matches(subject).into_iter().map(|i| index[i]));
+        }
         candidates.sort_unstable();
         candidates.dedup();
         for i in candidates {
             let ind = &self.filenames[i];
-            if hit(ind) {
+            let subject = form(ind);
+            if ind.re.is_match(subject) && !ind.fp.as_ref().is_some_and(|fp| fp.is_match(subject)) {
                 out.push(ind.to_match(MatchKind::Filename));
             }
         }
@@ -442,6 +447,7 @@ fn parse_scored(line: &str, source: String) -> Result<Indicator, String> {
     Ok(Indicator {
         re,
         fp,
+        windows: pattern.contains("\\\\"),
         score: score.min(100),
         text: pattern,
         source,
