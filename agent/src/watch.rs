@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::mpsc::{RecvTimeoutError, SyncSender, channel};
+use std::sync::mpsc::{RecvTimeoutError, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,9 @@ use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tracing::{error, info, warn};
 
 use crate::counters::Counters;
+
+/// File-system events buffered between the notify thread and the debouncer.
+const EVENT_QUEUE: usize = 4096;
 
 /// Quiet time after a modification before the file is scanned.
 pub const DEBOUNCE: Duration = Duration::from_millis(250);
@@ -35,7 +38,9 @@ impl FileWatch {
         queue: SyncSender<PathBuf>,
         counters: Arc<Counters>,
     ) -> anyhow::Result<FileWatch> {
-        let (tx, rx) = channel::<notify::Result<Event>>();
+        // Bounded: when scanning falls behind, the notify thread waits, the kernel queue fills
+        // and overflows, and the overflow triggers a rescan. Memory never grows with the burst.
+        let (tx, rx) = sync_channel::<notify::Result<Event>>(EVENT_QUEUE);
         let mut watcher = notify::recommended_watcher(move |ev| {
             let _ = tx.send(ev);
         })?;
