@@ -11,10 +11,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use vedette_engine::{FileScanner, RuleMatch, RuleSet};
-use vedette_proto::v1::{ConnectionTarget, Detection, ProcessTarget, detection};
+use vedette_proto::v1::detection::Target;
+use vedette_proto::v1::{ConnectionTarget, Detection, ProcessTarget};
 
 use crate::cache::{ScanCache, Stamp};
-use crate::scan::{kind_of, now_ms};
+use crate::scan::detection;
 
 /// `/proc` clock ticks per second (USER_HZ, fixed at 100 for the `/proc` interface).
 const TICKS_PER_SEC: u64 = 100;
@@ -182,17 +183,7 @@ impl ProcessJudge {
         };
         matches
             .into_iter()
-            .map(|m| Detection {
-                id: uuid::Uuid::new_v4().to_string(),
-                kind: kind_of(m.kind) as i32,
-                rule: m.rule,
-                source: m.source,
-                observed_at_ms: now_ms(),
-                score: m.score,
-                description: m.description,
-                bundle_version: rules.bundle_version,
-                target: Some(detection::Target::Process(target.clone())),
-            })
+            .map(|m| detection(m, rules.bundle_version, Target::Process(target.clone())))
             .collect()
     }
 
@@ -243,25 +234,16 @@ impl ProcessJudge {
             let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
                 .map(|p| p.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            out.push(Detection {
-                id: uuid::Uuid::new_v4().to_string(),
-                kind: kind_of(m.kind) as i32,
-                rule: m.rule,
-                source: m.source,
-                observed_at_ms: now_ms(),
-                score: m.score,
-                description: m.description,
-                bundle_version: rules.bundle_version,
-                target: Some(detection::Target::Connection(ConnectionTarget {
-                    pid,
-                    exe,
-                    protocol: c.protocol.to_string(),
-                    local_addr: c.local.0.to_string(),
-                    local_port: u32::from(c.local.1),
-                    remote_addr: c.remote.0.to_string(),
-                    remote_port: u32::from(c.remote.1),
-                })),
+            let target = Target::Connection(ConnectionTarget {
+                pid,
+                exe,
+                protocol: c.protocol.to_string(),
+                local_addr: c.local.0.to_string(),
+                local_port: u32::from(c.local.1),
+                remote_addr: c.remote.0.to_string(),
+                remote_port: u32::from(c.remote.1),
             });
+            out.push(detection(m, rules.bundle_version, target));
         }
         out
     }

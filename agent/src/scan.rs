@@ -128,40 +128,50 @@ fn worker(
     }
 }
 
+/// A detection of one match on one target, with a fresh id.
+pub fn detection(m: RuleMatch, bundle_version: u64, target: detection::Target) -> Detection {
+    Detection {
+        id: uuid::Uuid::new_v4().to_string(),
+        kind: kind_of(m.kind) as i32,
+        rule: m.rule,
+        source: m.source,
+        observed_at_ms: now_ms(),
+        score: m.score,
+        description: m.description,
+        bundle_version,
+        target: Some(target),
+    }
+}
+
 /// One detection per rule that matched the file.
 pub fn detections_of(
     path: &std::path::Path,
     report: &FileReport,
     bundle_version: u64,
 ) -> Vec<Detection> {
-    let observed_at_ms = now_ms();
     let raw = path.as_os_str().as_bytes();
-    let text = path.to_string_lossy().into_owned();
     let raw_path = if std::str::from_utf8(raw).is_ok() {
         Vec::new()
     } else {
         raw.to_vec()
     };
+    let target = FileTarget {
+        path: path.to_string_lossy().into_owned(),
+        raw_path,
+        size: report.size,
+        sha256: report.sha256.clone().unwrap_or_default(),
+        md5: report.md5.clone().unwrap_or_default(),
+        sha1: report.sha1.clone().unwrap_or_default(),
+    };
     report
         .matches
         .iter()
-        .map(|m: &RuleMatch| Detection {
-            id: uuid::Uuid::new_v4().to_string(),
-            kind: kind_of(m.kind) as i32,
-            rule: m.rule.clone(),
-            source: m.source.clone(),
-            observed_at_ms,
-            score: m.score,
-            description: m.description.clone(),
-            bundle_version,
-            target: Some(detection::Target::File(FileTarget {
-                path: text.clone(),
-                raw_path: raw_path.clone(),
-                size: report.size,
-                sha256: report.sha256.clone().unwrap_or_default(),
-                md5: report.md5.clone().unwrap_or_default(),
-                sha1: report.sha1.clone().unwrap_or_default(),
-            })),
+        .map(|m| {
+            detection(
+                m.clone(),
+                bundle_version,
+                detection::Target::File(target.clone()),
+            )
         })
         .collect()
 }

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use serde_json::json;
 use vedette_engine::{FileScanner, RuleSet, RuleSetBuilder};
-use vedette_proto::v1::{Detection, DetectionKind, detection};
+use vedette_proto::v1::{Detection, detection};
 
 use crate::cache::ScanCache;
 use crate::counters::Counters;
@@ -171,22 +171,11 @@ pub fn run(args: ScanArgs) -> u8 {
     u8::from(matched.load(Ordering::Relaxed))
 }
 
-fn kind_name(kind: i32) -> &'static str {
-    match DetectionKind::try_from(kind).unwrap_or(DetectionKind::Unspecified) {
-        DetectionKind::Yara => "yara",
-        DetectionKind::Hash => "hash",
-        DetectionKind::Filename => "filename",
-        DetectionKind::Process => "process",
-        DetectionKind::Connection => "connection",
-        DetectionKind::Unspecified => "unknown",
-    }
-}
-
 /// The `--json` form of a detection.
 pub fn detection_json(d: &Detection) -> serde_json::Value {
     let nonempty = |s: &str| (!s.is_empty()).then(|| s.to_string());
     let mut v = json!({
-        "kind": kind_name(d.kind),
+        "kind": vedette_proto::kind_name(d.kind),
         "rule": d.rule,
         "score": d.score,
         "source": d.source,
@@ -250,7 +239,7 @@ pub fn detection_line(d: &Detection) -> String {
     };
     format!(
         "{:<10} {:>3}  {}  {}",
-        kind_name(d.kind),
+        vedette_proto::kind_name(d.kind),
         d.score,
         d.rule,
         target

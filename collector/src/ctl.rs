@@ -11,8 +11,8 @@ use vedette_proto::client::{ClientTls, connect};
 use vedette_proto::limits::MAX_MESSAGE_BYTES;
 use vedette_proto::v1::admin_service_client::AdminServiceClient;
 use vedette_proto::v1::{
-    AgentInfo, CreateTokenRequest, DetectionKind, ListAgentsRequest, ListDetectionsRequest,
-    RevokeAgentRequest, StoredDetection, detection,
+    AgentInfo, CreateTokenRequest, ListAgentsRequest, ListDetectionsRequest, RevokeAgentRequest,
+    StoredDetection, detection,
 };
 
 /// `vedettectl.toml`. Relative paths are relative to the file's directory.
@@ -156,17 +156,6 @@ pub fn rfc3339_ms(ms: i64) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
-pub fn kind_name(kind: i32) -> &'static str {
-    match DetectionKind::try_from(kind).unwrap_or(DetectionKind::Unspecified) {
-        DetectionKind::Yara => "yara",
-        DetectionKind::Hash => "hash",
-        DetectionKind::Filename => "filename",
-        DetectionKind::Process => "process",
-        DetectionKind::Connection => "connection",
-        DetectionKind::Unspecified => "unknown",
-    }
-}
-
 /// One detection as a JSON object (the `--json` line format).
 pub fn detection_json(s: &StoredDetection) -> serde_json::Value {
     let d = s.detection.clone().unwrap_or_default();
@@ -174,7 +163,7 @@ pub fn detection_json(s: &StoredDetection) -> serde_json::Value {
         "id": d.id,
         "agent_id": s.agent_id,
         "hostname": s.hostname,
-        "kind": kind_name(d.kind),
+        "kind": vedette_proto::kind_name(d.kind),
         "rule": d.rule,
         "source": d.source,
         "score": d.score,

@@ -9,6 +9,20 @@ pub mod v1 {
     tonic::include_proto!("vedette.v1");
 }
 
+/// Short lowercase name of a `Detection.kind` value (`yara`, `hash`, `filename`, `process`,
+/// `connection`; `unknown` for anything else), as printed by the command-line tools.
+pub fn kind_name(kind: i32) -> &'static str {
+    use v1::DetectionKind;
+    match DetectionKind::try_from(kind).unwrap_or(DetectionKind::Unspecified) {
+        DetectionKind::Yara => "yara",
+        DetectionKind::Hash => "hash",
+        DetectionKind::Filename => "filename",
+        DetectionKind::Process => "process",
+        DetectionKind::Connection => "connection",
+        DetectionKind::Unspecified => "unknown",
+    }
+}
+
 /// Size limits every peer applies to what it receives.
 pub mod limits {
     /// Largest encoded message on the agent stream or admin API (a detection batch, a rule bundle).
