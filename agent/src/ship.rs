@@ -65,6 +65,8 @@ struct Shipper {
     bundle_version: u64,
     /// Detections sent (or about to be) and not yet acknowledged, oldest first.
     unacked: VecDeque<Vec<Detection>>,
+    /// Set when shutdown starts: the last moment to wait for acks, across reconnects.
+    drain_deadline: Option<Instant>,
 }
 
 /// Runs until `shutdown` fires and every received detection has been acked, or the drain time
@@ -80,12 +82,12 @@ pub async fn run(
         counters,
         bundle_version: 0,
         unacked: VecDeque::new(),
+        drain_deadline: None,
     };
     let mut backoff = s.cfg.backoff_min;
     let mut attempt = 0usize;
     let mut connected_once = false;
     let mut last_error: Option<String> = None;
-    let drain_deadline = tokio::sync::OnceCell::<Instant>::new();
     loop {
         let addr = s.cfg.collectors[attempt % s.cfg.collectors.len()].clone();
         attempt += 1;
@@ -96,8 +98,7 @@ pub async fn run(
                 last_error = None;
                 backoff = s.cfg.backoff_min;
                 s.counters.inc("connections");
-                s.session(up, down, &mut detections, &shutdown, &drain_deadline)
-                    .await
+                s.session(up, down, &mut detections, &shutdown).await
             }
             Err(e) => End::Lost(e),
         };
@@ -182,7 +183,6 @@ impl Shipper {
         mut down: Streaming<CollectorMessage>,
         detections: &mut mpsc::Receiver<Detection>,
         shutdown: &CancellationToken,
-        drain_deadline: &tokio::sync::OnceCell<Instant>,
     ) -> End {
         // Sequence numbers are per stream: batch `first_seq + i` is `unacked[i]`.
         let first_seq: u64 = 1;
@@ -203,9 +203,9 @@ impl Shipper {
         loop {
             let draining = shutdown.is_cancelled();
             if draining {
-                let deadline = *drain_deadline
-                    .get_or_init(|| async { Instant::now() + self.cfg.drain })
-                    .await;
+                let deadline = *self
+                    .drain_deadline
+                    .get_or_insert_with(|| Instant::now() + self.cfg.drain);
                 // Everything received is sent; stop once the collector acked it all.
                 if self.unacked.is_empty() && (detections.is_empty() || !input_open) {
                     return End::Shutdown;

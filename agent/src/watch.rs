@@ -26,7 +26,7 @@ pub const DEBOUNCE: Duration = Duration::from_millis(250);
 
 /// A running watcher; dropping it stops watching.
 pub struct FileWatch {
-    _watcher: RecommendedWatcher,
+    watcher: Option<RecommendedWatcher>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -64,7 +64,7 @@ impl FileWatch {
             .name("watch-debounce".into())
             .spawn(move || debounce(rx, &roots, &excludes, &queue, &counters))?;
         Ok(FileWatch {
-            _watcher: watcher,
+            watcher: Some(watcher),
             thread: Some(thread),
         })
     }
@@ -72,9 +72,12 @@ impl FileWatch {
 
 impl Drop for FileWatch {
     fn drop(&mut self) {
-        // Dropping the watcher (after this) closes the event channel, which ends the thread;
-        // it is not joined here because that happens only after `_watcher` is dropped.
-        self.thread.take();
+        // Dropping the watcher closes the event channel, which ends the debouncer: after this,
+        // nothing more is queued for scanning.
+        self.watcher.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 

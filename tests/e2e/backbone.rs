@@ -40,15 +40,7 @@ fn enrolled_agent_detection_is_stored_once_under_its_certificate_id() {
         "e2e_marker",
         "VEDETTE-E2E-MARKER",
     );
-    agent.run(
-        &c,
-        &[
-            "--watch",
-            watch.to_str().unwrap(),
-            "--rules",
-            rules.to_str().unwrap(),
-        ],
-    );
+    agent.run_watching(&c, &watch, &rules);
 
     std::fs::write(watch.join("clean.txt"), "nothing to see").unwrap();
     let bad = watch.join("dropper.sh");
@@ -228,15 +220,7 @@ fn agent_certificate_cannot_call_the_admin_api_and_revoked_agent_is_cut_off() {
         "revoke_marker",
         "VEDETTE-REVOKE-MARKER",
     );
-    agent.run(
-        &c,
-        &[
-            "--watch",
-            watch.to_str().unwrap(),
-            "--rules",
-            rules.to_str().unwrap(),
-        ],
-    );
+    agent.run_watching(&c, &watch, &rules);
 
     let agent_tls = ClientTls {
         ca_pem: agent.file("ca.crt"),

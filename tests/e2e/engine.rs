@@ -19,13 +19,7 @@ fn startup_full_scan_finds_existing_files_once_across_restarts() {
         "present_before",
         "VEDETTE-PRESENT-BEFORE",
     );
-    let args = [
-        "--watch",
-        tree.to_str().unwrap(),
-        "--rules",
-        rules.to_str().unwrap(),
-    ];
-    agent.run(&c, &args);
+    agent.run_watching(&c, &tree, &rules);
     let count = || {
         c.detections()
             .iter()
@@ -42,7 +36,7 @@ fn startup_full_scan_finds_existing_files_once_across_restarts() {
     assert!(agent.state.join("scan-cache.bin").exists());
 
     // Restarted: the start-up scan runs again (the log says so) but the file is unchanged.
-    agent.run(&c, &args);
+    agent.run_watching(&c, &tree, &rules);
     let proc = agent.proc.as_mut().unwrap();
     wait_for(
         Duration::from_secs(20),

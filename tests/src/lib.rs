@@ -296,6 +296,15 @@ impl Agent {
         });
     }
 
+    /// [`run`](Self::run) watching `watch` with the rules in `rules`.
+    pub fn run_watching(&mut self, c: &Collector, watch: &Path, rules: &Path) {
+        let (w, r) = (
+            watch.to_str().expect("utf-8 path"),
+            rules.to_str().expect("utf-8 path"),
+        );
+        self.run(c, &["--watch", w, "--rules", r]);
+    }
+
     pub fn file(&self, name: &str) -> String {
         std::fs::read_to_string(self.state.join(name)).expect("agent file")
     }
