@@ -45,6 +45,9 @@ pub struct RawConfig {
     pub processes: Option<bool>,
     /// Interval between process polls, e.g. `1s`.
     pub process_interval: Option<String>,
+    /// Most bytes of undelivered detections kept on disk; past it the oldest are dropped and
+    /// counted. Default 256 MiB, at least 65536.
+    pub spool_max_bytes: Option<u64>,
 }
 
 /// Checked settings.
@@ -66,6 +69,7 @@ pub struct Settings {
     pub exclude: Vec<String>,
     pub processes: bool,
     pub process_interval: Duration,
+    pub spool_max_bytes: u64,
 }
 
 /// Every problem found, each naming its key and value.
@@ -155,6 +159,14 @@ impl RawConfig {
         if self.max_file_size == Some(0) {
             problems.push("`max_file_size`: `0` must be at least 1".into());
         }
+        if let Some(n) = self.spool_max_bytes
+            && n < crate::spool::MIN_CAP
+        {
+            problems.push(format!(
+                "`spool_max_bytes`: `{n}` must be at least {}",
+                crate::spool::MIN_CAP
+            ));
+        }
         for c in &self.collectors {
             if !c.contains(':') {
                 problems.push(format!("`collectors`: `{c}` is not a host:port"));
@@ -189,6 +201,7 @@ impl RawConfig {
             exclude: self.exclude,
             processes: self.processes.unwrap_or(true),
             process_interval,
+            spool_max_bytes: self.spool_max_bytes.unwrap_or(256 * 1024 * 1024),
         })
     }
 }

@@ -1,5 +1,5 @@
-//! Named monotonic counters (files scanned, skipped by reason, detections, ...), shared by every
-//! stage and sent in heartbeats.
+//! Named counters (files scanned, skipped by reason, detections, ...) and a few gauges (spool
+//! size), shared by every stage and sent in heartbeats.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -18,6 +18,12 @@ impl Counters {
                 m.insert(name.to_string(), n);
             }
         }
+    }
+
+    /// Sets a gauge (a value that also goes down, like the spool size).
+    pub fn set(&self, name: &str, v: u64) {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        m.insert(name.to_string(), v);
     }
 
     pub fn inc(&self, name: &str) {

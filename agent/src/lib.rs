@@ -11,6 +11,7 @@ pub mod procmon;
 pub mod run;
 pub mod scan;
 pub mod ship;
+pub mod spool;
 pub mod standalone;
 pub mod state;
 pub mod walk;

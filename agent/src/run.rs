@@ -1,10 +1,14 @@
 //! `vedette-agent run`: wires the stages together and runs them until shutdown.
 //!
 //! ```text
-//! watch (inotify) ──paths──► scan pool (threads) ──detections──► ship (gRPC stream) ──► collector
+//! watch (inotify) ──paths──► scan pool (threads) ─┐
+//! full scans (thread) ────────────────────────────┼─detections─► spool writer ─► spool (disk)
+//! procmon (thread) ───────────────────────────────┘                                │
+//!                                                      collector ◄── ship (gRPC) ◄─┘
 //! ```
-//! Every channel is bounded. Shutdown stops the watcher, lets the pool finish its queue, and gives
-//! the shipper its drain time to get the last detections acknowledged.
+//! Every channel is bounded. Shutdown stops the watcher, lets the pool finish its queue, the
+//! spool writer makes the last detections durable, and the shipper gets its drain time to have
+//! them acknowledged; whatever is not acknowledged by then is sent after the next start.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -23,7 +27,8 @@ use vedette_proto::v1::Detection;
 use crate::config::Settings;
 use crate::counters::Counters;
 use crate::scan::ScanPool;
-use crate::ship::{self, ShipConfig};
+use crate::ship::{self, ShipConfig, Spooled};
+use crate::spool::Spool;
 use crate::state::StateDir;
 use crate::watch::FileWatch;
 
@@ -68,7 +73,23 @@ pub async fn run(
         .context("rule loading failed")??;
     let rules = Arc::new(ArcSwap::from_pointee(rules));
     let counters = Arc::new(Counters::default());
+    let spool_dir = state.dir.join("spool");
+    let cap = settings.spool_max_bytes;
+    let (spool, recovery) = tokio::task::spawn_blocking(move || Spool::open(&spool_dir, cap))
+        .await
+        .context("spool recovery failed")?
+        .context("cannot open the spool")?;
+    counters.add("spool_damaged_segments", recovery.damaged_segments);
+    counters.add("spool_damaged_bytes", recovery.damaged_bytes);
+    counters.set("spool_pending", recovery.pending);
+    let spooled = Spooled::new(spool);
     let (det_tx, det_rx) = mpsc::channel(DETECTION_QUEUE);
+    let writer = {
+        let (sp, counters) = (spooled.clone(), counters.clone());
+        std::thread::Builder::new()
+            .name("spool-writer".into())
+            .spawn(move || ship::write_spool(&sp, det_rx, &counters))?
+    };
     let options = ScanOptions {
         max_file_size: settings.max_file_size,
         timeout: settings.scan_timeout,
@@ -111,7 +132,7 @@ pub async fn run(
     };
     let shipper = tokio::spawn(ship::run(
         ship_cfg,
-        det_rx,
+        spooled.clone(),
         counters.clone(),
         shutdown.clone(),
     ));
@@ -173,13 +194,21 @@ pub async fn run(
         }
     })
     .await;
-    // The workers finish what is queued; their detections still reach the shipper.
-    let _ = tokio::task::spawn_blocking(move || pool.join()).await;
+    // The workers finish what is queued; their detections still reach the spool.
+    let _ = tokio::task::spawn_blocking(move || {
+        pool.join();
+        let _ = writer.join();
+    })
+    .await;
     let _ = shipper.await;
+    if let Err(e) = spooled.spool.sync() {
+        warn!(error = %e, "cannot save the spool's ack mark; some detections will be sent twice (stored once)");
+    }
     info!(
         scanned = counters.get("files_scanned"),
         detections = counters.get("detections"),
         acked = counters.get("detections_acked"),
+        pending = spooled.spool.pending(),
         "agent stopped"
     );
     Ok(())

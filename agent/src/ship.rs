@@ -1,13 +1,22 @@
 //! Shipping detections to the collector over the agent's mutual-TLS stream.
 //!
-//! One task owns the connection. It sends Hello, then detections in sequence-numbered batches,
-//! and heartbeats. A batch stays in `unacked` until the collector's Ack for its sequence number
-//! arrives (the collector acks only after its store committed), and every unacked batch is sent
-//! again on the next connection: delivery is at least once, and the collector stores each
-//! detection id once, so the store sees it exactly once.
+//! ```text
+//! scan workers ──bounded channel──► spool writer (thread: append + fdatasync) ──► spool (disk)
+//!                                                                                  │ read
+//! collector ◄── DetectionBatch(seq) ── shipper task ◄─────────────────────────────┘
+//!           ──► Ack(seq) ─────────────► spool.ack(last id of the batch): segments deleted
+//! ```
 //!
-//! Backpressure: at most [`MAX_IN_FLIGHT`] batches wait for an Ack; past that the task stops
-//! reading new detections, the bounded channel fills, and the scan workers wait.
+//! One task owns the connection. It sends Hello, then batches read from the spool, each with a
+//! sequence number, and heartbeats. The collector acks a batch after its store committed; the
+//! ack moves the spool's acknowledged-up-to mark. On every new connection the task starts again
+//! from the first unacknowledged record, so delivery is at least once, and the collector stores
+//! each detection id once: exactly once in the store. Detections are never behind heartbeats:
+//! a heartbeat is skipped when the stream is congested.
+//!
+//! Backpressure: at most [`MAX_IN_FLIGHT`] batches wait for an ack. A slow collector makes the
+//! spool grow on disk (up to its cap, past which the oldest records are dropped and counted),
+//! never the agent's memory.
 //!
 //! On connection failure the task backs off (exponential, jittered, capped) and tries the next
 //! collector address; it logs when the state changes, not on every retry.
@@ -17,12 +26,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use vedette_proto::client::{ClientTls, connect};
 use vedette_proto::limits::{MAX_BATCH_DETECTIONS, MAX_MESSAGE_BYTES};
 use vedette_proto::v1::agent_message::Msg;
@@ -34,13 +43,16 @@ use vedette_proto::v1::{
 
 use crate::counters::Counters;
 use crate::inventory;
+use crate::spool::Spool;
 
 /// Batches sent and not yet acknowledged, at most.
 pub const MAX_IN_FLIGHT: usize = 16;
 /// Most detections per batch.
 const BATCH_SIZE: usize = 500;
-/// How long a detection may wait for companions before its batch is sent.
-const LINGER: Duration = Duration::from_millis(20);
+/// About the most payload bytes per batch (well under the message cap).
+const BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Most detections the spool writer takes from the channel per sync.
+const WRITE_GROUP: usize = 1000;
 
 #[derive(Clone)]
 pub struct ShipConfig {
@@ -49,8 +61,77 @@ pub struct ShipConfig {
     pub heartbeat: Duration,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
-    /// How long shutdown waits for the last acks.
+    /// How long shutdown waits for the last acks (what is left stays spooled for the next start).
     pub drain: Duration,
+}
+
+/// The spool shared by its writer thread and the shipper task.
+pub struct Spooled {
+    pub spool: Spool,
+    /// Signalled when new records are durable.
+    pub written: Notify,
+    /// Set when the writer has taken its last detection (shutdown).
+    pub writer_done: CancellationToken,
+}
+
+impl Spooled {
+    pub fn new(spool: Spool) -> Arc<Spooled> {
+        Arc::new(Spooled {
+            spool,
+            written: Notify::new(),
+            writer_done: CancellationToken::new(),
+        })
+    }
+}
+
+/// The spool writer: takes detections from the scan stages and makes them durable, one sync
+/// per group. Runs on its own thread until every sender is gone. A write that fails (disk full,
+/// I/O error) is retried, and the channel fills meanwhile, so the scanners wait: nothing is
+/// dropped for a full disk.
+pub fn write_spool(sp: &Spooled, mut rx: mpsc::Receiver<Detection>, counters: &Counters) {
+    let mut failing = false;
+    while let Some(first) = rx.blocking_recv() {
+        let mut group = vec![first];
+        while group.len() < WRITE_GROUP {
+            match rx.try_recv() {
+                Ok(d) => group.push(d),
+                Err(_) => break,
+            }
+        }
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match sp.spool.append(&group) {
+                Ok(dropped) => {
+                    if failing {
+                        info!("spool writes work again");
+                        failing = false;
+                    }
+                    counters.add("detections_spooled", group.len() as u64);
+                    counters.add("detections_dropped", dropped);
+                    sp.written.notify_one();
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+                    // A single detection too large for a record: never happens with the
+                    // protocol's string caps; logged and counted rather than blocking forever.
+                    error!(error = %e, "detection not spooled");
+                    counters.add("detections_dropped", group.len() as u64);
+                    break;
+                }
+                Err(e) => {
+                    if !failing {
+                        error!(error = %e, "cannot write the spool; detections wait until it works");
+                        failing = true;
+                    }
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        counters.set("spool_bytes", sp.spool.bytes());
+    }
+    sp.writer_done.cancel();
+    sp.written.notify_one();
 }
 
 /// Why a connection ended.
@@ -59,29 +140,38 @@ enum End {
     Lost(String),
 }
 
+/// A batch on the wire.
+struct InFlight {
+    seq: u64,
+    last_id: u64,
+    count: u64,
+}
+
 struct Shipper {
     cfg: ShipConfig,
+    sp: Arc<Spooled>,
     counters: Arc<Counters>,
     bundle_version: u64,
-    /// Detections sent (or about to be) and not yet acknowledged, oldest first.
-    unacked: VecDeque<Vec<Detection>>,
+    /// Highest record id sent on any connection: records at or below it are resends.
+    max_sent: u64,
     /// Set when shutdown starts: the last moment to wait for acks, across reconnects.
     drain_deadline: Option<Instant>,
 }
 
-/// Runs until `shutdown` fires and every received detection has been acked, or the drain time
-/// ran out (whatever is left then is logged as undelivered).
+/// Runs until `shutdown` fires and everything spooled has been acknowledged, or the drain time
+/// ran out (what is left stays in the spool for the next start).
 pub async fn run(
     cfg: ShipConfig,
-    mut detections: mpsc::Receiver<Detection>,
+    sp: Arc<Spooled>,
     counters: Arc<Counters>,
     shutdown: CancellationToken,
 ) {
     let mut s = Shipper {
         cfg,
+        sp,
         counters,
         bundle_version: 0,
-        unacked: VecDeque::new(),
+        max_sent: 0,
         drain_deadline: None,
     };
     let mut backoff = s.cfg.backoff_min;
@@ -91,6 +181,7 @@ pub async fn run(
     loop {
         let addr = s.cfg.collectors[attempt % s.cfg.collectors.len()].clone();
         attempt += 1;
+        s.counters.inc("connect_attempts");
         let end = match open(&s.cfg, &addr, s.bundle_version).await {
             Ok((up, down)) => {
                 info!(collector = %addr, "connected to collector");
@@ -98,7 +189,7 @@ pub async fn run(
                 last_error = None;
                 backoff = s.cfg.backoff_min;
                 s.counters.inc("connections");
-                s.session(up, down, &mut detections, &shutdown).await
+                s.session(up, down, &shutdown).await
             }
             Err(e) => End::Lost(e),
         };
@@ -116,16 +207,16 @@ pub async fn run(
             }
         }
         if shutdown.is_cancelled() {
-            let left: usize = s.unacked.iter().map(Vec::len).sum::<usize>() + detections.len();
+            let left = s.sp.spool.pending();
             if left > 0 {
                 warn!(
                     undelivered = left,
-                    "stopping with detections the collector has not acknowledged"
+                    "stopping with detections the collector has not acknowledged; they stay spooled for the next start"
                 );
             }
             return;
         }
-        // Full jitter: sleep a random time up to the current backoff.
+        // Full jitter: sleep a random time between half and all of the current backoff.
         let sleep = rand::rng().random_range(backoff / 2..=backoff);
         tokio::select! {
             () = shutdown.cancelled() => {}
@@ -177,59 +268,112 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 impl Shipper {
+    /// Reads the next batch from the spool (off the async threads: it is file I/O).
+    async fn read(&self, from: u64) -> Result<Option<crate::spool::Batch>, String> {
+        let sp = self.sp.clone();
+        let max = BATCH_SIZE.min(MAX_BATCH_DETECTIONS);
+        tokio::task::spawn_blocking(move || sp.spool.read(from, max, BATCH_BYTES))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("cannot read the spool: {e}"))
+    }
+
+    async fn ack(&self, id: u64) {
+        let sp = self.sp.clone();
+        let r = tokio::task::spawn_blocking(move || sp.spool.ack(id)).await;
+        if let Ok(Err(e)) = r {
+            // The ack mark stays behind: those detections are sent again next time, and the
+            // collector stores each id once.
+            warn!(error = %e, "cannot record the ack in the spool");
+        }
+    }
+
     async fn session(
         &mut self,
         up: Up,
         mut down: Streaming<CollectorMessage>,
-        detections: &mut mpsc::Receiver<Detection>,
         shutdown: &CancellationToken,
     ) -> End {
-        // Sequence numbers are per stream: batch `first_seq + i` is `unacked[i]`.
-        let first_seq: u64 = 1;
-        let mut acked_upto: u64 = 0;
-        for (i, batch) in self.unacked.iter().enumerate() {
-            self.counters.add("detections_resent", batch.len() as u64);
-            if send_batch(&up, first_seq + i as u64, batch.clone())
-                .await
-                .is_err()
-            {
-                return End::Lost("stream closed while resending".into());
-            }
-        }
-        let mut next_seq = first_seq + self.unacked.len() as u64;
+        // Sequence numbers are per stream; each connection starts from the first record the
+        // collector has not acknowledged.
+        let mut next_seq: u64 = 1;
+        let mut cursor = self.sp.spool.acked() + 1;
+        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+        // Whether the spool had nothing more to read; cleared when the writer signals.
+        let mut idle = false;
         let mut heartbeat = tokio::time::interval(self.cfg.heartbeat);
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut input_open = true;
         loop {
             let draining = shutdown.is_cancelled();
             if draining {
                 let deadline = *self
                     .drain_deadline
                     .get_or_insert_with(|| Instant::now() + self.cfg.drain);
-                // Everything received is sent; stop once the collector acked it all.
-                if self.unacked.is_empty() && (detections.is_empty() || !input_open) {
+                if self.sp.writer_done.is_cancelled()
+                    && in_flight.is_empty()
+                    && self.sp.spool.pending() == 0
+                {
                     return End::Shutdown;
                 }
                 if Instant::now() >= deadline {
-                    let left: usize =
-                        self.unacked.iter().map(Vec::len).sum::<usize>() + detections.len();
                     warn!(
-                        undelivered = left,
-                        "drain time ran out before every detection was acknowledged"
+                        undelivered = self.sp.spool.pending(),
+                        "drain time ran out; unacknowledged detections stay spooled for the next start"
                     );
                     return End::Shutdown;
                 }
             }
-            let can_take = input_open && self.unacked.len() < MAX_IN_FLIGHT;
+            if !idle && in_flight.len() < MAX_IN_FLIGHT {
+                match self.read(cursor).await {
+                    Ok(Some(batch)) => {
+                        let count = batch.detections.len() as u64;
+                        let resent = batch
+                            .detections
+                            .len()
+                            .min(self.max_sent.saturating_sub(cursor - 1) as usize);
+                        self.counters.add("detections_resent", resent as u64);
+                        self.counters.add("detections_sent", count);
+                        self.max_sent = self.max_sent.max(batch.last_id);
+                        cursor = batch.last_id + 1;
+                        let seq = next_seq;
+                        next_seq += 1;
+                        in_flight.push_back(InFlight {
+                            seq,
+                            last_id: batch.last_id,
+                            count,
+                        });
+                        let msg = AgentMessage {
+                            msg: Some(Msg::Batch(DetectionBatch {
+                                seq,
+                                detections: batch.detections,
+                            })),
+                        };
+                        if up.send(msg).await.is_err() {
+                            return End::Lost("stream closed".into());
+                        }
+                        continue;
+                    }
+                    Ok(None) => idle = true,
+                    Err(e) => {
+                        error!(error = %e, "spool read failed");
+                        idle = true;
+                    }
+                }
+            }
             tokio::select! {
                 biased;
                 msg = down.message() => match msg {
                     Ok(Some(CollectorMessage { msg: Some(Down::Ack(ack)) })) => {
-                        // Acks arrive in order; everything up to `ack.seq` is committed.
-                        while acked_upto < ack.seq && !self.unacked.is_empty() {
-                            let b = self.unacked.pop_front().unwrap_or_default();
-                            self.counters.add("detections_acked", b.len() as u64);
-                            acked_upto += 1;
+                        // Acks arrive in order; every batch up to `ack.seq` is committed.
+                        let mut upto = None;
+                        while in_flight.front().is_some_and(|b| b.seq <= ack.seq) {
+                            if let Some(b) = in_flight.pop_front() {
+                                self.counters.add("detections_acked", b.count);
+                                upto = Some(b.last_id);
+                            }
+                        }
+                        if let Some(id) = upto {
+                            self.ack(id).await;
                         }
                     }
                     Ok(Some(CollectorMessage { msg: Some(Down::Bundle(b)) })) => {
@@ -239,36 +383,13 @@ impl Shipper {
                     Ok(None) => return End::Lost("the collector closed the stream".into()),
                     Err(s) => return End::Lost(format!("{}: {}", s.code(), s.message())),
                 },
-                first = detections.recv(), if can_take => {
-                    let Some(first) = first else {
-                        input_open = false;
-                        continue;
-                    };
-                    let mut batch = vec![first];
-                    let linger = tokio::time::sleep(LINGER);
-                    tokio::pin!(linger);
-                    while batch.len() < BATCH_SIZE.min(MAX_BATCH_DETECTIONS) {
-                        tokio::select! {
-                            d = detections.recv() => match d {
-                                Some(d) => batch.push(d),
-                                None => { input_open = false; break; }
-                            },
-                            () = &mut linger => break,
-                        }
-                    }
-                    self.counters.add("detections_sent", batch.len() as u64);
-                    self.unacked.push_back(batch.clone());
-                    let seq = next_seq;
-                    next_seq += 1;
-                    if send_batch(&up, seq, batch).await.is_err() {
-                        return End::Lost("stream closed".into());
-                    }
-                }
+                () = self.sp.written.notified(), if idle => idle = false,
                 _ = heartbeat.tick() => {
+                    self.counters.set("spool_pending", self.sp.spool.pending());
                     let hb = AgentMessage {
                         msg: Some(Msg::Heartbeat(Heartbeat {
                             counters: self.counters.snapshot().into_iter().collect(),
-                            dropped_total: self.counters.get("detections_dropped"),
+                            dropped_total: self.sp.spool.dropped(),
                         })),
                     };
                     // Never wait on a heartbeat: if the stream is congested, skip it.
@@ -279,12 +400,4 @@ impl Shipper {
             }
         }
     }
-}
-
-async fn send_batch(up: &Up, seq: u64, detections: Vec<Detection>) -> Result<(), ()> {
-    up.send(AgentMessage {
-        msg: Some(Msg::Batch(DetectionBatch { seq, detections })),
-    })
-    .await
-    .map_err(|_| ())
 }
