@@ -36,6 +36,18 @@ enum Command {
     ///
     /// Exit status: 0 nothing matched, 1 something matched, 2 error (like grep).
     Scan(ScanCmd),
+    /// Show the detections waiting in the spool for the collector's ack (read-only).
+    Spool(SpoolCmd),
+}
+
+#[derive(Args)]
+struct SpoolCmd {
+    /// The state directory given at enrollment.
+    #[arg(long, default_value = "/var/lib/vedette")]
+    state_dir: PathBuf,
+    /// One JSON object instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -136,6 +148,36 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Spool(cmd) => {
+            let dir = StateDir::new(&cmd.state_dir).spool();
+            match vedette_agent::spool::inspect(&dir) {
+                Ok(i) if cmd.json => {
+                    println!("{}", serde_json::json!(i));
+                    ExitCode::SUCCESS
+                }
+                Ok(i) => {
+                    println!("spool:            {}", dir.display());
+                    println!("pending:          {} detections", i.pending);
+                    println!(
+                        "size:             {} bytes in {} segments",
+                        i.bytes, i.segments
+                    );
+                    println!("acknowledged up to record {}", i.acked);
+                    println!("dropped (ever):   {}", i.dropped_total);
+                    if i.damaged_segments > 0 {
+                        println!(
+                            "damaged:          {} bytes in {} segments (cut at the agent's next start)",
+                            i.damaged_bytes, i.damaged_segments
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: cannot read the spool: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Scan(cmd) => {
             if cmd.paths.is_empty() && !cmd.processes {
                 eprintln!("error: give at least one PATH to scan, or --processes");

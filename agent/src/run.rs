@@ -73,7 +73,7 @@ pub async fn run(
         .context("rule loading failed")??;
     let rules = Arc::new(ArcSwap::from_pointee(rules));
     let counters = Arc::new(Counters::default());
-    let spool_dir = state.dir.join("spool");
+    let spool_dir = state.spool();
     let cap = settings.spool_max_bytes;
     let (spool, recovery) = tokio::task::spawn_blocking(move || Spool::open(&spool_dir, cap))
         .await

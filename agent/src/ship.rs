@@ -386,6 +386,7 @@ impl Shipper {
                 () = self.sp.written.notified(), if idle => idle = false,
                 _ = heartbeat.tick() => {
                     self.counters.set("spool_pending", self.sp.spool.pending());
+                    self.counters.set("spool_bytes", self.sp.spool.bytes());
                     let hb = AgentMessage {
                         msg: Some(Msg::Heartbeat(Heartbeat {
                             counters: self.counters.snapshot().into_iter().collect(),

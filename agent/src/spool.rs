@@ -126,7 +126,9 @@ fn ctx(path: &Path, e: io::Error) -> io::Error {
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| ctx(dir, e))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| ctx(dir, e))
 }
 
 impl Spool {
@@ -217,7 +219,10 @@ impl Spool {
             }),
         };
         if rec.pending > 0 {
-            info!(pending = rec.pending, "spooled detections waiting for delivery");
+            info!(
+                pending = rec.pending,
+                "spooled detections waiting for delivery"
+            );
         }
         Ok((spool, rec))
     }
@@ -251,7 +256,8 @@ impl Spool {
                 self.new_segment(inner)?;
             }
             // Over the cap: the oldest segments go (never the one being written).
-            while inner.total_bytes + buf.len() as u64 + size > self.cap && inner.segments.len() > 1 {
+            while inner.total_bytes + buf.len() as u64 + size > self.cap && inner.segments.len() > 1
+            {
                 dropped += self.drop_oldest(inner)?;
             }
             let id = inner.next_id;
@@ -407,15 +413,16 @@ impl Spool {
             return Ok(());
         }
         inner.acked = id;
-        while let Some(s) = inner.segments.front() {
-            let sealed = inner.segments.len() > 1 || !inner.active;
-            if s.last_id > id || !sealed {
-                break;
-            }
+        // Every wholly acknowledged segment goes, the one being written included (the next
+        // append starts a new one): an idle agent keeps no delivered detections on disk.
+        while inner.segments.front().is_some_and(|s| s.last_id <= id) {
             if let Some(s) = inner.segments.pop_front() {
                 fs::remove_file(&s.path).map_err(|e| ctx(&s.path, e))?;
                 inner.total_bytes -= s.bytes;
             }
+        }
+        if inner.segments.is_empty() {
+            inner.active = false;
         }
         self.write_ack(inner, false)
     }
@@ -472,6 +479,63 @@ impl Spool {
     pub fn bytes(&self) -> u64 {
         self.lock().total_bytes
     }
+}
+
+/// What is in a spool directory, read without changing anything (for `vedette-agent spool`).
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Inspection {
+    pub segments: u64,
+    pub bytes: u64,
+    /// Highest acknowledged record id.
+    pub acked: u64,
+    /// Valid records not yet acknowledged.
+    pub pending: u64,
+    /// Detections dropped past the size cap, ever.
+    pub dropped_total: u64,
+    /// Segments with a damaged tail (cut on the agent's next start).
+    pub damaged_segments: u64,
+    pub damaged_bytes: u64,
+}
+
+/// Reads a spool directory without repairing it. A record being written while this runs shows
+/// as a damaged tail.
+pub fn inspect(dir: &Path) -> io::Result<Inspection> {
+    let (acked, dropped_total) = read_ack(&dir.join("ack"));
+    let mut out = Inspection {
+        acked,
+        dropped_total,
+        ..Inspection::default()
+    };
+    for entry in fs::read_dir(dir).map_err(|e| ctx(dir, e))? {
+        let entry = entry.map_err(|e| ctx(dir, e))?;
+        let name = entry.file_name();
+        let Some(first) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".seg"))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let path = entry.path();
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            // Deleted after an ack since the listing.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(ctx(&path, e)),
+        };
+        let len = file.metadata().map_err(|e| ctx(&path, e))?.len();
+        let (last_id, good, damage) = check_segment(&file, first).map_err(|e| ctx(&path, e))?;
+        out.segments += 1;
+        out.bytes += len;
+        if damage.is_some() {
+            out.damaged_segments += 1;
+            out.damaged_bytes += len - good;
+        }
+        if last_id >= first.max(acked + 1) {
+            out.pending += last_id - first.max(acked + 1) + 1;
+        }
+    }
+    Ok(out)
 }
 
 /// Reads the ack file; a missing or damaged one means nothing was acknowledged.
@@ -570,6 +634,19 @@ mod tests {
         assert_eq!(b.detections[0].id, "id-5");
         s.ack(b.last_id).unwrap();
         assert_eq!(s.pending(), 0);
+        // Nothing delivered stays on disk.
+        assert_eq!(s.bytes(), 0);
+        let segs = fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .path()
+                    .extension()
+                    .is_some_and(|x| x == "seg")
+            })
+            .count();
+        assert_eq!(segs, 0);
         // New records continue the id sequence.
         s.append(&[det(11)]).unwrap();
         let b = s.read(11, 10, usize::MAX).unwrap().unwrap();

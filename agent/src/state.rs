@@ -5,6 +5,8 @@
 //! DIR/agent.crt    certificate signed by the collector's CA at enrollment
 //! DIR/ca.crt       the collector's CA, pinned at enrollment
 //! DIR/agent.toml   agent id and collector addresses
+//! DIR/spool/       detections waiting for the collector's ack (see `spool`)
+//! DIR/scan-cache.bin  results of full scans, so unchanged files are not scanned again
 //! ```
 
 use std::fs;
@@ -56,6 +58,9 @@ impl StateDir {
     }
     pub fn enrollment(&self) -> PathBuf {
         self.dir.join("agent.toml")
+    }
+    pub fn spool(&self) -> PathBuf {
+        self.dir.join("spool")
     }
 
     /// Creates the directory (0700) if needed.

@@ -239,6 +239,7 @@ pub fn agent_json(a: &AgentInfo) -> serde_json::Value {
         "bundle_version": a.bundle_version,
         "bundle_applied_at": rfc3339_ms(a.bundle_applied_at_ms),
         "dropped_total": a.dropped_total,
+        "counters": a.counters.iter().collect::<std::collections::BTreeMap<_, _>>(),
     })
 }
 

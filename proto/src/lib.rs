@@ -35,6 +35,8 @@ pub mod limits {
     pub const MAX_ENROLL_BYTES: usize = 16 * 1024;
     /// Most counters in one heartbeat.
     pub const MAX_COUNTERS: usize = 256;
+    /// Longest heartbeat counter name.
+    pub const MAX_COUNTER_NAME: usize = 128;
 }
 
 /// Current protocol version, sent nowhere but named in logs and `--version` output.

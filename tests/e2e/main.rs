@@ -2,4 +2,5 @@
 //! real inotify, real SQLite, real YARA, certificates made by `vedette-collector init`.
 
 mod backbone;
+mod delivery;
 mod engine;

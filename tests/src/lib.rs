@@ -49,6 +49,21 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
     }
 }
 
+/// Like [`wait_for`], for conditions that can say what they last saw: `f` returns `Err(state)`
+/// until the condition holds, and the panic names the last state.
+pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(state) if Instant::now() >= deadline => {
+                panic!("timed out after {timeout:?} waiting for {what}; last seen: {state}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
 /// A child process killed on drop, its output in a log file.
 pub struct Proc {
     pub child: Child,
@@ -167,6 +182,12 @@ impl Collector {
         });
     }
 
+    /// SIGKILL and wait: a crash.
+    pub fn kill(&mut self) {
+        let mut p = self.proc.take().expect("collector running");
+        p.signal_and_wait("KILL");
+    }
+
     /// SIGTERM and wait: a graceful stop.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let mut p = self.proc.take().expect("collector running");
@@ -279,6 +300,18 @@ impl Agent {
     /// Starts `vedette-agent run` with the given extra arguments and waits until the collector
     /// lists it as connected.
     pub fn run(&mut self, c: &Collector, args: &[&str]) {
+        self.start(args);
+        let id = self.id.clone();
+        wait_for(Duration::from_secs(30), "the agent to connect", || {
+            c.agents()
+                .iter()
+                .any(|a| a["id"] == id.as_str() && a["connected"] == true)
+                .then_some(())
+        });
+    }
+
+    /// Starts `vedette-agent run` without waiting for anything (the collector may be down).
+    pub fn start(&mut self, args: &[&str]) {
         self.runs += 1;
         let log = self.state.join(format!("agent-{}.log", self.runs));
         let mut cmd = Command::new(bin("vedette-agent"));
@@ -287,13 +320,30 @@ impl Agent {
             .arg(&self.state)
             .args(args);
         self.proc = Some(Proc::spawn("agent", &mut cmd, log));
-        let id = self.id.clone();
-        wait_for(Duration::from_secs(30), "the agent to connect", || {
-            c.agents()
-                .iter()
-                .any(|a| a["id"] == id.as_str() && a["connected"] == true)
-                .then_some(())
-        });
+    }
+
+    /// `vedette-agent spool --json`: what waits in the spool (read-only); `None` until the
+    /// agent made its spool.
+    pub fn spool(&self) -> Option<Value> {
+        if !self.state.join("spool").exists() {
+            return None;
+        }
+        let out = Command::new(bin("vedette-agent"))
+            .args(["spool", "--json", "--state-dir"])
+            .arg(&self.state)
+            .output()
+            .expect("run vedette-agent spool");
+        assert!(
+            out.status.success(),
+            "vedette-agent spool failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Some(serde_json::from_slice(&out.stdout).expect("spool JSON"))
+    }
+
+    /// This agent's row in `vedettectl agents list --json`.
+    pub fn info(&self, c: &Collector) -> Option<Value> {
+        c.agents().into_iter().find(|a| a["id"] == self.id.as_str())
     }
 
     /// [`run`](Self::run) watching `watch` with the rules in `rules`.

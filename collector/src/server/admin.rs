@@ -108,6 +108,7 @@ impl AdminService for AdminSvc {
                 bundle_applied_at_ms: r.bundle_applied_at_ms,
                 dropped_total: r.dropped_total,
                 arch: r.arch,
+                counters: r.counters.into_iter().collect(),
             })
             .collect();
         Ok(Response::new(ListAgentsResponse { agents }))

@@ -15,7 +15,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
-use vedette_proto::limits::{MAX_BATCH_DETECTIONS, MAX_COUNTERS, MAX_STRING_BYTES};
+use vedette_proto::limits::{
+    MAX_BATCH_DETECTIONS, MAX_COUNTER_NAME, MAX_COUNTERS, MAX_STRING_BYTES,
+};
 use vedette_proto::v1::agent_message::Msg;
 use vedette_proto::v1::agent_service_server::AgentService;
 use vedette_proto::v1::collector_message::Msg as Down;
@@ -194,7 +196,7 @@ async fn run_stream(
                 blocking(&state.store, move |s| {
                     let now = now_ms();
                     s.insert_detections(&id, &detections, now)?;
-                    s.agent_seen(&id, None, now)
+                    s.agent_seen(&id, now)
                 })
                 .await?;
                 if tx
@@ -211,10 +213,16 @@ async fn run_stream(
                 if hb.counters.len() > MAX_COUNTERS {
                     return Err(Status::invalid_argument("too many heartbeat counters"));
                 }
+                if hb.counters.keys().any(|k| k.len() > MAX_COUNTER_NAME) {
+                    return Err(Status::invalid_argument(format!(
+                        "heartbeat counter name longer than {MAX_COUNTER_NAME} bytes"
+                    )));
+                }
                 let id = agent_id.to_string();
                 let dropped = hb.dropped_total;
+                let counters = hb.counters.into_iter().collect();
                 blocking(&state.store, move |s| {
-                    s.agent_seen(&id, Some(dropped), now_ms())
+                    s.agent_heartbeat(&id, dropped, &counters, now_ms())
                 })
                 .await?;
             }

@@ -60,6 +60,8 @@ pub struct AgentRow {
     pub bundle_version: u64,
     pub bundle_applied_at_ms: i64,
     pub dropped_total: u64,
+    /// Counters of the last heartbeat.
+    pub counters: std::collections::BTreeMap<String, u64>,
 }
 
 /// Which detections to list.

@@ -1,5 +1,6 @@
 //! SQLite implementation of the store: one file, WAL mode, schema migrations by `user_version`.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
@@ -50,6 +51,8 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX detections_agent ON detections(agent_id, seq);
     CREATE INDEX detections_received ON detections(received_at_ms);",
+    // 2: the counters of each agent's last heartbeat (JSON object of name -> value).
+    "ALTER TABLE agents ADD COLUMN counters TEXT NOT NULL DEFAULT '{}';",
 ];
 
 pub struct Store {
@@ -202,22 +205,28 @@ impl Store {
         Ok(())
     }
 
-    pub fn agent_seen(
+    pub fn agent_seen(&self, id: &str, now_ms: i64) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE agents SET last_seen_ms = ?2 WHERE id = ?1",
+            params![id, now_ms],
+        )?;
+        Ok(())
+    }
+
+    /// Records a heartbeat: the dropped total (never decreasing) and the agent's counters.
+    pub fn agent_heartbeat(
         &self,
         id: &str,
-        dropped_total: Option<u64>,
+        dropped_total: u64,
+        counters: &BTreeMap<String, u64>,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        match dropped_total {
-            Some(d) => self.conn().execute(
-                "UPDATE agents SET last_seen_ms = ?2, dropped_total = MAX(dropped_total, ?3) WHERE id = ?1",
-                params![id, now_ms, d as i64],
-            )?,
-            None => self.conn().execute(
-                "UPDATE agents SET last_seen_ms = ?2 WHERE id = ?1",
-                params![id, now_ms],
-            )?,
-        };
+        let counters = serde_json::to_string(counters).unwrap_or_else(|_| "{}".into());
+        self.conn().execute(
+            "UPDATE agents SET last_seen_ms = ?2, dropped_total = MAX(dropped_total, ?3), counters = ?4
+             WHERE id = ?1",
+            params![id, now_ms, dropped_total as i64, counters],
+        )?;
         Ok(())
     }
 
@@ -339,7 +348,7 @@ impl Store {
 
 const AGENT_SELECT: &str = "SELECT id, hostname, os, kernel, arch, agent_version, enrolled_at_ms,
     first_seen_ms, last_seen_ms, connected, revoked_at_ms IS NOT NULL, bundle_version,
-    bundle_applied_at_ms, dropped_total FROM agents";
+    bundle_applied_at_ms, dropped_total, counters FROM agents";
 
 fn agent_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentRow> {
     Ok(AgentRow {
@@ -357,6 +366,8 @@ fn agent_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentRow> {
         bundle_version: r.get::<_, i64>(11)? as u64,
         bundle_applied_at_ms: r.get(12)?,
         dropped_total: r.get::<_, i64>(13)? as u64,
+        // Written by this code only; a damaged value shows as no counters.
+        counters: serde_json::from_str(&r.get::<_, String>(14)?).unwrap_or_default(),
     })
 }
 
