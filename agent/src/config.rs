@@ -48,6 +48,14 @@ pub struct RawConfig {
     /// Most bytes of undelivered detections kept on disk; past it the oldest are dropped and
     /// counted. Default 256 MiB, at least 65536.
     pub spool_max_bytes: Option<u64>,
+    /// More maintainer public keys (PEM files) whose signed bundles this agent applies, beside
+    /// those pinned at enrollment.
+    #[serde(default)]
+    pub maintainer_keys: Vec<PathBuf>,
+    /// Apply bundles that carry no signature at all. Insecure: whoever controls the collector
+    /// decides what this agent looks for.
+    #[serde(default)]
+    pub insecure_allow_unsigned_bundles: bool,
 }
 
 /// Checked settings.
@@ -70,6 +78,8 @@ pub struct Settings {
     pub processes: bool,
     pub process_interval: Duration,
     pub spool_max_bytes: u64,
+    pub maintainer_keys: Vec<PathBuf>,
+    pub insecure_allow_unsigned_bundles: bool,
 }
 
 /// Every problem found, each naming its key and value.
@@ -167,6 +177,11 @@ impl RawConfig {
                 crate::spool::MIN_CAP
             ));
         }
+        for p in &self.maintainer_keys {
+            if let Err(e) = vedette_engine::bundle::PublicKey::load(p) {
+                problems.push(format!("`maintainer_keys`: {e}"));
+            }
+        }
         for c in &self.collectors {
             if !c.contains(':') {
                 problems.push(format!("`collectors`: `{c}` is not a host:port"));
@@ -202,6 +217,8 @@ impl RawConfig {
             processes: self.processes.unwrap_or(true),
             process_interval,
             spool_max_bytes: self.spool_max_bytes.unwrap_or(256 * 1024 * 1024),
+            maintainer_keys: self.maintainer_keys,
+            insecure_allow_unsigned_bundles: self.insecure_allow_unsigned_bundles,
         })
     }
 }

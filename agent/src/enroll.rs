@@ -88,6 +88,15 @@ pub async fn enroll(args: EnrollArgs<'_>) -> anyhow::Result<String> {
     write_atomic(&state.key(), key.serialize_pem().as_bytes(), 0o600)?;
     write_atomic(&state.ca(), ca_pem.as_bytes(), 0o644)?;
     write_atomic(&state.cert(), response.certificate_pem.as_bytes(), 0o644)?;
+    // The maintainer keys the collector trusts, pinned now (over the CA-pinned channel): only
+    // bundles signed by one of them are ever applied.
+    let mut maintainers = String::new();
+    for k in &response.maintainer_keys {
+        let key = vedette_engine::bundle::PublicKey::from_bytes(k)
+            .context("the collector sent a maintainer key that is not 32 bytes")?;
+        maintainers.push_str(&key.to_pem());
+    }
+    write_atomic(&state.maintainers(), maintainers.as_bytes(), 0o644)?;
     let enrollment = Enrollment {
         agent_id: response.agent_id.clone(),
         collectors: vec![args.collector.to_string()],

@@ -8,6 +8,7 @@ pub mod counters;
 pub mod enroll;
 pub mod inventory;
 pub mod procmon;
+pub mod rules;
 pub mod run;
 pub mod scan;
 pub mod ship;

@@ -17,16 +17,17 @@ use std::time::Duration;
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use vedette_engine::{FileScanner, RuleSet, RuleSetBuilder, ScanOptions};
+use vedette_engine::{FileScanner, RuleSet, ScanOptions};
 use vedette_proto::client::ClientTls;
-use vedette_proto::v1::Detection;
+use vedette_proto::v1::{BundleStatus, Detection, RuleBundle};
 
 use crate::config::Settings;
 use crate::counters::Counters;
 use crate::scan::ScanPool;
+use crate::rules::Fleet;
 use crate::ship::{self, ShipConfig, Spooled};
 use crate::spool::Spool;
 use crate::state::StateDir;
@@ -34,26 +35,6 @@ use crate::watch::FileWatch;
 
 /// Detections buffered between the scan workers and the shipper.
 const DETECTION_QUEUE: usize = 1024;
-
-/// Loads host-local rules; problems are logged and the rest still loads.
-pub fn load_rules(paths: &[std::path::PathBuf]) -> anyhow::Result<RuleSet> {
-    let mut b = RuleSetBuilder::new();
-    for p in paths {
-        b.add_path(p)?;
-    }
-    let rules = b.build(0);
-    let r = rules.report();
-    for p in &r.problems {
-        warn!(problem = %p, "rule file not loaded");
-    }
-    info!(
-        files = r.yara_files,
-        with_errors = r.yara_files_with_errors,
-        rules = r.yara_rules,
-        "YARA rules loaded"
-    );
-    Ok(rules)
-}
 
 pub async fn run(
     state: StateDir,
@@ -67,11 +48,39 @@ pub async fn run(
         settings.collectors.clone()
     };
     info!(agent = %creds.enrollment.agent_id, collectors = ?collectors, "starting agent");
-    let paths = settings.rules.clone();
-    let rules = tokio::task::spawn_blocking(move || load_rules(&paths))
-        .await
-        .context("rule loading failed")??;
-    let rules = Arc::new(ArcSwap::from_pointee(rules));
+    let fleet = {
+        let (state, local, keys, unsigned) = (
+            state.clone(),
+            settings.rules.clone(),
+            settings.maintainer_keys.clone(),
+            settings.insecure_allow_unsigned_bundles,
+        );
+        tokio::task::spawn_blocking(move || Fleet::start(&state, local, &keys, unsigned))
+            .await
+            .context("rule loading failed")??
+    };
+    let fleet = Arc::new(fleet);
+    let rules = fleet.current.clone();
+    // Bundles offered by the collector: the newest waits here, one is compiled at a time.
+    let (offers, mut offered) = watch::channel::<Option<RuleBundle>>(None);
+    let (status_tx, statuses) = mpsc::channel::<BundleStatus>(8);
+    let applier = {
+        let fleet = fleet.clone();
+        tokio::spawn(async move {
+            while offered.changed().await.is_ok() {
+                let Some(b) = offered.borrow_and_update().clone() else {
+                    continue;
+                };
+                let fleet = fleet.clone();
+                let Ok(status) = tokio::task::spawn_blocking(move || fleet.apply(&b)).await else {
+                    continue;
+                };
+                if status_tx.send(status).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
     let counters = Arc::new(Counters::default());
     let spool_dir = state.spool();
     let cap = settings.spool_max_bytes;
@@ -130,33 +139,37 @@ pub async fn run(
         backoff_max: settings.backoff_max,
         drain: Duration::from_secs(5),
     };
+    let link = ship::BundleLink {
+        fleet: fleet.clone(),
+        offers,
+        statuses,
+    };
     let shipper = tokio::spawn(ship::run(
         ship_cfg,
         spooled.clone(),
+        link,
         counters.clone(),
         shutdown.clone(),
     ));
 
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
-    if !settings.scan_paths.is_empty()
-        && (settings.scan_on_start || settings.scan_interval.is_some())
-    {
-        let (rules, det, counters, stop) = (
-            rules.clone(),
+    if !settings.scan_paths.is_empty() {
+        let (det, counters, stop) = (
             det_tx.clone(),
             counters.clone(),
             stop.clone(),
         );
         let cache_path = state.dir.join("scan-cache.bin");
         let settings = settings.clone();
+        let fleet = fleet.clone();
         threads.push(
             std::thread::Builder::new()
                 .name("full-scan".into())
                 .spawn(move || {
                     full_scans(
                         &settings,
-                        &rules,
+                        &fleet,
                         options,
                         &cache_path,
                         &det,
@@ -201,6 +214,7 @@ pub async fn run(
     })
     .await;
     let _ = shipper.await;
+    applier.abort();
     if let Err(e) = spooled.spool.sync() {
         warn!(error = %e, "cannot save the spool's ack mark; some detections will be sent twice (stored once)");
     }
@@ -214,23 +228,34 @@ pub async fn run(
     Ok(())
 }
 
-/// Sleeps up to `d`, waking early when `stop` is set. Returns false when stopping.
-fn pause(d: Duration, stop: &AtomicBool) -> bool {
-    let end = std::time::Instant::now() + d;
-    while std::time::Instant::now() < end {
+/// Sleeps up to `d`, waking early when `stop` is set (returns false) or `wake` is (true).
+fn pause(d: Duration, stop: &AtomicBool, wake: Option<&AtomicBool>) -> bool {
+    // No end: `d` too long to represent (waits for `stop` or `wake` only).
+    let end = std::time::Instant::now().checked_add(d);
+    loop {
         if stop.load(Ordering::Relaxed) {
             return false;
         }
-        std::thread::sleep(Duration::from_millis(100).min(end - std::time::Instant::now()));
+        if wake.is_some_and(|w| w.load(Ordering::Relaxed)) {
+            return true;
+        }
+        let left = match end {
+            Some(e) => e.saturating_duration_since(std::time::Instant::now()),
+            None => Duration::MAX,
+        };
+        if left.is_zero() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100).min(left));
     }
-    !stop.load(Ordering::Relaxed)
 }
 
-/// Full scans at start-up and on the interval, at the configured CPU budget. Results are cached
-/// in the state directory, so unchanged files are neither rescanned nor reported twice.
+/// Full scans at start-up, on the interval, and after a new rule bundle, at the configured CPU
+/// budget. Results are cached in the state directory under the rule set's fingerprint, so
+/// unchanged files are not rescanned with the same rules, and are with new ones.
 fn full_scans(
     settings: &Settings,
-    rules: &ArcSwap<RuleSet>,
+    fleet: &Fleet,
     options: ScanOptions,
     cache_path: &Path,
     det: &mpsc::Sender<Detection>,
@@ -247,13 +272,15 @@ fn full_scans(
     let mut first = true;
     loop {
         if !first || !settings.scan_on_start {
-            match settings.scan_interval {
-                Some(d) if pause(d, stop) => {}
-                _ => return,
+            // Without an interval, only a new bundle starts a scan.
+            let wait = settings.scan_interval.unwrap_or(Duration::MAX);
+            if !pause(wait, stop, Some(&fleet.rescan)) {
+                return;
             }
         }
         first = false;
-        let current = rules.load_full();
+        fleet.rescan.store(false, Ordering::Relaxed);
+        let current = fleet.current.load_full();
         let cache = crate::cache::ScanCache::load(cache_path, current.fingerprint());
         let started = std::time::Instant::now();
         let on_file = |path: &Path, outcome: crate::walk::Outcome| {
@@ -314,7 +341,7 @@ fn watch_processes(
                     return;
                 }
             }
-            if !pause(interval, stop) {
+            if !pause(interval, stop, None) {
                 return;
             }
             if !Arc::ptr_eq(&rules.load(), &current) {

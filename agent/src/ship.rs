@@ -38,7 +38,8 @@ use vedette_proto::v1::agent_message::Msg;
 use vedette_proto::v1::agent_service_client::AgentServiceClient;
 use vedette_proto::v1::collector_message::Msg as Down;
 use vedette_proto::v1::{
-    AgentMessage, CollectorMessage, Detection, DetectionBatch, Heartbeat, Hello,
+    AgentMessage, BundleStatus, CollectorMessage, Detection, DetectionBatch, Heartbeat, Hello,
+    RuleBundle,
 };
 
 use crate::counters::Counters;
@@ -134,6 +135,14 @@ pub fn write_spool(sp: &Spooled, mut rx: mpsc::Receiver<Detection>, counters: &C
     sp.written.notify_one();
 }
 
+/// The shipper's side of fleet bundles: it offers what the collector pushes, reports what the
+/// applier decided, and says in Hello which version runs.
+pub struct BundleLink {
+    pub fleet: Arc<crate::rules::Fleet>,
+    pub offers: tokio::sync::watch::Sender<Option<RuleBundle>>,
+    pub statuses: mpsc::Receiver<BundleStatus>,
+}
+
 /// Why a connection ended.
 enum End {
     Shutdown,
@@ -151,7 +160,7 @@ struct Shipper {
     cfg: ShipConfig,
     sp: Arc<Spooled>,
     counters: Arc<Counters>,
-    bundle_version: u64,
+    bundles: BundleLink,
     /// Highest record id sent on any connection: records at or below it are resends.
     max_sent: u64,
     /// Set when shutdown starts: the last moment to wait for acks, across reconnects.
@@ -163,6 +172,7 @@ struct Shipper {
 pub async fn run(
     cfg: ShipConfig,
     sp: Arc<Spooled>,
+    bundles: BundleLink,
     counters: Arc<Counters>,
     shutdown: CancellationToken,
 ) {
@@ -170,7 +180,7 @@ pub async fn run(
         cfg,
         sp,
         counters,
-        bundle_version: 0,
+        bundles,
         max_sent: 0,
         drain_deadline: None,
     };
@@ -182,7 +192,8 @@ pub async fn run(
         let addr = s.cfg.collectors[attempt % s.cfg.collectors.len()].clone();
         attempt += 1;
         s.counters.inc("connect_attempts");
-        let end = match open(&s.cfg, &addr, s.bundle_version).await {
+        let applied = s.bundles.fleet.applied.load(std::sync::atomic::Ordering::Relaxed);
+        let end = match open(&s.cfg, &addr, applied).await {
             Ok((up, down)) => {
                 info!(collector = %addr, "connected to collector");
                 connected_once = true;
@@ -377,13 +388,20 @@ impl Shipper {
                         }
                     }
                     Ok(Some(CollectorMessage { msg: Some(Down::Bundle(b)) })) => {
-                        info!(version = b.version, "rule bundle offered; fleet bundles are not applied by this agent version");
+                        info!(version = b.version, name = %b.name, "rule bundle received");
+                        self.bundles.offers.send_replace(Some(b));
                     }
                     Ok(Some(_)) => {}
                     Ok(None) => return End::Lost("the collector closed the stream".into()),
                     Err(s) => return End::Lost(format!("{}: {}", s.code(), s.message())),
                 },
                 () = self.sp.written.notified(), if idle => idle = false,
+                Some(status) = self.bundles.statuses.recv() => {
+                    let msg = AgentMessage { msg: Some(Msg::BundleStatus(status)) };
+                    if up.send(msg).await.is_err() {
+                        return End::Lost("stream closed".into());
+                    }
+                }
                 _ = heartbeat.tick() => {
                     self.counters.set("spool_pending", self.sp.spool.pending());
                     self.counters.set("spool_bytes", self.sp.spool.bytes());

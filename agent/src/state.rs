@@ -5,6 +5,8 @@
 //! DIR/agent.crt    certificate signed by the collector's CA at enrollment
 //! DIR/ca.crt       the collector's CA, pinned at enrollment
 //! DIR/agent.toml   agent id and collector addresses
+//! DIR/maintainers.pem  maintainer public keys pinned at enrollment (signers of rule bundles)
+//! DIR/bundle.bin   the last rule bundle applied (signed; checked again at every start)
 //! DIR/spool/       detections waiting for the collector's ack (see `spool`)
 //! DIR/scan-cache.bin  results of full scans, so unchanged files are not scanned again
 //! ```
@@ -61,6 +63,12 @@ impl StateDir {
     }
     pub fn spool(&self) -> PathBuf {
         self.dir.join("spool")
+    }
+    pub fn maintainers(&self) -> PathBuf {
+        self.dir.join("maintainers.pem")
+    }
+    pub fn bundle(&self) -> PathBuf {
+        self.dir.join("bundle.bin")
     }
 
     /// Creates the directory (0700) if needed.

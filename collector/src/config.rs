@@ -22,6 +22,14 @@ pub struct RawConfig {
     /// Default lifetime of enrollment tokens, e.g. `1h`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_ttl: Option<String>,
+    /// Public keys (PEM files) of the maintainers whose signed rule bundles are accepted and
+    /// pinned by agents at enrollment.
+    #[serde(default)]
+    pub maintainer_keys: Vec<PathBuf>,
+    /// Accept bundles with no signature at all. Insecure: anyone with the maintainer role could
+    /// push rules that agents (if they allow unsigned bundles too) run.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_allow_unsigned_bundles: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -48,6 +56,8 @@ pub struct Config {
     pub server_key: PathBuf,
     pub shutdown_grace: Duration,
     pub token_ttl: Duration,
+    pub maintainer_keys: Vec<vedette_engine::bundle::PublicKey>,
+    pub insecure_allow_unsigned_bundles: bool,
 }
 
 /// Every problem found in a configuration file.
@@ -118,6 +128,13 @@ impl RawConfig {
         );
         let token_ttl = duration("token_ttl", &self.token_ttl, Duration::from_secs(3600));
         let database = base.join(&self.database);
+        let mut maintainer_keys = Vec::new();
+        for p in &self.maintainer_keys {
+            match vedette_engine::bundle::PublicKey::load(&base.join(p)) {
+                Ok(keys) => maintainer_keys.extend(keys),
+                Err(e) => problems.push(format!("`maintainer_keys`: {e}")),
+            }
+        }
         match (listen, problems.is_empty()) {
             (Some(listen), true) => Ok(Config {
                 listen,
@@ -128,6 +145,8 @@ impl RawConfig {
                 server_key,
                 shutdown_grace,
                 token_ttl,
+                maintainer_keys,
+                insecure_allow_unsigned_bundles: self.insecure_allow_unsigned_bundles,
             }),
             _ => Err(problems),
         }

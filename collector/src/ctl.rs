@@ -27,6 +27,9 @@ pub struct CtlConfig {
     pub cert: PathBuf,
     /// This operator's private key (PEM).
     pub key: PathBuf,
+    /// Maintainer signing key (Ed25519, PEM) used by `rules publish` and `rules rollback`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sign_key: Option<PathBuf>,
 }
 
 impl CtlConfig {
@@ -39,6 +42,7 @@ impl CtlConfig {
         c.ca_cert = base.join(&c.ca_cert);
         c.cert = base.join(&c.cert);
         c.key = base.join(&c.key);
+        c.sign_key = c.sign_key.map(|k| base.join(k));
         Ok(c)
     }
 
@@ -238,6 +242,8 @@ pub fn agent_json(a: &AgentInfo) -> serde_json::Value {
         "last_seen": rfc3339_ms(a.last_seen_ms),
         "bundle_version": a.bundle_version,
         "bundle_applied_at": rfc3339_ms(a.bundle_applied_at_ms),
+        "bundle_failed_version": a.bundle_failed_version,
+        "bundle_error": a.bundle_error,
         "dropped_total": a.dropped_total,
         "counters": a.counters.iter().collect::<std::collections::BTreeMap<_, _>>(),
     })

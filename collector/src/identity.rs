@@ -89,6 +89,14 @@ impl Identity {
         }
     }
 
+    /// The certificate's name (agent id, or the person or tool).
+    pub fn name(&self) -> &str {
+        match self {
+            Identity::Agent(id) => id,
+            Identity::Client { name, .. } => name,
+        }
+    }
+
     /// Succeeds when the identity carries `role`; agents never do.
     pub fn require_role(&self, role: Role) -> Result<(), Status> {
         match self {

@@ -29,6 +29,8 @@ pub enum InitError {
     Pki(#[from] PkiError),
     #[error("cannot encode a config file: {0}")]
     Encode(#[from] toml::ser::Error),
+    #[error("cannot make the maintainer key: {0}")]
+    Key(String),
 }
 
 /// Creates everything in `dir`. `names` are extra DNS names or IP addresses for the server
@@ -75,6 +77,20 @@ pub fn init(dir: &Path, listen: SocketAddr, names: &[String]) -> Result<Initiali
         0o644,
     )?;
 
+    // The first maintainer key: `vedettectl rules publish` signs with it out of the box.
+    let (maintainer_key, maintainer_pub) =
+        vedette_engine::bundle::SigningKey::generate().map_err(InitError::Key)?;
+    write_new(
+        &dir.join("maintainer.key"),
+        maintainer_key.as_bytes(),
+        0o600,
+    )?;
+    write_new(
+        &dir.join("maintainer.pub"),
+        maintainer_pub.to_pem().as_bytes(),
+        0o644,
+    )?;
+
     let collector = RawConfig {
         listen: listen.to_string(),
         database: "vedette.db".into(),
@@ -86,6 +102,8 @@ pub fn init(dir: &Path, listen: SocketAddr, names: &[String]) -> Result<Initiali
         },
         shutdown_grace: Some("10s".into()),
         token_ttl: Some("1h".into()),
+        maintainer_keys: vec!["maintainer.pub".into()],
+        insecure_allow_unsigned_bundles: false,
     };
     let text = format!(
         "# Vedette collector configuration, written by `vedette-collector init`.\n\
@@ -104,6 +122,7 @@ pub fn init(dir: &Path, listen: SocketAddr, names: &[String]) -> Result<Initiali
         ca_cert: "ca.crt".into(),
         cert: "operator.crt".into(),
         key: "operator.key".into(),
+        sign_key: Some("maintainer.key".into()),
     };
     let text = format!(
         "# vedettectl configuration, written by `vedette-collector init`.\n\
@@ -134,7 +153,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(out.fingerprint.len(), 64);
-        for key in ["ca.key", "server.key", "operator.key"] {
+        for key in ["ca.key", "server.key", "operator.key", "maintainer.key"] {
             let mode = fs::metadata(d.join(key)).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{key}");
         }

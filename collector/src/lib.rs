@@ -2,6 +2,7 @@
 //! admin API that `vedettectl` uses.
 #![forbid(unsafe_code)]
 
+pub mod bundles;
 pub mod config;
 pub mod ctl;
 pub mod identity;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use vedette_collector::config::Config;
+use vedette_collector::pki::{Ca, Role, write_new};
 use vedette_collector::{init, server};
 
 /// Exit code for a usage or configuration error (sysexits EX_USAGE).
@@ -46,11 +47,35 @@ enum Command {
         #[arg(long = "san", value_name = "NAME")]
         sans: Vec<String>,
     },
+    /// Client certificates for people and tools (run on the collector host: it uses the CA key).
+    #[command(subcommand)]
+    Certs(CertsCmd),
     /// Run the collector until SIGTERM or SIGINT, then drain open streams and stop.
     Serve {
         /// The collector.toml written by `init`.
         #[arg(long, env = "VEDETTE_COLLECTOR_CONFIG")]
         config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Issue a client certificate with the given roles: `operator` (tokens, agents,
+    /// detections) and/or `maintainer` (publish rule bundles). Writes PREFIX.crt and
+    /// PREFIX.key (0600).
+    Issue {
+        /// The collector.toml (for the CA's certificate and key).
+        #[arg(long, env = "VEDETTE_COLLECTOR_CONFIG")]
+        config: PathBuf,
+        /// The person or tool the certificate is for (its common name).
+        #[arg(long)]
+        name: String,
+        /// A role (repeatable): operator, maintainer.
+        #[arg(long = "role", required = true, value_parser = ["operator", "maintainer"])]
+        roles: Vec<String>,
+        /// Output path prefix.
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -90,6 +115,31 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Command::Certs(CertsCmd::Issue {
+            config,
+            name,
+            roles,
+            out,
+        }) => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let roles: Vec<Role> = roles.iter().filter_map(|r| Role::parse(r)).collect();
+            match issue(&config, &name, &roles, &out) {
+                Ok((crt, key)) => {
+                    println!("wrote {} and {} (0600)", crt.display(), key.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Serve { config } => {
             let config = match Config::load(&config) {
                 Ok(c) => c,
@@ -145,3 +195,23 @@ async fn wait_for_signal() {
         }
     }
 }
+
+fn issue(
+    config: &Config,
+    name: &str,
+    roles: &[Role],
+    out: &std::path::Path,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let ca = Ca::load(&config.ca_cert, &config.ca_key)?;
+    let cert = ca.issue_client(name, roles)?;
+    let with = |ext: &str| {
+        let mut p = out.as_os_str().to_owned();
+        p.push(ext);
+        PathBuf::from(p)
+    };
+    let (crt, key) = (with(".crt"), with(".key"));
+    write_new(&key, cert.key_pem.as_bytes(), 0o600)?;
+    write_new(&crt, cert.cert_pem.as_bytes(), 0o644)?;
+    Ok((crt, key))
+}
+

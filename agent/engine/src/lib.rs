@@ -6,6 +6,7 @@
 //! It does no async work and watches nothing: callers decide what to scan and on which thread.
 #![forbid(unsafe_code)]
 
+pub mod bundle;
 mod file;
 mod ioc;
 mod rules;

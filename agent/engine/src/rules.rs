@@ -282,7 +282,7 @@ impl RuleSetBuilder {
 }
 
 /// Rule files under `dir`, sorted, not following symlinked directories.
-fn rule_files_under(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
+pub(crate) fn rule_files_under(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {

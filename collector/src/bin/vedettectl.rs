@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use vedette_collector::bundles::{self, PublishOptions};
 use vedette_collector::ctl::{self, CtlConfig};
 
 const EXIT_CONFIG: u8 = 64;
@@ -13,9 +14,10 @@ const EXIT_CONFIG: u8 = 64;
 #[command(
     name = "vedettectl",
     version,
-    about = "Administer a Vedette collector: enrollment tokens, agents, detections",
+    about = "Administer a Vedette collector: enrollment tokens, agents, detections, rule bundles",
     after_help = "Examples:\n  vedettectl token create --ttl 1h\n  vedettectl agents list\n  \
-        vedettectl detections list --since 2026-11-25T00:00:00Z --json"
+        vedettectl detections list --since 2026-11-25T00:00:00Z --json\n  \
+        vedettectl rules publish /etc/vedette/fleet-rules\n  vedettectl rules status"
 )]
 struct Cli {
     /// vedettectl.toml (written by `vedette-collector init`).
@@ -41,6 +43,78 @@ enum Command {
     /// Stored detections.
     #[command(subcommand)]
     Detections(DetectionsCmd),
+    /// Rule bundles: publish signed YARA rules and indicators to every agent.
+    #[command(subcommand)]
+    Rules(RulesCmd),
+    /// Maintainer signing keys (local; no collector needed).
+    #[command(subcommand)]
+    Keys(KeysCmd),
+}
+
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// Write a new Ed25519 maintainer key pair: PREFIX.key (0600) and PREFIX.pub. List the .pub
+    /// file under `maintainer_keys` in collector.toml to trust it.
+    Generate {
+        #[arg(long, value_name = "PREFIX")]
+        out: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct SignArgs {
+    /// Maintainer private key (default: `sign_key` in vedettectl.toml).
+    #[arg(long, value_name = "KEY")]
+    sign_key: Option<PathBuf>,
+    /// Who publishes, recorded in the bundle (default: $USER).
+    #[arg(long)]
+    publisher: Option<String>,
+    /// Send the bundle unsigned. Agents and the collector refuse it unless they are configured
+    /// to accept unsigned bundles.
+    #[arg(long)]
+    insecure_unsigned: bool,
+}
+
+#[derive(Subcommand)]
+enum RulesCmd {
+    /// Validate, sign and publish YARA files and indicator lists (files or directories) as the
+    /// next bundle version; connected agents apply it within seconds.
+    Publish {
+        /// Bundle name (default: the previous bundle's name, or `rules`).
+        #[arg(long)]
+        name: Option<String>,
+        /// Refuse indicator lines that do not parse (default: report them, agents skip them).
+        #[arg(long)]
+        strict: bool,
+        #[command(flatten)]
+        sign: SignArgs,
+        /// YARA files (.yar, .yara), indicator lists, or directories of them.
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<PathBuf>,
+    },
+    /// List published bundles, newest first.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one bundle: metadata and files.
+    Show {
+        version: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish the content of an older version again, as a new version.
+    Rollback {
+        version: u64,
+        #[command(flatten)]
+        sign: SignArgs,
+    },
+    /// How many agents run a version, are behind, or failed to apply it (default: the latest).
+    Status {
+        version: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -92,6 +166,19 @@ enum DetectionsCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Keys(KeysCmd::Generate { out }) = &cli.command {
+        return match bundles::keys_generate(out) {
+            Ok((key, public, k)) => {
+                println!("wrote {} (0600) and {}", key.display(), public.display());
+                println!("key id {}", k.id());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let cfg = match CtlConfig::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
@@ -159,6 +246,8 @@ async fn run(command: Command, cfg: CtlConfig) -> anyhow::Result<()> {
                 println!("revoked {id}");
             }
         }
+        Command::Keys(_) => {}
+        Command::Rules(cmd) => rules(cmd, &cfg).await?,
         Command::Detections(DetectionsCmd::List {
             json,
             agent,
@@ -177,3 +266,111 @@ async fn run(command: Command, cfg: CtlConfig) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+fn sign_options(a: SignArgs) -> PublishOptions {
+    PublishOptions {
+        sign_key: a.sign_key,
+        insecure_unsigned: a.insecure_unsigned,
+        publisher: a.publisher,
+    }
+}
+
+async fn rules(cmd: RulesCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
+    match cmd {
+        RulesCmd::Publish {
+            name,
+            strict,
+            sign,
+            paths,
+        } => {
+            let (r, warnings) =
+                bundles::publish(cfg, &paths, name, strict, &sign_options(sign)).await?;
+            for w in &warnings {
+                eprintln!("warning: {w} (line skipped by agents; --strict refuses it)");
+            }
+            println!(
+                "published version {} (sha256 {}); pushed to {} connected agent(s)",
+                r.version, r.digest, r.agents_notified
+            );
+        }
+        RulesCmd::Rollback { version, sign } => {
+            let r = bundles::rollback(cfg, version, &sign_options(sign)).await?;
+            println!(
+                "published the content of version {version} as version {} (sha256 {}); pushed to {} connected agent(s)",
+                r.version, r.digest, r.agents_notified
+            );
+        }
+        RulesCmd::List { json } => {
+            let list = bundles::list(cfg).await?;
+            if json {
+                for b in &list {
+                    println!("{}", bundles::info_json(b));
+                }
+            } else {
+                println!(
+                    "{:>7}  {:<20} {:<24} {:<16} {:>5}  SHA-256",
+                    "VERSION", "NAME", "PUBLISHED", "PUBLISHER", "FILES"
+                );
+                for b in &list {
+                    println!(
+                        "{:>7}  {:<20} {:<24} {:<16} {:>5}  {}",
+                        b.version,
+                        b.name,
+                        ctl::rfc3339_ms(b.published_at_ms),
+                        b.publisher,
+                        b.files,
+                        &b.digest[..16.min(b.digest.len())]
+                    );
+                }
+            }
+        }
+        RulesCmd::Show { version, json } => {
+            let (info, content) = bundles::fetch(cfg, version).await?;
+            if json {
+                let mut v = bundles::info_json(&info);
+                v["paths"] = content
+                    .files
+                    .iter()
+                    .map(|f| serde_json::json!({"path": f.path, "size": f.data.len()}))
+                    .collect();
+                println!("{v}");
+            } else {
+                println!("version:      {}", info.version);
+                println!("name:         {}", info.name);
+                println!("publisher:    {} (certificate {})", info.publisher, info.published_by);
+                println!("created:      {}", ctl::rfc3339_ms(info.created_at_ms));
+                println!("published:    {}", ctl::rfc3339_ms(info.published_at_ms));
+                println!("sha256:       {}", info.digest);
+                println!(
+                    "signed by:    {}",
+                    if info.signer_key.is_empty() { "nobody (unsigned)".to_string() } else { info.signer_key.clone() }
+                );
+                println!("files:");
+                for f in &content.files {
+                    println!("  {:>10}  {}", f.data.len(), f.path);
+                }
+            }
+        }
+        RulesCmd::Status { version, json } => {
+            let r = bundles::rollout(cfg, version.unwrap_or(0)).await?;
+            if json {
+                println!("{}", bundles::rollout_json(&r));
+            } else {
+                println!(
+                    "version {}: {} on it, {} behind, {} failed, {} ahead",
+                    r.version, r.on_version, r.behind, r.failed, r.ahead
+                );
+                for a in r.agents.iter().filter(|a| a.applied_version != r.version) {
+                    let what = if a.failed_version == r.version {
+                        format!("failed: {}", a.error)
+                    } else {
+                        format!("runs version {}", a.applied_version)
+                    };
+                    println!("  {} ({}): {what}", a.agent_id, a.hostname);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+

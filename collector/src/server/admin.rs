@@ -1,4 +1,5 @@
-//! `AdminService`: tokens, agents and detections for operators (`vedettectl`).
+//! `AdminService`: tokens, agents and detections for operators, rule bundles for maintainers
+//! (`vedettectl`).
 
 use std::sync::Arc;
 
@@ -6,16 +7,20 @@ use rand::RngCore;
 use tonic::{Request, Response, Status};
 use tracing::info;
 use vedette_proto::v1::admin_service_server::AdminService;
+use vedette_engine::bundle::{self, BundleError};
 use vedette_proto::v1::{
-    AgentInfo, CreateTokenRequest, CreateTokenResponse, ListAgentsRequest, ListAgentsResponse,
-    ListDetectionsRequest, ListDetectionsResponse, RevokeAgentRequest, RevokeAgentResponse,
+    AgentBundleState, AgentInfo, BundleContent, BundleInfo, BundleRolloutRequest,
+    BundleRolloutResponse, CreateTokenRequest, CreateTokenResponse, GetBundleRequest,
+    GetBundleResponse, ListAgentsRequest, ListAgentsResponse, ListBundlesRequest,
+    ListBundlesResponse, ListDetectionsRequest, ListDetectionsResponse, PublishBundleRequest,
+    PublishBundleResponse, RevokeAgentRequest, RevokeAgentResponse,
 };
 
 use super::agent::token_hash;
 use super::{State, blocking};
 use crate::identity::Identity;
 use crate::pki::Role;
-use crate::store::{DetectionFilter, now_ms};
+use crate::store::{BundleRow, DetectionFilter, now_ms};
 
 /// Longest token lifetime an operator may ask for.
 const MAX_TOKEN_TTL_SECS: u64 = 30 * 24 * 3600;
@@ -39,10 +44,183 @@ impl AdminSvc {
         id.require_role(Role::Operator)?;
         Ok(id)
     }
+
+    /// Operators and maintainers may read bundles and their rollout.
+    fn reader<T>(&self, request: &Request<T>) -> Result<Identity, Status> {
+        let id = Identity::of(request)?;
+        if id.require_role(Role::Maintainer).is_err() {
+            id.require_role(Role::Operator)?;
+        }
+        Ok(id)
+    }
+}
+
+fn bundle_info(b: &BundleRow) -> BundleInfo {
+    BundleInfo {
+        version: b.version,
+        name: b.name.clone(),
+        created_at_ms: b.created_at_ms,
+        publisher: b.publisher.clone(),
+        published_by: b.published_by.clone(),
+        published_at_ms: b.published_at_ms,
+        digest: b.digest.clone(),
+        signer_key: hex::encode(&b.signer_key),
+        files: b.files,
+        size: b.size,
+    }
+}
+
+/// Checks a bundle as the collector receives it: signature by a trusted maintainer, canonical
+/// content, every YARA file compiling (again: the publisher's check ran on another machine).
+fn check_bundle(state: &State, req: &PublishBundleRequest) -> Result<BundleContent, Status> {
+    bundle::verify(
+        &req.content,
+        &req.signature,
+        &req.signer_key,
+        &state.maintainer_keys,
+        state.allow_unsigned,
+    )
+    .map_err(|e| match e {
+        BundleError::Unsigned => Status::permission_denied(
+            "the bundle is not signed, and this collector does not accept unsigned bundles",
+        ),
+        e => Status::permission_denied(e.to_string()),
+    })?;
+    let content = bundle::decode(&req.content).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    if let Err(problems) = bundle::validate(&content, false) {
+        let list: Vec<String> = problems.iter().take(20).map(|p| p.to_string()).collect();
+        return Err(Status::invalid_argument(format!(
+            "the bundle does not compile:\n{}",
+            list.join("\n")
+        )));
+    }
+    Ok(content)
 }
 
 #[tonic::async_trait]
 impl AdminService for AdminSvc {
+    async fn publish_bundle(
+        &self,
+        request: Request<PublishBundleRequest>,
+    ) -> Result<Response<PublishBundleResponse>, Status> {
+        let who = Identity::of(&request)?;
+        who.require_role(Role::Maintainer)?;
+        let req = request.into_inner();
+        let state = self.state.clone();
+        let (content, req) = tokio::task::spawn_blocking(move || {
+            check_bundle(&state, &req).map(|c| (c, req))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+        let row = BundleRow {
+            version: content.version,
+            name: content.name.clone(),
+            created_at_ms: content.created_at_ms,
+            publisher: content.publisher.clone(),
+            published_by: who.name().to_string(),
+            published_at_ms: now_ms(),
+            digest: bundle::digest(&req.content),
+            signer_key: req.signer_key,
+            files: content.files.len() as u32,
+            size: req.content.len() as u64,
+            content: req.content,
+            signature: req.signature,
+        };
+        let stored = row.clone();
+        let verdict = blocking(&self.state.store, move |s| s.insert_bundle(&stored)).await?;
+        if let Err(latest) = verdict {
+            return Err(Status::failed_precondition(format!(
+                "version {} is not above the latest published version {latest}; publish again",
+                row.version
+            )));
+        }
+        let push = Arc::new(super::rule_bundle(&row));
+        self.state.bundle.send_replace(Some(push));
+        let notified = self.state.streams().len() as u32;
+        info!(
+            version = row.version,
+            name = %row.name,
+            digest = %row.digest,
+            by = %row.published_by,
+            files = row.files,
+            agents = notified,
+            "rule bundle published"
+        );
+        Ok(Response::new(PublishBundleResponse {
+            version: row.version,
+            digest: row.digest,
+            agents_notified: notified,
+        }))
+    }
+
+    async fn list_bundles(
+        &self,
+        request: Request<ListBundlesRequest>,
+    ) -> Result<Response<ListBundlesResponse>, Status> {
+        self.reader(&request)?;
+        let rows = blocking(&self.state.store, |s| s.list_bundles()).await?;
+        Ok(Response::new(ListBundlesResponse {
+            bundles: rows.iter().map(bundle_info).collect(),
+        }))
+    }
+
+    async fn get_bundle(
+        &self,
+        request: Request<GetBundleRequest>,
+    ) -> Result<Response<GetBundleResponse>, Status> {
+        self.reader(&request)?;
+        let version = request.into_inner().version;
+        let row = blocking(&self.state.store, move |s| s.bundle(version))
+            .await?
+            .ok_or_else(|| Status::not_found(format!("no bundle version {version}")))?;
+        Ok(Response::new(GetBundleResponse {
+            info: Some(bundle_info(&row)),
+            content: row.content,
+            signature: row.signature,
+            signer_key: row.signer_key,
+        }))
+    }
+
+    async fn bundle_rollout(
+        &self,
+        request: Request<BundleRolloutRequest>,
+    ) -> Result<Response<BundleRolloutResponse>, Status> {
+        self.reader(&request)?;
+        let mut version = request.into_inner().version;
+        if version == 0 {
+            version = blocking(&self.state.store, |s| s.bundle(0))
+                .await?
+                .map(|b| b.version)
+                .ok_or_else(|| Status::not_found("no bundle has been published"))?;
+        }
+        let rows = blocking(&self.state.store, |s| s.list_agents()).await?;
+        let mut out = BundleRolloutResponse {
+            version,
+            ..Default::default()
+        };
+        for r in rows.into_iter().filter(|r| !r.revoked) {
+            if r.bundle_version == version {
+                out.on_version += 1;
+            } else if r.bundle_version > version {
+                out.ahead += 1;
+            } else if r.bundle_failed_version == version {
+                out.failed += 1;
+            } else {
+                out.behind += 1;
+            }
+            out.agents.push(AgentBundleState {
+                agent_id: r.id,
+                hostname: r.hostname,
+                applied_version: r.bundle_version,
+                applied_at_ms: r.bundle_applied_at_ms,
+                failed_version: r.bundle_failed_version,
+                error: r.bundle_error,
+                connected: r.connected,
+            });
+        }
+        Ok(Response::new(out))
+    }
+
     async fn create_token(
         &self,
         request: Request<CreateTokenRequest>,
@@ -107,6 +285,8 @@ impl AdminService for AdminSvc {
                 bundle_version: r.bundle_version,
                 bundle_applied_at_ms: r.bundle_applied_at_ms,
                 dropped_total: r.dropped_total,
+                bundle_failed_version: r.bundle_failed_version,
+                bundle_error: r.bundle_error,
                 arch: r.arch,
                 counters: r.counters.into_iter().collect(),
             })

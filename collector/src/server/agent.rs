@@ -23,7 +23,7 @@ use vedette_proto::v1::agent_service_server::AgentService;
 use vedette_proto::v1::collector_message::Msg as Down;
 use vedette_proto::v1::{
     Ack, AgentMessage, CollectorMessage, Detection, DetectionBatch, EnrollRequest, EnrollResponse,
-    Inventory, detection,
+    Inventory, RuleBundle, detection,
 };
 
 use super::{State, blocking};
@@ -92,7 +92,12 @@ impl AgentService for AgentSvc {
             agent_id,
             certificate_pem: cert_pem,
             ca_pem: self.state.ca.cert_pem().to_string(),
-            maintainer_keys: Vec::new(),
+            maintainer_keys: self
+                .state
+                .maintainer_keys
+                .iter()
+                .map(|k| k.0.to_vec())
+                .collect(),
         }))
     }
 
@@ -178,9 +183,41 @@ async fn run_stream(
     })
     .await?;
 
+    // Push the latest bundle now if the agent runs an older one, then each new one as it is
+    // published.
+    let mut bundles = state.bundle.subscribe();
+    let mut pushed = hello.applied_bundle_version;
+    let mut push = |b: &Option<Arc<RuleBundle>>| match b {
+        Some(b) if b.version > pushed => {
+            pushed = b.version;
+            Some(CollectorMessage {
+                msg: Some(Down::Bundle((**b).clone())),
+            })
+        }
+        _ => None,
+    };
+    let first = push(&bundles.borrow_and_update());
+    if let Some(m) = first
+        && tx.send(Ok(m)).await.is_err()
+    {
+        return Ok(());
+    }
+
     loop {
         let msg = tokio::select! {
             () = stop.cancelled() => return Err(closed_reason(state)),
+            changed = bundles.changed() => {
+                if changed.is_err() {
+                    continue;
+                }
+                let next = push(&bundles.borrow_and_update());
+                if let Some(m) = next
+                    && tx.send(Ok(m)).await.is_err()
+                {
+                    return Ok(());
+                }
+                continue;
+            }
             m = inbound.message() => m?,
         };
         let Some(AgentMessage { msg: Some(msg) }) = msg else {
@@ -226,7 +263,19 @@ async fn run_stream(
                 })
                 .await?;
             }
-            Msg::BundleStatus(_) => {}
+            Msg::BundleStatus(st) => {
+                let error: String = st.error.chars().take(MAX_STRING_BYTES / 4).collect();
+                if st.applied {
+                    info!(agent = %agent_id, version = st.version, "agent applied bundle");
+                } else {
+                    warn!(agent = %agent_id, version = st.version, error = %error, "agent could not apply bundle");
+                }
+                let id = agent_id.to_string();
+                blocking(&state.store, move |s| {
+                    s.agent_bundle_status(&id, st.version, st.applied, &error, now_ms())
+                })
+                .await?;
+            }
         }
     }
 }

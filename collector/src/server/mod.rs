@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+use vedette_engine::bundle::PublicKey;
+use vedette_proto::v1::RuleBundle;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -35,6 +37,11 @@ pub(crate) struct State {
     pub shutdown: CancellationToken,
     /// Tracks stream tasks so that shutdown can wait for them.
     pub tasks: TaskTracker,
+    /// Maintainer keys whose bundles are accepted (and that agents pin at enrollment).
+    pub maintainer_keys: Vec<PublicKey>,
+    pub allow_unsigned: bool,
+    /// The latest bundle; every agent stream watches it and pushes each new one at once.
+    pub bundle: watch::Sender<Option<Arc<RuleBundle>>>,
 }
 
 impl State {
@@ -65,6 +72,17 @@ where
     }
 }
 
+/// The push message for a stored bundle.
+pub(crate) fn rule_bundle(b: &crate::store::BundleRow) -> RuleBundle {
+    RuleBundle {
+        name: b.name.clone(),
+        version: b.version,
+        content: b.content.clone(),
+        signature: b.signature.clone(),
+        signer_key: b.signer_key.clone(),
+    }
+}
+
 /// Binds the listener; separate from [`serve`] so callers learn the bound address first.
 pub async fn bind(config: &Config) -> anyhow::Result<TcpListener> {
     TcpListener::bind(config.listen)
@@ -87,8 +105,23 @@ pub async fn serve(
             .await
             .context("store task failed")??
     };
+    let store = Arc::new(store);
+    let latest = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.bundle(0))
+            .await
+            .context("store task failed")?
+            .context("cannot read the latest bundle")?
+    };
+    let (bundle, _) = watch::channel(latest.map(|b| Arc::new(rule_bundle(&b))));
+    if config.maintainer_keys.is_empty() && !config.insecure_allow_unsigned_bundles {
+        warn!("no maintainer_keys configured: rule bundles cannot be published");
+    }
     let state = Arc::new(State {
-        store: Arc::new(store),
+        maintainer_keys: config.maintainer_keys.clone(),
+        allow_unsigned: config.insecure_allow_unsigned_bundles,
+        bundle,
+        store,
         ca,
         token_ttl: config.token_ttl,
         streams: Mutex::new(HashMap::new()),

@@ -1,4 +1,4 @@
-//! Durable state of the collector: enrollment tokens, agents, detections.
+//! Durable state of the collector: enrollment tokens, agents, detections, rule bundles.
 //!
 //! The store is synchronous (SQLite calls block); async callers go through
 //! `tokio::task::spawn_blocking`. Invariant: when a write method returns `Ok`, the change is
@@ -62,6 +62,28 @@ pub struct AgentRow {
     pub dropped_total: u64,
     /// Counters of the last heartbeat.
     pub counters: std::collections::BTreeMap<String, u64>,
+    /// The last bundle version the agent failed to apply (0: none) and why.
+    pub bundle_failed_version: u64,
+    pub bundle_error: String,
+}
+
+/// A published rule bundle. `content` and `signature` are empty in listings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BundleRow {
+    pub version: u64,
+    pub name: String,
+    pub created_at_ms: i64,
+    pub publisher: String,
+    /// The certificate name that published it.
+    pub published_by: String,
+    pub published_at_ms: i64,
+    pub digest: String,
+    /// Raw Ed25519 key; empty when unsigned.
+    pub signer_key: Vec<u8>,
+    pub files: u32,
+    pub size: u64,
+    pub content: Vec<u8>,
+    pub signature: Vec<u8>,
 }
 
 /// Which detections to list.

@@ -8,7 +8,7 @@ use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
 use vedette_proto::v1::{Detection, Inventory, StoredDetection, detection};
 
-use super::{AgentRow, DetectionFilter, StoreError, TokenError};
+use super::{AgentRow, BundleRow, DetectionFilter, StoreError, TokenError};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` is the number applied.
 const MIGRATIONS: &[&str] = &[
@@ -53,6 +53,22 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX detections_received ON detections(received_at_ms);",
     // 2: the counters of each agent's last heartbeat (JSON object of name -> value).
     "ALTER TABLE agents ADD COLUMN counters TEXT NOT NULL DEFAULT '{}';",
+    // 3: rule bundles, and what each agent last failed to apply.
+    "CREATE TABLE bundles (
+        version INTEGER PRIMARY KEY,
+        name TEXT NOT NULL,
+        created_at_ms INTEGER NOT NULL,
+        publisher TEXT NOT NULL,
+        published_by TEXT NOT NULL,
+        published_at_ms INTEGER NOT NULL,
+        digest TEXT NOT NULL,
+        signer_key BLOB NOT NULL,
+        files INTEGER NOT NULL,
+        content BLOB NOT NULL,
+        signature BLOB NOT NULL
+    );
+    ALTER TABLE agents ADD COLUMN bundle_failed_version INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE agents ADD COLUMN bundle_error TEXT NOT NULL DEFAULT '';",
 ];
 
 pub struct Store {
@@ -336,6 +352,86 @@ impl Store {
         Ok(out)
     }
 
+    /// Stores a bundle if its version is above every stored one. `Err(latest)` otherwise.
+    pub fn insert_bundle(&self, b: &BundleRow) -> Result<Result<(), u64>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let latest: i64 = tx.query_row("SELECT COALESCE(MAX(version), 0) FROM bundles", [], |r| {
+            r.get(0)
+        })?;
+        if b.version as i64 <= latest {
+            return Ok(Err(latest as u64));
+        }
+        tx.execute(
+            "INSERT INTO bundles (version, name, created_at_ms, publisher, published_by,
+                published_at_ms, digest, signer_key, files, content, signature)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                b.version as i64,
+                b.name,
+                b.created_at_ms,
+                b.publisher,
+                b.published_by,
+                b.published_at_ms,
+                b.digest,
+                b.signer_key,
+                b.files,
+                b.content,
+                b.signature
+            ],
+        )?;
+        tx.commit()?;
+        Ok(Ok(()))
+    }
+
+    /// Every bundle, newest first, without content.
+    pub fn list_bundles(&self) -> Result<Vec<BundleRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "{BUNDLE_SELECT} X'', X'' FROM bundles ORDER BY version DESC"
+        ))?;
+        let rows = stmt.query_map([], bundle_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// One bundle with its content; version 0 means the latest.
+    pub fn bundle(&self, version: u64) -> Result<Option<BundleRow>, StoreError> {
+        let sql = format!(
+            "{BUNDLE_SELECT} content, signature FROM bundles
+             WHERE version = CASE WHEN ?1 = 0 THEN (SELECT MAX(version) FROM bundles) ELSE ?1 END"
+        );
+        Ok(self
+            .conn()
+            .query_row(&sql, [version as i64], bundle_from_row)
+            .optional()?)
+    }
+
+    /// Records an agent's report on a bundle: applied (its running version now), or failed.
+    pub fn agent_bundle_status(
+        &self,
+        id: &str,
+        version: u64,
+        applied: bool,
+        error: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        if applied {
+            self.conn().execute(
+                "UPDATE agents SET bundle_version = ?2, bundle_applied_at_ms = ?3,
+                    bundle_failed_version = CASE WHEN bundle_failed_version <= ?2 THEN 0 ELSE bundle_failed_version END,
+                    bundle_error = CASE WHEN bundle_failed_version <= ?2 THEN '' ELSE bundle_error END
+                 WHERE id = ?1",
+                params![id, version as i64, now_ms],
+            )?;
+        } else {
+            self.conn().execute(
+                "UPDATE agents SET bundle_failed_version = ?2, bundle_error = ?3 WHERE id = ?1",
+                params![id, version as i64, error],
+            )?;
+        }
+        Ok(())
+    }
+
     /// Number of stored detections (all agents).
     pub fn count_detections(&self) -> Result<u64, StoreError> {
         Ok(self
@@ -348,7 +444,27 @@ impl Store {
 
 const AGENT_SELECT: &str = "SELECT id, hostname, os, kernel, arch, agent_version, enrolled_at_ms,
     first_seen_ms, last_seen_ms, connected, revoked_at_ms IS NOT NULL, bundle_version,
-    bundle_applied_at_ms, dropped_total, counters FROM agents";
+    bundle_applied_at_ms, dropped_total, counters, bundle_failed_version, bundle_error FROM agents";
+
+const BUNDLE_SELECT: &str = "SELECT version, name, created_at_ms, publisher, published_by,
+    published_at_ms, digest, signer_key, files, length(content),";
+
+fn bundle_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BundleRow> {
+    Ok(BundleRow {
+        version: r.get::<_, i64>(0)? as u64,
+        name: r.get(1)?,
+        created_at_ms: r.get(2)?,
+        publisher: r.get(3)?,
+        published_by: r.get(4)?,
+        published_at_ms: r.get(5)?,
+        digest: r.get(6)?,
+        signer_key: r.get(7)?,
+        files: r.get(8)?,
+        size: r.get::<_, i64>(9)? as u64,
+        content: r.get(10)?,
+        signature: r.get(11)?,
+    })
+}
 
 fn agent_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentRow> {
     Ok(AgentRow {
@@ -368,6 +484,8 @@ fn agent_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentRow> {
         dropped_total: r.get::<_, i64>(13)? as u64,
         // Written by this code only; a damaged value shows as no counters.
         counters: serde_json::from_str(&r.get::<_, String>(14)?).unwrap_or_default(),
+        bundle_failed_version: r.get::<_, i64>(15)? as u64,
+        bundle_error: r.get(16)?,
     })
 }
 

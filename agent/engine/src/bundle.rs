@@ -1,0 +1,430 @@
+//! Rule bundles: versioned, signed sets of YARA sources and indicator lists.
+//!
+//! A bundle is an encoded [`BundleContent`] (name, version, creation time, publisher, files),
+//! signed with a maintainer's Ed25519 key. The encoding is canonical: files sorted by path,
+//! unique, and [`decode`] refuses bytes that do not re-encode to themselves, so the signature
+//! covers exactly what an agent applies. Only sources travel; every agent compiles them itself.
+//!
+//! Keys on disk are standard PEM: the private key as PKCS#8 (`PRIVATE KEY`), the public key as
+//! SubjectPublicKeyInfo (`PUBLIC KEY`), both readable by `openssl pkey`.
+
+use std::path::{Component, Path, PathBuf};
+
+use prost::Message;
+use ring::rand::SystemRandom;
+use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+use sha2::{Digest, Sha256};
+pub use vedette_proto::v1::{BundleContent, BundleFile};
+
+use crate::rules::{is_yara_file, rule_files_under};
+use crate::{IocKind, Problem, RuleSet, RuleSetBuilder};
+
+/// Largest encoded content (under the protocol's message cap, with room for the envelope).
+pub const MAX_CONTENT_BYTES: usize = 12 * 1024 * 1024;
+/// Most files in a bundle.
+pub const MAX_FILES: usize = 10_000;
+/// Longest file path inside a bundle.
+pub const MAX_PATH: usize = 255;
+/// Longest bundle name or publisher.
+pub const MAX_NAME: usize = 128;
+/// Where bundle files appear in problems and detections: `bundle:<path>`.
+pub const ORIGIN_PREFIX: &str = "bundle:";
+
+/// DER prefix of an Ed25519 SubjectPublicKeyInfo (RFC 8410); the 32 key bytes follow.
+const SPKI_PREFIX: [u8; 12] = [
+    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("cannot read `{path}`: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("`{path}`: {reason}")]
+    BadKey { path: PathBuf, reason: String },
+    #[error("bad bundle: {0}")]
+    Malformed(String),
+    #[error("the bundle is not signed")]
+    Unsigned,
+    #[error("the bundle is signed by key {0}, which is not trusted here")]
+    UntrustedSigner(String),
+    #[error("the bundle's signature does not match its content (altered after signing?)")]
+    BadSignature,
+}
+
+/// An Ed25519 public key of a maintainer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PublicKey(pub [u8; 32]);
+
+impl PublicKey {
+    pub fn from_bytes(b: &[u8]) -> Option<PublicKey> {
+        b.try_into().ok().map(PublicKey)
+    }
+
+    /// Hex of the key: how it is shown and stored.
+    pub fn hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// Short id for messages: the first 16 hex digits of the key's SHA-256.
+    pub fn id(&self) -> String {
+        hex::encode(&Sha256::digest(self.0)[..8])
+    }
+
+    pub fn to_pem(&self) -> String {
+        let mut der = SPKI_PREFIX.to_vec();
+        der.extend_from_slice(&self.0);
+        pem::encode(&pem::Pem::new("PUBLIC KEY", der))
+    }
+
+    /// Every `PUBLIC KEY` block of a PEM text (a file may hold several).
+    pub fn parse_pem(text: &str) -> Result<Vec<PublicKey>, String> {
+        let blocks = pem::parse_many(text).map_err(|e| format!("not PEM: {e}"))?;
+        let mut keys = Vec::new();
+        for b in blocks.iter().filter(|b| b.tag() == "PUBLIC KEY") {
+            let der = b.contents();
+            match der.strip_prefix(&SPKI_PREFIX[..]).and_then(PublicKey::from_bytes) {
+                Some(k) => keys.push(k),
+                None => return Err("a PUBLIC KEY block that is not an Ed25519 key".into()),
+            }
+        }
+        if keys.is_empty() {
+            return Err("no PUBLIC KEY block".into());
+        }
+        Ok(keys)
+    }
+
+    pub fn load(path: &Path) -> Result<Vec<PublicKey>, BundleError> {
+        let text = std::fs::read_to_string(path).map_err(|source| BundleError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        PublicKey::parse_pem(&text).map_err(|reason| BundleError::BadKey {
+            path: path.to_owned(),
+            reason,
+        })
+    }
+}
+
+/// A maintainer's signing key.
+pub struct SigningKey(Ed25519KeyPair);
+
+impl SigningKey {
+    /// A new key: the private key PEM (PKCS#8) and the public key.
+    pub fn generate() -> Result<(String, PublicKey), String> {
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
+            .map_err(|_| "cannot generate a key".to_string())?;
+        let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
+            .map_err(|_| "cannot read the generated key".to_string())?;
+        let public = PublicKey::from_bytes(pair.public_key().as_ref())
+            .ok_or_else(|| "unexpected public key size".to_string())?;
+        Ok((
+            pem::encode(&pem::Pem::new("PRIVATE KEY", pkcs8.as_ref().to_vec())),
+            public,
+        ))
+    }
+
+    pub fn from_pem(text: &str) -> Result<SigningKey, String> {
+        let block = pem::parse(text).map_err(|e| format!("not PEM: {e}"))?;
+        if block.tag() != "PRIVATE KEY" {
+            return Err(format!("a `{}` block, not a PRIVATE KEY", block.tag()));
+        }
+        Ed25519KeyPair::from_pkcs8_maybe_unchecked(block.contents())
+            .map(SigningKey)
+            .map_err(|e| format!("not an Ed25519 PKCS#8 key: {e}"))
+    }
+
+    pub fn load(path: &Path) -> Result<SigningKey, BundleError> {
+        let text = std::fs::read_to_string(path).map_err(|source| BundleError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        SigningKey::from_pem(&text).map_err(|reason| BundleError::BadKey {
+            path: path.to_owned(),
+            reason,
+        })
+    }
+
+    pub fn public(&self) -> PublicKey {
+        let mut k = [0u8; 32];
+        k.copy_from_slice(self.0.public_key().as_ref());
+        PublicKey(k)
+    }
+
+    pub fn sign(&self, content: &[u8]) -> Vec<u8> {
+        self.0.sign(content).as_ref().to_vec()
+    }
+}
+
+/// SHA-256 of encoded content, hex.
+pub fn digest(content: &[u8]) -> String {
+    hex::encode(Sha256::digest(content))
+}
+
+/// Encodes content canonically (sorts the files by path).
+pub fn encode(content: &BundleContent) -> Vec<u8> {
+    let mut c = content.clone();
+    c.files.sort_by(|a, b| a.path.cmp(&b.path));
+    c.encode_to_vec()
+}
+
+/// Decodes and checks content: size limits, safe unique sorted paths, canonical encoding.
+pub fn decode(bytes: &[u8]) -> Result<BundleContent, BundleError> {
+    let bad = |m: String| Err(BundleError::Malformed(m));
+    if bytes.len() > MAX_CONTENT_BYTES {
+        return bad(format!(
+            "{} bytes is more than the {MAX_CONTENT_BYTES}-byte limit",
+            bytes.len()
+        ));
+    }
+    let c = BundleContent::decode(bytes).map_err(|e| BundleError::Malformed(e.to_string()))?;
+    if c.name.len() > MAX_NAME || c.publisher.len() > MAX_NAME {
+        return bad(format!("name or publisher longer than {MAX_NAME} bytes"));
+    }
+    if c.version == 0 {
+        return bad("version 0".into());
+    }
+    if c.files.len() > MAX_FILES {
+        return bad(format!("{} files (at most {MAX_FILES})", c.files.len()));
+    }
+    for f in &c.files {
+        check_path(&f.path).map_err(BundleError::Malformed)?;
+    }
+    if c.files.windows(2).any(|w| w[0].path >= w[1].path) {
+        return bad("files not sorted by path, or a path given twice".into());
+    }
+    if c.encode_to_vec() != bytes {
+        return bad("not canonically encoded".into());
+    }
+    Ok(c)
+}
+
+/// A bundle path: relative, `/`-separated, no `.`/`..`, printable, a known kind of file.
+fn check_path(p: &str) -> Result<(), String> {
+    if p.is_empty() || p.len() > MAX_PATH {
+        return Err(format!("file path `{p}`: empty or longer than {MAX_PATH} bytes"));
+    }
+    if p.starts_with('/')
+        || p.contains('\\')
+        || p.chars().any(char::is_control)
+        || p.split('/').any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return Err(format!("file path `{p}` is not a clean relative path"));
+    }
+    let path = Path::new(p);
+    if !is_yara_file(path) && IocKind::of_path(path).is_none() {
+        return Err(format!(
+            "file `{p}` is neither a YARA file (.yar, .yara) nor an indicator list (a name containing hash, filename, c2, process or cmdline)"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the signature against the trusted keys. `allow_unsigned` accepts a bundle with no
+/// signature at all (an insecure setting); a present signature is always checked.
+pub fn verify(
+    content: &[u8],
+    signature: &[u8],
+    signer_key: &[u8],
+    trusted: &[PublicKey],
+    allow_unsigned: bool,
+) -> Result<Option<PublicKey>, BundleError> {
+    if signature.is_empty() && signer_key.is_empty() {
+        return if allow_unsigned {
+            Ok(None)
+        } else {
+            Err(BundleError::Unsigned)
+        };
+    }
+    let key = PublicKey::from_bytes(signer_key)
+        .ok_or_else(|| BundleError::Malformed("signer key is not 32 bytes".into()))?;
+    if !trusted.contains(&key) {
+        return Err(BundleError::UntrustedSigner(key.id()));
+    }
+    UnparsedPublicKey::new(&ED25519, key.0)
+        .verify(content, signature)
+        .map_err(|_| BundleError::BadSignature)?;
+    Ok(Some(key))
+}
+
+/// Reads files and directories (recursively, every YARA file and indicator list) into bundle
+/// files. A file given directly is named by its file name; files under a directory by their
+/// path relative to it.
+pub fn files_from_paths(paths: &[PathBuf]) -> Result<Vec<BundleFile>, BundleError> {
+    let mut out: Vec<BundleFile> = Vec::new();
+    for p in paths {
+        let read_err = |source| BundleError::Read {
+            path: p.clone(),
+            source,
+        };
+        let meta = std::fs::metadata(p).map_err(read_err)?;
+        let files = if meta.is_dir() {
+            rule_files_under(p).map_err(|e| BundleError::Malformed(e.to_string()))?
+        } else {
+            vec![p.clone()]
+        };
+        for f in files {
+            let rel = if meta.is_dir() {
+                f.strip_prefix(p).unwrap_or(&f).to_owned()
+            } else {
+                PathBuf::from(f.file_name().unwrap_or(f.as_os_str()))
+            };
+            let name: Vec<String> = rel
+                .components()
+                .filter_map(|c| match c {
+                    Component::Normal(s) => Some(s.to_string_lossy().into_owned()),
+                    _ => None,
+                })
+                .collect();
+            let name = name.join("/");
+            check_path(&name).map_err(|reason| BundleError::Malformed(format!("{}: {reason}", f.display())))?;
+            if out.iter().any(|x| x.path == name) {
+                return Err(BundleError::Malformed(format!(
+                    "two files would be named `{name}` in the bundle (rename one)"
+                )));
+            }
+            let data = std::fs::read(&f).map_err(|source| BundleError::Read {
+                path: f.clone(),
+                source,
+            })?;
+            out.push(BundleFile { path: name, data });
+        }
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(out)
+}
+
+/// Adds every file of a bundle to a builder, named `bundle:<path>`.
+pub fn add_to(builder: &mut RuleSetBuilder, content: &BundleContent) {
+    for f in &content.files {
+        let origin = PathBuf::from(format!("{ORIGIN_PREFIX}{}", f.path));
+        if is_yara_file(&origin) {
+            builder.add_yara_source(&origin, &f.data);
+        } else if let Some(kind) = IocKind::of_path(&origin) {
+            builder.add_ioc_source(kind, &origin, &f.data);
+        }
+    }
+}
+
+/// Whether a problem comes from a bundle file (not a host-local one).
+pub fn is_bundle_problem(p: &Problem) -> bool {
+    p.path.to_string_lossy().starts_with(ORIGIN_PREFIX)
+}
+
+/// Whether a problem is in a YARA file (as opposed to an indicator line).
+pub fn is_yara_problem(p: &Problem) -> bool {
+    is_yara_file(&p.path)
+}
+
+/// Compiles a bundle on its own. Every YARA problem, and with `strict` every indicator problem,
+/// is returned as an error; without `strict` indicator problems come back as warnings.
+pub fn validate(content: &BundleContent, strict: bool) -> Result<(RuleSet, Vec<Problem>), Vec<Problem>> {
+    let mut b = RuleSetBuilder::new();
+    add_to(&mut b, content);
+    let set = b.build(content.version);
+    let (fatal, warnings): (Vec<Problem>, Vec<Problem>) = set
+        .report()
+        .problems
+        .iter()
+        .cloned()
+        .partition(|p| strict || is_yara_problem(p));
+    if fatal.is_empty() {
+        Ok((set, warnings))
+    } else {
+        Err(fatal)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn content() -> BundleContent {
+        BundleContent {
+            name: "fleet".into(),
+            version: 3,
+            created_at_ms: 1,
+            publisher: "alice".into(),
+            files: vec![
+                BundleFile {
+                    path: "b/x.yar".into(),
+                    data: b"rule x { condition: true }".to_vec(),
+                },
+                BundleFile {
+                    path: "a-hash-iocs.txt".into(),
+                    data: b"d41d8cd98f00b204e9800998ecf8427e;empty\n".to_vec(),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn signed_content_verifies_and_any_change_breaks_it() {
+        let (pem, public) = SigningKey::generate().unwrap();
+        let key = SigningKey::from_pem(&pem).unwrap();
+        assert_eq!(key.public(), public);
+        let bytes = encode(&content());
+        let sig = key.sign(&bytes);
+        let got = verify(&bytes, &sig, &public.0, &[public], false).unwrap();
+        assert_eq!(got, Some(public));
+        let decoded = decode(&bytes).unwrap();
+        assert_eq!(decoded.files[0].path, "a-hash-iocs.txt", "files are sorted");
+
+        let mut altered = bytes.clone();
+        let last = altered.len() - 1;
+        altered[last] ^= 1;
+        assert!(matches!(
+            verify(&altered, &sig, &public.0, &[public], false),
+            Err(BundleError::BadSignature)
+        ));
+        let (_, other) = SigningKey::generate().unwrap();
+        assert!(matches!(
+            verify(&bytes, &sig, &public.0, &[other], false),
+            Err(BundleError::UntrustedSigner(_))
+        ));
+        assert!(matches!(
+            verify(&bytes, &[], &[], &[public], false),
+            Err(BundleError::Unsigned)
+        ));
+        assert!(verify(&bytes, &[], &[], &[public], true).unwrap().is_none());
+    }
+
+    #[test]
+    fn keys_round_trip_through_pem() {
+        let (_, public) = SigningKey::generate().unwrap();
+        let pem = public.to_pem();
+        assert!(pem.contains("BEGIN PUBLIC KEY"));
+        assert_eq!(PublicKey::parse_pem(&pem).unwrap(), vec![public]);
+        assert!(PublicKey::parse_pem("junk").is_err());
+    }
+
+    #[test]
+    fn unsafe_paths_and_non_canonical_bytes_are_refused() {
+        for p in ["../x.yar", "/etc/x.yar", "a//x.yar", "a/./x.yar", "notes.md"] {
+            let mut c = content();
+            c.files = vec![BundleFile {
+                path: p.into(),
+                data: vec![],
+            }];
+            assert!(decode(&c.encode_to_vec()).is_err(), "{p}");
+        }
+        // Unsorted files: valid protobuf, not canonical.
+        let c = content();
+        assert!(decode(&c.encode_to_vec()).is_err());
+        assert!(decode(&encode(&c)).is_ok());
+    }
+
+    #[test]
+    fn validation_names_the_file_and_line() {
+        let mut c = content();
+        c.files.push(BundleFile {
+            path: "c/broken.yar".into(),
+            data: b"rule ok { condition: true }\n\nrule broken { condition: nope }\n".to_vec(),
+        });
+        let errs = validate(&c, false).err().unwrap();
+        let text = errs[0].to_string();
+        assert!(text.starts_with("bundle:c/broken.yar:3:"), "{text}");
+    }
+}

@@ -1,0 +1,238 @@
+//! `vedettectl keys` and `vedettectl rules`: the maintainers' side of rule bundles.
+//!
+//! Publishing validates locally first (every YARA file compiled with yara-x, every indicator
+//! list parsed), so nothing is sent while a problem remains; then the content is signed with the
+//! maintainer's Ed25519 key for the next version and sent. The collector checks it all again.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde_json::json;
+use vedette_engine::RuleSetBuilder;
+use vedette_engine::bundle::{self, BundleContent, PublicKey, SigningKey};
+use vedette_proto::v1::{
+    BundleInfo, BundleRolloutRequest, BundleRolloutResponse, GetBundleRequest, ListBundlesRequest,
+    PublishBundleRequest, PublishBundleResponse,
+};
+
+use crate::ctl::{CtlConfig, rfc3339_ms, status_error};
+use crate::store::now_ms;
+
+/// Writes a new maintainer key pair: `PREFIX.key` (0600) and `PREFIX.pub`.
+pub fn keys_generate(out: &Path) -> anyhow::Result<(PathBuf, PathBuf, PublicKey)> {
+    let (private, public) = SigningKey::generate().map_err(anyhow::Error::msg)?;
+    let with = |ext: &str| {
+        let mut p = out.as_os_str().to_owned();
+        p.push(ext);
+        PathBuf::from(p)
+    };
+    let (key, pubf) = (with(".key"), with(".pub"));
+    for (path, text, mode) in [(&key, private, 0o600), (&pubf, public.to_pem(), 0o644)] {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(path)
+            .with_context(|| format!("cannot create `{}`", path.display()))?;
+        f.write_all(text.as_bytes())
+            .with_context(|| format!("cannot write `{}`", path.display()))?;
+    }
+    Ok((key, pubf, public))
+}
+
+/// Options of `rules publish` and `rules rollback`.
+pub struct PublishOptions {
+    pub sign_key: Option<PathBuf>,
+    pub insecure_unsigned: bool,
+    pub publisher: Option<String>,
+}
+
+impl PublishOptions {
+    fn key(&self, cfg: &CtlConfig) -> anyhow::Result<Option<SigningKey>> {
+        if self.insecure_unsigned {
+            return Ok(None);
+        }
+        let Some(path) = self.sign_key.as_ref().or(cfg.sign_key.as_ref()) else {
+            bail!(
+                "no signing key: pass --sign-key KEY or set `sign_key` in vedettectl.toml \
+                 (make one with `vedettectl keys generate --out PREFIX`)"
+            );
+        };
+        Ok(Some(SigningKey::load(path)?))
+    }
+
+    fn publisher(&self) -> String {
+        self.publisher
+            .clone()
+            .or_else(|| std::env::var("USER").ok())
+            .unwrap_or_else(|| "vedettectl".into())
+    }
+}
+
+/// Checks rule files locally: every problem as `file:line: reason`. YARA problems always stop
+/// the publish; indicator lines that do not parse stop it with `strict`, and are warnings
+/// otherwise (agents skip those lines).
+pub fn validate_paths(paths: &[PathBuf], strict: bool) -> anyhow::Result<Vec<String>> {
+    let mut b = RuleSetBuilder::new();
+    for p in paths {
+        b.add_path(p)?;
+    }
+    let set = b.build(0);
+    let (fatal, warnings): (Vec<_>, Vec<_>) = set
+        .report()
+        .problems
+        .iter()
+        .partition(|p| strict || bundle::is_yara_problem(p));
+    if !fatal.is_empty() {
+        let list: Vec<String> = fatal.iter().map(|p| format!("  {p}")).collect();
+        bail!(
+            "{} problem(s); nothing was published:\n{}",
+            fatal.len(),
+            list.join("\n")
+        );
+    }
+    Ok(warnings.iter().map(|p| p.to_string()).collect())
+}
+
+async fn latest(cfg: &CtlConfig) -> anyhow::Result<Option<BundleInfo>> {
+    let mut c = cfg.client().await?;
+    let list = c
+        .list_bundles(ListBundlesRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    Ok(list.bundles.into_iter().max_by_key(|b| b.version))
+}
+
+/// Signs `content` as the next version and sends it.
+async fn send(
+    cfg: &CtlConfig,
+    mut content: BundleContent,
+    opts: &PublishOptions,
+    name: Option<String>,
+) -> anyhow::Result<PublishBundleResponse> {
+    let key = opts.key(cfg)?;
+    let prev = latest(cfg).await?;
+    content.version = prev.as_ref().map_or(0, |b| b.version) + 1;
+    content.name = name
+        .or_else(|| prev.map(|b| b.name))
+        .unwrap_or_else(|| "rules".into());
+    content.created_at_ms = now_ms();
+    content.publisher = opts.publisher();
+    let bytes = bundle::encode(&content);
+    if bytes.len() > bundle::MAX_CONTENT_BYTES {
+        bail!(
+            "the bundle is {} bytes, more than the {} allowed",
+            bytes.len(),
+            bundle::MAX_CONTENT_BYTES
+        );
+    }
+    let (signature, signer_key) = match &key {
+        Some(k) => (k.sign(&bytes), k.public().0.to_vec()),
+        None => (Vec::new(), Vec::new()),
+    };
+    let mut c = cfg.client().await?;
+    Ok(c.publish_bundle(PublishBundleRequest {
+        content: bytes,
+        signature,
+        signer_key,
+    })
+    .await
+    .map_err(status_error)?
+    .into_inner())
+}
+
+/// `rules publish`: returns the response and the local warnings.
+pub async fn publish(
+    cfg: &CtlConfig,
+    paths: &[PathBuf],
+    name: Option<String>,
+    strict: bool,
+    opts: &PublishOptions,
+) -> anyhow::Result<(PublishBundleResponse, Vec<String>)> {
+    let warnings = validate_paths(paths, strict)?;
+    let files = bundle::files_from_paths(paths)?;
+    if files.is_empty() {
+        bail!("no YARA files (.yar, .yara) or indicator lists found in the given paths");
+    }
+    let content = BundleContent {
+        files,
+        ..Default::default()
+    };
+    Ok((send(cfg, content, opts, name).await?, warnings))
+}
+
+/// Fetches a version's content (checked to decode).
+pub async fn fetch(cfg: &CtlConfig, version: u64) -> anyhow::Result<(BundleInfo, BundleContent)> {
+    let mut c = cfg.client().await?;
+    let r = c
+        .get_bundle(GetBundleRequest { version })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let content = bundle::decode(&r.content)?;
+    Ok((r.info.unwrap_or_default(), content))
+}
+
+/// `rules rollback VERSION`: the content of VERSION, signed and published as a new version.
+pub async fn rollback(
+    cfg: &CtlConfig,
+    version: u64,
+    opts: &PublishOptions,
+) -> anyhow::Result<PublishBundleResponse> {
+    let (info, content) = fetch(cfg, version).await?;
+    send(cfg, content, opts, Some(info.name)).await
+}
+
+pub async fn list(cfg: &CtlConfig) -> anyhow::Result<Vec<BundleInfo>> {
+    let mut c = cfg.client().await?;
+    Ok(c.list_bundles(ListBundlesRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .bundles)
+}
+
+pub async fn rollout(cfg: &CtlConfig, version: u64) -> anyhow::Result<BundleRolloutResponse> {
+    let mut c = cfg.client().await?;
+    Ok(c.bundle_rollout(BundleRolloutRequest { version })
+        .await
+        .map_err(status_error)?
+        .into_inner())
+}
+
+pub fn info_json(b: &BundleInfo) -> serde_json::Value {
+    json!({
+        "version": b.version,
+        "name": b.name,
+        "created_at": rfc3339_ms(b.created_at_ms),
+        "publisher": b.publisher,
+        "published_by": b.published_by,
+        "published_at": rfc3339_ms(b.published_at_ms),
+        "digest": b.digest,
+        "signer_key": b.signer_key,
+        "files": b.files,
+        "size": b.size,
+    })
+}
+
+pub fn rollout_json(r: &BundleRolloutResponse) -> serde_json::Value {
+    json!({
+        "version": r.version,
+        "on_version": r.on_version,
+        "behind": r.behind,
+        "failed": r.failed,
+        "ahead": r.ahead,
+        "agents": r.agents.iter().map(|a| json!({
+            "agent_id": a.agent_id,
+            "hostname": a.hostname,
+            "applied_version": a.applied_version,
+            "applied_at": rfc3339_ms(a.applied_at_ms),
+            "failed_version": a.failed_version,
+            "error": a.error,
+            "connected": a.connected,
+        })).collect::<Vec<_>>(),
+    })
+}
