@@ -61,7 +61,9 @@ impl Fleet {
             trusted.extend(PublicKey::load(p)?);
         }
         if trusted.is_empty() && !allow_unsigned {
-            warn!("no maintainer keys are trusted: rule bundles from the collector will be refused");
+            warn!(
+                "no maintainer keys are trusted: rule bundles from the collector will be refused"
+            );
         }
         let mut fleet = Fleet {
             local,

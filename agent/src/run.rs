@@ -26,8 +26,8 @@ use vedette_proto::v1::{BundleStatus, Detection, RuleBundle};
 
 use crate::config::Settings;
 use crate::counters::Counters;
-use crate::scan::ScanPool;
 use crate::rules::Fleet;
+use crate::scan::ScanPool;
 use crate::ship::{self, ShipConfig, Spooled};
 use crate::spool::Spool;
 use crate::state::StateDir;
@@ -155,11 +155,7 @@ pub async fn run(
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
     if !settings.scan_paths.is_empty() {
-        let (det, counters, stop) = (
-            det_tx.clone(),
-            counters.clone(),
-            stop.clone(),
-        );
+        let (det, counters, stop) = (det_tx.clone(), counters.clone(), stop.clone());
         let cache_path = state.dir.join("scan-cache.bin");
         let settings = settings.clone();
         let fleet = fleet.clone();

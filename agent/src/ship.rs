@@ -192,7 +192,11 @@ pub async fn run(
         let addr = s.cfg.collectors[attempt % s.cfg.collectors.len()].clone();
         attempt += 1;
         s.counters.inc("connect_attempts");
-        let applied = s.bundles.fleet.applied.load(std::sync::atomic::Ordering::Relaxed);
+        let applied = s
+            .bundles
+            .fleet
+            .applied
+            .load(std::sync::atomic::Ordering::Relaxed);
         let end = match open(&s.cfg, &addr, applied).await {
             Ok((up, down)) => {
                 info!(collector = %addr, "connected to collector");

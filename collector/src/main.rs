@@ -214,4 +214,3 @@ fn issue(
     write_new(&crt, cert.cert_pem.as_bytes(), 0o644)?;
     Ok((crt, key))
 }
-

@@ -2,5 +2,6 @@
 //! real inotify, real SQLite, real YARA, certificates made by `vedette-collector init`.
 
 mod backbone;
+mod bundles;
 mod delivery;
 mod engine;

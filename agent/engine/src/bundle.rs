@@ -85,7 +85,10 @@ impl PublicKey {
         let mut keys = Vec::new();
         for b in blocks.iter().filter(|b| b.tag() == "PUBLIC KEY") {
             let der = b.contents();
-            match der.strip_prefix(&SPKI_PREFIX[..]).and_then(PublicKey::from_bytes) {
+            match der
+                .strip_prefix(&SPKI_PREFIX[..])
+                .and_then(PublicKey::from_bytes)
+            {
                 Some(k) => keys.push(k),
                 None => return Err("a PUBLIC KEY block that is not an Ed25519 key".into()),
             }
@@ -204,7 +207,9 @@ pub fn decode(bytes: &[u8]) -> Result<BundleContent, BundleError> {
 /// A bundle path: relative, `/`-separated, no `.`/`..`, printable, a known kind of file.
 fn check_path(p: &str) -> Result<(), String> {
     if p.is_empty() || p.len() > MAX_PATH {
-        return Err(format!("file path `{p}`: empty or longer than {MAX_PATH} bytes"));
+        return Err(format!(
+            "file path `{p}`: empty or longer than {MAX_PATH} bytes"
+        ));
     }
     if p.starts_with('/')
         || p.contains('\\')
@@ -279,7 +284,8 @@ pub fn files_from_paths(paths: &[PathBuf]) -> Result<Vec<BundleFile>, BundleErro
                 })
                 .collect();
             let name = name.join("/");
-            check_path(&name).map_err(|reason| BundleError::Malformed(format!("{}: {reason}", f.display())))?;
+            check_path(&name)
+                .map_err(|reason| BundleError::Malformed(format!("{}: {reason}", f.display())))?;
             if out.iter().any(|x| x.path == name) {
                 return Err(BundleError::Malformed(format!(
                     "two files would be named `{name}` in the bundle (rename one)"
@@ -320,7 +326,10 @@ pub fn is_yara_problem(p: &Problem) -> bool {
 
 /// Compiles a bundle on its own. Every YARA problem, and with `strict` every indicator problem,
 /// is returned as an error; without `strict` indicator problems come back as warnings.
-pub fn validate(content: &BundleContent, strict: bool) -> Result<(RuleSet, Vec<Problem>), Vec<Problem>> {
+pub fn validate(
+    content: &BundleContent,
+    strict: bool,
+) -> Result<(RuleSet, Vec<Problem>), Vec<Problem>> {
     let mut b = RuleSetBuilder::new();
     add_to(&mut b, content);
     let set = b.build(content.version);
@@ -402,7 +411,13 @@ mod tests {
 
     #[test]
     fn unsafe_paths_and_non_canonical_bytes_are_refused() {
-        for p in ["../x.yar", "/etc/x.yar", "a//x.yar", "a/./x.yar", "notes.md"] {
+        for p in [
+            "../x.yar",
+            "/etc/x.yar",
+            "a//x.yar",
+            "a/./x.yar",
+            "notes.md",
+        ] {
             let mut c = content();
             c.files = vec![BundleFile {
                 path: p.into(),

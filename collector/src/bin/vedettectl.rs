@@ -337,13 +337,20 @@ async fn rules(cmd: RulesCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
             } else {
                 println!("version:      {}", info.version);
                 println!("name:         {}", info.name);
-                println!("publisher:    {} (certificate {})", info.publisher, info.published_by);
+                println!(
+                    "publisher:    {} (certificate {})",
+                    info.publisher, info.published_by
+                );
                 println!("created:      {}", ctl::rfc3339_ms(info.created_at_ms));
                 println!("published:    {}", ctl::rfc3339_ms(info.published_at_ms));
                 println!("sha256:       {}", info.digest);
                 println!(
                     "signed by:    {}",
-                    if info.signer_key.is_empty() { "nobody (unsigned)".to_string() } else { info.signer_key.clone() }
+                    if info.signer_key.is_empty() {
+                        "nobody (unsigned)".to_string()
+                    } else {
+                        info.signer_key.clone()
+                    }
                 );
                 println!("files:");
                 for f in &content.files {
@@ -373,4 +380,3 @@ async fn rules(cmd: RulesCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
     }
     Ok(())
 }
-

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use rand::RngCore;
 use tonic::{Request, Response, Status};
 use tracing::info;
-use vedette_proto::v1::admin_service_server::AdminService;
 use vedette_engine::bundle::{self, BundleError};
+use vedette_proto::v1::admin_service_server::AdminService;
 use vedette_proto::v1::{
     AgentBundleState, AgentInfo, BundleContent, BundleInfo, BundleRolloutRequest,
     BundleRolloutResponse, CreateTokenRequest, CreateTokenResponse, GetBundleRequest,
@@ -86,7 +86,8 @@ fn check_bundle(state: &State, req: &PublishBundleRequest) -> Result<BundleConte
         ),
         e => Status::permission_denied(e.to_string()),
     })?;
-    let content = bundle::decode(&req.content).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let content =
+        bundle::decode(&req.content).map_err(|e| Status::invalid_argument(e.to_string()))?;
     if let Err(problems) = bundle::validate(&content, false) {
         let list: Vec<String> = problems.iter().take(20).map(|p| p.to_string()).collect();
         return Err(Status::invalid_argument(format!(
@@ -107,11 +108,10 @@ impl AdminService for AdminSvc {
         who.require_role(Role::Maintainer)?;
         let req = request.into_inner();
         let state = self.state.clone();
-        let (content, req) = tokio::task::spawn_blocking(move || {
-            check_bundle(&state, &req).map(|c| (c, req))
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))??;
+        let (content, req) =
+            tokio::task::spawn_blocking(move || check_bundle(&state, &req).map(|c| (c, req)))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))??;
         let row = BundleRow {
             version: content.version,
             name: content.name.clone(),

@@ -12,13 +12,13 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
-use vedette_engine::bundle::PublicKey;
-use vedette_proto::v1::RuleBundle;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
+use vedette_engine::bundle::PublicKey;
 use vedette_proto::limits::MAX_MESSAGE_BYTES;
+use vedette_proto::v1::RuleBundle;
 use vedette_proto::v1::admin_service_server::AdminServiceServer;
 use vedette_proto::v1::agent_service_server::AgentServiceServer;
 

@@ -356,9 +356,10 @@ impl Store {
     pub fn insert_bundle(&self, b: &BundleRow) -> Result<Result<(), u64>, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let latest: i64 = tx.query_row("SELECT COALESCE(MAX(version), 0) FROM bundles", [], |r| {
-            r.get(0)
-        })?;
+        let latest: i64 =
+            tx.query_row("SELECT COALESCE(MAX(version), 0) FROM bundles", [], |r| {
+                r.get(0)
+            })?;
         if b.version as i64 <= latest {
             return Ok(Err(latest as u64));
         }
