@@ -110,6 +110,8 @@ fn published_bundles_reach_every_agent_and_new_rules_fire_without_restart() {
         .iter()
         .map(|(a, _)| a.proc.as_ref().unwrap().child.id())
         .collect();
+    // Already on disk before any rule could match it: found by the rescan a new bundle starts.
+    std::fs::write(f.agents[1].1.join("before.txt"), "VEDETTE-BUNDLE-ONE").unwrap();
     let v1 = f.tmp.join("v1");
     yara(&v1, "bundle_one", "VEDETTE-BUNDLE-ONE");
     let out = publish(&f.c, &[v1.to_str().unwrap()]);
@@ -120,9 +122,23 @@ fn published_bundles_reach_every_agent_and_new_rules_fire_without_restart() {
     wait_version(&f.c, &agents, 1);
 
     std::fs::write(f.agents[0].1.join("a.txt"), "xx VEDETTE-BUNDLE-ONE xx").unwrap();
-    let d = detection(&f.c, "bundle_one");
+    let of = |agent: &Agent, rule: &str| {
+        let (c, id, rule) = (&f.c, agent.id.clone(), rule.to_string());
+        wait_for(
+            Duration::from_secs(20),
+            &format!("a `{rule}` detection from {id}"),
+            move || {
+                c.detections()
+                    .into_iter()
+                    .find(|d| d["rule"] == rule.as_str() && d["agent_id"] == id.as_str())
+            },
+        )
+    };
+    let d = of(&f.agents[0].0, "bundle_one");
     assert_eq!(d["bundle_version"], 1);
-    assert_eq!(d["agent_id"], f.agents[0].0.id.as_str());
+    assert!(d["path"].as_str().unwrap().ends_with("a.txt"), "{d}");
+    let d = of(&f.agents[1].0, "bundle_one");
+    assert!(d["path"].as_str().unwrap().ends_with("before.txt"), "{d}");
 
     // v2 adds a rule; both agents switch to it and it fires on a file written afterwards.
     let v2 = f.tmp.join("v2");

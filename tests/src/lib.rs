@@ -11,20 +11,20 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// Where cargo put the workspace binaries (next to the test executable's `deps/`).
+/// Where cargo put the workspace binaries: next to this executable (a benchmark binary), or
+/// one level up (a test executable in `deps/`).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target directory");
-    let p = dir.join(name);
-    assert!(
-        p.exists(),
-        "`{}` is missing: build the binaries first (`cargo test --workspace` does)",
-        p.display()
-    );
-    p
+    let here = exe.parent().expect("executable directory");
+    let p = [here.join(name), here.parent().unwrap_or(here).join(name)]
+        .into_iter()
+        .find(|p| p.exists());
+    p.unwrap_or_else(|| {
+        panic!(
+            "`{name}` is missing next to `{}`: build the binaries first (`cargo test --workspace` does)",
+            exe.display()
+        )
+    })
 }
 
 /// A free TCP port on 127.0.0.1.
