@@ -33,7 +33,8 @@ enum Command {
     /// Create a new CA, the server certificate, an operator certificate and the config files.
     ///
     /// Writes into DIR: ca.crt, ca.key (0600), server.crt/.key, operator.crt/.key (the
-    /// certificate vedettectl uses; roles operator and maintainer), collector.toml and
+    /// certificate vedettectl uses; roles operator and maintainer), maintainer.key (0600) and
+    /// maintainer.pub (the first rule-signing key, trusted from the start), collector.toml and
     /// vedettectl.toml. Refuses to overwrite an existing CA.
     Init {
         /// Directory to create the files in (created 0700 if missing).
@@ -108,6 +109,8 @@ fn main() -> ExitCode {
                 println!(
                     "  vedette-agent run --state-dir /var/lib/vedette --watch /srv --rules /etc/vedette/rules"
                 );
+                println!("  # publish signed rules to every agent:");
+                println!("  vedettectl rules publish /path/to/rules");
                 ExitCode::SUCCESS
             }
             Err(e) => {
