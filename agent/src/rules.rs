@@ -28,6 +28,8 @@ pub struct Fleet {
     trusted: Vec<PublicKey>,
     allow_unsigned: bool,
     last_good: PathBuf,
+    /// Compiled YARA rules of the last build, reused while the sources are unchanged.
+    compiled: PathBuf,
     /// The rule set every scanner uses.
     pub current: Arc<ArcSwap<RuleSet>>,
     /// Version of the applied bundle (0: none).
@@ -70,6 +72,7 @@ impl Fleet {
             trusted,
             allow_unsigned,
             last_good: state.bundle(),
+            compiled: state.dir.join("compiled-rules.bin"),
             current: Arc::new(ArcSwap::from_pointee(RuleSet::empty())),
             applied: AtomicU64::new(0),
             rescan: AtomicBool::new(false),
@@ -139,7 +142,7 @@ impl Fleet {
         if let Some(c) = content {
             bundle::add_to(&mut b, c);
         }
-        let set = b.build(content.map_or(0, |c| c.version));
+        let set = b.build_cached(content.map_or(0, |c| c.version), &self.compiled);
         let report = set.report();
         let bad: Vec<String> = report
             .problems

@@ -5,7 +5,7 @@
 //! summarised, not errors.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
@@ -31,7 +31,9 @@ pub struct ScanArgs {
 }
 
 /// Loads rules for a scan, printing problems to stderr. None when loading must stop the scan.
-pub fn load_rules(paths: &[PathBuf], strict: bool) -> Option<RuleSet> {
+/// With `compiled`, compiled YARA rules are kept there and reused while the sources are
+/// unchanged.
+pub fn load_rules(paths: &[PathBuf], strict: bool, compiled: Option<&Path>) -> Option<RuleSet> {
     let mut b = RuleSetBuilder::new();
     for p in paths {
         if let Err(e) = b.add_path(p) {
@@ -39,7 +41,10 @@ pub fn load_rules(paths: &[PathBuf], strict: bool) -> Option<RuleSet> {
             return None;
         }
     }
-    let rules = b.build(0);
+    let rules = match compiled {
+        Some(c) => b.build_cached(0, c),
+        None => b.build(0),
+    };
     let r = rules.report();
     for p in &r.problems {
         eprintln!("{}: {p}", if strict { "error" } else { "warning" });
@@ -80,7 +85,13 @@ pub fn run(args: ScanArgs) -> u8 {
         eprintln!("error: {e}");
         return 2;
     }
-    let Some(rules) = load_rules(&args.rules, args.strict) else {
+    // Beside the result cache: the compiled rules, so a second run does not compile again.
+    let compiled = args.cache.as_ref().map(|c| {
+        let mut p = c.as_os_str().to_owned();
+        p.push(".rules");
+        PathBuf::from(p)
+    });
+    let Some(rules) = load_rules(&args.rules, args.strict, compiled.as_deref()) else {
         return 2;
     };
     let started = Instant::now();

@@ -239,6 +239,13 @@ fn unchanged_files_come_from_the_cache_and_rewritten_ones_are_rescanned() {
         "{}",
         stderr(&first)
     );
+    // The compiled rules are kept beside the cache, private; the runs below load them from
+    // there and still detect.
+    let compiled = tmp.path().join("cache.bin.rules");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&compiled).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
     let second = scan(&args, Duration::from_secs(60));
     assert!(
         stderr(&second).contains("scanned 20 files (20 unchanged, from cache)"),

@@ -116,7 +116,11 @@ async fn main() {
                 let status = BundleStatus {
                     version: b.version,
                     applied: ok,
-                    error: if ok { String::new() } else { "bad bundle".into() },
+                    error: if ok {
+                        String::new()
+                    } else {
+                        "bad bundle".into()
+                    },
                 };
                 if up
                     .send(AgentMessage {
@@ -130,12 +134,7 @@ async fn main() {
             }
         }));
     }
-    let connected = || {
-        c.agents()
-            .iter()
-            .filter(|a| a["connected"] == true)
-            .count()
-    };
+    let connected = || c.agents().iter().filter(|a| a["connected"] == true).count();
     let deadline = Instant::now() + Duration::from_secs(120);
     while connected() < agents {
         assert!(Instant::now() < deadline, "agents did not all connect");
@@ -154,7 +153,9 @@ async fn main() {
         std::fs::create_dir_all(&dir).expect("rules dir");
         std::fs::write(
             dir.join("fanout.yar"),
-            format!("rule fanout_{round} {{ strings: $a = \"VEDETTE-FANOUT-{round}\" condition: $a }}\n"),
+            format!(
+                "rule fanout_{round} {{ strings: $a = \"VEDETTE-FANOUT-{round}\" condition: $a }}\n"
+            ),
         )
         .expect("rule file");
         let t0 = Instant::now();
@@ -198,7 +199,10 @@ async fn main() {
                 );
                 break;
             }
-            assert!(t0.elapsed() < Duration::from_secs(60), "round {round} did not finish");
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "round {round} did not finish"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }

@@ -279,6 +279,29 @@ fn bad_bundles_are_refused_with_a_clear_error_and_change_nothing() {
     let e = send(&operator, altered).expect_err("altered content");
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
     assert!(e.message().contains("does not match"), "{e:?}");
+    // Correctly signed but not compiling, sent past vedettectl's own check: the collector
+    // compiles it again and names the file and line.
+    let broken = BundleContent {
+        files: vec![BundleFile {
+            path: "x.yar".into(),
+            data: b"rule x {\n  condition: nope\n}\n".to_vec(),
+        }],
+        ..content.clone()
+    };
+    let broken = bundle::encode(&broken);
+    let req = PublishBundleRequest {
+        signature: key.sign(&broken),
+        content: broken,
+        signer_key: key.public().0.to_vec(),
+    };
+    let e = rt()
+        .block_on(async {
+            let ch = connect(&f.c.addr, &operator).await.expect("connects");
+            AdminServiceClient::new(ch).publish_bundle(req).await
+        })
+        .expect_err("broken YARA");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("bundle:x.yar:2:"), "{e:?}");
     // An agent certificate cannot publish, even a correctly signed bundle.
     let e = send(&agent_tls, bytes.clone()).expect_err("agent publishing");
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");

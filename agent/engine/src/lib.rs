@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bundle;
+mod compiled;
 mod file;
 mod ioc;
 mod rules;

@@ -112,7 +112,8 @@ impl RuleSet {
 
 /// Collects rule sources, then compiles them.
 pub struct RuleSetBuilder {
-    compiler: yara_x::Compiler<'static>,
+    /// YARA sources, compiled together by `build` (or not at all on a compiled-cache hit).
+    yara_sources: Vec<(PathBuf, Vec<u8>)>,
     iocs: Iocs,
     digest: Sha256,
     report: LoadReport,
@@ -127,17 +128,10 @@ impl Default for RuleSetBuilder {
 
 impl RuleSetBuilder {
     pub fn new() -> RuleSetBuilder {
-        let mut compiler = yara_x::Compiler::new();
-        // Legacy rules use regex syntax that strict mode refuses (e.g. `{` unescaped).
-        compiler.relaxed_re_syntax(true);
-        for name in EXTERNALS {
-            // Defining a fresh name in a fresh compiler cannot fail.
-            let _ = compiler.define_global(name, "");
-        }
         let mut digest = Sha256::new();
         digest.update(concat!("vedette-engine ", env!("CARGO_PKG_VERSION")).as_bytes());
         RuleSetBuilder {
-            compiler,
+            yara_sources: Vec::new(),
             iocs: Iocs::default(),
             digest,
             report: LoadReport::default(),
@@ -218,23 +212,39 @@ impl RuleSetBuilder {
     pub fn add_yara_source(&mut self, origin: &Path, bytes: &[u8]) -> &mut Self {
         self.note_source(origin, bytes);
         self.report.yara_files += 1;
-        let Ok(text) = std::str::from_utf8(bytes) else {
-            self.report.yara_files_with_errors += 1;
-            self.report.problems.push(Problem {
-                path: origin.to_owned(),
-                line: None,
-                reason: "not UTF-8 text".into(),
-            });
-            return self;
-        };
-        let ns = self.namespace_for(origin);
-        self.compiler.new_namespace(&ns);
-        let src = yara_x::SourceCode::from(text).with_origin(origin.display().to_string());
-        if let Err(e) = self.compiler.add_source(src) {
-            self.report.yara_files_with_errors += 1;
-            self.report.problems.push(problem_of(origin, text, &e));
-        }
+        self.yara_sources.push((origin.to_owned(), bytes.to_vec()));
         self
+    }
+
+    /// Compiles every YARA source: one namespace per file; a file with errors is left out and
+    /// reported.
+    fn compile_yara(&mut self) -> yara_x::Rules {
+        let mut compiler = yara_x::Compiler::new();
+        // Legacy rules use regex syntax that strict mode refuses (e.g. `{` unescaped).
+        compiler.relaxed_re_syntax(true);
+        for name in EXTERNALS {
+            // Defining a fresh name in a fresh compiler cannot fail.
+            let _ = compiler.define_global(name, "");
+        }
+        for (origin, bytes) in std::mem::take(&mut self.yara_sources) {
+            let Ok(text) = std::str::from_utf8(&bytes) else {
+                self.report.yara_files_with_errors += 1;
+                self.report.problems.push(Problem {
+                    path: origin,
+                    line: None,
+                    reason: "not UTF-8 text".into(),
+                });
+                continue;
+            };
+            let ns = self.namespace_for(&origin);
+            compiler.new_namespace(&ns);
+            let src = yara_x::SourceCode::from(text).with_origin(origin.display().to_string());
+            if let Err(e) = compiler.add_source(src) {
+                self.report.yara_files_with_errors += 1;
+                self.report.problems.push(problem_of(&origin, text, &e));
+            }
+        }
+        compiler.build()
     }
 
     /// Unique namespace per file, derived from its name.
@@ -253,15 +263,19 @@ impl RuleSetBuilder {
     }
 
     /// Compiles what was added. Files with problems are left out; see the report.
-    pub fn build(self, bundle_version: u64) -> RuleSet {
+    pub fn build(mut self, bundle_version: u64) -> RuleSet {
+        let rules = self.compile_yara();
+        self.report.yara_rules = rules.iter().len();
+        self.finish(Some(rules), bundle_version)
+    }
+
+    fn finish(self, rules: Option<yara_x::Rules>, bundle_version: u64) -> RuleSet {
         let mut report = self.report;
-        let rules = self.compiler.build();
-        report.yara_rules = rules.iter().len();
         let mut iocs = self.iocs;
         iocs.finish();
         report.iocs = iocs.counts.clone();
         RuleSet {
-            yara: (report.yara_rules > 0).then_some(rules),
+            yara: rules.filter(|_| report.yara_rules > 0),
             iocs,
             fingerprint: self.digest.finalize().into(),
             bundle_version,
@@ -269,15 +283,41 @@ impl RuleSetBuilder {
         }
     }
 
+    /// Like [`build`](Self::build), reusing the YARA rules compiled for the same sources by an
+    /// earlier run, kept in `cache` (see [`crate::compiled`]). A missing, stale, damaged or
+    /// untrusted cache is rebuilt; failing to save it is not an error.
+    pub fn build_cached(mut self, bundle_version: u64, cache: &Path) -> RuleSet {
+        let fingerprint: [u8; 32] = self.digest.clone().finalize().into();
+        if let Some(hit) = crate::compiled::load(cache, &fingerprint) {
+            self.yara_sources.clear();
+            self.report.yara_files_with_errors = hit.files_with_errors;
+            self.report.yara_rules = hit.rules.iter().len();
+            self.report.problems.extend(hit.problems);
+            return self.finish(Some(hit.rules), bundle_version);
+        }
+        let ioc_problems = self.report.problems.len();
+        let rules = self.compile_yara();
+        self.report.yara_rules = rules.iter().len();
+        crate::compiled::save(
+            cache,
+            &fingerprint,
+            &rules,
+            self.report.yara_files_with_errors,
+            &self.report.problems[ioc_problems..],
+        );
+        self.finish(Some(rules), bundle_version)
+    }
+
     /// Compiles, failing with every problem when any file did not load.
     pub fn build_strict(self, bundle_version: u64) -> Result<RuleSet, EngineError> {
-        if !self.report.problems.is_empty() {
+        let set = self.build(bundle_version);
+        if !set.report.problems.is_empty() {
             return Err(EngineError::Invalid {
-                count: self.report.problems.len(),
-                problems: self.report.problems,
+                count: set.report.problems.len(),
+                problems: set.report.problems,
             });
         }
-        Ok(self.build(bundle_version))
+        Ok(set)
     }
 }
 
