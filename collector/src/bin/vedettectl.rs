@@ -221,20 +221,32 @@ async fn run(command: Command, cfg: CtlConfig) -> anyhow::Result<()> {
                 }
             } else {
                 println!(
-                    "{:<36}  {:<20} {:<12} {:<24} {:>6} {:>8}  VERSION",
-                    "ID", "HOSTNAME", "STATE", "LAST SEEN", "BUNDLE", "DROPPED"
+                    "{:<36}  {:<20} {:<12} {:<24} {:>6} {:<24} {:>8}  VERSION",
+                    "ID", "HOSTNAME", "STATE", "LAST SEEN", "BUNDLE", "APPLIED", "DROPPED"
                 );
                 for a in &agents {
+                    let bundle = if a.bundle_failed_version > a.bundle_version {
+                        format!("{}!", a.bundle_version)
+                    } else {
+                        a.bundle_version.to_string()
+                    };
                     println!(
-                        "{:<36}  {:<20} {:<12} {:<24} {:>6} {:>8}  {}",
+                        "{:<36}  {:<20} {:<12} {:<24} {:>6} {:<24} {:>8}  {}",
                         a.id,
                         a.hostname,
                         ctl::agent_state(a),
                         ctl::rfc3339_ms(a.last_seen_ms),
-                        a.bundle_version,
+                        bundle,
+                        ctl::rfc3339_ms(a.bundle_applied_at_ms),
                         a.dropped_total,
                         a.agent_version
                     );
+                }
+                if agents
+                    .iter()
+                    .any(|a| a.bundle_failed_version > a.bundle_version)
+                {
+                    println!("! a newer bundle failed to apply: see `vedettectl rules status`");
                 }
             }
         }
