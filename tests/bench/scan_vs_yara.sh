@@ -76,7 +76,7 @@ echo "yara matches:    $(wc -l < "$work/yara.out") lines"
 echo "vedette matches: $(grep -c . "$work/vedette.out" || true) detections"
 grep '^loaded\|^scanned' "$work/vedette.err" | sed 's/^/vedette: /'
 
-rm -f "$work/cache.bin"
+rm -f "$work/cache.bin" "$work/cache.bin.rules"
 first=$(run_vedette --cache "$work/cache.bin")
 second=$(run_vedette --cache "$work/cache.bin")
 echo

@@ -7,8 +7,8 @@
 //!   | rules: u64le len + yara-x serialized rules | sha256 of everything before: 32
 //! ```
 //!
-//! Compiled rules contain native code, and yara-x warns against deserialising rules one did
-//! not build. So a cache is only ever read when it was written by this user: the file must be
+//! yara-x documents its serialized rules as unsafe to load from a source one does not trust.
+//! So a cache is only ever read when it was written by this user: the file must be
 //! owned by the process's effective user and writable by nobody else, like the rest of the
 //! agent's state; and its checksum and fingerprint (SHA-256 of every source name and byte, and
 //! of this engine's version) must match. Anything else is a miss, and the rules are compiled
@@ -22,14 +22,9 @@ use sha2::{Digest, Sha256};
 use tracing::{debug, warn};
 
 use crate::Problem;
+use crate::rules::YaraPart;
 
 const MAGIC: &[u8] = b"VEDETTE-COMPILED-1\n";
-
-pub(crate) struct Hit {
-    pub rules: yara_x::Rules,
-    pub files_with_errors: usize,
-    pub problems: Vec<Problem>,
-}
 
 /// Whether `path` may be trusted: owned by this process's effective user, not writable by
 /// group or others.
@@ -57,7 +52,7 @@ fn trusted(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-pub(crate) fn load(path: &Path, fingerprint: &[u8; 32]) -> Option<Hit> {
+pub(crate) fn load(path: &Path, fingerprint: &[u8; 32]) -> Option<YaraPart> {
     if !path.exists() {
         return None;
     }
@@ -105,7 +100,7 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn parse(data: &[u8], fingerprint: &[u8; 32]) -> Result<Hit, &'static str> {
+fn parse(data: &[u8], fingerprint: &[u8; 32]) -> Result<YaraPart, &'static str> {
     if data.len() < MAGIC.len() + 64 || !data.starts_with(MAGIC) {
         return Err("not a compiled-rules cache");
     }
@@ -131,21 +126,16 @@ fn parse(data: &[u8], fingerprint: &[u8; 32]) -> Result<Hit, &'static str> {
     }
     let n = r.u64()? as usize;
     let rules = yara_x::Rules::deserialize(r.take(n)?).map_err(|_| "built by another yara-x")?;
-    Ok(Hit {
+    Ok(YaraPart {
         rules,
         files_with_errors,
         problems,
     })
 }
 
-pub(crate) fn save(
-    path: &Path,
-    fingerprint: &[u8; 32],
-    rules: &yara_x::Rules,
-    files_with_errors: usize,
-    problems: &[Problem],
-) {
-    let Ok(serialized) = rules.serialize() else {
+pub(crate) fn save(path: &Path, fingerprint: &[u8; 32], part: &YaraPart) {
+    let (files_with_errors, problems) = (part.files_with_errors, &part.problems);
+    let Ok(serialized) = part.rules.serialize() else {
         return;
     };
     let mut out = MAGIC.to_vec();

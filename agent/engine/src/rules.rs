@@ -114,10 +114,10 @@ impl RuleSet {
 pub struct RuleSetBuilder {
     /// YARA sources, compiled together by `build` (or not at all on a compiled-cache hit).
     yara_sources: Vec<(PathBuf, Vec<u8>)>,
-    iocs: Iocs,
+    /// Indicator lists, parsed by `build` while the YARA rules compile.
+    ioc_sources: Vec<(IocKind, PathBuf, Vec<u8>)>,
     digest: Sha256,
     report: LoadReport,
-    namespaces: std::collections::HashMap<String, usize>,
 }
 
 impl Default for RuleSetBuilder {
@@ -132,10 +132,9 @@ impl RuleSetBuilder {
         digest.update(concat!("vedette-engine ", env!("CARGO_PKG_VERSION")).as_bytes());
         RuleSetBuilder {
             yara_sources: Vec::new(),
-            iocs: Iocs::default(),
+            ioc_sources: Vec::new(),
             digest,
             report: LoadReport::default(),
-            namespaces: Default::default(),
         }
     }
 
@@ -183,10 +182,8 @@ impl RuleSetBuilder {
     pub fn add_ioc_source(&mut self, kind: IocKind, origin: &Path, bytes: &[u8]) -> &mut Self {
         self.note_source(origin, bytes);
         self.report.ioc_files += 1;
-        // Lists in the wild carry stray Latin-1 bytes in comments: decode lossily.
-        let text = String::from_utf8_lossy(bytes);
-        self.iocs
-            .add_file(kind, origin, &text, &mut self.report.problems);
+        self.ioc_sources
+            .push((kind, origin.to_owned(), bytes.to_vec()));
         self
     }
 
@@ -216,96 +213,43 @@ impl RuleSetBuilder {
         self
     }
 
-    /// Compiles every YARA source: one namespace per file; a file with errors is left out and
-    /// reported.
-    fn compile_yara(&mut self) -> yara_x::Rules {
-        let mut compiler = yara_x::Compiler::new();
-        // Legacy rules use regex syntax that strict mode refuses (e.g. `{` unescaped).
-        compiler.relaxed_re_syntax(true);
-        for name in EXTERNALS {
-            // Defining a fresh name in a fresh compiler cannot fail.
-            let _ = compiler.define_global(name, "");
-        }
-        for (origin, bytes) in std::mem::take(&mut self.yara_sources) {
-            let Ok(text) = std::str::from_utf8(&bytes) else {
-                self.report.yara_files_with_errors += 1;
-                self.report.problems.push(Problem {
-                    path: origin,
-                    line: None,
-                    reason: "not UTF-8 text".into(),
-                });
-                continue;
-            };
-            let ns = self.namespace_for(&origin);
-            compiler.new_namespace(&ns);
-            let src = yara_x::SourceCode::from(text).with_origin(origin.display().to_string());
-            if let Err(e) = compiler.add_source(src) {
-                self.report.yara_files_with_errors += 1;
-                self.report.problems.push(problem_of(&origin, text, &e));
-            }
-        }
-        compiler.build()
-    }
-
-    /// Unique namespace per file, derived from its name.
-    fn namespace_for(&mut self, origin: &Path) -> String {
-        let stem = origin
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "rules".into());
-        let stem: String = stem
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-            .collect();
-        let n = self.namespaces.entry(stem.clone()).or_insert(0);
-        *n += 1;
-        if *n == 1 { stem } else { format!("{stem}_{n}") }
-    }
-
     /// Compiles what was added. Files with problems are left out; see the report.
-    pub fn build(mut self, bundle_version: u64) -> RuleSet {
-        let rules = self.compile_yara();
-        self.report.yara_rules = rules.iter().len();
-        self.finish(Some(rules), bundle_version)
-    }
-
-    fn finish(self, rules: Option<yara_x::Rules>, bundle_version: u64) -> RuleSet {
-        let mut report = self.report;
-        let mut iocs = self.iocs;
-        iocs.finish();
-        report.iocs = iocs.counts.clone();
-        RuleSet {
-            yara: rules.filter(|_| report.yara_rules > 0),
-            iocs,
-            fingerprint: self.digest.finalize().into(),
-            bundle_version,
-            report,
-        }
+    pub fn build(self, bundle_version: u64) -> RuleSet {
+        self.build_inner(bundle_version, None)
     }
 
     /// Like [`build`](Self::build), reusing the YARA rules compiled for the same sources by an
     /// earlier run, kept in `cache` (see [`crate::compiled`]). A missing, stale, damaged or
     /// untrusted cache is rebuilt; failing to save it is not an error.
-    pub fn build_cached(mut self, bundle_version: u64, cache: &Path) -> RuleSet {
-        let fingerprint: [u8; 32] = self.digest.clone().finalize().into();
-        if let Some(hit) = crate::compiled::load(cache, &fingerprint) {
-            self.yara_sources.clear();
-            self.report.yara_files_with_errors = hit.files_with_errors;
-            self.report.yara_rules = hit.rules.iter().len();
-            self.report.problems.extend(hit.problems);
-            return self.finish(Some(hit.rules), bundle_version);
+    pub fn build_cached(self, bundle_version: u64, cache: &Path) -> RuleSet {
+        self.build_inner(bundle_version, Some(cache))
+    }
+
+    /// YARA rules compile (or load) on one thread while the indicator lists parse on this one.
+    fn build_inner(self, bundle_version: u64, cache: Option<&Path>) -> RuleSet {
+        let fingerprint: [u8; 32] = self.digest.finalize().into();
+        let mut report = self.report;
+        let (yara, (iocs, ioc_problems)) = std::thread::scope(|s| {
+            let sources = self.yara_sources;
+            let yara = s.spawn(move || yara_part(sources, cache, &fingerprint));
+            let iocs = parse_iocs(self.ioc_sources);
+            match yara.join() {
+                Ok(y) => (y, iocs),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        });
+        report.problems.extend(ioc_problems);
+        report.problems.extend(yara.problems);
+        report.yara_files_with_errors = yara.files_with_errors;
+        report.yara_rules = yara.rules.iter().len();
+        report.iocs = iocs.counts.clone();
+        RuleSet {
+            yara: (report.yara_rules > 0).then_some(yara.rules),
+            iocs,
+            fingerprint,
+            bundle_version,
+            report,
         }
-        let ioc_problems = self.report.problems.len();
-        let rules = self.compile_yara();
-        self.report.yara_rules = rules.iter().len();
-        crate::compiled::save(
-            cache,
-            &fingerprint,
-            &rules,
-            self.report.yara_files_with_errors,
-            &self.report.problems[ioc_problems..],
-        );
-        self.finish(Some(rules), bundle_version)
     }
 
     /// Compiles, failing with every problem when any file did not load.
@@ -319,6 +263,95 @@ impl RuleSetBuilder {
         }
         Ok(set)
     }
+}
+
+/// Compiled YARA rules with what compiling found.
+pub(crate) struct YaraPart {
+    pub rules: yara_x::Rules,
+    pub files_with_errors: usize,
+    pub problems: Vec<Problem>,
+}
+
+/// Loads the rules from `cache` when it holds these sources compiled; compiles them otherwise
+/// (and saves them there).
+fn yara_part(
+    sources: Vec<(PathBuf, Vec<u8>)>,
+    cache: Option<&Path>,
+    fingerprint: &[u8; 32],
+) -> YaraPart {
+    if let Some(hit) = cache.and_then(|c| crate::compiled::load(c, fingerprint)) {
+        return hit;
+    }
+    let part = compile_yara(sources);
+    if let Some(c) = cache {
+        crate::compiled::save(c, fingerprint, &part);
+    }
+    part
+}
+
+/// Compiles every YARA source: one namespace per file; a file with errors is left out and
+/// reported.
+fn compile_yara(sources: Vec<(PathBuf, Vec<u8>)>) -> YaraPart {
+    let mut compiler = yara_x::Compiler::new();
+    // Legacy rules use regex syntax that strict mode refuses (e.g. `{` unescaped).
+    compiler.relaxed_re_syntax(true);
+    for name in EXTERNALS {
+        // Defining a fresh name in a fresh compiler cannot fail.
+        let _ = compiler.define_global(name, "");
+    }
+    let mut namespaces = std::collections::HashMap::new();
+    let mut files_with_errors = 0;
+    let mut problems = Vec::new();
+    for (origin, bytes) in sources {
+        let Ok(text) = std::str::from_utf8(&bytes) else {
+            files_with_errors += 1;
+            problems.push(Problem {
+                path: origin,
+                line: None,
+                reason: "not UTF-8 text".into(),
+            });
+            continue;
+        };
+        compiler.new_namespace(&namespace_for(&mut namespaces, &origin));
+        let src = yara_x::SourceCode::from(text).with_origin(origin.display().to_string());
+        if let Err(e) = compiler.add_source(src) {
+            files_with_errors += 1;
+            problems.push(problem_of(&origin, text, &e));
+        }
+    }
+    YaraPart {
+        rules: compiler.build(),
+        files_with_errors,
+        problems,
+    }
+}
+
+/// Unique namespace per file, derived from its name.
+fn namespace_for(seen: &mut std::collections::HashMap<String, usize>, origin: &Path) -> String {
+    let stem = origin
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "rules".into());
+    let stem: String = stem
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let n = seen.entry(stem.clone()).or_insert(0);
+    *n += 1;
+    if *n == 1 { stem } else { format!("{stem}_{n}") }
+}
+
+/// Parses every indicator list; their problems in load order.
+fn parse_iocs(sources: Vec<(IocKind, PathBuf, Vec<u8>)>) -> (Iocs, Vec<Problem>) {
+    let mut iocs = Iocs::default();
+    let mut problems = Vec::new();
+    for (kind, origin, bytes) in sources {
+        // Lists in the wild carry stray Latin-1 bytes in comments: decode lossily.
+        let text = String::from_utf8_lossy(&bytes);
+        iocs.add_file(kind, &origin, &text, &mut problems);
+    }
+    iocs.finish();
+    (iocs, problems)
 }
 
 /// Rule files under `dir`, sorted, not following symlinked directories.
