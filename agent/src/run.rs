@@ -163,6 +163,8 @@ pub async fn run(
             std::thread::Builder::new()
                 .name("full-scan".into())
                 .spawn(move || {
+                    // Full scans run in the background: the host's own work goes first.
+                    crate::walk::lower_thread_priority(crate::walk::BACKGROUND_NICE);
                     full_scans(
                         &settings,
                         &fleet,

@@ -47,6 +47,23 @@ impl Default for WalkOptions {
     }
 }
 
+/// Nice value of the agent's background scans: low CPU priority, and, with no I/O priority set,
+/// Linux derives a low best-effort I/O priority from it.
+pub const BACKGROUND_NICE: i32 = 10;
+
+/// Lowers the calling thread's CPU (and so I/O) priority to `nice`, never raising it; threads
+/// it starts inherit it.
+pub fn lower_thread_priority(nice: i32) {
+    let tid = rustix::thread::gettid();
+    let current = rustix::process::getpriority_process(Some(tid)).unwrap_or(0);
+    if current >= nice {
+        return;
+    }
+    if let Err(e) = rustix::process::setpriority_process(Some(tid), nice) {
+        tracing::warn!(error = %e, "cannot lower the scan threads' priority");
+    }
+}
+
 /// Builds the exclusion set; a bad glob is an error naming it.
 pub fn exclusions(patterns: &[String]) -> Result<GlobSet, String> {
     let mut b = GlobSetBuilder::new();
@@ -207,4 +224,34 @@ pub fn scan_tree(
         drop(tx);
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The nice value of the calling thread, from /proc.
+    fn own_nice() -> i64 {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        // Fields after the command name (in parentheses): state is field 3, nice field 19.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        rest.split_whitespace().nth(16).unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn background_scan_threads_run_at_low_priority_and_pass_it_on() {
+        let base = own_nice();
+        let want = base.max(i64::from(BACKGROUND_NICE));
+        let (mine, child) = std::thread::spawn(|| {
+            lower_thread_priority(BACKGROUND_NICE);
+            let child = std::thread::spawn(own_nice).join().unwrap();
+            (own_nice(), child)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(mine, want);
+        assert_eq!(child, want);
+        // Only that thread: this one keeps its priority.
+        assert_eq!(own_nice(), base);
+    }
 }
