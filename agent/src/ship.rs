@@ -99,8 +99,19 @@ pub fn write_spool(sp: &Spooled, mut rx: mpsc::Receiver<Detection>, counters: &C
                 Err(_) => break,
             }
         }
+        // A detection too large for a spool record cannot happen within the protocol's string
+        // caps; should one appear, it is logged and counted, and the others are kept.
+        let before = group.len();
+        group.retain(|d| prost::Message::encoded_len(d) <= crate::spool::MAX_RECORD);
+        if group.len() < before {
+            error!(
+                count = before - group.len(),
+                "detection larger than a spool record; not spooled"
+            );
+            counters.add("detections_dropped", (before - group.len()) as u64);
+        }
         let mut pause = Duration::from_millis(100);
-        loop {
+        while !group.is_empty() {
             match sp.spool.append(&group) {
                 Ok(dropped) => {
                     if failing {
@@ -110,13 +121,6 @@ pub fn write_spool(sp: &Spooled, mut rx: mpsc::Receiver<Detection>, counters: &C
                     counters.add("detections_spooled", group.len() as u64);
                     counters.add("detections_dropped", dropped);
                     sp.written.notify_one();
-                    break;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
-                    // A single detection too large for a record: never happens with the
-                    // protocol's string caps; logged and counted rather than blocking forever.
-                    error!(error = %e, "detection not spooled");
-                    counters.add("detections_dropped", group.len() as u64);
                     break;
                 }
                 Err(e) => {

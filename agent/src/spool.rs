@@ -236,8 +236,20 @@ impl Spool {
     pub fn append(&self, detections: &[Detection]) -> io::Result<u64> {
         let mut g = self.lock();
         let inner = &mut *g;
+        let result = self.append_locked(inner, detections);
+        if result.is_err() {
+            // Whatever was not synced is not part of the spool; new records start a new
+            // segment, so no segment ever has a hole in its id sequence.
+            inner.active = false;
+        }
+        result
+    }
+
+    fn append_locked(&self, inner: &mut Inner, detections: &[Detection]) -> io::Result<u64> {
         let mut dropped = 0u64;
         let mut buf: Vec<u8> = Vec::new();
+        // Id of the last record in `buf` (0: none).
+        let mut buf_last = 0u64;
         for d in detections {
             let payload = d.encode_to_vec();
             if payload.len() > MAX_RECORD {
@@ -252,7 +264,7 @@ impl Spool {
             let size = (HEADER + payload.len()) as u64;
             let used = inner.segments.back().map_or(0, |s| s.bytes) + buf.len() as u64;
             if !inner.active || (used > 0 && used + size > self.segment_bytes) {
-                self.flush(inner, &mut buf)?;
+                self.flush(inner, &mut buf, buf_last)?;
                 self.new_segment(inner)?;
             }
             // Over the cap: the oldest segments go (never the one being written).
@@ -266,11 +278,9 @@ impl Spool {
             buf.extend_from_slice(&crc(id, &payload).to_le_bytes());
             buf.extend_from_slice(&id.to_le_bytes());
             buf.extend_from_slice(&payload);
-            if let Some(s) = inner.segments.back_mut() {
-                s.last_id = id;
-            }
+            buf_last = id;
         }
-        self.flush(inner, &mut buf)?;
+        self.flush(inner, &mut buf, buf_last)?;
         if dropped > 0 {
             inner.dropped += dropped;
             if !inner.dropping {
@@ -288,19 +298,25 @@ impl Spool {
         Ok(dropped)
     }
 
-    /// Writes `buf` at the end of the active segment and syncs it.
-    fn flush(&self, inner: &mut Inner, buf: &mut Vec<u8>) -> io::Result<()> {
+    /// Writes `buf` (records up to id `last`) at the end of the active segment and syncs it;
+    /// only then do the records count as written. On failure the unsynced tail is cut off.
+    fn flush(&self, inner: &mut Inner, buf: &mut Vec<u8>, last: u64) -> io::Result<()> {
         if buf.is_empty() {
             return Ok(());
         }
         let Some(s) = inner.segments.back_mut() else {
             return Ok(());
         };
-        s.file
+        let written = s
+            .file
             .write_all_at(buf, s.bytes)
-            .and_then(|()| s.file.sync_data())
-            .map_err(|e| ctx(&s.path, e))?;
+            .and_then(|()| s.file.sync_data());
+        if let Err(e) = written {
+            let _ = s.file.set_len(s.bytes);
+            return Err(ctx(&s.path, e));
+        }
         s.bytes += buf.len() as u64;
+        s.last_id = last;
         inner.total_bytes += buf.len() as u64;
         buf.clear();
         Ok(())
