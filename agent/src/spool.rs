@@ -49,6 +49,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use prost::Message;
@@ -102,6 +103,16 @@ pub struct Spool {
     cap: u64,
     segment_bytes: u64,
     inner: Mutex<Inner>,
+    /// Figures published after every change, read without the lock (which an fsync may hold).
+    stats: Stats,
+}
+
+#[derive(Default)]
+struct Stats {
+    acked: AtomicU64,
+    pending: AtomicU64,
+    dropped: AtomicU64,
+    bytes: AtomicU64,
 }
 
 /// A batch read for sending: detections with ids `first_id..=last_id` (minus dropped ones).
@@ -217,7 +228,9 @@ impl Spool {
                 read_pos: None,
                 dropping: false,
             }),
+            stats: Stats::default(),
         };
+        spool.publish(&spool.lock());
         if rec.pending > 0 {
             info!(
                 pending = rec.pending,
@@ -242,7 +255,24 @@ impl Spool {
             // segment, so no segment ever has a hole in its id sequence.
             inner.active = false;
         }
+        self.publish(inner);
         result
+    }
+
+    /// Updates the lock-free figures from the state.
+    fn publish(&self, inner: &Inner) {
+        let pending: u64 = inner
+            .segments
+            .iter()
+            .map(|s| {
+                let from = s.first_id.max(inner.acked + 1);
+                (s.last_id + 1).saturating_sub(from)
+            })
+            .sum();
+        self.stats.acked.store(inner.acked, Ordering::Relaxed);
+        self.stats.pending.store(pending, Ordering::Relaxed);
+        self.stats.dropped.store(inner.dropped, Ordering::Relaxed);
+        self.stats.bytes.store(inner.total_bytes, Ordering::Relaxed);
     }
 
     fn append_locked(&self, inner: &mut Inner, detections: &[Detection]) -> io::Result<u64> {
@@ -433,13 +463,17 @@ impl Spool {
         // append starts a new one): an idle agent keeps no delivered detections on disk.
         while inner.segments.front().is_some_and(|s| s.last_id <= id) {
             if let Some(s) = inner.segments.pop_front() {
-                fs::remove_file(&s.path).map_err(|e| ctx(&s.path, e))?;
                 inner.total_bytes -= s.bytes;
+                if let Err(e) = fs::remove_file(&s.path) {
+                    // Harmless: at the next start its records are behind the ack mark.
+                    warn!(path = %s.path.display(), error = %e, "cannot remove a delivered spool segment");
+                }
             }
         }
         if inner.segments.is_empty() {
             inner.active = false;
         }
+        self.publish(inner);
         self.write_ack(inner, false)
     }
 
@@ -477,23 +511,22 @@ impl Spool {
 
     /// Highest acknowledged id.
     pub fn acked(&self) -> u64 {
-        self.lock().acked
+        self.stats.acked.load(Ordering::Relaxed)
     }
 
-    /// Records written but not acknowledged (dropped ones excluded).
+    /// Records written (synced) but not acknowledged; dropped ones excluded.
     pub fn pending(&self) -> u64 {
-        let g = self.lock();
-        let first = g.segments.front().map_or(g.next_id, |s| s.first_id);
-        g.next_id - first.max(g.acked + 1).min(g.next_id)
+        self.stats.pending.load(Ordering::Relaxed)
     }
 
     /// Detections dropped to stay under the cap, ever (persisted).
     pub fn dropped(&self) -> u64 {
-        self.lock().dropped
+        self.stats.dropped.load(Ordering::Relaxed)
     }
 
+    /// Bytes of segment files.
     pub fn bytes(&self) -> u64 {
-        self.lock().total_bytes
+        self.stats.bytes.load(Ordering::Relaxed)
     }
 }
 

@@ -4,11 +4,9 @@
 //! list parsed), so nothing is sent while a problem remains; then the content is signed with the
 //! maintainer's Ed25519 key for the next version and sent. The collector checks it all again.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use serde_json::json;
 use vedette_engine::RuleSetBuilder;
 use vedette_engine::bundle::{self, BundleContent, PublicKey, SigningKey};
@@ -18,27 +16,15 @@ use vedette_proto::v1::{
 };
 
 use crate::ctl::{CtlConfig, rfc3339_ms, status_error};
+use crate::pki::{with_suffix, write_new};
 use crate::store::now_ms;
 
-/// Writes a new maintainer key pair: `PREFIX.key` (0600) and `PREFIX.pub`.
+/// Writes a new maintainer key pair: `PREFIX.key` (0600) and `PREFIX.pub`; never overwrites.
 pub fn keys_generate(out: &Path) -> anyhow::Result<(PathBuf, PathBuf, PublicKey)> {
     let (private, public) = SigningKey::generate().map_err(anyhow::Error::msg)?;
-    let with = |ext: &str| {
-        let mut p = out.as_os_str().to_owned();
-        p.push(ext);
-        PathBuf::from(p)
-    };
-    let (key, pubf) = (with(".key"), with(".pub"));
-    for (path, text, mode) in [(&key, private, 0o600), (&pubf, public.to_pem(), 0o644)] {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(path)
-            .with_context(|| format!("cannot create `{}`", path.display()))?;
-        f.write_all(text.as_bytes())
-            .with_context(|| format!("cannot write `{}`", path.display()))?;
-    }
+    let (key, pubf) = (with_suffix(out, ".key"), with_suffix(out, ".pub"));
+    write_new(&key, private.as_bytes(), 0o600)?;
+    write_new(&pubf, public.to_pem().as_bytes(), 0o644)?;
     Ok((key, pubf, public))
 }
 

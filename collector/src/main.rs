@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use vedette_collector::config::Config;
-use vedette_collector::pki::{Ca, Role, write_new};
+use vedette_collector::pki::{Ca, Role, with_suffix, write_new};
 use vedette_collector::{init, server};
 
 /// Exit code for a usage or configuration error (sysexits EX_USAGE).
@@ -207,12 +207,7 @@ fn issue(
 ) -> anyhow::Result<(PathBuf, PathBuf)> {
     let ca = Ca::load(&config.ca_cert, &config.ca_key)?;
     let cert = ca.issue_client(name, roles)?;
-    let with = |ext: &str| {
-        let mut p = out.as_os_str().to_owned();
-        p.push(ext);
-        PathBuf::from(p)
-    };
-    let (crt, key) = (with(".crt"), with(".key"));
+    let (crt, key) = (with_suffix(out, ".crt"), with_suffix(out, ".key"));
     write_new(&key, cert.key_pem.as_bytes(), 0o600)?;
     write_new(&crt, cert.cert_pem.as_bytes(), 0o644)?;
     Ok((crt, key))

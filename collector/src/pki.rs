@@ -222,6 +222,13 @@ fn read(path: &Path) -> Result<String, PkiError> {
     })
 }
 
+/// `PREFIX` + `suffix` (`alice` + `.key`), for the files a command writes under one prefix.
+pub fn with_suffix(prefix: &Path, suffix: &str) -> std::path::PathBuf {
+    let mut p = prefix.as_os_str().to_owned();
+    p.push(suffix);
+    p.into()
+}
+
 /// Writes a new file with the given mode; fails if it exists.
 pub fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
     let mut f = fs::OpenOptions::new()
