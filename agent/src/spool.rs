@@ -153,20 +153,7 @@ impl Spool {
             .map_err(|e| ctx(dir, e))?;
         let cap = cap.max(MIN_CAP);
         let (acked, dropped) = read_ack(&dir.join("ack"));
-        let mut names: Vec<(u64, PathBuf)> = Vec::new();
-        for entry in fs::read_dir(dir).map_err(|e| ctx(dir, e))? {
-            let entry = entry.map_err(|e| ctx(dir, e))?;
-            let name = entry.file_name();
-            let Some(first) = name
-                .to_str()
-                .and_then(|n| n.strip_suffix(".seg"))
-                .and_then(|n| n.parse::<u64>().ok())
-            else {
-                continue;
-            };
-            names.push((first, entry.path()));
-        }
-        names.sort();
+        let names = segment_files(dir)?;
         let mut rec = Recovery::default();
         let mut segments = VecDeque::new();
         let mut prev_last = 0u64;
@@ -555,17 +542,7 @@ pub fn inspect(dir: &Path) -> io::Result<Inspection> {
         dropped_total,
         ..Inspection::default()
     };
-    for entry in fs::read_dir(dir).map_err(|e| ctx(dir, e))? {
-        let entry = entry.map_err(|e| ctx(dir, e))?;
-        let name = entry.file_name();
-        let Some(first) = name
-            .to_str()
-            .and_then(|n| n.strip_suffix(".seg"))
-            .and_then(|n| n.parse::<u64>().ok())
-        else {
-            continue;
-        };
-        let path = entry.path();
+    for (first, path) in segment_files(dir)? {
         let file = match File::open(&path) {
             Ok(f) => f,
             // Deleted after an ack since the listing.
@@ -584,6 +561,24 @@ pub fn inspect(dir: &Path) -> io::Result<Inspection> {
             out.pending += last_id - first.max(acked + 1) + 1;
         }
     }
+    Ok(out)
+}
+
+/// The segment files of a spool directory with their first record ids, oldest first.
+fn segment_files(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).map_err(|e| ctx(dir, e))? {
+        let entry = entry.map_err(|e| ctx(dir, e))?;
+        let first = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_suffix(".seg"))
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(first) = first {
+            out.push((first, entry.path()));
+        }
+    }
+    out.sort();
     Ok(out)
 }
 
