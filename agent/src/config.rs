@@ -145,7 +145,7 @@ impl RawConfig {
                 "`max_cpu_percent`: `{p}` must be between 1 and 100"
             ));
         }
-        if let Err(e) = crate::walk::exclusions(&self.exclude) {
+        if let Err(e) = crate::detect::walk::exclusions(&self.exclude) {
             problems.push(format!("`exclude`: {e}"));
         }
         for p in &self.scan_paths {
@@ -170,11 +170,11 @@ impl RawConfig {
             problems.push("`max_file_size`: `0` must be at least 1".into());
         }
         if let Some(n) = self.spool_max_bytes
-            && n < crate::spool::MIN_CAP
+            && n < crate::deliver::spool::MIN_CAP
         {
             problems.push(format!(
                 "`spool_max_bytes`: `{n}` must be at least {}",
-                crate::spool::MIN_CAP
+                crate::deliver::spool::MIN_CAP
             ));
         }
         for p in &self.maintainer_keys {

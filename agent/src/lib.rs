@@ -1,19 +1,16 @@
-//! The Vedette agent: watches files against YARA rules and indicators and streams detections to
-//! the collector over mutual TLS.
+//! The Vedette agent: watches files and processes against YARA rules and indicators and streams
+//! detections to the collector over mutual TLS.
+//!
+//! Stages, in the order data flows: [`detect`] finds (watcher, full scans, process monitor),
+//! [`rules`] holds what it judges with, [`deliver`] makes detections durable and ships them;
+//! [`daemon`] starts and stops them all; [`cli`] is the command line. See ARCHITECTURE.md.
 #![forbid(unsafe_code)]
 
-pub mod cache;
+pub mod cli;
 pub mod config;
-pub mod counters;
-pub mod enroll;
-pub mod inventory;
-pub mod procmon;
+pub mod daemon;
+pub mod deliver;
+pub mod detect;
 pub mod rules;
-pub mod run;
-pub mod scan;
-pub mod ship;
-pub mod spool;
-pub mod standalone;
 pub mod state;
-pub mod walk;
-pub mod watch;
+pub mod telemetry;

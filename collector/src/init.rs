@@ -6,7 +6,6 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use crate::config::{RawConfig, RawTls};
-use crate::ctl::CtlConfig;
 use crate::pki::{Ca, PkiError, Role, write_new};
 
 /// What `init` made.
@@ -30,7 +29,26 @@ pub enum InitError {
     #[error("cannot encode a config file: {0}")]
     Encode(#[from] toml::ser::Error),
     #[error("cannot make the maintainer key: {0}")]
-    Key(String),
+    Key(#[from] vedette_engine::bundle::BundleError),
+}
+
+/// What to run next, as `init` prints it.
+pub fn next_steps(done: &Initialized) -> String {
+    let (d, fp) = (done.dir.display(), &done.fingerprint);
+    format!(
+        "Created a new collector CA in {d}\n\
+         CA SHA-256 fingerprint: {fp}\n\n\
+         Next:\n  \
+         vedette-collector serve --config {d}/collector.toml\n  \
+         export VEDETTECTL_CONFIG={d}/vedettectl.toml\n  \
+         TOKEN=$(vedettectl token create --ttl 1h)\n  \
+         # on each server to protect:\n  \
+         vedette-agent enroll --collector {} --token $TOKEN --ca-sha256 {fp} --state-dir /var/lib/vedette\n  \
+         vedette-agent run --state-dir /var/lib/vedette --watch /srv --rules /etc/vedette/rules\n  \
+         # publish signed rules to every agent:\n  \
+         vedettectl rules publish /path/to/rules\n",
+        done.client_address
+    )
 }
 
 /// Creates everything in `dir`. `names` are extra DNS names or IP addresses for the server
@@ -78,18 +96,7 @@ pub fn init(dir: &Path, listen: SocketAddr, names: &[String]) -> Result<Initiali
     )?;
 
     // The first maintainer key: `vedettectl rules publish` signs with it out of the box.
-    let (maintainer_key, maintainer_pub) =
-        vedette_engine::bundle::SigningKey::generate().map_err(InitError::Key)?;
-    write_new(
-        &dir.join("maintainer.key"),
-        maintainer_key.as_bytes(),
-        0o600,
-    )?;
-    write_new(
-        &dir.join("maintainer.pub"),
-        maintainer_pub.to_pem().as_bytes(),
-        0o644,
-    )?;
+    vedette_engine::bundle::write_key_pair(&dir.join("maintainer"))?;
 
     let collector = RawConfig {
         listen: listen.to_string(),
@@ -117,13 +124,17 @@ pub fn init(dir: &Path, listen: SocketAddr, names: &[String]) -> Result<Initiali
         IpAddr::V6(ip) if ip.is_unspecified() => format!("localhost:{}", listen.port()),
         _ => listen.to_string(),
     };
-    let ctl = CtlConfig {
-        collector: client_address.clone(),
-        ca_cert: "ca.crt".into(),
-        cert: "operator.crt".into(),
-        key: "operator.key".into(),
-        sign_key: Some("maintainer.key".into()),
-    };
+    // The keys vedettectl's config reads (see the vedette-ctl crate).
+    let mut ctl = toml::Table::new();
+    for (k, v) in [
+        ("collector", client_address.as_str()),
+        ("ca_cert", "ca.crt"),
+        ("cert", "operator.crt"),
+        ("key", "operator.key"),
+        ("sign_key", "maintainer.key"),
+    ] {
+        ctl.insert(k.into(), toml::Value::String(v.into()));
+    }
     let text = format!(
         "# vedettectl configuration, written by `vedette-collector init`.\n\
          # Relative paths are relative to this file's directory.\n{}",
@@ -158,7 +169,12 @@ mod tests {
             assert_eq!(mode, 0o600, "{key}");
         }
         crate::config::Config::load(&d.join("collector.toml")).unwrap();
-        CtlConfig::load(&d.join("vedettectl.toml")).unwrap();
+        // vedettectl's own tests load it; here: every key it needs is there.
+        let ctl: toml::Table =
+            toml::from_str(&fs::read_to_string(d.join("vedettectl.toml")).unwrap()).unwrap();
+        for key in ["collector", "ca_cert", "cert", "key", "sign_key"] {
+            assert!(ctl.contains_key(key), "{key}");
+        }
         let before = fs::read(d.join("ca.key")).unwrap();
         assert!(matches!(
             init(&d, "127.0.0.1:7443".parse().unwrap(), &[]),

@@ -1,10 +1,9 @@
 //! The Vedette collector: enrolls agents under its own CA, stores their detections, and serves the
-//! admin API that `vedettectl` uses.
+//! admin API that `vedettectl` (the vedette-ctl crate) uses.
 #![forbid(unsafe_code)]
 
-pub mod bundles;
+pub mod cli;
 pub mod config;
-pub mod ctl;
 pub mod identity;
 pub mod init;
 pub mod pki;

@@ -56,7 +56,7 @@ pub enum PkiError {
 }
 
 /// Roles a client certificate can carry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum)]
 pub enum Role {
     /// May enroll and revoke agents, create tokens, read detections.
     Operator,
@@ -220,6 +220,23 @@ fn read(path: &Path) -> Result<String, PkiError> {
         path: path.to_owned(),
         source,
     })
+}
+
+/// Issues a client certificate with `roles` under the CA in `ca_cert`/`ca_key`, and writes
+/// `PREFIX.crt` and `PREFIX.key` (0600). Returns both paths.
+pub fn issue_files(
+    ca_cert: &Path,
+    ca_key: &Path,
+    name: &str,
+    roles: &[Role],
+    out: &Path,
+) -> Result<(PathBuf, PathBuf), PkiError> {
+    let ca = Ca::load(ca_cert, ca_key)?;
+    let cert = ca.issue_client(name, roles)?;
+    let (crt, key) = (with_suffix(out, ".crt"), with_suffix(out, ".key"));
+    write_new(&key, cert.key_pem.as_bytes(), 0o600)?;
+    write_new(&crt, cert.cert_pem.as_bytes(), 0o644)?;
+    Ok((crt, key))
 }
 
 /// `PREFIX` + `suffix` (`alice` + `.key`), for the files a command writes under one prefix.

@@ -1,9 +1,8 @@
-//! The collector binaries as a user meets them: help, init, configuration errors.
+//! The collector binary as a user meets it: init and configuration errors.
 
 use std::process::Command;
 
 const COLLECTOR: &str = env!("CARGO_BIN_EXE_vedette-collector");
-const CTL: &str = env!("CARGO_BIN_EXE_vedettectl");
 
 #[test]
 fn init_refuses_to_overwrite_a_ca() {
@@ -51,15 +50,4 @@ fn serve_with_a_bad_config_exits_64_naming_the_key() {
         "{err}"
     );
     assert!(err.contains("`tls.ca_cert`"), "{err}");
-}
-
-#[test]
-fn vedettectl_without_a_config_explains_where_it_looked() {
-    let out = Command::new(CTL)
-        .args(["--config", "/nonexistent/vedettectl.toml", "agents", "list"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(64));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("/nonexistent/vedettectl.toml"), "{err}");
 }

@@ -2,7 +2,11 @@
 //! size limits both peers enforce.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod client;
+#[cfg(feature = "cli")]
+pub mod output;
 
 pub mod v1 {
     #![allow(clippy::all, clippy::pedantic)]
@@ -21,6 +25,14 @@ pub fn kind_name(kind: i32) -> &'static str {
         DetectionKind::Connection => "connection",
         DetectionKind::Unspecified => "unknown",
     }
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it), as timestamps travel.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 /// Size limits every peer applies to what it receives.

@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 pub use vedette_proto::v1::{BundleContent, BundleFile};
 
 use crate::rules::{is_yara_file, rule_files_under};
-use crate::{IocKind, Problem, RuleSet, RuleSetBuilder};
+use crate::{IocKind, Origin, Problem, ProblemKind, RuleSet, RuleSetBuilder};
 
 /// Largest encoded content (under the protocol's message cap, with room for the envelope).
 pub const MAX_CONTENT_BYTES: usize = 12 * 1024 * 1024;
@@ -42,8 +42,13 @@ pub enum BundleError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("`{path}`: {reason}")]
-    BadKey { path: PathBuf, reason: String },
+    #[error("`{path}`: {source}")]
+    BadKey { path: PathBuf, source: KeyError },
+    #[error("cannot write `{path}`: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("bad bundle: {0}")]
     Malformed(String),
     #[error("the bundle is not signed")]
@@ -52,6 +57,23 @@ pub enum BundleError {
     UntrustedSigner(String),
     #[error("the bundle's signature does not match its content (altered after signing?)")]
     BadSignature,
+}
+
+/// Why a key could not be read or made.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("not PEM: {0}")]
+    NotPem(#[from] pem::PemError),
+    #[error("a PUBLIC KEY block that is not an Ed25519 key")]
+    NotEd25519,
+    #[error("no PUBLIC KEY block")]
+    NoPublicKey,
+    #[error("a `{0}` block, not a PRIVATE KEY")]
+    NotPrivateKey(String),
+    #[error("not an Ed25519 PKCS#8 key: {0}")]
+    BadPkcs8(String),
+    #[error("cannot generate a key")]
+    Generate,
 }
 
 /// An Ed25519 public key of a maintainer.
@@ -80,8 +102,8 @@ impl PublicKey {
     }
 
     /// Every `PUBLIC KEY` block of a PEM text (a file may hold several).
-    pub fn parse_pem(text: &str) -> Result<Vec<PublicKey>, String> {
-        let blocks = pem::parse_many(text).map_err(|e| format!("not PEM: {e}"))?;
+    pub fn parse_pem(text: &str) -> Result<Vec<PublicKey>, KeyError> {
+        let blocks = pem::parse_many(text)?;
         let mut keys = Vec::new();
         for b in blocks.iter().filter(|b| b.tag() == "PUBLIC KEY") {
             let der = b.contents();
@@ -90,11 +112,11 @@ impl PublicKey {
                 .and_then(PublicKey::from_bytes)
             {
                 Some(k) => keys.push(k),
-                None => return Err("a PUBLIC KEY block that is not an Ed25519 key".into()),
+                None => return Err(KeyError::NotEd25519),
             }
         }
         if keys.is_empty() {
-            return Err("no PUBLIC KEY block".into());
+            return Err(KeyError::NoPublicKey);
         }
         Ok(keys)
     }
@@ -104,11 +126,45 @@ impl PublicKey {
             path: path.to_owned(),
             source,
         })?;
-        PublicKey::parse_pem(&text).map_err(|reason| BundleError::BadKey {
+        PublicKey::parse_pem(&text).map_err(|source| BundleError::BadKey {
             path: path.to_owned(),
-            reason,
+            source,
         })
     }
+}
+
+/// Writes a new maintainer key pair: `PREFIX.key` (PKCS#8 PEM, 0600) and `PREFIX.pub` (SPKI
+/// PEM). Never overwrites: an existing file is an error and nothing is replaced.
+pub fn write_key_pair(prefix: &Path) -> Result<(PathBuf, PathBuf, PublicKey), BundleError> {
+    let (private, public) = SigningKey::generate().map_err(|source| BundleError::BadKey {
+        path: prefix.to_owned(),
+        source,
+    })?;
+    let with = |suffix: &str| {
+        let mut p = prefix.as_os_str().to_owned();
+        p.push(suffix);
+        PathBuf::from(p)
+    };
+    let (key, pubf) = (with(".key"), with(".pub"));
+    write_new(&key, private.as_bytes(), 0o600)?;
+    write_new(&pubf, public.to_pem().as_bytes(), 0o644)?;
+    Ok((key, pubf, public))
+}
+
+/// Creates `path` with `mode` (it must not exist), writes and syncs it.
+fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), BundleError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .and_then(|mut f| f.write_all(contents).and_then(|()| f.sync_all()))
+        .map_err(|source| BundleError::Write {
+            path: path.to_owned(),
+            source,
+        })
 }
 
 /// A maintainer's signing key.
@@ -116,27 +172,25 @@ pub struct SigningKey(Ed25519KeyPair);
 
 impl SigningKey {
     /// A new key: the private key PEM (PKCS#8) and the public key.
-    pub fn generate() -> Result<(String, PublicKey), String> {
-        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
-            .map_err(|_| "cannot generate a key".to_string())?;
-        let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
-            .map_err(|_| "cannot read the generated key".to_string())?;
-        let public = PublicKey::from_bytes(pair.public_key().as_ref())
-            .ok_or_else(|| "unexpected public key size".to_string())?;
+    pub fn generate() -> Result<(String, PublicKey), KeyError> {
+        let pkcs8 =
+            Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|_| KeyError::Generate)?;
+        let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|_| KeyError::Generate)?;
+        let public = PublicKey::from_bytes(pair.public_key().as_ref()).ok_or(KeyError::Generate)?;
         Ok((
             pem::encode(&pem::Pem::new("PRIVATE KEY", pkcs8.as_ref().to_vec())),
             public,
         ))
     }
 
-    pub fn from_pem(text: &str) -> Result<SigningKey, String> {
-        let block = pem::parse(text).map_err(|e| format!("not PEM: {e}"))?;
+    pub fn from_pem(text: &str) -> Result<SigningKey, KeyError> {
+        let block = pem::parse(text)?;
         if block.tag() != "PRIVATE KEY" {
-            return Err(format!("a `{}` block, not a PRIVATE KEY", block.tag()));
+            return Err(KeyError::NotPrivateKey(block.tag().to_string()));
         }
         Ed25519KeyPair::from_pkcs8_maybe_unchecked(block.contents())
             .map(SigningKey)
-            .map_err(|e| format!("not an Ed25519 PKCS#8 key: {e}"))
+            .map_err(|e| KeyError::BadPkcs8(e.to_string()))
     }
 
     pub fn load(path: &Path) -> Result<SigningKey, BundleError> {
@@ -144,9 +198,9 @@ impl SigningKey {
             path: path.to_owned(),
             source,
         })?;
-        SigningKey::from_pem(&text).map_err(|reason| BundleError::BadKey {
+        SigningKey::from_pem(&text).map_err(|source| BundleError::BadKey {
             path: path.to_owned(),
-            reason,
+            source,
         })
     }
 
@@ -305,23 +359,9 @@ pub fn files_from_paths(paths: &[PathBuf]) -> Result<Vec<BundleFile>, BundleErro
 /// Adds every file of a bundle to a builder, named `bundle:<path>`.
 pub fn add_to(builder: &mut RuleSetBuilder, content: &BundleContent) {
     for f in &content.files {
-        let origin = PathBuf::from(format!("{ORIGIN_PREFIX}{}", f.path));
-        if is_yara_file(&origin) {
-            builder.add_yara_source(&origin, &f.data);
-        } else if let Some(kind) = IocKind::of_path(&origin) {
-            builder.add_ioc_source(kind, &origin, &f.data);
-        }
+        let name = PathBuf::from(format!("{ORIGIN_PREFIX}{}", f.path));
+        builder.add_source(Origin::Bundle, &name, &f.data);
     }
-}
-
-/// Whether a problem comes from a bundle file (not a host-local one).
-pub fn is_bundle_problem(p: &Problem) -> bool {
-    p.path.to_string_lossy().starts_with(ORIGIN_PREFIX)
-}
-
-/// Whether a problem is in a YARA file (as opposed to an indicator line).
-pub fn is_yara_problem(p: &Problem) -> bool {
-    is_yara_file(&p.path)
 }
 
 /// Compiles a bundle on its own. Every YARA problem, and with `strict` every indicator problem,
@@ -338,7 +378,7 @@ pub fn validate(
         .problems
         .iter()
         .cloned()
-        .partition(|p| strict || is_yara_problem(p));
+        .partition(|p| strict || p.kind == ProblemKind::Yara);
     if fatal.is_empty() {
         Ok((set, warnings))
     } else {

@@ -18,11 +18,11 @@ use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
 use tracing::{debug, warn};
 
-use crate::Problem;
+use crate::codec::{Reader, Writer, unseal};
 use crate::rules::YaraPart;
+use crate::{Origin, Problem, ProblemKind};
 
 const MAGIC: &[u8] = b"VEDETTE-COMPILED-1\n";
 
@@ -67,51 +67,40 @@ pub(crate) fn load(path: &Path, fingerprint: &[u8; 32]) -> Option<YaraPart> {
             Some(hit)
         }
         Err(why) => {
-            debug!(path = %path.display(), reason = why, "compiled-rules cache not used");
+            debug!(path = %path.display(), reason = %why, "compiled-rules cache not used");
             None
         }
     }
 }
 
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], &'static str> {
-        if self.0.len() < n {
-            return Err("truncated");
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Ok(a)
-    }
-    fn u32(&mut self) -> Result<u32, &'static str> {
-        let b = self.take(4)?;
-        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    }
-    fn u64(&mut self) -> Result<u64, &'static str> {
-        let b = self.take(8)?;
-        let mut a = [0u8; 8];
-        a.copy_from_slice(b);
-        Ok(u64::from_le_bytes(a))
-    }
-    fn text(&mut self) -> Result<String, &'static str> {
-        let n = self.u32()? as usize;
-        Ok(String::from_utf8_lossy(self.take(n)?).into_owned())
-    }
+/// Why a cache file was not used.
+#[derive(Debug, thiserror::Error)]
+enum Miss {
+    #[error("not a compiled-rules cache")]
+    Foreign,
+    #[error("checksum mismatch")]
+    Damaged,
+    #[error("the rules changed")]
+    Stale,
+    #[error("truncated")]
+    Truncated,
+    #[error("built by another yara-x")]
+    OtherYara,
 }
 
-fn parse(data: &[u8], fingerprint: &[u8; 32]) -> Result<YaraPart, &'static str> {
+fn parse(data: &[u8], fingerprint: &[u8; 32]) -> Result<YaraPart, Miss> {
     if data.len() < MAGIC.len() + 64 || !data.starts_with(MAGIC) {
-        return Err("not a compiled-rules cache");
+        return Err(Miss::Foreign);
     }
-    let (body, sum) = data.split_at(data.len() - 32);
-    if Sha256::digest(body).as_slice() != sum {
-        return Err("checksum mismatch");
-    }
+    let body = unseal(data).ok_or(Miss::Damaged)?;
     let mut r = Reader(&body[MAGIC.len()..]);
-    if r.take(32)? != fingerprint {
-        return Err("the rules changed");
+    if r.take(32).ok_or(Miss::Truncated)? != fingerprint {
+        return Err(Miss::Stale);
     }
+    parse_body(&mut r).ok_or(Miss::Truncated)?
+}
+
+fn parse_body(r: &mut Reader<'_>) -> Option<Result<YaraPart, Miss>> {
     let files_with_errors = r.u64()? as usize;
     let count = r.u32()?;
     let mut problems = Vec::new();
@@ -122,39 +111,43 @@ fn parse(data: &[u8], fingerprint: &[u8; 32]) -> Result<YaraPart, &'static str> 
             l => Some(l as usize),
         };
         let reason = r.text()?;
-        problems.push(Problem { path, line, reason });
+        // Only YARA problems are cached; the builder marks bundle origins after loading.
+        problems.push(Problem {
+            path,
+            line,
+            reason,
+            kind: ProblemKind::Yara,
+            origin: Origin::Local,
+        });
     }
-    let n = r.u64()? as usize;
-    let rules = yara_x::Rules::deserialize(r.take(n)?).map_err(|_| "built by another yara-x")?;
-    Ok(YaraPart {
-        rules,
-        files_with_errors,
-        problems,
-    })
+    let serialized = r.blob()?;
+    Some(
+        yara_x::Rules::deserialize(serialized)
+            .map(|rules| YaraPart {
+                rules,
+                files_with_errors,
+                problems,
+            })
+            .map_err(|_| Miss::OtherYara),
+    )
 }
 
 pub(crate) fn save(path: &Path, fingerprint: &[u8; 32], part: &YaraPart) {
-    let (files_with_errors, problems) = (part.files_with_errors, &part.problems);
     let Ok(serialized) = part.rules.serialize() else {
         return;
     };
-    let mut out = MAGIC.to_vec();
-    out.extend_from_slice(fingerprint);
-    out.extend_from_slice(&(files_with_errors as u64).to_le_bytes());
-    out.extend_from_slice(&(problems.len() as u32).to_le_bytes());
-    let text = |out: &mut Vec<u8>, s: &str| {
-        out.extend_from_slice(&(s.len() as u32).to_le_bytes());
-        out.extend_from_slice(s.as_bytes());
-    };
-    for p in problems {
-        text(&mut out, &p.path.to_string_lossy());
-        out.extend_from_slice(&(p.line.unwrap_or(0) as u64).to_le_bytes());
-        text(&mut out, &p.reason);
+    let mut w = Writer::default();
+    w.bytes(MAGIC);
+    w.bytes(fingerprint);
+    w.u64(part.files_with_errors as u64);
+    w.u32(part.problems.len() as u32);
+    for p in &part.problems {
+        w.text(&p.path.to_string_lossy());
+        w.u64(p.line.unwrap_or(0) as u64);
+        w.text(&p.reason);
     }
-    out.extend_from_slice(&(serialized.len() as u64).to_le_bytes());
-    out.extend_from_slice(&serialized);
-    let sum = Sha256::digest(&out);
-    out.extend_from_slice(&sum);
+    w.blob(&serialized);
+    let out = w.seal();
     let tmp = path.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);
     let written = std::fs::OpenOptions::new()

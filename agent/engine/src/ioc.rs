@@ -196,6 +196,8 @@ impl Iocs {
                     path: origin.to_owned(),
                     line: Some(i + 1),
                     reason,
+                    kind: crate::ProblemKind::Indicator,
+                    origin: crate::Origin::Local,
                 });
             }
         }

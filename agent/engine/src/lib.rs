@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bundle;
+pub mod codec;
 mod compiled;
 mod file;
 mod ioc;
@@ -14,7 +15,9 @@ mod rules;
 
 pub use file::{FileReport, FileScanner, ScanOptions, SkipReason};
 pub use ioc::{IocCounts, IocKind, Iocs};
-pub use rules::{LoadReport, MatchKind, Problem, RuleMatch, RuleSet, RuleSetBuilder};
+pub use rules::{
+    LoadReport, MatchKind, Origin, Problem, ProblemKind, RuleMatch, RuleSet, RuleSetBuilder,
+};
 
 /// Error that stops a rule set from being built at all.
 #[derive(Debug, thiserror::Error)]

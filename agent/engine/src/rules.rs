@@ -16,12 +16,33 @@ use crate::ioc::{IocCounts, IocKind, Iocs};
 /// External variables that legacy (Loki/THOR) rules use; set per scanned file.
 pub(crate) const EXTERNALS: [&str; 5] = ["filename", "filepath", "extension", "filetype", "owner"];
 
+/// Where a rule file came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Origin {
+    /// A file on this host (`--rules`).
+    #[default]
+    Local,
+    /// A file inside a signed rule bundle.
+    Bundle,
+}
+
+/// What kind of file a problem is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProblemKind {
+    /// A YARA file that does not compile (the whole file is left out).
+    Yara,
+    /// An indicator line that does not parse (that line is left out).
+    Indicator,
+}
+
 /// A problem found while loading rules: `file:line: reason`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
     pub path: PathBuf,
     pub line: Option<usize>,
     pub reason: String,
+    pub kind: ProblemKind,
+    pub origin: Origin,
 }
 
 impl fmt::Display for Problem {
@@ -116,6 +137,8 @@ pub struct RuleSetBuilder {
     yara_sources: Vec<(PathBuf, Vec<u8>)>,
     /// Indicator lists, parsed by `build` while the YARA rules compile.
     ioc_sources: Vec<(IocKind, PathBuf, Vec<u8>)>,
+    /// Names of the sources that came from a bundle.
+    from_bundle: std::collections::HashSet<PathBuf>,
     digest: Sha256,
     report: LoadReport,
 }
@@ -133,6 +156,7 @@ impl RuleSetBuilder {
         RuleSetBuilder {
             yara_sources: Vec::new(),
             ioc_sources: Vec::new(),
+            from_bundle: std::collections::HashSet::new(),
             digest,
             report: LoadReport::default(),
         }
@@ -213,6 +237,22 @@ impl RuleSetBuilder {
         self
     }
 
+    /// Adds a source by its name: a YARA file or an indicator list (other names are ignored),
+    /// remembering where it came from for the problems it may cause.
+    pub fn add_source(&mut self, origin: Origin, name: &Path, bytes: &[u8]) -> &mut Self {
+        if is_yara_file(name) {
+            self.add_yara_source(name, bytes);
+        } else if let Some(kind) = IocKind::of_path(name) {
+            self.add_ioc_source(kind, name, bytes);
+        } else {
+            return self;
+        }
+        if origin == Origin::Bundle {
+            self.from_bundle.insert(name.to_owned());
+        }
+        self
+    }
+
     /// Compiles what was added. Files with problems are left out; see the report.
     pub fn build(self, bundle_version: u64) -> RuleSet {
         self.build_inner(bundle_version, None)
@@ -240,6 +280,11 @@ impl RuleSetBuilder {
         });
         report.problems.extend(ioc_problems);
         report.problems.extend(yara.problems);
+        for p in &mut report.problems {
+            if self.from_bundle.contains(&p.path) {
+                p.origin = Origin::Bundle;
+            }
+        }
         report.yara_files_with_errors = yara.files_with_errors;
         report.yara_rules = yara.rules.iter().len();
         report.iocs = iocs.counts.clone();
@@ -309,6 +354,8 @@ fn compile_yara(sources: Vec<(PathBuf, Vec<u8>)>) -> YaraPart {
                 path: origin,
                 line: None,
                 reason: "not UTF-8 text".into(),
+                kind: ProblemKind::Yara,
+                origin: Origin::Local,
             });
             continue;
         };
@@ -423,6 +470,8 @@ fn problem_of(origin: &Path, text: &str, e: &yara_x::errors::CompileError) -> Pr
         path: origin.to_owned(),
         line,
         reason,
+        kind: ProblemKind::Yara,
+        origin: Origin::Local,
     }
 }
 

@@ -84,6 +84,29 @@ pub(crate) fn rule_bundle(b: &crate::store::BundleRow) -> RuleBundle {
 }
 
 /// Binds the listener; separate from [`serve`] so callers learn the bound address first.
+/// Runs the collector until SIGTERM or SIGINT, then drains; returns the exit status.
+pub fn run_until_signal(config: Config) -> std::process::ExitCode {
+    use vedette_proto::cli::{exit, fail, wait_for_signal};
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start the runtime: {e}"), exit::FAILURE),
+    };
+    let result = rt.block_on(async {
+        let listener = bind(&config).await?;
+        let shutdown = CancellationToken::new();
+        let signal = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            signal.cancel();
+        });
+        serve(config, listener, shutdown).await
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => fail(&format!("{e:#}"), exit::FAILURE),
+    }
+}
+
 pub async fn bind(config: &Config) -> anyhow::Result<TcpListener> {
     TcpListener::bind(config.listen)
         .await

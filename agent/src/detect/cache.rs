@@ -20,7 +20,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Mutex;
 
-use sha2::{Digest, Sha256};
+use vedette_engine::codec::{Reader, Writer, unseal};
 use vedette_engine::{MatchKind, RuleMatch};
 
 const MAGIC: &[u8; 8] = b"VDTCACHE";
@@ -105,12 +105,8 @@ impl ScanCache {
         );
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.map().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Loads a cache made with the same rules; anything else gives an empty cache.
@@ -132,42 +128,42 @@ impl ScanCache {
 
     /// Writes the cache atomically.
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
-        let mut out = Vec::with_capacity(64 + self.len() * 48);
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
-        out.extend_from_slice(&self.fingerprint);
+        let mut w = Writer::default();
+        w.bytes(MAGIC);
+        w.u32(VERSION);
+        w.bytes(&self.fingerprint);
         {
             let map = self.map();
-            out.extend_from_slice(&(map.len() as u64).to_le_bytes());
+            w.u64(map.len() as u64);
             for e in map.values() {
-                let s = e.stamp;
-                for v in [s.dev, s.ino, s.size] {
-                    out.extend_from_slice(&v.to_le_bytes());
-                }
-                out.extend_from_slice(&s.mtime_ns.to_le_bytes());
-                out.extend_from_slice(&s.ctime_ns.to_le_bytes());
-                out.extend_from_slice(&(e.sha256.len() as u32).to_le_bytes());
-                out.extend_from_slice(e.sha256.as_bytes());
-                out.extend_from_slice(
-                    &(e.matches.len().min(u16::MAX as usize) as u16).to_le_bytes(),
-                );
-                for m in e.matches.iter().take(u16::MAX as usize) {
-                    out.push(kind_code(m.kind));
-                    out.push(m.score.min(255) as u8);
-                    for s in [&m.rule, &m.source, &m.description] {
-                        out.extend_from_slice(&(s.len() as u32).to_le_bytes());
-                        out.extend_from_slice(s.as_bytes());
-                    }
-                }
+                encode_entry(&mut w, e);
             }
         }
-        let sum = Sha256::digest(&out);
-        out.extend_from_slice(&sum);
+        let out = w.seal();
         let tmp = path.with_extension("tmp");
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(&out)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
+    }
+}
+
+fn encode_entry(w: &mut Writer, e: &Entry) {
+    let s = e.stamp;
+    for v in [s.dev, s.ino, s.size] {
+        w.u64(v);
+    }
+    w.u64(s.mtime_ns as u64);
+    w.u64(s.ctime_ns as u64);
+    w.text(&e.sha256);
+    let n = e.matches.len().min(u16::MAX as usize);
+    w.u16(n as u16);
+    for m in &e.matches[..n] {
+        w.u8(kind_code(m.kind));
+        w.u8(m.score.min(255) as u8);
+        for s in [&m.rule, &m.source, &m.description] {
+            w.text(s);
+        }
     }
 }
 
@@ -192,46 +188,8 @@ fn kind_of(c: u8) -> Option<MatchKind> {
     })
 }
 
-struct Reader<'a> {
-    b: &'a [u8],
-}
-
-impl Reader<'_> {
-    fn take(&mut self, n: usize) -> Option<&[u8]> {
-        if self.b.len() < n {
-            return None;
-        }
-        let (h, t) = self.b.split_at(n);
-        self.b = t;
-        Some(h)
-    }
-    fn u64(&mut self) -> Option<u64> {
-        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
-    }
-    fn u32(&mut self) -> Option<u32> {
-        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
-    }
-    fn u16(&mut self) -> Option<u16> {
-        Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
-    }
-    fn u8(&mut self) -> Option<u8> {
-        Some(self.take(1)?[0])
-    }
-    fn str(&mut self) -> Option<String> {
-        let n = self.u32()? as usize;
-        Some(String::from_utf8_lossy(self.take(n)?).into_owned())
-    }
-}
-
 fn decode(bytes: &[u8], fingerprint: &[u8; 32]) -> Option<Vec<Entry>> {
-    if bytes.len() < 32 {
-        return None;
-    }
-    let (body, sum) = bytes.split_at(bytes.len() - 32);
-    if Sha256::digest(body).as_slice() != sum {
-        return None;
-    }
-    let mut r = Reader { b: body };
+    let mut r = Reader(unseal(bytes)?);
     if r.take(8)? != MAGIC || r.u32()? != VERSION || r.take(32)? != fingerprint {
         return None;
     }
@@ -245,7 +203,7 @@ fn decode(bytes: &[u8], fingerprint: &[u8; 32]) -> Option<Vec<Entry>> {
             mtime_ns: r.u64()? as i64,
             ctime_ns: r.u64()? as i64,
         };
-        let sha256 = r.str()?;
+        let sha256 = r.text()?;
         let n = r.u16()?;
         let mut matches = Vec::with_capacity(n as usize);
         for _ in 0..n {
@@ -254,9 +212,9 @@ fn decode(bytes: &[u8], fingerprint: &[u8; 32]) -> Option<Vec<Entry>> {
             matches.push(RuleMatch {
                 kind,
                 score,
-                rule: r.str()?,
-                source: r.str()?,
-                description: r.str()?,
+                rule: r.text()?,
+                source: r.text()?,
+                description: r.text()?,
                 author: String::new(),
                 reference: String::new(),
             });
@@ -318,12 +276,12 @@ mod tests {
             None
         );
         // Other rules: nothing is reused.
-        assert!(ScanCache::load(&path, [8; 32]).is_empty());
+        assert_eq!(ScanCache::load(&path, [8; 32]).len(), 0);
         // A damaged file is ignored, not parsed.
         let mut bytes = std::fs::read(&path).unwrap();
         let mid = bytes.len() / 2;
         bytes[mid] ^= 0xff;
         std::fs::write(&path, &bytes).unwrap();
-        assert!(ScanCache::load(&path, [7; 32]).is_empty());
+        assert_eq!(ScanCache::load(&path, [7; 32]).len(), 0);
     }
 }

@@ -1,7 +1,10 @@
-//! `vedettectl`: the operators' remote client of the admin API.
+//! The admin API client: vedettectl.toml, the connection with the operator's certificate,
+//! and one call per command.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use vedette_proto::output::rfc3339_ms;
 
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
@@ -12,7 +15,7 @@ use vedette_proto::limits::MAX_MESSAGE_BYTES;
 use vedette_proto::v1::admin_service_client::AdminServiceClient;
 use vedette_proto::v1::{
     AgentInfo, CreateTokenRequest, ListAgentsRequest, ListDetectionsRequest, RevokeAgentRequest,
-    StoredDetection, detection,
+    StoredDetection,
 };
 
 /// `vedettectl.toml`. Relative paths are relative to the file's directory.
@@ -149,81 +152,6 @@ pub async fn detections_list(
         .await
         .map_err(status_error)?;
     Ok(r.into_inner().detections)
-}
-
-/// RFC 3339 text of a millisecond timestamp, or an empty string for 0.
-pub fn rfc3339_ms(ms: i64) -> String {
-    if ms <= 0 {
-        return String::new();
-    }
-    let t = UNIX_EPOCH + Duration::from_millis(ms as u64);
-    humantime::format_rfc3339_millis(t).to_string()
-}
-
-/// One detection as a JSON object (the `--json` line format).
-pub fn detection_json(s: &StoredDetection) -> serde_json::Value {
-    let d = s.detection.clone().unwrap_or_default();
-    let mut v = json!({
-        "id": d.id,
-        "agent_id": s.agent_id,
-        "hostname": s.hostname,
-        "kind": vedette_proto::kind_name(d.kind),
-        "rule": d.rule,
-        "source": d.source,
-        "score": d.score,
-        "description": d.description,
-        "bundle_version": d.bundle_version,
-        "path": null,
-        "sha256": null,
-        "pid": null,
-        "observed_at": rfc3339_ms(d.observed_at_ms),
-        "received_at": rfc3339_ms(s.received_at_ms),
-    });
-    let nonempty = |s: &str| (!s.is_empty()).then(|| s.to_string());
-    match d.target {
-        Some(detection::Target::File(f)) => {
-            v["path"] = json!(f.path);
-            v["size"] = json!(f.size);
-            v["sha256"] = json!(nonempty(&f.sha256));
-            v["md5"] = json!(nonempty(&f.md5));
-            v["sha1"] = json!(nonempty(&f.sha1));
-        }
-        Some(detection::Target::Process(p)) => {
-            v["path"] = json!(p.exe);
-            v["pid"] = json!(p.pid);
-            v["ppid"] = json!(p.ppid);
-            v["name"] = json!(p.name);
-            v["cmdline"] = json!(p.cmdline);
-            v["user"] = json!(p.user);
-            v["sha256"] = json!(nonempty(&p.exe_sha256));
-        }
-        Some(detection::Target::Connection(c)) => {
-            v["path"] = json!(c.exe);
-            v["pid"] = json!(c.pid);
-            v["remote"] = json!(format!("{}:{}", c.remote_addr, c.remote_port));
-            v["protocol"] = json!(c.protocol);
-        }
-        None => {}
-    }
-    v
-}
-
-/// One line of the human listing of detections.
-pub fn detection_line(s: &StoredDetection) -> String {
-    let v = detection_json(s);
-    let target = match (v["path"].as_str(), v["pid"].as_u64()) {
-        (Some(p), Some(pid)) => format!("pid {pid} {p}"),
-        (Some(p), None) => p.to_string(),
-        (None, _) => String::new(),
-    };
-    format!(
-        "{}  {:<20} {:<10} {:<32} {}",
-        v["received_at"].as_str().unwrap_or(""),
-        s.hostname,
-        v["kind"].as_str().unwrap_or(""),
-        v["rule"].as_str().unwrap_or(""),
-        target
-    )
 }
 
 pub fn agent_json(a: &AgentInfo) -> serde_json::Value {

@@ -4,29 +4,22 @@
 //! list parsed), so nothing is sent while a problem remains; then the content is signed with the
 //! maintainer's Ed25519 key for the next version and sent. The collector checks it all again.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::bail;
 use serde_json::json;
+use vedette_engine::ProblemKind;
 use vedette_engine::RuleSetBuilder;
-use vedette_engine::bundle::{self, BundleContent, PublicKey, SigningKey};
+use vedette_engine::bundle::{self, BundleContent, SigningKey};
 use vedette_proto::v1::{
     BundleInfo, BundleRolloutRequest, BundleRolloutResponse, GetBundleRequest, ListBundlesRequest,
     PublishBundleRequest, PublishBundleResponse,
 };
 
-use crate::ctl::{CtlConfig, rfc3339_ms, status_error};
-use crate::pki::{with_suffix, write_new};
-use crate::store::now_ms;
+use vedette_proto::now_ms;
+use vedette_proto::output::rfc3339_ms;
 
-/// Writes a new maintainer key pair: `PREFIX.key` (0600) and `PREFIX.pub`; never overwrites.
-pub fn keys_generate(out: &Path) -> anyhow::Result<(PathBuf, PathBuf, PublicKey)> {
-    let (private, public) = SigningKey::generate().map_err(anyhow::Error::msg)?;
-    let (key, pubf) = (with_suffix(out, ".key"), with_suffix(out, ".pub"));
-    write_new(&key, private.as_bytes(), 0o600)?;
-    write_new(&pubf, public.to_pem().as_bytes(), 0o644)?;
-    Ok((key, pubf, public))
-}
+use crate::client::{CtlConfig, status_error};
 
 /// Options of `rules publish` and `rules rollback`.
 pub struct PublishOptions {
@@ -70,7 +63,7 @@ pub fn validate_paths(paths: &[PathBuf], strict: bool) -> anyhow::Result<Vec<Str
         .report()
         .problems
         .iter()
-        .partition(|p| strict || bundle::is_yara_problem(p));
+        .partition(|p| strict || p.kind == ProblemKind::Yara);
     if !fatal.is_empty() {
         let list: Vec<String> = fatal.iter().map(|p| format!("  {p}")).collect();
         bail!(

@@ -1,4 +1,4 @@
-//! The agent's rule set: host-local `--rules` plus the fleet bundle pushed by the collector.
+//! The agent's active rule set: host-local `--rules` plus the bundle pushed by the collector.
 //!
 //! A bundle is applied in this order, and any failure leaves the running set untouched:
 //! signature by a pinned maintainer key → canonical content → compile (host-local rules beside
@@ -6,24 +6,52 @@
 //! last-good in the state directory → reported. At start the last-good bundle is checked the
 //! same way, so an agent without its collector still runs the rules it last had.
 
+pub(crate) mod applier;
+
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use anyhow::Context;
 use arc_swap::ArcSwap;
 use prost::Message;
+use tokio::sync::Notify;
 use tracing::{info, warn};
-use vedette_engine::bundle::{self, BundleContent, PublicKey};
-use vedette_engine::{RuleSet, RuleSetBuilder};
-use vedette_proto::v1::{BundleStatus, RuleBundle};
+use vedette_engine::bundle::{self, BundleContent, BundleError, PublicKey};
+use vedette_engine::{EngineError, Origin, ProblemKind, RuleSet, RuleSetBuilder};
+use vedette_proto::v1::RuleBundle;
 
-use crate::state::{StateDir, write_atomic};
+use crate::state::StateDir;
 
 /// Most problems quoted in a failure report.
 const MAX_REPORTED: usize = 10;
 
-pub struct Fleet {
+/// Why rules could not be loaded or a bundle could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum RulesError {
+    #[error("cannot read `{path}`: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("`{path}`: {source}")]
+    Keys {
+        path: PathBuf,
+        source: vedette_engine::bundle::KeyError,
+    },
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("damaged file: {0}")]
+    Damaged(#[from] prost::DecodeError),
+    #[error("the envelope says version {envelope} but the signed content says {content}")]
+    VersionMismatch { envelope: u64, content: u64 },
+    #[error("{count} problem(s) compiling the bundle: {shown}")]
+    Compile { count: usize, shown: String },
+}
+
+/// The rules this agent runs, and what it needs to take a new bundle.
+pub struct ActiveRules {
     local: Vec<PathBuf>,
     trusted: Vec<PublicKey>,
     allow_unsigned: bool,
@@ -34,11 +62,11 @@ pub struct Fleet {
     pub current: Arc<ArcSwap<RuleSet>>,
     /// Version of the applied bundle (0: none).
     pub applied: AtomicU64,
-    /// Set when a new bundle is applied: full scans run again over what they cached.
-    pub rescan: AtomicBool,
+    /// Notified when a new bundle is applied: full scans run again over what they cached.
+    pub rescan: Notify,
 }
 
-impl Fleet {
+impl ActiveRules {
     /// Loads the pinned maintainer keys and the host-local rules, and the last-good bundle if
     /// one is saved (a bad one is logged and left unused).
     pub fn start(
@@ -46,28 +74,14 @@ impl Fleet {
         local: Vec<PathBuf>,
         extra_keys: &[PathBuf],
         allow_unsigned: bool,
-    ) -> anyhow::Result<Fleet> {
-        let mut trusted = Vec::new();
-        let pinned = state.maintainers();
-        if pinned.exists() {
-            let text = std::fs::read_to_string(&pinned)
-                .with_context(|| format!("cannot read `{}`", pinned.display()))?;
-            if !text.trim().is_empty() {
-                trusted.extend(
-                    PublicKey::parse_pem(&text)
-                        .map_err(|e| anyhow::anyhow!("`{}`: {e}", pinned.display()))?,
-                );
-            }
-        }
-        for p in extra_keys {
-            trusted.extend(PublicKey::load(p)?);
-        }
+    ) -> Result<ActiveRules, RulesError> {
+        let trusted = trusted_keys(state, extra_keys)?;
         if trusted.is_empty() && !allow_unsigned {
             warn!(
                 "no maintainer keys are trusted: rule bundles from the collector will be refused"
             );
         }
-        let mut fleet = Fleet {
+        let mut fleet = ActiveRules {
             local,
             trusted,
             allow_unsigned,
@@ -75,7 +89,7 @@ impl Fleet {
             compiled: state.dir.join("compiled-rules.bin"),
             current: Arc::new(ArcSwap::from_pointee(RuleSet::empty())),
             applied: AtomicU64::new(0),
-            rescan: AtomicBool::new(false),
+            rescan: Notify::new(),
         };
         let saved = match fleet.read_last_good() {
             Ok(saved) => saved,
@@ -93,27 +107,32 @@ impl Fleet {
                 }
                 Err(e) => {
                     warn!(version = content.version, error = %e, "last-good bundle does not compile; running host-local rules only");
-                    fleet.compile(None).map_err(anyhow::Error::msg)?
+                    fleet.compile(None)?
                 }
             },
-            None => fleet.compile(None).map_err(anyhow::Error::msg)?,
+            None => fleet.compile(None)?,
         };
         fleet.current = Arc::new(ArcSwap::from_pointee(rules));
         Ok(fleet)
     }
 
-    fn read_last_good(&self) -> anyhow::Result<Option<BundleContent>> {
+    fn read_last_good(&self) -> Result<Option<BundleContent>, RulesError> {
         let bytes = match std::fs::read(&self.last_good) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e.into()),
+            Err(source) => {
+                return Err(RulesError::Read {
+                    path: self.last_good.clone(),
+                    source,
+                });
+            }
         };
-        let b = RuleBundle::decode(bytes.as_slice()).context("damaged file")?;
+        let b = RuleBundle::decode(bytes.as_slice())?;
         Ok(Some(self.check(&b)?))
     }
 
     /// Signature and content checks.
-    fn check(&self, b: &RuleBundle) -> anyhow::Result<BundleContent> {
+    fn check(&self, b: &RuleBundle) -> Result<BundleContent, RulesError> {
         bundle::verify(
             &b.content,
             &b.signature,
@@ -123,21 +142,20 @@ impl Fleet {
         )?;
         let content = bundle::decode(&b.content)?;
         if content.version != b.version {
-            anyhow::bail!(
-                "the envelope says version {} but the signed content says {}",
-                b.version,
-                content.version
-            );
+            return Err(RulesError::VersionMismatch {
+                envelope: b.version,
+                content: content.version,
+            });
         }
         Ok(content)
     }
 
     /// Builds host-local rules plus the bundle. Problems in host-local files are logged (the
     /// rest loads, as at start); any problem in the bundle's YARA files fails the build.
-    fn compile(&self, content: Option<&BundleContent>) -> Result<RuleSet, String> {
+    fn compile(&self, content: Option<&BundleContent>) -> Result<RuleSet, RulesError> {
         let mut b = RuleSetBuilder::new();
         for p in &self.local {
-            b.add_path(p).map_err(|e| e.to_string())?;
+            b.add_path(p)?;
         }
         if let Some(c) = content {
             bundle::add_to(&mut b, c);
@@ -147,16 +165,15 @@ impl Fleet {
         let bad: Vec<String> = report
             .problems
             .iter()
-            .filter(|p| bundle::is_bundle_problem(p) && bundle::is_yara_problem(p))
+            .filter(|p| p.origin == Origin::Bundle && p.kind == ProblemKind::Yara)
             .map(ToString::to_string)
             .collect();
         if !bad.is_empty() {
             let shown: Vec<&str> = bad.iter().take(MAX_REPORTED).map(String::as_str).collect();
-            return Err(format!(
-                "{} problem(s) compiling the bundle: {}",
-                bad.len(),
-                shown.join("; ")
-            ));
+            return Err(RulesError::Compile {
+                count: bad.len(),
+                shown: shown.join("; "),
+            });
         }
         for p in report.problems.iter() {
             warn!(problem = %p, "rule not loaded");
@@ -170,45 +187,27 @@ impl Fleet {
         );
         Ok(set)
     }
+}
 
-    /// Applies a pushed bundle (blocking: it compiles). Returns the status to report.
-    pub fn apply(&self, b: &RuleBundle) -> BundleStatus {
-        let fail = |error: String| {
-            warn!(version = b.version, error = %error, "rule bundle refused; the previous rules keep running");
-            BundleStatus {
-                version: b.version,
-                applied: false,
-                error,
-            }
-        };
-        let current = self.applied.load(Ordering::Relaxed);
-        if b.version <= current {
-            return BundleStatus {
-                version: current,
-                applied: true,
-                error: String::new(),
-            };
-        }
-        let content = match self.check(b) {
-            Ok(c) => c,
-            Err(e) => return fail(format!("{e:#}")),
-        };
-        let rules = match self.compile(Some(&content)) {
-            Ok(r) => r,
-            Err(e) => return fail(e),
-        };
-        self.current.store(Arc::new(rules));
-        self.applied.store(b.version, Ordering::Relaxed);
-        self.rescan.store(true, Ordering::Relaxed);
-        if let Err(e) = write_atomic(&self.last_good, &b.encode_to_vec(), 0o600) {
-            // Running it anyway: the collector pushes it again after a restart.
-            warn!(error = %format!("{e:#}"), "cannot save the bundle as last-good");
-        }
-        info!(version = b.version, name = %content.name, publisher = %content.publisher, files = content.files.len(), "rule bundle applied");
-        BundleStatus {
-            version: b.version,
-            applied: true,
-            error: String::new(),
+/// The maintainer keys pinned at enrollment plus those the configuration adds.
+fn trusted_keys(state: &StateDir, extra: &[PathBuf]) -> Result<Vec<PublicKey>, RulesError> {
+    let mut trusted = Vec::new();
+    let pinned = state.maintainers();
+    if pinned.exists() {
+        let text = std::fs::read_to_string(&pinned).map_err(|source| RulesError::Read {
+            path: pinned.clone(),
+            source,
+        })?;
+        if !text.trim().is_empty() {
+            let keys = PublicKey::parse_pem(&text).map_err(|source| RulesError::Keys {
+                path: pinned.clone(),
+                source,
+            })?;
+            trusted.extend(keys);
         }
     }
+    for p in extra {
+        trusted.extend(PublicKey::load(p)?);
+    }
+    Ok(trusted)
 }

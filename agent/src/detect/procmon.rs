@@ -14,8 +14,8 @@ use vedette_engine::{FileScanner, RuleMatch, RuleSet};
 use vedette_proto::v1::detection::Target;
 use vedette_proto::v1::{ConnectionTarget, Detection, ProcessTarget};
 
-use crate::cache::{ScanCache, Stamp};
-use crate::scan::detection;
+use crate::detect::cache::{ScanCache, Stamp};
+use crate::detect::detection;
 
 /// `/proc` clock ticks per second (USER_HZ, fixed at 100 for the `/proc` interface).
 const TICKS_PER_SEC: u64 = 100;

@@ -1,0 +1,264 @@
+//! The `vedette-agent` command line: what each subcommand takes, and running it.
+
+pub mod enroll;
+pub mod scan;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use vedette_proto::cli::{exit, fail, wait_for_signal};
+
+use crate::config::RawConfig;
+use crate::detect::walk::{WalkRules, exclusions};
+use crate::state::StateDir;
+use enroll::{CaPin, EnrollArgs};
+
+#[derive(Parser)]
+#[command(
+    name = "vedette-agent",
+    version,
+    about = "The Vedette endpoint agent: watches files with YARA rules and streams detections to a collector",
+    after_help = "Typical use:\n  vedette-agent enroll --collector collector.example:7443 --token vdt_... \
+        --ca-sha256 <fingerprint> --state-dir /var/lib/vedette\n  \
+        vedette-agent run --state-dir /var/lib/vedette --watch /srv --rules /etc/vedette/rules"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Enroll this host: make a key here, send a CSR with a one-time token, keep the certificate.
+    Enroll(EnrollCmd),
+    /// Run the agent: watch files, scan them, stream detections to the collector.
+    Run(RunCmd),
+    /// Scan paths (and processes) once, without a collector, and print what matched.
+    ///
+    /// Exit status: 0 nothing matched, 1 something matched, 2 error (like grep).
+    Scan(ScanCmd),
+    /// Show the detections waiting in the spool for the collector's ack (read-only).
+    Spool(SpoolCmd),
+}
+
+#[derive(Args)]
+pub struct SpoolCmd {
+    /// The state directory given at enrollment.
+    #[arg(long, default_value = "/var/lib/vedette")]
+    pub state_dir: PathBuf,
+    /// One JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct ScanCmd {
+    /// YARA files (.yar, .yara), indicator lists (hash/filename/c2/process/cmdline in the name)
+    /// or directories holding them (repeatable).
+    #[arg(long = "rules", value_name = "PATH", required = true)]
+    pub rules: Vec<PathBuf>,
+    /// One JSON object per detection.
+    #[arg(long)]
+    pub json: bool,
+    /// Skip files larger than this many bytes.
+    #[arg(long, default_value_t = 64 * 1024 * 1024, value_name = "BYTES")]
+    pub max_file_size: u64,
+    /// YARA time budget per file (e.g. 30s).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
+    /// Also scan running processes (names, command lines, executables) and their connections.
+    #[arg(long)]
+    pub processes: bool,
+    /// Fail (exit 2) if any rule file or indicator line does not load.
+    #[arg(long)]
+    pub strict: bool,
+    /// Scanning threads.
+    #[arg(long, short = 'p', default_value_t = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))]
+    pub threads: usize,
+    /// Cross file-system boundaries below each path.
+    #[arg(long)]
+    pub cross_filesystems: bool,
+    /// Skip paths matching this glob (repeatable); /proc, /sys, /dev and /run are always skipped.
+    #[arg(long = "exclude", value_name = "GLOB")]
+    pub excludes: Vec<String>,
+    /// Percentage of one core each scanning thread may use (1-100).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub max_cpu_percent: u32,
+    /// Keep results in this file: unchanged files are not scanned again with the same rules.
+    #[arg(long, value_name = "FILE")]
+    pub cache: Option<PathBuf>,
+    /// Files or directories to scan.
+    #[arg(value_name = "PATH")]
+    pub paths: Vec<PathBuf>,
+}
+
+#[derive(Args)]
+#[command(group = clap::ArgGroup::new("trust").required(true).args(["ca_sha256", "ca"]))]
+pub struct EnrollCmd {
+    /// The collector's host:port (a name in its server certificate).
+    #[arg(long)]
+    pub collector: String,
+    /// The enrollment token from `vedettectl token create`.
+    #[arg(long, env = "VEDETTE_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// SHA-256 fingerprint of the collector's CA, as printed by `vedette-collector init`.
+    #[arg(long, value_name = "HEX")]
+    pub ca_sha256: Option<String>,
+    /// The collector's CA certificate file (instead of --ca-sha256).
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// Where the agent keeps its key, certificate and state (created 0700).
+    #[arg(long, default_value = "/var/lib/vedette")]
+    pub state_dir: PathBuf,
+}
+
+#[derive(Args)]
+pub struct RunCmd {
+    /// The state directory given at enrollment.
+    #[arg(long, default_value = "/var/lib/vedette")]
+    pub state_dir: PathBuf,
+    /// Agent configuration file (TOML; see deploy/agent.toml). Flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Watch this path recursively (repeatable; added to the config file's list).
+    #[arg(long = "watch", value_name = "PATH")]
+    pub watch: Vec<PathBuf>,
+    /// YARA rule file or directory (repeatable; added to the config file's list).
+    #[arg(long = "rules", value_name = "PATH")]
+    pub rules: Vec<PathBuf>,
+    /// Collector host:port (repeatable; replaces the enrolled address).
+    #[arg(long = "collector", value_name = "HOST:PORT")]
+    pub collectors: Vec<String>,
+}
+
+/// Runs one subcommand to its exit status.
+pub fn dispatch(command: Command) -> ExitCode {
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start the runtime: {e}"), exit::FAILURE),
+    };
+    match command {
+        Command::Spool(cmd) => spool(&cmd),
+        Command::Scan(cmd) => ExitCode::from(scan_cmd(cmd)),
+        Command::Enroll(cmd) => rt.block_on(enroll_cmd(cmd)),
+        Command::Run(cmd) => rt.block_on(run_cmd(cmd)),
+    }
+}
+
+fn spool(cmd: &SpoolCmd) -> ExitCode {
+    let dir = StateDir::new(&cmd.state_dir).spool();
+    let i = match crate::deliver::spool::inspect(&dir) {
+        Ok(i) => i,
+        Err(e) => return fail(&format!("cannot read the spool: {e}"), exit::FAILURE),
+    };
+    if cmd.json {
+        println!("{}", serde_json::json!(i));
+        return ExitCode::SUCCESS;
+    }
+    println!("spool:            {}", dir.display());
+    println!("pending:          {} detections", i.pending);
+    println!(
+        "size:             {} bytes in {} segments",
+        i.bytes, i.segments
+    );
+    println!("acknowledged up to record {}", i.acked);
+    println!("dropped (ever):   {}", i.dropped_total);
+    if i.damaged_segments > 0 {
+        println!(
+            "damaged:          {} bytes in {} segments (cut at the agent's next start)",
+            i.damaged_bytes, i.damaged_segments
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+fn scan_cmd(cmd: ScanCmd) -> u8 {
+    if cmd.paths.is_empty() && !cmd.processes {
+        eprintln!("error: give at least one PATH to scan, or --processes");
+        return exit::SCAN_ERROR;
+    }
+    let excludes = match exclusions(&cmd.excludes) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::SCAN_ERROR;
+        }
+    };
+    let args = scan::ScanArgs {
+        rules: cmd.rules,
+        paths: cmd.paths,
+        json: cmd.json,
+        processes: cmd.processes,
+        strict: cmd.strict,
+        plan: crate::detect::full_scan::ScanPlan {
+            threads: cmd.threads,
+            walk: WalkRules {
+                one_file_system: !cmd.cross_filesystems,
+                excludes,
+            },
+            max_cpu_percent: cmd.max_cpu_percent,
+            scan: vedette_engine::ScanOptions {
+                max_file_size: cmd.max_file_size,
+                timeout: cmd.timeout,
+            },
+        },
+        cache: cmd.cache,
+    };
+    scan::run(args)
+}
+
+async fn enroll_cmd(cmd: EnrollCmd) -> ExitCode {
+    let pin = match (cmd.ca_sha256, cmd.ca) {
+        (Some(h), _) => CaPin::Sha256(h),
+        (None, Some(f)) => CaPin::File(f),
+        (None, None) => return fail(&"give --ca-sha256 or --ca", exit::CONFIG),
+    };
+    let state = StateDir::new(&cmd.state_dir);
+    let args = EnrollArgs {
+        collector: &cmd.collector,
+        token: &cmd.token,
+        pin,
+        state: &state,
+    };
+    match enroll::enroll(args).await {
+        Ok(id) => {
+            let dir = cmd.state_dir.display();
+            println!("enrolled as agent {id}; credentials in {dir}");
+            println!("next: vedette-agent run --state-dir {dir} --watch PATH --rules PATH");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&format!("{e:#}"), exit::FAILURE),
+    }
+}
+
+async fn run_cmd(cmd: RunCmd) -> ExitCode {
+    let mut raw = match &cmd.config {
+        Some(p) => match RawConfig::load(p) {
+            Ok(r) => r,
+            Err(e) => return fail(&e, exit::CONFIG),
+        },
+        None => RawConfig::default(),
+    };
+    raw.watch.extend(cmd.watch);
+    raw.rules.extend(cmd.rules);
+    if !cmd.collectors.is_empty() {
+        raw.collectors = cmd.collectors;
+    }
+    let settings = match raw.validate(cmd.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => return fail(&e, exit::CONFIG),
+    };
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        signal.cancel();
+    });
+    let state = StateDir::new(&cmd.state_dir);
+    match crate::daemon::run(state, settings, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&format!("{e:#}"), exit::FAILURE),
+    }
+}

@@ -1,0 +1,185 @@
+//! `vedette-agent scan`: a one-shot scan without any collector, like `yara -r` or Loki.
+//!
+//! Exit status, like grep: 0 when nothing matched, 1 when something matched, 2 on an error that
+//! stopped the scan (unusable rules or paths). Files that cannot be scanned are counted and
+//! summarised, not errors.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+use vedette_engine::{FileScanner, RuleSet, RuleSetBuilder};
+use vedette_proto::cli::exit;
+use vedette_proto::output::{detection_json, detection_line};
+use vedette_proto::v1::Detection;
+
+use crate::detect::cache::ScanCache;
+use crate::detect::file_detections;
+use crate::detect::full_scan::{Outcome, ScanContext, ScanPlan, scan_tree};
+use crate::detect::procmon::ProcessJudge;
+use crate::telemetry::{Counter, Counters};
+
+pub struct ScanArgs {
+    pub rules: Vec<PathBuf>,
+    pub paths: Vec<PathBuf>,
+    pub json: bool,
+    pub processes: bool,
+    pub strict: bool,
+    pub plan: ScanPlan,
+    pub cache: Option<PathBuf>,
+}
+
+/// Loads rules for a scan, printing problems to stderr. None when loading must stop the scan.
+/// With `compiled`, compiled YARA rules are kept there and reused while the sources are
+/// unchanged.
+pub fn load_rules(paths: &[PathBuf], strict: bool, compiled: Option<&Path>) -> Option<RuleSet> {
+    let mut b = RuleSetBuilder::new();
+    for p in paths {
+        if let Err(e) = b.add_path(p) {
+            eprintln!("error: {e}");
+            return None;
+        }
+    }
+    let rules = match compiled {
+        Some(c) => b.build_cached(0, c),
+        None => b.build(0),
+    };
+    let r = rules.report();
+    for p in &r.problems {
+        eprintln!("{}: {p}", if strict { "error" } else { "warning" });
+    }
+    let i = &r.iocs;
+    eprintln!(
+        "loaded {} YARA rules from {} files ({} with errors); indicators: {} hashes, {} file names, {} C2 addresses/networks, {} C2 domains, {} process names, {} command lines; {} lines rejected",
+        r.yara_rules,
+        r.yara_files,
+        r.yara_files_with_errors,
+        i.hashes,
+        i.filenames,
+        i.c2_ips + i.c2_networks,
+        i.c2_domains,
+        i.process_names,
+        i.cmdlines,
+        i.rejected
+    );
+    if strict && !r.problems.is_empty() {
+        eprintln!(
+            "error: {} problem(s) in the rules and --strict is set",
+            r.problems.len()
+        );
+        return None;
+    }
+    Some(rules)
+}
+
+/// Prints detections as they come, from any thread.
+struct Printer {
+    json: bool,
+    out: Mutex<std::io::Stdout>,
+    count: AtomicU64,
+}
+
+impl Printer {
+    fn emit(&self, d: &Detection) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let line = if self.json {
+            detection_json(d).to_string()
+        } else {
+            detection_line(d)
+        };
+        let mut o = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = writeln!(o, "{line}");
+    }
+}
+
+/// Runs the scan; returns the exit status.
+pub fn run(args: ScanArgs) -> u8 {
+    for p in &args.paths {
+        if std::fs::symlink_metadata(p).is_err() {
+            eprintln!("error: `{}` does not exist", p.display());
+            return exit::SCAN_ERROR;
+        }
+    }
+    // Beside the result cache: the compiled rules, so a second run does not compile again.
+    let compiled = args.cache.as_ref().map(|c| {
+        let mut p = c.as_os_str().to_owned();
+        p.push(".rules");
+        PathBuf::from(p)
+    });
+    let Some(rules) = load_rules(&args.rules, args.strict, compiled.as_deref()) else {
+        return exit::SCAN_ERROR;
+    };
+    let started = Instant::now();
+    let counters = Counters::default();
+    let cache = args
+        .cache
+        .as_ref()
+        .map(|p| ScanCache::load(p, rules.fingerprint()));
+    let printer = Printer {
+        json: args.json,
+        out: Mutex::new(std::io::stdout()),
+        count: AtomicU64::new(0),
+    };
+    let on_file = |path: &Path, outcome: Outcome| {
+        if let Outcome::Scanned { report, .. } = outcome {
+            for d in file_detections(path, &report, 0) {
+                printer.emit(&d);
+            }
+        }
+    };
+    let stop = CancellationToken::new();
+    let cx = ScanContext {
+        rules: &rules,
+        cache: cache.as_ref(),
+        counters: &counters,
+        stop: &stop,
+    };
+    scan_tree(&args.paths, &args.plan, &cx, &on_file);
+    if args.processes {
+        scan_processes(&rules, &args.plan, &printer);
+    }
+    if let (Some(cache), Some(path)) = (&cache, &args.cache)
+        && let Err(e) = cache.save(path)
+    {
+        eprintln!(
+            "warning: cannot save the scan cache `{}`: {e}",
+            path.display()
+        );
+    }
+    let detections = printer.count.load(Ordering::Relaxed);
+    summarise(&counters, detections, started);
+    if detections > 0 {
+        exit::MATCHED
+    } else {
+        exit::OK
+    }
+}
+
+fn scan_processes(rules: &RuleSet, plan: &ScanPlan, printer: &Printer) {
+    let mut judge = ProcessJudge::new(rules);
+    let mut scanner = FileScanner::new(rules, plan.scan);
+    for d in judge.new_processes(&mut scanner) {
+        printer.emit(&d);
+    }
+    for d in judge.c2_connections(rules) {
+        printer.emit(&d);
+    }
+}
+
+fn summarise(counters: &Counters, detections: u64, started: Instant) {
+    let (skipped, reasons) = counters.skipped();
+    let hits = counters.get(Counter::CacheHits);
+    eprintln!(
+        "scanned {} files ({hits} unchanged, from cache), skipped {skipped}{}; {detections} detections in {:.2} s",
+        counters.get(Counter::FilesScanned) + hits,
+        if reasons.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", reasons.join(", "))
+        },
+        started.elapsed().as_secs_f64()
+    );
+}

@@ -1,0 +1,291 @@
+//! `vedette-agent run`: starts every stage, runs until the shutdown token fires, then drains.
+//!
+//! ```text
+//! watch (inotify) ──paths──► scan pool (threads) ─┐
+//! full scans (thread) ────────────────────────────┼─detections─► spool writer ─► spool (disk)
+//! procmon (thread) ───────────────────────────────┘                                │
+//!                                                      collector ◄── shipper (gRPC) ◄┘
+//! ```
+//! Every channel is bounded. One [`CancellationToken`] stops everything, in pipeline order: the
+//! watcher stops queueing, the full-scan and process threads return, the pool finishes its
+//! queue, the spool writer makes the last detections durable, and the shipper gets its drain
+//! time to have them acknowledged; whatever is not acknowledged by then is sent after the next
+//! start.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::runtime::Handle;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use vedette_engine::{FileScanner, ScanOptions};
+use vedette_proto::client::ClientTls;
+use vedette_proto::v1::{BundleStatus, Detection, RuleBundle};
+
+use crate::config::Settings;
+use crate::deliver::shipper::{BundleLink, ShipConfig, Shipper};
+use crate::deliver::spool::Spool;
+use crate::deliver::writer::{Spooled, write_spool};
+use crate::detect::full_scan::{FullScans, ScanPlan};
+use crate::detect::pool::ScanPool;
+use crate::detect::procmon::ProcessJudge;
+use crate::detect::walk::{WalkRules, exclusions};
+use crate::detect::watch::{FileWatch, WatchTarget};
+use crate::rules::ActiveRules;
+use crate::state::{Credentials, StateDir};
+use crate::telemetry::{Counter, Counters};
+
+/// Detections buffered between the scanning stages and the spool writer.
+const DETECTION_QUEUE: usize = 1024;
+
+/// Runs the agent until `shutdown` fires, then drains every stage.
+pub async fn run(
+    state: StateDir,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let creds = state.load()?;
+    let watch_roots = canonical(&settings.watch, "watch")?;
+    let scan_roots = canonical(&settings.scan_paths, "scan")?;
+    let rules = load_rules(&state, &settings).await?;
+    let counters = Arc::new(Counters::default());
+    let spooled = open_spool(&state, &settings, &counters).await?;
+    let (det_tx, det_rx) = mpsc::channel(DETECTION_QUEUE);
+    let writer = {
+        let (sp, counters) = (spooled.clone(), counters.clone());
+        std::thread::Builder::new()
+            .name("spool-writer".into())
+            .spawn(move || write_spool(&sp, det_rx, &counters))?
+    };
+    let options = ScanOptions {
+        max_file_size: settings.max_file_size,
+        timeout: settings.scan_timeout,
+    };
+    let pool = ScanPool::start(
+        settings.scan_workers,
+        rules.current.clone(),
+        options,
+        det_tx.clone(),
+        counters.clone(),
+    )
+    .context("cannot start scan workers")?;
+    let walk = WalkRules {
+        one_file_system: true,
+        excludes: exclusions(&settings.exclude)?,
+    };
+    let target = WatchTarget {
+        queue: pool.sender(),
+        rules: walk.clone(),
+        counters: counters.clone(),
+        stop: shutdown.clone(),
+    };
+    let watch = FileWatch::start(&watch_roots, target)?;
+    let (offers, offered) = watch::channel::<Option<RuleBundle>>(None);
+    let (status_tx, statuses) = mpsc::channel::<BundleStatus>(8);
+    let applier = tokio::spawn(crate::rules::applier::run(
+        rules.clone(),
+        offered,
+        status_tx,
+    ));
+    let link = BundleLink {
+        rules: rules.clone(),
+        offers,
+        statuses,
+    };
+    let shipper = Shipper::new(
+        ship_config(&settings, creds),
+        spooled.clone(),
+        link,
+        counters.clone(),
+    );
+    let shipper = tokio::spawn(shipper.run(shutdown.clone()));
+    let background = Background {
+        rules: rules.clone(),
+        det: det_tx,
+        counters: counters.clone(),
+        stop: shutdown.clone(),
+        rt: Handle::current(),
+    };
+    let threads = background.start(&settings, &state, scan_roots, walk, options)?;
+
+    shutdown.cancelled().await;
+    info!("stopping");
+    watch.stop();
+    // The threads return, the workers finish what is queued, and their detections still reach
+    // the spool before the writer ends.
+    let _ = tokio::task::spawn_blocking(move || {
+        for t in threads {
+            let _ = t.join();
+        }
+        pool.join();
+        let _ = writer.join();
+    })
+    .await;
+    let _ = shipper.await;
+    applier.abort();
+    if let Err(e) = spooled.spool.sync() {
+        warn!(error = %e, "cannot save the spool's ack mark; some detections will be sent twice (stored once)");
+    }
+    info!(
+        scanned = counters.get(Counter::FilesScanned),
+        detections = counters.get(Counter::Detections),
+        acked = counters.get(Counter::DetectionsAcked),
+        pending = spooled.spool.pending(),
+        "agent stopped"
+    );
+    Ok(())
+}
+
+/// Pinned keys, host-local rules and the last-good bundle, compiled off the async threads.
+async fn load_rules(state: &StateDir, settings: &Settings) -> anyhow::Result<Arc<ActiveRules>> {
+    let (state, local, keys, unsigned) = (
+        state.clone(),
+        settings.rules.clone(),
+        settings.maintainer_keys.clone(),
+        settings.insecure_allow_unsigned_bundles,
+    );
+    let rules =
+        tokio::task::spawn_blocking(move || ActiveRules::start(&state, local, &keys, unsigned))
+            .await
+            .context("rule loading failed")??;
+    Ok(Arc::new(rules))
+}
+
+/// Opens (and recovers) the spool; its figures start the counters.
+async fn open_spool(
+    state: &StateDir,
+    settings: &Settings,
+    counters: &Counters,
+) -> anyhow::Result<Arc<Spooled>> {
+    let (dir, cap) = (state.spool(), settings.spool_max_bytes);
+    let (spool, recovery) = tokio::task::spawn_blocking(move || Spool::open(&dir, cap))
+        .await
+        .context("spool recovery failed")?
+        .context("cannot open the spool")?;
+    counters.add(Counter::SpoolDamagedSegments, recovery.damaged_segments);
+    counters.add(Counter::SpoolDamagedBytes, recovery.damaged_bytes);
+    counters.set(Counter::SpoolPending, recovery.pending);
+    Ok(Spooled::new(spool))
+}
+
+/// Absolute, resolved paths: detections then carry clean absolute paths.
+fn canonical(paths: &[PathBuf], what: &str) -> anyhow::Result<Vec<PathBuf>> {
+    paths
+        .iter()
+        .map(|p| {
+            std::fs::canonicalize(p).with_context(|| format!("cannot {what} `{}`", p.display()))
+        })
+        .collect()
+}
+
+fn ship_config(settings: &Settings, creds: Credentials) -> ShipConfig {
+    let collectors = if settings.collectors.is_empty() {
+        creds.enrollment.collectors.clone()
+    } else {
+        settings.collectors.clone()
+    };
+    info!(agent = %creds.enrollment.agent_id, collectors = ?collectors, "starting agent");
+    ShipConfig {
+        collectors,
+        tls: ClientTls {
+            ca_pem: creds.ca_pem,
+            identity: Some((creds.cert_pem, creds.key_pem)),
+        },
+        heartbeat: settings.heartbeat,
+        backoff_min: Duration::from_millis(500),
+        backoff_max: settings.backoff_max,
+        drain: Duration::from_secs(5),
+    }
+}
+
+/// What the full-scan and process threads share.
+struct Background {
+    rules: Arc<ActiveRules>,
+    det: mpsc::Sender<Detection>,
+    counters: Arc<Counters>,
+    stop: CancellationToken,
+    /// To wait on the token and timers from plain threads.
+    rt: Handle,
+}
+
+impl Background {
+    fn start(
+        self,
+        settings: &Settings,
+        state: &StateDir,
+        scan_roots: Vec<PathBuf>,
+        walk: WalkRules,
+        options: ScanOptions,
+    ) -> anyhow::Result<Vec<JoinHandle<()>>> {
+        let mut threads = Vec::new();
+        let this = Arc::new(self);
+        if !scan_roots.is_empty() {
+            let scans = FullScans {
+                roots: scan_roots,
+                plan: ScanPlan {
+                    threads: settings.scan_workers,
+                    walk,
+                    max_cpu_percent: settings.max_cpu_percent,
+                    scan: options,
+                },
+                on_start: settings.scan_on_start,
+                interval: settings.scan_interval,
+                cache_path: state.dir.join("scan-cache.bin"),
+            };
+            let b = this.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("full-scan".into())
+                    .spawn(move || scans.run(&b.rules, &b.det, &b.counters, &b.stop, &b.rt))?,
+            );
+        }
+        if settings.processes {
+            let (b, interval) = (this.clone(), settings.process_interval);
+            threads.push(
+                std::thread::Builder::new()
+                    .name("procmon".into())
+                    .spawn(move || b.watch_processes(interval, options))?,
+            );
+        }
+        Ok(threads)
+    }
+
+    /// Sleeps up to `d`; false when shutdown came first.
+    fn pause(&self, d: Duration) -> bool {
+        self.rt.block_on(async {
+            tokio::select! {
+                () = self.stop.cancelled() => false,
+                () = tokio::time::sleep(d) => true,
+            }
+        })
+    }
+
+    /// Polls processes and connections; each process is judged once per rule set.
+    fn watch_processes(&self, interval: Duration, options: ScanOptions) {
+        loop {
+            let current = self.rules.current.load_full();
+            let mut judge = ProcessJudge::new(&current);
+            let mut scanner = FileScanner::new(&current, options);
+            loop {
+                let mut found = judge.new_processes(&mut scanner);
+                found.extend(judge.c2_connections(&current));
+                for d in found {
+                    self.counters.inc(Counter::Detections);
+                    if self.det.blocking_send(d).is_err() {
+                        return;
+                    }
+                }
+                if !self.pause(interval) {
+                    return;
+                }
+                if !Arc::ptr_eq(&self.rules.current.load(), &current) {
+                    break;
+                }
+            }
+        }
+    }
+}

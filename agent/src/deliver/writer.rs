@@ -1,0 +1,89 @@
+//! The spool writer: one thread that takes detections from every scanning stage and makes
+//! them durable in the [`Spool`], one `fdatasync` per group, before the shipper may send them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+use vedette_proto::v1::Detection;
+
+use super::spool::{MAX_RECORD, Spool};
+use crate::telemetry::{Counter, Counters};
+
+/// Most detections the spool writer takes from the channel per sync.
+const WRITE_GROUP: usize = 1000;
+
+/// The spool shared by its writer thread and the shipper task.
+pub struct Spooled {
+    pub spool: Spool,
+    /// Signalled when new records are durable.
+    pub written: Notify,
+    /// Set when the writer has taken its last detection (shutdown).
+    pub writer_done: CancellationToken,
+}
+
+impl Spooled {
+    pub fn new(spool: Spool) -> Arc<Spooled> {
+        Arc::new(Spooled {
+            spool,
+            written: Notify::new(),
+            writer_done: CancellationToken::new(),
+        })
+    }
+}
+
+/// The spool writer: takes detections from the scan stages and makes them durable, one sync
+/// per group. Runs on its own thread until every sender is gone. A write that fails (disk full,
+/// I/O error) is retried, and the channel fills meanwhile, so the scanners wait: nothing is
+/// dropped for a full disk.
+pub fn write_spool(sp: &Spooled, mut rx: mpsc::Receiver<Detection>, counters: &Counters) {
+    let mut failing = false;
+    while let Some(first) = rx.blocking_recv() {
+        let mut group = vec![first];
+        while group.len() < WRITE_GROUP {
+            match rx.try_recv() {
+                Ok(d) => group.push(d),
+                Err(_) => break,
+            }
+        }
+        // A detection too large for a spool record cannot happen within the protocol's string
+        // caps; should one appear, it is logged and counted, and the others are kept.
+        let before = group.len();
+        group.retain(|d| prost::Message::encoded_len(d) <= MAX_RECORD);
+        if group.len() < before {
+            error!(
+                count = before - group.len(),
+                "detection larger than a spool record; not spooled"
+            );
+            counters.add(Counter::DetectionsDropped, (before - group.len()) as u64);
+        }
+        let mut pause = Duration::from_millis(100);
+        while !group.is_empty() {
+            match sp.spool.append(&group) {
+                Ok(dropped) => {
+                    if failing {
+                        info!("spool writes work again");
+                        failing = false;
+                    }
+                    counters.add(Counter::DetectionsSpooled, group.len() as u64);
+                    counters.add(Counter::DetectionsDropped, dropped);
+                    sp.written.notify_one();
+                    break;
+                }
+                Err(e) => {
+                    if !failing {
+                        error!(error = %e, "cannot write the spool; detections wait until it works");
+                        failing = true;
+                    }
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        counters.set(Counter::SpoolBytes, sp.spool.bytes());
+    }
+    sp.writer_done.cancel();
+    sp.written.notify_one();
+}

@@ -1,0 +1,270 @@
+//! Full scans: every file below the scan paths, judged with the current rules; unchanged files
+//! are answered from the [`ScanCache`].
+//!
+//! Walker threads only list and stat; scanner threads (each with its own YARA scanner, which
+//! cannot move between threads) take files from a bounded queue. Defaults protect the host: the
+//! walk's rules ([`walk`](crate::detect::walk)), a size cap per file, and an optional CPU budget
+//! that makes each thread pause in proportion to the time it spent scanning. In the daemon, full
+//! scans run at a low priority at start, on an interval, and after every new rule bundle.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::mpsc::{Receiver, sync_channel};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use vedette_engine::{FileReport, FileScanner, RuleSet, ScanOptions};
+use vedette_proto::v1::Detection;
+
+use crate::detect::cache::ScanCache;
+use crate::detect::scan::scan_file;
+use crate::detect::walk::{Found, WalkRules, each_file_parallel};
+use crate::rules::ActiveRules;
+use crate::telemetry::{Counter, Counters};
+
+/// Files listed and waiting for a scanner thread.
+const QUEUE_DEPTH: usize = 4096;
+
+/// How a full scan runs.
+#[derive(Debug, Clone)]
+pub struct ScanPlan {
+    pub threads: usize,
+    pub walk: WalkRules,
+    /// Percentage of one core each thread may use while scanning (1..=100).
+    pub max_cpu_percent: u32,
+    /// Limits per file.
+    pub scan: ScanOptions,
+}
+
+/// Nice value of the agent's background scans: low CPU priority, and, with no I/O priority set,
+/// Linux derives a low best-effort I/O priority from it.
+pub const BACKGROUND_NICE: i32 = 10;
+
+/// Lowers the calling thread's CPU (and so I/O) priority to `nice`, never raising it; threads
+/// it starts inherit it.
+pub fn lower_thread_priority(nice: i32) {
+    let tid = rustix::thread::gettid();
+    let current = rustix::process::getpriority_process(Some(tid)).unwrap_or(0);
+    if current >= nice {
+        return;
+    }
+    if let Err(e) = rustix::process::setpriority_process(Some(tid), nice) {
+        warn!(error = %e, "cannot lower the scan threads' priority");
+    }
+}
+
+/// One file's outcome, as a full scan reports it.
+pub enum Outcome {
+    /// Scanned now, or answered from the cache (`cached`).
+    Scanned { report: FileReport, cached: bool },
+    /// Not scanned (counted under its reason).
+    Skipped,
+}
+
+/// What a scan needs besides its plan: the rules, the cache, the counters and the stop signal.
+pub struct ScanContext<'a> {
+    pub rules: &'a RuleSet,
+    pub cache: Option<&'a ScanCache>,
+    pub counters: &'a Counters,
+    pub stop: &'a CancellationToken,
+}
+
+/// Walks `roots`, scanning every regular file, and calls `on_file` for each (from several
+/// threads). `stop` ends the scan early.
+pub fn scan_tree(
+    roots: &[PathBuf],
+    plan: &ScanPlan,
+    cx: &ScanContext<'_>,
+    on_file: &(dyn Fn(&Path, Outcome) + Sync),
+) {
+    let threads = plan.threads.max(1);
+    let (tx, rx) = sync_channel::<Found>(QUEUE_DEPTH);
+    let rx = Mutex::new(rx);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| scanner_thread(&rx, plan, cx, on_file));
+        }
+        let visit = |found: Found| {
+            if let Some(hit) = cached(cx, &found) {
+                cx.counters.inc(Counter::CacheHits);
+                on_file(&found.path, hit);
+                return true;
+            }
+            tx.send(found).is_ok()
+        };
+        each_file_parallel(roots, &plan.walk, threads, cx.counters, cx.stop, &visit);
+        drop(tx);
+    });
+}
+
+/// The cache's answer for an unchanged file.
+fn cached(cx: &ScanContext<'_>, found: &Found) -> Option<Outcome> {
+    let (cache, stamp) = (cx.cache?, found.stamp.as_ref()?);
+    let hit = cache.get(stamp)?;
+    let report = FileReport {
+        size: stamp.size,
+        device: stamp.dev,
+        inode: stamp.ino,
+        matches: hit.matches,
+        sha256: Some(hit.sha256).filter(|s| !s.is_empty()),
+        ..Default::default()
+    };
+    Some(Outcome::Scanned {
+        report,
+        cached: true,
+    })
+}
+
+fn scanner_thread(
+    rx: &Mutex<Receiver<Found>>,
+    plan: &ScanPlan,
+    cx: &ScanContext<'_>,
+    on_file: &(dyn Fn(&Path, Outcome) + Sync),
+) {
+    let budget = plan.max_cpu_percent.clamp(1, 100);
+    let mut scanner = FileScanner::new(cx.rules, plan.scan);
+    loop {
+        let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+        let Ok(Found { path, stamp }) = job else {
+            return;
+        };
+        if cx.stop.is_cancelled() {
+            continue;
+        }
+        let started = Instant::now();
+        let outcome = match scan_file(&mut scanner, &path, cx.counters) {
+            Ok(report) => {
+                if let (Some(cache), Some(stamp)) = (cx.cache, stamp) {
+                    cache.insert(stamp, report.matches.clone(), report.sha256.as_deref());
+                }
+                Outcome::Scanned {
+                    report,
+                    cached: false,
+                }
+            }
+            Err(_) => Outcome::Skipped,
+        };
+        on_file(&path, outcome);
+        if budget < 100 {
+            // Pause so that scanning uses at most `budget` percent of this thread.
+            let busy = started.elapsed();
+            let pause = busy.mul_f64(f64::from(100 - budget) / f64::from(budget));
+            std::thread::sleep(pause.min(Duration::from_secs(5)));
+        }
+    }
+}
+
+/// The daemon's full scans.
+pub struct FullScans {
+    pub roots: Vec<PathBuf>,
+    pub plan: ScanPlan,
+    pub on_start: bool,
+    /// None: only a new bundle starts a scan.
+    pub interval: Option<Duration>,
+    /// The result cache, kept across restarts.
+    pub cache_path: PathBuf,
+}
+
+impl FullScans {
+    /// Scans at start, on the interval and after each new bundle, until `stop` fires. Runs on
+    /// its own thread, at background priority.
+    pub fn run(
+        &self,
+        rules: &ActiveRules,
+        det: &mpsc::Sender<Detection>,
+        counters: &Counters,
+        stop: &CancellationToken,
+        rt: &tokio::runtime::Handle,
+    ) {
+        lower_thread_priority(BACKGROUND_NICE);
+        let mut first = true;
+        loop {
+            if !(first && self.on_start) {
+                let wait = self.interval.unwrap_or(Duration::MAX);
+                let woken = rt.block_on(async {
+                    tokio::select! {
+                        () = stop.cancelled() => false,
+                        () = rules.rescan.notified() => true,
+                        () = tokio::time::sleep(wait) => true,
+                    }
+                });
+                if !woken {
+                    return;
+                }
+            }
+            first = false;
+            self.once(&rules.current.load_full(), det, counters, stop);
+        }
+    }
+
+    fn once(
+        &self,
+        rules: &RuleSet,
+        det: &mpsc::Sender<Detection>,
+        counters: &Counters,
+        stop: &CancellationToken,
+    ) {
+        let cache = ScanCache::load(&self.cache_path, rules.fingerprint());
+        let started = Instant::now();
+        let on_file = |path: &Path, outcome: Outcome| {
+            if let Outcome::Scanned {
+                report,
+                cached: false,
+            } = outcome
+            {
+                for d in crate::detect::file_detections(path, &report, rules.bundle_version) {
+                    counters.inc(Counter::Detections);
+                    let _ = det.blocking_send(d);
+                }
+            }
+        };
+        let cx = ScanContext {
+            rules,
+            cache: Some(&cache),
+            counters,
+            stop,
+        };
+        scan_tree(&self.roots, &self.plan, &cx, &on_file);
+        if let Err(e) = cache.save(&self.cache_path) {
+            warn!(path = %self.cache_path.display(), error = %e, "cannot save the scan cache");
+        }
+        counters.inc(Counter::FullScans);
+        info!(
+            seconds = started.elapsed().as_secs_f64(),
+            cached_files = cache.len(),
+            "full scan finished"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The nice value of the calling thread, from /proc.
+    fn own_nice() -> i64 {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        // Fields after the command name (in parentheses): state is field 3, nice field 19.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        rest.split_whitespace().nth(16).unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn background_scan_threads_run_at_low_priority_and_pass_it_on() {
+        let base = own_nice();
+        let want = base.max(i64::from(BACKGROUND_NICE));
+        let (mine, child) = std::thread::spawn(|| {
+            lower_thread_priority(BACKGROUND_NICE);
+            let child = std::thread::spawn(own_nice).join().unwrap();
+            (own_nice(), child)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(mine, want);
+        assert_eq!(child, want);
+        // Only that thread: this one keeps its priority.
+        assert_eq!(own_nice(), base);
+    }
+}

@@ -1,0 +1,34 @@
+//! The per-file scan step every stage shares: scan, count the outcome, log what an operator
+//! should see.
+
+use std::path::Path;
+
+use tracing::{debug, warn};
+use vedette_engine::{FileReport, FileScanner, SkipReason};
+
+use crate::telemetry::{Counter, Counters};
+
+/// Scans one file with `scanner`: a report, or why the file was skipped (counted and logged).
+pub(crate) fn scan_file(
+    scanner: &mut FileScanner<'_>,
+    path: &Path,
+    counters: &Counters,
+) -> Result<FileReport, SkipReason> {
+    match scanner.scan_path(path) {
+        Ok(report) => {
+            counters.inc(Counter::FilesScanned);
+            Ok(report)
+        }
+        Err(reason) => {
+            counters.inc(Counter::skipped(&reason));
+            match &reason {
+                SkipReason::Unreadable(e) => {
+                    warn!(path = %path.display(), error = %e, "skipping unreadable file")
+                }
+                SkipReason::Timeout => warn!(path = %path.display(), "YARA scan timed out"),
+                _ => debug!(path = %path.display(), reason = reason.as_str(), "file skipped"),
+            }
+            Err(reason)
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! What each `vedettectl` command takes.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "vedettectl",
+    version,
+    about = "Administer a Vedette collector: enrollment tokens, agents, detections, rule bundles",
+    after_help = "Examples:\n  vedettectl token create --ttl 1h\n  vedettectl agents list\n  \
+        vedettectl detections list --since 2026-11-25T00:00:00Z --json\n  \
+        vedettectl rules publish /etc/vedette/fleet-rules\n  vedettectl rules status"
+)]
+pub struct Cli {
+    /// vedettectl.toml (written by `vedette-collector init`).
+    #[arg(
+        long,
+        env = "VEDETTECTL_CONFIG",
+        default_value = "/etc/vedette/vedettectl.toml",
+        global = true
+    )]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Enrollment tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Enrolled agents.
+    #[command(subcommand)]
+    Agents(AgentsCmd),
+    /// Stored detections.
+    #[command(subcommand)]
+    Detections(DetectionsCmd),
+    /// Rule bundles: publish signed YARA rules and indicators to every agent.
+    #[command(subcommand)]
+    Rules(RulesCmd),
+    /// Maintainer signing keys (local; no collector needed).
+    #[command(subcommand)]
+    Keys(KeysCmd),
+}
+
+#[derive(Subcommand)]
+pub enum KeysCmd {
+    /// Write a new Ed25519 maintainer key pair: PREFIX.key (0600) and PREFIX.pub. List the .pub
+    /// file under `maintainer_keys` in collector.toml to trust it.
+    Generate {
+        #[arg(long, value_name = "PREFIX")]
+        out: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct SignArgs {
+    /// Maintainer private key (default: `sign_key` in vedettectl.toml).
+    #[arg(long, value_name = "KEY")]
+    pub sign_key: Option<PathBuf>,
+    /// Who publishes, recorded in the bundle (default: $USER).
+    #[arg(long)]
+    pub publisher: Option<String>,
+    /// Send the bundle unsigned. Agents and the collector refuse it unless they are configured
+    /// to accept unsigned bundles.
+    #[arg(long)]
+    pub insecure_unsigned: bool,
+}
+
+#[derive(Subcommand)]
+pub enum RulesCmd {
+    /// Validate, sign and publish YARA files and indicator lists (files or directories) as the
+    /// next bundle version; connected agents apply it within seconds.
+    Publish {
+        /// Bundle name (default: the previous bundle's name, or `rules`).
+        #[arg(long)]
+        name: Option<String>,
+        /// Refuse indicator lines that do not parse (default: report them, agents skip them).
+        #[arg(long)]
+        strict: bool,
+        #[command(flatten)]
+        sign: SignArgs,
+        /// YARA files (.yar, .yara), indicator lists, or directories of them.
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<PathBuf>,
+    },
+    /// List published bundles, newest first.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one bundle: metadata and files.
+    Show {
+        version: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish the content of an older version again, as a new version.
+    Rollback {
+        version: u64,
+        #[command(flatten)]
+        sign: SignArgs,
+    },
+    /// How many agents run a version, are behind, or failed to apply it (default: the latest).
+    Status {
+        version: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum TokenCmd {
+    /// Create a one-time enrollment token; prints only the token.
+    Create {
+        /// How long the token stays valid (e.g. 30m, 1h, 2d).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// How many agents may enroll with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AgentsCmd {
+    /// List enrolled agents.
+    List {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an agent: its open stream is closed and it can no longer connect.
+    Revoke {
+        /// The agent id (see `agents list`).
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum DetectionsCmd {
+    /// List the most recent detections, oldest first.
+    List {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Only this agent's detections.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Only detections received at or after this time (RFC 3339, e.g. 2026-11-25T10:00:00Z).
+        #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+        since: Option<std::time::SystemTime>,
+        /// At most this many (the most recent); the collector caps it at 10000.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+}

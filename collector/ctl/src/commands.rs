@@ -1,0 +1,192 @@
+//! Running each `vedettectl` command and printing its result.
+
+use vedette_proto::output::{rfc3339_ms, stored_json, stored_line};
+
+use crate::args::{AgentsCmd, Command, DetectionsCmd, RulesCmd, SignArgs, TokenCmd};
+use crate::client::{self, CtlConfig};
+use crate::rules::{self, PublishOptions};
+
+pub async fn run(command: Command, cfg: CtlConfig) -> anyhow::Result<()> {
+    match command {
+        Command::Token(TokenCmd::Create { ttl, uses }) => {
+            println!("{}", client::token_create(&cfg, ttl, uses).await?);
+        }
+        Command::Agents(AgentsCmd::List { json }) => {
+            let agents = client::agents_list(&cfg).await?;
+            if json {
+                for a in &agents {
+                    println!("{}", client::agent_json(a));
+                }
+            } else {
+                println!(
+                    "{:<36}  {:<20} {:<12} {:<24} {:>6} {:<24} {:>8}  VERSION",
+                    "ID", "HOSTNAME", "STATE", "LAST SEEN", "BUNDLE", "APPLIED", "DROPPED"
+                );
+                for a in &agents {
+                    let bundle = if a.bundle_failed_version > a.bundle_version {
+                        format!("{}!", a.bundle_version)
+                    } else {
+                        a.bundle_version.to_string()
+                    };
+                    println!(
+                        "{:<36}  {:<20} {:<12} {:<24} {:>6} {:<24} {:>8}  {}",
+                        a.id,
+                        a.hostname,
+                        client::agent_state(a),
+                        rfc3339_ms(a.last_seen_ms),
+                        bundle,
+                        rfc3339_ms(a.bundle_applied_at_ms),
+                        a.dropped_total,
+                        a.agent_version
+                    );
+                }
+                if agents
+                    .iter()
+                    .any(|a| a.bundle_failed_version > a.bundle_version)
+                {
+                    println!("! a newer bundle failed to apply: see `vedettectl rules status`");
+                }
+            }
+        }
+        Command::Agents(AgentsCmd::Revoke { id }) => {
+            let disconnected = client::agents_revoke(&cfg, &id).await?;
+            if disconnected {
+                println!("revoked {id}; its open stream was closed");
+            } else {
+                println!("revoked {id}");
+            }
+        }
+        Command::Keys(_) => {}
+        Command::Rules(cmd) => rules(cmd, &cfg).await?,
+        Command::Detections(DetectionsCmd::List {
+            json,
+            agent,
+            since,
+            limit,
+        }) => {
+            let list = client::detections_list(&cfg, agent, since, limit).await?;
+            for d in &list {
+                if json {
+                    println!("{}", stored_json(d));
+                } else {
+                    println!("{}", stored_line(d));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn sign_options(a: SignArgs) -> PublishOptions {
+    PublishOptions {
+        sign_key: a.sign_key,
+        insecure_unsigned: a.insecure_unsigned,
+        publisher: a.publisher,
+    }
+}
+
+async fn rules(cmd: RulesCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
+    match cmd {
+        RulesCmd::Publish {
+            name,
+            strict,
+            sign,
+            paths,
+        } => {
+            let (r, warnings) =
+                rules::publish(cfg, &paths, name, strict, &sign_options(sign)).await?;
+            for w in &warnings {
+                eprintln!("warning: {w} (line skipped by agents; --strict refuses it)");
+            }
+            println!(
+                "published version {} (sha256 {}); pushed to {} connected agent(s)",
+                r.version, r.digest, r.agents_notified
+            );
+        }
+        RulesCmd::Rollback { version, sign } => {
+            let r = rules::rollback(cfg, version, &sign_options(sign)).await?;
+            println!(
+                "published the content of version {version} as version {} (sha256 {}); pushed to {} connected agent(s)",
+                r.version, r.digest, r.agents_notified
+            );
+        }
+        RulesCmd::List { json } => {
+            let list = rules::list(cfg).await?;
+            if json {
+                for b in &list {
+                    println!("{}", rules::info_json(b));
+                }
+            } else {
+                println!(
+                    "{:>7}  {:<20} {:<24} {:<16} {:>5}  SHA-256",
+                    "VERSION", "NAME", "PUBLISHED", "PUBLISHER", "FILES"
+                );
+                for b in &list {
+                    println!(
+                        "{:>7}  {:<20} {:<24} {:<16} {:>5}  {}",
+                        b.version,
+                        b.name,
+                        rfc3339_ms(b.published_at_ms),
+                        b.publisher,
+                        b.files,
+                        &b.digest[..16.min(b.digest.len())]
+                    );
+                }
+            }
+        }
+        RulesCmd::Show { version, json } => {
+            let (info, content) = rules::fetch(cfg, version).await?;
+            if json {
+                let mut v = rules::info_json(&info);
+                v["paths"] = content
+                    .files
+                    .iter()
+                    .map(|f| serde_json::json!({"path": f.path, "size": f.data.len()}))
+                    .collect();
+                println!("{v}");
+            } else {
+                println!("version:      {}", info.version);
+                println!("name:         {}", info.name);
+                println!(
+                    "publisher:    {} (certificate {})",
+                    info.publisher, info.published_by
+                );
+                println!("created:      {}", rfc3339_ms(info.created_at_ms));
+                println!("published:    {}", rfc3339_ms(info.published_at_ms));
+                println!("sha256:       {}", info.digest);
+                println!(
+                    "signed by:    {}",
+                    if info.signer_key.is_empty() {
+                        "nobody (unsigned)".to_string()
+                    } else {
+                        info.signer_key.clone()
+                    }
+                );
+                println!("files:");
+                for f in &content.files {
+                    println!("  {:>10}  {}", f.data.len(), f.path);
+                }
+            }
+        }
+        RulesCmd::Status { version, json } => {
+            let r = rules::rollout(cfg, version.unwrap_or(0)).await?;
+            if json {
+                println!("{}", rules::rollout_json(&r));
+            } else {
+                println!(
+                    "version {}: {} on it, {} behind, {} failed, {} ahead",
+                    r.version, r.on_version, r.behind, r.failed, r.ahead
+                );
+                for a in r.agents.iter().filter(|a| a.applied_version != r.version) {
+                    let what = if a.failed_version == r.version {
+                        format!("failed: {}", a.error)
+                    } else {
+                        format!("runs version {}", a.applied_version)
+                    };
+                    println!("  {} ({}): {what}", a.agent_id, a.hostname);
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,75 @@
+//! The `vedette-collector` command line: what each subcommand takes.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::pki::Role;
+
+#[derive(Parser)]
+#[command(
+    name = "vedette-collector",
+    version,
+    about = "The Vedette collector: enrolls agents, stores their detections, serves vedettectl",
+    long_about = "The Vedette collector: enrolls agents under its own CA, stores their detections \
+        in SQLite, and serves the admin API used by vedettectl.\n\n\
+        First run `vedette-collector init --dir /etc/vedette` once, then \
+        `vedette-collector serve --config /etc/vedette/collector.toml`."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Create a new CA, the server certificate, an operator certificate and the config files.
+    ///
+    /// Writes into DIR: ca.crt, ca.key (0600), server.crt/.key, operator.crt/.key (the
+    /// certificate vedettectl uses; roles operator and maintainer), maintainer.key (0600) and
+    /// maintainer.pub (the first rule-signing key, trusted from the start), collector.toml and
+    /// vedettectl.toml. Refuses to overwrite an existing CA.
+    Init {
+        /// Directory to create the files in (created 0700 if missing).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Address the collector will listen on.
+        #[arg(long, default_value = "0.0.0.0:7443")]
+        listen: SocketAddr,
+        /// Extra DNS name or IP address agents use to reach the collector (repeatable);
+        /// `localhost` and `127.0.0.1` are always included.
+        #[arg(long = "san", value_name = "NAME")]
+        sans: Vec<String>,
+    },
+    /// Client certificates for people and tools (run on the collector host: it uses the CA key).
+    #[command(subcommand)]
+    Certs(CertsCmd),
+    /// Run the collector until SIGTERM or SIGINT, then drain open streams and stop.
+    Serve {
+        /// The collector.toml written by `init`.
+        #[arg(long, env = "VEDETTE_COLLECTOR_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum CertsCmd {
+    /// Issue a client certificate with the given roles: `operator` (tokens, agents,
+    /// detections) and/or `maintainer` (publish rule bundles). Writes PREFIX.crt and
+    /// PREFIX.key (0600).
+    Issue {
+        /// The collector.toml (for the CA's certificate and key).
+        #[arg(long, env = "VEDETTE_COLLECTOR_CONFIG")]
+        config: PathBuf,
+        /// The person or tool the certificate is for (its common name).
+        #[arg(long)]
+        name: String,
+        /// A role (repeatable).
+        #[arg(long = "role", required = true, value_enum)]
+        roles: Vec<Role>,
+        /// Output path prefix.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}

@@ -1,0 +1,146 @@
+//! How detections are printed: one JSON object per detection (`--json`) or one line of text.
+//! `vedette-agent scan` and `vedettectl detections list` both print through here, so a field
+//! has the same name and the same value format wherever a detection is shown.
+//!
+//! Absent values are `null` (an empty hash, description or path), never `""`; IPv6 addresses
+//! are bracketed before the port; times are RFC 3339 with milliseconds in UTC.
+
+use serde_json::{Value, json};
+
+use crate::kind_name;
+use crate::v1::{Detection, StoredDetection, detection};
+
+/// RFC 3339 text of a millisecond timestamp, or an empty string for 0 (never happened).
+pub fn rfc3339_ms(ms: i64) -> String {
+    if ms <= 0 {
+        return String::new();
+    }
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.unsigned_abs());
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+fn nonempty(s: &str) -> Value {
+    if s.is_empty() { Value::Null } else { json!(s) }
+}
+
+/// `addr:port`, with an IPv6 address in brackets.
+pub fn socket_text(addr: &str, port: u32) -> String {
+    if addr.contains(':') {
+        format!("[{addr}]:{port}")
+    } else {
+        format!("{addr}:{port}")
+    }
+}
+
+/// The JSON form of a detection as the agent made it.
+pub fn detection_json(d: &Detection) -> Value {
+    let mut v = json!({
+        "id": d.id,
+        "kind": kind_name(d.kind),
+        "rule": d.rule,
+        "source": d.source,
+        "score": d.score,
+        "description": nonempty(&d.description),
+        "bundle_version": d.bundle_version,
+        "observed_at": rfc3339_ms(d.observed_at_ms),
+        "path": null,
+        "sha256": null,
+        "pid": null,
+    });
+    match &d.target {
+        Some(detection::Target::File(f)) => {
+            v["path"] = json!(f.path);
+            v["size"] = json!(f.size);
+            v["sha256"] = nonempty(&f.sha256);
+            v["md5"] = nonempty(&f.md5);
+            v["sha1"] = nonempty(&f.sha1);
+        }
+        Some(detection::Target::Process(p)) => {
+            v["path"] = nonempty(&p.exe);
+            v["pid"] = json!(p.pid);
+            v["ppid"] = json!(p.ppid);
+            v["name"] = json!(p.name);
+            v["cmdline"] = json!(p.cmdline);
+            v["user"] = json!(p.user);
+            v["sha256"] = nonempty(&p.exe_sha256);
+        }
+        Some(detection::Target::Connection(c)) => {
+            v["path"] = nonempty(&c.exe);
+            v["pid"] = json!(c.pid);
+            v["protocol"] = json!(c.protocol);
+            v["remote"] = json!(socket_text(&c.remote_addr, c.remote_port));
+        }
+        None => {}
+    }
+    v
+}
+
+/// The JSON form of a stored detection: the detection's fields plus where and when it arrived.
+pub fn stored_json(s: &StoredDetection) -> Value {
+    let mut v = detection_json(&s.detection.clone().unwrap_or_default());
+    v["agent_id"] = json!(s.agent_id);
+    v["hostname"] = json!(s.hostname);
+    v["received_at"] = json!(rfc3339_ms(s.received_at_ms));
+    v
+}
+
+/// What a detection is about, in a few words: a path, or a process and what it did.
+pub fn target_text(d: &Detection) -> String {
+    match &d.target {
+        Some(detection::Target::File(f)) => f.path.clone(),
+        Some(detection::Target::Process(p)) => format!("pid {} {} ({})", p.pid, p.exe, p.cmdline),
+        Some(detection::Target::Connection(c)) => format!(
+            "pid {} {} -> {}",
+            c.pid,
+            c.exe,
+            socket_text(&c.remote_addr, c.remote_port)
+        ),
+        None => String::new(),
+    }
+}
+
+/// The text form of a detection: kind, score, rule, target.
+pub fn detection_line(d: &Detection) -> String {
+    format!(
+        "{:<10} {:>3}  {}  {}",
+        kind_name(d.kind),
+        d.score,
+        d.rule,
+        target_text(d)
+    )
+}
+
+/// The text form of a stored detection: when it arrived and from which host, then the detection.
+pub fn stored_line(s: &StoredDetection) -> String {
+    let d = s.detection.clone().unwrap_or_default();
+    format!(
+        "{}  {:<20} {}",
+        rfc3339_ms(s.received_at_ms),
+        s.hostname,
+        detection_line(&d)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::v1::{ConnectionTarget, DetectionKind};
+
+    #[test]
+    fn ipv6_remotes_are_bracketed_and_empty_values_are_null() {
+        let d = Detection {
+            kind: DetectionKind::Connection as i32,
+            target: Some(detection::Target::Connection(ConnectionTarget {
+                pid: 7,
+                remote_addr: "2001:db8::1".into(),
+                remote_port: 443,
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let v = detection_json(&d);
+        assert_eq!(v["remote"], "[2001:db8::1]:443");
+        assert!(v["description"].is_null() && v["path"].is_null());
+        assert!(detection_line(&d).ends_with("-> [2001:db8::1]:443"));
+    }
+}
