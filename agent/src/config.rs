@@ -103,6 +103,20 @@ impl RawConfig {
     /// Checks every value; `path` is only used in messages.
     pub fn validate(self, path: Option<&Path>) -> Result<Settings, ConfigError> {
         let mut problems = Vec::new();
+        let times = self.durations(&mut problems);
+        self.check_values(&mut problems);
+        self.check_paths(&mut problems);
+        if !problems.is_empty() {
+            return Err(ConfigError {
+                path: path.map(Path::to_owned),
+                problems,
+            });
+        }
+        Ok(self.settings(times))
+    }
+
+    /// Every duration, parsed (defaults where absent or bad; bad ones are problems).
+    fn durations(&self, problems: &mut Vec<String>) -> Durations {
         let mut duration = |key: &str, v: &Option<String>, default: Duration| match v {
             None => default,
             Some(s) => match humantime::parse_duration(s) {
@@ -138,6 +152,16 @@ impl RawConfig {
                 }
             },
         };
+        Durations {
+            scan_timeout,
+            heartbeat,
+            backoff_max,
+            process_interval,
+            scan_interval,
+        }
+    }
+
+    fn check_values(&self, problems: &mut Vec<String>) {
         if let Some(p) = self.max_cpu_percent
             && !(1..=100).contains(&p)
         {
@@ -147,21 +171,6 @@ impl RawConfig {
         }
         if let Err(e) = crate::detect::walk::exclusions(&self.exclude) {
             problems.push(format!("`exclude`: {e}"));
-        }
-        for p in &self.scan_paths {
-            if !p.exists() {
-                problems.push(format!("`scan_paths`: `{}` does not exist", p.display()));
-            }
-        }
-        for p in &self.watch {
-            if !p.exists() {
-                problems.push(format!("`watch`: `{}` does not exist", p.display()));
-            }
-        }
-        for p in &self.rules {
-            if !p.exists() {
-                problems.push(format!("`rules`: `{}` does not exist", p.display()));
-            }
         }
         if self.scan_workers == Some(0) {
             problems.push("`scan_workers`: `0` must be at least 1".into());
@@ -177,50 +186,69 @@ impl RawConfig {
                 crate::deliver::spool::MIN_CAP
             ));
         }
-        for p in &self.maintainer_keys {
-            if let Err(e) = vedette_engine::bundle::PublicKey::load(p) {
-                problems.push(format!("`maintainer_keys`: {e}"));
-            }
-        }
         for c in &self.collectors {
             if !c.contains(':') {
                 problems.push(format!("`collectors`: `{c}` is not a host:port"));
             }
         }
-        if !problems.is_empty() {
-            return Err(ConfigError {
-                path: path.map(Path::to_owned),
-                problems,
-            });
+    }
+
+    fn check_paths(&self, problems: &mut Vec<String>) {
+        for (key, paths) in [
+            ("scan_paths", &self.scan_paths),
+            ("watch", &self.watch),
+            ("rules", &self.rules),
+        ] {
+            for p in paths.iter().filter(|p| !p.exists()) {
+                problems.push(format!("`{key}`: `{}` does not exist", p.display()));
+            }
         }
+        for p in &self.maintainer_keys {
+            if let Err(e) = vedette_engine::bundle::PublicKey::load(p) {
+                problems.push(format!("`maintainer_keys`: {e}"));
+            }
+        }
+    }
+
+    /// The checked settings, defaults filled in.
+    fn settings(self, t: Durations) -> Settings {
         let cores = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
-        Ok(Settings {
-            watch: self.watch.clone(),
-            rules: self.rules,
-            scan_workers: self.scan_workers.unwrap_or((cores / 2).max(1)),
-            max_file_size: self.max_file_size.unwrap_or(64 * 1024 * 1024),
-            scan_timeout,
-            heartbeat,
-            backoff_max,
-            collectors: self.collectors,
+        Settings {
             scan_paths: if self.scan_paths.is_empty() {
                 self.watch.clone()
             } else {
                 self.scan_paths
             },
+            watch: self.watch,
+            rules: self.rules,
+            scan_workers: self.scan_workers.unwrap_or((cores / 2).max(1)),
+            max_file_size: self.max_file_size.unwrap_or(64 * 1024 * 1024),
+            scan_timeout: t.scan_timeout,
+            heartbeat: t.heartbeat,
+            backoff_max: t.backoff_max,
+            collectors: self.collectors,
             scan_on_start: self.scan_on_start.unwrap_or(true),
-            scan_interval,
+            scan_interval: t.scan_interval,
             max_cpu_percent: self.max_cpu_percent.unwrap_or(50),
             exclude: self.exclude,
             processes: self.processes.unwrap_or(true),
-            process_interval,
+            process_interval: t.process_interval,
             spool_max_bytes: self.spool_max_bytes.unwrap_or(256 * 1024 * 1024),
             maintainer_keys: self.maintainer_keys,
             insecure_allow_unsigned_bundles: self.insecure_allow_unsigned_bundles,
-        })
+        }
     }
+}
+
+/// The durations of a configuration, parsed.
+struct Durations {
+    scan_timeout: Duration,
+    heartbeat: Duration,
+    backoff_max: Duration,
+    process_interval: Duration,
+    scan_interval: Option<Duration>,
 }
 
 #[cfg(test)]

@@ -5,3 +5,4 @@ mod backbone;
 mod bundles;
 mod delivery;
 mod engine;
+mod output;

@@ -20,10 +20,10 @@ use vedette_proto::limits::{
 };
 use vedette_proto::v1::agent_message::Msg;
 use vedette_proto::v1::agent_service_server::AgentService;
-use vedette_proto::v1::collector_message::Msg as Down;
+use vedette_proto::v1::collector_message::Msg as DownMsg;
 use vedette_proto::v1::{
     Ack, AgentMessage, CollectorMessage, Detection, DetectionBatch, EnrollRequest, EnrollResponse,
-    Inventory, RuleBundle, detection,
+    Heartbeat, Hello, Inventory, RuleBundle, detection,
 };
 
 use super::{State, blocking};
@@ -161,18 +161,11 @@ async fn run_stream(
     state: &Arc<State>,
     agent_id: &str,
     mut inbound: Streaming<AgentMessage>,
-    tx: &mpsc::Sender<Result<CollectorMessage, Status>>,
+    tx: &Down,
     stop: &CancellationToken,
 ) -> Result<(), Status> {
-    let hello = tokio::select! {
-        () = stop.cancelled() => return Err(closed_reason(state)),
-        m = tokio::time::timeout(HELLO_TIMEOUT, inbound.message()) => match m {
-            Err(_) => return Err(Status::deadline_exceeded("no Hello within 30 s")),
-            Ok(Err(e)) => return Err(e),
-            Ok(Ok(None)) => return Ok(()),
-            Ok(Ok(Some(AgentMessage { msg: Some(Msg::Hello(h)) }))) => h,
-            Ok(Ok(Some(_))) => return Err(Status::invalid_argument("the first message must be Hello")),
-        },
+    let Some(hello) = receive_hello(state, &mut inbound, stop).await? else {
+        return Ok(());
     };
     let inventory = clamp_inventory(hello.inventory.unwrap_or_default());
     info!(agent = %agent_id, hostname = %inventory.hostname, version = %inventory.agent_version, "agent connected");
@@ -186,34 +179,19 @@ async fn run_stream(
     // Push the latest bundle now if the agent runs an older one, then each new one as it is
     // published.
     let mut bundles = state.bundle.subscribe();
-    let mut pushed = hello.applied_bundle_version;
-    let mut push = |b: &Option<Arc<RuleBundle>>| match b {
-        Some(b) if b.version > pushed => {
-            pushed = b.version;
-            Some(CollectorMessage {
-                msg: Some(Down::Bundle((**b).clone())),
-            })
-        }
-        _ => None,
+    let mut pusher = BundlePusher {
+        pushed: hello.applied_bundle_version,
     };
-    let first = push(&bundles.borrow_and_update());
-    if let Some(m) = first
-        && tx.send(Ok(m)).await.is_err()
-    {
+    let latest = bundles.borrow_and_update().clone();
+    if !pusher.push(&latest, tx).await {
         return Ok(());
     }
-
     loop {
         let msg = tokio::select! {
             () = stop.cancelled() => return Err(closed_reason(state)),
             changed = bundles.changed() => {
-                if changed.is_err() {
-                    continue;
-                }
-                let next = push(&bundles.borrow_and_update());
-                if let Some(m) = next
-                    && tx.send(Ok(m)).await.is_err()
-                {
+                let latest = bundles.borrow_and_update().clone();
+                if changed.is_ok() && !pusher.push(&latest, tx).await {
                     return Ok(());
                 }
                 continue;
@@ -223,61 +201,108 @@ async fn run_stream(
         let Some(AgentMessage { msg: Some(msg) }) = msg else {
             return Ok(());
         };
-        match msg {
-            Msg::Hello(_) => return Err(Status::invalid_argument("Hello sent twice")),
-            Msg::Batch(batch) => {
-                let seq = batch.seq;
-                let detections = check_batch(batch)?;
-                let id = agent_id.to_string();
-                // Committed when this returns: only then is the Ack sent.
-                blocking(&state.store, move |s| {
-                    let now = now_ms();
-                    s.insert_detections(&id, &detections, now)?;
-                    s.agent_seen(&id, now)
-                })
-                .await?;
-                if tx
-                    .send(Ok(CollectorMessage {
-                        msg: Some(Down::Ack(Ack { seq })),
-                    }))
-                    .await
-                    .is_err()
-                {
-                    return Ok(());
-                }
-            }
-            Msg::Heartbeat(hb) => {
-                if hb.counters.len() > MAX_COUNTERS {
-                    return Err(Status::invalid_argument("too many heartbeat counters"));
-                }
-                if hb.counters.keys().any(|k| k.len() > MAX_COUNTER_NAME) {
-                    return Err(Status::invalid_argument(format!(
-                        "heartbeat counter name longer than {MAX_COUNTER_NAME} bytes"
-                    )));
-                }
-                let id = agent_id.to_string();
-                let dropped = hb.dropped_total;
-                let counters = hb.counters.into_iter().collect();
-                blocking(&state.store, move |s| {
-                    s.agent_heartbeat(&id, dropped, &counters, now_ms())
-                })
-                .await?;
-            }
-            Msg::BundleStatus(st) => {
-                let error: String = st.error.chars().take(MAX_STRING_BYTES / 4).collect();
-                if st.applied {
-                    info!(agent = %agent_id, version = st.version, "agent applied bundle");
-                } else {
-                    warn!(agent = %agent_id, version = st.version, error = %error, "agent could not apply bundle");
-                }
-                let id = agent_id.to_string();
-                blocking(&state.store, move |s| {
-                    s.agent_bundle_status(&id, st.version, st.applied, &error, now_ms())
-                })
-                .await?;
-            }
+        if !on_message(state, agent_id, msg, tx).await? {
+            return Ok(());
         }
     }
+}
+
+type Down = mpsc::Sender<Result<CollectorMessage, Status>>;
+
+/// The first message, which must be Hello; None when the agent hung up first.
+async fn receive_hello(
+    state: &State,
+    inbound: &mut Streaming<AgentMessage>,
+    stop: &CancellationToken,
+) -> Result<Option<Hello>, Status> {
+    tokio::select! {
+        () = stop.cancelled() => Err(closed_reason(state)),
+        m = tokio::time::timeout(HELLO_TIMEOUT, inbound.message()) => match m {
+            Err(_) => Err(Status::deadline_exceeded("no Hello within 30 s")),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(None)) => Ok(None),
+            Ok(Ok(Some(AgentMessage { msg: Some(Msg::Hello(h)) }))) => Ok(Some(h)),
+            Ok(Ok(Some(_))) => Err(Status::invalid_argument("the first message must be Hello")),
+        },
+    }
+}
+
+/// Sends each bundle newer than what the agent runs, once.
+struct BundlePusher {
+    pushed: u64,
+}
+
+impl BundlePusher {
+    /// False when the stream is gone.
+    async fn push(&mut self, latest: &Option<Arc<RuleBundle>>, tx: &Down) -> bool {
+        match latest {
+            Some(b) if b.version > self.pushed => {
+                self.pushed = b.version;
+                let msg = CollectorMessage {
+                    msg: Some(DownMsg::Bundle((**b).clone())),
+                };
+                tx.send(Ok(msg)).await.is_ok()
+            }
+            _ => true,
+        }
+    }
+}
+
+/// Handles one message after Hello; Ok(false) when the stream is gone.
+async fn on_message(state: &State, agent_id: &str, msg: Msg, tx: &Down) -> Result<bool, Status> {
+    let id = agent_id.to_string();
+    match msg {
+        Msg::Hello(_) => return Err(Status::invalid_argument("Hello sent twice")),
+        Msg::Batch(batch) => {
+            let seq = batch.seq;
+            let detections = check_batch(batch)?;
+            // Committed when this returns: only then is the Ack sent.
+            blocking(&state.store, move |s| {
+                let now = now_ms();
+                s.insert_detections(&id, &detections, now)?;
+                s.agent_seen(&id, now)
+            })
+            .await?;
+            let ack = CollectorMessage {
+                msg: Some(DownMsg::Ack(Ack { seq })),
+            };
+            return Ok(tx.send(Ok(ack)).await.is_ok());
+        }
+        Msg::Heartbeat(hb) => {
+            check_heartbeat(&hb)?;
+            let dropped = hb.dropped_total;
+            let counters = hb.counters.into_iter().collect();
+            blocking(&state.store, move |s| {
+                s.agent_heartbeat(&id, dropped, &counters, now_ms())
+            })
+            .await?;
+        }
+        Msg::BundleStatus(st) => {
+            let error: String = st.error.chars().take(MAX_STRING_BYTES / 4).collect();
+            if st.applied {
+                info!(agent = %agent_id, version = st.version, "agent applied bundle");
+            } else {
+                warn!(agent = %agent_id, version = st.version, error = %error, "agent could not apply bundle");
+            }
+            blocking(&state.store, move |s| {
+                s.agent_bundle_status(&id, st.version, st.applied, &error, now_ms())
+            })
+            .await?;
+        }
+    }
+    Ok(true)
+}
+
+fn check_heartbeat(hb: &Heartbeat) -> Result<(), Status> {
+    if hb.counters.len() > MAX_COUNTERS {
+        return Err(Status::invalid_argument("too many heartbeat counters"));
+    }
+    if hb.counters.keys().any(|k| k.len() > MAX_COUNTER_NAME) {
+        return Err(Status::invalid_argument(format!(
+            "heartbeat counter name longer than {MAX_COUNTER_NAME} bytes"
+        )));
+    }
+    Ok(())
 }
 
 /// Why a stream was closed from this side: shutdown, or revoked/replaced.
