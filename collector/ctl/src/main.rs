@@ -1,5 +1,6 @@
 //! `vedettectl`: administer a Vedette collector from anywhere (enrollment tokens, agents,
 //! detections, rule bundles) with an operator or maintainer certificate.
+#![forbid(unsafe_code)]
 
 mod args;
 mod client;
