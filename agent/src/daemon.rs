@@ -114,30 +114,56 @@ pub async fn run(
 
     shutdown.cancelled().await;
     info!("stopping");
-    watch.stop();
-    // The threads return, the workers finish what is queued, and their detections still reach
-    // the spool before the writer ends.
-    let _ = tokio::task::spawn_blocking(move || {
-        for t in threads {
-            let _ = t.join();
-        }
-        pool.join();
-        let _ = writer.join();
-    })
-    .await;
-    let _ = shipper.await;
-    applier.abort();
-    if let Err(e) = spooled.spool.sync() {
-        warn!(error = %e, "cannot save the spool's ack mark; some detections will be sent twice (stored once)");
-    }
-    info!(
-        scanned = counters.get(Counter::FilesScanned),
-        detections = counters.get(Counter::Detections),
-        acked = counters.get(Counter::DetectionsAcked),
-        pending = spooled.spool.pending(),
-        "agent stopped"
-    );
+    let running = Running {
+        watch,
+        threads,
+        pool,
+        writer,
+        shipper,
+        applier,
+    };
+    running.drain(&spooled, &counters).await;
     Ok(())
+}
+
+/// The stages a running agent stops, in pipeline order.
+struct Running {
+    watch: FileWatch,
+    threads: Vec<JoinHandle<()>>,
+    pool: ScanPool,
+    writer: JoinHandle<()>,
+    shipper: tokio::task::JoinHandle<()>,
+    applier: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Called once the shutdown token fired.
+    async fn drain(self, spooled: &Spooled, counters: &Counters) {
+        self.watch.stop();
+        // The threads return, the workers finish what is queued, and their detections still
+        // reach the spool before the writer ends.
+        let (threads, pool, writer) = (self.threads, self.pool, self.writer);
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+            pool.join();
+            let _ = writer.join();
+        })
+        .await;
+        let _ = self.shipper.await;
+        self.applier.abort();
+        if let Err(e) = spooled.spool.sync() {
+            warn!(error = %e, "cannot save the spool's ack mark; some detections will be sent twice (stored once)");
+        }
+        info!(
+            scanned = counters.get(Counter::FilesScanned),
+            detections = counters.get(Counter::Detections),
+            acked = counters.get(Counter::DetectionsAcked),
+            pending = spooled.spool.pending(),
+            "agent stopped"
+        );
+    }
 }
 
 /// Pinned keys, host-local rules and the last-good bundle, compiled off the async threads.

@@ -110,82 +110,91 @@ async fn rules(cmd: RulesCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
                 r.version, r.digest, r.agents_notified
             );
         }
-        RulesCmd::List { json } => {
-            let list = rules::list(cfg).await?;
-            if json {
-                for b in &list {
-                    println!("{}", rules::info_json(b));
-                }
-            } else {
-                println!(
-                    "{:>7}  {:<20} {:<24} {:<16} {:>5}  SHA-256",
-                    "VERSION", "NAME", "PUBLISHED", "PUBLISHER", "FILES"
-                );
-                for b in &list {
-                    println!(
-                        "{:>7}  {:<20} {:<24} {:<16} {:>5}  {}",
-                        b.version,
-                        b.name,
-                        rfc3339_ms(b.published_at_ms),
-                        b.publisher,
-                        b.files,
-                        &b.digest[..16.min(b.digest.len())]
-                    );
-                }
-            }
+        RulesCmd::List { json } => list(cfg, json).await?,
+        RulesCmd::Show { version, json } => show(cfg, version, json).await?,
+        RulesCmd::Status { version, json } => status(cfg, version, json).await?,
+    }
+    Ok(())
+}
+
+async fn list(cfg: &CtlConfig, json: bool) -> anyhow::Result<()> {
+    let list = rules::list(cfg).await?;
+    if json {
+        for b in &list {
+            println!("{}", rules::info_json(b));
         }
-        RulesCmd::Show { version, json } => {
-            let (info, content) = rules::fetch(cfg, version).await?;
-            if json {
-                let mut v = rules::info_json(&info);
-                v["paths"] = content
-                    .files
-                    .iter()
-                    .map(|f| serde_json::json!({"path": f.path, "size": f.data.len()}))
-                    .collect();
-                println!("{v}");
-            } else {
-                println!("version:      {}", info.version);
-                println!("name:         {}", info.name);
-                println!(
-                    "publisher:    {} (certificate {})",
-                    info.publisher, info.published_by
-                );
-                println!("created:      {}", rfc3339_ms(info.created_at_ms));
-                println!("published:    {}", rfc3339_ms(info.published_at_ms));
-                println!("sha256:       {}", info.digest);
-                println!(
-                    "signed by:    {}",
-                    if info.signer_key.is_empty() {
-                        "nobody (unsigned)".to_string()
-                    } else {
-                        info.signer_key.clone()
-                    }
-                );
-                println!("files:");
-                for f in &content.files {
-                    println!("  {:>10}  {}", f.data.len(), f.path);
-                }
-            }
+    } else {
+        println!(
+            "{:>7}  {:<20} {:<24} {:<16} {:>5}  SHA-256",
+            "VERSION", "NAME", "PUBLISHED", "PUBLISHER", "FILES"
+        );
+        for b in &list {
+            println!(
+                "{:>7}  {:<20} {:<24} {:<16} {:>5}  {}",
+                b.version,
+                b.name,
+                rfc3339_ms(b.published_at_ms),
+                b.publisher,
+                b.files,
+                &b.digest[..16.min(b.digest.len())]
+            );
         }
-        RulesCmd::Status { version, json } => {
-            let r = rules::rollout(cfg, version.unwrap_or(0)).await?;
-            if json {
-                println!("{}", rules::rollout_json(&r));
+    }
+    Ok(())
+}
+
+async fn show(cfg: &CtlConfig, version: u64, json: bool) -> anyhow::Result<()> {
+    let (info, content) = rules::fetch(cfg, version).await?;
+    if json {
+        let mut v = rules::info_json(&info);
+        v["paths"] = content
+            .files
+            .iter()
+            .map(|f| serde_json::json!({"path": f.path, "size": f.data.len()}))
+            .collect();
+        println!("{v}");
+    } else {
+        println!("version:      {}", info.version);
+        println!("name:         {}", info.name);
+        println!(
+            "publisher:    {} (certificate {})",
+            info.publisher, info.published_by
+        );
+        println!("created:      {}", rfc3339_ms(info.created_at_ms));
+        println!("published:    {}", rfc3339_ms(info.published_at_ms));
+        println!("sha256:       {}", info.digest);
+        println!(
+            "signed by:    {}",
+            if info.signer_key.is_empty() {
+                "nobody (unsigned)".to_string()
             } else {
-                println!(
-                    "version {}: {} on it, {} behind, {} failed, {} ahead",
-                    r.version, r.on_version, r.behind, r.failed, r.ahead
-                );
-                for a in r.agents.iter().filter(|a| a.applied_version != r.version) {
-                    let what = if a.failed_version == r.version {
-                        format!("failed: {}", a.error)
-                    } else {
-                        format!("runs version {}", a.applied_version)
-                    };
-                    println!("  {} ({}): {what}", a.agent_id, a.hostname);
-                }
+                info.signer_key.clone()
             }
+        );
+        println!("files:");
+        for f in &content.files {
+            println!("  {:>10}  {}", f.data.len(), f.path);
+        }
+    }
+    Ok(())
+}
+
+async fn status(cfg: &CtlConfig, version: Option<u64>, json: bool) -> anyhow::Result<()> {
+    let r = rules::rollout(cfg, version.unwrap_or(0)).await?;
+    if json {
+        println!("{}", rules::rollout_json(&r));
+    } else {
+        println!(
+            "version {}: {} on it, {} behind, {} failed, {} ahead",
+            r.version, r.on_version, r.behind, r.failed, r.ahead
+        );
+        for a in r.agents.iter().filter(|a| a.applied_version != r.version) {
+            let what = if a.failed_version == r.version {
+                format!("failed: {}", a.error)
+            } else {
+                format!("runs version {}", a.applied_version)
+            };
+            println!("  {} ({}): {what}", a.agent_id, a.hostname);
         }
     }
     Ok(())
