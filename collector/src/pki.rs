@@ -144,7 +144,17 @@ impl Ca {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(names.to_vec())?;
         params.distinguished_name = dn("vedette-collector");
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.sign_leaf(params, key, ExtendedKeyUsagePurpose::ServerAuth)
+    }
+
+    /// Signs a leaf certificate for `key`: signature use only, the given purpose, leaf validity.
+    fn sign_leaf(
+        &self,
+        mut params: CertificateParams,
+        key: KeyPair,
+        purpose: ExtendedKeyUsagePurpose,
+    ) -> Result<IssuedCert, PkiError> {
+        params.extended_key_usages = vec![purpose];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         set_validity(&mut params, LEAF_VALIDITY);
         let cert = params.signed_by(&key, &self.issuer)?;
@@ -163,14 +173,7 @@ impl Ca {
             .iter()
             .map(|r| uri(&format!("{ROLE_URI_PREFIX}{}", r.as_str())))
             .collect::<Result<_, _>>()?;
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        set_validity(&mut params, LEAF_VALIDITY);
-        let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(IssuedCert {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
+        self.sign_leaf(params, key, ExtendedKeyUsagePurpose::ClientAuth)
     }
 
     /// Signs an agent's CSR. Only the public key of the request is used: the subject and the
