@@ -44,7 +44,8 @@ pub async fn wait_for_signal() {
     }
 }
 
-/// Prints `error: …` with the whole chain of causes and returns the exit code.
+/// Prints `error: …` to stderr and returns `code` as the exit status. Callers holding an
+/// `anyhow::Error` pass `format!("{e:#}")` so that its causes are printed too.
 pub fn fail(e: &dyn std::fmt::Display, code: u8) -> std::process::ExitCode {
     eprintln!("error: {e}");
     std::process::ExitCode::from(code)

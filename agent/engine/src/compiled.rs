@@ -97,10 +97,17 @@ fn parse(data: &[u8], fingerprint: &[u8; 32]) -> Result<YaraPart, Miss> {
     if r.take(32).ok_or(Miss::Truncated)? != fingerprint {
         return Err(Miss::Stale);
     }
-    parse_body(&mut r).ok_or(Miss::Truncated)?
+    let (files_with_errors, problems, serialized) = parse_body(&mut r).ok_or(Miss::Truncated)?;
+    let rules = yara_x::Rules::deserialize(serialized).map_err(|_| Miss::OtherYara)?;
+    Ok(YaraPart {
+        rules,
+        files_with_errors,
+        problems,
+    })
 }
 
-fn parse_body(r: &mut Reader<'_>) -> Option<Result<YaraPart, Miss>> {
+/// The problems found when compiling, and the serialized rules; None when truncated.
+fn parse_body<'a>(r: &mut Reader<'a>) -> Option<(usize, Vec<Problem>, &'a [u8])> {
     let files_with_errors = r.u64()? as usize;
     let count = r.u32()?;
     let mut problems = Vec::new();
@@ -120,16 +127,7 @@ fn parse_body(r: &mut Reader<'_>) -> Option<Result<YaraPart, Miss>> {
             origin: Origin::Local,
         });
     }
-    let serialized = r.blob()?;
-    Some(
-        yara_x::Rules::deserialize(serialized)
-            .map(|rules| YaraPart {
-                rules,
-                files_with_errors,
-                problems,
-            })
-            .map_err(|_| Miss::OtherYara),
-    )
+    Some((files_with_errors, problems, r.blob()?))
 }
 
 pub(crate) fn save(path: &Path, fingerprint: &[u8; 32], part: &YaraPart) {

@@ -6,8 +6,9 @@
 //! full_scan (walk + scanner threads, cache) ──────────┼──► Detection ──► deliver
 //! procmon (/proc: processes, connections) ────────────┘
 //! ```
-//! Every file, whoever found it, is judged by [`scan::scan_file`]; every tree, whoever walks
-//! it, is walked by [`walk`] with the same rules (excludes, one file system, no symlinks).
+//! Every file the watcher or a full scan finds is judged by [`scan::scan_file`] (the process
+//! monitor scans executables itself, through its own cache); every tree, whoever walks it, is
+//! walked by [`walk`] with the same rules (excludes, one file system, no symlinks).
 
 pub(crate) mod cache;
 pub(crate) mod full_scan;

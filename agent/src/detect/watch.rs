@@ -100,8 +100,10 @@ pub enum WatchError {
 }
 
 impl FileWatch {
-    /// Stops watching; returns once nothing more will be queued for scanning.
-    pub fn stop(self) {}
+    /// Stops watching; returns once nothing more will be queued for scanning (see `Drop`).
+    pub fn stop(self) {
+        drop(self);
+    }
 }
 
 impl Drop for FileWatch {
