@@ -30,17 +30,22 @@ use crate::config::Settings;
 use crate::deliver::shipper::{BundleLink, ShipConfig, Shipper};
 use crate::deliver::spool::Spool;
 use crate::deliver::writer::{Spooled, write_spool};
+use crate::detect::cache::ScanCache;
 use crate::detect::full_scan::{FullScans, ScanPlan};
 use crate::detect::pool::ScanPool;
 use crate::detect::procmon::ProcessJudge;
 use crate::detect::walk::{WalkRules, exclusions};
 use crate::detect::watch::{FileWatch, WatchTarget};
+use crate::detect::{Ids, Incidents};
 use crate::rules::ActiveRules;
 use crate::state::{Credentials, StateDir};
 use crate::telemetry::{Counter, Counters};
 
 /// Detections buffered between the scanning stages and the spool writer.
 const DETECTION_QUEUE: usize = 1024;
+
+/// How often the result cache is saved while it changes.
+const CACHE_SAVE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Runs the agent until `shutdown` fires, then drains every stage.
 pub async fn run(
@@ -49,6 +54,10 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let creds = state.load()?;
+    let incidents = Incidents {
+        ids: Ids::for_agent(&creds.enrollment.agent_id),
+        cache: Arc::new(ScanCache::load(&state.scan_cache())),
+    };
     let watch_roots = canonical(&settings.watch, "watch")?;
     let scan_roots = canonical(&settings.scan_paths, "scan")?;
     let rules = load_rules(&state, &settings).await?;
@@ -70,6 +79,7 @@ pub async fn run(
         rules.current.clone(),
         options,
         det_tx.clone(),
+        incidents.clone(),
         counters.clone(),
     )
     .context("cannot start scan workers")?;
@@ -84,6 +94,45 @@ pub async fn run(
         stop: shutdown.clone(),
     };
     let watch = FileWatch::start(&watch_roots, target)?;
+    let (shipper, applier) =
+        start_delivery(&settings, creds, &rules, &spooled, &counters, &shutdown);
+    let background = Background {
+        rules: rules.clone(),
+        incidents: incidents.clone(),
+        cache_path: state.scan_cache(),
+        det: det_tx,
+        counters: counters.clone(),
+        stop: shutdown.clone(),
+        rt: Handle::current(),
+    };
+    let threads = background.start(&settings, scan_roots, walk, options)?;
+
+    shutdown.cancelled().await;
+    info!("stopping");
+    let running = Running {
+        watch,
+        threads,
+        pool,
+        writer,
+        shipper,
+        applier,
+    };
+    running.drain(&spooled, &counters).await;
+    if let Err(e) = incidents.cache.save_if_changed(&state.scan_cache()) {
+        warn!(error = %e, "cannot save the scan cache; unchanged files will be scanned again (and their detections stored once)");
+    }
+    Ok(())
+}
+
+/// Starts the shipper and the bundle applier it hands offered bundles to.
+fn start_delivery(
+    settings: &Settings,
+    creds: Credentials,
+    rules: &Arc<ActiveRules>,
+    spooled: &Arc<Spooled>,
+    counters: &Arc<Counters>,
+    shutdown: &CancellationToken,
+) -> (tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>) {
     let (offers, offered) = watch::channel::<Option<RuleBundle>>(None);
     let (status_tx, statuses) = mpsc::channel::<BundleStatus>(8);
     let applier = tokio::spawn(crate::rules::applier::run(
@@ -97,33 +146,13 @@ pub async fn run(
         statuses,
     };
     let shipper = Shipper::new(
-        ship_config(&settings, creds),
+        ship_config(settings, creds),
         spooled.clone(),
         link,
         counters.clone(),
     );
     let shipper = tokio::spawn(shipper.run(shutdown.clone()));
-    let background = Background {
-        rules: rules.clone(),
-        det: det_tx,
-        counters: counters.clone(),
-        stop: shutdown.clone(),
-        rt: Handle::current(),
-    };
-    let threads = background.start(&settings, &state, scan_roots, walk, options)?;
-
-    shutdown.cancelled().await;
-    info!("stopping");
-    let running = Running {
-        watch,
-        threads,
-        pool,
-        writer,
-        shipper,
-        applier,
-    };
-    running.drain(&spooled, &counters).await;
-    Ok(())
+    (shipper, applier)
 }
 
 /// The stages a running agent stops, in pipeline order.
@@ -228,9 +257,32 @@ fn ship_config(settings: &Settings, creds: Credentials) -> ShipConfig {
     }
 }
 
-/// What the full-scan and process threads share.
+/// SIGUSR1 starts a full scan now (of the scan paths; unchanged files come from the cache).
+async fn rescan_on_signal(rules: Arc<ActiveRules>, stop: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
+        warn!("cannot listen for SIGUSR1; forced rescans are unavailable");
+        return;
+    };
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            got = usr1.recv() => {
+                if got.is_none() {
+                    return;
+                }
+                info!("SIGUSR1: full scan requested");
+                rules.rescan.notify_one();
+            }
+        }
+    }
+}
+
+/// What the full-scan, process and cache threads share.
 struct Background {
     rules: Arc<ActiveRules>,
+    incidents: Incidents,
+    cache_path: PathBuf,
     det: mpsc::Sender<Detection>,
     counters: Arc<Counters>,
     stop: CancellationToken,
@@ -242,7 +294,6 @@ impl Background {
     fn start(
         self,
         settings: &Settings,
-        state: &StateDir,
         scan_roots: Vec<PathBuf>,
         walk: WalkRules,
         options: ScanOptions,
@@ -260,7 +311,8 @@ impl Background {
                 },
                 on_start: settings.scan_on_start,
                 interval: settings.scan_interval,
-                cache_path: state.dir.join("scan-cache.bin"),
+                incidents: this.incidents.clone(),
+                cache_path: this.cache_path.clone(),
             };
             let b = this.clone();
             threads.push(
@@ -277,7 +329,25 @@ impl Background {
                     .spawn(move || b.watch_processes(interval, options))?,
             );
         }
+        this.rt
+            .spawn(rescan_on_signal(this.rules.clone(), this.stop.clone()));
+        let b = this.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("cache-saver".into())
+                .spawn(move || b.save_cache())?,
+        );
         Ok(threads)
+    }
+
+    /// Saves the result cache every [`CACHE_SAVE_INTERVAL`] while it changes, so that a crash
+    /// loses at most that much (and what it loses is only scanned again).
+    fn save_cache(&self) {
+        while self.pause(CACHE_SAVE_INTERVAL) {
+            if let Err(e) = self.incidents.cache.save_if_changed(&self.cache_path) {
+                warn!(path = %self.cache_path.display(), error = %e, "cannot save the scan cache");
+            }
+        }
     }
 
     /// Sleeps up to `d`; false when shutdown came first.
@@ -294,7 +364,7 @@ impl Background {
     fn watch_processes(&self, interval: Duration, options: ScanOptions) {
         loop {
             let current = self.rules.current.load_full();
-            let mut judge = ProcessJudge::new(&current);
+            let mut judge = ProcessJudge::new(self.incidents.ids.clone());
             let mut scanner = FileScanner::new(&current, options);
             loop {
                 let mut found = judge.new_processes(&mut scanner);

@@ -8,7 +8,8 @@
 //! DIR/maintainers.pem  maintainer public keys pinned at enrollment (signers of rule bundles)
 //! DIR/bundle.bin   the last rule bundle applied (signed; checked again at every start)
 //! DIR/spool/       detections waiting for the collector's ack (see `spool`)
-//! DIR/scan-cache.bin  results of full scans, so unchanged files are not scanned again
+//! DIR/scan-cache.bin  scan results (full scans and real time): unchanged files are not scanned,
+//!                  and their matches not reported, again
 //! ```
 
 use std::fs;
@@ -16,8 +17,38 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
+
+/// What can go wrong with a state directory; every variant names the file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("`{dir}` holds no enrollment; run `vedette-agent enroll --state-dir {dir}` first", dir = .0.display())]
+    NotEnrolled(PathBuf),
+    #[error("cannot read `{}`: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write `{}`: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot create the state directory `{}`: {source}", path.display())]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid `{}`: {source}", path.display())]
+    Invalid {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("`{}` lists no collector", .0.display())]
+    NoCollector(PathBuf),
+    #[error("`{path}` is readable by others (mode {mode:o}); run `chmod 600 {path}`", path = path.display())]
+    KeyMode { path: PathBuf, mode: u32 },
+}
 
 /// `DIR/agent.toml`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -70,14 +101,20 @@ impl StateDir {
     pub fn bundle(&self) -> PathBuf {
         self.dir.join("bundle.bin")
     }
+    pub fn scan_cache(&self) -> PathBuf {
+        self.dir.join("scan-cache.bin")
+    }
 
     /// Creates the directory (0700) if needed.
-    pub fn create(&self) -> anyhow::Result<()> {
+    pub fn create(&self) -> Result<(), StateError> {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&self.dir)
-            .with_context(|| format!("cannot create the state directory `{}`", self.dir.display()))
+            .map_err(|source| StateError::Create {
+                path: self.dir.clone(),
+                source,
+            })
     }
 
     pub fn is_enrolled(&self) -> bool {
@@ -85,59 +122,67 @@ impl StateDir {
     }
 
     /// Loads everything `run` needs; fails closed with the file at fault.
-    pub fn load(&self) -> anyhow::Result<Credentials> {
+    pub fn load(&self) -> Result<Credentials, StateError> {
         if !self.is_enrolled() {
-            bail!(
-                "`{}` holds no enrollment; run `vedette-agent enroll --state-dir {}` first",
-                self.dir.display(),
-                self.dir.display()
-            );
+            return Err(StateError::NotEnrolled(self.dir.clone()));
         }
-        let read = |p: PathBuf| {
-            fs::read_to_string(&p).with_context(|| format!("cannot read `{}`", p.display()))
-        };
-        let text = read(self.enrollment())?;
-        let enrollment: Enrollment = toml::from_str(&text)
-            .with_context(|| format!("invalid `{}`", self.enrollment().display()))?;
+        let text = read(&self.enrollment())?;
+        let enrollment: Enrollment =
+            toml::from_str(&text).map_err(|source| StateError::Invalid {
+                path: self.enrollment(),
+                source,
+            })?;
         if enrollment.collectors.is_empty() {
-            bail!("`{}` lists no collector", self.enrollment().display());
+            return Err(StateError::NoCollector(self.enrollment()));
         }
         let key_path = self.key();
         let mode = fs::metadata(&key_path)
-            .with_context(|| format!("cannot read `{}`", key_path.display()))?
+            .map_err(|source| StateError::Read {
+                path: key_path.clone(),
+                source,
+            })?
             .permissions()
             .mode();
         if mode & 0o077 != 0 {
-            bail!(
-                "`{}` is readable by others (mode {:o}); run `chmod 600 {}`",
-                key_path.display(),
-                mode & 0o777,
-                key_path.display()
-            );
+            return Err(StateError::KeyMode {
+                path: key_path,
+                mode: mode & 0o777,
+            });
         }
         Ok(Credentials {
             enrollment,
-            ca_pem: read(self.ca())?,
-            cert_pem: read(self.cert())?,
-            key_pem: read(key_path)?,
+            ca_pem: read(&self.ca())?,
+            cert_pem: read(&self.cert())?,
+            key_pem: read(&key_path)?,
         })
     }
 }
 
+fn read(path: &Path) -> Result<String, StateError> {
+    fs::read_to_string(path).map_err(|source| StateError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
 /// Writes `contents` to `path` atomically (temporary file, fsync, rename) with `mode`.
-pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
+pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), StateError> {
     let tmp = path.with_extension("tmp");
     let _ = fs::remove_file(&tmp);
+    let failed = |path: &Path| {
+        let path = path.to_owned();
+        move |source| StateError::Write { path, source }
+    };
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(mode)
         .open(&tmp)
-        .with_context(|| format!("cannot write `{}`", tmp.display()))?;
+        .map_err(failed(&tmp))?;
     f.write_all(contents)
         .and_then(|()| f.sync_all())
-        .with_context(|| format!("cannot write `{}`", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("cannot write `{}`", path.display()))?;
+        .map_err(failed(&tmp))?;
+    fs::rename(&tmp, path).map_err(failed(path))?;
     if let Some(dir) = path.parent()
         && let Ok(d) = fs::File::open(dir)
     {

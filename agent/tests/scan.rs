@@ -232,6 +232,7 @@ fn unchanged_files_come_from_the_cache_and_rewritten_ones_are_rescanned() {
         s(&rules),
         s(&tree),
     ];
+    wait_settled(&tree);
     let first = scan(&args, Duration::from_secs(60));
     assert_eq!(first.status.code(), Some(0));
     assert!(
@@ -254,6 +255,7 @@ fn unchanged_files_come_from_the_cache_and_rewritten_ones_are_rescanned() {
     );
     // Rewrite one file after a clean scan: it is scanned again and detected.
     write(&tree.join("f7.txt"), b"now with CACHE-MARKER inside");
+    wait_settled(&tree);
     let third = scan(&args, Duration::from_secs(60));
     assert_eq!(third.status.code(), Some(1));
     assert!(
@@ -268,6 +270,36 @@ fn unchanged_files_come_from_the_cache_and_rewritten_ones_are_rescanned() {
     let fourth = scan(&args, Duration::from_secs(60));
     assert_eq!(fourth.status.code(), Some(1));
     assert!(stderr(&fourth).contains("(20 unchanged, from cache)"));
+}
+
+/// Waits until no file in `dir` changed within the last 150 ms: the result cache keeps no
+/// answer for a file that changed just before its scan (it might change again within the same
+/// timestamp tick), see `RACY_NS` in the agent's `detect/cache.rs`.
+fn wait_settled(dir: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let newest = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let m = e.unwrap().metadata().unwrap();
+                Duration::new(m.ctime() as u64, m.ctime_nsec() as u32)
+            })
+            .max()
+            .unwrap_or_default();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        if now.saturating_sub(newest) > Duration::from_millis(150) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "files in {} keep changing",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// A process started from a copy of `sleep` under a telling name, matched by name, command line

@@ -67,20 +67,40 @@ pub fn init(dir: &Path, listen: SocketAddr, names: &[String]) -> Result<Initiali
             dir: dir.to_owned(),
         });
     }
+    let fingerprint = write_pki(dir, &server_names(listen, names))?;
+    write_collector_config(dir, listen)?;
+    let client_address = client_address(listen);
+    write_ctl_config(dir, &client_address)?;
+    Ok(Initialized {
+        dir: dir.to_owned(),
+        fingerprint,
+        client_address,
+    })
+}
+
+/// The server certificate's names: the loopback names, the listen address unless it is
+/// unspecified, then `extra` without repeats.
+fn server_names(listen: SocketAddr, extra: &[String]) -> Vec<String> {
     let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string()];
     if !listen.ip().is_unspecified() {
         sans.push(listen.ip().to_string());
     }
-    for n in names {
+    for n in extra {
         if !sans.contains(n) {
             sans.push(n.clone());
         }
     }
+    sans
+}
+
+/// The CA, the server and operator certificates and the first maintainer key pair; returns the
+/// CA's fingerprint.
+fn write_pki(dir: &Path, sans: &[String]) -> Result<String, InitError> {
     let (ca, ca_key) = Ca::generate("Vedette collector CA")?;
     // The key first, created exclusively: two concurrent inits cannot both succeed.
     write_new(&dir.join("ca.key"), ca_key.as_bytes(), 0o600)?;
     write_new(&dir.join("ca.crt"), ca.cert_pem().as_bytes(), 0o644)?;
-    let server = ca.issue_server(&sans)?;
+    let server = ca.issue_server(sans)?;
     write_new(&dir.join("server.key"), server.key_pem.as_bytes(), 0o600)?;
     write_new(&dir.join("server.crt"), server.cert_pem.as_bytes(), 0o644)?;
     let operator = ca.issue_client("operator", &[Role::Operator, Role::Maintainer])?;
@@ -94,10 +114,12 @@ pub fn init(dir: &Path, listen: SocketAddr, names: &[String]) -> Result<Initiali
         operator.cert_pem.as_bytes(),
         0o644,
     )?;
-
     // The first maintainer key: `vedettectl rules publish` signs with it out of the box.
     vedette_engine::bundle::write_key_pair(&dir.join("maintainer"))?;
+    Ok(ca.fingerprint())
+}
 
+fn write_collector_config(dir: &Path, listen: SocketAddr) -> Result<(), InitError> {
     let collector = RawConfig {
         listen: listen.to_string(),
         database: "vedette.db".into(),
@@ -118,16 +140,23 @@ pub fn init(dir: &Path, listen: SocketAddr, names: &[String]) -> Result<Initiali
         toml::to_string(&collector)?
     );
     write_new(&dir.join("collector.toml"), text.as_bytes(), 0o600)?;
+    Ok(())
+}
 
-    let client_address = match listen.ip() {
+/// Where clients on this host reach a collector listening on `listen`.
+fn client_address(listen: SocketAddr) -> String {
+    match listen.ip() {
         IpAddr::V4(ip) if ip.is_unspecified() => format!("localhost:{}", listen.port()),
         IpAddr::V6(ip) if ip.is_unspecified() => format!("localhost:{}", listen.port()),
         _ => listen.to_string(),
-    };
+    }
+}
+
+fn write_ctl_config(dir: &Path, client_address: &str) -> Result<(), InitError> {
     // The keys vedettectl's config reads (see the vedette-ctl crate).
     let mut ctl = toml::Table::new();
     for (k, v) in [
-        ("collector", client_address.as_str()),
+        ("collector", client_address),
         ("ca_cert", "ca.crt"),
         ("cert", "operator.crt"),
         ("key", "operator.key"),
@@ -141,11 +170,7 @@ pub fn init(dir: &Path, listen: SocketAddr, names: &[String]) -> Result<Initiali
         toml::to_string(&ctl)?
     );
     write_new(&dir.join("vedettectl.toml"), text.as_bytes(), 0o600)?;
-    Ok(Initialized {
-        dir: dir.to_owned(),
-        fingerprint: ca.fingerprint(),
-        client_address,
-    })
+    Ok(())
 }
 
 #[cfg(test)]

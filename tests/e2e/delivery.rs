@@ -1,6 +1,7 @@
 //! Delivery guarantees with real processes: the collector killed mid-stream, the agent killed
 //! with detections spooled, the collector down for a while, a spool over its cap, a damaged
-//! spool tail, failover between collector addresses.
+//! spool tail, failover between collector addresses; and one report per incident across
+//! restarts, kills, rescans and new bundles.
 
 use std::collections::BTreeSet;
 use std::net::TcpListener;
@@ -39,7 +40,7 @@ fn setup(extra: &str) -> Setup {
         &config,
         format!(
             "watch = [{:?}]\nrules = [{:?}]\nheartbeat = \"1s\"\nbackoff_max = \"1s\"\n\
-             processes = false\nscan_on_start = false\nscan_interval = \"0s\"\n{extra}\n",
+             processes = false\n{extra}\n",
             watch.to_str().unwrap(),
             rules.to_str().unwrap()
         ),
@@ -341,4 +342,109 @@ fn the_agent_fails_over_to_the_next_collector_address() {
     s.wait_stored(10, Duration::from_secs(30));
     s.wait_all_acked(10);
     assert_once(&s.stored(), 10);
+}
+
+/// Waits for a heartbeat sent after `scans` full scans in which every detection made is in the
+/// spool and every spooled one acknowledged; returns the agent's row.
+fn wait_quiet(s: &Setup, scans: u64) -> Value {
+    wait_until(
+        Duration::from_secs(30),
+        &format!("{scans} full scans and every detection acknowledged"),
+        || {
+            let a = s.agent.info(&s.c).ok_or("agent not listed")?;
+            let n = |k: &str| a["counters"][k].as_u64().unwrap_or(0);
+            if n("full_scans") >= scans
+                && n("detections") == n("detections_spooled")
+                && n("spool_pending") == 0
+            {
+                Ok(a)
+            } else {
+                Err(format!("agent {a}"))
+            }
+        },
+    )
+}
+
+/// Publishes the rules in `dir` as a bundle and waits until the agent applied `version`.
+fn publish_and_wait(s: &Setup, dir: &Path, version: u64) {
+    s.c.ctl_ok(&["rules", "publish", dir.to_str().unwrap()]);
+    wait_for(
+        Duration::from_secs(30),
+        &format!("the agent on bundle {version}"),
+        || {
+            let a = s.agent.info(&s.c)?;
+            (a["bundle_version"] == version).then_some(())
+        },
+    );
+}
+
+#[test]
+fn each_incident_is_stored_once_across_kills_restarts_rescans_and_bundles() {
+    let mut s = setup("");
+    let scan = format!(
+        "scan_paths = [{:?}]\nscan_on_start = true\nscan_interval = \"0s\"\n",
+        s.watch.to_str().unwrap()
+    );
+    let base = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(&s.config, base + &scan).unwrap();
+
+    // 50 files detected in real time while the collector is down, then a kill -9 with all 50
+    // pending (and the result cache most likely not saved yet).
+    s.c.stop();
+    s.start_agent();
+    s.write(0, 0..50);
+    wait_for(Duration::from_secs(30), "50 detections spooled", || {
+        (s.spool_waiting() == 50).then_some(())
+    });
+    s.kill_agent();
+    s.c.start();
+    // The spool is replayed and the start-up scan finds the same 50 files.
+    s.run_agent(&[]);
+    wait_quiet(&s, 1);
+    assert_once(&s.stored(), 50);
+
+    // A clean restart: the start-up scan answers from the cache and reports nothing.
+    s.stop_agent();
+    s.run_agent(&[]);
+    let a = wait_quiet(&s, 1);
+    // Counters that stayed at zero are left out of heartbeats.
+    assert_eq!(a["counters"]["cache_hits"], 50, "{a}");
+    assert_eq!(a["counters"]["detections"].as_u64().unwrap_or(0), 0, "{a}");
+    assert_once(&s.stored(), 50);
+
+    // A forced rescan (SIGUSR1).
+    s.agent.proc.as_ref().expect("agent running").signal("USR1");
+    wait_quiet(&s, 2);
+    assert_once(&s.stored(), 50);
+
+    // A bundle with an unrelated rule: every file is scanned again, nothing new is reported.
+    let tmp = tempfile::tempdir().unwrap();
+    let unrelated = rule_dir(&tmp.path().join("v1"), "unrelated", "NOT-IN-ANY-FILE");
+    publish_and_wait(&s, &unrelated, 1);
+    let a = wait_quiet(&s, 3);
+    assert_eq!(a["counters"]["detections"].as_u64().unwrap_or(0), 0, "{a}");
+    assert_once(&s.stored(), 50);
+    assert_eq!(s.c.detections().len(), 50);
+
+    // A bundle whose new rule matches one old file: a new incident, reported once.
+    let one = rule_dir(
+        &tmp.path().join("v2"),
+        "file_seven",
+        &format!("{MARKER} 0 7\\n"),
+    );
+    publish_and_wait(&s, &one, 2);
+    wait_quiet(&s, 4);
+    let d = wait_for(Duration::from_secs(30), "the new rule's detection", || {
+        let all = s.c.detections();
+        all.into_iter().find(|d| d["rule"] == "file_seven")
+    });
+    assert!(
+        d["path"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with("g00-00007"),
+        "{d}"
+    );
+    assert_eq!(s.c.detections().len(), 51);
+    assert_once(&s.stored(), 50);
 }

@@ -71,6 +71,10 @@ pub struct FileReport {
     pub size: u64,
     pub device: u64,
     pub inode: u64,
+    /// Modification and status-change times of the file as opened, in nanoseconds: with the
+    /// device, inode and size they identify one state of the file.
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
     /// Set when something matched (the detection carries it).
     pub sha256: Option<String>,
     pub md5: Option<String>,
@@ -118,6 +122,8 @@ impl<'r> FileScanner<'r> {
             size: meta.len(),
             device: meta.dev(),
             inode: meta.ino(),
+            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+            ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
             matches: name_matches,
             ..Default::default()
         };

@@ -17,9 +17,9 @@ use vedette_proto::output::{detection_json, detection_line};
 use vedette_proto::v1::Detection;
 
 use crate::detect::cache::ScanCache;
-use crate::detect::file_detections;
 use crate::detect::full_scan::{Outcome, ScanContext, ScanPlan, scan_tree};
 use crate::detect::procmon::ProcessJudge;
+use crate::detect::{Ids, file_detections};
 use crate::telemetry::{Counter, Counters};
 
 pub struct ScanArgs {
@@ -114,18 +114,16 @@ pub fn run(args: ScanArgs) -> u8 {
     };
     let started = Instant::now();
     let counters = Counters::default();
-    let cache = args
-        .cache
-        .as_ref()
-        .map(|p| ScanCache::load(p, rules.fingerprint()));
+    let cache = args.cache.as_ref().map(|p| ScanCache::load(p));
     let printer = Printer {
         json: args.json,
         out: Mutex::new(std::io::stdout()),
         count: AtomicU64::new(0),
     };
     let on_file = |path: &Path, outcome: Outcome| {
+        // Like grep: every match, every run, whether the file was scanned or cached.
         if let Outcome::Scanned { report, .. } = outcome {
-            for d in file_detections(path, &report, 0) {
+            for d in file_detections(&Ids::local(), path, &report, &report.matches, 0) {
                 printer.emit(&d);
             }
         }
@@ -159,7 +157,7 @@ pub fn run(args: ScanArgs) -> u8 {
 }
 
 fn scan_processes(rules: &RuleSet, plan: &ScanPlan, printer: &Printer) {
-    let mut judge = ProcessJudge::new(rules);
+    let mut judge = ProcessJudge::new(Ids::local());
     let mut scanner = FileScanner::new(rules, plan.scan);
     for d in judge.new_processes(&mut scanner) {
         printer.emit(&d);

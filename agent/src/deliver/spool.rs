@@ -142,6 +142,47 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
         .map_err(|e| ctx(dir, e))
 }
 
+/// Checks one segment: truncates it at the first damaged record, and removes it when nothing
+/// in it is left to deliver (then returns `None`).
+fn recover_segment(
+    path: PathBuf,
+    first: u64,
+    acked: u64,
+    rec: &mut Recovery,
+) -> io::Result<Option<Segment>> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| ctx(&path, e))?;
+    let (last_id, good, damage) = check_segment(&file, first).map_err(|e| ctx(&path, e))?;
+    let len = file.metadata().map_err(|e| ctx(&path, e))?.len();
+    if let Some(reason) = damage {
+        warn!(
+            path = %path.display(),
+            offset = good,
+            removed_bytes = len - good,
+            reason,
+            "damaged spool record; truncating the segment there"
+        );
+        file.set_len(good).map_err(|e| ctx(&path, e))?;
+        file.sync_all().map_err(|e| ctx(&path, e))?;
+        rec.damaged_segments += 1;
+        rec.damaged_bytes += len - good;
+    }
+    if good == 0 || last_id <= acked {
+        fs::remove_file(&path).map_err(|e| ctx(&path, e))?;
+        return Ok(None);
+    }
+    Ok(Some(Segment {
+        first_id: first,
+        last_id,
+        bytes: good,
+        path,
+        file,
+    }))
+}
+
 impl Spool {
     /// Opens (or creates) the spool in `dir`, checking every record. `cap` is the most bytes
     /// of segments kept.
@@ -165,39 +206,13 @@ impl Spool {
                 fs::remove_file(&path).map_err(|e| ctx(&path, e))?;
                 continue;
             }
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&path)
-                .map_err(|e| ctx(&path, e))?;
-            let (last_id, good, damage) = check_segment(&file, first).map_err(|e| ctx(&path, e))?;
-            let len = file.metadata().map_err(|e| ctx(&path, e))?.len();
-            if let Some(reason) = damage {
-                warn!(
-                    path = %path.display(),
-                    offset = good,
-                    removed_bytes = len - good,
-                    reason,
-                    "damaged spool record; truncating the segment there"
-                );
-                file.set_len(good).map_err(|e| ctx(&path, e))?;
-                file.sync_all().map_err(|e| ctx(&path, e))?;
-                rec.damaged_segments += 1;
-                rec.damaged_bytes += len - good;
-            }
-            if good == 0 || last_id <= acked {
-                fs::remove_file(&path).map_err(|e| ctx(&path, e))?;
+            let Some(seg) = recover_segment(path, first, acked, &mut rec)? else {
                 continue;
-            }
+            };
+            let last_id = seg.last_id;
             prev_last = last_id;
             rec.pending += last_id - first.max(acked + 1) + 1;
-            segments.push_back(Segment {
-                first_id: first,
-                last_id,
-                bytes: good,
-                path,
-                file,
-            });
+            segments.push_back(seg);
         }
         let next_id = prev_last.max(acked) + 1;
         let total_bytes = segments.iter().map(|s| s.bytes).sum();

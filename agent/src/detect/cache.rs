@@ -1,30 +1,51 @@
-//! Scan result cache: an unchanged file is not scanned twice with the same rules.
+//! Scan result cache: an unchanged file is not scanned twice with the same rules, and a match
+//! already reported for it is not reported again, whatever found it (the watcher, a full scan,
+//! a rescan after new rules) and across restarts.
 //!
-//! Key: (device, inode); an entry is valid while the file's size, mtime and ctime (nanoseconds)
-//! are the ones recorded and the rule set's fingerprint is the one the cache was made with (any
-//! write or chmod changes ctime; new rules change the fingerprint and empty the cache).
+//! Key: (device, inode); an entry holds the file's state (size, mtime and ctime in
+//! nanoseconds: any write or chmod changes ctime), the tag of the rules it was scanned with, and
+//! the matches found (and reported) for that state. A lookup is a hit only for the same state
+//! and the same rules; a scan of the same state with other rules reports only the matches that
+//! were not found before.
 //!
 //! File format (little endian), written to a temporary file and renamed into place:
 //! ```text
-//! magic "VDTCACHE" | version u32 | rules fingerprint [32] | count u64
-//! count × ( dev u64 | ino u64 | size u64 | mtime_ns i64 | ctime_ns i64 | sha256 str | n u16 | n × match )
+//! magic "VDTCACHE" | version u32 | count u64
+//! count × ( dev u64 | ino u64 | size u64 | mtime_ns i64 | ctime_ns i64 | rules u64 | sha256 str
+//!           | n u16 | n × match )
 //! match = kind u8 | score u8 | rule str | source str | description str     (str = len u32 | bytes)
 //! sha256 of everything above [32]
 //! ```
 //! A file whose checksum, magic or version does not match is ignored (and replaced on save):
-//! the cache is an optimisation, never a source of truth.
+//! the cache is an optimisation, never a source of truth. Detection ids are derived from the
+//! file's state and the rule, so a match reported again after a lost cache is still stored once.
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use vedette_engine::codec::{Reader, Writer, unseal};
-use vedette_engine::{MatchKind, RuleMatch};
+use vedette_engine::{FileReport, MatchKind, RuleMatch, RuleSet};
 
 const MAGIC: &[u8; 8] = b"VDTCACHE";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
+
+/// Entries kept in memory; past it, entries of files that matched nothing are dropped first.
+const MAX_ENTRIES: usize = 1 << 20;
+
+/// A file changed this recently when it was scanned may change again within the same timestamp
+/// tick without its stamp changing: its entry is never a cache hit (it still says what was
+/// reported). Linux file systems keep nanoseconds, updated at least every clock tick (at most
+/// 10 ms); a file system whose times have no fraction of a second (FAT, some network file
+/// systems) gets [`RACY_COARSE_NS`].
+pub const RACY_NS: i64 = 100_000_000;
+const RACY_COARSE_NS: i64 = 2_000_000_000;
+
+/// The rules tag of entries that must be scanned again whatever the rules.
+const NEVER_HIT: u64 = 0;
 
 /// What identifies one state of a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,10 +67,30 @@ impl Stamp {
             ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
         }
     }
+
+    /// The state the scanner saw, from the descriptor it read.
+    pub fn of_report(r: &FileReport) -> Stamp {
+        Stamp {
+            dev: r.device,
+            ino: r.inode,
+            size: r.size,
+            mtime_ns: r.mtime_ns,
+            ctime_ns: r.ctime_ns,
+        }
+    }
+}
+
+/// A short tag of a rule set (the first bytes of its fingerprint).
+pub fn rules_tag(rules: &RuleSet) -> u64 {
+    let f = rules.fingerprint();
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&f[..8]);
+    u64::from_le_bytes(b)
 }
 
 struct Entry {
     stamp: Stamp,
+    rules: u64,
     matches: Vec<RuleMatch>,
     /// SHA-256 of the content, kept for files that matched (empty otherwise).
     sha256: String,
@@ -62,68 +103,114 @@ pub struct Cached {
     pub sha256: String,
 }
 
+#[derive(Default)]
 pub struct ScanCache {
-    fingerprint: [u8; 32],
     map: Mutex<HashMap<(u64, u64), Entry>>,
+    /// Changed since the last save.
+    dirty: AtomicBool,
+}
+
+fn same_finding(a: &RuleMatch, b: &RuleMatch) -> bool {
+    a.kind == b.kind && a.rule == b.rule && a.source == b.source
 }
 
 impl ScanCache {
-    pub fn new(fingerprint: [u8; 32]) -> ScanCache {
-        ScanCache {
-            fingerprint,
-            map: Mutex::new(HashMap::new()),
-        }
+    pub fn new() -> ScanCache {
+        ScanCache::default()
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<(u64, u64), Entry>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The recorded matches when the file is unchanged since it was scanned.
-    pub fn get(&self, stamp: &Stamp) -> Option<Cached> {
+    /// The recorded matches when the file is unchanged since it was scanned with `rules`.
+    pub fn get(&self, stamp: &Stamp, rules: u64) -> Option<Cached> {
         let map = self.map();
         let e = map.get(&(stamp.dev, stamp.ino))?;
-        (e.stamp == *stamp).then(|| Cached {
+        (e.stamp == *stamp && e.rules == rules && rules != NEVER_HIT).then(|| Cached {
             matches: e.matches.clone(),
             sha256: e.sha256.clone(),
         })
     }
 
-    pub fn insert(&self, stamp: Stamp, matches: Vec<RuleMatch>, sha256: Option<&str>) {
+    /// Records what a scan with `rules` found in the file state `stamp`; returns the matches
+    /// not found in that same state before (all of them for a new or changed file).
+    pub fn record(
+        &self,
+        stamp: Stamp,
+        rules: u64,
+        matches: &[RuleMatch],
+        sha256: Option<&str>,
+    ) -> Vec<RuleMatch> {
+        let mut map = self.map();
+        let known: &[RuleMatch] = match map.get(&(stamp.dev, stamp.ino)) {
+            Some(e) if e.stamp == stamp => &e.matches,
+            _ => &[],
+        };
+        let new: Vec<RuleMatch> = matches
+            .iter()
+            .filter(|m| !known.iter().any(|k| same_finding(k, m)))
+            .cloned()
+            .collect();
+        if map.len() >= MAX_ENTRIES {
+            map.retain(|_, e| !e.matches.is_empty());
+        }
         let sha256 = if matches.is_empty() {
             String::new()
         } else {
             sha256.unwrap_or("").to_string()
         };
-        self.map().insert(
+        let now_ns = vedette_proto::now_ms().saturating_mul(1_000_000);
+        let changed = stamp.ctime_ns.max(stamp.mtime_ns);
+        let window = if changed % 1_000_000_000 == 0 {
+            RACY_COARSE_NS
+        } else {
+            RACY_NS
+        };
+        let racy = now_ns.saturating_sub(changed) < window;
+        map.insert(
             (stamp.dev, stamp.ino),
             Entry {
                 stamp,
-                matches,
+                rules: if racy { NEVER_HIT } else { rules },
+                matches: matches.to_vec(),
                 sha256,
             },
         );
+        self.dirty.store(true, Ordering::Relaxed);
+        new
     }
 
     pub(crate) fn len(&self) -> usize {
         self.map().len()
     }
 
-    /// Loads a cache made with the same rules; anything else gives an empty cache.
-    pub fn load(path: &Path, fingerprint: [u8; 32]) -> ScanCache {
-        let cache = ScanCache::new(fingerprint);
+    /// Loads the cache saved at `path`; a missing, damaged or older file gives an empty cache.
+    pub fn load(path: &Path) -> ScanCache {
+        let cache = ScanCache::new();
         let Ok(bytes) = std::fs::read(path) else {
             return cache;
         };
-        if let Some(entries) = decode(&bytes, &fingerprint) {
+        if let Some(entries) = decode(&bytes) {
             let mut map = cache.map();
             for e in entries {
                 map.insert((e.stamp.dev, e.stamp.ino), e);
             }
         } else {
-            tracing::info!(path = %path.display(), "scan cache unusable (other rules, other version or damaged); starting afresh");
+            tracing::info!(path = %path.display(), "scan cache unusable (other version or damaged); starting afresh");
         }
         cache
+    }
+
+    /// Writes the cache atomically when it changed since the last save.
+    pub fn save_if_changed(&self, path: &Path) -> std::io::Result<()> {
+        if self.dirty.swap(false, Ordering::Relaxed)
+            && let Err(e) = self.save(path)
+        {
+            self.dirty.store(true, Ordering::Relaxed);
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Writes the cache atomically.
@@ -131,7 +218,6 @@ impl ScanCache {
         let mut w = Writer::default();
         w.bytes(MAGIC);
         w.u32(VERSION);
-        w.bytes(&self.fingerprint);
         {
             let map = self.map();
             w.u64(map.len() as u64);
@@ -155,6 +241,7 @@ fn encode_entry(w: &mut Writer, e: &Entry) {
     }
     w.u64(s.mtime_ns as u64);
     w.u64(s.ctime_ns as u64);
+    w.u64(e.rules);
     w.text(&e.sha256);
     let n = e.matches.len().min(u16::MAX as usize);
     w.u16(n as u16);
@@ -188,9 +275,9 @@ fn kind_of(c: u8) -> Option<MatchKind> {
     })
 }
 
-fn decode(bytes: &[u8], fingerprint: &[u8; 32]) -> Option<Vec<Entry>> {
+fn decode(bytes: &[u8]) -> Option<Vec<Entry>> {
     let mut r = Reader(unseal(bytes)?);
-    if r.take(8)? != MAGIC || r.u32()? != VERSION || r.take(32)? != fingerprint {
+    if r.take(8)? != MAGIC || r.u32()? != VERSION {
         return None;
     }
     let count = r.u64()?;
@@ -203,6 +290,7 @@ fn decode(bytes: &[u8], fingerprint: &[u8; 32]) -> Option<Vec<Entry>> {
             mtime_ns: r.u64()? as i64,
             ctime_ns: r.u64()? as i64,
         };
+        let rules = r.u64()?;
         let sha256 = r.text()?;
         let n = r.u16()?;
         let mut matches = Vec::with_capacity(n as usize);
@@ -221,6 +309,7 @@ fn decode(bytes: &[u8], fingerprint: &[u8; 32]) -> Option<Vec<Entry>> {
         }
         out.push(Entry {
             stamp,
+            rules,
             matches,
             sha256,
         });
@@ -242,46 +331,92 @@ mod tests {
         }
     }
 
+    fn found(rule: &str) -> RuleMatch {
+        RuleMatch {
+            kind: MatchKind::Yara,
+            rule: rule.into(),
+            source: "s".into(),
+            score: 80,
+            description: "d".into(),
+            author: String::new(),
+            reference: String::new(),
+        }
+    }
+
     #[test]
     fn round_trip_and_invalidation() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cache.bin");
-        let c = ScanCache::new([7; 32]);
-        c.insert(stamp(1), vec![], None);
-        c.insert(
-            stamp(2),
-            vec![RuleMatch {
-                kind: MatchKind::Yara,
-                rule: "r".into(),
-                source: "s".into(),
-                score: 80,
-                description: "d".into(),
-                author: String::new(),
-                reference: String::new(),
-            }],
-            Some("abc"),
-        );
+        let c = ScanCache::new();
+        c.record(stamp(1), 7, &[], None);
+        c.record(stamp(2), 7, &[found("r")], Some("abc"));
         c.save(&path).unwrap();
-        let c2 = ScanCache::load(&path, [7; 32]);
-        assert_eq!(c2.get(&stamp(1)).unwrap().matches, vec![]);
-        let hit = c2.get(&stamp(2)).unwrap();
+        let c2 = ScanCache::load(&path);
+        assert_eq!(c2.get(&stamp(1), 7).unwrap().matches, vec![]);
+        let hit = c2.get(&stamp(2), 7).unwrap();
         assert_eq!(hit.matches[0].rule, "r");
         assert_eq!(hit.sha256, "abc");
         // A changed ctime is a changed file.
-        assert_eq!(
-            c2.get(&Stamp {
-                ctime_ns: 7,
-                ..stamp(1)
-            }),
-            None
-        );
-        // Other rules: nothing is reused.
-        assert_eq!(ScanCache::load(&path, [8; 32]).len(), 0);
+        let touched = Stamp {
+            ctime_ns: 7,
+            ..stamp(1)
+        };
+        assert_eq!(c2.get(&touched, 7), None);
+        // Other rules: the file is scanned again.
+        assert_eq!(c2.get(&stamp(2), 8), None);
         // A damaged file is ignored, not parsed.
         let mut bytes = std::fs::read(&path).unwrap();
         let mid = bytes.len() / 2;
         bytes[mid] ^= 0xff;
         std::fs::write(&path, &bytes).unwrap();
-        assert_eq!(ScanCache::load(&path, [7; 32]).len(), 0);
+        assert_eq!(ScanCache::load(&path).len(), 0);
+    }
+
+    #[test]
+    fn a_match_is_new_once_per_file_state_whatever_the_rules() {
+        let c = ScanCache::new();
+        assert_eq!(
+            c.record(stamp(1), 7, &[found("a")], Some("h")),
+            vec![found("a")]
+        );
+        // The same state again, then with other rules that also match `b`: only `b` is new.
+        assert_eq!(c.record(stamp(1), 7, &[found("a")], Some("h")), vec![]);
+        let both = [found("a"), found("b")];
+        assert_eq!(c.record(stamp(1), 8, &both, Some("h")), vec![found("b")]);
+        // A changed file: both are new again.
+        let changed = Stamp {
+            size: 11,
+            ..stamp(1)
+        };
+        assert_eq!(c.record(changed, 8, &both, Some("h")).len(), 2);
+    }
+
+    #[test]
+    fn a_file_changed_just_before_its_scan_is_never_a_hit() {
+        let c = ScanCache::new();
+        let now_ns = vedette_proto::now_ms() * 1_000_000;
+        let fresh = Stamp {
+            ctime_ns: now_ns,
+            ..stamp(1)
+        };
+        assert_eq!(c.record(fresh, 7, &[found("a")], None).len(), 1);
+        assert_eq!(c.get(&fresh, 7), None);
+        // What was reported is still known.
+        assert_eq!(c.record(fresh, 7, &[found("a")], None), vec![]);
+    }
+
+    #[test]
+    fn saves_only_when_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.bin");
+        let c = ScanCache::new();
+        c.save_if_changed(&path).unwrap();
+        assert!(!path.exists());
+        c.record(stamp(1), 7, &[], None);
+        c.save_if_changed(&path).unwrap();
+        assert_eq!(ScanCache::load(&path).len(), 1);
+        std::fs::remove_file(&path).unwrap();
+        c.save_if_changed(&path).unwrap();
+        assert!(!path.exists());
     }
 }

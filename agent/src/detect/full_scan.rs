@@ -15,12 +15,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use vedette_engine::{FileReport, FileScanner, RuleSet, ScanOptions};
+use vedette_engine::{FileReport, FileScanner, RuleMatch, RuleSet, ScanOptions};
 use vedette_proto::v1::Detection;
 
-use crate::detect::cache::ScanCache;
+use crate::detect::cache::{ScanCache, Stamp, rules_tag};
 use crate::detect::scan::scan_file;
 use crate::detect::walk::{Found, WalkRules, each_file_parallel};
+use crate::detect::{Ids, Incidents, file_detections};
 use crate::rules::ActiveRules;
 use crate::telemetry::{Counter, Counters};
 
@@ -57,8 +58,12 @@ pub fn lower_thread_priority(nice: i32) {
 
 /// One file's outcome, as a full scan reports it.
 pub enum Outcome {
-    /// Scanned now, or answered from the cache (`cached`).
-    Scanned { report: FileReport, cached: bool },
+    /// Scanned now, or answered from the cache. `new` are the matches not found in this state
+    /// of the file before (none for a cache hit; all of them without a cache).
+    Scanned {
+        report: FileReport,
+        new: Vec<RuleMatch>,
+    },
     /// Not scanned (counted under its reason).
     Skipped,
 }
@@ -102,18 +107,20 @@ pub fn scan_tree(
 /// The cache's answer for an unchanged file.
 fn cached(cx: &ScanContext<'_>, found: &Found) -> Option<Outcome> {
     let (cache, stamp) = (cx.cache?, found.stamp.as_ref()?);
-    let hit = cache.get(stamp)?;
+    let hit = cache.get(stamp, rules_tag(cx.rules))?;
     let report = FileReport {
         size: stamp.size,
         device: stamp.dev,
         inode: stamp.ino,
+        mtime_ns: stamp.mtime_ns,
+        ctime_ns: stamp.ctime_ns,
         matches: hit.matches,
         sha256: Some(hit.sha256).filter(|s| !s.is_empty()),
         ..Default::default()
     };
     Some(Outcome::Scanned {
         report,
-        cached: true,
+        new: Vec::new(),
     })
 }
 
@@ -127,7 +134,7 @@ fn scanner_thread(
     let mut scanner = FileScanner::new(cx.rules, plan.scan);
     loop {
         let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-        let Ok(Found { path, stamp }) = job else {
+        let Ok(Found { path, .. }) = job else {
             return;
         };
         if cx.stop.is_cancelled() {
@@ -136,13 +143,16 @@ fn scanner_thread(
         let started = Instant::now();
         let outcome = match scan_file(&mut scanner, &path, cx.counters) {
             Ok(report) => {
-                if let (Some(cache), Some(stamp)) = (cx.cache, stamp) {
-                    cache.insert(stamp, report.matches.clone(), report.sha256.as_deref());
-                }
-                Outcome::Scanned {
-                    report,
-                    cached: false,
-                }
+                let new = match cx.cache {
+                    Some(cache) => cache.record(
+                        Stamp::of_report(&report),
+                        rules_tag(cx.rules),
+                        &report.matches,
+                        report.sha256.as_deref(),
+                    ),
+                    None => report.matches.clone(),
+                };
+                Outcome::Scanned { report, new }
             }
             Err(_) => Outcome::Skipped,
         };
@@ -163,7 +173,8 @@ pub struct FullScans {
     pub on_start: bool,
     /// None: only a new bundle starts a scan.
     pub interval: Option<Duration>,
-    /// The result cache, kept across restarts.
+    /// The result cache the watcher also records into, and where it is saved.
+    pub incidents: Incidents,
     pub cache_path: PathBuf,
 }
 
@@ -206,15 +217,12 @@ impl FullScans {
         counters: &Counters,
         stop: &CancellationToken,
     ) {
-        let cache = ScanCache::load(&self.cache_path, rules.fingerprint());
+        let cache = &self.incidents.cache;
+        let ids: &Ids = &self.incidents.ids;
         let started = Instant::now();
         let on_file = |path: &Path, outcome: Outcome| {
-            if let Outcome::Scanned {
-                report,
-                cached: false,
-            } = outcome
-            {
-                for d in crate::detect::file_detections(path, &report, rules.bundle_version) {
+            if let Outcome::Scanned { report, new } = outcome {
+                for d in file_detections(ids, path, &report, &new, rules.bundle_version) {
                     counters.inc(Counter::Detections);
                     let _ = det.blocking_send(d);
                 }
@@ -222,12 +230,12 @@ impl FullScans {
         };
         let cx = ScanContext {
             rules,
-            cache: Some(&cache),
+            cache: Some(cache),
             counters,
             stop,
         };
         scan_tree(&self.roots, &self.plan, &cx, &on_file);
-        if let Err(e) = cache.save(&self.cache_path) {
+        if let Err(e) = cache.save_if_changed(&self.cache_path) {
             warn!(path = %self.cache_path.display(), error = %e, "cannot save the scan cache");
         }
         counters.inc(Counter::FullScans);

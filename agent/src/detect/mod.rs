@@ -18,16 +18,133 @@ pub(crate) mod scan;
 pub(crate) mod walk;
 pub(crate) mod watch;
 
+use std::net::IpAddr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::Arc;
 
-use vedette_engine::{FileReport, MatchKind, RuleMatch};
+use sha2::{Digest, Sha256};
+use vedette_engine::{FileReport, MatchKind, RuleMatch, RuleSet};
 use vedette_proto::v1::{Detection, DetectionKind, FileTarget, detection};
 
-/// A detection of one match on one target, with a fresh id.
-pub(crate) fn detection(m: RuleMatch, bundle_version: u64, target: detection::Target) -> Detection {
+use crate::detect::cache::{ScanCache, Stamp, rules_tag};
+
+/// What a match was found in: with the agent and the rule, it makes a detection's id.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Subject {
+    /// One state of a file.
+    File(Stamp),
+    /// One process: its pid and start time (clock ticks after boot).
+    Process { pid: u32, start_ticks: u64 },
+    /// One connection of one process to a remote address.
+    Connection {
+        pid: u32,
+        start_ticks: u64,
+        remote: IpAddr,
+        port: u16,
+    },
+}
+
+/// Derives detection ids: the same match on the same subject by the same agent always gets the
+/// same id, so whatever reports it again (a restart, a lost cache, a rescan) is stored once.
+#[derive(Debug, Clone)]
+pub(crate) struct Ids {
+    agent: Arc<str>,
+}
+
+impl Ids {
+    pub(crate) fn for_agent(agent_id: &str) -> Ids {
+        Ids {
+            agent: agent_id.into(),
+        }
+    }
+
+    /// For detections that leave no host (the `scan` command).
+    pub(crate) fn local() -> Ids {
+        Ids::for_agent("")
+    }
+
+    /// A UUID (version 8: custom) made of the first 128 bits of a SHA-256 over the agent, the
+    /// subject and the rule.
+    pub(crate) fn id(&self, subject: &Subject, m: &RuleMatch) -> String {
+        let mut h = Sha256::new();
+        let mut field = |b: &[u8]| {
+            h.update((b.len() as u64).to_le_bytes());
+            h.update(b);
+        };
+        field(b"vedette.detection.v1");
+        field(self.agent.as_bytes());
+        match *subject {
+            Subject::File(s) => {
+                field(b"file");
+                for v in [s.dev, s.ino, s.size, s.mtime_ns as u64, s.ctime_ns as u64] {
+                    field(&v.to_le_bytes());
+                }
+            }
+            Subject::Process { pid, start_ticks } => {
+                field(b"process");
+                field(&pid.to_le_bytes());
+                field(&start_ticks.to_le_bytes());
+            }
+            Subject::Connection {
+                pid,
+                start_ticks,
+                remote,
+                port,
+            } => {
+                field(b"connection");
+                field(&pid.to_le_bytes());
+                field(&start_ticks.to_le_bytes());
+                field(remote.to_string().as_bytes());
+                field(&port.to_le_bytes());
+            }
+        }
+        field(&[kind_of(m.kind) as u8]);
+        field(m.source.as_bytes());
+        field(m.rule.as_bytes());
+        let digest = h.finalize();
+        let mut b = [0u8; 16];
+        b.copy_from_slice(&digest[..16]);
+        uuid::Builder::from_custom_bytes(b).into_uuid().to_string()
+    }
+}
+
+/// Turns file scan results into detections, once per incident: the result cache says which
+/// matches were not reported before for this state of the file, and [`Ids`] names them.
+#[derive(Clone)]
+pub(crate) struct Incidents {
+    pub ids: Ids,
+    pub cache: Arc<ScanCache>,
+}
+
+impl Incidents {
+    /// True when the file at `path` was scanned with `rules` and has not changed since.
+    pub(crate) fn unchanged(&self, path: &Path, rules: &RuleSet) -> bool {
+        std::fs::symlink_metadata(path)
+            .is_ok_and(|m| self.cache.get(&Stamp::of(&m), rules_tag(rules)).is_some())
+    }
+
+    /// Records the report in the cache; detections for the matches that are new.
+    pub(crate) fn file(&self, path: &Path, report: &FileReport, rules: &RuleSet) -> Vec<Detection> {
+        let new = self.cache.record(
+            Stamp::of_report(report),
+            rules_tag(rules),
+            &report.matches,
+            report.sha256.as_deref(),
+        );
+        file_detections(&self.ids, path, report, &new, rules.bundle_version)
+    }
+}
+
+/// A detection of one match on one target; `id` from [`Ids::id`].
+pub(crate) fn detection(
+    id: String,
+    m: RuleMatch,
+    bundle_version: u64,
+    target: detection::Target,
+) -> Detection {
     Detection {
-        id: uuid::Uuid::new_v4().to_string(),
+        id,
         kind: kind_of(m.kind) as i32,
         rule: m.rule,
         source: m.source,
@@ -39,10 +156,12 @@ pub(crate) fn detection(m: RuleMatch, bundle_version: u64, target: detection::Ta
     }
 }
 
-/// One detection per rule that matched the file.
+/// One detection per match in `matches` (all from `report` of the file at `path`).
 pub(crate) fn file_detections(
+    ids: &Ids,
     path: &Path,
     report: &FileReport,
+    matches: &[RuleMatch],
     bundle_version: u64,
 ) -> Vec<Detection> {
     let raw = path.as_os_str().as_bytes();
@@ -59,11 +178,12 @@ pub(crate) fn file_detections(
         md5: report.md5.clone().unwrap_or_default(),
         sha1: report.sha1.clone().unwrap_or_default(),
     };
-    report
-        .matches
+    let subject = Subject::File(Stamp::of_report(report));
+    matches
         .iter()
         .map(|m| {
             detection(
+                ids.id(&subject, m),
                 m.clone(),
                 bundle_version,
                 detection::Target::File(target.clone()),
@@ -79,5 +199,56 @@ fn kind_of(k: MatchKind) -> DetectionKind {
         MatchKind::Filename => DetectionKind::Filename,
         MatchKind::Process => DetectionKind::Process,
         MatchKind::Connection => DetectionKind::Connection,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(name: &str) -> RuleMatch {
+        RuleMatch {
+            kind: MatchKind::Yara,
+            rule: name.into(),
+            source: "rules/x.yar".into(),
+            score: 75,
+            description: String::new(),
+            author: String::new(),
+            reference: String::new(),
+        }
+    }
+
+    #[test]
+    fn ids_are_stable_and_differ_by_agent_subject_and_rule() {
+        let stamp = Stamp {
+            dev: 1,
+            ino: 2,
+            size: 3,
+            mtime_ns: 4,
+            ctime_ns: 5,
+        };
+        let file = Subject::File(stamp);
+        let a = Ids::for_agent("a");
+        let id = a.id(&file, &rule("r"));
+        assert_eq!(id, a.id(&file, &rule("r")));
+        let parsed = uuid::Uuid::parse_str(&id).unwrap();
+        assert_eq!(parsed.get_version_num(), 8);
+        let touched = Subject::File(Stamp {
+            ctime_ns: 6,
+            ..stamp
+        });
+        let process = Subject::Process {
+            pid: 2,
+            start_ticks: 3,
+        };
+        let others = [
+            Ids::for_agent("b").id(&file, &rule("r")),
+            a.id(&file, &rule("s")),
+            a.id(&touched, &rule("r")),
+            a.id(&process, &rule("r")),
+        ];
+        for other in others {
+            assert_ne!(id, other);
+        }
     }
 }

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use vedette_engine::{FileScanner, RuleSet, ScanOptions};
 use vedette_proto::v1::Detection;
 
-use crate::detect::file_detections;
+use crate::detect::Incidents;
 use crate::detect::scan::scan_file;
 use crate::telemetry::{Counter, Counters};
 
@@ -35,15 +35,19 @@ struct Shared {
     rules: Arc<ArcSwap<RuleSet>>,
     options: ScanOptions,
     detections: mpsc::Sender<Detection>,
+    incidents: Incidents,
     counters: Arc<Counters>,
 }
 
 impl ScanPool {
+    /// `workers` threads that scan with the current `rules` and send what `incidents` says is
+    /// new to `detections`.
     pub fn start(
         workers: usize,
         rules: Arc<ArcSwap<RuleSet>>,
         options: ScanOptions,
         detections: mpsc::Sender<Detection>,
+        incidents: Incidents,
         counters: Arc<Counters>,
     ) -> std::io::Result<ScanPool> {
         let (tx, rx) = sync_channel::<PathBuf>(QUEUE_DEPTH);
@@ -52,6 +56,7 @@ impl ScanPool {
             rules,
             options,
             detections,
+            incidents,
             counters,
         });
         let mut handles = Vec::new();
@@ -101,10 +106,15 @@ fn worker(shared: &Shared) {
                 carried = Some(path);
                 break;
             }
+            if shared.incidents.unchanged(&path, &rules) {
+                // A rescan (after an overflow, say) of a file scanned with these rules.
+                shared.counters.inc(Counter::CacheHits);
+                continue;
+            }
             let Ok(report) = scan_file(&mut scanner, &path, &shared.counters) else {
                 continue;
             };
-            for d in file_detections(&path, &report, rules.bundle_version) {
+            for d in shared.incidents.file(&path, &report, &rules) {
                 shared.counters.inc(Counter::Detections);
                 if shared.detections.blocking_send(d).is_err() {
                     // The spool writer is gone: the agent is stopping.

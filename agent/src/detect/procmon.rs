@@ -14,8 +14,8 @@ use vedette_engine::{FileScanner, RuleMatch, RuleSet};
 use vedette_proto::v1::detection::Target;
 use vedette_proto::v1::{ConnectionTarget, Detection, ProcessTarget};
 
-use crate::detect::cache::{ScanCache, Stamp};
-use crate::detect::detection;
+use crate::detect::cache::{ScanCache, Stamp, rules_tag};
+use crate::detect::{Ids, Subject, detection};
 
 /// `/proc` clock ticks per second (USER_HZ, fixed at 100 for the `/proc` interface).
 const TICKS_PER_SEC: u64 = 100;
@@ -127,16 +127,18 @@ pub struct ProcessJudge {
     exe_cache: ScanCache,
     users: Users,
     boot: u64,
+    ids: Ids,
 }
 
 impl ProcessJudge {
-    pub fn new(rules: &RuleSet) -> ProcessJudge {
+    pub fn new(ids: Ids) -> ProcessJudge {
         ProcessJudge {
             seen: HashSet::new(),
             reported_conns: HashSet::new(),
-            exe_cache: ScanCache::new(rules.fingerprint()),
+            exe_cache: ScanCache::new(),
             users: Users::load(),
             boot: boot_time(),
+            ids,
         }
     }
 
@@ -181,9 +183,16 @@ impl ProcessJudge {
             start_time: (self.boot + p.start_ticks / TICKS_PER_SEC) as i64,
             exe_sha256,
         };
+        let subject = Subject::Process {
+            pid: p.pid,
+            start_ticks: p.start_ticks,
+        };
         matches
             .into_iter()
-            .map(|m| detection(m, rules.bundle_version, Target::Process(target.clone())))
+            .map(|m| {
+                let id = self.ids.id(&subject, &m);
+                detection(id, m, rules.bundle_version, Target::Process(target.clone()))
+            })
             .collect()
     }
 
@@ -192,14 +201,15 @@ impl ProcessJudge {
         let Ok(meta) = std::fs::metadata(exe) else {
             return (Vec::new(), String::new());
         };
-        let stamp = Stamp::of(&meta);
-        if let Some(hit) = self.exe_cache.get(&stamp) {
+        let tag = rules_tag(scanner.rules());
+        if let Some(hit) = self.exe_cache.get(&Stamp::of(&meta), tag) {
             return (hit.matches, hit.sha256);
         }
         match scanner.scan_path(exe) {
             Ok(r) => {
+                let stamp = Stamp::of_report(&r);
                 self.exe_cache
-                    .insert(stamp, r.matches.clone(), r.sha256.as_deref());
+                    .record(stamp, tag, &r.matches, r.sha256.as_deref());
                 (r.matches, r.sha256.unwrap_or_default())
             }
             Err(_) => (Vec::new(), String::new()),
@@ -234,6 +244,13 @@ impl ProcessJudge {
             let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
                 .map(|p| p.to_string_lossy().into_owned())
                 .unwrap_or_default();
+            let subject = Subject::Connection {
+                pid,
+                start_ticks: read(pid).map_or(0, |p| p.start_ticks),
+                remote: c.remote.0,
+                port: c.remote.1,
+            };
+            let id = self.ids.id(&subject, &m);
             let target = Target::Connection(ConnectionTarget {
                 pid,
                 exe,
@@ -243,7 +260,7 @@ impl ProcessJudge {
                 remote_addr: c.remote.0.to_string(),
                 remote_port: u32::from(c.remote.1),
             });
-            out.push(detection(m, rules.bundle_version, target));
+            out.push(detection(id, m, rules.bundle_version, target));
         }
         out
     }

@@ -65,7 +65,7 @@ impl ActiveRules {
         self.rescan.notify_one();
         if let Err(e) = write_atomic(&self.last_good, &b.encode_to_vec(), 0o600) {
             // Running it anyway: the collector pushes it again after a restart.
-            warn!(error = %format!("{e:#}"), "cannot save the bundle as last-good");
+            warn!(error = %e, "cannot save the bundle as last-good");
         }
         info!(version = b.version, name = %content.name, publisher = %content.publisher, files = content.files.len(), "rule bundle applied");
         BundleStatus {

@@ -83,7 +83,6 @@ pub(crate) fn rule_bundle(b: &crate::store::BundleRow) -> RuleBundle {
     }
 }
 
-/// Binds the listener; separate from [`serve`] so callers learn the bound address first.
 /// Runs the collector until SIGTERM or SIGINT, then drains; returns the exit status.
 pub fn run_until_signal(config: Config) -> std::process::ExitCode {
     use vedette_proto::cli::{exit, fail, wait_for_signal};
@@ -107,6 +106,7 @@ pub fn run_until_signal(config: Config) -> std::process::ExitCode {
     }
 }
 
+/// Binds the listener; separate from [`serve`] so callers learn the bound address first.
 pub async fn bind(config: &Config) -> anyhow::Result<TcpListener> {
     TcpListener::bind(config.listen)
         .await
@@ -121,6 +121,44 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let tls = tls::server_config(&config.ca_cert, &config.server_cert, &config.server_key)
         .context("cannot set up TLS")?;
+    let state = open_state(&config, shutdown.clone()).await?;
+    let local: SocketAddr = listener.local_addr()?;
+    info!(address = %local, database = %config.database.display(), "collector listening");
+
+    let (conn_tx, conn_rx) = mpsc::channel(64);
+    let accept_stop = shutdown.child_token();
+    let accept = tokio::spawn(tls::accept_loop(
+        listener,
+        Arc::new(tls),
+        conn_tx,
+        accept_stop.clone(),
+    ));
+    let agent_svc = AgentServiceServer::new(agent::AgentSvc::new(state.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let admin_svc = AdminServiceServer::new(admin::AdminSvc::new(state.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .add_service(agent_svc)
+        .add_service(admin_svc)
+        .serve_with_incoming_shutdown(
+            ReceiverStream::new(conn_rx),
+            shutdown.clone().cancelled_owned(),
+        );
+    let server = tokio::spawn(server);
+    shutdown.cancelled().await;
+    info!("shutting down: draining agent streams");
+    accept_stop.cancel();
+    drain(&state, server, config.shutdown_grace).await;
+    let _ = accept.await;
+    Ok(())
+}
+
+/// Opens the store and the CA and loads the latest bundle: everything handlers share.
+async fn open_state(config: &Config, shutdown: CancellationToken) -> anyhow::Result<Arc<State>> {
     let ca = Ca::load(&config.ca_cert, &config.ca_key).context("cannot load the CA")?;
     let store = {
         let path = config.database.clone();
@@ -140,7 +178,7 @@ pub async fn serve(
     if config.maintainer_keys.is_empty() && !config.insecure_allow_unsigned_bundles {
         warn!("no maintainer_keys configured: rule bundles cannot be published");
     }
-    let state = Arc::new(State {
+    Ok(Arc::new(State {
         maintainer_keys: config.maintainer_keys.clone(),
         allow_unsigned: config.insecure_allow_unsigned_bundles,
         bundle,
@@ -148,46 +186,21 @@ pub async fn serve(
         ca,
         token_ttl: config.token_ttl,
         streams: Mutex::new(HashMap::new()),
-        shutdown: shutdown.clone(),
+        shutdown,
         tasks: TaskTracker::new(),
-    });
-    let local: SocketAddr = listener.local_addr()?;
-    info!(address = %local, database = %config.database.display(), "collector listening");
+    }))
+}
 
-    let (conn_tx, conn_rx) = mpsc::channel(64);
-    let accept_stop = shutdown.child_token();
-    let accept = tokio::spawn(tls::accept_loop(
-        listener,
-        Arc::new(tls),
-        conn_tx,
-        accept_stop.clone(),
-    ));
-
-    let agent_svc = AgentServiceServer::new(agent::AgentSvc::new(state.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let admin_svc = AdminServiceServer::new(admin::AdminSvc::new(state.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
-
-    let server = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
-        .add_service(agent_svc)
-        .add_service(admin_svc)
-        .serve_with_incoming_shutdown(
-            ReceiverStream::new(conn_rx),
-            shutdown.clone().cancelled_owned(),
-        );
-
-    let server = tokio::spawn(server);
-    shutdown.cancelled().await;
-    info!("shutting down: draining agent streams");
-    accept_stop.cancel();
+/// Waits up to `grace` for stream tasks and the server to finish. Stream tasks see the
+/// shutdown token: each finishes the batch it is committing, acks it, and closes its stream;
+/// then the HTTP/2 connections close and the server future ends.
+async fn drain(
+    state: &State,
+    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    grace: std::time::Duration,
+) {
     state.tasks.close();
-    // Stream tasks see the same token: each finishes the batch it is committing, acks it, and
-    // closes its stream; then the HTTP/2 connections close and the server future ends.
-    let drained = tokio::time::timeout(config.shutdown_grace, async {
+    let drained = tokio::time::timeout(grace, async {
         state.tasks.wait().await;
         server.await
     })
@@ -196,10 +209,9 @@ pub async fn serve(
         Ok(Ok(Ok(()))) => info!("collector stopped"),
         Ok(Ok(Err(e))) => warn!(error = %e, "server ended with an error"),
         Ok(Err(e)) => warn!(error = %e, "server task failed"),
-        Err(_) => {
-            warn!(grace = ?config.shutdown_grace, "grace period elapsed; closing remaining connections")
-        }
+        Err(_) => warn!(
+            ?grace,
+            "grace period elapsed; closing remaining connections"
+        ),
     }
-    let _ = accept.await;
-    Ok(())
 }
