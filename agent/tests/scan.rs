@@ -368,6 +368,95 @@ fn processes_and_c2_connections_are_reported_with_their_pid() {
     assert_eq!(c2[0]["rule"], "127.0.0.2");
 }
 
+/// Waits until `/proc/PID/exe` of `pid` satisfies `ok`.
+fn wait_exe(pid: u32, ok: impl Fn(&str) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let link = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+        if ok(&link.to_string_lossy()) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "pid {pid} runs {link:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A binary deleted while it runs and one run from a memfd are reported as fileless; a running
+/// binary whose file on disk was replaced by a harmless one is still judged by what it runs.
+#[test]
+fn fileless_and_replaced_executables_are_judged_by_what_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gone = tmp.path().join("vedette-gone");
+    std::fs::copy("/bin/sleep", &gone).unwrap();
+    let mut deleted = Command::new(&gone).arg("313.41").spawn().unwrap();
+    std::fs::remove_file(&gone).unwrap();
+
+    let mut memfd = Command::new("python3")
+        .args([
+            "-c",
+            "import os\nfd = os.memfd_create('vedette-mem', 0)\n\
+             os.write(fd, open('/bin/sleep', 'rb').read())\n\
+             os.execv('/proc/self/fd/%d' % fd, ['sleep', '313.42'])",
+        ])
+        .spawn()
+        .unwrap();
+    wait_exe(memfd.id(), |l| l.starts_with("/memfd:vedette-mem"));
+
+    // A marked copy of sleep (bytes after the ELF image change its hash, not how it runs).
+    let swapped = tmp.path().join("vedette-swapped");
+    let mut image = std::fs::read("/bin/sleep").unwrap();
+    image.extend_from_slice(b"VEDETTE-SWAPPED");
+    write(&swapped, &image);
+    std::fs::set_permissions(
+        &swapped,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let hash = hex::encode(Sha256::digest(&image));
+    let mut replaced = Command::new(&swapped).arg("313.43").spawn().unwrap();
+    let harmless = tmp.path().join("harmless");
+    write(&harmless, b"#!/bin/sh\nexit 0\n");
+    std::fs::rename(&harmless, &swapped).unwrap();
+
+    let rules = tmp.path().join("rules");
+    write(
+        &rules.join("hash-iocs.txt"),
+        format!("{hash};marked sleep\n").as_bytes(),
+    );
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let out = scan(
+        &["--json", "--processes", "--rules", s(&rules), s(&empty)],
+        Duration::from_secs(120),
+    );
+    for c in [&mut deleted, &mut memfd, &mut replaced] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let found = json(&out);
+    let of_pid = |pid: u32, rule: &str| -> Vec<Value> {
+        found
+            .iter()
+            .filter(|d| d["pid"] == pid && d["rule"] == rule)
+            .cloned()
+            .collect()
+    };
+    let d = of_pid(deleted.id(), "vedette.fileless_exec");
+    assert_eq!(d.len(), 1, "{found:?}");
+    assert_eq!(d[0]["kind"], "process");
+    assert_eq!(d[0]["path"], format!("{} (deleted)", gone.display()));
+    let m = of_pid(memfd.id(), "vedette.fileless_exec");
+    assert_eq!(m.len(), 1, "{found:?}");
+    let path = m[0]["path"].as_str().unwrap();
+    assert!(path.starts_with("/memfd:vedette-mem"), "{path}");
+    let r = of_pid(replaced.id(), &hash);
+    assert_eq!(r.len(), 1, "{found:?}");
+    assert_eq!(r[0]["kind"], "hash");
+    // Renaming over it unlinked the image that runs: that too is a deleted executable.
+    assert_eq!(of_pid(replaced.id(), "vedette.fileless_exec").len(), 1);
+}
+
 fn signature_base() -> Option<PathBuf> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/signature-base");
     if p.is_dir() {

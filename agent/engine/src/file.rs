@@ -111,13 +111,23 @@ impl<'r> FileScanner<'r> {
 
     /// Opens, checks, reads and matches one file.
     pub fn scan_path(&mut self, path: &Path) -> Result<FileReport, SkipReason> {
-        let iocs = &self.rules.iocs;
+        let file = open_regular(path)?;
+        self.scan_open(file, path)
+    }
+
+    /// Reads and matches a file already open (through `/proc/PID/exe`, say, or an event's
+    /// descriptor): no path is opened, so nothing can be swapped in between. `name` is the
+    /// path that file-name indicators and YARA's external variables see.
+    pub fn scan_open(&mut self, file: File, name: &Path) -> Result<FileReport, SkipReason> {
+        let meta = file.metadata().map_err(SkipReason::Unreadable)?;
+        if !is_regular(&meta.file_type()) {
+            return Err(SkipReason::NotRegular);
+        }
+        let (path, iocs) = (name, &self.rules.iocs);
         let mut name_matches = Vec::new();
         if iocs.has_filenames() {
             iocs.match_path(&path.to_string_lossy(), &mut name_matches);
         }
-        let file = open_regular(path)?;
-        let meta = file.metadata().map_err(SkipReason::Unreadable)?;
         let mut report = FileReport {
             size: meta.len(),
             device: meta.dev(),
@@ -189,8 +199,9 @@ impl<'r> FileScanner<'r> {
     }
 }
 
-/// Opens `path` without following a final symlink and without blocking, then refuses anything
-/// that is not a regular file, judged on the open descriptor.
+/// Opens `path` without following a final symlink and without blocking (a FIFO opened this way
+/// does not wait for a writer); [`FileScanner::scan_open`] then refuses anything that is not a
+/// regular file, judged on the open descriptor.
 fn open_regular(path: &Path) -> Result<File, SkipReason> {
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -202,16 +213,11 @@ fn open_regular(path: &Path) -> Result<File, SkipReason> {
             Some(libc::ENXIO) => SkipReason::NotRegular,
             _ => SkipReason::Unreadable(e),
         })?;
-    let ft = file.metadata().map_err(SkipReason::Unreadable)?.file_type();
-    if !ft.is_file()
-        || ft.is_fifo()
-        || ft.is_socket()
-        || ft.is_block_device()
-        || ft.is_char_device()
-    {
-        return Err(SkipReason::NotRegular);
-    }
     Ok(file)
+}
+
+fn is_regular(ft: &std::fs::FileType) -> bool {
+    ft.is_file() && !(ft.is_fifo() || ft.is_socket() || ft.is_block_device() || ft.is_char_device())
 }
 
 /// Sets the legacy external variables for one file.

@@ -2,15 +2,19 @@
 //!
 //! A process is judged once per (pid, start time): its name and command line against the
 //! process indicators, its executable against every file rule (YARA, hashes, names; results
-//! cached by the executable's inode and times). Connections come from `/proc/net/{tcp,tcp6,udp,
+//! cached by the executable's inode and times). The executable is read through
+//! `/proc/PID/exe`, never by its path: a binary deleted or replaced on disk after it started is
+//! still the one scanned. A process whose executable is deleted or lives only in memory
+//! (`memfd:`) is itself reported, as `vedette.fileless_exec`. Connections come from `/proc/net/{tcp,tcp6,udp,
 //! udp6}`; a remote address listed as C2 is tied to its process through the socket inode found
 //! in `/proc/<pid>/fd`, and reported once per (pid, remote, indicator).
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use vedette_engine::{FileScanner, RuleMatch, RuleSet};
+use vedette_engine::{FileScanner, MatchKind, RuleMatch, RuleSet};
 use vedette_proto::v1::detection::Target;
 use vedette_proto::v1::{ConnectionTarget, Detection, ProcessTarget};
 
@@ -25,7 +29,11 @@ pub struct ProcInfo {
     pub pid: u32,
     pub ppid: u32,
     pub name: String,
+    /// The executable's path, without the kernel's " (deleted)" mark.
     pub exe: Option<PathBuf>,
+    /// The `/proc/PID/exe` link text ends in " (deleted)": the file is gone from disk (or was
+    /// never on it: `memfd:`).
+    pub exe_deleted: bool,
     pub cmdline: String,
     pub uid: u32,
     /// Start time in clock ticks after boot (identifies the process with its pid).
@@ -60,10 +68,14 @@ pub fn read(pid: u32) -> Option<ProcInfo> {
             String::from_utf8_lossy(b).replace('\0', " ")
         })
         .unwrap_or_default();
-    let exe = std::fs::read_link(base.join("exe")).ok().map(|p| {
-        let s = p.to_string_lossy();
-        match s.strip_suffix(" (deleted)") {
-            Some(t) => PathBuf::from(t),
+    let link = std::fs::read_link(base.join("exe")).ok();
+    let exe_deleted = link
+        .as_ref()
+        .is_some_and(|p| p.as_os_str().as_bytes().ends_with(DELETED));
+    let exe = link.map(|p| {
+        let raw = p.as_os_str().as_bytes();
+        match raw.strip_suffix(DELETED) {
+            Some(t) => PathBuf::from(std::ffi::OsStr::from_bytes(t)),
             None => p,
         }
     });
@@ -81,9 +93,38 @@ pub fn read(pid: u32) -> Option<ProcInfo> {
         ppid,
         name,
         exe,
+        exe_deleted,
         cmdline,
         uid,
         start_ticks,
+    })
+}
+
+/// How the kernel marks an executable link whose file is gone.
+const DELETED: &[u8] = b" (deleted)";
+
+/// The rule name of a process running an executable that is not on disk.
+pub const FILELESS_RULE: &str = "vedette.fileless_exec";
+
+/// The built-in finding for a process whose executable is deleted or in memory.
+fn fileless(p: &ProcInfo) -> Option<RuleMatch> {
+    if !p.exe_deleted {
+        return None;
+    }
+    let exe = p.exe.as_deref().unwrap_or(Path::new("")).to_string_lossy();
+    let what = if exe.starts_with("/memfd:") {
+        "runs from memory (memfd)"
+    } else {
+        "runs a deleted executable"
+    };
+    Some(RuleMatch {
+        kind: MatchKind::Process,
+        rule: FILELESS_RULE.into(),
+        source: "vedette".into(),
+        score: 70,
+        description: format!("process {} {what}: {exe} (deleted)", p.pid),
+        author: String::new(),
+        reference: String::new(),
     })
 }
 
@@ -163,9 +204,10 @@ impl ProcessJudge {
         rules
             .iocs()
             .match_process(&p.name, &p.cmdline, &mut matches);
+        matches.extend(fileless(p));
         let mut exe_sha256 = String::new();
         if let Some(exe) = &p.exe {
-            let (m, sha) = self.scan_exe(exe, scanner);
+            let (m, sha) = self.scan_exe(p.pid, exe, scanner);
             matches.extend(m);
             exe_sha256 = sha;
         }
@@ -176,7 +218,13 @@ impl ProcessJudge {
             exe: p
                 .exe
                 .as_ref()
-                .map(|e| e.to_string_lossy().into_owned())
+                .map(|e| {
+                    let mut text = e.to_string_lossy().into_owned();
+                    if p.exe_deleted {
+                        text.push_str(" (deleted)");
+                    }
+                    text
+                })
                 .unwrap_or_default(),
             cmdline: p.cmdline.clone(),
             user: self.users.name(p.uid),
@@ -196,16 +244,25 @@ impl ProcessJudge {
             .collect()
     }
 
-    /// Matches of the executable, from the cache when it is unchanged.
-    fn scan_exe(&self, exe: &Path, scanner: &mut FileScanner<'_>) -> (Vec<RuleMatch>, String) {
-        let Ok(meta) = std::fs::metadata(exe) else {
+    /// Matches of the executable the process runs (read through `/proc/PID/exe`; `exe` is the
+    /// name indicators see), from the cache when it is unchanged.
+    fn scan_exe(
+        &self,
+        pid: u32,
+        exe: &Path,
+        scanner: &mut FileScanner<'_>,
+    ) -> (Vec<RuleMatch>, String) {
+        let Ok(file) = std::fs::File::open(format!("/proc/{pid}/exe")) else {
+            return (Vec::new(), String::new());
+        };
+        let Ok(meta) = file.metadata() else {
             return (Vec::new(), String::new());
         };
         let tag = rules_tag(scanner.rules());
         if let Some(hit) = self.exe_cache.get(&Stamp::of(&meta), tag) {
             return (hit.matches, hit.sha256);
         }
-        match scanner.scan_path(exe) {
+        match scanner.scan_open(file, exe) {
             Ok(r) => {
                 let stamp = Stamp::of_report(&r);
                 self.exe_cache
