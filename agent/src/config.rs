@@ -41,6 +41,9 @@ pub struct RawConfig {
     /// Glob patterns of paths full scans skip (e.g. `/var/lib/docker/**`).
     #[serde(default)]
     pub exclude: Vec<String>,
+    /// Where file events come from: `auto` (fanotify when the agent may use it, else
+    /// inotify), `fanotify` (refuse to start without it) or `inotify`. Default `auto`.
+    pub event_source: Option<EventSource>,
     /// Watch processes (names, command lines, executables, C2 connections); default true.
     pub processes: Option<bool>,
     /// Interval between process polls, e.g. `1s`.
@@ -56,6 +59,16 @@ pub struct RawConfig {
     /// decides what this agent looks for.
     #[serde(default)]
     pub insecure_allow_unsigned_bundles: bool,
+}
+
+/// Where file events come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventSource {
+    #[default]
+    Auto,
+    Fanotify,
+    Inotify,
 }
 
 /// Checked settings.
@@ -75,6 +88,7 @@ pub struct Settings {
     pub scan_interval: Option<Duration>,
     pub max_cpu_percent: u32,
     pub exclude: Vec<String>,
+    pub event_source: EventSource,
     pub processes: bool,
     pub process_interval: Duration,
     pub spool_max_bytes: u64,
@@ -233,6 +247,7 @@ impl RawConfig {
             scan_interval: t.scan_interval,
             max_cpu_percent: self.max_cpu_percent.unwrap_or(50),
             exclude: self.exclude,
+            event_source: self.event_source.unwrap_or_default(),
             processes: self.processes.unwrap_or(true),
             process_interval: t.process_interval,
             spool_max_bytes: self.spool_max_bytes.unwrap_or(256 * 1024 * 1024),

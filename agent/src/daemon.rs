@@ -26,11 +26,13 @@ use vedette_engine::{FileScanner, ScanOptions};
 use vedette_proto::client::ClientTls;
 use vedette_proto::v1::{BundleStatus, Detection, RuleBundle};
 
+use crate::config::EventSource;
 use crate::config::Settings;
 use crate::deliver::shipper::{BundleLink, ShipConfig, Shipper};
 use crate::deliver::spool::Spool;
 use crate::deliver::writer::{Spooled, write_spool};
 use crate::detect::cache::ScanCache;
+use crate::detect::fanotify::{FanTarget, FanWatch};
 use crate::detect::full_scan::{FullScans, ScanPlan};
 use crate::detect::pool::ScanPool;
 use crate::detect::procmon::ProcessJudge;
@@ -87,13 +89,14 @@ pub async fn run(
         one_file_system: true,
         excludes: exclusions(&settings.exclude)?,
     };
-    let target = WatchTarget {
-        queue: pool.sender(),
-        rules: walk.clone(),
-        counters: counters.clone(),
-        stop: shutdown.clone(),
-    };
-    let watch = FileWatch::start(&watch_roots, target)?;
+    let events = Events::start(
+        &settings,
+        &watch_roots,
+        &pool,
+        walk.clone(),
+        &counters,
+        &shutdown,
+    )?;
     let (shipper, applier) =
         start_delivery(&settings, creds, &rules, &spooled, &counters, &shutdown);
     let background = Background {
@@ -110,7 +113,7 @@ pub async fn run(
     shutdown.cancelled().await;
     info!("stopping");
     let running = Running {
-        watch,
+        events,
         threads,
         pool,
         writer,
@@ -155,9 +158,65 @@ fn start_delivery(
     (shipper, applier)
 }
 
+/// The source of file events.
+enum Events {
+    Fanotify(FanWatch),
+    Inotify(FileWatch),
+}
+
+impl Events {
+    /// fanotify when configured so or (`auto`) when the agent may use it; else inotify. Says
+    /// once which, and why.
+    fn start(
+        settings: &Settings,
+        roots: &[PathBuf],
+        pool: &ScanPool,
+        walk: WalkRules,
+        counters: &Arc<Counters>,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<Events> {
+        let wanted = settings.event_source;
+        if wanted == EventSource::Inotify {
+            info!("file events from inotify (event_source = \"inotify\")");
+        } else if !roots.is_empty() {
+            let target = FanTarget {
+                queue: pool.sender(),
+                rules: walk.clone(),
+                counters: counters.clone(),
+                stop: stop.clone(),
+                execs: settings.processes,
+            };
+            match FanWatch::start(roots, target) {
+                Ok(w) => {
+                    info!(execs = settings.processes, "file events from fanotify");
+                    return Ok(Events::Fanotify(w));
+                }
+                Err(e) if wanted == EventSource::Auto => {
+                    warn!(reason = %e, "fanotify unavailable; file events from inotify");
+                }
+                Err(e) => anyhow::bail!("event_source = \"fanotify\": {e}"),
+            }
+        }
+        let target = WatchTarget {
+            queue: pool.sender(),
+            rules: walk,
+            counters: counters.clone(),
+            stop: stop.clone(),
+        };
+        Ok(Events::Inotify(FileWatch::start(roots, target)?))
+    }
+
+    fn stop(self) {
+        match self {
+            Events::Fanotify(w) => w.stop(),
+            Events::Inotify(w) => w.stop(),
+        }
+    }
+}
+
 /// The stages a running agent stops, in pipeline order.
 struct Running {
-    watch: FileWatch,
+    events: Events,
     threads: Vec<JoinHandle<()>>,
     pool: ScanPool,
     writer: JoinHandle<()>,
@@ -168,7 +227,7 @@ struct Running {
 impl Running {
     /// Called once the shutdown token fired.
     async fn drain(self, spooled: &Spooled, counters: &Counters) {
-        self.watch.stop();
+        self.events.stop();
         // The threads return, the workers finish what is queued, and their detections still
         // reach the spool before the writer ends.
         let (threads, pool, writer) = (self.threads, self.pool, self.writer);

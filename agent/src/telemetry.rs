@@ -52,6 +52,8 @@ counters! {
     WalkErrors = "walk_errors",
     /// File-system events received from the kernel.
     FsEvents = "fs_events",
+    /// Executions reported by fanotify.
+    ExecEvents = "exec_events",
     /// Kernel event queue overflows (each one triggers a rescan).
     WatchOverflows = "watch_overflows",
     /// Errors reported by the watcher.

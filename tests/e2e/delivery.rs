@@ -40,7 +40,7 @@ fn setup(extra: &str) -> Setup {
         &config,
         format!(
             "watch = [{:?}]\nrules = [{:?}]\nheartbeat = \"1s\"\nbackoff_max = \"1s\"\n\
-             processes = false\n{extra}\n",
+             processes = false\nscan_on_start = false\nscan_interval = \"0s\"\n{extra}\n",
             watch.to_str().unwrap(),
             rules.to_str().unwrap()
         ),
@@ -381,12 +381,11 @@ fn publish_and_wait(s: &Setup, dir: &Path, version: u64) {
 #[test]
 fn each_incident_is_stored_once_across_kills_restarts_rescans_and_bundles() {
     let mut s = setup("");
-    let scan = format!(
-        "scan_paths = [{:?}]\nscan_on_start = true\nscan_interval = \"0s\"\n",
-        s.watch.to_str().unwrap()
-    );
+    // Full scans of the watched directory (the default `scan_paths`) at every start.
     let base = std::fs::read_to_string(&s.config).unwrap();
-    std::fs::write(&s.config, base + &scan).unwrap();
+    let config = base.replace("scan_on_start = false", "scan_on_start = true");
+    assert_ne!(config, base);
+    std::fs::write(&s.config, config).unwrap();
 
     // 50 files detected in real time while the collector is down, then a kill -9 with all 50
     // pending (and the result cache most likely not saved yet).

@@ -5,4 +5,5 @@ mod backbone;
 mod bundles;
 mod delivery;
 mod engine;
+mod onaccess;
 mod output;

@@ -322,9 +322,21 @@ impl Agent {
 
     /// Starts `vedette-agent run` without waiting for anything (the collector may be down).
     pub fn start(&mut self, args: &[&str]) {
+        self.start_wrapped(&[], args);
+    }
+
+    /// [`start`](Self::start) through a wrapper command (`setpriv ...`), when not empty.
+    pub fn start_wrapped(&mut self, wrapper: &[&str], args: &[&str]) {
         self.runs += 1;
         let log = self.state.join(format!("agent-{}.log", self.runs));
-        let mut cmd = Command::new(bin("vedette-agent"));
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin("vedette-agent"));
+                c
+            }
+            None => Command::new(bin("vedette-agent")),
+        };
         cmd.arg("run")
             .arg("--state-dir")
             .arg(&self.state)

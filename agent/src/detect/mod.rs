@@ -11,6 +11,7 @@
 //! walked by [`walk`] with the same rules (excludes, one file system, no symlinks).
 
 pub(crate) mod cache;
+pub(crate) mod fanotify;
 pub(crate) mod full_scan;
 pub(crate) mod pool;
 pub(crate) mod procmon;

@@ -1,11 +1,12 @@
 //! The scan pool: a fixed number of worker threads, each with its own scanner over the current
-//! shared rule set, fed with paths through one bounded queue (by the watcher).
+//! shared rule set, fed with [`Job`]s through one bounded queue (by the watcher or fanotify).
 //!
 //! Invariants: scanning never runs on the async runtime; a full queue blocks the producer, and a
 //! full detection channel blocks the workers, so a burst slows the agent down instead of growing
 //! its memory. A scan that started on one rule set finishes on it; the next file picks up a
 //! swapped-in set.
 
+use std::fs::File;
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
@@ -17,26 +18,42 @@ use vedette_engine::{FileScanner, RuleSet, ScanOptions};
 use vedette_proto::v1::Detection;
 
 use crate::detect::Incidents;
-use crate::detect::scan::scan_file;
+use crate::detect::cache::{ScanCache, Stamp, rules_tag};
+use crate::detect::procmon::{Users, exec_detections};
+use crate::detect::scan::{scan_file, scan_open_file};
 use crate::telemetry::{Counter, Counters};
 
 /// Files waiting for a worker.
 const QUEUE_DEPTH: usize = 1024;
 
-/// Handle to the pool: send paths, then [`ScanPool::join`] to stop.
+/// One piece of work.
+pub enum Job {
+    /// A file to open and scan (inotify, rescans).
+    Path(PathBuf),
+    /// A file closed after writing, open (fanotify); read through the descriptor.
+    Written { file: File, path: PathBuf },
+    /// An executable opened for execution by `pid` (fanotify).
+    Exec { file: File, path: PathBuf, pid: u32 },
+}
+
+/// Handle to the pool: send jobs, then [`ScanPool::join`] to stop.
 pub struct ScanPool {
-    tx: SyncSender<PathBuf>,
+    tx: SyncSender<Job>,
     workers: Vec<JoinHandle<()>>,
 }
 
 /// What every worker shares.
 struct Shared {
-    rx: Mutex<Receiver<PathBuf>>,
+    rx: Mutex<Receiver<Job>>,
     rules: Arc<ArcSwap<RuleSet>>,
     options: ScanOptions,
     detections: mpsc::Sender<Detection>,
     incidents: Incidents,
     counters: Arc<Counters>,
+    /// Results for executables (kept apart: an exec is reported as a process, and must not
+    /// hide the file's own detection).
+    exec_cache: ScanCache,
+    users: Users,
 }
 
 impl ScanPool {
@@ -50,7 +67,7 @@ impl ScanPool {
         incidents: Incidents,
         counters: Arc<Counters>,
     ) -> std::io::Result<ScanPool> {
-        let (tx, rx) = sync_channel::<PathBuf>(QUEUE_DEPTH);
+        let (tx, rx) = sync_channel::<Job>(QUEUE_DEPTH);
         let shared = Arc::new(Shared {
             rx: Mutex::new(rx),
             rules,
@@ -58,6 +75,8 @@ impl ScanPool {
             detections,
             incidents,
             counters,
+            exec_cache: ScanCache::new(),
+            users: Users::load(),
         });
         let mut handles = Vec::new();
         for i in 0..workers.max(1) {
@@ -75,7 +94,7 @@ impl ScanPool {
     }
 
     /// A sender for producers; `send` blocks while the queue is full.
-    pub fn sender(&self) -> SyncSender<PathBuf> {
+    pub fn sender(&self) -> SyncSender<Job> {
         self.tx.clone()
     }
 
@@ -88,38 +107,81 @@ impl ScanPool {
     }
 }
 
-fn next_job(rx: &Mutex<Receiver<PathBuf>>) -> Option<PathBuf> {
+fn next_job(rx: &Mutex<Receiver<Job>>) -> Option<Job> {
     rx.lock().unwrap_or_else(|p| p.into_inner()).recv().ok()
 }
 
 fn worker(shared: &Shared) {
-    let mut carried: Option<PathBuf> = None;
+    let mut carried: Option<Job> = None;
     loop {
         let rules = shared.rules.load_full();
         let mut scanner = FileScanner::new(&rules, shared.options);
         loop {
-            let Some(path) = carried.take().or_else(|| next_job(&shared.rx)) else {
+            let Some(job) = carried.take().or_else(|| next_job(&shared.rx)) else {
                 return;
             };
             if !Arc::ptr_eq(&shared.rules.load(), &rules) {
-                // New rules arrived: rebuild the scanner, then scan this file with them.
-                carried = Some(path);
+                // New rules arrived: rebuild the scanner, then do this job with them.
+                carried = Some(job);
                 break;
             }
-            if shared.incidents.unchanged(&path, &rules) {
-                // A rescan (after an overflow, say) of a file scanned with these rules.
-                shared.counters.inc(Counter::CacheHits);
-                continue;
-            }
-            let Ok(report) = scan_file(&mut scanner, &path, &shared.counters) else {
-                continue;
-            };
-            for d in shared.incidents.file(&path, &report, &rules) {
+            for d in shared.judge(job, &mut scanner, &rules) {
                 shared.counters.inc(Counter::Detections);
                 if shared.detections.blocking_send(d).is_err() {
                     // The spool writer is gone: the agent is stopping.
                     return;
                 }
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// The detections one job makes.
+    fn judge(&self, job: Job, scanner: &mut FileScanner<'_>, rules: &RuleSet) -> Vec<Detection> {
+        let counters = &self.counters;
+        match job {
+            Job::Path(path) => {
+                if self.incidents.unchanged(&path, rules) {
+                    // A rescan (after an overflow, say) of a file scanned with these rules.
+                    counters.inc(Counter::CacheHits);
+                    return Vec::new();
+                }
+                match scan_file(scanner, &path, counters) {
+                    Ok(report) => self.incidents.file(&path, &report, rules),
+                    Err(_) => Vec::new(),
+                }
+            }
+            Job::Written { file, path } => match scan_open_file(scanner, file, &path, counters) {
+                Ok(report) => self.incidents.file(&path, &report, rules),
+                Err(_) => Vec::new(),
+            },
+            Job::Exec { file, path, pid } => {
+                let Ok(meta) = file.metadata() else {
+                    return Vec::new();
+                };
+                let tag = rules_tag(rules);
+                let (matches, sha256) = match self.exec_cache.get(&Stamp::of(&meta), tag) {
+                    Some(hit) => (hit.matches, hit.sha256),
+                    None => match scan_open_file(scanner, file, &path, counters) {
+                        Ok(r) => {
+                            let stamp = Stamp::of_report(&r);
+                            self.exec_cache
+                                .record(stamp, tag, &r.matches, r.sha256.as_deref());
+                            (r.matches, r.sha256.unwrap_or_default())
+                        }
+                        Err(_) => return Vec::new(),
+                    },
+                };
+                if matches.is_empty() {
+                    return Vec::new();
+                }
+                let exec = crate::detect::procmon::Exec {
+                    pid,
+                    path: &path,
+                    sha256,
+                };
+                exec_detections(&self.incidents.ids, &self.users, &exec, matches, rules)
             }
         }
     }

@@ -139,6 +139,53 @@ fn boot_time() -> u64 {
         .unwrap_or(0)
 }
 
+/// An execution fanotify reported: who, what, and the executable's digest.
+pub(crate) struct Exec<'a> {
+    pub pid: u32,
+    pub path: &'a Path,
+    pub sha256: String,
+}
+
+/// Detections for an execution whose executable matched: one per match, on the process, with
+/// what `/proc` still tells of it (a process that already exited keeps its pid and executable).
+pub(crate) fn exec_detections(
+    ids: &Ids,
+    users: &Users,
+    exec: &Exec<'_>,
+    matches: Vec<RuleMatch>,
+    rules: &RuleSet,
+) -> Vec<Detection> {
+    let info = read(exec.pid);
+    let name = exec
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let target = ProcessTarget {
+        pid: exec.pid,
+        ppid: info.as_ref().map_or(0, |p| p.ppid),
+        name: info.as_ref().map_or(name, |p| p.name.clone()),
+        exe: exec.path.to_string_lossy().into_owned(),
+        cmdline: info.as_ref().map(|p| p.cmdline.clone()).unwrap_or_default(),
+        user: info.as_ref().map(|p| users.name(p.uid)).unwrap_or_default(),
+        start_time: info
+            .as_ref()
+            .map_or(0, |p| (boot_time() + p.start_ticks / TICKS_PER_SEC) as i64),
+        exe_sha256: exec.sha256.clone(),
+    };
+    let subject = Subject::Process {
+        pid: exec.pid,
+        start_ticks: info.as_ref().map_or(0, |p| p.start_ticks),
+    };
+    matches
+        .into_iter()
+        .map(|m| {
+            let id = ids.id(&subject, &m);
+            detection(id, m, rules.bundle_version, Target::Process(target.clone()))
+        })
+        .collect()
+}
+
 /// uid → user name from /etc/passwd (numeric when unknown).
 pub struct Users(HashMap<u32, String>);
 

@@ -14,7 +14,25 @@ pub(crate) fn scan_file(
     path: &Path,
     counters: &Counters,
 ) -> Result<FileReport, SkipReason> {
-    match scanner.scan_path(path) {
+    account(scanner.scan_path(path), path, counters)
+}
+
+/// [`scan_file`] for a file already open (an event's descriptor); `path` names it.
+pub(crate) fn scan_open_file(
+    scanner: &mut FileScanner<'_>,
+    file: std::fs::File,
+    path: &Path,
+    counters: &Counters,
+) -> Result<FileReport, SkipReason> {
+    account(scanner.scan_open(file, path), path, counters)
+}
+
+fn account(
+    result: Result<FileReport, SkipReason>,
+    path: &Path,
+    counters: &Counters,
+) -> Result<FileReport, SkipReason> {
+    match result {
         Ok(report) => {
             counters.inc(Counter::FilesScanned);
             Ok(report)

@@ -19,6 +19,7 @@ use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::detect::pool::Job;
 use crate::detect::walk::{WalkRules, each_file};
 use crate::telemetry::{Counter, Counters};
 
@@ -36,7 +37,7 @@ pub struct FileWatch {
 
 /// Where the watcher sends work, and what it skips.
 pub struct WatchTarget {
-    pub queue: SyncSender<PathBuf>,
+    pub queue: SyncSender<Job>,
     pub rules: WalkRules,
     pub counters: Arc<Counters>,
     /// Ends a rescan in progress at shutdown.
@@ -227,7 +228,7 @@ impl Debouncer {
                 // A directory moved into a watched tree: its files are new to us.
                 self.walk_into(&p)
             } else {
-                self.target.queue.send(p).is_ok()
+                self.target.queue.send(Job::Path(p)).is_ok()
             };
             if !open {
                 return false;
@@ -246,7 +247,7 @@ impl Debouncer {
             &t.counters,
             &t.stop,
             |found| {
-                open = t.queue.send(found.path).is_ok();
+                open = t.queue.send(Job::Path(found.path)).is_ok();
                 open
             },
         );
@@ -260,7 +261,17 @@ mod tests {
 
     use super::*;
 
-    fn debouncer(roots: &[PathBuf], excludes: &[String]) -> (Debouncer, Receiver<PathBuf>) {
+    /// The paths queued so far.
+    fn paths(rx: &Receiver<Job>) -> Vec<PathBuf> {
+        rx.try_iter()
+            .map(|j| match j {
+                Job::Path(p) => p,
+                _ => panic!("the watcher queues paths only"),
+            })
+            .collect()
+    }
+
+    fn debouncer(roots: &[PathBuf], excludes: &[String]) -> (Debouncer, Receiver<Job>) {
         let (queue, rx) = sync_channel(64);
         let target = WatchTarget {
             queue,
@@ -302,7 +313,7 @@ mod tests {
         assert!(d.handle(event(renamed, &[&a, &c])));
         let start = Instant::now();
         assert!(d.flush(start));
-        let mut now: Vec<PathBuf> = rx.try_iter().collect();
+        let mut now = paths(&rx);
         now.sort();
         assert_eq!(
             now,
@@ -310,7 +321,7 @@ mod tests {
             "closed and renamed-in go at once"
         );
         assert!(d.flush(start + DEBOUNCE + Duration::from_millis(1)));
-        let later: Vec<PathBuf> = rx.try_iter().collect();
+        let later = paths(&rx);
         assert_eq!(
             later,
             vec![a.clone()],
@@ -329,7 +340,7 @@ mod tests {
         let (mut d, rx) = debouncer(&[tmp.path().to_owned()], &[excl]);
         let overflow = Event::new(EventKind::Other).set_flag(Flag::Rescan);
         assert!(d.handle(Ok(overflow)));
-        let queued: Vec<PathBuf> = rx.try_iter().collect();
+        let queued = paths(&rx);
         assert_eq!(queued, vec![tmp.path().join("x/one")]);
         assert_eq!(d.target.counters.get(Counter::WatchOverflows), 1);
         drop(rx);

@@ -1,0 +1,235 @@
+//! On-access events: fanotify on a tmpfs each test mounts itself (so a fault cannot stall the
+//! host's own file systems), every exec of an indicator binary reported with its pid, and the
+//! fallback to inotify without CAP_SYS_ADMIN. These tests need root (to mount and to use
+//! fanotify); elsewhere they say so and skip.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+use vedette_tests::{Agent, Collector, rule_dir, wait_for};
+
+const RULE: &str = "onaccess_marker";
+const MARKER: &str = "VEDETTE-ONACCESS-MARKER";
+
+/// A tmpfs mounted for one test, unmounted on drop.
+struct Tmpfs {
+    path: PathBuf,
+}
+
+impl Tmpfs {
+    /// None (with a message) where this process may not mount.
+    fn mount(path: &Path) -> Option<Tmpfs> {
+        std::fs::create_dir_all(path).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64m,mode=0755", "vedette-test"])
+            .arg(path)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(Tmpfs {
+                path: path.to_owned(),
+            }),
+            Ok(o) => {
+                eprintln!(
+                    "skipped: cannot mount a tmpfs (these tests run as root): {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("skipped: cannot run mount(8): {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+struct Setup {
+    c: Collector,
+    agent: Agent,
+    fs: Tmpfs,
+    config: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+/// A collector, an enrolled agent, a tmpfs to watch and a config with the marker rule and a
+/// hash list holding `hashes`; `extra` is appended to the config.
+fn setup(hashes: &[String], extra: &str) -> Option<Setup> {
+    let tmp = tempfile::tempdir().unwrap();
+    let fs = Tmpfs::mount(&tmp.path().join("fs"))?;
+    let mut c = Collector::init(&tmp.path().join("collector"));
+    c.start();
+    let agent = Agent::enroll(&c, &tmp.path().join("agent"));
+    let rules = rule_dir(&tmp.path().join("rules"), RULE, MARKER);
+    let list: String = hashes
+        .iter()
+        .map(|h| format!("{h};test binary\n"))
+        .collect();
+    std::fs::write(rules.join("hash-iocs.txt"), list).unwrap();
+    let config = tmp.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "watch = [{:?}]\nrules = [{:?}]\nheartbeat = \"1s\"\nscan_on_start = false\n\
+             scan_interval = \"0s\"\nprocess_interval = \"1h\"\n{extra}\n",
+            fs.path.to_str().unwrap(),
+            rules.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    Some(Setup {
+        c,
+        agent,
+        fs,
+        config,
+        _tmp: tmp,
+    })
+}
+
+impl Setup {
+    fn run(&mut self, wrapper: &[&str]) {
+        let config = self.config.to_str().unwrap().to_string();
+        self.agent
+            .start_wrapped(wrapper, &["--config", config.as_str()]);
+        let (id, c) = (self.agent.id.clone(), &self.c);
+        wait_for(Duration::from_secs(30), "the agent to connect", || {
+            c.agents()
+                .iter()
+                .any(|a| a["id"] == id.as_str() && a["connected"] == true)
+                .then_some(())
+        });
+    }
+
+    fn log(&self) -> String {
+        self.agent
+            .proc
+            .as_ref()
+            .map(|p| p.log_text())
+            .unwrap_or_default()
+    }
+
+    /// Writes `n` marker files and waits until each is stored once.
+    fn write_and_detect(&self, n: usize) {
+        for i in 0..n {
+            std::fs::write(
+                self.fs.path.join(format!("m{i:03}")),
+                format!("{MARKER} {i}\n"),
+            )
+            .unwrap();
+        }
+        let stored = wait_for(
+            Duration::from_secs(30),
+            &format!("{n} marker files stored"),
+            || {
+                let d: Vec<Value> = self
+                    .c
+                    .detections()
+                    .into_iter()
+                    .filter(|d| d["rule"] == RULE)
+                    .collect();
+                (d.len() >= n).then_some(d)
+            },
+        );
+        let names: BTreeSet<&str> = stored.iter().filter_map(|d| d["path"].as_str()).collect();
+        assert_eq!(names.len(), n, "each file once: {stored:?}");
+        assert_eq!(stored.len(), n, "each file once: {stored:?}");
+    }
+}
+
+/// A copy of `/bin/true` with bytes after its image: it runs the same, with a hash of its own.
+fn ioc_binary(dir: &Path) -> (PathBuf, String) {
+    let path = dir.join("vedette-ioc-true");
+    let mut image = std::fs::read("/bin/true").unwrap();
+    image.extend_from_slice(b"VEDETTE-IOC-BINARY");
+    std::fs::write(&path, &image).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = Command::new("sha256sum").arg(&path).output().unwrap();
+    let hash = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    (path, hash)
+}
+
+#[test]
+fn fanotify_sees_written_files_and_every_exec_of_an_indicator_binary_with_its_pid() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (bin_src, hash) = ioc_binary(tmp.path());
+    let Some(mut s) = setup(std::slice::from_ref(&hash), "event_source = \"fanotify\"") else {
+        return;
+    };
+    s.run(&[]);
+    assert!(s.log().contains("file events from fanotify"), "{}", s.log());
+    s.write_and_detect(20);
+
+    // The binary lives on the marked file system; 1,000 short-lived runs.
+    let exe = s.fs.path.join("vedette-ioc-true");
+    std::fs::copy(&bin_src, &exe).unwrap();
+    let mut pids = BTreeSet::new();
+    for _ in 0..1000 {
+        let mut child = Command::new(&exe).spawn().unwrap();
+        pids.insert(child.id());
+        assert!(child.wait().unwrap().success());
+    }
+    // Execs are reported on the process (with a pid); the copy written above, as a file.
+    let (stored, files) = wait_for(Duration::from_secs(120), "1,000 exec detections", || {
+        let (execs, files): (Vec<Value>, Vec<Value>) =
+            s.c.detections()
+                .into_iter()
+                .filter(|d| d["rule"] == hash.as_str())
+                .partition(|d| d["pid"].is_u64());
+        (execs.len() >= 1000).then_some((execs, files))
+    });
+    assert_eq!(files.len(), 1, "{files:?}");
+    let seen: BTreeSet<u32> = stored
+        .iter()
+        .filter_map(|d| d["pid"].as_u64().map(|p| p as u32))
+        .collect();
+    assert_eq!(stored.len(), 1000);
+    assert_eq!(seen, pids, "every exec reported once, with its own pid");
+    for d in &stored {
+        assert_eq!(d["kind"], "hash", "{d}");
+        assert_eq!(d["path"], exe.to_str().unwrap(), "{d}");
+    }
+}
+
+#[test]
+fn without_cap_sys_admin_the_agent_falls_back_to_inotify_and_says_so() {
+    let Some(mut s) = setup(&[], "") else {
+        return;
+    };
+    // Root without CAP_SYS_ADMIN: fanotify_init is refused.
+    s.run(&[
+        "setpriv",
+        "--bounding-set",
+        "-sys_admin",
+        "--inh-caps",
+        "-sys_admin",
+        "--",
+    ]);
+    let log = s.log();
+    assert!(log.contains("fanotify unavailable"), "{log}");
+    assert!(log.contains("file events from inotify"), "{log}");
+    s.write_and_detect(20);
+}
+
+#[test]
+fn inotify_can_be_chosen() {
+    let Some(mut s) = setup(&[], "event_source = \"inotify\"") else {
+        return;
+    };
+    s.run(&[]);
+    let log = s.log();
+    assert!(log.contains("event_source = \"inotify\""), "{log}");
+    assert!(!log.contains("fanotify"), "{log}");
+    s.write_and_detect(20);
+}
