@@ -48,6 +48,8 @@ pub struct RawConfig {
     pub processes: Option<bool>,
     /// Interval between process polls, e.g. `1s`.
     pub process_interval: Option<String>,
+    /// Also match YARA rules against each new process's readable private memory; default false.
+    pub memory_scan: Option<bool>,
     /// Most bytes of undelivered detections kept on disk; past it the oldest are dropped and
     /// counted. Default 256 MiB, at least 65536.
     pub spool_max_bytes: Option<u64>,
@@ -91,6 +93,7 @@ pub struct Settings {
     pub event_source: EventSource,
     pub processes: bool,
     pub process_interval: Duration,
+    pub memory_scan: bool,
     pub spool_max_bytes: u64,
     pub maintainer_keys: Vec<PathBuf>,
     pub insecure_allow_unsigned_bundles: bool,
@@ -250,6 +253,7 @@ impl RawConfig {
             event_source: self.event_source.unwrap_or_default(),
             processes: self.processes.unwrap_or(true),
             process_interval: t.process_interval,
+            memory_scan: self.memory_scan.unwrap_or(false),
             spool_max_bytes: self.spool_max_bytes.unwrap_or(256 * 1024 * 1024),
             maintainer_keys: self.maintainer_keys,
             insecure_allow_unsigned_bundles: self.insecure_allow_unsigned_bundles,

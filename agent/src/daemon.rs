@@ -34,6 +34,7 @@ use crate::deliver::writer::{Spooled, write_spool};
 use crate::detect::cache::ScanCache;
 use crate::detect::fanotify::{FanTarget, FanWatch};
 use crate::detect::full_scan::{FullScans, ScanPlan};
+use crate::detect::memory::MemoryLimits;
 use crate::detect::pool::ScanPool;
 use crate::detect::procmon::ProcessJudge;
 use crate::detect::walk::{WalkRules, exclusions};
@@ -381,11 +382,15 @@ impl Background {
             );
         }
         if settings.processes {
-            let (b, interval) = (this.clone(), settings.process_interval);
+            let (b, interval, memory) = (
+                this.clone(),
+                settings.process_interval,
+                settings.memory_scan,
+            );
             threads.push(
                 std::thread::Builder::new()
                     .name("procmon".into())
-                    .spawn(move || b.watch_processes(interval, options))?,
+                    .spawn(move || b.watch_processes(interval, memory, options))?,
             );
         }
         this.rt
@@ -420,10 +425,13 @@ impl Background {
     }
 
     /// Polls processes and connections; each process is judged once per rule set.
-    fn watch_processes(&self, interval: Duration, options: ScanOptions) {
+    fn watch_processes(&self, interval: Duration, memory: bool, options: ScanOptions) {
         loop {
             let current = self.rules.current.load_full();
             let mut judge = ProcessJudge::new(self.incidents.ids.clone());
+            if memory {
+                judge = judge.with_memory(MemoryLimits::default());
+            }
             let mut scanner = FileScanner::new(&current, options);
             loop {
                 let mut found = judge.new_processes(&mut scanner);

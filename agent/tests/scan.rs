@@ -457,6 +457,64 @@ fn fileless_and_replaced_executables_are_judged_by_what_runs() {
     assert_eq!(of_pid(replaced.id(), "vedette.fileless_exec").len(), 1);
 }
 
+/// A marker that exists only in a process's heap (built at run time from pieces, so neither its
+/// command line nor any file holds it) is found by `--processes --memory`, with the pid, and
+/// not without `--memory`.
+#[test]
+fn a_marker_held_only_in_a_process_heap_is_found_by_the_memory_scan() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ready = tmp.path().join("ready");
+    let mut holder = Command::new("python3")
+        .args([
+            "-c",
+            "import sys, time\nparts = ['VEDETTE', 'HEAP', 'ONLY', 'MARKER']\n\
+             held = bytearray('-'.join(parts).encode() * 4)\n\
+             open(sys.argv[1], 'w').close()\ntime.sleep(120)",
+        ])
+        .arg(&ready)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "the holder never became ready");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let rules = tmp.path().join("rules");
+    // The rule holds the marker in two halves joined by a one-byte wildcard, so that the rule
+    // text itself (in this test's memory and the scanner's) does not match.
+    write(
+        &rules.join("heap.yar"),
+        b"rule heap_marker { meta: description = \"marker in memory\" strings: $m = { 56 45 44 45 54 54 45 2D 48 45 41 50 ?? 4F 4E 4C 59 2D 4D 41 52 4B 45 52 } condition: $m }",
+    );
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let run = |memory: bool| {
+        let mut args = vec!["--json", "--processes"];
+        if memory {
+            args.push("--memory");
+        }
+        args.extend(["--rules", s(&rules), s(&empty)]);
+        json(&scan(&args, Duration::from_secs(120)))
+    };
+    let without = run(false);
+    let with = run(true);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let of_holder = |found: &[Value]| -> Vec<Value> {
+        found
+            .iter()
+            .filter(|d| d["pid"] == holder.id() && d["rule"] == "heap_marker")
+            .cloned()
+            .collect()
+    };
+    assert!(of_holder(&without).is_empty(), "{without:?}");
+    let hits = of_holder(&with);
+    assert_eq!(hits.len(), 1, "{with:?}");
+    assert_eq!(hits[0]["kind"], "process");
+    let desc = hits[0]["description"].as_str().unwrap();
+    assert!(desc.contains("in memory region"), "{desc}");
+}
+
 fn signature_base() -> Option<PathBuf> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/signature-base");
     if p.is_dir() {

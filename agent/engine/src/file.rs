@@ -109,6 +109,29 @@ impl<'r> FileScanner<'r> {
         self.rules
     }
 
+    /// The YARA rules that match `data` (process memory, say: no file, so no digests and no
+    /// names). A rule matches as [`MatchKind::Process`](crate::MatchKind::Process).
+    pub fn scan_bytes(&mut self, data: &[u8]) -> Result<Vec<RuleMatch>, SkipReason> {
+        let Some(scanner) = self.yara.as_mut() else {
+            return Ok(Vec::new());
+        };
+        for name in crate::rules::EXTERNALS {
+            // Defined at compile time; memory has no file name, path or owner.
+            let _ = scanner.set_global(name, "");
+        }
+        match scanner.scan(data) {
+            Ok(results) => Ok(results
+                .matching_rules()
+                .map(|r| RuleMatch {
+                    kind: crate::MatchKind::Process,
+                    ..rule_match(&r)
+                })
+                .collect()),
+            Err(yara_x::ScanError::Timeout) => Err(SkipReason::Timeout),
+            Err(e) => Err(SkipReason::Unreadable(std::io::Error::other(e.to_string()))),
+        }
+    }
+
     /// Opens, checks, reads and matches one file.
     pub fn scan_path(&mut self, path: &Path) -> Result<FileReport, SkipReason> {
         let file = open_regular(path)?;

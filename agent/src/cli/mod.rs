@@ -71,6 +71,10 @@ pub struct ScanCmd {
     /// Also scan running processes (names, command lines, executables) and their connections.
     #[arg(long)]
     pub processes: bool,
+    /// With --processes: also match YARA rules against each process's readable private memory
+    /// (heap, stack, anonymous mappings; at most 64 MiB per region and 256 MiB per process).
+    #[arg(long, requires = "processes")]
+    pub memory: bool,
     /// Fail (exit 2) if any rule file or indicator line does not load.
     #[arg(long)]
     pub strict: bool,
@@ -191,6 +195,7 @@ fn scan_cmd(cmd: ScanCmd) -> u8 {
         paths: cmd.paths,
         json: cmd.json,
         processes: cmd.processes,
+        memory: cmd.memory,
         strict: cmd.strict,
         plan: crate::detect::full_scan::ScanPlan {
             threads: cmd.threads,

@@ -18,6 +18,7 @@ use vedette_proto::v1::Detection;
 
 use crate::detect::cache::ScanCache;
 use crate::detect::full_scan::{Outcome, ScanContext, ScanPlan, scan_tree};
+use crate::detect::memory::MemoryLimits;
 use crate::detect::procmon::ProcessJudge;
 use crate::detect::{Ids, file_detections};
 use crate::telemetry::{Counter, Counters};
@@ -27,6 +28,7 @@ pub struct ScanArgs {
     pub paths: Vec<PathBuf>,
     pub json: bool,
     pub processes: bool,
+    pub memory: bool,
     pub strict: bool,
     pub plan: ScanPlan,
     pub cache: Option<PathBuf>,
@@ -137,7 +139,7 @@ pub fn run(args: ScanArgs) -> u8 {
     };
     scan_tree(&args.paths, &args.plan, &cx, &on_file);
     if args.processes {
-        scan_processes(&rules, &args.plan, &printer);
+        scan_processes(&rules, &args.plan, args.memory, &printer);
     }
     if let (Some(cache), Some(path)) = (&cache, &args.cache)
         && let Err(e) = cache.save(path)
@@ -156,8 +158,11 @@ pub fn run(args: ScanArgs) -> u8 {
     }
 }
 
-fn scan_processes(rules: &RuleSet, plan: &ScanPlan, printer: &Printer) {
+fn scan_processes(rules: &RuleSet, plan: &ScanPlan, memory: bool, printer: &Printer) {
     let mut judge = ProcessJudge::new(Ids::local());
+    if memory {
+        judge = judge.with_memory(MemoryLimits::default());
+    }
     let mut scanner = FileScanner::new(rules, plan.scan);
     for d in judge.new_processes(&mut scanner) {
         printer.emit(&d);

@@ -6,8 +6,9 @@
 //! path, read from the event's descriptor, is under a watched root and not excluded; the scanner
 //! then reads **the descriptor**, never the path, so nothing can be swapped in between. Every
 //! exec on those file systems is queued with the pid that made it. The agent's own events are
-//! ignored. A queue overflow (the group asks for an unlimited queue, so only under memory
-//! pressure) rescans the roots.
+//! ignored. The kernel's queue keeps its limit (`fs.fanotify.max_queued_events`): when scanning
+//! falls behind, the reader waits on the bounded job queue, the kernel queue fills, and its
+//! overflow rescans the roots, so memory never grows with a burst.
 //!
 //! Needs CAP_SYS_ADMIN; the daemon falls back to [`watch`](crate::detect::watch) without it.
 
@@ -62,7 +63,7 @@ impl FanWatch {
     /// Marks the file systems of `roots` and starts reading events.
     pub fn start(roots: &[PathBuf], target: FanTarget) -> Result<FanWatch, FanError> {
         let group = Fanotify::init(
-            InitFlags::FAN_CLASS_NOTIF | InitFlags::FAN_CLOEXEC | InitFlags::FAN_UNLIMITED_QUEUE,
+            InitFlags::FAN_CLASS_NOTIF | InitFlags::FAN_CLOEXEC,
             EventFFlags::O_RDONLY
                 | EventFFlags::O_LARGEFILE
                 | EventFFlags::O_CLOEXEC

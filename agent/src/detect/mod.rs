@@ -13,6 +13,7 @@
 pub(crate) mod cache;
 pub(crate) mod fanotify;
 pub(crate) mod full_scan;
+pub(crate) mod memory;
 pub(crate) mod pool;
 pub(crate) mod procmon;
 pub(crate) mod scan;

@@ -19,6 +19,7 @@ use vedette_proto::v1::detection::Target;
 use vedette_proto::v1::{ConnectionTarget, Detection, ProcessTarget};
 
 use crate::detect::cache::{ScanCache, Stamp, rules_tag};
+use crate::detect::memory::MemoryLimits;
 use crate::detect::{Ids, Subject, detection};
 
 /// `/proc` clock ticks per second (USER_HZ, fixed at 100 for the `/proc` interface).
@@ -216,9 +217,17 @@ pub struct ProcessJudge {
     users: Users,
     boot: u64,
     ids: Ids,
+    /// Also scan each new process's memory, within these limits.
+    memory: Option<MemoryLimits>,
 }
 
 impl ProcessJudge {
+    /// Also scans the memory of every new process (not this one).
+    pub fn with_memory(mut self, limits: MemoryLimits) -> ProcessJudge {
+        self.memory = Some(limits);
+        self
+    }
+
     pub fn new(ids: Ids) -> ProcessJudge {
         ProcessJudge {
             seen: HashSet::new(),
@@ -227,6 +236,7 @@ impl ProcessJudge {
             users: Users::load(),
             boot: boot_time(),
             ids,
+            memory: None,
         }
     }
 
@@ -252,6 +262,16 @@ impl ProcessJudge {
             .iocs()
             .match_process(&p.name, &p.cmdline, &mut matches);
         matches.extend(fileless(p));
+        if let Some(limits) = self.memory
+            && p.pid != std::process::id()
+        {
+            for (mut m, region) in crate::detect::memory::scan(scanner, p.pid, limits) {
+                m.description = format!("{} (in memory region {region})", m.description)
+                    .trim_start()
+                    .to_string();
+                matches.push(m);
+            }
+        }
         let mut exe_sha256 = String::new();
         if let Some(exe) = &p.exe {
             let (m, sha) = self.scan_exe(p.pid, exe, scanner);
