@@ -159,9 +159,10 @@ fn start_delivery(
     (shipper, applier)
 }
 
-/// The source of file events.
+/// The source of file events. With fanotify, inotify still reports files renamed into the
+/// trees (a file written outside them and moved in raises no fanotify event there).
 enum Events {
-    Fanotify(FanWatch),
+    Fanotify(FanWatch, FileWatch),
     Inotify(FileWatch),
 }
 
@@ -190,7 +191,14 @@ impl Events {
             match FanWatch::start(roots, target) {
                 Ok(w) => {
                     info!(execs = settings.processes, "file events from fanotify");
-                    return Ok(Events::Fanotify(w));
+                    let renames = WatchTarget {
+                        queue: pool.sender(),
+                        rules: walk,
+                        counters: counters.clone(),
+                        stop: stop.clone(),
+                        renames_only: true,
+                    };
+                    return Ok(Events::Fanotify(w, FileWatch::start(roots, renames)?));
                 }
                 Err(e) if wanted == EventSource::Auto => {
                     warn!(reason = %e, "fanotify unavailable; file events from inotify");
@@ -203,13 +211,17 @@ impl Events {
             rules: walk,
             counters: counters.clone(),
             stop: stop.clone(),
+            renames_only: false,
         };
         Ok(Events::Inotify(FileWatch::start(roots, target)?))
     }
 
     fn stop(self) {
         match self {
-            Events::Fanotify(w) => w.stop(),
+            Events::Fanotify(w, renames) => {
+                w.stop();
+                renames.stop();
+            }
             Events::Inotify(w) => w.stop(),
         }
     }

@@ -56,6 +56,8 @@ struct Setup {
     c: Collector,
     agent: Agent,
     fs: Tmpfs,
+    /// The watched directory on the tmpfs (the rest of it is not watched).
+    watched: PathBuf,
     config: PathBuf,
     _tmp: tempfile::TempDir,
 }
@@ -65,6 +67,8 @@ struct Setup {
 fn setup(hashes: &[String], extra: &str) -> Option<Setup> {
     let tmp = tempfile::tempdir().unwrap();
     let fs = Tmpfs::mount(&tmp.path().join("fs"))?;
+    let watched = fs.path.join("watched");
+    std::fs::create_dir(&watched).unwrap();
     let mut c = Collector::init(&tmp.path().join("collector"));
     c.start();
     let agent = Agent::enroll(&c, &tmp.path().join("agent"));
@@ -80,7 +84,7 @@ fn setup(hashes: &[String], extra: &str) -> Option<Setup> {
         format!(
             "watch = [{:?}]\nrules = [{:?}]\nheartbeat = \"1s\"\nscan_on_start = false\n\
              scan_interval = \"0s\"\nprocess_interval = \"1h\"\n{extra}\n",
-            fs.path.to_str().unwrap(),
+            watched.to_str().unwrap(),
             rules.to_str().unwrap()
         ),
     )
@@ -89,6 +93,7 @@ fn setup(hashes: &[String], extra: &str) -> Option<Setup> {
         c,
         agent,
         fs,
+        watched,
         config,
         _tmp: tmp,
     })
@@ -120,7 +125,7 @@ impl Setup {
     fn write_and_detect(&self, n: usize) {
         for i in 0..n {
             std::fs::write(
-                self.fs.path.join(format!("m{i:03}")),
+                self.watched.join(format!("m{i:03}")),
                 format!("{MARKER} {i}\n"),
             )
             .unwrap();
@@ -171,8 +176,23 @@ fn fanotify_sees_written_files_and_every_exec_of_an_indicator_binary_with_its_pi
     assert!(s.log().contains("file events from fanotify"), "{}", s.log());
     s.write_and_detect(20);
 
+    // Written outside the watched directory (not scanned), then moved in: detected.
+    let outside = s.fs.path.join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("moved"), format!("{MARKER} moved\n")).unwrap();
+    std::fs::rename(outside.join("moved"), s.watched.join("moved")).unwrap();
+    wait_for(
+        Duration::from_secs(30),
+        "the moved-in file's detection",
+        || {
+            s.c.detections()
+                .into_iter()
+                .find(|d| d["path"] == s.watched.join("moved").to_str().unwrap())
+        },
+    );
+
     // The binary lives on the marked file system; 1,000 short-lived runs.
-    let exe = s.fs.path.join("vedette-ioc-true");
+    let exe = s.watched.join("vedette-ioc-true");
     std::fs::copy(&bin_src, &exe).unwrap();
     let mut pids = BTreeSet::new();
     for _ in 0..1000 {

@@ -10,7 +10,10 @@
 //! falls behind, the reader waits on the bounded job queue, the kernel queue fills, and its
 //! overflow rescans the roots, so memory never grows with a burst.
 //!
-//! Needs CAP_SYS_ADMIN; the daemon falls back to [`watch`](crate::detect::watch) without it.
+//! A file written outside the roots and then renamed into one raises no event here (the rename
+//! is not a write, and `FAN_MOVED_TO` needs a group that hands over no descriptors): the daemon
+//! keeps [`watch`](crate::detect::watch) beside it for renames only. Needs CAP_SYS_ADMIN; the
+//! daemon falls back to inotify for everything without it.
 
 use std::fs::File;
 use std::io::Read;

@@ -42,6 +42,9 @@ pub struct WatchTarget {
     pub counters: Arc<Counters>,
     /// Ends a rescan in progress at shutdown.
     pub stop: CancellationToken,
+    /// Only files (and directories) renamed into the trees: beside fanotify, which sees every
+    /// write but not a file written elsewhere and moved in.
+    pub renames_only: bool,
 }
 
 impl FileWatch {
@@ -140,6 +143,13 @@ fn action(kind: &EventKind) -> Action {
     }
 }
 
+fn is_rename_in(kind: &EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both))
+    )
+}
+
 /// Turns events into paths to scan: at once for closed-after-write and moved-in files, after
 /// [`DEBOUNCE`] of quiet for other changes; a rescan of every root after an overflow.
 struct Debouncer {
@@ -197,6 +207,7 @@ impl Debouncer {
             return roots.iter().all(|r| self.walk_into(r));
         }
         let due = match action(&event.kind) {
+            _ if self.target.renames_only && !is_rename_in(&event.kind) => return true,
             Action::Now => Instant::now(),
             Action::Later => Instant::now() + DEBOUNCE,
             Action::Ignore => return true,
@@ -281,6 +292,7 @@ mod tests {
             },
             counters: Arc::new(Counters::default()),
             stop: CancellationToken::new(),
+            renames_only: false,
         };
         (Debouncer::new(roots.to_vec(), target), rx)
     }
