@@ -57,9 +57,16 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let creds = state.load()?;
+    let cache_path = state.scan_cache();
+    let cache = {
+        let path = cache_path.clone();
+        tokio::task::spawn_blocking(move || ScanCache::load(&path))
+            .await
+            .context("scan cache loading failed")?
+    };
     let incidents = Incidents {
         ids: Ids::for_agent(&creds.enrollment.agent_id),
-        cache: Arc::new(ScanCache::load(&state.scan_cache())),
+        cache: Arc::new(cache),
     };
     let watch_roots = canonical(&settings.watch, "watch")?;
     let scan_roots = canonical(&settings.scan_paths, "scan")?;
@@ -103,7 +110,7 @@ pub async fn run(
     let background = Background {
         rules: rules.clone(),
         incidents: incidents.clone(),
-        cache_path: state.scan_cache(),
+        cache_path: cache_path.clone(),
         det: det_tx,
         counters: counters.clone(),
         stop: shutdown.clone(),
@@ -122,7 +129,9 @@ pub async fn run(
         applier,
     };
     running.drain(&spooled, &counters).await;
-    if let Err(e) = incidents.cache.save_if_changed(&state.scan_cache()) {
+    let cache = incidents.cache.clone();
+    let saved = tokio::task::spawn_blocking(move || cache.save_if_changed(&cache_path)).await;
+    if let Ok(Err(e)) = saved {
         warn!(error = %e, "cannot save the scan cache; unchanged files will be scanned again (and their detections stored once)");
     }
     Ok(())

@@ -18,8 +18,8 @@ use vedette_engine::{FileScanner, RuleSet, ScanOptions};
 use vedette_proto::v1::Detection;
 
 use crate::detect::Incidents;
-use crate::detect::cache::{ScanCache, Stamp, rules_tag};
-use crate::detect::procmon::{Users, exec_detections};
+use crate::detect::cache::ScanCache;
+use crate::detect::procmon::{Users, exe_matches, exec_detections};
 use crate::detect::scan::{scan_file, scan_open_file};
 use crate::telemetry::{Counter, Counters};
 
@@ -157,22 +157,7 @@ impl Shared {
                 Err(_) => Vec::new(),
             },
             Job::Exec { file, path, pid } => {
-                let Ok(meta) = file.metadata() else {
-                    return Vec::new();
-                };
-                let tag = rules_tag(rules);
-                let (matches, sha256) = match self.exec_cache.get(&Stamp::of(&meta), tag) {
-                    Some(hit) => (hit.matches, hit.sha256),
-                    None => match scan_open_file(scanner, file, &path, counters) {
-                        Ok(r) => {
-                            let stamp = Stamp::of_report(&r);
-                            self.exec_cache
-                                .record(stamp, tag, &r.matches, r.sha256.as_deref());
-                            (r.matches, r.sha256.unwrap_or_default())
-                        }
-                        Err(_) => return Vec::new(),
-                    },
-                };
+                let (matches, sha256) = exe_matches(&self.exec_cache, scanner, file, &path);
                 if matches.is_empty() {
                     return Vec::new();
                 }

@@ -140,6 +140,30 @@ fn boot_time() -> u64 {
         .unwrap_or(0)
 }
 
+/// The matches and SHA-256 of an executable open in `file` (`name` is what indicators see),
+/// from `cache` while the file is unchanged; nothing when it cannot be read.
+pub(crate) fn exe_matches(
+    cache: &ScanCache,
+    scanner: &mut FileScanner<'_>,
+    file: std::fs::File,
+    name: &Path,
+) -> (Vec<RuleMatch>, String) {
+    let Ok(meta) = file.metadata() else {
+        return (Vec::new(), String::new());
+    };
+    let tag = rules_tag(scanner.rules());
+    if let Some(hit) = cache.get(&Stamp::of(&meta), tag) {
+        return (hit.matches, hit.sha256);
+    }
+    match scanner.scan_open(file, name) {
+        Ok(r) => {
+            cache.record(Stamp::of_report(&r), tag, &r.matches, r.sha256.as_deref());
+            (r.matches, r.sha256.unwrap_or_default())
+        }
+        Err(_) => (Vec::new(), String::new()),
+    }
+}
+
 /// An execution fanotify reported: who, what, and the executable's digest.
 pub(crate) struct Exec<'a> {
     pub pid: u32,
@@ -322,22 +346,7 @@ impl ProcessJudge {
         let Ok(file) = std::fs::File::open(format!("/proc/{pid}/exe")) else {
             return (Vec::new(), String::new());
         };
-        let Ok(meta) = file.metadata() else {
-            return (Vec::new(), String::new());
-        };
-        let tag = rules_tag(scanner.rules());
-        if let Some(hit) = self.exe_cache.get(&Stamp::of(&meta), tag) {
-            return (hit.matches, hit.sha256);
-        }
-        match scanner.scan_open(file, exe) {
-            Ok(r) => {
-                let stamp = Stamp::of_report(&r);
-                self.exe_cache
-                    .record(stamp, tag, &r.matches, r.sha256.as_deref());
-                (r.matches, r.sha256.unwrap_or_default())
-            }
-            Err(_) => (Vec::new(), String::new()),
-        }
+        exe_matches(&self.exe_cache, scanner, file, exe)
     }
 
     /// Detections for connections to C2 addresses not reported before.
