@@ -50,6 +50,14 @@ pub struct RawConfig {
     pub process_interval: Option<String>,
     /// Also match YARA rules against each new process's readable private memory; default false.
     pub memory_scan: Option<bool>,
+    /// Prevention: deny the exec of a file on the watched file systems that matches a rule or
+    /// indicator scoring at least `prevent_min_score` (needs fanotify). Default false.
+    pub prevent: Option<bool>,
+    /// The lowest score that blocks an exec (0-100); default 80.
+    pub prevent_min_score: Option<u32>,
+    /// How long an exec may wait for a verdict before it is allowed (and counted), e.g.
+    /// `250ms`; at most 5s. Default 250ms.
+    pub prevent_timeout: Option<String>,
     /// Most bytes of undelivered detections kept on disk; past it the oldest are dropped and
     /// counted. Default 256 MiB, at least 65536.
     pub spool_max_bytes: Option<u64>,
@@ -94,10 +102,22 @@ pub struct Settings {
     pub processes: bool,
     pub process_interval: Duration,
     pub memory_scan: bool,
+    /// Prevention mode, when on.
+    pub prevent: Option<Prevention>,
     pub spool_max_bytes: u64,
     pub maintainer_keys: Vec<PathBuf>,
     pub insecure_allow_unsigned_bundles: bool,
 }
+
+/// Prevention mode: which execs are denied, and how long one may wait for its verdict.
+#[derive(Debug, Clone, Copy)]
+pub struct Prevention {
+    pub min_score: u32,
+    pub timeout: Duration,
+}
+
+/// The longest `prevent_timeout`: every exec on the marked file systems waits for the verdict.
+const MAX_PREVENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Every problem found, each naming its key and value.
 #[derive(Debug, thiserror::Error)]
@@ -156,6 +176,18 @@ impl RawConfig {
             &self.process_interval,
             Duration::from_secs(1),
         );
+        let prevent_timeout = duration(
+            "prevent_timeout",
+            &self.prevent_timeout,
+            Duration::from_millis(250),
+        );
+        if prevent_timeout > MAX_PREVENT_TIMEOUT {
+            problems.push(format!(
+                "`prevent_timeout`: `{}` is longer than {}: every exec waits for the verdict",
+                self.prevent_timeout.as_deref().unwrap_or_default(),
+                humantime::format_duration(MAX_PREVENT_TIMEOUT)
+            ));
+        }
         let scan_interval = match &self.scan_interval {
             None => Some(Duration::from_secs(6 * 3600)),
             Some(s) => match humantime::parse_duration(s) {
@@ -174,6 +206,7 @@ impl RawConfig {
             heartbeat,
             backoff_max,
             process_interval,
+            prevent_timeout,
             scan_interval,
         }
     }
@@ -188,6 +221,17 @@ impl RawConfig {
         }
         if let Err(e) = crate::detect::walk::exclusions(&self.exclude) {
             problems.push(format!("`exclude`: {e}"));
+        }
+        if let Some(s) = self.prevent_min_score
+            && !(1..=100).contains(&s)
+        {
+            problems.push(format!(
+                "`prevent_min_score`: `{s}` must be between 1 and 100"
+            ));
+        }
+        if self.prevent == Some(true) && self.event_source == Some(EventSource::Inotify) {
+            problems
+                .push("`prevent`: `true` needs fanotify, but `event_source` is `inotify`".into());
         }
         if self.scan_workers == Some(0) {
             problems.push("`scan_workers`: `0` must be at least 1".into());
@@ -254,6 +298,10 @@ impl RawConfig {
             processes: self.processes.unwrap_or(true),
             process_interval: t.process_interval,
             memory_scan: self.memory_scan.unwrap_or(false),
+            prevent: self.prevent.unwrap_or(false).then_some(Prevention {
+                min_score: self.prevent_min_score.unwrap_or(80),
+                timeout: t.prevent_timeout,
+            }),
             spool_max_bytes: self.spool_max_bytes.unwrap_or(256 * 1024 * 1024),
             maintainer_keys: self.maintainer_keys,
             insecure_allow_unsigned_bundles: self.insecure_allow_unsigned_bundles,
@@ -267,6 +315,7 @@ struct Durations {
     heartbeat: Duration,
     backoff_max: Duration,
     process_interval: Duration,
+    prevent_timeout: Duration,
     scan_interval: Option<Duration>,
 }
 

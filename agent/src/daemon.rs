@@ -12,16 +12,18 @@
 //! time to have them acknowledged; whatever is not acknowledged by then is sent after the next
 //! start.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use vedette_engine::{FileScanner, ScanOptions};
 use vedette_proto::client::ClientTls;
 use vedette_proto::v1::{BundleStatus, Detection, RuleBundle};
@@ -32,10 +34,12 @@ use crate::deliver::shipper::{BundleLink, ShipConfig, Shipper};
 use crate::deliver::spool::Spool;
 use crate::deliver::writer::{Spooled, write_spool};
 use crate::detect::cache::ScanCache;
+use crate::detect::execmon;
 use crate::detect::fanotify::{FanTarget, FanWatch};
 use crate::detect::full_scan::{FullScans, ScanPlan};
 use crate::detect::memory::MemoryLimits;
 use crate::detect::pool::ScanPool;
+use crate::detect::prevent::{Guard, GuardTarget};
 use crate::detect::procmon::ProcessJudge;
 use crate::detect::walk::{WalkRules, exclusions};
 use crate::detect::watch::{FileWatch, WatchTarget};
@@ -67,6 +71,7 @@ pub async fn run(
     let incidents = Incidents {
         ids: Ids::for_agent(&creds.enrollment.agent_id),
         cache: Arc::new(cache),
+        execs: Arc::new(ScanCache::new()),
     };
     let watch_roots = canonical(&settings.watch, "watch")?;
     let scan_roots = canonical(&settings.scan_paths, "scan")?;
@@ -105,9 +110,21 @@ pub async fn run(
         &counters,
         &shutdown,
     )?;
+    let guard = settings.prevent.and_then(|policy| {
+        let target = GuardTarget {
+            rules: rules.current.clone(),
+            options,
+            policy,
+            incidents: incidents.clone(),
+            detections: det_tx.clone(),
+            counters: counters.clone(),
+        };
+        start_prevention(&watch_roots, target)
+    });
     let (shipper, applier) =
         start_delivery(&settings, creds, &rules, &spooled, &counters, &shutdown);
     let background = Background {
+        exec_covered: events.exec_devices(&watch_roots, &settings),
         rules: rules.clone(),
         incidents: incidents.clone(),
         cache_path: cache_path.clone(),
@@ -121,6 +138,7 @@ pub async fn run(
     shutdown.cancelled().await;
     info!("stopping");
     let running = Running {
+        guard,
         events,
         threads,
         pool,
@@ -225,6 +243,18 @@ impl Events {
         Ok(Events::Inotify(FileWatch::start(roots, target)?))
     }
 
+    /// The devices whose execs fanotify reports (none with inotify).
+    fn exec_devices(&self, roots: &[PathBuf], settings: &Settings) -> HashSet<u64> {
+        match self {
+            Events::Fanotify(..) if settings.processes => roots
+                .iter()
+                .filter_map(|r| std::fs::metadata(r).ok())
+                .map(|m| std::os::unix::fs::MetadataExt::dev(&m))
+                .collect(),
+            _ => HashSet::new(),
+        }
+    }
+
     fn stop(self) {
         match self {
             Events::Fanotify(w, renames) => {
@@ -236,8 +266,33 @@ impl Events {
     }
 }
 
+/// Prevention mode on the file systems of the watched paths; when it cannot start, the log
+/// says loudly that nothing is blocked (detection goes on).
+fn start_prevention(roots: &[PathBuf], target: GuardTarget) -> Option<Guard> {
+    let policy = target.policy;
+    if roots.is_empty() {
+        error!("prevent = true, but no path is watched: no execution is held, nothing is blocked");
+        return None;
+    }
+    match Guard::start(roots, target) {
+        Ok(g) => {
+            info!(
+                min_score = policy.min_score,
+                timeout_ms = policy.timeout.as_millis() as u64,
+                "prevention on: executions on the watched file systems wait for a verdict"
+            );
+            Some(g)
+        }
+        Err(e) => {
+            error!(reason = %e, "prevent = true, but executions cannot be held: nothing is blocked");
+            None
+        }
+    }
+}
+
 /// The stages a running agent stops, in pipeline order.
 struct Running {
+    guard: Option<Guard>,
     events: Events,
     threads: Vec<JoinHandle<()>>,
     pool: ScanPool,
@@ -249,6 +304,10 @@ struct Running {
 impl Running {
     /// Called once the shutdown token fired.
     async fn drain(self, spooled: &Spooled, counters: &Counters) {
+        // Held executions are allowed first: nothing waits on an agent that is going away.
+        if let Some(g) = self.guard {
+            g.stop();
+        }
         self.events.stop();
         // The threads return, the workers finish what is queued, and their detections still
         // reach the spool before the writer ends.
@@ -361,6 +420,8 @@ async fn rescan_on_signal(rules: Arc<ActiveRules>, stop: CancellationToken) {
 
 /// What the full-scan, process and cache threads share.
 struct Background {
+    /// Devices whose execs fanotify reports (see [`ProcessJudge::with_exec_covered`]).
+    exec_covered: HashSet<u64>,
     rules: Arc<ActiveRules>,
     incidents: Incidents,
     cache_path: PathBuf,
@@ -403,6 +464,17 @@ impl Background {
             );
         }
         if settings.processes {
+            let execs = match execmon::start(this.stop.clone(), this.counters.clone()) {
+                Ok((rx, thread)) => {
+                    info!("exec events from the process connector; processes also polled");
+                    threads.push(thread);
+                    Some(rx)
+                }
+                Err(e) => {
+                    warn!(reason = %e, "no exec events; processes are polled only");
+                    None
+                }
+            };
             let (b, interval, memory) = (
                 this.clone(),
                 settings.process_interval,
@@ -411,7 +483,7 @@ impl Background {
             threads.push(
                 std::thread::Builder::new()
                     .name("procmon".into())
-                    .spawn(move || b.watch_processes(interval, memory, options))?,
+                    .spawn(move || b.watch_processes(interval, memory, options, execs))?,
             );
         }
         this.rt
@@ -445,29 +517,62 @@ impl Background {
         })
     }
 
-    /// Polls processes and connections; each process is judged once per rule set.
-    fn watch_processes(&self, interval: Duration, memory: bool, options: ScanOptions) {
+    /// Polls processes and connections, and judges each exec the process connector reports
+    /// as it comes; each process is judged once per rule set (and again after an exec).
+    fn watch_processes(
+        &self,
+        interval: Duration,
+        memory: bool,
+        options: ScanOptions,
+        mut execs: Option<Receiver<u32>>,
+    ) {
         loop {
             let current = self.rules.current.load_full();
-            let mut judge = ProcessJudge::new(self.incidents.ids.clone());
+            let mut judge = ProcessJudge::new(self.incidents.ids.clone())
+                .with_exe_cache(self.incidents.execs.clone())
+                .with_exec_covered(self.exec_covered.clone());
             if memory {
                 judge = judge.with_memory(MemoryLimits::default());
             }
             let mut scanner = FileScanner::new(&current, options);
-            loop {
-                let mut found = judge.new_processes(&mut scanner);
-                found.extend(judge.c2_connections(&current));
+            let mut next_poll = Instant::now();
+            while Arc::ptr_eq(&self.rules.current.load(), &current) {
+                let mut found = Vec::new();
+                if Instant::now() >= next_poll {
+                    found = judge.new_processes(&mut scanner);
+                    found.extend(judge.c2_connections(&current));
+                    next_poll = Instant::now() + interval;
+                }
                 for d in found {
                     self.counters.inc(Counter::Detections);
                     if self.det.blocking_send(d).is_err() {
                         return;
                     }
                 }
-                if !self.pause(interval) {
-                    return;
+                let Some(rx) = &execs else {
+                    if !self.pause(interval) {
+                        return;
+                    }
+                    continue;
+                };
+                match rx.recv_timeout(next_poll.saturating_duration_since(Instant::now())) {
+                    Ok(pid) => {
+                        let more = std::iter::from_fn(|| rx.try_recv().ok());
+                        for pid in std::iter::once(pid).chain(more.take(255)) {
+                            for d in judge.exec(pid, &mut scanner) {
+                                self.counters.inc(Counter::Detections);
+                                if self.det.blocking_send(d).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                    Err(RecvTimeoutError::Timeout) => {}
+                    // The listener stops with the agent (or on an error it logged).
+                    Err(RecvTimeoutError::Disconnected) => execs = None,
                 }
-                if !Arc::ptr_eq(&self.rules.current.load(), &current) {
-                    break;
+                if self.stop.is_cancelled() {
+                    return;
                 }
             }
         }

@@ -54,6 +54,14 @@ counters! {
     FsEvents = "fs_events",
     /// Executions reported by fanotify.
     ExecEvents = "exec_events",
+    /// Exec events from the process connector lost (socket buffer or queue full).
+    ExecEventsLost = "exec_events_lost",
+    /// Executions held for a verdict (prevention mode).
+    ExecVerdicts = "exec_verdicts",
+    /// Executions denied (prevention mode).
+    ExecsBlocked = "execs_blocked",
+    /// Executions allowed without a verdict: none came in time, or the verdict queue was full.
+    ExecVerdictsLate = "exec_verdicts_late",
     /// Kernel event queue overflows (each one triggers a rescan).
     WatchOverflows = "watch_overflows",
     /// Errors reported by the watcher.

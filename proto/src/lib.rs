@@ -27,6 +27,14 @@ pub fn kind_name(kind: i32) -> &'static str {
     }
 }
 
+/// The name of a detection's action: `alert` or `blocked`.
+pub fn action_name(action: i32) -> &'static str {
+    match v1::DetectionAction::try_from(action) {
+        Ok(v1::DetectionAction::Blocked) => "blocked",
+        _ => "alert",
+    }
+}
+
 /// Milliseconds since the Unix epoch (0 if the clock is before it), as timestamps travel.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -7,8 +7,8 @@
 
 use serde_json::{Value, json};
 
-use crate::kind_name;
 use crate::v1::{Detection, StoredDetection, detection};
+use crate::{action_name, kind_name};
 
 /// RFC 3339 text of a millisecond timestamp, or an empty string for 0 (never happened).
 pub fn rfc3339_ms(ms: i64) -> String {
@@ -42,6 +42,7 @@ pub fn detection_json(d: &Detection) -> Value {
         "score": d.score,
         "description": nonempty(&d.description),
         "bundle_version": d.bundle_version,
+        "action": action_name(d.action),
         "observed_at": rfc3339_ms(d.observed_at_ms),
         "path": null,
         "sha256": null,
@@ -99,10 +100,15 @@ pub fn target_text(d: &Detection) -> String {
     }
 }
 
-/// The text form of a detection: kind, score, rule, target.
+/// The text form of a detection: kind, score, rule, target (and `BLOCKED` for a denied exec).
 pub fn detection_line(d: &Detection) -> String {
+    let blocked = if d.action == crate::v1::DetectionAction::Blocked as i32 {
+        "BLOCKED "
+    } else {
+        ""
+    };
     format!(
-        "{:<10} {:>3}  {}  {}",
+        "{:<10} {:>3}  {}  {blocked}{}",
         kind_name(d.kind),
         d.score,
         d.rule,

@@ -253,3 +253,177 @@ fn inotify_can_be_chosen() {
     assert!(!log.contains("fanotify"), "{log}");
     s.write_and_detect(20);
 }
+
+/// Runs `exe` from a shell that first prints its pid: (pid, status, stderr). An exec that is
+/// refused leaves the shell running, so the pid is the one the agent saw asking.
+fn exec_via_sh(exe: &Path) -> (u32, std::process::ExitStatus, String) {
+    let out = Command::new("sh")
+        .args(["-c", "echo $$; exec \"$0\""])
+        .arg(exe)
+        .output()
+        .unwrap();
+    let pid = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .expect("the shell prints its pid");
+    (
+        pid,
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Waits until the agent's heartbeat counter `name` reaches `min`.
+fn counter_reaches(s: &Setup, name: &str, min: u64) {
+    wait_for(
+        Duration::from_secs(30),
+        &format!("counter {name} at {min} or more"),
+        || {
+            s.agent
+                .info(&s.c)
+                .and_then(|a| a["counters"][name].as_u64())
+                .filter(|&n| n >= min)
+        },
+    );
+}
+
+#[test]
+fn prevention_denies_every_exec_of_an_indicator_binary_and_lets_others_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (bin_src, hash) = ioc_binary(tmp.path());
+    let extra = "event_source = \"fanotify\"\nprevent = true\nprevent_timeout = \"1s\"";
+    let Some(mut s) = setup(std::slice::from_ref(&hash), extra) else {
+        return;
+    };
+    s.run(&[]);
+    assert!(s.log().contains("prevention on"), "{}", s.log());
+    let exe = s.watched.join("vedette-ioc-true");
+    std::fs::copy(&bin_src, &exe).unwrap();
+    let benign = s.watched.join("benign-true");
+    std::fs::copy("/bin/true", &benign).unwrap();
+
+    let mut pids = BTreeSet::new();
+    for i in 0..1000 {
+        let (pid, status, stderr) = exec_via_sh(&exe);
+        assert!(
+            !status.success() && stderr.contains("Operation not permitted"),
+            "exec {i} was not refused with EPERM: {status}, {stderr}"
+        );
+        pids.insert(pid);
+        if i % 100 == 0 {
+            assert!(Command::new(&benign).status().unwrap().success());
+        }
+    }
+    let blocked = wait_for(Duration::from_secs(120), "1,000 blocked execs", || {
+        let d: Vec<Value> =
+            s.c.detections()
+                .into_iter()
+                .filter(|d| d["rule"] == hash.as_str() && d["action"] == "blocked")
+                .collect();
+        (d.len() >= 1000).then_some(d)
+    });
+    assert_eq!(blocked.len(), 1000);
+    let seen: BTreeSet<u32> = blocked
+        .iter()
+        .filter_map(|d| d["pid"].as_u64().map(|p| p as u32))
+        .collect();
+    assert_eq!(seen, pids, "every refused exec reported once, with its pid");
+    for d in &blocked {
+        assert_eq!(d["kind"], "hash", "{d}");
+        assert_eq!(d["path"], exe.to_str().unwrap(), "{d}");
+    }
+    counter_reaches(&s, "execs_blocked", 1000);
+    // The binary never ran: no process alert for it, only the file's own detection.
+    let others: Vec<Value> =
+        s.c.detections()
+            .into_iter()
+            .filter(|d| d["rule"] == hash.as_str() && d["action"] != "blocked")
+            .collect();
+    assert_eq!(others.len(), 1, "{others:?}");
+    assert!(others[0]["pid"].is_null(), "{others:?}");
+
+    // A killed agent holds nothing: the kernel lets the exec run.
+    s.agent.proc.as_mut().unwrap().signal_and_wait("KILL");
+    let ran = Command::new("timeout")
+        .arg("10")
+        .arg(&exe)
+        .status()
+        .unwrap();
+    assert!(ran.success(), "exec after the agent died: {ran}");
+}
+
+#[test]
+fn prevention_fails_open_when_no_verdict_comes_in_time_and_blocks_once_judged() {
+    let tmp = tempfile::tempdir().unwrap();
+    // An indicator binary too big to hash within the timeout on its first exec.
+    let big = tmp.path().join("vedette-big-true");
+    let mut image = std::fs::read("/bin/true").unwrap();
+    image.resize(image.len() + (40 << 20), 0x5a);
+    std::fs::write(&big, &image).unwrap();
+    let out = Command::new("sha256sum").arg(&big).output().unwrap();
+    let hash = String::from_utf8_lossy(&out.stdout)[..64].to_string();
+    let extra = "event_source = \"fanotify\"\nprevent = true\nprevent_timeout = \"5ms\"\n\
+                 max_file_size = 104857600\nprocesses = false";
+    let Some(mut s) = setup(std::slice::from_ref(&hash), extra) else {
+        return;
+    };
+    s.run(&[]);
+    let exe = s.watched.join("vedette-big-true");
+    std::fs::copy(&big, &exe).unwrap();
+    std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (_, status, stderr) = exec_via_sh(&exe);
+    assert!(
+        status.success(),
+        "the first exec waits for no verdict: {stderr}"
+    );
+    counter_reaches(&s, "exec_verdicts_late", 1);
+    // The verdict still finishes and is kept: a later exec is refused.
+    wait_for(
+        Duration::from_secs(30),
+        "an exec refused once judged",
+        || {
+            let (_, status, stderr) = exec_via_sh(&exe);
+            (!status.success() && stderr.contains("Operation not permitted")).then_some(())
+        },
+    );
+}
+
+#[test]
+fn exec_events_catch_short_lived_processes_between_polls() {
+    // inotify: no fanotify exec events. Processes are polled once at start, then hourly: only
+    // the process connector can see these.
+    let Some(mut s) = setup(&[], "event_source = \"inotify\"") else {
+        return;
+    };
+    let rules = s._tmp.path().join("rules");
+    std::fs::write(rules.join("process-iocs.txt"), "^vedette-short$;90\n").unwrap();
+    let short = s._tmp.path().join("vedette-short");
+    std::fs::copy("/bin/sleep", &short).unwrap();
+    s.run(&[]);
+    assert!(
+        s.log().contains("exec events from the process connector"),
+        "{}",
+        s.log()
+    );
+    let mut pids = BTreeSet::new();
+    for _ in 0..20 {
+        let mut child = Command::new(&short).arg("0.2").spawn().unwrap();
+        pids.insert(child.id());
+        assert!(child.wait().unwrap().success());
+    }
+    let found = wait_for(Duration::from_secs(30), "20 short processes", || {
+        let d: Vec<Value> =
+            s.c.detections()
+                .into_iter()
+                .filter(|d| d["kind"] == "process" && d["name"] == "vedette-short")
+                .collect();
+        (d.len() >= 20).then_some(d)
+    });
+    let seen: BTreeSet<u32> = found
+        .iter()
+        .filter_map(|d| d["pid"].as_u64().map(|p| p as u32))
+        .collect();
+    assert_eq!(seen, pids);
+    assert_eq!(found.len(), 20);
+}

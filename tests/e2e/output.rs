@@ -70,6 +70,7 @@ fn scan_json_and_detections_list_json_agree_on_every_field_of_a_detection() {
         "md5",
         "sha1",
         "pid",
+        "action",
     ] {
         assert_eq!(scan_obj.get(key), stored_obj.get(key), "`{key}`");
     }
@@ -79,5 +80,6 @@ fn scan_json_and_detections_list_json_agree_on_every_field_of_a_detection() {
     }
     assert!(scanned["observed_at"].as_str().unwrap().ends_with('Z'));
     assert_eq!(scanned["bundle_version"], 0);
+    assert_eq!(scanned["action"], "alert");
     assert_eq!(scanned["id"].as_str().unwrap().len(), 36);
 }

@@ -116,7 +116,7 @@ impl Drop for FanWatch {
 
 /// Marks the whole file system holding `path`, or its mount where file-system marks are
 /// refused.
-fn mark(group: &Fanotify, path: &Path, mask: MaskFlags) -> Result<(), FanError> {
+pub(crate) fn mark(group: &Fanotify, path: &Path, mask: MaskFlags) -> Result<(), FanError> {
     let add = MarkFlags::FAN_MARK_ADD;
     let result = group
         .mark(
@@ -140,7 +140,7 @@ fn mark(group: &Fanotify, path: &Path, mask: MaskFlags) -> Result<(), FanError> 
 
 /// Every queued event holds an open descriptor: lift the soft limit on open files to the hard
 /// one so a burst cannot run the agent out of descriptors.
-fn raise_open_files_limit() {
+pub(crate) fn raise_open_files_limit() {
     use rustix::process::{Resource, getrlimit, setrlimit};
     let mut limit = getrlimit(Resource::Nofile);
     if limit.current != limit.maximum {

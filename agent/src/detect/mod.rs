@@ -11,10 +11,12 @@
 //! walked by [`walk`] with the same rules (excludes, one file system, no symlinks).
 
 pub(crate) mod cache;
+pub(crate) mod execmon;
 pub(crate) mod fanotify;
 pub(crate) mod full_scan;
 pub(crate) mod memory;
 pub(crate) mod pool;
+pub(crate) mod prevent;
 pub(crate) mod procmon;
 pub(crate) mod scan;
 pub(crate) mod walk;
@@ -27,7 +29,7 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use vedette_engine::{FileReport, MatchKind, RuleMatch, RuleSet};
-use vedette_proto::v1::{Detection, DetectionKind, FileTarget, detection};
+use vedette_proto::v1::{Detection, DetectionAction, DetectionKind, FileTarget, detection};
 
 use crate::detect::cache::{ScanCache, Stamp, rules_tag};
 
@@ -117,6 +119,10 @@ impl Ids {
 pub(crate) struct Incidents {
     pub ids: Ids,
     pub cache: Arc<ScanCache>,
+    /// Results for executables, by their stamp: an exec is reported on its process, so these
+    /// are kept apart from the files' own results (which they must not hide). Shared by every
+    /// judge of executions (the scan pool and prevention's verdicts).
+    pub execs: Arc<ScanCache>,
 }
 
 impl Incidents {
@@ -154,6 +160,7 @@ pub(crate) fn detection(
         score: m.score,
         description: m.description,
         bundle_version,
+        action: DetectionAction::Alert as i32,
         target: Some(target),
     }
 }

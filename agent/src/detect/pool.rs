@@ -18,7 +18,6 @@ use vedette_engine::{FileScanner, RuleSet, ScanOptions};
 use vedette_proto::v1::Detection;
 
 use crate::detect::Incidents;
-use crate::detect::cache::ScanCache;
 use crate::detect::procmon::{Users, exe_matches, exec_detections};
 use crate::detect::scan::{scan_file, scan_open_file};
 use crate::telemetry::{Counter, Counters};
@@ -50,9 +49,6 @@ struct Shared {
     detections: mpsc::Sender<Detection>,
     incidents: Incidents,
     counters: Arc<Counters>,
-    /// Results for executables (kept apart: an exec is reported as a process, and must not
-    /// hide the file's own detection).
-    exec_cache: ScanCache,
     users: Users,
 }
 
@@ -75,7 +71,6 @@ impl ScanPool {
             detections,
             incidents,
             counters,
-            exec_cache: ScanCache::new(),
             users: Users::load(),
         });
         let mut handles = Vec::new();
@@ -157,7 +152,7 @@ impl Shared {
                 Err(_) => Vec::new(),
             },
             Job::Exec { file, path, pid } => {
-                let (matches, sha256) = exe_matches(&self.exec_cache, scanner, file, &path);
+                let (matches, sha256) = exe_matches(&self.incidents.execs, scanner, file, &path);
                 if matches.is_empty() {
                     return Vec::new();
                 }

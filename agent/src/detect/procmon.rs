@@ -13,6 +13,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use vedette_engine::{FileScanner, MatchKind, RuleMatch, RuleSet};
 use vedette_proto::v1::detection::Target;
@@ -237,12 +238,15 @@ impl Users {
 pub struct ProcessJudge {
     seen: HashSet<(u32, u64)>,
     reported_conns: HashSet<(u32, IpAddr, u16, String)>,
-    exe_cache: ScanCache,
+    exe_cache: Arc<ScanCache>,
     users: Users,
     boot: u64,
     ids: Ids,
     /// Also scan each new process's memory, within these limits.
     memory: Option<MemoryLimits>,
+    /// File systems (devices) whose execs fanotify reports with the executable's descriptor:
+    /// an exec event leaves their executables to it.
+    exec_covered: HashSet<u64>,
 }
 
 impl ProcessJudge {
@@ -252,15 +256,28 @@ impl ProcessJudge {
         self
     }
 
+    /// On an exec event, executables on these devices are not scanned: fanotify reports them.
+    pub fn with_exec_covered(mut self, devices: HashSet<u64>) -> ProcessJudge {
+        self.exec_covered = devices;
+        self
+    }
+
+    /// Shares the results for executables with the agent's other judges of executions.
+    pub fn with_exe_cache(mut self, cache: Arc<ScanCache>) -> ProcessJudge {
+        self.exe_cache = cache;
+        self
+    }
+
     pub fn new(ids: Ids) -> ProcessJudge {
         ProcessJudge {
             seen: HashSet::new(),
             reported_conns: HashSet::new(),
-            exe_cache: ScanCache::new(),
+            exe_cache: Arc::new(ScanCache::new()),
             users: Users::load(),
             boot: boot_time(),
             ids,
             memory: None,
+            exec_covered: HashSet::new(),
         }
     }
 
@@ -274,12 +291,29 @@ impl ProcessJudge {
             if !self.seen.insert((p.pid, p.start_ticks)) {
                 continue;
             }
-            out.extend(self.judge(&p, scanner));
+            out.extend(self.judge(&p, scanner, true));
         }
         out
     }
 
-    fn judge(&self, p: &ProcInfo, scanner: &mut FileScanner<'_>) -> Vec<Detection> {
+    /// Detections for a process that has just called exec: judged again even when it was seen
+    /// before, since its executable and command line changed.
+    pub fn exec(&mut self, pid: u32, scanner: &mut FileScanner<'_>) -> Vec<Detection> {
+        let Some(p) = read(pid) else {
+            return Vec::new();
+        };
+        self.seen.insert((p.pid, p.start_ticks));
+        // An executable fanotify reports is judged from its exec event; the rest is judged here.
+        let covered = !self.exec_covered.is_empty()
+            && std::fs::metadata(format!("/proc/{pid}/exe")).is_ok_and(|m| {
+                self.exec_covered
+                    .contains(&std::os::unix::fs::MetadataExt::dev(&m))
+            });
+        self.judge(&p, scanner, !covered)
+    }
+
+    /// Detections for one process; its executable is scanned when `exe` says so.
+    fn judge(&self, p: &ProcInfo, scanner: &mut FileScanner<'_>, exe: bool) -> Vec<Detection> {
         let rules = scanner.rules();
         let mut matches: Vec<RuleMatch> = Vec::new();
         rules
@@ -297,8 +331,8 @@ impl ProcessJudge {
             }
         }
         let mut exe_sha256 = String::new();
-        if let Some(exe) = &p.exe {
-            let (m, sha) = self.scan_exe(p.pid, exe, scanner);
+        if let Some(path) = p.exe.as_ref().filter(|_| exe) {
+            let (m, sha) = self.scan_exe(p.pid, path, scanner);
             matches.extend(m);
             exe_sha256 = sha;
         }
