@@ -13,7 +13,7 @@ use crate::pki::Role;
     version,
     about = "The Vedette collector: enrolls agents, stores their detections, serves vedettectl",
     long_about = "The Vedette collector: enrolls agents under its own CA, stores their detections \
-        in SQLite, and serves the admin API used by vedettectl.\n\n\
+        in SQLite or PostgreSQL, and serves the admin API used by vedettectl.\n\n\
         First run `vedette-collector init --dir /etc/vedette` once, then \
         `vedette-collector serve --config /etc/vedette/collector.toml`."
 )]
@@ -41,6 +41,14 @@ pub enum Command {
         /// `localhost` and `127.0.0.1` are always included.
         #[arg(long = "san", value_name = "NAME")]
         sans: Vec<String>,
+        /// Where detections are kept: `sqlite:vedette.db` (the default, relative to DIR) for
+        /// one collector, or `postgres://USER@HOST/DB` for several sharing one database.
+        #[arg(
+            long = "store",
+            value_name = "URL",
+            default_value = "sqlite:vedette.db"
+        )]
+        store: String,
     },
     /// Client certificates for people and tools (run on the collector host: it uses the CA key).
     #[command(subcommand)]
@@ -50,6 +58,10 @@ pub enum Command {
         /// The collector.toml written by `init`.
         #[arg(long, env = "VEDETTE_COLLECTOR_CONFIG")]
         config: PathBuf,
+        /// Listen on this address instead of the config's `listen` (to run several
+        /// collectors from one config, on one PostgreSQL store).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<SocketAddr>,
     },
 }
 

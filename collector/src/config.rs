@@ -6,14 +6,21 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::store::StoreLocation;
+
 /// The file as written. Relative paths are relative to the file's own directory.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     /// Address and port the gRPC server listens on, e.g. `0.0.0.0:7443`.
     pub listen: String,
-    /// SQLite database file.
-    pub database: PathBuf,
+    /// Where detections and agents are kept (`[store] url`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<RawStore>,
+    /// A SQLite database file (the same as `[store] url = "sqlite:PATH"`; kept for configs
+    /// written before `[store]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<PathBuf>,
     /// CA and server certificate files.
     pub tls: RawTls,
     /// How long a shutdown waits for open streams to finish, e.g. `10s`.
@@ -34,6 +41,17 @@ pub struct RawConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct RawStore {
+    /// `sqlite:PATH` (or a path) for one collector, `postgres://USER@HOST/DB` for several.
+    pub url: String,
+    /// For PostgreSQL: the CA certificate (PEM) that signed the database server's
+    /// certificate; when set, the connection uses TLS and verifies the server against it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RawTls {
     /// The CA certificate (PEM) that issued every certificate of the fleet.
     pub ca_cert: PathBuf,
@@ -49,7 +67,7 @@ pub struct RawTls {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
-    pub database: PathBuf,
+    pub store: StoreLocation,
     pub ca_cert: PathBuf,
     pub ca_key: PathBuf,
     pub server_cert: PathBuf,
@@ -127,7 +145,9 @@ impl RawConfig {
             Duration::from_secs(10),
         );
         let token_ttl = duration("token_ttl", &self.token_ttl, Duration::from_secs(3600));
-        let database = base.join(&self.database);
+        let store = store_location(self.store.as_ref(), self.database.as_ref(), base)
+            .map_err(|p| problems.push(p))
+            .ok();
         let mut maintainer_keys = Vec::new();
         for p in &self.maintainer_keys {
             match vedette_engine::bundle::PublicKey::load(&base.join(p)) {
@@ -135,10 +155,10 @@ impl RawConfig {
                 Err(e) => problems.push(format!("`maintainer_keys`: {e}")),
             }
         }
-        match (listen, problems.is_empty()) {
-            (Some(listen), true) => Ok(Config {
+        match (listen, store, problems.is_empty()) {
+            (Some(listen), Some(store), true) => Ok(Config {
                 listen,
-                database,
+                store,
                 ca_cert,
                 ca_key,
                 server_cert,
@@ -149,6 +169,45 @@ impl RawConfig {
                 insecure_allow_unsigned_bundles: self.insecure_allow_unsigned_bundles,
             }),
             _ => Err(problems),
+        }
+    }
+}
+
+/// The store a configuration names: `[store]`, or the older `database` key.
+fn store_location(
+    store: Option<&RawStore>,
+    database: Option<&PathBuf>,
+    base: &Path,
+) -> Result<StoreLocation, String> {
+    match (store, database) {
+        (Some(_), Some(_)) => {
+            Err("`database` and `[store]` both name a store: keep `[store]`".into())
+        }
+        (None, None) => Err(
+            "no store: add `[store]` with `url = \"sqlite:vedette.db\"` (or a `postgres://` URL)"
+                .into(),
+        ),
+        (None, Some(db)) => Ok(StoreLocation::Sqlite(base.join(db))),
+        (Some(s), None) => {
+            let mut location =
+                StoreLocation::parse(&s.url, base).map_err(|e| format!("`store.url`: {e}"))?;
+            match (&mut location, &s.ca_cert) {
+                (StoreLocation::Postgres { ca_cert, .. }, Some(p)) => {
+                    let p = base.join(p);
+                    if !p.is_file() {
+                        return Err(format!(
+                            "`store.ca_cert`: `{}` does not exist or is not a file",
+                            p.display()
+                        ));
+                    }
+                    *ca_cert = Some(p);
+                }
+                (StoreLocation::Sqlite(_), Some(_)) => {
+                    return Err("`store.ca_cert` is for PostgreSQL; the store is SQLite".into());
+                }
+                _ => {}
+            }
+            Ok(location)
         }
     }
 }
@@ -177,6 +236,29 @@ mod tests {
         ] {
             assert!(text.contains(key), "{key} missing from: {text}");
         }
+    }
+
+    #[test]
+    fn the_store_is_named_once_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls =
+            "[tls]\nca_cert = \"a\"\nca_key = \"b\"\nserver_cert = \"c\"\nserver_key = \"d\"\n";
+        let problems = |body: &str| {
+            let p = dir.path().join("c.toml");
+            std::fs::write(&p, format!("listen = \"127.0.0.1:1\"\n{body}{tls}")).unwrap();
+            Config::load(&p).unwrap_err().to_string()
+        };
+        let both = problems("database = \"db\"\n[store]\nurl = \"sqlite:x.db\"\n");
+        assert!(both.contains("keep `[store]`"), "{both}");
+        let bad = problems("[store]\nurl = \"mysql://u:pw@h/db\"\n");
+        assert!(bad.contains("`store.url`") && !bad.contains("pw@"), "{bad}");
+        let none = problems("");
+        assert!(none.contains("no store"), "{none}");
+        let ca = problems("[store]\nurl = \"postgres://v@db/v\"\nca_cert = \"missing.crt\"\n");
+        assert!(
+            ca.contains("`store.ca_cert`") && ca.contains("missing.crt"),
+            "{ca}"
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
-use crate::config::{RawConfig, RawTls};
+use crate::config::{RawConfig, RawStore, RawTls};
 use crate::pki::{Ca, PkiError, Role, write_new};
 
 /// What `init` made.
@@ -28,6 +28,8 @@ pub enum InitError {
     Pki(#[from] PkiError),
     #[error("cannot encode a config file: {0}")]
     Encode(#[from] toml::ser::Error),
+    #[error("`--store`: {0}")]
+    Store(String),
     #[error("cannot make the maintainer key: {0}")]
     Key(#[from] vedette_engine::bundle::BundleError),
 }
@@ -53,7 +55,13 @@ pub fn next_steps(done: &Initialized) -> String {
 
 /// Creates everything in `dir`. `names` are extra DNS names or IP addresses for the server
 /// certificate; `localhost` and `127.0.0.1` are always included.
-pub fn init(dir: &Path, listen: SocketAddr, names: &[String]) -> Result<Initialized, InitError> {
+pub fn init(
+    dir: &Path,
+    listen: SocketAddr,
+    names: &[String],
+    store: &str,
+) -> Result<Initialized, InitError> {
+    crate::store::StoreLocation::parse(store, dir).map_err(InitError::Store)?;
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -68,7 +76,7 @@ pub fn init(dir: &Path, listen: SocketAddr, names: &[String]) -> Result<Initiali
         });
     }
     let fingerprint = write_pki(dir, &server_names(listen, names))?;
-    write_collector_config(dir, listen)?;
+    write_collector_config(dir, listen, store)?;
     let client_address = client_address(listen);
     write_ctl_config(dir, &client_address)?;
     Ok(Initialized {
@@ -119,10 +127,14 @@ fn write_pki(dir: &Path, sans: &[String]) -> Result<String, InitError> {
     Ok(ca.fingerprint())
 }
 
-fn write_collector_config(dir: &Path, listen: SocketAddr) -> Result<(), InitError> {
+fn write_collector_config(dir: &Path, listen: SocketAddr, store: &str) -> Result<(), InitError> {
     let collector = RawConfig {
         listen: listen.to_string(),
-        database: "vedette.db".into(),
+        store: Some(RawStore {
+            url: store.to_string(),
+            ca_cert: None,
+        }),
+        database: None,
         tls: RawTls {
             ca_cert: "ca.crt".into(),
             ca_key: "ca.key".into(),
@@ -186,6 +198,7 @@ mod tests {
             &d,
             "127.0.0.1:7443".parse().unwrap(),
             &["collector.example".into()],
+            "sqlite:vedette.db",
         )
         .unwrap();
         assert_eq!(out.fingerprint.len(), 64);
@@ -202,7 +215,12 @@ mod tests {
         }
         let before = fs::read(d.join("ca.key")).unwrap();
         assert!(matches!(
-            init(&d, "127.0.0.1:7443".parse().unwrap(), &[]),
+            init(
+                &d,
+                "127.0.0.1:7443".parse().unwrap(),
+                &[],
+                "sqlite:vedette.db"
+            ),
             Err(InitError::CaExists { .. })
         ));
         assert_eq!(fs::read(d.join("ca.key")).unwrap(), before);

@@ -13,7 +13,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     match cli.command {
-        Command::Init { dir, listen, sans } => match init::init(&dir, listen, &sans) {
+        Command::Init {
+            dir,
+            listen,
+            sans,
+            store,
+        } => match init::init(&dir, listen, &sans, &store) {
             Ok(done) => {
                 print!("{}", init::next_steps(&done));
                 ExitCode::SUCCESS
@@ -37,9 +42,12 @@ fn main() -> ExitCode {
                 }
             }
         },
-        Command::Serve { config } => match Config::load(&config) {
+        Command::Serve { config, listen } => match Config::load(&config) {
             Err(e) => fail(&e, exit::CONFIG),
-            Ok(config) => server::run_until_signal(config),
+            Ok(mut config) => {
+                config.listen = listen.unwrap_or(config.listen);
+                server::run_until_signal(config)
+            }
         },
     }
 }

@@ -7,3 +7,4 @@ mod delivery;
 mod engine;
 mod onaccess;
 mod output;
+mod scaleout;

@@ -143,17 +143,47 @@ pub struct Collector {
     pub fingerprint: String,
     pub proc: Option<Proc>,
     starts: usize,
+    /// Names this collector's log and vedettectl files apart from others run from the same
+    /// directory ("" for the one `init` made).
+    tag: String,
 }
 
 impl Collector {
     /// Runs `init` in `dir` for a fresh port on 127.0.0.1.
     pub fn init(dir: &Path) -> Collector {
+        Collector::init_with(dir, &[])
+    }
+
+    /// [`init`](Self::init) with the store at `url` (`postgres://...`).
+    pub fn init_with_store(dir: &Path, url: &str) -> Collector {
+        Collector::init_with(dir, &["--store", url])
+    }
+
+    /// A second collector serving from this one's configuration (and so its store), on a port
+    /// of its own, with a vedettectl configuration that talks to it.
+    pub fn second(&self, tag: &str) -> Collector {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let ctl = self.file("vedettectl.toml").replace(&self.addr, &addr);
+        std::fs::write(self.dir.join(format!("vedettectl{tag}.toml")), ctl)
+            .expect("vedettectl config");
+        Collector {
+            dir: self.dir.clone(),
+            addr,
+            fingerprint: self.fingerprint.clone(),
+            proc: None,
+            starts: 0,
+            tag: tag.to_string(),
+        }
+    }
+
+    fn init_with(dir: &Path, extra: &[&str]) -> Collector {
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         let out = Command::new(bin("vedette-collector"))
             .args(["init", "--dir"])
             .arg(dir)
             .args(["--listen", &addr])
+            .args(extra)
             .output()
             .expect("run vedette-collector init");
         assert!(
@@ -174,17 +204,21 @@ impl Collector {
             fingerprint,
             proc: None,
             starts: 0,
+            tag: String::new(),
         }
     }
 
     /// Starts `serve` and waits until it accepts connections.
     pub fn start(&mut self) {
         self.starts += 1;
-        let log = self.dir.join(format!("collector-{}.log", self.starts));
+        let log = self
+            .dir
+            .join(format!("collector{}-{}.log", self.tag, self.starts));
         let mut cmd = Command::new(bin("vedette-collector"));
         cmd.arg("serve")
             .arg("--config")
-            .arg(self.dir.join("collector.toml"));
+            .arg(self.dir.join("collector.toml"))
+            .args(["--listen", &self.addr]);
         self.proc = Some(Proc::spawn("collector", &mut cmd, log));
         let addr = self.addr.clone();
         wait_for(Duration::from_secs(20), "the collector to listen", || {
@@ -205,7 +239,7 @@ impl Collector {
     }
 
     pub fn ctl_config(&self) -> PathBuf {
-        self.dir.join("vedettectl.toml")
+        self.dir.join(format!("vedettectl{}.toml", self.tag))
     }
 
     /// Runs `vedettectl --config <this collector's> ARGS`.
@@ -393,4 +427,61 @@ pub fn rule_dir(dir: &Path, name: &str, marker: &str) -> PathBuf {
     )
     .expect("rule file");
     dir.to_owned()
+}
+
+/// A PostgreSQL database of its own for one test, dropped afterwards. The server is the one
+/// at `VEDETTE_TEST_POSTGRES` (a URL to a database the test may create databases from;
+/// `.ci/run` sets it).
+pub struct PgDb {
+    admin: String,
+    name: String,
+    /// The URL of the new database.
+    pub url: String,
+}
+
+impl PgDb {
+    /// None, with a message, where `VEDETTE_TEST_POSTGRES` is not set.
+    pub fn create(test: &str) -> Option<PgDb> {
+        let Ok(admin) = std::env::var("VEDETTE_TEST_POSTGRES") else {
+            eprintln!("skipped on PostgreSQL ({test}): VEDETTE_TEST_POSTGRES is not set");
+            return None;
+        };
+        let name = format!("vedette_{test}_{}", std::process::id())
+            + &format!(
+                "_{}",
+                TEST_DB_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            );
+        let mut c = postgres::Client::connect(&admin, postgres::NoTls)
+            .unwrap_or_else(|e| panic!("VEDETTE_TEST_POSTGRES: cannot connect: {e}"));
+        c.batch_execute(&format!("CREATE DATABASE {name}"))
+            .expect("create the test database");
+        let url = url_with_db(&admin, &name);
+        Some(PgDb { admin, name, url })
+    }
+}
+
+static TEST_DB_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// `url` with its database name replaced by `db`.
+pub fn url_with_db(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (url, String::new()),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let host_end = base[scheme_end..]
+        .find('/')
+        .map_or(base.len(), |i| scheme_end + i);
+    format!("{}/{db}{query}", &base[..host_end])
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        if let Ok(mut c) = postgres::Client::connect(&self.admin, postgres::NoTls) {
+            let _ = c.batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ));
+        }
+    }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use rand::RngCore;
 use tonic::{Request, Response, Status};
-use tracing::info;
+use tracing::{info, warn};
 use vedette_engine::bundle::{self, BundleError};
 use vedette_proto::v1::admin_service_server::AdminService;
 use vedette_proto::v1::{
@@ -20,7 +20,7 @@ use super::agent::token_hash;
 use super::{State, blocking};
 use crate::identity::Identity;
 use crate::pki::Role;
-use crate::store::{BundleRow, DetectionFilter, now_ms};
+use crate::store::{BundleRow, DetectionFilter, StoreEvent, now_ms};
 
 /// Longest token lifetime an operator may ask for.
 const MAX_TOKEN_TTL_SECS: u64 = 30 * 24 * 3600;
@@ -98,6 +98,15 @@ fn check_bundle(state: &State, req: &PublishBundleRequest) -> Result<BundleConte
     Ok(content)
 }
 
+/// Tells the collectors sharing the store; a failure is logged (they still catch up when
+/// their listening connection is re-made, and a revoked agent is refused at its next connect).
+async fn announce(state: &super::State, event: StoreEvent) {
+    let what = event.encode();
+    if let Err(e) = blocking(&state.store, move |s| s.announce(&event)).await {
+        warn!(error = %e, event = %what, "cannot tell the other collectors");
+    }
+}
+
 #[tonic::async_trait]
 impl AdminService for AdminSvc {
     async fn publish_bundle(
@@ -136,6 +145,7 @@ impl AdminService for AdminSvc {
         }
         let push = Arc::new(super::rule_bundle(&row));
         self.state.bundle.send_replace(Some(push));
+        announce(&self.state, StoreEvent::Bundle(row.version)).await;
         let notified = self.state.streams().len() as u32;
         info!(
             version = row.version,
@@ -306,6 +316,7 @@ impl AdminService for AdminSvc {
         if !found {
             return Err(Status::not_found(format!("no agent `{agent_id}`")));
         }
+        announce(&self.state, StoreEvent::Revoked(agent_id.clone())).await;
         let open = self.state.streams().remove(&agent_id);
         let disconnected = open.is_some();
         if let Some((_, stop)) = open {

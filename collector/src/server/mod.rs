@@ -24,11 +24,14 @@ use vedette_proto::v1::agent_service_server::AgentServiceServer;
 
 use crate::config::Config;
 use crate::pki::Ca;
-use crate::store::Store;
+use crate::store::{Store, StoreEvent};
+
+/// The store every handler shares.
+pub(crate) type SharedStore = Arc<dyn Store>;
 
 /// What every handler shares.
 pub(crate) struct State {
-    pub store: Arc<Store>,
+    pub store: SharedStore,
     pub ca: Ca,
     pub token_ttl: std::time::Duration,
     /// Open agent streams by agent id; cancelling one closes that stream.
@@ -51,13 +54,13 @@ impl State {
 }
 
 /// Runs a blocking store call off the async runtime.
-pub(crate) async fn blocking<T, F>(store: &Arc<Store>, f: F) -> Result<T, tonic::Status>
+pub(crate) async fn blocking<T, F>(store: &SharedStore, f: F) -> Result<T, tonic::Status>
 where
-    F: FnOnce(&Store) -> Result<T, crate::store::StoreError> + Send + 'static,
+    F: FnOnce(&dyn Store) -> Result<T, crate::store::StoreError> + Send + 'static,
     T: Send + 'static,
 {
     let store = store.clone();
-    match tokio::task::spawn_blocking(move || f(&store)).await {
+    match tokio::task::spawn_blocking(move || f(store.as_ref())).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => {
             tracing::error!(error = %e, "store error");
@@ -122,8 +125,9 @@ pub async fn serve(
     let tls = tls::server_config(&config.ca_cert, &config.server_cert, &config.server_key)
         .context("cannot set up TLS")?;
     let state = open_state(&config, shutdown.clone()).await?;
+    follow_other_collectors(&state)?;
     let local: SocketAddr = listener.local_addr()?;
-    info!(address = %local, database = %config.database.display(), "collector listening");
+    info!(address = %local, store = %config.store.display(), "collector listening");
 
     let (conn_tx, conn_rx) = mpsc::channel(64);
     let accept_stop = shutdown.child_token();
@@ -161,12 +165,11 @@ pub async fn serve(
 async fn open_state(config: &Config, shutdown: CancellationToken) -> anyhow::Result<Arc<State>> {
     let ca = Ca::load(&config.ca_cert, &config.ca_key).context("cannot load the CA")?;
     let store = {
-        let path = config.database.clone();
-        tokio::task::spawn_blocking(move || Store::open(&path))
+        let location = config.store.clone();
+        tokio::task::spawn_blocking(move || crate::store::open(&location))
             .await
             .context("store task failed")??
     };
-    let store = Arc::new(store);
     let latest = {
         let store = store.clone();
         tokio::task::spawn_blocking(move || store.bundle(0))
@@ -189,6 +192,68 @@ async fn open_state(config: &Config, shutdown: CancellationToken) -> anyhow::Res
         shutdown,
         tasks: TaskTracker::new(),
     }))
+}
+
+/// With a shared store: bundles published and agents revoked through any collector act here
+/// too (a bundle is pushed to this collector's agents, a revoked agent's stream is closed).
+fn follow_other_collectors(state: &Arc<State>) -> anyhow::Result<()> {
+    let Some(mut events) = state
+        .store
+        .subscribe(state.shutdown.clone())
+        .context("cannot follow the other collectors")?
+    else {
+        return Ok(());
+    };
+    let state = state.clone();
+    tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            match event {
+                StoreEvent::Bundle(version) => newer_bundle(&state, version).await,
+                StoreEvent::Revoked(agent) => close_stream(&state, &agent),
+                StoreEvent::Resync => {
+                    newer_bundle(&state, 0).await;
+                    let open: Vec<String> = state.streams().keys().cloned().collect();
+                    let Ok(agents) = blocking(&state.store, |s| s.list_agents()).await else {
+                        continue;
+                    };
+                    for a in agents.iter().filter(|a| a.revoked && open.contains(&a.id)) {
+                        close_stream(&state, &a.id);
+                    }
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Pushes the stored bundle `version` (0: the latest) if it is newer than the one held.
+async fn newer_bundle(state: &State, version: u64) {
+    let held = state.bundle.borrow().as_ref().map_or(0, |b| b.version);
+    if version != 0 && version <= held {
+        return;
+    }
+    match blocking(&state.store, move |s| s.bundle(version)).await {
+        Ok(Some(row)) if row.version > held => {
+            info!(
+                version = row.version,
+                "bundle published through another collector"
+            );
+            state.bundle.send_replace(Some(Arc::new(rule_bundle(&row))));
+        }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, version, "cannot load a bundle published elsewhere"),
+    }
+}
+
+/// Closes the stream of an agent revoked through another collector.
+fn close_stream(state: &State, agent: &str) {
+    if let Some((_, stop)) = state.streams().remove(agent) {
+        stop.cancel();
+        info!(
+            agent,
+            "agent revoked through another collector: stream closed"
+        );
+    }
 }
 
 /// Waits up to `grace` for stream tasks and the server to finish. Stream tasks see the

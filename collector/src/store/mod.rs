@@ -1,15 +1,226 @@
 //! Durable state of the collector: enrollment tokens, agents, detections, rule bundles.
 //!
-//! The store is synchronous (SQLite calls block); async callers go through
-//! `tokio::task::spawn_blocking`. Invariant: when a write method returns `Ok`, the change is
-//! committed (in SQLite's WAL, `synchronous = FULL`), so an Ack sent afterwards never promises
-//! something a crash could take back.
+//! [`Store`] is the interface; [`open`] picks the implementation from the configured
+//! location: SQLite (one file, one collector) or PostgreSQL (shared by any number of
+//! collectors). The store is synchronous (both implementations block); async callers go
+//! through `tokio::task::spawn_blocking`. Invariant: when a write method returns `Ok`, the
+//! change is committed, so an Ack sent afterwards never promises something a crash could take
+//! back.
 
+mod postgres;
 mod sqlite;
+#[cfg(test)]
+mod suite;
 
-pub use sqlite::Store;
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use vedette_proto::v1::{Detection, Inventory, StoredDetection};
+
+/// Where the store lives (`[store] url` in collector.toml).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// A SQLite file (`sqlite:PATH` or a plain path).
+    Sqlite(PathBuf),
+    /// A PostgreSQL database (`postgres://...`); TLS to it when `ca_cert` is given.
+    Postgres {
+        url: String,
+        ca_cert: Option<PathBuf>,
+    },
+}
+
+impl StoreLocation {
+    /// The location a `[store] url` names; relative SQLite paths are taken from `base`.
+    pub fn parse(url: &str, base: &std::path::Path) -> Result<StoreLocation, String> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            url.parse::<::postgres::Config>()
+                .map_err(|e| format!("`{}`: {e}", redact(url)))?;
+            return Ok(StoreLocation::Postgres {
+                url: url.to_string(),
+                ca_cert: None,
+            });
+        }
+        if url.contains("://") {
+            return Err(format!(
+                "`{}` is neither a SQLite path (`sqlite:PATH`) nor a `postgres://` URL",
+                redact(url)
+            ));
+        }
+        let path = url.strip_prefix("sqlite:").unwrap_or(url);
+        if path.is_empty() {
+            return Err("an empty SQLite path".into());
+        }
+        Ok(StoreLocation::Sqlite(base.join(path)))
+    }
+
+    /// For messages: the URL without its password.
+    pub fn display(&self) -> String {
+        match self {
+            StoreLocation::Sqlite(p) => p.display().to_string(),
+            StoreLocation::Postgres { url, .. } => redact(url),
+        }
+    }
+}
+
+/// A URL with any password replaced by `***`.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (auth, host) = match rest.rsplit_once('@') {
+        Some(p) => p,
+        None => return url.to_string(),
+    };
+    match auth.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_string(),
+    }
+}
+
+/// Opens the store at `location` and brings its schema up to date.
+pub fn open(location: &StoreLocation) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(match location {
+        StoreLocation::Sqlite(path) => Arc::new(SqliteStore::open(path)?),
+        StoreLocation::Postgres { url, ca_cert } => {
+            Arc::new(PgStore::open(url, ca_cert.as_deref())?)
+        }
+    })
+}
+
+/// What one collector tells the others that share its store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreEvent {
+    /// A bundle of this version was published.
+    Bundle(u64),
+    /// This agent was revoked: whoever holds its stream closes it.
+    Revoked(String),
+    /// Events may have been missed (the listening connection was re-made): compare what is
+    /// held with the store.
+    Resync,
+}
+
+impl StoreEvent {
+    pub(crate) fn encode(&self) -> String {
+        match self {
+            StoreEvent::Bundle(v) => format!("bundle:{v}"),
+            StoreEvent::Revoked(id) => format!("revoked:{id}"),
+            StoreEvent::Resync => "resync".into(),
+        }
+    }
+
+    pub(crate) fn decode(text: &str) -> Option<StoreEvent> {
+        match text.split_once(':') {
+            Some(("bundle", v)) => v.parse().ok().map(StoreEvent::Bundle),
+            Some(("revoked", id)) if !id.is_empty() => Some(StoreEvent::Revoked(id.to_string())),
+            _ if text == "resync" => Some(StoreEvent::Resync),
+            _ => None,
+        }
+    }
+}
+
+/// The collector's durable state. Every method commits before it returns `Ok`.
+pub trait Store: Send + Sync {
+    /// Tells every collector sharing this store, this one included (nothing to tell with
+    /// SQLite: one collector).
+    fn announce(&self, _event: &StoreEvent) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// The events any collector sharing this store announces, until `stop` fires; None where
+    /// the store is not shared.
+    fn subscribe(
+        &self,
+        _stop: tokio_util::sync::CancellationToken,
+    ) -> Result<Option<tokio::sync::mpsc::Receiver<StoreEvent>>, StoreError> {
+        Ok(None)
+    }
+
+    fn create_token(
+        &self,
+        hash: &str,
+        now_ms: i64,
+        expires_at_ms: i64,
+        uses: u32,
+    ) -> Result<(), StoreError>;
+
+    /// Spends one use of a token and records the new agent, atomically: two collectors given
+    /// the same single-use token at once enroll one agent.
+    fn enroll(
+        &self,
+        token_hash: &str,
+        agent_id: &str,
+        hostname: &str,
+        now_ms: i64,
+    ) -> Result<Result<(), TokenError>, StoreError>;
+
+    /// The agent's row, if it was ever enrolled.
+    fn agent(&self, id: &str) -> Result<Option<AgentRow>, StoreError>;
+
+    fn list_agents(&self) -> Result<Vec<AgentRow>, StoreError>;
+
+    /// Records that an agent opened its stream, with the inventory of its Hello.
+    fn agent_connected(
+        &self,
+        id: &str,
+        inv: &Inventory,
+        bundle_version: u64,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+
+    fn agent_seen(&self, id: &str, now_ms: i64) -> Result<(), StoreError>;
+
+    /// Records a heartbeat: the dropped total (never decreasing) and the agent's counters.
+    fn agent_heartbeat(
+        &self,
+        id: &str,
+        dropped_total: u64,
+        counters: &BTreeMap<String, u64>,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+
+    fn agent_disconnected(&self, id: &str, now_ms: i64) -> Result<(), StoreError>;
+
+    /// Marks an agent revoked. Returns false when no such agent exists.
+    fn revoke_agent(&self, id: &str, now_ms: i64) -> Result<bool, StoreError>;
+
+    /// Stores a batch of detections of one agent in one transaction. A detection whose id is
+    /// already stored is skipped (resends are idempotent). Returns how many were new.
+    fn insert_detections(
+        &self,
+        agent_id: &str,
+        detections: &[Detection],
+        received_at_ms: i64,
+    ) -> Result<usize, StoreError>;
+
+    /// The most recent detections matching the filter, oldest first.
+    fn list_detections(&self, f: &DetectionFilter) -> Result<Vec<StoredDetection>, StoreError>;
+
+    /// Stores a bundle if its version is above every stored one. `Err(latest)` otherwise.
+    fn insert_bundle(&self, b: &BundleRow) -> Result<Result<(), u64>, StoreError>;
+
+    /// Every bundle, newest first, without content.
+    fn list_bundles(&self) -> Result<Vec<BundleRow>, StoreError>;
+
+    /// One bundle with its content; version 0 means the latest.
+    fn bundle(&self, version: u64) -> Result<Option<BundleRow>, StoreError>;
+
+    /// Records an agent's report on a bundle: applied (its running version now), or failed.
+    fn agent_bundle_status(
+        &self,
+        id: &str,
+        version: u64,
+        applied: bool,
+        error: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+
+    /// Number of stored detections (all agents).
+    fn count_detections(&self) -> Result<u64, StoreError>;
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -26,8 +237,21 @@ pub enum StoreError {
         found: i64,
         known: i64,
     },
+    #[error("cannot open the database `{url}`: {source}")]
+    OpenPg {
+        url: String,
+        source: ::postgres::Error,
+    },
     #[error("database error: {0}")]
     Sql(#[from] rusqlite::Error),
+    #[error("database error: {0}")]
+    Pg(#[from] ::postgres::Error),
+    #[error("the database's TLS set-up failed: {0}")]
+    Tls(String),
+    #[error("cannot start the thread listening to other collectors: {0}")]
+    Thread(std::io::Error),
+    #[error("no database connection within {0:?}: the pool is exhausted or the database is down")]
+    PoolTimeout(std::time::Duration),
     #[error("stored detection `{id}` cannot be decoded: {reason}")]
     Corrupt { id: String, reason: String },
 }

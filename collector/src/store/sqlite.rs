@@ -1,4 +1,5 @@
 //! SQLite implementation of the store: one file, WAL mode, schema migrations by `user_version`.
+//! For one collector: the file is not shared.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -8,7 +9,7 @@ use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
 use vedette_proto::v1::{Detection, Inventory, StoredDetection, detection};
 
-use super::{AgentRow, BundleRow, DetectionFilter, StoreError, TokenError};
+use super::{AgentRow, BundleRow, DetectionFilter, Store, StoreError, TokenError};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` is the number applied.
 const MIGRATIONS: &[&str] = &[
@@ -71,13 +72,13 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE agents ADD COLUMN bundle_error TEXT NOT NULL DEFAULT '';",
 ];
 
-pub struct Store {
+pub struct SqliteStore {
     conn: Mutex<Connection>,
 }
 
-impl Store {
+impl SqliteStore {
     /// Opens (creating if needed) the database and brings its schema up to date.
-    pub fn open(path: &Path) -> Result<Store, StoreError> {
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
         let open_err = |source| StoreError::Open {
             path: path.to_owned(),
             source,
@@ -111,7 +112,7 @@ impl Store {
         }
         // Whoever was connected to a previous run of the collector is not connected now.
         conn.execute("UPDATE agents SET connected = 0 WHERE connected != 0", [])?;
-        Ok(Store {
+        Ok(SqliteStore {
             conn: Mutex::new(conn),
         })
     }
@@ -121,8 +122,10 @@ impl Store {
         // drop), so a poisoned lock is still safe to use.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
 
-    pub fn create_token(
+impl Store for SqliteStore {
+    fn create_token(
         &self,
         hash: &str,
         now_ms: i64,
@@ -137,7 +140,7 @@ impl Store {
     }
 
     /// Spends one use of a token and records the new agent, in one transaction.
-    pub fn enroll(
+    fn enroll(
         &self,
         token_hash: &str,
         agent_id: &str,
@@ -145,7 +148,9 @@ impl Store {
         now_ms: i64,
     ) -> Result<Result<(), TokenError>, StoreError> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        // IMMEDIATE: the write lock is taken before the read, so two handles on one file
+        // cannot both see the last use left.
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let row: Option<(i64, i64)> = tx
             .query_row(
                 "SELECT expires_at_ms, uses_left FROM tokens WHERE hash = ?1",
@@ -174,7 +179,7 @@ impl Store {
     }
 
     /// The agent's row, if it was ever enrolled.
-    pub fn agent(&self, id: &str) -> Result<Option<AgentRow>, StoreError> {
+    fn agent(&self, id: &str) -> Result<Option<AgentRow>, StoreError> {
         Ok(self
             .conn()
             .query_row(
@@ -185,7 +190,7 @@ impl Store {
             .optional()?)
     }
 
-    pub fn list_agents(&self) -> Result<Vec<AgentRow>, StoreError> {
+    fn list_agents(&self) -> Result<Vec<AgentRow>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!("{AGENT_SELECT} ORDER BY enrolled_at_ms, id"))?;
         let rows = stmt.query_map([], agent_from_row)?;
@@ -193,7 +198,7 @@ impl Store {
     }
 
     /// Records that an agent opened its stream, with the inventory of its Hello.
-    pub fn agent_connected(
+    fn agent_connected(
         &self,
         id: &str,
         inv: &Inventory,
@@ -221,7 +226,7 @@ impl Store {
         Ok(())
     }
 
-    pub fn agent_seen(&self, id: &str, now_ms: i64) -> Result<(), StoreError> {
+    fn agent_seen(&self, id: &str, now_ms: i64) -> Result<(), StoreError> {
         self.conn().execute(
             "UPDATE agents SET last_seen_ms = ?2 WHERE id = ?1",
             params![id, now_ms],
@@ -230,7 +235,7 @@ impl Store {
     }
 
     /// Records a heartbeat: the dropped total (never decreasing) and the agent's counters.
-    pub fn agent_heartbeat(
+    fn agent_heartbeat(
         &self,
         id: &str,
         dropped_total: u64,
@@ -246,7 +251,7 @@ impl Store {
         Ok(())
     }
 
-    pub fn agent_disconnected(&self, id: &str, now_ms: i64) -> Result<(), StoreError> {
+    fn agent_disconnected(&self, id: &str, now_ms: i64) -> Result<(), StoreError> {
         self.conn().execute(
             "UPDATE agents SET connected = 0, last_seen_ms = MAX(last_seen_ms, ?2) WHERE id = ?1",
             params![id, now_ms],
@@ -255,7 +260,7 @@ impl Store {
     }
 
     /// Marks an agent revoked. Returns false when no such agent exists.
-    pub fn revoke_agent(&self, id: &str, now_ms: i64) -> Result<bool, StoreError> {
+    fn revoke_agent(&self, id: &str, now_ms: i64) -> Result<bool, StoreError> {
         let n = self.conn().execute(
             "UPDATE agents SET revoked_at_ms = COALESCE(revoked_at_ms, ?2) WHERE id = ?1",
             params![id, now_ms],
@@ -265,7 +270,7 @@ impl Store {
 
     /// Stores a batch of detections of one agent in one transaction. A detection whose id is
     /// already stored is skipped (resends are idempotent). Returns how many were new.
-    pub fn insert_detections(
+    fn insert_detections(
         &self,
         agent_id: &str,
         detections: &[Detection],
@@ -316,7 +321,7 @@ impl Store {
     }
 
     /// The most recent detections matching the filter, oldest first.
-    pub fn list_detections(&self, f: &DetectionFilter) -> Result<Vec<StoredDetection>, StoreError> {
+    fn list_detections(&self, f: &DetectionFilter) -> Result<Vec<StoredDetection>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
             "SELECT d.id, d.agent_id, a.hostname, d.received_at_ms, d.body
@@ -353,7 +358,7 @@ impl Store {
     }
 
     /// Stores a bundle if its version is above every stored one. `Err(latest)` otherwise.
-    pub fn insert_bundle(&self, b: &BundleRow) -> Result<Result<(), u64>, StoreError> {
+    fn insert_bundle(&self, b: &BundleRow) -> Result<Result<(), u64>, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let latest: i64 =
@@ -386,7 +391,7 @@ impl Store {
     }
 
     /// Every bundle, newest first, without content.
-    pub fn list_bundles(&self) -> Result<Vec<BundleRow>, StoreError> {
+    fn list_bundles(&self) -> Result<Vec<BundleRow>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!(
             "{BUNDLE_SELECT} X'', X'' FROM bundles ORDER BY version DESC"
@@ -396,7 +401,7 @@ impl Store {
     }
 
     /// One bundle with its content; version 0 means the latest.
-    pub fn bundle(&self, version: u64) -> Result<Option<BundleRow>, StoreError> {
+    fn bundle(&self, version: u64) -> Result<Option<BundleRow>, StoreError> {
         let sql = format!(
             "{BUNDLE_SELECT} content, signature FROM bundles
              WHERE version = CASE WHEN ?1 = 0 THEN (SELECT MAX(version) FROM bundles) ELSE ?1 END"
@@ -408,7 +413,7 @@ impl Store {
     }
 
     /// Records an agent's report on a bundle: applied (its running version now), or failed.
-    pub fn agent_bundle_status(
+    fn agent_bundle_status(
         &self,
         id: &str,
         version: u64,
@@ -434,7 +439,7 @@ impl Store {
     }
 
     /// Number of stored detections (all agents).
-    pub fn count_detections(&self) -> Result<u64, StoreError> {
+    fn count_detections(&self) -> Result<u64, StoreError> {
         Ok(self
             .conn()
             .query_row("SELECT COUNT(*) FROM detections", [], |r| {
@@ -488,87 +493,4 @@ fn agent_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentRow> {
         bundle_failed_version: r.get::<_, i64>(15)? as u64,
         bundle_error: r.get(16)?,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use vedette_proto::v1::FileTarget;
-
-    fn detection(id: &str) -> Detection {
-        Detection {
-            id: id.into(),
-            kind: 1,
-            rule: "r".into(),
-            target: Some(detection::Target::File(FileTarget {
-                path: "/tmp/x".into(),
-                ..Default::default()
-            })),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn tokens_are_single_use_and_expire() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(&dir.path().join("db")).unwrap();
-        s.create_token("h1", 0, 1_000, 1).unwrap();
-        s.create_token("h2", 0, 1_000, 1).unwrap();
-        assert_eq!(
-            s.enroll("nope", "a0", "h", 10).unwrap(),
-            Err(TokenError::Unknown)
-        );
-        assert_eq!(s.enroll("h1", "a1", "h", 10).unwrap(), Ok(()));
-        assert_eq!(
-            s.enroll("h1", "a2", "h", 10).unwrap(),
-            Err(TokenError::UsedUp)
-        );
-        assert_eq!(
-            s.enroll("h2", "a3", "h", 1_000).unwrap(),
-            Err(TokenError::Expired)
-        );
-        assert_eq!(s.list_agents().unwrap().len(), 1);
-    }
-
-    #[test]
-    fn detections_are_stored_once_and_survive_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db");
-        {
-            let s = Store::open(&path).unwrap();
-            s.create_token("h", 0, i64::MAX, 1).unwrap();
-            s.enroll("h", "a", "host", 1).unwrap().unwrap();
-            assert_eq!(
-                s.insert_detections("a", &[detection("d1"), detection("d2")], 5)
-                    .unwrap(),
-                2
-            );
-            assert_eq!(
-                s.insert_detections("a", &[detection("d2"), detection("d3")], 6)
-                    .unwrap(),
-                1
-            );
-        }
-        let s = Store::open(&path).unwrap();
-        let all = s
-            .list_detections(&DetectionFilter {
-                limit: 10,
-                ..Default::default()
-            })
-            .unwrap();
-        let ids: Vec<_> = all
-            .iter()
-            .map(|d| d.detection.as_ref().unwrap().id.clone())
-            .collect();
-        assert_eq!(ids, ["d1", "d2", "d3"]);
-        assert_eq!(all[0].hostname, "host");
-        let last = s
-            .list_detections(&DetectionFilter {
-                limit: 1,
-                ..Default::default()
-            })
-            .unwrap();
-        assert_eq!(last.len(), 1);
-        assert_eq!(last[0].detection.as_ref().unwrap().id, "d3");
-    }
 }

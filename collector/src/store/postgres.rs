@@ -1,0 +1,740 @@
+//! PostgreSQL implementation of the store, shared by any number of collectors.
+//!
+//! - Migrations are numbered (table `vedette_schema`) and run at start under a transaction-level
+//!   advisory lock, so collectors starting together apply each one once.
+//! - Every write that must be atomic across collectors is one statement or one transaction
+//!   with row locks: a token use is `UPDATE ... WHERE uses_left > 0 RETURNING`, so two
+//!   collectors given one single-use token at the same moment enroll one agent.
+//! - A detection batch is one multi-row `INSERT ... SELECT FROM unnest(...) ON CONFLICT (id)
+//!   DO NOTHING`: a resend through another collector is stored once.
+//! - Connections come from a bounded pool; a caller waits for a free one (up to
+//!   [`POOL_WAIT`]), so a slow database slows acks down instead of queueing work in memory.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::{Client, NoTls, Row};
+use prost::Message;
+use rustls_pki_types::pem::PemObject;
+use vedette_proto::v1::{Detection, Inventory, StoredDetection, detection};
+
+use super::{
+    AgentRow, BundleRow, DetectionFilter, Store, StoreError, StoreEvent, TokenError, redact,
+};
+
+/// Schema migrations, applied in order; `vedette_schema.version` is the number applied.
+const MIGRATIONS: &[&str] = &[
+    // 1: the schema of SQLite's migrations 1 to 3, in PostgreSQL's types.
+    "CREATE TABLE tokens (
+        hash TEXT PRIMARY KEY,
+        created_at_ms BIGINT NOT NULL,
+        expires_at_ms BIGINT NOT NULL,
+        uses_left BIGINT NOT NULL
+    );
+    CREATE TABLE agents (
+        id TEXT PRIMARY KEY,
+        hostname TEXT NOT NULL DEFAULT '',
+        os TEXT NOT NULL DEFAULT '',
+        kernel TEXT NOT NULL DEFAULT '',
+        arch TEXT NOT NULL DEFAULT '',
+        agent_version TEXT NOT NULL DEFAULT '',
+        enrolled_at_ms BIGINT NOT NULL,
+        first_seen_ms BIGINT NOT NULL DEFAULT 0,
+        last_seen_ms BIGINT NOT NULL DEFAULT 0,
+        connected BOOLEAN NOT NULL DEFAULT FALSE,
+        revoked_at_ms BIGINT,
+        bundle_version BIGINT NOT NULL DEFAULT 0,
+        bundle_applied_at_ms BIGINT NOT NULL DEFAULT 0,
+        dropped_total BIGINT NOT NULL DEFAULT 0,
+        counters TEXT NOT NULL DEFAULT '{}',
+        bundle_failed_version BIGINT NOT NULL DEFAULT 0,
+        bundle_error TEXT NOT NULL DEFAULT ''
+    );
+    CREATE TABLE detections (
+        seq BIGSERIAL PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        agent_id TEXT NOT NULL REFERENCES agents(id),
+        kind INTEGER NOT NULL,
+        rule TEXT NOT NULL,
+        path TEXT,
+        sha256 TEXT,
+        pid BIGINT,
+        observed_at_ms BIGINT NOT NULL,
+        received_at_ms BIGINT NOT NULL,
+        bundle_version BIGINT NOT NULL,
+        body BYTEA NOT NULL
+    );
+    CREATE INDEX detections_agent ON detections(agent_id, seq);
+    CREATE INDEX detections_received ON detections(received_at_ms);
+    CREATE TABLE bundles (
+        version BIGINT PRIMARY KEY,
+        name TEXT NOT NULL,
+        created_at_ms BIGINT NOT NULL,
+        publisher TEXT NOT NULL,
+        published_by TEXT NOT NULL,
+        published_at_ms BIGINT NOT NULL,
+        digest TEXT NOT NULL,
+        signer_key BYTEA NOT NULL,
+        files BIGINT NOT NULL,
+        content BYTEA NOT NULL,
+        signature BYTEA NOT NULL
+    );",
+];
+
+/// The advisory lock key migrations run under ("vedette" in ASCII).
+const MIGRATION_LOCK: i64 = 0x0076_6564_6574_7465;
+
+/// Most connections one collector holds.
+const POOL_SIZE: usize = 8;
+
+/// How long a caller waits for a free connection before the call fails (and is retried by
+/// whoever called: an agent resends its batch).
+const POOL_WAIT: Duration = Duration::from_secs(30);
+
+pub struct PgStore {
+    pool: Pool,
+}
+
+impl PgStore {
+    /// Connects (over TLS verified against `ca_cert` when given) and migrates the schema.
+    pub fn open(url: &str, ca_cert: Option<&Path>) -> Result<PgStore, StoreError> {
+        let config: postgres::Config = url.parse().map_err(|source| StoreError::OpenPg {
+            url: redact(url),
+            source,
+        })?;
+        let tls = match ca_cert {
+            Some(path) => Some(tls_connector(path)?),
+            None => None,
+        };
+        let pool = Pool {
+            config,
+            tls,
+            idle: Mutex::new(Vec::new()),
+            state: Mutex::new(0),
+            freed: Condvar::new(),
+        };
+        let mut client = pool.connect().map_err(|source| StoreError::OpenPg {
+            url: redact(url),
+            source,
+        })?;
+        migrate(&mut client)?;
+        pool.put(client);
+        Ok(PgStore { pool })
+    }
+
+    /// Runs `f` on a pooled connection.
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Client) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut client = self.pool.get()?;
+        let result = f(&mut client);
+        self.pool.put(client);
+        result
+    }
+}
+
+fn tls_connector(path: &Path) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
+    let fail = |e: String| StoreError::Tls(format!("`{}`: {e}", path.display()));
+    let pem = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| fail(e.to_string()))?;
+        roots.add(cert).map_err(|e| fail(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(fail("no certificate in the file".into()));
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| fail(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+/// Applies the migrations not applied yet, under an advisory lock held until commit.
+fn migrate(client: &mut Client) -> Result<(), StoreError> {
+    let mut tx = client.transaction()?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS vedette_schema (version BIGINT NOT NULL);
+         INSERT INTO vedette_schema SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM vedette_schema);",
+    )?;
+    let found: i64 = tx
+        .query_one("SELECT version FROM vedette_schema", &[])?
+        .get(0);
+    let known = MIGRATIONS.len() as i64;
+    if found > known {
+        return Err(StoreError::TooNew {
+            path: "postgres".into(),
+            found,
+            known,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        tx.batch_execute(sql)?;
+        tx.execute(
+            "UPDATE vedette_schema SET version = $1",
+            &[&((i + 1) as i64)],
+        )?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// A bounded pool of connections: at most [`POOL_SIZE`] open, callers wait for a free one.
+struct Pool {
+    config: postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    idle: Mutex<Vec<Client>>,
+    /// Connections open (idle or in use).
+    state: Mutex<usize>,
+    freed: Condvar,
+}
+
+impl Pool {
+    fn connect(&self) -> Result<Client, postgres::Error> {
+        match &self.tls {
+            Some(tls) => self.config.connect(tls.clone()),
+            None => self.config.connect(NoTls),
+        }
+    }
+
+    fn get(&self) -> Result<Client, StoreError> {
+        let deadline = Instant::now() + POOL_WAIT;
+        let mut open = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(c) = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+                if !c.is_closed() {
+                    return Ok(c);
+                }
+                *open -= 1;
+                continue;
+            }
+            if *open < POOL_SIZE {
+                *open += 1;
+                drop(open);
+                return self.connect().map_err(|e| {
+                    *self.state.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+                    self.freed.notify_one();
+                    StoreError::Pg(e)
+                });
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(StoreError::PoolTimeout(POOL_WAIT));
+            }
+            open = self
+                .freed
+                .wait_timeout(open, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Returns a connection (a broken one is closed and its slot freed).
+    fn put(&self, client: Client) {
+        let mut open = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if client.is_closed() {
+            *open -= 1;
+        } else {
+            self.idle
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(client);
+        }
+        drop(open);
+        self.freed.notify_one();
+    }
+}
+
+/// The channel collectors announce on.
+const EVENTS: &str = "vedette_events";
+
+/// How often the listening thread looks at its stop token while nothing is announced.
+const LISTEN_TICK: Duration = Duration::from_millis(250);
+
+impl PgStore {
+    /// Listens on a connection of its own; re-made (with a `Resync`) when it breaks.
+    fn listen(
+        pool_config: postgres::Config,
+        tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+        tx: tokio::sync::mpsc::Sender<StoreEvent>,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        let connect = || -> Result<Client, postgres::Error> {
+            let mut c = match &tls {
+                Some(tls) => pool_config.connect(tls.clone())?,
+                None => pool_config.connect(NoTls)?,
+            };
+            c.batch_execute(&format!("LISTEN {EVENTS}"))?;
+            Ok(c)
+        };
+        while !stop.is_cancelled() {
+            let mut client = match connect() {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for other collectors' events; retrying");
+                    std::thread::sleep(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            // Whatever was announced before this LISTEN (at start, or while reconnecting) is
+            // found by comparing with the store.
+            if tx.blocking_send(StoreEvent::Resync).is_err() {
+                return;
+            }
+            while !stop.is_cancelled() && !client.is_closed() {
+                let mut notes = client.notifications();
+                let mut it = notes.timeout_iter(LISTEN_TICK);
+                loop {
+                    match it.next() {
+                        Ok(Some(n)) => {
+                            let Some(event) = StoreEvent::decode(n.payload()) else {
+                                continue;
+                            };
+                            if tx.blocking_send(event).is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "lost the connection listening for other collectors' events");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Store for PgStore {
+    fn announce(&self, event: &StoreEvent) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute("SELECT pg_notify($1, $2)", &[&EVENTS, &event.encode()])?;
+            Ok(())
+        })
+    }
+
+    fn subscribe(
+        &self,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Result<Option<tokio::sync::mpsc::Receiver<StoreEvent>>, StoreError> {
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let (config, tls) = (self.pool.config.clone(), self.pool.tls.clone());
+        std::thread::Builder::new()
+            .name("store-events".into())
+            .spawn(move || PgStore::listen(config, tls, tx, stop))
+            .map_err(StoreError::Thread)?;
+        Ok(Some(rx))
+    }
+
+    fn create_token(
+        &self,
+        hash: &str,
+        now_ms: i64,
+        expires_at_ms: i64,
+        uses: u32,
+    ) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO tokens (hash, created_at_ms, expires_at_ms, uses_left)
+                 VALUES ($1, $2, $3, $4)",
+                &[&hash, &now_ms, &expires_at_ms, &i64::from(uses)],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn enroll(
+        &self,
+        token_hash: &str,
+        agent_id: &str,
+        hostname: &str,
+        now_ms: i64,
+    ) -> Result<Result<(), TokenError>, StoreError> {
+        self.with(|c| {
+            let mut tx = c.transaction()?;
+            // One statement takes the use: the row lock orders concurrent enrollments, and the
+            // second one sees uses_left already at 0.
+            let spent = tx.query_opt(
+                "UPDATE tokens SET uses_left = uses_left - 1
+                 WHERE hash = $1 AND uses_left > 0 AND expires_at_ms > $2 RETURNING uses_left",
+                &[&token_hash, &now_ms],
+            )?;
+            if spent.is_none() {
+                let row = tx.query_opt(
+                    "SELECT expires_at_ms FROM tokens WHERE hash = $1",
+                    &[&token_hash],
+                )?;
+                return Ok(Err(match row.map(|r| r.get::<_, i64>(0)) {
+                    None => TokenError::Unknown,
+                    Some(expires) if expires <= now_ms => TokenError::Expired,
+                    Some(_) => TokenError::UsedUp,
+                }));
+            }
+            tx.execute(
+                "INSERT INTO agents (id, hostname, enrolled_at_ms) VALUES ($1, $2, $3)",
+                &[&agent_id, &hostname, &now_ms],
+            )?;
+            tx.commit()?;
+            Ok(Ok(()))
+        })
+    }
+
+    fn agent(&self, id: &str) -> Result<Option<AgentRow>, StoreError> {
+        self.with(|c| {
+            let row = c.query_opt(&format!("{AGENT_SELECT} WHERE id = $1"), &[&id])?;
+            Ok(row.as_ref().map(agent_from_row))
+        })
+    }
+
+    fn list_agents(&self) -> Result<Vec<AgentRow>, StoreError> {
+        self.with(|c| {
+            let rows = c.query(&format!("{AGENT_SELECT} ORDER BY enrolled_at_ms, id"), &[])?;
+            Ok(rows.iter().map(agent_from_row).collect())
+        })
+    }
+
+    fn agent_connected(
+        &self,
+        id: &str,
+        inv: &Inventory,
+        bundle_version: u64,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE agents SET hostname = $2, os = $3, kernel = $4, arch = $5,
+                    agent_version = $6,
+                    first_seen_ms = CASE WHEN first_seen_ms = 0 THEN $7 ELSE first_seen_ms END,
+                    last_seen_ms = $7, connected = TRUE,
+                    bundle_applied_at_ms = CASE WHEN bundle_version != $8 THEN $7
+                        ELSE bundle_applied_at_ms END,
+                    bundle_version = $8
+                 WHERE id = $1",
+                &[
+                    &id,
+                    &inv.hostname,
+                    &inv.os,
+                    &inv.kernel,
+                    &inv.arch,
+                    &inv.agent_version,
+                    &now_ms,
+                    &(bundle_version as i64),
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn agent_seen(&self, id: &str, now_ms: i64) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE agents SET last_seen_ms = $2 WHERE id = $1",
+                &[&id, &now_ms],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn agent_heartbeat(
+        &self,
+        id: &str,
+        dropped_total: u64,
+        counters: &BTreeMap<String, u64>,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let counters = serde_json::to_string(counters).unwrap_or_else(|_| "{}".into());
+        self.with(|c| {
+            c.execute(
+                "UPDATE agents SET last_seen_ms = $2,
+                    dropped_total = GREATEST(dropped_total, $3), counters = $4
+                 WHERE id = $1",
+                &[&id, &now_ms, &(dropped_total as i64), &counters],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn agent_disconnected(&self, id: &str, now_ms: i64) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE agents SET connected = FALSE, last_seen_ms = GREATEST(last_seen_ms, $2)
+                 WHERE id = $1",
+                &[&id, &now_ms],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn revoke_agent(&self, id: &str, now_ms: i64) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "UPDATE agents SET revoked_at_ms = COALESCE(revoked_at_ms, $2) WHERE id = $1",
+                &[&id, &now_ms],
+            )?;
+            Ok(n > 0)
+        })
+    }
+
+    fn insert_detections(
+        &self,
+        agent_id: &str,
+        detections: &[Detection],
+        received_at_ms: i64,
+    ) -> Result<usize, StoreError> {
+        if detections.is_empty() {
+            return Ok(0);
+        }
+        let mut cols = Columns::default();
+        for d in detections {
+            cols.push(d);
+        }
+        self.with(|c| {
+            let n = c.execute(
+                "INSERT INTO detections (id, agent_id, kind, rule, path, sha256, pid,
+                    observed_at_ms, received_at_ms, bundle_version, body)
+                 SELECT id, $2, kind, rule, path, sha256, pid, observed, $3, bundle, body
+                 FROM unnest($1::text[], $4::int[], $5::text[], $6::text[], $7::text[],
+                    $8::bigint[], $9::bigint[], $10::bigint[], $11::bytea[])
+                    AS t(id, kind, rule, path, sha256, pid, observed, bundle, body)
+                 ON CONFLICT (id) DO NOTHING",
+                &[
+                    &cols.id,
+                    &agent_id,
+                    &received_at_ms,
+                    &cols.kind,
+                    &cols.rule,
+                    &cols.path,
+                    &cols.sha256,
+                    &cols.pid,
+                    &cols.observed,
+                    &cols.bundle,
+                    &cols.body,
+                ],
+            )?;
+            Ok(n as usize)
+        })
+    }
+
+    fn list_detections(&self, f: &DetectionFilter) -> Result<Vec<StoredDetection>, StoreError> {
+        let rows = self.with(|c| {
+            Ok(c.query(
+                "SELECT d.id, d.agent_id, a.hostname, d.received_at_ms, d.body
+                 FROM detections d JOIN agents a ON a.id = d.agent_id
+                 WHERE ($1::text IS NULL OR d.agent_id = $1)
+                   AND ($2::bigint IS NULL OR d.received_at_ms >= $2)
+                 ORDER BY d.seq DESC LIMIT $3",
+                &[&f.agent_id, &f.since_ms, &i64::from(f.limit)],
+            )?)
+        })?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows.iter().rev() {
+            let id: String = r.get(0);
+            let body: Vec<u8> = r.get(4);
+            let detection =
+                Detection::decode(body.as_slice()).map_err(|e| StoreError::Corrupt {
+                    id,
+                    reason: e.to_string(),
+                })?;
+            out.push(StoredDetection {
+                detection: Some(detection),
+                agent_id: r.get(1),
+                hostname: r.get(2),
+                received_at_ms: r.get(3),
+            });
+        }
+        Ok(out)
+    }
+
+    fn insert_bundle(&self, b: &BundleRow) -> Result<Result<(), u64>, StoreError> {
+        self.with(|c| {
+            let mut tx = c.transaction()?;
+            // Publications through any collector are ordered by this lock.
+            tx.batch_execute("LOCK TABLE bundles IN EXCLUSIVE MODE")?;
+            let latest: i64 = tx
+                .query_one("SELECT COALESCE(MAX(version), 0) FROM bundles", &[])?
+                .get(0);
+            if b.version as i64 <= latest {
+                return Ok(Err(latest as u64));
+            }
+            tx.execute(
+                "INSERT INTO bundles (version, name, created_at_ms, publisher, published_by,
+                    published_at_ms, digest, signer_key, files, content, signature)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                &[
+                    &(b.version as i64),
+                    &b.name,
+                    &b.created_at_ms,
+                    &b.publisher,
+                    &b.published_by,
+                    &b.published_at_ms,
+                    &b.digest,
+                    &b.signer_key,
+                    &i64::from(b.files),
+                    &b.content,
+                    &b.signature,
+                ],
+            )?;
+            tx.commit()?;
+            Ok(Ok(()))
+        })
+    }
+
+    fn list_bundles(&self) -> Result<Vec<BundleRow>, StoreError> {
+        self.with(|c| {
+            let rows = c.query(
+                &format!("{BUNDLE_SELECT} ''::bytea, ''::bytea FROM bundles ORDER BY version DESC"),
+                &[],
+            )?;
+            Ok(rows.iter().map(bundle_from_row).collect())
+        })
+    }
+
+    fn bundle(&self, version: u64) -> Result<Option<BundleRow>, StoreError> {
+        self.with(|c| {
+            let row = c.query_opt(
+                &format!(
+                    "{BUNDLE_SELECT} content, signature FROM bundles
+                     WHERE version = CASE WHEN $1::bigint = 0 THEN (SELECT MAX(version) FROM bundles)
+                        ELSE $1 END"
+                ),
+                &[&(version as i64)],
+            )?;
+            Ok(row.as_ref().map(bundle_from_row))
+        })
+    }
+
+    fn agent_bundle_status(
+        &self,
+        id: &str,
+        version: u64,
+        applied: bool,
+        error: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let version = version as i64;
+        self.with(|c| {
+            if applied {
+                c.execute(
+                    "UPDATE agents SET bundle_version = $2, bundle_applied_at_ms = $3,
+                        bundle_error = CASE WHEN bundle_failed_version <= $2 THEN ''
+                            ELSE bundle_error END,
+                        bundle_failed_version = CASE WHEN bundle_failed_version <= $2 THEN 0
+                            ELSE bundle_failed_version END
+                     WHERE id = $1",
+                    &[&id, &version, &now_ms],
+                )?;
+            } else {
+                c.execute(
+                    "UPDATE agents SET bundle_failed_version = $2, bundle_error = $3 WHERE id = $1",
+                    &[&id, &version, &error],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    fn count_detections(&self) -> Result<u64, StoreError> {
+        self.with(|c| {
+            let n: i64 = c.query_one("SELECT COUNT(*) FROM detections", &[])?.get(0);
+            Ok(n as u64)
+        })
+    }
+}
+
+/// A detection batch, column by column, for one `unnest` insert.
+#[derive(Default)]
+struct Columns {
+    id: Vec<String>,
+    kind: Vec<i32>,
+    rule: Vec<String>,
+    path: Vec<Option<String>>,
+    sha256: Vec<Option<String>>,
+    pid: Vec<Option<i64>>,
+    observed: Vec<i64>,
+    bundle: Vec<i64>,
+    body: Vec<Vec<u8>>,
+}
+
+impl Columns {
+    fn push(&mut self, d: &Detection) {
+        let (path, sha256, pid) = match &d.target {
+            Some(detection::Target::File(f)) => {
+                (Some(f.path.clone()), Some(f.sha256.clone()), None)
+            }
+            Some(detection::Target::Process(p)) => (
+                Some(p.exe.clone()),
+                Some(p.exe_sha256.clone()),
+                Some(i64::from(p.pid)),
+            ),
+            Some(detection::Target::Connection(c)) => {
+                (Some(c.exe.clone()), None, Some(i64::from(c.pid)))
+            }
+            None => (None, None, None),
+        };
+        self.id.push(d.id.clone());
+        self.kind.push(d.kind);
+        self.rule.push(d.rule.clone());
+        self.path.push(path);
+        self.sha256.push(sha256.filter(|s| !s.is_empty()));
+        self.pid.push(pid);
+        self.observed.push(d.observed_at_ms);
+        self.bundle.push(d.bundle_version as i64);
+        self.body.push(d.encode_to_vec());
+    }
+}
+
+const AGENT_SELECT: &str = "SELECT id, hostname, os, kernel, arch, agent_version, enrolled_at_ms,
+    first_seen_ms, last_seen_ms, connected, revoked_at_ms IS NOT NULL, bundle_version,
+    bundle_applied_at_ms, dropped_total, counters, bundle_failed_version, bundle_error FROM agents";
+
+const BUNDLE_SELECT: &str = "SELECT version, name, created_at_ms, publisher, published_by,
+    published_at_ms, digest, signer_key, files, length(content)::bigint,";
+
+fn bundle_from_row(r: &Row) -> BundleRow {
+    BundleRow {
+        version: r.get::<_, i64>(0) as u64,
+        name: r.get(1),
+        created_at_ms: r.get(2),
+        publisher: r.get(3),
+        published_by: r.get(4),
+        published_at_ms: r.get(5),
+        digest: r.get(6),
+        signer_key: r.get(7),
+        files: r.get::<_, i64>(8) as u32,
+        size: r.get::<_, i64>(9) as u64,
+        content: r.get(10),
+        signature: r.get(11),
+    }
+}
+
+fn agent_from_row(r: &Row) -> AgentRow {
+    AgentRow {
+        id: r.get(0),
+        hostname: r.get(1),
+        os: r.get(2),
+        kernel: r.get(3),
+        arch: r.get(4),
+        agent_version: r.get(5),
+        enrolled_at_ms: r.get(6),
+        first_seen_ms: r.get(7),
+        last_seen_ms: r.get(8),
+        connected: r.get(9),
+        revoked: r.get(10),
+        bundle_version: r.get::<_, i64>(11) as u64,
+        bundle_applied_at_ms: r.get(12),
+        dropped_total: r.get::<_, i64>(13) as u64,
+        // Written by this code only; a damaged value shows as no counters.
+        counters: serde_json::from_str(&r.get::<_, String>(14)).unwrap_or_default(),
+        bundle_failed_version: r.get::<_, i64>(15) as u64,
+        bundle_error: r.get(16),
+    }
+}

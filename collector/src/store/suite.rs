@@ -1,0 +1,244 @@
+//! One test suite for every store: each test runs against SQLite (a temp file) and PostgreSQL
+//! (a database of its own, created and dropped around the test: `vedette_tests::PgDb`, at
+//! `VEDETTE_TEST_POSTGRES`); where that is not set the PostgreSQL half says so and is skipped
+//! (`.ci/run` sets it).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use vedette_proto::v1::{Detection, FileTarget, Inventory, detection};
+
+use super::*;
+
+fn detection(id: &str) -> Detection {
+    Detection {
+        id: id.into(),
+        kind: 1,
+        rule: "r".into(),
+        target: Some(detection::Target::File(FileTarget {
+            path: "/tmp/x".into(),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+/// Runs `test` on a fresh SQLite store and on a fresh PostgreSQL store; `test` gets the
+/// store and a way to open it again (as a restarted or second collector would).
+fn both(name: &str, test: impl Fn(Arc<dyn Store>, &dyn Fn() -> Arc<dyn Store>)) {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = StoreLocation::Sqlite(dir.path().join("db"));
+    let reopen = || open(&sqlite).unwrap();
+    test(reopen(), &reopen);
+    if let Some(db) = vedette_tests::PgDb::create(name) {
+        let pg = StoreLocation::Postgres {
+            url: db.url.clone(),
+            ca_cert: None,
+        };
+        let reopen = || open(&pg).unwrap();
+        test(reopen(), &reopen);
+    }
+}
+
+#[test]
+fn tokens_are_single_use_and_expire() {
+    both("tokens", |s, _| {
+        s.create_token("h1", 0, 1_000, 1).unwrap();
+        s.create_token("h2", 0, 1_000, 1).unwrap();
+        assert_eq!(
+            s.enroll("nope", "a0", "h", 10).unwrap(),
+            Err(TokenError::Unknown)
+        );
+        assert_eq!(s.enroll("h1", "a1", "h", 10).unwrap(), Ok(()));
+        assert_eq!(
+            s.enroll("h1", "a2", "h", 10).unwrap(),
+            Err(TokenError::UsedUp)
+        );
+        assert_eq!(
+            s.enroll("h2", "a3", "h", 1_000).unwrap(),
+            Err(TokenError::Expired)
+        );
+        assert_eq!(s.list_agents().unwrap().len(), 1);
+    });
+}
+
+#[test]
+fn one_token_used_by_many_at_once_enrolls_as_many_as_it_allows() {
+    both("token_race", |s, reopen| {
+        s.create_token("t", 0, i64::MAX, 3).unwrap();
+        // Eight "collectors" (their own store handles), all at once.
+        let stores: Vec<Arc<dyn Store>> = (0..8).map(|_| reopen()).collect();
+        let barrier = std::sync::Barrier::new(stores.len());
+        let ok = std::thread::scope(|scope| {
+            let handles: Vec<_> = stores
+                .iter()
+                .enumerate()
+                .map(|(i, st)| {
+                    let barrier = &barrier;
+                    scope.spawn(move || {
+                        barrier.wait();
+                        st.enroll("t", &format!("a{i}"), "h", 1).unwrap().is_ok()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .filter_map(|h| h.join().ok())
+                .filter(|ok| *ok)
+                .count()
+        });
+        assert_eq!(ok, 3);
+        assert_eq!(s.list_agents().unwrap().len(), 3);
+    });
+}
+
+#[test]
+fn detections_are_stored_once_and_survive_reopen() {
+    both("detections", |s, reopen| {
+        s.create_token("h", 0, i64::MAX, 1).unwrap();
+        s.enroll("h", "a", "host", 1).unwrap().unwrap();
+        assert_eq!(
+            s.insert_detections("a", &[detection("d1"), detection("d2")], 5)
+                .unwrap(),
+            2
+        );
+        // A resend, through another handle (another collector): stored once.
+        assert_eq!(
+            reopen()
+                .insert_detections("a", &[detection("d2"), detection("d3")], 6)
+                .unwrap(),
+            1
+        );
+        drop(s);
+        let s = reopen();
+        let all = s
+            .list_detections(&DetectionFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap();
+        let ids: Vec<_> = all
+            .iter()
+            .map(|d| d.detection.as_ref().unwrap().id.clone())
+            .collect();
+        assert_eq!(ids, ["d1", "d2", "d3"]);
+        assert_eq!(all[0].hostname, "host");
+        assert_eq!(all[0].received_at_ms, 5);
+        let last = s
+            .list_detections(&DetectionFilter {
+                limit: 1,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(last.len(), 1);
+        assert_eq!(last[0].detection.as_ref().unwrap().id, "d3");
+        let since = s
+            .list_detections(&DetectionFilter {
+                since_ms: Some(6),
+                agent_id: Some("a".into()),
+                limit: 10,
+            })
+            .unwrap();
+        assert_eq!(since.len(), 1);
+        assert_eq!(s.count_detections().unwrap(), 3);
+    });
+}
+
+#[test]
+fn agents_record_connections_heartbeats_bundles_and_revocation() {
+    both("agents", |s, _| {
+        s.create_token("h", 0, i64::MAX, 1).unwrap();
+        s.enroll("h", "a", "host", 1).unwrap().unwrap();
+        let inv = Inventory {
+            hostname: "web-1".into(),
+            os: "linux".into(),
+            ..Default::default()
+        };
+        s.agent_connected("a", &inv, 4, 10).unwrap();
+        let counters = BTreeMap::from([("files_scanned".to_string(), 7u64)]);
+        s.agent_heartbeat("a", 5, &counters, 20).unwrap();
+        s.agent_heartbeat("a", 3, &counters, 21).unwrap();
+        let a = s.agent("a").unwrap().unwrap();
+        assert_eq!(
+            (
+                a.hostname.as_str(),
+                a.connected,
+                a.first_seen_ms,
+                a.last_seen_ms
+            ),
+            ("web-1", true, 10, 21)
+        );
+        assert_eq!(a.dropped_total, 5, "the dropped total never decreases");
+        assert_eq!(a.counters, counters);
+        assert_eq!(a.bundle_version, 4);
+        s.agent_bundle_status("a", 6, false, "bad rule", 30)
+            .unwrap();
+        let a = s.agent("a").unwrap().unwrap();
+        assert_eq!(
+            (a.bundle_failed_version, a.bundle_error.as_str()),
+            (6, "bad rule")
+        );
+        s.agent_bundle_status("a", 6, true, "", 31).unwrap();
+        let a = s.agent("a").unwrap().unwrap();
+        assert_eq!((a.bundle_version, a.bundle_failed_version), (6, 0));
+        assert!(a.bundle_error.is_empty());
+        s.agent_disconnected("a", 15).unwrap();
+        let a = s.agent("a").unwrap().unwrap();
+        assert!(!a.connected);
+        assert_eq!(a.last_seen_ms, 21);
+        assert!(s.revoke_agent("a", 40).unwrap());
+        assert!(!s.revoke_agent("nobody", 40).unwrap());
+        assert!(s.agent("a").unwrap().unwrap().revoked);
+        assert!(s.agent("nobody").unwrap().is_none());
+    });
+}
+
+#[test]
+fn bundles_only_move_forward() {
+    both("bundles", |s, _| {
+        let b = |version| BundleRow {
+            version,
+            name: format!("b{version}"),
+            digest: "d".into(),
+            signer_key: vec![1, 2],
+            files: 2,
+            content: vec![9; 10],
+            signature: vec![3],
+            ..Default::default()
+        };
+        assert!(s.bundle(0).unwrap().is_none());
+        assert_eq!(s.insert_bundle(&b(2)).unwrap(), Ok(()));
+        assert_eq!(s.insert_bundle(&b(2)).unwrap(), Err(2));
+        assert_eq!(s.insert_bundle(&b(1)).unwrap(), Err(2));
+        assert_eq!(s.insert_bundle(&b(3)).unwrap(), Ok(()));
+        let latest = s.bundle(0).unwrap().unwrap();
+        assert_eq!((latest.version, latest.size), (3, 10));
+        assert_eq!(latest.content, vec![9; 10]);
+        assert_eq!(s.bundle(2).unwrap().unwrap().name, "b2");
+        let all = s.list_bundles().unwrap();
+        assert_eq!(all.iter().map(|b| b.version).collect::<Vec<_>>(), [3, 2]);
+        assert!(all[0].content.is_empty() && all[0].size == 10);
+    });
+}
+
+#[test]
+fn locations_parse_and_passwords_are_not_shown() {
+    let base = Path::new("/etc/vedette");
+    assert_eq!(
+        StoreLocation::parse("vedette.db", base),
+        Ok(StoreLocation::Sqlite("/etc/vedette/vedette.db".into()))
+    );
+    assert_eq!(
+        StoreLocation::parse("sqlite:/var/lib/v.db", base),
+        Ok(StoreLocation::Sqlite("/var/lib/v.db".into()))
+    );
+    let pg = StoreLocation::parse("postgres://v:secret@db:5432/vedette", base).unwrap();
+    assert_eq!(pg.display(), "postgres://v:***@db:5432/vedette");
+    let e = StoreLocation::parse("mysql://u:pw@h/db", base).unwrap_err();
+    assert!(e.contains("postgres://") && !e.contains("pw"), "{e}");
+    assert_eq!(
+        vedette_tests::url_with_db("postgres://root@127.0.0.1:5432/test?sslmode=disable", "x"),
+        "postgres://root@127.0.0.1:5432/x?sslmode=disable"
+    );
+}

@@ -1,0 +1,181 @@
+//! Several collectors sharing one PostgreSQL database: one token enrolls once whichever
+//! collectors get it, a bundle published through one reaches agents on the other, an agent
+//! fails over when its collector is killed with every detection stored once, and a revocation
+//! through one closes the stream held by the other. Needs `VEDETTE_TEST_POSTGRES` (set by
+//! `.ci/run`); without it the test says so and skips.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use vedette_tests::{Agent, Collector, PgDb, rule_dir, wait_for};
+
+const RULE: &str = "scaleout_marker";
+const MARKER: &str = "VEDETTE-SCALEOUT-MARKER";
+
+fn marker_paths(c: &Collector) -> Vec<String> {
+    c.detections()
+        .into_iter()
+        .filter(|d| d["rule"] == RULE)
+        .filter_map(|d| d["path"].as_str().map(str::to_string))
+        .collect()
+}
+
+fn agent_row(c: &Collector, id: &str) -> Option<Value> {
+    c.agents().into_iter().find(|a| a["id"] == id)
+}
+
+fn log_of(c: &Collector) -> String {
+    c.proc.as_ref().map(|p| p.log_text()).unwrap_or_default()
+}
+
+fn yara(dir: &Path, name: &str, marker: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join(format!("{name}.yar")),
+        format!("rule {name} {{ strings: $m = \"{marker}\" condition: $m }}\n"),
+    )
+    .unwrap();
+}
+
+#[test]
+fn two_collectors_on_one_postgres_database_serve_one_fleet() {
+    let Some(db) = PgDb::create("scaleout") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut a = Collector::init_with_store(&tmp.path().join("collector"), &db.url);
+    a.start();
+    let mut b = a.second("-b");
+    b.start();
+
+    // One single-use token, sent to both collectors at the same moment: one enrollment.
+    let token = a.token(&[]);
+    let barrier = std::sync::Barrier::new(2);
+    let outs: Vec<std::process::Output> = std::thread::scope(|s| {
+        let runs: Vec<_> = [(&a, "race-a"), (&b, "race-b")]
+            .into_iter()
+            .map(|(c, dir)| {
+                let (barrier, token, state) = (&barrier, &token, tmp.path().join(dir));
+                s.spawn(move || {
+                    barrier.wait();
+                    Agent::try_enroll(c, &state, token)
+                })
+            })
+            .collect();
+        runs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let enrolled = outs.iter().filter(|o| o.status.success()).count();
+    assert_eq!(enrolled, 1, "{outs:?}");
+    let refused = outs.iter().find(|o| !o.status.success()).unwrap();
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("already been used"),
+        "{refused:?}"
+    );
+
+    // An agent that knows both, on A first.
+    let mut agent = Agent::enroll(&a, &tmp.path().join("agent"));
+    let watch = tmp.path().join("watch");
+    std::fs::create_dir(&watch).unwrap();
+    let rules = rule_dir(&tmp.path().join("rules"), RULE, MARKER);
+    let config = tmp.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "watch = [{:?}]\nrules = [{:?}]\ncollectors = [{:?}, {:?}]\nheartbeat = \"1s\"\n\
+             backoff_max = \"1s\"\nprocesses = false\nscan_on_start = false\n\
+             scan_interval = \"0s\"\nevent_source = \"inotify\"\n",
+            watch.to_str().unwrap(),
+            rules.to_str().unwrap(),
+            a.addr,
+            b.addr
+        ),
+    )
+    .unwrap();
+    agent.run(&a, &["--config", config.to_str().unwrap()]);
+    assert!(log_of(&a).contains(&format!("agent connected agent={}", agent.id)));
+
+    // Published through B: the agent on A applies it.
+    let v1 = tmp.path().join("v1");
+    yara(&v1, "scaleout_bundle", "VEDETTE-SCALEOUT-BUNDLE");
+    let out = b.ctl(&["rules", "publish", v1.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let published = Instant::now();
+    wait_for(
+        Duration::from_secs(30),
+        "the agent on A to apply v1",
+        || agent_row(&a, &agent.id).filter(|r| r["bundle_version"] == 1),
+    );
+    eprintln!(
+        "bundle published through B applied by the agent on A after {:?}",
+        published.elapsed()
+    );
+
+    // A is killed while 5,000 detections stream in: the agent fails over to B. The second
+    // half is written after the kill, so B takes part of the stream for sure.
+    let write = |range: std::ops::Range<u32>| {
+        let dir = watch.clone();
+        std::thread::spawn(move || {
+            for i in range {
+                std::fs::write(dir.join(format!("m{i:05}")), format!("{MARKER} {i}\n")).unwrap();
+            }
+        })
+    };
+    let first = write(0..2500);
+    wait_for(Duration::from_secs(60), "the first detections", || {
+        (!marker_paths(&b).is_empty()).then_some(())
+    });
+    a.kill();
+    let at_kill = marker_paths(&b).len();
+    first.join().unwrap();
+    write(2500..5000).join().unwrap();
+    let stored = wait_for(
+        Duration::from_secs(180),
+        "5,000 detections through B",
+        || {
+            let p = marker_paths(&b);
+            (p.len() >= 5000).then_some(p)
+        },
+    );
+    let distinct: BTreeSet<&String> = stored.iter().collect();
+    assert_eq!(distinct.len(), 5000);
+    assert_eq!(stored.len(), 5000, "every detection stored once");
+    assert!(log_of(&b).contains(&format!("agent connected agent={}", agent.id)));
+    eprintln!("{at_kill} of 5,000 stored when A was killed");
+
+    // A comes back; revoked through A, the stream the agent holds on B closes.
+    a.start();
+    let out = a.ctl(&["agents", "revoke", &agent.id]);
+    assert!(out.status.success(), "{out:?}");
+    let revoked = Instant::now();
+    wait_for(
+        Duration::from_secs(10),
+        "B to close the revoked agent's stream",
+        || {
+            log_of(&b)
+                .contains("agent revoked through another collector: stream closed")
+                .then_some(())
+        },
+    );
+    eprintln!(
+        "stream on B closed {:?} after the revoke through A",
+        revoked.elapsed()
+    );
+    wait_for(
+        Duration::from_secs(10),
+        "the agent shown disconnected",
+        || agent_row(&b, &agent.id).filter(|r| r["connected"] == false && r["state"] == "revoked"),
+    );
+    // It is refused everywhere from now on.
+    let log = || {
+        agent
+            .proc
+            .as_ref()
+            .map(|p| p.log_text())
+            .unwrap_or_default()
+    };
+    wait_for(Duration::from_secs(20), "the agent to be refused", || {
+        log().contains("this agent has been revoked").then_some(())
+    });
+}
