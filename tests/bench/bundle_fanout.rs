@@ -25,8 +25,8 @@ use vedette_proto::v1::admin_service_client::AdminServiceClient;
 use vedette_proto::v1::agent_message::Msg;
 use vedette_proto::v1::agent_service_client::AgentServiceClient;
 use vedette_proto::v1::collector_message::Msg as Down;
-use vedette_proto::v1::{AgentMessage, BundleRolloutRequest, BundleStatus, EnrollRequest, Hello};
-use vedette_tests::Collector;
+use vedette_proto::v1::{AgentMessage, BundleRolloutRequest, BundleStatus, Hello};
+use vedette_tests::{Collector, enroll_simulated};
 
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
@@ -49,36 +49,7 @@ async fn main() {
     let token = c.token(&["--uses", &agents.to_string()]);
 
     let t = Instant::now();
-    let mut enrolls = tokio::task::JoinSet::new();
-    for _ in 0..agents {
-        let (addr, ca, token) = (c.addr.clone(), ca_pem.clone(), token.clone());
-        enrolls.spawn(async move {
-            let key = rcgen::KeyPair::generate().expect("key");
-            let csr = rcgen::CertificateParams::default()
-                .serialize_request(&key)
-                .and_then(|c| c.pem())
-                .expect("csr");
-            let tls = ClientTls {
-                ca_pem: ca.clone(),
-                identity: None,
-            };
-            let ch = connect(&addr, &tls).await.expect("connect");
-            let r = AgentServiceClient::new(ch)
-                .enroll(EnrollRequest {
-                    token,
-                    csr_pem: csr,
-                    hostname: "sim".into(),
-                })
-                .await
-                .expect("enroll")
-                .into_inner();
-            ClientTls {
-                ca_pem: ca,
-                identity: Some((r.certificate_pem, key.serialize_pem())),
-            }
-        });
-    }
-    let identities: Vec<ClientTls> = enrolls.join_all().await;
+    let identities = enroll_simulated(&c, &token, agents).await;
     println!("enrolled {agents} agents in {:.2?}", t.elapsed());
 
     // Received[v] counts connections that got bundle version v.

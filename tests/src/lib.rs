@@ -485,3 +485,46 @@ impl Drop for PgDb {
         }
     }
 }
+
+/// Enrolls `n` simulated agents with `token` over the real enrollment RPC, each with its own
+/// key and certificate, in parallel; returns their TLS identities (for benchmarks).
+pub async fn enroll_simulated(
+    c: &Collector,
+    token: &str,
+    n: usize,
+) -> Vec<vedette_proto::client::ClientTls> {
+    use vedette_proto::client::{ClientTls, connect};
+    use vedette_proto::v1::EnrollRequest;
+    use vedette_proto::v1::agent_service_client::AgentServiceClient;
+    let ca_pem = c.file("ca.crt");
+    let mut enrolls = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let (addr, ca, token) = (c.addr.clone(), ca_pem.clone(), token.to_string());
+        enrolls.spawn(async move {
+            let key = rcgen::KeyPair::generate().expect("key");
+            let csr = rcgen::CertificateParams::default()
+                .serialize_request(&key)
+                .and_then(|c| c.pem())
+                .expect("csr");
+            let tls = ClientTls {
+                ca_pem: ca.clone(),
+                identity: None,
+            };
+            let ch = connect(&addr, &tls).await.expect("connect");
+            let r = AgentServiceClient::new(ch)
+                .enroll(EnrollRequest {
+                    token,
+                    csr_pem: csr,
+                    hostname: "sim".into(),
+                })
+                .await
+                .expect("enroll")
+                .into_inner();
+            ClientTls {
+                ca_pem: ca,
+                identity: Some((r.certificate_pem, key.serialize_pem())),
+            }
+        });
+    }
+    enrolls.join_all().await
+}

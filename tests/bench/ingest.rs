@@ -1,0 +1,179 @@
+//! Benchmark: committed detections per second from N simulated agents, each enrolled with its
+//! own certificate and streaming over its own mutual-TLS connection, into:
+//! - one collector on SQLite;
+//! - one collector on PostgreSQL;
+//! - two collectors on one PostgreSQL database (agents split between them);
+//! side by side in one run. Each agent sends `--batches` batches of `--batch` detections, one
+//! batch in flight (the next is sent when the previous is acknowledged, and the collector
+//! acknowledges only after its store committed). Reports detections/s and ack latency.
+//!
+//! ```text
+//! cargo build --release --bins
+//! VEDETTE_TEST_POSTGRES=postgres://root@127.0.0.1:5432/test \
+//!     target/release/vedette-ingest --agents 100 --batches 50 --batch 100
+//! ```
+//! Without `VEDETTE_TEST_POSTGRES` only SQLite is measured.
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use vedette_proto::client::{ClientTls, connect};
+use vedette_proto::v1::agent_message::Msg;
+use vedette_proto::v1::agent_service_client::AgentServiceClient;
+use vedette_proto::v1::collector_message::Msg as Down;
+use vedette_proto::v1::{AgentMessage, Detection, DetectionBatch, FileTarget, Hello, detection};
+use vedette_tests::{Collector, PgDb, enroll_simulated};
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A realistic file detection with a fresh id.
+fn detection(agent: usize, n: usize) -> Detection {
+    Detection {
+        id: uuid::Uuid::new_v4().to_string(),
+        kind: 2,
+        rule: "5d41402abc4b2a76b9719d911017c592".into(),
+        source: "iocs/hash-iocs.txt".into(),
+        observed_at_ms: vedette_proto::now_ms(),
+        score: 100,
+        description: "Lazarus loader (sample hash list)".into(),
+        bundle_version: 7,
+        action: 0,
+        target: Some(detection::Target::File(FileTarget {
+            path: format!("/srv/www/uploads/agent{agent}/file{n:08}.bin"),
+            size: 48_213,
+            sha256: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
+            md5: "5d41402abc4b2a76b9719d911017c592".into(),
+            sha1: "aaf4c61ddcc5e8a2dabede0f3b482cd9aea9434d".into(),
+            ..Default::default()
+        })),
+    }
+}
+
+/// Streams `batches` batches from one agent to `addr`; returns each batch's ack latency.
+async fn stream(
+    addr: String,
+    tls: ClientTls,
+    agent: usize,
+    batches: usize,
+    size: usize,
+) -> Vec<Duration> {
+    let ch = connect(&addr, &tls).await.expect("agent connect");
+    let (up, rx) = mpsc::channel(4);
+    up.send(AgentMessage {
+        msg: Some(Msg::Hello(Hello::default())),
+    })
+    .await
+    .expect("hello");
+    let mut down = AgentServiceClient::new(ch)
+        .connect(ReceiverStream::new(rx))
+        .await
+        .expect("stream")
+        .into_inner();
+    let mut lat = Vec::with_capacity(batches);
+    for b in 0..batches {
+        let seq = b as u64 + 1;
+        let detections = (0..size).map(|i| detection(agent, b * size + i)).collect();
+        let sent = Instant::now();
+        up.send(AgentMessage {
+            msg: Some(Msg::Batch(DetectionBatch { seq, detections })),
+        })
+        .await
+        .expect("send batch");
+        loop {
+            let m = down.message().await.expect("stream").expect("stream open");
+            if let Some(Down::Ack(a)) = m.msg
+                && a.seq == seq
+            {
+                break;
+            }
+        }
+        lat.push(sent.elapsed());
+    }
+    lat
+}
+
+struct Setup {
+    name: &'static str,
+    collectors: Vec<Collector>,
+    _db: Option<PgDb>,
+    _tmp: tempfile::TempDir,
+}
+
+fn setup(name: &'static str, db: Option<PgDb>, two: bool) -> Setup {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("collector");
+    let mut a = match &db {
+        Some(db) => Collector::init_with_store(&dir, &db.url),
+        None => Collector::init(&dir),
+    };
+    a.start();
+    let mut collectors = vec![a];
+    if two {
+        let mut b = collectors[0].second("-b");
+        b.start();
+        collectors.push(b);
+    }
+    Setup {
+        name,
+        collectors,
+        _db: db,
+        _tmp: tmp,
+    }
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(i).copied().unwrap_or_default()
+}
+
+async fn measure(s: &Setup, agents: usize, batches: usize, size: usize) {
+    let first = &s.collectors[0];
+    let token = first.token(&["--uses", &agents.to_string()]);
+    let identities = enroll_simulated(first, &token, agents).await;
+    let t = Instant::now();
+    let mut runs = tokio::task::JoinSet::new();
+    for (i, tls) in identities.into_iter().enumerate() {
+        let addr = s.collectors[i % s.collectors.len()].addr.clone();
+        runs.spawn(stream(addr, tls, i, batches, size));
+    }
+    let mut lat: Vec<Duration> = runs.join_all().await.into_iter().flatten().collect();
+    let elapsed = t.elapsed();
+    lat.sort();
+    let total = agents * batches * size;
+    println!(
+        "| {} | {agents} | {total} | {:.2} s | {:.0} | {:.1} ms | {:.1} ms |",
+        s.name,
+        elapsed.as_secs_f64(),
+        total as f64 / elapsed.as_secs_f64(),
+        pct(&lat, 0.5).as_secs_f64() * 1e3,
+        pct(&lat, 0.99).as_secs_f64() * 1e3,
+    );
+}
+
+/// Collectors and databases are made and dropped outside the runtime (their clients block).
+fn main() {
+    let agents = arg("--agents", 100);
+    let batches = arg("--batches", 50);
+    let size = arg("--batch", 100);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    println!("| store | agents | detections | time | committed/s | ack p50 | ack p99 |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut setups = vec![setup("SQLite, 1 collector", None, false)];
+    if let Some(db) = PgDb::create("ingest_one") {
+        setups.push(setup("PostgreSQL, 1 collector", Some(db), false));
+    }
+    if let Some(db) = PgDb::create("ingest_two") {
+        setups.push(setup("PostgreSQL, 2 collectors", Some(db), true));
+    }
+    for s in &setups {
+        rt.block_on(measure(s, agents, batches, size));
+    }
+}
