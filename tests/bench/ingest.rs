@@ -2,8 +2,9 @@
 //! own certificate and streaming over its own mutual-TLS connection, into:
 //! - one collector on SQLite;
 //! - one collector on PostgreSQL;
-//! - two collectors on one PostgreSQL database (agents split between them);
-//! side by side in one run. Each agent sends `--batches` batches of `--batch` detections, one
+//! - two collectors on one PostgreSQL database (agents split between them).
+//!
+//! All side by side in one run. Each agent sends `--batches` batches of `--batch` detections, one
 //! batch in flight (the next is sent when the previous is acknowledged, and the collector
 //! acknowledges only after its store committed). Reports detections/s and ack latency.
 //!
