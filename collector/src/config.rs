@@ -26,6 +26,9 @@ pub struct RawConfig {
     /// How long a shutdown waits for open streams to finish, e.g. `10s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shutdown_grace: Option<String>,
+    /// Detections received longer ago than this are deleted, e.g. `90d`; default: kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<String>,
     /// Default lifetime of enrollment tokens, e.g. `1h`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_ttl: Option<String>,
@@ -74,6 +77,8 @@ pub struct Config {
     pub server_key: PathBuf,
     pub shutdown_grace: Duration,
     pub token_ttl: Duration,
+    /// None: detections are kept.
+    pub retention: Option<Duration>,
     pub maintainer_keys: Vec<vedette_engine::bundle::PublicKey>,
     pub insecure_allow_unsigned_bundles: bool,
 }
@@ -145,6 +150,22 @@ impl RawConfig {
             Duration::from_secs(10),
         );
         let token_ttl = duration("token_ttl", &self.token_ttl, Duration::from_secs(3600));
+        let retention = self
+            .retention
+            .as_ref()
+            .and_then(|s| match humantime::parse_duration(s) {
+                Ok(d) if d >= Duration::from_secs(3600) => Some(d),
+                Ok(_) => {
+                    problems.push(format!("`retention`: `{s}` is shorter than one hour"));
+                    None
+                }
+                Err(e) => {
+                    problems.push(format!(
+                        "`retention`: `{s}` is not a duration like `90d` ({e})"
+                    ));
+                    None
+                }
+            });
         let store = store_location(self.store.as_ref(), self.database.as_ref(), base)
             .map_err(|p| problems.push(p))
             .ok();
@@ -165,6 +186,7 @@ impl RawConfig {
                 server_key,
                 shutdown_grace,
                 token_ttl,
+                retention,
                 maintainer_keys,
                 insecure_allow_unsigned_bundles: self.insecure_allow_unsigned_bundles,
             }),

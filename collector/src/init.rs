@@ -143,6 +143,7 @@ fn write_collector_config(dir: &Path, listen: SocketAddr, store: &str) -> Result
         },
         shutdown_grace: Some("10s".into()),
         token_ttl: Some("1h".into()),
+        retention: None,
         maintainer_keys: vec!["maintainer.pub".into()],
         insecure_allow_unsigned_bundles: false,
     };

@@ -126,6 +126,9 @@ pub async fn serve(
         .context("cannot set up TLS")?;
     let state = open_state(&config, shutdown.clone()).await?;
     follow_other_collectors(&state)?;
+    if let Some(keep) = config.retention {
+        tokio::spawn(retention(state.clone(), keep));
+    }
     let local: SocketAddr = listener.local_addr()?;
     info!(address = %local, store = %config.store.display(), "collector listening");
 
@@ -224,6 +227,44 @@ fn follow_other_collectors(state: &Arc<State>) -> anyhow::Result<()> {
         }
     });
     Ok(())
+}
+
+/// Deletes detections older than `keep`, a small batch at a time, every few minutes (every
+/// collector sharing a store may run it: batches skip rows another one is deleting).
+async fn retention(state: Arc<State>, keep: std::time::Duration) {
+    const BATCH: u32 = 1000;
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(300);
+    loop {
+        let cutoff = crate::store::now_ms() - keep.as_millis() as i64;
+        let mut deleted = 0u64;
+        loop {
+            match blocking(&state.store, move |s| {
+                s.delete_detections_before(cutoff, BATCH)
+            })
+            .await
+            {
+                Ok(n) => {
+                    deleted += n;
+                    if n < u64::from(BATCH) {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+            if state.shutdown.is_cancelled() {
+                return;
+            }
+            // Between batches, agents' inserts get the database.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        if deleted > 0 {
+            info!(deleted, "retention: old detections deleted");
+        }
+        tokio::select! {
+            () = state.shutdown.cancelled() => return,
+            () = tokio::time::sleep(EVERY) => {}
+        }
+    }
 }
 
 /// Pushes the stored bundle `version` (0: the latest) if it is newer than the one held.

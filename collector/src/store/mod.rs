@@ -220,6 +220,10 @@ pub trait Store: Send + Sync {
 
     /// Number of stored detections (all agents).
     fn count_detections(&self) -> Result<u64, StoreError>;
+
+    /// Deletes at most `limit` detections received before `before_ms`, oldest first; returns
+    /// how many (retention deletes in small batches so that ingest is never blocked long).
+    fn delete_detections_before(&self, before_ms: i64, limit: u32) -> Result<u64, StoreError>;
 }
 
 #[derive(Debug, thiserror::Error)]

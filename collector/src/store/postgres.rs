@@ -648,6 +648,17 @@ impl Store for PgStore {
             Ok(n as u64)
         })
     }
+
+    fn delete_detections_before(&self, before_ms: i64, limit: u32) -> Result<u64, StoreError> {
+        self.with(|c| {
+            Ok(c.execute(
+                "DELETE FROM detections WHERE seq IN
+                    (SELECT seq FROM detections WHERE received_at_ms < $1 ORDER BY seq LIMIT $2
+                     FOR UPDATE SKIP LOCKED)",
+                &[&before_ms, &i64::from(limit)],
+            )?)
+        })
+    }
 }
 
 /// A detection batch, column by column, for one `unnest` insert.

@@ -446,6 +446,15 @@ impl Store for SqliteStore {
                 r.get::<_, i64>(0)
             })? as u64)
     }
+
+    fn delete_detections_before(&self, before_ms: i64, limit: u32) -> Result<u64, StoreError> {
+        let n = self.conn().execute(
+            "DELETE FROM detections WHERE seq IN
+                (SELECT seq FROM detections WHERE received_at_ms < ?1 ORDER BY seq LIMIT ?2)",
+            params![before_ms, limit],
+        )?;
+        Ok(n as u64)
+    }
 }
 
 const AGENT_SELECT: &str = "SELECT id, hostname, os, kernel, arch, agent_version, enrolled_at_ms,

@@ -146,6 +146,31 @@ fn detections_are_stored_once_and_survive_reopen() {
 }
 
 #[test]
+fn retention_deletes_old_detections_in_batches() {
+    both("retention", |s, _| {
+        s.create_token("h", 0, i64::MAX, 1).unwrap();
+        s.enroll("h", "a", "host", 1).unwrap().unwrap();
+        for (i, at) in [10, 10, 10, 20, 30].into_iter().enumerate() {
+            s.insert_detections("a", &[detection(&format!("d{i}"))], at)
+                .unwrap();
+        }
+        assert_eq!(s.delete_detections_before(20, 2).unwrap(), 2);
+        assert_eq!(s.delete_detections_before(20, 2).unwrap(), 1);
+        assert_eq!(s.delete_detections_before(20, 2).unwrap(), 0);
+        let left: Vec<i64> = s
+            .list_detections(&DetectionFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap()
+            .iter()
+            .map(|d| d.received_at_ms)
+            .collect();
+        assert_eq!(left, [20, 30]);
+    });
+}
+
+#[test]
 fn agents_record_connections_heartbeats_bundles_and_revocation() {
     both("agents", |s, _| {
         s.create_token("h", 0, i64::MAX, 1).unwrap();
