@@ -227,6 +227,11 @@ fn store_location(
                 (StoreLocation::Sqlite(_), Some(_)) => {
                     return Err("`store.ca_cert` is for PostgreSQL; the store is SQLite".into());
                 }
+                (StoreLocation::Postgres { url, .. }, None)
+                    if url.contains("sslmode=require") || url.contains("sslmode=verify") =>
+                {
+                    return Err("`store.url` asks for TLS (`sslmode`): set `store.ca_cert` to the CA certificate that signed the database server's certificate".into());
+                }
                 _ => {}
             }
             Ok(location)
