@@ -26,16 +26,7 @@ use vedette_proto::v1::agent_message::Msg;
 use vedette_proto::v1::agent_service_client::AgentServiceClient;
 use vedette_proto::v1::collector_message::Msg as Down;
 use vedette_proto::v1::{AgentMessage, BundleRolloutRequest, BundleStatus, Hello};
-use vedette_tests::{Collector, enroll_simulated};
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use vedette_tests::{Collector, bench_arg as arg, enroll_simulated};
 
 #[tokio::main]
 async fn main() {

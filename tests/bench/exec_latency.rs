@@ -15,16 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use vedette_tests::{Agent, Collector, rule_dir, wait_for};
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use vedette_tests::{Agent, Collector, bench_arg as arg, rule_dir, wait_for};
 
 /// Times `n` runs of `exe`; each must end as `refused` says (refused: EPERM at exec).
 fn time_execs(exe: &Path, n: usize, refused: bool) -> Vec<Duration> {
@@ -136,15 +127,11 @@ fn main() {
             ("agent, prevention", &prevent),
         ] {
             agent.run(&c, &["--config", cfg.to_str().expect("utf-8")]);
-            let log = || {
-                agent
-                    .proc
-                    .as_ref()
-                    .map(|p| p.log_text())
-                    .unwrap_or_default()
-            };
             wait_for(Duration::from_secs(30), "fanotify in use", || {
-                log().contains("file events from fanotify").then_some(())
+                agent
+                    .log()
+                    .contains("file events from fanotify")
+                    .then_some(())
             });
             // One exec first, so both runs time warm caches.
             time_execs(&benign, 1, false);

@@ -24,16 +24,7 @@ use vedette_proto::v1::agent_message::Msg;
 use vedette_proto::v1::agent_service_client::AgentServiceClient;
 use vedette_proto::v1::collector_message::Msg as Down;
 use vedette_proto::v1::{AgentMessage, Detection, DetectionBatch, FileTarget, Hello, detection};
-use vedette_tests::{Collector, PgDb, enroll_simulated};
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use vedette_tests::{Collector, PgDb, bench_arg as arg, enroll_simulated};
 
 /// A realistic file detection with a fresh id.
 fn detection(agent: usize, n: usize) -> Detection {

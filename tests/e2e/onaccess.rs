@@ -114,11 +114,7 @@ impl Setup {
     }
 
     fn log(&self) -> String {
-        self.agent
-            .proc
-            .as_ref()
-            .map(|p| p.log_text())
-            .unwrap_or_default()
+        self.agent.log()
     }
 
     /// Writes `n` marker files and waits until each is stored once.

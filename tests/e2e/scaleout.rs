@@ -168,14 +168,10 @@ fn two_collectors_on_one_postgres_database_serve_one_fleet() {
         || agent_row(&b, &agent.id).filter(|r| r["connected"] == false && r["state"] == "revoked"),
     );
     // It is refused everywhere from now on.
-    let log = || {
-        agent
-            .proc
-            .as_ref()
-            .map(|p| p.log_text())
-            .unwrap_or_default()
-    };
     wait_for(Duration::from_secs(20), "the agent to be refused", || {
-        log().contains("this agent has been revoked").then_some(())
+        agent
+            .log()
+            .contains("this agent has been revoked")
+            .then_some(())
     });
 }

@@ -11,6 +11,16 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// The value of `--name N` on a benchmark's command line, or `default`.
+pub fn bench_arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Where cargo put the workspace binaries: next to this executable (a benchmark binary), or
 /// one level up (a test executable in `deps/`).
 pub fn bin(name: &str) -> PathBuf {
@@ -395,6 +405,11 @@ impl Agent {
             String::from_utf8_lossy(&out.stderr)
         );
         Some(serde_json::from_slice(&out.stdout).expect("spool JSON"))
+    }
+
+    /// What the running (or last) agent process logged so far.
+    pub fn log(&self) -> String {
+        self.proc.as_ref().map(|p| p.log_text()).unwrap_or_default()
     }
 
     /// This agent's row in `vedettectl agents list --json`.
