@@ -40,7 +40,11 @@ async fn main() {
     let token = c.token(&["--uses", &agents.to_string()]);
 
     let t = Instant::now();
-    let identities = enroll_simulated(&c, &token, agents).await;
+    let identities = enroll_simulated(&c, &token, agents)
+        .await
+        .into_iter()
+        .map(|(_, tls)| tls)
+        .collect::<Vec<_>>();
     println!("enrolled {agents} agents in {:.2?}", t.elapsed());
 
     // Received[v] counts connections that got bundle version v.

@@ -132,7 +132,7 @@ async fn measure(s: &Setup, agents: usize, batches: usize, size: usize) {
     let identities = enroll_simulated(first, &token, agents).await;
     let t = Instant::now();
     let mut runs = tokio::task::JoinSet::new();
-    for (i, tls) in identities.into_iter().enumerate() {
+    for (i, (_, tls)) in identities.into_iter().enumerate() {
         let addr = s.collectors[i % s.collectors.len()].addr.clone();
         runs.spawn(stream(addr, tls, i, batches, size));
     }

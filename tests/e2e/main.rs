@@ -5,6 +5,7 @@ mod backbone;
 mod bundles;
 mod delivery;
 mod engine;
+mod hardening;
 mod onaccess;
 mod output;
 mod scaleout;

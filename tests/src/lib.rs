@@ -502,12 +502,12 @@ impl Drop for PgDb {
 }
 
 /// Enrolls `n` simulated agents with `token` over the real enrollment RPC, each with its own
-/// key and certificate, in parallel; returns their TLS identities (for benchmarks).
+/// key and certificate, in parallel; returns their ids and TLS identities.
 pub async fn enroll_simulated(
     c: &Collector,
     token: &str,
     n: usize,
-) -> Vec<vedette_proto::client::ClientTls> {
+) -> Vec<(String, vedette_proto::client::ClientTls)> {
     use vedette_proto::client::{ClientTls, connect};
     use vedette_proto::v1::EnrollRequest;
     use vedette_proto::v1::agent_service_client::AgentServiceClient;
@@ -535,10 +535,11 @@ pub async fn enroll_simulated(
                 .await
                 .expect("enroll")
                 .into_inner();
-            ClientTls {
+            let tls = ClientTls {
                 ca_pem: ca,
                 identity: Some((r.certificate_pem, key.serialize_pem())),
-            }
+            };
+            (r.agent_id, tls)
         });
     }
     enrolls.join_all().await

@@ -132,6 +132,23 @@ impl AgentService for AgentSvc {
             // One stream per agent: a reconnect replaces a stream the agent has given up on.
             old.cancel();
         }
+        // A revocation between the check above and the registration would have found no
+        // stream to close: look again now that the stream is registered.
+        let id = agent_id.clone();
+        let again = blocking(&self.state.store, move |s| s.agent(&id)).await;
+        if !matches!(&again, Ok(Some(r)) if !r.revoked) {
+            let mut streams = self.state.streams();
+            if streams
+                .get(&agent_id)
+                .is_some_and(|(sid, _)| *sid == stream_id)
+            {
+                streams.remove(&agent_id);
+            }
+            warn!(agent = %agent_id, "agent revoked while connecting: refused");
+            return Err(again
+                .err()
+                .unwrap_or_else(|| Status::permission_denied("this agent has been revoked")));
+        }
         let state = self.state.clone();
         let inbound = request.into_inner();
         self.state.tasks.spawn(async move {

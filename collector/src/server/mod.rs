@@ -62,6 +62,12 @@ where
     let store = store.clone();
     match tokio::task::spawn_blocking(move || f(store.as_ref())).await {
         Ok(Ok(v)) => Ok(v),
+        Ok(Err(crate::store::StoreError::Revoked(agent))) => {
+            tracing::warn!(%agent, "revoked agent refused");
+            Err(tonic::Status::permission_denied(
+                "this agent has been revoked",
+            ))
+        }
         Ok(Err(e)) => {
             tracing::error!(error = %e, "store error");
             Err(tonic::Status::unavailable(

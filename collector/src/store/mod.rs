@@ -188,7 +188,10 @@ pub trait Store: Send + Sync {
     fn revoke_agent(&self, id: &str, now_ms: i64) -> Result<bool, StoreError>;
 
     /// Stores a batch of detections of one agent in one transaction. A detection whose id is
-    /// already stored is skipped (resends are idempotent). Returns how many were new.
+    /// already stored is skipped (resends are idempotent). Returns how many were new. Refused
+    /// with [`StoreError::Revoked`] (nothing stored) once the agent is revoked: the agent's row
+    /// is read-locked in the same transaction, so a revocation returns only after a batch in
+    /// flight committed, and no batch commits after it.
     fn insert_detections(
         &self,
         agent_id: &str,
@@ -252,6 +255,8 @@ pub enum StoreError {
     Pg(#[from] ::postgres::Error),
     #[error("the database's TLS set-up failed: {0}")]
     Tls(String),
+    #[error("agent `{0}` is revoked (or unknown): its detections are refused")]
+    Revoked(String),
     #[error("cannot start the thread listening to other collectors: {0}")]
     Thread(std::io::Error),
     #[error("no database connection within {0:?}: the pool is exhausted or the database is down")]

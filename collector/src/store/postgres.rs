@@ -498,7 +498,15 @@ impl Store for PgStore {
             cols.push(d);
         }
         self.with(|c| {
-            let n = c.execute(
+            let mut tx = c.transaction()?;
+            let live = tx.query_opt(
+                "SELECT 1 FROM agents WHERE id = $1 AND revoked_at_ms IS NULL FOR SHARE",
+                &[&agent_id],
+            )?;
+            if live.is_none() {
+                return Err(StoreError::Revoked(agent_id.to_string()));
+            }
+            let n = tx.execute(
                 "INSERT INTO detections (id, agent_id, kind, rule, path, sha256, pid,
                     observed_at_ms, received_at_ms, bundle_version, body)
                  SELECT id, $2, kind, rule, path, sha256, pid, observed, $3, bundle, body
@@ -520,6 +528,7 @@ impl Store for PgStore {
                     &cols.body,
                 ],
             )?;
+            tx.commit()?;
             Ok(n as usize)
         })
     }

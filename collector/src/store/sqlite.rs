@@ -278,6 +278,16 @@ impl Store for SqliteStore {
     ) -> Result<usize, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
+        let live = tx
+            .query_row(
+                "SELECT 1 FROM agents WHERE id = ?1 AND revoked_at_ms IS NULL",
+                [agent_id],
+                |_| Ok(()),
+            )
+            .optional()?;
+        if live.is_none() {
+            return Err(StoreError::Revoked(agent_id.to_string()));
+        }
         let mut inserted = 0;
         {
             let mut stmt = tx.prepare_cached(

@@ -213,6 +213,16 @@ fn agents_record_connections_heartbeats_bundles_and_revocation() {
         assert!(!a.connected);
         assert_eq!(a.last_seen_ms, 21);
         assert!(s.revoke_agent("a", 40).unwrap());
+        let refused = s.insert_detections("a", &[detection("late")], 41);
+        assert!(
+            matches!(refused, Err(StoreError::Revoked(_))),
+            "{refused:?}"
+        );
+        assert!(matches!(
+            s.insert_detections("nobody", &[detection("x")], 41),
+            Err(StoreError::Revoked(_))
+        ));
+        assert_eq!(s.count_detections().unwrap(), 0);
         assert!(!s.revoke_agent("nobody", 40).unwrap());
         assert!(s.agent("a").unwrap().unwrap().revoked);
         assert!(s.agent("nobody").unwrap().is_none());

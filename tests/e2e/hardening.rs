@@ -1,0 +1,139 @@
+//! Findings of the security review, each with the test that shows it fixed.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use vedette_proto::client::{ClientTls, connect};
+use vedette_proto::v1::agent_message::Msg;
+use vedette_proto::v1::agent_service_client::AgentServiceClient;
+use vedette_proto::v1::collector_message::Msg as Down;
+use vedette_proto::v1::{AgentMessage, Detection, DetectionBatch, Hello};
+use vedette_tests::{Collector, enroll_simulated, json_lines, wait_for};
+
+/// What one reconnecting agent has seen.
+#[derive(Default)]
+struct Tally {
+    acks: AtomicUsize,
+    refusals: AtomicUsize,
+    stop: AtomicBool,
+}
+
+/// Connects, sends one detection per batch until the stream fails, and starts again, as fast
+/// as it can, until told to stop.
+async fn reconnect_loop(addr: String, tls: ClientTls, tally: Arc<Tally>) {
+    while !tally.stop.load(Ordering::Relaxed) {
+        let Ok(ch) = connect(&addr, &tls).await else {
+            continue;
+        };
+        let (up, rx) = mpsc::channel(4);
+        let hello = AgentMessage {
+            msg: Some(Msg::Hello(Hello::default())),
+        };
+        if up.send(hello).await.is_err() {
+            continue;
+        }
+        let mut down = match AgentServiceClient::new(ch)
+            .connect(ReceiverStream::new(rx))
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(s) => {
+                if s.code() == tonic::Code::PermissionDenied {
+                    tally.refusals.fetch_add(1, Ordering::Relaxed);
+                }
+                continue;
+            }
+        };
+        for seq in 1..=3u64 {
+            let batch = DetectionBatch {
+                seq,
+                detections: vec![Detection {
+                    id: uuid::Uuid::new_v4().to_string(),
+                    kind: 1,
+                    rule: "race".into(),
+                    ..Default::default()
+                }],
+            };
+            if up
+                .send(AgentMessage {
+                    msg: Some(Msg::Batch(batch)),
+                })
+                .await
+                .is_err()
+            {
+                break;
+            }
+            match down.message().await {
+                Ok(Some(m)) if matches!(m.msg, Some(Down::Ack(_))) => {
+                    tally.acks.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(s) if s.code() == tonic::Code::PermissionDenied => {
+                    tally.refusals.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                _ => break,
+            }
+        }
+        // Dropping the stream here is a reconnect, as an agent does after a failure.
+    }
+}
+
+fn stored_of(c: &Collector, agent: &str) -> usize {
+    let out = c.ctl_ok(&[
+        "detections",
+        "list",
+        "--json",
+        "--limit",
+        "100000",
+        "--agent",
+        agent,
+    ]);
+    json_lines(&out).len()
+}
+
+#[test]
+fn revoking_an_agent_that_reconnects_in_a_loop_stores_nothing_after_the_revoke_returns() {
+    const ROUNDS: usize = 10;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = Collector::init(&tmp.path().join("collector"));
+    c.start();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let token = c.token(&["--uses", &ROUNDS.to_string()]);
+    let agents = rt.block_on(enroll_simulated(&c, &token, ROUNDS));
+    for (round, (id, tls)) in agents.into_iter().enumerate() {
+        let tally = Arc::new(Tally::default());
+        let task = rt.spawn(reconnect_loop(c.addr.clone(), tls, tally.clone()));
+        // Revoked at a different point of its loop each round.
+        let before = 5 + round * 7;
+        wait_for(Duration::from_secs(30), "acks before the revoke", || {
+            (tally.acks.load(Ordering::Relaxed) >= before).then_some(())
+        });
+        c.ctl_ok(&["agents", "revoke", &id]);
+        let at_revoke = stored_of(&c, &id);
+        let refused_then = tally.refusals.load(Ordering::Relaxed);
+        // It keeps trying; every try is refused, and nothing more is stored.
+        wait_for(
+            Duration::from_secs(30),
+            "twenty refusals after the revoke",
+            || (tally.refusals.load(Ordering::Relaxed) >= refused_then + 20).then_some(()),
+        );
+        tally.stop.store(true, Ordering::Relaxed);
+        rt.block_on(task).unwrap();
+        assert_eq!(
+            stored_of(&c, &id),
+            at_revoke,
+            "round {round}: a detection was stored after the revoke returned"
+        );
+        assert!(
+            at_revoke >= before,
+            "round {round}: {at_revoke} stored, {before} acked"
+        );
+    }
+}
