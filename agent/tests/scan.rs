@@ -590,3 +590,39 @@ fn a_file_whose_name_is_not_utf8_is_scanned_and_reported() {
         "{found:?}"
     );
 }
+
+/// A file named with terminal escape sequences is shown with them escaped in text output, so
+/// a user on a watched host cannot rewrite the screen of whoever reads the detections; JSON
+/// keeps the exact name.
+#[test]
+fn escape_sequences_in_file_names_are_shown_escaped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rules = tmp.path().join("rules");
+    write(
+        &rules.join("esc.yar"),
+        b"rule esc_test { strings: $a = \"VEDETTE-ESC-TEST\" condition: $a }",
+    );
+    let name = "evil\u{1b}]0;pwned\u{7}\u{1b}[2J.txt";
+    let tree = tmp.path().join("tree");
+    write(&tree.join(name), b"VEDETTE-ESC-TEST");
+    let out = scan(&["--rules", s(&rules), s(&tree)], Duration::from_secs(60));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("esc_test"), "{text}");
+    assert!(
+        !text.contains('\u{1b}') && !text.contains('\u{7}'),
+        "{text:?}"
+    );
+    assert!(
+        text.contains("evil\\x1b]0;pwned\\x07\\x1b[2J.txt"),
+        "{text}"
+    );
+    let out = scan(
+        &["--json", "--rules", s(&rules), s(&tree)],
+        Duration::from_secs(60),
+    );
+    let found = json(&out);
+    assert!(
+        found[0]["path"].as_str().unwrap().ends_with(name),
+        "{found:?}"
+    );
+}

@@ -85,9 +85,31 @@ pub fn stored_json(s: &StoredDetection) -> Value {
     v
 }
 
-/// What a detection is about, in a few words: a path, or a process and what it did.
+/// Text from agents (paths, command lines, host names, errors) made safe for a terminal:
+/// control characters (C0, DEL, C1: escape sequences start with them) and the bidirectional
+/// overrides that reorder what is shown are written as `\x1b` or `\u{202e}`. Everything else,
+/// accented letters included, is kept. JSON output needs none of this: it escapes by itself.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char =
+        |c: char| c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    if !s.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            c if !unsafe_char(c) => out.push(c),
+            c if (c as u32) < 0x100 => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// What a detection is about, in a few words: a path, or a process and what it did (made
+/// [`printable`]).
 pub fn target_text(d: &Detection) -> String {
-    match &d.target {
+    let text = match &d.target {
         Some(detection::Target::File(f)) => f.path.clone(),
         Some(detection::Target::Process(p)) => format!("pid {} {} ({})", p.pid, p.exe, p.cmdline),
         Some(detection::Target::Connection(c)) => format!(
@@ -97,7 +119,8 @@ pub fn target_text(d: &Detection) -> String {
             socket_text(&c.remote_addr, c.remote_port)
         ),
         None => String::new(),
-    }
+    };
+    printable(&text).into_owned()
 }
 
 /// The text form of a detection: kind, score, rule, target (and `BLOCKED` for a denied exec).
@@ -111,7 +134,7 @@ pub fn detection_line(d: &Detection) -> String {
         "{:<10} {:>3}  {}  {blocked}{}",
         kind_name(d.kind),
         d.score,
-        d.rule,
+        printable(&d.rule),
         target_text(d)
     )
 }
@@ -122,7 +145,7 @@ pub fn stored_line(s: &StoredDetection) -> String {
     format!(
         "{}  {:<20} {}",
         rfc3339_ms(s.received_at_ms),
-        s.hostname,
+        printable(&s.hostname),
         detection_line(&d)
     )
 }
@@ -130,6 +153,31 @@ pub fn stored_line(s: &StoredDetection) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn escape_sequences_and_bidi_overrides_are_shown_not_obeyed() {
+        assert_eq!(printable("/srv/café.txt"), "/srv/café.txt");
+        let evil = "/tmp/a\u{1b}[2J\u{1b}]0;pwned\u{7}b\u{9b}c\u{202e}gpj.exe\n";
+        let shown = printable(evil);
+        assert_eq!(
+            shown,
+            "/tmp/a\\x1b[2J\\x1b]0;pwned\\x07b\\x9bc\\u{202e}gpj.exe\\x0a"
+        );
+        let d = Detection {
+            rule: "r\u{1b}[31m".into(),
+            target: Some(detection::Target::File(crate::v1::FileTarget {
+                path: evil.into(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let line = detection_line(&d);
+        assert!(!line.chars().any(|c| c.is_control()), "{line:?}");
+        assert!(
+            line.contains("\\x1b[31m") && line.contains("\\x1b[2J"),
+            "{line}"
+        );
+    }
     use crate::v1::{ConnectionTarget, DetectionKind};
 
     #[test]

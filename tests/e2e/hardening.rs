@@ -137,3 +137,41 @@ fn revoking_an_agent_that_reconnects_in_a_loop_stores_nothing_after_the_revoke_r
         );
     }
 }
+
+#[test]
+fn the_enrollment_token_can_come_from_a_file_instead_of_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = Collector::init(&tmp.path().join("collector"));
+    c.start();
+    let enroll = |extra: &[&std::ffi::OsStr]| {
+        std::process::Command::new(vedette_tests::bin("vedette-agent"))
+            .args([
+                "enroll",
+                "--collector",
+                &c.addr,
+                "--ca-sha256",
+                &c.fingerprint,
+            ])
+            .arg("--state-dir")
+            .arg(tmp.path().join("agent"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let missing = tmp.path().join("no-such-token");
+    let out = enroll(&["--token-file".as_ref(), missing.as_os_str()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no-such-token"),
+        "{err}"
+    );
+    let file = tmp.path().join("token.txt");
+    std::fs::write(&file, format!("{}\n", c.token(&[]))).unwrap();
+    let out = enroll(&["--token-file".as_ref(), file.as_os_str()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(c.agents().len(), 1);
+}

@@ -20,7 +20,7 @@ use enroll::{CaPin, EnrollArgs};
     name = "vedette-agent",
     version,
     about = "The Vedette endpoint agent: watches files with YARA rules and streams detections to a collector",
-    after_help = "Typical use:\n  vedette-agent enroll --collector collector.example:7443 --token vdt_... \
+    after_help = "Typical use:\n  vedette-agent enroll --collector collector.example:7443 --token-file token.txt \
         --ca-sha256 <fingerprint> --state-dir /var/lib/vedette\n  \
         vedette-agent run --state-dir /var/lib/vedette --watch /srv --rules /etc/vedette/rules"
 )]
@@ -100,13 +100,18 @@ pub struct ScanCmd {
 
 #[derive(Args)]
 #[command(group = clap::ArgGroup::new("trust").required(true).args(["ca_sha256", "ca"]))]
+#[command(group = clap::ArgGroup::new("secret").required(true).args(["token", "token_file"]))]
 pub struct EnrollCmd {
     /// The collector's host:port (a name in its server certificate).
     #[arg(long)]
     pub collector: String,
-    /// The enrollment token from `vedettectl token create`.
+    /// The enrollment token from `vedettectl token create`. On a shared host prefer
+    /// `--token-file` or the VEDETTE_TOKEN variable: a command line is visible to `ps`.
     #[arg(long, env = "VEDETTE_TOKEN", hide_env_values = true)]
-    pub token: String,
+    pub token: Option<String>,
+    /// A file holding the enrollment token (read once; delete it afterwards).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
     /// SHA-256 fingerprint of the collector's CA, as printed by `vedette-collector init`.
     #[arg(long, value_name = "HEX")]
     pub ca_sha256: Option<String>,
@@ -220,10 +225,24 @@ async fn enroll_cmd(cmd: EnrollCmd) -> ExitCode {
         (None, Some(f)) => CaPin::File(f),
         (None, None) => return fail(&"give --ca-sha256 or --ca", exit::CONFIG),
     };
+    let token = match (cmd.token, &cmd.token_file) {
+        (Some(t), _) => t,
+        (None, Some(f)) => match std::fs::read_to_string(f) {
+            Ok(t) if !t.trim().is_empty() => t,
+            Ok(_) => return fail(&format!("`{}` holds no token", f.display()), exit::CONFIG),
+            Err(e) => {
+                return fail(
+                    &format!("cannot read the token file `{}`: {e}", f.display()),
+                    exit::CONFIG,
+                );
+            }
+        },
+        (None, None) => return fail(&"give --token-file or --token", exit::CONFIG),
+    };
     let state = StateDir::new(&cmd.state_dir);
     let args = EnrollArgs {
         collector: &cmd.collector,
-        token: &cmd.token,
+        token: &token,
         pin,
         state: &state,
     };

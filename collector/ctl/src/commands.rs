@@ -1,6 +1,6 @@
 //! Running each `vedettectl` command and printing its result.
 
-use vedette_proto::output::{rfc3339_ms, stored_json, stored_line};
+use vedette_proto::output::{printable, rfc3339_ms, stored_json, stored_line};
 
 use crate::args::{AgentsCmd, Command, DetectionsCmd, RulesCmd, SignArgs, TokenCmd};
 use crate::client::{self, CtlConfig};
@@ -31,13 +31,13 @@ pub async fn run(command: Command, cfg: CtlConfig) -> anyhow::Result<()> {
                     println!(
                         "{:<36}  {:<20} {:<12} {:<24} {:>6} {:<24} {:>8}  {}",
                         a.id,
-                        a.hostname,
+                        printable(&a.hostname),
                         client::agent_state(a),
                         rfc3339_ms(a.last_seen_ms),
                         bundle,
                         rfc3339_ms(a.bundle_applied_at_ms),
                         a.dropped_total,
-                        a.agent_version
+                        printable(&a.agent_version)
                     );
                 }
                 if agents
@@ -190,11 +190,11 @@ async fn status(cfg: &CtlConfig, version: Option<u64>, json: bool) -> anyhow::Re
         );
         for a in r.agents.iter().filter(|a| a.applied_version != r.version) {
             let what = if a.failed_version == r.version {
-                format!("failed: {}", a.error)
+                format!("failed: {}", printable(&a.error))
             } else {
                 format!("runs version {}", a.applied_version)
             };
-            println!("  {} ({}): {what}", a.agent_id, a.hostname);
+            println!("  {} ({}): {what}", a.agent_id, printable(&a.hostname));
         }
     }
     Ok(())
