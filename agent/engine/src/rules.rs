@@ -340,6 +340,11 @@ fn compile_yara(sources: Vec<(PathBuf, Vec<u8>)>) -> YaraPart {
     let mut compiler = yara_x::Compiler::new();
     // Legacy rules use regex syntax that strict mode refuses (e.g. `{` unescaped).
     compiler.relaxed_re_syntax(true);
+    // No `include`: a bundle could otherwise read any file of the collector or an agent
+    // (`include "/dev/zero"` exhausts memory, `include "/etc/..."` probes), and what a rule
+    // set means would depend on files outside it and outside the compiled-rules fingerprint.
+    // Every rule file is self-contained; an `include` line is reported as a problem.
+    compiler.enable_includes(false);
     for name in EXTERNALS {
         // Defining a fresh name in a fresh compiler cannot fail.
         let _ = compiler.define_global(name, "");
@@ -550,6 +555,26 @@ mod tests {
         b.add_yara_source(Path::new("x.yar"), b"rule {");
         let e = b.build_strict(0).err().expect("must fail");
         assert!(e.to_string().contains("x.yar:1:"), "{e}");
+    }
+
+    #[test]
+    fn include_is_refused_and_the_rest_loads() {
+        for target in ["/dev/zero", "/etc/passwd", "other.yar"] {
+            let mut b = RuleSetBuilder::new();
+            b.add_yara_source(
+                Path::new("inc.yar"),
+                format!("include \"{target}\"\nrule i {{ condition: true }}").as_bytes(),
+            );
+            b.add_yara_source(Path::new("ok.yar"), b"rule ok { condition: true }");
+            let rs = b.build(0);
+            // The include is refused (nothing outside the set is read); yara-x keeps the
+            // file's own rule, as for other errors, and the other file loads.
+            assert_eq!(rs.yara_rules(), 2, "{target}");
+            let p = &rs.report().problems;
+            assert_eq!(p.len(), 1, "{target}: {p:?}");
+            assert_eq!(p[0].path, Path::new("inc.yar"));
+            assert!(p[0].reason.contains("include"), "{}", p[0]);
+        }
     }
 
     #[test]
