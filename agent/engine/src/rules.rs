@@ -153,6 +153,9 @@ impl RuleSetBuilder {
     pub fn new() -> RuleSetBuilder {
         let mut digest = Sha256::new();
         digest.update(concat!("vedette-engine ", env!("CARGO_PKG_VERSION")).as_bytes());
+        // How sources are compiled is part of what they mean: rules compiled before `include`
+        // was refused must not be reused from a cache.
+        digest.update(b"\0compile: no includes, relaxed regex syntax");
         RuleSetBuilder {
             yara_sources: Vec::new(),
             ioc_sources: Vec::new(),
