@@ -46,6 +46,12 @@ pub enum StateError {
     },
     #[error("`{}` lists no collector", .0.display())]
     NoCollector(PathBuf),
+    #[error("the state directory `{}` {why}: whoever can write there can change what this agent trusts and loads; {fix}", path.display())]
+    DirUnsafe {
+        path: PathBuf,
+        why: String,
+        fix: String,
+    },
     #[error("`{path}` is readable by others (mode {mode:o}); run `chmod 600 {path}`", path = path.display())]
     KeyMode { path: PathBuf, mode: u32 },
 }
@@ -126,6 +132,7 @@ impl StateDir {
         if !self.is_enrolled() {
             return Err(StateError::NotEnrolled(self.dir.clone()));
         }
+        self.check_private()?;
         let text = read(&self.enrollment())?;
         let enrollment: Enrollment =
             toml::from_str(&text).map_err(|source| StateError::Invalid {
@@ -163,6 +170,46 @@ fn read(path: &Path) -> Result<String, StateError> {
         path: path.to_owned(),
         source,
     })
+}
+
+impl StateDir {
+    /// The directory must be a real directory, owned by this process's user and writable by
+    /// no one else: it holds the key, the pinned keys and the compiled rules the agent loads.
+    fn check_private(&self) -> Result<(), StateError> {
+        use std::os::unix::fs::MetadataExt;
+        let path = self.dir.clone();
+        let meta = fs::symlink_metadata(&path).map_err(|source| StateError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let me = fs::metadata("/proc/self")
+            .map(|m| m.uid())
+            .unwrap_or(u32::MAX);
+        let unsafe_dir = |why: String, fix: String| StateError::DirUnsafe {
+            path: path.clone(),
+            why,
+            fix,
+        };
+        if !meta.is_dir() {
+            return Err(unsafe_dir(
+                "is not a directory (a symlink?)".into(),
+                "use the real directory".into(),
+            ));
+        }
+        if meta.uid() != me {
+            return Err(unsafe_dir(
+                format!("is owned by uid {}, not by this user ({me})", meta.uid()),
+                format!("run `chown {me} {}`", path.display()),
+            ));
+        }
+        if meta.mode() & 0o022 != 0 {
+            return Err(unsafe_dir(
+                format!("is writable by others (mode {:o})", meta.mode() & 0o777),
+                format!("run `chmod 700 {}`", path.display()),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Writes `contents` to `path` atomically (temporary file, fsync, rename) with `mode`.

@@ -175,3 +175,32 @@ fn the_enrollment_token_can_come_from_a_file_instead_of_the_command_line() {
     );
     assert_eq!(c.agents().len(), 1);
 }
+
+#[test]
+fn an_agent_refuses_a_state_directory_others_can_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = vedette_tests::Collector::init(&tmp.path().join("collector"));
+    c.start();
+    let agent = vedette_tests::Agent::enroll(&c, &tmp.path().join("agent"));
+    let mode = |m| {
+        std::fs::set_permissions(
+            &agent.state,
+            std::os::unix::fs::PermissionsExt::from_mode(m),
+        )
+        .unwrap()
+    };
+    mode(0o777);
+    let out = std::process::Command::new(vedette_tests::bin("vedette-agent"))
+        .arg("run")
+        .arg("--state-dir")
+        .arg(&agent.state)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("writable by others") && err.contains("chmod 700"),
+        "{err}"
+    );
+    mode(0o700);
+}

@@ -26,10 +26,9 @@ use crate::{Origin, Problem, ProblemKind};
 
 const MAGIC: &[u8] = b"VEDETTE-COMPILED-1\n";
 
-/// Whether `path` may be trusted: owned by this process's effective user, not writable by
-/// group or others.
-fn trusted(path: &Path) -> Result<(), String> {
-    let meta = std::fs::symlink_metadata(path).map_err(|e| e.to_string())?;
+/// Whether a cache file, as its open descriptor shows it, may be trusted: owned by this
+/// process's effective user, not writable by group or others.
+fn trusted(meta: &std::fs::Metadata) -> Result<(), String> {
     // /proc/self belongs to the process's effective user: no unsafe call needed to learn it.
     let me = std::fs::metadata("/proc/self")
         .map(|m| m.uid())
@@ -53,14 +52,30 @@ fn trusted(path: &Path) -> Result<(), String> {
 }
 
 pub(crate) fn load(path: &Path, fingerprint: &[u8; 32]) -> Option<YaraPart> {
-    if !path.exists() {
-        return None;
-    }
-    if let Err(why) = trusted(path) {
+    // Opened without following a symlink, then checked and read through the same descriptor:
+    // the file judged is the file loaded (loading deserialises native code).
+    let mut file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "compiled-rules cache not trusted; compiling from source");
+            return None;
+        }
+    };
+    if let Err(why) = file
+        .metadata()
+        .map_err(|e| e.to_string())
+        .and_then(|m| trusted(&m))
+    {
         warn!(path = %path.display(), reason = %why, "compiled-rules cache not trusted; compiling from source");
         return None;
     }
-    let data = std::fs::read(path).ok()?;
+    let mut data = Vec::new();
+    std::io::Read::read_to_end(&mut file, &mut data).ok()?;
     match parse(&data, fingerprint) {
         Ok(hit) => {
             debug!(path = %path.display(), "compiled rules loaded from cache");
@@ -218,5 +233,16 @@ mod tests {
         assert!(super::load(&cache, &set.fingerprint()).is_some());
         std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o666)).unwrap();
         assert!(super::load(&cache, &set.fingerprint()).is_none());
+    }
+
+    #[test]
+    fn a_cache_reached_through_a_symlink_is_not_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real.bin");
+        let set = builder().build_cached(0, &real);
+        assert!(super::load(&real, &set.fingerprint()).is_some());
+        let link = dir.path().join("rules.bin");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        assert!(super::load(&link, &set.fingerprint()).is_none());
     }
 }

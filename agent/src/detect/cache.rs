@@ -23,6 +23,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -226,8 +227,15 @@ impl ScanCache {
             }
         }
         let out = w.seal();
+        // Made anew and exclusively (never through a symlink planted at the temporary name),
+        // private, then renamed over the old file.
         let tmp = path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp)?;
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(&out)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
@@ -403,6 +411,22 @@ mod tests {
         assert_eq!(c.get(&fresh, 7), None);
         // What was reported is still known.
         assert_eq!(c.record(fresh, 7, &[found("a")], None), vec![]);
+    }
+
+    #[test]
+    fn saving_never_writes_through_a_planted_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        let path = dir.path().join("scan-cache.bin");
+        std::os::unix::fs::symlink(&victim, path.with_extension("tmp")).unwrap();
+        let c = ScanCache::new();
+        c.save(&path).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+        assert!(std::fs::symlink_metadata(&path).unwrap().is_file());
+        let mode = std::fs::metadata(&path).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(ScanCache::load(&path).len(), 0);
     }
 
     #[test]
