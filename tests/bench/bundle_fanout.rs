@@ -17,16 +17,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use vedette_engine::bundle::{self, PublicKey};
 use vedette_proto::client::{ClientTls, connect};
 use vedette_proto::v1::admin_service_client::AdminServiceClient;
 use vedette_proto::v1::agent_message::Msg;
-use vedette_proto::v1::agent_service_client::AgentServiceClient;
 use vedette_proto::v1::collector_message::Msg as Down;
-use vedette_proto::v1::{AgentMessage, BundleRolloutRequest, BundleStatus, Hello};
-use vedette_tests::{Collector, bench_arg as arg, enroll_simulated};
+use vedette_proto::v1::{AgentMessage, BundleRolloutRequest, BundleStatus};
+use vedette_tests::{Collector, agent_stream, bench_arg as arg, enroll_simulated};
 
 #[tokio::main]
 async fn main() {
@@ -53,21 +50,7 @@ async fn main() {
     let mut keep = Vec::new();
     for tls in identities {
         let (addr, trusted, received) = (c.addr.clone(), trusted.clone(), received.clone());
-        let ch = connect(&addr, &tls).await.expect("agent connect");
-        let (up, rx) = mpsc::channel(8);
-        up.send(AgentMessage {
-            msg: Some(Msg::Hello(Hello {
-                inventory: None,
-                applied_bundle_version: 0,
-            })),
-        })
-        .await
-        .expect("hello");
-        let mut down = AgentServiceClient::new(ch)
-            .connect(ReceiverStream::new(rx))
-            .await
-            .expect("stream")
-            .into_inner();
+        let (up, mut down) = agent_stream(&addr, &tls).await.expect("agent stream");
         keep.push(tokio::spawn(async move {
             while let Ok(Some(m)) = down.message().await {
                 let Some(Down::Bundle(b)) = m.msg else {

@@ -11,11 +11,11 @@
 //! ```
 //! The agent is the built release binary, enrolled with a real collector on 127.0.0.1.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use vedette_tests::{Agent, Collector, bench_arg as arg, rule_dir, wait_for};
+use vedette_tests::{Agent, Collector, Tmpfs, bench_arg as arg, rule_dir, wait_for};
 
 /// Times `n` runs of `exe`; each must end as `refused` says (refused: EPERM at exec).
 fn time_execs(exe: &Path, n: usize, refused: bool) -> Vec<Duration> {
@@ -43,28 +43,12 @@ fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
-/// A tmpfs, unmounted on drop.
-struct Tmpfs(PathBuf);
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 fn main() {
     let n = arg("--execs", 2000);
     let rounds = arg("--rounds", 2);
     let tmp = tempfile::tempdir().expect("temp dir");
-    let fs = tmp.path().join("fs");
-    std::fs::create_dir(&fs).expect("mount point");
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64m", "vedette-bench"])
-        .arg(&fs)
-        .status()
-        .expect("run mount");
-    assert!(mounted.success(), "cannot mount a tmpfs (run as root)");
-    let _fs = Tmpfs(fs.clone());
+    let mounted = Tmpfs::mount(&tmp.path().join("fs")).expect("a tmpfs (run as root)");
+    let fs = mounted.path.clone();
     let benign = fs.join("bench-true");
     std::fs::copy("/bin/true", &benign).expect("copy /bin/true");
     let ioc = fs.join("bench-ioc");

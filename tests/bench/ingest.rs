@@ -17,14 +17,11 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use vedette_proto::client::{ClientTls, connect};
+use vedette_proto::client::ClientTls;
 use vedette_proto::v1::agent_message::Msg;
-use vedette_proto::v1::agent_service_client::AgentServiceClient;
 use vedette_proto::v1::collector_message::Msg as Down;
-use vedette_proto::v1::{AgentMessage, Detection, DetectionBatch, FileTarget, Hello, detection};
-use vedette_tests::{Collector, PgDb, bench_arg as arg, enroll_simulated};
+use vedette_proto::v1::{AgentMessage, Detection, DetectionBatch, FileTarget, detection};
+use vedette_tests::{Collector, PgDb, agent_stream, bench_arg as arg, enroll_simulated};
 
 /// A realistic file detection with a fresh id.
 fn detection(agent: usize, n: usize) -> Detection {
@@ -57,18 +54,7 @@ async fn stream(
     batches: usize,
     size: usize,
 ) -> Vec<Duration> {
-    let ch = connect(&addr, &tls).await.expect("agent connect");
-    let (up, rx) = mpsc::channel(4);
-    up.send(AgentMessage {
-        msg: Some(Msg::Hello(Hello::default())),
-    })
-    .await
-    .expect("hello");
-    let mut down = AgentServiceClient::new(ch)
-        .connect(ReceiverStream::new(rx))
-        .await
-        .expect("stream")
-        .into_inner();
+    let (up, mut down) = agent_stream(&addr, &tls).await.expect("agent stream");
     let mut lat = Vec::with_capacity(batches);
     for b in 0..batches {
         let seq = b as u64 + 1;

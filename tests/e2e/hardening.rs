@@ -4,14 +4,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use vedette_proto::client::{ClientTls, connect};
+use vedette_proto::client::ClientTls;
 use vedette_proto::v1::agent_message::Msg;
-use vedette_proto::v1::agent_service_client::AgentServiceClient;
 use vedette_proto::v1::collector_message::Msg as Down;
-use vedette_proto::v1::{AgentMessage, Detection, DetectionBatch, Hello};
-use vedette_tests::{Collector, enroll_simulated, json_lines, wait_for};
+use vedette_proto::v1::{AgentMessage, Detection, DetectionBatch};
+use vedette_tests::{Collector, agent_stream, enroll_simulated, json_lines, wait_for};
 
 /// What one reconnecting agent has seen.
 #[derive(Default)]
@@ -25,21 +22,8 @@ struct Tally {
 /// as it can, until told to stop.
 async fn reconnect_loop(addr: String, tls: ClientTls, tally: Arc<Tally>) {
     while !tally.stop.load(Ordering::Relaxed) {
-        let Ok(ch) = connect(&addr, &tls).await else {
-            continue;
-        };
-        let (up, rx) = mpsc::channel(4);
-        let hello = AgentMessage {
-            msg: Some(Msg::Hello(Hello::default())),
-        };
-        if up.send(hello).await.is_err() {
-            continue;
-        }
-        let mut down = match AgentServiceClient::new(ch)
-            .connect(ReceiverStream::new(rx))
-            .await
-        {
-            Ok(r) => r.into_inner(),
+        let (up, mut down) = match agent_stream(&addr, &tls).await {
+            Ok(stream) => stream,
             Err(s) => {
                 if s.code() == tonic::Code::PermissionDenied {
                     tally.refusals.fetch_add(1, Ordering::Relaxed);

@@ -9,48 +9,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use vedette_tests::{Agent, Collector, rule_dir, wait_for};
+use vedette_tests::{Agent, Collector, Tmpfs, rule_dir, wait_for};
 
 const RULE: &str = "onaccess_marker";
 const MARKER: &str = "VEDETTE-ONACCESS-MARKER";
-
-/// A tmpfs mounted for one test, unmounted on drop.
-struct Tmpfs {
-    path: PathBuf,
-}
-
-impl Tmpfs {
-    /// None (with a message) where this process may not mount.
-    fn mount(path: &Path) -> Option<Tmpfs> {
-        std::fs::create_dir_all(path).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=64m,mode=0755", "vedette-test"])
-            .arg(path)
-            .output();
-        match out {
-            Ok(o) if o.status.success() => Some(Tmpfs {
-                path: path.to_owned(),
-            }),
-            Ok(o) => {
-                eprintln!(
-                    "skipped: cannot mount a tmpfs (these tests run as root): {}",
-                    String::from_utf8_lossy(&o.stderr).trim()
-                );
-                None
-            }
-            Err(e) => {
-                eprintln!("skipped: cannot run mount(8): {e}");
-                None
-            }
-        }
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-    }
-}
 
 struct Setup {
     c: Collector,
@@ -66,7 +28,13 @@ struct Setup {
 /// hash list holding `hashes`; `extra` is appended to the config.
 fn setup(hashes: &[String], extra: &str) -> Option<Setup> {
     let tmp = tempfile::tempdir().unwrap();
-    let fs = Tmpfs::mount(&tmp.path().join("fs"))?;
+    let fs = match Tmpfs::mount(&tmp.path().join("fs")) {
+        Ok(fs) => fs,
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            return None;
+        }
+    };
     let watched = fs.path.join("watched");
     std::fs::create_dir(&watched).unwrap();
     let mut c = Collector::init(&tmp.path().join("collector"));

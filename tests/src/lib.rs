@@ -544,3 +544,71 @@ pub async fn enroll_simulated(
     }
     enrolls.join_all().await
 }
+
+/// What an agent stream gives a simulated agent: where to send its messages, and the
+/// collector's replies.
+pub type AgentStream = (
+    tokio::sync::mpsc::Sender<vedette_proto::v1::AgentMessage>,
+    tonic::Streaming<vedette_proto::v1::CollectorMessage>,
+);
+
+/// Opens an agent stream to `addr` as `tls` and says Hello, as an agent does first (for
+/// simulated agents). A connection that cannot be made is `unavailable`.
+pub async fn agent_stream(
+    addr: &str,
+    tls: &vedette_proto::client::ClientTls,
+) -> Result<AgentStream, tonic::Status> {
+    use vedette_proto::v1::agent_message::Msg;
+    use vedette_proto::v1::agent_service_client::AgentServiceClient;
+    use vedette_proto::v1::{AgentMessage, Hello};
+    let ch = vedette_proto::client::connect(addr, tls)
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let (up, rx) = tokio::sync::mpsc::channel(8);
+    let hello = AgentMessage {
+        msg: Some(Msg::Hello(Hello::default())),
+    };
+    up.send(hello)
+        .await
+        .map_err(|_| tonic::Status::internal("the outbound queue closed"))?;
+    let down = AgentServiceClient::new(ch)
+        .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    Ok((up, down))
+}
+
+/// A tmpfs mounted for one test or benchmark, unmounted on drop: fanotify marks on it cannot
+/// touch the host's own file systems.
+pub struct Tmpfs {
+    pub path: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a 64 MiB tmpfs at `path` (created if missing); the reason when this process may
+    /// not mount (it takes root).
+    pub fn mount(path: &Path) -> Result<Tmpfs, String> {
+        std::fs::create_dir_all(path)
+            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64m,mode=0755", "vedette-test"])
+            .arg(path)
+            .output()
+            .map_err(|e| format!("cannot run mount(8): {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "cannot mount a tmpfs (this needs root): {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(Tmpfs {
+            path: path.to_owned(),
+        })
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}

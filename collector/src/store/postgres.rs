@@ -199,10 +199,7 @@ struct Pool {
 
 impl Pool {
     fn connect(&self) -> Result<Client, postgres::Error> {
-        match &self.tls {
-            Some(tls) => self.config.connect(tls.clone()),
-            None => self.config.connect(NoTls),
-        }
+        connect(&self.config, self.tls.as_ref())
     }
 
     fn get(&self) -> Result<Client, StoreError> {
@@ -262,21 +259,17 @@ const LISTEN_TICK: Duration = Duration::from_millis(250);
 impl PgStore {
     /// Listens on a connection of its own; re-made (with a `Resync`) when it breaks.
     fn listen(
-        pool_config: postgres::Config,
+        config: postgres::Config,
         tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
         tx: tokio::sync::mpsc::Sender<StoreEvent>,
         stop: tokio_util::sync::CancellationToken,
     ) {
-        let connect = || -> Result<Client, postgres::Error> {
-            let mut c = match &tls {
-                Some(tls) => pool_config.connect(tls.clone())?,
-                None => pool_config.connect(NoTls)?,
-            };
-            c.batch_execute(&format!("LISTEN {EVENTS}"))?;
-            Ok(c)
-        };
         while !stop.is_cancelled() {
-            let mut client = match connect() {
+            let listening = connect(&config, tls.as_ref()).and_then(|mut c| {
+                c.batch_execute(&format!("LISTEN {EVENTS}"))?;
+                Ok(c)
+            });
+            let mut client = match listening {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot listen for other collectors' events; retrying");
@@ -289,29 +282,49 @@ impl PgStore {
             if tx.blocking_send(StoreEvent::Resync).is_err() {
                 return;
             }
-            while !stop.is_cancelled() && !client.is_closed() {
-                let mut notes = client.notifications();
-                let mut it = notes.timeout_iter(LISTEN_TICK);
-                loop {
-                    match it.next() {
-                        Ok(Some(n)) => {
-                            let Some(event) = StoreEvent::decode(n.payload()) else {
-                                continue;
-                            };
-                            if tx.blocking_send(event).is_err() {
-                                return;
-                            }
-                        }
-                        Ok(None) => break,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "lost the connection listening for other collectors' events");
-                            break;
-                        }
-                    }
+            match relay(&mut client, &tx, &stop) {
+                Ok(()) => return,
+                Err(e) => {
+                    // Re-made (after a pause) rather than read again: the connection is suspect.
+                    tracing::warn!(error = %e, "lost the connection listening for other collectors' events");
+                    std::thread::sleep(Duration::from_secs(1));
                 }
             }
         }
     }
+}
+
+/// Opens one connection, over TLS when the store has a TLS set-up.
+fn connect(
+    config: &postgres::Config,
+    tls: Option<&tokio_postgres_rustls::MakeRustlsConnect>,
+) -> Result<Client, postgres::Error> {
+    match tls {
+        Some(tls) => config.connect(tls.clone()),
+        None => config.connect(NoTls),
+    }
+}
+
+/// Hands every announced event to `tx` until `stop` fires or the receiver is gone (`Ok`), or
+/// the connection fails (`Err`).
+fn relay(
+    client: &mut Client,
+    tx: &tokio::sync::mpsc::Sender<StoreEvent>,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Result<(), postgres::Error> {
+    while !stop.is_cancelled() {
+        let mut notes = client.notifications();
+        let mut it = notes.timeout_iter(LISTEN_TICK);
+        while let Some(n) = it.next()? {
+            let Some(event) = StoreEvent::decode(n.payload()) else {
+                continue;
+            };
+            if tx.blocking_send(event).is_err() {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Store for PgStore {
