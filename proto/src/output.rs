@@ -73,7 +73,36 @@ pub fn detection_json(d: &Detection) -> Value {
         }
         None => {}
     }
+    v["indicator"] = indicator_json(d);
+    v["techniques"] = json!(d.techniques);
     v
+}
+
+/// Where what matched came from. Detections stored before agents sent it get it from their
+/// kind, rule and source.
+pub fn indicator_json(d: &Detection) -> Value {
+    match &d.indicator {
+        Some(i) if !i.source.is_empty() => {
+            let mut v = json!({"source": i.source, "id": i.id, "origin": i.origin});
+            if !i.event.is_empty() {
+                v["event"] = json!(i.event);
+            }
+            v
+        }
+        _ => {
+            let yara = d.kind == crate::v1::DetectionKind::Yara as i32;
+            let origin = if d.bundle_version > 0 {
+                "bundle"
+            } else {
+                "local"
+            };
+            json!({
+                "source": if yara { "yara" } else { "loki" },
+                "id": if yara { &d.rule } else { &d.source },
+                "origin": origin,
+            })
+        }
+    }
 }
 
 /// The JSON form of a stored detection: the detection's fields plus where and when it arrived.

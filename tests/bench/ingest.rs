@@ -43,6 +43,13 @@ fn detection(agent: usize, n: usize) -> Detection {
             sha1: "aaf4c61ddcc5e8a2dabede0f3b482cd9aea9434d".into(),
             ..Default::default()
         })),
+        indicator: Some(vedette_proto::v1::IndicatorRef {
+            source: "loki".into(),
+            id: "hash-iocs.txt:17".into(),
+            event: String::new(),
+            origin: "bundle".into(),
+        }),
+        techniques: vec!["T1105".into()],
     }
 }
 

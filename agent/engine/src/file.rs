@@ -15,7 +15,7 @@ use md5::Md5;
 use sha1::Sha1;
 use sha2::{Digest, Sha256};
 
-use crate::rules::{RuleMatch, RuleSet, rule_match};
+use crate::rules::{RuleMatch, RuleSet};
 
 /// Limits applied to every file.
 #[derive(Debug, Clone, Copy)]
@@ -124,7 +124,7 @@ impl<'r> FileScanner<'r> {
                 .matching_rules()
                 .map(|r| RuleMatch {
                     kind: crate::MatchKind::Process,
-                    ..rule_match(&r)
+                    ..self.rules.yara_match(&r)
                 })
                 .collect()),
             Err(yara_x::ScanError::Timeout) => Err(SkipReason::Timeout),
@@ -162,6 +162,13 @@ impl<'r> FileScanner<'r> {
         };
         if meta.len() > self.options.max_file_size {
             // The name alone can still be a finding.
+            iocs.match_intel_file(
+                &path.to_string_lossy(),
+                None,
+                None,
+                None,
+                &mut report.matches,
+            );
             return if report.matches.is_empty() {
                 Err(SkipReason::TooLarge(meta.len()))
             } else {
@@ -197,13 +204,20 @@ impl<'r> FileScanner<'r> {
             report.sha256.as_deref(),
             &mut report.matches,
         );
+        iocs.match_intel_file(
+            &path.to_string_lossy(),
+            report.md5.as_deref(),
+            report.sha1.as_deref(),
+            report.sha256.as_deref(),
+            &mut report.matches,
+        );
         if let Some(scanner) = self.yara.as_mut() {
             set_externals(scanner, path, &meta);
             match scanner.scan(&self.buf) {
                 Ok(results) => {
                     report
                         .matches
-                        .extend(results.matching_rules().map(|r| rule_match(&r)));
+                        .extend(results.matching_rules().map(|r| self.rules.yara_match(&r)));
                 }
                 Err(yara_x::ScanError::Timeout) => return Err(SkipReason::Timeout),
                 Err(e) => {

@@ -12,6 +12,8 @@
 //! cmdline   CMDLINE_REGEX;SCORE[;COMMENT]
 //! ```
 //!
+//! Files ending in `.jsonl` hold imported threat intelligence instead (see [`crate::intel`]).
+//!
 //! A line that does not parse is reported with file, line number and reason and the rest loads.
 //! Regexes the `regex` crate cannot take (look-around, back-references) are compiled with
 //! `fancy-regex`; only a regex neither accepts is reported.
@@ -20,7 +22,10 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
 
-use crate::rules::{MatchKind, Problem, RuleMatch};
+use std::sync::Arc;
+
+use crate::intel::{FileFacts, Intel};
+use crate::rules::{IndicatorRef, MatchKind, Origin, Problem, RuleMatch};
 
 /// Which list a file holds, from its name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,12 +35,16 @@ pub enum IocKind {
     C2,
     ProcessName,
     Cmdline,
+    /// Imported STIX and MISP indicators, JSON lines.
+    Intel,
 }
 
 impl IocKind {
     pub fn of_path(path: &Path) -> Option<IocKind> {
         let name = path.file_name()?.to_string_lossy().to_lowercase();
-        if name.contains("hash") {
+        if name.ends_with(".jsonl") {
+            Some(IocKind::Intel)
+        } else if name.contains("hash") {
             Some(IocKind::Hash)
         } else if name.contains("filename") {
             Some(IocKind::Filename)
@@ -62,6 +71,10 @@ pub struct IocCounts {
     pub c2_domains: usize,
     pub process_names: usize,
     pub cmdlines: usize,
+    /// Imported indicators loaded (STIX patterns; YARA ones count as YARA rules).
+    pub intel: usize,
+    /// Imported indicators past their `valid_until`.
+    pub intel_expired: usize,
     pub rejected: usize,
 }
 
@@ -114,6 +127,7 @@ struct Indicator {
     score: u32,
     text: String,
     source: String,
+    origin: Origin,
 }
 
 impl Indicator {
@@ -126,13 +140,20 @@ impl Indicator {
             description: String::new(),
             author: String::new(),
             reference: String::new(),
+            indicator: loki(&self.source, self.origin),
         }
     }
+}
+
+/// Provenance of a Loki indicator: its `file:line`.
+fn loki(source: &str, origin: Origin) -> Arc<IndicatorRef> {
+    Arc::new(IndicatorRef::new("loki", source, origin))
 }
 
 struct HashIoc {
     comment: String,
     source: String,
+    origin: Origin,
 }
 
 /// Every loaded indicator, ready to match.
@@ -147,11 +168,12 @@ pub struct Iocs {
     filename_sets: Vec<(regex::RegexSet, Vec<usize>, bool)>,
     /// File-name indicators matched one by one (look-around, or a set too large to build).
     filename_singles: Vec<usize>,
-    c2_ips: HashMap<IpAddr, (String, String)>,
-    c2_nets: Vec<(IpAddr, u8, String, String)>,
+    c2_ips: HashMap<IpAddr, (String, String, Origin)>,
+    c2_nets: Vec<(IpAddr, u8, String, String, Origin)>,
     c2_domains: HashMap<String, (String, String)>,
     process_names: Vec<Indicator>,
     cmdlines: Vec<Indicator>,
+    intel: Intel,
     pub counts: IocCounts,
 }
 
@@ -164,9 +186,18 @@ impl Iocs {
         &mut self,
         kind: IocKind,
         origin: &Path,
+        from: Origin,
         text: &str,
         problems: &mut Vec<Problem>,
     ) {
+        if kind == IocKind::Intel {
+            let before = problems.len();
+            self.intel.add_file(origin, text, problems);
+            self.counts.rejected += problems.len() - before;
+            self.counts.intel = self.intel.loaded;
+            self.counts.intel_expired = self.intel.expired;
+            return;
+        }
         let name = origin
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -178,17 +209,18 @@ impl Iocs {
             }
             let source = format!("{name}:{}", i + 1);
             let result = match kind {
-                IocKind::Hash => self.add_hash(line, source),
-                IocKind::Filename => self.add_filename(line, source),
-                IocKind::C2 => self.add_c2(line, source),
-                IocKind::ProcessName => parse_scored(line, source).map(|ind| {
+                IocKind::Hash => self.add_hash(line, source, from),
+                IocKind::Filename => self.add_filename(line, source, from),
+                IocKind::C2 => self.add_c2(line, source, from),
+                IocKind::ProcessName => parse_scored(line, source, from).map(|ind| {
                     self.counts.process_names += 1;
                     self.process_names.push(ind)
                 }),
-                IocKind::Cmdline => parse_scored(line, source).map(|ind| {
+                IocKind::Cmdline => parse_scored(line, source, from).map(|ind| {
                     self.counts.cmdlines += 1;
                     self.cmdlines.push(ind)
                 }),
+                IocKind::Intel => Ok(()),
             };
             if let Err(reason) = result {
                 self.counts.rejected += 1;
@@ -203,7 +235,7 @@ impl Iocs {
         }
     }
 
-    fn add_hash(&mut self, line: &str, source: String) -> Result<(), String> {
+    fn add_hash(&mut self, line: &str, source: String, origin: Origin) -> Result<(), String> {
         let (hash, comment) = line.split_once(';').unwrap_or((line, ""));
         let hash = hash.trim().to_ascii_lowercase();
         if !hash.chars().all(|c| c.is_ascii_hexdigit()) {
@@ -224,14 +256,15 @@ impl Iocs {
             HashIoc {
                 comment: comment.trim().to_string(),
                 source,
+                origin,
             },
         );
         self.counts.hashes += 1;
         Ok(())
     }
 
-    fn add_filename(&mut self, line: &str, source: String) -> Result<(), String> {
-        let ind = parse_scored(line, source)?;
+    fn add_filename(&mut self, line: &str, source: String, from: Origin) -> Result<(), String> {
+        let ind = parse_scored(line, source, from)?;
         if ind.re.is_fancy() {
             self.counts.filenames_fancy += 1;
         }
@@ -240,13 +273,13 @@ impl Iocs {
         Ok(())
     }
 
-    fn add_c2(&mut self, line: &str, source: String) -> Result<(), String> {
+    fn add_c2(&mut self, line: &str, source: String, from: Origin) -> Result<(), String> {
         let (value, comment) = line.split_once(';').unwrap_or((line, ""));
         let value = value.trim();
         let entry = (value.to_string(), source);
         let _ = comment;
         if let Ok(ip) = value.parse::<IpAddr>() {
-            self.c2_ips.insert(ip, entry);
+            self.c2_ips.insert(ip, (entry.0, entry.1, from));
             self.counts.c2_ips += 1;
             return Ok(());
         }
@@ -261,7 +294,7 @@ impl Iocs {
             if bits > max {
                 return Err(format!("`{}` has a prefix longer than {max}", clip(value)));
             }
-            self.c2_nets.push((ip, bits, entry.0, entry.1));
+            self.c2_nets.push((ip, bits, entry.0, entry.1, from));
             self.counts.c2_networks += 1;
             return Ok(());
         }
@@ -315,22 +348,49 @@ impl Iocs {
     }
 
     pub fn wants_md5(&self) -> bool {
-        !self.md5.is_empty()
+        !self.md5.is_empty() || self.intel.wants_md5()
     }
     pub fn wants_sha1(&self) -> bool {
-        !self.sha1.is_empty()
+        !self.sha1.is_empty() || self.intel.wants_sha1()
     }
     pub fn wants_sha256(&self) -> bool {
-        !self.sha256.is_empty()
+        !self.sha256.is_empty() || self.intel.wants_sha256()
     }
     pub fn has_filenames(&self) -> bool {
         !self.filenames.is_empty()
     }
     pub fn has_process_indicators(&self) -> bool {
-        !self.process_names.is_empty() || !self.cmdlines.is_empty()
+        !self.process_names.is_empty() || !self.cmdlines.is_empty() || self.intel.has_processes()
     }
     pub fn has_c2(&self) -> bool {
-        !self.c2_ips.is_empty() || !self.c2_nets.is_empty()
+        !self.c2_ips.is_empty() || !self.c2_nets.is_empty() || self.intel.has_addresses()
+    }
+    pub fn has_intel_files(&self) -> bool {
+        self.intel.has_files()
+    }
+
+    /// Imported indicators matching a file (its name is the last component of `path`).
+    pub fn match_intel_file(
+        &self,
+        path: &str,
+        md5: Option<&str>,
+        sha1: Option<&str>,
+        sha256: Option<&str>,
+        out: &mut Vec<RuleMatch>,
+    ) {
+        if self.intel.is_empty() {
+            return;
+        }
+        let name = path.rsplit('/').next().unwrap_or(path);
+        self.intel.match_file(
+            &FileFacts {
+                name,
+                md5,
+                sha1,
+                sha256,
+            },
+            out,
+        );
     }
 
     /// Hash indicators matching the given hex digests.
@@ -351,6 +411,7 @@ impl Iocs {
                     description: h.1.comment.clone(),
                     author: String::new(),
                     reference: String::new(),
+                    indicator: loki(&h.1.source, h.1.origin),
                 });
             }
         }
@@ -392,34 +453,41 @@ impl Iocs {
                 out.push(ind.to_match(MatchKind::Process));
             }
         }
+        self.intel.match_process(name, cmdline, out);
     }
 
-    /// The C2 indicator a remote address matches, if any.
-    pub fn match_ip(&self, ip: IpAddr) -> Option<RuleMatch> {
+    /// The C2 indicators a remote address matches: the Loki list's first, then imported ones.
+    pub fn match_ip(&self, ip: IpAddr) -> Vec<RuleMatch> {
         let ip = match ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
             v4 => v4,
         };
+        let mut out = Vec::new();
         let hit = self.c2_ips.get(&ip).cloned().or_else(|| {
             self.c2_nets
                 .iter()
-                .find(|(net, bits, _, _)| in_network(ip, *net, *bits))
-                .map(|(_, _, text, source)| (text.clone(), source.clone()))
-        })?;
-        Some(RuleMatch {
-            kind: MatchKind::Connection,
-            rule: hit.0,
-            source: hit.1,
-            score: FIXED_SCORE,
-            description: String::new(),
-            author: String::new(),
-            reference: String::new(),
-        })
+                .find(|(net, bits, ..)| in_network(ip, *net, *bits))
+                .map(|(_, _, text, source, from)| (text.clone(), source.clone(), *from))
+        });
+        if let Some((text, source, from)) = hit {
+            out.push(RuleMatch {
+                kind: MatchKind::Connection,
+                rule: text,
+                indicator: loki(&source, from),
+                source,
+                score: FIXED_SCORE,
+                description: String::new(),
+                author: String::new(),
+                reference: String::new(),
+            });
+        }
+        self.intel.match_address(ip, &mut out);
+        out
     }
 }
 
 /// `REGEX;SCORE[;FALSE_POSITIVE_REGEX]`.
-fn parse_scored(line: &str, source: String) -> Result<Indicator, String> {
+fn parse_scored(line: &str, source: String, origin: Origin) -> Result<Indicator, String> {
     // The regex itself may contain `;`: the score is the first field after it that is a number.
     let parts: Vec<&str> = line.split(';').collect();
     let score_at = parts
@@ -453,22 +521,13 @@ fn parse_scored(line: &str, source: String) -> Result<Indicator, String> {
         score: score.min(100),
         text: pattern,
         source,
+        origin,
     })
 }
 
-fn is_domain(s: &str) -> bool {
-    s.contains('.')
-        && s.len() <= 253
-        && s.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        })
-}
+use crate::stix::is_domain;
 
-fn in_network(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
+pub(crate) fn in_network(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
     match (ip, net) {
         (IpAddr::V4(a), IpAddr::V4(n)) => {
             let mask = if bits == 0 {
@@ -501,7 +560,7 @@ mod tests {
     fn load(kind: IocKind, text: &str) -> (Iocs, Vec<Problem>) {
         let mut iocs = Iocs::default();
         let mut problems = Vec::new();
-        iocs.add_file(kind, Path::new("t.txt"), text, &mut problems);
+        iocs.add_file(kind, Path::new("t.txt"), Origin::Local, text, &mut problems);
         iocs.finish();
         (iocs, problems)
     }
@@ -551,13 +610,13 @@ mod tests {
         );
         assert_eq!(problems.len(), 1);
         assert_eq!(iocs.counts.c2_domains, 1);
-        assert!(iocs.match_ip("10.1.2.3".parse().unwrap()).is_some());
-        assert!(iocs.match_ip("::ffff:10.1.2.3".parse().unwrap()).is_some());
-        assert_eq!(
-            iocs.match_ip("192.0.2.77".parse().unwrap()).unwrap().rule,
-            "192.0.2.0/24"
-        );
-        assert!(iocs.match_ip("192.0.3.1".parse().unwrap()).is_none());
+        assert_eq!(iocs.match_ip("10.1.2.3".parse().unwrap()).len(), 1);
+        assert_eq!(iocs.match_ip("::ffff:10.1.2.3".parse().unwrap()).len(), 1);
+        let net = iocs.match_ip("192.0.2.77".parse().unwrap());
+        assert_eq!(net[0].rule, "192.0.2.0/24");
+        assert_eq!(net[0].indicator.source, "loki");
+        assert_eq!(net[0].indicator.id, "t.txt:2");
+        assert!(iocs.match_ip("192.0.3.1".parse().unwrap()).is_empty());
     }
 
     #[test]

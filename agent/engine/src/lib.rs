@@ -10,13 +10,17 @@ pub mod bundle;
 pub mod codec;
 mod compiled;
 mod file;
+pub mod import;
+pub mod intel;
 mod ioc;
 mod rules;
+pub mod stix;
 
 pub use file::{FileReport, FileScanner, ScanOptions, SkipReason};
 pub use ioc::{IocCounts, IocKind, Iocs};
 pub use rules::{
-    LoadReport, MatchKind, Origin, Problem, ProblemKind, RuleMatch, RuleSet, RuleSetBuilder,
+    IndicatorRef, LoadReport, MatchKind, Origin, Problem, ProblemKind, RuleMatch, RuleSet,
+    RuleSetBuilder,
 };
 
 /// Error that stops a rule set from being built at all.

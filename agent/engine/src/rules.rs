@@ -75,6 +75,42 @@ pub enum MatchKind {
     Connection,
 }
 
+/// Which indicator matched and where it came from, as detections carry it back.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct IndicatorRef {
+    /// `yara`, `loki`, `stix` or `misp` (`vedette` for built-in findings).
+    pub source: String,
+    /// The rule name, the `file:line` of a Loki indicator, the STIX indicator id, or the MISP
+    /// attribute UUID.
+    pub id: String,
+    /// The MISP event UUID.
+    pub event: String,
+    /// `bundle` or `local` for rules; the collection, feed or file for imported intelligence.
+    pub origin: String,
+    /// MITRE ATT&CK technique ids (`T1505.003`).
+    pub techniques: Vec<String>,
+}
+
+impl IndicatorRef {
+    pub fn new(source: &str, id: &str, origin: Origin) -> IndicatorRef {
+        IndicatorRef {
+            source: source.into(),
+            id: id.into(),
+            origin: origin.name().into(),
+            ..Default::default()
+        }
+    }
+}
+
+impl Origin {
+    pub fn name(self) -> &'static str {
+        match self {
+            Origin::Local => "local",
+            Origin::Bundle => "bundle",
+        }
+    }
+}
+
 /// One rule or indicator that matched.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleMatch {
@@ -87,12 +123,23 @@ pub struct RuleMatch {
     pub description: String,
     pub author: String,
     pub reference: String,
+    /// Provenance of what matched.
+    pub indicator: std::sync::Arc<IndicatorRef>,
+}
+
+/// What a YARA namespace came from: the rule file's origin, or an imported indicator.
+#[derive(Debug, Clone)]
+pub(crate) enum NamespaceOrigin {
+    File(Origin),
+    Intel(std::sync::Arc<IndicatorRef>),
 }
 
 /// An immutable, compiled set of rules. Share it with `Arc`; replace it whole.
 pub struct RuleSet {
     pub(crate) yara: Option<yara_x::Rules>,
     pub(crate) iocs: Iocs,
+    /// Where each YARA namespace came from.
+    pub(crate) namespaces: std::collections::HashMap<String, NamespaceOrigin>,
     /// SHA-256 over every source loaded (names and bytes): two sets with the same fingerprint
     /// match the same way, so cached results stay valid.
     fingerprint: [u8; 32],
@@ -107,6 +154,7 @@ impl RuleSet {
         RuleSet {
             yara: None,
             iocs: Iocs::default(),
+            namespaces: Default::default(),
             fingerprint: [0; 32],
             bundle_version: 0,
             report: LoadReport::default(),
@@ -129,6 +177,19 @@ impl RuleSet {
     pub fn yara_rules(&self) -> usize {
         self.report.yara_rules
     }
+
+    /// A YARA rule that matched, with its score, metadata and provenance.
+    pub(crate) fn yara_match(&self, rule: &yara_x::Rule<'_, '_>) -> RuleMatch {
+        let mut m = rule_match(rule);
+        match self.namespaces.get(rule.namespace()) {
+            Some(NamespaceOrigin::Intel(r)) => m.indicator = r.clone(),
+            Some(NamespaceOrigin::File(o)) => {
+                std::sync::Arc::make_mut(&mut m.indicator).origin = o.name().into()
+            }
+            None => {}
+        }
+        m
+    }
 }
 
 /// Collects rule sources, then compiles them.
@@ -139,6 +200,8 @@ pub struct RuleSetBuilder {
     ioc_sources: Vec<(IocKind, PathBuf, Vec<u8>)>,
     /// Names of the sources that came from a bundle.
     from_bundle: std::collections::HashSet<PathBuf>,
+    /// YARA sources that are imported indicators (`pattern_type: yara`), by their origin name.
+    yara_intel: std::collections::HashMap<PathBuf, std::sync::Arc<IndicatorRef>>,
     digest: Sha256,
     report: LoadReport,
 }
@@ -160,6 +223,7 @@ impl RuleSetBuilder {
             yara_sources: Vec::new(),
             ioc_sources: Vec::new(),
             from_bundle: std::collections::HashSet::new(),
+            yara_intel: Default::default(),
             digest,
             report: LoadReport::default(),
         }
@@ -183,8 +247,8 @@ impl RuleSetBuilder {
             return Err(EngineError::Read {
                 path: path.to_owned(),
                 source: std::io::Error::other(
-                    "neither a YARA file (.yar, .yara) nor an indicator list (a name containing \
-                     hash, filename, c2, process or cmdline)",
+                    "neither a YARA file (.yar, .yara), an intel file (.jsonl) nor an indicator \
+                     list (a name containing hash, filename, c2, process or cmdline)",
                 ),
             });
         }
@@ -209,9 +273,32 @@ impl RuleSetBuilder {
     pub fn add_ioc_source(&mut self, kind: IocKind, origin: &Path, bytes: &[u8]) -> &mut Self {
         self.note_source(origin, bytes);
         self.report.ioc_files += 1;
+        if kind == IocKind::Intel {
+            self.add_intel_yara(origin, bytes);
+        }
         self.ioc_sources
             .push((kind, origin.to_owned(), bytes.to_vec()));
         self
+    }
+
+    /// The YARA indicators of an intel file join the YARA sources, one namespace each; the
+    /// STIX ones are parsed with the other indicators (problems are reported there).
+    fn add_intel_yara(&mut self, origin: &Path, bytes: &[u8]) {
+        let text = String::from_utf8_lossy(bytes);
+        for (i, line) in text.lines().enumerate() {
+            let Ok(l) = crate::intel::IntelLine::parse(line.trim()) else {
+                continue;
+            };
+            if l.pattern_type != "yara" {
+                continue;
+            }
+            let name = PathBuf::from(format!("{}:{}", origin.display(), i + 1));
+            self.report.yara_files += 1;
+            self.yara_sources
+                .push((name.clone(), l.pattern.clone().into_bytes()));
+            self.yara_intel
+                .insert(name, std::sync::Arc::new(l.reference()));
+        }
     }
 
     fn note_source(&mut self, origin: &Path, bytes: &[u8]) {
@@ -272,10 +359,22 @@ impl RuleSetBuilder {
     fn build_inner(self, bundle_version: u64, cache: Option<&Path>) -> RuleSet {
         let fingerprint: [u8; 32] = self.digest.finalize().into();
         let mut report = self.report;
+        let names = assign_namespaces(&self.yara_sources);
+        let mut namespaces = std::collections::HashMap::new();
+        for ((origin, _), ns) in self.yara_sources.iter().zip(&names) {
+            let Some(ns) = ns else { continue };
+            let from = match self.yara_intel.get(origin) {
+                Some(r) => NamespaceOrigin::Intel(r.clone()),
+                None if self.from_bundle.contains(origin) => NamespaceOrigin::File(Origin::Bundle),
+                None => NamespaceOrigin::File(Origin::Local),
+            };
+            namespaces.insert(ns.clone(), from);
+        }
+        let from_bundle = &self.from_bundle;
         let (yara, (iocs, ioc_problems)) = std::thread::scope(|s| {
             let sources = self.yara_sources;
-            let yara = s.spawn(move || yara_part(sources, cache, &fingerprint));
-            let iocs = parse_iocs(self.ioc_sources);
+            let yara = s.spawn(move || yara_part(sources, names, cache, &fingerprint));
+            let iocs = parse_iocs(self.ioc_sources, from_bundle);
             match yara.join() {
                 Ok(y) => (y, iocs),
                 Err(panic) => std::panic::resume_unwind(panic),
@@ -294,6 +393,7 @@ impl RuleSetBuilder {
         RuleSet {
             yara: (report.yara_rules > 0).then_some(yara.rules),
             iocs,
+            namespaces,
             fingerprint,
             bundle_version,
             report,
@@ -324,22 +424,37 @@ pub(crate) struct YaraPart {
 /// (and saves them there).
 fn yara_part(
     sources: Vec<(PathBuf, Vec<u8>)>,
+    names: Vec<Option<String>>,
     cache: Option<&Path>,
     fingerprint: &[u8; 32],
 ) -> YaraPart {
     if let Some(hit) = cache.and_then(|c| crate::compiled::load(c, fingerprint)) {
         return hit;
     }
-    let part = compile_yara(sources);
+    let part = compile_yara(sources, names);
     if let Some(c) = cache {
         crate::compiled::save(c, fingerprint, &part);
     }
     part
 }
 
+/// The namespace of each YARA source (none for one that is not UTF-8 text), unique, derived
+/// from its name.
+fn assign_namespaces(sources: &[(PathBuf, Vec<u8>)]) -> Vec<Option<String>> {
+    let mut seen = std::collections::HashMap::new();
+    sources
+        .iter()
+        .map(|(origin, bytes)| {
+            std::str::from_utf8(bytes)
+                .is_ok()
+                .then(|| namespace_for(&mut seen, origin))
+        })
+        .collect()
+}
+
 /// Compiles every YARA source: one namespace per file; a file with errors is left out and
 /// reported.
-fn compile_yara(sources: Vec<(PathBuf, Vec<u8>)>) -> YaraPart {
+fn compile_yara(sources: Vec<(PathBuf, Vec<u8>)>, names: Vec<Option<String>>) -> YaraPart {
     let mut compiler = yara_x::Compiler::new();
     // Legacy rules use regex syntax that strict mode refuses (e.g. `{` unescaped).
     compiler.relaxed_re_syntax(true);
@@ -352,11 +467,10 @@ fn compile_yara(sources: Vec<(PathBuf, Vec<u8>)>) -> YaraPart {
         // Defining a fresh name in a fresh compiler cannot fail.
         let _ = compiler.define_global(name, "");
     }
-    let mut namespaces = std::collections::HashMap::new();
     let mut files_with_errors = 0;
     let mut problems = Vec::new();
-    for (origin, bytes) in sources {
-        let Ok(text) = std::str::from_utf8(&bytes) else {
+    for ((origin, bytes), ns) in sources.into_iter().zip(names) {
+        let (Ok(text), Some(ns)) = (std::str::from_utf8(&bytes), ns) else {
             files_with_errors += 1;
             problems.push(Problem {
                 path: origin,
@@ -367,7 +481,7 @@ fn compile_yara(sources: Vec<(PathBuf, Vec<u8>)>) -> YaraPart {
             });
             continue;
         };
-        compiler.new_namespace(&namespace_for(&mut namespaces, &origin));
+        compiler.new_namespace(&ns);
         let src = yara_x::SourceCode::from(text).with_origin(origin.display().to_string());
         if let Err(e) = compiler.add_source(src) {
             files_with_errors += 1;
@@ -397,13 +511,21 @@ fn namespace_for(seen: &mut std::collections::HashMap<String, usize>, origin: &P
 }
 
 /// Parses every indicator list; their problems in load order.
-fn parse_iocs(sources: Vec<(IocKind, PathBuf, Vec<u8>)>) -> (Iocs, Vec<Problem>) {
+fn parse_iocs(
+    sources: Vec<(IocKind, PathBuf, Vec<u8>)>,
+    from_bundle: &std::collections::HashSet<PathBuf>,
+) -> (Iocs, Vec<Problem>) {
     let mut iocs = Iocs::default();
     let mut problems = Vec::new();
     for (kind, origin, bytes) in sources {
         // Lists in the wild carry stray Latin-1 bytes in comments: decode lossily.
         let text = String::from_utf8_lossy(&bytes);
-        iocs.add_file(kind, &origin, &text, &mut problems);
+        let from = if from_bundle.contains(&origin) {
+            Origin::Bundle
+        } else {
+            Origin::Local
+        };
+        iocs.add_file(kind, &origin, from, &text, &mut problems);
     }
     iocs.finish();
     (iocs, problems)
@@ -439,9 +561,10 @@ pub(crate) fn rule_files_under(dir: &Path) -> Result<Vec<PathBuf>, EngineError> 
     Ok(out)
 }
 
-/// In a directory: YARA files, and indicator lists named for their kind.
+/// In a directory: YARA files, intel files, and indicator lists named for their kind.
 fn is_rule_file(path: &Path) -> bool {
     is_yara_file(path)
+        || IocKind::of_path(path) == Some(IocKind::Intel)
         || (matches!(
             path.extension().and_then(|e| e.to_str()),
             Some("txt" | "ioc")
@@ -493,7 +616,9 @@ pub(crate) fn rule_match(rule: &yara_x::Rule<'_, '_>) -> RuleMatch {
         description: String::new(),
         author: String::new(),
         reference: String::new(),
+        indicator: Default::default(),
     };
+    let mut indicator = IndicatorRef::new("yara", rule.identifier(), Origin::Local);
     for (key, value) in rule.metadata() {
         let text = match &value {
             yara_x::MetaValue::String(s) => Some(s.to_string()),
@@ -522,10 +647,31 @@ pub(crate) fn rule_match(rule: &yara_x::Rule<'_, '_>) -> RuleMatch {
             "description" => m.description = text.unwrap_or_default(),
             "author" => m.author = text.unwrap_or_default(),
             "reference" => m.reference = text.unwrap_or_default(),
+            "mitre_attack" | "attack_id" | "technique" | "mitre_att" => {
+                for t in text.as_deref().unwrap_or("").split([',', ' ', ';']) {
+                    if let Some(id) = technique_id(t)
+                        && !indicator.techniques.contains(&id)
+                    {
+                        indicator.techniques.push(id);
+                    }
+                }
+            }
             _ => {}
         }
     }
+    m.indicator = std::sync::Arc::new(indicator);
     m
+}
+
+/// A MITRE ATT&CK technique id (`T1059`, `T1505.003`) in canonical form, if `text` is one.
+pub fn technique_id(text: &str) -> Option<String> {
+    let t = text.trim().to_ascii_uppercase();
+    let digits = t.strip_prefix('T')?;
+    let (main, sub) = digits.split_once('.').unwrap_or((digits, ""));
+    let ok = main.len() == 4
+        && main.chars().all(|c| c.is_ascii_digit())
+        && (sub.is_empty() || (sub.len() == 3 && sub.chars().all(|c| c.is_ascii_digit())));
+    ok.then_some(t)
 }
 
 #[cfg(test)]

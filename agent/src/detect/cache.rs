@@ -13,7 +13,9 @@
 //! magic "VDTCACHE" | version u32 | count u64
 //! count × ( dev u64 | ino u64 | size u64 | mtime_ns i64 | ctime_ns i64 | rules u64 | sha256 str
 //!           | n u16 | n × match )
-//! match = kind u8 | score u8 | rule str | source str | description str     (str = len u32 | bytes)
+//! match = kind u8 | score u8 | rule str | source str | description str
+//!         | indicator source str | id str | event str | origin str | techniques str (comma-separated)
+//!                                                                     (str = len u32 | bytes)
 //! sha256 of everything above [32]
 //! ```
 //! A file whose checksum, magic or version does not match is ignored (and replaced on save):
@@ -32,7 +34,7 @@ use vedette_engine::codec::{Reader, Writer, unseal};
 use vedette_engine::{FileReport, MatchKind, RuleMatch, RuleSet};
 
 const MAGIC: &[u8; 8] = b"VDTCACHE";
-const VERSION: u32 = 2;
+const VERSION: u32 = 3;
 
 /// Entries kept in memory; past it, entries of files that matched nothing are dropped first.
 const MAX_ENTRIES: usize = 1 << 20;
@@ -256,9 +258,19 @@ fn encode_entry(w: &mut Writer, e: &Entry) {
     for m in &e.matches[..n] {
         w.u8(kind_code(m.kind));
         w.u8(m.score.min(255) as u8);
-        for s in [&m.rule, &m.source, &m.description] {
+        let i = &m.indicator;
+        for s in [
+            &m.rule,
+            &m.source,
+            &m.description,
+            &i.source,
+            &i.id,
+            &i.event,
+            &i.origin,
+        ] {
             w.text(s);
         }
+        w.text(&i.techniques.join(","));
     }
 }
 
@@ -305,14 +317,28 @@ fn decode(bytes: &[u8]) -> Option<Vec<Entry>> {
         for _ in 0..n {
             let kind = kind_of(r.u8()?)?;
             let score = u32::from(r.u8()?);
+            let (rule, source, description) = (r.text()?, r.text()?, r.text()?);
+            let indicator = vedette_engine::IndicatorRef {
+                source: r.text()?,
+                id: r.text()?,
+                event: r.text()?,
+                origin: r.text()?,
+                techniques: r
+                    .text()?
+                    .split(',')
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+            };
             matches.push(RuleMatch {
                 kind,
                 score,
-                rule: r.text()?,
-                source: r.text()?,
-                description: r.text()?,
+                rule,
+                source,
+                description,
                 author: String::new(),
                 reference: String::new(),
+                indicator: std::sync::Arc::new(indicator),
             });
         }
         out.push(Entry {
@@ -348,6 +374,13 @@ mod tests {
             description: "d".into(),
             author: String::new(),
             reference: String::new(),
+            indicator: std::sync::Arc::new(vedette_engine::IndicatorRef {
+                source: "misp".into(),
+                id: "attr".into(),
+                event: "ev".into(),
+                origin: "feed".into(),
+                techniques: vec!["T1059".into(), "T1105".into()],
+            }),
         }
     }
 

@@ -29,7 +29,9 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use vedette_engine::{FileReport, MatchKind, RuleMatch, RuleSet};
-use vedette_proto::v1::{Detection, DetectionAction, DetectionKind, FileTarget, detection};
+use vedette_proto::v1::{
+    Detection, DetectionAction, DetectionKind, FileTarget, IndicatorRef, detection,
+};
 
 use crate::detect::cache::{ScanCache, Stamp, rules_tag};
 
@@ -151,11 +153,20 @@ pub(crate) fn detection(
     bundle_version: u64,
     target: detection::Target,
 ) -> Detection {
+    let techniques = m.indicator.techniques.clone();
+    let indicator = IndicatorRef {
+        source: m.indicator.source.clone(),
+        id: m.indicator.id.clone(),
+        event: m.indicator.event.clone(),
+        origin: m.indicator.origin.clone(),
+    };
     Detection {
         id,
         kind: kind_of(m.kind) as i32,
         rule: m.rule,
         source: m.source,
+        indicator: (!indicator.source.is_empty()).then_some(indicator),
+        techniques,
         observed_at_ms: vedette_proto::now_ms(),
         score: m.score,
         description: m.description,
@@ -224,6 +235,7 @@ mod tests {
             description: String::new(),
             author: String::new(),
             reference: String::new(),
+            indicator: Default::default(),
         }
     }
 

