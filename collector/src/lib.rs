@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod identity;
 pub mod init;
+pub mod intel;
 pub mod pki;
 pub mod server;
 pub mod store;

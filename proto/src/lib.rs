@@ -6,6 +6,8 @@
 pub mod cli;
 pub mod client;
 #[cfg(feature = "cli")]
+pub mod export;
+#[cfg(feature = "cli")]
 pub mod output;
 
 pub mod v1 {

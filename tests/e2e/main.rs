@@ -6,6 +6,7 @@ mod bundles;
 mod delivery;
 mod engine;
 mod hardening;
+mod intel;
 mod onaccess;
 mod output;
 mod scaleout;

@@ -88,6 +88,35 @@ impl IntelLine {
         }
     }
 
+    /// The line as JSON: fields in a fixed order, empty ones left out.
+    pub fn to_json(&self) -> String {
+        let mut v = serde_json::Map::new();
+        v.insert("source".into(), self.source.clone().into());
+        v.insert("id".into(), self.id.clone().into());
+        for (k, val) in [
+            ("event", &self.event),
+            ("origin", &self.origin),
+            ("name", &self.name),
+            ("description", &self.description),
+        ] {
+            if !val.is_empty() {
+                v.insert(k.into(), val.clone().into());
+            }
+        }
+        if let Some(s) = self.score {
+            v.insert("score".into(), s.into());
+        }
+        if !self.techniques.is_empty() {
+            v.insert("techniques".into(), self.techniques.clone().into());
+        }
+        if let Some(t) = self.valid_until_ms {
+            v.insert("valid_until_ms".into(), t.into());
+        }
+        v.insert("pattern_type".into(), self.pattern_type.clone().into());
+        v.insert("pattern".into(), self.pattern.clone().into());
+        serde_json::Value::Object(v).to_string()
+    }
+
     /// What a detection by this indicator is called.
     pub fn title(&self) -> &str {
         if self.name.trim().is_empty() {

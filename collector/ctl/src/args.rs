@@ -44,6 +44,67 @@ pub enum Command {
     /// Maintainer signing keys (local; no collector needed).
     #[command(subcommand)]
     Keys(KeysCmd),
+    /// Shared threat intelligence: stage STIX 2.1 and MISP indicators, publish them to agents.
+    #[command(subcommand)]
+    Intel(IntelCmd),
+    /// Write detections for others to read: STIX 2.1 sightings, a MISP event, ECS JSON lines.
+    #[command(
+        after_help = "Examples:\n  vedettectl export stix --since 2026-11-25T00:00:00Z > sightings.json\n  \
+        vedettectl export misp --organisation CERT-XY > event.json\n  vedettectl export ecs | siem-ingest"
+    )]
+    Export {
+        /// stix: a STIX 2.1 bundle of sightings; misp: a MISP event; ecs: one ECS object per
+        /// line.
+        #[arg(value_enum)]
+        format: ExportFormat,
+        /// Only detections received at or after this time (RFC 3339).
+        #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+        since: Option<std::time::SystemTime>,
+        /// Only this agent's detections.
+        #[arg(long)]
+        agent: Option<String>,
+        /// At most this many (the most recent); the collector caps it at 10000.
+        #[arg(long, default_value_t = 10_000)]
+        limit: u32,
+        /// The organisation the sightings are made by (default: `organisation` in
+        /// vedettectl.toml, or "Vedette").
+        #[arg(long)]
+        organisation: Option<String>,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum ExportFormat {
+    Stix,
+    Misp,
+    Ecs,
+}
+
+#[derive(Subcommand)]
+pub enum IntelCmd {
+    /// Stage indicators from STIX 2.1 bundles, MISP event files or MISP feed directories
+    /// (manifest.json plus event files). Prints accepted, skipped and rejected counts, with the
+    /// id and reason of each one left out. Nothing reaches agents before `intel publish`.
+    #[command(
+        after_help = "Examples:\n  vedettectl intel import apt-bundle.json\n  \
+        vedettectl intel import ./misp-feed/ lazarus-event.json\n  vedettectl intel publish"
+    )]
+    Import {
+        /// STIX bundle (.json), MISP event (.json) or MISP feed directory.
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<PathBuf>,
+    },
+    /// Each source: last import or poll, counts, staged indicators and last error.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Build the next bundle from the latest one's files plus every staged indicator (as
+    /// intel/indicators.jsonl), sign it with the maintainer key, and publish it.
+    Publish {
+        #[command(flatten)]
+        sign: SignArgs,
+    },
 }
 
 #[derive(Subcommand)]

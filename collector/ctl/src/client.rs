@@ -33,6 +33,9 @@ pub struct CtlConfig {
     /// Maintainer signing key (Ed25519, PEM) used by `rules publish` and `rules rollback`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sign_key: Option<PathBuf>,
+    /// The organisation exports name as the maker of sightings (`vedettectl export`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub organisation: Option<String>,
 }
 
 impl CtlConfig {

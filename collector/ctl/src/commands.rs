@@ -2,7 +2,11 @@
 
 use vedette_proto::output::{printable, rfc3339_ms, stored_json, stored_line};
 
-use crate::args::{AgentsCmd, Command, DetectionsCmd, RulesCmd, SignArgs, TokenCmd};
+use vedette_proto::export;
+
+use crate::args::{
+    AgentsCmd, Command, DetectionsCmd, ExportFormat, IntelCmd, RulesCmd, SignArgs, TokenCmd,
+};
 use crate::client::{self, CtlConfig};
 use crate::rules::{self, PublishOptions};
 
@@ -58,6 +62,33 @@ pub async fn run(command: Command, cfg: CtlConfig) -> anyhow::Result<()> {
         }
         Command::Keys(_) => {}
         Command::Rules(cmd) => rules(cmd, &cfg).await?,
+        Command::Intel(cmd) => intel(cmd, &cfg).await?,
+        Command::Export {
+            format,
+            since,
+            agent,
+            limit,
+            organisation,
+        } => {
+            let list = client::detections_list(&cfg, agent, since, limit).await?;
+            let org = organisation
+                .or_else(|| cfg.organisation.clone())
+                .unwrap_or_else(|| "Vedette".into());
+            match format {
+                ExportFormat::Stix => println!("{}", export::stix_bundle(&list, &org)),
+                ExportFormat::Misp => {
+                    println!(
+                        "{}",
+                        export::misp_event(&list, &org, vedette_proto::now_ms())
+                    )
+                }
+                ExportFormat::Ecs => {
+                    for d in &list {
+                        println!("{}", export::ecs(d));
+                    }
+                }
+            }
+        }
         Command::Detections(DetectionsCmd::List {
             json,
             agent,
@@ -195,6 +226,34 @@ async fn status(cfg: &CtlConfig, version: Option<u64>, json: bool) -> anyhow::Re
                 format!("runs version {}", a.applied_version)
             };
             println!("  {} ({}): {what}", a.agent_id, printable(&a.hostname));
+        }
+    }
+    Ok(())
+}
+
+async fn intel(cmd: IntelCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
+    match cmd {
+        IntelCmd::Import { paths } => {
+            for r in crate::intel::import(cfg, &paths).await? {
+                crate::intel::print_import(&r);
+            }
+        }
+        IntelCmd::Status { json } => {
+            let r = crate::intel::status(cfg).await?;
+            if json {
+                for s in &r.sources {
+                    println!("{}", crate::intel::source_json(s));
+                }
+            } else {
+                crate::intel::print_status(&r);
+            }
+        }
+        IntelCmd::Publish { sign } => {
+            let (r, n) = crate::intel::publish(cfg, &sign_options(sign)).await?;
+            println!(
+                "published bundle version {} with {n} staged indicator(s); {} connected agent(s) notified",
+                r.version, r.agents_notified
+            );
         }
     }
     Ok(())

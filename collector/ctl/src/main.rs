@@ -5,6 +5,7 @@
 mod args;
 mod client;
 mod commands;
+mod intel;
 mod rules;
 
 use std::process::ExitCode;

@@ -75,7 +75,7 @@ pub fn validate_paths(paths: &[PathBuf], strict: bool) -> anyhow::Result<Vec<Str
     Ok(warnings.iter().map(|p| p.to_string()).collect())
 }
 
-async fn latest(cfg: &CtlConfig) -> anyhow::Result<Option<BundleInfo>> {
+pub(crate) async fn latest(cfg: &CtlConfig) -> anyhow::Result<Option<BundleInfo>> {
     let mut c = cfg.client().await?;
     let list = c
         .list_bundles(ListBundlesRequest {})
@@ -85,8 +85,16 @@ async fn latest(cfg: &CtlConfig) -> anyhow::Result<Option<BundleInfo>> {
     Ok(list.bundles.into_iter().max_by_key(|b| b.version))
 }
 
+/// The latest bundle's content, if any was published.
+pub(crate) async fn latest_content(cfg: &CtlConfig) -> anyhow::Result<Option<BundleContent>> {
+    match latest(cfg).await? {
+        Some(b) => Ok(Some(fetch(cfg, b.version).await?.1)),
+        None => Ok(None),
+    }
+}
+
 /// Signs `content` as the next version and sends it.
-async fn send(
+pub(crate) async fn send(
     cfg: &CtlConfig,
     mut content: BundleContent,
     opts: &PublishOptions,

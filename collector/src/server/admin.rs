@@ -11,9 +11,11 @@ use vedette_proto::v1::admin_service_server::AdminService;
 use vedette_proto::v1::{
     AgentBundleState, AgentInfo, BundleContent, BundleInfo, BundleRolloutRequest,
     BundleRolloutResponse, CreateTokenRequest, CreateTokenResponse, GetBundleRequest,
-    GetBundleResponse, ListAgentsRequest, ListAgentsResponse, ListBundlesRequest,
-    ListBundlesResponse, ListDetectionsRequest, ListDetectionsResponse, PublishBundleRequest,
-    PublishBundleResponse, RevokeAgentRequest, RevokeAgentResponse,
+    GetBundleResponse, IntelSource, IntelStatusRequest, IntelStatusResponse, ListAgentsRequest,
+    ListAgentsResponse, ListBundlesRequest, ListBundlesResponse, ListDetectionsRequest,
+    ListDetectionsResponse, ListIntelRequest, ListIntelResponse, PublishBundleRequest,
+    PublishBundleResponse, RevokeAgentRequest, RevokeAgentResponse, StageIntelRequest,
+    StageIntelResponse,
 };
 
 use super::agent::token_hash;
@@ -29,6 +31,9 @@ const MAX_TOKEN_USES: u32 = 100_000;
 /// Default and largest `limit` of a detection listing.
 const DEFAULT_LIMIT: u32 = 100;
 const MAX_LIMIT: u32 = 10_000;
+/// Default and largest page of staged indicators.
+const INTEL_PAGE: u32 = 1_000;
+const MAX_INTEL_PAGE: u32 = 5_000;
 
 pub struct AdminSvc {
     state: Arc<State>,
@@ -109,6 +114,102 @@ async fn announce(state: &super::State, event: StoreEvent) {
 
 #[tonic::async_trait]
 impl AdminService for AdminSvc {
+    async fn stage_intel(
+        &self,
+        request: Request<StageIntelRequest>,
+    ) -> Result<Response<StageIntelResponse>, Status> {
+        let who = self.reader(&request)?;
+        let req = request.into_inner();
+        if req.origin.is_empty() {
+            return Err(Status::invalid_argument("an import names its origin"));
+        }
+        let kind = if req.kind.is_empty() {
+            "import".to_string()
+        } else {
+            req.kind.clone()
+        };
+        let staged = blocking(&self.state.store, move |s| {
+            crate::intel::stage(
+                s,
+                crate::intel::Incoming {
+                    origin: &req.origin,
+                    kind: &kind,
+                    lines: &req.lines,
+                    revoked: &req.revoked,
+                    skipped: req.skipped,
+                    rejected: req.rejected,
+                    continued: req.continued,
+                },
+                now_ms(),
+            )
+        })
+        .await?;
+        info!(
+            by = %who.name(),
+            added = staged.counts.added,
+            updated = staged.counts.updated,
+            removed = staged.counts.removed,
+            refused = staged.refused.len(),
+            "intel staged"
+        );
+        Ok(Response::new(StageIntelResponse {
+            added: staged.counts.added,
+            updated: staged.counts.updated,
+            removed: staged.counts.removed,
+            refused: staged.refused,
+        }))
+    }
+
+    async fn list_intel(
+        &self,
+        request: Request<ListIntelRequest>,
+    ) -> Result<Response<ListIntelResponse>, Status> {
+        self.reader(&request)?;
+        let req = request.into_inner();
+        let limit = match req.limit {
+            0 => INTEL_PAGE,
+            n => n.min(MAX_INTEL_PAGE),
+        };
+        let rows = blocking(&self.state.store, move |s| {
+            s.list_intel((&req.after_source, &req.after_id), limit)
+        })
+        .await?;
+        let (next_source, next_id) = match rows.last() {
+            Some(last) if rows.len() as u32 == limit => (last.source.clone(), last.id.clone()),
+            _ => (String::new(), String::new()),
+        };
+        Ok(Response::new(ListIntelResponse {
+            lines: rows.into_iter().map(|r| r.line).collect(),
+            next_source,
+            next_id,
+        }))
+    }
+
+    async fn intel_status(
+        &self,
+        request: Request<IntelStatusRequest>,
+    ) -> Result<Response<IntelStatusResponse>, Status> {
+        self.reader(&request)?;
+        let rows = blocking(&self.state.store, |s| s.intel_sources()).await?;
+        Ok(Response::new(IntelStatusResponse {
+            staged: rows.iter().map(|r| r.staged).sum(),
+            sources: rows
+                .into_iter()
+                .map(|r| IntelSource {
+                    origin: r.origin,
+                    kind: r.kind,
+                    last_poll_ms: r.last_poll_ms,
+                    accepted: r.accepted,
+                    skipped: r.skipped,
+                    rejected: r.rejected,
+                    revoked: r.revoked,
+                    staged: r.staged,
+                    last_error: r.last_error,
+                })
+                .collect(),
+        }))
+    }
+
     async fn publish_bundle(
         &self,
         request: Request<PublishBundleRequest>,

@@ -227,6 +227,70 @@ pub trait Store: Send + Sync {
     /// Deletes at most `limit` detections received before `before_ms`, oldest first; returns
     /// how many (retention deletes in small batches so that ingest is never blocked long).
     fn delete_detections_before(&self, before_ms: i64, limit: u32) -> Result<u64, StoreError>;
+
+    /// Stages what one import or poll of a source found: lines are added or replace the
+    /// staged line of the same (source, id); revoked STIX ids are unstaged; the source's row
+    /// records the counts and clears its last error.
+    fn stage_intel(&self, batch: &IntelBatch<'_>) -> Result<IntelStaged, StoreError>;
+
+    /// Staged indicators after (source, id), in that order.
+    fn list_intel(&self, after: (&str, &str), limit: u32) -> Result<Vec<StagedIntel>, StoreError>;
+
+    /// Every intel source with its last counts and error, and how many it has staged.
+    fn intel_sources(&self) -> Result<Vec<IntelSourceRow>, StoreError>;
+
+    /// Records a failed poll of a source (what it staged stays).
+    fn intel_error(
+        &self,
+        origin: &str,
+        kind: &str,
+        error: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+}
+
+/// One staged indicator: its intel line and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagedIntel {
+    pub source: String,
+    pub id: String,
+    pub origin: String,
+    pub line: String,
+}
+
+/// What one import or poll of a source found.
+pub struct IntelBatch<'a> {
+    pub origin: &'a str,
+    pub kind: &'a str,
+    pub lines: &'a [StagedIntel],
+    pub revoked: &'a [String],
+    pub skipped: u64,
+    pub rejected: u64,
+    /// Continues the previous batch of the same import (a large import comes in several):
+    /// the source's counts add up instead of being replaced.
+    pub continued: bool,
+    pub now_ms: i64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IntelStaged {
+    pub added: u64,
+    pub updated: u64,
+    pub removed: u64,
+}
+
+/// A source of indicators: an imported file, a MISP feed, a TAXII collection.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IntelSourceRow {
+    pub origin: String,
+    pub kind: String,
+    pub last_poll_ms: i64,
+    pub accepted: u64,
+    pub skipped: u64,
+    pub rejected: u64,
+    pub revoked: u64,
+    pub staged: u64,
+    pub last_error: String,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -22,7 +22,8 @@ use rustls_pki_types::pem::PemObject;
 use vedette_proto::v1::{Detection, Inventory, StoredDetection, detection};
 
 use super::{
-    AgentRow, BundleRow, DetectionFilter, Store, StoreError, StoreEvent, TokenError, redact,
+    AgentRow, BundleRow, DetectionFilter, IntelBatch, IntelSourceRow, IntelStaged, StagedIntel,
+    Store, StoreError, StoreEvent, TokenError, redact,
 };
 
 /// Schema migrations, applied in order; `vedette_schema.version` is the number applied.
@@ -81,6 +82,25 @@ const MIGRATIONS: &[&str] = &[
         files BIGINT NOT NULL,
         content BYTEA NOT NULL,
         signature BYTEA NOT NULL
+    );",
+    // 2: staged threat intelligence and its sources.
+    "CREATE TABLE intel_indicators (
+        source TEXT NOT NULL,
+        id TEXT NOT NULL,
+        origin TEXT NOT NULL,
+        line TEXT NOT NULL,
+        staged_at_ms BIGINT NOT NULL,
+        PRIMARY KEY (source, id)
+    );
+    CREATE TABLE intel_sources (
+        origin TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        last_poll_ms BIGINT NOT NULL DEFAULT 0,
+        accepted BIGINT NOT NULL DEFAULT 0,
+        skipped BIGINT NOT NULL DEFAULT 0,
+        rejected BIGINT NOT NULL DEFAULT 0,
+        revoked BIGINT NOT NULL DEFAULT 0,
+        last_error TEXT NOT NULL DEFAULT ''
     );",
 ];
 
@@ -679,6 +699,126 @@ impl Store for PgStore {
                      FOR UPDATE SKIP LOCKED)",
                 &[&before_ms, &i64::from(limit)],
             )?)
+        })
+    }
+
+    fn stage_intel(&self, b: &IntelBatch<'_>) -> Result<IntelStaged, StoreError> {
+        self.with(|c| {
+            let mut tx = c.transaction()?;
+            let mut out = IntelStaged::default();
+            for l in b.lines {
+                // xmax = 0 on the returned row: it was inserted, not updated.
+                let row = tx.query_opt(
+                    "INSERT INTO intel_indicators (source, id, origin, line, staged_at_ms)
+                     VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (source, id) DO UPDATE SET origin = excluded.origin,
+                        line = excluded.line, staged_at_ms = excluded.staged_at_ms
+                     WHERE intel_indicators.line <> excluded.line
+                     RETURNING (xmax = 0)",
+                    &[&l.source, &l.id, &l.origin, &l.line, &b.now_ms],
+                )?;
+                match row.map(|r| r.get::<_, bool>(0)) {
+                    Some(true) => out.added += 1,
+                    Some(false) => out.updated += 1,
+                    None => {}
+                }
+            }
+            for id in b.revoked {
+                out.removed += tx.execute(
+                    "DELETE FROM intel_indicators WHERE source = 'stix' AND id = $1",
+                    &[id],
+                )?;
+            }
+            tx.execute(
+                "INSERT INTO intel_sources (origin, kind, last_poll_ms, accepted, skipped,
+                    rejected, revoked, last_error) VALUES ($1, $2, $3, $4, $5, $6, $7, '')
+                 ON CONFLICT (origin) DO UPDATE SET kind = excluded.kind,
+                    last_poll_ms = excluded.last_poll_ms, last_error = '',
+                    accepted = excluded.accepted
+                        + CASE WHEN $8 THEN intel_sources.accepted ELSE 0 END,
+                    skipped = excluded.skipped
+                        + CASE WHEN $8 THEN intel_sources.skipped ELSE 0 END,
+                    rejected = excluded.rejected
+                        + CASE WHEN $8 THEN intel_sources.rejected ELSE 0 END,
+                    revoked = excluded.revoked
+                        + CASE WHEN $8 THEN intel_sources.revoked ELSE 0 END",
+                &[
+                    &b.origin,
+                    &b.kind,
+                    &b.now_ms,
+                    &(b.lines.len() as i64),
+                    &(b.skipped as i64),
+                    &(b.rejected as i64),
+                    &(b.revoked.len() as i64),
+                    &b.continued,
+                ],
+            )?;
+            tx.commit()?;
+            Ok(out)
+        })
+    }
+
+    fn list_intel(&self, after: (&str, &str), limit: u32) -> Result<Vec<StagedIntel>, StoreError> {
+        self.with(|c| {
+            let rows = c.query(
+                "SELECT source, id, origin, line FROM intel_indicators
+                 WHERE (source, id) > ($1, $2) ORDER BY source, id LIMIT $3",
+                &[&after.0, &after.1, &i64::from(limit)],
+            )?;
+            Ok(rows
+                .iter()
+                .map(|r| StagedIntel {
+                    source: r.get(0),
+                    id: r.get(1),
+                    origin: r.get(2),
+                    line: r.get(3),
+                })
+                .collect())
+        })
+    }
+
+    fn intel_sources(&self) -> Result<Vec<IntelSourceRow>, StoreError> {
+        self.with(|c| {
+            let rows = c.query(
+                "SELECT origin, kind, last_poll_ms, accepted, skipped, rejected, revoked,
+                    last_error,
+                    (SELECT COUNT(*) FROM intel_indicators i WHERE i.origin = s.origin)
+                 FROM intel_sources s ORDER BY origin",
+                &[],
+            )?;
+            Ok(rows
+                .iter()
+                .map(|r| IntelSourceRow {
+                    origin: r.get(0),
+                    kind: r.get(1),
+                    last_poll_ms: r.get(2),
+                    accepted: r.get::<_, i64>(3) as u64,
+                    skipped: r.get::<_, i64>(4) as u64,
+                    rejected: r.get::<_, i64>(5) as u64,
+                    revoked: r.get::<_, i64>(6) as u64,
+                    last_error: r.get(7),
+                    staged: r.get::<_, i64>(8) as u64,
+                })
+                .collect())
+        })
+    }
+
+    fn intel_error(
+        &self,
+        origin: &str,
+        kind: &str,
+        error: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO intel_sources (origin, kind, last_poll_ms, last_error)
+                 VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (origin) DO UPDATE SET last_poll_ms = excluded.last_poll_ms,
+                    last_error = excluded.last_error",
+                &[&origin, &kind, &now_ms, &error],
+            )?;
+            Ok(())
         })
     }
 }

@@ -9,7 +9,10 @@ use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
 use vedette_proto::v1::{Detection, Inventory, StoredDetection, detection};
 
-use super::{AgentRow, BundleRow, DetectionFilter, Store, StoreError, TokenError};
+use super::{
+    AgentRow, BundleRow, DetectionFilter, IntelBatch, IntelSourceRow, IntelStaged, StagedIntel,
+    Store, StoreError, TokenError,
+};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` is the number applied.
 const MIGRATIONS: &[&str] = &[
@@ -70,6 +73,25 @@ const MIGRATIONS: &[&str] = &[
     );
     ALTER TABLE agents ADD COLUMN bundle_failed_version INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE agents ADD COLUMN bundle_error TEXT NOT NULL DEFAULT '';",
+    // 4: staged threat intelligence and its sources.
+    "CREATE TABLE intel_indicators (
+        source TEXT NOT NULL,
+        id TEXT NOT NULL,
+        origin TEXT NOT NULL,
+        line TEXT NOT NULL,
+        staged_at_ms INTEGER NOT NULL,
+        PRIMARY KEY (source, id)
+    );
+    CREATE TABLE intel_sources (
+        origin TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        last_poll_ms INTEGER NOT NULL DEFAULT 0,
+        accepted INTEGER NOT NULL DEFAULT 0,
+        skipped INTEGER NOT NULL DEFAULT 0,
+        rejected INTEGER NOT NULL DEFAULT 0,
+        revoked INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT NOT NULL DEFAULT ''
+    );",
 ];
 
 pub struct SqliteStore {
@@ -464,6 +486,118 @@ impl Store for SqliteStore {
             params![before_ms, limit],
         )?;
         Ok(n as u64)
+    }
+
+    fn stage_intel(&self, b: &IntelBatch<'_>) -> Result<IntelStaged, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut out = IntelStaged::default();
+        for l in b.lines {
+            let old: Option<String> = tx
+                .query_row(
+                    "SELECT line FROM intel_indicators WHERE source = ?1 AND id = ?2",
+                    params![l.source, l.id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            match old {
+                Some(old) if old == l.line => continue,
+                Some(_) => out.updated += 1,
+                None => out.added += 1,
+            }
+            tx.execute(
+                "INSERT INTO intel_indicators (source, id, origin, line, staged_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (source, id) DO UPDATE SET origin = excluded.origin,
+                    line = excluded.line, staged_at_ms = excluded.staged_at_ms",
+                params![l.source, l.id, l.origin, l.line, b.now_ms],
+            )?;
+        }
+        for id in b.revoked {
+            out.removed += tx.execute(
+                "DELETE FROM intel_indicators WHERE source = 'stix' AND id = ?1",
+                [id],
+            )? as u64;
+        }
+        tx.execute(
+            "INSERT INTO intel_sources (origin, kind, last_poll_ms, accepted, skipped, rejected,
+                revoked, last_error) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, '')
+             ON CONFLICT (origin) DO UPDATE SET kind = excluded.kind,
+                last_poll_ms = excluded.last_poll_ms, last_error = '',
+                accepted = excluded.accepted + CASE WHEN ?8 THEN accepted ELSE 0 END,
+                skipped = excluded.skipped + CASE WHEN ?8 THEN skipped ELSE 0 END,
+                rejected = excluded.rejected + CASE WHEN ?8 THEN rejected ELSE 0 END,
+                revoked = excluded.revoked + CASE WHEN ?8 THEN revoked ELSE 0 END",
+            params![
+                b.origin,
+                b.kind,
+                b.now_ms,
+                b.lines.len() as i64,
+                b.skipped as i64,
+                b.rejected as i64,
+                b.revoked.len() as i64,
+                b.continued
+            ],
+        )?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    fn list_intel(&self, after: (&str, &str), limit: u32) -> Result<Vec<StagedIntel>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT source, id, origin, line FROM intel_indicators
+             WHERE (source, id) > (?1, ?2) ORDER BY source, id LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![after.0, after.1, limit], |r| {
+            Ok(StagedIntel {
+                source: r.get(0)?,
+                id: r.get(1)?,
+                origin: r.get(2)?,
+                line: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn intel_sources(&self) -> Result<Vec<IntelSourceRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT origin, kind, last_poll_ms, accepted, skipped, rejected, revoked, last_error,
+                (SELECT COUNT(*) FROM intel_indicators i WHERE i.origin = s.origin)
+             FROM intel_sources s ORDER BY origin",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(IntelSourceRow {
+                origin: r.get(0)?,
+                kind: r.get(1)?,
+                last_poll_ms: r.get(2)?,
+                accepted: r.get::<_, i64>(3)? as u64,
+                skipped: r.get::<_, i64>(4)? as u64,
+                rejected: r.get::<_, i64>(5)? as u64,
+                revoked: r.get::<_, i64>(6)? as u64,
+                last_error: r.get(7)?,
+                staged: r.get::<_, i64>(8)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn intel_error(
+        &self,
+        origin: &str,
+        kind: &str,
+        error: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO intel_sources (origin, kind, last_poll_ms, last_error)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (origin) DO UPDATE SET last_poll_ms = excluded.last_poll_ms,
+                last_error = excluded.last_error",
+            params![origin, kind, now_ms, error],
+        )?;
+        Ok(())
     }
 }
 

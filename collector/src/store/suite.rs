@@ -277,3 +277,87 @@ fn locations_parse_and_passwords_are_not_shown() {
         "postgres://root@127.0.0.1:5432/x?sslmode=disable"
     );
 }
+
+#[test]
+fn intel_staging_adds_updates_revokes_refuses_and_pages() {
+    use crate::intel::{Incoming, stage};
+    use crate::store::IntelStaged;
+    fn line(id: &str, pattern: &str) -> String {
+        serde_json::json!({"source": "stix", "id": id, "origin": "o", "pattern_type": "stix",
+            "pattern": pattern})
+        .to_string()
+    }
+    both("intel_staging", |store, _| {
+        let store = store.as_ref();
+        let lines = [
+            line("indicator--1", "[file:name = 'a']"),
+            line("indicator--2", "[file:name = 'b']"),
+            line("indicator--3", "[file:size > 1]"),
+        ];
+        let batch = |lines: &'static [String], revoked: &'static [String], continued| Incoming {
+            origin: "bundle.json",
+            kind: "import",
+            lines,
+            revoked,
+            skipped: 1,
+            rejected: 0,
+            continued,
+        };
+        let lines: &'static [String] = Box::leak(Box::new(lines));
+        let s = stage(store, batch(lines, &[], false), 1).unwrap();
+        assert_eq!(
+            s.counts,
+            IntelStaged {
+                added: 2,
+                updated: 0,
+                removed: 0
+            }
+        );
+        assert_eq!(s.refused.len(), 1);
+        assert!(
+            s.refused[0].starts_with("indicator--3: "),
+            "{:?}",
+            s.refused
+        );
+        let again: &'static [String] = Box::leak(Box::new([
+            line("indicator--2", "[file:name = 'c']"),
+            lines[0].clone(),
+        ]));
+        let revoked: &'static [String] = Box::leak(Box::new(["indicator--1".to_string()]));
+        let s = stage(store, batch(again, revoked, true), 2).unwrap();
+        assert_eq!(
+            s.counts,
+            IntelStaged {
+                added: 0,
+                updated: 1,
+                removed: 1
+            }
+        );
+        let page = store.list_intel(("", ""), 10).unwrap();
+        assert_eq!(page.len(), 1);
+        assert!(page[0].line.contains("'c'"));
+        assert!(
+            store
+                .list_intel(("stix", "indicator--2"), 10)
+                .unwrap()
+                .is_empty()
+        );
+        let src = store.intel_sources().unwrap();
+        assert_eq!(src.len(), 1);
+        assert_eq!(
+            (
+                src[0].accepted,
+                src[0].skipped,
+                src[0].rejected,
+                src[0].revoked
+            ),
+            (4, 2, 1, 1)
+        );
+        assert_eq!(src[0].staged, 1);
+        store
+            .intel_error("bundle.json", "import", "feed down", 3)
+            .unwrap();
+        assert_eq!(store.intel_sources().unwrap()[0].last_error, "feed down");
+        assert_eq!(store.intel_sources().unwrap()[0].staged, 1);
+    });
+}

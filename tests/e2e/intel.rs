@@ -1,0 +1,372 @@
+//! Shared threat intelligence end to end: STIX 2.1 bundles and MISP events imported with
+//! `vedettectl intel import`, published in a signed bundle, matched by a real agent, and the
+//! detections carrying each indicator's provenance back.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use vedette_tests::{Agent, Collector, json_lines, wait_for};
+
+/// SHA-256 of `data`, hex, by the system's sha256sum (a peer implementation).
+fn sha256(data: &[u8], dir: &Path) -> String {
+    let f = dir.join("hash-me");
+    std::fs::write(&f, data).unwrap();
+    let out = std::process::Command::new("sha256sum")
+        .arg(&f)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)[..64].to_string()
+}
+
+fn detection(c: &Collector, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+    wait_for(Duration::from_secs(30), what, || {
+        c.detections().into_iter().find(|d| f(d))
+    })
+}
+
+#[test]
+fn stix_and_misp_indicators_reach_agents_and_detections_carry_their_provenance() {
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path();
+    let mut c = Collector::init(&tmp.join("collector"));
+    c.start();
+    let mut agent = Agent::enroll(&c, &tmp.join("agent"));
+    let watch = tmp.join("watch");
+    std::fs::create_dir(&watch).unwrap();
+    agent.run(&c, &["--watch", watch.to_str().unwrap()]);
+
+    // A rule bundle first: intel publishing keeps its files.
+    let rules = vedette_tests::rule_dir(&tmp.join("rules"), "fleet_rule", "VEDETTE-FLEET-RULE");
+    c.ctl_ok(&["rules", "publish", rules.to_str().unwrap()]);
+
+    let stix_payload = b"VEDETTE-STIX-SHA256 payload\n";
+    let misp_payload = b"VEDETTE-MISP-SHA256 payload\n";
+    let stix = tmp.join("apt-bundle.json");
+    std::fs::write(
+        &stix,
+        json!({"type": "bundle", "id": "bundle--5d0092c5-5f74-4287-9642-33f4c354e56d", "objects": [
+            {"type": "indicator", "spec_version": "2.1",
+             "id": "indicator--a3f4a4c0-4b0b-4d5c-9a7e-0a6b8b8f0001", "name": "Lazarus loader",
+             "pattern_type": "stix", "valid_from": "2026-01-01T00:00:00Z",
+             "pattern": format!("[file:hashes.'SHA-256' = '{}']", sha256(stix_payload, tmp)),
+             "kill_chain_phases": [{"kill_chain_name": "mitre-attack", "phase_name": "T1105"}]},
+            {"type": "indicator", "spec_version": "2.1",
+             "id": "indicator--a3f4a4c0-4b0b-4d5c-9a7e-0a6b8b8f0002", "name": "Hafnium web shell",
+             "pattern_type": "stix", "valid_from": "2026-01-01T00:00:00Z",
+             "pattern": "[file:name = 'help.aspx.sh']"},
+            {"type": "indicator", "spec_version": "2.1",
+             "id": "indicator--a3f4a4c0-4b0b-4d5c-9a7e-0a6b8b8f0003", "name": "YARA from STIX",
+             "pattern_type": "yara", "valid_from": "2026-01-01T00:00:00Z",
+             "pattern": "rule stix_yara { strings: $a = \"VEDETTE-STIX-YARA\" condition: $a }"},
+            {"type": "indicator", "spec_version": "2.1",
+             "id": "indicator--a3f4a4c0-4b0b-4d5c-9a7e-0a6b8b8f0004", "name": "Needs correlation",
+             "pattern_type": "stix", "valid_from": "2026-01-01T00:00:00Z",
+             "pattern": "[file:name = 'a'] FOLLOWEDBY [file:name = 'b']"},
+        ]})
+        .to_string(),
+    )
+    .unwrap();
+    let event_uuid = "5e8c2b8a-0f4a-4d36-9b3c-0e6f1a2b3c4d";
+    let misp = tmp.join("lazarus-event.json");
+    std::fs::write(
+        &misp,
+        json!({"Event": {"uuid": event_uuid, "info": "Lazarus crypto theft",
+        "Tag": [{"name": "misp-galaxy:mitre-attack-pattern=\"Ingress Tool Transfer - T1105\""}],
+        "Attribute": [
+            {"uuid": "6a1b2c3d-0000-4000-8000-000000000001", "type": "sha256",
+             "value": sha256(misp_payload, tmp), "to_ids": true},
+            {"uuid": "6a1b2c3d-0000-4000-8000-000000000002", "type": "filename",
+             "value": "not-for-detection.bin", "to_ids": false},
+            {"uuid": "6a1b2c3d-0000-4000-8000-000000000003", "type": "btc",
+             "value": "1BoatSLRHtKNngkdXEeobR76b53LETtpyT", "to_ids": true},
+        ]}})
+        .to_string(),
+    )
+    .unwrap();
+
+    let out = c.ctl_ok(&[
+        "intel",
+        "import",
+        stix.to_str().unwrap(),
+        misp.to_str().unwrap(),
+    ]);
+    assert!(out.contains("accepted 3, skipped 0, rejected 1"), "{out}");
+    assert!(
+        out.contains("rejected indicator--a3f4a4c0-4b0b-4d5c-9a7e-0a6b8b8f0004: FOLLOWEDBY"),
+        "{out}"
+    );
+    assert!(out.contains("accepted 1, skipped 1, rejected 1"), "{out}");
+    assert!(
+        out.contains("skipped  6a1b2c3d-0000-4000-8000-000000000002: filename: to_ids is false"),
+        "{out}"
+    );
+    assert!(
+        out.contains("rejected 6a1b2c3d-0000-4000-8000-000000000003: MISP type `btc`"),
+        "{out}"
+    );
+
+    let status = json_lines(&c.ctl_ok(&["intel", "status", "--json"]));
+    assert_eq!(status.len(), 2, "{status:?}");
+    let staged: u64 = status.iter().map(|s| s["staged"].as_u64().unwrap()).sum();
+    assert_eq!(
+        staged, 4,
+        "only the evaluable to_ids indicators are staged: {status:?}"
+    );
+
+    let out = c.ctl_ok(&["intel", "publish"]);
+    assert!(
+        out.contains("published bundle version 2 with 4 staged indicator(s)"),
+        "{out}"
+    );
+
+    // Not matched: the to_ids=false file name. Written first, so that when the later files
+    // are detected it had its chance.
+    std::fs::write(watch.join("not-for-detection.bin"), "nothing").unwrap();
+    std::fs::write(watch.join("loader.bin"), stix_payload).unwrap();
+    std::fs::write(watch.join("help.aspx.sh"), "<% eval %>").unwrap();
+    std::fs::write(watch.join("y.txt"), "VEDETTE-STIX-YARA").unwrap();
+    std::fs::write(watch.join("theft.bin"), misp_payload).unwrap();
+    std::fs::write(watch.join("fleet.txt"), "VEDETTE-FLEET-RULE").unwrap();
+
+    let d = detection(&c, "the STIX hash detection", |d| {
+        d["rule"] == "Lazarus loader"
+    });
+    assert_eq!(
+        d["indicator"],
+        json!({"source": "stix", "id": "indicator--a3f4a4c0-4b0b-4d5c-9a7e-0a6b8b8f0001",
+               "origin": std::fs::canonicalize(&stix).unwrap().display().to_string()})
+    );
+    assert_eq!(d["techniques"], json!(["T1105"]));
+    assert_eq!(d["kind"], "hash");
+    let d = detection(&c, "the STIX file-name detection", |d| {
+        d["rule"] == "Hafnium web shell"
+    });
+    assert_eq!(
+        d["indicator"]["id"],
+        "indicator--a3f4a4c0-4b0b-4d5c-9a7e-0a6b8b8f0002"
+    );
+    assert_eq!(d["kind"], "filename");
+    let d = detection(&c, "the STIX YARA detection", |d| d["rule"] == "stix_yara");
+    assert_eq!(
+        d["indicator"]["id"],
+        "indicator--a3f4a4c0-4b0b-4d5c-9a7e-0a6b8b8f0003"
+    );
+    assert_eq!(d["indicator"]["source"], "stix");
+    let d = detection(&c, "the MISP detection", |d| {
+        d["indicator"]["source"] == "misp"
+    });
+    assert_eq!(
+        d["indicator"],
+        json!({"source": "misp", "id": "6a1b2c3d-0000-4000-8000-000000000001",
+               "event": event_uuid,
+               "origin": std::fs::canonicalize(&misp).unwrap().display().to_string()})
+    );
+    assert_eq!(d["techniques"], json!(["T1105"]));
+    assert_eq!(d["rule"], "Lazarus crypto theft (sha256)");
+    let d = detection(&c, "the fleet rule's detection", |d| {
+        d["rule"] == "fleet_rule"
+    });
+    assert_eq!(
+        d["indicator"],
+        json!({"source": "yara", "id": "fleet_rule", "origin": "bundle"})
+    );
+
+    let all = c.detections();
+    assert!(
+        !all.iter().any(|d| d["path"]
+            .as_str()
+            .is_some_and(|p| p.ends_with("not-for-detection.bin"))),
+        "{all:?}"
+    );
+    assert!(all.iter().all(|d| d["indicator"].is_object()), "{all:?}");
+}
+
+/// A child process killed when the test ends, whatever happens.
+struct Helper(std::process::Child);
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A python3 process holding a TCP connection to a listener of its own on `addr`; returns once
+/// it is connected.
+fn connection_to(addr: &str) -> Helper {
+    use std::io::BufRead;
+    let script = format!(
+        "import socket, sys, time\n\
+         l = socket.socket(); l.bind(('{addr}', 0)); l.listen(1)\n\
+         c = socket.create_connection(l.getsockname()); s, _ = l.accept()\n\
+         print('ready', flush=True)\n\
+         time.sleep(120)\n"
+    );
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    let stdout = child.stdout.take().expect("stdout");
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready");
+    Helper(child)
+}
+
+#[test]
+fn exports_of_file_process_and_connection_detections_pass_the_peer_tools() {
+    let python_has = |module: &str| {
+        std::process::Command::new("python3")
+            .args(["-c", &format!("import {module}")])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !python_has("stix2validator") || !python_has("pymisp") {
+        assert_ne!(
+            std::env::var("VEDETTE_TEST_PEERS").as_deref(),
+            Ok("required"),
+            "stix2-validator and pymisp are required here"
+        );
+        eprintln!(
+            "SKIP: stix2-validator and pymisp are not installed (pip install stix2-validator \
+             pymisp; .ci/run installs them)"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path();
+    let mut c = Collector::init(&tmp.join("collector"));
+    c.start();
+    let mut agent = Agent::enroll(&c, &tmp.join("agent"));
+    let watch = tmp.join("watch");
+    std::fs::create_dir(&watch).unwrap();
+    agent.run(&c, &["--watch", watch.to_str().unwrap()]);
+    let _conn = connection_to("127.0.0.77");
+
+    let stix = tmp.join("c2.json");
+    let indicator = |n: u32, name: &str, pattern: &str| {
+        json!({"type": "indicator", "spec_version": "2.1",
+            "id": format!("indicator--b1c2d3e4-0000-4000-8000-00000000000{n}"), "name": name,
+            "created": "2026-11-01T00:00:00.000Z", "modified": "2026-11-01T00:00:00.000Z",
+            "pattern_type": "stix", "valid_from": "2026-01-01T00:00:00Z", "pattern": pattern,
+            "kill_chain_phases": [{"kill_chain_name": "mitre-attack", "phase_name": "T1071"}]})
+    };
+    std::fs::write(
+        &stix,
+        json!({"type": "bundle", "id": "bundle--b1c2d3e4-0000-4000-8000-000000000000", "objects": [
+            indicator(1, "dropper name", "[file:name = 'export-me.bin']"),
+            indicator(2, "C2 address", "[ipv4-addr:value = '127.0.0.77']"),
+            indicator(3, "reverse shell", "[process:command_line MATCHES 'vedette-export-marker']"),
+        ]})
+        .to_string(),
+    )
+    .unwrap();
+    c.ctl_ok(&["intel", "import", stix.to_str().unwrap()]);
+    c.ctl_ok(&["intel", "publish"]);
+    wait_for(Duration::from_secs(30), "the agent on bundle 1", || {
+        c.agents()
+            .iter()
+            .any(|a| a["bundle_version"] == 1)
+            .then_some(())
+    });
+    // Its exec wakes the process watcher, which polls everything again under the new rules.
+    let _shell = Helper(
+        std::process::Command::new("sh")
+            .args(["-c", "sleep 60; : vedette-export-marker"])
+            .spawn()
+            .unwrap(),
+    );
+    std::fs::write(watch.join("export-me.bin"), "payload").unwrap();
+    for kind in ["filename", "process", "connection"] {
+        detection(&c, &format!("a {kind} detection"), |d| {
+            d["kind"] == kind && d["indicator"]["source"] == "stix"
+        });
+    }
+
+    // STIX 2.1: the validator finds no error; each sighting refers to the original indicator.
+    let bundle_path = tmp.join("sightings.json");
+    let out = c.ctl_ok(&["export", "stix", "--organisation", "CERT-Test"]);
+    std::fs::write(&bundle_path, &out).unwrap();
+    let v = std::process::Command::new("stix2_validator")
+        .arg(&bundle_path)
+        .output()
+        .expect("stix2_validator");
+    let report = String::from_utf8_lossy(&v.stdout);
+    assert!(
+        v.status.success() && !report.contains("[X]"),
+        "{report}\n{out}"
+    );
+    let bundle: Value = serde_json::from_str(&out).unwrap();
+    let objects = bundle["objects"].as_array().unwrap();
+    let sightings: Vec<&Value> = objects.iter().filter(|o| o["type"] == "sighting").collect();
+    for n in 1..=3 {
+        let id = format!("indicator--b1c2d3e4-0000-4000-8000-00000000000{n}");
+        assert!(
+            sightings
+                .iter()
+                .any(|s| s["sighting_of_ref"] == id.as_str()),
+            "{id}: {out}"
+        );
+    }
+    let org = objects
+        .iter()
+        .find(|o| o["type"] == "identity")
+        .expect("the organisation's identity");
+    assert_eq!(org["name"], "CERT-Test");
+    assert!(
+        sightings
+            .iter()
+            .all(|s| s["where_sighted_refs"][0] == org["id"])
+    );
+    for sco in ["file", "process", "network-traffic", "ipv4-addr"] {
+        assert!(
+            objects.iter().any(|o| o["type"] == sco),
+            "no {sco} in {out}"
+        );
+    }
+
+    // MISP: PyMISP loads the event and sees what was observed.
+    let event_path = tmp.join("event.json");
+    std::fs::write(&event_path, c.ctl_ok(&["export", "misp"])).unwrap();
+    let loaded = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys; from pymisp import MISPEvent\n\
+             e = MISPEvent(); e.load_file(sys.argv[1])\n\
+             print(sorted({a.type + ':' + a.value for a in e.attributes}))\n\
+             print(sorted(t.name for t in e.tags))",
+        ])
+        .arg(&event_path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&loaded.stdout);
+    assert!(
+        loaded.status.success(),
+        "{}",
+        String::from_utf8_lossy(&loaded.stderr)
+    );
+    assert!(text.contains("'ip-dst:127.0.0.77'"), "{text}");
+    assert!(text.contains("'filename:export-me.bin'"), "{text}");
+    assert!(text.contains("mitre-attack-pattern=\"T1071\""), "{text}");
+
+    // ECS: one alert per detection, with the indicator and the technique.
+    let ecs = json_lines(&c.ctl_ok(&["export", "ecs"]));
+    let conn = ecs
+        .iter()
+        .find(|e| e["destination"]["ip"] == "127.0.0.77")
+        .expect("the connection as ECS");
+    assert_eq!(conn["event"]["kind"], "alert");
+    assert_eq!(conn["threat"]["technique"]["id"], json!(["T1071"]));
+    assert_eq!(
+        conn["threat"]["indicator"]["reference"],
+        "indicator--b1c2d3e4-0000-4000-8000-000000000002"
+    );
+    assert!(
+        ecs.iter()
+            .all(|e| e["@timestamp"].is_string() && e["agent"]["id"] == agent.id.as_str())
+    );
+}
