@@ -40,6 +40,213 @@ pub struct RawConfig {
     /// push rules that agents (if they allow unsigned bundles too) run.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub insecure_allow_unsigned_bundles: bool,
+    /// Threat-intelligence sources the collector polls (`[[intel.taxii]]`,
+    /// `[[intel.misp_feed]]`); what they hold is staged for `vedettectl intel publish`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intel: Option<RawIntel>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIntel {
+    #[serde(default)]
+    pub taxii: Vec<RawTaxii>,
+    #[serde(default)]
+    pub misp_feed: Vec<RawMispFeed>,
+}
+
+/// A TAXII 2.1 collection to poll.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTaxii {
+    /// The API root, e.g. `https://taxii.example.org/api1/`.
+    pub url: String,
+    /// The collection id.
+    pub collection: String,
+    /// HTTP basic authentication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// Bearer token (instead of a username and password).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// How often to poll, e.g. `15m` (default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    /// CA certificate (PEM) of the server; default: the public web PKI roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<PathBuf>,
+}
+
+/// A MISP feed to poll: `manifest.json` plus one file per event.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMispFeed {
+    /// `https://…/feed/` or a directory on this host.
+    pub url: String,
+    /// How often to poll, e.g. `1h`; default `15m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    /// CA certificate (PEM) of the server; default: the public web PKI roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<PathBuf>,
+}
+
+/// A checked intelligence source.
+#[derive(Debug, Clone)]
+pub struct IntelSourceConfig {
+    pub kind: IntelSourceKind,
+    pub interval: Duration,
+    pub ca_cert: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub enum IntelSourceKind {
+    Taxii {
+        /// The API root, ending in `/`.
+        api_root: String,
+        collection: String,
+        auth: HttpAuth,
+    },
+    MispFeed {
+        /// A URL ending in `/`, or a directory.
+        location: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub enum HttpAuth {
+    None,
+    Basic { username: String, password: String },
+    Bearer(String),
+}
+
+impl IntelSourceConfig {
+    /// What the source is called in `intel status` and in indicators' provenance.
+    pub fn origin(&self) -> String {
+        match &self.kind {
+            IntelSourceKind::Taxii {
+                api_root,
+                collection,
+                ..
+            } => format!("{api_root}collections/{collection}/"),
+            IntelSourceKind::MispFeed { location } => location.clone(),
+        }
+    }
+
+    pub fn kind_name(&self) -> &'static str {
+        match self.kind {
+            IntelSourceKind::Taxii { .. } => "taxii",
+            IntelSourceKind::MispFeed { .. } => "misp_feed",
+        }
+    }
+}
+
+/// Polling more often than this is refused.
+const MIN_INTEL_INTERVAL: Duration = Duration::from_secs(1);
+
+impl RawIntel {
+    fn validate(&self, base: &Path, problems: &mut Vec<String>) -> Vec<IntelSourceConfig> {
+        let mut out = Vec::new();
+        let interval = |key: String, v: &Option<String>, problems: &mut Vec<String>| match v {
+            None => Duration::from_secs(15 * 60),
+            Some(s) => match humantime::parse_duration(s) {
+                Ok(d) if d >= MIN_INTEL_INTERVAL => d,
+                Ok(_) => {
+                    problems.push(format!("`{key}`: `{s}` is shorter than one second"));
+                    MIN_INTEL_INTERVAL
+                }
+                Err(e) => {
+                    problems.push(format!("`{key}`: `{s}` is not a duration like `15m` ({e})"));
+                    MIN_INTEL_INTERVAL
+                }
+            },
+        };
+        let ca = |key: String, p: &Option<PathBuf>, problems: &mut Vec<String>| {
+            p.as_ref().map(|p| {
+                let p = base.join(p);
+                if !p.is_file() {
+                    problems.push(format!(
+                        "`{key}`: `{}` does not exist or is not a file",
+                        p.display()
+                    ));
+                }
+                p
+            })
+        };
+        let is_http = |u: &str| u.starts_with("https://") || u.starts_with("http://");
+        for (i, t) in self.taxii.iter().enumerate() {
+            let key = |k: &str| format!("intel.taxii[{i}].{k}");
+            if !is_http(&t.url) {
+                problems.push(format!(
+                    "`{}`: `{}` is not an http(s):// URL",
+                    key("url"),
+                    t.url
+                ));
+            }
+            if t.collection.trim().is_empty() || t.collection.contains(['/', '?', '#']) {
+                problems.push(format!(
+                    "`{}`: `{}` is not a collection id",
+                    key("collection"),
+                    t.collection
+                ));
+            }
+            let auth = match (&t.username, &t.password, &t.token) {
+                (None, None, None) => HttpAuth::None,
+                (Some(u), Some(p), None) => HttpAuth::Basic {
+                    username: u.clone(),
+                    password: p.clone(),
+                },
+                (None, None, Some(tok)) => HttpAuth::Bearer(tok.clone()),
+                _ => {
+                    problems.push(format!(
+                        "`intel.taxii[{i}]`: give `username` and `password`, or `token`, or none"
+                    ));
+                    HttpAuth::None
+                }
+            };
+            let mut api_root = t.url.clone();
+            if !api_root.ends_with('/') {
+                api_root.push('/');
+            }
+            out.push(IntelSourceConfig {
+                kind: IntelSourceKind::Taxii {
+                    api_root,
+                    collection: t.collection.clone(),
+                    auth,
+                },
+                interval: interval(key("interval"), &t.interval, problems),
+                ca_cert: ca(key("ca_cert"), &t.ca_cert, problems),
+            });
+        }
+        for (i, f) in self.misp_feed.iter().enumerate() {
+            let key = |k: &str| format!("intel.misp_feed[{i}].{k}");
+            let location = if is_http(&f.url) {
+                let mut u = f.url.clone();
+                if !u.ends_with('/') {
+                    u.push('/');
+                }
+                u
+            } else {
+                let p = base.join(&f.url);
+                if !p.is_dir() {
+                    problems.push(format!(
+                        "`{}`: `{}` is neither an http(s):// URL nor a directory",
+                        key("url"),
+                        p.display()
+                    ));
+                }
+                p.display().to_string()
+            };
+            out.push(IntelSourceConfig {
+                kind: IntelSourceKind::MispFeed { location },
+                interval: interval(key("interval"), &f.interval, problems),
+                ca_cert: ca(key("ca_cert"), &f.ca_cert, problems),
+            });
+        }
+        out
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -81,6 +288,7 @@ pub struct Config {
     pub retention: Option<Duration>,
     pub maintainer_keys: Vec<vedette_engine::bundle::PublicKey>,
     pub insecure_allow_unsigned_bundles: bool,
+    pub intel_sources: Vec<IntelSourceConfig>,
 }
 
 /// Every problem found in a configuration file.
@@ -176,6 +384,11 @@ impl RawConfig {
                 Err(e) => problems.push(format!("`maintainer_keys`: {e}")),
             }
         }
+        let intel_sources = self
+            .intel
+            .as_ref()
+            .map(|i| i.validate(base, &mut problems))
+            .unwrap_or_default();
         match (listen, store, problems.is_empty()) {
             (Some(listen), Some(store), true) => Ok(Config {
                 listen,
@@ -189,6 +402,7 @@ impl RawConfig {
                 retention,
                 maintainer_keys,
                 insecure_allow_unsigned_bundles: self.insecure_allow_unsigned_bundles,
+                intel_sources,
             }),
             _ => Err(problems),
         }

@@ -146,6 +146,7 @@ fn write_collector_config(dir: &Path, listen: SocketAddr, store: &str) -> Result
         retention: None,
         maintainer_keys: vec!["maintainer.pub".into()],
         insecure_allow_unsigned_bundles: false,
+        intel: None,
     };
     let text = format!(
         "# Vedette collector configuration, written by `vedette-collector init`.\n\

@@ -24,6 +24,7 @@ pub struct Incoming<'a> {
     pub skipped: u64,
     pub rejected: u64,
     pub continued: bool,
+    pub cursor: &'a str,
 }
 
 /// Checks every line again (it may come from another machine) and stages those that pass.
@@ -39,7 +40,8 @@ pub fn stage(store: &dyn Store, batch: Incoming<'_>, now_ms: i64) -> Result<Stag
             Ok(l) => staged.push(StagedIntel {
                 source: l.source.clone(),
                 id: l.id.clone(),
-                origin: l.origin.clone(),
+                // The source that staged it (what `intel status` counts per source).
+                origin: batch.origin.to_string(),
                 // Re-serialised: what is staged is exactly what was checked.
                 line: l.to_json(),
             }),
@@ -54,6 +56,7 @@ pub fn stage(store: &dyn Store, batch: Incoming<'_>, now_ms: i64) -> Result<Stag
         skipped: batch.skipped,
         rejected: batch.rejected + refused.len() as u64,
         continued: batch.continued,
+        cursor: batch.cursor,
         now_ms,
     })?;
     Ok(Staged { counts, refused })

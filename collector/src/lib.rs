@@ -8,5 +8,6 @@ pub mod identity;
 pub mod init;
 pub mod intel;
 pub mod pki;
+pub mod poll;
 pub mod server;
 pub mod store;

@@ -139,6 +139,7 @@ impl AdminService for AdminSvc {
                     skipped: req.skipped,
                     rejected: req.rejected,
                     continued: req.continued,
+                    cursor: "",
                 },
                 now_ms(),
             )

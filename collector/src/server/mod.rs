@@ -27,7 +27,7 @@ use crate::pki::Ca;
 use crate::store::{Store, StoreEvent};
 
 /// The store every handler shares.
-pub(crate) type SharedStore = Arc<dyn Store>;
+pub type SharedStore = Arc<dyn Store>;
 
 /// What every handler shares.
 pub(crate) struct State {
@@ -132,6 +132,14 @@ pub async fn serve(
         .context("cannot set up TLS")?;
     let state = open_state(&config, shutdown.clone()).await?;
     follow_other_collectors(&state)?;
+    for source in &config.intel_sources {
+        info!(origin = %source.origin(), every = ?source.interval, "polling intel source");
+        tokio::spawn(crate::poll::run(
+            state.store.clone(),
+            source.clone(),
+            shutdown.clone(),
+        ));
+    }
     if let Some(keep) = config.retention {
         tokio::spawn(retention(state.clone(), keep));
     }

@@ -239,6 +239,10 @@ pub trait Store: Send + Sync {
     /// Every intel source with its last counts and error, and how many it has staged.
     fn intel_sources(&self) -> Result<Vec<IntelSourceRow>, StoreError>;
 
+    /// Where the next poll of a source starts (TAXII `added_after`, a MISP feed's newest event
+    /// timestamp); empty before the first.
+    fn intel_cursor(&self, origin: &str) -> Result<String, StoreError>;
+
     /// Records a failed poll of a source (what it staged stays).
     fn intel_error(
         &self,
@@ -269,6 +273,8 @@ pub struct IntelBatch<'a> {
     /// Continues the previous batch of the same import (a large import comes in several):
     /// the source's counts add up instead of being replaced.
     pub continued: bool,
+    /// Where the next poll starts, saved with what this batch staged; empty keeps the old one.
+    pub cursor: &'a str,
     pub now_ms: i64,
 }
 

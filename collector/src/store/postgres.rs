@@ -100,7 +100,8 @@ const MIGRATIONS: &[&str] = &[
         skipped BIGINT NOT NULL DEFAULT 0,
         rejected BIGINT NOT NULL DEFAULT 0,
         revoked BIGINT NOT NULL DEFAULT 0,
-        last_error TEXT NOT NULL DEFAULT ''
+        last_error TEXT NOT NULL DEFAULT '',
+        cursor TEXT NOT NULL DEFAULT ''
     );",
 ];
 
@@ -741,7 +742,8 @@ impl Store for PgStore {
                     rejected = excluded.rejected
                         + CASE WHEN $8 THEN intel_sources.rejected ELSE 0 END,
                     revoked = excluded.revoked
-                        + CASE WHEN $8 THEN intel_sources.revoked ELSE 0 END",
+                        + CASE WHEN $8 THEN intel_sources.revoked ELSE 0 END,
+                    cursor = CASE WHEN $9 = '' THEN intel_sources.cursor ELSE $9 END",
                 &[
                     &b.origin,
                     &b.kind,
@@ -751,6 +753,7 @@ impl Store for PgStore {
                     &(b.rejected as i64),
                     &(b.revoked.len() as i64),
                     &b.continued,
+                    &b.cursor,
                 ],
             )?;
             tx.commit()?;
@@ -800,6 +803,17 @@ impl Store for PgStore {
                     staged: r.get::<_, i64>(8) as u64,
                 })
                 .collect())
+        })
+    }
+
+    fn intel_cursor(&self, origin: &str) -> Result<String, StoreError> {
+        self.with(|c| {
+            Ok(c.query_opt(
+                "SELECT cursor FROM intel_sources WHERE origin = $1",
+                &[&origin],
+            )?
+            .map(|r| r.get(0))
+            .unwrap_or_default())
         })
     }
 

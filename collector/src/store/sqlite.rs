@@ -90,7 +90,8 @@ const MIGRATIONS: &[&str] = &[
         skipped INTEGER NOT NULL DEFAULT 0,
         rejected INTEGER NOT NULL DEFAULT 0,
         revoked INTEGER NOT NULL DEFAULT 0,
-        last_error TEXT NOT NULL DEFAULT ''
+        last_error TEXT NOT NULL DEFAULT '',
+        cursor TEXT NOT NULL DEFAULT ''
     );",
 ];
 
@@ -527,7 +528,8 @@ impl Store for SqliteStore {
                 accepted = excluded.accepted + CASE WHEN ?8 THEN accepted ELSE 0 END,
                 skipped = excluded.skipped + CASE WHEN ?8 THEN skipped ELSE 0 END,
                 rejected = excluded.rejected + CASE WHEN ?8 THEN rejected ELSE 0 END,
-                revoked = excluded.revoked + CASE WHEN ?8 THEN revoked ELSE 0 END",
+                revoked = excluded.revoked + CASE WHEN ?8 THEN revoked ELSE 0 END,
+                cursor = CASE WHEN ?9 = '' THEN cursor ELSE ?9 END",
             params![
                 b.origin,
                 b.kind,
@@ -536,7 +538,8 @@ impl Store for SqliteStore {
                 b.skipped as i64,
                 b.rejected as i64,
                 b.revoked.len() as i64,
-                b.continued
+                b.continued,
+                b.cursor
             ],
         )?;
         tx.commit()?;
@@ -581,6 +584,18 @@ impl Store for SqliteStore {
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn intel_cursor(&self, origin: &str) -> Result<String, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT cursor FROM intel_sources WHERE origin = ?1",
+                [origin],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or_default())
     }
 
     fn intel_error(

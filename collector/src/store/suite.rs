@@ -302,6 +302,11 @@ fn intel_staging_adds_updates_revokes_refuses_and_pages() {
             skipped: 1,
             rejected: 0,
             continued,
+            cursor: if continued {
+                "2026-11-26T00:00:00Z"
+            } else {
+                ""
+            },
         };
         let lines: &'static [String] = Box::leak(Box::new(lines));
         let s = stage(store, batch(lines, &[], false), 1).unwrap();
