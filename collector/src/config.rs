@@ -44,6 +44,56 @@ pub struct RawConfig {
     /// `[[intel.misp_feed]]`); what they hold is staged for `vedettectl intel publish`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub intel: Option<RawIntel>,
+    /// Where detections go besides the store: `[export] organisation`, `[[export.jsonl]]`,
+    /// `[[export.taxii]]`. Each sink keeps a cursor in the store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export: Option<RawExport>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawExport {
+    /// The organisation sightings are made by (a STIX identity), e.g. "CERT-XY".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub organisation: Option<String>,
+    /// ECS JSON lines appended to a file, one per detection.
+    #[serde(default)]
+    pub jsonl: Vec<RawJsonlSink>,
+    /// STIX 2.1 sightings sent to a TAXII 2.1 collection.
+    #[serde(default)]
+    pub taxii: Vec<RawTaxii>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJsonlSink {
+    pub path: PathBuf,
+}
+
+/// A checked export sink.
+#[derive(Debug, Clone)]
+pub enum SinkConfig {
+    Jsonl(PathBuf),
+    Taxii {
+        api_root: String,
+        collection: String,
+        auth: HttpAuth,
+        ca_cert: Option<PathBuf>,
+    },
+}
+
+impl SinkConfig {
+    /// The sink's name, which keys its cursor in the store.
+    pub fn name(&self) -> String {
+        match self {
+            SinkConfig::Jsonl(p) => format!("jsonl:{}", p.display()),
+            SinkConfig::Taxii {
+                api_root,
+                collection,
+                ..
+            } => format!("taxii:{api_root}collections/{collection}/"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -147,7 +197,13 @@ impl IntelSourceConfig {
 const MIN_INTEL_INTERVAL: Duration = Duration::from_secs(1);
 
 impl RawIntel {
-    fn validate(&self, base: &Path, problems: &mut Vec<String>) -> Vec<IntelSourceConfig> {
+    /// `taxii_key` names the TAXII list in problems (`intel.taxii` or `export.taxii`).
+    fn validate(
+        &self,
+        base: &Path,
+        taxii_key: &str,
+        problems: &mut Vec<String>,
+    ) -> Vec<IntelSourceConfig> {
         let mut out = Vec::new();
         let interval = |key: String, v: &Option<String>, problems: &mut Vec<String>| match v {
             None => Duration::from_secs(15 * 60),
@@ -177,7 +233,7 @@ impl RawIntel {
         };
         let is_http = |u: &str| u.starts_with("https://") || u.starts_with("http://");
         for (i, t) in self.taxii.iter().enumerate() {
-            let key = |k: &str| format!("intel.taxii[{i}].{k}");
+            let key = |k: &str| format!("{taxii_key}[{i}].{k}");
             if !is_http(&t.url) {
                 problems.push(format!(
                     "`{}`: `{}` is not an http(s):// URL",
@@ -201,7 +257,7 @@ impl RawIntel {
                 (None, None, Some(tok)) => HttpAuth::Bearer(tok.clone()),
                 _ => {
                     problems.push(format!(
-                        "`intel.taxii[{i}]`: give `username` and `password`, or `token`, or none"
+                        "`{taxii_key}[{i}]`: give `username` and `password`, or `token`, or none"
                     ));
                     HttpAuth::None
                 }
@@ -289,6 +345,9 @@ pub struct Config {
     pub maintainer_keys: Vec<vedette_engine::bundle::PublicKey>,
     pub insecure_allow_unsigned_bundles: bool,
     pub intel_sources: Vec<IntelSourceConfig>,
+    /// The organisation exports name as the maker of sightings.
+    pub organisation: String,
+    pub sinks: Vec<SinkConfig>,
 }
 
 /// Every problem found in a configuration file.
@@ -387,8 +446,45 @@ impl RawConfig {
         let intel_sources = self
             .intel
             .as_ref()
-            .map(|i| i.validate(base, &mut problems))
+            .map(|i| i.validate(base, "intel.taxii", &mut problems))
             .unwrap_or_default();
+        let mut sinks = Vec::new();
+        let export = self.export.clone().unwrap_or_default();
+        for j in &export.jsonl {
+            let p = base.join(&j.path);
+            if !p.parent().is_some_and(Path::is_dir) {
+                problems.push(format!(
+                    "`export.jsonl.path`: the directory of `{}` does not exist",
+                    p.display()
+                ));
+            }
+            sinks.push(SinkConfig::Jsonl(p));
+        }
+        if !export.taxii.is_empty() {
+            let raw = RawIntel {
+                taxii: export.taxii.clone(),
+                misp_feed: Vec::new(),
+            };
+            for t in raw.validate(base, "export.taxii", &mut problems) {
+                if let IntelSourceKind::Taxii {
+                    api_root,
+                    collection,
+                    auth,
+                } = t.kind
+                {
+                    sinks.push(SinkConfig::Taxii {
+                        api_root,
+                        collection,
+                        auth,
+                        ca_cert: t.ca_cert,
+                    });
+                }
+            }
+        }
+        let organisation = export
+            .organisation
+            .clone()
+            .unwrap_or_else(|| "Vedette".into());
         match (listen, store, problems.is_empty()) {
             (Some(listen), Some(store), true) => Ok(Config {
                 listen,
@@ -403,6 +499,8 @@ impl RawConfig {
                 maintainer_keys,
                 insecure_allow_unsigned_bundles: self.insecure_allow_unsigned_bundles,
                 intel_sources,
+                organisation,
+                sinks,
             }),
             _ => Err(problems),
         }

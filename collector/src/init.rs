@@ -147,6 +147,7 @@ fn write_collector_config(dir: &Path, listen: SocketAddr, store: &str) -> Result
         maintainer_keys: vec!["maintainer.pub".into()],
         insecure_allow_unsigned_bundles: false,
         intel: None,
+        export: None,
     };
     let text = format!(
         "# Vedette collector configuration, written by `vedette-collector init`.\n\

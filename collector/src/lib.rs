@@ -10,4 +10,5 @@ pub mod intel;
 pub mod pki;
 pub mod poll;
 pub mod server;
+pub mod sinks;
 pub mod store;

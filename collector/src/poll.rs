@@ -62,8 +62,13 @@ fn backoff(failures: u32, interval: Duration) -> Duration {
 }
 
 fn agent(source: &IntelSourceConfig) -> Result<ureq::Agent, String> {
+    http_agent(source.ca_cert.as_deref())
+}
+
+/// An HTTP client trusting `ca` (PEM), or the public web PKI roots.
+pub fn http_agent(ca: Option<&std::path::Path>) -> Result<ureq::Agent, String> {
     let mut tls = ureq::tls::TlsConfig::builder();
-    if let Some(ca) = &source.ca_cert {
+    if let Some(ca) = ca {
         let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
         let certs: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(&pem)
             .filter_map(|item| match item {
@@ -130,6 +135,54 @@ fn get(
                 .collect::<String>()
         )),
     }
+}
+
+fn authorize<B>(req: ureq::RequestBuilder<B>, auth: &HttpAuth) -> ureq::RequestBuilder<B> {
+    match auth {
+        HttpAuth::None => req,
+        HttpAuth::Basic { username, password } => req.header(
+            "Authorization",
+            format!("Basic {}", base64(&format!("{username}:{password}"))),
+        ),
+        HttpAuth::Bearer(token) => req.header("Authorization", format!("Bearer {token}")),
+    }
+}
+
+/// A TAXII request with a JSON answer: GET, or POST of `body`.
+pub fn send_json(
+    agent: &ureq::Agent,
+    method: &str,
+    url: &str,
+    auth: &HttpAuth,
+    body: Option<&Value>,
+) -> Result<Value, String> {
+    let result = match body {
+        Some(b) => authorize(agent.post(url), auth)
+            .header("Accept", TAXII)
+            .header("Content-Type", TAXII)
+            .send(b.to_string()),
+        None => authorize(agent.get(url), auth)
+            .header("Accept", TAXII)
+            .call(),
+    };
+    let mut resp = result.map_err(|e| format!("{method} {url}: {e}"))?;
+    let status = resp.status().as_u16();
+    let text = resp
+        .body_mut()
+        .with_config()
+        .limit(MAX_BODY_BYTES)
+        .read_to_vec()
+        .map_err(|e| format!("{method} {url}: reading the body: {e}"))?;
+    if !(200..300).contains(&status) {
+        return Err(format!(
+            "{method} {url}: HTTP {status}: {}",
+            String::from_utf8_lossy(&text)
+                .chars()
+                .take(200)
+                .collect::<String>()
+        ));
+    }
+    json(&text, url)
 }
 
 fn base64(s: &str) -> String {

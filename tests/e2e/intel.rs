@@ -373,6 +373,11 @@ fn exports_of_file_process_and_connection_detections_pass_the_peer_tools() {
 
 /// A real TAXII 2.1 server (medallion, memory backend) on a free loopback port.
 fn medallion(dir: &Path, collections: Value) -> Option<(Helper, String)> {
+    medallion_on(dir, vedette_tests::free_port(), collections)
+}
+
+/// The same on a given port.
+fn medallion_on(dir: &Path, port: u16, collections: Value) -> Option<(Helper, String)> {
     let has = std::process::Command::new("python3")
         .args(["-c", "import medallion"])
         .status()
@@ -386,7 +391,6 @@ fn medallion(dir: &Path, collections: Value) -> Option<(Helper, String)> {
         eprintln!("SKIP: medallion is not installed (pip install medallion; .ci/run installs it)");
         return None;
     }
-    let port = vedette_tests::free_port();
     let base = format!("http://127.0.0.1:{port}");
     let data = dir.join("taxii-data.json");
     std::fs::write(
@@ -564,4 +568,192 @@ fn a_taxii_collection_is_polled_page_by_page_and_its_indicators_reach_the_agent(
         assert_eq!(d["indicator"]["origin"], origin.as_str());
         assert_eq!(d["indicator"]["source"], "stix");
     }
+}
+
+/// Appends TOML to the collector's configuration.
+fn configure(c: &Collector, extra: &str) {
+    let toml = c.dir.join("collector.toml");
+    let mut text = std::fs::read_to_string(&toml).unwrap();
+    text.push('\n');
+    text.push_str(extra);
+    std::fs::write(&toml, text).unwrap();
+}
+
+#[test]
+fn the_jsonl_sink_exports_every_detection_once_across_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path();
+    let mut c = Collector::init(&tmp.join("collector"));
+    let sink = tmp.join("detections.jsonl");
+    configure(
+        &c,
+        &format!(
+            "[export]\norganisation = \"CERT-Test\"\n\n[[export.jsonl]]\npath = \"{}\"\n",
+            sink.display()
+        ),
+    );
+    c.start();
+    let mut agent = Agent::enroll(&c, &tmp.join("agent"));
+    let watch = tmp.join("watch");
+    std::fs::create_dir(&watch).unwrap();
+    let rules = vedette_tests::rule_dir(&tmp.join("rules"), "sink_rule", "VEDETTE-SINK");
+    agent.run(
+        &c,
+        &[
+            "--watch",
+            watch.to_str().unwrap(),
+            "--rules",
+            rules.to_str().unwrap(),
+        ],
+    );
+    let lines = |path: &Path| -> Vec<Value> {
+        std::fs::read_to_string(path)
+            .map(|t| json_lines(&t))
+            .unwrap_or_default()
+    };
+    let mut written = 0;
+    for round in 0..3 {
+        for i in 0..40 {
+            std::fs::write(watch.join(format!("f{round}-{i}.txt")), "VEDETTE-SINK").unwrap();
+            written += 1;
+        }
+        // Killed as soon as this round's first exports reach the file: mid-export.
+        let before = lines(&sink).len();
+        wait_for(Duration::from_secs(30), "an export in this round", || {
+            (lines(&sink).len() > before).then_some(())
+        });
+        c.kill();
+        c.start();
+    }
+    // Every detection the store holds (the rule's, and any the host itself causes) is in the
+    // file exactly once.
+    let all = wait_for(Duration::from_secs(60), "every detection exported", || {
+        let stored = c.detections();
+        let l = lines(&sink);
+        let rule = stored.iter().filter(|d| d["rule"] == "sink_rule").count();
+        (rule == written && l.len() >= stored.len()).then_some(l)
+    });
+    let mut ids: Vec<&str> = all
+        .iter()
+        .map(|e| e["event"]["id"].as_str().unwrap())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), all.len(), "a detection was exported twice");
+    let mut stored: Vec<String> = c
+        .detections()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap().to_string())
+        .collect();
+    stored.sort();
+    assert_eq!(ids, stored);
+    let seqs: Vec<u64> = all
+        .iter()
+        .map(|e| e["event"]["sequence"].as_u64().unwrap())
+        .collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "in store order: {seqs:?}"
+    );
+    let status = json_lines(&c.ctl_ok(&["intel", "status", "--json"]));
+    let s = status
+        .iter()
+        .find(|s| s["kind"] == "export")
+        .expect("the sink in intel status");
+    assert_eq!(s["backlog"], 0, "{s}");
+}
+
+#[test]
+fn sightings_reach_a_taxii_collection_that_refused_for_a_while() {
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path();
+    let sightings = "5197b5c3-0000-4a6b-8c9d-0e1f2a3b4c5d";
+    // The server is down at first: its port is chosen, nothing listens yet.
+    let port = vedette_tests::free_port();
+    let api_root = format!("http://127.0.0.1:{port}/api1/");
+    let mut c = Collector::init(&tmp.join("collector"));
+    configure(
+        &c,
+        &format!(
+            "[export]\norganisation = \"CERT-Test\"\n\n[[export.taxii]]\nurl = \"{api_root}\"\n\
+             collection = \"{sightings}\"\nusername = \"vedette\"\npassword = \"s3cret\"\n"
+        ),
+    );
+    c.start();
+    let mut agent = Agent::enroll(&c, &tmp.join("agent"));
+    let watch = tmp.join("watch");
+    std::fs::create_dir(&watch).unwrap();
+    agent.run(&c, &["--watch", watch.to_str().unwrap()]);
+    let stix = tmp.join("bundle.json");
+    let id = "indicator--5197b5c3-0000-4000-8000-000000000001";
+    std::fs::write(
+        &stix,
+        json!({"type": "bundle", "id": "bundle--5197b5c3-0000-4000-8000-000000000000", "objects": [
+            {"type": "indicator", "spec_version": "2.1", "id": id, "name": "sink test",
+             "created": "2026-11-01T00:00:00.000Z", "modified": "2026-11-01T00:00:00.000Z",
+             "pattern_type": "stix", "pattern": "[file:name = 'sighted.bin']",
+             "valid_from": "2026-01-01T00:00:00Z"}]})
+        .to_string(),
+    )
+    .unwrap();
+    c.ctl_ok(&["intel", "import", stix.to_str().unwrap()]);
+    c.ctl_ok(&["intel", "publish"]);
+    wait_for(Duration::from_secs(30), "the agent on bundle 1", || {
+        c.agents()
+            .iter()
+            .any(|a| a["bundle_version"] == 1)
+            .then_some(())
+    });
+    std::fs::write(watch.join("sighted.bin"), "x").unwrap();
+    detection(&c, "the detection", |d| d["indicator"]["id"] == id);
+    wait_for(
+        Duration::from_secs(30),
+        "the sink to report the refusal",
+        || {
+            json_lines(&c.ctl_ok(&["intel", "status", "--json"]))
+                .into_iter()
+                .find(|s| {
+                    s["kind"] == "export"
+                        && s["last_error"].is_string()
+                        && s["backlog"].as_u64() >= Some(1)
+                })
+        },
+    );
+
+    let Some((_server, started_root)) =
+        medallion_on(tmp, port, json!([taxii_collection(sightings, &[])]))
+    else {
+        return;
+    };
+    assert_eq!(started_root, api_root);
+    let sighting = wait_for(
+        Duration::from_secs(90),
+        "the sighting in the TAXII collection",
+        || {
+            let out = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import sys, urllib.request, base64\n\
+                 r = urllib.request.Request(sys.argv[1], headers={'Accept': 'application/taxii+json;version=2.1',\n\
+                   'Authorization': 'Basic ' + base64.b64encode(b'vedette:s3cret').decode()})\n\
+                 print(urllib.request.urlopen(r).read().decode())",
+            ])
+            .arg(format!("{api_root}collections/{sightings}/objects/?match[type]=sighting"))
+            .output()
+            .ok()?;
+            let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+            v["objects"]
+                .as_array()?
+                .iter()
+                .find(|o| o["sighting_of_ref"] == id)
+                .cloned()
+        },
+    );
+    assert_eq!(sighting["count"], 1);
+    let s = wait_for(Duration::from_secs(30), "the backlog drained", || {
+        json_lines(&c.ctl_ok(&["intel", "status", "--json"]))
+            .into_iter()
+            .find(|s| s["kind"] == "export" && s["backlog"] == 0)
+    });
+    assert!(s["last_error"].is_null(), "{s}");
 }

@@ -244,6 +244,9 @@ async fn intel(cmd: IntelCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
                 for s in &r.sources {
                     println!("{}", crate::intel::source_json(s));
                 }
+                for s in &r.sinks {
+                    println!("{}", crate::intel::sink_json(s));
+                }
             } else {
                 crate::intel::print_status(&r);
             }

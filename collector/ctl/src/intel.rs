@@ -10,7 +10,7 @@ use vedette_engine::import::{self, Imported};
 use vedette_proto::now_ms;
 use vedette_proto::output::{printable, rfc3339_ms};
 use vedette_proto::v1::{
-    BundleFile, IntelSource, IntelStatusRequest, IntelStatusResponse, ListIntelRequest,
+    BundleFile, ExportSink, IntelSource, IntelStatusRequest, IntelStatusResponse, ListIntelRequest,
     PublishBundleResponse, StageIntelRequest,
 };
 
@@ -157,6 +157,17 @@ pub fn source_json(s: &IntelSource) -> serde_json::Value {
     })
 }
 
+pub fn sink_json(s: &ExportSink) -> serde_json::Value {
+    json!({
+        "sink": s.sink,
+        "kind": "export",
+        "exported": s.exported,
+        "backlog": s.backlog,
+        "last_attempt": (s.last_attempt_ms > 0).then(|| rfc3339_ms(s.last_attempt_ms)),
+        "last_error": (!s.last_error.is_empty()).then_some(&s.last_error),
+    })
+}
+
 pub fn print_status(r: &IntelStatusResponse) {
     println!("{} indicator(s) staged", r.staged);
     for s in &r.sources {
@@ -174,6 +185,19 @@ pub fn print_status(r: &IntelStatusResponse) {
             s.rejected,
             s.revoked,
             s.staged,
+            if s.last_error.is_empty() {
+                String::new()
+            } else {
+                format!("; last error: {}", printable(&s.last_error))
+            }
+        );
+    }
+    for s in &r.sinks {
+        println!(
+            "export {}: exported {}, backlog {}{}",
+            printable(&s.sink),
+            s.exported,
+            s.backlog,
             if s.last_error.is_empty() {
                 String::new()
             } else {

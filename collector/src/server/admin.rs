@@ -192,7 +192,18 @@ impl AdminService for AdminSvc {
     ) -> Result<Response<IntelStatusResponse>, Status> {
         self.reader(&request)?;
         let rows = blocking(&self.state.store, |s| s.intel_sources()).await?;
+        let sinks = blocking(&self.state.store, |s| s.export_states()).await?;
         Ok(Response::new(IntelStatusResponse {
+            sinks: sinks
+                .into_iter()
+                .map(|r| vedette_proto::v1::ExportSink {
+                    sink: r.sink,
+                    exported: r.exported,
+                    backlog: r.backlog,
+                    last_error: r.last_error,
+                    last_attempt_ms: r.last_attempt_ms,
+                })
+                .collect(),
             staged: rows.iter().map(|r| r.staged).sum(),
             sources: rows
                 .into_iter()

@@ -140,6 +140,15 @@ pub async fn serve(
             shutdown.clone(),
         ));
     }
+    for sink in &config.sinks {
+        info!(sink = %sink.name(), "exporting detections");
+        tokio::spawn(crate::sinks::run(
+            state.store.clone(),
+            sink.clone(),
+            config.organisation.clone(),
+            shutdown.clone(),
+        ));
+    }
     if let Some(keep) = config.retention {
         tokio::spawn(retention(state.clone(), keep));
     }

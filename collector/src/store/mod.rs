@@ -243,6 +243,33 @@ pub trait Store: Send + Sync {
     /// timestamp); empty before the first.
     fn intel_cursor(&self, origin: &str) -> Result<String, StoreError>;
 
+    /// Where an export sink is: the sequence number of the last detection it took, how many it
+    /// exported, and its last error.
+    fn export_state(&self, sink: &str) -> Result<ExportRow, StoreError>;
+
+    /// Every sink known to the store, with its backlog (detections after its cursor).
+    fn export_states(&self) -> Result<Vec<ExportRow>, StoreError>;
+
+    /// Detections after sequence number `after`, received before `before_ms`, in sequence
+    /// order, with their sequence numbers.
+    fn detections_after(
+        &self,
+        after: u64,
+        before_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<(u64, StoredDetection)>, StoreError>;
+
+    /// Moves a sink's cursor to `seq` after `count` more detections were exported; an error
+    /// (empty when it succeeded) is recorded with it.
+    fn export_progress(
+        &self,
+        sink: &str,
+        seq: u64,
+        count: u64,
+        error: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+
     /// Records a failed poll of a source (what it staged stays).
     fn intel_error(
         &self,
@@ -251,6 +278,17 @@ pub trait Store: Send + Sync {
         error: &str,
         now_ms: i64,
     ) -> Result<(), StoreError>;
+}
+
+/// An export sink's progress.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExportRow {
+    pub sink: String,
+    pub seq: u64,
+    pub exported: u64,
+    pub last_error: String,
+    pub last_attempt_ms: i64,
+    pub backlog: u64,
 }
 
 /// One staged indicator: its intel line and where it came from.

@@ -22,8 +22,8 @@ use rustls_pki_types::pem::PemObject;
 use vedette_proto::v1::{Detection, Inventory, StoredDetection, detection};
 
 use super::{
-    AgentRow, BundleRow, DetectionFilter, IntelBatch, IntelSourceRow, IntelStaged, StagedIntel,
-    Store, StoreError, StoreEvent, TokenError, redact,
+    AgentRow, BundleRow, DetectionFilter, ExportRow, IntelBatch, IntelSourceRow, IntelStaged,
+    StagedIntel, Store, StoreError, StoreEvent, TokenError, redact,
 };
 
 /// Schema migrations, applied in order; `vedette_schema.version` is the number applied.
@@ -102,6 +102,13 @@ const MIGRATIONS: &[&str] = &[
         revoked BIGINT NOT NULL DEFAULT 0,
         last_error TEXT NOT NULL DEFAULT '',
         cursor TEXT NOT NULL DEFAULT ''
+    );
+    CREATE TABLE export_cursors (
+        sink TEXT PRIMARY KEY,
+        seq BIGINT NOT NULL DEFAULT 0,
+        exported BIGINT NOT NULL DEFAULT 0,
+        last_error TEXT NOT NULL DEFAULT '',
+        last_attempt_ms BIGINT NOT NULL DEFAULT 0
     );",
 ];
 
@@ -814,6 +821,97 @@ impl Store for PgStore {
             )?
             .map(|r| r.get(0))
             .unwrap_or_default())
+        })
+    }
+
+    fn export_state(&self, sink: &str) -> Result<ExportRow, StoreError> {
+        Ok(self
+            .export_states()?
+            .into_iter()
+            .find(|r| r.sink == sink)
+            .unwrap_or_else(|| ExportRow {
+                sink: sink.into(),
+                ..Default::default()
+            }))
+    }
+
+    fn export_states(&self) -> Result<Vec<ExportRow>, StoreError> {
+        self.with(|c| {
+            let rows = c.query(
+                "SELECT sink, seq, exported, last_error, last_attempt_ms,
+                    (SELECT COUNT(*) FROM detections d WHERE d.seq > e.seq)
+                 FROM export_cursors e ORDER BY sink",
+                &[],
+            )?;
+            Ok(rows
+                .iter()
+                .map(|r| ExportRow {
+                    sink: r.get(0),
+                    seq: r.get::<_, i64>(1) as u64,
+                    exported: r.get::<_, i64>(2) as u64,
+                    last_error: r.get(3),
+                    last_attempt_ms: r.get(4),
+                    backlog: r.get::<_, i64>(5) as u64,
+                })
+                .collect())
+        })
+    }
+
+    fn detections_after(
+        &self,
+        after: u64,
+        before_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<(u64, StoredDetection)>, StoreError> {
+        self.with(|c| {
+            let rows = c.query(
+                "SELECT d.seq, d.id, d.agent_id, a.hostname, d.received_at_ms, d.body
+                 FROM detections d JOIN agents a ON a.id = d.agent_id
+                 WHERE d.seq > $1 AND d.received_at_ms < $2 ORDER BY d.seq LIMIT $3",
+                &[&(after as i64), &before_ms, &i64::from(limit)],
+            )?;
+            let mut out = Vec::new();
+            for r in &rows {
+                let id: String = r.get(1);
+                let body: Vec<u8> = r.get(5);
+                let detection =
+                    Detection::decode(body.as_slice()).map_err(|e| StoreError::Corrupt {
+                        id,
+                        reason: e.to_string(),
+                    })?;
+                out.push((
+                    r.get::<_, i64>(0) as u64,
+                    StoredDetection {
+                        detection: Some(detection),
+                        agent_id: r.get(2),
+                        hostname: r.get(3),
+                        received_at_ms: r.get(4),
+                    },
+                ));
+            }
+            Ok(out)
+        })
+    }
+
+    fn export_progress(
+        &self,
+        sink: &str,
+        seq: u64,
+        count: u64,
+        error: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO export_cursors (sink, seq, exported, last_error, last_attempt_ms)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (sink) DO UPDATE SET
+                    seq = GREATEST(export_cursors.seq, excluded.seq),
+                    exported = export_cursors.exported + excluded.exported,
+                    last_error = excluded.last_error, last_attempt_ms = excluded.last_attempt_ms",
+                &[&sink, &(seq as i64), &(count as i64), &error, &now_ms],
+            )?;
+            Ok(())
         })
     }
 

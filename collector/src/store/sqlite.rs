@@ -10,8 +10,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use vedette_proto::v1::{Detection, Inventory, StoredDetection, detection};
 
 use super::{
-    AgentRow, BundleRow, DetectionFilter, IntelBatch, IntelSourceRow, IntelStaged, StagedIntel,
-    Store, StoreError, TokenError,
+    AgentRow, BundleRow, DetectionFilter, ExportRow, IntelBatch, IntelSourceRow, IntelStaged,
+    StagedIntel, Store, StoreError, TokenError,
 };
 
 /// Schema migrations, applied in order; `PRAGMA user_version` is the number applied.
@@ -92,6 +92,13 @@ const MIGRATIONS: &[&str] = &[
         revoked INTEGER NOT NULL DEFAULT 0,
         last_error TEXT NOT NULL DEFAULT '',
         cursor TEXT NOT NULL DEFAULT ''
+    );
+    CREATE TABLE export_cursors (
+        sink TEXT PRIMARY KEY,
+        seq INTEGER NOT NULL DEFAULT 0,
+        exported INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT NOT NULL DEFAULT '',
+        last_attempt_ms INTEGER NOT NULL DEFAULT 0
     );",
 ];
 
@@ -596,6 +603,99 @@ impl Store for SqliteStore {
             )
             .optional()?
             .unwrap_or_default())
+    }
+
+    fn export_state(&self, sink: &str) -> Result<ExportRow, StoreError> {
+        Ok(self
+            .export_states()?
+            .into_iter()
+            .find(|r| r.sink == sink)
+            .unwrap_or_else(|| ExportRow {
+                sink: sink.into(),
+                ..Default::default()
+            }))
+    }
+
+    fn export_states(&self) -> Result<Vec<ExportRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT sink, seq, exported, last_error, last_attempt_ms,
+                (SELECT COUNT(*) FROM detections d WHERE d.seq > e.seq)
+             FROM export_cursors e ORDER BY sink",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(ExportRow {
+                sink: r.get(0)?,
+                seq: r.get::<_, i64>(1)? as u64,
+                exported: r.get::<_, i64>(2)? as u64,
+                last_error: r.get(3)?,
+                last_attempt_ms: r.get(4)?,
+                backlog: r.get::<_, i64>(5)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn detections_after(
+        &self,
+        after: u64,
+        before_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<(u64, StoredDetection)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT d.seq, d.id, d.agent_id, a.hostname, d.received_at_ms, d.body
+             FROM detections d JOIN agents a ON a.id = d.agent_id
+             WHERE d.seq > ?1 AND d.received_at_ms < ?2 ORDER BY d.seq LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![after as i64, before_ms, limit], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, Vec<u8>>(5)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, id, agent_id, hostname, received_at_ms, body) = row?;
+            let detection =
+                Detection::decode(body.as_slice()).map_err(|e| StoreError::Corrupt {
+                    id,
+                    reason: e.to_string(),
+                })?;
+            out.push((
+                seq as u64,
+                StoredDetection {
+                    detection: Some(detection),
+                    agent_id,
+                    hostname,
+                    received_at_ms,
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    fn export_progress(
+        &self,
+        sink: &str,
+        seq: u64,
+        count: u64,
+        error: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO export_cursors (sink, seq, exported, last_error, last_attempt_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (sink) DO UPDATE SET seq = MAX(seq, excluded.seq),
+                exported = exported + excluded.exported, last_error = excluded.last_error,
+                last_attempt_ms = excluded.last_attempt_ms",
+            params![sink, seq as i64, count as i64, error, now_ms],
+        )?;
+        Ok(())
     }
 
     fn intel_error(
