@@ -62,6 +62,21 @@ pub struct RawExport {
     /// STIX 2.1 sightings sent to a TAXII 2.1 collection.
     #[serde(default)]
     pub taxii: Vec<RawTaxii>,
+    /// MISP sightings (`POST /sightings/add`) of the attributes detections came from.
+    #[serde(default)]
+    pub misp: Vec<RawMispSink>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMispSink {
+    /// The MISP instance, e.g. `https://misp.example.org/`.
+    pub url: String,
+    /// An API key (sent in the `Authorization` header).
+    pub key: String,
+    /// CA certificate (PEM) of the instance; default: the public web PKI roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -80,6 +95,12 @@ pub enum SinkConfig {
         auth: HttpAuth,
         ca_cert: Option<PathBuf>,
     },
+    Misp {
+        /// Ends in `/`.
+        url: String,
+        key: String,
+        ca_cert: Option<PathBuf>,
+    },
 }
 
 impl SinkConfig {
@@ -92,6 +113,7 @@ impl SinkConfig {
                 collection,
                 ..
             } => format!("taxii:{api_root}collections/{collection}/"),
+            SinkConfig::Misp { url, .. } => format!("misp:{url}"),
         }
     }
 }
@@ -480,6 +502,35 @@ impl RawConfig {
                     });
                 }
             }
+        }
+        for (i, m) in export.misp.iter().enumerate() {
+            if !(m.url.starts_with("https://") || m.url.starts_with("http://")) {
+                problems.push(format!(
+                    "`export.misp[{i}].url`: `{}` is not an http(s):// URL",
+                    m.url
+                ));
+            }
+            if m.key.trim().is_empty() {
+                problems.push(format!("`export.misp[{i}].key`: empty"));
+            }
+            let ca_cert = m.ca_cert.as_ref().map(|p| base.join(p));
+            if let Some(p) = &ca_cert
+                && !p.is_file()
+            {
+                problems.push(format!(
+                    "`export.misp[{i}].ca_cert`: `{}` does not exist or is not a file",
+                    p.display()
+                ));
+            }
+            let mut url = m.url.clone();
+            if !url.ends_with('/') {
+                url.push('/');
+            }
+            sinks.push(SinkConfig::Misp {
+                url,
+                key: m.key.clone(),
+                ca_cert,
+            });
         }
         let organisation = export
             .organisation

@@ -1,6 +1,7 @@
 //! Export sinks: every stored detection goes to each configured sink once, in the order the
 //! store received them, as ECS JSON lines (`[[export.jsonl]]`) or STIX 2.1 sightings posted to a
-//! TAXII 2.1 collection (`[[export.taxii]]`).
+//! TAXII 2.1 collection (`[[export.taxii]]`), or MISP sightings of the attributes detections
+//! came from (`[[export.misp]]`).
 //!
 //! Each sink has a cursor in the store (the sequence number of the last detection it took). A
 //! batch is delivered first and the cursor moved after, so a crash in between delivers that
@@ -95,7 +96,19 @@ pub fn deliver_once(
     let Some(last) = batch.last().map(|(seq, _)| *seq) else {
         return Ok(0);
     };
+    if let SinkConfig::Misp { url, key, ca_cert } = sink {
+        return misp_sightings(
+            store,
+            &name,
+            url,
+            key,
+            ca_cert.as_deref(),
+            &batch,
+            organisation,
+        );
+    }
     let delivered = match sink {
+        SinkConfig::Misp { .. } => Ok(()),
         SinkConfig::Jsonl(path) => jsonl_append(path, &batch),
         SinkConfig::Taxii {
             api_root,
@@ -175,6 +188,86 @@ fn jsonl_append(path: &Path, batch: &[(u64, StoredDetection)]) -> Result<(), Str
     f.write_all(text.as_bytes())
         .and_then(|()| f.sync_data())
         .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// One MISP sighting per detection of a MISP attribute, as PyMISP's `add_sighting` sends it,
+/// the cursor moved after each; other detections have nothing to sight in MISP and are passed.
+fn misp_sightings(
+    store: &dyn Store,
+    name: &str,
+    url: &str,
+    key: &str,
+    ca_cert: Option<&Path>,
+    batch: &[(u64, StoredDetection)],
+    organisation: &str,
+) -> Result<u64, String> {
+    let agent = crate::poll::http_agent(ca_cert)?;
+    let target = format!("{url}sightings/add");
+    let mut done = 0;
+    let mut passed_to = None;
+    for (seq, s) in batch {
+        let d = s.detection.clone().unwrap_or_default();
+        let attribute = d
+            .indicator
+            .as_ref()
+            .filter(|i| i.source == "misp" && !i.id.is_empty())
+            .map(|i| i.id.clone());
+        let Some(attribute) = attribute else {
+            passed_to = Some(*seq);
+            continue;
+        };
+        let body = json!({
+            "uuid": attribute,
+            "timestamp": (d.observed_at_ms / 1000).max(0),
+            "source": organisation,
+            "type": "0",
+        });
+        let sent = agent
+            .post(&target)
+            .header("Authorization", key)
+            .header("Accept", "application/json")
+            .header("content-type", "application/json")
+            .send(body.to_string());
+        let result = match sent {
+            Ok(mut resp) => {
+                let status = resp.status().as_u16();
+                let text = resp
+                    .body_mut()
+                    .with_config()
+                    .limit(1 << 20)
+                    .read_to_string()
+                    .unwrap_or_default();
+                let refused = serde_json::from_str::<Value>(&text)
+                    .map(|v| v.get("errors").is_some())
+                    .unwrap_or(false);
+                if (200..300).contains(&status) && !refused {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "POST {target}: HTTP {status}: {}",
+                        text.chars().take(200).collect::<String>()
+                    ))
+                }
+            }
+            Err(e) => Err(format!("POST {target}: {e}")),
+        };
+        if let Err(e) = result {
+            let at = passed_to.unwrap_or(0);
+            let _ = store.export_progress(name, at, 0, &e, now_ms());
+            return Err(e);
+        }
+        store
+            .export_progress(name, *seq, 1, "", now_ms())
+            .map_err(|e| e.to_string())?;
+        done += 1;
+        passed_to = None;
+    }
+    if let Some(seq) = passed_to {
+        store
+            .export_progress(name, seq, 0, "", now_ms())
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(done.max(u64::from(!batch.is_empty())))
 }
 
 /// POSTs the sightings of a batch and checks the status resource the server answers with.

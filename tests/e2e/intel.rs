@@ -757,3 +757,138 @@ fn sightings_reach_a_taxii_collection_that_refused_for_a_while() {
     });
     assert!(s["last_error"].is_null(), "{s}");
 }
+
+/// A local HTTP server that records every request (method, path, headers, body) as a JSON line
+/// and answers as a MISP instance would: its version to GETs, the sighting to POSTs.
+fn capture_server(log: &Path) -> (Helper, String) {
+    use std::io::BufRead;
+    let script = "import json, sys\n\
+        from http.server import BaseHTTPRequestHandler, HTTPServer\n\
+        log = open(sys.argv[1], 'a')\n\
+        class H(BaseHTTPRequestHandler):\n\
+        \x20   def answer(self, body):\n\
+        \x20       n = int(self.headers.get('content-length') or 0)\n\
+        \x20       sent = self.rfile.read(n).decode() if n else ''\n\
+        \x20       log.write(json.dumps({'method': self.command, 'path': self.path,\n\
+        \x20           'headers': {k.lower(): v for k, v in self.headers.items()}, 'body': sent}) + '\\n')\n\
+        \x20       log.flush()\n\
+        \x20       out = json.dumps(body).encode()\n\
+        \x20       self.send_response(200); self.send_header('content-type', 'application/json')\n\
+        \x20       self.send_header('content-length', str(len(out))); self.end_headers()\n\
+        \x20       self.wfile.write(out)\n\
+        \x20   def do_GET(self): self.answer({'version': '2.5.34', 'User': {'id': '1', 'email': 'ops@example.org'},\n\
+        \x20       'Role': {'id': '1', 'name': 'admin'}, 'UserSetting': {}})\n\
+        \x20   def do_POST(self): self.answer({'Sighting': {'id': '1'}})\n\
+        \x20   def log_message(self, *a): pass\n\
+        s = HTTPServer(('127.0.0.1', 0), H)\n\
+        print(s.server_address[1], flush=True)\n\
+        s.serve_forever()\n";
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(log)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    let stdout = child.stdout.take().expect("stdout");
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .unwrap();
+    let port: u16 = line.trim().parse().expect("the capture server's port");
+    (Helper(child), format!("http://127.0.0.1:{port}/"))
+}
+
+#[test]
+fn misp_sightings_are_sent_as_pymisp_sends_them() {
+    let python_has_pymisp = std::process::Command::new("python3")
+        .args(["-c", "import pymisp"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !python_has_pymisp {
+        assert_ne!(
+            std::env::var("VEDETTE_TEST_PEERS").as_deref(),
+            Ok("required")
+        );
+        eprintln!("SKIP: pymisp is not installed (pip install pymisp; .ci/run installs it)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path();
+    let log = tmp.join("requests.jsonl");
+    let (_server, url) = capture_server(&log);
+    let key = "x1Y2z3key0000000000000000000000000000000";
+    let mut c = Collector::init(&tmp.join("collector"));
+    configure(
+        &c,
+        &format!(
+            "[export]\norganisation = \"CERT-Test\"\n\n[[export.misp]]\nurl = \"{url}\"\nkey = \"{key}\"\n"
+        ),
+    );
+    c.start();
+    let mut agent = Agent::enroll(&c, &tmp.join("agent"));
+    let watch = tmp.join("watch");
+    std::fs::create_dir(&watch).unwrap();
+    agent.run(&c, &["--watch", watch.to_str().unwrap()]);
+    let attribute = "7b1c2d3e-0000-4000-8000-000000000001";
+    let event = tmp.join("event.json");
+    std::fs::write(
+        &event,
+        json!({"Event": {"uuid": "7b1c2d3e-0000-4000-8000-00000000000e", "info": "sighting test",
+            "Attribute": [{"uuid": attribute, "type": "filename", "value": "misp-sighted.bin",
+                           "to_ids": true}]}})
+        .to_string(),
+    )
+    .unwrap();
+    c.ctl_ok(&["intel", "import", event.to_str().unwrap()]);
+    c.ctl_ok(&["intel", "publish"]);
+    wait_for(Duration::from_secs(30), "the agent on bundle 1", || {
+        c.agents()
+            .iter()
+            .any(|a| a["bundle_version"] == 1)
+            .then_some(())
+    });
+    std::fs::write(watch.join("misp-sighted.bin"), "x").unwrap();
+    let d = detection(&c, "the MISP detection", |d| {
+        d["indicator"]["id"] == attribute
+    });
+    let requests = || -> Vec<Value> {
+        std::fs::read_to_string(&log)
+            .map(|t| json_lines(&t))
+            .unwrap_or_default()
+    };
+    let ours = wait_for(Duration::from_secs(30), "Vedette's sighting", || {
+        requests().into_iter().find(|r| r["method"] == "POST")
+    });
+
+    // The same sighting sent by PyMISP to the same server.
+    let observed = d["observed_at"].as_str().unwrap();
+    let secs = vedette_engine::import::rfc3339_ms(observed).unwrap() / 1000;
+    let sent = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys\nfrom pymisp import PyMISP\n\
+             m = PyMISP(sys.argv[1], sys.argv[2], ssl=False)\n\
+             m.add_sighting({'uuid': sys.argv[3], 'timestamp': int(sys.argv[4]), \
+             'source': 'CERT-Test', 'type': '0'})\n",
+        ])
+        .args([&url, key, attribute, &secs.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    let theirs = requests()
+        .into_iter()
+        .filter(|r| r["method"] == "POST")
+        .nth(1)
+        .expect("PyMISP's sighting");
+    assert_eq!(ours["path"], theirs["path"]);
+    assert_eq!(ours["path"], "/sightings/add");
+    let body = |r: &Value| -> Value { serde_json::from_str(r["body"].as_str().unwrap()).unwrap() };
+    assert_eq!(body(&ours), body(&theirs));
+    for h in ["authorization", "content-type", "accept"] {
+        assert_eq!(ours["headers"][h], theirs["headers"][h], "{h}");
+    }
+}
