@@ -30,19 +30,40 @@ const BATCH: u32 = 500;
 const SETTLE_MS: i64 = 2_000;
 /// How often an idle sink looks for new detections.
 const IDLE: Duration = Duration::from_secs(1);
+/// How long a collector's hold on a sink lasts without renewal; another collector sharing the
+/// store takes the sink over after it.
+const LEASE_MS: i64 = 30_000;
 
 /// Runs one sink until `stop`.
+/// `owner` names this collector in the sink's lease: the same after a restart (so a restarted
+/// collector takes its sinks back at once), different for every collector sharing the store.
 pub async fn run(
     store: SharedStore,
     sink: SinkConfig,
     organisation: String,
+    owner: String,
     stop: CancellationToken,
 ) {
     let name = sink.name();
     let mut failures: u32 = 0;
     loop {
-        let (s, k, o) = (store.clone(), sink.clone(), organisation.clone());
-        let result = tokio::task::spawn_blocking(move || deliver_once(s.as_ref(), &k, &o)).await;
+        let (s, k, o, w) = (
+            store.clone(),
+            sink.clone(),
+            organisation.clone(),
+            owner.clone(),
+        );
+        let result = tokio::task::spawn_blocking(move || {
+            // Several collectors on one store: one of them exports through each sink.
+            if !s
+                .export_lease(&k.name(), &w, now_ms(), LEASE_MS)
+                .map_err(|e| e.to_string())?
+            {
+                return Ok(0);
+            }
+            deliver_once(s.as_ref(), &k, &o)
+        })
+        .await;
         let wait = match result {
             Ok(Ok(0)) => {
                 failures = 0;

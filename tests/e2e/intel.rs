@@ -892,3 +892,123 @@ fn misp_sightings_are_sent_as_pymisp_sends_them() {
         assert_eq!(ours["headers"][h], theirs["headers"][h], "{h}");
     }
 }
+
+/// Writes a MISP feed with PyMISP (`to_feed`, its manifest): two events, each with a SHA-256
+/// marked `to_ids`, a file name (marked only in the first) and an IP address (not marked).
+const MAKE_FEED: &str = r#"
+import json, sys, os
+from pymisp import MISPEvent, MISPOrganisation
+out = sys.argv[1]
+os.makedirs(out, exist_ok=True)
+manifest = {}
+org = MISPOrganisation()
+org.from_dict(name='CERT-Feed', uuid='a1b2c3d4-0000-4000-8000-0000000000aa')
+events = [(sys.argv[2], 'feed-dropper.bin', '203.0.113.9'),
+          (sys.argv[3], 'ignored-name.bin', '203.0.113.10')]
+for n, (sha, name, ip) in enumerate(events):
+    e = MISPEvent()
+    e.info = f'feed event {n}'
+    e.Orgc = org
+    e.add_attribute('sha256', sha, to_ids=True)
+    e.add_attribute('filename', name, to_ids=(n == 0))
+    e.add_attribute('ip-dst', ip, to_ids=False)
+    feed = e.to_feed(with_meta=True)
+    manifest.update(feed['Event'].pop('_manifest'))
+    feed['Event'].pop('_hashes', None)
+    json.dump(feed, open(os.path.join(out, e.uuid + '.json'), 'w'))
+json.dump(manifest, open(os.path.join(out, 'manifest.json'), 'w'))
+"#;
+
+#[test]
+fn a_misp_feed_made_with_pymisp_is_imported_and_polled_honouring_to_ids() {
+    let has = std::process::Command::new("python3")
+        .args(["-c", "import pymisp"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has {
+        assert_ne!(
+            std::env::var("VEDETTE_TEST_PEERS").as_deref(),
+            Ok("required")
+        );
+        eprintln!("SKIP: pymisp is not installed (pip install pymisp; .ci/run installs it)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path();
+    let payload = b"VEDETTE-MISP-FEED payload\n";
+    let feed = tmp.join("feed");
+    let made = std::process::Command::new("python3")
+        .args(["-c", MAKE_FEED])
+        .arg(&feed)
+        .arg(sha256(payload, tmp))
+        .arg("b".repeat(64))
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+
+    let port = vedette_tests::free_port();
+    let _http = Helper(
+        std::process::Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                "--bind",
+                "127.0.0.1",
+                &port.to_string(),
+                "--directory",
+            ])
+            .arg(&feed)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(Duration::from_secs(30), "the feed's web server", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    let url = format!("http://127.0.0.1:{port}/");
+
+    let mut c = Collector::init(&tmp.join("collector"));
+    c.start();
+    // From the directory, by hand: only what is marked for detection becomes an indicator.
+    let out = c.ctl_ok(&["intel", "import", feed.to_str().unwrap()]);
+    assert!(out.contains("accepted 3, skipped 3, rejected 0"), "{out}");
+    assert_eq!(out.matches("to_ids is false").count(), 3, "{out}");
+
+    // Over HTTP, polled by the collector.
+    c.stop();
+    configure(
+        &c,
+        &format!("[[intel.misp_feed]]\nurl = \"{url}\"\ninterval = \"1s\"\n"),
+    );
+    c.start();
+    let s = wait_for(Duration::from_secs(30), "the feed polled", || {
+        json_lines(&c.ctl_ok(&["intel", "status", "--json"]))
+            .into_iter()
+            .find(|s| s["origin"] == url.as_str() && s["staged"] == 3)
+    });
+    assert_eq!(s["kind"], "misp_feed");
+    assert!(s["last_error"].is_null(), "{s}");
+
+    let mut agent = Agent::enroll(&c, &tmp.join("agent"));
+    let watch = tmp.join("watch");
+    std::fs::create_dir(&watch).unwrap();
+    agent.run(&c, &["--watch", watch.to_str().unwrap()]);
+    c.ctl_ok(&["intel", "publish"]);
+    wait_for(Duration::from_secs(30), "the agent on bundle 1", || {
+        c.agents()
+            .iter()
+            .any(|a| a["bundle_version"] == 1)
+            .then_some(())
+    });
+    std::fs::write(watch.join("payload.bin"), payload).unwrap();
+    let d = detection(&c, "the feed's hash", |d| {
+        d["indicator"]["source"] == "misp"
+    });
+    assert_eq!(d["indicator"]["origin"], url.as_str());
+    assert!(d["indicator"]["event"].is_string());
+}

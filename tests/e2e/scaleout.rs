@@ -175,3 +175,68 @@ fn two_collectors_on_one_postgres_database_serve_one_fleet() {
             .then_some(())
     });
 }
+
+#[test]
+fn two_collectors_export_each_detection_once_through_a_shared_sink() {
+    let Some(db) = PgDb::create("scaleout_sink") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut a = Collector::init_with_store(&tmp.path().join("collector"), &db.url);
+    let sink = tmp.path().join("detections.jsonl");
+    let toml = a.dir.join("collector.toml");
+    let mut text = std::fs::read_to_string(&toml).unwrap();
+    text.push_str(&format!(
+        "\n[[export.jsonl]]\npath = \"{}\"\n",
+        sink.display()
+    ));
+    std::fs::write(&toml, text).unwrap();
+    a.start();
+    let mut b = a.second("-b");
+    b.start();
+    let rules = rule_dir(&tmp.path().join("rules"), RULE, MARKER);
+    let mut agents = Vec::new();
+    for (i, c) in [&a, &b].into_iter().enumerate() {
+        let mut agent = Agent::enroll(c, &tmp.path().join(format!("agent{i}")));
+        let watch = tmp.path().join(format!("watch{i}"));
+        std::fs::create_dir(&watch).unwrap();
+        agent.run(
+            c,
+            &[
+                "--watch",
+                watch.to_str().unwrap(),
+                "--rules",
+                rules.to_str().unwrap(),
+            ],
+        );
+        agents.push((agent, watch));
+    }
+    for (_, watch) in &agents {
+        for n in 0..30 {
+            std::fs::write(watch.join(format!("m{n}.txt")), MARKER).unwrap();
+        }
+    }
+    let lines = wait_for(
+        Duration::from_secs(60),
+        "every detection in the sink",
+        || {
+            let stored = a.detections().len();
+            let lines: Vec<Value> = std::fs::read_to_string(&sink)
+                .map(|t| vedette_tests::json_lines(&t))
+                .unwrap_or_default();
+            (marker_paths(&a).len() == 60 && lines.len() >= stored).then_some(lines)
+        },
+    );
+    let ids: BTreeSet<&str> = lines
+        .iter()
+        .map(|l| l["event"]["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), lines.len(), "a detection was exported twice");
+    assert_eq!(ids.len(), a.detections().len());
+    // One collector holds the sink's lease and exports; the other waits.
+    let exporting = [&a, &b]
+        .iter()
+        .filter(|c| log_of(c).contains("detections exported"))
+        .count();
+    assert_eq!(exporting, 1, "A:\n{}\nB:\n{}", log_of(&a), log_of(&b));
+}

@@ -140,12 +140,16 @@ pub async fn serve(
             shutdown.clone(),
         ));
     }
+    // This collector in sink leases: its host and listening address.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let owner = format!("{}/{}", host.trim(), config.listen);
     for sink in &config.sinks {
         info!(sink = %sink.name(), "exporting detections");
         tokio::spawn(crate::sinks::run(
             state.store.clone(),
             sink.clone(),
             config.organisation.clone(),
+            owner.clone(),
             shutdown.clone(),
         ));
     }

@@ -243,6 +243,17 @@ pub trait Store: Send + Sync {
     /// timestamp); empty before the first.
     fn intel_cursor(&self, origin: &str) -> Result<String, StoreError>;
 
+    /// Takes or renews the lease on a sink for `owner` until `now_ms + ttl_ms`; false when
+    /// another collector holds it (several collectors sharing a store export each detection
+    /// through one of them).
+    fn export_lease(
+        &self,
+        sink: &str,
+        owner: &str,
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<bool, StoreError>;
+
     /// Where an export sink is: the sequence number of the last detection it took, how many it
     /// exported, and its last error.
     fn export_state(&self, sink: &str) -> Result<ExportRow, StoreError>;

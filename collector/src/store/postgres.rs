@@ -108,7 +108,9 @@ const MIGRATIONS: &[&str] = &[
         seq BIGINT NOT NULL DEFAULT 0,
         exported BIGINT NOT NULL DEFAULT 0,
         last_error TEXT NOT NULL DEFAULT '',
-        last_attempt_ms BIGINT NOT NULL DEFAULT 0
+        last_attempt_ms BIGINT NOT NULL DEFAULT 0,
+        lease_owner TEXT NOT NULL DEFAULT '',
+        lease_until_ms BIGINT NOT NULL DEFAULT 0
     );",
 ];
 
@@ -821,6 +823,27 @@ impl Store for PgStore {
             )?
             .map(|r| r.get(0))
             .unwrap_or_default())
+        })
+    }
+
+    fn export_lease(
+        &self,
+        sink: &str,
+        owner: &str,
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "INSERT INTO export_cursors (sink, lease_owner, lease_until_ms)
+                 VALUES ($1, $2, $3)
+                 ON CONFLICT (sink) DO UPDATE SET lease_owner = excluded.lease_owner,
+                    lease_until_ms = excluded.lease_until_ms
+                 WHERE export_cursors.lease_owner = excluded.lease_owner
+                    OR export_cursors.lease_until_ms < $4",
+                &[&sink, &owner, &(now_ms + ttl_ms), &now_ms],
+            )?;
+            Ok(n == 1)
         })
     }
 

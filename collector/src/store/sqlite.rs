@@ -98,7 +98,9 @@ const MIGRATIONS: &[&str] = &[
         seq INTEGER NOT NULL DEFAULT 0,
         exported INTEGER NOT NULL DEFAULT 0,
         last_error TEXT NOT NULL DEFAULT '',
-        last_attempt_ms INTEGER NOT NULL DEFAULT 0
+        last_attempt_ms INTEGER NOT NULL DEFAULT 0,
+        lease_owner TEXT NOT NULL DEFAULT '',
+        lease_until_ms INTEGER NOT NULL DEFAULT 0
     );",
 ];
 
@@ -603,6 +605,24 @@ impl Store for SqliteStore {
             )
             .optional()?
             .unwrap_or_default())
+    }
+
+    fn export_lease(
+        &self,
+        sink: &str,
+        owner: &str,
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let n = self.conn().execute(
+            "INSERT INTO export_cursors (sink, lease_owner, lease_until_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT (sink) DO UPDATE SET lease_owner = excluded.lease_owner,
+                lease_until_ms = excluded.lease_until_ms
+             WHERE export_cursors.lease_owner = excluded.lease_owner
+                OR export_cursors.lease_until_ms < ?4",
+            params![sink, owner, now_ms + ttl_ms, now_ms],
+        )?;
+        Ok(n == 1)
     }
 
     fn export_state(&self, sink: &str) -> Result<ExportRow, StoreError> {
