@@ -84,6 +84,8 @@ pub fn http_agent(ca: Option<&std::path::Path>) -> Result<ureq::Agent, String> {
     Ok(ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(60)))
         .http_status_as_error(false)
+        // Credentials are never carried to wherever a redirect points.
+        .max_redirects(0)
         .tls_config(tls.build())
         .build()
         .into())
@@ -295,7 +297,9 @@ pub fn poll_once(
                     Value::Number(n) => n.as_i64().unwrap_or(0),
                     _ => 0,
                 };
-                if ts > since || since == 0 {
+                // `>=`: another event with the newest timestamp seen may not have been
+                // fetched yet (staging it again changes nothing).
+                if ts >= since {
                     events.push((ts, uuid));
                 }
             }
