@@ -188,3 +188,70 @@ fn an_agent_refuses_a_state_directory_others_can_write() {
     );
     mode(0o700);
 }
+
+#[test]
+fn an_agent_pins_the_maintainer_keys_its_operator_gives_not_those_the_collector_offers() {
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path();
+    let mut c = Collector::init(&tmp.join("collector"));
+    c.start();
+    // A maintainer's key made off the collector host.
+    let alice = tmp.join("alice");
+    c.ctl_ok(&["keys", "generate", "--out", alice.to_str().unwrap()]);
+    let alice_pub = tmp.join("alice.pub");
+    let mut agent = vedette_tests::Agent::enroll_with(
+        &c,
+        &tmp.join("agent"),
+        &["--maintainer-key", alice_pub.to_str().unwrap()],
+    );
+    let watch = tmp.join("watch");
+    std::fs::create_dir(&watch).unwrap();
+    agent.run(&c, &["--watch", watch.to_str().unwrap()]);
+
+    // Signed with the key the collector offers (its own, from `init`): the collector takes
+    // it, the agent does not.
+    let v1 = vedette_tests::rule_dir(&tmp.join("v1"), "offered_key_rule", "VEDETTE-OFFERED");
+    c.ctl_ok(&["rules", "publish", v1.to_str().unwrap()]);
+    let row = wait_for(
+        Duration::from_secs(30),
+        "the agent to refuse bundle 1",
+        || {
+            c.agents()
+                .into_iter()
+                .find(|a| a["id"] == agent.id.as_str() && a["bundle_failed_version"] == 1)
+        },
+    );
+    assert_eq!(row["bundle_version"], 0, "{row}");
+    assert!(
+        row["bundle_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("which is not trusted here")),
+        "{row}"
+    );
+
+    // Signed by the maintainer the operator pinned (the collector trusts her too): applied.
+    c.stop();
+    let toml = tmp.join("collector/collector.toml");
+    let text = std::fs::read_to_string(&toml).unwrap().replace(
+        "maintainer_keys = [\"maintainer.pub\"]",
+        &format!(
+            "maintainer_keys = [\"maintainer.pub\", \"{}\"]",
+            alice_pub.display()
+        ),
+    );
+    std::fs::write(&toml, text).unwrap();
+    c.start();
+    let v2 = vedette_tests::rule_dir(&tmp.join("v2"), "alice_rule", "VEDETTE-ALICE");
+    c.ctl_ok(&[
+        "rules",
+        "publish",
+        "--sign-key",
+        tmp.join("alice.key").to_str().unwrap(),
+        v2.to_str().unwrap(),
+    ]);
+    wait_for(Duration::from_secs(30), "the agent on bundle 2", || {
+        c.agents()
+            .into_iter()
+            .find(|a| a["id"] == agent.id.as_str() && a["bundle_version"] == 2)
+    });
+}

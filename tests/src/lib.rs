@@ -312,6 +312,11 @@ pub struct Agent {
 impl Agent {
     /// Runs `vedette-agent enroll` (pinning the CA by fingerprint); returns the raw output.
     pub fn try_enroll(c: &Collector, state: &Path, token: &str) -> Output {
+        Agent::try_enroll_with(c, state, token, &[])
+    }
+
+    /// [`try_enroll`](Self::try_enroll) with extra arguments.
+    pub fn try_enroll_with(c: &Collector, state: &Path, token: &str, extra: &[&str]) -> Output {
         Command::new(bin("vedette-agent"))
             .args([
                 "enroll",
@@ -324,13 +329,19 @@ impl Agent {
             ])
             .arg("--state-dir")
             .arg(state)
+            .args(extra)
             .output()
             .expect("run vedette-agent enroll")
     }
 
     /// Enrolls with a fresh token, panicking on failure.
     pub fn enroll(c: &Collector, state: &Path) -> Agent {
-        let out = Agent::try_enroll(c, state, &c.token(&[]));
+        Agent::enroll_with(c, state, &[])
+    }
+
+    /// [`enroll`](Self::enroll) with extra arguments.
+    pub fn enroll_with(c: &Collector, state: &Path, extra: &[&str]) -> Agent {
+        let out = Agent::try_enroll_with(c, state, &c.token(&[]), extra);
         assert!(
             out.status.success(),
             "enroll failed: {}",

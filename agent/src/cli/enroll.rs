@@ -36,6 +36,8 @@ pub struct EnrollArgs<'a> {
     pub token: &'a str,
     pub pin: CaPin,
     pub state: &'a StateDir,
+    /// Maintainer keys the operator gave (`--maintainer-key`); empty: the collector's.
+    pub maintainers: Vec<vedette_engine::bundle::PublicKey>,
 }
 
 /// Enrolls this host. Returns the agent id.
@@ -88,12 +90,36 @@ pub async fn enroll(args: EnrollArgs<'_>) -> anyhow::Result<String> {
     write_atomic(&state.key(), key.serialize_pem().as_bytes(), 0o600)?;
     write_atomic(&state.ca(), ca_pem.as_bytes(), 0o644)?;
     write_atomic(&state.cert(), response.certificate_pem.as_bytes(), 0o644)?;
-    // The maintainer keys the collector trusts, pinned now (over the CA-pinned channel): only
-    // bundles signed by one of them are ever applied.
-    let mut maintainers = String::new();
+    // The maintainer keys pinned now: only bundles signed by one of them are ever applied. The
+    // operator's, when given: a collector (or whoever took it over) cannot add one. Otherwise
+    // the ones the collector offers, over the CA-pinned channel.
+    let mut offered = Vec::new();
     for k in &response.maintainer_keys {
-        let key = vedette_engine::bundle::PublicKey::from_bytes(k)
-            .context("the collector sent a maintainer key that is not 32 bytes")?;
+        offered.push(
+            vedette_engine::bundle::PublicKey::from_bytes(k)
+                .context("the collector sent a maintainer key that is not 32 bytes")?,
+        );
+    }
+    let pinned = if args.maintainers.is_empty() {
+        eprintln!(
+            "warning: pinning the {} maintainer key(s) the collector offers; whoever controls \
+             the collector could sign bundles this agent applies. Give the maintainers' keys \
+             with --maintainer-key to pin those instead.",
+            offered.len()
+        );
+        offered
+    } else {
+        for k in offered.iter().filter(|k| !args.maintainers.contains(k)) {
+            eprintln!(
+                "note: the collector offers maintainer key {}, not given with --maintainer-key: \
+                 not pinned",
+                k.id()
+            );
+        }
+        args.maintainers.clone()
+    };
+    let mut maintainers = String::new();
+    for key in &pinned {
         maintainers.push_str(&key.to_pem());
     }
     write_atomic(&state.maintainers(), maintainers.as_bytes(), 0o644)?;

@@ -121,6 +121,12 @@ pub struct EnrollCmd {
     /// Where the agent keeps its key, certificate and state (created 0700).
     #[arg(long, default_value = "/var/lib/vedette")]
     pub state_dir: PathBuf,
+    /// A rule maintainer's public key (the .pub file of `vedettectl keys generate`, made on
+    /// the maintainer's machine) to pin: only bundles signed by a pinned key are applied.
+    /// Repeatable. When given, the keys the collector offers are not pinned; without it they
+    /// are, and whoever controls the collector could sign bundles this agent runs.
+    #[arg(long = "maintainer-key", value_name = "FILE")]
+    pub maintainer_keys: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -240,11 +246,19 @@ async fn enroll_cmd(cmd: EnrollCmd) -> ExitCode {
         (None, None) => return fail(&"give --token-file or --token", exit::CONFIG),
     };
     let state = StateDir::new(&cmd.state_dir);
+    let mut maintainers = Vec::new();
+    for p in &cmd.maintainer_keys {
+        match vedette_engine::bundle::PublicKey::load(p) {
+            Ok(keys) => maintainers.extend(keys),
+            Err(e) => return fail(&format!("--maintainer-key: {e}"), exit::CONFIG),
+        }
+    }
     let args = EnrollArgs {
         collector: &cmd.collector,
         token: &token,
         pin,
         state: &state,
+        maintainers,
     };
     match enroll::enroll(args).await {
         Ok(id) => {
