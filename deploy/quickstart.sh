@@ -45,7 +45,7 @@ stop
 mkdir -p "$demo/watch"
 
 if [ ! -f "$demo/collector/ca.key" ]; then
-    "$bin/vedette-collector" init --dir "$demo/collector" --listen "127.0.0.1:$port" > "$demo/init.txt"
+    "$bin/vedette-collector" init --dir "$demo/collector" --listen "127.0.0.1:$port" --with-maintainer-key > "$demo/init.txt"
 fi
 fingerprint=$(sed -n 's/^CA SHA-256 fingerprint: //p' "$demo/init.txt")
 address=$(sed -n 's/^collector = "\(.*\)"$/\1/p' "$demo/collector/vedettectl.toml")

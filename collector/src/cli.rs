@@ -27,9 +27,10 @@ pub enum Command {
     /// Create a new CA, the server certificate, an operator certificate and the config files.
     ///
     /// Writes into DIR: ca.crt, ca.key (0600), server.crt/.key, operator.crt/.key (the
-    /// certificate vedettectl uses; roles operator and maintainer), maintainer.key (0600) and
-    /// maintainer.pub (the first rule-signing key, trusted from the start), collector.toml and
-    /// vedettectl.toml. Refuses to overwrite an existing CA.
+    /// certificate vedettectl uses; roles operator and maintainer), collector.toml and
+    /// vedettectl.toml. Refuses to overwrite an existing CA. Rule maintainers keep their
+    /// signing keys on their own machines: give their public keys with --maintainer-key, or
+    /// add them to collector.toml later; --with-maintainer-key makes one here instead.
     Init {
         /// Directory to create the files in (created 0700 if missing).
         #[arg(long)]
@@ -49,6 +50,16 @@ pub enum Command {
             default_value = "sqlite:vedette.db"
         )]
         store: String,
+        /// A rule maintainer's public key to trust (the .pub of `vedettectl keys generate`,
+        /// made on the maintainer's machine); repeatable. Agents should be given the same
+        /// files at enrollment (`vedette-agent enroll --maintainer-key`).
+        #[arg(long = "maintainer-key", value_name = "FILE")]
+        maintainer_keys: Vec<PathBuf>,
+        /// Also make a maintainer key pair here, trusted and used by vedettectl.toml: one
+        /// command to a working setup, but whoever takes this host can then sign bundles every
+        /// agent runs. For trials.
+        #[arg(long)]
+        with_maintainer_key: bool,
     },
     /// Client certificates for people and tools (run on the collector host: it uses the CA key).
     #[command(subcommand)]

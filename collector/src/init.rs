@@ -10,6 +10,10 @@ use crate::pki::{Ca, PkiError, Role, write_new};
 
 /// What `init` made.
 pub struct Initialized {
+    /// A maintainer key was made on this host (`--with-maintainer-key`).
+    pub generated_maintainer_key: bool,
+    /// How many maintainer keys the collector trusts.
+    pub maintainer_keys: usize,
     pub dir: PathBuf,
     pub fingerprint: String,
     pub client_address: String,
@@ -30,6 +34,8 @@ pub enum InitError {
     Encode(#[from] toml::ser::Error),
     #[error("`--store`: {0}")]
     Store(String),
+    #[error("--maintainer-key {0}")]
+    MaintainerKey(String),
     #[error("cannot make the maintainer key: {0}")]
     Key(#[from] vedette_engine::bundle::BundleError),
 }
@@ -48,20 +54,61 @@ pub fn next_steps(done: &Initialized) -> String {
          vedette-agent enroll --collector {} --token $TOKEN --ca-sha256 {fp} --state-dir /var/lib/vedette\n  \
          vedette-agent run --state-dir /var/lib/vedette --watch /srv --rules /etc/vedette/rules\n  \
          # publish signed rules to every agent:\n  \
-         vedettectl rules publish /path/to/rules\n",
-        done.client_address
+         vedettectl rules publish /path/to/rules\n{}",
+        done.client_address,
+        maintainer_advice(done)
     )
+}
+
+fn maintainer_advice(done: &Initialized) -> String {
+    let d = done.dir.display();
+    if done.generated_maintainer_key {
+        format!(
+            "\nWARNING: the rule-signing key {d}/maintainer.key is on this host: whoever takes \
+             the collector host can sign bundles every agent runs. Keep maintainer keys on the \
+             maintainers' machines (vedettectl keys generate) and list their .pub files under \
+             maintainer_keys instead.\n"
+        )
+    } else if done.maintainer_keys == 0 {
+        format!(
+            "\nNo rule maintainer is trusted yet: on each maintainer's machine run \
+             `vedettectl keys generate --out NAME`, list NAME.pub under maintainer_keys in \
+             {d}/collector.toml, and publish with `vedettectl rules publish --sign-key NAME.key`.\n"
+        )
+    } else {
+        String::new()
+    }
 }
 
 /// Creates everything in `dir`. `names` are extra DNS names or IP addresses for the server
 /// certificate; `localhost` and `127.0.0.1` are always included.
+/// Which rule maintainers the new collector trusts.
+#[derive(Debug, Clone, Default)]
+pub struct Maintainers {
+    /// Public keys (`vedettectl keys generate` on each maintainer's machine) to trust.
+    pub keys: Vec<std::path::PathBuf>,
+    /// Also make a maintainer key pair here and trust it: one command to a working setup,
+    /// with the signing key on the collector host.
+    pub generate: bool,
+}
+
 pub fn init(
     dir: &Path,
     listen: SocketAddr,
     names: &[String],
     store: &str,
+    maintainers: &Maintainers,
 ) -> Result<Initialized, InitError> {
     crate::store::StoreLocation::parse(store, dir).map_err(InitError::Store)?;
+    // Read before anything is written: a bad key file leaves nothing behind.
+    let mut given = String::new();
+    for p in &maintainers.keys {
+        let keys = vedette_engine::bundle::PublicKey::load(p)
+            .map_err(|e| InitError::MaintainerKey(format!("{}: {e}", p.display())))?;
+        for k in keys {
+            given.push_str(&k.to_pem());
+        }
+    }
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -76,10 +123,21 @@ pub fn init(
         });
     }
     let fingerprint = write_pki(dir, &server_names(listen, names))?;
-    write_collector_config(dir, listen, store)?;
+    let mut trusted = Vec::new();
+    if !given.is_empty() {
+        write_new(&dir.join("maintainers.pub"), given.as_bytes(), 0o644)?;
+        trusted.push("maintainers.pub");
+    }
+    if maintainers.generate {
+        vedette_engine::bundle::write_key_pair(&dir.join("maintainer"))?;
+        trusted.push("maintainer.pub");
+    }
+    write_collector_config(dir, listen, store, &trusted)?;
     let client_address = client_address(listen);
-    write_ctl_config(dir, &client_address)?;
+    write_ctl_config(dir, &client_address, maintainers.generate)?;
     Ok(Initialized {
+        generated_maintainer_key: maintainers.generate,
+        maintainer_keys: trusted.len(),
         dir: dir.to_owned(),
         fingerprint,
         client_address,
@@ -101,8 +159,7 @@ fn server_names(listen: SocketAddr, extra: &[String]) -> Vec<String> {
     sans
 }
 
-/// The CA, the server and operator certificates and the first maintainer key pair; returns the
-/// CA's fingerprint.
+/// The CA, the server and operator certificates; returns the CA's fingerprint.
 fn write_pki(dir: &Path, sans: &[String]) -> Result<String, InitError> {
     let (ca, ca_key) = Ca::generate("Vedette collector CA")?;
     // The key first, created exclusively: two concurrent inits cannot both succeed.
@@ -122,12 +179,15 @@ fn write_pki(dir: &Path, sans: &[String]) -> Result<String, InitError> {
         operator.cert_pem.as_bytes(),
         0o644,
     )?;
-    // The first maintainer key: `vedettectl rules publish` signs with it out of the box.
-    vedette_engine::bundle::write_key_pair(&dir.join("maintainer"))?;
     Ok(ca.fingerprint())
 }
 
-fn write_collector_config(dir: &Path, listen: SocketAddr, store: &str) -> Result<(), InitError> {
+fn write_collector_config(
+    dir: &Path,
+    listen: SocketAddr,
+    store: &str,
+    maintainer_keys: &[&str],
+) -> Result<(), InitError> {
     let collector = RawConfig {
         listen: listen.to_string(),
         store: Some(RawStore {
@@ -144,7 +204,7 @@ fn write_collector_config(dir: &Path, listen: SocketAddr, store: &str) -> Result
         shutdown_grace: Some("10s".into()),
         token_ttl: Some("1h".into()),
         retention: None,
-        maintainer_keys: vec!["maintainer.pub".into()],
+        maintainer_keys: maintainer_keys.iter().map(|k| k.into()).collect(),
         insecure_allow_unsigned_bundles: false,
         intel: None,
         export: None,
@@ -167,7 +227,7 @@ fn client_address(listen: SocketAddr) -> String {
     }
 }
 
-fn write_ctl_config(dir: &Path, client_address: &str) -> Result<(), InitError> {
+fn write_ctl_config(dir: &Path, client_address: &str, sign_key: bool) -> Result<(), InitError> {
     // The keys vedettectl's config reads (see the vedette-ctl crate).
     let mut ctl = toml::Table::new();
     for (k, v) in [
@@ -175,9 +235,14 @@ fn write_ctl_config(dir: &Path, client_address: &str) -> Result<(), InitError> {
         ("ca_cert", "ca.crt"),
         ("cert", "operator.crt"),
         ("key", "operator.key"),
-        ("sign_key", "maintainer.key"),
     ] {
         ctl.insert(k.into(), toml::Value::String(v.into()));
+    }
+    if sign_key {
+        ctl.insert(
+            "sign_key".into(),
+            toml::Value::String("maintainer.key".into()),
+        );
     }
     let text = format!(
         "# vedettectl configuration, written by `vedette-collector init`.\n\
@@ -202,6 +267,10 @@ mod tests {
             "127.0.0.1:7443".parse().unwrap(),
             &["collector.example".into()],
             "sqlite:vedette.db",
+            &Maintainers {
+                keys: Vec::new(),
+                generate: true,
+            },
         )
         .unwrap();
         assert_eq!(out.fingerprint.len(), 64);
@@ -222,7 +291,8 @@ mod tests {
                 &d,
                 "127.0.0.1:7443".parse().unwrap(),
                 &[],
-                "sqlite:vedette.db"
+                "sqlite:vedette.db",
+                &Maintainers::default()
             ),
             Err(InitError::CaExists { .. })
         ));

@@ -18,7 +18,18 @@ fn main() -> ExitCode {
             listen,
             sans,
             store,
-        } => match init::init(&dir, listen, &sans, &store) {
+            maintainer_keys,
+            with_maintainer_key,
+        } => match init::init(
+            &dir,
+            listen,
+            &sans,
+            &store,
+            &init::Maintainers {
+                keys: maintainer_keys,
+                generate: with_maintainer_key,
+            },
+        ) {
             Ok(done) => {
                 print!("{}", init::next_steps(&done));
                 ExitCode::SUCCESS

@@ -51,3 +51,55 @@ fn serve_with_a_bad_config_exits_64_naming_the_key() {
     );
     assert!(err.contains("`tls.ca_cert`"), "{err}");
 }
+
+#[test]
+fn init_trusts_the_maintainer_keys_it_is_given_and_makes_one_only_when_asked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let init = |dir: &str, extra: &[&str]| {
+        Command::new(COLLECTOR)
+            .args(["init", "--dir"])
+            .arg(tmp.path().join(dir))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let text = |p: std::path::PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+
+    // The default: no signing key on the collector host, and it says what to do.
+    let out = init("plain", &[]);
+    assert!(out.status.success());
+    let d = tmp.path().join("plain");
+    assert!(!d.join("maintainer.key").exists());
+    assert!(text(d.join("collector.toml")).contains("maintainer_keys = []"));
+    assert!(!text(d.join("vedettectl.toml")).contains("sign_key"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("No rule maintainer is trusted yet"));
+
+    // A maintainer's public key, made elsewhere.
+    let (_, alice_pub, alice) =
+        vedette_engine::bundle::write_key_pair(&tmp.path().join("alice")).unwrap();
+    let out = init("given", &["--maintainer-key", alice_pub.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d = tmp.path().join("given");
+    assert!(!d.join("maintainer.key").exists());
+    let trusted = vedette_engine::bundle::PublicKey::load(&d.join("maintainers.pub")).unwrap();
+    assert_eq!(trusted, vec![alice]);
+    assert!(text(d.join("collector.toml")).contains("maintainers.pub"));
+
+    // The one-command trial setup, with its warning.
+    let out = init("trial", &["--with-maintainer-key"]);
+    assert!(out.status.success());
+    assert!(tmp.path().join("trial/maintainer.key").exists());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("WARNING: the rule-signing key"));
+
+    // A key file that is not one: refused, naming it, before anything is written.
+    let bogus = tmp.path().join("bogus.pub");
+    std::fs::write(&bogus, "not a key").unwrap();
+    let out = init("bad", &["--maintainer-key", bogus.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bogus.pub"));
+    assert!(!tmp.path().join("bad/ca.key").exists());
+}

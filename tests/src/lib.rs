@@ -192,7 +192,7 @@ impl Collector {
         let out = Command::new(bin("vedette-collector"))
             .args(["init", "--dir"])
             .arg(dir)
-            .args(["--listen", &addr])
+            .args(["--listen", &addr, "--with-maintainer-key"])
             .args(extra)
             .output()
             .expect("run vedette-collector init");
