@@ -230,13 +230,26 @@ async fn staged_lines(cfg: &CtlConfig) -> anyhow::Result<Vec<String>> {
     }
 }
 
+/// The staged lines still valid at `now_ms`: an indicator past its `valid_until` is not
+/// published again (agents would ignore it anyway).
+fn current(lines: Vec<String>, now_ms: i64) -> Vec<String> {
+    lines
+        .into_iter()
+        .filter(|l| {
+            vedette_engine::intel::IntelLine::parse(l)
+                .map(|l| l.valid_until_ms.is_none_or(|t| t > now_ms))
+                .unwrap_or(true)
+        })
+        .collect()
+}
+
 /// `intel publish`: the latest bundle's files with the staged indicators in place of its
 /// intel file, checked, signed and published as the next version.
 pub async fn publish(
     cfg: &CtlConfig,
     opts: &PublishOptions,
 ) -> anyhow::Result<(PublishBundleResponse, usize)> {
-    let lines = staged_lines(cfg).await?;
+    let lines = current(staged_lines(cfg).await?, now_ms());
     if lines.is_empty() {
         bail!("nothing is staged: import indicators first (`vedettectl intel import FILE`)");
     }
@@ -265,4 +278,30 @@ pub async fn publish(
         );
     }
     Ok((rules::send(cfg, content, opts, None).await?, lines.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expired_indicators_are_not_published_again() {
+        let line = |id: &str, until: Option<i64>| {
+            let mut v = json!({"source": "stix", "id": id, "pattern_type": "stix",
+                "pattern": "[file:name = 'x']"});
+            if let Some(t) = until {
+                v["valid_until_ms"] = json!(t);
+            }
+            v.to_string()
+        };
+        let kept = current(
+            vec![
+                line("a", None),
+                line("b", Some(999)),
+                line("c", Some(2_000)),
+            ],
+            1_000,
+        );
+        assert_eq!(kept, vec![line("a", None), line("c", Some(2_000))]);
+    }
 }
