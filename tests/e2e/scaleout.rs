@@ -233,10 +233,18 @@ fn two_collectors_export_each_detection_once_through_a_shared_sink() {
         .collect();
     assert_eq!(ids.len(), lines.len(), "a detection was exported twice");
     assert_eq!(ids.len(), a.detections().len());
-    // One collector holds the sink's lease and exports; the other waits.
-    let exporting = [&a, &b]
-        .iter()
-        .filter(|c| log_of(c).contains("detections exported"))
-        .count();
+    // One collector holds the sink's lease and exports; the other waits. (Its log line comes
+    // just after the lines it wrote: waited for.)
+    let exporting = wait_for(
+        Duration::from_secs(20),
+        "a collector to log its exports",
+        || {
+            let n = [&a, &b]
+                .iter()
+                .filter(|c| log_of(c).contains("detections exported"))
+                .count();
+            (n > 0).then_some(n)
+        },
+    );
     assert_eq!(exporting, 1, "A:\n{}\nB:\n{}", log_of(&a), log_of(&b));
 }
