@@ -19,6 +19,31 @@ fn sha256(data: &[u8], dir: &Path) -> String {
     String::from_utf8_lossy(&out.stdout)[..64].to_string()
 }
 
+/// Whether Python has the peer tools' modules (installed from PyPI as `packages`). Without
+/// them a test skips, saying so, except where `VEDETTE_TEST_PEERS=required` (`.ci/run`).
+fn peer_tools(modules: &[&str], packages: &str) -> bool {
+    let missing: Vec<&str> = modules
+        .iter()
+        .copied()
+        .filter(|m| {
+            !std::process::Command::new("python3")
+                .args(["-c", &format!("import {m}")])
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    assert_ne!(
+        std::env::var("VEDETTE_TEST_PEERS").as_deref(),
+        Ok("required"),
+        "{packages} required here (missing Python modules: {missing:?})"
+    );
+    eprintln!("SKIP: {packages} not installed (pip install {packages}; .ci/run installs them)");
+    false
+}
+
 fn detection(c: &Collector, what: &str, f: impl Fn(&Value) -> bool) -> Value {
     wait_for(Duration::from_secs(30), what, || {
         c.detections().into_iter().find(|d| f(d))
@@ -219,22 +244,7 @@ fn connection_to(addr: &str) -> Helper {
 
 #[test]
 fn exports_of_file_process_and_connection_detections_pass_the_peer_tools() {
-    let python_has = |module: &str| {
-        std::process::Command::new("python3")
-            .args(["-c", &format!("import {module}")])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !python_has("stix2validator") || !python_has("pymisp") {
-        assert_ne!(
-            std::env::var("VEDETTE_TEST_PEERS").as_deref(),
-            Ok("required"),
-            "stix2-validator and pymisp are required here"
-        );
-        eprintln!(
-            "SKIP: stix2-validator and pymisp are not installed (pip install stix2-validator \
-             pymisp; .ci/run installs them)"
-        );
+    if !peer_tools(&["stix2validator", "pymisp"], "stix2-validator pymisp") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -291,7 +301,12 @@ fn exports_of_file_process_and_connection_detections_pass_the_peer_tools() {
     let bundle_path = tmp.join("sightings.json");
     let out = c.ctl_ok(&["export", "stix", "--organisation", "CERT-Test"]);
     std::fs::write(&bundle_path, &out).unwrap();
-    let v = std::process::Command::new("stix2_validator")
+    // The stix2_validator command, run through the Python checked above (whatever PATH says).
+    let v = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys; from stix2validator.scripts.stix2_validator import main; sys.exit(main())",
+        ])
         .arg(&bundle_path)
         .output()
         .expect("stix2_validator");
@@ -378,17 +393,7 @@ fn medallion(dir: &Path, collections: Value) -> Option<(Helper, String)> {
 
 /// The same on a given port.
 fn medallion_on(dir: &Path, port: u16, collections: Value) -> Option<(Helper, String)> {
-    let has = std::process::Command::new("python3")
-        .args(["-c", "import medallion"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !has {
-        assert_ne!(
-            std::env::var("VEDETTE_TEST_PEERS").as_deref(),
-            Ok("required"),
-            "medallion is required here"
-        );
-        eprintln!("SKIP: medallion is not installed (pip install medallion; .ci/run installs it)");
+    if !peer_tools(&["medallion"], "medallion") {
         return None;
     }
     let base = format!("http://127.0.0.1:{port}");
@@ -494,14 +499,15 @@ fn a_taxii_collection_is_polled_page_by_page_and_its_indicators_reach_the_agent(
     };
 
     let mut c = Collector::init(&tmp.join("collector"));
-    let toml = tmp.join("collector/collector.toml");
-    let mut text = std::fs::read_to_string(&toml).unwrap();
-    text.push_str(&format!(
-        "\n[[intel.taxii]]\nurl = \"{api_root}\"\ncollection = \"{good}\"\nusername = \"vedette\"\n\
-         password = \"s3cret\"\ninterval = \"1s\"\n\n[[intel.taxii]]\nurl = \"{api_root}\"\n\
-         collection = \"{guarded}\"\nusername = \"vedette\"\npassword = \"wrong\"\ninterval = \"1h\"\n"
-    ));
-    std::fs::write(&toml, text).unwrap();
+    configure(
+        &c,
+        &format!(
+            "[[intel.taxii]]\nurl = \"{api_root}\"\ncollection = \"{good}\"\nusername = \"vedette\"\n\
+             password = \"s3cret\"\ninterval = \"1s\"\n\n[[intel.taxii]]\nurl = \"{api_root}\"\n\
+             collection = \"{guarded}\"\nusername = \"vedette\"\npassword = \"wrong\"\n\
+             interval = \"1h\"\n"
+        ),
+    );
     c.start();
     let origin = format!("{api_root}collections/{good}/");
     let status = wait_for(
@@ -800,16 +806,7 @@ fn capture_server(log: &Path) -> (Helper, String) {
 
 #[test]
 fn misp_sightings_are_sent_as_pymisp_sends_them() {
-    let python_has_pymisp = std::process::Command::new("python3")
-        .args(["-c", "import pymisp"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !python_has_pymisp {
-        assert_ne!(
-            std::env::var("VEDETTE_TEST_PEERS").as_deref(),
-            Ok("required")
-        );
-        eprintln!("SKIP: pymisp is not installed (pip install pymisp; .ci/run installs it)");
+    if !peer_tools(&["pymisp"], "pymisp") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -921,16 +918,7 @@ json.dump(manifest, open(os.path.join(out, 'manifest.json'), 'w'))
 
 #[test]
 fn a_misp_feed_made_with_pymisp_is_imported_and_polled_honouring_to_ids() {
-    let has = std::process::Command::new("python3")
-        .args(["-c", "import pymisp"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !has {
-        assert_ne!(
-            std::env::var("VEDETTE_TEST_PEERS").as_deref(),
-            Ok("required")
-        );
-        eprintln!("SKIP: pymisp is not installed (pip install pymisp; .ci/run installs it)");
+    if !peer_tools(&["pymisp"], "pymisp") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
