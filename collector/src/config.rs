@@ -48,6 +48,152 @@ pub struct RawConfig {
     /// `[[export.taxii]]`. Each sink keeps a cursor in the store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub export: Option<RawExport>,
+    /// Resource limits (`[limits]`); every key has a default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<RawLimits>,
+}
+
+/// `[limits]`: what one client may use of the collector.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    /// Open connections at once, of every kind (default 10000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+    /// Open connections without a client certificate (enrollments) at once (default 256).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_unauthenticated_connections: Option<usize>,
+    /// A connection without a client certificate is closed this long after its handshake
+    /// (default `20s`): enough to enroll, not to hold the collector's resources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unauthenticated_timeout: Option<String>,
+    /// Detections one agent may send per second, sustained (default 1000). Beyond it the
+    /// collector acknowledges later (the agent keeps the rest in its spool); nothing is dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_detections_per_second: Option<u32>,
+    /// Detections one agent may send at once above the sustained rate (default 10000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_detections_burst: Option<u32>,
+    /// Messages (batches, heartbeats, bundle statuses) one agent may send per second,
+    /// sustained (default 50; five seconds' worth at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_messages_per_second: Option<u32>,
+    /// Lifetime of the certificates agents get at enrollment and renewal (default `397d`).
+    /// Agents renew theirs once two thirds of it have passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_cert_lifetime: Option<String>,
+}
+
+/// Checked `[limits]`.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_unauthenticated_connections: usize,
+    pub unauthenticated_timeout: Duration,
+    pub agent_detections_per_second: u32,
+    pub agent_detections_burst: u32,
+    pub agent_messages_per_second: u32,
+    pub agent_cert_lifetime: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 10_000,
+            max_unauthenticated_connections: 256,
+            unauthenticated_timeout: Duration::from_secs(20),
+            agent_detections_per_second: 1_000,
+            agent_detections_burst: 10_000,
+            agent_messages_per_second: 50,
+            agent_cert_lifetime: Duration::from_secs(397 * 24 * 3600),
+        }
+    }
+}
+
+impl RawLimits {
+    fn validate(&self, problems: &mut Vec<String>) -> Limits {
+        let d = Limits::default();
+        let mut count = |key: &str, v: Option<u64>, default: u64| match v {
+            None => default,
+            Some(0) => {
+                problems.push(format!("`limits.{key}`: 0 would refuse everything"));
+                default
+            }
+            Some(n) => n,
+        };
+        let max_connections = count(
+            "max_connections",
+            self.max_connections.map(|n| n as u64),
+            d.max_connections as u64,
+        ) as usize;
+        let max_unauthenticated_connections = count(
+            "max_unauthenticated_connections",
+            self.max_unauthenticated_connections.map(|n| n as u64),
+            d.max_unauthenticated_connections as u64,
+        ) as usize;
+        let rate = count(
+            "agent_detections_per_second",
+            self.agent_detections_per_second.map(u64::from),
+            u64::from(d.agent_detections_per_second),
+        ) as u32;
+        let burst = count(
+            "agent_detections_burst",
+            self.agent_detections_burst.map(u64::from),
+            u64::from(d.agent_detections_burst),
+        ) as u32;
+        let messages = count(
+            "agent_messages_per_second",
+            self.agent_messages_per_second.map(u64::from),
+            u64::from(d.agent_messages_per_second),
+        ) as u32;
+        let mut duration = |key: &str, v: &Option<String>, default: Duration, min: Duration| match v
+            .as_deref()
+            .map(humantime::parse_duration)
+        {
+            None => default,
+            Some(Ok(x)) if x >= min => x,
+            Some(Ok(_)) => {
+                problems.push(format!(
+                    "`limits.{key}`: shorter than {}",
+                    humantime::format_duration(min)
+                ));
+                default
+            }
+            Some(Err(e)) => {
+                problems.push(format!(
+                    "`limits.{key}`: `{}` is not a duration like `20s` ({e})",
+                    v.as_deref().unwrap_or_default()
+                ));
+                default
+            }
+        };
+        let unauthenticated_timeout = duration(
+            "unauthenticated_timeout",
+            &self.unauthenticated_timeout,
+            d.unauthenticated_timeout,
+            Duration::from_secs(1),
+        );
+        let agent_cert_lifetime = duration(
+            "agent_cert_lifetime",
+            &self.agent_cert_lifetime,
+            d.agent_cert_lifetime,
+            Duration::from_secs(30),
+        );
+        if burst < rate {
+            problems.push(format!(
+                "`limits.agent_detections_burst`: {burst} is below the sustained rate {rate}"
+            ));
+        }
+        Limits {
+            max_connections,
+            max_unauthenticated_connections,
+            unauthenticated_timeout,
+            agent_detections_per_second: rate,
+            agent_detections_burst: burst.max(rate),
+            agent_messages_per_second: messages,
+            agent_cert_lifetime,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -370,6 +516,7 @@ pub struct Config {
     /// The organisation exports name as the maker of sightings.
     pub organisation: String,
     pub sinks: Vec<SinkConfig>,
+    pub limits: Limits,
 }
 
 /// Every problem found in a configuration file.
@@ -532,6 +679,11 @@ impl RawConfig {
                 ca_cert,
             });
         }
+        let limits = self
+            .limits
+            .clone()
+            .unwrap_or_default()
+            .validate(&mut problems);
         let organisation = export
             .organisation
             .clone()
@@ -552,6 +704,7 @@ impl RawConfig {
                 intel_sources,
                 organisation,
                 sinks,
+                limits,
             }),
             _ => Err(problems),
         }

@@ -208,6 +208,7 @@ fn write_collector_config(
         insecure_allow_unsigned_bundles: false,
         intel: None,
         export: None,
+        limits: None,
     };
     let text = format!(
         "# Vedette collector configuration, written by `vedette-collector init`.\n\

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
@@ -178,7 +178,12 @@ impl Ca {
 
     /// Signs an agent's CSR. Only the public key of the request is used: the subject and the
     /// extensions are chosen here, so an agent cannot ask for a role or another agent's id.
-    pub fn sign_agent_csr(&self, csr_pem: &str, agent_id: &str) -> Result<String, PkiError> {
+    pub fn sign_agent_csr(
+        &self,
+        csr_pem: &str,
+        agent_id: &str,
+        lifetime: std::time::Duration,
+    ) -> Result<String, PkiError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| PkiError::BadCsr(e.to_string()))?;
         let mut params = CertificateParams::default();
@@ -186,7 +191,10 @@ impl Ca {
         params.subject_alt_names = vec![uri(&format!("{AGENT_URI_PREFIX}{agent_id}"))?];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        set_validity(&mut params, AGENT_VALIDITY);
+        set_validity(
+            &mut params,
+            Duration::try_from(lifetime).unwrap_or(AGENT_VALIDITY),
+        );
         let cert = params.signed_by(&csr.public_key, &self.issuer)?;
         Ok(cert.pem())
     }
@@ -203,11 +211,33 @@ fn uri(s: &str) -> Result<SanType, rcgen::Error> {
     Ok(SanType::URI(s.to_string().try_into()?))
 }
 
+/// Sets the validity and a random serial number: 128 bits, unique without a counter to keep.
 fn set_validity(params: &mut CertificateParams, validity: Duration) {
+    let mut serial = [0u8; 16];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut serial);
+    // Positive, and without a leading zero byte (DER integers are minimal).
+    serial[0] = (serial[0] & 0x7f) | 0x40;
+    params.serial_number = Some(SerialNumber::from_slice(&serial));
     let now = OffsetDateTime::now_utc();
     // Tolerate a little clock skew between the collector and its peers.
     params.not_before = now - Duration::hours(1);
     params.not_after = now + validity;
+}
+
+/// The serial number of a certificate (DER), lowercase hex: how `certs list` and
+/// `certs revoke` name it.
+pub fn serial_hex(der: &[u8]) -> Option<String> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    Some(hex::encode(cert.raw_serial()))
+}
+
+/// The serial number of the first certificate in a PEM text, lowercase hex.
+pub fn serial_of_pem(pem: &str) -> Option<String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let der = CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
+    serial_hex(der.as_ref())
 }
 
 /// SHA-256 of the first certificate in a PEM text, lowercase hex.
@@ -288,7 +318,9 @@ mod tests {
         let mut params = CertificateParams::default();
         params.subject_alt_names = vec![uri("vedette:role:operator").unwrap()];
         let csr = params.serialize_request(&key).unwrap().pem().unwrap();
-        let pem = ca.sign_agent_csr(&csr, "0000-agent").unwrap();
+        let pem = ca
+            .sign_agent_csr(&csr, "0000-agent", std::time::Duration::from_secs(3600))
+            .unwrap();
         let id = crate::identity::Identity::from_pem_for_tests(&pem);
         assert_eq!(
             id,
@@ -297,10 +329,23 @@ mod tests {
     }
 
     #[test]
+    fn serial_numbers_are_random_and_unique() {
+        let (ca, _) = Ca::generate("test CA").unwrap();
+        let serials: std::collections::BTreeSet<String> = (0..20)
+            .map(|_| {
+                let c = ca.issue_client("alice", &[Role::Operator]).unwrap();
+                serial_of_pem(&c.cert_pem).unwrap()
+            })
+            .collect();
+        assert_eq!(serials.len(), 20);
+        assert!(serials.iter().all(|s| s.len() == 32), "{serials:?}");
+    }
+
+    #[test]
     fn garbage_csr_is_rejected() {
         let (ca, _) = Ca::generate("test CA").unwrap();
         assert!(matches!(
-            ca.sign_agent_csr("not a csr", "x"),
+            ca.sign_agent_csr("not a csr", "x", std::time::Duration::from_secs(60)),
             Err(PkiError::BadCsr(_))
         ));
     }

@@ -63,9 +63,9 @@ pub enum Command {
         /// Only this agent's detections.
         #[arg(long)]
         agent: Option<String>,
-        /// At most this many (the most recent); the collector caps it at 10000.
+        /// At most this many (the most recent), read page by page.
         #[arg(long, default_value_t = 10_000)]
-        limit: u32,
+        limit: usize,
         /// The organisation the sightings are made by (default: `organisation` in
         /// vedettectl.toml, or "Vedette").
         #[arg(long)]
@@ -214,8 +214,8 @@ pub enum DetectionsCmd {
         /// Only detections received at or after this time (RFC 3339, e.g. 2026-11-25T10:00:00Z).
         #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
         since: Option<std::time::SystemTime>,
-        /// At most this many (the most recent); the collector caps it at 10000.
+        /// At most this many (the most recent), read page by page.
         #[arg(long, default_value_t = 100)]
-        limit: u32,
+        limit: usize,
     },
 }

@@ -132,11 +132,14 @@ pub async fn agents_revoke(cfg: &CtlConfig, id: &str) -> anyhow::Result<bool> {
     Ok(r.into_inner().disconnected)
 }
 
+/// Detections asked for in one request (the collector's largest page).
+const PAGE: usize = 10_000;
+
 pub async fn detections_list(
     cfg: &CtlConfig,
     agent: Option<String>,
     since: Option<SystemTime>,
-    limit: u32,
+    limit: usize,
 ) -> anyhow::Result<Vec<StoredDetection>> {
     let mut c = cfg.client().await?;
     let since_ms = since
@@ -146,15 +149,28 @@ pub async fn detections_list(
                 .unwrap_or(0)
         })
         .unwrap_or(0);
-    let r = c
-        .list_detections(ListDetectionsRequest {
-            agent_id: agent.unwrap_or_default(),
-            since_ms,
-            limit,
-        })
-        .await
-        .map_err(status_error)?;
-    Ok(r.into_inner().detections)
+    // Newest pages first; each page is oldest first.
+    let mut pages = Vec::new();
+    let (mut got, mut before_seq) = (0usize, 0u64);
+    while got < limit {
+        let r = c
+            .list_detections(ListDetectionsRequest {
+                agent_id: agent.clone().unwrap_or_default(),
+                since_ms,
+                limit: (limit - got).min(PAGE) as u32,
+                before_seq,
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        got += r.detections.len();
+        pages.push(r.detections);
+        if r.next_before_seq == 0 {
+            break;
+        }
+        before_seq = r.next_before_seq;
+    }
+    Ok(pages.into_iter().rev().flatten().collect())
 }
 
 pub fn agent_json(a: &AgentInfo) -> serde_json::Value {

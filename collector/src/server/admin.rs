@@ -31,6 +31,8 @@ const MAX_TOKEN_USES: u32 = 100_000;
 /// Default and largest `limit` of a detection listing.
 const DEFAULT_LIMIT: u32 = 100;
 const MAX_LIMIT: u32 = 10_000;
+/// Stored detections read for one page of a listing, at most (one more may pass it).
+const MAX_PAGE_BYTES: usize = 4 * 1024 * 1024;
 /// Default and largest page of staged indicators.
 const INTEL_PAGE: u32 = 1_000;
 const MAX_INTEL_PAGE: u32 = 5_000;
@@ -448,12 +450,17 @@ impl AdminService for AdminSvc {
         let filter = DetectionFilter {
             agent_id: Some(req.agent_id).filter(|a| !a.is_empty()),
             since_ms: Some(req.since_ms).filter(|s| *s != 0),
+            before_seq: Some(req.before_seq).filter(|s| *s != 0),
             limit: match req.limit {
                 0 => DEFAULT_LIMIT,
                 l => l.min(MAX_LIMIT),
             },
+            max_bytes: MAX_PAGE_BYTES,
         };
-        let detections = blocking(&self.state.store, move |s| s.list_detections(&filter)).await?;
-        Ok(Response::new(ListDetectionsResponse { detections }))
+        let page = blocking(&self.state.store, move |s| s.list_detections(&filter)).await?;
+        Ok(Response::new(ListDetectionsResponse {
+            detections: page.detections,
+            next_before_seq: page.next_before_seq.unwrap_or(0),
+        }))
     }
 }

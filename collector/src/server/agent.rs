@@ -71,13 +71,19 @@ impl AgentService for AgentSvc {
         if req.csr_pem.len() > MAX_CSR_BYTES || req.hostname.len() > MAX_STRING_BYTES {
             return Err(Status::invalid_argument("enrollment request too large"));
         }
+        // The token first: without a usable one, no CSR is parsed and nothing is signed.
+        let hash = token_hash(&req.token);
+        let h = hash.clone();
+        if let Err(e) = blocking(&self.state.store, move |s| s.check_token(&h, now_ms())).await? {
+            warn!(peer = ?peer, reason = %e, "enrollment refused");
+            return Err(Status::permission_denied(e.to_string()));
+        }
         let agent_id = uuid::Uuid::new_v4().to_string();
         let cert_pem = self
             .state
             .ca
-            .sign_agent_csr(&req.csr_pem, &agent_id)
+            .sign_agent_csr(&req.csr_pem, &agent_id, self.state.agent_cert_lifetime)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let hash = token_hash(&req.token);
         let (id, host) = (agent_id.clone(), req.hostname.clone());
         let verdict = blocking(&self.state.store, move |s| {
             s.enroll(&hash, &id, &host, now_ms())
@@ -203,6 +209,7 @@ async fn run_stream(
     if !pusher.push(&latest, tx).await {
         return Ok(());
     }
+    let mut throttled = false;
     loop {
         let msg = tokio::select! {
             () = stop.cancelled() => return Err(closed_reason(state)),
@@ -218,6 +225,23 @@ async fn run_stream(
         let Some(AgentMessage { msg: Some(msg) }) = msg else {
             return Ok(());
         };
+        // Over its rate, an agent waits here: nothing more is read from its stream, and its
+        // Ack comes later.
+        let detections = match &msg {
+            Msg::Batch(b) => b.detections.len(),
+            _ => 0,
+        };
+        let wait = state.throttle.delay(agent_id, detections);
+        if !wait.is_zero() {
+            if !throttled {
+                warn!(agent = %agent_id, wait = ?wait, "agent over its rate limit: its messages are delayed");
+                throttled = true;
+            }
+            tokio::select! {
+                () = stop.cancelled() => return Err(closed_reason(state)),
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
         if !on_message(state, agent_id, msg, tx).await? {
             return Ok(());
         }

@@ -3,6 +3,8 @@
 
 mod admin;
 mod agent;
+mod guard;
+mod throttle;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -26,6 +28,9 @@ use crate::config::Config;
 use crate::pki::Ca;
 use crate::store::{Store, StoreEvent};
 
+/// Concurrent HTTP/2 streams (calls) on one connection.
+const MAX_STREAMS_PER_CONNECTION: u32 = 16;
+
 /// The store every handler shares.
 pub type SharedStore = Arc<dyn Store>;
 
@@ -45,6 +50,10 @@ pub(crate) struct State {
     pub allow_unsigned: bool,
     /// The latest bundle; every agent stream watches it and pushes each new one at once.
     pub bundle: watch::Sender<Option<Arc<RuleBundle>>>,
+    /// Per-agent rate limits.
+    pub throttle: throttle::Throttle,
+    /// Lifetime of agent certificates, at enrollment and renewal.
+    pub agent_cert_lifetime: std::time::Duration,
 }
 
 impl State {
@@ -161,9 +170,15 @@ pub async fn serve(
 
     let (conn_tx, conn_rx) = mpsc::channel(64);
     let accept_stop = shutdown.child_token();
+    let limits = tls::ConnLimits {
+        max_connections: config.limits.max_connections,
+        max_unauthenticated: config.limits.max_unauthenticated_connections,
+        unauthenticated_timeout: config.limits.unauthenticated_timeout,
+    };
     let accept = tokio::spawn(tls::accept_loop(
         listener,
         Arc::new(tls),
+        limits,
         conn_tx,
         accept_stop.clone(),
     ));
@@ -176,6 +191,10 @@ pub async fn serve(
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        // An agent needs one stream; vedettectl one call at a time.
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .http2_max_header_list_size(Some(16 * 1024))
+        .layer(guard::GuardLayer)
         .add_service(agent_svc)
         .add_service(admin_svc)
         .serve_with_incoming_shutdown(
@@ -218,6 +237,12 @@ async fn open_state(config: &Config, shutdown: CancellationToken) -> anyhow::Res
         store,
         ca,
         token_ttl: config.token_ttl,
+        throttle: throttle::Throttle::new(
+            config.limits.agent_detections_per_second,
+            config.limits.agent_detections_burst,
+            config.limits.agent_messages_per_second,
+        ),
+        agent_cert_lifetime: config.limits.agent_cert_lifetime,
         streams: Mutex::new(HashMap::new()),
         shutdown,
         tasks: TaskTracker::new(),

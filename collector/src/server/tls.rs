@@ -3,26 +3,35 @@
 //! certificate presented must chain to the CA, or the handshake fails. Handlers then require one
 //! through [`crate::identity::Identity::of`].
 
+use std::future::Future;
 use std::io;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 use tracing::{debug, warn};
 
 /// How long a client may take to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes in progress at once; more wait in the kernel's accept queue.
 const MAX_PENDING_HANDSHAKES: usize = 256;
+
+/// Connections without a certificate closed because too many were open.
+pub static REFUSED_UNAUTHENTICATED: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -90,17 +99,101 @@ pub fn server_config(
     Ok(cfg)
 }
 
+/// Connection limits the accept loop applies.
+#[derive(Debug, Clone)]
+pub struct ConnLimits {
+    /// Open connections at once; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// Open connections without a client certificate; more are closed after the handshake.
+    pub max_unauthenticated: usize,
+    /// A connection without a client certificate is closed this long after its handshake.
+    pub unauthenticated_timeout: Duration,
+}
+
+/// An accepted connection, holding its share of the connection limits while it is open.
+pub struct Conn {
+    inner: TlsStream<TcpStream>,
+    _slot: OwnedSemaphorePermit,
+    _unauthenticated_slot: Option<OwnedSemaphorePermit>,
+    /// For a connection without a client certificate: when it is closed.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Conn {
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        self.deadline
+            .as_mut()
+            .is_some_and(|d| d.as_mut().poll(cx).is_ready())
+    }
+}
+
+fn timed_out() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        "connection without a client certificate open too long",
+    )
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.expired(cx) {
+            return Poll::Ready(Err(timed_out()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.expired(cx) {
+            return Poll::Ready(Err(timed_out()));
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl Connected for Conn {
+    type ConnectInfo = TlsConnectInfo<TcpConnectInfo>;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
 /// Accepts TCP connections and completes TLS handshakes off the accept loop, handing finished
 /// streams to the gRPC server through a bounded channel. Stops when `shutdown` fires.
 pub async fn accept_loop(
     listener: TcpListener,
     config: Arc<ServerConfig>,
-    out: mpsc::Sender<Result<TlsStream<TcpStream>, io::Error>>,
+    limits: ConnLimits,
+    out: mpsc::Sender<Result<Conn, io::Error>>,
     shutdown: CancellationToken,
 ) {
     let acceptor = TlsAcceptor::from(config);
     let permits = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let unauthenticated = Arc::new(Semaphore::new(limits.max_unauthenticated));
     loop {
+        let slot = tokio::select! {
+            () = shutdown.cancelled() => return,
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+        };
         let permit = tokio::select! {
             () = shutdown.cancelled() => return,
             p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
@@ -120,11 +213,38 @@ pub async fn accept_loop(
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let out = out.clone();
+        let unauthenticated = unauthenticated.clone();
+        let timeout = limits.unauthenticated_timeout;
         tokio::spawn(async move {
-            let _permit = permit;
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+            drop(permit);
+            match handshake {
                 Ok(Ok(stream)) => {
-                    let _ = out.send(Ok(stream)).await;
+                    let certified = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .is_some_and(|c| !c.is_empty());
+                    let (unauthenticated_slot, deadline) = if certified {
+                        (None, None)
+                    } else {
+                        let Ok(p) = unauthenticated.try_acquire_owned() else {
+                            // Logged at 1, 2, 4, 8... refusals: a flood does not flood the log.
+                            let n = REFUSED_UNAUTHENTICATED.fetch_add(1, Ordering::Relaxed) + 1;
+                            if n.is_power_of_two() {
+                                warn!(%peer, refused_so_far = n, "too many connections without a client certificate: closed");
+                            }
+                            return;
+                        };
+                        (Some(p), Some(Box::pin(tokio::time::sleep(timeout))))
+                    };
+                    let conn = Conn {
+                        inner: stream,
+                        _slot: slot,
+                        _unauthenticated_slot: unauthenticated_slot,
+                        deadline,
+                    };
+                    let _ = out.send(Ok(conn)).await;
                 }
                 Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake refused"),
                 Err(_) => debug!(%peer, "TLS handshake timed out"),

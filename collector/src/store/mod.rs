@@ -147,6 +147,14 @@ pub trait Store: Send + Sync {
         uses: u32,
     ) -> Result<(), StoreError>;
 
+    /// Whether a token could enroll an agent now, without spending it: checked before any
+    /// work is done for an enrollment.
+    fn check_token(
+        &self,
+        token_hash: &str,
+        now_ms: i64,
+    ) -> Result<Result<(), TokenError>, StoreError>;
+
     /// Spends one use of a token and records the new agent, atomically: two collectors given
     /// the same single-use token at once enroll one agent.
     fn enroll(
@@ -199,8 +207,10 @@ pub trait Store: Send + Sync {
         received_at_ms: i64,
     ) -> Result<usize, StoreError>;
 
-    /// The most recent detections matching the filter, oldest first.
-    fn list_detections(&self, f: &DetectionFilter) -> Result<Vec<StoredDetection>, StoreError>;
+    /// The most recent detections matching the filter, oldest first, reading no more than
+    /// `f.max_bytes` of stored detections (but always one); with the sequence number to page on
+    /// from when older ones match too.
+    fn list_detections(&self, f: &DetectionFilter) -> Result<DetectionPage, StoreError>;
 
     /// Stores a bundle if its version is above every stored one. `Err(latest)` otherwise.
     fn insert_bundle(&self, b: &BundleRow) -> Result<Result<(), u64>, StoreError>;
@@ -443,7 +453,43 @@ pub struct BundleRow {
 pub struct DetectionFilter {
     pub agent_id: Option<String>,
     pub since_ms: Option<i64>,
+    /// Only detections with a lower sequence number (the next page).
+    pub before_seq: Option<u64>,
     pub limit: u32,
+    /// Stop reading once this many bytes of stored detections are read.
+    pub max_bytes: usize,
+}
+
+/// One page of a detection listing.
+#[derive(Debug, Default)]
+pub struct DetectionPage {
+    /// Oldest first.
+    pub detections: Vec<StoredDetection>,
+    /// Set when older matching detections are left: the `before_seq` of the next page.
+    pub next_before_seq: Option<u64>,
+}
+
+impl DetectionPage {
+    /// Collects rows read newest first until the limit or the byte budget is reached; one row
+    /// more than the limit may be offered, to learn whether more are left.
+    /// `next_row` gives each row's sequence number, stored size and detection.
+    pub fn collect<E>(
+        f: &DetectionFilter,
+        mut next_row: impl FnMut() -> Result<Option<(u64, usize, StoredDetection)>, E>,
+    ) -> Result<DetectionPage, E> {
+        let mut page = DetectionPage::default();
+        let mut bytes = 0usize;
+        while let Some((seq, size, stored)) = next_row()? {
+            if page.detections.len() >= f.limit as usize || (bytes >= f.max_bytes && bytes > 0) {
+                page.next_before_seq = page.detections.last().map(|d| d.seq);
+                break;
+            }
+            bytes += size;
+            page.detections.push(StoredDetection { seq, ..stored });
+        }
+        page.detections.reverse();
+        Ok(page)
+    }
 }
 
 pub use vedette_proto::now_ms;

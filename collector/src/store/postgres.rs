@@ -22,8 +22,8 @@ use rustls_pki_types::pem::PemObject;
 use vedette_proto::v1::{Detection, Inventory, StoredDetection, detection};
 
 use super::{
-    AgentRow, BundleRow, DetectionFilter, ExportRow, IntelBatch, IntelSourceRow, IntelStaged,
-    StagedIntel, Store, StoreError, StoreEvent, TokenError, redact,
+    AgentRow, BundleRow, DetectionFilter, DetectionPage, ExportRow, IntelBatch, IntelSourceRow,
+    IntelStaged, StagedIntel, Store, StoreError, StoreEvent, TokenError, redact,
 };
 
 /// Schema migrations, applied in order; `vedette_schema.version` is the number applied.
@@ -395,6 +395,27 @@ impl Store for PgStore {
         })
     }
 
+    fn check_token(
+        &self,
+        token_hash: &str,
+        now_ms: i64,
+    ) -> Result<Result<(), TokenError>, StoreError> {
+        self.with(|c| {
+            let row = c.query_opt(
+                "SELECT expires_at_ms, uses_left FROM tokens WHERE hash = $1",
+                &[&token_hash],
+            )?;
+            Ok(
+                match row.map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1))) {
+                    None => Err(TokenError::Unknown),
+                    Some((expires, _)) if expires <= now_ms => Err(TokenError::Expired),
+                    Some((_, uses)) if uses <= 0 => Err(TokenError::UsedUp),
+                    Some(_) => Ok(()),
+                },
+            )
+        })
+    }
+
     fn enroll(
         &self,
         token_hash: &str,
@@ -576,34 +597,47 @@ impl Store for PgStore {
         })
     }
 
-    fn list_detections(&self, f: &DetectionFilter) -> Result<Vec<StoredDetection>, StoreError> {
-        let rows = self.with(|c| {
-            Ok(c.query(
-                "SELECT d.id, d.agent_id, a.hostname, d.received_at_ms, d.body
+    fn list_detections(&self, f: &DetectionFilter) -> Result<DetectionPage, StoreError> {
+        self.with(|c| {
+            let before = f.before_seq.map(|s| s.min(i64::MAX as u64) as i64);
+            let limit = i64::from(f.limit) + 1;
+            let params: [&(dyn postgres::types::ToSql + Sync); 4] =
+                [&f.agent_id, &f.since_ms, &before, &limit];
+            // Rows stream in: reading stops at the byte budget, not at the whole result.
+            let mut rows = c.query_raw(
+                "SELECT d.seq, d.id, d.agent_id, a.hostname, d.received_at_ms, d.body
                  FROM detections d JOIN agents a ON a.id = d.agent_id
                  WHERE ($1::text IS NULL OR d.agent_id = $1)
                    AND ($2::bigint IS NULL OR d.received_at_ms >= $2)
-                 ORDER BY d.seq DESC LIMIT $3",
-                &[&f.agent_id, &f.since_ms, &i64::from(f.limit)],
-            )?)
-        })?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows.iter().rev() {
-            let id: String = r.get(0);
-            let body: Vec<u8> = r.get(4);
-            let detection =
-                Detection::decode(body.as_slice()).map_err(|e| StoreError::Corrupt {
-                    id,
-                    reason: e.to_string(),
-                })?;
-            out.push(StoredDetection {
-                detection: Some(detection),
-                agent_id: r.get(1),
-                hostname: r.get(2),
-                received_at_ms: r.get(3),
-            });
-        }
-        Ok(out)
+                   AND ($3::bigint IS NULL OR d.seq < $3)
+                 ORDER BY d.seq DESC LIMIT $4",
+                params,
+            )?;
+            DetectionPage::collect(f, || {
+                use postgres::fallible_iterator::FallibleIterator;
+                let Some(r) = rows.next()? else {
+                    return Ok(None);
+                };
+                let id: String = r.get(1);
+                let body: Vec<u8> = r.get(5);
+                let detection =
+                    Detection::decode(body.as_slice()).map_err(|e| StoreError::Corrupt {
+                        id,
+                        reason: e.to_string(),
+                    })?;
+                Ok(Some((
+                    r.get::<_, i64>(0) as u64,
+                    body.len(),
+                    StoredDetection {
+                        detection: Some(detection),
+                        agent_id: r.get(2),
+                        hostname: r.get(3),
+                        received_at_ms: r.get(4),
+                        seq: 0,
+                    },
+                )))
+            })
+        })
     }
 
     fn insert_bundle(&self, b: &BundleRow) -> Result<Result<(), u64>, StoreError> {
@@ -909,6 +943,7 @@ impl Store for PgStore {
                         agent_id: r.get(2),
                         hostname: r.get(3),
                         received_at_ms: r.get(4),
+                        seq: r.get::<_, i64>(0) as u64,
                     },
                 ));
             }

@@ -10,8 +10,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use vedette_proto::v1::{Detection, Inventory, StoredDetection, detection};
 
 use super::{
-    AgentRow, BundleRow, DetectionFilter, ExportRow, IntelBatch, IntelSourceRow, IntelStaged,
-    StagedIntel, Store, StoreError, TokenError,
+    AgentRow, BundleRow, DetectionFilter, DetectionPage, ExportRow, IntelBatch, IntelSourceRow,
+    IntelStaged, StagedIntel, Store, StoreError, TokenError,
 };
 
 /// Schema migrations, applied in order; `PRAGMA user_version` is the number applied.
@@ -172,6 +172,22 @@ impl Store for SqliteStore {
     }
 
     /// Spends one use of a token and records the new agent, in one transaction.
+    fn check_token(
+        &self,
+        token_hash: &str,
+        now_ms: i64,
+    ) -> Result<Result<(), TokenError>, StoreError> {
+        let row: Option<(i64, i64)> = self
+            .conn()
+            .query_row(
+                "SELECT expires_at_ms, uses_left FROM tokens WHERE hash = ?1",
+                [token_hash],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        Ok(token_verdict(row, now_ms))
+    }
+
     fn enroll(
         &self,
         token_hash: &str,
@@ -190,12 +206,7 @@ impl Store for SqliteStore {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        let verdict = match row {
-            None => Err(TokenError::Unknown),
-            Some((expires, _)) if expires <= now_ms => Err(TokenError::Expired),
-            Some((_, uses)) if uses <= 0 => Err(TokenError::UsedUp),
-            Some(_) => Ok(()),
-        };
+        let verdict = token_verdict(row, now_ms);
         if verdict.is_ok() {
             tx.execute(
                 "UPDATE tokens SET uses_left = uses_left - 1 WHERE hash = ?1",
@@ -363,40 +374,40 @@ impl Store for SqliteStore {
     }
 
     /// The most recent detections matching the filter, oldest first.
-    fn list_detections(&self, f: &DetectionFilter) -> Result<Vec<StoredDetection>, StoreError> {
+    fn list_detections(&self, f: &DetectionFilter) -> Result<DetectionPage, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "SELECT d.id, d.agent_id, a.hostname, d.received_at_ms, d.body
+            "SELECT d.seq, d.id, d.agent_id, a.hostname, d.received_at_ms, d.body
              FROM detections d JOIN agents a ON a.id = d.agent_id
              WHERE (?1 IS NULL OR d.agent_id = ?1) AND (?2 IS NULL OR d.received_at_ms >= ?2)
-             ORDER BY d.seq DESC LIMIT ?3",
+               AND (?3 IS NULL OR d.seq < ?3)
+             ORDER BY d.seq DESC LIMIT ?4",
         )?;
-        let rows = stmt.query_map(params![f.agent_id, f.since_ms, f.limit], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, i64>(3)?,
-                r.get::<_, Vec<u8>>(4)?,
-            ))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (id, agent_id, hostname, received_at_ms, body) = row?;
+        let before = f.before_seq.map(|s| s.min(i64::MAX as u64) as i64);
+        let mut rows = stmt.query(params![f.agent_id, f.since_ms, before, f.limit + 1])?;
+        DetectionPage::collect(f, || {
+            let Some(r) = rows.next()? else {
+                return Ok(None);
+            };
+            let body: Vec<u8> = r.get(5)?;
+            let id: String = r.get(1)?;
             let detection =
                 Detection::decode(body.as_slice()).map_err(|e| StoreError::Corrupt {
                     id,
                     reason: e.to_string(),
                 })?;
-            out.push(StoredDetection {
-                detection: Some(detection),
-                agent_id,
-                hostname,
-                received_at_ms,
-            });
-        }
-        out.reverse();
-        Ok(out)
+            Ok(Some((
+                r.get::<_, i64>(0)? as u64,
+                body.len(),
+                StoredDetection {
+                    detection: Some(detection),
+                    agent_id: r.get(2)?,
+                    hostname: r.get(3)?,
+                    received_at_ms: r.get(4)?,
+                    seq: 0,
+                },
+            )))
+        })
     }
 
     /// Stores a bundle if its version is above every stored one. `Err(latest)` otherwise.
@@ -693,6 +704,7 @@ impl Store for SqliteStore {
                     agent_id,
                     hostname,
                     received_at_ms,
+                    seq: seq as u64,
                 },
             ));
         }
@@ -781,4 +793,14 @@ fn agent_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentRow> {
         bundle_failed_version: r.get::<_, i64>(15)? as u64,
         bundle_error: r.get(16)?,
     })
+}
+
+/// What a token row (expiry, uses left) allows at `now_ms`.
+fn token_verdict(row: Option<(i64, i64)>, now_ms: i64) -> Result<(), TokenError> {
+    match row {
+        None => Err(TokenError::Unknown),
+        Some((expires, _)) if expires <= now_ms => Err(TokenError::Expired),
+        Some((_, uses)) if uses <= 0 => Err(TokenError::UsedUp),
+        Some(_) => Ok(()),
+    }
 }

@@ -115,9 +115,12 @@ fn detections_are_stored_once_and_survive_reopen() {
         let all = s
             .list_detections(&DetectionFilter {
                 limit: 10,
+                max_bytes: usize::MAX,
                 ..Default::default()
             })
             .unwrap();
+        assert_eq!(all.next_before_seq, None);
+        let all = all.detections;
         let ids: Vec<_> = all
             .iter()
             .map(|d| d.detection.as_ref().unwrap().id.clone())
@@ -125,22 +128,55 @@ fn detections_are_stored_once_and_survive_reopen() {
         assert_eq!(ids, ["d1", "d2", "d3"]);
         assert_eq!(all[0].hostname, "host");
         assert_eq!(all[0].received_at_ms, 5);
+        assert!(all[0].seq < all[1].seq && all[1].seq < all[2].seq);
         let last = s
             .list_detections(&DetectionFilter {
                 limit: 1,
+                max_bytes: usize::MAX,
                 ..Default::default()
             })
             .unwrap();
-        assert_eq!(last.len(), 1);
-        assert_eq!(last[0].detection.as_ref().unwrap().id, "d3");
+        assert_eq!(last.detections.len(), 1);
+        assert_eq!(last.detections[0].detection.as_ref().unwrap().id, "d3");
+        // Paging back from there gives the others, then says nothing is left.
+        assert_eq!(last.next_before_seq, Some(all[2].seq));
+        let rest = s
+            .list_detections(&DetectionFilter {
+                limit: 10,
+                max_bytes: usize::MAX,
+                before_seq: last.next_before_seq,
+                ..Default::default()
+            })
+            .unwrap();
+        let ids: Vec<_> = rest
+            .detections
+            .iter()
+            .map(|d| d.detection.as_ref().unwrap().id.clone())
+            .collect();
+        assert_eq!(
+            (ids, rest.next_before_seq),
+            (vec!["d1".into(), "d2".into()], None)
+        );
+        // A byte budget smaller than one detection still gives one, and the page to go on.
+        let small = s
+            .list_detections(&DetectionFilter {
+                limit: 10,
+                max_bytes: 1,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(small.detections.len(), 1);
+        assert_eq!(small.next_before_seq, Some(all[2].seq));
         let since = s
             .list_detections(&DetectionFilter {
                 since_ms: Some(6),
                 agent_id: Some("a".into()),
                 limit: 10,
+                max_bytes: usize::MAX,
+                ..Default::default()
             })
             .unwrap();
-        assert_eq!(since.len(), 1);
+        assert_eq!(since.detections.len(), 1);
         assert_eq!(s.count_detections().unwrap(), 3);
     });
 }
@@ -160,9 +196,11 @@ fn retention_deletes_old_detections_in_batches() {
         let left: Vec<i64> = s
             .list_detections(&DetectionFilter {
                 limit: 10,
+                max_bytes: usize::MAX,
                 ..Default::default()
             })
             .unwrap()
+            .detections
             .iter()
             .map(|d| d.received_at_ms)
             .collect();

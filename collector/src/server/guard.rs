@@ -1,0 +1,121 @@
+//! What the collector enforces before any handler runs. A request on a connection without a
+//! client certificate may only enroll; its body is capped at [`MAX_ENROLL_BYTES`] as it arrives,
+//! before anything is decoded. Every other request without a certificate is refused before its
+//! body is read. (The connection itself is closed after the unauthenticated timeout: see
+//! [`super::tls::Conn`].)
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use http_body::{Frame, SizeHint};
+use tonic::Status;
+use tonic::body::Body;
+use tonic::codegen::{Bytes, Service, http};
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use vedette_proto::limits::MAX_ENROLL_BYTES;
+
+/// The one call allowed without a client certificate.
+pub const ENROLL_PATH: &str = "/vedette.v1.AgentService/Enroll";
+/// The gRPC frame header (compression flag and length) in front of the message.
+const GRPC_FRAME_HEADER: usize = 5;
+
+/// Wraps the gRPC router in a [`Guard`].
+#[derive(Debug, Clone)]
+pub struct GuardLayer;
+
+impl<S> tower_layer::Layer<S> for GuardLayer {
+    type Service = Guard<S>;
+
+    fn layer(&self, inner: S) -> Guard<S> {
+        Guard { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Guard<S> {
+    inner: S,
+}
+
+/// Whether the connection a request came on presented a (verified) client certificate.
+fn certified<B>(req: &http::Request<B>) -> bool {
+    req.extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()
+        .and_then(|info| info.peer_certs())
+        .is_some_and(|certs| !certs.is_empty())
+}
+
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+impl<S> Service<http::Request<Body>> for Guard<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        if certified(&req) {
+            return Box::pin(self.inner.call(req));
+        }
+        if req.uri().path() != ENROLL_PATH {
+            let refused = Status::unauthenticated("a client certificate is required").into_http();
+            return Box::pin(async move { Ok(refused) });
+        }
+        let (parts, body) = req.into_parts();
+        let capped = Capped {
+            inner: body,
+            left: MAX_ENROLL_BYTES + GRPC_FRAME_HEADER,
+        };
+        Box::pin(
+            self.inner
+                .call(http::Request::from_parts(parts, Body::new(capped))),
+        )
+    }
+}
+
+/// A request body that fails once more than `left` bytes have come.
+struct Capped {
+    inner: Body,
+    left: usize,
+}
+
+impl http_body::Body for Capped {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => frame,
+            other => return other,
+        };
+        if let Some(data) = frame.data_ref() {
+            if data.len() > self.left {
+                self.left = 0;
+                return Poll::Ready(Some(Err(Status::resource_exhausted(format!(
+                    "enrollment request larger than {MAX_ENROLL_BYTES} bytes"
+                )))));
+            }
+            self.left -= data.len();
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
