@@ -251,6 +251,7 @@ fn bad_bundles_are_refused_with_a_clear_error_and_change_nothing() {
             path: "x.yar".into(),
             data: b"rule x { strings: $a = \"A\" condition: $a }".to_vec(),
         }],
+        fleet: f.c.fingerprint.clone(),
     };
     let bytes = bundle::encode(&content);
     let signature = key.sign(&bytes);

@@ -553,3 +553,78 @@ fn a_flooding_agent_is_slowed_down_and_does_not_delay_another_agents_detections(
     }
     assert_eq!(stored_of(&c, &flooder), total);
 }
+
+/// Copies a SQLite store's files (`vedette.db`, `-wal`, `-shm`) from one directory to another,
+/// replacing what is there.
+fn copy_store(from: &std::path::Path, to: &std::path::Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let name = format!("vedette.db{suffix}");
+        let _ = std::fs::remove_file(to.join(&name));
+        if from.join(&name).exists() {
+            std::fs::copy(from.join(&name), to.join(&name)).unwrap();
+        }
+    }
+}
+
+#[test]
+fn an_old_signed_bundle_replayed_after_the_agent_lost_its_bundle_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = Collector::init(&tmp.path().join("collector"));
+    c.start();
+    let watch = tmp.path().join("watch");
+    std::fs::create_dir_all(&watch).unwrap();
+    let mut agent = vedette_tests::Agent::enroll(&c, &tmp.path().join("agent"));
+    let v1 = vedette_tests::rule_dir(&tmp.path().join("v1"), "old_rule", "OLD-MARKER");
+    let v2 = vedette_tests::rule_dir(&tmp.path().join("v2"), "new_rule", "NEW-MARKER");
+    let on_version = |c: &Collector, v: u64| {
+        wait_for(
+            Duration::from_secs(30),
+            &format!("the agent on bundle {v}"),
+            || {
+                c.agents()
+                    .into_iter()
+                    .find(|a| a["bundle_version"] == v)
+                    .map(|_| ())
+            },
+        )
+    };
+    c.ctl_ok(&["rules", "publish", v1.to_str().unwrap()]);
+    agent.start(&["--watch", watch.to_str().unwrap()]);
+    on_version(&c, 1);
+    // What a collector knew when only version 1 existed: what it could replay later.
+    c.stop();
+    let snapshot = tmp.path().join("snapshot");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    copy_store(&c.dir, &snapshot);
+    c.start();
+    c.ctl_ok(&["rules", "publish", v2.to_str().unwrap()]);
+    on_version(&c, 2);
+
+    // The agent loses its bundle; its collector offers version 1 again.
+    agent.proc.as_mut().unwrap().signal_and_wait("TERM");
+    std::fs::remove_file(agent.state.join("bundle.bin")).unwrap();
+    c.stop();
+    copy_store(&snapshot, &c.dir);
+    c.start();
+    agent.start(&["--watch", watch.to_str().unwrap()]);
+    let row = wait_for(
+        Duration::from_secs(30),
+        "the replayed bundle refused",
+        || agent.info(&c).filter(|a| a["bundle_failed_version"] == 1),
+    );
+    let error = row["bundle_error"].as_str().unwrap_or_default().to_string();
+    assert!(
+        error.contains("older than version 2"),
+        "bundle_error: {error}"
+    );
+    assert!(
+        !agent.state.join("bundle.bin").exists(),
+        "the old bundle was saved"
+    );
+    assert_eq!(
+        std::fs::read_to_string(agent.state.join("bundle.highest"))
+            .unwrap()
+            .trim(),
+        "2"
+    );
+}

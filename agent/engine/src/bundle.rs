@@ -57,6 +57,10 @@ pub enum BundleError {
     UntrustedSigner(String),
     #[error("the bundle's signature does not match its content (altered after signing?)")]
     BadSignature,
+    #[error(
+        "the bundle is for the fleet whose CA has fingerprint `{bundle}`, not this one (`{here}`)"
+    )]
+    OtherFleet { bundle: String, here: String },
 }
 
 /// Why a key could not be read or made.
@@ -210,8 +214,47 @@ impl SigningKey {
         PublicKey(k)
     }
 
+    /// Signs encoded bundle content (under [`SIGNATURE_CONTEXT`]).
     pub fn sign(&self, content: &[u8]) -> Vec<u8> {
-        self.0.sign(content).as_ref().to_vec()
+        self.0.sign(&signed_message(content)).as_ref().to_vec()
+    }
+}
+
+/// What a bundle signature is made over comes after this: a signature over the same bytes for
+/// any other purpose is not a bundle signature.
+pub const SIGNATURE_CONTEXT: &[u8] = b"vedette rule bundle v1\0";
+
+fn signed_message(content: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(SIGNATURE_CONTEXT.len() + content.len());
+    m.extend_from_slice(SIGNATURE_CONTEXT);
+    m.extend_from_slice(content);
+    m
+}
+
+/// The fleet a CA certificate (PEM) stands for: SHA-256 of its first certificate, hex; the
+/// fingerprint agents pin at enrollment.
+pub fn fleet_of_ca_pem(pem_text: &str) -> Option<String> {
+    pem::parse_many(pem_text)
+        .ok()?
+        .into_iter()
+        .find(|p| p.tag() == "CERTIFICATE")
+        .map(|p| hex::encode(Sha256::digest(p.contents())))
+}
+
+/// Refuses content made for another fleet (`fleet`: the SHA-256 of this fleet's CA
+/// certificate, hex).
+pub fn check_fleet(content: &BundleContent, fleet: &str) -> Result<(), BundleError> {
+    if content.fleet.eq_ignore_ascii_case(fleet) {
+        Ok(())
+    } else {
+        Err(BundleError::OtherFleet {
+            bundle: if content.fleet.is_empty() {
+                "(none)".into()
+            } else {
+                content.fleet.clone()
+            },
+            here: fleet.to_string(),
+        })
     }
 }
 
@@ -303,7 +346,7 @@ pub fn verify(
         return Err(BundleError::UntrustedSigner(key.id()));
     }
     UnparsedPublicKey::new(&ED25519, key.0)
-        .verify(content, signature)
+        .verify(&signed_message(content), signature)
         .map_err(|_| BundleError::BadSignature)?;
     Ok(Some(key))
 }
@@ -406,7 +449,22 @@ mod tests {
                     data: b"d41d8cd98f00b204e9800998ecf8427e;empty\n".to_vec(),
                 },
             ],
+            fleet: String::new(),
         }
+    }
+
+    #[test]
+    fn a_bundle_for_another_fleet_is_refused() {
+        let mut c = content();
+        c.fleet = "ab".repeat(32);
+        assert!(check_fleet(&c, &"AB".repeat(32)).is_ok());
+        let e = check_fleet(&c, &"cd".repeat(32)).unwrap_err().to_string();
+        assert!(
+            e.contains(&"ab".repeat(32)) && e.contains(&"cd".repeat(32)),
+            "{e}"
+        );
+        c.fleet.clear();
+        assert!(check_fleet(&c, &"cd".repeat(32)).is_err());
     }
 
     #[test]
@@ -436,6 +494,12 @@ mod tests {
         assert!(matches!(
             verify(&bytes, &[], &[], &[public], false),
             Err(BundleError::Unsigned)
+        ));
+        // A signature over the bare content (no bundle context) is not a bundle signature.
+        let bare = key.0.sign(&bytes).as_ref().to_vec();
+        assert!(matches!(
+            verify(&bytes, &bare, &public.0, &[public], false),
+            Err(BundleError::BadSignature)
         ));
         assert!(verify(&bytes, &[], &[], &[public], true).unwrap().is_none());
     }

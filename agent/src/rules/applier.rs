@@ -60,6 +60,7 @@ impl ActiveRules {
             Ok(r) => r,
             Err(e) => return fail(e.to_string()),
         };
+        self.accepted(b.version);
         self.current.store(Arc::new(rules));
         self.applied.store(b.version, Ordering::Relaxed);
         self.rescan.notify_one();

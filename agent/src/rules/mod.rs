@@ -5,6 +5,11 @@
 //! the bundle's) → atomic swap (scans in flight finish on the set they started with) → saved as
 //! last-good in the state directory → reported. At start the last-good bundle is checked the
 //! same way, so an agent without its collector still runs the rules it last had.
+//!
+//! Bundles only move forward: the highest version ever accepted is kept in a file of its own
+//! (`bundle.highest`), so an older signed bundle replayed later (say after `bundle.bin` was
+//! lost) is refused. A rollback is published as a new, higher version. Each bundle names the
+//! fleet it is for (its CA's fingerprint), and a bundle for another fleet is refused.
 
 pub(crate) mod applier;
 
@@ -48,6 +53,12 @@ pub enum RulesError {
     VersionMismatch { envelope: u64, content: u64 },
     #[error("{count} problem(s) compiling the bundle: {shown}")]
     Compile { count: usize, shown: String },
+    #[error(
+        "version {version} is older than version {highest}, already accepted here: an old bundle replayed? (a rollback is published as a new version)"
+    )]
+    Older { version: u64, highest: u64 },
+    #[error("no fleet CA certificate in the state directory (`{0}`): is this agent enrolled?")]
+    NoFleet(PathBuf),
 }
 
 /// The rules this agent runs, and what it needs to take a new bundle.
@@ -56,6 +67,11 @@ pub struct ActiveRules {
     trusted: Vec<PublicKey>,
     allow_unsigned: bool,
     last_good: PathBuf,
+    /// The highest bundle version ever accepted here, kept apart from the bundle itself.
+    highest_file: PathBuf,
+    pub(crate) highest: AtomicU64,
+    /// The fleet CA's fingerprint (None: no CA, and so no bundle is accepted).
+    fleet: Option<String>,
     /// Compiled YARA rules of the last build, reused while the sources are unchanged.
     compiled: PathBuf,
     /// The rule set every scanner uses.
@@ -81,10 +97,24 @@ impl ActiveRules {
                 "no maintainer keys are trusted: rule bundles from the collector will be refused"
             );
         }
+        let highest_file = state.dir.join("bundle.highest");
+        let highest = match std::fs::read_to_string(&highest_file) {
+            Ok(text) => text.trim().parse::<u64>().unwrap_or_else(|_| {
+                warn!(path = %highest_file.display(), "damaged; the last-good bundle's version is used instead");
+                0
+            }),
+            Err(_) => 0,
+        };
+        let fleet_ca = std::fs::read_to_string(state.ca())
+            .ok()
+            .and_then(|pem| bundle::fleet_of_ca_pem(&pem));
         let mut fleet = ActiveRules {
             local,
             trusted,
             allow_unsigned,
+            highest_file,
+            highest: AtomicU64::new(highest),
+            fleet: fleet_ca,
             last_good: state.bundle(),
             compiled: state.dir.join("compiled-rules.bin"),
             current: Arc::new(ArcSwap::from_pointee(RuleSet::empty())),
@@ -103,6 +133,7 @@ impl ActiveRules {
                 Ok(r) => {
                     info!(version = content.version, name = %content.name, "running the last-good rule bundle");
                     fleet.applied.store(content.version, Ordering::Relaxed);
+                    fleet.highest.fetch_max(content.version, Ordering::Relaxed);
                     r
                 }
                 Err(e) => {
@@ -147,7 +178,31 @@ impl ActiveRules {
                 content: content.version,
             });
         }
+        let fleet = self
+            .fleet
+            .as_deref()
+            .ok_or_else(|| RulesError::NoFleet(self.last_good.with_file_name("ca.crt")))?;
+        bundle::check_fleet(&content, fleet)?;
+        let highest = self.highest.load(Ordering::Relaxed);
+        if content.version < highest {
+            return Err(RulesError::Older {
+                version: content.version,
+                highest,
+            });
+        }
         Ok(content)
+    }
+
+    /// Records `version` as accepted: lower ones are refused from now on, across restarts.
+    fn accepted(&self, version: u64) {
+        if self.highest.fetch_max(version, Ordering::Relaxed) >= version {
+            return;
+        }
+        if let Err(e) =
+            crate::state::write_atomic(&self.highest_file, version.to_string().as_bytes(), 0o600)
+        {
+            warn!(path = %self.highest_file.display(), error = %e, "cannot record the bundle version accepted");
+        }
     }
 
     /// Builds host-local rules plus the bundle. Problems in host-local files are logged (the

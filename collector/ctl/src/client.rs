@@ -52,6 +52,18 @@ impl CtlConfig {
         Ok(c)
     }
 
+    /// The fleet this configuration's CA stands for: what bundles are bound to.
+    pub fn fleet(&self) -> anyhow::Result<String> {
+        let pem = std::fs::read_to_string(&self.ca_cert).with_context(|| {
+            format!(
+                "cannot read the CA certificate `{}`",
+                self.ca_cert.display()
+            )
+        })?;
+        vedette_engine::bundle::fleet_of_ca_pem(&pem)
+            .with_context(|| format!("`{}` holds no certificate", self.ca_cert.display()))
+    }
+
     /// Connects to the collector with this operator's certificate.
     pub async fn client(&self) -> anyhow::Result<AdminServiceClient<Channel>> {
         let read = |p: &Path, what: &str| {

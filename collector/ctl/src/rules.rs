@@ -108,6 +108,7 @@ pub(crate) async fn send(
         .unwrap_or_else(|| "rules".into());
     content.created_at_ms = now_ms();
     content.publisher = opts.publisher();
+    content.fleet = cfg.fleet()?;
     let bytes = bundle::encode(&content);
     if bytes.len() > bundle::MAX_CONTENT_BYTES {
         bail!(

@@ -95,6 +95,8 @@ fn check_bundle(state: &State, req: &PublishBundleRequest) -> Result<BundleConte
     })?;
     let content =
         bundle::decode(&req.content).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    bundle::check_fleet(&content, &state.ca.fingerprint())
+        .map_err(|e| Status::permission_denied(e.to_string()))?;
     if let Err(problems) = bundle::validate(&content, false) {
         let list: Vec<String> = problems.iter().take(20).map(|p| p.to_string()).collect();
         return Err(Status::invalid_argument(format!(
