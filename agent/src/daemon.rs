@@ -121,8 +121,15 @@ pub async fn run(
         };
         start_prevention(&watch_roots, target)
     });
-    let (shipper, applier) =
-        start_delivery(&settings, creds, &rules, &spooled, &counters, &shutdown);
+    let (shipper, applier) = start_delivery(
+        &settings,
+        creds,
+        state.clone(),
+        &rules,
+        &spooled,
+        &counters,
+        &shutdown,
+    );
     let background = Background {
         exec_covered: events.exec_devices(&watch_roots, &settings),
         rules: rules.clone(),
@@ -159,6 +166,7 @@ pub async fn run(
 fn start_delivery(
     settings: &Settings,
     creds: Credentials,
+    state: StateDir,
     rules: &Arc<ActiveRules>,
     spooled: &Arc<Spooled>,
     counters: &Arc<Counters>,
@@ -177,7 +185,7 @@ fn start_delivery(
         statuses,
     };
     let shipper = Shipper::new(
-        ship_config(settings, creds),
+        ship_config(settings, creds, state),
         spooled.clone(),
         link,
         counters.clone(),
@@ -377,7 +385,7 @@ fn canonical(paths: &[PathBuf], what: &str) -> anyhow::Result<Vec<PathBuf>> {
         .collect()
 }
 
-fn ship_config(settings: &Settings, creds: Credentials) -> ShipConfig {
+fn ship_config(settings: &Settings, creds: Credentials, state: StateDir) -> ShipConfig {
     let collectors = if settings.collectors.is_empty() {
         creds.enrollment.collectors.clone()
     } else {
@@ -394,6 +402,7 @@ fn ship_config(settings: &Settings, creds: Credentials) -> ShipConfig {
         backoff_min: Duration::from_millis(500),
         backoff_max: settings.backoff_max,
         drain: Duration::from_secs(5),
+        renew_in: Some(state),
     }
 }
 

@@ -127,12 +127,62 @@ impl StateDir {
         self.cert().exists() && self.enrollment().exists()
     }
 
+    /// Replaces the key and certificate with renewed ones. Both are written beside the old
+    /// ones first; the key is renamed into place, then the certificate. A stop between the two
+    /// renames is finished by [`load`](Self::load), one before them leaves the old pair.
+    pub fn replace_credentials(&self, cert_pem: &str, key_pem: &str) -> Result<(), StateError> {
+        let (new_key, new_cert) = (
+            self.key().with_extension("key.new"),
+            self.cert().with_extension("crt.new"),
+        );
+        write_atomic(&new_cert, cert_pem.as_bytes(), 0o644)?;
+        write_atomic(&new_key, key_pem.as_bytes(), 0o600)?;
+        fs::rename(&new_key, self.key()).map_err(|source| StateError::Write {
+            path: self.key(),
+            source,
+        })?;
+        fs::rename(&new_cert, self.cert()).map_err(|source| StateError::Write {
+            path: self.cert(),
+            source,
+        })?;
+        if let Ok(d) = fs::File::open(&self.dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+
+    /// Finishes or forgets a renewal a stop interrupted (see
+    /// [`replace_credentials`](Self::replace_credentials)).
+    fn finish_renewal(&self) -> Result<(), StateError> {
+        let (new_key, new_cert) = (
+            self.key().with_extension("key.new"),
+            self.cert().with_extension("crt.new"),
+        );
+        match (new_key.exists(), new_cert.exists()) {
+            // The new key is in place already: its certificate must follow.
+            (false, true) => {
+                fs::rename(&new_cert, self.cert()).map_err(|source| StateError::Write {
+                    path: self.cert(),
+                    source,
+                })
+            }
+            // Nothing was renamed: the old pair is whole.
+            (true, _) => {
+                let _ = fs::remove_file(&new_key);
+                let _ = fs::remove_file(&new_cert);
+                Ok(())
+            }
+            (false, false) => Ok(()),
+        }
+    }
+
     /// Loads everything `run` needs; fails closed with the file at fault.
     pub fn load(&self) -> Result<Credentials, StateError> {
         if !self.is_enrolled() {
             return Err(StateError::NotEnrolled(self.dir.clone()));
         }
         self.check_private()?;
+        self.finish_renewal()?;
         let text = read(&self.enrollment())?;
         let enrollment: Enrollment =
             toml::from_str(&text).map_err(|source| StateError::Invalid {

@@ -48,6 +48,33 @@ impl Identity {
             .ok_or_else(|| Status::permission_denied("the client certificate names no identity"))
     }
 
+    /// What the store records of a certificate (DER) seen or issued at `now_ms`.
+    pub fn cert_row(der: &[u8], now_ms: i64) -> Option<crate::store::CertRow> {
+        let id = Identity::from_der(der)?;
+        let (_, cert) = X509Certificate::from_der(der).ok()?;
+        let (kind, subject, roles) = match id {
+            Identity::Agent(id) => ("agent", id, String::new()),
+            Identity::Client { name, roles } => (
+                "client",
+                name,
+                roles
+                    .iter()
+                    .map(|r| r.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+        };
+        Some(crate::store::CertRow {
+            serial: hex::encode(cert.raw_serial()),
+            kind: kind.into(),
+            subject,
+            roles,
+            not_after_ms: cert.validity().not_after.timestamp().saturating_mul(1000),
+            recorded_at_ms: now_ms,
+            revoked_at_ms: 0,
+        })
+    }
+
     fn from_der(der: &[u8]) -> Option<Identity> {
         let (_, cert) = X509Certificate::from_der(der).ok()?;
         let san = cert.subject_alternative_name().ok()??;

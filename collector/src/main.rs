@@ -47,6 +47,7 @@ fn main() -> ExitCode {
                 match pki::issue_files(&config.ca_cert, &config.ca_key, &name, &roles, &out) {
                     Ok((crt, key)) => {
                         println!("wrote {} and {} (0600)", crt.display(), key.display());
+                        record_issued(&config, &crt);
                         ExitCode::SUCCESS
                     }
                     Err(e) => fail(&format!("{e:#}"), exit::FAILURE),
@@ -60,5 +61,29 @@ fn main() -> ExitCode {
                 server::run_until_signal(config)
             }
         },
+    }
+}
+
+/// Records a certificate just issued in the store, for `vedettectl certs list`; a failure is a
+/// warning (the collector records a certificate at its first use anyway).
+fn record_issued(config: &Config, crt: &std::path::Path) {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let row = std::fs::read(crt).ok().and_then(|pem| {
+        let der = CertificateDer::from_pem_slice(&pem).ok()?;
+        vedette_collector::identity::Identity::cert_row(der.as_ref(), vedette_proto::now_ms())
+    });
+    let Some(row) = row else {
+        eprintln!("warning: cannot read back `{}` to record it", crt.display());
+        return;
+    };
+    println!("serial number {}", row.serial);
+    let recorded = vedette_collector::store::open(&config.store)
+        .map_err(|e| e.to_string())
+        .and_then(|store| store.record_cert(&row).map_err(|e| e.to_string()));
+    if let Err(e) = recorded {
+        eprintln!(
+            "warning: the certificate is not recorded in the store ({e}); the collector records it at its first use"
+        );
     }
 }

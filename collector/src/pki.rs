@@ -219,8 +219,9 @@ fn set_validity(params: &mut CertificateParams, validity: Duration) {
     serial[0] = (serial[0] & 0x7f) | 0x40;
     params.serial_number = Some(SerialNumber::from_slice(&serial));
     let now = OffsetDateTime::now_utc();
-    // Tolerate a little clock skew between the collector and its peers.
-    params.not_before = now - Duration::hours(1);
+    // Tolerate a little clock skew between the collector and its peers: an hour, or a tenth
+    // of a short lifetime.
+    params.not_before = now - std::cmp::min(validity / 10_i32, Duration::hours(1));
     params.not_after = now + validity;
 }
 

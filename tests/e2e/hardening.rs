@@ -628,3 +628,118 @@ fn an_old_signed_bundle_replayed_after_the_agent_lost_its_bundle_is_refused() {
         "2"
     );
 }
+
+/// The serial number `vedettectl certs list` shows for `subject`'s certificates.
+fn certs_of(c: &Collector, subject: &str) -> Vec<serde_json::Value> {
+    json_lines(&c.ctl_ok(&["certs", "list", "--json"]))
+        .into_iter()
+        .filter(|r| r["subject"] == subject)
+        .collect()
+}
+
+#[test]
+fn agents_renew_their_certificates_and_a_revoked_operator_certificate_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = Collector::init(&tmp.path().join("collector"));
+    set_limits(&c, "agent_cert_lifetime = \"30s\"");
+    c.start();
+    let watch = tmp.path().join("watch");
+    std::fs::create_dir_all(&watch).unwrap();
+    let rules = vedette_tests::rule_dir(&tmp.path().join("rules"), "probe", "PROBE-MARKER");
+    let mut agent = vedette_tests::Agent::enroll(&c, &tmp.path().join("agent"));
+    let first = agent.file("agent.crt");
+    let enrolled = std::time::Instant::now();
+    let config = tmp.path().join("agent.toml");
+    std::fs::write(&config, "heartbeat = \"1s\"\n").unwrap();
+    agent.run(
+        &c,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--watch",
+            watch.to_str().unwrap(),
+            "--rules",
+            rules.to_str().unwrap(),
+        ],
+    );
+    // Renewed at two thirds of its 30 s (plus 3 s backdated): about 17 s after enrollment.
+    wait_for(
+        Duration::from_secs(40),
+        "the agent certificate renewed",
+        || (agent.file("agent.crt") != first).then_some(()),
+    );
+    let mode = std::fs::metadata(agent.state.join("agent.key"))
+        .unwrap()
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+    // Past the first certificate's end, the agent still delivers.
+    wait_for(
+        Duration::from_secs(40),
+        "the first certificate expired",
+        || (enrolled.elapsed() > Duration::from_secs(32)).then_some(()),
+    );
+    detection_latencies(&c, &agent.id, &watch, 1);
+    let certs = certs_of(&c, &agent.id);
+    assert!(certs.len() >= 2, "{certs:?}");
+    assert!(certs.iter().all(|r| r["kind"] == "agent"), "{certs:?}");
+
+    // An operator certificate issued, used, revoked: refused from then on.
+    let out = std::process::Command::new(vedette_tests::bin("vedette-collector"))
+        .args(["certs", "issue", "--config"])
+        .arg(c.dir.join("collector.toml"))
+        .args(["--name", "mallory", "--role", "operator", "--out"])
+        .arg(c.dir.join("mallory"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mallory = c.dir.join("mallory.toml");
+    std::fs::write(
+        &mallory,
+        format!(
+            "collector = \"{}\"\nca_cert = \"ca.crt\"\ncert = \"mallory.crt\"\nkey = \"mallory.key\"\n",
+            c.addr
+        ),
+    )
+    .unwrap();
+    let as_mallory = || {
+        std::process::Command::new(vedette_tests::bin("vedettectl"))
+            .arg("--config")
+            .arg(&mallory)
+            .args(["agents", "list"])
+            .output()
+            .unwrap()
+    };
+    assert!(as_mallory().status.success());
+    let listed = certs_of(&c, "mallory");
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["revoked"], false);
+    let serial = listed[0]["serial"].as_str().unwrap().to_string();
+    let out = c.ctl_ok(&[
+        "certs",
+        "revoke",
+        "--cert",
+        c.dir.join("mallory.crt").to_str().unwrap(),
+    ]);
+    assert!(out.contains(&serial) && out.contains("mallory"), "{out}");
+    let refused = as_mallory();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("revoked"),
+        "{err}"
+    );
+    assert_eq!(certs_of(&c, "mallory")[0]["revoked"], true);
+    // Refused again after a restart: the revocation is in the store.
+    c.stop();
+    c.start();
+    let err = String::from_utf8_lossy(&as_mallory().stderr).into_owned();
+    assert!(err.contains("revoked"), "{err}");
+    // The operator who revoked it is not affected.
+    c.ctl_ok(&["agents", "list"]);
+}

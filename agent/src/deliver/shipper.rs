@@ -65,6 +65,9 @@ pub struct ShipConfig {
     pub backoff_max: Duration,
     /// How long shutdown waits for the last acks (what is left stays spooled for the next start).
     pub drain: Duration,
+    /// Where the agent's certificate is renewed into, once two thirds of its life passed
+    /// (None: never renewed).
+    pub renew_in: Option<crate::state::StateDir>,
 }
 
 /// The shipper's side of rule bundles: it offers what the collector pushes, reports what the
@@ -80,6 +83,8 @@ pub struct BundleLink {
 enum End {
     Shutdown,
     Lost(String),
+    /// The certificate is due for renewal: reconnect at once, renewing first.
+    Renew,
 }
 
 /// A batch on the wire.
@@ -142,6 +147,7 @@ impl Shipper {
             let addr = self.cfg.collectors[attempt % self.cfg.collectors.len()].clone();
             attempt += 1;
             self.counters.inc(Counter::ConnectAttempts);
+            self.renew_if_due(&addr).await;
             let applied = self.bundles.rules.applied.load(Ordering::Relaxed);
             let end = match open(&self.cfg, &addr, applied).await {
                 Ok((up, down)) => {
@@ -154,6 +160,9 @@ impl Shipper {
                 }
                 Err(e) => End::Lost(e),
             };
+            if end == End::Renew {
+                continue;
+            }
             if let End::Lost(e) = end {
                 if last_error.as_deref() != Some(e.as_str()) {
                     let what = if connected_once {
@@ -178,6 +187,37 @@ impl Shipper {
                 () = tokio::time::sleep(sleep) => {}
             }
             backoff = (backoff * 2).min(self.cfg.backoff_max);
+        }
+    }
+
+    /// Whether this agent's certificate has lived two thirds of its life.
+    fn renewal_due(&self) -> bool {
+        self.cfg.renew_in.is_some()
+            && self
+                .cfg
+                .tls
+                .identity
+                .as_ref()
+                .is_some_and(|(cert, _)| renewal_due(cert, std::time::SystemTime::now()))
+    }
+
+    /// Renews the certificate over mutual TLS when it is due; on failure the current one is
+    /// kept (and tried again at the next connection).
+    async fn renew_if_due(&mut self, addr: &str) {
+        if !self.renewal_due() {
+            return;
+        }
+        let Some(state) = self.cfg.renew_in.clone() else {
+            return;
+        };
+        match renew(&self.cfg.tls, addr, &state).await {
+            Ok(tls) => {
+                info!(collector = %addr, "agent certificate renewed");
+                self.cfg.tls = tls;
+            }
+            Err(e) => {
+                warn!(collector = %addr, error = %e, "cannot renew the agent certificate; keeping the current one")
+            }
         }
     }
 
@@ -252,7 +292,11 @@ impl Shipper {
                 }
                 _ = s.heartbeat.tick() => {
                     self.heartbeat(&up);
-                    Ok(())
+                    if !draining && self.renewal_due() {
+                        Err(End::Renew)
+                    } else {
+                        Ok(())
+                    }
                 }
                 () = shutdown.cancelled(), if !draining => Ok(()),
                 () = tokio::time::sleep(Duration::from_millis(100)), if draining => Ok(()),
@@ -373,6 +417,59 @@ impl Shipper {
     }
 }
 
+/// Whether a certificate (PEM) at `now` has lived two thirds of its validity.
+fn renewal_due(cert_pem: &str, now: std::time::SystemTime) -> bool {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let Some(block) = pem::parse_many(cert_pem)
+        .ok()
+        .and_then(|b| b.into_iter().find(|b| b.tag() == "CERTIFICATE"))
+    else {
+        return false;
+    };
+    let Ok((_, cert)) = X509Certificate::from_der(block.contents()) else {
+        return false;
+    };
+    let (from, to) = (
+        cert.validity().not_before.timestamp(),
+        cert.validity().not_after.timestamp(),
+    );
+    let now = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    now >= from + (to - from) * 2 / 3
+}
+
+/// Asks the collector for a certificate for a new key, and puts both in place.
+async fn renew(
+    tls: &ClientTls,
+    addr: &str,
+    state: &crate::state::StateDir,
+) -> Result<ClientTls, String> {
+    let key = rcgen::KeyPair::generate().map_err(|e| format!("cannot make a key: {e}"))?;
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .and_then(|c| c.pem())
+        .map_err(|e| format!("cannot make a certificate request: {e}"))?;
+    let channel = connect(addr, tls).await.map_err(|e| error_chain(&e))?;
+    let response = AgentServiceClient::new(channel)
+        .renew(vedette_proto::v1::RenewRequest { csr_pem: csr })
+        .await
+        .map_err(|s| format!("{}: {}", s.code(), s.message()))?
+        .into_inner();
+    let key_pem = key.serialize_pem();
+    let (state, cert) = (state.clone(), response.certificate_pem.clone());
+    let k = key_pem.clone();
+    tokio::task::spawn_blocking(move || state.replace_credentials(&cert, &k))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok(ClientTls {
+        ca_pem: tls.ca_pem.clone(),
+        identity: Some((response.certificate_pem, key_pem)),
+    })
+}
+
 /// Opens the stream and sends Hello.
 async fn open(
     cfg: &ShipConfig,
@@ -458,6 +555,7 @@ mod tests {
             backoff_min: Duration::from_millis(10),
             backoff_max: Duration::from_millis(10),
             drain: Duration::from_secs(5),
+            renew_in: None,
         };
         let counters = Arc::new(Counters::default());
         let link = BundleLink {

@@ -38,6 +38,9 @@ pub enum Command {
     /// Stored detections.
     #[command(subcommand)]
     Detections(DetectionsCmd),
+    /// Certificates of agents, operators and maintainers: list them, revoke one.
+    #[command(subcommand)]
+    Certs(CertsCmd),
     /// Rule bundles: publish signed YARA rules and indicators to every agent.
     #[command(subcommand)]
     Rules(RulesCmd),
@@ -183,6 +186,26 @@ pub enum TokenCmd {
         /// How many agents may enroll with it.
         #[arg(long, default_value_t = 1)]
         uses: u32,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum CertsCmd {
+    /// List the certificates the collector issued or saw in use, with their serial numbers.
+    List {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a certificate: every request made with it is refused from now on. For an agent,
+    /// `agents revoke` also closes its stream and refuses it for good.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["serial", "cert"])))]
+    Revoke {
+        /// The serial number (hex, as `certs list` shows it).
+        serial: Option<String>,
+        /// Or the certificate file (PEM) to revoke.
+        #[arg(long, value_name = "FILE")]
+        cert: Option<std::path::PathBuf>,
     },
 }
 

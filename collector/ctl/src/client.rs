@@ -14,8 +14,8 @@ use vedette_proto::client::{ClientTls, connect};
 use vedette_proto::limits::MAX_MESSAGE_BYTES;
 use vedette_proto::v1::admin_service_client::AdminServiceClient;
 use vedette_proto::v1::{
-    AgentInfo, CreateTokenRequest, ListAgentsRequest, ListDetectionsRequest, RevokeAgentRequest,
-    StoredDetection,
+    AgentInfo, CertInfo, CreateTokenRequest, ListAgentsRequest, ListCertsRequest,
+    ListDetectionsRequest, RevokeAgentRequest, RevokeCertRequest, StoredDetection,
 };
 
 /// `vedettectl.toml`. Relative paths are relative to the file's directory.
@@ -218,4 +218,52 @@ pub fn agent_state(a: &AgentInfo) -> &'static str {
     } else {
         "disconnected"
     }
+}
+
+pub async fn certs_list(cfg: &CtlConfig) -> anyhow::Result<Vec<CertInfo>> {
+    let mut c = cfg.client().await?;
+    let r = c
+        .list_certs(ListCertsRequest {})
+        .await
+        .map_err(status_error)?;
+    Ok(r.into_inner().certs)
+}
+
+pub async fn certs_revoke(cfg: &CtlConfig, serial: &str) -> anyhow::Result<(bool, CertInfo)> {
+    let mut c = cfg.client().await?;
+    let r = c
+        .revoke_cert(RevokeCertRequest {
+            serial: serial.to_string(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    Ok((r.revoked, r.cert.unwrap_or_default()))
+}
+
+/// The serial number (hex) of the certificate in a PEM file.
+pub fn serial_of_file(path: &Path) -> anyhow::Result<String> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read `{}`", path.display()))?;
+    let block = pem::parse_many(&text)
+        .ok()
+        .and_then(|blocks| blocks.into_iter().find(|b| b.tag() == "CERTIFICATE"))
+        .with_context(|| format!("`{}` holds no PEM certificate", path.display()))?;
+    let (_, cert) = X509Certificate::from_der(block.contents())
+        .map_err(|e| anyhow::anyhow!("`{}`: not a readable certificate: {e}", path.display()))?;
+    Ok(hex::encode(cert.raw_serial()))
+}
+
+pub fn cert_json(c: &CertInfo) -> serde_json::Value {
+    json!({
+        "serial": c.serial,
+        "kind": c.kind,
+        "subject": c.subject,
+        "roles": c.roles,
+        "not_after": rfc3339_ms(c.not_after_ms),
+        "recorded_at": rfc3339_ms(c.recorded_at_ms),
+        "revoked": c.revoked_at_ms != 0,
+        "revoked_at": (c.revoked_at_ms != 0).then(|| rfc3339_ms(c.revoked_at_ms)),
+    })
 }

@@ -5,7 +5,8 @@ use vedette_proto::output::{printable, rfc3339_ms, stored_json, stored_line};
 use vedette_proto::export;
 
 use crate::args::{
-    AgentsCmd, Command, DetectionsCmd, ExportFormat, IntelCmd, RulesCmd, SignArgs, TokenCmd,
+    AgentsCmd, CertsCmd, Command, DetectionsCmd, ExportFormat, IntelCmd, RulesCmd, SignArgs,
+    TokenCmd,
 };
 use crate::client::{self, CtlConfig};
 use crate::rules::{self, PublishOptions};
@@ -58,6 +59,52 @@ pub async fn run(command: Command, cfg: CtlConfig) -> anyhow::Result<()> {
                 println!("revoked {id}; its open stream was closed");
             } else {
                 println!("revoked {id}");
+            }
+        }
+        Command::Certs(CertsCmd::List { json }) => {
+            let certs = client::certs_list(&cfg).await?;
+            if json {
+                for c in &certs {
+                    println!("{}", client::cert_json(c));
+                }
+            } else {
+                println!(
+                    "{:<32}  {:<6}  {:<36}  {:<20}  {:<24}  REVOKED",
+                    "SERIAL", "KIND", "SUBJECT", "ROLES", "EXPIRES"
+                );
+                for c in &certs {
+                    println!(
+                        "{:<32}  {:<6}  {:<36}  {:<20}  {:<24}  {}",
+                        c.serial,
+                        printable(&c.kind),
+                        printable(&c.subject),
+                        printable(&c.roles.join(",")),
+                        rfc3339_ms(c.not_after_ms),
+                        if c.revoked_at_ms == 0 {
+                            "-".to_string()
+                        } else {
+                            rfc3339_ms(c.revoked_at_ms)
+                        }
+                    );
+                }
+            }
+        }
+        Command::Certs(CertsCmd::Revoke { serial, cert }) => {
+            let serial = match (serial, cert) {
+                (Some(s), _) => s,
+                (None, Some(path)) => client::serial_of_file(&path)?,
+                (None, None) => anyhow::bail!("give a serial number or --cert FILE"),
+            };
+            let (newly, info) = client::certs_revoke(&cfg, &serial).await?;
+            let who = if info.subject.is_empty() {
+                String::from("a certificate this collector never saw")
+            } else {
+                format!("{} `{}`", info.kind, printable(&info.subject))
+            };
+            if newly {
+                println!("revoked {} ({who})", info.serial);
+            } else {
+                println!("{} ({who}) was revoked already", info.serial);
             }
         }
         Command::Keys(_) => {}

@@ -10,11 +10,12 @@ use vedette_engine::bundle::{self, BundleError};
 use vedette_proto::v1::admin_service_server::AdminService;
 use vedette_proto::v1::{
     AgentBundleState, AgentInfo, BundleContent, BundleInfo, BundleRolloutRequest,
-    BundleRolloutResponse, CreateTokenRequest, CreateTokenResponse, GetBundleRequest,
+    BundleRolloutResponse, CertInfo, CreateTokenRequest, CreateTokenResponse, GetBundleRequest,
     GetBundleResponse, IntelSource, IntelStatusRequest, IntelStatusResponse, ListAgentsRequest,
-    ListAgentsResponse, ListBundlesRequest, ListBundlesResponse, ListDetectionsRequest,
-    ListDetectionsResponse, ListIntelRequest, ListIntelResponse, PublishBundleRequest,
-    PublishBundleResponse, RevokeAgentRequest, RevokeAgentResponse, StageIntelRequest,
+    ListAgentsResponse, ListBundlesRequest, ListBundlesResponse, ListCertsRequest,
+    ListCertsResponse, ListDetectionsRequest, ListDetectionsResponse, ListIntelRequest,
+    ListIntelResponse, PublishBundleRequest, PublishBundleResponse, RevokeAgentRequest,
+    RevokeAgentResponse, RevokeCertRequest, RevokeCertResponse, StageIntelRequest,
     StageIntelResponse,
 };
 
@@ -116,8 +117,71 @@ async fn announce(state: &super::State, event: StoreEvent) {
     }
 }
 
+fn cert_info(c: &crate::store::CertRow) -> CertInfo {
+    CertInfo {
+        serial: c.serial.clone(),
+        kind: c.kind.clone(),
+        subject: c.subject.clone(),
+        roles: c
+            .roles
+            .split(',')
+            .filter(|r| !r.is_empty())
+            .map(String::from)
+            .collect(),
+        not_after_ms: c.not_after_ms,
+        recorded_at_ms: c.recorded_at_ms,
+        revoked_at_ms: c.revoked_at_ms,
+    }
+}
+
+/// A serial number as given (hex, any case, colons allowed), as stored: lowercase hex.
+fn normalise_serial(s: &str) -> Result<String, Status> {
+    let hex: String = s
+        .trim()
+        .chars()
+        .filter(|c| *c != ':')
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    if hex.is_empty() || hex.len() > 40 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(Status::invalid_argument(format!(
+            "`{}` is not a certificate serial number (hex, at most 20 bytes)",
+            s.chars().take(64).collect::<String>()
+        )));
+    }
+    Ok(hex)
+}
+
 #[tonic::async_trait]
 impl AdminService for AdminSvc {
+    async fn list_certs(
+        &self,
+        request: Request<ListCertsRequest>,
+    ) -> Result<Response<ListCertsResponse>, Status> {
+        self.operator(&request)?;
+        let rows = blocking(&self.state.store, |s| s.list_certs()).await?;
+        Ok(Response::new(ListCertsResponse {
+            certs: rows.iter().map(cert_info).collect(),
+        }))
+    }
+
+    async fn revoke_cert(
+        &self,
+        request: Request<RevokeCertRequest>,
+    ) -> Result<Response<RevokeCertResponse>, Status> {
+        let who = self.operator(&request)?;
+        let serial = normalise_serial(&request.get_ref().serial)?;
+        let s = serial.clone();
+        let (newly, row) =
+            blocking(&self.state.store, move |st| st.revoke_cert(&s, now_ms())).await?;
+        self.state.revoke_cert_here(&serial);
+        announce(&self.state, StoreEvent::CertRevoked(serial.clone())).await;
+        info!(by = %who, serial = %serial, subject = %row.subject, "certificate revoked");
+        Ok(Response::new(RevokeCertResponse {
+            revoked: newly,
+            cert: Some(cert_info(&row)),
+        }))
+    }
+
     async fn stage_intel(
         &self,
         request: Request<StageIntelRequest>,

@@ -23,7 +23,7 @@ use vedette_proto::v1::agent_service_server::AgentService;
 use vedette_proto::v1::collector_message::Msg as DownMsg;
 use vedette_proto::v1::{
     Ack, AgentMessage, CollectorMessage, Detection, DetectionBatch, EnrollRequest, EnrollResponse,
-    Heartbeat, Hello, Inventory, RuleBundle, detection,
+    Heartbeat, Hello, Inventory, RenewRequest, RenewResponse, RuleBundle, detection,
 };
 
 use super::{State, blocking};
@@ -47,6 +47,23 @@ pub struct AgentSvc {
 impl AgentSvc {
     pub(super) fn new(state: Arc<State>) -> Self {
         AgentSvc { state }
+    }
+}
+
+/// Records a certificate just issued (a failure is logged: the certificate still works, and
+/// `certs revoke` takes serials the store never saw).
+async fn record_issued(state: &State, cert_pem: &str) {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let Some(row) = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .ok()
+        .and_then(|der| Identity::cert_row(der.as_ref(), now_ms()))
+    else {
+        return;
+    };
+    let serial = row.serial.clone();
+    if let Err(e) = blocking(&state.store, move |s| s.record_cert(&row)).await {
+        warn!(serial = %serial, error = %e.message(), "cannot record the certificate issued");
     }
 }
 
@@ -94,6 +111,7 @@ impl AgentService for AgentSvc {
             return Err(Status::permission_denied(e.to_string()));
         }
         info!(agent = %agent_id, hostname = %req.hostname, "agent enrolled");
+        record_issued(&self.state, &cert_pem).await;
         Ok(Response::new(EnrollResponse {
             agent_id,
             certificate_pem: cert_pem,
@@ -104,6 +122,32 @@ impl AgentService for AgentSvc {
                 .iter()
                 .map(|k| k.0.to_vec())
                 .collect(),
+        }))
+    }
+
+    async fn renew(
+        &self,
+        request: Request<RenewRequest>,
+    ) -> Result<Response<RenewResponse>, Status> {
+        let agent_id = Identity::of(&request)?.require_agent()?;
+        let req = request.into_inner();
+        if req.csr_pem.len() > MAX_CSR_BYTES {
+            return Err(Status::invalid_argument("certificate request too large"));
+        }
+        let id = agent_id.clone();
+        match blocking(&self.state.store, move |s| s.agent(&id)).await? {
+            Some(r) if !r.revoked => {}
+            _ => return Err(Status::permission_denied("this agent has been revoked")),
+        }
+        let cert_pem = self
+            .state
+            .ca
+            .sign_agent_csr(&req.csr_pem, &agent_id, self.state.agent_cert_lifetime)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        record_issued(&self.state, &cert_pem).await;
+        info!(agent = %agent_id, "agent certificate renewed");
+        Ok(Response::new(RenewResponse {
+            certificate_pem: cert_pem,
         }))
     }
 

@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http_body::{Frame, SizeHint};
@@ -15,34 +16,72 @@ use tonic::codegen::{Bytes, Service, http};
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use vedette_proto::limits::MAX_ENROLL_BYTES;
 
+use super::State;
+
 /// The one call allowed without a client certificate.
 pub const ENROLL_PATH: &str = "/vedette.v1.AgentService/Enroll";
 /// The gRPC frame header (compression flag and length) in front of the message.
 const GRPC_FRAME_HEADER: usize = 5;
 
 /// Wraps the gRPC router in a [`Guard`].
-#[derive(Debug, Clone)]
-pub struct GuardLayer;
+#[derive(Clone)]
+pub struct GuardLayer {
+    pub state: Arc<State>,
+}
 
 impl<S> tower_layer::Layer<S> for GuardLayer {
     type Service = Guard<S>;
 
     fn layer(&self, inner: S) -> Guard<S> {
-        Guard { inner }
+        Guard {
+            inner,
+            state: self.state.clone(),
+        }
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Guard<S> {
     inner: S,
+    state: Arc<State>,
 }
 
-/// Whether the connection a request came on presented a (verified) client certificate.
-fn certified<B>(req: &http::Request<B>) -> bool {
+/// The (verified) client certificate of the connection a request came on, DER.
+fn client_cert<B>(req: &http::Request<B>) -> Option<Vec<u8>> {
     req.extensions()
         .get::<TlsConnectInfo<TcpConnectInfo>>()
         .and_then(|info| info.peer_certs())
-        .is_some_and(|certs| !certs.is_empty())
+        .and_then(|certs| certs.first().map(|c| c.as_ref().to_vec()))
+}
+
+/// Refuses a revoked certificate; records a client certificate the first time it is seen, so
+/// that `certs list` shows certificates issued before records were kept.
+fn check_cert(state: &Arc<State>, der: &[u8]) -> Result<(), Status> {
+    let Some(serial) = crate::pki::serial_hex(der) else {
+        return Err(Status::permission_denied("unreadable client certificate"));
+    };
+    if state.cert_revoked(&serial) {
+        return Err(Status::permission_denied(format!(
+            "this certificate (serial {serial}) has been revoked"
+        )));
+    }
+    let first = state
+        .seen_certs
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(serial);
+    if first
+        && let Some(row) = crate::identity::Identity::cert_row(der, crate::store::now_ms())
+        && row.kind == "client"
+    {
+        let store = state.store.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.record_cert(&row) {
+                tracing::warn!(error = %e, serial = %row.serial, "cannot record a client certificate");
+            }
+        });
+    }
+    Ok(())
 }
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
@@ -62,7 +101,11 @@ where
     }
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        if certified(&req) {
+        if let Some(der) = client_cert(&req) {
+            if let Err(refused) = check_cert(&self.state, &der) {
+                let refused = refused.into_http();
+                return Box::pin(async move { Ok(refused) });
+            }
             return Box::pin(self.inner.call(req));
         }
         if req.uri().path() != ENROLL_PATH {

@@ -7,7 +7,7 @@ mod guard;
 mod throttle;
 pub mod tls;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -54,9 +54,28 @@ pub(crate) struct State {
     pub throttle: throttle::Throttle,
     /// Lifetime of agent certificates, at enrollment and renewal.
     pub agent_cert_lifetime: std::time::Duration,
+    /// Serial numbers (hex) of revoked certificates: refused on every request.
+    pub revoked_certs: std::sync::RwLock<HashSet<String>>,
+    /// Serial numbers of client certificates already recorded by this collector.
+    pub seen_certs: Mutex<HashSet<String>>,
 }
 
 impl State {
+    /// Refuses the certificate with this serial from now on, on this collector.
+    pub(crate) fn revoke_cert_here(&self, serial: &str) {
+        self.revoked_certs
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(serial.to_string());
+    }
+
+    pub(crate) fn cert_revoked(&self, serial: &str) -> bool {
+        self.revoked_certs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(serial)
+    }
+
     fn streams(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, CancellationToken)>> {
         self.streams.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -194,7 +213,9 @@ pub async fn serve(
         // An agent needs one stream; vedettectl one call at a time.
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .http2_max_header_list_size(Some(16 * 1024))
-        .layer(guard::GuardLayer)
+        .layer(guard::GuardLayer {
+            state: state.clone(),
+        })
         .add_service(agent_svc)
         .add_service(admin_svc)
         .serve_with_incoming_shutdown(
@@ -227,6 +248,13 @@ async fn open_state(config: &Config, shutdown: CancellationToken) -> anyhow::Res
             .context("cannot read the latest bundle")?
     };
     let (bundle, _) = watch::channel(latest.map(|b| Arc::new(rule_bundle(&b))));
+    let revoked = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.revoked_serials())
+            .await
+            .context("store task failed")?
+            .context("cannot read the revoked certificates")?
+    };
     if config.maintainer_keys.is_empty() && !config.insecure_allow_unsigned_bundles {
         warn!("no maintainer_keys configured: rule bundles cannot be published");
     }
@@ -243,6 +271,8 @@ async fn open_state(config: &Config, shutdown: CancellationToken) -> anyhow::Res
             config.limits.agent_messages_per_second,
         ),
         agent_cert_lifetime: config.limits.agent_cert_lifetime,
+        revoked_certs: std::sync::RwLock::new(revoked.into_iter().collect()),
+        seen_certs: Mutex::new(HashSet::new()),
         streams: Mutex::new(HashMap::new()),
         shutdown,
         tasks: TaskTracker::new(),
@@ -265,8 +295,16 @@ fn follow_other_collectors(state: &Arc<State>) -> anyhow::Result<()> {
             match event {
                 StoreEvent::Bundle(version) => newer_bundle(&state, version).await,
                 StoreEvent::Revoked(agent) => close_stream(&state, &agent),
+                StoreEvent::CertRevoked(serial) => {
+                    state.revoke_cert_here(&serial);
+                }
                 StoreEvent::Resync => {
                     newer_bundle(&state, 0).await;
+                    if let Ok(serials) = blocking(&state.store, |s| s.revoked_serials()).await {
+                        for serial in serials {
+                            state.revoke_cert_here(&serial);
+                        }
+                    }
                     let open: Vec<String> = state.streams().keys().cloned().collect();
                     let Ok(agents) = blocking(&state.store, |s| s.list_agents()).await else {
                         continue;

@@ -98,6 +98,8 @@ pub enum StoreEvent {
     Bundle(u64),
     /// This agent was revoked: whoever holds its stream closes it.
     Revoked(String),
+    /// The certificate with this serial number (hex) was revoked.
+    CertRevoked(String),
     /// Events may have been missed (the listening connection was re-made): compare what is
     /// held with the store.
     Resync,
@@ -108,6 +110,7 @@ impl StoreEvent {
         match self {
             StoreEvent::Bundle(v) => format!("bundle:{v}"),
             StoreEvent::Revoked(id) => format!("revoked:{id}"),
+            StoreEvent::CertRevoked(serial) => format!("cert:{serial}"),
             StoreEvent::Resync => "resync".into(),
         }
     }
@@ -116,6 +119,9 @@ impl StoreEvent {
         match text.split_once(':') {
             Some(("bundle", v)) => v.parse().ok().map(StoreEvent::Bundle),
             Some(("revoked", id)) if !id.is_empty() => Some(StoreEvent::Revoked(id.to_string())),
+            Some(("cert", serial)) if !serial.is_empty() => {
+                Some(StoreEvent::CertRevoked(serial.to_string()))
+            }
             _ if text == "resync" => Some(StoreEvent::Resync),
             _ => None,
         }
@@ -146,6 +152,20 @@ pub trait Store: Send + Sync {
         expires_at_ms: i64,
         uses: u32,
     ) -> Result<(), StoreError>;
+
+    /// Records a certificate issued (or first seen in use); a serial already known is left as
+    /// it is.
+    fn record_cert(&self, cert: &CertRow) -> Result<(), StoreError>;
+
+    /// Every recorded certificate, by serial number.
+    fn list_certs(&self) -> Result<Vec<CertRow>, StoreError>;
+
+    /// Revokes a certificate by serial number (recorded or not); whether it was newly revoked,
+    /// and its row.
+    fn revoke_cert(&self, serial: &str, now_ms: i64) -> Result<(bool, CertRow), StoreError>;
+
+    /// Serial numbers of every revoked certificate.
+    fn revoked_serials(&self) -> Result<Vec<String>, StoreError>;
 
     /// Whether a token could enroll an agent now, without spending it: checked before any
     /// work is done for an enrollment.
@@ -446,6 +466,22 @@ pub struct BundleRow {
     pub size: u64,
     pub content: Vec<u8>,
     pub signature: Vec<u8>,
+}
+
+/// A certificate the collector issued or saw.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CertRow {
+    /// Lowercase hex.
+    pub serial: String,
+    /// `agent` or `client`.
+    pub kind: String,
+    pub subject: String,
+    /// Comma-separated.
+    pub roles: String,
+    pub not_after_ms: i64,
+    pub recorded_at_ms: i64,
+    /// 0 unless revoked.
+    pub revoked_at_ms: i64,
 }
 
 /// Which detections to list.

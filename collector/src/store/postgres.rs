@@ -22,8 +22,8 @@ use rustls_pki_types::pem::PemObject;
 use vedette_proto::v1::{Detection, Inventory, StoredDetection, detection};
 
 use super::{
-    AgentRow, BundleRow, DetectionFilter, DetectionPage, ExportRow, IntelBatch, IntelSourceRow,
-    IntelStaged, StagedIntel, Store, StoreError, StoreEvent, TokenError, redact,
+    AgentRow, BundleRow, CertRow, DetectionFilter, DetectionPage, ExportRow, IntelBatch,
+    IntelSourceRow, IntelStaged, StagedIntel, Store, StoreError, StoreEvent, TokenError, redact,
 };
 
 /// Schema migrations, applied in order; `vedette_schema.version` is the number applied.
@@ -111,6 +111,16 @@ const MIGRATIONS: &[&str] = &[
         last_attempt_ms BIGINT NOT NULL DEFAULT 0,
         lease_owner TEXT NOT NULL DEFAULT '',
         lease_until_ms BIGINT NOT NULL DEFAULT 0
+    );",
+    // 3: certificates issued or seen, and their revocation.
+    "CREATE TABLE certs (
+        serial TEXT PRIMARY KEY,
+        kind TEXT NOT NULL DEFAULT '',
+        subject TEXT NOT NULL DEFAULT '',
+        roles TEXT NOT NULL DEFAULT '',
+        not_after_ms BIGINT NOT NULL DEFAULT 0,
+        recorded_at_ms BIGINT NOT NULL DEFAULT 0,
+        revoked_at_ms BIGINT NOT NULL DEFAULT 0
     );",
 ];
 
@@ -392,6 +402,60 @@ impl Store for PgStore {
                 &[&hash, &now_ms, &expires_at_ms, &i64::from(uses)],
             )?;
             Ok(())
+        })
+    }
+
+    fn record_cert(&self, c: &CertRow) -> Result<(), StoreError> {
+        self.with(|cl| {
+            cl.execute(
+                "INSERT INTO certs (serial, kind, subject, roles, not_after_ms, recorded_at_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (serial) DO NOTHING",
+                &[
+                    &c.serial,
+                    &c.kind,
+                    &c.subject,
+                    &c.roles,
+                    &c.not_after_ms,
+                    &c.recorded_at_ms,
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn list_certs(&self) -> Result<Vec<CertRow>, StoreError> {
+        self.with(|c| {
+            let rows = c.query(
+                &format!("{CERT_SELECT} ORDER BY recorded_at_ms, serial"),
+                &[],
+            )?;
+            Ok(rows.iter().map(cert_from_row).collect())
+        })
+    }
+
+    fn revoke_cert(&self, serial: &str, now_ms: i64) -> Result<(bool, CertRow), StoreError> {
+        self.with(|c| {
+            let mut tx = c.transaction()?;
+            tx.execute(
+                "INSERT INTO certs (serial, recorded_at_ms) VALUES ($1, $2)
+                 ON CONFLICT (serial) DO NOTHING",
+                &[&serial, &now_ms],
+            )?;
+            let newly = tx.execute(
+                "UPDATE certs SET revoked_at_ms = $2 WHERE serial = $1 AND revoked_at_ms = 0",
+                &[&serial, &now_ms],
+            )? == 1;
+            let row = tx.query_one(&format!("{CERT_SELECT} WHERE serial = $1"), &[&serial])?;
+            let row = cert_from_row(&row);
+            tx.commit()?;
+            Ok((newly, row))
+        })
+    }
+
+    fn revoked_serials(&self) -> Result<Vec<String>, StoreError> {
+        self.with(|c| {
+            let rows = c.query("SELECT serial FROM certs WHERE revoked_at_ms != 0", &[])?;
+            Ok(rows.iter().map(|r| r.get(0)).collect())
         })
     }
 
@@ -1079,5 +1143,20 @@ fn agent_from_row(r: &Row) -> AgentRow {
         counters: serde_json::from_str(&r.get::<_, String>(14)).unwrap_or_default(),
         bundle_failed_version: r.get::<_, i64>(15) as u64,
         bundle_error: r.get(16),
+    }
+}
+
+const CERT_SELECT: &str =
+    "SELECT serial, kind, subject, roles, not_after_ms, recorded_at_ms, revoked_at_ms FROM certs";
+
+fn cert_from_row(r: &postgres::Row) -> CertRow {
+    CertRow {
+        serial: r.get(0),
+        kind: r.get(1),
+        subject: r.get(2),
+        roles: r.get(3),
+        not_after_ms: r.get(4),
+        recorded_at_ms: r.get(5),
+        revoked_at_ms: r.get(6),
     }
 }

@@ -10,8 +10,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use vedette_proto::v1::{Detection, Inventory, StoredDetection, detection};
 
 use super::{
-    AgentRow, BundleRow, DetectionFilter, DetectionPage, ExportRow, IntelBatch, IntelSourceRow,
-    IntelStaged, StagedIntel, Store, StoreError, TokenError,
+    AgentRow, BundleRow, CertRow, DetectionFilter, DetectionPage, ExportRow, IntelBatch,
+    IntelSourceRow, IntelStaged, StagedIntel, Store, StoreError, TokenError,
 };
 
 /// Schema migrations, applied in order; `PRAGMA user_version` is the number applied.
@@ -102,6 +102,16 @@ const MIGRATIONS: &[&str] = &[
         lease_owner TEXT NOT NULL DEFAULT '',
         lease_until_ms INTEGER NOT NULL DEFAULT 0
     );",
+    // 5: certificates issued or seen, and their revocation.
+    "CREATE TABLE certs (
+        serial TEXT PRIMARY KEY,
+        kind TEXT NOT NULL DEFAULT '',
+        subject TEXT NOT NULL DEFAULT '',
+        roles TEXT NOT NULL DEFAULT '',
+        not_after_ms INTEGER NOT NULL DEFAULT 0,
+        recorded_at_ms INTEGER NOT NULL DEFAULT 0,
+        revoked_at_ms INTEGER NOT NULL DEFAULT 0
+    );",
 ];
 
 pub struct SqliteStore {
@@ -172,6 +182,58 @@ impl Store for SqliteStore {
     }
 
     /// Spends one use of a token and records the new agent, in one transaction.
+    fn record_cert(&self, c: &CertRow) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO certs (serial, kind, subject, roles, not_after_ms, recorded_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (serial) DO NOTHING",
+            params![
+                c.serial,
+                c.kind,
+                c.subject,
+                c.roles,
+                c.not_after_ms,
+                c.recorded_at_ms
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn list_certs(&self) -> Result<Vec<CertRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached(&format!("{CERT_SELECT} ORDER BY recorded_at_ms, serial"))?;
+        let rows = stmt.query_map([], cert_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn revoke_cert(&self, serial: &str, now_ms: i64) -> Result<(bool, CertRow), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute(
+            "INSERT INTO certs (serial, recorded_at_ms) VALUES (?1, ?2)
+             ON CONFLICT (serial) DO NOTHING",
+            params![serial, now_ms],
+        )?;
+        let newly = tx.execute(
+            "UPDATE certs SET revoked_at_ms = ?2 WHERE serial = ?1 AND revoked_at_ms = 0",
+            params![serial, now_ms],
+        )? == 1;
+        let row = tx.query_row(
+            &format!("{CERT_SELECT} WHERE serial = ?1"),
+            [serial],
+            cert_from_row,
+        )?;
+        tx.commit()?;
+        Ok((newly, row))
+    }
+
+    fn revoked_serials(&self) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT serial FROM certs WHERE revoked_at_ms != 0")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     fn check_token(
         &self,
         token_hash: &str,
@@ -803,4 +865,19 @@ fn token_verdict(row: Option<(i64, i64)>, now_ms: i64) -> Result<(), TokenError>
         Some((_, uses)) if uses <= 0 => Err(TokenError::UsedUp),
         Some(_) => Ok(()),
     }
+}
+
+const CERT_SELECT: &str =
+    "SELECT serial, kind, subject, roles, not_after_ms, recorded_at_ms, revoked_at_ms FROM certs";
+
+fn cert_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CertRow> {
+    Ok(CertRow {
+        serial: r.get(0)?,
+        kind: r.get(1)?,
+        subject: r.get(2)?,
+        roles: r.get(3)?,
+        not_after_ms: r.get(4)?,
+        recorded_at_ms: r.get(5)?,
+        revoked_at_ms: r.get(6)?,
+    })
 }
