@@ -8,7 +8,7 @@ use vedette_proto::client::ClientTls;
 use vedette_proto::v1::agent_message::Msg;
 use vedette_proto::v1::collector_message::Msg as Down;
 use vedette_proto::v1::{AgentMessage, Detection, DetectionBatch};
-use vedette_tests::{Collector, agent_stream, enroll_simulated, json_lines, wait_for};
+use vedette_tests::{Agent, Collector, agent_stream, enroll_simulated, json_lines, wait_for};
 
 /// What one reconnecting agent has seen.
 #[derive(Default)]
@@ -254,6 +254,42 @@ fn an_agent_pins_the_maintainer_keys_its_operator_gives_not_those_the_collector_
             .into_iter()
             .find(|a| a["id"] == agent.id.as_str() && a["bundle_version"] == 2)
     });
+
+    // Pinned by fingerprint instead of file: the offered key with that SHA-256, only.
+    let generated = c.ctl_ok(&[
+        "keys",
+        "generate",
+        "--out",
+        tmp.join("bob").to_str().unwrap(),
+    ]);
+    let bob_sha = generated
+        .lines()
+        .find_map(|l| l.strip_prefix("SHA-256 "))
+        .unwrap()
+        .trim()
+        .to_string();
+    let wrong = Agent::try_enroll_with(
+        &c,
+        &tmp.join("agent-wrong"),
+        &c.token(&[]),
+        &["--maintainer-key-sha256", &bob_sha],
+    );
+    let err = String::from_utf8_lossy(&wrong.stderr);
+    assert!(
+        !wrong.status.success() && err.contains(&bob_sha),
+        "a fingerprint the collector does not offer: {err}"
+    );
+    let alice_key = vedette_engine::bundle::PublicKey::load(&alice_pub).unwrap()[0];
+    let by_sha = Agent::enroll_with(
+        &c,
+        &tmp.join("agent-sha"),
+        &["--maintainer-key-sha256", &alice_key.sha256()],
+    );
+    let pinned = std::fs::read_to_string(by_sha.state.join("maintainers.pem")).unwrap();
+    assert_eq!(
+        vedette_engine::bundle::PublicKey::parse_pem(&pinned).unwrap(),
+        vec![alice_key]
+    );
 }
 
 /// Resident memory of a process, in KiB.

@@ -94,6 +94,11 @@ impl PublicKey {
         hex::encode(self.0)
     }
 
+    /// SHA-256 of the raw key, hex: what `--maintainer-key-sha256` pins.
+    pub fn sha256(&self) -> String {
+        hex::encode(Sha256::digest(self.0))
+    }
+
     /// Short id for messages: the first 16 hex digits of the key's SHA-256.
     pub fn id(&self) -> String {
         hex::encode(&Sha256::digest(self.0)[..8])

@@ -38,6 +38,8 @@ pub struct EnrollArgs<'a> {
     pub state: &'a StateDir,
     /// Maintainer keys the operator gave (`--maintainer-key`); empty: the collector's.
     pub maintainers: Vec<vedette_engine::bundle::PublicKey>,
+    /// SHA-256 (hex) of offered maintainer keys to pin (`--maintainer-key-sha256`).
+    pub fingerprints: Vec<String>,
 }
 
 /// Enrolls this host. Returns the agent id.
@@ -100,7 +102,18 @@ pub async fn enroll(args: EnrollArgs<'_>) -> anyhow::Result<String> {
                 .context("the collector sent a maintainer key that is not 32 bytes")?,
         );
     }
-    let pinned = if args.maintainers.is_empty() {
+    let mut given = args.maintainers.clone();
+    for f in &args.fingerprints {
+        match offered.iter().find(|k| k.sha256() == *f) {
+            Some(k) => given.push(*k),
+            None => bail!(
+                "the collector offers no maintainer key with SHA-256 {f}: nothing pinned; \
+                 remove {} and enroll again with a new token",
+                state.dir.display()
+            ),
+        }
+    }
+    let pinned = if given.is_empty() {
         eprintln!(
             "warning: pinning the {} maintainer key(s) the collector offers; whoever controls \
              the collector could sign bundles this agent applies. Give the maintainers' keys \
@@ -109,14 +122,14 @@ pub async fn enroll(args: EnrollArgs<'_>) -> anyhow::Result<String> {
         );
         offered
     } else {
-        for k in offered.iter().filter(|k| !args.maintainers.contains(k)) {
+        for k in offered.iter().filter(|k| !given.contains(k)) {
             eprintln!(
                 "note: the collector offers maintainer key {}, not given with --maintainer-key: \
                  not pinned",
                 k.id()
             );
         }
-        args.maintainers.clone()
+        given
     };
     let mut maintainers = String::new();
     for key in &pinned {

@@ -127,6 +127,11 @@ pub struct EnrollCmd {
     /// are, and whoever controls the collector could sign bundles this agent runs.
     #[arg(long = "maintainer-key", value_name = "FILE")]
     pub maintainer_keys: Vec<PathBuf>,
+    /// Or pin a maintainer key by its SHA-256 (64 hex digits, as `vedettectl keys generate`
+    /// prints it; repeatable): the key the collector offers with that fingerprint is pinned,
+    /// and enrollment fails if it offers none.
+    #[arg(long = "maintainer-key-sha256", value_name = "HEX")]
+    pub maintainer_key_sha256: Vec<String>,
 }
 
 #[derive(Args)]
@@ -253,12 +258,24 @@ async fn enroll_cmd(cmd: EnrollCmd) -> ExitCode {
             Err(e) => return fail(&format!("--maintainer-key: {e}"), exit::CONFIG),
         }
     }
+    let mut fingerprints = Vec::new();
+    for f in &cmd.maintainer_key_sha256 {
+        let f = f.trim().to_ascii_lowercase();
+        if f.len() != 64 || !f.chars().all(|c| c.is_ascii_hexdigit()) {
+            return fail(
+                &format!("--maintainer-key-sha256: `{f}` is not 64 hex digits"),
+                exit::CONFIG,
+            );
+        }
+        fingerprints.push(f);
+    }
     let args = EnrollArgs {
         collector: &cmd.collector,
         token: &token,
         pin,
         state: &state,
         maintainers,
+        fingerprints,
     };
     match enroll::enroll(args).await {
         Ok(id) => {

@@ -23,6 +23,7 @@ fn main() -> ExitCode {
             Ok((key, public, k)) => {
                 println!("wrote {} (0600) and {}", key.display(), public.display());
                 println!("key id {}", k.id());
+                println!("SHA-256 {}", k.sha256());
                 ExitCode::SUCCESS
             }
             Err(e) => fail(&e, exit::FAILURE),
