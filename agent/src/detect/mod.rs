@@ -10,7 +10,7 @@
 //! monitor scans executables itself, through its own cache); every tree, whoever walks it, is
 //! walked by [`walk`] with the same rules (excludes, one file system, no symlinks).
 
-pub(crate) mod cache;
+pub mod cache;
 pub(crate) mod execmon;
 pub(crate) mod fanotify;
 pub(crate) mod full_scan;
