@@ -309,6 +309,33 @@ fn set_limits(c: &Collector, limits: &str) {
     std::fs::write(&path, format!("{text}\n[limits]\n{limits}\n")).unwrap();
 }
 
+/// A collector with `limits` in its `[limits]`, and one real agent watching a directory with
+/// a rule matching `PROBE-MARKER` (see [`detection_latencies`]).
+struct Probe {
+    tmp: tempfile::TempDir,
+    c: Collector,
+    agent: Agent,
+    watch: std::path::PathBuf,
+}
+
+fn probe_setup(limits: &str) -> Probe {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = Collector::init(&tmp.path().join("collector"));
+    set_limits(&c, limits);
+    c.start();
+    let watch = tmp.path().join("watch");
+    std::fs::create_dir_all(&watch).unwrap();
+    let rules = vedette_tests::rule_dir(&tmp.path().join("rules"), "probe", "PROBE-MARKER");
+    let mut agent = Agent::enroll(&c, &tmp.path().join("agent"));
+    agent.run_watching(&c, &watch, &rules);
+    Probe {
+        tmp,
+        c,
+        agent,
+        watch,
+    }
+}
+
 /// Writes `n` files with the rule's marker into `watch`, one at a time, each once the previous
 /// one's detection is stored; returns how long each took from write to listing.
 fn detection_latencies(
@@ -372,18 +399,14 @@ async fn held_enrollment(addr: String, ca: String) -> (Duration, tonic::Code) {
 fn connections_without_a_certificate_and_oversized_enrollments_are_bounded_while_agents_deliver() {
     const HELD: usize = 200;
     const ALLOWED: usize = 150;
-    let tmp = tempfile::tempdir().unwrap();
-    let mut c = Collector::init(&tmp.path().join("collector"));
-    set_limits(
-        &c,
-        &format!("max_unauthenticated_connections = {ALLOWED}\nunauthenticated_timeout = \"4s\""),
-    );
-    c.start();
-    let watch = tmp.path().join("watch");
-    std::fs::create_dir_all(&watch).unwrap();
-    let rules = vedette_tests::rule_dir(&tmp.path().join("rules"), "probe", "PROBE-MARKER");
-    let mut agent = vedette_tests::Agent::enroll(&c, &tmp.path().join("agent"));
-    agent.run_watching(&c, &watch, &rules);
+    let Probe {
+        tmp: _tmp,
+        c,
+        mut agent,
+        watch,
+    } = probe_setup(&format!(
+        "max_unauthenticated_connections = {ALLOWED}\nunauthenticated_timeout = \"4s\""
+    ));
     let pid = c.proc.as_ref().unwrap().child.id();
     detection_latencies(&c, &agent.id, &watch, 1);
     let rss_before = rss_kib(pid);
@@ -491,18 +514,14 @@ fn a_flooding_agent_is_slowed_down_and_does_not_delay_another_agents_detections(
     const RATE: u64 = 2_000;
     const BURST: u64 = 2_000;
     const BATCH: usize = 100;
-    let tmp = tempfile::tempdir().unwrap();
-    let mut c = Collector::init(&tmp.path().join("collector"));
-    set_limits(
-        &c,
-        &format!("agent_detections_per_second = {RATE}\nagent_detections_burst = {BURST}"),
-    );
-    c.start();
-    let watch = tmp.path().join("watch");
-    std::fs::create_dir_all(&watch).unwrap();
-    let rules = vedette_tests::rule_dir(&tmp.path().join("rules"), "probe", "PROBE-MARKER");
-    let mut agent = vedette_tests::Agent::enroll(&c, &tmp.path().join("agent"));
-    agent.run_watching(&c, &watch, &rules);
+    let Probe {
+        tmp: _tmp,
+        c,
+        agent,
+        watch,
+    } = probe_setup(&format!(
+        "agent_detections_per_second = {RATE}\nagent_detections_burst = {BURST}"
+    ));
     let quiet = detection_latencies(&c, &agent.id, &watch, 3);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
