@@ -72,7 +72,6 @@ pub async fn run(
         ids: Ids::for_agent(&creds.enrollment.agent_id),
         cache: Arc::new(cache),
         execs: Arc::new(ScanCache::new()),
-        blocked: Arc::default(),
     };
     let watch_roots = canonical(&settings.watch, "watch")?;
     let scan_roots = canonical(&settings.scan_paths, "scan")?;

@@ -298,11 +298,17 @@ fn prevention_denies_every_exec_of_an_indicator_binary_and_lets_others_run() {
         assert_eq!(d["path"], exe.to_str().unwrap(), "{d}");
     }
     counter_reaches(&s, "execs_blocked", 1000);
-    // The binary never ran: no process alert for it, only the file's own detection.
+    // The binary never ran: no process alert for it, only the file's own detection. (Other
+    // tests run copies of the same binary elsewhere at the same time; the agent sees every
+    // exec on the host, so only this copy's path counts.)
     let others: Vec<Value> =
         s.c.detections()
             .into_iter()
-            .filter(|d| d["rule"] == hash.as_str() && d["action"] != "blocked")
+            .filter(|d| {
+                d["rule"] == hash.as_str()
+                    && d["action"] != "blocked"
+                    && d["path"] == exe.to_str().unwrap()
+            })
             .collect();
     assert_eq!(others.len(), 1, "{others:?}");
     assert!(others[0]["pid"].is_null(), "{others:?}");

@@ -24,7 +24,7 @@ pub(crate) mod watch;
 
 use std::net::IpAddr;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
@@ -125,35 +125,6 @@ pub(crate) struct Incidents {
     /// are kept apart from the files' own results (which they must not hide). Shared by every
     /// judge of executions (the scan pool and prevention's verdicts).
     pub execs: Arc<ScanCache>,
-    /// Execs prevention refused lately, by pid and path: the exec event the kernel may also
-    /// report for them is not a second incident.
-    pub blocked: Arc<BlockedExecs>,
-}
-
-/// The most recent execs prevention refused, a bounded number of them.
-#[derive(Default)]
-pub(crate) struct BlockedExecs(std::sync::Mutex<std::collections::VecDeque<(u32, PathBuf)>>);
-
-impl BlockedExecs {
-    const KEEP: usize = 4096;
-
-    pub(crate) fn add(&self, pid: u32, path: &Path) {
-        let mut q = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if q.len() >= Self::KEEP {
-            q.pop_front();
-        }
-        q.push_back((pid, path.to_owned()));
-    }
-
-    pub(crate) fn remove(&self, pid: u32, path: &Path) {
-        let mut q = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        q.retain(|(p, x)| !(*p == pid && x == path));
-    }
-
-    pub(crate) fn contains(&self, pid: u32, path: &Path) -> bool {
-        let q = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        q.iter().rev().any(|(p, x)| *p == pid && x == path)
-    }
 }
 
 impl Incidents {

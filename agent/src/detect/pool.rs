@@ -152,9 +152,6 @@ impl Shared {
                 Err(_) => Vec::new(),
             },
             Job::Exec { file, path, pid } => {
-                if self.incidents.blocked.contains(pid, &path) {
-                    return Vec::new();
-                }
                 let (matches, sha256) = exe_matches(&self.incidents.execs, scanner, file, &path);
                 if matches.is_empty() {
                     return Vec::new();

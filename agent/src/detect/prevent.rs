@@ -357,12 +357,8 @@ impl Judges {
             sha256,
         };
         let found = exec_detections(&t.incidents.ids, &self.users, &exec, blocking, rules);
-        // Known as refused before the refusal is given, so that an exec event for it is not
-        // reported as a second incident.
-        t.incidents.blocked.add(job.pid, &job.path);
         if !self.held.answer(job.seq, false) {
             // Too late: the exec was allowed, and the exec event reports it as an alert.
-            t.incidents.blocked.remove(job.pid, &job.path);
             return true;
         }
         t.counters.inc(Counter::ExecsBlocked);
