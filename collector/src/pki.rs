@@ -14,7 +14,6 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
-use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
 
 /// SAN URI prefix naming an agent.
@@ -136,7 +135,7 @@ impl Ca {
 
     /// SHA-256 of the CA certificate (DER), lowercase hex: what agents pin with `--ca-sha256`.
     pub fn fingerprint(&self) -> String {
-        fingerprint_pem(&self.cert_pem).unwrap_or_default()
+        vedette_engine::bundle::fleet_of_ca_pem(&self.cert_pem).unwrap_or_default()
     }
 
     /// Issues the collector's TLS server certificate for the given DNS names and IP addresses.
@@ -239,14 +238,6 @@ pub fn serial_of_pem(pem: &str) -> Option<String> {
     use rustls_pki_types::pem::PemObject;
     let der = CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
     serial_hex(der.as_ref())
-}
-
-/// SHA-256 of the first certificate in a PEM text, lowercase hex.
-pub fn fingerprint_pem(pem: &str) -> Option<String> {
-    use rustls_pki_types::CertificateDer;
-    use rustls_pki_types::pem::PemObject;
-    let der = CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
-    Some(hex::encode(Sha256::digest(der.as_ref())))
 }
 
 fn read(path: &Path) -> Result<String, PkiError> {

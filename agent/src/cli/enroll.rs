@@ -84,7 +84,7 @@ pub async fn enroll(args: EnrollArgs<'_>) -> anyhow::Result<String> {
         })?
         .into_inner();
     if let CaPin::Sha256(pin) = &args.pin {
-        let got = vedette_pem_fingerprint(&response.ca_pem);
+        let got = vedette_engine::bundle::fleet_of_ca_pem(&response.ca_pem);
         if got.as_deref() != Some(parse_pin(pin)?.as_str()) {
             bail!("the collector returned a CA that does not match the pinned fingerprint");
         }
@@ -156,12 +156,6 @@ fn parse_pin(s: &str) -> anyhow::Result<String> {
         bail!("`{s}` is not a SHA-256 fingerprint (64 hex digits)");
     }
     Ok(clean)
-}
-
-fn vedette_pem_fingerprint(pem_text: &str) -> Option<String> {
-    use rustls_pki_types::pem::PemObject;
-    let der = CertificateDer::from_pem_slice(pem_text.as_bytes()).ok()?;
-    Some(hex::encode(Sha256::digest(der.as_ref())))
 }
 
 /// Connects once, finds the certificate in the presented chain whose SHA-256 is `pin`, verifies

@@ -529,3 +529,13 @@ impl DetectionPage {
 }
 
 pub use vedette_proto::now_ms;
+
+/// What a token row (expiry, uses left) allows at `now_ms`.
+pub(crate) fn token_verdict(row: Option<(i64, i64)>, now_ms: i64) -> Result<(), TokenError> {
+    match row {
+        None => Err(TokenError::Unknown),
+        Some((expires, _)) if expires <= now_ms => Err(TokenError::Expired),
+        Some((_, uses)) if uses <= 0 => Err(TokenError::UsedUp),
+        Some(_) => Ok(()),
+    }
+}

@@ -469,14 +469,10 @@ impl Store for PgStore {
                 "SELECT expires_at_ms, uses_left FROM tokens WHERE hash = $1",
                 &[&token_hash],
             )?;
-            Ok(
-                match row.map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1))) {
-                    None => Err(TokenError::Unknown),
-                    Some((expires, _)) if expires <= now_ms => Err(TokenError::Expired),
-                    Some((_, uses)) if uses <= 0 => Err(TokenError::UsedUp),
-                    Some(_) => Ok(()),
-                },
-            )
+            Ok(super::token_verdict(
+                row.map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1))),
+                now_ms,
+            ))
         })
     }
 

@@ -247,7 +247,7 @@ impl Store for SqliteStore {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        Ok(token_verdict(row, now_ms))
+        Ok(super::token_verdict(row, now_ms))
     }
 
     fn enroll(
@@ -268,7 +268,7 @@ impl Store for SqliteStore {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        let verdict = token_verdict(row, now_ms);
+        let verdict = super::token_verdict(row, now_ms);
         if verdict.is_ok() {
             tx.execute(
                 "UPDATE tokens SET uses_left = uses_left - 1 WHERE hash = ?1",
@@ -855,16 +855,6 @@ fn agent_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentRow> {
         bundle_failed_version: r.get::<_, i64>(15)? as u64,
         bundle_error: r.get(16)?,
     })
-}
-
-/// What a token row (expiry, uses left) allows at `now_ms`.
-fn token_verdict(row: Option<(i64, i64)>, now_ms: i64) -> Result<(), TokenError> {
-    match row {
-        None => Err(TokenError::Unknown),
-        Some((expires, _)) if expires <= now_ms => Err(TokenError::Expired),
-        Some((_, uses)) if uses <= 0 => Err(TokenError::UsedUp),
-        Some(_) => Ok(()),
-    }
 }
 
 const CERT_SELECT: &str =
