@@ -69,6 +69,9 @@ pub struct RawConfig {
     /// decides what this agent looks for.
     #[serde(default)]
     pub insecure_allow_unsigned_bundles: bool,
+    /// Where Prometheus scrapes `/metrics` (plain HTTP), or `off` (the default).
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
 }
 
 /// Where file events come from.
@@ -107,6 +110,8 @@ pub struct Settings {
     pub spool_max_bytes: u64,
     pub maintainer_keys: Vec<PathBuf>,
     pub insecure_allow_unsigned_bundles: bool,
+    /// None: no metrics endpoint.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Prevention mode: which execs are denied, and how long one may wait for its verdict.
@@ -247,6 +252,11 @@ impl RawConfig {
                 crate::deliver::spool::MIN_CAP
             ));
         }
+        if let Some(v) = &self.metrics_listen
+            && let Err(e) = vedette_proto::metrics::parse_listen(v)
+        {
+            problems.push(format!("`metrics_listen`: {e}"));
+        }
         for c in &self.collectors {
             if !c.contains(':') {
                 problems.push(format!("`collectors`: `{c}` is not a host:port"));
@@ -305,6 +315,10 @@ impl RawConfig {
             spool_max_bytes: self.spool_max_bytes.unwrap_or(256 * 1024 * 1024),
             maintainer_keys: self.maintainer_keys,
             insecure_allow_unsigned_bundles: self.insecure_allow_unsigned_bundles,
+            metrics_listen: self
+                .metrics_listen
+                .as_deref()
+                .and_then(|v| vedette_proto::metrics::parse_listen(v).ok().flatten()),
         }
     }
 }

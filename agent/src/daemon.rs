@@ -79,6 +79,19 @@ pub async fn run(
     let counters = Arc::new(Counters::default());
     let spooled = open_spool(&state, &settings, &counters).await?;
     let (det_tx, det_rx) = mpsc::channel(DETECTION_QUEUE);
+    counters.attach_detection_queue(&det_tx);
+    counters.attach_rules(&rules);
+    if let Some(addr) = settings.metrics_listen {
+        let listener = vedette_proto::metrics::bind(addr)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        info!(address = %addr, "serving metrics at /metrics");
+        tokio::spawn(vedette_proto::metrics::serve(
+            listener,
+            Arc::new(counters.registry()),
+            shutdown.clone().cancelled_owned(),
+        ));
+    }
     let writer = {
         let (sp, counters) = (spooled.clone(), counters.clone());
         std::thread::Builder::new()
@@ -539,6 +552,7 @@ impl Background {
             let current = self.rules.current.load_full();
             let mut judge = ProcessJudge::new(self.incidents.ids.clone())
                 .with_exe_cache(self.incidents.execs.clone())
+                .with_counters(self.counters.clone())
                 .with_exec_covered(self.exec_covered.clone());
             if memory {
                 judge = judge.with_memory(MemoryLimits::default());

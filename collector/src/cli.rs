@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use vedette_proto::cli::LogFormat;
 
 use crate::pki::Role;
 
@@ -18,6 +19,16 @@ use crate::pki::Role;
         `vedette-collector serve --config /etc/vedette/collector.toml`."
 )]
 pub struct Cli {
+    /// Log lines as `text` or `json` (one object per line); `auto`: JSON under systemd
+    /// (journal), text otherwise. Filter with VEDETTE_LOG (default `info`).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "auto",
+        env = "VEDETTE_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -64,6 +75,16 @@ pub enum Command {
     /// Client certificates for people and tools (run on the collector host: it uses the CA key).
     #[command(subcommand)]
     Certs(CertsCmd),
+    /// Check a collector's set-up and print each problem with its fix (read-only).
+    ///
+    /// Checks the configuration, the private keys' modes, the CA and server certificates
+    /// (chain, expiry), the store (reachable, readable) and whether the listen and metrics
+    /// addresses are free. Exit status: 0 healthy (warnings allowed), 1 problems.
+    Doctor {
+        /// The collector.toml written by `init`.
+        #[arg(long, env = "VEDETTE_COLLECTOR_CONFIG")]
+        config: PathBuf,
+    },
     /// Run the collector until SIGTERM or SIGINT, then drain open streams and stop.
     Serve {
         /// The collector.toml written by `init`.
@@ -73,6 +94,10 @@ pub enum Command {
         /// collectors from one config, on one PostgreSQL store).
         #[arg(long, value_name = "ADDR")]
         listen: Option<SocketAddr>,
+        /// Serve Prometheus metrics here instead of the config's `metrics_listen`
+        /// (`HOST:PORT`, or `off`).
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<String>,
     },
 }
 

@@ -8,12 +8,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::store::StoreLocation;
 
+/// Where the metrics endpoint listens when `metrics_listen` is absent.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+
 /// The file as written. Relative paths are relative to the file's own directory.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     /// Address and port the gRPC server listens on, e.g. `0.0.0.0:7443`.
     pub listen: String,
+    /// Where Prometheus scrapes `/metrics` (plain HTTP), or `off`. Default `127.0.0.1:9464`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<String>,
     /// Where detections and agents are kept (`[store] url`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<RawStore>,
@@ -501,6 +507,8 @@ pub struct RawTls {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// None: no metrics endpoint.
+    pub metrics_listen: Option<SocketAddr>,
     pub store: StoreLocation,
     pub ca_cert: PathBuf,
     pub ca_key: PathBuf,
@@ -557,6 +565,15 @@ impl RawConfig {
                 ))
             })
             .ok();
+        let metrics_listen = vedette_proto::metrics::parse_listen(
+            self.metrics_listen
+                .as_deref()
+                .unwrap_or(DEFAULT_METRICS_LISTEN),
+        )
+        .unwrap_or_else(|e| {
+            problems.push(format!("`metrics_listen`: {e}"));
+            None
+        });
         let mut file = |key: &str, p: &Path| {
             let p = base.join(p);
             if !p.is_file() {
@@ -691,6 +708,7 @@ impl RawConfig {
         match (listen, store, problems.is_empty()) {
             (Some(listen), Some(store), true) => Ok(Config {
                 listen,
+                metrics_listen,
                 store,
                 ca_cert,
                 ca_key,

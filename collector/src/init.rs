@@ -190,6 +190,7 @@ fn write_collector_config(
 ) -> Result<(), InitError> {
     let collector = RawConfig {
         listen: listen.to_string(),
+        metrics_listen: Some(crate::config::DEFAULT_METRICS_LISTEN.into()),
         store: Some(RawStore {
             url: store.to_string(),
             ca_cert: None,

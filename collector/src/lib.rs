@@ -4,9 +4,11 @@
 
 pub mod cli;
 pub mod config;
+pub mod doctor;
 pub mod identity;
 pub mod init;
 pub mod intel;
+pub mod metrics;
 pub mod pki;
 pub mod poll;
 pub mod server;

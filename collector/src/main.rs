@@ -11,7 +11,7 @@ use vedette_proto::cli::{exit, fail, init_logging};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    init_logging(cli.log_format);
     match cli.command {
         Command::Init {
             dir,
@@ -54,10 +54,27 @@ fn main() -> ExitCode {
                 }
             }
         },
-        Command::Serve { config, listen } => match Config::load(&config) {
+        Command::Doctor { config } => {
+            if vedette_proto::doctor::print(&vedette_collector::doctor::run(&config)) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(exit::FAILURE)
+            }
+        }
+        Command::Serve {
+            config,
+            listen,
+            metrics_listen,
+        } => match Config::load(&config) {
             Err(e) => fail(&e, exit::CONFIG),
             Ok(mut config) => {
                 config.listen = listen.unwrap_or(config.listen);
+                if let Some(m) = metrics_listen {
+                    match vedette_proto::metrics::parse_listen(&m) {
+                        Ok(m) => config.metrics_listen = m,
+                        Err(e) => return fail(&format!("--metrics-listen: {e}"), exit::CONFIG),
+                    }
+                }
                 server::run_until_signal(config)
             }
         },

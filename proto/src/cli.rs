@@ -15,15 +15,71 @@ pub mod exit {
     pub const CONFIG: u8 = 64;
 }
 
-/// Logs to stderr, filtered by `VEDETTE_LOG` (default `info`), coloured only on a terminal.
-pub fn init_logging() {
+/// How log lines are written (`--log-format`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// JSON under systemd (stderr going to the journal, `JOURNAL_STREAM` set), text otherwise.
+    #[default]
+    Auto,
+    /// Human-readable lines, coloured on a terminal.
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `message` and the event's
+    /// fields (`path`, `error`, `collector`, ...) as keys of their own.
+    Json,
+}
+
+impl LogFormat {
+    /// Whether lines are JSON, once `Auto` is resolved for this process.
+    pub fn is_json(self) -> bool {
+        match self {
+            LogFormat::Json => true,
+            LogFormat::Text => false,
+            LogFormat::Auto => {
+                std::env::var_os("JOURNAL_STREAM").is_some()
+                    && !std::io::IsTerminal::is_terminal(&std::io::stderr())
+            }
+        }
+    }
+}
+
+/// Logs to stderr in `format`, filtered by `VEDETTE_LOG` (default `info`; for example
+/// `VEDETTE_LOG=debug` or `VEDETTE_LOG=vedette_agent=debug,info`).
+pub fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("VEDETTE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    if format.is_json() {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init();
+    } else {
+        builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
+}
+
+/// Thins out a warning that can repeat once per file or event: [`RateLimited::hit`] says
+/// to log the 1st, 2nd, 4th, 8th, ... occurrence, and gives the count so far to put in the
+/// line.
+#[derive(Debug, Default)]
+pub struct RateLimited(std::sync::atomic::AtomicU64);
+
+impl RateLimited {
+    pub const fn new() -> Self {
+        RateLimited(std::sync::atomic::AtomicU64::new(0))
+    }
+
+    /// Counts one occurrence; `Some(n)` (n occurrences so far) when this one should be logged.
+    pub fn hit(&self) -> Option<u64> {
+        let n = self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        n.is_power_of_two().then_some(n)
+    }
 }
 
 /// Returns on SIGTERM or SIGINT. Without signal handlers it never returns, and the process

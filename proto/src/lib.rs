@@ -6,7 +6,11 @@
 pub mod cli;
 pub mod client;
 #[cfg(feature = "cli")]
+pub mod doctor;
+#[cfg(feature = "cli")]
 pub mod export;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 #[cfg(feature = "cli")]
 pub mod output;
 

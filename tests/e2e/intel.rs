@@ -21,7 +21,7 @@ fn sha256(data: &[u8], dir: &Path) -> String {
 
 /// Whether Python has the peer tools' modules (installed from PyPI as `packages`). Without
 /// them a test skips, saying so, except where `VEDETTE_TEST_PEERS=required` (`.ci/run`).
-fn peer_tools(modules: &[&str], packages: &str) -> bool {
+pub(crate) fn peer_tools(modules: &[&str], packages: &str) -> bool {
     let missing: Vec<&str> = modules
         .iter()
         .copied()

@@ -8,5 +8,6 @@ mod engine;
 mod hardening;
 mod intel;
 mod onaccess;
+mod ops;
 mod output;
 mod scaleout;

@@ -150,6 +150,10 @@ impl Drop for Proc {
 pub struct Collector {
     pub dir: PathBuf,
     pub addr: String,
+    /// Where it serves Prometheus metrics (`/metrics`).
+    pub metrics_addr: String,
+    /// More arguments for `serve` (`--log-format json`, ...).
+    pub serve_args: Vec<String>,
     pub fingerprint: String,
     pub proc: Option<Proc>,
     starts: usize,
@@ -179,6 +183,8 @@ impl Collector {
         Collector {
             dir: self.dir.clone(),
             addr,
+            metrics_addr: format!("127.0.0.1:{}", free_port()),
+            serve_args: Vec::new(),
             fingerprint: self.fingerprint.clone(),
             proc: None,
             starts: 0,
@@ -211,6 +217,8 @@ impl Collector {
         Collector {
             dir: dir.to_owned(),
             addr,
+            metrics_addr: format!("127.0.0.1:{}", free_port()),
+            serve_args: Vec::new(),
             fingerprint,
             proc: None,
             starts: 0,
@@ -228,7 +236,9 @@ impl Collector {
         cmd.arg("serve")
             .arg("--config")
             .arg(self.dir.join("collector.toml"))
-            .args(["--listen", &self.addr]);
+            .args(["--listen", &self.addr])
+            .args(["--metrics-listen", &self.metrics_addr])
+            .args(&self.serve_args);
         self.proc = Some(Proc::spawn("collector", &mut cmd, log));
         let addr = self.addr.clone();
         wait_for(Duration::from_secs(20), "the collector to listen", || {
@@ -440,6 +450,26 @@ impl Agent {
     pub fn file(&self, name: &str) -> String {
         std::fs::read_to_string(self.state.join(name)).expect("agent file")
     }
+}
+
+/// `GET http://ADDR/PATH` over plain HTTP/1.1: the status line and the body.
+pub fn http_get(addr: &str, path: &str) -> Result<(String, String), String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no end of headers in {text:?}"))?;
+    let status = head.lines().next().unwrap_or_default().to_string();
+    Ok((status, body.to_string()))
 }
 
 /// Writes a YARA rule file matching `marker` into `dir` and returns its directory.

@@ -1,5 +1,6 @@
 //! The `vedette-agent` command line: what each subcommand takes, and running it.
 
+pub mod doctor;
 pub mod enroll;
 pub mod scan;
 
@@ -8,7 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use vedette_proto::cli::{exit, fail, wait_for_signal};
+use vedette_proto::cli::{LogFormat, exit, fail, wait_for_signal};
 
 use crate::config::RawConfig;
 use crate::detect::walk::{WalkRules, exclusions};
@@ -25,6 +26,16 @@ use enroll::{CaPin, EnrollArgs};
         vedette-agent run --state-dir /var/lib/vedette --watch /srv --rules /etc/vedette/rules"
 )]
 pub struct Cli {
+    /// Log lines as `text` or `json` (one object per line); `auto`: JSON under systemd
+    /// (journal), text otherwise. Filter with VEDETTE_LOG (default `info`).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "auto",
+        env = "VEDETTE_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -41,6 +52,24 @@ pub enum Command {
     Scan(ScanCmd),
     /// Show the detections waiting in the spool for the collector's ack (read-only).
     Spool(SpoolCmd),
+    /// Check this host's agent set-up and print each problem with its fix (read-only).
+    ///
+    /// Checks the configuration, the enrollment, the key's and the state directory's modes,
+    /// the certificate (issued by the CA in ca.crt, expiry), each collector (reachable, TLS,
+    /// knows this agent), the clock against the collector's, the file-event source and its
+    /// limits (fanotify privileges, fs.inotify.max_user_watches) and the disk space for the
+    /// spool. Exit status: 0 healthy (warnings allowed), 1 problems.
+    Doctor(DoctorCmd),
+}
+
+#[derive(Args)]
+pub struct DoctorCmd {
+    /// The state directory given at enrollment.
+    #[arg(long, default_value = "/var/lib/vedette")]
+    pub state_dir: PathBuf,
+    /// The agent's configuration file, as given to `run`.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -151,6 +180,10 @@ pub struct RunCmd {
     /// Collector host:port (repeatable; replaces the enrolled address).
     #[arg(long = "collector", value_name = "HOST:PORT")]
     pub collectors: Vec<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (replaces the config's
+    /// `metrics_listen`; `off` turns them off).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
 }
 
 /// Runs one subcommand to its exit status.
@@ -164,6 +197,14 @@ pub fn dispatch(command: Command) -> ExitCode {
         Command::Scan(cmd) => ExitCode::from(scan_cmd(cmd)),
         Command::Enroll(cmd) => rt.block_on(enroll_cmd(cmd)),
         Command::Run(cmd) => rt.block_on(run_cmd(cmd)),
+        Command::Doctor(cmd) => {
+            let findings = rt.block_on(doctor::run(&cmd.state_dir, cmd.config.as_deref()));
+            if vedette_proto::doctor::print(&findings) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(exit::FAILURE)
+            }
+        }
     }
 }
 
@@ -300,6 +341,9 @@ async fn run_cmd(cmd: RunCmd) -> ExitCode {
     raw.rules.extend(cmd.rules);
     if !cmd.collectors.is_empty() {
         raw.collectors = cmd.collectors;
+    }
+    if cmd.metrics_listen.is_some() {
+        raw.metrics_listen = cmd.metrics_listen;
     }
     let settings = match raw.validate(cmd.config.as_deref()) {
         Ok(s) => s,

@@ -20,7 +20,6 @@ use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::mpsc::SyncSender;
 use std::thread::JoinHandle;
 
 use nix::errno::Errno;
@@ -30,7 +29,7 @@ use nix::sys::fanotify::{EventFFlags, Fanotify, FanotifyEvent, InitFlags, MarkFl
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::detect::pool::Job;
+use crate::detect::pool::{Job, JobSender};
 use crate::detect::walk::{WalkRules, each_file};
 use crate::telemetry::{Counter, Counters};
 
@@ -42,7 +41,7 @@ pub struct FanWatch {
 
 /// Where events go, and what is skipped.
 pub struct FanTarget {
-    pub queue: SyncSender<Job>,
+    pub queue: JobSender,
     pub rules: WalkRules,
     pub counters: Arc<Counters>,
     /// Ends an overflow rescan in progress at shutdown.

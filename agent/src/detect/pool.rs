@@ -35,9 +35,34 @@ pub enum Job {
     Exec { file: File, path: PathBuf, pid: u32 },
 }
 
+/// Where producers put jobs: the pool's bounded queue, with its depth counted
+/// ([`Counter::ScanQueue`]).
+#[derive(Clone)]
+pub struct JobSender {
+    tx: SyncSender<Job>,
+    counters: Arc<Counters>,
+}
+
+impl JobSender {
+    /// A sender over a queue of its own (tests, and producers outside the pool).
+    pub fn new(tx: SyncSender<Job>, counters: Arc<Counters>) -> JobSender {
+        JobSender { tx, counters }
+    }
+
+    /// Queues `job`, waiting while the queue is full; an error once the pool has stopped.
+    pub fn send(&self, job: Job) -> Result<(), std::sync::mpsc::SendError<Job>> {
+        self.counters.inc(Counter::ScanQueue);
+        let sent = self.tx.send(job);
+        if sent.is_err() {
+            self.counters.sub(Counter::ScanQueue, 1);
+        }
+        sent
+    }
+}
+
 /// Handle to the pool: send jobs, then [`ScanPool::join`] to stop.
 pub struct ScanPool {
-    tx: SyncSender<Job>,
+    tx: JobSender,
     workers: Vec<JoinHandle<()>>,
 }
 
@@ -73,6 +98,7 @@ impl ScanPool {
             counters,
             users: Users::load(),
         });
+        let tx = JobSender::new(tx, shared.counters.clone());
         let mut handles = Vec::new();
         for i in 0..workers.max(1) {
             let shared = shared.clone();
@@ -89,7 +115,7 @@ impl ScanPool {
     }
 
     /// A sender for producers; `send` blocks while the queue is full.
-    pub fn sender(&self) -> SyncSender<Job> {
+    pub fn sender(&self) -> JobSender {
         self.tx.clone()
     }
 
@@ -112,7 +138,13 @@ fn worker(shared: &Shared) {
         let rules = shared.rules.load_full();
         let mut scanner = FileScanner::new(&rules, shared.options);
         loop {
-            let Some(job) = carried.take().or_else(|| next_job(&shared.rx)) else {
+            let Some(job) = carried.take().or_else(|| {
+                let job = next_job(&shared.rx);
+                if job.is_some() {
+                    shared.counters.sub(Counter::ScanQueue, 1);
+                }
+                job
+            }) else {
                 return;
             };
             if !Arc::ptr_eq(&shared.rules.load(), &rules) {

@@ -255,6 +255,7 @@ pub struct ProcessJudge {
     /// File systems (devices) whose execs fanotify reports with the executable's descriptor:
     /// an exec event leaves their executables to it.
     exec_covered: HashSet<u64>,
+    counters: Option<Arc<crate::telemetry::Counters>>,
 }
 
 impl ProcessJudge {
@@ -268,6 +269,18 @@ impl ProcessJudge {
     pub fn with_exec_covered(mut self, devices: HashSet<u64>) -> ProcessJudge {
         self.exec_covered = devices;
         self
+    }
+
+    /// Counts each process judged ([`Counter::ProcessesSeen`](crate::telemetry::Counter)).
+    pub fn with_counters(mut self, counters: Arc<crate::telemetry::Counters>) -> ProcessJudge {
+        self.counters = Some(counters);
+        self
+    }
+
+    fn count_judged(&self, n: u64) {
+        if let Some(c) = &self.counters {
+            c.add(crate::telemetry::Counter::ProcessesSeen, n);
+        }
     }
 
     /// Shares the results for executables with the agent's other judges of executions.
@@ -286,6 +299,7 @@ impl ProcessJudge {
             ids,
             memory: None,
             exec_covered: HashSet::new(),
+            counters: None,
         }
     }
 
@@ -295,12 +309,15 @@ impl ProcessJudge {
         let alive: HashSet<(u32, u64)> = procs.iter().map(|p| (p.pid, p.start_ticks)).collect();
         self.seen.retain(|k| alive.contains(k));
         let mut out = Vec::new();
+        let mut judged = 0;
         for p in procs {
             if !self.seen.insert((p.pid, p.start_ticks)) {
                 continue;
             }
+            judged += 1;
             out.extend(self.judge(&p, scanner, true));
         }
+        self.count_judged(judged);
         out
     }
 
@@ -311,6 +328,7 @@ impl ProcessJudge {
             return Vec::new();
         };
         self.seen.insert((p.pid, p.start_ticks));
+        self.count_judged(1);
         // An executable fanotify reports is judged from its exec event; the rest is judged here.
         let covered = !self.exec_covered.is_empty()
             && std::fs::metadata(format!("/proc/{pid}/exe")).is_ok_and(|m| {

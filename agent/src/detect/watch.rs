@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, sync_channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -19,7 +19,7 @@ use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::detect::pool::Job;
+use crate::detect::pool::{Job, JobSender};
 use crate::detect::walk::{WalkRules, each_file};
 use crate::telemetry::{Counter, Counters};
 
@@ -37,7 +37,7 @@ pub struct FileWatch {
 
 /// Where the watcher sends work, and what it skips.
 pub struct WatchTarget {
-    pub queue: SyncSender<Job>,
+    pub queue: JobSender,
     pub rules: WalkRules,
     pub counters: Arc<Counters>,
     /// Ends a rescan in progress at shutdown.
@@ -284,13 +284,14 @@ mod tests {
 
     fn debouncer(roots: &[PathBuf], excludes: &[String]) -> (Debouncer, Receiver<Job>) {
         let (queue, rx) = sync_channel(64);
+        let counters = Arc::new(Counters::default());
         let target = WatchTarget {
-            queue,
+            queue: JobSender::new(queue, counters.clone()),
             rules: WalkRules {
                 one_file_system: true,
                 excludes: crate::detect::walk::exclusions(excludes).unwrap(),
             },
-            counters: Arc::new(Counters::default()),
+            counters,
             stop: CancellationToken::new(),
             renames_only: false,
         };

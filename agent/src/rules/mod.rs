@@ -80,6 +80,16 @@ pub struct ActiveRules {
     pub applied: AtomicU64,
     /// Notified when a new bundle is applied: full scans run again over what they cached.
     pub rescan: Notify,
+    /// YARA rules in the last rule set built, and how long building it took.
+    yara_rules: AtomicU64,
+    load_ms: AtomicU64,
+}
+
+/// Figures of the last rule set built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RuleStats {
+    pub yara_rules: u64,
+    pub load_ms: u64,
 }
 
 impl ActiveRules {
@@ -120,6 +130,8 @@ impl ActiveRules {
             current: Arc::new(ArcSwap::from_pointee(RuleSet::empty())),
             applied: AtomicU64::new(0),
             rescan: Notify::new(),
+            yara_rules: AtomicU64::new(0),
+            load_ms: AtomicU64::new(0),
         };
         let saved = match fleet.read_last_good() {
             Ok(saved) => saved,
@@ -145,6 +157,14 @@ impl ActiveRules {
         };
         fleet.current = Arc::new(ArcSwap::from_pointee(rules));
         Ok(fleet)
+    }
+
+    /// Figures of the last rule set built.
+    pub fn stats(&self) -> RuleStats {
+        RuleStats {
+            yara_rules: self.yara_rules.load(Ordering::Relaxed),
+            load_ms: self.load_ms.load(Ordering::Relaxed),
+        }
     }
 
     fn read_last_good(&self) -> Result<Option<BundleContent>, RulesError> {
@@ -208,6 +228,7 @@ impl ActiveRules {
     /// Builds host-local rules plus the bundle. Problems in host-local files are logged (the
     /// rest loads, as at start); any problem in the bundle's YARA files fails the build.
     fn compile(&self, content: Option<&BundleContent>) -> Result<RuleSet, RulesError> {
+        let started = std::time::Instant::now();
         let mut b = RuleSetBuilder::new();
         for p in &self.local {
             b.add_path(p)?;
@@ -233,6 +254,10 @@ impl ActiveRules {
         for p in report.problems.iter() {
             warn!(problem = %p, "rule not loaded");
         }
+        self.yara_rules
+            .store(report.yara_rules as u64, Ordering::Relaxed);
+        self.load_ms
+            .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
         info!(
             yara_files = report.yara_files,
             rules = report.yara_rules,

@@ -23,7 +23,8 @@ use vedette_proto::v1::agent_service_server::AgentService;
 use vedette_proto::v1::collector_message::Msg as DownMsg;
 use vedette_proto::v1::{
     Ack, AgentMessage, CollectorMessage, Detection, DetectionBatch, EnrollRequest, EnrollResponse,
-    Heartbeat, Hello, Inventory, RenewRequest, RenewResponse, RuleBundle, detection,
+    Heartbeat, Hello, Inventory, PingRequest, PingResponse, RenewRequest, RenewResponse,
+    RuleBundle, detection,
 };
 
 use super::{State, blocking};
@@ -68,6 +69,15 @@ async fn record_issued(state: &State, cert_pem: &str) {
 }
 
 /// SHA-256 of a token, as stored: the collector never keeps a usable token.
+/// The `result` label of a refused enrollment.
+fn token_refusal(e: &TokenError) -> &'static str {
+    match e {
+        TokenError::Unknown => "unknown_token",
+        TokenError::Expired => "expired_token",
+        TokenError::UsedUp => "used_token",
+    }
+}
+
 pub(crate) fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
@@ -82,16 +92,20 @@ impl AgentService for AgentSvc {
     ) -> Result<Response<EnrollResponse>, Status> {
         let peer = request.remote_addr();
         let req = request.into_inner();
+        let metrics = &self.state.metrics;
         if req.token.is_empty() || req.token.len() > MAX_TOKEN_BYTES {
+            metrics.enrollment(token_refusal(&TokenError::Unknown));
             return Err(Status::permission_denied(TokenError::Unknown.to_string()));
         }
         if req.csr_pem.len() > MAX_CSR_BYTES || req.hostname.len() > MAX_STRING_BYTES {
+            metrics.enrollment("oversized_request");
             return Err(Status::invalid_argument("enrollment request too large"));
         }
         // The token first: without a usable one, no CSR is parsed and nothing is signed.
         let hash = token_hash(&req.token);
         let h = hash.clone();
         if let Err(e) = blocking(&self.state.store, move |s| s.check_token(&h, now_ms())).await? {
+            metrics.enrollment(token_refusal(&e));
             warn!(peer = ?peer, reason = %e, "enrollment refused");
             return Err(Status::permission_denied(e.to_string()));
         }
@@ -100,16 +114,21 @@ impl AgentService for AgentSvc {
             .state
             .ca
             .sign_agent_csr(&req.csr_pem, &agent_id, self.state.agent_cert_lifetime)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .map_err(|e| {
+                metrics.enrollment("bad_csr");
+                Status::invalid_argument(e.to_string())
+            })?;
         let (id, host) = (agent_id.clone(), req.hostname.clone());
         let verdict = blocking(&self.state.store, move |s| {
             s.enroll(&hash, &id, &host, now_ms())
         })
         .await?;
         if let Err(e) = verdict {
+            metrics.enrollment(token_refusal(&e));
             warn!(peer = ?peer, reason = %e, "enrollment refused");
             return Err(Status::permission_denied(e.to_string()));
         }
+        metrics.enrollment("ok");
         info!(agent = %agent_id, hostname = %req.hostname, "agent enrolled");
         record_issued(&self.state, &cert_pem).await;
         Ok(Response::new(EnrollResponse {
@@ -152,6 +171,21 @@ impl AgentService for AgentSvc {
     }
 
     type ConnectStream = DownStream;
+
+    async fn ping(&self, request: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
+        let agent_id = Identity::of(&request)?.require_agent()?;
+        let id = agent_id.clone();
+        match blocking(&self.state.store, move |s| s.agent(&id)).await? {
+            Some(r) if !r.revoked => {}
+            Some(_) => return Err(Status::permission_denied("this agent has been revoked")),
+            None => return Err(Status::permission_denied("unknown agent")),
+        }
+        Ok(Response::new(PingResponse {
+            now_ms: now_ms(),
+            agent_id,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }))
+    }
 
     async fn connect(
         &self,
@@ -202,7 +236,9 @@ impl AgentService for AgentSvc {
         let state = self.state.clone();
         let inbound = request.into_inner();
         self.state.tasks.spawn(async move {
+            state.metrics.agents_connected.inc();
             let reason = run_stream(&state, &agent_id, inbound, &tx, &stop).await;
+            state.metrics.agents_connected.dec();
             if let Err(status) = reason {
                 let _ = tx.send(Err(status)).await;
             }
@@ -213,6 +249,7 @@ impl AgentService for AgentSvc {
                     .is_some_and(|(sid, _)| *sid == stream_id)
                 {
                     streams.remove(&agent_id);
+                    state.metrics.agent_gone(&agent_id);
                 }
             }
             let id = agent_id.clone();
@@ -242,6 +279,7 @@ async fn run_stream(
         s.agent_connected(&id, &inventory, bundle, now_ms())
     })
     .await?;
+    state.metrics.agent_applied(agent_id, bundle);
 
     // Push the latest bundle now if the agent runs an older one, then each new one as it is
     // published.
@@ -341,13 +379,24 @@ async fn on_message(state: &State, agent_id: &str, msg: Msg, tx: &Down) -> Resul
         Msg::Batch(batch) => {
             let seq = batch.seq;
             let detections = check_batch(batch)?;
+            state
+                .metrics
+                .detections_received
+                .inc_by(detections.len() as u64);
+            let started = std::time::Instant::now();
             // Committed when this returns: only then is the Ack sent.
-            blocking(&state.store, move |s| {
+            let stored = blocking(&state.store, move |s| {
                 let now = now_ms();
-                s.insert_detections(&id, &detections, now)?;
-                s.agent_seen(&id, now)
+                let stored = s.insert_detections(&id, &detections, now)?;
+                s.agent_seen(&id, now)?;
+                Ok(stored)
             })
             .await?;
+            state
+                .metrics
+                .store_commit_seconds
+                .observe(started.elapsed().as_secs_f64());
+            state.metrics.detections_committed.inc_by(stored as u64);
             let ack = CollectorMessage {
                 msg: Some(DownMsg::Ack(Ack { seq })),
             };
@@ -355,6 +404,7 @@ async fn on_message(state: &State, agent_id: &str, msg: Msg, tx: &Down) -> Resul
         }
         Msg::Heartbeat(hb) => {
             check_heartbeat(&hb)?;
+            state.metrics.heartbeats.inc();
             let dropped = hb.dropped_total;
             let counters = hb.counters.into_iter().collect();
             blocking(&state.store, move |s| {
@@ -365,6 +415,7 @@ async fn on_message(state: &State, agent_id: &str, msg: Msg, tx: &Down) -> Resul
         Msg::BundleStatus(st) => {
             let error: String = st.error.chars().take(MAX_STRING_BYTES / 4).collect();
             if st.applied {
+                state.metrics.agent_applied(agent_id, st.version);
                 info!(agent = %agent_id, version = st.version, "agent applied bundle");
             } else {
                 warn!(agent = %agent_id, version = st.version, error = %error, "agent could not apply bundle");

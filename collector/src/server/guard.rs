@@ -17,6 +17,7 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use vedette_proto::limits::MAX_ENROLL_BYTES;
 
 use super::State;
+use crate::metrics::Refused;
 
 /// The one call allowed without a client certificate.
 pub const ENROLL_PATH: &str = "/vedette.v1.AgentService/Enroll";
@@ -61,6 +62,7 @@ fn check_cert(state: &Arc<State>, der: &[u8]) -> Result<(), Status> {
         return Err(Status::permission_denied("unreadable client certificate"));
     };
     if state.cert_revoked(&serial) {
+        state.metrics.refused(Refused::Revoked);
         return Err(Status::permission_denied(format!(
             "this certificate (serial {serial}) has been revoked"
         )));
@@ -109,6 +111,7 @@ where
             return Box::pin(self.inner.call(req));
         }
         if req.uri().path() != ENROLL_PATH {
+            self.state.metrics.refused(Refused::NoCertificate);
             let refused = Status::unauthenticated("a client certificate is required").into_http();
             return Box::pin(async move { Ok(refused) });
         }
@@ -116,6 +119,7 @@ where
         let capped = Capped {
             inner: body,
             left: MAX_ENROLL_BYTES + GRPC_FRAME_HEADER,
+            metrics: self.state.metrics.clone(),
         };
         Box::pin(
             self.inner
@@ -128,6 +132,7 @@ where
 struct Capped {
     inner: Body,
     left: usize,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl http_body::Body for Capped {
@@ -145,6 +150,7 @@ impl http_body::Body for Capped {
         if let Some(data) = frame.data_ref() {
             if data.len() > self.left {
                 self.left = 0;
+                self.metrics.refused(Refused::OversizedEnrollment);
                 return Poll::Ready(Some(Err(Status::resource_exhausted(format!(
                     "enrollment request larger than {MAX_ENROLL_BYTES} bytes"
                 )))));

@@ -4,7 +4,7 @@
 mod admin;
 mod agent;
 mod guard;
-mod throttle;
+pub mod throttle;
 pub mod tls;
 
 use std::collections::{HashMap, HashSet};
@@ -25,6 +25,7 @@ use vedette_proto::v1::admin_service_server::AdminServiceServer;
 use vedette_proto::v1::agent_service_server::AgentServiceServer;
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::pki::Ca;
 use crate::store::{Store, StoreEvent};
 
@@ -58,6 +59,7 @@ pub(crate) struct State {
     pub revoked_certs: std::sync::RwLock<HashSet<String>>,
     /// Serial numbers of client certificates already recorded by this collector.
     pub seen_certs: Mutex<HashSet<String>>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl State {
@@ -184,6 +186,19 @@ pub async fn serve(
     if let Some(keep) = config.retention {
         tokio::spawn(retention(state.clone(), keep));
     }
+    if let Some(addr) = config.metrics_listen {
+        let metrics = vedette_proto::metrics::bind(addr)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        info!(address = %addr, "serving metrics at /metrics");
+        let registry = Arc::new(state.metrics.registry(&state.throttle));
+        tokio::spawn(vedette_proto::metrics::serve(
+            metrics,
+            registry,
+            shutdown.clone().cancelled_owned(),
+        ));
+        tokio::spawn(sample_export_backlog(state.clone()));
+    }
     let local: SocketAddr = listener.local_addr()?;
     info!(address = %local, store = %config.store.display(), "collector listening");
 
@@ -200,6 +215,7 @@ pub async fn serve(
         limits,
         conn_tx,
         accept_stop.clone(),
+        state.metrics.clone(),
     ));
     let agent_svc = AgentServiceServer::new(agent::AgentSvc::new(state.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -229,6 +245,27 @@ pub async fn serve(
     drain(&state, server, config.shutdown_grace).await;
     let _ = accept.await;
     Ok(())
+}
+
+/// Samples each export sink's backlog for the metrics, every 15 s.
+async fn sample_export_backlog(state: Arc<State>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(15));
+    loop {
+        tokio::select! {
+            () = state.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Ok(rows) = blocking(&state.store, |s| s.export_states()).await else {
+            continue;
+        };
+        for row in rows {
+            state
+                .metrics
+                .export_backlog
+                .get_or_create(&[("sink", row.sink.clone())])
+                .set(i64::try_from(row.backlog).unwrap_or(i64::MAX));
+        }
+    }
 }
 
 /// Opens the store and the CA and loads the latest bundle: everything handlers share.
@@ -273,6 +310,7 @@ async fn open_state(config: &Config, shutdown: CancellationToken) -> anyhow::Res
         agent_cert_lifetime: config.limits.agent_cert_lifetime,
         revoked_certs: std::sync::RwLock::new(revoked.into_iter().collect()),
         seen_certs: Mutex::new(HashSet::new()),
+        metrics: Arc::new(Metrics::default()),
         streams: Mutex::new(HashMap::new()),
         shutdown,
         tasks: TaskTracker::new(),

@@ -3,7 +3,9 @@
 //! in its spool, and HTTP/2 flow control stops it sending more while the stream is not read.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::metrics::counter::Counter;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -54,9 +56,9 @@ pub struct Throttle {
     detections_burst: u32,
     messages_per_second: u32,
     agents: Mutex<HashMap<String, Arc<Mutex<AgentBuckets>>>>,
-    /// Messages that were delayed, and the delay in all.
-    pub delayed: AtomicU64,
-    pub delayed_ms: AtomicU64,
+    /// Messages that were delayed, and the delay in all (exposed as metrics).
+    pub delayed: Counter,
+    pub delay_seconds: Counter<f64, AtomicU64>,
 }
 
 impl Throttle {
@@ -70,8 +72,8 @@ impl Throttle {
             detections_burst,
             messages_per_second,
             agents: Mutex::new(HashMap::new()),
-            delayed: AtomicU64::new(0),
-            delayed_ms: AtomicU64::new(0),
+            delayed: Counter::default(),
+            delay_seconds: Counter::default(),
         }
     }
 
@@ -105,9 +107,8 @@ impl Throttle {
             .take(1.0, now)
             .max(b.detections.take(detections as f64, now));
         if !wait.is_zero() {
-            self.delayed.fetch_add(1, Ordering::Relaxed);
-            self.delayed_ms
-                .fetch_add(wait.as_millis() as u64, Ordering::Relaxed);
+            self.delayed.inc();
+            self.delay_seconds.inc_by(wait.as_secs_f64());
         }
         wait
     }
@@ -141,6 +142,6 @@ mod tests {
         assert_eq!(t.delay("a", 10), Duration::ZERO);
         assert!(t.delay("a", 10) >= Duration::from_millis(900));
         assert_eq!(t.delay("b", 10), Duration::ZERO);
-        assert_eq!(t.delayed.load(Ordering::Relaxed), 1);
+        assert_eq!(t.delayed.get(), 1);
     }
 }

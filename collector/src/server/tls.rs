@@ -25,6 +25,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 use tracing::{debug, warn};
 
+use crate::metrics::{Metrics, Refused};
+
 /// How long a client may take to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes in progress at once; more wait in the kernel's accept queue.
@@ -116,14 +118,29 @@ pub struct Conn {
     _slot: OwnedSemaphorePermit,
     _unauthenticated_slot: Option<OwnedSemaphorePermit>,
     /// For a connection without a client certificate: when it is closed.
-    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    deadline: Option<Deadline>,
+}
+
+struct Deadline {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    metrics: Arc<Metrics>,
+    /// Whether the closing was counted (once per connection).
+    counted: bool,
 }
 
 impl Conn {
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        self.deadline
-            .as_mut()
-            .is_some_and(|d| d.as_mut().poll(cx).is_ready())
+        let Some(d) = self.deadline.as_mut() else {
+            return false;
+        };
+        if d.sleep.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        if !d.counted {
+            d.counted = true;
+            d.metrics.refused(Refused::UnauthenticatedTimeout);
+        }
+        true
     }
 }
 
@@ -184,6 +201,7 @@ pub async fn accept_loop(
     limits: ConnLimits,
     out: mpsc::Sender<Result<Conn, io::Error>>,
     shutdown: CancellationToken,
+    metrics: Arc<Metrics>,
 ) {
     let acceptor = TlsAcceptor::from(config);
     let permits = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
@@ -215,6 +233,7 @@ pub async fn accept_loop(
         let out = out.clone();
         let unauthenticated = unauthenticated.clone();
         let timeout = limits.unauthenticated_timeout;
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
             drop(permit);
@@ -229,6 +248,7 @@ pub async fn accept_loop(
                         (None, None)
                     } else {
                         let Ok(p) = unauthenticated.try_acquire_owned() else {
+                            metrics.refused(Refused::UnauthenticatedLimit);
                             // Logged at 1, 2, 4, 8... refusals: a flood does not flood the log.
                             let n = REFUSED_UNAUTHENTICATED.fetch_add(1, Ordering::Relaxed) + 1;
                             if n.is_power_of_two() {
@@ -236,7 +256,14 @@ pub async fn accept_loop(
                             }
                             return;
                         };
-                        (Some(p), Some(Box::pin(tokio::time::sleep(timeout))))
+                        (
+                            Some(p),
+                            Some(Deadline {
+                                sleep: Box::pin(tokio::time::sleep(timeout)),
+                                metrics: metrics.clone(),
+                                counted: false,
+                            }),
+                        )
                     };
                     let conn = Conn {
                         inner: stream,
@@ -246,8 +273,14 @@ pub async fn accept_loop(
                     };
                     let _ = out.send(Ok(conn)).await;
                 }
-                Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake refused"),
-                Err(_) => debug!(%peer, "TLS handshake timed out"),
+                Ok(Err(e)) => {
+                    metrics.refused(Refused::Handshake);
+                    debug!(%peer, error = %e, "TLS handshake refused")
+                }
+                Err(_) => {
+                    metrics.refused(Refused::Handshake);
+                    debug!(%peer, "TLS handshake timed out")
+                }
             }
         });
     }
