@@ -15,8 +15,8 @@ use crate::pki::Role;
     about = "The Vedette collector: enrolls agents, stores their detections, serves vedettectl",
     long_about = "The Vedette collector: enrolls agents under its own CA, stores their detections \
         in SQLite or PostgreSQL, and serves the admin API used by vedettectl.\n\n\
-        First run `vedette-collector init --dir /etc/vedette` once, then \
-        `vedette-collector serve --config /etc/vedette/collector.toml`."
+        First run `vedette-collector init --dir /var/lib/vedette-collector` once, then \
+        `vedette-collector serve --config /var/lib/vedette-collector/collector.toml`."
 )]
 pub struct Cli {
     /// Log lines as `text` or `json` (one object per line); `auto`: JSON under systemd
