@@ -410,10 +410,29 @@ mod tests {
         c.set(Counter::SpoolPending, 0);
         c.inc(Counter::skipped(&SkipReason::TooLarge(9)));
         let snap = c.snapshot();
-        assert_eq!(snap.len(), 3, "{snap:?}");
+        // The three touched, and the process's own use, sampled for every snapshot (no
+        // queue or rules are attached here).
+        assert_eq!(snap.len(), 5, "{snap:?}");
+        assert!(snap["resident_memory_bytes"] > 1024 * 1024, "{snap:?}");
+        assert!(snap.contains_key("cpu_ms"), "{snap:?}");
         assert_eq!(snap["files_scanned"], 3);
         assert_eq!(snap["spool_pending"], 0);
         assert_eq!(snap["files_skipped_too_large"], 1);
         assert_eq!(c.skipped(), (1, vec!["too_large 1".to_string()]));
+    }
+
+    #[test]
+    fn gauges_go_down_but_not_below_zero() {
+        let c = Counters::default();
+        c.add(Counter::ScanQueue, 2);
+        c.sub(Counter::ScanQueue, 1);
+        assert_eq!(c.get(Counter::ScanQueue), 1);
+        c.sub(Counter::ScanQueue, 5);
+        assert_eq!(c.get(Counter::ScanQueue), 0);
+        assert!(Counter::ScanQueue.is_gauge() && !Counter::FilesScanned.is_gauge());
+        assert_eq!(
+            Counter::FilesScanned.help(),
+            " Files read and judged by a scanner."
+        );
     }
 }
