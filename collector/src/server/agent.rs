@@ -275,11 +275,11 @@ async fn run_stream(
     info!(agent = %agent_id, hostname = %inventory.hostname, version = %inventory.agent_version, "agent connected");
     let id = agent_id.to_string();
     let bundle = hello.applied_bundle_version;
+    state.metrics.agent_applied(agent_id, bundle);
     blocking(&state.store, move |s| {
         s.agent_connected(&id, &inventory, bundle, now_ms())
     })
     .await?;
-    state.metrics.agent_applied(agent_id, bundle);
 
     // Push the latest bundle now if the agent runs an older one, then each new one as it is
     // published.
