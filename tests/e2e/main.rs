@@ -2,6 +2,7 @@
 //! real inotify, real SQLite, real YARA, certificates made by `vedette-collector init`.
 
 mod backbone;
+mod bench_smoke;
 mod bundles;
 mod delivery;
 mod engine;

@@ -1,0 +1,106 @@
+//! Every benchmark run once in a tiny configuration, so that none of them can rot. The
+//! figures printed here mean nothing (debug build, a handful of items); `BENCHMARKS.md` gives
+//! the real runs and their commands.
+
+use vedette_tests::bin;
+
+/// Runs a benchmark binary; its standard output, after checking that it succeeded.
+fn run(name: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(bin(name))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {name}: {e}"));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{name} {args:?} failed: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{name} {args:?}:\n{text}");
+    text
+}
+
+#[test]
+fn ingest_benchmark_runs_in_a_tiny_configuration() {
+    let text = run(
+        "vedette-ingest",
+        &["--agents", "2", "--batches", "2", "--batch", "5"],
+    );
+    assert!(text.contains("| SQLite, 1 collector | 2 | 20 |"), "{text}");
+}
+
+#[test]
+fn bundle_fanout_benchmark_runs_in_a_tiny_configuration() {
+    let text = run("bundle-fanout", &["--agents", "3", "--rounds", "1"]);
+    assert!(text.contains("3 agent streams open"), "{text}");
+    assert!(
+        text.lines().any(|l| l.trim_start().starts_with("1 ")),
+        "no round in: {text}"
+    );
+}
+
+#[test]
+fn exec_latency_benchmark_runs_in_a_tiny_configuration() {
+    let text = run("exec-latency", &["--execs", "20", "--rounds", "1"]);
+    assert!(text.contains("| 1 | no agent | 20 |"), "{text}");
+}
+
+/// The scan benchmark against Debian's `yara` (and `bc` for its arithmetic), on a tiny
+/// corpus with one rule and one hash list of its own, with the debug build.
+#[test]
+fn scan_benchmark_runs_in_a_tiny_configuration() {
+    let have = |tool: &str, arg: &str| {
+        std::process::Command::new(tool)
+            .arg(arg)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .is_ok()
+    };
+    if !have("yara", "--version") || !have("bc", "--version") {
+        assert_ne!(
+            std::env::var("VEDETTE_TEST_PEERS").as_deref(),
+            Ok("required"),
+            "yara and bc required here (apt-get install yara bc)"
+        );
+        eprintln!("SKIP: the scan benchmark needs yara and bc (apt-get install yara bc)");
+        return;
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let tmp = tempfile::tempdir().unwrap();
+    let sb = tmp.path().join("signature-base");
+    std::fs::create_dir_all(sb.join("yara")).unwrap();
+    std::fs::create_dir_all(sb.join("iocs")).unwrap();
+    std::fs::write(
+        sb.join("yara/smoke.yar"),
+        "rule smoke_marker { strings: $m = \"VEDETTE-BENCH-SMOKE\" condition: $m }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        sb.join("iocs/hash-iocs.txt"),
+        "0123456789abcdef0123456789abcdef;smoke hash\n",
+    )
+    .unwrap();
+    let corpus = tmp.path().join("corpus");
+    std::fs::create_dir_all(&corpus).unwrap();
+    for i in 0..20 {
+        std::fs::write(corpus.join(format!("f{i}.txt")), format!("file {i}\n")).unwrap();
+    }
+    std::fs::write(corpus.join("hit.txt"), "xx VEDETTE-BENCH-SMOKE xx\n").unwrap();
+    let out = std::process::Command::new("bash")
+        .arg(root.join("tests/bench/scan_vs_yara.sh"))
+        .env("SIGNATURE_BASE", &sb)
+        .env("CORPUS", &corpus)
+        .env("AGENT", bin("vedette-agent"))
+        .env("RUNS", "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "scan_vs_yara.sh: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("scan_vs_yara.sh:\n{text}");
+    assert!(text.contains("yara matches:    1 lines"), "{text}");
+    assert!(text.contains("vedette matches: 1 detections"), "{text}");
+}
