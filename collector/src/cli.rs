@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use vedette_proto::cli::LogFormat;
+use vedette_proto::cli::LogArgs;
 
 use crate::pki::Role;
 
@@ -19,16 +19,8 @@ use crate::pki::Role;
         `vedette-collector serve --config /var/lib/vedette-collector/collector.toml`."
 )]
 pub struct Cli {
-    /// Log lines as `text` or `json` (one object per line); `auto`: JSON under systemd
-    /// (journal), text otherwise. Filter with VEDETTE_LOG (default `info`).
-    #[arg(
-        long,
-        global = true,
-        value_enum,
-        default_value = "auto",
-        env = "VEDETTE_LOG_FORMAT"
-    )]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub log: LogArgs,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -1,11 +1,10 @@
 //! `vedette-collector doctor`: checks a collector's configuration, certificates, store and
 //! addresses, read-only, and prints each problem with its fix.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use vedette_proto::doctor::Finding;
+use vedette_proto::doctor::{Finding, private_mode};
 
 use crate::config::Config;
 use crate::store::StoreLocation;
@@ -31,7 +30,11 @@ pub fn run(path: &Path) -> Vec<Finding> {
         }
     };
     for key in [&config.ca_key, &config.server_key] {
-        check_key_mode(key, &mut out);
+        out.push(private_mode(
+            key,
+            "private key",
+            "check the [tls] paths in the config",
+        ));
     }
     let ca = read_cert(&config.ca_cert, "CA certificate", &mut out);
     let server = read_cert(&config.server_cert, "server certificate", &mut out);
@@ -51,29 +54,6 @@ pub fn run(path: &Path) -> Vec<Finding> {
         check_address("metrics_listen", m, &mut out);
     }
     out
-}
-
-fn check_key_mode(path: &Path, out: &mut Vec<Finding>) {
-    match std::fs::metadata(path) {
-        Ok(m) if m.permissions().mode() & 0o077 != 0 => out.push(Finding::problem(
-            "permissions",
-            format!(
-                "the private key `{}` has mode {:04o}: other users can read it",
-                path.display(),
-                m.permissions().mode() & 0o777
-            ),
-            format!("chmod 600 {}", path.display()),
-        )),
-        Ok(_) => out.push(Finding::ok(
-            "permissions",
-            format!("`{}` is private", path.display()),
-        )),
-        Err(e) => out.push(Finding::problem(
-            "permissions",
-            format!("cannot read `{}`: {e}", path.display()),
-            "check the [tls] paths in the config",
-        )),
-    }
 }
 
 fn read_cert(path: &Path, what: &str, out: &mut Vec<Finding>) -> Option<Vec<u8>> {

@@ -11,7 +11,7 @@ use vedette_proto::cli::{exit, fail, init_logging};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    init_logging(cli.log.log_format);
     match cli.command {
         Command::Init {
             dir,

@@ -42,6 +42,21 @@ impl LogFormat {
     }
 }
 
+/// The `--log-format` argument every daemon takes (`#[command(flatten)]`).
+#[derive(Clone, Copy, Debug, clap::Args)]
+pub struct LogArgs {
+    /// Log lines as `text` or `json` (one object per line); `auto`: JSON under systemd
+    /// (journal), text otherwise. Filter with VEDETTE_LOG (default `info`).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "auto",
+        env = "VEDETTE_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
+}
+
 /// Logs to stderr in `format`, filtered by `VEDETTE_LOG` (default `info`; for example
 /// `VEDETTE_LOG=debug` or `VEDETTE_LOG=vedette_agent=debug,info`).
 pub fn init_logging(format: LogFormat) {

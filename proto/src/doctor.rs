@@ -54,6 +54,38 @@ impl Finding {
     }
 }
 
+/// Whether a private file or directory is closed to group and others: a problem with its
+/// `chmod` when it is not; `unreadable_fix` when it cannot be read at all.
+pub fn private_mode(path: &std::path::Path, what: &str, unreadable_fix: &str) -> Finding {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::metadata(path) {
+        Ok(m) => {
+            let mode = m.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                let want = if m.is_dir() { "700" } else { "600" };
+                Finding::problem(
+                    "permissions",
+                    format!(
+                        "the {what} `{}` has mode {mode:04o}: other users can read it",
+                        path.display()
+                    ),
+                    format!("chmod {want} {}", path.display()),
+                )
+            } else {
+                Finding::ok(
+                    "permissions",
+                    format!("the {what} `{}` has mode {mode:04o}", path.display()),
+                )
+            }
+        }
+        Err(e) => Finding::problem(
+            "permissions",
+            format!("cannot read `{}`: {e}", path.display()),
+            unreadable_fix,
+        ),
+    }
+}
+
 /// Prints the findings; true when none is a problem.
 pub fn print(findings: &[Finding]) -> bool {
     for f in findings {

@@ -57,12 +57,7 @@ fn scan_benchmark_runs_in_a_tiny_configuration() {
             .is_ok()
     };
     if !have("yara", "--version") || !have("bc", "--version") {
-        assert_ne!(
-            std::env::var("VEDETTE_TEST_PEERS").as_deref(),
-            Ok("required"),
-            "yara and bc required here (apt-get install yara bc)"
-        );
-        eprintln!("SKIP: the scan benchmark needs yara and bc (apt-get install yara bc)");
+        vedette_tests::missing_peer("yara and bc", "apt-get install yara bc");
         return;
     }
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");

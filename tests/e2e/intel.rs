@@ -35,12 +35,10 @@ pub(crate) fn peer_tools(modules: &[&str], packages: &str) -> bool {
     if missing.is_empty() {
         return true;
     }
-    assert_ne!(
-        std::env::var("VEDETTE_TEST_PEERS").as_deref(),
-        Ok("required"),
-        "{packages} required here (missing Python modules: {missing:?})"
+    vedette_tests::missing_peer(
+        &format!("{packages} (Python modules {missing:?})"),
+        &format!("pip install {packages}"),
     );
-    eprintln!("SKIP: {packages} not installed (pip install {packages}; .ci/run installs them)");
     false
 }
 

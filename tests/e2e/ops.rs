@@ -5,7 +5,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
-use vedette_tests::{Agent, Collector, free_port, http_get, rule_dir, wait_for, wait_until};
+use vedette_tests::{
+    Agent, Collector, free_port, http_get, output_text, rule_dir, wait_for, wait_until,
+};
 
 use crate::intel::peer_tools;
 
@@ -236,14 +238,7 @@ fn agent_doctor(state: &Path, config: Option<&Path>) -> (i32, String) {
         cmd.arg("--config").arg(c);
     }
     let out = cmd.output().expect("run vedette-agent doctor");
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    (out.status.code().unwrap_or(-1), output_text(&out))
 }
 
 /// The problem saying `needle` (its lines up to its fix), and the fix printed under it.
@@ -390,11 +385,7 @@ fn agent_doctor_reports_a_too_small_inotify_watch_limit() {
         .args(["--mount", "--propagation", "private", "sh", "-c", &script])
         .output()
         .unwrap();
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let report = output_text(&out);
     assert_eq!(out.status.code(), Some(1), "{report}");
     let (_, fix) = problem_and_fix(&report, "max_user_watches is 10");
     assert!(
@@ -569,12 +560,7 @@ fn systemd_units_pass_systemd_analyze_verify() {
         .output()
         .is_ok_and(|o| o.status.success());
     if !present {
-        assert_ne!(
-            std::env::var("VEDETTE_TEST_PEERS").as_deref(),
-            Ok("required"),
-            "systemd-analyze required here (apt-get install systemd)"
-        );
-        eprintln!("SKIP: systemd-analyze not installed (apt-get install systemd)");
+        vedette_tests::missing_peer("systemd-analyze", "apt-get install systemd");
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -598,11 +584,7 @@ fn systemd_units_pass_systemd_analyze_verify() {
         .args(&paths)
         .output()
         .unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = output_text(&out);
     assert!(out.status.success(), "systemd-analyze verify: {said}");
     assert!(
         !said.contains("vedette"),
@@ -667,11 +649,7 @@ fn install_agent_script_is_idempotent() {
             .env_remove("VEDETTE_TOKEN")
             .output()
             .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let text = output_text(&out);
         assert!(out.status.success(), "install-agent.sh failed: {text}");
         text
     };

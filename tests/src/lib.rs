@@ -452,6 +452,26 @@ impl Agent {
     }
 }
 
+/// A peer tool a test runs against is missing: a failure where `.ci/run` installs them
+/// (`VEDETTE_TEST_PEERS=required`), else the test says it skips (the caller returns).
+pub fn missing_peer(what: &str, install: &str) {
+    assert_ne!(
+        std::env::var("VEDETTE_TEST_PEERS").as_deref(),
+        Ok("required"),
+        "{what} required here ({install})"
+    );
+    eprintln!("SKIP: {what} not installed ({install}; .ci/run installs it)");
+}
+
+/// Standard output then standard error of a finished command, as text.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// `GET http://ADDR/PATH` over plain HTTP/1.1: the status line and the body.
 pub fn http_get(addr: &str, path: &str) -> Result<(String, String), String> {
     use std::io::{Read, Write};

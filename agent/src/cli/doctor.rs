@@ -1,7 +1,6 @@
 //! `vedette-agent doctor`: checks what the agent needs, read-only, and prints each problem
 //! with its fix. Exit status 0 when nothing is wrong, 1 otherwise (warnings alone pass).
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -9,7 +8,7 @@ use vedette_proto::client::{ClientTls, connect};
 use vedette_proto::v1::PingRequest;
 use vedette_proto::v1::agent_service_client::AgentServiceClient;
 
-use vedette_proto::doctor::Finding;
+use vedette_proto::doctor::{Finding, private_mode};
 
 use crate::config::{EventSource, RawConfig, Settings};
 use crate::state::{Enrollment, StateDir};
@@ -110,8 +109,8 @@ fn check_state(state: &StateDir, out: &mut Vec<Finding>) -> Option<Enrollment> {
         "enrollment",
         format!("agent {}", enrollment.agent_id),
     ));
-    check_mode(&state.dir, 0o077, "state directory", out);
-    check_mode(&state.key(), 0o077, "private key", out);
+    out.push(private_mode(&state.dir, "state directory", &reenroll));
+    out.push(private_mode(&state.key(), "private key", &reenroll));
     let ca = read_cert(&state.ca());
     let cert = read_cert(&state.cert());
     match (&ca, &cert) {
@@ -121,36 +120,6 @@ fn check_state(state: &StateDir, out: &mut Vec<Finding>) -> Option<Enrollment> {
         (Ok(ca), Ok(cert)) => check_certificate(ca, cert, &state.cert(), &reenroll, out),
     }
     Some(enrollment)
-}
-
-/// A private file or directory must not be open to group or others.
-fn check_mode(path: &Path, forbidden: u32, what: &str, out: &mut Vec<Finding>) {
-    match std::fs::metadata(path) {
-        Ok(m) => {
-            let mode = m.permissions().mode() & 0o777;
-            if mode & forbidden != 0 {
-                let want = if m.is_dir() { "700" } else { "600" };
-                out.push(Finding::problem(
-                    "permissions",
-                    format!(
-                        "the {what} `{}` has mode {mode:04o}: other users can read it",
-                        path.display()
-                    ),
-                    format!("chmod {want} {}", path.display()),
-                ));
-            } else {
-                out.push(Finding::ok(
-                    "permissions",
-                    format!("the {what} has mode {mode:04o}"),
-                ));
-            }
-        }
-        Err(e) => out.push(Finding::problem(
-            "permissions",
-            format!("cannot read `{}`: {e}", path.display()),
-            "enroll again",
-        )),
-    }
 }
 
 fn read_cert(path: &Path) -> Result<Vec<u8>, String> {

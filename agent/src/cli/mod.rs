@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use vedette_proto::cli::{LogFormat, exit, fail, wait_for_signal};
+use vedette_proto::cli::{LogArgs, exit, fail, wait_for_signal};
 
 use crate::config::RawConfig;
 use crate::detect::walk::{WalkRules, exclusions};
@@ -26,16 +26,8 @@ use enroll::{CaPin, EnrollArgs};
         vedette-agent run --state-dir /var/lib/vedette --watch /srv --rules /etc/vedette/rules"
 )]
 pub struct Cli {
-    /// Log lines as `text` or `json` (one object per line); `auto`: JSON under systemd
-    /// (journal), text otherwise. Filter with VEDETTE_LOG (default `info`).
-    #[arg(
-        long,
-        global = true,
-        value_enum,
-        default_value = "auto",
-        env = "VEDETTE_LOG_FORMAT"
-    )]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub log: LogArgs,
     #[command(subcommand)]
     pub command: Command,
 }
