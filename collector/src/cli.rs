@@ -98,6 +98,10 @@ pub enum CertsCmd {
     /// Issue a client certificate with the given roles: `operator` (tokens, agents,
     /// detections) and/or `maintainer` (publish rule bundles). Writes PREFIX.crt and
     /// PREFIX.key (0600).
+    ///
+    /// With `--org NAME` the certificate sees and acts only on that organisation's agents,
+    /// detections, tokens and certificates, and cannot publish bundles, stage intel, or see
+    /// other organisations. Without it, the certificate is collector-wide.
     Issue {
         /// The collector.toml (for the CA's certificate and key).
         #[arg(long, env = "VEDETTE_COLLECTOR_CONFIG")]
@@ -108,6 +112,10 @@ pub enum CertsCmd {
         /// A role (repeatable).
         #[arg(long = "role", required = true, value_enum)]
         roles: Vec<Role>,
+        /// Limit the certificate to this organisation (created first with
+        /// `vedettectl orgs create`).
+        #[arg(long, value_name = "NAME")]
+        org: Option<String>,
         /// Output path prefix.
         #[arg(long)]
         out: PathBuf,

@@ -11,20 +11,32 @@ use tonic::{Request, Status};
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::pki::{AGENT_URI_PREFIX, ROLE_URI_PREFIX, Role};
+use crate::orgs::DEFAULT_ORG;
+use crate::pki::{AGENT_URI_PREFIX, ORG_URI_PREFIX, ROLE_URI_PREFIX, Role};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Identity {
-    /// An enrolled agent, by the id in its certificate.
-    Agent(String),
-    /// A person or tool with the given roles (operator, maintainer).
-    Client { name: String, roles: BTreeSet<Role> },
+    /// An enrolled agent, by the id and the organisation in its certificate (the default
+    /// organisation when the certificate names none).
+    Agent { id: String, org: String },
+    /// A person or tool with the given roles (operator, maintainer), limited to one
+    /// organisation when `org` is set, collector-wide otherwise.
+    Client {
+        name: String,
+        roles: BTreeSet<Role>,
+        org: Option<String>,
+    },
 }
 
 impl std::fmt::Display for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Identity::Agent(id) => write!(f, "agent {id}"),
+            Identity::Agent { id, .. } => write!(f, "agent {id}"),
+            Identity::Client {
+                name,
+                org: Some(org),
+                ..
+            } => write!(f, "{name} (of {org})"),
             Identity::Client { name, .. } => write!(f, "{name}"),
         }
     }
@@ -52,9 +64,9 @@ impl Identity {
     pub fn cert_row(der: &[u8], now_ms: i64) -> Option<crate::store::CertRow> {
         let id = Identity::from_der(der)?;
         let (_, cert) = X509Certificate::from_der(der).ok()?;
-        let (kind, subject, roles) = match id {
-            Identity::Agent(id) => ("agent", id, String::new()),
-            Identity::Client { name, roles } => (
+        let (kind, subject, roles, org) = match id {
+            Identity::Agent { id, org } => ("agent", id, String::new(), org),
+            Identity::Client { name, roles, org } => (
                 "client",
                 name,
                 roles
@@ -62,6 +74,7 @@ impl Identity {
                     .map(|r| r.as_str())
                     .collect::<Vec<_>>()
                     .join(","),
+                org.unwrap_or_default(),
             ),
         };
         Some(crate::store::CertRow {
@@ -72,6 +85,7 @@ impl Identity {
             not_after_ms: cert.validity().not_after.timestamp().saturating_mul(1000),
             recorded_at_ms: now_ms,
             revoked_at_ms: 0,
+            org,
         })
     }
 
@@ -80,18 +94,29 @@ impl Identity {
         let san = cert.subject_alternative_name().ok()??;
         let mut agent = None;
         let mut roles = BTreeSet::new();
+        let mut orgs = Vec::new();
         for name in &san.value.general_names {
             if let GeneralName::URI(uri) = name {
                 if let Some(id) = uri.strip_prefix(AGENT_URI_PREFIX) {
                     agent = Some(id.to_string());
                 } else if let Some(role) = uri.strip_prefix(ROLE_URI_PREFIX).and_then(Role::parse) {
                     roles.insert(role);
+                } else if let Some(org) = uri.strip_prefix(ORG_URI_PREFIX) {
+                    orgs.push(org.to_string());
                 }
             }
         }
-        // A certificate naming both an agent and roles is not one this CA issues: refuse it.
+        // A certificate naming several organisations, an empty one, or both an agent and
+        // roles is not one this CA issues: refuse it.
+        if orgs.len() > 1 || orgs.iter().any(|o| crate::orgs::check_name(o).is_err()) {
+            return None;
+        }
+        let org = orgs.pop();
         match (agent, roles.is_empty()) {
-            (Some(id), true) if !id.is_empty() => Some(Identity::Agent(id)),
+            (Some(id), true) if !id.is_empty() => Some(Identity::Agent {
+                id,
+                org: org.unwrap_or_else(|| DEFAULT_ORG.to_string()),
+            }),
             (None, false) => {
                 let name = cert
                     .subject()
@@ -100,16 +125,16 @@ impl Identity {
                     .and_then(|cn| cn.as_str().ok())
                     .unwrap_or("")
                     .to_string();
-                Some(Identity::Client { name, roles })
+                Some(Identity::Client { name, roles, org })
             }
             _ => None,
         }
     }
 
-    /// The agent id, or PERMISSION_DENIED for any other identity.
-    pub fn require_agent(self) -> Result<String, Status> {
+    /// The agent id and organisation, or PERMISSION_DENIED for any other identity.
+    pub fn require_agent(self) -> Result<(String, String), Status> {
         match self {
-            Identity::Agent(id) => Ok(id),
+            Identity::Agent { id, org } => Ok((id, org)),
             Identity::Client { .. } => Err(Status::permission_denied(
                 "only agent certificates may open an agent stream",
             )),
@@ -119,8 +144,27 @@ impl Identity {
     /// The certificate's name (agent id, or the person or tool).
     pub fn name(&self) -> &str {
         match self {
-            Identity::Agent(id) => id,
+            Identity::Agent { id, .. } => id,
             Identity::Client { name, .. } => name,
+        }
+    }
+
+    /// The organisation a client is limited to; None for collector-wide clients (and agents,
+    /// which never reach the admin API).
+    pub fn scope(&self) -> Option<&str> {
+        match self {
+            Identity::Client { org, .. } => org.as_deref(),
+            Identity::Agent { .. } => None,
+        }
+    }
+
+    /// PERMISSION_DENIED for a client limited to one organisation: for what is collector-wide.
+    pub fn require_collector_wide(&self, what: &str) -> Result<(), Status> {
+        match self.scope() {
+            None => Ok(()),
+            Some(_) => Err(Status::permission_denied(format!(
+                "{what} is collector-wide: this certificate is limited to one organisation"
+            ))),
         }
     }
 
@@ -132,7 +176,7 @@ impl Identity {
                 "this certificate lacks the {} role",
                 role.as_str()
             ))),
-            Identity::Agent(_) => Err(Status::permission_denied(
+            Identity::Agent { .. } => Err(Status::permission_denied(
                 "agent certificates cannot call the admin API",
             )),
         }
@@ -156,13 +200,14 @@ mod tests {
     fn operator_certificate_has_roles_and_no_agent() {
         let (ca, _) = Ca::generate("test CA").unwrap();
         let c = ca
-            .issue_client("alice", &[Role::Operator, Role::Maintainer])
+            .issue_client("alice", &[Role::Operator, Role::Maintainer], None)
             .unwrap();
         let id = Identity::from_pem_for_tests(&c.cert_pem);
         assert!(id.require_role(Role::Operator).is_ok());
         assert!(id.require_role(Role::Maintainer).is_ok());
         assert!(id.clone().require_agent().is_err());
-        let c = ca.issue_client("bob", &[Role::Operator]).unwrap();
+        assert_eq!(id.scope(), None);
+        let c = ca.issue_client("bob", &[Role::Operator], None).unwrap();
         let id = Identity::from_pem_for_tests(&c.cert_pem);
         assert_eq!(
             id.require_role(Role::Maintainer).unwrap_err().code(),
@@ -171,8 +216,39 @@ mod tests {
     }
 
     #[test]
+    fn scoped_operator_certificate_names_its_organisation() {
+        let (ca, _) = Ca::generate("test CA").unwrap();
+        let c = ca
+            .issue_client("carol", &[Role::Operator], Some("alpha"))
+            .unwrap();
+        let id = Identity::from_pem_for_tests(&c.cert_pem);
+        assert_eq!(id.scope(), Some("alpha"));
+        assert!(id.require_role(Role::Operator).is_ok());
+        assert_eq!(
+            id.require_collector_wide("publishing").unwrap_err().code(),
+            tonic::Code::PermissionDenied
+        );
+        assert_eq!(
+            Identity::cert_row(&pem_der(&c.cert_pem), 1).unwrap().org,
+            "alpha"
+        );
+    }
+
+    fn pem_der(pem: &str) -> Vec<u8> {
+        use rustls_pki_types::CertificateDer;
+        use rustls_pki_types::pem::PemObject;
+        CertificateDer::from_pem_slice(pem.as_bytes())
+            .unwrap()
+            .as_ref()
+            .to_vec()
+    }
+
+    #[test]
     fn agent_certificate_cannot_act_as_operator() {
-        let id = Identity::Agent("a".into());
+        let id = Identity::Agent {
+            id: "a".into(),
+            org: DEFAULT_ORG.into(),
+        };
         assert_eq!(
             id.require_role(Role::Operator).unwrap_err().code(),
             tonic::Code::PermissionDenied

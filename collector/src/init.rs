@@ -168,7 +168,7 @@ fn write_pki(dir: &Path, sans: &[String]) -> Result<String, InitError> {
     let server = ca.issue_server(sans)?;
     write_new(&dir.join("server.key"), server.key_pem.as_bytes(), 0o600)?;
     write_new(&dir.join("server.crt"), server.cert_pem.as_bytes(), 0o644)?;
-    let operator = ca.issue_client("operator", &[Role::Operator, Role::Maintainer])?;
+    let operator = ca.issue_client("operator", &[Role::Operator, Role::Maintainer], None)?;
     write_new(
         &dir.join("operator.key"),
         operator.key_pem.as_bytes(),

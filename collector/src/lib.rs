@@ -9,6 +9,7 @@ pub mod identity;
 pub mod init;
 pub mod intel;
 pub mod metrics;
+pub mod orgs;
 pub mod pki;
 pub mod poll;
 pub mod server;

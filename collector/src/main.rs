@@ -40,11 +40,18 @@ fn main() -> ExitCode {
             config,
             name,
             roles,
+            org,
             out,
         }) => match Config::load(&config) {
             Err(e) => fail(&e, exit::CONFIG),
             Ok(config) => {
-                match pki::issue_files(&config.ca_cert, &config.ca_key, &name, &roles, &out) {
+                if let Some(org) = &org
+                    && let Err(e) = check_org(&config, org)
+                {
+                    return fail(&e, exit::CONFIG);
+                }
+                let org = org.as_deref();
+                match pki::issue_files(&config.ca_cert, &config.ca_key, &name, &roles, org, &out) {
                     Ok((crt, key)) => {
                         println!("wrote {} and {} (0600)", crt.display(), key.display());
                         record_issued(&config, &crt);
@@ -78,6 +85,24 @@ fn main() -> ExitCode {
                 server::run_until_signal(config)
             }
         },
+    }
+}
+
+/// Refuses to limit a certificate to an organisation the store does not know (a typo would
+/// make a certificate that sees nothing).
+fn check_org(config: &Config, org: &str) -> Result<(), String> {
+    vedette_collector::orgs::check_name(org).map_err(|e| format!("--org: {e}"))?;
+    let store = vedette_collector::store::open(&config.store)
+        .map_err(|e| format!("--org: cannot check the organisation: {e}"))?;
+    let orgs = store
+        .list_orgs()
+        .map_err(|e| format!("--org: cannot check the organisation: {e}"))?;
+    if orgs.iter().any(|o| o.name == org) {
+        Ok(())
+    } else {
+        Err(format!(
+            "--org: no organisation `{org}` in the store; create it first with `vedettectl orgs create {org}`"
+        ))
     }
 }
 

@@ -2,7 +2,9 @@
 //! fleet uses (server, operator/maintainer clients, agents from their CSRs).
 //!
 //! Who a certificate belongs to is written as a SAN URI, read back by [`crate::identity`]:
-//! `vedette:agent:<uuid>` for agents, `vedette:role:<role>` (one per role) for people and tools.
+//! `vedette:agent:<uuid>` for agents, `vedette:role:<role>` (one per role) for people and tools,
+//! and `vedette:org:<name>` for the organisation an agent belongs to or an operator is limited
+//! to (none: the default organisation for an agent, collector-wide for an operator).
 //! Private keys are written with mode 0600 and never leave the host that made them.
 
 use std::fs;
@@ -20,6 +22,8 @@ use time::{Duration, OffsetDateTime};
 pub const AGENT_URI_PREFIX: &str = "vedette:agent:";
 /// SAN URI prefix naming a role of a person or tool.
 pub const ROLE_URI_PREFIX: &str = "vedette:role:";
+/// SAN URI prefix naming the organisation an agent belongs to, or an operator is limited to.
+pub const ORG_URI_PREFIX: &str = "vedette:org:";
 
 /// Lifetime of the CA certificate.
 const CA_VALIDITY: Duration = Duration::days(3650);
@@ -163,8 +167,14 @@ impl Ca {
         })
     }
 
-    /// Issues a client certificate for a person or tool with the given roles.
-    pub fn issue_client(&self, name: &str, roles: &[Role]) -> Result<IssuedCert, PkiError> {
+    /// Issues a client certificate for a person or tool with the given roles, limited to one
+    /// organisation when `org` is given.
+    pub fn issue_client(
+        &self,
+        name: &str,
+        roles: &[Role],
+        org: Option<&str>,
+    ) -> Result<IssuedCert, PkiError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
         params.distinguished_name = dn(name);
@@ -172,22 +182,32 @@ impl Ca {
             .iter()
             .map(|r| uri(&format!("{ROLE_URI_PREFIX}{}", r.as_str())))
             .collect::<Result<_, _>>()?;
+        if let Some(org) = org {
+            params
+                .subject_alt_names
+                .push(uri(&format!("{ORG_URI_PREFIX}{org}"))?);
+        }
         self.sign_leaf(params, key, ExtendedKeyUsagePurpose::ClientAuth)
     }
 
-    /// Signs an agent's CSR. Only the public key of the request is used: the subject and the
-    /// extensions are chosen here, so an agent cannot ask for a role or another agent's id.
+    /// Signs an agent's CSR for an agent of organisation `org`. Only the public key of the
+    /// request is used: the subject and the extensions are chosen here, so an agent cannot ask
+    /// for a role, another agent's id or another organisation.
     pub fn sign_agent_csr(
         &self,
         csr_pem: &str,
         agent_id: &str,
+        org: &str,
         lifetime: std::time::Duration,
     ) -> Result<String, PkiError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| PkiError::BadCsr(e.to_string()))?;
         let mut params = CertificateParams::default();
         params.distinguished_name = dn(agent_id);
-        params.subject_alt_names = vec![uri(&format!("{AGENT_URI_PREFIX}{agent_id}"))?];
+        params.subject_alt_names = vec![
+            uri(&format!("{AGENT_URI_PREFIX}{agent_id}"))?,
+            uri(&format!("{ORG_URI_PREFIX}{org}"))?,
+        ];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         set_validity(
@@ -254,10 +274,11 @@ pub fn issue_files(
     ca_key: &Path,
     name: &str,
     roles: &[Role],
+    org: Option<&str>,
     out: &Path,
 ) -> Result<(PathBuf, PathBuf), PkiError> {
     let ca = Ca::load(ca_cert, ca_key)?;
-    let cert = ca.issue_client(name, roles)?;
+    let cert = ca.issue_client(name, roles, org)?;
     let (crt, key) = (with_suffix(out, ".crt"), with_suffix(out, ".key"));
     write_new(&key, cert.key_pem.as_bytes(), 0o600)?;
     write_new(&crt, cert.cert_pem.as_bytes(), 0o644)?;
@@ -305,18 +326,30 @@ mod tests {
     #[test]
     fn agent_certificate_ignores_what_the_csr_asks_for() {
         let (ca, _) = Ca::generate("test CA").unwrap();
-        // The CSR asks for an operator role; the issued certificate must carry only the agent id.
+        // The CSR asks for an operator role and another organisation; the issued certificate
+        // must carry only the agent id and the organisation given here.
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::default();
-        params.subject_alt_names = vec![uri("vedette:role:operator").unwrap()];
+        params.subject_alt_names = vec![
+            uri("vedette:role:operator").unwrap(),
+            uri("vedette:org:other").unwrap(),
+        ];
         let csr = params.serialize_request(&key).unwrap().pem().unwrap();
         let pem = ca
-            .sign_agent_csr(&csr, "0000-agent", std::time::Duration::from_secs(3600))
+            .sign_agent_csr(
+                &csr,
+                "0000-agent",
+                "alpha",
+                std::time::Duration::from_secs(3600),
+            )
             .unwrap();
         let id = crate::identity::Identity::from_pem_for_tests(&pem);
         assert_eq!(
             id,
-            crate::identity::Identity::Agent("0000-agent".to_string())
+            crate::identity::Identity::Agent {
+                id: "0000-agent".to_string(),
+                org: "alpha".to_string()
+            }
         );
     }
 
@@ -325,7 +358,7 @@ mod tests {
         let (ca, _) = Ca::generate("test CA").unwrap();
         let serials: std::collections::BTreeSet<String> = (0..20)
             .map(|_| {
-                let c = ca.issue_client("alice", &[Role::Operator]).unwrap();
+                let c = ca.issue_client("alice", &[Role::Operator], None).unwrap();
                 serial_of_pem(&c.cert_pem).unwrap()
             })
             .collect();
@@ -337,7 +370,12 @@ mod tests {
     fn garbage_csr_is_rejected() {
         let (ca, _) = Ca::generate("test CA").unwrap();
         assert!(matches!(
-            ca.sign_agent_csr("not a csr", "x", std::time::Duration::from_secs(60)),
+            ca.sign_agent_csr(
+                "not a csr",
+                "x",
+                "default",
+                std::time::Duration::from_secs(60)
+            ),
             Err(PkiError::BadCsr(_))
         ));
     }

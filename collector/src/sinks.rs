@@ -8,7 +8,12 @@
 //! batch again: the JSONL sink then finds it already in its file (each line carries its
 //! `event.sequence`) and skips it; TAXII objects keep their ids, so a server holds each once.
 //! A sink that refuses is retried with backoff; detections wait in the store meanwhile.
+//!
+//! What a sink sends about a detection follows the sharing policy of the agent's organisation
+//! (`full`, `anonymised` or `none`, read from the store for each batch, so a change applies to
+//! the next one) and carries its TLP marking; see README.md, "Sharing and privacy".
 
+use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::time::Duration;
@@ -16,7 +21,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use vedette_proto::export;
+use vedette_proto::export::{self, Share, Sharing};
 use vedette_proto::v1::StoredDetection;
 
 use crate::config::{HttpAuth, SinkConfig};
@@ -117,20 +122,14 @@ pub fn deliver_once(
     let Some(last) = batch.last().map(|(seq, _)| *seq) else {
         return Ok(0);
     };
+    let policies = policies(store, organisation)?;
+    let policy = |org: &str| policies.get(org).cloned();
     if let SinkConfig::Misp { url, key, ca_cert } = sink {
-        return misp_sightings(
-            store,
-            &name,
-            url,
-            key,
-            ca_cert.as_deref(),
-            &batch,
-            organisation,
-        );
+        return misp_sightings(store, &name, url, key, ca_cert.as_deref(), &batch, &policy);
     }
     let delivered = match sink {
         SinkConfig::Misp { .. } => Ok(()),
-        SinkConfig::Jsonl(path) => jsonl_append(path, &batch),
+        SinkConfig::Jsonl(path) => jsonl_append(path, &batch, &policy),
         SinkConfig::Taxii {
             api_root,
             collection,
@@ -142,6 +141,7 @@ pub fn deliver_once(
             auth,
             ca_cert.as_deref(),
             &batch,
+            &policy,
             organisation,
         ),
     };
@@ -157,6 +157,16 @@ pub fn deliver_once(
             Err(e)
         }
     }
+}
+
+/// Every organisation's sharing policy, by name, as the store holds it now.
+fn policies(store: &dyn Store, organisation: &str) -> Result<HashMap<String, Sharing>, String> {
+    Ok(store
+        .list_orgs()
+        .map_err(|e| e.to_string())?
+        .iter()
+        .map(|o| (o.name.clone(), crate::orgs::sharing(o, organisation)))
+        .collect())
 }
 
 /// The `event.sequence` of the file's last complete line (0 for none); a partial last line (a
@@ -193,13 +203,22 @@ fn jsonl_last_sequence(path: &Path) -> Result<u64, String> {
         .unwrap_or(0))
 }
 
-fn jsonl_append(path: &Path, batch: &[(u64, StoredDetection)]) -> Result<(), String> {
+fn jsonl_append(
+    path: &Path,
+    batch: &[(u64, StoredDetection)],
+    policy: &dyn Fn(&str) -> Option<Sharing>,
+) -> Result<(), String> {
     let mut text = String::new();
     for (seq, d) in batch {
-        let mut v = export::ecs(d);
+        let Some(mut v) = policy(&d.org).and_then(|p| export::ecs_shared(d, &p)) else {
+            continue;
+        };
         v["event"]["sequence"] = json!(seq);
         text.push_str(&v.to_string());
         text.push('\n');
+    }
+    if text.is_empty() {
+        return Ok(());
     }
     let mut f = std::fs::OpenOptions::new()
         .create(true)
@@ -220,7 +239,7 @@ fn misp_sightings(
     key: &str,
     ca_cert: Option<&Path>,
     batch: &[(u64, StoredDetection)],
-    organisation: &str,
+    policy: &dyn Fn(&str) -> Option<Sharing>,
 ) -> Result<u64, String> {
     let agent = crate::poll::http_agent(ca_cert)?;
     let target = format!("{url}sightings/add");
@@ -233,14 +252,17 @@ fn misp_sightings(
             .as_ref()
             .filter(|i| i.source == "misp" && !i.id.is_empty())
             .map(|i| i.id.clone());
-        let Some(attribute) = attribute else {
+        let shared = policy(&s.org).filter(|p| p.share != Share::None);
+        let (Some(attribute), Some(shared)) = (attribute, shared) else {
             passed_to = Some(*seq);
             continue;
         };
+        // A sighting says who saw the attribute and when: the organisation, or its anonymous
+        // stand-in (sector and country). MISP sightings carry no tags.
         let body = json!({
             "uuid": attribute,
             "timestamp": (d.observed_at_ms / 1000).max(0),
-            "source": organisation,
+            "source": shared.sighting_source(),
             "type": "0",
         });
         let sent = agent
@@ -298,11 +320,15 @@ fn taxii_post(
     auth: &HttpAuth,
     ca_cert: Option<&Path>,
     batch: &[(u64, StoredDetection)],
+    policy: &dyn Fn(&str) -> Option<Sharing>,
     organisation: &str,
 ) -> Result<(), String> {
     let list: Vec<StoredDetection> = batch.iter().map(|(_, d)| d.clone()).collect();
-    let bundle = export::stix_bundle(&list, organisation);
-    let envelope = json!({"objects": bundle["objects"]});
+    let objects = export::stix_shared(&list, policy, organisation);
+    if objects.is_empty() {
+        return Ok(());
+    }
+    let envelope = json!({"objects": objects});
     let agent = crate::poll::http_agent(ca_cert)?;
     let url = format!("{api_root}collections/{collection}/objects/");
     let status = crate::poll::send_json(&agent, "POST", &url, auth, Some(&envelope))?;

@@ -74,10 +74,13 @@ fn quote(s: &str) -> String {
 /// What a generated indicator's pattern says: the observed file by its hash, the process by
 /// its command line, the remote address.
 fn observed_pattern(d: &Detection) -> String {
+    let rule = || format!("[x-vedette-rule:name = {}]", quote(&d.rule));
     match &d.target {
         Some(detection::Target::File(f)) if !f.sha256.is_empty() => {
             format!("[file:hashes.'SHA-256' = {}]", quote(&f.sha256))
         }
+        // What an anonymised export keeps of a file may be nothing but the rule that matched.
+        Some(detection::Target::File(f)) if f.path.is_empty() => rule(),
         Some(detection::Target::File(f)) => {
             let name = f.path.rsplit('/').next().unwrap_or(&f.path);
             format!("[file:name = {}]", quote(name))
@@ -85,6 +88,7 @@ fn observed_pattern(d: &Detection) -> String {
         Some(detection::Target::Process(p)) if !p.exe_sha256.is_empty() => {
             format!("[file:hashes.'SHA-256' = {}]", quote(&p.exe_sha256))
         }
+        Some(detection::Target::Process(p)) if p.cmdline.is_empty() => rule(),
         Some(detection::Target::Process(p)) => {
             format!("[process:command_line = {}]", quote(&p.cmdline))
         }
@@ -110,13 +114,19 @@ fn observables(d: &Detection) -> (Vec<String>, Vec<Value>) {
                 hashes.insert(k.into(), json!(v));
             }
         }
+        if hashes.is_empty() && name.is_empty() {
+            return None;
+        }
         let contributing = if hashes.is_empty() {
             json!({"name": name})
         } else {
             json!({"hashes": hashes})
         };
         let mut f = json!({"type": "file", "spec_version": "2.1",
-            "id": sco_id("file", &contributing), "name": name});
+            "id": sco_id("file", &contributing)});
+        if !name.is_empty() {
+            f["name"] = json!(name);
+        }
         if !hashes.is_empty() {
             f["hashes"] = Value::Object(hashes);
         }
@@ -125,17 +135,26 @@ fn observables(d: &Detection) -> (Vec<String>, Vec<Value>) {
         }
         let id = f["id"].as_str().unwrap_or_default().to_string();
         objects.push(f);
-        id
+        Some(id)
     };
     let base = |p: &str| p.rsplit('/').next().unwrap_or(p).to_string();
     let top = match &d.target {
         Some(detection::Target::File(f)) => {
-            vec![file(&base(&f.path), &f.sha256, &f.md5, &f.sha1, f.size)]
+            file(&base(&f.path), &f.sha256, &f.md5, &f.sha1, f.size)
+                .into_iter()
+                .collect()
+        }
+        // Anonymised: no process is left, only its image's hash.
+        Some(detection::Target::Process(p)) if p.pid == 0 && p.cmdline.is_empty() => {
+            file("", &p.exe_sha256, "", "", 0).into_iter().collect()
         }
         Some(detection::Target::Process(p)) => {
-            let image = (!p.exe.is_empty()).then(|| file(&base(&p.exe), &p.exe_sha256, "", "", 0));
+            let image = file(&base(&p.exe), &p.exe_sha256, "", "", 0);
             let mut proc = json!({"type": "process", "spec_version": "2.1",
-                "id": stix_id("process", &d.id), "pid": p.pid});
+                "id": stix_id("process", &d.id)});
+            if p.pid != 0 {
+                proc["pid"] = json!(p.pid);
+            }
             if !p.cmdline.is_empty() {
                 proc["command_line"] = json!(p.cmdline);
             }
@@ -457,4 +476,344 @@ pub fn ecs(s: &StoredDetection) -> Value {
         None => {}
     }
     v
+}
+
+/// What exports carry about one participating organisation (`vedettectl orgs set --share`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Share {
+    /// Everything the agent reported: host names, paths, users, process details.
+    Full,
+    /// The indicator, counts, first and last seen, and the organisation's sector and country;
+    /// nothing that names a host, a path, a user, a command line or an internal address.
+    Anonymised,
+    /// Nothing about the organisation leaves the collector.
+    None,
+}
+
+impl Share {
+    pub const NAMES: &'static str = "full, anonymised or none";
+
+    pub fn parse(s: &str) -> Option<Share> {
+        match s {
+            "full" => Some(Share::Full),
+            "anonymised" | "anonymized" => Some(Share::Anonymised),
+            "none" => Some(Share::None),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Share::Full => "full",
+            Share::Anonymised => "anonymised",
+            Share::None => "none",
+        }
+    }
+}
+
+/// A Traffic Light Protocol 2.0 level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tlp {
+    Clear,
+    Green,
+    Amber,
+    AmberStrict,
+    Red,
+}
+
+impl Tlp {
+    pub const NAMES: &'static str = "clear, green, amber, amber+strict or red";
+
+    pub fn parse(s: &str) -> Option<Tlp> {
+        match s.to_ascii_lowercase().trim_start_matches("tlp:") {
+            "clear" | "white" => Some(Tlp::Clear),
+            "green" => Some(Tlp::Green),
+            "amber" => Some(Tlp::Amber),
+            "amber+strict" => Some(Tlp::AmberStrict),
+            "red" => Some(Tlp::Red),
+            _ => None,
+        }
+    }
+
+    /// As the TLP 2.0 STIX extension and MISP's `tlp` taxonomy write it: `amber+strict`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tlp::Clear => "clear",
+            Tlp::Green => "green",
+            Tlp::Amber => "amber",
+            Tlp::AmberStrict => "amber+strict",
+            Tlp::Red => "red",
+        }
+    }
+
+    /// The MISP tag (`tlp` taxonomy).
+    pub fn misp_tag(self) -> String {
+        format!("tlp:{}", self.as_str())
+    }
+
+    /// The id of the published STIX 2.1 marking definition of this TLP 2.0 level.
+    pub fn marking_id(self) -> &'static str {
+        match self {
+            Tlp::Clear => "marking-definition--94868c89-83c2-464b-929b-a1a8aa3c8487",
+            Tlp::Green => "marking-definition--bab4a63c-aed9-4cf5-a766-dfca5abac2bb",
+            Tlp::Amber => "marking-definition--55d920b0-5e8b-4f79-9ee9-91f868d9b421",
+            Tlp::AmberStrict => "marking-definition--939a9414-2ddd-4d32-a0cd-375ea402b003",
+            Tlp::Red => "marking-definition--e828b379-4e03-4974-9ac4-e53a884c97c1",
+        }
+    }
+
+    /// The marking definition itself, as the TLP 2.0 extension for STIX 2.1 publishes it.
+    pub fn marking_definition(self) -> Value {
+        json!({
+            "type": "marking-definition",
+            "spec_version": "2.1",
+            "id": self.marking_id(),
+            "created": "2022-10-01T00:00:00.000Z",
+            "name": format!("TLP:{}", self.as_str().to_uppercase()),
+            "extensions": {
+                TLP_EXTENSION: {
+                    "extension_type": "property-extension",
+                    "tlp_2_0": self.as_str(),
+                }
+            }
+        })
+    }
+}
+
+/// The extension definition of TLP 2.0 markings in STIX 2.1.
+const TLP_EXTENSION: &str = "extension-definition--60a3c5c5-0d10-413e-aab3-9e08dde9e88d";
+
+/// An organisation's sharing policy, with what exports may say of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sharing {
+    pub name: String,
+    /// Its STIX identity id.
+    pub stix_id: String,
+    /// A STIX industry sector, or empty.
+    pub sector: String,
+    /// ISO 3166-1 alpha-2, or empty.
+    pub country: String,
+    pub share: Share,
+    pub tlp: Tlp,
+}
+
+impl Sharing {
+    /// The STIX objects naming who made the sightings: the organisation's identity (`full`),
+    /// or one anonymous identity per sector and country (`anonymised`); with its location when
+    /// the country is known. The first object is the identity.
+    pub fn identity_objects(&self) -> Vec<Value> {
+        let (id, name) = match self.share {
+            Share::Full => (self.stix_id.clone(), self.name.clone()),
+            _ => (
+                stix_id(
+                    "identity",
+                    &format!("anonymous|{}|{}", self.sector, self.country),
+                ),
+                self.anonymous_name(),
+            ),
+        };
+        let mut identity = json!({
+            "type": "identity",
+            "spec_version": "2.1",
+            "id": id,
+            "created": "2026-01-01T00:00:00.000Z",
+            "modified": "2026-01-01T00:00:00.000Z",
+            "name": name,
+            "identity_class": "organization",
+        });
+        if !self.sector.is_empty() {
+            identity["sectors"] = json!([self.sector]);
+        }
+        let mut out = vec![identity];
+        if !self.country.is_empty() {
+            let location = stix_id("location", &self.country);
+            out.push(json!({
+                "type": "location",
+                "spec_version": "2.1",
+                "id": location,
+                "created": "2026-01-01T00:00:00.000Z",
+                "modified": "2026-01-01T00:00:00.000Z",
+                "country": self.country,
+            }));
+            out.push(json!({
+                "type": "relationship",
+                "spec_version": "2.1",
+                "id": stix_id("relationship", &format!("{id}|located-at|{location}")),
+                "created": "2026-01-01T00:00:00.000Z",
+                "modified": "2026-01-01T00:00:00.000Z",
+                "relationship_type": "located-at",
+                "source_ref": id,
+                "target_ref": location,
+            }));
+        }
+        out
+    }
+
+    /// How an anonymised organisation is named: by its sector and country only.
+    pub fn anonymous_name(&self) -> String {
+        let what: Vec<&str> = [self.sector.as_str(), self.country.as_str()]
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .collect();
+        if what.is_empty() {
+            "Anonymous participant".to_string()
+        } else {
+            format!("Anonymous participant ({})", what.join(", "))
+        }
+    }
+
+    /// What `misp` sightings give as their source.
+    pub fn sighting_source(&self) -> String {
+        match self.share {
+            Share::Full => self.name.clone(),
+            _ => self.anonymous_name(),
+        }
+    }
+}
+
+/// A stored detection with everything that could name a host, a path, a user, a command line
+/// or an internal address removed: what `anonymised` exports are made from. What stays is
+/// the indicator (rule, its source and ids, techniques), the hashes and size of a file, the
+/// remote address and port of a connection, and the times.
+pub fn anonymise(s: &StoredDetection) -> StoredDetection {
+    let mut d = s.detection.clone().unwrap_or_default();
+    match &mut d.target {
+        Some(detection::Target::File(f)) => {
+            // A file name stays only when it is what matched (a file-name indicator).
+            let name = if d.kind == DetectionKind::Filename as i32 {
+                f.path.rsplit('/').next().unwrap_or_default().to_string()
+            } else {
+                String::new()
+            };
+            f.path = name;
+            f.raw_path.clear();
+        }
+        Some(detection::Target::Process(p)) => {
+            *p = crate::v1::ProcessTarget {
+                exe_sha256: std::mem::take(&mut p.exe_sha256),
+                ..Default::default()
+            };
+        }
+        Some(detection::Target::Connection(c)) => {
+            *c = crate::v1::ConnectionTarget {
+                protocol: std::mem::take(&mut c.protocol),
+                remote_addr: std::mem::take(&mut c.remote_addr),
+                remote_port: c.remote_port,
+                ..Default::default()
+            };
+        }
+        None => {}
+    }
+    // Host-local rules are named by the host's own file.
+    if d.bundle_version == 0 {
+        d.source = "local".into();
+        if let Some(i) = &mut d.indicator {
+            i.origin = "local".into();
+        }
+    }
+    StoredDetection {
+        detection: Some(d),
+        agent_id: String::new(),
+        hostname: String::new(),
+        received_at_ms: s.received_at_ms,
+        seq: s.seq,
+        org: String::new(),
+    }
+}
+
+/// The STIX objects a sink sends for a batch of detections, each under its organisation's
+/// policy (`policy` gives it by organisation name; an unknown one shares nothing): sightings
+/// made by the organisation (or its anonymous stand-in), created by `producer` (the collector's
+/// operator), marked with the organisation's TLP. Shared objects appear once.
+pub fn stix_shared(
+    detections: &[StoredDetection],
+    policy: &dyn Fn(&str) -> Option<Sharing>,
+    producer: &str,
+) -> Vec<Value> {
+    let who = identity(producer);
+    let who_id = who["id"].as_str().unwrap_or_default().to_string();
+    let mut objects = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut push = |objects: &mut Vec<Value>, o: Value| {
+        if seen.insert(o["id"].as_str().unwrap_or_default().to_string()) {
+            objects.push(o);
+        }
+    };
+    for s in detections {
+        let Some(policy) = policy(&s.org) else {
+            continue;
+        };
+        let shared = match policy.share {
+            Share::None => continue,
+            Share::Full => s.clone(),
+            Share::Anonymised => anonymise(s),
+        };
+        let marking = policy.tlp.marking_id();
+        let made_by = policy.identity_objects();
+        let by_id = made_by[0]["id"].as_str().unwrap_or_default().to_string();
+        push(&mut objects, who.clone());
+        push(&mut objects, policy.tlp.marking_definition());
+        for o in made_by {
+            push(&mut objects, o);
+        }
+        for mut o in stix_sighting(&shared, &by_id) {
+            o["created_by_ref"] = json!(who_id);
+            o["object_marking_refs"] = json!([marking]);
+            if is_sco(&o) {
+                // Cyber-observables carry no created_by_ref.
+                if let Some(m) = o.as_object_mut() {
+                    m.remove("created_by_ref");
+                }
+            }
+            push(&mut objects, o);
+        }
+    }
+    objects
+}
+
+fn is_sco(o: &Value) -> bool {
+    matches!(
+        o["type"].as_str(),
+        Some("file" | "process" | "ipv4-addr" | "ipv6-addr" | "network-traffic")
+    )
+}
+
+/// The ECS document a sink writes for one detection under its organisation's policy; None
+/// when the policy shares nothing.
+pub fn ecs_shared(s: &StoredDetection, policy: &Sharing) -> Option<Value> {
+    let mut v = match policy.share {
+        Share::None => return None,
+        Share::Full => {
+            let mut v = ecs(s);
+            v["organization"] = json!({"id": policy.stix_id, "name": policy.name});
+            v
+        }
+        Share::Anonymised => {
+            let mut v = ecs(&anonymise(s));
+            if let Some(m) = v.as_object_mut() {
+                m.remove("host");
+                m.remove("agent");
+                m.remove("process");
+                m.remove("user");
+                m.remove("source");
+            }
+            if let Some(file) = v.get_mut("file").and_then(Value::as_object_mut) {
+                file.remove("path");
+                if file.get("name").and_then(Value::as_str) == Some("") {
+                    file.remove("name");
+                }
+            }
+            v["organization"] = json!({"name": policy.anonymous_name()});
+            v
+        }
+    };
+    v["threat"]["indicator"]["marking"] = json!({"tlp": policy.tlp.as_str().to_uppercase()});
+    v["labels"]["tlp"] = json!(policy.tlp.as_str());
+    if !policy.sector.is_empty() {
+        v["labels"]["sector"] = json!(policy.sector);
+    }
+    if !policy.country.is_empty() {
+        v["labels"]["country"] = json!(policy.country);
+    }
+    Some(v)
 }

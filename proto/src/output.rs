@@ -110,6 +110,7 @@ pub fn stored_json(s: &StoredDetection) -> Value {
     let mut v = detection_json(&s.detection.clone().unwrap_or_default());
     v["agent_id"] = json!(s.agent_id);
     v["hostname"] = json!(s.hostname);
+    v["org"] = json!(s.org);
     v["received_at"] = json!(rfc3339_ms(s.received_at_ms));
     v
 }

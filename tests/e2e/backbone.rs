@@ -158,7 +158,7 @@ fn clients_without_a_certificate_or_from_another_ca_are_refused() {
             .await
             .expect("TLS without a client cert connects");
         let e = AdminServiceClient::new(ch.clone())
-            .list_agents(ListAgentsRequest {})
+            .list_agents(ListAgentsRequest::default())
             .await
             .expect_err("no cert must be refused");
         assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
@@ -179,7 +179,7 @@ fn clients_without_a_certificate_or_from_another_ca_are_refused() {
         let refused = match connect(&c.addr, &foreign).await {
             Err(_) => true,
             Ok(ch) => AdminServiceClient::new(ch)
-                .list_agents(ListAgentsRequest {})
+                .list_agents(ListAgentsRequest::default())
                 .await
                 .is_err(),
         };
@@ -229,7 +229,7 @@ fn agent_certificate_cannot_call_the_admin_api_and_revoked_agent_is_cut_off() {
     rt().block_on(async {
         let ch = connect(&c.addr, &agent_tls).await.expect("agent connects");
         let e = AdminServiceClient::new(ch)
-            .list_agents(ListAgentsRequest {})
+            .list_agents(ListAgentsRequest::default())
             .await
             .expect_err("agent cert must not list agents");
         assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");

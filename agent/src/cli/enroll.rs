@@ -63,7 +63,7 @@ pub async fn enroll(args: EnrollArgs<'_>) -> anyhow::Result<String> {
         .serialize_request(&key)
         .and_then(|c| c.pem())
         .context("cannot make a certificate signing request")?;
-    let hostname = sysinfo::System::host_name().unwrap_or_default();
+    let hostname = crate::deliver::inventory::host_name();
     let tls = ClientTls {
         ca_pem: ca_pem.clone(),
         identity: None,

@@ -11,6 +11,8 @@ use clap::{Parser, Subcommand};
     version,
     about = "Administer a Vedette collector: enrollment tokens, agents, detections, rule bundles",
     after_help = "Examples:\n  vedettectl token create --ttl 1h\n  vedettectl agents list\n  \
+        vedettectl orgs create acme --sector energy --country DE\n  \
+        vedettectl token create --org acme\n  \
         vedettectl detections list --since 2026-11-25T00:00:00Z --json\n  \
         vedettectl rules publish /etc/vedette/fleet-rules\n  vedettectl rules status"
 )]
@@ -35,6 +37,9 @@ pub enum Command {
     /// Enrolled agents.
     #[command(subcommand)]
     Agents(AgentsCmd),
+    /// Participating organisations and what exports share about each.
+    #[command(subcommand)]
+    Orgs(OrgsCmd),
     /// Stored detections.
     #[command(subcommand)]
     Detections(DetectionsCmd),
@@ -186,7 +191,67 @@ pub enum TokenCmd {
         /// How many agents may enroll with it.
         #[arg(long, default_value_t = 1)]
         uses: u32,
+        /// The organisation the agents it enrolls belong to (default: yours if your
+        /// certificate is limited to one, else `default`). Written into their certificates.
+        #[arg(long, value_name = "NAME")]
+        org: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+pub enum OrgsCmd {
+    /// Create an organisation. Its STIX identity id is made now and kept. New organisations
+    /// share `anonymised` at TLP:AMBER until `orgs set` says otherwise.
+    #[command(
+        after_help = "Examples:\n  vedettectl orgs create acme-energy --sector energy --country DE\n  \
+        vedettectl token create --org acme-energy\n  \
+        vedette-collector certs issue --config collector.toml --name acme-soc --role operator --org acme-energy --out acme-soc"
+    )]
+    Create {
+        /// Letters, digits, `.`, `_` and `-` (at most 64).
+        name: String,
+        /// A STIX industry sector: energy, financial-services, government-national, healthcare, ...
+        #[arg(long)]
+        sector: Option<String>,
+        /// ISO 3166-1 alpha-2 country code (DE, FR, ...).
+        #[arg(long)]
+        country: Option<String>,
+        #[command(flatten)]
+        policy: PolicyArgs,
+    },
+    /// List organisations (yours only, with a certificate limited to one).
+    List {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change an organisation's sector, country or sharing policy; what is not given stays.
+    /// The next export batch follows the new policy.
+    #[command(
+        after_help = "Examples:\n  vedettectl orgs set acme-energy --share full --tlp green\n  \
+        vedettectl orgs set acme-energy --share none"
+    )]
+    Set {
+        name: String,
+        #[arg(long)]
+        sector: Option<String>,
+        #[arg(long)]
+        country: Option<String>,
+        #[command(flatten)]
+        policy: PolicyArgs,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct PolicyArgs {
+    /// What exports (TAXII, MISP, JSONL) carry about it. full: host names, paths, users,
+    /// processes; anonymised: the indicator, counts, first and last seen, sector and country;
+    /// none: nothing. See README.md, "Sharing and privacy".
+    #[arg(long, value_parser = ["full", "anonymised", "none"])]
+    pub share: Option<String>,
+    /// The TLP 2.0 marking of everything exported about it.
+    #[arg(long, value_parser = ["clear", "green", "amber", "amber+strict", "red"])]
+    pub tlp: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -216,6 +281,9 @@ pub enum AgentsCmd {
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
+        /// Only this organisation's agents.
+        #[arg(long, value_name = "NAME")]
+        org: Option<String>,
     },
     /// Revoke an agent: its open stream is closed and it can no longer connect.
     Revoke {
@@ -234,6 +302,9 @@ pub enum DetectionsCmd {
         /// Only this agent's detections.
         #[arg(long)]
         agent: Option<String>,
+        /// Only this organisation's detections.
+        #[arg(long, value_name = "NAME")]
+        org: Option<String>,
         /// Only detections received at or after this time (RFC 3339, e.g. 2026-11-25T10:00:00Z).
         #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
         since: Option<std::time::SystemTime>,

@@ -14,8 +14,9 @@ use vedette_proto::client::{ClientTls, connect};
 use vedette_proto::limits::MAX_MESSAGE_BYTES;
 use vedette_proto::v1::admin_service_client::AdminServiceClient;
 use vedette_proto::v1::{
-    AgentInfo, CertInfo, CreateTokenRequest, ListAgentsRequest, ListCertsRequest,
-    ListDetectionsRequest, RevokeAgentRequest, RevokeCertRequest, StoredDetection,
+    AgentInfo, CertInfo, CreateOrgRequest, CreateTokenRequest, ListAgentsRequest, ListCertsRequest,
+    ListDetectionsRequest, ListOrgsRequest, Org, RevokeAgentRequest, RevokeCertRequest,
+    SetOrgRequest, StoredDetection,
 };
 
 /// `vedettectl.toml`. Relative paths are relative to the file's directory.
@@ -108,12 +109,18 @@ fn code_name(c: tonic::Code) -> &'static str {
     }
 }
 
-pub async fn token_create(cfg: &CtlConfig, ttl: Duration, uses: u32) -> anyhow::Result<String> {
+pub async fn token_create(
+    cfg: &CtlConfig,
+    ttl: Duration,
+    uses: u32,
+    org: Option<String>,
+) -> anyhow::Result<String> {
     let mut c = cfg.client().await?;
     let r = c
         .create_token(CreateTokenRequest {
             ttl_seconds: ttl.as_secs().max(1),
             uses,
+            org: org.unwrap_or_default(),
         })
         .await
         .map_err(status_error)?
@@ -121,13 +128,15 @@ pub async fn token_create(cfg: &CtlConfig, ttl: Duration, uses: u32) -> anyhow::
     Ok(r.token)
 }
 
-pub async fn agents_list(cfg: &CtlConfig) -> anyhow::Result<Vec<AgentInfo>> {
+pub async fn agents_list(cfg: &CtlConfig, org: Option<String>) -> anyhow::Result<Vec<AgentInfo>> {
     let mut c = cfg.client().await?;
-    Ok(c.list_agents(ListAgentsRequest {})
-        .await
-        .map_err(status_error)?
-        .into_inner()
-        .agents)
+    Ok(c.list_agents(ListAgentsRequest {
+        org: org.unwrap_or_default(),
+    })
+    .await
+    .map_err(status_error)?
+    .into_inner()
+    .agents)
 }
 
 pub async fn agents_revoke(cfg: &CtlConfig, id: &str) -> anyhow::Result<bool> {
@@ -150,6 +159,7 @@ const PAGE: usize = 10_000;
 pub async fn detections_list(
     cfg: &CtlConfig,
     agent: Option<String>,
+    org: Option<String>,
     since: Option<SystemTime>,
     limit: usize,
 ) -> anyhow::Result<Vec<StoredDetection>> {
@@ -171,6 +181,7 @@ pub async fn detections_list(
                 since_ms,
                 limit: (limit - got).min(PAGE) as u32,
                 before_seq,
+                org: org.clone().unwrap_or_default(),
             })
             .await
             .map_err(status_error)?
@@ -188,6 +199,7 @@ pub async fn detections_list(
 pub fn agent_json(a: &AgentInfo) -> serde_json::Value {
     json!({
         "id": a.id,
+        "org": a.org,
         "hostname": a.hostname,
         "os": a.os,
         "kernel": a.kernel,
@@ -261,9 +273,52 @@ pub fn cert_json(c: &CertInfo) -> serde_json::Value {
         "kind": c.kind,
         "subject": c.subject,
         "roles": c.roles,
+        "org": c.org,
         "not_after": rfc3339_ms(c.not_after_ms),
         "recorded_at": rfc3339_ms(c.recorded_at_ms),
         "revoked": c.revoked_at_ms != 0,
         "revoked_at": (c.revoked_at_ms != 0).then(|| rfc3339_ms(c.revoked_at_ms)),
+    })
+}
+
+pub async fn orgs_list(cfg: &CtlConfig) -> anyhow::Result<Vec<Org>> {
+    let mut c = cfg.client().await?;
+    Ok(c.list_orgs(ListOrgsRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .orgs)
+}
+
+pub async fn orgs_create(cfg: &CtlConfig, req: CreateOrgRequest) -> anyhow::Result<Org> {
+    let mut c = cfg.client().await?;
+    c.create_org(req)
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .org
+        .context("the collector returned no organisation")
+}
+
+pub async fn orgs_set(cfg: &CtlConfig, req: SetOrgRequest) -> anyhow::Result<Org> {
+    let mut c = cfg.client().await?;
+    c.set_org(req)
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .org
+        .context("the collector returned no organisation")
+}
+
+pub fn org_json(o: &Org) -> serde_json::Value {
+    json!({
+        "name": o.name,
+        "stix_id": o.stix_id,
+        "sector": o.sector,
+        "country": o.country,
+        "share": o.share,
+        "tlp": o.tlp,
+        "agents": o.agents,
+        "created_at": rfc3339_ms(o.created_at_ms),
     })
 }

@@ -5,27 +5,28 @@ use vedette_proto::output::{printable, rfc3339_ms, stored_json, stored_line};
 use vedette_proto::export;
 
 use crate::args::{
-    AgentsCmd, CertsCmd, Command, DetectionsCmd, ExportFormat, IntelCmd, RulesCmd, SignArgs,
-    TokenCmd,
+    AgentsCmd, CertsCmd, Command, DetectionsCmd, ExportFormat, IntelCmd, OrgsCmd, RulesCmd,
+    SignArgs, TokenCmd,
 };
 use crate::client::{self, CtlConfig};
 use crate::rules::{self, PublishOptions};
 
 pub async fn run(command: Command, cfg: CtlConfig) -> anyhow::Result<()> {
     match command {
-        Command::Token(TokenCmd::Create { ttl, uses }) => {
-            println!("{}", client::token_create(&cfg, ttl, uses).await?);
+        Command::Token(TokenCmd::Create { ttl, uses, org }) => {
+            println!("{}", client::token_create(&cfg, ttl, uses, org).await?);
         }
-        Command::Agents(AgentsCmd::List { json }) => {
-            let agents = client::agents_list(&cfg).await?;
+        Command::Orgs(cmd) => orgs(cmd, &cfg).await?,
+        Command::Agents(AgentsCmd::List { json, org }) => {
+            let agents = client::agents_list(&cfg, org).await?;
             if json {
                 for a in &agents {
                     println!("{}", client::agent_json(a));
                 }
             } else {
                 println!(
-                    "{:<36}  {:<20} {:<12} {:<24} {:>6} {:<24} {:>8}  VERSION",
-                    "ID", "HOSTNAME", "STATE", "LAST SEEN", "BUNDLE", "APPLIED", "DROPPED"
+                    "{:<36}  {:<16} {:<20} {:<12} {:<24} {:>6} {:<24} {:>8}  VERSION",
+                    "ID", "ORG", "HOSTNAME", "STATE", "LAST SEEN", "BUNDLE", "APPLIED", "DROPPED"
                 );
                 for a in &agents {
                     let bundle = if a.bundle_failed_version > a.bundle_version {
@@ -34,8 +35,9 @@ pub async fn run(command: Command, cfg: CtlConfig) -> anyhow::Result<()> {
                         a.bundle_version.to_string()
                     };
                     println!(
-                        "{:<36}  {:<20} {:<12} {:<24} {:>6} {:<24} {:>8}  {}",
+                        "{:<36}  {:<16} {:<20} {:<12} {:<24} {:>6} {:<24} {:>8}  {}",
                         a.id,
+                        printable(&a.org),
                         printable(&a.hostname),
                         client::agent_state(a),
                         rfc3339_ms(a.last_seen_ms),
@@ -117,7 +119,7 @@ pub async fn run(command: Command, cfg: CtlConfig) -> anyhow::Result<()> {
             limit,
             organisation,
         } => {
-            let list = client::detections_list(&cfg, agent, since, limit).await?;
+            let list = client::detections_list(&cfg, agent, None, since, limit).await?;
             let org = organisation
                 .or_else(|| cfg.organisation.clone())
                 .unwrap_or_else(|| "Vedette".into());
@@ -139,15 +141,108 @@ pub async fn run(command: Command, cfg: CtlConfig) -> anyhow::Result<()> {
         Command::Detections(DetectionsCmd::List {
             json,
             agent,
+            org,
             since,
             limit,
         }) => {
-            let list = client::detections_list(&cfg, agent, since, limit).await?;
+            let list = client::detections_list(&cfg, agent, org, since, limit).await?;
             for d in &list {
                 if json {
                     println!("{}", stored_json(d));
                 } else {
                     println!("{}", stored_line(d));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn orgs(cmd: OrgsCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
+    use vedette_proto::v1::{CreateOrgRequest, SetOrgRequest};
+    let show = |o: &vedette_proto::v1::Org| {
+        println!(
+            "{}: share {}, TLP:{}, sector {}, country {}, STIX {}",
+            printable(&o.name),
+            o.share,
+            o.tlp.to_uppercase(),
+            if o.sector.is_empty() { "-" } else { &o.sector },
+            if o.country.is_empty() {
+                "-"
+            } else {
+                &o.country
+            },
+            o.stix_id
+        )
+    };
+    match cmd {
+        OrgsCmd::Create {
+            name,
+            sector,
+            country,
+            policy,
+        } => {
+            let o = client::orgs_create(
+                cfg,
+                CreateOrgRequest {
+                    name,
+                    sector: sector.unwrap_or_default(),
+                    country: country.unwrap_or_default(),
+                    share: policy.share.unwrap_or_default(),
+                    tlp: policy.tlp.unwrap_or_default(),
+                },
+            )
+            .await?;
+            show(&o);
+        }
+        OrgsCmd::Set {
+            name,
+            sector,
+            country,
+            policy,
+        } => {
+            if sector.is_none()
+                && country.is_none()
+                && policy.share.is_none()
+                && policy.tlp.is_none()
+            {
+                anyhow::bail!("nothing to change: give --share, --tlp, --sector or --country");
+            }
+            let o = client::orgs_set(
+                cfg,
+                SetOrgRequest {
+                    name,
+                    sector: sector.unwrap_or_default(),
+                    country: country.unwrap_or_default(),
+                    share: policy.share.unwrap_or_default(),
+                    tlp: policy.tlp.unwrap_or_default(),
+                },
+            )
+            .await?;
+            show(&o);
+        }
+        OrgsCmd::List { json } => {
+            let orgs = client::orgs_list(cfg).await?;
+            if json {
+                for o in &orgs {
+                    println!("{}", client::org_json(o));
+                }
+            } else {
+                println!(
+                    "{:<24} {:<10} {:<14} {:<26} {:<7} {:>6}  STIX IDENTITY",
+                    "NAME", "SHARE", "TLP", "SECTOR", "COUNTRY", "AGENTS"
+                );
+                for o in &orgs {
+                    println!(
+                        "{:<24} {:<10} {:<14} {:<26} {:<7} {:>6}  {}",
+                        printable(&o.name),
+                        o.share,
+                        o.tlp,
+                        o.sector,
+                        o.country,
+                        o.agents,
+                        o.stix_id
+                    );
                 }
             }
         }

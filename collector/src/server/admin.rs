@@ -10,20 +10,23 @@ use vedette_engine::bundle::{self, BundleError};
 use vedette_proto::v1::admin_service_server::AdminService;
 use vedette_proto::v1::{
     AgentBundleState, AgentInfo, BundleContent, BundleInfo, BundleRolloutRequest,
-    BundleRolloutResponse, CertInfo, CreateTokenRequest, CreateTokenResponse, GetBundleRequest,
-    GetBundleResponse, IntelSource, IntelStatusRequest, IntelStatusResponse, ListAgentsRequest,
-    ListAgentsResponse, ListBundlesRequest, ListBundlesResponse, ListCertsRequest,
-    ListCertsResponse, ListDetectionsRequest, ListDetectionsResponse, ListIntelRequest,
-    ListIntelResponse, PublishBundleRequest, PublishBundleResponse, RevokeAgentRequest,
-    RevokeAgentResponse, RevokeCertRequest, RevokeCertResponse, StageIntelRequest,
+    BundleRolloutResponse, CertInfo, CreateOrgRequest, CreateOrgResponse, CreateTokenRequest,
+    CreateTokenResponse, GetBundleRequest, GetBundleResponse, IntelSource, IntelStatusRequest,
+    IntelStatusResponse, ListAgentsRequest, ListAgentsResponse, ListBundlesRequest,
+    ListBundlesResponse, ListCertsRequest, ListCertsResponse, ListDetectionsRequest,
+    ListDetectionsResponse, ListIntelRequest, ListIntelResponse, ListOrgsRequest, ListOrgsResponse,
+    Org, PublishBundleRequest, PublishBundleResponse, RevokeAgentRequest, RevokeAgentResponse,
+    RevokeCertRequest, RevokeCertResponse, SetOrgRequest, SetOrgResponse, StageIntelRequest,
     StageIntelResponse,
 };
 
 use super::agent::token_hash;
 use super::{State, blocking};
 use crate::identity::Identity;
+use crate::orgs;
 use crate::pki::Role;
-use crate::store::{BundleRow, DetectionFilter, StoreEvent, now_ms};
+use crate::store::{BundleRow, DetectionFilter, OrgRow, StoreEvent, now_ms};
+use vedette_proto::export::{Share, Tlp};
 
 /// Longest token lifetime an operator may ask for.
 const MAX_TOKEN_TTL_SECS: u64 = 30 * 24 * 3600;
@@ -61,6 +64,81 @@ impl AdminSvc {
         }
         Ok(id)
     }
+
+    /// A collector-wide operator (organisations, intel).
+    fn collector_operator<T>(&self, request: &Request<T>, what: &str) -> Result<Identity, Status> {
+        let id = self.operator(request)?;
+        id.require_collector_wide(what)?;
+        Ok(id)
+    }
+}
+
+/// Which organisation a listing is limited to: the caller's own when its certificate is
+/// scoped (asking for another is refused, whether it exists or not), else the one asked for
+/// (None: all).
+fn listing_scope(who: &Identity, asked: &str) -> Result<Option<String>, Status> {
+    match who.scope() {
+        Some(own) if asked.is_empty() || asked == own => Ok(Some(own.to_string())),
+        Some(_) => Err(Status::permission_denied(
+            "this certificate is limited to its own organisation",
+        )),
+        None if asked.is_empty() => Ok(None),
+        None => Ok(Some(asked.to_string())),
+    }
+}
+
+/// Whether a row of organisation `org` is visible to the caller.
+fn visible(who: &Identity, org: &str) -> bool {
+    who.scope().is_none_or(|own| own == org)
+}
+
+fn org_info(o: OrgRow) -> Org {
+    Org {
+        name: o.name,
+        stix_id: o.stix_id,
+        sector: o.sector,
+        country: o.country,
+        share: o.share,
+        tlp: o.tlp,
+        created_at_ms: o.created_at_ms,
+        agents: o.agents,
+    }
+}
+
+/// Applies the fields given in a create or set request to `row`, checking each.
+fn apply_org_fields(
+    row: &mut OrgRow,
+    sector: &str,
+    country: &str,
+    share: &str,
+    tlp: &str,
+) -> Result<(), Status> {
+    if !sector.is_empty() {
+        orgs::check_sector(sector).map_err(Status::invalid_argument)?;
+        row.sector = sector.to_string();
+    }
+    if !country.is_empty() {
+        row.country = orgs::normalise_country(country).map_err(Status::invalid_argument)?;
+    }
+    if !share.is_empty() {
+        let s = Share::parse(share).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "`{share}` is not a sharing policy; use {}",
+                Share::NAMES
+            ))
+        })?;
+        row.share = s.as_str().to_string();
+    }
+    if !tlp.is_empty() {
+        let t = Tlp::parse(tlp).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "`{tlp}` is not a TLP 2.0 level; use {}",
+                Tlp::NAMES
+            ))
+        })?;
+        row.tlp = t.as_str().to_string();
+    }
+    Ok(())
 }
 
 fn bundle_info(b: &BundleRow) -> BundleInfo {
@@ -131,6 +209,7 @@ fn cert_info(c: &crate::store::CertRow) -> CertInfo {
         not_after_ms: c.not_after_ms,
         recorded_at_ms: c.recorded_at_ms,
         revoked_at_ms: c.revoked_at_ms,
+        org: c.org.clone(),
     }
 }
 
@@ -157,10 +236,14 @@ impl AdminService for AdminSvc {
         &self,
         request: Request<ListCertsRequest>,
     ) -> Result<Response<ListCertsResponse>, Status> {
-        self.operator(&request)?;
+        let who = self.operator(&request)?;
         let rows = blocking(&self.state.store, |s| s.list_certs()).await?;
         Ok(Response::new(ListCertsResponse {
-            certs: rows.iter().map(cert_info).collect(),
+            certs: rows
+                .iter()
+                .filter(|c| visible(&who, &c.org))
+                .map(cert_info)
+                .collect(),
         }))
     }
 
@@ -170,6 +253,15 @@ impl AdminService for AdminSvc {
     ) -> Result<Response<RevokeCertResponse>, Status> {
         let who = self.operator(&request)?;
         let serial = normalise_serial(&request.get_ref().serial)?;
+        if let Some(own) = who.scope() {
+            // Only a certificate recorded as one of its organisation's.
+            let rows = blocking(&self.state.store, |s| s.list_certs()).await?;
+            if !rows.iter().any(|c| c.serial == serial && c.org == own) {
+                return Err(Status::permission_denied(format!(
+                    "no certificate {serial} of organisation `{own}` is recorded here"
+                )));
+            }
+        }
         let s = serial.clone();
         let (newly, row) =
             blocking(&self.state.store, move |st| st.revoke_cert(&s, now_ms())).await?;
@@ -187,6 +279,7 @@ impl AdminService for AdminSvc {
         request: Request<StageIntelRequest>,
     ) -> Result<Response<StageIntelResponse>, Status> {
         let who = self.reader(&request)?;
+        who.require_collector_wide("staging intel")?;
         let req = request.into_inner();
         if req.origin.is_empty() {
             return Err(Status::invalid_argument("an import names its origin"));
@@ -233,7 +326,8 @@ impl AdminService for AdminSvc {
         &self,
         request: Request<ListIntelRequest>,
     ) -> Result<Response<ListIntelResponse>, Status> {
-        self.reader(&request)?;
+        self.reader(&request)?
+            .require_collector_wide("staged intel")?;
         let req = request.into_inner();
         let limit = match req.limit {
             0 => INTEL_PAGE,
@@ -258,7 +352,8 @@ impl AdminService for AdminSvc {
         &self,
         request: Request<IntelStatusRequest>,
     ) -> Result<Response<IntelStatusResponse>, Status> {
-        self.reader(&request)?;
+        self.reader(&request)?
+            .require_collector_wide("intel status")?;
         let rows = blocking(&self.state.store, |s| s.intel_sources()).await?;
         let sinks = blocking(&self.state.store, |s| s.export_states()).await?;
         Ok(Response::new(IntelStatusResponse {
@@ -296,6 +391,7 @@ impl AdminService for AdminSvc {
     ) -> Result<Response<PublishBundleResponse>, Status> {
         let who = Identity::of(&request)?;
         who.require_role(Role::Maintainer)?;
+        who.require_collector_wide("publishing a bundle")?;
         let req = request.into_inner();
         let state = self.state.clone();
         let (content, req) =
@@ -376,7 +472,7 @@ impl AdminService for AdminSvc {
         &self,
         request: Request<BundleRolloutRequest>,
     ) -> Result<Response<BundleRolloutResponse>, Status> {
-        self.reader(&request)?;
+        let who = self.reader(&request)?;
         let mut version = request.into_inner().version;
         if version == 0 {
             version = blocking(&self.state.store, |s| s.bundle(0))
@@ -389,7 +485,10 @@ impl AdminService for AdminSvc {
             version,
             ..Default::default()
         };
-        for r in rows.into_iter().filter(|r| !r.revoked) {
+        for r in rows
+            .into_iter()
+            .filter(|r| !r.revoked && visible(&who, &r.org))
+        {
             if r.bundle_version == version {
                 out.on_version += 1;
             } else if r.bundle_version > version {
@@ -407,6 +506,7 @@ impl AdminService for AdminSvc {
                 failed_version: r.bundle_failed_version,
                 error: r.bundle_error,
                 connected: r.connected,
+                org: r.org,
             });
         }
         Ok(Response::new(out))
@@ -418,6 +518,23 @@ impl AdminService for AdminSvc {
     ) -> Result<Response<CreateTokenResponse>, Status> {
         let who = self.operator(&request)?;
         let req = request.into_inner();
+        let org = match (who.scope(), req.org.as_str()) {
+            (Some(own), "") => own.to_string(),
+            (Some(own), asked) if asked == own => own.to_string(),
+            (Some(_), _) => {
+                return Err(Status::permission_denied(
+                    "this certificate may create tokens for its own organisation only",
+                ));
+            }
+            (None, "") => orgs::DEFAULT_ORG.to_string(),
+            (None, asked) => asked.to_string(),
+        };
+        let known = blocking(&self.state.store, |s| s.list_orgs()).await?;
+        if !known.iter().any(|o| o.name == org) {
+            return Err(Status::not_found(format!(
+                "no organisation `{org}`; create it with `vedettectl orgs create {org}`"
+            )));
+        }
         let ttl = match req.ttl_seconds {
             0 => self.state.token_ttl.as_secs(),
             t if t > MAX_TOKEN_TTL_SECS => {
@@ -442,15 +559,17 @@ impl AdminService for AdminSvc {
         let hash = token_hash(&token);
         let now = now_ms();
         let expires = now + (ttl as i64) * 1000;
+        let o = org.clone();
         blocking(&self.state.store, move |s| {
-            s.create_token(&hash, now, expires, uses)
+            s.create_token(&hash, now, expires, uses, &o)
         })
         .await?;
-        info!(by = %who, ttl_secs = ttl, uses, "enrollment token created");
+        info!(by = %who, org = %org, ttl_secs = ttl, uses, "enrollment token created");
         Ok(Response::new(CreateTokenResponse {
             token,
             expires_at_ms: expires,
             uses,
+            org,
         }))
     }
 
@@ -458,10 +577,12 @@ impl AdminService for AdminSvc {
         &self,
         request: Request<ListAgentsRequest>,
     ) -> Result<Response<ListAgentsResponse>, Status> {
-        self.operator(&request)?;
+        let who = self.operator(&request)?;
+        let only = listing_scope(&who, &request.get_ref().org)?;
         let rows = blocking(&self.state.store, |s| s.list_agents()).await?;
         let agents = rows
             .into_iter()
+            .filter(|r| only.as_ref().is_none_or(|o| *o == r.org))
             .map(|r| AgentInfo {
                 id: r.id,
                 hostname: r.hostname,
@@ -480,6 +601,7 @@ impl AdminService for AdminSvc {
                 bundle_error: r.bundle_error,
                 arch: r.arch,
                 counters: r.counters.into_iter().collect(),
+                org: r.org,
             })
             .collect();
         Ok(Response::new(ListAgentsResponse { agents }))
@@ -491,6 +613,16 @@ impl AdminService for AdminSvc {
     ) -> Result<Response<RevokeAgentResponse>, Status> {
         let who = self.operator(&request)?;
         let agent_id = request.into_inner().agent_id;
+        if let Some(own) = who.scope() {
+            // The same answer for another organisation's agent and for none at all.
+            let id = agent_id.clone();
+            let row = blocking(&self.state.store, move |s| s.agent(&id)).await?;
+            if row.is_none_or(|r| r.org != own) {
+                return Err(Status::permission_denied(format!(
+                    "no agent `{agent_id}` in organisation `{own}`"
+                )));
+            }
+        }
         let id = agent_id.clone();
         // Stored first: from here on the agent cannot open a new stream.
         let found = blocking(&self.state.store, move |s| s.revoke_agent(&id, now_ms())).await?;
@@ -511,9 +643,10 @@ impl AdminService for AdminSvc {
         &self,
         request: Request<ListDetectionsRequest>,
     ) -> Result<Response<ListDetectionsResponse>, Status> {
-        self.operator(&request)?;
+        let who = self.operator(&request)?;
         let req = request.into_inner();
         let filter = DetectionFilter {
+            org: listing_scope(&who, &req.org)?,
             agent_id: Some(req.agent_id).filter(|a| !a.is_empty()),
             since_ms: Some(req.since_ms).filter(|s| *s != 0),
             before_seq: Some(req.before_seq).filter(|s| *s != 0),
@@ -527,6 +660,72 @@ impl AdminService for AdminSvc {
         Ok(Response::new(ListDetectionsResponse {
             detections: page.detections,
             next_before_seq: page.next_before_seq.unwrap_or(0),
+        }))
+    }
+
+    async fn create_org(
+        &self,
+        request: Request<CreateOrgRequest>,
+    ) -> Result<Response<CreateOrgResponse>, Status> {
+        let who = self.collector_operator(&request, "creating an organisation")?;
+        let req = request.into_inner();
+        orgs::check_name(&req.name).map_err(Status::invalid_argument)?;
+        let mut row = OrgRow {
+            name: req.name.clone(),
+            stix_id: orgs::new_stix_id(),
+            share: Share::Anonymised.as_str().to_string(),
+            tlp: Tlp::Amber.as_str().to_string(),
+            created_at_ms: now_ms(),
+            ..OrgRow::default()
+        };
+        apply_org_fields(&mut row, &req.sector, &req.country, &req.share, &req.tlp)?;
+        let r = row.clone();
+        if !blocking(&self.state.store, move |s| s.create_org(&r)).await? {
+            return Err(Status::already_exists(format!(
+                "organisation `{}` exists already; change it with `vedettectl orgs set`",
+                req.name
+            )));
+        }
+        info!(by = %who, org = %row.name, share = %row.share, tlp = %row.tlp, "organisation created");
+        Ok(Response::new(CreateOrgResponse {
+            org: Some(org_info(row)),
+        }))
+    }
+
+    async fn list_orgs(
+        &self,
+        request: Request<ListOrgsRequest>,
+    ) -> Result<Response<ListOrgsResponse>, Status> {
+        let who = self.reader(&request)?;
+        let rows = blocking(&self.state.store, |s| s.list_orgs()).await?;
+        Ok(Response::new(ListOrgsResponse {
+            orgs: rows
+                .into_iter()
+                .filter(|o| visible(&who, &o.name))
+                .map(org_info)
+                .collect(),
+        }))
+    }
+
+    async fn set_org(
+        &self,
+        request: Request<SetOrgRequest>,
+    ) -> Result<Response<SetOrgResponse>, Status> {
+        let who = self.collector_operator(&request, "changing an organisation")?;
+        let req = request.into_inner();
+        let rows = blocking(&self.state.store, |s| s.list_orgs()).await?;
+        let mut row = rows
+            .into_iter()
+            .find(|o| o.name == req.name)
+            .ok_or_else(|| Status::not_found(format!("no organisation `{}`", req.name)))?;
+        apply_org_fields(&mut row, &req.sector, &req.country, &req.share, &req.tlp)?;
+        let r = row.clone();
+        if !blocking(&self.state.store, move |s| s.update_org(&r)).await? {
+            return Err(Status::not_found(format!("no organisation `{}`", req.name)));
+        }
+        info!(by = %who, org = %row.name, share = %row.share, tlp = %row.tlp, "organisation changed");
+        Ok(Response::new(SetOrgResponse {
+            org: Some(org_info(row)),
         }))
     }
 }

@@ -104,16 +104,25 @@ impl AgentService for AgentSvc {
         // The token first: without a usable one, no CSR is parsed and nothing is signed.
         let hash = token_hash(&req.token);
         let h = hash.clone();
-        if let Err(e) = blocking(&self.state.store, move |s| s.check_token(&h, now_ms())).await? {
-            metrics.enrollment(token_refusal(&e));
-            warn!(peer = ?peer, reason = %e, "enrollment refused");
-            return Err(Status::permission_denied(e.to_string()));
-        }
+        let org = match blocking(&self.state.store, move |s| s.check_token(&h, now_ms())).await? {
+            Ok(org) => org,
+            Err(e) => {
+                metrics.enrollment(token_refusal(&e));
+                warn!(peer = ?peer, reason = %e, "enrollment refused");
+                return Err(Status::permission_denied(e.to_string()));
+            }
+        };
         let agent_id = uuid::Uuid::new_v4().to_string();
+        // The organisation comes from the token, never from the request.
         let cert_pem = self
             .state
             .ca
-            .sign_agent_csr(&req.csr_pem, &agent_id, self.state.agent_cert_lifetime)
+            .sign_agent_csr(
+                &req.csr_pem,
+                &agent_id,
+                &org,
+                self.state.agent_cert_lifetime,
+            )
             .map_err(|e| {
                 metrics.enrollment("bad_csr");
                 Status::invalid_argument(e.to_string())
@@ -123,13 +132,20 @@ impl AgentService for AgentSvc {
             s.enroll(&hash, &id, &host, now_ms())
         })
         .await?;
-        if let Err(e) = verdict {
-            metrics.enrollment(token_refusal(&e));
-            warn!(peer = ?peer, reason = %e, "enrollment refused");
-            return Err(Status::permission_denied(e.to_string()));
+        match verdict {
+            Err(e) => {
+                metrics.enrollment(token_refusal(&e));
+                warn!(peer = ?peer, reason = %e, "enrollment refused");
+                return Err(Status::permission_denied(e.to_string()));
+            }
+            // A token's organisation never changes: this cannot differ from what was signed.
+            Ok(stored) if stored != org => {
+                return Err(Status::internal("the token's organisation changed"));
+            }
+            Ok(_) => {}
         }
         metrics.enrollment("ok");
-        info!(agent = %agent_id, hostname = %req.hostname, "agent enrolled");
+        info!(agent = %agent_id, org = %org, hostname = %req.hostname, "agent enrolled");
         record_issued(&self.state, &cert_pem).await;
         Ok(Response::new(EnrollResponse {
             agent_id,
@@ -148,20 +164,23 @@ impl AgentService for AgentSvc {
         &self,
         request: Request<RenewRequest>,
     ) -> Result<Response<RenewResponse>, Status> {
-        let agent_id = Identity::of(&request)?.require_agent()?;
+        let (agent_id, org) = Identity::of(&request)?.require_agent()?;
         let req = request.into_inner();
         if req.csr_pem.len() > MAX_CSR_BYTES {
             return Err(Status::invalid_argument("certificate request too large"));
         }
         let id = agent_id.clone();
-        match blocking(&self.state.store, move |s| s.agent(&id)).await? {
-            Some(r) if !r.revoked => {}
-            _ => return Err(Status::permission_denied("this agent has been revoked")),
-        }
+        let row = blocking(&self.state.store, move |s| s.agent(&id)).await?;
+        check_agent(&agent_id, &org, row)?;
         let cert_pem = self
             .state
             .ca
-            .sign_agent_csr(&req.csr_pem, &agent_id, self.state.agent_cert_lifetime)
+            .sign_agent_csr(
+                &req.csr_pem,
+                &agent_id,
+                &org,
+                self.state.agent_cert_lifetime,
+            )
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         record_issued(&self.state, &cert_pem).await;
         info!(agent = %agent_id, "agent certificate renewed");
@@ -173,13 +192,10 @@ impl AgentService for AgentSvc {
     type ConnectStream = DownStream;
 
     async fn ping(&self, request: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
-        let agent_id = Identity::of(&request)?.require_agent()?;
+        let (agent_id, org) = Identity::of(&request)?.require_agent()?;
         let id = agent_id.clone();
-        match blocking(&self.state.store, move |s| s.agent(&id)).await? {
-            Some(r) if !r.revoked => {}
-            Some(_) => return Err(Status::permission_denied("this agent has been revoked")),
-            None => return Err(Status::permission_denied("unknown agent")),
-        }
+        let row = blocking(&self.state.store, move |s| s.agent(&id)).await?;
+        check_agent(&agent_id, &org, row)?;
         Ok(Response::new(PingResponse {
             now_ms: now_ms(),
             agent_id,
@@ -191,17 +207,10 @@ impl AgentService for AgentSvc {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        let agent_id = Identity::of(&request)?.require_agent()?;
+        let (agent_id, org) = Identity::of(&request)?.require_agent()?;
         let id = agent_id.clone();
         let row = blocking(&self.state.store, move |s| s.agent(&id)).await?;
-        match row {
-            None => return Err(Status::permission_denied("unknown agent")),
-            Some(r) if r.revoked => {
-                warn!(agent = %agent_id, "revoked agent refused");
-                return Err(Status::permission_denied("this agent has been revoked"));
-            }
-            Some(_) => {}
-        }
+        check_agent(&agent_id, &org, row)?;
         if self.state.shutdown.is_cancelled() {
             return Err(Status::unavailable("the collector is shutting down"));
         }
@@ -257,6 +266,30 @@ impl AgentService for AgentSvc {
             info!(agent = %agent_id, "agent stream closed");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Refuses an agent the store does not know, has revoked, or knows in another organisation
+/// than its certificate names (a certificate this collector did not issue for it).
+fn check_agent(
+    agent_id: &str,
+    org: &str,
+    row: Option<crate::store::AgentRow>,
+) -> Result<(), Status> {
+    match row {
+        None => Err(Status::permission_denied("unknown agent")),
+        Some(r) if r.revoked => {
+            warn!(agent = %agent_id, "revoked agent refused");
+            Err(Status::permission_denied("this agent has been revoked"))
+        }
+        Some(r) if r.org != org => {
+            warn!(agent = %agent_id, certificate = %org, enrolled = %r.org,
+                "agent refused: its certificate names another organisation than its enrollment");
+            Err(Status::permission_denied(
+                "this certificate names another organisation than the agent was enrolled into",
+            ))
+        }
+        Some(_) => Ok(()),
     }
 }
 

@@ -145,13 +145,24 @@ pub trait Store: Send + Sync {
         Ok(None)
     }
 
+    /// Records a token that enrolls agents into organisation `org`.
     fn create_token(
         &self,
         hash: &str,
         now_ms: i64,
         expires_at_ms: i64,
         uses: u32,
+        org: &str,
     ) -> Result<(), StoreError>;
+
+    /// Creates an organisation; false when one of that name exists (left as it is).
+    fn create_org(&self, org: &OrgRow) -> Result<bool, StoreError>;
+
+    /// Every organisation by name, with its agent count.
+    fn list_orgs(&self) -> Result<Vec<OrgRow>, StoreError>;
+
+    /// Replaces an organisation's sector, country, share and tlp; false when it does not exist.
+    fn update_org(&self, org: &OrgRow) -> Result<bool, StoreError>;
 
     /// Records a certificate issued (or first seen in use); a serial already known is left as
     /// it is.
@@ -167,23 +178,24 @@ pub trait Store: Send + Sync {
     /// Serial numbers of every revoked certificate.
     fn revoked_serials(&self) -> Result<Vec<String>, StoreError>;
 
-    /// Whether a token could enroll an agent now, without spending it: checked before any
-    /// work is done for an enrollment.
+    /// Whether a token could enroll an agent now, without spending it, and into which
+    /// organisation: checked before any work is done for an enrollment.
     fn check_token(
         &self,
         token_hash: &str,
         now_ms: i64,
-    ) -> Result<Result<(), TokenError>, StoreError>;
+    ) -> Result<Result<String, TokenError>, StoreError>;
 
-    /// Spends one use of a token and records the new agent, atomically: two collectors given
-    /// the same single-use token at once enroll one agent.
+    /// Spends one use of a token and records the new agent in the token's organisation,
+    /// atomically: two collectors given the same single-use token at once enroll one agent.
+    /// Returns the organisation.
     fn enroll(
         &self,
         token_hash: &str,
         agent_id: &str,
         hostname: &str,
         now_ms: i64,
-    ) -> Result<Result<(), TokenError>, StoreError>;
+    ) -> Result<Result<String, TokenError>, StoreError>;
 
     /// The agent's row, if it was ever enrolled.
     fn agent(&self, id: &str) -> Result<Option<AgentRow>, StoreError>;
@@ -425,10 +437,28 @@ pub enum TokenError {
     UsedUp,
 }
 
+/// A participating organisation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OrgRow {
+    pub name: String,
+    pub stix_id: String,
+    pub sector: String,
+    pub country: String,
+    /// full, anonymised or none.
+    pub share: String,
+    /// TLP 2.0 level, as `vedette_proto::export::Tlp::as_str` writes it.
+    pub tlp: String,
+    pub created_at_ms: i64,
+    /// Agents enrolled in it (listings only).
+    pub agents: u32,
+}
+
 /// An agent as the store knows it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AgentRow {
     pub id: String,
+    /// The organisation it was enrolled into.
+    pub org: String,
     pub hostname: String,
     pub os: String,
     pub kernel: String,
@@ -482,12 +512,16 @@ pub struct CertRow {
     pub recorded_at_ms: i64,
     /// 0 unless revoked.
     pub revoked_at_ms: i64,
+    /// The agent's organisation, or the one a client is limited to (empty: collector-wide).
+    pub org: String,
 }
 
 /// Which detections to list.
 #[derive(Debug, Clone, Default)]
 pub struct DetectionFilter {
     pub agent_id: Option<String>,
+    /// Only this organisation's detections.
+    pub org: Option<String>,
     pub since_ms: Option<i64>,
     /// Only detections with a lower sequence number (the next page).
     pub before_seq: Option<u64>,
@@ -530,12 +564,16 @@ impl DetectionPage {
 
 pub use vedette_proto::now_ms;
 
-/// What a token row (expiry, uses left) allows at `now_ms`.
-pub(crate) fn token_verdict(row: Option<(i64, i64)>, now_ms: i64) -> Result<(), TokenError> {
+/// What a token row (expiry, uses left, organisation) allows at `now_ms`: the organisation
+/// it enrolls into.
+pub(crate) fn token_verdict(
+    row: Option<(i64, i64, String)>,
+    now_ms: i64,
+) -> Result<String, TokenError> {
     match row {
         None => Err(TokenError::Unknown),
-        Some((expires, _)) if expires <= now_ms => Err(TokenError::Expired),
-        Some((_, uses)) if uses <= 0 => Err(TokenError::UsedUp),
-        Some(_) => Ok(()),
+        Some((expires, _, _)) if expires <= now_ms => Err(TokenError::Expired),
+        Some((_, uses, _)) if uses <= 0 => Err(TokenError::UsedUp),
+        Some((_, _, org)) => Ok(org),
     }
 }

@@ -23,7 +23,8 @@ use vedette_proto::v1::{Detection, Inventory, StoredDetection, detection};
 
 use super::{
     AgentRow, BundleRow, CertRow, DetectionFilter, DetectionPage, ExportRow, IntelBatch,
-    IntelSourceRow, IntelStaged, StagedIntel, Store, StoreError, StoreEvent, TokenError, redact,
+    IntelSourceRow, IntelStaged, OrgRow, StagedIntel, Store, StoreError, StoreEvent, TokenError,
+    redact,
 };
 
 /// Schema migrations, applied in order; `vedette_schema.version` is the number applied.
@@ -122,6 +123,20 @@ const MIGRATIONS: &[&str] = &[
         recorded_at_ms BIGINT NOT NULL DEFAULT 0,
         revoked_at_ms BIGINT NOT NULL DEFAULT 0
     );",
+    // 4: participating organisations; the organisation of each token, agent and certificate.
+    "CREATE TABLE orgs (
+        name TEXT PRIMARY KEY,
+        stix_id TEXT NOT NULL UNIQUE,
+        sector TEXT NOT NULL DEFAULT '',
+        country TEXT NOT NULL DEFAULT '',
+        share TEXT NOT NULL,
+        tlp TEXT NOT NULL,
+        created_at_ms BIGINT NOT NULL
+    );
+    ALTER TABLE tokens ADD COLUMN org TEXT NOT NULL DEFAULT 'default';
+    ALTER TABLE agents ADD COLUMN org TEXT NOT NULL DEFAULT 'default';
+    ALTER TABLE certs ADD COLUMN org TEXT NOT NULL DEFAULT '';
+    CREATE INDEX agents_org ON agents(org);",
 ];
 
 /// The advisory lock key migrations run under ("vedette" in ASCII).
@@ -223,6 +238,15 @@ fn migrate(client: &mut Client) -> Result<(), StoreError> {
             &[&((i + 1) as i64)],
         )?;
     }
+    tx.execute(
+        "INSERT INTO orgs (name, stix_id, share, tlp, created_at_ms)
+         VALUES ($1, $2, 'full', 'amber', $3) ON CONFLICT (name) DO NOTHING",
+        &[
+            &crate::orgs::DEFAULT_ORG,
+            &crate::orgs::new_stix_id(),
+            &super::now_ms(),
+        ],
+    )?;
     tx.commit()?;
     Ok(())
 }
@@ -394,22 +418,76 @@ impl Store for PgStore {
         now_ms: i64,
         expires_at_ms: i64,
         uses: u32,
+        org: &str,
     ) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
-                "INSERT INTO tokens (hash, created_at_ms, expires_at_ms, uses_left)
-                 VALUES ($1, $2, $3, $4)",
-                &[&hash, &now_ms, &expires_at_ms, &i64::from(uses)],
+                "INSERT INTO tokens (hash, created_at_ms, expires_at_ms, uses_left, org)
+                 VALUES ($1, $2, $3, $4, $5)",
+                &[&hash, &now_ms, &expires_at_ms, &i64::from(uses), &org],
             )?;
             Ok(())
+        })
+    }
+
+    fn create_org(&self, o: &OrgRow) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "INSERT INTO orgs (name, stix_id, sector, country, share, tlp, created_at_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (name) DO NOTHING",
+                &[
+                    &o.name,
+                    &o.stix_id,
+                    &o.sector,
+                    &o.country,
+                    &o.share,
+                    &o.tlp,
+                    &o.created_at_ms,
+                ],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
+    fn list_orgs(&self) -> Result<Vec<OrgRow>, StoreError> {
+        self.with(|c| {
+            let rows = c.query(
+                "SELECT name, stix_id, sector, country, share, tlp, created_at_ms,
+                    (SELECT COUNT(*) FROM agents a WHERE a.org = o.name)
+                 FROM orgs o ORDER BY name",
+                &[],
+            )?;
+            Ok(rows
+                .iter()
+                .map(|r| OrgRow {
+                    name: r.get(0),
+                    stix_id: r.get(1),
+                    sector: r.get(2),
+                    country: r.get(3),
+                    share: r.get(4),
+                    tlp: r.get(5),
+                    created_at_ms: r.get(6),
+                    agents: r.get::<_, i64>(7) as u32,
+                })
+                .collect())
+        })
+    }
+
+    fn update_org(&self, o: &OrgRow) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "UPDATE orgs SET sector = $2, country = $3, share = $4, tlp = $5 WHERE name = $1",
+                &[&o.name, &o.sector, &o.country, &o.share, &o.tlp],
+            )?;
+            Ok(n == 1)
         })
     }
 
     fn record_cert(&self, c: &CertRow) -> Result<(), StoreError> {
         self.with(|cl| {
             cl.execute(
-                "INSERT INTO certs (serial, kind, subject, roles, not_after_ms, recorded_at_ms)
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (serial) DO NOTHING",
+                "INSERT INTO certs (serial, kind, subject, roles, not_after_ms, recorded_at_ms, org)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (serial) DO NOTHING",
                 &[
                     &c.serial,
                     &c.kind,
@@ -417,6 +495,7 @@ impl Store for PgStore {
                     &c.roles,
                     &c.not_after_ms,
                     &c.recorded_at_ms,
+                    &c.org,
                 ],
             )?;
             Ok(())
@@ -463,14 +542,14 @@ impl Store for PgStore {
         &self,
         token_hash: &str,
         now_ms: i64,
-    ) -> Result<Result<(), TokenError>, StoreError> {
+    ) -> Result<Result<String, TokenError>, StoreError> {
         self.with(|c| {
             let row = c.query_opt(
-                "SELECT expires_at_ms, uses_left FROM tokens WHERE hash = $1",
+                "SELECT expires_at_ms, uses_left, org FROM tokens WHERE hash = $1",
                 &[&token_hash],
             )?;
             Ok(super::token_verdict(
-                row.map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1))),
+                row.map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1), r.get(2))),
                 now_ms,
             ))
         })
@@ -482,17 +561,17 @@ impl Store for PgStore {
         agent_id: &str,
         hostname: &str,
         now_ms: i64,
-    ) -> Result<Result<(), TokenError>, StoreError> {
+    ) -> Result<Result<String, TokenError>, StoreError> {
         self.with(|c| {
             let mut tx = c.transaction()?;
             // One statement takes the use: the row lock orders concurrent enrollments, and the
             // second one sees uses_left already at 0.
             let spent = tx.query_opt(
                 "UPDATE tokens SET uses_left = uses_left - 1
-                 WHERE hash = $1 AND uses_left > 0 AND expires_at_ms > $2 RETURNING uses_left",
+                 WHERE hash = $1 AND uses_left > 0 AND expires_at_ms > $2 RETURNING org",
                 &[&token_hash, &now_ms],
             )?;
-            if spent.is_none() {
+            let Some(spent) = spent else {
                 let row = tx.query_opt(
                     "SELECT expires_at_ms FROM tokens WHERE hash = $1",
                     &[&token_hash],
@@ -502,13 +581,14 @@ impl Store for PgStore {
                     Some(expires) if expires <= now_ms => TokenError::Expired,
                     Some(_) => TokenError::UsedUp,
                 }));
-            }
+            };
+            let org: String = spent.get(0);
             tx.execute(
-                "INSERT INTO agents (id, hostname, enrolled_at_ms) VALUES ($1, $2, $3)",
-                &[&agent_id, &hostname, &now_ms],
+                "INSERT INTO agents (id, hostname, enrolled_at_ms, org) VALUES ($1, $2, $3, $4)",
+                &[&agent_id, &hostname, &now_ms, &org],
             )?;
             tx.commit()?;
-            Ok(Ok(()))
+            Ok(Ok(org))
         })
     }
 
@@ -661,15 +741,16 @@ impl Store for PgStore {
         self.with(|c| {
             let before = f.before_seq.map(|s| s.min(i64::MAX as u64) as i64);
             let limit = i64::from(f.limit) + 1;
-            let params: [&(dyn postgres::types::ToSql + Sync); 4] =
-                [&f.agent_id, &f.since_ms, &before, &limit];
+            let params: [&(dyn postgres::types::ToSql + Sync); 5] =
+                [&f.agent_id, &f.since_ms, &before, &limit, &f.org];
             // Rows stream in: reading stops at the byte budget, not at the whole result.
             let mut rows = c.query_raw(
-                "SELECT d.seq, d.id, d.agent_id, a.hostname, d.received_at_ms, d.body
+                "SELECT d.seq, d.id, d.agent_id, a.hostname, d.received_at_ms, d.body, a.org
                  FROM detections d JOIN agents a ON a.id = d.agent_id
                  WHERE ($1::text IS NULL OR d.agent_id = $1)
                    AND ($2::bigint IS NULL OR d.received_at_ms >= $2)
                    AND ($3::bigint IS NULL OR d.seq < $3)
+                   AND ($5::text IS NULL OR a.org = $5)
                  ORDER BY d.seq DESC LIMIT $4",
                 params,
             )?;
@@ -694,6 +775,7 @@ impl Store for PgStore {
                         hostname: r.get(3),
                         received_at_ms: r.get(4),
                         seq: 0,
+                        org: r.get(6),
                     },
                 )))
             })
@@ -982,7 +1064,7 @@ impl Store for PgStore {
     ) -> Result<Vec<(u64, StoredDetection)>, StoreError> {
         self.with(|c| {
             let rows = c.query(
-                "SELECT d.seq, d.id, d.agent_id, a.hostname, d.received_at_ms, d.body
+                "SELECT d.seq, d.id, d.agent_id, a.hostname, d.received_at_ms, d.body, a.org
                  FROM detections d JOIN agents a ON a.id = d.agent_id
                  WHERE d.seq > $1 AND d.received_at_ms < $2 ORDER BY d.seq LIMIT $3",
                 &[&(after as i64), &before_ms, &i64::from(limit)],
@@ -1004,6 +1086,7 @@ impl Store for PgStore {
                         hostname: r.get(3),
                         received_at_ms: r.get(4),
                         seq: r.get::<_, i64>(0) as u64,
+                        org: r.get(6),
                     },
                 ));
             }
@@ -1097,7 +1180,8 @@ impl Columns {
 
 const AGENT_SELECT: &str = "SELECT id, hostname, os, kernel, arch, agent_version, enrolled_at_ms,
     first_seen_ms, last_seen_ms, connected, revoked_at_ms IS NOT NULL, bundle_version,
-    bundle_applied_at_ms, dropped_total, counters, bundle_failed_version, bundle_error FROM agents";
+    bundle_applied_at_ms, dropped_total, counters, bundle_failed_version, bundle_error, org
+    FROM agents";
 
 const BUNDLE_SELECT: &str = "SELECT version, name, created_at_ms, publisher, published_by,
     published_at_ms, digest, signer_key, files, length(content)::bigint,";
@@ -1139,11 +1223,11 @@ fn agent_from_row(r: &Row) -> AgentRow {
         counters: serde_json::from_str(&r.get::<_, String>(14)).unwrap_or_default(),
         bundle_failed_version: r.get::<_, i64>(15) as u64,
         bundle_error: r.get(16),
+        org: r.get(17),
     }
 }
 
-const CERT_SELECT: &str =
-    "SELECT serial, kind, subject, roles, not_after_ms, recorded_at_ms, revoked_at_ms FROM certs";
+const CERT_SELECT: &str = "SELECT serial, kind, subject, roles, not_after_ms, recorded_at_ms, revoked_at_ms, org FROM certs";
 
 fn cert_from_row(r: &postgres::Row) -> CertRow {
     CertRow {
@@ -1154,5 +1238,6 @@ fn cert_from_row(r: &postgres::Row) -> CertRow {
         not_after_ms: r.get(4),
         recorded_at_ms: r.get(5),
         revoked_at_ms: r.get(6),
+        org: r.get(7),
     }
 }

@@ -11,7 +11,7 @@ use vedette_proto::v1::{Detection, Inventory, StoredDetection, detection};
 
 use super::{
     AgentRow, BundleRow, CertRow, DetectionFilter, DetectionPage, ExportRow, IntelBatch,
-    IntelSourceRow, IntelStaged, StagedIntel, Store, StoreError, TokenError,
+    IntelSourceRow, IntelStaged, OrgRow, StagedIntel, Store, StoreError, TokenError,
 };
 
 /// Schema migrations, applied in order; `PRAGMA user_version` is the number applied.
@@ -112,6 +112,20 @@ const MIGRATIONS: &[&str] = &[
         recorded_at_ms INTEGER NOT NULL DEFAULT 0,
         revoked_at_ms INTEGER NOT NULL DEFAULT 0
     );",
+    // 6: participating organisations; the organisation of each token, agent and certificate.
+    "CREATE TABLE orgs (
+        name TEXT PRIMARY KEY,
+        stix_id TEXT NOT NULL UNIQUE,
+        sector TEXT NOT NULL DEFAULT '',
+        country TEXT NOT NULL DEFAULT '',
+        share TEXT NOT NULL,
+        tlp TEXT NOT NULL,
+        created_at_ms INTEGER NOT NULL
+    );
+    ALTER TABLE tokens ADD COLUMN org TEXT NOT NULL DEFAULT 'default';
+    ALTER TABLE agents ADD COLUMN org TEXT NOT NULL DEFAULT 'default';
+    ALTER TABLE certs ADD COLUMN org TEXT NOT NULL DEFAULT '';
+    CREATE INDEX agents_org ON agents(org);",
 ];
 
 pub struct SqliteStore {
@@ -154,6 +168,15 @@ impl SqliteStore {
         }
         // Whoever was connected to a previous run of the collector is not connected now.
         conn.execute("UPDATE agents SET connected = 0 WHERE connected != 0", [])?;
+        conn.execute(
+            "INSERT INTO orgs (name, stix_id, share, tlp, created_at_ms)
+             VALUES (?1, ?2, 'full', 'amber', ?3) ON CONFLICT (name) DO NOTHING",
+            params![
+                crate::orgs::DEFAULT_ORG,
+                crate::orgs::new_stix_id(),
+                super::now_ms()
+            ],
+        )?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
         })
@@ -173,26 +196,76 @@ impl Store for SqliteStore {
         now_ms: i64,
         expires_at_ms: i64,
         uses: u32,
+        org: &str,
     ) -> Result<(), StoreError> {
         self.conn().execute(
-            "INSERT INTO tokens (hash, created_at_ms, expires_at_ms, uses_left) VALUES (?1, ?2, ?3, ?4)",
-            params![hash, now_ms, expires_at_ms, uses],
+            "INSERT INTO tokens (hash, created_at_ms, expires_at_ms, uses_left, org)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![hash, now_ms, expires_at_ms, uses, org],
         )?;
         Ok(())
+    }
+
+    fn create_org(&self, o: &OrgRow) -> Result<bool, StoreError> {
+        let n = self.conn().execute(
+            "INSERT INTO orgs (name, stix_id, sector, country, share, tlp, created_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (name) DO NOTHING",
+            params![
+                o.name,
+                o.stix_id,
+                o.sector,
+                o.country,
+                o.share,
+                o.tlp,
+                o.created_at_ms
+            ],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn list_orgs(&self) -> Result<Vec<OrgRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT name, stix_id, sector, country, share, tlp, created_at_ms,
+                (SELECT COUNT(*) FROM agents a WHERE a.org = o.name)
+             FROM orgs o ORDER BY name",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(OrgRow {
+                name: r.get(0)?,
+                stix_id: r.get(1)?,
+                sector: r.get(2)?,
+                country: r.get(3)?,
+                share: r.get(4)?,
+                tlp: r.get(5)?,
+                created_at_ms: r.get(6)?,
+                agents: r.get(7)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn update_org(&self, o: &OrgRow) -> Result<bool, StoreError> {
+        let n = self.conn().execute(
+            "UPDATE orgs SET sector = ?2, country = ?3, share = ?4, tlp = ?5 WHERE name = ?1",
+            params![o.name, o.sector, o.country, o.share, o.tlp],
+        )?;
+        Ok(n == 1)
     }
 
     /// Spends one use of a token and records the new agent, in one transaction.
     fn record_cert(&self, c: &CertRow) -> Result<(), StoreError> {
         self.conn().execute(
-            "INSERT INTO certs (serial, kind, subject, roles, not_after_ms, recorded_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (serial) DO NOTHING",
+            "INSERT INTO certs (serial, kind, subject, roles, not_after_ms, recorded_at_ms, org)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (serial) DO NOTHING",
             params![
                 c.serial,
                 c.kind,
                 c.subject,
                 c.roles,
                 c.not_after_ms,
-                c.recorded_at_ms
+                c.recorded_at_ms,
+                c.org
             ],
         )?;
         Ok(())
@@ -238,13 +311,13 @@ impl Store for SqliteStore {
         &self,
         token_hash: &str,
         now_ms: i64,
-    ) -> Result<Result<(), TokenError>, StoreError> {
-        let row: Option<(i64, i64)> = self
+    ) -> Result<Result<String, TokenError>, StoreError> {
+        let row: Option<(i64, i64, String)> = self
             .conn()
             .query_row(
-                "SELECT expires_at_ms, uses_left FROM tokens WHERE hash = ?1",
+                "SELECT expires_at_ms, uses_left, org FROM tokens WHERE hash = ?1",
                 [token_hash],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?;
         Ok(super::token_verdict(row, now_ms))
@@ -256,27 +329,27 @@ impl Store for SqliteStore {
         agent_id: &str,
         hostname: &str,
         now_ms: i64,
-    ) -> Result<Result<(), TokenError>, StoreError> {
+    ) -> Result<Result<String, TokenError>, StoreError> {
         let mut conn = self.conn();
         // IMMEDIATE: the write lock is taken before the read, so two handles on one file
         // cannot both see the last use left.
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let row: Option<(i64, i64)> = tx
+        let row: Option<(i64, i64, String)> = tx
             .query_row(
-                "SELECT expires_at_ms, uses_left FROM tokens WHERE hash = ?1",
+                "SELECT expires_at_ms, uses_left, org FROM tokens WHERE hash = ?1",
                 [token_hash],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?;
         let verdict = super::token_verdict(row, now_ms);
-        if verdict.is_ok() {
+        if let Ok(org) = &verdict {
             tx.execute(
                 "UPDATE tokens SET uses_left = uses_left - 1 WHERE hash = ?1",
                 [token_hash],
             )?;
             tx.execute(
-                "INSERT INTO agents (id, hostname, enrolled_at_ms) VALUES (?1, ?2, ?3)",
-                params![agent_id, hostname, now_ms],
+                "INSERT INTO agents (id, hostname, enrolled_at_ms, org) VALUES (?1, ?2, ?3, ?4)",
+                params![agent_id, hostname, now_ms, org],
             )?;
             tx.commit()?;
         }
@@ -439,14 +512,14 @@ impl Store for SqliteStore {
     fn list_detections(&self, f: &DetectionFilter) -> Result<DetectionPage, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "SELECT d.seq, d.id, d.agent_id, a.hostname, d.received_at_ms, d.body
+            "SELECT d.seq, d.id, d.agent_id, a.hostname, d.received_at_ms, d.body, a.org
              FROM detections d JOIN agents a ON a.id = d.agent_id
              WHERE (?1 IS NULL OR d.agent_id = ?1) AND (?2 IS NULL OR d.received_at_ms >= ?2)
-               AND (?3 IS NULL OR d.seq < ?3)
+               AND (?3 IS NULL OR d.seq < ?3) AND (?5 IS NULL OR a.org = ?5)
              ORDER BY d.seq DESC LIMIT ?4",
         )?;
         let before = f.before_seq.map(|s| s.min(i64::MAX as u64) as i64);
-        let mut rows = stmt.query(params![f.agent_id, f.since_ms, before, f.limit + 1])?;
+        let mut rows = stmt.query(params![f.agent_id, f.since_ms, before, f.limit + 1, f.org])?;
         DetectionPage::collect(f, || {
             let Some(r) = rows.next()? else {
                 return Ok(None);
@@ -467,6 +540,7 @@ impl Store for SqliteStore {
                     hostname: r.get(3)?,
                     received_at_ms: r.get(4)?,
                     seq: 0,
+                    org: r.get(6)?,
                 },
             )))
         })
@@ -737,23 +811,26 @@ impl Store for SqliteStore {
     ) -> Result<Vec<(u64, StoredDetection)>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "SELECT d.seq, d.id, d.agent_id, a.hostname, d.received_at_ms, d.body
+            "SELECT d.seq, d.id, d.agent_id, a.hostname, d.received_at_ms, d.body, a.org
              FROM detections d JOIN agents a ON a.id = d.agent_id
              WHERE d.seq > ?1 AND d.received_at_ms < ?2 ORDER BY d.seq LIMIT ?3",
         )?;
         let rows = stmt.query_map(params![after as i64, before_ms, limit], |r| {
             Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
+                (
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                ),
                 r.get::<_, i64>(4)?,
                 r.get::<_, Vec<u8>>(5)?,
+                r.get::<_, String>(6)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (seq, id, agent_id, hostname, received_at_ms, body) = row?;
+            let ((seq, id, agent_id, hostname), received_at_ms, body, org) = row?;
             let detection =
                 Detection::decode(body.as_slice()).map_err(|e| StoreError::Corrupt {
                     id,
@@ -767,6 +844,7 @@ impl Store for SqliteStore {
                     hostname,
                     received_at_ms,
                     seq: seq as u64,
+                    org,
                 },
             ));
         }
@@ -812,7 +890,8 @@ impl Store for SqliteStore {
 
 const AGENT_SELECT: &str = "SELECT id, hostname, os, kernel, arch, agent_version, enrolled_at_ms,
     first_seen_ms, last_seen_ms, connected, revoked_at_ms IS NOT NULL, bundle_version,
-    bundle_applied_at_ms, dropped_total, counters, bundle_failed_version, bundle_error FROM agents";
+    bundle_applied_at_ms, dropped_total, counters, bundle_failed_version, bundle_error, org
+    FROM agents";
 
 const BUNDLE_SELECT: &str = "SELECT version, name, created_at_ms, publisher, published_by,
     published_at_ms, digest, signer_key, files, length(content),";
@@ -854,11 +933,11 @@ fn agent_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentRow> {
         counters: serde_json::from_str(&r.get::<_, String>(14)?).unwrap_or_default(),
         bundle_failed_version: r.get::<_, i64>(15)? as u64,
         bundle_error: r.get(16)?,
+        org: r.get(17)?,
     })
 }
 
-const CERT_SELECT: &str =
-    "SELECT serial, kind, subject, roles, not_after_ms, recorded_at_ms, revoked_at_ms FROM certs";
+const CERT_SELECT: &str = "SELECT serial, kind, subject, roles, not_after_ms, recorded_at_ms, revoked_at_ms, org FROM certs";
 
 fn cert_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CertRow> {
     Ok(CertRow {
@@ -869,5 +948,6 @@ fn cert_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CertRow> {
         not_after_ms: r.get(4)?,
         recorded_at_ms: r.get(5)?,
         revoked_at_ms: r.get(6)?,
+        org: r.get(7)?,
     })
 }

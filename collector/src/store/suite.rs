@@ -44,13 +44,16 @@ fn both(name: &str, test: impl Fn(Arc<dyn Store>, &dyn Fn() -> Arc<dyn Store>)) 
 #[test]
 fn tokens_are_single_use_and_expire() {
     both("tokens", |s, _| {
-        s.create_token("h1", 0, 1_000, 1).unwrap();
-        s.create_token("h2", 0, 1_000, 1).unwrap();
+        s.create_token("h1", 0, 1_000, 1, "default").unwrap();
+        s.create_token("h2", 0, 1_000, 1, "default").unwrap();
         assert_eq!(
             s.enroll("nope", "a0", "h", 10).unwrap(),
             Err(TokenError::Unknown)
         );
-        assert_eq!(s.enroll("h1", "a1", "h", 10).unwrap(), Ok(()));
+        assert_eq!(
+            s.enroll("h1", "a1", "h", 10).unwrap(),
+            Ok("default".to_string())
+        );
         assert_eq!(
             s.enroll("h1", "a2", "h", 10).unwrap(),
             Err(TokenError::UsedUp)
@@ -66,7 +69,7 @@ fn tokens_are_single_use_and_expire() {
 #[test]
 fn one_token_used_by_many_at_once_enrolls_as_many_as_it_allows() {
     both("token_race", |s, reopen| {
-        s.create_token("t", 0, i64::MAX, 3).unwrap();
+        s.create_token("t", 0, i64::MAX, 3, "default").unwrap();
         // Eight "collectors" (their own store handles), all at once.
         let stores: Vec<Arc<dyn Store>> = (0..8).map(|_| reopen()).collect();
         let barrier = std::sync::Barrier::new(stores.len());
@@ -96,7 +99,7 @@ fn one_token_used_by_many_at_once_enrolls_as_many_as_it_allows() {
 #[test]
 fn detections_are_stored_once_and_survive_reopen() {
     both("detections", |s, reopen| {
-        s.create_token("h", 0, i64::MAX, 1).unwrap();
+        s.create_token("h", 0, i64::MAX, 1, "default").unwrap();
         s.enroll("h", "a", "host", 1).unwrap().unwrap();
         assert_eq!(
             s.insert_detections("a", &[detection("d1"), detection("d2")], 5)
@@ -184,7 +187,7 @@ fn detections_are_stored_once_and_survive_reopen() {
 #[test]
 fn retention_deletes_old_detections_in_batches() {
     both("retention", |s, _| {
-        s.create_token("h", 0, i64::MAX, 1).unwrap();
+        s.create_token("h", 0, i64::MAX, 1, "default").unwrap();
         s.enroll("h", "a", "host", 1).unwrap().unwrap();
         for (i, at) in [10, 10, 10, 20, 30].into_iter().enumerate() {
             s.insert_detections("a", &[detection(&format!("d{i}"))], at)
@@ -211,7 +214,7 @@ fn retention_deletes_old_detections_in_batches() {
 #[test]
 fn agents_record_connections_heartbeats_bundles_and_revocation() {
     both("agents", |s, _| {
-        s.create_token("h", 0, i64::MAX, 1).unwrap();
+        s.create_token("h", 0, i64::MAX, 1, "default").unwrap();
         s.enroll("h", "a", "host", 1).unwrap().unwrap();
         let inv = Inventory {
             hostname: "web-1".into(),
@@ -402,5 +405,108 @@ fn intel_staging_adds_updates_revokes_refuses_and_pages() {
             .unwrap();
         assert_eq!(store.intel_sources().unwrap()[0].last_error, "feed down");
         assert_eq!(store.intel_sources().unwrap()[0].staged, 1);
+    });
+}
+
+#[test]
+fn organisations_hold_their_agents_tokens_detections_and_certificates() {
+    both("orgs", |s, reopen| {
+        // Every store starts with the default organisation, sharing in full; opening it again
+        // (a restart, a second collector) keeps its identity.
+        let orgs = s.list_orgs().unwrap();
+        assert_eq!(orgs.len(), 1, "{orgs:?}");
+        assert_eq!(orgs[0].name, crate::orgs::DEFAULT_ORG);
+        assert_eq!(orgs[0].share, "full");
+        assert!(orgs[0].stix_id.starts_with("identity--"));
+        assert_eq!(reopen().list_orgs().unwrap()[0].stix_id, orgs[0].stix_id);
+
+        let alpha = OrgRow {
+            name: "alpha".into(),
+            stix_id: crate::orgs::new_stix_id(),
+            sector: "energy".into(),
+            country: "DE".into(),
+            share: "anonymised".into(),
+            tlp: "amber".into(),
+            created_at_ms: 5,
+            agents: 0,
+        };
+        assert!(s.create_org(&alpha).unwrap());
+        assert!(
+            !s.create_org(&OrgRow {
+                stix_id: crate::orgs::new_stix_id(),
+                ..alpha.clone()
+            })
+            .unwrap()
+        );
+        s.create_token("ta", 0, i64::MAX, 1, "alpha").unwrap();
+        s.create_token("td", 0, i64::MAX, 1, "default").unwrap();
+        assert_eq!(s.check_token("ta", 1).unwrap(), Ok("alpha".to_string()));
+        assert_eq!(
+            s.enroll("ta", "a1", "h1", 1).unwrap(),
+            Ok("alpha".to_string())
+        );
+        assert_eq!(
+            s.enroll("td", "d1", "h2", 1).unwrap(),
+            Ok("default".to_string())
+        );
+        assert_eq!(s.agent("a1").unwrap().unwrap().org, "alpha");
+        assert_eq!(s.agent("d1").unwrap().unwrap().org, "default");
+
+        s.insert_detections("a1", &[detection("x-a")], 10).unwrap();
+        s.insert_detections("d1", &[detection("x-d")], 10).unwrap();
+        let only_alpha = s
+            .list_detections(&DetectionFilter {
+                org: Some("alpha".into()),
+                limit: 10,
+                max_bytes: usize::MAX,
+                ..Default::default()
+            })
+            .unwrap();
+        let ids: Vec<_> = only_alpha
+            .detections
+            .iter()
+            .map(|d| (d.detection.as_ref().unwrap().id.as_str(), d.org.as_str()))
+            .collect();
+        assert_eq!(ids, [("x-a", "alpha")]);
+        let exported = s.detections_after(0, i64::MAX, 10).unwrap();
+        let orgs: Vec<_> = exported.iter().map(|(_, d)| d.org.as_str()).collect();
+        assert_eq!(orgs, ["alpha", "default"]);
+
+        let listed = s.list_orgs().unwrap();
+        let counts: Vec<_> = listed.iter().map(|o| (o.name.as_str(), o.agents)).collect();
+        assert_eq!(counts, [("alpha", 1), ("default", 1)]);
+        assert_eq!(listed[0].sector, "energy");
+        assert!(
+            s.update_org(&OrgRow {
+                share: "none".into(),
+                tlp: "red".into(),
+                ..alpha.clone()
+            })
+            .unwrap()
+        );
+        assert!(
+            !s.update_org(&OrgRow {
+                name: "nobody".into(),
+                ..alpha.clone()
+            })
+            .unwrap()
+        );
+        let alpha_now = s.list_orgs().unwrap().remove(0);
+        assert_eq!(
+            (alpha_now.share.as_str(), alpha_now.tlp.as_str()),
+            ("none", "red")
+        );
+        assert_eq!(alpha_now.stix_id, alpha.stix_id);
+
+        s.record_cert(&CertRow {
+            serial: "0a".into(),
+            kind: "client".into(),
+            subject: "carol".into(),
+            roles: "operator".into(),
+            org: "alpha".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.list_certs().unwrap()[0].org, "alpha");
     });
 }
