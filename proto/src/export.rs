@@ -674,7 +674,8 @@ impl Sharing {
 /// A stored detection with everything that could name a host, a path, a user, a command line
 /// or an internal address removed: what `anonymised` exports are made from. What stays is
 /// the indicator (rule, its source and ids, techniques), the hashes and size of a file, the
-/// remote address and port of a connection, and the times.
+/// remote address and port of a connection, and the times. The description goes too: it may
+/// quote what was observed.
 pub fn anonymise(s: &StoredDetection) -> StoredDetection {
     let mut d = s.detection.clone().unwrap_or_default();
     match &mut d.target {
@@ -704,6 +705,9 @@ pub fn anonymise(s: &StoredDetection) -> StoredDetection {
         }
         None => {}
     }
+    // A description may quote what was observed (a built-in finding names the process and
+    // its executable, a memory match its region).
+    d.description.clear();
     // Host-local rules are named by the host's own file.
     if d.bundle_version == 0 {
         d.source = "local".into();
@@ -790,6 +794,8 @@ pub fn ecs_shared(s: &StoredDetection, policy: &Sharing) -> Option<Value> {
         }
         Share::Anonymised => {
             let mut v = ecs(&anonymise(s));
+            // Of a process, only its image's hash stays.
+            let image_hash = v["process"].get("hash").cloned();
             if let Some(m) = v.as_object_mut() {
                 m.remove("host");
                 m.remove("agent");
@@ -797,11 +803,17 @@ pub fn ecs_shared(s: &StoredDetection, policy: &Sharing) -> Option<Value> {
                 m.remove("user");
                 m.remove("source");
             }
+            if let Some(rule) = v.get_mut("rule").and_then(Value::as_object_mut) {
+                rule.remove("description");
+            }
             if let Some(file) = v.get_mut("file").and_then(Value::as_object_mut) {
                 file.remove("path");
                 if file.get("name").and_then(Value::as_str) == Some("") {
                     file.remove("name");
                 }
+            }
+            if let Some(hash) = image_hash {
+                v["process"] = json!({"hash": hash});
             }
             v["organization"] = json!({"name": policy.anonymous_name()});
             v

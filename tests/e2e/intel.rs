@@ -42,7 +42,7 @@ pub(crate) fn peer_tools(modules: &[&str], packages: &str) -> bool {
     false
 }
 
-fn detection(c: &Collector, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+pub(crate) fn detection(c: &Collector, what: &str, f: impl Fn(&Value) -> bool) -> Value {
     wait_for(Duration::from_secs(30), what, || {
         c.detections().into_iter().find(|d| f(d))
     })
@@ -206,7 +206,7 @@ fn stix_and_misp_indicators_reach_agents_and_detections_carry_their_provenance()
 }
 
 /// A child process killed when the test ends, whatever happens.
-struct Helper(std::process::Child);
+pub(crate) struct Helper(pub(crate) std::process::Child);
 
 impl Drop for Helper {
     fn drop(&mut self) {
@@ -385,12 +385,18 @@ fn exports_of_file_process_and_connection_detections_pass_the_peer_tools() {
 }
 
 /// A real TAXII 2.1 server (medallion, memory backend) on a free loopback port.
-fn medallion(dir: &Path, collections: Value) -> Option<(Helper, String)> {
-    medallion_on(dir, vedette_tests::free_port(), collections)
+pub(crate) fn medallion(dir: &Path, collections: Value) -> Option<(Helper, String)> {
+    medallion_on(dir, vedette_tests::free_port(), collections, 2)
 }
 
-/// The same on a given port.
-fn medallion_on(dir: &Path, port: u16, collections: Value) -> Option<(Helper, String)> {
+/// The same on a given port, serving at most `page` objects per page (small pages: the
+/// collector must follow `more`/`next`).
+pub(crate) fn medallion_on(
+    dir: &Path,
+    port: u16,
+    collections: Value,
+    page: u32,
+) -> Option<(Helper, String)> {
     if !peer_tools(&["medallion"], "medallion") {
         return None;
     }
@@ -418,8 +424,7 @@ fn medallion_on(dir: &Path, port: u16, collections: Value) -> Option<(Helper, St
             "backend": {"module": "medallion.backends.memory_backend",
                         "module_class": "MemoryBackend", "filename": data},
             "users": {"vedette": "s3cret"},
-            // Small pages: the collector must follow `more`/`next`.
-            "taxii": {"max_page_size": 2},
+            "taxii": {"max_page_size": page},
         })
         .to_string(),
     )
@@ -439,7 +444,7 @@ fn medallion_on(dir: &Path, port: u16, collections: Value) -> Option<(Helper, St
     Some((helper, format!("{base}/api1/")))
 }
 
-fn taxii_collection(id: &str, objects: &[Value]) -> Value {
+pub(crate) fn taxii_collection(id: &str, objects: &[Value]) -> Value {
     let manifest: Vec<Value> = objects
         .iter()
         .enumerate()
@@ -575,7 +580,7 @@ fn a_taxii_collection_is_polled_page_by_page_and_its_indicators_reach_the_agent(
 }
 
 /// Appends TOML to the collector's configuration.
-fn configure(c: &Collector, extra: &str) {
+pub(crate) fn configure(c: &Collector, extra: &str) {
     let toml = c.dir.join("collector.toml");
     let mut text = std::fs::read_to_string(&toml).unwrap();
     text.push('\n');
@@ -725,7 +730,7 @@ fn sightings_reach_a_taxii_collection_that_refused_for_a_while() {
     );
 
     let Some((_server, started_root)) =
-        medallion_on(tmp, port, json!([taxii_collection(sightings, &[])]))
+        medallion_on(tmp, port, json!([taxii_collection(sightings, &[])]), 2)
     else {
         return;
     };

@@ -12,3 +12,4 @@ mod onaccess;
 mod ops;
 mod output;
 mod scaleout;
+mod tenancy;

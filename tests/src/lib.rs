@@ -316,6 +316,8 @@ pub struct Agent {
     pub state: PathBuf,
     pub id: String,
     pub proc: Option<Proc>,
+    /// Environment variables for `run` (`VEDETTE_HOSTNAME`, ...).
+    pub env: Vec<(String, String)>,
     runs: usize,
 }
 
@@ -351,7 +353,12 @@ impl Agent {
 
     /// [`enroll`](Self::enroll) with extra arguments.
     pub fn enroll_with(c: &Collector, state: &Path, extra: &[&str]) -> Agent {
-        let out = Agent::try_enroll_with(c, state, &c.token(&[]), extra);
+        Agent::enroll_with_token(c, state, &c.token(&[]), extra)
+    }
+
+    /// Enrolls with the given token, panicking on failure.
+    pub fn enroll_with_token(c: &Collector, state: &Path, token: &str, extra: &[&str]) -> Agent {
+        let out = Agent::try_enroll_with(c, state, token, extra);
         assert!(
             out.status.success(),
             "enroll failed: {}",
@@ -368,6 +375,7 @@ impl Agent {
             state: state.to_owned(),
             id,
             proc: None,
+            env: Vec::new(),
             runs: 0,
         }
     }
@@ -405,7 +413,8 @@ impl Agent {
         cmd.arg("run")
             .arg("--state-dir")
             .arg(&self.state)
-            .args(args);
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         self.proc = Some(Proc::spawn("agent", &mut cmd, log));
     }
 
