@@ -147,7 +147,19 @@ fn metrics_of_a_running_collector_and_agent_parse_and_move_with_scans_and_detect
     );
     assert_eq!(value(&a0, "vedette_agent_rules_yara"), 1.0);
     assert!(value(&a0, "vedette_agent_resident_memory_bytes") > 1e6);
-    assert!(value(&a0, "vedette_agent_cpu_seconds_total") > 0.0);
+    // CPU time is counted in 10 ms ticks: a young agent may not have used one yet.
+    wait_until(
+        Duration::from_secs(30),
+        "the agent's CPU time counted",
+        || {
+            let m = scrape(&agent_metrics)?;
+            if value(&m, "vedette_agent_cpu_seconds_total") > 0.0 {
+                Ok(())
+            } else {
+                Err("vedette_agent_cpu_seconds_total is 0".to_string())
+            }
+        },
+    );
     let committed0 = value(&c0, "vedette_collector_detections_committed_total");
 
     std::fs::write(watch.join("bad.txt"), "xx VEDETTE-METRICS-MARKER xx\n").unwrap();
