@@ -829,3 +829,162 @@ pub fn ecs_shared(s: &StoredDetection, policy: &Sharing) -> Option<Value> {
     }
     Some(v)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::v1::{ConnectionTarget, FileTarget, IndicatorRef, ProcessTarget};
+
+    fn policy(share: Share) -> Sharing {
+        Sharing {
+            name: "acme".into(),
+            stix_id: "identity--00000000-0000-4000-8000-000000000001".into(),
+            sector: "energy".into(),
+            country: "DE".into(),
+            share,
+            tlp: Tlp::AmberStrict,
+        }
+    }
+
+    fn stored(target: detection::Target, kind: DetectionKind) -> StoredDetection {
+        StoredDetection {
+            detection: Some(Detection {
+                id: "d1".into(),
+                kind: kind as i32,
+                rule: "evil".into(),
+                description: "process 42 runs /home/alice/x".into(),
+                target: Some(target),
+                indicator: Some(IndicatorRef {
+                    source: "yara".into(),
+                    id: "evil".into(),
+                    origin: "/etc/vedette/rules/local.yar".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            agent_id: "agent-1".into(),
+            hostname: "db01.acme.internal".into(),
+            received_at_ms: 1,
+            seq: 1,
+            org: "acme".into(),
+        }
+    }
+
+    const SECRETS: &[&str] = &[
+        "db01.acme.internal",
+        "agent-1",
+        "/home/alice",
+        "alice",
+        "curl http://10.0.0.5",
+        "10.0.0.9",
+        "/etc/vedette/rules",
+    ];
+
+    fn all_kinds() -> Vec<StoredDetection> {
+        vec![
+            stored(
+                detection::Target::File(FileTarget {
+                    path: "/home/alice/payload.bin".into(),
+                    sha256: "ab".repeat(32),
+                    size: 3,
+                    ..Default::default()
+                }),
+                DetectionKind::Yara,
+            ),
+            stored(
+                detection::Target::Process(ProcessTarget {
+                    pid: 42,
+                    name: "curl".into(),
+                    exe: "/home/alice/bin/curl".into(),
+                    cmdline: "curl http://10.0.0.5".into(),
+                    user: "alice".into(),
+                    ..Default::default()
+                }),
+                DetectionKind::Process,
+            ),
+            stored(
+                detection::Target::Connection(ConnectionTarget {
+                    pid: 42,
+                    exe: "/home/alice/bin/curl".into(),
+                    protocol: "TCP".into(),
+                    local_addr: "10.0.0.9".into(),
+                    local_port: 5555,
+                    remote_addr: "203.0.113.7".into(),
+                    remote_port: 443,
+                }),
+                DetectionKind::Connection,
+            ),
+        ]
+    }
+
+    #[test]
+    fn anonymised_exports_name_no_host_path_user_command_line_or_local_address() {
+        let list = all_kinds();
+        let p = policy(Share::Anonymised);
+        let mut text = String::new();
+        for s in &list {
+            text.push_str(&ecs_shared(s, &p).unwrap().to_string());
+        }
+        text.push_str(&json!(stix_shared(&list, &|_| Some(p.clone()), "CSIRT")).to_string());
+        for secret in SECRETS {
+            assert!(!text.contains(secret), "`{secret}` in {text}");
+        }
+        // What stays: the indicator, the hash, the remote address, sector, country and TLP.
+        for kept in [
+            "evil",
+            &"ab".repeat(32),
+            "203.0.113.7",
+            "Anonymous participant (energy, DE)",
+            "amber+strict",
+            "marking-definition--939a9414-2ddd-4d32-a0cd-375ea402b003",
+        ] {
+            assert!(text.contains(kept), "`{kept}` missing from {text}");
+        }
+    }
+
+    #[test]
+    fn full_exports_carry_the_host_and_none_exports_nothing() {
+        let list = all_kinds();
+        let full = ecs_shared(&list[1], &policy(Share::Full)).unwrap();
+        assert_eq!(full["host"]["name"], "db01.acme.internal");
+        assert_eq!(full["process"]["command_line"], "curl http://10.0.0.5");
+        assert_eq!(full["organization"]["name"], "acme");
+        assert_eq!(
+            full["threat"]["indicator"]["marking"]["tlp"],
+            "AMBER+STRICT"
+        );
+        for s in &list {
+            assert!(ecs_shared(s, &policy(Share::None)).is_none());
+        }
+        assert!(stix_shared(&list, &|_| Some(policy(Share::None)), "CSIRT").is_empty());
+        // An organisation without a policy shares nothing either.
+        assert!(stix_shared(&list, &|_| None, "CSIRT").is_empty());
+        let objects = stix_shared(&list, &|_| Some(policy(Share::Full)), "CSIRT");
+        let sighting = objects.iter().find(|o| o["type"] == "sighting").unwrap();
+        assert_eq!(
+            sighting["where_sighted_refs"][0],
+            "identity--00000000-0000-4000-8000-000000000001"
+        );
+        assert!(objects.iter().any(|o| o["type"] == "process"));
+    }
+
+    #[test]
+    fn a_file_name_stays_only_when_it_is_the_indicator() {
+        let file = |kind| {
+            stored(
+                detection::Target::File(FileTarget {
+                    path: "/srv/www/shell.php".into(),
+                    ..Default::default()
+                }),
+                kind,
+            )
+        };
+        let p = policy(Share::Anonymised);
+        let by_name = ecs_shared(&file(DetectionKind::Filename), &p).unwrap();
+        assert_eq!(by_name["file"]["name"], "shell.php");
+        assert!(by_name["file"].get("path").is_none());
+        let by_yara = ecs_shared(&file(DetectionKind::Yara), &p).unwrap();
+        assert!(by_yara["file"].get("name").is_none(), "{by_yara}");
+        assert!(!by_yara.to_string().contains("shell.php"));
+    }
+}
