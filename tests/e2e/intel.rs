@@ -835,7 +835,11 @@ fn misp_sightings_are_sent_as_pymisp_sends_them() {
         &event,
         json!({"Event": {"uuid": "7b1c2d3e-0000-4000-8000-00000000000e", "info": "sighting test",
             "Attribute": [{"uuid": attribute, "type": "filename", "value": "misp-sighted.bin",
-                           "to_ids": true}]}})
+                           "to_ids": true},
+                          {"uuid": "7b1c2d3e-0000-4000-8000-000000000002", "type": "filename",
+                           "value": "misp-anonymised.bin", "to_ids": true},
+                          {"uuid": "7b1c2d3e-0000-4000-8000-000000000003", "type": "filename",
+                           "value": "misp-unshared.bin", "to_ids": true}]}})
         .to_string(),
     )
     .unwrap();
@@ -891,6 +895,45 @@ fn misp_sightings_are_sent_as_pymisp_sends_them() {
     for h in ["authorization", "content-type", "accept"] {
         assert_eq!(ours["headers"][h], theirs["headers"][h], "{h}");
     }
+
+    // The organisation's sharing policy applies to this sink too: `anonymised` sights by the
+    // anonymous stand-in, `none` sends nothing.
+    c.ctl_ok(&[
+        "orgs",
+        "set",
+        "default",
+        "--share",
+        "anonymised",
+        "--sector",
+        "healthcare",
+        "--country",
+        "FR",
+    ]);
+    std::fs::write(watch.join("misp-anonymised.bin"), "x").unwrap();
+    let posted = wait_for(Duration::from_secs(30), "the anonymised sighting", || {
+        requests()
+            .into_iter()
+            .filter(|r| r["method"] == "POST")
+            .nth(2)
+    });
+    let sighting = body(&posted);
+    assert_eq!(sighting["uuid"], "7b1c2d3e-0000-4000-8000-000000000002");
+    assert_eq!(sighting["source"], "Anonymous participant (healthcare, FR)");
+    c.ctl_ok(&["orgs", "set", "default", "--share", "none"]);
+    std::fs::write(watch.join("misp-unshared.bin"), "x").unwrap();
+    detection(&c, "the unshared detection", |d| {
+        d["indicator"]["id"] == "7b1c2d3e-0000-4000-8000-000000000003"
+    });
+    wait_for(Duration::from_secs(30), "the sink past it", || {
+        json_lines(&c.ctl_ok(&["intel", "status", "--json"]))
+            .into_iter()
+            .find(|s| s["kind"] == "export" && s["backlog"] == 0)
+    });
+    let posts = requests()
+        .into_iter()
+        .filter(|r| r["method"] == "POST")
+        .count();
+    assert_eq!(posts, 3, "{:?}", requests());
 }
 
 /// Writes a MISP feed with PyMISP (`to_feed`, its manifest): two events, each with a SHA-256
