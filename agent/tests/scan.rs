@@ -247,9 +247,20 @@ fn unchanged_files_come_from_the_cache_and_rewritten_ones_are_rescanned() {
         &std::fs::metadata(&compiled).unwrap().permissions(),
     );
     assert_eq!(mode & 0o777, 0o600);
+    assert!(
+        stderr(&first).contains("loaded 1 YARA rules"),
+        "{}",
+        stderr(&first)
+    );
     let second = scan(&args, Duration::from_secs(60));
     assert!(
         stderr(&second).contains("scanned 20 files (20 unchanged, from cache)"),
+        "{}",
+        stderr(&second)
+    );
+    // Nothing to scan: the rules are not even loaded.
+    assert!(
+        stderr(&second).contains("rules not loaded") && !stderr(&second).contains("loaded 1 YARA"),
         "{}",
         stderr(&second)
     );
@@ -263,6 +274,12 @@ fn unchanged_files_come_from_the_cache_and_rewritten_ones_are_rescanned() {
         "{}",
         stderr(&third)
     );
+    // One file to scan: the rules are loaded for it.
+    assert!(
+        stderr(&third).contains("loaded 1 YARA rules"),
+        "{}",
+        stderr(&third)
+    );
     let found = json(&third);
     assert_eq!(found.len(), 1);
     assert!(found[0]["path"].as_str().unwrap().ends_with("f7.txt"));
@@ -270,6 +287,20 @@ fn unchanged_files_come_from_the_cache_and_rewritten_ones_are_rescanned() {
     let fourth = scan(&args, Duration::from_secs(60));
     assert_eq!(fourth.status.code(), Some(1));
     assert!(stderr(&fourth).contains("(20 unchanged, from cache)"));
+    assert_eq!(json(&fourth).len(), 1);
+    assert!(stderr(&fourth).contains("rules not loaded"));
+    // Changed rules are other rules: every cached result is stale, and they load.
+    write(
+        &rules.join("t.yar"),
+        b"rule cache_test2 { strings: $a = \"CACHE-MARKER\" condition: $a }",
+    );
+    let fifth = scan(&args, Duration::from_secs(60));
+    assert!(
+        stderr(&fifth).contains("(0 unchanged, from cache)"),
+        "{}",
+        stderr(&fifth)
+    );
+    assert_eq!(json(&fifth)[0]["rule"], "cache_test2");
 }
 
 /// Waits until no file in `dir` changed within the last 150 ms: the result cache keeps no

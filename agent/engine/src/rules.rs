@@ -343,6 +343,12 @@ impl RuleSetBuilder {
         self
     }
 
+    /// The fingerprint the rule set built from what was added so far will have
+    /// ([`RuleSet::fingerprint`]), known without compiling anything.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        self.digest.clone().finalize().into()
+    }
+
     /// Compiles what was added. Files with problems are left out; see the report.
     pub fn build(self, bundle_version: u64) -> RuleSet {
         self.build_inner(bundle_version, None)

@@ -17,7 +17,7 @@ use vedette_proto::output::{detection_json, detection_line};
 use vedette_proto::v1::Detection;
 
 use crate::detect::cache::ScanCache;
-use crate::detect::full_scan::{Outcome, ScanContext, ScanPlan, scan_tree};
+use crate::detect::full_scan::{Outcome, ScanContext, ScanPlan, ScanRules, scan_tree};
 use crate::detect::memory::MemoryLimits;
 use crate::detect::procmon::ProcessJudge;
 use crate::detect::{Ids, file_detections};
@@ -34,10 +34,9 @@ pub struct ScanArgs {
     pub cache: Option<PathBuf>,
 }
 
-/// Loads rules for a scan, printing problems to stderr. None when loading must stop the scan.
-/// With `compiled`, compiled YARA rules are kept there and reused while the sources are
-/// unchanged.
-pub fn load_rules(paths: &[PathBuf], strict: bool, compiled: Option<&Path>) -> Option<RuleSet> {
+/// Reads the rule sources of a scan (nothing is compiled yet); None after printing why when
+/// one cannot be read.
+fn rule_sources(paths: &[PathBuf]) -> Option<RuleSetBuilder> {
     let mut b = RuleSetBuilder::new();
     for p in paths {
         if let Err(e) = b.add_path(p) {
@@ -45,6 +44,13 @@ pub fn load_rules(paths: &[PathBuf], strict: bool, compiled: Option<&Path>) -> O
             return None;
         }
     }
+    Some(b)
+}
+
+/// Builds the rules of a scan and prints what was loaded and every problem to stderr; None
+/// when the problems must stop the scan (`strict`). With `compiled`, compiled YARA rules are
+/// kept there and reused while the sources are unchanged.
+fn build_rules(b: RuleSetBuilder, strict: bool, compiled: Option<&Path>) -> Option<RuleSet> {
     let rules = match compiled {
         Some(c) => b.build_cached(0, c),
         None => b.build(0),
@@ -111,8 +117,26 @@ pub fn run(args: ScanArgs) -> u8 {
         p.push(".rules");
         PathBuf::from(p)
     });
-    let Some(rules) = load_rules(&args.rules, args.strict, compiled.as_deref()) else {
+    let Some(sources) = rule_sources(&args.rules) else {
         return exit::SCAN_ERROR;
+    };
+    // With a result cache, the rules are loaded when the first file misses it: a scan of an
+    // unchanged tree never loads them. --strict (which must see every problem first) and
+    // --processes (every process is judged) load them first.
+    let rules = if args.cache.is_some() && !args.strict && !args.processes {
+        let fingerprint = sources.fingerprint();
+        let compiled = compiled.clone();
+        ScanRules::lazy(
+            fingerprint,
+            Box::new(move || {
+                build_rules(sources, false, compiled.as_deref()).unwrap_or_else(RuleSet::empty)
+            }),
+        )
+    } else {
+        match build_rules(sources, args.strict, compiled.as_deref()) {
+            Some(r) => ScanRules::owned(r),
+            None => return exit::SCAN_ERROR,
+        }
     };
     let started = Instant::now();
     let counters = Counters::default();
@@ -132,14 +156,19 @@ pub fn run(args: ScanArgs) -> u8 {
     };
     let stop = CancellationToken::new();
     let cx = ScanContext {
-        rules: &rules,
+        rules,
         cache: cache.as_ref(),
         counters: &counters,
         stop: &stop,
     };
     scan_tree(&args.paths, &args.plan, &cx, &on_file);
     if args.processes {
-        scan_processes(&rules, &args.plan, args.memory, &printer);
+        scan_processes(cx.rules.get(), &args.plan, args.memory, &printer);
+    }
+    if cx.rules.loaded().is_none() {
+        eprintln!(
+            "rules not loaded: no file needed scanning (every one is unchanged since the cached scan)"
+        );
     }
     if let (Some(cache), Some(path)) = (&cache, &args.cache)
         && let Err(e) = cache.save(path)

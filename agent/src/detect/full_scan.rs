@@ -8,8 +8,8 @@
 //! scans run at a low priority at start, on an interval, and after every new rule bundle.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::mpsc::{Receiver, sync_channel};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -70,10 +70,79 @@ pub enum Outcome {
 
 /// What a scan needs besides its plan: the rules, the cache, the counters and the stop signal.
 pub struct ScanContext<'a> {
-    pub rules: &'a RuleSet,
+    pub rules: ScanRules<'a>,
     pub cache: Option<&'a ScanCache>,
     pub counters: &'a Counters,
     pub stop: &'a CancellationToken,
+}
+
+/// A deferred rule set load: returns the rule set.
+type Load<'a> = Box<dyn FnOnce() -> RuleSet + Send + 'a>;
+
+/// The rules of a scan: loaded already, or loaded when the first file misses the cache. A scan
+/// whose every file is unchanged since the cached scan then never loads (or compiles) them.
+pub struct ScanRules<'a> {
+    /// The cache tag of the rule set ([`rules_tag`]), known before it is loaded.
+    tag: u64,
+    ready: Option<&'a RuleSet>,
+    loaded: OnceLock<RuleSet>,
+    load: Mutex<Option<Load<'a>>>,
+}
+
+impl<'a> ScanRules<'a> {
+    pub fn ready(rules: &'a RuleSet) -> ScanRules<'a> {
+        ScanRules {
+            tag: rules_tag(rules),
+            ready: Some(rules),
+            loaded: OnceLock::new(),
+            load: Mutex::new(None),
+        }
+    }
+
+    pub fn owned(rules: RuleSet) -> ScanRules<'a> {
+        let tag = rules_tag(&rules);
+        let loaded = OnceLock::new();
+        let _ = loaded.set(rules);
+        ScanRules {
+            tag,
+            ready: None,
+            loaded,
+            load: Mutex::new(None),
+        }
+    }
+
+    /// Rules loaded by `load` when first needed; `fingerprint` must be the one they will have
+    /// ([`vedette_engine::RuleSetBuilder::fingerprint`]).
+    pub fn lazy(fingerprint: [u8; 32], load: Load<'a>) -> ScanRules<'a> {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&fingerprint[..8]);
+        ScanRules {
+            tag: u64::from_le_bytes(b),
+            ready: None,
+            loaded: OnceLock::new(),
+            load: Mutex::new(Some(load)),
+        }
+    }
+
+    pub fn tag(&self) -> u64 {
+        self.tag
+    }
+
+    /// The rule set, loading it now if it was not (other callers wait for that load).
+    pub fn get(&self) -> &RuleSet {
+        if let Some(r) = self.ready {
+            return r;
+        }
+        self.loaded.get_or_init(|| {
+            let load = self.load.lock().unwrap_or_else(|p| p.into_inner()).take();
+            load.map_or_else(RuleSet::empty, |f| f())
+        })
+    }
+
+    /// The rule set if it is loaded.
+    pub fn loaded(&self) -> Option<&RuleSet> {
+        self.ready.or_else(|| self.loaded.get())
+    }
 }
 
 /// Walks `roots`, scanning every regular file, and calls `on_file` for each (from several
@@ -107,7 +176,7 @@ pub fn scan_tree(
 /// The cache's answer for an unchanged file.
 fn cached(cx: &ScanContext<'_>, found: &Found) -> Option<Outcome> {
     let (cache, stamp) = (cx.cache?, found.stamp.as_ref()?);
-    let hit = cache.get(stamp, rules_tag(cx.rules))?;
+    let hit = cache.get(stamp, cx.rules.tag())?;
     let report = FileReport {
         size: stamp.size,
         device: stamp.dev,
@@ -131,7 +200,8 @@ fn scanner_thread(
     on_file: &(dyn Fn(&Path, Outcome) + Sync),
 ) {
     let budget = plan.max_cpu_percent.clamp(1, 100);
-    let mut scanner = FileScanner::new(cx.rules, plan.scan);
+    // Made at the first file to scan: the rules are loaded then, if they were not.
+    let mut scanner = None;
     loop {
         let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
         let Ok(Found { path, .. }) = job else {
@@ -140,13 +210,14 @@ fn scanner_thread(
         if cx.stop.is_cancelled() {
             continue;
         }
+        let scanner = scanner.get_or_insert_with(|| FileScanner::new(cx.rules.get(), plan.scan));
         let started = Instant::now();
-        let outcome = match scan_file(&mut scanner, &path, cx.counters) {
+        let outcome = match scan_file(scanner, &path, cx.counters) {
             Ok(report) => {
                 let new = match cx.cache {
                     Some(cache) => cache.record(
                         Stamp::of_report(&report),
-                        rules_tag(cx.rules),
+                        cx.rules.tag(),
                         &report.matches,
                         report.sha256.as_deref(),
                     ),
@@ -229,7 +300,7 @@ impl FullScans {
             }
         };
         let cx = ScanContext {
-            rules,
+            rules: ScanRules::ready(rules),
             cache: Some(cache),
             counters,
             stop,
