@@ -82,4 +82,4 @@ second=$(run_vedette --cache "$work/cache.bin")
 echo
 printf 'vedette with cache: first scan %.2fs, second scan of the unchanged tree %.2fs: %.1fx faster\n' \
     "$first" "$second" "$(echo "$first / $second" | bc -l)"
-grep '^scanned' "$work/vedette.err" | sed 's/^/vedette (second): /'
+grep '^scanned\|^rules not loaded' "$work/vedette.err" | sed 's/^/vedette (second): /'
