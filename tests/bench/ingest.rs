@@ -14,6 +14,14 @@
 //!     target/release/vedette-ingest --agents 100 --batches 50 --batch 100
 //! ```
 //! Without `VEDETTE_TEST_POSTGRES` only SQLite is measured.
+//!
+//! `--idle N` instead holds N simulated agents connected (each enrolled, each on its own
+//! mutual-TLS stream, saying nothing after its Hello) to one collector on SQLite, and reports
+//! the collector's resident memory before and with them (raise the open-file limit first):
+//!
+//! ```text
+//! ulimit -n 65536; target/release/vedette-ingest --idle 10000
+//! ```
 
 use std::time::{Duration, Instant};
 
@@ -143,8 +151,104 @@ async fn measure(s: &Setup, agents: usize, batches: usize, size: usize) {
     );
 }
 
+/// Resident memory of a process, in bytes (`VmRSS` of /proc/PID/status).
+fn rss_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+/// The collector's `agents_connected` gauge, from its metrics endpoint.
+fn connected(c: &Collector) -> Option<usize> {
+    let (_, body) = vedette_tests::http_get(&c.metrics_addr, "/metrics").ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix("vedette_collector_agents_connected "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as usize)
+}
+
+/// Holds `n` idle agents connected and reports the collector's memory.
+fn idle(n: usize) {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let mut c = Collector::init(&tmp.path().join("collector"));
+    // Room for every agent and the benchmark's own requests.
+    let toml = c.dir.join("collector.toml");
+    let mut text = std::fs::read_to_string(&toml).expect("collector.toml");
+    text.push_str(&format!(
+        "\n[limits]\nmax_connections = {0}\nmax_unauthenticated_connections = {0}\n",
+        n + 1_000
+    ));
+    std::fs::write(&toml, text).expect("collector.toml");
+    c.start();
+    let pid = c.proc.as_ref().expect("collector running").child.id();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let token = c.token(&["--uses", &n.to_string()]);
+    let t = Instant::now();
+    // In rounds: thousands of handshakes at once would overflow the listen backlog.
+    let mut identities = Vec::with_capacity(n);
+    while identities.len() < n {
+        let round = (n - identities.len()).min(500);
+        identities.extend(rt.block_on(enroll_simulated(&c, &token, round)));
+    }
+    let enrolled = t.elapsed();
+    let before = rss_of(pid);
+    let t = Instant::now();
+    let streams = rt.block_on(async {
+        let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
+        let mut opens = tokio::task::JoinSet::new();
+        for (_, tls) in identities {
+            let (addr, limit) = (c.addr.clone(), limit.clone());
+            opens.spawn(async move {
+                let _permit = limit.acquire_owned().await;
+                agent_stream(&addr, &tls).await.expect("agent stream")
+            });
+        }
+        opens.join_all().await
+    });
+    vedette_tests::wait_for(
+        Duration::from_secs(120),
+        "every agent counted as connected",
+        || (connected(&c) == Some(n)).then_some(()),
+    );
+    let opened = t.elapsed();
+    // Let what connecting allocated settle, then sample.
+    let rss = (0..5)
+        .map(|_| {
+            std::thread::sleep(Duration::from_secs(1));
+            rss_of(pid)
+        })
+        .max()
+        .unwrap_or(0);
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    println!(
+        "| idle agents | enrolled in | connected in | collector RSS before | with them | per agent |"
+    );
+    println!("|---|---|---|---|---|---|");
+    println!(
+        "| {n} | {:.1} s | {:.1} s | {:.1} MiB | {:.1} MiB | {:.1} KiB |",
+        enrolled.as_secs_f64(),
+        opened.as_secs_f64(),
+        mib(before),
+        mib(rss),
+        rss.saturating_sub(before) as f64 / 1024.0 / n.max(1) as f64
+    );
+    drop(streams);
+    drop(rt);
+}
+
 /// Collectors and databases are made and dropped outside the runtime (their clients block).
 fn main() {
+    let idle_agents = arg("--idle", 0);
+    if idle_agents > 0 {
+        idle(idle_agents);
+        return;
+    }
     let agents = arg("--agents", 100);
     let batches = arg("--batches", 50);
     let size = arg("--batch", 100);
