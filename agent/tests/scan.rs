@@ -223,9 +223,13 @@ fn unchanged_files_come_from_the_cache_and_rewritten_ones_are_rescanned() {
             format!("clean {i}").as_bytes(),
         );
     }
+    // Too large to scan (judged by its name only), and skipped as such on every run.
+    write(&tree.join("big.bin"), &[b'x'; 4096]);
     let cache = tmp.path().join("cache.bin");
     let args = [
         "--json",
+        "--max-file-size",
+        "1024",
         "--cache",
         s(&cache),
         "--rules",
@@ -261,6 +265,11 @@ fn unchanged_files_come_from_the_cache_and_rewritten_ones_are_rescanned() {
     // Nothing to scan: the rules are not even loaded.
     assert!(
         stderr(&second).contains("rules not loaded") && !stderr(&second).contains("loaded 1 YARA"),
+        "{}",
+        stderr(&second)
+    );
+    assert!(
+        stderr(&second).contains("too_large 1"),
         "{}",
         stderr(&second)
     );

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use vedette_engine::{FileReport, FileScanner, RuleMatch, RuleSet, ScanOptions};
+use vedette_engine::{FileReport, FileScanner, RuleMatch, RuleSet, ScanOptions, SkipReason};
 use vedette_proto::v1::Detection;
 
 use crate::detect::cache::{ScanCache, Stamp, rules_tag};
@@ -161,8 +161,7 @@ pub fn scan_tree(
             s.spawn(|| scanner_thread(&rx, plan, cx, on_file));
         }
         let visit = |found: Found| {
-            if let Some(hit) = cached(cx, &found) {
-                cx.counters.inc(Counter::CacheHits);
+            if let Some(hit) = cached(cx, plan, &found) {
                 on_file(&found.path, hit);
                 return true;
             }
@@ -173,10 +172,16 @@ pub fn scan_tree(
     });
 }
 
-/// The cache's answer for an unchanged file.
-fn cached(cx: &ScanContext<'_>, found: &Found) -> Option<Outcome> {
+/// The cache's answer for an unchanged file. A file too large to scan, whose name matched
+/// nothing, is skipped again as too large (without loading the rules to judge its name).
+fn cached(cx: &ScanContext<'_>, plan: &ScanPlan, found: &Found) -> Option<Outcome> {
     let (cache, stamp) = (cx.cache?, found.stamp.as_ref()?);
     let hit = cache.get(stamp, cx.rules.tag())?;
+    if stamp.size > plan.scan.max_file_size && hit.matches.is_empty() {
+        cx.counters.inc(Counter::SkippedTooLarge);
+        return Some(Outcome::Skipped);
+    }
+    cx.counters.inc(Counter::CacheHits);
     let report = FileReport {
         size: stamp.size,
         device: stamp.dev,
@@ -204,7 +209,7 @@ fn scanner_thread(
     let mut scanner = None;
     loop {
         let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-        let Ok(Found { path, .. }) = job else {
+        let Ok(Found { path, stamp }) = job else {
             return;
         };
         if cx.stop.is_cancelled() {
@@ -224,6 +229,14 @@ fn scanner_thread(
                     None => report.matches.clone(),
                 };
                 Outcome::Scanned { report, new }
+            }
+            Err(SkipReason::TooLarge(_)) => {
+                // Judged by its name only: remembered, so that an unchanged tree needs no
+                // rules to be skipped again.
+                if let (Some(cache), Some(stamp)) = (cx.cache, stamp) {
+                    cache.record(stamp, cx.rules.tag(), &[], None);
+                }
+                Outcome::Skipped
             }
             Err(_) => Outcome::Skipped,
         };
