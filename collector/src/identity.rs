@@ -184,11 +184,19 @@ impl Identity {
 
     #[cfg(test)]
     pub fn from_pem_for_tests(pem: &str) -> Identity {
-        use rustls_pki_types::CertificateDer;
-        use rustls_pki_types::pem::PemObject;
-        let der = CertificateDer::from_pem_slice(pem.as_bytes()).expect("pem");
-        Identity::from_der(der.as_ref()).expect("identity")
+        Identity::from_der(&der_for_tests(pem)).expect("identity")
     }
+}
+
+/// The DER of a PEM certificate.
+#[cfg(test)]
+fn der_for_tests(pem: &str) -> Vec<u8> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .expect("pem")
+        .as_ref()
+        .to_vec()
 }
 
 #[cfg(test)]
@@ -229,18 +237,11 @@ mod tests {
             tonic::Code::PermissionDenied
         );
         assert_eq!(
-            Identity::cert_row(&pem_der(&c.cert_pem), 1).unwrap().org,
+            Identity::cert_row(&der_for_tests(&c.cert_pem), 1)
+                .unwrap()
+                .org,
             "alpha"
         );
-    }
-
-    fn pem_der(pem: &str) -> Vec<u8> {
-        use rustls_pki_types::CertificateDer;
-        use rustls_pki_types::pem::PemObject;
-        CertificateDer::from_pem_slice(pem.as_bytes())
-            .unwrap()
-            .as_ref()
-            .to_vec()
     }
 
     #[test]

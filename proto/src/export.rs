@@ -761,14 +761,11 @@ pub fn stix_shared(
             push(&mut objects, o);
         }
         for mut o in stix_sighting(&shared, &by_id) {
-            o["created_by_ref"] = json!(who_id);
-            o["object_marking_refs"] = json!([marking]);
-            if is_sco(&o) {
-                // Cyber-observables carry no created_by_ref.
-                if let Some(m) = o.as_object_mut() {
-                    m.remove("created_by_ref");
-                }
+            // Cyber-observables carry no created_by_ref.
+            if !is_sco(&o) {
+                o["created_by_ref"] = json!(who_id);
             }
+            o["object_marking_refs"] = json!([marking]);
             push(&mut objects, o);
         }
     }

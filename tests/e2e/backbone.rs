@@ -198,12 +198,7 @@ fn clients_without_a_certificate_or_from_another_ca_are_refused() {
         ),
     )
     .unwrap();
-    let out = std::process::Command::new(vedette_tests::bin("vedettectl"))
-        .arg("--config")
-        .arg(&cfg)
-        .args(["agents", "list"])
-        .output()
-        .unwrap();
+    let out = vedette_tests::vedettectl(&cfg, &["agents", "list"]);
     assert!(!out.status.success());
 }
 
@@ -327,12 +322,10 @@ fn quickstart_script_detects_a_marker_file() {
     )
     .unwrap();
     let ctl = || {
-        std::process::Command::new(vedette_tests::bin("vedettectl"))
-            .arg("--config")
-            .arg(demo.join("collector/vedettectl.toml"))
-            .args(["detections", "list"])
-            .output()
-            .expect("vedettectl")
+        vedette_tests::vedettectl(
+            &demo.join("collector/vedettectl.toml"),
+            &["detections", "list"],
+        )
     };
     wait_for(
         Duration::from_secs(2),

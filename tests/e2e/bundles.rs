@@ -325,12 +325,7 @@ fn bad_bundles_are_refused_with_a_clear_error_and_change_nothing() {
         ),
     )
     .unwrap();
-    let out = std::process::Command::new(vedette_tests::bin("vedettectl"))
-        .arg("--config")
-        .arg(&bob)
-        .args(["rules", "publish", good.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = vedette_tests::vedettectl(&bob, &["rules", "publish", good.to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("maintainer role"), "{}", stderr(&out));
 

@@ -763,14 +763,7 @@ fn agents_renew_their_certificates_and_a_revoked_operator_certificate_is_refused
         ),
     )
     .unwrap();
-    let as_mallory = || {
-        std::process::Command::new(vedette_tests::bin("vedettectl"))
-            .arg("--config")
-            .arg(&mallory)
-            .args(["agents", "list"])
-            .output()
-            .unwrap()
-    };
+    let as_mallory = || vedette_tests::vedettectl(&mallory, &["agents", "list"]);
     assert!(as_mallory().status.success());
     let listed = certs_of(&c, "mallory");
     assert_eq!(listed.len(), 1, "{listed:?}");

@@ -8,7 +8,9 @@ use std::process::Output;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use vedette_tests::{Agent, Collector, bin, json_lines, output_text, wait_for};
+use vedette_tests::{
+    Agent, Collector, bin, json_lines, output_text, vedettectl as ctl_as, wait_for,
+};
 
 use crate::intel::{Helper, detection, medallion_on, peer_tools, taxii_collection};
 
@@ -18,16 +20,6 @@ const FILE_INDICATOR: &str = "indicator--7e1a0000-0000-4000-8000-000000000001";
 const PROCESS_INDICATOR: &str = "indicator--7e1a0000-0000-4000-8000-000000000002";
 const DROPPED: &str = "tenancy-drop.bin";
 const MARKER: &str = "vedette-tenancy-marker";
-
-/// `vedettectl` with another configuration file (another operator's certificate).
-fn ctl_as(config: &Path, args: &[&str]) -> Output {
-    std::process::Command::new(bin("vedettectl"))
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .output()
-        .expect("run vedettectl")
-}
 
 fn ok(out: Output, what: &str) -> String {
     assert!(out.status.success(), "{what}: {}", output_text(&out));

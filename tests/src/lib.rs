@@ -264,12 +264,7 @@ impl Collector {
 
     /// Runs `vedettectl --config <this collector's> ARGS`.
     pub fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(bin("vedettectl"))
-            .arg("--config")
-            .arg(self.ctl_config())
-            .args(args)
-            .output()
-            .expect("run vedettectl")
+        vedettectl(&self.ctl_config(), args)
     }
 
     /// Like [`ctl`](Self::ctl), panicking with stderr unless it succeeds; returns stdout.
@@ -302,6 +297,16 @@ impl Collector {
     pub fn file(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.join(name)).expect("collector file")
     }
+}
+
+/// Runs `vedettectl --config CONFIG ARGS` (another operator's configuration and certificate).
+pub fn vedettectl(config: &Path, args: &[&str]) -> Output {
+    Command::new(bin("vedettectl"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("run vedettectl")
 }
 
 pub fn json_lines(text: &str) -> Vec<Value> {

@@ -210,14 +210,8 @@ pub enum OrgsCmd {
     Create {
         /// Letters, digits, `.`, `_` and `-` (at most 64).
         name: String,
-        /// A STIX industry sector: energy, financial-services, government-national, healthcare, ...
-        #[arg(long)]
-        sector: Option<String>,
-        /// ISO 3166-1 alpha-2 country code (DE, FR, ...).
-        #[arg(long)]
-        country: Option<String>,
         #[command(flatten)]
-        policy: PolicyArgs,
+        fields: OrgFields,
     },
     /// List organisations (yours only, with a certificate limited to one).
     List {
@@ -233,17 +227,20 @@ pub enum OrgsCmd {
     )]
     Set {
         name: String,
-        #[arg(long)]
-        sector: Option<String>,
-        #[arg(long)]
-        country: Option<String>,
         #[command(flatten)]
-        policy: PolicyArgs,
+        fields: OrgFields,
     },
 }
 
+/// What `orgs create` and `orgs set` may give of an organisation.
 #[derive(clap::Args)]
-pub struct PolicyArgs {
+pub struct OrgFields {
+    /// A STIX industry sector: energy, financial-services, government-national, healthcare, ...
+    #[arg(long)]
+    pub sector: Option<String>,
+    /// ISO 3166-1 alpha-2 country code (DE, FR, ...).
+    #[arg(long)]
+    pub country: Option<String>,
     /// What exports (TAXII, MISP, JSONL) carry about it. full: host names, paths, users,
     /// processes; anonymised: the indicator, counts, first and last seen, sector and country;
     /// none: nothing. See README.md, "Sharing and privacy".
@@ -252,6 +249,13 @@ pub struct PolicyArgs {
     /// The TLP 2.0 marking of everything exported about it.
     #[arg(long, value_parser = ["clear", "green", "amber", "amber+strict", "red"])]
     pub tlp: Option<String>,
+}
+
+impl OrgFields {
+    /// Sector, country, share and tlp as a request carries them (empty: not given).
+    pub fn into_request_fields(self) -> [String; 4] {
+        [self.sector, self.country, self.share, self.tlp].map(Option::unwrap_or_default)
+    }
 }
 
 #[derive(Subcommand)]

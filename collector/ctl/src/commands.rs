@@ -176,35 +176,26 @@ async fn orgs(cmd: OrgsCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
         )
     };
     match cmd {
-        OrgsCmd::Create {
-            name,
-            sector,
-            country,
-            policy,
-        } => {
+        OrgsCmd::Create { name, fields } => {
+            let [sector, country, share, tlp] = fields.into_request_fields();
             let o = client::orgs_create(
                 cfg,
                 CreateOrgRequest {
                     name,
-                    sector: sector.unwrap_or_default(),
-                    country: country.unwrap_or_default(),
-                    share: policy.share.unwrap_or_default(),
-                    tlp: policy.tlp.unwrap_or_default(),
+                    sector,
+                    country,
+                    share,
+                    tlp,
                 },
             )
             .await?;
             show(&o);
         }
-        OrgsCmd::Set {
-            name,
-            sector,
-            country,
-            policy,
-        } => {
-            if sector.is_none()
-                && country.is_none()
-                && policy.share.is_none()
-                && policy.tlp.is_none()
+        OrgsCmd::Set { name, fields } => {
+            let [sector, country, share, tlp] = fields.into_request_fields();
+            if [&sector, &country, &share, &tlp]
+                .iter()
+                .all(|f| f.is_empty())
             {
                 anyhow::bail!("nothing to change: give --share, --tlp, --sector or --country");
             }
@@ -212,10 +203,10 @@ async fn orgs(cmd: OrgsCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
                 cfg,
                 SetOrgRequest {
                     name,
-                    sector: sector.unwrap_or_default(),
-                    country: country.unwrap_or_default(),
-                    share: policy.share.unwrap_or_default(),
-                    tlp: policy.tlp.unwrap_or_default(),
+                    sector,
+                    country,
+                    share,
+                    tlp,
                 },
             )
             .await?;
