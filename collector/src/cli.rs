@@ -67,6 +67,10 @@ pub enum Command {
     /// Client certificates for people and tools (run on the collector host: it uses the CA key).
     #[command(subcommand)]
     Certs(CertsCmd),
+    /// Console accounts: people who sign in to the web console (`console_listen`) with a
+    /// password instead of a client certificate (run on the collector host).
+    #[command(subcommand)]
+    Users(UsersCmd),
     /// Check a collector's set-up and print each problem with its fix (read-only).
     ///
     /// Checks the configuration, the private keys' modes, the CA and server certificates
@@ -119,5 +123,39 @@ pub enum CertsCmd {
         /// Output path prefix.
         #[arg(long)]
         out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum UsersCmd {
+    /// Create an account, or set a new password (and roles, organisation) for an existing one.
+    ///
+    /// The password is read from standard input (without echo on a terminal; at least 12
+    /// characters) and stored as an argon2id hash. Setting a new password ends the account's
+    /// open sessions.
+    Add {
+        /// The collector.toml (for the store).
+        #[arg(long, env = "VEDETTE_COLLECTOR_CONFIG")]
+        config: PathBuf,
+        /// The account name (letters, digits, `.`, `_`, `-`, `@`).
+        name: String,
+        /// A role (repeatable): `operator` sees and acts on agents and detections,
+        /// `maintainer` sees bundles.
+        #[arg(long = "role", required = true, value_enum)]
+        roles: Vec<Role>,
+        /// Limit the account to this organisation, as `certs issue --org` does.
+        #[arg(long, value_name = "NAME")]
+        org: Option<String>,
+    },
+    /// List the accounts.
+    List {
+        #[arg(long, env = "VEDETTE_COLLECTOR_CONFIG")]
+        config: PathBuf,
+    },
+    /// Remove an account; its open sessions end at their next request.
+    Remove {
+        #[arg(long, env = "VEDETTE_COLLECTOR_CONFIG")]
+        config: PathBuf,
+        name: String,
     },
 }

@@ -20,6 +20,10 @@ pub struct RawConfig {
     /// Where Prometheus scrapes `/metrics` (plain HTTP), or `off`. Default `127.0.0.1:9464`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<String>,
+    /// Where the web console and its JSON API (`/api/v1/`) listen, over HTTPS with the server
+    /// certificate, e.g. `0.0.0.0:8443`. Off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console_listen: Option<String>,
     /// Where detections and agents are kept (`[store] url`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<RawStore>,
@@ -509,6 +513,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// None: no metrics endpoint.
     pub metrics_listen: Option<SocketAddr>,
+    /// None: no console.
+    pub console_listen: Option<SocketAddr>,
     pub store: StoreLocation,
     pub ca_cert: PathBuf,
     pub ca_key: PathBuf,
@@ -574,6 +580,13 @@ impl RawConfig {
             problems.push(format!("`metrics_listen`: {e}"));
             None
         });
+        let console_listen = match self.console_listen.as_deref() {
+            None => None,
+            Some(text) => vedette_proto::metrics::parse_listen(text).unwrap_or_else(|e| {
+                problems.push(format!("`console_listen`: {e}"));
+                None
+            }),
+        };
         let mut file = |key: &str, p: &Path| {
             let p = base.join(p);
             if !p.is_file() {
@@ -709,6 +722,7 @@ impl RawConfig {
             (Some(listen), Some(store), true) => Ok(Config {
                 listen,
                 metrics_listen,
+                console_listen,
                 store,
                 ca_cert,
                 ca_key,

@@ -191,6 +191,7 @@ fn write_collector_config(
     let collector = RawConfig {
         listen: listen.to_string(),
         metrics_listen: Some(crate::config::DEFAULT_METRICS_LISTEN.into()),
+        console_listen: None,
         store: Some(RawStore {
             url: store.to_string(),
             ca_cert: None,

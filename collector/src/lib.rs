@@ -15,3 +15,4 @@ pub mod poll;
 pub mod server;
 pub mod sinks;
 pub mod store;
+pub mod users;

@@ -4,9 +4,9 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use vedette_collector::cli::{CertsCmd, Cli, Command};
+use vedette_collector::cli::{CertsCmd, Cli, Command, UsersCmd};
 use vedette_collector::config::Config;
-use vedette_collector::{init, pki, server};
+use vedette_collector::{init, pki, server, users};
 use vedette_proto::cli::{exit, fail, init_logging};
 
 fn main() -> ExitCode {
@@ -61,6 +61,7 @@ fn main() -> ExitCode {
                 }
             }
         },
+        Command::Users(cmd) => users_command(cmd),
         Command::Doctor { config } => {
             if vedette_proto::doctor::print(&vedette_collector::doctor::run(&config)) {
                 ExitCode::SUCCESS
@@ -85,6 +86,36 @@ fn main() -> ExitCode {
                 server::run_until_signal(config)
             }
         },
+    }
+}
+
+/// `vedette-collector users ...`.
+fn users_command(cmd: UsersCmd) -> ExitCode {
+    let path = match &cmd {
+        UsersCmd::Add { config, .. }
+        | UsersCmd::List { config }
+        | UsersCmd::Remove { config, .. } => config.clone(),
+    };
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => return fail(&e, exit::CONFIG),
+    };
+    let result = match cmd {
+        UsersCmd::Add {
+            name, roles, org, ..
+        } => org
+            .as_deref()
+            .map_or(Ok(()), |o| check_org(&config, o))
+            .and_then(|()| users::add(&config, &name, &roles, org.as_deref())),
+        UsersCmd::List { .. } => users::list(&config),
+        UsersCmd::Remove { name, .. } => users::remove(&config, &name),
+    };
+    match result {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e, exit::FAILURE),
     }
 }
 

@@ -7,7 +7,10 @@
 
 use serde_json::{Value, json};
 
-use crate::v1::{Detection, StoredDetection, detection};
+use crate::v1::{
+    AgentInfo, BundleInfo, BundleRolloutResponse, Detection, ExportSink, IntelSource,
+    StoredDetection, detection,
+};
 use crate::{action_name, kind_name};
 
 /// RFC 3339 text of a millisecond timestamp, or an empty string for 0 (never happened).
@@ -112,6 +115,7 @@ pub fn stored_json(s: &StoredDetection) -> Value {
     v["hostname"] = json!(s.hostname);
     v["org"] = json!(s.org);
     v["received_at"] = json!(rfc3339_ms(s.received_at_ms));
+    v["seq"] = json!(s.seq);
     v
 }
 
@@ -178,6 +182,107 @@ pub fn stored_line(s: &StoredDetection) -> String {
         printable(&s.hostname),
         detection_line(&d)
     )
+}
+
+/// An agent as `vedettectl agents list --json` and the console API show it.
+pub fn agent_json(a: &AgentInfo) -> serde_json::Value {
+    json!({
+        "id": a.id,
+        "org": a.org,
+        "hostname": a.hostname,
+        "os": a.os,
+        "kernel": a.kernel,
+        "arch": a.arch,
+        "agent_version": a.agent_version,
+        "state": agent_state(a),
+        "connected": a.connected,
+        "revoked": a.revoked,
+        "enrolled_at": rfc3339_ms(a.enrolled_at_ms),
+        "first_seen": rfc3339_ms(a.first_seen_ms),
+        "last_seen": rfc3339_ms(a.last_seen_ms),
+        "bundle_version": a.bundle_version,
+        "bundle_applied_at": rfc3339_ms(a.bundle_applied_at_ms),
+        "bundle_failed_version": a.bundle_failed_version,
+        "bundle_error": a.bundle_error,
+        "dropped_total": a.dropped_total,
+        "counters": a.counters.iter().collect::<std::collections::BTreeMap<_, _>>(),
+    })
+}
+
+/// connected, disconnected, never-seen or revoked.
+pub fn agent_state(a: &AgentInfo) -> &'static str {
+    if a.revoked {
+        "revoked"
+    } else if a.connected {
+        "connected"
+    } else if a.first_seen_ms == 0 {
+        "never-seen"
+    } else {
+        "disconnected"
+    }
+}
+
+/// A published bundle (without its content).
+pub fn bundle_json(b: &BundleInfo) -> serde_json::Value {
+    json!({
+        "version": b.version,
+        "name": b.name,
+        "created_at": rfc3339_ms(b.created_at_ms),
+        "publisher": b.publisher,
+        "published_by": b.published_by,
+        "published_at": rfc3339_ms(b.published_at_ms),
+        "digest": b.digest,
+        "signer_key": b.signer_key,
+        "files": b.files,
+        "size": b.size,
+    })
+}
+
+/// Which agents run a bundle version.
+pub fn rollout_json(r: &BundleRolloutResponse) -> serde_json::Value {
+    json!({
+        "version": r.version,
+        "on_version": r.on_version,
+        "behind": r.behind,
+        "failed": r.failed,
+        "ahead": r.ahead,
+        "agents": r.agents.iter().map(|a| json!({
+            "agent_id": a.agent_id,
+            "hostname": a.hostname,
+            "applied_version": a.applied_version,
+            "applied_at": rfc3339_ms(a.applied_at_ms),
+            "failed_version": a.failed_version,
+            "error": a.error,
+            "connected": a.connected,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// An intel source's import figures.
+pub fn source_json(s: &IntelSource) -> serde_json::Value {
+    json!({
+        "origin": s.origin,
+        "kind": s.kind,
+        "last_poll": (s.last_poll_ms > 0).then(|| rfc3339_ms(s.last_poll_ms)),
+        "accepted": s.accepted,
+        "skipped": s.skipped,
+        "rejected": s.rejected,
+        "revoked": s.revoked,
+        "staged": s.staged,
+        "last_error": (!s.last_error.is_empty()).then_some(&s.last_error),
+    })
+}
+
+/// An export sink's progress.
+pub fn sink_json(s: &ExportSink) -> serde_json::Value {
+    json!({
+        "sink": s.sink,
+        "kind": "export",
+        "exported": s.exported,
+        "backlog": s.backlog,
+        "last_attempt": (s.last_attempt_ms > 0).then(|| rfc3339_ms(s.last_attempt_ms)),
+        "last_error": (!s.last_error.is_empty()).then_some(&s.last_error),
+    })
 }
 
 #[cfg(test)]

@@ -4,6 +4,8 @@
 //! Every wait is a poll of a condition with a deadline ([`wait_for`]); every child process is
 //! killed when its handle drops, and its log is printed when a test fails.
 
+pub mod web;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -82,7 +84,7 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Proc {
+    pub(crate) fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Proc {
         let out = std::fs::File::create(&log).expect("log file");
         let err = out.try_clone().expect("log file");
         let child = cmd

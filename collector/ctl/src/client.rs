@@ -182,6 +182,7 @@ pub async fn detections_list(
                 limit: (limit - got).min(PAGE) as u32,
                 before_seq,
                 org: org.clone().unwrap_or_default(),
+                ..Default::default()
             })
             .await
             .map_err(status_error)?
@@ -194,42 +195,6 @@ pub async fn detections_list(
         before_seq = r.next_before_seq;
     }
     Ok(pages.into_iter().rev().flatten().collect())
-}
-
-pub fn agent_json(a: &AgentInfo) -> serde_json::Value {
-    json!({
-        "id": a.id,
-        "org": a.org,
-        "hostname": a.hostname,
-        "os": a.os,
-        "kernel": a.kernel,
-        "arch": a.arch,
-        "agent_version": a.agent_version,
-        "state": agent_state(a),
-        "connected": a.connected,
-        "revoked": a.revoked,
-        "enrolled_at": rfc3339_ms(a.enrolled_at_ms),
-        "first_seen": rfc3339_ms(a.first_seen_ms),
-        "last_seen": rfc3339_ms(a.last_seen_ms),
-        "bundle_version": a.bundle_version,
-        "bundle_applied_at": rfc3339_ms(a.bundle_applied_at_ms),
-        "bundle_failed_version": a.bundle_failed_version,
-        "bundle_error": a.bundle_error,
-        "dropped_total": a.dropped_total,
-        "counters": a.counters.iter().collect::<std::collections::BTreeMap<_, _>>(),
-    })
-}
-
-pub fn agent_state(a: &AgentInfo) -> &'static str {
-    if a.revoked {
-        "revoked"
-    } else if a.connected {
-        "connected"
-    } else if a.first_seen_ms == 0 {
-        "never-seen"
-    } else {
-        "disconnected"
-    }
 }
 
 pub async fn certs_list(cfg: &CtlConfig) -> anyhow::Result<Vec<CertInfo>> {

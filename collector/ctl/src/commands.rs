@@ -1,6 +1,6 @@
 //! Running each `vedettectl` command and printing its result.
 
-use vedette_proto::output::{printable, rfc3339_ms, stored_json, stored_line};
+use vedette_proto::output::{self, printable, rfc3339_ms, stored_json, stored_line};
 
 use vedette_proto::export;
 
@@ -21,7 +21,7 @@ pub async fn run(command: Command, cfg: CtlConfig) -> anyhow::Result<()> {
             let agents = client::agents_list(&cfg, org).await?;
             if json {
                 for a in &agents {
-                    println!("{}", client::agent_json(a));
+                    println!("{}", output::agent_json(a));
                 }
             } else {
                 println!(
@@ -39,7 +39,7 @@ pub async fn run(command: Command, cfg: CtlConfig) -> anyhow::Result<()> {
                         a.id,
                         printable(&a.org),
                         printable(&a.hostname),
-                        client::agent_state(a),
+                        output::agent_state(a),
                         rfc3339_ms(a.last_seen_ms),
                         bundle,
                         rfc3339_ms(a.bundle_applied_at_ms),
@@ -285,7 +285,7 @@ async fn list(cfg: &CtlConfig, json: bool) -> anyhow::Result<()> {
     let list = rules::list(cfg).await?;
     if json {
         for b in &list {
-            println!("{}", rules::info_json(b));
+            println!("{}", output::bundle_json(b));
         }
     } else {
         println!(
@@ -310,7 +310,7 @@ async fn list(cfg: &CtlConfig, json: bool) -> anyhow::Result<()> {
 async fn show(cfg: &CtlConfig, version: u64, json: bool) -> anyhow::Result<()> {
     let (info, content) = rules::fetch(cfg, version).await?;
     if json {
-        let mut v = rules::info_json(&info);
+        let mut v = output::bundle_json(&info);
         v["paths"] = content
             .files
             .iter()
@@ -346,7 +346,7 @@ async fn show(cfg: &CtlConfig, version: u64, json: bool) -> anyhow::Result<()> {
 async fn status(cfg: &CtlConfig, version: Option<u64>, json: bool) -> anyhow::Result<()> {
     let r = rules::rollout(cfg, version.unwrap_or(0)).await?;
     if json {
-        println!("{}", rules::rollout_json(&r));
+        println!("{}", output::rollout_json(&r));
     } else {
         println!(
             "version {}: {} on it, {} behind, {} failed, {} ahead",
@@ -375,10 +375,10 @@ async fn intel(cmd: IntelCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
             let r = crate::intel::status(cfg).await?;
             if json {
                 for s in &r.sources {
-                    println!("{}", crate::intel::source_json(s));
+                    println!("{}", output::source_json(s));
                 }
                 for s in &r.sinks {
-                    println!("{}", crate::intel::sink_json(s));
+                    println!("{}", output::sink_json(s));
                 }
             } else {
                 crate::intel::print_status(&r);

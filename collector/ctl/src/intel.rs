@@ -4,14 +4,13 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use serde_json::json;
 use vedette_engine::bundle::{self, BundleContent};
 use vedette_engine::import::{self, Imported};
 use vedette_proto::now_ms;
 use vedette_proto::output::{printable, rfc3339_ms};
 use vedette_proto::v1::{
-    BundleFile, ExportSink, IntelSource, IntelStatusRequest, IntelStatusResponse, ListIntelRequest,
-    PublishBundleResponse, StageIntelRequest,
+    BundleFile, IntelStatusRequest, IntelStatusResponse, ListIntelRequest, PublishBundleResponse,
+    StageIntelRequest,
 };
 
 use crate::client::{CtlConfig, status_error};
@@ -143,31 +142,6 @@ pub async fn status(cfg: &CtlConfig) -> anyhow::Result<IntelStatusResponse> {
         .into_inner())
 }
 
-pub fn source_json(s: &IntelSource) -> serde_json::Value {
-    json!({
-        "origin": s.origin,
-        "kind": s.kind,
-        "last_poll": (s.last_poll_ms > 0).then(|| rfc3339_ms(s.last_poll_ms)),
-        "accepted": s.accepted,
-        "skipped": s.skipped,
-        "rejected": s.rejected,
-        "revoked": s.revoked,
-        "staged": s.staged,
-        "last_error": (!s.last_error.is_empty()).then_some(&s.last_error),
-    })
-}
-
-pub fn sink_json(s: &ExportSink) -> serde_json::Value {
-    json!({
-        "sink": s.sink,
-        "kind": "export",
-        "exported": s.exported,
-        "backlog": s.backlog,
-        "last_attempt": (s.last_attempt_ms > 0).then(|| rfc3339_ms(s.last_attempt_ms)),
-        "last_error": (!s.last_error.is_empty()).then_some(&s.last_error),
-    })
-}
-
 pub fn print_status(r: &IntelStatusResponse) {
     println!("{} indicator(s) staged", r.staged);
     for s in &r.sources {
@@ -283,6 +257,7 @@ pub async fn publish(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn expired_indicators_are_not_published_again() {

@@ -7,7 +7,6 @@
 use std::path::PathBuf;
 
 use anyhow::bail;
-use serde_json::json;
 use vedette_engine::ProblemKind;
 use vedette_engine::RuleSetBuilder;
 use vedette_engine::bundle::{self, BundleContent, SigningKey};
@@ -17,7 +16,6 @@ use vedette_proto::v1::{
 };
 
 use vedette_proto::now_ms;
-use vedette_proto::output::rfc3339_ms;
 
 use crate::client::{CtlConfig, status_error};
 
@@ -189,38 +187,4 @@ pub async fn rollout(cfg: &CtlConfig, version: u64) -> anyhow::Result<BundleRoll
         .await
         .map_err(status_error)?
         .into_inner())
-}
-
-pub fn info_json(b: &BundleInfo) -> serde_json::Value {
-    json!({
-        "version": b.version,
-        "name": b.name,
-        "created_at": rfc3339_ms(b.created_at_ms),
-        "publisher": b.publisher,
-        "published_by": b.published_by,
-        "published_at": rfc3339_ms(b.published_at_ms),
-        "digest": b.digest,
-        "signer_key": b.signer_key,
-        "files": b.files,
-        "size": b.size,
-    })
-}
-
-pub fn rollout_json(r: &BundleRolloutResponse) -> serde_json::Value {
-    json!({
-        "version": r.version,
-        "on_version": r.on_version,
-        "behind": r.behind,
-        "failed": r.failed,
-        "ahead": r.ahead,
-        "agents": r.agents.iter().map(|a| json!({
-            "agent_id": a.agent_id,
-            "hostname": a.hostname,
-            "applied_version": a.applied_version,
-            "applied_at": rfc3339_ms(a.applied_at_ms),
-            "failed_version": a.failed_version,
-            "error": a.error,
-            "connected": a.connected,
-        })).collect::<Vec<_>>(),
-    })
 }

@@ -649,6 +649,10 @@ impl AdminService for AdminSvc {
             org: listing_scope(&who, &req.org)?,
             agent_id: Some(req.agent_id).filter(|a| !a.is_empty()),
             since_ms: Some(req.since_ms).filter(|s| *s != 0),
+            until_ms: Some(req.until_ms).filter(|s| *s != 0),
+            kind: Some(req.kind).filter(|k| *k != 0),
+            rule: Some(req.rule).filter(|r| !r.is_empty()),
+            text: Some(req.text).filter(|t| !t.is_empty()),
             before_seq: Some(req.before_seq).filter(|s| *s != 0),
             limit: match req.limit {
                 0 => DEFAULT_LIMIT,

@@ -3,6 +3,7 @@
 
 mod admin;
 mod agent;
+pub mod console;
 mod guard;
 pub mod throttle;
 pub mod tls;
@@ -198,6 +199,12 @@ pub async fn serve(
             shutdown.clone().cancelled_owned(),
         ));
         tokio::spawn(sample_export_backlog(state.clone()));
+    }
+    if let Some(addr) = config.console_listen {
+        let console = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("`console_listen`: cannot listen on `{addr}`"))?;
+        console::serve(state.clone(), &config, console, shutdown.clone()).await?;
     }
     let local: SocketAddr = listener.local_addr()?;
     info!(address = %local, store = %config.store.display(), "collector listening");

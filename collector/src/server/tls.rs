@@ -73,6 +73,25 @@ pub fn server_config(
     server_cert: &Path,
     server_key: &Path,
 ) -> Result<ServerConfig, TlsError> {
+    config_with_alpn(ca_cert, server_cert, server_key, b"h2")
+}
+
+/// The console's configuration: the same certificates and client-certificate check, over
+/// HTTP/1.1.
+pub fn console_config(
+    ca_cert: &Path,
+    server_cert: &Path,
+    server_key: &Path,
+) -> Result<ServerConfig, TlsError> {
+    config_with_alpn(ca_cert, server_cert, server_key, b"http/1.1")
+}
+
+fn config_with_alpn(
+    ca_cert: &Path,
+    server_cert: &Path,
+    server_key: &Path,
+    alpn: &[u8],
+) -> Result<ServerConfig, TlsError> {
     let ca = certs(ca_cert)?;
     let mut roots = RootCertStore::empty();
     let (added, _) = roots.add_parsable_certificates(ca.iter().cloned());
@@ -97,7 +116,7 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg.alpn_protocols = vec![alpn.to_vec()];
     Ok(cfg)
 }
 

@@ -164,6 +164,19 @@ pub trait Store: Send + Sync {
     /// Replaces an organisation's sector, country, share and tlp; false when it does not exist.
     fn update_org(&self, org: &OrgRow) -> Result<bool, StoreError>;
 
+    /// Creates a console account, or replaces its password, roles and organisation; true
+    /// when it was created.
+    fn put_user(&self, user: &UserRow) -> Result<bool, StoreError>;
+
+    /// One console account.
+    fn user(&self, name: &str) -> Result<Option<UserRow>, StoreError>;
+
+    /// Every console account, by name.
+    fn list_users(&self) -> Result<Vec<UserRow>, StoreError>;
+
+    /// Removes a console account; false when there was none.
+    fn remove_user(&self, name: &str) -> Result<bool, StoreError>;
+
     /// Records a certificate issued (or first seen in use); a serial already known is left as
     /// it is.
     fn record_cert(&self, cert: &CertRow) -> Result<(), StoreError>;
@@ -453,6 +466,19 @@ pub struct OrgRow {
     pub agents: u32,
 }
 
+/// A console account.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserRow {
+    pub name: String,
+    /// PHC string (argon2id).
+    pub password_hash: String,
+    /// Comma-separated roles, as in certificates.
+    pub roles: String,
+    /// The organisation the account is limited to (empty: collector-wide).
+    pub org: String,
+    pub created_at_ms: i64,
+}
+
 /// An agent as the store knows it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AgentRow {
@@ -523,6 +549,16 @@ pub struct DetectionFilter {
     /// Only this organisation's detections.
     pub org: Option<String>,
     pub since_ms: Option<i64>,
+    /// Only detections received before this time.
+    pub until_ms: Option<i64>,
+    /// Only this kind (`DetectionKind` value).
+    pub kind: Option<i32>,
+    /// Only this rule or indicator name.
+    pub rule: Option<String>,
+    /// Only detections whose path, process name or command line holds this text (any case).
+    /// Matching rows are looked for among at most [`TEXT_SCAN_ROWS`] rows; a page that stops
+    /// there says where to go on with `next_before_seq`.
+    pub text: Option<String>,
     /// Only detections with a lower sequence number (the next page).
     pub before_seq: Option<u64>,
     pub limit: u32,
@@ -539,6 +575,32 @@ pub struct DetectionPage {
     pub next_before_seq: Option<u64>,
 }
 
+/// Most rows one text search reads for a page.
+pub const TEXT_SCAN_ROWS: u32 = 20_000;
+
+impl DetectionFilter {
+    /// How many rows the query may return: one more than a page, or the text-search scan.
+    pub fn sql_limit(&self) -> u32 {
+        if self.text.is_some() {
+            TEXT_SCAN_ROWS + 1
+        } else {
+            self.limit.saturating_add(1)
+        }
+    }
+}
+
+/// Whether a detection's path, process name or command line holds `needle` (lower case).
+pub fn holds_text(d: &vedette_proto::v1::Detection, needle: &str) -> bool {
+    use vedette_proto::v1::detection::Target;
+    let has = |s: &str| s.to_lowercase().contains(needle);
+    match &d.target {
+        Some(Target::File(f)) => has(&f.path),
+        Some(Target::Process(p)) => has(&p.exe) || has(&p.name) || has(&p.cmdline),
+        Some(Target::Connection(c)) => has(&c.exe) || has(&c.remote_addr),
+        None => false,
+    }
+}
+
 impl DetectionPage {
     /// Collects rows read newest first until the limit or the byte budget is reached; one row
     /// more than the limit may be offered, to learn whether more are left.
@@ -549,10 +611,29 @@ impl DetectionPage {
     ) -> Result<DetectionPage, E> {
         let mut page = DetectionPage::default();
         let mut bytes = 0usize;
+        let needle = f.text.as_deref().map(str::to_lowercase);
+        let mut scanned = 0u32;
+        let mut last_seq = None;
         while let Some((seq, size, stored)) = next_row()? {
             if page.detections.len() >= f.limit as usize || (bytes >= f.max_bytes && bytes > 0) {
                 page.next_before_seq = page.detections.last().map(|d| d.seq);
                 break;
+            }
+            if let Some(needle) = &needle {
+                if scanned >= TEXT_SCAN_ROWS {
+                    // Rows are left unread: the next page goes on below the last one read.
+                    page.next_before_seq = last_seq;
+                    break;
+                }
+                scanned += 1;
+                last_seq = Some(seq);
+                if !stored
+                    .detection
+                    .as_ref()
+                    .is_some_and(|d| holds_text(d, needle))
+                {
+                    continue;
+                }
             }
             bytes += size;
             page.detections.push(StoredDetection { seq, ..stored });

@@ -24,7 +24,7 @@ use vedette_proto::v1::{Detection, Inventory, StoredDetection, detection};
 use super::{
     AgentRow, BundleRow, CertRow, DetectionFilter, DetectionPage, ExportRow, IntelBatch,
     IntelSourceRow, IntelStaged, OrgRow, StagedIntel, Store, StoreError, StoreEvent, TokenError,
-    redact,
+    UserRow, redact,
 };
 
 /// Schema migrations, applied in order; `vedette_schema.version` is the number applied.
@@ -137,6 +137,14 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE agents ADD COLUMN org TEXT NOT NULL DEFAULT 'default';
     ALTER TABLE certs ADD COLUMN org TEXT NOT NULL DEFAULT '';
     CREATE INDEX agents_org ON agents(org);",
+    // 5: console accounts.
+    "CREATE TABLE users (
+        name TEXT PRIMARY KEY,
+        password_hash TEXT NOT NULL,
+        roles TEXT NOT NULL,
+        org TEXT NOT NULL DEFAULT '',
+        created_at_ms BIGINT NOT NULL
+    );",
 ];
 
 /// The advisory lock key migrations run under ("vedette" in ASCII).
@@ -321,6 +329,26 @@ const EVENTS: &str = "vedette_events";
 const LISTEN_TICK: Duration = Duration::from_millis(250);
 
 impl PgStore {
+    fn users_where(&self, name: Option<&str>) -> Result<Vec<UserRow>, StoreError> {
+        self.with(|c| {
+            let rows = c.query(
+                "SELECT name, password_hash, roles, org, created_at_ms FROM users
+                 WHERE $1::text IS NULL OR name = $1 ORDER BY name",
+                &[&name],
+            )?;
+            Ok(rows
+                .iter()
+                .map(|r| UserRow {
+                    name: r.get(0),
+                    password_hash: r.get(1),
+                    roles: r.get(2),
+                    org: r.get(3),
+                    created_at_ms: r.get(4),
+                })
+                .collect())
+        })
+    }
+
     /// Listens on a connection of its own; re-made (with a `Resync`) when it breaks.
     fn listen(
         config: postgres::Config,
@@ -447,6 +475,39 @@ impl Store for PgStore {
             )?;
             Ok(n == 1)
         })
+    }
+
+    fn put_user(&self, u: &UserRow) -> Result<bool, StoreError> {
+        self.with(|c| {
+            // xmax is 0 on a row this statement inserted, not on one it updated.
+            let row = c.query_one(
+                "INSERT INTO users (name, password_hash, roles, org, created_at_ms)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (name) DO UPDATE SET password_hash = excluded.password_hash,
+                    roles = excluded.roles, org = excluded.org
+                 RETURNING (xmax = 0)",
+                &[
+                    &u.name,
+                    &u.password_hash,
+                    &u.roles,
+                    &u.org,
+                    &u.created_at_ms,
+                ],
+            )?;
+            Ok(row.get(0))
+        })
+    }
+
+    fn user(&self, name: &str) -> Result<Option<UserRow>, StoreError> {
+        Ok(self.users_where(Some(name))?.pop())
+    }
+
+    fn list_users(&self) -> Result<Vec<UserRow>, StoreError> {
+        self.users_where(None)
+    }
+
+    fn remove_user(&self, name: &str) -> Result<bool, StoreError> {
+        self.with(|c| Ok(c.execute("DELETE FROM users WHERE name = $1", &[&name])? == 1))
     }
 
     fn list_orgs(&self) -> Result<Vec<OrgRow>, StoreError> {
@@ -740,9 +801,17 @@ impl Store for PgStore {
     fn list_detections(&self, f: &DetectionFilter) -> Result<DetectionPage, StoreError> {
         self.with(|c| {
             let before = f.before_seq.map(|s| s.min(i64::MAX as u64) as i64);
-            let limit = i64::from(f.limit) + 1;
-            let params: [&(dyn postgres::types::ToSql + Sync); 5] =
-                [&f.agent_id, &f.since_ms, &before, &limit, &f.org];
+            let limit = i64::from(f.sql_limit());
+            let params: [&(dyn postgres::types::ToSql + Sync); 8] = [
+                &f.agent_id,
+                &f.since_ms,
+                &before,
+                &limit,
+                &f.org,
+                &f.until_ms,
+                &f.kind,
+                &f.rule,
+            ];
             // Rows stream in: reading stops at the byte budget, not at the whole result.
             let mut rows = c.query_raw(
                 "SELECT d.seq, d.id, d.agent_id, a.hostname, d.received_at_ms, d.body, a.org
@@ -751,6 +820,9 @@ impl Store for PgStore {
                    AND ($2::bigint IS NULL OR d.received_at_ms >= $2)
                    AND ($3::bigint IS NULL OR d.seq < $3)
                    AND ($5::text IS NULL OR a.org = $5)
+                   AND ($6::bigint IS NULL OR d.received_at_ms < $6)
+                   AND ($7::int IS NULL OR d.kind = $7)
+                   AND ($8::text IS NULL OR d.rule = $8)
                  ORDER BY d.seq DESC LIMIT $4",
                 params,
             )?;

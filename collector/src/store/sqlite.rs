@@ -11,7 +11,7 @@ use vedette_proto::v1::{Detection, Inventory, StoredDetection, detection};
 
 use super::{
     AgentRow, BundleRow, CertRow, DetectionFilter, DetectionPage, ExportRow, IntelBatch,
-    IntelSourceRow, IntelStaged, OrgRow, StagedIntel, Store, StoreError, TokenError,
+    IntelSourceRow, IntelStaged, OrgRow, StagedIntel, Store, StoreError, TokenError, UserRow,
 };
 
 /// Schema migrations, applied in order; `PRAGMA user_version` is the number applied.
@@ -126,6 +126,14 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE agents ADD COLUMN org TEXT NOT NULL DEFAULT 'default';
     ALTER TABLE certs ADD COLUMN org TEXT NOT NULL DEFAULT '';
     CREATE INDEX agents_org ON agents(org);",
+    // 7: console accounts.
+    "CREATE TABLE users (
+        name TEXT PRIMARY KEY,
+        password_hash TEXT NOT NULL,
+        roles TEXT NOT NULL,
+        org TEXT NOT NULL DEFAULT '',
+        created_at_ms INTEGER NOT NULL
+    );",
 ];
 
 pub struct SqliteStore {
@@ -133,6 +141,24 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
+    fn list_users_where(&self, name: Option<&str>) -> Result<Vec<UserRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT name, password_hash, roles, org, created_at_ms FROM users
+             WHERE ?1 IS NULL OR name = ?1 ORDER BY name",
+        )?;
+        let rows = stmt.query_map(params![name], |r| {
+            Ok(UserRow {
+                name: r.get(0)?,
+                password_hash: r.get(1)?,
+                roles: r.get(2)?,
+                org: r.get(3)?,
+                created_at_ms: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Opens (creating if needed) the database and brings its schema up to date.
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
         let open_err = |source| StoreError::Open {
@@ -243,6 +269,40 @@ impl Store for SqliteStore {
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn put_user(&self, u: &UserRow) -> Result<bool, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let existed: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM users WHERE name = ?1)",
+            params![u.name],
+            |r| r.get(0),
+        )?;
+        tx.execute(
+            "INSERT INTO users (name, password_hash, roles, org, created_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (name) DO UPDATE SET password_hash = excluded.password_hash,
+                roles = excluded.roles, org = excluded.org",
+            params![u.name, u.password_hash, u.roles, u.org, u.created_at_ms],
+        )?;
+        tx.commit()?;
+        Ok(!existed)
+    }
+
+    fn user(&self, name: &str) -> Result<Option<UserRow>, StoreError> {
+        Ok(self.list_users_where(Some(name))?.pop())
+    }
+
+    fn list_users(&self) -> Result<Vec<UserRow>, StoreError> {
+        self.list_users_where(None)
+    }
+
+    fn remove_user(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn()
+            .execute("DELETE FROM users WHERE name = ?1", params![name])?
+            == 1)
     }
 
     fn update_org(&self, o: &OrgRow) -> Result<bool, StoreError> {
@@ -516,10 +576,21 @@ impl Store for SqliteStore {
              FROM detections d JOIN agents a ON a.id = d.agent_id
              WHERE (?1 IS NULL OR d.agent_id = ?1) AND (?2 IS NULL OR d.received_at_ms >= ?2)
                AND (?3 IS NULL OR d.seq < ?3) AND (?5 IS NULL OR a.org = ?5)
+               AND (?6 IS NULL OR d.received_at_ms < ?6) AND (?7 IS NULL OR d.kind = ?7)
+               AND (?8 IS NULL OR d.rule = ?8)
              ORDER BY d.seq DESC LIMIT ?4",
         )?;
         let before = f.before_seq.map(|s| s.min(i64::MAX as u64) as i64);
-        let mut rows = stmt.query(params![f.agent_id, f.since_ms, before, f.limit + 1, f.org])?;
+        let mut rows = stmt.query(params![
+            f.agent_id,
+            f.since_ms,
+            before,
+            f.sql_limit(),
+            f.org,
+            f.until_ms,
+            f.kind,
+            f.rule
+        ])?;
         DetectionPage::collect(f, || {
             let Some(r) = rows.next()? else {
                 return Ok(None);

