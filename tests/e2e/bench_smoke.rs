@@ -32,6 +32,25 @@ fn ingest_benchmark_runs_in_a_tiny_configuration() {
 }
 
 #[test]
+fn file_latency_benchmark_runs_in_a_tiny_configuration() {
+    let text = run(
+        "file-latency",
+        &[
+            "--files",
+            "40",
+            "--scan-files",
+            "20",
+            "--steady",
+            "5",
+            "--rate",
+            "50",
+        ],
+    );
+    assert!(text.contains("| steady, 50/s | 5 |"), "{text}");
+    assert!(text.contains("| burst, with a full scan | 40 |"), "{text}");
+}
+
+#[test]
 fn bundle_fanout_benchmark_runs_in_a_tiny_configuration() {
     let text = run("bundle-fanout", &["--agents", "3", "--rounds", "1"]);
     assert!(text.contains("3 agent streams open"), "{text}");

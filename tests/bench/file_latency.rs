@@ -1,0 +1,241 @@
+//! Benchmark: file closed → detection committed at the collector, on a real agent and
+//! collector over mutual TLS on 127.0.0.1.
+//!
+//! Two phases, each with its own files, every one matching a rule:
+//! - **steady**: `--steady N` files, one every `1 / --rate` seconds;
+//! - **burst**: `--files N` files written as fast as one thread can, while the agent's full
+//!   scan of `--scan-files N` other files (copies of `/usr/bin` and `/usr/lib` files) runs.
+//!
+//! The latency of a file is the collector's receive time of its detection (stamped in the
+//! transaction that commits it) minus the time the file was closed, both from this machine's
+//! clock, in milliseconds. Every file must be reported.
+//!
+//! ```text
+//! cargo build --release --bins
+//! target/release/file-latency --files 10000 --scan-files 3000 --steady 300 --rate 30 \
+//!     [--rules ../shared/data/signature-base/yara]
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use vedette_tests::{Agent, Collector, bench_arg as arg, json_lines, rule_dir, wait_for};
+
+const MARKER: &str = "VEDETTE-LATENCY-MARKER";
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Writes `n` marker files named `PREFIX-i` into `dir`, `gap` apart; each file's close time.
+fn write_files(dir: &Path, prefix: &str, n: usize, gap: Duration) -> Vec<(PathBuf, i64)> {
+    let start = Instant::now();
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        if !gap.is_zero() {
+            let due = gap * i as u32;
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        let path = dir.join(format!("{prefix}-{i}.txt"));
+        std::fs::write(&path, format!("{MARKER} {prefix} {i}\n")).expect("write a file");
+        out.push((path, now_ms()));
+    }
+    out
+}
+
+/// Copies up to `n` regular files of at most 8 MiB from system directories into `dir`.
+fn scan_corpus(dir: &Path, n: usize) -> (usize, u64) {
+    std::fs::create_dir_all(dir).expect("corpus dir");
+    let (mut files, mut bytes) = (0usize, 0u64);
+    for src in [
+        "/usr/bin",
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib",
+        "/usr/share/doc",
+    ] {
+        let Ok(entries) = std::fs::read_dir(src) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if files >= n {
+                return (files, bytes);
+            }
+            let Ok(meta) = std::fs::symlink_metadata(e.path()) else {
+                continue;
+            };
+            if !meta.is_file() || meta.len() > 8 << 20 {
+                continue;
+            }
+            if std::fs::copy(
+                e.path(),
+                dir.join(format!("{files}-{}", e.file_name().to_string_lossy())),
+            )
+            .is_ok()
+            {
+                files += 1;
+                bytes += meta.len();
+            }
+        }
+    }
+    (files, bytes)
+}
+
+/// Waits until every file has its detection; each file's latency in ms, sorted.
+fn latencies(c: &Collector, files: &[(PathBuf, i64)], timeout: Duration) -> Vec<i64> {
+    let wanted: std::collections::HashMap<String, i64> = files
+        .iter()
+        .map(|(p, t)| {
+            let p = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+            (p.to_string_lossy().into_owned(), *t)
+        })
+        .collect();
+    let limit = (files.len() * 2 + 1000).to_string();
+    let found = wait_for(timeout, "every file's detection", || {
+        let all = json_lines(&c.ctl_ok(&["detections", "list", "--json", "--limit", &limit]));
+        let mut out = Vec::new();
+        for d in &all {
+            let (Some(path), Some(received)) = (d["path"].as_str(), d["received_at"].as_str())
+            else {
+                continue;
+            };
+            if let Some(closed) = wanted.get(path) {
+                out.push(rfc3339_ms(received) - closed);
+            }
+        }
+        (out.len() >= wanted.len()).then_some(out)
+    });
+    let mut found = found;
+    found.sort_unstable();
+    found
+}
+
+/// Milliseconds since the epoch of `2026-11-27T10:00:00.123Z`.
+fn rfc3339_ms(text: &str) -> i64 {
+    humantime_like(text).unwrap_or_else(|| panic!("not an RFC 3339 time: {text}"))
+}
+
+fn humantime_like(t: &str) -> Option<i64> {
+    let (date, time) = t.trim_end_matches('Z').split_once('T')?;
+    let mut d = date.split('-').map(|x| x.parse::<i64>());
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let mut h = hms.split(':').map(|x| x.parse::<i64>());
+    let (hh, mm, ss) = (h.next()?.ok()?, h.next()?.ok()?, h.next()?.ok()?);
+    let ms: i64 = format!("{frac:0<3}")[..3].parse().ok()?;
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(((days * 24 + hh) * 60 + mm) * 60_000 + ss * 1000 + ms)
+}
+
+fn pct(sorted: &[i64], p: f64) -> i64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(i).copied().unwrap_or_default()
+}
+
+fn main() {
+    let burst = arg("--files", 10_000);
+    let scan_files = arg("--scan-files", 3_000);
+    let steady = arg("--steady", 300);
+    let rate = arg("--rate", 30).max(1);
+    let extra_rules = std::env::args()
+        .skip_while(|a| a != "--rules")
+        .nth(1)
+        .map(PathBuf::from);
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let mut c = Collector::init(&tmp.path().join("collector"));
+    c.start();
+    let rules = rule_dir(&tmp.path().join("rules"), "latency_marker", MARKER);
+    let watch = tmp.path().join("watch");
+    let bulk = tmp.path().join("bulk");
+    std::fs::create_dir_all(&watch).expect("watch dir");
+    let (copied, bytes) = scan_corpus(&bulk, scan_files);
+
+    let mut agent = Agent::enroll(&c, &tmp.path().join("agent"));
+    let mut args = vec![
+        "--watch".to_string(),
+        watch.display().to_string(),
+        "--rules".to_string(),
+        rules.display().to_string(),
+    ];
+    if let Some(r) = &extra_rules {
+        args.extend(["--rules".to_string(), r.display().to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    agent.run(&c, &args);
+    println!(
+        "rules: the marker rule{}; scan corpus: {copied} files, {} MiB",
+        extra_rules
+            .as_ref()
+            .map(|r| format!(" and {}", r.display()))
+            .unwrap_or_default(),
+        bytes >> 20
+    );
+
+    // Steady.
+    let files = write_files(
+        &watch,
+        "steady",
+        steady,
+        Duration::from_secs(1) / rate as u32,
+    );
+    let steady_lat = latencies(&c, &files, Duration::from_secs(120));
+
+    // Burst, during a full scan: the bulk tree is added to the watched set by a forced rescan.
+    let log_before = agent.log().len();
+    std::fs::rename(&bulk, watch.join("bulk")).expect("move the corpus under the watch");
+    agent.proc.as_ref().expect("agent running").signal("USR1");
+    let t = Instant::now();
+    let files = write_files(&watch, "burst", burst, Duration::ZERO);
+    let written = t.elapsed();
+    let burst_lat = latencies(&c, &files, Duration::from_secs(600));
+    let log = agent.log();
+    let scan_done = log[log_before.min(log.len())..].contains("full scan finished");
+
+    println!();
+    println!("| phase | files | written in | reported | p50 ms | p99 ms | max ms |");
+    println!("|---|---|---|---|---|---|---|");
+    for (name, lat, took) in [
+        (format!("steady, {rate}/s"), &steady_lat, None),
+        (
+            "burst, with a full scan".to_string(),
+            &burst_lat,
+            Some(written),
+        ),
+    ] {
+        println!(
+            "| {name} | {} | {} | {} | {} | {} | {} |",
+            lat.len(),
+            took.map_or("-".to_string(), |d| format!("{:.2} s", d.as_secs_f64())),
+            lat.len(),
+            pct(lat, 0.5),
+            pct(lat, 0.99),
+            lat.last().copied().unwrap_or_default()
+        );
+    }
+    println!();
+    println!(
+        "full scan of the corpus (forced with SIGUSR1 as the burst began) finished by the end: {}",
+        if scan_done { "yes" } else { "no" }
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn times_parse() {
+        assert_eq!(super::rfc3339_ms("1970-01-01T00:00:01.5Z"), 1500);
+        assert_eq!(
+            super::rfc3339_ms("2026-11-27T00:00:00.000Z"),
+            1_795_737_600_000
+        );
+    }
+}
