@@ -84,8 +84,16 @@ fn scan_corpus(dir: &Path, n: usize) -> (usize, u64) {
     (files, bytes)
 }
 
-/// Waits until every file has its detection; each file's latency in ms, sorted.
-fn latencies(c: &Collector, files: &[(PathBuf, i64)], timeout: Duration) -> Vec<i64> {
+/// Each file's latencies in ms, sorted: close → committed, and of it, close → detected by
+/// the agent (`observed_at`) and detected → committed.
+struct Latencies {
+    total: Vec<i64>,
+    detect: Vec<i64>,
+    deliver: Vec<i64>,
+}
+
+/// Waits until every file has its detection.
+fn latencies(c: &Collector, files: &[(PathBuf, i64)], timeout: Duration) -> Latencies {
     let wanted: std::collections::HashMap<String, i64> = files
         .iter()
         .map(|(p, t)| {
@@ -98,19 +106,30 @@ fn latencies(c: &Collector, files: &[(PathBuf, i64)], timeout: Duration) -> Vec<
         let all = json_lines(&c.ctl_ok(&["detections", "list", "--json", "--limit", &limit]));
         let mut out = Vec::new();
         for d in &all {
-            let (Some(path), Some(received)) = (d["path"].as_str(), d["received_at"].as_str())
-            else {
+            let (Some(path), Some(received), Some(observed)) = (
+                d["path"].as_str(),
+                d["received_at"].as_str(),
+                d["observed_at"].as_str(),
+            ) else {
                 continue;
             };
             if let Some(closed) = wanted.get(path) {
-                out.push(rfc3339_ms(received) - closed);
+                let (received, observed) = (rfc3339_ms(received), rfc3339_ms(observed));
+                out.push((received - closed, observed - closed, received - observed));
             }
         }
         (out.len() >= wanted.len()).then_some(out)
     });
-    let mut found = found;
-    found.sort_unstable();
-    found
+    let sorted = |f: fn(&(i64, i64, i64)) -> i64| {
+        let mut v: Vec<i64> = found.iter().map(f).collect();
+        v.sort_unstable();
+        v
+    };
+    Latencies {
+        total: sorted(|l| l.0),
+        detect: sorted(|l| l.1),
+        deliver: sorted(|l| l.2),
+    }
 }
 
 /// Milliseconds since the epoch of `2026-11-27T10:00:00.123Z`.
@@ -152,6 +171,17 @@ fn main() {
         .map(PathBuf::from);
     let tmp = tempfile::tempdir().expect("temp dir");
     let mut c = Collector::init(&tmp.path().join("collector"));
+    // `--messages-per-second N`: the collector's per-agent message rate (`[limits]
+    // agent_messages_per_second`, default 50), to see what the throttle adds.
+    let messages = arg("--messages-per-second", 0);
+    if messages > 0 {
+        let toml = c.file("collector.toml");
+        std::fs::write(
+            c.dir.join("collector.toml"),
+            format!("{toml}\n[limits]\nagent_messages_per_second = {messages}\n"),
+        )
+        .expect("collector.toml");
+    }
     c.start();
     let rules = rule_dir(&tmp.path().join("rules"), "latency_marker", MARKER);
     let watch = tmp.path().join("watch");
@@ -201,8 +231,10 @@ fn main() {
     let scan_done = log[log_before.min(log.len())..].contains("full scan finished");
 
     println!();
-    println!("| phase | files | written in | reported | p50 ms | p99 ms | max ms |");
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| phase | files | written in | p50 ms | p99 ms | max ms | detected p50 / p99 ms | committed after detection p50 / p99 ms |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     for (name, lat, took) in [
         (format!("steady, {rate}/s"), &steady_lat, None),
         (
@@ -211,14 +243,18 @@ fn main() {
             Some(written),
         ),
     ] {
+        let t = &lat.total;
         println!(
-            "| {name} | {} | {} | {} | {} | {} | {} |",
-            lat.len(),
+            "| {name} | {} | {} | {} | {} | {} | {} / {} | {} / {} |",
+            t.len(),
             took.map_or("-".to_string(), |d| format!("{:.2} s", d.as_secs_f64())),
-            lat.len(),
-            pct(lat, 0.5),
-            pct(lat, 0.99),
-            lat.last().copied().unwrap_or_default()
+            pct(t, 0.5),
+            pct(t, 0.99),
+            t.last().copied().unwrap_or_default(),
+            pct(&lat.detect, 0.5),
+            pct(&lat.detect, 0.99),
+            pct(&lat.deliver, 0.5),
+            pct(&lat.deliver, 0.99),
         );
     }
     println!();

@@ -46,7 +46,7 @@ fn file_latency_benchmark_runs_in_a_tiny_configuration() {
             "50",
         ],
     );
-    assert!(text.contains("| steady, 50/s | 5 |"), "{text}");
+    assert!(text.contains("| steady, 50/s | 5 | - |"), "{text}");
     assert!(text.contains("| burst, with a full scan | 40 |"), "{text}");
 }
 
