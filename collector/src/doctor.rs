@@ -50,6 +50,9 @@ pub fn run(path: &Path) -> Vec<Finding> {
     }
     check_store(&config.store, &mut out);
     check_address("listen", config.listen, &mut out);
+    if let Some(c) = config.console_listen {
+        check_address("console_listen", c, &mut out);
+    }
     if let Some(m) = config.metrics_listen {
         check_address("metrics_listen", m, &mut out);
     }
