@@ -22,6 +22,18 @@
 //! ```text
 //! ulimit -n 65536; target/release/vedette-ingest --idle 10000
 //! ```
+//!
+//! Against a collector of your own (to size one): give its address, its CA certificate and an
+//! enrollment token for as many agents (`vedettectl token create --uses N`). The simulated
+//! agents stay enrolled there: revoke them afterwards (`vedettectl agents list`, all named
+//! `sim`). Its memory is for you to read on its host while the agents are held.
+//!
+//! ```text
+//! target/release/vedette-ingest --collector collector.example:7443 --ca ca.crt \
+//!     --token TOKEN --agents 100 --batches 50 --batch 100
+//! target/release/vedette-ingest --collector collector.example:7443 --ca ca.crt \
+//!     --token TOKEN --idle 10000 --hold 60
+//! ```
 
 use std::time::{Duration, Instant};
 
@@ -29,7 +41,9 @@ use vedette_proto::client::ClientTls;
 use vedette_proto::v1::agent_message::Msg;
 use vedette_proto::v1::collector_message::Msg as Down;
 use vedette_proto::v1::{AgentMessage, Detection, DetectionBatch, FileTarget, detection};
-use vedette_tests::{Collector, PgDb, agent_stream, bench_arg as arg, enroll_simulated};
+use vedette_tests::{
+    Collector, PgDb, agent_stream, bench_arg as arg, enroll_simulated, enroll_simulated_at,
+};
 
 /// A realistic file detection with a fresh id.
 fn detection(agent: usize, n: usize) -> Detection {
@@ -131,10 +145,23 @@ async fn measure(s: &Setup, agents: usize, batches: usize, size: usize) {
     let first = &s.collectors[0];
     let token = first.token(&["--uses", &agents.to_string()]);
     let identities = enroll_simulated(first, &token, agents).await;
+    let addrs: Vec<String> = s.collectors.iter().map(|c| c.addr.clone()).collect();
+    stream_all(s.name, &addrs, identities, batches, size).await;
+}
+
+/// Streams from every enrolled agent at once (agent i to `addrs[i % len]`) and prints a row.
+async fn stream_all(
+    name: &str,
+    addrs: &[String],
+    identities: Vec<(String, ClientTls)>,
+    batches: usize,
+    size: usize,
+) {
+    let agents = identities.len();
     let t = Instant::now();
     let mut runs = tokio::task::JoinSet::new();
     for (i, (_, tls)) in identities.into_iter().enumerate() {
-        let addr = s.collectors[i % s.collectors.len()].addr.clone();
+        let addr = addrs[i % addrs.len()].clone();
         runs.spawn(stream(addr, tls, i, batches, size));
     }
     let mut lat: Vec<Duration> = runs.join_all().await.into_iter().flatten().collect();
@@ -142,8 +169,7 @@ async fn measure(s: &Setup, agents: usize, batches: usize, size: usize) {
     lat.sort();
     let total = agents * batches * size;
     println!(
-        "| {} | {agents} | {total} | {:.2} s | {:.0} | {:.1} ms | {:.1} ms |",
-        s.name,
+        "| {name} | {agents} | {total} | {:.2} s | {:.0} | {:.1} ms | {:.1} ms |",
         elapsed.as_secs_f64(),
         total as f64 / elapsed.as_secs_f64(),
         pct(&lat, 0.5).as_secs_f64() * 1e3,
@@ -243,7 +269,80 @@ fn idle(n: usize) {
 }
 
 /// Collectors and databases are made and dropped outside the runtime (their clients block).
+/// The value after `name` on the command line.
+fn text_arg(name: &str) -> Option<String> {
+    std::env::args().skip_while(|a| a != name).nth(1)
+}
+
+/// Enrolls `n` simulated agents with a collector this benchmark did not start.
+fn enroll_remote(
+    rt: &tokio::runtime::Runtime,
+    addr: &str,
+    ca: &str,
+    n: usize,
+) -> Vec<(String, ClientTls)> {
+    let token = text_arg("--token")
+        .expect("--token: a token for as many agents (`vedettectl token create --uses N`)");
+    let mut identities = Vec::with_capacity(n);
+    while identities.len() < n {
+        let round = (n - identities.len()).min(500);
+        identities.extend(rt.block_on(enroll_simulated_at(addr, ca, &token, round)));
+    }
+    identities
+}
+
+/// `--collector ADDR`: the detection or idle run against that collector.
+fn remote(addr: &str) {
+    let ca_path = text_arg("--ca").expect("--ca: the collector's CA certificate (ca.crt)");
+    let ca = std::fs::read_to_string(&ca_path)
+        .unwrap_or_else(|e| panic!("cannot read the CA certificate `{ca_path}`: {e}"));
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let idle_agents = arg("--idle", 0);
+    if idle_agents > 0 {
+        let t = Instant::now();
+        let identities = enroll_remote(&rt, addr, &ca, idle_agents);
+        let enrolled = t.elapsed();
+        let t = Instant::now();
+        let streams = rt.block_on(async {
+            let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
+            let mut opens = tokio::task::JoinSet::new();
+            for (_, tls) in identities {
+                let (addr, limit) = (addr.to_string(), limit.clone());
+                opens.spawn(async move {
+                    let _permit = limit.acquire_owned().await;
+                    agent_stream(&addr, &tls).await.expect("agent stream")
+                });
+            }
+            opens.join_all().await
+        });
+        let hold = arg("--hold", 60);
+        println!(
+            "{idle_agents} agents enrolled in {:.1} s, connected in {:.1} s; holding them {hold} s: read the collector's RSS on its host now",
+            enrolled.as_secs_f64(),
+            t.elapsed().as_secs_f64()
+        );
+        std::thread::sleep(Duration::from_secs(hold as u64));
+        drop(streams);
+        return;
+    }
+    let agents = arg("--agents", 100);
+    let identities = enroll_remote(&rt, addr, &ca, agents);
+    println!("| store | agents | detections | time | committed/s | ack p50 | ack p99 |");
+    println!("|---|---|---|---|---|---|---|");
+    rt.block_on(stream_all(
+        &format!("collector at {addr}"),
+        &[addr.to_string()],
+        identities,
+        arg("--batches", 50),
+        arg("--batch", 100),
+    ));
+}
+
 fn main() {
+    if let Some(addr) = text_arg("--collector") {
+        remote(&addr);
+        return;
+    }
     let idle_agents = arg("--idle", 0);
     if idle_agents > 0 {
         idle(idle_agents);

@@ -31,6 +31,57 @@ fn ingest_benchmark_runs_in_a_tiny_configuration() {
     assert!(text.contains("| 3 | "), "{text}");
 }
 
+/// The ingest harness against a collector it did not start, as an operator sizing one runs it.
+#[test]
+fn ingest_benchmark_runs_against_a_collector_of_its_own() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = vedette_tests::Collector::init(&tmp.path().join("collector"));
+    c.start();
+    let ca = c.dir.join("ca.crt");
+    let ca = ca.to_str().unwrap();
+    let token = c.token(&["--uses", "4"]);
+    let text = run(
+        "vedette-ingest",
+        &[
+            "--collector",
+            &c.addr,
+            "--ca",
+            ca,
+            "--token",
+            &token,
+            "--agents",
+            "2",
+            "--batches",
+            "2",
+            "--batch",
+            "5",
+        ],
+    );
+    assert!(
+        text.contains(&format!("| collector at {} | 2 | 20 |", c.addr)),
+        "{text}"
+    );
+    let text = run(
+        "vedette-ingest",
+        &[
+            "--collector",
+            &c.addr,
+            "--ca",
+            ca,
+            "--token",
+            &token,
+            "--idle",
+            "2",
+            "--hold",
+            "0",
+        ],
+    );
+    assert!(text.contains("2 agents enrolled"), "{text}");
+    // Every simulated agent enrolled there, and its detections were committed.
+    assert_eq!(c.agents().len(), 4);
+    assert_eq!(c.detections().len(), 20);
+}
+
 #[test]
 fn file_latency_benchmark_runs_in_a_tiny_configuration() {
     let text = run(

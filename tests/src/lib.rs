@@ -585,13 +585,23 @@ pub async fn enroll_simulated(
     token: &str,
     n: usize,
 ) -> Vec<(String, vedette_proto::client::ClientTls)> {
+    enroll_simulated_at(&c.addr, &c.file("ca.crt"), token, n).await
+}
+
+/// [`enroll_simulated`] with the collector at `addr` whose CA certificate is `ca_pem` (a
+/// collector this process did not start).
+pub async fn enroll_simulated_at(
+    addr: &str,
+    ca_pem: &str,
+    token: &str,
+    n: usize,
+) -> Vec<(String, vedette_proto::client::ClientTls)> {
     use vedette_proto::client::{ClientTls, connect};
     use vedette_proto::v1::EnrollRequest;
     use vedette_proto::v1::agent_service_client::AgentServiceClient;
-    let ca_pem = c.file("ca.crt");
     let mut enrolls = tokio::task::JoinSet::new();
     for _ in 0..n {
-        let (addr, ca, token) = (c.addr.clone(), ca_pem.clone(), token.to_string());
+        let (addr, ca, token) = (addr.to_string(), ca_pem.to_string(), token.to_string());
         enrolls.spawn(async move {
             let key = rcgen::KeyPair::generate().expect("key");
             let csr = rcgen::CertificateParams::default()
