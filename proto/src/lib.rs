@@ -33,6 +33,22 @@ pub fn kind_name(kind: i32) -> &'static str {
     }
 }
 
+/// The kind named by `name` (`yara`, `hash`, `filename`, `process`, `connection`), as its
+/// `DetectionKind` value.
+pub fn kind_from_name(name: &str) -> Option<i32> {
+    use v1::DetectionKind;
+    [
+        DetectionKind::Yara,
+        DetectionKind::Hash,
+        DetectionKind::Filename,
+        DetectionKind::Process,
+        DetectionKind::Connection,
+    ]
+    .into_iter()
+    .map(|k| k as i32)
+    .find(|k| kind_name(*k) == name)
+}
+
 /// The name of a detection's action: `alert` or `blocked`.
 pub fn action_name(action: i32) -> &'static str {
     match v1::DetectionAction::try_from(action) {

@@ -247,6 +247,24 @@ fn console_api_requires_authentication_and_csrf_and_matches_its_openapi_document
         1
     );
     assert_eq!(count("until=2000-01-01T00:00:00Z"), 0);
+    // vedettectl takes the same filters.
+    let listed = |args: &[&str]| {
+        let mut all = vec!["detections", "list", "--json"];
+        all.extend_from_slice(args);
+        vedette_tests::json_lines(&c.ctl_ok(&all)).len()
+    };
+    assert_eq!(listed(&["--text", "DROPPER.SH"]), 1);
+    assert_eq!(listed(&["--kind", "yara", "--rule", "console_marker"]), 1);
+    assert_eq!(listed(&["--kind", "hash"]), 0);
+    assert_eq!(
+        listed(&[
+            "--rule",
+            "console_marker",
+            "--until",
+            "2000-01-01T00:00:00Z"
+        ]),
+        0
+    );
     let bad = op.get("/api/v1/detections?kind=worm", &[]);
     assert_eq!(bad.status, 400);
     assert!(

@@ -312,6 +312,18 @@ pub enum DetectionsCmd {
         /// Only detections received at or after this time (RFC 3339, e.g. 2026-11-25T10:00:00Z).
         #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
         since: Option<std::time::SystemTime>,
+        /// Only detections received before this time (RFC 3339).
+        #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+        until: Option<std::time::SystemTime>,
+        /// Only this kind.
+        #[arg(long, value_parser = ["yara", "hash", "filename", "process", "connection"])]
+        kind: Option<String>,
+        /// Only this rule or indicator.
+        #[arg(long)]
+        rule: Option<String>,
+        /// Only detections whose path, process name or command line holds this text (any case).
+        #[arg(long, value_name = "TEXT")]
+        text: Option<String>,
         /// At most this many (the most recent), read page by page.
         #[arg(long, default_value_t = 100)]
         limit: usize,

@@ -156,33 +156,29 @@ pub async fn agents_revoke(cfg: &CtlConfig, id: &str) -> anyhow::Result<bool> {
 /// Detections asked for in one request (the collector's largest page).
 const PAGE: usize = 10_000;
 
+/// Milliseconds since the Unix epoch (0 for none).
+pub fn epoch_ms(t: Option<SystemTime>) -> i64 {
+    t.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The `limit` most recent detections matching `filter` (its paging fields are set here),
+/// oldest first.
 pub async fn detections_list(
     cfg: &CtlConfig,
-    agent: Option<String>,
-    org: Option<String>,
-    since: Option<SystemTime>,
+    filter: ListDetectionsRequest,
     limit: usize,
 ) -> anyhow::Result<Vec<StoredDetection>> {
     let mut c = cfg.client().await?;
-    let since_ms = since
-        .map(|t| {
-            t.duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis() as i64)
-                .unwrap_or(0)
-        })
-        .unwrap_or(0);
     // Newest pages first; each page is oldest first.
     let mut pages = Vec::new();
     let (mut got, mut before_seq) = (0usize, 0u64);
     while got < limit {
         let r = c
             .list_detections(ListDetectionsRequest {
-                agent_id: agent.clone().unwrap_or_default(),
-                since_ms,
                 limit: (limit - got).min(PAGE) as u32,
                 before_seq,
-                org: org.clone().unwrap_or_default(),
-                ..Default::default()
+                ..filter.clone()
             })
             .await
             .map_err(status_error)?

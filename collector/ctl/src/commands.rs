@@ -3,6 +3,7 @@
 use vedette_proto::output::{self, printable, rfc3339_ms, stored_json, stored_line};
 
 use vedette_proto::export;
+use vedette_proto::v1::ListDetectionsRequest;
 
 use crate::args::{
     AgentsCmd, CertsCmd, Command, DetectionsCmd, ExportFormat, IntelCmd, OrgsCmd, RulesCmd,
@@ -119,7 +120,12 @@ pub async fn run(command: Command, cfg: CtlConfig) -> anyhow::Result<()> {
             limit,
             organisation,
         } => {
-            let list = client::detections_list(&cfg, agent, None, since, limit).await?;
+            let filter = ListDetectionsRequest {
+                agent_id: agent.unwrap_or_default(),
+                since_ms: client::epoch_ms(since),
+                ..Default::default()
+            };
+            let list = client::detections_list(&cfg, filter, limit).await?;
             let org = organisation
                 .or_else(|| cfg.organisation.clone())
                 .unwrap_or_else(|| "Vedette".into());
@@ -143,9 +149,26 @@ pub async fn run(command: Command, cfg: CtlConfig) -> anyhow::Result<()> {
             agent,
             org,
             since,
+            until,
+            kind,
+            rule,
+            text,
             limit,
         }) => {
-            let list = client::detections_list(&cfg, agent, org, since, limit).await?;
+            let filter = ListDetectionsRequest {
+                agent_id: agent.unwrap_or_default(),
+                org: org.unwrap_or_default(),
+                since_ms: client::epoch_ms(since),
+                until_ms: client::epoch_ms(until),
+                kind: kind
+                    .as_deref()
+                    .and_then(vedette_proto::kind_from_name)
+                    .unwrap_or(0),
+                rule: rule.unwrap_or_default(),
+                text: text.unwrap_or_default(),
+                ..Default::default()
+            };
+            let list = client::detections_list(&cfg, filter, limit).await?;
             for d in &list {
                 if json {
                     println!("{}", stored_json(d));

@@ -14,9 +14,9 @@ use serde_json::{Value, json};
 use vedette_proto::output::{self, stored_json};
 use vedette_proto::v1::admin_service_server::AdminService;
 use vedette_proto::v1::{
-    AgentInfo, BundleInfo, BundleRolloutRequest, DetectionKind, IntelStatusRequest,
-    IntelStatusResponse, ListAgentsRequest, ListBundlesRequest, ListDetectionsRequest,
-    RevokeAgentRequest, StoredDetection,
+    AgentInfo, BundleInfo, BundleRolloutRequest, IntelStatusRequest, IntelStatusResponse,
+    ListAgentsRequest, ListBundlesRequest, ListDetectionsRequest, RevokeAgentRequest,
+    StoredDetection,
 };
 
 use super::auth::Who;
@@ -60,19 +60,11 @@ pub struct DetectionQuery {
 
 /// A kind's name to its value.
 pub fn parse_kind(name: &str) -> Result<i32, Failure> {
-    let kind = match name {
-        "yara" => DetectionKind::Yara,
-        "hash" => DetectionKind::Hash,
-        "filename" => DetectionKind::Filename,
-        "process" => DetectionKind::Process,
-        "connection" => DetectionKind::Connection,
-        other => {
-            return Err(Failure::bad_request(format!(
-                "`kind`: `{other}` is not one of yara, hash, filename, process, connection"
-            )));
-        }
-    };
-    Ok(kind as i32)
+    vedette_proto::kind_from_name(name).ok_or_else(|| {
+        Failure::bad_request(format!(
+            "`kind`: `{name}` is not one of yara, hash, filename, process, connection"
+        ))
+    })
 }
 
 /// A time given as RFC 3339, as an HTML `datetime-local` value (taken as UTC), or as
