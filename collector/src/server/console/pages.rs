@@ -21,8 +21,6 @@ use super::api::{self, DetectionQuery, StatsQuery};
 use super::auth::{self, Who};
 use super::{Console, Failure};
 
-type PageResult = Result<Response, Failure>;
-
 /// Largest bundle file the diff compares line by line.
 const MAX_DIFF_FILE: usize = 2 * 1024 * 1024;
 
@@ -569,12 +567,12 @@ pub async fn revoke(
     State(console): State<Arc<Console>>,
     Extension(who): Extension<Who>,
     Path(id): Path<String>,
-) -> PageResult {
-    api::revoke_agent(&console, &who, &id)
-        .await
-        .map_err(Failure::page)
-        .map(|_| Redirect::to(&format!("/agents/{id}")).into_response())
-        .or_else(Ok)
+) -> Response {
+    // Only an id the store knows gets here past the revoke: one the collector made (a UUID).
+    match api::revoke_agent(&console, &who, &id).await {
+        Ok(_) => Redirect::to(&format!("/agents/{id}")).into_response(),
+        Err(f) => f.page(),
+    }
 }
 
 pub async fn rules(
