@@ -102,6 +102,12 @@ fn file_latency_benchmark_runs_in_a_tiny_configuration() {
 }
 
 #[test]
+fn idle_agent_benchmark_runs_in_a_tiny_configuration() {
+    let text = run("idle-agent", &["--seconds", "1"]);
+    assert!(text.contains("| the marker rule | 1 | 1 | "), "{text}");
+}
+
+#[test]
 fn bundle_fanout_benchmark_runs_in_a_tiny_configuration() {
     let text = run("bundle-fanout", &["--agents", "3", "--rounds", "1"]);
     assert!(text.contains("3 agent streams open"), "{text}");

@@ -1,0 +1,118 @@
+//! Benchmark: what an idle agent costs. A real agent, enrolled and connected to a real
+//! collector on 127.0.0.1, watching an empty directory, with the marker rule alone and then
+//! with the rules given with `--rules DIR` as well. After its first full scan, the agent's
+//! resident memory (largest `VmRSS` seen) and CPU time (`utime + stime` of /proc/PID/stat)
+//! are sampled over `--seconds N`.
+//!
+//! ```text
+//! cargo build --release --bins
+//! target/release/idle-agent --seconds 60 --rules ../shared/data/signature-base/yara \
+//!     --rules ../shared/data/signature-base/iocs
+//! ```
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use vedette_tests::{Agent, Collector, bench_arg as arg, rule_dir, wait_for};
+
+/// Resident memory of a process in bytes.
+fn rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// CPU time (user + system) of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces), from field 3 on.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let num = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15: indexes 11 and 12 here.
+    num(11) + num(12)
+}
+
+/// Runs one idle agent; its peak RSS (bytes) and CPU share (% of one core) over `seconds`.
+fn measure(c: &Collector, dir: &Path, rules: &[&Path], seconds: u64) -> (u64, f64, usize) {
+    let watch = dir.join("watch");
+    std::fs::create_dir_all(&watch).expect("watch dir");
+    let mut agent = Agent::enroll(c, &dir.join("agent"));
+    let mut args = vec!["--watch".to_string(), watch.display().to_string()];
+    for r in rules {
+        args.extend(["--rules".to_string(), r.display().to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    agent.run(c, &args);
+    wait_for(Duration::from_secs(300), "the first full scan", || {
+        agent.log().contains("full scan finished").then_some(())
+    });
+    let loaded = agent
+        .log()
+        .lines()
+        .find(|l| l.contains("rule set built"))
+        .and_then(|l| l.split("rules=").nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let pid = agent.proc.as_ref().expect("agent running").child.id();
+    let ticks_per_s = 100.0; // USER_HZ on Linux
+    let start_cpu = cpu_ticks(pid);
+    let start = Instant::now();
+    let mut peak = rss(pid);
+    while start.elapsed() < Duration::from_secs(seconds) {
+        std::thread::sleep(Duration::from_millis(500));
+        peak = peak.max(rss(pid));
+    }
+    let cpu = (cpu_ticks(pid) - start_cpu) as f64 / ticks_per_s;
+    let share = 100.0 * cpu / start.elapsed().as_secs_f64();
+    let mut p = agent.proc.take().expect("agent running");
+    p.signal_and_wait("TERM");
+    (peak, share, loaded)
+}
+
+fn main() {
+    let seconds = arg("--seconds", 60) as u64;
+    // Every `--rules DIR` given.
+    let args: Vec<String> = std::env::args().collect();
+    let extra: Vec<std::path::PathBuf> = args
+        .windows(2)
+        .filter(|w| w[0] == "--rules")
+        .map(|w| std::path::PathBuf::from(&w[1]))
+        .collect();
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let mut c = Collector::init(&tmp.path().join("collector"));
+    c.start();
+    let marker = rule_dir(
+        &tmp.path().join("rules"),
+        "idle_marker",
+        "VEDETTE-IDLE-MARKER",
+    );
+    let mut runs: Vec<(String, Vec<&Path>)> = vec![("the marker rule".into(), vec![&marker])];
+    if !extra.is_empty() {
+        let names: Vec<String> = extra.iter().map(|p| p.display().to_string()).collect();
+        let mut dirs: Vec<&Path> = vec![&marker];
+        dirs.extend(extra.iter().map(|p| p.as_path()));
+        runs.push((format!("the marker rule and {}", names.join(", ")), dirs));
+    }
+    println!("| rules | YARA rules loaded | seconds | peak RSS | CPU (% of one core) |");
+    println!("|---|---|---|---|---|");
+    for (i, (name, rules)) in runs.iter().enumerate() {
+        let (peak, share, loaded) =
+            measure(&c, &tmp.path().join(format!("run{i}")), rules, seconds);
+        println!(
+            "| {name} | {loaded} | {seconds} | {:.1} MiB | {share:.2} % |",
+            peak as f64 / (1024.0 * 1024.0)
+        );
+    }
+}
