@@ -15,7 +15,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use vedette_tests::{Agent, Collector, Tmpfs, bench_arg as arg, rule_dir, wait_for};
+use vedette_tests::{
+    Agent, Collector, Tmpfs, bench_arg as arg, percentile as pct, rule_dir, wait_for,
+};
 
 /// Times `n` runs of `exe`; each must end as `refused` says (refused: EPERM at exec).
 fn time_execs(exe: &Path, n: usize, refused: bool) -> Vec<Duration> {
@@ -32,11 +34,6 @@ fn time_execs(exe: &Path, n: usize, refused: bool) -> Vec<Duration> {
     }
     out.sort();
     out
-}
-
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted.get(i).copied().unwrap_or_default()
 }
 
 fn us(d: Duration) -> f64 {

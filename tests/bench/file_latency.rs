@@ -19,7 +19,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use vedette_tests::{Agent, Collector, bench_arg as arg, json_lines, rule_dir, wait_for};
+use vedette_tests::{
+    Agent, Collector, bench_arg as arg, json_lines, percentile as pct, rule_dir, wait_for,
+};
 
 const MARKER: &str = "VEDETTE-LATENCY-MARKER";
 
@@ -132,32 +134,13 @@ fn latencies(c: &Collector, files: &[(PathBuf, i64)], timeout: Duration) -> Late
     }
 }
 
-/// Milliseconds since the epoch of `2026-11-27T10:00:00.123Z`.
+/// Milliseconds since the epoch of an RFC 3339 time (`2026-11-27T10:00:00.123Z`).
 fn rfc3339_ms(text: &str) -> i64 {
-    humantime_like(text).unwrap_or_else(|| panic!("not an RFC 3339 time: {text}"))
-}
-
-fn humantime_like(t: &str) -> Option<i64> {
-    let (date, time) = t.trim_end_matches('Z').split_once('T')?;
-    let mut d = date.split('-').map(|x| x.parse::<i64>());
-    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
-    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
-    let mut h = hms.split(':').map(|x| x.parse::<i64>());
-    let (hh, mm, ss) = (h.next()?.ok()?, h.next()?.ok()?, h.next()?.ok()?);
-    let ms: i64 = format!("{frac:0<3}")[..3].parse().ok()?;
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(((days * 24 + hh) * 60 + mm) * 60_000 + ss * 1000 + ms)
-}
-
-fn pct(sorted: &[i64], p: f64) -> i64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted.get(i).copied().unwrap_or_default()
+    humantime::parse_rfc3339(text)
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_else(|| panic!("not an RFC 3339 time: {text}"))
 }
 
 fn main() {

@@ -13,19 +13,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vedette_tests::{Agent, Collector, bench_arg as arg, rule_dir, wait_for};
-
-/// Resident memory of a process in bytes.
-fn rss(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kib| kib * 1024)
-}
+use vedette_tests::{Agent, Collector, bench_arg as arg, rss_of, rule_dir, wait_for};
 
 /// CPU time (user + system) of a process, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
@@ -69,10 +57,10 @@ fn measure(c: &Collector, dir: &Path, rules: &[&Path], seconds: u64) -> (u64, f6
     let ticks_per_s = 100.0; // USER_HZ on Linux
     let start_cpu = cpu_ticks(pid);
     let start = Instant::now();
-    let mut peak = rss(pid);
+    let mut peak = rss_of(pid);
     while start.elapsed() < Duration::from_secs(seconds) {
         std::thread::sleep(Duration::from_millis(500));
-        peak = peak.max(rss(pid));
+        peak = peak.max(rss_of(pid));
     }
     let cpu = (cpu_ticks(pid) - start_cpu) as f64 / ticks_per_s;
     let share = 100.0 * cpu / start.elapsed().as_secs_f64();

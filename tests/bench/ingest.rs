@@ -42,7 +42,8 @@ use vedette_proto::v1::agent_message::Msg;
 use vedette_proto::v1::collector_message::Msg as Down;
 use vedette_proto::v1::{AgentMessage, Detection, DetectionBatch, FileTarget, detection};
 use vedette_tests::{
-    Collector, PgDb, agent_stream, bench_arg as arg, enroll_simulated, enroll_simulated_at,
+    AgentStream, Collector, PgDb, agent_stream, bench_arg as arg, enroll_simulated,
+    enroll_simulated_at, percentile as pct, rss_of,
 };
 
 /// A realistic file detection with a fresh id.
@@ -136,11 +137,6 @@ fn setup(name: &'static str, db: Option<PgDb>, two: bool) -> Setup {
     }
 }
 
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted.get(i).copied().unwrap_or_default()
-}
-
 async fn measure(s: &Setup, agents: usize, batches: usize, size: usize) {
     let first = &s.collectors[0];
     let token = first.token(&["--uses", &agents.to_string()]);
@@ -177,17 +173,41 @@ async fn stream_all(
     );
 }
 
-/// Resident memory of a process, in bytes (`VmRSS` of /proc/PID/status).
-fn rss_of(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        * 1024
+/// Enrolls `n` simulated agents with the collector at `addr`, 500 at a time: thousands of
+/// handshakes at once would overflow its listen backlog.
+fn enroll_in_rounds(
+    rt: &tokio::runtime::Runtime,
+    addr: &str,
+    ca: &str,
+    token: &str,
+    n: usize,
+) -> Vec<(String, ClientTls)> {
+    let mut identities = Vec::with_capacity(n);
+    while identities.len() < n {
+        let round = (n - identities.len()).min(500);
+        identities.extend(rt.block_on(enroll_simulated_at(addr, ca, token, round)));
+    }
+    identities
+}
+
+/// Opens an agent stream for each identity to `addr`, 256 handshakes at a time, and keeps them.
+fn open_streams(
+    rt: &tokio::runtime::Runtime,
+    addr: &str,
+    identities: Vec<(String, ClientTls)>,
+) -> Vec<AgentStream> {
+    rt.block_on(async {
+        let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
+        let mut opens = tokio::task::JoinSet::new();
+        for (_, tls) in identities {
+            let (addr, limit) = (addr.to_string(), limit.clone());
+            opens.spawn(async move {
+                let _permit = limit.acquire_owned().await;
+                agent_stream(&addr, &tls).await.expect("agent stream")
+            });
+        }
+        opens.join_all().await
+    })
 }
 
 /// The collector's `agents_connected` gauge, from its metrics endpoint.
@@ -216,27 +236,11 @@ fn idle(n: usize) {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let token = c.token(&["--uses", &n.to_string()]);
     let t = Instant::now();
-    // In rounds: thousands of handshakes at once would overflow the listen backlog.
-    let mut identities = Vec::with_capacity(n);
-    while identities.len() < n {
-        let round = (n - identities.len()).min(500);
-        identities.extend(rt.block_on(enroll_simulated(&c, &token, round)));
-    }
+    let identities = enroll_in_rounds(&rt, &c.addr, &c.file("ca.crt"), &token, n);
     let enrolled = t.elapsed();
     let before = rss_of(pid);
     let t = Instant::now();
-    let streams = rt.block_on(async {
-        let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
-        let mut opens = tokio::task::JoinSet::new();
-        for (_, tls) in identities {
-            let (addr, limit) = (c.addr.clone(), limit.clone());
-            opens.spawn(async move {
-                let _permit = limit.acquire_owned().await;
-                agent_stream(&addr, &tls).await.expect("agent stream")
-            });
-        }
-        opens.join_all().await
-    });
+    let streams = open_streams(&rt, &c.addr, identities);
     vedette_tests::wait_for(
         Duration::from_secs(120),
         "every agent counted as connected",
@@ -274,47 +278,21 @@ fn text_arg(name: &str) -> Option<String> {
     std::env::args().skip_while(|a| a != name).nth(1)
 }
 
-/// Enrolls `n` simulated agents with a collector this benchmark did not start.
-fn enroll_remote(
-    rt: &tokio::runtime::Runtime,
-    addr: &str,
-    ca: &str,
-    n: usize,
-) -> Vec<(String, ClientTls)> {
-    let token = text_arg("--token")
-        .expect("--token: a token for as many agents (`vedettectl token create --uses N`)");
-    let mut identities = Vec::with_capacity(n);
-    while identities.len() < n {
-        let round = (n - identities.len()).min(500);
-        identities.extend(rt.block_on(enroll_simulated_at(addr, ca, &token, round)));
-    }
-    identities
-}
-
 /// `--collector ADDR`: the detection or idle run against that collector.
 fn remote(addr: &str) {
     let ca_path = text_arg("--ca").expect("--ca: the collector's CA certificate (ca.crt)");
     let ca = std::fs::read_to_string(&ca_path)
         .unwrap_or_else(|e| panic!("cannot read the CA certificate `{ca_path}`: {e}"));
+    let token = text_arg("--token")
+        .expect("--token: a token for as many agents (`vedettectl token create --uses N`)");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let idle_agents = arg("--idle", 0);
     if idle_agents > 0 {
         let t = Instant::now();
-        let identities = enroll_remote(&rt, addr, &ca, idle_agents);
+        let identities = enroll_in_rounds(&rt, addr, &ca, &token, idle_agents);
         let enrolled = t.elapsed();
         let t = Instant::now();
-        let streams = rt.block_on(async {
-            let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
-            let mut opens = tokio::task::JoinSet::new();
-            for (_, tls) in identities {
-                let (addr, limit) = (addr.to_string(), limit.clone());
-                opens.spawn(async move {
-                    let _permit = limit.acquire_owned().await;
-                    agent_stream(&addr, &tls).await.expect("agent stream")
-                });
-            }
-            opens.join_all().await
-        });
+        let streams = open_streams(&rt, addr, identities);
         let hold = arg("--hold", 60);
         println!(
             "{idle_agents} agents enrolled in {:.1} s, connected in {:.1} s; holding them {hold} s: read the collector's RSS on its host now",
@@ -326,7 +304,7 @@ fn remote(addr: &str) {
         return;
     }
     let agents = arg("--agents", 100);
-    let identities = enroll_remote(&rt, addr, &ca, agents);
+    let identities = enroll_in_rounds(&rt, addr, &ca, &token, agents);
     println!("| store | agents | detections | time | committed/s | ack p50 | ack p99 |");
     println!("|---|---|---|---|---|---|---|");
     rt.block_on(stream_all(

@@ -23,6 +23,25 @@ pub fn bench_arg(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// The value at fraction `p` (0.5: the median) of a sorted sample; the default when empty.
+pub fn percentile<T: Copy + Default>(sorted: &[T], p: f64) -> T {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(i).copied().unwrap_or_default()
+}
+
+/// Resident memory of a process, in bytes (`VmRSS` of /proc/PID/status; 0 when unreadable).
+pub fn rss_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
 /// Where cargo put the workspace binaries: next to this executable (a benchmark binary), or
 /// one level up (a test executable in `deps/`).
 pub fn bin(name: &str) -> PathBuf {

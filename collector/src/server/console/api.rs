@@ -243,6 +243,23 @@ pub async fn detection(
     Ok(Json(stored_json(&d)).into_response())
 }
 
+/// One page of an ordered listing: the first `limit` items (default and cap:
+/// [`DEFAULT_PAGE`], [`MAX_PAGE`]) that `keep` accepts, and the cursor (`key` of the last one)
+/// when more follow.
+fn one_page<T, K>(
+    items: &[T],
+    limit: Option<u32>,
+    keep: impl Fn(&T) -> bool,
+    key: impl Fn(&T) -> K,
+) -> (Vec<&T>, Option<K>) {
+    let limit = limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE) as usize;
+    let mut page: Vec<&T> = items.iter().filter(|t| keep(t)).take(limit + 1).collect();
+    let more = page.len() > limit;
+    page.truncate(limit);
+    let next = more.then(|| page.last().map(|t| key(t))).flatten();
+    (page, next)
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 pub struct AgentQuery {
@@ -258,15 +275,14 @@ pub async fn agents(
 ) -> ApiResult {
     let mut agents = all_agents(&console, &who).await?;
     agents.sort_by(|a, b| a.id.cmp(&b.id));
-    let limit = q.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE) as usize;
-    let page: Vec<&AgentInfo> = agents
-        .iter()
-        .filter(|a| q.after.is_empty() || a.id > q.after)
-        .take(limit + 1)
-        .collect();
-    let next = (page.len() > limit).then(|| page[limit - 1].id.clone());
+    let (page, next) = one_page(
+        &agents,
+        q.limit,
+        |a| q.after.is_empty() || a.id > q.after,
+        |a| a.id.clone(),
+    );
     Ok(Json(json!({
-        "agents": page.iter().take(limit).map(|a| output::agent_json(a)).collect::<Vec<_>>(),
+        "agents": page.iter().map(|a| output::agent_json(a)).collect::<Vec<_>>(),
         "next_after": next,
     }))
     .into_response())
@@ -298,15 +314,14 @@ pub async fn bundles(
     Query(q): Query<BundleQuery>,
 ) -> ApiResult {
     let bundles = all_bundles(&console, &who).await?;
-    let limit = q.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE) as usize;
-    let page: Vec<&BundleInfo> = bundles
-        .iter()
-        .filter(|b| q.before.is_none_or(|before| b.version < before))
-        .take(limit + 1)
-        .collect();
-    let next = (page.len() > limit).then(|| page[limit - 1].version);
+    let (page, next) = one_page(
+        &bundles,
+        q.limit,
+        |b| q.before.is_none_or(|before| b.version < before),
+        |b| b.version,
+    );
     Ok(Json(json!({
-        "bundles": page.iter().take(limit).map(|b| output::bundle_json(b)).collect::<Vec<_>>(),
+        "bundles": page.iter().map(|b| output::bundle_json(b)).collect::<Vec<_>>(),
         "next_before": next,
     }))
     .into_response())
@@ -476,4 +491,20 @@ pub async fn stats(
 
 pub async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], super::OPENAPI).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_hold_the_limit_and_point_past_their_last_item() {
+        let items: Vec<u32> = (1..=5).collect();
+        let (page, next) = one_page(&items, Some(2), |_| true, |n| *n);
+        assert_eq!((page, next), (vec![&1, &2], Some(2)));
+        let (page, next) = one_page(&items, Some(2), |n| *n > 4, |n| *n);
+        assert_eq!((page, next), (vec![&5], None));
+        let (page, next) = one_page(&items, Some(5), |_| true, |n| *n);
+        assert_eq!((page.len(), next), (5, None));
+    }
 }
