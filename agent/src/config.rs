@@ -38,6 +38,10 @@ pub struct RawConfig {
     pub scan_interval: Option<String>,
     /// Percentage of one core each full-scan thread may use (1-100); default 50.
     pub max_cpu_percent: Option<u32>,
+    /// The most resident memory the agent allows itself, in bytes or with a unit (`512MiB`,
+    /// `1GiB`), or `off`. Past it the agent releases its scanners and scans one file at a
+    /// time until it is back under 90 %. Default 512MiB, at least 32MiB.
+    pub max_rss: Option<ByteSize>,
     /// Glob patterns of paths full scans skip (e.g. `/var/lib/docker/**`).
     #[serde(default)]
     pub exclude: Vec<String>,
@@ -74,6 +78,58 @@ pub struct RawConfig {
     pub metrics_listen: Option<String>,
 }
 
+/// A size in bytes: a number, or a string with a unit (`B`, `KiB`, `MiB`, `GiB`, or `KB`,
+/// `MB`, `GB` in powers of 1000), or `off`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ByteSize {
+    Bytes(u64),
+    Text(String),
+}
+
+impl ByteSize {
+    /// Bytes, None for `off`.
+    fn bytes(&self) -> Result<Option<u64>, String> {
+        let text = match self {
+            ByteSize::Bytes(n) => return Ok(Some(*n)),
+            ByteSize::Text(t) => t.trim(),
+        };
+        if text.eq_ignore_ascii_case("off") {
+            return Ok(None);
+        }
+        let digits = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(digits);
+        let n: u64 = number
+            .parse()
+            .map_err(|_| format!("`{text}` is not a size (e.g. `512MiB`, or `off`)"))?;
+        let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "kib" | "k" => 1 << 10,
+            "mib" | "m" => 1 << 20,
+            "gib" | "g" => 1 << 30,
+            "kb" => 1_000,
+            "mb" => 1_000_000,
+            "gb" => 1_000_000_000,
+            other => {
+                return Err(format!(
+                    "`{text}`: unknown unit `{other}` (B, KiB, MiB, GiB, KB, MB, GB)"
+                ));
+            }
+        };
+        n.checked_mul(scale)
+            .map(Some)
+            .ok_or_else(|| format!("`{text}` is too large"))
+    }
+}
+
+/// `max_rss` when the configuration does not set it.
+pub const DEFAULT_MAX_RSS: u64 = 512 << 20;
+
+/// The smallest `max_rss`: the agent with a handful of rules needs about this much.
+pub const MIN_MAX_RSS: u64 = 32 << 20;
+
 /// Where file events come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -100,6 +156,8 @@ pub struct Settings {
     /// None: no periodic full scans.
     pub scan_interval: Option<Duration>,
     pub max_cpu_percent: u32,
+    /// The memory ceiling in bytes; 0: none.
+    pub max_rss: u64,
     pub exclude: Vec<String>,
     pub event_source: EventSource,
     pub processes: bool,
@@ -244,6 +302,14 @@ impl RawConfig {
         if self.max_file_size == Some(0) {
             problems.push("`max_file_size`: `0` must be at least 1".into());
         }
+        match self.max_rss.as_ref().map(ByteSize::bytes) {
+            Some(Err(e)) => problems.push(format!("`max_rss`: {e}")),
+            Some(Ok(Some(n))) if n < MIN_MAX_RSS => problems.push(format!(
+                "`max_rss`: `{n}` bytes is below the least the agent needs ({}MiB)",
+                MIN_MAX_RSS >> 20
+            )),
+            _ => {}
+        }
         if let Some(n) = self.spool_max_bytes
             && n < crate::deliver::spool::MIN_CAP
         {
@@ -303,6 +369,12 @@ impl RawConfig {
             scan_on_start: self.scan_on_start.unwrap_or(true),
             scan_interval: t.scan_interval,
             max_cpu_percent: self.max_cpu_percent.unwrap_or(50),
+            max_rss: match self.max_rss.as_ref().map(ByteSize::bytes) {
+                None => DEFAULT_MAX_RSS,
+                Some(Ok(n)) => n.unwrap_or(0),
+                // Refused by `check` before.
+                Some(Err(_)) => DEFAULT_MAX_RSS,
+            },
             exclude: self.exclude,
             event_source: self.event_source.unwrap_or_default(),
             processes: self.processes.unwrap_or(true),
@@ -366,5 +438,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("wach"), "{e}");
+    }
+
+    #[test]
+    fn max_rss_takes_bytes_units_or_off_and_names_a_bad_value() {
+        let settings = |text: &str| {
+            let raw: RawConfig = toml::from_str(text).unwrap();
+            raw.validate(None).map(|s| s.max_rss)
+        };
+        assert_eq!(settings("").unwrap(), DEFAULT_MAX_RSS);
+        assert_eq!(settings("max_rss = \"300MiB\"").unwrap(), 300 << 20);
+        assert_eq!(settings("max_rss = \"1 GiB\"").unwrap(), 1 << 30);
+        assert_eq!(settings("max_rss = 100000000").unwrap(), 100_000_000);
+        assert_eq!(settings("max_rss = \"off\"").unwrap(), 0);
+        for (bad, says) in [
+            ("max_rss = \"lots\"", "`lots` is not a size"),
+            ("max_rss = \"5XB\"", "unknown unit `xb`"),
+            ("max_rss = \"1MiB\"", "below the least"),
+        ] {
+            let e = settings(bad).unwrap_err().to_string();
+            assert!(e.contains("`max_rss`") && e.contains(says), "{bad}: {e}");
+        }
     }
 }

@@ -44,12 +44,16 @@ use crate::detect::procmon::ProcessJudge;
 use crate::detect::walk::{WalkRules, exclusions};
 use crate::detect::watch::{FileWatch, WatchTarget};
 use crate::detect::{Ids, Incidents};
+use crate::governor::governor;
 use crate::rules::ActiveRules;
 use crate::state::{Credentials, StateDir};
 use crate::telemetry::{Counter, Counters};
 
 /// Detections buffered between the scanning stages and the spool writer.
 const DETECTION_QUEUE: usize = 1024;
+
+/// How often resident memory is checked against `max_rss`.
+const GOVERNOR_TICK: Duration = Duration::from_secs(1);
 
 /// How often the result cache is saved while it changes.
 const CACHE_SAVE_INTERVAL: Duration = Duration::from_secs(30);
@@ -81,6 +85,11 @@ pub async fn run(
     let (det_tx, det_rx) = mpsc::channel(DETECTION_QUEUE);
     counters.attach_detection_queue(&det_tx);
     counters.attach_rules(&rules);
+    governor().set_limit(settings.max_rss, &counters);
+    counters.set(
+        Counter::CpuBudgetPercent,
+        u64::from(settings.max_cpu_percent),
+    );
     if let Some(addr) = settings.metrics_listen {
         let listener = vedette_proto::metrics::bind(addr)
             .await
@@ -516,6 +525,16 @@ impl Background {
                 .name("cache-saver".into())
                 .spawn(move || b.save_cache())?,
         );
+        let b = this.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("governor".into())
+                .spawn(move || {
+                    while b.pause(GOVERNOR_TICK) {
+                        governor().tick(&b.counters);
+                    }
+                })?,
+        );
         Ok(threads)
     }
 
@@ -558,8 +577,12 @@ impl Background {
                 judge = judge.with_memory(MemoryLimits::default());
             }
             let mut scanner = FileScanner::new(&current, options);
+            let mut made = governor().generation();
             let mut next_poll = Instant::now();
             while Arc::ptr_eq(&self.rules.current.load(), &current) {
+                if governor().release_due(&mut made, &self.counters) {
+                    scanner.release();
+                }
                 let mut found = Vec::new();
                 if Instant::now() >= next_poll {
                     found = judge.new_processes(&mut scanner);

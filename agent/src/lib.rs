@@ -4,13 +4,14 @@
 //! Stages, in the order data flows: [`detect`] finds (watcher, full scans, process monitor),
 //! [`rules`] holds what it judges with, [`deliver`] makes detections durable and ships them;
 //! [`daemon`] starts and stops them all; [`cli`] is the command line. See ARCHITECTURE.md.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod deliver;
 pub mod detect;
+pub mod governor;
 pub mod rules;
 pub mod state;
 pub mod telemetry;

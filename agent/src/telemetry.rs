@@ -146,6 +146,18 @@ counters! {
     CpuMs = "cpu_ms" counter,
     /// The agent's resident memory.
     RssBytes = "resident_memory_bytes" gauge,
+    /// The memory ceiling the agent keeps to (`max_rss`; 0: none).
+    MemoryLimitBytes = "memory_limit_bytes" gauge,
+    /// 1 while the agent is over its memory ceiling (scanning one file at a time).
+    MemoryOverLimit = "memory_over_limit" gauge,
+    /// Times the agent went over its memory ceiling.
+    MemoryLimitExceeded = "memory_limit_exceeded" counter,
+    /// Scanners released to get back under the memory ceiling.
+    ScannersReleased = "scanners_released" counter,
+    /// The share of one core each full-scan thread may use (`max_cpu_percent`).
+    CpuBudgetPercent = "cpu_budget_percent" gauge,
+    /// Time full-scan threads paused to stay within the CPU budget.
+    ScanThrottledMs = "scan_throttled_ms" counter,
 }
 
 impl Counter {
@@ -308,6 +320,11 @@ fn own_usage() -> Option<(u64, u64)> {
         .collect();
     let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok());
     let cpu = (ticks(11)? + ticks(12)?) * 10;
+    Some((cpu, resident_bytes()?))
+}
+
+/// The agent's resident memory (`VmRSS`), in bytes.
+pub fn resident_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let rss_kib: u64 = status
         .lines()
@@ -317,7 +334,7 @@ fn own_usage() -> Option<(u64, u64)> {
         .trim()
         .parse()
         .ok()?;
-    Some((cpu, rss_kib * 1024))
+    Some(rss_kib * 1024)
 }
 
 impl Counters {

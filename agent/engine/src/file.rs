@@ -85,6 +85,7 @@ pub struct FileReport {
 /// Scans files against one rule set. One per worker thread; cheap to reuse across files.
 pub struct FileScanner<'r> {
     rules: &'r RuleSet,
+    /// Made at the first file that needs it, dropped by [`FileScanner::release`].
     yara: Option<yara_x::Scanner<'r>>,
     options: ScanOptions,
     buf: Vec<u8>,
@@ -92,17 +93,29 @@ pub struct FileScanner<'r> {
 
 impl<'r> FileScanner<'r> {
     pub fn new(rules: &'r RuleSet, options: ScanOptions) -> FileScanner<'r> {
-        let yara = rules.yara.as_ref().map(|r| {
-            let mut s = yara_x::Scanner::new(r);
-            s.set_timeout(options.timeout);
-            s
-        });
         FileScanner {
             rules,
-            yara,
+            yara: None,
             options,
             buf: Vec::new(),
         }
+    }
+
+    /// The YARA scanner, made on first use; None when the rule set has no YARA rules.
+    fn yara(&mut self) -> Option<&mut yara_x::Scanner<'r>> {
+        if self.yara.is_none() {
+            let mut s = yara_x::Scanner::new(self.rules.yara.as_ref()?);
+            s.set_timeout(self.options.timeout);
+            self.yara = Some(s);
+        }
+        self.yara.as_mut()
+    }
+
+    /// Frees what this scanner holds between files (the YARA scanner's memory, the read
+    /// buffer); the next file makes them again.
+    pub fn release(&mut self) {
+        self.yara = None;
+        self.buf = Vec::new();
     }
 
     pub fn rules(&self) -> &'r RuleSet {
@@ -112,7 +125,8 @@ impl<'r> FileScanner<'r> {
     /// The YARA rules that match `data` (process memory, say: no file, so no digests and no
     /// names). A rule matches as [`MatchKind::Process`](crate::MatchKind::Process).
     pub fn scan_bytes(&mut self, data: &[u8]) -> Result<Vec<RuleMatch>, SkipReason> {
-        let Some(scanner) = self.yara.as_mut() else {
+        let rules = self.rules;
+        let Some(scanner) = self.yara() else {
             return Ok(Vec::new());
         };
         for name in crate::rules::EXTERNALS {
@@ -124,7 +138,7 @@ impl<'r> FileScanner<'r> {
                 .matching_rules()
                 .map(|r| RuleMatch {
                     kind: crate::MatchKind::Process,
-                    ..self.rules.yara_match(&r)
+                    ..rules.yara_match(&r)
                 })
                 .collect()),
             Err(yara_x::ScanError::Timeout) => Err(SkipReason::Timeout),
@@ -211,13 +225,22 @@ impl<'r> FileScanner<'r> {
             report.sha256.as_deref(),
             &mut report.matches,
         );
-        if let Some(scanner) = self.yara.as_mut() {
+        let rules = self.rules;
+        let buf = std::mem::take(&mut self.buf);
+        let scanned = self.yara().map(|scanner| {
             set_externals(scanner, path, &meta);
-            match scanner.scan(&self.buf) {
-                Ok(results) => {
-                    report
-                        .matches
-                        .extend(results.matching_rules().map(|r| self.rules.yara_match(&r)));
+            scanner.scan(&buf).map(|results| {
+                results
+                    .matching_rules()
+                    .map(|r| rules.yara_match(&r))
+                    .collect::<Vec<_>>()
+            })
+        });
+        self.buf = buf;
+        if let Some(scanned) = scanned {
+            match scanned {
+                Ok(found) => {
+                    report.matches.extend(found);
                 }
                 Err(yara_x::ScanError::Timeout) => return Err(SkipReason::Timeout),
                 Err(e) => {

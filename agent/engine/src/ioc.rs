@@ -82,9 +82,21 @@ pub struct IocCounts {
 enum Re {
     Std(regex::Regex),
     Fancy(Box<fancy_regex::Regex>),
+    /// A standard regex matched only through one of the one-pass sets: never compiled alone.
+    InSet,
 }
 
 impl Re {
+    /// A file-name pattern: checked now, compiled later with the others into one set
+    /// ([`Iocs::finish`]); each regex compiled alone costs memory, and signature-base has
+    /// thousands.
+    fn for_set(pattern: &str) -> Result<Re, String> {
+        match regex_syntax::Parser::new().parse(pattern) {
+            Ok(_) => Ok(Re::InSet),
+            Err(_) => Re::new(pattern),
+        }
+    }
+
     fn new(pattern: &str) -> Result<Re, String> {
         match regex::RegexBuilder::new(pattern)
             .size_limit(32 << 20)
@@ -106,6 +118,8 @@ impl Re {
             Re::Std(r) => r.is_match(s),
             // A backtracking limit hit counts as no match rather than an error.
             Re::Fancy(r) => r.is_match(s).unwrap_or(false),
+            // Matched by its set, never one by one.
+            Re::InSet => false,
         }
     }
 
@@ -177,6 +191,9 @@ pub struct Iocs {
     pub counts: IocCounts,
 }
 
+/// Memory each thread's lazy DFA of a file-name set may use before it is cleared and rebuilt.
+const SET_DFA_BYTES: usize = 8 << 20;
+
 /// Score given to hash and C2 indicators, which carry none.
 const FIXED_SCORE: u32 = 100;
 
@@ -212,11 +229,11 @@ impl Iocs {
                 IocKind::Hash => self.add_hash(line, source, from),
                 IocKind::Filename => self.add_filename(line, source, from),
                 IocKind::C2 => self.add_c2(line, source, from),
-                IocKind::ProcessName => parse_scored(line, source, from).map(|ind| {
+                IocKind::ProcessName => parse_scored(line, source, from, false).map(|ind| {
                     self.counts.process_names += 1;
                     self.process_names.push(ind)
                 }),
-                IocKind::Cmdline => parse_scored(line, source, from).map(|ind| {
+                IocKind::Cmdline => parse_scored(line, source, from, false).map(|ind| {
                     self.counts.cmdlines += 1;
                     self.cmdlines.push(ind)
                 }),
@@ -264,7 +281,7 @@ impl Iocs {
     }
 
     fn add_filename(&mut self, line: &str, source: String, from: Origin) -> Result<(), String> {
-        let ind = parse_scored(line, source, from)?;
+        let ind = parse_scored(line, source, from, true)?;
         if ind.re.is_fancy() {
             self.counts.filenames_fancy += 1;
         }
@@ -315,27 +332,34 @@ impl Iocs {
             let mut patterns = Vec::new();
             let mut index = Vec::new();
             for (i, ind) in self.filenames.iter().enumerate() {
-                if let Re::Std(r) = &ind.re
-                    && ind.windows == windows
-                {
-                    patterns.push(r.as_str().to_string());
+                if matches!(ind.re, Re::InSet) && ind.windows == windows {
+                    patterns.push(ind.text.as_str());
                     index.push(i);
                 }
             }
             if patterns.is_empty() {
                 continue;
             }
-            // Each pattern compiled alone above, so a set fails only when it is too large; its
-            // indicators are then matched one by one instead.
             match regex::RegexSetBuilder::new(&patterns)
                 .size_limit(256 << 20)
-                .dfa_size_limit(64 << 20)
+                .dfa_size_limit(SET_DFA_BYTES)
                 .build()
             {
                 Ok(set) => self.filename_sets.push((set, index, windows)),
                 Err(_) => {
+                    // Too large as one set (or a pattern past the size limit): matched one
+                    // by one instead.
                     for i in index {
-                        self.filename_singles.push(i);
+                        let ind = &mut self.filenames[i];
+                        match Re::new(&ind.text) {
+                            Ok(re) => {
+                                ind.re = re;
+                                self.filename_singles.push(i);
+                            }
+                            Err(e) => {
+                                tracing::warn!(source = %ind.source, pattern = %clip(&ind.text), error = %e, "file-name indicator left out");
+                            }
+                        }
                     }
                 }
             }
@@ -425,17 +449,22 @@ impl Iocs {
         }
         let windows = path.replace('/', "\\");
         let form = |ind: &Indicator| if ind.windows { windows.as_str() } else { path };
-        let mut candidates: Vec<usize> = self.filename_singles.clone();
+        // Set members matched already; the others are tried one by one.
+        let mut matched: Vec<usize> = self
+            .filename_singles
+            .iter()
+            .copied()
+            .filter(|&i| self.filenames[i].re.is_match(form(&self.filenames[i])))
+            .collect();
         for (set, index, win) in &self.filename_sets {
             let subject = if *win { windows.as_str() } else { path };
-            candidates.extend(set.matches(subject).into_iter().map(|i| index[i]));
+            matched.extend(set.matches(subject).into_iter().map(|i| index[i]));
         }
-        candidates.sort_unstable();
-        candidates.dedup();
-        for i in candidates {
+        matched.sort_unstable();
+        matched.dedup();
+        for i in matched {
             let ind = &self.filenames[i];
-            let subject = form(ind);
-            if ind.re.is_match(subject) && !ind.fp.as_ref().is_some_and(|fp| fp.is_match(subject)) {
+            if !ind.fp.as_ref().is_some_and(|fp| fp.is_match(form(ind))) {
                 out.push(ind.to_match(MatchKind::Filename));
             }
         }
@@ -487,7 +516,12 @@ impl Iocs {
 }
 
 /// `REGEX;SCORE[;FALSE_POSITIVE_REGEX]`.
-fn parse_scored(line: &str, source: String, origin: Origin) -> Result<Indicator, String> {
+fn parse_scored(
+    line: &str,
+    source: String,
+    origin: Origin,
+    in_set: bool,
+) -> Result<Indicator, String> {
     // The regex itself may contain `;`: the score is the first field after it that is a number.
     let parts: Vec<&str> = line.split(';').collect();
     let score_at = parts
@@ -508,7 +542,11 @@ fn parse_scored(line: &str, source: String, origin: Origin) -> Result<Indicator,
         .parse()
         .map_err(|_| "bad score".to_string())?;
     let fp_text = parts[score_at + 1..].join(";");
-    let re = Re::new(&pattern)?;
+    let re = if in_set {
+        Re::for_set(&pattern)?
+    } else {
+        Re::new(&pattern)?
+    };
     let fp = if fp_text.trim().is_empty() {
         None
     } else {

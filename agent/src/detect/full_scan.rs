@@ -22,6 +22,7 @@ use crate::detect::cache::{ScanCache, Stamp, rules_tag};
 use crate::detect::scan::scan_file;
 use crate::detect::walk::{Found, WalkRules, each_file_parallel};
 use crate::detect::{Ids, Incidents, file_detections};
+use crate::governor::governor;
 use crate::rules::ActiveRules;
 use crate::telemetry::{Counter, Counters};
 
@@ -206,7 +207,9 @@ fn scanner_thread(
 ) {
     let budget = plan.max_cpu_percent.clamp(1, 100);
     // Made at the first file to scan: the rules are loaded then, if they were not.
-    let mut scanner = None;
+    let mut scanner: Option<FileScanner<'_>> = None;
+    let gov = governor();
+    let mut made = gov.generation();
     loop {
         let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
         let Ok(Found { path, stamp }) = job else {
@@ -215,9 +218,12 @@ fn scanner_thread(
         if cx.stop.is_cancelled() {
             continue;
         }
+        if gov.release_due(&mut made, cx.counters) {
+            scanner = None;
+        }
         let scanner = scanner.get_or_insert_with(|| FileScanner::new(cx.rules.get(), plan.scan));
         let started = Instant::now();
-        let outcome = match scan_file(scanner, &path, cx.counters) {
+        let outcome = match gov.paced(|| scan_file(scanner, &path, cx.counters)) {
             Ok(report) => {
                 let new = match cx.cache {
                     Some(cache) => cache.record(
@@ -245,7 +251,10 @@ fn scanner_thread(
             // Pause so that scanning uses at most `budget` percent of this thread.
             let busy = started.elapsed();
             let pause = busy.mul_f64(f64::from(100 - budget) / f64::from(budget));
-            std::thread::sleep(pause.min(Duration::from_secs(5)));
+            let pause = pause.min(Duration::from_secs(5));
+            std::thread::sleep(pause);
+            cx.counters
+                .add(Counter::ScanThrottledMs, pause.as_millis() as u64);
         }
     }
 }
@@ -323,6 +332,8 @@ impl FullScans {
             warn!(path = %self.cache_path.display(), error = %e, "cannot save the scan cache");
         }
         counters.inc(Counter::FullScans);
+        // Its scanners and buffers are gone: give their memory back.
+        governor().want_trim();
         info!(
             seconds = started.elapsed().as_secs_f64(),
             cached_files = cache.len(),

@@ -4,13 +4,15 @@
 //! Invariants: scanning never runs on the async runtime; a full queue blocks the producer, and a
 //! full detection channel blocks the workers, so a burst slows the agent down instead of growing
 //! its memory. A scan that started on one rule set finishes on it; the next file picks up a
-//! swapped-in set.
+//! swapped-in set. A worker idle for [`IDLE`] drops its scanner, and every worker releases its
+//! scanner when the agent goes over its memory ceiling ([`crate::governor`]).
 
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
@@ -20,10 +22,14 @@ use vedette_proto::v1::Detection;
 use crate::detect::Incidents;
 use crate::detect::procmon::{Users, exe_matches, exec_detections};
 use crate::detect::scan::{scan_file, scan_open_file};
+use crate::governor::governor;
 use crate::telemetry::{Counter, Counters};
 
 /// Files waiting for a worker.
 const QUEUE_DEPTH: usize = 1024;
+
+/// A worker with no file for this long releases its scanner.
+const IDLE: Duration = Duration::from_secs(30);
 
 /// One piece of work.
 pub enum Job {
@@ -128,42 +134,75 @@ impl ScanPool {
     }
 }
 
-fn next_job(rx: &Mutex<Receiver<Job>>) -> Option<Job> {
-    rx.lock().unwrap_or_else(|p| p.into_inner()).recv().ok()
+/// What waiting for the next job gave.
+enum Next {
+    Job(Job),
+    /// Nothing came within the idle time.
+    Idle,
+    /// The queue is closed: the agent is stopping.
+    Stop,
 }
 
 fn worker(shared: &Shared) {
+    let gov = governor();
     let mut carried: Option<Job> = None;
     loop {
+        // Waiting with no scanner and no rule set held: an idle worker keeps neither the
+        // YARA scanner's memory nor, after a swap, the previous rules alive.
+        let first = match carried.take() {
+            Some(job) => job,
+            None => match shared.next(None) {
+                Next::Job(job) => job,
+                Next::Idle | Next::Stop => return,
+            },
+        };
         let rules = shared.rules.load_full();
         let mut scanner = FileScanner::new(&rules, shared.options);
-        loop {
-            let Some(job) = carried.take().or_else(|| {
-                let job = next_job(&shared.rx);
-                if job.is_some() {
-                    shared.counters.sub(Counter::ScanQueue, 1);
-                }
-                job
-            }) else {
-                return;
-            };
-            if !Arc::ptr_eq(&shared.rules.load(), &rules) {
-                // New rules arrived: rebuild the scanner, then do this job with them.
-                carried = Some(job);
-                break;
-            }
-            for d in shared.judge(job, &mut scanner, &rules) {
+        let mut made = gov.generation();
+        let mut job = Some(first);
+        while let Some(this) = job.take() {
+            let found = gov.paced(|| shared.judge(this, &mut scanner, &rules));
+            for d in found {
                 shared.counters.inc(Counter::Detections);
                 if shared.detections.blocking_send(d).is_err() {
                     // The spool writer is gone: the agent is stopping.
                     return;
                 }
             }
+            if gov.release_due(&mut made, &shared.counters) {
+                break;
+            }
+            match shared.next(Some(IDLE)) {
+                // New rules arrived: rebuild the scanner, then do this job with them.
+                Next::Job(next) if !Arc::ptr_eq(&shared.rules.load(), &rules) => {
+                    carried = Some(next);
+                }
+                Next::Job(next) => job = Some(next),
+                Next::Idle => gov.want_trim(),
+                Next::Stop => return,
+            }
         }
     }
 }
 
 impl Shared {
+    /// The next job, waiting at most `idle` (forever: None).
+    fn next(&self, idle: Option<Duration>) -> Next {
+        let rx = self.rx.lock().unwrap_or_else(|p| p.into_inner());
+        let job = match idle {
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            Some(d) => rx.recv_timeout(d),
+        };
+        match job {
+            Ok(job) => {
+                self.counters.sub(Counter::ScanQueue, 1);
+                Next::Job(job)
+            }
+            Err(RecvTimeoutError::Timeout) => Next::Idle,
+            Err(RecvTimeoutError::Disconnected) => Next::Stop,
+        }
+    }
+
     /// The detections one job makes.
     fn judge(&self, job: Job, scanner: &mut FileScanner<'_>, rules: &RuleSet) -> Vec<Detection> {
         let counters = &self.counters;

@@ -16,6 +16,7 @@
 //! frozen (SIGSTOP, a debugger) every exec on the marked file systems waits; and a file that
 //! an indicator matches wrongly cannot be run until the rule is fixed.
 
+use crate::governor::governor;
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io::Read;
@@ -319,7 +320,11 @@ impl Judges {
         loop {
             let rules = t.rules.load_full();
             let mut scanner = FileScanner::new(&rules, t.options);
+            let mut made = governor().generation();
             loop {
+                if governor().release_due(&mut made, &t.counters) {
+                    scanner.release();
+                }
                 let next = carried.take().or_else(|| {
                     let rx = self.rx.lock().unwrap_or_else(|p| p.into_inner());
                     rx.recv().ok()

@@ -236,7 +236,11 @@ impl ActiveRules {
         if let Some(c) = content {
             bundle::add_to(&mut b, c);
         }
-        let set = b.build_cached(content.map_or(0, |c| c.version), &self.compiled);
+        let set = b
+            .compact()
+            .build_cached(content.map_or(0, |c| c.version), &self.compiled);
+        // What compiling freed goes back to the system now, not at the next growth.
+        crate::governor::release_free_memory();
         let report = set.report();
         let bad: Vec<String> = report
             .problems
