@@ -19,6 +19,7 @@ pub(crate) mod pool;
 pub(crate) mod prevent;
 pub(crate) mod procmon;
 pub(crate) mod scan;
+pub(crate) mod sockdiag;
 pub(crate) mod walk;
 pub(crate) mod watch;
 

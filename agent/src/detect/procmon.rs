@@ -5,8 +5,8 @@
 //! cached by the executable's inode and times). The executable is read through
 //! `/proc/PID/exe`, never by its path: a binary deleted or replaced on disk after it started is
 //! still the one scanned. A process whose executable is deleted or lives only in memory
-//! (`memfd:`) is itself reported, as `vedette.fileless_exec`. Connections come from `/proc/net/{tcp,tcp6,udp,
-//! udp6}`; a remote address listed as C2 is tied to its process through the socket inode found
+//! (`memfd:`) is itself reported, as `vedette.fileless_exec`. Connections come from the kernel's socket diagnostics
+//! (netlink; `/proc/net/{tcp,tcp6,udp,udp6}` where it is unavailable); a remote address listed as C2 is tied to its process through the socket inode found
 //! in `/proc/<pid>/fd`, and reported once per (pid, remote, indicator).
 
 use std::collections::{HashMap, HashSet};
@@ -474,8 +474,13 @@ pub struct Conn {
     pub inode: u64,
 }
 
-/// Sockets with a remote end, from `/proc/net/{tcp,tcp6,udp,udp6}`.
+/// Sockets with a remote end: from the kernel's socket diagnostics, else from `/proc/net`.
 pub fn connections() -> Vec<Conn> {
+    crate::detect::sockdiag::connections().unwrap_or_else(proc_net_connections)
+}
+
+/// Sockets with a remote end, from `/proc/net/{tcp,tcp6,udp,udp6}`.
+pub fn proc_net_connections() -> Vec<Conn> {
     let mut out = Vec::new();
     for proto in ["tcp", "tcp6", "udp", "udp6"] {
         let Ok(text) = std::fs::read_to_string(format!("/proc/net/{proto}")) else {
