@@ -104,7 +104,11 @@ fn metrics_of_a_running_collector_and_agent_parse_and_move_with_scans_and_detect
         "VEDETTE-METRICS-MARKER",
     );
     let config = tmp.path().join("agent.toml");
-    std::fs::write(&config, "heartbeat = \"1s\"\nprocesses = false\n").unwrap();
+    std::fs::write(
+        &config,
+        "heartbeat = \"1s\"\nprocesses = false\nmax_rss = \"300MiB\"\nmax_cpu_percent = 40\n",
+    )
+    .unwrap();
     let agent_metrics = format!("127.0.0.1:{}", free_port());
     agent.run(
         &c,
@@ -147,6 +151,13 @@ fn metrics_of_a_running_collector_and_agent_parse_and_move_with_scans_and_detect
     );
     assert_eq!(value(&a0, "vedette_agent_rules_yara"), 1.0);
     assert!(value(&a0, "vedette_agent_resident_memory_bytes") > 1e6);
+    // The self-limits from agent.toml, as the agent applies them.
+    assert_eq!(
+        value(&a0, "vedette_agent_memory_limit_bytes"),
+        (300u64 << 20) as f64
+    );
+    assert_eq!(value(&a0, "vedette_agent_memory_over_limit"), 0.0);
+    assert_eq!(value(&a0, "vedette_agent_cpu_budget_percent"), 40.0);
     // CPU time is counted in 10 ms ticks: a young agent may not have used one yet.
     wait_until(
         Duration::from_secs(30),
