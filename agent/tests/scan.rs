@@ -13,11 +13,25 @@ use sha2::{Digest, Sha256};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_vedette-agent");
 
+/// The user cache directory the scans of these tests keep compiled rules in (not the home of
+/// whoever runs them).
+fn cache_home() -> &'static Path {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| tempfile::tempdir().expect("temp dir"))
+        .path()
+}
+
 /// Runs `vedette-agent scan ARGS`, killing it if it runs past `limit`.
 fn scan(args: &[&str], limit: Duration) -> Output {
+    scan_with(args, limit, cache_home())
+}
+
+/// Runs `vedette-agent scan ARGS` with `XDG_CACHE_HOME` at `cache`.
+fn scan_with(args: &[&str], limit: Duration, cache: &Path) -> Output {
     let mut child = Command::new(AGENT)
         .arg("scan")
         .args(args)
+        .env("XDG_CACHE_HOME", cache)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -315,6 +329,71 @@ fn unchanged_files_come_from_the_cache_and_rewritten_ones_are_rescanned() {
 /// Waits until no file in `dir` changed within the last 150 ms: the result cache keeps no
 /// answer for a file that changed just before its scan (it might change again within the same
 /// timestamp tick), see `RACY_NS` in the agent's `detect/cache.rs`.
+#[test]
+fn compiled_rules_are_kept_for_the_user_privately_unless_told_not_to() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rules = tmp.path().join("rules");
+    std::fs::create_dir_all(&rules).unwrap();
+    write(
+        &rules.join("r.yar"),
+        b"rule kept_marker { strings: $m = \"KEPT-MARKER\" condition: $m }",
+    );
+    let file = tmp.path().join("f.txt");
+    write(&file, b"xx KEPT-MARKER xx");
+    let home = tmp.path().join("xdg");
+    let args = ["--rules", s(&rules), s(&file)];
+    let first = scan_with(&args, Duration::from_secs(60), &home);
+    assert_eq!(first.status.code(), Some(1), "{}", stderr(&first));
+    let dir = home.join("vedette");
+    let mode = |p: &Path| {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions())
+            & 0o777
+    };
+    assert_eq!(mode(&dir), 0o700);
+    let kept: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert!(kept[0].to_string_lossy().ends_with(".rules"), "{kept:?}");
+    assert_eq!(mode(&kept[0]), 0o600);
+    // The next run loads them from there (and still detects).
+    let mut child = Command::new(AGENT)
+        .args(["scan", "--rules", s(&rules), s(&file)])
+        .env("XDG_CACHE_HOME", &home)
+        .env("VEDETTE_LOG", "debug")
+        .env("VEDETTE_LOG_FORMAT", "text")
+        .output()
+        .unwrap();
+    assert_eq!(child.status.code(), Some(1));
+    let log = String::from_utf8_lossy(&child.stderr).into_owned();
+    assert!(log.contains("compiled rules loaded from cache"), "{log}");
+    // A file someone else could have written is not loaded: compiled again from source.
+    std::fs::set_permissions(
+        &kept[0],
+        std::os::unix::fs::PermissionsExt::from_mode(0o666),
+    )
+    .unwrap();
+    child = Command::new(AGENT)
+        .args(["scan", "--rules", s(&rules), s(&file)])
+        .env("XDG_CACHE_HOME", &home)
+        .env("VEDETTE_LOG_FORMAT", "text")
+        .output()
+        .unwrap();
+    assert_eq!(child.status.code(), Some(1));
+    let log = String::from_utf8_lossy(&child.stderr).into_owned();
+    assert!(log.contains("not trusted"), "{log}");
+    // --no-compiled-cache keeps nothing.
+    let elsewhere = tmp.path().join("xdg2");
+    let out = scan_with(
+        &["--no-compiled-cache", "--rules", s(&rules), s(&file)],
+        Duration::from_secs(60),
+        &elsewhere,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(!elsewhere.exists());
+}
+
 fn wait_settled(dir: &Path) {
     use std::os::unix::fs::MetadataExt;
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -3,13 +3,17 @@
 # same files with the same rules (signature-base YARA), both with a 64 MiB file-size cap.
 # Vedette also loads signature-base's hash, file-name and C2 lists (so it computes MD5, SHA-1 and
 # SHA-256 of every file and matches every path); yara only runs the YARA rules.
+# Also side by side: `bare-yarax` (tests/bench/bare_yarax.rs), yara-x alone with the same rules,
+# files, threads and cap, and nothing else (no digests, no lists). Vedette runs twice per round:
+# with no compiled rules kept (`--no-compiled-cache`: it compiles, as yara and bare-yarax do), and
+# with the compiled rules an earlier run kept in its user cache directory (its default).
 # Then a second Vedette scan of the unchanged tree with the result cache.
 #
 #   tests/bench/scan_vs_yara.sh            (after `cargo build --release --bins`; needs `yara`)
 #
 # Environment: SIGNATURE_BASE (default ../shared/data/signature-base), CORPUS (directories,
 # default /usr/lib/x86_64-linux-gnu /usr/bin /usr/share), AGENT (default target/release/vedette-agent),
-# RUNS (default 3).
+# BARE (default: bare-yarax beside AGENT), RUNS (default 3).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -20,6 +24,8 @@ runs=${RUNS:-3}
 [ -d "$sb/yara" ] || { echo "no signature-base at $sb (set SIGNATURE_BASE)" >&2; exit 2; }
 command -v yara >/dev/null || { echo "yara is not installed (apt-get install yara)" >&2; exit 2; }
 [ -x "$agent" ] || { echo "$agent missing: cargo build --release --bins" >&2; exit 2; }
+bare=${BARE:-$(dirname "$agent")/bare-yarax}
+[ -x "$bare" ] || { echo "$bare missing: cargo build --release --bins" >&2; exit 2; }
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -56,21 +62,39 @@ run_yara() {
     t1=$(now)
     secs "$t0" "$t1"
 }
+run_bare() {
+    local t0 t1
+    t0=$(now)
+    "$bare" -p 2 --max-file-size 67108864 "$sb/yara" $corpus 2> "$work/bare.err" || true
+    t1=$(now)
+    secs "$t0" "$t1"
+}
 run_vedette() {
     local t0 t1
     t0=$(now)
-    "$agent" scan -p 2 --max-file-size 67108864 --rules "$sb/yara" --rules "$sb/iocs" "$@" $corpus \
+    # Its own cache directory: compiled rules kept by the runs of this script only.
+    XDG_CACHE_HOME="$work/xdg" "$agent" scan -p 2 --max-file-size 67108864 --rules "$sb/yara" --rules "$sb/iocs" "$@" $corpus \
         > "$work/vedette.out" 2> "$work/vedette.err" || true
     t1=$(now)
     secs "$t0" "$t1"
 }
 
-printf '\n%-4s %12s %12s %8s\n' run "yara -p 2" "vedette" ratio
+# Fill Vedette's compiled-rules cache (an empty directory: nothing scanned).
+mkdir -p "$work/empty"
+XDG_CACHE_HOME="$work/xdg" "$agent" scan --rules "$sb/yara" --rules "$sb/iocs" "$work/empty" 2>/dev/null || true
+
+printf '\n%-4s %11s %11s %11s %11s %9s %9s %9s\n' run "yara -p 2" "bare yara-x" "vedette" "vedette*" \
+    "y/vedette" "y/vedette*" "bare/vedette*"
 for r in $(seq "$runs"); do
     y=$(run_yara)
-    v=$(run_vedette)
-    printf '%-4s %11.2fs %11.2fs %7.2fx\n' "$r" "$y" "$v" "$(echo "$y / $v" | bc -l)"
+    b=$(run_bare)
+    v=$(run_vedette --no-compiled-cache)
+    w=$(run_vedette)
+    printf '%-4s %10.2fs %10.2fs %10.2fs %10.2fs %8.2fx %8.2fx %8.2fx\n' "$r" "$y" "$b" "$v" "$w" \
+        "$(echo "$y / $v" | bc -l)" "$(echo "$y / $w" | bc -l)" "$(echo "$b / $w" | bc -l)"
 done
+echo "(vedette: rules compiled in the run; vedette*: compiled rules kept by an earlier run)"
+sed 's/^/bare: /' "$work/bare.err"
 echo
 echo "yara matches:    $(wc -l < "$work/yara.out") lines"
 echo "vedette matches: $(grep -c . "$work/vedette.out" || true) detections"

@@ -176,4 +176,10 @@ fn scan_benchmark_runs_in_a_tiny_configuration() {
     eprintln!("scan_vs_yara.sh:\n{text}");
     assert!(text.contains("yara matches:    1 lines"), "{text}");
     assert!(text.contains("vedette matches: 1 detections"), "{text}");
+    // The bare yara-x peer ran the same rule over the same files.
+    assert!(
+        text.contains("bare: bare yara-x: 1 rules (0 files with errors)")
+            && text.contains("scanned 21 files, 1 matches"),
+        "{text}"
+    );
 }

@@ -34,7 +34,7 @@ fn scan_json_and_detections_list_json_agree_on_every_field_of_a_detection() {
     );
 
     let out = Command::new(bin("vedette-agent"))
-        .args(["scan", "--json", "--rules"])
+        .args(["scan", "--json", "--no-compiled-cache", "--rules"])
         .arg(&rules)
         .arg(&file)
         .output()

@@ -114,6 +114,12 @@ pub struct ScanCmd {
     /// Keep results in this file: unchanged files are not scanned again with the same rules.
     #[arg(long, value_name = "FILE")]
     pub cache: Option<PathBuf>,
+    /// Do not keep the compiled YARA rules between runs. By default they are kept in
+    /// `$XDG_CACHE_HOME/vedette/` (else `~/.cache/vedette/`), one file per set of rule paths,
+    /// reused only while the sources are unchanged and only from a file this user owns and
+    /// nobody else may write (with --cache FILE they are kept in FILE.rules instead).
+    #[arg(long)]
+    pub no_compiled_cache: bool,
     /// Files or directories to scan.
     #[arg(value_name = "PATH")]
     pub paths: Vec<PathBuf>,
@@ -259,6 +265,7 @@ fn scan_cmd(cmd: ScanCmd) -> u8 {
             },
         },
         cache: cmd.cache,
+        compiled_cache: !cmd.no_compiled_cache,
     };
     scan::run(args)
 }

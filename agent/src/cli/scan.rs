@@ -32,6 +32,41 @@ pub struct ScanArgs {
     pub strict: bool,
     pub plan: ScanPlan,
     pub cache: Option<PathBuf>,
+    /// Keep the compiled YARA rules between runs (in the user's cache directory, or beside
+    /// `cache`).
+    pub compiled_cache: bool,
+}
+
+/// Where the compiled rules of `rule_paths` are kept for this user: one file per set of rule
+/// paths under `$XDG_CACHE_HOME/vedette` (else `$HOME/.cache/vedette`), in a directory only
+/// this user may open. None without a home, or when the directory cannot be made.
+fn user_compiled_cache(rule_paths: &[PathBuf]) -> Option<PathBuf> {
+    use sha2::{Digest, Sha256};
+    use std::os::unix::fs::DirBuilderExt;
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    let dir = base.join("vedette");
+    if let Err(e) = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+    {
+        eprintln!(
+            "warning: compiled rules not kept: cannot create `{}`: {e}",
+            dir.display()
+        );
+        return None;
+    }
+    let mut key = Sha256::new();
+    for p in rule_paths {
+        let p = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+        key.update(p.as_os_str().as_encoded_bytes());
+        key.update([0]);
+    }
+    let key = hex::encode(&key.finalize()[..8]);
+    Some(dir.join(format!("compiled-{key}.rules")))
 }
 
 /// Reads the rule sources of a scan (nothing is compiled yet); None after printing why when
@@ -111,12 +146,17 @@ pub fn run(args: ScanArgs) -> u8 {
             return exit::SCAN_ERROR;
         }
     }
-    // Beside the result cache: the compiled rules, so a second run does not compile again.
-    let compiled = args.cache.as_ref().map(|c| {
-        let mut p = c.as_os_str().to_owned();
-        p.push(".rules");
-        PathBuf::from(p)
-    });
+    // The compiled rules, so that a second run does not compile again: beside the result
+    // cache, else in the user's cache directory.
+    let compiled = match &args.cache {
+        _ if !args.compiled_cache => None,
+        Some(c) => {
+            let mut p = c.as_os_str().to_owned();
+            p.push(".rules");
+            Some(PathBuf::from(p))
+        }
+        None => user_compiled_cache(&args.rules),
+    };
     let Some(sources) = rule_sources(&args.rules) else {
         return exit::SCAN_ERROR;
     };
