@@ -357,16 +357,23 @@ fn compiled_rules_are_kept_for_the_user_privately_unless_told_not_to() {
     assert_eq!(kept.len(), 1, "{kept:?}");
     assert!(kept[0].to_string_lossy().ends_with(".rules"), "{kept:?}");
     assert_eq!(mode(&kept[0]), 0o600);
+    // A scan with `home` as cache directory, logging at `level`: its exit code and log.
+    let logged = |level: &str| {
+        let out = Command::new(AGENT)
+            .args(["scan", "--rules", s(&rules), s(&file)])
+            .env("XDG_CACHE_HOME", &home)
+            .env("VEDETTE_LOG", level)
+            .env("VEDETTE_LOG_FORMAT", "text")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
     // The next run loads them from there (and still detects).
-    let mut child = Command::new(AGENT)
-        .args(["scan", "--rules", s(&rules), s(&file)])
-        .env("XDG_CACHE_HOME", &home)
-        .env("VEDETTE_LOG", "debug")
-        .env("VEDETTE_LOG_FORMAT", "text")
-        .output()
-        .unwrap();
-    assert_eq!(child.status.code(), Some(1));
-    let log = String::from_utf8_lossy(&child.stderr).into_owned();
+    let (code, log) = logged("debug");
+    assert_eq!(code, Some(1));
     assert!(log.contains("compiled rules loaded from cache"), "{log}");
     // A file someone else could have written is not loaded: compiled again from source.
     std::fs::set_permissions(
@@ -374,14 +381,8 @@ fn compiled_rules_are_kept_for_the_user_privately_unless_told_not_to() {
         std::os::unix::fs::PermissionsExt::from_mode(0o666),
     )
     .unwrap();
-    child = Command::new(AGENT)
-        .args(["scan", "--rules", s(&rules), s(&file)])
-        .env("XDG_CACHE_HOME", &home)
-        .env("VEDETTE_LOG_FORMAT", "text")
-        .output()
-        .unwrap();
-    assert_eq!(child.status.code(), Some(1));
-    let log = String::from_utf8_lossy(&child.stderr).into_owned();
+    let (code, log) = logged("info");
+    assert_eq!(code, Some(1));
     assert!(log.contains("not trusted"), "{log}");
     // --no-compiled-cache keeps nothing.
     let elsewhere = tmp.path().join("xdg2");

@@ -32,10 +32,10 @@ const CN_VAL_PROC: u32 = 1;
 const PROC_CN_MCAST_LISTEN: u32 = 1;
 /// `PROC_EVENT_EXEC` (linux/cn_proc.h).
 const PROC_EVENT_EXEC: u32 = 2;
-/// `NLMSG_DONE`: the type of a message to the connector.
-const NLMSG_DONE: u16 = 3;
+/// `NLMSG_DONE`: the type of a message to the connector, and of the end of a dump.
+pub(crate) const NLMSG_DONE: u16 = 3;
 /// `struct nlmsghdr` and `struct cn_msg`.
-const NLMSG_HDR: usize = 16;
+pub(crate) const NLMSG_HDR: usize = 16;
 const CN_MSG_HDR: usize = 20;
 
 /// Pids waiting for the process monitor; past this, events are dropped and counted.
