@@ -58,6 +58,10 @@ const GOVERNOR_TICK: Duration = Duration::from_secs(1);
 /// How often the result cache is saved while it changes.
 const CACHE_SAVE_INTERVAL: Duration = Duration::from_secs(30);
 
+/// How often the process monitor walks all of `/proc` while the process connector reports
+/// execs (without it, every `process_interval`).
+const PROCESS_WALK: Duration = Duration::from_secs(30);
+
 /// Runs the agent until `shutdown` fires, then drains every stage.
 pub async fn run(
     state: StateDir,
@@ -558,8 +562,10 @@ impl Background {
         })
     }
 
-    /// Polls processes and connections, and judges each exec the process connector reports
-    /// as it comes; each process is judged once per rule set (and again after an exec).
+    /// Judges each exec the process connector reports as it comes, polls connections every
+    /// `interval`, and walks `/proc` for processes not judged yet: every `interval` without
+    /// exec events, every [`PROCESS_WALK`] with them (and at once when the kernel dropped
+    /// some). Each process is judged once per rule set (and again after an exec).
     fn watch_processes(
         &self,
         interval: Duration,
@@ -567,6 +573,7 @@ impl Background {
         options: ScanOptions,
         mut execs: Option<Receiver<u32>>,
     ) {
+        let mut walked = false;
         loop {
             let current = self.rules.current.load_full();
             let mut judge = ProcessJudge::new(self.incidents.ids.clone())
@@ -579,13 +586,31 @@ impl Background {
             let mut scanner = FileScanner::new(&current, options);
             let mut made = governor().generation();
             let mut next_poll = Instant::now();
+            let mut next_walk = Instant::now();
+            let mut lost = self.counters.get(Counter::ExecEventsLost);
             while Arc::ptr_eq(&self.rules.current.load(), &current) {
                 if governor().release_due(&mut made, &self.counters) {
                     scanner.release();
                 }
                 let mut found = Vec::new();
-                if Instant::now() >= next_poll {
-                    found = judge.new_processes(&mut scanner);
+                let now = Instant::now();
+                if now >= next_poll {
+                    // With exec events, the walk of /proc only catches what they cannot
+                    // show: processes from before the agent, and events the kernel dropped.
+                    let lost_now = self.counters.get(Counter::ExecEventsLost);
+                    if execs.is_none() || now >= next_walk || lost_now != lost {
+                        found = judge.new_processes(&mut scanner);
+                        if !walked {
+                            walked = true;
+                            info!(
+                                took_ms = now.elapsed().as_millis() as u64,
+                                detections = found.len(),
+                                "first process walk finished"
+                            );
+                        }
+                        lost = lost_now;
+                        next_walk = Instant::now() + interval.max(PROCESS_WALK);
+                    }
                     found.extend(judge.c2_connections(&current));
                     next_poll = Instant::now() + interval;
                 }

@@ -1,6 +1,7 @@
 //! Benchmark: what an idle agent costs. A real agent, enrolled and connected to a real
 //! collector on 127.0.0.1, watching an empty directory, with the marker rule alone and then
-//! with the rules given with `--rules DIR` as well. After its first full scan, the agent's
+//! with the rules given with `--rules DIR` as well. After its start-up work (the first full
+//! scan of the watched directory, the first judgement of every running process), the agent's
 //! resident memory (largest `VmRSS` seen) and CPU time (`utime + stime` of /proc/PID/stat)
 //! are sampled over `--seconds N`.
 //!
@@ -13,7 +14,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vedette_tests::{Agent, Collector, bench_arg as arg, rss_of, rule_dir, wait_for};
+use vedette_tests::{Agent, Collector, bench_arg as arg, rss_of, rule_dir, status_bytes, wait_for};
 
 /// CPU time (user + system) of a process, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
@@ -31,8 +32,21 @@ fn cpu_ticks(pid: u32) -> u64 {
     num(11) + num(12)
 }
 
-/// Runs one idle agent; its peak RSS (bytes) and CPU share (% of one core) over `seconds`.
-fn measure(c: &Collector, dir: &Path, rules: &[&Path], seconds: u64) -> (u64, f64, usize) {
+/// What one idle agent cost.
+struct Idle {
+    /// Largest `VmRSS` seen, bytes.
+    peak: u64,
+    /// `RssAnon` and `RssFile` (mapped files: the executable, libraries) at the end, bytes.
+    anon: u64,
+    file: u64,
+    /// CPU time over the run, % of one core.
+    share: f64,
+    /// YARA rules loaded.
+    loaded: usize,
+}
+
+/// Runs one idle agent for `seconds` after its start-up work.
+fn measure(c: &Collector, dir: &Path, rules: &[&Path], seconds: u64) -> Idle {
     let watch = dir.join("watch");
     std::fs::create_dir_all(&watch).expect("watch dir");
     let mut agent = Agent::enroll(c, &dir.join("agent"));
@@ -42,8 +56,15 @@ fn measure(c: &Collector, dir: &Path, rules: &[&Path], seconds: u64) -> (u64, f6
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     agent.run(c, &args);
+    // Start-up work is over: the watched directory scanned, every running process judged.
     wait_for(Duration::from_secs(300), "the first full scan", || {
         agent.log().contains("full scan finished").then_some(())
+    });
+    wait_for(Duration::from_secs(300), "the first process walk", || {
+        agent
+            .log()
+            .contains("first process walk finished")
+            .then_some(())
     });
     let loaded = agent
         .log()
@@ -64,9 +85,16 @@ fn measure(c: &Collector, dir: &Path, rules: &[&Path], seconds: u64) -> (u64, f6
     }
     let cpu = (cpu_ticks(pid) - start_cpu) as f64 / ticks_per_s;
     let share = 100.0 * cpu / start.elapsed().as_secs_f64();
+    let (anon, file) = (status_bytes(pid, "RssAnon"), status_bytes(pid, "RssFile"));
     let mut p = agent.proc.take().expect("agent running");
     p.signal_and_wait("TERM");
-    (peak, share, loaded)
+    Idle {
+        peak,
+        anon,
+        file,
+        share,
+        loaded,
+    }
 }
 
 fn main() {
@@ -93,14 +121,20 @@ fn main() {
         dirs.extend(extra.iter().map(|p| p.as_path()));
         runs.push((format!("the marker rule and {}", names.join(", ")), dirs));
     }
-    println!("| rules | YARA rules loaded | seconds | peak RSS | CPU (% of one core) |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "| rules | YARA rules loaded | seconds | peak RSS | of it at the end: anonymous, files | CPU (% of one core) |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     for (i, (name, rules)) in runs.iter().enumerate() {
-        let (peak, share, loaded) =
-            measure(&c, &tmp.path().join(format!("run{i}")), rules, seconds);
+        let m = measure(&c, &tmp.path().join(format!("run{i}")), rules, seconds);
         println!(
-            "| {name} | {loaded} | {seconds} | {:.1} MiB | {share:.2} % |",
-            peak as f64 / (1024.0 * 1024.0)
+            "| {name} | {} | {seconds} | {:.1} MiB | {:.1} MiB, {:.1} MiB | {:.2} % |",
+            m.loaded,
+            mib(m.peak),
+            mib(m.anon),
+            mib(m.file),
+            m.share
         );
     }
 }

@@ -31,11 +31,17 @@ pub fn percentile<T: Copy + Default>(sorted: &[T], p: f64) -> T {
 
 /// Resident memory of a process, in bytes (`VmRSS` of /proc/PID/status; 0 when unreadable).
 pub fn rss_of(pid: u32) -> u64 {
+    status_bytes(pid, "VmRSS")
+}
+
+/// A size field of `/proc/PID/status` (`VmRSS`, `RssAnon`, `RssFile`...), in bytes; 0 when
+/// the process or the field is gone.
+pub fn status_bytes(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         })
         .unwrap_or(0)

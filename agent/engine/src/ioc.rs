@@ -25,6 +25,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::intel::{FileFacts, Intel};
+use crate::pathset::PathSet;
 use crate::rules::{IndicatorRef, MatchKind, Origin, Problem, RuleMatch};
 
 /// Which list a file holds, from its name.
@@ -82,13 +83,14 @@ pub struct IocCounts {
 enum Re {
     Std(regex::Regex),
     Fancy(Box<fancy_regex::Regex>),
-    /// A standard regex matched only through one of the one-pass sets: never compiled alone.
+    /// A standard regex matched only through a [`PathSet`], which compiles it when a path
+    /// holds its literal.
     InSet,
 }
 
 impl Re {
-    /// A file-name pattern: checked now, compiled later with the others into one set
-    /// ([`Iocs::finish`]); each regex compiled alone costs memory, and signature-base has
+    /// A file-name pattern: checked now, matched later through a [`PathSet`] with the others
+    /// ([`Iocs::finish`]); each regex compiled up front costs memory, and signature-base has
     /// thousands.
     fn for_set(pattern: &str) -> Result<Re, String> {
         match regex_syntax::Parser::new().parse(pattern) {
@@ -177,9 +179,9 @@ pub struct Iocs {
     sha1: HashMap<String, HashIoc>,
     sha256: HashMap<String, HashIoc>,
     filenames: Vec<Indicator>,
-    /// Standard regexes of `filenames`, matched in one pass per path form (native, Windows);
-    /// indices into `filenames`.
-    filename_sets: Vec<(regex::RegexSet, Vec<usize>, bool)>,
+    /// Standard regexes of `filenames`, matched together per path form (native, Windows);
+    /// they give indices into `filenames`.
+    filename_sets: Vec<(PathSet, bool)>,
     /// File-name indicators matched one by one (look-around, or a set too large to build).
     filename_singles: Vec<usize>,
     c2_ips: HashMap<IpAddr, (String, String, Origin)>,
@@ -190,11 +192,6 @@ pub struct Iocs {
     intel: Intel,
     pub counts: IocCounts,
 }
-
-/// Memory each thread's lazy DFA of a file-name set may use before it is cleared and rebuilt.
-/// signature-base's 4,245 patterns over 45,000 paths: 8 MiB made a scan 16 % slower
-/// (rebuilding states), 24 MiB is within noise of 64 MiB.
-const SET_DFA_BYTES: usize = 24 << 20;
 
 /// Score given to hash and C2 indicators, which carry none.
 const FIXED_SCORE: u32 = 100;
@@ -331,26 +328,21 @@ impl Iocs {
     /// Compiles the one-pass sets of standard file-name regexes. Call once after loading.
     pub fn finish(&mut self) {
         for windows in [false, true] {
-            let mut patterns = Vec::new();
-            let mut index = Vec::new();
-            for (i, ind) in self.filenames.iter().enumerate() {
-                if matches!(ind.re, Re::InSet) && ind.windows == windows {
-                    patterns.push(ind.text.as_str());
-                    index.push(i);
-                }
-            }
-            if patterns.is_empty() {
+            let index: Vec<usize> = (0..self.filenames.len())
+                .filter(|&i| {
+                    let ind = &self.filenames[i];
+                    matches!(ind.re, Re::InSet) && ind.windows == windows
+                })
+                .collect();
+            if index.is_empty() {
                 continue;
             }
-            match regex::RegexSetBuilder::new(&patterns)
-                .size_limit(256 << 20)
-                .dfa_size_limit(SET_DFA_BYTES)
-                .build()
-            {
-                Ok(set) => self.filename_sets.push((set, index, windows)),
+            let patterns = index.iter().map(|&i| (i, self.filenames[i].text.as_str()));
+            match PathSet::build(patterns) {
+                Ok(set) => self.filename_sets.push((set, windows)),
                 Err(_) => {
-                    // Too large as one set (or a pattern past the size limit): matched one
-                    // by one instead.
+                    // The patterns without literals are too large as one set: all are
+                    // matched one by one instead.
                     for i in index {
                         let ind = &mut self.filenames[i];
                         match Re::new(&ind.text) {
@@ -458,9 +450,8 @@ impl Iocs {
             .copied()
             .filter(|&i| self.filenames[i].re.is_match(form(&self.filenames[i])))
             .collect();
-        for (set, index, win) in &self.filename_sets {
-            let subject = if *win { windows.as_str() } else { path };
-            matched.extend(set.matches(subject).into_iter().map(|i| index[i]));
+        for (set, win) in &self.filename_sets {
+            set.matches(if *win { &windows } else { path }, &mut matched);
         }
         matched.sort_unstable();
         matched.dedup();

@@ -13,6 +13,7 @@ mod file;
 pub mod import;
 pub mod intel;
 mod ioc;
+mod pathset;
 mod rules;
 pub mod stix;
 

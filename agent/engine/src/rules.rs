@@ -451,7 +451,7 @@ fn yara_part(
     if let Some(hit) = cache.and_then(|c| crate::compiled::load(c, fingerprint)) {
         return hit;
     }
-    let part = compile_yara(sources, names);
+    let part = compile_yara(&sources, &names);
     if let Some(c) = cache {
         crate::compiled::save(c, fingerprint, &part);
     }
@@ -460,11 +460,25 @@ fn yara_part(
     }
     // The compiler leaves its rules spread over memory among what it freed; loaded back from
     // their serialized form they take a fraction of it (signature-base: about 75 MiB less,
-    // once the allocator gives the freed memory back), for about a second of loading.
-    let bytes = part.rules.serialize().ok();
-    match bytes.and_then(|b| yara_x::Rules::deserialize(&b).ok()) {
-        Some(rules) => YaraPart { rules, ..part },
-        None => part,
+    // once the allocator gives the freed memory back), for about a second of loading. The
+    // compiled copy goes first, so that the loaded one fills the holes it leaves.
+    let Ok(bytes) = part.rules.serialize() else {
+        return part;
+    };
+    let YaraPart {
+        rules,
+        files_with_errors,
+        problems,
+    } = part;
+    drop(rules);
+    match yara_x::Rules::deserialize(&bytes) {
+        Ok(rules) => YaraPart {
+            rules,
+            files_with_errors,
+            problems,
+        },
+        // Rules serialized a moment ago always load; should they not, compile them again.
+        Err(_) => compile_yara(&sources, &names),
     }
 }
 
@@ -484,7 +498,7 @@ fn assign_namespaces(sources: &[(PathBuf, Vec<u8>)]) -> Vec<Option<String>> {
 
 /// Compiles every YARA source: one namespace per file; a file with errors is left out and
 /// reported.
-fn compile_yara(sources: Vec<(PathBuf, Vec<u8>)>, names: Vec<Option<String>>) -> YaraPart {
+fn compile_yara(sources: &[(PathBuf, Vec<u8>)], names: &[Option<String>]) -> YaraPart {
     let mut compiler = yara_x::Compiler::new();
     // Legacy rules use regex syntax that strict mode refuses (e.g. `{` unescaped).
     compiler.relaxed_re_syntax(true);
@@ -499,11 +513,11 @@ fn compile_yara(sources: Vec<(PathBuf, Vec<u8>)>, names: Vec<Option<String>>) ->
     }
     let mut files_with_errors = 0;
     let mut problems = Vec::new();
-    for ((origin, bytes), ns) in sources.into_iter().zip(names) {
-        let (Ok(text), Some(ns)) = (std::str::from_utf8(&bytes), ns) else {
+    for ((origin, bytes), ns) in sources.iter().zip(names) {
+        let (Ok(text), Some(ns)) = (std::str::from_utf8(bytes), ns) else {
             files_with_errors += 1;
             problems.push(Problem {
-                path: origin,
+                path: origin.clone(),
                 line: None,
                 reason: "not UTF-8 text".into(),
                 kind: ProblemKind::Yara,
@@ -511,11 +525,11 @@ fn compile_yara(sources: Vec<(PathBuf, Vec<u8>)>, names: Vec<Option<String>>) ->
             });
             continue;
         };
-        compiler.new_namespace(&ns);
+        compiler.new_namespace(ns);
         let src = yara_x::SourceCode::from(text).with_origin(origin.display().to_string());
         if let Err(e) = compiler.add_source(src) {
             files_with_errors += 1;
-            problems.push(problem_of(&origin, text, &e));
+            problems.push(problem_of(origin, text, &e));
         }
     }
     YaraPart {
