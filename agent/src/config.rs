@@ -50,7 +50,8 @@ pub struct RawConfig {
     pub event_source: Option<EventSource>,
     /// Watch processes (names, command lines, executables, C2 connections); default true.
     pub processes: Option<bool>,
-    /// Interval between process polls, e.g. `1s`.
+    /// Interval between connection polls, and between walks of `/proc` when the process
+    /// connector gives no exec events, e.g. `1s`.
     pub process_interval: Option<String>,
     /// Also match YARA rules against each new process's readable private memory; default false.
     pub memory_scan: Option<bool>,

@@ -68,6 +68,7 @@ pub async fn run(
     settings: Settings,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    crate::governor::tune_allocator();
     let creds = state.load()?;
     let cache_path = state.scan_cache();
     let cache = {

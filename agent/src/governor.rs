@@ -23,6 +23,9 @@ use crate::telemetry::{Counter, Counters};
 
 /// Memory growth since the last trim that triggers another one.
 const TRIM_AFTER_GROWTH: u64 = 16 << 20;
+/// Ticks between trims in any case: memory freed after a trim that came at a peak (a burst of
+/// scans, the first judgement of every process) is otherwise kept until the next growth.
+const TRIM_EVERY_TICKS: u64 = 10;
 
 /// The process-wide governor (resident memory is the process's).
 pub fn governor() -> &'static Governor {
@@ -44,6 +47,8 @@ pub struct Governor {
     trim_wanted: AtomicBool,
     /// Resident memory after the last trim.
     trimmed_at: AtomicU64,
+    /// Samples taken.
+    ticks: AtomicU64,
 }
 
 /// What one sample changed.
@@ -80,6 +85,7 @@ impl Governor {
             serial: Mutex::new(()),
             trim_wanted: AtomicBool::new(false),
             trimmed_at: AtomicU64::new(0),
+            ticks: AtomicU64::new(0),
         }
     }
 
@@ -134,8 +140,10 @@ impl Governor {
         };
         counters.set(Counter::RssBytes, rss);
         let limit = self.limit.load(Ordering::Relaxed);
+        let tick = self.ticks.fetch_add(1, Ordering::Relaxed) + 1;
         let mut trim = self.trim_wanted.swap(false, Ordering::Relaxed)
-            || rss > self.trimmed_at.load(Ordering::Relaxed) + TRIM_AFTER_GROWTH;
+            || rss > self.trimmed_at.load(Ordering::Relaxed) + TRIM_AFTER_GROWTH
+            || tick.is_multiple_of(TRIM_EVERY_TICKS);
         match step(self.over(), rss, limit) {
             Step::Stay => {}
             Step::Over => {
@@ -165,6 +173,25 @@ impl Governor {
             self.trimmed_at.store(after, Ordering::Relaxed);
             counters.set(Counter::RssBytes, after);
         }
+    }
+}
+
+/// Buffers from this size up are mapped for themselves and unmapped when freed.
+const MMAP_THRESHOLD: i32 = 8 << 20;
+/// Free memory past this at the top of a heap is given back at once.
+const TRIM_THRESHOLD: i32 = 2 << 20;
+
+/// Fixes the allocator's thresholds for a long-running daemon. By default glibc raises both
+/// after each large buffer is freed (up to 32 and 64 MiB): scanning one large file then
+/// leaves tens of MiB free at the top of a thread's heap, which `malloc_trim` does not return
+/// for heaps other than the main one.
+#[allow(unsafe_code)]
+pub fn tune_allocator() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets allocator parameters; it touches no allocation.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
     }
 }
 
