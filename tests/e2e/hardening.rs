@@ -8,7 +8,9 @@ use vedette_proto::client::ClientTls;
 use vedette_proto::v1::agent_message::Msg;
 use vedette_proto::v1::collector_message::Msg as Down;
 use vedette_proto::v1::{AgentMessage, Detection, DetectionBatch};
-use vedette_tests::{Agent, Collector, agent_stream, enroll_simulated, json_lines, wait_for};
+use vedette_tests::{
+    Agent, Collector, agent_stream, enroll_simulated, json_lines, rss_of, wait_for,
+};
 
 /// What one reconnecting agent has seen.
 #[derive(Default)]
@@ -294,12 +296,7 @@ fn an_agent_pins_the_maintainer_keys_its_operator_gives_not_those_the_collector_
 
 /// Resident memory of a process, in KiB.
 fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    rss_of(pid) / 1024
 }
 
 /// Appends a `[limits]` table to a collector's configuration.

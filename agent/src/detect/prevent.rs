@@ -16,7 +16,6 @@
 //! frozen (SIGSTOP, a debugger) every exec on the marked file systems waits; and a file that
 //! an indicator matches wrongly cannot be run until the rule is fixed.
 
-use crate::governor::governor;
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io::Read;
@@ -42,6 +41,7 @@ use crate::config::Prevention;
 use crate::detect::Incidents;
 use crate::detect::fanotify::{FanError, mark, raise_open_files_limit};
 use crate::detect::procmon::{Exec, Users, exe_matches, exec_detections};
+use crate::governor::governor;
 use crate::telemetry::{Counter, Counters};
 
 /// Execs waiting for a verdict thread; past this they are allowed at once.

@@ -5,9 +5,10 @@
 //! cached by the executable's inode and times). The executable is read through
 //! `/proc/PID/exe`, never by its path: a binary deleted or replaced on disk after it started is
 //! still the one scanned. A process whose executable is deleted or lives only in memory
-//! (`memfd:`) is itself reported, as `vedette.fileless_exec`. Connections come from the kernel's socket diagnostics
-//! (netlink; `/proc/net/{tcp,tcp6,udp,udp6}` where it is unavailable); a remote address listed as C2 is tied to its process through the socket inode found
-//! in `/proc/<pid>/fd`, and reported once per (pid, remote, indicator).
+//! (`memfd:`) is itself reported, as `vedette.fileless_exec`. Connections come from the
+//! kernel's socket diagnostics (netlink; `/proc/net/{tcp,tcp6,udp,udp6}` where it is
+//! unavailable); a remote address listed as C2 is tied to its process through the socket inode
+//! found in `/proc/<pid>/fd`, and reported once per (pid, remote, indicator).
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
