@@ -19,6 +19,9 @@ use crate::store::now_ms;
 const MAX_BODY_BYTES: u64 = 64 << 20;
 /// Most pages one TAXII poll follows.
 const MAX_PAGES: usize = 10_000;
+/// Objects asked for per TAXII page (`limit`; a server may send fewer). Sent on every request,
+/// the `next` ones included: some servers (medallion 3) fail a `next` request without it.
+const TAXII_PAGE: usize = 1_000;
 const TAXII: &str = "application/taxii+json;version=2.1";
 
 /// Polls `source` until `stop`: at once, then every interval; after a failure, again after
@@ -234,7 +237,7 @@ pub fn poll_once(
             let mut next: Option<String> = None;
             let mut cursor = cursor;
             for page in 0..MAX_PAGES {
-                let mut url = format!("{origin}objects/?");
+                let mut url = format!("{origin}objects/?limit={TAXII_PAGE}&");
                 if !cursor.is_empty() {
                     url.push_str(&format!("added_after={}&", encode(&cursor)));
                 }
