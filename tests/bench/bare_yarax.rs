@@ -5,8 +5,11 @@
 //! no result cache, no detections built: what yara-x alone costs.
 //!
 //! ```text
-//! bare-yarax [-p THREADS] [--max-file-size BYTES] RULES_DIR PATH...
+//! bare-yarax [-p THREADS] [--max-file-size BYTES] [--fast-scan] RULES_DIR PATH...
 //! ```
+//!
+//! `--fast-scan` stops searching for a pattern at its first match where the rule's condition
+//! only tests for its presence, as Vedette's scanner does (yara-x's `Scanner::fast_scan`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -19,6 +22,7 @@ const EXTERNALS: [&str; 5] = ["filename", "filepath", "extension", "filetype", "
 struct Args {
     threads: usize,
     max_file_size: u64,
+    fast_scan: bool,
     rules: PathBuf,
     paths: Vec<PathBuf>,
 }
@@ -26,6 +30,7 @@ struct Args {
 fn args() -> Result<Args, String> {
     let mut threads = 2;
     let mut max_file_size = 64 << 20;
+    let mut fast_scan = false;
     let mut rest = Vec::new();
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -38,9 +43,10 @@ fn args() -> Result<Args, String> {
         match a.as_str() {
             "-p" => threads = value("-p")?.max(1) as usize,
             "--max-file-size" => max_file_size = value("--max-file-size")?,
+            "--fast-scan" => fast_scan = true,
             "-h" | "--help" => {
                 return Err(
-                    "usage: bare-yarax [-p THREADS] [--max-file-size BYTES] RULES_DIR PATH..."
+                    "usage: bare-yarax [-p THREADS] [--max-file-size BYTES] [--fast-scan] RULES_DIR PATH..."
                         .into(),
                 );
             }
@@ -54,6 +60,7 @@ fn args() -> Result<Args, String> {
     Ok(Args {
         threads,
         max_file_size,
+        fast_scan,
         rules,
         paths: rest,
     })
@@ -111,10 +118,12 @@ fn worker(
     rules: &yara_x::Rules,
     jobs: &Mutex<Receiver<PathBuf>>,
     cap: u64,
+    fast_scan: bool,
     files: &AtomicU64,
     matched: &AtomicU64,
 ) {
     let mut scanner = yara_x::Scanner::new(rules);
+    scanner.fast_scan(fast_scan);
     loop {
         let job = jobs.lock().unwrap_or_else(|p| p.into_inner()).recv();
         let Ok(path) = job else { return };
@@ -150,7 +159,16 @@ fn main() -> std::process::ExitCode {
     let (files, matched) = (AtomicU64::new(0), AtomicU64::new(0));
     std::thread::scope(|s| {
         for _ in 0..args.threads {
-            s.spawn(|| worker(&rules, &jobs, args.max_file_size, &files, &matched));
+            s.spawn(|| {
+                worker(
+                    &rules,
+                    &jobs,
+                    args.max_file_size,
+                    args.fast_scan,
+                    &files,
+                    &matched,
+                )
+            });
         }
         for p in &args.paths {
             walk(p, &tx);

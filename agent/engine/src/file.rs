@@ -106,6 +106,10 @@ impl<'r> FileScanner<'r> {
         if self.yara.is_none() {
             let mut s = yara_x::Scanner::new(self.rules.yara.as_ref()?);
             s.set_timeout(self.options.timeout);
+            // A detection names the rules that matched, never where their patterns did: a
+            // pattern that a condition only tests for presence stops being searched at its first
+            // match (yara-x decides which ones; `#a > 3` keeps four, `@a[1]` keeps them all).
+            s.fast_scan(true);
             self.yara = Some(s);
         }
         self.yara.as_mut()
@@ -347,6 +351,63 @@ mod tests {
         );
         std::fs::write(&p, b"clean").unwrap();
         assert!(s.scan_path(&p).unwrap().matches.is_empty());
+    }
+
+    /// The scanner stops searching for a pattern at its first match only where the verdict
+    /// cannot change: rules that count, place or measure their matches judge as a full search.
+    #[test]
+    fn fast_scan_gives_the_verdicts_of_a_full_search() {
+        let src = r#"
+            rule present { strings: $a = "AB" condition: $a }
+            rule more_than_three { strings: $a = "AB" condition: #a > 3 }
+            rule exactly_five { strings: $a = "AB" condition: #a == 5 }
+            rule third_at_8 { strings: $a = "AB" condition: @a[3] == 8 }
+            rule in_tail { strings: $a = "AB" condition: $a in (filesize - 2 .. filesize) }
+            rule all_of_them_twice { strings: $a = "AB" $b = "CD" condition: for all of them : (# >= 2) }
+            rule any_at_zero { strings: $a = "AB" $b = "CD" condition: any of them at 0 }
+            rule two_of { strings: $a = "AB" $b = "CD" $c = "EF" condition: 2 of them }
+            rule longest { strings: $r = /A[B]+/ condition: !r[1] == 2 and #r == 5 }
+        "#;
+        let rs = rules(src);
+        let inputs: [&[u8]; 6] = [
+            b"",
+            b"AB",
+            b"ABxxABxxABxxABxxAB",
+            b"ABxxABxxAB",
+            b"CDxxCDxxABxxAB",
+            b"xxEFxxCDxxAB",
+        ];
+        let mut fast = FileScanner::new(&rs, ScanOptions::default());
+        let mut full = yara_x::Scanner::new(rs.yara.as_ref().unwrap());
+        let mut verdicts = Vec::new();
+        for data in inputs {
+            let mut got: Vec<String> = fast
+                .scan_bytes(data)
+                .unwrap()
+                .into_iter()
+                .map(|m| m.rule)
+                .collect();
+            got.sort();
+            let mut want: Vec<String> = full
+                .scan(data)
+                .unwrap()
+                .matching_rules()
+                .map(|r| r.identifier().to_string())
+                .collect();
+            want.sort();
+            assert_eq!(got, want, "on {:?}", String::from_utf8_lossy(data));
+            verdicts.push(got.join(","));
+        }
+        // The inputs exercise each rule both ways.
+        assert_eq!(
+            verdicts[2],
+            "any_at_zero,exactly_five,in_tail,longest,more_than_three,present,third_at_8"
+        );
+        assert_eq!(verdicts[3], "any_at_zero,in_tail,present,third_at_8");
+        assert_eq!(
+            verdicts[4],
+            "all_of_them_twice,any_at_zero,in_tail,present,two_of"
+        );
     }
 
     #[test]
