@@ -395,6 +395,82 @@ fn compiled_rules_are_kept_for_the_user_privately_unless_told_not_to() {
     assert!(!elsewhere.exists());
 }
 
+/// While the YARA rules compile on one core, the other hashes the files the scan will meet;
+/// the scan takes those digests for files unchanged since, and every hash indicator is still
+/// found with the right digests.
+#[test]
+fn files_hashed_while_the_rules_compile_are_judged_by_their_digests() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rules = tmp.path().join("rules");
+    let tree = tmp.path().join("tree");
+    // Enough rules that compiling them takes a while; compiled afresh each run.
+    let mut yara = String::new();
+    for i in 0..3000 {
+        yara.push_str(&format!(
+            "rule r{i} {{ strings: $a = \"vedette-ahead-{i:05}\" $b = /ahead-{i}-[0-9a-f]{{8}}x/ condition: $a or $b }}\n"
+        ));
+    }
+    write(&rules.join("many.yar"), yara.as_bytes());
+    let mut listed = String::new();
+    let mut files = Vec::new();
+    for i in 0..40u8 {
+        // Larger than the size below which files are not hashed ahead.
+        let data = vec![i; 64 * 1024 + usize::from(i)];
+        let name = format!("f{i:02}.bin");
+        write(&tree.join(&name), &data);
+        // Each kind of digest.
+        let digest = match i % 3 {
+            0 => hex::encode(Md5::digest(&data)),
+            1 => hex::encode(Sha1::digest(&data)),
+            _ => hex::encode(Sha256::digest(&data)),
+        };
+        listed.push_str(&format!("{digest};sample {i}\n"));
+        files.push((name, data));
+    }
+    write(&rules.join("hash-iocs.txt"), listed.as_bytes());
+    // Files changed in the last two seconds are left to the scan: wait until these are older.
+    let written = std::time::SystemTime::now();
+    while written.elapsed().unwrap_or_default() < Duration::from_millis(2100) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = scan(
+        &[
+            "--json",
+            "--no-compiled-cache",
+            "-p",
+            "2",
+            "--rules",
+            s(&rules),
+            s(&tree),
+        ],
+        Duration::from_secs(120),
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let ahead: u64 = err
+        .split(" files hashed while the rules loaded")
+        .next()
+        .and_then(|head| head.rsplit('(').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no file hashed while the rules compiled: {err}"));
+    assert!((1..=40).contains(&ahead), "{err}");
+    let found = json(&out);
+    assert_eq!(found.len(), 40, "{err}\n{found:?}");
+    for (i, (name, data)) in files.iter().enumerate() {
+        let d: Vec<&Value> = found
+            .iter()
+            .filter(|d| d["path"].as_str().unwrap_or("").ends_with(name.as_str()))
+            .collect();
+        assert_eq!(d.len(), 1, "{name}: {found:?}");
+        assert_eq!(d[0]["kind"], "hash", "{name}");
+        assert_eq!(d[0]["md5"], hex::encode(Md5::digest(data)), "{name}");
+        assert_eq!(d[0]["sha1"], hex::encode(Sha1::digest(data)), "{name}");
+        assert_eq!(d[0]["sha256"], hex::encode(Sha256::digest(data)), "{name}");
+        let rule = d[0]["rule"].as_str().unwrap_or("");
+        assert_eq!(rule.len(), [32, 40, 64][i % 3], "{name}: {rule}");
+    }
+}
+
 fn wait_settled(dir: &Path) {
     use std::os::unix::fs::MetadataExt;
     let deadline = Instant::now() + Duration::from_secs(10);

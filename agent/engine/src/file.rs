@@ -15,6 +15,7 @@ use md5::Md5;
 use sha1::Sha1;
 use sha2::{Digest, Sha256};
 
+use crate::digests::{DigestMemo, Wanted};
 use crate::rules::{RuleMatch, RuleSet};
 
 /// Limits applied to every file.
@@ -89,6 +90,8 @@ pub struct FileScanner<'r> {
     yara: Option<yara_x::Scanner<'r>>,
     options: ScanOptions,
     buf: Vec<u8>,
+    /// Digests computed ahead of the scan, taken from here when the file is unchanged.
+    ahead: Option<&'r DigestMemo>,
 }
 
 impl<'r> FileScanner<'r> {
@@ -98,7 +101,14 @@ impl<'r> FileScanner<'r> {
             yara: None,
             options,
             buf: Vec::new(),
+            ahead: None,
         }
+    }
+
+    /// Takes each file's digests from `memo` where they were computed ahead for its state.
+    pub fn with_digests_ahead(mut self, memo: Option<&'r DigestMemo>) -> FileScanner<'r> {
+        self.ahead = memo;
+        self
     }
 
     /// The YARA scanner, made on first use; None when the rule set has no YARA rules.
@@ -206,15 +216,25 @@ impl<'r> FileScanner<'r> {
             return Err(SkipReason::TooLarge(self.buf.len() as u64));
         }
         report.size = self.buf.len() as u64;
-        // Only the digests some indicator needs.
-        if iocs.wants_md5() {
-            report.md5 = Some(hex::encode(Md5::digest(&self.buf)));
-        }
-        if iocs.wants_sha1() {
-            report.sha1 = Some(hex::encode(Sha1::digest(&self.buf)));
-        }
-        if iocs.wants_sha256() {
-            report.sha256 = Some(hex::encode(Sha256::digest(&self.buf)));
+        // Only the digests some indicator needs, computed now unless they were ahead of the scan
+        // for this very state of the file.
+        let wanted = Wanted::of(iocs);
+        if wanted.any() {
+            let ahead = self.ahead.and_then(|m| m.take(&meta)).unwrap_or_default();
+            let data = &self.buf;
+            report.md5 = wanted
+                .md5
+                .then(|| ahead.md5.unwrap_or_else(|| hex::encode(Md5::digest(data))));
+            report.sha1 = wanted.sha1.then(|| {
+                ahead
+                    .sha1
+                    .unwrap_or_else(|| hex::encode(Sha1::digest(data)))
+            });
+            report.sha256 = wanted.sha256.then(|| {
+                ahead
+                    .sha256
+                    .unwrap_or_else(|| hex::encode(Sha256::digest(data)))
+            });
         }
         iocs.match_hashes(
             report.md5.as_deref(),
@@ -266,7 +286,7 @@ impl<'r> FileScanner<'r> {
 /// Opens `path` without following a final symlink and without blocking (a FIFO opened this way
 /// does not wait for a writer); [`FileScanner::scan_open`] then refuses anything that is not a
 /// regular file, judged on the open descriptor.
-fn open_regular(path: &Path) -> Result<File, SkipReason> {
+pub(crate) fn open_regular(path: &Path) -> Result<File, SkipReason> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
@@ -280,7 +300,7 @@ fn open_regular(path: &Path) -> Result<File, SkipReason> {
     Ok(file)
 }
 
-fn is_regular(ft: &std::fs::FileType) -> bool {
+pub(crate) fn is_regular(ft: &std::fs::FileType) -> bool {
     ft.is_file() && !(ft.is_fifo() || ft.is_socket() || ft.is_block_device() || ft.is_char_device())
 }
 

@@ -9,6 +9,7 @@
 pub mod bundle;
 pub mod codec;
 mod compiled;
+pub mod digests;
 mod file;
 pub mod import;
 pub mod intel;
@@ -20,8 +21,8 @@ pub mod stix;
 pub use file::{FileReport, FileScanner, ScanOptions, SkipReason};
 pub use ioc::{IocCounts, IocKind, Iocs};
 pub use rules::{
-    IndicatorRef, LoadReport, MatchKind, Origin, Problem, ProblemKind, RuleMatch, RuleSet,
-    RuleSetBuilder,
+    IndicatorRef, LoadReport, MatchKind, Meanwhile, Origin, Problem, ProblemKind, RuleMatch,
+    RuleSet, RuleSetBuilder,
 };
 
 /// Error that stops a rule set from being built at all.

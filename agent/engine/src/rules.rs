@@ -192,6 +192,11 @@ impl RuleSet {
     }
 }
 
+/// Work to run while the YARA rules compile or load (see
+/// [`RuleSetBuilder::build_meanwhile`]): given the parsed indicator lists and a check that
+/// returns true once the YARA rules are ready.
+pub type Meanwhile<'m> = &'m mut dyn FnMut(&Iocs, &dyn Fn() -> bool);
+
 /// Collects rule sources, then compiles them.
 pub struct RuleSetBuilder {
     /// YARA sources, compiled together by `build` (or not at all on a compiled-cache hit).
@@ -363,18 +368,37 @@ impl RuleSetBuilder {
     }
 
     pub fn build(self, bundle_version: u64) -> RuleSet {
-        self.build_inner(bundle_version, None)
+        self.build_inner(bundle_version, None, None)
+    }
+
+    /// Like [`build`](Self::build) (with the compiled-rules `cache` of
+    /// [`build_cached`](Self::build_cached) if given), and while the YARA rules compile or load
+    /// on their thread, runs `meanwhile` on this one once the indicator lists are parsed. It is
+    /// given those lists and a check that says when the YARA rules are ready, and should return
+    /// soon after: work done there is work the other core would otherwise not do.
+    pub fn build_meanwhile(
+        self,
+        bundle_version: u64,
+        cache: Option<&Path>,
+        meanwhile: Meanwhile<'_>,
+    ) -> RuleSet {
+        self.build_inner(bundle_version, cache, Some(meanwhile))
     }
 
     /// Like [`build`](Self::build), reusing the YARA rules compiled for the same sources by an
     /// earlier run, kept in `cache` (see [`crate::compiled`]). A missing, stale, damaged or
     /// untrusted cache is rebuilt; failing to save it is not an error.
     pub fn build_cached(self, bundle_version: u64, cache: &Path) -> RuleSet {
-        self.build_inner(bundle_version, Some(cache))
+        self.build_inner(bundle_version, Some(cache), None)
     }
 
     /// YARA rules compile (or load) on one thread while the indicator lists parse on this one.
-    fn build_inner(self, bundle_version: u64, cache: Option<&Path>) -> RuleSet {
+    fn build_inner(
+        self,
+        bundle_version: u64,
+        cache: Option<&Path>,
+        meanwhile: Option<Meanwhile<'_>>,
+    ) -> RuleSet {
         let fingerprint: [u8; 32] = self.digest.finalize().into();
         let compact = self.compact;
         let mut report = self.report;
@@ -394,6 +418,9 @@ impl RuleSetBuilder {
             let sources = self.yara_sources;
             let yara = s.spawn(move || yara_part(sources, names, cache, &fingerprint, compact));
             let iocs = parse_iocs(self.ioc_sources, from_bundle);
+            if let Some(meanwhile) = meanwhile {
+                meanwhile(&iocs.0, &|| yara.is_finished());
+            }
             match yara.join() {
                 Ok(y) => (y, iocs),
                 Err(panic) => std::panic::resume_unwind(panic),

@@ -99,7 +99,8 @@ pub struct ScanCmd {
     /// Fail (exit 2) if any rule file or indicator line does not load.
     #[arg(long)]
     pub strict: bool,
-    /// Scanning threads.
+    /// Scanning threads. With two or more, files are hashed on a second core while the rules
+    /// compile or load (for the indicator lists that need digests).
     #[arg(long, short = 'p', default_value_t = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))]
     pub threads: usize,
     /// Cross file-system boundaries below each path.

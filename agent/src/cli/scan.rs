@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
-use vedette_engine::{FileScanner, RuleSet, RuleSetBuilder};
+use vedette_engine::digests::{Ahead, DigestMemo, Wanted};
+use vedette_engine::{FileScanner, Iocs, Meanwhile, RuleSet, RuleSetBuilder};
 use vedette_proto::cli::exit;
 use vedette_proto::output::{detection_json, detection_line};
 use vedette_proto::v1::Detection;
@@ -20,6 +21,7 @@ use crate::detect::cache::ScanCache;
 use crate::detect::full_scan::{Outcome, ScanContext, ScanPlan, ScanRules, scan_tree};
 use crate::detect::memory::MemoryLimits;
 use crate::detect::procmon::ProcessJudge;
+use crate::detect::walk::each_file;
 use crate::detect::{Ids, file_detections};
 use crate::telemetry::{Counter, Counters};
 
@@ -85,10 +87,16 @@ fn rule_sources(paths: &[PathBuf]) -> Option<RuleSetBuilder> {
 /// Builds the rules of a scan and prints what was loaded and every problem to stderr; None
 /// when the problems must stop the scan (`strict`). With `compiled`, compiled YARA rules are
 /// kept there and reused while the sources are unchanged.
-fn build_rules(b: RuleSetBuilder, strict: bool, compiled: Option<&Path>) -> Option<RuleSet> {
-    let rules = match compiled {
-        Some(c) => b.build_cached(0, c),
-        None => b.build(0),
+fn build_rules(
+    b: RuleSetBuilder,
+    strict: bool,
+    compiled: Option<&Path>,
+    meanwhile: Option<Meanwhile<'_>>,
+) -> Option<RuleSet> {
+    let rules = match (compiled, meanwhile) {
+        (c, Some(m)) => b.build_meanwhile(0, c, m),
+        (Some(c), None) => b.build_cached(0, c),
+        (None, None) => b.build(0),
     };
     let r = rules.report();
     for p in &r.problems {
@@ -160,6 +168,9 @@ pub fn run(args: ScanArgs) -> u8 {
     let Some(sources) = rule_sources(&args.rules) else {
         return exit::SCAN_ERROR;
     };
+    // Digests of the files to scan, computed while the rules load (when they load first).
+    let digests = DigestMemo::default();
+    let mut hashed_ahead = 0;
     // With a result cache, the rules are loaded when the first file misses it: a scan of an
     // unchanged tree never loads them. --strict (which must see every problem first) and
     // --processes (every process is judged) load them first.
@@ -169,11 +180,15 @@ pub fn run(args: ScanArgs) -> u8 {
         ScanRules::lazy(
             fingerprint,
             Box::new(move || {
-                build_rules(sources, false, compiled.as_deref()).unwrap_or_else(RuleSet::empty)
+                build_rules(sources, false, compiled.as_deref(), None)
+                    .unwrap_or_else(RuleSet::empty)
             }),
         )
     } else {
-        match build_rules(sources, args.strict, compiled.as_deref()) {
+        let mut ahead = |iocs: &Iocs, ready: &dyn Fn() -> bool| {
+            hashed_ahead = hash_while_loading(&args.paths, &args.plan, iocs, ready, &digests);
+        };
+        match build_rules(sources, args.strict, compiled.as_deref(), Some(&mut ahead)) {
             Some(r) => ScanRules::owned(r),
             None => return exit::SCAN_ERROR,
         }
@@ -200,6 +215,7 @@ pub fn run(args: ScanArgs) -> u8 {
         cache: cache.as_ref(),
         counters: &counters,
         stop: &stop,
+        digests: Some(&digests),
     };
     scan_tree(&args.paths, &args.plan, &cx, &on_file);
     if args.processes {
@@ -219,7 +235,7 @@ pub fn run(args: ScanArgs) -> u8 {
         );
     }
     let detections = printer.count.load(Ordering::Relaxed);
-    summarise(&counters, detections, started);
+    summarise(&counters, detections, hashed_ahead, started);
     if detections > 0 {
         exit::MATCHED
     } else {
@@ -241,17 +257,62 @@ fn scan_processes(rules: &RuleSet, plan: &ScanPlan, memory: bool, printer: &Prin
     }
 }
 
-fn summarise(counters: &Counters, detections: u64, started: Instant) {
+fn summarise(counters: &Counters, detections: u64, hashed_ahead: u64, started: Instant) {
     let (skipped, reasons) = counters.skipped();
     let hits = counters.get(Counter::CacheHits);
     eprintln!(
-        "scanned {} files ({hits} unchanged, from cache), skipped {skipped}{}; {detections} detections in {:.2} s",
+        "scanned {} files ({hits} unchanged, from cache), skipped {skipped}{}; {detections} detections in {:.2} s{}",
         counters.get(Counter::FilesScanned) + hits,
         if reasons.is_empty() {
             String::new()
         } else {
             format!(" ({})", reasons.join(", "))
         },
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        if hashed_ahead > 0 {
+            format!(" ({hashed_ahead} files hashed while the rules loaded)")
+        } else {
+            String::new()
+        }
     );
+}
+
+/// While the rules compile or load on one core, hashes the files the scan will meet on this
+/// one (only the digests the indicator lists need; see [`DigestMemo`]), until the rules are
+/// ready. Only when the scan may use a second core at full speed. Returns how many files.
+fn hash_while_loading(
+    paths: &[PathBuf],
+    plan: &ScanPlan,
+    iocs: &Iocs,
+    ready: &dyn Fn() -> bool,
+    memo: &DigestMemo,
+) -> u64 {
+    let wanted = Wanted::of(iocs);
+    if !wanted.any() || plan.threads < 2 || plan.max_cpu_percent < 100 {
+        return 0;
+    }
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64);
+    let (mut buf, mut hashed) = (Vec::new(), 0);
+    // The scan's own walk counts what it skips; this one counts nothing.
+    let (counters, stop) = (Counters::default(), CancellationToken::new());
+    each_file(paths, &plan.walk, &counters, &stop, |found| {
+        if ready() {
+            return false;
+        }
+        match memo.hash_ahead(
+            &found.path,
+            wanted,
+            plan.scan.max_file_size,
+            now_ns,
+            &mut buf,
+        ) {
+            Ahead::Hashed => hashed += 1,
+            Ahead::Left => {}
+            Ahead::Full => return false,
+        }
+        true
+    });
+    hashed
 }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+use vedette_engine::digests::DigestMemo;
 use vedette_engine::{FileReport, FileScanner, RuleMatch, RuleSet, ScanOptions, SkipReason};
 use vedette_proto::v1::Detection;
 
@@ -75,6 +76,8 @@ pub struct ScanContext<'a> {
     pub cache: Option<&'a ScanCache>,
     pub counters: &'a Counters,
     pub stop: &'a CancellationToken,
+    /// Digests computed while the rules loaded, used for files still in that state.
+    pub digests: Option<&'a DigestMemo>,
 }
 
 /// A deferred rule set load: returns the rule set.
@@ -221,7 +224,9 @@ fn scanner_thread(
         if gov.release_due(&mut made, cx.counters) {
             scanner = None;
         }
-        let scanner = scanner.get_or_insert_with(|| FileScanner::new(cx.rules.get(), plan.scan));
+        let scanner = scanner.get_or_insert_with(|| {
+            FileScanner::new(cx.rules.get(), plan.scan).with_digests_ahead(cx.digests)
+        });
         let started = Instant::now();
         let outcome = match gov.paced(|| scan_file(scanner, &path, cx.counters)) {
             Ok(report) => {
@@ -326,6 +331,7 @@ impl FullScans {
             cache: Some(cache),
             counters,
             stop,
+            digests: None,
         };
         scan_tree(&self.roots, &self.plan, &cx, &on_file);
         if let Err(e) = cache.save_if_changed(&self.cache_path) {
