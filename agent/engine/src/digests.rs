@@ -166,11 +166,13 @@ impl DigestMemo {
         Ahead::Hashed
     }
 
-    /// The digests remembered for the file `meta` describes (from the descriptor about to be
-    /// read), if they were computed from this very state; the entry is used up either way.
-    pub fn take(&self, meta: &std::fs::Metadata) -> Option<Digests> {
-        let (state, digests) = self.lock().remove(&(meta.dev(), meta.ino()))?;
-        (state == State::of(meta)).then_some(digests)
+    /// The digests remembered for the file a scanner read, described by its descriptor before
+    /// the read (`before`) and after it (`after`): only if they were computed from that very
+    /// state and the file did not change while the scanner read it. The entry is used up
+    /// either way.
+    pub fn take(&self, before: &std::fs::Metadata, after: &std::fs::Metadata) -> Option<Digests> {
+        let (state, digests) = self.lock().remove(&(before.dev(), before.ino()))?;
+        (state == State::of(before) && state == State::of(after)).then_some(digests)
     }
 }
 
@@ -225,14 +227,14 @@ mod tests {
             Ahead::Hashed
         );
         let meta = std::fs::metadata(&p).unwrap();
-        let got = memo.take(&meta).expect("remembered");
+        let got = memo.take(&meta, &meta).expect("remembered");
         assert_eq!(got, Digests::of(&data, ALL));
         assert_eq!(
             got.sha256.as_deref(),
             Some(hex::encode(Sha256::digest(&data)).as_str())
         );
         // Used up.
-        assert!(memo.take(&meta).is_none());
+        assert!(memo.take(&meta, &meta).is_none());
 
         // Changed after it was hashed (same size, new content): not given back.
         let old = file_aged(dir.path(), "old", &data, 10);
@@ -241,7 +243,18 @@ mod tests {
             Ahead::Hashed
         );
         std::fs::write(&old, vec![8u8; 40_000]).unwrap();
-        assert!(memo.take(&std::fs::metadata(&old).unwrap()).is_none());
+        let now = std::fs::metadata(&old).unwrap();
+        assert!(memo.take(&now, &now).is_none());
+        // Changed while the scanner read it: not given back either.
+        let mid = file_aged(dir.path(), "mid", &data, 10);
+        assert_eq!(
+            memo.hash_ahead(&mid, ALL, 1 << 20, later, &mut buf),
+            Ahead::Hashed
+        );
+        let before = std::fs::metadata(&mid).unwrap();
+        std::fs::write(&mid, vec![9u8; 40_000]).unwrap();
+        let after = std::fs::metadata(&mid).unwrap();
+        assert!(memo.take(&before, &after).is_none());
     }
 
     #[test]
@@ -281,7 +294,8 @@ mod tests {
             memo.hash_ahead(&big, only, 1 << 20, later, &mut buf),
             Ahead::Hashed
         );
-        let got = memo.take(&std::fs::metadata(&big).unwrap()).unwrap();
+        let meta = std::fs::metadata(&big).unwrap();
+        let got = memo.take(&meta, &meta).unwrap();
         assert!(got.md5.is_none() && got.sha1.is_none() && got.sha256.is_some());
     }
 }
