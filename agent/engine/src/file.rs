@@ -220,11 +220,12 @@ impl<'r> FileScanner<'r> {
         // for this very state of the file.
         let wanted = Wanted::of(iocs);
         if wanted.any() {
-            let after = limited.get_ref().metadata().ok();
             let ahead = self
                 .ahead
-                .zip(after)
-                .and_then(|(m, after)| m.take(&meta, &after))
+                .and_then(|m| {
+                    let after = limited.get_ref().metadata().ok()?;
+                    m.take(&meta, &after)
+                })
                 .unwrap_or_default();
             let data = &self.buf;
             report.md5 = wanted
