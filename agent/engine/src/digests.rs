@@ -51,16 +51,16 @@ impl Wanted {
     }
 }
 
-/// The state of a file a digest belongs to.
+/// The state of a file a digest belongs to (times in nanoseconds since the epoch).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct State {
-    size: u64,
-    mtime_ns: i64,
-    ctime_ns: i64,
+pub(crate) struct State {
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
 }
 
 impl State {
-    fn of(meta: &std::fs::Metadata) -> State {
+    pub fn of(meta: &std::fs::Metadata) -> State {
         State {
             size: meta.size(),
             mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),

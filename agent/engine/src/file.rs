@@ -15,7 +15,7 @@ use md5::Md5;
 use sha1::Sha1;
 use sha2::{Digest, Sha256};
 
-use crate::digests::{DigestMemo, Wanted};
+use crate::digests::{DigestMemo, State, Wanted};
 use crate::rules::{RuleMatch, RuleSet};
 
 /// Limits applied to every file.
@@ -179,12 +179,13 @@ impl<'r> FileScanner<'r> {
         if iocs.has_filenames() {
             iocs.match_path(&path.to_string_lossy(), &mut name_matches);
         }
+        let state = State::of(&meta);
         let mut report = FileReport {
             size: meta.len(),
             device: meta.dev(),
             inode: meta.ino(),
-            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
-            ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+            mtime_ns: state.mtime_ns,
+            ctime_ns: state.ctime_ns,
             matches: name_matches,
             ..Default::default()
         };
