@@ -46,6 +46,7 @@ use crate::detect::watch::{FileWatch, WatchTarget};
 use crate::detect::{Ids, Incidents};
 use crate::governor::governor;
 use crate::rules::ActiveRules;
+use crate::rules::compiler::ChildCompiler;
 use crate::state::{Credentials, StateDir};
 use crate::telemetry::{Counter, Counters};
 
@@ -378,10 +379,12 @@ async fn load_rules(state: &StateDir, settings: &Settings) -> anyhow::Result<Arc
         settings.maintainer_keys.clone(),
         settings.insecure_allow_unsigned_bundles,
     );
-    let rules =
-        tokio::task::spawn_blocking(move || ActiveRules::start(&state, local, &keys, unsigned))
-            .await
-            .context("rule loading failed")??;
+    let rules = tokio::task::spawn_blocking(move || {
+        let compiler = Arc::new(ChildCompiler::this_executable());
+        ActiveRules::start(&state, local, &keys, unsigned, Some(compiler))
+    })
+    .await
+    .context("rule loading failed")??;
     Ok(Arc::new(rules))
 }
 

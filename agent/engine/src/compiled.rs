@@ -115,14 +115,15 @@ fn parse(data: &[u8], fingerprint: &[u8; 32]) -> Result<YaraPart, Miss> {
     let (files_with_errors, problems, serialized) = parse_body(&mut r).ok_or(Miss::Truncated)?;
     let rules = yara_x::Rules::deserialize(serialized).map_err(|_| Miss::OtherYara)?;
     Ok(YaraPart {
-        rules,
+        rules: Some(rules),
         files_with_errors,
         problems,
+        failure: None,
     })
 }
 
 /// The problems found when compiling, and the serialized rules; None when truncated.
-fn parse_body<'a>(r: &mut Reader<'a>) -> Option<(usize, Vec<Problem>, &'a [u8])> {
+pub(crate) fn parse_body<'a>(r: &mut Reader<'a>) -> Option<(usize, Vec<Problem>, &'a [u8])> {
     let files_with_errors = r.u64()? as usize;
     let count = r.u32()?;
     let mut problems = Vec::new();
@@ -145,21 +146,41 @@ fn parse_body<'a>(r: &mut Reader<'a>) -> Option<(usize, Vec<Problem>, &'a [u8])>
     Some((files_with_errors, problems, r.blob()?))
 }
 
-pub(crate) fn save(path: &Path, fingerprint: &[u8; 32], part: &YaraPart) {
-    let Ok(serialized) = part.rules.serialize() else {
-        return;
-    };
-    let mut w = Writer::default();
-    w.bytes(MAGIC);
-    w.bytes(fingerprint);
-    w.u64(part.files_with_errors as u64);
-    w.u32(part.problems.len() as u32);
-    for p in &part.problems {
+/// Writes what [`parse_body`] reads.
+pub(crate) fn write_body(
+    w: &mut Writer,
+    files_with_errors: usize,
+    problems: &[Problem],
+    serialized: &[u8],
+) {
+    w.u64(files_with_errors as u64);
+    w.u32(problems.len() as u32);
+    for p in problems {
         w.text(&p.path.to_string_lossy());
         w.u64(p.line.unwrap_or(0) as u64);
         w.text(&p.reason);
     }
-    w.blob(&serialized);
+    w.blob(serialized);
+}
+
+pub(crate) fn save(path: &Path, fingerprint: &[u8; 32], part: &YaraPart) {
+    let Some(Ok(serialized)) = part.rules.as_ref().map(yara_x::Rules::serialize) else {
+        return;
+    };
+    save_serialized(path, fingerprint, part, &serialized);
+}
+
+/// Like [`save`], with the rules already serialized.
+pub(crate) fn save_serialized(
+    path: &Path,
+    fingerprint: &[u8; 32],
+    part: &YaraPart,
+    serialized: &[u8],
+) {
+    let mut w = Writer::default();
+    w.bytes(MAGIC);
+    w.bytes(fingerprint);
+    write_body(&mut w, part.files_with_errors, &part.problems, serialized);
     let out = w.seal();
     let tmp = path.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);

@@ -14,12 +14,14 @@ mod file;
 pub mod import;
 pub mod intel;
 mod ioc;
+pub mod isolated;
 mod pathset;
 mod rules;
 pub mod stix;
 
 pub use file::{FileReport, FileScanner, ScanOptions, SkipReason};
 pub use ioc::{IocCounts, IocKind, Iocs};
+pub use isolated::{IsolatedCompiler, IsolatedError};
 pub use rules::{
     IndicatorRef, LoadReport, MatchKind, Meanwhile, Origin, Problem, ProblemKind, RuleMatch,
     RuleSet, RuleSetBuilder,

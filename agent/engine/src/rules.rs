@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::EngineError;
 use crate::ioc::{IocCounts, IocKind, Iocs};
+use crate::isolated::{IsolatedCompiler, IsolatedError};
 
 /// External variables that legacy (Loki/THOR) rules use; set per scanned file.
 pub(crate) const EXTERNALS: [&str; 5] = ["filename", "filepath", "extension", "filetype", "owner"];
@@ -211,6 +212,8 @@ pub struct RuleSetBuilder {
     report: LoadReport,
     /// Rules freshly compiled are loaded back from their serialized form (see [`Self::compact`]).
     compact: bool,
+    /// Where the YARA rules are compiled, if not in this process (see [`Self::compile_with`]).
+    isolated: Option<std::sync::Arc<dyn IsolatedCompiler>>,
 }
 
 impl Default for RuleSetBuilder {
@@ -234,6 +237,7 @@ impl RuleSetBuilder {
             digest,
             report: LoadReport::default(),
             compact: false,
+            isolated: None,
         }
     }
 
@@ -367,6 +371,20 @@ impl RuleSetBuilder {
         self
     }
 
+    /// Compiles the YARA rules in another process, through `compiler` (see
+    /// [`crate::isolated`]), and loads what it returns: this process never holds the compiler,
+    /// and a compiler that crashes or hangs leaves the YARA rules out of the set (reported as a
+    /// problem, of the bundle's origin when a bundle's file is among them) instead of taking
+    /// this process down. Compact as with [`Self::compact`]. When the process cannot be
+    /// started at all, the rules are compiled here.
+    pub fn compile_with(
+        mut self,
+        compiler: std::sync::Arc<dyn IsolatedCompiler>,
+    ) -> RuleSetBuilder {
+        self.isolated = Some(compiler);
+        self
+    }
+
     pub fn build(self, bundle_version: u64) -> RuleSet {
         self.build_inner(bundle_version, None, None)
     }
@@ -414,9 +432,18 @@ impl RuleSetBuilder {
             namespaces.insert(ns.clone(), from);
         }
         let from_bundle = &self.from_bundle;
+        let bundle_yara = self
+            .yara_sources
+            .iter()
+            .any(|(origin, _)| from_bundle.contains(origin));
+        let isolated = self.isolated;
         let (yara, (iocs, ioc_problems)) = std::thread::scope(|s| {
             let sources = self.yara_sources;
-            let yara = s.spawn(move || yara_part(sources, names, cache, &fingerprint, compact));
+            let how = Compile {
+                compact,
+                isolated: isolated.as_deref(),
+            };
+            let yara = s.spawn(move || yara_part(sources, names, cache, &fingerprint, how));
             let iocs = parse_iocs(self.ioc_sources, from_bundle);
             if let Some(meanwhile) = meanwhile {
                 meanwhile(&iocs.0, &|| yara.is_finished());
@@ -433,11 +460,17 @@ impl RuleSetBuilder {
                 p.origin = Origin::Bundle;
             }
         }
+        if let Some(mut failure) = yara.failure {
+            if bundle_yara {
+                failure.origin = Origin::Bundle;
+            }
+            report.problems.push(failure);
+        }
         report.yara_files_with_errors = yara.files_with_errors;
-        report.yara_rules = yara.rules.iter().len();
+        report.yara_rules = yara.rules.as_ref().map_or(0, |r| r.iter().len());
         report.iocs = iocs.counts.clone();
         RuleSet {
-            yara: (report.yara_rules > 0).then_some(yara.rules),
+            yara: yara.rules.filter(|_| report.yara_rules > 0),
             iocs,
             namespaces,
             fingerprint,
@@ -461,9 +494,18 @@ impl RuleSetBuilder {
 
 /// Compiled YARA rules with what compiling found.
 pub(crate) struct YaraPart {
-    pub rules: yara_x::Rules,
+    /// None only when the compiler process failed.
+    pub rules: Option<yara_x::Rules>,
     pub files_with_errors: usize,
     pub problems: Vec<Problem>,
+    /// Why no rule was loaded, when the compiler process failed.
+    pub failure: Option<Problem>,
+}
+
+/// How rules missing from the cache are compiled.
+struct Compile<'a> {
+    compact: bool,
+    isolated: Option<&'a dyn IsolatedCompiler>,
 }
 
 /// Loads the rules from `cache` when it holds these sources compiled; compiles them otherwise
@@ -473,11 +515,32 @@ fn yara_part(
     names: Vec<Option<String>>,
     cache: Option<&Path>,
     fingerprint: &[u8; 32],
-    compact: bool,
+    how: Compile<'_>,
 ) -> YaraPart {
     if let Some(hit) = cache.and_then(|c| crate::compiled::load(c, fingerprint)) {
         return hit;
     }
+    if let Some(compiler) = how.isolated {
+        let request = crate::isolated::request(&sources, &names);
+        let answer = compiler.compile(&request).and_then(|data| {
+            let (part, serialized) = crate::isolated::response(&data)?;
+            if let Some(c) = cache {
+                crate::compiled::save_serialized(c, fingerprint, &part, serialized);
+            }
+            Ok(part)
+        });
+        match answer {
+            Ok(part) => return part,
+            Err(e @ IsolatedError::Failed(_)) => {
+                tracing::error!(error = %e, "YARA rules not loaded");
+                return crate::isolated::failed(sources.len(), &e);
+            }
+            Err(e @ IsolatedError::Unavailable(_)) => {
+                tracing::warn!(error = %e, "compiling the YARA rules in this process instead");
+            }
+        }
+    }
+    let compact = how.compact || how.isolated.is_some();
     let part = compile_yara(&sources, &names);
     if let Some(c) = cache {
         crate::compiled::save(c, fingerprint, &part);
@@ -489,20 +552,22 @@ fn yara_part(
     // their serialized form they take a fraction of it (signature-base: about 75 MiB less,
     // once the allocator gives the freed memory back), for about a second of loading. The
     // compiled copy goes first, so that the loaded one fills the holes it leaves.
-    let Ok(bytes) = part.rules.serialize() else {
+    let Some(Ok(bytes)) = part.rules.as_ref().map(yara_x::Rules::serialize) else {
         return part;
     };
     let YaraPart {
         rules,
         files_with_errors,
         problems,
+        failure,
     } = part;
     drop(rules);
     match yara_x::Rules::deserialize(&bytes) {
         Ok(rules) => YaraPart {
-            rules,
+            rules: Some(rules),
             files_with_errors,
             problems,
+            failure,
         },
         // Rules serialized a moment ago always load; should they not, compile them again.
         Err(_) => compile_yara(&sources, &names),
@@ -525,7 +590,7 @@ fn assign_namespaces(sources: &[(PathBuf, Vec<u8>)]) -> Vec<Option<String>> {
 
 /// Compiles every YARA source: one namespace per file; a file with errors is left out and
 /// reported.
-fn compile_yara(sources: &[(PathBuf, Vec<u8>)], names: &[Option<String>]) -> YaraPart {
+pub(crate) fn compile_yara(sources: &[(PathBuf, Vec<u8>)], names: &[Option<String>]) -> YaraPart {
     let mut compiler = yara_x::Compiler::new();
     // Legacy rules use regex syntax that strict mode refuses (e.g. `{` unescaped).
     compiler.relaxed_re_syntax(true);
@@ -560,9 +625,10 @@ fn compile_yara(sources: &[(PathBuf, Vec<u8>)], names: &[Option<String>]) -> Yar
         }
     }
     YaraPart {
-        rules: compiler.build(),
+        rules: Some(compiler.build()),
         files_with_errors,
         problems,
+        failure: None,
     }
 }
 

@@ -52,6 +52,9 @@ pub enum Command {
     /// limits (fanotify privileges, fs.inotify.max_user_watches) and the disk space for the
     /// spool. Exit status: 0 healthy (warnings allowed), 1 problems.
     Doctor(DoctorCmd),
+    /// Internal: compiles the rule sources given on standard input for `run`, which starts it.
+    #[command(name = "compile-rules", hide = true)]
+    CompileRules,
 }
 
 #[derive(Args)]
@@ -187,6 +190,9 @@ pub struct RunCmd {
 
 /// Runs one subcommand to its exit status.
 pub fn dispatch(command: Command) -> ExitCode {
+    if let Command::CompileRules = command {
+        return ExitCode::from(crate::rules::compiler::serve());
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => return fail(&format!("cannot start the runtime: {e}"), exit::FAILURE),
@@ -196,6 +202,7 @@ pub fn dispatch(command: Command) -> ExitCode {
         Command::Scan(cmd) => ExitCode::from(scan_cmd(cmd)),
         Command::Enroll(cmd) => rt.block_on(enroll_cmd(cmd)),
         Command::Run(cmd) => rt.block_on(run_cmd(cmd)),
+        Command::CompileRules => ExitCode::from(crate::rules::compiler::serve()),
         Command::Doctor(cmd) => {
             let findings = rt.block_on(doctor::run(&cmd.state_dir, cmd.config.as_deref()));
             if vedette_proto::doctor::print(&findings) {

@@ -562,7 +562,7 @@ mod tests {
         spool.append(&batch).unwrap();
         let sp = Spooled::new(spool);
         let state = StateDir::new(dir.path());
-        let rules = Arc::new(ActiveRules::start(&state, Vec::new(), &[], false).unwrap());
+        let rules = Arc::new(ActiveRules::start(&state, Vec::new(), &[], false, None).unwrap());
         let (offers, offered) = watch::channel(None);
         let (status_tx, statuses) = mpsc::channel(8);
         let cfg = ShipConfig {

@@ -12,6 +12,7 @@
 //! fleet it is for (its CA's fingerprint), and a bundle for another fleet is refused.
 
 pub(crate) mod applier;
+pub mod compiler;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,7 +23,7 @@ use prost::Message;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 use vedette_engine::bundle::{self, BundleContent, BundleError, PublicKey};
-use vedette_engine::{EngineError, Origin, ProblemKind, RuleSet, RuleSetBuilder};
+use vedette_engine::{EngineError, IsolatedCompiler, Origin, ProblemKind, RuleSet, RuleSetBuilder};
 use vedette_proto::v1::RuleBundle;
 
 use crate::state::StateDir;
@@ -74,6 +75,8 @@ pub struct ActiveRules {
     fleet: Option<String>,
     /// Compiled YARA rules of the last build, reused while the sources are unchanged.
     compiled: PathBuf,
+    /// Where rules missing from `compiled` are compiled (None: in this process).
+    compiler: Option<Arc<dyn IsolatedCompiler>>,
     /// The rule set every scanner uses.
     pub current: Arc<ArcSwap<RuleSet>>,
     /// Version of the applied bundle (0: none).
@@ -94,12 +97,15 @@ pub struct RuleStats {
 
 impl ActiveRules {
     /// Loads the pinned maintainer keys and the host-local rules, and the last-good bundle if
-    /// one is saved (a bad one is logged and left unused).
+    /// one is saved (a bad one is logged and left unused). Rules not in the compiled-rules
+    /// cache are compiled by `compiler` (the daemon's: [`compiler::ChildCompiler`]), or in this
+    /// process without one.
     pub fn start(
         state: &StateDir,
         local: Vec<PathBuf>,
         extra_keys: &[PathBuf],
         allow_unsigned: bool,
+        compiler: Option<Arc<dyn IsolatedCompiler>>,
     ) -> Result<ActiveRules, RulesError> {
         let trusted = trusted_keys(state, extra_keys)?;
         if trusted.is_empty() && !allow_unsigned {
@@ -127,6 +133,7 @@ impl ActiveRules {
             fleet: fleet_ca,
             last_good: state.bundle(),
             compiled: state.dir.join("compiled-rules.bin"),
+            compiler,
             current: Arc::new(ArcSwap::from_pointee(RuleSet::empty())),
             applied: AtomicU64::new(0),
             rescan: Notify::new(),
@@ -236,9 +243,11 @@ impl ActiveRules {
         if let Some(c) = content {
             bundle::add_to(&mut b, c);
         }
-        let set = b
-            .compact()
-            .build_cached(content.map_or(0, |c| c.version), &self.compiled);
+        let b = match &self.compiler {
+            Some(c) => b.compile_with(c.clone()),
+            None => b.compact(),
+        };
+        let set = b.build_cached(content.map_or(0, |c| c.version), &self.compiled);
         // What compiling freed goes back to the system now, not at the next growth.
         crate::governor::release_free_memory();
         let report = set.report();

@@ -1,0 +1,310 @@
+//! YARA rules compiled in another process, so that what compiling costs stays out of a
+//! long-running one (the agent's daemon): the compiler's peak memory (signature-base: well over
+//! 100 MiB), the code pages of the compiler itself, and a compiler that crashes or never ends
+//! on some rule file. The caller runs the process (an [`IsolatedCompiler`]: the agent runs its
+//! own executable, `vedette-agent compile-rules`); this module writes what goes to it and reads
+//! what comes back.
+//!
+//! ```text
+//! request:  "VEDETTE-COMPILE-1\n" | sources: u32le
+//!   | per source: origin (u64le len + bytes) | namespace (u8 0 = none, 1 + u32le len + text)
+//!   | bytes (u64le len + bytes) | sha256 of everything before: 32
+//! response: "VEDETTE-COMPILED-RULES-1\n" | files_with_errors: u64le | problems: u32le
+//!   | per problem: path (u32le len + bytes) | line (u64le, 0 = none) | reason (u32le len + bytes)
+//!   | rules: u64le len + yara-x serialized rules | sha256 of everything before: 32
+//! ```
+//!
+//! The serialized rules are loaded back only from the process the caller started, through the
+//! pipe it holds, and only when their seal matches: the same trust as the compiled-rules cache
+//! (written by this user, see [`crate::compiled`]).
+
+use std::ffi::OsStr;
+use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use crate::codec::{Reader, Writer, unseal};
+use crate::rules::{YaraPart, compile_yara};
+use crate::{Origin, Problem, ProblemKind};
+
+const REQUEST: &[u8] = b"VEDETTE-COMPILE-1\n";
+const RESPONSE: &[u8] = b"VEDETTE-COMPILED-RULES-1\n";
+
+/// Why an [`IsolatedCompiler`] gave no compiled rules.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IsolatedError {
+    /// The process could not be started (the rules were not looked at): the builder compiles
+    /// in this process instead.
+    #[error("the rule compiler could not be started: {0}")]
+    Unavailable(String),
+    /// The process started and failed (crashed, ran past its deadline, answered nonsense):
+    /// the YARA rules are reported as not loaded, and are not compiled here, where the same
+    /// failure would take the caller down.
+    #[error("the rule compiler failed: {0}")]
+    Failed(String),
+}
+
+/// Runs a compiler process: gives it `request` (see the module's text) and returns what it
+/// wrote back.
+pub trait IsolatedCompiler: Send + Sync {
+    fn compile(&self, request: &[u8]) -> Result<Vec<u8>, IsolatedError>;
+}
+
+impl<F> IsolatedCompiler for F
+where
+    F: Fn(&[u8]) -> Result<Vec<u8>, IsolatedError> + Send + Sync,
+{
+    fn compile(&self, request: &[u8]) -> Result<Vec<u8>, IsolatedError> {
+        self(request)
+    }
+}
+
+/// The request for these sources and their namespaces.
+pub(crate) fn request(sources: &[(PathBuf, Vec<u8>)], names: &[Option<String>]) -> Vec<u8> {
+    let mut w = Writer::default();
+    w.bytes(REQUEST);
+    w.u32(sources.len() as u32);
+    for ((origin, bytes), ns) in sources.iter().zip(names) {
+        w.blob(origin.as_os_str().as_bytes());
+        match ns {
+            Some(ns) => {
+                w.u8(1);
+                w.text(ns);
+            }
+            None => w.u8(0),
+        }
+        w.blob(bytes);
+    }
+    w.seal()
+}
+
+/// The compiled rules in a response, and their serialized form (for the compiled-rules cache).
+pub(crate) fn response(data: &[u8]) -> Result<(YaraPart, &[u8]), IsolatedError> {
+    let bad = |why: &str| IsolatedError::Failed(format!("its answer {why}"));
+    if !data.starts_with(RESPONSE) {
+        return Err(bad(&format!(
+            "is not compiled rules ({} bytes)",
+            data.len()
+        )));
+    }
+    let body = unseal(data).ok_or_else(|| bad("is damaged (checksum mismatch)"))?;
+    let mut r = Reader(&body[RESPONSE.len()..]);
+    let (files_with_errors, problems, serialized) =
+        crate::compiled::parse_body(&mut r).ok_or_else(|| bad("is truncated"))?;
+    let rules =
+        yara_x::Rules::deserialize(serialized).map_err(|e| bad(&format!("does not load: {e}")))?;
+    Ok((
+        YaraPart {
+            rules: Some(rules),
+            files_with_errors,
+            problems,
+            failure: None,
+        },
+        serialized,
+    ))
+}
+
+/// The compiler process's side: reads a request from `input` to its end, compiles, writes the
+/// response to `output`. An error names what was wrong with the request or the output.
+pub fn serve(input: &mut dyn Read, output: &mut dyn Write) -> Result<(), String> {
+    let mut data = Vec::new();
+    input
+        .read_to_end(&mut data)
+        .map_err(|e| format!("cannot read the request: {e}"))?;
+    let (sources, names) = parse_request(&data)?;
+    drop(data);
+    let part = compile_yara(&sources, &names);
+    drop(sources);
+    let serialized = match &part.rules {
+        Some(rules) => rules
+            .serialize()
+            .map_err(|e| format!("cannot serialize the compiled rules: {e}"))?,
+        None => return Err("the compiler gave no rules".into()),
+    };
+    let mut w = Writer::default();
+    w.bytes(RESPONSE);
+    crate::compiled::write_body(&mut w, part.files_with_errors, &part.problems, &serialized);
+    output
+        .write_all(&w.seal())
+        .and_then(|()| output.flush())
+        .map_err(|e| format!("cannot write the compiled rules: {e}"))
+}
+
+type Sources = (Vec<(PathBuf, Vec<u8>)>, Vec<Option<String>>);
+
+fn parse_request(data: &[u8]) -> Result<Sources, String> {
+    if !data.starts_with(REQUEST) {
+        return Err(format!(
+            "the request is not rule sources ({} bytes)",
+            data.len()
+        ));
+    }
+    let body = unseal(data).ok_or("the request is damaged or truncated")?;
+    let mut r = Reader(&body[REQUEST.len()..]);
+    let truncated = || "the request is truncated".to_string();
+    let count = r.u32().ok_or_else(truncated)?;
+    let mut sources = Vec::new();
+    let mut names = Vec::new();
+    for _ in 0..count {
+        let origin = Path::new(OsStr::from_bytes(r.blob().ok_or_else(truncated)?)).to_owned();
+        let ns = match r.u8().ok_or_else(truncated)? {
+            0 => None,
+            _ => Some(r.text().ok_or_else(truncated)?),
+        };
+        let bytes = r.blob().ok_or_else(truncated)?.to_vec();
+        sources.push((origin, bytes));
+        names.push(ns);
+    }
+    Ok((sources, names))
+}
+
+/// What the report says when the compiler process failed: every YARA source is left out.
+pub(crate) fn failed(sources: usize, why: &IsolatedError) -> YaraPart {
+    YaraPart {
+        rules: None,
+        files_with_errors: sources,
+        problems: Vec::new(),
+        failure: Some(Problem {
+            path: PathBuf::from("<rule compiler>"),
+            line: None,
+            reason: format!("{why}; no YARA rule of this set was loaded"),
+            kind: ProblemKind::Yara,
+            origin: Origin::Local,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::{FileScanner, RuleSetBuilder, ScanOptions};
+
+    fn builder() -> RuleSetBuilder {
+        let mut b = RuleSetBuilder::new();
+        b.add_yara_source(
+            Path::new("good.yar"),
+            b"rule isolated_marker { strings: $a = \"ISOLATED-MARKER\" condition: $a }",
+        );
+        b.add_yara_source(Path::new("bad.yar"), b"rule bad { condition: nope }");
+        b.add_ioc_source(
+            crate::IocKind::Filename,
+            Path::new("filename-iocs.txt"),
+            b"evil\\.exe;80\n",
+        );
+        b
+    }
+
+    /// The compiler process's side run in a thread of this one: the bytes go through the same
+    /// functions as through a pipe.
+    fn in_thread(request: &[u8]) -> Result<Vec<u8>, IsolatedError> {
+        let mut out = Vec::new();
+        serve(&mut &request[..], &mut out).map_err(IsolatedError::Failed)?;
+        Ok(out)
+    }
+
+    #[test]
+    fn rules_compiled_elsewhere_match_and_report_like_rules_compiled_here() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("rules.bin");
+        let here = builder().build(0);
+        let there = builder()
+            .compile_with(Arc::new(in_thread))
+            .build_cached(0, &cache);
+        assert_eq!(there.yara_rules(), 1);
+        assert_eq!(there.report().problems, here.report().problems);
+        assert_eq!(there.report().yara_files_with_errors, 1);
+        assert_eq!(there.fingerprint(), here.fingerprint());
+        let file = dir.path().join("sample");
+        std::fs::write(&file, "xx ISOLATED-MARKER xx").unwrap();
+        let r = FileScanner::new(&there, ScanOptions::default())
+            .scan_path(&file)
+            .unwrap();
+        assert_eq!(r.matches.len(), 1);
+        assert_eq!(r.matches[0].rule, "isolated_marker");
+        // What came back was kept: the next build loads it without asking.
+        let never = |_: &[u8]| -> Result<Vec<u8>, IsolatedError> {
+            Err(IsolatedError::Failed("asked again".into()))
+        };
+        let hit = builder()
+            .compile_with(Arc::new(never))
+            .build_cached(0, &cache);
+        assert_eq!(hit.yara_rules(), 1);
+        assert_eq!(hit.report().problems, here.report().problems);
+    }
+
+    #[test]
+    fn a_failed_compiler_leaves_the_yara_rules_out_and_says_so_with_their_origin() {
+        let fails = |_: &[u8]| -> Result<Vec<u8>, IsolatedError> {
+            Err(IsolatedError::Failed("killed by signal 9".into()))
+        };
+        let set = builder().compile_with(Arc::new(fails)).build(0);
+        assert_eq!(set.yara_rules(), 0);
+        assert_eq!(set.report().yara_files_with_errors, 2);
+        // The indicator lists are parsed here and still load.
+        assert_eq!(set.report().iocs.filenames, 1);
+        let p = &set.report().problems;
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].reason.contains("killed by signal 9"), "{}", p[0]);
+        assert_eq!(p[0].origin, Origin::Local);
+        // With a bundle's YARA file in the set, the failure is the bundle's: it is refused.
+        let mut b = builder();
+        b.add_source(
+            Origin::Bundle,
+            Path::new("bundle/extra.yar"),
+            b"rule from_bundle { condition: true }",
+        );
+        let set = b.compile_with(Arc::new(fails)).build(7);
+        let p = &set.report().problems;
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].origin, Origin::Bundle);
+        // Answers that are not compiled rules are failures too, never loaded.
+        for answer in [
+            b"".to_vec(),
+            b"running 0 tests\n".to_vec(),
+            in_thread(&request(&[], &[])).unwrap()[..40].to_vec(),
+        ] {
+            let garbage = move |_: &[u8]| -> Result<Vec<u8>, IsolatedError> { Ok(answer.clone()) };
+            let set = builder().compile_with(Arc::new(garbage)).build(0);
+            assert_eq!(set.yara_rules(), 0);
+            assert!(
+                set.report().problems[0].reason.contains("its answer"),
+                "{:?}",
+                set.report().problems
+            );
+        }
+    }
+
+    #[test]
+    fn a_compiler_that_cannot_start_is_replaced_by_compiling_here() {
+        let absent = |_: &[u8]| -> Result<Vec<u8>, IsolatedError> {
+            Err(IsolatedError::Unavailable("no such file".into()))
+        };
+        let set = builder().compile_with(Arc::new(absent)).build(0);
+        assert_eq!(set.yara_rules(), 1);
+        assert_eq!(set.report().problems.len(), 1);
+        assert!(set.report().problems[0].path.ends_with("bad.yar"));
+    }
+
+    #[test]
+    fn a_damaged_or_truncated_request_is_refused_with_its_reason() {
+        let good = request(
+            &[(
+                PathBuf::from("a.yar"),
+                b"rule a { condition: true }".to_vec(),
+            )],
+            &[Some("a".into())],
+        );
+        let mut out = Vec::new();
+        assert!(serve(&mut &good[..], &mut out).is_ok());
+        let mut damaged = good.clone();
+        damaged[REQUEST.len() + 2] ^= 1;
+        let e = serve(&mut &damaged[..], &mut Vec::new()).unwrap_err();
+        assert!(e.contains("damaged or truncated"), "{e}");
+        let e = serve(&mut &good[..good.len() - 1], &mut Vec::new()).unwrap_err();
+        assert!(e.contains("damaged or truncated"), "{e}");
+        let e = serve(&mut &b"hello"[..], &mut Vec::new()).unwrap_err();
+        assert!(e.contains("not rule sources"), "{e}");
+    }
+}
