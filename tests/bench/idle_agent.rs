@@ -3,7 +3,8 @@
 //! with the rules given with `--rules DIR` as well. After its start-up work (the first full
 //! scan of the watched directory, the first judgement of every running process), the agent's
 //! resident memory (largest `VmRSS` seen) and CPU time (`utime + stime` of /proc/PID/stat)
-//! are sampled over `--seconds N`.
+//! are sampled over `--seconds N`. The largest resident memory since the agent started
+//! (`VmHWM`: its start-up, loading or compiling the rules included) is read at the end.
 //!
 //! ```text
 //! cargo build --release --bins
@@ -36,6 +37,8 @@ fn cpu_ticks(pid: u32) -> u64 {
 struct Idle {
     /// Largest `VmRSS` seen, bytes.
     peak: u64,
+    /// `VmHWM`: the largest resident memory since the start, bytes.
+    hwm: u64,
     /// `RssAnon` and `RssFile` (mapped files: the executable, libraries) at the end, bytes.
     anon: u64,
     file: u64,
@@ -86,10 +89,12 @@ fn measure(c: &Collector, dir: &Path, rules: &[&Path], seconds: u64) -> Idle {
     let cpu = (cpu_ticks(pid) - start_cpu) as f64 / ticks_per_s;
     let share = 100.0 * cpu / start.elapsed().as_secs_f64();
     let (anon, file) = (status_bytes(pid, "RssAnon"), status_bytes(pid, "RssFile"));
+    let hwm = status_bytes(pid, "VmHWM");
     let mut p = agent.proc.take().expect("agent running");
     p.signal_and_wait("TERM");
     Idle {
         peak,
+        hwm,
         anon,
         file,
         share,
@@ -122,19 +127,20 @@ fn main() {
         runs.push((format!("the marker rule and {}", names.join(", ")), dirs));
     }
     println!(
-        "| rules | YARA rules loaded | seconds | peak RSS | of it at the end: anonymous, files | CPU (% of one core) |"
+        "| rules | YARA rules loaded | seconds | peak RSS | of it at the end: anonymous, files | CPU (% of one core) | since the start (`VmHWM`) |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     for (i, (name, rules)) in runs.iter().enumerate() {
         let m = measure(&c, &tmp.path().join(format!("run{i}")), rules, seconds);
         println!(
-            "| {name} | {} | {seconds} | {:.1} MiB | {:.1} MiB, {:.1} MiB | {:.2} % |",
+            "| {name} | {} | {seconds} | {:.1} MiB | {:.1} MiB, {:.1} MiB | {:.2} % | {:.1} MiB |",
             m.loaded,
             mib(m.peak),
             mib(m.anon),
             mib(m.file),
-            m.share
+            m.share,
+            mib(m.hwm)
         );
     }
 }

@@ -1,8 +1,8 @@
 //! Building a [`RuleSet`] from YARA files and directories.
 //!
 //! Every YARA file compiles in its own namespace (named after the file), so two files may use the
-//! same rule name. A file that does not compile is reported with its path, line and reason and
-//! left out; the others still load. Callers that must refuse any problem (publishing) check
+//! same rule name. A rule that does not parse or compile is reported with its path, line and
+//! reason and left out; the rest of its file and the other files still load. Callers that must refuse any problem (publishing) check
 //! [`LoadReport::problems`].
 
 use std::fmt;
@@ -30,7 +30,7 @@ pub enum Origin {
 /// What kind of file a problem is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProblemKind {
-    /// A YARA file that does not compile (the whole file is left out).
+    /// A YARA rule that does not parse or compile (it is left out, not the rest of its file).
     Yara,
     /// An indicator line that does not parse (that line is left out).
     Indicator,
@@ -361,7 +361,7 @@ impl RuleSetBuilder {
         self.digest.clone().finalize().into()
     }
 
-    /// Compiles what was added. Files with problems are left out; see the report.
+    /// Compiles what was added. Rules and files with problems are left out; see the report.
     /// For rules kept for long (the daemon's): YARA rules freshly compiled are serialized and
     /// loaded back, which holds them in much less memory than the compiler left them in, for
     /// the time of a load (about a second for signature-base). Rules from the compiled-rules
@@ -588,8 +588,8 @@ fn assign_namespaces(sources: &[(PathBuf, Vec<u8>)]) -> Vec<Option<String>> {
         .collect()
 }
 
-/// Compiles every YARA source: one namespace per file; a file with errors is left out and
-/// reported.
+/// Compiles every YARA source: one namespace per file; a rule that does not parse or compile
+/// is left out and reported (yara-x keeps the others of the file).
 pub(crate) fn compile_yara(sources: &[(PathBuf, Vec<u8>)], names: &[Option<String>]) -> YaraPart {
     let mut compiler = yara_x::Compiler::new();
     // Legacy rules use regex syntax that strict mode refuses (e.g. `{` unescaped).
@@ -814,6 +814,38 @@ pub fn technique_id(text: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rule_that_does_not_compile_or_parse_is_left_out_and_the_rest_of_its_file_loads() {
+        let mut b = RuleSetBuilder::new();
+        b.add_yara_source(
+            Path::new("semantic.yar"),
+            b"rule before { condition: true }\nrule bad { condition: nope }\nrule after { condition: true }\n",
+        );
+        b.add_yara_source(
+            Path::new("syntax.yar"),
+            b"rule fine { condition: true }\nrule broken { condition: \n",
+        );
+        let set = b.build(0);
+        let mut names: Vec<String> = set
+            .yara
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|r| r.identifier().to_string())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["after", "before", "fine"]);
+        let p = &set.report().problems;
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(
+            p[0].path.ends_with("semantic.yar") && p[0].line == Some(2),
+            "{}",
+            p[0]
+        );
+        assert!(p[1].path.ends_with("syntax.yar"), "{}", p[1]);
+        assert_eq!(set.report().yara_files_with_errors, 2);
+    }
 
     #[test]
     fn a_broken_rule_is_reported_with_its_line_and_the_rest_loads() {
