@@ -259,6 +259,10 @@ mod tests {
         let p = &set.report().problems;
         assert_eq!(p.len(), 1, "{p:?}");
         assert_eq!(p[0].origin, Origin::Bundle);
+        // Also a bundle of indicator lists only, beside host-local YARA rules: applying it
+        // would run without them.
+        let set = builder().compile_with(Arc::new(fails)).build(8);
+        assert_eq!(set.report().problems[0].origin, Origin::Bundle);
         // Answers that are not compiled rules are failures too, never loaded.
         for answer in [
             b"".to_vec(),

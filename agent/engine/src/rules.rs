@@ -2,8 +2,8 @@
 //!
 //! Every YARA file compiles in its own namespace (named after the file), so two files may use the
 //! same rule name. A rule that does not parse or compile is reported with its path, line and
-//! reason and left out; the rest of its file and the other files still load. Callers that must refuse any problem (publishing) check
-//! [`LoadReport::problems`].
+//! reason and left out; the rest of its file and the other files still load. Callers that must
+//! refuse any problem (publishing) check [`LoadReport::problems`].
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -361,7 +361,7 @@ impl RuleSetBuilder {
         self.digest.clone().finalize().into()
     }
 
-    /// Compiles what was added. Rules and files with problems are left out; see the report.
+    /// Compiles what was added. Rules with problems are left out; see the report.
     /// For rules kept for long (the daemon's): YARA rules freshly compiled are serialized and
     /// loaded back, which holds them in much less memory than the compiler left them in, for
     /// the time of a load (about a second for signature-base). Rules from the compiled-rules
@@ -374,8 +374,8 @@ impl RuleSetBuilder {
     /// Compiles the YARA rules in another process, through `compiler` (see
     /// [`crate::isolated`]), and loads what it returns: this process never holds the compiler,
     /// and a compiler that crashes or hangs leaves the YARA rules out of the set (reported as a
-    /// problem, of the bundle's origin when a bundle's file is among them) instead of taking
-    /// this process down. Compact as with [`Self::compact`]. When the process cannot be
+    /// problem, of the bundle's origin when the set holds a bundle, so that the bundle is
+    /// refused) instead of taking this process down. Compact as with [`Self::compact`]. When the process cannot be
     /// started at all, the rules are compiled here.
     pub fn compile_with(
         mut self,
@@ -432,10 +432,9 @@ impl RuleSetBuilder {
             namespaces.insert(ns.clone(), from);
         }
         let from_bundle = &self.from_bundle;
-        let bundle_yara = self
-            .yara_sources
-            .iter()
-            .any(|(origin, _)| from_bundle.contains(origin));
+        // A set that holds a bundle (or is built for one) is that bundle's: if its YARA rules
+        // cannot be compiled, the bundle is what fails, not only the files it brought.
+        let for_bundle = bundle_version > 0 || !from_bundle.is_empty();
         let isolated = self.isolated;
         let (yara, (iocs, ioc_problems)) = std::thread::scope(|s| {
             let sources = self.yara_sources;
@@ -461,7 +460,7 @@ impl RuleSetBuilder {
             }
         }
         if let Some(mut failure) = yara.failure {
-            if bundle_yara {
+            if for_bundle {
                 failure.origin = Origin::Bundle;
             }
             report.problems.push(failure);

@@ -190,27 +190,28 @@ pub struct RunCmd {
 
 /// Runs one subcommand to its exit status.
 pub fn dispatch(command: Command) -> ExitCode {
-    if let Command::CompileRules = command {
-        return ExitCode::from(crate::rules::compiler::serve());
-    }
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => return fail(&format!("cannot start the runtime: {e}"), exit::FAILURE),
-    };
     match command {
         Command::Spool(cmd) => spool(&cmd),
         Command::Scan(cmd) => ExitCode::from(scan_cmd(cmd)),
-        Command::Enroll(cmd) => rt.block_on(enroll_cmd(cmd)),
-        Command::Run(cmd) => rt.block_on(run_cmd(cmd)),
         Command::CompileRules => ExitCode::from(crate::rules::compiler::serve()),
-        Command::Doctor(cmd) => {
-            let findings = rt.block_on(doctor::run(&cmd.state_dir, cmd.config.as_deref()));
+        Command::Enroll(cmd) => block_on(enroll_cmd(cmd)),
+        Command::Run(cmd) => block_on(run_cmd(cmd)),
+        Command::Doctor(cmd) => block_on(async move {
+            let findings = doctor::run(&cmd.state_dir, cmd.config.as_deref()).await;
             if vedette_proto::doctor::print(&findings) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(exit::FAILURE)
             }
-        }
+        }),
+    }
+}
+
+/// Runs an async command on a runtime of its own (the others start none).
+fn block_on(command: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt.block_on(command),
+        Err(e) => fail(&format!("cannot start the runtime: {e}"), exit::FAILURE),
     }
 }
 
