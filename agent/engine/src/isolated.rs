@@ -196,6 +196,11 @@ mod tests {
         b
     }
 
+    /// A compiler that answers every request with `e`.
+    fn refusing(e: IsolatedError) -> Arc<dyn IsolatedCompiler> {
+        Arc::new(move |_: &[u8]| -> Result<Vec<u8>, IsolatedError> { Err(e.clone()) })
+    }
+
     /// The compiler process's side run in a thread of this one: the bytes go through the same
     /// functions as through a pipe.
     fn in_thread(request: &[u8]) -> Result<Vec<u8>, IsolatedError> {
@@ -224,22 +229,16 @@ mod tests {
         assert_eq!(r.matches.len(), 1);
         assert_eq!(r.matches[0].rule, "isolated_marker");
         // What came back was kept: the next build loads it without asking.
-        let never = |_: &[u8]| -> Result<Vec<u8>, IsolatedError> {
-            Err(IsolatedError::Failed("asked again".into()))
-        };
-        let hit = builder()
-            .compile_with(Arc::new(never))
-            .build_cached(0, &cache);
+        let never = refusing(IsolatedError::Failed("asked again".into()));
+        let hit = builder().compile_with(never).build_cached(0, &cache);
         assert_eq!(hit.yara_rules(), 1);
         assert_eq!(hit.report().problems, here.report().problems);
     }
 
     #[test]
     fn a_failed_compiler_leaves_the_yara_rules_out_and_says_so_with_their_origin() {
-        let fails = |_: &[u8]| -> Result<Vec<u8>, IsolatedError> {
-            Err(IsolatedError::Failed("killed by signal 9".into()))
-        };
-        let set = builder().compile_with(Arc::new(fails)).build(0);
+        let fails = refusing(IsolatedError::Failed("killed by signal 9".into()));
+        let set = builder().compile_with(fails.clone()).build(0);
         assert_eq!(set.yara_rules(), 0);
         assert_eq!(set.report().yara_files_with_errors, 2);
         // The indicator lists are parsed here and still load.
@@ -255,13 +254,13 @@ mod tests {
             Path::new("bundle/extra.yar"),
             b"rule from_bundle { condition: true }",
         );
-        let set = b.compile_with(Arc::new(fails)).build(7);
+        let set = b.compile_with(fails.clone()).build(7);
         let p = &set.report().problems;
         assert_eq!(p.len(), 1, "{p:?}");
         assert_eq!(p[0].origin, Origin::Bundle);
         // Also a bundle of indicator lists only, beside host-local YARA rules: applying it
         // would run without them.
-        let set = builder().compile_with(Arc::new(fails)).build(8);
+        let set = builder().compile_with(fails).build(8);
         assert_eq!(set.report().problems[0].origin, Origin::Bundle);
         // Answers that are not compiled rules are failures too, never loaded.
         for answer in [
@@ -282,10 +281,8 @@ mod tests {
 
     #[test]
     fn a_compiler_that_cannot_start_is_replaced_by_compiling_here() {
-        let absent = |_: &[u8]| -> Result<Vec<u8>, IsolatedError> {
-            Err(IsolatedError::Unavailable("no such file".into()))
-        };
-        let set = builder().compile_with(Arc::new(absent)).build(0);
+        let absent = refusing(IsolatedError::Unavailable("no such file".into()));
+        let set = builder().compile_with(absent).build(0);
         assert_eq!(set.yara_rules(), 1);
         assert_eq!(set.report().problems.len(), 1);
         assert!(set.report().problems[0].path.ends_with("bad.yar"));
