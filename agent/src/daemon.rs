@@ -481,6 +481,9 @@ impl Background {
     ) -> anyhow::Result<Vec<JoinHandle<()>>> {
         let mut threads = Vec::new();
         let this = Arc::new(self);
+        // Start-up ends with the first full scan and the first walk of the processes.
+        let full_scan_at_start = !scan_roots.is_empty() && settings.scan_on_start;
+        governor().expect_startup(u32::from(full_scan_at_start) + u32::from(settings.processes));
         if !scan_roots.is_empty() {
             let scans = FullScans {
                 roots: scan_roots,
@@ -606,6 +609,7 @@ impl Background {
                         found = judge.new_processes(&mut scanner);
                         if !walked {
                             walked = true;
+                            governor().startup_job_done();
                             info!(
                                 took_ms = now.elapsed().as_millis() as u64,
                                 detections = found.len(),

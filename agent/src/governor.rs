@@ -7,17 +7,25 @@
 //!   scanner and read buffer after its current file;
 //! - files are then scanned one at a time ([`Governor::paced`]), so at most one file's bytes
 //!   and one scanner's memory are in use;
-//! - the allocator's free memory is given back to the system.
+//! - the allocator's free memory is given back to the system;
+//! - so are the resident pages of the agent's executable (see below).
 //!
 //! It leaves that state below 90 % of the ceiling. Nothing is dropped: files wait in the scan
 //! queue (whose bound slows the watcher down) and detections wait in the spool. The rules in
 //! force are not shed: a ceiling below what they need keeps the agent in the slow state, and
 //! the heartbeat shows it (`memory_over_limit`).
+//!
+//! Start-up runs code an idle agent never runs again (configuration, enrolment checks, loading
+//! the rules, the first full scan and the first judgement of every process), and the kernel
+//! keeps those pages of the executable mapped, so they count in the agent's resident memory.
+//! Once the start-up work is done (and whenever the agent goes over its ceiling) the agent
+//! asks the kernel to reclaim its executable's pages ([`release_code_pages`]): what it runs
+//! afterwards is read back as it runs, the rest stays out.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::telemetry::{Counter, Counters};
 
@@ -49,6 +57,10 @@ pub struct Governor {
     trimmed_at: AtomicU64,
     /// Samples taken.
     ticks: AtomicU64,
+    /// Start-up jobs still running.
+    startup: AtomicU32,
+    /// Give the executable's pages back at the next tick.
+    shed_code: AtomicBool,
 }
 
 /// What one sample changed.
@@ -86,6 +98,28 @@ impl Governor {
             trim_wanted: AtomicBool::new(false),
             trimmed_at: AtomicU64::new(0),
             ticks: AtomicU64::new(0),
+            startup: AtomicU32::new(0),
+            shed_code: AtomicBool::new(false),
+        }
+    }
+
+    /// Start-up is `jobs` jobs (the first full scan, the first walk of the processes), each
+    /// of which calls [`Governor::startup_job_done`] once; when the last has, the executable's
+    /// pages are given back at the next tick. Called before the jobs start.
+    pub fn expect_startup(&self, jobs: u32) {
+        self.startup.store(jobs, Ordering::Relaxed);
+        if jobs == 0 {
+            self.shed_code.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// One start-up job has ended (a no-op once start-up is over).
+    pub fn startup_job_done(&self) {
+        let before = self
+            .startup
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        if before == Ok(1) {
+            self.shed_code.store(true, Ordering::Relaxed);
         }
     }
 
@@ -144,6 +178,7 @@ impl Governor {
         let mut trim = self.trim_wanted.swap(false, Ordering::Relaxed)
             || rss > self.trimmed_at.load(Ordering::Relaxed) + TRIM_AFTER_GROWTH
             || tick.is_multiple_of(TRIM_EVERY_TICKS);
+        let mut shed_code = self.shed_code.swap(false, Ordering::Relaxed);
         match step(self.over(), rss, limit) {
             Step::Stay => {}
             Step::Over => {
@@ -157,6 +192,7 @@ impl Governor {
                     "over max_rss: releasing scanners, scanning one file at a time"
                 );
                 trim = true;
+                shed_code = true;
             }
             Step::Under => {
                 self.over.store(false, Ordering::Relaxed);
@@ -166,6 +202,16 @@ impl Governor {
                     "back under max_rss: scanning at full speed"
                 );
             }
+        }
+        if shed_code {
+            match release_code_pages() {
+                Ok(bytes) => debug!(
+                    mapped_mib = bytes >> 20,
+                    "the executable's pages given back to the kernel"
+                ),
+                Err(e) => debug!(error = %e, "cannot give the executable's pages back"),
+            }
+            trim = true;
         }
         if trim {
             release_free_memory();
@@ -204,6 +250,51 @@ pub fn release_free_memory() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// Asks the kernel to reclaim the resident pages of the agent's executable (its code and
+/// read-only data: `MADV_PAGEOUT` on each read-only mapping of the file). They are read back
+/// from the file as the agent runs them again; pages another process also maps are left.
+/// Returns the bytes of mappings advised. Needs Linux 5.4; fails with `EINVAL` before.
+#[allow(unsafe_code)]
+pub fn release_code_pages() -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let exe = std::fs::metadata("/proc/self/exe")?;
+    let maps = std::fs::read_to_string("/proc/self/maps")?;
+    let mut advised = 0;
+    for (start, end) in executable_mappings(&maps, exe.dev(), exe.ino()) {
+        let len = end - start;
+        // SAFETY: MADV_PAGEOUT is advice: the kernel may drop clean pages of this read-only
+        // file mapping and reads them back from the file on the next access, so no memory
+        // the program can see changes (also if the mapping were replaced meanwhile: any
+        // page it reclaims is read back or swapped back with the same contents).
+        let rc = unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_PAGEOUT) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        advised += len as u64;
+    }
+    Ok(advised)
+}
+
+/// The read-only mappings of the file `(dev, ino)` in `/proc/PID/maps` text: start and end.
+fn executable_mappings(maps: &str, dev: u64, ino: u64) -> Vec<(usize, usize)> {
+    let (major, minor) = (u64::from(libc::major(dev)), u64::from(libc::minor(dev)));
+    maps.lines()
+        .filter_map(|line| {
+            let mut f = line.split_ascii_whitespace();
+            let (range, perms, _offset, device, inode) =
+                (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
+            let (start, end) = range.split_once('-')?;
+            let (maj, min) = device.split_once(':')?;
+            let same = inode.parse::<u64>().ok()? == ino
+                && u64::from_str_radix(maj, 16).ok()? == major
+                && u64::from_str_radix(min, 16).ok()? == minor;
+            let start = usize::from_str_radix(start, 16).ok()?;
+            let end = usize::from_str_radix(end, 16).ok()?;
+            (same && !perms.contains('w') && end > start).then_some((start, end))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -262,5 +353,109 @@ mod tests {
         g.tick(&counters);
         assert!(!g.over());
         assert_eq!(counters.get(Counter::MemoryOverLimit), 0);
+    }
+
+    #[test]
+    fn the_executable_is_given_back_when_the_last_startup_job_ends() {
+        let g = Governor::new();
+        g.expect_startup(2);
+        g.startup_job_done();
+        assert!(!g.shed_code.load(Ordering::Relaxed));
+        g.startup_job_done();
+        assert!(g.shed_code.swap(false, Ordering::Relaxed));
+        // Later calls (a second full scan, say) are not start-up.
+        g.startup_job_done();
+        assert!(!g.shed_code.load(Ordering::Relaxed));
+        // Nothing to wait for: at the first tick.
+        g.expect_startup(0);
+        assert!(g.shed_code.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn only_read_only_mappings_of_the_executable_are_advised() {
+        // makedev(254, 0) = 0xfe00; another file on the same device, another device, anonymous.
+        let maps = "\
+55d0a000-55d0b000 r--p 00000000 fe:00 42   /usr/bin/vedette-agent
+55d0b000-55d0f000 r-xp 00001000 fe:00 42   /usr/bin/vedette-agent
+55d0f000-55d10000 r--p 00005000 fe:00 42   /usr/bin/vedette-agent
+55d10000-55d11000 rw-p 00006000 fe:00 42   /usr/bin/vedette-agent
+55d11000-55d12000 rw-p 00000000 00:00 0    [heap]
+7f000000-7f001000 r-xp 00000000 fe:00 43   /usr/lib/libc.so.6
+7f001000-7f002000 r-xp 00000000 fe:01 42   /mnt/vedette-agent
+7f002000-7f003000 r-xp 00000000 fe:00 42   /usr/bin/vedette-agent (deleted)
+garbage line
+";
+        assert_eq!(
+            executable_mappings(maps, 0xfe00, 42),
+            [
+                (0x55d0a000, 0x55d0b000),
+                (0x55d0b000, 0x55d0f000),
+                (0x55d0f000, 0x55d10000),
+                (0x7f002000, 0x7f003000)
+            ]
+        );
+        assert!(executable_mappings(maps, 0xfe00, 44).is_empty());
+    }
+
+    /// Resident bytes of this test program's read-only mappings of its executable.
+    fn resident_code() -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let exe = std::fs::metadata("/proc/self/exe").unwrap();
+        let ranges = executable_mappings(
+            &std::fs::read_to_string("/proc/self/maps").unwrap(),
+            exe.dev(),
+            exe.ino(),
+        );
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        let mut rss = 0;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ')
+                && let Some((a, _)) = range.split_once('-')
+                && let Ok(a) = usize::from_str_radix(a, 16)
+            {
+                inside = ranges.iter().any(|(s, _)| *s == a);
+            } else if inside && let Some(kb) = line.strip_prefix("Rss:") {
+                rss += kb.trim_end_matches("kB").trim().parse::<u64>().unwrap() << 10;
+            }
+        }
+        rss
+    }
+
+    /// Runs in a process of its own (see the next test): in the test harness's process, other
+    /// tests page the executable out too and run code meanwhile.
+    #[test]
+    #[ignore = "run in a process of its own by the_executables_resident_pages_go_back_to_the_kernel"]
+    fn pageout_in_a_fresh_process() {
+        let before = resident_code();
+        let advised = release_code_pages().expect("MADV_PAGEOUT (Linux 5.4 or later)");
+        let after = resident_code();
+        println!("pageout: advised {advised} resident before {before} after {after}");
+    }
+
+    #[test]
+    fn the_executables_resident_pages_go_back_to_the_kernel() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "governor::tests::pageout_in_a_fresh_process"])
+            .args(["--ignored", "--nocapture", "--test-threads", "1"])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}");
+        let line = stdout
+            .lines()
+            .find_map(|l| l.split_once("pageout: ").map(|(_, figures)| figures))
+            .unwrap_or_else(|| panic!("no figures in {stdout}"));
+        let n: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        let [advised, before, after] = n[..] else {
+            panic!("{line}");
+        };
+        assert!(before > 1 << 20, "{line}");
+        assert!(advised >= before, "{line}");
+        // What runs between the two readings (the test itself) comes back.
+        assert!(after < before / 2, "{line}");
     }
 }

@@ -303,8 +303,11 @@ impl FullScans {
                     return;
                 }
             }
-            first = false;
             self.once(&rules.current.load_full(), det, counters, stop);
+            if first && self.on_start {
+                governor().startup_job_done();
+            }
+            first = false;
         }
     }
 
