@@ -178,7 +178,8 @@ impl Governor {
         let mut trim = self.trim_wanted.swap(false, Ordering::Relaxed)
             || rss > self.trimmed_at.load(Ordering::Relaxed) + TRIM_AFTER_GROWTH
             || tick.is_multiple_of(TRIM_EVERY_TICKS);
-        let mut shed_code = self.shed_code.swap(false, Ordering::Relaxed);
+        let startup_over = self.shed_code.swap(false, Ordering::Relaxed);
+        let mut shed_code = startup_over;
         match step(self.over(), rss, limit) {
             Step::Stay => {}
             Step::Over => {
@@ -203,21 +204,27 @@ impl Governor {
                 );
             }
         }
-        if shed_code {
-            match release_code_pages() {
-                Ok(bytes) => debug!(
-                    mapped_mib = bytes >> 20,
-                    "the executable's pages given back to the kernel"
-                ),
-                Err(e) => debug!(error = %e, "cannot give the executable's pages back"),
-            }
-            trim = true;
-        }
-        if trim {
+        let released = shed_code.then(release_code_pages);
+        if trim || shed_code {
             release_free_memory();
             let after = crate::telemetry::resident_bytes().unwrap_or(rss);
             self.trimmed_at.store(after, Ordering::Relaxed);
             counters.set(Counter::RssBytes, after);
+            let released_mib = rss.saturating_sub(after) >> 20;
+            match released {
+                Some(Ok(_)) if startup_over => info!(
+                    resident_mib = after >> 20,
+                    released_mib, "start-up finished; the executable's pages given back"
+                ),
+                Some(Ok(_)) => debug!(released_mib, "the executable's pages given back"),
+                Some(Err(e)) => {
+                    debug!(error = %e, "cannot give the executable's pages back");
+                    if startup_over {
+                        info!(resident_mib = after >> 20, "start-up finished");
+                    }
+                }
+                None => {}
+            }
         }
     }
 }

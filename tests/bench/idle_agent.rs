@@ -69,6 +69,12 @@ fn measure(c: &Collector, dir: &Path, rules: &[&Path], seconds: u64) -> Idle {
             .contains("first process walk finished")
             .then_some(())
     });
+    // The agent then gives back the pages of its executable only start-up ran, at its next
+    // memory sample (within a second); agents before that change do not say so.
+    let said = Instant::now();
+    while !agent.log().contains("start-up finished") && said.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let loaded = agent
         .log()
         .lines()
