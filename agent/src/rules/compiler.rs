@@ -199,21 +199,31 @@ fn describe(status: ExitStatus) -> String {
 /// `vedette-agent compile-rules`: reads rule sources on standard input, writes the compiled
 /// rules on standard output. Dies with the process that started it; runs without capabilities.
 pub fn serve() -> u8 {
+    // Each step is a safeguard, not a condition for compiling (the daemon compiles in its own
+    // process where it cannot start this one): a step the kernel refuses is said on standard
+    // error, which the agent's log keeps.
+    let warn = |what: &str, e: Errno| eprintln!("vedette-agent {SUBCOMMAND}: cannot {what}: {e}");
     // Killed with its parent, so that a compile never outlives the daemon that wants it.
-    let _ = rustix::process::set_parent_process_death_signal(Some(Signal::KILL));
+    if let Err(e) = rustix::process::set_parent_process_death_signal(Some(Signal::KILL)) {
+        warn("die with the agent", e);
+    }
     // Compiling needs no privilege: whatever a rule file could make the compiler do, it does
     // without the agent's capabilities. The process has one thread yet, so every thread the
     // compiler starts inherits this.
-    let _ = rustix::thread::set_no_new_privs(true);
+    if let Err(e) = rustix::thread::set_no_new_privs(true) {
+        warn("set no-new-privileges", e);
+    }
     let none = rustix::thread::CapabilitySet::empty();
-    let _ = rustix::thread::set_capabilities(
+    if let Err(e) = rustix::thread::set_capabilities(
         None,
         rustix::thread::CapabilitySets {
             effective: none,
             permitted: none,
             inheritable: none,
         },
-    );
+    ) {
+        warn("drop its capabilities", e);
+    }
     let stdin = std::io::stdin();
     let stdout = std::io::stdout();
     match vedette_engine::isolated::serve(&mut stdin.lock(), &mut stdout.lock()) {
