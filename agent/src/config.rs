@@ -1,10 +1,11 @@
-//! The agent's configuration file (TOML). Read raw, then validated into [`Settings`] with every
+//! The agent's configuration file (TOML). Read raw, then validated into [`Config`] with every
 //! problem reported at once; command-line flags override the file.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+pub use vedette_ops::config::ConfigError;
 
 /// The file as written. Every key is optional.
 #[derive(Debug, Default, Deserialize)]
@@ -143,7 +144,7 @@ pub enum EventSource {
 
 /// Checked settings.
 #[derive(Debug, Clone)]
-pub struct Settings {
+pub struct Config {
     pub watch: Vec<PathBuf>,
     pub rules: Vec<PathBuf>,
     pub scan_workers: usize,
@@ -183,37 +184,21 @@ pub struct Prevention {
 /// The longest `prevent_timeout`: every exec on the marked file systems waits for the verdict.
 const MAX_PREVENT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Every problem found, each naming its key and value.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid configuration{}:\n  {}", path.as_ref().map(|p| format!(" `{}`", p.display())).unwrap_or_default(), problems.join("\n  "))]
-pub struct ConfigError {
-    pub path: Option<PathBuf>,
-    pub problems: Vec<String>,
-}
-
 impl RawConfig {
     pub fn load(path: &Path) -> Result<RawConfig, ConfigError> {
-        let fail = |p: String| ConfigError {
-            path: Some(path.to_owned()),
-            problems: vec![p],
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}")))?;
-        toml::from_str(&text).map_err(|e| fail(e.to_string()))
+        vedette_ops::config::read_toml(path)
     }
 
     /// Checks every value; `path` is only used in messages.
-    pub fn validate(self, path: Option<&Path>) -> Result<Settings, ConfigError> {
+    pub fn validate(self, path: Option<&Path>) -> Result<Config, ConfigError> {
         let mut problems = Vec::new();
         let times = self.durations(&mut problems);
         self.check_values(&mut problems);
         self.check_paths(&mut problems);
         if !problems.is_empty() {
-            return Err(ConfigError {
-                path: path.map(Path::to_owned),
-                problems,
-            });
+            return Err(ConfigError::new(path, problems));
         }
-        Ok(self.settings(times))
+        Ok(self.into_config(times))
     }
 
     /// Every duration, parsed (defaults where absent or bad; bad ones are problems).
@@ -320,7 +305,7 @@ impl RawConfig {
             ));
         }
         if let Some(v) = &self.metrics_listen
-            && let Err(e) = vedette_proto::metrics::parse_listen(v)
+            && let Err(e) = vedette_ops::metrics::parse_listen(v)
         {
             problems.push(format!("`metrics_listen`: {e}"));
         }
@@ -349,11 +334,11 @@ impl RawConfig {
     }
 
     /// The checked settings, defaults filled in.
-    fn settings(self, t: Durations) -> Settings {
+    fn into_config(self, t: Durations) -> Config {
         let cores = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
-        Settings {
+        Config {
             scan_paths: if self.scan_paths.is_empty() {
                 self.watch.clone()
             } else {
@@ -391,7 +376,7 @@ impl RawConfig {
             metrics_listen: self
                 .metrics_listen
                 .as_deref()
-                .and_then(|v| vedette_proto::metrics::parse_listen(v).ok().flatten()),
+                .and_then(|v| vedette_ops::metrics::parse_listen(v).ok().flatten()),
         }
     }
 }

@@ -1,11 +1,14 @@
 //! `vedette-agent run`: starts every stage, runs until the shutdown token fires, then drains.
 //!
 //! ```text
-//! watch (inotify) ──paths──► scan pool (threads) ─┐
-//! full scans (thread) ────────────────────────────┼─detections─► spool writer ─► spool (disk)
-//! procmon (thread) ───────────────────────────────┘                                │
-//!                                                      collector ◄── shipper (gRPC) ◄┘
+//! fanotify | inotify ──files, execs──► scan pool (threads) ─┐
+//! prevention (fanotify, held execs) ── verdict threads ──────┤
+//! full scans (thread) ──────────────────────────────────────┼─detections─► spool writer ─► spool
+//! process monitor (exec events, /proc walk) ────────────────┘                              │
+//!                                                      collector ◄── shipper (gRPC) ◄──────┘
 //! ```
+//! Which event source runs is `detect::sources`; the process monitor's loop is
+//! `detect::processes`.
 //! Every channel is bounded. One [`CancellationToken`] stops everything, in pipeline order: the
 //! watcher stops queueing, the full-scan and process threads return, the pool finishes its
 //! queue, the spool writer makes the last detections durable, and the shipper gets its drain
@@ -15,35 +18,31 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
-use vedette_engine::{FileScanner, ScanOptions};
-use vedette_proto::client::ClientTls;
+use tracing::{info, warn};
+use vedette_engine::ScanOptions;
+use vedette_ops::client::ClientTls;
 use vedette_proto::v1::{BundleStatus, Detection, RuleBundle};
 
-use crate::config::EventSource;
-use crate::config::Settings;
+use crate::config::Config;
 use crate::deliver::shipper::{BundleLink, ShipConfig, Shipper};
 use crate::deliver::spool::Spool;
 use crate::deliver::writer::{Spooled, write_spool};
 use crate::detect::cache::ScanCache;
 use crate::detect::execmon;
-use crate::detect::fanotify::{FanTarget, FanWatch};
 use crate::detect::full_scan::{FullScans, ScanPlan};
-use crate::detect::memory::MemoryLimits;
 use crate::detect::pool::ScanPool;
-use crate::detect::prevent::{Guard, GuardTarget};
-use crate::detect::procmon::ProcessJudge;
+use crate::detect::prevent::{ExecGate, GateTarget};
+use crate::detect::processes::ProcessWatch;
+use crate::detect::sources::{Events, start_prevention};
 use crate::detect::walk::{WalkRules, exclusions};
-use crate::detect::watch::{FileWatch, WatchTarget};
-use crate::detect::{Ids, Incidents};
+use crate::detect::{Ids, ReportFilter};
 use crate::governor::governor;
 use crate::rules::ActiveRules;
 use crate::rules::compiler::ChildCompiler;
@@ -59,30 +58,16 @@ const GOVERNOR_TICK: Duration = Duration::from_secs(1);
 /// How often the result cache is saved while it changes.
 const CACHE_SAVE_INTERVAL: Duration = Duration::from_secs(30);
 
-/// How often the process monitor walks all of `/proc` while the process connector reports
-/// execs (without it, every `process_interval`).
-const PROCESS_WALK: Duration = Duration::from_secs(30);
-
 /// Runs the agent until `shutdown` fires, then drains every stage.
 pub async fn run(
     state: StateDir,
-    settings: Settings,
+    settings: Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     crate::governor::tune_allocator();
     let creds = state.load()?;
     let cache_path = state.scan_cache();
-    let cache = {
-        let path = cache_path.clone();
-        tokio::task::spawn_blocking(move || ScanCache::load(&path))
-            .await
-            .context("scan cache loading failed")?
-    };
-    let incidents = Incidents {
-        ids: Ids::for_agent(&creds.enrollment.agent_id),
-        cache: Arc::new(cache),
-        execs: Arc::new(ScanCache::new()),
-    };
+    let reports = load_report_filter(&cache_path, &creds).await?;
     let watch_roots = canonical(&settings.watch, "watch")?;
     let scan_roots = canonical(&settings.scan_paths, "scan")?;
     let rules = load_rules(&state, &settings).await?;
@@ -96,17 +81,7 @@ pub async fn run(
         Counter::CpuBudgetPercent,
         u64::from(settings.max_cpu_percent),
     );
-    if let Some(addr) = settings.metrics_listen {
-        let listener = vedette_proto::metrics::bind(addr)
-            .await
-            .map_err(anyhow::Error::msg)?;
-        info!(address = %addr, "serving metrics at /metrics");
-        tokio::spawn(vedette_proto::metrics::serve(
-            listener,
-            Arc::new(counters.registry()),
-            shutdown.clone().cancelled_owned(),
-        ));
-    }
+    serve_metrics(&settings, &counters, &shutdown).await?;
     let writer = {
         let (sp, counters) = (spooled.clone(), counters.clone());
         std::thread::Builder::new()
@@ -117,38 +92,14 @@ pub async fn run(
         max_file_size: settings.max_file_size,
         timeout: settings.scan_timeout,
     };
-    let pool = ScanPool::start(
-        settings.scan_workers,
-        rules.current.clone(),
-        options,
-        det_tx.clone(),
-        incidents.clone(),
-        counters.clone(),
-    )
-    .context("cannot start scan workers")?;
-    let walk = WalkRules {
-        one_file_system: true,
-        excludes: exclusions(&settings.exclude)?,
+    let shared = Shared {
+        rules: rules.clone(),
+        reports: reports.clone(),
+        det: det_tx,
+        counters: counters.clone(),
+        stop: shutdown.clone(),
     };
-    let events = Events::start(
-        &settings,
-        &watch_roots,
-        &pool,
-        walk.clone(),
-        &counters,
-        &shutdown,
-    )?;
-    let guard = settings.prevent.and_then(|policy| {
-        let target = GuardTarget {
-            rules: rules.current.clone(),
-            options,
-            policy,
-            incidents: incidents.clone(),
-            detections: det_tx.clone(),
-            counters: counters.clone(),
-        };
-        start_prevention(&watch_roots, target)
-    });
+    let (pool, events, gate, walk) = shared.start_on_access(&settings, &watch_roots, options)?;
     let (shipper, applier) = start_delivery(
         &settings,
         creds,
@@ -160,12 +111,8 @@ pub async fn run(
     );
     let background = Background {
         exec_covered: events.exec_devices(&watch_roots, &settings),
-        rules: rules.clone(),
-        incidents: incidents.clone(),
+        shared,
         cache_path: cache_path.clone(),
-        det: det_tx,
-        counters: counters.clone(),
-        stop: shutdown.clone(),
         rt: Handle::current(),
     };
     let threads = background.start(&settings, scan_roots, walk, options)?;
@@ -173,7 +120,7 @@ pub async fn run(
     shutdown.cancelled().await;
     info!("stopping");
     let running = Running {
-        guard,
+        gate,
         events,
         threads,
         pool,
@@ -182,7 +129,7 @@ pub async fn run(
         applier,
     };
     running.drain(&spooled, &counters).await;
-    let cache = incidents.cache.clone();
+    let cache = reports.cache.clone();
     let saved = tokio::task::spawn_blocking(move || cache.save_if_changed(&cache_path)).await;
     if let Ok(Err(e)) = saved {
         warn!(error = %e, "cannot save the scan cache; unchanged files will be scanned again (and their detections stored once)");
@@ -190,9 +137,100 @@ pub async fn run(
     Ok(())
 }
 
+/// The result cache (loaded off the async threads) and the ids of this agent's detections.
+async fn load_report_filter(
+    cache_path: &std::path::Path,
+    creds: &Credentials,
+) -> anyhow::Result<ReportFilter> {
+    let path = cache_path.to_owned();
+    let cache = tokio::task::spawn_blocking(move || ScanCache::load(&path))
+        .await
+        .context("scan cache loading failed")?;
+    Ok(ReportFilter {
+        ids: Ids::for_agent(&creds.enrollment.agent_id),
+        cache: Arc::new(cache),
+        execs: Arc::new(ScanCache::new()),
+    })
+}
+
+/// The metrics endpoint, when `metrics_listen` is set.
+async fn serve_metrics(
+    settings: &Config,
+    counters: &Arc<Counters>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let Some(addr) = settings.metrics_listen else {
+        return Ok(());
+    };
+    let listener = vedette_ops::metrics::bind(addr)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    info!(address = %addr, "serving metrics at /metrics");
+    tokio::spawn(vedette_ops::metrics::serve(
+        listener,
+        Arc::new(counters.registry()),
+        shutdown.clone().cancelled_owned(),
+    ));
+    Ok(())
+}
+
+/// What every detecting stage works with.
+#[derive(Clone)]
+struct Shared {
+    rules: Arc<ActiveRules>,
+    reports: ReportFilter,
+    det: mpsc::Sender<Detection>,
+    counters: Arc<Counters>,
+    stop: CancellationToken,
+}
+
+impl Shared {
+    /// The scan pool, the event source feeding it, and prevention when `prevent` is set.
+    fn start_on_access(
+        &self,
+        settings: &Config,
+        roots: &[PathBuf],
+        options: ScanOptions,
+    ) -> anyhow::Result<(ScanPool, Events, Option<ExecGate>, WalkRules)> {
+        let pool = ScanPool::start(
+            settings.scan_workers,
+            self.rules.current.clone(),
+            options,
+            self.det.clone(),
+            self.reports.clone(),
+            self.counters.clone(),
+        )
+        .context("cannot start scan workers")?;
+        let walk = WalkRules {
+            one_file_system: true,
+            excludes: exclusions(&settings.exclude)?,
+        };
+        let events = Events::start(
+            settings,
+            roots,
+            &pool,
+            walk.clone(),
+            &self.counters,
+            &self.stop,
+        )?;
+        let gate = settings.prevent.and_then(|policy| {
+            let target = GateTarget {
+                rules: self.rules.current.clone(),
+                options,
+                policy,
+                reports: self.reports.clone(),
+                detections: self.det.clone(),
+                counters: self.counters.clone(),
+            };
+            start_prevention(roots, target)
+        });
+        Ok((pool, events, gate, walk))
+    }
+}
+
 /// Starts the shipper and the bundle applier it hands offered bundles to.
 fn start_delivery(
-    settings: &Settings,
+    settings: &Config,
     creds: Credentials,
     state: StateDir,
     rules: &Arc<ActiveRules>,
@@ -222,113 +260,9 @@ fn start_delivery(
     (shipper, applier)
 }
 
-/// The source of file events. With fanotify, inotify still reports files renamed into the
-/// trees (a file written outside them and moved in raises no fanotify event there).
-enum Events {
-    Fanotify(FanWatch, FileWatch),
-    Inotify(FileWatch),
-}
-
-impl Events {
-    /// fanotify when configured so or (`auto`) when the agent may use it; else inotify. Says
-    /// once which, and why.
-    fn start(
-        settings: &Settings,
-        roots: &[PathBuf],
-        pool: &ScanPool,
-        walk: WalkRules,
-        counters: &Arc<Counters>,
-        stop: &CancellationToken,
-    ) -> anyhow::Result<Events> {
-        let wanted = settings.event_source;
-        if wanted == EventSource::Inotify {
-            info!("file events from inotify (event_source = \"inotify\")");
-        } else if !roots.is_empty() {
-            let target = FanTarget {
-                queue: pool.sender(),
-                rules: walk.clone(),
-                counters: counters.clone(),
-                stop: stop.clone(),
-                execs: settings.processes,
-            };
-            match FanWatch::start(roots, target) {
-                Ok(w) => {
-                    info!(execs = settings.processes, "file events from fanotify");
-                    let renames = WatchTarget {
-                        queue: pool.sender(),
-                        rules: walk,
-                        counters: counters.clone(),
-                        stop: stop.clone(),
-                        renames_only: true,
-                    };
-                    return Ok(Events::Fanotify(w, FileWatch::start(roots, renames)?));
-                }
-                Err(e) if wanted == EventSource::Auto => {
-                    warn!(reason = %e, "fanotify unavailable; file events from inotify");
-                }
-                Err(e) => anyhow::bail!("event_source = \"fanotify\": {e}"),
-            }
-        }
-        let target = WatchTarget {
-            queue: pool.sender(),
-            rules: walk,
-            counters: counters.clone(),
-            stop: stop.clone(),
-            renames_only: false,
-        };
-        Ok(Events::Inotify(FileWatch::start(roots, target)?))
-    }
-
-    /// The devices whose execs fanotify reports (none with inotify).
-    fn exec_devices(&self, roots: &[PathBuf], settings: &Settings) -> HashSet<u64> {
-        match self {
-            Events::Fanotify(..) if settings.processes => roots
-                .iter()
-                .filter_map(|r| std::fs::metadata(r).ok())
-                .map(|m| std::os::unix::fs::MetadataExt::dev(&m))
-                .collect(),
-            _ => HashSet::new(),
-        }
-    }
-
-    fn stop(self) {
-        match self {
-            Events::Fanotify(w, renames) => {
-                w.stop();
-                renames.stop();
-            }
-            Events::Inotify(w) => w.stop(),
-        }
-    }
-}
-
-/// Prevention mode on the file systems of the watched paths; when it cannot start, the log
-/// says loudly that nothing is blocked (detection goes on).
-fn start_prevention(roots: &[PathBuf], target: GuardTarget) -> Option<Guard> {
-    let policy = target.policy;
-    if roots.is_empty() {
-        error!("prevent = true, but no path is watched: no execution is held, nothing is blocked");
-        return None;
-    }
-    match Guard::start(roots, target) {
-        Ok(g) => {
-            info!(
-                min_score = policy.min_score,
-                timeout_ms = policy.timeout.as_millis() as u64,
-                "prevention on: executions on the watched file systems wait for a verdict"
-            );
-            Some(g)
-        }
-        Err(e) => {
-            error!(reason = %e, "prevent = true, but executions cannot be held: nothing is blocked");
-            None
-        }
-    }
-}
-
 /// The stages a running agent stops, in pipeline order.
 struct Running {
-    guard: Option<Guard>,
+    gate: Option<ExecGate>,
     events: Events,
     threads: Vec<JoinHandle<()>>,
     pool: ScanPool,
@@ -341,7 +275,7 @@ impl Running {
     /// Called once the shutdown token fired.
     async fn drain(self, spooled: &Spooled, counters: &Counters) {
         // Held executions are allowed first: nothing waits on an agent that is going away.
-        if let Some(g) = self.guard {
+        if let Some(g) = self.gate {
             g.stop();
         }
         self.events.stop();
@@ -372,7 +306,7 @@ impl Running {
 }
 
 /// Pinned keys, host-local rules and the last-good bundle, compiled off the async threads.
-async fn load_rules(state: &StateDir, settings: &Settings) -> anyhow::Result<Arc<ActiveRules>> {
+async fn load_rules(state: &StateDir, settings: &Config) -> anyhow::Result<Arc<ActiveRules>> {
     let (state, local, keys, unsigned) = (
         state.clone(),
         settings.rules.clone(),
@@ -391,7 +325,7 @@ async fn load_rules(state: &StateDir, settings: &Settings) -> anyhow::Result<Arc
 /// Opens (and recovers) the spool; its figures start the counters.
 async fn open_spool(
     state: &StateDir,
-    settings: &Settings,
+    settings: &Config,
     counters: &Counters,
 ) -> anyhow::Result<Arc<Spooled>> {
     let (dir, cap) = (state.spool(), settings.spool_max_bytes);
@@ -415,7 +349,7 @@ fn canonical(paths: &[PathBuf], what: &str) -> anyhow::Result<Vec<PathBuf>> {
         .collect()
 }
 
-fn ship_config(settings: &Settings, creds: Credentials, state: StateDir) -> ShipConfig {
+fn ship_config(settings: &Config, creds: Credentials, state: StateDir) -> ShipConfig {
     let collectors = if settings.collectors.is_empty() {
         creds.enrollment.collectors.clone()
     } else {
@@ -459,14 +393,10 @@ async fn rescan_on_signal(rules: Arc<ActiveRules>, stop: CancellationToken) {
 
 /// What the full-scan, process and cache threads share.
 struct Background {
-    /// Devices whose execs fanotify reports (see [`ProcessJudge::with_exec_covered`]).
+    /// Devices whose execs fanotify reports (see `ProcessJudge::with_exec_covered`).
     exec_covered: HashSet<u64>,
-    rules: Arc<ActiveRules>,
-    incidents: Incidents,
+    shared: Shared,
     cache_path: PathBuf,
-    det: mpsc::Sender<Detection>,
-    counters: Arc<Counters>,
-    stop: CancellationToken,
     /// To wait on the token and timers from plain threads.
     rt: Handle,
 }
@@ -474,7 +404,7 @@ struct Background {
 impl Background {
     fn start(
         self,
-        settings: &Settings,
+        settings: &Config,
         scan_roots: Vec<PathBuf>,
         walk: WalkRules,
         options: ScanOptions,
@@ -485,51 +415,14 @@ impl Background {
         let full_scan_at_start = !scan_roots.is_empty() && settings.scan_on_start;
         governor().expect_startup(u32::from(full_scan_at_start) + u32::from(settings.processes));
         if !scan_roots.is_empty() {
-            let scans = FullScans {
-                roots: scan_roots,
-                plan: ScanPlan {
-                    threads: settings.scan_workers,
-                    walk,
-                    max_cpu_percent: settings.max_cpu_percent,
-                    scan: options,
-                },
-                on_start: settings.scan_on_start,
-                interval: settings.scan_interval,
-                incidents: this.incidents.clone(),
-                cache_path: this.cache_path.clone(),
-            };
-            let b = this.clone();
-            threads.push(
-                std::thread::Builder::new()
-                    .name("full-scan".into())
-                    .spawn(move || scans.run(&b.rules, &b.det, &b.counters, &b.stop, &b.rt))?,
-            );
+            threads.push(this.start_full_scans(settings, scan_roots, walk, options)?);
         }
         if settings.processes {
-            let execs = match execmon::start(this.stop.clone(), this.counters.clone()) {
-                Ok((rx, thread)) => {
-                    info!("exec events from the process connector; processes also polled");
-                    threads.push(thread);
-                    Some(rx)
-                }
-                Err(e) => {
-                    warn!(reason = %e, "no exec events; processes are polled only");
-                    None
-                }
-            };
-            let (b, interval, memory) = (
-                this.clone(),
-                settings.process_interval,
-                settings.memory_scan,
-            );
-            threads.push(
-                std::thread::Builder::new()
-                    .name("procmon".into())
-                    .spawn(move || b.watch_processes(interval, memory, options, execs))?,
-            );
+            threads.extend(this.start_process_watch(settings, options)?);
         }
+        let s = &this.shared;
         this.rt
-            .spawn(rescan_on_signal(this.rules.clone(), this.stop.clone()));
+            .spawn(rescan_on_signal(s.rules.clone(), s.stop.clone()));
         let b = this.clone();
         threads.push(
             std::thread::Builder::new()
@@ -542,9 +435,78 @@ impl Background {
                 .name("governor".into())
                 .spawn(move || {
                     while b.pause(GOVERNOR_TICK) {
-                        governor().tick(&b.counters);
+                        governor().tick(&b.shared.counters);
                     }
                 })?,
+        );
+        Ok(threads)
+    }
+
+    fn start_full_scans(
+        self: &Arc<Self>,
+        settings: &Config,
+        roots: Vec<PathBuf>,
+        walk: WalkRules,
+        options: ScanOptions,
+    ) -> std::io::Result<JoinHandle<()>> {
+        let scans = FullScans {
+            roots,
+            plan: ScanPlan {
+                threads: settings.scan_workers,
+                walk,
+                max_cpu_percent: settings.max_cpu_percent,
+                scan: options,
+            },
+            on_start: settings.scan_on_start,
+            interval: settings.scan_interval,
+            reports: self.shared.reports.clone(),
+            cache_path: self.cache_path.clone(),
+        };
+        let b = self.clone();
+        std::thread::Builder::new()
+            .name("full-scan".into())
+            .spawn(move || {
+                let s = &b.shared;
+                scans.run(&s.rules, &s.det, &s.counters, &s.stop, &b.rt);
+            })
+    }
+
+    /// The process connector's listener (when the kernel lets the agent have it) and the
+    /// process monitor.
+    fn start_process_watch(
+        self: &Arc<Self>,
+        settings: &Config,
+        options: ScanOptions,
+    ) -> std::io::Result<Vec<JoinHandle<()>>> {
+        let s = &self.shared;
+        let mut threads = Vec::new();
+        let execs = match execmon::start(s.stop.clone(), s.counters.clone()) {
+            Ok((rx, thread)) => {
+                info!("exec events from the process connector; processes also polled");
+                threads.push(thread);
+                Some(rx)
+            }
+            Err(e) => {
+                warn!(reason = %e, "no exec events; processes are polled only");
+                None
+            }
+        };
+        let watch = ProcessWatch {
+            rules: s.rules.clone(),
+            reports: s.reports.clone(),
+            exec_covered: self.exec_covered.clone(),
+            det: s.det.clone(),
+            counters: s.counters.clone(),
+            stop: s.stop.clone(),
+            rt: self.rt.clone(),
+            interval: settings.process_interval,
+            memory: settings.memory_scan,
+            options,
+        };
+        threads.push(
+            std::thread::Builder::new()
+                .name("procmon".into())
+                .spawn(move || watch.run(execs))?,
         );
         Ok(threads)
     }
@@ -553,7 +515,7 @@ impl Background {
     /// loses at most that much (and what it loses is only scanned again).
     fn save_cache(&self) {
         while self.pause(CACHE_SAVE_INTERVAL) {
-            if let Err(e) = self.incidents.cache.save_if_changed(&self.cache_path) {
+            if let Err(e) = self.shared.reports.cache.save_if_changed(&self.cache_path) {
                 warn!(path = %self.cache_path.display(), error = %e, "cannot save the scan cache");
             }
         }
@@ -561,99 +523,6 @@ impl Background {
 
     /// Sleeps up to `d`; false when shutdown came first.
     fn pause(&self, d: Duration) -> bool {
-        self.rt.block_on(async {
-            tokio::select! {
-                () = self.stop.cancelled() => false,
-                () = tokio::time::sleep(d) => true,
-            }
-        })
-    }
-
-    /// Judges each exec the process connector reports as it comes, polls connections every
-    /// `interval`, and walks `/proc` for processes not judged yet: every `interval` without
-    /// exec events, every [`PROCESS_WALK`] with them (and at once when the kernel dropped
-    /// some). Each process is judged once per rule set (and again after an exec).
-    fn watch_processes(
-        &self,
-        interval: Duration,
-        memory: bool,
-        options: ScanOptions,
-        mut execs: Option<Receiver<u32>>,
-    ) {
-        let mut walked = false;
-        loop {
-            let current = self.rules.current.load_full();
-            let mut judge = ProcessJudge::new(self.incidents.ids.clone())
-                .with_exe_cache(self.incidents.execs.clone())
-                .with_counters(self.counters.clone())
-                .with_exec_covered(self.exec_covered.clone());
-            if memory {
-                judge = judge.with_memory(MemoryLimits::default());
-            }
-            let mut scanner = FileScanner::new(&current, options);
-            let mut made = governor().generation();
-            let mut next_poll = Instant::now();
-            let mut next_walk = Instant::now();
-            let mut lost = self.counters.get(Counter::ExecEventsLost);
-            while Arc::ptr_eq(&self.rules.current.load(), &current) {
-                if governor().release_due(&mut made, &self.counters) {
-                    scanner.release();
-                }
-                let mut found = Vec::new();
-                let now = Instant::now();
-                if now >= next_poll {
-                    // With exec events, the walk of /proc only catches what they cannot
-                    // show: processes from before the agent, and events the kernel dropped.
-                    let lost_now = self.counters.get(Counter::ExecEventsLost);
-                    if execs.is_none() || now >= next_walk || lost_now != lost {
-                        found = judge.new_processes(&mut scanner);
-                        if !walked {
-                            walked = true;
-                            governor().startup_job_done();
-                            info!(
-                                took_ms = now.elapsed().as_millis() as u64,
-                                detections = found.len(),
-                                "first process walk finished"
-                            );
-                        }
-                        lost = lost_now;
-                        next_walk = Instant::now() + interval.max(PROCESS_WALK);
-                    }
-                    found.extend(judge.c2_connections(&current));
-                    next_poll = Instant::now() + interval;
-                }
-                for d in found {
-                    self.counters.inc(Counter::Detections);
-                    if self.det.blocking_send(d).is_err() {
-                        return;
-                    }
-                }
-                let Some(rx) = &execs else {
-                    if !self.pause(interval) {
-                        return;
-                    }
-                    continue;
-                };
-                match rx.recv_timeout(next_poll.saturating_duration_since(Instant::now())) {
-                    Ok(pid) => {
-                        let more = std::iter::from_fn(|| rx.try_recv().ok());
-                        for pid in std::iter::once(pid).chain(more.take(255)) {
-                            for d in judge.exec(pid, &mut scanner) {
-                                self.counters.inc(Counter::Detections);
-                                if self.det.blocking_send(d).is_err() {
-                                    return;
-                                }
-                            }
-                        }
-                    }
-                    Err(RecvTimeoutError::Timeout) => {}
-                    // The listener stops with the agent (or on an error it logged).
-                    Err(RecvTimeoutError::Disconnected) => execs = None,
-                }
-                if self.stop.is_cancelled() {
-                    return;
-                }
-            }
-        }
+        crate::detect::pause(&self.rt, &self.shared.stop, d)
     }
 }

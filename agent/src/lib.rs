@@ -4,7 +4,6 @@
 //! Stages, in the order data flows: [`detect`] finds (watcher, full scans, process monitor),
 //! [`rules`] holds what it judges with, [`deliver`] makes detections durable and ships them;
 //! [`daemon`] starts and stops them all; [`cli`] is the command line. See ARCHITECTURE.md.
-#![deny(unsafe_code)]
 
 pub mod cli;
 pub mod config;

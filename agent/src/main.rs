@@ -8,6 +8,6 @@ use vedette_agent::cli::{Cli, dispatch};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    vedette_proto::cli::init_logging(cli.log.log_format);
+    vedette_ops::cli::init_logging(cli.log.log_format);
     dispatch(cli.command)
 }

@@ -1,5 +1,7 @@
 //! The agent binary as a user meets it: usage and configuration errors.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)] // test code
+
 use std::process::Command;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_vedette-agent");

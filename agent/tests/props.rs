@@ -4,6 +4,8 @@
 //! in front of damage. `PROPTEST_CASES=50000 cargo test -p vedette-agent --test props` runs
 //! longer.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)] // test code
+
 use proptest::prelude::*;
 use vedette_agent::deliver::spool::Spool;
 use vedette_proto::v1::Detection;

@@ -1,6 +1,8 @@
 //! `vedette-agent scan` end to end: every indicator kind against real files, real processes and
 //! real loopback connections; special files; the result cache; the real signature-base content.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)] // test code
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

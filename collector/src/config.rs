@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+pub use vedette_ops::config::ConfigError;
 
 use crate::store::StoreLocation;
 
@@ -120,17 +121,51 @@ impl Default for Limits {
     }
 }
 
+/// A `[limits]` count: the default when absent; 0 refused (it would refuse everything).
+fn limit_count(key: &str, v: Option<u64>, default: u64, problems: &mut Vec<String>) -> u64 {
+    match v {
+        None => default,
+        Some(0) => {
+            problems.push(format!("`limits.{key}`: 0 would refuse everything"));
+            default
+        }
+        Some(n) => n,
+    }
+}
+
+/// A `[limits]` duration of at least `min`; the default when absent.
+fn limit_duration(
+    key: &str,
+    v: Option<&str>,
+    default: Duration,
+    min: Duration,
+    problems: &mut Vec<String>,
+) -> Duration {
+    match v.map(humantime::parse_duration) {
+        None => default,
+        Some(Ok(x)) if x >= min => x,
+        Some(Ok(_)) => {
+            problems.push(format!(
+                "`limits.{key}`: shorter than {}",
+                humantime::format_duration(min)
+            ));
+            default
+        }
+        Some(Err(e)) => {
+            problems.push(format!(
+                "`limits.{key}`: `{}` is not a duration like `20s` ({e})",
+                v.unwrap_or_default()
+            ));
+            default
+        }
+    }
+}
+
 impl RawLimits {
     fn validate(&self, problems: &mut Vec<String>) -> Limits {
         let d = Limits::default();
-        let mut count = |key: &str, v: Option<u64>, default: u64| match v {
-            None => default,
-            Some(0) => {
-                problems.push(format!("`limits.{key}`: 0 would refuse everything"));
-                default
-            }
-            Some(n) => n,
-        };
+        let mut count =
+            |key: &str, v: Option<u64>, default: u64| limit_count(key, v, default, problems);
         let max_connections = count(
             "max_connections",
             self.max_connections.map(|n| n as u64),
@@ -156,38 +191,19 @@ impl RawLimits {
             self.agent_messages_per_second.map(u64::from),
             u64::from(d.agent_messages_per_second),
         ) as u32;
-        let mut duration = |key: &str, v: &Option<String>, default: Duration, min: Duration| match v
-            .as_deref()
-            .map(humantime::parse_duration)
-        {
-            None => default,
-            Some(Ok(x)) if x >= min => x,
-            Some(Ok(_)) => {
-                problems.push(format!(
-                    "`limits.{key}`: shorter than {}",
-                    humantime::format_duration(min)
-                ));
-                default
-            }
-            Some(Err(e)) => {
-                problems.push(format!(
-                    "`limits.{key}`: `{}` is not a duration like `20s` ({e})",
-                    v.as_deref().unwrap_or_default()
-                ));
-                default
-            }
-        };
-        let unauthenticated_timeout = duration(
+        let unauthenticated_timeout = limit_duration(
             "unauthenticated_timeout",
-            &self.unauthenticated_timeout,
+            self.unauthenticated_timeout.as_deref(),
             d.unauthenticated_timeout,
             Duration::from_secs(1),
+            problems,
         );
-        let agent_cert_lifetime = duration(
+        let agent_cert_lifetime = limit_duration(
             "agent_cert_lifetime",
-            &self.agent_cert_lifetime,
+            self.agent_cert_lifetime.as_deref(),
             d.agent_cert_lifetime,
             Duration::from_secs(30),
+            problems,
         );
         if burst < rate {
             problems.push(format!(
@@ -374,110 +390,148 @@ impl IntelSourceConfig {
 /// Polling more often than this is refused.
 const MIN_INTEL_INTERVAL: Duration = Duration::from_secs(1);
 
-impl RawIntel {
-    /// `taxii_key` names the TAXII list in problems (`intel.taxii` or `export.taxii`).
-    fn validate(
-        &self,
-        base: &Path,
-        taxii_key: &str,
-        problems: &mut Vec<String>,
-    ) -> Vec<IntelSourceConfig> {
-        let mut out = Vec::new();
-        let interval = |key: String, v: &Option<String>, problems: &mut Vec<String>| match v {
-            None => Duration::from_secs(15 * 60),
-            Some(s) => match humantime::parse_duration(s) {
-                Ok(d) if d >= MIN_INTEL_INTERVAL => d,
-                Ok(_) => {
-                    problems.push(format!("`{key}`: `{s}` is shorter than one second"));
-                    MIN_INTEL_INTERVAL
-                }
-                Err(e) => {
-                    problems.push(format!("`{key}`: `{s}` is not a duration like `15m` ({e})"));
-                    MIN_INTEL_INTERVAL
-                }
-            },
-        };
-        let ca = |key: String, p: &Option<PathBuf>, problems: &mut Vec<String>| {
-            p.as_ref().map(|p| {
-                let p = base.join(p);
-                if !p.is_file() {
-                    problems.push(format!(
-                        "`{key}`: `{}` does not exist or is not a file",
-                        p.display()
-                    ));
-                }
-                p
-            })
-        };
-        let is_http = |u: &str| u.starts_with("https://") || u.starts_with("http://");
-        for (i, t) in self.taxii.iter().enumerate() {
-            let key = |k: &str| format!("{taxii_key}[{i}].{k}");
-            if !is_http(&t.url) {
-                problems.push(format!(
-                    "`{}`: `{}` is not an http(s):// URL",
-                    key("url"),
-                    t.url
-                ));
+/// A poll interval: 15 minutes when absent, at least [`MIN_INTEL_INTERVAL`].
+fn poll_interval(key: &str, v: Option<&str>, problems: &mut Vec<String>) -> Duration {
+    match v {
+        None => Duration::from_secs(15 * 60),
+        Some(s) => match humantime::parse_duration(s) {
+            Ok(d) if d >= MIN_INTEL_INTERVAL => d,
+            Ok(_) => {
+                problems.push(format!("`{key}`: `{s}` is shorter than one second"));
+                MIN_INTEL_INTERVAL
             }
-            if t.collection.trim().is_empty() || t.collection.contains(['/', '?', '#']) {
-                problems.push(format!(
-                    "`{}`: `{}` is not a collection id",
-                    key("collection"),
-                    t.collection
-                ));
+            Err(e) => {
+                problems.push(format!("`{key}`: `{s}` is not a duration like `15m` ({e})"));
+                MIN_INTEL_INTERVAL
             }
-            let auth = match (&t.username, &t.password, &t.token) {
-                (None, None, None) => HttpAuth::None,
-                (Some(u), Some(p), None) => HttpAuth::Basic {
-                    username: u.clone(),
-                    password: p.clone(),
-                },
-                (None, None, Some(tok)) => HttpAuth::Bearer(tok.clone()),
-                _ => {
-                    problems.push(format!(
-                        "`{taxii_key}[{i}]`: give `username` and `password`, or `token`, or none"
-                    ));
-                    HttpAuth::None
-                }
-            };
-            let mut api_root = t.url.clone();
-            if !api_root.ends_with('/') {
-                api_root.push('/');
-            }
-            out.push(IntelSourceConfig {
-                kind: IntelSourceKind::Taxii {
-                    api_root,
-                    collection: t.collection.clone(),
-                    auth,
-                },
-                interval: interval(key("interval"), &t.interval, problems),
-                ca_cert: ca(key("ca_cert"), &t.ca_cert, problems),
-            });
+        },
+    }
+}
+
+/// A CA certificate file, relative to `base`, that must exist.
+fn ca_file(
+    key: &str,
+    base: &Path,
+    p: Option<&PathBuf>,
+    problems: &mut Vec<String>,
+) -> Option<PathBuf> {
+    p.map(|p| {
+        let p = base.join(p);
+        if !p.is_file() {
+            problems.push(format!(
+                "`{key}`: `{}` does not exist or is not a file",
+                p.display()
+            ));
         }
+        p
+    })
+}
+
+fn is_http(url: &str) -> bool {
+    url.starts_with("https://") || url.starts_with("http://")
+}
+
+/// `url` ending in `/`, as API roots and feed locations are joined.
+fn with_slash(url: &str) -> String {
+    let mut u = url.to_string();
+    if !u.ends_with('/') {
+        u.push('/');
+    }
+    u
+}
+
+impl RawTaxii {
+    /// `key` names this entry in problems (`intel.taxii[0]`, `export.taxii[1]`).
+    fn validate(&self, key: &str, base: &Path, problems: &mut Vec<String>) -> IntelSourceConfig {
+        if !is_http(&self.url) {
+            problems.push(format!(
+                "`{key}.url`: `{}` is not an http(s):// URL",
+                self.url
+            ));
+        }
+        if self.collection.trim().is_empty() || self.collection.contains(['/', '?', '#']) {
+            problems.push(format!(
+                "`{key}.collection`: `{}` is not a collection id",
+                self.collection
+            ));
+        }
+        let auth = match (&self.username, &self.password, &self.token) {
+            (None, None, None) => HttpAuth::None,
+            (Some(u), Some(p), None) => HttpAuth::Basic {
+                username: u.clone(),
+                password: p.clone(),
+            },
+            (None, None, Some(tok)) => HttpAuth::Bearer(tok.clone()),
+            _ => {
+                problems.push(format!(
+                    "`{key}`: give `username` and `password`, or `token`, or none"
+                ));
+                HttpAuth::None
+            }
+        };
+        IntelSourceConfig {
+            kind: IntelSourceKind::Taxii {
+                api_root: with_slash(&self.url),
+                collection: self.collection.clone(),
+                auth,
+            },
+            interval: poll_interval(
+                &format!("{key}.interval"),
+                self.interval.as_deref(),
+                problems,
+            ),
+            ca_cert: ca_file(
+                &format!("{key}.ca_cert"),
+                base,
+                self.ca_cert.as_ref(),
+                problems,
+            ),
+        }
+    }
+}
+
+impl RawMispFeed {
+    fn validate(&self, key: &str, base: &Path, problems: &mut Vec<String>) -> IntelSourceConfig {
+        let location = if is_http(&self.url) {
+            with_slash(&self.url)
+        } else {
+            let p = base.join(&self.url);
+            if !p.is_dir() {
+                problems.push(format!(
+                    "`{key}.url`: `{}` is neither an http(s):// URL nor a directory",
+                    p.display()
+                ));
+            }
+            p.display().to_string()
+        };
+        IntelSourceConfig {
+            kind: IntelSourceKind::MispFeed { location },
+            interval: poll_interval(
+                &format!("{key}.interval"),
+                self.interval.as_deref(),
+                problems,
+            ),
+            ca_cert: ca_file(
+                &format!("{key}.ca_cert"),
+                base,
+                self.ca_cert.as_ref(),
+                problems,
+            ),
+        }
+    }
+}
+
+impl RawIntel {
+    /// The `[intel]` table: its TAXII collections and MISP feeds.
+    fn validate(&self, base: &Path, problems: &mut Vec<String>) -> Vec<IntelSourceConfig> {
+        let taxii = self
+            .taxii
+            .iter()
+            .enumerate()
+            .map(|(i, t)| t.validate(&format!("intel.taxii[{i}]"), base, problems));
+        let mut out: Vec<IntelSourceConfig> = taxii.collect();
         for (i, f) in self.misp_feed.iter().enumerate() {
-            let key = |k: &str| format!("intel.misp_feed[{i}].{k}");
-            let location = if is_http(&f.url) {
-                let mut u = f.url.clone();
-                if !u.ends_with('/') {
-                    u.push('/');
-                }
-                u
-            } else {
-                let p = base.join(&f.url);
-                if !p.is_dir() {
-                    problems.push(format!(
-                        "`{}`: `{}` is neither an http(s):// URL nor a directory",
-                        key("url"),
-                        p.display()
-                    ));
-                }
-                p.display().to_string()
-            };
-            out.push(IntelSourceConfig {
-                kind: IntelSourceKind::MispFeed { location },
-                interval: interval(key("interval"), &f.interval, problems),
-                ca_cert: ca(key("ca_cert"), &f.ca_cert, problems),
-            });
+            out.push(f.validate(&format!("intel.misp_feed[{i}]"), base, problems));
         }
         out
     }
@@ -527,33 +581,123 @@ pub struct Config {
     pub maintainer_keys: Vec<vedette_engine::bundle::PublicKey>,
     pub insecure_allow_unsigned_bundles: bool,
     pub intel_sources: Vec<IntelSourceConfig>,
-    /// The organisation exports name as the maker of sightings.
-    pub organisation: String,
+    /// Who exports name as the maker of sightings (`[export] organisation`): the collector's
+    /// operator, a STIX identity. Not a participating organisation (an `org`).
+    pub producer: String,
     pub sinks: Vec<SinkConfig>,
     pub limits: Limits,
 }
 
-/// Every problem found in a configuration file.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid configuration `{}`:\n  {}", path.display(), problems.join("\n  "))]
-pub struct ConfigError {
-    pub path: PathBuf,
-    pub problems: Vec<String>,
-}
-
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let fail = |p: String| ConfigError {
-            path: path.to_owned(),
-            problems: vec![p],
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}")))?;
-        let raw: RawConfig = toml::from_str(&text).map_err(|e| fail(e.to_string()))?;
+        let raw: RawConfig = vedette_ops::config::read_toml(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        raw.validate(base).map_err(|problems| ConfigError {
-            path: path.to_owned(),
-            problems,
-        })
+        raw.validate(base)
+            .map_err(|problems| ConfigError::new(Some(path), problems))
+    }
+}
+
+/// The `[tls]` files, checked to exist.
+struct TlsFiles {
+    ca_cert: PathBuf,
+    ca_key: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+}
+
+impl RawTls {
+    fn validate(&self, base: &Path, problems: &mut Vec<String>) -> TlsFiles {
+        let mut file = |key: &str, p: &Path| {
+            let p = base.join(p);
+            if !p.is_file() {
+                problems.push(format!(
+                    "`tls.{key}`: `{}` does not exist or is not a file",
+                    p.display()
+                ));
+            }
+            p
+        };
+        TlsFiles {
+            ca_cert: file("ca_cert", &self.ca_cert),
+            ca_key: file("ca_key", &self.ca_key),
+            server_cert: file("server_cert", &self.server_cert),
+            server_key: file("server_key", &self.server_key),
+        }
+    }
+}
+
+/// The addresses a collector serves on.
+struct Addresses {
+    listen: Option<SocketAddr>,
+    metrics_listen: Option<SocketAddr>,
+    console_listen: Option<SocketAddr>,
+}
+
+/// The top-level durations.
+struct Times {
+    shutdown_grace: Duration,
+    token_ttl: Duration,
+    retention: Option<Duration>,
+}
+
+impl RawExport {
+    /// The `[export]` table: its sinks.
+    fn validate(&self, base: &Path, problems: &mut Vec<String>) -> Vec<SinkConfig> {
+        let mut sinks = Vec::new();
+        for j in &self.jsonl {
+            let p = base.join(&j.path);
+            if !p.parent().is_some_and(Path::is_dir) {
+                problems.push(format!(
+                    "`export.jsonl.path`: the directory of `{}` does not exist",
+                    p.display()
+                ));
+            }
+            sinks.push(SinkConfig::Jsonl(p));
+        }
+        for (i, t) in self.taxii.iter().enumerate() {
+            let t = t.validate(&format!("export.taxii[{i}]"), base, problems);
+            if let IntelSourceKind::Taxii {
+                api_root,
+                collection,
+                auth,
+            } = t.kind
+            {
+                sinks.push(SinkConfig::Taxii {
+                    api_root,
+                    collection,
+                    auth,
+                    ca_cert: t.ca_cert,
+                });
+            }
+        }
+        for (i, m) in self.misp.iter().enumerate() {
+            sinks.push(m.validate(&format!("export.misp[{i}]"), base, problems));
+        }
+        sinks
+    }
+}
+
+impl RawMispSink {
+    fn validate(&self, key: &str, base: &Path, problems: &mut Vec<String>) -> SinkConfig {
+        if !is_http(&self.url) {
+            problems.push(format!(
+                "`{key}.url`: `{}` is not an http(s):// URL",
+                self.url
+            ));
+        }
+        if self.key.trim().is_empty() {
+            problems.push(format!("`{key}.key`: empty"));
+        }
+        SinkConfig::Misp {
+            url: with_slash(&self.url),
+            key: self.key.clone(),
+            ca_cert: ca_file(
+                &format!("{key}.ca_cert"),
+                base,
+                self.ca_cert.as_ref(),
+                problems,
+            ),
+        }
     }
 }
 
@@ -561,6 +705,55 @@ impl RawConfig {
     /// Checks every key, resolving relative paths against `base`; returns all problems found.
     pub fn validate(self, base: &Path) -> Result<Config, Vec<String>> {
         let mut problems = Vec::new();
+        let p = &mut problems;
+        let addresses = self.addresses(p);
+        let tls = self.tls.validate(base, p);
+        let times = self.times(p);
+        let store = store_location(self.store.as_ref(), self.database.as_ref(), base)
+            .map_err(|e| p.push(e))
+            .ok();
+        let mut maintainer_keys = Vec::new();
+        for key in &self.maintainer_keys {
+            match vedette_engine::bundle::PublicKey::load(&base.join(key)) {
+                Ok(keys) => maintainer_keys.extend(keys),
+                Err(e) => p.push(format!("`maintainer_keys`: {e}")),
+            }
+        }
+        let intel_sources = self
+            .intel
+            .as_ref()
+            .map(|i| i.validate(base, p))
+            .unwrap_or_default();
+        let export = self.export.clone().unwrap_or_default();
+        let sinks = export.validate(base, p);
+        let limits = self.limits.clone().unwrap_or_default().validate(p);
+        let (Some(listen), Some(store), true) = (addresses.listen, store, problems.is_empty())
+        else {
+            return Err(problems);
+        };
+        Ok(Config {
+            listen,
+            metrics_listen: addresses.metrics_listen,
+            console_listen: addresses.console_listen,
+            store,
+            ca_cert: tls.ca_cert,
+            ca_key: tls.ca_key,
+            server_cert: tls.server_cert,
+            server_key: tls.server_key,
+            shutdown_grace: times.shutdown_grace,
+            token_ttl: times.token_ttl,
+            retention: times.retention,
+            maintainer_keys,
+            insecure_allow_unsigned_bundles: self.insecure_allow_unsigned_bundles,
+            intel_sources,
+            producer: export.organisation.unwrap_or_else(|| "Vedette".into()),
+            sinks,
+            limits,
+        })
+    }
+
+    /// `listen`, `metrics_listen` and `console_listen`.
+    fn addresses(&self, problems: &mut Vec<String>) -> Addresses {
         let listen = self
             .listen
             .parse::<SocketAddr>()
@@ -571,7 +764,7 @@ impl RawConfig {
                 ))
             })
             .ok();
-        let metrics_listen = vedette_proto::metrics::parse_listen(
+        let metrics_listen = vedette_ops::metrics::parse_listen(
             self.metrics_listen
                 .as_deref()
                 .unwrap_or(DEFAULT_METRICS_LISTEN),
@@ -582,25 +775,20 @@ impl RawConfig {
         });
         let console_listen = match self.console_listen.as_deref() {
             None => None,
-            Some(text) => vedette_proto::metrics::parse_listen(text).unwrap_or_else(|e| {
+            Some(text) => vedette_ops::metrics::parse_listen(text).unwrap_or_else(|e| {
                 problems.push(format!("`console_listen`: {e}"));
                 None
             }),
         };
-        let mut file = |key: &str, p: &Path| {
-            let p = base.join(p);
-            if !p.is_file() {
-                problems.push(format!(
-                    "`{key}`: `{}` does not exist or is not a file",
-                    p.display()
-                ));
-            }
-            p
-        };
-        let ca_cert = file("tls.ca_cert", &self.tls.ca_cert);
-        let ca_key = file("tls.ca_key", &self.tls.ca_key);
-        let server_cert = file("tls.server_cert", &self.tls.server_cert);
-        let server_key = file("tls.server_key", &self.tls.server_key);
+        Addresses {
+            listen,
+            metrics_listen,
+            console_listen,
+        }
+    }
+
+    /// `shutdown_grace`, `token_ttl` and `retention` (at least an hour).
+    fn times(&self, problems: &mut Vec<String>) -> Times {
         let mut duration = |key: &str, v: &Option<String>, default: Duration| match v {
             None => default,
             Some(s) => humantime::parse_duration(s).unwrap_or_else(|e| {
@@ -632,113 +820,10 @@ impl RawConfig {
                     None
                 }
             });
-        let store = store_location(self.store.as_ref(), self.database.as_ref(), base)
-            .map_err(|p| problems.push(p))
-            .ok();
-        let mut maintainer_keys = Vec::new();
-        for p in &self.maintainer_keys {
-            match vedette_engine::bundle::PublicKey::load(&base.join(p)) {
-                Ok(keys) => maintainer_keys.extend(keys),
-                Err(e) => problems.push(format!("`maintainer_keys`: {e}")),
-            }
-        }
-        let intel_sources = self
-            .intel
-            .as_ref()
-            .map(|i| i.validate(base, "intel.taxii", &mut problems))
-            .unwrap_or_default();
-        let mut sinks = Vec::new();
-        let export = self.export.clone().unwrap_or_default();
-        for j in &export.jsonl {
-            let p = base.join(&j.path);
-            if !p.parent().is_some_and(Path::is_dir) {
-                problems.push(format!(
-                    "`export.jsonl.path`: the directory of `{}` does not exist",
-                    p.display()
-                ));
-            }
-            sinks.push(SinkConfig::Jsonl(p));
-        }
-        if !export.taxii.is_empty() {
-            let raw = RawIntel {
-                taxii: export.taxii.clone(),
-                misp_feed: Vec::new(),
-            };
-            for t in raw.validate(base, "export.taxii", &mut problems) {
-                if let IntelSourceKind::Taxii {
-                    api_root,
-                    collection,
-                    auth,
-                } = t.kind
-                {
-                    sinks.push(SinkConfig::Taxii {
-                        api_root,
-                        collection,
-                        auth,
-                        ca_cert: t.ca_cert,
-                    });
-                }
-            }
-        }
-        for (i, m) in export.misp.iter().enumerate() {
-            if !(m.url.starts_with("https://") || m.url.starts_with("http://")) {
-                problems.push(format!(
-                    "`export.misp[{i}].url`: `{}` is not an http(s):// URL",
-                    m.url
-                ));
-            }
-            if m.key.trim().is_empty() {
-                problems.push(format!("`export.misp[{i}].key`: empty"));
-            }
-            let ca_cert = m.ca_cert.as_ref().map(|p| base.join(p));
-            if let Some(p) = &ca_cert
-                && !p.is_file()
-            {
-                problems.push(format!(
-                    "`export.misp[{i}].ca_cert`: `{}` does not exist or is not a file",
-                    p.display()
-                ));
-            }
-            let mut url = m.url.clone();
-            if !url.ends_with('/') {
-                url.push('/');
-            }
-            sinks.push(SinkConfig::Misp {
-                url,
-                key: m.key.clone(),
-                ca_cert,
-            });
-        }
-        let limits = self
-            .limits
-            .clone()
-            .unwrap_or_default()
-            .validate(&mut problems);
-        let organisation = export
-            .organisation
-            .clone()
-            .unwrap_or_else(|| "Vedette".into());
-        match (listen, store, problems.is_empty()) {
-            (Some(listen), Some(store), true) => Ok(Config {
-                listen,
-                metrics_listen,
-                console_listen,
-                store,
-                ca_cert,
-                ca_key,
-                server_cert,
-                server_key,
-                shutdown_grace,
-                token_ttl,
-                retention,
-                maintainer_keys,
-                insecure_allow_unsigned_bundles: self.insecure_allow_unsigned_bundles,
-                intel_sources,
-                organisation,
-                sinks,
-                limits,
-            }),
-            _ => Err(problems),
+        Times {
+            shutdown_grace,
+            token_ttl,
+            retention,
         }
     }
 }

@@ -4,7 +4,7 @@
 //! An agent belongs to the organisation its enrollment token named; the organisation is written
 //! into its certificate ([`crate::pki`]) and read back from there only ([`crate::identity`]).
 
-use vedette_proto::export::{Share, Sharing, Tlp};
+use vedette_share::sharing::{Share, Sharing, Tlp};
 
 use crate::store::OrgRow;
 
@@ -106,13 +106,13 @@ pub fn new_stix_id() -> String {
 /// The policy exports apply to an organisation's detections. The default organisation is
 /// named as the collector's `[export] organisation` and keeps the identity exports gave it
 /// before organisations existed, so a single-organisation collector's exports do not change.
-pub fn sharing(row: &OrgRow, collector_organisation: &str) -> Sharing {
+pub fn sharing(row: &OrgRow, producer: &str) -> Sharing {
     let share = Share::parse(&row.share).unwrap_or(Share::None);
     let tlp = Tlp::parse(&row.tlp).unwrap_or(Tlp::Red);
     if row.name == DEFAULT_ORG {
-        let legacy = vedette_proto::export::identity(collector_organisation);
+        let legacy = vedette_share::stix::identity(producer);
         return Sharing {
-            name: collector_organisation.to_string(),
+            name: producer.to_string(),
             stix_id: legacy["id"].as_str().unwrap_or_default().to_string(),
             sector: row.sector.clone(),
             country: row.country.clone(),

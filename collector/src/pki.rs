@@ -343,10 +343,10 @@ mod tests {
                 std::time::Duration::from_secs(3600),
             )
             .unwrap();
-        let id = crate::identity::Identity::from_pem_for_tests(&pem);
+        let id = crate::peer::Peer::from_pem_for_tests(&pem);
         assert_eq!(
             id,
-            crate::identity::Identity::Agent {
+            crate::peer::Peer::Agent {
                 id: "0000-agent".to_string(),
                 org: "alpha".to_string()
             }

@@ -2,6 +2,8 @@
 //! or a list of problems, never a panic.
 //! `PROPTEST_CASES=50000 cargo test -p vedette-collector --test props` runs longer.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)] // test code
+
 use proptest::prelude::*;
 
 fn cases() -> u32 {

@@ -1,18 +1,5 @@
 //! The Vedette wire protocol (`vedette.v1`): generated message types and gRPC services, plus the
 //! size limits both peers enforce.
-#![forbid(unsafe_code)]
-
-#[cfg(feature = "cli")]
-pub mod cli;
-pub mod client;
-#[cfg(feature = "cli")]
-pub mod doctor;
-#[cfg(feature = "cli")]
-pub mod export;
-#[cfg(feature = "metrics")]
-pub mod metrics;
-#[cfg(feature = "cli")]
-pub mod output;
 
 pub mod v1 {
     #![allow(clippy::all, clippy::pedantic)]

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use vedette_engine::bundle::{self, PublicKey};
-use vedette_proto::client::{ClientTls, connect};
+use vedette_ops::client::{ClientTls, connect};
 use vedette_proto::v1::admin_service_client::AdminServiceClient;
 use vedette_proto::v1::agent_message::Msg;
 use vedette_proto::v1::collector_message::Msg as Down;

@@ -37,7 +37,7 @@
 
 use std::time::{Duration, Instant};
 
-use vedette_proto::client::ClientTls;
+use vedette_ops::client::ClientTls;
 use vedette_proto::v1::agent_message::Msg;
 use vedette_proto::v1::collector_message::Msg as Down;
 use vedette_proto::v1::{AgentMessage, Detection, DetectionBatch, FileTarget, detection};

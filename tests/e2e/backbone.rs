@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use vedette_proto::client::{ClientTls, connect};
+use vedette_ops::client::{ClientTls, connect};
 use vedette_proto::v1::admin_service_client::AdminServiceClient;
 use vedette_proto::v1::agent_message::Msg;
 use vedette_proto::v1::agent_service_client::AgentServiceClient;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use vedette_engine::bundle::{self, BundleContent, BundleFile, SigningKey};
-use vedette_proto::client::{ClientTls, connect};
+use vedette_ops::client::{ClientTls, connect};
 use vedette_proto::v1::PublishBundleRequest;
 use vedette_proto::v1::admin_service_client::AdminServiceClient;
 use vedette_tests::{Agent, Collector, wait_for, wait_until};

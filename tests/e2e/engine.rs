@@ -35,13 +35,40 @@ fn startup_full_scan_finds_existing_files_once_across_restarts() {
     assert!(p.signal_and_wait("TERM").success());
     assert!(agent.state.join("scan-cache.bin").exists());
 
-    // Restarted: the start-up scan runs again (the log says so) but the file is unchanged.
+    // Restarted: the start-up scan runs again but the file is unchanged, so its result comes
+    // from the cache (the agent's own counters say so) and the agent reports nothing new. The
+    // store would hold one row even for a second report (the id is derived), so the row count
+    // alone could not show this.
     agent.run_watching(&c, &tree, &rules);
     let proc = agent.proc.as_mut().unwrap();
     wait_for(
         Duration::from_secs(20),
         "the second start-up scan to finish",
         || proc.log_text().contains("full scan finished").then_some(()),
+    );
+    let counters = wait_for(
+        Duration::from_secs(20),
+        "a heartbeat of the restarted agent after its start-up scan",
+        || {
+            // The first run made no cache hit: a heartbeat with one is the restarted agent's.
+            let a = c.agents().into_iter().next()?;
+            let counters = a["counters"].clone();
+            let done = counters["full_scans"].as_u64() >= Some(1)
+                && counters["cache_hits"].as_u64().is_some();
+            done.then_some(counters)
+        },
+    );
+    assert_eq!(counters["cache_hits"], 1, "{counters}");
+    // Counters that stayed at zero are left out of heartbeats.
+    assert_eq!(
+        counters["detections"].as_u64().unwrap_or(0),
+        0,
+        "{counters}"
+    );
+    assert_eq!(
+        counters["files_scanned"].as_u64().unwrap_or(0),
+        0,
+        "{counters}"
     );
     assert_eq!(count(), 1);
 }

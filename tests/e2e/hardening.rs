@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use vedette_proto::client::ClientTls;
+use vedette_ops::client::ClientTls;
 use vedette_proto::v1::agent_message::Msg;
 use vedette_proto::v1::collector_message::Msg as Down;
 use vedette_proto::v1::{AgentMessage, Detection, DetectionBatch};
@@ -366,7 +366,7 @@ async fn held_enrollment(addr: String, ca: String) -> (Duration, tonic::Code) {
         ca_pem: ca,
         identity: None,
     };
-    let code = match vedette_proto::client::connect(&addr, &tls).await {
+    let code = match vedette_ops::client::connect(&addr, &tls).await {
         Err(_) => tonic::Code::Unavailable,
         Ok(ch) => {
             let mut grpc = tonic::client::Grpc::new(ch);
@@ -422,7 +422,7 @@ fn connections_without_a_certificate_and_oversized_enrollments_are_bounded_while
         };
         let mut codes = Vec::new();
         for _ in 0..10 {
-            let ch = vedette_proto::client::connect(&c.addr, &tls).await.unwrap();
+            let ch = vedette_ops::client::connect(&c.addr, &tls).await.unwrap();
             let r = vedette_proto::v1::agent_service_client::AgentServiceClient::new(ch)
                 .enroll(vedette_proto::v1::EnrollRequest {
                     token: "x".repeat(200),
@@ -443,7 +443,7 @@ fn connections_without_a_certificate_and_oversized_enrollments_are_bounded_while
             ca_pem: ca.clone(),
             identity: None,
         };
-        let ch = vedette_proto::client::connect(&c.addr, &tls).await.unwrap();
+        let ch = vedette_ops::client::connect(&c.addr, &tls).await.unwrap();
         vedette_proto::v1::admin_service_client::AdminServiceClient::new(ch)
             .list_agents(vedette_proto::v1::ListAgentsRequest::default())
             .await

@@ -1,7 +1,8 @@
 //! On-access events: fanotify on a tmpfs each test mounts itself (so a fault cannot stall the
 //! host's own file systems), every exec of an indicator binary reported with its pid, and the
 //! fallback to inotify without CAP_SYS_ADMIN. These tests need root (to mount and to use
-//! fanotify); elsewhere they say so and skip.
+//! fanotify); elsewhere they say so and skip, except under CI or with
+//! `VEDETTE_TEST_ROOT=required` (`.ci/run` sets it), where they fail.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -31,7 +32,7 @@ fn setup(hashes: &[String], extra: &str) -> Option<Setup> {
     let fs = match Tmpfs::mount(&tmp.path().join("fs")) {
         Ok(fs) => fs,
         Err(e) => {
-            eprintln!("skipped: {e}");
+            vedette_tests::missing_root(&e);
             return None;
         }
     };

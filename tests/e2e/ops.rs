@@ -374,7 +374,7 @@ fn agent_doctor_reports_a_too_small_inotify_watch_limit() {
         .status()
         .is_ok_and(|s| s.success());
     if !unshare_works {
-        eprintln!("SKIP: needs root and unshare(1) for a mount namespace");
+        vedette_tests::missing_root("unshare(1) for a mount namespace");
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

@@ -72,7 +72,9 @@ fn scan_json_and_detections_list_json_agree_on_every_field_of_a_detection() {
         "pid",
         "action",
     ] {
-        assert_eq!(scan_obj.get(key), stored_obj.get(key), "`{key}`");
+        let (scanned, stored) = (scan_obj.get(key), stored_obj.get(key));
+        assert!(scanned.is_some() && stored.is_some(), "`{key}` missing");
+        assert_eq!(scanned, stored, "`{key}`");
     }
     for key in ["observed_at", "received_at"] {
         let t = stored[key].as_str().unwrap();

@@ -494,14 +494,30 @@ impl Agent {
 }
 
 /// A peer tool a test runs against is missing: a failure where `.ci/run` installs them
-/// (`VEDETTE_TEST_PEERS=required`), else the test says it skips (the caller returns).
+/// (`VEDETTE_TEST_PEERS=required`) or under CI (`CI=true`), else the test says it skips (the
+/// caller returns).
 pub fn missing_peer(what: &str, install: &str) {
-    assert_ne!(
-        std::env::var("VEDETTE_TEST_PEERS").as_deref(),
-        Ok("required"),
+    assert!(
+        std::env::var("VEDETTE_TEST_PEERS").as_deref() != Ok("required") && !under_ci(),
         "{what} required here ({install})"
     );
     eprintln!("SKIP: {what} not installed ({install}; .ci/run installs it)");
+}
+
+/// A test needs root (to mount, to use fanotify, to make namespaces) and cannot have it: a
+/// failure where `.ci/run` runs the tests as root (`VEDETTE_TEST_ROOT=required`) or under CI
+/// (`CI=true`), else the test says it skips (the caller returns).
+pub fn missing_root(why: &str) {
+    assert!(
+        std::env::var("VEDETTE_TEST_ROOT").as_deref() != Ok("required") && !under_ci(),
+        "this test needs root here: {why}"
+    );
+    eprintln!("SKIP: needs root: {why}");
+}
+
+/// Whether the tests run under CI (`CI=true`), where a missing prerequisite fails.
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
 /// Standard output then standard error of a finished command, as text.
@@ -557,9 +573,14 @@ pub struct PgDb {
 }
 
 impl PgDb {
-    /// None, with a message, where `VEDETTE_TEST_POSTGRES` is not set.
+    /// None, with a message, where `VEDETTE_TEST_POSTGRES` is not set; under CI (`CI=true`)
+    /// that is a failure instead.
     pub fn create(test: &str) -> Option<PgDb> {
         let Ok(admin) = std::env::var("VEDETTE_TEST_POSTGRES") else {
+            assert!(
+                !under_ci(),
+                "{test}: VEDETTE_TEST_POSTGRES is not set, and CI=true makes that a failure"
+            );
             eprintln!("skipped on PostgreSQL ({test}): VEDETTE_TEST_POSTGRES is not set");
             return None;
         };
@@ -609,7 +630,7 @@ pub async fn enroll_simulated(
     c: &Collector,
     token: &str,
     n: usize,
-) -> Vec<(String, vedette_proto::client::ClientTls)> {
+) -> Vec<(String, vedette_ops::client::ClientTls)> {
     enroll_simulated_at(&c.addr, &c.file("ca.crt"), token, n).await
 }
 
@@ -620,8 +641,8 @@ pub async fn enroll_simulated_at(
     ca_pem: &str,
     token: &str,
     n: usize,
-) -> Vec<(String, vedette_proto::client::ClientTls)> {
-    use vedette_proto::client::{ClientTls, connect};
+) -> Vec<(String, vedette_ops::client::ClientTls)> {
+    use vedette_ops::client::{ClientTls, connect};
     use vedette_proto::v1::EnrollRequest;
     use vedette_proto::v1::agent_service_client::AgentServiceClient;
     let mut enrolls = tokio::task::JoinSet::new();
@@ -668,12 +689,12 @@ pub type AgentStream = (
 /// simulated agents). A connection that cannot be made is `unavailable`.
 pub async fn agent_stream(
     addr: &str,
-    tls: &vedette_proto::client::ClientTls,
+    tls: &vedette_ops::client::ClientTls,
 ) -> Result<AgentStream, tonic::Status> {
     use vedette_proto::v1::agent_message::Msg;
     use vedette_proto::v1::agent_service_client::AgentServiceClient;
     use vedette_proto::v1::{AgentMessage, Hello};
-    let ch = vedette_proto::client::connect(addr, tls)
+    let ch = vedette_ops::client::connect(addr, tls)
         .await
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     let (up, rx) = tokio::sync::mpsc::channel(8);

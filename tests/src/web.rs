@@ -6,6 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use base64::Engine;
 use serde_json::{Value, json};
 
 use crate::{Proc, free_port, wait_until};
@@ -296,7 +297,9 @@ impl Browser {
     /// Saves a PNG screenshot of the page as `NAME.png`, prints and returns its path.
     pub fn screenshot(&self, name: &str) -> PathBuf {
         let b64 = self.call("GET", &self.s("/screenshot"), None);
-        let png = base64_decode(b64.as_str().unwrap_or_default());
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(b64.as_str().unwrap_or_default())
+            .expect("the screenshot is base64");
         assert!(png.starts_with(b"\x89PNG"), "screenshot is not a PNG");
         let path = self.shots.join(format!("{name}.png"));
         std::fs::write(&path, png).expect("write screenshot");
@@ -319,38 +322,5 @@ impl Drop for Browser {
                 .delete(format!("{}/session/{}", self.base, self.session))
                 .call();
         }
-    }
-}
-
-/// Standard base64 (WebDriver screenshots).
-fn base64_decode(text: &str) -> Vec<u8> {
-    let value = |c: u8| match c {
-        b'A'..=b'Z' => Some(c - b'A'),
-        b'a'..=b'z' => Some(c - b'a' + 26),
-        b'0'..=b'9' => Some(c - b'0' + 52),
-        b'+' => Some(62),
-        b'/' => Some(63),
-        _ => None,
-    };
-    let mut out = Vec::with_capacity(text.len() * 3 / 4);
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for v in text.bytes().filter_map(value) {
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn base64_decodes() {
-        assert_eq!(super::base64_decode("aGVsbG8gd29ybGQ="), b"hello world");
-        assert_eq!(super::base64_decode("iVBORw=="), b"\x89PNG");
     }
 }

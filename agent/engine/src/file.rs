@@ -204,45 +204,9 @@ impl<'r> FileScanner<'r> {
                 Ok(report)
             };
         }
-        self.buf.clear();
-        // One allocation of the expected size: a `Take` reader gives no size hint.
-        self.buf.reserve(meta.len() as usize + 1);
-        // Read at most one byte past the cap: a file that grew past it is skipped, not
-        // truncated into a partial scan.
-        let mut limited = file.take(self.options.max_file_size + 1);
-        limited
-            .read_to_end(&mut self.buf)
-            .map_err(SkipReason::Unreadable)?;
-        if self.buf.len() as u64 > self.options.max_file_size {
-            return Err(SkipReason::TooLarge(self.buf.len() as u64));
-        }
+        let limited = self.read_whole(file, meta.len())?;
         report.size = self.buf.len() as u64;
-        // Only the digests some indicator needs, computed now unless they were ahead of the scan
-        // for this very state of the file.
-        let wanted = Wanted::of(iocs);
-        if wanted.any() {
-            let ahead = self
-                .ahead
-                .and_then(|m| {
-                    let after = limited.get_ref().metadata().ok()?;
-                    m.take(&meta, &after)
-                })
-                .unwrap_or_default();
-            let data = &self.buf;
-            report.md5 = wanted
-                .md5
-                .then(|| ahead.md5.unwrap_or_else(|| hex::encode(Md5::digest(data))));
-            report.sha1 = wanted.sha1.then(|| {
-                ahead
-                    .sha1
-                    .unwrap_or_else(|| hex::encode(Sha1::digest(data)))
-            });
-            report.sha256 = wanted.sha256.then(|| {
-                ahead
-                    .sha256
-                    .unwrap_or_else(|| hex::encode(Sha256::digest(data)))
-            });
-        }
+        self.digests(&mut report, &meta, limited.get_ref());
         iocs.match_hashes(
             report.md5.as_deref(),
             report.sha1.as_deref(),
@@ -256,29 +220,8 @@ impl<'r> FileScanner<'r> {
             report.sha256.as_deref(),
             &mut report.matches,
         );
-        let rules = self.rules;
-        let buf = std::mem::take(&mut self.buf);
-        let scanned = self.yara().map(|scanner| {
-            set_externals(scanner, path, &meta);
-            scanner.scan(&buf).map(|results| {
-                results
-                    .matching_rules()
-                    .map(|r| rules.yara_match(&r))
-                    .collect::<Vec<_>>()
-            })
-        });
-        self.buf = buf;
-        if let Some(scanned) = scanned {
-            match scanned {
-                Ok(found) => {
-                    report.matches.extend(found);
-                }
-                Err(yara_x::ScanError::Timeout) => return Err(SkipReason::Timeout),
-                Err(e) => {
-                    return Err(SkipReason::Unreadable(std::io::Error::other(e.to_string())));
-                }
-            }
-        }
+        let found = self.match_yara(path, &meta)?;
+        report.matches.extend(found);
         if !report.matches.is_empty() && report.sha256.is_none() {
             report.sha256 = Some(hex::encode(Sha256::digest(&self.buf)));
         }
@@ -287,6 +230,79 @@ impl<'r> FileScanner<'r> {
             self.buf = Vec::new();
         }
         Ok(report)
+    }
+
+    /// Reads the file into the buffer: at most one byte past the cap, so a file that grew past
+    /// it is skipped, not truncated into a partial scan. The reader, to look at the file again.
+    fn read_whole(&mut self, file: File, expected: u64) -> Result<std::io::Take<File>, SkipReason> {
+        self.buf.clear();
+        // One allocation of the expected size: a `Take` reader gives no size hint.
+        self.buf
+            .reserve(expected.min(self.options.max_file_size) as usize + 1);
+        let mut limited = file.take(self.options.max_file_size + 1);
+        limited
+            .read_to_end(&mut self.buf)
+            .map_err(SkipReason::Unreadable)?;
+        if self.buf.len() as u64 > self.options.max_file_size {
+            return Err(SkipReason::TooLarge(self.buf.len() as u64));
+        }
+        Ok(limited)
+    }
+
+    /// Only the digests some indicator needs, computed now unless they were hashed ahead of
+    /// the scan for this very state of the file (`before` and `file` as the read saw it).
+    fn digests(&self, report: &mut FileReport, before: &std::fs::Metadata, file: &File) {
+        let wanted = Wanted::of(&self.rules.iocs);
+        if !wanted.any() {
+            return;
+        }
+        let ahead = self
+            .ahead
+            .and_then(|m| {
+                let after = file.metadata().ok()?;
+                m.take(before, &after)
+            })
+            .unwrap_or_default();
+        let data = &self.buf;
+        report.md5 = wanted
+            .md5
+            .then(|| ahead.md5.unwrap_or_else(|| hex::encode(Md5::digest(data))));
+        report.sha1 = wanted.sha1.then(|| {
+            ahead
+                .sha1
+                .unwrap_or_else(|| hex::encode(Sha1::digest(data)))
+        });
+        report.sha256 = wanted.sha256.then(|| {
+            ahead
+                .sha256
+                .unwrap_or_else(|| hex::encode(Sha256::digest(data)))
+        });
+    }
+
+    /// The YARA rules that match the buffer (none without YARA rules).
+    fn match_yara(
+        &mut self,
+        path: &Path,
+        meta: &std::fs::Metadata,
+    ) -> Result<Vec<RuleMatch>, SkipReason> {
+        let rules = self.rules;
+        let buf = std::mem::take(&mut self.buf);
+        let scanned = self.yara().map(|scanner| {
+            set_externals(scanner, path, meta);
+            scanner.scan(&buf).map(|results| {
+                results
+                    .matching_rules()
+                    .map(|r| rules.yara_match(&r))
+                    .collect::<Vec<_>>()
+            })
+        });
+        self.buf = buf;
+        match scanned {
+            None => Ok(Vec::new()),
+            Some(Ok(found)) => Ok(found),
+            Some(Err(yara_x::ScanError::Timeout)) => Err(SkipReason::Timeout),
+            Some(Err(e)) => Err(SkipReason::Unreadable(std::io::Error::other(e.to_string()))),
+        }
     }
 }
 

@@ -65,7 +65,37 @@ pub fn document(doc: &Value, origin: &str, now_ms: i64) -> Result<Imported, Stri
 /// STIX objects (a bundle's or a TAXII page's): the indicators among them.
 pub fn stix_objects(objects: &[Value], origin: &str, now_ms: i64) -> Imported {
     let mut out = Imported::default();
-    // Techniques of attack patterns in the same objects, for `indicates` relationships.
+    let mut indicates = indicated_techniques(objects);
+    for o in objects {
+        if o.get("type").and_then(Value::as_str) != Some("indicator") {
+            continue;
+        }
+        let id = o
+            .get("id")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let extra = indicates.remove(id.as_str()).unwrap_or_default();
+        match stix_indicator(o, id, origin, now_ms, extra) {
+            Ok(line) => out.accepted.push(line),
+            Err(Refused::Revoked(id)) => out.revoked.push(id),
+            Err(Refused::Skipped(id, why)) => out.skipped.push((id, why)),
+            Err(Refused::Rejected(id, why)) => out.rejected.push((id, why)),
+        }
+    }
+    out
+}
+
+/// Why an indicator is not imported.
+enum Refused {
+    Revoked(String),
+    Skipped(String, String),
+    Rejected(String, String),
+}
+
+/// The techniques of attack patterns that `indicates` relationships in the same objects tie
+/// to an indicator, by the indicator's id.
+fn indicated_techniques(objects: &[Value]) -> HashMap<&str, Vec<String>> {
     let mut patterns: HashMap<&str, String> = HashMap::new();
     for o in objects {
         if o.get("type").and_then(Value::as_str) == Some("attack-pattern")
@@ -88,84 +118,76 @@ pub fn stix_objects(objects: &[Value], origin: &str, now_ms: i64) -> Imported {
             indicates.entry(src).or_default().push(t.clone());
         }
     }
-    for o in objects {
-        if o.get("type").and_then(Value::as_str) != Some("indicator") {
-            continue;
-        }
-        let id = o
-            .get("id")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
-        if !id.starts_with("indicator--") {
-            out.rejected
-                .push((id, "indicator without a valid id".into()));
-            continue;
-        }
-        if o.get("revoked").and_then(Value::as_bool) == Some(true) {
-            out.revoked.push(id);
-            continue;
-        }
-        let valid_until_ms = match o.get("valid_until").and_then(Value::as_str) {
-            Some(t) => match rfc3339_ms(t) {
-                Some(ms) => Some(ms),
-                None => {
-                    out.rejected
-                        .push((id, format!("valid_until `{t}` is not a timestamp")));
-                    continue;
-                }
-            },
-            None => None,
-        };
-        if valid_until_ms.is_some_and(|t| t <= now_ms) {
-            out.skipped
-                .push((id, "expired (valid_until is past)".into()));
-            continue;
-        }
-        let pattern_type = o.get("pattern_type").and_then(Value::as_str).unwrap_or("");
-        let Some(pattern) = o.get("pattern").and_then(Value::as_str) else {
-            out.rejected
-                .push((id, "indicator without a pattern".into()));
-            continue;
-        };
-        let mut techniques = Vec::new();
-        if let Some(phases) = o.get("kill_chain_phases").and_then(Value::as_array) {
-            for p in phases {
-                if p.get("kill_chain_name").and_then(Value::as_str) == Some("mitre-attack")
-                    && let Some(t) = p
-                        .get("phase_name")
-                        .and_then(Value::as_str)
-                        .and_then(technique_id)
-                {
-                    techniques.push(t);
-                }
+    indicates
+}
+
+/// One STIX indicator as an intel line, with `extra` techniques from relationships.
+fn stix_indicator(
+    o: &Value,
+    id: String,
+    origin: &str,
+    now_ms: i64,
+    extra: Vec<String>,
+) -> Result<IntelLine, Refused> {
+    if !id.starts_with("indicator--") {
+        return Err(Refused::Rejected(id, "indicator without a valid id".into()));
+    }
+    if o.get("revoked").and_then(Value::as_bool) == Some(true) {
+        return Err(Refused::Revoked(id));
+    }
+    let valid_until_ms = match o.get("valid_until").and_then(Value::as_str) {
+        Some(t) => match rfc3339_ms(t) {
+            Some(ms) => Some(ms),
+            None => {
+                let why = format!("valid_until `{t}` is not a timestamp");
+                return Err(Refused::Rejected(id, why));
+            }
+        },
+        None => None,
+    };
+    if valid_until_ms.is_some_and(|t| t <= now_ms) {
+        return Err(Refused::Skipped(id, "expired (valid_until is past)".into()));
+    }
+    let pattern_type = o.get("pattern_type").and_then(Value::as_str).unwrap_or("");
+    let Some(pattern) = o.get("pattern").and_then(Value::as_str) else {
+        return Err(Refused::Rejected(id, "indicator without a pattern".into()));
+    };
+    let mut techniques = Vec::new();
+    if let Some(phases) = o.get("kill_chain_phases").and_then(Value::as_array) {
+        for p in phases {
+            if p.get("kill_chain_name").and_then(Value::as_str) == Some("mitre-attack")
+                && let Some(t) = p
+                    .get("phase_name")
+                    .and_then(Value::as_str)
+                    .and_then(technique_id)
+            {
+                techniques.push(t);
             }
         }
-        techniques.extend(indicates.remove(id.as_str()).unwrap_or_default());
-        techniques.sort();
-        techniques.dedup();
-        let line = IntelLine {
-            source: "stix".into(),
-            id: id.clone(),
-            event: String::new(),
-            origin: origin.into(),
-            name: text(o, "name"),
-            description: text(o, "description"),
-            score: o
-                .get("confidence")
-                .and_then(Value::as_u64)
-                .map(|c| c.min(100) as u32),
-            techniques,
-            valid_until_ms,
-            pattern_type: pattern_type.into(),
-            pattern: pattern.into(),
-        };
-        match check(&line) {
-            Ok(()) => out.accepted.push(line),
-            Err(reason) => out.rejected.push((id, reason)),
-        }
     }
-    out
+    techniques.extend(extra);
+    techniques.sort();
+    techniques.dedup();
+    let line = IntelLine {
+        source: "stix".into(),
+        id: id.clone(),
+        event: String::new(),
+        origin: origin.into(),
+        name: text(o, "name"),
+        description: text(o, "description"),
+        score: o
+            .get("confidence")
+            .and_then(Value::as_u64)
+            .map(|c| c.min(100) as u32),
+        techniques,
+        valid_until_ms,
+        pattern_type: pattern_type.into(),
+        pattern: pattern.into(),
+    };
+    match check(&line) {
+        Ok(()) => Ok(line),
+        Err(reason) => Err(Refused::Rejected(id, reason)),
+    }
 }
 
 /// Whether the engine can evaluate the line's pattern, and why not.

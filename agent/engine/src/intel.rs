@@ -251,59 +251,11 @@ impl Intel {
         }
         for tests in conjs {
             let at = self.conjs.len();
-            let subject = tests[0].0.subject();
-            match subject {
-                Subject::File => {
-                    let hash = tests.iter().find_map(|(f, c)| match (hash_slot(*f), c) {
-                        (Some(s), Check::Equals(v)) => Some((s, v)),
-                        _ => None,
-                    });
-                    let name = tests.iter().find_map(|(f, c)| match (f, c) {
-                        (Field::FileName, Check::Equals(v)) => Some(v),
-                        _ => None,
-                    });
-                    if let Some((slot, values)) = hash {
-                        for v in values {
-                            self.by_hash[slot].entry(v.clone()).or_default().push(at);
-                        }
-                    } else if let Some(values) = name {
-                        for v in values {
-                            self.by_name.entry(v.clone()).or_default().push(at);
-                        }
-                    } else {
-                        self.file_scan.push(at);
-                    }
-                    for (f, _) in &tests {
-                        if let Some(s) = hash_slot(*f) {
-                            self.wants[s] = true;
-                        }
-                    }
-                }
+            match tests[0].0.subject() {
+                Subject::File => self.index_file(at, &tests),
                 Subject::Process => self.process.push(at),
-                Subject::Network => {
-                    let exact = tests.iter().find_map(|(_, c)| match c {
-                        Check::Network(n) if n.iter().all(|(ip, b)| full(*ip, *b)) => Some(n),
-                        _ => None,
-                    });
-                    match exact {
-                        Some(n) => {
-                            for (ip, _) in n {
-                                self.by_address.entry(*ip).or_default().push(at);
-                            }
-                        }
-                        None => self.networks.push(at),
-                    }
-                }
-                Subject::Domain => {
-                    for (_, c) in &tests {
-                        if let Check::Equals(v) = c {
-                            for d in v {
-                                self.by_domain.entry(d.clone()).or_default().push(at);
-                            }
-                            break;
-                        }
-                    }
-                }
+                Subject::Network => self.index_network(at, &tests),
+                Subject::Domain => self.index_domain(at, &tests),
             }
             self.conjs.push(Conj {
                 indicator: index,
@@ -320,6 +272,64 @@ impl Intel {
         });
         self.loaded += 1;
         Ok(())
+    }
+
+    /// A file conjunction `at`: indexed by a hash it tests for equality, else by a file name,
+    /// else tried on every file; the digests it tests are wanted.
+    fn index_file(&mut self, at: usize, tests: &[(Field, Check)]) {
+        let hash = tests.iter().find_map(|(f, c)| match (hash_slot(*f), c) {
+            (Some(s), Check::Equals(v)) => Some((s, v)),
+            _ => None,
+        });
+        let name = tests.iter().find_map(|(f, c)| match (f, c) {
+            (Field::FileName, Check::Equals(v)) => Some(v),
+            _ => None,
+        });
+        if let Some((slot, values)) = hash {
+            for v in values {
+                self.by_hash[slot].entry(v.clone()).or_default().push(at);
+            }
+        } else if let Some(values) = name {
+            for v in values {
+                self.by_name.entry(v.clone()).or_default().push(at);
+            }
+        } else {
+            self.file_scan.push(at);
+        }
+        for (f, _) in tests {
+            if let Some(s) = hash_slot(*f) {
+                self.wants[s] = true;
+            }
+        }
+    }
+
+    /// A network conjunction `at`: indexed by address when it names whole addresses, else
+    /// tried on every connection.
+    fn index_network(&mut self, at: usize, tests: &[(Field, Check)]) {
+        let exact = tests.iter().find_map(|(_, c)| match c {
+            Check::Network(n) if n.iter().all(|(ip, b)| full(*ip, *b)) => Some(n),
+            _ => None,
+        });
+        match exact {
+            Some(n) => {
+                for (ip, _) in n {
+                    self.by_address.entry(*ip).or_default().push(at);
+                }
+            }
+            None => self.networks.push(at),
+        }
+    }
+
+    /// A domain conjunction `at`: indexed by the names its first equality test gives.
+    fn index_domain(&mut self, at: usize, tests: &[(Field, Check)]) {
+        for (_, c) in tests {
+            if let Check::Equals(v) = c {
+                for d in v {
+                    self.by_domain.entry(d.clone()).or_default().push(at);
+                }
+                break;
+            }
+        }
     }
 
     pub fn is_empty(&self) -> bool {

@@ -164,47 +164,13 @@ fn lex(text: &str) -> Result<Vec<Tok>, String> {
     let mut i = 0;
     while i < chars.len() {
         let c = chars[i];
+        if let Some((tok, len)) = punctuation(c, chars.get(i + 1).copied()) {
+            out.push(tok);
+            i += len;
+            continue;
+        }
         match c {
             c if c.is_whitespace() => i += 1,
-            '[' => {
-                out.push(Tok::LBracket);
-                i += 1
-            }
-            ']' => {
-                out.push(Tok::RBracket);
-                i += 1
-            }
-            '(' => {
-                out.push(Tok::LParen);
-                i += 1
-            }
-            ')' => {
-                out.push(Tok::RParen);
-                i += 1
-            }
-            ',' => {
-                out.push(Tok::Comma);
-                i += 1
-            }
-            '=' => {
-                out.push(Tok::Op("="));
-                i += 1
-            }
-            '!' if chars.get(i + 1) == Some(&'=') => {
-                out.push(Tok::Op("!="));
-                i += 2
-            }
-            '<' | '>' => {
-                let op = match (c, chars.get(i + 1)) {
-                    ('<', Some('=')) => "<=",
-                    ('>', Some('=')) => ">=",
-                    ('<', Some('>')) => "!=",
-                    ('<', _) => "<",
-                    _ => ">",
-                };
-                i += op.len();
-                out.push(Tok::Op(op));
-            }
             '\'' => {
                 let (s, next) = string_at(&chars, i)?;
                 out.push(Tok::Str(s));
@@ -229,67 +195,91 @@ fn lex(text: &str) -> Result<Vec<Tok>, String> {
                     continue;
                 }
                 let start = i;
-                while i < chars.len()
-                    && (chars[i].is_ascii_alphanumeric() || matches!(chars[i], '_' | '-'))
-                {
-                    i += 1;
-                }
+                i = name_end(&chars, i);
                 if chars.get(i) != Some(&':') {
                     out.push(Tok::Word(chars[start..i].iter().collect()));
                     continue;
                 }
-                // object-type ':' property ( '.' name | '.' 'quoted' | '[' index ']' )*
-                let mut path: String = chars[start..=i].iter().collect();
-                i += 1;
-                let mut expect_name = true;
-                loop {
-                    if expect_name {
-                        if chars.get(i) == Some(&'\'') {
-                            let (s, next) = string_at(&chars, i)?;
-                            path.push('\'');
-                            path.push_str(&s);
-                            path.push('\'');
-                            i = next;
-                        } else {
-                            let s = i;
-                            while i < chars.len()
-                                && (chars[i].is_ascii_alphanumeric()
-                                    || matches!(chars[i], '_' | '-'))
-                            {
-                                i += 1;
-                            }
-                            if s == i {
-                                return Err(format!(
-                                    "object path `{path}` ends without a property"
-                                ));
-                            }
-                            path.extend(&chars[s..i]);
-                        }
-                        expect_name = false;
-                    } else if chars.get(i) == Some(&'.') {
-                        path.push('.');
-                        i += 1;
-                        expect_name = true;
-                    } else if chars.get(i) == Some(&'[') {
-                        let s = i;
-                        while i < chars.len() && chars[i] != ']' {
-                            i += 1;
-                        }
-                        if i == chars.len() {
-                            return Err(format!("unclosed `[` in object path `{path}`"));
-                        }
-                        i += 1;
-                        path.extend(&chars[s..i]);
-                    } else {
-                        break;
-                    }
-                }
+                let (path, next) = object_path(&chars, start, i)?;
                 out.push(Tok::Path(path));
+                i = next;
             }
             other => return Err(format!("unexpected character `{other}`")),
         }
     }
     Ok(out)
+}
+
+/// A bracket, comma or comparison operator starting with `c` (then `next`): its token and
+/// length in characters.
+fn punctuation(c: char, next: Option<char>) -> Option<(Tok, usize)> {
+    let tok = match (c, next) {
+        ('[', _) => Tok::LBracket,
+        (']', _) => Tok::RBracket,
+        ('(', _) => Tok::LParen,
+        (')', _) => Tok::RParen,
+        (',', _) => Tok::Comma,
+        ('=', _) => Tok::Op("="),
+        ('!', Some('=')) | ('<', Some('>')) => return Some((Tok::Op("!="), 2)),
+        ('<', Some('=')) => return Some((Tok::Op("<="), 2)),
+        ('>', Some('=')) => return Some((Tok::Op(">="), 2)),
+        ('<', _) => Tok::Op("<"),
+        ('>', _) => Tok::Op(">"),
+        _ => return None,
+    };
+    Some((tok, 1))
+}
+
+/// Where a name (letters, digits, `_`, `-`) starting at `i` ends.
+fn name_end(chars: &[char], mut i: usize) -> usize {
+    while i < chars.len() && (chars[i].is_ascii_alphanumeric() || matches!(chars[i], '_' | '-')) {
+        i += 1;
+    }
+    i
+}
+
+/// An object path whose type runs from `start` to the `:` at `colon`:
+/// `object-type ':' property ( '.' name | '.' 'quoted' | '[' index ']' )*`; the path and the
+/// index after it.
+fn object_path(chars: &[char], start: usize, colon: usize) -> Result<(String, usize), String> {
+    let mut path: String = chars[start..=colon].iter().collect();
+    let mut i = colon + 1;
+    let mut expect_name = true;
+    loop {
+        if expect_name {
+            if chars.get(i) == Some(&'\'') {
+                let (s, next) = string_at(chars, i)?;
+                path.push('\'');
+                path.push_str(&s);
+                path.push('\'');
+                i = next;
+            } else {
+                let s = i;
+                i = name_end(chars, i);
+                if s == i {
+                    return Err(format!("object path `{path}` ends without a property"));
+                }
+                path.extend(&chars[s..i]);
+            }
+            expect_name = false;
+        } else if chars.get(i) == Some(&'.') {
+            path.push('.');
+            i += 1;
+            expect_name = true;
+        } else if chars.get(i) == Some(&'[') {
+            let s = i;
+            while i < chars.len() && chars[i] != ']' {
+                i += 1;
+            }
+            if i == chars.len() {
+                return Err(format!("unclosed `[` in object path `{path}`"));
+            }
+            i += 1;
+            path.extend(&chars[s..i]);
+        } else {
+            return Ok((path, i));
+        }
+    }
 }
 
 /// A quoted string starting at `chars[at] == '\''`: its text (`\'` and `\\` unescaped) and the

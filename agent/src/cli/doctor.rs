@@ -4,13 +4,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use vedette_proto::client::{ClientTls, connect};
+use vedette_ops::client::{ClientTls, connect};
 use vedette_proto::v1::PingRequest;
 use vedette_proto::v1::agent_service_client::AgentServiceClient;
 
-use vedette_proto::doctor::{Finding, private_mode};
+use vedette_ops::doctor::{Finding, private_mode};
 
-use crate::config::{EventSource, RawConfig, Settings};
+use crate::config::{Config, EventSource, RawConfig};
 use crate::state::{Enrollment, StateDir};
 
 /// Clock skew beyond which the collector's and the agent's times disagree too much:
@@ -39,7 +39,7 @@ pub async fn run(state_dir: &Path, config: Option<&Path>) -> Vec<Finding> {
     out
 }
 
-fn check_config(path: Option<&Path>, out: &mut Vec<Finding>) -> Option<Settings> {
+fn check_config(path: Option<&Path>, out: &mut Vec<Finding>) -> Option<Config> {
     let raw = match path {
         None => RawConfig::default(),
         Some(p) => match RawConfig::load(p) {
@@ -211,32 +211,22 @@ async fn check_collectors(state: &StateDir, collectors: &[String], out: &mut Vec
     }
 }
 
+const REACH: &str = "check the address, that the collector runs there (systemctl status vedette-collector) and that no firewall blocks the port; the addresses are in the state directory's agent.toml, or `collectors` in the config";
+
 async fn check_collector(address: &str, tls: &ClientTls, out: &mut Vec<Finding>) {
-    let reach = "check the address, that the collector runs there (systemctl status vedette-collector) and that no firewall blocks the port; the addresses are in the state directory's agent.toml, or `collectors` in the config"
-        .to_string();
     let tcp = tokio::time::timeout(
         Duration::from_secs(5),
         tokio::net::TcpStream::connect(address),
     )
     .await;
-    match tcp {
-        Err(_) => {
-            out.push(Finding::problem(
-                "collector",
-                format!("{address}: no answer within 5 s"),
-                reach,
-            ));
-            return;
-        }
-        Ok(Err(e)) => {
-            out.push(Finding::problem(
-                "collector",
-                format!("cannot reach {address}: {e}"),
-                reach,
-            ));
-            return;
-        }
-        Ok(Ok(_)) => {}
+    let unreachable = match tcp {
+        Err(_) => format!("{address}: no answer within 5 s"),
+        Ok(Err(e)) => format!("cannot reach {address}: {e}"),
+        Ok(Ok(_)) => String::new(),
+    };
+    if !unreachable.is_empty() {
+        out.push(Finding::problem("collector", unreachable, REACH));
+        return;
     }
     let channel = match tokio::time::timeout(Duration::from_secs(10), connect(address, tls)).await {
         Ok(Ok(c)) => c,
@@ -258,7 +248,7 @@ async fn check_collector(address: &str, tls: &ClientTls, out: &mut Vec<Finding>)
             out.push(Finding::problem(
                 "collector",
                 format!("TLS with {address}: no answer within 10 s"),
-                reach,
+                REACH,
             ));
             return;
         }
@@ -276,24 +266,7 @@ async fn check_collector(address: &str, tls: &ClientTls, out: &mut Vec<Finding>)
                     r.agent_id, r.version
                 ),
             ));
-            let skew_ms = r.now_ms - (before + after) / 2;
-            let skew = Duration::from_millis(skew_ms.unsigned_abs());
-            if skew > MAX_SKEW {
-                out.push(Finding::problem(
-                    "clock",
-                    format!(
-                        "this host's clock is {} {} the collector's",
-                        humantime::format_duration(Duration::from_secs(skew.as_secs())),
-                        if skew_ms > 0 { "behind" } else { "ahead of" }
-                    ),
-                    "synchronise the clocks (systemd-timesyncd or chrony, on both hosts)",
-                ));
-            } else {
-                out.push(Finding::ok(
-                    "clock",
-                    format!("within {} ms of the collector's", skew.as_millis()),
-                ));
-            }
+            out.push(clock_finding(r.now_ms - (before + after) / 2));
         }
         Err(s) => out.push(Finding::problem(
             "collector",
@@ -303,8 +276,29 @@ async fn check_collector(address: &str, tls: &ClientTls, out: &mut Vec<Finding>)
     }
 }
 
+/// How far this host's clock is from the collector's (`skew_ms`: the collector's time minus
+/// this host's).
+fn clock_finding(skew_ms: i64) -> Finding {
+    let skew = Duration::from_millis(skew_ms.unsigned_abs());
+    if skew <= MAX_SKEW {
+        return Finding::ok(
+            "clock",
+            format!("within {} ms of the collector's", skew.as_millis()),
+        );
+    }
+    Finding::problem(
+        "clock",
+        format!(
+            "this host's clock is {} {} the collector's",
+            humantime::format_duration(Duration::from_secs(skew.as_secs())),
+            if skew_ms > 0 { "behind" } else { "ahead of" }
+        ),
+        "synchronise the clocks (systemd-timesyncd or chrony, on both hosts)",
+    )
+}
+
 /// The file-event source the agent will use, and its limits.
-fn check_events(s: &Settings, out: &mut Vec<Finding>) {
+fn check_events(s: &Config, out: &mut Vec<Finding>) {
     let fanotify = may_fanotify();
     if s.event_source != EventSource::Inotify && fanotify {
         out.push(Finding::ok(

@@ -17,7 +17,7 @@ use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpStream;
-use vedette_proto::client::{ClientTls, connect, host_of};
+use vedette_ops::client::{ClientTls, connect, host_of};
 use vedette_proto::v1::EnrollRequest;
 use vedette_proto::v1::agent_service_client::AgentServiceClient;
 
@@ -92,45 +92,7 @@ pub async fn enroll(args: EnrollArgs<'_>) -> anyhow::Result<String> {
     write_atomic(&state.key(), key.serialize_pem().as_bytes(), 0o600)?;
     write_atomic(&state.ca(), ca_pem.as_bytes(), 0o644)?;
     write_atomic(&state.cert(), response.certificate_pem.as_bytes(), 0o644)?;
-    // The maintainer keys pinned now: only bundles signed by one of them are ever applied. The
-    // operator's, when given: a collector (or whoever took it over) cannot add one. Otherwise
-    // the ones the collector offers, over the CA-pinned channel.
-    let mut offered = Vec::new();
-    for k in &response.maintainer_keys {
-        offered.push(
-            vedette_engine::bundle::PublicKey::from_bytes(k)
-                .context("the collector sent a maintainer key that is not 32 bytes")?,
-        );
-    }
-    let mut given = args.maintainers.clone();
-    for f in &args.fingerprints {
-        match offered.iter().find(|k| k.sha256() == *f) {
-            Some(k) => given.push(*k),
-            None => bail!(
-                "the collector offers no maintainer key with SHA-256 {f}: nothing pinned; \
-                 remove {} and enroll again with a new token",
-                state.dir.display()
-            ),
-        }
-    }
-    let pinned = if given.is_empty() {
-        eprintln!(
-            "warning: pinning the {} maintainer key(s) the collector offers; whoever controls \
-             the collector could sign bundles this agent applies. Give the maintainers' keys \
-             with --maintainer-key to pin those instead.",
-            offered.len()
-        );
-        offered
-    } else {
-        for k in offered.iter().filter(|k| !given.contains(k)) {
-            eprintln!(
-                "note: the collector offers maintainer key {}, not given with --maintainer-key: \
-                 not pinned",
-                k.id()
-            );
-        }
-        given
-    };
+    let pinned = maintainers_to_pin(&args, &response.maintainer_keys)?;
     let mut maintainers = String::new();
     for key in &pinned {
         maintainers.push_str(&key.to_pem());
@@ -144,6 +106,52 @@ pub async fn enroll(args: EnrollArgs<'_>) -> anyhow::Result<String> {
     // Written last: its presence means the enrollment is complete.
     write_atomic(&state.enrollment(), text.as_bytes(), 0o644)?;
     Ok(response.agent_id)
+}
+
+/// The maintainer keys pinned at enrollment: only bundles signed by one of them are ever
+/// applied. The operator's, when given (`--maintainer-key`, or `--maintainer-key-sha256` of a
+/// key the collector offers): a collector, or whoever took it over, cannot add one. Otherwise
+/// the ones the collector offers, over the CA-pinned channel, with a warning.
+fn maintainers_to_pin(
+    args: &EnrollArgs<'_>,
+    offered: &[Vec<u8>],
+) -> anyhow::Result<Vec<vedette_engine::bundle::PublicKey>> {
+    let mut keys = Vec::new();
+    for k in offered {
+        keys.push(
+            vedette_engine::bundle::PublicKey::from_bytes(k)
+                .context("the collector sent a maintainer key that is not 32 bytes")?,
+        );
+    }
+    let offered = keys;
+    let mut given = args.maintainers.clone();
+    for f in &args.fingerprints {
+        match offered.iter().find(|k| k.sha256() == *f) {
+            Some(k) => given.push(*k),
+            None => bail!(
+                "the collector offers no maintainer key with SHA-256 {f}: nothing pinned; \
+                 remove {} and enroll again with a new token",
+                args.state.dir.display()
+            ),
+        }
+    }
+    if given.is_empty() {
+        eprintln!(
+            "warning: pinning the {} maintainer key(s) the collector offers; whoever controls \
+             the collector could sign bundles this agent applies. Give the maintainers' keys \
+             with --maintainer-key to pin those instead.",
+            offered.len()
+        );
+        return Ok(offered);
+    }
+    for k in offered.iter().filter(|k| !given.contains(k)) {
+        eprintln!(
+            "note: the collector offers maintainer key {}, not given with --maintainer-key: \
+             not pinned",
+            k.id()
+        );
+    }
+    Ok(given)
 }
 
 fn parse_pin(s: &str) -> anyhow::Result<String> {

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use vedette_proto::cli::{LogArgs, exit, fail, wait_for_signal};
+use vedette_ops::cli::{LogArgs, exit, fail, wait_for_signal};
 
 use crate::config::RawConfig;
 use crate::detect::walk::{WalkRules, exclusions};
@@ -198,7 +198,7 @@ pub fn dispatch(command: Command) -> ExitCode {
         Command::Run(cmd) => block_on(run_cmd(cmd)),
         Command::Doctor(cmd) => block_on(async move {
             let findings = doctor::run(&cmd.state_dir, cmd.config.as_deref()).await;
-            if vedette_proto::doctor::print(&findings) {
+            if vedette_ops::doctor::print(&findings) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(exit::FAILURE)

@@ -13,13 +13,13 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 use vedette_engine::digests::{Ahead, DigestMemo, Wanted};
 use vedette_engine::{FileScanner, Iocs, Meanwhile, RuleSet, RuleSetBuilder};
-use vedette_proto::cli::exit;
-use vedette_proto::output::{detection_json, detection_line};
+use vedette_ops::cli::exit;
+use vedette_ops::output::{detection_json, detection_line};
 use vedette_proto::v1::Detection;
 
 use crate::detect::cache::ScanCache;
 use crate::detect::full_scan::{Outcome, ScanContext, ScanPlan, ScanRules, scan_tree};
-use crate::detect::memory::MemoryLimits;
+use crate::detect::memscan::MemScanLimits;
 use crate::detect::procmon::ProcessJudge;
 use crate::detect::walk::each_file;
 use crate::detect::{Ids, file_detections};
@@ -154,44 +154,11 @@ pub fn run(args: ScanArgs) -> u8 {
             return exit::SCAN_ERROR;
         }
     }
-    // The compiled rules, so that a second run does not compile again: beside the result
-    // cache, else in the user's cache directory.
-    let compiled = match &args.cache {
-        _ if !args.compiled_cache => None,
-        Some(c) => {
-            let mut p = c.as_os_str().to_owned();
-            p.push(".rules");
-            Some(PathBuf::from(p))
-        }
-        None => user_compiled_cache(&args.rules),
-    };
-    let Some(sources) = rule_sources(&args.rules) else {
-        return exit::SCAN_ERROR;
-    };
     // Digests of the files to scan, computed while the rules load (when they load first).
     let digests = DigestMemo::default();
     let mut hashed_ahead = 0;
-    // With a result cache, the rules are loaded when the first file misses it: a scan of an
-    // unchanged tree never loads them. --strict (which must see every problem first) and
-    // --processes (every process is judged) load them first.
-    let rules = if args.cache.is_some() && !args.strict && !args.processes {
-        let fingerprint = sources.fingerprint();
-        let compiled = compiled.clone();
-        ScanRules::lazy(
-            fingerprint,
-            Box::new(move || {
-                build_rules(sources, false, compiled.as_deref(), None)
-                    .unwrap_or_else(RuleSet::empty)
-            }),
-        )
-    } else {
-        let mut ahead = |iocs: &Iocs, ready: &dyn Fn() -> bool| {
-            hashed_ahead = hash_while_loading(&args.paths, &args.plan, iocs, ready, &digests);
-        };
-        match build_rules(sources, args.strict, compiled.as_deref(), Some(&mut ahead)) {
-            Some(r) => ScanRules::owned(r),
-            None => return exit::SCAN_ERROR,
-        }
+    let Some(rules) = scan_rules(&args, &digests, &mut hashed_ahead) else {
+        return exit::SCAN_ERROR;
     };
     let started = Instant::now();
     let counters = Counters::default();
@@ -243,10 +210,48 @@ pub fn run(args: ScanArgs) -> u8 {
     }
 }
 
+/// The rules the scan runs: loaded when the first file misses the result cache (a scan of an
+/// unchanged tree never loads them), or first, while files are hashed on the other core
+/// (`hashed_ahead` says how many). None when they cannot be had (said on standard error).
+fn scan_rules<'a>(
+    args: &ScanArgs,
+    digests: &DigestMemo,
+    hashed_ahead: &mut u64,
+) -> Option<ScanRules<'a>> {
+    // The compiled rules, so that a second run does not compile again: beside the result
+    // cache, else in the user's cache directory.
+    let compiled = match &args.cache {
+        _ if !args.compiled_cache => None,
+        Some(c) => {
+            let mut p = c.as_os_str().to_owned();
+            p.push(".rules");
+            Some(PathBuf::from(p))
+        }
+        None => user_compiled_cache(&args.rules),
+    };
+    let sources = rule_sources(&args.rules)?;
+    // --strict (which must see every problem first) and --processes (every process is
+    // judged) load them first.
+    if args.cache.is_some() && !args.strict && !args.processes {
+        let fingerprint = sources.fingerprint();
+        return Some(ScanRules::lazy(
+            fingerprint,
+            Box::new(move || {
+                build_rules(sources, false, compiled.as_deref(), None)
+                    .unwrap_or_else(RuleSet::empty)
+            }),
+        ));
+    }
+    let mut ahead = |iocs: &Iocs, ready: &dyn Fn() -> bool| {
+        *hashed_ahead = hash_while_loading(&args.paths, &args.plan, iocs, ready, digests);
+    };
+    build_rules(sources, args.strict, compiled.as_deref(), Some(&mut ahead)).map(ScanRules::owned)
+}
+
 fn scan_processes(rules: &RuleSet, plan: &ScanPlan, memory: bool, printer: &Printer) {
     let mut judge = ProcessJudge::new(Ids::local());
     if memory {
-        judge = judge.with_memory(MemoryLimits::default());
+        judge = judge.with_memory(MemScanLimits::default());
     }
     let mut scanner = FileScanner::new(rules, plan.scan);
     for d in judge.new_processes(&mut scanner) {

@@ -34,7 +34,7 @@ use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tracing::{error, info, warn};
-use vedette_proto::client::{ClientTls, connect};
+use vedette_ops::client::{ClientTls, connect};
 use vedette_proto::limits::{MAX_BATCH_DETECTIONS, MAX_MESSAGE_BYTES};
 use vedette_proto::v1::agent_message::Msg;
 use vedette_proto::v1::agent_service_client::AgentServiceClient;
@@ -567,7 +567,7 @@ mod tests {
         let (status_tx, statuses) = mpsc::channel(8);
         let cfg = ShipConfig {
             collectors: vec!["127.0.0.1:1".into()],
-            tls: vedette_proto::client::ClientTls {
+            tls: vedette_ops::client::ClientTls {
                 ca_pem: String::new(),
                 identity: None,
             },

@@ -20,9 +20,9 @@ use vedette_engine::{FileReport, FileScanner, RuleMatch, RuleSet, ScanOptions, S
 use vedette_proto::v1::Detection;
 
 use crate::detect::cache::{ScanCache, Stamp, rules_tag};
-use crate::detect::scan::scan_file;
+use crate::detect::examine::examine_file;
 use crate::detect::walk::{Found, WalkRules, each_file_parallel};
-use crate::detect::{Ids, Incidents, file_detections};
+use crate::detect::{Ids, ReportFilter, file_detections};
 use crate::governor::governor;
 use crate::rules::ActiveRules;
 use crate::telemetry::{Counter, Counters};
@@ -228,7 +228,7 @@ fn scanner_thread(
             FileScanner::new(cx.rules.get(), plan.scan).with_digests_ahead(cx.digests)
         });
         let started = Instant::now();
-        let outcome = match gov.paced(|| scan_file(scanner, &path, cx.counters)) {
+        let outcome = match gov.paced(|| examine_file(scanner, &path, cx.counters)) {
             Ok(report) => {
                 let new = match cx.cache {
                     Some(cache) => cache.record(
@@ -272,7 +272,7 @@ pub struct FullScans {
     /// None: only a new bundle starts a scan.
     pub interval: Option<Duration>,
     /// The result cache the watcher also records into, and where it is saved.
-    pub incidents: Incidents,
+    pub reports: ReportFilter,
     pub cache_path: PathBuf,
 }
 
@@ -318,8 +318,8 @@ impl FullScans {
         counters: &Counters,
         stop: &CancellationToken,
     ) {
-        let cache = &self.incidents.cache;
-        let ids: &Ids = &self.incidents.ids;
+        let cache = &self.reports.cache;
+        let ids: &Ids = &self.reports.ids;
         let started = Instant::now();
         let on_file = |path: &Path, outcome: Outcome| {
             if let Outcome::Scanned { report, new } = outcome {

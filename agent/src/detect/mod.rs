@@ -2,24 +2,27 @@
 //! scanning they share, and the detections they make.
 //!
 //! ```text
-//! watch (inotify) ──paths──► pool (scanner threads) ──┐
-//! full_scan (walk + scanner threads, cache) ──────────┼──► Detection ──► deliver
-//! procmon (/proc: processes, connections) ────────────┘
+//! sources: fanotify | watch (inotify) ──files, execs──► pool (scanner threads) ──┐
+//! prevent (fanotify, held execs) ──► verdict threads ────────────────────────────┤
+//! full_scan (walk + scanner threads, cache) ─────────────────────────────────────┼──► Detection ──► deliver
+//! processes + procmon (exec events, /proc, connections) ─────────────────────────┘
 //! ```
-//! Every file the watcher or a full scan finds is judged by [`scan::scan_file`] (the process
+//! Every file the watcher or a full scan finds is judged by [`examine::examine_file`] (the process
 //! monitor scans executables itself, through its own cache); every tree, whoever walks it, is
 //! walked by [`walk`] with the same rules (excludes, one file system, no symlinks).
 
 pub mod cache;
+pub(crate) mod examine;
 pub(crate) mod execmon;
 pub(crate) mod fanotify;
 pub(crate) mod full_scan;
-pub(crate) mod memory;
+pub(crate) mod memscan;
 pub(crate) mod pool;
 pub(crate) mod prevent;
+pub(crate) mod processes;
 pub(crate) mod procmon;
-pub(crate) mod scan;
 pub(crate) mod sockdiag;
+pub(crate) mod sources;
 pub(crate) mod walk;
 pub(crate) mod watch;
 
@@ -119,7 +122,7 @@ impl Ids {
 /// Turns file scan results into detections, once per incident: the result cache says which
 /// matches were not reported before for this state of the file, and [`Ids`] names them.
 #[derive(Clone)]
-pub(crate) struct Incidents {
+pub(crate) struct ReportFilter {
     pub ids: Ids,
     pub cache: Arc<ScanCache>,
     /// Results for executables, by their stamp: an exec is reported on its process, so these
@@ -128,7 +131,7 @@ pub(crate) struct Incidents {
     pub execs: Arc<ScanCache>,
 }
 
-impl Incidents {
+impl ReportFilter {
     /// True when the file at `path` was scanned with `rules` and has not changed since.
     pub(crate) fn unchanged(&self, path: &Path, rules: &RuleSet) -> bool {
         std::fs::symlink_metadata(path)
@@ -221,6 +224,20 @@ fn kind_of(k: MatchKind) -> DetectionKind {
         MatchKind::Process => DetectionKind::Process,
         MatchKind::Connection => DetectionKind::Connection,
     }
+}
+
+/// Sleeps up to `d` on a plain thread; false when `stop` came first.
+pub(crate) fn pause(
+    rt: &tokio::runtime::Handle,
+    stop: &tokio_util::sync::CancellationToken,
+    d: std::time::Duration,
+) -> bool {
+    rt.block_on(async {
+        tokio::select! {
+            () = stop.cancelled() => false,
+            () = tokio::time::sleep(d) => true,
+        }
+    })
 }
 
 #[cfg(test)]

@@ -19,9 +19,9 @@ use tokio::sync::mpsc;
 use vedette_engine::{FileScanner, RuleSet, ScanOptions};
 use vedette_proto::v1::Detection;
 
-use crate::detect::Incidents;
+use crate::detect::ReportFilter;
+use crate::detect::examine::{examine_file, examine_open_file};
 use crate::detect::procmon::{Users, exe_matches, exec_detections};
-use crate::detect::scan::{scan_file, scan_open_file};
 use crate::governor::governor;
 use crate::telemetry::{Counter, Counters};
 
@@ -78,20 +78,20 @@ struct Shared {
     rules: Arc<ArcSwap<RuleSet>>,
     options: ScanOptions,
     detections: mpsc::Sender<Detection>,
-    incidents: Incidents,
+    reports: ReportFilter,
     counters: Arc<Counters>,
     users: Users,
 }
 
 impl ScanPool {
-    /// `workers` threads that scan with the current `rules` and send what `incidents` says is
+    /// `workers` threads that scan with the current `rules` and send what `reports` says is
     /// new to `detections`.
     pub fn start(
         workers: usize,
         rules: Arc<ArcSwap<RuleSet>>,
         options: ScanOptions,
         detections: mpsc::Sender<Detection>,
-        incidents: Incidents,
+        reports: ReportFilter,
         counters: Arc<Counters>,
     ) -> std::io::Result<ScanPool> {
         let (tx, rx) = sync_channel::<Job>(QUEUE_DEPTH);
@@ -100,7 +100,7 @@ impl ScanPool {
             rules,
             options,
             detections,
-            incidents,
+            reports,
             counters,
             users: Users::load(),
         });
@@ -208,22 +208,24 @@ impl Shared {
         let counters = &self.counters;
         match job {
             Job::Path(path) => {
-                if self.incidents.unchanged(&path, rules) {
+                if self.reports.unchanged(&path, rules) {
                     // A rescan (after an overflow, say) of a file scanned with these rules.
                     counters.inc(Counter::CacheHits);
                     return Vec::new();
                 }
-                match scan_file(scanner, &path, counters) {
-                    Ok(report) => self.incidents.file(&path, &report, rules),
+                match examine_file(scanner, &path, counters) {
+                    Ok(report) => self.reports.file(&path, &report, rules),
                     Err(_) => Vec::new(),
                 }
             }
-            Job::Written { file, path } => match scan_open_file(scanner, file, &path, counters) {
-                Ok(report) => self.incidents.file(&path, &report, rules),
-                Err(_) => Vec::new(),
-            },
+            Job::Written { file, path } => {
+                match examine_open_file(scanner, file, &path, counters) {
+                    Ok(report) => self.reports.file(&path, &report, rules),
+                    Err(_) => Vec::new(),
+                }
+            }
             Job::Exec { file, path, pid } => {
-                let (matches, sha256) = exe_matches(&self.incidents.execs, scanner, file, &path);
+                let (matches, sha256) = exe_matches(&self.reports.execs, scanner, file, &path);
                 if matches.is_empty() {
                     return Vec::new();
                 }
@@ -232,7 +234,7 @@ impl Shared {
                     path: &path,
                     sha256,
                 };
-                exec_detections(&self.incidents.ids, &self.users, &exec, matches, rules)
+                exec_detections(&self.reports.ids, &self.users, &exec, matches, rules)
             }
         }
     }

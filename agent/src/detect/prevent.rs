@@ -38,7 +38,7 @@ use vedette_engine::{FileScanner, RuleMatch, RuleSet, ScanOptions};
 use vedette_proto::v1::{Detection, DetectionAction};
 
 use crate::config::Prevention;
-use crate::detect::Incidents;
+use crate::detect::ReportFilter;
 use crate::detect::fanotify::{FanError, mark, raise_open_files_limit};
 use crate::detect::procmon::{Exec, Users, exe_matches, exec_detections};
 use crate::governor::governor;
@@ -51,24 +51,24 @@ const VERDICT_QUEUE: usize = 256;
 const VERDICT_THREADS: usize = 2;
 
 /// What prevention needs from the agent.
-pub struct GuardTarget {
+pub struct GateTarget {
     pub rules: Arc<ArcSwap<RuleSet>>,
     pub options: ScanOptions,
     pub policy: Prevention,
-    pub incidents: Incidents,
+    pub reports: ReportFilter,
     pub detections: mpsc::Sender<Detection>,
     pub counters: Arc<Counters>,
 }
 
-/// Running prevention; [`Guard::stop`] (or dropping it) allows everything held and stops.
-pub struct Guard {
+/// Running prevention; [`ExecGate::stop`] (or dropping it) allows everything held and stops.
+pub struct ExecGate {
     stop: Option<std::io::PipeWriter>,
     threads: Vec<JoinHandle<()>>,
 }
 
-impl Guard {
+impl ExecGate {
     /// Holds every exec on the file systems of `roots` for a verdict.
-    pub fn start(roots: &[PathBuf], target: GuardTarget) -> Result<Guard, FanError> {
+    pub fn start(roots: &[PathBuf], target: GateTarget) -> Result<ExecGate, FanError> {
         let group = Fanotify::init(
             InitFlags::FAN_CLASS_CONTENT | InitFlags::FAN_CLOEXEC | InitFlags::FAN_NONBLOCK,
             EventFFlags::O_RDONLY
@@ -116,7 +116,7 @@ impl Guard {
             .spawn(move || reader.run(rd))
             .map_err(FanError::Thread)?;
         threads.push(t);
-        Ok(Guard {
+        Ok(ExecGate {
             stop: Some(wr),
             threads,
         })
@@ -128,7 +128,7 @@ impl Guard {
     }
 }
 
-impl Drop for Guard {
+impl Drop for ExecGate {
     fn drop(&mut self) {
         self.stop.take();
         for t in self.threads.drain(..) {
@@ -309,7 +309,7 @@ struct Judges {
     rx: Mutex<Receiver<Verdict>>,
     held: Arc<Held>,
     users: Users,
-    target: GuardTarget,
+    target: GateTarget,
 }
 
 impl Judges {
@@ -346,7 +346,7 @@ impl Judges {
     /// Answers one exec; false when detections can no longer be sent (the agent is stopping).
     fn judge(&self, job: Verdict, scanner: &mut FileScanner<'_>, rules: &RuleSet) -> bool {
         let t = &self.target;
-        let (matches, sha256) = exe_matches(&t.incidents.execs, scanner, job.file, &job.path);
+        let (matches, sha256) = exe_matches(&t.reports.execs, scanner, job.file, &job.path);
         let blocking: Vec<RuleMatch> = matches
             .into_iter()
             .filter(|m| m.score >= t.policy.min_score)
@@ -361,7 +361,7 @@ impl Judges {
             path: &job.path,
             sha256,
         };
-        let found = exec_detections(&t.incidents.ids, &self.users, &exec, blocking, rules);
+        let found = exec_detections(&t.reports.ids, &self.users, &exec, blocking, rules);
         if !self.held.answer(job.seq, false) {
             // Too late: the exec was allowed, and the exec event reports it as an alert.
             return true;

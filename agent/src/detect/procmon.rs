@@ -21,7 +21,7 @@ use vedette_proto::v1::detection::Target;
 use vedette_proto::v1::{ConnectionTarget, Detection, ProcessTarget};
 
 use crate::detect::cache::{ScanCache, Stamp, rules_tag};
-use crate::detect::memory::MemoryLimits;
+use crate::detect::memscan::MemScanLimits;
 use crate::detect::{Ids, Subject, detection};
 
 /// `/proc` clock ticks per second (USER_HZ, fixed at 100 for the `/proc` interface).
@@ -252,7 +252,7 @@ pub struct ProcessJudge {
     boot: u64,
     ids: Ids,
     /// Also scan each new process's memory, within these limits.
-    memory: Option<MemoryLimits>,
+    memory: Option<MemScanLimits>,
     /// File systems (devices) whose execs fanotify reports with the executable's descriptor:
     /// an exec event leaves their executables to it.
     exec_covered: HashSet<u64>,
@@ -261,7 +261,7 @@ pub struct ProcessJudge {
 
 impl ProcessJudge {
     /// Also scans the memory of every new process (not this one).
-    pub fn with_memory(mut self, limits: MemoryLimits) -> ProcessJudge {
+    pub fn with_memory(mut self, limits: MemScanLimits) -> ProcessJudge {
         self.memory = Some(limits);
         self
     }
@@ -350,7 +350,7 @@ impl ProcessJudge {
         if let Some(limits) = self.memory
             && p.pid != std::process::id()
         {
-            for (mut m, region) in crate::detect::memory::scan(scanner, p.pid, limits) {
+            for (mut m, region) in crate::detect::memscan::scan(scanner, p.pid, limits) {
                 m.description = format!("{} (in memory region {region})", m.description)
                     .trim_start()
                     .to_string();

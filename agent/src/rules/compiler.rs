@@ -14,7 +14,7 @@ use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -79,9 +79,18 @@ impl ChildCompiler {
     }
 }
 
-impl IsolatedCompiler for ChildCompiler {
-    fn compile(&self, request: &[u8]) -> Result<Vec<u8>, IsolatedError> {
-        let started = Instant::now();
+/// What came of one run of the child.
+struct Run {
+    answer: Vec<u8>,
+    read: std::io::Result<usize>,
+    overflow: bool,
+    timed_out: bool,
+    exited: Result<(), Errno>,
+}
+
+impl ChildCompiler {
+    /// The child, started with pipes to its standard input and output.
+    fn spawn(&self) -> Result<(std::process::Child, ChildStdin, ChildStdout, Pid), IsolatedError> {
         let mut command = Command::new(&self.program);
         if let Some(name) = &self.arg0 {
             command.arg0(name);
@@ -95,7 +104,7 @@ impl IsolatedCompiler for ChildCompiler {
             .map_err(|e| {
                 IsolatedError::Unavailable(format!("`{}`: {e}", self.program.display()))
             })?;
-        let (Some(mut stdin), Some(mut stdout), Some(pid)) = (
+        let (Some(stdin), Some(stdout), Some(pid)) = (
             child.stdin.take(),
             child.stdout.take(),
             Pid::from_raw(child.id() as i32),
@@ -104,8 +113,20 @@ impl IsolatedCompiler for ChildCompiler {
             let _ = child.wait();
             return Err(IsolatedError::Unavailable("no pipe to the child".into()));
         };
+        Ok((child, stdin, stdout, pid))
+    }
+
+    /// Writes the request, reads the answer (killing the child past `max_answer` bytes or
+    /// its deadline), and waits until it has exited, leaving it unreaped.
+    fn exchange(
+        &self,
+        request: &[u8],
+        mut stdin: ChildStdin,
+        mut stdout: ChildStdout,
+        pid: Pid,
+    ) -> Run {
         let (stop, stopped) = mpsc::channel::<()>();
-        let (answer, read, overflow, timed_out, exited) = std::thread::scope(|s| {
+        std::thread::scope(|s| {
             // The child reads all of its input before it writes: a writer of its own keeps a
             // child that reads slowly (or not at all) from blocking the reader below.
             s.spawn(move || {
@@ -135,29 +156,43 @@ impl IsolatedCompiler for ChildCompiler {
             let exited = exited_unreaped(pid);
             let _ = stop.send(());
             let timed_out = watchdog.join().unwrap_or(false);
-            (answer, read, overflow, timed_out, exited)
-        });
+            Run {
+                answer,
+                read,
+                overflow,
+                timed_out,
+                exited,
+            }
+        })
+    }
+}
+
+impl IsolatedCompiler for ChildCompiler {
+    fn compile(&self, request: &[u8]) -> Result<Vec<u8>, IsolatedError> {
+        let started = Instant::now();
+        let (mut child, stdin, stdout, pid) = self.spawn()?;
+        let run = self.exchange(request, stdin, stdout, pid);
         let status = child.wait();
         debug!(
             pid = pid.as_raw_nonzero().get(),
             ms = started.elapsed().as_millis() as u64,
-            bytes = answer.len(),
+            bytes = run.answer.len(),
             "rule compiler finished"
         );
         let failed = |why: String| Err(IsolatedError::Failed(why));
-        if timed_out {
+        if run.timed_out {
             return failed(format!(
                 "killed after its deadline of {}",
                 humantime::format_duration(self.deadline)
             ));
         }
-        if overflow {
+        if run.overflow {
             return failed(format!(
                 "killed: its answer exceeds {} bytes",
                 self.max_answer
             ));
         }
-        if let Err(e) = exited {
+        if let Err(e) = run.exited {
             return failed(format!("cannot wait for it: {e}"));
         }
         match status {
@@ -165,10 +200,10 @@ impl IsolatedCompiler for ChildCompiler {
             Ok(st) => return failed(describe(st)),
             Err(e) => return failed(format!("cannot wait for it: {e}")),
         }
-        if let Err(e) = read {
+        if let Err(e) = run.read {
             return failed(format!("cannot read its answer: {e}"));
         }
-        Ok(answer)
+        Ok(run.answer)
     }
 }
 

@@ -4,13 +4,13 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use vedette_proto::output::rfc3339_ms;
+use vedette_ops::output::rfc3339_ms;
 
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tonic::transport::Channel;
-use vedette_proto::client::{ClientTls, connect};
+use vedette_ops::client::{ClientTls, connect};
 use vedette_proto::limits::MAX_MESSAGE_BYTES;
 use vedette_proto::v1::admin_service_client::AdminServiceClient;
 use vedette_proto::v1::{

@@ -1,9 +1,11 @@
 //! Running each `vedettectl` command and printing its result.
 
-use vedette_proto::output::{self, printable, rfc3339_ms, stored_json, stored_line};
+use vedette_ops::output::{self, printable, rfc3339_ms, stored_json, stored_line};
 
-use vedette_proto::export;
-use vedette_proto::v1::ListDetectionsRequest;
+use vedette_proto::v1::{
+    AgentInfo, CreateOrgRequest, ListDetectionsRequest, Org, SetOrgRequest, StoredDetection,
+};
+use vedette_share::{ecs, misp, stix};
 
 use crate::args::{
     AgentsCmd, CertsCmd, Command, DetectionsCmd, ExportFormat, IntelCmd, OrgsCmd, RulesCmd,
@@ -18,98 +20,8 @@ pub async fn run(command: Command, cfg: CtlConfig) -> anyhow::Result<()> {
             println!("{}", client::token_create(&cfg, ttl, uses, org).await?);
         }
         Command::Orgs(cmd) => orgs(cmd, &cfg).await?,
-        Command::Agents(AgentsCmd::List { json, org }) => {
-            let agents = client::agents_list(&cfg, org).await?;
-            if json {
-                for a in &agents {
-                    println!("{}", output::agent_json(a));
-                }
-            } else {
-                println!(
-                    "{:<36}  {:<16} {:<20} {:<12} {:<24} {:>6} {:<24} {:>8}  VERSION",
-                    "ID", "ORG", "HOSTNAME", "STATE", "LAST SEEN", "BUNDLE", "APPLIED", "DROPPED"
-                );
-                for a in &agents {
-                    let bundle = if a.bundle_failed_version > a.bundle_version {
-                        format!("{}!", a.bundle_version)
-                    } else {
-                        a.bundle_version.to_string()
-                    };
-                    println!(
-                        "{:<36}  {:<16} {:<20} {:<12} {:<24} {:>6} {:<24} {:>8}  {}",
-                        a.id,
-                        printable(&a.org),
-                        printable(&a.hostname),
-                        output::agent_state(a),
-                        rfc3339_ms(a.last_seen_ms),
-                        bundle,
-                        rfc3339_ms(a.bundle_applied_at_ms),
-                        a.dropped_total,
-                        printable(&a.agent_version)
-                    );
-                }
-                if agents
-                    .iter()
-                    .any(|a| a.bundle_failed_version > a.bundle_version)
-                {
-                    println!("! a newer bundle failed to apply: see `vedettectl rules status`");
-                }
-            }
-        }
-        Command::Agents(AgentsCmd::Revoke { id }) => {
-            let disconnected = client::agents_revoke(&cfg, &id).await?;
-            if disconnected {
-                println!("revoked {id}; its open stream was closed");
-            } else {
-                println!("revoked {id}");
-            }
-        }
-        Command::Certs(CertsCmd::List { json }) => {
-            let certs = client::certs_list(&cfg).await?;
-            if json {
-                for c in &certs {
-                    println!("{}", client::cert_json(c));
-                }
-            } else {
-                println!(
-                    "{:<32}  {:<6}  {:<36}  {:<20}  {:<24}  REVOKED",
-                    "SERIAL", "KIND", "SUBJECT", "ROLES", "EXPIRES"
-                );
-                for c in &certs {
-                    println!(
-                        "{:<32}  {:<6}  {:<36}  {:<20}  {:<24}  {}",
-                        c.serial,
-                        printable(&c.kind),
-                        printable(&c.subject),
-                        printable(&c.roles.join(",")),
-                        rfc3339_ms(c.not_after_ms),
-                        if c.revoked_at_ms == 0 {
-                            "-".to_string()
-                        } else {
-                            rfc3339_ms(c.revoked_at_ms)
-                        }
-                    );
-                }
-            }
-        }
-        Command::Certs(CertsCmd::Revoke { serial, cert }) => {
-            let serial = match (serial, cert) {
-                (Some(s), _) => s,
-                (None, Some(path)) => client::serial_of_file(&path)?,
-                (None, None) => anyhow::bail!("give a serial number or --cert FILE"),
-            };
-            let (newly, info) = client::certs_revoke(&cfg, &serial).await?;
-            let who = if info.subject.is_empty() {
-                String::from("a certificate this collector never saw")
-            } else {
-                format!("{} `{}`", info.kind, printable(&info.subject))
-            };
-            if newly {
-                println!("revoked {} ({who})", info.serial);
-            } else {
-                println!("{} ({who}) was revoked already", info.serial);
-            }
-        }
+        Command::Agents(cmd) => agents(cmd, &cfg).await?,
+        Command::Certs(cmd) => certs(cmd, &cfg).await?,
         Command::Keys(_) => {}
         Command::Rules(cmd) => rules(cmd, &cfg).await?,
         Command::Intel(cmd) => intel(cmd, &cfg).await?,
@@ -126,93 +38,208 @@ pub async fn run(command: Command, cfg: CtlConfig) -> anyhow::Result<()> {
                 ..Default::default()
             };
             let list = client::detections_list(&cfg, filter, limit).await?;
-            let org = organisation
+            let producer = organisation
                 .or_else(|| cfg.organisation.clone())
                 .unwrap_or_else(|| "Vedette".into());
-            match format {
-                ExportFormat::Stix => println!("{}", export::stix_bundle(&list, &org)),
-                ExportFormat::Misp => {
-                    println!(
-                        "{}",
-                        export::misp_event(&list, &org, vedette_proto::now_ms())
-                    )
-                }
-                ExportFormat::Ecs => {
-                    for d in &list {
-                        println!("{}", export::ecs(d));
-                    }
-                }
+            export(format, &list, &producer);
+        }
+        Command::Detections(cmd) => detections(cmd, &cfg).await?,
+    }
+    Ok(())
+}
+
+/// `vedettectl export`: the detections in `format`, as made by `producer`.
+fn export(format: ExportFormat, list: &[StoredDetection], producer: &str) {
+    match format {
+        ExportFormat::Stix => println!("{}", stix::bundle(list, producer)),
+        ExportFormat::Misp => {
+            println!("{}", misp::event(list, producer, vedette_proto::now_ms()));
+        }
+        ExportFormat::Ecs => {
+            for d in list {
+                println!("{}", ecs::document(d));
             }
         }
-        Command::Detections(DetectionsCmd::List {
-            json,
-            agent,
-            org,
-            since,
-            until,
-            kind,
-            rule,
-            text,
-            limit,
-        }) => {
-            let filter = ListDetectionsRequest {
-                agent_id: agent.unwrap_or_default(),
-                org: org.unwrap_or_default(),
-                since_ms: client::epoch_ms(since),
-                until_ms: client::epoch_ms(until),
-                kind: kind
-                    .as_deref()
-                    .and_then(vedette_proto::kind_from_name)
-                    .unwrap_or(0),
-                rule: rule.unwrap_or_default(),
-                text: text.unwrap_or_default(),
-                ..Default::default()
-            };
-            let list = client::detections_list(&cfg, filter, limit).await?;
-            for d in &list {
-                if json {
-                    println!("{}", stored_json(d));
-                } else {
-                    println!("{}", stored_line(d));
+    }
+}
+
+async fn detections(cmd: DetectionsCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
+    let DetectionsCmd::List {
+        json,
+        agent,
+        org,
+        since,
+        until,
+        kind,
+        rule,
+        text,
+        limit,
+    } = cmd;
+    let filter = ListDetectionsRequest {
+        agent_id: agent.unwrap_or_default(),
+        org: org.unwrap_or_default(),
+        since_ms: client::epoch_ms(since),
+        until_ms: client::epoch_ms(until),
+        kind: kind
+            .as_deref()
+            .and_then(vedette_proto::kind_from_name)
+            .unwrap_or(0),
+        rule: rule.unwrap_or_default(),
+        text: text.unwrap_or_default(),
+        ..Default::default()
+    };
+    let list = client::detections_list(cfg, filter, limit).await?;
+    for d in &list {
+        if json {
+            println!("{}", stored_json(d));
+        } else {
+            println!("{}", stored_line(d));
+        }
+    }
+    Ok(())
+}
+
+async fn agents(cmd: AgentsCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
+    match cmd {
+        AgentsCmd::List { json, org } => {
+            let agents = client::agents_list(cfg, org).await?;
+            if json {
+                for a in &agents {
+                    println!("{}", output::agent_json(a));
                 }
+            } else {
+                print_agents(&agents);
+            }
+        }
+        AgentsCmd::Revoke { id } => {
+            let disconnected = client::agents_revoke(cfg, &id).await?;
+            if disconnected {
+                println!("revoked {id}; its open stream was closed");
+            } else {
+                println!("revoked {id}");
             }
         }
     }
     Ok(())
 }
 
-async fn orgs(cmd: OrgsCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
-    use vedette_proto::v1::{CreateOrgRequest, SetOrgRequest};
-    let show = |o: &vedette_proto::v1::Org| {
+/// `agents list` as a table.
+fn print_agents(agents: &[AgentInfo]) {
+    println!(
+        "{:<36}  {:<16} {:<20} {:<12} {:<24} {:>6} {:<24} {:>8}  VERSION",
+        "ID", "ORG", "HOSTNAME", "STATE", "LAST SEEN", "BUNDLE", "APPLIED", "DROPPED"
+    );
+    for a in agents {
+        let bundle = if a.bundle_failed_version > a.bundle_version {
+            format!("{}!", a.bundle_version)
+        } else {
+            a.bundle_version.to_string()
+        };
         println!(
-            "{}: share {}, TLP:{}, sector {}, country {}, STIX {}",
-            printable(&o.name),
-            o.share,
-            o.tlp.to_uppercase(),
-            if o.sector.is_empty() { "-" } else { &o.sector },
-            if o.country.is_empty() {
-                "-"
+            "{:<36}  {:<16} {:<20} {:<12} {:<24} {:>6} {:<24} {:>8}  {}",
+            a.id,
+            printable(&a.org),
+            printable(&a.hostname),
+            output::agent_state(a),
+            rfc3339_ms(a.last_seen_ms),
+            bundle,
+            rfc3339_ms(a.bundle_applied_at_ms),
+            a.dropped_total,
+            printable(&a.agent_version)
+        );
+    }
+    if agents
+        .iter()
+        .any(|a| a.bundle_failed_version > a.bundle_version)
+    {
+        println!("! a newer bundle failed to apply: see `vedettectl rules status`");
+    }
+}
+
+async fn certs(cmd: CertsCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
+    match cmd {
+        CertsCmd::List { json } => {
+            let certs = client::certs_list(cfg).await?;
+            if json {
+                for c in &certs {
+                    println!("{}", client::cert_json(c));
+                }
+                return Ok(());
+            }
+            println!(
+                "{:<32}  {:<6}  {:<36}  {:<20}  {:<24}  REVOKED",
+                "SERIAL", "KIND", "SUBJECT", "ROLES", "EXPIRES"
+            );
+            for c in &certs {
+                println!(
+                    "{:<32}  {:<6}  {:<36}  {:<20}  {:<24}  {}",
+                    c.serial,
+                    printable(&c.kind),
+                    printable(&c.subject),
+                    printable(&c.roles.join(",")),
+                    rfc3339_ms(c.not_after_ms),
+                    if c.revoked_at_ms == 0 {
+                        "-".to_string()
+                    } else {
+                        rfc3339_ms(c.revoked_at_ms)
+                    }
+                );
+            }
+        }
+        CertsCmd::Revoke { serial, cert } => {
+            let serial = match (serial, cert) {
+                (Some(s), _) => s,
+                (None, Some(path)) => client::serial_of_file(&path)?,
+                (None, None) => anyhow::bail!("give a serial number or --cert FILE"),
+            };
+            let (newly, info) = client::certs_revoke(cfg, &serial).await?;
+            let who = if info.subject.is_empty() {
+                String::from("a certificate this collector never saw")
             } else {
-                &o.country
-            },
-            o.stix_id
-        )
+                format!("{} `{}`", info.kind, printable(&info.subject))
+            };
+            if newly {
+                println!("revoked {} ({who})", info.serial);
+            } else {
+                println!("{} ({who}) was revoked already", info.serial);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One organisation, on one line.
+fn show_org(o: &Org) {
+    let or_dash = |s: &str| {
+        if s.is_empty() {
+            "-".to_string()
+        } else {
+            s.to_string()
+        }
     };
+    println!(
+        "{}: share {}, TLP:{}, sector {}, country {}, STIX {}",
+        printable(&o.name),
+        o.share,
+        o.tlp.to_uppercase(),
+        or_dash(&o.sector),
+        or_dash(&o.country),
+        o.stix_id
+    );
+}
+
+async fn orgs(cmd: OrgsCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
     match cmd {
         OrgsCmd::Create { name, fields } => {
             let [sector, country, share, tlp] = fields.into_request_fields();
-            let o = client::orgs_create(
-                cfg,
-                CreateOrgRequest {
-                    name,
-                    sector,
-                    country,
-                    share,
-                    tlp,
-                },
-            )
-            .await?;
-            show(&o);
+            let request = CreateOrgRequest {
+                name,
+                sector,
+                country,
+                share,
+                tlp,
+            };
+            show_org(&client::orgs_create(cfg, request).await?);
         }
         OrgsCmd::Set { name, fields } => {
             let [sector, country, share, tlp] = fields.into_request_fields();
@@ -222,18 +249,14 @@ async fn orgs(cmd: OrgsCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
             {
                 anyhow::bail!("nothing to change: give --share, --tlp, --sector or --country");
             }
-            let o = client::orgs_set(
-                cfg,
-                SetOrgRequest {
-                    name,
-                    sector,
-                    country,
-                    share,
-                    tlp,
-                },
-            )
-            .await?;
-            show(&o);
+            let request = SetOrgRequest {
+                name,
+                sector,
+                country,
+                share,
+                tlp,
+            };
+            show_org(&client::orgs_set(cfg, request).await?);
         }
         OrgsCmd::List { json } => {
             let orgs = client::orgs_list(cfg).await?;
@@ -241,23 +264,23 @@ async fn orgs(cmd: OrgsCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
                 for o in &orgs {
                     println!("{}", client::org_json(o));
                 }
-            } else {
+                return Ok(());
+            }
+            println!(
+                "{:<24} {:<10} {:<14} {:<26} {:<7} {:>6}  STIX IDENTITY",
+                "NAME", "SHARE", "TLP", "SECTOR", "COUNTRY", "AGENTS"
+            );
+            for o in &orgs {
                 println!(
-                    "{:<24} {:<10} {:<14} {:<26} {:<7} {:>6}  STIX IDENTITY",
-                    "NAME", "SHARE", "TLP", "SECTOR", "COUNTRY", "AGENTS"
+                    "{:<24} {:<10} {:<14} {:<26} {:<7} {:>6}  {}",
+                    printable(&o.name),
+                    o.share,
+                    o.tlp,
+                    o.sector,
+                    o.country,
+                    o.agents,
+                    o.stix_id
                 );
-                for o in &orgs {
-                    println!(
-                        "{:<24} {:<10} {:<14} {:<26} {:<7} {:>6}  {}",
-                        printable(&o.name),
-                        o.share,
-                        o.tlp,
-                        o.sector,
-                        o.country,
-                        o.agents,
-                        o.stix_id
-                    );
-                }
             }
         }
     }

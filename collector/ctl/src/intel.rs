@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use vedette_engine::bundle::{self, BundleContent};
 use vedette_engine::import::{self, Imported};
+use vedette_ops::output::{printable, rfc3339_ms};
 use vedette_proto::now_ms;
-use vedette_proto::output::{printable, rfc3339_ms};
 use vedette_proto::v1::{
     BundleFile, IntelStatusRequest, IntelStatusResponse, ListIntelRequest, PublishBundleResponse,
     StageIntelRequest,

@@ -1,6 +1,5 @@
 //! `vedettectl`: administer a Vedette collector from anywhere (enrollment tokens, agents,
 //! detections, rule bundles) with an operator or maintainer certificate.
-#![forbid(unsafe_code)]
 
 mod args;
 mod client;
@@ -11,7 +10,7 @@ mod rules;
 use std::process::ExitCode;
 
 use clap::Parser;
-use vedette_proto::cli::{exit, fail};
+use vedette_ops::cli::{exit, fail};
 
 use crate::args::{Cli, Command, KeysCmd};
 use crate::client::CtlConfig;

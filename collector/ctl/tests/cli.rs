@@ -1,5 +1,7 @@
 //! vedettectl as a user meets it: configuration errors.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)] // test code
+
 use std::process::Command;
 
 const CTL: &str = env!("CARGO_BIN_EXE_vedettectl");

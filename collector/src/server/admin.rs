@@ -22,11 +22,11 @@ use vedette_proto::v1::{
 
 use super::agent::token_hash;
 use super::{State, blocking};
-use crate::identity::Identity;
 use crate::orgs;
+use crate::peer::Peer;
 use crate::pki::Role;
 use crate::store::{BundleRow, DetectionFilter, OrgRow, StoreEvent, now_ms};
-use vedette_proto::export::{Share, Tlp};
+use vedette_share::sharing::{Share, Tlp};
 
 /// Longest token lifetime an operator may ask for.
 const MAX_TOKEN_TTL_SECS: u64 = 30 * 24 * 3600;
@@ -50,15 +50,15 @@ impl AdminSvc {
         AdminSvc { state }
     }
 
-    fn operator<T>(&self, request: &Request<T>) -> Result<Identity, Status> {
-        let id = Identity::of(request)?;
+    fn operator<T>(&self, request: &Request<T>) -> Result<Peer, Status> {
+        let id = Peer::of(request)?;
         id.require_role(Role::Operator)?;
         Ok(id)
     }
 
     /// Operators and maintainers may read bundles and their rollout.
-    fn reader<T>(&self, request: &Request<T>) -> Result<Identity, Status> {
-        let id = Identity::of(request)?;
+    fn reader<T>(&self, request: &Request<T>) -> Result<Peer, Status> {
+        let id = Peer::of(request)?;
         if id.require_role(Role::Maintainer).is_err() {
             id.require_role(Role::Operator)?;
         }
@@ -66,7 +66,7 @@ impl AdminSvc {
     }
 
     /// A collector-wide operator (organisations, intel).
-    fn collector_operator<T>(&self, request: &Request<T>, what: &str) -> Result<Identity, Status> {
+    fn collector_operator<T>(&self, request: &Request<T>, what: &str) -> Result<Peer, Status> {
         let id = self.operator(request)?;
         id.require_collector_wide(what)?;
         Ok(id)
@@ -76,7 +76,7 @@ impl AdminSvc {
 /// Which organisation a listing is limited to: the caller's own when its certificate is
 /// scoped (asking for another is refused, whether it exists or not), else the one asked for
 /// (None: all).
-fn listing_scope(who: &Identity, asked: &str) -> Result<Option<String>, Status> {
+fn listing_scope(who: &Peer, asked: &str) -> Result<Option<String>, Status> {
     match who.scope() {
         Some(own) if asked.is_empty() || asked == own => Ok(Some(own.to_string())),
         Some(_) => Err(Status::permission_denied(
@@ -88,7 +88,7 @@ fn listing_scope(who: &Identity, asked: &str) -> Result<Option<String>, Status> 
 }
 
 /// Whether a row of organisation `org` is visible to the caller.
-fn visible(who: &Identity, org: &str) -> bool {
+fn visible(who: &Peer, org: &str) -> bool {
     who.scope().is_none_or(|own| own == org)
 }
 
@@ -292,7 +292,7 @@ impl AdminService for AdminSvc {
         let staged = blocking(&self.state.store, move |s| {
             crate::intel::stage(
                 s,
-                crate::intel::Incoming {
+                crate::intel::IntelBatch {
                     origin: &req.origin,
                     kind: &kind,
                     lines: &req.lines,
@@ -389,7 +389,7 @@ impl AdminService for AdminSvc {
         &self,
         request: Request<PublishBundleRequest>,
     ) -> Result<Response<PublishBundleResponse>, Status> {
-        let who = Identity::of(&request)?;
+        let who = Peer::of(&request)?;
         who.require_role(Role::Maintainer)?;
         who.require_collector_wide("publishing a bundle")?;
         let req = request.into_inner();

@@ -28,7 +28,7 @@ use vedette_proto::v1::{
 };
 
 use super::{State, blocking};
-use crate::identity::Identity;
+use crate::peer::Peer;
 use crate::store::{TokenError, now_ms};
 
 /// How long a new stream may take to send its Hello.
@@ -58,7 +58,7 @@ async fn record_issued(state: &State, cert_pem: &str) {
     use rustls_pki_types::pem::PemObject;
     let Some(row) = CertificateDer::from_pem_slice(cert_pem.as_bytes())
         .ok()
-        .and_then(|der| Identity::cert_row(der.as_ref(), now_ms()))
+        .and_then(|der| Peer::cert_row(der.as_ref(), now_ms()))
     else {
         return;
     };
@@ -164,7 +164,7 @@ impl AgentService for AgentSvc {
         &self,
         request: Request<RenewRequest>,
     ) -> Result<Response<RenewResponse>, Status> {
-        let (agent_id, org) = Identity::of(&request)?.require_agent()?;
+        let (agent_id, org) = Peer::of(&request)?.require_agent()?;
         let req = request.into_inner();
         if req.csr_pem.len() > MAX_CSR_BYTES {
             return Err(Status::invalid_argument("certificate request too large"));
@@ -192,7 +192,7 @@ impl AgentService for AgentSvc {
     type ConnectStream = DownStream;
 
     async fn ping(&self, request: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
-        let (agent_id, org) = Identity::of(&request)?.require_agent()?;
+        let (agent_id, org) = Peer::of(&request)?.require_agent()?;
         let id = agent_id.clone();
         let row = blocking(&self.state.store, move |s| s.agent(&id)).await?;
         check_agent(&agent_id, &org, row)?;
@@ -207,7 +207,7 @@ impl AgentService for AgentSvc {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        let (agent_id, org) = Identity::of(&request)?.require_agent()?;
+        let (agent_id, org) = Peer::of(&request)?.require_agent()?;
         let id = agent_id.clone();
         let row = blocking(&self.state.store, move |s| s.agent(&id)).await?;
         check_agent(&agent_id, &org, row)?;

@@ -73,7 +73,7 @@ fn check_cert(state: &Arc<State>, der: &[u8]) -> Result<(), Status> {
         .unwrap_or_else(|p| p.into_inner())
         .insert(serial);
     if first
-        && let Some(row) = crate::identity::Identity::cert_row(der, crate::store::now_ms())
+        && let Some(row) = crate::peer::Peer::cert_row(der, crate::store::now_ms())
         && row.kind == "client"
     {
         let store = state.store.clone();

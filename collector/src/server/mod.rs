@@ -125,7 +125,7 @@ pub(crate) fn rule_bundle(b: &crate::store::BundleRow) -> RuleBundle {
 
 /// Runs the collector until SIGTERM or SIGINT, then drains; returns the exit status.
 pub fn run_until_signal(config: Config) -> std::process::ExitCode {
-    use vedette_proto::cli::{exit, fail, wait_for_signal};
+    use vedette_ops::cli::{exit, fail, wait_for_signal};
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => return fail(&format!("cannot start the runtime: {e}"), exit::FAILURE),
@@ -163,37 +163,17 @@ pub async fn serve(
         .context("cannot set up TLS")?;
     let state = open_state(&config, shutdown.clone()).await?;
     follow_other_collectors(&state)?;
-    for source in &config.intel_sources {
-        info!(origin = %source.origin(), every = ?source.interval, "polling intel source");
-        tokio::spawn(crate::poll::run(
-            state.store.clone(),
-            source.clone(),
-            shutdown.clone(),
-        ));
-    }
-    // This collector in sink leases: its host and listening address.
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let owner = format!("{}/{}", host.trim(), config.listen);
-    for sink in &config.sinks {
-        info!(sink = %sink.name(), "exporting detections");
-        tokio::spawn(crate::sinks::run(
-            state.store.clone(),
-            sink.clone(),
-            config.organisation.clone(),
-            owner.clone(),
-            shutdown.clone(),
-        ));
-    }
+    start_intel_and_export(&config, &state, &shutdown);
     if let Some(keep) = config.retention {
         tokio::spawn(retention(state.clone(), keep));
     }
     if let Some(addr) = config.metrics_listen {
-        let metrics = vedette_proto::metrics::bind(addr)
+        let metrics = vedette_ops::metrics::bind(addr)
             .await
             .map_err(anyhow::Error::msg)?;
         info!(address = %addr, "serving metrics at /metrics");
         let registry = Arc::new(state.metrics.registry(&state.throttle));
-        tokio::spawn(vedette_proto::metrics::serve(
+        tokio::spawn(vedette_ops::metrics::serve(
             metrics,
             registry,
             shutdown.clone().cancelled_owned(),
@@ -224,13 +204,54 @@ pub async fn serve(
         accept_stop.clone(),
         state.metrics.clone(),
     ));
+    let server = tokio::spawn(grpc_server(&state, conn_rx, &shutdown));
+    shutdown.cancelled().await;
+    info!("shutting down: draining agent streams");
+    accept_stop.cancel();
+    drain(&state, server, config.shutdown_grace).await;
+    let _ = accept.await;
+    Ok(())
+}
+
+/// The intel polls (intel in) and the export sinks (export out), each a task of its own.
+fn start_intel_and_export(config: &Config, state: &Arc<State>, shutdown: &CancellationToken) {
+    for source in &config.intel_sources {
+        info!(origin = %source.origin(), every = ?source.interval, "polling intel source");
+        tokio::spawn(crate::intel::poll::run(
+            state.store.clone(),
+            source.clone(),
+            shutdown.clone(),
+        ));
+    }
+    // This collector in sink leases: its host and listening address.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let owner = format!("{}/{}", host.trim(), config.listen);
+    for sink in &config.sinks {
+        info!(sink = %sink.name(), "exporting detections");
+        tokio::spawn(crate::export::run(
+            state.store.clone(),
+            sink.clone(),
+            config.producer.clone(),
+            owner.clone(),
+            shutdown.clone(),
+        ));
+    }
+}
+
+/// The agent and admin gRPC services over the connections `accept_loop` hands on (TLS done,
+/// pre-authentication limits applied), until `shutdown`.
+fn grpc_server(
+    state: &Arc<State>,
+    connections: mpsc::Receiver<Result<tls::Conn, std::io::Error>>,
+    shutdown: &CancellationToken,
+) -> impl std::future::Future<Output = Result<(), tonic::transport::Error>> + use<> {
     let agent_svc = AgentServiceServer::new(agent::AgentSvc::new(state.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let admin_svc = AdminServiceServer::new(admin::AdminSvc::new(state.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let server = tonic::transport::Server::builder()
+    tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
         // An agent needs one stream; vedettectl one call at a time.
@@ -242,16 +263,9 @@ pub async fn serve(
         .add_service(agent_svc)
         .add_service(admin_svc)
         .serve_with_incoming_shutdown(
-            ReceiverStream::new(conn_rx),
+            ReceiverStream::new(connections),
             shutdown.clone().cancelled_owned(),
-        );
-    let server = tokio::spawn(server);
-    shutdown.cancelled().await;
-    info!("shutting down: draining agent streams");
-    accept_stop.cancel();
-    drain(&state, server, config.shutdown_grace).await;
-    let _ = accept.await;
-    Ok(())
+        )
 }
 
 /// Samples each export sink's backlog for the metrics, every 15 s.

@@ -1,7 +1,7 @@
 //! The collector's TLS endpoint: TLS 1.3 only, the fleet CA as the only trust root for client
 //! certificates. A certificate is optional at the handshake (enrollment has none yet) but any
 //! certificate presented must chain to the CA, or the handshake fails. Handlers then require one
-//! through [`crate::identity::Identity::of`].
+//! through [`crate::peer::Peer::of`].
 
 use std::future::Future;
 use std::io;
@@ -222,10 +222,15 @@ pub async fn accept_loop(
     shutdown: CancellationToken,
     metrics: Arc<Metrics>,
 ) {
-    let acceptor = TlsAcceptor::from(config);
+    let handshakes = Handshakes {
+        acceptor: TlsAcceptor::from(config),
+        out,
+        unauthenticated: Arc::new(Semaphore::new(limits.max_unauthenticated)),
+        timeout: limits.unauthenticated_timeout,
+        metrics,
+    };
     let permits = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let unauthenticated = Arc::new(Semaphore::new(limits.max_unauthenticated));
     loop {
         let slot = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -248,59 +253,77 @@ pub async fn accept_loop(
             },
         };
         let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let out = out.clone();
-        let unauthenticated = unauthenticated.clone();
-        let timeout = limits.unauthenticated_timeout;
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
-            drop(permit);
-            match handshake {
-                Ok(Ok(stream)) => {
-                    let certified = stream
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .is_some_and(|c| !c.is_empty());
-                    let (unauthenticated_slot, deadline) = if certified {
-                        (None, None)
-                    } else {
-                        let Ok(p) = unauthenticated.try_acquire_owned() else {
-                            metrics.refused(Refused::UnauthenticatedLimit);
-                            // Logged at 1, 2, 4, 8... refusals: a flood does not flood the log.
-                            let n = REFUSED_UNAUTHENTICATED.fetch_add(1, Ordering::Relaxed) + 1;
-                            if n.is_power_of_two() {
-                                warn!(%peer, refused_so_far = n, "too many connections without a client certificate: closed");
-                            }
-                            return;
-                        };
-                        (
-                            Some(p),
-                            Some(Deadline {
-                                sleep: Box::pin(tokio::time::sleep(timeout)),
-                                metrics: metrics.clone(),
-                                counted: false,
-                            }),
-                        )
-                    };
-                    let conn = Conn {
-                        inner: stream,
-                        _slot: slot,
-                        _unauthenticated_slot: unauthenticated_slot,
-                        deadline,
-                    };
-                    let _ = out.send(Ok(conn)).await;
-                }
-                Ok(Err(e)) => {
-                    metrics.refused(Refused::Handshake);
-                    debug!(%peer, error = %e, "TLS handshake refused")
-                }
-                Err(_) => {
-                    metrics.refused(Refused::Handshake);
-                    debug!(%peer, "TLS handshake timed out")
-                }
+        let handshakes = handshakes.clone();
+        tokio::spawn(async move { handshakes.complete(tcp, peer, slot, permit).await });
+    }
+}
+
+/// What each connection's handshake task needs.
+#[derive(Clone)]
+struct Handshakes {
+    acceptor: TlsAcceptor,
+    out: mpsc::Sender<Result<Conn, io::Error>>,
+    unauthenticated: Arc<Semaphore>,
+    timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl Handshakes {
+    /// The TLS handshake of one connection (holding a handshake `permit` until it is done),
+    /// then the connection handed on, or closed when it has no client certificate and the
+    /// unauthenticated ones are at their limit.
+    async fn complete(
+        self,
+        tcp: TcpStream,
+        peer: std::net::SocketAddr,
+        slot: OwnedSemaphorePermit,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(tcp)).await;
+        drop(permit);
+        let stream = match handshake {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                self.metrics.refused(Refused::Handshake);
+                debug!(%peer, error = %e, "TLS handshake refused");
+                return;
             }
-        });
+            Err(_) => {
+                self.metrics.refused(Refused::Handshake);
+                debug!(%peer, "TLS handshake timed out");
+                return;
+            }
+        };
+        let certified = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .is_some_and(|c| !c.is_empty());
+        let (unauthenticated_slot, deadline) = if certified {
+            (None, None)
+        } else {
+            let Ok(p) = self.unauthenticated.clone().try_acquire_owned() else {
+                self.metrics.refused(Refused::UnauthenticatedLimit);
+                // Logged at 1, 2, 4, 8... refusals: a flood does not flood the log.
+                let n = REFUSED_UNAUTHENTICATED.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    warn!(%peer, refused_so_far = n, "too many connections without a client certificate: closed");
+                }
+                return;
+            };
+            let deadline = Deadline {
+                sleep: Box::pin(tokio::time::sleep(self.timeout)),
+                metrics: self.metrics.clone(),
+                counted: false,
+            };
+            (Some(p), Some(deadline))
+        };
+        let conn = Conn {
+            inner: stream,
+            _slot: slot,
+            _unauthenticated_slot: unauthenticated_slot,
+            deadline,
+        };
+        let _ = self.out.send(Ok(conn)).await;
     }
 }

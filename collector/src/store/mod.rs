@@ -279,6 +279,11 @@ pub trait Store: Send + Sync {
     /// Number of stored detections (all agents).
     fn count_detections(&self) -> Result<u64, StoreError>;
 
+    /// The store's tables, each with its columns and their kinds in the store's own words
+    /// (SQLite's declared type, PostgreSQL's `data_type`), without the schema's bookkeeping:
+    /// what the schema drift test compares across stores.
+    fn schema(&self) -> Result<Schema, StoreError>;
+
     /// Deletes at most `limit` detections received before `before_ms`, oldest first; returns
     /// how many (retention deletes in small batches so that ingest is never blocked long).
     fn delete_detections_before(&self, before_ms: i64, limit: u32) -> Result<u64, StoreError>;
@@ -286,10 +291,11 @@ pub trait Store: Send + Sync {
     /// Stages what one import or poll of a source found: lines are added or replace the
     /// staged line of the same (source, id); revoked STIX ids are unstaged; the source's row
     /// records the counts and clears its last error.
-    fn stage_intel(&self, batch: &IntelBatch<'_>) -> Result<IntelStaged, StoreError>;
+    fn stage_intel(&self, batch: &IntelBatch<'_>, now_ms: i64)
+    -> Result<StagingCounts, StoreError>;
 
     /// Staged indicators after (source, id), in that order.
-    fn list_intel(&self, after: (&str, &str), limit: u32) -> Result<Vec<StagedIntel>, StoreError>;
+    fn list_intel(&self, after: (&str, &str), limit: u32) -> Result<Vec<StagedLine>, StoreError>;
 
     /// Every intel source with its last counts and error, and how many it has staged.
     fn intel_sources(&self) -> Result<Vec<IntelSourceRow>, StoreError>;
@@ -359,18 +365,19 @@ pub struct ExportRow {
 
 /// One staged indicator: its intel line and where it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StagedIntel {
+pub struct StagedLine {
     pub source: String,
     pub id: String,
     pub origin: String,
     pub line: String,
 }
 
-/// What one import or poll of a source found.
-pub struct IntelBatch<'a> {
+/// What one import or poll of a source brought: its intel lines as they arrive (`L = String`,
+/// what `intel::stage` takes) or once checked (`StagedLine`, what the store stages).
+pub struct IntelBatch<'a, L = StagedLine> {
     pub origin: &'a str,
     pub kind: &'a str,
-    pub lines: &'a [StagedIntel],
+    pub lines: &'a [L],
     pub revoked: &'a [String],
     pub skipped: u64,
     pub rejected: u64,
@@ -379,11 +386,30 @@ pub struct IntelBatch<'a> {
     pub continued: bool,
     /// Where the next poll starts, saved with what this batch staged; empty keeps the old one.
     pub cursor: &'a str,
-    pub now_ms: i64,
 }
 
+impl<'a, L> IntelBatch<'a, L> {
+    /// The same batch carrying `lines` instead.
+    pub fn with_lines<M>(&self, lines: &'a [M]) -> IntelBatch<'a, M> {
+        IntelBatch {
+            origin: self.origin,
+            kind: self.kind,
+            lines,
+            revoked: self.revoked,
+            skipped: self.skipped,
+            rejected: self.rejected,
+            continued: self.continued,
+            cursor: self.cursor,
+        }
+    }
+}
+
+/// Tables by name, each with its columns (name, kind) in order.
+pub type Schema = BTreeMap<String, Vec<(String, String)>>;
+
+/// What staging one batch changed in the store.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct IntelStaged {
+pub struct StagingCounts {
     pub added: u64,
     pub updated: u64,
     pub removed: u64,
@@ -459,7 +485,7 @@ pub struct OrgRow {
     pub country: String,
     /// full, anonymised or none.
     pub share: String,
-    /// TLP 2.0 level, as `vedette_proto::export::Tlp::as_str` writes it.
+    /// TLP 2.0 level, as `vedette_share::sharing::Tlp::as_str` writes it.
     pub tlp: String,
     pub created_at_ms: i64,
     /// Agents enrolled in it (listings only).

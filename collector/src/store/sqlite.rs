@@ -11,7 +11,8 @@ use vedette_proto::v1::{Detection, Inventory, StoredDetection, detection};
 
 use super::{
     AgentRow, BundleRow, CertRow, DetectionFilter, DetectionPage, ExportRow, IntelBatch,
-    IntelSourceRow, IntelStaged, OrgRow, StagedIntel, Store, StoreError, TokenError, UserRow,
+    IntelSourceRow, OrgRow, Schema, StagedLine, StagingCounts, Store, StoreError, TokenError,
+    UserRow,
 };
 
 /// Schema migrations, applied in order; `PRAGMA user_version` is the number applied.
@@ -699,6 +700,25 @@ impl Store for SqliteStore {
     }
 
     /// Number of stored detections (all agents).
+    fn schema(&self) -> Result<Schema, StoreError> {
+        let conn = self.conn();
+        let mut tables = conn.prepare(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'",
+        )?;
+        let names = tables
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut schema = Schema::new();
+        for table in names {
+            let mut columns = conn.prepare("SELECT name, type FROM pragma_table_info(?1)")?;
+            let columns = columns
+                .query_map(params![table], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            schema.insert(table, columns);
+        }
+        Ok(schema)
+    }
+
     fn count_detections(&self) -> Result<u64, StoreError> {
         Ok(self
             .conn()
@@ -716,10 +736,10 @@ impl Store for SqliteStore {
         Ok(n as u64)
     }
 
-    fn stage_intel(&self, b: &IntelBatch<'_>) -> Result<IntelStaged, StoreError> {
+    fn stage_intel(&self, b: &IntelBatch<'_>, now_ms: i64) -> Result<StagingCounts, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let mut out = IntelStaged::default();
+        let mut out = StagingCounts::default();
         for l in b.lines {
             let old: Option<String> = tx
                 .query_row(
@@ -738,7 +758,7 @@ impl Store for SqliteStore {
                  VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (source, id) DO UPDATE SET origin = excluded.origin,
                     line = excluded.line, staged_at_ms = excluded.staged_at_ms",
-                params![l.source, l.id, l.origin, l.line, b.now_ms],
+                params![l.source, l.id, l.origin, l.line, now_ms],
             )?;
         }
         for id in b.revoked {
@@ -760,7 +780,7 @@ impl Store for SqliteStore {
             params![
                 b.origin,
                 b.kind,
-                b.now_ms,
+                now_ms,
                 b.lines.len() as i64,
                 b.skipped as i64,
                 b.rejected as i64,
@@ -773,14 +793,14 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
-    fn list_intel(&self, after: (&str, &str), limit: u32) -> Result<Vec<StagedIntel>, StoreError> {
+    fn list_intel(&self, after: (&str, &str), limit: u32) -> Result<Vec<StagedLine>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT source, id, origin, line FROM intel_indicators
              WHERE (source, id) > (?1, ?2) ORDER BY source, id LIMIT ?3",
         )?;
         let rows = stmt.query_map(params![after.0, after.1, limit], |r| {
-            Ok(StagedIntel {
+            Ok(StagedLine {
                 source: r.get(0)?,
                 id: r.get(1)?,
                 origin: r.get(2)?,

@@ -3,6 +3,8 @@
 //! `VEDETTE_TEST_POSTGRES`); where that is not set the PostgreSQL half says so and is skipped
 //! (`.ci/run` sets it).
 
+#![allow(clippy::too_many_lines)] // a test suite: each test is one scenario
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -321,8 +323,8 @@ fn locations_parse_and_passwords_are_not_shown() {
 
 #[test]
 fn intel_staging_adds_updates_revokes_refuses_and_pages() {
-    use crate::intel::{Incoming, stage};
-    use crate::store::IntelStaged;
+    use crate::intel::{IntelBatch, stage};
+    use crate::store::StagingCounts;
     fn line(id: &str, pattern: &str) -> String {
         serde_json::json!({"source": "stix", "id": id, "origin": "o", "pattern_type": "stix",
             "pattern": pattern})
@@ -335,7 +337,7 @@ fn intel_staging_adds_updates_revokes_refuses_and_pages() {
             line("indicator--2", "[file:name = 'b']"),
             line("indicator--3", "[file:size > 1]"),
         ];
-        let batch = |lines: &'static [String], revoked: &'static [String], continued| Incoming {
+        let batch = |lines: &'static [String], revoked: &'static [String], continued| IntelBatch {
             origin: "bundle.json",
             kind: "import",
             lines,
@@ -353,7 +355,7 @@ fn intel_staging_adds_updates_revokes_refuses_and_pages() {
         let s = stage(store, batch(lines, &[], false), 1).unwrap();
         assert_eq!(
             s.counts,
-            IntelStaged {
+            StagingCounts {
                 added: 2,
                 updated: 0,
                 removed: 0
@@ -373,7 +375,7 @@ fn intel_staging_adds_updates_revokes_refuses_and_pages() {
         let s = stage(store, batch(again, revoked, true), 2).unwrap();
         assert_eq!(
             s.counts,
-            IntelStaged {
+            StagingCounts {
                 added: 0,
                 updated: 1,
                 removed: 1
@@ -628,4 +630,80 @@ fn console_accounts_are_created_updated_and_removed() {
         assert!(!s.remove_user("alice").unwrap());
         assert!(s.list_users().unwrap().is_empty());
     });
+}
+
+/// A column's kind in words both stores share: SQLite's declared types and PostgreSQL's
+/// `data_type`s as the migrations write them (a boolean is an integer in SQLite).
+fn common_kind(kind: &str) -> String {
+    match kind.to_ascii_lowercase().as_str() {
+        "integer" | "bigint" | "boolean" | "smallint" => "integer".into(),
+        "text" | "character varying" => "text".into(),
+        "blob" | "bytea" => "bytes".into(),
+        other => format!("unknown kind `{other}`"),
+    }
+}
+
+/// Each table's columns by name, in common kinds.
+fn comparable(schema: &Schema) -> BTreeMap<String, BTreeMap<String, String>> {
+    schema
+        .iter()
+        .map(|(table, columns)| {
+            let columns = columns
+                .iter()
+                .map(|(name, kind)| (name.clone(), common_kind(kind)))
+                .collect();
+            (table.clone(), columns)
+        })
+        .collect()
+}
+
+#[test]
+fn both_stores_have_the_same_tables_columns_and_kinds() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = open(&StoreLocation::Sqlite(dir.path().join("db")))
+        .unwrap()
+        .schema()
+        .unwrap();
+    let sqlite = comparable(&sqlite);
+    for (table, columns) in &sqlite {
+        for (column, kind) in columns {
+            assert!(
+                !kind.starts_with("unknown"),
+                "sqlite {table}.{column}: {kind}"
+            );
+        }
+    }
+    assert!(
+        sqlite.contains_key("detections") && sqlite.len() >= 10,
+        "{sqlite:?}"
+    );
+    let Some(db) = vedette_tests::PgDb::create("schema") else {
+        return;
+    };
+    let pg = StoreLocation::Postgres {
+        url: db.url.clone(),
+        ca_cert: None,
+    };
+    let pg = comparable(&open(&pg).unwrap().schema().unwrap());
+    let tables: std::collections::BTreeSet<&String> = sqlite.keys().chain(pg.keys()).collect();
+    let mut drift = Vec::new();
+    for table in tables {
+        let (a, b) = (sqlite.get(table), pg.get(table));
+        let columns: std::collections::BTreeSet<&String> =
+            a.into_iter().chain(b).flat_map(|c| c.keys()).collect();
+        for column in columns {
+            let kinds = (a.and_then(|c| c.get(column)), b.and_then(|c| c.get(column)));
+            if kinds.0 != kinds.1 {
+                drift.push(format!(
+                    "{table}.{column}: SQLite {:?}, PostgreSQL {:?}",
+                    kinds.0, kinds.1
+                ));
+            }
+        }
+    }
+    assert!(
+        drift.is_empty(),
+        "the stores' schemas differ:\n{}",
+        drift.join("\n")
+    );
 }

@@ -11,7 +11,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use vedette_proto::output::{self, stored_json};
+use vedette_ops::output::{self, stored_json};
 use vedette_proto::v1::admin_service_server::AdminService;
 use vedette_proto::v1::{
     AgentInfo, BundleInfo, BundleRolloutRequest, IntelStatusRequest, IntelStatusResponse,
@@ -205,15 +205,15 @@ pub async fn revoke_agent(console: &Console, who: &Who, id: &str) -> Result<bool
 }
 
 pub async fn session(Extension(who): Extension<Who>) -> Json<Value> {
-    let (roles, org) = match &who.identity {
-        crate::identity::Identity::Client { roles, org, .. } => (
+    let (roles, org) = match &who.peer {
+        crate::peer::Peer::Client { roles, org, .. } => (
             roles.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
             org.clone(),
         ),
-        crate::identity::Identity::Agent { .. } => (Vec::new(), None),
+        crate::peer::Peer::Agent { .. } => (Vec::new(), None),
     };
     Json(json!({
-        "name": who.identity.name(),
+        "name": who.peer.name(),
         "roles": roles,
         "org": org,
         "account": who.account,
@@ -380,26 +380,62 @@ pub struct Stats {
 /// Series shown by name; the others are summed.
 const TOP_SERIES: usize = 6;
 
+/// The chart's range (`24h`, `7d`, `30d`): its name, span in hours and number of buckets.
+fn stats_range(range: &str) -> Result<(&'static str, i64, usize), Failure> {
+    match range {
+        "" | "24h" => Ok(("24h", 24, 24)),
+        "7d" => Ok(("7d", 24 * 7, 28)),
+        "30d" => Ok(("30d", 24 * 30, 30)),
+        other => Err(Failure::bad_request(format!(
+            "`range`: `{other}` is not one of 24h, 7d, 30d"
+        ))),
+    }
+}
+
+/// What the chart's series are (`rule` or `agent`).
+fn stats_by(by: &str) -> Result<&'static str, Failure> {
+    match by {
+        "" | "rule" => Ok("rule"),
+        "agent" => Ok("agent"),
+        other => Err(Failure::bad_request(format!(
+            "`by`: `{other}` is not one of rule, agent"
+        ))),
+    }
+}
+
+/// The series a detection counts in.
+fn series_key(d: &StoredDetection, by: &str) -> String {
+    match by {
+        "agent" if d.hostname.is_empty() => d.agent_id.clone(),
+        "agent" => d.hostname.clone(),
+        _ => d
+            .detection
+            .as_ref()
+            .map(|d| d.rule.clone())
+            .unwrap_or_default(),
+    }
+}
+
+/// The largest [`TOP_SERIES`] - 1 series by name, the rest summed as `other`.
+fn top_series(counts: BTreeMap<String, Vec<u64>>, buckets: usize) -> Vec<(String, Vec<u64>)> {
+    let mut series: Vec<(String, Vec<u64>)> = counts.into_iter().collect();
+    series.sort_by_key(|(name, c)| (std::cmp::Reverse(c.iter().sum::<u64>()), name.clone()));
+    if series.len() > TOP_SERIES {
+        let rest = series.split_off(TOP_SERIES - 1);
+        let mut other = vec![0; buckets];
+        for (_, c) in rest {
+            for (o, n) in other.iter_mut().zip(c) {
+                *o += n;
+            }
+        }
+        series.push(("other".to_string(), other));
+    }
+    series
+}
+
 pub async fn stats_of(console: &Console, who: &Who, q: &StatsQuery) -> Result<Stats, Failure> {
-    let (range, span_h, buckets) = match q.range.as_str() {
-        "" | "24h" => ("24h", 24, 24),
-        "7d" => ("7d", 24 * 7, 28),
-        "30d" => ("30d", 24 * 30, 30),
-        other => {
-            return Err(Failure::bad_request(format!(
-                "`range`: `{other}` is not one of 24h, 7d, 30d"
-            )));
-        }
-    };
-    let by = match q.by.as_str() {
-        "" | "rule" => "rule",
-        "agent" => "agent",
-        other => {
-            return Err(Failure::bad_request(format!(
-                "`by`: `{other}` is not one of rule, agent"
-            )));
-        }
-    };
+    let (range, span_h, buckets) = stats_range(&q.range)?;
+    let by = stats_by(&q.by)?;
     let bucket_ms = span_h * 3_600_000 / buckets as i64;
     let now = crate::store::now_ms();
     // Whole buckets, the last one holding now.
@@ -423,16 +459,9 @@ pub async fn stats_of(console: &Console, who: &Who, q: &StatsQuery) -> Result<St
             .into_inner();
         for d in &r.detections {
             let i = ((d.received_at_ms - from) / bucket_ms).clamp(0, buckets as i64 - 1) as usize;
-            let key = match by {
-                "agent" if d.hostname.is_empty() => d.agent_id.clone(),
-                "agent" => d.hostname.clone(),
-                _ => d
-                    .detection
-                    .as_ref()
-                    .map(|d| d.rule.clone())
-                    .unwrap_or_default(),
-            };
-            counts.entry(key).or_insert_with(|| vec![0; buckets])[i] += 1;
+            counts
+                .entry(series_key(d, by))
+                .or_insert_with(|| vec![0; buckets])[i] += 1;
         }
         read += r.detections.len();
         if r.next_before_seq == 0 {
@@ -444,18 +473,6 @@ pub async fn stats_of(console: &Console, who: &Who, q: &StatsQuery) -> Result<St
         }
         before = r.next_before_seq;
     }
-    let mut series: Vec<(String, Vec<u64>)> = counts.into_iter().collect();
-    series.sort_by_key(|(name, c)| (std::cmp::Reverse(c.iter().sum::<u64>()), name.clone()));
-    if series.len() > TOP_SERIES {
-        let rest = series.split_off(TOP_SERIES - 1);
-        let mut other = vec![0; buckets];
-        for (_, c) in rest {
-            for (o, n) in other.iter_mut().zip(c) {
-                *o += n;
-            }
-        }
-        series.push(("other".to_string(), other));
-    }
     Ok(Stats {
         range,
         by,
@@ -463,7 +480,7 @@ pub async fn stats_of(console: &Console, who: &Who, q: &StatsQuery) -> Result<St
         bucket_ms,
         buckets,
         total: read as u64,
-        series,
+        series: top_series(counts, buckets),
         capped,
     })
 }

@@ -14,7 +14,7 @@ use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use ring::hmac;
 
-use crate::identity::Identity;
+use crate::peer::Peer;
 use crate::pki::Role;
 use crate::store::UserRow;
 
@@ -34,7 +34,7 @@ const FAILURE_WINDOW: Duration = Duration::from_secs(15 * 60);
 /// The caller of a console request, as the authentication middleware established it.
 #[derive(Debug, Clone)]
 pub struct Who {
-    pub identity: Identity,
+    pub peer: Peer,
     /// The CSRF token of this session or certificate.
     pub csrf: String,
     /// Signed in with an account (can sign out); false for a client certificate.
@@ -44,7 +44,7 @@ pub struct Who {
 impl Who {
     /// Whether the caller sees the whole collector (not one organisation).
     pub fn collector_wide(&self) -> bool {
-        self.identity.scope().is_none()
+        self.peer.scope().is_none()
     }
 }
 
@@ -129,8 +129,8 @@ pub fn same_token(a: &str, b: &str) -> bool {
 }
 
 /// The identity of an account.
-pub fn account_identity(user: &UserRow) -> Identity {
-    Identity::Client {
+pub fn account_peer(user: &UserRow) -> Peer {
+    Peer::Client {
         name: user.name.clone(),
         roles: user
             .roles

@@ -32,7 +32,7 @@ use tracing::{debug, info, warn};
 
 use super::State as Shared;
 use super::admin::AdminSvc;
-use crate::identity::{Identity, OnBehalfOf};
+use crate::peer::{OnBehalfOf, Peer};
 use auth::{Keys, LoginGuard, Who};
 
 /// Console connections open at once; more wait in the kernel's accept queue.
@@ -118,7 +118,7 @@ impl Console {
     /// An admin request made on behalf of the console's caller.
     fn request<T>(who: &Who, message: T) -> tonic::Request<T> {
         let mut r = tonic::Request::new(message);
-        r.extensions_mut().insert(OnBehalfOf(who.identity.clone()));
+        r.extensions_mut().insert(OnBehalfOf(who.peer.clone()));
         r
     }
 
@@ -137,7 +137,7 @@ impl Console {
         session: Option<String>,
     ) -> Result<Who, Failure> {
         if let Some(der) = cert {
-            let row = Identity::cert_row(&der, 0).ok_or_else(|| {
+            let row = Peer::cert_row(&der, 0).ok_or_else(|| {
                 Failure::new(
                     StatusCode::FORBIDDEN,
                     "the client certificate names no identity",
@@ -149,13 +149,13 @@ impl Console {
                     "this client certificate has been revoked",
                 ));
             }
-            let identity = Identity::from_der(&der).ok_or_else(|| {
+            let peer = Peer::from_der(&der).ok_or_else(|| {
                 Failure::new(
                     StatusCode::FORBIDDEN,
                     "the client certificate names no identity",
                 )
             })?;
-            if matches!(identity, Identity::Agent { .. }) {
+            if matches!(peer, Peer::Agent { .. }) {
                 return Err(Failure::new(
                     StatusCode::FORBIDDEN,
                     "agent certificates cannot use the console",
@@ -163,7 +163,7 @@ impl Console {
             }
             return Ok(Who {
                 csrf: self.keys.cert_csrf(&row.serial),
-                identity,
+                peer,
                 account: false,
             });
         }
@@ -183,7 +183,7 @@ impl Console {
             .check_session(&value, &user, crate::store::now_ms())
             .ok_or_else(unauthenticated)?;
         Ok(Who {
-            identity: auth::account_identity(&user),
+            peer: auth::account_peer(&user),
             csrf,
             account: true,
         })
@@ -345,7 +345,7 @@ async fn require(State(console): State<Arc<Console>>, req: Request, next: Next) 
         match csrf_checked(req, &who).await {
             Ok(req) => req,
             Err(f) => {
-                warn!(who = %who.identity, "console: state change without a valid CSRF token");
+                warn!(who = %who.peer, "console: state change without a valid CSRF token");
                 return failure(api, f);
             }
         }

@@ -12,7 +12,7 @@ use maud::{DOCTYPE, Markup, html};
 use serde::Deserialize;
 use serde_json::Value;
 use tracing::{info, warn};
-use vedette_proto::output::{self, printable, rfc3339_ms, stored_json, target_text};
+use vedette_ops::output::{self, printable, rfc3339_ms, stored_json, target_text};
 use vedette_proto::v1::admin_service_server::AdminService;
 use vedette_proto::v1::{BundleRolloutRequest, GetBundleRequest, StoredDetection};
 use vedette_proto::{action_name, kind_name};
@@ -65,7 +65,7 @@ fn layout(who: Option<&Who>, title: &str, active: &str, body: Markup) -> Markup 
                             }
                         }
                         div.who {
-                            span #who { (who.identity) }
+                            span #who { (who.peer) }
                             @if who.account {
                                 form method="post" action="/logout" {
                                     input type="hidden" name="csrf" value=(who.csrf);

@@ -1,16 +1,16 @@
-//! The per-file scan step every stage shares: scan, count the outcome, log what an operator
-//! should see.
+//! Examining one file, the step every stage shares: scan it, count the outcome, log what an
+//! operator should see.
 
 use std::path::Path;
 
 use tracing::{debug, warn};
 use vedette_engine::{FileReport, FileScanner, SkipReason};
-use vedette_proto::cli::RateLimited;
+use vedette_ops::cli::RateLimited;
 
 use crate::telemetry::{Counter, Counters};
 
 /// Scans one file with `scanner`: a report, or why the file was skipped (counted and logged).
-pub(crate) fn scan_file(
+pub(crate) fn examine_file(
     scanner: &mut FileScanner<'_>,
     path: &Path,
     counters: &Counters,
@@ -20,8 +20,8 @@ pub(crate) fn scan_file(
     account(result, started, path, counters)
 }
 
-/// [`scan_file`] for a file already open (an event's descriptor); `path` names it.
-pub(crate) fn scan_open_file(
+/// [`examine_file`] for a file already open (an event's descriptor); `path` names it.
+pub(crate) fn examine_open_file(
     scanner: &mut FileScanner<'_>,
     file: std::fs::File,
     path: &Path,

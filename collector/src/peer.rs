@@ -1,4 +1,5 @@
-//! Who is calling: the one place that turns a verified TLS client certificate into an identity.
+//! Who is calling (the peer): the one place that turns a verified TLS client certificate into
+//! an agent or a client with roles. (A STIX `identity` is something else: `vedette_share::stix`.)
 //!
 //! The TLS layer (see [`crate::server::tls`]) has already verified the chain against the
 //! collector's CA before a request reaches a handler; this module only reads the SAN URIs that
@@ -15,7 +16,7 @@ use crate::orgs::DEFAULT_ORG;
 use crate::pki::{AGENT_URI_PREFIX, ORG_URI_PREFIX, ROLE_URI_PREFIX, Role};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Identity {
+pub enum Peer {
     /// An enrolled agent, by the id and the organisation in its certificate (the default
     /// organisation when the certificate names none).
     Agent { id: String, org: String },
@@ -32,28 +33,28 @@ pub enum Identity {
 /// admin calls it makes for that caller. Only the collector's own code can set it: request
 /// extensions never come from the network.
 #[derive(Debug, Clone)]
-pub(crate) struct OnBehalfOf(pub Identity);
+pub(crate) struct OnBehalfOf(pub Peer);
 
-impl std::fmt::Display for Identity {
+impl std::fmt::Display for Peer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Identity::Agent { id, .. } => write!(f, "agent {id}"),
-            Identity::Client {
+            Peer::Agent { id, .. } => write!(f, "agent {id}"),
+            Peer::Client {
                 name,
                 org: Some(org),
                 ..
             } => write!(f, "{name} (of {org})"),
-            Identity::Client { name, .. } => write!(f, "{name}"),
+            Peer::Client { name, .. } => write!(f, "{name}"),
         }
     }
 }
 
-impl Identity {
+impl Peer {
     /// The identity of the verified client certificate of a request.
     ///
     /// Fails with UNAUTHENTICATED when the caller presented no certificate, and with
     /// PERMISSION_DENIED when the certificate names neither an agent nor a role.
-    pub fn of<T>(request: &Request<T>) -> Result<Identity, Status> {
+    pub fn of<T>(request: &Request<T>) -> Result<Peer, Status> {
         if let Some(OnBehalfOf(id)) = request.extensions().get::<OnBehalfOf>() {
             return Ok(id.clone());
         }
@@ -65,17 +66,17 @@ impl Identity {
         let leaf = certs
             .first()
             .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-        Identity::from_der(leaf.as_ref())
+        Peer::from_der(leaf.as_ref())
             .ok_or_else(|| Status::permission_denied("the client certificate names no identity"))
     }
 
     /// What the store records of a certificate (DER) seen or issued at `now_ms`.
     pub fn cert_row(der: &[u8], now_ms: i64) -> Option<crate::store::CertRow> {
-        let id = Identity::from_der(der)?;
+        let id = Peer::from_der(der)?;
         let (_, cert) = X509Certificate::from_der(der).ok()?;
         let (kind, subject, roles, org) = match id {
-            Identity::Agent { id, org } => ("agent", id, String::new(), org),
-            Identity::Client { name, roles, org } => (
+            Peer::Agent { id, org } => ("agent", id, String::new(), org),
+            Peer::Client { name, roles, org } => (
                 "client",
                 name,
                 roles
@@ -98,7 +99,7 @@ impl Identity {
         })
     }
 
-    pub(crate) fn from_der(der: &[u8]) -> Option<Identity> {
+    pub(crate) fn from_der(der: &[u8]) -> Option<Peer> {
         let (_, cert) = X509Certificate::from_der(der).ok()?;
         let san = cert.subject_alternative_name().ok()??;
         let mut agent = None;
@@ -122,7 +123,7 @@ impl Identity {
         }
         let org = orgs.pop();
         match (agent, roles.is_empty()) {
-            (Some(id), true) if !id.is_empty() => Some(Identity::Agent {
+            (Some(id), true) if !id.is_empty() => Some(Peer::Agent {
                 id,
                 org: org.unwrap_or_else(|| DEFAULT_ORG.to_string()),
             }),
@@ -134,7 +135,7 @@ impl Identity {
                     .and_then(|cn| cn.as_str().ok())
                     .unwrap_or("")
                     .to_string();
-                Some(Identity::Client { name, roles, org })
+                Some(Peer::Client { name, roles, org })
             }
             _ => None,
         }
@@ -143,8 +144,8 @@ impl Identity {
     /// The agent id and organisation, or PERMISSION_DENIED for any other identity.
     pub fn require_agent(self) -> Result<(String, String), Status> {
         match self {
-            Identity::Agent { id, org } => Ok((id, org)),
-            Identity::Client { .. } => Err(Status::permission_denied(
+            Peer::Agent { id, org } => Ok((id, org)),
+            Peer::Client { .. } => Err(Status::permission_denied(
                 "only agent certificates may open an agent stream",
             )),
         }
@@ -153,8 +154,8 @@ impl Identity {
     /// The certificate's name (agent id, or the person or tool).
     pub fn name(&self) -> &str {
         match self {
-            Identity::Agent { id, .. } => id,
-            Identity::Client { name, .. } => name,
+            Peer::Agent { id, .. } => id,
+            Peer::Client { name, .. } => name,
         }
     }
 
@@ -162,8 +163,8 @@ impl Identity {
     /// which never reach the admin API).
     pub fn scope(&self) -> Option<&str> {
         match self {
-            Identity::Client { org, .. } => org.as_deref(),
-            Identity::Agent { .. } => None,
+            Peer::Client { org, .. } => org.as_deref(),
+            Peer::Agent { .. } => None,
         }
     }
 
@@ -180,20 +181,20 @@ impl Identity {
     /// Succeeds when the identity carries `role`; agents never do.
     pub fn require_role(&self, role: Role) -> Result<(), Status> {
         match self {
-            Identity::Client { roles, .. } if roles.contains(&role) => Ok(()),
-            Identity::Client { .. } => Err(Status::permission_denied(format!(
+            Peer::Client { roles, .. } if roles.contains(&role) => Ok(()),
+            Peer::Client { .. } => Err(Status::permission_denied(format!(
                 "this certificate lacks the {} role",
                 role.as_str()
             ))),
-            Identity::Agent { .. } => Err(Status::permission_denied(
+            Peer::Agent { .. } => Err(Status::permission_denied(
                 "agent certificates cannot call the admin API",
             )),
         }
     }
 
     #[cfg(test)]
-    pub fn from_pem_for_tests(pem: &str) -> Identity {
-        Identity::from_der(&der_for_tests(pem)).expect("identity")
+    pub fn from_pem_for_tests(pem: &str) -> Peer {
+        Peer::from_der(&der_for_tests(pem)).expect("identity")
     }
 }
 
@@ -219,13 +220,13 @@ mod tests {
         let c = ca
             .issue_client("alice", &[Role::Operator, Role::Maintainer], None)
             .unwrap();
-        let id = Identity::from_pem_for_tests(&c.cert_pem);
+        let id = Peer::from_pem_for_tests(&c.cert_pem);
         assert!(id.require_role(Role::Operator).is_ok());
         assert!(id.require_role(Role::Maintainer).is_ok());
         assert!(id.clone().require_agent().is_err());
         assert_eq!(id.scope(), None);
         let c = ca.issue_client("bob", &[Role::Operator], None).unwrap();
-        let id = Identity::from_pem_for_tests(&c.cert_pem);
+        let id = Peer::from_pem_for_tests(&c.cert_pem);
         assert_eq!(
             id.require_role(Role::Maintainer).unwrap_err().code(),
             tonic::Code::PermissionDenied
@@ -238,7 +239,7 @@ mod tests {
         let c = ca
             .issue_client("carol", &[Role::Operator], Some("alpha"))
             .unwrap();
-        let id = Identity::from_pem_for_tests(&c.cert_pem);
+        let id = Peer::from_pem_for_tests(&c.cert_pem);
         assert_eq!(id.scope(), Some("alpha"));
         assert!(id.require_role(Role::Operator).is_ok());
         assert_eq!(
@@ -246,16 +247,14 @@ mod tests {
             tonic::Code::PermissionDenied
         );
         assert_eq!(
-            Identity::cert_row(&der_for_tests(&c.cert_pem), 1)
-                .unwrap()
-                .org,
+            Peer::cert_row(&der_for_tests(&c.cert_pem), 1).unwrap().org,
             "alpha"
         );
     }
 
     #[test]
     fn agent_certificate_cannot_act_as_operator() {
-        let id = Identity::Agent {
+        let id = Peer::Agent {
             id: "a".into(),
             org: DEFAULT_ORG.into(),
         };

@@ -10,16 +10,16 @@ use vedette_engine::{FileScanner, RuleMatch};
 
 /// How much memory is read.
 #[derive(Debug, Clone, Copy)]
-pub struct MemoryLimits {
+pub struct MemScanLimits {
     /// Bytes read of one region at most (its start).
     pub per_region: u64,
     /// Bytes read of one process at most.
     pub per_process: u64,
 }
 
-impl Default for MemoryLimits {
-    fn default() -> MemoryLimits {
-        MemoryLimits {
+impl Default for MemScanLimits {
+    fn default() -> MemScanLimits {
+        MemScanLimits {
             per_region: 64 << 20,
             per_process: 256 << 20,
         }
@@ -74,7 +74,7 @@ pub fn regions(maps: &str) -> Vec<Region> {
 pub fn scan(
     scanner: &mut FileScanner<'_>,
     pid: u32,
-    limits: MemoryLimits,
+    limits: MemScanLimits,
 ) -> Vec<(RuleMatch, Region)> {
     let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
         return Vec::new();

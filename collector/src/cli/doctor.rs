@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use vedette_proto::doctor::{Finding, private_mode};
+use vedette_ops::doctor::{Finding, private_mode};
 
 use crate::config::Config;
 use crate::store::StoreLocation;

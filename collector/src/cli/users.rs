@@ -55,7 +55,7 @@ pub fn list(config: &Config) -> Result<String, String> {
             "{}\t{}\t{org}\tcreated {}\n",
             u.name,
             u.roles,
-            vedette_proto::output::rfc3339_ms(u.created_at_ms)
+            vedette_ops::output::rfc3339_ms(u.created_at_ms)
         ));
     }
     if users.is_empty() {

@@ -7,155 +7,29 @@
 //!   collectors given one single-use token at the same moment enroll one agent.
 //! - A detection batch is one multi-row `INSERT ... SELECT FROM unnest(...) ON CONFLICT (id)
 //!   DO NOTHING`: a resend through another collector is stored once.
-//! - Connections come from a bounded pool; a caller waits for a free one (up to
-//!   [`POOL_WAIT`]), so a slow database slows acks down instead of queueing work in memory.
+//! - Connections come from a bounded pool (`pool.rs`); a caller waits for a free one, so a
+//!   slow database slows acks down instead of queueing work in memory.
+
+mod listen;
+mod migrate;
+mod pool;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Condvar, Mutex};
-use std::time::{Duration, Instant};
 
-use postgres::fallible_iterator::FallibleIterator;
-use postgres::{Client, NoTls, Row};
+use postgres::{Client, Row};
 use prost::Message;
-use rustls_pki_types::pem::PemObject;
 use vedette_proto::v1::{Detection, Inventory, StoredDetection, detection};
 
+use self::listen::EVENTS;
+use self::migrate::migrate;
+use self::pool::{Pool, tls_connector};
 use super::{
     AgentRow, BundleRow, CertRow, DetectionFilter, DetectionPage, ExportRow, IntelBatch,
-    IntelSourceRow, IntelStaged, OrgRow, StagedIntel, Store, StoreError, StoreEvent, TokenError,
-    UserRow, redact,
+    IntelSourceRow, OrgRow, Schema, StagedLine, StagingCounts, Store, StoreError, StoreEvent,
+    TokenError, UserRow, redact,
 };
-
-/// Schema migrations, applied in order; `vedette_schema.version` is the number applied.
-const MIGRATIONS: &[&str] = &[
-    // 1: the schema of SQLite's migrations 1 to 3, in PostgreSQL's types.
-    "CREATE TABLE tokens (
-        hash TEXT PRIMARY KEY,
-        created_at_ms BIGINT NOT NULL,
-        expires_at_ms BIGINT NOT NULL,
-        uses_left BIGINT NOT NULL
-    );
-    CREATE TABLE agents (
-        id TEXT PRIMARY KEY,
-        hostname TEXT NOT NULL DEFAULT '',
-        os TEXT NOT NULL DEFAULT '',
-        kernel TEXT NOT NULL DEFAULT '',
-        arch TEXT NOT NULL DEFAULT '',
-        agent_version TEXT NOT NULL DEFAULT '',
-        enrolled_at_ms BIGINT NOT NULL,
-        first_seen_ms BIGINT NOT NULL DEFAULT 0,
-        last_seen_ms BIGINT NOT NULL DEFAULT 0,
-        connected BOOLEAN NOT NULL DEFAULT FALSE,
-        revoked_at_ms BIGINT,
-        bundle_version BIGINT NOT NULL DEFAULT 0,
-        bundle_applied_at_ms BIGINT NOT NULL DEFAULT 0,
-        dropped_total BIGINT NOT NULL DEFAULT 0,
-        counters TEXT NOT NULL DEFAULT '{}',
-        bundle_failed_version BIGINT NOT NULL DEFAULT 0,
-        bundle_error TEXT NOT NULL DEFAULT ''
-    );
-    CREATE TABLE detections (
-        seq BIGSERIAL PRIMARY KEY,
-        id TEXT NOT NULL UNIQUE,
-        agent_id TEXT NOT NULL REFERENCES agents(id),
-        kind INTEGER NOT NULL,
-        rule TEXT NOT NULL,
-        path TEXT,
-        sha256 TEXT,
-        pid BIGINT,
-        observed_at_ms BIGINT NOT NULL,
-        received_at_ms BIGINT NOT NULL,
-        bundle_version BIGINT NOT NULL,
-        body BYTEA NOT NULL
-    );
-    CREATE INDEX detections_agent ON detections(agent_id, seq);
-    CREATE INDEX detections_received ON detections(received_at_ms);
-    CREATE TABLE bundles (
-        version BIGINT PRIMARY KEY,
-        name TEXT NOT NULL,
-        created_at_ms BIGINT NOT NULL,
-        publisher TEXT NOT NULL,
-        published_by TEXT NOT NULL,
-        published_at_ms BIGINT NOT NULL,
-        digest TEXT NOT NULL,
-        signer_key BYTEA NOT NULL,
-        files BIGINT NOT NULL,
-        content BYTEA NOT NULL,
-        signature BYTEA NOT NULL
-    );",
-    // 2: staged threat intelligence and its sources.
-    "CREATE TABLE intel_indicators (
-        source TEXT NOT NULL,
-        id TEXT NOT NULL,
-        origin TEXT NOT NULL,
-        line TEXT NOT NULL,
-        staged_at_ms BIGINT NOT NULL,
-        PRIMARY KEY (source, id)
-    );
-    CREATE TABLE intel_sources (
-        origin TEXT PRIMARY KEY,
-        kind TEXT NOT NULL,
-        last_poll_ms BIGINT NOT NULL DEFAULT 0,
-        accepted BIGINT NOT NULL DEFAULT 0,
-        skipped BIGINT NOT NULL DEFAULT 0,
-        rejected BIGINT NOT NULL DEFAULT 0,
-        revoked BIGINT NOT NULL DEFAULT 0,
-        last_error TEXT NOT NULL DEFAULT '',
-        cursor TEXT NOT NULL DEFAULT ''
-    );
-    CREATE TABLE export_cursors (
-        sink TEXT PRIMARY KEY,
-        seq BIGINT NOT NULL DEFAULT 0,
-        exported BIGINT NOT NULL DEFAULT 0,
-        last_error TEXT NOT NULL DEFAULT '',
-        last_attempt_ms BIGINT NOT NULL DEFAULT 0,
-        lease_owner TEXT NOT NULL DEFAULT '',
-        lease_until_ms BIGINT NOT NULL DEFAULT 0
-    );",
-    // 3: certificates issued or seen, and their revocation.
-    "CREATE TABLE certs (
-        serial TEXT PRIMARY KEY,
-        kind TEXT NOT NULL DEFAULT '',
-        subject TEXT NOT NULL DEFAULT '',
-        roles TEXT NOT NULL DEFAULT '',
-        not_after_ms BIGINT NOT NULL DEFAULT 0,
-        recorded_at_ms BIGINT NOT NULL DEFAULT 0,
-        revoked_at_ms BIGINT NOT NULL DEFAULT 0
-    );",
-    // 4: participating organisations; the organisation of each token, agent and certificate.
-    "CREATE TABLE orgs (
-        name TEXT PRIMARY KEY,
-        stix_id TEXT NOT NULL UNIQUE,
-        sector TEXT NOT NULL DEFAULT '',
-        country TEXT NOT NULL DEFAULT '',
-        share TEXT NOT NULL,
-        tlp TEXT NOT NULL,
-        created_at_ms BIGINT NOT NULL
-    );
-    ALTER TABLE tokens ADD COLUMN org TEXT NOT NULL DEFAULT 'default';
-    ALTER TABLE agents ADD COLUMN org TEXT NOT NULL DEFAULT 'default';
-    ALTER TABLE certs ADD COLUMN org TEXT NOT NULL DEFAULT '';
-    CREATE INDEX agents_org ON agents(org);",
-    // 5: console accounts.
-    "CREATE TABLE users (
-        name TEXT PRIMARY KEY,
-        password_hash TEXT NOT NULL,
-        roles TEXT NOT NULL,
-        org TEXT NOT NULL DEFAULT '',
-        created_at_ms BIGINT NOT NULL
-    );",
-];
-
-/// The advisory lock key migrations run under ("vedette" in ASCII).
-const MIGRATION_LOCK: i64 = 0x0076_6564_6574_7465;
-
-/// Most connections one collector holds.
-const POOL_SIZE: usize = 8;
-
-/// How long a caller waits for a free connection before the call fails (and is retried by
-/// whoever called: an agent resends its batch).
-const POOL_WAIT: Duration = Duration::from_secs(30);
 
 pub struct PgStore {
     pool: Pool,
@@ -200,134 +74,6 @@ impl PgStore {
     }
 }
 
-fn tls_connector(path: &Path) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
-    let fail = |e: String| StoreError::Tls(format!("`{}`: {e}", path.display()));
-    let pem = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
-        let cert = cert.map_err(|e| fail(e.to_string()))?;
-        roots.add(cert).map_err(|e| fail(e.to_string()))?;
-    }
-    if roots.is_empty() {
-        return Err(fail("no certificate in the file".into()));
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| fail(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
-}
-
-/// Applies the migrations not applied yet, under an advisory lock held until commit.
-fn migrate(client: &mut Client) -> Result<(), StoreError> {
-    let mut tx = client.transaction()?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
-    tx.batch_execute(
-        "CREATE TABLE IF NOT EXISTS vedette_schema (version BIGINT NOT NULL);
-         INSERT INTO vedette_schema SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM vedette_schema);",
-    )?;
-    let found: i64 = tx
-        .query_one("SELECT version FROM vedette_schema", &[])?
-        .get(0);
-    let known = MIGRATIONS.len() as i64;
-    if found > known {
-        return Err(StoreError::TooNew {
-            path: "postgres".into(),
-            found,
-            known,
-        });
-    }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
-        tx.batch_execute(sql)?;
-        tx.execute(
-            "UPDATE vedette_schema SET version = $1",
-            &[&((i + 1) as i64)],
-        )?;
-    }
-    tx.execute(
-        "INSERT INTO orgs (name, stix_id, share, tlp, created_at_ms)
-         VALUES ($1, $2, 'full', 'amber', $3) ON CONFLICT (name) DO NOTHING",
-        &[
-            &crate::orgs::DEFAULT_ORG,
-            &crate::orgs::new_stix_id(),
-            &super::now_ms(),
-        ],
-    )?;
-    tx.commit()?;
-    Ok(())
-}
-
-/// A bounded pool of connections: at most [`POOL_SIZE`] open, callers wait for a free one.
-struct Pool {
-    config: postgres::Config,
-    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
-    idle: Mutex<Vec<Client>>,
-    /// Connections open (idle or in use).
-    state: Mutex<usize>,
-    freed: Condvar,
-}
-
-impl Pool {
-    fn connect(&self) -> Result<Client, postgres::Error> {
-        connect(&self.config, self.tls.as_ref())
-    }
-
-    fn get(&self) -> Result<Client, StoreError> {
-        let deadline = Instant::now() + POOL_WAIT;
-        let mut open = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if let Some(c) = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop() {
-                if !c.is_closed() {
-                    return Ok(c);
-                }
-                *open -= 1;
-                continue;
-            }
-            if *open < POOL_SIZE {
-                *open += 1;
-                drop(open);
-                return self.connect().map_err(|e| {
-                    *self.state.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
-                    self.freed.notify_one();
-                    StoreError::Pg(e)
-                });
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(StoreError::PoolTimeout(POOL_WAIT));
-            }
-            open = self
-                .freed
-                .wait_timeout(open, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-    }
-
-    /// Returns a connection (a broken one is closed and its slot freed).
-    fn put(&self, client: Client) {
-        let mut open = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if client.is_closed() {
-            *open -= 1;
-        } else {
-            self.idle
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(client);
-        }
-        drop(open);
-        self.freed.notify_one();
-    }
-}
-
-/// The channel collectors announce on.
-const EVENTS: &str = "vedette_events";
-
-/// How often the listening thread looks at its stop token while nothing is announced.
-const LISTEN_TICK: Duration = Duration::from_millis(250);
-
 impl PgStore {
     fn users_where(&self, name: Option<&str>) -> Result<Vec<UserRow>, StoreError> {
         self.with(|c| {
@@ -348,75 +94,6 @@ impl PgStore {
                 .collect())
         })
     }
-
-    /// Listens on a connection of its own; re-made (with a `Resync`) when it breaks.
-    fn listen(
-        config: postgres::Config,
-        tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
-        tx: tokio::sync::mpsc::Sender<StoreEvent>,
-        stop: tokio_util::sync::CancellationToken,
-    ) {
-        while !stop.is_cancelled() {
-            let listening = connect(&config, tls.as_ref()).and_then(|mut c| {
-                c.batch_execute(&format!("LISTEN {EVENTS}"))?;
-                Ok(c)
-            });
-            let mut client = match listening {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot listen for other collectors' events; retrying");
-                    std::thread::sleep(Duration::from_secs(1));
-                    continue;
-                }
-            };
-            // Whatever was announced before this LISTEN (at start, or while reconnecting) is
-            // found by comparing with the store.
-            if tx.blocking_send(StoreEvent::Resync).is_err() {
-                return;
-            }
-            match relay(&mut client, &tx, &stop) {
-                Ok(()) => return,
-                Err(e) => {
-                    // Re-made (after a pause) rather than read again: the connection is suspect.
-                    tracing::warn!(error = %e, "lost the connection listening for other collectors' events");
-                    std::thread::sleep(Duration::from_secs(1));
-                }
-            }
-        }
-    }
-}
-
-/// Opens one connection, over TLS when the store has a TLS set-up.
-fn connect(
-    config: &postgres::Config,
-    tls: Option<&tokio_postgres_rustls::MakeRustlsConnect>,
-) -> Result<Client, postgres::Error> {
-    match tls {
-        Some(tls) => config.connect(tls.clone()),
-        None => config.connect(NoTls),
-    }
-}
-
-/// Hands every announced event to `tx` until `stop` fires or the receiver is gone (`Ok`), or
-/// the connection fails (`Err`).
-fn relay(
-    client: &mut Client,
-    tx: &tokio::sync::mpsc::Sender<StoreEvent>,
-    stop: &tokio_util::sync::CancellationToken,
-) -> Result<(), postgres::Error> {
-    while !stop.is_cancelled() {
-        let mut notes = client.notifications();
-        let mut it = notes.timeout_iter(LISTEN_TICK);
-        while let Some(n) = it.next()? {
-            let Some(event) = StoreEvent::decode(n.payload()) else {
-                continue;
-            };
-            if tx.blocking_send(event).is_err() {
-                return Ok(());
-            }
-        }
-    }
-    Ok(())
 }
 
 impl Store for PgStore {
@@ -942,6 +619,26 @@ impl Store for PgStore {
         })
     }
 
+    fn schema(&self) -> Result<Schema, StoreError> {
+        self.with(|c| {
+            let rows = c.query(
+                "SELECT table_name::text, column_name::text, data_type::text
+                 FROM information_schema.columns
+                 WHERE table_schema = current_schema() AND table_name <> 'vedette_schema'
+                 ORDER BY table_name, ordinal_position",
+                &[],
+            )?;
+            let mut schema = Schema::new();
+            for r in rows {
+                schema
+                    .entry(r.get(0))
+                    .or_default()
+                    .push((r.get(1), r.get(2)));
+            }
+            Ok(schema)
+        })
+    }
+
     fn count_detections(&self) -> Result<u64, StoreError> {
         self.with(|c| {
             let n: i64 = c.query_one("SELECT COUNT(*) FROM detections", &[])?.get(0);
@@ -960,10 +657,10 @@ impl Store for PgStore {
         })
     }
 
-    fn stage_intel(&self, b: &IntelBatch<'_>) -> Result<IntelStaged, StoreError> {
+    fn stage_intel(&self, b: &IntelBatch<'_>, now_ms: i64) -> Result<StagingCounts, StoreError> {
         self.with(|c| {
             let mut tx = c.transaction()?;
-            let mut out = IntelStaged::default();
+            let mut out = StagingCounts::default();
             for l in b.lines {
                 // xmax = 0 on the returned row: it was inserted, not updated.
                 let row = tx.query_opt(
@@ -973,7 +670,7 @@ impl Store for PgStore {
                         line = excluded.line, staged_at_ms = excluded.staged_at_ms
                      WHERE intel_indicators.line <> excluded.line
                      RETURNING (xmax = 0)",
-                    &[&l.source, &l.id, &l.origin, &l.line, &b.now_ms],
+                    &[&l.source, &l.id, &l.origin, &l.line, &now_ms],
                 )?;
                 match row.map(|r| r.get::<_, bool>(0)) {
                     Some(true) => out.added += 1,
@@ -1004,7 +701,7 @@ impl Store for PgStore {
                 &[
                     &b.origin,
                     &b.kind,
-                    &b.now_ms,
+                    &now_ms,
                     &(b.lines.len() as i64),
                     &(b.skipped as i64),
                     &(b.rejected as i64),
@@ -1018,7 +715,7 @@ impl Store for PgStore {
         })
     }
 
-    fn list_intel(&self, after: (&str, &str), limit: u32) -> Result<Vec<StagedIntel>, StoreError> {
+    fn list_intel(&self, after: (&str, &str), limit: u32) -> Result<Vec<StagedLine>, StoreError> {
         self.with(|c| {
             let rows = c.query(
                 "SELECT source, id, origin, line FROM intel_indicators
@@ -1027,7 +724,7 @@ impl Store for PgStore {
             )?;
             Ok(rows
                 .iter()
-                .map(|r| StagedIntel {
+                .map(|r| StagedLine {
                     source: r.get(0),
                     id: r.get(1),
                     origin: r.get(2),

@@ -1,10 +1,19 @@
-//! The `vedette-collector` command line: what each subcommand takes.
+//! The `vedette-collector` command line: what each subcommand takes (this file) and does
+//! (`commands.rs` dispatches; `init.rs`, `users.rs` and `doctor.rs` are the commands that are
+//! not the server).
+
+mod commands;
+pub mod doctor;
+pub mod init;
+pub mod users;
+
+pub use commands::dispatch;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use vedette_proto::cli::LogArgs;
+use vedette_ops::cli::LogArgs;
 
 use crate::pki::Role;
 

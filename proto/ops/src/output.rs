@@ -7,11 +7,11 @@
 
 use serde_json::{Value, json};
 
-use crate::v1::{
+use vedette_proto::v1::{
     AgentInfo, BundleInfo, BundleRolloutResponse, Detection, ExportSink, IntelSource,
     StoredDetection, detection,
 };
-use crate::{action_name, kind_name};
+use vedette_proto::{action_name, kind_name};
 
 /// RFC 3339 text of a millisecond timestamp, or an empty string for 0 (never happened).
 pub fn rfc3339_ms(ms: i64) -> String {
@@ -93,7 +93,7 @@ pub fn indicator_json(d: &Detection) -> Value {
             v
         }
         _ => {
-            let yara = d.kind == crate::v1::DetectionKind::Yara as i32;
+            let yara = d.kind == vedette_proto::v1::DetectionKind::Yara as i32;
             let origin = if d.bundle_version > 0 {
                 "bundle"
             } else {
@@ -159,7 +159,7 @@ pub fn target_text(d: &Detection) -> String {
 
 /// The text form of a detection: kind, score, rule, target (and `BLOCKED` for a denied exec).
 pub fn detection_line(d: &Detection) -> String {
-    let blocked = if d.action == crate::v1::DetectionAction::Blocked as i32 {
+    let blocked = if d.action == vedette_proto::v1::DetectionAction::Blocked as i32 {
         "BLOCKED "
     } else {
         ""
@@ -300,7 +300,7 @@ mod tests {
         );
         let d = Detection {
             rule: "r\u{1b}[31m".into(),
-            target: Some(detection::Target::File(crate::v1::FileTarget {
+            target: Some(detection::Target::File(vedette_proto::v1::FileTarget {
                 path: evil.into(),
                 ..Default::default()
             })),
@@ -313,7 +313,7 @@ mod tests {
             "{line}"
         );
     }
-    use crate::v1::{ConnectionTarget, DetectionKind};
+    use vedette_proto::v1::{ConnectionTarget, DetectionKind};
 
     #[test]
     fn ipv6_remotes_are_bracketed_and_empty_values_are_null() {

@@ -1,0 +1,90 @@
+//! ECS (Elastic Common Schema 8): one JSON document per detection, for SIEMs.
+
+use serde_json::{Value, json};
+use vedette_ops::output::indicator_json;
+use vedette_proto::v1::{DetectionKind, StoredDetection, detection};
+use vedette_proto::{action_name, kind_name};
+
+use crate::ts;
+
+/// One ECS document (Elastic Common Schema 8) per detection, for SIEMs.
+pub fn document(s: &StoredDetection) -> Value {
+    let d = s.detection.clone().unwrap_or_default();
+    let ind = indicator_json(&d);
+    let mut v = json!({
+        "@timestamp": ts(d.observed_at_ms),
+        "event": {
+            "kind": "alert",
+            "category": [match DetectionKind::try_from(d.kind) {
+                Ok(DetectionKind::Connection) => "network",
+                Ok(DetectionKind::Process) => "process",
+                _ => "malware",
+            }],
+            "type": ["indicator"],
+            "id": d.id,
+            "action": action_name(d.action),
+            "outcome": if action_name(d.action) == "blocked" { "failure" } else { "unknown" },
+            "created": ts(s.received_at_ms),
+            "risk_score": d.score,
+            "module": "vedette",
+            "dataset": format!("vedette.{}", kind_name(d.kind)),
+        },
+        "host": {"name": s.hostname, "id": s.agent_id},
+        "agent": {"id": s.agent_id, "type": "vedette"},
+        "rule": {
+            "name": d.rule,
+            "ruleset": d.source,
+            "description": d.description,
+            "id": ind["id"],
+        },
+        "threat": {
+            "framework": "MITRE ATT&CK",
+            "technique": {"id": d.techniques},
+            "indicator": {
+                "provider": ind["origin"],
+                "type": match DetectionKind::try_from(d.kind) {
+                    Ok(DetectionKind::Connection) => "ipv4-addr",
+                    Ok(DetectionKind::Process) => "process",
+                    _ => "file",
+                },
+                "reference": ind["id"],
+            },
+            "feed": {"name": ind["source"]},
+        },
+        "labels": {"bundle_version": d.bundle_version.to_string()},
+    });
+    if let Some(event) = ind.get("event") {
+        v["threat"]["indicator"]["description"] =
+            json!(format!("MISP event {}", event.as_str().unwrap_or("")));
+    }
+    match &d.target {
+        Some(detection::Target::File(f)) => {
+            let name = f.path.rsplit('/').next().unwrap_or(&f.path);
+            let mut hash = serde_json::Map::new();
+            for (k, h) in [("sha256", &f.sha256), ("md5", &f.md5), ("sha1", &f.sha1)] {
+                if !h.is_empty() {
+                    hash.insert(k.into(), json!(h));
+                }
+            }
+            v["file"] = json!({"path": f.path, "name": name, "size": f.size, "hash": hash});
+        }
+        Some(detection::Target::Process(p)) => {
+            v["process"] = json!({"pid": p.pid, "parent": {"pid": p.ppid}, "name": p.name,
+                "executable": p.exe, "command_line": p.cmdline});
+            if !p.exe_sha256.is_empty() {
+                v["process"]["hash"] = json!({"sha256": p.exe_sha256});
+            }
+            if !p.user.is_empty() {
+                v["user"] = json!({"name": p.user});
+            }
+        }
+        Some(detection::Target::Connection(c)) => {
+            v["process"] = json!({"pid": c.pid, "executable": c.exe});
+            v["destination"] = json!({"ip": c.remote_addr, "port": c.remote_port});
+            v["source"] = json!({"ip": c.local_addr, "port": c.local_port});
+            v["network"] = json!({"transport": c.protocol.to_lowercase()});
+        }
+        None => {}
+    }
+    v
+}

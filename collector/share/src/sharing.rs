@@ -1,0 +1,515 @@
+//! The sharing policy: what exports may carry about each participating organisation
+//! (`full`, `anonymised`, `none`), its TLP marking, and the STIX and ECS output made under it.
+
+use serde_json::{Value, json};
+use vedette_proto::v1::{DetectionKind, StoredDetection, detection};
+
+use crate::{ecs, stix, stix_id};
+
+/// What exports carry about one participating organisation (`vedettectl orgs set --share`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Share {
+    /// Everything the agent reported: host names, paths, users, process details.
+    Full,
+    /// The indicator, counts, first and last seen, and the organisation's sector and country;
+    /// nothing that names a host, a path, a user, a command line or an internal address.
+    Anonymised,
+    /// Nothing about the organisation leaves the collector.
+    None,
+}
+
+impl Share {
+    pub const NAMES: &'static str = "full, anonymised or none";
+
+    pub fn parse(s: &str) -> Option<Share> {
+        match s {
+            "full" => Some(Share::Full),
+            "anonymised" | "anonymized" => Some(Share::Anonymised),
+            "none" => Some(Share::None),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Share::Full => "full",
+            Share::Anonymised => "anonymised",
+            Share::None => "none",
+        }
+    }
+}
+
+/// A Traffic Light Protocol 2.0 level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tlp {
+    Clear,
+    Green,
+    Amber,
+    AmberStrict,
+    Red,
+}
+
+impl Tlp {
+    pub const NAMES: &'static str = "clear, green, amber, amber+strict or red";
+
+    pub fn parse(s: &str) -> Option<Tlp> {
+        match s.to_ascii_lowercase().trim_start_matches("tlp:") {
+            "clear" | "white" => Some(Tlp::Clear),
+            "green" => Some(Tlp::Green),
+            "amber" => Some(Tlp::Amber),
+            "amber+strict" => Some(Tlp::AmberStrict),
+            "red" => Some(Tlp::Red),
+            _ => None,
+        }
+    }
+
+    /// As the TLP 2.0 STIX extension and MISP's `tlp` taxonomy write it: `amber+strict`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tlp::Clear => "clear",
+            Tlp::Green => "green",
+            Tlp::Amber => "amber",
+            Tlp::AmberStrict => "amber+strict",
+            Tlp::Red => "red",
+        }
+    }
+
+    /// The MISP tag (`tlp` taxonomy).
+    pub fn misp_tag(self) -> String {
+        format!("tlp:{}", self.as_str())
+    }
+
+    /// The id of the published STIX 2.1 marking definition of this TLP 2.0 level.
+    pub fn marking_id(self) -> &'static str {
+        match self {
+            Tlp::Clear => "marking-definition--94868c89-83c2-464b-929b-a1a8aa3c8487",
+            Tlp::Green => "marking-definition--bab4a63c-aed9-4cf5-a766-dfca5abac2bb",
+            Tlp::Amber => "marking-definition--55d920b0-5e8b-4f79-9ee9-91f868d9b421",
+            Tlp::AmberStrict => "marking-definition--939a9414-2ddd-4d32-a0cd-375ea402b003",
+            Tlp::Red => "marking-definition--e828b379-4e03-4974-9ac4-e53a884c97c1",
+        }
+    }
+
+    /// The marking definition itself, as the TLP 2.0 extension for STIX 2.1 publishes it.
+    pub fn marking_definition(self) -> Value {
+        json!({
+            "type": "marking-definition",
+            "spec_version": "2.1",
+            "id": self.marking_id(),
+            "created": "2022-10-01T00:00:00.000Z",
+            "name": format!("TLP:{}", self.as_str().to_uppercase()),
+            "extensions": {
+                TLP_EXTENSION: {
+                    "extension_type": "property-extension",
+                    "tlp_2_0": self.as_str(),
+                }
+            }
+        })
+    }
+}
+
+/// The extension definition of TLP 2.0 markings in STIX 2.1.
+const TLP_EXTENSION: &str = "extension-definition--60a3c5c5-0d10-413e-aab3-9e08dde9e88d";
+
+/// An organisation's sharing policy, with what exports may say of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sharing {
+    pub name: String,
+    /// Its STIX identity id.
+    pub stix_id: String,
+    /// A STIX industry sector, or empty.
+    pub sector: String,
+    /// ISO 3166-1 alpha-2, or empty.
+    pub country: String,
+    pub share: Share,
+    pub tlp: Tlp,
+}
+
+impl Sharing {
+    /// The STIX objects naming who made the sightings: the organisation's identity (`full`),
+    /// or one anonymous identity per sector and country (`anonymised`); with its location when
+    /// the country is known. The first object is the identity.
+    pub fn identity_objects(&self) -> Vec<Value> {
+        let (id, name) = match self.share {
+            Share::Full => (self.stix_id.clone(), self.name.clone()),
+            _ => (
+                stix_id(
+                    "identity",
+                    &format!("anonymous|{}|{}", self.sector, self.country),
+                ),
+                self.anonymous_name(),
+            ),
+        };
+        let mut identity = json!({
+            "type": "identity",
+            "spec_version": "2.1",
+            "id": id,
+            "created": "2026-01-01T00:00:00.000Z",
+            "modified": "2026-01-01T00:00:00.000Z",
+            "name": name,
+            "identity_class": "organization",
+        });
+        if !self.sector.is_empty() {
+            identity["sectors"] = json!([self.sector]);
+        }
+        let mut out = vec![identity];
+        if !self.country.is_empty() {
+            let location = stix_id("location", &self.country);
+            out.push(json!({
+                "type": "location",
+                "spec_version": "2.1",
+                "id": location,
+                "created": "2026-01-01T00:00:00.000Z",
+                "modified": "2026-01-01T00:00:00.000Z",
+                "country": self.country,
+            }));
+            out.push(json!({
+                "type": "relationship",
+                "spec_version": "2.1",
+                "id": stix_id("relationship", &format!("{id}|located-at|{location}")),
+                "created": "2026-01-01T00:00:00.000Z",
+                "modified": "2026-01-01T00:00:00.000Z",
+                "relationship_type": "located-at",
+                "source_ref": id,
+                "target_ref": location,
+            }));
+        }
+        out
+    }
+
+    /// How an anonymised organisation is named: by its sector and country only.
+    pub fn anonymous_name(&self) -> String {
+        let what: Vec<&str> = [self.sector.as_str(), self.country.as_str()]
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .collect();
+        if what.is_empty() {
+            "Anonymous participant".to_string()
+        } else {
+            format!("Anonymous participant ({})", what.join(", "))
+        }
+    }
+
+    /// What `misp` sightings give as their source.
+    pub fn sighting_source(&self) -> String {
+        match self.share {
+            Share::Full => self.name.clone(),
+            _ => self.anonymous_name(),
+        }
+    }
+}
+
+/// A stored detection with everything that could name a host, a path, a user, a command line
+/// or an internal address removed: what `anonymised` exports are made from. What stays is
+/// the indicator (rule, its source and ids, techniques), the hashes and size of a file, the
+/// remote address and port of a connection, and the times. The description goes too: it may
+/// quote what was observed.
+pub fn anonymise(s: &StoredDetection) -> StoredDetection {
+    let mut d = s.detection.clone().unwrap_or_default();
+    match &mut d.target {
+        Some(detection::Target::File(f)) => {
+            // A file name stays only when it is what matched (a file-name indicator).
+            let name = if d.kind == DetectionKind::Filename as i32 {
+                f.path.rsplit('/').next().unwrap_or_default().to_string()
+            } else {
+                String::new()
+            };
+            f.path = name;
+            f.raw_path.clear();
+        }
+        Some(detection::Target::Process(p)) => {
+            *p = vedette_proto::v1::ProcessTarget {
+                exe_sha256: std::mem::take(&mut p.exe_sha256),
+                ..Default::default()
+            };
+        }
+        Some(detection::Target::Connection(c)) => {
+            *c = vedette_proto::v1::ConnectionTarget {
+                protocol: std::mem::take(&mut c.protocol),
+                remote_addr: std::mem::take(&mut c.remote_addr),
+                remote_port: c.remote_port,
+                ..Default::default()
+            };
+        }
+        None => {}
+    }
+    // A description may quote what was observed (a built-in finding names the process and
+    // its executable, a memory match its region).
+    d.description.clear();
+    // Host-local rules are named by the host's own file.
+    if d.bundle_version == 0 {
+        d.source = "local".into();
+        if let Some(i) = &mut d.indicator {
+            i.origin = "local".into();
+        }
+    }
+    StoredDetection {
+        detection: Some(d),
+        agent_id: String::new(),
+        hostname: String::new(),
+        received_at_ms: s.received_at_ms,
+        seq: s.seq,
+        org: String::new(),
+    }
+}
+
+/// The STIX objects a sink sends for a batch of detections, each under its organisation's
+/// policy (`policy` gives it by organisation name; an unknown one shares nothing): sightings
+/// made by the organisation (or its anonymous stand-in), created by `producer` (the collector's
+/// operator), marked with the organisation's TLP. Shared objects appear once.
+pub fn stix_objects(
+    detections: &[StoredDetection],
+    policy: &dyn Fn(&str) -> Option<Sharing>,
+    producer: &str,
+) -> Vec<Value> {
+    let who = stix::identity(producer);
+    let who_id = who["id"].as_str().unwrap_or_default().to_string();
+    let mut objects = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut push = |objects: &mut Vec<Value>, o: Value| {
+        if seen.insert(o["id"].as_str().unwrap_or_default().to_string()) {
+            objects.push(o);
+        }
+    };
+    for s in detections {
+        let Some(policy) = policy(&s.org) else {
+            continue;
+        };
+        let shared = match policy.share {
+            Share::None => continue,
+            Share::Full => s.clone(),
+            Share::Anonymised => anonymise(s),
+        };
+        let marking = policy.tlp.marking_id();
+        let made_by = policy.identity_objects();
+        let by_id = made_by[0]["id"].as_str().unwrap_or_default().to_string();
+        push(&mut objects, who.clone());
+        push(&mut objects, policy.tlp.marking_definition());
+        for o in made_by {
+            push(&mut objects, o);
+        }
+        for mut o in stix::sighting(&shared, &by_id) {
+            // Cyber-observables carry no created_by_ref.
+            if !is_sco(&o) {
+                o["created_by_ref"] = json!(who_id);
+            }
+            o["object_marking_refs"] = json!([marking]);
+            push(&mut objects, o);
+        }
+    }
+    objects
+}
+
+fn is_sco(o: &Value) -> bool {
+    matches!(
+        o["type"].as_str(),
+        Some("file" | "process" | "ipv4-addr" | "ipv6-addr" | "network-traffic")
+    )
+}
+
+/// The ECS document a sink writes for one detection under its organisation's policy; None
+/// when the policy shares nothing.
+pub fn ecs_document(s: &StoredDetection, policy: &Sharing) -> Option<Value> {
+    let mut v = match policy.share {
+        Share::None => return None,
+        Share::Full => {
+            let mut v = ecs::document(s);
+            v["organization"] = json!({"id": policy.stix_id, "name": policy.name});
+            v
+        }
+        Share::Anonymised => {
+            let mut v = ecs::document(&anonymise(s));
+            // Of a process, only its image's hash stays.
+            let image_hash = v["process"].get("hash").cloned();
+            if let Some(m) = v.as_object_mut() {
+                m.remove("host");
+                m.remove("agent");
+                m.remove("process");
+                m.remove("user");
+                m.remove("source");
+            }
+            if let Some(rule) = v.get_mut("rule").and_then(Value::as_object_mut) {
+                rule.remove("description");
+            }
+            if let Some(file) = v.get_mut("file").and_then(Value::as_object_mut) {
+                file.remove("path");
+                if file.get("name").and_then(Value::as_str) == Some("") {
+                    file.remove("name");
+                }
+            }
+            if let Some(hash) = image_hash {
+                v["process"] = json!({"hash": hash});
+            }
+            v["organization"] = json!({"name": policy.anonymous_name()});
+            v
+        }
+    };
+    v["threat"]["indicator"]["marking"] = json!({"tlp": policy.tlp.as_str().to_uppercase()});
+    v["labels"]["tlp"] = json!(policy.tlp.as_str());
+    if !policy.sector.is_empty() {
+        v["labels"]["sector"] = json!(policy.sector);
+    }
+    if !policy.country.is_empty() {
+        v["labels"]["country"] = json!(policy.country);
+    }
+    Some(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vedette_proto::v1::{ConnectionTarget, Detection, FileTarget, IndicatorRef, ProcessTarget};
+
+    fn policy(share: Share) -> Sharing {
+        Sharing {
+            name: "acme".into(),
+            stix_id: "identity--00000000-0000-4000-8000-000000000001".into(),
+            sector: "energy".into(),
+            country: "DE".into(),
+            share,
+            tlp: Tlp::AmberStrict,
+        }
+    }
+
+    fn stored(target: detection::Target, kind: DetectionKind) -> StoredDetection {
+        StoredDetection {
+            detection: Some(Detection {
+                id: "d1".into(),
+                kind: kind as i32,
+                rule: "evil".into(),
+                description: "process 42 runs /home/alice/x".into(),
+                target: Some(target),
+                indicator: Some(IndicatorRef {
+                    source: "yara".into(),
+                    id: "evil".into(),
+                    origin: "/etc/vedette/rules/local.yar".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            agent_id: "agent-1".into(),
+            hostname: "db01.acme.internal".into(),
+            received_at_ms: 1,
+            seq: 1,
+            org: "acme".into(),
+        }
+    }
+
+    const SECRETS: &[&str] = &[
+        "db01.acme.internal",
+        "agent-1",
+        "/home/alice",
+        "alice",
+        "curl http://10.0.0.5",
+        "10.0.0.9",
+        "/etc/vedette/rules",
+    ];
+
+    fn all_kinds() -> Vec<StoredDetection> {
+        vec![
+            stored(
+                detection::Target::File(FileTarget {
+                    path: "/home/alice/payload.bin".into(),
+                    sha256: "ab".repeat(32),
+                    size: 3,
+                    ..Default::default()
+                }),
+                DetectionKind::Yara,
+            ),
+            stored(
+                detection::Target::Process(ProcessTarget {
+                    pid: 42,
+                    name: "curl".into(),
+                    exe: "/home/alice/bin/curl".into(),
+                    cmdline: "curl http://10.0.0.5".into(),
+                    user: "alice".into(),
+                    ..Default::default()
+                }),
+                DetectionKind::Process,
+            ),
+            stored(
+                detection::Target::Connection(ConnectionTarget {
+                    pid: 42,
+                    exe: "/home/alice/bin/curl".into(),
+                    protocol: "TCP".into(),
+                    local_addr: "10.0.0.9".into(),
+                    local_port: 5555,
+                    remote_addr: "203.0.113.7".into(),
+                    remote_port: 443,
+                }),
+                DetectionKind::Connection,
+            ),
+        ]
+    }
+
+    #[test]
+    fn anonymised_exports_name_no_host_path_user_command_line_or_local_address() {
+        let list = all_kinds();
+        let p = policy(Share::Anonymised);
+        let mut text = String::new();
+        for s in &list {
+            text.push_str(&ecs_document(s, &p).unwrap().to_string());
+        }
+        text.push_str(&json!(stix_objects(&list, &|_| Some(p.clone()), "CSIRT")).to_string());
+        for secret in SECRETS {
+            assert!(!text.contains(secret), "`{secret}` in {text}");
+        }
+        // What stays: the indicator, the hash, the remote address, sector, country and TLP.
+        for kept in [
+            "evil",
+            &"ab".repeat(32),
+            "203.0.113.7",
+            "Anonymous participant (energy, DE)",
+            "amber+strict",
+            "marking-definition--939a9414-2ddd-4d32-a0cd-375ea402b003",
+        ] {
+            assert!(text.contains(kept), "`{kept}` missing from {text}");
+        }
+    }
+
+    #[test]
+    fn full_exports_carry_the_host_and_none_exports_nothing() {
+        let list = all_kinds();
+        let full = ecs_document(&list[1], &policy(Share::Full)).unwrap();
+        assert_eq!(full["host"]["name"], "db01.acme.internal");
+        assert_eq!(full["process"]["command_line"], "curl http://10.0.0.5");
+        assert_eq!(full["organization"]["name"], "acme");
+        assert_eq!(
+            full["threat"]["indicator"]["marking"]["tlp"],
+            "AMBER+STRICT"
+        );
+        for s in &list {
+            assert!(ecs_document(s, &policy(Share::None)).is_none());
+        }
+        assert!(stix_objects(&list, &|_| Some(policy(Share::None)), "CSIRT").is_empty());
+        // An organisation without a policy shares nothing either.
+        assert!(stix_objects(&list, &|_| None, "CSIRT").is_empty());
+        let objects = stix_objects(&list, &|_| Some(policy(Share::Full)), "CSIRT");
+        let sighting = objects.iter().find(|o| o["type"] == "sighting").unwrap();
+        assert_eq!(
+            sighting["where_sighted_refs"][0],
+            "identity--00000000-0000-4000-8000-000000000001"
+        );
+        assert!(objects.iter().any(|o| o["type"] == "process"));
+    }
+
+    #[test]
+    fn a_file_name_stays_only_when_it_is_the_indicator() {
+        let file = |kind| {
+            stored(
+                detection::Target::File(FileTarget {
+                    path: "/srv/www/shell.php".into(),
+                    ..Default::default()
+                }),
+                kind,
+            )
+        };
+        let p = policy(Share::Anonymised);
+        let by_name = ecs_document(&file(DetectionKind::Filename), &p).unwrap();
+        assert_eq!(by_name["file"]["name"], "shell.php");
+        assert!(by_name["file"].get("path").is_none());
+        let by_yara = ecs_document(&file(DetectionKind::Yara), &p).unwrap();
+        assert!(by_yara["file"].get("name").is_none(), "{by_yara}");
+        assert!(!by_yara.to_string().contains("shell.php"));
+    }
+}

@@ -1,0 +1,175 @@
+//! What each `vedette-collector` subcommand does, once its arguments are parsed.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use vedette_ops::cli::{exit, fail};
+
+use super::{CertsCmd, Command, UsersCmd, doctor, init, users};
+use crate::config::Config;
+use crate::peer::Peer;
+use crate::{pki, server, store};
+
+/// Runs one subcommand; its exit status.
+pub fn dispatch(command: Command) -> ExitCode {
+    match command {
+        Command::Init {
+            dir,
+            listen,
+            sans,
+            store,
+            maintainer_keys,
+            with_maintainer_key,
+        } => {
+            let maintainers = init::Maintainers {
+                keys: maintainer_keys,
+                generate: with_maintainer_key,
+            };
+            match init::init(&dir, listen, &sans, &store, &maintainers) {
+                Ok(done) => {
+                    print!("{}", init::next_steps(&done));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e, exit::FAILURE),
+            }
+        }
+        Command::Certs(cmd) => certs(cmd),
+        Command::Users(cmd) => users_command(cmd),
+        Command::Doctor { config } => {
+            if vedette_ops::doctor::print(&doctor::run(&config)) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(exit::FAILURE)
+            }
+        }
+        Command::Serve {
+            config,
+            listen,
+            metrics_listen,
+        } => serve(&config, listen, metrics_listen.as_deref()),
+    }
+}
+
+/// `vedette-collector serve`: the config, with the command line's overrides.
+fn serve(path: &Path, listen: Option<std::net::SocketAddr>, metrics: Option<&str>) -> ExitCode {
+    let mut config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => return fail(&e, exit::CONFIG),
+    };
+    config.listen = listen.unwrap_or(config.listen);
+    if let Some(m) = metrics {
+        match vedette_ops::metrics::parse_listen(m) {
+            Ok(m) => config.metrics_listen = m,
+            Err(e) => return fail(&format!("--metrics-listen: {e}"), exit::CONFIG),
+        }
+    }
+    server::run_until_signal(config)
+}
+
+/// `vedette-collector certs issue`.
+fn certs(cmd: CertsCmd) -> ExitCode {
+    let CertsCmd::Issue {
+        config,
+        name,
+        roles,
+        org,
+        out,
+    } = cmd;
+    let config = match Config::load(&config) {
+        Ok(c) => c,
+        Err(e) => return fail(&e, exit::CONFIG),
+    };
+    if let Some(org) = &org
+        && let Err(e) = check_org(&config, org)
+    {
+        return fail(&e, exit::CONFIG);
+    }
+    let issued = pki::issue_files(
+        &config.ca_cert,
+        &config.ca_key,
+        &name,
+        &roles,
+        org.as_deref(),
+        &out,
+    );
+    match issued {
+        Ok((crt, key)) => {
+            println!("wrote {} and {} (0600)", crt.display(), key.display());
+            record_issued(&config, &crt);
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&format!("{e:#}"), exit::FAILURE),
+    }
+}
+
+/// `vedette-collector users ...`.
+fn users_command(cmd: UsersCmd) -> ExitCode {
+    let path = match &cmd {
+        UsersCmd::Add { config, .. }
+        | UsersCmd::List { config }
+        | UsersCmd::Remove { config, .. } => config.clone(),
+    };
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => return fail(&e, exit::CONFIG),
+    };
+    let result = match cmd {
+        UsersCmd::Add {
+            name, roles, org, ..
+        } => org
+            .as_deref()
+            .map_or(Ok(()), |o| check_org(&config, o))
+            .and_then(|()| users::add(&config, &name, &roles, org.as_deref())),
+        UsersCmd::List { .. } => users::list(&config),
+        UsersCmd::Remove { name, .. } => users::remove(&config, &name),
+    };
+    match result {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e, exit::FAILURE),
+    }
+}
+
+/// Refuses to limit a certificate to an organisation the store does not know (a typo would
+/// make a certificate that sees nothing).
+fn check_org(config: &Config, org: &str) -> Result<(), String> {
+    crate::orgs::check_name(org).map_err(|e| format!("--org: {e}"))?;
+    let store = store::open(&config.store)
+        .map_err(|e| format!("--org: cannot check the organisation: {e}"))?;
+    let orgs = store
+        .list_orgs()
+        .map_err(|e| format!("--org: cannot check the organisation: {e}"))?;
+    if orgs.iter().any(|o| o.name == org) {
+        Ok(())
+    } else {
+        Err(format!(
+            "--org: no organisation `{org}` in the store; create it first with `vedettectl orgs create {org}`"
+        ))
+    }
+}
+
+/// Records a certificate just issued in the store, for `vedettectl certs list`; a failure is a
+/// warning (the collector records a certificate at its first use anyway).
+fn record_issued(config: &Config, crt: &Path) {
+    let row = std::fs::read(crt).ok().and_then(|pem| {
+        let der = CertificateDer::from_pem_slice(&pem).ok()?;
+        Peer::cert_row(der.as_ref(), vedette_proto::now_ms())
+    });
+    let Some(row) = row else {
+        eprintln!("warning: cannot read back `{}` to record it", crt.display());
+        return;
+    };
+    println!("serial number {}", row.serial);
+    let recorded = store::open(&config.store)
+        .map_err(|e| e.to_string())
+        .and_then(|store| store.record_cert(&row).map_err(|e| e.to_string()));
+    if let Err(e) = recorded {
+        eprintln!(
+            "warning: the certificate is not recorded in the store ({e}); the collector records it at its first use"
+        );
+    }
+}

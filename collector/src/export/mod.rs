@@ -1,0 +1,161 @@
+//! Export sinks: every stored detection goes to each configured sink once, in the order the
+//! store received them, as ECS JSON lines (`[[export.jsonl]]`) or STIX 2.1 sightings posted to a
+//! TAXII 2.1 collection (`[[export.taxii]]`), or MISP sightings of the attributes detections
+//! came from (`[[export.misp]]`).
+//!
+//! Each sink has a cursor in the store (the sequence number of the last detection it took). A
+//! batch is delivered first and the cursor moved after, so a crash in between delivers that
+//! batch again: the JSONL sink then finds it already in its file (each line carries its
+//! `event.sequence`) and skips it; TAXII objects keep their ids, so a server holds each once.
+//! A sink that refuses is retried with backoff; detections wait in the store meanwhile.
+//!
+//! What a sink sends about a detection follows the sharing policy of the agent's organisation
+//! (`full`, `anonymised` or `none`, read from the store for each batch, so a change applies to
+//! the next one) and carries its TLP marking; see README.md, "Sharing and privacy".
+
+mod jsonl;
+mod misp;
+mod taxii;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use vedette_share::sharing::Sharing;
+
+use crate::config::SinkConfig;
+use crate::server::SharedStore;
+use crate::store::{Store, now_ms};
+
+/// Detections per delivery.
+const BATCH: u32 = 500;
+/// Only detections received at least this long ago are exported: a PostgreSQL sequence number
+/// is taken before its transaction commits, so a lower one can appear slightly later.
+const SETTLE_MS: i64 = 2_000;
+/// How often an idle sink looks for new detections.
+const IDLE: Duration = Duration::from_secs(1);
+/// How long a collector's hold on a sink lasts without renewal; another collector sharing the
+/// store takes the sink over after it.
+const LEASE_MS: i64 = 30_000;
+
+/// Runs one sink until `stop`.
+/// `owner` names this collector in the sink's lease: the same after a restart (so a restarted
+/// collector takes its sinks back at once), different for every collector sharing the store.
+pub async fn run(
+    store: SharedStore,
+    sink: SinkConfig,
+    producer: String,
+    owner: String,
+    stop: CancellationToken,
+) {
+    let name = sink.name();
+    let mut failures: u32 = 0;
+    loop {
+        let (s, k, o, w) = (store.clone(), sink.clone(), producer.clone(), owner.clone());
+        let result = tokio::task::spawn_blocking(move || {
+            // Several collectors on one store: one of them exports through each sink.
+            if !s
+                .export_lease(&k.name(), &w, now_ms(), LEASE_MS)
+                .map_err(|e| e.to_string())?
+            {
+                return Ok(0);
+            }
+            deliver_once(s.as_ref(), &k, &o)
+        })
+        .await;
+        let wait = match result {
+            Ok(Ok(0)) => {
+                failures = 0;
+                IDLE
+            }
+            Ok(Ok(n)) => {
+                failures = 0;
+                info!(sink = %name, exported = n, "detections exported");
+                Duration::ZERO
+            }
+            Ok(Err(e)) => {
+                failures += 1;
+                warn!(sink = %name, error = %e, "export failed; retrying (nothing is lost)");
+                Duration::from_secs(1 << failures.min(6))
+            }
+            Err(e) => {
+                failures += 1;
+                warn!(sink = %name, error = %e, "export stopped");
+                Duration::from_secs(1 << failures.min(6))
+            }
+        };
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Delivers the next batch; how many detections it exported.
+pub fn deliver_once(store: &dyn Store, sink: &SinkConfig, producer: &str) -> Result<u64, String> {
+    let name = sink.name();
+    let state = store.export_state(&name).map_err(|e| e.to_string())?;
+    let mut cursor = state.seq;
+    if let SinkConfig::Jsonl(path) = sink {
+        // What the file already holds was delivered, whatever the store's cursor says.
+        let in_file = jsonl::last_sequence(path)?;
+        if in_file > cursor {
+            store
+                .export_progress(&name, in_file, 0, "", now_ms())
+                .map_err(|e| e.to_string())?;
+            cursor = in_file;
+        }
+    }
+    let batch = store
+        .detections_after(cursor, now_ms() - SETTLE_MS, BATCH)
+        .map_err(|e| e.to_string())?;
+    let Some(last) = batch.last().map(|(seq, _)| *seq) else {
+        return Ok(0);
+    };
+    let policies = policies(store, producer)?;
+    let policy = |org: &str| policies.get(org).cloned();
+    if let SinkConfig::Misp { url, key, ca_cert } = sink {
+        return misp::sightings(store, &name, url, key, ca_cert.as_deref(), &batch, &policy);
+    }
+    let delivered = match sink {
+        SinkConfig::Misp { .. } => Ok(()),
+        SinkConfig::Jsonl(path) => jsonl::append(path, &batch, &policy),
+        SinkConfig::Taxii {
+            api_root,
+            collection,
+            auth,
+            ca_cert,
+        } => taxii::post(
+            api_root,
+            collection,
+            auth,
+            ca_cert.as_deref(),
+            &batch,
+            &policy,
+            producer,
+        ),
+    };
+    match delivered {
+        Ok(()) => {
+            store
+                .export_progress(&name, last, batch.len() as u64, "", now_ms())
+                .map_err(|e| e.to_string())?;
+            Ok(batch.len() as u64)
+        }
+        Err(e) => {
+            let _ = store.export_progress(&name, cursor, 0, &e, now_ms());
+            Err(e)
+        }
+    }
+}
+
+/// Every producer's sharing policy, by name, as the store holds it now.
+fn policies(store: &dyn Store, producer: &str) -> Result<HashMap<String, Sharing>, String> {
+    Ok(store
+        .list_orgs()
+        .map_err(|e| e.to_string())?
+        .iter()
+        .map(|o| (o.name.clone(), crate::orgs::sharing(o, producer)))
+        .collect())
+}

@@ -1,0 +1,168 @@
+//! The PostgreSQL schema: numbered migrations (table `vedette_schema`), applied at start under
+//! a transaction-level advisory lock, so collectors starting together apply each one once.
+
+use postgres::Client;
+
+use crate::store::StoreError;
+
+/// Schema migrations, applied in order; `vedette_schema.version` is the number applied.
+const MIGRATIONS: &[&str] = &[
+    // 1: the schema of SQLite's migrations 1 to 3, in PostgreSQL's types.
+    "CREATE TABLE tokens (
+        hash TEXT PRIMARY KEY,
+        created_at_ms BIGINT NOT NULL,
+        expires_at_ms BIGINT NOT NULL,
+        uses_left BIGINT NOT NULL
+    );
+    CREATE TABLE agents (
+        id TEXT PRIMARY KEY,
+        hostname TEXT NOT NULL DEFAULT '',
+        os TEXT NOT NULL DEFAULT '',
+        kernel TEXT NOT NULL DEFAULT '',
+        arch TEXT NOT NULL DEFAULT '',
+        agent_version TEXT NOT NULL DEFAULT '',
+        enrolled_at_ms BIGINT NOT NULL,
+        first_seen_ms BIGINT NOT NULL DEFAULT 0,
+        last_seen_ms BIGINT NOT NULL DEFAULT 0,
+        connected BOOLEAN NOT NULL DEFAULT FALSE,
+        revoked_at_ms BIGINT,
+        bundle_version BIGINT NOT NULL DEFAULT 0,
+        bundle_applied_at_ms BIGINT NOT NULL DEFAULT 0,
+        dropped_total BIGINT NOT NULL DEFAULT 0,
+        counters TEXT NOT NULL DEFAULT '{}',
+        bundle_failed_version BIGINT NOT NULL DEFAULT 0,
+        bundle_error TEXT NOT NULL DEFAULT ''
+    );
+    CREATE TABLE detections (
+        seq BIGSERIAL PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        agent_id TEXT NOT NULL REFERENCES agents(id),
+        kind INTEGER NOT NULL,
+        rule TEXT NOT NULL,
+        path TEXT,
+        sha256 TEXT,
+        pid BIGINT,
+        observed_at_ms BIGINT NOT NULL,
+        received_at_ms BIGINT NOT NULL,
+        bundle_version BIGINT NOT NULL,
+        body BYTEA NOT NULL
+    );
+    CREATE INDEX detections_agent ON detections(agent_id, seq);
+    CREATE INDEX detections_received ON detections(received_at_ms);
+    CREATE TABLE bundles (
+        version BIGINT PRIMARY KEY,
+        name TEXT NOT NULL,
+        created_at_ms BIGINT NOT NULL,
+        publisher TEXT NOT NULL,
+        published_by TEXT NOT NULL,
+        published_at_ms BIGINT NOT NULL,
+        digest TEXT NOT NULL,
+        signer_key BYTEA NOT NULL,
+        files BIGINT NOT NULL,
+        content BYTEA NOT NULL,
+        signature BYTEA NOT NULL
+    );",
+    // 2: staged threat intelligence and its sources.
+    "CREATE TABLE intel_indicators (
+        source TEXT NOT NULL,
+        id TEXT NOT NULL,
+        origin TEXT NOT NULL,
+        line TEXT NOT NULL,
+        staged_at_ms BIGINT NOT NULL,
+        PRIMARY KEY (source, id)
+    );
+    CREATE TABLE intel_sources (
+        origin TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        last_poll_ms BIGINT NOT NULL DEFAULT 0,
+        accepted BIGINT NOT NULL DEFAULT 0,
+        skipped BIGINT NOT NULL DEFAULT 0,
+        rejected BIGINT NOT NULL DEFAULT 0,
+        revoked BIGINT NOT NULL DEFAULT 0,
+        last_error TEXT NOT NULL DEFAULT '',
+        cursor TEXT NOT NULL DEFAULT ''
+    );
+    CREATE TABLE export_cursors (
+        sink TEXT PRIMARY KEY,
+        seq BIGINT NOT NULL DEFAULT 0,
+        exported BIGINT NOT NULL DEFAULT 0,
+        last_error TEXT NOT NULL DEFAULT '',
+        last_attempt_ms BIGINT NOT NULL DEFAULT 0,
+        lease_owner TEXT NOT NULL DEFAULT '',
+        lease_until_ms BIGINT NOT NULL DEFAULT 0
+    );",
+    // 3: certificates issued or seen, and their revocation.
+    "CREATE TABLE certs (
+        serial TEXT PRIMARY KEY,
+        kind TEXT NOT NULL DEFAULT '',
+        subject TEXT NOT NULL DEFAULT '',
+        roles TEXT NOT NULL DEFAULT '',
+        not_after_ms BIGINT NOT NULL DEFAULT 0,
+        recorded_at_ms BIGINT NOT NULL DEFAULT 0,
+        revoked_at_ms BIGINT NOT NULL DEFAULT 0
+    );",
+    // 4: participating organisations; the organisation of each token, agent and certificate.
+    "CREATE TABLE orgs (
+        name TEXT PRIMARY KEY,
+        stix_id TEXT NOT NULL UNIQUE,
+        sector TEXT NOT NULL DEFAULT '',
+        country TEXT NOT NULL DEFAULT '',
+        share TEXT NOT NULL,
+        tlp TEXT NOT NULL,
+        created_at_ms BIGINT NOT NULL
+    );
+    ALTER TABLE tokens ADD COLUMN org TEXT NOT NULL DEFAULT 'default';
+    ALTER TABLE agents ADD COLUMN org TEXT NOT NULL DEFAULT 'default';
+    ALTER TABLE certs ADD COLUMN org TEXT NOT NULL DEFAULT '';
+    CREATE INDEX agents_org ON agents(org);",
+    // 5: console accounts.
+    "CREATE TABLE users (
+        name TEXT PRIMARY KEY,
+        password_hash TEXT NOT NULL,
+        roles TEXT NOT NULL,
+        org TEXT NOT NULL DEFAULT '',
+        created_at_ms BIGINT NOT NULL
+    );",
+];
+
+/// The advisory lock key migrations run under ("vedette" in ASCII).
+const MIGRATION_LOCK: i64 = 0x0076_6564_6574_7465;
+
+/// Applies the migrations not applied yet, under an advisory lock held until commit.
+pub(super) fn migrate(client: &mut Client) -> Result<(), StoreError> {
+    let mut tx = client.transaction()?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS vedette_schema (version BIGINT NOT NULL);
+         INSERT INTO vedette_schema SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM vedette_schema);",
+    )?;
+    let found: i64 = tx
+        .query_one("SELECT version FROM vedette_schema", &[])?
+        .get(0);
+    let known = MIGRATIONS.len() as i64;
+    if found > known {
+        return Err(StoreError::TooNew {
+            path: "postgres".into(),
+            found,
+            known,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        tx.batch_execute(sql)?;
+        tx.execute(
+            "UPDATE vedette_schema SET version = $1",
+            &[&((i + 1) as i64)],
+        )?;
+    }
+    tx.execute(
+        "INSERT INTO orgs (name, stix_id, share, tlp, created_at_ms)
+         VALUES ($1, $2, 'full', 'amber', $3) ON CONFLICT (name) DO NOTHING",
+        &[
+            &crate::orgs::DEFAULT_ORG,
+            &crate::orgs::new_stix_id(),
+            &crate::store::now_ms(),
+        ],
+    )?;
+    tx.commit()?;
+    Ok(())
+}
