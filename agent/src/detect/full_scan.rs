@@ -321,6 +321,10 @@ impl FullScans {
         let cache = &self.reports.cache;
         let ids: &Ids = &self.reports.ids;
         let started = Instant::now();
+        let (scanned_before, hits_before) = (
+            counters.get(Counter::FilesScanned),
+            counters.get(Counter::CacheHits),
+        );
         let on_file = |path: &Path, outcome: Outcome| {
             if let Outcome::Scanned { report, new } = outcome {
                 for d in file_detections(ids, path, &report, &new, rules.bundle_version) {
@@ -346,6 +350,8 @@ impl FullScans {
         info!(
             seconds = started.elapsed().as_secs_f64(),
             cached_files = cache.len(),
+            files_scanned = counters.get(Counter::FilesScanned) - scanned_before,
+            cache_hits = counters.get(Counter::CacheHits) - hits_before,
             "full scan finished"
         );
     }
