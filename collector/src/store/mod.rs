@@ -37,7 +37,7 @@ impl StoreLocation {
     /// The location a `[store] url` names; relative SQLite paths are taken from `base`.
     pub fn parse(url: &str, base: &std::path::Path) -> Result<StoreLocation, String> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            url.parse::<::postgres::Config>()
+            url.parse::<tokio_postgres::Config>()
                 .map_err(|e| format!("`{}`: {e}", redact(url)))?;
             return Ok(StoreLocation::Postgres {
                 url: url.to_string(),
@@ -447,12 +447,14 @@ pub enum StoreError {
     #[error("cannot open the database `{url}`: {source}")]
     OpenPg {
         url: String,
-        source: ::postgres::Error,
+        source: tokio_postgres::Error,
     },
     #[error("database error: {0}")]
     Sql(#[from] rusqlite::Error),
     #[error("database error: {0}")]
-    Pg(#[from] ::postgres::Error),
+    Pg(#[from] tokio_postgres::Error),
+    #[error("the database's connection pool: {0}")]
+    Pool(String),
     #[error("the database's TLS set-up failed: {0}")]
     Tls(String),
     #[error("agent `{0}` is revoked (or unknown): its detections are refused")]

@@ -1,7 +1,7 @@
 //! The PostgreSQL schema: numbered migrations (table `vedette_schema`), applied at start under
 //! a transaction-level advisory lock, so collectors starting together apply each one once.
 
-use postgres::Client;
+use super::pool::Conn;
 
 use crate::store::StoreError;
 
@@ -129,7 +129,7 @@ const MIGRATIONS: &[&str] = &[
 const MIGRATION_LOCK: i64 = 0x0076_6564_6574_7465;
 
 /// Applies the migrations not applied yet, under an advisory lock held until commit.
-pub(super) fn migrate(client: &mut Client) -> Result<(), StoreError> {
+pub(super) fn migrate(client: &mut Conn) -> Result<(), StoreError> {
     let mut tx = client.transaction()?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
     tx.batch_execute(

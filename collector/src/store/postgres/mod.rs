@@ -16,15 +16,15 @@ mod pool;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Condvar, Mutex};
 
-use postgres::{Client, Row};
 use prost::Message;
+use tokio_postgres::Row;
+use tokio_postgres::config::SslMode;
 use vedette_proto::v1::{Detection, Inventory, StoredDetection, detection};
 
 use self::listen::EVENTS;
 use self::migrate::migrate;
-use self::pool::{Pool, tls_connector};
+use self::pool::{Conn, Pool, tls_connector};
 use super::{
     AgentRow, BundleRow, CertRow, DetectionFilter, DetectionPage, ExportRow, IntelBatch,
     IntelSourceRow, OrgRow, Schema, StagedLine, StagingCounts, Store, StoreError, StoreEvent,
@@ -36,41 +36,38 @@ pub struct PgStore {
 }
 
 impl PgStore {
-    /// Connects (over TLS verified against `ca_cert` when given) and migrates the schema.
+    /// Connects (over TLS verified against `ca_cert` when given, and then required: a server
+    /// that offers no TLS is refused) and migrates the schema.
     pub fn open(url: &str, ca_cert: Option<&Path>) -> Result<PgStore, StoreError> {
-        let config: postgres::Config = url.parse().map_err(|source| StoreError::OpenPg {
-            url: redact(url),
-            source,
-        })?;
+        let mut config: tokio_postgres::Config =
+            url.parse().map_err(|source| StoreError::OpenPg {
+                url: redact(url),
+                source,
+            })?;
         let tls = match ca_cert {
-            Some(path) => Some(tls_connector(path)?),
+            Some(path) => {
+                config.ssl_mode(SslMode::Require);
+                Some(tls_connector(path)?)
+            }
             None => None,
         };
-        let pool = Pool {
-            config,
-            tls,
-            idle: Mutex::new(Vec::new()),
-            state: Mutex::new(0),
-            freed: Condvar::new(),
-        };
-        let mut client = pool.connect().map_err(|source| StoreError::OpenPg {
-            url: redact(url),
-            source,
+        let pool = Pool::new(config, tls)?;
+        let mut conn = pool.get().map_err(|e| match e {
+            StoreError::Pg(source) => StoreError::OpenPg {
+                url: redact(url),
+                source,
+            },
+            other => other,
         })?;
-        migrate(&mut client)?;
-        pool.put(client);
+        migrate(&mut conn)?;
+        drop(conn);
         Ok(PgStore { pool })
     }
 
-    /// Runs `f` on a pooled connection.
-    fn with<T>(
-        &self,
-        f: impl FnOnce(&mut Client) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        let mut client = self.pool.get()?;
-        let result = f(&mut client);
-        self.pool.put(client);
-        result
+    /// Runs `f` on a pooled connection, from a blocking thread.
+    fn with<T>(&self, f: impl FnOnce(&mut Conn) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let mut conn = self.pool.get()?;
+        f(&mut conn)
     }
 }
 
@@ -110,10 +107,7 @@ impl Store for PgStore {
     ) -> Result<Option<tokio::sync::mpsc::Receiver<StoreEvent>>, StoreError> {
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let (config, tls) = (self.pool.config.clone(), self.pool.tls.clone());
-        std::thread::Builder::new()
-            .name("store-events".into())
-            .spawn(move || PgStore::listen(config, tls, tx, stop))
-            .map_err(StoreError::Thread)?;
+        self.pool.spawn(listen::listen(config, tls, tx, stop));
         Ok(Some(rx))
     }
 
@@ -479,7 +473,7 @@ impl Store for PgStore {
         self.with(|c| {
             let before = f.before_seq.map(|s| s.min(i64::MAX as u64) as i64);
             let limit = i64::from(f.sql_limit());
-            let params: [&(dyn postgres::types::ToSql + Sync); 8] = [
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
                 &f.agent_id,
                 &f.since_ms,
                 &before,
@@ -501,10 +495,9 @@ impl Store for PgStore {
                    AND ($7::int IS NULL OR d.kind = $7)
                    AND ($8::text IS NULL OR d.rule = $8)
                  ORDER BY d.seq DESC LIMIT $4",
-                params,
+                &params,
             )?;
             DetectionPage::collect(f, || {
-                use postgres::fallible_iterator::FallibleIterator;
                 let Some(r) = rows.next()? else {
                     return Ok(None);
                 };
@@ -998,7 +991,7 @@ fn agent_from_row(r: &Row) -> AgentRow {
 
 const CERT_SELECT: &str = "SELECT serial, kind, subject, roles, not_after_ms, recorded_at_ms, revoked_at_ms, org FROM certs";
 
-fn cert_from_row(r: &postgres::Row) -> CertRow {
+fn cert_from_row(r: &Row) -> CertRow {
     CertRow {
         serial: r.get(0),
         kind: r.get(1),

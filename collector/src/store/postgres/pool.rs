@@ -1,12 +1,23 @@
-//! A bounded pool of connections: at most [`POOL_SIZE`] open, callers wait for a free one (up to
-//! [`POOL_WAIT`]), so a slow database slows acks down instead of queueing work in memory.
+//! Connections to PostgreSQL: a `deadpool` of `tokio-postgres` clients, at most [`POOL_SIZE`]
+//! open, driven by the collector's own runtime (a command-line tool without one gets a
+//! one-thread runtime of the store's own). A connection that broke while idle (the database
+//! restarted, say) is found closed when taken and replaced by a new one; one that breaks in use
+//! fails that call, which its caller retries (an agent resends its batch). A caller waits for
+//! a free connection up to [`POOL_WAIT`], so a slow database slows acks down instead of
+//! queueing work in memory.
+//!
+//! Store calls run on blocking threads (`server::blocking`), never on the runtime's own:
+//! [`Conn`] and [`Tx`] give them the synchronous calls the store is written with, each waiting
+//! on the runtime for its query.
 
 use std::path::Path;
-use std::sync::{Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use postgres::{Client, NoTls};
+use deadpool_postgres::{Manager, ManagerConfig, Object, PoolError, RecyclingMethod, Runtime};
 use rustls_pki_types::pem::PemObject;
+use tokio::runtime::Handle;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Config, NoTls, Row};
 
 use crate::store::StoreError;
 
@@ -17,77 +28,205 @@ const POOL_SIZE: usize = 8;
 /// whoever called: an agent resends its batch).
 const POOL_WAIT: Duration = Duration::from_secs(30);
 
-/// A bounded pool of connections: at most [`POOL_SIZE`] open, callers wait for a free one.
+/// How long making one connection may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The parameters of a statement.
+pub(super) type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+/// What the store's futures run on.
+enum Rt {
+    /// The collector's runtime (the store was opened inside it).
+    Shared(Handle),
+    /// A runtime of the store's own, for callers without one (`vedette-collector users`,
+    /// `certs issue`, tests); shut down in the background when the store goes.
+    Own(Option<tokio::runtime::Runtime>),
+}
+
+impl Rt {
+    fn new() -> Result<Rt, StoreError> {
+        if let Ok(h) = Handle::try_current() {
+            return Ok(Rt::Shared(h));
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("store-pg")
+            .enable_all()
+            .build()
+            .map_err(StoreError::Thread)?;
+        Ok(Rt::Own(Some(rt)))
+    }
+
+    fn handle(&self) -> Handle {
+        match self {
+            Rt::Shared(h) => h.clone(),
+            Rt::Own(rt) => rt
+                .as_ref()
+                .map_or_else(Handle::current, |r| r.handle().clone()),
+        }
+    }
+}
+
+impl Drop for Rt {
+    fn drop(&mut self) {
+        // Dropping a runtime waits for its tasks, which is refused inside another runtime.
+        if let Rt::Own(rt) = self
+            && let Some(rt) = rt.take()
+        {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// The pool, and how to make connections outside it (the listening one).
 pub(super) struct Pool {
-    pub(super) config: postgres::Config,
+    pool: deadpool_postgres::Pool,
+    rt: Rt,
+    pub(super) config: Config,
     pub(super) tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
-    pub(super) idle: Mutex<Vec<Client>>,
-    /// Connections open (idle or in use).
-    pub(super) state: Mutex<usize>,
-    pub(super) freed: Condvar,
 }
 
 impl Pool {
-    pub(super) fn connect(&self) -> Result<Client, postgres::Error> {
-        connect(&self.config, self.tls.as_ref())
+    pub(super) fn new(
+        config: Config,
+        tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    ) -> Result<Pool, StoreError> {
+        let rt = Rt::new()?;
+        let recycling = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match &tls {
+            Some(tls) => Manager::from_config(config.clone(), tls.clone(), recycling),
+            None => Manager::from_config(config.clone(), NoTls, recycling),
+        };
+        let pool = deadpool_postgres::Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Pool(e.to_string()))?;
+        Ok(Pool {
+            pool,
+            rt,
+            config,
+            tls,
+        })
     }
 
-    pub(super) fn get(&self) -> Result<Client, StoreError> {
-        let deadline = Instant::now() + POOL_WAIT;
-        let mut open = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if let Some(c) = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop() {
-                if !c.is_closed() {
-                    return Ok(c);
-                }
-                *open -= 1;
-                continue;
-            }
-            if *open < POOL_SIZE {
-                *open += 1;
-                drop(open);
-                return self.connect().map_err(|e| {
-                    *self.state.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
-                    self.freed.notify_one();
-                    StoreError::Pg(e)
-                });
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(StoreError::PoolTimeout(POOL_WAIT));
-            }
-            open = self
-                .freed
-                .wait_timeout(open, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
+    /// A connection from the pool (waiting for a free one), for a blocking thread.
+    pub(super) fn get(&self) -> Result<Conn, StoreError> {
+        let rt = self.rt.handle();
+        let client = rt.block_on(self.pool.get()).map_err(pool_error)?;
+        Ok(Conn { client, rt })
     }
 
-    /// Returns a connection (a broken one is closed and its slot freed).
-    pub(super) fn put(&self, client: Client) {
-        let mut open = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if client.is_closed() {
-            *open -= 1;
-        } else {
-            self.idle
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(client);
-        }
-        drop(open);
-        self.freed.notify_one();
+    /// Runs `f` as a task of the store's runtime.
+    pub(super) fn spawn<F>(&self, f: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.rt.handle().spawn(f);
     }
 }
 
-/// Opens one connection, over TLS when the store has a TLS set-up.
-pub(super) fn connect(
-    config: &postgres::Config,
-    tls: Option<&tokio_postgres_rustls::MakeRustlsConnect>,
-) -> Result<Client, postgres::Error> {
-    match tls {
-        Some(tls) => config.connect(tls.clone()),
-        None => config.connect(NoTls),
+fn pool_error(e: PoolError) -> StoreError {
+    match e {
+        PoolError::Timeout(_) => StoreError::PoolTimeout(POOL_WAIT),
+        PoolError::Backend(e) => StoreError::Pg(e),
+        other => StoreError::Pool(other.to_string()),
+    }
+}
+
+/// One pooled connection, back in the pool when dropped (closed if it broke).
+pub(super) struct Conn {
+    client: Object,
+    rt: Handle,
+}
+
+impl Conn {
+    pub(super) fn query(&mut self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, StoreError> {
+        Ok(self.rt.block_on(self.client.query(sql, params))?)
+    }
+
+    pub(super) fn query_one(&mut self, sql: &str, params: Params<'_>) -> Result<Row, StoreError> {
+        Ok(self.rt.block_on(self.client.query_one(sql, params))?)
+    }
+
+    pub(super) fn query_opt(
+        &mut self,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<Option<Row>, StoreError> {
+        Ok(self.rt.block_on(self.client.query_opt(sql, params))?)
+    }
+
+    pub(super) fn execute(&mut self, sql: &str, params: Params<'_>) -> Result<u64, StoreError> {
+        Ok(self.rt.block_on(self.client.execute(sql, params))?)
+    }
+
+    /// The rows of a query as they stream in, so that a reader may stop early.
+    pub(super) fn query_raw(&mut self, sql: &str, params: Params<'_>) -> Result<Rows, StoreError> {
+        let stream = self
+            .rt
+            .block_on(self.client.query_raw(sql, params.iter().copied()))?;
+        Ok(Rows {
+            stream: Box::pin(stream),
+            rt: self.rt.clone(),
+        })
+    }
+
+    /// A transaction: committed by [`Tx::commit`], rolled back when dropped without.
+    pub(super) fn transaction(&mut self) -> Result<Tx<'_>, StoreError> {
+        let rt = self.rt.clone();
+        let tx = rt.block_on(self.client.transaction())?;
+        Ok(Tx { tx, rt })
+    }
+}
+
+/// Rows streaming in from [`Conn::query_raw`].
+pub(super) struct Rows {
+    stream: std::pin::Pin<Box<tokio_postgres::RowStream>>,
+    rt: Handle,
+}
+
+impl Rows {
+    /// The next row; None after the last.
+    pub(super) fn next(&mut self) -> Result<Option<Row>, StoreError> {
+        use futures_util::StreamExt;
+        Ok(self.rt.block_on(self.stream.next()).transpose()?)
+    }
+}
+
+/// An open transaction on a pooled connection.
+pub(super) struct Tx<'a> {
+    tx: deadpool_postgres::Transaction<'a>,
+    rt: Handle,
+}
+
+impl Tx<'_> {
+    pub(super) fn query_one(&mut self, sql: &str, params: Params<'_>) -> Result<Row, StoreError> {
+        Ok(self.rt.block_on(self.tx.query_one(sql, params))?)
+    }
+
+    pub(super) fn query_opt(
+        &mut self,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<Option<Row>, StoreError> {
+        Ok(self.rt.block_on(self.tx.query_opt(sql, params))?)
+    }
+
+    pub(super) fn execute(&mut self, sql: &str, params: Params<'_>) -> Result<u64, StoreError> {
+        Ok(self.rt.block_on(self.tx.execute(sql, params))?)
+    }
+
+    pub(super) fn batch_execute(&mut self, sql: &str) -> Result<(), StoreError> {
+        Ok(self.rt.block_on(self.tx.batch_execute(sql))?)
+    }
+
+    pub(super) fn commit(self) -> Result<(), StoreError> {
+        Ok(self.rt.block_on(self.tx.commit())?)
     }
 }
 
