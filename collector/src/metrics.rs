@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -175,6 +175,15 @@ struct Sampled(std::sync::Arc<Metrics>);
 
 impl Collector for Sampled {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let errors = ConstCounter::new(crate::store::errors());
+        let family = encoder.encode_descriptor(
+            "store_errors",
+            "Store calls that failed (the database down or refusing, a disk full); what they \
+             carried was not acknowledged and is sent again",
+            None,
+            errors.metric_type(),
+        )?;
+        errors.encode(family)?;
         let mut per_version: BTreeMap<u64, i64> = BTreeMap::new();
         for v in self.0.applied_map().values() {
             *per_version.entry(*v).or_default() += 1;

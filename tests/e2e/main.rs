@@ -8,6 +8,7 @@ mod code_map;
 mod console;
 mod delivery;
 mod engine;
+mod faults;
 mod hardening;
 mod intel;
 mod onaccess;

@@ -598,6 +598,123 @@ impl PgDb {
     }
 }
 
+/// A throw-away PostgreSQL cluster of a test's own (Debian's server programs, run as the
+/// `postgres` user), on a free port of 127.0.0.1: the test may stop and start it at will,
+/// which it must never do to the machine's own server. Stopped and removed when dropped.
+pub struct PgCluster {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    pub port: u16,
+}
+
+impl PgCluster {
+    /// A new cluster, started; None (the test says it skips) without Debian's PostgreSQL
+    /// server, which under CI is a failure instead.
+    pub fn start() -> Option<PgCluster> {
+        let Some(bin) = postgres_bin() else {
+            missing_peer(
+                "PostgreSQL's server programs (initdb, pg_ctl)",
+                "apt-get install postgresql",
+            );
+            return None;
+        };
+        let dir = tempfile::tempdir().expect("temp dir");
+        let chown = Command::new("chown")
+            .arg("postgres")
+            .arg(dir.path())
+            .status()
+            .expect("chown");
+        assert!(
+            chown.success(),
+            "cannot give the cluster's directory to `postgres`"
+        );
+        let data = dir.path().join("data");
+        let out = as_postgres(&bin.join("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-A", "trust", "-U", "postgres", "--no-sync"])
+            .output()
+            .expect("initdb");
+        assert!(out.status.success(), "initdb: {}", output_text(&out));
+        let cluster = PgCluster {
+            dir,
+            bin,
+            port: free_port(),
+        };
+        cluster.start_again();
+        Some(cluster)
+    }
+
+    /// Its `postgres` database, as the `postgres` user.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// `pg_ctl start`, waiting until it accepts connections.
+    pub fn start_again(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        let out = as_postgres(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .arg("-l")
+            .arg(self.dir.path().join("log"))
+            .args(["-w", "-o", &options, "start"])
+            .output()
+            .expect("pg_ctl start");
+        assert!(out.status.success(), "pg_ctl start: {}", output_text(&out));
+    }
+
+    /// `pg_ctl stop -m fast`: every session is ended at once, as for an upgrade.
+    pub fn stop_fast(&self) {
+        let out = as_postgres(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "fast", "-w", "stop"])
+            .output()
+            .expect("pg_ctl stop");
+        assert!(out.status.success(), "pg_ctl stop: {}", output_text(&out));
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let _ = as_postgres(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "-w", "stop"])
+            .output();
+    }
+}
+
+/// The directory of Debian's newest PostgreSQL server programs.
+fn postgres_bin() -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|b| b.join("initdb").is_file())
+        .collect();
+    found.sort_by_key(|b| {
+        b.parent()
+            .and_then(|v| v.file_name())
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    found.pop()
+}
+
+/// `program` run as the `postgres` user (the server refuses to run as root).
+fn as_postgres(program: &Path) -> Command {
+    let mut c = Command::new("runuser");
+    c.args(["-u", "postgres", "--"]).arg(program);
+    c
+}
+
 static TEST_DB_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// `url` with its database name replaced by `db`.

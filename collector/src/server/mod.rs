@@ -100,6 +100,7 @@ where
             ))
         }
         Ok(Err(e)) => {
+            crate::store::count_error();
             tracing::error!(error = %e, "store error");
             Err(tonic::Status::unavailable(
                 "the collector's store failed; retry later",

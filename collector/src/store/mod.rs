@@ -91,6 +91,20 @@ pub fn open(location: &StoreLocation) -> Result<Arc<dyn Store>, StoreError> {
     })
 }
 
+/// Store calls of the server that failed in this process (the database down, a disk full):
+/// what `vedette_collector_store_errors_total` reports.
+static ERRORS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Counts one failed store call.
+pub fn count_error() {
+    ERRORS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Store calls that failed so far.
+pub fn errors() -> u64 {
+    ERRORS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// What one collector tells the others that share its store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreEvent {

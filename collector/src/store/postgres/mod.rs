@@ -49,7 +49,10 @@ impl PgStore {
                 config.ssl_mode(SslMode::Require);
                 Some(tls_connector(path)?)
             }
-            None => None,
+            None => {
+                warn_if_remote_without_tls(&config);
+                None
+            }
         };
         let pool = Pool::new(config, tls)?;
         let mut conn = pool.get().map_err(|e| match e {
@@ -68,6 +71,22 @@ impl PgStore {
     fn with<T>(&self, f: impl FnOnce(&mut Conn) -> Result<T, StoreError>) -> Result<T, StoreError> {
         let mut conn = self.pool.get()?;
         f(&mut conn)
+    }
+}
+
+/// Says at start when the database is on another host and the connection may be plaintext
+/// (no `ca_cert`): detections and enrollment tokens would cross the network readable.
+fn warn_if_remote_without_tls(config: &tokio_postgres::Config) {
+    use tokio_postgres::config::Host;
+    let remote = config.get_hosts().iter().any(|h| match h {
+        Host::Tcp(name) => !matches!(name.as_str(), "localhost" | "127.0.0.1" | "::1"),
+        Host::Unix(_) => false,
+    });
+    if remote {
+        tracing::warn!(
+            "the PostgreSQL store is on another host and `[store] ca_cert` is not set: the \
+             connection is not required to use TLS (set `ca_cert` to require and verify it)"
+        );
     }
 }
 
@@ -641,12 +660,12 @@ impl Store for PgStore {
 
     fn delete_detections_before(&self, before_ms: i64, limit: u32) -> Result<u64, StoreError> {
         self.with(|c| {
-            Ok(c.execute(
+            c.execute(
                 "DELETE FROM detections WHERE seq IN
                     (SELECT seq FROM detections WHERE received_at_ms < $1 ORDER BY seq LIMIT $2
                      FOR UPDATE SKIP LOCKED)",
                 &[&before_ms, &i64::from(limit)],
-            )?)
+            )
         })
     }
 

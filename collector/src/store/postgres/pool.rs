@@ -132,7 +132,13 @@ impl Pool {
 
 fn pool_error(e: PoolError) -> StoreError {
     match e {
-        PoolError::Timeout(_) => StoreError::PoolTimeout(POOL_WAIT),
+        PoolError::Timeout(deadpool_postgres::TimeoutType::Wait) => {
+            StoreError::PoolTimeout(POOL_WAIT)
+        }
+        PoolError::Timeout(_) => StoreError::Pool(format!(
+            "no connection to the database within {}s",
+            CONNECT_TIMEOUT.as_secs()
+        )),
         PoolError::Backend(e) => StoreError::Pg(e),
         other => StoreError::Pool(other.to_string()),
     }
@@ -251,4 +257,44 @@ pub(super) fn tls_connector(
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::super::PgStore;
+
+    /// With a CA certificate the connection must be TLS: a server (or someone in between)
+    /// that answers the TLS request with `N` gets no plaintext session.
+    #[test]
+    fn with_a_ca_certificate_a_server_without_tls_is_refused() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut request = [0u8; 8];
+            s.read_exact(&mut request).unwrap();
+            s.write_all(b"N").unwrap();
+            // What the client sends after the refusal (a plaintext start-up would be here).
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest);
+            (request, rest)
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let cert = rcgen::generate_simple_self_signed(vec!["db.example".into()]).unwrap();
+        std::fs::write(&ca, cert.cert.pem()).unwrap();
+        let url = format!("postgres://vedette@127.0.0.1:{port}/vedette");
+        let Err(e) = PgStore::open(&url, Some(&ca)) else {
+            panic!("a store opened over a connection without TLS");
+        };
+        let (request, rest) = server.join().unwrap();
+        // The TLS request: length 8, code 80877103.
+        assert_eq!(request, [0, 0, 0, 8, 4, 210, 22, 47], "{e}");
+        assert!(
+            rest.is_empty(),
+            "the client went on in plaintext: {rest:?} ({e})"
+        );
+    }
 }
