@@ -2,6 +2,7 @@
 //! trusting its own CA when one is configured, never following redirects (credentials stay with
 //! the host they were given for), and every response body capped.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use base64::Engine;
@@ -13,12 +14,60 @@ use crate::config::HttpAuth;
 const MAX_BODY_BYTES: u64 = 64 << 20;
 /// What TAXII 2.1 requests accept and send.
 pub const TAXII: &str = "application/taxii+json;version=2.1";
+/// How much of a refusing server's answer an error quotes.
+const QUOTED: usize = 200;
+
+/// Why a request to a source or sink failed; each names the request or the file.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("`{}`: {source}", path.display())]
+    CaFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("`{}`: no certificate in it", .0.display())]
+    NoCertificate(PathBuf),
+    #[error("{method} {url}: {source}")]
+    Request {
+        method: &'static str,
+        url: String,
+        source: Box<ureq::Error>,
+    },
+    #[error("{method} {url}: reading the body: {source}")]
+    Body {
+        method: &'static str,
+        url: String,
+        source: Box<ureq::Error>,
+    },
+    #[error("{method} {url}: HTTP {status}: the credentials were refused")]
+    Credentials {
+        method: &'static str,
+        url: String,
+        status: u16,
+    },
+    #[error("{method} {url}: HTTP {status}: {answer}")]
+    Status {
+        method: &'static str,
+        url: String,
+        status: u16,
+        /// The start of what the server answered.
+        answer: String,
+    },
+    #[error("{what}: not JSON: {source}")]
+    Json {
+        what: String,
+        source: serde_json::Error,
+    },
+}
 
 /// An HTTP client trusting `ca` (PEM), or the public web PKI roots.
-pub fn agent(ca: Option<&std::path::Path>) -> Result<ureq::Agent, String> {
+pub fn agent(ca: Option<&Path>) -> Result<ureq::Agent, HttpError> {
     let mut tls = ureq::tls::TlsConfig::builder();
     if let Some(ca) = ca {
-        let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
+        let pem = std::fs::read(ca).map_err(|source| HttpError::CaFile {
+            path: ca.to_owned(),
+            source,
+        })?;
         let certs: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(&pem)
             .filter_map(|item| match item {
                 Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
@@ -26,7 +75,7 @@ pub fn agent(ca: Option<&std::path::Path>) -> Result<ureq::Agent, String> {
             })
             .collect();
         if certs.is_empty() {
-            return Err(format!("{}: no certificate in it", ca.display()));
+            return Err(HttpError::NoCertificate(ca.to_owned()));
         }
         tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(&certs));
     }
@@ -40,40 +89,61 @@ pub fn agent(ca: Option<&std::path::Path>) -> Result<ureq::Agent, String> {
         .into())
 }
 
-/// GET `url`: the status, the body (capped), and the TAXII date-added header.
-pub fn get(
-    agent: &ureq::Agent,
+/// The body of an answer (capped), or the error its status says.
+fn answer(
+    method: &'static str,
     url: &str,
-    accept: &str,
-    auth: &HttpAuth,
-) -> Result<(Vec<u8>, Option<String>), String> {
-    let req = authorize(agent.get(url), auth).header("Accept", accept);
-    let mut resp = req.call().map_err(|e| format!("GET {url}: {e}"))?;
+    resp: &mut ureq::http::Response<ureq::Body>,
+) -> Result<Vec<u8>, HttpError> {
     let status = resp.status().as_u16();
-    let last = resp
-        .headers()
-        .get("X-TAXII-Date-Added-Last")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
     let body = resp
         .body_mut()
         .with_config()
         .limit(MAX_BODY_BYTES)
         .read_to_vec()
-        .map_err(|e| format!("GET {url}: reading the body: {e}"))?;
+        .map_err(|e| HttpError::Body {
+            method,
+            url: url.to_string(),
+            source: Box::new(e),
+        })?;
     match status {
-        200..=299 => Ok((body, last)),
-        401 | 403 => Err(format!(
-            "GET {url}: HTTP {status}: the credentials were refused"
-        )),
-        _ => Err(format!(
-            "GET {url}: HTTP {status}: {}",
-            String::from_utf8_lossy(&body)
+        200..=299 => Ok(body),
+        401 | 403 => Err(HttpError::Credentials {
+            method,
+            url: url.to_string(),
+            status,
+        }),
+        _ => Err(HttpError::Status {
+            method,
+            url: url.to_string(),
+            status,
+            answer: String::from_utf8_lossy(&body)
                 .chars()
-                .take(200)
-                .collect::<String>()
-        )),
+                .take(QUOTED)
+                .collect(),
+        }),
     }
+}
+
+/// GET `url`: the body (capped), and the TAXII date-added header.
+pub fn get(
+    agent: &ureq::Agent,
+    url: &str,
+    accept: &str,
+    auth: &HttpAuth,
+) -> Result<(Vec<u8>, Option<String>), HttpError> {
+    let req = authorize(agent.get(url), auth).header("Accept", accept);
+    let mut resp = req.call().map_err(|e| HttpError::Request {
+        method: "GET",
+        url: url.to_string(),
+        source: Box::new(e),
+    })?;
+    let last = resp
+        .headers()
+        .get("X-TAXII-Date-Added-Last")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    Ok((answer("GET", url, &mut resp)?, last))
 }
 
 fn authorize<B>(req: ureq::RequestBuilder<B>, auth: &HttpAuth) -> ureq::RequestBuilder<B> {
@@ -95,42 +165,39 @@ fn basic(username: &str, password: &str) -> String {
 /// A TAXII request with a JSON answer: GET, or POST of `body`.
 pub fn send_json(
     agent: &ureq::Agent,
-    method: &str,
     url: &str,
     auth: &HttpAuth,
     body: Option<&Value>,
-) -> Result<Value, String> {
-    let result = match body {
-        Some(b) => authorize(agent.post(url), auth)
-            .header("Accept", TAXII)
-            .header("Content-Type", TAXII)
-            .send(b.to_string()),
-        None => authorize(agent.get(url), auth)
-            .header("Accept", TAXII)
-            .call(),
+) -> Result<Value, HttpError> {
+    let (method, result) = match body {
+        Some(b) => (
+            "POST",
+            authorize(agent.post(url), auth)
+                .header("Accept", TAXII)
+                .header("Content-Type", TAXII)
+                .send(b.to_string()),
+        ),
+        None => (
+            "GET",
+            authorize(agent.get(url), auth)
+                .header("Accept", TAXII)
+                .call(),
+        ),
     };
-    let mut resp = result.map_err(|e| format!("{method} {url}: {e}"))?;
-    let status = resp.status().as_u16();
-    let text = resp
-        .body_mut()
-        .with_config()
-        .limit(MAX_BODY_BYTES)
-        .read_to_vec()
-        .map_err(|e| format!("{method} {url}: reading the body: {e}"))?;
-    if !(200..300).contains(&status) {
-        return Err(format!(
-            "{method} {url}: HTTP {status}: {}",
-            String::from_utf8_lossy(&text)
-                .chars()
-                .take(200)
-                .collect::<String>()
-        ));
-    }
-    json(&text, url)
+    let mut resp = result.map_err(|e| HttpError::Request {
+        method,
+        url: url.to_string(),
+        source: Box::new(e),
+    })?;
+    json(&answer(method, url, &mut resp)?, url)
 }
 
-pub fn json(bytes: &[u8], what: &str) -> Result<Value, String> {
-    serde_json::from_slice(bytes).map_err(|e| format!("{what}: not JSON: {e}"))
+/// `bytes` as JSON; `what` names where they came from.
+pub fn json(bytes: &[u8], what: &str) -> Result<Value, HttpError> {
+    serde_json::from_slice(bytes).map_err(|source| HttpError::Json {
+        what: what.to_string(),
+        source,
+    })
 }
 
 #[cfg(test)]

@@ -164,7 +164,7 @@ impl Shipper {
                     self.counters.inc(Counter::Connections);
                     self.session(up, down, &shutdown).await
                 }
-                Err(e) => End::Lost(e),
+                Err(e) => End::Lost(e.to_string()),
             };
             if end == End::Renew {
                 continue;
@@ -238,13 +238,12 @@ impl Shipper {
     }
 
     /// Reads the next batch from the spool (off the async threads: it is file I/O).
-    async fn read(&self, from: u64) -> Result<Option<Batch>, String> {
+    async fn read(&self, from: u64) -> Result<Option<Batch>, ShipError> {
         let sp = self.sp.clone();
         let max = BATCH_SIZE.min(MAX_BATCH_DETECTIONS);
         tokio::task::spawn_blocking(move || sp.spool.read(from, max, BATCH_BYTES))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("cannot read the spool: {e}"))
+            .await?
+            .map_err(ShipError::Spool)
     }
 
     async fn ack(&self, id: u64) {
@@ -465,25 +464,24 @@ async fn renew(
     tls: &ClientTls,
     addr: &str,
     state: &crate::state::StateDir,
-) -> Result<ClientTls, String> {
-    let key = rcgen::KeyPair::generate().map_err(|e| format!("cannot make a key: {e}"))?;
+) -> Result<ClientTls, ShipError> {
+    let key = rcgen::KeyPair::generate().map_err(ShipError::Key)?;
     let csr = rcgen::CertificateParams::default()
         .serialize_request(&key)
         .and_then(|c| c.pem())
-        .map_err(|e| format!("cannot make a certificate request: {e}"))?;
-    let channel = connect(addr, tls).await.map_err(|e| error_chain(&e))?;
+        .map_err(ShipError::Key)?;
+    let channel = connect(addr, tls)
+        .await
+        .map_err(|e| ShipError::Connect(error_chain(&e)))?;
     let response = AgentServiceClient::new(channel)
         .renew(vedette_proto::v1::RenewRequest { csr_pem: csr })
         .await
-        .map_err(|s| format!("{}: {}", s.code(), s.message()))?
+        .map_err(ShipError::refused)?
         .into_inner();
     let key_pem = key.serialize_pem();
     let (state, cert) = (state.clone(), response.certificate_pem.clone());
     let k = key_pem.clone();
-    tokio::task::spawn_blocking(move || state.replace_credentials(&cert, &k))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    tokio::task::spawn_blocking(move || state.replace_credentials(&cert, &k)).await??;
     Ok(ClientTls {
         ca_pem: tls.ca_pem.clone(),
         identity: Some((response.certificate_pem, key_pem)),
@@ -495,8 +493,10 @@ async fn open(
     cfg: &ShipConfig,
     addr: &str,
     bundle_version: u64,
-) -> Result<(Up, tonic::Streaming<CollectorMessage>), String> {
-    let channel = connect(addr, &cfg.tls).await.map_err(|e| error_chain(&e))?;
+) -> Result<(Up, tonic::Streaming<CollectorMessage>), ShipError> {
+    let channel = connect(addr, &cfg.tls)
+        .await
+        .map_err(|e| ShipError::Connect(error_chain(&e)))?;
     let mut client = AgentServiceClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -507,15 +507,43 @@ async fn open(
             applied_bundle_version: bundle_version,
         })),
     };
-    up.send(hello)
-        .await
-        .map_err(|_| "stream closed".to_string())?;
+    up.send(hello).await.map_err(|_| ShipError::Closed)?;
     let down = client
         .connect(ReceiverStream::new(rx))
         .await
-        .map_err(|s| format!("{}: {}", s.code(), s.message()))?
+        .map_err(ShipError::refused)?
         .into_inner();
     Ok((up, down))
+}
+
+/// Why the shipper could not open a stream, renew its certificate or read its spool.
+#[derive(Debug, thiserror::Error)]
+enum ShipError {
+    /// The connection or its TLS handshake failed (the causes `: `-joined).
+    #[error("{0}")]
+    Connect(String),
+    /// The collector answered with an error status.
+    #[error("{code}: {message}")]
+    Refused { code: tonic::Code, message: String },
+    #[error("stream closed")]
+    Closed,
+    #[error("cannot read the spool: {0}")]
+    Spool(std::io::Error),
+    #[error("cannot make a key or a certificate request: {0}")]
+    Key(rcgen::Error),
+    #[error("cannot put the renewed certificate in place: {0}")]
+    State(#[from] crate::state::StateError),
+    #[error("a blocking task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+impl ShipError {
+    fn refused(s: tonic::Status) -> ShipError {
+        ShipError::Refused {
+            code: s.code(),
+            message: s.message().to_string(),
+        }
+    }
 }
 
 /// An error and its causes, `: `-joined.

@@ -6,6 +6,8 @@ use serde_json::{Value, json};
 use vedette_proto::v1::StoredDetection;
 use vedette_share::sharing::{Share, Sharing};
 
+use super::ExportError;
+use crate::http::HttpError;
 use crate::store::{Store, now_ms};
 
 /// One MISP sighting per detection of a MISP attribute, as PyMISP's `add_sighting` sends it,
@@ -18,7 +20,7 @@ pub(super) fn sightings(
     ca_cert: Option<&Path>,
     batch: &[(u64, StoredDetection)],
     policy: &dyn Fn(&str) -> Option<Sharing>,
-) -> Result<u64, String> {
+) -> Result<u64, ExportError> {
     let agent = crate::http::agent(ca_cert)?;
     let target = format!("{url}sightings/add");
     let mut done = 0;
@@ -64,29 +66,29 @@ pub(super) fn sightings(
                 if (200..300).contains(&status) && !refused {
                     Ok(())
                 } else {
-                    Err(format!(
+                    Err(ExportError::Refused(format!(
                         "POST {target}: HTTP {status}: {}",
                         text.chars().take(200).collect::<String>()
-                    ))
+                    )))
                 }
             }
-            Err(e) => Err(format!("POST {target}: {e}")),
+            Err(e) => Err(ExportError::Http(HttpError::Request {
+                method: "POST",
+                url: target.clone(),
+                source: Box::new(e),
+            })),
         };
         if let Err(e) = result {
             let at = passed_to.unwrap_or(0);
-            let _ = store.export_progress(name, at, 0, &e, now_ms());
+            let _ = store.export_progress(name, at, 0, &e.to_string(), now_ms());
             return Err(e);
         }
-        store
-            .export_progress(name, *seq, 1, "", now_ms())
-            .map_err(|e| e.to_string())?;
+        store.export_progress(name, *seq, 1, "", now_ms())?;
         done += 1;
         passed_to = None;
     }
     if let Some(seq) = passed_to {
-        store
-            .export_progress(name, seq, 0, "", now_ms())
-            .map_err(|e| e.to_string())?;
+        store.export_progress(name, seq, 0, "", now_ms())?;
     }
     Ok(done.max(u64::from(!batch.is_empty())))
 }

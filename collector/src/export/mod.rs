@@ -25,8 +25,9 @@ use tracing::{info, warn};
 use vedette_share::sharing::Sharing;
 
 use crate::config::SinkConfig;
+use crate::http::HttpError;
 use crate::server::SharedStore;
-use crate::store::{Store, now_ms};
+use crate::store::{Store, StoreError, now_ms};
 
 /// Detections per delivery.
 const BATCH: u32 = 500;
@@ -38,6 +39,23 @@ const IDLE: Duration = Duration::from_secs(1);
 /// How long a collector's hold on a sink lasts without renewal; another collector sharing the
 /// store takes the sink over after it.
 const LEASE_MS: i64 = 30_000;
+
+/// Why a delivery failed (the batch is delivered again; nothing is lost).
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error(transparent)]
+    Http(#[from] HttpError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("`{}`: {source}", path.display())]
+    File {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// What the sink answered when it refused (TAXII's failures, MISP's errors).
+    #[error("{0}")]
+    Refused(String),
+}
 
 /// Runs one sink until `stop`.
 /// `owner` names this collector in the sink's lease: the same after a restart (so a restarted
@@ -55,10 +73,7 @@ pub async fn run(
         let (s, k, o, w) = (store.clone(), sink.clone(), producer.clone(), owner.clone());
         let result = tokio::task::spawn_blocking(move || {
             // Several collectors on one store: one of them exports through each sink.
-            if !s
-                .export_lease(&k.name(), &w, now_ms(), LEASE_MS)
-                .map_err(|e| e.to_string())?
-            {
+            if !s.export_lease(&k.name(), &w, now_ms(), LEASE_MS)? {
                 return Ok(0);
             }
             deliver_once(s.as_ref(), &k, &o)
@@ -93,23 +108,23 @@ pub async fn run(
 }
 
 /// Delivers the next batch; how many detections it exported.
-pub fn deliver_once(store: &dyn Store, sink: &SinkConfig, producer: &str) -> Result<u64, String> {
+pub fn deliver_once(
+    store: &dyn Store,
+    sink: &SinkConfig,
+    producer: &str,
+) -> Result<u64, ExportError> {
     let name = sink.name();
-    let state = store.export_state(&name).map_err(|e| e.to_string())?;
+    let state = store.export_state(&name)?;
     let mut cursor = state.seq;
     if let SinkConfig::Jsonl(path) = sink {
         // What the file already holds was delivered, whatever the store's cursor says.
         let in_file = jsonl::last_sequence(path)?;
         if in_file > cursor {
-            store
-                .export_progress(&name, in_file, 0, "", now_ms())
-                .map_err(|e| e.to_string())?;
+            store.export_progress(&name, in_file, 0, "", now_ms())?;
             cursor = in_file;
         }
     }
-    let batch = store
-        .detections_after(cursor, now_ms() - SETTLE_MS, BATCH)
-        .map_err(|e| e.to_string())?;
+    let batch = store.detections_after(cursor, now_ms() - SETTLE_MS, BATCH)?;
     let Some(last) = batch.last().map(|(seq, _)| *seq) else {
         return Ok(0);
     };
@@ -138,23 +153,21 @@ pub fn deliver_once(store: &dyn Store, sink: &SinkConfig, producer: &str) -> Res
     };
     match delivered {
         Ok(()) => {
-            store
-                .export_progress(&name, last, batch.len() as u64, "", now_ms())
-                .map_err(|e| e.to_string())?;
+            store.export_progress(&name, last, batch.len() as u64, "", now_ms())?;
             Ok(batch.len() as u64)
         }
         Err(e) => {
-            let _ = store.export_progress(&name, cursor, 0, &e, now_ms());
+            let _ = store.export_progress(&name, cursor, 0, &e.to_string(), now_ms());
             Err(e)
         }
     }
 }
 
-/// Every producer's sharing policy, by name, as the store holds it now.
-fn policies(store: &dyn Store, producer: &str) -> Result<HashMap<String, Sharing>, String> {
+/// Every organisation's sharing policy, by name, as the store holds it now; `producer` names
+/// the default organisation (see `orgs::sharing`).
+fn policies(store: &dyn Store, producer: &str) -> Result<HashMap<String, Sharing>, ExportError> {
     Ok(store
-        .list_orgs()
-        .map_err(|e| e.to_string())?
+        .list_orgs()?
         .iter()
         .map(|o| (o.name.clone(), crate::orgs::sharing(o, producer)))
         .collect())

@@ -7,6 +7,7 @@ use serde_json::json;
 use vedette_proto::v1::StoredDetection;
 use vedette_share::sharing::{self, Sharing};
 
+use super::ExportError;
 use crate::config::HttpAuth;
 
 /// POSTs the sightings of a batch and checks the status resource the server answers with.
@@ -18,7 +19,7 @@ pub(super) fn post(
     batch: &[(u64, StoredDetection)],
     policy: &dyn Fn(&str) -> Option<Sharing>,
     producer: &str,
-) -> Result<(), String> {
+) -> Result<(), ExportError> {
     let list: Vec<StoredDetection> = batch.iter().map(|(_, d)| d.clone()).collect();
     let objects = sharing::stix_objects(&list, policy, producer);
     if objects.is_empty() {
@@ -27,7 +28,7 @@ pub(super) fn post(
     let envelope = json!({"objects": objects});
     let agent = crate::http::agent(ca_cert)?;
     let url = format!("{api_root}collections/{collection}/objects/");
-    let status = crate::http::send_json(&agent, "POST", &url, auth, Some(&envelope))?;
+    let status = crate::http::send_json(&agent, &url, auth, Some(&envelope))?;
     let mut status = status;
     for _ in 0..30 {
         match status["status"].as_str() {
@@ -45,23 +46,27 @@ pub(super) fn post(
                     if why.iter().all(|w| w.to_lowercase().contains("already")) {
                         return Ok(());
                     }
-                    return Err(format!("{failed} object(s) refused: {}", why.join("; ")));
+                    return Err(ExportError::Refused(format!(
+                        "{failed} object(s) refused: {}",
+                        why.join("; ")
+                    )));
                 }
                 return Ok(());
             }
             Some("pending") => {
                 let id = status["id"].as_str().unwrap_or_default().to_string();
                 std::thread::sleep(Duration::from_millis(500));
-                status = crate::http::send_json(
-                    &agent,
-                    "GET",
-                    &format!("{api_root}status/{id}/"),
-                    auth,
-                    None,
-                )?;
+                status =
+                    crate::http::send_json(&agent, &format!("{api_root}status/{id}/"), auth, None)?;
             }
-            _ => return Err(format!("unexpected status resource: {status}")),
+            _ => {
+                return Err(ExportError::Refused(format!(
+                    "unexpected status resource: {status}"
+                )));
+            }
         }
     }
-    Err("the server's status stayed pending".into())
+    Err(ExportError::Refused(
+        "the server's status stayed pending".into(),
+    ))
 }

@@ -12,8 +12,30 @@ use vedette_engine::import;
 
 use super::stage::{IntelBatch, stage};
 use crate::config::{IntelSourceConfig, IntelSourceKind};
+use crate::http::HttpError;
 use crate::server::SharedStore;
 use crate::store::{Store, now_ms};
+
+/// Why a poll failed (what it staged before stays).
+#[derive(Debug, thiserror::Error)]
+pub enum PollError {
+    #[error(transparent)]
+    Http(#[from] HttpError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("`{}`: {source}", path.display())]
+    File {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0} is not a TAXII 2.1 API root")]
+    NotTaxii(String),
+    #[error("{0}: `more` without `next` or a date")]
+    NoNextPage(String),
+    /// A feed or event the importer cannot read.
+    #[error("{0}")]
+    Import(String),
+}
 
 /// Polls `source` until `stop`: at once, then every interval; after a failure, again after
 /// 5 s, 10 s, 20 s … up to the interval.
@@ -33,8 +55,9 @@ pub async fn run(store: SharedStore, source: IntelSourceConfig, stop: Cancellati
                 failures += 1;
                 warn!(%origin, error = %e, "intel source poll failed; what it staged before stays");
                 let (s, o, k) = (store.clone(), origin.clone(), source.kind_name());
+                let why = e.to_string();
                 let _ =
-                    tokio::task::spawn_blocking(move || s.intel_error(&o, k, &e, now_ms())).await;
+                    tokio::task::spawn_blocking(move || s.intel_error(&o, k, &why, now_ms())).await;
                 backoff(failures, source.interval)
             }
             Err(e) => {
@@ -56,10 +79,8 @@ fn backoff(failures: u32, interval: Duration) -> Duration {
 }
 
 /// One poll: fetches what is new and stages it; returns how many indicators were accepted.
-pub fn poll_once(store: &dyn Store, source: &IntelSourceConfig) -> Result<u64, String> {
-    let cursor = store
-        .intel_cursor(&source.origin())
-        .map_err(|e| e.to_string())?;
+pub fn poll_once(store: &dyn Store, source: &IntelSourceConfig) -> Result<u64, PollError> {
+    let cursor = store.intel_cursor(&source.origin())?;
     match &source.kind {
         IntelSourceKind::Taxii { api_root, auth, .. } => {
             super::taxii::poll(store, source, api_root, auth, cursor)
@@ -77,7 +98,7 @@ pub(super) fn stage_imported(
     imported: &import::Imported,
     continued: bool,
     cursor: &str,
-) -> Result<u64, String> {
+) -> Result<u64, PollError> {
     let origin = source.origin();
     let lines: Vec<String> = imported.accepted.iter().map(|l| l.to_json()).collect();
     let staged = stage(
@@ -93,8 +114,7 @@ pub(super) fn stage_imported(
             cursor,
         },
         now_ms(),
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     for (id, why) in imported.rejected.iter().take(20) {
         warn!(%origin, %id, reason = %why, "indicator not imported");
     }

@@ -4,7 +4,7 @@ use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::Value;
 use vedette_engine::import;
 
-use super::poll::stage_imported;
+use super::poll::{PollError, stage_imported};
 use crate::config::{HttpAuth, IntelSourceConfig};
 use crate::http::{TAXII, get, json};
 use crate::store::{Store, now_ms};
@@ -22,7 +22,7 @@ pub(super) fn poll(
     api_root: &str,
     auth: &HttpAuth,
     cursor: String,
-) -> Result<u64, String> {
+) -> Result<u64, PollError> {
     let origin = source.origin();
     let agent = crate::http::agent(source.ca_cert.as_deref())?;
     // The API root must speak TAXII 2.1.
@@ -33,7 +33,7 @@ pub(super) fn poll(
             .any(|v| v.as_str().is_some_and(|s| s.contains("version=2.1")))
     });
     if !speaks {
-        return Err(format!("{api_root} is not a TAXII 2.1 API root"));
+        return Err(PollError::NotTaxii(api_root.to_string()));
     }
     let mut accepted = 0;
     let mut next: Option<String> = None;
@@ -70,7 +70,7 @@ pub(super) fn poll(
             // Without `next`, the following page starts after the last one seen.
             match last {
                 Some(l) => cursor = l,
-                None => return Err(format!("{url}: `more` without `next` or a date")),
+                None => return Err(PollError::NoNextPage(url)),
             }
         }
     }
