@@ -2,7 +2,7 @@
 //! or a list of problems, never a panic.
 //! `PROPTEST_CASES=50000 cargo test -p vedette-collector --test props` runs longer.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)] // test code
+#![allow(clippy::unwrap_used)] // test code
 
 use proptest::prelude::*;
 

@@ -36,16 +36,7 @@ fn setup(extra: &str) -> Setup {
     std::fs::create_dir(&watch).unwrap();
     let rules = rule_dir(&tmp.path().join("rules"), RULE, MARKER);
     let config = tmp.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "watch = [{:?}]\nrules = [{:?}]\nheartbeat = \"1s\"\nbackoff_max = \"1s\"\n\
-             processes = false\nscan_on_start = false\nscan_interval = \"0s\"\n{extra}\n",
-            watch.to_str().unwrap(),
-            rules.to_str().unwrap()
-        ),
-    )
-    .unwrap();
+    vedette_tests::watch_config(&config, &watch, &rules, extra);
     Setup {
         _tmp: tmp,
         c,

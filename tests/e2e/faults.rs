@@ -43,16 +43,7 @@ fn agent(c: &Collector, dir: &Path, rules: &Path) -> (Agent, PathBuf) {
     let watch = dir.join("watch");
     std::fs::create_dir_all(&watch).unwrap();
     let config = dir.join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "watch = [{:?}]\nrules = [{:?}]\nheartbeat = \"1s\"\nbackoff_max = \"1s\"\n\
-             processes = false\nscan_on_start = false\nscan_interval = \"0s\"\n",
-            watch.to_str().unwrap(),
-            rules.to_str().unwrap()
-        ),
-    )
-    .unwrap();
+    vedette_tests::watch_config(&config, &watch, rules, "");
     agent.run(c, &["--config", config.to_str().unwrap()]);
     (agent, watch)
 }

@@ -80,19 +80,11 @@ fn two_collectors_on_one_postgres_database_serve_one_fleet() {
     std::fs::create_dir(&watch).unwrap();
     let rules = rule_dir(&tmp.path().join("rules"), RULE, MARKER);
     let config = tmp.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "watch = [{:?}]\nrules = [{:?}]\ncollectors = [{:?}, {:?}]\nheartbeat = \"1s\"\n\
-             backoff_max = \"1s\"\nprocesses = false\nscan_on_start = false\n\
-             scan_interval = \"0s\"\nevent_source = \"inotify\"\n",
-            watch.to_str().unwrap(),
-            rules.to_str().unwrap(),
-            a.addr,
-            b.addr
-        ),
-    )
-    .unwrap();
+    let extra = format!(
+        "collectors = [{:?}, {:?}]\nevent_source = \"inotify\"",
+        a.addr, b.addr
+    );
+    vedette_tests::watch_config(&config, &watch, &rules, &extra);
     agent.run(&a, &["--config", config.to_str().unwrap()]);
     assert!(log_of(&a).contains(&format!("agent connected agent={}", agent.id)));
 

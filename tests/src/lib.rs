@@ -598,6 +598,22 @@ impl PgDb {
     }
 }
 
+/// Writes an agent configuration at `path` watching `watch` for `rules`, with heartbeats every
+/// second, reconnects within a second, no process monitor and no scheduled scans (each test
+/// says what it wants scanned); `extra` is appended.
+pub fn watch_config(path: &Path, watch: &Path, rules: &Path, extra: &str) {
+    std::fs::write(
+        path,
+        format!(
+            "watch = [{:?}]\nrules = [{:?}]\nheartbeat = \"1s\"\nbackoff_max = \"1s\"\n\
+             processes = false\nscan_on_start = false\nscan_interval = \"0s\"\n{extra}\n",
+            watch.to_str().expect("utf-8 path"),
+            rules.to_str().expect("utf-8 path")
+        ),
+    )
+    .expect("agent config");
+}
+
 /// A throw-away PostgreSQL cluster of a test's own (Debian's server programs, run as the
 /// `postgres` user), on a free port of 127.0.0.1: the test may stop and start it at will,
 /// which it must never do to the machine's own server. Stopped and removed when dropped.

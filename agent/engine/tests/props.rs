@@ -4,8 +4,6 @@
 //! 2,000 cases per property in the test run; a longer run:
 //! `PROPTEST_CASES=200000 cargo test --release -p vedette-engine --test props`.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)] // test code
-
 use std::path::Path;
 
 use proptest::prelude::*;

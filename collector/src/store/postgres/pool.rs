@@ -144,6 +144,55 @@ fn pool_error(e: PoolError) -> StoreError {
     }
 }
 
+/// The synchronous calls of a connection or a transaction (`$field` holds it), each waiting on
+/// the runtime for its answer.
+macro_rules! blocking_calls {
+    ($ty:ty, $field:ident) => {
+        // Not every call is made on both a connection and a transaction.
+        #[allow(dead_code)]
+        impl $ty {
+            pub(super) fn query(
+                &mut self,
+                sql: &str,
+                params: Params<'_>,
+            ) -> Result<Vec<Row>, StoreError> {
+                Ok(self.rt.block_on(self.$field.query(sql, params))?)
+            }
+
+            pub(super) fn query_one(
+                &mut self,
+                sql: &str,
+                params: Params<'_>,
+            ) -> Result<Row, StoreError> {
+                Ok(self.rt.block_on(self.$field.query_one(sql, params))?)
+            }
+
+            pub(super) fn query_opt(
+                &mut self,
+                sql: &str,
+                params: Params<'_>,
+            ) -> Result<Option<Row>, StoreError> {
+                Ok(self.rt.block_on(self.$field.query_opt(sql, params))?)
+            }
+
+            pub(super) fn execute(
+                &mut self,
+                sql: &str,
+                params: Params<'_>,
+            ) -> Result<u64, StoreError> {
+                Ok(self.rt.block_on(self.$field.execute(sql, params))?)
+            }
+
+            pub(super) fn batch_execute(&mut self, sql: &str) -> Result<(), StoreError> {
+                Ok(self.rt.block_on(self.$field.batch_execute(sql))?)
+            }
+        }
+    };
+}
+
+blocking_calls!(Conn, client);
+blocking_calls!(Tx<'_>, tx);
+
 /// One pooled connection, back in the pool when dropped (closed if it broke).
 pub(super) struct Conn {
     client: Object,
@@ -151,26 +200,6 @@ pub(super) struct Conn {
 }
 
 impl Conn {
-    pub(super) fn query(&mut self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, StoreError> {
-        Ok(self.rt.block_on(self.client.query(sql, params))?)
-    }
-
-    pub(super) fn query_one(&mut self, sql: &str, params: Params<'_>) -> Result<Row, StoreError> {
-        Ok(self.rt.block_on(self.client.query_one(sql, params))?)
-    }
-
-    pub(super) fn query_opt(
-        &mut self,
-        sql: &str,
-        params: Params<'_>,
-    ) -> Result<Option<Row>, StoreError> {
-        Ok(self.rt.block_on(self.client.query_opt(sql, params))?)
-    }
-
-    pub(super) fn execute(&mut self, sql: &str, params: Params<'_>) -> Result<u64, StoreError> {
-        Ok(self.rt.block_on(self.client.execute(sql, params))?)
-    }
-
     /// The rows of a query as they stream in, so that a reader may stop early.
     pub(super) fn query_raw(&mut self, sql: &str, params: Params<'_>) -> Result<Rows, StoreError> {
         let stream = self
@@ -211,26 +240,6 @@ pub(super) struct Tx<'a> {
 }
 
 impl Tx<'_> {
-    pub(super) fn query_one(&mut self, sql: &str, params: Params<'_>) -> Result<Row, StoreError> {
-        Ok(self.rt.block_on(self.tx.query_one(sql, params))?)
-    }
-
-    pub(super) fn query_opt(
-        &mut self,
-        sql: &str,
-        params: Params<'_>,
-    ) -> Result<Option<Row>, StoreError> {
-        Ok(self.rt.block_on(self.tx.query_opt(sql, params))?)
-    }
-
-    pub(super) fn execute(&mut self, sql: &str, params: Params<'_>) -> Result<u64, StoreError> {
-        Ok(self.rt.block_on(self.tx.execute(sql, params))?)
-    }
-
-    pub(super) fn batch_execute(&mut self, sql: &str) -> Result<(), StoreError> {
-        Ok(self.rt.block_on(self.tx.batch_execute(sql))?)
-    }
-
     pub(super) fn commit(self) -> Result<(), StoreError> {
         Ok(self.rt.block_on(self.tx.commit())?)
     }
