@@ -7,6 +7,7 @@
 //! type, a STIX pattern outside what [`crate::stix`] evaluates, a YARA rule that does not
 //! compile). `revoked` lists STIX indicators withdrawn by their producer.
 
+use crate::ParseError;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -36,7 +37,7 @@ impl Imported {
 /// A document of either kind, told apart by its shape: a STIX bundle (`"type": "bundle"`), a
 /// TAXII envelope (`"objects": […]`), a MISP event (`{"Event": …}`, or a list of them as MISP's
 /// REST API returns).
-pub fn document(doc: &Value, origin: &str, now_ms: i64) -> Result<Imported, String> {
+pub fn document(doc: &Value, origin: &str, now_ms: i64) -> Result<Imported, ParseError> {
     if doc.get("type").and_then(Value::as_str) == Some("bundle") || doc.get("objects").is_some() {
         let objects = doc
             .get("objects")
@@ -186,12 +187,12 @@ fn stix_indicator(
     };
     match check(&line) {
         Ok(()) => Ok(line),
-        Err(reason) => Err(Refused::Rejected(id, reason)),
+        Err(reason) => Err(Refused::Rejected(id, reason.to_string())),
     }
 }
 
 /// Whether the engine can evaluate the line's pattern, and why not.
-pub fn check(line: &IntelLine) -> Result<(), String> {
+pub fn check(line: &IntelLine) -> Result<(), ParseError> {
     match line.pattern_type.as_str() {
         "stix" => crate::stix::parse(&line.pattern).map(|_| ()),
         "yara" => {
@@ -199,14 +200,12 @@ pub fn check(line: &IntelLine) -> Result<(), String> {
             b.add_yara_source(Path::new(&line.id), line.pattern.as_bytes());
             let set = b.build(0);
             match set.report().problems.first() {
-                Some(p) => Err(format!("YARA rule does not compile: {}", p.reason)),
+                Some(p) => Err(format!("YARA rule does not compile: {}", p.reason).into()),
                 None if set.yara_rules() == 0 => Err("YARA pattern holds no rule".into()),
                 None => Ok(()),
             }
         }
-        other => Err(format!(
-            "pattern type `{other}` is not evaluated (stix and yara are)"
-        )),
+        other => Err(format!("pattern type `{other}` is not evaluated (stix and yara are)").into()),
     }
 }
 
@@ -250,7 +249,7 @@ pub const MISP_TYPES: [&str; 14] = [
 
 /// The indicators of one MISP event (`{"Event": {…}}`): its attributes and its objects'
 /// attributes marked `to_ids`.
-pub fn misp_event(doc: &Value, origin: &str) -> Result<Imported, String> {
+pub fn misp_event(doc: &Value, origin: &str) -> Result<Imported, ParseError> {
     let event = doc.get("Event").unwrap_or(doc);
     let event_uuid = event
         .get("uuid")
@@ -286,7 +285,7 @@ pub fn misp_event(doc: &Value, origin: &str) -> Result<Imported, String> {
         let pattern = match misp_pattern(&kind, &value) {
             Ok(p) => p,
             Err(reason) => {
-                out.rejected.push((uuid, reason));
+                out.rejected.push((uuid, reason.to_string()));
                 continue;
             }
         };
@@ -318,7 +317,7 @@ pub fn misp_event(doc: &Value, origin: &str) -> Result<Imported, String> {
         };
         match check(&line) {
             Ok(()) => out.accepted.push(line),
-            Err(reason) => out.rejected.push((uuid, reason)),
+            Err(reason) => out.rejected.push((uuid, reason.to_string())),
         }
     }
     Ok(out)
@@ -340,7 +339,7 @@ fn quote(s: &str) -> String {
 }
 
 /// The pattern type and pattern of a MISP attribute.
-fn misp_pattern(kind: &str, value: &str) -> Result<(&'static str, String), String> {
+fn misp_pattern(kind: &str, value: &str) -> Result<(&'static str, String), ParseError> {
     let hash = |algo: &str, h: &str| format!("file:hashes.{algo} = {}", quote(h.trim()));
     let algo = |k: &str| match k {
         "md5" => "MD5",
@@ -380,7 +379,7 @@ fn misp_pattern(kind: &str, value: &str) -> Result<(&'static str, String), Strin
             format!("[domain-name:value = {}]", quote(value.trim())),
         ),
         "yara" => ("yara", value.to_string()),
-        other => return Err(format!("MISP type `{other}` is not imported")),
+        other => return Err(format!("MISP type `{other}` is not imported").into()),
     })
 }
 
@@ -405,7 +404,7 @@ fn tag_techniques(o: &Value) -> Vec<String> {
 }
 
 /// A MISP feed on disk: `manifest.json` lists the events, each in `<uuid>.json`.
-pub fn misp_feed_dir(dir: &Path, origin: &str) -> Result<Imported, String> {
+pub fn misp_feed_dir(dir: &Path, origin: &str) -> Result<Imported, ParseError> {
     let manifest_path = dir.join("manifest.json");
     let manifest = read_json(&manifest_path)?;
     let uuids = feed_events(&manifest).map_err(|e| format!("{}: {e}", manifest_path.display()))?;
@@ -419,7 +418,7 @@ pub fn misp_feed_dir(dir: &Path, origin: &str) -> Result<Imported, String> {
 }
 
 /// Event UUIDs a feed manifest lists (safe as file names: hex and dashes only).
-pub fn feed_events(manifest: &Value) -> Result<Vec<String>, String> {
+pub fn feed_events(manifest: &Value) -> Result<Vec<String>, ParseError> {
     let map = manifest
         .as_object()
         .ok_or("a feed manifest is a JSON object of event UUIDs")?;
@@ -429,7 +428,7 @@ pub fn feed_events(manifest: &Value) -> Result<Vec<String>, String> {
             || uuid.len() > 64
             || !uuid.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
         {
-            return Err(format!("`{}` is not an event UUID", clip(uuid)));
+            return Err(format!("`{}` is not an event UUID", clip(uuid)).into());
         }
         out.push(uuid.clone());
     }
@@ -440,27 +439,28 @@ pub fn feed_events(manifest: &Value) -> Result<Vec<String>, String> {
 /// Files larger than this are refused.
 pub const MAX_DOCUMENT_BYTES: u64 = 256 << 20;
 
-fn read_json(path: &Path) -> Result<Value, String> {
+fn read_json(path: &Path) -> Result<Value, ParseError> {
     let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
     if meta.len() > MAX_DOCUMENT_BYTES {
         return Err(format!(
             "{}: {} bytes is more than the {MAX_DOCUMENT_BYTES} a document may hold",
             path.display(),
             meta.len()
-        ));
+        )
+        .into());
     }
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    serde_json::from_slice(&bytes).map_err(|e| format!("{}: not JSON: {e}", path.display()))
+    serde_json::from_slice(&bytes).map_err(|e| format!("{}: not JSON: {e}", path.display()).into())
 }
 
 /// A file or a feed directory, told apart by what it is.
-pub fn path(path: &Path, now_ms: i64) -> Result<Imported, String> {
+pub fn path(path: &Path, now_ms: i64) -> Result<Imported, ParseError> {
     let origin = path.display().to_string();
     if path.is_dir() {
         return misp_feed_dir(path, &origin);
     }
     let doc = read_json(path)?;
-    document(&doc, &origin, now_ms).map_err(|e| format!("{origin}: {e}"))
+    document(&doc, &origin, now_ms).map_err(|e| format!("{origin}: {e}").into())
 }
 
 /// Milliseconds since the epoch of an RFC 3339 UTC timestamp (`2026-11-26T10:00:00.123Z`).

@@ -13,6 +13,7 @@
 //! not parse, or a pattern that cannot be evaluated, is reported with its line and the reason;
 //! the rest loads. An indicator past its `valid_until_ms` matches nothing.
 
+use crate::ParseError;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
@@ -57,12 +58,13 @@ pub struct IntelLine {
 
 impl IntelLine {
     /// Parses one line and checks its pattern type.
-    pub fn parse(line: &str) -> Result<IntelLine, String> {
+    pub fn parse(line: &str) -> Result<IntelLine, ParseError> {
         if line.len() > MAX_LINE_BYTES {
             return Err(format!(
                 "line of {} bytes is longer than {MAX_LINE_BYTES}",
                 line.len()
-            ));
+            )
+            .into());
         }
         let l: IntelLine =
             serde_json::from_str(line).map_err(|e| format!("not an indicator line: {e}"))?;
@@ -73,7 +75,8 @@ impl IntelLine {
             return Err(format!(
                 "{}: pattern type `{}` is not evaluated (stix or yara)",
                 l.id, l.pattern_type
-            ));
+            )
+            .into());
         }
         Ok(l)
     }
@@ -221,7 +224,7 @@ impl Intel {
                 problems.push(Problem {
                     path: origin.to_owned(),
                     line: Some(i + 1),
-                    reason,
+                    reason: reason.to_string(),
                     kind: ProblemKind::Indicator,
                     origin: Origin::Local,
                 });
@@ -229,7 +232,12 @@ impl Intel {
         }
     }
 
-    fn add(&mut self, l: &IntelLine, pattern: stix::Pattern, source: String) -> Result<(), String> {
+    fn add(
+        &mut self,
+        l: &IntelLine,
+        pattern: stix::Pattern,
+        source: String,
+    ) -> Result<(), ParseError> {
         let index = self.indicators.len();
         let mut conjs = Vec::new();
         for alt in pattern.alternatives {

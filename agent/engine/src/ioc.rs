@@ -18,6 +18,7 @@
 //! Regexes the `regex` crate cannot take (look-around, back-references) are compiled with
 //! `fancy-regex`; only a regex neither accepts is reported.
 
+use crate::ParseError;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
@@ -92,14 +93,14 @@ impl Re {
     /// A file-name pattern: checked now, matched later through a [`PathSet`] with the others
     /// ([`Iocs::finish`]); each regex compiled up front costs memory, and signature-base has
     /// thousands.
-    fn for_set(pattern: &str) -> Result<Re, String> {
+    fn for_set(pattern: &str) -> Result<Re, ParseError> {
         match regex_syntax::Parser::new().parse(pattern) {
             Ok(_) => Ok(Re::InSet),
             Err(_) => Re::new(pattern),
         }
     }
 
-    fn new(pattern: &str) -> Result<Re, String> {
+    fn new(pattern: &str) -> Result<Re, ParseError> {
         match regex::RegexBuilder::new(pattern)
             .size_limit(32 << 20)
             .build()
@@ -110,7 +111,8 @@ impl Re {
                 Err(_) => Err(format!(
                     "regex does not compile: {}",
                     first_line(&std_err.to_string())
-                )),
+                )
+                .into()),
             },
         }
     }
@@ -243,7 +245,7 @@ impl Iocs {
                 problems.push(Problem {
                     path: origin.to_owned(),
                     line: Some(i + 1),
-                    reason,
+                    reason: reason.to_string(),
                     kind: crate::ProblemKind::Indicator,
                     origin: crate::Origin::Local,
                 });
@@ -251,11 +253,11 @@ impl Iocs {
         }
     }
 
-    fn add_hash(&mut self, line: &str, source: String, origin: Origin) -> Result<(), String> {
+    fn add_hash(&mut self, line: &str, source: String, origin: Origin) -> Result<(), ParseError> {
         let (hash, comment) = line.split_once(';').unwrap_or((line, ""));
         let hash = hash.trim().to_ascii_lowercase();
         if !hash.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Err(format!("`{}` is not a hex digest", clip(&hash)));
+            return Err(format!("`{}` is not a hex digest", clip(&hash)).into());
         }
         let map = match hash.len() {
             32 => &mut self.md5,
@@ -264,7 +266,8 @@ impl Iocs {
             n => {
                 return Err(format!(
                     "a digest of {n} hex digits is neither MD5, SHA-1 nor SHA-256"
-                ));
+                )
+                .into());
             }
         };
         map.insert(
@@ -279,7 +282,7 @@ impl Iocs {
         Ok(())
     }
 
-    fn add_filename(&mut self, line: &str, source: String, from: Origin) -> Result<(), String> {
+    fn add_filename(&mut self, line: &str, source: String, from: Origin) -> Result<(), ParseError> {
         let ind = parse_scored(line, source, from, true)?;
         if ind.re.is_fancy() {
             self.counts.filenames_fancy += 1;
@@ -289,7 +292,7 @@ impl Iocs {
         Ok(())
     }
 
-    fn add_c2(&mut self, line: &str, source: String, from: Origin) -> Result<(), String> {
+    fn add_c2(&mut self, line: &str, source: String, from: Origin) -> Result<(), ParseError> {
         let (value, comment) = line.split_once(';').unwrap_or((line, ""));
         let value = value.trim();
         let entry = (value.to_string(), source);
@@ -308,7 +311,7 @@ impl Iocs {
                 .map_err(|_| format!("`{}` has a bad prefix length", clip(value)))?;
             let max = if ip.is_ipv4() { 32 } else { 128 };
             if bits > max {
-                return Err(format!("`{}` has a prefix longer than {max}", clip(value)));
+                return Err(format!("`{}` has a prefix longer than {max}", clip(value)).into());
             }
             self.c2_nets.push((ip, bits, entry.0, entry.1, from));
             self.counts.c2_networks += 1;
@@ -322,7 +325,8 @@ impl Iocs {
         Err(format!(
             "`{}` is neither an IP address, a network nor a domain",
             clip(value)
-        ))
+        )
+        .into())
     }
 
     /// Compiles the one-pass sets of standard file-name regexes. Call once after loading.
@@ -514,7 +518,7 @@ fn parse_scored(
     source: String,
     origin: Origin,
     in_set: bool,
-) -> Result<Indicator, String> {
+) -> Result<Indicator, ParseError> {
     // The regex itself may contain `;`: the score is the first field after it that is a number.
     let parts: Vec<&str> = line.split(';').collect();
     let score_at = parts

@@ -19,6 +19,24 @@ mod rules;
 pub mod stix;
 
 pub use file::{FileReport, FileScanner, ScanOptions, SkipReason};
+
+/// Why an indicator, a pattern or an imported document was refused: the message shown to
+/// whoever imports or publishes it (the caller adds the file, line or id).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ParseError(pub String);
+
+impl From<String> for ParseError {
+    fn from(s: String) -> ParseError {
+        ParseError(s)
+    }
+}
+
+impl From<&str> for ParseError {
+    fn from(s: &str) -> ParseError {
+        ParseError(s.to_string())
+    }
+}
 pub use ioc::{IocCounts, IocKind, Iocs};
 pub use isolated::{IsolatedCompiler, IsolatedError};
 pub use rules::{

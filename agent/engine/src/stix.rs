@@ -16,6 +16,7 @@
 //! `START`/`STOP`), which need correlation over time that one host's view does not give. A
 //! refused pattern is reported by whoever imports it, never dropped silently.
 
+use crate::ParseError;
 use std::net::IpAddr;
 
 /// What a comparison looks at.
@@ -85,12 +86,13 @@ pub const MAX_PATTERN_BYTES: usize = 64 * 1024;
 const MAX_DEPTH: usize = 64;
 
 /// Parses and compiles a STIX 2.1 pattern, or says why Vedette cannot evaluate it.
-pub fn parse(text: &str) -> Result<Pattern, String> {
+pub fn parse(text: &str) -> Result<Pattern, ParseError> {
     if text.len() > MAX_PATTERN_BYTES {
         return Err(format!(
             "pattern of {} bytes is longer than {MAX_PATTERN_BYTES}",
             text.len()
-        ));
+        )
+        .into());
     }
     let tokens = lex(text)?;
     let mut p = Parser {
@@ -106,7 +108,8 @@ pub fn parse(text: &str) -> Result<Pattern, String> {
                 w.to_uppercase()
             ),
             other => format!("unexpected {} after the pattern", other.describe()),
-        });
+        }
+        .into());
     }
     if alternatives.is_empty() {
         return Err("empty pattern".into());
@@ -158,7 +161,7 @@ fn is_qualifier(w: &str) -> bool {
         .any(|q| q.eq_ignore_ascii_case(w))
 }
 
-fn lex(text: &str) -> Result<Vec<Tok>, String> {
+fn lex(text: &str) -> Result<Vec<Tok>, ParseError> {
     let chars: Vec<char> = text.chars().collect();
     let mut out = Vec::new();
     let mut i = 0;
@@ -204,7 +207,7 @@ fn lex(text: &str) -> Result<Vec<Tok>, String> {
                 out.push(Tok::Path(path));
                 i = next;
             }
-            other => return Err(format!("unexpected character `{other}`")),
+            other => return Err(format!("unexpected character `{other}`").into()),
         }
     }
     Ok(out)
@@ -241,7 +244,7 @@ fn name_end(chars: &[char], mut i: usize) -> usize {
 /// An object path whose type runs from `start` to the `:` at `colon`:
 /// `object-type ':' property ( '.' name | '.' 'quoted' | '[' index ']' )*`; the path and the
 /// index after it.
-fn object_path(chars: &[char], start: usize, colon: usize) -> Result<(String, usize), String> {
+fn object_path(chars: &[char], start: usize, colon: usize) -> Result<(String, usize), ParseError> {
     let mut path: String = chars[start..=colon].iter().collect();
     let mut i = colon + 1;
     let mut expect_name = true;
@@ -257,7 +260,7 @@ fn object_path(chars: &[char], start: usize, colon: usize) -> Result<(String, us
                 let s = i;
                 i = name_end(chars, i);
                 if s == i {
-                    return Err(format!("object path `{path}` ends without a property"));
+                    return Err(format!("object path `{path}` ends without a property").into());
                 }
                 path.extend(&chars[s..i]);
             }
@@ -272,7 +275,7 @@ fn object_path(chars: &[char], start: usize, colon: usize) -> Result<(String, us
                 i += 1;
             }
             if i == chars.len() {
-                return Err(format!("unclosed `[` in object path `{path}`"));
+                return Err(format!("unclosed `[` in object path `{path}`").into());
             }
             i += 1;
             path.extend(&chars[s..i]);
@@ -284,7 +287,7 @@ fn object_path(chars: &[char], start: usize, colon: usize) -> Result<(String, us
 
 /// A quoted string starting at `chars[at] == '\''`: its text (`\'` and `\\` unescaped) and the
 /// index after its closing quote.
-fn string_at(chars: &[char], at: usize) -> Result<(String, usize), String> {
+fn string_at(chars: &[char], at: usize) -> Result<(String, usize), ParseError> {
     let mut s = String::new();
     let mut i = at + 1;
     while i < chars.len() {
@@ -333,16 +336,16 @@ impl Parser {
         matches!(self.peek(), Some(Tok::Word(w)) if w.eq_ignore_ascii_case(word))
     }
 
-    fn deeper(&mut self) -> Result<(), String> {
+    fn deeper(&mut self) -> Result<(), ParseError> {
         self.depth += 1;
         if self.depth > MAX_DEPTH {
-            return Err(format!("nested deeper than {MAX_DEPTH} levels"));
+            return Err(format!("nested deeper than {MAX_DEPTH} levels").into());
         }
         Ok(())
     }
 
     /// observations := observation ( OR observation )*
-    fn observations(&mut self) -> Result<Dnf, String> {
+    fn observations(&mut self) -> Result<Dnf, ParseError> {
         self.deeper()?;
         let mut out = self.observation()?;
         loop {
@@ -350,7 +353,7 @@ impl Parser {
                 self.at += 1;
                 out.extend(self.observation()?);
                 if out.len() > MAX_ALTERNATIVES {
-                    return Err(format!("more than {MAX_ALTERNATIVES} alternatives"));
+                    return Err(format!("more than {MAX_ALTERNATIVES} alternatives").into());
                 }
             } else if self.keyword("AND") {
                 return Err(
@@ -369,13 +372,13 @@ impl Parser {
     }
 
     /// observation := '[' comparisons ']' | '(' observations ')'
-    fn observation(&mut self) -> Result<Dnf, String> {
+    fn observation(&mut self) -> Result<Dnf, ParseError> {
         let dnf = match self.next() {
             Some(Tok::LBracket) => {
                 let dnf = self.comparisons()?;
                 match self.next() {
                     Some(Tok::RBracket) => dnf,
-                    Some(t) => return Err(format!("expected `]`, found {}", t.describe())),
+                    Some(t) => return Err(format!("expected `]`, found {}", t.describe()).into()),
                     None => return Err("missing `]`".into()),
                 }
             }
@@ -383,11 +386,11 @@ impl Parser {
                 let dnf = self.observations()?;
                 match self.next() {
                     Some(Tok::RParen) => dnf,
-                    Some(t) => return Err(format!("expected `)`, found {}", t.describe())),
+                    Some(t) => return Err(format!("expected `)`, found {}", t.describe()).into()),
                     None => return Err("missing `)`".into()),
                 }
             }
-            Some(t) => return Err(format!("expected `[`, found {}", t.describe())),
+            Some(t) => return Err(format!("expected `[`, found {}", t.describe()).into()),
             None => return Err("expected `[`, found the end".into()),
         };
         if let Some(Tok::Word(w)) = self.peek()
@@ -396,20 +399,21 @@ impl Parser {
             return Err(format!(
                 "qualifier {} is not evaluated (it needs correlation over time)",
                 w.to_uppercase()
-            ));
+            )
+            .into());
         }
         Ok(dnf)
     }
 
     /// comparisons := conjunction ( OR conjunction )*
-    fn comparisons(&mut self) -> Result<Dnf, String> {
+    fn comparisons(&mut self) -> Result<Dnf, ParseError> {
         self.deeper()?;
         let mut out = self.conjunction()?;
         while self.keyword("OR") {
             self.at += 1;
             out.extend(self.conjunction()?);
             if out.len() > MAX_ALTERNATIVES {
-                return Err(format!("more than {MAX_ALTERNATIVES} alternatives"));
+                return Err(format!("more than {MAX_ALTERNATIVES} alternatives").into());
             }
         }
         self.depth -= 1;
@@ -417,13 +421,13 @@ impl Parser {
     }
 
     /// conjunction := unit ( AND unit )*, expanded to alternatives.
-    fn conjunction(&mut self) -> Result<Dnf, String> {
+    fn conjunction(&mut self) -> Result<Dnf, ParseError> {
         let mut out = self.unit()?;
         while self.keyword("AND") {
             self.at += 1;
             let right = self.unit()?;
             if out.len() * right.len() > MAX_ALTERNATIVES {
-                return Err(format!("more than {MAX_ALTERNATIVES} alternatives"));
+                return Err(format!("more than {MAX_ALTERNATIVES} alternatives").into());
             }
             let mut product = Vec::with_capacity(out.len() * right.len());
             for l in &out {
@@ -442,20 +446,21 @@ impl Parser {
                     "AND joins comparisons on different objects ({:?} and {:?}) in one \
                      observation",
                     first, other.field
-                ));
+                )
+                .into());
             }
         }
         Ok(out)
     }
 
     /// unit := '(' comparisons ')' | path [NOT] op value
-    fn unit(&mut self) -> Result<Dnf, String> {
+    fn unit(&mut self) -> Result<Dnf, ParseError> {
         match self.next() {
             Some(Tok::LParen) => {
                 let dnf = self.comparisons()?;
                 match self.next() {
                     Some(Tok::RParen) => Ok(dnf),
-                    Some(t) => Err(format!("expected `)`, found {}", t.describe())),
+                    Some(t) => Err(format!("expected `)`, found {}", t.describe()).into()),
                     None => Err("missing `)`".into()),
                 }
             }
@@ -463,14 +468,14 @@ impl Parser {
             Some(Tok::Word(w)) if w.eq_ignore_ascii_case("EXISTS") => {
                 Err("EXISTS is not evaluated".into())
             }
-            Some(t) => Err(format!("expected an object path, found {}", t.describe())),
+            Some(t) => Err(format!("expected an object path, found {}", t.describe()).into()),
             None => Err("expected a comparison, found the end".into()),
         }
     }
 
-    fn comparison(&mut self, path: &str) -> Result<Comparison, String> {
+    fn comparison(&mut self, path: &str) -> Result<Comparison, ParseError> {
         if self.keyword("NOT") {
-            return Err(format!("negated comparison on `{path}` is not evaluated"));
+            return Err(format!("negated comparison on `{path}` is not evaluated").into());
         }
         let op = match self.next() {
             Some(Tok::Op(o)) => o.to_string(),
@@ -479,9 +484,10 @@ impl Parser {
                 return Err(format!(
                     "expected an operator after `{path}`, found {}",
                     t.describe()
-                ));
+                )
+                .into());
             }
-            None => return Err(format!("expected an operator after `{path}`")),
+            None => return Err(format!("expected an operator after `{path}`").into()),
         };
         let field = field_of(path)?;
         let values = self.values(&op)?;
@@ -490,7 +496,7 @@ impl Parser {
             "ISSUBSET" if field == Field::Address => equals(field, &values)?,
             "MATCHES" | "LIKE" if is_text(field) => {
                 let [v] = values.as_slice() else {
-                    return Err(format!("{op} takes one string"));
+                    return Err(format!("{op} takes one string").into());
                 };
                 let re = if op == "LIKE" {
                     like_to_regex(v)
@@ -502,27 +508,30 @@ impl Parser {
                         "regex `{}` does not compile: {}",
                         clip(&re),
                         e.to_string().lines().last().unwrap_or("").trim()
-                    ));
+                    )
+                    .into());
                 }
                 Test::Regex(re)
             }
-            "!=" => return Err(format!("negated comparison on `{path}` is not evaluated")),
+            "!=" => return Err(format!("negated comparison on `{path}` is not evaluated").into()),
             other => {
-                return Err(format!("operator {other} on `{path}` is not evaluated"));
+                return Err(format!("operator {other} on `{path}` is not evaluated").into());
             }
         };
         Ok(Comparison { field, test })
     }
 
     /// One value, or `( v, … )` after IN.
-    fn values(&mut self, op: &str) -> Result<Vec<String>, String> {
-        let one = |t: Option<Tok>| match t {
-            Some(Tok::Str(s)) => Ok(s),
-            Some(t @ (Tok::Typed(..) | Tok::Number(_) | Tok::Word(_))) => {
-                Err(format!("{} is not a string value", t.describe()))
+    fn values(&mut self, op: &str) -> Result<Vec<String>, ParseError> {
+        let one = |t: Option<Tok>| -> Result<String, ParseError> {
+            match t {
+                Some(Tok::Str(s)) => Ok(s),
+                Some(t @ (Tok::Typed(..) | Tok::Number(_) | Tok::Word(_))) => {
+                    Err(format!("{} is not a string value", t.describe()).into())
+                }
+                Some(t) => Err(format!("expected a value, found {}", t.describe()).into()),
+                None => Err("expected a value, found the end".into()),
             }
-            Some(t) => Err(format!("expected a value, found {}", t.describe())),
-            None => Err("expected a value, found the end".into()),
         };
         if op != "IN" {
             return Ok(vec![one(self.next())?]);
@@ -536,7 +545,9 @@ impl Parser {
             match self.next() {
                 Some(Tok::Comma) => continue,
                 Some(Tok::RParen) => break,
-                Some(t) => return Err(format!("expected `,` or `)`, found {}", t.describe())),
+                Some(t) => {
+                    return Err(format!("expected `,` or `)`, found {}", t.describe()).into());
+                }
                 None => return Err("missing `)` after IN list".into()),
             }
         }
@@ -548,7 +559,7 @@ fn is_text(f: Field) -> bool {
     matches!(f, Field::FileName | Field::ProcessName | Field::CommandLine)
 }
 
-fn field_of(path: &str) -> Result<Field, String> {
+fn field_of(path: &str) -> Result<Field, ParseError> {
     let (object, property) = path.split_once(':').unwrap_or((path, ""));
     let object = object.to_ascii_lowercase();
     let unquoted = property.replace('\'', "");
@@ -559,7 +570,7 @@ fn field_of(path: &str) -> Result<Field, String> {
                 "MD5" => Field::Md5,
                 "SHA1" => Field::Sha1,
                 "SHA256" => Field::Sha256,
-                other => return Err(format!("hash {other} in `{path}` is not evaluated")),
+                other => return Err(format!("hash {other} in `{path}` is not evaluated").into()),
             }
         }
         ("ipv4-addr" | "ipv6-addr", "value") => Field::Address,
@@ -567,12 +578,12 @@ fn field_of(path: &str) -> Result<Field, String> {
         ("domain-name", "value") => Field::Domain,
         ("process", "name") => Field::ProcessName,
         ("process", "command_line") => Field::CommandLine,
-        _ => return Err(format!("`{path}` is not evaluated")),
+        _ => return Err(format!("`{path}` is not evaluated").into()),
     };
     Ok(field)
 }
 
-fn equals(field: Field, values: &[String]) -> Result<Test, String> {
+fn equals(field: Field, values: &[String]) -> Result<Test, ParseError> {
     match field {
         Field::Md5 | Field::Sha1 | Field::Sha256 => {
             let len = match field {
@@ -584,7 +595,7 @@ fn equals(field: Field, values: &[String]) -> Result<Test, String> {
             for v in values {
                 let h = v.trim().to_ascii_lowercase();
                 if h.len() != len || !h.chars().all(|c| c.is_ascii_hexdigit()) {
-                    return Err(format!("`{}` is not a {:?} digest", clip(v), field));
+                    return Err(format!("`{}` is not a {:?} digest", clip(v), field).into());
                 }
                 out.push(h);
             }
@@ -605,7 +616,7 @@ fn equals(field: Field, values: &[String]) -> Result<Test, String> {
             for v in values {
                 let d = v.trim().trim_end_matches('.').to_ascii_lowercase();
                 if !is_domain(&d) {
-                    return Err(format!("`{}` is not a domain name", clip(v)));
+                    return Err(format!("`{}` is not a domain name", clip(v)).into());
                 }
                 out.push(d);
             }
@@ -741,7 +752,7 @@ mod tests {
             ("", "expected `[`"),
         ] {
             let e = parse(p).expect_err(p);
-            assert!(e.contains(why), "{p}: {e}");
+            assert!(e.0.contains(why), "{p}: {e}");
         }
     }
 
@@ -764,7 +775,7 @@ mod tests {
             "(".repeat(10_000),
             ")".repeat(10_000)
         );
-        assert!(parse(&deep).unwrap_err().contains("nested deeper"));
+        assert!(parse(&deep).unwrap_err().0.contains("nested deeper"));
         let wide = (0..20)
             .map(|i| format!("(file:name = '{i}' OR file:name = 'x{i}')"))
             .collect::<Vec<_>>()
@@ -772,6 +783,7 @@ mod tests {
         assert!(
             parse(&format!("[{wide}]"))
                 .unwrap_err()
+                .0
                 .contains("alternatives")
         );
     }

@@ -44,7 +44,7 @@ pub(super) fn poll(
     let manifest = read("manifest.json")?;
     let since: i64 = cursor.parse().unwrap_or(0);
     let mut events: Vec<(i64, String)> = Vec::new();
-    for uuid in import::feed_events(&manifest).map_err(PollError::Import)? {
+    for uuid in import::feed_events(&manifest)? {
         let ts = match &manifest[&uuid]["timestamp"] {
             Value::String(s) => s.parse().unwrap_or(0),
             Value::Number(n) => n.as_i64().unwrap_or(0),
@@ -60,7 +60,7 @@ pub(super) fn poll(
     let mut accepted = 0;
     for (i, (ts, uuid)) in events.iter().enumerate() {
         let doc = read(&format!("{uuid}.json"))?;
-        let imported = import::misp_event(&doc, location).map_err(PollError::Import)?;
+        let imported = import::misp_event(&doc, location)?;
         accepted += stage_imported(store, source, &imported, i > 0, &ts.to_string())?;
     }
     if events.is_empty() {

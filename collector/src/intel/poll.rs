@@ -33,8 +33,8 @@ pub enum PollError {
     #[error("{0}: `more` without `next` or a date")]
     NoNextPage(String),
     /// A feed or event the importer cannot read.
-    #[error("{0}")]
-    Import(String),
+    #[error(transparent)]
+    Import(#[from] vedette_engine::ParseError),
 }
 
 /// Polls `source` until `stop`: at once, then every interval; after a failure, again after

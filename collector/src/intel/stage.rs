@@ -26,7 +26,7 @@ pub fn stage(
     for text in batch.lines {
         let checked = IntelLine::parse(text).and_then(|l| match import::check(&l) {
             Ok(()) => Ok(l),
-            Err(e) => Err(format!("{}: {e}", l.id)),
+            Err(e) => Err(format!("{}: {e}", l.id).into()),
         });
         match checked {
             Ok(l) => staged.push(StagedLine {
@@ -37,7 +37,7 @@ pub fn stage(
                 // Re-serialised: what is staged is exactly what was checked.
                 line: l.to_json(),
             }),
-            Err(e) => refused.push(e),
+            Err(e) => refused.push(e.to_string()),
         }
     }
     let counts = store.stage_intel(
