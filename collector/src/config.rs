@@ -440,6 +440,25 @@ fn with_slash(url: &str) -> String {
     u
 }
 
+/// The keys every intel source has (`interval`, `ca_cert`), under `key`.
+struct SourceKeys<'a> {
+    key: &'a str,
+    base: &'a Path,
+    interval: Option<&'a str>,
+    ca_cert: Option<&'a PathBuf>,
+}
+
+impl SourceKeys<'_> {
+    fn source(&self, kind: IntelSourceKind, problems: &mut Vec<String>) -> IntelSourceConfig {
+        let key = self.key;
+        IntelSourceConfig {
+            kind,
+            interval: poll_interval(&format!("{key}.interval"), self.interval, problems),
+            ca_cert: ca_file(&format!("{key}.ca_cert"), self.base, self.ca_cert, problems),
+        }
+    }
+}
+
 impl RawTaxii {
     /// `key` names this entry in problems (`intel.taxii[0]`, `export.taxii[1]`).
     fn validate(&self, key: &str, base: &Path, problems: &mut Vec<String>) -> IntelSourceConfig {
@@ -469,24 +488,18 @@ impl RawTaxii {
                 HttpAuth::None
             }
         };
-        IntelSourceConfig {
-            kind: IntelSourceKind::Taxii {
-                api_root: with_slash(&self.url),
-                collection: self.collection.clone(),
-                auth,
-            },
-            interval: poll_interval(
-                &format!("{key}.interval"),
-                self.interval.as_deref(),
-                problems,
-            ),
-            ca_cert: ca_file(
-                &format!("{key}.ca_cert"),
-                base,
-                self.ca_cert.as_ref(),
-                problems,
-            ),
-        }
+        let kind = IntelSourceKind::Taxii {
+            api_root: with_slash(&self.url),
+            collection: self.collection.clone(),
+            auth,
+        };
+        let keys = SourceKeys {
+            key,
+            base,
+            interval: self.interval.as_deref(),
+            ca_cert: self.ca_cert.as_ref(),
+        };
+        keys.source(kind, problems)
     }
 }
 
@@ -504,20 +517,13 @@ impl RawMispFeed {
             }
             p.display().to_string()
         };
-        IntelSourceConfig {
-            kind: IntelSourceKind::MispFeed { location },
-            interval: poll_interval(
-                &format!("{key}.interval"),
-                self.interval.as_deref(),
-                problems,
-            ),
-            ca_cert: ca_file(
-                &format!("{key}.ca_cert"),
-                base,
-                self.ca_cert.as_ref(),
-                problems,
-            ),
-        }
+        let keys = SourceKeys {
+            key,
+            base,
+            interval: self.interval.as_deref(),
+            ca_cert: self.ca_cert.as_ref(),
+        };
+        keys.source(IntelSourceKind::MispFeed { location }, problems)
     }
 }
 
