@@ -7,12 +7,12 @@
 //! type, a STIX pattern outside what [`crate::stix`] evaluates, a YARA rule that does not
 //! compile). `revoked` lists STIX indicators withdrawn by their producer.
 
-use crate::ParseError;
 use std::collections::HashMap;
 use std::path::Path;
 
 use serde_json::Value;
 
+use crate::ParseError;
 use crate::intel::IntelLine;
 use crate::rules::technique_id;
 

@@ -13,7 +13,6 @@
 //! not parse, or a pattern that cannot be evaluated, is reported with its line and the reason;
 //! the rest loads. An indicator past its `valid_until_ms` matches nothing.
 
-use crate::ParseError;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
@@ -21,6 +20,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use crate::ParseError;
 use crate::rules::{IndicatorRef, MatchKind, Origin, Problem, ProblemKind, RuleMatch};
 use crate::stix::{self, Field, Subject, Test};
 
@@ -60,11 +60,7 @@ impl IntelLine {
     /// Parses one line and checks its pattern type.
     pub fn parse(line: &str) -> Result<IntelLine, ParseError> {
         if line.len() > MAX_LINE_BYTES {
-            return Err(format!(
-                "line of {} bytes is longer than {MAX_LINE_BYTES}",
-                line.len()
-            )
-            .into());
+            return Err(ParseError::too_long("line", line.len(), MAX_LINE_BYTES));
         }
         let l: IntelLine =
             serde_json::from_str(line).map_err(|e| format!("not an indicator line: {e}"))?;

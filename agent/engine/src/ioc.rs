@@ -18,13 +18,12 @@
 //! Regexes the `regex` crate cannot take (look-around, back-references) are compiled with
 //! `fancy-regex`; only a regex neither accepts is reported.
 
-use crate::ParseError;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
-
 use std::sync::Arc;
 
+use crate::ParseError;
 use crate::intel::{FileFacts, Intel};
 use crate::pathset::PathSet;
 use crate::rules::{IndicatorRef, MatchKind, Origin, Problem, RuleMatch};

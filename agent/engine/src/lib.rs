@@ -26,6 +26,13 @@ pub use file::{FileReport, FileScanner, ScanOptions, SkipReason};
 #[error("{0}")]
 pub struct ParseError(pub String);
 
+impl ParseError {
+    /// An input over its size cap.
+    pub fn too_long(what: &str, len: usize, max: usize) -> ParseError {
+        ParseError(format!("{what} of {len} bytes is longer than {max}"))
+    }
+}
+
 impl From<String> for ParseError {
     fn from(s: String) -> ParseError {
         ParseError(s)

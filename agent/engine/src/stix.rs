@@ -16,8 +16,9 @@
 //! `START`/`STOP`), which need correlation over time that one host's view does not give. A
 //! refused pattern is reported by whoever imports it, never dropped silently.
 
-use crate::ParseError;
 use std::net::IpAddr;
+
+use crate::ParseError;
 
 /// What a comparison looks at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -88,11 +89,11 @@ const MAX_DEPTH: usize = 64;
 /// Parses and compiles a STIX 2.1 pattern, or says why Vedette cannot evaluate it.
 pub fn parse(text: &str) -> Result<Pattern, ParseError> {
     if text.len() > MAX_PATTERN_BYTES {
-        return Err(format!(
-            "pattern of {} bytes is longer than {MAX_PATTERN_BYTES}",
-            text.len()
-        )
-        .into());
+        return Err(ParseError::too_long(
+            "pattern",
+            text.len(),
+            MAX_PATTERN_BYTES,
+        ));
     }
     let tokens = lex(text)?;
     let mut p = Parser {
