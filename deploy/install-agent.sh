@@ -12,7 +12,11 @@
 #   --ca-sha256 HEX          the collector CA's fingerprint, as `vedette-collector init` printed it
 #   --token-file FILE        the enrollment token (or the VEDETTE_TOKEN variable); read only
 #                            when the host is not enrolled yet
-#   --maintainer-key FILE    a rule maintainer's public key to pin (repeatable)
+#   --maintainer-key FILE    a rule maintainer's public key to pin (repeatable; one of these
+#                            or --maintainer-key-sha256 is needed to enroll)
+#   --maintainer-key-sha256 HEX  or pin the key the collector offers with this SHA-256
+#   --trust-collector-keys   pin whatever keys the collector offers (trials only: whoever
+#                            controls the collector could then sign bundles this host runs)
 #   --deb FILE               install this vedette-agent package (dpkg -i), or
 #   --binary FILE            install this vedette-agent program into /usr/bin (and the unit)
 #   --config FILE            use this agent.toml when /etc/vedette/agent.toml does not exist
@@ -35,12 +39,14 @@ while [ $# -gt 0 ]; do
         --ca-sha256) ca_sha256=$2; shift 2 ;;
         --token-file) token_file=$2; shift 2 ;;
         --maintainer-key) maintainer_args="$maintainer_args --maintainer-key $2"; shift 2 ;;
+        --maintainer-key-sha256) maintainer_args="$maintainer_args --maintainer-key-sha256 $2"; shift 2 ;;
+        --trust-collector-keys) maintainer_args="$maintainer_args --trust-collector-keys"; shift ;;
         --deb) deb=$2; shift 2 ;;
         --binary) binary=$2; shift 2 ;;
         --config) config=$2; shift 2 ;;
         --no-start) start=no; shift ;;
         --root) root=$2; shift 2 ;;
-        -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
 done
@@ -92,6 +98,7 @@ if [ -f "$state/agent.toml" ]; then
 else
     [ -n "$collector" ] || die "not enrolled yet: give --collector HOST:PORT"
     [ -n "$ca_sha256" ] || die "not enrolled yet: give --ca-sha256 HEX"
+    [ -n "$maintainer_args" ] || die "not enrolled yet: give --maintainer-key FILE (a rule maintainer's public key to pin)"
     if [ -n "$token_file" ]; then
         [ -r "$token_file" ] || die "cannot read the token file $token_file"
         # shellcheck disable=SC2086

@@ -66,7 +66,8 @@ done
 if [ ! -f "$demo/agent/agent.toml" ]; then
     token=$("$bin/vedettectl" token create --ttl 10m)
     "$bin/vedette-agent" enroll --collector "$address" --token "$token" \
-        --ca-sha256 "$fingerprint" --state-dir "$demo/agent"
+        --ca-sha256 "$fingerprint" --state-dir "$demo/agent" \
+        --maintainer-key "$demo/collector/maintainer.pub"
 fi
 
 "$bin/vedette-agent" run --state-dir "$demo/agent" --watch "$demo/watch" \

@@ -245,10 +245,35 @@ pub struct RawMispSink {
     /// The MISP instance, e.g. `https://misp.example.org/`.
     pub url: String,
     /// An API key (sent in the `Authorization` header).
-    pub key: String,
+    pub key: Secret,
     /// CA certificate (PEM) of the instance; default: the public web PKI roots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_cert: Option<PathBuf>,
+    /// Send the key over plain `http://` (a trusted network only); logged at start.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_insecure: bool,
+}
+
+/// A credential from the configuration; its `Debug` form never shows it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+
+    /// The credential itself, to send.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -270,7 +295,7 @@ pub enum SinkConfig {
     Misp {
         /// Ends in `/`.
         url: String,
-        key: String,
+        key: Secret,
         ca_cert: Option<PathBuf>,
     },
 }
@@ -311,10 +336,13 @@ pub struct RawTaxii {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     /// Bearer token (instead of a username and password).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub token: Option<String>,
+    pub token: Option<Secret>,
+    /// Send the credentials over plain `http://` (a trusted network only); logged at start.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_insecure: bool,
     /// How often to poll, e.g. `15m` (default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interval: Option<String>,
@@ -362,8 +390,8 @@ pub enum IntelSourceKind {
 #[derive(Debug, Clone)]
 pub enum HttpAuth {
     None,
-    Basic { username: String, password: String },
-    Bearer(String),
+    Basic { username: String, password: Secret },
+    Bearer(Secret),
 }
 
 impl IntelSourceConfig {
@@ -431,6 +459,53 @@ fn is_http(url: &str) -> bool {
     url.starts_with("https://") || url.starts_with("http://")
 }
 
+/// Problems of an http(s) URL that credentials are sent to, or that names a source in
+/// `intel status` and, as indicators' origin, on every agent and in exports: it may hold no
+/// user name, password, query string or fragment, and credentials go over `https://` only,
+/// unless `allow_insecure` (then with a warning).
+fn check_url(
+    key: &str,
+    url: &str,
+    credentials: bool,
+    allow_insecure: bool,
+    problems: &mut Vec<String>,
+) {
+    let Some(rest) = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+    else {
+        return;
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.contains('@') {
+        problems.push(format!(
+            "`{key}.url`: holds a user name or password; give them as `username` and \
+             `password` (or `token`, or `key`): the URL is shown in `intel status` and travels \
+             to every agent as the indicators' origin"
+        ));
+    }
+    if rest.contains(['?', '#']) {
+        problems.push(format!(
+            "`{key}.url`: holds a query string or fragment; an API root or feed location has \
+             none, and a secret in it would travel to every agent as the indicators' origin"
+        ));
+    }
+    if credentials && url.starts_with("http://") {
+        if allow_insecure {
+            tracing::warn!(
+                key,
+                url,
+                "credentials are sent over plain http:// (`allow_insecure = true`)"
+            );
+        } else {
+            problems.push(format!(
+                "`{key}.url`: credentials would be sent in clear over http://; use https://, or \
+                 set `{key}.allow_insecure = true` on a network you trust"
+            ));
+        }
+    }
+}
+
 /// `url` ending in `/`, as API roots and feed locations are joined.
 fn with_slash(url: &str) -> String {
     let mut u = url.to_string();
@@ -474,6 +549,13 @@ impl RawTaxii {
                 self.collection
             ));
         }
+        check_url(
+            key,
+            &self.url,
+            self.username.is_some() || self.password.is_some() || self.token.is_some(),
+            self.allow_insecure,
+            problems,
+        );
         let auth = match (&self.username, &self.password, &self.token) {
             (None, None, None) => HttpAuth::None,
             (Some(u), Some(p), None) => HttpAuth::Basic {
@@ -506,6 +588,7 @@ impl RawTaxii {
 impl RawMispFeed {
     fn validate(&self, key: &str, base: &Path, problems: &mut Vec<String>) -> IntelSourceConfig {
         let location = if is_http(&self.url) {
+            check_url(key, &self.url, false, false, problems);
             with_slash(&self.url)
         } else {
             let p = base.join(&self.url);
@@ -691,9 +774,10 @@ impl RawMispSink {
                 self.url
             ));
         }
-        if self.key.trim().is_empty() {
+        if self.key.expose().trim().is_empty() {
             problems.push(format!("`{key}.key`: empty"));
         }
+        check_url(key, &self.url, true, self.allow_insecure, problems);
         SinkConfig::Misp {
             url: with_slash(&self.url),
             key: self.key.clone(),
@@ -902,6 +986,61 @@ mod tests {
         ] {
             assert!(text.contains(key), "{key} missing from: {text}");
         }
+    }
+
+    #[test]
+    fn credentials_go_over_https_only_and_never_in_a_url_or_a_debug_line() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["a", "b", "c", "d"] {
+            std::fs::write(dir.path().join(f), "").unwrap();
+        }
+        let tls =
+            "[tls]\nca_cert = \"a\"\nca_key = \"b\"\nserver_cert = \"c\"\nserver_key = \"d\"\n";
+        let load = |body: &str| {
+            let p = dir.path().join("c.toml");
+            std::fs::write(
+                &p,
+                format!("listen = \"127.0.0.1:1\"\ndatabase = \"db\"\n{body}{tls}"),
+            )
+            .unwrap();
+            Config::load(&p)
+        };
+        let problems = |body: &str| load(body).unwrap_err().to_string();
+        let plain = problems(
+            "[[intel.taxii]]\nurl = \"http://t.example/api1/\"\ncollection = \"c\"\n\
+             token = \"s3cret-token\"\n",
+        );
+        assert!(
+            plain.contains("`intel.taxii[0].url`: credentials would be sent in clear")
+                && plain.contains("allow_insecure"),
+            "{plain}"
+        );
+        let misp = problems("[[export.misp]]\nurl = \"http://m.example/\"\nkey = \"k\"\n");
+        assert!(misp.contains("`export.misp[0].url`: credentials"), "{misp}");
+        let userinfo = problems(
+            "[[intel.taxii]]\nurl = \"https://u:pw@t.example/api1/\"\ncollection = \"c\"\n",
+        );
+        assert!(
+            userinfo.contains("holds a user name or password"),
+            "{userinfo}"
+        );
+        let query = problems("[[intel.misp_feed]]\nurl = \"https://f.example/feed/?key=abc\"\n");
+        assert!(
+            query.contains("`intel.misp_feed[0].url`: holds a query"),
+            "{query}"
+        );
+        // Allowed on purpose: accepted, and the secret stays out of any Debug line.
+        let ok = load(
+            "[[intel.taxii]]\nurl = \"http://t.example/api1/\"\ncollection = \"c\"\n\
+             username = \"u\"\npassword = \"pw-s3cret\"\nallow_insecure = true\n\
+             [[export.misp]]\nurl = \"https://m.example/\"\nkey = \"misp-s3cret\"\n",
+        )
+        .unwrap();
+        let debug = format!("{ok:?}");
+        assert!(
+            !debug.contains("s3cret") && debug.contains("Secret(..)"),
+            "{debug}"
+        );
     }
 
     #[test]

@@ -151,9 +151,11 @@ fn authorize<B>(req: ureq::RequestBuilder<B>, auth: &HttpAuth) -> ureq::RequestB
         HttpAuth::None => req,
         HttpAuth::Basic { username, password } => req.header(
             "Authorization",
-            format!("Basic {}", basic(username, password)),
+            format!("Basic {}", basic(username, password.expose())),
         ),
-        HttpAuth::Bearer(token) => req.header("Authorization", format!("Bearer {token}")),
+        HttpAuth::Bearer(token) => {
+            req.header("Authorization", format!("Bearer {}", token.expose()))
+        }
     }
 }
 

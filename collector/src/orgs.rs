@@ -4,13 +4,13 @@
 //! An agent belongs to the organisation its enrollment token named; the organisation is written
 //! into its certificate ([`crate::pki`]) and read back from there only ([`crate::identity`]).
 
-use vedette_share::sharing::{Share, Sharing, Tlp};
+use vedette_share::sharing::Sharing;
 
 use crate::store::OrgRow;
 
 /// The organisation every collector has from the start: agents enrolled without `--org`
 /// belong to it. Its policy is `full`, so a single-organisation collector exports as before.
-pub const DEFAULT_ORG: &str = "default";
+pub use vedette_share::sharing::DEFAULT_ORG;
 
 /// Longest organisation name.
 const MAX_NAME: usize = 64;
@@ -103,36 +103,24 @@ pub fn new_stix_id() -> String {
     format!("identity--{}", uuid::Uuid::new_v4())
 }
 
-/// The policy exports apply to an organisation's detections. The default organisation is
-/// named as the collector's `[export] organisation` and keeps the identity exports gave it
-/// before organisations existed, so a single-organisation collector's exports do not change.
+/// The policy exports apply to an organisation's detections ([`Sharing::of_org`]).
 pub fn sharing(row: &OrgRow, producer: &str) -> Sharing {
-    let share = Share::parse(&row.share).unwrap_or(Share::None);
-    let tlp = Tlp::parse(&row.tlp).unwrap_or(Tlp::Red);
-    if row.name == DEFAULT_ORG {
-        let legacy = vedette_share::stix::identity(producer);
-        return Sharing {
-            name: producer.to_string(),
-            stix_id: legacy["id"].as_str().unwrap_or_default().to_string(),
-            sector: row.sector.clone(),
-            country: row.country.clone(),
-            share,
-            tlp,
-        };
-    }
-    Sharing {
+    let org = vedette_proto::v1::Org {
         name: row.name.clone(),
         stix_id: row.stix_id.clone(),
         sector: row.sector.clone(),
         country: row.country.clone(),
-        share,
-        tlp,
-    }
+        share: row.share.clone(),
+        tlp: row.tlp.clone(),
+        ..Default::default()
+    };
+    Sharing::of_org(&org, producer)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vedette_share::sharing::{Share, Tlp};
 
     #[test]
     fn names_sectors_and_countries_are_checked() {

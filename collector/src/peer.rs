@@ -70,6 +70,22 @@ impl Peer {
             .ok_or_else(|| Status::permission_denied("the client certificate names no identity"))
     }
 
+    /// The verified client certificate of a request (DER), if it came with one.
+    pub fn leaf_der<T>(request: &Request<T>) -> Option<Vec<u8>> {
+        request
+            .extensions()
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .and_then(|info| info.peer_certs())
+            .and_then(|certs| certs.first().map(|c| c.as_ref().to_vec()))
+    }
+
+    /// A certificate's validity (DER): not before and not after, in seconds since the epoch.
+    pub fn validity(der: &[u8]) -> Option<(i64, i64)> {
+        let (_, cert) = X509Certificate::from_der(der).ok()?;
+        let v = cert.validity();
+        Some((v.not_before.timestamp(), v.not_after.timestamp()))
+    }
+
     /// What the store records of a certificate (DER) seen or issued at `now_ms`.
     pub fn cert_row(der: &[u8], now_ms: i64) -> Option<crate::store::CertRow> {
         let id = Peer::from_der(der)?;

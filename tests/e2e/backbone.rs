@@ -129,6 +129,7 @@ fn bad_expired_and_used_tokens_are_refused() {
             &c.token(&[]),
             "--ca-sha256",
             &"00".repeat(32),
+            "--trust-collector-keys",
         ])
         .arg("--state-dir")
         .arg(tmp.path().join("a5"))

@@ -605,3 +605,93 @@ fn console_in_chromium_shows_live_detections_filters_opens_details_and_revokes()
         .unwrap();
     assert_eq!(other["revoked"], false);
 }
+
+/// Sign-in guessing is counted before any password is checked, one address cannot take every
+/// connection, and a request body that does not arrive in time ends its connection.
+#[test]
+fn guessing_and_slow_or_greedy_clients_are_bounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (c, base) = console_collector(tmp.path());
+    let anon = anonymous(&c, &base);
+    let form = anon.get("/login", &[]);
+    let nonce = form.cookie("__Host-vedette-login").expect("login cookie");
+    let body = format!(
+        "user=alice&password=not+the+password&token={}",
+        login_token(&form.body)
+    );
+    // 300 wrong passwords at once (15 connections, under the per-address cap).
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..15)
+            .map(|_| {
+                let (anon, nonce, body) = (&anon, &nonce, &body);
+                scope.spawn(move || {
+                    (0..20)
+                        .map(|_| {
+                            anon.post(
+                                "/login",
+                                &[("cookie", &format!("__Host-vedette-login={nonce}"))],
+                                "application/x-www-form-urlencoded",
+                                body,
+                            )
+                            .status
+                        })
+                        .collect::<Vec<u16>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    assert!(statuses.iter().all(|s| *s == 401), "{statuses:?}");
+    let log = c.proc.as_ref().unwrap().log_text();
+    let verified = log.matches("console sign-in failed").count();
+    let refused = log.matches("console sign-in refused").count();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("sign-in")).collect();
+    assert_eq!(verified, 10, "passwords checked: {verified}: {lines:#?}");
+    assert_eq!(refused, 290, "refused unchecked: {refused}");
+
+    // One address holding 16 connections (no handshake): its next one is closed at once.
+    let port = base.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+    let held: Vec<std::net::TcpStream> = (0..16)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    let closed_at_once = |from: &str| {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            use tokio::io::AsyncReadExt;
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+            let mut s = sock
+                .connect(format!("127.0.0.1:{port}").parse().unwrap())
+                .await
+                .unwrap();
+            let mut b = [0u8; 1];
+            // Closed: end of stream at once. Served: the server waits for the handshake.
+            match tokio::time::timeout(Duration::from_secs(2), s.read(&mut b)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => true,
+                Ok(Ok(_)) | Err(_) => false,
+            }
+        })
+    };
+    assert!(
+        closed_at_once("127.0.0.1"),
+        "a 17th connection from one address"
+    );
+    assert!(!closed_at_once("127.0.0.2"), "another address is served");
+    drop(held);
+    wait_for(Duration::from_secs(10), "the address served again", || {
+        (!closed_at_once("127.0.0.1")).then_some(())
+    });
+
+    // A body trickled one byte a second: the server ends it at its body deadline (10 s), well
+    // before the client would give up (20 s).
+    let started = std::time::Instant::now();
+    let slow = anon.post_trickled("/login", 1000, Duration::from_secs(1));
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(16) && slow != Ok(303),
+        "a trickled body held the connection {took:?}: {slow:?}"
+    );
+}

@@ -1,11 +1,11 @@
 //! Faults the fleet survives, with real processes: the database restarting under a stream of
-//! detections from several agents.
+//! detections from several agents, and the collector's disk filling up.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use vedette_tests::{Agent, Collector, PgCluster, http_get, rule_dir, wait_for, wait_until};
+use vedette_tests::{Agent, Collector, PgCluster, Tmpfs, http_get, rule_dir, wait_for, wait_until};
 
 const RULE: &str = "fault_marker";
 const MARKER: &str = "VEDETTE-FAULT-MARKER";
@@ -35,6 +35,18 @@ fn store_errors(c: &Collector) -> Result<f64, String> {
         .find_map(|l| l.strip_prefix("vedette_collector_store_errors_total "))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0))
+}
+
+/// Waits until the collector counted a failed store call.
+fn store_errors_counted(c: &Collector) {
+    wait_until(
+        Duration::from_secs(60),
+        "store errors counted",
+        || match store_errors(c)? {
+            n if n > 0.0 => Ok(()),
+            _ => Err("store_errors_total is 0".to_string()),
+        },
+    );
 }
 
 /// An enrolled agent watching a directory of its own for the marker rule, running.
@@ -75,14 +87,7 @@ fn a_postgresql_restart_mid_stream_loses_nothing_and_needs_no_collector_restart(
         write_markers(watch, i, PER_AGENT[i] / 3..PER_AGENT[i]);
     }
     // The collector sees the outage, counts it, and stays up; `doctor` names it.
-    wait_until(
-        Duration::from_secs(30),
-        "store errors counted",
-        || match store_errors(&c)? {
-            n if n > 0.0 => Ok(()),
-            _ => Err("store_errors_total is 0".to_string()),
-        },
-    );
+    store_errors_counted(&c);
     let doctor = std::process::Command::new(vedette_tests::bin("vedette-collector"))
         .args(["doctor", "--config"])
         .arg(c.dir.join("collector.toml"))
@@ -125,10 +130,13 @@ fn a_postgresql_restart_mid_stream_loses_nothing_and_needs_no_collector_restart(
     );
     assert_eq!(stored.len(), total as usize, "a detection was stored twice");
     let log = c.proc.as_ref().unwrap().log_text();
-    assert!(
-        log.contains("store error"),
-        "the outage was not logged: {log}"
+    // One outage, logged once when it starts and once when it ends, however many calls failed.
+    assert_eq!(
+        log.matches("store error:").count(),
+        1,
+        "the outage was not logged once: {log}"
     );
+    assert!(log.contains("the store works again"), "{log}");
     // A clean stop: exit 0, no panic (the database client once panicked in a destructor).
     let log_path = c.proc.as_ref().unwrap().log.clone();
     let status = c.stop();
@@ -136,4 +144,108 @@ fn a_postgresql_restart_mid_stream_loses_nothing_and_needs_no_collector_restart(
     assert!(status.success(), "the collector's stop: {status:?}\n{log}");
     assert!(!log.contains("panicked"), "{log}");
     drop(agents);
+}
+
+/// Marker detections stored: (all of them, distinct paths).
+fn stored_markers(c: &Collector) -> (usize, usize) {
+    let paths: Vec<String> = c
+        .detections()
+        .into_iter()
+        .filter(|d| d["rule"] == RULE)
+        .filter_map(|d| d["path"].as_str().map(str::to_string))
+        .collect();
+    let distinct = paths.iter().collect::<BTreeSet<_>>().len();
+    (paths.len(), distinct)
+}
+
+#[test]
+fn a_full_disk_under_the_collector_acknowledges_nothing_it_did_not_write_and_loses_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = match Tmpfs::mount_sized(&tmp.path().join("disk"), "6m") {
+        Ok(d) => d,
+        Err(e) => {
+            vedette_tests::missing_root(&e);
+            return;
+        }
+    };
+    // The store and the JSONL sink on the small disk; the rest (logs, certificates) elsewhere.
+    let store = format!("sqlite:{}", disk.path.join("vedette.db").display());
+    let mut c = Collector::init_with_store(&tmp.path().join("collector"), &store);
+    let sink = disk.path.join("detections.jsonl");
+    crate::intel::configure(&c, &format!("[[export.jsonl]]\npath = {:?}\n", sink));
+    c.start();
+    let rules = rule_dir(&tmp.path().join("rules"), RULE, MARKER);
+    let (agent, watch) = agent(&c, &tmp.path().join("agent"), &rules);
+    write_markers(&watch, 0, 0..200);
+    wait_for(Duration::from_secs(60), "200 detections stored", || {
+        (stored_markers(&c).1 >= 200).then_some(())
+    });
+
+    // The disk fills; 1,800 more detections come.
+    let filler = disk.fill("filler");
+    write_markers(&watch, 0, 200..2000);
+    store_errors_counted(&c);
+    // What was not written is not acknowledged: the agent holds it.
+    wait_until(
+        Duration::from_secs(30),
+        "detections held by the agent",
+        || {
+            let pending = agent
+                .spool()
+                .and_then(|s| s["pending"].as_u64())
+                .unwrap_or(0);
+            if pending > 0 {
+                Ok(())
+            } else {
+                Err(format!("{pending} pending"))
+            }
+        },
+    );
+    let (during, _) = stored_markers(&c);
+    assert!(during < 2000, "everything stored on a full disk?");
+    assert!(
+        c.proc.as_mut().unwrap().is_running(),
+        "the collector stays up"
+    );
+
+    // Space again: everything arrives, once, in the store and in the sink.
+    std::fs::remove_file(&filler).unwrap();
+    wait_until(
+        Duration::from_secs(180),
+        "2,000 detections stored",
+        || match stored_markers(&c) {
+            (all, distinct) if distinct >= 2000 => {
+                assert_eq!(all, distinct, "a detection was stored twice");
+                Ok(())
+            }
+            (_, distinct) => Err(format!("{distinct} stored")),
+        },
+    );
+    wait_until(Duration::from_secs(120), "2,000 lines in the sink", || {
+        // Complete lines only: the sink may be writing while this reads.
+        let text = std::fs::read_to_string(&sink).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let markers: Vec<&serde_json::Value> =
+            lines.iter().filter(|l| l["rule"]["name"] == RULE).collect();
+        let ids: BTreeSet<String> = markers
+            .iter()
+            .map(|l| l["event"]["id"].to_string())
+            .collect();
+        assert_eq!(ids.len(), markers.len(), "a line written twice");
+        if markers.len() >= 2000 {
+            Ok(())
+        } else {
+            Err(format!("{} lines", markers.len()))
+        }
+    });
+    let log = c.proc.as_ref().unwrap().log_text();
+    assert!(log.contains("store error:"), "{log}");
+    assert!(
+        log.contains("disk is full") || log.contains("No space left"),
+        "the error says why: {log}"
+    );
+    assert!(log.contains("the store works again"), "{log}");
 }

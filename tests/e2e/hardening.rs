@@ -137,6 +137,7 @@ fn the_enrollment_token_can_come_from_a_file_instead_of_the_command_line() {
                 &c.addr,
                 "--ca-sha256",
                 &c.fingerprint,
+                "--trust-collector-keys",
             ])
             .arg("--state-dir")
             .arg(tmp.path().join("agent"))
@@ -291,6 +292,47 @@ fn an_agent_pins_the_maintainer_keys_its_operator_gives_not_those_the_collector_
     assert_eq!(
         vedette_engine::bundle::PublicKey::parse_pem(&pinned).unwrap(),
         vec![alice_key]
+    );
+}
+
+#[test]
+fn enrollment_without_a_maintainer_key_stops_unless_told_to_trust_the_collector() {
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path();
+    let mut c = Collector::init(&tmp.join("collector"));
+    c.start();
+    let token = c.token(&[]);
+    let out = std::process::Command::new(vedette_tests::bin("vedette-agent"))
+        .args(["enroll", "--collector", &c.addr, "--token", &token])
+        .args(["--ca-sha256", &c.fingerprint, "--state-dir"])
+        .arg(tmp.join("unpinned"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "a configuration error: {err}");
+    assert!(
+        err.contains("--maintainer-key") && err.contains("--trust-collector-keys"),
+        "{err}"
+    );
+    assert!(!tmp.join("unpinned").exists(), "nothing written");
+
+    // The token was not spent: told to, the agent pins what the collector offers, and says so.
+    let trusting = Agent::try_enroll_with(
+        &c,
+        &tmp.join("trusting"),
+        &token,
+        &["--trust-collector-keys"],
+    );
+    let err = String::from_utf8_lossy(&trusting.stderr);
+    assert!(trusting.status.success(), "{err}");
+    assert!(
+        err.contains("warning: pinning the 1 maintainer key(s) the collector offers"),
+        "{err}"
+    );
+    let pinned = std::fs::read_to_string(tmp.join("trusting/maintainers.pem")).unwrap();
+    assert_eq!(
+        vedette_engine::bundle::PublicKey::parse_pem(&pinned).unwrap(),
+        vedette_engine::bundle::PublicKey::load(&tmp.join("collector/maintainer.pub")).unwrap()
     );
 }
 
@@ -681,6 +723,35 @@ fn an_old_signed_bundle_replayed_after_the_agent_lost_its_bundle_is_refused() {
     );
 }
 
+/// Renews `tls`'s certificate over the agent RPC with a new key; the new identity.
+async fn renew_over_rpc(addr: &str, tls: &ClientTls) -> Result<ClientTls, tonic::Status> {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .and_then(|c| c.pem())
+        .unwrap();
+    let ch = vedette_ops::client::connect(addr, tls).await.unwrap();
+    let r = vedette_proto::v1::agent_service_client::AgentServiceClient::new(ch)
+        .renew(vedette_proto::v1::RenewRequest { csr_pem: csr })
+        .await?
+        .into_inner();
+    Ok(ClientTls {
+        ca_pem: tls.ca_pem.clone(),
+        identity: Some((r.certificate_pem, key.serialize_pem())),
+    })
+}
+
+/// One `Ping` with `tls`'s certificate.
+async fn ping(addr: &str, tls: &ClientTls) -> Result<(), tonic::Status> {
+    let ch = vedette_ops::client::connect(addr, tls)
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    vedette_proto::v1::agent_service_client::AgentServiceClient::new(ch)
+        .ping(vedette_proto::v1::PingRequest {})
+        .await
+        .map(|_| ())
+}
+
 /// The serial number `vedettectl certs list` shows for `subject`'s certificates.
 fn certs_of(c: &Collector, subject: &str) -> Vec<serde_json::Value> {
     json_lines(&c.ctl_ok(&["certs", "list", "--json"]))
@@ -701,6 +772,19 @@ fn agents_renew_their_certificates_and_a_revoked_operator_certificate_is_refused
     let mut agent = vedette_tests::Agent::enroll(&c, &tmp.path().join("agent"));
     let first = agent.file("agent.crt");
     let enrolled = std::time::Instant::now();
+    let first_serial = certs_of(&c, &agent.id)[0]["serial"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // A second agent, driven by the test over the renewal RPC itself.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (sim_id, sim) = rt
+        .block_on(enroll_simulated(&c, &c.token(&[]), 1))
+        .remove(0);
+    let renew = |tls: &ClientTls| rt.block_on(renew_over_rpc(&c.addr, tls));
+    let early = renew(&sim).err().expect("an early renewal refused");
+    assert_eq!(early.code(), tonic::Code::FailedPrecondition, "{early}");
+    assert!(early.message().contains("renewal opens in"), "{early}");
     let config = tmp.path().join("agent.toml");
     std::fs::write(&config, "heartbeat = \"1s\"\n").unwrap();
     agent.run(
@@ -719,6 +803,39 @@ fn agents_renew_their_certificates_and_a_revoked_operator_certificate_is_refused
         Duration::from_secs(40),
         "the agent certificate renewed",
         || (agent.file("agent.crt") != first).then_some(()),
+    );
+    // Used, the renewed certificate retires the one it replaced.
+    wait_for(
+        Duration::from_secs(20),
+        "the replaced certificate revoked",
+        || {
+            certs_of(&c, &agent.id)
+                .iter()
+                .any(|r| r["serial"] == first_serial.as_str() && r["revoked"] == true)
+                .then_some(())
+        },
+    );
+    // Two thirds into its life, the second agent renews once; at once again, it is refused.
+    let renewed = renew(&sim).expect("a renewal in the last third");
+    let again = renew(&sim).err().expect("a second renewal at once refused");
+    assert_eq!(again.code(), tonic::Code::ResourceExhausted, "{again}");
+    // Its old certificate works until the new one is used, and then never again.
+    rt.block_on(ping(&c.addr, &sim))
+        .expect("the old certificate, not replaced yet");
+    rt.block_on(ping(&c.addr, &renewed))
+        .expect("the renewed certificate");
+    wait_for(
+        Duration::from_secs(20),
+        "the old certificate refused",
+        || {
+            rt.block_on(ping(&c.addr, &sim))
+                .err()
+                .filter(|e| e.message().contains("revoked"))
+        },
+    );
+    assert!(
+        certs_of(&c, &sim_id).iter().any(|r| r["revoked"] == false),
+        "the renewed certificate stays valid"
     );
     let mode = std::fs::metadata(agent.state.join("agent.key"))
         .unwrap()

@@ -217,7 +217,7 @@ impl Drop for Helper {
 
 /// A python3 process holding a TCP connection to a listener of its own on `addr`; returns once
 /// it is connected.
-fn connection_to(addr: &str) -> Helper {
+pub(crate) fn connection_to(addr: &str) -> Helper {
     use std::io::BufRead;
     let script = format!(
         "import socket, sys, time\n\
@@ -506,9 +506,10 @@ fn a_taxii_collection_is_polled_page_by_page_and_its_indicators_reach_the_agent(
         &c,
         &format!(
             "[[intel.taxii]]\nurl = \"{api_root}\"\ncollection = \"{good}\"\nusername = \"vedette\"\n\
-             password = \"s3cret\"\ninterval = \"1s\"\n\n[[intel.taxii]]\nurl = \"{api_root}\"\n\
+             password = \"s3cret\"\ninterval = \"1s\"\nallow_insecure = true\n\n\
+             [[intel.taxii]]\nurl = \"{api_root}\"\n\
              collection = \"{guarded}\"\nusername = \"vedette\"\npassword = \"wrong\"\n\
-             interval = \"1h\"\n"
+             interval = \"1h\"\nallow_insecure = true\n"
         ),
     );
     c.start();
@@ -690,7 +691,8 @@ fn sightings_reach_a_taxii_collection_that_refused_for_a_while() {
         &c,
         &format!(
             "[export]\norganisation = \"CERT-Test\"\n\n[[export.taxii]]\nurl = \"{api_root}\"\n\
-             collection = \"{sightings}\"\nusername = \"vedette\"\npassword = \"s3cret\"\n"
+             collection = \"{sightings}\"\nusername = \"vedette\"\npassword = \"s3cret\"\n\
+             allow_insecure = true\n"
         ),
     );
     c.start();
@@ -826,7 +828,8 @@ fn misp_sightings_are_sent_as_pymisp_sends_them() {
     configure(
         &c,
         &format!(
-            "[export]\norganisation = \"CERT-Test\"\n\n[[export.misp]]\nurl = \"{url}\"\nkey = \"{key}\"\n"
+            "[export]\norganisation = \"CERT-Test\"\n\n[[export.misp]]\nurl = \"{url}\"\nkey = \"{key}\"\n\
+             allow_insecure = true\n"
         ),
     );
     c.start();

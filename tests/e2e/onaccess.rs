@@ -324,6 +324,76 @@ fn prevention_denies_every_exec_of_an_indicator_binary_and_lets_others_run() {
     assert!(ran.success(), "exec after the agent died: {ran}");
 }
 
+/// Waits until `path`'s last status change is older than the agent's racy window, so that a
+/// verdict on it is a cache hit from then on.
+fn settle(path: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    wait_for(Duration::from_secs(10), "the file's ctime to age", || {
+        let m = std::fs::metadata(path).unwrap();
+        let ctime = std::time::UNIX_EPOCH + Duration::new(m.ctime() as u64, m.ctime_nsec() as u32);
+        let age = std::time::SystemTime::now().duration_since(ctime).ok()?;
+        (age > Duration::from_millis(500)).then_some(())
+    });
+}
+
+#[test]
+fn a_name_indicator_is_judged_under_each_name_of_a_hard_linked_binary() {
+    let extra = "event_source = \"fanotify\"\nprevent = true\nprevent_timeout = \"1s\"\n\
+                 processes = false";
+    let Some(mut s) = setup(&[], extra) else {
+        return;
+    };
+    std::fs::write(
+        s._tmp.path().join("rules/filename-iocs.txt"),
+        "/mimikatz\\.exe$;90\n",
+    )
+    .unwrap();
+    s.run(&[]);
+    // One file, two names: a clean one and one a name indicator blocks. The file stands for a
+    // system binary (`sudo`, say) that a local user reaches through a name of their choosing.
+    let clean = s.watched.join("a");
+    std::fs::copy("/bin/true", &clean).unwrap();
+    let named = s.watched.join("mimikatz.exe");
+    std::fs::hard_link(&clean, &named).unwrap();
+    settle(&clean);
+
+    let refused =
+        |(_, status, stderr): (u32, std::process::ExitStatus, String)| -> Result<(), String> {
+            if !status.success() && stderr.contains("Operation not permitted") {
+                Ok(())
+            } else {
+                Err(format!("{status}, {stderr}"))
+            }
+        };
+    // Judged clean under its clean name, the file is still judged by name under the other.
+    let (_, status, stderr) = exec_via_sh(&clean);
+    assert!(status.success(), "the clean name runs: {stderr}");
+    refused(exec_via_sh(&named)).expect("the indicator's name is refused after a clean exec");
+    // And the deny earned under that name does not follow the file to its clean name.
+    for round in 0..3 {
+        let (_, status, stderr) = exec_via_sh(&clean);
+        assert!(
+            status.success(),
+            "round {round}: the clean name runs: {stderr}"
+        );
+        refused(exec_via_sh(&named))
+            .unwrap_or_else(|e| panic!("round {round}: the named exec ran: {e}"));
+    }
+    let blocked = wait_for(Duration::from_secs(30), "4 blocked execs", || {
+        let d: Vec<Value> =
+            s.c.detections()
+                .into_iter()
+                .filter(|d| d["action"] == "blocked")
+                .collect();
+        (d.len() >= 4).then_some(d)
+    });
+    assert_eq!(blocked.len(), 4, "{blocked:?}");
+    for d in &blocked {
+        assert_eq!(d["kind"], "filename", "{d}");
+        assert_eq!(d["path"], named.to_str().unwrap(), "{d}");
+    }
+}
+
 #[test]
 fn prevention_fails_open_when_no_verdict_comes_in_time_and_blocks_once_judged() {
     let tmp = tempfile::tempdir().unwrap();

@@ -654,6 +654,8 @@ fn install_agent_script_is_idempotent() {
         let out = std::process::Command::new("sh")
             .arg(&script)
             .args(["--collector", &c.addr, "--ca-sha256", &c.fingerprint])
+            .arg("--maintainer-key")
+            .arg(c.dir.join("maintainer.pub"))
             .arg("--token-file")
             .arg(&token)
             .arg("--binary")

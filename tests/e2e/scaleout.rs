@@ -1,7 +1,8 @@
 //! Several collectors sharing one PostgreSQL database: one token enrolls once whichever
 //! collectors get it, a bundle published through one reaches agents on the other, an agent
 //! fails over when its collector is killed with every detection stored once, and a revocation
-//! through one closes the stream held by the other. Needs `VEDETTE_TEST_POSTGRES` (set by
+//! through one closes the stream held by the other, while a `NOTIFY` the store does not back
+//! changes nothing. Needs `VEDETTE_TEST_POSTGRES` (set by
 //! `.ci/run`); without it the test says so and skips.
 
 use std::collections::BTreeSet;
@@ -239,4 +240,76 @@ fn two_collectors_export_each_detection_once_through_a_shared_sink() {
         },
     );
     assert_eq!(exporting, 1, "A:\n{}\nB:\n{}", log_of(&a), log_of(&b));
+}
+
+/// Any role that may connect to the shared database may `NOTIFY` on the collectors' channel:
+/// an event that the store does not back (a revocation nobody made) changes nothing.
+#[test]
+fn a_notify_from_an_unprivileged_database_role_revokes_nothing() {
+    let Some(db) = PgDb::create("spoofed_notify") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = Collector::init_with_store(&tmp.path().join("collector"), &db.url);
+    c.start();
+    let mut agent = Agent::enroll(&c, &tmp.path().join("agent"));
+    let watch = tmp.path().join("watch");
+    std::fs::create_dir(&watch).unwrap();
+    let rules = rule_dir(&tmp.path().join("rules"), RULE, MARKER);
+    let config = tmp.path().join("agent.toml");
+    vedette_tests::watch_config(&config, &watch, &rules, "event_source = \"inotify\"");
+    agent.run(&c, &["--config", config.to_str().unwrap()]);
+    let certs = vedette_tests::json_lines(&c.ctl_ok(&["certs", "list", "--json"]));
+    let serial = certs
+        .iter()
+        .find(|x| x["subject"] == agent.id.as_str())
+        .and_then(|x| x["serial"].as_str())
+        .expect("the agent's certificate")
+        .to_string();
+
+    // A role with no privilege on any table, only the database's default CONNECT.
+    let role = format!("vedette_nobody_{}", std::process::id());
+    let mut admin = postgres::Client::connect(&db.url, postgres::NoTls).unwrap();
+    admin
+        .batch_execute(&format!(
+            "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN"
+        ))
+        .unwrap();
+    let mut cfg: postgres::Config = db.url.parse().unwrap();
+    cfg.user(&role);
+    let mut nobody = cfg.connect(postgres::NoTls).unwrap();
+    assert!(
+        nobody.batch_execute("SELECT count(*) FROM agents").is_err(),
+        "the role reads no table"
+    );
+    nobody
+        .batch_execute(&format!(
+            "NOTIFY vedette_events, 'cert:{serial}'; NOTIFY vedette_events, 'revoked:{}'",
+            agent.id
+        ))
+        .unwrap();
+    drop(nobody);
+    wait_for(Duration::from_secs(10), "both events ignored", || {
+        let log = log_of(&c);
+        (log.contains("ignored a revocation the store does not hold")
+            && log.contains("ignored a certificate revocation the store does not hold"))
+        .then_some(())
+    });
+    admin.batch_execute(&format!("DROP ROLE {role}")).unwrap();
+
+    // The agent keeps its stream and its certificate: a new detection is stored.
+    std::fs::write(watch.join("after"), format!("{MARKER} after\n")).unwrap();
+    wait_for(
+        Duration::from_secs(30),
+        "a detection after the NOTIFY",
+        || {
+            marker_paths(&c)
+                .iter()
+                .any(|p| p.ends_with("/after"))
+                .then_some(())
+        },
+    );
+    let row = agent_row(&c, &agent.id).unwrap();
+    assert_eq!(row["state"], "connected", "{row}");
+    assert!(!log_of(&c).contains("stream closed"), "{}", log_of(&c));
 }

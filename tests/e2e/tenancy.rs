@@ -9,16 +9,24 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use vedette_tests::{
-    Agent, Collector, bin, json_lines, output_text, vedettectl as ctl_as, wait_for,
+    Agent, Collector, bin, json_lines, output_text, vedettectl as ctl_as, wait_for, wait_until,
 };
 
-use crate::intel::{Helper, detection, medallion_on, peer_tools, taxii_collection};
+use crate::intel::{Helper, connection_to, detection, medallion_on, peer_tools, taxii_collection};
 
 /// The STIX indicators both organisations' agents match: a dropped file's name and a command
 /// line.
 const FILE_INDICATOR: &str = "indicator--7e1a0000-0000-4000-8000-000000000001";
 const PROCESS_INDICATOR: &str = "indicator--7e1a0000-0000-4000-8000-000000000002";
 const DROPPED: &str = "tenancy-drop.bin";
+/// A file-name pattern, and the host's own file it matches (alpha's only).
+const PATTERN_INDICATOR: &str = "indicator--7e1a0000-0000-4000-8000-000000000003";
+const PATTERNED: &str = "tenancy-rx-4242.dat";
+/// An internal address alpha's host connects to.
+const ADDRESS_INDICATOR: &str = "indicator--7e1a0000-0000-4000-8000-000000000004";
+const INTERNAL: &str = "127.0.0.78";
+/// A rule of alpha's host's own, loaded beside the bundle.
+const LOCAL_RULE: &str = "alpha_host_rule_7e1a";
 const MARKER: &str = "vedette-tenancy-marker";
 
 fn ok(out: Output, what: &str) -> String {
@@ -195,7 +203,7 @@ fn set_sinks(c: &Collector, base: &str, tmp: &Path, api_root: Option<&str>, runs
         if let Some(root) = api_root {
             text.push_str(&format!(
                 "\n[[export.taxii]]\nurl = \"{root}\"\ncollection = \"{}\"\n\
-                 username = \"vedette\"\npassword = \"s3cret\"\n",
+                 username = \"vedette\"\npassword = \"s3cret\"\nallow_insecure = true\n",
                 collection(run)
             ));
         }
@@ -215,7 +223,7 @@ fn collection(run: &str) -> String {
 /// Waits until the sink for `run` has exported everything stored (backlog 0, no error).
 fn drained(c: &Collector, run: &str) {
     let file = format!("{run}.jsonl");
-    wait_for(
+    wait_until(
         Duration::from_secs(90),
         &format!("the {run} sinks drained"),
         || {
@@ -230,11 +238,15 @@ fn drained(c: &Collector, run: &str) {
                     name.ends_with(&file) || name.contains(&collection(run))
                 })
                 .collect();
-            (!mine.is_empty()
+            let done = !mine.is_empty()
                 && mine
                     .iter()
-                    .all(|s| s["backlog"] == 0 && s["last_error"].is_null()))
-            .then_some(())
+                    .all(|s| s["backlog"] == 0 && s["last_error"].is_null());
+            if done {
+                Ok(())
+            } else {
+                Err(format!("{mine:?}"))
+            }
         },
     );
 }
@@ -312,7 +324,9 @@ fn organisations_scope_operators_and_each_sharing_policy_governs_what_is_exporte
         &feed,
         json!({"type": "bundle", "id": "bundle--7e1a0000-0000-4000-8000-000000000000",
             "objects": [indicator(FILE_INDICATOR, &format!("[file:name = '{DROPPED}']")),
-                indicator(PROCESS_INDICATOR, &format!("[process:command_line MATCHES '{MARKER}']"))]})
+                indicator(PROCESS_INDICATOR, &format!("[process:command_line MATCHES '{MARKER}']")),
+                indicator(PATTERN_INDICATOR, "[file:name MATCHES '^tenancy-rx-[0-9]+\\\\.dat$']"),
+                indicator(ADDRESS_INDICATOR, &format!("[ipv4-addr:value = '{INTERNAL}']"))]})
         .to_string(),
     )
     .unwrap();
@@ -330,7 +344,16 @@ fn organisations_scope_operators_and_each_sharing_policy_governs_what_is_exporte
         let watch = tmp.join(format!("watch-{org}"));
         std::fs::create_dir(&watch).unwrap();
         let config = tmp.join(format!("agent-{org}.toml"));
-        std::fs::write(&config, format!("processes = {}\n", org == "alpha")).unwrap();
+        let local = vedette_tests::rule_dir(&tmp.join(format!("rules-{org}")), LOCAL_RULE, MARKER);
+        std::fs::write(
+            &config,
+            format!(
+                "processes = {}\nrules = [{:?}]\n",
+                org == "alpha",
+                local.to_str().unwrap()
+            ),
+        )
+        .unwrap();
         a.run(
             &c,
             &[
@@ -368,6 +391,9 @@ fn organisations_scope_operators_and_each_sharing_policy_governs_what_is_exporte
     for (_, watch) in &agents {
         std::fs::write(watch.join(DROPPED), "payload").unwrap();
     }
+    std::fs::write(agents[0].1.join(PATTERNED), "payload").unwrap();
+    std::fs::write(agents[0].1.join("notes.txt"), MARKER).unwrap();
+    let _internal = connection_to(INTERNAL);
     let _shell = Helper(
         std::process::Command::new("sh")
             .args(["-c", &format!("sleep 120; : {MARKER}")])
@@ -377,6 +403,9 @@ fn organisations_scope_operators_and_each_sharing_policy_governs_what_is_exporte
     for (org, indicator) in [
         ("alpha", FILE_INDICATOR),
         ("alpha", PROCESS_INDICATOR),
+        ("alpha", PATTERN_INDICATOR),
+        ("alpha", ADDRESS_INDICATOR),
+        ("alpha", LOCAL_RULE),
         ("bravo", FILE_INDICATOR),
     ] {
         detection(&c, &format!("{indicator} seen by {org}"), |d| {
@@ -501,6 +530,25 @@ fn organisations_scope_operators_and_each_sharing_policy_governs_what_is_exporte
         "revoking alpha's agent",
     );
 
+    // An export unfiltered by the policies is for the collector's own records: refused to the
+    // scoped operator, allowed collector-wide and logged.
+    c.ctl_ok(&["orgs", "set", "alpha", "--share", "none"]);
+    denied(
+        ctl_as(&scoped, &["export", "ecs", "--unfiltered"]),
+        "an unfiltered export",
+    );
+    let unfiltered = c.ctl_ok(&["export", "ecs", "--unfiltered"]);
+    assert!(unfiltered.contains("host-alpha-7e1a"), "{unfiltered}");
+    assert!(
+        !c.ctl_ok(&["export", "ecs"]).contains("host-alpha-7e1a"),
+        "filtered by default"
+    );
+    let log = c.proc.as_ref().unwrap().log_text();
+    assert!(
+        log.contains("an export unfiltered by the organisations' sharing policies"),
+        "{log}"
+    );
+
     // Exports: the same detections under each of alpha's policies, bravo sharing in full.
     let st = readme_statement();
     let mut runs: Vec<&str> = Vec::new();
@@ -529,18 +577,28 @@ fn organisations_scope_operators_and_each_sharing_policy_governs_what_is_exporte
         let stix = api_root
             .as_deref()
             .map(|root| taxii_objects(root, &collection(policy)));
+        // What an operator hands a partner: `vedettectl export`, under the same policies.
+        let exported: String = ["stix", "misp", "ecs"]
+            .iter()
+            .map(|f| c.ctl_ok(&["export", f]))
+            .collect();
         match policy {
             "anonymised" => {
                 assert!(alpha_lines.len() >= 2, "{text}");
                 // Not one byte of the export names alpha's host, paths, command line or user
                 // (bravo, sharing in full, watches no processes).
-                let everything = format!("{text}{}", json!(stix));
+                let everything = format!("{text}{}{exported}", json!(stix));
                 for secret in [
                     "host-alpha-7e1a",
                     alpha_path.as_str(),
                     agents[0].1.to_str().unwrap(),
                     cmdline.as_str(),
                     alpha_id.as_str(),
+                    // A pattern's match, a host's own rule and an internal address.
+                    "tenancy-rx-4242",
+                    LOCAL_RULE,
+                    "rules-alpha",
+                    INTERNAL,
                 ] {
                     assert!(
                         !everything.contains(secret),
@@ -570,7 +628,7 @@ fn organisations_scope_operators_and_each_sharing_policy_governs_what_is_exporte
             "none" => {
                 // Nothing about alpha: no line that is not bravo's, and no alpha name anywhere.
                 assert!(alpha_lines.is_empty(), "{alpha_lines:?}");
-                let everything = format!("{text}{}", json!(stix));
+                let everything = format!("{text}{}{exported}", json!(stix));
                 for secret in [
                     "host-alpha-7e1a",
                     alpha_stix.as_str(),
@@ -580,6 +638,7 @@ fn organisations_scope_operators_and_each_sharing_policy_governs_what_is_exporte
                 }
             }
             _ => {
+                assert!(exported.contains("host-alpha-7e1a"), "{exported}");
                 assert_eq!(of("host-alpha-7e1a"), alpha_lines.len());
                 assert!(of("host-alpha-7e1a") >= 2, "{text}");
                 assert!(text.contains(&alpha_path), "{text}");

@@ -359,8 +359,26 @@ impl Agent {
         Agent::try_enroll_with(c, state, token, &[])
     }
 
-    /// [`try_enroll`](Self::try_enroll) with extra arguments.
+    /// [`try_enroll`](Self::try_enroll) with extra arguments. Unless they say which maintainer
+    /// keys to pin, the agent pins the key `init --with-maintainer-key` made, given as a file
+    /// as an operator would.
     pub fn try_enroll_with(c: &Collector, state: &Path, token: &str, extra: &[&str]) -> Output {
+        let says_keys = extra.iter().any(|a| {
+            [
+                "--maintainer-key",
+                "--maintainer-key-sha256",
+                "--trust-collector-keys",
+            ]
+            .contains(a)
+        });
+        let own_key = c.dir.join("maintainer.pub");
+        let keys: Vec<&std::ffi::OsStr> = if says_keys {
+            Vec::new()
+        } else if own_key.exists() {
+            vec!["--maintainer-key".as_ref(), own_key.as_os_str()]
+        } else {
+            vec!["--trust-collector-keys".as_ref()]
+        };
         Command::new(bin("vedette-agent"))
             .args([
                 "enroll",
@@ -373,6 +391,7 @@ impl Agent {
             ])
             .arg("--state-dir")
             .arg(state)
+            .args(keys)
             .args(extra)
             .output()
             .expect("run vedette-agent enroll")
@@ -854,10 +873,21 @@ impl Tmpfs {
     /// Mounts a 64 MiB tmpfs at `path` (created if missing); the reason when this process may
     /// not mount (it takes root).
     pub fn mount(path: &Path) -> Result<Tmpfs, String> {
+        Tmpfs::mount_sized(path, "64m")
+    }
+
+    /// [`Tmpfs::mount`] of `size` (`8m`, say): a small disk to fill.
+    pub fn mount_sized(path: &Path, size: &str) -> Result<Tmpfs, String> {
         std::fs::create_dir_all(path)
             .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
         let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=64m,mode=0755", "vedette-test"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "vedette-test",
+            ])
             .arg(path)
             .output()
             .map_err(|e| format!("cannot run mount(8): {e}"))?;
@@ -870,6 +900,21 @@ impl Tmpfs {
         Ok(Tmpfs {
             path: path.to_owned(),
         })
+    }
+}
+
+impl Tmpfs {
+    /// Fills what is left of the file system with `filler` (written until ENOSPC).
+    pub fn fill(&self, filler: &str) -> PathBuf {
+        use std::io::Write;
+        let path = self.path.join(filler);
+        let mut f = std::fs::File::create(&path).expect("the filler file");
+        let chunk = vec![0x5a_u8; 64 << 10];
+        while f.write_all(&chunk).is_ok() {}
+        let small = [0u8; 512];
+        while f.write_all(&small).is_ok() {}
+        let _ = f.sync_all();
+        path
     }
 }
 

@@ -131,6 +131,37 @@ impl Https {
     }
 }
 
+impl Https {
+    /// `POST PATH` announcing a body of `len` bytes and sending one byte every `every`: a slow
+    /// client. The status the server answered with, or why the request ended without one.
+    pub fn post_trickled(&self, path: &str, len: usize, every: Duration) -> Result<u16, String> {
+        /// Yields `left` bytes, one per read, each after `every` (the fault under test).
+        struct Trickle {
+            left: usize,
+            every: Duration,
+        }
+        impl std::io::Read for Trickle {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                if self.left == 0 || buf.is_empty() {
+                    return Ok(0);
+                }
+                std::thread::sleep(self.every);
+                buf[0] = b'a';
+                self.left -= 1;
+                Ok(1)
+            }
+        }
+        let mut body = Trickle { left: len, every };
+        self.agent
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("content-length", len.to_string())
+            .send(ureq::SendBody::from_reader(&mut body))
+            .map(|r| r.status().as_u16())
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// A headless Chromium session through chromedriver.
 pub struct Browser {
     driver: Proc,

@@ -36,7 +36,8 @@ pub struct EnrollArgs<'a> {
     pub token: &'a str,
     pub pin: CaPin,
     pub state: &'a StateDir,
-    /// Maintainer keys the operator gave (`--maintainer-key`); empty: the collector's.
+    /// Maintainer keys the operator gave (`--maintainer-key`); with no fingerprints either,
+    /// the collector's (`--trust-collector-keys`).
     pub maintainers: Vec<vedette_engine::bundle::PublicKey>,
     /// SHA-256 (hex) of offered maintainer keys to pin (`--maintainer-key-sha256`).
     pub fingerprints: Vec<String>,
@@ -111,7 +112,8 @@ pub async fn enroll(args: EnrollArgs<'_>) -> anyhow::Result<String> {
 /// The maintainer keys pinned at enrollment: only bundles signed by one of them are ever
 /// applied. The operator's, when given (`--maintainer-key`, or `--maintainer-key-sha256` of a
 /// key the collector offers): a collector, or whoever took it over, cannot add one. Otherwise
-/// the ones the collector offers, over the CA-pinned channel, with a warning.
+/// (`--trust-collector-keys`) the ones the collector offers, over the CA-pinned channel, with
+/// a warning.
 fn maintainers_to_pin(
     args: &EnrollArgs<'_>,
     offered: &[Vec<u8>],
@@ -138,8 +140,8 @@ fn maintainers_to_pin(
     if given.is_empty() {
         eprintln!(
             "warning: pinning the {} maintainer key(s) the collector offers; whoever controls \
-             the collector could sign bundles this agent applies. Give the maintainers' keys \
-             with --maintainer-key to pin those instead.",
+             the collector could sign bundles this agent applies (--trust-collector-keys). \
+             Give the maintainers' keys with --maintainer-key to pin those instead.",
             offered.len()
         );
         return Ok(offered);

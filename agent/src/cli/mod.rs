@@ -154,8 +154,7 @@ pub struct EnrollCmd {
     pub state_dir: PathBuf,
     /// A rule maintainer's public key (the .pub file of `vedettectl keys generate`, made on
     /// the maintainer's machine) to pin: only bundles signed by a pinned key are applied.
-    /// Repeatable. When given, the keys the collector offers are not pinned; without it they
-    /// are, and whoever controls the collector could sign bundles this agent runs.
+    /// Repeatable. The keys the collector offers are not pinned.
     #[arg(long = "maintainer-key", value_name = "FILE")]
     pub maintainer_keys: Vec<PathBuf>,
     /// Or pin a maintainer key by its SHA-256 (64 hex digits, as `vedettectl keys generate`
@@ -163,6 +162,11 @@ pub struct EnrollCmd {
     /// and enrollment fails if it offers none.
     #[arg(long = "maintainer-key-sha256", value_name = "HEX")]
     pub maintainer_key_sha256: Vec<String>,
+    /// Pin whatever maintainer keys the collector offers, for a trial: whoever controls the
+    /// collector could then sign bundles this agent runs. Without it, enrollment needs
+    /// --maintainer-key or --maintainer-key-sha256.
+    #[arg(long, conflicts_with_all = ["maintainer_keys", "maintainer_key_sha256"])]
+    pub trust_collector_keys: bool,
 }
 
 #[derive(Args)]
@@ -299,6 +303,18 @@ async fn enroll_cmd(cmd: EnrollCmd) -> ExitCode {
         },
         (None, None) => return fail(&"give --token-file or --token", exit::CONFIG),
     };
+    if cmd.maintainer_keys.is_empty()
+        && cmd.maintainer_key_sha256.is_empty()
+        && !cmd.trust_collector_keys
+    {
+        return fail(
+            &"no rule maintainer key to pin: give --maintainer-key FILE (a maintainer's .pub \
+              from `vedettectl keys generate`) or --maintainer-key-sha256 HEX; \
+              --trust-collector-keys pins what the collector offers instead, and whoever \
+              controls the collector could then sign bundles this agent runs",
+            exit::CONFIG,
+        );
+    }
     let state = StateDir::new(&cmd.state_dir);
     let mut maintainers = Vec::new();
     for p in &cmd.maintainer_keys {

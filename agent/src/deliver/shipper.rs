@@ -107,6 +107,8 @@ pub struct Shipper {
     max_sent: u64,
     /// Set when shutdown starts: the last moment to wait for acks, across reconnects.
     drain_deadline: Option<Instant>,
+    /// After a refused renewal, no new attempt before this moment.
+    renew_after: Option<Instant>,
 }
 
 /// One connection's progress.
@@ -139,6 +141,7 @@ impl Shipper {
             bundles,
             max_sent: 0,
             drain_deadline: None,
+            renew_after: None,
         }
     }
 
@@ -199,6 +202,7 @@ impl Shipper {
     /// Whether this agent's certificate has lived two thirds of its life.
     fn renewal_due(&self) -> bool {
         self.cfg.renew_in.is_some()
+            && self.renew_after.is_none_or(|t| Instant::now() >= t)
             && self
                 .cfg
                 .tls
@@ -220,9 +224,14 @@ impl Shipper {
             Ok(tls) => {
                 info!(collector = %addr, "agent certificate renewed");
                 self.cfg.tls = tls;
+                self.renew_after = None;
             }
             Err(e) => {
-                warn!(collector = %addr, error = %e, "cannot renew the agent certificate; keeping the current one")
+                // Not again at every heartbeat: a collector that refused (a clock ahead of its
+                // own, a renewal already made) is asked again a while later.
+                let pause = RENEW_RETRY;
+                warn!(collector = %addr, error = %e, retry_in = ?pause, "cannot renew the agent certificate; keeping the current one");
+                self.renew_after = Some(Instant::now() + pause);
             }
         }
     }
@@ -435,6 +444,9 @@ impl Shipper {
         let _ = up.try_send(hb);
     }
 }
+
+/// How long after a failed renewal the agent asks again.
+const RENEW_RETRY: Duration = Duration::from_secs(5);
 
 /// Whether a certificate (PEM) at `now` has lived two thirds of its validity.
 fn renewal_due(cert_pem: &str, now: std::time::SystemTime) -> bool {

@@ -18,7 +18,7 @@ use std::time::Duration;
 use rustix::io::Errno;
 use rustix::net::netlink::{self, SocketAddrNetlink};
 use rustix::net::{
-    AddressFamily, RecvFlags, SendFlags, SocketType, bind, recv, send, socket, sockopt,
+    AddressFamily, RecvFlags, SendFlags, SocketType, bind, recvfrom, send, socket, sockopt,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -68,8 +68,16 @@ pub fn start(
         .spawn(move || {
             let mut buf = vec![0u8; 8192];
             while !stop.is_cancelled() {
-                let n = match recv(&sock, &mut buf[..], RecvFlags::empty()) {
-                    Ok((_, n)) => n,
+                let n = match recvfrom(&sock, &mut buf[..], RecvFlags::empty()) {
+                    // Only the kernel (port 0) speaks for the process connector: a message
+                    // another process sent to this socket is dropped unread.
+                    Ok((_, n, Some(from)))
+                        if SocketAddrNetlink::try_from(from.clone())
+                            .is_ok_and(|a| a.pid() == 0) =>
+                    {
+                        n
+                    }
+                    Ok(_) => continue,
                     Err(Errno::AGAIN | Errno::INTR) => continue,
                     Err(Errno::NOBUFS) => {
                         counters.inc(Counter::ExecEventsLost);

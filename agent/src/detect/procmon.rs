@@ -20,7 +20,7 @@ use vedette_engine::{FileScanner, MatchKind, RuleMatch, RuleSet};
 use vedette_proto::v1::detection::Target;
 use vedette_proto::v1::{ConnectionTarget, Detection, ProcessTarget};
 
-use crate::detect::cache::{ScanCache, Stamp, rules_tag};
+use crate::detect::cache::{ScanCache, Stamp};
 use crate::detect::memscan::MemScanLimits;
 use crate::detect::{Ids, Subject, detection};
 
@@ -72,14 +72,16 @@ pub fn read(pid: u32) -> Option<ProcInfo> {
         })
         .unwrap_or_default();
     let link = std::fs::read_link(base.join("exe")).ok();
-    let exe_deleted = link
-        .as_ref()
-        .is_some_and(|p| p.as_os_str().as_bytes().ends_with(DELETED));
+    // The kernel marks a gone executable with ` (deleted)`; a file whose name merely ends so,
+    // and that is the very file running, is not gone.
+    let exe_deleted = link.as_ref().is_some_and(|p| {
+        p.as_os_str().as_bytes().ends_with(DELETED) && !same_file(p, &base.join("exe"))
+    });
     let exe = link.map(|p| {
         let raw = p.as_os_str().as_bytes();
         match raw.strip_suffix(DELETED) {
-            Some(t) => PathBuf::from(std::ffi::OsStr::from_bytes(t)),
-            None => p,
+            Some(t) if exe_deleted => PathBuf::from(std::ffi::OsStr::from_bytes(t)),
+            _ => p,
         }
     });
     let uid = std::fs::read_to_string(base.join("status"))
@@ -101,6 +103,15 @@ pub fn read(pid: u32) -> Option<ProcInfo> {
         uid,
         start_ticks,
     })
+}
+
+/// Whether two paths lead to the same file (device and inode).
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
 }
 
 /// How the kernel marks an executable link whose file is gone.
@@ -161,7 +172,7 @@ pub(crate) fn exe_matches(
     let Ok(meta) = file.metadata() else {
         return (Vec::new(), String::new());
     };
-    let tag = rules_tag(scanner.rules());
+    let tag = exec_tag(scanner.rules(), name);
     if let Some(hit) = cache.get(&Stamp::of(&meta), tag) {
         return (hit.matches, hit.sha256);
     }
@@ -172,6 +183,26 @@ pub(crate) fn exe_matches(
         }
         Err(_) => (Vec::new(), String::new()),
     }
+}
+
+/// The cache tag of an executable's verdict: the rules, and the name it runs under.
+///
+/// File-name indicators (Loki lists, STIX `file:name`, MISP `filename`) and YARA's `filename`,
+/// `filepath` and `extension` variables judge the path, not the content, and one file has as
+/// many paths as hard links and bind mounts give it. A verdict is therefore reused only for the
+/// same file state *and* the same name: an indicator's name hard-linked to a clean file is
+/// judged under its own name, and a deny earned under a blocked name never follows the file
+/// (`/usr/bin/sudo`, say) to its other names.
+pub(crate) fn exec_tag(rules: &RuleSet, name: &Path) -> u64 {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(rules.fingerprint());
+    h.update(name.as_os_str().as_encoded_bytes());
+    let d = h.finalize();
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[..8]);
+    // 0 is the tag of entries that are never a hit.
+    u64::from_le_bytes(b).max(1)
 }
 
 /// An execution fanotify reported: who, what, and the executable's digest.
@@ -576,6 +607,25 @@ mod tests {
         assert_eq!(c[0].inode, 12345);
         let v6 = parse_addr("0000000000000000FFFF00000100007F:0050").unwrap();
         assert_eq!(v6, ("::ffff:127.0.0.1".parse().unwrap(), 80));
+    }
+
+    #[test]
+    fn an_executable_whose_name_ends_in_deleted_is_not_taken_for_a_deleted_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("sleep (deleted)");
+        std::fs::copy("/bin/sleep", &exe).unwrap();
+        let mut child = std::process::Command::new(&exe).arg("30").spawn().unwrap();
+        let seen = read(child.id()).unwrap();
+        assert!(!seen.exe_deleted, "{seen:?}");
+        assert_eq!(seen.exe.as_deref(), Some(exe.as_path()));
+        assert!(fileless(&seen).is_none());
+        // Removed while it runs: now it is.
+        std::fs::remove_file(&exe).unwrap();
+        let gone = read(child.id()).unwrap();
+        assert!(gone.exe_deleted, "{gone:?}");
+        assert_eq!(gone.exe.as_deref(), Some(exe.as_path()));
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     #[test]

@@ -56,6 +56,8 @@ pub enum Command {
     #[command(subcommand)]
     Intel(IntelCmd),
     /// Write detections for others to read: STIX 2.1 sightings, a MISP event, ECS JSON lines.
+    /// Each organisation's sharing policy applies, as in the collector's own exports: nothing
+    /// of an organisation that shares `none`, no host, path or user of an `anonymised` one.
     #[command(
         after_help = "Examples:\n  vedettectl export stix --since 2026-11-25T00:00:00Z > sightings.json\n  \
         vedettectl export misp --organisation CERT-XY > event.json\n  vedettectl export ecs | siem-ingest"
@@ -78,6 +80,11 @@ pub enum Command {
         /// vedettectl.toml, or "Vedette").
         #[arg(long)]
         organisation: Option<String>,
+        /// Everything stored, whatever the organisations' sharing policies say: for the
+        /// collector's own records, never for a partner. Refused to an operator limited to
+        /// organisations; the collector logs each use.
+        #[arg(long)]
+        unfiltered: bool,
     },
 }
 

@@ -1,10 +1,13 @@
 //! Running each `vedettectl` command and printing its result.
 
+use std::collections::HashMap;
+
 use vedette_ops::output::{self, printable, rfc3339_ms, stored_json, stored_line};
 
 use vedette_proto::v1::{
     AgentInfo, CreateOrgRequest, ListDetectionsRequest, Org, SetOrgRequest, StoredDetection,
 };
+use vedette_share::sharing::{self, Sharing};
 use vedette_share::{ecs, misp, stix};
 
 use crate::args::{
@@ -31,17 +34,28 @@ pub async fn run(command: Command, cfg: CtlConfig) -> anyhow::Result<()> {
             agent,
             limit,
             organisation,
+            unfiltered,
         } => {
             let filter = ListDetectionsRequest {
                 agent_id: agent.unwrap_or_default(),
                 since_ms: client::epoch_ms(since),
+                unfiltered_export: unfiltered,
                 ..Default::default()
             };
             let list = client::detections_list(&cfg, filter, limit).await?;
             let producer = organisation
                 .or_else(|| cfg.organisation.clone())
                 .unwrap_or_else(|| "Vedette".into());
-            export(format, &list, &producer);
+            if unfiltered {
+                export(format, &list, &producer);
+            } else {
+                let policies: HashMap<String, Sharing> = client::orgs_list(&cfg)
+                    .await?
+                    .iter()
+                    .map(|o| (o.name.clone(), Sharing::of_org(o, &producer)))
+                    .collect();
+                shared_export(format, &list, &|org| policies.get(org).cloned(), &producer);
+            }
         }
         Command::Detections(cmd) => detections(cmd, &cfg).await?,
     }
@@ -58,6 +72,36 @@ fn export(format: ExportFormat, list: &[StoredDetection], producer: &str) {
         ExportFormat::Ecs => {
             for d in list {
                 println!("{}", ecs::document(d));
+            }
+        }
+    }
+}
+
+/// `vedettectl export` under each organisation's policy (`policy` gives it by name; one
+/// without a policy shares nothing), as the collector's sinks write it.
+fn shared_export(
+    format: ExportFormat,
+    list: &[StoredDetection],
+    policy: &dyn Fn(&str) -> Option<Sharing>,
+    producer: &str,
+) {
+    match format {
+        ExportFormat::Stix => {
+            let objects = sharing::stix_objects(list, policy, producer);
+            println!("{}", stix::bundle_of(objects));
+        }
+        ExportFormat::Misp => {
+            let shared = sharing::shared_detections(list, policy);
+            println!(
+                "{}",
+                misp::event(&shared, producer, vedette_proto::now_ms())
+            );
+        }
+        ExportFormat::Ecs => {
+            for d in list {
+                if let Some(v) = policy(&d.org).and_then(|p| sharing::ecs_document(d, &p)) {
+                    println!("{v}");
+                }
             }
         }
     }

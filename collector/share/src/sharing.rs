@@ -1,8 +1,10 @@
 //! The sharing policy: what exports may carry about each participating organisation
 //! (`full`, `anonymised`, `none`), its TLP marking, and the STIX and ECS output made under it.
 
+use std::net::IpAddr;
+
 use serde_json::{Value, json};
-use vedette_proto::v1::{DetectionKind, StoredDetection, detection};
+use vedette_proto::v1::{DetectionKind, Org, StoredDetection, detection};
 
 use crate::{ecs, stix, stix_id};
 
@@ -125,7 +127,33 @@ pub struct Sharing {
     pub tlp: Tlp,
 }
 
+/// The organisation every collector has from the start: agents enrolled without `--org`
+/// belong to it.
+pub const DEFAULT_ORG: &str = "default";
+
 impl Sharing {
+    /// The policy exports apply to an organisation's detections; an unreadable share or TLP
+    /// shares nothing, at TLP:RED. The default organisation is named as the exports' producer
+    /// and keeps the identity exports gave it before organisations existed, so a
+    /// single-organisation collector's exports do not change.
+    pub fn of_org(org: &Org, producer: &str) -> Sharing {
+        let (name, stix_id) = if org.name == DEFAULT_ORG {
+            let legacy = stix::identity(producer);
+            let id = legacy["id"].as_str().unwrap_or_default().to_string();
+            (producer.to_string(), id)
+        } else {
+            (org.name.clone(), org.stix_id.clone())
+        };
+        Sharing {
+            name,
+            stix_id,
+            sector: org.sector.clone(),
+            country: org.country.clone(),
+            share: Share::parse(&org.share).unwrap_or(Share::None),
+            tlp: Tlp::parse(&org.tlp).unwrap_or(Tlp::Red),
+        }
+    }
+
     /// The STIX objects naming who made the sightings: the organisation's identity (`full`),
     /// or one anonymous identity per sector and country (`anonymised`); with its location when
     /// the country is known. The first object is the identity.
@@ -201,16 +229,18 @@ impl Sharing {
 
 /// A stored detection with everything that could name a host, a path, a user, a command line
 /// or an internal address removed: what `anonymised` exports are made from. What stays is
-/// the indicator (rule, its source and ids, techniques), the hashes and size of a file, the
+/// the indicator (rule, its source and ids, techniques), the hashes and size of a file, a public
 /// remote address and port of a connection, and the times. The description goes too: it may
 /// quote what was observed.
 pub fn anonymise(s: &StoredDetection) -> StoredDetection {
     let mut d = s.detection.clone().unwrap_or_default();
     match &mut d.target {
         Some(detection::Target::File(f)) => {
-            // A file name stays only when it is what matched (a file-name indicator).
-            let name = if d.kind == DetectionKind::Filename as i32 {
-                f.path.rsplit('/').next().unwrap_or_default().to_string()
+            // A file name stays only when the indicator spells it out (a literal file-name
+            // indicator): a pattern's match is the host's own name.
+            let name = f.path.rsplit('/').next().unwrap_or_default();
+            let name = if d.kind == DetectionKind::Filename as i32 && spells(&d.rule, name) {
+                name.to_string()
             } else {
                 String::new()
             };
@@ -224,9 +254,12 @@ pub fn anonymise(s: &StoredDetection) -> StoredDetection {
             };
         }
         Some(detection::Target::Connection(c)) => {
+            // An internal address names an internal host.
+            let remote = std::mem::take(&mut c.remote_addr);
+            let public = remote.parse::<IpAddr>().is_ok_and(is_public);
             *c = vedette_proto::v1::ConnectionTarget {
                 protocol: std::mem::take(&mut c.protocol),
-                remote_addr: std::mem::take(&mut c.remote_addr),
+                remote_addr: if public { remote } else { String::new() },
                 remote_port: c.remote_port,
                 ..Default::default()
             };
@@ -236,11 +269,24 @@ pub fn anonymise(s: &StoredDetection) -> StoredDetection {
     // A description may quote what was observed (a built-in finding names the process and
     // its executable, a memory match its region).
     d.description.clear();
-    // Host-local rules are named by the host's own file.
-    if d.bundle_version == 0 {
+    // A host's own rules are named by the host's own file, and their names are the host's too:
+    // a stable stand-in is left, so that repeats of one rule still count together.
+    let local = match &d.indicator {
+        Some(i) => i.origin == "local",
+        None => d.bundle_version == 0,
+    };
+    if local {
+        let stand_in = format!(
+            "local-{}",
+            &uuid::Uuid::new_v5(&crate::NAMESPACE, d.rule.as_bytes())
+                .simple()
+                .to_string()[..12]
+        );
         d.source = "local".into();
+        d.rule = stand_in.clone();
         if let Some(i) = &mut d.indicator {
             i.origin = "local".into();
+            i.id = stand_in;
         }
     }
     StoredDetection {
@@ -250,6 +296,59 @@ pub fn anonymise(s: &StoredDetection) -> StoredDetection {
         received_at_ms: s.received_at_ms,
         seq: s.seq,
         org: String::new(),
+    }
+}
+
+/// Whether a file-name indicator's text names `name` literally: as one of its words once the
+/// regular expression's escapes (`\.`) are taken off, between separators (`\`, `/`, quotes,
+/// anchors, brackets, spaces).
+fn spells(indicator: &str, name: &str) -> bool {
+    if name.is_empty() {
+        return false;
+    }
+    let mut text = String::with_capacity(indicator.len());
+    let mut chars = indicator.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            // `\\` is a path separator, `\.` a dot.
+            '\\' => match chars.next() {
+                Some(n) if n.is_ascii_alphanumeric() => text.push(' '),
+                Some('\\') => text.push(' '),
+                Some(n) => text.push(n),
+                None => {}
+            },
+            c => text.push(c),
+        }
+    }
+    text.split(|c: char| " /'\"^$[]()|=,".contains(c))
+        .any(|word| word == name)
+}
+
+/// Whether an address may name a host outside any private network: not loopback, private
+/// (RFC 1918, unique local), link-local, shared (RFC 6598), unspecified or multicast.
+fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            !(v4.is_private()
+                || v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || (a == 100 && (64..128).contains(&b)))
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(IpAddr::V4(v4));
+            }
+            let first = v6.segments()[0];
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80)
+        }
     }
 }
 
@@ -307,6 +406,22 @@ fn is_sco(o: &Value) -> bool {
     )
 }
 
+/// The detections a MISP event may hold, each under its organisation's policy: none of an
+/// organisation that shares nothing (or has no policy), anonymised ones of an `anonymised` one.
+pub fn shared_detections(
+    detections: &[StoredDetection],
+    policy: &dyn Fn(&str) -> Option<Sharing>,
+) -> Vec<StoredDetection> {
+    detections
+        .iter()
+        .filter_map(|s| match policy(&s.org)?.share {
+            Share::None => None,
+            Share::Full => Some(s.clone()),
+            Share::Anonymised => Some(anonymise(s)),
+        })
+        .collect()
+}
+
 /// The ECS document a sink writes for one detection under its organisation's policy; None
 /// when the policy shares nothing.
 pub fn ecs_document(s: &StoredDetection, policy: &Sharing) -> Option<Value> {
@@ -327,6 +442,12 @@ pub fn ecs_document(s: &StoredDetection, policy: &Sharing) -> Option<Value> {
                 m.remove("process");
                 m.remove("user");
                 m.remove("source");
+                let no_ip = m
+                    .get("destination")
+                    .is_some_and(|d| d["ip"].as_str() == Some(""));
+                if no_ip && let Some(d) = m.get_mut("destination").and_then(Value::as_object_mut) {
+                    d.remove("ip");
+                }
             }
             if let Some(rule) = v.get_mut("rule").and_then(Value::as_object_mut) {
                 rule.remove("description");
@@ -382,9 +503,11 @@ mod tests {
                 indicator: Some(IndicatorRef {
                     source: "yara".into(),
                     id: "evil".into(),
-                    origin: "/etc/vedette/rules/local.yar".into(),
+                    origin: "bundle".into(),
                     ..Default::default()
                 }),
+                source: "apt.yar".into(),
+                bundle_version: 3,
                 ..Default::default()
             }),
             agent_id: "agent-1".into(),
@@ -403,6 +526,10 @@ mod tests {
         "curl http://10.0.0.5",
         "10.0.0.9",
         "/etc/vedette/rules",
+        "acme_db01_backdoor",
+        "192.168.7.20",
+        "fd00::7",
+        "payroll-2026",
     ];
 
     fn all_kinds() -> Vec<StoredDetection> {
@@ -439,7 +566,59 @@ mod tests {
                 }),
                 DetectionKind::Connection,
             ),
+            // A host's own rule, loaded beside a bundle.
+            local_rule(),
+            // Connections to internal addresses.
+            internal("192.168.7.20"),
+            internal("fd00::7"),
+            // A pattern's match: the file name is the host's.
+            stored_named("/srv/share/payroll-2026.xlsm", "(?i)\\.xlsm$"),
         ]
+    }
+
+    fn local_rule() -> StoredDetection {
+        let mut s = stored(
+            detection::Target::File(FileTarget {
+                path: "/srv/x".into(),
+                sha256: "cd".repeat(32),
+                ..Default::default()
+            }),
+            DetectionKind::Yara,
+        );
+        let d = s.detection.as_mut().unwrap();
+        d.rule = "acme_db01_backdoor".into();
+        d.source = "/etc/vedette/rules/local.yar".into();
+        d.indicator = Some(IndicatorRef {
+            source: "yara".into(),
+            id: "acme_db01_backdoor".into(),
+            origin: "local".into(),
+            ..Default::default()
+        });
+        s
+    }
+
+    fn internal(addr: &str) -> StoredDetection {
+        stored(
+            detection::Target::Connection(ConnectionTarget {
+                protocol: "TCP".into(),
+                remote_addr: addr.into(),
+                remote_port: 445,
+                ..Default::default()
+            }),
+            DetectionKind::Connection,
+        )
+    }
+
+    fn stored_named(path: &str, indicator: &str) -> StoredDetection {
+        let mut s = stored(
+            detection::Target::File(FileTarget {
+                path: path.into(),
+                ..Default::default()
+            }),
+            DetectionKind::Filename,
+        );
+        s.detection.as_mut().unwrap().rule = indicator.into();
+        s
     }
 
     #[test]
@@ -494,6 +673,60 @@ mod tests {
     }
 
     #[test]
+    fn a_local_rule_is_named_by_a_stand_in_and_repeats_still_count_together() {
+        let a = anonymise(&local_rule()).detection.unwrap();
+        let b = anonymise(&local_rule()).detection.unwrap();
+        assert!(a.rule.starts_with("local-"), "{}", a.rule);
+        assert_eq!(a.rule, b.rule);
+        assert_eq!(a.source, "local");
+        assert_eq!(a.indicator.unwrap().origin, "local");
+        // A bundle's rule keeps its name.
+        let shared = anonymise(&all_kinds()[0]).detection.unwrap();
+        assert_eq!(
+            (shared.rule.as_str(), shared.source.as_str()),
+            ("evil", "apt.yar")
+        );
+    }
+
+    #[test]
+    fn public_remote_addresses_stay_and_internal_ones_go() {
+        for (addr, kept) in [
+            ("203.0.113.7", true),
+            ("2001:db8::1", true),
+            ("10.1.2.3", false),
+            ("172.16.0.1", false),
+            ("192.168.1.1", false),
+            ("100.64.0.1", false),
+            ("127.0.0.1", false),
+            ("169.254.1.1", false),
+            ("::1", false),
+            ("fe80::1", false),
+            ("fd12::1", false),
+            ("::ffff:10.0.0.1", false),
+            ("not an address", false),
+        ] {
+            let d = anonymise(&internal(addr)).detection.unwrap();
+            let Some(detection::Target::Connection(c)) = d.target else {
+                panic!("a connection");
+            };
+            assert_eq!(c.remote_addr == addr, kept, "{addr}");
+            assert_eq!(c.remote_port, 445);
+        }
+        // With no address left, STIX names the rule and ECS no destination address.
+        let objects = stix_objects(
+            &[internal("10.0.0.1")],
+            &|_| Some(policy(Share::Anonymised)),
+            "CSIRT",
+        );
+        assert!(
+            objects.iter().all(|o| o["type"] != "ipv4-addr"),
+            "{objects:?}"
+        );
+        let doc = ecs_document(&internal("10.0.0.1"), &policy(Share::Anonymised)).unwrap();
+        assert_eq!(doc["destination"], json!({"port": 445}));
+    }
+
+    #[test]
     fn a_file_name_stays_only_when_it_is_the_indicator() {
         let file = |kind| {
             stored(
@@ -505,9 +738,24 @@ mod tests {
             )
         };
         let p = policy(Share::Anonymised);
-        let by_name = ecs_document(&file(DetectionKind::Filename), &p).unwrap();
-        assert_eq!(by_name["file"]["name"], "shell.php");
-        assert!(by_name["file"].get("path").is_none());
+        // Literal indicators: a Loki line for Windows paths, a STIX or MISP file name.
+        for literal in ["\\\\shell\\.php$", "[file:name = 'shell.php']", "shell.php"] {
+            let mut named = file(DetectionKind::Filename);
+            named.detection.as_mut().unwrap().rule = literal.into();
+            let by_name = ecs_document(&named, &p).unwrap();
+            assert_eq!(by_name["file"]["name"], "shell.php", "{literal}");
+            assert!(by_name["file"].get("path").is_none());
+        }
+        // A pattern: the name is the host's.
+        for pattern in ["\\.php$", "evil", "[file:name LIKE '%.php']", "hell.php"] {
+            let mut named = file(DetectionKind::Filename);
+            named.detection.as_mut().unwrap().rule = pattern.into();
+            let by_pattern = ecs_document(&named, &p).unwrap();
+            assert!(
+                !by_pattern.to_string().contains("shell.php"),
+                "{pattern}: {by_pattern}"
+            );
+        }
         let by_yara = ecs_document(&file(DetectionKind::Yara), &p).unwrap();
         assert!(by_yara["file"].get("name").is_none(), "{by_yara}");
         assert!(!by_yara.to_string().contains("shell.php"));

@@ -55,6 +55,8 @@ fn observed_pattern(d: &Detection) -> String {
         Some(detection::Target::Process(p)) => {
             format!("[process:command_line = {}]", quote(&p.cmdline))
         }
+        // Anonymised: an internal remote address is not shared.
+        Some(detection::Target::Connection(c)) if c.remote_addr.is_empty() => rule(),
         Some(detection::Target::Connection(c)) => {
             let kind = if c.remote_addr.contains(':') {
                 "ipv6-addr"
@@ -196,6 +198,7 @@ fn observables(d: &Detection) -> (Vec<String>, Vec<Value>) {
             file_sco(&mut objects, "", hashes, 0).into_iter().collect()
         }
         Some(detection::Target::Process(p)) => vec![process_scos(&mut objects, d, p)],
+        Some(detection::Target::Connection(c)) if c.remote_addr.is_empty() => Vec::new(),
         Some(detection::Target::Connection(c)) => vec![connection_scos(&mut objects, d, c)],
         None => Vec::new(),
     };
@@ -309,6 +312,11 @@ pub fn bundle(detections: &[StoredDetection], organisation: &str) -> Value {
             }
         }
     }
+    bundle_of(objects)
+}
+
+/// A STIX 2.1 bundle of `objects`.
+pub fn bundle_of(objects: Vec<Value>) -> Value {
     json!({
         "type": "bundle",
         "id": format!("bundle--{}", uuid::Uuid::new_v4()),

@@ -131,7 +131,15 @@ pub fn deliver_once(
     let policies = policies(store, producer)?;
     let policy = |org: &str| policies.get(org).cloned();
     if let SinkConfig::Misp { url, key, ca_cert } = sink {
-        return misp::sightings(store, &name, url, key, ca_cert.as_deref(), &batch, &policy);
+        return misp::sightings(
+            store,
+            &name,
+            url,
+            key.expose(),
+            ca_cert.as_deref(),
+            &batch,
+            &policy,
+        );
     }
     let delivered = match sink {
         SinkConfig::Misp { .. } => Ok(()),

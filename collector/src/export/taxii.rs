@@ -34,24 +34,30 @@ pub(super) fn post(
         match status["status"].as_str() {
             Some("complete") => {
                 let failed = status["failure_count"].as_u64().unwrap_or(0);
-                if failed > 0 {
-                    let why: Vec<String> = status["failures"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .take(5)
-                        .map(|f| format!("{}: {}", f["id"], f["message"]))
-                        .collect();
-                    // Objects the server already holds are not failures of this export.
-                    if why.iter().all(|w| w.to_lowercase().contains("already")) {
-                        return Ok(());
-                    }
-                    return Err(ExportError::Refused(format!(
-                        "{failed} object(s) refused: {}",
-                        why.join("; ")
-                    )));
+                if failed == 0 {
+                    return Ok(());
                 }
-                return Ok(());
+                // Objects the server already holds (an identity or a marking shared by every
+                // batch, a batch sent again) are not failures of this export, whatever the
+                // server's message says: it is asked for each one.
+                let failures = status["failures"].as_array().cloned().unwrap_or_default();
+                let held = |f: &serde_json::Value| {
+                    let id = f["id"].as_str().unwrap_or_default();
+                    !id.is_empty() && holds(&agent, api_root, collection, auth, id)
+                };
+                let lost: Vec<String> = failures
+                    .iter()
+                    .filter(|f| !held(f))
+                    .map(|f| format!("{}: {}", f["id"], f["message"]))
+                    .collect();
+                if lost.is_empty() && failures.len() as u64 >= failed {
+                    return Ok(());
+                }
+                let why: Vec<String> = lost.into_iter().take(5).collect();
+                return Err(ExportError::Refused(format!(
+                    "{failed} object(s) refused: {}",
+                    why.join("; ")
+                )));
             }
             Some("pending") => {
                 let id = status["id"].as_str().unwrap_or_default().to_string();
@@ -69,4 +75,15 @@ pub(super) fn post(
     Err(ExportError::Refused(
         "the server's status stayed pending".into(),
     ))
+}
+
+/// Whether the collection holds an object with this id (a refused object that is there
+/// already was delivered before).
+fn holds(agent: &ureq::Agent, api_root: &str, collection: &str, auth: &HttpAuth, id: &str) -> bool {
+    let url = format!("{api_root}collections/{collection}/objects/{id}/");
+    crate::http::send_json(agent, &url, auth, None).is_ok_and(|envelope| {
+        envelope["objects"]
+            .as_array()
+            .is_some_and(|objects| objects.iter().any(|o| o["id"] == id))
+    })
 }

@@ -188,7 +188,7 @@ fn check_bundle(state: &State, req: &PublishBundleRequest) -> Result<BundleConte
 
 /// Tells the collectors sharing the store; a failure is logged (they still catch up when
 /// their listening connection is re-made, and a revoked agent is refused at its next connect).
-async fn announce(state: &super::State, event: StoreEvent) {
+pub(super) async fn announce(state: &super::State, event: StoreEvent) {
     let what = event.encode();
     if let Err(e) = blocking(&state.store, move |s| s.announce(&event)).await {
         warn!(error = %e, event = %what, "cannot tell the other collectors");
@@ -643,7 +643,18 @@ impl AdminService for AdminSvc {
         &self,
         request: Request<ListDetectionsRequest>,
     ) -> Result<Response<ListDetectionsResponse>, Status> {
-        let who = self.operator(&request)?;
+        let who = if request.get_ref().unfiltered_export {
+            let who =
+                self.collector_operator(&request, "an export unfiltered by sharing policy")?;
+            warn!(
+                operator = who.name(),
+                "an export unfiltered by the organisations' sharing policies: host names, paths \
+                 and users of every organisation may leave the collector"
+            );
+            who
+        } else {
+            self.operator(&request)?
+        };
         let req = request.into_inner();
         let filter = DetectionFilter {
             org: listing_scope(&who, &req.org)?,

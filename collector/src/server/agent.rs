@@ -3,10 +3,11 @@
 //! Invariant: `Ack(seq)` is sent only after every detection of batch `seq` is committed to the
 //! store, so an agent may forget what was acknowledged.
 
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -68,7 +69,52 @@ async fn record_issued(state: &State, cert_pem: &str) {
     }
 }
 
-/// SHA-256 of a token, as stored: the collector never keeps a usable token.
+/// When each agent last renewed its certificate through this collector, and whether it may
+/// renew now: only in the last third of its certificate's life (less a twentieth, for clocks
+/// that disagree), and at most once per tenth of the agents' certificate lifetime. A stolen
+/// key cannot mint certificates at will, and the certificate a renewal replaced is revoked
+/// once the new one is used (see `guard`).
+#[derive(Default)]
+pub(crate) struct Renewals(Mutex<HashMap<String, Instant>>);
+
+impl Renewals {
+    /// Takes a renewal of `agent`'s certificate, valid over `validity` (seconds since the
+    /// epoch), at `now`; refused with the reason.
+    pub(crate) fn take(
+        &self,
+        agent: &str,
+        validity: Option<(i64, i64)>,
+        lifetime: Duration,
+        now: (i64, Instant),
+    ) -> Result<(), Status> {
+        let Some((from, to)) = validity else {
+            return Err(Status::unauthenticated("a client certificate is required"));
+        };
+        let (now_s, now) = now;
+        let life = (to - from).max(0);
+        let opens = from + life * 2 / 3 - life / 20;
+        if now_s < opens {
+            return Err(Status::failed_precondition(format!(
+                "renewal opens in {} s, two thirds into the certificate's life",
+                opens - now_s
+            )));
+        }
+        let pause = (lifetime / 10).max(Duration::from_secs(1));
+        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(at) = last.get(agent)
+            && now.duration_since(*at) < pause
+        {
+            return Err(Status::resource_exhausted(format!(
+                "renewed {} s ago; the next renewal is allowed {} s after the last",
+                now.duration_since(*at).as_secs(),
+                pause.as_secs()
+            )));
+        }
+        last.insert(agent.to_string(), now);
+        Ok(())
+    }
+}
+
 /// The `result` label of a refused enrollment.
 fn token_refusal(e: &TokenError) -> &'static str {
     match e {
@@ -78,6 +124,7 @@ fn token_refusal(e: &TokenError) -> &'static str {
     }
 }
 
+/// SHA-256 of a token, as stored: the collector never keeps a usable token.
 pub(crate) fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
@@ -165,6 +212,7 @@ impl AgentService for AgentSvc {
         request: Request<RenewRequest>,
     ) -> Result<Response<RenewResponse>, Status> {
         let (agent_id, org) = Peer::of(&request)?.require_agent()?;
+        let validity = Peer::leaf_der(&request).and_then(|der| Peer::validity(&der));
         let req = request.into_inner();
         if req.csr_pem.len() > MAX_CSR_BYTES {
             return Err(Status::invalid_argument("certificate request too large"));
@@ -172,6 +220,12 @@ impl AgentService for AgentSvc {
         let id = agent_id.clone();
         let row = blocking(&self.state.store, move |s| s.agent(&id)).await?;
         check_agent(&agent_id, &org, row)?;
+        self.state.renewals.take(
+            &agent_id,
+            validity,
+            self.state.agent_cert_lifetime,
+            (now_ms() / 1000, Instant::now()),
+        )?;
         let cert_pem = self
             .state
             .ca
@@ -573,6 +627,32 @@ fn clip_owned(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_renewal_waits_for_the_last_third_and_then_for_a_tenth_of_the_lifetime() {
+        let r = Renewals::default();
+        let lifetime = Duration::from_secs(300);
+        // Valid from 0 to 300 s: renewal opens at 200 s less 15 s.
+        let v = Some((0, 300));
+        let t0 = Instant::now();
+        let early = r.take("a", v, lifetime, (150, t0)).unwrap_err();
+        assert_eq!(early.code(), tonic::Code::FailedPrecondition, "{early}");
+        assert!(early.message().contains("renewal opens in 35 s"), "{early}");
+        r.take("a", v, lifetime, (186, t0)).unwrap();
+        // Again within a tenth of the lifetime (30 s): refused; another agent is not.
+        let again = r
+            .take("a", v, lifetime, (200, t0 + Duration::from_secs(20)))
+            .unwrap_err();
+        assert_eq!(again.code(), tonic::Code::ResourceExhausted, "{again}");
+        r.take("b", v, lifetime, (200, t0 + Duration::from_secs(20)))
+            .unwrap();
+        r.take("a", v, lifetime, (220, t0 + Duration::from_secs(31)))
+            .unwrap();
+        assert_eq!(
+            r.take("a", None, lifetime, (220, t0)).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+    }
 
     #[test]
     fn long_strings_are_cut_on_a_char_boundary() {

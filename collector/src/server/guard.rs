@@ -55,8 +55,9 @@ fn client_cert<B>(req: &http::Request<B>) -> Option<Vec<u8>> {
         .and_then(|certs| certs.first().map(|c| c.as_ref().to_vec()))
 }
 
-/// Refuses a revoked certificate; records a client certificate the first time it is seen, so
-/// that `certs list` shows certificates issued before records were kept.
+/// Refuses a revoked certificate. The first time this collector sees a certificate: records a
+/// client's, so that `certs list` shows certificates issued before records were kept; for an
+/// agent's, revokes the ones it replaced ([`retire_older_certs`]).
 fn check_cert(state: &Arc<State>, der: &[u8]) -> Result<(), Status> {
     let Some(serial) = crate::pki::serial_hex(der) else {
         return Err(Status::permission_denied("unreadable client certificate"));
@@ -72,18 +73,42 @@ fn check_cert(state: &Arc<State>, der: &[u8]) -> Result<(), Status> {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .insert(serial);
-    if first
-        && let Some(row) = crate::peer::Peer::cert_row(der, crate::store::now_ms())
-        && row.kind == "client"
-    {
-        let store = state.store.clone();
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = store.record_cert(&row) {
-                tracing::warn!(error = %e, serial = %row.serial, "cannot record a client certificate");
-            }
-        });
+    if first && let Some(row) = crate::peer::Peer::cert_row(der, crate::store::now_ms()) {
+        if row.kind == "client" {
+            let store = state.store.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = store.record_cert(&row) {
+                    tracing::warn!(error = %e, serial = %row.serial, "cannot record a client certificate");
+                }
+            });
+        } else {
+            tokio::spawn(retire_older_certs(state.clone(), row.subject, row.serial));
+        }
     }
     Ok(())
+}
+
+/// An agent certificate in use revokes the agent's certificates issued before it: a renewed
+/// certificate ends the one it replaced, so a stolen key's certificate (or one minted from it)
+/// stops working once the agent uses its new one, and an agent refused for this is a sign of
+/// theft.
+async fn retire_older_certs(state: Arc<State>, agent: String, serial: String) {
+    let (a, s) = (agent.clone(), serial.clone());
+    let now = crate::store::now_ms();
+    let retired = match super::blocking(&state.store, move |st| st.retire_older_certs(&a, &s, now))
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(agent, error = %e.message(), "cannot retire the certificates a renewal replaced");
+            return;
+        }
+    };
+    for old in retired {
+        tracing::info!(agent, serial = %old, replaced_by = %serial, "agent certificate replaced by a renewal: revoked");
+        state.revoke_cert_here(&old);
+        super::admin::announce(&state, crate::store::StoreEvent::CertRevoked(old)).await;
+    }
 }
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;

@@ -58,8 +58,10 @@ pub(crate) struct State {
     pub agent_cert_lifetime: std::time::Duration,
     /// Serial numbers (hex) of revoked certificates: refused on every request.
     pub revoked_certs: std::sync::RwLock<HashSet<String>>,
-    /// Serial numbers of client certificates already recorded by this collector.
+    /// Serial numbers of certificates already seen by this collector.
     pub seen_certs: Mutex<HashSet<String>>,
+    /// When each agent last renewed its certificate through this collector.
+    pub renewals: agent::Renewals,
     pub metrics: Arc<Metrics>,
 }
 
@@ -92,7 +94,15 @@ where
 {
     let store = store.clone();
     match tokio::task::spawn_blocking(move || f(store.as_ref())).await {
-        Ok(Ok(v)) => Ok(v),
+        Ok(Ok(v)) => {
+            if let Some(failed) = crate::store::count_success() {
+                tracing::info!(
+                    failed,
+                    "the store works again; agents resend what was not acknowledged"
+                );
+            }
+            Ok(v)
+        }
         Ok(Err(crate::store::StoreError::Revoked(agent))) => {
             tracing::warn!(%agent, "revoked agent refused");
             Err(tonic::Status::permission_denied(
@@ -100,8 +110,16 @@ where
             ))
         }
         Ok(Err(e)) => {
-            crate::store::count_error();
-            tracing::error!(error = %e, "store error");
+            if crate::store::count_error() {
+                tracing::error!(
+                    error = %e,
+                    "store error: nothing is acknowledged until it works again (agents keep \
+                     their detections); later failures are counted in \
+                     vedette_collector_store_errors_total"
+                );
+            } else {
+                tracing::debug!(error = %e, "store error");
+            }
             Err(tonic::Status::unavailable(
                 "the collector's store failed; retry later",
             ))
@@ -332,6 +350,7 @@ async fn open_state(config: &Config, shutdown: CancellationToken) -> anyhow::Res
         agent_cert_lifetime: config.limits.agent_cert_lifetime,
         revoked_certs: std::sync::RwLock::new(revoked.into_iter().collect()),
         seen_certs: Mutex::new(HashSet::new()),
+        renewals: agent::Renewals::default(),
         metrics: Arc::new(Metrics::default()),
         streams: Mutex::new(HashMap::new()),
         shutdown,
@@ -354,9 +373,28 @@ fn follow_other_collectors(state: &Arc<State>) -> anyhow::Result<()> {
         while let Some(event) = events.recv().await {
             match event {
                 StoreEvent::Bundle(version) => newer_bundle(&state, version).await,
-                StoreEvent::Revoked(agent) => close_stream(&state, &agent),
+                // Any role that may connect to the database may NOTIFY: an event only says
+                // where to look, and what the store says is acted on.
+                StoreEvent::Revoked(agent) => {
+                    let id = agent.clone();
+                    match blocking(&state.store, move |s| s.agent(&id)).await {
+                        Ok(Some(row)) if row.revoked => close_stream(&state, &agent),
+                        Ok(_) => warn!(agent, "ignored a revocation the store does not hold"),
+                        Err(_) => {}
+                    }
+                }
                 StoreEvent::CertRevoked(serial) => {
-                    state.revoke_cert_here(&serial);
+                    let held = blocking(&state.store, |s| s.revoked_serials()).await;
+                    match held {
+                        Ok(serials) if serials.contains(&serial) => state.revoke_cert_here(&serial),
+                        Ok(_) => {
+                            warn!(
+                                serial,
+                                "ignored a certificate revocation the store does not hold"
+                            );
+                        }
+                        Err(_) => {}
+                    }
                 }
                 StoreEvent::Resync => {
                     newer_bundle(&state, 0).await;

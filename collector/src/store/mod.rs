@@ -18,6 +18,7 @@ pub use sqlite::SqliteStore;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use vedette_proto::v1::{Detection, Inventory, StoredDetection};
 
@@ -93,16 +94,36 @@ pub fn open(location: &StoreLocation) -> Result<Arc<dyn Store>, StoreError> {
 
 /// Store calls of the server that failed in this process (the database down, a disk full):
 /// what `vedette_collector_store_errors_total` reports.
-static ERRORS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static ERRORS: AtomicU64 = AtomicU64::new(0);
 
-/// Counts one failed store call.
-pub fn count_error() {
-    ERRORS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+/// Whether the last store call of the server failed: an outage is logged when it starts and
+/// when it ends, not at every failed call.
+static FAILING: AtomicBool = AtomicBool::new(false);
+
+/// The error count when the current outage started.
+static OUTAGE_START: AtomicU64 = AtomicU64::new(0);
+
+/// Counts one failed store call; true for the first failure of an outage (the one to log).
+pub fn count_error() -> bool {
+    let before = ERRORS.fetch_add(1, Ordering::Relaxed);
+    let first = !FAILING.swap(true, Ordering::Relaxed);
+    if first {
+        OUTAGE_START.store(before, Ordering::Relaxed);
+    }
+    first
+}
+
+/// Notes a store call that succeeded: when it ends an outage, how many calls failed in it.
+pub fn count_success() -> Option<u64> {
+    if !FAILING.load(Ordering::Relaxed) || !FAILING.swap(false, Ordering::Relaxed) {
+        return None;
+    }
+    Some(errors().saturating_sub(OUTAGE_START.load(Ordering::Relaxed)))
 }
 
 /// Store calls that failed so far.
 pub fn errors() -> u64 {
-    ERRORS.load(std::sync::atomic::Ordering::Relaxed)
+    ERRORS.load(Ordering::Relaxed)
 }
 
 /// What one collector tells the others that share its store.
@@ -204,6 +225,30 @@ pub trait Store: Send + Sync {
 
     /// Serial numbers of every revoked certificate.
     fn revoked_serials(&self) -> Result<Vec<String>, StoreError>;
+
+    /// Counts one sign-in attempt against each budget in turn (a key: an address, all
+    /// addresses, an account; and its limit), each in a window of `window_ms` that starts at
+    /// its first attempt; false at the first budget spent (the keys after it are not counted).
+    /// Counted before the password is checked, in one statement per key, so that concurrent
+    /// attempts (through any collector) cannot all pass a limit.
+    fn count_login_attempt(
+        &self,
+        budgets: &[(String, u64)],
+        now_ms: i64,
+        window_ms: i64,
+    ) -> Result<bool, StoreError>;
+
+    /// Forgets the attempts counted against `key` (an account that signed in).
+    fn clear_login_attempts(&self, key: &str) -> Result<(), StoreError>;
+
+    /// Revokes the agent certificates of `subject` recorded before the one with `serial`
+    /// (once a renewed certificate is used, the ones it replaced); the serials revoked.
+    fn retire_older_certs(
+        &self,
+        subject: &str,
+        serial: &str,
+        now_ms: i64,
+    ) -> Result<Vec<String>, StoreError>;
 
     /// Whether a token could enroll an agent now, without spending it, and into which
     /// organisation: checked before any work is done for an enrollment.

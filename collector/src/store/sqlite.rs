@@ -135,7 +135,33 @@ const MIGRATIONS: &[&str] = &[
         org TEXT NOT NULL DEFAULT '',
         created_at_ms INTEGER NOT NULL
     );",
+    // 8: an agent's certificates, found by its id when a renewed one is first used.
+    "CREATE INDEX certs_subject ON certs(subject);",
+    // 9: console sign-in attempts, by account, by address and in all, shared by collectors.
+    "CREATE TABLE login_attempts (
+        key TEXT PRIMARY KEY,
+        count INTEGER NOT NULL,
+        since_ms INTEGER NOT NULL
+    );",
 ];
+
+/// Counts one sign-in attempt against a key (`key`, `now_ms`, `window_ms`): a new window when
+/// the last one is over.
+const COUNT_LOGIN_ATTEMPT: &str = "INSERT INTO login_attempts (key, count, since_ms)
+     VALUES (?1, 1, ?2)
+     ON CONFLICT (key) DO UPDATE SET
+       count = CASE WHEN login_attempts.since_ms <= ?2 - ?3 THEN 1
+                    ELSE login_attempts.count + 1 END,
+       since_ms = CASE WHEN login_attempts.since_ms <= ?2 - ?3 THEN ?2
+                       ELSE login_attempts.since_ms END
+     RETURNING count";
+
+/// Revokes an agent's certificates recorded before the one given (`subject`, `serial`,
+/// `now_ms`).
+const RETIRE_OLDER_CERTS: &str = "UPDATE certs SET revoked_at_ms = ?3
+     WHERE kind = 'agent' AND subject = ?1 AND revoked_at_ms = 0 AND serial != ?2
+       AND recorded_at_ms < (SELECT recorded_at_ms FROM certs WHERE serial = ?2)
+     RETURNING serial";
 
 pub struct SqliteStore {
     conn: Mutex<Connection>,
@@ -365,6 +391,45 @@ impl Store for SqliteStore {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached("SELECT serial FROM certs WHERE revoked_at_ms != 0")?;
         let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn count_login_attempt(
+        &self,
+        budgets: &[(String, u64)],
+        now_ms: i64,
+        window_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "DELETE FROM login_attempts WHERE since_ms <= ?1",
+            params![now_ms - window_ms],
+        )?;
+        let mut stmt = conn.prepare_cached(COUNT_LOGIN_ATTEMPT)?;
+        for (key, limit) in budgets {
+            let n: i64 = stmt.query_row(params![key, now_ms, window_ms], |r| r.get(0))?;
+            if n.max(0) as u64 > *limit {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    fn clear_login_attempts(&self, key: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute("DELETE FROM login_attempts WHERE key = ?1", params![key])?;
+        Ok(())
+    }
+
+    fn retire_older_certs(
+        &self,
+        subject: &str,
+        serial: &str,
+        now_ms: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(RETIRE_OLDER_CERTS)?;
+        let rows = stmt.query_map(params![subject, serial, now_ms], |r| r.get(0))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 

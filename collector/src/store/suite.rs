@@ -411,6 +411,103 @@ fn intel_staging_adds_updates_revokes_refuses_and_pages() {
 }
 
 #[test]
+fn sign_in_attempts_are_counted_atomically_against_each_budget_in_turn() {
+    both("logins", |s, reopen| {
+        let window = 60_000;
+        let budgets = |user: &str, ip: &str| {
+            vec![
+                (format!("ip:{ip}"), 100),
+                ("all".to_string(), 1000),
+                (format!("user:{user}"), 10),
+            ]
+        };
+        // 300 at once, through two handles (two collectors): 10 pass the account's budget.
+        let other = reopen();
+        let passed = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for i in 0..300 {
+                let (store, passed, budgets) =
+                    (if i % 2 == 0 { &s } else { &other }, &passed, &budgets);
+                scope.spawn(move || {
+                    let ip = format!("192.0.2.{}", i % 50);
+                    if store
+                        .count_login_attempt(&budgets("alice", &ip), 1_000, window)
+                        .unwrap()
+                    {
+                        passed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        assert_eq!(passed.into_inner(), 10);
+        // Another account is not held up by alice's; a sign-in clears only the account's count.
+        assert!(
+            s.count_login_attempt(&budgets("bob", "192.0.2.1"), 2_000, window)
+                .unwrap()
+        );
+        s.clear_login_attempts("user:alice").unwrap();
+        assert!(
+            s.count_login_attempt(&budgets("alice", "192.0.2.1"), 2_000, window)
+                .unwrap()
+        );
+        // One address: its 100 in the window, then refused before the rest is counted.
+        for n in 0..100 {
+            let ok = s
+                .count_login_attempt(&budgets(&format!("u{n}"), "198.51.100.9"), 3_000, window)
+                .unwrap();
+            assert!(ok, "attempt {n}");
+        }
+        assert!(
+            !s.count_login_attempt(&budgets("z", "198.51.100.9"), 3_000, window)
+                .unwrap()
+        );
+        // The window ends: counted from one again.
+        assert!(
+            s.count_login_attempt(&budgets("z", "198.51.100.9"), 3_000 + window, window)
+                .unwrap()
+        );
+    });
+}
+
+#[test]
+fn a_renewed_certificate_in_use_retires_the_ones_before_it() {
+    both("retire", |s, _| {
+        let cert = |serial: &str, subject: &str, at: i64| CertRow {
+            serial: serial.into(),
+            kind: "agent".into(),
+            subject: subject.into(),
+            recorded_at_ms: at,
+            ..Default::default()
+        };
+        for c in [
+            cert("a1", "agent-a", 10),
+            cert("a2", "agent-a", 20),
+            cert("a3", "agent-a", 30),
+            cert("b1", "agent-b", 10),
+        ] {
+            s.record_cert(&c).unwrap();
+        }
+        // a2 is used: a1 goes, a3 (newer) and agent-b's stay.
+        assert_eq!(s.retire_older_certs("agent-a", "a2", 99).unwrap(), ["a1"]);
+        assert!(
+            s.retire_older_certs("agent-a", "a2", 100)
+                .unwrap()
+                .is_empty()
+        );
+        let mut revoked = s.revoked_serials().unwrap();
+        revoked.sort();
+        assert_eq!(revoked, ["a1"]);
+        // A certificate never recorded retires nothing.
+        assert!(
+            s.retire_older_certs("agent-a", "zz", 101)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(s.retire_older_certs("agent-a", "a3", 102).unwrap(), ["a2"]);
+    });
+}
+
+#[test]
 fn organisations_hold_their_agents_tokens_detections_and_certificates() {
     both("orgs", |s, reopen| {
         // Every store starts with the default organisation, sharing in full; opening it again

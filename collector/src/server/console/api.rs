@@ -115,6 +115,7 @@ impl DetectionQuery {
             limit: self.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE),
             before_seq: self.before.unwrap_or(0),
             org: String::new(),
+            unfiltered_export: false,
         })
     }
 }

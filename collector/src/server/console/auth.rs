@@ -6,9 +6,8 @@
 //! it). The MAC also covers the account's password hash: setting a new password or removing the
 //! account ends its sessions.
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::collections::BTreeSet;
+use std::time::Duration;
 
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -26,10 +25,13 @@ pub const LOGIN_COOKIE: &str = "__Host-vedette-login";
 pub const SESSION_LIFETIME: Duration = Duration::from_secs(8 * 3600);
 /// Shortest password `users add` accepts.
 pub const MIN_PASSWORD_CHARS: usize = 12;
-/// Failed logins of one account within [`FAILURE_WINDOW`] before it is refused until the
-/// window ends.
-const MAX_FAILURES: u32 = 10;
-const FAILURE_WINDOW: Duration = Duration::from_secs(15 * 60);
+/// Sign-in attempts within [`ATTEMPT_WINDOW`] before more are refused until the window ends:
+/// of one account (a sign-in that succeeds starts it again), from one address, and in all (so
+/// that guessing spread over many accounts and addresses stays bounded).
+pub const MAX_PER_ACCOUNT: u64 = 10;
+pub const MAX_PER_ADDRESS: u64 = 100;
+pub const MAX_IN_ALL: u64 = 1000;
+pub const ATTEMPT_WINDOW: Duration = Duration::from_secs(15 * 60);
 
 /// The caller of a console request, as the authentication middleware established it.
 #[derive(Debug, Clone)]
@@ -201,33 +203,20 @@ pub fn check_user_name(name: &str) -> Result<(), String> {
     }
 }
 
-/// Failed logins per account, to refuse guessing.
-#[derive(Default)]
-pub struct LoginGuard {
-    failures: Mutex<HashMap<String, (u32, Instant)>>,
+/// The sign-in budgets an attempt of `user` from `ip` is counted against, in the order they
+/// are counted: its address first (a client refused there spends nothing of the others), all
+/// addresses, then the account.
+pub fn attempt_budgets(user: &str, ip: std::net::IpAddr) -> Vec<(String, u64)> {
+    vec![
+        (format!("ip:{ip}"), MAX_PER_ADDRESS),
+        ("all".to_string(), MAX_IN_ALL),
+        (account_key(user), MAX_PER_ACCOUNT),
+    ]
 }
 
-impl LoginGuard {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u32, Instant)>> {
-        self.failures.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Whether `user` may try to log in now.
-    pub fn allowed(&self, user: &str) -> bool {
-        let mut map = self.map();
-        map.retain(|_, (_, since)| since.elapsed() < FAILURE_WINDOW);
-        map.get(user).is_none_or(|(n, _)| *n < MAX_FAILURES)
-    }
-
-    pub fn failed(&self, user: &str) {
-        let mut map = self.map();
-        let entry = map.entry(user.to_string()).or_insert((0, Instant::now()));
-        entry.0 += 1;
-    }
-
-    pub fn succeeded(&self, user: &str) {
-        self.map().remove(user);
-    }
+/// The key of an account's sign-in attempts.
+pub fn account_key(user: &str) -> String {
+    format!("user:{user}")
 }
 
 /// The value of cookie `name` in a request's `Cookie` headers.
@@ -295,16 +284,11 @@ mod tests {
     }
 
     #[test]
-    fn login_guard_refuses_after_repeated_failures() {
-        let g = LoginGuard::default();
-        for _ in 0..MAX_FAILURES {
-            assert!(g.allowed("bob"));
-            g.failed("bob");
-        }
-        assert!(!g.allowed("bob"));
-        assert!(g.allowed("alice"));
-        g.succeeded("bob");
-        assert!(g.allowed("bob"));
+    fn an_address_is_counted_before_all_and_the_account_last() {
+        let b = attempt_budgets("bob", "192.0.2.7".parse().unwrap());
+        let keys: Vec<&str> = b.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["ip:192.0.2.7", "all", "user:bob"]);
+        assert_eq!(b[2].1, MAX_PER_ACCOUNT);
     }
 
     #[test]

@@ -11,6 +11,8 @@ mod api;
 pub mod auth;
 mod pages;
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,11 +35,15 @@ use tracing::{debug, info, warn};
 use super::State as Shared;
 use super::admin::AdminSvc;
 use crate::peer::{OnBehalfOf, Peer};
-use auth::{Keys, LoginGuard, Who};
+use auth::{Keys, Who};
 
 /// Console connections open at once; more wait in the kernel's accept queue.
 const MAX_CONNECTIONS: usize = 256;
-/// How long a client may take to finish the TLS handshake, and to send a request's headers.
+/// Console connections open at once from one address; more are closed at once, so one client
+/// cannot take every slot.
+const MAX_CONNECTIONS_PER_IP: usize = 16;
+/// How long a client may take to finish the TLS handshake, to send a request's headers, and
+/// to send its body.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request body (forms, JSON).
 const MAX_BODY: usize = 64 * 1024;
@@ -70,13 +76,16 @@ pub(crate) struct Console {
     state: Arc<Shared>,
     admin: AdminSvc,
     keys: Keys,
-    logins: LoginGuard,
     login_checks: Semaphore,
 }
 
 /// The client certificate (DER) of the connection a request came on.
 #[derive(Clone)]
 struct PeerCert(Option<Arc<Vec<u8>>>);
+
+/// The address a console request came from (the TCP peer).
+#[derive(Clone, Copy)]
+pub(crate) struct ClientAddr(pub IpAddr);
 
 /// An error page or JSON error with its status.
 pub(crate) struct Failure {
@@ -205,7 +214,6 @@ pub(crate) async fn serve(
         admin: AdminSvc::new(state.clone()),
         state,
         keys: Keys::from_ca_key(&ca_key),
-        logins: LoginGuard::default(),
         login_checks: Semaphore::new(LOGIN_CHECKS),
     });
     let app = router(console);
@@ -253,8 +261,59 @@ fn router(console: Arc<Console>) -> Router {
         .merge(private)
         .fallback(not_found)
         .layer(middleware::from_fn(headers))
+        .layer(middleware::from_fn(body_in_time))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(console)
+}
+
+/// Reads the request body whole within [`CLIENT_TIMEOUT`] (and [`MAX_BODY`]) before anything
+/// handles it: a client trickling a body (`POST /login`, say) holds its connection for that
+/// long at most.
+async fn body_in_time(req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    match tokio::time::timeout(CLIENT_TIMEOUT, axum::body::to_bytes(body, MAX_BODY)).await {
+        Ok(Ok(bytes)) => {
+            next.run(Request::from_parts(parts, Body::from(bytes)))
+                .await
+        }
+        Ok(Err(_)) => (StatusCode::PAYLOAD_TOO_LARGE, "request body too large").into_response(),
+        Err(_) => (
+            StatusCode::REQUEST_TIMEOUT,
+            "the request body did not arrive in time",
+        )
+            .into_response(),
+    }
+}
+
+/// Connections open per client address; a slot is given back when its [`IpSlot`] drops.
+#[derive(Default)]
+struct PerIp(std::sync::Mutex<HashMap<IpAddr, usize>>);
+
+impl PerIp {
+    /// A slot for `ip`, or None when it holds [`MAX_CONNECTIONS_PER_IP`] already.
+    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
+        let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(ip).or_insert(0);
+        if *n >= MAX_CONNECTIONS_PER_IP {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot(self.clone(), ip))
+    }
+}
+
+struct IpSlot(Arc<PerIp>, IpAddr);
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut open = self.0.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.1);
+            }
+        }
+    }
 }
 
 async fn accept_loop(
@@ -264,6 +323,8 @@ async fn accept_loop(
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_ip = Arc::new(PerIp::default());
+    let mut refused_logged = false;
     loop {
         let permit = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -283,47 +344,69 @@ async fn accept_loop(
                 }
             },
         };
+        let Some(ip_slot) = per_ip.take(addr.ip()) else {
+            if !refused_logged {
+                warn!(%addr, limit = MAX_CONNECTIONS_PER_IP, "console: too many connections from one address; closing the extra ones");
+                refused_logged = true;
+            }
+            drop(tcp);
+            continue;
+        };
         let (acceptor, app, shutdown) = (acceptor.clone(), app.clone(), shutdown.clone());
         tokio::spawn(async move {
-            let _permit = permit;
-            let tls = match tokio::time::timeout(CLIENT_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    debug!(%addr, error = %e, "console: TLS handshake failed");
-                    return;
-                }
-                Err(_) => return,
-            };
-            let cert = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|c| Arc::new(c.as_ref().to_vec()));
-            let peer = PeerCert(cert);
-            let svc = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
-                req.extensions_mut().insert(peer.clone());
-                let mut app = app.clone();
-                async move { app.call(req.map(Body::new)).await }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(CLIENT_TIMEOUT)
-                .max_buf_size(MAX_BODY + 16 * 1024)
-                .serve_connection(TokioIo::new(tls), svc);
-            let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        debug!(%addr, error = %e, "console connection ended");
-                    }
-                }
-                () = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
-                }
-            }
+            let _slots = (permit, ip_slot);
+            serve_connection(tcp, addr, acceptor, app, shutdown).await;
         });
+    }
+}
+
+/// One console connection: the TLS handshake within [`CLIENT_TIMEOUT`], then HTTP/1.1 until
+/// the client leaves or the collector stops.
+async fn serve_connection(
+    tcp: tokio::net::TcpStream,
+    addr: std::net::SocketAddr,
+    acceptor: TlsAcceptor,
+    app: Router,
+    shutdown: CancellationToken,
+) {
+    let tls = match tokio::time::timeout(CLIENT_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            debug!(%addr, error = %e, "console: TLS handshake failed");
+            return;
+        }
+        Err(_) => return,
+    };
+    let cert = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| Arc::new(c.as_ref().to_vec()));
+    let peer = PeerCert(cert);
+    let client = ClientAddr(addr.ip());
+    let svc = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
+        req.extensions_mut().insert(peer.clone());
+        req.extensions_mut().insert(client);
+        let mut app = app.clone();
+        async move { app.call(req.map(Body::new)).await }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(CLIENT_TIMEOUT)
+        .max_buf_size(MAX_BODY + 16 * 1024)
+        .serve_connection(TokioIo::new(tls), svc);
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                debug!(%addr, error = %e, "console connection ended");
+            }
+        }
+        () = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+        }
     }
 }
 

@@ -135,8 +135,31 @@ pub struct LoginForm {
     token: String,
 }
 
+/// Counts a sign-in attempt of `name` from `ip` against its budgets, before any password is
+/// checked (concurrent guesses cannot all pass); whether it may go on. A name that is not a
+/// valid account name is refused uncounted.
+async fn attempt_allowed(
+    console: &Console,
+    name: &str,
+    ip: std::net::IpAddr,
+) -> Result<bool, tonic::Status> {
+    if auth::check_user_name(name).is_err() {
+        return Ok(false);
+    }
+    let budgets = auth::attempt_budgets(name, ip);
+    let (now, window) = (
+        crate::store::now_ms(),
+        auth::ATTEMPT_WINDOW.as_millis() as i64,
+    );
+    super::super::blocking(&console.state.store, move |s| {
+        s.count_login_attempt(&budgets, now, window)
+    })
+    .await
+}
+
 pub async fn login(
     State(console): State<Arc<Console>>,
+    Extension(client): Extension<super::ClientAddr>,
     headers: HeaderMap,
     Form(form): Form<LoginForm>,
 ) -> Response {
@@ -149,8 +172,12 @@ pub async fn login(
         );
     }
     let name = form.user.trim().to_string();
-    if auth::check_user_name(&name).is_err() || !console.logins.allowed(&name) {
-        warn!(user = %printable(&name), "console sign-in refused");
+    let allowed = match attempt_allowed(&console, &name, client.0).await {
+        Ok(allowed) => allowed,
+        Err(e) => return Failure::from(e).page(),
+    };
+    if !allowed {
+        warn!(user = %printable(&name), address = %client.0, "console sign-in refused");
         return login_page(
             &console,
             StatusCode::UNAUTHORIZED,
@@ -176,15 +203,19 @@ pub async fn login(
             .unwrap_or(false)
     };
     let Some(user) = user.filter(|_| ok) else {
-        console.logins.failed(&name);
-        warn!(user = %name, "console sign-in failed");
+        warn!(user = %name, address = %client.0, "console sign-in failed");
         return login_page(
             &console,
             StatusCode::UNAUTHORIZED,
             Some("Wrong account or password, or too many attempts: wait 15 minutes."),
         );
     };
-    console.logins.succeeded(&name);
+    let key = auth::account_key(&name);
+    if let Err(e) =
+        super::super::blocking(&console.state.store, move |s| s.clear_login_attempts(&key)).await
+    {
+        return Failure::from(e).page();
+    }
     let expires = crate::store::now_ms() + auth::SESSION_LIFETIME.as_millis() as i64;
     let (session, _) = console.keys.new_session(&user, expires);
     info!(user = %name, "console sign-in");

@@ -123,6 +123,14 @@ const MIGRATIONS: &[&str] = &[
         org TEXT NOT NULL DEFAULT '',
         created_at_ms BIGINT NOT NULL
     );",
+    // 6: an agent's certificates, found by its id when a renewed one is first used.
+    "CREATE INDEX certs_subject ON certs(subject);",
+    // 7: console sign-in attempts, by account, by address and in all, shared by collectors.
+    "CREATE TABLE login_attempts (
+        key TEXT PRIMARY KEY,
+        count BIGINT NOT NULL,
+        since_ms BIGINT NOT NULL
+    );",
 ];
 
 /// The advisory lock key migrations run under ("vedette" in ASCII).

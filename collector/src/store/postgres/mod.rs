@@ -289,6 +289,61 @@ impl Store for PgStore {
         })
     }
 
+    fn count_login_attempt(
+        &self,
+        budgets: &[(String, u64)],
+        now_ms: i64,
+        window_ms: i64,
+    ) -> Result<bool, StoreError> {
+        self.with(|c| {
+            c.execute(
+                "DELETE FROM login_attempts WHERE since_ms <= $1",
+                &[&(now_ms - window_ms)],
+            )?;
+            for (key, limit) in budgets {
+                let row = c.query_one(
+                    "INSERT INTO login_attempts (key, count, since_ms) VALUES ($1, 1, $2)
+                     ON CONFLICT (key) DO UPDATE SET
+                       count = CASE WHEN login_attempts.since_ms <= $2 - $3 THEN 1
+                                    ELSE login_attempts.count + 1 END,
+                       since_ms = CASE WHEN login_attempts.since_ms <= $2 - $3 THEN $2
+                                       ELSE login_attempts.since_ms END
+                     RETURNING count",
+                    &[key, &now_ms, &window_ms],
+                )?;
+                if row.get::<_, i64>(0).max(0) as u64 > *limit {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        })
+    }
+
+    fn clear_login_attempts(&self, key: &str) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute("DELETE FROM login_attempts WHERE key = $1", &[&key])?;
+            Ok(())
+        })
+    }
+
+    fn retire_older_certs(
+        &self,
+        subject: &str,
+        serial: &str,
+        now_ms: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        self.with(|c| {
+            let rows = c.query(
+                "UPDATE certs SET revoked_at_ms = $3
+                 WHERE kind = 'agent' AND subject = $1 AND revoked_at_ms = 0 AND serial != $2
+                   AND recorded_at_ms < (SELECT recorded_at_ms FROM certs WHERE serial = $2)
+                 RETURNING serial",
+                &[&subject, &serial, &now_ms],
+            )?;
+            Ok(rows.iter().map(|r| r.get(0)).collect())
+        })
+    }
+
     fn check_token(
         &self,
         token_hash: &str,
