@@ -249,3 +249,105 @@ fn a_full_disk_under_the_collector_acknowledges_nothing_it_did_not_write_and_los
     );
     assert!(log.contains("the store works again"), "{log}");
 }
+
+#[test]
+fn agents_an_hour_ahead_or_behind_deliver_and_show_their_skew() {
+    if std::process::Command::new("faketime")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        vedette_tests::missing_peer("faketime (libfaketime)", "apt-get install faketime");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = Collector::init(&tmp.path().join("collector"));
+    c.start();
+    let rules = rule_dir(&tmp.path().join("rules"), RULE, MARKER);
+    let mut skewed = Vec::new();
+    for (name, offset) in [("ahead", "+1h"), ("behind", "-1h")] {
+        let dir = tmp.path().join(name);
+        let mut agent = Agent::enroll(&c, &dir.join("state"));
+        let watch = dir.join("watch");
+        std::fs::create_dir_all(&watch).unwrap();
+        let config = dir.join("agent.toml");
+        vedette_tests::watch_config(&config, &watch, &rules, "");
+        // The agent's clock only: its monotonic clock stays true.
+        agent
+            .env
+            .push(("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()));
+        agent.start_wrapped(
+            &["faketime", "-f", offset],
+            &["--config", config.to_str().unwrap()],
+        );
+        skewed.push((name, agent, watch));
+    }
+    for (i, (name, agent, watch)) in skewed.iter().enumerate() {
+        wait_until(
+            Duration::from_secs(30),
+            &format!("the {name} agent connected"),
+            || {
+                c.agents()
+                    .iter()
+                    .any(|a| a["id"] == agent.id.as_str() && a["connected"] == true)
+                    .then_some(())
+                    .ok_or_else(|| agent.log())
+            },
+        );
+        write_markers(watch, i, 0..3);
+    }
+    let expected = |name: &str| {
+        if name == "ahead" {
+            3_600_000
+        } else {
+            -3_600_000
+        }
+    };
+    for (name, agent, watch) in &skewed {
+        // Stored, with the agent's time as observed_at and the collector's as received_at.
+        let stored = wait_for(
+            Duration::from_secs(60),
+            &format!("the {name} agent's detections"),
+            || {
+                let d: Vec<serde_json::Value> = c
+                    .detections()
+                    .into_iter()
+                    .filter(|d| {
+                        d["path"]
+                            .as_str()
+                            .is_some_and(|p| p.starts_with(watch.to_str().unwrap()))
+                    })
+                    .collect();
+                (d.len() >= 3).then_some(d)
+            },
+        );
+        for d in &stored {
+            let at = |key: &str| {
+                humantime::parse_rfc3339(d[key].as_str().unwrap())
+                    .unwrap()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_millis() as i64
+            };
+            let gap = at("observed_at") - at("received_at");
+            assert!(
+                (gap - expected(name)).abs() < 60_000,
+                "{name}: observed {gap} ms from received: {d}"
+            );
+        }
+        // Seen at a heartbeat, and told by `agents list`.
+        let skew = wait_for(Duration::from_secs(30), "the skew recorded", || {
+            c.agents()
+                .into_iter()
+                .find(|a| a["id"] == agent.id.as_str())
+                .and_then(|a| a["clock_skew_ms"].as_i64())
+                .filter(|s| *s != 0)
+        });
+        assert!((skew - expected(name)).abs() < 60_000, "{name}: {skew}");
+    }
+    let table = c.ctl_ok(&["agents", "list"]);
+    assert!(
+        table.contains("clock 1h 0m") && table.contains("ahead") && table.contains("behind"),
+        "{table}"
+    );
+}

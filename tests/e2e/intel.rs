@@ -1054,3 +1054,75 @@ fn a_misp_feed_made_with_pymisp_is_imported_and_polled_honouring_to_ids() {
     assert_eq!(d["indicator"]["origin"], url.as_str());
     assert!(d["indicator"]["event"].is_string());
 }
+
+/// A bundle is rules plus intel: `rules publish` replaces the rules and keeps what `intel
+/// publish` put in, unless told `--drop-intel`.
+#[test]
+fn publishing_rules_after_intel_keeps_the_intel_firing() {
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path();
+    let mut c = Collector::init(&tmp.join("collector"));
+    c.start();
+    let mut agent = Agent::enroll(&c, &tmp.join("agent"));
+    let watch = tmp.join("watch");
+    std::fs::create_dir(&watch).unwrap();
+    agent.run(&c, &["--watch", watch.to_str().unwrap()]);
+    let on_version = |v: u64| {
+        wait_for(
+            Duration::from_secs(30),
+            &format!("the agent on {v}"),
+            || {
+                c.agents()
+                    .iter()
+                    .any(|a| a["bundle_version"] == v)
+                    .then_some(())
+            },
+        )
+    };
+
+    let v1 = vedette_tests::rule_dir(&tmp.join("v1"), "first_rule", "VEDETTE-KEEP-FIRST");
+    c.ctl_ok(&["rules", "publish", v1.to_str().unwrap()]);
+    let feed = tmp.join("keep.json");
+    std::fs::write(
+        &feed,
+        json!({"type": "bundle", "id": "bundle--0a1b2c3d-0000-4000-8000-000000000000", "objects": [
+            {"type": "indicator", "spec_version": "2.1",
+             "id": "indicator--0a1b2c3d-0000-4000-8000-000000000001", "name": "kept indicator",
+             "pattern_type": "stix", "valid_from": "2026-01-01T00:00:00Z",
+             "pattern": "[file:name = 'keep-me.bin']"}]})
+        .to_string(),
+    )
+    .unwrap();
+    c.ctl_ok(&["intel", "import", feed.to_str().unwrap()]);
+    c.ctl_ok(&["intel", "publish"]);
+    // New rules: the intel indicator stays in the bundle, and says so.
+    let v3 = vedette_tests::rule_dir(&tmp.join("v3"), "second_rule", "VEDETTE-KEEP-SECOND");
+    let out = c.ctl_ok(&["rules", "publish", v3.to_str().unwrap()]);
+    assert!(out.contains("published version 3"), "{out}");
+    assert!(out.contains("intel indicators are kept"), "{out}");
+    on_version(3);
+    std::fs::write(watch.join("keep-me.bin"), "VEDETTE-KEEP-SECOND\n").unwrap();
+    let by_intel = detection(&c, "the kept indicator firing", |d| {
+        d["indicator"]["id"] == "indicator--0a1b2c3d-0000-4000-8000-000000000001"
+    });
+    assert_eq!(by_intel["bundle_version"], 3, "{by_intel}");
+    detection(&c, "the new rule firing", |d| d["rule"] == "second_rule");
+
+    // Dropped on purpose: the same name no longer fires, the rules still do.
+    let out = c.ctl_ok(&["rules", "publish", "--drop-intel", v3.to_str().unwrap()]);
+    assert!(out.contains("without intel indicators"), "{out}");
+    on_version(4);
+    let sub = watch.join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    std::fs::write(sub.join("keep-me.bin"), "VEDETTE-KEEP-SECOND again\n").unwrap();
+    let path = sub.join("keep-me.bin").display().to_string();
+    detection(&c, "the rule on the new file", |d| {
+        d["rule"] == "second_rule" && d["path"] == path.as_str()
+    });
+    assert!(
+        !c.detections()
+            .iter()
+            .any(|d| d["path"] == path.as_str() && d["indicator"]["source"] == "stix"),
+        "the dropped indicator fired"
+    );
+}

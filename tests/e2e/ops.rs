@@ -459,6 +459,82 @@ fn collector_doctor_checks_config_keys_store_and_addresses() {
     problem_and_fix(&report, "`metrics_listen`: `nowhere`");
 }
 
+/// Routine tools on the collector host (`doctor`, `users`, `certs issue`, a second `serve` that
+/// cannot bind) leave the agents' connection state as the running collector set it.
+#[test]
+fn routine_tools_leave_live_agents_connected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = Collector::init(&tmp.path().join("collector"));
+    c.start();
+    let mut agent = vedette_tests::Agent::enroll(&c, &tmp.path().join("agent"));
+    let watch = tmp.path().join("watch");
+    std::fs::create_dir(&watch).unwrap();
+    agent.run(&c, &["--watch", watch.to_str().unwrap()]);
+    let config = c.dir.join("collector.toml");
+    let tool = |args: &[&str], stdin: &str| {
+        use std::io::Write;
+        let mut child = std::process::Command::new(vedette_tests::bin("vedette-collector"))
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        output_text(&child.wait_with_output().unwrap())
+    };
+    let connected = |after: &str| {
+        let row = c
+            .agents()
+            .into_iter()
+            .find(|a| a["id"] == agent.id.as_str())
+            .unwrap();
+        assert_eq!(row["connected"], true, "after {after}: {row}");
+    };
+    connected("start");
+    tool(&["doctor"], "");
+    connected("doctor");
+    tool(
+        &["users", "add", "carol", "--role", "operator"],
+        "a long enough password\n",
+    );
+    connected("users add");
+    tool(&["users", "list"], "");
+    connected("users list");
+    let out = c.dir.join("dave");
+    tool(
+        &[
+            "certs",
+            "issue",
+            "--name",
+            "dave",
+            "--role",
+            "operator",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(c.dir.join("dave.crt").exists(), "certs issue ran");
+    connected("certs issue");
+    // A second `serve` of the same configuration finds its address taken and stops.
+    let second = std::process::Command::new(vedette_tests::bin("vedette-collector"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!second.status.success(), "{}", output_text(&second));
+    connected("a second serve");
+}
+
 /// `deploy/NAME` with every commented-out key and table header (`# key = ...`, `# [table]`)
 /// turned on: the examples must stay true to what the programs accept.
 fn example_with_every_key(name: &str) -> (String, String) {

@@ -439,6 +439,7 @@ impl Shipper {
             msg: Some(Msg::Heartbeat(Heartbeat {
                 counters: self.counters.snapshot().into_iter().collect(),
                 dropped_total: self.sp.spool.dropped(),
+                sent_at_ms: vedette_proto::now_ms(),
             })),
         };
         let _ = up.try_send(hb);

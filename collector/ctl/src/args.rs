@@ -157,6 +157,10 @@ pub enum RulesCmd {
         /// Refuse indicator lines that do not parse (default: report them, agents skip them).
         #[arg(long)]
         strict: bool,
+        /// Leave out the indicators `intel publish` put in the latest bundle (by default they
+        /// are carried forward: these paths replace only the rules).
+        #[arg(long)]
+        drop_intel: bool,
         #[command(flatten)]
         sign: SignArgs,
         /// YARA files (.yar, .yara), indicator lists, or directories of them.

@@ -198,6 +198,16 @@ fn print_agents(agents: &[AgentInfo]) {
     {
         println!("! a newer bundle failed to apply: see `vedettectl rules status`");
     }
+    for a in agents {
+        if let Some(skew) = output::clock_skew(a) {
+            println!(
+                "! {} ({}): {skew} of the collector's; detections keep the agent's time as \
+                 observed_at and the collector's as received_at",
+                printable(&a.hostname),
+                a.id
+            );
+        }
+    }
 }
 
 async fn certs(cmd: CertsCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
@@ -344,16 +354,23 @@ async fn rules(cmd: RulesCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
         RulesCmd::Publish {
             name,
             strict,
+            drop_intel,
             sign,
             paths,
         } => {
-            let (r, warnings) =
-                rules::publish(cfg, &paths, name, strict, &sign_options(sign)).await?;
-            for w in &warnings {
+            let p =
+                rules::publish(cfg, &paths, name, strict, drop_intel, &sign_options(sign)).await?;
+            for w in &p.warnings {
                 eprintln!("warning: {w} (line skipped by agents; --strict refuses it)");
             }
+            let r = &p.response;
+            let intel = match (p.kept_intel, drop_intel) {
+                (true, _) => "; the published intel indicators are kept",
+                (false, true) => "; without intel indicators (--drop-intel)",
+                (false, false) => "",
+            };
             println!(
-                "published version {} (sha256 {}); pushed to {} connected agent(s)",
+                "published version {} (sha256 {}){intel}; pushed to {} connected agent(s)",
                 r.version, r.digest, r.agents_notified
             );
         }

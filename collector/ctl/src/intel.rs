@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use vedette_engine::bundle::{self, BundleContent};
+use vedette_engine::bundle::BundleContent;
 use vedette_engine::import::{self, Imported};
 use vedette_ops::output::{printable, rfc3339_ms};
 use vedette_proto::now_ms;
@@ -243,13 +243,9 @@ pub async fn publish(
         files,
         ..Default::default()
     };
-    if let Err(problems) = bundle::validate(&content, true) {
-        let list: Vec<String> = problems.iter().take(20).map(|p| format!("  {p}")).collect();
-        bail!(
-            "{} problem(s); nothing was published:\n{}",
-            problems.len(),
-            list.join("\n")
-        );
+    // The same checks as `rules publish`: the rules carried forward as they were accepted.
+    for w in rules::check(&content, false)? {
+        eprintln!("warning: {w} (line skipped by agents)");
     }
     Ok((rules::send(cfg, content, opts, None).await?, lines.len()))
 }

@@ -18,6 +18,30 @@ use vedette_proto::v1::{
 use vedette_proto::now_ms;
 
 use crate::client::{CtlConfig, status_error};
+use crate::intel::INTEL_FILE;
+
+/// Checks a bundle's content as `rules publish` and `intel publish` both do: every YARA
+/// problem, and every problem of the staged indicators (`intel publish`'s file), stops the
+/// publish; another indicator line that does not parse stops it with `strict` and is a warning
+/// otherwise (agents skip that line). The warnings.
+pub(crate) fn check(content: &BundleContent, strict: bool) -> anyhow::Result<Vec<String>> {
+    let Err(problems) = bundle::validate(content, true) else {
+        return Ok(Vec::new());
+    };
+    let intel = PathBuf::from(format!("{}{INTEL_FILE}", bundle::ORIGIN_PREFIX));
+    let (fatal, warnings): (Vec<_>, Vec<_>) = problems
+        .into_iter()
+        .partition(|p| strict || p.kind == ProblemKind::Yara || p.path == intel);
+    if !fatal.is_empty() {
+        let list: Vec<String> = fatal.iter().take(20).map(|p| format!("  {p}")).collect();
+        bail!(
+            "{} problem(s); nothing was published:\n{}",
+            fatal.len(),
+            list.join("\n")
+        );
+    }
+    Ok(warnings.iter().map(|p| p.to_string()).collect())
+}
 
 /// Options of `rules publish` and `rules rollback`.
 pub struct PublishOptions {
@@ -130,24 +154,67 @@ pub(crate) async fn send(
     .into_inner())
 }
 
-/// `rules publish`: returns the response and the local warnings.
+/// What `rules publish` did.
+pub struct Published {
+    pub response: PublishBundleResponse,
+    /// Local problems that do not stop a publish.
+    pub warnings: Vec<String>,
+    /// Staged indicators carried forward from the latest bundle (`intel publish`'s file).
+    pub kept_intel: bool,
+}
+
+/// `rules publish`: the rules in `paths` replace the latest bundle's rules; the indicators
+/// `intel publish` put in it are carried forward unless `drop_intel`.
 pub async fn publish(
     cfg: &CtlConfig,
     paths: &[PathBuf],
     name: Option<String>,
     strict: bool,
+    drop_intel: bool,
     opts: &PublishOptions,
-) -> anyhow::Result<(PublishBundleResponse, Vec<String>)> {
-    let warnings = validate_paths(paths, strict)?;
-    let files = bundle::files_from_paths(paths)?;
+) -> anyhow::Result<Published> {
+    let mut warnings = validate_paths(paths, strict)?;
+    let mut files = bundle::files_from_paths(paths)?;
     if files.is_empty() {
         bail!("no YARA files (.yar, .yara) or indicator lists found in the given paths");
     }
+    if files.iter().any(|f| f.path == INTEL_FILE) {
+        bail!(
+            "`{INTEL_FILE}` is where `intel publish` keeps the staged indicators; rename that file"
+        );
+    }
+    let intel = match drop_intel {
+        true => None,
+        false => latest_content(cfg)
+            .await?
+            .and_then(|c| c.files.into_iter().find(|f| f.path == INTEL_FILE)),
+    };
+    let kept_intel = intel.is_some();
+    files.extend(intel);
+    files.sort_by(|a, b| a.path.cmp(&b.path));
     let content = BundleContent {
         files,
         ..Default::default()
     };
-    Ok((send(cfg, content, opts, name).await?, warnings))
+    if kept_intel {
+        // The rules were checked above under their own names; the carried indicators here.
+        let only_intel = BundleContent {
+            files: content
+                .files
+                .iter()
+                .filter(|f| f.path == INTEL_FILE)
+                .cloned()
+                .collect(),
+            ..Default::default()
+        };
+        warnings.extend(check(&only_intel, strict)?);
+    }
+    let response = send(cfg, content, opts, name).await?;
+    Ok(Published {
+        response,
+        warnings,
+        kept_intel,
+    })
 }
 
 /// Fetches a version's content (checked to decode).

@@ -138,7 +138,7 @@ fn users_command(cmd: UsersCmd) -> ExitCode {
 /// make a certificate that sees nothing).
 fn check_org(config: &Config, org: &str) -> Result<(), String> {
     crate::orgs::check_name(org).map_err(|e| format!("--org: {e}"))?;
-    let store = store::open(&config.store)
+    let store = store::open_as(&config.store, store::Opener::Tool)
         .map_err(|e| format!("--org: cannot check the organisation: {e}"))?;
     let orgs = store
         .list_orgs()
@@ -164,7 +164,7 @@ fn record_issued(config: &Config, crt: &Path) {
         return;
     };
     println!("serial number {}", row.serial);
-    let recorded = store::open(&config.store)
+    let recorded = store::open_as(&config.store, store::Opener::Tool)
         .map_err(|e| e.to_string())
         .and_then(|store| store.record_cert(&row).map_err(|e| e.to_string()));
     if let Err(e) = recorded {

@@ -146,7 +146,8 @@ fn check_store(location: &StoreLocation, out: &mut Vec<Finding>) {
         ));
         return;
     }
-    let opened = crate::store::open(location).and_then(|s| s.list_agents().map(|a| a.len()));
+    let opened = crate::store::open_as(location, crate::store::Opener::Tool)
+        .and_then(|s| s.list_agents().map(|a| a.len()));
     match opened {
         Ok(n) => out.push(Finding::ok(
             "store",

@@ -20,7 +20,8 @@ pub fn add(
     let mut roles: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
     roles.sort_unstable();
     roles.dedup();
-    let store = crate::store::open(&config.store).map_err(|e| e.to_string())?;
+    let store = crate::store::open_as(&config.store, crate::store::Opener::Tool)
+        .map_err(|e| e.to_string())?;
     let created = store
         .put_user(&UserRow {
             name: name.to_string(),
@@ -42,7 +43,8 @@ pub fn add(
 }
 
 pub fn list(config: &Config) -> Result<String, String> {
-    let store = crate::store::open(&config.store).map_err(|e| e.to_string())?;
+    let store = crate::store::open_as(&config.store, crate::store::Opener::Tool)
+        .map_err(|e| e.to_string())?;
     let users = store.list_users().map_err(|e| e.to_string())?;
     let mut out = String::new();
     for u in &users {
@@ -67,7 +69,8 @@ pub fn list(config: &Config) -> Result<String, String> {
 }
 
 pub fn remove(config: &Config, name: &str) -> Result<String, String> {
-    let store = crate::store::open(&config.store).map_err(|e| e.to_string())?;
+    let store = crate::store::open_as(&config.store, crate::store::Opener::Tool)
+        .map_err(|e| e.to_string())?;
     if store.remove_user(name).map_err(|e| e.to_string())? {
         Ok(format!("removed account `{name}`\n"))
     } else {

@@ -602,6 +602,7 @@ impl AdminService for AdminSvc {
                 arch: r.arch,
                 counters: r.counters.into_iter().collect(),
                 org: r.org,
+                clock_skew_ms: r.clock_skew_ms,
             })
             .collect();
         Ok(Response::new(ListAgentsResponse { agents }))

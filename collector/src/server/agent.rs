@@ -494,8 +494,15 @@ async fn on_message(state: &State, agent_id: &str, msg: Msg, tx: &Down) -> Resul
             state.metrics.heartbeats.inc();
             let dropped = hb.dropped_total;
             let counters = hb.counters.into_iter().collect();
+            let now = now_ms();
+            // The agent's clock against this one's (the transit time counts as skew: it is
+            // small beside what is worth showing).
+            let skew = match hb.sent_at_ms {
+                0 => 0,
+                sent => sent.saturating_sub(now),
+            };
             blocking(&state.store, move |s| {
-                s.agent_heartbeat(&id, dropped, &counters, now_ms())
+                s.agent_heartbeat(&id, dropped, &counters, skew, now)
             })
             .await?;
         }

@@ -181,6 +181,10 @@ pub async fn serve(
     let tls = tls::server_config(&config.ca_cert, &config.server_cert, &config.server_key)
         .context("cannot set up TLS")?;
     let state = open_state(&config, shutdown.clone()).await?;
+    // The listener is bound (a second `serve` stops before this): no agent is connected yet.
+    blocking(&state.store, |s| s.reset_connections())
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reset agents' connection state: {}", e.message()))?;
     follow_other_collectors(&state)?;
     start_intel_and_export(&config, &state, &shutdown);
     if let Some(keep) = config.retention {

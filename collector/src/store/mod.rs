@@ -82,12 +82,28 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-/// Opens the store at `location` and brings its schema up to date.
+/// Who opens a store, which decides what opening may change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opener {
+    /// `serve`: brings the schema up to date.
+    Server,
+    /// A tool (`doctor`, `certs issue`, `users`): schema changes are the server's; a tool
+    /// sets up only a store that is new, and refuses one whose schema is older than it knows
+    /// (a collector of the older version may be running on it).
+    Tool,
+}
+
+/// Opens the store at `location` as `serve` does, bringing its schema up to date.
 pub fn open(location: &StoreLocation) -> Result<Arc<dyn Store>, StoreError> {
+    open_as(location, Opener::Server)
+}
+
+/// Opens the store at `location` for `opener`.
+pub fn open_as(location: &StoreLocation, opener: Opener) -> Result<Arc<dyn Store>, StoreError> {
     Ok(match location {
-        StoreLocation::Sqlite(path) => Arc::new(SqliteStore::open(path)?),
+        StoreLocation::Sqlite(path) => Arc::new(SqliteStore::open(path, opener)?),
         StoreLocation::Postgres { url, ca_cert } => {
-            Arc::new(PgStore::open(url, ca_cert.as_deref())?)
+            Arc::new(PgStore::open(url, ca_cert.as_deref(), opener)?)
         }
     })
 }
@@ -226,6 +242,11 @@ pub trait Store: Send + Sync {
     /// Serial numbers of every revoked certificate.
     fn revoked_serials(&self) -> Result<Vec<String>, StoreError>;
 
+    /// Marks every agent disconnected: `serve` calls it once its listeners are bound, since no
+    /// agent can be connected to a collector that was not running. A store shared by several
+    /// collectors keeps the flags, which are the other collectors' to change.
+    fn reset_connections(&self) -> Result<(), StoreError>;
+
     /// Counts one sign-in attempt against each budget in turn (a key: an address, all
     /// addresses, an account; and its limit), each in a window of `window_ms` that starts at
     /// its first attempt; false at the first budget spent (the keys after it are not counted).
@@ -291,6 +312,7 @@ pub trait Store: Send + Sync {
         id: &str,
         dropped_total: u64,
         counters: &BTreeMap<String, u64>,
+        clock_skew_ms: i64,
         now_ms: i64,
     ) -> Result<(), StoreError>;
 
@@ -503,6 +525,16 @@ pub enum StoreError {
         found: i64,
         known: i64,
     },
+    #[error(
+        "the database `{path}` has schema version {found}, older than this program knows \
+         ({known}); `vedette-collector serve` of this version brings it up to date (tools never \
+         change the schema under a running collector)"
+    )]
+    TooOld {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
     #[error("cannot open the database `{url}`: {source}")]
     OpenPg {
         url: String,
@@ -590,6 +622,8 @@ pub struct AgentRow {
     /// The last bundle version the agent failed to apply (0: none) and why.
     pub bundle_failed_version: u64,
     pub bundle_error: String,
+    /// The agent's clock less the collector's at its last heartbeat, in ms.
+    pub clock_skew_ms: i64,
 }
 
 /// A published rule bundle. `content` and `signature` are empty in listings.

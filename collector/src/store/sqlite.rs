@@ -11,8 +11,8 @@ use vedette_proto::v1::{Detection, Inventory, StoredDetection, detection};
 
 use super::{
     AgentRow, BundleRow, CertRow, DetectionFilter, DetectionPage, ExportRow, IntelBatch,
-    IntelSourceRow, OrgRow, Schema, StagedLine, StagingCounts, Store, StoreError, TokenError,
-    UserRow,
+    IntelSourceRow, Opener, OrgRow, Schema, StagedLine, StagingCounts, Store, StoreError,
+    TokenError, UserRow,
 };
 
 /// Schema migrations, applied in order; `PRAGMA user_version` is the number applied.
@@ -143,6 +143,8 @@ const MIGRATIONS: &[&str] = &[
         count INTEGER NOT NULL,
         since_ms INTEGER NOT NULL
     );",
+    // 10: how far each agent's clock is from the collector's.
+    "ALTER TABLE agents ADD COLUMN clock_skew_ms INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// Counts one sign-in attempt against a key (`key`, `now_ms`, `window_ms`): a new window when
@@ -186,8 +188,9 @@ impl SqliteStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Opens (creating if needed) the database and brings its schema up to date.
-    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+    /// Opens (creating if needed) the database; for the server, brings its schema up to date
+    /// (see [`Opener`]).
+    pub fn open(path: &Path, opener: Opener) -> Result<SqliteStore, StoreError> {
         let open_err = |source| StoreError::Open {
             path: path.to_owned(),
             source,
@@ -213,14 +216,19 @@ impl SqliteStore {
                 known,
             });
         }
+        if opener == Opener::Tool && found != 0 && found < known {
+            return Err(StoreError::TooOld {
+                path: path.to_owned(),
+                found,
+                known,
+            });
+        }
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
             let tx = conn.transaction()?;
             tx.execute_batch(sql)?;
             tx.pragma_update(None, "user_version", (i + 1) as i64)?;
             tx.commit()?;
         }
-        // Whoever was connected to a previous run of the collector is not connected now.
-        conn.execute("UPDATE agents SET connected = 0 WHERE connected != 0", [])?;
         conn.execute(
             "INSERT INTO orgs (name, stix_id, share, tlp, created_at_ms)
              VALUES (?1, ?2, 'full', 'amber', ?3) ON CONFLICT (name) DO NOTHING",
@@ -421,6 +429,12 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn reset_connections(&self) -> Result<(), StoreError> {
+        self.conn()
+            .execute("UPDATE agents SET connected = 0 WHERE connected != 0", [])?;
+        Ok(())
+    }
+
     fn retire_older_certs(
         &self,
         subject: &str,
@@ -544,13 +558,15 @@ impl Store for SqliteStore {
         id: &str,
         dropped_total: u64,
         counters: &BTreeMap<String, u64>,
+        clock_skew_ms: i64,
         now_ms: i64,
     ) -> Result<(), StoreError> {
         let counters = serde_json::to_string(counters).unwrap_or_else(|_| "{}".into());
         self.conn().execute(
-            "UPDATE agents SET last_seen_ms = ?2, dropped_total = MAX(dropped_total, ?3), counters = ?4
+            "UPDATE agents SET last_seen_ms = ?2, dropped_total = MAX(dropped_total, ?3), counters = ?4,
+                clock_skew_ms = ?5
              WHERE id = ?1",
-            params![id, now_ms, dropped_total as i64, counters],
+            params![id, now_ms, dropped_total as i64, counters, clock_skew_ms],
         )?;
         Ok(())
     }
@@ -1046,7 +1062,8 @@ impl Store for SqliteStore {
 
 const AGENT_SELECT: &str = "SELECT id, hostname, os, kernel, arch, agent_version, enrolled_at_ms,
     first_seen_ms, last_seen_ms, connected, revoked_at_ms IS NOT NULL, bundle_version,
-    bundle_applied_at_ms, dropped_total, counters, bundle_failed_version, bundle_error, org
+    bundle_applied_at_ms, dropped_total, counters, bundle_failed_version, bundle_error, org,
+    clock_skew_ms
     FROM agents";
 
 const BUNDLE_SELECT: &str = "SELECT version, name, created_at_ms, publisher, published_by,
@@ -1090,6 +1107,7 @@ fn agent_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentRow> {
         bundle_failed_version: r.get::<_, i64>(15)? as u64,
         bundle_error: r.get(16)?,
         org: r.get(17)?,
+        clock_skew_ms: r.get(18)?,
     })
 }
 
@@ -1106,4 +1124,28 @@ fn cert_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CertRow> {
         revoked_at_ms: r.get(6)?,
         org: r.get(7)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tool_sets_up_a_new_store_but_never_migrates_an_older_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.db");
+        SqliteStore::open(&path, Opener::Tool).unwrap();
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", MIGRATIONS.len() as i64 - 1)
+            .unwrap();
+        drop(conn);
+        let e = SqliteStore::open(&path, Opener::Tool).err().unwrap();
+        assert!(matches!(e, StoreError::TooOld { .. }), "{e}");
+        assert!(e.to_string().contains("vedette-collector serve"), "{e}");
+        let conn = Connection::open(&path).unwrap();
+        let v: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, MIGRATIONS.len() as i64 - 1, "nothing was applied");
+    }
 }

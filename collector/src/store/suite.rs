@@ -225,8 +225,9 @@ fn agents_record_connections_heartbeats_bundles_and_revocation() {
         };
         s.agent_connected("a", &inv, 4, 10).unwrap();
         let counters = BTreeMap::from([("files_scanned".to_string(), 7u64)]);
-        s.agent_heartbeat("a", 5, &counters, 20).unwrap();
-        s.agent_heartbeat("a", 3, &counters, 21).unwrap();
+        s.agent_heartbeat("a", 5, &counters, 0, 20).unwrap();
+        s.agent_heartbeat("a", 3, &counters, -3_600_000, 21)
+            .unwrap();
         let a = s.agent("a").unwrap().unwrap();
         assert_eq!(
             (
@@ -239,6 +240,7 @@ fn agents_record_connections_heartbeats_bundles_and_revocation() {
         );
         assert_eq!(a.dropped_total, 5, "the dropped total never decreases");
         assert_eq!(a.counters, counters);
+        assert_eq!(a.clock_skew_ms, -3_600_000, "the last heartbeat's");
         assert_eq!(a.bundle_version, 4);
         s.agent_bundle_status("a", 6, false, "bad rule", 30)
             .unwrap();

@@ -206,7 +206,30 @@ pub fn agent_json(a: &AgentInfo) -> serde_json::Value {
         "bundle_error": a.bundle_error,
         "dropped_total": a.dropped_total,
         "counters": a.counters.iter().collect::<std::collections::BTreeMap<_, _>>(),
+        "clock_skew_ms": a.clock_skew_ms,
     })
+}
+
+/// Clock skew worth telling: past this, `agents list` and the console say how far an agent's
+/// clock is from the collector's.
+pub const SHOWN_SKEW_MS: i64 = 30_000;
+
+/// `clock 1h 0m 3s ahead` (or `behind`) when an agent's clock is more than [`SHOWN_SKEW_MS`]
+/// from the collector's.
+pub fn clock_skew(a: &AgentInfo) -> Option<String> {
+    let skew = a.clock_skew_ms;
+    if skew.unsigned_abs() <= SHOWN_SKEW_MS.unsigned_abs() {
+        return None;
+    }
+    let secs = skew.unsigned_abs() / 1000;
+    let (h, m, s) = (secs / 3600, secs % 3600 / 60, secs % 60);
+    let how = if h > 0 {
+        format!("{h}h {m}m {s}s")
+    } else {
+        format!("{m}m {s}s")
+    };
+    let way = if skew > 0 { "ahead" } else { "behind" };
+    Some(format!("clock {how} {way}"))
 }
 
 /// connected, disconnected, never-seen or revoked.
@@ -288,6 +311,24 @@ pub fn sink_json(s: &ExportSink) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clock_skew_is_told_past_thirty_seconds_either_way() {
+        let at = |ms| AgentInfo {
+            clock_skew_ms: ms,
+            ..Default::default()
+        };
+        assert_eq!(clock_skew(&at(29_000)), None);
+        assert_eq!(clock_skew(&at(-30_000)), None);
+        assert_eq!(
+            clock_skew(&at(3_603_500)).as_deref(),
+            Some("clock 1h 0m 3s ahead")
+        );
+        assert_eq!(
+            clock_skew(&at(-95_000)).as_deref(),
+            Some("clock 1m 35s behind")
+        );
+    }
 
     #[test]
     fn escape_sequences_and_bidi_overrides_are_shown_not_obeyed() {

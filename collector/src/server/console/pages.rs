@@ -517,7 +517,8 @@ pub async fn agents(
                 @for a in &agents {
                     tr data-agent=(a.id) {
                         td { a href={ "/agents/" (a.id) } { (printable(&a.hostname)) } br; small { (a.id) } }
-                        td { (agent_state_cell(a)) }
+                        td { (agent_state_cell(a))
+                            @if let Some(skew) = output::clock_skew(a) { br; small.error { (skew) } } }
                         td { (rfc3339_ms(a.last_seen_ms)) }
                         td { (printable(&a.agent_version)) }
                         td { (a.bundle_version)

@@ -3,7 +3,7 @@
 
 use super::pool::Conn;
 
-use crate::store::StoreError;
+use crate::store::{Opener, StoreError};
 
 /// Schema migrations, applied in order; `vedette_schema.version` is the number applied.
 const MIGRATIONS: &[&str] = &[
@@ -131,13 +131,15 @@ const MIGRATIONS: &[&str] = &[
         count BIGINT NOT NULL,
         since_ms BIGINT NOT NULL
     );",
+    // 8: how far each agent's clock is from the collector's.
+    "ALTER TABLE agents ADD COLUMN clock_skew_ms BIGINT NOT NULL DEFAULT 0;",
 ];
 
 /// The advisory lock key migrations run under ("vedette" in ASCII).
 const MIGRATION_LOCK: i64 = 0x0076_6564_6574_7465;
 
 /// Applies the migrations not applied yet, under an advisory lock held until commit.
-pub(super) fn migrate(client: &mut Conn) -> Result<(), StoreError> {
+pub(super) fn migrate(client: &mut Conn, opener: Opener) -> Result<(), StoreError> {
     let mut tx = client.transaction()?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
     tx.batch_execute(
@@ -150,6 +152,13 @@ pub(super) fn migrate(client: &mut Conn) -> Result<(), StoreError> {
     let known = MIGRATIONS.len() as i64;
     if found > known {
         return Err(StoreError::TooNew {
+            path: "postgres".into(),
+            found,
+            known,
+        });
+    }
+    if opener == Opener::Tool && found != 0 && found < known {
+        return Err(StoreError::TooOld {
             path: "postgres".into(),
             found,
             known,

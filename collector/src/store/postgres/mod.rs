@@ -27,8 +27,8 @@ use self::migrate::migrate;
 use self::pool::{Conn, Pool, tls_connector};
 use super::{
     AgentRow, BundleRow, CertRow, DetectionFilter, DetectionPage, ExportRow, IntelBatch,
-    IntelSourceRow, OrgRow, Schema, StagedLine, StagingCounts, Store, StoreError, StoreEvent,
-    TokenError, UserRow, redact,
+    IntelSourceRow, Opener, OrgRow, Schema, StagedLine, StagingCounts, Store, StoreError,
+    StoreEvent, TokenError, UserRow, redact,
 };
 
 pub struct PgStore {
@@ -38,7 +38,7 @@ pub struct PgStore {
 impl PgStore {
     /// Connects (over TLS verified against `ca_cert` when given, and then required: a server
     /// that offers no TLS is refused) and migrates the schema.
-    pub fn open(url: &str, ca_cert: Option<&Path>) -> Result<PgStore, StoreError> {
+    pub fn open(url: &str, ca_cert: Option<&Path>, opener: Opener) -> Result<PgStore, StoreError> {
         let mut config: tokio_postgres::Config =
             url.parse().map_err(|source| StoreError::OpenPg {
                 url: redact(url),
@@ -62,7 +62,7 @@ impl PgStore {
             },
             other => other,
         })?;
-        migrate(&mut conn)?;
+        migrate(&mut conn, opener)?;
         drop(conn);
         Ok(PgStore { pool })
     }
@@ -326,6 +326,11 @@ impl Store for PgStore {
         })
     }
 
+    fn reset_connections(&self) -> Result<(), StoreError> {
+        // Shared by several collectors: each agent's flag is the one holding its stream's.
+        Ok(())
+    }
+
     fn retire_older_certs(
         &self,
         subject: &str,
@@ -459,15 +464,22 @@ impl Store for PgStore {
         id: &str,
         dropped_total: u64,
         counters: &BTreeMap<String, u64>,
+        clock_skew_ms: i64,
         now_ms: i64,
     ) -> Result<(), StoreError> {
         let counters = serde_json::to_string(counters).unwrap_or_else(|_| "{}".into());
         self.with(|c| {
             c.execute(
                 "UPDATE agents SET last_seen_ms = $2,
-                    dropped_total = GREATEST(dropped_total, $3), counters = $4
+                    dropped_total = GREATEST(dropped_total, $3), counters = $4, clock_skew_ms = $5
                  WHERE id = $1",
-                &[&id, &now_ms, &(dropped_total as i64), &counters],
+                &[
+                    &id,
+                    &now_ms,
+                    &(dropped_total as i64),
+                    &counters,
+                    &clock_skew_ms,
+                ],
             )?;
             Ok(())
         })
@@ -1016,7 +1028,8 @@ impl Columns {
 
 const AGENT_SELECT: &str = "SELECT id, hostname, os, kernel, arch, agent_version, enrolled_at_ms,
     first_seen_ms, last_seen_ms, connected, revoked_at_ms IS NOT NULL, bundle_version,
-    bundle_applied_at_ms, dropped_total, counters, bundle_failed_version, bundle_error, org
+    bundle_applied_at_ms, dropped_total, counters, bundle_failed_version, bundle_error, org,
+    clock_skew_ms
     FROM agents";
 
 const BUNDLE_SELECT: &str = "SELECT version, name, created_at_ms, publisher, published_by,
@@ -1060,6 +1073,7 @@ fn agent_from_row(r: &Row) -> AgentRow {
         bundle_failed_version: r.get::<_, i64>(15) as u64,
         bundle_error: r.get(16),
         org: r.get(17),
+        clock_skew_ms: r.get(18),
     }
 }
 

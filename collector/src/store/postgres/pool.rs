@@ -295,7 +295,7 @@ mod tests {
         let cert = rcgen::generate_simple_self_signed(vec!["db.example".into()]).unwrap();
         std::fs::write(&ca, cert.cert.pem()).unwrap();
         let url = format!("postgres://vedette@127.0.0.1:{port}/vedette");
-        let Err(e) = PgStore::open(&url, Some(&ca)) else {
+        let Err(e) = PgStore::open(&url, Some(&ca), crate::store::Opener::Server) else {
             panic!("a store opened over a connection without TLS");
         };
         let (request, rest) = server.join().unwrap();
