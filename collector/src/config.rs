@@ -40,6 +40,10 @@ pub struct RawConfig {
     /// Detections received longer ago than this are deleted, e.g. `90d`; default: kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<String>,
+    /// An agent that sends nothing for this long, without having said goodbye, becomes a
+    /// `vedette.agent_silent` detection, e.g. `5m` (default); `0s`: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub silent_after: Option<String>,
     /// Default lifetime of enrollment tokens, e.g. `1h`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_ttl: Option<String>,
@@ -667,6 +671,8 @@ pub struct Config {
     pub token_ttl: Duration,
     /// None: detections are kept.
     pub retention: Option<Duration>,
+    /// None: silent agents are not reported.
+    pub silent_after: Option<Duration>,
     pub maintainer_keys: Vec<vedette_engine::bundle::PublicKey>,
     pub insecure_allow_unsigned_bundles: bool,
     pub intel_sources: Vec<IntelSourceConfig>,
@@ -722,11 +728,15 @@ struct Addresses {
     console_listen: Option<SocketAddr>,
 }
 
+/// How long an agent may send nothing before it is reported silent (`silent_after`).
+pub const DEFAULT_SILENT_AFTER: Duration = Duration::from_secs(300);
+
 /// The top-level durations.
 struct Times {
     shutdown_grace: Duration,
     token_ttl: Duration,
     retention: Option<Duration>,
+    silent_after: Option<Duration>,
 }
 
 impl RawExport {
@@ -833,6 +843,7 @@ impl RawConfig {
             shutdown_grace: times.shutdown_grace,
             token_ttl: times.token_ttl,
             retention: times.retention,
+            silent_after: times.silent_after,
             maintainer_keys,
             insecure_allow_unsigned_bundles: self.insecure_allow_unsigned_bundles,
             intel_sources,
@@ -894,6 +905,8 @@ impl RawConfig {
             Duration::from_secs(10),
         );
         let token_ttl = duration("token_ttl", &self.token_ttl, Duration::from_secs(3600));
+        let silent_after = duration("silent_after", &self.silent_after, DEFAULT_SILENT_AFTER);
+        let silent_after = (!silent_after.is_zero()).then_some(silent_after);
         let retention = self
             .retention
             .as_ref()
@@ -914,6 +927,7 @@ impl RawConfig {
             shutdown_grace,
             token_ttl,
             retention,
+            silent_after,
         }
     }
 }

@@ -7,7 +7,7 @@ pub mod v1 {
 }
 
 /// Short lowercase name of a `Detection.kind` value (`yara`, `hash`, `filename`, `process`,
-/// `connection`; `unknown` for anything else), as printed by the command-line tools.
+/// `connection`, `agent`; `unknown` for anything else), as printed by the command-line tools.
 pub fn kind_name(kind: i32) -> &'static str {
     use v1::DetectionKind;
     match DetectionKind::try_from(kind).unwrap_or(DetectionKind::Unspecified) {
@@ -16,12 +16,13 @@ pub fn kind_name(kind: i32) -> &'static str {
         DetectionKind::Filename => "filename",
         DetectionKind::Process => "process",
         DetectionKind::Connection => "connection",
+        DetectionKind::Agent => "agent",
         DetectionKind::Unspecified => "unknown",
     }
 }
 
-/// The kind named by `name` (`yara`, `hash`, `filename`, `process`, `connection`), as its
-/// `DetectionKind` value.
+/// The kind named by `name` (`yara`, `hash`, `filename`, `process`, `connection`, `agent`), as
+/// its `DetectionKind` value.
 pub fn kind_from_name(name: &str) -> Option<i32> {
     use v1::DetectionKind;
     [
@@ -30,6 +31,7 @@ pub fn kind_from_name(name: &str) -> Option<i32> {
         DetectionKind::Filename,
         DetectionKind::Process,
         DetectionKind::Connection,
+        DetectionKind::Agent,
     ]
     .into_iter()
     .map(|k| k as i32)

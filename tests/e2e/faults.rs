@@ -351,3 +351,60 @@ fn agents_an_hour_ahead_or_behind_deliver_and_show_their_skew() {
         "{table}"
     );
 }
+
+#[test]
+fn a_frozen_or_killed_agent_is_reported_silent_and_a_stopped_one_is_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = Collector::init(&tmp.path().join("collector"));
+    let toml = c.dir.join("collector.toml");
+    let text = std::fs::read_to_string(&toml).unwrap();
+    std::fs::write(&toml, format!("silent_after = \"3s\"\n{text}")).unwrap();
+    c.start();
+    let rules = rule_dir(&tmp.path().join("rules"), RULE, MARKER);
+    let mut agents: Vec<(Agent, PathBuf)> = ["stopped", "frozen", "killed"]
+        .iter()
+        .map(|name| agent(&c, &tmp.path().join(name), &rules))
+        .collect();
+    let ids: Vec<String> = agents.iter().map(|(a, _)| a.id.clone()).collect();
+    // A clean stop first: it has been quiet the longest when the others are reported.
+    let status = agents[0].0.proc.as_mut().unwrap().signal_and_wait("TERM");
+    assert!(status.success(), "{status}");
+    agents[1].0.proc.as_ref().unwrap().signal("STOP");
+    agents[2].0.proc.as_mut().unwrap().signal_and_wait("KILL");
+    let silent = |id: &str| {
+        c.detections()
+            .into_iter()
+            .filter(|d| d["rule"] == "vedette.agent_silent" && d["agent_id"] == id)
+            .collect::<Vec<_>>()
+    };
+    for id in &ids[1..] {
+        let found = wait_for(Duration::from_secs(60), "a silent agent reported", || {
+            let d = silent(id);
+            (!d.is_empty()).then_some(d)
+        });
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0]["kind"], "agent", "{}", found[0]);
+        assert!(
+            found[0]["description"]
+                .as_str()
+                .is_some_and(|d| d.contains("silent since")),
+            "{}",
+            found[0]
+        );
+    }
+    assert!(silent(&ids[0]).is_empty(), "a clean stop is not silence");
+    let stopped = c
+        .agents()
+        .into_iter()
+        .find(|a| a["id"] == ids[0].as_str())
+        .unwrap();
+    assert_eq!(stopped["state"], "stopped", "{stopped}");
+    // Reported once, however often the collector looks.
+    let log = c.proc.as_ref().unwrap().log_text();
+    assert_eq!(
+        log.matches("agent silent without a goodbye").count(),
+        2,
+        "{log}"
+    );
+    agents[1].0.proc.as_ref().unwrap().signal("CONT");
+}

@@ -742,8 +742,9 @@ fn sightings_reach_a_taxii_collection_that_refused_for_a_while() {
         return;
     };
     assert_eq!(started_root, api_root);
+    // The sink retries with a backoff of up to 64 s: the next attempt may be that far off.
     let sighting = wait_for(
-        Duration::from_secs(90),
+        Duration::from_secs(180),
         "the sighting in the TAXII collection",
         || {
             let out = std::process::Command::new("python3")

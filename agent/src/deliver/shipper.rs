@@ -40,7 +40,8 @@ use vedette_proto::v1::agent_message::Msg;
 use vedette_proto::v1::agent_service_client::AgentServiceClient;
 use vedette_proto::v1::collector_message::Msg as Down;
 use vedette_proto::v1::{
-    AgentMessage, BundleStatus, CollectorMessage, DetectionBatch, Heartbeat, Hello, RuleBundle,
+    AgentMessage, BundleStatus, CollectorMessage, DetectionBatch, Goodbye, Heartbeat, Hello,
+    RuleBundle,
 };
 
 use super::inventory;
@@ -285,6 +286,21 @@ impl Shipper {
         loop {
             let draining = shutdown.is_cancelled();
             if draining && let Some(end) = self.drained(&s) {
+                // A clean stop: the collector records it, and does not take the silence that
+                // follows for a killed or frozen agent.
+                let bye = AgentMessage {
+                    msg: Some(Msg::Goodbye(Goodbye {
+                        reason: "stopped".into(),
+                    })),
+                };
+                // The collector closes the stream once it has recorded it; the process may end
+                // only then, or the goodbye could be lost unsent.
+                if up.send(bye).await.is_ok() {
+                    let _ = tokio::time::timeout(GOODBYE_WAIT, async {
+                        while let Some(Ok(_)) = down.next().await {}
+                    })
+                    .await;
+                }
                 return end;
             }
             // A batch that is not full waits for LINGER after the previous one.
@@ -445,6 +461,9 @@ impl Shipper {
         let _ = up.try_send(hb);
     }
 }
+
+/// How long a clean stop waits for the collector to record the agent's goodbye.
+const GOODBYE_WAIT: Duration = Duration::from_secs(2);
 
 /// How long after a failed renewal the agent asks again.
 const RENEW_RETRY: Duration = Duration::from_secs(5);

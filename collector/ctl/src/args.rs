@@ -327,7 +327,7 @@ pub enum DetectionsCmd {
         #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
         until: Option<std::time::SystemTime>,
         /// Only this kind.
-        #[arg(long, value_parser = ["yara", "hash", "filename", "process", "connection"])]
+        #[arg(long, value_parser = ["yara", "hash", "filename", "process", "connection", "agent"])]
         kind: Option<String>,
         /// Only this rule or indicator.
         #[arg(long)]

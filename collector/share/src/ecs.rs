@@ -7,6 +7,16 @@ use vedette_proto::{action_name, kind_name};
 
 use crate::ts;
 
+/// The ECS `event.category` of a detection kind.
+fn category(kind: i32) -> &'static str {
+    match DetectionKind::try_from(kind) {
+        Ok(DetectionKind::Connection) => "network",
+        Ok(DetectionKind::Process) => "process",
+        Ok(DetectionKind::Agent) => "host",
+        _ => "malware",
+    }
+}
+
 /// One ECS document (Elastic Common Schema 8) per detection, for SIEMs.
 pub fn document(s: &StoredDetection) -> Value {
     let d = s.detection.clone().unwrap_or_default();
@@ -15,11 +25,7 @@ pub fn document(s: &StoredDetection) -> Value {
         "@timestamp": ts(d.observed_at_ms),
         "event": {
             "kind": "alert",
-            "category": [match DetectionKind::try_from(d.kind) {
-                Ok(DetectionKind::Connection) => "network",
-                Ok(DetectionKind::Process) => "process",
-                _ => "malware",
-            }],
+            "category": [category(d.kind)],
             "type": ["indicator"],
             "id": d.id,
             "action": action_name(d.action),

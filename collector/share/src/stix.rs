@@ -65,7 +65,8 @@ fn observed_pattern(d: &Detection) -> String {
             };
             format!("[{kind}:value = {}]", quote(&c.remote_addr))
         }
-        None => format!("[file:name = {}]", quote(&d.rule)),
+        // About the agent itself (gone silent): nothing observed but the rule.
+        None => rule(),
     }
 }
 

@@ -206,6 +206,7 @@ fn write_collector_config(
         shutdown_grace: Some("10s".into()),
         token_ttl: Some("1h".into()),
         retention: None,
+        silent_after: None,
         maintainer_keys: maintainer_keys.iter().map(|k| k.into()).collect(),
         insecure_allow_unsigned_bundles: false,
         intel: None,

@@ -603,6 +603,7 @@ impl AdminService for AdminSvc {
                 counters: r.counters.into_iter().collect(),
                 org: r.org,
                 clock_skew_ms: r.clock_skew_ms,
+                stopped_at_ms: r.stopped_at_ms,
             })
             .collect();
         Ok(Response::new(ListAgentsResponse { agents }))

@@ -519,6 +519,13 @@ async fn on_message(state: &State, agent_id: &str, msg: Msg, tx: &Down) -> Resul
             })
             .await?;
         }
+        Msg::Goodbye(g) => {
+            let reason: String = g.reason.chars().take(64).collect();
+            info!(agent = %agent_id, reason = %vedette_ops::output::printable(&reason), "agent stopped");
+            blocking(&state.store, move |s| s.agent_stopped(&id, now_ms())).await?;
+            // Recorded: closing the stream tells the agent so.
+            return Ok(false);
+        }
     }
     Ok(true)
 }

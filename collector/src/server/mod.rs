@@ -5,6 +5,7 @@ mod admin;
 mod agent;
 pub mod console;
 mod guard;
+mod silence;
 pub mod throttle;
 pub mod tls;
 
@@ -189,6 +190,9 @@ pub async fn serve(
     start_intel_and_export(&config, &state, &shutdown);
     if let Some(keep) = config.retention {
         tokio::spawn(retention(state.clone(), keep));
+    }
+    if let Some(after) = config.silent_after {
+        tokio::spawn(silence::watch(state.clone(), after));
     }
     if let Some(addr) = config.metrics_listen {
         let metrics = vedette_ops::metrics::bind(addr)

@@ -318,6 +318,9 @@ pub trait Store: Send + Sync {
 
     fn agent_disconnected(&self, id: &str, now_ms: i64) -> Result<(), StoreError>;
 
+    /// Records that an agent said goodbye (a clean stop); cleared when it connects again.
+    fn agent_stopped(&self, id: &str, now_ms: i64) -> Result<(), StoreError>;
+
     /// Marks an agent revoked. Returns false when no such agent exists.
     fn revoke_agent(&self, id: &str, now_ms: i64) -> Result<bool, StoreError>;
 
@@ -624,6 +627,8 @@ pub struct AgentRow {
     pub bundle_error: String,
     /// The agent's clock less the collector's at its last heartbeat, in ms.
     pub clock_skew_ms: i64,
+    /// When it said goodbye; 0 since it connected again.
+    pub stopped_at_ms: i64,
 }
 
 /// A published rule bundle. `content` and `signature` are empty in listings.

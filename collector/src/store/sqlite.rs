@@ -143,8 +143,9 @@ const MIGRATIONS: &[&str] = &[
         count INTEGER NOT NULL,
         since_ms INTEGER NOT NULL
     );",
-    // 10: how far each agent's clock is from the collector's.
-    "ALTER TABLE agents ADD COLUMN clock_skew_ms INTEGER NOT NULL DEFAULT 0;",
+    // 10: how far each agent's clock is from the collector's, and when it said goodbye.
+    "ALTER TABLE agents ADD COLUMN clock_skew_ms INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE agents ADD COLUMN stopped_at_ms INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// Counts one sign-in attempt against a key (`key`, `now_ms`, `window_ms`): a new window when
@@ -526,7 +527,7 @@ impl Store for SqliteStore {
         self.conn().execute(
             "UPDATE agents SET hostname = ?2, os = ?3, kernel = ?4, arch = ?5, agent_version = ?6,
                 first_seen_ms = CASE WHEN first_seen_ms = 0 THEN ?7 ELSE first_seen_ms END,
-                last_seen_ms = ?7, connected = 1,
+                last_seen_ms = ?7, connected = 1, stopped_at_ms = 0,
                 bundle_applied_at_ms = CASE WHEN bundle_version != ?8 THEN ?7 ELSE bundle_applied_at_ms END,
                 bundle_version = ?8
              WHERE id = ?1",
@@ -567,6 +568,14 @@ impl Store for SqliteStore {
                 clock_skew_ms = ?5
              WHERE id = ?1",
             params![id, now_ms, dropped_total as i64, counters, clock_skew_ms],
+        )?;
+        Ok(())
+    }
+
+    fn agent_stopped(&self, id: &str, now_ms: i64) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE agents SET stopped_at_ms = ?2 WHERE id = ?1",
+            params![id, now_ms],
         )?;
         Ok(())
     }
@@ -1063,7 +1072,7 @@ impl Store for SqliteStore {
 const AGENT_SELECT: &str = "SELECT id, hostname, os, kernel, arch, agent_version, enrolled_at_ms,
     first_seen_ms, last_seen_ms, connected, revoked_at_ms IS NOT NULL, bundle_version,
     bundle_applied_at_ms, dropped_total, counters, bundle_failed_version, bundle_error, org,
-    clock_skew_ms
+    clock_skew_ms, stopped_at_ms
     FROM agents";
 
 const BUNDLE_SELECT: &str = "SELECT version, name, created_at_ms, publisher, published_by,
@@ -1108,6 +1117,7 @@ fn agent_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentRow> {
         bundle_error: r.get(16)?,
         org: r.get(17)?,
         clock_skew_ms: r.get(18)?,
+        stopped_at_ms: r.get(19)?,
     })
 }
 

@@ -207,6 +207,7 @@ pub fn agent_json(a: &AgentInfo) -> serde_json::Value {
         "dropped_total": a.dropped_total,
         "counters": a.counters.iter().collect::<std::collections::BTreeMap<_, _>>(),
         "clock_skew_ms": a.clock_skew_ms,
+        "stopped_at": (a.stopped_at_ms != 0).then(|| rfc3339_ms(a.stopped_at_ms)),
     })
 }
 
@@ -232,12 +233,14 @@ pub fn clock_skew(a: &AgentInfo) -> Option<String> {
     Some(format!("clock {how} {way}"))
 }
 
-/// connected, disconnected, never-seen or revoked.
+/// connected, stopped (said goodbye), disconnected, never-seen or revoked.
 pub fn agent_state(a: &AgentInfo) -> &'static str {
     if a.revoked {
         "revoked"
     } else if a.connected {
         "connected"
+    } else if a.stopped_at_ms != 0 {
+        "stopped"
     } else if a.first_seen_ms == 0 {
         "never-seen"
     } else {

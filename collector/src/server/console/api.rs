@@ -47,7 +47,7 @@ impl IntoResponse for Failure {
 pub struct DetectionQuery {
     pub agent: String,
     pub rule: String,
-    /// yara, hash, filename, process, connection.
+    /// yara, hash, filename, process, connection, agent.
     pub kind: String,
     /// RFC 3339 (`2026-11-27T10:00:00Z`), `2026-11-27T10:00` (UTC), or ms since the epoch.
     pub since: String,
@@ -62,7 +62,7 @@ pub struct DetectionQuery {
 pub fn parse_kind(name: &str) -> Result<i32, Failure> {
     vedette_proto::kind_from_name(name).ok_or_else(|| {
         Failure::bad_request(format!(
-            "`kind`: `{name}` is not one of yara, hash, filename, process, connection"
+            "`kind`: `{name}` is not one of yara, hash, filename, process, connection, agent"
         ))
     })
 }

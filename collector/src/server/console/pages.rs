@@ -24,7 +24,7 @@ use super::{Console, Failure};
 /// Largest bundle file the diff compares line by line.
 const MAX_DIFF_FILE: usize = 2 * 1024 * 1024;
 
-const KINDS: &[&str] = &["yara", "hash", "filename", "process", "connection"];
+const KINDS: &[&str] = &["yara", "hash", "filename", "process", "connection", "agent"];
 
 impl Failure {
     fn page(self) -> Response {

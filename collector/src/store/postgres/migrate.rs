@@ -131,8 +131,9 @@ const MIGRATIONS: &[&str] = &[
         count BIGINT NOT NULL,
         since_ms BIGINT NOT NULL
     );",
-    // 8: how far each agent's clock is from the collector's.
-    "ALTER TABLE agents ADD COLUMN clock_skew_ms BIGINT NOT NULL DEFAULT 0;",
+    // 8: how far each agent's clock is from the collector's, and when it said goodbye.
+    "ALTER TABLE agents ADD COLUMN clock_skew_ms BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE agents ADD COLUMN stopped_at_ms BIGINT NOT NULL DEFAULT 0;",
 ];
 
 /// The advisory lock key migrations run under ("vedette" in ASCII).

@@ -429,7 +429,7 @@ impl Store for PgStore {
                 "UPDATE agents SET hostname = $2, os = $3, kernel = $4, arch = $5,
                     agent_version = $6,
                     first_seen_ms = CASE WHEN first_seen_ms = 0 THEN $7 ELSE first_seen_ms END,
-                    last_seen_ms = $7, connected = TRUE,
+                    last_seen_ms = $7, connected = TRUE, stopped_at_ms = 0,
                     bundle_applied_at_ms = CASE WHEN bundle_version != $8 THEN $7
                         ELSE bundle_applied_at_ms END,
                     bundle_version = $8
@@ -480,6 +480,16 @@ impl Store for PgStore {
                     &counters,
                     &clock_skew_ms,
                 ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn agent_stopped(&self, id: &str, now_ms: i64) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE agents SET stopped_at_ms = $2 WHERE id = $1",
+                &[&id, &now_ms],
             )?;
             Ok(())
         })
@@ -1029,7 +1039,7 @@ impl Columns {
 const AGENT_SELECT: &str = "SELECT id, hostname, os, kernel, arch, agent_version, enrolled_at_ms,
     first_seen_ms, last_seen_ms, connected, revoked_at_ms IS NOT NULL, bundle_version,
     bundle_applied_at_ms, dropped_total, counters, bundle_failed_version, bundle_error, org,
-    clock_skew_ms
+    clock_skew_ms, stopped_at_ms
     FROM agents";
 
 const BUNDLE_SELECT: &str = "SELECT version, name, created_at_ms, publisher, published_by,
@@ -1074,6 +1084,7 @@ fn agent_from_row(r: &Row) -> AgentRow {
         bundle_error: r.get(16),
         org: r.get(17),
         clock_skew_ms: r.get(18),
+        stopped_at_ms: r.get(19),
     }
 }
 
