@@ -286,21 +286,7 @@ impl Shipper {
         loop {
             let draining = shutdown.is_cancelled();
             if draining && let Some(end) = self.drained(&s) {
-                // A clean stop: the collector records it, and does not take the silence that
-                // follows for a killed or frozen agent.
-                let bye = AgentMessage {
-                    msg: Some(Msg::Goodbye(Goodbye {
-                        reason: "stopped".into(),
-                    })),
-                };
-                // The collector closes the stream once it has recorded it; the process may end
-                // only then, or the goodbye could be lost unsent.
-                if up.send(bye).await.is_ok() {
-                    let _ = tokio::time::timeout(GOODBYE_WAIT, async {
-                        while let Some(Ok(_)) = down.next().await {}
-                    })
-                    .await;
-                }
+                goodbye(&up, &mut down).await;
                 return end;
             }
             // A batch that is not full waits for LINGER after the previous one.
@@ -459,6 +445,26 @@ impl Shipper {
             })),
         };
         let _ = up.try_send(hb);
+    }
+}
+
+/// Says goodbye at a clean stop: the collector records it, and does not take the silence that
+/// follows for a killed or frozen agent. It closes the stream once it has recorded it; the
+/// process may end only then, or the goodbye could be lost unsent.
+async fn goodbye<D>(up: &Up, down: &mut D)
+where
+    D: Stream<Item = Result<CollectorMessage, Status>> + Unpin,
+{
+    let bye = AgentMessage {
+        msg: Some(Msg::Goodbye(Goodbye {
+            reason: "stopped".into(),
+        })),
+    };
+    if up.send(bye).await.is_ok() {
+        let _ = tokio::time::timeout(GOODBYE_WAIT, async {
+            while let Some(Ok(_)) = down.next().await {}
+        })
+        .await;
     }
 }
 
