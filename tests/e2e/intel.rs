@@ -3,6 +3,8 @@
 //! detections carrying each indicator's provenance back.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -683,8 +685,24 @@ fn sightings_reach_a_taxii_collection_that_refused_for_a_while() {
     let dir = tempfile::tempdir().unwrap();
     let tmp = dir.path();
     let sightings = "5197b5c3-0000-4a6b-8c9d-0e1f2a3b4c5d";
-    // The server is down at first: its port is chosen, nothing listens yet.
-    let port = vedette_tests::free_port();
+    // The server is down at first: its port is held by a listener that closes every
+    // connection at once (so no other test's server can take the port meanwhile).
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    holder.set_nonblocking(true).unwrap();
+    let port = holder.local_addr().unwrap().port();
+    let refusing = Arc::new(AtomicBool::new(true));
+    let refuser = {
+        let refusing = refusing.clone();
+        std::thread::spawn(move || {
+            while refusing.load(Ordering::Relaxed) {
+                match holder.accept() {
+                    Ok((conn, _)) => drop(conn),
+                    // Polled: the listener is non-blocking so that the thread sees the flag.
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        })
+    };
     let api_root = format!("http://127.0.0.1:{port}/api1/");
     let mut c = Collector::init(&tmp.join("collector"));
     configure(
@@ -699,7 +717,19 @@ fn sightings_reach_a_taxii_collection_that_refused_for_a_while() {
     let mut agent = Agent::enroll(&c, &tmp.join("agent"));
     let watch = tmp.join("watch");
     std::fs::create_dir(&watch).unwrap();
-    agent.run(&c, &["--watch", watch.to_str().unwrap()]);
+    // Files only: processes that run deleted executables elsewhere on the host would be
+    // sightings too, and the server pages two objects at a time.
+    let config = tmp.join("agent.toml");
+    std::fs::write(&config, "processes = false\n").unwrap();
+    agent.run(
+        &c,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--watch",
+            watch.to_str().unwrap(),
+        ],
+    );
     let stix = tmp.join("bundle.json");
     let id = "indicator--5197b5c3-0000-4000-8000-000000000001";
     std::fs::write(
@@ -736,6 +766,8 @@ fn sightings_reach_a_taxii_collection_that_refused_for_a_while() {
         },
     );
 
+    refusing.store(false, Ordering::Relaxed);
+    refuser.join().unwrap();
     let Some((_server, started_root)) =
         medallion_on(tmp, port, json!([taxii_collection(sightings, &[])]), 2)
     else {
