@@ -44,6 +44,10 @@ pub struct RawConfig {
     /// `vedette.agent_silent` detection, e.g. `5m` (default); `0s`: never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub silent_after: Option<String>,
+    /// An agent that still runs an older bundle this long after a newer one was published
+    /// becomes a `vedette.agent_stale_bundle` detection, e.g. `1h` (default); `0s`: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_after: Option<String>,
     /// Default lifetime of enrollment tokens, e.g. `1h`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_ttl: Option<String>,
@@ -673,6 +677,8 @@ pub struct Config {
     pub retention: Option<Duration>,
     /// None: silent agents are not reported.
     pub silent_after: Option<Duration>,
+    /// None: agents behind on bundles are not reported.
+    pub stale_after: Option<Duration>,
     pub maintainer_keys: Vec<vedette_engine::bundle::PublicKey>,
     pub insecure_allow_unsigned_bundles: bool,
     pub intel_sources: Vec<IntelSourceConfig>,
@@ -728,6 +734,10 @@ struct Addresses {
     console_listen: Option<SocketAddr>,
 }
 
+/// How long an agent may run an older bundle than the latest before it is reported
+/// (`stale_after`).
+pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(3600);
+
 /// How long an agent may send nothing before it is reported silent (`silent_after`).
 pub const DEFAULT_SILENT_AFTER: Duration = Duration::from_secs(300);
 
@@ -737,6 +747,7 @@ struct Times {
     token_ttl: Duration,
     retention: Option<Duration>,
     silent_after: Option<Duration>,
+    stale_after: Option<Duration>,
 }
 
 impl RawExport {
@@ -844,6 +855,7 @@ impl RawConfig {
             token_ttl: times.token_ttl,
             retention: times.retention,
             silent_after: times.silent_after,
+            stale_after: times.stale_after,
             maintainer_keys,
             insecure_allow_unsigned_bundles: self.insecure_allow_unsigned_bundles,
             intel_sources,
@@ -907,6 +919,8 @@ impl RawConfig {
         let token_ttl = duration("token_ttl", &self.token_ttl, Duration::from_secs(3600));
         let silent_after = duration("silent_after", &self.silent_after, DEFAULT_SILENT_AFTER);
         let silent_after = (!silent_after.is_zero()).then_some(silent_after);
+        let stale_after = duration("stale_after", &self.stale_after, DEFAULT_STALE_AFTER);
+        let stale_after = (!stale_after.is_zero()).then_some(stale_after);
         let retention = self
             .retention
             .as_ref()
@@ -928,6 +942,7 @@ impl RawConfig {
             token_ttl,
             retention,
             silent_after,
+            stale_after,
         }
     }
 }

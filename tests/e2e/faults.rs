@@ -404,10 +404,61 @@ fn a_frozen_or_killed_agent_is_reported_silent_and_a_stopped_one_is_not() {
     assert_eq!(stopped["state"], "stopped", "{stopped}");
     // Reported once, however often the collector looks.
     let log = c.proc.as_ref().unwrap().log_text();
+    let reported = log
+        .lines()
+        .filter(|l| l.contains("agent reported as a detection") && l.contains("agent_silent"))
+        .count();
+    assert_eq!(reported, 2, "{log}");
+    agents[1].0.proc.as_ref().unwrap().signal("CONT");
+}
+
+#[test]
+fn an_agent_that_stays_behind_the_latest_bundle_is_reported_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = Collector::init(&tmp.path().join("collector"));
+    let toml = c.dir.join("collector.toml");
+    let text = std::fs::read_to_string(&toml).unwrap();
+    std::fs::write(&toml, format!("stale_after = \"2s\"\n{text}")).unwrap();
+    c.start();
+    // The agent pins a maintainer key of its own; the bundle comes signed by another one the
+    // collector trusts, so the agent refuses it and stays on what it had.
+    let alice = tmp.path().join("alice");
+    c.ctl_ok(&["keys", "generate", "--out", alice.to_str().unwrap()]);
+    let alice_pub = tmp.path().join("alice.pub");
+    let mut agent = Agent::enroll_with(
+        &c,
+        &tmp.path().join("agent"),
+        &["--maintainer-key", alice_pub.to_str().unwrap()],
+    );
+    let watch = tmp.path().join("watch");
+    std::fs::create_dir(&watch).unwrap();
+    let config = tmp.path().join("agent.toml");
+    let rules = rule_dir(&tmp.path().join("rules"), RULE, MARKER);
+    vedette_tests::watch_config(&config, &watch, &rules, "");
+    agent.run(&c, &["--config", config.to_str().unwrap()]);
+    let v1 = rule_dir(&tmp.path().join("v1"), "bundle_rule", "VEDETTE-STALE");
+    c.ctl_ok(&["rules", "publish", v1.to_str().unwrap()]);
+    let found = wait_for(Duration::from_secs(60), "the stale agent reported", || {
+        let d: Vec<serde_json::Value> = c
+            .detections()
+            .into_iter()
+            .filter(|d| d["rule"] == "vedette.agent_stale_bundle")
+            .collect();
+        (!d.is_empty()).then_some(d)
+    });
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["agent_id"], agent.id.as_str());
+    let what = found[0]["description"].as_str().unwrap_or_default();
+    assert!(
+        what.contains("runs bundle version 0 while version 1")
+            && what.contains("failed to apply version 1"),
+        "{what}"
+    );
+    // Once per version, however often the collector looks.
+    let log = c.proc.as_ref().unwrap().log_text();
     assert_eq!(
-        log.matches("agent silent without a goodbye").count(),
-        2,
+        log.matches("agent reported as a detection").count(),
+        1,
         "{log}"
     );
-    agents[1].0.proc.as_ref().unwrap().signal("CONT");
 }

@@ -207,6 +207,7 @@ fn write_collector_config(
         token_ttl: Some("1h".into()),
         retention: None,
         silent_after: None,
+        stale_after: None,
         maintainer_keys: maintainer_keys.iter().map(|k| k.into()).collect(),
         insecure_allow_unsigned_bundles: false,
         intel: None,

@@ -191,8 +191,12 @@ pub async fn serve(
     if let Some(keep) = config.retention {
         tokio::spawn(retention(state.clone(), keep));
     }
-    if let Some(after) = config.silent_after {
-        tokio::spawn(silence::watch(state.clone(), after));
+    if config.silent_after.is_some() || config.stale_after.is_some() {
+        let limits = silence::Limits {
+            silent_after: config.silent_after,
+            stale_after: config.stale_after,
+        };
+        tokio::spawn(silence::watch(state.clone(), limits));
     }
     if let Some(addr) = config.metrics_listen {
         let metrics = vedette_ops::metrics::bind(addr)

@@ -4,9 +4,13 @@
 //! the agent on one host is seen centrally. A clean stop (the agent's Goodbye) is recorded as
 //! such and raises nothing.
 //!
-//! Each silence is reported once: the detection's id is derived from the agent and the time it
-//! was last heard from, so every collector sharing a store may look, and a restarted one looks
-//! again, without a second report.
+//! An agent that still runs an older bundle `stale_after` after a newer one was published (it
+//! refused it, or cannot compile it, or someone keeps it from updating) becomes a
+//! `vedette.agent_stale_bundle` detection the same way.
+//!
+//! Each is reported once: the detection's id is derived from the agent and the time it was
+//! last heard from (or the version it is behind), so every collector sharing a store may look,
+//! and a restarted one looks again, without a second report.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,18 +20,33 @@ use vedette_ops::output::rfc3339_ms;
 use vedette_proto::v1::{Detection, DetectionKind, IndicatorRef};
 
 use super::{State, blocking};
-use crate::store::{AgentRow, now_ms};
+use crate::store::{AgentRow, BundleRow, now_ms};
 
 /// The rule name of a silent agent's detection.
 pub const SILENT_RULE: &str = "vedette.agent_silent";
 
+/// The rule name of the detection of an agent behind on bundles.
+pub const STALE_RULE: &str = "vedette.agent_stale_bundle";
+
+/// What makes an agent worth reporting; None: not looked for.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Limits {
+    pub silent_after: Option<Duration>,
+    pub stale_after: Option<Duration>,
+}
+
 /// Namespace of the ids of silence detections.
 const NAMESPACE: uuid::Uuid = uuid::uuid!("6f1d2a7e-93b4-5c0a-8e21-766564657474");
 
-/// Looks for silent agents every tenth of `after` (at least every second, at most every
-/// minute) until the collector stops.
-pub(super) async fn watch(state: Arc<State>, after: Duration) {
-    let every = (after / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+/// Looks for silent and stale agents every tenth of the shorter limit (at least every second,
+/// at most every minute) until the collector stops.
+pub(super) async fn watch(state: Arc<State>, limits: Limits) {
+    let shortest = [limits.silent_after, limits.stale_after]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(Duration::from_secs(600));
+    let every = (shortest / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
     loop {
         tokio::select! {
             () = state.shutdown.cancelled() => return,
@@ -36,20 +55,91 @@ pub(super) async fn watch(state: Arc<State>, after: Duration) {
         let Ok(agents) = blocking(&state.store, |s| s.list_agents()).await else {
             continue;
         };
+        let latest = match limits.stale_after {
+            Some(_) => blocking(&state.store, |s| s.list_bundles())
+                .await
+                .ok()
+                .and_then(|b| b.into_iter().max_by_key(|b| b.version)),
+            None => None,
+        };
         let now = now_ms();
-        for a in agents.iter().filter(|a| silent(a, after, now)) {
-            let d = detection(a, now);
-            let id = a.id.clone();
-            match blocking(&state.store, move |s| s.insert_detections(&id, &[d], now)).await {
-                Ok(0) | Err(_) => {}
-                Ok(_) => warn!(
-                    agent = %a.id,
-                    hostname = %vedette_ops::output::printable(&a.hostname),
-                    last_seen = %rfc3339_ms(a.last_seen_ms),
-                    "agent silent without a goodbye: reported as a detection"
-                ),
+        for a in &agents {
+            let found = limits
+                .silent_after
+                .filter(|after| silent(a, *after, now))
+                .map(|_| silent_detection(a, now))
+                .or_else(|| {
+                    let (after, latest) = (limits.stale_after?, latest.as_ref()?);
+                    stale(a, latest, after, now).then(|| stale_detection(a, latest, now))
+                });
+            if let Some(d) = found {
+                report(&state, a, d, now).await;
             }
         }
+    }
+}
+
+/// Stores a detection about agent `a`, and logs it the first time.
+async fn report(state: &State, a: &AgentRow, d: Detection, now: i64) {
+    let (id, rule) = (a.id.clone(), d.rule.clone());
+    match blocking(&state.store, move |s| s.insert_detections(&id, &[d], now)).await {
+        Ok(0) | Err(_) => {}
+        Ok(_) => warn!(
+            agent = %a.id,
+            hostname = %vedette_ops::output::printable(&a.hostname),
+            last_seen = %rfc3339_ms(a.last_seen_ms),
+            bundle_version = a.bundle_version,
+            rule = %rule,
+            "agent reported as a detection"
+        ),
+    }
+}
+
+/// Whether an agent heard from runs an older bundle than `latest`, published longer than
+/// `after` ago.
+fn stale(a: &AgentRow, latest: &BundleRow, after: Duration, now_ms: i64) -> bool {
+    !a.revoked
+        && a.first_seen_ms != 0
+        && a.bundle_version < latest.version
+        && now_ms.saturating_sub(latest.published_at_ms) > after.as_millis() as i64
+}
+
+/// The detection of an agent still on an older bundle than `latest`.
+fn stale_detection(a: &AgentRow, latest: &BundleRow, now_ms: i64) -> Detection {
+    let id = uuid::Uuid::new_v5(
+        &NAMESPACE,
+        format!("{}|stale|{}", a.id, latest.version).as_bytes(),
+    );
+    let why = if a.bundle_failed_version != 0 {
+        format!(
+            "; it failed to apply version {}: {}",
+            a.bundle_failed_version, a.bundle_error
+        )
+    } else {
+        String::new()
+    };
+    Detection {
+        id: id.to_string(),
+        kind: DetectionKind::Agent as i32,
+        rule: STALE_RULE.into(),
+        source: "vedette".into(),
+        score: 50,
+        description: format!(
+            "agent on {} runs bundle version {} while version {} was published at {}{why}",
+            a.hostname,
+            a.bundle_version,
+            latest.version,
+            rfc3339_ms(latest.published_at_ms)
+        ),
+        observed_at_ms: now_ms,
+        indicator: Some(IndicatorRef {
+            source: "vedette".into(),
+            id: STALE_RULE.into(),
+            origin: "built-in".into(),
+            ..Default::default()
+        }),
+        techniques: vec!["T1562.001".into()],
+        ..Default::default()
     }
 }
 
@@ -63,7 +153,7 @@ fn silent(a: &AgentRow, after: Duration, now_ms: i64) -> bool {
 }
 
 /// The detection of an agent silent since it was last heard from.
-fn detection(a: &AgentRow, now_ms: i64) -> Detection {
+fn silent_detection(a: &AgentRow, now_ms: i64) -> Detection {
     let id = uuid::Uuid::new_v5(
         &NAMESPACE,
         format!("{}|{}", a.id, a.last_seen_ms).as_bytes(),
@@ -135,11 +225,56 @@ mod tests {
             302_000
         ));
         // The same silence, the same id; a later one, another.
-        assert_eq!(detection(&a, 302_000).id, detection(&a, 900_000).id);
+        assert_eq!(
+            silent_detection(&a, 302_000).id,
+            silent_detection(&a, 900_000).id
+        );
         let later = AgentRow {
             last_seen_ms: 5_000,
             ..a.clone()
         };
-        assert_ne!(detection(&later, 302_000).id, detection(&a, 302_000).id);
+        assert_ne!(
+            silent_detection(&later, 302_000).id,
+            silent_detection(&a, 302_000).id
+        );
+    }
+
+    #[test]
+    fn an_agent_behind_the_latest_bundle_long_enough_is_stale_once_per_version() {
+        let after = Duration::from_secs(3600);
+        let a = AgentRow {
+            id: "a".into(),
+            first_seen_ms: 1,
+            bundle_version: 2,
+            ..Default::default()
+        };
+        let v3 = BundleRow {
+            version: 3,
+            published_at_ms: 1_000,
+            ..Default::default()
+        };
+        assert!(!stale(&a, &v3, after, 3_600_000));
+        assert!(stale(&a, &v3, after, 3_602_000));
+        assert!(!stale(
+            &AgentRow {
+                bundle_version: 3,
+                ..a.clone()
+            },
+            &v3,
+            after,
+            9_000_000
+        ));
+        let v4 = BundleRow {
+            version: 4,
+            ..v3.clone()
+        };
+        assert_eq!(
+            stale_detection(&a, &v3, 1).id,
+            stale_detection(&a, &v3, 2).id
+        );
+        assert_ne!(
+            stale_detection(&a, &v3, 1).id,
+            stale_detection(&a, &v4, 1).id
+        );
     }
 }
