@@ -58,15 +58,9 @@ impl Peer {
         if let Some(OnBehalfOf(id)) = request.extensions().get::<OnBehalfOf>() {
             return Ok(id.clone());
         }
-        let certs = request
-            .extensions()
-            .get::<TlsConnectInfo<TcpConnectInfo>>()
-            .and_then(|info| info.peer_certs())
+        let leaf = Peer::leaf_der(request)
             .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-        let leaf = certs
-            .first()
-            .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-        Peer::from_der(leaf.as_ref())
+        Peer::from_der(&leaf)
             .ok_or_else(|| Status::permission_denied("the client certificate names no identity"))
     }
 

@@ -49,6 +49,15 @@ fn store_errors_counted(c: &Collector) {
     );
 }
 
+/// A collector whose configuration starts with `line` (a top-level key), not started.
+fn collector_with(dir: &Path, line: &str) -> Collector {
+    let c = Collector::init(dir);
+    let toml = c.dir.join("collector.toml");
+    let text = std::fs::read_to_string(&toml).unwrap();
+    std::fs::write(&toml, format!("{line}\n{text}")).unwrap();
+    c
+}
+
 /// An enrolled agent watching a directory of its own for the marker rule, running.
 fn agent(c: &Collector, dir: &Path, rules: &Path) -> (Agent, PathBuf) {
     let mut agent = Agent::enroll(c, &dir.join("state"));
@@ -358,10 +367,7 @@ fn agents_an_hour_ahead_or_behind_deliver_and_show_their_skew() {
 #[test]
 fn a_frozen_or_killed_agent_is_reported_silent_and_a_stopped_one_is_not() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut c = Collector::init(&tmp.path().join("collector"));
-    let toml = c.dir.join("collector.toml");
-    let text = std::fs::read_to_string(&toml).unwrap();
-    std::fs::write(&toml, format!("silent_after = \"3s\"\n{text}")).unwrap();
+    let mut c = collector_with(&tmp.path().join("collector"), "silent_after = \"3s\"");
     c.start();
     let rules = rule_dir(&tmp.path().join("rules"), RULE, MARKER);
     let mut agents: Vec<(Agent, PathBuf)> = ["stopped", "frozen", "killed"]
@@ -415,10 +421,7 @@ fn a_frozen_or_killed_agent_is_reported_silent_and_a_stopped_one_is_not() {
 #[test]
 fn an_agent_that_stays_behind_the_latest_bundle_is_reported_once() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut c = Collector::init(&tmp.path().join("collector"));
-    let toml = c.dir.join("collector.toml");
-    let text = std::fs::read_to_string(&toml).unwrap();
-    std::fs::write(&toml, format!("stale_after = \"2s\"\n{text}")).unwrap();
+    let mut c = collector_with(&tmp.path().join("collector"), "stale_after = \"2s\"");
     c.start();
     // The agent pins a maintainer key of its own; the bundle comes signed by another one the
     // collector trusts, so the agent refuses it and stays on what it had.

@@ -50,16 +50,23 @@ pub(crate) fn detection(c: &Collector, what: &str, f: impl Fn(&Value) -> bool) -
     })
 }
 
-#[test]
-fn stix_and_misp_indicators_reach_agents_and_detections_carry_their_provenance() {
-    let dir = tempfile::tempdir().unwrap();
-    let tmp = dir.path();
+/// A running collector under `tmp`, and an enrolled agent connected to it that watches
+/// `tmp/watch`.
+fn watched(tmp: &Path) -> (Collector, Agent, std::path::PathBuf) {
     let mut c = Collector::init(&tmp.join("collector"));
     c.start();
     let mut agent = Agent::enroll(&c, &tmp.join("agent"));
     let watch = tmp.join("watch");
     std::fs::create_dir(&watch).unwrap();
     agent.run(&c, &["--watch", watch.to_str().unwrap()]);
+    (c, agent, watch)
+}
+
+#[test]
+fn stix_and_misp_indicators_reach_agents_and_detections_carry_their_provenance() {
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path();
+    let (c, _agent, watch) = watched(tmp);
 
     // A rule bundle first: intel publishing keeps its files.
     let rules = vedette_tests::rule_dir(&tmp.join("rules"), "fleet_rule", "VEDETTE-FLEET-RULE");
@@ -249,12 +256,7 @@ fn exports_of_file_process_and_connection_detections_pass_the_peer_tools() {
     }
     let dir = tempfile::tempdir().unwrap();
     let tmp = dir.path();
-    let mut c = Collector::init(&tmp.join("collector"));
-    c.start();
-    let mut agent = Agent::enroll(&c, &tmp.join("agent"));
-    let watch = tmp.join("watch");
-    std::fs::create_dir(&watch).unwrap();
-    agent.run(&c, &["--watch", watch.to_str().unwrap()]);
+    let (c, agent, watch) = watched(tmp);
     let _conn = connection_to("127.0.0.77");
 
     let stix = tmp.join("c2.json");
@@ -1094,12 +1096,7 @@ fn a_misp_feed_made_with_pymisp_is_imported_and_polled_honouring_to_ids() {
 fn publishing_rules_after_intel_keeps_the_intel_firing() {
     let dir = tempfile::tempdir().unwrap();
     let tmp = dir.path();
-    let mut c = Collector::init(&tmp.join("collector"));
-    c.start();
-    let mut agent = Agent::enroll(&c, &tmp.join("agent"));
-    let watch = tmp.join("watch");
-    std::fs::create_dir(&watch).unwrap();
-    agent.run(&c, &["--watch", watch.to_str().unwrap()]);
+    let (c, _agent, watch) = watched(tmp);
     let on_version = |v: u64| {
         wait_for(
             Duration::from_secs(30),

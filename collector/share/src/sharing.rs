@@ -374,10 +374,8 @@ pub fn stix_objects(
         let Some(policy) = policy(&s.org) else {
             continue;
         };
-        let shared = match policy.share {
-            Share::None => continue,
-            Share::Full => s.clone(),
-            Share::Anonymised => anonymise(s),
+        let Some(shared) = under(s, policy.share) else {
+            continue;
         };
         let marking = policy.tlp.marking_id();
         let made_by = policy.identity_objects();
@@ -414,12 +412,17 @@ pub fn shared_detections(
 ) -> Vec<StoredDetection> {
     detections
         .iter()
-        .filter_map(|s| match policy(&s.org)?.share {
-            Share::None => None,
-            Share::Full => Some(s.clone()),
-            Share::Anonymised => Some(anonymise(s)),
-        })
+        .filter_map(|s| under(s, policy(&s.org)?.share))
         .collect()
+}
+
+/// What of a detection a policy lets out: all of it, its anonymised form, or nothing.
+fn under(s: &StoredDetection, share: Share) -> Option<StoredDetection> {
+    match share {
+        Share::None => None,
+        Share::Full => Some(s.clone()),
+        Share::Anonymised => Some(anonymise(s)),
+    }
 }
 
 /// The ECS document a sink writes for one detection under its organisation's policy; None

@@ -118,29 +118,14 @@ fn stale_detection(a: &AgentRow, latest: &BundleRow, now_ms: i64) -> Detection {
     } else {
         String::new()
     };
-    Detection {
-        id: id.to_string(),
-        kind: DetectionKind::Agent as i32,
-        rule: STALE_RULE.into(),
-        source: "vedette".into(),
-        score: 50,
-        description: format!(
-            "agent on {} runs bundle version {} while version {} was published at {}{why}",
-            a.hostname,
-            a.bundle_version,
-            latest.version,
-            rfc3339_ms(latest.published_at_ms)
-        ),
-        observed_at_ms: now_ms,
-        indicator: Some(IndicatorRef {
-            source: "vedette".into(),
-            id: STALE_RULE.into(),
-            origin: "built-in".into(),
-            ..Default::default()
-        }),
-        techniques: vec!["T1562.001".into()],
-        ..Default::default()
-    }
+    let description = format!(
+        "agent on {} runs bundle version {} while version {} was published at {}{why}",
+        a.hostname,
+        a.bundle_version,
+        latest.version,
+        rfc3339_ms(latest.published_at_ms)
+    );
+    about_agent(id, STALE_RULE, 50, description, now_ms)
 }
 
 /// Whether an agent has been silent for `after` at `now_ms`: seen once, not revoked, not
@@ -160,22 +145,34 @@ fn silent_detection(a: &AgentRow, now_ms: i64) -> Detection {
     );
     let silent_for = Duration::from_millis(now_ms.saturating_sub(a.last_seen_ms).max(0) as u64);
     let silent_for = humantime::format_duration(Duration::from_secs(silent_for.as_secs()));
+    let description = format!(
+        "agent on {} silent since {} ({silent_for}) without a goodbye: killed, frozen, or its \
+         host down or cut off",
+        a.hostname,
+        rfc3339_ms(a.last_seen_ms)
+    );
+    about_agent(id, SILENT_RULE, 70, description, now_ms)
+}
+
+/// A built-in detection about an agent itself (kind `agent`), found at `now_ms`.
+fn about_agent(
+    id: uuid::Uuid,
+    rule: &str,
+    score: u32,
+    description: String,
+    now_ms: i64,
+) -> Detection {
     Detection {
         id: id.to_string(),
         kind: DetectionKind::Agent as i32,
-        rule: SILENT_RULE.into(),
+        rule: rule.into(),
         source: "vedette".into(),
-        score: 70,
-        description: format!(
-            "agent on {} silent since {} ({silent_for}) without a goodbye: killed, frozen, or \
-             its host down or cut off",
-            a.hostname,
-            rfc3339_ms(a.last_seen_ms)
-        ),
+        score,
+        description,
         observed_at_ms: now_ms,
         indicator: Some(IndicatorRef {
             source: "vedette".into(),
-            id: SILENT_RULE.into(),
+            id: rule.into(),
             origin: "built-in".into(),
             ..Default::default()
         }),
