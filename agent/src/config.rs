@@ -91,7 +91,7 @@ pub enum ByteSize {
 
 impl ByteSize {
     /// Bytes, None for `off`.
-    fn bytes(&self) -> Result<Option<u64>, String> {
+    fn bytes(&self) -> Result<Option<u64>, SizeError> {
         let text = match self {
             ByteSize::Bytes(n) => return Ok(Some(*n)),
             ByteSize::Text(t) => t.trim(),
@@ -105,7 +105,7 @@ impl ByteSize {
         let (number, unit) = text.split_at(digits);
         let n: u64 = number
             .parse()
-            .map_err(|_| format!("`{text}` is not a size (e.g. `512MiB`, or `off`)"))?;
+            .map_err(|_| SizeError::NotASize(text.to_string()))?;
         let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
             "" | "b" => 1,
             "kib" | "k" => 1 << 10,
@@ -115,15 +115,27 @@ impl ByteSize {
             "mb" => 1_000_000,
             "gb" => 1_000_000_000,
             other => {
-                return Err(format!(
-                    "`{text}`: unknown unit `{other}` (B, KiB, MiB, GiB, KB, MB, GB)"
-                ));
+                return Err(SizeError::Unit {
+                    text: text.to_string(),
+                    unit: other.to_string(),
+                });
             }
         };
         n.checked_mul(scale)
             .map(Some)
-            .ok_or_else(|| format!("`{text}` is too large"))
+            .ok_or_else(|| SizeError::TooLarge(text.to_string()))
     }
+}
+
+/// Why a size is not one.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error("`{0}` is not a size (e.g. `512MiB`, or `off`)")]
+    NotASize(String),
+    #[error("`{text}`: unknown unit `{unit}` (B, KiB, MiB, GiB, KB, MB, GB)")]
+    Unit { text: String, unit: String },
+    #[error("`{0}` is too large")]
+    TooLarge(String),
 }
 
 /// `max_rss` when the configuration does not set it.

@@ -162,9 +162,7 @@ async fn serve_metrics(
     let Some(addr) = settings.metrics_listen else {
         return Ok(());
     };
-    let listener = vedette_ops::metrics::bind(addr)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let listener = vedette_ops::metrics::bind(addr).await?;
     info!(address = %addr, "serving metrics at /metrics");
     tokio::spawn(vedette_ops::metrics::serve(
         listener,

@@ -286,7 +286,10 @@ pub fn release_code_pages() -> std::io::Result<u64> {
 
 /// The read-only mappings of the file `(dev, ino)` in `/proc/PID/maps` text: start and end.
 fn executable_mappings(maps: &str, dev: u64, ino: u64) -> Vec<(usize, usize)> {
-    let (major, minor) = (u64::from(libc::major(dev)), u64::from(libc::minor(dev)));
+    let (major, minor) = (
+        u64::from(rustix::fs::major(dev)),
+        u64::from(rustix::fs::minor(dev)),
+    );
     maps.lines()
         .filter_map(|line| {
             let mut f = line.split_ascii_whitespace();

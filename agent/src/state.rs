@@ -276,9 +276,11 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), State
         .mode(mode)
         .open(&tmp)
         .map_err(failed(&tmp))?;
-    f.write_all(contents)
-        .and_then(|()| f.sync_all())
-        .map_err(failed(&tmp))?;
+    if let Err(e) = f.write_all(contents).and_then(|()| f.sync_all()) {
+        // A full disk is not made fuller by a half-written copy; the old file stays whole.
+        let _ = fs::remove_file(&tmp);
+        return Err(failed(&tmp)(e));
+    }
     fs::rename(&tmp, path).map_err(failed(path))?;
     if let Some(dir) = path.parent()
         && let Ok(d) = fs::File::open(dir)

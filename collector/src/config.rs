@@ -821,7 +821,7 @@ impl RawConfig {
         let tls = self.tls.validate(base, p);
         let times = self.times(p);
         let store = store_location(self.store.as_ref(), self.database.as_ref(), base)
-            .map_err(|e| p.push(e))
+            .map_err(|e| p.push(e.to_string()))
             .ok();
         let mut maintainer_keys = Vec::new();
         for key in &self.maintainer_keys {
@@ -952,43 +952,51 @@ fn store_location(
     store: Option<&RawStore>,
     database: Option<&PathBuf>,
     base: &Path,
-) -> Result<StoreLocation, String> {
+) -> Result<StoreLocation, StoreConfigError> {
     match (store, database) {
-        (Some(_), Some(_)) => {
-            Err("`database` and `[store]` both name a store: keep `[store]`".into())
-        }
-        (None, None) => Err(
-            "no store: add `[store]` with `url = \"sqlite:vedette.db\"` (or a `postgres://` URL)"
-                .into(),
-        ),
+        (Some(_), Some(_)) => Err(StoreConfigError::Both),
+        (None, None) => Err(StoreConfigError::Missing),
         (None, Some(db)) => Ok(StoreLocation::Sqlite(base.join(db))),
         (Some(s), None) => {
-            let mut location =
-                StoreLocation::parse(&s.url, base).map_err(|e| format!("`store.url`: {e}"))?;
+            let mut location = StoreLocation::parse(&s.url, base)?;
             match (&mut location, &s.ca_cert) {
                 (StoreLocation::Postgres { ca_cert, .. }, Some(p)) => {
                     let p = base.join(p);
                     if !p.is_file() {
-                        return Err(format!(
-                            "`store.ca_cert`: `{}` does not exist or is not a file",
-                            p.display()
-                        ));
+                        return Err(StoreConfigError::CaCert(p));
                     }
                     *ca_cert = Some(p);
                 }
-                (StoreLocation::Sqlite(_), Some(_)) => {
-                    return Err("`store.ca_cert` is for PostgreSQL; the store is SQLite".into());
-                }
+                (StoreLocation::Sqlite(_), Some(_)) => return Err(StoreConfigError::CaForSqlite),
                 (StoreLocation::Postgres { url, .. }, None)
                     if url.contains("sslmode=require") || url.contains("sslmode=verify") =>
                 {
-                    return Err("`store.url` asks for TLS (`sslmode`): set `store.ca_cert` to the CA certificate that signed the database server's certificate".into());
+                    return Err(StoreConfigError::TlsWithoutCa);
                 }
                 _ => {}
             }
             Ok(location)
         }
     }
+}
+
+/// What is wrong with the configuration's store.
+#[derive(Debug, thiserror::Error)]
+enum StoreConfigError {
+    #[error("`database` and `[store]` both name a store: keep `[store]`")]
+    Both,
+    #[error("no store: add `[store]` with `url = \"sqlite:vedette.db\"` (or a `postgres://` URL)")]
+    Missing,
+    #[error("`store.url`: {0}")]
+    Url(#[from] crate::store::StoreUrlError),
+    #[error("`store.ca_cert`: `{}` does not exist or is not a file", .0.display())]
+    CaCert(PathBuf),
+    #[error("`store.ca_cert` is for PostgreSQL; the store is SQLite")]
+    CaForSqlite,
+    #[error(
+        "`store.url` asks for TLS (`sslmode`): set `store.ca_cert` to the CA certificate that signed the database server's certificate"
+    )]
+    TlsWithoutCa,
 }
 
 #[cfg(test)]

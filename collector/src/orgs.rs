@@ -55,7 +55,7 @@ pub const SECTORS: &[&str] = &[
 
 /// Checks an organisation name: 1 to 64 ASCII letters, digits, `.`, `_` or `-`, starting with
 /// a letter or digit (it is written into certificates as a URI).
-pub fn check_name(name: &str) -> Result<(), String> {
+pub fn check_name(name: &str) -> Result<(), OrgFieldError> {
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME
         && name.starts_with(|c: char| c.is_ascii_alphanumeric())
@@ -65,37 +65,45 @@ pub fn check_name(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "`{}` is not an organisation name: use 1 to {MAX_NAME} letters, digits, `.`, `_` or `-`, starting with a letter or digit",
-            name.chars().take(80).collect::<String>()
-        ))
+        Err(OrgFieldError::Name(clip(name)))
     }
 }
 
 /// Checks a sector: empty, or a value of the STIX industry sector vocabulary.
-pub fn check_sector(sector: &str) -> Result<(), String> {
+pub fn check_sector(sector: &str) -> Result<(), OrgFieldError> {
     if sector.is_empty() || SECTORS.contains(&sector) {
         Ok(())
     } else {
-        Err(format!(
-            "`{}` is not a STIX industry sector; use one of: {}",
-            sector.chars().take(80).collect::<String>(),
-            SECTORS.join(", ")
-        ))
+        Err(OrgFieldError::Sector(clip(sector)))
     }
 }
 
 /// A country as stored: empty, or an ISO 3166-1 alpha-2 code in upper case.
-pub fn normalise_country(country: &str) -> Result<String, String> {
+pub fn normalise_country(country: &str) -> Result<String, OrgFieldError> {
     let c = country.trim().to_ascii_uppercase();
     if c.is_empty() || (c.len() == 2 && c.chars().all(|ch| ch.is_ascii_uppercase())) {
         Ok(c)
     } else {
-        Err(format!(
-            "`{}` is not an ISO 3166-1 alpha-2 country code (two letters, such as DE or FR)",
-            country.chars().take(80).collect::<String>()
-        ))
+        Err(OrgFieldError::Country(clip(country)))
     }
+}
+
+/// What is wrong with an organisation's name, sector or country (the value, clipped to 80
+/// characters).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum OrgFieldError {
+    #[error(
+        "`{0}` is not an organisation name: use 1 to {MAX_NAME} letters, digits, `.`, `_` or `-`, starting with a letter or digit"
+    )]
+    Name(String),
+    #[error("`{0}` is not a STIX industry sector; use one of: {sectors}", sectors = SECTORS.join(", "))]
+    Sector(String),
+    #[error("`{0}` is not an ISO 3166-1 alpha-2 country code (two letters, such as DE or FR)")]
+    Country(String),
+}
+
+fn clip(value: &str) -> String {
+    value.chars().take(80).collect()
 }
 
 /// A new STIX identity id for an organisation (random, kept in the store).
@@ -131,7 +139,8 @@ mod tests {
         assert!(check_sector("energy").is_ok());
         assert!(check_sector("").is_ok());
         let e = check_sector("Energy").unwrap_err();
-        assert!(e.contains("financial-services"), "{e}");
+        assert_eq!(e, OrgFieldError::Sector("Energy".into()));
+        assert!(e.to_string().contains("financial-services"), "{e}");
         assert_eq!(normalise_country("de").unwrap(), "DE");
         assert!(normalise_country("DEU").is_err());
         assert!(normalise_country("1X").is_err());

@@ -15,23 +15,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vedette_tests::{Agent, Collector, bench_arg as arg, rss_of, rule_dir, status_bytes, wait_for};
-
-/// CPU time (user + system) of a process, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces), from field 3 on.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let num = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // utime and stime are fields 14 and 15: indexes 11 and 12 here.
-    num(11) + num(12)
-}
+use vedette_tests::{
+    Agent, Collector, bench_arg as arg, cpu_ticks, rss_of, rule_dir, status_bytes, wait_for,
+};
 
 /// What one idle agent cost.
 struct Idle {

@@ -68,3 +68,50 @@ fn the_code_map_names_every_source_file_once() {
         problems.join("\n")
     );
 }
+
+/// Every `.rs` file under `dir` with its text.
+fn rust_sources(root: &Path, dir: &str) -> Vec<(String, String)> {
+    let mut files = Vec::new();
+    sources(root, &root.join(dir), &mut files);
+    files
+        .into_iter()
+        .filter(|f| f.ends_with(".rs"))
+        .map(|f| {
+            let text = std::fs::read_to_string(root.join(&f)).unwrap_or_default();
+            (f, text)
+        })
+        .collect()
+}
+
+#[test]
+fn system_calls_go_through_rustix_with_nix_only_for_fanotify_and_libc_only_in_the_governor() {
+    let root = root();
+    let mut problems = Vec::new();
+    let files = rust_sources(&root, "agent");
+    assert!(files.len() > 30, "found only {} agent files", files.len());
+    for (file, text) in &files {
+        let uses = |krate: &str| {
+            text.split(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':'))
+                .any(|word| word.starts_with(&format!("{krate}::")))
+        };
+        let nix_allowed = [
+            "agent/src/detect/fanotify.rs",
+            "agent/src/detect/prevent.rs",
+        ];
+        if uses("nix") && !nix_allowed.contains(&file.as_str()) {
+            problems.push(format!("{file}: names nix (only fanotify's files may)"));
+        }
+        if uses("libc") && file != "agent/src/governor.rs" {
+            problems.push(format!("{file}: names libc (only governor.rs may)"));
+        }
+    }
+    for (file, text) in rust_sources(&root, "collector")
+        .into_iter()
+        .chain(rust_sources(&root, "proto"))
+    {
+        if text.contains("libc::") || text.contains("nix::sys") {
+            problems.push(format!("{file}: names libc or nix (use rustix)"));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}

@@ -251,7 +251,8 @@ fn detections_made_while_the_collector_is_down_arrive_after_backoff() {
 }
 
 #[test]
-fn over_a_tiny_spool_cap_the_oldest_are_dropped_and_the_loss_is_counted() {
+fn over_a_tiny_spool_cap_repeats_go_oldest_first_the_first_sighting_stays_and_the_loss_is_counted()
+{
     let mut s = setup("spool_max_bytes = 65536");
     s.c.stop();
     s.start_agent();
@@ -275,11 +276,17 @@ fn over_a_tiny_spool_cap_the_oldest_are_dropped_and_the_loss_is_counted() {
     let stored = s.stored();
     assert_eq!(stored.len() + dropped as usize, total, "missing == dropped");
     assert_once(&stored, total - dropped as usize);
-    // The survivors are the newest: no missing file comes from a later group than a stored one.
+    // All are repeats of one rule at one score: the first sighting stays, and of the repeats
+    // the newest do: no missing file comes from a later group than a stored one.
     let all: BTreeSet<String> = (0..groups)
         .flat_map(|g| (0..per_group).map(move |i| format!("g{g:02}-{i:05}")))
         .collect();
-    let kept: BTreeSet<String> = stored.into_iter().collect();
+    let mut kept: BTreeSet<String> = stored.into_iter().collect();
+    let first = kept.pop_first().unwrap();
+    assert!(
+        first.starts_with("g00-"),
+        "the first sighting was dropped: {first}"
+    );
     let group = |n: &String| n[1..3].parse::<u32>().unwrap();
     let oldest_kept = kept.iter().map(group).min().unwrap();
     let newest_lost = all.difference(&kept).map(group).max().unwrap();

@@ -1,11 +1,13 @@
 //! Faults the fleet survives, with real processes: the database restarting under a stream of
-//! detections from several agents, and the collector's disk filling up.
+//! detections from several agents, the collector's disk and the agent's disk filling up.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use vedette_tests::{Agent, Collector, PgCluster, Tmpfs, http_get, rule_dir, wait_for, wait_until};
+use vedette_tests::{
+    Agent, Collector, PgCluster, Tmpfs, cpu_ticks, http_get, rule_dir, wait_for, wait_until,
+};
 
 const RULE: &str = "fault_marker";
 const MARKER: &str = "VEDETTE-FAULT-MARKER";
@@ -463,5 +465,138 @@ fn an_agent_that_stays_behind_the_latest_bundle_is_reported_once() {
         log.matches("agent reported as a detection").count(),
         1,
         "{log}"
+    );
+}
+
+#[test]
+fn a_full_disk_under_the_agent_drops_repeats_first_counts_them_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = Collector::init(&tmp.path().join("collector"));
+    c.start();
+    let rules = tmp.path().join("rules");
+    std::fs::create_dir_all(&rules).unwrap();
+    for (name, marker, score) in [
+        ("flood_marker", "VEDETTE-FLOOD-MARKER", 10),
+        ("rare_marker", "VEDETTE-RARE-MARKER", 90),
+    ] {
+        std::fs::write(
+            rules.join(format!("{name}.yar")),
+            format!(
+                "rule {name} {{\n  meta:\n    score = {score}\n  strings:\n    $m = \"{marker}\"\n  condition:\n    $m\n}}\n"
+            ),
+        )
+        .unwrap();
+    }
+    let dir = tmp.path().join("agent");
+    let mut agent = Agent::enroll(&c, &dir.join("state"));
+    // The spool on a small disk of its own; the rest of the state (and the log) elsewhere.
+    let disk = match Tmpfs::mount_sized(&dir.join("state/spool"), "3m") {
+        Ok(d) => d,
+        Err(e) => {
+            vedette_tests::missing_root(&e);
+            return;
+        }
+    };
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&disk.path, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let watch = dir.join("watch");
+    std::fs::create_dir_all(&watch).unwrap();
+    let config = dir.join("agent.toml");
+    vedette_tests::watch_config(&config, &watch, &rules, "spool_max_bytes = 1048576");
+    agent.run(&c, &["--config", config.to_str().unwrap()]);
+    c.stop();
+
+    // One rare, high-score detection; then the disk fills, and a flood of one low-score rule.
+    std::fs::write(watch.join("rare"), "VEDETTE-RARE-MARKER\n").unwrap();
+    let pending = |agent: &Agent| {
+        let s = agent.spool().unwrap_or_default();
+        (
+            s["pending"].as_u64().unwrap_or(0),
+            s["dropped_total"].as_u64().unwrap_or(0),
+        )
+    };
+    wait_for(
+        Duration::from_secs(30),
+        "the rare detection spooled",
+        || (pending(&agent).0 == 1).then_some(()),
+    );
+    let filler = disk.fill("filler");
+    let flood = 3000u64;
+    for i in 0..flood {
+        std::fs::write(
+            watch.join(format!("f{i:05}")),
+            format!("VEDETTE-FLOOD-MARKER {i}\n"),
+        )
+        .unwrap();
+    }
+    wait_until(
+        Duration::from_secs(120),
+        "every detection spooled or counted as dropped",
+        || match pending(&agent) {
+            (p, d) if p + d > flood && d > 0 => Ok(()),
+            (p, d) => Err(format!("{p} pending, {d} dropped")),
+        },
+    );
+    let (_, dropped) = pending(&agent);
+    let proc = agent.proc.as_mut().unwrap();
+    assert!(proc.is_running(), "the agent stays up");
+    // Neither crashed nor spinning: idle on a disk that is still full.
+    let pid = proc.child.id();
+    let (before, since) = (cpu_ticks(pid), std::time::Instant::now());
+    wait_for(Duration::from_secs(10), "a 3 s window", || {
+        (since.elapsed() >= Duration::from_secs(3)).then_some(())
+    });
+    let ticks = cpu_ticks(pid) - before;
+    assert!(ticks < 100, "{ticks} ticks of CPU in 3 s on a full disk");
+    let log = proc.log_text();
+    assert!(log.contains("spool full"), "{log}");
+
+    // Room again, and the collector back: the rare one arrives, and stored + dropped = made.
+    std::fs::remove_file(&filler).unwrap();
+    c.start();
+    let made = flood as usize + 1;
+    let stored = wait_until(Duration::from_secs(120), "the spool delivered", || {
+        let rows = c.detections();
+        let ours: Vec<&serde_json::Value> = rows
+            .iter()
+            .filter(|d| d["rule"] == "flood_marker" || d["rule"] == "rare_marker")
+            .collect();
+        if ours.len() + dropped as usize >= made {
+            Ok(ours
+                .iter()
+                .map(|d| (d["rule"].to_string(), d["path"].to_string()))
+                .collect::<Vec<_>>())
+        } else {
+            Err(format!("{} stored, {dropped} dropped", ours.len()))
+        }
+    });
+    assert_eq!(
+        stored.len() + dropped as usize,
+        made,
+        "stored + dropped = made"
+    );
+    let distinct: BTreeSet<&(String, String)> = stored.iter().collect();
+    assert_eq!(distinct.len(), stored.len(), "a detection stored twice");
+    assert_eq!(
+        stored
+            .iter()
+            .filter(|(rule, _)| rule == "\"rare_marker\"")
+            .count(),
+        1,
+        "the rare, high-score detection survived the flood"
+    );
+    let row = agent.info(&c).unwrap();
+    assert_eq!(row["dropped_total"].as_u64(), Some(dropped), "{row}");
+    // New detections are spooled and delivered again.
+    std::fs::write(watch.join("after"), "VEDETTE-RARE-MARKER after\n").unwrap();
+    wait_for(
+        Duration::from_secs(60),
+        "a detection after the episode",
+        || {
+            c.detections()
+                .iter()
+                .any(|d| d["path"].as_str().is_some_and(|p| p.ends_with("/after")))
+                .then_some(())
+        },
     );
 }

@@ -101,6 +101,22 @@ pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Resul
     }
 }
 
+/// CPU time (user + system) of a process so far, in clock ticks.
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces), from field 3 on.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let num = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15: indexes 11 and 12 here.
+    num(11) + num(12)
+}
+
 /// A child process killed on drop, its output in a log file.
 pub struct Proc {
     pub child: Child,

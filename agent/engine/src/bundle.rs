@@ -295,7 +295,7 @@ pub fn decode(bytes: &[u8]) -> Result<BundleContent, BundleError> {
         return bad(format!("{} files (at most {MAX_FILES})", c.files.len()));
     }
     for f in &c.files {
-        check_path(&f.path).map_err(BundleError::Malformed)?;
+        check_path(&f.path).map_err(|e| BundleError::Malformed(e.to_string()))?;
     }
     if c.files.windows(2).any(|w| w[0].path >= w[1].path) {
         return bad("files not sorted by path, or a path given twice".into());
@@ -307,26 +307,36 @@ pub fn decode(bytes: &[u8]) -> Result<BundleContent, BundleError> {
 }
 
 /// A bundle path: relative, `/`-separated, no `.`/`..`, printable, a known kind of file.
-fn check_path(p: &str) -> Result<(), String> {
+fn check_path(p: &str) -> Result<(), BadPath> {
+    let clip = || p.chars().take(MAX_PATH).collect::<String>();
     if p.is_empty() || p.len() > MAX_PATH {
-        return Err(format!(
-            "file path `{p}`: empty or longer than {MAX_PATH} bytes"
-        ));
+        return Err(BadPath::Length(clip()));
     }
     if p.starts_with('/')
         || p.contains('\\')
         || p.chars().any(char::is_control)
         || p.split('/').any(|c| c.is_empty() || c == "." || c == "..")
     {
-        return Err(format!("file path `{p}` is not a clean relative path"));
+        return Err(BadPath::NotClean(clip()));
     }
     let path = Path::new(p);
     if !is_yara_file(path) && IocKind::of_path(path).is_none() {
-        return Err(format!(
-            "file `{p}` is neither a YARA file (.yar, .yara) nor an indicator list (a name containing hash, filename, c2, process or cmdline)"
-        ));
+        return Err(BadPath::UnknownKind(clip()));
     }
     Ok(())
+}
+
+/// Why a name cannot be a bundle file's path.
+#[derive(Debug, thiserror::Error)]
+pub enum BadPath {
+    #[error("file path `{0}`: empty or longer than {MAX_PATH} bytes")]
+    Length(String),
+    #[error("file path `{0}` is not a clean relative path")]
+    NotClean(String),
+    #[error(
+        "file `{0}` is neither a YARA file (.yar, .yara) nor an indicator list (a name containing hash, filename, c2, process or cmdline)"
+    )]
+    UnknownKind(String),
 }
 
 /// Checks the signature against the trusted keys. `allow_unsigned` accepts a bundle with no

@@ -28,27 +28,39 @@ const MAGIC: &[u8] = b"VEDETTE-COMPILED-1\n";
 
 /// Whether a cache file, as its open descriptor shows it, may be trusted: owned by this
 /// process's effective user, not writable by group or others.
-fn trusted(meta: &std::fs::Metadata) -> Result<(), String> {
+fn trusted(meta: &std::fs::Metadata) -> Result<(), Untrusted> {
     // /proc/self belongs to the process's effective user: no unsafe call needed to learn it.
     let me = std::fs::metadata("/proc/self")
         .map(|m| m.uid())
-        .map_err(|e| format!("cannot learn this process's user: {e}"))?;
+        .map_err(Untrusted::NoUser)?;
     if !meta.is_file() {
-        return Err("not a regular file".into());
+        return Err(Untrusted::NotAFile);
     }
     if meta.uid() != me {
-        return Err(format!(
-            "owned by uid {}, not by this user ({me})",
-            meta.uid()
-        ));
+        return Err(Untrusted::Owner {
+            owner: meta.uid(),
+            me,
+        });
     }
     if meta.mode() & 0o022 != 0 {
-        return Err(format!(
-            "writable by others (mode {:o})",
-            meta.mode() & 0o777
-        ));
+        return Err(Untrusted::Writable(meta.mode() & 0o777));
     }
     Ok(())
+}
+
+/// Why a compiled-rules cache file is not loaded.
+#[derive(Debug, thiserror::Error)]
+enum Untrusted {
+    #[error("cannot learn this process's user: {0}")]
+    NoUser(std::io::Error),
+    #[error("cannot read its metadata: {0}")]
+    Metadata(std::io::Error),
+    #[error("not a regular file")]
+    NotAFile,
+    #[error("owned by uid {owner}, not by this user ({me})")]
+    Owner { owner: u32, me: u32 },
+    #[error("writable by others (mode {0:o})")]
+    Writable(u32),
 }
 
 pub(crate) fn load(path: &Path, fingerprint: &[u8; 32]) -> Option<YaraPart> {
@@ -56,7 +68,7 @@ pub(crate) fn load(path: &Path, fingerprint: &[u8; 32]) -> Option<YaraPart> {
     // the file judged is the file loaded (loading deserialises native code).
     let mut file = match std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(crate::file::open_flags(rustix::fs::OFlags::NOFOLLOW))
         .open(path)
     {
         Ok(f) => f,
@@ -68,7 +80,7 @@ pub(crate) fn load(path: &Path, fingerprint: &[u8; 32]) -> Option<YaraPart> {
     };
     if let Err(why) = file
         .metadata()
-        .map_err(|e| e.to_string())
+        .map_err(Untrusted::Metadata)
         .and_then(|m| trusted(&m))
     {
         warn!(path = %path.display(), reason = %why, "compiled-rules cache not trusted; compiling from source");

@@ -12,6 +12,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use md5::Md5;
+use rustix::fs::OFlags;
+use rustix::io::Errno;
 use sha1::Sha1;
 use sha2::{Digest, Sha256};
 
@@ -309,15 +311,22 @@ impl<'r> FileScanner<'r> {
 /// Opens `path` without following a final symlink and without blocking (a FIFO opened this way
 /// does not wait for a writer); [`FileScanner::scan_open`] then refuses anything that is not a
 /// regular file, judged on the open descriptor.
+/// `flags` as `OpenOptionsExt::custom_flags` takes them (every open flag fits in 31 bits).
+pub(crate) fn open_flags(flags: OFlags) -> i32 {
+    i32::try_from(flags.bits()).unwrap_or(0)
+}
+
 pub(crate) fn open_regular(path: &Path) -> Result<File, SkipReason> {
     let file = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .custom_flags(open_flags(
+            OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY,
+        ))
         .open(path)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => SkipReason::Symlink,
-            Some(libc::ENOENT) | Some(libc::ENOTDIR) => SkipReason::Vanished,
-            Some(libc::ENXIO) => SkipReason::NotRegular,
+        .map_err(|e| match Errno::from_io_error(&e) {
+            Some(Errno::LOOP) => SkipReason::Symlink,
+            Some(Errno::NOENT | Errno::NOTDIR) => SkipReason::Vanished,
+            Some(Errno::NXIO) => SkipReason::NotRegular,
             _ => SkipReason::Unreadable(e),
         })?;
     Ok(file)

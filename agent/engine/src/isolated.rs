@@ -106,11 +106,9 @@ pub(crate) fn response(data: &[u8]) -> Result<(YaraPart, &[u8]), IsolatedError> 
 
 /// The compiler process's side: reads a request from `input` to its end, compiles, writes the
 /// response to `output`. An error names what was wrong with the request or the output.
-pub fn serve(input: &mut dyn Read, output: &mut dyn Write) -> Result<(), String> {
+pub fn serve(input: &mut dyn Read, output: &mut dyn Write) -> Result<(), ServeError> {
     let mut data = Vec::new();
-    input
-        .read_to_end(&mut data)
-        .map_err(|e| format!("cannot read the request: {e}"))?;
+    input.read_to_end(&mut data).map_err(ServeError::Read)?;
     let (sources, names) = parse_request(&data)?;
     drop(data);
     let part = compile_yara(&sources, &names);
@@ -118,8 +116,8 @@ pub fn serve(input: &mut dyn Read, output: &mut dyn Write) -> Result<(), String>
     let serialized = match &part.rules {
         Some(rules) => rules
             .serialize()
-            .map_err(|e| format!("cannot serialize the compiled rules: {e}"))?,
-        None => return Err("the compiler gave no rules".into()),
+            .map_err(|e| ServeError::Serialize(e.to_string()))?,
+        None => return Err(ServeError::NoRules),
     };
     let mut w = Writer::default();
     w.bytes(RESPONSE);
@@ -127,31 +125,47 @@ pub fn serve(input: &mut dyn Read, output: &mut dyn Write) -> Result<(), String>
     output
         .write_all(&w.seal())
         .and_then(|()| output.flush())
-        .map_err(|e| format!("cannot write the compiled rules: {e}"))
+        .map_err(ServeError::Write)
+}
+
+/// What went wrong in the compiler process.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot read the request: {0}")]
+    Read(std::io::Error),
+    #[error("the request is not rule sources ({0} bytes)")]
+    NotARequest(usize),
+    #[error("the request is damaged or truncated")]
+    Damaged,
+    #[error("the request is truncated")]
+    Truncated,
+    #[error("cannot serialize the compiled rules: {0}")]
+    Serialize(String),
+    #[error("the compiler gave no rules")]
+    NoRules,
+    #[error("cannot write the compiled rules: {0}")]
+    Write(std::io::Error),
 }
 
 type Sources = (Vec<(PathBuf, Vec<u8>)>, Vec<Option<String>>);
 
-fn parse_request(data: &[u8]) -> Result<Sources, String> {
+fn parse_request(data: &[u8]) -> Result<Sources, ServeError> {
     if !data.starts_with(REQUEST) {
-        return Err(format!(
-            "the request is not rule sources ({} bytes)",
-            data.len()
-        ));
+        return Err(ServeError::NotARequest(data.len()));
     }
-    let body = unseal(data).ok_or("the request is damaged or truncated")?;
+    let body = unseal(data).ok_or(ServeError::Damaged)?;
     let mut r = Reader(&body[REQUEST.len()..]);
-    let truncated = || "the request is truncated".to_string();
-    let count = r.u32().ok_or_else(truncated)?;
+    let count = r.u32().ok_or(ServeError::Truncated)?;
     let mut sources = Vec::new();
     let mut names = Vec::new();
     for _ in 0..count {
-        let origin = Path::new(OsStr::from_bytes(r.blob().ok_or_else(truncated)?)).to_owned();
-        let ns = match r.u8().ok_or_else(truncated)? {
+        let origin =
+            Path::new(OsStr::from_bytes(r.blob().ok_or(ServeError::Truncated)?)).to_owned();
+        let ns = match r.u8().ok_or(ServeError::Truncated)? {
             0 => None,
-            _ => Some(r.text().ok_or_else(truncated)?),
+            _ => Some(r.text().ok_or(ServeError::Truncated)?),
         };
-        let bytes = r.blob().ok_or_else(truncated)?.to_vec();
+        let bytes = r.blob().ok_or(ServeError::Truncated)?.to_vec();
         sources.push((origin, bytes));
         names.push(ns);
     }
@@ -205,7 +219,7 @@ mod tests {
     /// functions as through a pipe.
     fn in_thread(request: &[u8]) -> Result<Vec<u8>, IsolatedError> {
         let mut out = Vec::new();
-        serve(&mut &request[..], &mut out).map_err(IsolatedError::Failed)?;
+        serve(&mut &request[..], &mut out).map_err(|e| IsolatedError::Failed(e.to_string()))?;
         Ok(out)
     }
 
@@ -302,10 +316,10 @@ mod tests {
         let mut damaged = good.clone();
         damaged[REQUEST.len() + 2] ^= 1;
         let e = serve(&mut &damaged[..], &mut Vec::new()).unwrap_err();
-        assert!(e.contains("damaged or truncated"), "{e}");
+        assert!(matches!(e, ServeError::Damaged), "{e}");
         let e = serve(&mut &good[..good.len() - 1], &mut Vec::new()).unwrap_err();
-        assert!(e.contains("damaged or truncated"), "{e}");
+        assert!(matches!(e, ServeError::Damaged), "{e}");
         let e = serve(&mut &b"hello"[..], &mut Vec::new()).unwrap_err();
-        assert!(e.contains("not rule sources"), "{e}");
+        assert!(e.to_string().contains("not rule sources"), "{e}");
     }
 }

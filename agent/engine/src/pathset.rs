@@ -97,12 +97,23 @@ fn required_literals(pattern: &str) -> Option<Vec<Vec<u8>>> {
     best
 }
 
+/// Why a [`PathSet`] could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum PathSetError {
+    #[error("more patterns than one set can number")]
+    TooMany,
+    #[error("the literals of the patterns: {0}")]
+    Literals(#[from] aho_corasick::BuildError),
+    #[error("the patterns without literals, as one set: {0}")]
+    Set(#[from] regex::Error),
+}
+
 impl PathSet {
     /// Builds the matcher for `(index, pattern)` pairs; every pattern must parse as a standard
     /// regex. Fails when the patterns without literals cannot be built as one set.
     pub fn build<'a>(
         patterns: impl IntoIterator<Item = (usize, &'a str)>,
-    ) -> Result<PathSet, String> {
+    ) -> Result<PathSet, PathSetError> {
         let mut literals = Vec::new();
         let mut owner = Vec::new();
         let mut members = Vec::new();
@@ -111,7 +122,7 @@ impl PathSet {
         for (index, pattern) in patterns {
             match required_literals(pattern) {
                 Some(lits) => {
-                    let member = u32::try_from(members.len()).map_err(|_| "too many patterns")?;
+                    let member = u32::try_from(members.len()).map_err(|_| PathSetError::TooMany)?;
                     for l in lits {
                         literals.push(l);
                         owner.push(member);
@@ -131,7 +142,7 @@ impl PathSet {
         let literals = if literals.is_empty() {
             None
         } else {
-            Some(AhoCorasick::new(&literals).map_err(|e| e.to_string())?)
+            Some(AhoCorasick::new(&literals)?)
         };
         let rest = if rest.is_empty() {
             None
@@ -139,8 +150,7 @@ impl PathSet {
             let set = regex::RegexSetBuilder::new(&rest)
                 .size_limit(SIZE_LIMIT)
                 .dfa_size_limit(SET_DFA_BYTES)
-                .build()
-                .map_err(|e| e.to_string())?;
+                .build()?;
             Some((set, rest_index))
         };
         Ok(PathSet {

@@ -115,17 +115,38 @@ fn check_state(state: &StateDir, out: &mut Vec<Finding>) -> Option<Enrollment> {
     let cert = read_cert(&state.cert());
     match (&ca, &cert) {
         (Err(e), _) | (_, Err(e)) => {
-            out.push(Finding::problem("certificate", e.clone(), reenroll));
+            out.push(Finding::problem("certificate", e.to_string(), reenroll));
         }
         (Ok(ca), Ok(cert)) => check_certificate(ca, cert, &state.cert(), &reenroll, out),
     }
     Some(enrollment)
 }
 
-fn read_cert(path: &Path) -> Result<Vec<u8>, String> {
-    let text = std::fs::read(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
-    let p = pem::parse(&text).map_err(|e| format!("`{}` is not PEM: {e}", path.display()))?;
+fn read_cert(path: &Path) -> Result<Vec<u8>, CertFileError> {
+    let text = std::fs::read(path).map_err(|source| CertFileError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let p = pem::parse(&text).map_err(|source| CertFileError::Pem {
+        path: path.to_owned(),
+        source,
+    })?;
     Ok(p.contents().to_vec())
+}
+
+/// A certificate file that cannot be read.
+#[derive(Debug, thiserror::Error)]
+enum CertFileError {
+    #[error("cannot read `{}`: {source}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("`{}` is not PEM: {source}", path.display())]
+    Pem {
+        path: std::path::PathBuf,
+        source: pem::PemError,
+    },
 }
 
 fn check_certificate(
@@ -403,9 +424,9 @@ fn check_disk(state_dir: &Path, spool_max: u64, out: &mut Vec<Finding>) {
     } else {
         state_dir.parent().unwrap_or(Path::new("/"))
     };
-    match nix::sys::statvfs::statvfs(at) {
+    match rustix::fs::statvfs(at) {
         Ok(v) => {
-            let free = v.blocks_available().saturating_mul(v.fragment_size());
+            let free = v.f_bavail.saturating_mul(v.f_frsize);
             let mib = |b: u64| b / (1024 * 1024);
             if free < spool_max {
                 out.push(Finding::warning(

@@ -9,6 +9,7 @@
 //! A detection is durable before it is sent and deleted only after the collector acknowledged
 //! it, after its store committed; the collector stores each detection id once.
 
+pub(crate) mod evict;
 pub(crate) mod inventory;
 pub(crate) mod shipper;
 pub mod spool;

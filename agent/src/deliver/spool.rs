@@ -7,6 +7,7 @@
 //! STATE/spool/00000000000000000001.seg   segments, named by the id of their first record
 //! STATE/spool/00000000000000000733.seg
 //! STATE/spool/ack                        acknowledged-up-to id and dropped total (checksummed)
+//! STATE/spool/reserve                    room kept for making room on a full disk (zeros)
 //! ```
 //!
 //! # Record format
@@ -25,14 +26,21 @@
 //!   (one sync per group of detections that arrived together, so bursts cost one sync).
 //! - Records are acknowledged in id order: the collector acks a batch only after its store
 //!   committed, batches are acked in sequence, so "acknowledged" is always a prefix `1..=acked`.
-//! - A segment file is deleted only when every record in it is acknowledged, or when the spool is
-//!   over its size cap; then the oldest segment goes first and every unacknowledged record in it
-//!   is added to the dropped total, which is persisted and sent in every heartbeat. Loss is never
-//!   silent. (A record dropped while a batch holding it was in flight and then acknowledged is
-//!   counted as dropped although it was delivered: the count can exceed the loss, never fall
-//!   short of it.)
+//! - A segment file is deleted only when every record in it is acknowledged. Over the size cap,
+//!   or when its disk is full, the spool makes room by evicting records from its sealed segments
+//!   in the order [`super::evict`] gives (repeats of one rule before anything else, the lowest
+//!   score and then the oldest first): the dropped total grows first, is synced, and is sent in
+//!   every heartbeat; then each segment holding victims is rewritten without them (a new file,
+//!   synced, renamed over the old one). Loss is never silent. A full disk first gives up the
+//!   reserve file, which leaves room for the rewrite; with no room even for that, victims that
+//!   end their segment are cut off (no room needed) and counted after the cut; only where
+//!   nothing is freed does the oldest segment go whole. (A record dropped while a batch holding
+//!   it was in flight and then acknowledged is counted as dropped although it was delivered,
+//!   and a crash between the count and the rewrite counts records that are still there: the
+//!   count can exceed the loss. It can fall short only by a crash in the instant between a cut
+//!   on a disk with no room at all and its count.)
 //! - On start every segment is read and checked. The first record that is short, oversized,
-//!   fails its checksum or breaks the id sequence ends that segment: the file is truncated
+//!   fails its checksum or does not have a higher id than the one before ends that segment: the file is truncated
 //!   there (a torn tail is never parsed as data), and the damage is logged and counted.
 //!
 //! # What a crash or power cut can lose
@@ -44,17 +52,20 @@
 //! some acknowledged detections are sent again, and the collector stores each detection id once.
 //! Changes of the dropped total are synced.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use prost::Message;
 use tracing::{info, warn};
 use vedette_proto::v1::Detection;
+
+use super::evict;
 
 const HEADER: usize = 16;
 /// Largest payload accepted; a longer length field is damage.
@@ -63,6 +74,11 @@ pub const MAX_RECORD: usize = 4 * 1024 * 1024;
 pub const MIN_CAP: u64 = 64 * 1024;
 /// Largest segment file.
 const MAX_SEGMENT: u64 = 8 * 1024 * 1024;
+/// After a drop, the spool is said to have room again once this passes without another.
+const QUIET: Duration = Duration::from_secs(30);
+/// The reserve file: a segment's size and this much more (see [`Spool::append`]).
+const RESERVE: &str = "reserve";
+const RESERVE_EXTRA: u64 = 64 * 1024;
 
 /// What `open` found wrong and repaired.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -79,9 +95,27 @@ struct Segment {
     first_id: u64,
     /// Id of the last record; `first_id - 1` when empty.
     last_id: u64,
+    /// Ids within `first_id..=last_id` not in the file (evicted), as inclusive ranges.
+    gaps: Vec<(u64, u64)>,
     bytes: u64,
     path: PathBuf,
     file: File,
+}
+
+impl Segment {
+    /// Records in it with an id above `acked`.
+    fn unacked(&self, acked: u64) -> u64 {
+        let from = self.first_id.max(acked + 1);
+        if self.last_id < from {
+            return 0;
+        }
+        let gone: u64 = self
+            .gaps
+            .iter()
+            .map(|&(a, b)| (b + 1).saturating_sub(a.max(from)))
+            .sum();
+        (self.last_id - from + 1).saturating_sub(gone)
+    }
 }
 
 struct Inner {
@@ -96,6 +130,10 @@ struct Inner {
     read_pos: Option<(u64, u64, u64)>,
     /// Whether a drop has been logged since the spool last had room.
     dropping: bool,
+    /// When the last drop was.
+    dropped_at: Instant,
+    /// Whether the reserve file is known to be in place.
+    reserved: bool,
 }
 
 pub struct Spool {
@@ -136,6 +174,18 @@ fn ctx(path: &Path, e: io::Error) -> io::Error {
     io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 
+/// A new, empty, private file at `path` (replacing any), open for reading and writing.
+fn create_private(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| ctx(path, e))
+}
+
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -155,7 +205,12 @@ fn recover_segment(
         .write(true)
         .open(&path)
         .map_err(|e| ctx(&path, e))?;
-    let (last_id, good, damage) = check_segment(&file, first).map_err(|e| ctx(&path, e))?;
+    let Checked {
+        last_id,
+        good,
+        damage,
+        gaps,
+    } = check_segment(&file, first).map_err(|e| ctx(&path, e))?;
     let len = file.metadata().map_err(|e| ctx(&path, e))?.len();
     if let Some(reason) = damage {
         warn!(
@@ -177,6 +232,7 @@ fn recover_segment(
     Ok(Some(Segment {
         first_id: first,
         last_id,
+        gaps,
         bytes: good,
         path,
         file,
@@ -194,6 +250,7 @@ impl Spool {
             .map_err(|e| ctx(dir, e))?;
         let cap = cap.max(MIN_CAP);
         let (acked, dropped) = read_ack(&dir.join("ack"));
+        remove_leftovers(dir);
         let names = segment_files(dir)?;
         let mut rec = Recovery::default();
         let mut segments = VecDeque::new();
@@ -209,9 +266,8 @@ impl Spool {
             let Some(seg) = recover_segment(path, first, acked, &mut rec)? else {
                 continue;
             };
-            let last_id = seg.last_id;
-            prev_last = last_id;
-            rec.pending += last_id - first.max(acked + 1) + 1;
+            prev_last = seg.last_id;
+            rec.pending += seg.unacked(acked);
             segments.push_back(seg);
         }
         let next_id = prev_last.max(acked) + 1;
@@ -229,10 +285,19 @@ impl Spool {
                 total_bytes,
                 read_pos: None,
                 dropping: false,
+                dropped_at: Instant::now(),
+                reserved: false,
             }),
             stats: Stats::default(),
         };
-        spool.publish(&spool.lock());
+        {
+            let mut inner = spool.lock();
+            inner.reserved = spool.reserve();
+            if !inner.reserved {
+                warn!(dir = %dir.display(), "no room for the spool's reserve file; a full disk will cost more detections");
+            }
+            spool.publish(&inner);
+        }
         if rec.pending > 0 {
             info!(
                 pending = rec.pending,
@@ -248,29 +313,101 @@ impl Spool {
 
     /// Appends detections and syncs them to disk. Returns how many older records were dropped
     /// to stay under the cap. A detection too large for a record is refused (error).
+    ///
+    /// When the disk is full below the cap, room is made (see [`Spool::room_on_full_disk`])
+    /// and the write is tried once more; the reserve is taken back when there is room.
     pub fn append(&self, detections: &[Detection]) -> io::Result<u64> {
         let mut g = self.lock();
         let inner = &mut *g;
-        let result = self.append_locked(inner, detections);
-        if result.is_err() {
-            // Whatever was not synced is not part of the spool; new records start a new
-            // segment, so no segment ever has a hole in its id sequence.
-            inner.active = false;
+        let mut result = self.append_once(inner, detections);
+        if result.as_ref().is_err_and(disk_full) {
+            let n = self.room_on_full_disk(inner, detections);
+            if n > 0 {
+                self.note_dropping(inner);
+            }
+            result = self.append_once(inner, detections).map(|d| d + n);
+        }
+        if result.is_ok() && !inner.reserved {
+            inner.reserved = self.reserve();
         }
         self.publish(inner);
         result
     }
 
+    /// Makes room for `detections` on a full disk. The reserve is given up first, and is
+    /// room enough; without it, segments are rewritten without victims as at the cap; without
+    /// room for that, victims that end their segment are cut off; where neither frees
+    /// anything, the oldest segment goes whole, which needs no room either. Returns how many
+    /// records went.
+    fn room_on_full_disk(&self, inner: &mut Inner, detections: &[Detection]) -> u64 {
+        inner.reserved = false;
+        if fs::remove_file(self.dir.join(RESERVE)).is_ok() {
+            return 0;
+        }
+        let need: u64 = detections
+            .iter()
+            .map(|d| (HEADER + d.encoded_len()) as u64)
+            .sum();
+        let made = self
+            .make_room(inner, need)
+            .or_else(|_| match self.cut_room(inner, need) {
+                Ok(0) => Err(io::Error::new(
+                    io::ErrorKind::StorageFull,
+                    "nothing could be cut off",
+                )),
+                cut => cut,
+            })
+            .or_else(|e| {
+                warn!(error = %e, "the spool's disk is full; dropping its oldest segment");
+                let n = self.drop_oldest(inner)?;
+                self.count_dropped(inner, n).map(|()| n)
+            });
+        match made {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(error = %e, "the spool's disk is full and no room could be made");
+                0
+            }
+        }
+    }
+
+    fn append_once(&self, inner: &mut Inner, detections: &[Detection]) -> io::Result<u64> {
+        let result = self.append_locked(inner, detections);
+        if result.is_err() {
+            // Whatever was not synced is not part of the spool; new records start a new
+            // segment, so no segment ever ends in a half-written record.
+            inner.active = false;
+            inner.reserved = false;
+        }
+        result
+    }
+
+    fn reserve_bytes(&self) -> u64 {
+        self.segment_bytes + RESERVE_EXTRA
+    }
+
+    /// Writes the reserve file: room kept on the spool's disk for making room when it is
+    /// full (a rewritten segment and the ack file). Whether it is there now.
+    fn reserve(&self) -> bool {
+        let path = self.dir.join(RESERVE);
+        let size = self.reserve_bytes();
+        if fs::metadata(&path).is_ok_and(|m| m.len() == size) {
+            return true;
+        }
+        let written = create_private(&path).and_then(|f| {
+            // Written, not merely sized: a sparse file would hold no room.
+            f.write_all_at(&vec![0u8; size as usize], 0)?;
+            f.sync_data()
+        });
+        if written.is_err() {
+            let _ = fs::remove_file(&path);
+        }
+        written.is_ok()
+    }
+
     /// Updates the lock-free figures from the state.
     fn publish(&self, inner: &Inner) {
-        let pending: u64 = inner
-            .segments
-            .iter()
-            .map(|s| {
-                let from = s.first_id.max(inner.acked + 1);
-                (s.last_id + 1).saturating_sub(from)
-            })
-            .sum();
+        let pending: u64 = inner.segments.iter().map(|s| s.unacked(inner.acked)).sum();
         self.stats.acked.store(inner.acked, Ordering::Relaxed);
         self.stats.pending.store(pending, Ordering::Relaxed);
         self.stats.dropped.store(inner.dropped, Ordering::Relaxed);
@@ -299,10 +436,11 @@ impl Spool {
                 self.flush(inner, &mut buf, buf_last)?;
                 self.new_segment(inner)?;
             }
-            // Over the cap: the oldest segments go (never the one being written).
+            // Over the cap: room is made in the sealed segments (never the one being written).
             while inner.total_bytes + buf.len() as u64 + size > self.cap && inner.segments.len() > 1
             {
-                dropped += self.drop_oldest(inner)?;
+                let over = inner.total_bytes + buf.len() as u64 + size - self.cap;
+                dropped += self.make_room(inner, over)?;
             }
             let id = inner.next_id;
             inner.next_id += 1;
@@ -314,16 +452,11 @@ impl Spool {
         }
         self.flush(inner, &mut buf, buf_last)?;
         if dropped > 0 {
-            inner.dropped += dropped;
-            if !inner.dropping {
-                warn!(
-                    cap_bytes = self.cap,
-                    "spool full: dropping the oldest undelivered detections (counted)"
-                );
-                inner.dropping = true;
-            }
-            self.write_ack(inner, true)?;
-        } else if inner.dropping && inner.total_bytes < self.cap / 2 {
+            self.note_dropping(inner);
+        } else if inner.dropping
+            && inner.total_bytes < self.cap / 2
+            && inner.dropped_at.elapsed() >= QUIET
+        {
             info!("spool has room again");
             inner.dropping = false;
         }
@@ -357,18 +490,12 @@ impl Spool {
     fn new_segment(&self, inner: &mut Inner) -> io::Result<()> {
         let first = inner.next_id;
         let path = self.dir.join(seg_name(first));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| ctx(&path, e))?;
+        let file = create_private(&path)?;
         sync_dir(&self.dir)?;
         inner.segments.push_back(Segment {
             first_id: first,
             last_id: first - 1,
+            gaps: Vec::new(),
             bytes: 0,
             path,
             file,
@@ -384,12 +511,148 @@ impl Spool {
         };
         fs::remove_file(&s.path).map_err(|e| ctx(&s.path, e))?;
         inner.total_bytes -= s.bytes;
-        let from = s.first_id.max(inner.acked + 1);
-        Ok(if s.last_id >= from {
-            s.last_id - from + 1
-        } else {
-            0
-        })
+        inner.read_pos = None;
+        Ok(s.unacked(inner.acked))
+    }
+
+    /// Frees at least `need` bytes (and, to reread the spool seldom, a quarter of the cap or of
+    /// what the spool holds, the smaller)
+    /// from the sealed segments, in the order [`evict::choose`] gives; where that frees
+    /// nothing, the oldest segment goes whole. The dropped total grows by what went, and is
+    /// synced. Returns how many unacknowledged records went.
+    fn make_room(&self, inner: &mut Inner, need: u64) -> io::Result<u64> {
+        let (victims, sealed) = self.victims(inner, need)?;
+        if victims.is_empty() {
+            let n = self.drop_oldest(inner)?;
+            self.count_dropped(inner, n)?;
+            return Ok(n);
+        }
+        // The count first: a crash from here on counts records still there, never fewer.
+        self.count_dropped(inner, victims.len() as u64)?;
+        for s in inner.segments.iter_mut().take(sealed) {
+            let lo = victims.partition_point(|&v| v < s.first_id);
+            let hi = victims.partition_point(|&v| v <= s.last_id);
+            if lo < hi {
+                let freed = rewrite_without(s, &victims[lo..hi], inner.acked, &self.dir)?;
+                inner.total_bytes -= freed;
+            }
+        }
+        self.forget_emptied(inner, sealed)?;
+        Ok(victims.len() as u64)
+    }
+
+    /// The records to drop to free `need` bytes (and, to reread the spool seldom, a quarter of
+    /// the cap or of what the spool holds, the smaller), ascending; and how many segments,
+    /// from the oldest, are sealed (only those are touched).
+    fn victims(&self, inner: &Inner, need: u64) -> io::Result<(Vec<u64>, usize)> {
+        let goal = need.max((self.cap / 4).min(inner.total_bytes / 4));
+        let sealed = inner.segments.len() - usize::from(inner.active);
+        let mut candidates = Vec::new();
+        for s in inner.segments.iter().take(sealed) {
+            records(s, |id, size, payload| {
+                if id > inner.acked {
+                    let d = Detection::decode(payload).unwrap_or_default();
+                    candidates.push(evict::Candidate {
+                        id,
+                        bytes: size,
+                        score: d.score,
+                        group: evict::group_of(&d),
+                    });
+                }
+            })?;
+        }
+        Ok((evict::choose(&candidates, goal), sealed))
+    }
+
+    /// Makes room on a disk with none left even for rewriting a segment, by cutting files
+    /// short, which needs no room: from the newest sealed segment back, the run of repeats
+    /// (never a first sighting) that ends each segment goes, until `need` bytes (and a quarter
+    /// of the spool) are freed. The count follows the cut (writing it needs room).
+    fn cut_room(&self, inner: &mut Inner, need: u64) -> io::Result<u64> {
+        let goal = need.max((self.cap / 4).min(inner.total_bytes / 4));
+        let sealed = inner.segments.len() - usize::from(inner.active);
+        // Per sealed segment, its records (id, size, group); the first id of each group.
+        let mut layout: Vec<Vec<(u64, u64, u64)>> = Vec::with_capacity(sealed);
+        let mut first: HashMap<u64, u64> = HashMap::new();
+        for s in inner.segments.iter().take(sealed) {
+            let mut recs = Vec::new();
+            records(s, |id, size, payload| {
+                let group = evict::group_of(&Detection::decode(payload).unwrap_or_default());
+                first.entry(group).or_insert(id);
+                recs.push((id, size, group));
+            })?;
+            layout.push(recs);
+        }
+        let (mut freed, mut cut) = (0u64, 0u64);
+        for (s, recs) in inner.segments.iter_mut().zip(&layout).rev() {
+            if freed >= goal {
+                break;
+            }
+            let repeat = |&(id, _, group): &(u64, u64, u64)| {
+                id <= inner.acked || first.get(&group) != Some(&id)
+            };
+            let keep = recs.len() - recs.iter().rev().take_while(|r| repeat(r)).count();
+            let keep_to: u64 = recs[..keep].iter().map(|r| r.1).sum();
+            if keep_to == s.bytes {
+                continue;
+            }
+            if keep_to == 0 {
+                fs::remove_file(&s.path).map_err(|e| ctx(&s.path, e))?;
+            } else {
+                s.file
+                    .set_len(keep_to)
+                    .and_then(|()| s.file.sync_data())
+                    .map_err(|e| ctx(&s.path, e))?;
+            }
+            cut += recs[keep..].iter().filter(|r| r.0 > inner.acked).count() as u64;
+            freed += s.bytes - keep_to;
+            inner.total_bytes -= s.bytes - keep_to;
+            s.bytes = keep_to;
+            s.last_id = keep.checked_sub(1).map_or(s.first_id - 1, |k| recs[k].0);
+            s.gaps.retain(|&(a, _)| a <= s.last_id);
+        }
+        self.forget_emptied(inner, sealed)?;
+        if cut > 0 {
+            self.count_dropped(inner, cut)?;
+        }
+        Ok(cut)
+    }
+
+    /// Forgets the sealed segments a rewrite left empty (their files are gone).
+    fn forget_emptied(&self, inner: &mut Inner, sealed: usize) -> io::Result<()> {
+        let before = inner.segments.len();
+        let mut position = 0;
+        inner.segments.retain(|s| {
+            position += 1;
+            position > sealed || s.bytes > 0
+        });
+        inner.read_pos = None;
+        if inner.segments.len() < before {
+            sync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    /// Adds `n` to the dropped total and syncs it (in memory too only once it is on disk).
+    fn count_dropped(&self, inner: &mut Inner, n: u64) -> io::Result<()> {
+        inner.dropped += n;
+        let written = self.write_ack(inner, true);
+        if written.is_err() {
+            inner.dropped -= n;
+        }
+        written
+    }
+
+    /// Logs the first drop of an episode of fullness.
+    fn note_dropping(&self, inner: &mut Inner) {
+        inner.dropped_at = Instant::now();
+        if !inner.dropping {
+            warn!(
+                cap_bytes = self.cap,
+                "spool full: dropping undelivered detections, repeats of one rule and the lowest scores first (counted)"
+            );
+            inner.dropping = true;
+        }
     }
 
     /// Reads up to `max` detections (and about `max_bytes`) with ids from `from_id` on.
@@ -422,8 +685,7 @@ impl Spool {
                 s.file
                     .read_exact_at(&mut head, off)
                     .map_err(|e| ctx(&s.path, e))?;
-                let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-                let rid = u64::from_le_bytes(head[8..16].try_into().unwrap_or_default());
+                let (len, _, rid) = parse_header(&head);
                 let next = off + (HEADER + len) as u64;
                 if rid >= want {
                     let mut payload = vec![0u8; len];
@@ -532,6 +794,74 @@ impl Spool {
     }
 }
 
+/// Calls `f(id, size, payload)` for every record of a segment (its good prefix), oldest first.
+fn records(s: &Segment, mut f: impl FnMut(u64, u64, &[u8])) -> io::Result<()> {
+    let mut r = io::BufReader::with_capacity(256 * 1024, &s.file);
+    let mut off = 0u64;
+    let mut payload = Vec::new();
+    io::Seek::seek(&mut r, io::SeekFrom::Start(0)).map_err(|e| ctx(&s.path, e))?;
+    while off + HEADER as u64 <= s.bytes {
+        let mut head = [0u8; HEADER];
+        r.read_exact(&mut head).map_err(|e| ctx(&s.path, e))?;
+        let (n, _, id) = parse_header(&head);
+        if n > MAX_RECORD {
+            let e = io::Error::new(io::ErrorKind::InvalidData, "record length out of range");
+            return Err(ctx(&s.path, e));
+        }
+        payload.resize(n, 0);
+        r.read_exact(&mut payload).map_err(|e| ctx(&s.path, e))?;
+        let size = (HEADER + n) as u64;
+        f(id, size, &payload);
+        off += size;
+    }
+    Ok(())
+}
+
+/// Rewrites a sealed segment without the records `victims` (ascending) and without the
+/// records already acknowledged: a new file, synced, renamed over the old one. A segment left
+/// with nothing is deleted (its `bytes` become 0). Returns the bytes freed.
+fn rewrite_without(s: &mut Segment, victims: &[u64], acked: u64, dir: &Path) -> io::Result<u64> {
+    let mut kept = Vec::new();
+    let mut last_kept = None;
+    let mut gone = victims.iter().peekable();
+    records(s, |id, _, payload| {
+        while gone.next_if(|&&v| v < id).is_some() {}
+        if gone.next_if(|&&v| v == id).is_some() || id <= acked {
+            return;
+        }
+        kept.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        kept.extend_from_slice(&crc(id, payload).to_le_bytes());
+        kept.extend_from_slice(&id.to_le_bytes());
+        kept.extend_from_slice(payload);
+        last_kept = Some(id);
+    })?;
+    let before = s.bytes;
+    let Some(last) = last_kept else {
+        fs::remove_file(&s.path).map_err(|e| ctx(&s.path, e))?;
+        s.bytes = 0;
+        return Ok(before);
+    };
+    let tmp = dir.join(format!("{}.tmp", seg_name(s.first_id)));
+    let file = create_private(&tmp)?;
+    let written = file.write_all_at(&kept, 0).and_then(|()| file.sync_data());
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(ctx(&tmp, e));
+    }
+    fs::rename(&tmp, &s.path).map_err(|e| ctx(&s.path, e))?;
+    for &v in victims {
+        match s.gaps.last_mut() {
+            Some((_, end)) if *end + 1 == v => *end = v,
+            _ => s.gaps.push((v, v)),
+        }
+    }
+    s.gaps.sort_unstable();
+    s.file = file;
+    s.bytes = kept.len() as u64;
+    s.last_id = s.last_id.max(last);
+    Ok(before - s.bytes)
+}
+
 /// What is in a spool directory, read without changing anything (for `vedette-agent spool`).
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct Inspection {
@@ -565,18 +895,45 @@ pub fn inspect(dir: &Path) -> io::Result<Inspection> {
             Err(e) => return Err(ctx(&path, e)),
         };
         let len = file.metadata().map_err(|e| ctx(&path, e))?.len();
-        let (last_id, good, damage) = check_segment(&file, first).map_err(|e| ctx(&path, e))?;
+        let checked = check_segment(&file, first).map_err(|e| ctx(&path, e))?;
         out.segments += 1;
         out.bytes += len;
-        if damage.is_some() {
+        if checked.damage.is_some() {
             out.damaged_segments += 1;
-            out.damaged_bytes += len - good;
+            out.damaged_bytes += len - checked.good;
         }
-        if last_id >= first.max(acked + 1) {
-            out.pending += last_id - first.max(acked + 1) + 1;
-        }
+        let seg = Segment {
+            first_id: first,
+            last_id: checked.last_id,
+            gaps: checked.gaps,
+            bytes: checked.good,
+            path,
+            file,
+        };
+        out.pending += seg.unacked(acked);
     }
     Ok(out)
+}
+
+/// Whether an error says the disk (or the user's quota on it) is full.
+fn disk_full(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
+}
+
+/// Removes what a crash can leave half-made: temporary copies of segments and of the ack file
+/// (the files they were to replace are whole).
+fn remove_leftovers(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().ends_with(".tmp") {
+            let _ = fs::remove_file(e.path());
+        }
+    }
 }
 
 /// The segment files of a spool directory with their first record ids, oldest first.
@@ -620,43 +977,72 @@ fn read_ack(path: &Path) -> (u64, u64) {
     (0, 0)
 }
 
-/// Checks every record of a segment. Returns the last good id, the length of the good prefix,
-/// and why the rest is damage (if there is any rest).
-fn check_segment(file: &File, first_id: u64) -> io::Result<(u64, u64, Option<&'static str>)> {
+/// What [`check_segment`] found.
+struct Checked {
+    /// The last good record's id (`first_id - 1` when there is none).
+    last_id: u64,
+    /// Length of the good prefix.
+    good: u64,
+    /// Why the rest is damage, if there is any rest.
+    damage: Option<&'static str>,
+    /// Ids missing between the good records (evicted), as inclusive ranges.
+    gaps: Vec<(u64, u64)>,
+}
+
+/// Checks every record of a segment, up to the first damaged one.
+fn check_segment(file: &File, first_id: u64) -> io::Result<Checked> {
     let len = file.metadata()?.len();
     let mut r = io::BufReader::with_capacity(256 * 1024, file);
-    let mut off = 0u64;
-    let mut expect = first_id;
+    let mut out = Checked {
+        last_id: first_id.saturating_sub(1),
+        good: 0,
+        damage: None,
+        gaps: Vec::new(),
+    };
     let mut payload = Vec::new();
-    loop {
-        if off == len {
-            return Ok((expect - 1, off, None));
-        }
-        if len - off < HEADER as u64 {
-            return Ok((expect - 1, off, Some("torn record header")));
+    while out.good < len {
+        if len - out.good < HEADER as u64 {
+            out.damage = Some("torn record header");
+            break;
         }
         let mut head = [0u8; HEADER];
         r.read_exact(&mut head)?;
-        let n = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-        let sum = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
-        let id = u64::from_le_bytes(head[8..16].try_into().unwrap_or_default());
+        let (n, sum, id) = parse_header(&head);
         if n > MAX_RECORD {
-            return Ok((expect - 1, off, Some("record length out of range")));
+            out.damage = Some("record length out of range");
+            break;
         }
-        if len - off - (HEADER as u64) < n as u64 {
-            return Ok((expect - 1, off, Some("torn record payload")));
+        if len - out.good - (HEADER as u64) < n as u64 {
+            out.damage = Some("torn record payload");
+            break;
         }
         payload.resize(n, 0);
         r.read_exact(&mut payload)?;
         if crc(id, &payload) != sum {
-            return Ok((expect - 1, off, Some("record checksum mismatch")));
+            out.damage = Some("record checksum mismatch");
+            break;
         }
-        if id != expect {
-            return Ok((expect - 1, off, Some("record id out of sequence")));
+        if id <= out.last_id || id < first_id {
+            out.damage = Some("record id out of sequence");
+            break;
         }
-        expect += 1;
-        off += (HEADER + n) as u64;
+        if id > out.last_id + 1 {
+            out.gaps.push((out.last_id + 1, id - 1));
+        }
+        out.last_id = id;
+        out.good += (HEADER + n) as u64;
     }
+    Ok(out)
+}
+
+/// A record header's payload length, checksum and id.
+fn parse_header(head: &[u8; HEADER]) -> (usize, u32, u64) {
+    let n = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    let sum = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    let id = u64::from_le_bytes([
+        head[8], head[9], head[10], head[11], head[12], head[13], head[14], head[15],
+    ]);
+    (n, sum, id)
 }
 
 #[cfg(test)]
@@ -766,11 +1152,79 @@ mod tests {
             got.extend(ids(&b));
         }
         assert_eq!(got.len() as u64 + dropped, n);
-        // The survivors are the newest, in order.
-        let expect: Vec<String> = (dropped + 1..=n).map(|i| format!("id-{i}")).collect();
+        // All are repeats of one rule at one score: the first stays, then the newest, in order.
+        let mut expect = vec!["id-1".to_string()];
+        expect.extend((dropped + 2..=n).map(|i| format!("id-{i}")));
         assert_eq!(got, expect);
         drop(s);
-        let (s, _) = Spool::open(dir.path(), MIN_CAP).unwrap();
+        let (s, rec) = Spool::open(dir.path(), MIN_CAP).unwrap();
         assert_eq!(s.dropped(), dropped, "the dropped total is persisted");
+        assert_eq!(rec.pending, n - dropped, "gaps are read back as gaps");
+        assert_eq!(rec.damaged_segments, 0);
+    }
+
+    fn scored(n: u64, rule: &str, score: u32) -> Detection {
+        Detection {
+            rule: rule.into(),
+            score,
+            description: "x".repeat(200),
+            ..det(n)
+        }
+    }
+
+    fn all(s: &Spool) -> Vec<Detection> {
+        let mut got = Vec::new();
+        let mut from = 1;
+        while let Some(b) = s.read(from, 100, usize::MAX).unwrap() {
+            from = b.last_id + 1;
+            got.extend(b.detections);
+        }
+        got
+    }
+
+    #[test]
+    fn a_flood_of_one_low_score_rule_does_not_evict_a_high_score_detection_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Spool::open(dir.path(), MIN_CAP).unwrap();
+        s.append(&[scored(1, "webshell", 90), scored(2, "hacktool", 70)])
+            .unwrap();
+        let n = 3000u64;
+        for chunk in (3..=n).collect::<Vec<_>>().chunks(25) {
+            let flood: Vec<Detection> = chunk.iter().map(|&i| scored(i, "noise", 10)).collect();
+            s.append(&flood).unwrap();
+        }
+        // Made after the flood began, and while it goes on.
+        s.append(&[scored(n + 1, "miner", 80)]).unwrap();
+        for i in n + 2..=n + 200 {
+            s.append(&[scored(i, "noise", 10)]).unwrap();
+        }
+        let total = n + 200;
+        assert!(s.bytes() <= MIN_CAP, "{} bytes", s.bytes());
+        let dropped = s.dropped();
+        assert!(dropped > total / 2, "only {dropped} dropped");
+        let got = all(&s);
+        assert_eq!(got.len() as u64 + dropped, total);
+        let rules: Vec<&str> = got.iter().map(|d| d.rule.as_str()).collect();
+        for kept in ["webshell", "hacktool", "miner"] {
+            assert_eq!(
+                rules.iter().filter(|r| **r == kept).count(),
+                1,
+                "{kept}: {rules:?}"
+            );
+        }
+        assert_eq!(got[2].id, "id-3", "the flood's first sighting stays");
+        // Ids still grow, so the collector's acks stay a prefix.
+        assert!(got.windows(2).all(|w| {
+            let id = |d: &Detection| d.id[3..].parse::<u64>().unwrap();
+            id(&w[0]) < id(&w[1])
+        }));
+        // Acknowledging past the gaps empties the spool; reopening keeps the count.
+        drop(s);
+        let (s, rec) = Spool::open(dir.path(), MIN_CAP).unwrap();
+        assert_eq!(rec.pending, total - dropped);
+        assert_eq!(all(&s).len(), got.len());
+        s.ack(total).unwrap();
+        assert_eq!(s.pending(), 0);
+        assert_eq!(s.dropped(), dropped);
     }
 }

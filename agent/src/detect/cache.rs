@@ -238,8 +238,11 @@ impl ScanCache {
             .create_new(true)
             .mode(0o600)
             .open(&tmp)?;
-        f.write_all(&out)?;
-        f.sync_all()?;
+        if let Err(e) = f.write_all(&out).and_then(|()| f.sync_all()) {
+            // A full disk is not made fuller by a half-written copy; the old file stays whole.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         std::fs::rename(&tmp, path)
     }
 }

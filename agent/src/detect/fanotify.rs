@@ -17,15 +17,14 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use nix::errno::Errno;
-use nix::fcntl::AT_FDCWD;
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::fanotify::{EventFFlags, Fanotify, FanotifyEvent, InitFlags, MarkFlags, MaskFlags};
+use rustix::event::{PollFd, PollFlags, poll};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -121,10 +120,17 @@ pub(crate) fn mark(group: &Fanotify, path: &Path, mask: MaskFlags) -> Result<(),
         .mark(
             add | MarkFlags::FAN_MARK_FILESYSTEM,
             mask,
-            AT_FDCWD,
+            rustix::fs::CWD,
             Some(path),
         )
-        .or_else(|_| group.mark(add | MarkFlags::FAN_MARK_MOUNT, mask, AT_FDCWD, Some(path)));
+        .or_else(|_| {
+            group.mark(
+                add | MarkFlags::FAN_MARK_MOUNT,
+                mask,
+                rustix::fs::CWD,
+                Some(path),
+            )
+        });
     match result {
         Ok(()) => {
             info!(path = %path.display(), "watching (fanotify)");
@@ -162,18 +168,19 @@ impl Reader {
     fn run(&mut self, mut stop: std::io::PipeReader) {
         loop {
             let mut fds = [
-                PollFd::new(self.group.as_fd(), PollFlags::POLLIN),
-                PollFd::new(stop.as_fd(), PollFlags::POLLIN),
+                PollFd::new(&self.group, PollFlags::IN),
+                PollFd::new(&stop, PollFlags::IN),
             ];
-            match poll(&mut fds, PollTimeout::NONE) {
+            match poll(&mut fds, None) {
                 Ok(_) => {}
-                Err(Errno::EINTR) => continue,
+                Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => {
                     warn!(error = %e, "fanotify poll failed; no more file events");
                     return;
                 }
             }
-            if fds[1].any().unwrap_or(true) {
+            let stopped = !fds[1].revents().is_empty();
+            if stopped {
                 let _ = stop.read(&mut [0u8; 1]);
                 return;
             }

@@ -19,7 +19,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
@@ -28,10 +28,10 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use nix::errno::Errno;
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::fanotify::{
     EventFFlags, Fanotify, FanotifyEvent, FanotifyResponse, InitFlags, MaskFlags, Response,
 };
+use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use tokio::sync::mpsc;
 use tracing::warn;
 use vedette_engine::{FileScanner, RuleMatch, RuleSet, ScanOptions};
@@ -215,16 +215,23 @@ struct Reader {
 impl Reader {
     fn run(&mut self, mut stop: std::io::PipeReader) {
         loop {
-            let wait = self.deadlines.front().map_or(PollTimeout::NONE, |(_, d)| {
-                let ms = d.saturating_duration_since(Instant::now()).as_millis() + 1;
-                PollTimeout::from(ms.min(10_000) as u16)
+            let wait = self.deadlines.front().map(|(_, d)| {
+                let left = d
+                    .saturating_duration_since(Instant::now())
+                    .min(Duration::from_secs(10));
+                // Rounded up to the next millisecond, so a deadline is never woken for early.
+                let ms = i64::try_from(left.as_millis()).unwrap_or(10_000) + 1;
+                Timespec {
+                    tv_sec: ms / 1000,
+                    tv_nsec: (ms % 1000) * 1_000_000,
+                }
             });
             let mut fds = [
-                PollFd::new(self.held.group.as_fd(), PollFlags::POLLIN),
-                PollFd::new(stop.as_fd(), PollFlags::POLLIN),
+                PollFd::new(&self.held.group, PollFlags::IN),
+                PollFd::new(&stop, PollFlags::IN),
             ];
-            match poll(&mut fds, wait) {
-                Ok(_) | Err(Errno::EINTR) => {}
+            match poll(&mut fds, wait.as_ref()) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
                 Err(e) => {
                     // Returning closes the queue; the group closes with the last verdict
                     // thread, and the kernel then allows what it held.
@@ -232,7 +239,8 @@ impl Reader {
                     break;
                 }
             }
-            if fds[1].any().unwrap_or(true) {
+            let stopped = !fds[1].revents().is_empty();
+            if stopped {
                 let _ = stop.read(&mut [0u8; 1]);
                 break;
             }

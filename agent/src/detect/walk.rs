@@ -86,9 +86,9 @@ fn regular(entry: Result<DirEntry, ignore::Error>, counters: &Counters) -> Optio
     let entry = match entry {
         Ok(e) => e,
         Err(e) => {
-            let looped = e
-                .io_error()
-                .is_some_and(|io| io.raw_os_error() == Some(libc::ELOOP));
+            let looped = e.io_error().is_some_and(|io| {
+                rustix::io::Errno::from_io_error(io) == Some(rustix::io::Errno::LOOP)
+            });
             counters.inc(if looped {
                 Counter::WalkSymlinkLoops
             } else {

@@ -123,7 +123,7 @@ impl Drop for FileWatch {
 
 fn is_watch_limit(e: &notify::Error) -> bool {
     matches!(e.kind, notify::ErrorKind::MaxFilesWatch)
-        || matches!(&e.kind, notify::ErrorKind::Io(io) if io.raw_os_error() == Some(libc::ENOSPC))
+        || matches!(&e.kind, notify::ErrorKind::Io(io) if rustix::io::Errno::from_io_error(io) == Some(rustix::io::Errno::NOSPC))
 }
 
 /// What an event means for the paths it names.

@@ -121,6 +121,7 @@ fn users_command(cmd: UsersCmd) -> ExitCode {
         } => org
             .as_deref()
             .map_or(Ok(()), |o| check_org(&config, o))
+            .map_err(users::UsersError::from)
             .and_then(|()| users::add(&config, &name, &roles, org.as_deref())),
         UsersCmd::List { .. } => users::list(&config),
         UsersCmd::Remove { name, .. } => users::remove(&config, &name),
@@ -136,20 +137,29 @@ fn users_command(cmd: UsersCmd) -> ExitCode {
 
 /// Refuses to limit a certificate to an organisation the store does not know (a typo would
 /// make a certificate that sees nothing).
-fn check_org(config: &Config, org: &str) -> Result<(), String> {
-    crate::orgs::check_name(org).map_err(|e| format!("--org: {e}"))?;
-    let store = store::open_as(&config.store, store::Opener::Tool)
-        .map_err(|e| format!("--org: cannot check the organisation: {e}"))?;
-    let orgs = store
-        .list_orgs()
-        .map_err(|e| format!("--org: cannot check the organisation: {e}"))?;
+fn check_org(config: &Config, org: &str) -> Result<(), OrgCheckError> {
+    crate::orgs::check_name(org)?;
+    let orgs = store::open_as(&config.store, store::Opener::Tool)
+        .and_then(|store| store.list_orgs())
+        .map_err(OrgCheckError::Store)?;
     if orgs.iter().any(|o| o.name == org) {
         Ok(())
     } else {
-        Err(format!(
-            "--org: no organisation `{org}` in the store; create it first with `vedettectl orgs create {org}`"
-        ))
+        Err(OrgCheckError::Unknown(org.to_string()))
     }
+}
+
+/// Why `--org` was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum OrgCheckError {
+    #[error("--org: {0}")]
+    Name(#[from] crate::orgs::OrgFieldError),
+    #[error("--org: cannot check the organisation: {0}")]
+    Store(store::StoreError),
+    #[error(
+        "--org: no organisation `{0}` in the store; create it first with `vedettectl orgs create {0}`"
+    )]
+    Unknown(String),
 }
 
 /// Records a certificate just issued in the store, for `vedettectl certs list`; a failure is a

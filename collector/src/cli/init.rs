@@ -33,7 +33,7 @@ pub enum InitError {
     #[error("cannot encode a config file: {0}")]
     Encode(#[from] toml::ser::Error),
     #[error("`--store`: {0}")]
-    Store(String),
+    Store(crate::store::StoreUrlError),
     #[error("--maintainer-key {0}")]
     MaintainerKey(String),
     #[error("cannot make the maintainer key: {0}")]

@@ -4,8 +4,8 @@ use std::io::BufRead;
 
 use crate::config::Config;
 use crate::pki::Role;
-use crate::server::console::auth::{check_user_name, hash_password};
-use crate::store::UserRow;
+use crate::server::console::auth::{AccountError, check_user_name, hash_password};
+use crate::store::{StoreError, UserRow};
 
 /// Creates or updates an account with a password read from standard input.
 pub fn add(
@@ -13,24 +13,21 @@ pub fn add(
     name: &str,
     roles: &[Role],
     org: Option<&str>,
-) -> Result<String, String> {
+) -> Result<String, UsersError> {
     check_user_name(name)?;
     let password = read_password(&format!("password for {name}: "))?;
     let password_hash = hash_password(&password)?;
     let mut roles: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
     roles.sort_unstable();
     roles.dedup();
-    let store = crate::store::open_as(&config.store, crate::store::Opener::Tool)
-        .map_err(|e| e.to_string())?;
-    let created = store
-        .put_user(&UserRow {
-            name: name.to_string(),
-            password_hash,
-            roles: roles.join(","),
-            org: org.unwrap_or_default().to_string(),
-            created_at_ms: crate::store::now_ms(),
-        })
-        .map_err(|e| e.to_string())?;
+    let store = crate::store::open_as(&config.store, crate::store::Opener::Tool)?;
+    let created = store.put_user(&UserRow {
+        name: name.to_string(),
+        password_hash,
+        roles: roles.join(","),
+        org: org.unwrap_or_default().to_string(),
+        created_at_ms: crate::store::now_ms(),
+    })?;
     let scope = org.map_or_else(
         || "collector-wide".to_string(),
         |o| format!("organisation {o}"),
@@ -42,10 +39,9 @@ pub fn add(
     ))
 }
 
-pub fn list(config: &Config) -> Result<String, String> {
-    let store = crate::store::open_as(&config.store, crate::store::Opener::Tool)
-        .map_err(|e| e.to_string())?;
-    let users = store.list_users().map_err(|e| e.to_string())?;
+pub fn list(config: &Config) -> Result<String, UsersError> {
+    let store = crate::store::open_as(&config.store, crate::store::Opener::Tool)?;
+    let users = store.list_users()?;
     let mut out = String::new();
     for u in &users {
         let org = if u.org.is_empty() {
@@ -68,18 +64,17 @@ pub fn list(config: &Config) -> Result<String, String> {
     Ok(out)
 }
 
-pub fn remove(config: &Config, name: &str) -> Result<String, String> {
-    let store = crate::store::open_as(&config.store, crate::store::Opener::Tool)
-        .map_err(|e| e.to_string())?;
-    if store.remove_user(name).map_err(|e| e.to_string())? {
+pub fn remove(config: &Config, name: &str) -> Result<String, UsersError> {
+    let store = crate::store::open_as(&config.store, crate::store::Opener::Tool)?;
+    if store.remove_user(name)? {
         Ok(format!("removed account `{name}`\n"))
     } else {
-        Err(format!("no account `{name}`"))
+        Err(UsersError::NoSuchAccount(name.to_string()))
     }
 }
 
 /// One line of standard input, without echo when it is a terminal.
-fn read_password(prompt: &str) -> Result<String, String> {
+fn read_password(prompt: &str) -> Result<String, UsersError> {
     use rustix::termios::{LocalModes, OptionalActions, isatty, tcgetattr, tcsetattr};
     let stdin = std::io::stdin();
     let mut saved = None;
@@ -99,10 +94,27 @@ fn read_password(prompt: &str) -> Result<String, String> {
         let _ = tcsetattr(&stdin, OptionalActions::Now, &t);
         eprintln!();
     }
-    read.map_err(|e| format!("cannot read the password: {e}"))?;
+    read.map_err(UsersError::ReadPassword)?;
     let password = line.trim_end_matches(['\n', '\r']).to_string();
     if password.is_empty() {
-        return Err("no password given on standard input".into());
+        return Err(UsersError::NoPassword);
     }
     Ok(password)
+}
+
+/// Why a `users` command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UsersError {
+    #[error(transparent)]
+    Account(#[from] AccountError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Org(#[from] super::commands::OrgCheckError),
+    #[error("cannot read the password: {0}")]
+    ReadPassword(std::io::Error),
+    #[error("no password given on standard input")]
+    NoPassword,
+    #[error("no account `{0}`")]
+    NoSuchAccount(String),
 }

@@ -114,11 +114,12 @@ fn apply_org_fields(
     tlp: &str,
 ) -> Result<(), Status> {
     if !sector.is_empty() {
-        orgs::check_sector(sector).map_err(Status::invalid_argument)?;
+        orgs::check_sector(sector).map_err(|e| Status::invalid_argument(e.to_string()))?;
         row.sector = sector.to_string();
     }
     if !country.is_empty() {
-        row.country = orgs::normalise_country(country).map_err(Status::invalid_argument)?;
+        row.country = orgs::normalise_country(country)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
     }
     if !share.is_empty() {
         let s = Share::parse(share).ok_or_else(|| {
@@ -686,7 +687,7 @@ impl AdminService for AdminSvc {
     ) -> Result<Response<CreateOrgResponse>, Status> {
         let who = self.collector_operator(&request, "creating an organisation")?;
         let req = request.into_inner();
-        orgs::check_name(&req.name).map_err(Status::invalid_argument)?;
+        orgs::check_name(&req.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let mut row = OrgRow {
             name: req.name.clone(),
             stix_id: orgs::new_stix_id(),

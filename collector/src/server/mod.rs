@@ -199,9 +199,7 @@ pub async fn serve(
         tokio::spawn(silence::watch(state.clone(), limits));
     }
     if let Some(addr) = config.metrics_listen {
-        let metrics = vedette_ops::metrics::bind(addr)
-            .await
-            .map_err(anyhow::Error::msg)?;
+        let metrics = vedette_ops::metrics::bind(addr).await?;
         info!(address = %addr, "serving metrics at /metrics");
         let registry = Arc::new(state.metrics.registry(&state.throttle));
         tokio::spawn(vedette_ops::metrics::serve(

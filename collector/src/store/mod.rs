@@ -8,6 +8,7 @@
 //! back.
 
 mod postgres;
+mod rows;
 mod sqlite;
 #[cfg(test)]
 mod suite;
@@ -36,24 +37,24 @@ pub enum StoreLocation {
 
 impl StoreLocation {
     /// The location a `[store] url` names; relative SQLite paths are taken from `base`.
-    pub fn parse(url: &str, base: &std::path::Path) -> Result<StoreLocation, String> {
+    pub fn parse(url: &str, base: &std::path::Path) -> Result<StoreLocation, StoreUrlError> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             url.parse::<tokio_postgres::Config>()
-                .map_err(|e| format!("`{}`: {e}", redact(url)))?;
+                .map_err(|e| StoreUrlError::Postgres {
+                    url: redact(url),
+                    reason: e.to_string(),
+                })?;
             return Ok(StoreLocation::Postgres {
                 url: url.to_string(),
                 ca_cert: None,
             });
         }
         if url.contains("://") {
-            return Err(format!(
-                "`{}` is neither a SQLite path (`sqlite:PATH`) nor a `postgres://` URL",
-                redact(url)
-            ));
+            return Err(StoreUrlError::Scheme(redact(url)));
         }
         let path = url.strip_prefix("sqlite:").unwrap_or(url);
         if path.is_empty() {
-            return Err("an empty SQLite path".into());
+            return Err(StoreUrlError::EmptyPath);
         }
         Ok(StoreLocation::Sqlite(base.join(path)))
     }
@@ -65,6 +66,17 @@ impl StoreLocation {
             StoreLocation::Postgres { url, .. } => redact(url),
         }
     }
+}
+
+/// Why a `[store] url` names no store (the URL shown without its password).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreUrlError {
+    #[error("`{url}`: {reason}")]
+    Postgres { url: String, reason: String },
+    #[error("`{0}` is neither a SQLite path (`sqlite:PATH`) nor a `postgres://` URL")]
+    Scheme(String),
+    #[error("an empty SQLite path")]
+    EmptyPath,
 }
 
 /// A URL with any password replaced by `***`.

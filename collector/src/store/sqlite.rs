@@ -9,6 +9,7 @@ use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
 use vedette_proto::v1::{Detection, Inventory, StoredDetection, detection};
 
+use super::rows::{self, AGENT_SELECT, CERT_SELECT};
 use super::{
     AgentRow, BundleRow, CertRow, DetectionFilter, DetectionPage, ExportRow, IntelBatch,
     IntelSourceRow, Opener, OrgRow, Schema, StagedLine, StagingCounts, Store, StoreError,
@@ -177,15 +178,7 @@ impl SqliteStore {
             "SELECT name, password_hash, roles, org, created_at_ms FROM users
              WHERE ?1 IS NULL OR name = ?1 ORDER BY name",
         )?;
-        let rows = stmt.query_map(params![name], |r| {
-            Ok(UserRow {
-                name: r.get(0)?,
-                password_hash: r.get(1)?,
-                roles: r.get(2)?,
-                org: r.get(3)?,
-                created_at_ms: r.get(4)?,
-            })
-        })?;
+        let rows = stmt.query_map(params![name], |r| rows::user(r))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -292,18 +285,7 @@ impl Store for SqliteStore {
                 (SELECT COUNT(*) FROM agents a WHERE a.org = o.name)
              FROM orgs o ORDER BY name",
         )?;
-        let rows = stmt.query_map([], |r| {
-            Ok(OrgRow {
-                name: r.get(0)?,
-                stix_id: r.get(1)?,
-                sector: r.get(2)?,
-                country: r.get(3)?,
-                share: r.get(4)?,
-                tlp: r.get(5)?,
-                created_at_ms: r.get(6)?,
-                agents: r.get(7)?,
-            })
-        })?;
+        let rows = stmt.query_map([], |r| rows::org(r))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -371,7 +353,7 @@ impl Store for SqliteStore {
         let conn = self.conn();
         let mut stmt =
             conn.prepare_cached(&format!("{CERT_SELECT} ORDER BY recorded_at_ms, serial"))?;
-        let rows = stmt.query_map([], cert_from_row)?;
+        let rows = stmt.query_map([], |r| rows::cert(r))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -387,11 +369,9 @@ impl Store for SqliteStore {
             "UPDATE certs SET revoked_at_ms = ?2 WHERE serial = ?1 AND revoked_at_ms = 0",
             params![serial, now_ms],
         )? == 1;
-        let row = tx.query_row(
-            &format!("{CERT_SELECT} WHERE serial = ?1"),
-            [serial],
-            cert_from_row,
-        )?;
+        let row = tx.query_row(&format!("{CERT_SELECT} WHERE serial = ?1"), [serial], |r| {
+            rows::cert(r)
+        })?;
         tx.commit()?;
         Ok((newly, row))
     }
@@ -501,18 +481,16 @@ impl Store for SqliteStore {
     fn agent(&self, id: &str) -> Result<Option<AgentRow>, StoreError> {
         Ok(self
             .conn()
-            .query_row(
-                &format!("{AGENT_SELECT} WHERE id = ?1"),
-                [id],
-                agent_from_row,
-            )
+            .query_row(&format!("{AGENT_SELECT} WHERE id = ?1"), [id], |r| {
+                rows::agent(r)
+            })
             .optional()?)
     }
 
     fn list_agents(&self) -> Result<Vec<AgentRow>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!("{AGENT_SELECT} ORDER BY enrolled_at_ms, id"))?;
-        let rows = stmt.query_map([], agent_from_row)?;
+        let rows = stmt.query_map([], |r| rows::agent(r))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -747,7 +725,7 @@ impl Store for SqliteStore {
         let mut stmt = conn.prepare(&format!(
             "{BUNDLE_SELECT} X'', X'' FROM bundles ORDER BY version DESC"
         ))?;
-        let rows = stmt.query_map([], bundle_from_row)?;
+        let rows = stmt.query_map([], |r| rows::bundle(r))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -759,7 +737,7 @@ impl Store for SqliteStore {
         );
         Ok(self
             .conn()
-            .query_row(&sql, [version as i64], bundle_from_row)
+            .query_row(&sql, [version as i64], |r| rows::bundle(r))
             .optional()?)
     }
 
@@ -907,19 +885,7 @@ impl Store for SqliteStore {
                 (SELECT COUNT(*) FROM intel_indicators i WHERE i.origin = s.origin)
              FROM intel_sources s ORDER BY origin",
         )?;
-        let rows = stmt.query_map([], |r| {
-            Ok(IntelSourceRow {
-                origin: r.get(0)?,
-                kind: r.get(1)?,
-                last_poll_ms: r.get(2)?,
-                accepted: r.get::<_, i64>(3)? as u64,
-                skipped: r.get::<_, i64>(4)? as u64,
-                rejected: r.get::<_, i64>(5)? as u64,
-                revoked: r.get::<_, i64>(6)? as u64,
-                last_error: r.get(7)?,
-                staged: r.get::<_, i64>(8)? as u64,
-            })
-        })?;
+        let rows = stmt.query_map([], |r| rows::intel_source(r))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -971,16 +937,7 @@ impl Store for SqliteStore {
                 (SELECT COUNT(*) FROM detections d WHERE d.seq > e.seq)
              FROM export_cursors e ORDER BY sink",
         )?;
-        let rows = stmt.query_map([], |r| {
-            Ok(ExportRow {
-                sink: r.get(0)?,
-                seq: r.get::<_, i64>(1)? as u64,
-                exported: r.get::<_, i64>(2)? as u64,
-                last_error: r.get(3)?,
-                last_attempt_ms: r.get(4)?,
-                backlog: r.get::<_, i64>(5)? as u64,
-            })
-        })?;
+        let rows = stmt.query_map([], |r| rows::export(r))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -1069,72 +1026,8 @@ impl Store for SqliteStore {
     }
 }
 
-const AGENT_SELECT: &str = "SELECT id, hostname, os, kernel, arch, agent_version, enrolled_at_ms,
-    first_seen_ms, last_seen_ms, connected, revoked_at_ms IS NOT NULL, bundle_version,
-    bundle_applied_at_ms, dropped_total, counters, bundle_failed_version, bundle_error, org,
-    clock_skew_ms, stopped_at_ms
-    FROM agents";
-
 const BUNDLE_SELECT: &str = "SELECT version, name, created_at_ms, publisher, published_by,
     published_at_ms, digest, signer_key, files, length(content),";
-
-fn bundle_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BundleRow> {
-    Ok(BundleRow {
-        version: r.get::<_, i64>(0)? as u64,
-        name: r.get(1)?,
-        created_at_ms: r.get(2)?,
-        publisher: r.get(3)?,
-        published_by: r.get(4)?,
-        published_at_ms: r.get(5)?,
-        digest: r.get(6)?,
-        signer_key: r.get(7)?,
-        files: r.get(8)?,
-        size: r.get::<_, i64>(9)? as u64,
-        content: r.get(10)?,
-        signature: r.get(11)?,
-    })
-}
-
-fn agent_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentRow> {
-    Ok(AgentRow {
-        id: r.get(0)?,
-        hostname: r.get(1)?,
-        os: r.get(2)?,
-        kernel: r.get(3)?,
-        arch: r.get(4)?,
-        agent_version: r.get(5)?,
-        enrolled_at_ms: r.get(6)?,
-        first_seen_ms: r.get(7)?,
-        last_seen_ms: r.get(8)?,
-        connected: r.get(9)?,
-        revoked: r.get(10)?,
-        bundle_version: r.get::<_, i64>(11)? as u64,
-        bundle_applied_at_ms: r.get(12)?,
-        dropped_total: r.get::<_, i64>(13)? as u64,
-        // Written by this code only; a damaged value shows as no counters.
-        counters: serde_json::from_str(&r.get::<_, String>(14)?).unwrap_or_default(),
-        bundle_failed_version: r.get::<_, i64>(15)? as u64,
-        bundle_error: r.get(16)?,
-        org: r.get(17)?,
-        clock_skew_ms: r.get(18)?,
-        stopped_at_ms: r.get(19)?,
-    })
-}
-
-const CERT_SELECT: &str = "SELECT serial, kind, subject, roles, not_after_ms, recorded_at_ms, revoked_at_ms, org FROM certs";
-
-fn cert_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CertRow> {
-    Ok(CertRow {
-        serial: r.get(0)?,
-        kind: r.get(1)?,
-        subject: r.get(2)?,
-        roles: r.get(3)?,
-        not_after_ms: r.get(4)?,
-        recorded_at_ms: r.get(5)?,
-        revoked_at_ms: r.get(6)?,
-        org: r.get(7)?,
-    })
-}
 
 #[cfg(test)]
 mod tests {

@@ -23,15 +23,20 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_CLIENTS: usize = 8;
 
 /// Reads a `metrics_listen` value: `off` (or empty), or `HOST:PORT`.
-pub fn parse_listen(value: &str) -> Result<Option<SocketAddr>, String> {
+pub fn parse_listen(value: &str) -> Result<Option<SocketAddr>, NotAnAddress> {
     let v = value.trim();
     if v.is_empty() || v.eq_ignore_ascii_case("off") {
         return Ok(None);
     }
-    v.parse().map(Some).map_err(|_| {
-        format!("`{value}` is not an address (HOST:PORT, e.g. 127.0.0.1:9464) nor `off`")
-    })
+    v.parse()
+        .map(Some)
+        .map_err(|_| NotAnAddress(value.chars().take(80).collect()))
 }
+
+/// A `metrics_listen` value that is neither an address nor `off`.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not an address (HOST:PORT, e.g. 127.0.0.1:9464) nor `off`")]
+pub struct NotAnAddress(pub String);
 
 /// The registry's exposition, ending with `# EOF`.
 pub fn render(registry: &Registry) -> String {
@@ -44,10 +49,18 @@ pub fn render(registry: &Registry) -> String {
 }
 
 /// Binds `addr`, naming it in the error.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|e| format!("cannot listen for metrics on {addr} (metrics_listen): {e}"))
+        .map_err(|source| BindError { addr, source })
+}
+
+/// The metrics address could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen for metrics on {addr} (metrics_listen): {source}")]
+pub struct BindError {
+    pub addr: SocketAddr,
+    pub source: std::io::Error,
 }
 
 /// Serves `GET /metrics` on `listener` until `stop` completes.
@@ -176,7 +189,8 @@ mod tests {
             Ok(Some("127.0.0.1:9464".parse().unwrap()))
         );
         let e = parse_listen("localhost").unwrap_err();
-        assert!(e.contains("`localhost`"), "{e}");
+        assert_eq!(e, NotAnAddress("localhost".into()));
+        assert!(e.to_string().contains("`localhost`"), "{e}");
     }
 
     #[tokio::test]

@@ -144,21 +144,30 @@ pub fn account_peer(user: &UserRow) -> Peer {
 }
 
 /// An argon2id hash (PHC string) of a new password.
-pub fn hash_password(password: &str) -> Result<String, String> {
+pub fn hash_password(password: &str) -> Result<String, AccountError> {
     if password.chars().count() < MIN_PASSWORD_CHARS {
-        return Err(format!(
-            "the password is too short: at least {MIN_PASSWORD_CHARS} characters"
-        ));
+        return Err(AccountError::ShortPassword);
     }
     let salt = salt()?;
     Argon2::default()
         .hash_password(password.as_bytes(), &salt)
         .map(|h| h.to_string())
-        .map_err(|e| format!("cannot hash the password: {e}"))
+        .map_err(AccountError::Hash)
 }
 
-fn salt() -> Result<SaltString, String> {
-    SaltString::encode_b64(&rand::random::<[u8; 16]>()).map_err(|e| format!("salt: {e}"))
+fn salt() -> Result<SaltString, AccountError> {
+    SaltString::encode_b64(&rand::random::<[u8; 16]>()).map_err(AccountError::Hash)
+}
+
+/// What is wrong with a new account's name or password.
+#[derive(Debug, thiserror::Error)]
+pub enum AccountError {
+    #[error("the password is too short: at least {MIN_PASSWORD_CHARS} characters")]
+    ShortPassword,
+    #[error("cannot hash the password: {0}")]
+    Hash(argon2::password_hash::Error),
+    #[error("`{0}` is not a valid account name: 1 to 64 letters, digits, `.`, `_`, `-` or `@`")]
+    Name(String),
 }
 
 /// Whether `password` matches the PHC string `hash`.
@@ -188,7 +197,7 @@ pub fn decoy_hash() -> &'static str {
 }
 
 /// Account names: what certificate names allow, 1 to 64 characters.
-pub fn check_user_name(name: &str) -> Result<(), String> {
+pub fn check_user_name(name: &str) -> Result<(), AccountError> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name
@@ -197,9 +206,7 @@ pub fn check_user_name(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "`{name}` is not a valid account name: 1 to 64 letters, digits, `.`, `_`, `-` or `@`"
-        ))
+        Err(AccountError::Name(name.chars().take(80).collect()))
     }
 }
 

@@ -18,13 +18,13 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use prost::Message;
-use tokio_postgres::Row;
 use tokio_postgres::config::SslMode;
 use vedette_proto::v1::{Detection, Inventory, StoredDetection, detection};
 
 use self::listen::EVENTS;
 use self::migrate::migrate;
 use self::pool::{Conn, Pool, tls_connector};
+use super::rows::{self, AGENT_SELECT, CERT_SELECT};
 use super::{
     AgentRow, BundleRow, CertRow, DetectionFilter, DetectionPage, ExportRow, IntelBatch,
     IntelSourceRow, Opener, OrgRow, Schema, StagedLine, StagingCounts, Store, StoreError,
@@ -98,16 +98,7 @@ impl PgStore {
                  WHERE $1::text IS NULL OR name = $1 ORDER BY name",
                 &[&name],
             )?;
-            Ok(rows
-                .iter()
-                .map(|r| UserRow {
-                    name: r.get(0),
-                    password_hash: r.get(1),
-                    roles: r.get(2),
-                    org: r.get(3),
-                    created_at_ms: r.get(4),
-                })
-                .collect())
+            Ok(rows.iter().map(rows::user).collect::<Result<_, _>>()?)
         })
     }
 }
@@ -208,19 +199,7 @@ impl Store for PgStore {
                  FROM orgs o ORDER BY name",
                 &[],
             )?;
-            Ok(rows
-                .iter()
-                .map(|r| OrgRow {
-                    name: r.get(0),
-                    stix_id: r.get(1),
-                    sector: r.get(2),
-                    country: r.get(3),
-                    share: r.get(4),
-                    tlp: r.get(5),
-                    created_at_ms: r.get(6),
-                    agents: r.get::<_, i64>(7) as u32,
-                })
-                .collect())
+            Ok(rows.iter().map(rows::org).collect::<Result<_, _>>()?)
         })
     }
 
@@ -259,7 +238,7 @@ impl Store for PgStore {
                 &format!("{CERT_SELECT} ORDER BY recorded_at_ms, serial"),
                 &[],
             )?;
-            Ok(rows.iter().map(cert_from_row).collect())
+            Ok(rows.iter().map(rows::cert).collect::<Result<_, _>>()?)
         })
     }
 
@@ -276,7 +255,7 @@ impl Store for PgStore {
                 &[&serial, &now_ms],
             )? == 1;
             let row = tx.query_one(&format!("{CERT_SELECT} WHERE serial = $1"), &[&serial])?;
-            let row = cert_from_row(&row);
+            let row = rows::cert(&row)?;
             tx.commit()?;
             Ok((newly, row))
         })
@@ -406,14 +385,14 @@ impl Store for PgStore {
     fn agent(&self, id: &str) -> Result<Option<AgentRow>, StoreError> {
         self.with(|c| {
             let row = c.query_opt(&format!("{AGENT_SELECT} WHERE id = $1"), &[&id])?;
-            Ok(row.as_ref().map(agent_from_row))
+            Ok(row.as_ref().map(rows::agent).transpose()?)
         })
     }
 
     fn list_agents(&self) -> Result<Vec<AgentRow>, StoreError> {
         self.with(|c| {
             let rows = c.query(&format!("{AGENT_SELECT} ORDER BY enrolled_at_ms, id"), &[])?;
-            Ok(rows.iter().map(agent_from_row).collect())
+            Ok(rows.iter().map(rows::agent).collect::<Result<_, _>>()?)
         })
     }
 
@@ -660,7 +639,7 @@ impl Store for PgStore {
                 &format!("{BUNDLE_SELECT} ''::bytea, ''::bytea FROM bundles ORDER BY version DESC"),
                 &[],
             )?;
-            Ok(rows.iter().map(bundle_from_row).collect())
+            Ok(rows.iter().map(rows::bundle).collect::<Result<_, _>>()?)
         })
     }
 
@@ -674,7 +653,7 @@ impl Store for PgStore {
                 ),
                 &[&(version as i64)],
             )?;
-            Ok(row.as_ref().map(bundle_from_row))
+            Ok(row.as_ref().map(rows::bundle).transpose()?)
         })
     }
 
@@ -834,18 +813,8 @@ impl Store for PgStore {
             )?;
             Ok(rows
                 .iter()
-                .map(|r| IntelSourceRow {
-                    origin: r.get(0),
-                    kind: r.get(1),
-                    last_poll_ms: r.get(2),
-                    accepted: r.get::<_, i64>(3) as u64,
-                    skipped: r.get::<_, i64>(4) as u64,
-                    rejected: r.get::<_, i64>(5) as u64,
-                    revoked: r.get::<_, i64>(6) as u64,
-                    last_error: r.get(7),
-                    staged: r.get::<_, i64>(8) as u64,
-                })
-                .collect())
+                .map(rows::intel_source)
+                .collect::<Result<_, _>>()?)
         })
     }
 
@@ -900,17 +869,7 @@ impl Store for PgStore {
                  FROM export_cursors e ORDER BY sink",
                 &[],
             )?;
-            Ok(rows
-                .iter()
-                .map(|r| ExportRow {
-                    sink: r.get(0),
-                    seq: r.get::<_, i64>(1) as u64,
-                    exported: r.get::<_, i64>(2) as u64,
-                    last_error: r.get(3),
-                    last_attempt_ms: r.get(4),
-                    backlog: r.get::<_, i64>(5) as u64,
-                })
-                .collect())
+            Ok(rows.iter().map(rows::export).collect::<Result<_, _>>()?)
         })
     }
 
@@ -1036,69 +995,5 @@ impl Columns {
     }
 }
 
-const AGENT_SELECT: &str = "SELECT id, hostname, os, kernel, arch, agent_version, enrolled_at_ms,
-    first_seen_ms, last_seen_ms, connected, revoked_at_ms IS NOT NULL, bundle_version,
-    bundle_applied_at_ms, dropped_total, counters, bundle_failed_version, bundle_error, org,
-    clock_skew_ms, stopped_at_ms
-    FROM agents";
-
 const BUNDLE_SELECT: &str = "SELECT version, name, created_at_ms, publisher, published_by,
     published_at_ms, digest, signer_key, files, length(content)::bigint,";
-
-fn bundle_from_row(r: &Row) -> BundleRow {
-    BundleRow {
-        version: r.get::<_, i64>(0) as u64,
-        name: r.get(1),
-        created_at_ms: r.get(2),
-        publisher: r.get(3),
-        published_by: r.get(4),
-        published_at_ms: r.get(5),
-        digest: r.get(6),
-        signer_key: r.get(7),
-        files: r.get::<_, i64>(8) as u32,
-        size: r.get::<_, i64>(9) as u64,
-        content: r.get(10),
-        signature: r.get(11),
-    }
-}
-
-fn agent_from_row(r: &Row) -> AgentRow {
-    AgentRow {
-        id: r.get(0),
-        hostname: r.get(1),
-        os: r.get(2),
-        kernel: r.get(3),
-        arch: r.get(4),
-        agent_version: r.get(5),
-        enrolled_at_ms: r.get(6),
-        first_seen_ms: r.get(7),
-        last_seen_ms: r.get(8),
-        connected: r.get(9),
-        revoked: r.get(10),
-        bundle_version: r.get::<_, i64>(11) as u64,
-        bundle_applied_at_ms: r.get(12),
-        dropped_total: r.get::<_, i64>(13) as u64,
-        // Written by this code only; a damaged value shows as no counters.
-        counters: serde_json::from_str(&r.get::<_, String>(14)).unwrap_or_default(),
-        bundle_failed_version: r.get::<_, i64>(15) as u64,
-        bundle_error: r.get(16),
-        org: r.get(17),
-        clock_skew_ms: r.get(18),
-        stopped_at_ms: r.get(19),
-    }
-}
-
-const CERT_SELECT: &str = "SELECT serial, kind, subject, roles, not_after_ms, recorded_at_ms, revoked_at_ms, org FROM certs";
-
-fn cert_from_row(r: &Row) -> CertRow {
-    CertRow {
-        serial: r.get(0),
-        kind: r.get(1),
-        subject: r.get(2),
-        roles: r.get(3),
-        not_after_ms: r.get(4),
-        recorded_at_ms: r.get(5),
-        revoked_at_ms: r.get(6),
-        org: r.get(7),
-    }
-}

@@ -1,0 +1,173 @@
+//! Result rows into the store's row types, written once for both stores. Each store's row type
+//! answers [`Columns`]; a mapping reads its columns by position, in the order of the SELECT it
+//! is named after (the same text in both stores, or one constant here).
+
+use super::{AgentRow, BundleRow, CertRow, ExportRow, IntelSourceRow, OrgRow, UserRow};
+
+/// The columns of one result row, by position, in the kinds both stores share.
+pub(crate) trait Columns {
+    type Error;
+    fn int(&self, i: usize) -> Result<i64, Self::Error>;
+    fn text(&self, i: usize) -> Result<String, Self::Error>;
+    fn flag(&self, i: usize) -> Result<bool, Self::Error>;
+    fn bytes(&self, i: usize) -> Result<Vec<u8>, Self::Error>;
+
+    /// A count or version: never negative as written; a negative value reads as 0.
+    fn count(&self, i: usize) -> Result<u64, Self::Error> {
+        Ok(u64::try_from(self.int(i)?).unwrap_or(0))
+    }
+}
+
+impl Columns for rusqlite::Row<'_> {
+    type Error = rusqlite::Error;
+    fn int(&self, i: usize) -> rusqlite::Result<i64> {
+        self.get(i)
+    }
+    fn text(&self, i: usize) -> rusqlite::Result<String> {
+        self.get(i)
+    }
+    fn flag(&self, i: usize) -> rusqlite::Result<bool> {
+        self.get(i)
+    }
+    fn bytes(&self, i: usize) -> rusqlite::Result<Vec<u8>> {
+        self.get(i)
+    }
+}
+
+impl Columns for tokio_postgres::Row {
+    type Error = tokio_postgres::Error;
+    fn int(&self, i: usize) -> Result<i64, tokio_postgres::Error> {
+        self.try_get(i)
+    }
+    fn text(&self, i: usize) -> Result<String, tokio_postgres::Error> {
+        self.try_get(i)
+    }
+    fn flag(&self, i: usize) -> Result<bool, tokio_postgres::Error> {
+        self.try_get(i)
+    }
+    fn bytes(&self, i: usize) -> Result<Vec<u8>, tokio_postgres::Error> {
+        self.try_get(i)
+    }
+}
+
+/// `SELECT name, password_hash, roles, org, created_at_ms FROM users`.
+pub(crate) fn user<R: Columns<Error = E> + ?Sized, E>(r: &R) -> Result<UserRow, E> {
+    Ok(UserRow {
+        name: r.text(0)?,
+        password_hash: r.text(1)?,
+        roles: r.text(2)?,
+        org: r.text(3)?,
+        created_at_ms: r.int(4)?,
+    })
+}
+
+/// `SELECT name, stix_id, sector, country, share, tlp, created_at_ms, (agent count) FROM orgs`.
+pub(crate) fn org<R: Columns<Error = E> + ?Sized, E>(r: &R) -> Result<OrgRow, E> {
+    Ok(OrgRow {
+        name: r.text(0)?,
+        stix_id: r.text(1)?,
+        sector: r.text(2)?,
+        country: r.text(3)?,
+        share: r.text(4)?,
+        tlp: r.text(5)?,
+        created_at_ms: r.int(6)?,
+        agents: u32::try_from(r.count(7)?).unwrap_or(u32::MAX),
+    })
+}
+
+/// `SELECT origin, kind, last_poll_ms, accepted, skipped, rejected, revoked, last_error,
+/// (staged count) FROM intel_sources`.
+pub(crate) fn intel_source<R: Columns<Error = E> + ?Sized, E>(r: &R) -> Result<IntelSourceRow, E> {
+    Ok(IntelSourceRow {
+        origin: r.text(0)?,
+        kind: r.text(1)?,
+        last_poll_ms: r.int(2)?,
+        accepted: r.count(3)?,
+        skipped: r.count(4)?,
+        rejected: r.count(5)?,
+        revoked: r.count(6)?,
+        last_error: r.text(7)?,
+        staged: r.count(8)?,
+    })
+}
+
+/// `SELECT sink, seq, exported, last_error, last_attempt_ms, (backlog) FROM export_cursors`.
+pub(crate) fn export<R: Columns<Error = E> + ?Sized, E>(r: &R) -> Result<ExportRow, E> {
+    Ok(ExportRow {
+        sink: r.text(0)?,
+        seq: r.count(1)?,
+        exported: r.count(2)?,
+        last_error: r.text(3)?,
+        last_attempt_ms: r.int(4)?,
+        backlog: r.count(5)?,
+    })
+}
+
+/// Each store's `BUNDLE_SELECT` (the content's length is spelt apart), then content and
+/// signature, or two empty values in listings.
+pub(crate) fn bundle<R: Columns<Error = E> + ?Sized, E>(r: &R) -> Result<BundleRow, E> {
+    Ok(BundleRow {
+        version: r.count(0)?,
+        name: r.text(1)?,
+        created_at_ms: r.int(2)?,
+        publisher: r.text(3)?,
+        published_by: r.text(4)?,
+        published_at_ms: r.int(5)?,
+        digest: r.text(6)?,
+        signer_key: r.bytes(7)?,
+        files: u32::try_from(r.count(8)?).unwrap_or(u32::MAX),
+        size: r.count(9)?,
+        content: r.bytes(10)?,
+        signature: r.bytes(11)?,
+    })
+}
+
+/// What [`agent`] reads.
+pub(crate) const AGENT_SELECT: &str = "SELECT id, hostname, os, kernel, arch, agent_version,
+    enrolled_at_ms, first_seen_ms, last_seen_ms, connected, revoked_at_ms IS NOT NULL,
+    bundle_version, bundle_applied_at_ms, dropped_total, counters, bundle_failed_version,
+    bundle_error, org, clock_skew_ms, stopped_at_ms
+    FROM agents";
+
+pub(crate) fn agent<R: Columns<Error = E> + ?Sized, E>(r: &R) -> Result<AgentRow, E> {
+    Ok(AgentRow {
+        id: r.text(0)?,
+        hostname: r.text(1)?,
+        os: r.text(2)?,
+        kernel: r.text(3)?,
+        arch: r.text(4)?,
+        agent_version: r.text(5)?,
+        enrolled_at_ms: r.int(6)?,
+        first_seen_ms: r.int(7)?,
+        last_seen_ms: r.int(8)?,
+        connected: r.flag(9)?,
+        revoked: r.flag(10)?,
+        bundle_version: r.count(11)?,
+        bundle_applied_at_ms: r.int(12)?,
+        dropped_total: r.count(13)?,
+        // Written by this code only; a damaged value shows as no counters.
+        counters: serde_json::from_str(&r.text(14)?).unwrap_or_default(),
+        bundle_failed_version: r.count(15)?,
+        bundle_error: r.text(16)?,
+        org: r.text(17)?,
+        clock_skew_ms: r.int(18)?,
+        stopped_at_ms: r.int(19)?,
+    })
+}
+
+/// What [`cert`] reads.
+pub(crate) const CERT_SELECT: &str = "SELECT serial, kind, subject, roles, not_after_ms,
+    recorded_at_ms, revoked_at_ms, org FROM certs";
+
+pub(crate) fn cert<R: Columns<Error = E> + ?Sized, E>(r: &R) -> Result<CertRow, E> {
+    Ok(CertRow {
+        serial: r.text(0)?,
+        kind: r.text(1)?,
+        subject: r.text(2)?,
+        roles: r.text(3)?,
+        not_after_ms: r.int(4)?,
+        recorded_at_ms: r.int(5)?,
+        revoked_at_ms: r.int(6)?,
+        org: r.text(7)?,
+    })
+}
