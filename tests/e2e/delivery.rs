@@ -1,7 +1,8 @@
 //! Delivery guarantees with real processes: the collector killed mid-stream, the agent killed
 //! with detections spooled, the collector down for a while, a spool over its cap, a damaged
-//! spool tail, failover between collector addresses; and one report per incident across
-//! restarts, kills, rescans and new bundles.
+//! spool tail, garbage in the spool, the scan cache and the kept bundle, failover between
+//! collector addresses; and one report per incident across restarts, kills, rescans and new
+//! bundles.
 
 use std::collections::BTreeSet;
 use std::net::TcpListener;
@@ -11,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
-use vedette_tests::{Agent, Collector, free_port, rule_dir, wait_for, wait_until};
+use vedette_tests::{Agent, Collector, SplitMix, free_port, rule_dir, wait_for, wait_until};
 
 const RULE: &str = "delivery_marker";
 const MARKER: &str = "VEDETTE-DELIVERY-MARKER";
@@ -450,4 +451,95 @@ fn each_incident_is_stored_once_across_kills_restarts_rescans_and_bundles() {
     );
     assert_eq!(s.c.detections().len(), 51);
     assert_once(&s.stored(), 50);
+}
+
+/// Each record of a spool segment: its byte range and the marker file it names.
+fn spool_records(data: &[u8]) -> Vec<(std::ops::Range<usize>, String)> {
+    let mut out = Vec::new();
+    let mut off = 0usize;
+    while off + 16 <= data.len() {
+        let len = u32::from_le_bytes(data[off..off + 4].try_into().unwrap()) as usize;
+        let range = off..off + 16 + len;
+        let payload = &data[off + 16..range.end];
+        let at = payload
+            .windows(4)
+            .position(|w| w == b"g00-")
+            .expect("a marker file's name in the record");
+        out.push((
+            range.clone(),
+            String::from_utf8_lossy(&payload[at..at + 9]).into_owned(),
+        ));
+        off = range.end;
+    }
+    out
+}
+
+#[test]
+fn garbage_in_the_spool_scan_cache_and_kept_bundle_costs_only_what_it_touched() {
+    let mut rng = SplitMix::from_env("spool, scan cache and bundle damage");
+    let mut s = setup("");
+    s.run_agent(&[]);
+    let bundle_rules = rule_dir(
+        &s._tmp.path().join("bundle"),
+        "bundle_marker",
+        "VEDETTE-BUNDLE-MARKER",
+    );
+    publish_and_wait(&s, &bundle_rules, 1);
+    s.c.stop();
+    s.write(0, 0..120);
+    wait_for(Duration::from_secs(30), "120 detections spooled", || {
+        (s.spool_waiting() == 120).then_some(())
+    });
+    s.stop_agent();
+    // The files go, so that no rescan finds them again: what arrives is what the spool kept.
+    for e in std::fs::read_dir(&s.watch).unwrap() {
+        std::fs::remove_file(e.unwrap().path()).unwrap();
+    }
+
+    let state = s.agent.state.clone();
+    for kept in ["scan-cache.bin", "bundle.bin"] {
+        let path = state.join(kept);
+        let mut data = std::fs::read(&path).unwrap_or_else(|e| panic!("{kept}: {e}"));
+        rng.damage(&mut data, 4);
+        std::fs::write(&path, data).unwrap();
+    }
+    let mut intact = BTreeSet::new();
+    let mut segments: Vec<PathBuf> = std::fs::read_dir(state.join("spool"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    segments.sort();
+    assert!(!segments.is_empty());
+    for seg in &segments {
+        let original = std::fs::read(seg).unwrap();
+        let mut data = original.clone();
+        rng.damage(&mut data, 6);
+        for (range, name) in spool_records(&original) {
+            if data[range.clone()] == original[range] {
+                intact.insert(name);
+            }
+        }
+        std::fs::write(seg, data).unwrap();
+    }
+    assert!(intact.len() < 120, "the damage touched a record");
+
+    s.c.start();
+    s.run_agent(&[]);
+    s.wait_all_acked(intact.len());
+    let stored = s.stored();
+    assert_once(&stored, intact.len());
+    assert_eq!(stored.into_iter().collect::<BTreeSet<_>>(), intact);
+    // It said what it skipped, and took the bundle again from the collector.
+    let log = s.agent.log();
+    for said in [
+        "damaged spool records",
+        "scan cache unusable",
+        "last-good bundle not usable",
+    ] {
+        assert!(log.contains(said), "{said}: {log}");
+    }
+    wait_for(Duration::from_secs(30), "bundle 1 applied again", || {
+        (s.agent.info(&s.c)?["bundle_version"] == 1).then_some(())
+    });
 }

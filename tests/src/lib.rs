@@ -101,6 +101,57 @@ pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Resul
     }
 }
 
+/// A seeded stream of numbers (splitmix64), for damage a test can replay from its seed.
+pub struct SplitMix(pub u64);
+
+impl SplitMix {
+    /// The seed in `VEDETTE_TEST_SEED` (decimal or `0x` hex), else a new one from the clock;
+    /// printed, so that a failure can be replayed.
+    pub fn from_env(what: &str) -> SplitMix {
+        let seed = std::env::var("VEDETTE_TEST_SEED")
+            .ok()
+            .and_then(|v| match v.strip_prefix("0x") {
+                Some(hex) => u64::from_str_radix(hex, 16).ok(),
+                None => v.parse().ok(),
+            })
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(7, |d| d.as_nanos() as u64)
+            });
+        eprintln!("{what}: seed {seed:#x} (replay with VEDETTE_TEST_SEED={seed:#x})");
+        SplitMix(seed)
+    }
+
+    pub fn number(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number below `n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.number() % n.max(1)
+    }
+
+    /// Overwrites 1 to `ranges` runs of 1 to 64 bytes of `data` at random offsets with random
+    /// bytes, until at least one byte changed.
+    pub fn damage(&mut self, data: &mut [u8], ranges: u64) {
+        let original = data.to_vec();
+        while data == original.as_slice() && !data.is_empty() {
+            for _ in 0..1 + self.below(ranges) {
+                let at = self.below(data.len() as u64) as usize;
+                let len = (1 + self.below(64) as usize).min(data.len() - at);
+                for b in &mut data[at..at + len] {
+                    *b = self.number() as u8;
+                }
+            }
+        }
+    }
+}
+
 /// CPU time (user + system) of a process so far, in clock ticks.
 pub fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
