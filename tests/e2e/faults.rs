@@ -1,5 +1,6 @@
 //! Faults the fleet survives, with real processes: the database restarting under a stream of
-//! detections from several agents, the collector's disk and the agent's disk filling up.
+//! detections from several agents, the collector's disk and the agent's disk filling up, and a
+//! bad link (latency, a bandwidth cap, cut connections and a blackhole) made by a proxy.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -14,6 +15,9 @@ const MARKER: &str = "VEDETTE-FAULT-MARKER";
 
 /// How long the database stays down: the fault itself, not a wait for anything.
 const OUTAGE: Duration = Duration::from_secs(10);
+
+/// How long the bad link answers nothing: the fault itself.
+const BLACKHOLE: Duration = Duration::from_secs(30);
 
 /// Files (so detections) per agent: 5,000 in all.
 const PER_AGENT: [u32; 3] = [1_667, 1_667, 1_666];
@@ -159,11 +163,17 @@ fn a_postgresql_restart_mid_stream_loses_nothing_and_needs_no_collector_restart(
 
 /// Marker detections stored: (all of them, distinct paths).
 fn stored_markers(c: &Collector) -> (usize, usize) {
+    stored_matching(c, "")
+}
+
+/// Marker detections stored whose path contains `part`: (all of them, distinct paths).
+fn stored_matching(c: &Collector, part: &str) -> (usize, usize) {
     let paths: Vec<String> = c
         .detections()
         .into_iter()
         .filter(|d| d["rule"] == RULE)
         .filter_map(|d| d["path"].as_str().map(str::to_string))
+        .filter(|p| p.contains(part))
         .collect();
     let distinct = paths.iter().collect::<BTreeSet<_>>().len();
     (paths.len(), distinct)
@@ -598,5 +608,91 @@ fn a_full_disk_under_the_agent_drops_repeats_first_counts_them_and_resumes() {
                 .any(|d| d["path"].as_str().is_some_and(|p| p.ends_with("/after")))
                 .then_some(())
         },
+    );
+}
+
+#[test]
+fn over_a_bad_link_every_detection_arrives_once_beside_a_clean_one() {
+    use vedette_tests::SplitMix;
+    use vedette_tests::proxy::{FaultProxy, Faults};
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = Collector::init(&tmp.path().join("collector"));
+    c.start();
+    let rules = rule_dir(&tmp.path().join("rules"), RULE, MARKER);
+    let proxy = FaultProxy::start(
+        &c.addr,
+        Faults {
+            latency: Duration::from_millis(300),
+            jitter: Duration::from_millis(100),
+            bytes_per_second: 256 * 1024,
+            cut_per_second: 0.05,
+        },
+        SplitMix::from_env("fault proxy"),
+    );
+    // Side by side: agent 0 on the clean link, agent 1 through the proxy.
+    let (_clean, clean_watch) = agent(&c, &tmp.path().join("clean"), &rules);
+    let dir = tmp.path().join("bad");
+    let mut bad = Agent::enroll(&c, &dir.join("state"));
+    let bad_watch = dir.join("watch");
+    std::fs::create_dir_all(&bad_watch).unwrap();
+    let config = dir.join("agent.toml");
+    let link = format!("collectors = [{:?}]", proxy.addr);
+    vedette_tests::watch_config(&config, &bad_watch, &rules, &link);
+    bad.run(&c, &["--config", config.to_str().unwrap()]);
+
+    let n = 2000u32;
+    let started = std::time::Instant::now();
+    write_markers(&clean_watch, 0, 0..n / 2);
+    write_markers(&bad_watch, 1, 0..n / 2);
+    // Half way, the link goes dead for 30 s while the rest are made.
+    proxy.blackhole(true);
+    write_markers(&clean_watch, 0, n / 2..n);
+    write_markers(&bad_watch, 1, n / 2..n);
+    // When each agent's last detection was stored.
+    let mut done = [None, None];
+    let check = |done: &mut [Option<Duration>; 2]| {
+        for (agent, at) in done.iter_mut().enumerate() {
+            if at.is_none() {
+                let (all, distinct) = stored_matching(&c, &format!("/a{agent}-"));
+                assert_eq!(all, distinct, "agent {agent}: a detection stored twice");
+                if distinct == n as usize {
+                    *at = Some(started.elapsed());
+                }
+            }
+        }
+    };
+    let dark = std::time::Instant::now();
+    while dark.elapsed() < BLACKHOLE {
+        check(&mut done);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    proxy.blackhole(false);
+    let light = started.elapsed();
+    wait_until(
+        Duration::from_secs(300),
+        "both agents' detections stored",
+        || {
+            check(&mut done);
+            match done {
+                [Some(_), Some(_)] => Ok(()),
+                _ => Err(format!("{done:?}")),
+            }
+        },
+    );
+    // The bad link's agent is connected again, by itself.
+    wait_for(
+        Duration::from_secs(60),
+        "the agent behind the bad link connected",
+        || (bad.info(&c)?["connected"] == true).then_some(()),
+    );
+    let [Some(clean), Some(slow)] = done else {
+        unreachable!("both were waited for");
+    };
+    eprintln!(
+        "{n} detections each: clean link {clean:.1?}, bad link {slow:.1?} ({:.1}x) with a {BLACKHOLE:?} blackhole, the last arriving {:.1?} after the link came back; {} connections through the proxy, {} cut",
+        slow.as_secs_f64() / clean.as_secs_f64().max(0.001),
+        slow.saturating_sub(light),
+        proxy.connections(),
+        proxy.cuts()
     );
 }

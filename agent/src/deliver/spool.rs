@@ -557,16 +557,33 @@ impl Spool {
         }
         // The count first: a crash from here on counts records still there, never fewer.
         self.count_dropped(inner, victims.len() as u64)?;
+        let mut failed = None;
         for s in inner.segments.iter_mut().take(sealed) {
             let lo = victims.partition_point(|&v| v < s.first_id);
             let hi = victims.partition_point(|&v| v <= s.last_id);
             if lo < hi {
-                let freed = rewrite_without(s, &victims[lo..hi], inner.acked, &self.dir)?;
-                inner.total_bytes -= freed;
+                match rewrite_without(s, &victims[lo..hi], inner.acked, &self.dir) {
+                    Ok(freed) => inner.total_bytes -= freed,
+                    Err(e) => {
+                        failed = Some((lo, e));
+                        break;
+                    }
+                }
             }
         }
         self.forget_emptied(inner, sealed)?;
-        Ok(victims.len() as u64)
+        let Some((lo, e)) = failed else {
+            return Ok(victims.len() as u64);
+        };
+        // The victims from the failed segment on are still there: the count says so again
+        // (where even that cannot be written, it stays high, never low).
+        let kept = (victims.len() - lo) as u64;
+        inner.dropped -= kept;
+        let _ = self.write_ack(inner, true);
+        match lo {
+            0 => Err(e),
+            removed => Ok(removed as u64),
+        }
     }
 
     /// The records to drop to free `need` bytes (and, to reread the spool seldom, a quarter of
