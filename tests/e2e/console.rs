@@ -247,6 +247,18 @@ fn console_api_requires_authentication_and_csrf_and_matches_its_openapi_document
         1
     );
     assert_eq!(count("until=2000-01-01T00:00:00Z"), 0);
+    // By the file's SHA-256, in either case; an unknown one finds nothing, a malformed one is
+    // refused with the parameter named.
+    let sha = one["sha256"]
+        .as_str()
+        .expect("the file's SHA-256")
+        .to_string();
+    assert_eq!(count(&format!("sha256={sha}")), 1);
+    assert_eq!(count(&format!("sha256={}", sha.to_uppercase())), 1);
+    assert_eq!(count(&format!("sha256={}", "0".repeat(64))), 0);
+    let bad = op.get("/api/v1/detections?sha256=abc", &[]);
+    assert_eq!(bad.status, 400);
+    assert!(bad.body.contains("`sha256`"), "{}", bad.body);
     // vedettectl takes the same filters.
     let listed = |args: &[&str]| {
         let mut all = vec!["detections", "list", "--json"];
@@ -254,6 +266,7 @@ fn console_api_requires_authentication_and_csrf_and_matches_its_openapi_document
         vedette_tests::json_lines(&c.ctl_ok(&all)).len()
     };
     assert_eq!(listed(&["--text", "DROPPER.SH"]), 1);
+    assert_eq!(listed(&["--sha256", &sha]), 1);
     assert_eq!(listed(&["--kind", "yara", "--rule", "console_marker"]), 1);
     assert_eq!(listed(&["--kind", "hash"]), 0);
     assert_eq!(

@@ -64,17 +64,6 @@ fn collector_with(dir: &Path, line: &str) -> Collector {
     c
 }
 
-/// An enrolled agent watching a directory of its own for the marker rule, running.
-fn agent(c: &Collector, dir: &Path, rules: &Path) -> (Agent, PathBuf) {
-    let mut agent = Agent::enroll(c, &dir.join("state"));
-    let watch = dir.join("watch");
-    std::fs::create_dir_all(&watch).unwrap();
-    let config = dir.join("agent.toml");
-    vedette_tests::watch_config(&config, &watch, rules, "");
-    agent.run(c, &["--config", config.to_str().unwrap()]);
-    (agent, watch)
-}
-
 #[test]
 fn a_postgresql_restart_mid_stream_loses_nothing_and_needs_no_collector_restart() {
     let Some(pg) = PgCluster::start() else {
@@ -85,7 +74,7 @@ fn a_postgresql_restart_mid_stream_loses_nothing_and_needs_no_collector_restart(
     c.start();
     let rules = rule_dir(&tmp.path().join("rules"), RULE, MARKER);
     let agents: Vec<(Agent, PathBuf)> = (0..PER_AGENT.len())
-        .map(|i| agent(&c, &tmp.path().join(format!("agent{i}")), &rules))
+        .map(|i| Agent::watching(&c, &tmp.path().join(format!("agent{i}")), &rules))
         .collect();
 
     // A third of each agent's files while the database is up; the rest while it is down.
@@ -196,7 +185,7 @@ fn a_full_disk_under_the_collector_acknowledges_nothing_it_did_not_write_and_los
     crate::intel::configure(&c, &format!("[[export.jsonl]]\npath = {:?}\n", sink));
     c.start();
     let rules = rule_dir(&tmp.path().join("rules"), RULE, MARKER);
-    let (agent, watch) = agent(&c, &tmp.path().join("agent"), &rules);
+    let (agent, watch) = Agent::watching(&c, &tmp.path().join("agent"), &rules);
     write_markers(&watch, 0, 0..200);
     wait_for(Duration::from_secs(60), "200 detections stored", || {
         (stored_markers(&c).1 >= 200).then_some(())
@@ -384,7 +373,7 @@ fn a_frozen_or_killed_agent_is_reported_silent_and_a_stopped_one_is_not() {
     let rules = rule_dir(&tmp.path().join("rules"), RULE, MARKER);
     let mut agents: Vec<(Agent, PathBuf)> = ["stopped", "frozen", "killed"]
         .iter()
-        .map(|name| agent(&c, &tmp.path().join(name), &rules))
+        .map(|name| Agent::watching(&c, &tmp.path().join(name), &rules))
         .collect();
     let ids: Vec<String> = agents.iter().map(|(a, _)| a.id.clone()).collect();
     // A clean stop first: it has been quiet the longest when the others are reported.
@@ -547,7 +536,8 @@ fn a_full_disk_under_the_agent_drops_repeats_first_counts_them_and_resumes() {
             (p, d) => Err(format!("{p} pending, {d} dropped")),
         },
     );
-    let (_, dropped) = pending(&agent);
+    let (_, spooled_dropped) = pending(&agent);
+    assert!(spooled_dropped > 0);
     let proc = agent.proc.as_mut().unwrap();
     assert!(proc.is_running(), "the agent stays up");
     // Neither crashed nor spinning: idle on a disk that is still full.
@@ -565,21 +555,25 @@ fn a_full_disk_under_the_agent_drops_repeats_first_counts_them_and_resumes() {
     std::fs::remove_file(&filler).unwrap();
     c.start();
     let made = flood as usize + 1;
-    let stored = wait_until(Duration::from_secs(120), "the spool delivered", || {
+    // Delivered once the agent's heartbeat says its spool is empty; its dropped total then is
+    // the one it keeps in memory (a count written on a full disk may have stayed high, never
+    // low, until the next write).
+    let (stored, dropped) = wait_until(Duration::from_secs(120), "the spool delivered", || {
+        let row = agent.info(&c).ok_or("agent not listed")?;
         let rows = c.detections();
-        let ours: Vec<&serde_json::Value> = rows
+        let ours: Vec<(String, String)> = rows
             .iter()
             .filter(|d| d["rule"] == "flood_marker" || d["rule"] == "rare_marker")
+            .map(|d| (d["rule"].to_string(), d["path"].to_string()))
             .collect();
-        if ours.len() + dropped as usize >= made {
-            Ok(ours
-                .iter()
-                .map(|d| (d["rule"].to_string(), d["path"].to_string()))
-                .collect::<Vec<_>>())
+        let total = row["dropped_total"].as_u64().unwrap_or(0);
+        if row["counters"]["spool_pending"] == 0 && ours.len() + total as usize >= made {
+            Ok((ours, total))
         } else {
-            Err(format!("{} stored, {dropped} dropped", ours.len()))
+            Err(format!("{} stored, {total} dropped; {row}", ours.len()))
         }
     });
+    assert!(dropped > 0, "drops reported in the heartbeat");
     assert_eq!(
         stored.len() + dropped as usize,
         made,
@@ -595,8 +589,6 @@ fn a_full_disk_under_the_agent_drops_repeats_first_counts_them_and_resumes() {
         1,
         "the rare, high-score detection survived the flood"
     );
-    let row = agent.info(&c).unwrap();
-    assert_eq!(row["dropped_total"].as_u64(), Some(dropped), "{row}");
     // New detections are spooled and delivered again.
     std::fs::write(watch.join("after"), "VEDETTE-RARE-MARKER after\n").unwrap();
     wait_for(
@@ -630,7 +622,7 @@ fn over_a_bad_link_every_detection_arrives_once_beside_a_clean_one() {
         SplitMix::from_env("fault proxy"),
     );
     // Side by side: agent 0 on the clean link, agent 1 through the proxy.
-    let (_clean, clean_watch) = agent(&c, &tmp.path().join("clean"), &rules);
+    let (_clean, clean_watch) = Agent::watching(&c, &tmp.path().join("clean"), &rules);
     let dir = tmp.path().join("bad");
     let mut bad = Agent::enroll(&c, &dir.join("state"));
     let bad_watch = dir.join("watch");

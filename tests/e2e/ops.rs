@@ -1,4 +1,5 @@
-//! Operating Vedette: the metrics endpoints, JSON logs, `doctor`, the deploy/ files.
+//! Operating Vedette: the metrics endpoints, JSON logs, `doctor`, the deploy/ files, finding
+//! which hosts saw a file.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -764,4 +765,80 @@ fn install_agent_script_is_idempotent() {
     assert!(second.contains("not enrolling again"), "{second}");
     assert!(!second.contains("installed"), "{second}");
     assert_eq!(c.agents().len(), 1, "{:?}", c.agents());
+}
+
+#[test]
+fn which_hosts_saw_a_file_is_found_by_its_sha256() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = Collector::init(&tmp.path().join("collector"));
+    c.start();
+    let rules = rule_dir(
+        &tmp.path().join("rules"),
+        "hash_marker",
+        "VEDETTE-HASH-MARKER",
+    );
+    let mut agents = Vec::new();
+    for name in ["one", "two"] {
+        agents.push(Agent::watching(&c, &tmp.path().join(name), &rules));
+    }
+    // The same file on both hosts (twice on the first), another only on the second.
+    let shared = "VEDETTE-HASH-MARKER shared\n";
+    std::fs::write(agents[0].1.join("a"), shared).unwrap();
+    std::fs::write(agents[0].1.join("b"), shared).unwrap();
+    std::fs::write(agents[1].1.join("c"), shared).unwrap();
+    std::fs::write(agents[1].1.join("d"), "VEDETTE-HASH-MARKER other\n").unwrap();
+    wait_for(Duration::from_secs(30), "four detections", || {
+        let all = c.ctl_ok(&["detections", "list", "--json", "--rule", "hash_marker"]);
+        (vedette_tests::json_lines(&all).len() == 4).then_some(())
+    });
+    // The digest as coreutils computes it.
+    let sum = std::process::Command::new("sha256sum")
+        .arg(agents[1].1.join("c"))
+        .output()
+        .expect("run sha256sum");
+    let sha = String::from_utf8_lossy(&sum.stdout)
+        .split_whitespace()
+        .next()
+        .expect("a digest")
+        .to_string();
+    let listed =
+        vedette_tests::json_lines(&c.ctl_ok(&["detections", "list", "--json", "--sha256", &sha]));
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    assert!(listed.iter().all(|d| d["sha256"] == sha.as_str()));
+    let hosts = vedette_tests::json_lines(&c.ctl_ok(&[
+        "detections",
+        "hosts",
+        "--json",
+        "--sha256",
+        &sha.to_uppercase(),
+    ]));
+    let mut seen: Vec<(String, u64)> = hosts
+        .iter()
+        .map(|h| {
+            (
+                h["agent_id"].as_str().unwrap().to_string(),
+                h["detections"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    seen.sort();
+    let mut want = vec![(agents[0].0.id.clone(), 2), (agents[1].0.id.clone(), 1)];
+    want.sort();
+    assert_eq!(seen, want, "{hosts:?}");
+    for h in &hosts {
+        assert!(
+            h["first_seen"].as_str().unwrap() <= h["last_seen"].as_str().unwrap(),
+            "{h}"
+        );
+    }
+    // Nobody saw an unknown file; a malformed hash is an error naming the parameter.
+    let none = c.ctl(&["detections", "hosts", "--sha256", &"0".repeat(64)]);
+    assert!(none.status.success());
+    assert!(String::from_utf8_lossy(&none.stderr).contains("no host saw"));
+    let bad = c.ctl(&["detections", "list", "--sha256", "abc"]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("`sha256`"),
+        "{bad:?}"
+    );
 }

@@ -566,6 +566,19 @@ impl Agent {
         c.agents().into_iter().find(|a| a["id"] == self.id.as_str())
     }
 
+    /// Enrolls an agent with its state in `dir/state`, and runs it on a [`watch_config`] of
+    /// its own (`dir/agent.toml`) watching `dir/watch` for `rules`; returns it and the watched
+    /// directory.
+    pub fn watching(c: &Collector, dir: &Path, rules: &Path) -> (Agent, PathBuf) {
+        let mut agent = Agent::enroll(c, &dir.join("state"));
+        let watch = dir.join("watch");
+        std::fs::create_dir_all(&watch).expect("the watched directory");
+        let config = dir.join("agent.toml");
+        watch_config(&config, &watch, rules, "");
+        agent.run(c, &["--config", config.to_str().expect("utf-8 path")]);
+        (agent, watch)
+    }
+
     /// [`run`](Self::run) watching `watch` with the rules in `rules`.
     pub fn run_watching(&mut self, c: &Collector, watch: &Path, rules: &Path) {
         let (w, r) = (

@@ -335,8 +335,27 @@ pub enum DetectionsCmd {
         /// Only detections whose path, process name or command line holds this text (any case).
         #[arg(long, value_name = "TEXT")]
         text: Option<String>,
+        /// Only detections of the file or executable with this SHA-256 (64 hex digits).
+        #[arg(long, value_name = "HASH")]
+        sha256: Option<String>,
         /// At most this many (the most recent), read page by page.
         #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Which hosts saw a file or executable, by its SHA-256: each host once, with its first
+    /// and last detection of it and how many there were.
+    Hosts {
+        /// The SHA-256 of the file or executable (64 hex digits).
+        #[arg(long, value_name = "HASH")]
+        sha256: String,
+        /// Only this organisation's hosts.
+        #[arg(long, value_name = "NAME")]
+        org: Option<String>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// At most this many detections read, the most recent first.
+        #[arg(long, default_value_t = 100_000)]
         limit: usize,
     },
 }

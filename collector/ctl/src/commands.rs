@@ -108,17 +108,28 @@ fn shared_export(
 }
 
 async fn detections(cmd: DetectionsCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
-    let DetectionsCmd::List {
-        json,
-        agent,
-        org,
-        since,
-        until,
-        kind,
-        rule,
-        text,
-        limit,
-    } = cmd;
+    let (json, agent, org, since, until, kind, rule, text, sha256, limit) = match cmd {
+        DetectionsCmd::List {
+            json,
+            agent,
+            org,
+            since,
+            until,
+            kind,
+            rule,
+            text,
+            sha256,
+            limit,
+        } => (
+            json, agent, org, since, until, kind, rule, text, sha256, limit,
+        ),
+        DetectionsCmd::Hosts {
+            sha256,
+            org,
+            json,
+            limit,
+        } => return hosts(cfg, sha256, org, json, limit).await,
+    };
     let filter = ListDetectionsRequest {
         agent_id: agent.unwrap_or_default(),
         org: org.unwrap_or_default(),
@@ -130,6 +141,7 @@ async fn detections(cmd: DetectionsCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
             .unwrap_or(0),
         rule: rule.unwrap_or_default(),
         text: text.unwrap_or_default(),
+        sha256: sha256.unwrap_or_default(),
         ..Default::default()
     };
     let list = client::detections_list(cfg, filter, limit).await?;
@@ -139,6 +151,70 @@ async fn detections(cmd: DetectionsCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
         } else {
             println!("{}", stored_line(d));
         }
+    }
+    Ok(())
+}
+
+/// One host's sightings of a file: `detections hosts`.
+struct Sightings {
+    hostname: String,
+    org: String,
+    count: u64,
+    first_ms: i64,
+    last_ms: i64,
+}
+
+/// `detections hosts --sha256 H`: the detections of that file, folded by agent.
+async fn hosts(
+    cfg: &CtlConfig,
+    sha256: String,
+    org: Option<String>,
+    json: bool,
+    limit: usize,
+) -> anyhow::Result<()> {
+    let filter = ListDetectionsRequest {
+        sha256: sha256.clone(),
+        org: org.unwrap_or_default(),
+        ..Default::default()
+    };
+    let list = client::detections_list(cfg, filter, limit).await?;
+    let mut by_agent: std::collections::BTreeMap<String, Sightings> = Default::default();
+    for d in &list {
+        let at = d
+            .detection
+            .as_ref()
+            .map_or(d.received_at_ms, |x| x.observed_at_ms);
+        let s = by_agent.entry(d.agent_id.clone()).or_insert(Sightings {
+            hostname: d.hostname.clone(),
+            org: d.org.clone(),
+            count: 0,
+            first_ms: at,
+            last_ms: at,
+        });
+        s.count += 1;
+        s.first_ms = s.first_ms.min(at);
+        s.last_ms = s.last_ms.max(at);
+    }
+    for (agent, s) in &by_agent {
+        let (first, last) = (
+            output::rfc3339_ms(s.first_ms),
+            output::rfc3339_ms(s.last_ms),
+        );
+        if json {
+            let v = serde_json::json!({
+                "agent_id": agent, "hostname": s.hostname, "org": s.org, "sha256": sha256,
+                "detections": s.count, "first_seen": first, "last_seen": last,
+            });
+            println!("{v}");
+        } else {
+            println!(
+                "{}\t{agent}\t{}\t{first}\t{last}\t{} detection(s)",
+                s.hostname, s.org, s.count
+            );
+        }
+    }
+    if by_agent.is_empty() && !json {
+        eprintln!("no host saw {sha256} (within what you may see)");
     }
     Ok(())
 }

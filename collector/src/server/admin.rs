@@ -666,6 +666,7 @@ impl AdminService for AdminSvc {
             until_ms: Some(req.until_ms).filter(|s| *s != 0),
             kind: Some(req.kind).filter(|k| *k != 0),
             rule: Some(req.rule).filter(|r| !r.is_empty()),
+            sha256: sha256_filter(&req.sha256)?,
             text: Some(req.text).filter(|t| !t.is_empty()),
             before_seq: Some(req.before_seq).filter(|s| *s != 0),
             limit: match req.limit {
@@ -745,5 +746,22 @@ impl AdminService for AdminSvc {
         Ok(Response::new(SetOrgResponse {
             org: Some(org_info(row)),
         }))
+    }
+}
+
+/// A `sha256` filter: empty for none, else 64 hex digits (any case), kept in lower case as the
+/// store does.
+fn sha256_filter(text: &str) -> Result<Option<String>, Status> {
+    let t = text.trim();
+    if t.is_empty() {
+        return Ok(None);
+    }
+    if t.len() == 64 && t.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(Some(t.to_ascii_lowercase()))
+    } else {
+        Err(Status::invalid_argument(format!(
+            "`sha256`: `{}` is not a SHA-256 (64 hex digits)",
+            t.chars().take(80).collect::<String>()
+        )))
     }
 }

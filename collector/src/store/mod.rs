@@ -693,6 +693,8 @@ pub struct DetectionFilter {
     pub kind: Option<i32>,
     /// Only this rule or indicator name.
     pub rule: Option<String>,
+    /// Only detections of the file or executable with this SHA-256 (lowercase hex).
+    pub sha256: Option<String>,
     /// Only detections whose path, process name or command line holds this text (any case).
     /// Matching rows are looked for among at most [`TEXT_SCAN_ROWS`] rows; a page that stops
     /// there says where to go on with `next_before_seq`.

@@ -147,6 +147,8 @@ const MIGRATIONS: &[&str] = &[
     // 10: how far each agent's clock is from the collector's, and when it said goodbye.
     "ALTER TABLE agents ADD COLUMN clock_skew_ms INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE agents ADD COLUMN stopped_at_ms INTEGER NOT NULL DEFAULT 0;",
+    // 11: detections found by the SHA-256 of their file or executable.
+    "CREATE INDEX detections_sha256 ON detections(sha256) WHERE sha256 IS NOT NULL;",
 ];
 
 /// Counts one sign-in attempt against a key (`key`, `now_ms`, `window_ms`): a new window when
@@ -646,7 +648,7 @@ impl Store for SqliteStore {
              WHERE (?1 IS NULL OR d.agent_id = ?1) AND (?2 IS NULL OR d.received_at_ms >= ?2)
                AND (?3 IS NULL OR d.seq < ?3) AND (?5 IS NULL OR a.org = ?5)
                AND (?6 IS NULL OR d.received_at_ms < ?6) AND (?7 IS NULL OR d.kind = ?7)
-               AND (?8 IS NULL OR d.rule = ?8)
+               AND (?8 IS NULL OR d.rule = ?8) AND (?9 IS NULL OR d.sha256 = ?9)
              ORDER BY d.seq DESC LIMIT ?4",
         )?;
         let before = f.before_seq.map(|s| s.min(i64::MAX as u64) as i64);
@@ -658,7 +660,8 @@ impl Store for SqliteStore {
             f.org,
             f.until_ms,
             f.kind,
-            f.rule
+            f.rule,
+            f.sha256
         ])?;
         DetectionPage::collect(f, || {
             let Some(r) = rows.next()? else {

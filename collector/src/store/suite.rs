@@ -617,7 +617,7 @@ fn organisations_hold_their_agents_tokens_detections_and_certificates() {
 }
 
 #[test]
-fn detections_filter_by_kind_rule_time_and_text() {
+fn detections_filter_by_kind_rule_time_text_and_hash() {
     both("detection_filters", |s, _| {
         s.create_token("h", 0, i64::MAX, 1, "default").unwrap();
         s.enroll("h", "a", "host", 1).unwrap().unwrap();
@@ -625,6 +625,7 @@ fn detections_filter_by_kind_rule_time_and_text() {
             rule: rule.into(),
             target: Some(detection::Target::File(FileTarget {
                 path: path.into(),
+                sha256: format!("{:064x}", path.len()),
                 ..Default::default()
             })),
             ..detection(id)
@@ -672,6 +673,21 @@ fn detections_filter_by_kind_rule_time_and_text() {
                 ..Default::default()
             }),
             ["f2"]
+        );
+        // "/tmp/xmrig" is 10 bytes long: its made-up digest is 10 in hex.
+        assert_eq!(
+            ids(DetectionFilter {
+                sha256: Some(format!("{:064x}", 10)),
+                ..Default::default()
+            }),
+            ["f2"]
+        );
+        assert!(
+            ids(DetectionFilter {
+                sha256: Some(format!("{:064x}", 11)),
+                ..Default::default()
+            })
+            .is_empty()
         );
         assert_eq!(
             ids(DetectionFilter {

@@ -54,6 +54,8 @@ pub struct DetectionQuery {
     pub until: String,
     /// Text in the path, process name or command line.
     pub q: String,
+    /// The SHA-256 of the file or executable.
+    pub sha256: String,
     pub limit: Option<u32>,
     pub before: Option<u64>,
 }
@@ -112,6 +114,7 @@ impl DetectionQuery {
             },
             rule: self.rule.trim().to_string(),
             text: self.q.trim().to_string(),
+            sha256: self.sha256.trim().to_string(),
             limit: self.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE),
             before_seq: self.before.unwrap_or(0),
             org: String::new(),

@@ -134,6 +134,8 @@ const MIGRATIONS: &[&str] = &[
     // 8: how far each agent's clock is from the collector's, and when it said goodbye.
     "ALTER TABLE agents ADD COLUMN clock_skew_ms BIGINT NOT NULL DEFAULT 0;
     ALTER TABLE agents ADD COLUMN stopped_at_ms BIGINT NOT NULL DEFAULT 0;",
+    // 9: detections found by the SHA-256 of their file or executable.
+    "CREATE INDEX detections_sha256 ON detections(sha256) WHERE sha256 IS NOT NULL;",
 ];
 
 /// The advisory lock key migrations run under ("vedette" in ASCII).

@@ -548,7 +548,7 @@ impl Store for PgStore {
         self.with(|c| {
             let before = f.before_seq.map(|s| s.min(i64::MAX as u64) as i64);
             let limit = i64::from(f.sql_limit());
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
                 &f.agent_id,
                 &f.since_ms,
                 &before,
@@ -557,6 +557,7 @@ impl Store for PgStore {
                 &f.until_ms,
                 &f.kind,
                 &f.rule,
+                &f.sha256,
             ];
             // Rows stream in: reading stops at the byte budget, not at the whole result.
             let mut rows = c.query_raw(
@@ -569,6 +570,7 @@ impl Store for PgStore {
                    AND ($6::bigint IS NULL OR d.received_at_ms < $6)
                    AND ($7::int IS NULL OR d.kind = $7)
                    AND ($8::text IS NULL OR d.rule = $8)
+                   AND ($9::text IS NULL OR d.sha256 = $9)
                  ORDER BY d.seq DESC LIMIT $4",
                 &params,
             )?;
