@@ -136,6 +136,8 @@ struct Inner {
     dropped_at: Instant,
     /// Whether the reserve file is known to be in place.
     reserved: bool,
+    /// When the reserve was last written (or tried).
+    reserve_tried: Instant,
 }
 
 pub struct Spool {
@@ -315,6 +317,7 @@ impl Spool {
                 dropping: false,
                 dropped_at: Instant::now(),
                 reserved: false,
+                reserve_tried: Instant::now(),
             }),
             stats: Stats::default(),
         };
@@ -355,7 +358,10 @@ impl Spool {
             }
             result = self.append_once(inner, detections).map(|d| d + n);
         }
-        if result.is_ok() && !inner.reserved {
+        // Taken back when there is room; tried at most once per QUIET, as writing it on a disk
+        // too small for it fills the disk first.
+        if result.is_ok() && !inner.reserved && inner.reserve_tried.elapsed() >= QUIET {
+            inner.reserve_tried = Instant::now();
             inner.reserved = self.reserve();
         }
         self.publish(inner);
@@ -424,7 +430,13 @@ impl Spool {
         }
         let written = create_private(&path).and_then(|f| {
             // Written, not merely sized: a sparse file would hold no room.
-            f.write_all_at(&vec![0u8; size as usize], 0)?;
+            let zeros = [0u8; 64 * 1024];
+            let mut at = 0u64;
+            while at < size {
+                let n = (size - at).min(zeros.len() as u64) as usize;
+                f.write_all_at(&zeros[..n], at)?;
+                at += n as u64;
+            }
             f.sync_data()
         });
         if written.is_err() {
@@ -1080,8 +1092,10 @@ fn check_segment(file: &File, first_id: u64) -> io::Result<Checked> {
             }
             Err(reason) => {
                 out.damage.get_or_insert(reason);
-                // The rest, in memory, to search for the next intact record.
-                let mut rest = vec![0u8; (len - off) as usize];
+                // The rest, in memory, to search for the next intact record; no more than a
+                // segment can hold (anything past that is damage too).
+                let most = MAX_SEGMENT + (HEADER + MAX_RECORD) as u64;
+                let mut rest = vec![0u8; (len - off).min(most) as usize];
                 file.read_exact_at(&mut rest, off)?;
                 resync(&rest, off, first_id, &mut out);
                 break;
