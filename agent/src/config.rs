@@ -64,6 +64,11 @@ pub struct RawConfig {
     /// How long an exec may wait for a verdict before it is allowed (and counted), e.g.
     /// `250ms`; at most 5s. Default 250ms.
     pub prevent_timeout: Option<String>,
+    /// What an exec gets when no verdict can be given in time (past `prevent_timeout`, or too
+    /// many waiting): `allow` (default; it is judged afterwards and reported as `late`), or
+    /// `deny` for executables in places a user other than root can write (their file, or a
+    /// directory above it, owned by another user or writable by group or others).
+    pub prevent_on_timeout: Option<OnTimeout>,
     /// Most bytes of undelivered detections kept on disk; past it the oldest are dropped and
     /// counted. Default 256 MiB, at least 65536.
     pub spool_max_bytes: Option<u64>,
@@ -154,6 +159,15 @@ pub enum EventSource {
     Inotify,
 }
 
+/// What an exec without a verdict gets (`prevent_on_timeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnTimeout {
+    #[default]
+    Allow,
+    Deny,
+}
+
 /// Checked settings.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -191,6 +205,7 @@ pub struct Config {
 pub struct Prevention {
     pub min_score: u32,
     pub timeout: Duration,
+    pub on_timeout: OnTimeout,
 }
 
 /// The longest `prevent_timeout`: every exec on the marked file systems waits for the verdict.
@@ -381,6 +396,7 @@ impl RawConfig {
             prevent: self.prevent.unwrap_or(false).then_some(Prevention {
                 min_score: self.prevent_min_score.unwrap_or(80),
                 timeout: t.prevent_timeout,
+                on_timeout: self.prevent_on_timeout.unwrap_or_default(),
             }),
             spool_max_bytes: self.spool_max_bytes.unwrap_or(256 * 1024 * 1024),
             maintainer_keys: self.maintainer_keys,

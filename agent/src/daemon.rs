@@ -150,6 +150,7 @@ async fn load_report_filter(
         ids: Ids::for_agent(&creds.enrollment.agent_id),
         cache: Arc::new(cache),
         execs: Arc::new(ScanCache::new()),
+        unjudged: Arc::default(),
     })
 }
 

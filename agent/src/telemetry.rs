@@ -100,8 +100,13 @@ counters! {
     ExecVerdicts = "exec_verdicts" counter,
     /// Executions denied (prevention mode).
     ExecsBlocked = "execs_blocked" counter,
-    /// Executions allowed without a verdict: none came in time, or the verdict queue was full.
+    /// Executions allowed without a verdict: none came in time, or too many were waiting.
     ExecVerdictsLate = "exec_verdicts_late" counter,
+    /// Executions denied without a verdict (`prevent_on_timeout = "deny"`).
+    ExecVerdictsDenied = "exec_verdicts_denied" counter,
+    /// Executions answered without a verdict and not judged afterwards by prevention (too many
+    /// waiting): left to the exec events.
+    ExecVerdictsUnjudged = "exec_verdicts_unjudged" counter,
     /// New processes judged (names, command lines, executables).
     ProcessesSeen = "processes_seen" counter,
     /// Kernel event queue overflows (each one triggers a rescan).

@@ -38,10 +38,11 @@ pub fn kind_from_name(name: &str) -> Option<i32> {
     .find(|k| kind_name(*k) == name)
 }
 
-/// The name of a detection's action: `alert` or `blocked`.
+/// The name of a detection's action: `alert`, `blocked` or `late`.
 pub fn action_name(action: i32) -> &'static str {
     match v1::DetectionAction::try_from(action) {
         Ok(v1::DetectionAction::Blocked) => "blocked",
+        Ok(v1::DetectionAction::Late) => "late",
         _ => "alert",
     }
 }

@@ -430,6 +430,272 @@ fn prevention_fails_open_when_no_verdict_comes_in_time_and_blocks_once_judged() 
     );
 }
 
+/// A copy of `/bin/true` followed by `tag`, padded (sparsely) to `size` bytes: it runs the
+/// same, and its judgement reads every byte.
+fn padded_true(path: &Path, tag: &str, size: u64) {
+    let mut image = std::fs::read("/bin/true").unwrap();
+    image.extend_from_slice(tag.as_bytes());
+    std::fs::write(path, &image).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.set_len(size).unwrap();
+    drop(f);
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+}
+
+/// The marker rule's detections on `exe`.
+fn marker_detections(s: &Setup, exe: &Path) -> Vec<Value> {
+    s.c.detections()
+        .into_iter()
+        .filter(|d| d["rule"] == RULE && d["path"] == exe.to_str().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_padded_binary_that_outlasts_the_verdict_runs_and_is_reported_late_once() {
+    // The default max_file_size (64 MiB): the binary is three times that, and its marker is in
+    // its first bytes, where an executable's code is.
+    let extra = "event_source = \"fanotify\"\nprevent = true\nprevent_timeout = \"5ms\"";
+    let Some(mut s) = setup(&[], extra) else {
+        return;
+    };
+    s.run(&[]);
+    let exe = s.watched.join("padded-true");
+    padded_true(&exe, &format!("{MARKER} padded"), 200 << 20);
+    let (pid, status, stderr) = exec_via_sh(&exe);
+    assert!(
+        status.success(),
+        "no verdict in 5 ms: the exec runs: {stderr}"
+    );
+    let late = wait_for(Duration::from_secs(60), "the exec reported late", || {
+        let d: Vec<Value> = marker_detections(&s, &exe)
+            .into_iter()
+            .filter(|d| d["pid"].as_u64() == Some(u64::from(pid)))
+            .collect();
+        (!d.is_empty()).then_some(d)
+    });
+    assert_eq!(late.len(), 1, "reported once: {late:?}");
+    assert_eq!(late[0]["action"], "late", "{}", late[0]);
+    assert_eq!(late[0]["kind"], "yara", "{}", late[0]);
+    assert_eq!(
+        late[0]["sha256"].as_str().map(str::len),
+        Some(64),
+        "{}",
+        late[0]
+    );
+    counter_reaches(&s, "exec_verdicts_late", 1);
+}
+
+#[test]
+fn with_deny_on_timeout_an_unjudged_exec_is_refused_where_users_can_write_only() {
+    let extra = "event_source = \"fanotify\"\nprevent = true\nprevent_timeout = \"5ms\"\n\
+                 prevent_on_timeout = \"deny\"";
+    let Some(mut s) = setup(&[], extra) else {
+        return;
+    };
+    s.run(&[]);
+    // Root's own directory: a slow verdict still lets a root-owned binary run.
+    let system = s.watched.join("system-true");
+    padded_true(&system, "system", 100 << 20);
+    let (_, status, stderr) = exec_via_sh(&system);
+    assert!(status.success(), "a root-owned binary runs: {stderr}");
+    // A user's file: refused without a verdict, and reported as blocked once judged.
+    let exe = s.watched.join("user-true");
+    padded_true(&exe, &format!("{MARKER} user"), 100 << 20);
+    std::os::unix::fs::chown(&exe, Some(65534), Some(65534)).unwrap();
+    let (pid, status, stderr) = exec_via_sh(&exe);
+    assert!(
+        !status.success() && stderr.contains("Operation not permitted"),
+        "refused without a verdict: {status}, {stderr}"
+    );
+    counter_reaches(&s, "exec_verdicts_denied", 1);
+    let blocked = wait_for(Duration::from_secs(60), "the refusal reported", || {
+        let d = marker_detections(&s, &exe);
+        (!d.is_empty()).then_some(d)
+    });
+    assert_eq!(blocked.len(), 1, "{blocked:?}");
+    assert_eq!(blocked[0]["action"], "blocked", "{}", blocked[0]);
+    assert_eq!(blocked[0]["pid"].as_u64(), Some(u64::from(pid)));
+}
+
+#[test]
+fn one_user_flooding_with_large_executables_leaves_other_users_execs_judged() {
+    let extra = "event_source = \"fanotify\"\nprevent = true\nprevent_timeout = \"250ms\"\n\
+                 processes = false";
+    let Some(mut s) = setup(&[], extra) else {
+        return;
+    };
+    s.run(&[]);
+    // The flooder (uid 65534) runs eight fresh 100 MB executables at once, over and over,
+    // touching each first so that every exec needs a full judgement.
+    let flood = s.fs.path.join("flood");
+    std::fs::create_dir(&flood).unwrap();
+    for i in 0..8 {
+        let f = flood.join(format!("big{i}"));
+        padded_true(&f, &format!("flood {i}"), 100 << 20);
+        std::os::unix::fs::chown(&f, Some(65534), Some(65534)).unwrap();
+    }
+    std::os::unix::fs::chown(&flood, Some(65534), Some(65534)).unwrap();
+    let stop = s.fs.path.join("stop-flood");
+    let script = format!(
+        "while [ ! -e {stop} ]; do for f in {dir}/big*; do touch \"$f\"; \"$f\" & done; wait; done",
+        stop = stop.display(),
+        dir = flood.display()
+    );
+    let mut flooder = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+            "sh",
+            "-c",
+        ])
+        .arg(&script)
+        .spawn()
+        .unwrap();
+    counter_reaches(&s, "exec_verdicts_late", 1);
+    // Meanwhile root's small execs get their verdicts: the indicator binary is refused every
+    // time (not let through unjudged), and a clean one runs.
+    let exe = s.watched.join("marker-true");
+    let mut image = std::fs::read("/bin/true").unwrap();
+    image.extend_from_slice(MARKER.as_bytes());
+    std::fs::write(&exe, &image).unwrap();
+    std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let benign = s.watched.join("benign-true");
+    std::fs::copy("/bin/true", &benign).unwrap();
+    let before = s
+        .agent
+        .info(&s.c)
+        .and_then(|a| a["counters"]["exec_verdicts_late"].as_u64())
+        .unwrap_or(0);
+    let mut refused = 0;
+    for i in 0..20 {
+        let (_, status, stderr) = exec_via_sh(&exe);
+        if !status.success() && stderr.contains("Operation not permitted") {
+            refused += 1;
+        }
+        // Fresh each time: no cached verdict helps.
+        std::fs::write(&exe, [image.as_slice(), format!("{i}").as_bytes()].concat()).unwrap();
+        assert!(Command::new(&benign).status().unwrap().success());
+    }
+    std::fs::write(&stop, "").unwrap();
+    let _ = flooder.wait();
+    assert_eq!(
+        refused, 20,
+        "each of root's indicator execs judged and refused"
+    );
+    // The flood did outrun the verdicts: the flooder's execs went unjudged meanwhile.
+    counter_reaches(&s, "exec_verdicts_late", before + 1);
+}
+
+/// `exe` run as uid 65534 with `args`, as a child to kill.
+fn run_as_nobody(exe: &Path, args: &[&str]) -> std::process::Child {
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(exe)
+        .args(args)
+        .spawn()
+        .unwrap()
+}
+
+/// The agent's `vedette.unscannable_exec` detection on process `pid`.
+fn unscannable(s: &Setup, pid: u32) -> Value {
+    wait_for(
+        Duration::from_secs(30),
+        &format!("process {pid} reported unscannable"),
+        || {
+            s.c.detections().into_iter().find(|d| {
+                d["rule"] == "vedette.unscannable_exec" && d["pid"].as_u64() == Some(u64::from(pid))
+            })
+        },
+    )
+}
+
+#[test]
+fn executables_the_agent_cannot_read_are_reported_and_a_hung_read_stops_nothing_else() {
+    // Memory scans on: a mapping of a file on a hung FUSE mount must not be read either.
+    let extra = "scan_timeout = \"2s\"\nmemory_scan = true";
+    let Some(mut s) = setup(&[], extra) else {
+        return;
+    };
+    std::fs::write(
+        s._tmp.path().join("rules/process-iocs.txt"),
+        "^vedette-later$;90\n",
+    )
+    .unwrap();
+    let sleep = Path::new("/bin/sleep");
+    // A user's own FUSE mount, without allow_other: even root is refused.
+    let private = match vedette_tests::Fuse::mount(
+        &s._tmp.path().join("fuse-private"),
+        sleep,
+        65534,
+        false,
+        None,
+    ) {
+        Ok(f) => f,
+        Err(e) => {
+            vedette_tests::missing_root(&e);
+            return;
+        }
+    };
+    // One whose daemon never answers root's opens and reads.
+    let hung = vedette_tests::Fuse::mount(
+        &s._tmp.path().join("fuse-hung"),
+        sleep,
+        65534,
+        true,
+        Some(0),
+    )
+    .unwrap();
+    s.run(&[]);
+    let mut refused = run_as_nobody(&private.prog, &["60"]);
+    let d = unscannable(&s, refused.id());
+    let text = d["description"].as_str().unwrap();
+    assert!(text.contains("on fuse"), "{d}");
+    assert!(text.contains("Permission denied"), "{d}");
+    assert_eq!(d["path"], private.prog.to_str().unwrap(), "{d}");
+
+    let mut stuck = run_as_nobody(&hung.prog, &["60"]);
+    let d = unscannable(&s, stuck.id());
+    assert!(
+        d["description"]
+            .as_str()
+            .unwrap()
+            .contains("not read within 2s"),
+        "{d}"
+    );
+    // The process monitor goes on: a process indicator still fires.
+    let after = s._tmp.path().join("vedette-later");
+    std::fs::copy(sleep, &after).unwrap();
+    let mut child = Command::new(&after).arg("30").spawn().unwrap();
+    let pid = child.id();
+    wait_for(
+        Duration::from_secs(30),
+        "the later process detected",
+        || {
+            s.c.detections()
+                .into_iter()
+                .find(|d| d["kind"] == "process" && d["pid"].as_u64() == Some(u64::from(pid)))
+        },
+    );
+    // A second exec on the hung mount is not read again, and says why.
+    let mut again = run_as_nobody(&hung.prog, &["60"]);
+    let d = unscannable(&s, again.id());
+    assert!(
+        d["description"]
+            .as_str()
+            .unwrap()
+            .contains("an earlier read"),
+        "{d}"
+    );
+    for c in [&mut refused, &mut stuck, &mut child, &mut again] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    drop(hung);
+    drop(private);
+}
+
 #[test]
 fn exec_events_catch_short_lived_processes_between_polls() {
     // inotify: no fanotify exec events. Processes are polled once at start, then hourly: only
@@ -447,10 +713,19 @@ fn exec_events_catch_short_lived_processes_between_polls() {
         "{}",
         s.log()
     );
-    let mut pids = BTreeSet::new();
-    for _ in 0..20 {
-        let mut child = Command::new(&short).arg("0.2").spawn().unwrap();
-        pids.insert(child.id());
+    // Between polls: once the first walk of /proc (the processes from before the agent) is
+    // over, and only exec events can show a process that lives 1 s.
+    wait_for(Duration::from_secs(60), "the first process walk", || {
+        s.log()
+            .contains("first process walk finished")
+            .then_some(())
+    });
+    // Twenty processes of one second each, all at once: the next walk is an hour away.
+    let children: Vec<std::process::Child> = (0..20)
+        .map(|_| Command::new(&short).arg("1").spawn().unwrap())
+        .collect();
+    let pids: BTreeSet<u32> = children.iter().map(|c| c.id()).collect();
+    for mut child in children {
         assert!(child.wait().unwrap().success());
     }
     let found = wait_for(Duration::from_secs(30), "20 short processes", || {

@@ -1004,3 +1004,69 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg("-l").arg(&self.path).status();
     }
 }
+
+/// A FUSE file system of one executable, `prog` (a copy of a binary), served by
+/// `tinyfuse.py` (the kernel's protocol spoken on `/dev/fuse`, no libfuse); killed and
+/// unmounted on drop, which also ends any read left hanging on it.
+pub struct Fuse {
+    pub prog: PathBuf,
+    mountpoint: PathBuf,
+    daemon: Child,
+}
+
+impl Fuse {
+    /// Mounts at `mountpoint` (created) a copy of `source` owned by `uid`; `allow_other` lets
+    /// other users (root) reach it; `hang_uid`'s opens and reads are never answered. The
+    /// reason when it cannot mount (it takes root and `/dev/fuse`).
+    pub fn mount(
+        mountpoint: &Path,
+        source: &Path,
+        uid: u32,
+        allow_other: bool,
+        hang_uid: Option<u32>,
+    ) -> Result<Fuse, String> {
+        std::fs::create_dir_all(mountpoint).map_err(|e| e.to_string())?;
+        let script = mountpoint.with_extension("tinyfuse.py");
+        std::fs::write(&script, include_str!("tinyfuse.py")).map_err(|e| e.to_string())?;
+        let mut cmd = Command::new("python3");
+        cmd.arg(&script)
+            .arg(mountpoint)
+            .arg(source)
+            .arg(uid.to_string())
+            .stdout(Stdio::piped());
+        if allow_other {
+            cmd.arg("--allow-other");
+        }
+        if let Some(h) = hang_uid {
+            cmd.args(["--hang-uid", &h.to_string()]);
+        }
+        let mut daemon = cmd
+            .spawn()
+            .map_err(|e| format!("cannot run python3: {e}"))?;
+        let mut line = String::new();
+        let out = daemon.stdout.take().ok_or("no stdout")?;
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line)
+            .map_err(|e| e.to_string())?;
+        if line.trim() != "mounted" {
+            let _ = daemon.kill();
+            let _ = daemon.wait();
+            return Err(format!("tinyfuse did not mount {}", mountpoint.display()));
+        }
+        Ok(Fuse {
+            prog: mountpoint.join("prog"),
+            mountpoint: mountpoint.to_owned(),
+            daemon,
+        })
+    }
+}
+
+impl Drop for Fuse {
+    fn drop(&mut self) {
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.mountpoint)
+            .status();
+    }
+}

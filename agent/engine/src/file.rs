@@ -20,6 +20,47 @@ use sha2::{Digest, Sha256};
 use crate::digests::{DigestMemo, State, Wanted};
 use crate::rules::{RuleMatch, RuleSet};
 
+/// The largest executable hashed in full by [`FileScanner::scan_exec`]; a larger one is judged
+/// by its name and its first `max_file_size` bytes only.
+pub const MAX_EXEC_HASHED: u64 = 4 << 30;
+
+/// The wanted digests of data read in pieces.
+struct StreamDigests {
+    md5: Option<Md5>,
+    sha1: Option<Sha1>,
+    sha256: Option<Sha256>,
+}
+
+impl StreamDigests {
+    fn new(wanted: Wanted) -> StreamDigests {
+        StreamDigests {
+            md5: wanted.md5.then(Md5::new),
+            sha1: wanted.sha1.then(Sha1::new),
+            sha256: wanted.sha256.then(Sha256::new),
+        }
+    }
+
+    fn update(&mut self, data: &[u8]) {
+        if let Some(h) = self.md5.as_mut() {
+            h.update(data);
+        }
+        if let Some(h) = self.sha1.as_mut() {
+            h.update(data);
+        }
+        if let Some(h) = self.sha256.as_mut() {
+            h.update(data);
+        }
+    }
+
+    fn finish(self) -> (Option<String>, Option<String>, Option<String>) {
+        (
+            self.md5.map(|h| hex::encode(h.finalize())),
+            self.sha1.map(|h| hex::encode(h.finalize())),
+            self.sha256.map(|h| hex::encode(h.finalize())),
+        )
+    }
+}
+
 /// Limits applied to every file.
 #[derive(Debug, Clone, Copy)]
 pub struct ScanOptions {
@@ -138,6 +179,11 @@ impl<'r> FileScanner<'r> {
         self.rules
     }
 
+    /// Files larger than this are not read by [`FileScanner::scan_open`].
+    pub fn max_file_size(&self) -> u64 {
+        self.options.max_file_size
+    }
+
     /// The YARA rules that match `data` (process memory, say: no file, so no digests and no
     /// names). A rule matches as [`MatchKind::Process`](crate::MatchKind::Process).
     pub fn scan_bytes(&mut self, data: &[u8]) -> Result<Vec<RuleMatch>, SkipReason> {
@@ -177,20 +223,7 @@ impl<'r> FileScanner<'r> {
             return Err(SkipReason::NotRegular);
         }
         let (path, iocs) = (name, &self.rules.iocs);
-        let mut name_matches = Vec::new();
-        if iocs.has_filenames() {
-            iocs.match_path(&path.to_string_lossy(), &mut name_matches);
-        }
-        let state = State::of(&meta);
-        let mut report = FileReport {
-            size: meta.len(),
-            device: meta.dev(),
-            inode: meta.ino(),
-            mtime_ns: state.mtime_ns,
-            ctime_ns: state.ctime_ns,
-            matches: name_matches,
-            ..Default::default()
-        };
+        let mut report = self.named_report(&meta, path);
         if meta.len() > self.options.max_file_size {
             // The name alone can still be a finding.
             iocs.match_intel_file(
@@ -209,19 +242,7 @@ impl<'r> FileScanner<'r> {
         let limited = self.read_whole(file, meta.len())?;
         report.size = self.buf.len() as u64;
         self.digests(&mut report, &meta, limited.get_ref());
-        iocs.match_hashes(
-            report.md5.as_deref(),
-            report.sha1.as_deref(),
-            report.sha256.as_deref(),
-            &mut report.matches,
-        );
-        iocs.match_intel_file(
-            &path.to_string_lossy(),
-            report.md5.as_deref(),
-            report.sha1.as_deref(),
-            report.sha256.as_deref(),
-            &mut report.matches,
-        );
+        match_digests(iocs, &mut report, path);
         let found = self.match_yara(path, &meta)?;
         report.matches.extend(found);
         if !report.matches.is_empty() && report.sha256.is_none() {
@@ -230,6 +251,76 @@ impl<'r> FileScanner<'r> {
         // Large buffers are not kept between files.
         if self.buf.capacity() > 8 * 1024 * 1024 {
             self.buf = Vec::new();
+        }
+        Ok(report)
+    }
+
+    /// The report of a file in state `meta`, with what its name alone matches.
+    fn named_report(&self, meta: &std::fs::Metadata, name: &Path) -> FileReport {
+        let state = State::of(meta);
+        let mut report = FileReport {
+            size: meta.len(),
+            device: meta.dev(),
+            inode: meta.ino(),
+            mtime_ns: state.mtime_ns,
+            ctime_ns: state.ctime_ns,
+            ..Default::default()
+        };
+        if self.rules.iocs.has_filenames() {
+            self.rules
+                .iocs
+                .match_path(&name.to_string_lossy(), &mut report.matches);
+        }
+        report
+    }
+
+    /// Like [`FileScanner::scan_open`], for an executable: one larger than `max_file_size` is
+    /// still judged, not skipped. It is hashed in full as it is read (up to
+    /// [`MAX_EXEC_HASHED`]), and YARA matches its first `max_file_size` bytes, where an
+    /// executable's code and headers are: padding a binary past the cap does not hide it.
+    pub fn scan_exec(&mut self, file: File, name: &Path) -> Result<FileReport, SkipReason> {
+        let meta = file.metadata().map_err(SkipReason::Unreadable)?;
+        if !is_regular(&meta.file_type()) || meta.len() <= self.options.max_file_size {
+            return self.scan_open(file, name);
+        }
+        let iocs = &self.rules.iocs;
+        let mut report = self.named_report(&meta, name);
+        self.buf.clear();
+        let head = self.options.max_file_size;
+        self.buf.reserve(head as usize);
+        let mut reader = &file;
+        reader
+            .take(head)
+            .read_to_end(&mut self.buf)
+            .map_err(SkipReason::Unreadable)?;
+        // SHA-256 always: a detection on the process carries the executable's.
+        let wanted = Wanted {
+            sha256: true,
+            ..Wanted::of(iocs)
+        };
+        let mut hashing = (meta.len() <= MAX_EXEC_HASHED).then(|| StreamDigests::new(wanted));
+        if let Some(h) = hashing.as_mut() {
+            h.update(&self.buf);
+            let mut chunk = vec![0u8; 1 << 20];
+            loop {
+                let n = reader.read(&mut chunk).map_err(SkipReason::Unreadable)?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&chunk[..n]);
+            }
+        }
+        if let Some(h) = hashing {
+            (report.md5, report.sha1, report.sha256) = h.finish();
+        }
+        match_digests(iocs, &mut report, name);
+        let found = self.match_yara(name, &meta);
+        self.buf = Vec::new();
+        match found {
+            Ok(found) => report.matches.extend(found),
+            // What the digests and the name found stands without YARA.
+            Err(e) if report.matches.is_empty() => return Err(e),
+            Err(_) => {}
         }
         Ok(report)
     }
@@ -306,6 +397,23 @@ impl<'r> FileScanner<'r> {
             Some(Err(e)) => Err(SkipReason::Unreadable(std::io::Error::other(e.to_string()))),
         }
     }
+}
+
+/// Adds to `report` what its digests match: hash lists, and intel on the file (with its name).
+fn match_digests(iocs: &crate::ioc::Iocs, report: &mut FileReport, name: &Path) {
+    iocs.match_hashes(
+        report.md5.as_deref(),
+        report.sha1.as_deref(),
+        report.sha256.as_deref(),
+        &mut report.matches,
+    );
+    iocs.match_intel_file(
+        &name.to_string_lossy(),
+        report.md5.as_deref(),
+        report.sha1.as_deref(),
+        report.sha256.as_deref(),
+        &mut report.matches,
+    );
 }
 
 /// Opens `path` without following a final symlink and without blocking (a FIFO opened this way
@@ -564,5 +672,50 @@ mod tests {
         };
         let mut s = FileScanner::new(&rs, opts);
         assert!(matches!(s.scan_path(&p), Err(SkipReason::TooLarge(100))));
+    }
+
+    #[test]
+    fn an_executable_past_the_size_cap_is_hashed_in_full_and_matched_on_its_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("padded");
+        let mut data = b"MZ-HEAD-MARKER".to_vec();
+        data.resize(100_000, 0x5a);
+        std::fs::write(&p, &data).unwrap();
+        let sha = hex::encode(Sha256::digest(&data));
+        let mut b = RuleSetBuilder::new();
+        b.add_yara_source(
+            Path::new("head.yar"),
+            "rule head { strings: $a = \"HEAD-MARKER\" condition: $a }\n\
+             rule tail { strings: $a = { 5a 5a 5a 5a } condition: $a at 99996 }"
+                .as_bytes(),
+        );
+        b.add_ioc_source(
+            crate::IocKind::Hash,
+            Path::new("hash-iocs.txt"),
+            format!("{sha};padded\n").as_bytes(),
+        );
+        let rs = b.build_strict(0).unwrap();
+        let opts = ScanOptions {
+            max_file_size: 1024,
+            ..Default::default()
+        };
+        let mut s = FileScanner::new(&rs, opts);
+        // A file scan skips it; an exec scan judges it.
+        assert!(matches!(
+            s.scan_path(&p),
+            Err(SkipReason::TooLarge(100_000))
+        ));
+        let r = s.scan_exec(open_regular(&p).unwrap(), &p).unwrap();
+        let mut found: Vec<&str> = r.matches.iter().map(|m| m.rule.as_str()).collect();
+        let mut expected = vec!["head", sha.as_str()];
+        found.sort();
+        expected.sort();
+        assert_eq!(found, expected);
+        assert_eq!(r.sha256.as_deref(), Some(sha.as_str()));
+        assert_eq!(r.size, 100_000);
+        // Within the cap it is an ordinary scan.
+        let mut s = FileScanner::new(&rs, ScanOptions::default());
+        let r = s.scan_exec(open_regular(&p).unwrap(), &p).unwrap();
+        assert_eq!(r.matches.len(), 3);
     }
 }

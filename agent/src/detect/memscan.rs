@@ -2,11 +2,15 @@
 //! anonymous and copy-on-write mappings), read through `/proc/PID/mem` and matched region by
 //! region, within a byte budget per region and per process. Shared mappings and the kernel's
 //! special regions (`[vvar]`, `[vsyscall]`) are left out: they hold nothing the process wrote.
+//! So are mappings of files on FUSE and network file systems: a page not yet read would be
+//! asked of their daemon or server, which may never answer.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 use vedette_engine::{FileScanner, RuleMatch};
+
+use crate::detect::mounts::Mounts;
 
 /// How much memory is read.
 #[derive(Debug, Clone, Copy)]
@@ -33,6 +37,8 @@ pub struct Region {
     pub end: u64,
     pub perms: String,
     pub name: String,
+    /// The device of the mapped file (0 for anonymous memory).
+    pub dev: u64,
 }
 
 impl std::fmt::Display for Region {
@@ -51,13 +57,15 @@ pub fn regions(maps: &str) -> Vec<Region> {
         .filter_map(|line| {
             let mut f = line.split_whitespace();
             let (range, perms) = (f.next()?, f.next()?);
-            let name = f.nth(3).unwrap_or("").to_string();
+            let dev = f.nth(1).and_then(crate::detect::mounts::maps_device)?;
+            let name = f.nth(1).unwrap_or("").to_string();
             let (start, end) = range.split_once('-')?;
             let region = Region {
                 start: u64::from_str_radix(start, 16).ok()?,
                 end: u64::from_str_radix(end, 16).ok()?,
                 perms: perms.to_string(),
                 name,
+                dev,
             };
             let readable_private = perms.starts_with('r') && perms.get(3..4) == Some("p");
             let special = matches!(
@@ -70,11 +78,12 @@ pub fn regions(maps: &str) -> Vec<Region> {
 }
 
 /// YARA matches in the memory of `pid`, each with the region it was found in. A process that
-/// is gone or unreadable gives nothing.
-pub fn scan(
+/// is gone or unreadable gives nothing; regions of files on `mounts` that may hang are skipped.
+pub(crate) fn scan(
     scanner: &mut FileScanner<'_>,
     pid: u32,
     limits: MemScanLimits,
+    mounts: &Mounts,
 ) -> Vec<(RuleMatch, Region)> {
     let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
         return Vec::new();
@@ -86,6 +95,9 @@ pub fn scan(
     let mut buf = Vec::new();
     let mut out: Vec<(RuleMatch, Region)> = Vec::new();
     for region in regions(&maps) {
+        if region.dev != 0 && mounts.may_hang(region.dev) {
+            continue;
+        }
         if budget == 0 {
             break;
         }
@@ -146,5 +158,7 @@ mod tests {
         assert_eq!(names, vec!["[heap]", "/usr/lib/libc.so.6"]);
         assert_eq!(r[0].start, 0x55d0c0a00000);
         assert_eq!(r[0].to_string(), "55d0c0a00000-55d0c0a21000 rw-p [heap]");
+        assert_eq!(r[0].dev, 0);
+        assert_eq!(r[1].dev, crate::detect::mounts::makedev(8, 1));
     }
 }

@@ -14,15 +14,18 @@
 pub mod cache;
 pub(crate) mod examine;
 pub(crate) mod execmon;
+pub(crate) mod exeread;
 pub(crate) mod fanotify;
 pub(crate) mod full_scan;
 pub(crate) mod memscan;
+pub(crate) mod mounts;
 pub(crate) mod pool;
 pub(crate) mod prevent;
 pub(crate) mod processes;
 pub(crate) mod procmon;
 pub(crate) mod sockdiag;
 pub(crate) mod sources;
+pub(crate) mod verdicts;
 pub(crate) mod walk;
 pub(crate) mod watch;
 
@@ -129,6 +132,8 @@ pub(crate) struct ReportFilter {
     /// are kept apart from the files' own results (which they must not hide). Shared by every
     /// judge of executions (the scan pool and prevention's verdicts).
     pub execs: Arc<ScanCache>,
+    /// Execs that prevention let through without a verdict and reports itself.
+    pub unjudged: Arc<verdicts::Unjudged>,
 }
 
 impl ReportFilter {

@@ -21,7 +21,7 @@ use vedette_proto::v1::Detection;
 
 use crate::detect::ReportFilter;
 use crate::detect::examine::{examine_file, examine_open_file};
-use crate::detect::procmon::{Users, exe_matches, exec_detections};
+use crate::detect::procmon::{Reading, Users, exe_matches, exec_detections};
 use crate::governor::governor;
 use crate::telemetry::{Counter, Counters};
 
@@ -225,7 +225,12 @@ impl Shared {
                 }
             }
             Job::Exec { file, path, pid } => {
-                let (matches, sha256) = exe_matches(&self.reports.execs, scanner, file, &path);
+                if self.reports.unjudged.take(pid, &file) {
+                    // Prevention let it run without a verdict, and judges and reports it.
+                    return Vec::new();
+                }
+                let (matches, sha256) =
+                    exe_matches(&self.reports.execs, scanner, file, &path, Reading::Whole);
                 if matches.is_empty() {
                     return Vec::new();
                 }

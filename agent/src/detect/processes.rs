@@ -17,6 +17,7 @@ use vedette_engine::{FileScanner, RuleSet, ScanOptions};
 use vedette_proto::v1::Detection;
 
 use crate::detect::ReportFilter;
+use crate::detect::exeread::ExeReader;
 use crate::detect::memscan::MemScanLimits;
 use crate::detect::procmon::ProcessJudge;
 use crate::governor::governor;
@@ -78,7 +79,13 @@ impl ProcessWatch {
         let mut judge = ProcessJudge::new(self.reports.ids.clone())
             .with_exe_cache(self.reports.execs.clone())
             .with_counters(self.counters.clone())
-            .with_exec_covered(self.exec_covered.clone());
+            .with_exec_covered(self.exec_covered.clone())
+            .with_exe_reader(ExeReader::new(
+                current.clone(),
+                self.options,
+                self.reports.execs.clone(),
+                self.options.timeout,
+            ));
         if self.memory {
             judge = judge.with_memory(MemScanLimits::default());
         }

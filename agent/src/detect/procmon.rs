@@ -21,7 +21,9 @@ use vedette_proto::v1::detection::Target;
 use vedette_proto::v1::{ConnectionTarget, Detection, ProcessTarget};
 
 use crate::detect::cache::{ScanCache, Stamp};
+use crate::detect::exeread::ExeReader;
 use crate::detect::memscan::MemScanLimits;
+use crate::detect::mounts::{Mounts, exe_device};
 use crate::detect::{Ids, Subject, detection};
 
 /// `/proc` clock ticks per second (USER_HZ, fixed at 100 for the `/proc` interface).
@@ -161,6 +163,17 @@ fn boot_time() -> u64 {
         .unwrap_or(0)
 }
 
+/// How much of an executable larger than `max_file_size` a judge reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reading {
+    /// All of it (hashed in full, YARA on its head): the judges of execs on the watched file
+    /// systems, where padding a binary must not hide it.
+    Whole,
+    /// None of it past the name, as for any file: the process monitor, which judges every exec
+    /// on the host one after another and must not fall behind.
+    UpToCap,
+}
+
 /// The matches and SHA-256 of an executable open in `file` (`name` is what indicators see),
 /// from `cache` while the file is unchanged; nothing when it cannot be read.
 pub(crate) fn exe_matches(
@@ -168,21 +181,42 @@ pub(crate) fn exe_matches(
     scanner: &mut FileScanner<'_>,
     file: std::fs::File,
     name: &Path,
+    reading: Reading,
 ) -> (Vec<RuleMatch>, String) {
     let Ok(meta) = file.metadata() else {
         return (Vec::new(), String::new());
     };
-    let tag = exec_tag(scanner.rules(), name);
-    if let Some(hit) = cache.get(&Stamp::of(&meta), tag) {
-        return (hit.matches, hit.sha256);
+    if let Some(hit) = cached_exe_matches(cache, scanner.rules(), &meta, name) {
+        return hit;
     }
-    match scanner.scan_open(file, name) {
+    if reading == Reading::UpToCap && meta.len() > scanner.max_file_size() {
+        // Judged by name only, and not kept: a whole reading may judge it fully later.
+        return match scanner.scan_open(file, name) {
+            Ok(r) => (r.matches, r.sha256.unwrap_or_default()),
+            Err(_) => (Vec::new(), String::new()),
+        };
+    }
+    let tag = exec_tag(scanner.rules(), name);
+    match scanner.scan_exec(file, name) {
         Ok(r) => {
             cache.record(Stamp::of_report(&r), tag, &r.matches, r.sha256.as_deref());
             (r.matches, r.sha256.unwrap_or_default())
         }
         Err(_) => (Vec::new(), String::new()),
     }
+}
+
+/// The matches and SHA-256 of an executable in state `meta` run as `name`, when it was judged
+/// in this very state under `rules` and this name.
+pub(crate) fn cached_exe_matches(
+    cache: &ScanCache,
+    rules: &RuleSet,
+    meta: &std::fs::Metadata,
+    name: &Path,
+) -> Option<(Vec<RuleMatch>, String)> {
+    cache
+        .get(&Stamp::of(meta), exec_tag(rules, name))
+        .map(|hit| (hit.matches, hit.sha256))
 }
 
 /// The cache tag of an executable's verdict: the rules, and the name it runs under.
@@ -288,9 +322,30 @@ pub struct ProcessJudge {
     /// an exec event leaves their executables to it.
     exec_covered: HashSet<u64>,
     counters: Option<Arc<crate::telemetry::Counters>>,
+    /// Reads executables on a worker, within a deadline (without it: here, as long as it takes).
+    exe_reader: Option<ExeReader>,
+    /// Which file systems may never answer a read.
+    mounts: Mounts,
+    mounts_read: std::time::Instant,
 }
 
+/// How long the mounts read are trusted before they are read again.
+const MOUNTS_FRESH: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl ProcessJudge {
+    /// Reads each executable with `reader`: on a worker, within its deadline.
+    pub(crate) fn with_exe_reader(mut self, reader: ExeReader) -> ProcessJudge {
+        self.exe_reader = Some(reader);
+        self
+    }
+
+    fn refresh_mounts(&mut self) {
+        if self.mounts_read.elapsed() >= MOUNTS_FRESH {
+            self.mounts = Mounts::read();
+            self.mounts_read = std::time::Instant::now();
+        }
+    }
+
     /// Also scans the memory of every new process (not this one).
     pub fn with_memory(mut self, limits: MemScanLimits) -> ProcessJudge {
         self.memory = Some(limits);
@@ -332,6 +387,9 @@ impl ProcessJudge {
             memory: None,
             exec_covered: HashSet::new(),
             counters: None,
+            exe_reader: None,
+            mounts: Mounts::read(),
+            mounts_read: std::time::Instant::now(),
         }
     }
 
@@ -340,6 +398,7 @@ impl ProcessJudge {
         let procs = list();
         let alive: HashSet<(u32, u64)> = procs.iter().map(|p| (p.pid, p.start_ticks)).collect();
         self.seen.retain(|k| alive.contains(k));
+        self.refresh_mounts();
         let mut out = Vec::new();
         let mut judged = 0;
         for p in procs {
@@ -361,8 +420,16 @@ impl ProcessJudge {
         };
         self.seen.insert((p.pid, p.start_ticks));
         self.count_judged(1);
+        self.refresh_mounts();
         // An executable fanotify reports is judged from its exec event; the rest is judged here.
+        // (One on a file system that may never answer is not even looked at here.)
+        let may_hang = p
+            .exe
+            .as_ref()
+            .and_then(|e| exe_device(pid, e))
+            .is_some_and(|d| self.mounts.may_hang(d));
         let covered = !self.exec_covered.is_empty()
+            && !may_hang
             && std::fs::metadata(format!("/proc/{pid}/exe")).is_ok_and(|m| {
                 self.exec_covered
                     .contains(&std::os::unix::fs::MetadataExt::dev(&m))
@@ -371,7 +438,7 @@ impl ProcessJudge {
     }
 
     /// Detections for one process; its executable is scanned when `exe` says so.
-    fn judge(&self, p: &ProcInfo, scanner: &mut FileScanner<'_>, exe: bool) -> Vec<Detection> {
+    fn judge(&mut self, p: &ProcInfo, scanner: &mut FileScanner<'_>, exe: bool) -> Vec<Detection> {
         let rules = scanner.rules();
         let mut matches: Vec<RuleMatch> = Vec::new();
         rules
@@ -381,7 +448,8 @@ impl ProcessJudge {
         if let Some(limits) = self.memory
             && p.pid != std::process::id()
         {
-            for (mut m, region) in crate::detect::memscan::scan(scanner, p.pid, limits) {
+            let found = crate::detect::memscan::scan(scanner, p.pid, limits, &self.mounts);
+            for (mut m, region) in found {
                 m.description = format!("{} (in memory region {region})", m.description)
                     .trim_start()
                     .to_string();
@@ -430,15 +498,18 @@ impl ProcessJudge {
     /// Matches of the executable the process runs (read through `/proc/PID/exe`; `exe` is the
     /// name indicators see), from the cache when it is unchanged.
     fn scan_exe(
-        &self,
+        &mut self,
         pid: u32,
         exe: &Path,
         scanner: &mut FileScanner<'_>,
     ) -> (Vec<RuleMatch>, String) {
+        if let Some(reader) = self.exe_reader.as_mut() {
+            return reader.judge(pid, exe);
+        }
         let Ok(file) = std::fs::File::open(format!("/proc/{pid}/exe")) else {
             return (Vec::new(), String::new());
         };
-        exe_matches(&self.exe_cache, scanner, file, exe)
+        exe_matches(&self.exe_cache, scanner, file, exe, Reading::UpToCap)
     }
 
     /// Detections for connections to C2 addresses not reported before.

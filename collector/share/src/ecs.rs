@@ -17,6 +17,15 @@ fn category(kind: i32) -> &'static str {
     }
 }
 
+/// `event.outcome`: the exec was refused; the exec ran before it was judged; a detection only.
+fn outcome(action: i32) -> &'static str {
+    match action_name(action) {
+        "blocked" => "failure",
+        "late" => "success",
+        _ => "unknown",
+    }
+}
+
 /// One ECS document (Elastic Common Schema 8) per detection, for SIEMs.
 pub fn document(s: &StoredDetection) -> Value {
     let d = s.detection.clone().unwrap_or_default();
@@ -29,7 +38,7 @@ pub fn document(s: &StoredDetection) -> Value {
             "type": ["indicator"],
             "id": d.id,
             "action": action_name(d.action),
-            "outcome": if action_name(d.action) == "blocked" { "failure" } else { "unknown" },
+            "outcome": outcome(d.action),
             "created": ts(s.received_at_ms),
             "risk_score": d.score,
             "module": "vedette",
