@@ -45,9 +45,9 @@ use crate::detect::walk::{WalkRules, exclusions};
 use crate::detect::{Ids, ReportFilter};
 use crate::governor::governor;
 use crate::rules::ActiveRules;
-use crate::rules::compiler::ChildCompiler;
 use crate::state::{Credentials, StateDir};
 use crate::telemetry::{Counter, Counters};
+use vedette_engine::child::ChildCompiler;
 
 /// Detections buffered between the scanning stages and the spool writer.
 const DETECTION_QUEUE: usize = 1024;
@@ -313,7 +313,7 @@ async fn load_rules(state: &StateDir, settings: &Config) -> anyhow::Result<Arc<A
         settings.insecure_allow_unsigned_bundles,
     );
     let rules = tokio::task::spawn_blocking(move || {
-        let compiler = Arc::new(ChildCompiler::this_executable());
+        let compiler = Arc::new(ChildCompiler::this_executable("vedette-agent"));
         ActiveRules::start(&state, local, &keys, unsigned, Some(compiler))
     })
     .await

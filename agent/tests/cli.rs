@@ -67,7 +67,7 @@ fn run_without_enrollment_fails_closed() {
 fn rules_compiled_by_the_agents_own_executable_load_and_match() {
     use std::io::Write;
     use std::sync::Arc;
-    use vedette_agent::rules::compiler::{ChildCompiler, SUBCOMMAND};
+    use vedette_engine::child::{ChildCompiler, SUBCOMMAND};
     use vedette_engine::{FileScanner, RuleSetBuilder, ScanOptions};
 
     let tmp = tempfile::tempdir().unwrap();
@@ -139,7 +139,7 @@ fn rules_compiled_by_the_agents_own_executable_load_and_match() {
 #[test]
 fn the_compiler_child_runs_without_capabilities() {
     let mut c = Command::new(AGENT)
-        .arg(vedette_agent::rules::compiler::SUBCOMMAND)
+        .arg(vedette_engine::child::SUBCOMMAND)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

@@ -185,6 +185,10 @@ fn stix_and_misp_indicators_reach_agents_and_detections_carry_their_provenance()
         "indicator--a3f4a4c0-4b0b-4d5c-9a7e-0a6b8b8f0003"
     );
     assert_eq!(d["indicator"]["source"], "stix");
+    // The collector checked that outside YARA (and the bundle) in its compiler child, never in
+    // its own process.
+    let log = c.proc.as_ref().map(|p| p.log_text()).unwrap_or_default();
+    assert!(log.contains("rule compiler finished"), "{log}");
     let d = detection(&c, "the MISP detection", |d| {
         d["indicator"]["source"] == "misp"
     });

@@ -184,7 +184,11 @@ impl Proc {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
-            .env("VEDETTE_LOG", "info,vedette_agent=debug")
+            // Each compile in a compiler child says so.
+            .env(
+                "VEDETTE_LOG",
+                "info,vedette_agent=debug,vedette_engine::child=debug",
+            )
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         Proc {

@@ -422,21 +422,26 @@ pub fn add_to(builder: &mut RuleSetBuilder, content: &BundleContent) {
     }
 }
 
-/// Compiles a bundle on its own. Every YARA problem, and with `strict` every indicator problem,
-/// is returned as an error; without `strict` indicator problems come back as warnings.
+/// Compiles a bundle on its own (its YARA rules through the compiler
+/// [`crate::isolated::compile_outside_rules_with`] set, if any). Every YARA problem and every
+/// indicator over the rule set's budgets, and with `strict` every indicator problem, is
+/// returned as an error; without `strict` other indicator problems come back as warnings.
 pub fn validate(
     content: &BundleContent,
     strict: bool,
 ) -> Result<(RuleSet, Vec<Problem>), Vec<Problem>> {
     let mut b = RuleSetBuilder::new();
     add_to(&mut b, content);
+    if let Some(c) = crate::isolated::outside() {
+        b = b.compile_with(c);
+    }
     let set = b.build(content.version);
     let (fatal, warnings): (Vec<Problem>, Vec<Problem>) = set
         .report()
         .problems
         .iter()
         .cloned()
-        .partition(|p| strict || p.kind == ProblemKind::Yara);
+        .partition(|p| strict || p.kind != ProblemKind::Indicator);
     if fatal.is_empty() {
         Ok((set, warnings))
     } else {
@@ -466,6 +471,34 @@ mod tests {
             ],
             fleet: String::new(),
         }
+    }
+
+    #[test]
+    fn a_bundle_over_the_regex_budget_is_refused_naming_the_indicator_even_when_not_strict() {
+        let lines: Vec<String> = (0..9)
+            .map(|i| {
+                serde_json::json!({
+                    "source": "stix", "id": format!("indicator--re-{i}"), "origin": "feed",
+                    "pattern_type": "stix",
+                    "pattern": "[process:command_line MATCHES '\\\\w{100}x']",
+                })
+                .to_string()
+            })
+            .collect();
+        let mut c = content();
+        c.files.push(BundleFile {
+            path: "intel/indicators.jsonl".into(),
+            data: lines.join("\n").into_bytes(),
+        });
+        let problems = validate(&c, false).err().expect("refused");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].reason.starts_with("indicator--re-8: "),
+            "{problems:?}"
+        );
+        // Within the budget it is published.
+        c.files.last_mut().unwrap().data = lines[..8].join("\n").into_bytes();
+        assert!(validate(&c, false).is_ok());
     }
 
     #[test]

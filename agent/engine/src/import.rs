@@ -191,13 +191,25 @@ fn stix_indicator(
     }
 }
 
-/// Whether the engine can evaluate the line's pattern, and why not.
+/// Whether the engine can evaluate the line's pattern, and why not. A YARA pattern is
+/// compiled by the compiler [`crate::isolated::compile_outside_rules_with`] set, if any.
 pub fn check(line: &IntelLine) -> Result<(), ParseError> {
+    check_with(line, crate::isolated::outside())
+}
+
+/// [`check`], compiling a YARA pattern through `compiler` (in this process without one).
+pub fn check_with(
+    line: &IntelLine,
+    compiler: Option<std::sync::Arc<dyn crate::IsolatedCompiler>>,
+) -> Result<(), ParseError> {
     match line.pattern_type.as_str() {
         "stix" => crate::stix::parse(&line.pattern).map(|_| ()),
         "yara" => {
             let mut b = crate::RuleSetBuilder::new();
             b.add_yara_source(Path::new(&line.id), line.pattern.as_bytes());
+            if let Some(c) = compiler {
+                b = b.compile_with(c);
+            }
             let set = b.build(0);
             match set.report().problems.first() {
                 Some(p) => Err(format!("YARA rule does not compile: {}", p.reason).into()),
@@ -521,6 +533,27 @@ pub fn rfc3339_ms(t: &str) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_yara_item_whose_compiler_crashes_or_hangs_is_refused_and_this_process_goes_on() {
+        use crate::child::ChildCompiler;
+        let line = IntelLine::parse(
+            r#"{"source":"misp","id":"y1","pattern_type":"yara","pattern":"rule y { condition: true }"}"#,
+        )
+        .unwrap();
+        let sh = |script: &str| ChildCompiler::new("/bin/sh", ["-c", script]);
+        let crashes: std::sync::Arc<dyn crate::IsolatedCompiler> =
+            std::sync::Arc::new(sh("cat >/dev/null; kill -9 $$"));
+        let why = check_with(&line, Some(crashes)).unwrap_err().to_string();
+        assert!(why.contains("killed by signal 9"), "{why}");
+        let hangs: std::sync::Arc<dyn crate::IsolatedCompiler> = std::sync::Arc::new(
+            sh("exec sleep 600").with_deadline(std::time::Duration::from_millis(300)),
+        );
+        let why = check_with(&line, Some(hangs)).unwrap_err().to_string();
+        assert!(why.contains("deadline"), "{why}");
+        // The same item compiles where the compiler works.
+        assert!(check_with(&line, None).is_ok());
+    }
     use serde_json::json;
 
     #[test]

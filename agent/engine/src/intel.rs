@@ -176,6 +176,56 @@ pub struct Intel {
     wants: [bool; 3],
     pub loaded: usize,
     pub expired: usize,
+    /// What the regular expressions compiled so far are charged (see [`REGEX_BUDGET`]).
+    regex_bytes: usize,
+}
+
+/// Most bytes the STIX regular expressions (`MATCHES`, `LIKE`) of one rule set may take in all,
+/// compiled. Each is charged the smallest of 16 KiB × 4ⁿ (up to [`REGEX_MAX`]) that holds it;
+/// an indicator past what is left is left out on agents and refused at publish.
+pub const REGEX_BUDGET: usize = 64 << 20;
+
+/// Most bytes one STIX regular expression may take, compiled.
+pub const REGEX_MAX: usize = 8 << 20;
+
+/// Why an indicator was left out.
+enum Refusal {
+    Bad(ParseError),
+    OverBudget(String),
+}
+
+impl From<String> for Refusal {
+    fn from(e: String) -> Refusal {
+        Refusal::Bad(e.into())
+    }
+}
+
+impl From<ParseError> for Refusal {
+    fn from(e: ParseError) -> Refusal {
+        Refusal::Bad(e)
+    }
+}
+
+/// Compiles `re` within `left` bytes of the budget: the regex and what it is charged.
+fn compile_within(re: &str, left: usize) -> Result<(regex::Regex, usize), Refusal> {
+    let mut limit = 16 << 10;
+    loop {
+        let cap = limit.min(REGEX_MAX);
+        match regex::RegexBuilder::new(re).size_limit(cap).build() {
+            Ok(r) if cap <= left => return Ok((r, cap)),
+            Ok(_) => {
+                return Err(Refusal::OverBudget(format!(
+                    "its regular expression takes up to {} KiB compiled, past the {} KiB left of \
+                     the rule set's budget for regular expressions ({} MiB in all)",
+                    cap >> 10,
+                    left >> 10,
+                    REGEX_BUDGET >> 20
+                )));
+            }
+            Err(regex::Error::CompiledTooBig(_)) if cap < REGEX_MAX => limit *= 4,
+            Err(e) => return Err(Refusal::Bad(e.to_string().into())),
+        }
+    }
 }
 
 fn now_ms() -> i64 {
@@ -205,7 +255,7 @@ impl Intel {
                 continue;
             }
             let source = format!("{name}:{}", i + 1);
-            let result = IntelLine::parse(line).and_then(|l| {
+            let result = IntelLine::parse(line).map_err(Refusal::Bad).and_then(|l| {
                 if l.pattern_type != "stix" {
                     return Ok(());
                 }
@@ -216,15 +266,18 @@ impl Intel {
                 let pattern = stix::parse(&l.pattern).map_err(|e| format!("{}: {e}", l.id))?;
                 self.add(&l, pattern, source)
             });
-            if let Err(reason) = result {
-                problems.push(Problem {
-                    path: origin.to_owned(),
-                    line: Some(i + 1),
-                    reason: reason.to_string(),
-                    kind: ProblemKind::Indicator,
-                    origin: Origin::Local,
-                });
-            }
+            let (reason, kind) = match result {
+                Ok(()) => continue,
+                Err(Refusal::Bad(e)) => (e.to_string(), ProblemKind::Indicator),
+                Err(Refusal::OverBudget(why)) => (why, ProblemKind::Budget),
+            };
+            problems.push(Problem {
+                path: origin.to_owned(),
+                line: Some(i + 1),
+                reason,
+                kind,
+                origin: Origin::Local,
+            });
         }
     }
 
@@ -233,26 +286,33 @@ impl Intel {
         l: &IntelLine,
         pattern: stix::Pattern,
         source: String,
-    ) -> Result<(), ParseError> {
+    ) -> Result<(), Refusal> {
         let index = self.indicators.len();
         let mut conjs = Vec::new();
+        let mut charged = 0;
         for alt in pattern.alternatives {
             let mut tests = Vec::new();
             for c in alt {
                 let check = match c.test {
                     Test::Equals(v) => Check::Equals(v),
                     Test::Network(n) => Check::Network(n),
-                    Test::Regex(r) => Check::Regex(
-                        regex::RegexBuilder::new(&r)
-                            .size_limit(8 << 20)
-                            .build()
-                            .map_err(|e| format!("{}: {e}", l.id))?,
-                    ),
+                    Test::Regex(r) => {
+                        let left = REGEX_BUDGET.saturating_sub(self.regex_bytes + charged);
+                        let (re, cost) = compile_within(&r, left).map_err(|e| match e {
+                            Refusal::Bad(e) => Refusal::Bad(format!("{}: {e}", l.id).into()),
+                            Refusal::OverBudget(why) => {
+                                Refusal::OverBudget(format!("{}: {why}", l.id))
+                            }
+                        })?;
+                        charged += cost;
+                        Check::Regex(re)
+                    }
                 };
                 tests.push((c.field, check));
             }
             conjs.push(tests);
         }
+        self.regex_bytes += charged;
         for tests in conjs {
             let at = self.conjs.len();
             match tests[0].0.subject() {
@@ -600,5 +660,45 @@ mod tests {
         assert_eq!(problems.len(), 3, "{problems:?}");
         assert_eq!(problems[1].line, Some(3));
         assert!(problems[1].reason.contains("sigma"));
+    }
+
+    #[test]
+    fn regular_expressions_past_the_rule_sets_budget_are_refused_by_indicator() {
+        // Each of these is charged 8 MiB compiled: eight fit in the 64 MiB budget.
+        let lines: Vec<String> = (0..10)
+            .map(|i| {
+                line(
+                    &format!("indicator--re-{i}"),
+                    "[process:command_line MATCHES '\\\\w{100}x']",
+                )
+            })
+            .collect();
+        let (intel, problems) = load(&lines);
+        assert_eq!(intel.loaded, 8, "{problems:?}");
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        for (p, i) in problems.iter().zip([8, 9]) {
+            assert_eq!(p.kind, ProblemKind::Budget);
+            assert!(
+                p.reason.starts_with(&format!("indicator--re-{i}: ")),
+                "{}",
+                p.reason
+            );
+            assert!(
+                p.reason.contains("budget for regular expressions"),
+                "{}",
+                p.reason
+            );
+        }
+        // Small ones are charged little.
+        let lines: Vec<String> = (0..1000)
+            .map(|i| {
+                line(
+                    &format!("indicator--small-{i}"),
+                    "[file:name MATCHES '^x[0-9]+\\\\.exe$']",
+                )
+            })
+            .collect();
+        let (intel, problems) = load(&lines);
+        assert_eq!((intel.loaded, problems.len()), (1000, 0), "{problems:?}");
     }
 }

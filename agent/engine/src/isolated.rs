@@ -59,6 +59,23 @@ where
     }
 }
 
+/// The compiler for rules that come from outside the process, once one is set.
+static OUTSIDE: std::sync::OnceLock<std::sync::Arc<dyn IsolatedCompiler>> =
+    std::sync::OnceLock::new();
+
+/// From now on, YARA rules from outside this process (a bundle checked with
+/// [`crate::bundle::validate`], intel items checked with [`crate::import::check`]) are compiled
+/// through `compiler`: the collector's own `compile-rules` child. False when one was set
+/// already (it stays).
+pub fn compile_outside_rules_with(compiler: std::sync::Arc<dyn IsolatedCompiler>) -> bool {
+    OUTSIDE.set(compiler).is_ok()
+}
+
+/// The compiler [`compile_outside_rules_with`] set, if any.
+pub(crate) fn outside() -> Option<std::sync::Arc<dyn IsolatedCompiler>> {
+    OUTSIDE.get().cloned()
+}
+
 /// The request for these sources and their namespaces.
 pub(crate) fn request(sources: &[(PathBuf, Vec<u8>)], names: &[Option<String>]) -> Vec<u8> {
     let mut w = Writer::default();

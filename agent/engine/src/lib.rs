@@ -6,6 +6,7 @@
 //! It does no async work and watches nothing: callers decide what to scan and on which thread.
 
 pub mod bundle;
+pub mod child;
 pub mod codec;
 mod compiled;
 pub mod digests;

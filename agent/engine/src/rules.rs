@@ -34,6 +34,9 @@ pub enum ProblemKind {
     Yara,
     /// An indicator line that does not parse (that line is left out).
     Indicator,
+    /// An indicator past what a rule set may spend (its regular expressions past
+    /// [`crate::intel::REGEX_BUDGET`]): left out on agents, refused at publish.
+    Budget,
 }
 
 /// A problem found while loading rules: `file:line: reason`.

@@ -197,7 +197,7 @@ pub fn dispatch(command: Command) -> ExitCode {
     match command {
         Command::Spool(cmd) => spool(&cmd),
         Command::Scan(cmd) => ExitCode::from(scan_cmd(cmd)),
-        Command::CompileRules => ExitCode::from(crate::rules::compiler::serve()),
+        Command::CompileRules => ExitCode::from(vedette_engine::child::serve("vedette-agent")),
         Command::Enroll(cmd) => block_on(enroll_cmd(cmd)),
         Command::Run(cmd) => block_on(run_cmd(cmd)),
         Command::Doctor(cmd) => block_on(async move {

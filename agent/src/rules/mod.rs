@@ -12,7 +12,6 @@
 //! fleet it is for (its CA's fingerprint), and a bundle for another fleet is refused.
 
 pub(crate) mod applier;
-pub mod compiler;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -98,7 +97,7 @@ pub struct RuleStats {
 impl ActiveRules {
     /// Loads the pinned maintainer keys and the host-local rules, and the last-good bundle if
     /// one is saved (a bad one is logged and left unused). Rules not in the compiled-rules
-    /// cache are compiled by `compiler` (the daemon's: [`compiler::ChildCompiler`]), or in this
+    /// cache are compiled by `compiler` (the daemon's: [`vedette_engine::child::ChildCompiler`]), or in this
     /// process without one.
     pub fn start(
         state: &StateDir,

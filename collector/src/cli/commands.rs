@@ -49,6 +49,7 @@ pub fn dispatch(command: Command) -> ExitCode {
             listen,
             metrics_listen,
         } => serve(&config, listen, metrics_listen.as_deref()),
+        Command::CompileRules => ExitCode::from(vedette_engine::child::serve("vedette-collector")),
     }
 }
 
@@ -65,6 +66,10 @@ fn serve(path: &Path, listen: Option<std::net::SocketAddr>, metrics: Option<&str
             Err(e) => return fail(&format!("--metrics-listen: {e}"), exit::CONFIG),
         }
     }
+    // Bundles published and YARA items of outside intel are compiled in a child of this
+    // executable: a hostile rule can crash or stall that child, not the collector.
+    let compiler = vedette_engine::child::ChildCompiler::this_executable("vedette-collector");
+    vedette_engine::isolated::compile_outside_rules_with(std::sync::Arc::new(compiler));
     server::run_until_signal(config)
 }
 

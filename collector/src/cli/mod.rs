@@ -104,6 +104,10 @@ pub enum Command {
         #[arg(long, value_name = "ADDR")]
         metrics_listen: Option<String>,
     },
+    /// Internal: compiles the rule sources given on standard input for `serve`, which starts
+    /// it for each bundle published and each YARA item of outside intel.
+    #[command(name = "compile-rules", hide = true)]
+    CompileRules,
 }
 
 #[derive(Subcommand)]

@@ -1,14 +1,15 @@
-//! The daemon's YARA compiler: its own executable, run as `vedette-agent compile-rules` for
-//! each rule set that is not in the compiled-rules cache. The daemon writes the rule sources
-//! to the child's standard input and loads the compiled rules it writes back (see
-//! [`vedette_engine::isolated`]), so the daemon never holds the compiler: not its peak memory
-//! (signature-base: over 100 MiB), not its code pages, and not a crash or an endless compile on
-//! some rule file, which fails that rule set while the daemon keeps running what it had.
+//! The YARA compiler of a long-running process: its own executable, run as `PROGRAM
+//! compile-rules` (`vedette-agent` for each rule set not in the compiled-rules cache,
+//! `vedette-collector` for each bundle published and each YARA item of outside intel). The
+//! caller writes the rule sources to the child's standard input and loads the compiled rules it
+//! writes back (see [`crate::isolated`]), so the caller never holds the compiler: not its peak
+//! memory (signature-base: over 100 MiB), not its code pages, and not a crash or an endless
+//! compile on some rule file, which fails those rules while the caller keeps running.
 //!
-//! The child is `/proc/self/exe`, the very file the daemon runs (even when a package upgrade
+//! The child is `/proc/self/exe`, the very file the caller runs (even when a package upgrade
 //! has replaced it on disk since), so the compiled rules always come from the same engine that
-//! loads them. It gets nothing but the sources: no descriptor of the daemon's, no argument from
-//! the network. It is killed past its deadline, and when the daemon dies.
+//! loads them. It gets nothing but the sources: no descriptor of the caller's, no argument from
+//! the network. It is killed past its deadline, and when the caller dies.
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -21,9 +22,10 @@ use std::time::{Duration, Instant};
 use rustix::io::Errno;
 use rustix::process::{Pid, Signal, WaitId, WaitIdOptions};
 use tracing::debug;
-use vedette_engine::{IsolatedCompiler, IsolatedError};
 
-/// The subcommand the daemon runs itself with.
+use crate::{IsolatedCompiler, IsolatedError};
+
+/// The subcommand a process runs itself with to compile.
 pub const SUBCOMMAND: &str = "compile-rules";
 
 /// Longest a compile may take; signature-base takes a few seconds.
@@ -44,10 +46,10 @@ pub struct ChildCompiler {
 }
 
 impl ChildCompiler {
-    /// This executable, as `vedette-agent compile-rules`.
-    pub fn this_executable() -> ChildCompiler {
+    /// This executable, as `PROGRAM compile-rules` (`program` is the name `ps` shows).
+    pub fn this_executable(program: &str) -> ChildCompiler {
         ChildCompiler {
-            arg0: Some("vedette-agent".into()),
+            arg0: Some(program.into()),
             ..ChildCompiler::new("/proc/self/exe", [SUBCOMMAND])
         }
     }
@@ -224,26 +226,26 @@ fn describe(status: ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
         (Some(code), _) => {
-            format!("it exited with status {code} (its messages are in the agent's log)")
+            format!("it exited with status {code} (its messages are in the log)")
         }
         (None, Some(sig)) => format!("it was killed by signal {sig}"),
         _ => format!("it ended with {status}"),
     }
 }
 
-/// `vedette-agent compile-rules`: reads rule sources on standard input, writes the compiled
-/// rules on standard output. Dies with the process that started it; runs without capabilities.
-pub fn serve() -> u8 {
-    // Each step is a safeguard, not a condition for compiling (the daemon compiles in its own
+/// `PROGRAM compile-rules`: reads rule sources on standard input, writes the compiled rules on
+/// standard output. Dies with the process that started it; runs without capabilities.
+pub fn serve(program: &str) -> u8 {
+    // Each step is a safeguard, not a condition for compiling (the caller compiles in its own
     // process where it cannot start this one): a step the kernel refuses is said on standard
-    // error, which the agent's log keeps.
-    let warn = |what: &str, e: Errno| eprintln!("vedette-agent {SUBCOMMAND}: cannot {what}: {e}");
-    // Killed with its parent, so that a compile never outlives the daemon that wants it.
+    // error, which the caller's log keeps.
+    let warn = |what: &str, e: Errno| eprintln!("{program} {SUBCOMMAND}: cannot {what}: {e}");
+    // Killed with its parent, so that a compile never outlives the process that wants it.
     if let Err(e) = rustix::process::set_parent_process_death_signal(Some(Signal::KILL)) {
-        warn("die with the agent", e);
+        warn("die with its parent", e);
     }
     // Compiling needs no privilege: whatever a rule file could make the compiler do, it does
-    // without the agent's capabilities. The process has one thread yet, so every thread the
+    // without the caller's capabilities. The process has one thread yet, so every thread the
     // compiler starts inherits this.
     if let Err(e) = rustix::thread::set_no_new_privs(true) {
         warn("set no-new-privileges", e);
@@ -261,10 +263,10 @@ pub fn serve() -> u8 {
     }
     let stdin = std::io::stdin();
     let stdout = std::io::stdout();
-    match vedette_engine::isolated::serve(&mut stdin.lock(), &mut stdout.lock()) {
+    match crate::isolated::serve(&mut stdin.lock(), &mut stdout.lock()) {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("vedette-agent {SUBCOMMAND}: {e}");
+            eprintln!("{program} {SUBCOMMAND}: {e}");
             2
         }
     }
