@@ -519,19 +519,20 @@ fn with_deny_on_timeout_an_unjudged_exec_is_refused_where_users_can_write_only()
 
 #[test]
 fn one_user_flooding_with_large_executables_leaves_other_users_execs_judged() {
-    let extra = "event_source = \"fanotify\"\nprevent = true\nprevent_timeout = \"250ms\"\n\
+    let extra = "event_source = \"fanotify\"\nprevent = true\nprevent_timeout = \"100ms\"\n\
                  processes = false";
     let Some(mut s) = setup(&[], extra) else {
         return;
     };
     s.run(&[]);
-    // The flooder (uid 65534) runs eight fresh 100 MB executables at once, over and over,
-    // touching each first so that every exec needs a full judgement.
+    // The flooder (uid 65534) runs eight fresh 40 MB executables at once, over and over,
+    // touching each first so that every exec needs a full judgement (some 30 ms each: eight
+    // of them outlast the 100 ms timeout on the one thread that takes large files).
     let flood = s.fs.path.join("flood");
     std::fs::create_dir(&flood).unwrap();
     for i in 0..8 {
         let f = flood.join(format!("big{i}"));
-        padded_true(&f, &format!("flood {i}"), 100 << 20);
+        padded_true(&f, &format!("flood {i}"), 40 << 20);
         std::os::unix::fs::chown(&f, Some(65534), Some(65534)).unwrap();
     }
     std::os::unix::fs::chown(&flood, Some(65534), Some(65534)).unwrap();
@@ -541,7 +542,7 @@ fn one_user_flooding_with_large_executables_leaves_other_users_execs_judged() {
         stop = stop.display(),
         dir = flood.display()
     );
-    let mut flooder = Command::new("setpriv")
+    let flooder = Command::new("setpriv")
         .args([
             "--reuid=65534",
             "--regid=65534",
@@ -553,6 +554,15 @@ fn one_user_flooding_with_large_executables_leaves_other_users_execs_judged() {
         .arg(&script)
         .spawn()
         .unwrap();
+    // Stopped however the test ends.
+    struct Flood(std::process::Child);
+    impl Drop for Flood {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let flooder = Flood(flooder);
     counter_reaches(&s, "exec_verdicts_late", 1);
     // Meanwhile root's small execs get their verdicts: the indicator binary is refused every
     // time (not let through unjudged), and a clean one runs.
@@ -569,7 +579,7 @@ fn one_user_flooding_with_large_executables_leaves_other_users_execs_judged() {
         .and_then(|a| a["counters"]["exec_verdicts_late"].as_u64())
         .unwrap_or(0);
     let mut refused = 0;
-    for i in 0..20 {
+    for i in 0..10 {
         let (_, status, stderr) = exec_via_sh(&exe);
         if !status.success() && stderr.contains("Operation not permitted") {
             refused += 1;
@@ -579,9 +589,9 @@ fn one_user_flooding_with_large_executables_leaves_other_users_execs_judged() {
         assert!(Command::new(&benign).status().unwrap().success());
     }
     std::fs::write(&stop, "").unwrap();
-    let _ = flooder.wait();
+    drop(flooder);
     assert_eq!(
-        refused, 20,
+        refused, 10,
         "each of root's indicator execs judged and refused"
     );
     // The flood did outrun the verdicts: the flooder's execs went unjudged meanwhile.

@@ -841,4 +841,46 @@ fn which_hosts_saw_a_file_is_found_by_its_sha256() {
         String::from_utf8_lossy(&bad.stderr).contains("`sha256`"),
         "{bad:?}"
     );
+    finding_by_md5_host_agent_and_time(&c, &agents[0].0.id, &agents[1].1.join("c"));
+}
+
+/// The other ways `detections list` finds things: `--md5`, `--host`, `--agent` by a start of
+/// its id or its host name, `--since`/`--until` as dates and times ago. The two agents share
+/// this machine's host name; `first` is one's id, `file` a file the other saw, shared by both.
+fn finding_by_md5_host_agent_and_time(c: &Collector, first: &str, file: &Path) {
+    let count = |args: &[&str]| {
+        let mut all = vec!["detections", "list", "--json", "--rule", "hash_marker"];
+        all.extend_from_slice(args);
+        vedette_tests::json_lines(&c.ctl_ok(&all)).len()
+    };
+    let sum = std::process::Command::new("md5sum")
+        .arg(file)
+        .output()
+        .expect("run md5sum");
+    let md5 = String::from_utf8_lossy(&sum.stdout)
+        .split_whitespace()
+        .next()
+        .expect("a digest")
+        .to_string();
+    assert_eq!(count(&["--md5", &md5]), 3);
+    assert_eq!(count(&["--md5", &md5.to_uppercase()]), 3);
+    let host = c.agents()[0]["hostname"].as_str().unwrap().to_string();
+    assert_eq!(count(&["--host", &host]), 4);
+    assert_eq!(count(&["--host", "no-such-host"]), 0);
+    assert_eq!(count(&["--agent", &first[..8]]), 2);
+    assert_eq!(count(&["--since", "1h"]), 4);
+    assert_eq!(count(&["--since", "yesterday"]), 4);
+    assert_eq!(count(&["--until", "2020-01-01"]), 0);
+    // An agent that is none, or several, is an error that says so.
+    let none = c.ctl(&["detections", "list", "--agent", "no-such-agent"]);
+    assert!(!none.status.success());
+    let text = String::from_utf8_lossy(&none.stderr);
+    assert!(text.contains("no agent is `no-such-agent`"), "{text}");
+    let two = c.ctl(&["detections", "list", "--agent", &host]);
+    assert!(!two.status.success());
+    let text = String::from_utf8_lossy(&two.stderr);
+    assert!(text.contains("names 2 agents"), "{text}");
+    let bad = c.ctl(&["detections", "list", "--since", "last tuesday"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("is not a time"));
 }

@@ -245,8 +245,12 @@ impl<'r> FileScanner<'r> {
         match_digests(iocs, &mut report, path);
         let found = self.match_yara(path, &meta)?;
         report.matches.extend(found);
+        // A detection carries the file's SHA-256 and MD5, whatever the indicators needed.
         if !report.matches.is_empty() && report.sha256.is_none() {
             report.sha256 = Some(hex::encode(Sha256::digest(&self.buf)));
+        }
+        if !report.matches.is_empty() && report.md5.is_none() {
+            report.md5 = Some(hex::encode(Md5::digest(&self.buf)));
         }
         // Large buffers are not kept between files.
         if self.buf.capacity() > 8 * 1024 * 1024 {
@@ -629,8 +633,8 @@ mod tests {
             assert_eq!(r.matches[0].rule, digest);
             assert_eq!(r.matches[0].description, format!("sample {name}"));
             assert_eq!(r.matches[0].kind, crate::MatchKind::Hash);
-            // Only the needed digest (and sha256 for the detection) were computed.
-            assert_eq!(r.md5.is_some(), name == "md5");
+            // Only the needed digest (and sha256 and md5 for the detection) were computed.
+            assert!(r.md5.is_some());
             assert_eq!(r.sha1.is_some(), name == "sha1");
             assert!(r.sha256.is_some());
         }

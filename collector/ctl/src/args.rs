@@ -67,11 +67,11 @@ pub enum Command {
         /// line.
         #[arg(value_enum)]
         format: ExportFormat,
-        /// Only detections received at or after this time (RFC 3339).
-        #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+        /// Only detections received at or after this time (as `detections list --since`).
+        #[arg(long, value_parser = when)]
         since: Option<std::time::SystemTime>,
-        /// Only this agent's detections.
-        #[arg(long)]
+        /// Only this agent's detections: its id, a unique start of it, or its host name.
+        #[arg(long, value_name = "AGENT")]
         agent: Option<String>,
         /// At most this many (the most recent), read page by page.
         #[arg(long, default_value_t = 10_000)]
@@ -314,17 +314,22 @@ pub enum DetectionsCmd {
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
-        /// Only this agent's detections.
-        #[arg(long)]
+        /// Only this agent's detections: its id, a unique start of it, or its host name (an
+        /// agent that matches none is an error).
+        #[arg(long, value_name = "AGENT")]
         agent: Option<String>,
+        /// Only the detections of agents with this host name (every enrollment of the host).
+        #[arg(long, value_name = "NAME")]
+        host: Option<String>,
         /// Only this organisation's detections.
         #[arg(long, value_name = "NAME")]
         org: Option<String>,
-        /// Only detections received at or after this time (RFC 3339, e.g. 2026-11-25T10:00:00Z).
-        #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+        /// Only detections received at or after this time: RFC 3339 (2026-11-25T10:00:00Z), a
+        /// date (2026-11-25, midnight UTC), today, yesterday, or a time ago (24h, 7d).
+        #[arg(long, value_parser = when)]
         since: Option<std::time::SystemTime>,
-        /// Only detections received before this time (RFC 3339).
-        #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+        /// Only detections received before this time (as `--since`).
+        #[arg(long, value_parser = when)]
         until: Option<std::time::SystemTime>,
         /// Only this kind.
         #[arg(long, value_parser = ["yara", "hash", "filename", "process", "connection", "agent"])]
@@ -338,6 +343,10 @@ pub enum DetectionsCmd {
         /// Only detections of the file or executable with this SHA-256 (64 hex digits).
         #[arg(long, value_name = "HASH")]
         sha256: Option<String>,
+        /// Only detections of the file with this MD5 (32 hex digits; detections stored by a
+        /// collector older than its MD5 index are not found by it).
+        #[arg(long, value_name = "HASH")]
+        md5: Option<String>,
         /// At most this many (the most recent), read page by page.
         #[arg(long, default_value_t = 100)]
         limit: usize,
@@ -358,4 +367,71 @@ pub enum DetectionsCmd {
         #[arg(long, default_value_t = 100_000)]
         limit: usize,
     },
+}
+
+/// A point in time for `--since` and `--until`: RFC 3339 (`2026-12-01T10:00:00Z`), a date
+/// (`2026-12-01`, midnight UTC), `today` or `yesterday` (midnight UTC), or a time ago (`24h`,
+/// `7d`, `90m`).
+pub fn when(text: &str) -> Result<std::time::SystemTime, String> {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+    let t = text.trim();
+    let now = SystemTime::now();
+    let midnight = |days_back: u64| {
+        let days = now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() / 86_400);
+        UNIX_EPOCH + Duration::from_secs(days.saturating_sub(days_back) * 86_400)
+    };
+    match t {
+        "today" => return Ok(midnight(0)),
+        "yesterday" => return Ok(midnight(1)),
+        _ => {}
+    }
+    if let Ok(at) = humantime::parse_rfc3339_weak(t) {
+        return Ok(at);
+    }
+    if t.len() == 10
+        && let Ok(at) = humantime::parse_rfc3339_weak(&format!("{t}T00:00:00Z"))
+    {
+        return Ok(at);
+    }
+    if let Ok(ago) = humantime::parse_duration(t) {
+        return now
+            .checked_sub(ago)
+            .ok_or_else(|| format!("`{t}` ago is before the epoch"));
+    }
+    Err(format!(
+        "`{t}` is not a time: give RFC 3339 (2026-12-01T10:00:00Z), a date (2026-12-01), \
+         today, yesterday, or a time ago (24h, 7d)"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::when;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    fn secs(t: SystemTime) -> u64 {
+        t.duration_since(UNIX_EPOCH).unwrap().as_secs()
+    }
+
+    #[test]
+    fn times_are_given_as_dates_days_durations_ago_or_rfc_3339() {
+        assert_eq!(secs(when("2026-12-01").unwrap()), 1_796_083_200);
+        assert_eq!(secs(when("2026-12-01T10:00:00Z").unwrap()), 1_796_119_200);
+        let now = secs(SystemTime::now());
+        let day_ago = secs(when("24h").unwrap());
+        assert!(
+            now - day_ago >= 86_400 && now - day_ago < 86_460,
+            "{now} {day_ago}"
+        );
+        let week_ago = secs(when("7d").unwrap());
+        assert!(now - week_ago >= 7 * 86_400 && now - week_ago < 7 * 86_400 + 60);
+        let today = secs(when("today").unwrap());
+        assert_eq!(today % 86_400, 0);
+        assert!(now - today < 86_400);
+        assert_eq!(secs(when("yesterday").unwrap()), today - 86_400);
+        let e = when("last tuesday").unwrap_err();
+        assert!(e.contains("`last tuesday` is not a time"), "{e}");
+    }
 }

@@ -37,7 +37,7 @@ pub async fn run(command: Command, cfg: CtlConfig) -> anyhow::Result<()> {
             unfiltered,
         } => {
             let filter = ListDetectionsRequest {
-                agent_id: agent.unwrap_or_default(),
+                agent_id: resolve_agent(&cfg, agent).await?,
                 since_ms: client::epoch_ms(since),
                 unfiltered_export: unfiltered,
                 ..Default::default()
@@ -108,10 +108,11 @@ fn shared_export(
 }
 
 async fn detections(cmd: DetectionsCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
-    let (json, agent, org, since, until, kind, rule, text, sha256, limit) = match cmd {
+    let (json, agent, host, org, since, until, kind, rule, text, sha256, md5, limit) = match cmd {
         DetectionsCmd::List {
             json,
             agent,
+            host,
             org,
             since,
             until,
@@ -119,9 +120,10 @@ async fn detections(cmd: DetectionsCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
             rule,
             text,
             sha256,
+            md5,
             limit,
         } => (
-            json, agent, org, since, until, kind, rule, text, sha256, limit,
+            json, agent, host, org, since, until, kind, rule, text, sha256, md5, limit,
         ),
         DetectionsCmd::Hosts {
             sha256,
@@ -131,7 +133,9 @@ async fn detections(cmd: DetectionsCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
         } => return hosts(cfg, sha256, org, json, limit).await,
     };
     let filter = ListDetectionsRequest {
-        agent_id: agent.unwrap_or_default(),
+        agent_id: resolve_agent(cfg, agent).await?,
+        host: host.unwrap_or_default(),
+        md5: md5.unwrap_or_default(),
         org: org.unwrap_or_default(),
         since_ms: client::epoch_ms(since),
         until_ms: client::epoch_ms(until),
@@ -153,6 +157,44 @@ async fn detections(cmd: DetectionsCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The agent `--agent` names: its id, a unique start of it, or its host name ("" for none).
+/// One that matches no agent, or several, is an error that says which.
+async fn resolve_agent(cfg: &CtlConfig, given: Option<String>) -> anyhow::Result<String> {
+    let Some(given) = given
+        .map(|g| g.trim().to_string())
+        .filter(|g| !g.is_empty())
+    else {
+        return Ok(String::new());
+    };
+    let agents = client::agents_list(cfg, None).await?;
+    if agents.iter().any(|a| a.id == given) {
+        return Ok(given);
+    }
+    let mut found: Vec<_> = agents
+        .iter()
+        .filter(|a| a.id.starts_with(&given) || a.hostname == given)
+        .collect();
+    found.dedup_by(|a, b| a.id == b.id);
+    match found.as_slice() {
+        [one] => Ok(one.id.clone()),
+        [] => anyhow::bail!(
+            "no agent is `{given}`: give its id, a unique start of it, or its host name (see \
+             `vedettectl agents list`)"
+        ),
+        many => {
+            let names: Vec<String> = many
+                .iter()
+                .map(|a| format!("{} ({})", a.id, a.hostname))
+                .collect();
+            anyhow::bail!(
+                "`{given}` names {} agents: {}; give more of the id",
+                many.len(),
+                names.join(", ")
+            )
+        }
+    }
 }
 
 /// One host's sightings of a file: `detections hosts`.

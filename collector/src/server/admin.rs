@@ -666,7 +666,9 @@ impl AdminService for AdminSvc {
             until_ms: Some(req.until_ms).filter(|s| *s != 0),
             kind: Some(req.kind).filter(|k| *k != 0),
             rule: Some(req.rule).filter(|r| !r.is_empty()),
-            sha256: sha256_filter(&req.sha256)?,
+            sha256: hex_filter("sha256", "a SHA-256", 64, &req.sha256)?,
+            md5: hex_filter("md5", "an MD5", 32, &req.md5)?,
+            host: Some(req.host.trim().to_string()).filter(|h| !h.is_empty()),
             text: Some(req.text).filter(|t| !t.is_empty()),
             before_seq: Some(req.before_seq).filter(|s| *s != 0),
             limit: match req.limit {
@@ -749,18 +751,18 @@ impl AdminService for AdminSvc {
     }
 }
 
-/// A `sha256` filter: empty for none, else 64 hex digits (any case), kept in lower case as the
-/// store does.
-fn sha256_filter(text: &str) -> Result<Option<String>, Status> {
+/// A digest filter (`key`, `what` it is, `digits` long): empty for none, else that many hex
+/// digits (any case), kept in lower case as the store does.
+fn hex_filter(key: &str, what: &str, digits: usize, text: &str) -> Result<Option<String>, Status> {
     let t = text.trim();
     if t.is_empty() {
         return Ok(None);
     }
-    if t.len() == 64 && t.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if t.len() == digits && t.bytes().all(|b| b.is_ascii_hexdigit()) {
         Ok(Some(t.to_ascii_lowercase()))
     } else {
         Err(Status::invalid_argument(format!(
-            "`sha256`: `{}` is not a SHA-256 (64 hex digits)",
+            "`{key}`: `{}` is not {what} ({digits} hex digits)",
             t.chars().take(80).collect::<String>()
         )))
     }

@@ -695,6 +695,10 @@ pub struct DetectionFilter {
     pub rule: Option<String>,
     /// Only detections of the file or executable with this SHA-256 (lowercase hex).
     pub sha256: Option<String>,
+    /// Only detections of the file with this MD5 (lowercase hex).
+    pub md5: Option<String>,
+    /// Only detections of agents with this host name.
+    pub host: Option<String>,
     /// Only detections whose path, process name or command line holds this text (any case).
     /// Matching rows are looked for among at most [`TEXT_SCAN_ROWS`] rows; a page that stops
     /// there says where to go on with `next_before_seq`.
@@ -726,6 +730,16 @@ impl DetectionFilter {
         } else {
             self.limit.saturating_add(1)
         }
+    }
+}
+
+/// The MD5 of a file detection's file, kept in its own column (executables carry SHA-256 only).
+pub(crate) fn file_md5(d: &vedette_proto::v1::Detection) -> Option<&str> {
+    match &d.target {
+        Some(vedette_proto::v1::detection::Target::File(f)) if !f.md5.is_empty() => {
+            Some(f.md5.as_str())
+        }
+        _ => None,
     }
 }
 

@@ -13,7 +13,7 @@ use super::rows::{self, AGENT_SELECT, CERT_SELECT};
 use super::{
     AgentRow, BundleRow, CertRow, DetectionFilter, DetectionPage, ExportRow, IntelBatch,
     IntelSourceRow, Opener, OrgRow, Schema, StagedLine, StagingCounts, Store, StoreError,
-    TokenError, UserRow,
+    TokenError, UserRow, file_md5,
 };
 
 /// Schema migrations, applied in order; `PRAGMA user_version` is the number applied.
@@ -149,6 +149,10 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE agents ADD COLUMN stopped_at_ms INTEGER NOT NULL DEFAULT 0;",
     // 11: detections found by the SHA-256 of their file or executable.
     "CREATE INDEX detections_sha256 ON detections(sha256) WHERE sha256 IS NOT NULL;",
+    // 12: detections found by the MD5 of their file, and by their agent's host name.
+    "ALTER TABLE detections ADD COLUMN md5 TEXT;
+    CREATE INDEX detections_md5 ON detections(md5) WHERE md5 IS NOT NULL;
+    CREATE INDEX agents_hostname ON agents(hostname);",
 ];
 
 /// Counts one sign-in attempt against a key (`key`, `now_ms`, `window_ms`): a new window when
@@ -601,8 +605,8 @@ impl Store for SqliteStore {
         {
             let mut stmt = tx.prepare_cached(
                 "INSERT INTO detections (id, agent_id, kind, rule, path, sha256, pid, observed_at_ms,
-                    received_at_ms, bundle_version, body)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                    received_at_ms, bundle_version, body, md5)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
                  ON CONFLICT(id) DO NOTHING",
             )?;
             for d in detections {
@@ -632,6 +636,7 @@ impl Store for SqliteStore {
                     received_at_ms,
                     d.bundle_version as i64,
                     d.encode_to_vec(),
+                    file_md5(d),
                 ])?;
             }
         }
@@ -649,6 +654,7 @@ impl Store for SqliteStore {
                AND (?3 IS NULL OR d.seq < ?3) AND (?5 IS NULL OR a.org = ?5)
                AND (?6 IS NULL OR d.received_at_ms < ?6) AND (?7 IS NULL OR d.kind = ?7)
                AND (?8 IS NULL OR d.rule = ?8) AND (?9 IS NULL OR d.sha256 = ?9)
+               AND (?10 IS NULL OR d.md5 = ?10) AND (?11 IS NULL OR a.hostname = ?11)
              ORDER BY d.seq DESC LIMIT ?4",
         )?;
         let before = f.before_seq.map(|s| s.min(i64::MAX as u64) as i64);
@@ -661,7 +667,9 @@ impl Store for SqliteStore {
             f.until_ms,
             f.kind,
             f.rule,
-            f.sha256
+            f.sha256,
+            f.md5,
+            f.host
         ])?;
         DetectionPage::collect(f, || {
             let Some(r) = rows.next()? else {

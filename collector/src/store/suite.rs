@@ -626,6 +626,7 @@ fn detections_filter_by_kind_rule_time_text_and_hash() {
             target: Some(detection::Target::File(FileTarget {
                 path: path.into(),
                 sha256: format!("{:064x}", path.len()),
+                md5: format!("{:032x}", path.len()),
                 ..Default::default()
             })),
             ..detection(id)
@@ -673,6 +674,29 @@ fn detections_filter_by_kind_rule_time_text_and_hash() {
                 ..Default::default()
             }),
             ["f2"]
+        );
+        // By MD5 too, and by the agent's host name.
+        assert_eq!(
+            ids(DetectionFilter {
+                md5: Some(format!("{:032x}", 10)),
+                ..Default::default()
+            }),
+            ["f2"]
+        );
+        assert_eq!(
+            ids(DetectionFilter {
+                host: Some("host".into()),
+                ..Default::default()
+            })
+            .len(),
+            3
+        );
+        assert!(
+            ids(DetectionFilter {
+                host: Some("other".into()),
+                ..Default::default()
+            })
+            .is_empty()
         );
         // "/tmp/xmrig" is 10 bytes long: its made-up digest is 10 in hex.
         assert_eq!(

@@ -56,6 +56,10 @@ pub struct DetectionQuery {
     pub q: String,
     /// The SHA-256 of the file or executable.
     pub sha256: String,
+    /// The MD5 of the file.
+    pub md5: String,
+    /// The agent's host name.
+    pub host: String,
     pub limit: Option<u32>,
     pub before: Option<u64>,
 }
@@ -115,6 +119,8 @@ impl DetectionQuery {
             rule: self.rule.trim().to_string(),
             text: self.q.trim().to_string(),
             sha256: self.sha256.trim().to_string(),
+            md5: self.md5.trim().to_string(),
+            host: self.host.trim().to_string(),
             limit: self.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE),
             before_seq: self.before.unwrap_or(0),
             org: String::new(),

@@ -136,6 +136,10 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE agents ADD COLUMN stopped_at_ms BIGINT NOT NULL DEFAULT 0;",
     // 9: detections found by the SHA-256 of their file or executable.
     "CREATE INDEX detections_sha256 ON detections(sha256) WHERE sha256 IS NOT NULL;",
+    // 10: detections found by the MD5 of their file, and by their agent's host name.
+    "ALTER TABLE detections ADD COLUMN md5 TEXT;
+    CREATE INDEX detections_md5 ON detections(md5) WHERE md5 IS NOT NULL;
+    CREATE INDEX agents_hostname ON agents(hostname);",
 ];
 
 /// The advisory lock key migrations run under ("vedette" in ASCII).

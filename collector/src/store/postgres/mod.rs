@@ -519,11 +519,11 @@ impl Store for PgStore {
             }
             let n = tx.execute(
                 "INSERT INTO detections (id, agent_id, kind, rule, path, sha256, pid,
-                    observed_at_ms, received_at_ms, bundle_version, body)
-                 SELECT id, $2, kind, rule, path, sha256, pid, observed, $3, bundle, body
+                    observed_at_ms, received_at_ms, bundle_version, body, md5)
+                 SELECT id, $2, kind, rule, path, sha256, pid, observed, $3, bundle, body, md5
                  FROM unnest($1::text[], $4::int[], $5::text[], $6::text[], $7::text[],
-                    $8::bigint[], $9::bigint[], $10::bigint[], $11::bytea[])
-                    AS t(id, kind, rule, path, sha256, pid, observed, bundle, body)
+                    $8::bigint[], $9::bigint[], $10::bigint[], $11::bytea[], $12::text[])
+                    AS t(id, kind, rule, path, sha256, pid, observed, bundle, body, md5)
                  ON CONFLICT (id) DO NOTHING",
                 &[
                     &cols.id,
@@ -537,6 +537,7 @@ impl Store for PgStore {
                     &cols.observed,
                     &cols.bundle,
                     &cols.body,
+                    &cols.md5,
                 ],
             )?;
             tx.commit()?;
@@ -548,7 +549,7 @@ impl Store for PgStore {
         self.with(|c| {
             let before = f.before_seq.map(|s| s.min(i64::MAX as u64) as i64);
             let limit = i64::from(f.sql_limit());
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 11] = [
                 &f.agent_id,
                 &f.since_ms,
                 &before,
@@ -558,6 +559,8 @@ impl Store for PgStore {
                 &f.kind,
                 &f.rule,
                 &f.sha256,
+                &f.md5,
+                &f.host,
             ];
             // Rows stream in: reading stops at the byte budget, not at the whole result.
             let mut rows = c.query_raw(
@@ -571,6 +574,8 @@ impl Store for PgStore {
                    AND ($7::int IS NULL OR d.kind = $7)
                    AND ($8::text IS NULL OR d.rule = $8)
                    AND ($9::text IS NULL OR d.sha256 = $9)
+                   AND ($10::text IS NULL OR d.md5 = $10)
+                   AND ($11::text IS NULL OR a.hostname = $11)
                  ORDER BY d.seq DESC LIMIT $4",
                 &params,
             )?;
@@ -967,6 +972,7 @@ struct Columns {
     observed: Vec<i64>,
     bundle: Vec<i64>,
     body: Vec<Vec<u8>>,
+    md5: Vec<Option<String>>,
 }
 
 impl Columns {
@@ -994,6 +1000,7 @@ impl Columns {
         self.observed.push(d.observed_at_ms);
         self.bundle.push(d.bundle_version as i64);
         self.body.push(d.encode_to_vec());
+        self.md5.push(super::file_md5(d).map(str::to_string));
     }
 }
 
