@@ -259,6 +259,21 @@ fn console_api_requires_authentication_and_csrf_and_matches_its_openapi_document
     let bad = op.get("/api/v1/detections?sha256=abc", &[]);
     assert_eq!(bad.status, 400);
     assert!(bad.body.contains("`sha256`"), "{}", bad.body);
+    // The console's search box takes either digest; the page lists what it finds.
+    let md5 = one["md5"].as_str().expect("the file's MD5").to_string();
+    assert_eq!(count(&format!("hash={sha}")), 1);
+    assert_eq!(count(&format!("hash={md5}")), 1);
+    assert_eq!(count(&format!("md5={}", md5.to_uppercase())), 1);
+    assert_eq!(count(&format!("hash={}", "0".repeat(32))), 0);
+    let bad = op.get("/api/v1/detections?hash=abc", &[]);
+    assert_eq!(bad.status, 400);
+    assert!(bad.body.contains("`hash`"), "{}", bad.body);
+    let page = op.get(&format!("/detections?hash={md5}"), &[]);
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains(r#"id="hash""#), "the search box");
+    assert!(page.body.contains("console_marker"), "{}", page.body);
+    let page = op.get(&format!("/detections?hash={}", "0".repeat(64)), &[]);
+    assert!(page.body.contains("No detections match."), "{}", page.body);
     // vedettectl takes the same filters.
     let listed = |args: &[&str]| {
         let mut all = vec!["detections", "list", "--json"];

@@ -21,8 +21,8 @@ use crate::client::{CtlConfig, status_error};
 use crate::intel::INTEL_FILE;
 
 /// Checks a bundle's content as `rules publish` and `intel publish` both do: every YARA
-/// problem, and every problem of the staged indicators (`intel publish`'s file), stops the
-/// publish; another indicator line that does not parse stops it with `strict` and is a warning
+/// problem, every indicator over a rule set's budget, and every problem of the staged
+/// indicators (`intel publish`'s file), stops the publish; another indicator line that does not parse stops it with `strict` and is a warning
 /// otherwise (agents skip that line). The warnings.
 pub(crate) fn check(content: &BundleContent, strict: bool) -> anyhow::Result<Vec<String>> {
     let Err(problems) = bundle::validate(content, true) else {
@@ -31,7 +31,7 @@ pub(crate) fn check(content: &BundleContent, strict: bool) -> anyhow::Result<Vec
     let intel = PathBuf::from(format!("{}{INTEL_FILE}", bundle::ORIGIN_PREFIX));
     let (fatal, warnings): (Vec<_>, Vec<_>) = problems
         .into_iter()
-        .partition(|p| strict || p.kind == ProblemKind::Yara || p.path == intel);
+        .partition(|p| strict || p.kind != ProblemKind::Indicator || p.path == intel);
     if !fatal.is_empty() {
         let list: Vec<String> = fatal.iter().take(20).map(|p| format!("  {p}")).collect();
         bail!(
@@ -72,9 +72,9 @@ impl PublishOptions {
     }
 }
 
-/// Checks rule files locally: every problem as `file:line: reason`. YARA problems always stop
-/// the publish; indicator lines that do not parse stop it with `strict`, and are warnings
-/// otherwise (agents skip those lines).
+/// Checks rule files locally: every problem as `file:line: reason`. YARA problems and
+/// indicators over a rule set's budget always stop the publish; indicator lines that do not
+/// parse stop it with `strict`, and are warnings otherwise (agents skip those lines).
 pub fn validate_paths(paths: &[PathBuf], strict: bool) -> anyhow::Result<Vec<String>> {
     let mut b = RuleSetBuilder::new();
     for p in paths {
@@ -85,7 +85,7 @@ pub fn validate_paths(paths: &[PathBuf], strict: bool) -> anyhow::Result<Vec<Str
         .report()
         .problems
         .iter()
-        .partition(|p| strict || p.kind == ProblemKind::Yara);
+        .partition(|p| strict || p.kind != ProblemKind::Indicator);
     if !fatal.is_empty() {
         let list: Vec<String> = fatal.iter().map(|p| format!("  {p}")).collect();
         bail!(

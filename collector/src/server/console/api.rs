@@ -60,6 +60,8 @@ pub struct DetectionQuery {
     pub md5: String,
     /// The agent's host name.
     pub host: String,
+    /// A SHA-256 or an MD5, told apart by length (the console's search box).
+    pub hash: String,
     pub limit: Option<u32>,
     pub before: Option<u64>,
 }
@@ -108,6 +110,7 @@ impl DetectionQuery {
                 parse_time(key, v)
             }
         };
+        let (sha256, md5) = self.digests()?;
         Ok(ListDetectionsRequest {
             agent_id: self.agent.trim().to_string(),
             since_ms: time("since", &self.since)?,
@@ -118,14 +121,32 @@ impl DetectionQuery {
             },
             rule: self.rule.trim().to_string(),
             text: self.q.trim().to_string(),
-            sha256: self.sha256.trim().to_string(),
-            md5: self.md5.trim().to_string(),
+            sha256,
+            md5,
             host: self.host.trim().to_string(),
             limit: self.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE),
             before_seq: self.before.unwrap_or(0),
             org: String::new(),
             unfiltered_export: false,
         })
+    }
+}
+
+impl DetectionQuery {
+    /// The `sha256` and `md5` asked for: their own parameters, or `hash` by its length.
+    fn digests(&self) -> Result<(String, String), Failure> {
+        let (sha256, md5) = (self.sha256.trim(), self.md5.trim());
+        let hash = self.hash.trim();
+        let hex = hash.bytes().all(|b| b.is_ascii_hexdigit());
+        match hash.len() {
+            0 => Ok((sha256.to_string(), md5.to_string())),
+            64 if hex && sha256.is_empty() => Ok((hash.to_string(), md5.to_string())),
+            32 if hex && md5.is_empty() => Ok((sha256.to_string(), hash.to_string())),
+            _ => Err(Failure::bad_request(format!(
+                "`hash`: `{}` is neither a SHA-256 (64 hex digits) nor an MD5 (32)",
+                hash.chars().take(80).collect::<String>()
+            ))),
+        }
     }
 }
 

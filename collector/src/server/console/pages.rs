@@ -268,6 +268,10 @@ fn filter_pairs(q: &DetectionQuery) -> Vec<(&'static str, String)> {
         ("since", q.since.clone()),
         ("until", q.until.clone()),
         ("q", q.q.clone()),
+        ("hash", q.hash.clone()),
+        ("sha256", q.sha256.clone()),
+        ("md5", q.md5.clone()),
+        ("host", q.host.clone()),
     ]
 }
 
@@ -331,6 +335,7 @@ pub async fn detections(
             label { "From (UTC)" input #since type="datetime-local" name="since" value=(q.since); }
             label { "To (UTC)" input #until type="datetime-local" name="until" value=(q.until); }
             label { "Path or command line" input #q type="search" name="q" value=(q.q); }
+            label { "Hash (SHA-256 or MD5)" input #hash type="search" name="hash" value=(q.hash) placeholder="a file's SHA-256 or MD5"; }
             button #apply type="submit" { "Filter" }
             a href="/detections" { "Clear" }
         }
