@@ -33,6 +33,8 @@ pub enum Refused {
     OversizedEnrollment,
     /// The TLS handshake failed or timed out.
     Handshake,
+    /// Over `max_connections`: closed on accept.
+    ConnectionLimit,
 }
 
 impl Refused {
@@ -44,6 +46,7 @@ impl Refused {
             Refused::Revoked => "revoked",
             Refused::OversizedEnrollment => "oversized_enrollment",
             Refused::Handshake => "tls_handshake",
+            Refused::ConnectionLimit => "connection_limit",
         }
     }
 }

@@ -23,6 +23,17 @@
 //! ulimit -n 65536; target/release/vedette-ingest --idle 10000
 //! ```
 //!
+//! `--storm N` holds N simulated agents and one real agent (watching a directory, with a
+//! marker rule) connected to one collector on SQLite, restarts the collector, and reports how
+//! long until every agent is back (each reconnecting with the agent's own backoff: after the
+//! k-th failed attempt in a row a random wait uniform between b/2 and b, b = min(0.5 s × 2^k,
+//! 60 s)), the collector's peak resident memory and CPU while they come back, and the real
+//! agent's detection latency (file written to detection stored) calm and during the storm:
+//!
+//! ```text
+//! ulimit -n 65536; target/release/vedette-ingest --storm 10000
+//! ```
+//!
 //! Against a collector of your own (to size one): give its address, its CA certificate and an
 //! enrollment token for as many agents (`vedettectl token create --uses N`). The simulated
 //! agents stay enrolled there: revoke them afterwards (`vedettectl agents list`, all named
@@ -41,9 +52,10 @@ use vedette_ops::client::ClientTls;
 use vedette_proto::v1::agent_message::Msg;
 use vedette_proto::v1::collector_message::Msg as Down;
 use vedette_proto::v1::{AgentMessage, Detection, DetectionBatch, FileTarget, detection};
+use vedette_tests::storm::{Backoff, Fleet};
 use vedette_tests::{
-    AgentStream, Collector, PgDb, agent_stream, bench_arg as arg, enroll_simulated,
-    enroll_simulated_at, percentile as pct, rss_of,
+    Agent, AgentStream, Collector, PgDb, agent_stream, bench_arg as arg, cpu_ticks,
+    enroll_simulated, enroll_simulated_at, percentile as pct, rss_of, rule_dir, wait_for,
 };
 
 /// A realistic file detection with a fresh id.
@@ -219,11 +231,9 @@ fn connected(c: &Collector) -> Option<usize> {
         .map(|v| v as usize)
 }
 
-/// Holds `n` idle agents connected and reports the collector's memory.
-fn idle(n: usize) {
-    let tmp = tempfile::tempdir().expect("temp dir");
-    let mut c = Collector::init(&tmp.path().join("collector"));
-    // Room for every agent and the benchmark's own requests.
+/// A collector on SQLite with room for `n` agents and the benchmark's own requests, started.
+fn roomy_collector(dir: &std::path::Path, n: usize) -> Collector {
+    let mut c = Collector::init(dir);
     let toml = c.dir.join("collector.toml");
     let mut text = std::fs::read_to_string(&toml).expect("collector.toml");
     text.push_str(&format!(
@@ -232,6 +242,13 @@ fn idle(n: usize) {
     ));
     std::fs::write(&toml, text).expect("collector.toml");
     c.start();
+    c
+}
+
+/// Holds `n` idle agents connected and reports the collector's memory.
+fn idle(n: usize) {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let c = roomy_collector(&tmp.path().join("collector"), n);
     let pid = c.proc.as_ref().expect("collector running").child.id();
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let token = c.token(&["--uses", &n.to_string()]);
@@ -269,6 +286,119 @@ fn idle(n: usize) {
         rss.saturating_sub(before) as f64 / 1024.0 / n.max(1) as f64
     );
     drop(streams);
+    drop(rt);
+}
+
+const STORM_RULE: &str = "storm_marker";
+const STORM_MARKER: &str = "VEDETTE-STORM-MARKER";
+
+/// Writes a marker file into `watch` and returns how long until its detection was stored.
+fn detection_latency(c: &Collector, watch: &std::path::Path, name: &str) -> Duration {
+    let t = Instant::now();
+    std::fs::write(watch.join(name), STORM_MARKER).expect("marker file");
+    wait_for(
+        Duration::from_secs(300),
+        "the real agent's detection",
+        || {
+            c.detections()
+                .iter()
+                .any(|d| d["path"].as_str().unwrap_or("").ends_with(name))
+                .then_some(())
+        },
+    );
+    t.elapsed()
+}
+
+/// The collector's peak resident memory and CPU time (% of one core) from now until `done`.
+struct Sampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(u64, u64)>,
+    started: Instant,
+}
+
+impl Sampler {
+    fn start(pid: u32) -> Sampler {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let ticks = cpu_ticks(pid);
+            let mut peak = rss_of(pid);
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+                peak = peak.max(rss_of(pid));
+            }
+            (peak, cpu_ticks(pid) - ticks)
+        });
+        Sampler {
+            stop,
+            thread,
+            started: Instant::now(),
+        }
+    }
+
+    /// (peak RSS in bytes, CPU in % of one core).
+    fn done(self) -> (u64, f64) {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (peak, ticks) = self.thread.join().expect("sampler");
+        // USER_HZ on Linux is 100.
+        (peak, ticks as f64 / 100.0 / elapsed * 100.0)
+    }
+}
+
+/// Holds `n` simulated agents and a real one, restarts the collector, and reports the storm.
+fn storm(n: usize) {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let mut c = roomy_collector(&tmp.path().join("collector"), n);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let token = c.token(&["--uses", &n.to_string()]);
+    let identities = enroll_in_rounds(&rt, &c.addr, &c.file("ca.crt"), &token, n);
+    let rules = rule_dir(&tmp.path().join("rules"), STORM_RULE, STORM_MARKER);
+    let (_agent, watch) = Agent::watching(&c, &tmp.path().join("real"), &rules);
+    let t = Instant::now();
+    let fleet = Fleet::start(&rt, &c.addr, identities, Backoff::AGENT);
+    wait_for(Duration::from_secs(600), "every agent connected", || {
+        (fleet.up() == n && connected(&c) == Some(n + 1)).then_some(())
+    });
+    let first = t.elapsed();
+    let calm = detection_latency(&c, &watch, "calm.txt");
+    let attempts = fleet.attempts();
+
+    // From the stop signal: the agents lose their streams then.
+    let t = Instant::now();
+    c.stop();
+    c.start();
+    let pid = c.proc.as_ref().expect("collector running").child.id();
+    let sampler = Sampler::start(pid);
+    let during = detection_latency(&c, &watch, "storm.txt");
+    let back = |f: &Fleet| {
+        f.sims
+            .iter()
+            .all(|s| s.connections.load(std::sync::atomic::Ordering::Relaxed) >= 2)
+    };
+    wait_for(Duration::from_secs(600), "every agent back", || {
+        (fleet.up() == n && back(&fleet) && connected(&c) == Some(n + 1)).then_some(())
+    });
+    let all_back = t.elapsed();
+    let (peak, cpu) = sampler.done();
+    let retries = fleet.attempts() - attempts;
+    assert_eq!(fleet.running(), n, "a simulated agent gave up");
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    println!(
+        "| agents | first connected in | restart to all back | attempts per agent | collector peak RSS | collector CPU (% of one core) | real agent's detection: calm | during the storm |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "| {n} + 1 real | {:.1} s | {:.1} s | {:.2} | {:.1} MiB | {:.0} % | {:.2} s | {:.2} s |",
+        first.as_secs_f64(),
+        all_back.as_secs_f64(),
+        retries as f64 / n.max(1) as f64,
+        mib(peak),
+        cpu,
+        calm.as_secs_f64(),
+        during.as_secs_f64(),
+    );
+    drop(fleet);
     drop(rt);
 }
 
@@ -324,6 +454,11 @@ fn main() {
     let idle_agents = arg("--idle", 0);
     if idle_agents > 0 {
         idle(idle_agents);
+        return;
+    }
+    let storm_agents = arg("--storm", 0);
+    if storm_agents > 0 {
+        storm(storm_agents);
         return;
     }
     let agents = arg("--agents", 100);

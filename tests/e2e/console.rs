@@ -553,6 +553,26 @@ fn console_in_chromium_shows_live_detections_filters_opens_details_and_revokes()
     assert!(detail.contains("yara"), "{detail}");
     b.screenshot("detection-detail");
 
+    // The search box: a file's MD5 finds that file on both hosts, and nothing else.
+    let sum = std::process::Command::new("md5sum")
+        .arg(watch_one.join("first.sh"))
+        .output()
+        .expect("run md5sum");
+    let md5 = String::from_utf8_lossy(&sum.stdout)[..32].to_string();
+    b.goto(&format!("{base}/detections"));
+    b.type_into("#hash", &md5);
+    b.click("#apply");
+    wait_for(Duration::from_secs(10), "the search's page", || {
+        b.url().contains(&format!("hash={md5}")).then_some(())
+    });
+    let found = wait_for(Duration::from_secs(10), "the file on both hosts", || {
+        let r = rows(&b);
+        (r.len() == 2).then_some(r)
+    });
+    assert!(found.iter().any(|t| t.contains("first.sh")), "{found:?}");
+    assert!(found.iter().any(|t| t.contains("second.sh")), "{found:?}");
+    b.screenshot("detections-by-hash");
+
     // The other pages render.
     for (path, name, marker) in [
         ("/chart", "chart", "svg#chart"),

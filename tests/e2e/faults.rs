@@ -688,3 +688,120 @@ fn over_a_bad_link_every_detection_arrives_once_beside_a_clean_one() {
         proxy.cuts()
     );
 }
+
+/// A sample of the collector's metrics: `name` (with its labels, if any), 0 when absent.
+fn metric(c: &Collector, name: &str) -> Result<f64, String> {
+    let (_, body) = http_get(&c.metrics_addr, "/metrics")?;
+    Ok(body
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0))
+}
+
+const CONNECTED: &str = "vedette_collector_agents_connected";
+const SHED: &str = "vedette_collector_refused_total{reason=\"connection_limit\"}";
+
+#[test]
+fn a_restarted_collector_gets_every_agent_back_and_a_full_one_sheds_the_excess_until_room_frees() {
+    use std::sync::atomic::Ordering;
+    use vedette_tests::storm::{Backoff, Fleet};
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = Collector::init(&tmp.path().join("collector"));
+    let toml = c.dir.join("collector.toml");
+    let text = std::fs::read_to_string(&toml).unwrap();
+    std::fs::write(&toml, format!("{text}\n[limits]\nmax_connections = 120\n")).unwrap();
+    c.start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let token = c.token(&["--uses", "150"]);
+    // In two rounds: 150 enrollments at once would pass the limit themselves.
+    let identities = rt.block_on(vedette_tests::enroll_simulated(&c, &token, 100));
+    let later = rt.block_on(vedette_tests::enroll_simulated(&c, &token, 50));
+    // The agent's backoff, capped at 4 s so that the test stays short.
+    let backoff = Backoff {
+        max: Duration::from_secs(4),
+        ..Backoff::AGENT
+    };
+    let mut fleet = Fleet::start(&rt, &c.addr, identities, backoff);
+    let rules = rule_dir(&tmp.path().join("rules"), RULE, MARKER);
+    let (_agent, watch) = Agent::watching(&c, &tmp.path().join("real"), &rules);
+    wait_until(Duration::from_secs(60), "101 agents connected", || {
+        match (fleet.up(), metric(&c, CONNECTED)? as usize) {
+            (100, 101) => Ok(()),
+            (up, n) => Err(format!("{up} simulated up, gauge {n}")),
+        }
+    });
+
+    // The storm: every agent loses its stream at once and comes back by itself.
+    c.stop();
+    c.start();
+    std::fs::write(watch.join("during-the-storm.txt"), MARKER).unwrap();
+    wait_until(Duration::from_secs(60), "every agent back", || {
+        let again = fleet
+            .sims
+            .iter()
+            .filter(|s| s.connections.load(Ordering::Relaxed) >= 2)
+            .count();
+        match (fleet.up(), again, metric(&c, CONNECTED)? as usize) {
+            (100, 100, 101) => Ok(()),
+            (up, again, n) => Err(format!("{up} up, {again} reconnected, gauge {n}")),
+        }
+    });
+    wait_for(
+        Duration::from_secs(30),
+        "the real agent's detection",
+        || {
+            c.detections()
+                .iter()
+                .any(|d| {
+                    d["path"]
+                        .as_str()
+                        .unwrap_or("")
+                        .ends_with("during-the-storm.txt")
+                })
+                .then_some(())
+        },
+    );
+    assert_eq!(fleet.running(), 100, "a simulated agent gave up");
+
+    // 50 more than the limit leaves room for: the excess is closed on accept, the collector
+    // stays up, and the shed agents keep trying.
+    let late = Fleet::start(&rt, &c.addr, later, backoff);
+    let shed_at_first = wait_until(Duration::from_secs(60), "the excess shed", || {
+        let shed = metric(&c, SHED)?;
+        match (metric(&c, CONNECTED)? as usize, late.up()) {
+            (120, 19) if shed >= 31.0 => Ok(shed),
+            (n, up) => Err(format!("gauge {n}, {up} of the late ones up, {shed} shed")),
+        }
+    });
+    wait_until(Duration::from_secs(30), "the shed agents retrying", || {
+        let retried = late
+            .sims
+            .iter()
+            .filter(|s| !s.up.load(Ordering::Relaxed) && s.attempts.load(Ordering::Relaxed) >= 3)
+            .count();
+        match metric(&c, SHED)? {
+            shed if retried == 31 && shed >= shed_at_first + 31.0 => Ok(()),
+            shed => Err(format!("{retried} of 31 retried 3 times, {shed} shed")),
+        }
+    });
+    assert!(
+        c.proc.as_mut().unwrap().is_running(),
+        "the collector fell over"
+    );
+    assert_eq!(metric(&c, CONNECTED).unwrap() as usize, 120);
+
+    // Room frees: 40 of the first fleet leave, and every shed agent gets in.
+    fleet.stop_first(40);
+    wait_until(
+        Duration::from_secs(60),
+        "the shed agents connected",
+        || match (late.up(), metric(&c, CONNECTED)? as usize) {
+            (50, 111) => Ok(()),
+            (up, n) => Err(format!("{up} of 50 late ones up, gauge {n}")),
+        },
+    );
+    assert_eq!(late.running(), 50, "a shed agent gave up");
+    assert_eq!(fleet.running(), 60);
+    drop((fleet, late));
+}

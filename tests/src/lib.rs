@@ -5,6 +5,7 @@
 //! killed when its handle drops, and its log is printed when a test fails.
 
 pub mod proxy;
+pub mod storm;
 pub mod web;
 
 use std::net::TcpListener;

@@ -34,6 +34,8 @@ const MAX_PENDING_HANDSHAKES: usize = 256;
 
 /// Connections without a certificate closed because too many were open.
 pub static REFUSED_UNAUTHENTICATED: AtomicU64 = AtomicU64::new(0);
+/// Connections closed because `max_connections` were open.
+static REFUSED_OVER_LIMIT: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -232,10 +234,6 @@ pub async fn accept_loop(
     let permits = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
-        let slot = tokio::select! {
-            () = shutdown.cancelled() => return,
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-        };
         let permit = tokio::select! {
             () = shutdown.cancelled() => return,
             p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
@@ -251,6 +249,18 @@ pub async fn accept_loop(
                     continue;
                 }
             },
+        };
+        // Over `max_connections`: closed at once, before any TLS work, so that a storm of
+        // reconnecting agents costs an accept each and they go back to their backoff instead
+        // of waiting in the kernel's queue.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(tcp);
+            handshakes.metrics.refused(Refused::ConnectionLimit);
+            let n = REFUSED_OVER_LIMIT.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                warn!(%peer, refused_so_far = n, max_connections = limits.max_connections, "connection limit reached: closed");
+            }
+            continue;
         };
         let _ = tcp.set_nodelay(true);
         let handshakes = handshakes.clone();
