@@ -245,6 +245,10 @@ pub struct RawExport {
     /// MISP sightings (`POST /sightings/add`) of the attributes detections came from.
     #[serde(default)]
     pub misp: Vec<RawMispSink>,
+    /// The audit log's entries go to every `[[export.jsonl]]` file too, as ECS events
+    /// (`event.dataset` "vedette.audit").
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub audit: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -293,7 +297,8 @@ pub struct RawJsonlSink {
 /// A checked export sink.
 #[derive(Debug, Clone)]
 pub enum SinkConfig {
-    Jsonl(PathBuf),
+    /// With `audit`, the audit log's entries go to the file too.
+    Jsonl { path: PathBuf, audit: bool },
     Taxii {
         api_root: String,
         collection: String,
@@ -312,7 +317,7 @@ impl SinkConfig {
     /// The sink's name, which keys its cursor in the store.
     pub fn name(&self) -> String {
         match self {
-            SinkConfig::Jsonl(p) => format!("jsonl:{}", p.display()),
+            SinkConfig::Jsonl { path, .. } => format!("jsonl:{}", path.display()),
             SinkConfig::Taxii {
                 api_root,
                 collection,
@@ -762,7 +767,10 @@ impl RawExport {
                     p.display()
                 ));
             }
-            sinks.push(SinkConfig::Jsonl(p));
+            sinks.push(SinkConfig::Jsonl {
+                path: p,
+                audit: self.audit,
+            });
         }
         for (i, t) in self.taxii.iter().enumerate() {
             let t = t.validate(&format!("export.taxii[{i}]"), base, problems);

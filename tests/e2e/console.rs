@@ -652,6 +652,23 @@ fn console_in_chromium_shows_live_detections_filters_opens_details_and_revokes()
         .find(|a| a["id"] == one.id.as_str())
         .unwrap();
     assert_eq!(other["revoked"], false);
+
+    // The Audit page: the sign-in and the revocation, by the console account, newest first.
+    b.goto(&format!("{base}/audit"));
+    let table = b.find("table#audit");
+    let text = b.text_of(&table);
+    let revoked_at = text
+        .find("agent.revoke")
+        .expect("the revocation in the audit log");
+    let signed_in_at = text
+        .find("console.sign_in")
+        .expect("the sign-in in the audit log");
+    assert!(revoked_at < signed_in_at, "newest first: {text}");
+    assert!(
+        text.contains("console:alice") && text.contains(two.id.as_str()),
+        "{text}"
+    );
+    b.screenshot("audit");
 }
 
 /// Sign-in guessing is counted before any password is checked, one address cannot take every

@@ -11,6 +11,7 @@ mod engine;
 mod faults;
 mod hardening;
 mod intel;
+mod lifecycle;
 mod onaccess;
 mod ops;
 mod output;

@@ -55,6 +55,9 @@ pub enum Command {
     /// Shared threat intelligence: stage STIX 2.1 and MISP indicators, publish them to agents.
     #[command(subcommand)]
     Intel(IntelCmd),
+    /// The audit log: every operator action, kept by the collector.
+    #[command(subcommand)]
+    Audit(AuditCmd),
     /// Write detections for others to read: STIX 2.1 sightings, a MISP event, ECS JSON lines.
     /// Each organisation's sharing policy applies, as in the collector's own exports: nothing
     /// of an organisation that shares `none`, no host, path or user of an `anonymised` one.
@@ -207,6 +210,39 @@ pub enum TokenCmd {
         #[arg(long, value_name = "NAME")]
         org: Option<String>,
     },
+    /// List the tokens that can still enroll agents: id (the start of the token's SHA-256,
+    /// never the token), organisation, uses left, expiry and creator.
+    List {
+        /// Expired, used-up and revoked tokens too.
+        #[arg(long)]
+        all: bool,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token: it enrolls no more agents (those it enrolled stay).
+    Revoke {
+        /// The token's id as `token list` shows it, or a unique start of it (6 digits or more).
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AuditCmd {
+    /// The most recent operator actions, oldest first: who (cert:NAME, console:ACCOUNT,
+    /// token:ID, local:USER), what, to what, and how it ended. A certificate limited to an
+    /// organisation sees that organisation's entries only.
+    List {
+        /// Only entries at or after this time (as `detections list --since`).
+        #[arg(long, value_parser = when)]
+        since: Option<std::time::SystemTime>,
+        /// At most this many (the most recent; the collector gives at most 10,000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -241,6 +277,12 @@ pub enum OrgsCmd {
         #[command(flatten)]
         fields: OrgFields,
     },
+    /// Rename an organisation (its STIX identity stays). Refused while agents, console
+    /// accounts or operator certificates belong to it; its tokens follow it.
+    Rename { name: String, new_name: String },
+    /// Remove an organisation; its unspent tokens are revoked. Refused while agents (removed
+    /// ones too), console accounts or operator certificates belong to it.
+    Remove { name: String },
 }
 
 /// What `orgs create` and `orgs set` may give of an organisation.
@@ -299,9 +341,18 @@ pub enum AgentsCmd {
         /// Only this organisation's agents.
         #[arg(long, value_name = "NAME")]
         org: Option<String>,
+        /// Removed agents too.
+        #[arg(long)]
+        removed: bool,
     },
     /// Revoke an agent: its open stream is closed and it can no longer connect.
     Revoke {
+        /// The agent id (see `agents list`).
+        id: String,
+    },
+    /// Remove an agent for good: revoked, and left out of `agents list` (but with
+    /// `--removed`); its detections are kept.
+    Remove {
         /// The agent id (see `agents list`).
         id: String,
     },

@@ -18,6 +18,10 @@ use vedette_proto::v1::{
     ListDetectionsRequest, ListOrgsRequest, Org, RevokeAgentRequest, RevokeCertRequest,
     SetOrgRequest, StoredDetection,
 };
+use vedette_proto::v1::{
+    AuditEntry, ListAuditRequest, ListTokensRequest, RemoveAgentRequest, RemoveOrgRequest,
+    RenameOrgRequest, RevokeTokenRequest, TokenInfo,
+};
 
 /// `vedettectl.toml`. Relative paths are relative to the file's directory.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -128,10 +132,16 @@ pub async fn token_create(
     Ok(r.token)
 }
 
-pub async fn agents_list(cfg: &CtlConfig, org: Option<String>) -> anyhow::Result<Vec<AgentInfo>> {
+/// Enrolled agents (of `org` when given), removed ones too with `removed`.
+pub async fn agents_list(
+    cfg: &CtlConfig,
+    org: Option<String>,
+    removed: bool,
+) -> anyhow::Result<Vec<AgentInfo>> {
     let mut c = cfg.client().await?;
     Ok(c.list_agents(ListAgentsRequest {
         org: org.unwrap_or_default(),
+        removed,
     })
     .await
     .map_err(status_error)?
@@ -151,6 +161,76 @@ pub async fn agents_revoke(cfg: &CtlConfig, id: &str) -> anyhow::Result<bool> {
         .await
         .map_err(status_error)?;
     Ok(r.into_inner().disconnected)
+}
+
+pub async fn agents_remove(cfg: &CtlConfig, id: &str) -> anyhow::Result<bool> {
+    let mut c = cfg.client().await?;
+    let r = c
+        .remove_agent(RemoveAgentRequest {
+            agent_id: id.to_string(),
+        })
+        .await
+        .map_err(status_error)?;
+    Ok(r.into_inner().disconnected)
+}
+
+pub async fn tokens_list(cfg: &CtlConfig, all: bool) -> anyhow::Result<Vec<TokenInfo>> {
+    let mut c = cfg.client().await?;
+    Ok(c.list_tokens(ListTokensRequest { all })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .tokens)
+}
+
+pub async fn token_revoke(cfg: &CtlConfig, id: &str) -> anyhow::Result<TokenInfo> {
+    let mut c = cfg.client().await?;
+    c.revoke_token(RevokeTokenRequest { id: id.to_string() })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .token
+        .ok_or_else(|| anyhow::anyhow!("the collector answered without the token"))
+}
+
+pub async fn orgs_rename(cfg: &CtlConfig, name: &str, new_name: &str) -> anyhow::Result<Org> {
+    let mut c = cfg.client().await?;
+    c.rename_org(RenameOrgRequest {
+        name: name.to_string(),
+        new_name: new_name.to_string(),
+    })
+    .await
+    .map_err(status_error)?
+    .into_inner()
+    .org
+    .ok_or_else(|| anyhow::anyhow!("the collector answered without the organisation"))
+}
+
+pub async fn orgs_remove(cfg: &CtlConfig, name: &str) -> anyhow::Result<u32> {
+    let mut c = cfg.client().await?;
+    Ok(c.remove_org(RemoveOrgRequest {
+        name: name.to_string(),
+    })
+    .await
+    .map_err(status_error)?
+    .into_inner()
+    .tokens_revoked)
+}
+
+pub async fn audit_list(
+    cfg: &CtlConfig,
+    since: Option<SystemTime>,
+    limit: u32,
+) -> anyhow::Result<Vec<AuditEntry>> {
+    let mut c = cfg.client().await?;
+    Ok(c.list_audit(ListAuditRequest {
+        since_ms: epoch_ms(since),
+        limit,
+    })
+    .await
+    .map_err(status_error)?
+    .into_inner()
+    .entries)
 }
 
 /// Detections asked for in one request (the collector's largest page).

@@ -11,16 +11,24 @@ use vedette_share::sharing::{self, Sharing};
 use vedette_share::{ecs, misp, stix};
 
 use crate::args::{
-    AgentsCmd, CertsCmd, Command, DetectionsCmd, ExportFormat, IntelCmd, OrgsCmd, RulesCmd,
-    SignArgs, TokenCmd,
+    AgentsCmd, AuditCmd, CertsCmd, Command, DetectionsCmd, ExportFormat, IntelCmd, OrgsCmd,
+    RulesCmd, SignArgs, TokenCmd,
 };
 use crate::client::{self, CtlConfig};
 use crate::rules::{self, PublishOptions};
 
 pub async fn run(command: Command, cfg: CtlConfig) -> anyhow::Result<()> {
     match command {
-        Command::Token(TokenCmd::Create { ttl, uses, org }) => {
-            println!("{}", client::token_create(&cfg, ttl, uses, org).await?);
+        Command::Token(cmd) => token(cmd, &cfg).await?,
+        Command::Audit(AuditCmd::List { since, limit, json }) => {
+            let entries = client::audit_list(&cfg, since, limit).await?;
+            if json {
+                for e in &entries {
+                    println!("{}", output::audit_json(e));
+                }
+            } else {
+                print_audit(&entries);
+            }
         }
         Command::Orgs(cmd) => orgs(cmd, &cfg).await?,
         Command::Agents(cmd) => agents(cmd, &cfg).await?,
@@ -168,7 +176,7 @@ async fn resolve_agent(cfg: &CtlConfig, given: Option<String>) -> anyhow::Result
     else {
         return Ok(String::new());
     };
-    let agents = client::agents_list(cfg, None).await?;
+    let agents = client::agents_list(cfg, None, true).await?;
     if agents.iter().any(|a| a.id == given) {
         return Ok(given);
     }
@@ -263,8 +271,8 @@ async fn hosts(
 
 async fn agents(cmd: AgentsCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
     match cmd {
-        AgentsCmd::List { json, org } => {
-            let agents = client::agents_list(cfg, org).await?;
+        AgentsCmd::List { json, org, removed } => {
+            let agents = client::agents_list(cfg, org, removed).await?;
             if json {
                 for a in &agents {
                     println!("{}", output::agent_json(a));
@@ -280,6 +288,17 @@ async fn agents(cmd: AgentsCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
             } else {
                 println!("revoked {id}");
             }
+        }
+        AgentsCmd::Remove { id } => {
+            let disconnected = client::agents_remove(cfg, &id).await?;
+            let closed = if disconnected {
+                "; its open stream was closed"
+            } else {
+                ""
+            };
+            println!(
+                "removed {id} (revoked, listed only with `agents list --removed`; its detections are kept){closed}"
+            );
         }
     }
     Ok(())
@@ -400,8 +419,90 @@ fn show_org(o: &Org) {
     );
 }
 
+async fn token(cmd: TokenCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
+    match cmd {
+        TokenCmd::Create { ttl, uses, org } => {
+            println!("{}", client::token_create(cfg, ttl, uses, org).await?);
+        }
+        TokenCmd::List { all, json } => {
+            let tokens = client::tokens_list(cfg, all).await?;
+            if json {
+                for t in &tokens {
+                    println!("{}", output::token_json(t));
+                }
+                return Ok(());
+            }
+            println!(
+                "{:<16}  {:<16} {:>9}  {:<24} {:<24} CREATED BY",
+                "ID", "ORG", "USES LEFT", "EXPIRES", "REVOKED"
+            );
+            for t in &tokens {
+                let revoked = if t.revoked_at_ms == 0 {
+                    "-".to_string()
+                } else {
+                    output::rfc3339_ms(t.revoked_at_ms)
+                };
+                println!(
+                    "{:<16}  {:<16} {:>9}  {:<24} {:<24} {}",
+                    t.id,
+                    printable(&t.org),
+                    t.uses_left,
+                    output::rfc3339_ms(t.expires_at_ms),
+                    revoked,
+                    printable(&t.created_by)
+                );
+            }
+            if tokens.is_empty() {
+                println!(
+                    "(no tokens{})",
+                    if all {
+                        ""
+                    } else {
+                        " that can still enroll; --all shows the others"
+                    }
+                );
+            }
+        }
+        TokenCmd::Revoke { id } => {
+            let t = client::token_revoke(cfg, &id).await?;
+            println!(
+                "revoked token {} of organisation {} ({} uses were left)",
+                t.id, t.org, t.uses_left
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `audit list` as a table.
+fn print_audit(entries: &[vedette_proto::v1::AuditEntry]) {
+    println!(
+        "{:<24}  {:<24} {:<16} {:<38} {:<16} OUTCOME",
+        "AT", "ACTOR", "ACTION", "TARGET", "ORG"
+    );
+    for e in entries {
+        println!(
+            "{:<24}  {:<24} {:<16} {:<38} {:<16} {}",
+            output::rfc3339_ms(e.at_ms),
+            printable(&e.actor),
+            printable(&e.action),
+            printable(&e.target),
+            printable(&e.org),
+            printable(&e.outcome)
+        );
+    }
+}
+
 async fn orgs(cmd: OrgsCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
     match cmd {
+        OrgsCmd::Rename { name, new_name } => {
+            let o = client::orgs_rename(cfg, &name, &new_name).await?;
+            println!("renamed organisation {name} to {} ({})", o.name, o.stix_id);
+        }
+        OrgsCmd::Remove { name } => {
+            let n = client::orgs_remove(cfg, &name).await?;
+            println!("removed organisation {name}; {n} unspent tokens of it revoked");
+        }
         OrgsCmd::Create { name, fields } => {
             let [sector, country, share, tlp] = fields.into_request_fields();
             let request = CreateOrgRequest {

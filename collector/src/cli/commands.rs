@@ -181,7 +181,15 @@ fn record_issued(config: &Config, crt: &Path) {
     println!("serial number {}", row.serial);
     let recorded = store::open_as(&config.store, store::Opener::Tool)
         .map_err(|e| e.to_string())
-        .and_then(|store| store.record_cert(&row).map_err(|e| e.to_string()));
+        .and_then(|store| {
+            store.record_cert(&row).map_err(|e| e.to_string())?;
+            let mut act = crate::server::audit::Act::local("cert.issue")
+                .target(row.serial.clone())
+                .org(row.org.clone());
+            act.detail = format!("{} ({})", row.subject, row.roles);
+            act.record_local(store.as_ref());
+            Ok(())
+        });
     if let Err(e) = recorded {
         eprintln!(
             "warning: the certificate is not recorded in the store ({e}); the collector records it at its first use"

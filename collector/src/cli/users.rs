@@ -4,6 +4,7 @@ use std::io::BufRead;
 
 use crate::config::Config;
 use crate::pki::Role;
+use crate::server::audit::Act;
 use crate::server::console::auth::{AccountError, check_user_name, hash_password};
 use crate::store::{StoreError, UserRow};
 
@@ -28,6 +29,15 @@ pub fn add(
         org: org.unwrap_or_default().to_string(),
         created_at_ms: crate::store::now_ms(),
     })?;
+    let mut act = Act::local("user.add")
+        .target(name)
+        .org(org.unwrap_or_default());
+    act.detail = format!(
+        "{} {}",
+        if created { "created" } else { "updated" },
+        roles.join(",")
+    );
+    act.record_local(store.as_ref());
     let scope = org.map_or_else(
         || "collector-wide".to_string(),
         |o| format!("organisation {o}"),
@@ -67,6 +77,9 @@ pub fn list(config: &Config) -> Result<String, UsersError> {
 pub fn remove(config: &Config, name: &str) -> Result<String, UsersError> {
     let store = crate::store::open_as(&config.store, crate::store::Opener::Tool)?;
     if store.remove_user(name)? {
+        Act::local("user.remove")
+            .target(name)
+            .record_local(store.as_ref());
         Ok(format!("removed account `{name}`\n"))
     } else {
         Err(UsersError::NoSuchAccount(name.to_string()))

@@ -107,8 +107,69 @@ pub async fn run(
     }
 }
 
-/// Delivers the next batch; how many detections it exported.
+/// Delivers the next batch of detections, and of audit entries to a JSONL sink that takes
+/// them; how many it exported.
 pub fn deliver_once(
+    store: &dyn Store,
+    sink: &SinkConfig,
+    producer: &str,
+) -> Result<u64, ExportError> {
+    let detections = deliver_detections(store, sink, producer)?;
+    let audit = match sink {
+        SinkConfig::Jsonl { path, audit: true } => deliver_audit(store, sink, path, producer)?,
+        _ => 0,
+    };
+    Ok(detections + audit)
+}
+
+/// Delivers the next audit entries to a JSONL file, with a cursor of their own
+/// (`audit:` and the sink's name); how many.
+fn deliver_audit(
+    store: &dyn Store,
+    sink: &SinkConfig,
+    path: &std::path::Path,
+    producer: &str,
+) -> Result<u64, ExportError> {
+    let name = format!("audit:{}", sink.name());
+    let mut cursor = store.export_state(&name)?.seq;
+    let in_file = jsonl::last_sequence(path, jsonl::Lines::Audit)?;
+    if in_file > cursor {
+        store.export_progress(&name, in_file, 0, "", now_ms())?;
+        cursor = in_file;
+    }
+    let batch = store.audit_after(cursor, now_ms() - SETTLE_MS, BATCH)?;
+    let Some(last) = batch.last().map(|e| e.seq) else {
+        return Ok(0);
+    };
+    let policies = policies(store, producer)?;
+    let policy = |org: &str| policies.get(org).cloned();
+    let delivered = jsonl::append_audit(path, &batch, &policy);
+    moved(store, &name, (cursor, last), batch.len() as u64, delivered)
+}
+
+/// Moves a sink's cursor from `cursor` to `last` past `count` items once they were delivered;
+/// records the error (the cursor stays) when they were not.
+fn moved(
+    store: &dyn Store,
+    name: &str,
+    (cursor, last): (u64, u64),
+    count: u64,
+    delivered: Result<(), ExportError>,
+) -> Result<u64, ExportError> {
+    match delivered {
+        Ok(()) => {
+            store.export_progress(name, last, count, "", now_ms())?;
+            Ok(count)
+        }
+        Err(e) => {
+            let _ = store.export_progress(name, cursor, 0, &e.to_string(), now_ms());
+            Err(e)
+        }
+    }
+}
+
+/// Delivers the next batch of detections; how many.
+fn deliver_detections(
     store: &dyn Store,
     sink: &SinkConfig,
     producer: &str,
@@ -116,9 +177,9 @@ pub fn deliver_once(
     let name = sink.name();
     let state = store.export_state(&name)?;
     let mut cursor = state.seq;
-    if let SinkConfig::Jsonl(path) = sink {
+    if let SinkConfig::Jsonl { path, .. } = sink {
         // What the file already holds was delivered, whatever the store's cursor says.
-        let in_file = jsonl::last_sequence(path)?;
+        let in_file = jsonl::last_sequence(path, jsonl::Lines::Detections)?;
         if in_file > cursor {
             store.export_progress(&name, in_file, 0, "", now_ms())?;
             cursor = in_file;
@@ -143,7 +204,7 @@ pub fn deliver_once(
     }
     let delivered = match sink {
         SinkConfig::Misp { .. } => Ok(()),
-        SinkConfig::Jsonl(path) => jsonl::append(path, &batch, &policy),
+        SinkConfig::Jsonl { path, .. } => jsonl::append(path, &batch, &policy),
         SinkConfig::Taxii {
             api_root,
             collection,
@@ -159,16 +220,7 @@ pub fn deliver_once(
             producer,
         ),
     };
-    match delivered {
-        Ok(()) => {
-            store.export_progress(&name, last, batch.len() as u64, "", now_ms())?;
-            Ok(batch.len() as u64)
-        }
-        Err(e) => {
-            let _ = store.export_progress(&name, cursor, 0, &e.to_string(), now_ms());
-            Err(e)
-        }
-    }
+    moved(store, &name, (cursor, last), batch.len() as u64, delivered)
 }
 
 /// Every organisation's sharing policy, by name, as the store holds it now; `producer` names

@@ -19,13 +19,19 @@ use vedette_proto::v1::{
     RevokeCertRequest, RevokeCertResponse, SetOrgRequest, SetOrgResponse, StageIntelRequest,
     StageIntelResponse,
 };
+use vedette_proto::v1::{
+    AuditEntry, ListAuditRequest, ListAuditResponse, ListTokensRequest, ListTokensResponse,
+    RemoveAgentRequest, RemoveAgentResponse, RemoveOrgRequest, RemoveOrgResponse, RenameOrgRequest,
+    RenameOrgResponse, RevokeTokenRequest, RevokeTokenResponse, TokenInfo,
+};
 
 use super::agent::token_hash;
+use super::audit::{self, Act};
 use super::{State, blocking};
 use crate::orgs;
 use crate::peer::Peer;
 use crate::pki::Role;
-use crate::store::{BundleRow, DetectionFilter, OrgRow, StoreEvent, now_ms};
+use crate::store::{AuditRow, BundleRow, DetectionFilter, OrgRow, StoreEvent, TokenRow, now_ms};
 use vedette_share::sharing::{Share, Tlp};
 
 /// Longest token lifetime an operator may ask for.
@@ -142,6 +148,31 @@ fn apply_org_fields(
     Ok(())
 }
 
+fn token_info(t: &TokenRow) -> TokenInfo {
+    TokenInfo {
+        id: t.id().to_string(),
+        org: t.org.clone(),
+        uses_left: t.uses_left,
+        created_at_ms: t.created_at_ms,
+        expires_at_ms: t.expires_at_ms,
+        created_by: t.created_by.clone(),
+        revoked_at_ms: t.revoked_at_ms,
+    }
+}
+
+fn audit_entry(e: AuditRow) -> AuditEntry {
+    AuditEntry {
+        seq: e.seq,
+        at_ms: e.at_ms,
+        actor: e.actor,
+        action: e.action,
+        target: e.target,
+        outcome: e.outcome,
+        org: e.org,
+        detail: e.detail,
+    }
+}
+
 fn bundle_info(b: &BundleRow) -> BundleInfo {
     BundleInfo {
         version: b.version,
@@ -231,24 +262,248 @@ fn normalise_serial(s: &str) -> Result<String, Status> {
     Ok(hex)
 }
 
-#[tonic::async_trait]
-impl AdminService for AdminSvc {
-    async fn list_certs(
+impl AdminSvc {
+    async fn create_token_as(
         &self,
-        request: Request<ListCertsRequest>,
-    ) -> Result<Response<ListCertsResponse>, Status> {
-        let who = self.operator(&request)?;
-        let rows = blocking(&self.state.store, |s| s.list_certs()).await?;
-        Ok(Response::new(ListCertsResponse {
-            certs: rows
-                .iter()
-                .filter(|c| visible(&who, &c.org))
-                .map(cert_info)
-                .collect(),
-        }))
+        who: &Peer,
+        req: CreateTokenRequest,
+        act: &mut Act,
+    ) -> Result<CreateTokenResponse, Status> {
+        let org = match (who.scope(), req.org.as_str()) {
+            (Some(own), "") => own.to_string(),
+            (Some(own), asked) if asked == own => own.to_string(),
+            (Some(_), _) => {
+                return Err(Status::permission_denied(
+                    "this certificate may create tokens for its own organisation only",
+                ));
+            }
+            (None, "") => orgs::DEFAULT_ORG.to_string(),
+            (None, asked) => asked.to_string(),
+        };
+        let known = blocking(&self.state.store, |s| s.list_orgs()).await?;
+        if !known.iter().any(|o| o.name == org) {
+            return Err(Status::not_found(format!(
+                "no organisation `{org}`; create it with `vedettectl orgs create {org}`"
+            )));
+        }
+        let ttl = match req.ttl_seconds {
+            0 => self.state.token_ttl.as_secs(),
+            t if t > MAX_TOKEN_TTL_SECS => {
+                return Err(Status::invalid_argument(format!(
+                    "ttl of {t} s is longer than the {MAX_TOKEN_TTL_SECS} s allowed"
+                )));
+            }
+            t => t,
+        };
+        let uses = match req.uses {
+            0 => 1,
+            u if u > MAX_TOKEN_USES => {
+                return Err(Status::invalid_argument(format!(
+                    "{u} uses is more than the {MAX_TOKEN_USES} allowed"
+                )));
+            }
+            u => u,
+        };
+        act.org = org.clone();
+        let mut raw = [0u8; 24];
+        rand::rng().fill_bytes(&mut raw);
+        let token = format!("vdt_{}", hex::encode(raw));
+        let hash = token_hash(&token);
+        let now = now_ms();
+        let expires = now + (ttl as i64) * 1000;
+        let row = TokenRow {
+            hash,
+            org: org.clone(),
+            uses_left: uses,
+            created_at_ms: now,
+            expires_at_ms: expires,
+            created_by: act.actor.clone(),
+            revoked_at_ms: 0,
+        };
+        act.target = row.id().to_string();
+        act.detail = format!("uses {uses}, valid {ttl} s");
+        blocking(&self.state.store, move |s| s.create_token(&row)).await?;
+        info!(by = %who, org = %org, ttl_secs = ttl, uses, "enrollment token created");
+        Ok(CreateTokenResponse {
+            token,
+            expires_at_ms: expires,
+            uses,
+            org,
+        })
     }
 
-    async fn revoke_cert(
+    /// Revokes an agent (and with `remove`, hides it from default listings): stored first, so
+    /// that it cannot open a new stream, then its open stream closed wherever it is.
+    async fn revoke_agent_as(
+        &self,
+        who: &Peer,
+        agent_id: String,
+        remove: bool,
+    ) -> Result<bool, Status> {
+        if let Some(own) = who.scope() {
+            // The same answer for another organisation's agent and for none at all.
+            let id = agent_id.clone();
+            let row = blocking(&self.state.store, move |s| s.agent(&id)).await?;
+            if row.is_none_or(|r| r.org != own) {
+                return Err(Status::permission_denied(format!(
+                    "no agent `{agent_id}` in organisation `{own}`"
+                )));
+            }
+        }
+        let id = agent_id.clone();
+        let found = blocking(&self.state.store, move |s| {
+            if remove {
+                s.remove_agent(&id, now_ms())
+            } else {
+                s.revoke_agent(&id, now_ms())
+            }
+        })
+        .await?;
+        if !found {
+            return Err(Status::not_found(format!("no agent `{agent_id}`")));
+        }
+        announce(&self.state, StoreEvent::Revoked(agent_id.clone())).await;
+        let open = self.state.streams().remove(&agent_id);
+        let disconnected = open.is_some();
+        if let Some((_, stop)) = open {
+            stop.cancel();
+        }
+        let what = if remove {
+            "agent removed"
+        } else {
+            "agent revoked"
+        };
+        info!(by = %who, agent = %agent_id, disconnected, "{what}");
+        Ok(disconnected)
+    }
+
+    async fn revoke_token_as(
+        &self,
+        who: &Peer,
+        asked: &str,
+        act: &mut Act,
+    ) -> Result<RevokeTokenResponse, Status> {
+        if asked.len() < 6 || !asked.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Status::invalid_argument(format!(
+                "`{}` is not a token id: give at least 6 of the hex digits `token list` shows",
+                asked.chars().take(64).collect::<String>()
+            )));
+        }
+        let rows = blocking(&self.state.store, |s| s.list_tokens()).await?;
+        let found: Vec<&TokenRow> = rows
+            .iter()
+            .filter(|t| t.hash.starts_with(asked) && visible(who, &t.org))
+            .collect();
+        let row = match found.as_slice() {
+            [one] => (*one).clone(),
+            [] => return Err(Status::not_found(format!("no token `{asked}`"))),
+            many => {
+                return Err(Status::invalid_argument(format!(
+                    "`{asked}` names {} tokens; give more of its digits",
+                    many.len()
+                )));
+            }
+        };
+        act.target = row.id().to_string();
+        act.org = row.org.clone();
+        let hash = row.hash.clone();
+        let newly = blocking(&self.state.store, move |s| s.revoke_token(&hash, now_ms())).await?;
+        if !newly {
+            return Err(Status::failed_precondition(format!(
+                "token {} was revoked already",
+                row.id()
+            )));
+        }
+        info!(by = %who, token = %row.id(), org = %row.org, "enrollment token revoked");
+        let rows = blocking(&self.state.store, |s| s.list_tokens()).await?;
+        let now = rows.iter().find(|t| t.hash == row.hash).unwrap_or(&row);
+        Ok(RevokeTokenResponse {
+            token: Some(token_info(now)),
+        })
+    }
+
+    /// Why an organisation cannot be renamed or removed: what still belongs to it.
+    async fn still_used(&self, name: &str) -> Result<Option<String>, Status> {
+        let n = name.to_string();
+        let (orgs, users, certs) = blocking(&self.state.store, move |s| {
+            Ok((s.list_orgs()?, s.list_users()?, s.list_certs()?))
+        })
+        .await?;
+        let Some(org) = orgs.iter().find(|o| o.name == n) else {
+            return Err(Status::not_found(format!("no organisation `{name}`")));
+        };
+        let users = users.iter().filter(|u| u.org == name).count();
+        let certs = certs
+            .iter()
+            .filter(|c| c.org == name && c.kind != "agent" && c.revoked_at_ms == 0)
+            .count();
+        let mut held = Vec::new();
+        if org.agents > 0 {
+            held.push(format!(
+                "{} agents (removed ones too: their detections are kept under its name)",
+                org.agents
+            ));
+        }
+        if users > 0 {
+            held.push(format!("{users} console accounts"));
+        }
+        if certs > 0 {
+            held.push(format!("{certs} unrevoked operator certificates"));
+        }
+        Ok((!held.is_empty()).then(|| held.join(", ")))
+    }
+
+    async fn rename_org_as(&self, who: &Peer, req: &RenameOrgRequest) -> Result<Org, Status> {
+        if req.name == orgs::DEFAULT_ORG {
+            return Err(Status::failed_precondition(format!(
+                "`{}` is the organisation of tokens made without --org: it keeps its name",
+                orgs::DEFAULT_ORG
+            )));
+        }
+        orgs::check_name(&req.new_name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if let Some(held) = self.still_used(&req.name).await? {
+            return Err(Status::failed_precondition(format!(
+                "organisation `{}` still has {held}",
+                req.name
+            )));
+        }
+        let (old, new) = (req.name.clone(), req.new_name.clone());
+        if !blocking(&self.state.store, move |s| s.rename_org(&old, &new)).await? {
+            return Err(Status::already_exists(format!(
+                "organisation `{}` exists already",
+                req.new_name
+            )));
+        }
+        info!(by = %who, org = %req.name, new_name = %req.new_name, "organisation renamed");
+        let new = req.new_name.clone();
+        let rows = blocking(&self.state.store, |s| s.list_orgs()).await?;
+        rows.into_iter()
+            .find(|o| o.name == new)
+            .map(org_info)
+            .ok_or_else(|| Status::not_found(format!("no organisation `{new}`")))
+    }
+
+    async fn remove_org_as(&self, who: &Peer, name: &str) -> Result<u32, Status> {
+        if name == orgs::DEFAULT_ORG {
+            return Err(Status::failed_precondition(format!(
+                "`{}` is the organisation of tokens made without --org: it cannot be removed",
+                orgs::DEFAULT_ORG
+            )));
+        }
+        if let Some(held) = self.still_used(name).await? {
+            return Err(Status::failed_precondition(format!(
+                "organisation `{name}` still has {held}"
+            )));
+        }
+        let n = name.to_string();
+        let tokens = blocking(&self.state.store, move |s| s.remove_org(&n, now_ms()))
+            .await?
+            .ok_or_else(|| Status::not_found(format!("no organisation `{name}`")))?;
+        info!(by = %who, org = %name, tokens_revoked = tokens, "organisation removed");
+        Ok(tokens)
+    }
+
+    async fn revoke_cert_as(
         &self,
         request: Request<RevokeCertRequest>,
     ) -> Result<Response<RevokeCertResponse>, Status> {
@@ -275,7 +530,7 @@ impl AdminService for AdminSvc {
         }))
     }
 
-    async fn stage_intel(
+    async fn stage_intel_as(
         &self,
         request: Request<StageIntelRequest>,
     ) -> Result<Response<StageIntelResponse>, Status> {
@@ -320,6 +575,349 @@ impl AdminService for AdminSvc {
             updated: staged.counts.updated,
             removed: staged.counts.removed,
             refused: staged.refused,
+        }))
+    }
+
+    async fn publish_bundle_as(
+        &self,
+        request: Request<PublishBundleRequest>,
+    ) -> Result<Response<PublishBundleResponse>, Status> {
+        let who = Peer::of(&request)?;
+        who.require_role(Role::Maintainer)?;
+        who.require_collector_wide("publishing a bundle")?;
+        let req = request.into_inner();
+        let state = self.state.clone();
+        let (content, req) =
+            tokio::task::spawn_blocking(move || check_bundle(&state, &req).map(|c| (c, req)))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))??;
+        let row = BundleRow {
+            version: content.version,
+            name: content.name.clone(),
+            created_at_ms: content.created_at_ms,
+            publisher: content.publisher.clone(),
+            published_by: who.name().to_string(),
+            published_at_ms: now_ms(),
+            digest: bundle::digest(&req.content),
+            signer_key: req.signer_key,
+            files: content.files.len() as u32,
+            size: req.content.len() as u64,
+            content: req.content,
+            signature: req.signature,
+        };
+        let stored = row.clone();
+        let verdict = blocking(&self.state.store, move |s| s.insert_bundle(&stored)).await?;
+        if let Err(latest) = verdict {
+            return Err(Status::failed_precondition(format!(
+                "version {} is not above the latest published version {latest}; publish again",
+                row.version
+            )));
+        }
+        let push = Arc::new(super::rule_bundle(&row));
+        self.state.bundle.send_replace(Some(push));
+        announce(&self.state, StoreEvent::Bundle(row.version)).await;
+        let notified = self.state.streams().len() as u32;
+        info!(
+            version = row.version,
+            name = %row.name,
+            digest = %row.digest,
+            by = %row.published_by,
+            files = row.files,
+            agents = notified,
+            "rule bundle published"
+        );
+        Ok(Response::new(PublishBundleResponse {
+            version: row.version,
+            digest: row.digest,
+            agents_notified: notified,
+        }))
+    }
+
+    async fn create_org_as(
+        &self,
+        request: Request<CreateOrgRequest>,
+    ) -> Result<Response<CreateOrgResponse>, Status> {
+        let who = self.collector_operator(&request, "creating an organisation")?;
+        let req = request.into_inner();
+        orgs::check_name(&req.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut row = OrgRow {
+            name: req.name.clone(),
+            stix_id: orgs::new_stix_id(),
+            share: Share::Anonymised.as_str().to_string(),
+            tlp: Tlp::Amber.as_str().to_string(),
+            created_at_ms: now_ms(),
+            ..OrgRow::default()
+        };
+        apply_org_fields(&mut row, &req.sector, &req.country, &req.share, &req.tlp)?;
+        let r = row.clone();
+        if !blocking(&self.state.store, move |s| s.create_org(&r)).await? {
+            return Err(Status::already_exists(format!(
+                "organisation `{}` exists already; change it with `vedettectl orgs set`",
+                req.name
+            )));
+        }
+        info!(by = %who, org = %row.name, share = %row.share, tlp = %row.tlp, "organisation created");
+        Ok(Response::new(CreateOrgResponse {
+            org: Some(org_info(row)),
+        }))
+    }
+
+    async fn set_org_as(
+        &self,
+        request: Request<SetOrgRequest>,
+    ) -> Result<Response<SetOrgResponse>, Status> {
+        let who = self.collector_operator(&request, "changing an organisation")?;
+        let req = request.into_inner();
+        let rows = blocking(&self.state.store, |s| s.list_orgs()).await?;
+        let mut row = rows
+            .into_iter()
+            .find(|o| o.name == req.name)
+            .ok_or_else(|| Status::not_found(format!("no organisation `{}`", req.name)))?;
+        apply_org_fields(&mut row, &req.sector, &req.country, &req.share, &req.tlp)?;
+        let r = row.clone();
+        if !blocking(&self.state.store, move |s| s.update_org(&r)).await? {
+            return Err(Status::not_found(format!("no organisation `{}`", req.name)));
+        }
+        info!(by = %who, org = %row.name, share = %row.share, tlp = %row.tlp, "organisation changed");
+        Ok(Response::new(SetOrgResponse {
+            org: Some(org_info(row)),
+        }))
+    }
+
+    /// The audit entry of an action by the caller of `request` (`unknown` when the caller has
+    /// no usable identity: the call is refused then, and that is recorded).
+    fn act<T>(&self, request: &Request<T>, action: &'static str) -> Act {
+        match Peer::of(request) {
+            Ok(who) => Act::by(request, &who, action),
+            Err(_) => Act::as_actor("unknown".into(), action),
+        }
+    }
+
+    /// The organisation of an agent, for its audit entry (empty when unknown).
+    async fn org_of_agent(&self, id: &str) -> String {
+        let id = id.to_string();
+        blocking(&self.state.store, move |s| s.agent(&id))
+            .await
+            .ok()
+            .flatten()
+            .map(|a| a.org)
+            .unwrap_or_default()
+    }
+}
+
+#[tonic::async_trait]
+impl AdminService for AdminSvc {
+    async fn create_token(
+        &self,
+        request: Request<CreateTokenRequest>,
+    ) -> Result<Response<CreateTokenResponse>, Status> {
+        let who = self.operator(&request)?;
+        let mut act = Act::by(&request, &who, "token.create");
+        let r = self
+            .create_token_as(&who, request.into_inner(), &mut act)
+            .await;
+        audit::record(&self.state.store, act, &r).await;
+        r.map(Response::new)
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<ListTokensRequest>,
+    ) -> Result<Response<ListTokensResponse>, Status> {
+        let who = self.operator(&request)?;
+        let all = request.get_ref().all;
+        let now = now_ms();
+        let rows = blocking(&self.state.store, |s| s.list_tokens()).await?;
+        let tokens = rows
+            .iter()
+            .filter(|t| visible(&who, &t.org))
+            .filter(|t| all || (t.revoked_at_ms == 0 && t.uses_left > 0 && t.expires_at_ms > now))
+            .map(token_info)
+            .collect();
+        Ok(Response::new(ListTokensResponse { tokens }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<RevokeTokenRequest>,
+    ) -> Result<Response<RevokeTokenResponse>, Status> {
+        let who = self.operator(&request)?;
+        let asked = request.get_ref().id.trim().to_ascii_lowercase();
+        let mut act = Act::by(&request, &who, "token.revoke").target(asked.clone());
+        let r = self.revoke_token_as(&who, &asked, &mut act).await;
+        audit::record(&self.state.store, act, &r).await;
+        r.map(Response::new)
+    }
+
+    async fn remove_agent(
+        &self,
+        request: Request<RemoveAgentRequest>,
+    ) -> Result<Response<RemoveAgentResponse>, Status> {
+        let who = self.operator(&request)?;
+        let id = request.get_ref().agent_id.clone();
+        let org = self.org_of_agent(&id).await;
+        let act = Act::by(&request, &who, "agent.remove")
+            .target(id.clone())
+            .org(org);
+        let r = self.revoke_agent_as(&who, id, true).await;
+        audit::record(&self.state.store, act, &r).await;
+        r.map(|disconnected| Response::new(RemoveAgentResponse { disconnected }))
+    }
+
+    async fn revoke_agent(
+        &self,
+        request: Request<RevokeAgentRequest>,
+    ) -> Result<Response<RevokeAgentResponse>, Status> {
+        let who = self.operator(&request)?;
+        let id = request.get_ref().agent_id.clone();
+        let org = self.org_of_agent(&id).await;
+        let act = Act::by(&request, &who, "agent.revoke")
+            .target(id.clone())
+            .org(org);
+        let r = self.revoke_agent_as(&who, id, false).await;
+        audit::record(&self.state.store, act, &r).await;
+        r.map(|disconnected| Response::new(RevokeAgentResponse { disconnected }))
+    }
+
+    async fn revoke_cert(
+        &self,
+        request: Request<RevokeCertRequest>,
+    ) -> Result<Response<RevokeCertResponse>, Status> {
+        let act = self
+            .act(&request, "cert.revoke")
+            .target(request.get_ref().serial.trim().to_ascii_lowercase());
+        let r = self.revoke_cert_as(request).await;
+        audit::record(&self.state.store, act, &r).await;
+        r
+    }
+
+    async fn stage_intel(
+        &self,
+        request: Request<StageIntelRequest>,
+    ) -> Result<Response<StageIntelResponse>, Status> {
+        let mut act = self
+            .act(&request, "intel.stage")
+            .target(request.get_ref().origin.clone());
+        act.detail = format!("{} lines", request.get_ref().lines.len());
+        let r = self.stage_intel_as(request).await;
+        audit::record(&self.state.store, act, &r).await;
+        r
+    }
+
+    async fn publish_bundle(
+        &self,
+        request: Request<PublishBundleRequest>,
+    ) -> Result<Response<PublishBundleResponse>, Status> {
+        let mut act = self.act(&request, "bundle.publish");
+        let r = self.publish_bundle_as(request).await;
+        if let Ok(done) = &r {
+            act.target = done.get_ref().version.to_string();
+            act.detail = format!("digest {}", done.get_ref().digest);
+        }
+        audit::record(&self.state.store, act, &r).await;
+        r
+    }
+
+    async fn create_org(
+        &self,
+        request: Request<CreateOrgRequest>,
+    ) -> Result<Response<CreateOrgResponse>, Status> {
+        let name = request.get_ref().name.clone();
+        let act = self
+            .act(&request, "org.create")
+            .target(name.clone())
+            .org(name);
+        let r = self.create_org_as(request).await;
+        audit::record(&self.state.store, act, &r).await;
+        r
+    }
+
+    async fn set_org(
+        &self,
+        request: Request<SetOrgRequest>,
+    ) -> Result<Response<SetOrgResponse>, Status> {
+        let name = request.get_ref().name.clone();
+        let mut act = self.act(&request, "org.set").target(name.clone()).org(name);
+        let req = request.get_ref();
+        act.detail = [
+            ("sector", &req.sector),
+            ("country", &req.country),
+            ("share", &req.share),
+            ("tlp", &req.tlp),
+        ]
+        .iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+        let r = self.set_org_as(request).await;
+        audit::record(&self.state.store, act, &r).await;
+        r
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<ListAuditRequest>,
+    ) -> Result<Response<ListAuditResponse>, Status> {
+        let who = self.operator(&request)?;
+        let req = request.into_inner();
+        let org = who.scope().map(str::to_string);
+        let limit = match req.limit {
+            0 => DEFAULT_LIMIT,
+            l => l.min(MAX_LIMIT),
+        };
+        let rows = blocking(&self.state.store, move |s| {
+            s.list_audit(req.since_ms, org.as_deref(), limit)
+        })
+        .await?;
+        Ok(Response::new(ListAuditResponse {
+            entries: rows.into_iter().map(audit_entry).collect(),
+        }))
+    }
+
+    async fn rename_org(
+        &self,
+        request: Request<RenameOrgRequest>,
+    ) -> Result<Response<RenameOrgResponse>, Status> {
+        let who = self.collector_operator(&request, "renaming an organisation")?;
+        let mut act = Act::by(&request, &who, "org.rename");
+        let req = request.into_inner();
+        act = act.target(req.name.clone()).org(req.name.clone());
+        act.detail = format!("to `{}`", req.new_name);
+        let r = self.rename_org_as(&who, &req).await;
+        audit::record(&self.state.store, act, &r).await;
+        r.map(|org| Response::new(RenameOrgResponse { org: Some(org) }))
+    }
+
+    async fn remove_org(
+        &self,
+        request: Request<RemoveOrgRequest>,
+    ) -> Result<Response<RemoveOrgResponse>, Status> {
+        let who = self.collector_operator(&request, "removing an organisation")?;
+        let name = request.get_ref().name.clone();
+        let mut act = Act::by(&request, &who, "org.remove")
+            .target(name.clone())
+            .org(name.clone());
+        let r = self.remove_org_as(&who, &name).await;
+        if let Ok(n) = &r {
+            act.detail = format!("{n} unspent tokens revoked");
+        }
+        audit::record(&self.state.store, act, &r).await;
+        r.map(|tokens_revoked| Response::new(RemoveOrgResponse { tokens_revoked }))
+    }
+
+    async fn list_certs(
+        &self,
+        request: Request<ListCertsRequest>,
+    ) -> Result<Response<ListCertsResponse>, Status> {
+        let who = self.operator(&request)?;
+        let rows = blocking(&self.state.store, |s| s.list_certs()).await?;
+        Ok(Response::new(ListCertsResponse {
+            certs: rows
+                .iter()
+                .filter(|c| visible(&who, &c.org))
+                .map(cert_info)
+                .collect(),
         }))
     }
 
@@ -383,61 +981,6 @@ impl AdminService for AdminSvc {
                     last_error: r.last_error,
                 })
                 .collect(),
-        }))
-    }
-
-    async fn publish_bundle(
-        &self,
-        request: Request<PublishBundleRequest>,
-    ) -> Result<Response<PublishBundleResponse>, Status> {
-        let who = Peer::of(&request)?;
-        who.require_role(Role::Maintainer)?;
-        who.require_collector_wide("publishing a bundle")?;
-        let req = request.into_inner();
-        let state = self.state.clone();
-        let (content, req) =
-            tokio::task::spawn_blocking(move || check_bundle(&state, &req).map(|c| (c, req)))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))??;
-        let row = BundleRow {
-            version: content.version,
-            name: content.name.clone(),
-            created_at_ms: content.created_at_ms,
-            publisher: content.publisher.clone(),
-            published_by: who.name().to_string(),
-            published_at_ms: now_ms(),
-            digest: bundle::digest(&req.content),
-            signer_key: req.signer_key,
-            files: content.files.len() as u32,
-            size: req.content.len() as u64,
-            content: req.content,
-            signature: req.signature,
-        };
-        let stored = row.clone();
-        let verdict = blocking(&self.state.store, move |s| s.insert_bundle(&stored)).await?;
-        if let Err(latest) = verdict {
-            return Err(Status::failed_precondition(format!(
-                "version {} is not above the latest published version {latest}; publish again",
-                row.version
-            )));
-        }
-        let push = Arc::new(super::rule_bundle(&row));
-        self.state.bundle.send_replace(Some(push));
-        announce(&self.state, StoreEvent::Bundle(row.version)).await;
-        let notified = self.state.streams().len() as u32;
-        info!(
-            version = row.version,
-            name = %row.name,
-            digest = %row.digest,
-            by = %row.published_by,
-            files = row.files,
-            agents = notified,
-            "rule bundle published"
-        );
-        Ok(Response::new(PublishBundleResponse {
-            version: row.version,
-            digest: row.digest,
-            agents_notified: notified,
         }))
     }
 
@@ -513,77 +1056,18 @@ impl AdminService for AdminSvc {
         Ok(Response::new(out))
     }
 
-    async fn create_token(
-        &self,
-        request: Request<CreateTokenRequest>,
-    ) -> Result<Response<CreateTokenResponse>, Status> {
-        let who = self.operator(&request)?;
-        let req = request.into_inner();
-        let org = match (who.scope(), req.org.as_str()) {
-            (Some(own), "") => own.to_string(),
-            (Some(own), asked) if asked == own => own.to_string(),
-            (Some(_), _) => {
-                return Err(Status::permission_denied(
-                    "this certificate may create tokens for its own organisation only",
-                ));
-            }
-            (None, "") => orgs::DEFAULT_ORG.to_string(),
-            (None, asked) => asked.to_string(),
-        };
-        let known = blocking(&self.state.store, |s| s.list_orgs()).await?;
-        if !known.iter().any(|o| o.name == org) {
-            return Err(Status::not_found(format!(
-                "no organisation `{org}`; create it with `vedettectl orgs create {org}`"
-            )));
-        }
-        let ttl = match req.ttl_seconds {
-            0 => self.state.token_ttl.as_secs(),
-            t if t > MAX_TOKEN_TTL_SECS => {
-                return Err(Status::invalid_argument(format!(
-                    "ttl of {t} s is longer than the {MAX_TOKEN_TTL_SECS} s allowed"
-                )));
-            }
-            t => t,
-        };
-        let uses = match req.uses {
-            0 => 1,
-            u if u > MAX_TOKEN_USES => {
-                return Err(Status::invalid_argument(format!(
-                    "{u} uses is more than the {MAX_TOKEN_USES} allowed"
-                )));
-            }
-            u => u,
-        };
-        let mut raw = [0u8; 24];
-        rand::rng().fill_bytes(&mut raw);
-        let token = format!("vdt_{}", hex::encode(raw));
-        let hash = token_hash(&token);
-        let now = now_ms();
-        let expires = now + (ttl as i64) * 1000;
-        let o = org.clone();
-        blocking(&self.state.store, move |s| {
-            s.create_token(&hash, now, expires, uses, &o)
-        })
-        .await?;
-        info!(by = %who, org = %org, ttl_secs = ttl, uses, "enrollment token created");
-        Ok(Response::new(CreateTokenResponse {
-            token,
-            expires_at_ms: expires,
-            uses,
-            org,
-        }))
-    }
-
     async fn list_agents(
         &self,
         request: Request<ListAgentsRequest>,
     ) -> Result<Response<ListAgentsResponse>, Status> {
         let who = self.operator(&request)?;
         let only = listing_scope(&who, &request.get_ref().org)?;
+        let removed = request.get_ref().removed;
         let rows = blocking(&self.state.store, |s| s.list_agents()).await?;
         let agents = rows
             .into_iter()
             .filter(|r| only.as_ref().is_none_or(|o| *o == r.org))
+            .filter(|r| removed || r.removed_at_ms == 0)
             .map(|r| AgentInfo {
                 id: r.id,
                 hostname: r.hostname,
@@ -605,41 +1089,10 @@ impl AdminService for AdminSvc {
                 org: r.org,
                 clock_skew_ms: r.clock_skew_ms,
                 stopped_at_ms: r.stopped_at_ms,
+                removed_at_ms: r.removed_at_ms,
             })
             .collect();
         Ok(Response::new(ListAgentsResponse { agents }))
-    }
-
-    async fn revoke_agent(
-        &self,
-        request: Request<RevokeAgentRequest>,
-    ) -> Result<Response<RevokeAgentResponse>, Status> {
-        let who = self.operator(&request)?;
-        let agent_id = request.into_inner().agent_id;
-        if let Some(own) = who.scope() {
-            // The same answer for another organisation's agent and for none at all.
-            let id = agent_id.clone();
-            let row = blocking(&self.state.store, move |s| s.agent(&id)).await?;
-            if row.is_none_or(|r| r.org != own) {
-                return Err(Status::permission_denied(format!(
-                    "no agent `{agent_id}` in organisation `{own}`"
-                )));
-            }
-        }
-        let id = agent_id.clone();
-        // Stored first: from here on the agent cannot open a new stream.
-        let found = blocking(&self.state.store, move |s| s.revoke_agent(&id, now_ms())).await?;
-        if !found {
-            return Err(Status::not_found(format!("no agent `{agent_id}`")));
-        }
-        announce(&self.state, StoreEvent::Revoked(agent_id.clone())).await;
-        let open = self.state.streams().remove(&agent_id);
-        let disconnected = open.is_some();
-        if let Some((_, stop)) = open {
-            stop.cancel();
-        }
-        info!(by = %who, agent = %agent_id, disconnected, "agent revoked");
-        Ok(Response::new(RevokeAgentResponse { disconnected }))
     }
 
     async fn list_detections(
@@ -684,35 +1137,6 @@ impl AdminService for AdminSvc {
         }))
     }
 
-    async fn create_org(
-        &self,
-        request: Request<CreateOrgRequest>,
-    ) -> Result<Response<CreateOrgResponse>, Status> {
-        let who = self.collector_operator(&request, "creating an organisation")?;
-        let req = request.into_inner();
-        orgs::check_name(&req.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let mut row = OrgRow {
-            name: req.name.clone(),
-            stix_id: orgs::new_stix_id(),
-            share: Share::Anonymised.as_str().to_string(),
-            tlp: Tlp::Amber.as_str().to_string(),
-            created_at_ms: now_ms(),
-            ..OrgRow::default()
-        };
-        apply_org_fields(&mut row, &req.sector, &req.country, &req.share, &req.tlp)?;
-        let r = row.clone();
-        if !blocking(&self.state.store, move |s| s.create_org(&r)).await? {
-            return Err(Status::already_exists(format!(
-                "organisation `{}` exists already; change it with `vedettectl orgs set`",
-                req.name
-            )));
-        }
-        info!(by = %who, org = %row.name, share = %row.share, tlp = %row.tlp, "organisation created");
-        Ok(Response::new(CreateOrgResponse {
-            org: Some(org_info(row)),
-        }))
-    }
-
     async fn list_orgs(
         &self,
         request: Request<ListOrgsRequest>,
@@ -725,28 +1149,6 @@ impl AdminService for AdminSvc {
                 .filter(|o| visible(&who, &o.name))
                 .map(org_info)
                 .collect(),
-        }))
-    }
-
-    async fn set_org(
-        &self,
-        request: Request<SetOrgRequest>,
-    ) -> Result<Response<SetOrgResponse>, Status> {
-        let who = self.collector_operator(&request, "changing an organisation")?;
-        let req = request.into_inner();
-        let rows = blocking(&self.state.store, |s| s.list_orgs()).await?;
-        let mut row = rows
-            .into_iter()
-            .find(|o| o.name == req.name)
-            .ok_or_else(|| Status::not_found(format!("no organisation `{}`", req.name)))?;
-        apply_org_fields(&mut row, &req.sector, &req.country, &req.share, &req.tlp)?;
-        let r = row.clone();
-        if !blocking(&self.state.store, move |s| s.update_org(&r)).await? {
-            return Err(Status::not_found(format!("no organisation `{}`", req.name)));
-        }
-        info!(by = %who, org = %row.name, share = %row.share, tlp = %row.tlp, "organisation changed");
-        Ok(Response::new(SetOrgResponse {
-            org: Some(org_info(row)),
         }))
     }
 }

@@ -28,6 +28,7 @@ use vedette_proto::v1::{
     RuleBundle, detection,
 };
 
+use super::audit::{self, Act};
 use super::{State, blocking};
 use crate::peer::Peer;
 use crate::store::{TokenError, now_ms};
@@ -121,7 +122,17 @@ fn token_refusal(e: &TokenError) -> &'static str {
         TokenError::Unknown => "unknown_token",
         TokenError::Expired => "expired_token",
         TokenError::UsedUp => "used_token",
+        TokenError::Revoked => "revoked_token",
     }
+}
+
+/// Records an enrollment in the audit log, by the token that allowed it.
+async fn audit_enrolled(state: &State, token_id: &str, agent_id: &str, org: &str, host: &str) {
+    let mut act = Act::as_actor(format!("token:{token_id}"), "agent.enroll")
+        .target(agent_id)
+        .org(org);
+    act.detail = format!("host {host}");
+    audit::record(&state.store, act, &Ok::<(), Status>(())).await;
 }
 
 /// SHA-256 of a token, as stored: the collector never keeps a usable token.
@@ -150,6 +161,7 @@ impl AgentService for AgentSvc {
         }
         // The token first: without a usable one, no CSR is parsed and nothing is signed.
         let hash = token_hash(&req.token);
+        let token_id = hash[..16].to_string();
         let h = hash.clone();
         let org = match blocking(&self.state.store, move |s| s.check_token(&h, now_ms())).await? {
             Ok(org) => org,
@@ -185,14 +197,18 @@ impl AgentService for AgentSvc {
                 warn!(peer = ?peer, reason = %e, "enrollment refused");
                 return Err(Status::permission_denied(e.to_string()));
             }
-            // A token's organisation never changes: this cannot differ from what was signed.
+            // The organisation was renamed between the check and the use (refused once it has
+            // agents): what was signed names the old one.
             Ok(stored) if stored != org => {
-                return Err(Status::internal("the token's organisation changed"));
+                return Err(Status::aborted(
+                    "the token's organisation was renamed meanwhile; enroll again",
+                ));
             }
             Ok(_) => {}
         }
         metrics.enrollment("ok");
         info!(agent = %agent_id, org = %org, hostname = %req.hostname, "agent enrolled");
+        audit_enrolled(&self.state, &token_id, &agent_id, &org, &req.hostname).await;
         record_issued(&self.state, &cert_pem).await;
         Ok(Response::new(EnrollResponse {
             agent_id,

@@ -3,6 +3,7 @@
 
 mod admin;
 mod agent;
+pub(crate) mod audit;
 pub mod console;
 mod guard;
 mod silence;

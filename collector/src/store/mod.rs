@@ -209,14 +209,43 @@ pub trait Store: Send + Sync {
     }
 
     /// Records a token that enrolls agents into organisation `org`.
-    fn create_token(
+    fn create_token(&self, t: &TokenRow) -> Result<(), StoreError>;
+
+    /// Every token, oldest first.
+    fn list_tokens(&self) -> Result<Vec<TokenRow>, StoreError>;
+
+    /// Revokes a token by its hash: it enrolls nothing from now on. False when there is no such
+    /// token or it was revoked already.
+    fn revoke_token(&self, hash: &str, now_ms: i64) -> Result<bool, StoreError>;
+
+    /// Renames an organisation and moves its tokens with it; false when it does not exist or
+    /// the new name is taken. The caller checks first that nothing else names it.
+    fn rename_org(&self, name: &str, new_name: &str) -> Result<bool, StoreError>;
+
+    /// Removes an organisation and revokes its unrevoked tokens (how many); None when it does
+    /// not exist. The caller checks first that nothing else names it.
+    fn remove_org(&self, name: &str, now_ms: i64) -> Result<Option<u32>, StoreError>;
+
+    /// Appends an entry to the audit log (which has no update and no delete).
+    fn record_audit(&self, e: &AuditRow) -> Result<(), StoreError>;
+
+    /// The most recent `limit` audit entries at or after `since_ms`, of organisation `org`
+    /// when given; oldest first.
+    fn list_audit(
         &self,
-        hash: &str,
-        now_ms: i64,
-        expires_at_ms: i64,
-        uses: u32,
-        org: &str,
-    ) -> Result<(), StoreError>;
+        since_ms: i64,
+        org: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<AuditRow>, StoreError>;
+
+    /// Audit entries after sequence number `after` made before `before_ms`, oldest first, at
+    /// most `limit` (for export).
+    fn audit_after(
+        &self,
+        after: u64,
+        before_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<AuditRow>, StoreError>;
 
     /// Creates an organisation; false when one of that name exists (left as it is).
     fn create_org(&self, org: &OrgRow) -> Result<bool, StoreError>;
@@ -335,6 +364,10 @@ pub trait Store: Send + Sync {
 
     /// Marks an agent revoked. Returns false when no such agent exists.
     fn revoke_agent(&self, id: &str, now_ms: i64) -> Result<bool, StoreError>;
+
+    /// Marks an agent revoked and removed (hidden from default listings; its detections stay).
+    /// Returns false when no such agent exists.
+    fn remove_agent(&self, id: &str, now_ms: i64) -> Result<bool, StoreError>;
 
     /// Stores a batch of detections of one agent in one transaction. A detection whose id is
     /// already stored is skipped (resends are idempotent). Returns how many were new. Refused
@@ -582,6 +615,48 @@ pub enum TokenError {
     Expired,
     #[error("the enrollment token has already been used")]
     UsedUp,
+    #[error("the enrollment token was revoked")]
+    Revoked,
+}
+
+/// An enrollment token as stored (its hash, never the token).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenRow {
+    pub hash: String,
+    pub org: String,
+    pub uses_left: u32,
+    pub created_at_ms: i64,
+    pub expires_at_ms: i64,
+    /// Who created it (`cert:SUBJECT`, `console:ACCOUNT`).
+    pub created_by: String,
+    /// 0 while not revoked.
+    pub revoked_at_ms: i64,
+}
+
+impl TokenRow {
+    /// What names a token in listings: the first 16 hex digits of its hash.
+    pub fn id(&self) -> &str {
+        &self.hash[..self.hash.len().min(16)]
+    }
+}
+
+/// One entry of the audit log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditRow {
+    /// Its place in the log (set by the store).
+    pub seq: u64,
+    pub at_ms: i64,
+    /// Who: `cert:SUBJECT`, `console:ACCOUNT`, `token:ID`, `local:USER`.
+    pub actor: String,
+    /// What: `token.create`, `agent.revoke`, ...
+    pub action: String,
+    /// What it was done to.
+    pub target: String,
+    /// `ok`, or `refused: WHY` / `failed: WHY`.
+    pub outcome: String,
+    /// The organisation it concerns; empty for collector-wide actions.
+    pub org: String,
+    pub detail: String,
 }
 
 /// A participating organisation.
@@ -641,6 +716,8 @@ pub struct AgentRow {
     pub clock_skew_ms: i64,
     /// When it said goodbye; 0 since it connected again.
     pub stopped_at_ms: i64,
+    /// When `agents remove` removed it; 0 when not removed.
+    pub removed_at_ms: i64,
 }
 
 /// A published rule bundle. `content` and `signature` are empty in listings.
@@ -799,16 +876,17 @@ impl DetectionPage {
 
 pub use vedette_proto::now_ms;
 
-/// What a token row (expiry, uses left, organisation) allows at `now_ms`: the organisation
-/// it enrolls into.
+/// What a token row (expiry, uses left, organisation, revoked at) allows at `now_ms`: the
+/// organisation it enrolls into.
 pub(crate) fn token_verdict(
-    row: Option<(i64, i64, String)>,
+    row: Option<(i64, i64, String, i64)>,
     now_ms: i64,
 ) -> Result<String, TokenError> {
     match row {
         None => Err(TokenError::Unknown),
-        Some((expires, _, _)) if expires <= now_ms => Err(TokenError::Expired),
-        Some((_, uses, _)) if uses <= 0 => Err(TokenError::UsedUp),
-        Some((_, _, org)) => Ok(org),
+        Some((_, _, _, revoked)) if revoked != 0 => Err(TokenError::Revoked),
+        Some((expires, _, _, _)) if expires <= now_ms => Err(TokenError::Expired),
+        Some((_, uses, _, _)) if uses <= 0 => Err(TokenError::UsedUp),
+        Some((_, _, org, _)) => Ok(org),
     }
 }

@@ -2,7 +2,9 @@
 //! answers [`Columns`]; a mapping reads its columns by position, in the order of the SELECT it
 //! is named after (the same text in both stores, or one constant here).
 
-use super::{AgentRow, BundleRow, CertRow, ExportRow, IntelSourceRow, OrgRow, UserRow};
+use super::{
+    AgentRow, AuditRow, BundleRow, CertRow, ExportRow, IntelSourceRow, OrgRow, TokenRow, UserRow,
+};
 
 /// The columns of one result row, by position, in the kinds both stores share.
 pub(crate) trait Columns {
@@ -126,7 +128,7 @@ pub(crate) fn bundle<R: Columns<Error = E> + ?Sized, E>(r: &R) -> Result<BundleR
 pub(crate) const AGENT_SELECT: &str = "SELECT id, hostname, os, kernel, arch, agent_version,
     enrolled_at_ms, first_seen_ms, last_seen_ms, connected, revoked_at_ms IS NOT NULL,
     bundle_version, bundle_applied_at_ms, dropped_total, counters, bundle_failed_version,
-    bundle_error, org, clock_skew_ms, stopped_at_ms
+    bundle_error, org, clock_skew_ms, stopped_at_ms, removed_at_ms
     FROM agents";
 
 pub(crate) fn agent<R: Columns<Error = E> + ?Sized, E>(r: &R) -> Result<AgentRow, E> {
@@ -152,6 +154,7 @@ pub(crate) fn agent<R: Columns<Error = E> + ?Sized, E>(r: &R) -> Result<AgentRow
         org: r.text(17)?,
         clock_skew_ms: r.int(18)?,
         stopped_at_ms: r.int(19)?,
+        removed_at_ms: r.int(20)?,
     })
 }
 
@@ -169,5 +172,38 @@ pub(crate) fn cert<R: Columns<Error = E> + ?Sized, E>(r: &R) -> Result<CertRow, 
         recorded_at_ms: r.int(5)?,
         revoked_at_ms: r.int(6)?,
         org: r.text(7)?,
+    })
+}
+
+/// What [`token`] reads.
+pub(crate) const TOKEN_SELECT: &str = "SELECT hash, org, uses_left, created_at_ms, expires_at_ms,
+    created_by, revoked_at_ms FROM tokens";
+
+pub(crate) fn token<R: Columns<Error = E> + ?Sized, E>(r: &R) -> Result<TokenRow, E> {
+    Ok(TokenRow {
+        hash: r.text(0)?,
+        org: r.text(1)?,
+        uses_left: u32::try_from(r.count(2)?).unwrap_or(u32::MAX),
+        created_at_ms: r.int(3)?,
+        expires_at_ms: r.int(4)?,
+        created_by: r.text(5)?,
+        revoked_at_ms: r.int(6)?,
+    })
+}
+
+/// What [`audit`] reads.
+pub(crate) const AUDIT_SELECT: &str =
+    "SELECT seq, at_ms, actor, action, target, outcome, org, detail FROM audit";
+
+pub(crate) fn audit<R: Columns<Error = E> + ?Sized, E>(r: &R) -> Result<AuditRow, E> {
+    Ok(AuditRow {
+        seq: r.count(0)?,
+        at_ms: r.int(1)?,
+        actor: r.text(2)?,
+        action: r.text(3)?,
+        target: r.text(4)?,
+        outcome: r.text(5)?,
+        org: r.text(6)?,
+        detail: r.text(7)?,
     })
 }

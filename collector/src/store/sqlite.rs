@@ -9,11 +9,11 @@ use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
 use vedette_proto::v1::{Detection, Inventory, StoredDetection, detection};
 
-use super::rows::{self, AGENT_SELECT, CERT_SELECT};
+use super::rows::{self, AGENT_SELECT, AUDIT_SELECT, CERT_SELECT, TOKEN_SELECT};
 use super::{
-    AgentRow, BundleRow, CertRow, DetectionFilter, DetectionPage, ExportRow, IntelBatch,
+    AgentRow, AuditRow, BundleRow, CertRow, DetectionFilter, DetectionPage, ExportRow, IntelBatch,
     IntelSourceRow, Opener, OrgRow, Schema, StagedLine, StagingCounts, Store, StoreError,
-    TokenError, UserRow, file_md5,
+    TokenError, TokenRow, UserRow, file_md5,
 };
 
 /// Schema migrations, applied in order; `PRAGMA user_version` is the number applied.
@@ -153,6 +153,25 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE detections ADD COLUMN md5 TEXT;
     CREATE INDEX detections_md5 ON detections(md5) WHERE md5 IS NOT NULL;
     CREATE INDEX agents_hostname ON agents(hostname);",
+    // 13: who made each token and its revocation, removed agents, the audit log (append-only).
+    "ALTER TABLE tokens ADD COLUMN created_by TEXT NOT NULL DEFAULT '';
+    ALTER TABLE tokens ADD COLUMN revoked_at_ms INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE agents ADD COLUMN removed_at_ms INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        at_ms INTEGER NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        org TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX audit_at ON audit(at_ms);
+    CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+    CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;",
 ];
 
 /// Counts one sign-in attempt against a key (`key`, `now_ms`, `window_ms`): a new window when
@@ -251,20 +270,109 @@ impl SqliteStore {
 }
 
 impl Store for SqliteStore {
-    fn create_token(
-        &self,
-        hash: &str,
-        now_ms: i64,
-        expires_at_ms: i64,
-        uses: u32,
-        org: &str,
-    ) -> Result<(), StoreError> {
+    fn create_token(&self, t: &TokenRow) -> Result<(), StoreError> {
         self.conn().execute(
-            "INSERT INTO tokens (hash, created_at_ms, expires_at_ms, uses_left, org)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![hash, now_ms, expires_at_ms, uses, org],
+            "INSERT INTO tokens (hash, created_at_ms, expires_at_ms, uses_left, org, created_by)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                t.hash,
+                t.created_at_ms,
+                t.expires_at_ms,
+                t.uses_left,
+                t.org,
+                t.created_by
+            ],
         )?;
         Ok(())
+    }
+
+    fn list_tokens(&self) -> Result<Vec<TokenRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached(&format!("{TOKEN_SELECT} ORDER BY created_at_ms, hash"))?;
+        let rows = stmt.query_map([], |r| rows::token(r))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn revoke_token(&self, hash: &str, now_ms: i64) -> Result<bool, StoreError> {
+        let n = self.conn().execute(
+            "UPDATE tokens SET revoked_at_ms = ?2 WHERE hash = ?1 AND revoked_at_ms = 0",
+            params![hash, now_ms],
+        )?;
+        Ok(n > 0)
+    }
+
+    fn rename_org(&self, name: &str, new_name: &str) -> Result<bool, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let n = tx.execute(
+            "UPDATE orgs SET name = ?2 WHERE name = ?1
+               AND NOT EXISTS (SELECT 1 FROM orgs WHERE name = ?2)",
+            params![name, new_name],
+        )?;
+        if n == 1 {
+            tx.execute(
+                "UPDATE tokens SET org = ?2 WHERE org = ?1",
+                params![name, new_name],
+            )?;
+            tx.commit()?;
+        }
+        Ok(n == 1)
+    }
+
+    fn remove_org(&self, name: &str, now_ms: i64) -> Result<Option<u32>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        if tx.execute("DELETE FROM orgs WHERE name = ?1", [name])? == 0 {
+            return Ok(None);
+        }
+        let tokens = tx.execute(
+            "UPDATE tokens SET revoked_at_ms = ?2 WHERE org = ?1 AND revoked_at_ms = 0",
+            params![name, now_ms],
+        )?;
+        tx.commit()?;
+        Ok(Some(u32::try_from(tokens).unwrap_or(u32::MAX)))
+    }
+
+    fn record_audit(&self, e: &AuditRow) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO audit (at_ms, actor, action, target, outcome, org, detail)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                e.at_ms, e.actor, e.action, e.target, e.outcome, e.org, e.detail
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn list_audit(
+        &self,
+        since_ms: i64,
+        org: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<AuditRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "{AUDIT_SELECT} WHERE at_ms >= ?1 AND (?2 IS NULL OR org = ?2) ORDER BY seq DESC LIMIT ?3"
+        ))?;
+        let rows = stmt.query_map(params![since_ms, org, limit], |r| rows::audit(r))?;
+        let mut entries = rows.collect::<Result<Vec<_>, _>>()?;
+        entries.reverse();
+        Ok(entries)
+    }
+
+    fn audit_after(
+        &self,
+        after: u64,
+        before_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<AuditRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "{AUDIT_SELECT} WHERE seq > ?1 AND at_ms < ?2 ORDER BY seq LIMIT ?3"
+        ))?;
+        let rows = stmt.query_map(params![after as i64, before_ms, limit], |r| rows::audit(r))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn create_org(&self, o: &OrgRow) -> Result<bool, StoreError> {
@@ -439,12 +547,12 @@ impl Store for SqliteStore {
         token_hash: &str,
         now_ms: i64,
     ) -> Result<Result<String, TokenError>, StoreError> {
-        let row: Option<(i64, i64, String)> = self
+        let row: Option<(i64, i64, String, i64)> = self
             .conn()
             .query_row(
-                "SELECT expires_at_ms, uses_left, org FROM tokens WHERE hash = ?1",
+                "SELECT expires_at_ms, uses_left, org, revoked_at_ms FROM tokens WHERE hash = ?1",
                 [token_hash],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
             .optional()?;
         Ok(super::token_verdict(row, now_ms))
@@ -461,11 +569,11 @@ impl Store for SqliteStore {
         // IMMEDIATE: the write lock is taken before the read, so two handles on one file
         // cannot both see the last use left.
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let row: Option<(i64, i64, String)> = tx
+        let row: Option<(i64, i64, String, i64)> = tx
             .query_row(
-                "SELECT expires_at_ms, uses_left, org FROM tokens WHERE hash = ?1",
+                "SELECT expires_at_ms, uses_left, org, revoked_at_ms FROM tokens WHERE hash = ?1",
                 [token_hash],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
             .optional()?;
         let verdict = super::token_verdict(row, now_ms);
@@ -576,6 +684,16 @@ impl Store for SqliteStore {
     fn revoke_agent(&self, id: &str, now_ms: i64) -> Result<bool, StoreError> {
         let n = self.conn().execute(
             "UPDATE agents SET revoked_at_ms = COALESCE(revoked_at_ms, ?2) WHERE id = ?1",
+            params![id, now_ms],
+        )?;
+        Ok(n > 0)
+    }
+
+    fn remove_agent(&self, id: &str, now_ms: i64) -> Result<bool, StoreError> {
+        let n = self.conn().execute(
+            "UPDATE agents SET revoked_at_ms = COALESCE(revoked_at_ms, ?2),
+                removed_at_ms = CASE WHEN removed_at_ms = 0 THEN ?2 ELSE removed_at_ms END
+             WHERE id = ?1",
             params![id, now_ms],
         )?;
         Ok(n > 0)

@@ -13,6 +13,25 @@ use vedette_proto::v1::{Detection, FileTarget, Inventory, detection};
 
 use super::*;
 
+/// A token row by its hash, creation and expiry times, uses and organisation.
+fn token(
+    hash: &str,
+    created_at_ms: i64,
+    expires_at_ms: i64,
+    uses_left: u32,
+    org: &str,
+) -> TokenRow {
+    TokenRow {
+        hash: hash.into(),
+        org: org.into(),
+        uses_left,
+        created_at_ms,
+        expires_at_ms,
+        created_by: "cert:operator".into(),
+        revoked_at_ms: 0,
+    }
+}
+
 fn detection(id: &str) -> Detection {
     Detection {
         id: id.into(),
@@ -46,8 +65,10 @@ fn both(name: &str, test: impl Fn(Arc<dyn Store>, &dyn Fn() -> Arc<dyn Store>)) 
 #[test]
 fn tokens_are_single_use_and_expire() {
     both("tokens", |s, _| {
-        s.create_token("h1", 0, 1_000, 1, "default").unwrap();
-        s.create_token("h2", 0, 1_000, 1, "default").unwrap();
+        s.create_token(&token("h1", 0, 1_000, 1, "default"))
+            .unwrap();
+        s.create_token(&token("h2", 0, 1_000, 1, "default"))
+            .unwrap();
         assert_eq!(
             s.enroll("nope", "a0", "h", 10).unwrap(),
             Err(TokenError::Unknown)
@@ -69,9 +90,102 @@ fn tokens_are_single_use_and_expire() {
 }
 
 #[test]
+fn a_revoked_token_enrolls_nothing_and_is_listed_with_its_creator() {
+    both("token_revoke", |s, _| {
+        s.create_token(&token("r1", 5, i64::MAX, 2, "default"))
+            .unwrap();
+        assert!(s.revoke_token("r1", 20).unwrap());
+        assert!(!s.revoke_token("r1", 30).unwrap(), "revoked once");
+        assert!(!s.revoke_token("none", 30).unwrap());
+        assert_eq!(s.check_token("r1", 40).unwrap(), Err(TokenError::Revoked));
+        assert_eq!(
+            s.enroll("r1", "a1", "h", 40).unwrap(),
+            Err(TokenError::Revoked)
+        );
+        let listed = s.list_tokens().unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].revoked_at_ms, 20);
+        assert_eq!(listed[0].uses_left, 2);
+        assert_eq!(listed[0].created_by, "cert:operator");
+    });
+}
+
+#[test]
+fn a_removed_agent_is_revoked_and_marked_and_an_org_renames_and_goes_with_its_tokens() {
+    both("lifecycle", |s, _| {
+        s.create_token(&token("t", 0, i64::MAX, 1, "default"))
+            .unwrap();
+        s.enroll("t", "a1", "h", 1).unwrap().unwrap();
+        assert!(s.remove_agent("a1", 50).unwrap());
+        assert!(!s.remove_agent("nobody", 50).unwrap());
+        let a = s.agent("a1").unwrap().unwrap();
+        assert!(a.revoked);
+        assert_eq!(a.removed_at_ms, 50);
+
+        let org = OrgRow {
+            name: "old".into(),
+            stix_id: "identity--x".into(),
+            share: "full".into(),
+            tlp: "amber".into(),
+            ..OrgRow::default()
+        };
+        assert!(s.create_org(&org).unwrap());
+        s.create_token(&token("o", 0, i64::MAX, 1, "old")).unwrap();
+        assert!(!s.rename_org("old", "default").unwrap(), "a taken name");
+        assert!(s.rename_org("old", "new").unwrap());
+        assert!(
+            !s.rename_org("old", "other").unwrap(),
+            "gone under its old name"
+        );
+        let tokens = s.list_tokens().unwrap();
+        assert_eq!(tokens.iter().find(|t| t.hash == "o").unwrap().org, "new");
+        assert_eq!(s.remove_org("new", 60).unwrap(), Some(1));
+        assert_eq!(s.remove_org("new", 60).unwrap(), None);
+        assert_eq!(s.check_token("o", 70).unwrap(), Err(TokenError::Revoked));
+        assert!(!s.list_orgs().unwrap().iter().any(|o| o.name == "new"));
+    });
+}
+
+#[test]
+fn the_audit_log_keeps_entries_in_order_and_by_organisation() {
+    both("audit", |s, _| {
+        for (i, org) in ["a", "b", "a", ""].iter().enumerate() {
+            s.record_audit(&AuditRow {
+                at_ms: 100 + i as i64,
+                actor: "cert:operator".into(),
+                action: "token.create".into(),
+                target: format!("t{i}"),
+                outcome: "ok".into(),
+                org: org.to_string(),
+                ..AuditRow::default()
+            })
+            .unwrap();
+        }
+        let all = s.list_audit(0, None, 100).unwrap();
+        let targets: Vec<&str> = all.iter().map(|e| e.target.as_str()).collect();
+        assert_eq!(targets, ["t0", "t1", "t2", "t3"]);
+        assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
+        let of_a = s.list_audit(0, Some("a"), 100).unwrap();
+        assert_eq!(of_a.len(), 2);
+        assert_eq!(s.list_audit(102, None, 100).unwrap().len(), 2);
+        let last = s.list_audit(0, None, 1).unwrap();
+        assert_eq!(last[0].target, "t3", "the most recent");
+        let after = s.audit_after(all[1].seq, i64::MAX, 10).unwrap();
+        assert_eq!(
+            s.audit_after(0, 102, 10).unwrap().len(),
+            2,
+            "made before 102"
+        );
+        assert_eq!(after.len(), 2);
+        assert_eq!(after[0].target, "t2");
+    });
+}
+
+#[test]
 fn one_token_used_by_many_at_once_enrolls_as_many_as_it_allows() {
     both("token_race", |s, reopen| {
-        s.create_token("t", 0, i64::MAX, 3, "default").unwrap();
+        s.create_token(&token("t", 0, i64::MAX, 3, "default"))
+            .unwrap();
         // Eight "collectors" (their own store handles), all at once.
         let stores: Vec<Arc<dyn Store>> = (0..8).map(|_| reopen()).collect();
         let barrier = std::sync::Barrier::new(stores.len());
@@ -101,7 +215,8 @@ fn one_token_used_by_many_at_once_enrolls_as_many_as_it_allows() {
 #[test]
 fn detections_are_stored_once_and_survive_reopen() {
     both("detections", |s, reopen| {
-        s.create_token("h", 0, i64::MAX, 1, "default").unwrap();
+        s.create_token(&token("h", 0, i64::MAX, 1, "default"))
+            .unwrap();
         s.enroll("h", "a", "host", 1).unwrap().unwrap();
         assert_eq!(
             s.insert_detections("a", &[detection("d1"), detection("d2")], 5)
@@ -189,7 +304,8 @@ fn detections_are_stored_once_and_survive_reopen() {
 #[test]
 fn retention_deletes_old_detections_in_batches() {
     both("retention", |s, _| {
-        s.create_token("h", 0, i64::MAX, 1, "default").unwrap();
+        s.create_token(&token("h", 0, i64::MAX, 1, "default"))
+            .unwrap();
         s.enroll("h", "a", "host", 1).unwrap().unwrap();
         for (i, at) in [10, 10, 10, 20, 30].into_iter().enumerate() {
             s.insert_detections("a", &[detection(&format!("d{i}"))], at)
@@ -216,7 +332,8 @@ fn retention_deletes_old_detections_in_batches() {
 #[test]
 fn agents_record_connections_heartbeats_bundles_and_revocation() {
     both("agents", |s, _| {
-        s.create_token("h", 0, i64::MAX, 1, "default").unwrap();
+        s.create_token(&token("h", 0, i64::MAX, 1, "default"))
+            .unwrap();
         s.enroll("h", "a", "host", 1).unwrap().unwrap();
         let inv = Inventory {
             hostname: "web-1".into(),
@@ -543,8 +660,10 @@ fn organisations_hold_their_agents_tokens_detections_and_certificates() {
             })
             .unwrap()
         );
-        s.create_token("ta", 0, i64::MAX, 1, "alpha").unwrap();
-        s.create_token("td", 0, i64::MAX, 1, "default").unwrap();
+        s.create_token(&token("ta", 0, i64::MAX, 1, "alpha"))
+            .unwrap();
+        s.create_token(&token("td", 0, i64::MAX, 1, "default"))
+            .unwrap();
         assert_eq!(s.check_token("ta", 1).unwrap(), Ok("alpha".to_string()));
         assert_eq!(
             s.enroll("ta", "a1", "h1", 1).unwrap(),
@@ -619,7 +738,8 @@ fn organisations_hold_their_agents_tokens_detections_and_certificates() {
 #[test]
 fn detections_filter_by_kind_rule_time_text_and_hash() {
     both("detection_filters", |s, _| {
-        s.create_token("h", 0, i64::MAX, 1, "default").unwrap();
+        s.create_token(&token("h", 0, i64::MAX, 1, "default"))
+            .unwrap();
         s.enroll("h", "a", "host", 1).unwrap().unwrap();
         let file = |id: &str, rule: &str, path: &str| Detection {
             rule: rule.into(),
@@ -848,5 +968,53 @@ fn both_stores_have_the_same_tables_columns_and_kinds() {
         drift.is_empty(),
         "the stores' schemas differ:\n{}",
         drift.join("\n")
+    );
+}
+
+#[test]
+fn the_audit_log_refuses_changes_and_deletions_in_both_stores() {
+    let entry = AuditRow {
+        at_ms: 1,
+        actor: "cert:operator".into(),
+        action: "token.create".into(),
+        outcome: "ok".into(),
+        ..AuditRow::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    open(&StoreLocation::Sqlite(path.clone()))
+        .unwrap()
+        .record_audit(&entry)
+        .unwrap();
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    for sql in ["UPDATE audit SET outcome = 'refused'", "DELETE FROM audit"] {
+        let e = conn.execute(sql, []).unwrap_err();
+        assert!(e.to_string().contains("append-only"), "{sql}: {e}");
+    }
+    if let Some(db) = vedette_tests::PgDb::create("audit_append_only") {
+        let pg = StoreLocation::Postgres {
+            url: db.url.clone(),
+            ca_cert: None,
+        };
+        open(&pg).unwrap().record_audit(&entry).unwrap();
+        let mut client = ::postgres::Client::connect(&db.url, ::postgres::NoTls).unwrap();
+        for sql in ["UPDATE audit SET outcome = 'refused'", "DELETE FROM audit"] {
+            let e = client.batch_execute(sql).unwrap_err();
+            let text = e
+                .as_db_error()
+                .map(|d| d.message().to_string())
+                .unwrap_or_default();
+            assert!(text.contains("append-only"), "{sql}: {e}");
+        }
+        let n: i64 = client
+            .query_one("SELECT COUNT(*) FROM audit", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1);
+    }
+    assert_eq!(
+        conn.query_row("SELECT COUNT(*) FROM audit", [], |r| r.get::<_, i64>(0))
+            .unwrap(),
+        1
     );
 }

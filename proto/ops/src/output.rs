@@ -8,8 +8,8 @@
 use serde_json::{Value, json};
 
 use vedette_proto::v1::{
-    AgentInfo, BundleInfo, BundleRolloutResponse, Detection, ExportSink, IntelSource,
-    StoredDetection, detection,
+    AgentInfo, AuditEntry, BundleInfo, BundleRolloutResponse, Detection, ExportSink, IntelSource,
+    StoredDetection, TokenInfo, detection,
 };
 use vedette_proto::{action_name, kind_name};
 
@@ -208,6 +208,7 @@ pub fn agent_json(a: &AgentInfo) -> serde_json::Value {
         "counters": a.counters.iter().collect::<std::collections::BTreeMap<_, _>>(),
         "clock_skew_ms": a.clock_skew_ms,
         "stopped_at": (a.stopped_at_ms != 0).then(|| rfc3339_ms(a.stopped_at_ms)),
+        "removed_at": (a.removed_at_ms != 0).then(|| rfc3339_ms(a.removed_at_ms)),
     })
 }
 
@@ -235,7 +236,9 @@ pub fn clock_skew(a: &AgentInfo) -> Option<String> {
 
 /// connected, stopped (said goodbye), disconnected, never-seen or revoked.
 pub fn agent_state(a: &AgentInfo) -> &'static str {
-    if a.revoked {
+    if a.removed_at_ms != 0 {
+        "removed"
+    } else if a.revoked {
         "revoked"
     } else if a.connected {
         "connected"
@@ -246,6 +249,33 @@ pub fn agent_state(a: &AgentInfo) -> &'static str {
     } else {
         "disconnected"
     }
+}
+
+/// An enrollment token (by its id, never the token).
+pub fn token_json(t: &TokenInfo) -> serde_json::Value {
+    json!({
+        "id": t.id,
+        "org": t.org,
+        "uses_left": t.uses_left,
+        "created_at": rfc3339_ms(t.created_at_ms),
+        "expires_at": rfc3339_ms(t.expires_at_ms),
+        "created_by": t.created_by,
+        "revoked_at": (t.revoked_at_ms != 0).then(|| rfc3339_ms(t.revoked_at_ms)),
+    })
+}
+
+/// An entry of the audit log.
+pub fn audit_json(e: &AuditEntry) -> serde_json::Value {
+    json!({
+        "seq": e.seq,
+        "at": rfc3339_ms(e.at_ms),
+        "actor": e.actor,
+        "action": e.action,
+        "target": e.target,
+        "outcome": e.outcome,
+        "org": e.org,
+        "detail": e.detail,
+    })
 }
 
 /// A published bundle (without its content).

@@ -537,6 +537,51 @@ pub async fn stats(
     .into_response())
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct AuditQuery {
+    /// Only entries at or after this time (as for detections).
+    pub since: String,
+    /// At most this many, the most recent (default 100, at most 10,000).
+    pub limit: Option<u32>,
+}
+
+/// The audit log's most recent entries, oldest first.
+pub async fn audit_entries(
+    console: &Console,
+    who: &Who,
+    q: &AuditQuery,
+) -> Result<Vec<vedette_proto::v1::AuditEntry>, Failure> {
+    let since_ms = match q.since.trim() {
+        "" => 0,
+        t => parse_time("since", t)?,
+    };
+    Ok(console
+        .admin
+        .list_audit(Console::request(
+            who,
+            vedette_proto::v1::ListAuditRequest {
+                since_ms,
+                limit: q.limit.unwrap_or(100),
+            },
+        ))
+        .await?
+        .into_inner()
+        .entries)
+}
+
+pub async fn audit(
+    State(console): State<Arc<Console>>,
+    Extension(who): Extension<Who>,
+    Query(q): Query<AuditQuery>,
+) -> ApiResult {
+    let entries = audit_entries(&console, &who, &q).await?;
+    Ok(Json(json!({
+        "entries": entries.iter().map(output::audit_json).collect::<Vec<_>>(),
+    }))
+    .into_response())
+}
+
 pub async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], super::OPENAPI).into_response()
 }

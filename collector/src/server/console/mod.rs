@@ -60,6 +60,7 @@ pub const API_ROUTES: &[(&str, &str)] = &[
     ("get", "/api/v1/bundles"),
     ("get", "/api/v1/bundles/{version}/rollout"),
     ("get", "/api/v1/intel"),
+    ("get", "/api/v1/audit"),
     ("get", "/api/v1/stats"),
     ("get", "/api/v1/openapi.json"),
 ];
@@ -242,6 +243,7 @@ fn router(console: Arc<Console>) -> Router {
         .route("/rules", get(pages::rules))
         .route("/rules/diff", get(pages::rules_diff))
         .route("/intel", get(pages::intel))
+        .route("/audit", get(pages::audit))
         .route("/logout", post(pages::logout))
         .route("/api/v1/session", get(api::session))
         .route("/api/v1/detections", get(api::detections))
@@ -251,6 +253,7 @@ fn router(console: Arc<Console>) -> Router {
         .route("/api/v1/bundles", get(api::bundles))
         .route("/api/v1/bundles/{version}/rollout", get(api::rollout))
         .route("/api/v1/intel", get(api::intel))
+        .route("/api/v1/audit", get(api::audit))
         .route("/api/v1/stats", get(api::stats))
         .route("/api/v1/openapi.json", get(api::openapi))
         .route_layer(middleware::from_fn_with_state(console.clone(), require));

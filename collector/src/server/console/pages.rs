@@ -1,6 +1,7 @@
 //! The console's HTML pages, rendered on the server (maud escapes everything interpolated).
 //! The only script is `/static/console.js`: live detections and confirmations.
 
+use super::super::audit::{self, Act};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,6 +40,7 @@ fn layout(who: Option<&Who>, title: &str, active: &str, body: Markup) -> Markup 
         ("/agents", "Agents"),
         ("/rules", "Rules"),
         ("/intel", "Intel"),
+        ("/audit", "Audit"),
     ];
     html! {
         (DOCTYPE)
@@ -157,6 +159,27 @@ async fn attempt_allowed(
     .await
 }
 
+/// Records a sign-in in the audit log: with the account's organisation when it succeeded,
+/// refused (a wrong password) without, and only for an existing account.
+async fn audit_sign_in(console: &Console, name: &str, from: std::net::IpAddr, org: Option<&str>) {
+    if org.is_none() {
+        let lookup = name.to_string();
+        let known = super::super::blocking(&console.state.store, move |s| s.user(&lookup)).await;
+        if !matches!(known, Ok(Some(_))) {
+            return;
+        }
+    }
+    let mut act = Act::as_actor(format!("console:{name}"), "console.sign_in")
+        .target(name)
+        .org(org.unwrap_or_default());
+    act.detail = format!("from {from}");
+    let outcome = match org {
+        Some(_) => Ok(()),
+        None => Err(tonic::Status::permission_denied("wrong password")),
+    };
+    audit::record(&console.state.store, act, &outcome).await;
+}
+
 pub async fn login(
     State(console): State<Arc<Console>>,
     Extension(client): Extension<super::ClientAddr>,
@@ -202,8 +225,10 @@ pub async fn login(
             .await
             .unwrap_or(false)
     };
+    // An account's wrong passwords are audited: bounded by its sign-in budget.
     let Some(user) = user.filter(|_| ok) else {
         warn!(user = %name, address = %client.0, "console sign-in failed");
+        audit_sign_in(&console, &name, client.0, None).await;
         return login_page(
             &console,
             StatusCode::UNAUTHORIZED,
@@ -219,6 +244,7 @@ pub async fn login(
     let expires = crate::store::now_ms() + auth::SESSION_LIFETIME.as_millis() as i64;
     let (session, _) = console.keys.new_session(&user, expires);
     info!(user = %name, "console sign-in");
+    audit_sign_in(&console, &name, client.0, Some(&user.org)).await;
     (
         AppendHeaders([
             (
@@ -816,4 +842,30 @@ pub async fn intel(
         }
     };
     page(StatusCode::OK, layout(Some(&who), "Intel", "/intel", body))
+}
+
+/// The audit log: the most recent operator actions (the caller's organisation's only, for an
+/// operator limited to one).
+pub async fn audit(
+    State(console): State<Arc<Console>>,
+    Extension(who): Extension<Who>,
+    Query(q): Query<api::AuditQuery>,
+) -> Response {
+    let entries = match api::audit_entries(&console, &who, &q).await {
+        Ok(e) => e,
+        Err(f) => return f.page(),
+    };
+    let body = html! {
+        p { "Every operator action, newest first: tokens, enrollments, revocations, certificates, publishing, organisations, accounts and sign-ins. The log is append-only." }
+        table #audit {
+            thead { tr { th { "At" } th { "Who" } th { "Action" } th { "Target" } th { "Organisation" } th { "Outcome" } th { "Detail" } } }
+            tbody { @for e in entries.iter().rev() {
+                tr { td { (rfc3339_ms(e.at_ms)) } td { code { (printable(&e.actor)) } } td { (printable(&e.action)) }
+                     td { code { (printable(&e.target)) } } td { (printable(&e.org)) }
+                     td class=[(e.outcome != "ok").then_some("error")] { (printable(&e.outcome)) }
+                     td { (printable(&e.detail)) } }
+            } }
+        }
+    };
+    page(StatusCode::OK, layout(Some(&who), "Audit", "/audit", body))
 }

@@ -140,6 +140,25 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE detections ADD COLUMN md5 TEXT;
     CREATE INDEX detections_md5 ON detections(md5) WHERE md5 IS NOT NULL;
     CREATE INDEX agents_hostname ON agents(hostname);",
+    // 11: who made each token and its revocation, removed agents, the audit log (append-only).
+    "ALTER TABLE tokens ADD COLUMN created_by TEXT NOT NULL DEFAULT '';
+    ALTER TABLE tokens ADD COLUMN revoked_at_ms BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE agents ADD COLUMN removed_at_ms BIGINT NOT NULL DEFAULT 0;
+    CREATE TABLE audit (
+        seq BIGSERIAL PRIMARY KEY,
+        at_ms BIGINT NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        org TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX audit_at ON audit(at_ms);
+    CREATE FUNCTION vedette_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS
+        $$ BEGIN RAISE EXCEPTION 'the audit log is append-only'; END $$;
+    CREATE TRIGGER audit_append_only BEFORE UPDATE OR DELETE ON audit
+        FOR EACH ROW EXECUTE FUNCTION vedette_audit_append_only();",
 ];
 
 /// The advisory lock key migrations run under ("vedette" in ASCII).

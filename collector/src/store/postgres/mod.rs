@@ -24,11 +24,11 @@ use vedette_proto::v1::{Detection, Inventory, StoredDetection, detection};
 use self::listen::EVENTS;
 use self::migrate::migrate;
 use self::pool::{Conn, Pool, tls_connector};
-use super::rows::{self, AGENT_SELECT, CERT_SELECT};
+use super::rows::{self, AGENT_SELECT, AUDIT_SELECT, CERT_SELECT, TOKEN_SELECT};
 use super::{
-    AgentRow, BundleRow, CertRow, DetectionFilter, DetectionPage, ExportRow, IntelBatch,
+    AgentRow, AuditRow, BundleRow, CertRow, DetectionFilter, DetectionPage, ExportRow, IntelBatch,
     IntelSourceRow, Opener, OrgRow, Schema, StagedLine, StagingCounts, Store, StoreError,
-    StoreEvent, TokenError, UserRow, redact,
+    StoreEvent, TokenError, TokenRow, UserRow, redact,
 };
 
 pub struct PgStore {
@@ -121,21 +121,123 @@ impl Store for PgStore {
         Ok(Some(rx))
     }
 
-    fn create_token(
-        &self,
-        hash: &str,
-        now_ms: i64,
-        expires_at_ms: i64,
-        uses: u32,
-        org: &str,
-    ) -> Result<(), StoreError> {
+    fn create_token(&self, t: &TokenRow) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
-                "INSERT INTO tokens (hash, created_at_ms, expires_at_ms, uses_left, org)
-                 VALUES ($1, $2, $3, $4, $5)",
-                &[&hash, &now_ms, &expires_at_ms, &i64::from(uses), &org],
+                "INSERT INTO tokens (hash, created_at_ms, expires_at_ms, uses_left, org, created_by)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[
+                    &t.hash,
+                    &t.created_at_ms,
+                    &t.expires_at_ms,
+                    &i64::from(t.uses_left),
+                    &t.org,
+                    &t.created_by,
+                ],
             )?;
             Ok(())
+        })
+    }
+
+    fn list_tokens(&self) -> Result<Vec<TokenRow>, StoreError> {
+        self.with(|c| {
+            let rows = c.query(&format!("{TOKEN_SELECT} ORDER BY created_at_ms, hash"), &[])?;
+            Ok(rows.iter().map(rows::token).collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn revoke_token(&self, hash: &str, now_ms: i64) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "UPDATE tokens SET revoked_at_ms = $2 WHERE hash = $1 AND revoked_at_ms = 0",
+                &[&hash, &now_ms],
+            )?;
+            Ok(n > 0)
+        })
+    }
+
+    fn rename_org(&self, name: &str, new_name: &str) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let mut tx = c.transaction()?;
+            let n = tx.execute(
+                "UPDATE orgs SET name = $2 WHERE name = $1
+                   AND NOT EXISTS (SELECT 1 FROM orgs WHERE name = $2)",
+                &[&name, &new_name],
+            )?;
+            if n == 1 {
+                tx.execute(
+                    "UPDATE tokens SET org = $2 WHERE org = $1",
+                    &[&name, &new_name],
+                )?;
+                tx.commit()?;
+            }
+            Ok(n == 1)
+        })
+    }
+
+    fn remove_org(&self, name: &str, now_ms: i64) -> Result<Option<u32>, StoreError> {
+        self.with(|c| {
+            let mut tx = c.transaction()?;
+            if tx.execute("DELETE FROM orgs WHERE name = $1", &[&name])? == 0 {
+                return Ok(None);
+            }
+            let tokens = tx.execute(
+                "UPDATE tokens SET revoked_at_ms = $2 WHERE org = $1 AND revoked_at_ms = 0",
+                &[&name, &now_ms],
+            )?;
+            tx.commit()?;
+            Ok(Some(u32::try_from(tokens).unwrap_or(u32::MAX)))
+        })
+    }
+
+    fn record_audit(&self, e: &AuditRow) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO audit (at_ms, actor, action, target, outcome, org, detail)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                &[
+                    &e.at_ms, &e.actor, &e.action, &e.target, &e.outcome, &e.org, &e.detail,
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn list_audit(
+        &self,
+        since_ms: i64,
+        org: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<AuditRow>, StoreError> {
+        self.with(|c| {
+            let rows = c.query(
+                &format!(
+                    "{AUDIT_SELECT} WHERE at_ms >= $1 AND ($2::TEXT IS NULL OR org = $2)
+                     ORDER BY seq DESC LIMIT $3"
+                ),
+                &[&since_ms, &org, &i64::from(limit)],
+            )?;
+            let mut entries = rows
+                .iter()
+                .map(rows::audit)
+                .collect::<Result<Vec<_>, _>>()?;
+            entries.reverse();
+            Ok(entries)
+        })
+    }
+
+    fn audit_after(
+        &self,
+        after: u64,
+        before_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<AuditRow>, StoreError> {
+        self.with(|c| {
+            let rows = c.query(
+                &format!("{AUDIT_SELECT} WHERE seq > $1 AND at_ms < $2 ORDER BY seq LIMIT $3"),
+                &[&(after as i64), &before_ms, &i64::from(limit)],
+            )?;
+            Ok(rows.iter().map(rows::audit).collect::<Result<_, _>>()?)
         })
     }
 
@@ -335,11 +437,18 @@ impl Store for PgStore {
     ) -> Result<Result<String, TokenError>, StoreError> {
         self.with(|c| {
             let row = c.query_opt(
-                "SELECT expires_at_ms, uses_left, org FROM tokens WHERE hash = $1",
+                "SELECT expires_at_ms, uses_left, org, revoked_at_ms FROM tokens WHERE hash = $1",
                 &[&token_hash],
             )?;
             Ok(super::token_verdict(
-                row.map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1), r.get(2))),
+                row.map(|r| {
+                    (
+                        r.get::<_, i64>(0),
+                        r.get::<_, i64>(1),
+                        r.get(2),
+                        r.get::<_, i64>(3),
+                    )
+                }),
                 now_ms,
             ))
         })
@@ -358,19 +467,23 @@ impl Store for PgStore {
             // second one sees uses_left already at 0.
             let spent = tx.query_opt(
                 "UPDATE tokens SET uses_left = uses_left - 1
-                 WHERE hash = $1 AND uses_left > 0 AND expires_at_ms > $2 RETURNING org",
+                 WHERE hash = $1 AND uses_left > 0 AND expires_at_ms > $2 AND revoked_at_ms = 0
+                 RETURNING org",
                 &[&token_hash, &now_ms],
             )?;
             let Some(spent) = spent else {
                 let row = tx.query_opt(
-                    "SELECT expires_at_ms FROM tokens WHERE hash = $1",
+                    "SELECT expires_at_ms, revoked_at_ms FROM tokens WHERE hash = $1",
                     &[&token_hash],
                 )?;
-                return Ok(Err(match row.map(|r| r.get::<_, i64>(0)) {
-                    None => TokenError::Unknown,
-                    Some(expires) if expires <= now_ms => TokenError::Expired,
-                    Some(_) => TokenError::UsedUp,
-                }));
+                return Ok(Err(
+                    match row.map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1))) {
+                        None => TokenError::Unknown,
+                        Some((_, revoked)) if revoked != 0 => TokenError::Revoked,
+                        Some((expires, _)) if expires <= now_ms => TokenError::Expired,
+                        Some(_) => TokenError::UsedUp,
+                    },
+                ));
             };
             let org: String = spent.get(0);
             tx.execute(
@@ -489,6 +602,18 @@ impl Store for PgStore {
         self.with(|c| {
             let n = c.execute(
                 "UPDATE agents SET revoked_at_ms = COALESCE(revoked_at_ms, $2) WHERE id = $1",
+                &[&id, &now_ms],
+            )?;
+            Ok(n > 0)
+        })
+    }
+
+    fn remove_agent(&self, id: &str, now_ms: i64) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "UPDATE agents SET revoked_at_ms = COALESCE(revoked_at_ms, $2),
+                    removed_at_ms = CASE WHEN removed_at_ms = 0 THEN $2 ELSE removed_at_ms END
+                 WHERE id = $1",
                 &[&id, &now_ms],
             )?;
             Ok(n > 0)
