@@ -271,6 +271,7 @@ fn bad_bundles_are_refused_with_a_clear_error_and_change_nothing() {
             content,
             signature: signature.clone(),
             signer_key: key.public().0.to_vec(),
+            to_label: String::new(),
         };
         rt().block_on(async {
             let ch = connect(&f.c.addr, tls).await.expect("connects");
@@ -294,6 +295,7 @@ fn bad_bundles_are_refused_with_a_clear_error_and_change_nothing() {
         signature: key.sign(&broken),
         content: broken,
         signer_key: key.public().0.to_vec(),
+        to_label: String::new(),
     };
     let e = rt()
         .block_on(async {
@@ -418,4 +420,122 @@ fn an_agent_restarted_while_the_collector_is_down_runs_its_last_good_bundle() {
     f.c.start();
     let d = detection(&f.c, "kept_rule");
     assert_eq!(d["bundle_version"], 1);
+}
+
+/// Each agent's `bundle_version`, by id.
+fn versions(c: &Collector) -> std::collections::BTreeMap<String, u64> {
+    c.agents()
+        .iter()
+        .map(|a| {
+            (
+                a["id"].as_str().unwrap().to_string(),
+                a["bundle_version"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_version_published_to_a_label_reaches_only_its_agents_until_it_is_promoted() {
+    let f = fleet(3);
+    let agents: Vec<&Agent> = f.agents.iter().map(|(a, _)| a).collect();
+    let (canary, second, other) = (agents[0], agents[1], agents[2]);
+    let v1 = f.tmp.join("v1");
+    yara(&v1, "staged_one", "VEDETTE-STAGED-ONE");
+    assert!(publish(&f.c, &[v1.to_str().unwrap()]).status.success());
+    wait_version(&f.c, &agents, 1);
+
+    // Labels, by a start of the agent's id; shown and filtered on.
+    let out = f.c.ctl_ok(&[
+        "agents",
+        "label",
+        &canary.id[..8],
+        "--add",
+        "canary",
+        "--add",
+        "web",
+    ]);
+    assert!(out.contains("canary, web"), "{out}");
+    let listed =
+        vedette_tests::json_lines(&f.c.ctl_ok(&["agents", "list", "--json", "--label", "canary"]));
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["id"], canary.id.as_str());
+    assert_eq!(listed[0]["labels"], serde_json::json!(["canary", "web"]));
+    let bad =
+        f.c.ctl(&["agents", "label", &canary.id, "--add", "no spaces"]);
+    assert!(
+        !bad.status.success() && stderr(&bad).contains("is not a label"),
+        "{}",
+        stderr(&bad)
+    );
+
+    // v2 to the canary only: it runs v2, the others stay on v1.
+    let v2 = f.tmp.join("v2");
+    yara(&v2, "staged_two", "VEDETTE-STAGED-TWO");
+    let out = publish(&f.c, &["--to", "canary", v2.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("pushed to 1 connected agent(s) with label canary"),
+        "{text}"
+    );
+    wait_version(&f.c, &[canary], 2);
+    std::fs::write(f.agents[0].1.join("two.txt"), "VEDETTE-STAGED-TWO").unwrap();
+    let d = detection(&f.c, "staged_two");
+    assert_eq!(d["agent_id"], canary.id.as_str());
+    let v = versions(&f.c);
+    assert_eq!((v[&second.id], v[&other.id]), (1, 1), "{v:?}");
+    let s: Value = serde_json::from_str(&f.c.ctl_ok(&["rules", "status", "2", "--json"])).unwrap();
+    assert_eq!(
+        (s["on_version"].as_u64(), s["not_due"].as_u64()),
+        (Some(1), Some(2)),
+        "{s}"
+    );
+    assert_eq!(s["behind"], 0, "{s}");
+    assert_eq!(s["to_label"], "canary", "{s}");
+
+    // A second agent labelled canary gets v2 at once.
+    f.c.ctl_ok(&["agents", "label", &second.id, "--add", "canary"]);
+    wait_version(&f.c, &[second], 2);
+    assert_eq!(versions(&f.c)[&other.id], 1);
+
+    // Promoted: everyone runs v2; a version already everyone's cannot be promoted again.
+    let out = f.c.ctl_ok(&["rules", "promote", "2"]);
+    assert!(out.contains("every agent"), "{out}");
+    wait_version(&f.c, &agents, 2);
+    let again = f.c.ctl(&["rules", "promote", "2"]);
+    assert!(
+        stderr(&again).contains("every agent already"),
+        "{}",
+        stderr(&again)
+    );
+    let list = vedette_tests::json_lines(&f.c.ctl_ok(&["rules", "list", "--json"]));
+    assert!(list.iter().all(|b| b["to_label"].is_null()), "{list:?}");
+
+    // Versions only go forward: v3 to the canaries, then v1's content republished to all as
+    // v4 reaches everyone, canaries included.
+    let v3 = f.tmp.join("v3");
+    yara(&v3, "staged_three", "VEDETTE-STAGED-THREE");
+    assert!(
+        publish(&f.c, &["--to", "canary", v3.to_str().unwrap()])
+            .status
+            .success()
+    );
+    wait_version(&f.c, &[canary, second], 3);
+    assert_eq!(versions(&f.c)[&other.id], 2);
+    assert!(f.c.ctl(&["rules", "rollback", "1"]).status.success());
+    wait_version(&f.c, &agents, 4);
+
+    // Each step is in the audit log.
+    let audit = vedette_tests::json_lines(&f.c.ctl_ok(&["audit", "list", "--json"]));
+    let labelled = audit
+        .iter()
+        .filter(|e| e["action"] == "agent.label")
+        .count();
+    assert_eq!(labelled, 3, "two labels set, one refused: {audit:?}");
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["action"] == "bundle.promote" && e["outcome"] == "ok")
+    );
 }

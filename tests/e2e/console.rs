@@ -583,19 +583,35 @@ fn console_in_chromium_shows_live_detections_filters_opens_details_and_revokes()
         b.screenshot(name);
     }
 
-    // Two bundles: the rules page shows the rollout and the diff between them.
+    // Two bundles, the second to the canary label only: the rules page shows the rollout per
+    // label and the diff between them.
     let v1 = rule_dir(
         &tmp.path().join("bundle-v1"),
         "fleet_rule_one",
         "VEDETTE-FLEET-ONE",
     );
     c.ctl_ok(&["rules", "publish", v1.to_str().unwrap()]);
+    c.ctl_ok(&["agents", "label", &one.id, "--add", "canary"]);
     let v2 = tmp.path().join("bundle-v2");
     rule_dir(&v2, "fleet_rule_one", "VEDETTE-FLEET-ONE");
     rule_dir(&v2, "fleet_rule_two", "VEDETTE-FLEET-TWO");
-    c.ctl_ok(&["rules", "publish", v2.to_str().unwrap()]);
+    c.ctl_ok(&["rules", "publish", "--to", "canary", v2.to_str().unwrap()]);
     b.goto(&format!("{base}/rules"));
     b.find("section#rollout");
+    let labels = b.text_of(&b.find("table#by-label"));
+    let line = |label: &str| {
+        labels
+            .lines()
+            .find(|l| l.starts_with(label))
+            .unwrap_or_else(|| panic!("no row for {label}: {labels}"))
+            .to_string()
+    };
+    assert!(line("canary").contains("canary 1 2"), "{labels}");
+    assert!(line("(no label)").contains("(no label) 1 1"), "{labels}");
+    assert!(
+        b.page_text().contains("label canary"),
+        "the history says where v2 went"
+    );
     b.screenshot("rules");
     b.click("#diff");
     b.find("section.diff");

@@ -164,6 +164,10 @@ pub enum RulesCmd {
         /// are carried forward: these paths replace only the rules).
         #[arg(long)]
         drop_intel: bool,
+        /// Send this version only to agents with this label (`agents label ID --add LABEL`);
+        /// the others stay on the version they have until `rules promote`.
+        #[arg(long, value_name = "LABEL")]
+        to: Option<String>,
         #[command(flatten)]
         sign: SignArgs,
         /// YARA files (.yar, .yara), indicator lists, or directories of them.
@@ -181,6 +185,14 @@ pub enum RulesCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Send a version published with `--to LABEL` to every agent. Agents already on a newer
+    /// version stay on it: versions only go forward.
+    #[command(
+        after_help = "Example (a canary first):\n  vedettectl agents label 3f2a --add canary\n  \
+        vedettectl rules publish --to canary rules/\n  vedettectl rules status\n  \
+        vedettectl rules promote 8"
+    )]
+    Promote { version: u64 },
     /// Publish the content of an older version again, as a new version.
     Rollback {
         version: u64,
@@ -344,6 +356,19 @@ pub enum AgentsCmd {
         /// Removed agents too.
         #[arg(long)]
         removed: bool,
+        /// Only agents with this label.
+        #[arg(long, value_name = "LABEL")]
+        label: Option<String>,
+    },
+    /// Add or remove an agent's labels (letters, digits, `.`, `_`, `-`): `rules publish --to
+    /// LABEL` sends a version to the agents with that label only.
+    Label {
+        /// The agent: its id, a unique start of it, or its host name.
+        agent: String,
+        #[arg(long, value_name = "LABEL")]
+        add: Vec<String>,
+        #[arg(long, value_name = "LABEL")]
+        remove: Vec<String>,
     },
     /// Revoke an agent: its open stream is closed and it can no longer connect.
     Revoke {

@@ -19,8 +19,8 @@ use vedette_proto::v1::{
     SetOrgRequest, StoredDetection,
 };
 use vedette_proto::v1::{
-    AuditEntry, ListAuditRequest, ListTokensRequest, RemoveAgentRequest, RemoveOrgRequest,
-    RenameOrgRequest, RevokeTokenRequest, TokenInfo,
+    AuditEntry, ListAuditRequest, ListTokensRequest, PromoteBundleRequest, RemoveAgentRequest,
+    RemoveOrgRequest, RenameOrgRequest, RevokeTokenRequest, SetAgentLabelsRequest, TokenInfo,
 };
 
 /// `vedettectl.toml`. Relative paths are relative to the file's directory.
@@ -137,11 +137,13 @@ pub async fn agents_list(
     cfg: &CtlConfig,
     org: Option<String>,
     removed: bool,
+    label: Option<String>,
 ) -> anyhow::Result<Vec<AgentInfo>> {
     let mut c = cfg.client().await?;
     Ok(c.list_agents(ListAgentsRequest {
         org: org.unwrap_or_default(),
         removed,
+        label: label.unwrap_or_default(),
     })
     .await
     .map_err(status_error)?
@@ -161,6 +163,33 @@ pub async fn agents_revoke(cfg: &CtlConfig, id: &str) -> anyhow::Result<bool> {
         .await
         .map_err(status_error)?;
     Ok(r.into_inner().disconnected)
+}
+
+pub async fn agents_label(
+    cfg: &CtlConfig,
+    id: &str,
+    add: Vec<String>,
+    remove: Vec<String>,
+) -> anyhow::Result<Vec<String>> {
+    let mut c = cfg.client().await?;
+    Ok(c.set_agent_labels(SetAgentLabelsRequest {
+        agent_id: id.to_string(),
+        add,
+        remove,
+    })
+    .await
+    .map_err(status_error)?
+    .into_inner()
+    .labels)
+}
+
+pub async fn promote(cfg: &CtlConfig, version: u64) -> anyhow::Result<u32> {
+    let mut c = cfg.client().await?;
+    Ok(c.promote_bundle(PromoteBundleRequest { version })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .agents_notified)
 }
 
 pub async fn agents_remove(cfg: &CtlConfig, id: &str) -> anyhow::Result<bool> {

@@ -176,7 +176,7 @@ async fn resolve_agent(cfg: &CtlConfig, given: Option<String>) -> anyhow::Result
     else {
         return Ok(String::new());
     };
-    let agents = client::agents_list(cfg, None, true).await?;
+    let agents = client::agents_list(cfg, None, true, None).await?;
     if agents.iter().any(|a| a.id == given) {
         return Ok(given);
     }
@@ -271,8 +271,28 @@ async fn hosts(
 
 async fn agents(cmd: AgentsCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
     match cmd {
-        AgentsCmd::List { json, org, removed } => {
-            let agents = client::agents_list(cfg, org, removed).await?;
+        AgentsCmd::Label { agent, add, remove } => {
+            if add.is_empty() && remove.is_empty() {
+                anyhow::bail!("nothing to change: give --add LABEL or --remove LABEL");
+            }
+            let id = resolve_agent(cfg, Some(agent)).await?;
+            let labels = client::agents_label(cfg, &id, add, remove).await?;
+            println!(
+                "{id}: labels {}",
+                if labels.is_empty() {
+                    "(none)".to_string()
+                } else {
+                    labels.join(", ")
+                }
+            );
+        }
+        AgentsCmd::List {
+            json,
+            org,
+            removed,
+            label,
+        } => {
+            let agents = client::agents_list(cfg, org, removed, label).await?;
             if json {
                 for a in &agents {
                     println!("{}", output::agent_json(a));
@@ -565,6 +585,7 @@ fn sign_options(a: SignArgs) -> PublishOptions {
         sign_key: a.sign_key,
         insecure_unsigned: a.insecure_unsigned,
         publisher: a.publisher,
+        to_label: None,
     }
 }
 
@@ -574,11 +595,15 @@ async fn rules(cmd: RulesCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
             name,
             strict,
             drop_intel,
+            to,
             sign,
             paths,
         } => {
-            let p =
-                rules::publish(cfg, &paths, name, strict, drop_intel, &sign_options(sign)).await?;
+            let opts = PublishOptions {
+                to_label: to.clone(),
+                ..sign_options(sign)
+            };
+            let p = rules::publish(cfg, &paths, name, strict, drop_intel, &opts).await?;
             for w in &p.warnings {
                 eprintln!("warning: {w} (line skipped by agents; --strict refuses it)");
             }
@@ -588,10 +613,15 @@ async fn rules(cmd: RulesCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
                 (false, true) => "; without intel indicators (--drop-intel)",
                 (false, false) => "",
             };
+            let only = to.map(|l| format!(" with label {l}")).unwrap_or_default();
             println!(
-                "published version {} (sha256 {}){intel}; pushed to {} connected agent(s)",
+                "published version {} (sha256 {}){intel}; pushed to {} connected agent(s){only}",
                 r.version, r.digest, r.agents_notified
             );
+        }
+        RulesCmd::Promote { version } => {
+            let n = client::promote(cfg, version).await?;
+            println!("version {version} goes to every agent now; pushed to {n} connected agent(s)");
         }
         RulesCmd::Rollback { version, sign } => {
             let r = rules::rollback(cfg, version, &sign_options(sign)).await?;

@@ -48,6 +48,8 @@ pub struct PublishOptions {
     pub sign_key: Option<PathBuf>,
     pub insecure_unsigned: bool,
     pub publisher: Option<String>,
+    /// Only agents with this label get the version.
+    pub to_label: Option<String>,
 }
 
 impl PublishOptions {
@@ -148,6 +150,7 @@ pub(crate) async fn send(
         content: bytes,
         signature,
         signer_key,
+        to_label: opts.to_label.clone().unwrap_or_default(),
     })
     .await
     .map_err(status_error)?

@@ -24,6 +24,9 @@ use vedette_proto::v1::{
     RemoveAgentRequest, RemoveAgentResponse, RemoveOrgRequest, RemoveOrgResponse, RenameOrgRequest,
     RenameOrgResponse, RevokeTokenRequest, RevokeTokenResponse, TokenInfo,
 };
+use vedette_proto::v1::{
+    PromoteBundleRequest, PromoteBundleResponse, SetAgentLabelsRequest, SetAgentLabelsResponse,
+};
 
 use super::agent::token_hash;
 use super::audit::{self, Act};
@@ -173,6 +176,26 @@ fn audit_entry(e: AuditRow) -> AuditEntry {
     }
 }
 
+/// A label: letters, digits, `.`, `_` and `-`, at most 32 characters.
+fn check_label(label: &str) -> Result<(), Status> {
+    let ok = !label.is_empty()
+        && label.len() <= 32
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "`{}` is not a label: letters, digits, `.`, `_` and `-`, at most 32",
+            label.chars().take(64).collect::<String>()
+        )))
+    }
+}
+
+/// Most labels one agent may have.
+const MAX_LABELS: usize = 16;
+
 fn bundle_info(b: &BundleRow) -> BundleInfo {
     BundleInfo {
         version: b.version,
@@ -185,6 +208,7 @@ fn bundle_info(b: &BundleRow) -> BundleInfo {
         signer_key: hex::encode(&b.signer_key),
         files: b.files,
         size: b.size,
+        target: b.target.clone(),
     }
 }
 
@@ -586,6 +610,9 @@ impl AdminSvc {
         who.require_role(Role::Maintainer)?;
         who.require_collector_wide("publishing a bundle")?;
         let req = request.into_inner();
+        if !req.to_label.is_empty() {
+            check_label(&req.to_label)?;
+        }
         let state = self.state.clone();
         let (content, req) =
             tokio::task::spawn_blocking(move || check_bundle(&state, &req).map(|c| (c, req)))
@@ -601,6 +628,7 @@ impl AdminSvc {
             digest: bundle::digest(&req.content),
             signer_key: req.signer_key,
             files: content.files.len() as u32,
+            target: req.to_label.clone(),
             size: req.content.len() as u64,
             content: req.content,
             signature: req.signature,
@@ -613,10 +641,9 @@ impl AdminSvc {
                 row.version
             )));
         }
-        let push = Arc::new(super::rule_bundle(&row));
-        self.state.bundle.send_replace(Some(push));
+        super::rollout::refresh(&self.state).await;
         announce(&self.state, StoreEvent::Bundle(row.version)).await;
-        let notified = self.state.streams().len() as u32;
+        let notified = self.due_streams(row.version);
         info!(
             version = row.version,
             name = %row.name,
@@ -691,6 +718,80 @@ impl AdminSvc {
             Ok(who) => Act::by(request, &who, action),
             Err(_) => Act::as_actor("unknown".into(), action),
         }
+    }
+
+    /// Open agent streams whose agent is now due `version`.
+    fn due_streams(&self, version: u64) -> u32 {
+        let rollout = self.state.rollout.borrow().clone();
+        self.state
+            .streams()
+            .keys()
+            .filter(|id| rollout.due(id).is_some_and(|b| b.version == version))
+            .count() as u32
+    }
+
+    async fn promote_bundle_as(
+        &self,
+        req: PromoteBundleRequest,
+        act: &mut Act,
+    ) -> Result<PromoteBundleResponse, Status> {
+        let v = req.version;
+        let bundles = blocking(&self.state.store, |s| s.list_bundles()).await?;
+        let Some(b) = bundles.iter().find(|b| b.version == v) else {
+            return Err(Status::not_found(format!("no bundle version {v}")));
+        };
+        if b.target.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "version {v} was published to every agent already"
+            )));
+        }
+        act.detail = format!("from label {}", b.target);
+        blocking(&self.state.store, move |s| s.promote_bundle(v)).await?;
+        super::rollout::refresh(&self.state).await;
+        announce(&self.state, StoreEvent::Bundle(0)).await;
+        let agents_notified = self.due_streams(v);
+        info!(
+            version = v,
+            agents = agents_notified,
+            "bundle promoted to every agent"
+        );
+        Ok(PromoteBundleResponse { agents_notified })
+    }
+
+    async fn set_labels_as(
+        &self,
+        who: &Peer,
+        req: SetAgentLabelsRequest,
+        act: &mut Act,
+    ) -> Result<SetAgentLabelsResponse, Status> {
+        for l in req.add.iter().chain(&req.remove) {
+            check_label(l)?;
+        }
+        let id = req.agent_id.clone();
+        let row = blocking(&self.state.store, move |s| s.agent(&id)).await?;
+        let row = match row {
+            Some(r) if visible(who, &r.org) => r,
+            _ => return Err(Status::not_found(format!("no agent `{}`", req.agent_id))),
+        };
+        act.org = row.org.clone();
+        let mut labels: std::collections::BTreeSet<String> = row.labels.into_iter().collect();
+        labels.extend(req.add.iter().cloned());
+        for l in &req.remove {
+            labels.remove(l);
+        }
+        if labels.len() > MAX_LABELS {
+            return Err(Status::invalid_argument(format!(
+                "an agent has at most {MAX_LABELS} labels"
+            )));
+        }
+        let labels: Vec<String> = labels.into_iter().collect();
+        act.detail = format!("labels now: {}", labels.join(","));
+        let (id, l) = (req.agent_id.clone(), labels.clone());
+        blocking(&self.state.store, move |s| s.set_agent_labels(&id, &l)).await?;
+        super::rollout::refresh(&self.state).await;
+        announce(&self.state, StoreEvent::Bundle(0)).await;
+        info!(by = %who, agent = %req.agent_id, labels = %labels.join(","), "agent labels changed");
+        Ok(SetAgentLabelsResponse { labels })
     }
 
     /// The organisation of an agent, for its audit entry (empty when unknown).
@@ -853,6 +954,34 @@ impl AdminService for AdminSvc {
         let r = self.set_org_as(request).await;
         audit::record(&self.state.store, act, &r).await;
         r
+    }
+
+    async fn promote_bundle(
+        &self,
+        request: Request<PromoteBundleRequest>,
+    ) -> Result<Response<PromoteBundleResponse>, Status> {
+        let who = Peer::of(&request)?;
+        who.require_role(Role::Maintainer)?;
+        who.require_collector_wide("promoting a bundle")?;
+        let mut act = Act::by(&request, &who, "bundle.promote");
+        let req = request.into_inner();
+        act.target = req.version.to_string();
+        let r = self.promote_bundle_as(req, &mut act).await;
+        audit::record(&self.state.store, act, &r).await;
+        r.map(Response::new)
+    }
+
+    async fn set_agent_labels(
+        &self,
+        request: Request<SetAgentLabelsRequest>,
+    ) -> Result<Response<SetAgentLabelsResponse>, Status> {
+        let who = self.operator(&request)?;
+        let mut act = Act::by(&request, &who, "agent.label");
+        let req = request.into_inner();
+        act.target = req.agent_id.clone();
+        let r = self.set_labels_as(&who, req, &mut act).await;
+        audit::record(&self.state.store, act, &r).await;
+        r.map(Response::new)
     }
 
     async fn list_audit(
@@ -1025,24 +1154,37 @@ impl AdminService for AdminSvc {
                 .ok_or_else(|| Status::not_found("no bundle has been published"))?;
         }
         let rows = blocking(&self.state.store, |s| s.list_agents()).await?;
+        let target = blocking(&self.state.store, |s| s.list_bundles())
+            .await?
+            .into_iter()
+            .find(|b| b.version == version)
+            .map(|b| b.target)
+            .unwrap_or_default();
         let mut out = BundleRolloutResponse {
             version,
+            target,
             ..Default::default()
         };
+        let rollout = self.state.rollout.borrow().clone();
         for r in rows
             .into_iter()
             .filter(|r| !r.revoked && visible(&who, &r.org))
         {
+            let due = rollout.due_for(&r.labels).map_or(0, |b| b.version);
             if r.bundle_version == version {
                 out.on_version += 1;
             } else if r.bundle_version > version {
                 out.ahead += 1;
             } else if r.bundle_failed_version == version {
                 out.failed += 1;
-            } else {
+            } else if due >= version {
                 out.behind += 1;
+            } else {
+                out.not_due += 1;
             }
             out.agents.push(AgentBundleState {
+                labels: r.labels,
+                due_version: due,
                 agent_id: r.id,
                 hostname: r.hostname,
                 applied_version: r.bundle_version,
@@ -1063,11 +1205,13 @@ impl AdminService for AdminSvc {
         let who = self.operator(&request)?;
         let only = listing_scope(&who, &request.get_ref().org)?;
         let removed = request.get_ref().removed;
+        let label = request.get_ref().label.clone();
         let rows = blocking(&self.state.store, |s| s.list_agents()).await?;
         let agents = rows
             .into_iter()
             .filter(|r| only.as_ref().is_none_or(|o| *o == r.org))
             .filter(|r| removed || r.removed_at_ms == 0)
+            .filter(|r| label.is_empty() || r.labels.contains(&label))
             .map(|r| AgentInfo {
                 id: r.id,
                 hostname: r.hostname,
@@ -1090,6 +1234,7 @@ impl AdminService for AdminSvc {
                 clock_skew_ms: r.clock_skew_ms,
                 stopped_at_ms: r.stopped_at_ms,
                 removed_at_ms: r.removed_at_ms,
+                labels: r.labels,
             })
             .collect();
         Ok(Response::new(ListAgentsResponse { agents }))

@@ -384,14 +384,14 @@ async fn run_stream(
     })
     .await?;
 
-    // Push the latest bundle now if the agent runs an older one, then each new one as it is
-    // published.
-    let mut bundles = state.bundle.subscribe();
+    // Push what the agent is due now if it runs an older version, then each newer one as the
+    // rollout changes (a version published to all or to one of its labels, promoted, labels).
+    let mut bundles = state.rollout.subscribe();
     let mut pusher = BundlePusher {
         pushed: hello.applied_bundle_version,
     };
-    let latest = bundles.borrow_and_update().clone();
-    if !pusher.push(&latest, tx).await {
+    let due = bundles.borrow_and_update().due(agent_id).cloned();
+    if !pusher.push(&due, tx).await {
         return Ok(());
     }
     let mut throttled = false;
@@ -399,8 +399,8 @@ async fn run_stream(
         let msg = tokio::select! {
             () = stop.cancelled() => return Err(closed_reason(state)),
             changed = bundles.changed() => {
-                let latest = bundles.borrow_and_update().clone();
-                if changed.is_ok() && !pusher.push(&latest, tx).await {
+                let due = bundles.borrow_and_update().due(agent_id).cloned();
+                if changed.is_ok() && !pusher.push(&due, tx).await {
                     return Ok(());
                 }
                 continue;

@@ -6,6 +6,7 @@ mod agent;
 pub(crate) mod audit;
 pub mod console;
 mod guard;
+pub(crate) mod rollout;
 mod silence;
 pub mod throttle;
 pub mod tls;
@@ -52,8 +53,9 @@ pub(crate) struct State {
     /// Maintainer keys whose bundles are accepted (and that agents pin at enrollment).
     pub maintainer_keys: Vec<PublicKey>,
     pub allow_unsigned: bool,
-    /// The latest bundle; every agent stream watches it and pushes each new one at once.
-    pub bundle: watch::Sender<Option<Arc<RuleBundle>>>,
+    /// What each agent is to run; every agent stream watches it and pushes what its agent is
+    /// due at once.
+    pub rollout: watch::Sender<Arc<rollout::Rollout>>,
     /// Per-agent rate limits.
     pub throttle: throttle::Throttle,
     /// Lifetime of agent certificates, at enrollment and renewal.
@@ -330,12 +332,12 @@ async fn open_state(config: &Config, shutdown: CancellationToken) -> anyhow::Res
     };
     let latest = {
         let store = store.clone();
-        tokio::task::spawn_blocking(move || store.bundle(0))
+        tokio::task::spawn_blocking(move || rollout::load(store.as_ref()))
             .await
             .context("store task failed")?
-            .context("cannot read the latest bundle")?
+            .context("cannot read the bundles published")?
     };
-    let (bundle, _) = watch::channel(latest.map(|b| Arc::new(rule_bundle(&b))));
+    let (rollout, _) = watch::channel(Arc::new(latest));
     let revoked = {
         let store = store.clone();
         tokio::task::spawn_blocking(move || store.revoked_serials())
@@ -349,7 +351,7 @@ async fn open_state(config: &Config, shutdown: CancellationToken) -> anyhow::Res
     Ok(Arc::new(State {
         maintainer_keys: config.maintainer_keys.clone(),
         allow_unsigned: config.insecure_allow_unsigned_bundles,
-        bundle,
+        rollout,
         store,
         ca,
         token_ttl: config.token_ttl,
@@ -466,22 +468,13 @@ async fn retention(state: Arc<State>, keep: std::time::Duration) {
     }
 }
 
-/// Pushes the stored bundle `version` (0: the latest) if it is newer than the one held.
+/// Reads the rollout again after a change through another collector (a bundle published or
+/// promoted, labels changed; `version` 0 when no new version came with it).
 async fn newer_bundle(state: &State, version: u64) {
-    let held = state.bundle.borrow().as_ref().map_or(0, |b| b.version);
-    if version != 0 && version <= held {
-        return;
-    }
-    match blocking(&state.store, move |s| s.bundle(version)).await {
-        Ok(Some(row)) if row.version > held => {
-            info!(
-                version = row.version,
-                "bundle published through another collector"
-            );
-            state.bundle.send_replace(Some(Arc::new(rule_bundle(&row))));
-        }
-        Ok(_) => {}
-        Err(e) => warn!(error = %e, version, "cannot load a bundle published elsewhere"),
+    let held = state.rollout.borrow().newest();
+    rollout::refresh(state).await;
+    if version > held {
+        info!(version, "bundle published through another collector");
     }
 }
 

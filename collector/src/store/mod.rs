@@ -365,6 +365,13 @@ pub trait Store: Send + Sync {
     /// Marks an agent revoked. Returns false when no such agent exists.
     fn revoke_agent(&self, id: &str, now_ms: i64) -> Result<bool, StoreError>;
 
+    /// Replaces an agent's labels (sorted, comma-free); false when no such agent exists.
+    fn set_agent_labels(&self, id: &str, labels: &[String]) -> Result<bool, StoreError>;
+
+    /// Sends a version published to a label to every agent (its target becomes empty); false
+    /// when no such version exists.
+    fn promote_bundle(&self, version: u64) -> Result<bool, StoreError>;
+
     /// Marks an agent revoked and removed (hidden from default listings; its detections stay).
     /// Returns false when no such agent exists.
     fn remove_agent(&self, id: &str, now_ms: i64) -> Result<bool, StoreError>;
@@ -718,6 +725,8 @@ pub struct AgentRow {
     pub stopped_at_ms: i64,
     /// When `agents remove` removed it; 0 when not removed.
     pub removed_at_ms: i64,
+    /// Its labels (`agents label`), sorted.
+    pub labels: Vec<String>,
 }
 
 /// A published rule bundle. `content` and `signature` are empty in listings.
@@ -734,6 +743,8 @@ pub struct BundleRow {
     /// Raw Ed25519 key; empty when unsigned.
     pub signer_key: Vec<u8>,
     pub files: u32,
+    /// The label it was published to (`rules publish --to`); empty: every agent.
+    pub target: String,
     pub size: u64,
     pub content: Vec<u8>,
     pub signature: Vec<u8>,

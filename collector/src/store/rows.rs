@@ -118,9 +118,10 @@ pub(crate) fn bundle<R: Columns<Error = E> + ?Sized, E>(r: &R) -> Result<BundleR
         digest: r.text(6)?,
         signer_key: r.bytes(7)?,
         files: u32::try_from(r.count(8)?).unwrap_or(u32::MAX),
-        size: r.count(9)?,
-        content: r.bytes(10)?,
-        signature: r.bytes(11)?,
+        target: r.text(9)?,
+        size: r.count(10)?,
+        content: r.bytes(11)?,
+        signature: r.bytes(12)?,
     })
 }
 
@@ -128,7 +129,7 @@ pub(crate) fn bundle<R: Columns<Error = E> + ?Sized, E>(r: &R) -> Result<BundleR
 pub(crate) const AGENT_SELECT: &str = "SELECT id, hostname, os, kernel, arch, agent_version,
     enrolled_at_ms, first_seen_ms, last_seen_ms, connected, revoked_at_ms IS NOT NULL,
     bundle_version, bundle_applied_at_ms, dropped_total, counters, bundle_failed_version,
-    bundle_error, org, clock_skew_ms, stopped_at_ms, removed_at_ms
+    bundle_error, org, clock_skew_ms, stopped_at_ms, removed_at_ms, labels
     FROM agents";
 
 pub(crate) fn agent<R: Columns<Error = E> + ?Sized, E>(r: &R) -> Result<AgentRow, E> {
@@ -155,6 +156,12 @@ pub(crate) fn agent<R: Columns<Error = E> + ?Sized, E>(r: &R) -> Result<AgentRow
         clock_skew_ms: r.int(18)?,
         stopped_at_ms: r.int(19)?,
         removed_at_ms: r.int(20)?,
+        labels: r
+            .text(21)?
+            .split(',')
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect(),
     })
 }
 

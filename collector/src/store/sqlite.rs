@@ -172,6 +172,9 @@ const MIGRATIONS: &[&str] = &[
         BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
     CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
         BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;",
+    // 14: agent labels, and bundles published to one label only (staged rollout).
+    "ALTER TABLE agents ADD COLUMN labels TEXT NOT NULL DEFAULT '';
+    ALTER TABLE bundles ADD COLUMN target TEXT NOT NULL DEFAULT '';",
 ];
 
 /// Counts one sign-in attempt against a key (`key`, `now_ms`, `window_ms`): a new window when
@@ -689,6 +692,22 @@ impl Store for SqliteStore {
         Ok(n > 0)
     }
 
+    fn set_agent_labels(&self, id: &str, labels: &[String]) -> Result<bool, StoreError> {
+        let n = self.conn().execute(
+            "UPDATE agents SET labels = ?2 WHERE id = ?1",
+            params![id, labels.join(",")],
+        )?;
+        Ok(n > 0)
+    }
+
+    fn promote_bundle(&self, version: u64) -> Result<bool, StoreError> {
+        let n = self.conn().execute(
+            "UPDATE bundles SET target = '' WHERE version = ?1",
+            params![version as i64],
+        )?;
+        Ok(n > 0)
+    }
+
     fn remove_agent(&self, id: &str, now_ms: i64) -> Result<bool, StoreError> {
         let n = self.conn().execute(
             "UPDATE agents SET revoked_at_ms = COALESCE(revoked_at_ms, ?2),
@@ -828,8 +847,8 @@ impl Store for SqliteStore {
         }
         tx.execute(
             "INSERT INTO bundles (version, name, created_at_ms, publisher, published_by,
-                published_at_ms, digest, signer_key, files, content, signature)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                published_at_ms, digest, signer_key, files, content, signature, target)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             params![
                 b.version as i64,
                 b.name,
@@ -841,7 +860,8 @@ impl Store for SqliteStore {
                 b.signer_key,
                 b.files,
                 b.content,
-                b.signature
+                b.signature,
+                b.target
             ],
         )?;
         tx.commit()?;
@@ -1156,7 +1176,7 @@ impl Store for SqliteStore {
 }
 
 const BUNDLE_SELECT: &str = "SELECT version, name, created_at_ms, publisher, published_by,
-    published_at_ms, digest, signer_key, files, length(content),";
+    published_at_ms, digest, signer_key, files, target, length(content),";
 
 #[cfg(test)]
 mod tests {

@@ -209,6 +209,7 @@ pub fn agent_json(a: &AgentInfo) -> serde_json::Value {
         "clock_skew_ms": a.clock_skew_ms,
         "stopped_at": (a.stopped_at_ms != 0).then(|| rfc3339_ms(a.stopped_at_ms)),
         "removed_at": (a.removed_at_ms != 0).then(|| rfc3339_ms(a.removed_at_ms)),
+        "labels": a.labels,
     })
 }
 
@@ -291,6 +292,7 @@ pub fn bundle_json(b: &BundleInfo) -> serde_json::Value {
         "signer_key": b.signer_key,
         "files": b.files,
         "size": b.size,
+        "to_label": (!b.target.is_empty()).then_some(&b.target),
     })
 }
 
@@ -302,6 +304,8 @@ pub fn rollout_json(r: &BundleRolloutResponse) -> serde_json::Value {
         "behind": r.behind,
         "failed": r.failed,
         "ahead": r.ahead,
+        "not_due": r.not_due,
+        "to_label": (!r.target.is_empty()).then_some(&r.target),
         "agents": r.agents.iter().map(|a| json!({
             "agent_id": a.agent_id,
             "hostname": a.hostname,
@@ -310,6 +314,8 @@ pub fn rollout_json(r: &BundleRolloutResponse) -> serde_json::Value {
             "failed_version": a.failed_version,
             "error": a.error,
             "connected": a.connected,
+            "labels": a.labels,
+            "due_version": a.due_version,
         })).collect::<Vec<_>>(),
     })
 }

@@ -638,6 +638,51 @@ pub async fn revoke(
     }
 }
 
+/// The agents of one label in the rollout (an agent with several labels counts in each).
+#[derive(Default)]
+struct LabelRollout {
+    agents: u32,
+    /// The versions its agents are due, e.g. "7" or "6, 7".
+    due: String,
+    /// Agents running what they are due (or newer).
+    current: u32,
+}
+
+/// The rollout grouped by label, "(no label)" for agents without one.
+fn by_label(r: &vedette_proto::v1::BundleRolloutResponse) -> Vec<(String, LabelRollout)> {
+    let mut groups: std::collections::BTreeMap<
+        String,
+        (LabelRollout, std::collections::BTreeSet<u64>),
+    > = std::collections::BTreeMap::new();
+    for a in &r.agents {
+        let none = ["(no label)".to_string()];
+        let labels = if a.labels.is_empty() {
+            &none[..]
+        } else {
+            &a.labels[..]
+        };
+        for l in labels {
+            let (g, due) = groups.entry(l.clone()).or_default();
+            g.agents += 1;
+            due.insert(a.due_version);
+            if a.applied_version >= a.due_version {
+                g.current += 1;
+            }
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(l, (mut g, due))| {
+            g.due = due
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", ");
+            (l, g)
+        })
+        .collect()
+}
+
 pub async fn rules(
     State(console): State<Arc<Console>>,
     Extension(who): Extension<Who>,
@@ -662,16 +707,26 @@ pub async fn rules(
             Err(s) => return Failure::from(s).page(),
         },
     };
+    let by_label = rollout.as_ref().map(by_label).unwrap_or_default();
     let body = html! {
         @if let Some(r) = &rollout {
             section #rollout {
-                h2 { "Version " (r.version) " in the fleet" }
-                p { (r.on_version) " on it · " (r.behind) " behind · " (r.failed) " failed · " (r.ahead) " ahead" }
+                h2 { "Version " (r.version) " in the fleet" @if !r.target.is_empty() { " (published to label " code { (r.target) } ")" } }
+                p { (r.on_version) " on it · " (r.behind) " behind · " (r.failed) " failed · " (r.ahead) " ahead" @if r.not_due > 0 { " · " (r.not_due) " not due it" } }
+                h3 { "By label" }
+                table #by-label {
+                    thead { tr { th { "Label" } th { "Agents" } th { "Due" } th { "On what they are due" } th { "Behind" } } }
+                    tbody { @for (label, g) in &by_label {
+                        tr { td { (label) } td.num { (g.agents) } td { (g.due) } td.num { (g.current) } td.num { (g.agents - g.current) } }
+                    } }
+                }
+                h3 { "By host" }
                 table {
-                    thead { tr { th { "Host" } th { "Runs" } th { "Applied" } th { "Failure" } th { "Connected" } } }
+                    thead { tr { th { "Host" } th { "Labels" } th { "Runs" } th { "Due" } th { "Applied" } th { "Failure" } th { "Connected" } } }
                     tbody { @for a in &r.agents {
                         tr { td { a href={ "/agents/" (a.agent_id) } { (printable(&a.hostname)) } }
-                             td { (a.applied_version) } td { (rfc3339_ms(a.applied_at_ms)) }
+                             td { (a.labels.join(", ")) }
+                             td { (a.applied_version) } td { (a.due_version) } td { (rfc3339_ms(a.applied_at_ms)) }
                              td { @if a.failed_version > 0 { span.error { "version " (a.failed_version) ": " (printable(&a.error)) } } }
                              td { (if a.connected { "yes" } else { "no" }) } }
                     } }
@@ -688,9 +743,10 @@ pub async fn rules(
                 }
             }
             table {
-                thead { tr { th { "Version" } th { "Name" } th { "Publisher" } th { "Published by" } th { "Published" } th { "Files" } th { "Size" } th { "Digest" } } }
+                thead { tr { th { "Version" } th { "To" } th { "Name" } th { "Publisher" } th { "Published by" } th { "Published" } th { "Files" } th { "Size" } th { "Digest" } } }
                 tbody { @for b in &bundles {
-                    tr { td { (b.version) } td { (printable(&b.name)) } td { (printable(&b.publisher)) } td { (b.published_by) }
+                    tr { td { (b.version) } td { @if b.target.is_empty() { "every agent" } @else { "label " code { (b.target) } } }
+                         td { (printable(&b.name)) } td { (printable(&b.publisher)) } td { (b.published_by) }
                          td { (rfc3339_ms(b.published_at_ms)) } td.num { (b.files) } td.num { (b.size) } td { code { (b.digest.get(..16).unwrap_or(&b.digest)) } } }
                 } }
             }

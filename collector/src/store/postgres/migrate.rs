@@ -159,6 +159,9 @@ const MIGRATIONS: &[&str] = &[
         $$ BEGIN RAISE EXCEPTION 'the audit log is append-only'; END $$;
     CREATE TRIGGER audit_append_only BEFORE UPDATE OR DELETE ON audit
         FOR EACH ROW EXECUTE FUNCTION vedette_audit_append_only();",
+    // 12: agent labels, and bundles published to one label only (staged rollout).
+    "ALTER TABLE agents ADD COLUMN labels TEXT NOT NULL DEFAULT '';
+    ALTER TABLE bundles ADD COLUMN target TEXT NOT NULL DEFAULT '';",
 ];
 
 /// The advisory lock key migrations run under ("vedette" in ASCII).

@@ -608,6 +608,26 @@ impl Store for PgStore {
         })
     }
 
+    fn set_agent_labels(&self, id: &str, labels: &[String]) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "UPDATE agents SET labels = $2 WHERE id = $1",
+                &[&id, &labels.join(",")],
+            )?;
+            Ok(n > 0)
+        })
+    }
+
+    fn promote_bundle(&self, version: u64) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "UPDATE bundles SET target = '' WHERE version = $1",
+                &[&(version as i64)],
+            )?;
+            Ok(n > 0)
+        })
+    }
+
     fn remove_agent(&self, id: &str, now_ms: i64) -> Result<bool, StoreError> {
         self.with(|c| {
             let n = c.execute(
@@ -744,8 +764,8 @@ impl Store for PgStore {
             }
             tx.execute(
                 "INSERT INTO bundles (version, name, created_at_ms, publisher, published_by,
-                    published_at_ms, digest, signer_key, files, content, signature)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                    published_at_ms, digest, signer_key, files, content, signature, target)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
                 &[
                     &(b.version as i64),
                     &b.name,
@@ -758,6 +778,7 @@ impl Store for PgStore {
                     &i64::from(b.files),
                     &b.content,
                     &b.signature,
+                    &b.target,
                 ],
             )?;
             tx.commit()?;
@@ -1130,4 +1151,4 @@ impl Columns {
 }
 
 const BUNDLE_SELECT: &str = "SELECT version, name, created_at_ms, publisher, published_by,
-    published_at_ms, digest, signer_key, files, length(content)::bigint,";
+    published_at_ms, digest, signer_key, files, target, length(content)::bigint,";
