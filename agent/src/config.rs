@@ -19,8 +19,9 @@ pub struct RawConfig {
     pub rules: Vec<PathBuf>,
     /// Scan worker threads; default: half the cores, at least 1.
     pub scan_workers: Option<usize>,
-    /// Files larger than this many bytes are not scanned; default 64 MiB.
-    pub max_file_size: Option<u64>,
+    /// Files larger than this are not scanned (executables: hashed, matched on their head);
+    /// bytes or a size like `64MiB`; default 64 MiB.
+    pub max_file_size: Option<ByteSize>,
     /// YARA time budget per file, e.g. `30s`.
     pub scan_timeout: Option<String>,
     /// Interval between heartbeats, e.g. `30s`.
@@ -70,8 +71,8 @@ pub struct RawConfig {
     /// directory above it, owned by another user or writable by group or others).
     pub prevent_on_timeout: Option<OnTimeout>,
     /// Most bytes of undelivered detections kept on disk; past it the oldest are dropped and
-    /// counted. Default 256 MiB, at least 65536.
-    pub spool_max_bytes: Option<u64>,
+    /// counted. Bytes or a size like `256MiB`; default 256 MiB, at least 64 KiB.
+    pub spool_max_bytes: Option<ByteSize>,
     /// More maintainer public keys (PEM files) whose signed bundles this agent applies, beside
     /// those pinned at enrollment.
     #[serde(default)]
@@ -132,6 +133,26 @@ impl ByteSize {
     }
 }
 
+/// A size given on the command line (`--max-file-size 64MiB`), never `off` or 0.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    match ByteSize::Text(text.to_string()).bytes() {
+        Ok(Some(0)) => Err("must be at least 1 byte".into()),
+        Ok(Some(n)) => Ok(n),
+        Ok(None) => Err(SizeError::NotOff.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A key that holds a size, never `off`: None when not given.
+fn size_key(v: &Option<ByteSize>) -> Result<Option<u64>, SizeError> {
+    match v.as_ref().map(ByteSize::bytes) {
+        None => Ok(None),
+        Some(Ok(Some(n))) => Ok(Some(n)),
+        Some(Ok(None)) => Err(SizeError::NotOff),
+        Some(Err(e)) => Err(e),
+    }
+}
+
 /// Why a size is not one.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SizeError {
@@ -141,6 +162,8 @@ pub enum SizeError {
     Unit { text: String, unit: String },
     #[error("`{0}` is too large")]
     TooLarge(String),
+    #[error("`off` is not allowed here: give a size (e.g. `64MiB`)")]
+    NotOff,
 }
 
 /// `max_rss` when the configuration does not set it.
@@ -312,8 +335,10 @@ impl RawConfig {
         if self.scan_workers == Some(0) {
             problems.push("`scan_workers`: `0` must be at least 1".into());
         }
-        if self.max_file_size == Some(0) {
-            problems.push("`max_file_size`: `0` must be at least 1".into());
+        match size_key(&self.max_file_size) {
+            Err(e) => problems.push(format!("`max_file_size`: {e}")),
+            Ok(Some(0)) => problems.push("`max_file_size`: `0` must be at least 1".into()),
+            Ok(_) => {}
         }
         match self.max_rss.as_ref().map(ByteSize::bytes) {
             Some(Err(e)) => problems.push(format!("`max_rss`: {e}")),
@@ -323,13 +348,13 @@ impl RawConfig {
             )),
             _ => {}
         }
-        if let Some(n) = self.spool_max_bytes
-            && n < crate::deliver::spool::MIN_CAP
-        {
-            problems.push(format!(
-                "`spool_max_bytes`: `{n}` must be at least {}",
+        match size_key(&self.spool_max_bytes) {
+            Err(e) => problems.push(format!("`spool_max_bytes`: {e}")),
+            Ok(Some(n)) if n < crate::deliver::spool::MIN_CAP => problems.push(format!(
+                "`spool_max_bytes`: `{n}` bytes is less than the least allowed, {} (64KiB)",
                 crate::deliver::spool::MIN_CAP
-            ));
+            )),
+            Ok(_) => {}
         }
         if let Some(v) = &self.metrics_listen
             && let Err(e) = vedette_ops::metrics::parse_listen(v)
@@ -374,7 +399,11 @@ impl RawConfig {
             watch: self.watch,
             rules: self.rules,
             scan_workers: self.scan_workers.unwrap_or((cores / 2).max(1)),
-            max_file_size: self.max_file_size.unwrap_or(64 * 1024 * 1024),
+            // Refused by `check` before when they do not parse.
+            max_file_size: size_key(&self.max_file_size)
+                .ok()
+                .flatten()
+                .unwrap_or(64 * 1024 * 1024),
             scan_timeout: t.scan_timeout,
             heartbeat: t.heartbeat,
             backoff_max: t.backoff_max,
@@ -398,7 +427,10 @@ impl RawConfig {
                 timeout: t.prevent_timeout,
                 on_timeout: self.prevent_on_timeout.unwrap_or_default(),
             }),
-            spool_max_bytes: self.spool_max_bytes.unwrap_or(256 * 1024 * 1024),
+            spool_max_bytes: size_key(&self.spool_max_bytes)
+                .ok()
+                .flatten()
+                .unwrap_or(256 * 1024 * 1024),
             maintainer_keys: self.maintainer_keys,
             insecure_allow_unsigned_bundles: self.insecure_allow_unsigned_bundles,
             metrics_listen: self
@@ -472,6 +504,50 @@ mod tests {
         ] {
             let e = settings(bad).unwrap_err().to_string();
             assert!(e.contains("`max_rss`") && e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn file_and_spool_sizes_take_bytes_or_units_and_name_a_bad_value() {
+        let settings = |text: &str| {
+            let raw: RawConfig = toml::from_str(text).unwrap();
+            raw.validate(None)
+                .map(|s| (s.max_file_size, s.spool_max_bytes))
+        };
+        assert_eq!(settings("").unwrap(), (64 << 20, 256 << 20));
+        assert_eq!(
+            settings("max_file_size = \"16MiB\"\nspool_max_bytes = \"1GiB\"").unwrap(),
+            (16 << 20, 1 << 30)
+        );
+        assert_eq!(
+            settings("max_file_size = 1000\nspool_max_bytes = 70000").unwrap(),
+            (1000, 70_000)
+        );
+        for (bad, key, says) in [
+            (
+                "max_file_size = \"big\"",
+                "`max_file_size`",
+                "`big` is not a size",
+            ),
+            (
+                "max_file_size = \"off\"",
+                "`max_file_size`",
+                "`off` is not allowed here",
+            ),
+            ("max_file_size = 0", "`max_file_size`", "at least 1"),
+            (
+                "spool_max_bytes = \"1KiB\"",
+                "`spool_max_bytes`",
+                "less than the least",
+            ),
+            (
+                "spool_max_bytes = \"9QB\"",
+                "`spool_max_bytes`",
+                "unknown unit `qb`",
+            ),
+        ] {
+            let e = settings(bad).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(says), "{bad}: {e}");
         }
     }
 }

@@ -329,7 +329,7 @@ fn quickstart_script_detects_a_marker_file() {
         )
     };
     wait_for(
-        Duration::from_secs(2),
+        Duration::from_secs(20),
         "the quick-start detection to be listed",
         || {
             let o = ctl();

@@ -633,6 +633,7 @@ fn console_in_chromium_shows_live_detections_filters_opens_details_and_revokes()
         agents.contains("web-one") && agents.contains("web-two"),
         "{agents}"
     );
+    assert!(agents.contains("labels: canary"), "{agents}");
     b.screenshot("agents");
     b.click(&format!("tr[data-agent=\"{}\"] a.revoke", two.id));
     b.find("form#confirm-revoke");

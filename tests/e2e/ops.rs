@@ -353,6 +353,31 @@ fn agent_doctor_names_each_problem_with_its_fix() {
     assert!(fix.contains("systemctl status vedette-collector"), "{fix}");
 }
 
+#[test]
+fn agent_doctor_says_when_the_state_directory_cannot_be_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = Collector::init(&tmp.path().join("collector"));
+    c.start();
+    let state = tmp.path().join("agent");
+    let disk = match vedette_tests::Tmpfs::mount_sized(&state, "4m") {
+        Ok(d) => d,
+        Err(why) => return vedette_tests::missing_root(&why),
+    };
+    let _agent = Agent::enroll(&c, &state);
+    let (_, report) = agent_doctor(&state, None);
+    assert!(report.contains("writable"), "{report}");
+    let ro = std::process::Command::new("mount")
+        .args(["-o", "remount,ro"])
+        .arg(&disk.path)
+        .status()
+        .unwrap();
+    assert!(ro.success());
+    let (code_ro, report) = agent_doctor(&state, None);
+    assert_eq!(code_ro, 1, "{report}");
+    let (_, fix) = problem_and_fix(&report, "cannot write in");
+    assert!(fix.contains("read-write"), "{fix}");
+}
+
 /// Replaces the agent's certificate and key with a pair the collector's CA signed for 2020.
 fn write_expired_cert(c: &Collector, cert: &Path, key: &Path) {
     let ca_key = rcgen::KeyPair::from_pem(&c.file("ca.key")).unwrap();

@@ -422,7 +422,9 @@ impl Iocs {
         sha256: Option<&str>,
         out: &mut Vec<RuleMatch>,
     ) {
-        for (map, digest) in [(&self.md5, md5), (&self.sha1, sha1), (&self.sha256, sha256)] {
+        // One match per sample: a list naming its MD5 and its SHA-256 is one sighting, under
+        // the strongest digest listed.
+        for (map, digest) in [(&self.sha256, sha256), (&self.sha1, sha1), (&self.md5, md5)] {
             if let Some(h) = digest.and_then(|d| map.get(d).map(|h| (d, h))) {
                 out.push(RuleMatch {
                     kind: MatchKind::Hash,
@@ -434,6 +436,7 @@ impl Iocs {
                     reference: String::new(),
                     indicator: loki(&h.1.source, h.1.origin),
                 });
+                return;
             }
         }
     }
@@ -597,6 +600,26 @@ mod tests {
         iocs.add_file(kind, Path::new("t.txt"), Origin::Local, text, &mut problems);
         iocs.finish();
         (iocs, problems)
+    }
+
+    #[test]
+    fn a_sample_listed_by_several_digests_is_one_match_under_the_strongest() {
+        let md5 = "d41d8cd98f00b204e9800998ecf8427e";
+        let sha256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        let (iocs, problems) = load(
+            IocKind::Hash,
+            &format!("{md5};empty file (md5)\n{sha256};empty file (sha256)\n"),
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        let mut out = Vec::new();
+        iocs.match_hashes(Some(md5), None, Some(sha256), &mut out);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out[0].rule, sha256);
+        assert_eq!(out[0].description, "empty file (sha256)");
+        let mut out = Vec::new();
+        iocs.match_hashes(Some(md5), None, None, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].rule, md5);
     }
 
     #[test]

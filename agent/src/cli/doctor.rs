@@ -110,6 +110,7 @@ fn check_state(state: &StateDir, out: &mut Vec<Finding>) -> Option<Enrollment> {
         format!("agent {}", enrollment.agent_id),
     ));
     out.push(private_mode(&state.dir, "state directory", &reenroll));
+    out.push(writable(&state.dir));
     out.push(private_mode(&state.key(), "private key", &reenroll));
     let ca = read_cert(&state.ca());
     let cert = read_cert(&state.cert());
@@ -120,6 +121,27 @@ fn check_state(state: &StateDir, out: &mut Vec<Finding>) -> Option<Enrollment> {
         (Ok(ca), Ok(cert)) => check_certificate(ca, cert, &state.cert(), &reenroll, out),
     }
     Some(enrollment)
+}
+
+/// Whether this process can write in the state directory (the spool, the scan cache and the
+/// kept bundle live there): a file made and removed again.
+fn writable(dir: &Path) -> Finding {
+    let probe = dir.join(format!(".doctor-{}", std::process::id()));
+    let made = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe);
+    match made {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Finding::ok("state directory", "writable")
+        }
+        Err(e) => Finding::problem(
+            "state directory",
+            format!("cannot write in `{}`: {e}", dir.display()),
+            "run the agent as the user that owns it, and check that its file system is mounted read-write (`findmnt -T DIR`)",
+        ),
+    }
 }
 
 fn read_cert(path: &Path) -> Result<Vec<u8>, CertFileError> {

@@ -86,8 +86,8 @@ pub struct ScanCmd {
     /// One JSON object per detection.
     #[arg(long)]
     pub json: bool,
-    /// Skip files larger than this many bytes.
-    #[arg(long, default_value_t = 64 * 1024 * 1024, value_name = "BYTES")]
+    /// Skip files larger than this: bytes or a size (`64MiB`, `1GiB`, `500KB`).
+    #[arg(long, default_value = "64MiB", value_name = "SIZE", value_parser = crate::config::parse_size)]
     pub max_file_size: u64,
     /// YARA time budget per file (e.g. 30s).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]

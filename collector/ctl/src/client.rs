@@ -92,11 +92,17 @@ impl CtlConfig {
 }
 
 /// Turns a gRPC status into an error a person can act on.
+/// A refusal or failure the collector answered, as one line that names what kind it is (never
+/// "error", which the caller's own prefix already says), with a hint only where one helps.
 pub fn status_error(s: tonic::Status) -> anyhow::Error {
     let hint = match s.code() {
-        tonic::Code::PermissionDenied => " (does this certificate have the needed role?)",
+        tonic::Code::PermissionDenied if s.message().contains("lacks the") => {
+            " (issue one with that role: vedette-collector certs issue --role ...)"
+        }
         tonic::Code::Unauthenticated => " (no client certificate was accepted)",
-        tonic::Code::Unavailable => " (is the collector running and reachable?)",
+        tonic::Code::Unavailable if !s.message().contains("reachable") => {
+            " (is the collector running and reachable?)"
+        }
         _ => "",
     };
     anyhow::anyhow!("{}: {}{hint}", code_name(s.code()), s.message())
@@ -109,7 +115,14 @@ fn code_name(c: tonic::Code) -> &'static str {
         tonic::Code::NotFound => "not found",
         tonic::Code::InvalidArgument => "invalid argument",
         tonic::Code::Unavailable => "unavailable",
-        _ => "error",
+        tonic::Code::AlreadyExists => "already exists",
+        tonic::Code::FailedPrecondition => "refused",
+        tonic::Code::ResourceExhausted => "over a limit",
+        tonic::Code::DeadlineExceeded => "timed out",
+        tonic::Code::Aborted => "aborted",
+        tonic::Code::Cancelled => "cancelled",
+        tonic::Code::Internal | tonic::Code::DataLoss => "collector failure",
+        _ => "failed",
     }
 }
 
@@ -391,4 +404,37 @@ pub fn org_json(o: &Org) -> serde_json::Value {
         "agents": o.agents,
         "created_at": rfc3339_ms(o.created_at_ms),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collector_answers_name_their_kind_once_and_hint_only_where_it_helps() {
+        let refused = status_error(tonic::Status::failed_precondition(
+            "organisation `acme` still has 1 agents",
+        ))
+        .to_string();
+        assert_eq!(refused, "refused: organisation `acme` still has 1 agents");
+        let role = status_error(tonic::Status::permission_denied(
+            "this certificate lacks the maintainer role",
+        ))
+        .to_string();
+        assert!(role.contains("certs issue --role"), "{role}");
+        let scoped = status_error(tonic::Status::permission_denied(
+            "this certificate is limited to its own organisation",
+        ))
+        .to_string();
+        assert!(!scoped.contains("role"), "{scoped}");
+        for code in [
+            tonic::Code::Unknown,
+            tonic::Code::Internal,
+            tonic::Code::Aborted,
+            tonic::Code::AlreadyExists,
+        ] {
+            let text = status_error(tonic::Status::new(code, "x")).to_string();
+            assert!(!text.starts_with("error"), "{code:?}: {text}");
+        }
+    }
 }

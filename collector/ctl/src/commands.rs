@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use vedette_ops::output::{self, printable, rfc3339_ms, stored_json, stored_line};
+use vedette_ops::output::{self, printable, rfc3339_ms, stored_json};
 
 use vedette_proto::v1::{
     AgentInfo, CreateOrgRequest, ListDetectionsRequest, Org, SetOrgRequest, StoredDetection,
@@ -157,14 +157,65 @@ async fn detections(cmd: DetectionsCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
         ..Default::default()
     };
     let list = client::detections_list(cfg, filter, limit).await?;
-    for d in &list {
-        if json {
+    if json {
+        for d in &list {
             println!("{}", stored_json(d));
-        } else {
-            println!("{}", stored_line(d));
         }
+    } else {
+        print_detections(&list);
     }
     Ok(())
+}
+
+/// Longest rule or target shown in a `detections list` row; `--json` has them whole.
+const CELL: usize = 60;
+
+/// `text` on one line, cut to `max` characters with `…`.
+fn cut(text: &str, max: usize) -> String {
+    let text = printable(text);
+    if text.chars().count() <= max {
+        return text.to_string();
+    }
+    let mut out: String = text.chars().take(max - 1).collect();
+    out.push('…');
+    out
+}
+
+/// `detections list` as a table: a hash indicator by its list's comment (what the sample is),
+/// not the bare digest; long command lines and paths cut.
+fn print_detections(list: &[vedette_proto::v1::StoredDetection]) {
+    println!(
+        "{:<24}  {:<16} {:<20} {:<10} {:>5}  {:<CELL$}  TARGET",
+        "RECEIVED", "ORG", "HOST", "KIND", "SCORE", "RULE"
+    );
+    for s in list {
+        let d = s.detection.clone().unwrap_or_default();
+        let rule = if d.kind == vedette_proto::v1::DetectionKind::Hash as i32
+            && !d.description.is_empty()
+        {
+            format!("{} ({})", d.description, d.rule)
+        } else {
+            d.rule.clone()
+        };
+        let blocked = if d.action == vedette_proto::v1::DetectionAction::Blocked as i32 {
+            "BLOCKED "
+        } else {
+            ""
+        };
+        println!(
+            "{:<24}  {:<16} {:<20} {:<10} {:>5}  {:<CELL$}  {blocked}{}",
+            rfc3339_ms(s.received_at_ms),
+            cut(&s.org, 16),
+            cut(&s.hostname, 20),
+            vedette_proto::kind_name(d.kind),
+            d.score,
+            cut(&rule, CELL),
+            cut(&output::target_text(&d), 2 * CELL),
+        );
+    }
+    if list.is_empty() {
+        println!("(no detections match)");
+    }
 }
 
 /// The agent `--agent` names: its id, a unique start of it, or its host name ("" for none).

@@ -173,17 +173,6 @@ pub fn detection_line(d: &Detection) -> String {
     )
 }
 
-/// The text form of a stored detection: when it arrived and from which host, then the detection.
-pub fn stored_line(s: &StoredDetection) -> String {
-    let d = s.detection.clone().unwrap_or_default();
-    format!(
-        "{}  {:<20} {}",
-        rfc3339_ms(s.received_at_ms),
-        printable(&s.hostname),
-        detection_line(&d)
-    )
-}
-
 /// An agent as `vedettectl agents list --json` and the console API show it.
 pub fn agent_json(a: &AgentInfo) -> serde_json::Value {
     json!({

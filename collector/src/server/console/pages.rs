@@ -547,7 +547,8 @@ pub async fn agents(
             tbody {
                 @for a in &agents {
                     tr data-agent=(a.id) {
-                        td { a href={ "/agents/" (a.id) } { (printable(&a.hostname)) } br; small { (a.id) } }
+                        td { a href={ "/agents/" (a.id) } { (printable(&a.hostname)) } br; small { (a.id) }
+                            @if !a.labels.is_empty() { br; small.labels { "labels: " (a.labels.join(", ")) } } }
                         td { (agent_state_cell(a))
                             @if let Some(skew) = output::clock_skew(a) { br; small.error { (skew) } } }
                         td { (rfc3339_ms(a.last_seen_ms)) }
