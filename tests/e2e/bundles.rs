@@ -162,6 +162,12 @@ fn published_bundles_reach_every_agent_and_new_rules_fire_without_restart() {
     assert_eq!(list[0]["files"], 2);
     let shown = f.c.ctl_ok(&["rules", "show", "2"]);
     assert!(shown.contains("bundle_two.yar"), "{shown}");
+    // The signer as `keys generate` names a key: its id and SHA-256, not the raw key.
+    let signer = shown.lines().find(|l| l.starts_with("signed by:")).unwrap();
+    assert!(
+        signer.contains("key id ") && signer.contains("(SHA-256 "),
+        "{signer}"
+    );
 
     // Nothing was restarted.
     for ((a, _), pid) in f.agents.iter().zip(pids) {

@@ -305,6 +305,15 @@ fn tokens_agents_and_organisations_have_a_lifecycle_and_every_action_is_audited(
             .contains("uses 3")
     );
 
+    // Export by organisation: the marker is the default organisation's, none of acme-energy's.
+    let of = |org: &str| {
+        json_lines(&c.ctl_ok(&["export", "ecs", "--org", org]))
+            .iter()
+            .filter(|l| l.to_string().contains(RULE))
+            .count()
+    };
+    assert_eq!((of("default"), of("acme-energy")), (1, 0));
+
     // The operator of acme-energy reads its organisation's entries only.
     let scoped = c.dir.join("vedettectl-acme.toml");
     std::fs::write(

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use vedette_tests::{
-    Agent, Collector, free_port, http_get, output_text, rule_dir, wait_for, wait_until,
+    Agent, Collector, bin, free_port, http_get, output_text, rule_dir, wait_for, wait_until,
 };
 
 use crate::intel::peer_tools;
@@ -908,4 +908,54 @@ fn finding_by_md5_host_agent_and_time(c: &Collector, first: &str, file: &Path) {
     let bad = c.ctl(&["detections", "list", "--since", "last tuesday"]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("is not a time"));
+}
+
+#[test]
+fn config_files_name_every_unknown_key_with_a_suggestion_and_every_bad_value_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let agent = tmp.path().join("agent.toml");
+    std::fs::write(
+        &agent,
+        "wach = [\"/srv\"]\nheartbeat = 5\nmax_file_size = \"64MiB\"\nscan_wrokers = 2\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin("vedette-agent"))
+        .args(["run", "--config"])
+        .arg(&agent)
+        .arg("--state-dir")
+        .arg(tmp.path().join("state"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{}", output_text(&out));
+    let text = output_text(&out);
+    for line in [
+        "line 1: unknown key `wach`; did you mean `watch`?",
+        "line 2: invalid type: integer `5`, expected a string",
+        "line 4: unknown key `scan_wrokers`; did you mean `scan_workers`?",
+    ] {
+        assert!(text.contains(line), "{line} missing in {text}");
+    }
+    assert!(!text.contains("error: error"), "{text}");
+
+    let collector = tmp.path().join("collector.toml");
+    std::fs::write(
+        &collector,
+        "listen = \"127.0.0.1:1\"\n[limits]\nmax_conections = 5\nmax_unauthenticated_connection = 9\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin("vedette-collector"))
+        .args(["doctor", "--config"])
+        .arg(&collector)
+        .output()
+        .unwrap();
+    let text = output_text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("line 3: unknown key `max_conections`; did you mean `max_connections`?"),
+        "{text}"
+    );
+    assert!(
+        text.contains("line 4: unknown key `max_unauthenticated_connection`; did you mean `max_unauthenticated_connections`?"),
+        "{text}"
+    );
 }

@@ -76,6 +76,9 @@ pub enum Command {
         /// Only this agent's detections: its id, a unique start of it, or its host name.
         #[arg(long, value_name = "AGENT")]
         agent: Option<String>,
+        /// Only the detections of this organisation's agents (under its sharing policy).
+        #[arg(long, value_name = "NAME")]
+        org: Option<String>,
         /// At most this many (the most recent), read page by page.
         #[arg(long, default_value_t = 10_000)]
         limit: usize,

@@ -40,12 +40,14 @@ pub async fn run(command: Command, cfg: CtlConfig) -> anyhow::Result<()> {
             format,
             since,
             agent,
+            org,
             limit,
             organisation,
             unfiltered,
         } => {
             let filter = ListDetectionsRequest {
                 agent_id: resolve_agent(&cfg, agent).await?,
+                org: org.unwrap_or_default(),
                 since_ms: client::epoch_ms(since),
                 unfiltered_export: unfiltered,
                 ..Default::default()
@@ -734,14 +736,7 @@ async fn show(cfg: &CtlConfig, version: u64, json: bool) -> anyhow::Result<()> {
         println!("created:      {}", rfc3339_ms(info.created_at_ms));
         println!("published:    {}", rfc3339_ms(info.published_at_ms));
         println!("sha256:       {}", info.digest);
-        println!(
-            "signed by:    {}",
-            if info.signer_key.is_empty() {
-                "nobody (unsigned)".to_string()
-            } else {
-                info.signer_key.clone()
-            }
-        );
+        println!("signed by:    {}", signer(&info.signer_key));
         println!("files:");
         for f in &content.files {
             println!("  {:>10}  {}", f.data.len(), f.path);
@@ -750,16 +745,44 @@ async fn show(cfg: &CtlConfig, version: u64, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A signer as `keys generate` names it: the key id and its SHA-256 (from the raw key in hex).
+fn signer(raw_hex: &str) -> String {
+    if raw_hex.is_empty() {
+        return "nobody (unsigned)".into();
+    }
+    match hex::decode(raw_hex)
+        .ok()
+        .and_then(|b| vedette_engine::bundle::PublicKey::from_bytes(&b))
+    {
+        Some(k) => format!("key id {} (SHA-256 {})", k.id(), k.sha256()),
+        None => format!("an unreadable key ({raw_hex})"),
+    }
+}
+
 async fn status(cfg: &CtlConfig, version: Option<u64>, json: bool) -> anyhow::Result<()> {
     let r = rules::rollout(cfg, version.unwrap_or(0)).await?;
     if json {
         println!("{}", output::rollout_json(&r));
     } else {
         println!(
-            "version {}: {} on it, {} behind, {} failed, {} ahead",
-            r.version, r.on_version, r.behind, r.failed, r.ahead
+            "version {}{}: {} on it, {} behind, {} failed, {} ahead, {} not due it",
+            r.version,
+            if r.target.is_empty() {
+                String::new()
+            } else {
+                format!(" (to label {})", r.target)
+            },
+            r.on_version,
+            r.behind,
+            r.failed,
+            r.ahead,
+            r.not_due
         );
-        for a in r.agents.iter().filter(|a| a.applied_version != r.version) {
+        for a in r
+            .agents
+            .iter()
+            .filter(|a| a.applied_version != r.version && a.due_version >= r.version)
+        {
             let what = if a.failed_version == r.version {
                 format!("failed: {}", printable(&a.error))
             } else {
