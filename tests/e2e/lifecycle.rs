@@ -315,14 +315,7 @@ fn tokens_agents_and_organisations_have_a_lifecycle_and_every_action_is_audited(
     assert_eq!((of("default"), of("acme-energy")), (1, 0));
 
     // The operator of acme-energy reads its organisation's entries only.
-    let scoped = c.dir.join("vedettectl-acme.toml");
-    std::fs::write(
-        &scoped,
-        c.file("vedettectl.toml")
-            .replace("operator.crt", "acme-soc.crt")
-            .replace("operator.key", "acme-soc.key"),
-    )
-    .unwrap();
+    let scoped = c.ctl_config_as("acme-soc");
     let out = vedettectl(&scoped, &["audit", "list", "--json", "--limit", "1000"]);
     assert!(out.status.success(), "{}", output_text(&out));
     let own = json_lines(&String::from_utf8_lossy(&out.stdout));

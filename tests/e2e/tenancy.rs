@@ -454,14 +454,7 @@ fn organisations_scope_operators_and_each_sharing_policy_governs_what_is_exporte
         "{}",
         output_text(&typo)
     );
-    let scoped = c.dir.join("vedettectl-alpha.toml");
-    std::fs::write(
-        &scoped,
-        c.file("vedettectl.toml")
-            .replace("operator.crt", "alpha-soc.crt")
-            .replace("operator.key", "alpha-soc.key"),
-    )
-    .unwrap();
+    let scoped = c.ctl_config_as("alpha-soc");
 
     // It lists only alpha's agents and detections...
     let seen = json_lines(&ok(

@@ -358,6 +358,19 @@ impl Collector {
         p.signal_and_wait("TERM")
     }
 
+    /// A vedettectl configuration like this collector's, with the client certificate
+    /// `PREFIX.crt` and key `PREFIX.key` (made by `certs issue --out DIR/PREFIX`) instead of
+    /// the operator's: written as `vedettectl-PREFIX.toml`.
+    pub fn ctl_config_as(&self, prefix: &str) -> PathBuf {
+        let path = self.dir.join(format!("vedettectl-{prefix}.toml"));
+        let text = self
+            .file("vedettectl.toml")
+            .replace("operator.crt", &format!("{prefix}.crt"))
+            .replace("operator.key", &format!("{prefix}.key"));
+        std::fs::write(&path, text).expect("vedettectl config");
+        path
+    }
+
     pub fn ctl_config(&self) -> PathBuf {
         self.dir.join(format!("vedettectl{}.toml", self.tag))
     }

@@ -430,8 +430,8 @@ impl AdminSvc {
         };
         act.target = row.id().to_string();
         act.org = row.org.clone();
-        let hash = row.hash.clone();
-        let newly = blocking(&self.state.store, move |s| s.revoke_token(&hash, now_ms())).await?;
+        let (hash, at) = (row.hash.clone(), now_ms());
+        let newly = blocking(&self.state.store, move |s| s.revoke_token(&hash, at)).await?;
         if !newly {
             return Err(Status::failed_precondition(format!(
                 "token {} was revoked already",
@@ -439,21 +439,23 @@ impl AdminSvc {
             )));
         }
         info!(by = %who, token = %row.id(), org = %row.org, "enrollment token revoked");
-        let rows = blocking(&self.state.store, |s| s.list_tokens()).await?;
-        let now = rows.iter().find(|t| t.hash == row.hash).unwrap_or(&row);
+        let row = TokenRow {
+            revoked_at_ms: at,
+            ..row
+        };
         Ok(RevokeTokenResponse {
-            token: Some(token_info(now)),
+            token: Some(token_info(&row)),
         })
     }
 
-    /// Why an organisation cannot be renamed or removed: what still belongs to it.
-    async fn still_used(&self, name: &str) -> Result<Option<String>, Status> {
+    /// An organisation, and why it cannot be renamed or removed: what still belongs to it.
+    async fn still_used(&self, name: &str) -> Result<(OrgRow, Option<String>), Status> {
         let n = name.to_string();
         let (orgs, users, certs) = blocking(&self.state.store, move |s| {
             Ok((s.list_orgs()?, s.list_users()?, s.list_certs()?))
         })
         .await?;
-        let Some(org) = orgs.iter().find(|o| o.name == n) else {
+        let Some(org) = orgs.into_iter().find(|o| o.name == n) else {
             return Err(Status::not_found(format!("no organisation `{name}`")));
         };
         let users = users.iter().filter(|u| u.org == name).count();
@@ -474,7 +476,8 @@ impl AdminSvc {
         if certs > 0 {
             held.push(format!("{certs} unrevoked operator certificates"));
         }
-        Ok((!held.is_empty()).then(|| held.join(", ")))
+        let held = (!held.is_empty()).then(|| held.join(", "));
+        Ok((org, held))
     }
 
     async fn rename_org_as(&self, who: &Peer, req: &RenameOrgRequest) -> Result<Org, Status> {
@@ -485,7 +488,8 @@ impl AdminSvc {
             )));
         }
         orgs::check_name(&req.new_name).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if let Some(held) = self.still_used(&req.name).await? {
+        let (org, held) = self.still_used(&req.name).await?;
+        if let Some(held) = held {
             return Err(Status::failed_precondition(format!(
                 "organisation `{}` still has {held}",
                 req.name
@@ -499,12 +503,10 @@ impl AdminSvc {
             )));
         }
         info!(by = %who, org = %req.name, new_name = %req.new_name, "organisation renamed");
-        let new = req.new_name.clone();
-        let rows = blocking(&self.state.store, |s| s.list_orgs()).await?;
-        rows.into_iter()
-            .find(|o| o.name == new)
-            .map(org_info)
-            .ok_or_else(|| Status::not_found(format!("no organisation `{new}`")))
+        Ok(org_info(OrgRow {
+            name: req.new_name.clone(),
+            ..org
+        }))
     }
 
     async fn remove_org_as(&self, who: &Peer, name: &str) -> Result<u32, Status> {
@@ -514,7 +516,7 @@ impl AdminSvc {
                 orgs::DEFAULT_ORG
             )));
         }
-        if let Some(held) = self.still_used(name).await? {
+        if let (_, Some(held)) = self.still_used(name).await? {
             return Err(Status::failed_precondition(format!(
                 "organisation `{name}` still has {held}"
             )));
@@ -794,8 +796,13 @@ impl AdminSvc {
         Ok(SetAgentLabelsResponse { labels })
     }
 
-    /// The organisation of an agent, for its audit entry (empty when unknown).
-    async fn org_of_agent(&self, id: &str) -> String {
+    /// The organisation an action on an agent is recorded under: the caller's own when it is
+    /// limited to one (what it may act on; another organisation's agent is refused and none
+    /// of that organisation's business), else the agent's (empty when unknown).
+    async fn org_of_agent(&self, who: &Peer, id: &str) -> String {
+        if let Some(own) = who.scope() {
+            return own.to_string();
+        }
         let id = id.to_string();
         blocking(&self.state.store, move |s| s.agent(&id))
             .await
@@ -856,7 +863,7 @@ impl AdminService for AdminSvc {
     ) -> Result<Response<RemoveAgentResponse>, Status> {
         let who = self.operator(&request)?;
         let id = request.get_ref().agent_id.clone();
-        let org = self.org_of_agent(&id).await;
+        let org = self.org_of_agent(&who, &id).await;
         let act = Act::by(&request, &who, "agent.remove")
             .target(id.clone())
             .org(org);
@@ -871,7 +878,7 @@ impl AdminService for AdminSvc {
     ) -> Result<Response<RevokeAgentResponse>, Status> {
         let who = self.operator(&request)?;
         let id = request.get_ref().agent_id.clone();
-        let org = self.org_of_agent(&id).await;
+        let org = self.org_of_agent(&who, &id).await;
         let act = Act::by(&request, &who, "agent.revoke")
             .target(id.clone())
             .org(org);

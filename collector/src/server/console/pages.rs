@@ -159,25 +159,48 @@ async fn attempt_allowed(
     .await
 }
 
-/// Records a sign-in in the audit log: with the account's organisation when it succeeded,
-/// refused (a wrong password) without, and only for an existing account.
-async fn audit_sign_in(console: &Console, name: &str, from: std::net::IpAddr, org: Option<&str>) {
-    if org.is_none() {
-        let lookup = name.to_string();
-        let known = super::super::blocking(&console.state.store, move |s| s.user(&lookup)).await;
-        if !matches!(known, Ok(Some(_))) {
-            return;
-        }
-    }
-    let mut act = Act::as_actor(format!("console:{name}"), "console.sign_in")
-        .target(name)
-        .org(org.unwrap_or_default());
+/// Records a sign-in of an existing account in the audit log, under the account's
+/// organisation: done, or refused (a wrong password). A name that is no account is not
+/// recorded (anyone can send one).
+async fn audit_sign_in(
+    console: &Console,
+    user: Option<&crate::store::UserRow>,
+    from: std::net::IpAddr,
+    ok: bool,
+) {
+    let Some(user) = user else {
+        return;
+    };
+    let mut act = Act::as_actor(format!("console:{}", user.name), "console.sign_in")
+        .target(user.name.clone())
+        .org(user.org.clone());
     act.detail = format!("from {from}");
-    let outcome = match org {
-        Some(_) => Ok(()),
-        None => Err(tonic::Status::permission_denied("wrong password")),
+    let outcome = if ok {
+        Ok(())
+    } else {
+        Err(tonic::Status::permission_denied("wrong password"))
     };
     audit::record(&console.state.store, act, &outcome).await;
+}
+
+/// Whether `password` is the account's (checked against a decoy hash when there is no such
+/// account, so that both take as long), on a blocking thread, a few at a time; None when the
+/// console is shutting down.
+async fn password_matches(
+    console: &Console,
+    user: Option<&crate::store::UserRow>,
+    password: String,
+) -> Option<bool> {
+    let hash = user.map_or_else(
+        || auth::decoy_hash().to_string(),
+        |u| u.password_hash.clone(),
+    );
+    let _slot = console.login_checks.acquire().await.ok()?;
+    Some(
+        tokio::task::spawn_blocking(move || auth::verify_password(&password, &hash))
+            .await
+            .unwrap_or(false),
+    )
 }
 
 pub async fn login(
@@ -212,28 +235,22 @@ pub async fn login(
         Ok(u) => u,
         Err(e) => return Failure::from(e).page(),
     };
-    let hash = user.as_ref().map_or_else(
-        || auth::decoy_hash().to_string(),
-        |u| u.password_hash.clone(),
-    );
-    let ok = {
-        let Ok(_slot) = console.login_checks.acquire().await else {
-            return Failure::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down").page();
-        };
-        let password = form.password;
-        tokio::task::spawn_blocking(move || auth::verify_password(&password, &hash))
-            .await
-            .unwrap_or(false)
+    let ok = match password_matches(&console, user.as_ref(), form.password).await {
+        Some(ok) => ok,
+        None => return Failure::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down").page(),
     };
     // An account's wrong passwords are audited: bounded by its sign-in budget.
-    let Some(user) = user.filter(|_| ok) else {
-        warn!(user = %name, address = %client.0, "console sign-in failed");
-        audit_sign_in(&console, &name, client.0, None).await;
-        return login_page(
-            &console,
-            StatusCode::UNAUTHORIZED,
-            Some("Wrong account or password, or too many attempts: wait 15 minutes."),
-        );
+    let user = match user {
+        Some(u) if ok => u,
+        other => {
+            warn!(user = %name, address = %client.0, "console sign-in failed");
+            audit_sign_in(&console, other.as_ref(), client.0, false).await;
+            return login_page(
+                &console,
+                StatusCode::UNAUTHORIZED,
+                Some("Wrong account or password, or too many attempts: wait 15 minutes."),
+            );
+        }
     };
     let key = auth::account_key(&name);
     if let Err(e) =
@@ -244,7 +261,7 @@ pub async fn login(
     let expires = crate::store::now_ms() + auth::SESSION_LIFETIME.as_millis() as i64;
     let (session, _) = console.keys.new_session(&user, expires);
     info!(user = %name, "console sign-in");
-    audit_sign_in(&console, &name, client.0, Some(&user.org)).await;
+    audit_sign_in(&console, Some(&user), client.0, true).await;
     (
         AppendHeaders([
             (
