@@ -83,10 +83,10 @@ pub async fn run(
     );
     serve_metrics(&settings, &counters, &shutdown).await?;
     let writer = {
-        let (sp, counters) = (spooled.clone(), counters.clone());
+        let (sp, counters, rules) = (spooled.clone(), counters.clone(), rules.clone());
         std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || write_spool(&sp, det_rx, &counters))?
+            .spawn(move || write_spool(&sp, det_rx, &counters, &rules))?
     };
     let options = ScanOptions {
         max_file_size: settings.max_file_size,

@@ -177,6 +177,20 @@ impl StateDir {
     }
 
     /// Loads everything `run` needs; fails closed with the file at fault.
+    /// This agent's id and organisation, as enrolled (empty when not enrolled): read from
+    /// `agent.toml` and the certificate, changing nothing.
+    pub fn identity(&self) -> (String, String) {
+        let id = std::fs::read_to_string(self.enrollment())
+            .ok()
+            .and_then(|t| toml::from_str::<Enrollment>(&t).ok())
+            .map(|e| e.agent_id)
+            .unwrap_or_default();
+        let org = std::fs::read_to_string(self.cert())
+            .map(|pem| org_of_cert(&pem))
+            .unwrap_or_default();
+        (id, org)
+    }
+
     pub fn load(&self) -> Result<Credentials, StateError> {
         if !self.is_enrolled() {
             return Err(StateError::NotEnrolled(self.dir.clone()));
@@ -288,4 +302,22 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), State
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+/// The organisation a certificate (PEM) names (`vedette:org:NAME` URI), or `default`, as the
+/// collector reads it.
+pub fn org_of_cert(cert_pem: &str) -> String {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let named = pem::parse_many(cert_pem)
+        .ok()
+        .and_then(|b| b.into_iter().find(|b| b.tag() == "CERTIFICATE"))
+        .and_then(|block| {
+            let (_, cert) = X509Certificate::from_der(block.contents()).ok()?;
+            let san = cert.subject_alternative_name().ok()??;
+            san.value.general_names.iter().find_map(|n| match n {
+                GeneralName::URI(u) => u.strip_prefix("vedette:org:").map(str::to_string),
+                _ => None,
+            })
+        });
+    named.unwrap_or_else(|| "default".to_string())
 }

@@ -72,6 +72,8 @@ counters! {
     CacheHits = "cache_hits" counter,
     /// Detections made (before the spool).
     Detections = "detections" counter,
+    /// Detections an exception of the bundle covered: not spooled, not sent.
+    Suppressed = "suppressed" counter,
     /// Full scans finished.
     FullScans = "full_scans" counter,
     /// Files not scanned: not a regular file.

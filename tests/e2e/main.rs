@@ -17,3 +17,4 @@ mod ops;
 mod output;
 mod scaleout;
 mod tenancy;
+mod triage;

@@ -320,7 +320,7 @@ fn check_path(p: &str) -> Result<(), BadPath> {
         return Err(BadPath::NotClean(clip()));
     }
     let path = Path::new(p);
-    if !is_yara_file(path) && IocKind::of_path(path).is_none() {
+    if p != crate::exceptions::FILE && !is_yara_file(path) && IocKind::of_path(path).is_none() {
         return Err(BadPath::UnknownKind(clip()));
     }
     Ok(())
@@ -416,7 +416,12 @@ pub fn files_from_paths(paths: &[PathBuf]) -> Result<Vec<BundleFile>, BundleErro
 
 /// Adds every file of a bundle to a builder, named `bundle:<path>`.
 pub fn add_to(builder: &mut RuleSetBuilder, content: &BundleContent) {
-    for f in &content.files {
+    // The exceptions are not rules: the agent reads them apart (`exceptions_of`).
+    for f in content
+        .files
+        .iter()
+        .filter(|f| f.path != crate::exceptions::FILE)
+    {
         let name = PathBuf::from(format!("{ORIGIN_PREFIX}{}", f.path));
         builder.add_source(Origin::Bundle, &name, &f.data);
     }
@@ -436,17 +441,52 @@ pub fn validate(
         b = b.compile_with(c);
     }
     let set = b.build(content.version);
+    let exceptions = content
+        .files
+        .iter()
+        .filter(|f| f.path == crate::exceptions::FILE)
+        .filter_map(|f| exceptions_problem(&f.data));
     let (fatal, warnings): (Vec<Problem>, Vec<Problem>) = set
         .report()
         .problems
         .iter()
         .cloned()
+        .chain(exceptions)
         .partition(|p| strict || p.kind != ProblemKind::Indicator);
     if fatal.is_empty() {
         Ok((set, warnings))
     } else {
         Err(fatal)
     }
+}
+
+/// What is wrong with a bundle's exceptions file, if anything.
+fn exceptions_problem(data: &[u8]) -> Option<Problem> {
+    let reason = match std::str::from_utf8(data) {
+        Ok(text) => crate::exceptions::Exceptions::parse(text)
+            .err()?
+            .to_string(),
+        Err(_) => "not UTF-8".to_string(),
+    };
+    Some(Problem {
+        path: PathBuf::from(format!("{ORIGIN_PREFIX}{}", crate::exceptions::FILE)),
+        line: None,
+        reason,
+        kind: ProblemKind::Exceptions,
+        origin: Origin::Bundle,
+    })
+}
+
+/// The exceptions a bundle carries (none when it has no exceptions file or it does not
+/// parse, which publishing refuses).
+pub fn exceptions_of(content: &BundleContent) -> crate::exceptions::Exceptions {
+    content
+        .files
+        .iter()
+        .find(|f| f.path == crate::exceptions::FILE)
+        .and_then(|f| std::str::from_utf8(&f.data).ok())
+        .and_then(|text| crate::exceptions::Exceptions::parse(text).ok())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -37,6 +37,8 @@ pub enum ProblemKind {
     /// An indicator past what a rule set may spend (its regular expressions past
     /// [`crate::intel::REGEX_BUDGET`]): left out on agents, refused at publish.
     Budget,
+    /// The bundle's exceptions file does not parse: refused at publish.
+    Exceptions,
 }
 
 /// A problem found while loading rules: `file:line: reason`.
@@ -150,6 +152,9 @@ pub struct RuleSet {
     /// Fleet bundle version these rules came from, 0 for host-local rules only.
     pub bundle_version: u64,
     report: LoadReport,
+    /// What operators excepted (from the bundle): matches that are not reported and never
+    /// block. Not part of the fingerprint: they change what is reported, not what matches.
+    exceptions: crate::exceptions::Exceptions,
 }
 
 impl RuleSet {
@@ -162,7 +167,18 @@ impl RuleSet {
             fingerprint: [0; 32],
             bundle_version: 0,
             report: LoadReport::default(),
+            exceptions: Default::default(),
         }
+    }
+
+    /// The same rules with `exceptions`.
+    pub fn with_exceptions(mut self, exceptions: crate::exceptions::Exceptions) -> RuleSet {
+        self.exceptions = exceptions;
+        self
+    }
+
+    pub fn exceptions(&self) -> &crate::exceptions::Exceptions {
+        &self.exceptions
     }
 
     pub fn iocs(&self) -> &Iocs {
@@ -478,6 +494,7 @@ impl RuleSetBuilder {
             fingerprint,
             bundle_version,
             report,
+            exceptions: Default::default(),
         }
     }
 

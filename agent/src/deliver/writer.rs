@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{debug, error, info};
 use vedette_proto::v1::Detection;
 
 use super::spool::{MAX_RECORD, Spool};
+use crate::rules::ActiveRules;
 use crate::telemetry::{Counter, Counters};
 
 /// Most detections the spool writer takes from the channel per sync.
@@ -34,11 +35,36 @@ impl Spooled {
     }
 }
 
+/// Drops the detections an exception covers, counting them.
+fn suppress(group: &mut Vec<Detection>, rules: &ActiveRules, counters: &Counters) {
+    let set = rules.current.load();
+    let exceptions = set.exceptions();
+    if exceptions.is_empty() {
+        return;
+    }
+    let now = vedette_proto::now_ms();
+    group.retain(|d| match exceptions.covering(d, "", "", now) {
+        Some(id) => {
+            debug!(rule = %d.rule, exception = %id, "detection suppressed by an exception");
+            counters.inc(Counter::Suppressed);
+            false
+        }
+        None => true,
+    });
+}
+
 /// The spool writer: takes detections from the scan stages and makes them durable, one sync
 /// per group. Runs on its own thread until every sender is gone. A write that fails (disk full,
 /// I/O error) is retried, and the channel fills meanwhile, so the scanners wait: nothing is
 /// dropped for a full disk.
-pub fn write_spool(sp: &Spooled, mut rx: mpsc::Receiver<Detection>, counters: &Counters) {
+/// Detections an exception of the running bundle covers are dropped here, the one place
+/// every stage's detections pass, and counted (`suppressed`).
+pub fn write_spool(
+    sp: &Spooled,
+    mut rx: mpsc::Receiver<Detection>,
+    counters: &Counters,
+    rules: &ActiveRules,
+) {
     let mut failing = false;
     while let Some(first) = rx.blocking_recv() {
         let mut group = vec![first];
@@ -47,6 +73,10 @@ pub fn write_spool(sp: &Spooled, mut rx: mpsc::Receiver<Detection>, counters: &C
                 Ok(d) => group.push(d),
                 Err(_) => break,
             }
+        }
+        suppress(&mut group, rules, counters);
+        if group.is_empty() {
+            continue;
         }
         // A detection too large for a spool record cannot happen within the protocol's string
         // caps; should one appear, it is logged and counted, and the others are kept.

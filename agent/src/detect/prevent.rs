@@ -448,6 +448,7 @@ impl Judges {
         };
         let (matches, sha256) =
             exe_matches(&t.reports.execs, scanner, file, &job.path, Reading::Whole);
+        let matches = uncovered(matches, &sha256, &job.path, rules);
         let blocks = |m: &&RuleMatch| m.score >= t.policy.min_score;
         let blocking: Vec<RuleMatch> = matches.iter().filter(blocks).cloned().collect();
         if blocking.is_empty() {
@@ -509,6 +510,34 @@ impl Judges {
         }
         true
     }
+}
+
+/// The matches no exception of the bundle covers: an excepted match never blocks (and is not
+/// reported either).
+fn uncovered(
+    matches: Vec<RuleMatch>,
+    sha256: &str,
+    path: &Path,
+    rules: &RuleSet,
+) -> Vec<RuleMatch> {
+    let exceptions = rules.exceptions();
+    if exceptions.is_empty() || matches.is_empty() {
+        return matches;
+    }
+    let now = vedette_proto::now_ms();
+    let path = path.to_string_lossy();
+    matches
+        .into_iter()
+        .filter(|m| {
+            let seen = vedette_engine::exceptions::Seen {
+                rule: &m.rule,
+                indicator: &m.indicator.id,
+                sha256,
+                path: &path,
+            };
+            exceptions.covering_seen(&seen, "", "", now).is_none()
+        })
+        .collect()
 }
 
 fn blocked_description(path: &Path, what: &str) -> String {

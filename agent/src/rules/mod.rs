@@ -85,6 +85,9 @@ pub struct ActiveRules {
     /// YARA rules in the last rule set built, and how long building it took.
     yara_rules: AtomicU64,
     load_ms: AtomicU64,
+    /// This agent's id and organisation (from its certificate): which of a bundle's exceptions
+    /// apply here.
+    who: (String, String),
 }
 
 /// Figures of the last rule set built.
@@ -123,6 +126,7 @@ impl ActiveRules {
         let fleet_ca = std::fs::read_to_string(state.ca())
             .ok()
             .and_then(|pem| bundle::fleet_of_ca_pem(&pem));
+        let who = state.identity();
         let mut fleet = ActiveRules {
             local,
             trusted,
@@ -138,6 +142,7 @@ impl ActiveRules {
             rescan: Notify::new(),
             yara_rules: AtomicU64::new(0),
             load_ms: AtomicU64::new(0),
+            who,
         };
         let saved = match fleet.read_last_good() {
             Ok(saved) => saved,
@@ -246,7 +251,12 @@ impl ActiveRules {
             Some(c) => b.compile_with(c.clone()),
             None => b.compact(),
         };
-        let set = b.build_cached(content.map_or(0, |c| c.version), &self.compiled);
+        let exceptions = content
+            .map(|c| bundle::exceptions_of(c).narrowed_to(&self.who.0, &self.who.1))
+            .unwrap_or_default();
+        let set = b
+            .build_cached(content.map_or(0, |c| c.version), &self.compiled)
+            .with_exceptions(exceptions);
         // What compiling freed goes back to the system now, not at the next growth.
         crate::governor::release_free_memory();
         let report = set.report();
@@ -275,6 +285,7 @@ impl ActiveRules {
             rules = report.yara_rules,
             ioc_files = report.ioc_files,
             bundle = content.map_or(0, |c| c.version),
+            exceptions = set.exceptions().len(),
             "rule set built"
         );
         Ok(set)

@@ -58,6 +58,15 @@ pub enum Command {
     /// The audit log: every operator action, kept by the collector.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Alerts: detections grouped by organisation, rule and what was seen (a hash, an address,
+    /// a path), one row however many hosts; and the verdicts operators give them.
+    #[command(subcommand)]
+    Alerts(AlertsCmd),
+    /// Exceptions: what operators judged not worth reporting. The collector suppresses what
+    /// they cover from the moment they are added; agents do once a maintainer publishes the
+    /// next bundle (`rules publish` or `intel publish` carries them, signed).
+    #[command(subcommand)]
+    Exceptions(ExceptionsCmd),
     /// Write detections for others to read: STIX 2.1 sightings, a MISP event, ECS JSON lines.
     /// Each organisation's sharing policy applies, as in the collector's own exports: nothing
     /// of an organisation that shares `none`, no host, path or user of an `anonymised` one.
@@ -240,6 +249,107 @@ pub enum TokenCmd {
         /// The token's id as `token list` shows it, or a unique start of it (6 digits or more).
         id: String,
     },
+}
+
+#[derive(Subcommand)]
+pub enum AlertsCmd {
+    /// Alerts, newest activity first: status, hosts, detections, first and last seen.
+    #[command(
+        after_help = "Examples:\n  vedettectl alerts list\n  vedettectl alerts list --status open --org acme\n  \
+        vedettectl alerts show 12\n  \
+        vedettectl alerts set 12 --status false-positive --note \"backup tool\" --except --expires 30d"
+    )]
+    List {
+        /// Only alerts with this status.
+        #[arg(long, value_parser = ["open", "acknowledged", "true-positive", "false-positive", "benign"])]
+        status: Option<String>,
+        /// Only this organisation's alerts.
+        #[arg(long, value_name = "NAME")]
+        org: Option<String>,
+        /// At most this many, read page by page.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One alert: what it groups, its newest detections, and every verdict given on it.
+    Show {
+        id: u64,
+        /// How many of its newest detections to show.
+        #[arg(long, default_value_t = 20)]
+        detections: u32,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Give an alert a verdict, kept with who gave it, when and the note. New detections keep
+    /// an acknowledged or true-positive alert's status and flag it as new; a false-positive
+    /// or benign alert stays closed.
+    Set {
+        id: u64,
+        #[arg(long, value_parser = ["open", "acknowledged", "true-positive", "false-positive", "benign"])]
+        status: String,
+        /// Why: what was found, who was asked.
+        #[arg(long, default_value = "")]
+        note: String,
+        /// With false-positive or benign: also add an exception for the alert's rule, hash (or
+        /// path) and organisation, so its detections are suppressed from now on.
+        #[arg(long)]
+        except: bool,
+        /// How long that exception lasts (30d, 12h); without it, it does not expire.
+        #[arg(long, value_parser = humantime::parse_duration, requires = "except")]
+        expires: Option<Duration>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ExceptionsCmd {
+    /// Add an exception. It names a rule or an indicator; a hash, a path glob, an organisation
+    /// and an agent narrow it. A path alone is refused: whatever is dropped there would go
+    /// unseen.
+    #[command(
+        after_help = "Examples:\n  vedettectl exceptions add --rule Backup_Agent_Packer --sha256 9f86d0... --reason \"our backup tool\"\n  \
+        vedettectl exceptions add --rule Webshell_Generic --path '/srv/www/vendor/**' --org acme --expires 30d --reason \"vendor test fixtures\"\n  \
+        vedettectl exceptions list"
+    )]
+    Add {
+        /// The rule name detections carry (this or --indicator is required).
+        #[arg(long)]
+        rule: Option<String>,
+        /// The indicator id detections carry (a STIX indicator id, a MISP attribute UUID).
+        #[arg(long)]
+        indicator: Option<String>,
+        /// Only the file or executable with this SHA-256.
+        #[arg(long, value_name = "HASH")]
+        sha256: Option<String>,
+        /// Only paths matching this glob (`*` stays within a directory, `**` crosses them).
+        #[arg(long, value_name = "GLOB")]
+        path: Option<String>,
+        /// Only this organisation's agents (a certificate limited to one: its own).
+        #[arg(long, value_name = "NAME")]
+        org: Option<String>,
+        /// Only this agent: its id, a unique start of it, or its host name.
+        #[arg(long, value_name = "AGENT")]
+        agent: Option<String>,
+        /// How long it lasts (30d, 12h); without it, it does not expire.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires: Option<Duration>,
+        /// Why this is not worth reporting.
+        #[arg(long)]
+        reason: String,
+    },
+    /// Exceptions in force (with --all, removed and expired ones too).
+    List {
+        #[arg(long)]
+        all: bool,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an exception: detections it covered are reported again (by agents once the next
+    /// bundle is published).
+    Remove { id: String },
 }
 
 #[derive(Subcommand)]
@@ -426,6 +536,9 @@ pub enum DetectionsCmd {
         /// collector older than its MD5 index are not found by it).
         #[arg(long, value_name = "HASH")]
         md5: Option<String>,
+        /// Detections an exception covers too (hidden by default).
+        #[arg(long)]
+        suppressed: bool,
         /// At most this many (the most recent), read page by page.
         #[arg(long, default_value_t = 100)]
         limit: usize,

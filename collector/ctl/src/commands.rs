@@ -31,6 +31,8 @@ pub async fn run(command: Command, cfg: CtlConfig) -> anyhow::Result<()> {
             }
         }
         Command::Orgs(cmd) => orgs(cmd, &cfg).await?,
+        Command::Alerts(cmd) => crate::triage::alerts(cmd, &cfg).await?,
+        Command::Exceptions(cmd) => crate::triage::exceptions(cmd, &cfg).await?,
         Command::Agents(cmd) => agents(cmd, &cfg).await?,
         Command::Certs(cmd) => certs(cmd, &cfg).await?,
         Command::Keys(_) => {}
@@ -118,30 +120,43 @@ fn shared_export(
 }
 
 async fn detections(cmd: DetectionsCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
-    let (json, agent, host, org, since, until, kind, rule, text, sha256, md5, limit) = match cmd {
-        DetectionsCmd::List {
-            json,
-            agent,
-            host,
-            org,
-            since,
-            until,
-            kind,
-            rule,
-            text,
-            sha256,
-            md5,
-            limit,
-        } => (
-            json, agent, host, org, since, until, kind, rule, text, sha256, md5, limit,
-        ),
-        DetectionsCmd::Hosts {
-            sha256,
-            org,
-            json,
-            limit,
-        } => return hosts(cfg, sha256, org, json, limit).await,
-    };
+    let ((json, suppressed), agent, host, org, since, until, kind, rule, text, sha256, md5, limit) =
+        match cmd {
+            DetectionsCmd::List {
+                json,
+                agent,
+                host,
+                org,
+                since,
+                until,
+                kind,
+                rule,
+                text,
+                sha256,
+                md5,
+                suppressed,
+                limit,
+            } => (
+                (json, suppressed),
+                agent,
+                host,
+                org,
+                since,
+                until,
+                kind,
+                rule,
+                text,
+                sha256,
+                md5,
+                limit,
+            ),
+            DetectionsCmd::Hosts {
+                sha256,
+                org,
+                json,
+                limit,
+            } => return hosts(cfg, sha256, org, json, limit).await,
+        };
     let filter = ListDetectionsRequest {
         agent_id: resolve_agent(cfg, agent).await?,
         host: host.unwrap_or_default(),
@@ -156,6 +171,7 @@ async fn detections(cmd: DetectionsCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
         rule: rule.unwrap_or_default(),
         text: text.unwrap_or_default(),
         sha256: sha256.unwrap_or_default(),
+        suppressed,
         ..Default::default()
     };
     let list = client::detections_list(cfg, filter, limit).await?;
@@ -173,7 +189,7 @@ async fn detections(cmd: DetectionsCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
 const CELL: usize = 60;
 
 /// `text` on one line, cut to `max` characters with `…`.
-fn cut(text: &str, max: usize) -> String {
+pub(crate) fn cut(text: &str, max: usize) -> String {
     let text = printable(text);
     if text.chars().count() <= max {
         return text.to_string();
@@ -185,7 +201,7 @@ fn cut(text: &str, max: usize) -> String {
 
 /// `detections list` as a table: a hash indicator by its list's comment (what the sample is),
 /// not the bare digest; long command lines and paths cut.
-fn print_detections(list: &[vedette_proto::v1::StoredDetection]) {
+pub(crate) fn print_detections(list: &[vedette_proto::v1::StoredDetection]) {
     println!(
         "{:<24}  {:<16} {:<20} {:<10} {:>5}  {:<CELL$}  TARGET",
         "RECEIVED", "ORG", "HOST", "KIND", "SCORE", "RULE"
@@ -222,7 +238,10 @@ fn print_detections(list: &[vedette_proto::v1::StoredDetection]) {
 
 /// The agent `--agent` names: its id, a unique start of it, or its host name ("" for none).
 /// One that matches no agent, or several, is an error that says which.
-async fn resolve_agent(cfg: &CtlConfig, given: Option<String>) -> anyhow::Result<String> {
+pub(crate) async fn resolve_agent(
+    cfg: &CtlConfig,
+    given: Option<String>,
+) -> anyhow::Result<String> {
     let Some(given) = given
         .map(|g| g.trim().to_string())
         .filter(|g| !g.is_empty())

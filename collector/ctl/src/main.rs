@@ -6,6 +6,7 @@ mod client;
 mod commands;
 mod intel;
 mod rules;
+mod triage;
 
 use std::process::ExitCode;
 

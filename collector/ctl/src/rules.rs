@@ -11,8 +11,8 @@ use vedette_engine::ProblemKind;
 use vedette_engine::RuleSetBuilder;
 use vedette_engine::bundle::{self, BundleContent, SigningKey};
 use vedette_proto::v1::{
-    BundleInfo, BundleRolloutRequest, BundleRolloutResponse, GetBundleRequest, ListBundlesRequest,
-    PublishBundleRequest, PublishBundleResponse,
+    BundleFile, BundleInfo, BundleRolloutRequest, BundleRolloutResponse, GetBundleRequest,
+    ListBundlesRequest, ListExceptionsRequest, PublishBundleRequest, PublishBundleResponse,
 };
 
 use vedette_proto::now_ms;
@@ -117,7 +117,42 @@ pub(crate) async fn latest_content(cfg: &CtlConfig) -> anyhow::Result<Option<Bun
     }
 }
 
-/// Signs `content` as the next version and sends it.
+/// The exceptions in force at the collector now, as a bundle's exceptions file (None when
+/// there are none).
+async fn exceptions_file(cfg: &CtlConfig) -> anyhow::Result<Option<BundleFile>> {
+    use vedette_engine::exceptions::{self, Exception, Exceptions};
+    let mut c = cfg.client().await?;
+    let list = c
+        .list_exceptions(ListExceptionsRequest { all: false })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .exceptions;
+    if list.is_empty() {
+        return Ok(None);
+    }
+    let list: Vec<Exception> = list
+        .into_iter()
+        .map(|e| Exception {
+            id: e.id,
+            rule: e.rule,
+            indicator: e.indicator,
+            sha256: e.sha256,
+            path: e.path,
+            org: e.org,
+            agent: e.agent,
+            expires_at_ms: e.expires_at_ms,
+            reason: e.reason,
+        })
+        .collect();
+    Ok(Some(BundleFile {
+        path: exceptions::FILE.into(),
+        data: Exceptions::encode(&list).into_bytes(),
+    }))
+}
+
+/// Signs `content` as the next version, with the exceptions in force at the collector in
+/// place of any it carried, and sends it.
 pub(crate) async fn send(
     cfg: &CtlConfig,
     mut content: BundleContent,
@@ -125,6 +160,11 @@ pub(crate) async fn send(
     name: Option<String>,
 ) -> anyhow::Result<PublishBundleResponse> {
     let key = opts.key(cfg)?;
+    content
+        .files
+        .retain(|f| f.path != vedette_engine::exceptions::FILE);
+    content.files.extend(exceptions_file(cfg).await?);
+    content.files.sort_by(|a, b| a.path.cmp(&b.path));
     let prev = latest(cfg).await?;
     content.version = prev.as_ref().map_or(0, |b| b.version) + 1;
     content.name = name
@@ -181,7 +221,17 @@ pub async fn publish(
     if files.is_empty() {
         bail!("no YARA files (.yar, .yara) or indicator lists found in the given paths");
     }
-    if files.iter().any(|f| f.path == INTEL_FILE) {
+    if let Some(f) = files
+        .iter()
+        .find(|f| f.path == INTEL_FILE || f.path == vedette_engine::exceptions::FILE)
+    {
+        if f.path != INTEL_FILE {
+            bail!(
+                "`{}` is where bundles carry the collector's exceptions (`vedettectl exceptions`); \
+                 rename that file",
+                f.path
+            );
+        }
         bail!(
             "`{INTEL_FILE}` is where `intel publish` keeps the staged indicators; rename that file"
         );

@@ -68,6 +68,10 @@ pub fn document(s: &StoredDetection) -> Value {
         },
         "labels": {"bundle_version": d.bundle_version.to_string()},
     });
+    if s.alert_id != 0 {
+        // The alert the detection joined at the collector, and the verdict on it.
+        v["vedette"] = json!({"alert": {"id": s.alert_id, "status": s.alert_status}});
+    }
     if let Some(event) = ind.get("event") {
         v["threat"]["indicator"]["description"] =
             json!(format!("MISP event {}", event.as_str().unwrap_or("")));

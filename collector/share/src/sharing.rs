@@ -296,6 +296,9 @@ pub fn anonymise(s: &StoredDetection) -> StoredDetection {
         received_at_ms: s.received_at_ms,
         seq: s.seq,
         org: String::new(),
+        alert_id: s.alert_id,
+        alert_status: s.alert_status.clone(),
+        exception_id: String::new(),
     }
 }
 
@@ -518,6 +521,7 @@ mod tests {
             received_at_ms: 1,
             seq: 1,
             org: "acme".into(),
+            ..Default::default()
         }
     }
 

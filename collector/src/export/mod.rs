@@ -27,7 +27,8 @@ use vedette_share::sharing::Sharing;
 use crate::config::SinkConfig;
 use crate::http::HttpError;
 use crate::server::SharedStore;
-use crate::store::{Store, StoreError, now_ms};
+use crate::store::{CLOSED_STATUSES, Store, StoreError, now_ms};
+use vedette_proto::v1::StoredDetection;
 
 /// Detections per delivery.
 const BATCH: u32 = 500;
@@ -189,6 +190,19 @@ fn deliver_detections(
     let Some(last) = batch.last().map(|(seq, _)| *seq) else {
         return Ok(0);
     };
+    // What an exception covered never leaves; what was judged a false positive (or benign)
+    // is no sighting, though the SIEM feed still carries it with its alert's status.
+    let sightings = !matches!(sink, SinkConfig::Jsonl { .. });
+    let batch: Vec<(u64, StoredDetection)> = batch
+        .into_iter()
+        .filter(|(_, d)| {
+            d.exception_id.is_empty()
+                && !(sightings && CLOSED_STATUSES.contains(&d.alert_status.as_str()))
+        })
+        .collect();
+    if batch.is_empty() {
+        return moved(store, &name, (cursor, last), 0, Ok(()));
+    }
     let policies = policies(store, producer)?;
     let policy = |org: &str| policies.get(org).cloned();
     if let SinkConfig::Misp { url, key, ca_cert } = sink {

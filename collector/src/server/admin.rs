@@ -9,6 +9,11 @@ use tracing::{info, warn};
 use vedette_engine::bundle::{self, BundleError};
 use vedette_proto::v1::admin_service_server::AdminService;
 use vedette_proto::v1::{
+    AddExceptionRequest, AddExceptionResponse, GetAlertRequest, GetAlertResponse,
+    ListAlertsRequest, ListAlertsResponse, ListExceptionsRequest, ListExceptionsResponse,
+    RemoveExceptionRequest, RemoveExceptionResponse, SetAlertStatusRequest, SetAlertStatusResponse,
+};
+use vedette_proto::v1::{
     AgentBundleState, AgentInfo, BundleContent, BundleInfo, BundleRolloutRequest,
     BundleRolloutResponse, CertInfo, CreateOrgRequest, CreateOrgResponse, CreateTokenRequest,
     CreateTokenResponse, GetBundleRequest, GetBundleResponse, IntelSource, IntelStatusRequest,
@@ -51,7 +56,7 @@ const INTEL_PAGE: u32 = 1_000;
 const MAX_INTEL_PAGE: u32 = 5_000;
 
 pub struct AdminSvc {
-    state: Arc<State>,
+    pub(super) state: Arc<State>,
 }
 
 impl AdminSvc {
@@ -85,7 +90,7 @@ impl AdminSvc {
 /// Which organisation a listing is limited to: the caller's own when its certificate is
 /// scoped (asking for another is refused, whether it exists or not), else the one asked for
 /// (None: all).
-fn listing_scope(who: &Peer, asked: &str) -> Result<Option<String>, Status> {
+pub(super) fn listing_scope(who: &Peer, asked: &str) -> Result<Option<String>, Status> {
     match who.scope() {
         Some(own) if asked.is_empty() || asked == own => Ok(Some(own.to_string())),
         Some(_) => Err(Status::permission_denied(
@@ -97,7 +102,7 @@ fn listing_scope(who: &Peer, asked: &str) -> Result<Option<String>, Status> {
 }
 
 /// Whether a row of organisation `org` is visible to the caller.
-fn visible(who: &Peer, org: &str) -> bool {
+pub(super) fn visible(who: &Peer, org: &str) -> bool {
     who.scope().is_none_or(|own| own == org)
 }
 
@@ -815,6 +820,81 @@ impl AdminSvc {
 
 #[tonic::async_trait]
 impl AdminService for AdminSvc {
+    async fn list_alerts(
+        &self,
+        request: Request<ListAlertsRequest>,
+    ) -> Result<Response<ListAlertsResponse>, Status> {
+        let who = self.operator(&request)?;
+        let r = self.list_alerts_as(&who, request.into_inner()).await?;
+        Ok(Response::new(r))
+    }
+
+    async fn get_alert(
+        &self,
+        request: Request<GetAlertRequest>,
+    ) -> Result<Response<GetAlertResponse>, Status> {
+        let who = self.operator(&request)?;
+        let r = self.get_alert_as(&who, request.into_inner()).await?;
+        Ok(Response::new(r))
+    }
+
+    async fn set_alert_status(
+        &self,
+        request: Request<SetAlertStatusRequest>,
+    ) -> Result<Response<SetAlertStatusResponse>, Status> {
+        let mut act = self.act(&request, "alert.judge");
+        let r = match self.operator(&request) {
+            Ok(who) => {
+                self.set_alert_status_as(&who, request.into_inner(), &mut act)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        audit::record(&self.state.store, act, &r).await;
+        r.map(Response::new)
+    }
+
+    async fn add_exception(
+        &self,
+        request: Request<AddExceptionRequest>,
+    ) -> Result<Response<AddExceptionResponse>, Status> {
+        let mut act = self.act(&request, "exception.add");
+        let r = match self.operator(&request) {
+            Ok(who) => {
+                self.add_exception_as(&who, request.into_inner(), &mut act)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        audit::record(&self.state.store, act, &r).await;
+        r.map(|e| Response::new(AddExceptionResponse { exception: Some(e) }))
+    }
+
+    async fn list_exceptions(
+        &self,
+        request: Request<ListExceptionsRequest>,
+    ) -> Result<Response<ListExceptionsResponse>, Status> {
+        let who = self.reader(&request)?;
+        let exceptions = self.list_exceptions_as(&who, request.into_inner()).await?;
+        Ok(Response::new(ListExceptionsResponse { exceptions }))
+    }
+
+    async fn remove_exception(
+        &self,
+        request: Request<RemoveExceptionRequest>,
+    ) -> Result<Response<RemoveExceptionResponse>, Status> {
+        let mut act = self.act(&request, "exception.remove");
+        let r = match self.operator(&request) {
+            Ok(who) => {
+                let id = request.into_inner().id.trim().to_string();
+                self.remove_exception_as(&who, id, &mut act).await
+            }
+            Err(e) => Err(e),
+        };
+        audit::record(&self.state.store, act, &r).await;
+        r.map(|e| Response::new(RemoveExceptionResponse { exception: Some(e) }))
+    }
+
     async fn create_token(
         &self,
         request: Request<CreateTokenRequest>,
@@ -1281,6 +1361,8 @@ impl AdminService for AdminSvc {
                 l => l.min(MAX_LIMIT),
             },
             max_bytes: MAX_PAGE_BYTES,
+            suppressed: req.suppressed,
+            alert_id: Some(req.alert_id).filter(|a| *a != 0),
         };
         let page = blocking(&self.state.store, move |s| s.list_detections(&filter)).await?;
         Ok(Response::new(ListDetectionsResponse {

@@ -10,6 +10,7 @@ pub(crate) mod rollout;
 mod silence;
 pub mod throttle;
 pub mod tls;
+mod triage;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;

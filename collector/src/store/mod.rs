@@ -247,6 +247,35 @@ pub trait Store: Send + Sync {
         limit: u32,
     ) -> Result<Vec<AuditRow>, StoreError>;
 
+    /// Alerts matching the filter, newest activity first.
+    fn list_alerts(&self, f: &AlertFilter) -> Result<Vec<AlertRow>, StoreError>;
+
+    /// One alert.
+    fn alert(&self, id: u64) -> Result<Option<AlertRow>, StoreError>;
+
+    /// Every verdict given on an alert, oldest first.
+    fn alert_verdicts(&self, id: u64) -> Result<Vec<VerdictRow>, StoreError>;
+
+    /// Gives an alert a verdict: appended to its history, its status set, its new activity
+    /// cleared, in one transaction. None when there is no such alert.
+    fn judge_alert(&self, v: &VerdictRow) -> Result<Option<AlertRow>, StoreError>;
+
+    /// Records an exception (checked by the caller); detections stored from now on that it
+    /// covers are marked with it.
+    fn add_exception(&self, e: &ExceptionRow) -> Result<(), StoreError>;
+
+    /// Every exception, removed and expired ones included, oldest first.
+    fn list_exceptions(&self) -> Result<Vec<ExceptionRow>, StoreError>;
+
+    /// Removes an exception (it stays listed, as removed); its row as it is now, None when
+    /// there is no such exception. Removing one removed already changes nothing.
+    fn remove_exception(
+        &self,
+        id: &str,
+        by: &str,
+        now_ms: i64,
+    ) -> Result<Option<ExceptionRow>, StoreError>;
+
     /// Creates an organisation; false when one of that name exists (left as it is).
     fn create_org(&self, org: &OrgRow) -> Result<bool, StoreError>;
 
@@ -647,6 +676,104 @@ impl TokenRow {
     }
 }
 
+/// Detections of one organisation, rule or indicator, and subject, however many hosts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AlertRow {
+    pub id: u64,
+    pub org: String,
+    pub rule: String,
+    /// See [`alert_subject`].
+    pub subject: String,
+    pub kind: i32,
+    pub score: u32,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+    pub detections: u64,
+    pub hosts: u32,
+    /// One of [`ALERT_STATUSES`].
+    pub status: String,
+    /// Detections arrived since the verdict on an acknowledged or true-positive alert.
+    pub new_activity: bool,
+    pub last_seq: u64,
+    pub updated_at_ms: i64,
+}
+
+/// What an alert can be: open until judged.
+pub const ALERT_STATUSES: &[&str] = &[
+    "open",
+    "acknowledged",
+    "true-positive",
+    "false-positive",
+    "benign",
+];
+
+/// The statuses that close an alert: new detections do not reopen or flag it.
+pub const CLOSED_STATUSES: &[&str] = &["false-positive", "benign"];
+
+/// One verdict on an alert.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerdictRow {
+    /// Its place in the history (set by the store).
+    pub seq: u64,
+    pub alert_id: u64,
+    pub at_ms: i64,
+    /// `cert:SUBJECT` or `console:ACCOUNT`.
+    pub actor: String,
+    pub status: String,
+    pub note: String,
+    /// The exception made with it, if any.
+    pub exception_id: String,
+}
+
+/// An exception as the store keeps it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExceptionRow {
+    pub ex: vedette_engine::exceptions::Exception,
+    pub created_at_ms: i64,
+    /// `cert:SUBJECT` or `console:ACCOUNT`.
+    pub created_by: String,
+    /// 0 while not removed.
+    pub removed_at_ms: i64,
+    pub removed_by: String,
+}
+
+impl ExceptionRow {
+    /// In force at `now_ms`: not removed, not expired.
+    pub fn active(&self, now_ms: i64) -> bool {
+        self.removed_at_ms == 0 && self.ex.active(now_ms)
+    }
+}
+
+/// Which alerts to list.
+#[derive(Debug, Clone, Default)]
+pub struct AlertFilter {
+    pub status: Option<String>,
+    pub org: Option<String>,
+    /// Only alerts whose newest detection has a lower sequence number (the next page).
+    pub before_seq: Option<u64>,
+    pub limit: u32,
+}
+
+/// What an alert groups a detection by besides its organisation and rule: `sha256:HEX` for
+/// files and executables, `addr:ADDRESS:PORT` for connections, `path:PATH` when there is no
+/// hash, `agent:ID` for findings about the agent itself.
+pub fn alert_subject(d: &Detection, agent_id: &str) -> String {
+    use vedette_proto::v1::detection::Target;
+    match &d.target {
+        Some(Target::File(f)) if !f.sha256.is_empty() => format!("sha256:{}", f.sha256),
+        Some(Target::File(f)) => format!("path:{}", f.path),
+        Some(Target::Process(p)) if !p.exe_sha256.is_empty() => {
+            format!("sha256:{}", p.exe_sha256)
+        }
+        Some(Target::Process(p)) => format!("path:{}", p.exe),
+        Some(Target::Connection(c)) if c.remote_addr.contains(':') => {
+            format!("addr:[{}]:{}", c.remote_addr, c.remote_port)
+        }
+        Some(Target::Connection(c)) => format!("addr:{}:{}", c.remote_addr, c.remote_port),
+        None => format!("agent:{agent_id}"),
+    }
+}
+
 /// One entry of the audit log.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AuditRow {
@@ -796,6 +923,10 @@ pub struct DetectionFilter {
     pub limit: u32,
     /// Stop reading once this many bytes of stored detections are read.
     pub max_bytes: usize,
+    /// Detections an exception covers too.
+    pub suppressed: bool,
+    /// Only the detections of this alert.
+    pub alert_id: Option<u64>,
 }
 
 /// One page of a detection listing.
@@ -818,6 +949,21 @@ impl DetectionFilter {
         } else {
             self.limit.saturating_add(1)
         }
+    }
+}
+
+/// The columns a detection is found by: its path (of the file or executable), SHA-256 and pid.
+pub(crate) fn indexed(d: &Detection) -> (Option<&str>, Option<&str>, Option<u32>) {
+    use vedette_proto::v1::detection::Target;
+    match &d.target {
+        Some(Target::File(f)) => (Some(f.path.as_str()), Some(f.sha256.as_str()), None),
+        Some(Target::Process(p)) => (
+            Some(p.exe.as_str()),
+            Some(p.exe_sha256.as_str()),
+            Some(p.pid),
+        ),
+        Some(Target::Connection(c)) => (Some(c.exe.as_str()), None, Some(c.pid)),
+        None => (None, None, None),
     }
 }
 

@@ -3,7 +3,8 @@
 //! is named after (the same text in both stores, or one constant here).
 
 use super::{
-    AgentRow, AuditRow, BundleRow, CertRow, ExportRow, IntelSourceRow, OrgRow, TokenRow, UserRow,
+    AgentRow, AlertRow, AuditRow, BundleRow, CertRow, ExceptionRow, ExportRow, IntelSourceRow,
+    OrgRow, TokenRow, UserRow, VerdictRow,
 };
 
 /// The columns of one result row, by position, in the kinds both stores share.
@@ -213,4 +214,138 @@ pub(crate) fn audit<R: Columns<Error = E> + ?Sized, E>(r: &R) -> Result<AuditRow
         org: r.text(6)?,
         detail: r.text(7)?,
     })
+}
+
+pub(crate) const ALERT_SELECT: &str = "SELECT id, org, rule, subject, kind, score, first_seen_ms,
+    last_seen_ms, detections, hosts, status, new_activity, last_seq, updated_at_ms FROM alerts";
+
+pub(crate) fn alert<R: Columns<Error = E> + ?Sized, E>(r: &R) -> Result<AlertRow, E> {
+    Ok(AlertRow {
+        id: r.count(0)?,
+        org: r.text(1)?,
+        rule: r.text(2)?,
+        subject: r.text(3)?,
+        kind: i32::try_from(r.int(4)?).unwrap_or_default(),
+        score: u32::try_from(r.count(5)?).unwrap_or(u32::MAX),
+        first_seen_ms: r.int(6)?,
+        last_seen_ms: r.int(7)?,
+        detections: r.count(8)?,
+        hosts: u32::try_from(r.count(9)?).unwrap_or(u32::MAX),
+        status: r.text(10)?,
+        new_activity: r.int(11)? != 0,
+        last_seq: r.count(12)?,
+        updated_at_ms: r.int(13)?,
+    })
+}
+
+pub(crate) const VERDICT_SELECT: &str =
+    "SELECT seq, alert_id, at_ms, actor, status, note, exception_id FROM alert_verdicts";
+
+pub(crate) fn verdict<R: Columns<Error = E> + ?Sized, E>(r: &R) -> Result<VerdictRow, E> {
+    Ok(VerdictRow {
+        seq: r.count(0)?,
+        alert_id: r.count(1)?,
+        at_ms: r.int(2)?,
+        actor: r.text(3)?,
+        status: r.text(4)?,
+        note: r.text(5)?,
+        exception_id: r.text(6)?,
+    })
+}
+
+pub(crate) const EXCEPTION_SELECT: &str = "SELECT id, rule, indicator, sha256, path, org, agent,
+    expires_at_ms, reason, created_at_ms, created_by, removed_at_ms, removed_by FROM exceptions";
+
+pub(crate) fn exception<R: Columns<Error = E> + ?Sized, E>(r: &R) -> Result<ExceptionRow, E> {
+    Ok(ExceptionRow {
+        ex: vedette_engine::exceptions::Exception {
+            id: r.text(0)?,
+            rule: r.text(1)?,
+            indicator: r.text(2)?,
+            sha256: r.text(3)?,
+            path: r.text(4)?,
+            org: r.text(5)?,
+            agent: r.text(6)?,
+            expires_at_ms: r.int(7)?,
+            reason: r.text(8)?,
+        },
+        created_at_ms: r.int(9)?,
+        created_by: r.text(10)?,
+        removed_at_ms: r.int(11)?,
+        removed_by: r.text(12)?,
+    })
+}
+
+/// The exceptions in force at `now_ms` for agents of `org`, ready to test detections against;
+/// none when they cannot be read back (a detection is then stored unsuppressed, never lost).
+pub(crate) fn in_force(
+    rows: Vec<ExceptionRow>,
+    org: &str,
+    now_ms: i64,
+) -> vedette_engine::exceptions::Exceptions {
+    let list = rows
+        .into_iter()
+        .filter(|e| e.active(now_ms) && (e.ex.org.is_empty() || e.ex.org == org))
+        .map(|e| e.ex)
+        .collect();
+    vedette_engine::exceptions::Exceptions::new(list).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "stored exceptions cannot be used; detections are stored unsuppressed");
+        Default::default()
+    })
+}
+
+/// A stored detection with its agent, organisation, alert and exception, in the columns
+/// [`detection`] reads.
+pub(crate) const DETECTION_SELECT: &str = "SELECT d.seq, d.id, d.agent_id, a.hostname,
+    d.received_at_ms, d.body, a.org, COALESCE(d.alert_id, 0), COALESCE(d.exception_id, ''),
+    COALESCE(al.status, '')
+    FROM detections d JOIN agents a ON a.id = d.agent_id LEFT JOIN alerts al ON al.id = d.alert_id";
+
+/// A stored detection as read, its body not decoded yet.
+pub(crate) struct RawDetection {
+    id: String,
+    body: Vec<u8>,
+    stored: vedette_proto::v1::StoredDetection,
+}
+
+pub(crate) fn detection<R: Columns<Error = E> + ?Sized, E>(r: &R) -> Result<RawDetection, E> {
+    Ok(RawDetection {
+        id: r.text(1)?,
+        body: r.bytes(5)?,
+        stored: vedette_proto::v1::StoredDetection {
+            detection: None,
+            agent_id: r.text(2)?,
+            hostname: r.text(3)?,
+            received_at_ms: r.int(4)?,
+            seq: r.count(0)?,
+            org: r.text(6)?,
+            alert_id: r.count(7)?,
+            exception_id: r.text(8)?,
+            alert_status: r.text(9)?,
+        },
+    })
+}
+
+impl RawDetection {
+    /// Its sequence number, stored size and the detection decoded.
+    pub(crate) fn decode(
+        self,
+    ) -> Result<(u64, usize, vedette_proto::v1::StoredDetection), super::StoreError> {
+        use prost::Message;
+        let detection =
+            vedette_proto::v1::Detection::decode(self.body.as_slice()).map_err(|e| {
+                super::StoreError::Corrupt {
+                    id: self.id,
+                    reason: e.to_string(),
+                }
+            })?;
+        Ok((
+            self.stored.seq,
+            self.body.len(),
+            vedette_proto::v1::StoredDetection {
+                detection: Some(detection),
+                ..self.stored
+            },
+        ))
+    }
 }

@@ -7,13 +7,17 @@ use std::sync::{Mutex, MutexGuard};
 
 use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
-use vedette_proto::v1::{Detection, Inventory, StoredDetection, detection};
+use vedette_proto::v1::{Detection, Inventory, StoredDetection};
 
-use super::rows::{self, AGENT_SELECT, AUDIT_SELECT, CERT_SELECT, TOKEN_SELECT};
+use super::rows::{
+    self, AGENT_SELECT, ALERT_SELECT, AUDIT_SELECT, CERT_SELECT, DETECTION_SELECT,
+    EXCEPTION_SELECT, TOKEN_SELECT, VERDICT_SELECT,
+};
 use super::{
-    AgentRow, AuditRow, BundleRow, CertRow, DetectionFilter, DetectionPage, ExportRow, IntelBatch,
-    IntelSourceRow, Opener, OrgRow, Schema, StagedLine, StagingCounts, Store, StoreError,
-    TokenError, TokenRow, UserRow, file_md5,
+    AgentRow, AlertFilter, AlertRow, AuditRow, BundleRow, CertRow, DetectionFilter, DetectionPage,
+    ExceptionRow, ExportRow, IntelBatch, IntelSourceRow, Opener, OrgRow, Schema, StagedLine,
+    StagingCounts, Store, StoreError, TokenError, TokenRow, UserRow, VerdictRow, alert_subject,
+    file_md5, indexed,
 };
 
 /// Schema migrations, applied in order; `PRAGMA user_version` is the number applied.
@@ -175,7 +179,81 @@ const MIGRATIONS: &[&str] = &[
     // 14: agent labels, and bundles published to one label only (staged rollout).
     "ALTER TABLE agents ADD COLUMN labels TEXT NOT NULL DEFAULT '';
     ALTER TABLE bundles ADD COLUMN target TEXT NOT NULL DEFAULT '';",
+    // 15: alerts (detections grouped as they are stored), their verdicts (append-only), and
+    // exceptions; each detection's alert and the exception that covered it.
+    "CREATE TABLE alerts (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        org TEXT NOT NULL,
+        rule TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        kind INTEGER NOT NULL,
+        score INTEGER NOT NULL,
+        first_seen_ms INTEGER NOT NULL,
+        last_seen_ms INTEGER NOT NULL,
+        detections INTEGER NOT NULL,
+        hosts INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        new_activity INTEGER NOT NULL,
+        last_seq INTEGER NOT NULL,
+        updated_at_ms INTEGER NOT NULL,
+        UNIQUE (org, rule, subject)
+    );
+    CREATE INDEX alerts_last ON alerts(last_seq);
+    CREATE TABLE alert_hosts (
+        alert_id INTEGER NOT NULL,
+        agent_id TEXT NOT NULL,
+        PRIMARY KEY (alert_id, agent_id)
+    );
+    CREATE TABLE alert_verdicts (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        alert_id INTEGER NOT NULL,
+        at_ms INTEGER NOT NULL,
+        actor TEXT NOT NULL,
+        status TEXT NOT NULL,
+        note TEXT NOT NULL,
+        exception_id TEXT NOT NULL
+    );
+    CREATE INDEX alert_verdicts_alert ON alert_verdicts(alert_id, seq);
+    CREATE TRIGGER alert_verdicts_no_update BEFORE UPDATE ON alert_verdicts
+        BEGIN SELECT RAISE(ABORT, 'the verdict history is append-only'); END;
+    CREATE TRIGGER alert_verdicts_no_delete BEFORE DELETE ON alert_verdicts
+        BEGIN SELECT RAISE(ABORT, 'the verdict history is append-only'); END;
+    CREATE TABLE exceptions (
+        id TEXT PRIMARY KEY,
+        rule TEXT NOT NULL,
+        indicator TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        path TEXT NOT NULL,
+        org TEXT NOT NULL,
+        agent TEXT NOT NULL,
+        expires_at_ms INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        created_at_ms INTEGER NOT NULL,
+        created_by TEXT NOT NULL,
+        removed_at_ms INTEGER NOT NULL DEFAULT 0,
+        removed_by TEXT NOT NULL DEFAULT ''
+    );
+    ALTER TABLE detections ADD COLUMN alert_id INTEGER;
+    ALTER TABLE detections ADD COLUMN exception_id TEXT;
+    CREATE INDEX detections_alert ON detections(alert_id, seq) WHERE alert_id IS NOT NULL;",
 ];
+
+/// Groups one stored detection into its alert (`org`, `rule`, `subject`, `kind`, `score`,
+/// `observed_at_ms`, `seq`, `now_ms`): a new alert, or one more detection of it, its times
+/// widened; an acknowledged or true-positive alert is flagged for new activity.
+const UPSERT_ALERT: &str = "INSERT INTO alerts (org, rule, subject, kind, score, first_seen_ms,
+        last_seen_ms, detections, hosts, status, new_activity, last_seq, updated_at_ms)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, 1, 0, 'open', 0, ?7, ?8)
+     ON CONFLICT (org, rule, subject) DO UPDATE SET
+       detections = alerts.detections + 1,
+       score = MAX(alerts.score, excluded.score),
+       first_seen_ms = MIN(alerts.first_seen_ms, excluded.first_seen_ms),
+       last_seen_ms = MAX(alerts.last_seen_ms, excluded.last_seen_ms),
+       last_seq = MAX(alerts.last_seq, excluded.last_seq),
+       updated_at_ms = excluded.updated_at_ms,
+       new_activity = CASE WHEN alerts.status IN ('acknowledged', 'true-positive') THEN 1
+                           ELSE alerts.new_activity END
+     RETURNING id";
 
 /// Counts one sign-in attempt against a key (`key`, `now_ms`, `window_ms`): a new window when
 /// the last one is over.
@@ -194,6 +272,51 @@ const RETIRE_OLDER_CERTS: &str = "UPDATE certs SET revoked_at_ms = ?3
      WHERE kind = 'agent' AND subject = ?1 AND revoked_at_ms = 0 AND serial != ?2
        AND recorded_at_ms < (SELECT recorded_at_ms FROM certs WHERE serial = ?2)
      RETURNING serial";
+
+/// Groups detection `seq` (`d`, of `agent_id` in `org`) into its alert: the alert upserted,
+/// the agent counted as one of its hosts if new to it, the detection joined to it.
+fn join_alert(
+    tx: &Connection,
+    org: &str,
+    agent_id: &str,
+    d: &Detection,
+    seq: i64,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    let alert: i64 = tx.prepare_cached(UPSERT_ALERT)?.query_row(
+        params![
+            org,
+            d.rule,
+            alert_subject(d, agent_id),
+            d.kind,
+            d.score,
+            d.observed_at_ms,
+            seq,
+            now_ms
+        ],
+        |r| r.get(0),
+    )?;
+    let new_host = tx
+        .prepare_cached(
+            "INSERT INTO alert_hosts (alert_id, agent_id) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+        )?
+        .execute(params![alert, agent_id])?;
+    if new_host > 0 {
+        tx.prepare_cached("UPDATE alerts SET hosts = hosts + 1 WHERE id = ?1")?
+            .execute([alert])?;
+    }
+    tx.prepare_cached("UPDATE detections SET alert_id = ?1 WHERE seq = ?2")?
+        .execute(params![alert, seq])?;
+    Ok(())
+}
+
+/// Every exception, oldest first.
+fn exception_rows(conn: &Connection) -> Result<Vec<ExceptionRow>, StoreError> {
+    let mut stmt =
+        conn.prepare_cached(&format!("{EXCEPTION_SELECT} ORDER BY created_at_ms, id"))?;
+    let rows = stmt.query_map([], |r| rows::exception(r))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
 
 pub struct SqliteStore {
     conn: Mutex<Connection>,
@@ -728,40 +851,29 @@ impl Store for SqliteStore {
     ) -> Result<usize, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let live = tx
+        let org: Option<String> = tx
             .query_row(
-                "SELECT 1 FROM agents WHERE id = ?1 AND revoked_at_ms IS NULL",
+                "SELECT org FROM agents WHERE id = ?1 AND revoked_at_ms IS NULL",
                 [agent_id],
-                |_| Ok(()),
+                |r| r.get(0),
             )
             .optional()?;
-        if live.is_none() {
+        let Some(org) = org else {
             return Err(StoreError::Revoked(agent_id.to_string()));
-        }
+        };
+        let exceptions = rows::in_force(exception_rows(&tx)?, &org, received_at_ms);
         let mut inserted = 0;
         {
-            let mut stmt = tx.prepare_cached(
+            let mut insert = tx.prepare_cached(
                 "INSERT INTO detections (id, agent_id, kind, rule, path, sha256, pid, observed_at_ms,
-                    received_at_ms, bundle_version, body, md5)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+                    received_at_ms, bundle_version, body, md5, exception_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
                  ON CONFLICT(id) DO NOTHING",
             )?;
             for d in detections {
-                let (path, sha256, pid) = match &d.target {
-                    Some(detection::Target::File(f)) => {
-                        (Some(f.path.as_str()), Some(f.sha256.as_str()), None)
-                    }
-                    Some(detection::Target::Process(p)) => (
-                        Some(p.exe.as_str()),
-                        Some(p.exe_sha256.as_str()),
-                        Some(p.pid),
-                    ),
-                    Some(detection::Target::Connection(c)) => {
-                        (Some(c.exe.as_str()), None, Some(c.pid))
-                    }
-                    None => (None, None, None),
-                };
-                inserted += stmt.execute(params![
+                let (path, sha256, pid) = indexed(d);
+                let exception = exceptions.covering(d, agent_id, &org, received_at_ms);
+                let n = insert.execute(params![
                     d.id,
                     agent_id,
                     d.kind,
@@ -774,7 +886,20 @@ impl Store for SqliteStore {
                     d.bundle_version as i64,
                     d.encode_to_vec(),
                     file_md5(d),
+                    exception,
                 ])?;
+                inserted += n;
+                if n == 0 || exception.is_some() {
+                    continue;
+                }
+                join_alert(
+                    &tx,
+                    &org,
+                    agent_id,
+                    d,
+                    tx.last_insert_rowid(),
+                    received_at_ms,
+                )?;
             }
         }
         tx.commit()?;
@@ -784,17 +909,18 @@ impl Store for SqliteStore {
     /// The most recent detections matching the filter, oldest first.
     fn list_detections(&self, f: &DetectionFilter) -> Result<DetectionPage, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
-            "SELECT d.seq, d.id, d.agent_id, a.hostname, d.received_at_ms, d.body, a.org
-             FROM detections d JOIN agents a ON a.id = d.agent_id
+        let mut stmt = conn.prepare_cached(&format!(
+            "{DETECTION_SELECT}
              WHERE (?1 IS NULL OR d.agent_id = ?1) AND (?2 IS NULL OR d.received_at_ms >= ?2)
                AND (?3 IS NULL OR d.seq < ?3) AND (?5 IS NULL OR a.org = ?5)
                AND (?6 IS NULL OR d.received_at_ms < ?6) AND (?7 IS NULL OR d.kind = ?7)
                AND (?8 IS NULL OR d.rule = ?8) AND (?9 IS NULL OR d.sha256 = ?9)
                AND (?10 IS NULL OR d.md5 = ?10) AND (?11 IS NULL OR a.hostname = ?11)
-             ORDER BY d.seq DESC LIMIT ?4",
-        )?;
+               AND (?12 OR d.exception_id IS NULL) AND (?13 IS NULL OR d.alert_id = ?13)
+             ORDER BY d.seq DESC LIMIT ?4"
+        ))?;
         let before = f.before_seq.map(|s| s.min(i64::MAX as u64) as i64);
+        let alert = f.alert_id.map(|s| s.min(i64::MAX as u64) as i64);
         let mut rows = stmt.query(params![
             f.agent_id,
             f.since_ms,
@@ -806,32 +932,117 @@ impl Store for SqliteStore {
             f.rule,
             f.sha256,
             f.md5,
-            f.host
+            f.host,
+            f.suppressed,
+            alert,
         ])?;
-        DetectionPage::collect(f, || {
-            let Some(r) = rows.next()? else {
-                return Ok(None);
-            };
-            let body: Vec<u8> = r.get(5)?;
-            let id: String = r.get(1)?;
-            let detection =
-                Detection::decode(body.as_slice()).map_err(|e| StoreError::Corrupt {
-                    id,
-                    reason: e.to_string(),
-                })?;
-            Ok(Some((
-                r.get::<_, i64>(0)? as u64,
-                body.len(),
-                StoredDetection {
-                    detection: Some(detection),
-                    agent_id: r.get(2)?,
-                    hostname: r.get(3)?,
-                    received_at_ms: r.get(4)?,
-                    seq: 0,
-                    org: r.get(6)?,
-                },
-            )))
+        DetectionPage::collect(f, || match rows.next()? {
+            Some(r) => Ok(Some(rows::detection(r)?.decode()?)),
+            None => Ok(None),
         })
+    }
+
+    fn list_alerts(&self, f: &AlertFilter) -> Result<Vec<AlertRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "{ALERT_SELECT} WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR org = ?2)
+               AND (?3 IS NULL OR last_seq < ?3)
+             ORDER BY last_seq DESC LIMIT ?4"
+        ))?;
+        let before = f.before_seq.map(|s| s.min(i64::MAX as u64) as i64);
+        let rows = stmt.query_map(params![f.status, f.org, before, f.limit], |r| {
+            rows::alert(r)
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn alert(&self, id: u64) -> Result<Option<AlertRow>, StoreError> {
+        let conn = self.conn();
+        let id = id.min(i64::MAX as u64) as i64;
+        Ok(conn
+            .query_row(&format!("{ALERT_SELECT} WHERE id = ?1"), [id], |r| {
+                rows::alert(r)
+            })
+            .optional()?)
+    }
+
+    fn alert_verdicts(&self, id: u64) -> Result<Vec<VerdictRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "{VERDICT_SELECT} WHERE alert_id = ?1 ORDER BY seq"
+        ))?;
+        let id = id.min(i64::MAX as u64) as i64;
+        let rows = stmt.query_map([id], |r| rows::verdict(r))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn judge_alert(&self, v: &VerdictRow) -> Result<Option<AlertRow>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let id = v.alert_id.min(i64::MAX as u64) as i64;
+        let n = tx.execute(
+            "UPDATE alerts SET status = ?2, new_activity = 0, updated_at_ms = ?3 WHERE id = ?1",
+            params![id, v.status, v.at_ms],
+        )?;
+        if n == 0 {
+            return Ok(None);
+        }
+        tx.execute(
+            "INSERT INTO alert_verdicts (alert_id, at_ms, actor, status, note, exception_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![id, v.at_ms, v.actor, v.status, v.note, v.exception_id],
+        )?;
+        let row = tx.query_row(&format!("{ALERT_SELECT} WHERE id = ?1"), [id], |r| {
+            rows::alert(r)
+        })?;
+        tx.commit()?;
+        Ok(Some(row))
+    }
+
+    fn add_exception(&self, e: &ExceptionRow) -> Result<(), StoreError> {
+        let x = &e.ex;
+        self.conn().execute(
+            "INSERT INTO exceptions (id, rule, indicator, sha256, path, org, agent, expires_at_ms,
+                reason, created_at_ms, created_by)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                x.id,
+                x.rule,
+                x.indicator,
+                x.sha256,
+                x.path,
+                x.org,
+                x.agent,
+                x.expires_at_ms,
+                x.reason,
+                e.created_at_ms,
+                e.created_by
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn list_exceptions(&self) -> Result<Vec<ExceptionRow>, StoreError> {
+        exception_rows(&self.conn())
+    }
+
+    fn remove_exception(
+        &self,
+        id: &str,
+        by: &str,
+        now_ms: i64,
+    ) -> Result<Option<ExceptionRow>, StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "UPDATE exceptions SET removed_at_ms = ?2, removed_by = ?3
+             WHERE id = ?1 AND removed_at_ms = 0",
+            params![id, now_ms, by],
+        )?;
+        Ok(conn
+            .query_row(&format!("{EXCEPTION_SELECT} WHERE id = ?1"), [id], |r| {
+                rows::exception(r)
+            })
+            .optional()?)
     }
 
     /// Stores a bundle if its version is above every stored one. `Err(latest)` otherwise.
@@ -1097,43 +1308,14 @@ impl Store for SqliteStore {
         limit: u32,
     ) -> Result<Vec<(u64, StoredDetection)>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
-            "SELECT d.seq, d.id, d.agent_id, a.hostname, d.received_at_ms, d.body, a.org
-             FROM detections d JOIN agents a ON a.id = d.agent_id
-             WHERE d.seq > ?1 AND d.received_at_ms < ?2 ORDER BY d.seq LIMIT ?3",
-        )?;
-        let rows = stmt.query_map(params![after as i64, before_ms, limit], |r| {
-            Ok((
-                (
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?,
-                ),
-                r.get::<_, i64>(4)?,
-                r.get::<_, Vec<u8>>(5)?,
-                r.get::<_, String>(6)?,
-            ))
-        })?;
+        let mut stmt = conn.prepare_cached(&format!(
+            "{DETECTION_SELECT} WHERE d.seq > ?1 AND d.received_at_ms < ?2 ORDER BY d.seq LIMIT ?3"
+        ))?;
+        let mut rows = stmt.query(params![after as i64, before_ms, limit])?;
         let mut out = Vec::new();
-        for row in rows {
-            let ((seq, id, agent_id, hostname), received_at_ms, body, org) = row?;
-            let detection =
-                Detection::decode(body.as_slice()).map_err(|e| StoreError::Corrupt {
-                    id,
-                    reason: e.to_string(),
-                })?;
-            out.push((
-                seq as u64,
-                StoredDetection {
-                    detection: Some(detection),
-                    agent_id,
-                    hostname,
-                    received_at_ms,
-                    seq: seq as u64,
-                    org,
-                },
-            ));
+        while let Some(r) = rows.next()? {
+            let (seq, _, stored) = rows::detection(r)?.decode()?;
+            out.push((seq, stored));
         }
         Ok(out)
     }

@@ -1018,3 +1018,314 @@ fn the_audit_log_refuses_changes_and_deletions_in_both_stores() {
         1
     );
 }
+
+/// A detection of the file with SHA-256 `sha` at `path`, observed at `at`.
+fn file_seen(id: &str, rule: &str, path: &str, sha: &str, at: i64) -> Detection {
+    Detection {
+        id: id.into(),
+        kind: 1,
+        rule: rule.into(),
+        observed_at_ms: at,
+        score: 70,
+        target: Some(detection::Target::File(FileTarget {
+            path: path.into(),
+            sha256: sha.into(),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+fn enrolled(s: &dyn Store, org: &str, agents: &[&str]) {
+    let t = format!("tok-{org}");
+    s.create_token(&token(&t, 0, i64::MAX, 100, org)).unwrap();
+    for a in agents {
+        s.enroll(&t, a, &format!("host-{a}"), 1).unwrap().unwrap();
+    }
+}
+
+#[test]
+fn detections_group_into_alerts_by_organisation_rule_and_subject_as_they_are_stored() {
+    both("alerts", |s, _| {
+        let alpha = OrgRow {
+            name: "alpha".into(),
+            stix_id: crate::orgs::new_stix_id(),
+            share: "full".into(),
+            tlp: "amber".into(),
+            ..Default::default()
+        };
+        s.create_org(&alpha).unwrap();
+        enrolled(&*s, "default", &["d1", "d2", "d3"]);
+        enrolled(&*s, "alpha", &["a1", "a2"]);
+        let h = "a".repeat(64);
+        // Out of order in time: first and last seen still widen both ways.
+        s.insert_detections("d1", &[file_seen("1", "R", "/x", &h, 500)], 10)
+            .unwrap();
+        s.insert_detections("d2", &[file_seen("2", "R", "/y", &h, 100)], 11)
+            .unwrap();
+        s.insert_detections(
+            "d1",
+            &[
+                file_seen("3", "R", "/z", &h, 900),
+                file_seen("1", "R", "/x", &h, 500),
+            ],
+            12,
+        )
+        .unwrap();
+        s.insert_detections("a1", &[file_seen("4", "R", "/x", &h, 300)], 13)
+            .unwrap();
+        // No hash: grouped by path. Another rule: another alert.
+        s.insert_detections("d3", &[file_seen("5", "R", "/nohash", "", 50)], 14)
+            .unwrap();
+        s.insert_detections("d3", &[file_seen("6", "Other", "/x", &h, 50)], 15)
+            .unwrap();
+        let all = s
+            .list_alerts(&AlertFilter {
+                limit: 100,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(all.len(), 4, "{all:?}");
+        assert_eq!(all[0].rule, "Other", "newest activity first");
+        let file = |org: &str| {
+            all.iter()
+                .find(|a| a.org == org && a.rule == "R" && a.subject.starts_with("sha256:"))
+                .unwrap()
+                .clone()
+        };
+        let d = file("default");
+        assert_eq!(
+            (d.detections, d.hosts, d.first_seen_ms, d.last_seen_ms),
+            (3, 2, 100, 900),
+            "a resend is not counted again; {d:?}"
+        );
+        assert_eq!(d.status, "open");
+        assert_eq!(d.subject, format!("sha256:{h}"));
+        assert_eq!((file("alpha").detections, file("alpha").hosts), (1, 1));
+        assert!(all.iter().any(|a| a.subject == "path:/nohash"));
+        let only_alpha = s
+            .list_alerts(&AlertFilter {
+                org: Some("alpha".into()),
+                limit: 100,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(only_alpha.len(), 1);
+        // A page: below the last one seen.
+        let page = s
+            .list_alerts(&AlertFilter {
+                limit: 2,
+                ..Default::default()
+            })
+            .unwrap();
+        let next = s
+            .list_alerts(&AlertFilter {
+                limit: 100,
+                before_seq: Some(page[1].last_seq),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(page.len() + next.len(), 4);
+        // Each detection knows its alert.
+        let listed = s
+            .list_detections(&DetectionFilter {
+                alert_id: Some(d.id),
+                limit: 100,
+                max_bytes: usize::MAX,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(listed.detections.len(), 3);
+        assert!(listed.detections.iter().all(|x| x.alert_id == d.id));
+        assert!(listed.detections.iter().all(|x| x.alert_status == "open"));
+
+        // Verdicts: kept in order with who and why; a true positive flags new activity, a
+        // false positive stays closed.
+        let judge = |status: &str, note: &str, at: i64| {
+            s.judge_alert(&VerdictRow {
+                alert_id: d.id,
+                at_ms: at,
+                actor: "cert:operator".into(),
+                status: status.into(),
+                note: note.into(),
+                ..Default::default()
+            })
+            .unwrap()
+            .unwrap()
+        };
+        assert_eq!(judge("true-positive", "seen", 20).status, "true-positive");
+        s.insert_detections("d3", &[file_seen("7", "R", "/w", &h, 1000)], 21)
+            .unwrap();
+        let again = s.alert(d.id).unwrap().unwrap();
+        assert_eq!(
+            (again.status.as_str(), again.new_activity, again.hosts),
+            ("true-positive", true, 3)
+        );
+        let fp = judge("false-positive", "packer", 22);
+        assert!(!fp.new_activity, "a verdict clears it");
+        s.insert_detections("d3", &[file_seen("8", "R", "/v", &h, 1001)], 23)
+            .unwrap();
+        let closed = s.alert(d.id).unwrap().unwrap();
+        assert_eq!(
+            (closed.status.as_str(), closed.new_activity),
+            ("false-positive", false)
+        );
+        let history = s.alert_verdicts(d.id).unwrap();
+        let seen: Vec<(&str, &str)> = history
+            .iter()
+            .map(|v| (v.status.as_str(), v.note.as_str()))
+            .collect();
+        assert_eq!(
+            seen,
+            [("true-positive", "seen"), ("false-positive", "packer")]
+        );
+        assert!(s.alert(999_999).unwrap().is_none());
+        assert!(
+            s.judge_alert(&VerdictRow {
+                alert_id: 999_999,
+                status: "benign".into(),
+                ..Default::default()
+            })
+            .unwrap()
+            .is_none()
+        );
+    });
+}
+
+#[test]
+fn exceptions_mark_what_they_cover_from_the_moment_they_are_added_until_they_expire() {
+    both("exceptions", |s, _| {
+        enrolled(&*s, "default", &["d1"]);
+        let h = "b".repeat(64);
+        let ex = |id: &str, expires: i64, org: &str| ExceptionRow {
+            ex: vedette_engine::exceptions::Exception {
+                id: id.into(),
+                rule: "R".into(),
+                sha256: h.clone(),
+                org: org.into(),
+                expires_at_ms: expires,
+                reason: "packer".into(),
+                ..Default::default()
+            },
+            created_at_ms: 1,
+            created_by: "cert:operator".into(),
+            ..Default::default()
+        };
+        // Another organisation's exception covers nothing here.
+        s.add_exception(&ex("ex-other", 0, "alpha")).unwrap();
+        s.insert_detections("d1", &[file_seen("1", "R", "/a", &h, 1)], 10)
+            .unwrap();
+        s.add_exception(&ex("ex-1", 1_000, "default")).unwrap();
+        s.insert_detections(
+            "d1",
+            &[
+                file_seen("2", "R", "/b", &h, 2),
+                file_seen("3", "R", "/c", &"c".repeat(64), 3),
+            ],
+            500,
+        )
+        .unwrap();
+        // Expired by the time this one arrives.
+        s.insert_detections("d1", &[file_seen("4", "R", "/d", &h, 4)], 1_000)
+            .unwrap();
+        let list = |suppressed: bool| {
+            s.list_detections(&DetectionFilter {
+                suppressed,
+                limit: 100,
+                max_bytes: usize::MAX,
+                ..Default::default()
+            })
+            .unwrap()
+            .detections
+        };
+        let shown: Vec<String> = list(false)
+            .iter()
+            .map(|d| d.detection.as_ref().unwrap().id.clone())
+            .collect();
+        assert_eq!(shown, ["1", "3", "4"], "hidden unless asked for");
+        let all = list(true);
+        let marked = all
+            .iter()
+            .find(|d| d.detection.as_ref().unwrap().id == "2")
+            .unwrap();
+        assert_eq!((marked.exception_id.as_str(), marked.alert_id), ("ex-1", 0));
+        let alert = s
+            .list_alerts(&AlertFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap()
+            .into_iter()
+            .find(|a| a.subject == format!("sha256:{h}"))
+            .unwrap();
+        assert_eq!(alert.detections, 2, "the suppressed one does not count");
+        // Exported only when not covered.
+        let exported = s.detections_after(0, i64::MAX, 100).unwrap();
+        assert_eq!(exported.len(), 4);
+        assert!(exported.iter().any(|(_, d)| d.exception_id == "ex-1"));
+
+        // Removed: listed as removed, by whom; covers nothing from then on.
+        let removed = s
+            .remove_exception("ex-other", "cert:x", 600)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (removed.removed_at_ms, removed.removed_by.as_str()),
+            (600, "cert:x")
+        );
+        let again = s
+            .remove_exception("ex-other", "cert:y", 700)
+            .unwrap()
+            .unwrap();
+        assert_eq!(again.removed_by, "cert:x", "removed once");
+        assert!(s.remove_exception("nope", "cert:x", 1).unwrap().is_none());
+        let rows = s.list_exceptions().unwrap();
+        assert_eq!(rows.len(), 2);
+        assert!(rows.iter().all(|r| !r.active(1_000)));
+    });
+}
+
+#[test]
+fn the_verdict_history_refuses_changes_and_deletions_in_both_stores() {
+    let verdict = VerdictRow {
+        alert_id: 1,
+        at_ms: 1,
+        actor: "cert:operator".into(),
+        status: "benign".into(),
+        ..Default::default()
+    };
+    let check = |s: &dyn Store, exec: &mut dyn FnMut(&str) -> String| {
+        enrolled(s, "default", &["d1"]);
+        s.insert_detections("d1", &[file_seen("1", "R", "/a", "", 1)], 1)
+            .unwrap();
+        s.judge_alert(&verdict).unwrap().unwrap();
+        for sql in [
+            "UPDATE alert_verdicts SET note = 'x'",
+            "DELETE FROM alert_verdicts",
+        ] {
+            assert!(exec(sql).contains("append-only"), "{sql}");
+        }
+        assert_eq!(s.alert_verdicts(1).unwrap().len(), 1);
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let store = open(&StoreLocation::Sqlite(path.clone())).unwrap();
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    check(&*store, &mut |sql| {
+        conn.execute(sql, []).unwrap_err().to_string()
+    });
+    if let Some(db) = vedette_tests::PgDb::create("verdicts_append_only") {
+        let pg = StoreLocation::Postgres {
+            url: db.url.clone(),
+            ca_cert: None,
+        };
+        let store = open(&pg).unwrap();
+        let mut client = ::postgres::Client::connect(&db.url, ::postgres::NoTls).unwrap();
+        check(&*store, &mut |sql| {
+            let e = client.batch_execute(sql).unwrap_err();
+            e.as_db_error()
+                .map(|d| d.message().to_string())
+                .unwrap_or_default()
+        });
+    }
+}

@@ -116,6 +116,13 @@ pub fn stored_json(s: &StoredDetection) -> Value {
     v["org"] = json!(s.org);
     v["received_at"] = json!(rfc3339_ms(s.received_at_ms));
     v["seq"] = json!(s.seq);
+    if s.alert_id != 0 {
+        v["alert_id"] = json!(s.alert_id);
+        v["alert_status"] = json!(s.alert_status);
+    }
+    if !s.exception_id.is_empty() {
+        v["exception_id"] = json!(s.exception_id);
+    }
     v
 }
 

@@ -62,6 +62,10 @@ pub struct DetectionQuery {
     pub host: String,
     /// A SHA-256 or an MD5, told apart by length (the console's search box).
     pub hash: String,
+    /// Detections an exception covers too.
+    pub suppressed: bool,
+    /// Only this alert's detections.
+    pub alert: Option<u64>,
     pub limit: Option<u32>,
     pub before: Option<u64>,
 }
@@ -128,6 +132,8 @@ impl DetectionQuery {
             before_seq: self.before.unwrap_or(0),
             org: String::new(),
             unfiltered_export: false,
+            suppressed: self.suppressed,
+            alert_id: self.alert.unwrap_or(0),
         })
     }
 }

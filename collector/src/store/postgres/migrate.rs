@@ -162,6 +162,63 @@ const MIGRATIONS: &[&str] = &[
     // 12: agent labels, and bundles published to one label only (staged rollout).
     "ALTER TABLE agents ADD COLUMN labels TEXT NOT NULL DEFAULT '';
     ALTER TABLE bundles ADD COLUMN target TEXT NOT NULL DEFAULT '';",
+    // 13: alerts (detections grouped as they are stored), their verdicts (append-only), and
+    // exceptions; each detection's alert and the exception that covered it.
+    "CREATE TABLE alerts (
+        id BIGSERIAL PRIMARY KEY,
+        org TEXT NOT NULL,
+        rule TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        kind BIGINT NOT NULL,
+        score BIGINT NOT NULL,
+        first_seen_ms BIGINT NOT NULL,
+        last_seen_ms BIGINT NOT NULL,
+        detections BIGINT NOT NULL,
+        hosts BIGINT NOT NULL,
+        status TEXT NOT NULL,
+        new_activity BIGINT NOT NULL,
+        last_seq BIGINT NOT NULL,
+        updated_at_ms BIGINT NOT NULL,
+        UNIQUE (org, rule, subject)
+    );
+    CREATE INDEX alerts_last ON alerts(last_seq);
+    CREATE TABLE alert_hosts (
+        alert_id BIGINT NOT NULL,
+        agent_id TEXT NOT NULL,
+        PRIMARY KEY (alert_id, agent_id)
+    );
+    CREATE TABLE alert_verdicts (
+        seq BIGSERIAL PRIMARY KEY,
+        alert_id BIGINT NOT NULL,
+        at_ms BIGINT NOT NULL,
+        actor TEXT NOT NULL,
+        status TEXT NOT NULL,
+        note TEXT NOT NULL,
+        exception_id TEXT NOT NULL
+    );
+    CREATE INDEX alert_verdicts_alert ON alert_verdicts(alert_id, seq);
+    CREATE FUNCTION vedette_verdicts_append_only() RETURNS trigger LANGUAGE plpgsql AS
+        $$ BEGIN RAISE EXCEPTION 'the verdict history is append-only'; END $$;
+    CREATE TRIGGER alert_verdicts_append_only BEFORE UPDATE OR DELETE ON alert_verdicts
+        FOR EACH ROW EXECUTE FUNCTION vedette_verdicts_append_only();
+    CREATE TABLE exceptions (
+        id TEXT PRIMARY KEY,
+        rule TEXT NOT NULL,
+        indicator TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        path TEXT NOT NULL,
+        org TEXT NOT NULL,
+        agent TEXT NOT NULL,
+        expires_at_ms BIGINT NOT NULL,
+        reason TEXT NOT NULL,
+        created_at_ms BIGINT NOT NULL,
+        created_by TEXT NOT NULL,
+        removed_at_ms BIGINT NOT NULL DEFAULT 0,
+        removed_by TEXT NOT NULL DEFAULT ''
+    );
+    ALTER TABLE detections ADD COLUMN alert_id BIGINT;
+    ALTER TABLE detections ADD COLUMN exception_id TEXT;
+    CREATE INDEX detections_alert ON detections(alert_id, seq) WHERE alert_id IS NOT NULL;",
 ];
 
 /// The advisory lock key migrations run under ("vedette" in ASCII).

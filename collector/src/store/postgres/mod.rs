@@ -19,16 +19,20 @@ use std::path::Path;
 
 use prost::Message;
 use tokio_postgres::config::SslMode;
-use vedette_proto::v1::{Detection, Inventory, StoredDetection, detection};
+use vedette_proto::v1::{Detection, Inventory, StoredDetection};
 
 use self::listen::EVENTS;
 use self::migrate::migrate;
-use self::pool::{Conn, Pool, tls_connector};
-use super::rows::{self, AGENT_SELECT, AUDIT_SELECT, CERT_SELECT, TOKEN_SELECT};
+use self::pool::{Conn, Pool, Tx, tls_connector};
+use super::rows::{
+    self, AGENT_SELECT, ALERT_SELECT, AUDIT_SELECT, CERT_SELECT, DETECTION_SELECT,
+    EXCEPTION_SELECT, TOKEN_SELECT, VERDICT_SELECT,
+};
 use super::{
-    AgentRow, AuditRow, BundleRow, CertRow, DetectionFilter, DetectionPage, ExportRow, IntelBatch,
-    IntelSourceRow, Opener, OrgRow, Schema, StagedLine, StagingCounts, Store, StoreError,
-    StoreEvent, TokenError, TokenRow, UserRow, redact,
+    AgentRow, AlertFilter, AlertRow, AuditRow, BundleRow, CertRow, DetectionFilter, DetectionPage,
+    ExceptionRow, ExportRow, IntelBatch, IntelSourceRow, Opener, OrgRow, Schema, StagedLine,
+    StagingCounts, Store, StoreError, StoreEvent, TokenError, TokenRow, UserRow, VerdictRow,
+    redact,
 };
 
 pub struct PgStore {
@@ -649,27 +653,32 @@ impl Store for PgStore {
         if detections.is_empty() {
             return Ok(0);
         }
-        let mut cols = Columns::default();
-        for d in detections {
-            cols.push(d);
-        }
         self.with(|c| {
             let mut tx = c.transaction()?;
             let live = tx.query_opt(
-                "SELECT 1 FROM agents WHERE id = $1 AND revoked_at_ms IS NULL FOR SHARE",
+                "SELECT org FROM agents WHERE id = $1 AND revoked_at_ms IS NULL FOR SHARE",
                 &[&agent_id],
             )?;
-            if live.is_none() {
+            let Some(live) = live else {
                 return Err(StoreError::Revoked(agent_id.to_string()));
+            };
+            let org: String = live.get(0);
+            let exceptions = rows::in_force(exception_rows(&mut tx)?, &org, received_at_ms);
+            let mut cols = Columns::default();
+            for d in detections {
+                let exception = exceptions.covering(d, agent_id, &org, received_at_ms);
+                cols.push(d, exception);
             }
-            let n = tx.execute(
+            let stored = tx.query(
                 "INSERT INTO detections (id, agent_id, kind, rule, path, sha256, pid,
-                    observed_at_ms, received_at_ms, bundle_version, body, md5)
-                 SELECT id, $2, kind, rule, path, sha256, pid, observed, $3, bundle, body, md5
+                    observed_at_ms, received_at_ms, bundle_version, body, md5, exception_id)
+                 SELECT id, $2, kind, rule, path, sha256, pid, observed, $3, bundle, body, md5, ex
                  FROM unnest($1::text[], $4::int[], $5::text[], $6::text[], $7::text[],
-                    $8::bigint[], $9::bigint[], $10::bigint[], $11::bytea[], $12::text[])
-                    AS t(id, kind, rule, path, sha256, pid, observed, bundle, body, md5)
-                 ON CONFLICT (id) DO NOTHING",
+                    $8::bigint[], $9::bigint[], $10::bigint[], $11::bytea[], $12::text[],
+                    $13::text[])
+                    AS t(id, kind, rule, path, sha256, pid, observed, bundle, body, md5, ex)
+                 ON CONFLICT (id) DO NOTHING
+                 RETURNING id, seq",
                 &[
                     &cols.id,
                     &agent_id,
@@ -683,18 +692,29 @@ impl Store for PgStore {
                     &cols.bundle,
                     &cols.body,
                     &cols.md5,
+                    &cols.exception,
                 ],
             )?;
+            let mut new: std::collections::HashMap<String, i64> =
+                stored.iter().map(|r| (r.get(0), r.get(1))).collect();
+            let mut groups = AlertGroups::default();
+            for (d, exception) in detections.iter().zip(&cols.exception) {
+                if let Some(seq) = new.remove(&d.id).filter(|_| exception.is_none()) {
+                    groups.add(d, agent_id, seq);
+                }
+            }
+            groups.store(&mut tx, &org, agent_id, received_at_ms)?;
             tx.commit()?;
-            Ok(n as usize)
+            Ok(stored.len())
         })
     }
 
     fn list_detections(&self, f: &DetectionFilter) -> Result<DetectionPage, StoreError> {
         self.with(|c| {
             let before = f.before_seq.map(|s| s.min(i64::MAX as u64) as i64);
+            let alert = f.alert_id.map(|s| s.min(i64::MAX as u64) as i64);
             let limit = i64::from(f.sql_limit());
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 11] = [
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 13] = [
                 &f.agent_id,
                 &f.since_ms,
                 &before,
@@ -706,48 +726,146 @@ impl Store for PgStore {
                 &f.sha256,
                 &f.md5,
                 &f.host,
+                &f.suppressed,
+                &alert,
             ];
             // Rows stream in: reading stops at the byte budget, not at the whole result.
             let mut rows = c.query_raw(
-                "SELECT d.seq, d.id, d.agent_id, a.hostname, d.received_at_ms, d.body, a.org
-                 FROM detections d JOIN agents a ON a.id = d.agent_id
-                 WHERE ($1::text IS NULL OR d.agent_id = $1)
-                   AND ($2::bigint IS NULL OR d.received_at_ms >= $2)
-                   AND ($3::bigint IS NULL OR d.seq < $3)
-                   AND ($5::text IS NULL OR a.org = $5)
-                   AND ($6::bigint IS NULL OR d.received_at_ms < $6)
-                   AND ($7::int IS NULL OR d.kind = $7)
-                   AND ($8::text IS NULL OR d.rule = $8)
-                   AND ($9::text IS NULL OR d.sha256 = $9)
-                   AND ($10::text IS NULL OR d.md5 = $10)
-                   AND ($11::text IS NULL OR a.hostname = $11)
-                 ORDER BY d.seq DESC LIMIT $4",
+                &format!(
+                    "{DETECTION_SELECT}
+                     WHERE ($1::text IS NULL OR d.agent_id = $1)
+                       AND ($2::bigint IS NULL OR d.received_at_ms >= $2)
+                       AND ($3::bigint IS NULL OR d.seq < $3)
+                       AND ($5::text IS NULL OR a.org = $5)
+                       AND ($6::bigint IS NULL OR d.received_at_ms < $6)
+                       AND ($7::int IS NULL OR d.kind = $7)
+                       AND ($8::text IS NULL OR d.rule = $8)
+                       AND ($9::text IS NULL OR d.sha256 = $9)
+                       AND ($10::text IS NULL OR d.md5 = $10)
+                       AND ($11::text IS NULL OR a.hostname = $11)
+                       AND ($12::bool OR d.exception_id IS NULL)
+                       AND ($13::bigint IS NULL OR d.alert_id = $13)
+                     ORDER BY d.seq DESC LIMIT $4"
+                ),
                 &params,
             )?;
-            DetectionPage::collect(f, || {
-                let Some(r) = rows.next()? else {
-                    return Ok(None);
-                };
-                let id: String = r.get(1);
-                let body: Vec<u8> = r.get(5);
-                let detection =
-                    Detection::decode(body.as_slice()).map_err(|e| StoreError::Corrupt {
-                        id,
-                        reason: e.to_string(),
-                    })?;
-                Ok(Some((
-                    r.get::<_, i64>(0) as u64,
-                    body.len(),
-                    StoredDetection {
-                        detection: Some(detection),
-                        agent_id: r.get(2),
-                        hostname: r.get(3),
-                        received_at_ms: r.get(4),
-                        seq: 0,
-                        org: r.get(6),
-                    },
-                )))
+            DetectionPage::collect(f, || match rows.next()? {
+                Some(r) => Ok(Some(rows::detection(&r)?.decode()?)),
+                None => Ok(None),
             })
+        })
+    }
+
+    fn list_alerts(&self, f: &AlertFilter) -> Result<Vec<AlertRow>, StoreError> {
+        let before = f.before_seq.map(|s| s.min(i64::MAX as u64) as i64);
+        self.with(|c| {
+            let rows = c.query(
+                &format!(
+                    "{ALERT_SELECT} WHERE ($1::text IS NULL OR status = $1)
+                       AND ($2::text IS NULL OR org = $2) AND ($3::bigint IS NULL OR last_seq < $3)
+                     ORDER BY last_seq DESC LIMIT $4"
+                ),
+                &[&f.status, &f.org, &before, &i64::from(f.limit)],
+            )?;
+            Ok(rows.iter().map(rows::alert).collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn alert(&self, id: u64) -> Result<Option<AlertRow>, StoreError> {
+        let id = id.min(i64::MAX as u64) as i64;
+        self.with(|c| {
+            let row = c.query_opt(&format!("{ALERT_SELECT} WHERE id = $1"), &[&id])?;
+            Ok(row.as_ref().map(rows::alert).transpose()?)
+        })
+    }
+
+    fn alert_verdicts(&self, id: u64) -> Result<Vec<VerdictRow>, StoreError> {
+        let id = id.min(i64::MAX as u64) as i64;
+        self.with(|c| {
+            let rows = c.query(
+                &format!("{VERDICT_SELECT} WHERE alert_id = $1 ORDER BY seq"),
+                &[&id],
+            )?;
+            Ok(rows.iter().map(rows::verdict).collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn judge_alert(&self, v: &VerdictRow) -> Result<Option<AlertRow>, StoreError> {
+        let id = v.alert_id.min(i64::MAX as u64) as i64;
+        self.with(|c| {
+            let mut tx = c.transaction()?;
+            let row = tx.query_opt(
+                &format!(
+                    "UPDATE alerts SET status = $2, new_activity = 0, updated_at_ms = $3
+                     WHERE id = $1
+                     RETURNING {}",
+                    ALERT_SELECT
+                        .trim_start_matches("SELECT ")
+                        .trim_end_matches(" FROM alerts")
+                ),
+                &[&id, &v.status, &v.at_ms],
+            )?;
+            let Some(row) = row else {
+                return Ok(None);
+            };
+            tx.execute(
+                "INSERT INTO alert_verdicts (alert_id, at_ms, actor, status, note, exception_id)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[&id, &v.at_ms, &v.actor, &v.status, &v.note, &v.exception_id],
+            )?;
+            tx.commit()?;
+            Ok(Some(rows::alert(&row)?))
+        })
+    }
+
+    fn add_exception(&self, e: &ExceptionRow) -> Result<(), StoreError> {
+        let x = &e.ex;
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO exceptions (id, rule, indicator, sha256, path, org, agent,
+                    expires_at_ms, reason, created_at_ms, created_by)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                &[
+                    &x.id,
+                    &x.rule,
+                    &x.indicator,
+                    &x.sha256,
+                    &x.path,
+                    &x.org,
+                    &x.agent,
+                    &x.expires_at_ms,
+                    &x.reason,
+                    &e.created_at_ms,
+                    &e.created_by,
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn list_exceptions(&self) -> Result<Vec<ExceptionRow>, StoreError> {
+        self.with(|c| {
+            let mut tx = c.transaction()?;
+            let rows = exception_rows(&mut tx)?;
+            tx.commit()?;
+            Ok(rows)
+        })
+    }
+
+    fn remove_exception(
+        &self,
+        id: &str,
+        by: &str,
+        now_ms: i64,
+    ) -> Result<Option<ExceptionRow>, StoreError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE exceptions SET removed_at_ms = $2, removed_by = $3
+                 WHERE id = $1 AND removed_at_ms = 0",
+                &[&id, &now_ms, &by],
+            )?;
+            let row = c.query_opt(&format!("{EXCEPTION_SELECT} WHERE id = $1"), &[&id])?;
+            Ok(row.as_ref().map(rows::exception).transpose()?)
         })
     }
 
@@ -1034,31 +1152,16 @@ impl Store for PgStore {
     ) -> Result<Vec<(u64, StoredDetection)>, StoreError> {
         self.with(|c| {
             let rows = c.query(
-                "SELECT d.seq, d.id, d.agent_id, a.hostname, d.received_at_ms, d.body, a.org
-                 FROM detections d JOIN agents a ON a.id = d.agent_id
-                 WHERE d.seq > $1 AND d.received_at_ms < $2 ORDER BY d.seq LIMIT $3",
+                &format!(
+                    "{DETECTION_SELECT} WHERE d.seq > $1 AND d.received_at_ms < $2
+                     ORDER BY d.seq LIMIT $3"
+                ),
                 &[&(after as i64), &before_ms, &i64::from(limit)],
             )?;
-            let mut out = Vec::new();
+            let mut out = Vec::with_capacity(rows.len());
             for r in &rows {
-                let id: String = r.get(1);
-                let body: Vec<u8> = r.get(5);
-                let detection =
-                    Detection::decode(body.as_slice()).map_err(|e| StoreError::Corrupt {
-                        id,
-                        reason: e.to_string(),
-                    })?;
-                out.push((
-                    r.get::<_, i64>(0) as u64,
-                    StoredDetection {
-                        detection: Some(detection),
-                        agent_id: r.get(2),
-                        hostname: r.get(3),
-                        received_at_ms: r.get(4),
-                        seq: r.get::<_, i64>(0) as u64,
-                        org: r.get(6),
-                    },
-                ));
+                let (seq, _, stored) = rows::detection(r)?.decode()?;
+                out.push((seq, stored));
             }
             Ok(out)
         })
@@ -1119,35 +1222,148 @@ struct Columns {
     bundle: Vec<i64>,
     body: Vec<Vec<u8>>,
     md5: Vec<Option<String>>,
+    exception: Vec<Option<String>>,
 }
 
 impl Columns {
-    fn push(&mut self, d: &Detection) {
-        let (path, sha256, pid) = match &d.target {
-            Some(detection::Target::File(f)) => {
-                (Some(f.path.clone()), Some(f.sha256.clone()), None)
-            }
-            Some(detection::Target::Process(p)) => (
-                Some(p.exe.clone()),
-                Some(p.exe_sha256.clone()),
-                Some(i64::from(p.pid)),
-            ),
-            Some(detection::Target::Connection(c)) => {
-                (Some(c.exe.clone()), None, Some(i64::from(c.pid)))
-            }
-            None => (None, None, None),
-        };
+    fn push(&mut self, d: &Detection, exception: Option<&str>) {
+        let (path, sha256, pid) = super::indexed(d);
         self.id.push(d.id.clone());
         self.kind.push(d.kind);
         self.rule.push(d.rule.clone());
-        self.path.push(path);
-        self.sha256.push(sha256.filter(|s| !s.is_empty()));
-        self.pid.push(pid);
+        self.path.push(path.map(str::to_string));
+        self.sha256
+            .push(sha256.filter(|s| !s.is_empty()).map(str::to_string));
+        self.pid.push(pid.map(i64::from));
+        self.exception.push(exception.map(str::to_string));
         self.observed.push(d.observed_at_ms);
         self.bundle.push(d.bundle_version as i64);
         self.body.push(d.encode_to_vec());
         self.md5.push(super::file_md5(d).map(str::to_string));
     }
+}
+
+/// The new detections of one batch by alert (rule and subject; the organisation is the
+/// agent's), in key order so that concurrent batches lock alerts in the same order.
+#[derive(Default)]
+struct AlertGroups {
+    groups: BTreeMap<(String, String), AlertGroup>,
+}
+
+struct AlertGroup {
+    kind: i64,
+    score: i64,
+    first_seen: i64,
+    last_seen: i64,
+    count: i64,
+    last_seq: i64,
+    seqs: Vec<i64>,
+}
+
+impl AlertGroups {
+    fn add(&mut self, d: &Detection, agent_id: &str, seq: i64) {
+        let key = (d.rule.clone(), super::alert_subject(d, agent_id));
+        let g = self.groups.entry(key).or_insert(AlertGroup {
+            kind: i64::from(d.kind),
+            score: 0,
+            first_seen: d.observed_at_ms,
+            last_seen: d.observed_at_ms,
+            count: 0,
+            last_seq: seq,
+            seqs: Vec::new(),
+        });
+        g.score = g.score.max(i64::from(d.score));
+        g.first_seen = g.first_seen.min(d.observed_at_ms);
+        g.last_seen = g.last_seen.max(d.observed_at_ms);
+        g.last_seq = g.last_seq.max(seq);
+        g.count += 1;
+        g.seqs.push(seq);
+    }
+
+    /// Upserts the alerts, counts the agent as a host of each it is new to, and joins each
+    /// detection to its alert: three statements whatever the batch.
+    fn store(
+        self,
+        tx: &mut Tx<'_>,
+        org: &str,
+        agent_id: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        if self.groups.is_empty() {
+            return Ok(());
+        }
+        let mut c: [Vec<i64>; 6] = Default::default();
+        let (mut rules, mut subjects) = (Vec::new(), Vec::new());
+        for ((rule, subject), g) in &self.groups {
+            rules.push(rule.as_str());
+            subjects.push(subject.as_str());
+            for (col, v) in c.iter_mut().zip([
+                g.kind,
+                g.score,
+                g.first_seen,
+                g.last_seen,
+                g.count,
+                g.last_seq,
+            ]) {
+                col.push(v);
+            }
+        }
+        let upserted = tx.query(
+            "INSERT INTO alerts (org, rule, subject, kind, score, first_seen_ms, last_seen_ms,
+                detections, hosts, status, new_activity, last_seq, updated_at_ms)
+             SELECT $1, rule, subject, kind, score, first_seen, last_seen, n, 0, 'open', 0,
+                last_seq, $2
+             FROM unnest($3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[],
+                $8::bigint[], $9::bigint[], $10::bigint[])
+                AS t(rule, subject, kind, score, first_seen, last_seen, n, last_seq)
+             ON CONFLICT (org, rule, subject) DO UPDATE SET
+               detections = alerts.detections + excluded.detections,
+               score = GREATEST(alerts.score, excluded.score),
+               first_seen_ms = LEAST(alerts.first_seen_ms, excluded.first_seen_ms),
+               last_seen_ms = GREATEST(alerts.last_seen_ms, excluded.last_seen_ms),
+               last_seq = GREATEST(alerts.last_seq, excluded.last_seq),
+               updated_at_ms = excluded.updated_at_ms,
+               new_activity = CASE WHEN alerts.status IN ('acknowledged', 'true-positive')
+                                   THEN 1 ELSE alerts.new_activity END
+             RETURNING id, rule, subject",
+            &[
+                &org, &now_ms, &rules, &subjects, &c[0], &c[1], &c[2], &c[3], &c[4], &c[5],
+            ],
+        )?;
+        let ids: BTreeMap<(String, String), i64> = upserted
+            .iter()
+            .map(|r| ((r.get(1), r.get(2)), r.get(0)))
+            .collect();
+        let mut alert_ids: Vec<i64> = ids.values().copied().collect();
+        alert_ids.sort_unstable();
+        tx.execute(
+            "WITH h AS (INSERT INTO alert_hosts (alert_id, agent_id)
+                 SELECT unnest($1::bigint[]), $2 ON CONFLICT DO NOTHING RETURNING alert_id)
+             UPDATE alerts SET hosts = alerts.hosts + 1 FROM h WHERE alerts.id = h.alert_id",
+            &[&alert_ids, &agent_id],
+        )?;
+        let (mut seqs, mut joined) = (Vec::new(), Vec::new());
+        for (key, g) in self.groups {
+            let Some(&id) = ids.get(&key) else { continue };
+            joined.extend(std::iter::repeat_n(id, g.seqs.len()));
+            seqs.extend(g.seqs);
+        }
+        tx.execute(
+            "UPDATE detections SET alert_id = t.a FROM unnest($1::bigint[], $2::bigint[]) AS t(s, a)
+             WHERE detections.seq = t.s",
+            &[&seqs, &joined],
+        )?;
+        Ok(())
+    }
+}
+
+/// Every exception, oldest first.
+fn exception_rows(c: &mut Tx<'_>) -> Result<Vec<ExceptionRow>, StoreError> {
+    let rows = c.query(
+        &format!("{EXCEPTION_SELECT} ORDER BY created_at_ms, id"),
+        &[],
+    )?;
+    Ok(rows.iter().map(rows::exception).collect::<Result<_, _>>()?)
 }
 
 const BUNDLE_SELECT: &str = "SELECT version, name, created_at_ms, publisher, published_by,
