@@ -215,8 +215,21 @@ fn console_api_requires_authentication_and_csrf_and_matches_its_openapi_document
     assert_eq!(session["account"], false);
     let csrf = session["csrf"].as_str().unwrap().to_string();
     let seq = stored[0]["seq"].as_u64().unwrap();
+    let alerts = op.get("/api/v1/alerts", &[]).json();
+    let alert = alerts["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["rule"] == "console_marker")
+        .expect("the marker's alert")
+        .clone();
+    assert_eq!(
+        (alert["hosts"].as_u64(), alert["status"].as_str()),
+        (Some(1), Some("open"))
+    );
     for (method, path) in routes.iter().filter(|(m, _)| m == "get") {
         let concrete = path
+            .replace("/alerts/{id}", &format!("/alerts/{}", alert["id"]))
             .replace("{seq}", &seq.to_string())
             .replace("{version}", "0");
         let r = op.get(&concrete, &[]);
@@ -572,6 +585,77 @@ fn console_in_chromium_shows_live_detections_filters_opens_details_and_revokes()
     assert!(found.iter().any(|t| t.contains("first.sh")), "{found:?}");
     assert!(found.iter().any(|t| t.contains("second.sh")), "{found:?}");
     b.screenshot("detections-by-hash");
+
+    // The console opens on its Alerts page: the file on both hosts is one alert of two hosts.
+    b.goto(&format!("{base}/"));
+    wait_for(Duration::from_secs(10), "the alerts page", || {
+        b.url().ends_with("/alerts").then_some(())
+    });
+    let row = wait_for(Duration::from_secs(10), "the file's alert", || {
+        b.find_all("table#alerts tbody tr")
+            .iter()
+            .map(|r| b.text_of(r))
+            .find(|t| t.contains("console_marker") && t.contains("sha256:"))
+    });
+    assert!(row.contains("open default 2 2"), "{row}");
+    b.screenshot("alerts");
+    let id: String = row
+        .trim_start_matches('#')
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    b.goto(&format!("{base}/alerts/{id}"));
+    b.find("form#verdict");
+    assert!(b.page_text().contains("first.sh"), "its detections");
+    // A verdict given there is in its history, with the exception made with it.
+    b.click("#status option[value=\"false-positive\"]");
+    b.type_into("#note", "our deploy script");
+    b.click("#except");
+    b.click("#judge");
+    let history = wait_for(
+        Duration::from_secs(10),
+        "the verdict in the history",
+        || {
+            let t = b.text_of(&b.find("table#verdicts"));
+            t.contains("false-positive").then_some(t)
+        },
+    );
+    assert!(
+        history.contains("console:alice") && history.contains("our deploy script"),
+        "{history}"
+    );
+    assert!(
+        history.contains("ex-"),
+        "the exception made with it: {history}"
+    );
+    b.screenshot("alert-judged");
+    // That exception suppresses the file's next detection at the collector.
+    std::fs::write(watch_one.join("third.sh"), "echo VEDETTE-BROWSER-MARKER\n").unwrap();
+    let suppressed = wait_for(Duration::from_secs(15), "the suppressed detection", || {
+        let out = c.ctl_ok(&[
+            "detections",
+            "list",
+            "--json",
+            "--suppressed",
+            "--rule",
+            "console_marker",
+        ]);
+        vedette_tests::json_lines(&out)
+            .into_iter()
+            .find(|d| d["path"].as_str().is_some_and(|p| p.ends_with("third.sh")))
+    });
+    assert!(
+        suppressed["exception_id"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("ex-")),
+        "{suppressed}"
+    );
+    assert!(
+        !detections_via_ctl(&c)
+            .iter()
+            .any(|d| d["path"].as_str().is_some_and(|p| p.ends_with("third.sh"))),
+        "hidden from the default listing"
+    );
 
     // The other pages render.
     for (path, name, marker) in [

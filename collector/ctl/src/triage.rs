@@ -1,7 +1,7 @@
 //! `alerts` and `exceptions`: triage from the command line.
 
-use serde_json::{Value, json};
-use vedette_ops::output::{rfc3339_ms, stored_json};
+use serde_json::json;
+use vedette_ops::output::{alert_json, exception_json, rfc3339_ms, stored_json, verdict_json};
 use vedette_proto::v1::{
     AddExceptionRequest, Alert, ExceptionInfo, GetAlertRequest, ListAlertsRequest,
     ListExceptionsRequest, RemoveExceptionRequest, SetAlertStatusRequest, Verdict,
@@ -10,56 +10,6 @@ use vedette_proto::v1::{
 use crate::args::{AlertsCmd, ExceptionsCmd};
 use crate::client::{CtlConfig, status_error};
 use crate::commands::{cut, print_detections, resolve_agent};
-
-pub fn alert_json(a: &Alert) -> Value {
-    json!({
-        "id": a.id,
-        "org": a.org,
-        "rule": a.rule,
-        "subject": a.subject,
-        "kind": vedette_proto::kind_name(a.kind),
-        "score": a.score,
-        "status": a.status,
-        "new_activity": a.new_activity,
-        "hosts": a.hosts,
-        "detections": a.detections,
-        "first_seen": rfc3339_ms(a.first_seen_ms),
-        "last_seen": rfc3339_ms(a.last_seen_ms),
-        "updated_at": rfc3339_ms(a.updated_at_ms),
-    })
-}
-
-fn verdict_json(v: &Verdict) -> Value {
-    json!({
-        "at": rfc3339_ms(v.at_ms),
-        "by": v.actor,
-        "status": v.status,
-        "note": v.note,
-        "exception_id": v.exception_id,
-    })
-}
-
-pub fn exception_json(e: &ExceptionInfo) -> Value {
-    let when = |ms: i64| match ms {
-        0 => Value::Null,
-        ms => json!(rfc3339_ms(ms)),
-    };
-    json!({
-        "id": e.id,
-        "rule": e.rule,
-        "indicator": e.indicator,
-        "sha256": e.sha256,
-        "path": e.path,
-        "org": e.org,
-        "agent": e.agent,
-        "expires_at": when(e.expires_at_ms),
-        "reason": e.reason,
-        "created_at": rfc3339_ms(e.created_at_ms),
-        "created_by": e.created_by,
-        "removed_at": when(e.removed_at_ms),
-        "removed_by": e.removed_by,
-    })
-}
 
 fn status_text(a: &Alert) -> String {
     match a.new_activity {

@@ -8,8 +8,8 @@
 use serde_json::{Value, json};
 
 use vedette_proto::v1::{
-    AgentInfo, AuditEntry, BundleInfo, BundleRolloutResponse, Detection, ExportSink, IntelSource,
-    StoredDetection, TokenInfo, detection,
+    AgentInfo, Alert, AuditEntry, BundleInfo, BundleRolloutResponse, Detection, ExceptionInfo,
+    ExportSink, IntelSource, StoredDetection, TokenInfo, Verdict, detection,
 };
 use vedette_proto::{action_name, kind_name};
 
@@ -340,6 +340,59 @@ pub fn sink_json(s: &ExportSink) -> serde_json::Value {
         "backlog": s.backlog,
         "last_attempt": (s.last_attempt_ms > 0).then(|| rfc3339_ms(s.last_attempt_ms)),
         "last_error": (!s.last_error.is_empty()).then_some(&s.last_error),
+    })
+}
+
+/// An alert as `vedettectl alerts list --json` and `/api/v1/alerts` write it.
+pub fn alert_json(a: &Alert) -> Value {
+    json!({
+        "id": a.id,
+        "org": a.org,
+        "rule": a.rule,
+        "subject": a.subject,
+        "kind": kind_name(a.kind),
+        "score": a.score,
+        "status": a.status,
+        "new_activity": a.new_activity,
+        "hosts": a.hosts,
+        "detections": a.detections,
+        "first_seen": rfc3339_ms(a.first_seen_ms),
+        "last_seen": rfc3339_ms(a.last_seen_ms),
+        "updated_at": rfc3339_ms(a.updated_at_ms),
+    })
+}
+
+/// A verdict on an alert.
+pub fn verdict_json(v: &Verdict) -> Value {
+    json!({
+        "at": rfc3339_ms(v.at_ms),
+        "by": v.actor,
+        "status": v.status,
+        "note": v.note,
+        "exception_id": v.exception_id,
+    })
+}
+
+/// An exception as `vedettectl exceptions list --json` writes it.
+pub fn exception_json(e: &ExceptionInfo) -> Value {
+    let when = |ms: i64| match ms {
+        0 => Value::Null,
+        ms => json!(rfc3339_ms(ms)),
+    };
+    json!({
+        "id": e.id,
+        "rule": e.rule,
+        "indicator": e.indicator,
+        "sha256": e.sha256,
+        "path": e.path,
+        "org": e.org,
+        "agent": e.agent,
+        "expires_at": when(e.expires_at_ms),
+        "reason": e.reason,
+        "created_at": rfc3339_ms(e.created_at_ms),
+        "created_by": e.created_by,
+        "removed_at": when(e.removed_at_ms),
+        "removed_by": e.removed_by,
     })
 }
 

@@ -7,6 +7,7 @@
 //! console sees and does exactly what that caller could with `vedettectl`, organisation scope
 //! included. Every state change carries a CSRF token; every response carries a strict CSP.
 
+mod alerts;
 mod api;
 pub mod auth;
 mod pages;
@@ -53,6 +54,8 @@ const LOGIN_CHECKS: usize = 2;
 /// The API's routes (method, path), as `collector/openapi.json` documents them.
 pub const API_ROUTES: &[(&str, &str)] = &[
     ("get", "/api/v1/session"),
+    ("get", "/api/v1/alerts"),
+    ("get", "/api/v1/alerts/{id}"),
     ("get", "/api/v1/detections"),
     ("get", "/api/v1/detections/{seq}"),
     ("get", "/api/v1/agents"),
@@ -231,6 +234,9 @@ pub(crate) async fn serve(
 fn router(console: Arc<Console>) -> Router {
     let private = Router::new()
         .route("/", get(pages::home))
+        .route("/alerts", get(alerts::alerts))
+        .route("/alerts/{id}", get(alerts::alert))
+        .route("/alerts/{id}/verdict", post(alerts::judge))
         .route("/detections", get(pages::detections))
         .route("/detections/{seq}", get(pages::detection))
         .route("/chart", get(pages::chart))
@@ -246,6 +252,8 @@ fn router(console: Arc<Console>) -> Router {
         .route("/audit", get(pages::audit))
         .route("/logout", post(pages::logout))
         .route("/api/v1/session", get(api::session))
+        .route("/api/v1/alerts", get(alerts::api_alerts))
+        .route("/api/v1/alerts/{id}", get(alerts::api_alert))
         .route("/api/v1/detections", get(api::detections))
         .route("/api/v1/detections/{seq}", get(api::detection))
         .route("/api/v1/agents", get(api::agents))

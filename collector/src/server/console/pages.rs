@@ -33,8 +33,9 @@ impl Failure {
     }
 }
 
-fn layout(who: Option<&Who>, title: &str, active: &str, body: Markup) -> Markup {
+pub(super) fn layout(who: Option<&Who>, title: &str, active: &str, body: Markup) -> Markup {
     let nav = [
+        ("/alerts", "Alerts"),
         ("/detections", "Detections"),
         ("/chart", "Over time"),
         ("/agents", "Agents"),
@@ -83,7 +84,7 @@ fn layout(who: Option<&Who>, title: &str, active: &str, body: Markup) -> Markup 
     }
 }
 
-fn page(status: StatusCode, markup: Markup) -> Response {
+pub(super) fn page(status: StatusCode, markup: Markup) -> Response {
     (
         status,
         [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
@@ -290,7 +291,7 @@ pub async fn logout() -> Response {
 }
 
 pub async fn home() -> Redirect {
-    Redirect::to("/detections")
+    Redirect::to("/alerts")
 }
 
 /// A query string of non-empty pairs.
@@ -318,7 +319,7 @@ fn filter_pairs(q: &DetectionQuery) -> Vec<(&'static str, String)> {
     ]
 }
 
-fn detection_row(s: &StoredDetection) -> Markup {
+pub(super) fn detection_row(s: &StoredDetection) -> Markup {
     let d = s.detection.clone().unwrap_or_default();
     html! {
         tr data-seq=(s.seq) {
