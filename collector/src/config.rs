@@ -249,6 +249,32 @@ pub struct RawExport {
     /// (`event.dataset` "vedette.audit").
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub audit: bool,
+    /// One sighting per indicator, organisation and window this long (default `1h`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sighting_window: Option<String>,
+}
+
+/// The default `[export] sighting_window`.
+pub const SIGHTING_WINDOW: Duration = Duration::from_secs(3600);
+
+/// `[export] sighting_window`: from a minute to a week.
+fn sighting_window(v: Option<&str>, problems: &mut Vec<String>) -> i64 {
+    let window = match v.map(humantime::parse_duration) {
+        None => SIGHTING_WINDOW,
+        Some(Ok(d)) if d >= Duration::from_secs(60) && d <= Duration::from_secs(7 * 86_400) => d,
+        Some(Ok(_)) => {
+            problems.push("`export.sighting_window`: from 1m to 7d".into());
+            SIGHTING_WINDOW
+        }
+        Some(Err(e)) => {
+            problems.push(format!(
+                "`export.sighting_window`: `{}` is not a duration like `1h` ({e})",
+                v.unwrap_or_default()
+            ));
+            SIGHTING_WINDOW
+        }
+    };
+    window.as_millis() as i64
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -304,12 +330,16 @@ pub enum SinkConfig {
         collection: String,
         auth: HttpAuth,
         ca_cert: Option<PathBuf>,
+        /// One sighting per indicator, organisation and window this long (ms).
+        window_ms: i64,
     },
     Misp {
         /// Ends in `/`.
         url: String,
         key: Secret,
         ca_cert: Option<PathBuf>,
+        /// One sighting per attribute, organisation and window this long (ms).
+        window_ms: i64,
     },
 }
 
@@ -759,6 +789,7 @@ impl RawExport {
     /// The `[export]` table: its sinks.
     fn validate(&self, base: &Path, problems: &mut Vec<String>) -> Vec<SinkConfig> {
         let mut sinks = Vec::new();
+        let window_ms = sighting_window(self.sighting_window.as_deref(), problems);
         for j in &self.jsonl {
             let p = base.join(&j.path);
             if !p.parent().is_some_and(Path::is_dir) {
@@ -785,18 +816,25 @@ impl RawExport {
                     collection,
                     auth,
                     ca_cert: t.ca_cert,
+                    window_ms,
                 });
             }
         }
         for (i, m) in self.misp.iter().enumerate() {
-            sinks.push(m.validate(&format!("export.misp[{i}]"), base, problems));
+            sinks.push(m.validate(&format!("export.misp[{i}]"), base, problems, window_ms));
         }
         sinks
     }
 }
 
 impl RawMispSink {
-    fn validate(&self, key: &str, base: &Path, problems: &mut Vec<String>) -> SinkConfig {
+    fn validate(
+        &self,
+        key: &str,
+        base: &Path,
+        problems: &mut Vec<String>,
+        window_ms: i64,
+    ) -> SinkConfig {
         if !is_http(&self.url) {
             problems.push(format!(
                 "`{key}.url`: `{}` is not an http(s):// URL",
@@ -816,6 +854,7 @@ impl RawMispSink {
                 self.ca_cert.as_ref(),
                 problems,
             ),
+            window_ms,
         }
     }
 }

@@ -714,7 +714,8 @@ fn sightings_reach_a_taxii_collection_that_refused_for_a_while() {
     configure(
         &c,
         &format!(
-            "[export]\norganisation = \"CERT-Test\"\n\n[[export.taxii]]\nurl = \"{api_root}\"\n\
+            "[export]\norganisation = \"CERT-Test\"\nsighting_window = \"7d\"\n\n\
+             [[export.taxii]]\nurl = \"{api_root}\"\n\
              collection = \"{sightings}\"\nusername = \"vedette\"\npassword = \"s3cret\"\n\
              allow_insecure = true\n"
         ),
@@ -738,12 +739,18 @@ fn sightings_reach_a_taxii_collection_that_refused_for_a_while() {
     );
     let stix = tmp.join("bundle.json");
     let id = "indicator--5197b5c3-0000-4000-8000-000000000001";
+    let by_hash = "indicator--5197b5c3-0000-4000-8000-000000000002";
     std::fs::write(
         &stix,
         json!({"type": "bundle", "id": "bundle--5197b5c3-0000-4000-8000-000000000000", "objects": [
             {"type": "indicator", "spec_version": "2.1", "id": id, "name": "sink test",
              "created": "2026-11-01T00:00:00.000Z", "modified": "2026-11-01T00:00:00.000Z",
              "pattern_type": "stix", "pattern": "[file:name = 'sighted.bin']",
+             "valid_from": "2026-01-01T00:00:00Z"},
+            {"type": "indicator", "spec_version": "2.1", "id": by_hash, "name": "by hash",
+             "created": "2026-11-01T00:00:00.000Z", "modified": "2026-11-01T00:00:00.000Z",
+             "pattern_type": "stix",
+             "pattern": format!("[file:hashes.'SHA-256' = '{X_SHA256}']"),
              "valid_from": "2026-01-01T00:00:00Z"}]})
         .to_string(),
     )
@@ -785,26 +792,52 @@ fn sightings_reach_a_taxii_collection_that_refused_for_a_while() {
         Duration::from_secs(180),
         "the sighting in the TAXII collection",
         || {
-            let out = std::process::Command::new("python3")
-            .args([
-                "-c",
-                "import sys, urllib.request, base64\n\
-                 r = urllib.request.Request(sys.argv[1], headers={'Accept': 'application/taxii+json;version=2.1',\n\
-                   'Authorization': 'Basic ' + base64.b64encode(b'vedette:s3cret').decode()})\n\
-                 print(urllib.request.urlopen(r).read().decode())",
-            ])
-            .arg(format!("{api_root}collections/{sightings}/objects/?match[type]=sighting"))
-            .output()
-            .ok()?;
-            let v: Value = serde_json::from_slice(&out.stdout).ok()?;
-            v["objects"]
-                .as_array()?
-                .iter()
+            taxii_sightings(&api_root, sightings)
+                .into_iter()
                 .find(|o| o["sighting_of_ref"] == id)
-                .cloned()
         },
     );
     assert_eq!(sighting["count"], 1);
+
+    // 49 more files of the same content: the hash indicator's 50 detections in one window are
+    // one sighting, sent again as they come, whose latest version counts all 50.
+    for i in 0..49 {
+        std::fs::write(watch.join(format!("copy-{i}.bin")), "x").unwrap();
+    }
+    let of_hash = |c: &Collector| {
+        c.detections()
+            .into_iter()
+            .filter(|d| d["indicator"]["id"] == by_hash)
+            .collect::<Vec<_>>()
+    };
+    let detected = wait_for(Duration::from_secs(60), "50 detections of the hash", || {
+        let found = of_hash(&c);
+        (found.len() == 50).then_some(found)
+    });
+    let aggregated = wait_for(Duration::from_secs(60), "the sighting counting 50", || {
+        let found = taxii_sightings(&api_root, sightings);
+        let of: Vec<Value> = found
+            .into_iter()
+            .filter(|o| o["sighting_of_ref"] == by_hash)
+            .collect();
+        (of.len() == 1 && of[0]["count"] == 50).then(|| of[0].clone())
+    });
+    let mut seen: Vec<&str> = detected
+        .iter()
+        .filter_map(|d| d["observed_at"].as_str())
+        .collect();
+    seen.sort_unstable();
+    assert_eq!(
+        aggregated["first_seen"].as_str(),
+        seen.first().copied(),
+        "{aggregated}"
+    );
+    assert_eq!(
+        aggregated["last_seen"].as_str(),
+        seen.last().copied(),
+        "{aggregated}"
+    );
+    assert!(aggregated["modified"].as_str() >= aggregated["created"].as_str());
     let s = wait_for(Duration::from_secs(30), "the backlog drained", || {
         json_lines(&c.ctl_ok(&["intel", "status", "--json"]))
             .into_iter()
@@ -1159,4 +1192,30 @@ fn publishing_rules_after_intel_keeps_the_intel_firing() {
             .any(|d| d["path"] == path.as_str() && d["indicator"]["source"] == "stix"),
         "the dropped indicator fired"
     );
+}
+
+/// SHA-256 of the one-byte file "x".
+const X_SHA256: &str = "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881";
+
+/// The sightings a TAXII collection holds (the latest version of each), read as a client would.
+fn taxii_sightings(api_root: &str, collection: &str) -> Vec<Value> {
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys, urllib.request, base64\n\
+             r = urllib.request.Request(sys.argv[1], headers={'Accept': 'application/taxii+json;version=2.1',\n\
+               'Authorization': 'Basic ' + base64.b64encode(b'vedette:s3cret').decode()})\n\
+             print(urllib.request.urlopen(r).read().decode())",
+        ])
+        .arg(format!(
+            "{api_root}collections/{collection}/objects/?match[type]=sighting&limit=1000"
+        ))
+        .output();
+    let Ok(out) = out else {
+        return Vec::new();
+    };
+    serde_json::from_slice::<Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v["objects"].as_array().cloned())
+        .unwrap_or_default()
 }

@@ -100,6 +100,10 @@ pub enum Command {
         /// organisations; the collector logs each use.
         #[arg(long)]
         unfiltered: bool,
+        /// STIX: one sighting per indicator, organisation and window this long, counting its
+        /// detections (as the collector's `[export] sighting_window`).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        window: Duration,
     },
 }
 

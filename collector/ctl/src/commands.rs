@@ -46,6 +46,7 @@ pub async fn run(command: Command, cfg: CtlConfig) -> anyhow::Result<()> {
             limit,
             organisation,
             unfiltered,
+            window,
         } => {
             let filter = ListDetectionsRequest {
                 agent_id: resolve_agent(&cfg, agent).await?,
@@ -66,7 +67,9 @@ pub async fn run(command: Command, cfg: CtlConfig) -> anyhow::Result<()> {
                     .iter()
                     .map(|o| (o.name.clone(), Sharing::of_org(o, &producer)))
                     .collect();
-                shared_export(format, &list, &|org| policies.get(org).cloned(), &producer);
+                let window_ms = window.as_millis() as i64;
+                let policy = |org: &str| policies.get(org).cloned();
+                shared_export(format, &list, &policy, (&producer, window_ms));
             }
         }
         Command::Detections(cmd) => detections(cmd, &cfg).await?,
@@ -95,11 +98,12 @@ fn shared_export(
     format: ExportFormat,
     list: &[StoredDetection],
     policy: &dyn Fn(&str) -> Option<Sharing>,
-    producer: &str,
+    (producer, window_ms): (&str, i64),
 ) {
     match format {
         ExportFormat::Stix => {
-            let objects = sharing::stix_objects(list, policy, producer);
+            let now = vedette_proto::now_ms();
+            let objects = sharing::stix_objects(list, policy, producer, window_ms, now);
             println!("{}", stix::bundle_of(objects));
         }
         ExportFormat::Misp => {

@@ -355,24 +355,97 @@ fn is_public(ip: IpAddr) -> bool {
     }
 }
 
-/// The STIX objects a sink sends for a batch of detections, each under its organisation's
-/// policy (`policy` gives it by organisation name; an unknown one shares nothing): sightings
-/// made by the organisation (or its anonymous stand-in), created by `producer` (the collector's
-/// operator), marked with the organisation's TLP. Shared objects appear once.
-pub fn stix_objects(
+/// Detections of one indicator by one organisation (as it is shared) in one window: one STIX
+/// sighting, however many detections. Its id is derived from the three, so a later batch of
+/// the same window sends the same sighting again, a later version with the higher count.
+#[derive(Debug, Clone)]
+pub struct SightingGroup {
+    /// The sighting's id.
+    pub id: String,
+    pub count: u64,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+    pub window_start_ms: i64,
+    pub window_ms: i64,
+    /// Under `anonymised`: the sighting carries the window's bounds, not the detections'
+    /// times, and no observed data.
+    pub anonymised: bool,
+    /// The sighting as the group's first detection made it (count and times set by
+    /// [`SightingGroup::sighting`]).
+    template: Value,
+    /// What it refers to: the identities, TLP marking, the indicator generated for a rule, and
+    /// (`full` only) the observed data and its observables.
+    pub companions: Vec<Value>,
+}
+
+/// How far a group of detections reached: what a sink keeps of a sighting between batches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub count: u64,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+    pub created_ms: i64,
+    pub modified_ms: i64,
+}
+
+impl SightingGroup {
+    /// The sighting as of `tally` (this group's detections counted in it).
+    pub fn sighting(&self, tally: &Tally) -> Value {
+        let mut o = self.template.clone();
+        let (first, last) = match self.anonymised {
+            true => (
+                self.window_start_ms,
+                self.window_start_ms + self.window_ms - 1,
+            ),
+            false => (tally.first_seen_ms, tally.last_seen_ms),
+        };
+        o["id"] = json!(self.id);
+        o["count"] = json!(tally.count.min(999_999_999));
+        o["first_seen"] = json!(crate::ts(first));
+        o["last_seen"] = json!(crate::ts(last));
+        o["created"] = json!(crate::ts(tally.created_ms));
+        o["modified"] = json!(crate::ts(tally.modified_ms.max(tally.created_ms)));
+        o
+    }
+
+    /// This group's own tally, as if nothing of its window had been sent before.
+    pub fn tally(&self, now_ms: i64) -> Tally {
+        Tally {
+            count: self.count,
+            first_seen_ms: self.first_seen_ms,
+            last_seen_ms: self.last_seen_ms,
+            created_ms: now_ms,
+            modified_ms: now_ms,
+        }
+    }
+}
+
+impl Tally {
+    /// `before` with `group` added: counts add up, first and last seen widen, modified moves
+    /// strictly forward (TAXII keeps each version by it).
+    pub fn after(before: &Tally, group: &SightingGroup, now_ms: i64) -> Tally {
+        Tally {
+            count: before.count + group.count,
+            first_seen_ms: before.first_seen_ms.min(group.first_seen_ms),
+            last_seen_ms: before.last_seen_ms.max(group.last_seen_ms),
+            created_ms: before.created_ms,
+            modified_ms: now_ms.max(before.modified_ms + 1),
+        }
+    }
+}
+
+/// The sightings of `detections`, each organisation's under its policy, grouped per indicator,
+/// organisation and window of `window_ms` (by observation time).
+pub fn sighting_groups(
     detections: &[StoredDetection],
     policy: &dyn Fn(&str) -> Option<Sharing>,
     producer: &str,
-) -> Vec<Value> {
+    window_ms: i64,
+) -> Vec<SightingGroup> {
+    let window_ms = window_ms.max(1);
     let who = stix::identity(producer);
     let who_id = who["id"].as_str().unwrap_or_default().to_string();
-    let mut objects = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    let mut push = |objects: &mut Vec<Value>, o: Value| {
-        if seen.insert(o["id"].as_str().unwrap_or_default().to_string()) {
-            objects.push(o);
-        }
-    };
+    let mut groups: std::collections::BTreeMap<String, SightingGroup> = Default::default();
     for s in detections {
         let Some(policy) = policy(&s.org) else {
             continue;
@@ -380,24 +453,97 @@ pub fn stix_objects(
         let Some(shared) = under(s, policy.share) else {
             continue;
         };
+        let anonymised = policy.share == Share::Anonymised;
         let marking = policy.tlp.marking_id();
         let made_by = policy.identity_objects();
         let by_id = made_by[0]["id"].as_str().unwrap_or_default().to_string();
-        push(&mut objects, who.clone());
-        push(&mut objects, policy.tlp.marking_definition());
-        for o in made_by {
-            push(&mut objects, o);
-        }
-        for mut o in stix::sighting(&shared, &by_id) {
-            // Cyber-observables carry no created_by_ref.
+        let mut objects = stix::sighting(&shared, &by_id);
+        let Some(mut sighting) = objects.pop() else {
+            continue;
+        };
+        let observed_at = shared.detection.as_ref().map_or(0, |d| d.observed_at_ms);
+        let window_start = observed_at.div_euclid(window_ms) * window_ms;
+        let key = format!(
+            "{}|{by_id}|{window_start}",
+            sighting["sighting_of_ref"].as_str().unwrap_or_default()
+        );
+        let mut companions = vec![who.clone(), policy.tlp.marking_definition()];
+        companions.extend(made_by);
+        for mut o in objects {
+            let observed = matches!(o["type"].as_str(), Some("observed-data")) || is_sco(&o);
+            if anonymised && observed {
+                continue;
+            }
             if !is_sco(&o) {
                 o["created_by_ref"] = json!(who_id);
             }
             o["object_marking_refs"] = json!([marking]);
-            push(&mut objects, o);
+            companions.push(o);
+        }
+        sighting["created_by_ref"] = json!(who_id);
+        sighting["object_marking_refs"] = json!([marking]);
+        let refs = sighting["observed_data_refs"].as_array().cloned();
+        let g = groups.entry(key.clone()).or_insert_with(|| {
+            if let Some(o) = sighting.as_object_mut() {
+                o.remove("observed_data_refs");
+            }
+            SightingGroup {
+                id: crate::stix_id("sighting", &key),
+                count: 0,
+                first_seen_ms: observed_at,
+                last_seen_ms: observed_at,
+                window_start_ms: window_start,
+                window_ms,
+                anonymised,
+                template: sighting,
+                companions: Vec::new(),
+            }
+        });
+        g.count += 1;
+        g.first_seen_ms = g.first_seen_ms.min(observed_at);
+        g.last_seen_ms = g.last_seen_ms.max(observed_at);
+        if let (false, Some(refs)) = (anonymised, refs) {
+            let all = g.template["observed_data_refs"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            g.template["observed_data_refs"] =
+                json!(all.into_iter().chain(refs).collect::<Vec<_>>());
+        }
+        g.companions.extend(companions);
+    }
+    groups.into_values().collect()
+}
+
+/// The STIX objects of `groups`, each sighting as its tally says, every object once.
+pub fn group_objects(
+    groups: &[SightingGroup],
+    tally: &dyn Fn(&SightingGroup) -> Tally,
+) -> Vec<Value> {
+    let mut objects = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for g in groups {
+        for o in g.companions.iter().cloned().chain([g.sighting(&tally(g))]) {
+            if seen.insert(o["id"].as_str().unwrap_or_default().to_string()) {
+                objects.push(o);
+            }
         }
     }
     objects
+}
+
+/// The STIX objects of a set of detections as `vedettectl export stix` writes them: sightings
+/// grouped per indicator, organisation and window of `window_ms`, each counting its
+/// detections, under each organisation's policy.
+pub fn stix_objects(
+    detections: &[StoredDetection],
+    policy: &dyn Fn(&str) -> Option<Sharing>,
+    producer: &str,
+    window_ms: i64,
+    now_ms: i64,
+) -> Vec<Value> {
+    let groups = sighting_groups(detections, policy, producer, window_ms);
+    group_objects(&groups, &|g| g.tally(now_ms))
 }
 
 fn is_sco(o: &Value) -> bool {
@@ -636,7 +782,16 @@ mod tests {
         for s in &list {
             text.push_str(&ecs_document(s, &p).unwrap().to_string());
         }
-        text.push_str(&json!(stix_objects(&list, &|_| Some(p.clone()), "CSIRT")).to_string());
+        text.push_str(
+            &json!(stix_objects(
+                &list,
+                &|_| Some(p.clone()),
+                "CSIRT",
+                3_600_000,
+                1
+            ))
+            .to_string(),
+        );
         for secret in SECRETS {
             assert!(!text.contains(secret), "`{secret}` in {text}");
         }
@@ -667,10 +822,12 @@ mod tests {
         for s in &list {
             assert!(ecs_document(s, &policy(Share::None)).is_none());
         }
-        assert!(stix_objects(&list, &|_| Some(policy(Share::None)), "CSIRT").is_empty());
+        assert!(
+            stix_objects(&list, &|_| Some(policy(Share::None)), "CSIRT", 3_600_000, 1).is_empty()
+        );
         // An organisation without a policy shares nothing either.
-        assert!(stix_objects(&list, &|_| None, "CSIRT").is_empty());
-        let objects = stix_objects(&list, &|_| Some(policy(Share::Full)), "CSIRT");
+        assert!(stix_objects(&list, &|_| None, "CSIRT", 3_600_000, 1).is_empty());
+        let objects = stix_objects(&list, &|_| Some(policy(Share::Full)), "CSIRT", 3_600_000, 1);
         let sighting = objects.iter().find(|o| o["type"] == "sighting").unwrap();
         assert_eq!(
             sighting["where_sighted_refs"][0],
@@ -724,6 +881,8 @@ mod tests {
             &[internal("10.0.0.1")],
             &|_| Some(policy(Share::Anonymised)),
             "CSIRT",
+            3_600_000,
+            1,
         );
         assert!(
             objects.iter().all(|o| o["type"] != "ipv4-addr"),

@@ -205,36 +205,30 @@ fn deliver_detections(
     }
     let policies = policies(store, producer)?;
     let policy = |org: &str| policies.get(org).cloned();
-    if let SinkConfig::Misp { url, key, ca_cert } = sink {
-        return misp::sightings(
+    match sink {
+        SinkConfig::Misp {
+            url,
+            key,
+            ca_cert,
+            window_ms,
+        } => misp::sightings(
             store,
             &name,
-            url,
-            key.expose(),
-            ca_cert.as_deref(),
+            (url, key.expose(), ca_cert.as_deref(), *window_ms),
             &batch,
             &policy,
-        );
-    }
-    let delivered = match sink {
-        SinkConfig::Misp { .. } => Ok(()),
-        SinkConfig::Jsonl { path, .. } => jsonl::append(path, &batch, &policy),
-        SinkConfig::Taxii {
-            api_root,
-            collection,
-            auth,
-            ca_cert,
-        } => taxii::post(
-            api_root,
-            collection,
-            auth,
-            ca_cert.as_deref(),
-            &batch,
-            &policy,
-            producer,
         ),
-    };
-    moved(store, &name, (cursor, last), batch.len() as u64, delivered)
+        SinkConfig::Jsonl { path, .. } => {
+            let delivered = jsonl::append(path, &batch, &policy);
+            moved(store, &name, (cursor, last), batch.len() as u64, delivered)
+        }
+        SinkConfig::Taxii { .. } => {
+            match taxii::post(store, &name, sink, &batch, &policy, producer) {
+                Ok(()) => Ok(batch.len() as u64),
+                Err(e) => moved(store, &name, (cursor, last), 0, Err(e)),
+            }
+        }
+    }
 }
 
 /// Every organisation's sharing policy, by name, as the store holds it now; `producer` names

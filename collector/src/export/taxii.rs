@@ -5,26 +5,72 @@ use std::time::Duration;
 
 use serde_json::json;
 use vedette_proto::v1::StoredDetection;
-use vedette_share::sharing::{self, Sharing};
+use vedette_share::sharing::{self, Sharing, Tally};
 
 use super::ExportError;
-use crate::config::HttpAuth;
+use crate::config::{HttpAuth, SinkConfig};
+use crate::store::{Store, now_ms};
 
-/// POSTs the sightings of a batch and checks the status resource the server answers with.
+/// Sends the sightings of a batch, one per indicator, organisation and window: a window that
+/// already had detections is sent again under the same id with the higher count and a later
+/// `modified` (TAXII keeps each version). The tallies and the cursor are saved together once
+/// the server has them.
 pub(super) fn post(
-    api_root: &str,
-    collection: &str,
-    auth: &HttpAuth,
-    ca_cert: Option<&Path>,
+    store: &dyn Store,
+    name: &str,
+    sink: &SinkConfig,
     batch: &[(u64, StoredDetection)],
     policy: &dyn Fn(&str) -> Option<Sharing>,
     producer: &str,
 ) -> Result<(), ExportError> {
-    let list: Vec<StoredDetection> = batch.iter().map(|(_, d)| d.clone()).collect();
-    let objects = sharing::stix_objects(&list, policy, producer);
-    if objects.is_empty() {
+    let SinkConfig::Taxii {
+        api_root,
+        collection,
+        auth,
+        ca_cert,
+        window_ms,
+    } = sink
+    else {
         return Ok(());
+    };
+    let Some(last) = batch.last().map(|(seq, _)| *seq) else {
+        return Ok(());
+    };
+    let list: Vec<StoredDetection> = batch.iter().map(|(_, d)| d.clone()).collect();
+    let groups = sharing::sighting_groups(&list, policy, producer, *window_ms);
+    let ids: Vec<String> = groups.iter().map(|g| g.id.clone()).collect();
+    let before = store.sighting_tallies(name, &ids)?;
+    let now = now_ms();
+    let tallies: Vec<(String, Tally)> = groups
+        .iter()
+        .map(|g| {
+            let t = match before.get(&g.id) {
+                Some(b) => Tally::after(b, g, now),
+                None => g.tally(now),
+            };
+            (g.id.clone(), t)
+        })
+        .collect();
+    let by_id: std::collections::HashMap<&str, Tally> =
+        tallies.iter().map(|(id, t)| (id.as_str(), *t)).collect();
+    let objects = sharing::group_objects(&groups, &|g| {
+        by_id.get(g.id.as_str()).copied().unwrap_or_default()
+    });
+    if !objects.is_empty() {
+        deliver(api_root, collection, auth, ca_cert.as_deref(), objects)?;
     }
+    store.sightings_sent(name, &tallies, last, batch.len() as u64, now)?;
+    Ok(())
+}
+
+/// POSTs `objects` and checks the status resource the server answers with.
+fn deliver(
+    api_root: &str,
+    collection: &str,
+    auth: &HttpAuth,
+    ca_cert: Option<&Path>,
+    objects: Vec<serde_json::Value>,
+) -> Result<(), ExportError> {
     let envelope = json!({"objects": objects});
     let agent = crate::http::agent(ca_cert)?;
     let url = format!("{api_root}collections/{collection}/objects/");

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use vedette_proto::v1::{Detection, Inventory, StoredDetection};
+pub use vedette_share::sharing::Tally;
 
 /// Where the store lives (`[store] url` in collector.toml).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -504,6 +505,25 @@ pub trait Store: Send + Sync {
         seq: u64,
         count: u64,
         error: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+
+    /// What a sink sent before of each of these sightings (by STIX id): their tallies.
+    fn sighting_tallies(
+        &self,
+        sink: &str,
+        ids: &[String],
+    ) -> Result<BTreeMap<String, Tally>, StoreError>;
+
+    /// Records the tallies of the sightings a sink sent and moves its cursor to `seq` after
+    /// `count` detections, in one transaction: a crash between the two cannot count a
+    /// detection twice.
+    fn sightings_sent(
+        &self,
+        sink: &str,
+        tallies: &[(String, Tally)],
+        seq: u64,
+        count: u64,
         now_ms: i64,
     ) -> Result<(), StoreError>;
 

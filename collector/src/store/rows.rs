@@ -349,3 +349,14 @@ impl RawDetection {
         ))
     }
 }
+
+/// `SELECT count, first_seen_ms, last_seen_ms, created_ms, modified_ms FROM sighting_tallies`.
+pub(crate) fn tally<R: Columns<Error = E> + ?Sized, E>(r: &R) -> Result<super::Tally, E> {
+    Ok(super::Tally {
+        count: r.count(0)?,
+        first_seen_ms: r.int(1)?,
+        last_seen_ms: r.int(2)?,
+        created_ms: r.int(3)?,
+        modified_ms: r.int(4)?,
+    })
+}

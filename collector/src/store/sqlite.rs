@@ -16,8 +16,8 @@ use super::rows::{
 use super::{
     AgentRow, AlertFilter, AlertRow, AuditRow, BundleRow, CertRow, DetectionFilter, DetectionPage,
     ExceptionRow, ExportRow, IntelBatch, IntelSourceRow, Opener, OrgRow, Schema, StagedLine,
-    StagingCounts, Store, StoreError, TokenError, TokenRow, UserRow, VerdictRow, alert_subject,
-    file_md5, indexed,
+    StagingCounts, Store, StoreError, Tally, TokenError, TokenRow, UserRow, VerdictRow,
+    alert_subject, file_md5, indexed,
 };
 
 /// Schema migrations, applied in order; `PRAGMA user_version` is the number applied.
@@ -236,6 +236,17 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE detections ADD COLUMN alert_id INTEGER;
     ALTER TABLE detections ADD COLUMN exception_id TEXT;
     CREATE INDEX detections_alert ON detections(alert_id, seq) WHERE alert_id IS NOT NULL;",
+    // 16: what each sink sent of each aggregated sighting.
+    "CREATE TABLE sighting_tallies (
+        sink TEXT NOT NULL,
+        id TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        first_seen_ms INTEGER NOT NULL,
+        last_seen_ms INTEGER NOT NULL,
+        created_ms INTEGER NOT NULL,
+        modified_ms INTEGER NOT NULL,
+        PRIMARY KEY (sink, id)
+    );",
 ];
 
 /// Groups one stored detection into its alert (`org`, `rule`, `subject`, `kind`, `score`,
@@ -317,6 +328,14 @@ fn exception_rows(conn: &Connection) -> Result<Vec<ExceptionRow>, StoreError> {
     let rows = stmt.query_map([], |r| rows::exception(r))?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
+
+/// Moves a sink's cursor (`sink`, `seq`, `count`, `error`, `now_ms`).
+const EXPORT_PROGRESS: &str = "INSERT INTO export_cursors (sink, seq, exported, last_error,
+        last_attempt_ms)
+     VALUES (?1, ?2, ?3, ?4, ?5)
+     ON CONFLICT (sink) DO UPDATE SET seq = MAX(seq, excluded.seq),
+        exported = exported + excluded.exported, last_error = excluded.last_error,
+        last_attempt_ms = excluded.last_attempt_ms";
 
 pub struct SqliteStore {
     conn: Mutex<Connection>,
@@ -1329,13 +1348,70 @@ impl Store for SqliteStore {
         now_ms: i64,
     ) -> Result<(), StoreError> {
         self.conn().execute(
-            "INSERT INTO export_cursors (sink, seq, exported, last_error, last_attempt_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (sink) DO UPDATE SET seq = MAX(seq, excluded.seq),
-                exported = exported + excluded.exported, last_error = excluded.last_error,
-                last_attempt_ms = excluded.last_attempt_ms",
+            EXPORT_PROGRESS,
             params![sink, seq as i64, count as i64, error, now_ms],
         )?;
+        Ok(())
+    }
+
+    fn sighting_tallies(
+        &self,
+        sink: &str,
+        ids: &[String],
+    ) -> Result<BTreeMap<String, Tally>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT count, first_seen_ms, last_seen_ms, created_ms, modified_ms
+             FROM sighting_tallies WHERE sink = ?1 AND id = ?2",
+        )?;
+        let mut out = BTreeMap::new();
+        for id in ids {
+            let row = stmt
+                .query_row(params![sink, id], |r| rows::tally(r))
+                .optional()?;
+            if let Some(t) = row {
+                out.insert(id.clone(), t);
+            }
+        }
+        Ok(out)
+    }
+
+    fn sightings_sent(
+        &self,
+        sink: &str,
+        tallies: &[(String, Tally)],
+        seq: u64,
+        count: u64,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO sighting_tallies (sink, id, count, first_seen_ms, last_seen_ms,
+                    created_ms, modified_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (sink, id) DO UPDATE SET count = excluded.count,
+                    first_seen_ms = excluded.first_seen_ms, last_seen_ms = excluded.last_seen_ms,
+                    modified_ms = excluded.modified_ms",
+            )?;
+            for (id, t) in tallies {
+                stmt.execute(params![
+                    sink,
+                    id,
+                    t.count as i64,
+                    t.first_seen_ms,
+                    t.last_seen_ms,
+                    t.created_ms,
+                    t.modified_ms
+                ])?;
+            }
+        }
+        tx.execute(
+            EXPORT_PROGRESS,
+            params![sink, seq as i64, count as i64, "", now_ms],
+        )?;
+        tx.commit()?;
         Ok(())
     }
 

@@ -219,6 +219,17 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE detections ADD COLUMN alert_id BIGINT;
     ALTER TABLE detections ADD COLUMN exception_id TEXT;
     CREATE INDEX detections_alert ON detections(alert_id, seq) WHERE alert_id IS NOT NULL;",
+    // 14: what each sink sent of each aggregated sighting.
+    "CREATE TABLE sighting_tallies (
+        sink TEXT NOT NULL,
+        id TEXT NOT NULL,
+        count BIGINT NOT NULL,
+        first_seen_ms BIGINT NOT NULL,
+        last_seen_ms BIGINT NOT NULL,
+        created_ms BIGINT NOT NULL,
+        modified_ms BIGINT NOT NULL,
+        PRIMARY KEY (sink, id)
+    );",
 ];
 
 /// The advisory lock key migrations run under ("vedette" in ASCII).

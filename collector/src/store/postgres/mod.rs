@@ -31,7 +31,7 @@ use super::rows::{
 use super::{
     AgentRow, AlertFilter, AlertRow, AuditRow, BundleRow, CertRow, DetectionFilter, DetectionPage,
     ExceptionRow, ExportRow, IntelBatch, IntelSourceRow, Opener, OrgRow, Schema, StagedLine,
-    StagingCounts, Store, StoreError, StoreEvent, TokenError, TokenRow, UserRow, VerdictRow,
+    StagingCounts, Store, StoreError, StoreEvent, Tally, TokenError, TokenRow, UserRow, VerdictRow,
     redact,
 };
 
@@ -1177,14 +1177,72 @@ impl Store for PgStore {
     ) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
-                "INSERT INTO export_cursors (sink, seq, exported, last_error, last_attempt_ms)
-                 VALUES ($1, $2, $3, $4, $5)
-                 ON CONFLICT (sink) DO UPDATE SET
-                    seq = GREATEST(export_cursors.seq, excluded.seq),
-                    exported = export_cursors.exported + excluded.exported,
-                    last_error = excluded.last_error, last_attempt_ms = excluded.last_attempt_ms",
+                EXPORT_PROGRESS,
                 &[&sink, &(seq as i64), &(count as i64), &error, &now_ms],
             )?;
+            Ok(())
+        })
+    }
+
+    fn sighting_tallies(
+        &self,
+        sink: &str,
+        ids: &[String],
+    ) -> Result<BTreeMap<String, Tally>, StoreError> {
+        self.with(|c| {
+            let rows = c.query(
+                "SELECT count, first_seen_ms, last_seen_ms, created_ms, modified_ms, id
+                 FROM sighting_tallies WHERE sink = $1 AND id = ANY($2)",
+                &[&sink, &ids],
+            )?;
+            let mut out = BTreeMap::new();
+            for r in &rows {
+                out.insert(r.get::<_, String>(5), rows::tally(r)?);
+            }
+            Ok(out)
+        })
+    }
+
+    fn sightings_sent(
+        &self,
+        sink: &str,
+        tallies: &[(String, Tally)],
+        seq: u64,
+        count: u64,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut cols: [Vec<i64>; 5] = Default::default();
+        let ids: Vec<&str> = tallies.iter().map(|(id, _)| id.as_str()).collect();
+        for (_, t) in tallies {
+            for (col, v) in cols.iter_mut().zip([
+                t.count as i64,
+                t.first_seen_ms,
+                t.last_seen_ms,
+                t.created_ms,
+                t.modified_ms,
+            ]) {
+                col.push(v);
+            }
+        }
+        self.with(|c| {
+            let mut tx = c.transaction()?;
+            tx.execute(
+                "INSERT INTO sighting_tallies (sink, id, count, first_seen_ms, last_seen_ms,
+                    created_ms, modified_ms)
+                 SELECT $1, id, n, f, l, c, m FROM unnest($2::text[], $3::bigint[],
+                    $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[]) AS t(id, n, f, l, c, m)
+                 ON CONFLICT (sink, id) DO UPDATE SET count = excluded.count,
+                    first_seen_ms = excluded.first_seen_ms, last_seen_ms = excluded.last_seen_ms,
+                    modified_ms = excluded.modified_ms",
+                &[
+                    &sink, &ids, &cols[0], &cols[1], &cols[2], &cols[3], &cols[4],
+                ],
+            )?;
+            tx.execute(
+                EXPORT_PROGRESS,
+                &[&sink, &(seq as i64), &(count as i64), &"", &now_ms],
+            )?;
+            tx.commit()?;
             Ok(())
         })
     }
@@ -1365,6 +1423,15 @@ fn exception_rows(c: &mut Tx<'_>) -> Result<Vec<ExceptionRow>, StoreError> {
     )?;
     Ok(rows.iter().map(rows::exception).collect::<Result<_, _>>()?)
 }
+
+/// Moves a sink's cursor (`sink`, `seq`, `count`, `error`, `now_ms`).
+const EXPORT_PROGRESS: &str = "INSERT INTO export_cursors (sink, seq, exported, last_error,
+        last_attempt_ms)
+     VALUES ($1, $2, $3, $4, $5)
+     ON CONFLICT (sink) DO UPDATE SET
+        seq = GREATEST(export_cursors.seq, excluded.seq),
+        exported = export_cursors.exported + excluded.exported,
+        last_error = excluded.last_error, last_attempt_ms = excluded.last_attempt_ms";
 
 const BUNDLE_SELECT: &str = "SELECT version, name, created_at_ms, publisher, published_by,
     published_at_ms, digest, signer_key, files, target, length(content)::bigint,";
