@@ -58,6 +58,9 @@ use vedette_tests::{
     enroll_simulated, enroll_simulated_at, percentile as pct, rss_of, rule_dir, wait_for,
 };
 
+/// How many different files the detections are of (so, alerts at most).
+const ALERT_SUBJECTS: usize = 20_000;
+
 /// A realistic file detection with a fresh id.
 fn detection(agent: usize, n: usize) -> Detection {
     Detection {
@@ -73,7 +76,9 @@ fn detection(agent: usize, n: usize) -> Detection {
         target: Some(detection::Target::File(FileTarget {
             path: format!("/srv/www/uploads/agent{agent}/file{n:08}.bin"),
             size: 48_213,
-            sha256: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
+            // Files seen on many hosts and files seen once: up to ALERT_SUBJECTS alerts, each
+            // spread over several agents.
+            sha256: format!("{:064x}", (agent * 7_919 + n) % ALERT_SUBJECTS),
             md5: "5d41402abc4b2a76b9719d911017c592".into(),
             sha1: "aaf4c61ddcc5e8a2dabede0f3b482cd9aea9434d".into(),
             ..Default::default()
@@ -149,12 +154,33 @@ fn setup(name: &'static str, db: Option<PgDb>, two: bool) -> Setup {
     }
 }
 
-async fn measure(s: &Setup, agents: usize, batches: usize, size: usize) {
+async fn measure(s: &Setup, agents: usize, batches: usize, size: usize) -> String {
     let first = &s.collectors[0];
     let token = first.token(&["--uses", &agents.to_string()]);
     let identities = enroll_simulated(first, &token, agents).await;
     let addrs: Vec<String> = s.collectors.iter().map(|c| c.addr.clone()).collect();
     stream_all(s.name, &addrs, identities, batches, size).await;
+    newest_alerts(s.name, first)
+}
+
+/// How long `vedettectl alerts list --limit 100` takes (the median of 5, process start and
+/// TLS handshake included) once everything is stored, and how many alerts there are: a row.
+fn newest_alerts(name: &str, c: &Collector) -> String {
+    let mut times = Vec::new();
+    let mut shown = 0;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let out = c.ctl_ok(&["alerts", "list", "--limit", "100", "--json"]);
+        times.push(t.elapsed());
+        shown = out.lines().count();
+    }
+    times.sort();
+    let all = c.ctl_ok(&["alerts", "list", "--limit", "1000000", "--json"]);
+    format!(
+        "| {name} | {} | {shown} | {:.1} ms |",
+        all.lines().count(),
+        times[times.len() / 2].as_secs_f64() * 1e3
+    )
 }
 
 /// Streams from every enrolled agent at once (agent i to `addrs[i % len]`) and prints a row.
@@ -474,7 +500,14 @@ fn main() {
     if let Some(db) = PgDb::create("ingest_two") {
         setups.push(setup("PostgreSQL, 2 collectors", Some(db), true));
     }
+    let mut listings = Vec::new();
     for s in &setups {
-        rt.block_on(measure(s, agents, batches, size));
+        listings.push(rt.block_on(measure(s, agents, batches, size)));
+    }
+    println!();
+    println!("| store | alerts | listed | newest 100 alerts (vedettectl) |");
+    println!("|---|---|---|---|");
+    for row in listings {
+        println!("{row}");
     }
 }

@@ -27,6 +27,9 @@ fn ingest_benchmark_runs_in_a_tiny_configuration() {
         &["--agents", "2", "--batches", "2", "--batch", "5"],
     );
     assert!(text.contains("| SQLite, 1 collector | 2 | 20 |"), "{text}");
+    // The alerts the detections grouped into, and how long the newest 100 take to list.
+    assert!(text.contains("newest 100 alerts"), "{text}");
+    assert!(text.contains("| SQLite, 1 collector | 20 | 20 |"), "{text}");
     let text = run("vedette-ingest", &["--idle", "3"]);
     assert!(text.contains("| 3 | "), "{text}");
 }

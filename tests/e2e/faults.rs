@@ -171,7 +171,9 @@ fn stored_matching(c: &Collector, part: &str) -> (usize, usize) {
 #[test]
 fn a_full_disk_under_the_collector_acknowledges_nothing_it_did_not_write_and_loses_nothing() {
     let tmp = tempfile::tempdir().unwrap();
-    let disk = match Tmpfs::mount_sized(&tmp.path().join("disk"), "6m") {
+    // Room, once the filler is gone, for the store with its write-ahead log (up to 4 MiB
+    // before a checkpoint) and the sink's 2,000 lines.
+    let disk = match Tmpfs::mount_sized(&tmp.path().join("disk"), "16m") {
         Ok(d) => d,
         Err(e) => {
             vedette_tests::missing_root(&e);

@@ -838,6 +838,57 @@ fn sightings_reach_a_taxii_collection_that_refused_for_a_while() {
         "{aggregated}"
     );
     assert!(aggregated["modified"].as_str() >= aggregated["created"].as_str());
+
+    // A false-positive verdict on that indicator's alert goes to the collection as an opinion
+    // on the indicator, and `export stix` carries it too; the validator accepts both.
+    let alert = json_lines(&c.ctl_ok(&["alerts", "list", "--json"]))
+        .into_iter()
+        .find(|a| a["rule"] == detected[0]["rule"])
+        .expect("the hash indicator's alert");
+    c.ctl_ok(&[
+        "alerts",
+        "set",
+        &alert["id"].to_string(),
+        "--status",
+        "false-positive",
+    ]);
+    let opinion = wait_for(
+        Duration::from_secs(60),
+        "the opinion in the collection",
+        || {
+            taxii_objects(&api_root, sightings, "opinion")
+                .into_iter()
+                .find(|o| o["object_refs"] == json!([by_hash]))
+        },
+    );
+    assert_eq!(opinion["opinion"], "strongly-disagree");
+    let out = c.ctl_ok(&["export", "stix", "--organisation", "CERT-Test"]);
+    let exported: Value = serde_json::from_str(&out).unwrap();
+    let opinions: Vec<&Value> = exported["objects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| o["type"] == "opinion")
+        .collect();
+    assert_eq!(opinions.len(), 1, "{out}");
+    assert_eq!(opinions[0]["id"], opinion["id"], "the same opinion");
+    if peer_tools(&["stix2validator"], "stix2-validator") {
+        let path = tmp.join("with-opinion.json");
+        std::fs::write(&path, &out).unwrap();
+        let v = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import sys; from stix2validator.scripts.stix2_validator import main; sys.exit(main())",
+            ])
+            .arg(&path)
+            .output()
+            .expect("stix2_validator");
+        let report = String::from_utf8_lossy(&v.stdout);
+        assert!(
+            v.status.success() && !report.contains("[X]"),
+            "{report}\n{out}"
+        );
+    }
     let s = wait_for(Duration::from_secs(30), "the backlog drained", || {
         json_lines(&c.ctl_ok(&["intel", "status", "--json"]))
             .into_iter()
@@ -976,6 +1027,52 @@ fn misp_sightings_are_sent_as_pymisp_sends_them() {
         assert_eq!(ours["headers"][h], theirs["headers"][h], "{h}");
     }
 
+    // A false-positive verdict goes back to MISP as a sighting of type 1 of the attribute,
+    // the request PyMISP's add_sighting makes for type 1.
+    let alert = json_lines(&c.ctl_ok(&["alerts", "list", "--json"]))
+        .into_iter()
+        .find(|a| a["rule"] == d["rule"])
+        .expect("the detection's alert");
+    let id = alert["id"].to_string();
+    c.ctl_ok(&["alerts", "set", &id, "--status", "false-positive"]);
+    let judged = json_lines(&c.ctl_ok(&["alerts", "show", &id, "--json"]));
+    let at = judged[0]["verdicts"][0]["at"].as_str().unwrap().to_string();
+    let fp = wait_for(
+        Duration::from_secs(30),
+        "the false-positive sighting",
+        || {
+            requests()
+                .into_iter()
+                .filter(|r| r["method"] == "POST")
+                .nth(2)
+        },
+    );
+    let fp_secs = vedette_engine::import::rfc3339_ms(&at).unwrap() / 1000;
+    let sent = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys\nfrom pymisp import PyMISP\n\
+             m = PyMISP(sys.argv[1], sys.argv[2], ssl=False)\n\
+             m.add_sighting({'uuid': sys.argv[3], 'timestamp': int(sys.argv[4]), \
+             'source': 'CERT-Test', 'type': '1'})\n",
+        ])
+        .args([&url, key, attribute, &fp_secs.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    let theirs = requests()
+        .into_iter()
+        .filter(|r| r["method"] == "POST")
+        .nth(3)
+        .expect("PyMISP's type-1 sighting");
+    assert_eq!(body(&fp), body(&theirs));
+    assert_eq!(body(&fp)["type"], "1");
+    assert_eq!(fp["path"], "/sightings/add");
+
     // The organisation's sharing policy applies to this sink too: `anonymised` sights by the
     // anonymous stand-in, `none` sends nothing.
     c.ctl_ok(&[
@@ -989,18 +1086,19 @@ fn misp_sightings_are_sent_as_pymisp_sends_them() {
         "--country",
         "FR",
     ]);
-    std::fs::write(watch.join("misp-anonymised.bin"), "x").unwrap();
+    // (Other contents: detections of the file judged a false positive above are no sightings.)
+    std::fs::write(watch.join("misp-anonymised.bin"), "y").unwrap();
     let posted = wait_for(Duration::from_secs(30), "the anonymised sighting", || {
         requests()
             .into_iter()
             .filter(|r| r["method"] == "POST")
-            .nth(2)
+            .nth(4)
     });
     let sighting = body(&posted);
     assert_eq!(sighting["uuid"], "7b1c2d3e-0000-4000-8000-000000000002");
     assert_eq!(sighting["source"], "Anonymous participant (healthcare, FR)");
     c.ctl_ok(&["orgs", "set", "default", "--share", "none"]);
-    std::fs::write(watch.join("misp-unshared.bin"), "x").unwrap();
+    std::fs::write(watch.join("misp-unshared.bin"), "z").unwrap();
     detection(&c, "the unshared detection", |d| {
         d["indicator"]["id"] == "7b1c2d3e-0000-4000-8000-000000000003"
     });
@@ -1013,7 +1111,7 @@ fn misp_sightings_are_sent_as_pymisp_sends_them() {
         .into_iter()
         .filter(|r| r["method"] == "POST")
         .count();
-    assert_eq!(posts, 3, "{:?}", requests());
+    assert_eq!(posts, 5, "{:?}", requests());
 }
 
 /// Writes a MISP feed with PyMISP (`to_feed`, its manifest): two events, each with a SHA-256
@@ -1199,6 +1297,11 @@ const X_SHA256: &str = "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717
 
 /// The sightings a TAXII collection holds (the latest version of each), read as a client would.
 fn taxii_sightings(api_root: &str, collection: &str) -> Vec<Value> {
+    taxii_objects(api_root, collection, "sighting")
+}
+
+/// The objects of type `kind` a TAXII collection holds (the latest version of each).
+fn taxii_objects(api_root: &str, collection: &str, kind: &str) -> Vec<Value> {
     let out = std::process::Command::new("python3")
         .args([
             "-c",
@@ -1208,7 +1311,7 @@ fn taxii_sightings(api_root: &str, collection: &str) -> Vec<Value> {
              print(urllib.request.urlopen(r).read().decode())",
         ])
         .arg(format!(
-            "{api_root}collections/{collection}/objects/?match[type]=sighting&limit=1000"
+            "{api_root}collections/{collection}/objects/?match[type]={kind}&limit=1000"
         ))
         .output();
     let Ok(out) = out else {

@@ -44,7 +44,15 @@ fn scan_json_and_detections_list_json_agree_on_every_field_of_a_detection() {
     let scanned: Value = serde_json::from_str(text.lines().next().expect("one line")).unwrap();
 
     let (scan_obj, stored_obj) = (scanned.as_object().unwrap(), stored.as_object().unwrap());
-    let only_stored = ["agent_id", "hostname", "org", "received_at", "seq"];
+    let only_stored = [
+        "agent_id",
+        "hostname",
+        "org",
+        "received_at",
+        "seq",
+        "alert_id",
+        "alert_status",
+    ];
     for key in scan_obj.keys() {
         assert!(
             stored_obj.contains_key(key),

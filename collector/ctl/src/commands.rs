@@ -69,7 +69,11 @@ pub async fn run(command: Command, cfg: CtlConfig) -> anyhow::Result<()> {
                     .collect();
                 let window_ms = window.as_millis() as i64;
                 let policy = |org: &str| policies.get(org).cloned();
-                shared_export(format, &list, &policy, (&producer, window_ms));
+                let judged = match format {
+                    ExportFormat::Stix => crate::triage::false_positives(&cfg, since).await?,
+                    _ => Vec::new(),
+                };
+                shared_export(format, &list, &policy, (&producer, window_ms, &judged));
             }
         }
         Command::Detections(cmd) => detections(cmd, &cfg).await?,
@@ -98,12 +102,19 @@ fn shared_export(
     format: ExportFormat,
     list: &[StoredDetection],
     policy: &dyn Fn(&str) -> Option<Sharing>,
-    (producer, window_ms): (&str, i64),
+    (producer, window_ms, judged): (&str, i64, &[sharing::FalsePositive]),
 ) {
     match format {
         ExportFormat::Stix => {
             let now = vedette_proto::now_ms();
-            let objects = sharing::stix_objects(list, policy, producer, window_ms, now);
+            let mut objects = sharing::stix_objects(list, policy, producer, window_ms, now);
+            // False-positive verdicts on STIX indicators, as opinions (identities and markings
+            // already there are not repeated).
+            for o in sharing::opinion_objects(judged, policy, producer) {
+                if !objects.iter().any(|x| x["id"] == o["id"]) {
+                    objects.push(o);
+                }
+            }
             println!("{}", stix::bundle_of(objects));
         }
         ExportFormat::Misp => {

@@ -296,3 +296,47 @@ fn print_exceptions(list: &[ExceptionInfo]) {
         println!("(no exceptions)");
     }
 }
+
+/// The false-positive verdicts on alerts of outside indicators (STIX or MISP), given at or
+/// after `since`: what `export stix` turns into opinions.
+pub async fn false_positives(
+    cfg: &CtlConfig,
+    since: Option<std::time::SystemTime>,
+) -> anyhow::Result<Vec<vedette_share::sharing::FalsePositive>> {
+    let since_ms = crate::client::epoch_ms(since);
+    let alerts = list_alerts(cfg, Some("false-positive".into()), None, 10_000).await?;
+    let mut c = cfg.client().await?;
+    let mut out = Vec::new();
+    for a in alerts {
+        let r = c
+            .get_alert(GetAlertRequest {
+                id: a.id,
+                detections: 1,
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        let indicator = r
+            .detections
+            .first()
+            .and_then(|s| s.detection.as_ref())
+            .and_then(|d| d.indicator.clone());
+        let Some(ind) = indicator.filter(|i| matches!(i.source.as_str(), "stix" | "misp")) else {
+            continue;
+        };
+        let judged = r
+            .verdicts
+            .iter()
+            .filter(|v| v.status == "false-positive" && v.at_ms >= since_ms);
+        for v in judged {
+            out.push(vedette_share::sharing::FalsePositive {
+                source: ind.source.clone(),
+                indicator: ind.id.clone(),
+                org: a.org.clone(),
+                verdict: v.seq,
+                at_ms: v.at_ms,
+            });
+        }
+    }
+    Ok(out)
+}

@@ -532,6 +532,45 @@ pub fn group_objects(
     objects
 }
 
+/// A false-positive verdict on detections of an outside indicator, as it may leave: the
+/// indicator (`source` stix or misp, its id), the organisation the alert belongs to, when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FalsePositive {
+    pub source: String,
+    pub indicator: String,
+    pub org: String,
+    pub verdict: u64,
+    pub at_ms: i64,
+}
+
+/// The STIX opinions of the false positives of STIX indicators, each under its
+/// organisation's policy (none of an organisation that shares nothing), with the identities
+/// and markings they refer to.
+pub fn opinion_objects(
+    verdicts: &[FalsePositive],
+    policy: &dyn Fn(&str) -> Option<Sharing>,
+    producer: &str,
+) -> Vec<Value> {
+    let who = stix::identity(producer);
+    let who_id = who["id"].as_str().unwrap_or_default().to_string();
+    let mut objects = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for fp in verdicts.iter().filter(|f| f.source == "stix") {
+        let Some(policy) = policy(&fp.org).filter(|p| p.share != Share::None) else {
+            continue;
+        };
+        let mut opinion =
+            stix::false_positive_opinion(&fp.indicator, fp.verdict, fp.at_ms, &who_id);
+        opinion["object_marking_refs"] = json!([policy.tlp.marking_id()]);
+        for o in [who.clone(), policy.tlp.marking_definition(), opinion] {
+            if seen.insert(o["id"].as_str().unwrap_or_default().to_string()) {
+                objects.push(o);
+            }
+        }
+    }
+    objects
+}
+
 /// The STIX objects of a set of detections as `vedettectl export stix` writes them: sightings
 /// grouped per indicator, organisation and window of `window_ms`, each counting its
 /// detections, under each organisation's policy.

@@ -299,6 +299,30 @@ pub fn sighting(s: &StoredDetection, identity_id: &str) -> Vec<Value> {
     out
 }
 
+/// An analyst's judgement that detections of a STIX indicator were a false positive: an
+/// `opinion` (`strongly-disagree`) whose `object_refs` name the indicator, made by
+/// `identity_id`, for verdict `verdict` (which makes its id) given at `at_ms`. No note: what an
+/// analyst wrote stays at the collector.
+pub fn false_positive_opinion(
+    indicator: &str,
+    verdict: u64,
+    at_ms: i64,
+    identity_id: &str,
+) -> Value {
+    let when = ts(at_ms);
+    json!({
+        "type": "opinion",
+        "spec_version": "2.1",
+        "id": stix_id("opinion", &format!("{verdict}|{indicator}")),
+        "created": when,
+        "modified": when,
+        "created_by_ref": identity_id,
+        "opinion": "strongly-disagree",
+        "explanation": "An analyst judged detections of this indicator a false positive.",
+        "object_refs": [indicator],
+    })
+}
+
 /// A STIX 2.1 bundle of sightings of the given detections, made by `organisation`.
 pub fn bundle(detections: &[StoredDetection], organisation: &str) -> Value {
     let who = identity(organisation);

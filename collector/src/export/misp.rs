@@ -53,14 +53,7 @@ pub(super) fn sightings(
             passed_to = None;
             continue;
         }
-        // A sighting says who saw the attribute and when: the organisation, or its anonymous
-        // stand-in (sector and country). MISP sightings carry no tags.
-        let body = json!({
-            "uuid": attribute,
-            "timestamp": (d.observed_at_ms / 1000).max(0),
-            "source": source,
-            "type": "0",
-        });
+        let body = sighting_body(&attribute, d.observed_at_ms, &source, "0");
         let result = post(&agent, &target, key, &body);
         if let Err(e) = result {
             let at = passed_to.unwrap_or(0);
@@ -86,7 +79,12 @@ pub(super) fn sightings(
 }
 
 /// POSTs one sighting; an answer carrying `errors` is a refusal.
-fn post(agent: &ureq::Agent, target: &str, key: &str, body: &Value) -> Result<(), ExportError> {
+pub(super) fn post(
+    agent: &ureq::Agent,
+    target: &str,
+    key: &str,
+    body: &Value,
+) -> Result<(), ExportError> {
     let sent = agent
         .post(target)
         .header("Authorization", key)
@@ -120,4 +118,16 @@ fn post(agent: &ureq::Agent, target: &str, key: &str, body: &Value) -> Result<()
             source: Box::new(e),
         })),
     }
+}
+
+/// A MISP sighting as PyMISP's `add_sighting` sends it: the attribute, when (seconds), who saw
+/// it (the organisation, or its anonymous stand-in: sector and country; MISP sightings carry
+/// no tags), and its type (`0` seen, `1` false positive).
+pub(super) fn sighting_body(attribute: &str, at_ms: i64, source: &str, kind: &str) -> Value {
+    json!({
+        "uuid": attribute,
+        "timestamp": (at_ms / 1000).max(0),
+        "source": source,
+        "type": kind,
+    })
 }

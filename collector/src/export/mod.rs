@@ -13,6 +13,7 @@
 //! (`full`, `anonymised` or `none`, read from the store for each batch, so a change applies to
 //! the next one) and carries its TLP marking; see README.md, "Sharing and privacy".
 
+mod feedback;
 mod jsonl;
 mod misp;
 mod taxii;
@@ -116,11 +117,12 @@ pub fn deliver_once(
     producer: &str,
 ) -> Result<u64, ExportError> {
     let detections = deliver_detections(store, sink, producer)?;
-    let audit = match sink {
+    let other = match sink {
         SinkConfig::Jsonl { path, audit: true } => deliver_audit(store, sink, path, producer)?,
-        _ => 0,
+        SinkConfig::Jsonl { .. } => 0,
+        _ => feedback::deliver(store, sink, producer)?,
     };
-    Ok(detections + audit)
+    Ok(detections + other)
 }
 
 /// Delivers the next audit entries to a JSONL file, with a cursor of their own

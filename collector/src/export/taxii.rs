@@ -64,7 +64,7 @@ pub(super) fn post(
 }
 
 /// POSTs `objects` and checks the status resource the server answers with.
-fn deliver(
+pub(super) fn deliver(
     api_root: &str,
     collection: &str,
     auth: &HttpAuth,

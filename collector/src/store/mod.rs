@@ -261,6 +261,10 @@ pub trait Store: Send + Sync {
     /// cleared, in one transaction. None when there is no such alert.
     fn judge_alert(&self, v: &VerdictRow) -> Result<Option<AlertRow>, StoreError>;
 
+    /// Verdicts given after sequence number `after`, oldest first, at most `limit` (for the
+    /// feedback sinks send to indicators' producers).
+    fn verdicts_after(&self, after: u64, limit: u32) -> Result<Vec<VerdictRow>, StoreError>;
+
     /// Records an exception (checked by the caller); detections stored from now on that it
     /// covers are marked with it.
     fn add_exception(&self, e: &ExceptionRow) -> Result<(), StoreError>;

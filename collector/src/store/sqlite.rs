@@ -284,16 +284,22 @@ const RETIRE_OLDER_CERTS: &str = "UPDATE certs SET revoked_at_ms = ?3
        AND recorded_at_ms < (SELECT recorded_at_ms FROM certs WHERE serial = ?2)
      RETURNING serial";
 
-/// Groups detection `seq` (`d`, of `agent_id` in `org`) into its alert: the alert upserted,
-/// the agent counted as one of its hosts if new to it, the detection joined to it.
+/// Groups `d` (of `agent_id` in `org`), about to be stored, into its alert: the alert upserted
+/// with the sequence number the detection will get, the agent counted as one of its hosts if
+/// new to it. The alert's id and that sequence number.
 fn join_alert(
     tx: &Connection,
     org: &str,
     agent_id: &str,
     d: &Detection,
-    seq: i64,
     now_ms: i64,
-) -> Result<(), StoreError> {
+) -> Result<(i64, i64), StoreError> {
+    // AUTOINCREMENT gives the next row one past the largest sequence number ever used.
+    let next: i64 = tx
+        .prepare_cached(
+            "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'detections'), 0) + 1",
+        )?
+        .query_row([], |r| r.get(0))?;
     let alert: i64 = tx.prepare_cached(UPSERT_ALERT)?.query_row(
         params![
             org,
@@ -302,7 +308,7 @@ fn join_alert(
             d.kind,
             d.score,
             d.observed_at_ms,
-            seq,
+            next,
             now_ms
         ],
         |r| r.get(0),
@@ -316,9 +322,7 @@ fn join_alert(
         tx.prepare_cached("UPDATE alerts SET hosts = hosts + 1 WHERE id = ?1")?
             .execute([alert])?;
     }
-    tx.prepare_cached("UPDATE detections SET alert_id = ?1 WHERE seq = ?2")?
-        .execute(params![alert, seq])?;
-    Ok(())
+    Ok((alert, next))
 }
 
 /// Every exception, oldest first.
@@ -885,14 +889,23 @@ impl Store for SqliteStore {
         {
             let mut insert = tx.prepare_cached(
                 "INSERT INTO detections (id, agent_id, kind, rule, path, sha256, pid, observed_at_ms,
-                    received_at_ms, bundle_version, body, md5, exception_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
-                 ON CONFLICT(id) DO NOTHING",
+                    received_at_ms, bundle_version, body, md5, exception_id, alert_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
             )?;
+            let mut known = tx.prepare_cached("SELECT 1 FROM detections WHERE id = ?1")?;
             for d in detections {
+                // One writer at a time: a detection not stored now is not stored by anyone else
+                // before this transaction ends.
+                if known.exists([&d.id])? {
+                    continue;
+                }
                 let (path, sha256, pid) = indexed(d);
                 let exception = exceptions.covering(d, agent_id, &org, received_at_ms);
-                let n = insert.execute(params![
+                let alert = match exception {
+                    Some(_) => None,
+                    None => Some(join_alert(&tx, &org, agent_id, d, received_at_ms)?),
+                };
+                insert.execute(params![
                     d.id,
                     agent_id,
                     d.kind,
@@ -906,19 +919,16 @@ impl Store for SqliteStore {
                     d.encode_to_vec(),
                     file_md5(d),
                     exception,
+                    alert.map(|(id, _)| id),
                 ])?;
-                inserted += n;
-                if n == 0 || exception.is_some() {
-                    continue;
+                inserted += 1;
+                if let Some((id, predicted)) = alert {
+                    let seq = tx.last_insert_rowid();
+                    if seq != predicted {
+                        tx.prepare_cached("UPDATE alerts SET last_seq = ?2 WHERE id = ?1")?
+                            .execute(params![id, seq])?;
+                    }
                 }
-                join_alert(
-                    &tx,
-                    &org,
-                    agent_id,
-                    d,
-                    tx.last_insert_rowid(),
-                    received_at_ms,
-                )?;
             }
         }
         tx.commit()?;
@@ -992,6 +1002,17 @@ impl Store for SqliteStore {
         ))?;
         let id = id.min(i64::MAX as u64) as i64;
         let rows = stmt.query_map([id], |r| rows::verdict(r))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn verdicts_after(&self, after: u64, limit: u32) -> Result<Vec<VerdictRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "{VERDICT_SELECT} WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+        ))?;
+        let rows = stmt.query_map(params![after.min(i64::MAX as u64) as i64, limit], |r| {
+            rows::verdict(r)
+        })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 

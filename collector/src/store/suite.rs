@@ -1179,6 +1179,9 @@ fn detections_group_into_alerts_by_organisation_rule_and_subject_as_they_are_sto
             seen,
             [("true-positive", "seen"), ("false-positive", "packer")]
         );
+        // The feedback sinks read them in order after a cursor.
+        assert_eq!(s.verdicts_after(0, 10).unwrap(), history);
+        assert_eq!(s.verdicts_after(history[0].seq, 10).unwrap(), history[1..]);
         assert!(s.alert(999_999).unwrap().is_none());
         assert!(
             s.judge_alert(&VerdictRow {

@@ -790,6 +790,17 @@ impl Store for PgStore {
         })
     }
 
+    fn verdicts_after(&self, after: u64, limit: u32) -> Result<Vec<VerdictRow>, StoreError> {
+        let after = after.min(i64::MAX as u64) as i64;
+        self.with(|c| {
+            let rows = c.query(
+                &format!("{VERDICT_SELECT} WHERE seq > $1 ORDER BY seq LIMIT $2"),
+                &[&after, &i64::from(limit)],
+            )?;
+            Ok(rows.iter().map(rows::verdict).collect::<Result<_, _>>()?)
+        })
+    }
+
     fn judge_alert(&self, v: &VerdictRow) -> Result<Option<AlertRow>, StoreError> {
         let id = v.alert_id.min(i64::MAX as u64) as i64;
         self.with(|c| {
