@@ -308,19 +308,8 @@ fn exports_of_file_process_and_connection_detections_pass_the_peer_tools() {
     let out = c.ctl_ok(&["export", "stix", "--organisation", "CERT-Test"]);
     std::fs::write(&bundle_path, &out).unwrap();
     // The stix2_validator command, run through the Python checked above (whatever PATH says).
-    let v = std::process::Command::new("python3")
-        .args([
-            "-c",
-            "import sys; from stix2validator.scripts.stix2_validator import main; sys.exit(main())",
-        ])
-        .arg(&bundle_path)
-        .output()
-        .expect("stix2_validator");
-    let report = String::from_utf8_lossy(&v.stdout);
-    assert!(
-        v.status.success() && !report.contains("[X]"),
-        "{report}\n{out}"
-    );
+    let (valid, report) = stix_validated(&bundle_path);
+    assert!(valid, "{report}\n{out}");
     let bundle: Value = serde_json::from_str(&out).unwrap();
     let objects = bundle["objects"].as_array().unwrap();
     let sightings: Vec<&Value> = objects.iter().filter(|o| o["type"] == "sighting").collect();
@@ -875,19 +864,8 @@ fn sightings_reach_a_taxii_collection_that_refused_for_a_while() {
     if peer_tools(&["stix2validator"], "stix2-validator") {
         let path = tmp.join("with-opinion.json");
         std::fs::write(&path, &out).unwrap();
-        let v = std::process::Command::new("python3")
-            .args([
-                "-c",
-                "import sys; from stix2validator.scripts.stix2_validator import main; sys.exit(main())",
-            ])
-            .arg(&path)
-            .output()
-            .expect("stix2_validator");
-        let report = String::from_utf8_lossy(&v.stdout);
-        assert!(
-            v.status.success() && !report.contains("[X]"),
-            "{report}\n{out}"
-        );
+        let (valid, report) = stix_validated(&path);
+        assert!(valid, "{report}\n{out}");
     }
     let s = wait_for(Duration::from_secs(30), "the backlog drained", || {
         json_lines(&c.ctl_ok(&["intel", "status", "--json"]))
@@ -998,22 +976,7 @@ fn misp_sightings_are_sent_as_pymisp_sends_them() {
     // The same sighting sent by PyMISP to the same server.
     let observed = d["observed_at"].as_str().unwrap();
     let secs = vedette_engine::import::rfc3339_ms(observed).unwrap() / 1000;
-    let sent = std::process::Command::new("python3")
-        .args([
-            "-c",
-            "import sys\nfrom pymisp import PyMISP\n\
-             m = PyMISP(sys.argv[1], sys.argv[2], ssl=False)\n\
-             m.add_sighting({'uuid': sys.argv[3], 'timestamp': int(sys.argv[4]), \
-             'source': 'CERT-Test', 'type': '0'})\n",
-        ])
-        .args([&url, key, attribute, &secs.to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        sent.status.success(),
-        "{}",
-        String::from_utf8_lossy(&sent.stderr)
-    );
+    pymisp_sighting(&url, key, attribute, secs, "0");
     let theirs = requests()
         .into_iter()
         .filter(|r| r["method"] == "POST")
@@ -1048,22 +1011,7 @@ fn misp_sightings_are_sent_as_pymisp_sends_them() {
         },
     );
     let fp_secs = vedette_engine::import::rfc3339_ms(&at).unwrap() / 1000;
-    let sent = std::process::Command::new("python3")
-        .args([
-            "-c",
-            "import sys\nfrom pymisp import PyMISP\n\
-             m = PyMISP(sys.argv[1], sys.argv[2], ssl=False)\n\
-             m.add_sighting({'uuid': sys.argv[3], 'timestamp': int(sys.argv[4]), \
-             'source': 'CERT-Test', 'type': '1'})\n",
-        ])
-        .args([&url, key, attribute, &fp_secs.to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        sent.status.success(),
-        "{}",
-        String::from_utf8_lossy(&sent.stderr)
-    );
+    pymisp_sighting(&url, key, attribute, fp_secs, "1");
     let theirs = requests()
         .into_iter()
         .filter(|r| r["method"] == "POST")
@@ -1321,4 +1269,39 @@ fn taxii_objects(api_root: &str, collection: &str, kind: &str) -> Vec<Value> {
         .ok()
         .and_then(|v| v["objects"].as_array().cloned())
         .unwrap_or_default()
+}
+
+/// Sends a sighting of `kind` (`0` seen, `1` false positive) with PyMISP's `add_sighting`, as
+/// CERT-Test, to the MISP at `url`.
+fn pymisp_sighting(url: &str, key: &str, attribute: &str, secs: i64, kind: &str) {
+    let sent = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys\nfrom pymisp import PyMISP\n\
+             m = PyMISP(sys.argv[1], sys.argv[2], ssl=False)\n\
+             m.add_sighting({'uuid': sys.argv[3], 'timestamp': int(sys.argv[4]), \
+             'source': 'CERT-Test', 'type': sys.argv[5]})\n",
+        ])
+        .args([url, key, attribute, &secs.to_string(), kind])
+        .output()
+        .unwrap();
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+}
+
+/// Runs the STIX validator on the bundle at `path`: whether it passed, and its report.
+pub(crate) fn stix_validated(path: &Path) -> (bool, String) {
+    let v = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys; from stix2validator.scripts.stix2_validator import main; sys.exit(main())",
+        ])
+        .arg(path)
+        .output()
+        .expect("stix2_validator");
+    let report = String::from_utf8_lossy(&v.stdout).into_owned();
+    (v.status.success() && !report.contains("[X]"), report)
 }

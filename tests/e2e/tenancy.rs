@@ -176,19 +176,8 @@ fn validate_stix(dir: &Path, name: &str, objects: &[Value]) {
     let bundle = json!({"type": "bundle", "id": "bundle--7e1a0000-0000-4000-8000-0000000000ff",
         "objects": objects});
     std::fs::write(&path, bundle.to_string()).unwrap();
-    let v = std::process::Command::new("python3")
-        .args([
-            "-c",
-            "import sys; from stix2validator.scripts.stix2_validator import main; sys.exit(main())",
-        ])
-        .arg(&path)
-        .output()
-        .expect("stix2_validator");
-    let report = String::from_utf8_lossy(&v.stdout);
-    assert!(
-        v.status.success() && !report.contains("[X]"),
-        "{name}: {report}\n{bundle}"
-    );
+    let (valid, report) = crate::intel::stix_validated(&path);
+    assert!(valid, "{name}: {report}\n{bundle}");
 }
 
 /// Writes the collector's `[export]` section: a JSONL sink and a TAXII sink per policy run so

@@ -249,14 +249,15 @@ const MIGRATIONS: &[&str] = &[
     );",
 ];
 
-/// Groups one stored detection into its alert (`org`, `rule`, `subject`, `kind`, `score`,
-/// `observed_at_ms`, `seq`, `now_ms`): a new alert, or one more detection of it, its times
-/// widened; an acknowledged or true-positive alert is flagged for new activity.
+/// Groups a batch's detections of one alert into it (`org`, `rule`, `subject`, `kind`, `score`,
+/// `first_seen_ms`, `last_seen_ms`, `count`, `last_seq`, `now_ms`): a new alert, or more
+/// detections of it, its times widened; an acknowledged or true-positive alert is flagged for
+/// new activity.
 const UPSERT_ALERT: &str = "INSERT INTO alerts (org, rule, subject, kind, score, first_seen_ms,
         last_seen_ms, detections, hosts, status, new_activity, last_seq, updated_at_ms)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, 1, 0, 'open', 0, ?7, ?8)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, 'open', 0, ?9, ?10)
      ON CONFLICT (org, rule, subject) DO UPDATE SET
-       detections = alerts.detections + 1,
+       detections = alerts.detections + excluded.detections,
        score = MAX(alerts.score, excluded.score),
        first_seen_ms = MIN(alerts.first_seen_ms, excluded.first_seen_ms),
        last_seen_ms = MAX(alerts.last_seen_ms, excluded.last_seen_ms),
@@ -284,45 +285,70 @@ const RETIRE_OLDER_CERTS: &str = "UPDATE certs SET revoked_at_ms = ?3
        AND recorded_at_ms < (SELECT recorded_at_ms FROM certs WHERE serial = ?2)
      RETURNING serial";
 
-/// Groups `d` (of `agent_id` in `org`), about to be stored, into its alert: the alert upserted
-/// with the sequence number the detection will get, the agent counted as one of its hosts if
-/// new to it. The alert's id and that sequence number.
-fn join_alert(
+/// The detections of a batch not stored yet (each id once), in batch order.
+fn fresh_detections<'a>(
+    tx: &Connection,
+    detections: &'a [Detection],
+) -> Result<Vec<&'a Detection>, StoreError> {
+    let mut known = tx.prepare_cached("SELECT 1 FROM detections WHERE id = ?1")?;
+    let mut seen = std::collections::HashSet::new();
+    let mut fresh = Vec::with_capacity(detections.len());
+    for d in detections {
+        if seen.insert(d.id.as_str()) && !known.exists([&d.id])? {
+            fresh.push(d);
+        }
+    }
+    Ok(fresh)
+}
+
+/// Upserts the alerts of a batch's detections (grouped by rule and subject, each with its
+/// sequence number), once per alert, and counts the agent as a host of each it is new to;
+/// the alerts' ids.
+fn upsert_alerts(
     tx: &Connection,
     org: &str,
     agent_id: &str,
-    d: &Detection,
+    groups: &BTreeMap<(String, String), Vec<(i64, &Detection)>>,
     now_ms: i64,
-) -> Result<(i64, i64), StoreError> {
-    // AUTOINCREMENT gives the next row one past the largest sequence number ever used.
-    let next: i64 = tx
-        .prepare_cached(
-            "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'detections'), 0) + 1",
-        )?
-        .query_row([], |r| r.get(0))?;
-    let alert: i64 = tx.prepare_cached(UPSERT_ALERT)?.query_row(
-        params![
-            org,
-            d.rule,
-            alert_subject(d, agent_id),
-            d.kind,
-            d.score,
-            d.observed_at_ms,
-            next,
-            now_ms
-        ],
-        |r| r.get(0),
+) -> Result<BTreeMap<(String, String), i64>, StoreError> {
+    let mut upsert = tx.prepare_cached(UPSERT_ALERT)?;
+    let mut host = tx.prepare_cached(
+        "INSERT INTO alert_hosts (alert_id, agent_id) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
     )?;
-    let new_host = tx
-        .prepare_cached(
-            "INSERT INTO alert_hosts (alert_id, agent_id) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
-        )?
-        .execute(params![alert, agent_id])?;
-    if new_host > 0 {
-        tx.prepare_cached("UPDATE alerts SET hosts = hosts + 1 WHERE id = ?1")?
-            .execute([alert])?;
+    let mut bump = tx.prepare_cached("UPDATE alerts SET hosts = hosts + 1 WHERE id = ?1")?;
+    let mut ids = BTreeMap::new();
+    for ((rule, subject), members) in groups {
+        let observed = members.iter().map(|(_, d)| d.observed_at_ms);
+        let first = observed.clone().min().unwrap_or_default();
+        let last = observed.max().unwrap_or_default();
+        let score = members
+            .iter()
+            .map(|(_, d)| d.score)
+            .max()
+            .unwrap_or_default();
+        let last_seq = members.iter().map(|(s, _)| *s).max().unwrap_or_default();
+        let kind = members.first().map_or(0, |(_, d)| d.kind);
+        let id: i64 = upsert.query_row(
+            params![
+                org,
+                rule,
+                subject,
+                kind,
+                score,
+                first,
+                last,
+                members.len() as i64,
+                last_seq,
+                now_ms
+            ],
+            |r| r.get(0),
+        )?;
+        if host.execute(params![id, agent_id])? > 0 {
+            bump.execute([id])?;
+        }
+        ids.insert((rule.clone(), subject.clone()), id);
     }
-    Ok((alert, next))
+    Ok(ids)
 }
 
 /// Every exception, oldest first.
@@ -884,55 +910,64 @@ impl Store for SqliteStore {
         let Some(org) = org else {
             return Err(StoreError::Revoked(agent_id.to_string()));
         };
+        // One writer at a time: a detection not stored now is not stored by anyone else before
+        // this transaction ends, and the sequence numbers it takes are known beforehand.
+        let fresh = fresh_detections(&tx, detections)?;
+        if fresh.is_empty() {
+            return Ok(0);
+        }
         let exceptions = rows::in_force(exception_rows(&tx)?, &org, received_at_ms);
-        let mut inserted = 0;
-        {
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO detections (id, agent_id, kind, rule, path, sha256, pid, observed_at_ms,
-                    received_at_ms, bundle_version, body, md5, exception_id, alert_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-            )?;
-            let mut known = tx.prepare_cached("SELECT 1 FROM detections WHERE id = ?1")?;
-            for d in detections {
-                // One writer at a time: a detection not stored now is not stored by anyone else
-                // before this transaction ends.
-                if known.exists([&d.id])? {
-                    continue;
-                }
-                let (path, sha256, pid) = indexed(d);
-                let exception = exceptions.covering(d, agent_id, &org, received_at_ms);
-                let alert = match exception {
-                    Some(_) => None,
-                    None => Some(join_alert(&tx, &org, agent_id, d, received_at_ms)?),
-                };
-                insert.execute(params![
-                    d.id,
-                    agent_id,
-                    d.kind,
-                    d.rule,
-                    path,
-                    sha256.filter(|s| !s.is_empty()),
-                    pid,
-                    d.observed_at_ms,
-                    received_at_ms,
-                    d.bundle_version as i64,
-                    d.encode_to_vec(),
-                    file_md5(d),
-                    exception,
-                    alert.map(|(id, _)| id),
-                ])?;
-                inserted += 1;
-                if let Some((id, predicted)) = alert {
-                    let seq = tx.last_insert_rowid();
-                    if seq != predicted {
-                        tx.prepare_cached("UPDATE alerts SET last_seq = ?2 WHERE id = ?1")?
-                            .execute(params![id, seq])?;
-                    }
-                }
+        let next: i64 = tx.query_row(
+            "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'detections'), 0) + 1",
+            [],
+            |r| r.get(0),
+        )?;
+        let covered: Vec<Option<&str>> = fresh
+            .iter()
+            .map(|d| exceptions.covering(d, agent_id, &org, received_at_ms))
+            .collect();
+        let mut groups: BTreeMap<(String, String), Vec<(i64, &Detection)>> = BTreeMap::new();
+        for (i, d) in fresh.iter().enumerate() {
+            if covered[i].is_none() {
+                let key = (d.rule.clone(), alert_subject(d, agent_id));
+                groups.entry(key).or_default().push((next + i as i64, d));
             }
         }
+        let alerts = upsert_alerts(&tx, &org, agent_id, &groups, received_at_ms)?;
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO detections (seq, id, agent_id, kind, rule, path, sha256, pid,
+                observed_at_ms, received_at_ms, bundle_version, body, md5, exception_id, alert_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+        )?;
+        for (i, d) in fresh.iter().enumerate() {
+            let (path, sha256, pid) = indexed(d);
+            let alert = match covered[i] {
+                Some(_) => None,
+                None => alerts
+                    .get(&(d.rule.clone(), alert_subject(d, agent_id)))
+                    .copied(),
+            };
+            insert.execute(params![
+                next + i as i64,
+                d.id,
+                agent_id,
+                d.kind,
+                d.rule,
+                path,
+                sha256.filter(|s| !s.is_empty()),
+                pid,
+                d.observed_at_ms,
+                received_at_ms,
+                d.bundle_version as i64,
+                d.encode_to_vec(),
+                file_md5(d),
+                covered[i],
+                alert,
+            ])?;
+        }
+        drop(insert);
         tx.commit()?;
-        Ok(inserted)
+        Ok(fresh.len())
     }
 
     /// The most recent detections matching the filter, oldest first.

@@ -663,47 +663,49 @@ impl Store for PgStore {
                 return Err(StoreError::Revoked(agent_id.to_string()));
             };
             let org: String = live.get(0);
+            let fresh = fresh_detections(&mut tx, detections)?;
+            if fresh.is_empty() {
+                return Ok(0);
+            }
             let exceptions = rows::in_force(exception_rows(&mut tx)?, &org, received_at_ms);
-            let mut cols = Columns::default();
-            for d in detections {
-                let exception = exceptions.covering(d, agent_id, &org, received_at_ms);
-                cols.push(d, exception);
-            }
-            let stored = tx.query(
-                "INSERT INTO detections (id, agent_id, kind, rule, path, sha256, pid,
-                    observed_at_ms, received_at_ms, bundle_version, body, md5, exception_id)
-                 SELECT id, $2, kind, rule, path, sha256, pid, observed, $3, bundle, body, md5, ex
-                 FROM unnest($1::text[], $4::int[], $5::text[], $6::text[], $7::text[],
-                    $8::bigint[], $9::bigint[], $10::bigint[], $11::bytea[], $12::text[],
-                    $13::text[])
-                    AS t(id, kind, rule, path, sha256, pid, observed, bundle, body, md5, ex)
-                 ON CONFLICT (id) DO NOTHING
-                 RETURNING id, seq",
-                &[
-                    &cols.id,
-                    &agent_id,
-                    &received_at_ms,
-                    &cols.kind,
-                    &cols.rule,
-                    &cols.path,
-                    &cols.sha256,
-                    &cols.pid,
-                    &cols.observed,
-                    &cols.bundle,
-                    &cols.body,
-                    &cols.md5,
-                    &cols.exception,
-                ],
-            )?;
-            let mut new: std::collections::HashMap<String, i64> =
-                stored.iter().map(|r| (r.get(0), r.get(1))).collect();
+            // Sequence numbers taken before the rows are written, so that each alert knows
+            // its newest detection and each detection its alert in one write of each.
+            let seqs: Vec<i64> = tx
+                .query(
+                    "SELECT nextval(pg_get_serial_sequence('detections', 'seq'))
+                     FROM generate_series(1, $1::int)",
+                    &[&(fresh.len() as i32)],
+                )?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
             let mut groups = AlertGroups::default();
-            for (d, exception) in detections.iter().zip(&cols.exception) {
-                if let Some(seq) = new.remove(&d.id).filter(|_| exception.is_none()) {
-                    groups.add(d, agent_id, seq);
+            let mut cols = Columns::default();
+            for (d, seq) in fresh.iter().zip(&seqs) {
+                let exception = exceptions.covering(d, agent_id, &org, received_at_ms);
+                if exception.is_none() {
+                    groups.add(d, agent_id, *seq);
                 }
+                cols.push(d, *seq, exception);
             }
-            groups.store(&mut tx, &org, agent_id, received_at_ms)?;
+            let alerts = groups.upsert(&mut tx, &org, received_at_ms)?;
+            cols.alert = fresh
+                .iter()
+                .zip(&cols.exception)
+                .map(|(d, ex)| match ex {
+                    Some(_) => None,
+                    None => alerts
+                        .get(&(d.rule.clone(), super::alert_subject(d, agent_id)))
+                        .copied(),
+                })
+                .collect();
+            let stored = cols.insert(&mut tx, agent_id, received_at_ms)?;
+            if stored.len() < fresh.len() {
+                // Another collector stored some of them meanwhile (a resend racing the
+                // original): they are not counted twice.
+                groups.uncount(&mut tx, &alerts, &stored)?;
+            }
+            groups.count_host(&mut tx, &alerts, agent_id)?;
             tx.commit()?;
             Ok(stored.len())
         })
@@ -1278,9 +1280,31 @@ impl Store for PgStore {
     }
 }
 
+/// The detections of a batch not stored yet (each id once), in batch order.
+fn fresh_detections<'a>(
+    tx: &mut Tx<'_>,
+    detections: &'a [Detection],
+) -> Result<Vec<&'a Detection>, StoreError> {
+    let ids: Vec<&str> = detections.iter().map(|d| d.id.as_str()).collect();
+    let known: std::collections::HashSet<String> = tx
+        .query(
+            "SELECT id FROM detections WHERE id = ANY($1::text[])",
+            &[&ids],
+        )?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    Ok(detections
+        .iter()
+        .filter(|d| !known.contains(&d.id) && seen.insert(d.id.as_str()))
+        .collect())
+}
+
 /// A detection batch, column by column, for one `unnest` insert.
 #[derive(Default)]
 struct Columns {
+    seq: Vec<i64>,
     id: Vec<String>,
     kind: Vec<i32>,
     rule: Vec<String>,
@@ -1292,11 +1316,13 @@ struct Columns {
     body: Vec<Vec<u8>>,
     md5: Vec<Option<String>>,
     exception: Vec<Option<String>>,
+    alert: Vec<Option<i64>>,
 }
 
 impl Columns {
-    fn push(&mut self, d: &Detection, exception: Option<&str>) {
+    fn push(&mut self, d: &Detection, seq: i64, exception: Option<&str>) {
         let (path, sha256, pid) = super::indexed(d);
+        self.seq.push(seq);
         self.id.push(d.id.clone());
         self.kind.push(d.kind);
         self.rule.push(d.rule.clone());
@@ -1309,6 +1335,46 @@ impl Columns {
         self.bundle.push(d.bundle_version as i64);
         self.body.push(d.encode_to_vec());
         self.md5.push(super::file_md5(d).map(str::to_string));
+    }
+
+    /// Writes the rows; the ids of those written (a row another collector wrote meanwhile
+    /// is left as it is).
+    fn insert(
+        &self,
+        tx: &mut Tx<'_>,
+        agent_id: &str,
+        received_at_ms: i64,
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
+        let rows = tx.query(
+            "INSERT INTO detections (seq, id, agent_id, kind, rule, path, sha256, pid,
+                observed_at_ms, received_at_ms, bundle_version, body, md5, exception_id, alert_id)
+             SELECT seq, id, $2, kind, rule, path, sha256, pid, observed, $3, bundle, body, md5,
+                ex, alert
+             FROM unnest($1::text[], $4::int[], $5::text[], $6::text[], $7::text[],
+                $8::bigint[], $9::bigint[], $10::bigint[], $11::bytea[], $12::text[],
+                $13::text[], $14::bigint[], $15::bigint[])
+                AS t(id, kind, rule, path, sha256, pid, observed, bundle, body, md5, ex, alert, seq)
+             ON CONFLICT (id) DO NOTHING
+             RETURNING id",
+            &[
+                &self.id,
+                &agent_id,
+                &received_at_ms,
+                &self.kind,
+                &self.rule,
+                &self.path,
+                &self.sha256,
+                &self.pid,
+                &self.observed,
+                &self.bundle,
+                &self.body,
+                &self.md5,
+                &self.exception,
+                &self.alert,
+                &self.seq,
+            ],
+        )?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 }
 
@@ -1324,10 +1390,13 @@ struct AlertGroup {
     score: i64,
     first_seen: i64,
     last_seen: i64,
-    count: i64,
     last_seq: i64,
-    seqs: Vec<i64>,
+    /// The detections' ids.
+    ids: Vec<String>,
 }
+
+/// Alert ids by (rule, subject).
+type AlertIds = BTreeMap<(String, String), i64>;
 
 impl AlertGroups {
     fn add(&mut self, d: &Detection, agent_id: &str, seq: i64) {
@@ -1337,29 +1406,20 @@ impl AlertGroups {
             score: 0,
             first_seen: d.observed_at_ms,
             last_seen: d.observed_at_ms,
-            count: 0,
             last_seq: seq,
-            seqs: Vec::new(),
+            ids: Vec::new(),
         });
         g.score = g.score.max(i64::from(d.score));
         g.first_seen = g.first_seen.min(d.observed_at_ms);
         g.last_seen = g.last_seen.max(d.observed_at_ms);
         g.last_seq = g.last_seq.max(seq);
-        g.count += 1;
-        g.seqs.push(seq);
+        g.ids.push(d.id.clone());
     }
 
-    /// Upserts the alerts, counts the agent as a host of each it is new to, and joins each
-    /// detection to its alert: three statements whatever the batch.
-    fn store(
-        self,
-        tx: &mut Tx<'_>,
-        org: &str,
-        agent_id: &str,
-        now_ms: i64,
-    ) -> Result<(), StoreError> {
+    /// Upserts the alerts, one statement whatever the batch; their ids.
+    fn upsert(&self, tx: &mut Tx<'_>, org: &str, now_ms: i64) -> Result<AlertIds, StoreError> {
         if self.groups.is_empty() {
-            return Ok(());
+            return Ok(AlertIds::new());
         }
         let mut c: [Vec<i64>; 6] = Default::default();
         let (mut rules, mut subjects) = (Vec::new(), Vec::new());
@@ -1371,7 +1431,7 @@ impl AlertGroups {
                 g.score,
                 g.first_seen,
                 g.last_seen,
-                g.count,
+                g.ids.len() as i64,
                 g.last_seq,
             ]) {
                 col.push(v);
@@ -1399,28 +1459,48 @@ impl AlertGroups {
                 &org, &now_ms, &rules, &subjects, &c[0], &c[1], &c[2], &c[3], &c[4], &c[5],
             ],
         )?;
-        let ids: BTreeMap<(String, String), i64> = upserted
+        Ok(upserted
             .iter()
             .map(|r| ((r.get(1), r.get(2)), r.get(0)))
-            .collect();
-        let mut alert_ids: Vec<i64> = ids.values().copied().collect();
-        alert_ids.sort_unstable();
+            .collect())
+    }
+
+    /// Takes back the count of detections that were not written after all.
+    fn uncount(
+        &self,
+        tx: &mut Tx<'_>,
+        alerts: &AlertIds,
+        stored: &std::collections::HashSet<String>,
+    ) -> Result<(), StoreError> {
+        for (key, g) in &self.groups {
+            let lost = g.ids.iter().filter(|id| !stored.contains(*id)).count() as i64;
+            if let (Some(id), true) = (alerts.get(key), lost > 0) {
+                tx.execute(
+                    "UPDATE alerts SET detections = detections - $2 WHERE id = $1",
+                    &[id, &lost],
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts the agent as a host of each alert it is new to.
+    fn count_host(
+        &self,
+        tx: &mut Tx<'_>,
+        alerts: &AlertIds,
+        agent_id: &str,
+    ) -> Result<(), StoreError> {
+        if alerts.is_empty() {
+            return Ok(());
+        }
+        let mut ids: Vec<i64> = alerts.values().copied().collect();
+        ids.sort_unstable();
         tx.execute(
             "WITH h AS (INSERT INTO alert_hosts (alert_id, agent_id)
                  SELECT unnest($1::bigint[]), $2 ON CONFLICT DO NOTHING RETURNING alert_id)
              UPDATE alerts SET hosts = alerts.hosts + 1 FROM h WHERE alerts.id = h.alert_id",
-            &[&alert_ids, &agent_id],
-        )?;
-        let (mut seqs, mut joined) = (Vec::new(), Vec::new());
-        for (key, g) in self.groups {
-            let Some(&id) = ids.get(&key) else { continue };
-            joined.extend(std::iter::repeat_n(id, g.seqs.len()));
-            seqs.extend(g.seqs);
-        }
-        tx.execute(
-            "UPDATE detections SET alert_id = t.a FROM unnest($1::bigint[], $2::bigint[]) AS t(s, a)
-             WHERE detections.seq = t.s",
-            &[&seqs, &joined],
+            &[&ids, &agent_id],
         )?;
         Ok(())
     }
