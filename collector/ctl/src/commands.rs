@@ -135,59 +135,48 @@ fn shared_export(
 }
 
 async fn detections(cmd: DetectionsCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
-    let ((json, suppressed), agent, host, org, since, until, kind, rule, text, sha256, md5, limit) =
-        match cmd {
-            DetectionsCmd::List {
-                json,
-                agent,
-                host,
-                org,
-                since,
-                until,
-                kind,
-                rule,
-                text,
-                sha256,
-                md5,
+    let (filter, json, limit) = match cmd {
+        DetectionsCmd::Hosts {
+            sha256,
+            org,
+            json,
+            limit,
+        } => return hosts(cfg, sha256, org, json, limit).await,
+        DetectionsCmd::List {
+            json,
+            agent,
+            host,
+            org,
+            since,
+            until,
+            kind,
+            rule,
+            text,
+            sha256,
+            md5,
+            suppressed,
+            limit,
+        } => (
+            ListDetectionsRequest {
+                agent_id: resolve_agent(cfg, agent).await?,
+                host: host.unwrap_or_default(),
+                md5: md5.unwrap_or_default(),
+                org: org.unwrap_or_default(),
+                since_ms: client::epoch_ms(since),
+                until_ms: client::epoch_ms(until),
+                kind: kind
+                    .as_deref()
+                    .and_then(vedette_proto::kind_from_name)
+                    .unwrap_or(0),
+                rule: rule.unwrap_or_default(),
+                text: text.unwrap_or_default(),
+                sha256: sha256.unwrap_or_default(),
                 suppressed,
-                limit,
-            } => (
-                (json, suppressed),
-                agent,
-                host,
-                org,
-                since,
-                until,
-                kind,
-                rule,
-                text,
-                sha256,
-                md5,
-                limit,
-            ),
-            DetectionsCmd::Hosts {
-                sha256,
-                org,
-                json,
-                limit,
-            } => return hosts(cfg, sha256, org, json, limit).await,
-        };
-    let filter = ListDetectionsRequest {
-        agent_id: resolve_agent(cfg, agent).await?,
-        host: host.unwrap_or_default(),
-        md5: md5.unwrap_or_default(),
-        org: org.unwrap_or_default(),
-        since_ms: client::epoch_ms(since),
-        until_ms: client::epoch_ms(until),
-        kind: kind
-            .as_deref()
-            .and_then(vedette_proto::kind_from_name)
-            .unwrap_or(0),
-        rule: rule.unwrap_or_default(),
-        text: text.unwrap_or_default(),
-        sha256: sha256.unwrap_or_default(),
-        suppressed,
-        ..Default::default()
+                ..Default::default()
+            },
+            json,
+            limit,
+        ),
     };
     let list = client::detections_list(cfg, filter, limit).await?;
     if json {

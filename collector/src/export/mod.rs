@@ -225,7 +225,7 @@ fn deliver_detections(
             moved(store, &name, (cursor, last), batch.len() as u64, delivered)
         }
         SinkConfig::Taxii { .. } => {
-            match taxii::post(store, &name, sink, &batch, &policy, producer) {
+            match taxii::post(store, &name, sink, (&batch, last), &policy, producer) {
                 Ok(()) => Ok(batch.len() as u64),
                 Err(e) => moved(store, &name, (cursor, last), 0, Err(e)),
             }

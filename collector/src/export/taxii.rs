@@ -13,13 +13,13 @@ use crate::store::{Store, now_ms};
 
 /// Sends the sightings of a batch, one per indicator, organisation and window: a window that
 /// already had detections is sent again under the same id with the higher count and a later
-/// `modified` (TAXII keeps each version). The tallies and the cursor are saved together once
-/// the server has them.
+/// `modified` (TAXII keeps each version). The tallies and the cursor (moved to `last`, past
+/// what the batch left out too) are saved together once the server has them.
 pub(super) fn post(
     store: &dyn Store,
     name: &str,
     sink: &SinkConfig,
-    batch: &[(u64, StoredDetection)],
+    (batch, last): (&[(u64, StoredDetection)], u64),
     policy: &dyn Fn(&str) -> Option<Sharing>,
     producer: &str,
 ) -> Result<(), ExportError> {
@@ -31,9 +31,6 @@ pub(super) fn post(
         window_ms,
     } = sink
     else {
-        return Ok(());
-    };
-    let Some(last) = batch.last().map(|(seq, _)| *seq) else {
         return Ok(());
     };
     let list: Vec<StoredDetection> = batch.iter().map(|(_, d)| d.clone()).collect();

@@ -276,6 +276,10 @@ pub(crate) fn exception<R: Columns<Error = E> + ?Sized, E>(r: &R) -> Result<Exce
     })
 }
 
+/// After [`EXCEPTION_SELECT`]: only those in force at `?1` (ms), oldest first.
+pub(crate) const IN_FORCE: &str = "WHERE removed_at_ms = 0
+    AND (expires_at_ms = 0 OR expires_at_ms > ?1) ORDER BY created_at_ms, id";
+
 /// The exceptions in force at `now_ms` for agents of `org`, ready to test detections against;
 /// none when they cannot be read back (a detection is then stored unsuppressed, never lost).
 pub(crate) fn in_force(

@@ -11,7 +11,7 @@ use vedette_proto::v1::{Detection, Inventory, StoredDetection};
 
 use super::rows::{
     self, AGENT_SELECT, ALERT_SELECT, AUDIT_SELECT, CERT_SELECT, DETECTION_SELECT,
-    EXCEPTION_SELECT, TOKEN_SELECT, VERDICT_SELECT,
+    EXCEPTION_SELECT, IN_FORCE, TOKEN_SELECT, VERDICT_SELECT,
 };
 use super::{
     AgentRow, AlertFilter, AlertRow, AuditRow, BundleRow, CertRow, DetectionFilter, DetectionPage,
@@ -285,6 +285,16 @@ const RETIRE_OLDER_CERTS: &str = "UPDATE certs SET revoked_at_ms = ?3
        AND recorded_at_ms < (SELECT recorded_at_ms FROM certs WHERE serial = ?2)
      RETURNING serial";
 
+/// The sequence number the next detection stored gets (AUTOINCREMENT: one past the largest
+/// ever used).
+fn next_seq(tx: &Connection) -> Result<i64, StoreError> {
+    Ok(tx.query_row(
+        "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'detections'), 0) + 1",
+        [],
+        |r| r.get(0),
+    )?)
+}
+
 /// The detections of a batch not stored yet (each id once), in batch order.
 fn fresh_detections<'a>(
     tx: &Connection,
@@ -356,6 +366,14 @@ fn exception_rows(conn: &Connection) -> Result<Vec<ExceptionRow>, StoreError> {
     let mut stmt =
         conn.prepare_cached(&format!("{EXCEPTION_SELECT} ORDER BY created_at_ms, id"))?;
     let rows = stmt.query_map([], |r| rows::exception(r))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The exceptions in force at `now_ms` (removed and expired ones are history, not read on
+/// every batch).
+fn exceptions_in_force(conn: &Connection, now_ms: i64) -> Result<Vec<ExceptionRow>, StoreError> {
+    let mut stmt = conn.prepare_cached(&format!("{EXCEPTION_SELECT} {IN_FORCE}"))?;
+    let rows = stmt.query_map([now_ms], |r| rows::exception(r))?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
@@ -916,12 +934,12 @@ impl Store for SqliteStore {
         if fresh.is_empty() {
             return Ok(0);
         }
-        let exceptions = rows::in_force(exception_rows(&tx)?, &org, received_at_ms);
-        let next: i64 = tx.query_row(
-            "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'detections'), 0) + 1",
-            [],
-            |r| r.get(0),
-        )?;
+        let exceptions = rows::in_force(
+            exceptions_in_force(&tx, received_at_ms)?,
+            &org,
+            received_at_ms,
+        );
+        let next = next_seq(&tx)?;
         let covered: Vec<Option<&str>> = fresh
             .iter()
             .map(|d| exceptions.covering(d, agent_id, &org, received_at_ms))

@@ -22,7 +22,7 @@ use vedette_proto::v1::{
 
 use super::api::{ApiResult, DEFAULT_PAGE, MAX_PAGE};
 use super::auth::Who;
-use super::pages::{detection_row, layout, page};
+use super::pages::{detection_row, layout, page, query};
 use super::{Console, Failure};
 
 /// Filters of an alert listing (query string of the API and of the page).
@@ -161,7 +161,7 @@ pub async fn alerts(
         }
         @if r.alerts.is_empty() { p { "No alerts match." } }
         @if r.next_before_seq != 0 {
-            p { a href={ "/alerts?status=" (q.status) "&before=" (r.next_before_seq) } { "Older alerts" } }
+            p { a href={ "/alerts?" (query(&[("status", q.status.clone()), ("org", q.org.clone()), ("before", r.next_before_seq.to_string())])) } { "Older alerts" } }
         }
     };
     page(

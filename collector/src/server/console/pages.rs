@@ -295,7 +295,7 @@ pub async fn home() -> Redirect {
 }
 
 /// A query string of non-empty pairs.
-fn query(pairs: &[(&str, String)]) -> String {
+pub(super) fn query(pairs: &[(&str, String)]) -> String {
     let kept: Vec<(&str, &str)> = pairs
         .iter()
         .filter(|(_, v)| !v.is_empty())

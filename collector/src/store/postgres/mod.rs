@@ -26,7 +26,7 @@ use self::migrate::migrate;
 use self::pool::{Conn, Pool, Tx, tls_connector};
 use super::rows::{
     self, AGENT_SELECT, ALERT_SELECT, AUDIT_SELECT, CERT_SELECT, DETECTION_SELECT,
-    EXCEPTION_SELECT, TOKEN_SELECT, VERDICT_SELECT,
+    EXCEPTION_SELECT, IN_FORCE, TOKEN_SELECT, VERDICT_SELECT,
 };
 use super::{
     AgentRow, AlertFilter, AlertRow, AuditRow, BundleRow, CertRow, DetectionFilter, DetectionPage,
@@ -667,7 +667,11 @@ impl Store for PgStore {
             if fresh.is_empty() {
                 return Ok(0);
             }
-            let exceptions = rows::in_force(exception_rows(&mut tx)?, &org, received_at_ms);
+            let exceptions = rows::in_force(
+                exceptions_in_force(&mut tx, received_at_ms)?,
+                &org,
+                received_at_ms,
+            );
             // Sequence numbers taken before the rows are written, so that each alert knows
             // its newest detection and each detection its alert in one write of each.
             let seqs: Vec<i64> = tx
@@ -1512,6 +1516,14 @@ fn exception_rows(c: &mut Tx<'_>) -> Result<Vec<ExceptionRow>, StoreError> {
         &format!("{EXCEPTION_SELECT} ORDER BY created_at_ms, id"),
         &[],
     )?;
+    Ok(rows.iter().map(rows::exception).collect::<Result<_, _>>()?)
+}
+
+/// The exceptions in force at `now_ms` (removed and expired ones are history, not read on
+/// every batch).
+fn exceptions_in_force(c: &mut Tx<'_>, now_ms: i64) -> Result<Vec<ExceptionRow>, StoreError> {
+    let sql = format!("{EXCEPTION_SELECT} {IN_FORCE}").replace("?1", "$1");
+    let rows = c.query(&sql, &[&now_ms])?;
     Ok(rows.iter().map(rows::exception).collect::<Result<_, _>>()?)
 }
 
