@@ -84,6 +84,10 @@ install -d -m 0700 "$state"
 if [ ! -e "$etc/agent.toml" ]; then
     if [ -n "$config" ]; then
         install -m 0644 "$config" "$etc/agent.toml"
+    elif [ -f "$here/agent.toml" ] && [ -n "$root" ]; then
+        # Under --root, the example's /etc/vedette is the one under that root.
+        sed "s#\"/etc/vedette/#\"$root/etc/vedette/#g" "$here/agent.toml" > "$etc/agent.toml"
+        chmod 0644 "$etc/agent.toml"
     elif [ -f "$here/agent.toml" ]; then
         install -m 0644 "$here/agent.toml" "$etc/agent.toml"
     else

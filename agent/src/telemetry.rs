@@ -74,6 +74,8 @@ counters! {
     Detections = "detections" counter,
     /// Detections an exception of the bundle covered: not spooled, not sent.
     Suppressed = "suppressed" counter,
+    /// Built-in findings the bundle turned off for this agent: not spooled, not sent.
+    FindingsOff = "findings_off" counter,
     /// Full scans finished.
     FullScans = "full_scans" counter,
     /// Files not scanned: not a regular file.

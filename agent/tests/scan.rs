@@ -566,6 +566,15 @@ fn processes_and_c2_connections_are_reported_with_their_pid() {
     assert_eq!(c2[0]["rule"], "127.0.0.2");
 }
 
+/// The detections of `found` on process `pid` by `rule`.
+fn of_pid_rule(found: &[Value], pid: u32, rule: &str) -> Vec<Value> {
+    found
+        .iter()
+        .filter(|d| d["pid"] == pid && d["rule"] == rule)
+        .cloned()
+        .collect()
+}
+
 /// Waits until `/proc/PID/exe` of `pid` satisfies `ok`.
 fn wait_exe(pid: u32, ok: impl Fn(&str) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -633,13 +642,7 @@ fn fileless_and_replaced_executables_are_judged_by_what_runs() {
     }
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let found = json(&out);
-    let of_pid = |pid: u32, rule: &str| -> Vec<Value> {
-        found
-            .iter()
-            .filter(|d| d["pid"] == pid && d["rule"] == rule)
-            .cloned()
-            .collect()
-    };
+    let of_pid = |pid: u32, rule: &str| of_pid_rule(&found, pid, rule);
     let d = of_pid(deleted.id(), "vedette.fileless_exec");
     assert_eq!(d.len(), 1, "{found:?}");
     assert_eq!(d[0]["kind"], "process");
@@ -653,6 +656,88 @@ fn fileless_and_replaced_executables_are_judged_by_what_runs() {
     assert_eq!(r[0]["kind"], "hash");
     // Renaming over it unlinked the image that runs: that too is a deleted executable.
     assert_eq!(of_pid(replaced.id(), "vedette.fileless_exec").len(), 1);
+}
+
+/// Runs `src` (plus `extra` bytes) from a sealed memfd as `argv0`.
+fn run_sealed(src: &Path, argv0: &str, extra: &str) -> std::process::Child {
+    let child = Command::new("python3")
+        .args([
+            "-c",
+            "import fcntl, os, sys\nsrc, argv0, extra = sys.argv[1:4]\n\
+             data = open(src, 'rb').read() + extra.encode()\n\
+             fd = os.memfd_create('vedette-sealed', os.MFD_ALLOW_SEALING)\n\
+             view = memoryview(data)\nwhile view:\n    view = view[os.write(fd, view):]\n\
+             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK \
+             | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)\n\
+             os.execv('/proc/self/fd/%d' % fd, [argv0, '313.5'])",
+            s(src),
+            argv0,
+            extra,
+        ])
+        .spawn()
+        .unwrap();
+    wait_exe(child.id(), |l| l.starts_with("/memfd:vedette-sealed"));
+    child
+}
+
+/// A sealed memfd that is byte for byte an executable on disk (as runc re-executes itself) is
+/// not fileless: no finding for it, but its content is still judged, so a copy of a listed
+/// executable is reported by its indicator. A sealed image that is no file on disk is fileless.
+#[test]
+fn a_sealed_memfd_copy_of_an_executable_on_disk_is_judged_by_its_content() {
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = run_sealed(Path::new("/bin/sleep"), "sleep", "");
+    let altered = run_sealed(Path::new("/bin/sleep"), "sleep", "VEDETTE-ALTERED");
+    let listed = tmp.path().join("vedette-listed");
+    let mut image = std::fs::read("/bin/sleep").unwrap();
+    image.extend_from_slice(b"VEDETTE-LISTED");
+    write(&listed, &image);
+    std::fs::set_permissions(&listed, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let hash = hex::encode(Sha256::digest(&image));
+    let copy_of_listed = run_sealed(&listed, s(&listed), "");
+
+    let rules = tmp.path().join("rules");
+    write(
+        &rules.join("hash-iocs.txt"),
+        format!("{hash};listed sleep\n").as_bytes(),
+    );
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let out = scan(
+        &["--json", "--processes", "--rules", s(&rules), s(&empty)],
+        Duration::from_secs(120),
+    );
+    let pids: Vec<u32> = [&copy, &altered, &copy_of_listed]
+        .iter()
+        .map(|c| c.id())
+        .collect();
+    for mut c in [copy, altered, copy_of_listed] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let found = json(&out);
+    let of_pid = |pid: u32, rule: &str| of_pid_rule(&found, pid, rule);
+    assert!(
+        of_pid(pids[0], "vedette.fileless_exec").is_empty(),
+        "{found:?}"
+    );
+    let m = of_pid(pids[1], "vedette.fileless_exec");
+    assert_eq!(m.len(), 1, "{found:?}");
+    assert!(
+        m[0]["path"]
+            .as_str()
+            .unwrap()
+            .starts_with("/memfd:vedette-sealed"),
+        "{m:?}"
+    );
+    assert!(
+        of_pid(pids[2], "vedette.fileless_exec").is_empty(),
+        "{found:?}"
+    );
+    let h = of_pid(pids[2], &hash);
+    assert_eq!(h.len(), 1, "{found:?}");
+    assert_eq!(h[0]["kind"], "hash");
 }
 
 /// A marker that exists only in a process's heap (built at run time from pieces, so neither its

@@ -245,6 +245,12 @@ pub struct RawExport {
     /// MISP sightings (`POST /sightings/add`) of the attributes detections came from.
     #[serde(default)]
     pub misp: Vec<RawMispSink>,
+    /// Each new alert posted once to an HTTP endpoint (a chat channel, a ticketing system).
+    #[serde(default)]
+    pub webhook: Vec<RawWebhookSink>,
+    /// Each detection as an RFC 5424 syslog message over TCP or TLS, its ECS JSON the message.
+    #[serde(default)]
+    pub syslog: Vec<RawSyslogSink>,
     /// The audit log's entries go to every `[[export.jsonl]]` file too, as ECS events
     /// (`event.dataset` "vedette.audit").
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -320,6 +326,40 @@ pub struct RawJsonlSink {
     pub path: PathBuf,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWebhookSink {
+    /// Where alerts are posted; for chat webhooks the URL itself is the secret, and is never
+    /// shown whole.
+    pub url: Secret,
+    /// Sent as `Authorization: Bearer TOKEN`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<Secret>,
+    /// `json` (default: the alert and its first detection as ECS) or `slack` (`{"text": …}`,
+    /// which Slack, Mattermost and Teams incoming webhooks take).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// CA certificate (PEM) of the endpoint; default: the public web PKI roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<PathBuf>,
+    /// Post over plain `http://` (a trusted network only); logged at start.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_insecure: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSyslogSink {
+    /// `HOST:PORT` of the receiver.
+    pub address: String,
+    /// TLS (RFC 5425) instead of plain TCP (RFC 6587).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls: bool,
+    /// With `tls`, the CA certificate (PEM) of the receiver; default: the public web PKI roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<PathBuf>,
+}
+
 /// A checked export sink.
 #[derive(Debug, Clone)]
 pub enum SinkConfig {
@@ -341,6 +381,18 @@ pub enum SinkConfig {
         /// One sighting per attribute, organisation and window this long (ms).
         window_ms: i64,
     },
+    Webhook {
+        url: Secret,
+        token: Option<Secret>,
+        slack: bool,
+        ca_cert: Option<PathBuf>,
+    },
+    Syslog {
+        /// `HOST:PORT`.
+        address: String,
+        tls: bool,
+        ca_cert: Option<PathBuf>,
+    },
 }
 
 impl SinkConfig {
@@ -354,8 +406,21 @@ impl SinkConfig {
                 ..
             } => format!("taxii:{api_root}collections/{collection}/"),
             SinkConfig::Misp { url, .. } => format!("misp:{url}"),
+            SinkConfig::Webhook { url, .. } => webhook_name(url.expose()),
+            SinkConfig::Syslog { address, tls, .. } => {
+                format!("syslog{}:{address}", if *tls { "+tls" } else { "" })
+            }
         }
     }
+}
+
+/// A webhook's name: its host and a digest of the whole URL (whose path is often the secret).
+fn webhook_name(url: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let digest = hex::encode(Sha256::digest(url.as_bytes()));
+    format!("webhook:{host}#{}", &digest[..12])
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -823,6 +888,12 @@ impl RawExport {
         for (i, m) in self.misp.iter().enumerate() {
             sinks.push(m.validate(&format!("export.misp[{i}]"), base, problems, window_ms));
         }
+        for (i, w) in self.webhook.iter().enumerate() {
+            sinks.push(w.validate(&format!("export.webhook[{i}]"), base, problems));
+        }
+        for (i, s) in self.syslog.iter().enumerate() {
+            sinks.push(s.validate(&format!("export.syslog[{i}]"), base, problems));
+        }
         sinks
     }
 }
@@ -855,6 +926,72 @@ impl RawMispSink {
                 problems,
             ),
             window_ms,
+        }
+    }
+}
+
+impl RawWebhookSink {
+    fn validate(&self, key: &str, base: &Path, problems: &mut Vec<String>) -> SinkConfig {
+        let url = self.url.expose();
+        let shown = webhook_name(url);
+        if !is_http(url) {
+            problems.push(format!("`{key}.url`: {shown} is not an http(s):// URL"));
+        } else if url.starts_with("http://") && !self.allow_insecure {
+            problems.push(format!(
+                "`{key}.url`: {shown} is plain http://; alerts and the URL (often the \
+                 secret) would cross the network in clear; use https:// or set \
+                 `allow_insecure = true` for a trusted network"
+            ));
+        } else if url.starts_with("http://") {
+            tracing::warn!(key, "alerts are posted over plain http:// (allow_insecure)");
+        }
+        let slack = match self.format.as_deref() {
+            None | Some("json") => false,
+            Some("slack") => true,
+            Some(other) => {
+                problems.push(format!(
+                    "`{key}.format`: `{other}` is neither `json` nor `slack`"
+                ));
+                false
+            }
+        };
+        SinkConfig::Webhook {
+            url: self.url.clone(),
+            token: self.token.clone(),
+            slack,
+            ca_cert: ca_file(
+                &format!("{key}.ca_cert"),
+                base,
+                self.ca_cert.as_ref(),
+                problems,
+            ),
+        }
+    }
+}
+
+impl RawSyslogSink {
+    fn validate(&self, key: &str, base: &Path, problems: &mut Vec<String>) -> SinkConfig {
+        let port_ok = self.address.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+        if !port_ok {
+            problems.push(format!(
+                "`{key}.address`: `{}` is not HOST:PORT",
+                self.address
+            ));
+        }
+        if self.ca_cert.is_some() && !self.tls {
+            problems.push(format!("`{key}.ca_cert`: given without `tls = true`"));
+        }
+        SinkConfig::Syslog {
+            address: self.address.clone(),
+            tls: self.tls,
+            ca_cert: ca_file(
+                &format!("{key}.ca_cert"),
+                base,
+                self.ca_cert.as_ref(),
+                problems,
+            ),
         }
     }
 }

@@ -90,7 +90,7 @@ pub fn agent(ca: Option<&Path>) -> Result<ureq::Agent, HttpError> {
 }
 
 /// The body of an answer (capped), or the error its status says.
-fn answer(
+pub(crate) fn answer(
     method: &'static str,
     url: &str,
     resp: &mut ureq::http::Response<ureq::Body>,

@@ -176,18 +176,27 @@ impl Ca {
         org: Option<&str>,
     ) -> Result<IssuedCert, PkiError> {
         let key = KeyPair::generate()?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = dn(name);
-        params.subject_alt_names = roles
-            .iter()
-            .map(|r| uri(&format!("{ROLE_URI_PREFIX}{}", r.as_str())))
-            .collect::<Result<_, _>>()?;
-        if let Some(org) = org {
-            params
-                .subject_alt_names
-                .push(uri(&format!("{ORG_URI_PREFIX}{org}"))?);
-        }
+        let params = client_params(name, roles, org)?;
         self.sign_leaf(params, key, ExtendedKeyUsagePurpose::ClientAuth)
+    }
+
+    /// Signs a person's or tool's CSR (its key made where it is used, never seen here) as
+    /// [`issue_client`](Self::issue_client) would issue it: only the request's public key is
+    /// taken; the name, roles and organisation are the ones given here.
+    pub fn sign_client_csr(
+        &self,
+        csr_pem: &str,
+        name: &str,
+        roles: &[Role],
+        org: Option<&str>,
+    ) -> Result<String, PkiError> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| PkiError::BadCsr(e.to_string()))?;
+        let mut params = client_params(name, roles, org)?;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        set_validity(&mut params, LEAF_VALIDITY);
+        Ok(params.signed_by(&csr.public_key, &self.issuer)?.pem())
     }
 
     /// Signs an agent's CSR for an agent of organisation `org`. Only the public key of the
@@ -217,6 +226,26 @@ impl Ca {
         let cert = params.signed_by(&csr.public_key, &self.issuer)?;
         Ok(cert.pem())
     }
+}
+
+/// A client certificate's name, roles and organisation.
+fn client_params(
+    name: &str,
+    roles: &[Role],
+    org: Option<&str>,
+) -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn(name);
+    params.subject_alt_names = roles
+        .iter()
+        .map(|r| uri(&format!("{ROLE_URI_PREFIX}{}", r.as_str())))
+        .collect::<Result<_, _>>()?;
+    if let Some(org) = org {
+        params
+            .subject_alt_names
+            .push(uri(&format!("{ORG_URI_PREFIX}{org}"))?);
+    }
+    Ok(params)
 }
 
 fn dn(common_name: &str) -> DistinguishedName {
@@ -283,6 +312,32 @@ pub fn issue_files(
     write_new(&key, cert.key_pem.as_bytes(), 0o600)?;
     write_new(&crt, cert.cert_pem.as_bytes(), 0o644)?;
     Ok((crt, key))
+}
+
+/// Signs the CSR in `csr` as a client certificate and writes `PREFIX.crt` (no key: it stays
+/// where the request was made).
+pub fn sign_csr_file(
+    (ca_cert, ca_key): (&Path, &Path),
+    csr: &Path,
+    name: &str,
+    roles: &[Role],
+    org: Option<&str>,
+    out: &Path,
+) -> Result<PathBuf, PkiError> {
+    let ca = Ca::load(ca_cert, ca_key)?;
+    let pem = fs::read_to_string(csr).map_err(|source| PkiError::Read {
+        path: csr.to_owned(),
+        source,
+    })?;
+    let cert = ca
+        .sign_client_csr(&pem, name, roles, org)
+        .map_err(|e| match e {
+            PkiError::BadCsr(why) => PkiError::BadCsr(format!("`{}`: {why}", csr.display())),
+            other => other,
+        })?;
+    let crt = with_suffix(out, ".crt");
+    write_new(&crt, cert.as_bytes(), 0o644)?;
+    Ok(crt)
 }
 
 /// `PREFIX` + `suffix` (`alice` + `.key`), for the files a command writes under one prefix.

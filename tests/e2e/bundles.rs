@@ -489,6 +489,19 @@ fn a_version_published_to_a_label_reaches_only_its_agents_until_it_is_promoted()
     std::fs::write(f.agents[0].1.join("two.txt"), "VEDETTE-STAGED-TWO").unwrap();
     let d = detection(&f.c, "staged_two");
     assert_eq!(d["agent_id"], canary.id.as_str());
+    // Detections by label: the canary's, and none from an agent without it.
+    let by_label = |label: &str| {
+        let text =
+            f.c.ctl_ok(&["detections", "list", "--json", "--label", label]);
+        vedette_tests::json_lines(&text)
+    };
+    let canaries = by_label("canary");
+    assert!(!canaries.is_empty(), "{canaries:?}");
+    assert!(
+        canaries.iter().all(|d| d["agent_id"] == canary.id.as_str()),
+        "{canaries:?}"
+    );
+    assert!(by_label("nobody").is_empty());
     let v = versions(&f.c);
     assert_eq!((v[&second.id], v[&other.id]), (1, 1), "{v:?}");
     let s: Value = serde_json::from_str(&f.c.ctl_ok(&["rules", "status", "2", "--json"])).unwrap();
@@ -544,4 +557,79 @@ fn a_version_published_to_a_label_reaches_only_its_agents_until_it_is_promoted()
             .iter()
             .any(|e| e["action"] == "bundle.promote" && e["outcome"] == "ok")
     );
+}
+
+/// `findings.jsonl` in the rules directory sets the built-in findings: a new score for every
+/// agent, and `vedette.fileless_exec` turned off on agents labelled `ci` (which count what
+/// they leave out). A bad line is refused at publish, named by its line.
+#[test]
+fn the_bundle_rescores_built_in_findings_and_turns_them_off_per_label() {
+    let f = fleet(2);
+    let (ci, other) = (&f.agents[0].0, &f.agents[1].0);
+    f.c.ctl_ok(&["agents", "label", &ci.id, "--add", "ci"]);
+    wait_until(
+        Duration::from_secs(30),
+        "the agent to know its label",
+        || {
+            let held = std::fs::read_to_string(ci.state.join("labels")).unwrap_or_default();
+            if held == "ci\n" { Ok(()) } else { Err(held) }
+        },
+    );
+
+    let bad = f.tmp.join("bad");
+    yara(&bad, "findings_bad", "VEDETTE-FINDINGS-BAD");
+    std::fs::write(
+        bad.join("findings.jsonl"),
+        "{\"rule\": \"vedette.fileless_exec\", \"score\": 500}\n",
+    )
+    .unwrap();
+    let out = publish(&f.c, &[bad.to_str().unwrap()]);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("findings.jsonl") && err.contains("line 1: score 500"),
+        "{err}"
+    );
+
+    let rules = f.tmp.join("rules");
+    yara(&rules, "findings_rule", "VEDETTE-FINDINGS");
+    std::fs::write(
+        rules.join("findings.jsonl"),
+        "{\"rule\": \"vedette.fileless_exec\", \"score\": 35}\n\
+         {\"rule\": \"vedette.fileless_exec\", \"enabled\": false, \"labels\": [\"ci\"]}\n",
+    )
+    .unwrap();
+    let out = publish(&f.c, &[rules.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_version(&f.c, &[ci, other], 1);
+
+    // A process whose executable is deleted once it runs.
+    let gone = f.tmp.join("vedette-findings-gone");
+    std::fs::copy("/bin/sleep", &gone).unwrap();
+    let mut child = std::process::Command::new(&gone)
+        .arg("313.61")
+        .spawn()
+        .unwrap();
+    std::fs::remove_file(&gone).unwrap();
+    let pid = u64::from(child.id());
+    let off_count = |c: &Collector| {
+        c.agents()
+            .iter()
+            .find(|a| a["id"] == ci.id.as_str())
+            .and_then(|a| a["counters"]["findings_off"].as_u64())
+            .unwrap_or(0)
+    };
+    let found = wait_for(Duration::from_secs(60), "the fileless finding", || {
+        let all = f.c.detections();
+        let ours: Vec<Value> = all
+            .into_iter()
+            .filter(|d| d["rule"] == "vedette.fileless_exec" && d["pid"].as_u64() == Some(pid))
+            .collect();
+        (!ours.is_empty() && off_count(&f.c) >= 1).then_some(ours)
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["agent_id"], other.id.as_str());
+    assert_eq!(found[0]["score"], 35, "{found:?}");
 }

@@ -52,7 +52,14 @@ async fn reconnect_loop(addr: String, tls: ClientTls, tally: Arc<Tally>) {
             {
                 break;
             }
-            match down.message().await {
+            // The collector tells a new stream its labels first; the batch's answer follows.
+            let mut answer = down.message().await;
+            while let Ok(Some(m)) = &answer
+                && matches!(m.msg, Some(Down::Labels(_)))
+            {
+                answer = down.message().await;
+            }
+            match answer {
                 Ok(Some(m)) if matches!(m.msg, Some(Down::Ack(_))) => {
                     tally.acks.fetch_add(1, Ordering::Relaxed);
                 }

@@ -877,7 +877,7 @@ fn sightings_reach_a_taxii_collection_that_refused_for_a_while() {
 
 /// A local HTTP server that records every request (method, path, headers, body) as a JSON line
 /// and answers as a MISP instance would: its version to GETs, the sighting to POSTs.
-fn capture_server(log: &Path) -> (Helper, String) {
+pub(crate) fn capture_server(log: &Path) -> (Helper, String) {
     use std::io::BufRead;
     let script = "import json, sys\n\
         from http.server import BaseHTTPRequestHandler, HTTPServer\n\

@@ -323,3 +323,70 @@ fn tokens_agents_and_organisations_have_a_lifecycle_and_every_action_is_audited(
     assert!(own.iter().all(|e| e["org"] == "acme-energy"), "{own:?}");
     assert!(own.len() < entries.len());
 }
+
+/// `certs issue --csr` signs a request whose key was made elsewhere (and writes no key), with
+/// the name and roles given on the command line; `--ctl-config` writes a vedettectl
+/// configuration that works as it is once the key is beside it. A file that is no CSR is named.
+#[test]
+fn an_operator_key_made_elsewhere_is_certified_from_its_csr_with_a_ready_configuration() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = Collector::init(&tmp.path().join("collector"));
+    c.start();
+    let elsewhere = tmp.path().join("laptop");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::new(vec!["ignored.example".to_string()])
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap();
+    let csr_file = elsewhere.join("bob.csr");
+    std::fs::write(&csr_file, csr.pem().unwrap()).unwrap();
+    let issue = |csr: &std::path::Path, out: &std::path::Path| {
+        std::process::Command::new(bin("vedette-collector"))
+            .args(["certs", "issue", "--config"])
+            .arg(c.dir.join("collector.toml"))
+            .args([
+                "--name",
+                "bob",
+                "--role",
+                "operator",
+                "--ctl-config",
+                "--csr",
+            ])
+            .arg(csr)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let out = issue(&csr_file, &elsewhere.join("bob"));
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(
+        !elsewhere.join("bob.key").exists(),
+        "no key is made for a CSR"
+    );
+    for f in ["bob.crt", "bob.ca.crt", "bob.vedettectl.toml"] {
+        assert!(elsewhere.join(f).is_file(), "{f}: {}", output_text(&out));
+    }
+    std::fs::write(elsewhere.join("bob.key"), key.serialize_pem()).unwrap();
+    let listed =
+        vedette_tests::vedettectl(&elsewhere.join("bob.vedettectl.toml"), &["agents", "list"]);
+    assert!(listed.status.success(), "{}", output_text(&listed));
+    let audit = json_lines(&c.ctl_ok(&["audit", "list", "--json"]));
+    assert!(
+        audit.iter().any(|e| e["action"] == "cert.issue"
+            && e["detail"].as_str().is_some_and(|d| d.contains("bob"))),
+        "{audit:?}"
+    );
+
+    let bad = elsewhere.join("not-a.csr");
+    std::fs::write(&bad, "hello").unwrap();
+    let out = issue(&bad, &elsewhere.join("bad"));
+    assert!(!out.status.success());
+    assert!(
+        output_text(&out).contains("not-a.csr"),
+        "{}",
+        output_text(&out)
+    );
+    assert!(!elsewhere.join("bad.crt").exists());
+}

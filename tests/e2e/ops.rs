@@ -724,6 +724,27 @@ fn systemd_units_pass_systemd_analyze_verify() {
     }
 }
 
+/// `deploy/install-agent.sh` under `root` (not started), enrolling with the token in `token`.
+fn install_agent(c: &Collector, token: &Path, root: &Path, extra: &[&str]) -> std::process::Output {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/install-agent.sh");
+    std::process::Command::new("sh")
+        .arg(&script)
+        .args(["--collector", &c.addr, "--ca-sha256", &c.fingerprint])
+        .arg("--maintainer-key")
+        .arg(c.dir.join("maintainer.pub"))
+        .arg("--token-file")
+        .arg(token)
+        .arg("--binary")
+        .arg(vedette_tests::bin("vedette-agent"))
+        .args(extra)
+        .arg("--root")
+        .arg(root)
+        .arg("--no-start")
+        .env_remove("VEDETTE_TOKEN")
+        .output()
+        .unwrap()
+}
+
 /// `deploy/install-agent.sh` installs and enrolls once; run again it changes nothing and
 /// spends no token (the one-use token would be refused).
 #[test]
@@ -751,25 +772,8 @@ fn install_agent_script_is_idempotent() {
         ),
     )
     .unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/install-agent.sh");
     let run = || {
-        let out = std::process::Command::new("sh")
-            .arg(&script)
-            .args(["--collector", &c.addr, "--ca-sha256", &c.fingerprint])
-            .arg("--maintainer-key")
-            .arg(c.dir.join("maintainer.pub"))
-            .arg("--token-file")
-            .arg(&token)
-            .arg("--binary")
-            .arg(vedette_tests::bin("vedette-agent"))
-            .arg("--config")
-            .arg(&config)
-            .arg("--root")
-            .arg(&root)
-            .arg("--no-start")
-            .env_remove("VEDETTE_TOKEN")
-            .output()
-            .unwrap();
+        let out = install_agent(&c, &token, &root, &["--config", config.to_str().unwrap()]);
         let text = output_text(&out);
         assert!(out.status.success(), "install-agent.sh failed: {text}");
         text
@@ -790,6 +794,25 @@ fn install_agent_script_is_idempotent() {
     assert!(second.contains("not enrolling again"), "{second}");
     assert!(!second.contains("installed"), "{second}");
     assert_eq!(c.agents().len(), 1, "{:?}", c.agents());
+}
+
+/// Under `--root` with the example configuration, the agent's rules directory is the one
+/// under that root: the script and its closing doctor never look at the host's /etc/vedette.
+#[test]
+fn install_agent_script_under_a_root_uses_that_roots_etc() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = Collector::init(&tmp.path().join("collector"));
+    c.start();
+    let root = tmp.path().join("image");
+    let token = tmp.path().join("token");
+    std::fs::write(&token, c.token(&["--uses", "1"])).unwrap();
+    let out = install_agent(&c, &token, &root, &[]);
+    let text = output_text(&out);
+    assert!(out.status.success(), "install-agent.sh failed: {text}");
+    let written = std::fs::read_to_string(root.join("etc/vedette/agent.toml")).unwrap();
+    let own = format!("\"{}/etc/vedette/rules\"", root.display());
+    assert!(written.contains(&own), "{written}");
+    assert!(!written.contains("\"/etc/vedette/"), "{written}");
 }
 
 #[test]

@@ -320,10 +320,15 @@ fn check_path(p: &str) -> Result<(), BadPath> {
         return Err(BadPath::NotClean(clip()));
     }
     let path = Path::new(p);
-    if p != crate::exceptions::FILE && !is_yara_file(path) && IocKind::of_path(path).is_none() {
+    if !is_settings_file(p) && !is_yara_file(path) && IocKind::of_path(path).is_none() {
         return Err(BadPath::UnknownKind(clip()));
     }
     Ok(())
+}
+
+/// The bundle files that are not rules: exceptions and the settings of built-in findings.
+fn is_settings_file(path: &str) -> bool {
+    path == crate::exceptions::FILE || path == crate::findings::FILE
 }
 
 /// Why a name cannot be a bundle file's path.
@@ -334,7 +339,7 @@ pub enum BadPath {
     #[error("file path `{0}` is not a clean relative path")]
     NotClean(String),
     #[error(
-        "file `{0}` is neither a YARA file (.yar, .yara) nor an indicator list (a name containing hash, filename, c2, process or cmdline)"
+        "file `{0}` is neither a YARA file (.yar, .yara), an indicator list (a name containing hash, filename, c2, process or cmdline) nor findings.jsonl"
     )]
     UnknownKind(String),
 }
@@ -378,7 +383,13 @@ pub fn files_from_paths(paths: &[PathBuf]) -> Result<Vec<BundleFile>, BundleErro
         };
         let meta = std::fs::metadata(p).map_err(read_err)?;
         let files = if meta.is_dir() {
-            rule_files_under(p).map_err(|e| BundleError::Malformed(e.to_string()))?
+            let mut files =
+                rule_files_under(p).map_err(|e| BundleError::Malformed(e.to_string()))?;
+            let settings = p.join(crate::findings::FILE);
+            if settings.is_file() {
+                files.push(settings);
+            }
+            files
         } else {
             vec![p.clone()]
         };
@@ -416,12 +427,9 @@ pub fn files_from_paths(paths: &[PathBuf]) -> Result<Vec<BundleFile>, BundleErro
 
 /// Adds every file of a bundle to a builder, named `bundle:<path>`.
 pub fn add_to(builder: &mut RuleSetBuilder, content: &BundleContent) {
-    // The exceptions are not rules: the agent reads them apart (`exceptions_of`).
-    for f in content
-        .files
-        .iter()
-        .filter(|f| f.path != crate::exceptions::FILE)
-    {
+    // Exceptions and findings settings are not rules: the agent reads them apart
+    // (`exceptions_of`, `findings_of`).
+    for f in content.files.iter().filter(|f| !is_settings_file(&f.path)) {
         let name = PathBuf::from(format!("{ORIGIN_PREFIX}{}", f.path));
         builder.add_source(Origin::Bundle, &name, &f.data);
     }
@@ -444,8 +452,8 @@ pub fn validate(
     let exceptions = content
         .files
         .iter()
-        .filter(|f| f.path == crate::exceptions::FILE)
-        .filter_map(|f| exceptions_problem(&f.data));
+        .filter(|f| is_settings_file(&f.path))
+        .filter_map(|f| settings_problem(&f.path, &f.data));
     let (fatal, warnings): (Vec<Problem>, Vec<Problem>) = set
         .report()
         .problems
@@ -460,31 +468,47 @@ pub fn validate(
     }
 }
 
-/// What is wrong with a bundle's exceptions file, if anything.
-fn exceptions_problem(data: &[u8]) -> Option<Problem> {
+/// What is wrong with a bundle's exceptions or findings settings file, if anything.
+fn settings_problem(path: &str, data: &[u8]) -> Option<Problem> {
+    let findings = path == crate::findings::FILE;
     let reason = match std::str::from_utf8(data) {
+        Ok(text) if findings => crate::findings::Findings::parse(text).err()?.to_string(),
         Ok(text) => crate::exceptions::Exceptions::parse(text)
             .err()?
             .to_string(),
         Err(_) => "not UTF-8".to_string(),
     };
     Some(Problem {
-        path: PathBuf::from(format!("{ORIGIN_PREFIX}{}", crate::exceptions::FILE)),
+        path: PathBuf::from(format!("{ORIGIN_PREFIX}{path}")),
         line: None,
         reason,
-        kind: ProblemKind::Exceptions,
+        kind: if findings {
+            ProblemKind::Findings
+        } else {
+            ProblemKind::Exceptions
+        },
         origin: Origin::Bundle,
     })
+}
+
+/// The settings of built-in findings a bundle carries (none when it has no such file or it
+/// does not parse, which publishing refuses).
+pub fn findings_of(content: &BundleContent) -> crate::findings::Findings {
+    settings_text(content, crate::findings::FILE)
+        .and_then(|text| crate::findings::Findings::parse(text).ok())
+        .unwrap_or_default()
+}
+
+/// The text of a bundle's settings file at `path`, if it has one in UTF-8.
+fn settings_text<'a>(content: &'a BundleContent, path: &str) -> Option<&'a str> {
+    let file = content.files.iter().find(|f| f.path == path)?;
+    std::str::from_utf8(&file.data).ok()
 }
 
 /// The exceptions a bundle carries (none when it has no exceptions file or it does not
 /// parse, which publishing refuses).
 pub fn exceptions_of(content: &BundleContent) -> crate::exceptions::Exceptions {
-    content
-        .files
-        .iter()
-        .find(|f| f.path == crate::exceptions::FILE)
-        .and_then(|f| std::str::from_utf8(&f.data).ok())
+    settings_text(content, crate::exceptions::FILE)
         .and_then(|text| crate::exceptions::Exceptions::parse(text).ok())
         .unwrap_or_default()
 }

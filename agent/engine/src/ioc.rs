@@ -43,7 +43,10 @@ pub enum IocKind {
 impl IocKind {
     pub fn of_path(path: &Path) -> Option<IocKind> {
         let name = path.file_name()?.to_string_lossy().to_lowercase();
-        if name.ends_with(".jsonl") {
+        if name == crate::findings::FILE {
+            // The settings of built-in findings, not indicators.
+            None
+        } else if name.ends_with(".jsonl") {
             Some(IocKind::Intel)
         } else if name.contains("hash") {
             Some(IocKind::Hash)

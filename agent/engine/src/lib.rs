@@ -12,6 +12,7 @@ mod compiled;
 pub mod digests;
 pub mod exceptions;
 mod file;
+pub mod findings;
 pub mod import;
 pub mod intel;
 mod ioc;

@@ -39,6 +39,8 @@ pub enum ProblemKind {
     Budget,
     /// The bundle's exceptions file does not parse: refused at publish.
     Exceptions,
+    /// The bundle's settings of built-in findings do not parse: refused at publish.
+    Findings,
 }
 
 /// A problem found while loading rules: `file:line: reason`.
@@ -155,6 +157,8 @@ pub struct RuleSet {
     /// What operators excepted (from the bundle): matches that are not reported and never
     /// block. Not part of the fingerprint: they change what is reported, not what matches.
     exceptions: crate::exceptions::Exceptions,
+    /// How the built-in findings are reported (from the bundle).
+    findings: crate::findings::Findings,
 }
 
 impl RuleSet {
@@ -168,6 +172,7 @@ impl RuleSet {
             bundle_version: 0,
             report: LoadReport::default(),
             exceptions: Default::default(),
+            findings: Default::default(),
         }
     }
 
@@ -179,6 +184,16 @@ impl RuleSet {
 
     pub fn exceptions(&self) -> &crate::exceptions::Exceptions {
         &self.exceptions
+    }
+
+    /// The same rules with these settings of the built-in findings.
+    pub fn with_findings(mut self, findings: crate::findings::Findings) -> RuleSet {
+        self.findings = findings;
+        self
+    }
+
+    pub fn findings(&self) -> &crate::findings::Findings {
+        &self.findings
     }
 
     pub fn iocs(&self) -> &Iocs {
@@ -495,6 +510,7 @@ impl RuleSetBuilder {
             bundle_version,
             report,
             exceptions: Default::default(),
+            findings: Default::default(),
         }
     }
 

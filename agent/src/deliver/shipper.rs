@@ -427,6 +427,7 @@ impl Shipper {
                 info!(version = b.version, name = %b.name, "rule bundle received");
                 self.bundles.offers.send_replace(Some(b));
             }
+            Down::Labels(l) => self.bundles.rules.set_labels(l.labels),
         }
         Ok(())
     }

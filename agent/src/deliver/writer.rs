@@ -35,6 +35,27 @@ impl Spooled {
     }
 }
 
+/// Applies the bundle's settings of built-in findings: drops those turned off here (counted),
+/// and gives the others their score.
+fn settle_findings(group: &mut Vec<Detection>, rules: &ActiveRules, counters: &Counters) {
+    if !group.iter().any(|d| d.rule.starts_with("vedette.")) {
+        return;
+    }
+    let findings = rules.findings();
+    group.retain_mut(|d| match findings.get(d.rule.as_str()) {
+        Some(f) if !f.enabled => {
+            debug!(rule = %d.rule, "built-in finding turned off here by the bundle");
+            counters.inc(Counter::FindingsOff);
+            false
+        }
+        Some(f) => {
+            d.score = f.score;
+            true
+        }
+        None => true,
+    });
+}
+
 /// Drops the detections an exception covers, counting them.
 fn suppress(group: &mut Vec<Detection>, rules: &ActiveRules, counters: &Counters) {
     let set = rules.current.load();
@@ -74,6 +95,7 @@ pub fn write_spool(
                 Err(_) => break,
             }
         }
+        settle_findings(&mut group, rules, counters);
         suppress(&mut group, rules, counters);
         if group.is_empty() {
             continue;

@@ -22,7 +22,7 @@ use crate::detect::mounts::{Mounts, exe_device};
 use crate::detect::procmon::{Reading, exe_matches};
 
 /// The rule name of a process whose executable the agent cannot read.
-pub const UNSCANNABLE_RULE: &str = "vedette.unscannable_exec";
+pub const UNSCANNABLE_RULE: &str = vedette_engine::findings::UNSCANNABLE_EXEC;
 
 /// Workers left blocked on reads that never finished, at most.
 const MAX_STUCK: usize = 4;
@@ -196,7 +196,7 @@ fn unscannable(pid: u32, exe: &Path, fstype: Option<String>, why: &str) -> RuleM
         kind: MatchKind::Process,
         rule: UNSCANNABLE_RULE.into(),
         source: "vedette".into(),
-        score: 40,
+        score: vedette_engine::findings::default_score(UNSCANNABLE_RULE),
         description: format!(
             "process {pid} runs {}{on}, which the agent cannot read ({why}): no hash, no YARA \
              rule and no verdict judged it",

@@ -16,6 +16,7 @@ pub(crate) mod examine;
 pub(crate) mod execmon;
 pub(crate) mod exeread;
 pub(crate) mod fanotify;
+pub(crate) mod fileless;
 pub(crate) mod full_scan;
 pub(crate) mod memscan;
 pub(crate) mod mounts;

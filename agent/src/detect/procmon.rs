@@ -16,7 +16,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use vedette_engine::{FileScanner, MatchKind, RuleMatch, RuleSet};
+use vedette_engine::{FileScanner, RuleMatch, RuleSet};
 use vedette_proto::v1::detection::Target;
 use vedette_proto::v1::{ConnectionTarget, Detection, ProcessTarget};
 
@@ -117,40 +117,9 @@ fn same_file(a: &Path, b: &Path) -> bool {
 }
 
 /// How the kernel marks an executable link whose file is gone.
-const DELETED: &[u8] = b" (deleted)";
+pub(crate) const DELETED: &[u8] = b" (deleted)";
 
-/// The rule name of a process running an executable that is not on disk.
-pub const FILELESS_RULE: &str = "vedette.fileless_exec";
-
-/// The built-in finding for a process whose executable is deleted or in memory.
-fn fileless(p: &ProcInfo) -> Option<RuleMatch> {
-    if !p.exe_deleted {
-        return None;
-    }
-    let exe = p.exe.as_deref().unwrap_or(Path::new("")).to_string_lossy();
-    let what = if exe.starts_with("/memfd:") {
-        "runs from memory (memfd)"
-    } else {
-        "runs a deleted executable"
-    };
-    Some(RuleMatch {
-        kind: MatchKind::Process,
-        rule: FILELESS_RULE.into(),
-        source: "vedette".into(),
-        score: 70,
-        description: format!("process {} {what}: {exe} (deleted)", p.pid),
-        author: String::new(),
-        reference: String::new(),
-        indicator: std::sync::Arc::new(vedette_engine::IndicatorRef {
-            source: "vedette".into(),
-            id: FILELESS_RULE.into(),
-            origin: "built-in".into(),
-            // Masquerading, reflective code loading.
-            techniques: vec!["T1036".into(), "T1620".into()],
-            ..Default::default()
-        }),
-    })
-}
+use crate::detect::fileless::fileless;
 
 fn boot_time() -> u64 {
     std::fs::read_to_string("/proc/stat")

@@ -13,6 +13,7 @@
 
 pub(crate) mod applier;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +23,7 @@ use prost::Message;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 use vedette_engine::bundle::{self, BundleContent, BundleError, PublicKey};
+use vedette_engine::findings::Resolved;
 use vedette_engine::{EngineError, IsolatedCompiler, Origin, ProblemKind, RuleSet, RuleSetBuilder};
 use vedette_proto::v1::RuleBundle;
 
@@ -88,6 +90,10 @@ pub struct ActiveRules {
     /// This agent's id and organisation (from its certificate): which of a bundle's exceptions
     /// apply here.
     who: (String, String),
+    /// This agent's labels, as the collector last said (kept in `labels_file`): which of the
+    /// bundle's settings of built-in findings apply here.
+    labels: std::sync::RwLock<Vec<String>>,
+    labels_file: PathBuf,
 }
 
 /// Figures of the last rule set built.
@@ -127,6 +133,10 @@ impl ActiveRules {
             .ok()
             .and_then(|pem| bundle::fleet_of_ca_pem(&pem));
         let who = state.identity();
+        let labels_file = state.dir.join("labels");
+        let labels = std::fs::read_to_string(&labels_file)
+            .map(|t| t.lines().map(str::to_string).collect())
+            .unwrap_or_default();
         let mut fleet = ActiveRules {
             local,
             trusted,
@@ -143,6 +153,8 @@ impl ActiveRules {
             yara_rules: AtomicU64::new(0),
             load_ms: AtomicU64::new(0),
             who,
+            labels: std::sync::RwLock::new(labels),
+            labels_file,
         };
         let saved = match fleet.read_last_good() {
             Ok(saved) => saved,
@@ -168,6 +180,34 @@ impl ActiveRules {
         };
         fleet.current = Arc::new(ArcSwap::from_pointee(rules));
         Ok(fleet)
+    }
+
+    /// Takes the labels the collector says this agent has, and keeps them for the next start.
+    pub fn set_labels(&self, mut labels: Vec<String>) {
+        // What the collector allows (16 labels of at most 32 characters), with room to spare.
+        labels.truncate(64);
+        labels.retain(|l| l.len() <= 64);
+        labels.sort();
+        labels.dedup();
+        let Ok(mut held) = self.labels.write() else {
+            return;
+        };
+        if *held == labels {
+            return;
+        }
+        info!(labels = %labels.join(","), "agent labels");
+        let text: String = labels.iter().map(|l| format!("{l}\n")).collect();
+        if let Err(e) = crate::state::write_atomic(&self.labels_file, text.as_bytes(), 0o600) {
+            warn!(path = %self.labels_file.display(), error = %e, "cannot keep the agent labels");
+        }
+        *held = labels;
+    }
+
+    /// How each built-in finding is reported here now: the running bundle's settings for this
+    /// agent's organisation and labels.
+    pub fn findings(&self) -> BTreeMap<&'static str, Resolved> {
+        let labels = self.labels.read().map(|l| l.clone()).unwrap_or_default();
+        self.current.load().findings().resolve(&self.who.1, &labels)
     }
 
     /// Figures of the last rule set built.
@@ -256,7 +296,8 @@ impl ActiveRules {
             .unwrap_or_default();
         let set = b
             .build_cached(content.map_or(0, |c| c.version), &self.compiled)
-            .with_exceptions(exceptions);
+            .with_exceptions(exceptions)
+            .with_findings(content.map(bundle::findings_of).unwrap_or_default());
         // What compiling freed goes back to the system now, not at the next growth.
         crate::governor::release_free_memory();
         let report = set.report();

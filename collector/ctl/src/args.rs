@@ -503,50 +503,7 @@ pub enum AgentsCmd {
 #[derive(Subcommand)]
 pub enum DetectionsCmd {
     /// List the most recent detections, oldest first.
-    List {
-        /// One JSON object per line.
-        #[arg(long)]
-        json: bool,
-        /// Only this agent's detections: its id, a unique start of it, or its host name (an
-        /// agent that matches none is an error).
-        #[arg(long, value_name = "AGENT")]
-        agent: Option<String>,
-        /// Only the detections of agents with this host name (every enrollment of the host).
-        #[arg(long, value_name = "NAME")]
-        host: Option<String>,
-        /// Only this organisation's detections.
-        #[arg(long, value_name = "NAME")]
-        org: Option<String>,
-        /// Only detections received at or after this time: RFC 3339 (2026-11-25T10:00:00Z), a
-        /// date (2026-11-25, midnight UTC), today, yesterday, or a time ago (24h, 7d).
-        #[arg(long, value_parser = when)]
-        since: Option<std::time::SystemTime>,
-        /// Only detections received before this time (as `--since`).
-        #[arg(long, value_parser = when)]
-        until: Option<std::time::SystemTime>,
-        /// Only this kind.
-        #[arg(long, value_parser = ["yara", "hash", "filename", "process", "connection", "agent"])]
-        kind: Option<String>,
-        /// Only this rule or indicator.
-        #[arg(long)]
-        rule: Option<String>,
-        /// Only detections whose path, process name or command line holds this text (any case).
-        #[arg(long, value_name = "TEXT")]
-        text: Option<String>,
-        /// Only detections of the file or executable with this SHA-256 (64 hex digits).
-        #[arg(long, value_name = "HASH")]
-        sha256: Option<String>,
-        /// Only detections of the file with this MD5 (32 hex digits; detections stored by a
-        /// collector older than its MD5 index are not found by it).
-        #[arg(long, value_name = "HASH")]
-        md5: Option<String>,
-        /// Detections an exception covers too (hidden by default).
-        #[arg(long)]
-        suppressed: bool,
-        /// At most this many (the most recent), read page by page.
-        #[arg(long, default_value_t = 100)]
-        limit: usize,
-    },
+    List(Box<DetectionListArgs>),
     /// Which hosts saw a file or executable, by its SHA-256: each host once, with its first
     /// and last detection of it and how many there were.
     Hosts {
@@ -563,6 +520,56 @@ pub enum DetectionsCmd {
         #[arg(long, default_value_t = 100_000)]
         limit: usize,
     },
+}
+
+/// The filters of `detections list`.
+#[derive(clap::Args)]
+pub struct DetectionListArgs {
+    /// One JSON object per line.
+    #[arg(long)]
+    pub json: bool,
+    /// Only this agent's detections: its id, a unique start of it, or its host name (an
+    /// agent that matches none is an error).
+    #[arg(long, value_name = "AGENT")]
+    pub agent: Option<String>,
+    /// Only the detections of agents with this host name (every enrollment of the host).
+    #[arg(long, value_name = "NAME")]
+    pub host: Option<String>,
+    /// Only the detections of agents that have this label now (`agents label`).
+    #[arg(long, value_name = "LABEL")]
+    pub label: Option<String>,
+    /// Only this organisation's detections.
+    #[arg(long, value_name = "NAME")]
+    pub org: Option<String>,
+    /// Only detections received at or after this time: RFC 3339 (2026-11-25T10:00:00Z), a
+    /// date (2026-11-25, midnight UTC), today, yesterday, or a time ago (24h, 7d).
+    #[arg(long, value_parser = when)]
+    pub since: Option<std::time::SystemTime>,
+    /// Only detections received before this time (as `--since`).
+    #[arg(long, value_parser = when)]
+    pub until: Option<std::time::SystemTime>,
+    /// Only this kind.
+    #[arg(long, value_parser = ["yara", "hash", "filename", "process", "connection", "agent"])]
+    pub kind: Option<String>,
+    /// Only this rule or indicator.
+    #[arg(long)]
+    pub rule: Option<String>,
+    /// Only detections whose path, process name or command line holds this text (any case).
+    #[arg(long, value_name = "TEXT")]
+    pub text: Option<String>,
+    /// Only detections of the file or executable with this SHA-256 (64 hex digits).
+    #[arg(long, value_name = "HASH")]
+    pub sha256: Option<String>,
+    /// Only detections of the file with this MD5 (32 hex digits; detections stored by a
+    /// collector older than its MD5 index are not found by it).
+    #[arg(long, value_name = "HASH")]
+    pub md5: Option<String>,
+    /// Detections an exception covers too (hidden by default).
+    #[arg(long)]
+    pub suppressed: bool,
+    /// At most this many (the most recent), read page by page.
+    #[arg(long, default_value_t = 100)]
+    pub limit: usize,
 }
 
 /// A point in time for `--since` and `--until`: RFC 3339 (`2026-12-01T10:00:00Z`), a date

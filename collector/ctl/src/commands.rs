@@ -11,8 +11,8 @@ use vedette_share::sharing::{self, Sharing};
 use vedette_share::{ecs, misp, stix};
 
 use crate::args::{
-    AgentsCmd, AuditCmd, CertsCmd, Command, DetectionsCmd, ExportFormat, IntelCmd, OrgsCmd,
-    RulesCmd, SignArgs, TokenCmd,
+    AgentsCmd, AuditCmd, CertsCmd, Command, DetectionListArgs, DetectionsCmd, ExportFormat,
+    IntelCmd, OrgsCmd, RulesCmd, SignArgs, TokenCmd,
 };
 use crate::client::{self, CtlConfig};
 use crate::rules::{self, PublishOptions};
@@ -142,41 +142,46 @@ async fn detections(cmd: DetectionsCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
             json,
             limit,
         } => return hosts(cfg, sha256, org, json, limit).await,
-        DetectionsCmd::List {
-            json,
-            agent,
-            host,
-            org,
-            since,
-            until,
-            kind,
-            rule,
-            text,
-            sha256,
-            md5,
-            suppressed,
-            limit,
-        } => (
-            ListDetectionsRequest {
-                agent_id: resolve_agent(cfg, agent).await?,
-                host: host.unwrap_or_default(),
-                md5: md5.unwrap_or_default(),
-                org: org.unwrap_or_default(),
-                since_ms: client::epoch_ms(since),
-                until_ms: client::epoch_ms(until),
-                kind: kind
-                    .as_deref()
-                    .and_then(vedette_proto::kind_from_name)
-                    .unwrap_or(0),
-                rule: rule.unwrap_or_default(),
-                text: text.unwrap_or_default(),
-                sha256: sha256.unwrap_or_default(),
+        DetectionsCmd::List(args) => {
+            let DetectionListArgs {
+                json,
+                agent,
+                host,
+                label,
+                org,
+                since,
+                until,
+                kind,
+                rule,
+                text,
+                sha256,
+                md5,
                 suppressed,
-                ..Default::default()
-            },
-            json,
-            limit,
-        ),
+                limit,
+            } = *args;
+            (
+                ListDetectionsRequest {
+                    agent_id: resolve_agent(cfg, agent).await?,
+                    host: host.unwrap_or_default(),
+                    label: label.unwrap_or_default(),
+                    md5: md5.unwrap_or_default(),
+                    org: org.unwrap_or_default(),
+                    since_ms: client::epoch_ms(since),
+                    until_ms: client::epoch_ms(until),
+                    kind: kind
+                        .as_deref()
+                        .and_then(vedette_proto::kind_from_name)
+                        .unwrap_or(0),
+                    rule: rule.unwrap_or_default(),
+                    text: text.unwrap_or_default(),
+                    sha256: sha256.unwrap_or_default(),
+                    suppressed,
+                    ..Default::default()
+                },
+                json,
+                limit,
+            )
+        }
     };
     let list = client::detections_list(cfg, filter, limit).await?;
     if json {

@@ -242,6 +242,18 @@ pub async fn publish(
             .await?
             .and_then(|c| c.files.into_iter().find(|f| f.path == INTEL_FILE)),
     };
+    // The settings of built-in findings are not rules: checked on their own.
+    let settings = BundleContent {
+        files: files
+            .iter()
+            .filter(|f| f.path == vedette_engine::findings::FILE)
+            .cloned()
+            .collect(),
+        ..Default::default()
+    };
+    if !settings.files.is_empty() {
+        warnings.extend(check(&settings, strict)?);
+    }
     let kept_intel = intel.is_some();
     files.extend(intel);
     files.sort_by(|a, b| a.path.cmp(&b.path));

@@ -1,6 +1,6 @@
 //! What each `vedette-collector` subcommand does, once its arguments are parsed.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use rustls_pki_types::CertificateDer;
@@ -80,6 +80,8 @@ fn certs(cmd: CertsCmd) -> ExitCode {
         name,
         roles,
         org,
+        csr,
+        ctl_config,
         out,
     } = cmd;
     let config = match Config::load(&config) {
@@ -91,22 +93,81 @@ fn certs(cmd: CertsCmd) -> ExitCode {
     {
         return fail(&e, exit::CONFIG);
     }
-    let issued = pki::issue_files(
-        &config.ca_cert,
-        &config.ca_key,
-        &name,
-        &roles,
-        org.as_deref(),
-        &out,
-    );
-    match issued {
-        Ok((crt, key)) => {
+    let issued = match &csr {
+        Some(csr) => pki::sign_csr_file(
+            (&config.ca_cert, &config.ca_key),
+            csr,
+            &name,
+            &roles,
+            org.as_deref(),
+            &out,
+        )
+        .inspect(|crt| println!("wrote {} (signed from {})", crt.display(), csr.display())),
+        None => pki::issue_files(
+            &config.ca_cert,
+            &config.ca_key,
+            &name,
+            &roles,
+            org.as_deref(),
+            &out,
+        )
+        .map(|(crt, key)| {
             println!("wrote {} and {} (0600)", crt.display(), key.display());
-            record_issued(&config, &crt);
-            ExitCode::SUCCESS
+            crt
+        }),
+    };
+    let crt = match issued {
+        Ok(crt) => crt,
+        Err(e) => return fail(&format!("{e:#}"), exit::FAILURE),
+    };
+    record_issued(&config, &crt);
+    if ctl_config {
+        match write_ctl_config(&config, &out) {
+            Ok(path) => println!(
+                "wrote {} (with {}): vedettectl --config {} agents list",
+                path.display(),
+                pki::with_suffix(&out, ".ca.crt").display(),
+                path.display()
+            ),
+            Err(e) => return fail(&format!("{e:#}"), exit::FAILURE),
         }
-        Err(e) => fail(&format!("{e:#}"), exit::FAILURE),
     }
+    ExitCode::SUCCESS
+}
+
+/// `certs issue --ctl-config`: PREFIX.ca.crt (the CA certificate) and PREFIX.vedettectl.toml
+/// naming it, PREFIX.crt and PREFIX.key by file name, so the files work together wherever
+/// they are copied.
+fn write_ctl_config(config: &Config, out: &Path) -> Result<PathBuf, pki::PkiError> {
+    let file_name = |suffix: &str| {
+        pki::with_suffix(out, suffix)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let ca = std::fs::read(&config.ca_cert).map_err(|source| pki::PkiError::Read {
+        path: config.ca_cert.clone(),
+        source,
+    })?;
+    pki::write_new(&pki::with_suffix(out, ".ca.crt"), &ca, 0o644)?;
+    let mut ctl = toml::Table::new();
+    for (k, v) in [
+        ("collector", super::init::client_address(config.listen)),
+        ("ca_cert", file_name(".ca.crt")),
+        ("cert", file_name(".crt")),
+        ("key", file_name(".key")),
+    ] {
+        ctl.insert(k.into(), toml::Value::String(v));
+    }
+    let text = format!(
+        "# vedettectl configuration, written by `vedette-collector certs issue --ctl-config`.\n\
+         # Relative paths are relative to this file's directory; `collector` is this\n\
+         # collector's address as seen from its own host: change it for another host.\n{}",
+        toml::to_string(&ctl).unwrap_or_default()
+    );
+    let path = pki::with_suffix(out, ".vedettectl.toml");
+    pki::write_new(&path, text.as_bytes(), 0o600)?;
+    Ok(path)
 }
 
 /// `vedette-collector users ...`.

@@ -224,7 +224,7 @@ fn write_collector_config(
 }
 
 /// Where clients on this host reach a collector listening on `listen`.
-fn client_address(listen: SocketAddr) -> String {
+pub(crate) fn client_address(listen: SocketAddr) -> String {
     match listen.ip() {
         IpAddr::V4(ip) if ip.is_unspecified() => format!("localhost:{}", listen.port()),
         IpAddr::V6(ip) if ip.is_unspecified() => format!("localhost:{}", listen.port()),

@@ -114,7 +114,12 @@ pub enum Command {
 pub enum CertsCmd {
     /// Issue a client certificate with the given roles: `operator` (tokens, agents,
     /// detections) and/or `maintainer` (publish rule bundles). Writes PREFIX.crt and
-    /// PREFIX.key (0600).
+    /// PREFIX.key (0600); with `--csr`, only PREFIX.crt, for the key the request was made with.
+    ///
+    /// A key made on the operator's own machine never travels:
+    ///   openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+    ///     -keyout alice.key -out alice.csr -subj /CN=alice
+    ///   vedette-collector certs issue --config … --name alice --role operator --csr alice.csr --out alice --ctl-config
     ///
     /// With `--org NAME` the certificate sees and acts only on that organisation's agents,
     /// detections, tokens and certificates, and cannot publish bundles, stage intel, or see
@@ -133,6 +138,15 @@ pub enum CertsCmd {
         /// `vedettectl orgs create`).
         #[arg(long, value_name = "NAME")]
         org: Option<String>,
+        /// Sign this certificate signing request (PEM) instead of making a key here. Only its
+        /// public key is used: the name, roles and organisation are the ones given here.
+        #[arg(long, value_name = "FILE")]
+        csr: Option<PathBuf>,
+        /// Also write PREFIX.vedettectl.toml, a ready vedettectl configuration (this
+        /// collector's address, PREFIX.ca.crt, PREFIX.crt, PREFIX.key), to hand over with the
+        /// certificate.
+        #[arg(long)]
+        ctl_config: bool,
         /// Output path prefix.
         #[arg(long)]
         out: PathBuf,

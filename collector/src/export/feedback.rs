@@ -24,7 +24,9 @@ pub(super) fn deliver(
     let limit = match sink {
         SinkConfig::Taxii { .. } => TAXII_BATCH,
         SinkConfig::Misp { .. } => 1,
-        SinkConfig::Jsonl { .. } => return Ok(0),
+        SinkConfig::Jsonl { .. } | SinkConfig::Webhook { .. } | SinkConfig::Syslog { .. } => {
+            return Ok(0);
+        }
     };
     let name = format!("feedback:{}", sink.name());
     let cursor = store.export_state(&name)?.seq;
@@ -52,7 +54,7 @@ pub(super) fn deliver(
         SinkConfig::Misp {
             url, key, ca_cert, ..
         } => misp_false_positives(url, key.expose(), ca_cert.as_deref(), &found, &policy),
-        SinkConfig::Jsonl { .. } => Ok(()),
+        SinkConfig::Jsonl { .. } | SinkConfig::Webhook { .. } | SinkConfig::Syslog { .. } => Ok(()),
     };
     moved(store, &name, (cursor, last), found.len() as u64, delivered)
 }

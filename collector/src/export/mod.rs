@@ -1,7 +1,8 @@
 //! Export sinks: every stored detection goes to each configured sink once, in the order the
 //! store received them, as ECS JSON lines (`[[export.jsonl]]`) or STIX 2.1 sightings posted to a
 //! TAXII 2.1 collection (`[[export.taxii]]`), or MISP sightings of the attributes detections
-//! came from (`[[export.misp]]`).
+//! came from (`[[export.misp]]`), or RFC 5424 syslog messages (`[[export.syslog]]`); each new
+//! alert is posted once to a webhook (`[[export.webhook]]`).
 //!
 //! Each sink has a cursor in the store (the sequence number of the last detection it took). A
 //! batch is delivered first and the cursor moved after, so a crash in between delivers that
@@ -16,7 +17,9 @@
 mod feedback;
 mod jsonl;
 mod misp;
+mod syslog;
 mod taxii;
+mod webhook;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -193,8 +196,9 @@ fn deliver_detections(
         return Ok(0);
     };
     // What an exception covered never leaves; what was judged a false positive (or benign)
-    // is no sighting, though the SIEM feed still carries it with its alert's status.
-    let sightings = !matches!(sink, SinkConfig::Jsonl { .. });
+    // is no sighting and no new alert, though the SIEM feeds still carry it with its alert's
+    // status.
+    let sightings = !matches!(sink, SinkConfig::Jsonl { .. } | SinkConfig::Syslog { .. });
     let batch: Vec<(u64, StoredDetection)> = batch
         .into_iter()
         .filter(|(_, d)| {
@@ -207,6 +211,18 @@ fn deliver_detections(
     }
     let policies = policies(store, producer)?;
     let policy = |org: &str| policies.get(org).cloned();
+    send_batch(store, sink, (&batch, cursor, last), &policy, producer)
+}
+
+/// Sends one batch of detections (after `cursor`, up to `last`) through `sink`; how many.
+fn send_batch(
+    store: &dyn Store,
+    sink: &SinkConfig,
+    (batch, cursor, last): (&[(u64, StoredDetection)], u64, u64),
+    policy: &dyn Fn(&str) -> Option<Sharing>,
+    producer: &str,
+) -> Result<u64, ExportError> {
+    let name = sink.name();
     match sink {
         SinkConfig::Misp {
             url,
@@ -217,18 +233,45 @@ fn deliver_detections(
             store,
             &name,
             (url, key.expose(), ca_cert.as_deref(), *window_ms),
-            &batch,
-            &policy,
+            batch,
+            policy,
         ),
         SinkConfig::Jsonl { path, .. } => {
-            let delivered = jsonl::append(path, &batch, &policy);
+            let delivered = jsonl::append(path, batch, policy);
             moved(store, &name, (cursor, last), batch.len() as u64, delivered)
         }
         SinkConfig::Taxii { .. } => {
-            match taxii::post(store, &name, sink, (&batch, last), &policy, producer) {
+            match taxii::post(store, &name, sink, (batch, last), policy, producer) {
                 Ok(()) => Ok(batch.len() as u64),
                 Err(e) => moved(store, &name, (cursor, last), 0, Err(e)),
             }
+        }
+        SinkConfig::Webhook {
+            url,
+            token,
+            slack,
+            ca_cert,
+        } => {
+            let hook = webhook::Hook {
+                url: url.expose(),
+                token: token.as_ref().map(|t| t.expose()),
+                slack: *slack,
+                ca_cert: ca_cert.as_deref(),
+            };
+            webhook::post_alerts(store, &name, &hook, batch, policy)
+        }
+        SinkConfig::Syslog {
+            address,
+            tls,
+            ca_cert,
+        } => {
+            let receiver = syslog::Receiver {
+                address,
+                tls: *tls,
+                ca_cert: ca_cert.as_deref(),
+            };
+            let sent = syslog::send(&receiver, batch, policy).map(|_| ());
+            moved(store, &name, (cursor, last), batch.len() as u64, sent)
         }
     }
 }

@@ -1354,6 +1354,13 @@ impl AdminService for AdminSvc {
             sha256: hex_filter("sha256", "a SHA-256", 64, &req.sha256)?,
             md5: hex_filter("md5", "an MD5", 32, &req.md5)?,
             host: Some(req.host.trim().to_string()).filter(|h| !h.is_empty()),
+            label: match req.label.trim() {
+                "" => None,
+                l => {
+                    check_label(l)?;
+                    Some(l.to_string())
+                }
+            },
             text: Some(req.text).filter(|t| !t.is_empty()),
             before_seq: Some(req.before_seq).filter(|s| *s != 0),
             limit: match req.limit {

@@ -23,9 +23,9 @@ use vedette_proto::v1::agent_message::Msg;
 use vedette_proto::v1::agent_service_server::AgentService;
 use vedette_proto::v1::collector_message::Msg as DownMsg;
 use vedette_proto::v1::{
-    Ack, AgentMessage, CollectorMessage, Detection, DetectionBatch, EnrollRequest, EnrollResponse,
-    Heartbeat, Hello, Inventory, PingRequest, PingResponse, RenewRequest, RenewResponse,
-    RuleBundle, detection,
+    Ack, AgentLabels, AgentMessage, CollectorMessage, Detection, DetectionBatch, EnrollRequest,
+    EnrollResponse, Heartbeat, Hello, Inventory, PingRequest, PingResponse, RenewRequest,
+    RenewResponse, RuleBundle, detection,
 };
 
 use super::audit::{self, Act};
@@ -390,8 +390,9 @@ async fn run_stream(
     let mut pusher = BundlePusher {
         pushed: hello.applied_bundle_version,
     };
-    let due = bundles.borrow_and_update().due(agent_id).cloned();
-    if !pusher.push(&due, tx).await {
+    let (due, labels) = due_and_labels(&mut bundles, agent_id);
+    let mut labels_sent = labels.clone();
+    if !pusher.push(&due, tx).await || !send_labels(labels, tx).await {
         return Ok(());
     }
     let mut throttled = false;
@@ -399,9 +400,15 @@ async fn run_stream(
         let msg = tokio::select! {
             () = stop.cancelled() => return Err(closed_reason(state)),
             changed = bundles.changed() => {
-                let due = bundles.borrow_and_update().due(agent_id).cloned();
+                let (due, labels) = due_and_labels(&mut bundles, agent_id);
                 if changed.is_ok() && !pusher.push(&due, tx).await {
                     return Ok(());
+                }
+                if changed.is_ok() && labels != labels_sent {
+                    labels_sent = labels.clone();
+                    if !send_labels(labels, tx).await {
+                        return Ok(());
+                    }
                 }
                 continue;
             }
@@ -451,6 +458,23 @@ async fn receive_hello(
             Ok(Ok(Some(_))) => Err(Status::invalid_argument("the first message must be Hello")),
         },
     }
+}
+
+/// The bundle an agent is due and its labels, as the rollout says now.
+fn due_and_labels(
+    rollout: &mut tokio::sync::watch::Receiver<Arc<super::rollout::Rollout>>,
+    agent_id: &str,
+) -> (Option<Arc<RuleBundle>>, Vec<String>) {
+    let now = rollout.borrow_and_update();
+    (now.due(agent_id).cloned(), now.labels_of(agent_id))
+}
+
+/// Tells the agent its labels; false when the stream is gone.
+async fn send_labels(labels: Vec<String>, tx: &Down) -> bool {
+    let msg = CollectorMessage {
+        msg: Some(DownMsg::Labels(AgentLabels { labels })),
+    };
+    tx.send(Ok(msg)).await.is_ok()
 }
 
 /// Sends each bundle newer than what the agent runs, once.

@@ -39,6 +39,11 @@ impl Rollout {
         self.due_for(self.labels.get(agent).map_or(&[], Vec::as_slice))
     }
 
+    /// An agent's labels (none when it has none).
+    pub fn labels_of(&self, agent: &str) -> Vec<String> {
+        self.labels.get(agent).cloned().unwrap_or_default()
+    }
+
     /// The newest version anywhere (0: none).
     pub fn newest(&self) -> u64 {
         self.labelled

@@ -936,6 +936,8 @@ pub struct DetectionFilter {
     pub sha256: Option<String>,
     /// Only detections of the file with this MD5 (lowercase hex).
     pub md5: Option<String>,
+    /// Only detections of agents with this label now.
+    pub label: Option<String>,
     /// Only detections of agents with this host name.
     pub host: Option<String>,
     /// Only detections whose path, process name or command line holds this text (any case).

@@ -999,6 +999,7 @@ impl Store for SqliteStore {
                AND (?8 IS NULL OR d.rule = ?8) AND (?9 IS NULL OR d.sha256 = ?9)
                AND (?10 IS NULL OR d.md5 = ?10) AND (?11 IS NULL OR a.hostname = ?11)
                AND (?12 OR d.exception_id IS NULL) AND (?13 IS NULL OR d.alert_id = ?13)
+               AND (?14 IS NULL OR instr(',' || a.labels || ',', ',' || ?14 || ',') > 0)
              ORDER BY d.seq DESC LIMIT ?4"
         ))?;
         let before = f.before_seq.map(|s| s.min(i64::MAX as u64) as i64);
@@ -1017,6 +1018,7 @@ impl Store for SqliteStore {
             f.host,
             f.suppressed,
             alert,
+            f.label,
         ])?;
         DetectionPage::collect(f, || match rows.next()? {
             Some(r) => Ok(Some(rows::detection(r)?.decode()?)),

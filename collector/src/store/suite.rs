@@ -298,6 +298,26 @@ fn detections_are_stored_once_and_survive_reopen() {
             .unwrap();
         assert_eq!(since.detections.len(), 1);
         assert_eq!(s.count_detections().unwrap(), 3);
+        // By a label the agent has now: the whole label, never a part of another.
+        let labelled = |label: &str| {
+            s.list_detections(&DetectionFilter {
+                label: Some(label.into()),
+                limit: 10,
+                max_bytes: usize::MAX,
+                ..Default::default()
+            })
+            .unwrap()
+            .detections
+            .len()
+        };
+        assert_eq!(labelled("web"), 0);
+        s.set_agent_labels("a", &["canary".into(), "web_1".into()])
+            .unwrap();
+        assert_eq!((labelled("web_1"), labelled("canary")), (3, 3));
+        assert_eq!(
+            (labelled("web"), labelled("webX1"), labelled("canar")),
+            (0, 0, 0)
+        );
     });
 }
 

@@ -60,6 +60,8 @@ pub struct DetectionQuery {
     pub md5: String,
     /// The agent's host name.
     pub host: String,
+    /// A label the agent has.
+    pub label: String,
     /// A SHA-256 or an MD5, told apart by length (the console's search box).
     pub hash: String,
     /// Detections an exception covers too.
@@ -128,6 +130,7 @@ impl DetectionQuery {
             sha256,
             md5,
             host: self.host.trim().to_string(),
+            label: self.label.trim().to_string(),
             limit: self.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE),
             before_seq: self.before.unwrap_or(0),
             org: String::new(),

@@ -720,7 +720,7 @@ impl Store for PgStore {
             let before = f.before_seq.map(|s| s.min(i64::MAX as u64) as i64);
             let alert = f.alert_id.map(|s| s.min(i64::MAX as u64) as i64);
             let limit = i64::from(f.sql_limit());
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 13] = [
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 14] = [
                 &f.agent_id,
                 &f.since_ms,
                 &before,
@@ -734,6 +734,7 @@ impl Store for PgStore {
                 &f.host,
                 &f.suppressed,
                 &alert,
+                &f.label,
             ];
             // Rows stream in: reading stops at the byte budget, not at the whole result.
             let mut rows = c.query_raw(
@@ -751,6 +752,8 @@ impl Store for PgStore {
                        AND ($11::text IS NULL OR a.hostname = $11)
                        AND ($12::bool OR d.exception_id IS NULL)
                        AND ($13::bigint IS NULL OR d.alert_id = $13)
+                       AND ($14::text IS NULL
+                            OR strpos(',' || a.labels || ',', ',' || $14 || ',') > 0)
                      ORDER BY d.seq DESC LIMIT $4"
                 ),
                 &params,
