@@ -709,6 +709,21 @@ fn console_in_chromium_shows_live_detections_filters_opens_details_and_revokes()
     );
     b.screenshot("rules-diff");
 
+    // Detections by label: only the canary's host.
+    b.goto(&format!("{base}/detections?label=canary"));
+    b.find("table#detections");
+    let hosts: std::collections::BTreeSet<String> = b
+        .find_all("table#detections tbody tr td:nth-child(2)")
+        .iter()
+        .map(|e| b.text_of(e))
+        .collect();
+    assert_eq!(
+        hosts.into_iter().collect::<Vec<_>>(),
+        ["web-one"],
+        "only the canary's detections"
+    );
+    assert!(b.text_of(&b.find("#label")).contains("canary"));
+
     // Revoke the second agent, after confirming.
     b.goto(&format!("{base}/agents"));
     b.find("table#agents");

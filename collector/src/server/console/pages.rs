@@ -316,6 +316,7 @@ fn filter_pairs(q: &DetectionQuery) -> Vec<(&'static str, String)> {
         ("sha256", q.sha256.clone()),
         ("md5", q.md5.clone()),
         ("host", q.host.clone()),
+        ("label", q.label.clone()),
     ]
 }
 
@@ -358,6 +359,10 @@ pub async fn detections(
         Err(f) => return f.page(),
     };
     let filters = filter_pairs(&q);
+    let labels: std::collections::BTreeSet<&str> = agents
+        .iter()
+        .flat_map(|a| a.labels.iter().map(String::as_str))
+        .collect();
     // The first page follows new detections; older pages stay as they are.
     let live = q
         .before
@@ -370,6 +375,10 @@ pub async fn detections(
                 @for a in &agents {
                     option value=(a.id) selected[a.id == q.agent] { (printable(&a.hostname)) " (" (a.id) ")" }
                 }
+            } }
+            label { "Label" select #label name="label" {
+                option value="" { "any" }
+                @for l in &labels { option value=(l) selected[*l == q.label] { (l) } }
             } }
             label { "Kind" select #kind name="kind" {
                 option value="" { "any" }

@@ -655,34 +655,51 @@ impl Store for PgStore {
         }
         self.with(|c| {
             let mut tx = c.transaction()?;
-            let live = tx.query_opt(
-                "SELECT org FROM agents WHERE id = $1 AND revoked_at_ms IS NULL FOR SHARE",
-                &[&agent_id],
-            )?;
-            let Some(live) = live else {
+            // What the batch needs to know, asked at once: the agent (still enrolled), which
+            // detections are stored already (a resend), the exceptions in force, and sequence
+            // numbers, taken before the rows are written so that each alert knows its newest
+            // detection and each detection its alert in one write of each (the numbers of a
+            // resent detection go unused: a gap).
+            let ids: Vec<&str> = detections.iter().map(|d| d.id.as_str()).collect();
+            let count = detections.len() as i32;
+            let in_force = format!("{EXCEPTION_SELECT} {IN_FORCE}").replace("?1", "$1");
+            let mut answers = tx
+                .query_all(&[
+                    (
+                        "SELECT org FROM agents WHERE id = $1 AND revoked_at_ms IS NULL FOR SHARE",
+                        &[&agent_id],
+                    ),
+                    (
+                        "SELECT id FROM detections WHERE id = ANY($1::text[])",
+                        &[&ids],
+                    ),
+                    (&in_force, &[&received_at_ms]),
+                    (
+                        "SELECT nextval(pg_get_serial_sequence('detections', 'seq'))
+                         FROM generate_series(1, $1::int)",
+                        &[&count],
+                    ),
+                ])?
+                .into_iter();
+            let mut next = || answers.next().unwrap_or_default();
+            let (live, known, exceptions, seqs) = (next(), next(), next(), next());
+            let Some(live) = live.first() else {
                 return Err(StoreError::Revoked(agent_id.to_string()));
             };
             let org: String = live.get(0);
-            let fresh = fresh_detections(&mut tx, detections)?;
+            let fresh = fresh_detections(&known, detections);
             if fresh.is_empty() {
                 return Ok(0);
             }
             let exceptions = rows::in_force(
-                exceptions_in_force(&mut tx, received_at_ms)?,
+                exceptions
+                    .iter()
+                    .map(rows::exception)
+                    .collect::<Result<_, _>>()?,
                 &org,
                 received_at_ms,
             );
-            // Sequence numbers taken before the rows are written, so that each alert knows
-            // its newest detection and each detection its alert in one write of each.
-            let seqs: Vec<i64> = tx
-                .query(
-                    "SELECT nextval(pg_get_serial_sequence('detections', 'seq'))
-                     FROM generate_series(1, $1::int)",
-                    &[&(fresh.len() as i32)],
-                )?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
+            let seqs: Vec<i64> = seqs.iter().map(|r| r.get(0)).collect();
             let mut groups = AlertGroups::default();
             let mut cols = Columns::default();
             for (d, seq) in fresh.iter().zip(&seqs) {
@@ -1289,23 +1306,15 @@ impl Store for PgStore {
 
 /// The detections of a batch not stored yet (each id once), in batch order.
 fn fresh_detections<'a>(
-    tx: &mut Tx<'_>,
+    known: &[tokio_postgres::Row],
     detections: &'a [Detection],
-) -> Result<Vec<&'a Detection>, StoreError> {
-    let ids: Vec<&str> = detections.iter().map(|d| d.id.as_str()).collect();
-    let known: std::collections::HashSet<String> = tx
-        .query(
-            "SELECT id FROM detections WHERE id = ANY($1::text[])",
-            &[&ids],
-        )?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+) -> Vec<&'a Detection> {
+    let known: std::collections::HashSet<String> = known.iter().map(|r| r.get(0)).collect();
     let mut seen = std::collections::HashSet::new();
-    Ok(detections
+    detections
         .iter()
         .filter(|d| !known.contains(&d.id) && seen.insert(d.id.as_str()))
-        .collect())
+        .collect()
 }
 
 /// A detection batch, column by column, for one `unnest` insert.
@@ -1519,14 +1528,6 @@ fn exception_rows(c: &mut Tx<'_>) -> Result<Vec<ExceptionRow>, StoreError> {
         &format!("{EXCEPTION_SELECT} ORDER BY created_at_ms, id"),
         &[],
     )?;
-    Ok(rows.iter().map(rows::exception).collect::<Result<_, _>>()?)
-}
-
-/// The exceptions in force at `now_ms` (removed and expired ones are history, not read on
-/// every batch).
-fn exceptions_in_force(c: &mut Tx<'_>, now_ms: i64) -> Result<Vec<ExceptionRow>, StoreError> {
-    let sql = format!("{EXCEPTION_SELECT} {IN_FORCE}").replace("?1", "$1");
-    let rows = c.query(&sql, &[&now_ms])?;
     Ok(rows.iter().map(rows::exception).collect::<Result<_, _>>()?)
 }
 

@@ -145,7 +145,8 @@ fn pool_error(e: PoolError) -> StoreError {
 }
 
 /// The synchronous calls of a connection or a transaction (`$field` holds it), each waiting on
-/// the runtime for its answer.
+/// the runtime for its answer. Statements are prepared once per connection and kept (the
+/// pool's statement cache): a query is then one round trip to the server, not two.
 macro_rules! blocking_calls {
     ($ty:ty, $field:ident) => {
         // Not every call is made on both a connection and a transaction.
@@ -156,7 +157,11 @@ macro_rules! blocking_calls {
                 sql: &str,
                 params: Params<'_>,
             ) -> Result<Vec<Row>, StoreError> {
-                Ok(self.rt.block_on(self.$field.query(sql, params))?)
+                let on = &self.$field;
+                Ok(self.rt.block_on(async {
+                    let statement = on.prepare_cached(sql).await?;
+                    on.query(&statement, params).await
+                })?)
             }
 
             pub(super) fn query_one(
@@ -164,7 +169,11 @@ macro_rules! blocking_calls {
                 sql: &str,
                 params: Params<'_>,
             ) -> Result<Row, StoreError> {
-                Ok(self.rt.block_on(self.$field.query_one(sql, params))?)
+                let on = &self.$field;
+                Ok(self.rt.block_on(async {
+                    let statement = on.prepare_cached(sql).await?;
+                    on.query_one(&statement, params).await
+                })?)
             }
 
             pub(super) fn query_opt(
@@ -172,7 +181,11 @@ macro_rules! blocking_calls {
                 sql: &str,
                 params: Params<'_>,
             ) -> Result<Option<Row>, StoreError> {
-                Ok(self.rt.block_on(self.$field.query_opt(sql, params))?)
+                let on = &self.$field;
+                Ok(self.rt.block_on(async {
+                    let statement = on.prepare_cached(sql).await?;
+                    on.query_opt(&statement, params).await
+                })?)
             }
 
             pub(super) fn execute(
@@ -180,7 +193,11 @@ macro_rules! blocking_calls {
                 sql: &str,
                 params: Params<'_>,
             ) -> Result<u64, StoreError> {
-                Ok(self.rt.block_on(self.$field.execute(sql, params))?)
+                let on = &self.$field;
+                Ok(self.rt.block_on(async {
+                    let statement = on.prepare_cached(sql).await?;
+                    on.execute(&statement, params).await
+                })?)
             }
 
             pub(super) fn batch_execute(&mut self, sql: &str) -> Result<(), StoreError> {
@@ -237,6 +254,22 @@ impl Rows {
 pub(super) struct Tx<'a> {
     tx: deadpool_postgres::Transaction<'a>,
     rt: Handle,
+}
+
+impl Tx<'_> {
+    /// Queries sent together, none waiting for another's answer (the connection pipelines
+    /// them: one round trip for all); their rows, in order.
+    pub(super) fn query_all(
+        &mut self,
+        queries: &[(&str, Params<'_>)],
+    ) -> Result<Vec<Vec<Row>>, StoreError> {
+        let on = &self.tx;
+        let each = queries.iter().map(|(sql, params)| async move {
+            let statement = on.prepare_cached(sql).await?;
+            on.query(&statement, params).await
+        });
+        Ok(self.rt.block_on(futures_util::future::try_join_all(each))?)
+    }
 }
 
 impl Tx<'_> {
