@@ -655,51 +655,15 @@ impl Store for PgStore {
         }
         self.with(|c| {
             let mut tx = c.transaction()?;
-            // What the batch needs to know, asked at once: the agent (still enrolled), which
-            // detections are stored already (a resend), the exceptions in force, and sequence
-            // numbers, taken before the rows are written so that each alert knows its newest
-            // detection and each detection its alert in one write of each (the numbers of a
-            // resent detection go unused: a gap).
-            let ids: Vec<&str> = detections.iter().map(|d| d.id.as_str()).collect();
-            let count = detections.len() as i32;
-            let in_force = format!("{EXCEPTION_SELECT} {IN_FORCE}").replace("?1", "$1");
-            let mut answers = tx
-                .query_all(&[
-                    (
-                        "SELECT org FROM agents WHERE id = $1 AND revoked_at_ms IS NULL FOR SHARE",
-                        &[&agent_id],
-                    ),
-                    (
-                        "SELECT id FROM detections WHERE id = ANY($1::text[])",
-                        &[&ids],
-                    ),
-                    (&in_force, &[&received_at_ms]),
-                    (
-                        "SELECT nextval(pg_get_serial_sequence('detections', 'seq'))
-                         FROM generate_series(1, $1::int)",
-                        &[&count],
-                    ),
-                ])?
-                .into_iter();
-            let mut next = || answers.next().unwrap_or_default();
-            let (live, known, exceptions, seqs) = (next(), next(), next(), next());
-            let Some(live) = live.first() else {
-                return Err(StoreError::Revoked(agent_id.to_string()));
-            };
-            let org: String = live.get(0);
-            let fresh = fresh_detections(&known, detections);
-            if fresh.is_empty() {
+            let Some(Prelude {
+                org,
+                fresh,
+                exceptions,
+                seqs,
+            }) = prelude(&mut tx, agent_id, detections, received_at_ms)?
+            else {
                 return Ok(0);
-            }
-            let exceptions = rows::in_force(
-                exceptions
-                    .iter()
-                    .map(rows::exception)
-                    .collect::<Result<_, _>>()?,
-                &org,
-                received_at_ms,
-            );
-            let seqs: Vec<i64> = seqs.iter().map(|r| r.get(0)).collect();
+            };
             let mut groups = AlertGroups::default();
             let mut cols = Columns::default();
             for (d, seq) in fresh.iter().zip(&seqs) {
@@ -1302,6 +1266,75 @@ impl Store for PgStore {
             Ok(())
         })
     }
+}
+
+/// What a batch of detections needs to know before it is written.
+struct Prelude<'a> {
+    /// The agent's organisation.
+    org: String,
+    /// The detections not stored yet.
+    fresh: Vec<&'a Detection>,
+    exceptions: vedette_engine::exceptions::Exceptions,
+    /// A sequence number for each of `fresh`, in order.
+    seqs: Vec<i64>,
+}
+
+/// Asks at once (pipelined: one round trip) whether the agent is still enrolled, which
+/// detections are stored already (a resend), the exceptions in force, and sequence numbers,
+/// taken before the rows are written so that each alert knows its newest detection and each
+/// detection its alert in one write of each (the numbers of a resent detection go unused: a
+/// gap). None when nothing of the batch is new.
+fn prelude<'a>(
+    tx: &mut Tx<'_>,
+    agent_id: &str,
+    detections: &'a [Detection],
+    received_at_ms: i64,
+) -> Result<Option<Prelude<'a>>, StoreError> {
+    let ids: Vec<&str> = detections.iter().map(|d| d.id.as_str()).collect();
+    let count = detections.len() as i32;
+    let in_force = format!("{EXCEPTION_SELECT} {IN_FORCE}").replace("?1", "$1");
+    let mut answers = tx
+        .query_all(&[
+            (
+                "SELECT org FROM agents WHERE id = $1 AND revoked_at_ms IS NULL FOR SHARE",
+                &[&agent_id],
+            ),
+            (
+                "SELECT id FROM detections WHERE id = ANY($1::text[])",
+                &[&ids],
+            ),
+            (&in_force, &[&received_at_ms]),
+            (
+                "SELECT nextval(pg_get_serial_sequence('detections', 'seq'))
+                 FROM generate_series(1, $1::int)",
+                &[&count],
+            ),
+        ])?
+        .into_iter();
+    let mut next = || answers.next().unwrap_or_default();
+    let (live, known, exceptions, seqs) = (next(), next(), next(), next());
+    let Some(live) = live.first() else {
+        return Err(StoreError::Revoked(agent_id.to_string()));
+    };
+    let org: String = live.get(0);
+    let fresh = fresh_detections(&known, detections);
+    if fresh.is_empty() {
+        return Ok(None);
+    }
+    let exceptions = rows::in_force(
+        exceptions
+            .iter()
+            .map(rows::exception)
+            .collect::<Result<_, _>>()?,
+        &org,
+        received_at_ms,
+    );
+    Ok(Some(Prelude {
+        org,
+        fresh,
+        exceptions,
+        seqs: seqs.iter().map(|r| r.get(0)).collect(),
+    }))
 }
 
 /// The detections of a batch not stored yet (each id once), in batch order.
