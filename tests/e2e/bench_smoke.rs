@@ -34,6 +34,16 @@ fn ingest_benchmark_runs_in_a_tiny_configuration() {
     assert!(text.contains("| 3 | "), "{text}");
 }
 
+#[test]
+fn domain_lookup_benchmark_runs_in_a_tiny_configuration() {
+    let text = run(
+        "domain-lookup",
+        &["--small", "10", "--large", "1000", "--queries", "1000"],
+    );
+    assert!(text.contains("| 10 | 1000 | 100 |"), "{text}");
+    assert!(text.contains("| 1000 | 1000 | 100 |"), "{text}");
+}
+
 /// The ingest harness against a collector it did not start, as an operator sizing one runs it.
 #[test]
 fn ingest_benchmark_runs_against_a_collector_of_its_own() {

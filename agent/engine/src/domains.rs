@@ -51,7 +51,34 @@ pub fn normalise(name: &str) -> Option<String> {
 /// Listed domains, each with what it stands for.
 #[derive(Debug, Clone)]
 pub struct DomainIndex<T> {
-    names: HashMap<String, Vec<(Reach, T)>>,
+    names: HashMap<Box<str>, Listed<T>>,
+}
+
+/// What one name is listed as: mostly once (kept inline: a million names stay small).
+#[derive(Debug, Clone)]
+enum Listed<T> {
+    Once(Reach, T),
+    More(Vec<(Reach, T)>),
+}
+
+impl<T> Listed<T> {
+    fn push(&mut self, reach: Reach, value: T) {
+        let previous = std::mem::replace(self, Listed::More(Vec::new()));
+        let mut all = match previous {
+            Listed::Once(r, v) => vec![(r, v)],
+            Listed::More(all) => all,
+        };
+        all.push((reach, value));
+        *self = Listed::More(all);
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (Reach, &T)> {
+        let (once, more) = match self {
+            Listed::Once(r, v) => (Some((*r, v)), &[][..]),
+            Listed::More(all) => (None, all.as_slice()),
+        };
+        once.into_iter().chain(more.iter().map(|(r, v)| (*r, v)))
+    }
 }
 
 impl<T> Default for DomainIndex<T> {
@@ -67,7 +94,13 @@ impl<T> DomainIndex<T> {
     pub fn insert(&mut self, name: &str, reach: Reach, value: T) -> bool {
         match normalise(name) {
             Some(n) => {
-                self.names.entry(n).or_default().push((reach, value));
+                match self.names.get_mut(n.as_str()) {
+                    Some(listed) => listed.push(reach, value),
+                    None => {
+                        self.names
+                            .insert(n.into_boxed_str(), Listed::Once(reach, value));
+                    }
+                }
                 true
             }
             None => false,
@@ -210,5 +243,10 @@ mod tests {
         assert_eq!(idx.lookup("c2.bad.example"), [&"stix"]);
         assert!(idx.lookup("x.c2.bad.example").is_empty());
         assert_eq!(idx.lookup("www.xn--bcher-kva.example"), [&"idn"]);
+        // One name listed twice, once exact: both for the name, one for its subdomains.
+        assert!(idx.insert("Evil.Example", Reach::Exact, "misp"));
+        assert_eq!(idx.lookup("evil.example"), [&"loki", &"misp"]);
+        assert_eq!(idx.lookup("x.evil.example"), [&"loki"]);
+        assert_eq!(idx.len(), 3);
     }
 }
