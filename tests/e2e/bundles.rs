@@ -633,3 +633,34 @@ fn the_bundle_rescores_built_in_findings_and_turns_them_off_per_label() {
     assert_eq!(found[0]["agent_id"], other.id.as_str());
     assert_eq!(found[0]["score"], 35, "{found:?}");
 }
+
+/// `rules publish` names the patterns yara-x says may slow down every scan, by file and line,
+/// and publishes; with `--strict` it refuses and publishes nothing.
+#[test]
+fn slow_patterns_are_named_at_publish_and_refused_with_strict() {
+    let f = fleet(0);
+    let dir = f.tmp.join("slow");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("slow.yar"),
+        "rule quick { strings: $a = \"VEDETTE-QUICK\" condition: $a }\n\
+         rule slow { strings: $b = { 00 00 } condition: $b }\n",
+    )
+    .unwrap();
+    let strict = publish(&f.c, &["--strict", dir.to_str().unwrap()]);
+    let err = stderr(&strict);
+    assert!(!strict.status.success(), "{err}");
+    assert!(
+        err.contains("slow.yar:2: slow pattern") && err.contains("--strict"),
+        "{err}"
+    );
+    let listed = f.c.ctl_ok(&["rules", "list", "--json"]);
+    assert!(listed.trim().is_empty(), "nothing published: {listed}");
+    let out = publish(&f.c, &[dir.to_str().unwrap()]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("warning: ") && err.contains("slow.yar:2: slow pattern"),
+        "{err}"
+    );
+}

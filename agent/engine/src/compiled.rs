@@ -131,6 +131,7 @@ fn parse(data: &[u8], fingerprint: &[u8; 32]) -> Result<YaraPart, Miss> {
         files_with_errors,
         problems,
         failure: None,
+        slow_patterns: Vec::new(),
     })
 }
 

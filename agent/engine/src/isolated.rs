@@ -116,6 +116,7 @@ pub(crate) fn response(data: &[u8]) -> Result<(YaraPart, &[u8]), IsolatedError> 
             files_with_errors,
             problems,
             failure: None,
+            slow_patterns: Vec::new(),
         },
         serialized,
     ))
@@ -202,6 +203,7 @@ pub(crate) fn failed(sources: usize, why: &IsolatedError) -> YaraPart {
             kind: ProblemKind::Yara,
             origin: Origin::Local,
         }),
+        slow_patterns: Vec::new(),
     }
 }
 

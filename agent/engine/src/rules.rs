@@ -71,6 +71,9 @@ pub struct LoadReport {
     pub ioc_files: usize,
     pub iocs: IocCounts,
     pub problems: Vec<Problem>,
+    /// yara-x's slow-pattern warnings (rules loaded, but each such pattern may slow every
+    /// scan). Only a compile in this process gives them: `vedettectl rules publish` does one.
+    pub slow_patterns: Vec<Problem>,
 }
 
 /// What kind of indicator matched.
@@ -500,6 +503,12 @@ impl RuleSetBuilder {
             report.problems.push(failure);
         }
         report.yara_files_with_errors = yara.files_with_errors;
+        report.slow_patterns = yara.slow_patterns;
+        for p in &mut report.slow_patterns {
+            if self.from_bundle.contains(&p.path) {
+                p.origin = Origin::Bundle;
+            }
+        }
         report.yara_rules = yara.rules.as_ref().map_or(0, |r| r.iter().len());
         report.iocs = iocs.counts.clone();
         RuleSet {
@@ -535,6 +544,8 @@ pub(crate) struct YaraPart {
     pub problems: Vec<Problem>,
     /// Why no rule was loaded, when the compiler process failed.
     pub failure: Option<Problem>,
+    /// Slow-pattern warnings of a compile in this process (none from the cache or a child).
+    pub slow_patterns: Vec<Problem>,
 }
 
 /// How rules missing from the cache are compiled.
@@ -595,6 +606,7 @@ fn yara_part(
         files_with_errors,
         problems,
         failure,
+        slow_patterns,
     } = part;
     drop(rules);
     match yara_x::Rules::deserialize(&bytes) {
@@ -603,6 +615,7 @@ fn yara_part(
             files_with_errors,
             problems,
             failure,
+            slow_patterns,
         },
         // Rules serialized a moment ago always load; should they not, compile them again.
         Err(_) => compile_yara(&sources, &names),
@@ -640,6 +653,7 @@ pub(crate) fn compile_yara(sources: &[(PathBuf, Vec<u8>)], names: &[Option<Strin
     }
     let mut files_with_errors = 0;
     let mut problems = Vec::new();
+    let mut texts: std::collections::HashMap<String, (&Path, &str)> = Default::default();
     for ((origin, bytes), ns) in sources.iter().zip(names) {
         let (Ok(text), Some(ns)) = (std::str::from_utf8(bytes), ns) else {
             files_with_errors += 1;
@@ -653,18 +667,46 @@ pub(crate) fn compile_yara(sources: &[(PathBuf, Vec<u8>)], names: &[Option<Strin
             continue;
         };
         compiler.new_namespace(ns);
+        texts.insert(origin.display().to_string(), (origin, text));
         let src = yara_x::SourceCode::from(text).with_origin(origin.display().to_string());
         if let Err(e) = compiler.add_source(src) {
             files_with_errors += 1;
             problems.push(problem_of(origin, text, &e));
         }
     }
+    let slow_patterns = compiler
+        .warnings()
+        .iter()
+        .filter(|w| w.code() == "slow_pattern")
+        .filter_map(|w| {
+            let label = w.labels().next()?;
+            let (origin, text) = texts.get(label.origin()?)?;
+            Some(Problem {
+                path: origin.to_path_buf(),
+                line: Some(line_at(text, label.span().0.start as usize)),
+                reason: format!("{} ({})", w.title(), label.text()),
+                kind: ProblemKind::Yara,
+                origin: Origin::Local,
+            })
+        })
+        .collect();
     YaraPart {
         rules: Some(compiler.build()),
         files_with_errors,
         problems,
         failure: None,
+        slow_patterns,
     }
+}
+
+/// The line of byte `offset` in `text`, from 1.
+fn line_at(text: &str, offset: usize) -> usize {
+    let offset = offset.min(text.len());
+    text.as_bytes()[..offset]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
 }
 
 /// Unique namespace per file, derived from its name.
@@ -752,14 +794,10 @@ pub(crate) fn is_yara_file(path: &Path) -> bool {
 
 /// Turns a yara-x error into `file:line: reason`.
 fn problem_of(origin: &Path, text: &str, e: &yara_x::errors::CompileError) -> Problem {
-    let line = e.labels().next().map(|l| {
-        let offset = (l.span().0.start as usize).min(text.len());
-        text.as_bytes()[..offset]
-            .iter()
-            .filter(|b| **b == b'\n')
-            .count()
-            + 1
-    });
+    let line = e
+        .labels()
+        .next()
+        .map(|l| line_at(text, l.span().0.start as usize));
     let detail = e
         .labels()
         .next()
@@ -936,5 +974,33 @@ mod tests {
         b.add_yara_source(Path::new("a/x.yar"), b"rule r { condition: true }");
         b.add_yara_source(Path::new("b/x.yar"), b"rule r { condition: true }");
         assert_eq!(b.build(0).yara_rules(), 2);
+    }
+}
+#[cfg(test)]
+mod slow_patterns {
+    /// yara-x's slow-pattern warnings are kept with their file and line; the rules still load.
+    #[test]
+    fn slow_patterns_are_named_by_file_and_line() {
+        let src = "rule quick { strings: $a = \"VEDETTE-QUICK\" condition: $a }\n\
+                   rule slow { strings: $b = { 00 00 } condition: $b }\n";
+        let mut b = super::RuleSetBuilder::new();
+        b.add_source(
+            super::Origin::Local,
+            std::path::Path::new("r.yar"),
+            src.as_bytes(),
+        );
+        let set = b.build(0);
+        let slow: Vec<String> = set
+            .report()
+            .slow_patterns
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            slow,
+            ["r.yar:2: slow pattern (this pattern may slow down the scan)"]
+        );
+        assert_eq!(set.report().yara_rules, 2);
+        assert!(set.report().problems.is_empty());
     }
 }

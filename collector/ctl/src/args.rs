@@ -173,7 +173,8 @@ pub enum RulesCmd {
         /// Bundle name (default: the previous bundle's name, or `rules`).
         #[arg(long)]
         name: Option<String>,
-        /// Refuse indicator lines that do not parse (default: report them, agents skip them).
+        /// Refuse indicator lines that do not parse and YARA patterns yara-x says may slow
+        /// down every scan (default: report them; agents skip those lines, and run such rules).
         #[arg(long)]
         strict: bool,
         /// Leave out the indicators `intel publish` put in the latest bundle (by default they

@@ -686,7 +686,7 @@ async fn rules(cmd: RulesCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
             };
             let p = rules::publish(cfg, &paths, name, strict, drop_intel, &opts).await?;
             for w in &p.warnings {
-                eprintln!("warning: {w} (line skipped by agents; --strict refuses it)");
+                eprintln!("warning: {w}");
             }
             let r = &p.response;
             let intel = match (p.kept_intel, drop_intel) {

@@ -40,7 +40,12 @@ pub(crate) fn check(content: &BundleContent, strict: bool) -> anyhow::Result<Vec
             list.join("\n")
         );
     }
-    Ok(warnings.iter().map(|p| p.to_string()).collect())
+    Ok(warnings.iter().map(skipped).collect())
+}
+
+/// The warning of an indicator line that does not parse.
+fn skipped(p: &vedette_engine::Problem) -> String {
+    format!("{p} (line skipped by agents; --strict refuses it)")
 }
 
 /// Options of `rules publish` and `rules rollback`.
@@ -96,7 +101,24 @@ pub fn validate_paths(paths: &[PathBuf], strict: bool) -> anyhow::Result<Vec<Str
             list.join("\n")
         );
     }
-    Ok(warnings.iter().map(|p| p.to_string()).collect())
+    // yara-x's slow-pattern warnings: each such pattern would slow every scan on every agent.
+    let slow = &set.report().slow_patterns;
+    if strict && !slow.is_empty() {
+        let list: Vec<String> = slow.iter().map(|p| format!("  {p}")).collect();
+        bail!(
+            "{} slow pattern(s), refused with --strict; nothing was published:\n{}",
+            slow.len(),
+            list.join("\n")
+        );
+    }
+    Ok(warnings
+        .iter()
+        .map(|p| skipped(p))
+        .chain(
+            slow.iter()
+                .map(|p| format!("{p}: published; --strict refuses it")),
+        )
+        .collect())
 }
 
 pub(crate) async fn latest(cfg: &CtlConfig) -> anyhow::Result<Option<BundleInfo>> {
