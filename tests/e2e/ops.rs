@@ -633,7 +633,7 @@ fn example_configs_parse_as_shipped_and_with_every_key_on() {
     let tmp = tempfile::tempdir().unwrap();
     // The collector's, next to the files `init` makes (its relative paths resolve there).
     let c = Collector::init(&tmp.path().join("collector"));
-    for name in ["taxii-ca.pem", "misp-ca.pem"] {
+    for name in ["taxii-ca.pem", "misp-ca.pem", "siem-ca.pem"] {
         std::fs::copy(c.dir.join("ca.crt"), c.dir.join(name)).unwrap();
     }
     std::fs::copy(c.dir.join("maintainer.pub"), c.dir.join("maintainers.pub")).unwrap();
