@@ -616,7 +616,7 @@ fn console_in_chromium_shows_live_detections_filters_opens_details_and_revokes()
         Duration::from_secs(10),
         "the verdict in the history",
         || {
-            let t = b.text_of(&b.find("table#verdicts"));
+            let t = b.text_now("table#verdicts")?;
             t.contains("false-positive").then_some(t)
         },
     );

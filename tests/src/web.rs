@@ -234,6 +234,19 @@ impl Browser {
     }
 
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let (status, text) = self.request(method, path, body);
+        if status >= 400 {
+            panic!(
+                "webdriver {method} {path}: {status} {text}\n{}",
+                self.driver.log_text()
+            );
+        }
+        let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        v["value"].clone()
+    }
+
+    /// A WebDriver request: its status and body.
+    fn request(&self, method: &str, path: &str, body: Option<Value>) -> (u16, String) {
         let url = format!("{}{path}", self.base);
         let r = match method {
             "GET" => self.http.get(&url).call(),
@@ -246,15 +259,7 @@ impl Browser {
         };
         let mut r = r.unwrap_or_else(|e| panic!("webdriver {method} {path}: {e}"));
         let text = r.body_mut().read_to_string().unwrap_or_default();
-        let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-        if r.status().as_u16() >= 400 {
-            panic!(
-                "webdriver {method} {path}: {} {text}\n{}",
-                r.status(),
-                self.driver.log_text()
-            );
-        }
-        v["value"].clone()
+        (r.status().as_u16(), text)
     }
 
     fn s(&self, rest: &str) -> String {
@@ -317,6 +322,15 @@ impl Browser {
             .as_str()
             .unwrap_or_default()
             .to_string()
+    }
+
+    /// The text of the first element matching `css` now; None when there is none yet, or when
+    /// a page load replaced it meanwhile (after a form is sent, say).
+    pub fn text_now(&self, css: &str) -> Option<String> {
+        let el = self.find_all(css).into_iter().next()?;
+        let (status, text) = self.request("GET", &self.s(&format!("/element/{el}/text")), None);
+        let v: Value = serde_json::from_str(&text).ok()?;
+        (status < 400).then(|| v["value"].as_str().map(str::to_string))?
     }
 
     /// The visible text of the page.

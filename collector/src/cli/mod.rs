@@ -114,16 +114,18 @@ pub enum Command {
 pub enum CertsCmd {
     /// Issue a client certificate with the given roles: `operator` (tokens, agents,
     /// detections) and/or `maintainer` (publish rule bundles). Writes PREFIX.crt and
-    /// PREFIX.key (0600); with `--csr`, only PREFIX.crt, for the key the request was made with.
-    ///
-    /// A key made on the operator's own machine never travels:
-    ///   openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
-    ///     -keyout alice.key -out alice.csr -subj /CN=alice
-    ///   vedette-collector certs issue --config … --name alice --role operator --csr alice.csr --out alice --ctl-config
+    /// PREFIX.key (0600); with `--csr`, only PREFIX.crt, for the key the request was made with
+    /// (a key made on the operator's own machine never travels).
     ///
     /// With `--org NAME` the certificate sees and acts only on that organisation's agents,
     /// detections, tokens and certificates, and cannot publish bundles, stage intel, or see
     /// other organisations. Without it, the certificate is collector-wide.
+    #[command(
+        after_help = "Examples:\n  vedette-collector certs issue --config collector.toml --name alice --role operator --out alice\n\n\
+        With the key made on the operator's machine:\n  \
+        openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout alice.key -out alice.csr -subj /CN=alice\n  \
+        vedette-collector certs issue --config collector.toml --name alice --role operator --csr alice.csr --out alice --ctl-config"
+    )]
     Issue {
         /// The collector.toml (for the CA's certificate and key).
         #[arg(long, env = "VEDETTE_COLLECTOR_CONFIG")]
