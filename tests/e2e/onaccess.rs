@@ -608,14 +608,17 @@ fn run_as_nobody(exe: &Path, args: &[&str]) -> std::process::Child {
         .unwrap()
 }
 
-/// The agent's `vedette.unscannable_exec` detection on process `pid`.
-fn unscannable(s: &Setup, pid: u32) -> Value {
+/// The agent's `vedette.unscannable_exec` detection on process `pid` running `exe` (the same
+/// pid ran `setpriv` first, which a loaded host may report too).
+fn unscannable(s: &Setup, pid: u32, exe: &Path) -> Value {
     wait_for(
         Duration::from_secs(30),
         &format!("process {pid} reported unscannable"),
         || {
             s.c.detections().into_iter().find(|d| {
-                d["rule"] == "vedette.unscannable_exec" && d["pid"].as_u64() == Some(u64::from(pid))
+                d["rule"] == "vedette.unscannable_exec"
+                    && d["pid"].as_u64() == Some(u64::from(pid))
+                    && d["path"].as_str() == exe.to_str()
             })
         },
     )
@@ -659,14 +662,14 @@ fn executables_the_agent_cannot_read_are_reported_and_a_hung_read_stops_nothing_
     .unwrap();
     s.run(&[]);
     let mut refused = run_as_nobody(&private.prog, &["60"]);
-    let d = unscannable(&s, refused.id());
+    let d = unscannable(&s, refused.id(), &private.prog);
     let text = d["description"].as_str().unwrap();
     assert!(text.contains("on fuse"), "{d}");
     assert!(text.contains("Permission denied"), "{d}");
     assert_eq!(d["path"], private.prog.to_str().unwrap(), "{d}");
 
     let mut stuck = run_as_nobody(&hung.prog, &["60"]);
-    let d = unscannable(&s, stuck.id());
+    let d = unscannable(&s, stuck.id(), &hung.prog);
     assert!(
         d["description"]
             .as_str()
@@ -690,7 +693,7 @@ fn executables_the_agent_cannot_read_are_reported_and_a_hung_read_stops_nothing_
     );
     // A second exec on the hung mount is not read again, and says why.
     let mut again = run_as_nobody(&hung.prog, &["60"]);
-    let d = unscannable(&s, again.id());
+    let d = unscannable(&s, again.id(), &hung.prog);
     assert!(
         d["description"]
             .as_str()
