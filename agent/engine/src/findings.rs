@@ -1,6 +1,6 @@
-//! Settings of the agent's built-in findings (`vedette.fileless_exec`, …): their score, and
-//! whether they are reported at all, for every agent or for those of some organisations or
-//! labels.
+//! Settings of Vedette's built-in findings (the agents' `vedette.fileless_exec`, …, and the
+//! collector's about agents, `vedette.agent_silent`, …): their score, and whether they are
+//! reported at all, for every agent or for those of some organisations or labels.
 //!
 //! A rule maintainer puts them in the bundle as [`FILE`] at the top of the rules directory,
 //! one JSON object per line:
@@ -27,8 +27,19 @@ pub const FILELESS_EXEC: &str = "vedette.fileless_exec";
 /// A process runs an executable the agent cannot read.
 pub const UNSCANNABLE_EXEC: &str = "vedette.unscannable_exec";
 
-/// The findings the agent makes itself, and their scores when nothing says otherwise.
-pub const BUILT_IN: &[(&str, u32)] = &[(FILELESS_EXEC, 70), (UNSCANNABLE_EXEC, 40)];
+/// An agent sends nothing for `silent_after` without having said goodbye (the collector's).
+pub const AGENT_SILENT: &str = "vedette.agent_silent";
+/// An agent still runs an older bundle `stale_after` after a newer one (the collector's).
+pub const AGENT_STALE_BUNDLE: &str = "vedette.agent_stale_bundle";
+
+/// The findings Vedette makes itself (agents, and the collector about agents), and their
+/// scores when nothing says otherwise.
+pub const BUILT_IN: &[(&str, u32)] = &[
+    (FILELESS_EXEC, 70),
+    (UNSCANNABLE_EXEC, 40),
+    (AGENT_SILENT, 70),
+    (AGENT_STALE_BUNDLE, 50),
+];
 
 /// The score of a built-in finding when no setting changes it.
 pub fn default_score(rule: &str) -> u32 {

@@ -10,7 +10,9 @@
 //!
 //! Each is reported once: the detection's id is derived from the agent and the time it was
 //! last heard from (or the version it is behind), so every collector sharing a store may look,
-//! and a restarted one looks again, without a second report.
+//! and a restarted one looks again, without a second report. The bundle an agent is due says,
+//! in its `findings.jsonl`, the score of each and whether it is reported for the agent's
+//! organisation and labels, as agents do for their own findings.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,14 +21,17 @@ use tracing::warn;
 use vedette_ops::output::rfc3339_ms;
 use vedette_proto::v1::{Detection, DetectionKind, IndicatorRef};
 
+use vedette_engine::bundle;
+use vedette_engine::findings::Findings;
+
 use super::{State, blocking};
 use crate::store::{AgentRow, BundleRow, now_ms};
 
 /// The rule name of a silent agent's detection.
-pub const SILENT_RULE: &str = "vedette.agent_silent";
+pub const SILENT_RULE: &str = vedette_engine::findings::AGENT_SILENT;
 
 /// The rule name of the detection of an agent behind on bundles.
-pub const STALE_RULE: &str = "vedette.agent_stale_bundle";
+pub const STALE_RULE: &str = vedette_engine::findings::AGENT_STALE_BUNDLE;
 
 /// What makes an agent worth reporting; None: not looked for.
 #[derive(Debug, Clone, Copy)]
@@ -63,6 +68,8 @@ pub(super) async fn watch(state: Arc<State>, limits: Limits) {
             None => None,
         };
         let now = now_ms();
+        let rollout = state.rollout.subscribe().borrow().clone();
+        let mut settings = Settings::default();
         for a in &agents {
             let found = limits
                 .silent_after
@@ -72,11 +79,40 @@ pub(super) async fn watch(state: Arc<State>, limits: Limits) {
                     let (after, latest) = (limits.stale_after?, latest.as_ref()?);
                     stale(a, latest, after, now).then(|| stale_detection(a, latest, now))
                 });
+            let found = found.and_then(|d| settle(d, settings.of(&rollout, a), a));
             if let Some(d) = found {
                 report(&state, a, d, now).await;
             }
         }
     }
+}
+
+/// The settings of built-in findings of each bundle version, decoded once per look.
+#[derive(Default)]
+struct Settings(std::collections::HashMap<u64, Findings>);
+
+impl Settings {
+    /// The settings in the bundle agent `a` is due (none without a bundle).
+    fn of(&mut self, rollout: &super::rollout::Rollout, a: &AgentRow) -> &Findings {
+        let due = rollout.due_for(&a.labels);
+        let version = due.map_or(0, |b| b.version);
+        self.0.entry(version).or_insert_with(|| {
+            due.and_then(|b| bundle::decode(&b.content).ok())
+                .map(|c| bundle::findings_of(&c))
+                .unwrap_or_default()
+        })
+    }
+}
+
+/// `d` as the settings say for agent `a`: with their score, or None when turned off for it.
+fn settle(mut d: Detection, settings: &Findings, a: &AgentRow) -> Option<Detection> {
+    let resolved = settings.resolve(&a.org, &a.labels);
+    let this = resolved.get(d.rule.as_str())?;
+    if !this.enabled {
+        return None;
+    }
+    d.score = this.score;
+    Some(d)
 }
 
 /// Stores a detection about agent `a`, and logs it the first time.
@@ -125,7 +161,7 @@ fn stale_detection(a: &AgentRow, latest: &BundleRow, now_ms: i64) -> Detection {
         latest.version,
         rfc3339_ms(latest.published_at_ms)
     );
-    about_agent(id, STALE_RULE, 50, description, now_ms)
+    about_agent(id, STALE_RULE, description, now_ms)
 }
 
 /// Whether an agent has been silent for `after` at `now_ms`: seen once, not revoked, not
@@ -151,23 +187,17 @@ fn silent_detection(a: &AgentRow, now_ms: i64) -> Detection {
         a.hostname,
         rfc3339_ms(a.last_seen_ms)
     );
-    about_agent(id, SILENT_RULE, 70, description, now_ms)
+    about_agent(id, SILENT_RULE, description, now_ms)
 }
 
 /// A built-in detection about an agent itself (kind `agent`), found at `now_ms`.
-fn about_agent(
-    id: uuid::Uuid,
-    rule: &str,
-    score: u32,
-    description: String,
-    now_ms: i64,
-) -> Detection {
+fn about_agent(id: uuid::Uuid, rule: &str, description: String, now_ms: i64) -> Detection {
     Detection {
         id: id.to_string(),
         kind: DetectionKind::Agent as i32,
         rule: rule.into(),
         source: "vedette".into(),
-        score,
+        score: vedette_engine::findings::default_score(rule),
         description,
         observed_at_ms: now_ms,
         indicator: Some(IndicatorRef {
@@ -185,6 +215,48 @@ fn about_agent(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bundle's `findings.jsonl` rescores the collector's findings about agents and turns
+    /// them off for some organisations or labels.
+    #[test]
+    fn the_bundle_settles_findings_about_agents() {
+        let settings = Findings::parse(
+            "{\"rule\": \"vedette.agent_silent\", \"score\": 90}\n\
+             {\"rule\": \"vedette.agent_silent\", \"enabled\": false, \"labels\": [\"laptops\"]}\n\
+             {\"rule\": \"vedette.agent_stale_bundle\", \"enabled\": false, \"orgs\": [\"acme\"]}\n",
+        )
+        .unwrap();
+        let server = AgentRow {
+            id: "a".into(),
+            org: "acme".into(),
+            first_seen_ms: 1,
+            last_seen_ms: 1_000,
+            ..Default::default()
+        };
+        let laptop = AgentRow {
+            labels: vec!["laptops".into()],
+            org: "beta".into(),
+            ..server.clone()
+        };
+        let silent = silent_detection(&server, 400_000);
+        assert_eq!(silent.score, 70, "the built-in score");
+        assert_eq!(
+            settle(silent.clone(), &settings, &server).unwrap().score,
+            90
+        );
+        assert!(settle(silent.clone(), &settings, &laptop).is_none());
+        assert_eq!(
+            settle(silent, &Findings::default(), &laptop).unwrap().score,
+            70
+        );
+        let latest = BundleRow {
+            version: 2,
+            ..Default::default()
+        };
+        let stale = stale_detection(&server, &latest, 400_000);
+        assert!(settle(stale.clone(), &settings, &server).is_none());
+        assert_eq!(settle(stale, &settings, &laptop).unwrap().score, 50);
+    }
 
     #[test]
     fn only_agents_heard_from_not_stopped_nor_revoked_go_silent() {
