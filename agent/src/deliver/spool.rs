@@ -348,15 +348,30 @@ impl Spool {
     /// When the disk is full below the cap, room is made (see [`Spool::room_on_full_disk`])
     /// and the write is tried once more; the reserve is taken back when there is room.
     pub fn append(&self, detections: &[Detection]) -> io::Result<u64> {
+        self.append_counting(detections, &mut 0)
+    }
+
+    /// [`append`](Self::append), saying in `written` how many of `detections` (from the
+    /// first) are in the spool, synced, even when it fails part way: a caller that tries
+    /// again gives only the rest, and no detection is spooled twice.
+    pub fn append_counting(
+        &self,
+        detections: &[Detection],
+        written: &mut usize,
+    ) -> io::Result<u64> {
         let mut g = self.lock();
         let inner = &mut *g;
-        let mut result = self.append_once(inner, detections);
+        *written = 0;
+        let mut result = self.append_once(inner, detections, written);
         if result.as_ref().is_err_and(disk_full) {
-            let n = self.room_on_full_disk(inner, detections);
+            let rest = &detections[*written..];
+            let n = self.room_on_full_disk(inner, rest);
             if n > 0 {
                 self.note_dropping(inner);
             }
-            result = self.append_once(inner, detections).map(|d| d + n);
+            let mut more = 0;
+            result = self.append_once(inner, rest, &mut more).map(|d| d + n);
+            *written += more;
         }
         // Taken back when there is room; tried at most once per QUIET, as writing it on a disk
         // too small for it fills the disk first.
@@ -405,8 +420,13 @@ impl Spool {
         }
     }
 
-    fn append_once(&self, inner: &mut Inner, detections: &[Detection]) -> io::Result<u64> {
-        let result = self.append_locked(inner, detections);
+    fn append_once(
+        &self,
+        inner: &mut Inner,
+        detections: &[Detection],
+        written: &mut usize,
+    ) -> io::Result<u64> {
+        let result = self.append_locked(inner, detections, written);
         if result.is_err() {
             // Whatever was not synced is not part of the spool; new records start a new
             // segment, so no segment ever ends in a half-written record.
@@ -454,11 +474,18 @@ impl Spool {
         self.stats.bytes.store(inner.total_bytes, Ordering::Relaxed);
     }
 
-    fn append_locked(&self, inner: &mut Inner, detections: &[Detection]) -> io::Result<u64> {
+    /// Appends; `written` counts the detections synced so far (those of every flush done).
+    fn append_locked(
+        &self,
+        inner: &mut Inner,
+        detections: &[Detection],
+        written: &mut usize,
+    ) -> io::Result<u64> {
         let mut dropped = 0u64;
         let mut buf: Vec<u8> = Vec::new();
-        // Id of the last record in `buf` (0: none).
+        // Id of the last record in `buf` (0: none), and how many detections it holds.
         let mut buf_last = 0u64;
+        let mut in_buf = 0usize;
         for d in detections {
             let payload = d.encode_to_vec();
             if payload.len() > MAX_RECORD {
@@ -474,6 +501,7 @@ impl Spool {
             let used = inner.segments.back().map_or(0, |s| s.bytes) + buf.len() as u64;
             if !inner.active || (used > 0 && used + size > self.segment_bytes) {
                 self.flush(inner, &mut buf, buf_last)?;
+                *written += std::mem::take(&mut in_buf);
                 self.new_segment(inner)?;
             }
             // Over the cap: room is made in the sealed segments (never the one being written).
@@ -489,8 +517,10 @@ impl Spool {
             buf.extend_from_slice(&id.to_le_bytes());
             buf.extend_from_slice(&payload);
             buf_last = id;
+            in_buf += 1;
         }
         self.flush(inner, &mut buf, buf_last)?;
+        *written += in_buf;
         if dropped > 0 {
             self.note_dropping(inner);
         } else if inner.dropping

@@ -113,7 +113,9 @@ pub fn write_spool(
         }
         let mut pause = Duration::from_millis(100);
         while !group.is_empty() {
-            match sp.spool.append(&group) {
+            // What a failed write left in the spool is not written again.
+            let mut written = 0;
+            match sp.spool.append_counting(&group, &mut written) {
                 Ok(dropped) => {
                     if failing {
                         info!("spool writes work again");
@@ -128,6 +130,11 @@ pub fn write_spool(
                     if !failing {
                         error!(error = %e, "cannot write the spool; detections wait until it works");
                         failing = true;
+                    }
+                    if written > 0 {
+                        counters.add(Counter::DetectionsSpooled, written as u64);
+                        group.drain(..written.min(group.len()));
+                        sp.written.notify_one();
                     }
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(Duration::from_secs(5));
