@@ -427,7 +427,11 @@ impl Shipper {
                 info!(version = b.version, name = %b.name, "rule bundle received");
                 self.bundles.offers.send_replace(Some(b));
             }
-            Down::Labels(l) => self.bundles.rules.set_labels(l.labels),
+            Down::Labels(l) => {
+                // Kept on disk (a synced write): off the stream's task.
+                let rules = self.bundles.rules.clone();
+                let _ = tokio::task::spawn_blocking(move || rules.set_labels(l.labels)).await;
+            }
         }
         Ok(())
     }

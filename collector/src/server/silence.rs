@@ -52,6 +52,9 @@ pub(super) async fn watch(state: Arc<State>, limits: Limits) {
         .min()
         .unwrap_or(Duration::from_secs(600));
     let every = (shortest / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    // Kept between looks: a bundle's settings are decoded once, not at every look at an agent
+    // that stays silent.
+    let mut settings = Settings::default();
     loop {
         tokio::select! {
             () = state.shutdown.cancelled() => return,
@@ -68,8 +71,7 @@ pub(super) async fn watch(state: Arc<State>, limits: Limits) {
             None => None,
         };
         let now = now_ms();
-        let rollout = state.rollout.subscribe().borrow().clone();
-        let mut settings = Settings::default();
+        let rollout = state.rollout.borrow().clone();
         for a in &agents {
             let found = limits
                 .silent_after
@@ -87,7 +89,8 @@ pub(super) async fn watch(state: Arc<State>, limits: Limits) {
     }
 }
 
-/// The settings of built-in findings of each bundle version, decoded once per look.
+/// The settings of built-in findings of each bundle version, decoded the first time an agent
+/// due that version is found.
 #[derive(Default)]
 struct Settings(std::collections::HashMap<u64, Findings>);
 
@@ -96,6 +99,10 @@ impl Settings {
     fn of(&mut self, rollout: &super::rollout::Rollout, a: &AgentRow) -> &Findings {
         let due = rollout.due_for(&a.labels);
         let version = due.map_or(0, |b| b.version);
+        if self.0.len() >= 64 && !self.0.contains_key(&version) {
+            // Versions long replaced: decoded again should one be due once more.
+            self.0.clear();
+        }
         self.0.entry(version).or_insert_with(|| {
             due.and_then(|b| bundle::decode(&b.content).ok())
                 .map(|c| bundle::findings_of(&c))
