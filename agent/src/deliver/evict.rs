@@ -36,9 +36,11 @@ pub(crate) fn group_of(d: &Detection) -> u64 {
     h.finish()
 }
 
-/// The ids to drop to free at least `goal` bytes, ascending: repeats first, then
-/// representatives; the lowest score, then the oldest, first within each.
-pub(crate) fn choose(candidates: &[Candidate], goal: u64) -> Vec<u64> {
+/// The ids to drop to free at least `need` bytes, ascending: repeats first, then
+/// representatives; the lowest score, then the oldest, first within each. Repeats go on until
+/// `goal` bytes (at least `need`: room made ahead, so the spool is reread seldom) are freed; a
+/// representative goes only while fewer than `need` bytes are.
+pub(crate) fn choose(candidates: &[Candidate], need: u64, goal: u64) -> Vec<u64> {
     let mut first: HashMap<u64, u64> = HashMap::new();
     for c in candidates {
         first
@@ -51,7 +53,8 @@ pub(crate) fn choose(candidates: &[Candidate], goal: u64) -> Vec<u64> {
     let mut freed = 0u64;
     let mut out = Vec::new();
     for c in order {
-        if freed >= goal {
+        let first = first.get(&c.group) == Some(&c.id);
+        if freed >= goal.max(need) || (first && freed >= need) {
             break;
         }
         freed += c.bytes;
@@ -81,12 +84,15 @@ mod tests {
         let mut all = vec![c(1, 90, 1)];
         all.extend((2..=6).map(|id| c(id, 10, 2)));
         all.extend([c(7, 50, 3), c(8, 50, 4), c(9, 50, 4)]);
-        assert_eq!(choose(&all, 300), [3, 4, 5]);
-        assert_eq!(choose(&all, 500), [3, 4, 5, 6, 9]);
+        assert_eq!(choose(&all, 300, 0), [3, 4, 5]);
+        assert_eq!(choose(&all, 500, 0), [3, 4, 5, 6, 9]);
         // Then the representatives: the flood's first, the mid-score ones, the high score last.
-        assert_eq!(choose(&all, 700), [2, 3, 4, 5, 6, 7, 9]);
-        assert_eq!(choose(&all, 900), [1, 2, 3, 4, 5, 6, 7, 8, 9]);
-        assert!(choose(&all, 0).is_empty());
+        assert_eq!(choose(&all, 700, 0), [2, 3, 4, 5, 6, 7, 9]);
+        assert_eq!(choose(&all, 900, 0), [1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        assert!(choose(&all, 0, 0).is_empty());
+        // Room made ahead takes repeats only: no first sighting goes for a goal beyond the need.
+        assert_eq!(choose(&all, 100, 900), [3, 4, 5, 6, 9]);
+        assert_eq!(choose(&all, 600, 900), [2, 3, 4, 5, 6, 9]);
     }
 
     #[test]

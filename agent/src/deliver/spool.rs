@@ -32,9 +32,12 @@
 //!   score and then the oldest first): the dropped total grows first, is synced, and is sent in
 //!   every heartbeat; then each segment holding victims is rewritten without them (a new file,
 //!   synced, renamed over the old one). Loss is never silent. A full disk first gives up the
-//!   reserve file, which leaves room for the rewrite; with no room even for that, victims that
-//!   end their segment are cut off (no room needed) and counted after the cut; only where
-//!   nothing is freed does the oldest segment go whole. (A record dropped while a batch holding
+//!   reserve file, which leaves room for the rewrite; then the detections arriving are ranked
+//!   with the spooled ones, and an arriving repeat or lower score is refused (counted) rather
+//!   than a first sighting or higher score already spooled evicted; with no room even for a
+//!   rewrite, victims that end their segment are cut off (no room needed) and counted after
+//!   the cut; where nothing can be freed, the arriving detections are refused (counted) and
+//!   what is spooled stays. (A record dropped while a batch holding
 //!   it was in flight and then acknowledged is counted as dropped although it was delivered,
 //!   and a crash between the count and the rewrite counts records that are still there: the
 //!   count can exceed the loss. It can fall short only by a crash in the instant between a cut
@@ -155,6 +158,26 @@ struct Stats {
     pending: AtomicU64,
     dropped: AtomicU64,
     bytes: AtomicU64,
+}
+
+/// What one [`Spool::append_from`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// Detections now in the spool, synced.
+    pub spooled: u64,
+    /// Records dropped from the spool to make room (over the cap, or on a full disk).
+    pub evicted: u64,
+    /// Detections refused for want of room on a full disk.
+    pub refused: u64,
+}
+
+/// How room was made on a full disk.
+#[derive(Default)]
+struct Room {
+    evicted: u64,
+    refused: u64,
+    /// Per incoming detection, whether it is refused.
+    refuse: Vec<bool>,
 }
 
 /// A batch read for sending: detections with ids `first_id..=last_id` (minus dropped ones).
@@ -342,36 +365,43 @@ impl Spool {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Appends detections and syncs them to disk. Returns how many older records were dropped
-    /// to stay under the cap. A detection too large for a record is refused (error).
+    /// Appends detections and syncs them to disk. Returns how many records were dropped to
+    /// stay under the cap or to make room on a full disk. A detection too large for a record
+    /// is refused (error).
+    pub fn append(&self, detections: &[Detection]) -> io::Result<u64> {
+        let mut rest = detections.to_vec();
+        let (appended, result) = self.append_from(&mut rest);
+        result.map(|()| appended.evicted + appended.refused)
+    }
+
+    /// Appends the detections of `group` and syncs them, taking from `group` each one that is
+    /// now in the spool or was refused for want of room (counted), even when the write fails
+    /// part way: what is left is what a caller tries again, so no detection is spooled or
+    /// counted twice.
     ///
     /// When the disk is full below the cap, room is made (see [`Spool::room_on_full_disk`])
     /// and the write is tried once more; the reserve is taken back when there is room.
-    pub fn append(&self, detections: &[Detection]) -> io::Result<u64> {
-        self.append_counting(detections, &mut 0)
-    }
-
-    /// [`append`](Self::append), saying in `written` how many of `detections` (from the
-    /// first) are in the spool, synced, even when it fails part way: a caller that tries
-    /// again gives only the rest, and no detection is spooled twice.
-    pub fn append_counting(
-        &self,
-        detections: &[Detection],
-        written: &mut usize,
-    ) -> io::Result<u64> {
+    pub fn append_from(&self, group: &mut Vec<Detection>) -> (Appended, io::Result<()>) {
         let mut g = self.lock();
         let inner = &mut *g;
-        *written = 0;
-        let mut result = self.append_once(inner, detections, written);
+        let mut out = Appended::default();
+        let mut result = self.append_taking(inner, group, &mut out);
         if result.as_ref().is_err_and(disk_full) {
-            let rest = &detections[*written..];
-            let n = self.room_on_full_disk(inner, rest);
-            if n > 0 {
+            let room = self.room_on_full_disk(inner, group);
+            let mut refuse = room.refuse.iter();
+            group.retain(|_| !refuse.next().is_some_and(|&r| r));
+            out.evicted += room.evicted;
+            out.refused = room.refused;
+            if room.evicted + room.refused > 0 {
                 self.note_dropping(inner);
             }
-            let mut more = 0;
-            result = self.append_once(inner, rest, &mut more).map(|d| d + n);
-            *written += more;
+            if room.refused > 0 {
+                // Never spooled, so no crash can leave them counted but present: the count
+                // is kept at once, and on disk with the next write of the ack file.
+                inner.dropped += room.refused;
+                let _ = self.write_ack(inner, true);
+            }
+            result = self.append_taking(inner, group, &mut out);
         }
         // Taken back when there is room; tried at most once per QUIET, as writing it on a disk
         // too small for it fills the disk first.
@@ -380,44 +410,76 @@ impl Spool {
             inner.reserved = self.reserve();
         }
         self.publish(inner);
-        result
+        (out, result)
     }
 
-    /// Makes room for `detections` on a full disk. The reserve is given up first, and is
-    /// room enough; without it, segments are rewritten without victims as at the cap; without
-    /// room for that, victims that end their segment are cut off; where neither frees
-    /// anything, the oldest segment goes whole, which needs no room either. Returns how many
-    /// records went.
-    fn room_on_full_disk(&self, inner: &mut Inner, detections: &[Detection]) -> u64 {
+    /// One try at appending `group`, taking from it what was synced.
+    fn append_taking(
+        &self,
+        inner: &mut Inner,
+        group: &mut Vec<Detection>,
+        out: &mut Appended,
+    ) -> io::Result<()> {
+        let mut written = 0;
+        let result = self.append_once(inner, group, &mut written);
+        group.drain(..written.min(group.len()));
+        out.spooled += written as u64;
+        result.map(|evicted| out.evicted += evicted)
+    }
+
+    /// Makes room for `incoming` on a full disk. The reserve is given up first, and is room
+    /// enough. Without it, the spooled records and the incoming ones are ranked together as at
+    /// the cap ([`evict::choose`]): a repeat or a low score arriving is refused rather than a
+    /// first sighting or a higher score spooled before it evicted. Chosen spooled records go
+    /// as at the cap (segments rewritten without them); without room for that, victims that
+    /// end their segment are cut off; where neither frees anything, the incoming detections
+    /// are refused, and what is spooled stays.
+    fn room_on_full_disk(&self, inner: &mut Inner, incoming: &[Detection]) -> Room {
         inner.reserved = false;
+        let mut room = Room {
+            refuse: vec![false; incoming.len()],
+            ..Room::default()
+        };
         if fs::remove_file(self.dir.join(RESERVE)).is_ok() {
-            return 0;
+            return room;
         }
-        let need: u64 = detections
-            .iter()
-            .map(|d| (HEADER + d.encoded_len()) as u64)
-            .sum();
-        let made = self
-            .make_room(inner, need)
-            .or_else(|_| match self.cut_room(inner, need) {
-                Ok(0) => Err(io::Error::new(
-                    io::ErrorKind::StorageFull,
-                    "nothing could be cut off",
-                )),
-                cut => cut,
-            })
-            .or_else(|e| {
-                warn!(error = %e, "the spool's disk is full; dropping its oldest segment");
-                let n = self.drop_oldest(inner)?;
-                self.count_dropped(inner, n).map(|()| n)
+        let (mut candidates, sealed) = self.candidates(inner).unwrap_or_default();
+        let base = inner.next_id;
+        let mut need = 0;
+        for (i, d) in incoming.iter().enumerate() {
+            let bytes = (HEADER + d.encoded_len()) as u64;
+            need += bytes;
+            candidates.push(evict::Candidate {
+                id: base + i as u64,
+                bytes,
+                score: d.score,
+                group: evict::group_of(d),
             });
-        match made {
-            Ok(n) => n,
-            Err(e) => {
-                warn!(error = %e, "the spool's disk is full and no room could be made");
-                0
+        }
+        let chosen = evict::choose(&candidates, need, 0);
+        let spooled: Vec<u64> = chosen.iter().copied().filter(|&id| id < base).collect();
+        for &id in &chosen[spooled.len()..] {
+            room.refuse[(id - base) as usize] = true;
+        }
+        if !spooled.is_empty() {
+            let bytes: u64 = candidates
+                .iter()
+                .filter(|c| spooled.binary_search(&c.id).is_ok())
+                .map(|c| c.bytes)
+                .sum();
+            room.evicted = self
+                .evict(inner, &spooled, sealed)
+                .or_else(|_| self.cut_room(inner, bytes))
+                .unwrap_or_else(|e| {
+                    warn!(error = %e, "the spool's disk is full and nothing spooled could go");
+                    0
+                });
+            if room.evicted == 0 {
+                room.refuse.fill(true);
             }
         }
+        room.refused = room.refuse.iter().filter(|&&r| r).count() as u64;
+        room
     }
 
     fn append_once(
@@ -559,6 +621,12 @@ impl Spool {
 
     fn new_segment(&self, inner: &mut Inner) -> io::Result<()> {
         let first = inner.next_id;
+        if inner.segments.back().is_some_and(|s| s.bytes == 0) {
+            // Begun and never written to (a full disk): begun again under the next id.
+            if let Some(s) = inner.segments.pop_back() {
+                let _ = fs::remove_file(&s.path);
+            }
+        }
         let path = self.dir.join(seg_name(first));
         let file = create_private(&path)?;
         sync_dir(&self.dir)?;
@@ -585,18 +653,26 @@ impl Spool {
         Ok(s.unacked(inner.acked))
     }
 
-    /// Frees at least `need` bytes (and, to reread the spool seldom, a quarter of the cap or of
-    /// what the spool holds, the smaller)
-    /// from the sealed segments, in the order [`evict::choose`] gives; where that frees
-    /// nothing, the oldest segment goes whole. The dropped total grows by what went, and is
+    /// Frees at least `need` bytes from the sealed segments, in the order [`evict::choose`]
+    /// gives (repeats up to a quarter of the cap or of what the spool holds, the smaller, so
+    /// the spool is reread seldom); where there is nothing to choose, the oldest segment goes
+    /// whole. The dropped total grows by what went, and is
     /// synced. Returns how many unacknowledged records went.
     fn make_room(&self, inner: &mut Inner, need: u64) -> io::Result<u64> {
-        let (victims, sealed) = self.victims(inner, need)?;
+        let (candidates, sealed) = self.candidates(inner)?;
+        let goal = (self.cap / 4).min(inner.total_bytes / 4);
+        let victims = evict::choose(&candidates, need, goal);
         if victims.is_empty() {
             let n = self.drop_oldest(inner)?;
             self.count_dropped(inner, n)?;
             return Ok(n);
         }
+        self.evict(inner, &victims, sealed)
+    }
+
+    /// Drops the records `victims` (ascending) from the first `sealed` segments, each segment
+    /// holding some rewritten without them. Returns how many went; an error when none could.
+    fn evict(&self, inner: &mut Inner, victims: &[u64], sealed: usize) -> io::Result<u64> {
         // The count first: a crash from here on counts records still there, never fewer.
         self.count_dropped(inner, victims.len() as u64)?;
         let mut failed = None;
@@ -628,11 +704,9 @@ impl Spool {
         }
     }
 
-    /// The records to drop to free `need` bytes (and, to reread the spool seldom, a quarter of
-    /// the cap or of what the spool holds, the smaller), ascending; and how many segments,
-    /// from the oldest, are sealed (only those are touched).
-    fn victims(&self, inner: &Inner, need: u64) -> io::Result<(Vec<u64>, usize)> {
-        let goal = need.max((self.cap / 4).min(inner.total_bytes / 4));
+    /// The unacknowledged records of the sealed segments, as eviction candidates; and how
+    /// many segments, from the oldest, are sealed (only those are touched).
+    fn candidates(&self, inner: &Inner) -> io::Result<(Vec<evict::Candidate>, usize)> {
         let sealed = inner.segments.len() - usize::from(inner.active);
         let mut candidates = Vec::new();
         for s in inner.segments.iter().take(sealed) {
@@ -648,7 +722,7 @@ impl Spool {
                 }
             })?;
         }
-        Ok((evict::choose(&candidates, goal), sealed))
+        Ok((candidates, sealed))
     }
 
     /// Makes room on a disk with none left even for rewriting a segment, by cutting files
@@ -705,13 +779,18 @@ impl Spool {
         Ok(cut)
     }
 
-    /// Forgets the sealed segments a rewrite left empty (their files are gone).
+    /// Forgets the sealed segments left empty: by a rewrite or a cut (their files are gone), or
+    /// begun on a full disk and never written (their empty files go now).
     fn forget_emptied(&self, inner: &mut Inner, sealed: usize) -> io::Result<()> {
         let before = inner.segments.len();
         let mut position = 0;
         inner.segments.retain(|s| {
             position += 1;
-            position > sealed || s.bytes > 0
+            let keep = position > sealed || s.bytes > 0;
+            if !keep {
+                let _ = fs::remove_file(&s.path);
+            }
+            keep
         });
         inner.read_pos = None;
         if inner.segments.len() < before {
@@ -1473,5 +1552,109 @@ mod tests {
         s.ack(total).unwrap();
         assert_eq!(s.pending(), 0);
         assert_eq!(s.dropped(), dropped);
+    }
+
+    /// A tmpfs mounted at a new directory (root only), unmounted on drop.
+    struct Tmpfs(PathBuf);
+
+    impl Tmpfs {
+        fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
+            fs::create_dir_all(at).unwrap();
+            let mounted = std::process::Command::new("mount")
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={size},mode=0700"),
+                    "tmpfs",
+                ])
+                .arg(at)
+                .status()
+                .is_ok_and(|s| s.success());
+            if mounted {
+                return Some(Tmpfs(at.to_owned()));
+            }
+            let required = std::env::var("VEDETTE_TEST_ROOT").as_deref() == Ok("required")
+                || std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+            assert!(
+                !required,
+                "this test needs root here: it mounts a small tmpfs"
+            );
+            eprintln!("SKIP: needs root: it mounts a small tmpfs");
+            None
+        }
+
+        /// Fills what is left of the file system with one file.
+        fn fill(&self) -> PathBuf {
+            let path = self.0.join("filler");
+            let mut f = File::create(&path).unwrap();
+            let chunk = vec![0x5a_u8; 64 << 10];
+            while f.write_all(&chunk).is_ok() {}
+            while f.write_all(&[0u8; 512]).is_ok() {}
+            path
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+
+    #[test]
+    fn on_a_full_disk_a_flood_of_repeats_is_refused_before_an_earlier_first_sighting_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(disk) = Tmpfs::mount(&dir.path().join("disk"), "1m") else {
+            return;
+        };
+        let spool_dir = disk.0.join("spool");
+        let (s, _) = Spool::open(&spool_dir, 1 << 20).unwrap();
+        s.append(&[scored(1, "webshell", 90)]).unwrap();
+        let filler = disk.fill();
+        // The flood arrives as the writer gives it: groups of up to 1000, each tried until
+        // nothing of it is left (spooled, or refused and counted); every try makes progress.
+        let n = 3000u64;
+        let mut spooled = 1;
+        for chunk in (2..=n + 1).collect::<Vec<_>>().chunks(1000) {
+            let mut group: Vec<Detection> = chunk.iter().map(|&i| scored(i, "noise", 10)).collect();
+            let mut tries = 0;
+            while !group.is_empty() {
+                let before = group.len();
+                let (appended, result) = s.append_from(&mut group);
+                spooled += appended.spooled;
+                assert_eq!(
+                    before - group.len(),
+                    (appended.spooled + appended.refused) as usize
+                );
+                tries += 1;
+                assert!(
+                    tries < 50,
+                    "no progress on a full disk: {result:?}, {} left",
+                    group.len()
+                );
+            }
+        }
+        let got = all(&s);
+        let dropped = s.dropped();
+        assert!(dropped > 0, "a full disk drops");
+        assert_eq!(got.len() as u64 + dropped, n + 1, "kept + dropped = made");
+        assert!(spooled >= got.len() as u64);
+        let rules: Vec<&str> = got.iter().map(|d| d.rule.as_str()).collect();
+        assert_eq!(rules.iter().filter(|r| **r == "webshell").count(), 1);
+        assert_eq!(got[1].id, "id-2", "the flood's first sighting stays");
+        // Room again: the count is on disk with the next ack, and reopening keeps it.
+        fs::remove_file(filler).unwrap();
+        s.append(&[scored(n + 2, "miner", 80)]).unwrap();
+        s.sync().unwrap();
+        drop(s);
+        let (s, rec) = Spool::open(&spool_dir, 1 << 20).unwrap();
+        assert_eq!(s.dropped(), dropped);
+        assert_eq!(rec.pending, got.len() as u64 + 1);
+        assert_eq!(rec.damaged_segments, 0);
+        drop(s);
+        drop(disk);
     }
 }

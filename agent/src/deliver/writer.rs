@@ -75,9 +75,10 @@ fn suppress(group: &mut Vec<Detection>, rules: &ActiveRules, counters: &Counters
 }
 
 /// The spool writer: takes detections from the scan stages and makes them durable, one sync
-/// per group. Runs on its own thread until every sender is gone. A write that fails (disk full,
-/// I/O error) is retried, and the channel fills meanwhile, so the scanners wait: nothing is
-/// dropped for a full disk.
+/// per group. Runs on its own thread until every sender is gone. A write that fails (an I/O
+/// error, a disk still full) is retried, and the channel fills meanwhile, so the scanners wait;
+/// on a full disk the spool makes room, or refuses what ranks below what it holds (counted as
+/// dropped, never silent).
 /// Detections an exception of the running bundle covers are dropped here, the one place
 /// every stage's detections pass, and counted (`suppressed`).
 pub fn write_spool(
@@ -113,28 +114,28 @@ pub fn write_spool(
         }
         let mut pause = Duration::from_millis(100);
         while !group.is_empty() {
-            // What a failed write left in the spool is not written again.
-            let mut written = 0;
-            match sp.spool.append_counting(&group, &mut written) {
-                Ok(dropped) => {
+            // What a failed write left in the spool, or refused, is taken from the group and
+            // not written again.
+            let (appended, result) = sp.spool.append_from(&mut group);
+            counters.add(Counter::DetectionsSpooled, appended.spooled);
+            counters.add(
+                Counter::DetectionsDropped,
+                appended.evicted + appended.refused,
+            );
+            if appended.spooled > 0 {
+                sp.written.notify_one();
+            }
+            match result {
+                Ok(()) => {
                     if failing {
                         info!("spool writes work again");
                         failing = false;
                     }
-                    counters.add(Counter::DetectionsSpooled, group.len() as u64);
-                    counters.add(Counter::DetectionsDropped, dropped);
-                    sp.written.notify_one();
-                    break;
                 }
                 Err(e) => {
                     if !failing {
                         error!(error = %e, "cannot write the spool; detections wait until it works");
                         failing = true;
-                    }
-                    if written > 0 {
-                        counters.add(Counter::DetectionsSpooled, written as u64);
-                        group.drain(..written.min(group.len()));
-                        sp.written.notify_one();
                     }
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(Duration::from_secs(5));
