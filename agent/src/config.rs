@@ -57,6 +57,12 @@ pub struct RawConfig {
     pub process_interval: Option<String>,
     /// Also match YARA rules against each new process's readable private memory; default false.
     pub memory_scan: Option<bool>,
+    /// Watch DNS queries (UDP port 53, every interface; needs CAP_NET_RAW) for domain
+    /// indicators; default true. Only matches are kept or sent.
+    pub dns: Option<bool>,
+    /// One `dns` detection per process (or host) per domain per this long, with the count of
+    /// queries, e.g. `10m`. Default `10m`.
+    pub dns_window: Option<String>,
     /// Prevention: deny the exec of a file on the watched file systems that matches a rule or
     /// indicator scoring at least `prevent_min_score` (needs fanotify). Default false.
     pub prevent: Option<bool>,
@@ -214,6 +220,8 @@ pub struct Config {
     pub processes: bool,
     pub process_interval: Duration,
     pub memory_scan: bool,
+    pub dns: bool,
+    pub dns_window: Duration,
     /// Prevention mode, when on.
     pub prevent: Option<Prevention>,
     pub spool_max_bytes: u64,
@@ -275,6 +283,7 @@ impl RawConfig {
             &self.process_interval,
             Duration::from_secs(1),
         );
+        let dns_window = duration("dns_window", &self.dns_window, Duration::from_secs(600));
         let prevent_timeout = duration(
             "prevent_timeout",
             &self.prevent_timeout,
@@ -305,6 +314,7 @@ impl RawConfig {
             heartbeat,
             backoff_max,
             process_interval,
+            dns_window,
             prevent_timeout,
             scan_interval,
         }
@@ -422,6 +432,8 @@ impl RawConfig {
             processes: self.processes.unwrap_or(true),
             process_interval: t.process_interval,
             memory_scan: self.memory_scan.unwrap_or(false),
+            dns: self.dns.unwrap_or(true),
+            dns_window: t.dns_window,
             prevent: self.prevent.unwrap_or(false).then_some(Prevention {
                 min_score: self.prevent_min_score.unwrap_or(80),
                 timeout: t.prevent_timeout,
@@ -447,6 +459,7 @@ struct Durations {
     heartbeat: Duration,
     backoff_max: Duration,
     process_interval: Duration,
+    dns_window: Duration,
     prevent_timeout: Duration,
     scan_interval: Option<Duration>,
 }

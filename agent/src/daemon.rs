@@ -35,6 +35,8 @@ use crate::deliver::shipper::{BundleLink, ShipConfig, Shipper};
 use crate::deliver::spool::Spool;
 use crate::deliver::writer::{Spooled, write_spool};
 use crate::detect::cache::ScanCache;
+use crate::detect::dns::{DnsLinks, DnsWatch};
+use crate::detect::dnscap::Capture;
 use crate::detect::execmon;
 use crate::detect::full_scan::{FullScans, ScanPlan};
 use crate::detect::pool::ScanPool;
@@ -416,8 +418,14 @@ impl Background {
         if !scan_roots.is_empty() {
             threads.push(this.start_full_scans(settings, scan_roots, walk, options)?);
         }
+        let dns = if settings.dns {
+            this.start_dns(settings, &mut threads)?
+        } else {
+            info!("DNS is not watched (`dns = false`); domain indicators match command lines");
+            None
+        };
         if settings.processes {
-            threads.extend(this.start_process_watch(settings, options)?);
+            threads.extend(this.start_process_watch(settings, options, dns)?);
         }
         let s = &this.shared;
         this.rt
@@ -470,12 +478,51 @@ impl Background {
             })
     }
 
+    /// The DNS watcher, when a packet socket can be had (`CAP_NET_RAW`); without one, says
+    /// once what is missing, and domain indicators keep matching command lines. The links it
+    /// keeps between names and addresses.
+    fn start_dns(
+        self: &Arc<Self>,
+        settings: &Config,
+        threads: &mut Vec<JoinHandle<()>>,
+    ) -> std::io::Result<Option<Arc<DnsLinks>>> {
+        let capture = match Capture::open(Duration::from_millis(200)) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(
+                    error = %e,
+                    "DNS is not seen: no packet socket (it needs CAP_NET_RAW); domain indicators match command lines only"
+                );
+                return Ok(None);
+            }
+        };
+        info!("DNS seen on every interface (UDP port 53)");
+        let s = &self.shared;
+        let links = DnsLinks::new();
+        let watch = DnsWatch {
+            rules: s.rules.clone(),
+            ids: s.reports.ids.clone(),
+            det: s.det.clone(),
+            counters: s.counters.clone(),
+            stop: s.stop.clone(),
+            window: settings.dns_window,
+            links: links.clone(),
+        };
+        threads.push(
+            std::thread::Builder::new()
+                .name("dns".into())
+                .spawn(move || watch.run(&capture))?,
+        );
+        Ok(Some(links))
+    }
+
     /// The process connector's listener (when the kernel lets the agent have it) and the
     /// process monitor.
     fn start_process_watch(
         self: &Arc<Self>,
         settings: &Config,
         options: ScanOptions,
+        dns: Option<Arc<DnsLinks>>,
     ) -> std::io::Result<Vec<JoinHandle<()>>> {
         let s = &self.shared;
         let mut threads = Vec::new();
@@ -501,6 +548,7 @@ impl Background {
             interval: settings.process_interval,
             memory: settings.memory_scan,
             options,
+            dns,
         };
         threads.push(
             std::thread::Builder::new()

@@ -111,6 +111,15 @@ counters! {
     /// Executions answered without a verdict and not judged afterwards by prevention (too many
     /// waiting): left to the exec events.
     ExecVerdictsUnjudged = "exec_verdicts_unjudged" counter,
+    /// DNS datagrams seen (UDP port 53, every interface).
+    DnsPackets = "dns_packets" counter,
+    /// DNS packets the kernel dropped before the agent read them (socket buffer full).
+    DnsPacketsDropped = "dns_packets_dropped" counter,
+    /// DNS datagrams that were no DNS message the parser could read.
+    DnsUnreadable = "dns_unreadable" counter,
+    /// Queries for a listed domain counted into a detection already made (same process,
+    /// same domain, within `dns_window`).
+    DnsRepeats = "dns_repeats" counter,
     /// New processes judged (names, command lines, executables).
     ProcessesSeen = "processes_seen" counter,
     /// Kernel event queue overflows (each one triggers a rescan).

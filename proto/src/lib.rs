@@ -7,7 +7,7 @@ pub mod v1 {
 }
 
 /// Short lowercase name of a `Detection.kind` value (`yara`, `hash`, `filename`, `process`,
-/// `connection`, `agent`; `unknown` for anything else), as printed by the command-line tools.
+/// `connection`, `agent`, `dns`; `unknown` for anything else), as printed by the command-line tools.
 pub fn kind_name(kind: i32) -> &'static str {
     use v1::DetectionKind;
     match DetectionKind::try_from(kind).unwrap_or(DetectionKind::Unspecified) {
@@ -17,11 +17,13 @@ pub fn kind_name(kind: i32) -> &'static str {
         DetectionKind::Process => "process",
         DetectionKind::Connection => "connection",
         DetectionKind::Agent => "agent",
+        DetectionKind::Dns => "dns",
         DetectionKind::Unspecified => "unknown",
     }
 }
 
-/// The kind named by `name` (`yara`, `hash`, `filename`, `process`, `connection`, `agent`), as
+/// The kind named by `name` (`yara`, `hash`, `filename`, `process`, `connection`, `agent`,
+/// `dns`), as
 /// its `DetectionKind` value.
 pub fn kind_from_name(name: &str) -> Option<i32> {
     use v1::DetectionKind;
@@ -32,6 +34,7 @@ pub fn kind_from_name(name: &str) -> Option<i32> {
         DetectionKind::Process,
         DetectionKind::Connection,
         DetectionKind::Agent,
+        DetectionKind::Dns,
     ]
     .into_iter()
     .map(|k| k as i32)

@@ -44,6 +44,24 @@ fn domain_lookup_benchmark_runs_in_a_tiny_configuration() {
     assert!(text.contains("| 1000 | 1000 | 100 |"), "{text}");
 }
 
+#[test]
+fn dns_rate_benchmark_runs_in_a_tiny_configuration() {
+    if vedette_tests::Netns::new().is_err() {
+        vedette_tests::missing_root("dns-rate makes a network namespace");
+        return;
+    }
+    let text = run(
+        "dns-rate",
+        &["--rate", "300", "--seconds", "1", "--indicators", "10"],
+    );
+    // Every query seen, none dropped, the one listed name reported once.
+    assert!(text.contains("| 10 | 300 | 1 | 300 | "), "{text}");
+    let row = text.lines().last().unwrap_or_default();
+    let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+    assert_eq!(cells[6], "0", "dropped: {text}");
+    assert_eq!(cells[7], "1", "dns detections: {text}");
+}
+
 /// The ingest harness against a collector it did not start, as an operator sizing one runs it.
 #[test]
 fn ingest_benchmark_runs_against_a_collector_of_its_own() {

@@ -7,6 +7,7 @@ mod bundles;
 mod code_map;
 mod console;
 mod delivery;
+mod dns;
 mod engine;
 mod faults;
 mod hardening;

@@ -1088,3 +1088,67 @@ impl Drop for Fuse {
             .status();
     }
 }
+
+/// A network namespace of a test's own (`ip netns add`, which unshares one), with `lo` up;
+/// removed when dropped. A thread that [`enter`](Self::enter)s it starts every process after
+/// that inside it: nothing it does on the network leaves the namespace.
+pub struct Netns(String);
+
+impl Netns {
+    /// A new namespace; an error (most often: not root) says why there is none.
+    pub fn new() -> Result<Netns, String> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let name = format!(
+            "vedette-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let run = |args: &[&str]| {
+            Command::new("ip")
+                .args(args)
+                .output()
+                .map_err(|e| format!("ip {}: {e}", args.join(" ")))
+                .and_then(|o| {
+                    o.status
+                        .success()
+                        .then_some(())
+                        .ok_or_else(|| format!("ip {}: {}", args.join(" "), output_text(&o)))
+                })
+        };
+        run(&["netns", "add", &name])?;
+        let ns = Netns(name);
+        run(&["-n", &ns.0, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Moves the calling thread into the namespace.
+    pub fn enter(&self) -> std::io::Result<()> {
+        let file = std::fs::File::open(format!("/run/netns/{}", self.0))?;
+        rustix::thread::move_into_thread_name_spaces(
+            std::os::fd::AsFd::as_fd(&file),
+            rustix::thread::ThreadNameSpaceType::NETWORK,
+        )?;
+        Ok(())
+    }
+
+    /// Runs `f` on a new thread inside the namespace (a panic in it is this caller's).
+    pub fn run(&self, f: impl FnOnce() + Send) {
+        let joined = std::thread::scope(|s| {
+            s.spawn(|| {
+                self.enter()
+                    .expect("setns into the test's network namespace");
+                f();
+            })
+            .join()
+        });
+        if let Err(panic) = joined {
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}

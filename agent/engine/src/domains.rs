@@ -39,7 +39,9 @@ pub fn normalise(name: &str) -> Option<String> {
             out.push('.');
         }
         if label.is_ascii() {
-            out.push_str(&label.to_ascii_lowercase());
+            let at = out.len();
+            out.push_str(label);
+            out[at..].make_ascii_lowercase();
         } else {
             out.push_str("xn--");
             out.push_str(&punycode(&label.to_lowercase())?);
@@ -110,10 +112,18 @@ impl<T> DomainIndex<T> {
     /// What covers `name`: the entries listed for it, and those listed with their subdomains
     /// for each domain above it. One lookup per label.
     pub fn lookup(&self, name: &str) -> Vec<&T> {
+        match normalise(name) {
+            Some(name) => self.lookup_normal(&name),
+            None => Vec::new(),
+        }
+    }
+
+    /// [`lookup`](Self::lookup) of a name already in the one form [`normalise`] gives.
+    pub fn lookup_normal(&self, name: &str) -> Vec<&T> {
         let mut out = Vec::new();
-        let Some(name) = normalise(name) else {
+        if self.names.is_empty() {
             return out;
-        };
+        }
         let mut at = 0;
         loop {
             if let Some(listed) = self.names.get(&name[at..]) {

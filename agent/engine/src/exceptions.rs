@@ -247,6 +247,7 @@ impl<'a> Seen<'a> {
             Some(Target::File(f)) => (f.sha256.as_str(), f.path.as_str()),
             Some(Target::Process(p)) => (p.exe_sha256.as_str(), p.exe.as_str()),
             Some(Target::Connection(c)) => ("", c.exe.as_str()),
+            Some(Target::Dns(q)) => ("", q.exe.as_str()),
             None => ("", ""),
         };
         Seen {

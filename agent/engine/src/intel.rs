@@ -174,6 +174,8 @@ pub struct Intel {
     by_address: HashMap<IpAddr, Vec<usize>>,
     networks: Vec<usize>,
     by_domain: crate::domains::DomainIndex<usize>,
+    /// Domain alternatives with no equality (`LIKE`, `MATCHES`): tried on every name.
+    domain_scan: Vec<usize>,
     wants: [bool; 3],
     pub loaded: usize,
     pub expired: usize,
@@ -393,9 +395,10 @@ impl Intel {
                 for d in v {
                     self.by_domain.insert(d, reach, at);
                 }
-                break;
+                return;
             }
         }
+        self.domain_scan.push(at);
     }
 
     /// How far the domains of conjunction `at` reach.
@@ -419,7 +422,7 @@ impl Intel {
         self.wants.iter().any(|w| *w) || !self.by_name.is_empty() || !self.file_scan.is_empty()
     }
     pub fn has_processes(&self) -> bool {
-        !self.process.is_empty() || !self.by_domain.is_empty()
+        !self.process.is_empty() || self.has_domains()
     }
     pub fn has_addresses(&self) -> bool {
         !self.by_address.is_empty() || !self.networks.is_empty()
@@ -455,7 +458,7 @@ impl Intel {
     /// line names.
     pub fn match_process(&self, name: &str, cmdline: &str, out: &mut Vec<RuleMatch>) {
         let mut candidates = self.process.clone();
-        let domains: Vec<String> = if self.by_domain.is_empty() {
+        let domains: Vec<String> = if !self.has_domains() {
             Vec::new()
         } else {
             domain_tokens(cmdline).collect()
@@ -463,12 +466,34 @@ impl Intel {
         for token in &domains {
             candidates.extend(self.by_domain.lookup(token));
         }
+        if !domains.is_empty() {
+            candidates.extend(&self.domain_scan);
+        }
         self.emit(candidates, out, |at, field, check| match field {
             Field::ProcessName => text_check(check, name),
             Field::CommandLine => text_check(check, cmdline),
             Field::Domain => domains
                 .iter()
                 .any(|d| domain_check(check, d, self.reach(at))),
+            _ => false,
+        });
+    }
+
+    /// Whether any indicator names a domain.
+    pub fn has_domains(&self) -> bool {
+        !self.by_domain.is_empty() || !self.domain_scan.is_empty()
+    }
+
+    /// Domain indicators matching a name asked in a DNS query (`name` normalised: lowercase,
+    /// no trailing dot, punycode).
+    pub fn match_domain(&self, name: &str, out: &mut Vec<RuleMatch>) {
+        if !self.has_domains() {
+            return;
+        }
+        let mut candidates = self.domain_scan.clone();
+        candidates.extend(self.by_domain.lookup_normal(name));
+        self.emit(candidates, out, |at, field, check| match field {
+            Field::Domain => domain_check(check, name, self.reach(at)),
             _ => false,
         });
     }
@@ -622,6 +647,38 @@ mod tests {
         assert_eq!(hits("curl https://C2.misp.example/"), [misp_id]);
         assert_eq!(hits("curl https://a.b.c2.misp.example/"), [misp_id]);
         assert!(hits("curl https://xc2.misp.example/").is_empty());
+        // Names asked in DNS queries follow the same reach.
+        let asked = |name: &str| asked(&intel, name);
+        assert_eq!(asked("c2.stix.example"), ["indicator--s"]);
+        assert!(asked("a.c2.stix.example").is_empty());
+        assert_eq!(asked("a.b.c2.misp.example"), [misp_id]);
+        assert!(asked("xc2.misp.example").is_empty());
+    }
+
+    /// The ids of the indicators a name asked in a DNS query matches.
+    fn asked(intel: &Intel, name: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        intel.match_domain(name, &mut out);
+        out.iter().map(|m| m.indicator.id.clone()).collect()
+    }
+
+    /// `LIKE` and `MATCHES` on a domain name are tried on every name asked.
+    #[test]
+    fn domain_patterns_match_names_asked() {
+        let (intel, problems) = load(&[
+            line("indicator--l", "[domain-name:value LIKE '%.dyn.example']"),
+            line(
+                "indicator--m",
+                "[domain-name:value MATCHES '^x[0-9]+[.]bad[.]example$']",
+            ),
+        ]);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert!(intel.has_domains());
+        let asked = |name: &str| asked(&intel, name);
+        assert_eq!(asked("host.dyn.example"), ["indicator--l"]);
+        assert_eq!(asked("x42.bad.example"), ["indicator--m"]);
+        assert!(asked("dyn.example.org").is_empty());
+        assert!(asked("y42.bad.example").is_empty());
     }
 
     #[test]

@@ -513,6 +513,40 @@ impl Iocs {
         self.intel.match_process(name, cmdline, out);
     }
 
+    /// Whether any indicator names a domain (a Loki C2 domain, a STIX or MISP one).
+    pub fn has_domains(&self) -> bool {
+        !self.c2_domains.is_empty() || self.intel.has_domains()
+    }
+
+    /// The domain indicators a name asked in a DNS query matches: the Loki C2 list's first
+    /// (a listed domain covers its subdomains), then imported ones (as their source says).
+    pub fn match_domain(&self, name: &str) -> Vec<RuleMatch> {
+        match crate::domains::normalise(name) {
+            Some(name) => self.match_domain_normal(&name),
+            None => Vec::new(),
+        }
+    }
+
+    /// [`match_domain`](Self::match_domain) of a name already in the one form
+    /// [`normalise`](crate::domains::normalise) gives.
+    pub fn match_domain_normal(&self, name: &str) -> Vec<RuleMatch> {
+        let mut out = Vec::new();
+        for (text, source, from) in self.c2_domains.lookup_normal(name) {
+            out.push(RuleMatch {
+                kind: MatchKind::Connection,
+                rule: text.clone(),
+                indicator: loki(source, *from),
+                source: source.clone(),
+                score: FIXED_SCORE,
+                description: format!("a DNS query asked for {name}"),
+                author: String::new(),
+                reference: String::new(),
+            });
+        }
+        self.intel.match_domain(name, &mut out);
+        out
+    }
+
     /// The C2 indicators a remote address matches: the Loki list's first, then imported ones.
     pub fn match_ip(&self, ip: IpAddr) -> Vec<RuleMatch> {
         let ip = match ip {
@@ -720,6 +754,22 @@ mod tests {
                     (m.rule.as_str(), m.indicator.id.as_str()),
                     ("evil.example", "t.txt:3")
                 );
+            }
+        }
+        // The same domain asked in a DNS query: itself and its subdomains, case and the
+        // trailing dot aside; not a longer name.
+        assert!(iocs.has_domains());
+        for (name, hits) in [
+            ("evil.example", 1),
+            ("Beacon.CDN.evil.example.", 1),
+            ("notevil.example", 0),
+            ("evil.example.org", 0),
+            ("", 0),
+        ] {
+            let out = iocs.match_domain(name);
+            assert_eq!(out.len(), hits, "{name}: {out:?}");
+            if let Some(m) = out.first() {
+                assert_eq!(m.indicator.id, "t.txt:3");
             }
         }
     }

@@ -557,7 +557,10 @@ impl Parser {
 }
 
 fn is_text(f: Field) -> bool {
-    matches!(f, Field::FileName | Field::ProcessName | Field::CommandLine)
+    matches!(
+        f,
+        Field::FileName | Field::ProcessName | Field::CommandLine | Field::Domain
+    )
 }
 
 fn field_of(path: &str) -> Result<Field, ParseError> {

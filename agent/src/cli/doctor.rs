@@ -32,6 +32,7 @@ pub async fn run(state_dir: &Path, config: Option<&Path>) -> Vec<Finding> {
     }
     if let Some(s) = &settings {
         check_events(s, &mut out);
+        check_dns(s, &mut out);
         check_disk(state_dir, s.spool_max_bytes, &mut out);
     } else {
         check_disk(state_dir, 256 * 1024 * 1024, &mut out);
@@ -404,6 +405,28 @@ fn check_events(s: &Config, out: &mut Vec<Finding>) {
             format!("fs.inotify.max_user_instances is only {instances}"),
             "sysctl -w fs.inotify.max_user_instances=128",
         ));
+    }
+}
+
+/// Whether DNS can be watched: the packet socket needs CAP_NET_RAW.
+fn check_dns(s: &Config, out: &mut Vec<Finding>) {
+    if !s.dns {
+        out.push(Finding::ok(
+            "dns",
+            "dns = false: domain indicators match command lines only",
+        ));
+        return;
+    }
+    match crate::detect::dnscap::Capture::open(std::time::Duration::from_millis(10)) {
+        Ok(_) => out.push(Finding::ok(
+            "dns",
+            "DNS over UDP port 53 can be seen on every interface (packet socket)",
+        )),
+        Err(e) => out.push(Finding::warning(
+            "dns",
+            format!("no packet socket for DNS: {e}; domain indicators would match command lines only"),
+            "run the agent as root with CAP_NET_RAW (the systemd unit grants it), or set dns = false",
+        )),
     }
 }
 

@@ -30,6 +30,7 @@ pub(crate) fn group_of(d: &Detection) -> u64 {
         Some(Target::File(_)) => 1,
         Some(Target::Process(_)) => 2,
         Some(Target::Connection(_)) => 3,
+        Some(Target::Dns(_)) => 4,
     };
     let mut h = DefaultHasher::new();
     (d.kind, d.rule.as_str(), d.source.as_str(), class).hash(&mut h);

@@ -12,6 +12,8 @@
 //! walked by [`walk`] with the same rules (excludes, one file system, no symlinks).
 
 pub mod cache;
+pub(crate) mod dns;
+pub(crate) mod dnscap;
 pub(crate) mod examine;
 pub(crate) mod execmon;
 pub(crate) mod exeread;
@@ -45,7 +47,7 @@ use crate::detect::cache::{ScanCache, Stamp, rules_tag};
 
 /// What a match was found in: with the agent and the rule, it makes a detection's id.
 #[derive(Debug, Clone, Copy)]
-pub(crate) enum Subject {
+pub(crate) enum Subject<'a> {
     /// One state of a file.
     File(Stamp),
     /// One process: its pid and start time (clock ticks after boot).
@@ -56,6 +58,16 @@ pub(crate) enum Subject {
         start_ticks: u64,
         remote: IpAddr,
         port: u16,
+    },
+    /// The DNS queries of one process (pid 0: none found) for one name, in one reporting
+    /// window (begun at `window_ms`, ms since the epoch): its first query, or (`summary`) all
+    /// of them, counted when the window ends.
+    Dns {
+        pid: u32,
+        start_ticks: u64,
+        name: &'a str,
+        window_ms: i64,
+        summary: bool,
     },
 }
 
@@ -111,6 +123,19 @@ impl Ids {
                 field(&start_ticks.to_le_bytes());
                 field(remote.to_string().as_bytes());
                 field(&port.to_le_bytes());
+            }
+            Subject::Dns {
+                pid,
+                start_ticks,
+                name,
+                window_ms,
+                summary,
+            } => {
+                field(if summary { b"dns-summary" } else { b"dns" });
+                field(&pid.to_le_bytes());
+                field(&start_ticks.to_le_bytes());
+                field(name.as_bytes());
+                field(&window_ms.to_le_bytes());
             }
         }
         field(&[kind_of(m.kind) as u8]);

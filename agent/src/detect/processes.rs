@@ -47,6 +47,8 @@ pub(crate) struct ProcessWatch {
     /// `memory_scan`.
     pub memory: bool,
     pub options: ScanOptions,
+    /// The names DNS answers gave addresses, when DNS is seen.
+    pub dns: Option<Arc<crate::detect::dns::DnsLinks>>,
 }
 
 /// Where one rule set's loop stands.
@@ -80,6 +82,7 @@ impl ProcessWatch {
             .with_exe_cache(self.reports.execs.clone())
             .with_counters(self.counters.clone())
             .with_exec_covered(self.exec_covered.clone())
+            .with_dns(self.dns.clone())
             .with_exe_reader(ExeReader::new(
                 current.clone(),
                 self.options,

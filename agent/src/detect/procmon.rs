@@ -121,6 +121,11 @@ pub(crate) const DELETED: &[u8] = b" (deleted)";
 
 use crate::detect::fileless::fileless;
 
+/// A process's start time in seconds since the epoch, from its start in ticks after boot.
+pub(crate) fn start_time_secs(start_ticks: u64) -> i64 {
+    (boot_time() + start_ticks / TICKS_PER_SEC) as i64
+}
+
 fn boot_time() -> u64 {
     std::fs::read_to_string("/proc/stat")
         .ok()
@@ -296,6 +301,8 @@ pub struct ProcessJudge {
     /// Which file systems may never answer a read.
     mounts: Mounts,
     mounts_read: std::time::Instant,
+    /// The names DNS answers gave addresses (when DNS is seen).
+    dns: Option<Arc<crate::detect::dns::DnsLinks>>,
 }
 
 /// How long the mounts read are trusted before they are read again.
@@ -359,7 +366,15 @@ impl ProcessJudge {
             exe_reader: None,
             mounts: Mounts::read(),
             mounts_read: std::time::Instant::now(),
+            dns: None,
         }
+    }
+
+    /// Reports connections to the addresses DNS answers gave for listed domains, and names
+    /// the domain in every connection detection.
+    pub fn with_dns(mut self, links: Option<Arc<crate::detect::dns::DnsLinks>>) -> ProcessJudge {
+        self.dns = links;
+        self
     }
 
     /// Detections for processes not judged before (all of them on the first call).
@@ -481,19 +496,24 @@ impl ProcessJudge {
         exe_matches(&self.exe_cache, scanner, file, exe, Reading::UpToCap)
     }
 
-    /// Detections for connections to C2 addresses not reported before.
+    /// Detections for connections to C2 addresses not reported before: listed addresses, and
+    /// addresses a DNS answer gave for a listed domain (the domain named).
     pub fn c2_connections(&mut self, rules: &RuleSet) -> Vec<Detection> {
-        if !rules.iocs().has_c2() {
+        let links = self.dns.clone();
+        let linked = links.as_ref().is_some_and(|l| l.has_listed());
+        if !rules.iocs().has_c2() && !linked {
             return Vec::new();
         }
         let hits: Vec<(Conn, RuleMatch)> = connections()
             .into_iter()
             .flat_map(|c| {
-                rules
-                    .iocs()
-                    .match_ip(c.remote.0)
-                    .into_iter()
-                    .map(move |m| (c.clone(), m))
+                let mut found = rules.iocs().match_ip(c.remote.0);
+                if linked && let Some(link) = links.as_ref().and_then(|l| l.listed(c.remote.0)) {
+                    let mut m = link.rule;
+                    m.description = format!("{} was an answer for {}", c.remote.0, link.name);
+                    found.push(m);
+                }
+                found.into_iter().map(move |m| (c.clone(), m))
             })
             .collect();
         if hits.is_empty() {
@@ -530,6 +550,10 @@ impl ProcessJudge {
                 local_port: u32::from(c.local.1),
                 remote_addr: c.remote.0.to_string(),
                 remote_port: u32::from(c.remote.1),
+                domain: links
+                    .as_ref()
+                    .and_then(|l| l.name_of(c.remote.0))
+                    .unwrap_or_default(),
             });
             out.push(detection(id, m, rules.bundle_version, target));
         }

@@ -31,6 +31,54 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 /// Every TCP and UDP socket, IPv4 and IPv6, with a remote address; None when the kernel's
 /// socket diagnostics cannot be used (the caller then reads `/proc/net`).
 pub fn connections() -> Option<Vec<Conn>> {
+    let mut out = Vec::new();
+    dump(
+        &[
+            (AF_INET, IPPROTO_TCP, "tcp"),
+            (AF_INET6, IPPROTO_TCP, "tcp6"),
+            (AF_INET, IPPROTO_UDP, "udp"),
+            (AF_INET6, IPPROTO_UDP, "udp6"),
+        ],
+        |c| {
+            if !c.remote.0.is_unspecified() {
+                out.push(c);
+            }
+        },
+    )?;
+    Some(out)
+}
+
+/// The inode of the UDP socket bound to `local` (its port, on that address or on any),
+/// connected or not: the socket a datagram from this host was sent from.
+pub fn udp_socket(local: (IpAddr, u16)) -> Option<u64> {
+    let mut exact = None;
+    let mut any = None;
+    dump(
+        &[
+            (AF_INET, IPPROTO_UDP, "udp"),
+            (AF_INET6, IPPROTO_UDP, "udp6"),
+        ],
+        |c| {
+            if c.local.1 != local.1 {
+                return;
+            }
+            let on = |a: IpAddr| match a {
+                IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(a, IpAddr::V4),
+                v4 => v4,
+            };
+            if on(c.local.0) == on(local.0) {
+                exact.get_or_insert(c.inode);
+            } else if c.local.0.is_unspecified() {
+                any.get_or_insert(c.inode);
+            }
+        },
+    )?;
+    exact.or(any)
+}
+
+/// Dumps every socket of the families and protocols given, handing each to `each`; None when
+/// the kernel's socket diagnostics cannot be used.
+fn dump(kinds: &[(u8, u8, &'static str)], mut each: impl FnMut(Conn)) -> Option<()> {
     let sock = socket(
         AddressFamily::NETLINK,
         SocketType::DGRAM,
@@ -39,14 +87,8 @@ pub fn connections() -> Option<Vec<Conn>> {
     .ok()?;
     sockopt::set_socket_timeout(&sock, sockopt::Timeout::Recv, Some(TIMEOUT)).ok()?;
     let kernel = SocketAddrNetlink::new(0, 0);
-    let mut out = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
-    for (family, protocol, name) in [
-        (AF_INET, IPPROTO_TCP, "tcp"),
-        (AF_INET6, IPPROTO_TCP, "tcp6"),
-        (AF_INET, IPPROTO_UDP, "udp"),
-        (AF_INET6, IPPROTO_UDP, "udp6"),
-    ] {
+    for &(family, protocol, name) in kinds {
         sendto(
             &sock,
             &request(family, protocol),
@@ -71,7 +113,7 @@ pub fn connections() -> Option<Vec<Conn>> {
                     NLMSG_ERROR => return None,
                     SOCK_DIAG_BY_FAMILY => {
                         if let Some(c) = parse(&rest[NLMSG_HDR..len], name) {
-                            out.push(c);
+                            each(c);
                         }
                     }
                     _ => {}
@@ -82,7 +124,7 @@ pub fn connections() -> Option<Vec<Conn>> {
             }
         }
     }
-    Some(out)
+    Some(())
 }
 
 /// A dump request for every socket of one family and protocol, in any state.
@@ -101,7 +143,7 @@ fn request(family: u8, protocol: u8) -> Vec<u8> {
 }
 
 /// One `inet_diag_msg`: the socket's addresses (ports big-endian, addresses in network
-/// order) and inode; None for a socket with no remote end.
+/// order) and inode (the remote address unspecified for a socket with no remote end).
 fn parse(msg: &[u8], protocol: &'static str) -> Option<Conn> {
     if msg.len() < MSG_LEN {
         return None;
@@ -120,7 +162,7 @@ fn parse(msg: &[u8], protocol: &'static str) -> Option<Conn> {
     let local = (addr(8)?, port(4));
     let remote = (addr(24)?, port(6));
     let inode = u64::from(u32::from_ne_bytes(msg[68..72].try_into().ok()?));
-    (!remote.0.is_unspecified() && inode != 0).then_some(Conn {
+    (inode != 0).then_some(Conn {
         protocol,
         local,
         remote,
@@ -157,6 +199,19 @@ mod tests {
             .expect("the connection in /proc/net/tcp");
         assert_eq!(found.inode, same.inode);
         assert_eq!(found.local, same.local);
+    }
+
+    #[test]
+    fn finds_the_unconnected_udp_socket_a_datagram_left_from() {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let local = sock.local_addr().unwrap();
+        let inode = udp_socket((local.ip(), local.port())).expect("the socket in the dump");
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
+        let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap();
+        assert_eq!(link.to_string_lossy(), format!("socket:[{inode}]"));
+        let unbound = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        let port = unbound.local_addr().unwrap().port();
+        assert!(udp_socket(("127.0.0.1".parse().unwrap(), port)).is_some());
     }
 
     #[test]

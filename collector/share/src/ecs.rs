@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 use vedette_ops::output::indicator_json;
-use vedette_proto::v1::{DetectionKind, StoredDetection, detection};
+use vedette_proto::v1::{Detection, DetectionKind, StoredDetection, detection};
 use vedette_proto::{action_name, kind_name};
 
 use crate::ts;
@@ -10,7 +10,7 @@ use crate::ts;
 /// The ECS `event.category` of a detection kind.
 fn category(kind: i32) -> &'static str {
     match DetectionKind::try_from(kind) {
-        Ok(DetectionKind::Connection) => "network",
+        Ok(DetectionKind::Connection | DetectionKind::Dns) => "network",
         Ok(DetectionKind::Process) => "process",
         Ok(DetectionKind::Agent) => "host",
         _ => "malware",
@@ -59,6 +59,7 @@ pub fn document(s: &StoredDetection) -> Value {
                 "provider": ind["origin"],
                 "type": match DetectionKind::try_from(d.kind) {
                     Ok(DetectionKind::Connection) => "ipv4-addr",
+                    Ok(DetectionKind::Dns) => "domain-name",
                     Ok(DetectionKind::Process) => "process",
                     _ => "file",
                 },
@@ -76,6 +77,12 @@ pub fn document(s: &StoredDetection) -> Value {
         v["threat"]["indicator"]["description"] =
             json!(format!("MISP event {}", event.as_str().unwrap_or("")));
     }
+    target_fields(&mut v, &d);
+    v
+}
+
+/// The fields of what the detection is about: a file, a process, a connection, a DNS query.
+fn target_fields(v: &mut Value, d: &Detection) {
     match &d.target {
         Some(detection::Target::File(f)) => {
             let name = f.path.rsplit('/').next().unwrap_or(&f.path);
@@ -102,8 +109,32 @@ pub fn document(s: &StoredDetection) -> Value {
             v["destination"] = json!({"ip": c.remote_addr, "port": c.remote_port});
             v["source"] = json!({"ip": c.local_addr, "port": c.local_port});
             v["network"] = json!({"transport": c.protocol.to_lowercase()});
+            if !c.domain.is_empty() {
+                v["destination"]["domain"] = json!(c.domain);
+                v["dns"] = json!({"question": {"name": c.domain}, "resolved_ip": [c.remote_addr]});
+            }
+        }
+        Some(detection::Target::Dns(q)) => {
+            let resolved: Vec<&String> = q
+                .answers
+                .iter()
+                .filter(|a| a.parse::<std::net::IpAddr>().is_ok())
+                .collect();
+            v["dns"] = json!({"type": "query", "question": {"name": q.name, "type": q.qtype},
+                "resolved_ip": resolved, "count": q.count});
+            v["destination"] = json!({"ip": q.resolver_addr, "port": 53});
+            v["network"] = json!({"transport": "udp", "protocol": "dns"});
+            if q.attributed {
+                v["process"] = json!({"pid": q.pid, "executable": q.exe,
+                    "command_line": q.cmdline});
+            }
+            if !q.local_addr.is_empty() {
+                v["source"] = json!({"ip": q.local_addr, "port": q.local_port});
+            }
+            if !q.user.is_empty() {
+                v["user"] = json!({"name": q.user});
+            }
         }
         None => {}
     }
-    v
 }

@@ -48,6 +48,17 @@ fn attributes_of(s: &StoredDetection) -> Vec<Value> {
         }
         Some(detection::Target::Connection(c)) => {
             attr("ip-dst", "Network activity", &c.remote_addr);
+            attr("domain", "Network activity", &c.domain);
+        }
+        Some(detection::Target::Dns(q)) => {
+            attr("domain", "Network activity", &q.name);
+            for a in q
+                .answers
+                .iter()
+                .filter(|a| a.parse::<std::net::IpAddr>().is_ok())
+            {
+                attr("ip-dst", "Network activity", a);
+            }
         }
         None => {}
     }

@@ -230,7 +230,7 @@ impl Sharing {
 /// A stored detection with everything that could name a host, a path, a user, a command line
 /// or an internal address removed: what `anonymised` exports are made from. What stays is
 /// the indicator (rule, its source and ids, techniques), the hashes and size of a file, a public
-/// remote address and port of a connection, and the times. The description goes too: it may
+/// remote address and port of a connection, a DNS query's name, and the times. The description goes too: it may
 /// quote what was observed.
 pub fn anonymise(s: &StoredDetection) -> StoredDetection {
     let mut d = s.detection.clone().unwrap_or_default();
@@ -253,19 +253,51 @@ pub fn anonymise(s: &StoredDetection) -> StoredDetection {
                 ..Default::default()
             };
         }
-        Some(detection::Target::Connection(c)) => {
-            // An internal address names an internal host.
-            let remote = std::mem::take(&mut c.remote_addr);
-            let public = remote.parse::<IpAddr>().is_ok_and(is_public);
-            *c = vedette_proto::v1::ConnectionTarget {
-                protocol: std::mem::take(&mut c.protocol),
-                remote_addr: if public { remote } else { String::new() },
-                remote_port: c.remote_port,
-                ..Default::default()
-            };
-        }
+        Some(detection::Target::Connection(c)) => anonymise_connection(c),
+        Some(detection::Target::Dns(q)) => anonymise_dns(q),
         None => {}
     }
+    anonymise_rest(d, s)
+}
+
+/// A connection keeps its protocol, and its remote address and port when the address is public.
+fn anonymise_connection(c: &mut vedette_proto::v1::ConnectionTarget) {
+    // An internal address names an internal host.
+    let remote = std::mem::take(&mut c.remote_addr);
+    let public = remote.parse::<IpAddr>().is_ok_and(is_public);
+    // The name it was resolved from goes with it: public names for public addresses.
+    let domain = std::mem::take(&mut c.domain);
+    *c = vedette_proto::v1::ConnectionTarget {
+        protocol: std::mem::take(&mut c.protocol),
+        remote_addr: if public { remote } else { String::new() },
+        remote_port: c.remote_port,
+        domain: if public { domain } else { String::new() },
+        ..Default::default()
+    };
+}
+
+/// A DNS query keeps its name (the indicator), its type, the public addresses it resolved to
+/// and its count; the process, the user, the local address and an internal resolver go.
+fn anonymise_dns(q: &mut vedette_proto::v1::DnsTarget) {
+    let public = |a: &String| a.parse::<IpAddr>().is_ok_and(is_public);
+    let resolver = std::mem::take(&mut q.resolver_addr);
+    *q = vedette_proto::v1::DnsTarget {
+        name: std::mem::take(&mut q.name),
+        qtype: std::mem::take(&mut q.qtype),
+        answers: q.answers.iter().filter(|a| public(a)).cloned().collect(),
+        resolver_addr: if public(&resolver) {
+            resolver
+        } else {
+            String::new()
+        },
+        count: q.count,
+        ..Default::default()
+    };
+}
+
+/// What every anonymised detection loses besides its target: the description, a host's own
+/// rule names.
+fn anonymise_rest(mut d: vedette_proto::v1::Detection, s: &StoredDetection) -> StoredDetection {
     // A description may quote what was observed (a built-in finding names the process and
     // its executable, a memory match its region).
     d.description.clear();
@@ -755,8 +787,27 @@ mod tests {
                     local_port: 5555,
                     remote_addr: "203.0.113.7".into(),
                     remote_port: 443,
+                    domain: "c2.example.org".into(),
                 }),
                 DetectionKind::Connection,
+            ),
+            stored(
+                detection::Target::Dns(vedette_proto::v1::DnsTarget {
+                    name: "c2.example.org".into(),
+                    qtype: "A".into(),
+                    answers: vec!["203.0.113.7".into(), "10.0.0.5".into()],
+                    resolver_addr: "192.168.7.20".into(),
+                    attributed: true,
+                    pid: 42,
+                    start_time: 1_700_000_000,
+                    exe: "/home/alice/bin/curl".into(),
+                    cmdline: "curl http://10.0.0.5".into(),
+                    user: "alice".into(),
+                    local_addr: "10.0.0.9".into(),
+                    local_port: 5555,
+                    count: 3,
+                }),
+                DetectionKind::Dns,
             ),
             // A host's own rule, loaded beside a bundle.
             local_rule(),
@@ -839,6 +890,7 @@ mod tests {
             "evil",
             &"ab".repeat(32),
             "203.0.113.7",
+            "c2.example.org",
             "Anonymous participant (energy, DE)",
             "amber+strict",
             "marking-definition--939a9414-2ddd-4d32-a0cd-375ea402b003",

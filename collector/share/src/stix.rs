@@ -65,9 +65,32 @@ fn observed_pattern(d: &Detection) -> String {
             };
             format!("[{kind}:value = {}]", quote(&c.remote_addr))
         }
+        Some(detection::Target::Dns(q)) => format!("[domain-name:value = {}]", quote(&q.name)),
         // About the agent itself (gone silent): nothing observed but the rule.
         None => rule(),
     }
+}
+
+/// A `domain-name` SCO pushed to `objects`, with the addresses it resolved to (each an SCO
+/// pushed too); its id.
+fn domain_sco(objects: &mut Vec<Value>, name: &str, answers: &[String]) -> String {
+    let mut refs = Vec::new();
+    for a in answers
+        .iter()
+        .filter(|a| a.parse::<std::net::IpAddr>().is_ok())
+    {
+        let addr = address_sco(a);
+        refs.push(addr["id"].clone());
+        objects.push(addr);
+    }
+    let mut sco = json!({"type": "domain-name", "spec_version": "2.1",
+        "id": sco_id("domain-name", &json!({"value": name})), "value": name});
+    if !refs.is_empty() {
+        sco["resolves_to_refs"] = json!(refs);
+    }
+    let id = sco["id"].as_str().unwrap_or_default().to_string();
+    objects.push(sco);
+    id
 }
 
 /// A file SCO by its hashes (or, without any, its name) pushed to `objects`; its id, or None
@@ -200,7 +223,16 @@ fn observables(d: &Detection) -> (Vec<String>, Vec<Value>) {
         }
         Some(detection::Target::Process(p)) => vec![process_scos(&mut objects, d, p)],
         Some(detection::Target::Connection(c)) if c.remote_addr.is_empty() => Vec::new(),
-        Some(detection::Target::Connection(c)) => vec![connection_scos(&mut objects, d, c)],
+        Some(detection::Target::Connection(c)) => {
+            let mut top = vec![connection_scos(&mut objects, d, c)];
+            if !c.domain.is_empty() {
+                let answers = [c.remote_addr.clone()];
+                top.push(domain_sco(&mut objects, &c.domain, &answers));
+            }
+            top
+        }
+        Some(detection::Target::Dns(q)) if q.name.is_empty() => Vec::new(),
+        Some(detection::Target::Dns(q)) => vec![domain_sco(&mut objects, &q.name, &q.answers)],
         None => Vec::new(),
     };
     (top, objects)

@@ -593,6 +593,9 @@ fn closed_reason(state: &State) -> Status {
     }
 }
 
+/// Most answers a `dns` detection keeps; the rest are cut.
+const MAX_DNS_ANSWERS: usize = 64;
+
 /// Checks a batch's shape; over-long strings are cut, never dropped.
 fn check_batch(batch: DetectionBatch) -> Result<Vec<Detection>, Status> {
     if batch.detections.len() > MAX_BATCH_DETECTIONS {
@@ -638,7 +641,25 @@ fn check_batch(batch: DetectionBatch) -> Result<Vec<Detection>, Status> {
                     &mut c.protocol,
                     &mut c.local_addr,
                     &mut c.remote_addr,
+                    &mut c.domain,
                 ] {
+                    clip(s);
+                }
+            }
+            Some(detection::Target::Dns(q)) => {
+                q.answers.truncate(MAX_DNS_ANSWERS);
+                for s in [
+                    &mut q.name,
+                    &mut q.qtype,
+                    &mut q.resolver_addr,
+                    &mut q.exe,
+                    &mut q.cmdline,
+                    &mut q.user,
+                    &mut q.local_addr,
+                ]
+                .into_iter()
+                .chain(q.answers.iter_mut())
+                {
                     clip(s);
                 }
             }

@@ -779,8 +779,8 @@ pub struct AlertFilter {
 }
 
 /// What an alert groups a detection by besides its organisation and rule: `sha256:HEX` for
-/// files and executables, `addr:ADDRESS:PORT` for connections, `path:PATH` when there is no
-/// hash, `agent:ID` for findings about the agent itself.
+/// files and executables, `addr:ADDRESS:PORT` for connections, `domain:NAME` for DNS queries,
+/// `path:PATH` when there is no hash, `agent:ID` for findings about the agent itself.
 pub fn alert_subject(d: &Detection, agent_id: &str) -> String {
     use vedette_proto::v1::detection::Target;
     match &d.target {
@@ -794,6 +794,7 @@ pub fn alert_subject(d: &Detection, agent_id: &str) -> String {
             format!("addr:[{}]:{}", c.remote_addr, c.remote_port)
         }
         Some(Target::Connection(c)) => format!("addr:{}:{}", c.remote_addr, c.remote_port),
+        Some(Target::Dns(q)) => format!("domain:{}", q.name),
         None => format!("agent:{agent_id}"),
     }
 }
@@ -989,6 +990,7 @@ pub(crate) fn indexed(d: &Detection) -> (Option<&str>, Option<&str>, Option<u32>
             Some(p.pid),
         ),
         Some(Target::Connection(c)) => (Some(c.exe.as_str()), None, Some(c.pid)),
+        Some(Target::Dns(q)) => (Some(q.exe.as_str()), None, Some(q.pid)),
         None => (None, None, None),
     }
 }
@@ -1010,7 +1012,8 @@ pub fn holds_text(d: &vedette_proto::v1::Detection, needle: &str) -> bool {
     match &d.target {
         Some(Target::File(f)) => has(&f.path),
         Some(Target::Process(p)) => has(&p.exe) || has(&p.name) || has(&p.cmdline),
-        Some(Target::Connection(c)) => has(&c.exe) || has(&c.remote_addr),
+        Some(Target::Connection(c)) => has(&c.exe) || has(&c.remote_addr) || has(&c.domain),
+        Some(Target::Dns(q)) => has(&q.name) || has(&q.exe) || has(&q.cmdline),
         None => false,
     }
 }

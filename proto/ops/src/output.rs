@@ -73,6 +73,19 @@ pub fn detection_json(d: &Detection) -> Value {
             v["pid"] = json!(c.pid);
             v["protocol"] = json!(c.protocol);
             v["remote"] = json!(socket_text(&c.remote_addr, c.remote_port));
+            v["domain"] = nonempty(&c.domain);
+        }
+        Some(detection::Target::Dns(q)) => {
+            v["domain"] = json!(q.name);
+            v["qtype"] = json!(q.qtype);
+            v["answers"] = json!(q.answers);
+            v["resolver"] = json!(q.resolver_addr);
+            v["attributed"] = json!(q.attributed);
+            v["pid"] = json!(q.pid);
+            v["path"] = nonempty(&q.exe);
+            v["cmdline"] = json!(q.cmdline);
+            v["user"] = json!(q.user);
+            v["count"] = json!(q.count);
         }
         None => {}
     }
@@ -153,12 +166,22 @@ pub fn target_text(d: &Detection) -> String {
     let text = match &d.target {
         Some(detection::Target::File(f)) => f.path.clone(),
         Some(detection::Target::Process(p)) => format!("pid {} {} ({})", p.pid, p.exe, p.cmdline),
-        Some(detection::Target::Connection(c)) => format!(
-            "pid {} {} -> {}",
-            c.pid,
-            c.exe,
-            socket_text(&c.remote_addr, c.remote_port)
-        ),
+        Some(detection::Target::Connection(c)) => {
+            format!(
+                "pid {} {} -> {}",
+                c.pid,
+                c.exe,
+                socket_text(&c.remote_addr, c.remote_port)
+            ) + &if c.domain.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", c.domain)
+            }
+        }
+        Some(detection::Target::Dns(q)) if q.attributed => {
+            format!("pid {} {} asked {} {}", q.pid, q.exe, q.qtype, q.name)
+        }
+        Some(detection::Target::Dns(q)) => format!("unattributed: asked {} {}", q.qtype, q.name),
         None => String::new(),
     };
     printable(&text).into_owned()
