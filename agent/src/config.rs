@@ -38,7 +38,8 @@ pub struct RawConfig {
     pub scan_on_start: Option<bool>,
     /// Interval between full scans, e.g. `6h`; `0s` turns periodic scans off. Default `6h`.
     pub scan_interval: Option<String>,
-    /// Percentage of one core each full-scan thread may use (1-100); default 50.
+    /// Percentage of one core all scanning work together may use (full scans, the rescan after a
+    /// bundle, rule compilation), over 10-second windows (1-100); default 50.
     pub max_cpu_percent: Option<u32>,
     /// The most resident memory the agent allows itself, in bytes or with a unit (`512MiB`,
     /// `1GiB`), or `off`. Past it the agent releases its scanners and scans one file at a

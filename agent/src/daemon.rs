@@ -308,6 +308,8 @@ impl Running {
 
 /// Pinned keys, host-local rules and the last-good bundle, compiled off the async threads.
 async fn load_rules(state: &StateDir, settings: &Config) -> anyhow::Result<Arc<ActiveRules>> {
+    // The compile at start-up is scanning work too: within the budget.
+    crate::budget::budget().set_percent(settings.max_cpu_percent);
     let (state, local, keys, unsigned) = (
         state.clone(),
         settings.rules.clone(),
@@ -315,8 +317,16 @@ async fn load_rules(state: &StateDir, settings: &Config) -> anyhow::Result<Arc<A
         settings.insecure_allow_unsigned_bundles,
     );
     let rules = tokio::task::spawn_blocking(move || {
-        let compiler = Arc::new(ChildCompiler::this_executable("vedette-agent"));
-        ActiveRules::start(&state, local, &keys, unsigned, Some(compiler))
+        let compiler = Arc::new(
+            ChildCompiler::this_executable("vedette-agent")
+                .with_pacer(Arc::new(|used| crate::budget::budget().charge(used))),
+        );
+        // Reading the rules and loading what the child compiled are charged too: a debt the
+        // first scans pay, rather than a pause before the agent can judge anything.
+        let cpu = crate::budget::thread_time();
+        let rules = ActiveRules::start(&state, local, &keys, unsigned, Some(compiler));
+        crate::budget::budget().charge(crate::budget::thread_time() - cpu);
+        rules
     })
     .await
     .context("rule loading failed")??;

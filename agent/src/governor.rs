@@ -169,6 +169,7 @@ impl Governor {
 
     /// One sample: resident memory against the ceiling. Called every second by the daemon.
     pub fn tick(&self, counters: &Counters) {
+        counters.set(Counter::CpuUsedPercent, crate::budget::budget().sample());
         let Some(rss) = crate::telemetry::resident_bytes() else {
             return;
         };

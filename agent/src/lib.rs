@@ -5,6 +5,7 @@
 //! [`rules`] holds what it judges with, [`deliver`] makes detections durable and ships them;
 //! [`daemon`] starts and stops them all; [`cli`] is the command line. See ARCHITECTURE.md.
 
+pub mod budget;
 pub mod cli;
 pub mod config;
 pub mod daemon;

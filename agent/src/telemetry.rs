@@ -172,9 +172,12 @@ counters! {
     MemoryLimitExceeded = "memory_limit_exceeded" counter,
     /// Scanners released to get back under the memory ceiling.
     ScannersReleased = "scanners_released" counter,
-    /// The share of one core each full-scan thread may use (`max_cpu_percent`).
+    /// The share of one core all scanning work together may use (`max_cpu_percent`).
     CpuBudgetPercent = "cpu_budget_percent" gauge,
-    /// Time full-scan threads paused to stay within the CPU budget.
+    /// The share of one core scanning work used over the last 10 seconds.
+    CpuUsedPercent = "cpu_used_percent" gauge,
+    /// Time scanning work (scan threads, the rule compiler) paused to stay within the CPU
+    /// budget.
     ScanThrottledMs = "scan_throttled_ms" counter,
 }
 

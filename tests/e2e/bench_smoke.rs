@@ -45,6 +45,26 @@ fn domain_lookup_benchmark_runs_in_a_tiny_configuration() {
 }
 
 #[test]
+fn cpu_budget_benchmark_runs_in_a_tiny_configuration() {
+    let text = run(
+        "cpu-budget",
+        &["--files", "200", "--percent", "50", "--workers", "2"],
+    );
+    assert!(
+        text.contains("| window (s) | CPU % of one core |"),
+        "{text}"
+    );
+    assert!(
+        text.contains("200 files, 2 workers, max_cpu_percent 50"),
+        "{text}"
+    );
+    assert!(
+        text.contains("a file written during the scan") || text.contains("| 0–"),
+        "{text}"
+    );
+}
+
+#[test]
 fn dns_rate_benchmark_runs_in_a_tiny_configuration() {
     if vedette_tests::Netns::new().is_err() {
         vedette_tests::missing_root("dns-rate makes a network namespace");

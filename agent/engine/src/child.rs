@@ -16,7 +16,7 @@ use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use rustix::io::Errno;
@@ -34,6 +34,19 @@ const DEADLINE: Duration = Duration::from_secs(600);
 /// Largest answer taken (compiled signature-base: about 40 MiB).
 const MAX_ANSWER: u64 = 2 << 30;
 
+/// How often a paced child's CPU time is read and charged.
+const PACE_TICK: Duration = Duration::from_millis(100);
+
+/// Charged the CPU time a child used since the last call; answers how long to pause it.
+#[derive(Clone)]
+pub struct Pacer(pub Arc<dyn Fn(Duration) -> Duration + Send + Sync>);
+
+impl std::fmt::Debug for Pacer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pacer")
+    }
+}
+
 /// Runs a program that speaks the compile protocol on its standard input and output.
 #[derive(Debug, Clone)]
 pub struct ChildCompiler {
@@ -43,6 +56,7 @@ pub struct ChildCompiler {
     args: Vec<OsString>,
     deadline: Duration,
     max_answer: u64,
+    pacer: Option<Pacer>,
 }
 
 impl ChildCompiler {
@@ -65,7 +79,19 @@ impl ChildCompiler {
             args: args.into_iter().map(Into::into).collect(),
             deadline: DEADLINE,
             max_answer: MAX_ANSWER,
+            pacer: None,
         }
+    }
+
+    /// Charges the child's CPU time to `pacer` as it runs (every [`PACE_TICK`]), and stops
+    /// the child (`SIGSTOP`, then `SIGCONT`) for as long as the pacer answers: a compile kept
+    /// within a CPU budget.
+    pub fn with_pacer(
+        mut self,
+        pacer: Arc<dyn Fn(Duration) -> Duration + Send + Sync>,
+    ) -> ChildCompiler {
+        self.pacer = Some(Pacer(pacer));
+        self
     }
 
     /// Kills the child when it has not finished within `deadline`.
@@ -88,6 +114,8 @@ struct Run {
     overflow: bool,
     timed_out: bool,
     exited: Result<(), Errno>,
+    /// CPU time of the child charged to the pacer while it ran.
+    charged: Duration,
 }
 
 impl ChildCompiler {
@@ -137,14 +165,12 @@ impl ChildCompiler {
             // The child is reaped only after this thread has ended: its pid is its own until
             // then, whatever the kill below races with.
             let watchdog = s.spawn(move || {
-                let late = matches!(
-                    stopped.recv_timeout(self.deadline),
-                    Err(mpsc::RecvTimeoutError::Timeout)
-                );
+                let mut charged = Duration::ZERO;
+                let late = self.watch(&stopped, pid, &mut charged);
                 if late {
                     let _ = rustix::process::kill_process(pid, Signal::KILL);
                 }
-                late
+                (late, charged)
             });
             let mut answer = Vec::new();
             let read = (&mut stdout)
@@ -157,16 +183,79 @@ impl ChildCompiler {
             drop(stdout);
             let exited = exited_unreaped(pid);
             let _ = stop.send(());
-            let timed_out = watchdog.join().unwrap_or(false);
+            let (timed_out, charged) = watchdog.join().unwrap_or((false, Duration::ZERO));
             Run {
                 answer,
                 read,
                 overflow,
                 timed_out,
                 exited,
+                charged,
             }
         })
     }
+}
+
+impl ChildCompiler {
+    /// Waits for the child to be done (a message on `stopped`), pacing it meanwhile; true when
+    /// its deadline came first. `charged` is the CPU time charged to the pacer so far.
+    fn watch(&self, stopped: &mpsc::Receiver<()>, pid: Pid, charged: &mut Duration) -> bool {
+        let until = Instant::now() + self.deadline;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return true;
+            }
+            let Some(pacer) = &self.pacer else {
+                return matches!(
+                    stopped.recv_timeout(left),
+                    Err(mpsc::RecvTimeoutError::Timeout)
+                );
+            };
+            if !matches!(
+                stopped.recv_timeout(left.min(PACE_TICK)),
+                Err(mpsc::RecvTimeoutError::Timeout)
+            ) {
+                return false;
+            }
+            let used = cpu_time(pid);
+            let pause = (pacer.0)(used.saturating_sub(*charged));
+            *charged = (*charged).max(used);
+            if pause.is_zero() {
+                continue;
+            }
+            let _ = rustix::process::kill_process(pid, Signal::STOP);
+            let done = stopped.recv_timeout(pause.min(left));
+            let _ = rustix::process::kill_process(pid, Signal::CONT);
+            if !matches!(done, Err(mpsc::RecvTimeoutError::Timeout)) {
+                return false;
+            }
+        }
+    }
+
+    /// Charges the CPU time the child used after the last charge (it has exited, unreaped):
+    /// a debt the scans that follow pay.
+    fn charge_rest(&self, pid: Pid, charged: Duration) {
+        if let Some(pacer) = &self.pacer {
+            (pacer.0)(cpu_time(pid).saturating_sub(charged));
+        }
+    }
+}
+
+/// CPU time (user and system) of process `pid`, zero when unreadable.
+fn cpu_time(pid: Pid) -> Duration {
+    let stat =
+        std::fs::read_to_string(format!("/proc/{}/stat", pid.as_raw_nonzero())).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime (fields 14 and 15), in USER_HZ (100 a second).
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
 
 impl IsolatedCompiler for ChildCompiler {
@@ -174,6 +263,7 @@ impl IsolatedCompiler for ChildCompiler {
         let started = Instant::now();
         let (mut child, stdin, stdout, pid) = self.spawn()?;
         let run = self.exchange(request, stdin, stdout, pid);
+        self.charge_rest(pid, run.charged);
         let status = child.wait();
         debug!(
             pid = pid.as_raw_nonzero().get(),
@@ -295,6 +385,34 @@ mod tests {
             .compile(&request)
             .unwrap();
         assert_eq!(answer, request);
+    }
+
+    #[test]
+    fn a_paced_child_is_stopped_for_what_the_pacer_says_and_every_cpu_second_is_charged() {
+        use std::sync::Mutex;
+        // The pacer asks for three times the CPU time charged as a pause: 25 % of a core.
+        let charged = Arc::new(Mutex::new(Duration::ZERO));
+        let total = charged.clone();
+        let pacer = move |used: Duration| {
+            *total.lock().unwrap() += used;
+            used * 3
+        };
+        let started = Instant::now();
+        let answer =
+            sh("cat >/dev/null; i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done; echo done")
+                .with_pacer(Arc::new(pacer))
+                .compile(b"x")
+                .unwrap();
+        assert_eq!(answer, b"done\n");
+        let cpu = *charged.lock().unwrap();
+        assert!(cpu >= Duration::from_millis(100), "charged {cpu:?}");
+        // Paused three times what it used, less what its last tick and the clock's 10 ms
+        // steps leave out.
+        let wall = started.elapsed();
+        assert!(
+            wall >= (cpu * 3).saturating_sub(Duration::from_millis(400)) + cpu,
+            "{wall:?} for {cpu:?} of CPU"
+        );
     }
 
     #[test]

@@ -112,7 +112,7 @@ pub struct ScanCmd {
     /// Skip paths matching this glob (repeatable); /proc, /sys, /dev and /run are always skipped.
     #[arg(long = "exclude", value_name = "GLOB")]
     pub excludes: Vec<String>,
-    /// Percentage of one core each scanning thread may use (1-100).
+    /// Percentage of one core all scanning threads together may use (1-100).
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub max_cpu_percent: u32,
     /// Keep results in this file: unchanged files are not scanned again with the same rules.

@@ -35,7 +35,8 @@ const QUEUE_DEPTH: usize = 4096;
 pub struct ScanPlan {
     pub threads: usize,
     pub walk: WalkRules,
-    /// Percentage of one core each thread may use while scanning (1..=100).
+    /// Percentage of one core all scanning work together may use (1..=100): the agent's
+    /// [`budget`](crate::budget), shared by every scan thread and the rule compiler.
     pub max_cpu_percent: u32,
     /// Limits per file.
     pub scan: ScanOptions,
@@ -158,6 +159,7 @@ pub fn scan_tree(
     on_file: &(dyn Fn(&Path, Outcome) + Sync),
 ) {
     let threads = plan.threads.max(1);
+    crate::budget::budget().set_percent(plan.max_cpu_percent);
     let (tx, rx) = sync_channel::<Found>(QUEUE_DEPTH);
     let rx = Mutex::new(rx);
     std::thread::scope(|s| {
@@ -165,6 +167,7 @@ pub fn scan_tree(
             s.spawn(|| scanner_thread(&rx, plan, cx, on_file));
         }
         let visit = |found: Found| {
+            charge_walk(cx.counters);
             if let Some(hit) = cached(cx, plan, &found) {
                 on_file(&found.path, hit);
                 return true;
@@ -174,6 +177,26 @@ pub fn scan_tree(
         each_file_parallel(roots, &plan.walk, threads, cx.counters, cx.stop, &visit);
         drop(tx);
     });
+}
+
+thread_local! {
+    /// The walker thread's CPU time at its last charge.
+    static WALK_CPU: std::cell::Cell<Duration> = const { std::cell::Cell::new(Duration::ZERO) };
+}
+
+/// Charges the walk (listing, stat, cache lookups) to the CPU budget, as the scans are: the
+/// calling walker thread's CPU time since its last charge; pauses it when over.
+fn charge_walk(counters: &crate::telemetry::Counters) {
+    let now = crate::budget::thread_time();
+    let last = WALK_CPU.with(|c| c.replace(now));
+    if last.is_zero() || now < last {
+        return;
+    }
+    let pause = crate::budget::budget().charge(now - last);
+    if !pause.is_zero() {
+        std::thread::sleep(pause);
+        counters.add(Counter::ScanThrottledMs, pause.as_millis() as u64);
+    }
 }
 
 /// The cache's answer for an unchanged file. A file too large to scan, whose name matched
@@ -208,7 +231,6 @@ fn scanner_thread(
     cx: &ScanContext<'_>,
     on_file: &(dyn Fn(&Path, Outcome) + Sync),
 ) {
-    let budget = plan.max_cpu_percent.clamp(1, 100);
     // Made at the first file to scan: the rules are loaded then, if they were not.
     let mut scanner: Option<FileScanner<'_>> = None;
     let gov = governor();
@@ -221,13 +243,14 @@ fn scanner_thread(
         if cx.stop.is_cancelled() {
             continue;
         }
+        // Making a scanner (and loading the rules for it) is charged with its first file.
+        let cpu_before = crate::budget::thread_time();
         if gov.release_due(&mut made, cx.counters) {
             scanner = None;
         }
         let scanner = scanner.get_or_insert_with(|| {
             FileScanner::new(cx.rules.get(), plan.scan).with_digests_ahead(cx.digests)
         });
-        let started = Instant::now();
         let outcome = match gov.paced(|| examine_file(scanner, &path, cx.counters)) {
             Ok(report) => {
                 let new = match cx.cache {
@@ -252,11 +275,9 @@ fn scanner_thread(
             Err(_) => Outcome::Skipped,
         };
         on_file(&path, outcome);
-        if budget < 100 {
-            // Pause so that scanning uses at most `budget` percent of this thread.
-            let busy = started.elapsed();
-            let pause = busy.mul_f64(f64::from(100 - budget) / f64::from(budget));
-            let pause = pause.min(Duration::from_secs(5));
+        // The CPU this file took, against the budget of all scanning work.
+        let pause = crate::budget::budget().charge(crate::budget::thread_time() - cpu_before);
+        if !pause.is_zero() {
             std::thread::sleep(pause);
             cx.counters
                 .add(Counter::ScanThrottledMs, pause.as_millis() as u64);

@@ -56,7 +56,12 @@ impl ActiveRules {
             Ok(c) => c,
             Err(e) => return fail(e.to_string()),
         };
-        let rules = match self.compile(Some(&content)) {
+        // Charged to the scanning budget (the compiler child is paced as it runs): a debt
+        // the rescan pays.
+        let cpu = crate::budget::thread_time();
+        let compiled = self.compile(Some(&content));
+        crate::budget::budget().charge(crate::budget::thread_time() - cpu);
+        let rules = match compiled {
             Ok(r) => r,
             Err(e) => return fail(e.to_string()),
         };

@@ -550,7 +550,7 @@ pub struct DetectionListArgs {
     #[arg(long, value_parser = when)]
     pub until: Option<std::time::SystemTime>,
     /// Only this kind.
-    #[arg(long, value_parser = ["yara", "hash", "filename", "process", "connection", "agent"])]
+    #[arg(long, value_parser = ["yara", "hash", "filename", "process", "connection", "agent", "dns"])]
     pub kind: Option<String>,
     /// Only this rule or indicator.
     #[arg(long)]

@@ -25,7 +25,15 @@ use super::{Console, Failure};
 /// Largest bundle file the diff compares line by line.
 const MAX_DIFF_FILE: usize = 2 * 1024 * 1024;
 
-const KINDS: &[&str] = &["yara", "hash", "filename", "process", "connection", "agent"];
+const KINDS: &[&str] = &[
+    "yara",
+    "hash",
+    "filename",
+    "process",
+    "connection",
+    "agent",
+    "dns",
+];
 
 impl Failure {
     fn page(self) -> Response {
