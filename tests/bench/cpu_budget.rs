@@ -3,9 +3,9 @@
 //! `max_cpu_percent = --percent` with `--workers` scan threads, the marker rule and the
 //! `--rules` given (signature-base, say). From the agent's start to the end of that scan, its
 //! CPU time (`utime + stime` of the agent and of its rule compiler child) is read every second
-//! and printed per 10-second window, start-up (the compile) included. Half-way through the
-//! scan a file with the marker is written into the watched directory: its detection must not
-//! wait for the budget.
+//! and printed per 10-second window, start-up (the compile) included. 25 s after the start,
+//! while the scan runs, a file with the marker is written into the watched directory: its
+//! detection must not wait for the budget.
 //!
 //! ```text
 //! cargo build --bins
@@ -127,7 +127,8 @@ fn main() {
             std::thread::sleep(wait);
         }
         samples.push(ticks_with_children(pid));
-        if live.is_none() && samples.len() >= 15 {
+        // Once the watcher is up (the rules loaded) and the scan has run a while.
+        if live.is_none() && samples.len() >= 25 && agent.log().contains("watching path=") {
             let path = watch.join("live.txt");
             std::fs::write(&path, format!("{MARKER} live\n")).expect("live file");
             live = Some((path, now_ms()));

@@ -62,6 +62,15 @@ impl fmt::Display for Problem {
     }
 }
 
+/// The calling thread's CPU time.
+fn thread_cpu() -> std::time::Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    std::time::Duration::new(
+        u64::try_from(t.tv_sec).unwrap_or(0),
+        u32::try_from(t.tv_nsec).unwrap_or(0),
+    )
+}
+
 /// What loading found: counts and problems.
 #[derive(Debug, Clone, Default)]
 pub struct LoadReport {
@@ -74,6 +83,9 @@ pub struct LoadReport {
     /// yara-x's slow-pattern warnings (rules loaded, but each such pattern may slow every
     /// scan). Only a compile in this process gives them: `vedettectl rules publish` does one.
     pub slow_patterns: Vec<Problem>,
+    /// CPU time of the thread that compiled (or loaded) the YARA rules, a compiler child's
+    /// aside: what a CPU budget charges for it.
+    pub yara_cpu: std::time::Duration,
 }
 
 /// What kind of indicator matched.
@@ -479,7 +491,11 @@ impl RuleSetBuilder {
                 compact,
                 isolated: isolated.as_deref(),
             };
-            let yara = s.spawn(move || yara_part(sources, names, cache, &fingerprint, how));
+            let yara = s.spawn(move || {
+                let cpu = thread_cpu();
+                let part = yara_part(sources, names, cache, &fingerprint, how);
+                (part, thread_cpu().saturating_sub(cpu))
+            });
             let iocs = parse_iocs(self.ioc_sources, from_bundle);
             if let Some(meanwhile) = meanwhile {
                 meanwhile(&iocs.0, &|| yara.is_finished());
@@ -489,6 +505,8 @@ impl RuleSetBuilder {
                 Err(panic) => std::panic::resume_unwind(panic),
             }
         });
+        let (yara, yara_cpu) = yara;
+        report.yara_cpu = yara_cpu;
         report.problems.extend(ioc_problems);
         report.problems.extend(yara.problems);
         for p in &mut report.problems {

@@ -301,6 +301,9 @@ impl ActiveRules {
         // What compiling freed goes back to the system now, not at the next growth.
         crate::governor::release_free_memory();
         let report = set.report();
+        // Loading what the child compiled ran on a thread of its own: scanning work too, a
+        // debt the scans pay (the child itself is paced as it runs).
+        crate::budget::budget().charge(report.yara_cpu);
         let bad: Vec<String> = report
             .problems
             .iter()
