@@ -336,7 +336,7 @@ impl DnsWatch {
                 }
                 continue;
             }
-            memory.pending.insert(
+            let earlier = memory.pending.insert(
                 (msg.id(), d.src.1),
                 Pending {
                     detection,
@@ -344,6 +344,13 @@ impl DnsWatch {
                     until: Instant::now() + ANSWER_WAIT,
                 },
             );
+            // The same id from the same port again before its answer: the earlier one is
+            // reported as it stands.
+            if let Some(p) = earlier
+                && !self.send(p.detection)
+            {
+                return;
+            }
         }
     }
 
@@ -424,13 +431,12 @@ impl DnsWatch {
     /// spool writer is gone.
     fn end_windows(&self, memory: &mut Memory, all: bool) -> bool {
         let window = self.window;
+        let waiting: std::collections::HashSet<&IncidentKey> =
+            memory.pending.values().map(|p| &p.key).collect();
         let over: Vec<IncidentKey> = memory
             .incidents
             .iter()
-            .filter(|(k, i)| {
-                (all || i.since.elapsed() >= window)
-                    && !memory.pending.values().any(|p| &p.key == *k)
-            })
+            .filter(|(k, i)| (all || i.since.elapsed() >= window) && !waiting.contains(k))
             .map(|(k, _)| k.clone())
             .collect();
         for key in over {
