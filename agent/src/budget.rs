@@ -112,11 +112,7 @@ impl CpuBudget {
 
 /// The calling thread's CPU time.
 pub fn thread_time() -> Duration {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
-    Duration::new(
-        u64::try_from(t.tv_sec).unwrap_or(0),
-        u32::try_from(t.tv_nsec).unwrap_or(0),
-    )
+    vedette_engine::thread_cpu()
 }
 
 #[cfg(test)]

@@ -52,7 +52,7 @@ pub use ioc::{IocCounts, IocKind, Iocs};
 pub use isolated::{IsolatedCompiler, IsolatedError};
 pub use rules::{
     IndicatorRef, LoadReport, MatchKind, Meanwhile, Origin, Problem, ProblemKind, RuleMatch,
-    RuleSet, RuleSetBuilder,
+    RuleSet, RuleSetBuilder, thread_cpu,
 };
 
 /// Error that stops a rule set from being built at all.

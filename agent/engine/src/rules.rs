@@ -62,8 +62,8 @@ impl fmt::Display for Problem {
     }
 }
 
-/// The calling thread's CPU time.
-fn thread_cpu() -> std::time::Duration {
+/// The calling thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`).
+pub fn thread_cpu() -> std::time::Duration {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
     std::time::Duration::new(
         u64::try_from(t.tv_sec).unwrap_or(0),
