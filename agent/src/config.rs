@@ -80,6 +80,12 @@ pub struct RawConfig {
     /// Most bytes of undelivered detections kept on disk; past it the oldest are dropped and
     /// counted. Bytes or a size like `256MiB`; default 256 MiB, at least 64 KiB.
     pub spool_max_bytes: Option<ByteSize>,
+    /// Most bytes of history kept on disk: every file read (its state and MD5, SHA-1 and
+    /// SHA-256) and every executable run (path, user, first and last run), so that a hash
+    /// published later is answered without reading the disks again (retro-hunt). Past it the
+    /// oldest go first, counted. Bytes or a size like `256MiB`, or `off`; default 256 MiB, at
+    /// least 1 MiB. Nothing of it leaves the host but matches.
+    pub history_max_bytes: Option<ByteSize>,
     /// More maintainer public keys (PEM files) whose signed bundles this agent applies, beside
     /// those pinned at enrollment.
     #[serde(default)]
@@ -226,6 +232,8 @@ pub struct Config {
     /// Prevention mode, when on.
     pub prevent: Option<Prevention>,
     pub spool_max_bytes: u64,
+    /// None: no history kept.
+    pub history_max_bytes: Option<u64>,
     pub maintainer_keys: Vec<PathBuf>,
     pub insecure_allow_unsigned_bundles: bool,
     /// None: no metrics endpoint.
@@ -239,6 +247,9 @@ pub struct Prevention {
     pub timeout: Duration,
     pub on_timeout: OnTimeout,
 }
+
+/// The smallest `history_max_bytes`.
+const MIN_HISTORY: u64 = 1 << 20;
 
 /// The longest `prevent_timeout`: every exec on the marked file systems waits for the verdict.
 const MAX_PREVENT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -367,6 +378,14 @@ impl RawConfig {
             )),
             Ok(_) => {}
         }
+        match self.history_max_bytes.as_ref().map(ByteSize::bytes) {
+            Some(Err(e)) => problems.push(format!("`history_max_bytes`: {e}")),
+            Some(Ok(Some(n))) if n < MIN_HISTORY => problems.push(format!(
+                "`history_max_bytes`: `{n}` bytes is less than the least allowed, {MIN_HISTORY} \
+                 (1MiB); `off` keeps no history"
+            )),
+            _ => {}
+        }
         if let Some(v) = &self.metrics_listen
             && let Err(e) = vedette_ops::metrics::parse_listen(v)
         {
@@ -444,6 +463,12 @@ impl RawConfig {
                 .ok()
                 .flatten()
                 .unwrap_or(256 * 1024 * 1024),
+            history_max_bytes: match self.history_max_bytes.as_ref().map(ByteSize::bytes) {
+                None => Some(256 << 20),
+                Some(Ok(n)) => n,
+                // Refused by `check` before.
+                Some(Err(_)) => None,
+            },
             maintainer_keys: self.maintainer_keys,
             insecure_allow_unsigned_bundles: self.insecure_allow_unsigned_bundles,
             metrics_listen: self

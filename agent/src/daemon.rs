@@ -46,6 +46,7 @@ use crate::detect::sources::{Events, start_prevention};
 use crate::detect::walk::{WalkRules, exclusions};
 use crate::detect::{Ids, ReportFilter};
 use crate::governor::governor;
+use crate::history::History;
 use crate::rules::ActiveRules;
 use crate::state::{Credentials, StateDir};
 use crate::telemetry::{Counter, Counters};
@@ -69,7 +70,8 @@ pub async fn run(
     crate::governor::tune_allocator();
     let creds = state.load()?;
     let cache_path = state.scan_cache();
-    let reports = load_report_filter(&cache_path, &creds).await?;
+    let history = open_history(&state, &settings).await?;
+    let reports = load_report_filter(&cache_path, &creds, history.clone()).await?;
     let watch_roots = canonical(&settings.watch, "watch")?;
     let scan_roots = canonical(&settings.scan_paths, "scan")?;
     let rules = load_rules(&state, &settings).await?;
@@ -93,6 +95,7 @@ pub async fn run(
     let options = ScanOptions {
         max_file_size: settings.max_file_size,
         timeout: settings.scan_timeout,
+        all_digests: history.is_some(),
     };
     let shared = Shared {
         rules: rules.clone(),
@@ -102,6 +105,7 @@ pub async fn run(
         stop: shutdown.clone(),
     };
     let (pool, events, gate, walk) = shared.start_on_access(&settings, &watch_roots, options)?;
+    shared.answer_from_history();
     let (shipper, applier) = start_delivery(
         &settings,
         creds,
@@ -131,18 +135,30 @@ pub async fn run(
         applier,
     };
     running.drain(&spooled, &counters).await;
-    let cache = reports.cache.clone();
-    let saved = tokio::task::spawn_blocking(move || cache.save_if_changed(&cache_path)).await;
+    save_at_exit(reports, cache_path).await;
+    Ok(())
+}
+
+/// The history's last runs, then the result cache: what the cache says was read, the history
+/// holds.
+async fn save_at_exit(reports: ReportFilter, cache_path: PathBuf) {
+    let saved = tokio::task::spawn_blocking(move || {
+        if let Some(h) = &reports.history {
+            h.flush_runs(true);
+        }
+        reports.cache.save_if_changed(&cache_path)
+    })
+    .await;
     if let Ok(Err(e)) = saved {
         warn!(error = %e, "cannot save the scan cache; unchanged files will be scanned again (and their detections stored once)");
     }
-    Ok(())
 }
 
 /// The result cache (loaded off the async threads) and the ids of this agent's detections.
 async fn load_report_filter(
     cache_path: &std::path::Path,
     creds: &Credentials,
+    history: Option<Arc<History>>,
 ) -> anyhow::Result<ReportFilter> {
     let path = cache_path.to_owned();
     let cache = tokio::task::spawn_blocking(move || ScanCache::load(&path))
@@ -151,9 +167,28 @@ async fn load_report_filter(
     Ok(ReportFilter {
         ids: Ids::for_agent(&creds.enrollment.agent_id),
         cache: Arc::new(cache),
-        execs: Arc::new(ScanCache::new()),
+        execs: Arc::new(ScanCache::keeping_digests()),
         unjudged: Arc::default(),
+        history,
     })
+}
+
+/// The history of what was read and run (`history_max_bytes`), opened off the async threads.
+async fn open_history(state: &StateDir, settings: &Config) -> anyhow::Result<Option<Arc<History>>> {
+    let Some(max) = settings.history_max_bytes else {
+        return Ok(None);
+    };
+    let dir = state.history();
+    let at = dir.clone();
+    let (history, opened) = tokio::task::spawn_blocking(move || History::open(&at, max))
+        .await
+        .context("history opening failed")?
+        .with_context(|| format!("cannot open the history in `{}`", dir.display()))?;
+    if opened.cut > 0 {
+        warn!(dir = %dir.display(), bytes = opened.cut, "the history's last record was torn (the agent was stopped while writing it); cut off");
+    }
+    info!(dir = %dir.display(), bytes = opened.bytes, max_bytes = max, "history open");
+    Ok(Some(Arc::new(history)))
 }
 
 /// The metrics endpoint, when `metrics_listen` is set.
@@ -186,6 +221,23 @@ struct Shared {
 }
 
 impl Shared {
+    /// With a history: counts what it keeps, and answers changes of rules from it first.
+    fn answer_from_history(&self) {
+        let Some(h) = &self.reports.history else {
+            return;
+        };
+        h.attach(self.counters.clone());
+        let retro = crate::history::retro::Retro {
+            history: h.clone(),
+            reports: self.reports.clone(),
+            det: self.det.downgrade(),
+            counters: self.counters.clone(),
+        };
+        let hook: crate::rules::RulesChanged =
+            Box::new(move |old, new| retro.rules_changed(old, new));
+        let _ = self.rules.on_change.set(hook);
+    }
+
     /// The scan pool, the event source feeding it, and prevention when `prevent` is set.
     fn start_on_access(
         &self,
@@ -572,6 +624,10 @@ impl Background {
     /// loses at most that much (and what it loses is only scanned again).
     fn save_cache(&self) {
         while self.pause(CACHE_SAVE_INTERVAL) {
+            // The history first: what the cache says was read, the history holds.
+            if let Some(h) = &self.shared.reports.history {
+                h.flush_runs(false);
+            }
             if let Err(e) = self.shared.reports.cache.save_if_changed(&self.cache_path) {
                 warn!(path = %self.cache_path.display(), error = %e, "cannot save the scan cache");
             }

@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod deliver;
 pub mod detect;
 pub mod governor;
+pub mod history;
 pub mod rules;
 pub mod state;
 pub mod telemetry;

@@ -110,6 +110,9 @@ impl StateDir {
     pub fn scan_cache(&self) -> PathBuf {
         self.dir.join("scan-cache.bin")
     }
+    pub fn history(&self) -> PathBuf {
+        self.dir.join("history")
+    }
 
     /// Creates the directory (0700) if needed.
     pub fn create(&self) -> Result<(), StateError> {

@@ -179,6 +179,14 @@ counters! {
     /// Time scanning work (scan threads, the rule compiler) paused to stay within the CPU
     /// budget.
     ScanThrottledMs = "scan_throttled_ms" counter,
+    /// Records written to the history (files read, executables run).
+    HistoryRecords = "history_records" counter,
+    /// The history's size on disk.
+    HistoryBytes = "history_bytes" gauge,
+    /// History records dropped, the oldest first, to stay within `history_max_bytes`.
+    HistoryDropped = "history_dropped" counter,
+    /// Detections found in the history by new rules or a hunt (retro).
+    RetroDetections = "retro_detections" counter,
 }
 
 impl Counter {

@@ -73,6 +73,7 @@ fn detection(agent: usize, n: usize) -> Detection {
         description: "Lazarus loader (sample hash list)".into(),
         bundle_version: 7,
         action: 0,
+        retro: None,
         target: Some(detection::Target::File(FileTarget {
             path: format!("/srv/www/uploads/agent{agent}/file{n:08}.bin"),
             size: 48_213,

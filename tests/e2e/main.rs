@@ -16,6 +16,7 @@ mod lifecycle;
 mod onaccess;
 mod ops;
 mod output;
+mod retro;
 mod scaleout;
 mod tenancy;
 mod triage;

@@ -68,6 +68,10 @@ pub struct ScanOptions {
     pub max_file_size: u64,
     /// YARA time budget per file.
     pub timeout: Duration,
+    /// Every file read gets all three digests (MD5, SHA-1, SHA-256), whatever the indicators
+    /// need: the agent's history keeps them, so that a hash published later is answered
+    /// without reading the file again.
+    pub all_digests: bool,
 }
 
 impl Default for ScanOptions {
@@ -75,6 +79,7 @@ impl Default for ScanOptions {
         ScanOptions {
             max_file_size: 64 * 1024 * 1024,
             timeout: Duration::from_secs(30),
+            all_digests: false,
         }
     }
 }
@@ -300,7 +305,7 @@ impl<'r> FileScanner<'r> {
         // SHA-256 always: a detection on the process carries the executable's.
         let wanted = Wanted {
             sha256: true,
-            ..Wanted::of(iocs)
+            ..self.wanted()
         };
         let mut hashing = (meta.len() <= MAX_EXEC_HASHED).then(|| StreamDigests::new(wanted));
         if let Some(h) = hashing.as_mut() {
@@ -349,7 +354,7 @@ impl<'r> FileScanner<'r> {
     /// Only the digests some indicator needs, computed now unless they were hashed ahead of
     /// the scan for this very state of the file (`before` and `file` as the read saw it).
     fn digests(&self, report: &mut FileReport, before: &std::fs::Metadata, file: &File) {
-        let wanted = Wanted::of(&self.rules.iocs);
+        let wanted = self.wanted();
         if !wanted.any() {
             return;
         }
@@ -374,6 +379,19 @@ impl<'r> FileScanner<'r> {
                 .sha256
                 .unwrap_or_else(|| hex::encode(Sha256::digest(data)))
         });
+    }
+
+    /// The digests to compute: those the indicators need, or all of them.
+    fn wanted(&self) -> Wanted {
+        if self.options.all_digests {
+            Wanted {
+                md5: true,
+                sha1: true,
+                sha256: true,
+            }
+        } else {
+            Wanted::of(&self.rules.iocs)
+        }
     }
 
     /// The YARA rules that match the buffer (none without YARA rules).

@@ -238,6 +238,24 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// True for an intel line whose STIX pattern compares nothing but file hashes, for equality:
+/// what it matches is answered by a file's digests alone.
+pub fn hash_only(line: &str) -> bool {
+    let Ok(l) = IntelLine::parse(line) else {
+        return false;
+    };
+    if l.pattern_type != "stix" {
+        return false;
+    }
+    let Ok(p) = stix::parse(&l.pattern) else {
+        return false;
+    };
+    p.alternatives
+        .iter()
+        .flatten()
+        .all(|c| hash_slot(c.field).is_some() && matches!(c.test, Test::Equals(_)))
+}
+
 fn hash_slot(f: Field) -> Option<usize> {
     match f {
         Field::Md5 => Some(0),

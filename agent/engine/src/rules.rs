@@ -166,6 +166,8 @@ pub struct RuleSet {
     /// SHA-256 over every source loaded (names and bytes): two sets with the same fingerprint
     /// match the same way, so cached results stay valid.
     fingerprint: [u8; 32],
+    /// The same over everything but hash indicators (see [`RuleSet::beyond_hashes`]).
+    beyond_hashes: [u8; 32],
     /// Fleet bundle version these rules came from, 0 for host-local rules only.
     pub bundle_version: u64,
     report: LoadReport,
@@ -184,6 +186,7 @@ impl RuleSet {
             iocs: Iocs::default(),
             namespaces: Default::default(),
             fingerprint: [0; 32],
+            beyond_hashes: [0; 32],
             bundle_version: 0,
             report: LoadReport::default(),
             exceptions: Default::default(),
@@ -217,6 +220,30 @@ impl RuleSet {
 
     pub fn fingerprint(&self) -> [u8; 32] {
         self.fingerprint
+    }
+
+    /// The fingerprint of every source but hash indicators (Loki hash lists, and STIX patterns
+    /// that compare nothing but file hashes for equality): two sets with the same one judge a
+    /// file the same way unless its digests are listed in one and not the other. What such a
+    /// change finds can be answered from the digests of files already seen.
+    pub fn beyond_hashes(&self) -> [u8; 32] {
+        self.beyond_hashes
+    }
+
+    /// What the indicators on files (hash lists, imported file indicators) find in a file known
+    /// only by its path and digests (hex, lower case): a file seen before, not read again.
+    pub fn match_known_file(
+        &self,
+        path: &str,
+        md5: Option<&str>,
+        sha1: Option<&str>,
+        sha256: Option<&str>,
+    ) -> Vec<RuleMatch> {
+        let mut out = Vec::new();
+        self.iocs.match_hashes(md5, sha1, sha256, &mut out);
+        self.iocs
+            .match_intel_file(path, md5, sha1, sha256, &mut out);
+        out
     }
 
     pub fn report(&self) -> &LoadReport {
@@ -258,6 +285,8 @@ pub struct RuleSetBuilder {
     /// YARA sources that are imported indicators (`pattern_type: yara`), by their origin name.
     yara_intel: std::collections::HashMap<PathBuf, std::sync::Arc<IndicatorRef>>,
     digest: Sha256,
+    /// [`RuleSet::beyond_hashes`] of what was added so far.
+    beyond_hashes: Sha256,
     report: LoadReport,
     /// Rules freshly compiled are loaded back from their serialized form (see [`Self::compact`]).
     compact: bool,
@@ -278,12 +307,14 @@ impl RuleSetBuilder {
         // How sources are compiled is part of what they mean: rules compiled before `include`
         // was refused must not be reused from a cache.
         digest.update(b"\0compile: no includes, relaxed regex syntax");
+        let beyond_hashes = digest.clone();
         RuleSetBuilder {
             yara_sources: Vec::new(),
             ioc_sources: Vec::new(),
             from_bundle: std::collections::HashSet::new(),
             yara_intel: Default::default(),
             digest,
+            beyond_hashes,
             report: LoadReport::default(),
             compact: false,
             isolated: None,
@@ -333,6 +364,7 @@ impl RuleSetBuilder {
     /// Adds an indicator list of the given kind.
     pub fn add_ioc_source(&mut self, kind: IocKind, origin: &Path, bytes: &[u8]) -> &mut Self {
         self.note_source(origin, bytes);
+        self.note_beyond_hashes(Some(kind), origin, bytes);
         self.report.ioc_files += 1;
         if kind == IocKind::Intel {
             self.add_intel_yara(origin, bytes);
@@ -362,6 +394,31 @@ impl RuleSetBuilder {
         }
     }
 
+    /// Feeds [`RuleSet::beyond_hashes`]: YARA sources and indicator lists whole, but for hash
+    /// lists (left out) and intel files (their lines that are not hash-only).
+    fn note_beyond_hashes(&mut self, kind: Option<IocKind>, origin: &Path, bytes: &[u8]) {
+        let name = origin.to_string_lossy();
+        let mut feed = |b: &[u8]| {
+            self.beyond_hashes.update((b.len() as u64).to_le_bytes());
+            self.beyond_hashes.update(b);
+        };
+        match kind {
+            Some(IocKind::Hash) => {}
+            Some(IocKind::Intel) => {
+                feed(name.as_bytes());
+                for line in String::from_utf8_lossy(bytes).lines() {
+                    if !crate::intel::hash_only(line.trim()) {
+                        feed(line.as_bytes());
+                    }
+                }
+            }
+            _ => {
+                feed(name.as_bytes());
+                feed(bytes);
+            }
+        }
+    }
+
     fn note_source(&mut self, origin: &Path, bytes: &[u8]) {
         let name = origin.to_string_lossy();
         self.digest.update((name.len() as u64).to_le_bytes());
@@ -383,6 +440,7 @@ impl RuleSetBuilder {
     /// Adds YARA source text that came from `origin` (a file name, or a name inside a bundle).
     pub fn add_yara_source(&mut self, origin: &Path, bytes: &[u8]) -> &mut Self {
         self.note_source(origin, bytes);
+        self.note_beyond_hashes(None, origin, bytes);
         self.report.yara_files += 1;
         self.yara_sources.push((origin.to_owned(), bytes.to_vec()));
         self
@@ -467,7 +525,6 @@ impl RuleSetBuilder {
         meanwhile: Option<Meanwhile<'_>>,
     ) -> RuleSet {
         let fingerprint: [u8; 32] = self.digest.finalize().into();
-        let compact = self.compact;
         let mut report = self.report;
         let names = assign_namespaces(&self.yara_sources);
         let mut namespaces = std::collections::HashMap::new();
@@ -488,7 +545,7 @@ impl RuleSetBuilder {
         let (yara, (iocs, ioc_problems)) = std::thread::scope(|s| {
             let sources = self.yara_sources;
             let how = Compile {
-                compact,
+                compact: self.compact,
                 isolated: isolated.as_deref(),
             };
             let yara = s.spawn(move || {
@@ -534,6 +591,7 @@ impl RuleSetBuilder {
             iocs,
             namespaces,
             fingerprint,
+            beyond_hashes: self.beyond_hashes.finalize().into(),
             bundle_version,
             report,
             exceptions: Default::default(),
@@ -936,6 +994,49 @@ mod tests {
         );
         assert!(p[1].path.ends_with("syntax.yar"), "{}", p[1]);
         assert_eq!(set.report().yara_files_with_errors, 2);
+    }
+
+    #[test]
+    fn a_change_of_hash_indicators_alone_keeps_the_fingerprint_beyond_hashes() {
+        let sha = "a".repeat(64);
+        let stix_hash = format!(
+            r#"{{"id":"indicator--1","pattern_type":"stix","pattern":"[file:hashes.'SHA-256' = '{sha}']","source":"stix"}}"#
+        );
+        let stix_name = r#"{"id":"indicator--2","pattern_type":"stix","pattern":"[file:name = 'x.exe']","source":"stix"}"#;
+        let set = |hashes: &str, intel: &str, yara: &str| {
+            let mut b = RuleSetBuilder::new();
+            b.add_yara_source(Path::new("r.yar"), yara.as_bytes());
+            b.add_ioc_source(IocKind::Hash, Path::new("hash-iocs.txt"), hashes.as_bytes());
+            b.add_ioc_source(IocKind::Intel, Path::new("intel.jsonl"), intel.as_bytes());
+            b.build(0)
+        };
+        let yara = "rule a { condition: false }";
+        let base = set("", stix_name, yara);
+        let more_hashes = set(
+            &format!("{sha};x\n"),
+            &format!("{stix_name}\n{stix_hash}"),
+            yara,
+        );
+        assert_ne!(base.fingerprint(), more_hashes.fingerprint());
+        assert_eq!(base.beyond_hashes(), more_hashes.beyond_hashes());
+        // A name indicator, or a YARA rule, is beyond hashes.
+        let other_name = stix_name.replace("x.exe", "y.exe");
+        assert_ne!(
+            base.beyond_hashes(),
+            set("", &other_name, yara).beyond_hashes()
+        );
+        let other_yara = "rule b { condition: false }";
+        assert_ne!(
+            base.beyond_hashes(),
+            set("", stix_name, other_yara).beyond_hashes()
+        );
+        // What the new hashes find in a file known by its digests alone.
+        let found = more_hashes.match_known_file("/srv/f", None, None, Some(&sha));
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(
+            base.match_known_file("/srv/f", None, None, Some(&sha))
+                .is_empty()
+        );
     }
 
     #[test]

@@ -275,6 +275,7 @@ fn scan_cmd(cmd: ScanCmd) -> u8 {
             scan: vedette_engine::ScanOptions {
                 max_file_size: cmd.max_file_size,
                 timeout: cmd.timeout,
+                all_digests: false,
             },
         },
         cache: cmd.cache,

@@ -111,6 +111,9 @@ pub struct ScanCache {
     map: Mutex<HashMap<(u64, u64), Entry>>,
     /// Changed since the last save.
     dirty: AtomicBool,
+    /// Keep the SHA-256 of every file, not only of those that matched (executables: the
+    /// history keeps each one's runs by it).
+    every_digest: bool,
 }
 
 fn same_finding(a: &RuleMatch, b: &RuleMatch) -> bool {
@@ -120,6 +123,14 @@ fn same_finding(a: &RuleMatch, b: &RuleMatch) -> bool {
 impl ScanCache {
     pub fn new() -> ScanCache {
         ScanCache::default()
+    }
+
+    /// A cache that keeps every file's SHA-256 (see `every_digest`).
+    pub fn keeping_digests() -> ScanCache {
+        ScanCache {
+            every_digest: true,
+            ..ScanCache::default()
+        }
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<(u64, u64), Entry>> {
@@ -158,7 +169,7 @@ impl ScanCache {
         if map.len() >= MAX_ENTRIES {
             map.retain(|_, e| !e.matches.is_empty());
         }
-        let sha256 = if matches.is_empty() {
+        let sha256 = if matches.is_empty() && !self.every_digest {
             String::new()
         } else {
             sha256.unwrap_or("").to_string()
@@ -182,6 +193,36 @@ impl ScanCache {
         );
         self.dirty.store(true, Ordering::Relaxed);
         new
+    }
+
+    /// The history answered for the file in state `stamp` under new rules: `fresh` (what they
+    /// add) is known as reported for that state, and when `retag` is given, an entry scanned
+    /// with the rules tagged `old` is a hit for the new ones (tagged `retag`) too.
+    pub fn answered(&self, stamp: &Stamp, old: u64, retag: Option<u64>, fresh: &[RuleMatch]) {
+        let mut map = self.map();
+        let Some(e) = map.get_mut(&(stamp.dev, stamp.ino)) else {
+            return;
+        };
+        if e.stamp != *stamp {
+            return;
+        }
+        for m in fresh {
+            if !e.matches.iter().any(|k| same_finding(k, m)) {
+                e.matches.push(m.clone());
+            }
+        }
+        if let Some(new) = retag
+            && e.rules == old
+            && old != NEVER_HIT
+        {
+            e.rules = new;
+        }
+        self.dirty.store(true, Ordering::Relaxed);
+    }
+
+    /// Entries scanned with the rules tagged `tag`.
+    pub fn count_tagged(&self, tag: u64) -> usize {
+        self.map().values().filter(|e| e.rules == tag).count()
     }
 
     pub(crate) fn len(&self) -> usize {

@@ -348,6 +348,9 @@ impl FullScans {
         );
         let on_file = |path: &Path, outcome: Outcome| {
             if let Outcome::Scanned { report, new } = outcome {
+                if let Some(h) = &self.reports.history {
+                    h.file(path, &report);
+                }
                 for d in file_detections(ids, path, &report, &new, rules.bundle_version) {
                     counters.inc(Counter::Detections);
                     let _ = det.blocking_send(d);

@@ -69,6 +69,12 @@ pub(crate) enum Subject<'a> {
         window_ms: i64,
         summary: bool,
     },
+    /// An executable (SHA-256 in hex) that ran from `path` as `uid`, found in the history.
+    Executable {
+        sha256: &'a str,
+        path: &'a Path,
+        uid: u32,
+    },
 }
 
 /// Derives detection ids: the same match on the same subject by the same agent always gets the
@@ -137,6 +143,12 @@ impl Ids {
                 field(name.as_bytes());
                 field(&window_ms.to_le_bytes());
             }
+            Subject::Executable { sha256, path, uid } => {
+                field(b"executable");
+                field(sha256.as_bytes());
+                field(path.as_os_str().as_bytes());
+                field(&uid.to_le_bytes());
+            }
         }
         field(&[kind_of(m.kind) as u8]);
         field(m.source.as_bytes());
@@ -160,9 +172,29 @@ pub(crate) struct ReportFilter {
     pub execs: Arc<ScanCache>,
     /// Execs that prevention let through without a verdict and reports itself.
     pub unjudged: Arc<verdicts::Unjudged>,
+    /// Where every file read and every executable run is kept (when `history_max_bytes` is
+    /// not `off`).
+    pub history: Option<Arc<crate::history::History>>,
 }
 
 impl ReportFilter {
+    /// Keeps a run of the executable open in `file` (run as `path` by process `pid`) in the
+    /// history, with its SHA-256 (hex) when known.
+    pub(crate) fn ran(&self, pid: u32, path: &Path, file: Option<&std::fs::File>, sha256: &str) {
+        let Some(h) = &self.history else { return };
+        if sha256.is_empty() {
+            return;
+        }
+        let stamp = file
+            .and_then(|f| f.metadata().ok())
+            .or_else(|| std::fs::metadata(path).ok())
+            .map(|m| Stamp::of(&m));
+        let uid = crate::detect::procmon::read(pid).map_or(u32::MAX, |p| p.uid);
+        if let Some(stamp) = stamp {
+            h.exec(path, sha256, stamp, uid);
+        }
+    }
+
     /// True when the file at `path` was scanned with `rules` and has not changed since.
     pub(crate) fn unchanged(&self, path: &Path, rules: &RuleSet) -> bool {
         std::fs::symlink_metadata(path)
@@ -171,6 +203,9 @@ impl ReportFilter {
 
     /// Records the report in the cache; detections for the matches that are new.
     pub(crate) fn file(&self, path: &Path, report: &FileReport, rules: &RuleSet) -> Vec<Detection> {
+        if let Some(h) = &self.history {
+            h.file(path, report);
+        }
         let new = self.cache.record(
             Stamp::of_report(report),
             rules_tag(rules),
@@ -208,6 +243,7 @@ pub(crate) fn detection(
         bundle_version,
         action: DetectionAction::Alert as i32,
         target: Some(target),
+        retro: None,
     }
 }
 

@@ -229,8 +229,10 @@ impl Shared {
                     // Prevention let it run without a verdict, and judges and reports it.
                     return Vec::new();
                 }
+                let kept = file.try_clone().ok();
                 let (matches, sha256) =
                     exe_matches(&self.reports.execs, scanner, file, &path, Reading::Whole);
+                self.reports.ran(pid, &path, kept.as_ref(), &sha256);
                 if matches.is_empty() {
                     return Vec::new();
                 }

@@ -83,6 +83,7 @@ impl ProcessWatch {
             .with_counters(self.counters.clone())
             .with_exec_covered(self.exec_covered.clone())
             .with_dns(self.dns.clone())
+            .with_history(self.reports.history.clone())
             .with_exe_reader(ExeReader::new(
                 current.clone(),
                 self.options,

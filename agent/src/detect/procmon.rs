@@ -303,6 +303,8 @@ pub struct ProcessJudge {
     mounts_read: std::time::Instant,
     /// The names DNS answers gave addresses (when DNS is seen).
     dns: Option<Arc<crate::detect::dns::DnsLinks>>,
+    /// Where each executable run is kept.
+    history: Option<Arc<crate::history::History>>,
 }
 
 /// How long the mounts read are trusted before they are read again.
@@ -320,6 +322,12 @@ impl ProcessJudge {
             self.mounts = Mounts::read();
             self.mounts_read = std::time::Instant::now();
         }
+    }
+
+    /// Keeps every executable run in `history`.
+    pub(crate) fn with_history(mut self, history: Option<Arc<crate::history::History>>) -> Self {
+        self.history = history;
+        self
     }
 
     /// Also scans the memory of every new process (not this one).
@@ -367,6 +375,7 @@ impl ProcessJudge {
             mounts: Mounts::read(),
             mounts_read: std::time::Instant::now(),
             dns: None,
+            history: None,
         }
     }
 
@@ -443,6 +452,12 @@ impl ProcessJudge {
         let mut exe_sha256 = String::new();
         if let Some(path) = p.exe.as_ref().filter(|_| exe) {
             let (m, sha) = self.scan_exe(p.pid, path, scanner);
+            if let Some(h) = &self.history
+                && let Ok(meta) = std::fs::metadata(format!("/proc/{}/exe", p.pid))
+                && !sha.is_empty()
+            {
+                h.exec(path, &sha, Stamp::of(&meta), p.uid);
+            }
             matches.extend(m);
             exe_sha256 = sha;
         }

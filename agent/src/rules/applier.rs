@@ -66,9 +66,13 @@ impl ActiveRules {
             Err(e) => return fail(e.to_string()),
         };
         self.accepted(b.version);
-        self.current.store(Arc::new(rules));
+        let rules = Arc::new(rules);
+        let old = self.current.swap(rules.clone());
         self.applied.store(b.version, Ordering::Relaxed);
-        self.rescan.notify_one();
+        let rescan = self.on_change.get().is_none_or(|f| f(&old, &rules));
+        if rescan {
+            self.rescan.notify_one();
+        }
         if let Err(e) = write_atomic(&self.last_good, &b.encode_to_vec(), 0o600) {
             // Running it anyway: the collector pushes it again after a restart.
             warn!(error = %e, "cannot save the bundle as last-good");

@@ -84,6 +84,9 @@ pub struct ActiveRules {
     pub applied: AtomicU64,
     /// Notified when a new bundle is applied: full scans run again over what they cached.
     pub rescan: Notify,
+    /// Told of each change of rules (the old set, the new one) before a rescan is asked for;
+    /// says whether one is still due (the history answers hash-only changes).
+    pub on_change: std::sync::OnceLock<RulesChanged>,
     /// YARA rules in the last rule set built, and how long building it took.
     yara_rules: AtomicU64,
     load_ms: AtomicU64,
@@ -95,6 +98,9 @@ pub struct ActiveRules {
     labels: std::sync::RwLock<Vec<String>>,
     labels_file: PathBuf,
 }
+
+/// What is told of a change of rules: true when a rescan is still due.
+pub type RulesChanged = Box<dyn Fn(&RuleSet, &RuleSet) -> bool + Send + Sync>;
 
 /// Figures of the last rule set built.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,6 +156,7 @@ impl ActiveRules {
             current: Arc::new(ArcSwap::from_pointee(RuleSet::empty())),
             applied: AtomicU64::new(0),
             rescan: Notify::new(),
+            on_change: std::sync::OnceLock::new(),
             yara_rules: AtomicU64::new(0),
             load_ms: AtomicU64::new(0),
             who,

@@ -91,7 +91,33 @@ pub fn detection_json(d: &Detection) -> Value {
     }
     v["indicator"] = indicator_json(d);
     v["techniques"] = json!(d.techniques);
+    if let Some(r) = &d.retro {
+        v["retro"] = retro_json(r);
+    }
     v
+}
+
+/// When a match found in an agent's history was seen, and whether it is still there.
+pub fn retro_json(r: &vedette_proto::v1::Retro) -> Value {
+    json!({
+        "first_seen": rfc3339_ms(r.first_seen_ms),
+        "last_seen": rfc3339_ms(r.last_seen_ms),
+        "first_seen_ms": r.first_seen_ms,
+        "last_seen_ms": r.last_seen_ms,
+        "presence": presence_name(r.presence),
+        "runs": r.runs,
+    })
+}
+
+/// `present`, `gone`, `changed` (or `unknown`).
+pub fn presence_name(p: i32) -> &'static str {
+    use vedette_proto::v1::Presence;
+    match Presence::try_from(p) {
+        Ok(Presence::Present) => "present",
+        Ok(Presence::Gone) => "gone",
+        Ok(Presence::Changed) => "changed",
+        _ => "unknown",
+    }
 }
 
 /// Where what matched came from. Detections stored before agents sent it get it from their
@@ -165,6 +191,8 @@ pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
 pub fn target_text(d: &Detection) -> String {
     let text = match &d.target {
         Some(detection::Target::File(f)) => f.path.clone(),
+        // An executable found in an agent's history: no process to name.
+        Some(detection::Target::Process(p)) if p.pid == 0 => format!("{} run as {}", p.exe, p.user),
         Some(detection::Target::Process(p)) => format!("pid {} {} ({})", p.pid, p.exe, p.cmdline),
         Some(detection::Target::Connection(c)) => {
             format!(
@@ -194,8 +222,16 @@ pub fn detection_line(d: &Detection) -> String {
     } else {
         ""
     };
+    let retro = d.retro.as_ref().map_or(String::new(), |r| {
+        format!(
+            "  [retro: seen {} to {}, {}]",
+            rfc3339_ms(r.first_seen_ms),
+            rfc3339_ms(r.last_seen_ms),
+            presence_name(r.presence)
+        )
+    });
     format!(
-        "{:<10} {:>3}  {}  {blocked}{}",
+        "{:<10} {:>3}  {}  {blocked}{}{retro}",
         kind_name(d.kind),
         d.score,
         printable(&d.rule),

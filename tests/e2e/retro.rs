@@ -1,0 +1,156 @@
+//! Retro-hunt end to end: indicators published after the files were seen are answered from each
+//! agent's history, without reading a file again and without a rescan.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use vedette_tests::{Agent, Collector, wait_until};
+
+/// Files the agent scans before the bundle (`VEDETTE_RETRO_FILES` to change).
+fn file_count() -> usize {
+    std::env::var("VEDETTE_RETRO_FILES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000)
+}
+
+fn counter(c: &Collector, a: &Agent, name: &str) -> u64 {
+    a.info(c)
+        .and_then(|i| i["counters"][name].as_u64())
+        .unwrap_or(0)
+}
+
+fn write_tree(root: &Path, n: usize) {
+    for i in 0..n {
+        let sub = root.join(format!("d{:03}", i / 1000));
+        if i % 1000 == 0 {
+            std::fs::create_dir_all(&sub).unwrap();
+        }
+        std::fs::write(
+            sub.join(format!("f{i:06}.txt")),
+            format!("retro file {i}\n"),
+        )
+        .unwrap();
+    }
+}
+
+fn path_of(root: &Path, i: usize) -> std::path::PathBuf {
+    root.join(format!("d{:03}", i / 1000))
+        .join(format!("f{i:06}.txt"))
+}
+
+#[test]
+fn a_hash_bundle_is_answered_from_history_without_reading_or_rescanning() {
+    let n = file_count();
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path();
+    let mut c = Collector::init(&tmp.join("collector"));
+    c.start();
+    let watch = tmp.join("watch");
+    write_tree(&watch, n);
+    let mut a = Agent::enroll(&c, &tmp.join("state"));
+    let config = tmp.join("agent.toml");
+    let rules = tmp.join("rules");
+    std::fs::create_dir_all(&rules).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "watch = [{watch:?}]\nrules = [{rules:?}]\nheartbeat = \"1s\"\nbackoff_max = \"1s\"\n\
+             processes = false\nscan_on_start = true\nscan_interval = \"0s\"\n\
+             max_cpu_percent = 100\n"
+        ),
+    )
+    .unwrap();
+    let started_ms = vedette_proto::now_ms();
+    a.run(&c, &["--config", config.to_str().unwrap()]);
+    wait_until(
+        Duration::from_secs(120),
+        "the first full scan read every file",
+        || {
+            let scanned = counter(&c, &a, "files_scanned");
+            let records = counter(&c, &a, "history_records");
+            if scanned >= n as u64 && records >= n as u64 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{scanned} files scanned, {records} history records"
+                ))
+            }
+        },
+    );
+    let scanned_ms = vedette_proto::now_ms();
+    let bytes_before = counter(&c, &a, "scanned_bytes");
+    let scans_before = counter(&c, &a, "full_scans");
+
+    // Ten of them get listed; five of those are deleted first.
+    let chosen: Vec<usize> = (0..10).map(|k| k * (n / 10) + 7).collect();
+    let mut list = String::from("# sha256;comment\n");
+    for (k, i) in chosen.iter().enumerate() {
+        let digest = hex::encode(Sha256::digest(format!("retro file {i}\n")));
+        list.push_str(&format!("{digest};retro sample {k}\n"));
+        if k % 2 == 1 {
+            std::fs::remove_file(path_of(&watch, *i)).unwrap();
+        }
+    }
+    let bundle = tmp.join("bundle");
+    std::fs::create_dir_all(&bundle).unwrap();
+    std::fs::write(bundle.join("retro-hash-iocs.txt"), list).unwrap();
+    let out = c.ctl(&["rules", "publish", bundle.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", vedette_tests::output_text(&out));
+
+    let found: Vec<Value> = wait_until(Duration::from_secs(60), "10 retro detections", || {
+        let retro: Vec<Value> = c
+            .detections()
+            .into_iter()
+            .filter(|d| d["retro"].is_object())
+            .collect();
+        if retro.len() >= 10 {
+            Ok(retro)
+        } else {
+            Err(format!("{} so far", retro.len()))
+        }
+    });
+    assert_eq!(found.len(), 10, "{found:#?}");
+    for (k, i) in chosen.iter().enumerate() {
+        let path = path_of(&watch, *i);
+        let d = found
+            .iter()
+            .find(|d| d["path"] == path.to_str().unwrap())
+            .unwrap_or_else(|| panic!("no retro detection of {}: {found:#?}", path.display()));
+        assert_eq!(d["kind"], "hash", "{d}");
+        let presence = if k % 2 == 1 { "gone" } else { "present" };
+        assert_eq!(d["retro"]["presence"], presence, "{d}");
+        let first = d["retro"]["first_seen_ms"].as_i64().unwrap();
+        assert!(
+            (started_ms..=scanned_ms).contains(&first),
+            "first seen {first} not during the first scan ({started_ms}..{scanned_ms}): {d}"
+        );
+    }
+    // The heartbeat that counts them was sent after the bundle was applied: by then a rescan
+    // would have started and been counted.
+    wait_until(
+        Duration::from_secs(30),
+        "a heartbeat counting the retro detections",
+        || match counter(&c, &a, "retro_detections") {
+            10 => Ok(()),
+            n => Err(format!("{n}")),
+        },
+    );
+    assert_eq!(
+        counter(&c, &a, "scanned_bytes"),
+        bytes_before,
+        "no file was read"
+    );
+    assert_eq!(
+        counter(&c, &a, "full_scans"),
+        scans_before,
+        "no full scan started"
+    );
+    let log = a.log();
+    assert!(
+        log.contains("new rules matched against the history"),
+        "{log}"
+    );
+}
