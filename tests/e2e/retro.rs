@@ -22,6 +22,18 @@ fn counter(c: &Collector, a: &Agent, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// An agent's configuration: heartbeats every second, no scheduled scans, and `extra`.
+fn agent_config(path: &Path, watch: &Path, rules: &Path, extra: &str) {
+    std::fs::write(
+        path,
+        format!(
+            "watch = [{watch:?}]\nrules = [{rules:?}]\nheartbeat = \"1s\"\nbackoff_max = \"1s\"\n\
+             scan_interval = \"0s\"\n{extra}\n"
+        ),
+    )
+    .unwrap();
+}
+
 fn write_tree(root: &Path, n: usize) {
     for i in 0..n {
         let sub = root.join(format!("d{:03}", i / 1000));
@@ -54,15 +66,12 @@ fn a_hash_bundle_is_answered_from_history_without_reading_or_rescanning() {
     let config = tmp.join("agent.toml");
     let rules = tmp.join("rules");
     std::fs::create_dir_all(&rules).unwrap();
-    std::fs::write(
+    agent_config(
         &config,
-        format!(
-            "watch = [{watch:?}]\nrules = [{rules:?}]\nheartbeat = \"1s\"\nbackoff_max = \"1s\"\n\
-             processes = false\nscan_on_start = true\nscan_interval = \"0s\"\n\
-             max_cpu_percent = 100\n"
-        ),
-    )
-    .unwrap();
+        &watch,
+        &rules,
+        "processes = false\nscan_on_start = true\nmax_cpu_percent = 100",
+    );
     let started_ms = vedette_proto::now_ms();
     a.run(&c, &["--config", config.to_str().unwrap()]);
     wait_until(
@@ -152,5 +161,82 @@ fn a_hash_bundle_is_answered_from_history_without_reading_or_rescanning() {
     assert!(
         log.contains("new rules matched against the history"),
         "{log}"
+    );
+}
+
+#[test]
+fn a_binary_run_then_deleted_is_found_by_a_hash_published_later() {
+    if !rustix::process::geteuid().is_root() {
+        vedette_tests::missing_root("the process connector's exec events need root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path();
+    let mut c = Collector::init(&tmp.join("collector"));
+    c.start();
+    let (watch, rules, bin) = (tmp.join("watch"), tmp.join("rules"), tmp.join("bin"));
+    for d in [&watch, &rules, &bin] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    // A binary of its own (sleep with bytes appended), outside the watched tree: only its runs
+    // can put it in the history.
+    let tool = bin.join("vedette-retro-tool");
+    let mut bytes = std::fs::read("/bin/sleep").unwrap();
+    bytes.extend_from_slice(b"vedette retro tool");
+    std::fs::write(&tool, &bytes).unwrap();
+    std::fs::set_permissions(&tool, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let digest = hex::encode(Sha256::digest(&bytes));
+    let mut a = Agent::enroll(&c, &tmp.join("state"));
+    let config = tmp.join("agent.toml");
+    agent_config(
+        &config,
+        &watch,
+        &rules,
+        "processes = true\nevent_source = \"inotify\"\nscan_on_start = false",
+    );
+    a.run(&c, &["--config", config.to_str().unwrap()]);
+    vedette_tests::wait_for(Duration::from_secs(60), "the first process walk", || {
+        a.log()
+            .contains("first process walk finished")
+            .then_some(())
+    });
+    let before_ms = vedette_proto::now_ms();
+    for _ in 0..3 {
+        let status = std::process::Command::new(&tool).arg("1").status().unwrap();
+        assert!(status.success());
+    }
+    let after_ms = vedette_proto::now_ms();
+    std::fs::remove_file(&tool).unwrap();
+
+    let bundle = tmp.join("bundle");
+    std::fs::create_dir_all(&bundle).unwrap();
+    std::fs::write(
+        bundle.join("tool-hash-iocs.txt"),
+        format!("{digest};retro tool\n"),
+    )
+    .unwrap();
+    let out = c.ctl(&["rules", "publish", bundle.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", vedette_tests::output_text(&out));
+    let d = vedette_tests::wait_for(
+        Duration::from_secs(60),
+        "the tool's retro detection",
+        || {
+            c.detections()
+                .into_iter()
+                .find(|d| d["retro"].is_object() && d["path"] == tool.to_str().unwrap())
+        },
+    );
+    assert_eq!(d["kind"], "hash", "{d}");
+    assert_eq!(d["sha256"], digest.as_str(), "{d}");
+    assert_eq!(d["user"], "root", "{d}");
+    assert_eq!(d["retro"]["presence"], "gone", "{d}");
+    assert_eq!(d["retro"]["runs"], 3, "{d}");
+    let (first, last) = (
+        d["retro"]["first_seen_ms"].as_i64().unwrap(),
+        d["retro"]["last_seen_ms"].as_i64().unwrap(),
+    );
+    assert!(
+        before_ms <= first && first < last && last <= after_ms,
+        "{d}"
     );
 }
