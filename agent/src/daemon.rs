@@ -106,15 +106,7 @@ pub async fn run(
     };
     let (pool, events, gate, walk) = shared.start_on_access(&settings, &watch_roots, options)?;
     shared.answer_from_history();
-    let (shipper, applier) = start_delivery(
-        &settings,
-        creds,
-        state.clone(),
-        &rules,
-        &spooled,
-        &counters,
-        &shutdown,
-    );
+    let (shipper, applier) = start_delivery(&settings, creds, state.clone(), &spooled, &shared);
     let background = Background {
         exec_covered: events.exec_devices(&watch_roots, &settings),
         shared,
@@ -282,15 +274,15 @@ impl Shared {
 }
 
 /// Starts the shipper and the bundle applier it hands offered bundles to.
+/// Hunts are answered from the history on a task of their own.
 fn start_delivery(
     settings: &Config,
     creds: Credentials,
     state: StateDir,
-    rules: &Arc<ActiveRules>,
     spooled: &Arc<Spooled>,
-    counters: &Arc<Counters>,
-    shutdown: &CancellationToken,
+    shared: &Shared,
 ) -> (tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>) {
+    let (rules, counters) = (&shared.rules, &shared.counters);
     let (offers, offered) = watch::channel::<Option<RuleBundle>>(None);
     let (status_tx, statuses) = mpsc::channel::<BundleStatus>(8);
     let applier = tokio::spawn(crate::rules::applier::run(
@@ -298,10 +290,20 @@ fn start_delivery(
         offered,
         status_tx,
     ));
+    let (hunts, requests) = mpsc::channel(8);
+    let (answers_tx, answers) = mpsc::channel(8);
+    tokio::spawn(crate::history::hunt::run(
+        shared.reports.history.clone(),
+        requests,
+        answers_tx,
+        counters.clone(),
+    ));
     let link = BundleLink {
         rules: rules.clone(),
         offers,
         statuses,
+        hunts,
+        answers,
     };
     let shipper = Shipper::new(
         ship_config(settings, creds, state),
@@ -309,7 +311,7 @@ fn start_delivery(
         link,
         counters.clone(),
     );
-    let shipper = tokio::spawn(shipper.run(shutdown.clone()));
+    let shipper = tokio::spawn(shipper.run(shared.stop.clone()));
     (shipper, applier)
 }
 

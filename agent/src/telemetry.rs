@@ -187,6 +187,10 @@ counters! {
     HistoryDropped = "history_dropped" counter,
     /// Detections found in the history by new rules or a hunt (retro).
     RetroDetections = "retro_detections" counter,
+    /// Hunts answered from the history.
+    HuntsAnswered = "hunts_answered" counter,
+    /// Hunts received past their expiry, not answered.
+    HuntsExpired = "hunts_expired" counter,
 }
 
 impl Counter {

@@ -72,6 +72,10 @@ pub mod limits {
     pub const MAX_COUNTERS: usize = 256;
     /// Longest heartbeat counter name.
     pub const MAX_COUNTER_NAME: usize = 128;
+    /// Most digests one hunt asks about.
+    pub const MAX_HUNT_HASHES: usize = 10_000;
+    /// Most hits one agent gives in its answer to a hunt (it says how many it had).
+    pub const MAX_HUNT_HITS: usize = 1_000;
 }
 
 /// Current protocol version, sent nowhere but named in logs and `--version` output.

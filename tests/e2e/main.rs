@@ -11,6 +11,7 @@ mod dns;
 mod engine;
 mod faults;
 mod hardening;
+mod hunts;
 mod intel;
 mod lifecycle;
 mod onaccess;

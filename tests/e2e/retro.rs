@@ -239,4 +239,29 @@ fn a_binary_run_then_deleted_is_found_by_a_hash_published_later() {
         before_ms <= first && first < last && last <= after_ms,
         "{d}"
     );
+
+    // An ad-hoc hunt finds it too, without publishing anything.
+    let out = c.ctl(&["hunt", "--sha256", &digest]);
+    assert!(out.status.success(), "{}", vedette_tests::output_text(&out));
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let v: Value = wait_until(Duration::from_secs(30), "the hunt's answer", || {
+        let out = c.ctl(&["hunt", "show", &id, "--json"]);
+        let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+        if v["hunt"]["answered"] == 1 {
+            Ok(v)
+        } else {
+            Err(v.to_string())
+        }
+    });
+    let hits = v["agents"][0]["hits"].as_array().unwrap();
+    let hit = hits
+        .iter()
+        .find(|h| h["path"] == tool.to_str().unwrap())
+        .unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(hit["kind"], "exec", "{v}");
+    assert_eq!(hit["user"], "root", "{v}");
+    assert_eq!(hit["runs"], 3, "{v}");
+    assert_eq!(hit["presence"], "gone", "{v}");
+    assert_eq!(hit["first_seen"], d["retro"]["first_seen"], "{v}");
+    assert_eq!(hit["last_seen"], d["retro"]["last_seen"], "{v}");
 }

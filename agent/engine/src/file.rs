@@ -250,12 +250,19 @@ impl<'r> FileScanner<'r> {
         match_digests(iocs, &mut report, path);
         let found = self.match_yara(path, &meta)?;
         report.matches.extend(found);
-        // A detection carries the file's SHA-256 and MD5, whatever the indicators needed.
-        if !report.matches.is_empty() && report.sha256.is_none() {
-            report.sha256 = Some(hex::encode(Sha256::digest(&self.buf)));
-        }
-        if !report.matches.is_empty() && report.md5.is_none() {
-            report.md5 = Some(hex::encode(Md5::digest(&self.buf)));
+        // A detection carries the file's SHA-256, MD5 and SHA-1, whatever the indicators
+        // needed.
+        if !report.matches.is_empty() {
+            let data = &self.buf;
+            report
+                .sha256
+                .get_or_insert_with(|| hex::encode(Sha256::digest(data)));
+            report
+                .md5
+                .get_or_insert_with(|| hex::encode(Md5::digest(data)));
+            report
+                .sha1
+                .get_or_insert_with(|| hex::encode(Sha1::digest(data)));
         }
         // Large buffers are not kept between files.
         if self.buf.capacity() > 8 * 1024 * 1024 {
@@ -651,10 +658,8 @@ mod tests {
             assert_eq!(r.matches[0].rule, digest);
             assert_eq!(r.matches[0].description, format!("sample {name}"));
             assert_eq!(r.matches[0].kind, crate::MatchKind::Hash);
-            // Only the needed digest (and sha256 and md5 for the detection) were computed.
-            assert!(r.md5.is_some());
-            assert_eq!(r.sha1.is_some(), name == "sha1");
-            assert!(r.sha256.is_some());
+            // A match carries all three, for the detection.
+            assert!(r.md5.is_some() && r.sha1.is_some() && r.sha256.is_some());
         }
     }
 

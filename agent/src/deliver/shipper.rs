@@ -41,7 +41,7 @@ use vedette_proto::v1::agent_service_client::AgentServiceClient;
 use vedette_proto::v1::collector_message::Msg as Down;
 use vedette_proto::v1::{
     AgentMessage, BundleStatus, CollectorMessage, DetectionBatch, Goodbye, Heartbeat, Hello,
-    RuleBundle,
+    HuntAnswer, HuntRequest, RuleBundle,
 };
 
 use super::inventory;
@@ -81,6 +81,9 @@ pub struct BundleLink {
     pub rules: Arc<ActiveRules>,
     pub offers: watch::Sender<Option<RuleBundle>>,
     pub statuses: mpsc::Receiver<BundleStatus>,
+    /// Hunts go to the history, and its answers come back.
+    pub hunts: mpsc::Sender<HuntRequest>,
+    pub answers: mpsc::Receiver<HuntAnswer>,
 }
 
 /// Why a connection ended.
@@ -319,6 +322,10 @@ impl Shipper {
                     let msg = AgentMessage { msg: Some(Msg::BundleStatus(status)) };
                     up.send(msg).await.map_err(|_| End::Lost("stream closed".into()))
                 }
+                Some(answer) = self.bundles.answers.recv() => {
+                    let msg = AgentMessage { msg: Some(Msg::HuntAnswer(answer)) };
+                    up.send(msg).await.map_err(|_| End::Lost("stream closed".into()))
+                }
                 _ = s.heartbeat.tick() => {
                     self.heartbeat(&up);
                     if !draining && self.renewal_due() {
@@ -426,6 +433,13 @@ impl Shipper {
             Down::Bundle(b) => {
                 info!(version = b.version, name = %b.name, "rule bundle received");
                 self.bundles.offers.send_replace(Some(b));
+            }
+            Down::Hunt(h) => {
+                info!(hunt = %h.id, "hunt received");
+                if self.bundles.hunts.try_send(h).is_err() {
+                    // Asked again at the next connection, while it has not expired.
+                    warn!("too many hunts waiting; this one is answered after a reconnect");
+                }
             }
             Down::Labels(l) => {
                 // Kept on disk (a synced write): off the stream's task.
@@ -649,10 +663,14 @@ mod tests {
             renew_in: None,
         };
         let counters = Arc::new(Counters::default());
+        let (hunts, _) = mpsc::channel(1);
+        let (_, answers) = mpsc::channel(1);
         let link = BundleLink {
             rules,
             offers,
             statuses,
+            hunts,
+            answers,
         };
         let shipper = Shipper::new(cfg, sp.clone(), link, counters.clone());
         Rig {

@@ -34,6 +34,7 @@
 //! - Lookups read the segments from disk, one pass for any number of digests: the history is
 //!   never held in memory (but for the run counts of executables seen since their last record).
 
+pub mod hunt;
 pub mod retro;
 
 use std::collections::{HashMap, VecDeque};

@@ -39,18 +39,56 @@ pub(crate) struct Retro {
     pub counters: Arc<Counters>,
 }
 
-/// One file (or executable) the new rules find in the history.
-struct Hit {
-    kind: Kind,
-    path: PathBuf,
-    first_ms: i64,
-    last_ms: i64,
-    runs: u64,
+/// One file (or executable) found in the history: its records merged.
+pub(crate) struct Hit {
+    pub kind: Kind,
+    pub path: PathBuf,
+    pub first_ms: i64,
+    pub last_ms: i64,
+    pub runs: u64,
     /// The latest state it was seen in.
-    stamp: Stamp,
-    digests: (Option<String>, Option<String>, Option<String>),
-    uid: u32,
-    matches: Vec<RuleMatch>,
+    pub stamp: Stamp,
+    pub digests: (Option<String>, Option<String>, Option<String>),
+    pub uid: u32,
+    pub matches: Vec<RuleMatch>,
+}
+
+impl Hit {
+    pub(crate) fn of(r: &Record, matches: Vec<RuleMatch>) -> Hit {
+        Hit {
+            kind: r.kind,
+            path: r.path.clone(),
+            first_ms: r.first_ms,
+            last_ms: r.last_ms,
+            runs: r.runs,
+            stamp: r.stamp,
+            digests: r.hex(),
+            uid: r.uid,
+            matches,
+        }
+    }
+
+    /// Another record of the same file or executable: the earliest first, the latest last
+    /// (and its state), the runs added up.
+    pub(crate) fn merge(&mut self, r: &Record) {
+        self.first_ms = self.first_ms.min(r.first_ms);
+        if r.last_ms >= self.last_ms {
+            self.last_ms = r.last_ms;
+            self.stamp = r.stamp;
+        }
+        self.runs += r.runs;
+    }
+
+    /// Whether it is still at its path, unchanged. What is there when it changed since was
+    /// read (and kept) when it was written, or is read by the next full scan, and is judged
+    /// then as any file.
+    pub(crate) fn presence(&self) -> Presence {
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) if m.is_file() && Stamp::of(&m) == self.stamp => Presence::Present,
+            Ok(m) if m.is_file() => Presence::Changed,
+            _ => Presence::Gone,
+        }
+    }
 }
 
 fn same_finding(a: &RuleMatch, b: &RuleMatch) -> bool {
@@ -121,19 +159,14 @@ impl Retro {
             }
             let key = (r.kind, r.path.clone(), r.sha256);
             if let Some(h) = hits.get_mut(&key) {
-                h.first_ms = h.first_ms.min(r.first_ms);
-                if r.last_ms >= h.last_ms {
-                    h.last_ms = r.last_ms;
-                    h.stamp = r.stamp;
-                }
-                h.runs += r.runs;
+                h.merge(r);
                 for m in fresh {
                     if !h.matches.iter().any(|k| same_finding(k, &m)) {
                         h.matches.push(m);
                     }
                 }
             } else if hits.len() < MAX_HITS {
-                hits.insert(key, hit(r, fresh));
+                hits.insert(key, Hit::of(r, fresh));
             } else {
                 answered.untold += 1;
             }
@@ -149,7 +182,7 @@ impl Retro {
             return Ok(answered);
         };
         for h in hits.into_values() {
-            let presence = self.presence(&h);
+            let presence = h.presence();
             for d in self.detections(&h, presence, &users, new.bundle_version) {
                 self.counters.inc(Counter::RetroDetections);
                 self.counters.inc(Counter::Detections);
@@ -159,17 +192,6 @@ impl Retro {
             }
         }
         Ok(answered)
-    }
-
-    /// Whether the hit is still at its path, unchanged. What is there when it changed since
-    /// was read (and kept) when it was written, or is read by the next full scan, and is
-    /// judged then as any file.
-    fn presence(&self, h: &Hit) -> Presence {
-        match std::fs::symlink_metadata(&h.path) {
-            Ok(m) if m.is_file() && Stamp::of(&m) == h.stamp => Presence::Present,
-            Ok(m) if m.is_file() => Presence::Changed,
-            _ => Presence::Gone,
-        }
     }
 
     fn detections(
@@ -253,18 +275,4 @@ fn fresh_matches(old: &RuleSet, new: &RuleSet, r: &Record) -> Vec<RuleMatch> {
         .into_iter()
         .filter(|m| !before.iter().any(|b| same_finding(b, m)))
         .collect()
-}
-
-fn hit(r: &Record, matches: Vec<RuleMatch>) -> Hit {
-    Hit {
-        kind: r.kind,
-        path: r.path.clone(),
-        first_ms: r.first_ms,
-        last_ms: r.last_ms,
-        runs: r.runs,
-        stamp: r.stamp,
-        digests: r.hex(),
-        uid: r.uid,
-        matches,
-    }
 }

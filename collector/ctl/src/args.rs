@@ -67,6 +67,11 @@ pub enum Command {
     /// next bundle (`rules publish` or `intel publish` carries them, signed).
     #[command(subcommand)]
     Exceptions(ExceptionsCmd),
+    /// Retro-hunt: ask every agent in scope whether it saw files or ran executables with these
+    /// digests, answered from each agent's history (no disk is read again, and nothing but
+    /// the hits leaves a host). Agents offline now answer when they reconnect, until the hunt
+    /// expires. `hunt list` and `hunt show ID` follow the answers.
+    Hunt(HuntCmd),
     /// Write detections for others to read: STIX 2.1 sightings, a MISP event, ECS JSON lines.
     /// Each organisation's sharing policy applies, as in the collector's own exports: nothing
     /// of an organisation that shares `none`, no host, path or user of an `anonymised` one.
@@ -355,6 +360,62 @@ pub enum ExceptionsCmd {
     /// Remove an exception: detections it covered are reported again (by agents once the next
     /// bundle is published).
     Remove { id: String },
+}
+
+#[derive(clap::Args)]
+#[command(
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples:\n  vedettectl hunt --sha256 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\n  \
+        vedettectl hunt --file lazarus-hashes.txt --org acme --expires 48h\n  \
+        vedettectl hunt list\n  vedettectl hunt show hunt-5f0c2a9e1d3b4c7a --json"
+)]
+pub struct HuntCmd {
+    #[command(subcommand)]
+    pub action: Option<HuntAction>,
+    #[command(flatten)]
+    pub start: HuntStart,
+}
+
+/// What a new hunt asks.
+#[derive(clap::Args)]
+pub struct HuntStart {
+    /// A SHA-256 to look for (repeatable).
+    #[arg(long, value_name = "HASH")]
+    pub sha256: Vec<String>,
+    /// An MD5 to look for (repeatable).
+    #[arg(long, value_name = "HASH")]
+    pub md5: Vec<String>,
+    /// A SHA-1 to look for (repeatable).
+    #[arg(long, value_name = "HASH")]
+    pub sha1: Vec<String>,
+    /// A file of digests, one per line (MD5, SHA-1 or SHA-256 by length; `#` comments and a
+    /// Loki-style `;comment` after the digest are allowed).
+    #[arg(long, value_name = "LIST")]
+    pub file: Option<PathBuf>,
+    /// Only this organisation's agents (a certificate limited to one: its own).
+    #[arg(long, value_name = "NAME")]
+    pub org: Option<String>,
+    /// How long agents offline now may still answer (24h by default, 30d at most).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub expires: Option<Duration>,
+}
+
+#[derive(Subcommand)]
+pub enum HuntAction {
+    /// Hunts, newest first: how many agents were asked and how many answered.
+    List {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One hunt, per agent: what it saw (path, digests, first and last seen, whether it is
+    /// still there; for executables, runs and user), or that it has not answered yet.
+    Show {
+        id: String,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]

@@ -33,6 +33,7 @@ pub async fn run(command: Command, cfg: CtlConfig) -> anyhow::Result<()> {
         Command::Orgs(cmd) => orgs(cmd, &cfg).await?,
         Command::Alerts(cmd) => crate::triage::alerts(cmd, &cfg).await?,
         Command::Exceptions(cmd) => crate::triage::exceptions(cmd, &cfg).await?,
+        Command::Hunt(cmd) => crate::hunt::run(cmd, &cfg).await?,
         Command::Agents(cmd) => agents(cmd, &cfg).await?,
         Command::Certs(cmd) => certs(cmd, &cfg).await?,
         Command::Keys(_) => {}

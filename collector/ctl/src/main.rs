@@ -4,6 +4,7 @@
 mod args;
 mod client;
 mod commands;
+mod hunt;
 mod intel;
 mod rules;
 mod triage;

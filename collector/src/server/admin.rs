@@ -30,6 +30,10 @@ use vedette_proto::v1::{
     RenameOrgResponse, RevokeTokenRequest, RevokeTokenResponse, TokenInfo,
 };
 use vedette_proto::v1::{
+    GetHuntRequest, GetHuntResponse, ListHuntsRequest, ListHuntsResponse, StartHuntRequest,
+    StartHuntResponse,
+};
+use vedette_proto::v1::{
     PromoteBundleRequest, PromoteBundleResponse, SetAgentLabelsRequest, SetAgentLabelsResponse,
 };
 
@@ -877,6 +881,40 @@ impl AdminService for AdminSvc {
         let who = self.reader(&request)?;
         let exceptions = self.list_exceptions_as(&who, request.into_inner()).await?;
         Ok(Response::new(ListExceptionsResponse { exceptions }))
+    }
+
+    async fn start_hunt(
+        &self,
+        request: Request<StartHuntRequest>,
+    ) -> Result<Response<StartHuntResponse>, Status> {
+        let mut act = self.act(&request, "hunt.start");
+        let r = match self.operator(&request) {
+            Ok(who) => {
+                self.start_hunt_as(&who, request.into_inner(), &mut act)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        audit::record(&self.state.store, act, &r).await;
+        r.map(|h| Response::new(StartHuntResponse { hunt: Some(h) }))
+    }
+
+    async fn list_hunts(
+        &self,
+        request: Request<ListHuntsRequest>,
+    ) -> Result<Response<ListHuntsResponse>, Status> {
+        let who = self.operator(&request)?;
+        let hunts = self.list_hunts_as(&who).await?;
+        Ok(Response::new(ListHuntsResponse { hunts }))
+    }
+
+    async fn get_hunt(
+        &self,
+        request: Request<GetHuntRequest>,
+    ) -> Result<Response<GetHuntResponse>, Status> {
+        let who = self.operator(&request)?;
+        let id = request.into_inner().id.trim().to_string();
+        Ok(Response::new(self.hunt_as(&who, id).await?))
     }
 
     async fn remove_exception(

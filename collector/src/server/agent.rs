@@ -386,29 +386,33 @@ async fn run_stream(
 
     // Push what the agent is due now if it runs an older version, then each newer one as the
     // rollout changes (a version published to all or to one of its labels, promoted, labels).
-    let mut bundles = state.rollout.subscribe();
     let mut pusher = BundlePusher {
         pushed: hello.applied_bundle_version,
+        rollout: state.rollout.subscribe(),
+        labels_sent: None,
     };
-    let (due, labels) = due_and_labels(&mut bundles, agent_id);
-    let mut labels_sent = labels.clone();
-    if !pusher.push(&due, tx).await || !send_labels(labels, tx).await {
+    if !pusher.follow(agent_id, tx).await {
+        return Ok(());
+    }
+    // Hunts that ask this agent: those waiting now, then each one started later.
+    let mut hunts = state.hunts.subscribe();
+    let mut hunter = super::hunts::HuntPusher::default();
+    if !hunter.push(state, agent_id, tx).await? {
         return Ok(());
     }
     let mut throttled = false;
     loop {
         let msg = tokio::select! {
             () = stop.cancelled() => return Err(closed_reason(state)),
-            changed = bundles.changed() => {
-                let (due, labels) = due_and_labels(&mut bundles, agent_id);
-                if changed.is_ok() && !pusher.push(&due, tx).await {
+            changed = pusher.rollout.changed() => {
+                if changed.is_ok() && !pusher.follow(agent_id, tx).await {
                     return Ok(());
                 }
-                if changed.is_ok() && labels != labels_sent {
-                    labels_sent = labels.clone();
-                    if !send_labels(labels, tx).await {
-                        return Ok(());
-                    }
+                continue;
+            }
+            changed = hunts.changed() => {
+                if changed.is_ok() && !hunter.push(state, agent_id, tx).await? {
+                    return Ok(());
                 }
                 continue;
             }
@@ -440,7 +444,7 @@ async fn run_stream(
     }
 }
 
-type Down = mpsc::Sender<Result<CollectorMessage, Status>>;
+pub(super) type Down = mpsc::Sender<Result<CollectorMessage, Status>>;
 
 /// The first message, which must be Hello; None when the agent hung up first.
 async fn receive_hello(
@@ -480,9 +484,26 @@ async fn send_labels(labels: Vec<String>, tx: &Down) -> bool {
 /// Sends each bundle newer than what the agent runs, once.
 struct BundlePusher {
     pushed: u64,
+    rollout: tokio::sync::watch::Receiver<Arc<super::rollout::Rollout>>,
+    /// The labels last sent (None: none yet).
+    labels_sent: Option<Vec<String>>,
 }
 
 impl BundlePusher {
+    /// Sends what the rollout says now, when the agent does not have it yet: a newer bundle,
+    /// its labels. False when the stream is gone.
+    async fn follow(&mut self, agent_id: &str, tx: &Down) -> bool {
+        let (due, labels) = due_and_labels(&mut self.rollout, agent_id);
+        if !self.push(&due, tx).await {
+            return false;
+        }
+        if self.labels_sent.as_ref() == Some(&labels) {
+            return true;
+        }
+        self.labels_sent = Some(labels.clone());
+        send_labels(labels, tx).await
+    }
+
     /// False when the stream is gone.
     async fn push(&mut self, latest: &Option<Arc<RuleBundle>>, tx: &Down) -> bool {
         match latest {
@@ -559,6 +580,7 @@ async fn on_message(state: &State, agent_id: &str, msg: Msg, tx: &Down) -> Resul
             })
             .await?;
         }
+        Msg::HuntAnswer(a) => super::hunts::record_answer(state, agent_id, a).await?,
         Msg::Goodbye(g) => {
             let reason: String = g.reason.chars().take(64).collect();
             info!(agent = %agent_id, reason = %vedette_ops::output::printable(&reason), "agent stopped");

@@ -6,6 +6,7 @@ mod agent;
 pub(crate) mod audit;
 pub mod console;
 mod guard;
+mod hunts;
 pub(crate) mod rollout;
 mod silence;
 pub mod throttle;
@@ -68,6 +69,9 @@ pub(crate) struct State {
     /// When each agent last renewed its certificate through this collector.
     pub renewals: agent::Renewals,
     pub metrics: Arc<Metrics>,
+    /// Bumped when a hunt starts (here or through another collector): every agent stream
+    /// looks for hunts its agent has not been sent.
+    pub hunts: watch::Sender<u64>,
 }
 
 impl State {
@@ -366,6 +370,7 @@ async fn open_state(config: &Config, shutdown: CancellationToken) -> anyhow::Res
         seen_certs: Mutex::new(HashSet::new()),
         renewals: agent::Renewals::default(),
         metrics: Arc::new(Metrics::default()),
+        hunts: watch::channel(0).0,
         streams: Mutex::new(HashMap::new()),
         shutdown,
         tasks: TaskTracker::new(),
@@ -410,7 +415,9 @@ fn follow_other_collectors(state: &Arc<State>) -> anyhow::Result<()> {
                         Err(_) => {}
                     }
                 }
+                StoreEvent::Hunt(_) => hunts::hunts_changed(&state),
                 StoreEvent::Resync => {
+                    hunts::hunts_changed(&state);
                     newer_bundle(&state, 0).await;
                     if let Ok(serials) = blocking(&state.store, |s| s.revoked_serials()).await {
                         for serial in serials {

@@ -164,6 +164,8 @@ pub enum StoreEvent {
     Revoked(String),
     /// The certificate with this serial number (hex) was revoked.
     CertRevoked(String),
+    /// A hunt was started: every agent stream looks for hunts to send.
+    Hunt(String),
     /// Events may have been missed (the listening connection was re-made): compare what is
     /// held with the store.
     Resync,
@@ -175,6 +177,7 @@ impl StoreEvent {
             StoreEvent::Bundle(v) => format!("bundle:{v}"),
             StoreEvent::Revoked(id) => format!("revoked:{id}"),
             StoreEvent::CertRevoked(serial) => format!("cert:{serial}"),
+            StoreEvent::Hunt(id) => format!("hunt:{id}"),
             StoreEvent::Resync => "resync".into(),
         }
     }
@@ -186,6 +189,7 @@ impl StoreEvent {
             Some(("cert", serial)) if !serial.is_empty() => {
                 Some(StoreEvent::CertRevoked(serial.to_string()))
             }
+            Some(("hunt", id)) if !id.is_empty() => Some(StoreEvent::Hunt(id.to_string())),
             _ if text == "resync" => Some(StoreEvent::Resync),
             _ => None,
         }
@@ -280,6 +284,29 @@ pub trait Store: Send + Sync {
         by: &str,
         now_ms: i64,
     ) -> Result<Option<ExceptionRow>, StoreError>;
+
+    /// Stores a hunt and the agents it asks (those in its scope when it starts).
+    fn create_hunt(&self, h: &HuntRow, agents: &[String]) -> Result<(), StoreError>;
+
+    /// Hunts, newest first, with how many agents each asked and how many answered; of one
+    /// organisation when `org` is given.
+    fn list_hunts(&self, org: Option<&str>) -> Result<Vec<HuntRow>, StoreError>;
+
+    /// One hunt and the agents it asked, each with its answer when it gave one.
+    fn hunt(&self, id: &str) -> Result<Option<(HuntRow, Vec<HuntAgentRow>)>, StoreError>;
+
+    /// The hunts that asked this agent, not answered by it and not expired at `now_ms`.
+    fn pending_hunts(&self, agent: &str, now_ms: i64) -> Result<Vec<HuntRow>, StoreError>;
+
+    /// Records an agent's answer to a hunt: true the first time, false when it answered before
+    /// (the first answer stays) or was not asked.
+    fn answer_hunt(
+        &self,
+        id: &str,
+        agent: &str,
+        at_ms: i64,
+        answer: &[u8],
+    ) -> Result<bool, StoreError>;
 
     /// Creates an organisation; false when one of that name exists (left as it is).
     fn create_org(&self, org: &OrgRow) -> Result<bool, StoreError>;
@@ -747,6 +774,30 @@ pub struct VerdictRow {
     pub note: String,
     /// The exception made with it, if any.
     pub exception_id: String,
+}
+
+/// A hunt as the store keeps it: who asked what, of which organisation (empty: every one),
+/// until when; `request` is the encoded `HuntRequest` agents are sent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HuntRow {
+    pub id: String,
+    pub org: String,
+    pub created_by: String,
+    pub created_at_ms: i64,
+    pub expires_at_ms: i64,
+    pub request: Vec<u8>,
+    /// Agents asked, and of those the ones that answered (filled in by lists).
+    pub asked: u32,
+    pub answered: u32,
+}
+
+/// One agent a hunt asked: its answer (an encoded `HuntAnswer`) once it gave one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HuntAgentRow {
+    pub agent_id: String,
+    /// 0 while it has not answered.
+    pub answered_at_ms: i64,
+    pub answer: Vec<u8>,
 }
 
 /// An exception as the store keeps it.

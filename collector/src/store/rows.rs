@@ -364,3 +364,23 @@ pub(crate) fn tally<R: Columns<Error = E> + ?Sized, E>(r: &R) -> Result<super::T
         modified_ms: r.int(4)?,
     })
 }
+
+/// The columns [`hunt`] reads, over `hunts h` joined with its agents (grouped by hunt).
+pub(crate) const HUNT_SELECT: &str = "SELECT h.id, h.org, h.created_by, h.created_at_ms,
+    h.expires_at_ms, h.request, COUNT(a.agent_id),
+    COALESCE(SUM(CASE WHEN a.answered_at_ms > 0 THEN 1 ELSE 0 END), 0)
+    FROM hunts h LEFT JOIN hunt_agents a ON a.hunt_id = h.id";
+
+/// A hunt row of [`HUNT_SELECT`].
+pub(crate) fn hunt<R: Columns>(r: &R) -> Result<super::HuntRow, R::Error> {
+    Ok(super::HuntRow {
+        id: r.text(0)?,
+        org: r.text(1)?,
+        created_by: r.text(2)?,
+        created_at_ms: r.int(3)?,
+        expires_at_ms: r.int(4)?,
+        request: r.bytes(5)?,
+        asked: r.int(6)? as u32,
+        answered: r.int(7)? as u32,
+    })
+}

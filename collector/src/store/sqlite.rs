@@ -11,13 +11,13 @@ use vedette_proto::v1::{Detection, Inventory, StoredDetection};
 
 use super::rows::{
     self, AGENT_SELECT, ALERT_SELECT, AUDIT_SELECT, CERT_SELECT, DETECTION_SELECT,
-    EXCEPTION_SELECT, IN_FORCE, TOKEN_SELECT, VERDICT_SELECT,
+    EXCEPTION_SELECT, HUNT_SELECT, IN_FORCE, TOKEN_SELECT, VERDICT_SELECT,
 };
 use super::{
     AgentRow, AlertFilter, AlertRow, AuditRow, BundleRow, CertRow, DetectionFilter, DetectionPage,
-    ExceptionRow, ExportRow, IntelBatch, IntelSourceRow, Opener, OrgRow, Schema, StagedLine,
-    StagingCounts, Store, StoreError, Tally, TokenError, TokenRow, UserRow, VerdictRow,
-    alert_subject, file_md5, indexed,
+    ExceptionRow, ExportRow, HuntAgentRow, HuntRow, IntelBatch, IntelSourceRow, Opener, OrgRow,
+    Schema, StagedLine, StagingCounts, Store, StoreError, Tally, TokenError, TokenRow, UserRow,
+    VerdictRow, alert_subject, file_md5, indexed,
 };
 
 /// Schema migrations, applied in order; `PRAGMA user_version` is the number applied.
@@ -247,6 +247,23 @@ const MIGRATIONS: &[&str] = &[
         modified_ms INTEGER NOT NULL,
         PRIMARY KEY (sink, id)
     );",
+    // 17: hunts, and the agents each one asked.
+    "CREATE TABLE hunts (
+        id TEXT PRIMARY KEY,
+        org TEXT NOT NULL,
+        created_by TEXT NOT NULL,
+        created_at_ms INTEGER NOT NULL,
+        expires_at_ms INTEGER NOT NULL,
+        request BLOB NOT NULL
+    );
+    CREATE TABLE hunt_agents (
+        hunt_id TEXT NOT NULL REFERENCES hunts(id),
+        agent_id TEXT NOT NULL,
+        answered_at_ms INTEGER NOT NULL DEFAULT 0,
+        answer BLOB NOT NULL DEFAULT x'',
+        PRIMARY KEY (hunt_id, agent_id)
+    );
+    CREATE INDEX hunt_agents_agent ON hunt_agents(agent_id, answered_at_ms);",
 ];
 
 /// Groups a batch's detections of one alert into it (`org`, `rule`, `subject`, `kind`, `score`,
@@ -1119,6 +1136,95 @@ impl Store for SqliteStore {
 
     fn list_exceptions(&self) -> Result<Vec<ExceptionRow>, StoreError> {
         exception_rows(&self.conn())
+    }
+
+    fn create_hunt(&self, h: &HuntRow, agents: &[String]) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT INTO hunts (id, org, created_by, created_at_ms, expires_at_ms, request)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                h.id,
+                h.org,
+                h.created_by,
+                h.created_at_ms,
+                h.expires_at_ms,
+                h.request
+            ],
+        )?;
+        for a in agents {
+            tx.execute(
+                "INSERT INTO hunt_agents (hunt_id, agent_id) VALUES (?1, ?2)",
+                params![h.id, a],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn list_hunts(&self, org: Option<&str>) -> Result<Vec<HuntRow>, StoreError> {
+        let conn = self.conn();
+        let mut st = conn.prepare(&format!(
+            "{HUNT_SELECT} WHERE (?1 IS NULL OR h.org = ?1) GROUP BY h.id
+             ORDER BY h.created_at_ms DESC, h.id"
+        ))?;
+        let rows = st.query_map([org], |r| rows::hunt(r))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn hunt(&self, id: &str) -> Result<Option<(HuntRow, Vec<HuntAgentRow>)>, StoreError> {
+        let conn = self.conn();
+        let Some(h) = conn
+            .query_row(
+                &format!("{HUNT_SELECT} WHERE h.id = ?1 GROUP BY h.id"),
+                [id],
+                |r| rows::hunt(r),
+            )
+            .optional()?
+        else {
+            return Ok(None);
+        };
+        let mut st = conn.prepare(
+            "SELECT agent_id, answered_at_ms, answer FROM hunt_agents WHERE hunt_id = ?1
+             ORDER BY agent_id",
+        )?;
+        let agents = st
+            .query_map([id], |r| {
+                Ok(HuntAgentRow {
+                    agent_id: r.get(0)?,
+                    answered_at_ms: r.get(1)?,
+                    answer: r.get(2)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(Some((h, agents)))
+    }
+
+    fn pending_hunts(&self, agent: &str, now_ms: i64) -> Result<Vec<HuntRow>, StoreError> {
+        let conn = self.conn();
+        let mut st = conn.prepare(&format!(
+            "{HUNT_SELECT} WHERE h.expires_at_ms > ?2 AND h.id IN (SELECT hunt_id FROM
+             hunt_agents WHERE agent_id = ?1 AND answered_at_ms = 0)
+             GROUP BY h.id ORDER BY h.created_at_ms, h.id"
+        ))?;
+        let rows = st.query_map(params![agent, now_ms], |r| rows::hunt(r))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn answer_hunt(
+        &self,
+        id: &str,
+        agent: &str,
+        at_ms: i64,
+        answer: &[u8],
+    ) -> Result<bool, StoreError> {
+        let n = self.conn().execute(
+            "UPDATE hunt_agents SET answered_at_ms = ?3, answer = ?4
+             WHERE hunt_id = ?1 AND agent_id = ?2 AND answered_at_ms = 0",
+            params![id, agent, at_ms.max(1), answer],
+        )?;
+        Ok(n == 1)
     }
 
     fn remove_exception(

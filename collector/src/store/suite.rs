@@ -90,6 +90,48 @@ fn tokens_are_single_use_and_expire() {
 }
 
 #[test]
+fn a_hunt_is_answered_once_per_agent_and_only_until_it_expires() {
+    both("hunts", |s, reopen| {
+        let hunt = |id: &str, org: &str, expires_at_ms: i64| HuntRow {
+            id: id.into(),
+            org: org.into(),
+            created_by: "cert:op".into(),
+            created_at_ms: 10,
+            expires_at_ms,
+            request: id.as_bytes().to_vec(),
+            ..Default::default()
+        };
+        let agents = ["a1".to_string(), "a2".into(), "a3".into()];
+        s.create_hunt(&hunt("h1", "acme", 1_000), &agents).unwrap();
+        s.create_hunt(&hunt("h2", "", 50), &agents[..1]).unwrap();
+        s.create_hunt(&hunt("h3", "other", 1_000), &[]).unwrap();
+        let ids = |v: Vec<HuntRow>| v.into_iter().map(|h| h.id).collect::<Vec<_>>();
+        assert_eq!(ids(s.pending_hunts("a1", 20).unwrap()), ["h1", "h2"]);
+        // Expired: asked no more.
+        assert_eq!(ids(s.pending_hunts("a1", 60).unwrap()), ["h1"]);
+        assert!(s.answer_hunt("h1", "a1", 30, b"first").unwrap());
+        assert!(!s.answer_hunt("h1", "a1", 31, b"again").unwrap());
+        assert!(!s.answer_hunt("h1", "a9", 31, b"never asked").unwrap());
+        assert_eq!(ids(s.pending_hunts("a1", 40).unwrap()), ["h2"]);
+        assert_eq!(ids(s.pending_hunts("a2", 40).unwrap()), ["h1"]);
+        let s = reopen();
+        let (h, rows) = s.hunt("h1").unwrap().unwrap();
+        assert_eq!((h.asked, h.answered, h.request), (3, 1, b"h1".to_vec()));
+        assert_eq!(rows.len(), 3);
+        assert_eq!(
+            (rows[0].answered_at_ms, &rows[0].answer[..]),
+            (30, &b"first"[..])
+        );
+        assert_eq!(rows[1].answered_at_ms, 0);
+        assert_eq!(ids(s.list_hunts(Some("acme")).unwrap()), ["h1"]);
+        let all = s.list_hunts(None).unwrap();
+        assert_eq!(all.len(), 3);
+        assert_eq!(all.iter().find(|h| h.id == "h3").unwrap().asked, 0);
+        assert!(s.hunt("nope").unwrap().is_none());
+    });
+}
+
+#[test]
 fn a_revoked_token_enrolls_nothing_and_is_listed_with_its_creator() {
     both("token_revoke", |s, _| {
         s.create_token(&token("r1", 5, i64::MAX, 2, "default"))

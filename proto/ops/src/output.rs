@@ -97,6 +97,66 @@ pub fn detection_json(d: &Detection) -> Value {
     v
 }
 
+/// A hunt as `vedettectl hunt list --json` and the console API show it.
+pub fn hunt_json(h: &vedette_proto::v1::HuntInfo) -> Value {
+    json!({
+        "id": h.id,
+        "org": nonempty(&h.org),
+        "created_by": h.created_by,
+        "created_at": rfc3339_ms(h.created_at_ms),
+        "expires_at": rfc3339_ms(h.expires_at_ms),
+        "expired": h.expires_at_ms <= vedette_proto::now_ms(),
+        "sha256": h.sha256,
+        "md5": h.md5,
+        "sha1": h.sha1,
+        "asked": h.asked,
+        "answered": h.answered,
+        "pending": h.asked.saturating_sub(h.answered),
+    })
+}
+
+/// A hunt with every agent it asked and what each answered (`hunt show --json`).
+pub fn hunt_detail_json(r: &vedette_proto::v1::GetHuntResponse) -> Value {
+    let agents: Vec<Value> = r
+        .agents
+        .iter()
+        .map(|a| {
+            let answer = a.answer.clone().unwrap_or_default();
+            let hits: Vec<Value> = answer.hits.iter().map(hunt_hit_json).collect();
+            json!({
+                "agent_id": a.agent_id,
+                "hostname": a.hostname,
+                "org": a.org,
+                "answered": a.answered_at_ms > 0,
+                "answered_at": (a.answered_at_ms > 0).then(|| rfc3339_ms(a.answered_at_ms)),
+                "hits": hits,
+                "hits_total": answer.hits_total,
+                "hits_cap": answer.hits_cap,
+                "error": nonempty(&answer.error),
+            })
+        })
+        .collect();
+    let mut hunt = r.hunt.as_ref().map(hunt_json).unwrap_or_default();
+    hunt["hits"] = json!(r.hunt.as_ref().map_or(0, |h| h.hits));
+    json!({ "hunt": hunt, "agents": agents })
+}
+
+/// One file or executable a hunt found.
+pub fn hunt_hit_json(h: &vedette_proto::v1::HuntHit) -> Value {
+    json!({
+        "kind": h.kind,
+        "path": h.path,
+        "sha256": nonempty(&h.sha256),
+        "md5": nonempty(&h.md5),
+        "sha1": nonempty(&h.sha1),
+        "first_seen": rfc3339_ms(h.first_seen_ms),
+        "last_seen": rfc3339_ms(h.last_seen_ms),
+        "presence": presence_name(h.presence),
+        "runs": h.runs,
+        "user": nonempty(&h.user),
+    })
+}
+
 /// When a match found in an agent's history was seen, and whether it is still there.
 pub fn retro_json(r: &vedette_proto::v1::Retro) -> Value {
     json!({

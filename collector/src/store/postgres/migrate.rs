@@ -230,6 +230,23 @@ const MIGRATIONS: &[&str] = &[
         modified_ms BIGINT NOT NULL,
         PRIMARY KEY (sink, id)
     );",
+    // 15: hunts, and the agents each one asked.
+    "CREATE TABLE hunts (
+        id TEXT PRIMARY KEY,
+        org TEXT NOT NULL,
+        created_by TEXT NOT NULL,
+        created_at_ms BIGINT NOT NULL,
+        expires_at_ms BIGINT NOT NULL,
+        request BYTEA NOT NULL
+    );
+    CREATE TABLE hunt_agents (
+        hunt_id TEXT NOT NULL REFERENCES hunts(id),
+        agent_id TEXT NOT NULL,
+        answered_at_ms BIGINT NOT NULL DEFAULT 0,
+        answer BYTEA NOT NULL DEFAULT '',
+        PRIMARY KEY (hunt_id, agent_id)
+    );
+    CREATE INDEX hunt_agents_agent ON hunt_agents(agent_id, answered_at_ms);",
 ];
 
 /// The advisory lock key migrations run under ("vedette" in ASCII).

@@ -26,13 +26,13 @@ use self::migrate::migrate;
 use self::pool::{Conn, Pool, Tx, tls_connector};
 use super::rows::{
     self, AGENT_SELECT, ALERT_SELECT, AUDIT_SELECT, CERT_SELECT, DETECTION_SELECT,
-    EXCEPTION_SELECT, IN_FORCE, TOKEN_SELECT, VERDICT_SELECT,
+    EXCEPTION_SELECT, HUNT_SELECT, IN_FORCE, TOKEN_SELECT, VERDICT_SELECT,
 };
 use super::{
     AgentRow, AlertFilter, AlertRow, AuditRow, BundleRow, CertRow, DetectionFilter, DetectionPage,
-    ExceptionRow, ExportRow, IntelBatch, IntelSourceRow, Opener, OrgRow, Schema, StagedLine,
-    StagingCounts, Store, StoreError, StoreEvent, Tally, TokenError, TokenRow, UserRow, VerdictRow,
-    redact,
+    ExceptionRow, ExportRow, HuntAgentRow, HuntRow, IntelBatch, IntelSourceRow, Opener, OrgRow,
+    Schema, StagedLine, StagingCounts, Store, StoreError, StoreEvent, Tally, TokenError, TokenRow,
+    UserRow, VerdictRow, redact,
 };
 
 pub struct PgStore {
@@ -867,6 +867,101 @@ impl Store for PgStore {
             )?;
             let row = c.query_opt(&format!("{EXCEPTION_SELECT} WHERE id = $1"), &[&id])?;
             Ok(row.as_ref().map(rows::exception).transpose()?)
+        })
+    }
+
+    fn create_hunt(&self, h: &HuntRow, agents: &[String]) -> Result<(), StoreError> {
+        self.with(|c| {
+            let mut tx = c.transaction()?;
+            tx.execute(
+                "INSERT INTO hunts (id, org, created_by, created_at_ms, expires_at_ms, request)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[
+                    &h.id,
+                    &h.org,
+                    &h.created_by,
+                    &h.created_at_ms,
+                    &h.expires_at_ms,
+                    &h.request,
+                ],
+            )?;
+            tx.execute(
+                "INSERT INTO hunt_agents (hunt_id, agent_id) SELECT $1, unnest($2::text[])",
+                &[&h.id, &agents],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn list_hunts(&self, org: Option<&str>) -> Result<Vec<HuntRow>, StoreError> {
+        self.with(|c| {
+            let rows = c.query(
+                &format!(
+                    "{HUNT_SELECT} WHERE ($1::text IS NULL OR h.org = $1) GROUP BY h.id
+                     ORDER BY h.created_at_ms DESC, h.id"
+                ),
+                &[&org],
+            )?;
+            Ok(rows.iter().map(rows::hunt).collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn hunt(&self, id: &str) -> Result<Option<(HuntRow, Vec<HuntAgentRow>)>, StoreError> {
+        self.with(|c| {
+            let Some(row) = c.query_opt(
+                &format!("{HUNT_SELECT} WHERE h.id = $1 GROUP BY h.id"),
+                &[&id],
+            )?
+            else {
+                return Ok(None);
+            };
+            let h = rows::hunt(&row)?;
+            let agents = c
+                .query(
+                    "SELECT agent_id, answered_at_ms, answer FROM hunt_agents
+                     WHERE hunt_id = $1 ORDER BY agent_id",
+                    &[&id],
+                )?
+                .iter()
+                .map(|r| HuntAgentRow {
+                    agent_id: r.get(0),
+                    answered_at_ms: r.get(1),
+                    answer: r.get(2),
+                })
+                .collect();
+            Ok(Some((h, agents)))
+        })
+    }
+
+    fn pending_hunts(&self, agent: &str, now_ms: i64) -> Result<Vec<HuntRow>, StoreError> {
+        self.with(|c| {
+            let rows = c.query(
+                &format!(
+                    "{HUNT_SELECT} WHERE h.expires_at_ms > $2 AND h.id IN (SELECT hunt_id
+                     FROM hunt_agents WHERE agent_id = $1 AND answered_at_ms = 0)
+                     GROUP BY h.id ORDER BY h.created_at_ms, h.id"
+                ),
+                &[&agent, &now_ms],
+            )?;
+            Ok(rows.iter().map(rows::hunt).collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn answer_hunt(
+        &self,
+        id: &str,
+        agent: &str,
+        at_ms: i64,
+        answer: &[u8],
+    ) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "UPDATE hunt_agents SET answered_at_ms = $3, answer = $4
+                 WHERE hunt_id = $1 AND agent_id = $2 AND answered_at_ms = 0",
+                &[&id, &agent, &at_ms.max(1), &answer],
+            )?;
+            Ok(n == 1)
         })
     }
 
