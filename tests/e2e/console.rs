@@ -227,9 +227,30 @@ fn console_api_requires_authentication_and_csrf_and_matches_its_openapi_document
         (alert["hosts"].as_u64(), alert["status"].as_str()),
         (Some(1), Some("open"))
     );
+    // A hunt for the detection's file, started through the API: the agent answers it.
+    let body = serde_json::json!({ "sha256": [stored[0]["sha256"]] }).to_string();
+    let started = op.post(
+        "/api/v1/hunts",
+        &[("x-csrf-token", &csrf)],
+        "application/json",
+        &body,
+    );
+    assert_eq!(started.status, 200, "{}", started.body);
+    let hunt_id = started.json()["hunt"]["id"].as_str().unwrap().to_string();
+    let hunt = wait_for(Duration::from_secs(20), "the hunt's answer", || {
+        let h = op.get(&format!("/api/v1/hunts/{hunt_id}"), &[]).json();
+        (h["hunt"]["answered"] == 1).then_some(h)
+    });
+    let hit = &hunt["agents"][0]["hits"][0];
+    assert!(
+        hit["path"].as_str().unwrap().ends_with("dropper.sh"),
+        "{hunt}"
+    );
+    assert_eq!(hit["presence"], "present", "{hunt}");
     for (method, path) in routes.iter().filter(|(m, _)| m == "get") {
         let concrete = path
             .replace("/alerts/{id}", &format!("/alerts/{}", alert["id"]))
+            .replace("/hunts/{id}", &format!("/hunts/{hunt_id}"))
             .replace("{seq}", &seq.to_string())
             .replace("{version}", "0");
         let r = op.get(&concrete, &[]);
@@ -723,6 +744,27 @@ fn console_in_chromium_shows_live_detections_filters_opens_details_and_revokes()
         "only the canary's detections"
     );
     assert!(b.text_of(&b.find("#label")).contains("canary"));
+
+    // A hunt started from the form: the page fills in as the agents answer.
+    let found = detections_via_ctl(&c);
+    let sha = found
+        .iter()
+        .find_map(|d| d["sha256"].as_str())
+        .expect("a detection with a digest")
+        .to_string();
+    b.goto(&format!("{base}/hunts"));
+    b.find("form#start-hunt");
+    b.type_into("#digests", &sha);
+    b.click("#hunt");
+    wait_for(Duration::from_secs(10), "the hunt's page", || {
+        b.url().contains("/hunts/hunt-").then_some(())
+    });
+    let answered = wait_for(Duration::from_secs(30), "both agents' answers", || {
+        let text = b.page_text();
+        text.contains("2 of 2 agent(s) answered").then_some(text)
+    });
+    assert!(answered.contains("present"), "{answered}");
+    b.screenshot("hunt");
 
     // Revoke the second agent, after confirming.
     b.goto(&format!("{base}/agents"));

@@ -17,30 +17,15 @@ pub async fn run(cmd: HuntCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
     }
 }
 
-/// The digests of a list file, sorted by kind (their length); a line that is none is an
-/// error naming it.
+/// The digests of a list file (see [`vedette_ops::cli::digest_list`]).
 fn read_list(path: &Path, req: &mut StartHuntRequest) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read `{}`", path.display()))?;
-    for (i, line) in text.lines().enumerate() {
-        let digest = line.split([';', '#']).next().unwrap_or("").trim();
-        if digest.is_empty() {
-            continue;
-        }
-        let hex = digest.bytes().all(|b| b.is_ascii_hexdigit());
-        let into = match digest.len() {
-            32 if hex => &mut req.md5,
-            40 if hex => &mut req.sha1,
-            64 if hex => &mut req.sha256,
-            _ => anyhow::bail!(
-                "{}:{}: `{}` is not an MD5, SHA-1 or SHA-256 (32, 40 or 64 hex digits)",
-                path.display(),
-                i + 1,
-                printable(&digest.chars().take(80).collect::<String>())
-            ),
-        };
-        into.push(digest.to_ascii_lowercase());
-    }
+    let list = vedette_ops::cli::digest_list(&text)
+        .map_err(|(line, why)| anyhow::anyhow!("{}:{line}: {why}", path.display()))?;
+    req.sha256.extend(list.sha256);
+    req.md5.extend(list.md5);
+    req.sha1.extend(list.sha1);
     Ok(())
 }
 

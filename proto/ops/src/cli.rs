@@ -121,3 +121,63 @@ pub fn fail(e: &dyn std::fmt::Display, code: u8) -> std::process::ExitCode {
     eprintln!("error: {e}");
     std::process::ExitCode::from(code)
 }
+
+/// Digests an operator listed, sorted by kind.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct DigestList {
+    pub sha256: Vec<String>,
+    pub md5: Vec<String>,
+    pub sha1: Vec<String>,
+}
+
+/// A list of digests, one per line: MD5, SHA-1 or SHA-256 by their length, in lower case;
+/// blank lines, `#` comments and a Loki-style `;comment` after the digest are allowed. A line
+/// that is none of them is an error: its number (from 1) and why.
+pub fn digest_list(text: &str) -> Result<DigestList, (usize, String)> {
+    let mut out = DigestList::default();
+    for (i, line) in text.lines().enumerate() {
+        let digest = line.split([';', '#']).next().unwrap_or("").trim();
+        if digest.is_empty() {
+            continue;
+        }
+        let hex = digest.bytes().all(|b| b.is_ascii_hexdigit());
+        let into = match digest.len() {
+            32 if hex => &mut out.md5,
+            40 if hex => &mut out.sha1,
+            64 if hex => &mut out.sha256,
+            _ => {
+                let shown: String = digest.chars().take(80).collect();
+                return Err((
+                    i + 1,
+                    format!(
+                        "`{}` is not an MD5, SHA-1 or SHA-256 (32, 40 or 64 hex digits)",
+                        crate::output::printable(&shown)
+                    ),
+                ));
+            }
+        };
+        into.push(digest.to_ascii_lowercase());
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod digest_tests {
+    use super::*;
+
+    #[test]
+    fn digests_are_sorted_by_length_and_a_bad_line_is_named() {
+        let text = format!(
+            "# Lazarus\n{};loader\n\n{}\n{}  # dropper\n",
+            "A".repeat(64),
+            "b".repeat(32),
+            "c".repeat(40)
+        );
+        let l = digest_list(&text).unwrap();
+        assert_eq!(l.sha256, ["a".repeat(64)]);
+        assert_eq!((l.md5.len(), l.sha1.len()), (1, 1));
+        let e = digest_list("ab\nnot-a-hash\n").unwrap_err();
+        assert_eq!(e.0, 1);
+        assert!(e.1.contains("`ab`"), "{}", e.1);
+    }
+}

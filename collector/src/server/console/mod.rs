@@ -10,6 +10,7 @@
 mod alerts;
 mod api;
 pub mod auth;
+mod hunts;
 mod pages;
 
 use std::collections::HashMap;
@@ -64,6 +65,9 @@ pub const API_ROUTES: &[(&str, &str)] = &[
     ("get", "/api/v1/bundles/{version}/rollout"),
     ("get", "/api/v1/intel"),
     ("get", "/api/v1/audit"),
+    ("get", "/api/v1/hunts"),
+    ("post", "/api/v1/hunts"),
+    ("get", "/api/v1/hunts/{id}"),
     ("get", "/api/v1/stats"),
     ("get", "/api/v1/openapi.json"),
 ];
@@ -250,6 +254,8 @@ fn router(console: Arc<Console>) -> Router {
         .route("/rules/diff", get(pages::rules_diff))
         .route("/intel", get(pages::intel))
         .route("/audit", get(pages::audit))
+        .route("/hunts", get(hunts::hunts).post(hunts::start_form))
+        .route("/hunts/{id}", get(hunts::hunt))
         .route("/logout", post(pages::logout))
         .route("/api/v1/session", get(api::session))
         .route("/api/v1/alerts", get(alerts::api_alerts))
@@ -262,6 +268,11 @@ fn router(console: Arc<Console>) -> Router {
         .route("/api/v1/bundles/{version}/rollout", get(api::rollout))
         .route("/api/v1/intel", get(api::intel))
         .route("/api/v1/audit", get(api::audit))
+        .route(
+            "/api/v1/hunts",
+            get(hunts::api_hunts).post(hunts::api_start),
+        )
+        .route("/api/v1/hunts/{id}", get(hunts::api_hunt))
         .route("/api/v1/stats", get(api::stats))
         .route("/api/v1/openapi.json", get(api::openapi))
         .route_layer(middleware::from_fn_with_state(console.clone(), require));

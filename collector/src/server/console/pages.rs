@@ -49,6 +49,7 @@ pub(super) fn layout(who: Option<&Who>, title: &str, active: &str, body: Markup)
         ("/agents", "Agents"),
         ("/rules", "Rules"),
         ("/intel", "Intel"),
+        ("/hunts", "Hunts"),
         ("/audit", "Audit"),
     ];
     html! {
