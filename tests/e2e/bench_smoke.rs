@@ -169,6 +169,44 @@ fn bundle_fanout_benchmark_runs_in_a_tiny_configuration() {
 }
 
 #[test]
+fn hunt_fanout_benchmark_runs_in_a_tiny_configuration() {
+    let text = run("hunt-fanout", &["--agents", "3", "--rounds", "1"]);
+    assert!(text.contains("3 agent streams open"), "{text}");
+    assert!(
+        text.lines().any(|l| l.trim_start().starts_with("1 ")),
+        "no round in: {text}"
+    );
+}
+
+#[test]
+fn retro_hunt_benchmark_runs_in_a_tiny_configuration() {
+    let text = run(
+        "retro-hunt",
+        &[
+            "--files",
+            "200",
+            "--idle-seconds",
+            "1",
+            "--settle-seconds",
+            "1",
+        ],
+    );
+    let row = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no `{name}` row in: {text}"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    // With the history: nothing read, no rescan; without: a rescan.
+    let with = row("history ");
+    assert_eq!((with[5].as_str(), with[6].as_str()), ("0", "0"), "{text}");
+    let without = row("history off");
+    assert_eq!(without[7].as_str(), "1", "{text}");
+}
+
+#[test]
 fn exec_latency_benchmark_runs_in_a_tiny_configuration() {
     let text = run("exec-latency", &["--execs", "20", "--rounds", "1"]);
     assert!(text.contains("| 1 | no agent | 20 |"), "{text}");

@@ -265,3 +265,88 @@ fn a_binary_run_then_deleted_is_found_by_a_hash_published_later() {
     assert_eq!(hit["first_seen"], d["retro"]["first_seen"], "{v}");
     assert_eq!(hit["last_seen"], d["retro"]["last_seen"], "{v}");
 }
+
+#[test]
+fn an_agent_killed_while_writing_its_history_loads_the_intact_records_at_restart() {
+    let n = 100_000;
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path();
+    let mut c = Collector::init(&tmp.join("collector"));
+    c.start();
+    let (watch, rules) = (tmp.join("watch"), tmp.join("rules"));
+    write_tree(&watch, n);
+    std::fs::create_dir_all(&rules).unwrap();
+    let mut a = Agent::enroll(&c, &tmp.join("state"));
+    let config = tmp.join("agent.toml");
+    agent_config(
+        &config,
+        &watch,
+        &rules,
+        "processes = false\nscan_on_start = true\nmax_cpu_percent = 100",
+    );
+    let history = a.state.join("history");
+    let seg_bytes = || -> u64 {
+        std::fs::read_dir(&history)
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    a.start(&["--config", config.to_str().unwrap()]);
+    // Killed in the middle of its first scan, while records are being appended.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while seg_bytes() < 100_000 {
+        assert!(std::time::Instant::now() < deadline, "no history written");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    a.proc.take().unwrap().signal_and_wait("KILL");
+    let killed_at = vedette_proto::now_ms();
+    let on_disk = seg_bytes();
+    // Each record holds at least its 8-byte header, 137 fixed bytes and a path.
+    assert!(
+        on_disk < n as u64 * 145,
+        "the scan was over before the kill ({on_disk} bytes): not killed while writing"
+    );
+
+    a.run(&c, &["--config", config.to_str().unwrap()]);
+    let log = a.log();
+    assert!(log.contains("history open"), "{log}");
+    // Files recorded before the kill are found with a first sighting from before it.
+    let mut list = String::new();
+    for i in (0..n).step_by(20) {
+        list.push_str(&hex::encode(Sha256::digest(format!("retro file {i}\n"))));
+        list.push('\n');
+    }
+    let file = tmp.join("digests.txt");
+    std::fs::write(&file, list).unwrap();
+    let out = c.ctl(&["hunt", "--file", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", vedette_tests::output_text(&out));
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let v: Value = wait_until(Duration::from_secs(60), "the hunt's answer", || {
+        let out = c.ctl(&["hunt", "show", &id, "--json"]);
+        let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+        if v["hunt"]["answered"] == 1 {
+            Ok(v)
+        } else {
+            Err(v.to_string())
+        }
+    });
+    let agent = &v["agents"][0];
+    assert!(agent["error"].is_null(), "{agent}");
+    let before_kill = agent["hits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| {
+            let first = h["first_seen"].as_str().unwrap();
+            humantime::parse_rfc3339(first)
+                .map(|t| {
+                    t.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64 <= killed_at
+                })
+                .unwrap()
+        })
+        .count();
+    assert!(before_kill > 0, "no record from before the kill: {agent}");
+}

@@ -896,10 +896,15 @@ pub async fn enroll_simulated_at(
     use vedette_ops::client::{ClientTls, connect};
     use vedette_proto::v1::EnrollRequest;
     use vedette_proto::v1::agent_service_client::AgentServiceClient;
+    // Enrollments come without a client certificate, and the collector bounds how many such
+    // connections it holds at once: at most 32 are open here at a time.
+    let open = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
     let mut enrolls = tokio::task::JoinSet::new();
     for _ in 0..n {
         let (addr, ca, token) = (addr.to_string(), ca_pem.to_string(), token.to_string());
+        let open = open.clone();
         enrolls.spawn(async move {
+            let _slot = open.acquire_owned().await.expect("enrollment slots");
             let key = rcgen::KeyPair::generate().expect("key");
             let csr = rcgen::CertificateParams::default()
                 .serialize_request(&key)
