@@ -34,6 +34,24 @@ fn agent_config(path: &Path, watch: &Path, rules: &Path, extra: &str) {
     .unwrap();
 }
 
+/// Starts `vedettectl hunt ARGS` and waits for the one agent's answer (`hunt show --json`).
+fn hunted(c: &Collector, args: &[&str]) -> Value {
+    let mut all = vec!["hunt"];
+    all.extend_from_slice(args);
+    let out = c.ctl(&all);
+    assert!(out.status.success(), "{}", vedette_tests::output_text(&out));
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    wait_until(Duration::from_secs(60), "the hunt's answer", || {
+        let out = c.ctl(&["hunt", "show", &id, "--json"]);
+        let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+        if v["hunt"]["answered"] == 1 {
+            Ok(v)
+        } else {
+            Err(v.to_string())
+        }
+    })
+}
+
 fn write_tree(root: &Path, n: usize) {
     for i in 0..n {
         let sub = root.join(format!("d{:03}", i / 1000));
@@ -241,18 +259,7 @@ fn a_binary_run_then_deleted_is_found_by_a_hash_published_later() {
     );
 
     // An ad-hoc hunt finds it too, without publishing anything.
-    let out = c.ctl(&["hunt", "--sha256", &digest]);
-    assert!(out.status.success(), "{}", vedette_tests::output_text(&out));
-    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let v: Value = wait_until(Duration::from_secs(30), "the hunt's answer", || {
-        let out = c.ctl(&["hunt", "show", &id, "--json"]);
-        let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
-        if v["hunt"]["answered"] == 1 {
-            Ok(v)
-        } else {
-            Err(v.to_string())
-        }
-    });
+    let v = hunted(&c, &["--sha256", &digest]);
     let hits = v["agents"][0]["hits"].as_array().unwrap();
     let hit = hits
         .iter()
@@ -321,18 +328,7 @@ fn an_agent_killed_while_writing_its_history_loads_the_intact_records_at_restart
     }
     let file = tmp.join("digests.txt");
     std::fs::write(&file, list).unwrap();
-    let out = c.ctl(&["hunt", "--file", file.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", vedette_tests::output_text(&out));
-    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let v: Value = wait_until(Duration::from_secs(60), "the hunt's answer", || {
-        let out = c.ctl(&["hunt", "show", &id, "--json"]);
-        let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
-        if v["hunt"]["answered"] == 1 {
-            Ok(v)
-        } else {
-            Err(v.to_string())
-        }
-    });
+    let v = hunted(&c, &["--file", file.to_str().unwrap()]);
     let agent = &v["agents"][0];
     assert!(agent["error"].is_null(), "{agent}");
     let before_kill = agent["hits"]
