@@ -105,6 +105,20 @@ fn two_collectors_on_one_postgres_database_serve_one_fleet() {
         published.elapsed()
     );
 
+    // A hunt started through B is answered by the agent on A.
+    let hunted = b.ctl(&["hunt", "--md5", &"0".repeat(32)]);
+    assert!(hunted.status.success(), "{hunted:?}");
+    let id = String::from_utf8_lossy(&hunted.stdout).trim().to_string();
+    wait_for(
+        Duration::from_secs(30),
+        "the agent on A to answer B's hunt",
+        || {
+            let out = a.ctl(&["hunt", "show", &id, "--json"]);
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            (v["hunt"]["answered"] == 1).then_some(())
+        },
+    );
+
     // A is killed while 5,000 detections stream in: the agent fails over to B. The second
     // half is written after the kill, so B takes part of the stream for sure.
     let write = |range: std::ops::Range<u32>| {

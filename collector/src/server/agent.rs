@@ -397,6 +397,7 @@ async fn run_stream(
     // Hunts that ask this agent: those waiting now, then each one started later.
     let mut hunts = state.hunts.subscribe();
     let mut hunter = super::hunts::HuntPusher::default();
+    hunter.seen(&hunts.borrow_and_update());
     if !hunter.push(state, agent_id, tx).await? {
         return Ok(());
     }
@@ -411,7 +412,8 @@ async fn run_stream(
                 continue;
             }
             changed = hunts.changed() => {
-                if changed.is_ok() && !hunter.push(state, agent_id, tx).await? {
+                let news = hunts.borrow_and_update().clone();
+                if changed.is_ok() && !hunter.follow(state, news, agent_id, tx).await? {
                     return Ok(());
                 }
                 continue;

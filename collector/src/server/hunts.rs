@@ -5,6 +5,7 @@
 //! expires. Each agent's first answer is the one kept.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use prost::Message;
 use rand::RngCore;
@@ -123,9 +124,16 @@ impl AdminSvc {
         };
         act.target = id.clone();
         act.detail = format!("{count} digest(s), {} agent(s) asked", agents.len());
-        let (stored, list) = (row.clone(), agents);
+        let (stored, list) = (row.clone(), agents.clone());
         blocking(&self.state.store, move |s| s.create_hunt(&stored, &list)).await?;
-        hunts_changed(&self.state);
+        let started = Started {
+            request,
+            agents: agents.into_iter().collect(),
+        };
+        self.state.hunts.send_modify(|n| {
+            n.seq = n.seq.wrapping_add(1);
+            n.latest = Some(Arc::new(started));
+        });
         super::admin::announce(&self.state, StoreEvent::Hunt(id.clone())).await;
         info!(by = %who, hunt = %id, digests = count, agents = row.asked, "hunt started");
         row.answered = 0;
@@ -208,18 +216,79 @@ impl AdminSvc {
     }
 }
 
-/// Every agent stream looks again for hunts it has not sent.
-pub(super) fn hunts_changed(state: &State) {
-    state.hunts.send_modify(|n| *n = n.wrapping_add(1));
+/// A hunt started through this collector: what agents are sent, and which agents it asks.
+pub(crate) struct Started {
+    request: HuntRequest,
+    agents: HashSet<String>,
+}
+
+/// What agent streams are told of hunts: a count of changes, and the hunt started last
+/// through this collector (None: look in the store).
+#[derive(Default, Clone)]
+pub(crate) struct HuntNews {
+    seq: u64,
+    latest: Option<Arc<Started>>,
+}
+
+/// Every agent stream looks in the store for hunts it has not sent (a hunt started through
+/// another collector, or events that may have been missed); `id`, when given, is a hunt that
+/// needs no look if this collector started it.
+pub(super) fn hunts_changed(state: &State, id: Option<&str>) {
+    state.hunts.send_if_modified(|n| {
+        let ours = n
+            .latest
+            .as_ref()
+            .is_some_and(|l| Some(l.request.id.as_str()) == id);
+        if !ours {
+            n.seq = n.seq.wrapping_add(1);
+            n.latest = None;
+        }
+        !ours
+    });
 }
 
 /// The hunts one agent stream sent its agent.
 #[derive(Default)]
 pub(super) struct HuntPusher {
     sent: HashSet<String>,
+    /// The news last acted on.
+    seen: u64,
 }
 
 impl HuntPusher {
+    /// The news as they stand when the stream starts (what the store then holds is sent).
+    pub(super) fn seen(&mut self, news: &HuntNews) {
+        self.seen = news.seq;
+    }
+
+    /// Acts on news of hunts: the hunt started here is sent straight away when it asks this
+    /// agent and nothing was missed since; anything else is looked up in the store. False when
+    /// the stream is gone.
+    pub(super) async fn follow(
+        &mut self,
+        state: &State,
+        news: HuntNews,
+        agent_id: &str,
+        tx: &super::agent::Down,
+    ) -> Result<bool, Status> {
+        let next = self.seen.wrapping_add(1);
+        self.seen = news.seq;
+        match news.latest {
+            Some(h) if news.seq == next => {
+                let live = h.request.expires_at_ms > now_ms();
+                if !live || !h.agents.contains(agent_id) || !self.sent.insert(h.request.id.clone())
+                {
+                    return Ok(true);
+                }
+                let msg = CollectorMessage {
+                    msg: Some(DownMsg::Hunt(h.request.clone())),
+                };
+                Ok(tx.send(Ok(msg)).await.is_ok())
+            }
+            _ => self.push(state, agent_id, tx).await,
+        }
+    }
+
     /// Sends the agent every hunt that asks it, is not answered nor expired, and was not sent
     /// on this stream; false when the stream is gone.
     pub(super) async fn push(

@@ -71,7 +71,7 @@ pub(crate) struct State {
     pub metrics: Arc<Metrics>,
     /// Bumped when a hunt starts (here or through another collector): every agent stream
     /// looks for hunts its agent has not been sent.
-    pub hunts: watch::Sender<u64>,
+    pub hunts: watch::Sender<hunts::HuntNews>,
 }
 
 impl State {
@@ -370,7 +370,7 @@ async fn open_state(config: &Config, shutdown: CancellationToken) -> anyhow::Res
         seen_certs: Mutex::new(HashSet::new()),
         renewals: agent::Renewals::default(),
         metrics: Arc::new(Metrics::default()),
-        hunts: watch::channel(0).0,
+        hunts: watch::channel(hunts::HuntNews::default()).0,
         streams: Mutex::new(HashMap::new()),
         shutdown,
         tasks: TaskTracker::new(),
@@ -415,9 +415,9 @@ fn follow_other_collectors(state: &Arc<State>) -> anyhow::Result<()> {
                         Err(_) => {}
                     }
                 }
-                StoreEvent::Hunt(_) => hunts::hunts_changed(&state),
+                StoreEvent::Hunt(id) => hunts::hunts_changed(&state, Some(&id)),
                 StoreEvent::Resync => {
-                    hunts::hunts_changed(&state);
+                    hunts::hunts_changed(&state, None);
                     newer_bundle(&state, 0).await;
                     if let Ok(serials) = blocking(&state.store, |s| s.revoked_serials()).await {
                         for serial in serials {
