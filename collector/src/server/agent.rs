@@ -395,9 +395,7 @@ async fn run_stream(
         return Ok(());
     }
     // Hunts that ask this agent: those waiting now, then each one started later.
-    let mut hunts = state.hunts.subscribe();
-    let mut hunter = super::hunts::HuntPusher::default();
-    hunter.seen(&hunts.borrow_and_update());
+    let (mut hunts, mut hunter) = super::hunts::HuntPusher::start(state);
     if !hunter.push(state, agent_id, tx).await? {
         return Ok(());
     }

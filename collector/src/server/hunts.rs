@@ -256,9 +256,16 @@ pub(super) struct HuntPusher {
 }
 
 impl HuntPusher {
-    /// The news as they stand when the stream starts (what the store then holds is sent).
-    pub(super) fn seen(&mut self, news: &HuntNews) {
-        self.seen = news.seq;
+    /// For a stream that starts now (what the store holds then is sent by [`Self::push`]),
+    /// with the news it follows.
+    pub(super) fn start(state: &State) -> (tokio::sync::watch::Receiver<HuntNews>, HuntPusher) {
+        let mut news = state.hunts.subscribe();
+        let seen = news.borrow_and_update().seq;
+        let pusher = HuntPusher {
+            sent: HashSet::new(),
+            seen,
+        };
+        (news, pusher)
     }
 
     /// Acts on news of hunts: the hunt started here is sent straight away when it asks this
