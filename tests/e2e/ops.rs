@@ -307,6 +307,31 @@ fn agent_doctor_names_each_problem_with_its_fix() {
     assert!(report.contains("healthy"), "{report}");
     assert!(report.contains("clock"), "{report}");
     assert!(report.contains("knows this agent as"), "{report}");
+    assert!(report.contains("history      none yet"), "{report}");
+
+    // A history others can read.
+    let history = state.join("history");
+    std::fs::create_dir_all(&history).unwrap();
+    std::fs::set_permissions(
+        &history,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let (code, report) = agent_doctor(&state, Some(&config));
+    assert_eq!(code, 1, "{report}");
+    let (_, fix) = problem_and_fix(&report, "history directory");
+    assert!(
+        fix.contains(&format!("chmod 700 {}", history.display())),
+        "{fix}"
+    );
+    std::fs::set_permissions(
+        &history,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let (code, report) = agent_doctor(&state, Some(&config));
+    assert_eq!(code, 0, "{report}");
+    assert!(report.contains("0 MiB of 256 MiB"), "{report}");
 
     // A private key anyone can read.
     let key = state.join("agent.key");

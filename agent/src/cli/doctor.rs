@@ -33,6 +33,7 @@ pub async fn run(state_dir: &Path, config: Option<&Path>) -> Vec<Finding> {
     if let Some(s) = &settings {
         check_events(s, &mut out);
         check_dns(s, &mut out);
+        check_history(&state, s.history_max_bytes, &mut out);
         check_disk(state_dir, s.spool_max_bytes, &mut out);
     } else {
         check_disk(state_dir, 256 * 1024 * 1024, &mut out);
@@ -428,6 +429,45 @@ fn check_dns(s: &Config, out: &mut Vec<Finding>) {
             "run the agent as root with CAP_NET_RAW (the systemd unit grants it), or set dns = false",
         )),
     }
+}
+
+/// The history of files read and executables run: off, not yet made, or its size against
+/// its cap and private.
+fn check_history(state: &StateDir, max: Option<u64>, out: &mut Vec<Finding>) {
+    let Some(max) = max else {
+        out.push(Finding::ok(
+            "history",
+            "history_max_bytes = off: new hash indicators make every host rescan, and hunts are \
+             answered with an error",
+        ));
+        return;
+    };
+    let dir = state.history();
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        out.push(Finding::ok(
+            "history",
+            format!("none yet (`{}` is made at the first run)", dir.display()),
+        ));
+        return;
+    };
+    let bytes: u64 = entries
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    let finding = private_mode(&dir, "history directory", "run doctor as the agent's user");
+    if finding.level == vedette_ops::doctor::Level::Problem {
+        out.push(finding);
+        return;
+    }
+    out.push(Finding::ok(
+        "history",
+        format!(
+            "{} MiB of {} MiB in `{}` (the oldest go first past it)",
+            bytes >> 20,
+            max >> 20,
+            dir.display()
+        ),
+    ));
 }
 
 /// Directories under `root` (itself included), counting no further than `stop`.
