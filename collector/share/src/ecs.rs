@@ -73,6 +73,12 @@ pub fn document(s: &StoredDetection) -> Value {
         // The alert the detection joined at the collector, and the verdict on it.
         v["vedette"] = json!({"alert": {"id": s.alert_id, "status": s.alert_status}});
     }
+    if let Some(r) = &d.retro {
+        // Found in the agent's history by an indicator published later.
+        v["vedette"]["retro"] = vedette_ops::output::retro_json(r);
+        v["event"]["start"] = json!(ts(r.first_seen_ms));
+        v["event"]["end"] = json!(ts(r.last_seen_ms));
+    }
     if let Some(event) = ind.get("event") {
         v["threat"]["indicator"]["description"] =
             json!(format!("MISP event {}", event.as_str().unwrap_or("")));

@@ -494,6 +494,11 @@ pub fn sighting_groups(
             continue;
         };
         let observed_at = shared.detection.as_ref().map_or(0, |d| d.observed_at_ms);
+        // A match found in an agent's history was seen from its first to its last sighting.
+        let (seen_first, seen_last) = match shared.detection.as_ref().and_then(|d| d.retro) {
+            Some(r) if r.first_seen_ms > 0 => (r.first_seen_ms, r.last_seen_ms),
+            _ => (observed_at, observed_at),
+        };
         let window_start = observed_at.div_euclid(window_ms) * window_ms;
         let key = format!(
             "{}|{by_id}|{window_start}",
@@ -522,8 +527,8 @@ pub fn sighting_groups(
             SightingGroup {
                 id: crate::stix_id("sighting", &key),
                 count: 0,
-                first_seen_ms: observed_at,
-                last_seen_ms: observed_at,
+                first_seen_ms: seen_first,
+                last_seen_ms: seen_last,
                 window_start_ms: window_start,
                 window_ms,
                 anonymised,
@@ -532,8 +537,8 @@ pub fn sighting_groups(
             }
         });
         g.count += 1;
-        g.first_seen_ms = g.first_seen_ms.min(observed_at);
-        g.last_seen_ms = g.last_seen_ms.max(observed_at);
+        g.first_seen_ms = g.first_seen_ms.min(seen_first);
+        g.last_seen_ms = g.last_seen_ms.max(seen_last);
         if let (false, Some(refs)) = (anonymised, refs) {
             let all = g.template["observed_data_refs"]
                 .as_array()
@@ -896,6 +901,50 @@ mod tests {
             "marking-definition--939a9414-2ddd-4d32-a0cd-375ea402b003",
         ] {
             assert!(text.contains(kept), "`{kept}` missing from {text}");
+        }
+    }
+
+    #[test]
+    fn a_retro_detection_is_exported_with_when_it_was_first_and_last_seen() {
+        let mut s = stored(
+            detection::Target::File(FileTarget {
+                path: "/srv/www/up.php".into(),
+                sha256: "ab".repeat(32),
+                ..Default::default()
+            }),
+            DetectionKind::Hash,
+        );
+        s.detection.as_mut().unwrap().retro = Some(vedette_proto::v1::Retro {
+            first_seen_ms: 1_700_000_000_000,
+            last_seen_ms: 1_700_000_600_000,
+            presence: vedette_proto::v1::Presence::Gone as i32,
+            runs: 0,
+        });
+        for share in [Share::Full, Share::Anonymised] {
+            let doc = ecs_document(&s, &policy(share)).unwrap();
+            assert_eq!(doc["vedette"]["retro"]["presence"], "gone", "{doc}");
+            assert_eq!(doc["event"]["start"], "2023-11-14T22:13:20.000Z", "{doc}");
+            assert_eq!(doc["event"]["end"], "2023-11-14T22:23:20.000Z", "{doc}");
+            let objects = stix_objects(
+                std::slice::from_ref(&s),
+                &|_| Some(policy(share)),
+                "CSIRT",
+                3_600_000,
+                1,
+            );
+            let text = json!(objects).to_string();
+            if share == Share::Anonymised {
+                // Anonymised sightings give their reporting window, not times.
+                continue;
+            }
+            assert!(
+                text.contains("\"first_seen\":\"2023-11-14T22:13:20.000Z\""),
+                "{text}"
+            );
+            assert!(
+                text.contains("\"last_seen\":\"2023-11-14T22:23:20.000Z\""),
+                "{text}"
+            );
         }
     }
 

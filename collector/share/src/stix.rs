@@ -279,6 +279,11 @@ fn generated_indicator(d: &Detection, ind: &Value, when: &str) -> (String, Value
 pub fn sighting(s: &StoredDetection, identity_id: &str) -> Vec<Value> {
     let d = s.detection.clone().unwrap_or_default();
     let when = ts(d.observed_at_ms);
+    // Found in an agent's history: seen from its first to its last sighting there.
+    let (first, last) = match &d.retro {
+        Some(r) if r.first_seen_ms > 0 => (ts(r.first_seen_ms), ts(r.last_seen_ms)),
+        _ => (when.clone(), when.clone()),
+    };
     let received = ts(s.received_at_ms);
     let ind = indicator_json(&d);
     let mut out = Vec::new();
@@ -303,8 +308,8 @@ pub fn sighting(s: &StoredDetection, identity_id: &str) -> Vec<Value> {
             "id": od_id,
             "created": received,
             "modified": received,
-            "first_observed": when,
-            "last_observed": when,
+            "first_observed": first,
+            "last_observed": last,
             "number_observed": 1,
             "object_refs": scos.iter().map(|o| o["id"].clone()).collect::<Vec<_>>(),
         }));
@@ -317,8 +322,8 @@ pub fn sighting(s: &StoredDetection, identity_id: &str) -> Vec<Value> {
         "id": stix_id("sighting", &d.id),
         "created": received,
         "modified": received,
-        "first_seen": when,
-        "last_seen": when,
+        "first_seen": first,
+        "last_seen": last,
         "count": 1,
         "sighting_of_ref": indicator_ref,
         "where_sighted_refs": [identity_id],
