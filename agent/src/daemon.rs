@@ -507,6 +507,10 @@ impl Background {
                 .spawn(move || {
                     while b.pause(GOVERNOR_TICK) {
                         governor().tick(&b.shared.counters);
+                        // What the history buffered reaches the disk within a second.
+                        if let Some(h) = &b.shared.reports.history {
+                            h.flush();
+                        }
                     }
                 })?,
         );

@@ -25,10 +25,12 @@
 //!
 //! # Guarantees
 //!
-//! - Each record is one `write` on a file opened for appending, so a process killed at any
-//!   instant (SIGKILL included) leaves whole records behind it, and at worst a torn last
-//!   record, which the next start cuts off; a record whose checksum fails is never parsed. A
-//!   power cut can lose the last records that were not yet written back.
+//! - Records are buffered and written in whole records, one `write` of at most 64 KiB on a
+//!   file opened for appending, at least every second (and before every lookup): a process
+//!   killed at any instant (SIGKILL included) loses at most the last second of records, and
+//!   leaves at worst a torn last record, which the next start cuts off; a record whose
+//!   checksum fails is never parsed. A power cut can lose the last records that were not yet
+//!   written back.
 //! - The history stays within `history_max_bytes`: past it the oldest segment is deleted whole,
 //!   and the records it held are counted (`history_dropped`).
 //! - Lookups read the segments from disk, one pass for any number of digests: the history is
@@ -59,6 +61,9 @@ const MAX_PATH: usize = 4096;
 const SEGMENTS: u64 = 16;
 /// An executable seen again is written again at most this often (its runs counted meanwhile).
 const EXEC_REWRITE_MS: i64 = 10 * 60 * 1000;
+/// Bytes of records buffered before they are written out (at most a second's worth is lost
+/// when the agent is killed).
+const BUFFER: usize = 64 << 10;
 /// Executables whose runs are counted in memory; past it, all are written and forgotten.
 const MAX_EXECS: usize = 16_384;
 
@@ -197,6 +202,9 @@ struct Writer {
     segments: VecDeque<(u64, u64)>,
     total: u64,
     execs: HashMap<ExecKey, Runs>,
+    /// Records not yet written, and how many.
+    buf: Vec<u8>,
+    buffered: u64,
 }
 
 /// The history of one agent (see the module's documentation).
@@ -268,6 +276,8 @@ impl History {
                 segments: segments.into(),
                 total,
                 execs: HashMap::new(),
+                buf: Vec::new(),
+                buffered: 0,
             }),
             appended: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
@@ -384,6 +394,7 @@ impl History {
             }
         }
         self.write_all(&mut w, &due);
+        self.flush_locked(&mut w);
     }
 
     fn append(&self, r: &Record) {
@@ -391,27 +402,52 @@ impl History {
         self.write_all(&mut w, std::slice::from_ref(r));
     }
 
-    /// Appends the records (one write), making room first; failures are logged, not fatal:
-    /// the history is what helps answer later, never what detects now.
+    /// Takes the records into the buffer, written out once it holds [`BUFFER`] bytes (and
+    /// every second by [`History::flush`]).
     fn write_all(&self, w: &mut Writer, records: &[Record]) {
-        if records.is_empty() {
+        for r in records {
+            r.encode(&mut w.buf);
+        }
+        w.buffered += records.len() as u64;
+        self.appended
+            .fetch_add(records.len() as u64, Ordering::Relaxed);
+        if let Some(c) = self.counters.get() {
+            c.add(Counter::HistoryRecords, records.len() as u64);
+        }
+        if w.buf.len() >= BUFFER {
+            self.flush_locked(w);
+        }
+    }
+
+    /// Writes out what is buffered (one write, whole records); the daemon calls it every
+    /// second, so that a killed agent loses at most that much of its history.
+    pub fn flush(&self) {
+        let mut w = self.writer();
+        self.flush_locked(&mut w);
+    }
+
+    /// Failures are logged and the records they held counted as dropped, not fatal: the
+    /// history is what helps answer later, never what detects now.
+    fn flush_locked(&self, w: &mut Writer) {
+        if w.buf.is_empty() {
             return;
         }
-        let mut buf = Vec::new();
-        for r in records {
-            r.encode(&mut buf);
-        }
+        let buf = std::mem::take(&mut w.buf);
+        let records = std::mem::take(&mut w.buffered);
         if let Err(e) = self.write_locked(w, &buf) {
             static FAILED: vedette_ops::cli::RateLimited = vedette_ops::cli::RateLimited::new();
             if let Some(n) = FAILED.hit() {
                 warn!(dir = %self.dir.display(), error = %e, failures = n, "cannot write the history; what was seen meanwhile cannot be answered later");
             }
-            return;
+            self.dropped.fetch_add(records, Ordering::Relaxed);
+            if let Some(c) = self.counters.get() {
+                c.add(Counter::HistoryDropped, records);
+            }
         }
-        self.appended
-            .fetch_add(records.len() as u64, Ordering::Relaxed);
+        // The buffer's memory is kept for the next records.
+        w.buf = buf;
+        w.buf.clear();
         if let Some(c) = self.counters.get() {
-            c.add(Counter::HistoryRecords, records.len() as u64);
             c.set(Counter::HistoryBytes, w.total);
         }
     }
@@ -471,7 +507,8 @@ impl History {
     /// executables' last records. Damaged records are skipped.
     pub fn each(&self, visit: &mut dyn FnMut(&Record)) -> std::io::Result<()> {
         let (segments, pending) = {
-            let w = self.writer();
+            let mut w = self.writer();
+            self.flush_locked(&mut w);
             let pending: Vec<Record> = w
                 .execs
                 .iter()
@@ -492,6 +529,12 @@ impl History {
             visit(r);
         }
         Ok(())
+    }
+}
+
+impl Drop for History {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
