@@ -494,11 +494,7 @@ pub fn sighting_groups(
             continue;
         };
         let observed_at = shared.detection.as_ref().map_or(0, |d| d.observed_at_ms);
-        // A match found in an agent's history was seen from its first to its last sighting.
-        let (seen_first, seen_last) = match shared.detection.as_ref().and_then(|d| d.retro) {
-            Some(r) if r.first_seen_ms > 0 => (r.first_seen_ms, r.last_seen_ms),
-            _ => (observed_at, observed_at),
-        };
+        let (seen_first, seen_last) = seen(&shared);
         let window_start = observed_at.div_euclid(window_ms) * window_ms;
         let key = format!(
             "{}|{by_id}|{window_start}",
@@ -702,6 +698,17 @@ pub fn ecs_document(s: &StoredDetection, policy: &Sharing) -> Option<Value> {
         v["labels"]["country"] = json!(policy.country);
     }
     Some(v)
+}
+
+/// When what a detection saw was seen: at the detection, or (a match found in an agent's
+/// history) from its first to its last sighting there.
+fn seen(s: &StoredDetection) -> (i64, i64) {
+    let d = s.detection.as_ref();
+    let at = d.map_or(0, |d| d.observed_at_ms);
+    match d.and_then(|d| d.retro) {
+        Some(r) if r.first_seen_ms > 0 => (r.first_seen_ms, r.last_seen_ms),
+        _ => (at, at),
+    }
 }
 
 #[cfg(test)]
