@@ -127,8 +127,9 @@ fn hunts_reach_agents_in_scope_now_or_when_back_and_never_after_they_expire() {
         "{}",
         output_text(&out)
     );
-    // One that expires while a1 is away.
-    let brief = ok(c.ctl(&["hunt", "--md5", &"0".repeat(32), "--expires", "3s"]));
+    // One that expires while a1 is away (long enough for the agents online to answer it on a
+    // loaded machine).
+    let brief = ok(c.ctl(&["hunt", "--md5", &"0".repeat(32), "--expires", "8s"]));
     let brief = brief.trim().to_string();
 
     let v = wait_answers(&c.ctl_config(), &all, 2, 3);
