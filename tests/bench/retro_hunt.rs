@@ -13,8 +13,7 @@
 //! target/release/retro-hunt --files 100000
 //! target/release/retro-hunt --files 1000000
 //! ```
-//! `--idle-seconds` (10) is how long each agent idles before its memory is read, and
-//! `--settle-seconds` (3) how long heartbeats are awaited after the detections are stored.
+//! `--idle-seconds` (10) is how long each agent idles before its memory is read.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -35,22 +34,6 @@ fn write_tree(root: &Path, n: usize) {
 
 fn content(i: usize) -> String {
     format!("retro benchmark file {i}\n")
-}
-
-fn counter(c: &Collector, a: &Agent, name: &str) -> u64 {
-    a.info(c)
-        .and_then(|i| i["counters"][name].as_u64())
-        .unwrap_or(0)
-}
-
-fn dir_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|d| {
-            d.filter_map(|e| e.ok()?.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 struct Side {
@@ -88,7 +71,7 @@ fn side(tmp: &Path, watch: &Path, n: usize, history: bool) -> Side {
     .expect("config");
     let t0 = Instant::now();
     a.run(c, &["--config", config.to_str().expect("utf-8")]);
-    while counter(c, &a, "full_scans") < 1 {
+    while a.counter(c, "full_scans") < 1 {
         std::thread::sleep(Duration::from_millis(100));
     }
     let first_scan = t0.elapsed();
@@ -96,9 +79,10 @@ fn side(tmp: &Path, watch: &Path, n: usize, history: bool) -> Side {
     std::thread::sleep(Duration::from_secs(arg("--idle-seconds", 10) as u64));
     let pid = a.proc.as_ref().expect("running").child.id();
     let idle_rss = rss_of(pid);
-    let (read_before, scans_before) = (
-        counter(c, &a, "scanned_bytes"),
-        counter(c, &a, "full_scans"),
+    let (read_before, scans_before, acked_before) = (
+        a.counter(c, "scanned_bytes"),
+        a.counter(c, "full_scans"),
+        a.counter(c, "detections_acked"),
     );
     let bundle = tmp.join(format!("{name}-bundle"));
     std::fs::create_dir_all(&bundle).expect("bundle dir");
@@ -127,15 +111,26 @@ fn side(tmp: &Path, watch: &Path, n: usize, history: bool) -> Side {
         assert!(Instant::now() < deadline, "{name}: {stored} of 10 stored");
         std::thread::sleep(Duration::from_millis(50));
     };
-    // The heartbeats after the detections say what was read meanwhile.
-    std::thread::sleep(Duration::from_secs(arg("--settle-seconds", 3) as u64));
+    // A heartbeat after the detections were acknowledged (and, without a history, after the
+    // rescan) says what was read meanwhile.
+    let settled = |a: &Agent| {
+        a.counter(c, "detections_acked") >= acked_before + chosen.len() as u64
+            && (history || a.counter(c, "full_scans") > scans_before)
+    };
+    while !settled(&a) {
+        assert!(
+            Instant::now() < deadline,
+            "{name}: no heartbeat after the detections"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let s = Side {
         first_scan,
         idle_rss,
         publish_to_stored,
-        bytes_read: counter(c, &a, "scanned_bytes") - read_before,
-        full_scans: counter(c, &a, "full_scans") - scans_before,
-        history_bytes: dir_bytes(&a.state.join("history")),
+        bytes_read: a.counter(c, "scanned_bytes") - read_before,
+        full_scans: a.counter(c, "full_scans") - scans_before,
+        history_bytes: vedette_tests::dir_bytes(&a.state.join("history")),
     };
     a.proc.take().expect("running").signal_and_wait("TERM");
     s

@@ -180,17 +180,7 @@ fn hunt_fanout_benchmark_runs_in_a_tiny_configuration() {
 
 #[test]
 fn retro_hunt_benchmark_runs_in_a_tiny_configuration() {
-    let text = run(
-        "retro-hunt",
-        &[
-            "--files",
-            "200",
-            "--idle-seconds",
-            "1",
-            "--settle-seconds",
-            "1",
-        ],
-    );
+    let text = run("retro-hunt", &["--files", "200", "--idle-seconds", "1"]);
     let row = |name: &str| {
         text.lines()
             .find(|l| l.starts_with(name))

@@ -28,12 +28,6 @@ fn scoped_operator(c: &Collector, name: &str, org: &str) -> PathBuf {
     c.ctl_config_as(name)
 }
 
-fn counter(c: &Collector, a: &Agent, name: &str) -> u64 {
-    a.info(c)
-        .and_then(|i| i["counters"][name].as_u64())
-        .unwrap_or(0)
-}
-
 /// `hunt show ID --json` as `config` sees it.
 fn show(config: &Path, id: &str) -> Value {
     serde_json::from_str(&ok(vedettectl(config, &["hunt", "show", id, "--json"]))).unwrap()
@@ -81,7 +75,7 @@ fn host(c: &Collector, tmp: &Path, name: &str, org: &str, sample: &[u8]) -> Host
     wait_until(
         Duration::from_secs(30),
         "the sample in the history",
-        || match counter(c, &agent, "history_records") {
+        || match agent.counter(c, "history_records") {
             0 => Err("no history record yet".into()),
             _ => Ok(()),
         },
@@ -188,13 +182,11 @@ fn hunts_reach_agents_in_scope_now_or_when_back_and_never_after_they_expire() {
     assert_eq!(a1_row["answered"], false, "{v}");
 
     // bravo's agent answered the two hunts that asked it, never alpha's own.
-    wait_until(Duration::from_secs(30), "b0's heartbeat", || match counter(
-        &c,
-        &b0.agent,
-        "hunts_answered",
-    ) {
-        2 => Ok(()),
-        n => Err(format!("{n}")),
+    wait_until(Duration::from_secs(30), "b0's heartbeat", || {
+        match b0.agent.counter(&c, "hunts_answered") {
+            2 => Ok(()),
+            n => Err(format!("{n}")),
+        }
     });
     let log = b0.agent.log();
     assert!(!log.contains(&mine), "{log}");

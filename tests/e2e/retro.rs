@@ -16,12 +16,6 @@ fn file_count() -> usize {
         .unwrap_or(100_000)
 }
 
-fn counter(c: &Collector, a: &Agent, name: &str) -> u64 {
-    a.info(c)
-        .and_then(|i| i["counters"][name].as_u64())
-        .unwrap_or(0)
-}
-
 /// An agent's configuration: heartbeats every second, no scheduled scans, and `extra`.
 fn agent_config(path: &Path, watch: &Path, rules: &Path, extra: &str) {
     std::fs::write(
@@ -96,8 +90,8 @@ fn a_hash_bundle_is_answered_from_history_without_reading_or_rescanning() {
         Duration::from_secs(120),
         "the first full scan read every file",
         || {
-            let scanned = counter(&c, &a, "files_scanned");
-            let records = counter(&c, &a, "history_records");
+            let scanned = a.counter(&c, "files_scanned");
+            let records = a.counter(&c, "history_records");
             if scanned >= n as u64 && records >= n as u64 {
                 Ok(())
             } else {
@@ -108,8 +102,8 @@ fn a_hash_bundle_is_answered_from_history_without_reading_or_rescanning() {
         },
     );
     let scanned_ms = vedette_proto::now_ms();
-    let bytes_before = counter(&c, &a, "scanned_bytes");
-    let scans_before = counter(&c, &a, "full_scans");
+    let bytes_before = a.counter(&c, "scanned_bytes");
+    let scans_before = a.counter(&c, "full_scans");
 
     // Ten of them get listed; five of those are deleted first.
     let chosen: Vec<usize> = (0..10).map(|k| k * (n / 10) + 7).collect();
@@ -160,18 +154,18 @@ fn a_hash_bundle_is_answered_from_history_without_reading_or_rescanning() {
     wait_until(
         Duration::from_secs(30),
         "a heartbeat counting the retro detections",
-        || match counter(&c, &a, "retro_detections") {
+        || match a.counter(&c, "retro_detections") {
             10 => Ok(()),
             n => Err(format!("{n}")),
         },
     );
     assert_eq!(
-        counter(&c, &a, "scanned_bytes"),
+        a.counter(&c, "scanned_bytes"),
         bytes_before,
         "no file was read"
     );
     assert_eq!(
-        counter(&c, &a, "full_scans"),
+        a.counter(&c, "full_scans"),
         scans_before,
         "no full scan started"
     );
@@ -292,15 +286,7 @@ fn an_agent_killed_while_writing_its_history_loads_the_intact_records_at_restart
         "processes = false\nscan_on_start = true\nmax_cpu_percent = 100",
     );
     let history = a.state.join("history");
-    let seg_bytes = || -> u64 {
-        std::fs::read_dir(&history)
-            .map(|d| {
-                d.filter_map(|e| e.ok()?.metadata().ok())
-                    .map(|m| m.len())
-                    .sum()
-            })
-            .unwrap_or(0)
-    };
+    let seg_bytes = || vedette_tests::dir_bytes(&history);
     a.start(&["--config", config.to_str().unwrap()]);
     // Killed in the middle of its first scan, while records are being appended.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);

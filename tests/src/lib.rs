@@ -584,6 +584,13 @@ impl Agent {
         c.agents().into_iter().find(|a| a["id"] == self.id.as_str())
     }
 
+    /// A counter of this agent's last heartbeat (0 before the first).
+    pub fn counter(&self, c: &Collector, name: &str) -> u64 {
+        self.info(c)
+            .and_then(|i| i["counters"][name].as_u64())
+            .unwrap_or(0)
+    }
+
     /// Enrolls an agent with its state in `dir/state`, and runs it on a [`watch_config`] of
     /// its own (`dir/agent.toml`) watching `dir/watch` for `rules`; returns it and the watched
     /// directory.
@@ -1156,4 +1163,15 @@ impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
     }
+}
+
+/// The bytes of the files directly in `dir` (0 when it cannot be read).
+pub fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
 }

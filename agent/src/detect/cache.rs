@@ -116,7 +116,8 @@ pub struct ScanCache {
     every_digest: bool,
 }
 
-fn same_finding(a: &RuleMatch, b: &RuleMatch) -> bool {
+/// Whether two matches are the same finding (kind, rule, source).
+pub(crate) fn same_finding(a: &RuleMatch, b: &RuleMatch) -> bool {
     a.kind == b.kind && a.rule == b.rule && a.source == b.source
 }
 
@@ -206,9 +207,11 @@ impl ScanCache {
         if e.stamp != *stamp {
             return;
         }
+        let mut changed = false;
         for m in fresh {
             if !e.matches.iter().any(|k| same_finding(k, m)) {
                 e.matches.push(m.clone());
+                changed = true;
             }
         }
         if let Some(new) = retag
@@ -216,8 +219,11 @@ impl ScanCache {
             && old != NEVER_HIT
         {
             e.rules = new;
+            changed = true;
         }
-        self.dirty.store(true, Ordering::Relaxed);
+        if changed {
+            self.dirty.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Entries scanned with the rules tagged `tag`.

@@ -365,6 +365,10 @@ impl FullScans {
             digests: None,
         };
         scan_tree(&self.roots, &self.plan, &cx, &on_file);
+        // The history first: what the cache says was read, the history holds.
+        if let Some(h) = &self.reports.history {
+            h.flush();
+        }
         if let Err(e) = cache.save_if_changed(&self.cache_path) {
             warn!(path = %self.cache_path.display(), error = %e, "cannot save the scan cache");
         }

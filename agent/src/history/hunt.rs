@@ -78,8 +78,7 @@ fn decode<const N: usize>(hex_digests: &[String]) -> HashSet<[u8; N]> {
         .take(MAX_HUNT_HASHES)
         .filter_map(|h| {
             let mut b = [0u8; N];
-            hex::decode_to_slice(h.trim().to_ascii_lowercase(), &mut b).ok()?;
-            Some(b)
+            super::unhex(Some(h.trim()), &mut b).then_some(b)
         })
         .collect()
 }

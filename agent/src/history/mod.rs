@@ -172,15 +172,9 @@ impl Record {
     }
 }
 
-/// Hex into `out`; false (and `out` untouched) when `hex` is not that many bytes of hex.
-fn unhex(hex: Option<&str>, out: &mut [u8]) -> bool {
-    match hex.map(hex::decode) {
-        Some(Ok(b)) if b.len() == out.len() => {
-            out.copy_from_slice(&b);
-            true
-        }
-        _ => false,
-    }
+/// Hex (either case) into `out`; false when `hex` is not exactly that many bytes of hex.
+pub(crate) fn unhex(hex: Option<&str>, out: &mut [u8]) -> bool {
+    hex.is_some_and(|h| hex::decode_to_slice(h, out).is_ok())
 }
 
 /// An executable whose runs are counted between its records.
@@ -255,7 +249,7 @@ impl History {
         };
         if let Some(last) = segments.last_mut() {
             let path = segment_path(dir, last.0);
-            let whole = whole_length(&path)?;
+            let whole = scan_segment(&path, &mut |_| {})?;
             if whole < last.1 {
                 opened.cut = last.1 - whole;
                 std::fs::OpenOptions::new()
@@ -519,7 +513,7 @@ impl History {
         };
         for n in segments {
             match scan_segment(&segment_path(&self.dir, n), visit) {
-                Ok(()) => {}
+                Ok(_) => {}
                 // Dropped to make room meanwhile.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
@@ -558,33 +552,36 @@ fn segment_path(dir: &Path, number: u64) -> PathBuf {
     dir.join(format!("{number:020}.seg"))
 }
 
-/// Reads one segment's records in order; stops at the first that is short or damaged.
-fn scan_segment(path: &Path, visit: &mut dyn FnMut(&Record)) -> std::io::Result<()> {
+/// Reads one segment's records in order, up to the first that is short or damaged; the length
+/// of the intact records read.
+fn scan_segment(path: &Path, visit: &mut dyn FnMut(&Record)) -> std::io::Result<u64> {
     let mut r = BufReader::with_capacity(1 << 20, std::fs::File::open(path)?);
     let mut head = [0u8; 8];
     let mut body = Vec::new();
+    let mut whole = 0u64;
     loop {
         match r.read_exact(&mut head) {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(whole),
             Err(e) => return Err(e),
         }
         let (len, crc) = split_head(&head);
-        if len > FIXED + MAX_PATH {
-            return Ok(());
+        if !(FIXED..=FIXED + MAX_PATH).contains(&len) {
+            return Ok(whole);
         }
         body.resize(len, 0);
         match r.read_exact(&mut body) {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(whole),
             Err(e) => return Err(e),
         }
         if crc32fast::hash(&body) != crc {
-            return Ok(());
+            return Ok(whole);
         }
         if let Some(rec) = Record::decode(&body) {
             visit(&rec);
         }
+        whole += 8 + len as u64;
     }
 }
 
@@ -594,28 +591,6 @@ fn split_head(head: &[u8; 8]) -> (usize, u32) {
     l.copy_from_slice(&head[..4]);
     c.copy_from_slice(&head[4..]);
     (u32::from_le_bytes(l) as usize, u32::from_le_bytes(c))
-}
-
-/// The length of the intact records at the start of a segment.
-fn whole_length(path: &Path) -> std::io::Result<u64> {
-    let mut r = BufReader::with_capacity(1 << 20, std::fs::File::open(path)?);
-    let mut head = [0u8; 8];
-    let mut body = Vec::new();
-    let mut whole = 0u64;
-    loop {
-        if r.read_exact(&mut head).is_err() {
-            return Ok(whole);
-        }
-        let (len, crc) = split_head(&head);
-        if !(FIXED..=FIXED + MAX_PATH).contains(&len) {
-            return Ok(whole);
-        }
-        body.resize(len, 0);
-        if r.read_exact(&mut body).is_err() || crc32fast::hash(&body) != crc {
-            return Ok(whole);
-        }
-        whole += 8 + len as u64;
-    }
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use vedette_proto::v1::detection::Target;
 use vedette_proto::v1::{Detection, FileTarget, Presence, ProcessTarget};
 
 use super::{History, Kind, Record};
-use crate::detect::cache::{Stamp, rules_tag};
+use crate::detect::cache::{Stamp, rules_tag, same_finding};
 use crate::detect::procmon::Users;
 use crate::detect::{ReportFilter, Subject, detection};
 use crate::telemetry::{Counter, Counters};
@@ -89,10 +89,6 @@ impl Hit {
             _ => Presence::Gone,
         }
     }
-}
-
-fn same_finding(a: &RuleMatch, b: &RuleMatch) -> bool {
-    a.kind == b.kind && a.rule == b.rule && a.source == b.source
 }
 
 /// What the history says of one rule change.
