@@ -4,6 +4,7 @@
 mod backbone;
 mod bench_smoke;
 mod bundles;
+mod classes;
 mod code_map;
 mod console;
 mod delivery;

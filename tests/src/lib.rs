@@ -4,6 +4,7 @@
 //! Every wait is a poll of a condition with a deadline ([`wait_for`]); every child process is
 //! killed when its handle drops, and its log is printed when a test fails.
 
+pub mod classdiff;
 pub mod proxy;
 pub mod storm;
 pub mod web;

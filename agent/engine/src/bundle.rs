@@ -445,6 +445,8 @@ pub fn validate(
 ) -> Result<(RuleSet, Vec<Problem>), Vec<Problem>> {
     let mut b = RuleSetBuilder::new();
     add_to(&mut b, content);
+    // Checking needs no set per file class: their problems are the whole set's.
+    b = b.whole();
     if let Some(c) = crate::isolated::outside() {
         b = b.compile_with(c);
     }

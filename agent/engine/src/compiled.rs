@@ -2,9 +2,9 @@
 //! about 5 s of compilation) takes a fraction of a second.
 //!
 //! ```text
-//! "VEDETTE-COMPILED-1\n" | fingerprint: 32 | files_with_errors: u64le | problems: u32le
+//! "VEDETTE-COMPILED-2\n" | fingerprint: 32 | files_with_errors: u64le | problems: u32le
 //!   | per problem: path (u32le len + bytes) | line (u64le, 0 = none) | reason (u32le len + bytes)
-//!   | rules: u64le len + yara-x serialized rules | sha256 of everything before: 32
+//!   | rules: u64le len + the class sets (see `ClassRules::serialize`) | sha256 of everything before: 32
 //! ```
 //!
 //! yara-x documents its serialized rules as unsafe to load from a source one does not trust.
@@ -20,11 +20,12 @@ use std::path::{Path, PathBuf};
 
 use tracing::{debug, warn};
 
+use crate::classes::ClassRules;
 use crate::codec::{Reader, Writer, unseal};
 use crate::rules::YaraPart;
 use crate::{Origin, Problem, ProblemKind};
 
-const MAGIC: &[u8] = b"VEDETTE-COMPILED-1\n";
+const MAGIC: &[u8] = b"VEDETTE-COMPILED-2\n";
 
 /// Whether a cache file, as its open descriptor shows it, may be trusted: owned by this
 /// process's effective user, not writable by group or others.
@@ -125,7 +126,7 @@ fn parse(data: &[u8], fingerprint: &[u8; 32]) -> Result<YaraPart, Miss> {
         return Err(Miss::Stale);
     }
     let (files_with_errors, problems, serialized) = parse_body(&mut r).ok_or(Miss::Truncated)?;
-    let rules = yara_x::Rules::deserialize(serialized).map_err(|_| Miss::OtherYara)?;
+    let rules = ClassRules::deserialize(serialized).map_err(|_| Miss::OtherYara)?;
     Ok(YaraPart {
         rules: Some(rules),
         files_with_errors,
@@ -177,7 +178,7 @@ pub(crate) fn write_body(
 }
 
 pub(crate) fn save(path: &Path, fingerprint: &[u8; 32], part: &YaraPart) {
-    let Some(Ok(serialized)) = part.rules.as_ref().map(yara_x::Rules::serialize) else {
+    let Some(Ok(serialized)) = part.rules.as_ref().map(ClassRules::serialize) else {
         return;
     };
     save_serialized(path, fingerprint, part, &serialized);

@@ -134,8 +134,9 @@ pub struct FileReport {
 /// Scans files against one rule set. One per worker thread; cheap to reuse across files.
 pub struct FileScanner<'r> {
     rules: &'r RuleSet,
-    /// Made at the first file that needs it, dropped by [`FileScanner::release`].
-    yara: Option<yara_x::Scanner<'r>>,
+    /// One per set of the rules (see [`crate::classes`]), each made at the first file that
+    /// needs it, dropped by [`FileScanner::release`].
+    yara: Vec<Option<yara_x::Scanner<'r>>>,
     options: ScanOptions,
     buf: Vec<u8>,
     /// Digests computed ahead of the scan, taken from here when the file is unchanged.
@@ -146,7 +147,7 @@ impl<'r> FileScanner<'r> {
     pub fn new(rules: &'r RuleSet, options: ScanOptions) -> FileScanner<'r> {
         FileScanner {
             rules,
-            yara: None,
+            yara: Vec::new(),
             options,
             buf: Vec::new(),
             ahead: None,
@@ -159,24 +160,32 @@ impl<'r> FileScanner<'r> {
         self
     }
 
-    /// The YARA scanner, made on first use; None when the rule set has no YARA rules.
-    fn yara(&mut self) -> Option<&mut yara_x::Scanner<'r>> {
-        if self.yara.is_none() {
-            let mut s = yara_x::Scanner::new(self.rules.yara.as_ref()?);
+    /// The YARA scanner of the class of a file that starts with `head`, made on first use; None
+    /// when the rule set has no YARA rules.
+    fn yara(&mut self, head: &[u8]) -> Option<&mut yara_x::Scanner<'r>> {
+        let rules: &'r RuleSet = self.rules;
+        let classes = rules.yara.as_ref()?;
+        let set = classes.set_for(head);
+        if self.yara.len() < classes.sets().len() {
+            self.yara.resize_with(classes.sets().len(), || None);
+        }
+        let slot = &mut self.yara[set];
+        if slot.is_none() {
+            let mut s = yara_x::Scanner::new(&classes.sets()[set]);
             s.set_timeout(self.options.timeout);
             // A detection names the rules that matched, never where their patterns did: a
             // pattern that a condition only tests for presence stops being searched at its first
             // match (yara-x decides which ones; `#a > 3` keeps four, `@a[1]` keeps them all).
             s.fast_scan(true);
-            self.yara = Some(s);
+            *slot = Some(s);
         }
-        self.yara.as_mut()
+        slot.as_mut()
     }
 
     /// Frees what this scanner holds between files (the YARA scanner's memory, the read
     /// buffer); the next file makes them again.
     pub fn release(&mut self) {
-        self.yara = None;
+        self.yara = Vec::new();
         self.buf = Vec::new();
     }
 
@@ -193,7 +202,7 @@ impl<'r> FileScanner<'r> {
     /// names). A rule matches as [`MatchKind::Process`](crate::MatchKind::Process).
     pub fn scan_bytes(&mut self, data: &[u8]) -> Result<Vec<RuleMatch>, SkipReason> {
         let rules = self.rules;
-        let Some(scanner) = self.yara() else {
+        let Some(scanner) = self.yara(data) else {
             return Ok(Vec::new());
         };
         for name in crate::rules::EXTERNALS {
@@ -409,7 +418,7 @@ impl<'r> FileScanner<'r> {
     ) -> Result<Vec<RuleMatch>, SkipReason> {
         let rules = self.rules;
         let buf = std::mem::take(&mut self.buf);
-        let scanned = self.yara().map(|scanner| {
+        let scanned = self.yara(&buf).map(|scanner| {
             set_externals(scanner, path, meta);
             scanner.scan(&buf).map(|results| {
                 results
@@ -567,7 +576,7 @@ mod tests {
             b"xxEFxxCDxxAB",
         ];
         let mut fast = FileScanner::new(&rs, ScanOptions::default());
-        let mut full = yara_x::Scanner::new(rs.yara.as_ref().unwrap());
+        let mut full = yara_x::Scanner::new(&rs.yara.as_ref().unwrap().sets()[0]);
         let mut verdicts = Vec::new();
         for data in inputs {
             let mut got: Vec<String> = fast

@@ -6,12 +6,12 @@
 //! what comes back.
 //!
 //! ```text
-//! request:  "VEDETTE-COMPILE-1\n" | sources: u32le
+//! request:  "VEDETTE-COMPILE-2\n" | by file class: u8 (0 = one whole set) | sources: u32le
 //!   | per source: origin (u64le len + bytes) | namespace (u8 0 = none, 1 + u32le len + text)
 //!   | bytes (u64le len + bytes) | sha256 of everything before: 32
-//! response: "VEDETTE-COMPILED-RULES-1\n" | files_with_errors: u64le | problems: u32le
+//! response: "VEDETTE-COMPILED-RULES-2\n" | files_with_errors: u64le | problems: u32le
 //!   | per problem: path (u32le len + bytes) | line (u64le, 0 = none) | reason (u32le len + bytes)
-//!   | rules: u64le len + yara-x serialized rules | sha256 of everything before: 32
+//!   | rules: u64le len + the class sets (see `ClassRules::serialize`) | sha256 of everything before: 32
 //! ```
 //!
 //! The serialized rules are loaded back only from the process the caller started, through the
@@ -27,8 +27,8 @@ use crate::codec::{Reader, Writer, unseal};
 use crate::rules::{YaraPart, compile_yara};
 use crate::{Origin, Problem, ProblemKind};
 
-const REQUEST: &[u8] = b"VEDETTE-COMPILE-1\n";
-const RESPONSE: &[u8] = b"VEDETTE-COMPILED-RULES-1\n";
+const REQUEST: &[u8] = b"VEDETTE-COMPILE-2\n";
+const RESPONSE: &[u8] = b"VEDETTE-COMPILED-RULES-2\n";
 
 /// Why an [`IsolatedCompiler`] gave no compiled rules.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -77,9 +77,14 @@ pub(crate) fn outside() -> Option<std::sync::Arc<dyn IsolatedCompiler>> {
 }
 
 /// The request for these sources and their namespaces.
-pub(crate) fn request(sources: &[(PathBuf, Vec<u8>)], names: &[Option<String>]) -> Vec<u8> {
+pub(crate) fn request(
+    sources: &[(PathBuf, Vec<u8>)],
+    names: &[Option<String>],
+    by_class: bool,
+) -> Vec<u8> {
     let mut w = Writer::default();
     w.bytes(REQUEST);
+    w.u8(by_class as u8);
     w.u32(sources.len() as u32);
     for ((origin, bytes), ns) in sources.iter().zip(names) {
         w.blob(origin.as_os_str().as_bytes());
@@ -108,8 +113,8 @@ pub(crate) fn response(data: &[u8]) -> Result<(YaraPart, &[u8]), IsolatedError> 
     let mut r = Reader(&body[RESPONSE.len()..]);
     let (files_with_errors, problems, serialized) =
         crate::compiled::parse_body(&mut r).ok_or_else(|| bad("is truncated"))?;
-    let rules =
-        yara_x::Rules::deserialize(serialized).map_err(|e| bad(&format!("does not load: {e}")))?;
+    let rules = crate::classes::ClassRules::deserialize(serialized)
+        .map_err(|e| bad(&format!("does not load: {e}")))?;
     Ok((
         YaraPart {
             rules: Some(rules),
@@ -127,14 +132,12 @@ pub(crate) fn response(data: &[u8]) -> Result<(YaraPart, &[u8]), IsolatedError> 
 pub fn serve(input: &mut dyn Read, output: &mut dyn Write) -> Result<(), ServeError> {
     let mut data = Vec::new();
     input.read_to_end(&mut data).map_err(ServeError::Read)?;
-    let (sources, names) = parse_request(&data)?;
+    let (sources, names, by_class) = parse_request(&data)?;
     drop(data);
-    let part = compile_yara(&sources, &names);
+    let part = compile_yara(&sources, &names, by_class);
     drop(sources);
     let serialized = match &part.rules {
-        Some(rules) => rules
-            .serialize()
-            .map_err(|e| ServeError::Serialize(e.to_string()))?,
+        Some(rules) => rules.serialize().map_err(ServeError::Serialize)?,
         None => return Err(ServeError::NoRules),
     };
     let mut w = Writer::default();
@@ -165,7 +168,8 @@ pub enum ServeError {
     Write(std::io::Error),
 }
 
-type Sources = (Vec<(PathBuf, Vec<u8>)>, Vec<Option<String>>);
+/// The sources, their namespaces, and whether to compile a set per file class.
+type Sources = (Vec<(PathBuf, Vec<u8>)>, Vec<Option<String>>, bool);
 
 fn parse_request(data: &[u8]) -> Result<Sources, ServeError> {
     if !data.starts_with(REQUEST) {
@@ -173,6 +177,7 @@ fn parse_request(data: &[u8]) -> Result<Sources, ServeError> {
     }
     let body = unseal(data).ok_or(ServeError::Damaged)?;
     let mut r = Reader(&body[REQUEST.len()..]);
+    let by_class = r.u8().ok_or(ServeError::Truncated)? != 0;
     let count = r.u32().ok_or(ServeError::Truncated)?;
     let mut sources = Vec::new();
     let mut names = Vec::new();
@@ -187,7 +192,7 @@ fn parse_request(data: &[u8]) -> Result<Sources, ServeError> {
         sources.push((origin, bytes));
         names.push(ns);
     }
-    Ok((sources, names))
+    Ok((sources, names, by_class))
 }
 
 /// What the report says when the compiler process failed: every YARA source is left out.
@@ -299,7 +304,7 @@ mod tests {
         for answer in [
             b"".to_vec(),
             b"running 0 tests\n".to_vec(),
-            in_thread(&request(&[], &[])).unwrap()[..40].to_vec(),
+            in_thread(&request(&[], &[], true)).unwrap()[..40].to_vec(),
         ] {
             let garbage = move |_: &[u8]| -> Result<Vec<u8>, IsolatedError> { Ok(answer.clone()) };
             let set = builder().compile_with(Arc::new(garbage)).build(0);
@@ -329,6 +334,7 @@ mod tests {
                 b"rule a { condition: true }".to_vec(),
             )],
             &[Some("a".into())],
+            true,
         );
         let mut out = Vec::new();
         assert!(serve(&mut &good[..], &mut out).is_ok());

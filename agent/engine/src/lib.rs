@@ -7,6 +7,7 @@
 
 pub mod bundle;
 pub mod child;
+pub mod classes;
 pub mod codec;
 mod compiled;
 pub mod digests;
@@ -19,6 +20,7 @@ pub mod intel;
 mod ioc;
 pub mod isolated;
 mod pathset;
+pub mod profile;
 mod rules;
 pub mod stix;
 

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use crate::EngineError;
+use crate::classes::ClassRules;
 use crate::ioc::{IocCounts, IocKind, Iocs};
 use crate::isolated::{IsolatedCompiler, IsolatedError};
 
@@ -159,7 +160,7 @@ pub(crate) enum NamespaceOrigin {
 
 /// An immutable, compiled set of rules. Share it with `Arc`; replace it whole.
 pub struct RuleSet {
-    pub(crate) yara: Option<yara_x::Rules>,
+    pub(crate) yara: Option<ClassRules>,
     pub(crate) iocs: Iocs,
     /// Where each YARA namespace came from.
     pub(crate) namespaces: std::collections::HashMap<String, NamespaceOrigin>,
@@ -250,6 +251,11 @@ impl RuleSet {
         &self.report
     }
 
+    /// The compiled YARA rules, one set per file class with rules of its own.
+    pub fn yara_sets(&self) -> Option<&ClassRules> {
+        self.yara.as_ref()
+    }
+
     /// Number of YARA rules compiled.
     pub fn yara_rules(&self) -> usize {
         self.report.yara_rules
@@ -290,6 +296,8 @@ pub struct RuleSetBuilder {
     report: LoadReport,
     /// Rules freshly compiled are loaded back from their serialized form (see [`Self::compact`]).
     compact: bool,
+    /// One compiled set for every file class instead of one per class (see [`Self::whole`]).
+    whole: bool,
     /// Where the YARA rules are compiled, if not in this process (see [`Self::compile_with`]).
     isolated: Option<std::sync::Arc<dyn IsolatedCompiler>>,
 }
@@ -317,6 +325,7 @@ impl RuleSetBuilder {
             beyond_hashes,
             report: LoadReport::default(),
             compact: false,
+            whole: false,
             isolated: None,
         }
     }
@@ -478,6 +487,22 @@ impl RuleSetBuilder {
         self
     }
 
+    /// Measures which YARA rules cost the most on `corpus` (each file's bytes): the `top`
+    /// costliest, costliest first (see [`crate::profile`]).
+    pub fn profile(&self, corpus: &[Vec<u8>], top: usize) -> crate::profile::Profile {
+        let names = assign_namespaces(&self.yara_sources);
+        crate::profile::profile(&self.yara_sources, &names, corpus, top.max(5), top)
+    }
+
+    /// Compiles every YARA rule into one set that judges files of every class, instead of one
+    /// set per file class with rules of its own (see [`crate::classes`]): what the class sets
+    /// are compared with, and all that checking rules for problems needs (the problems are the
+    /// same). Never kept in or taken from a compiled-rules cache.
+    pub fn whole(mut self) -> RuleSetBuilder {
+        self.whole = true;
+        self
+    }
+
     /// Compiles the YARA rules in another process, through `compiler` (see
     /// [`crate::isolated`]), and loads what it returns: this process never holds the compiler,
     /// and a compiler that crashes or hangs leaves the YARA rules out of the set (reported as a
@@ -517,18 +542,13 @@ impl RuleSetBuilder {
         self.build_inner(bundle_version, Some(cache), None)
     }
 
-    /// YARA rules compile (or load) on one thread while the indicator lists parse on this one.
-    fn build_inner(
-        self,
-        bundle_version: u64,
-        cache: Option<&Path>,
-        meanwhile: Option<Meanwhile<'_>>,
-    ) -> RuleSet {
-        let fingerprint: [u8; 32] = self.digest.finalize().into();
-        let mut report = self.report;
-        let names = assign_namespaces(&self.yara_sources);
+    /// Where each YARA namespace came from.
+    fn namespace_origins(
+        &self,
+        names: &[Option<String>],
+    ) -> std::collections::HashMap<String, NamespaceOrigin> {
         let mut namespaces = std::collections::HashMap::new();
-        for ((origin, _), ns) in self.yara_sources.iter().zip(&names) {
+        for ((origin, _), ns) in self.yara_sources.iter().zip(names) {
             let Some(ns) = ns else { continue };
             let from = match self.yara_intel.get(origin) {
                 Some(r) => NamespaceOrigin::Intel(r.clone()),
@@ -537,6 +557,21 @@ impl RuleSetBuilder {
             };
             namespaces.insert(ns.clone(), from);
         }
+        namespaces
+    }
+
+    /// YARA rules compile (or load) on one thread while the indicator lists parse on this one.
+    fn build_inner(
+        self,
+        bundle_version: u64,
+        cache: Option<&Path>,
+        meanwhile: Option<Meanwhile<'_>>,
+    ) -> RuleSet {
+        let names = assign_namespaces(&self.yara_sources);
+        let namespaces = self.namespace_origins(&names);
+        let fingerprint: [u8; 32] = self.digest.finalize().into();
+        let cache = cache.filter(|_| !self.whole);
+        let mut report = self.report;
         let from_bundle = &self.from_bundle;
         // A set that holds a bundle (or is built for one) is that bundle's: if its YARA rules
         // cannot be compiled, the bundle is what fails, not only the files it brought.
@@ -546,6 +581,7 @@ impl RuleSetBuilder {
             let sources = self.yara_sources;
             let how = Compile {
                 compact: self.compact,
+                by_class: !self.whole,
                 isolated: isolated.as_deref(),
             };
             let yara = s.spawn(move || {
@@ -584,7 +620,7 @@ impl RuleSetBuilder {
                 p.origin = Origin::Bundle;
             }
         }
-        report.yara_rules = yara.rules.as_ref().map_or(0, |r| r.iter().len());
+        report.yara_rules = yara.rules.as_ref().map_or(0, ClassRules::count);
         report.iocs = iocs.counts.clone();
         RuleSet {
             yara: yara.rules.filter(|_| report.yara_rules > 0),
@@ -615,7 +651,7 @@ impl RuleSetBuilder {
 /// Compiled YARA rules with what compiling found.
 pub(crate) struct YaraPart {
     /// None only when the compiler process failed.
-    pub rules: Option<yara_x::Rules>,
+    pub rules: Option<ClassRules>,
     pub files_with_errors: usize,
     pub problems: Vec<Problem>,
     /// Why no rule was loaded, when the compiler process failed.
@@ -627,6 +663,7 @@ pub(crate) struct YaraPart {
 /// How rules missing from the cache are compiled.
 struct Compile<'a> {
     compact: bool,
+    by_class: bool,
     isolated: Option<&'a dyn IsolatedCompiler>,
 }
 
@@ -643,7 +680,7 @@ fn yara_part(
         return hit;
     }
     if let Some(compiler) = how.isolated {
-        let request = crate::isolated::request(&sources, &names);
+        let request = crate::isolated::request(&sources, &names, how.by_class);
         let answer = compiler.compile(&request).and_then(|data| {
             let (part, serialized) = crate::isolated::response(&data)?;
             if let Some(c) = cache {
@@ -663,7 +700,7 @@ fn yara_part(
         }
     }
     let compact = how.compact || how.isolated.is_some();
-    let part = compile_yara(&sources, &names);
+    let part = compile_yara(&sources, &names, how.by_class);
     if let Some(c) = cache {
         crate::compiled::save(c, fingerprint, &part);
     }
@@ -674,7 +711,7 @@ fn yara_part(
     // their serialized form they take a fraction of it (signature-base: about 75 MiB less,
     // once the allocator gives the freed memory back), for about a second of loading. The
     // compiled copy goes first, so that the loaded one fills the holes it leaves.
-    let Some(Ok(bytes)) = part.rules.as_ref().map(yara_x::Rules::serialize) else {
+    let Some(Ok(bytes)) = part.rules.as_ref().map(ClassRules::serialize) else {
         return part;
     };
     let YaraPart {
@@ -685,7 +722,7 @@ fn yara_part(
         slow_patterns,
     } = part;
     drop(rules);
-    match yara_x::Rules::deserialize(&bytes) {
+    match ClassRules::deserialize(&bytes) {
         Ok(rules) => YaraPart {
             rules: Some(rules),
             files_with_errors,
@@ -694,7 +731,7 @@ fn yara_part(
             slow_patterns,
         },
         // Rules serialized a moment ago always load; should they not, compile them again.
-        Err(_) => compile_yara(&sources, &names),
+        Err(_) => compile_yara(&sources, &names, how.by_class),
     }
 }
 
@@ -713,8 +750,57 @@ fn assign_namespaces(sources: &[(PathBuf, Vec<u8>)]) -> Vec<Option<String>> {
 }
 
 /// Compiles every YARA source: one namespace per file; a rule that does not parse or compile
-/// is left out and reported (yara-x keeps the others of the file).
-pub(crate) fn compile_yara(sources: &[(PathBuf, Vec<u8>)], names: &[Option<String>]) -> YaraPart {
+/// is left out and reported (yara-x keeps the others of the file). One set is compiled per file
+/// class that has rules of its own (see [`crate::classes`]); what compiling finds is reported
+/// once, whichever sets found it.
+pub(crate) fn compile_yara(
+    sources: &[(PathBuf, Vec<u8>)],
+    names: &[Option<String>],
+    by_class: bool,
+) -> YaraPart {
+    let plan = match by_class {
+        true => crate::classes::plan(sources),
+        false => crate::classes::Plan::whole(sources),
+    };
+    let mut found = Found::default();
+    let sets = plan
+        .sets
+        .iter()
+        .map(|texts| compile_set(sources, texts, names, &mut found))
+        .collect();
+    YaraPart {
+        rules: Some(ClassRules::new(sets, plan.pick)),
+        files_with_errors: found.files_with_errors.len(),
+        problems: found.problems,
+        failure: None,
+        slow_patterns: found.slow_patterns,
+    }
+}
+
+/// What compiling the sets found, each thing once.
+#[derive(Default)]
+pub(crate) struct Found {
+    files_with_errors: std::collections::HashSet<PathBuf>,
+    problems: Vec<Problem>,
+    slow_patterns: Vec<Problem>,
+}
+
+impl Found {
+    fn problem(&mut self, p: Problem) {
+        self.files_with_errors.insert(p.path.clone());
+        if !self.problems.contains(&p) {
+            self.problems.push(p);
+        }
+    }
+}
+
+/// Compiles one set: `texts` are the sources' bytes as this set has them.
+pub(crate) fn compile_set(
+    sources: &[(PathBuf, Vec<u8>)],
+    texts: &[std::borrow::Cow<'_, [u8]>],
+    names: &[Option<String>],
+    found: &mut Found,
+) -> yara_x::Rules {
     let mut compiler = yara_x::Compiler::new();
     // Legacy rules use regex syntax that strict mode refuses (e.g. `{` unescaped).
     compiler.relaxed_re_syntax(true);
@@ -727,13 +813,10 @@ pub(crate) fn compile_yara(sources: &[(PathBuf, Vec<u8>)], names: &[Option<Strin
         // Defining a fresh name in a fresh compiler cannot fail.
         let _ = compiler.define_global(name, "");
     }
-    let mut files_with_errors = 0;
-    let mut problems = Vec::new();
-    let mut texts: std::collections::HashMap<String, (&Path, &str)> = Default::default();
-    for ((origin, bytes), ns) in sources.iter().zip(names) {
+    let mut by_origin: std::collections::HashMap<String, (&Path, &str)> = Default::default();
+    for (((origin, _), bytes), ns) in sources.iter().zip(texts).zip(names) {
         let (Ok(text), Some(ns)) = (std::str::from_utf8(bytes), ns) else {
-            files_with_errors += 1;
-            problems.push(Problem {
+            found.problem(Problem {
                 path: origin.clone(),
                 line: None,
                 reason: "not UTF-8 text".into(),
@@ -743,40 +826,39 @@ pub(crate) fn compile_yara(sources: &[(PathBuf, Vec<u8>)], names: &[Option<Strin
             continue;
         };
         compiler.new_namespace(ns);
-        texts.insert(origin.display().to_string(), (origin, text));
+        by_origin.insert(origin.display().to_string(), (origin, text));
         let src = yara_x::SourceCode::from(text).with_origin(origin.display().to_string());
         if let Err(e) = compiler.add_source(src) {
-            files_with_errors += 1;
-            problems.push(problem_of(origin, text, &e));
+            found.problem(problem_of(origin, text, &e));
         }
     }
-    let slow_patterns = compiler
+    for w in compiler
         .warnings()
         .iter()
         .filter(|w| w.code() == "slow_pattern")
-        .filter_map(|w| {
-            let label = w.labels().next()?;
-            let (origin, text) = texts.get(label.origin()?)?;
-            Some(Problem {
-                path: origin.to_path_buf(),
-                line: Some(line_at(text, label.span().0.start as usize)),
-                reason: format!("{} ({})", w.title(), label.text()),
-                kind: ProblemKind::Yara,
-                origin: Origin::Local,
-            })
-        })
-        .collect();
-    YaraPart {
-        rules: Some(compiler.build()),
-        files_with_errors,
-        problems,
-        failure: None,
-        slow_patterns,
+    {
+        let Some(label) = w.labels().next() else {
+            continue;
+        };
+        let Some((origin, text)) = label.origin().and_then(|o| by_origin.get(o)) else {
+            continue;
+        };
+        let p = Problem {
+            path: origin.to_path_buf(),
+            line: Some(line_at(text, label.span().0.start as usize)),
+            reason: format!("{} ({})", w.title(), label.text()),
+            kind: ProblemKind::Yara,
+            origin: Origin::Local,
+        };
+        if !found.slow_patterns.contains(&p) {
+            found.slow_patterns.push(p);
+        }
     }
+    compiler.build()
 }
 
 /// The line of byte `offset` in `text`, from 1.
-fn line_at(text: &str, offset: usize) -> usize {
+pub(crate) fn line_at(text: &str, offset: usize) -> usize {
     let offset = offset.min(text.len());
     text.as_bytes()[..offset]
         .iter()
@@ -976,10 +1058,7 @@ mod tests {
             b"rule fine { condition: true }\nrule broken { condition: \n",
         );
         let set = b.build(0);
-        let mut names: Vec<String> = set
-            .yara
-            .as_ref()
-            .unwrap()
+        let mut names: Vec<String> = set.yara.as_ref().unwrap().sets()[0]
             .iter()
             .map(|r| r.identifier().to_string())
             .collect();

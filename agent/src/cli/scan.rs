@@ -103,6 +103,9 @@ fn build_rules(
         eprintln!("{}: {p}", if strict { "error" } else { "warning" });
     }
     let i = &r.iocs;
+    if let Some(c) = rules.yara_sets().filter(|c| c.sets().len() > 1) {
+        eprintln!("YARA rules by file class: {}", c.summary());
+    }
     eprintln!(
         "loaded {} YARA rules from {} files ({} with errors); indicators: {} hashes, {} file names, {} C2 addresses/networks, {} C2 domains, {} process names, {} command lines; {} lines rejected",
         r.yara_rules,

@@ -334,6 +334,7 @@ impl ActiveRules {
         info!(
             yara_files = report.yara_files,
             rules = report.yara_rules,
+            by_file_class = set.yara_sets().map(|c| c.summary()).unwrap_or_default(),
             ioc_files = report.ioc_files,
             bundle = content.map_or(0, |c| c.version),
             exceptions = set.exceptions().len(),

@@ -196,6 +196,28 @@ pub enum RulesCmd {
         #[arg(required = true, value_name = "PATH")]
         paths: Vec<PathBuf>,
     },
+    /// Check YARA files and indicator lists without publishing: every problem, yara-x's
+    /// slow-pattern warnings, and with `--profile` the rules that cost the most on a corpus.
+    /// Needs no collector.
+    #[command(
+        after_help = "Example:\n  vedettectl rules check rules/ --profile /srv/samples --top 5"
+    )]
+    Check {
+        /// Fail on indicator lines that do not parse and on slow patterns too.
+        #[arg(long)]
+        strict: bool,
+        /// Scan the files under this directory (or this file) with the rules, as agents scan,
+        /// and print the slowest rules with their share of the time. Read into memory: a
+        /// sample of a few megabytes is enough.
+        #[arg(long, value_name = "CORPUS")]
+        profile: Option<PathBuf>,
+        /// How many of the slowest rules to print.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+        /// YARA files (.yar, .yara), indicator lists, or directories of them.
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<PathBuf>,
+    },
     /// List published bundles, newest first.
     List {
         #[arg(long)]

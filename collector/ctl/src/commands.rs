@@ -712,6 +712,7 @@ async fn rules(cmd: RulesCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
                 r.version, r.digest, r.agents_notified
             );
         }
+        RulesCmd::Check { .. } => anyhow::bail!("rules check runs without a collector"),
         RulesCmd::List { json } => list(cfg, json).await?,
         RulesCmd::Show { version, json } => show(cfg, version, json).await?,
         RulesCmd::Status { version, json } => status(cfg, version, json).await?,

@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use vedette_ops::cli::{exit, fail};
 
-use crate::args::{Cli, Command, KeysCmd};
+use crate::args::{Cli, Command, KeysCmd, RulesCmd};
 use crate::client::CtlConfig;
 
 fn main() -> ExitCode {
@@ -28,6 +28,18 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => fail(&e, exit::FAILURE),
+        };
+    }
+    if let Command::Rules(RulesCmd::Check {
+        strict,
+        profile,
+        top,
+        paths,
+    }) = &cli.command
+    {
+        return match rules::check_paths(paths, *strict, profile.as_deref(), *top) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&format!("{e:#}"), exit::FAILURE),
         };
     }
     let cfg = match CtlConfig::load(&cli.config) {

@@ -87,7 +87,7 @@ pub fn validate_paths(paths: &[PathBuf], strict: bool) -> anyhow::Result<Vec<Str
     for p in paths {
         b.add_path(p)?;
     }
-    let set = b.build(0);
+    let set = b.whole().build(0);
     let (fatal, warnings): (Vec<_>, Vec<_>) = set
         .report()
         .problems
@@ -119,6 +119,132 @@ pub fn validate_paths(paths: &[PathBuf], strict: bool) -> anyhow::Result<Vec<Str
                 .map(|p| format!("{p}: published; --strict refuses it")),
         )
         .collect())
+}
+
+/// At most this much of a corpus is read for `rules check --profile`.
+const MAX_CORPUS_FILES: usize = 20_000;
+const MAX_CORPUS_BYTES: u64 = 512 << 20;
+
+/// `rules check`: what publishing would report, without publishing; with `corpus`, the `top`
+/// rules that cost the most on it.
+pub fn check_paths(
+    paths: &[PathBuf],
+    strict: bool,
+    corpus: Option<&std::path::Path>,
+    top: usize,
+) -> anyhow::Result<()> {
+    let builder = || -> anyhow::Result<RuleSetBuilder> {
+        let mut b = RuleSetBuilder::new();
+        for p in paths {
+            b.add_path(p)?;
+        }
+        Ok(b)
+    };
+    let set = builder()?.whole().build(0);
+    let report = set.report();
+    for p in &report.problems {
+        println!("{p}");
+    }
+    for p in &report.slow_patterns {
+        println!("warning: {p}");
+    }
+    let fatal = report
+        .problems
+        .iter()
+        .filter(|p| strict || p.kind != ProblemKind::Indicator)
+        .count()
+        + if strict {
+            report.slow_patterns.len()
+        } else {
+            0
+        };
+    println!(
+        "{} YARA rule(s), {} indicator(s); {} problem(s), {} slow pattern(s)",
+        set.yara_rules(),
+        {
+            let c = &report.iocs;
+            c.hashes
+                + c.filenames
+                + c.c2_ips
+                + c.c2_networks
+                + c.c2_domains
+                + c.process_names
+                + c.cmdlines
+                + c.intel
+        },
+        report.problems.len(),
+        report.slow_patterns.len()
+    );
+    if let Some(dir) = corpus {
+        let files = read_corpus(dir)?;
+        print_profile(&builder()?.profile(&files, top));
+    }
+    if fatal > 0 {
+        let how = if strict {
+            "rules publish --strict"
+        } else {
+            "rules publish"
+        };
+        bail!("{fatal} problem(s) would stop `{how}`");
+    }
+    Ok(())
+}
+
+/// The files under `dir` (or `dir` itself), in name order, up to the corpus caps.
+fn read_corpus(dir: &std::path::Path) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    let mut total = 0u64;
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(path) = todo.pop() {
+        let meta = std::fs::symlink_metadata(&path)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        if meta.is_dir() {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(&path)
+                .map_err(|e| anyhow::anyhow!("cannot list {}: {e}", path.display()))?
+                .flatten()
+                .map(|e| e.path())
+                .collect();
+            entries.sort();
+            todo.extend(entries.into_iter().rev());
+        } else if meta.is_file() {
+            if out.len() >= MAX_CORPUS_FILES || total + meta.len() > MAX_CORPUS_BYTES {
+                eprintln!(
+                    "warning: the corpus is cut at {} files ({} MiB): more is not needed",
+                    out.len(),
+                    total >> 20
+                );
+                break;
+            }
+            // A file that cannot be read is left out, as agents skip it.
+            if let Ok(data) = std::fs::read(&path) {
+                total += data.len() as u64;
+                out.push(data);
+            }
+        }
+    }
+    if out.is_empty() {
+        bail!("no readable file in the corpus {}", dir.display());
+    }
+    Ok(out)
+}
+
+fn print_profile(p: &vedette_engine::profile::Profile) {
+    println!(
+        "slowest rules on {} file(s) ({:.1} MiB), {:.3} s with every rule file:",
+        p.files,
+        p.bytes as f64 / (1 << 20) as f64,
+        p.total.as_secs_f64()
+    );
+    for r in &p.rules {
+        println!(
+            "  {:>5.1}%  {:>8.3} s  {}  {}:{}",
+            r.share * 100.0,
+            r.time.as_secs_f64(),
+            r.rule,
+            r.file.display(),
+            r.line
+        );
+    }
 }
 
 pub(crate) async fn latest(cfg: &CtlConfig) -> anyhow::Result<Option<BundleInfo>> {
