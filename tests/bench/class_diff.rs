@@ -42,7 +42,7 @@ fn main() {
     );
     if let Some(sets) = classes.yara_sets() {
         for class in FileClass::ALL {
-            let set = sets.of_class(class);
+            let set = sets.of_class(class).unwrap_or_else(|e| fail(&e));
             let size = set.serialize().map(|b| b.len()).unwrap_or(0);
             println!(
                 "  {:<6} {:>5} rules, {:>6.1} MiB compiled",

@@ -67,14 +67,11 @@ fn class_sets_judge_every_file_as_the_whole_set_does_with_the_engines_own_rules(
     );
     assert_eq!(classes.yara_rules(), whole.yara_rules());
     let sets = classes.yara_sets().unwrap();
-    assert_eq!(
-        sets.sets().len(),
-        4,
-        "every class has rules of its own here"
-    );
+    assert_eq!(sets.len(), 4, "every class has rules of its own here");
     // Each class's set holds only what can match it: the PE set has no ELF rule.
     let names = |c: FileClass| -> Vec<String> {
         sets.of_class(c)
+            .unwrap()
             .iter()
             .map(|r| r.identifier().to_string())
             .collect()

@@ -27,6 +27,7 @@
 use std::borrow::Cow;
 use std::collections::HashSet;
 use std::ops::Range;
+use std::sync::{Mutex, OnceLock};
 
 use yara_x_parser::Parser;
 use yara_x_parser::ast::dfs::{DFSEvent, DFSIter};
@@ -83,21 +84,62 @@ impl FileClass {
     }
 }
 
-/// Compiled YARA rules, one set per class that has rules of its own.
+/// Compiled YARA rules, one set per class that has rules of its own. A set read back from its
+/// serialized form (the compiled-rules cache, the compiler process) is loaded when the first
+/// file of its class needs it: a host that never sees a PE file never holds the PE rules, and a
+/// scan of text files loads only the rules text can match.
 pub struct ClassRules {
-    sets: Vec<yara_x::Rules>,
+    sets: Vec<Set>,
     /// The set each class is scanned with, by [`FileClass`] index.
     pick: [u8; CLASSES],
+    /// Distinct rules over every set.
+    count: usize,
+}
+
+/// One compiled set, loaded or still serialized.
+struct Set {
+    rules: OnceLock<Result<yara_x::Rules, String>>,
+    /// The serialized form, until loaded.
+    serialized: Mutex<Option<Vec<u8>>>,
+    count: usize,
+}
+
+impl Set {
+    fn loaded(rules: yara_x::Rules) -> Set {
+        let count = rules.iter().len();
+        Set {
+            rules: OnceLock::from(Ok(rules)),
+            serialized: Mutex::new(None),
+            count,
+        }
+    }
+
+    fn get(&self) -> Result<&yara_x::Rules, String> {
+        self.rules
+            .get_or_init(|| {
+                let bytes = self.serialized.lock().ok().and_then(|mut b| b.take());
+                let bytes = bytes.ok_or_else(|| "no serialized rules".to_string())?;
+                yara_x::Rules::deserialize(&bytes).map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|e| format!("compiled rules do not load: {e}"))
+    }
 }
 
 impl ClassRules {
     pub(crate) fn new(sets: Vec<yara_x::Rules>, pick: [u8; CLASSES]) -> ClassRules {
-        ClassRules { sets, pick }
-    }
-
-    /// One set for every class.
-    pub fn single(rules: yara_x::Rules) -> ClassRules {
-        ClassRules::new(vec![rules], [0; CLASSES])
+        let count = match sets.as_slice() {
+            [one] => one.iter().len(),
+            _ => {
+                let mut seen = HashSet::new();
+                for rule in sets.iter().flat_map(|s| s.iter()) {
+                    seen.insert((rule.namespace().to_string(), rule.identifier().to_string()));
+                }
+                seen.len()
+            }
+        };
+        let sets = sets.into_iter().map(Set::loaded).collect();
+        ClassRules { sets, pick, count }
     }
 
     /// The index of the set a file starting with `head` is scanned with.
@@ -105,34 +147,47 @@ impl ClassRules {
         self.pick[FileClass::of(head) as usize] as usize
     }
 
-    pub fn sets(&self) -> &[yara_x::Rules] {
-        &self.sets
+    /// How many sets there are.
+    pub fn len(&self) -> usize {
+        self.sets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sets.is_empty()
+    }
+
+    /// Set `i`, loaded now if it was not; an error says why it cannot be (never expected: the
+    /// serialized rules were checked before they were kept).
+    pub fn set(&self, i: usize) -> Result<&yara_x::Rules, String> {
+        self.sets
+            .get(i)
+            .ok_or_else(|| format!("no rule set {i}"))?
+            .get()
     }
 
     /// The rules `class` is judged by.
-    pub fn of_class(&self, class: FileClass) -> &yara_x::Rules {
-        &self.sets[self.pick[class as usize] as usize]
+    pub fn of_class(&self, class: FileClass) -> Result<&yara_x::Rules, String> {
+        self.set(self.pick[class as usize] as usize)
+    }
+
+    /// Whether set `i` is loaded.
+    pub fn is_loaded(&self, i: usize) -> bool {
+        self.sets.get(i).is_some_and(|s| s.rules.get().is_some())
     }
 
     /// The number of distinct rules over every set.
     pub fn count(&self) -> usize {
-        if let [one] = self.sets.as_slice() {
-            return one.iter().len();
-        }
-        let mut seen = HashSet::new();
-        for set in &self.sets {
-            for rule in set.iter() {
-                seen.insert((rule.namespace().to_string(), rule.identifier().to_string()));
-            }
-        }
-        seen.len()
+        self.count
     }
 
     /// How many rules judge each class, as `pe 5517, elf 2625, macho 2507, other 2724`.
     pub fn summary(&self) -> String {
         FileClass::ALL
             .iter()
-            .map(|&c| format!("{} {}", c.name(), self.of_class(c).iter().len()))
+            .map(|&c| {
+                let n = self.sets[self.pick[c as usize] as usize].count;
+                format!("{} {n}", c.name())
+            })
             .collect::<Vec<_>>()
             .join(", ")
     }
@@ -140,20 +195,26 @@ impl ClassRules {
     /// Every set in yara-x's serialized form, with which class uses which:
     ///
     /// ```text
-    /// set of each class: [u8; 4] (PE, ELF, Mach-O, other) | sets: u8
-    ///   | per set: u64le len + yara-x serialized rules
+    /// set of each class: [u8; 4] (PE, ELF, Mach-O, other) | sets: u8 | distinct rules: u64le
+    ///   | per set: rules: u64le | u64le len + yara-x serialized rules
     /// ```
     pub fn serialize(&self) -> Result<Vec<u8>, String> {
         let mut w = Writer::default();
         w.bytes(&self.pick);
         w.u8(self.sets.len() as u8);
+        w.u64(self.count as u64);
         for set in &self.sets {
-            w.blob(&set.serialize().map_err(|e| e.to_string())?);
+            w.u64(set.count as u64);
+            let kept = set.serialized.lock().ok().and_then(|b| b.clone());
+            match kept {
+                Some(bytes) => w.blob(&bytes),
+                None => w.blob(&set.get()?.serialize().map_err(|e| e.to_string())?),
+            }
         }
         Ok(w.0)
     }
 
-    /// What [`ClassRules::serialize`] wrote.
+    /// What [`ClassRules::serialize`] wrote; each set is loaded when first used.
     pub fn deserialize(data: &[u8]) -> Result<ClassRules, String> {
         let mut r = Reader(data);
         let truncated = || "truncated".to_string();
@@ -161,16 +222,22 @@ impl ClassRules {
             .take(CLASSES)
             .and_then(|p| p.try_into().ok())
             .ok_or_else(truncated)?;
-        let count = r.u8().ok_or_else(truncated)? as usize;
-        if count == 0 || pick.iter().any(|&p| p as usize >= count) {
-            return Err(format!("no set for a class ({count} sets)"));
+        let n = r.u8().ok_or_else(truncated)? as usize;
+        if n == 0 || pick.iter().any(|&p| p as usize >= n) {
+            return Err(format!("no set for a class ({n} sets)"));
         }
-        let mut sets = Vec::with_capacity(count);
-        for _ in 0..count {
+        let count = r.u64().ok_or_else(truncated)? as usize;
+        let mut sets = Vec::with_capacity(n);
+        for _ in 0..n {
+            let rules = r.u64().ok_or_else(truncated)? as usize;
             let bytes = r.blob().ok_or_else(truncated)?;
-            sets.push(yara_x::Rules::deserialize(bytes).map_err(|e| e.to_string())?);
+            sets.push(Set {
+                rules: OnceLock::new(),
+                serialized: Mutex::new(Some(bytes.to_vec())),
+                count: rules,
+            });
         }
-        Ok(ClassRules { sets, pick })
+        Ok(ClassRules { sets, pick, count })
     }
 }
 

@@ -162,16 +162,21 @@ impl<'r> FileScanner<'r> {
 
     /// The YARA scanner of the class of a file that starts with `head`, made on first use; None
     /// when the rule set has no YARA rules.
-    fn yara(&mut self, head: &[u8]) -> Option<&mut yara_x::Scanner<'r>> {
+    fn yara(&mut self, head: &[u8]) -> Result<Option<&mut yara_x::Scanner<'r>>, SkipReason> {
         let rules: &'r RuleSet = self.rules;
-        let classes = rules.yara.as_ref()?;
+        let Some(classes) = rules.yara.as_ref() else {
+            return Ok(None);
+        };
         let set = classes.set_for(head);
-        if self.yara.len() < classes.sets().len() {
-            self.yara.resize_with(classes.sets().len(), || None);
+        if self.yara.len() < classes.len() {
+            self.yara.resize_with(classes.len(), || None);
         }
         let slot = &mut self.yara[set];
         if slot.is_none() {
-            let mut s = yara_x::Scanner::new(&classes.sets()[set]);
+            let compiled = classes
+                .set(set)
+                .map_err(|e| SkipReason::Unreadable(std::io::Error::other(e)))?;
+            let mut s = yara_x::Scanner::new(compiled);
             s.set_timeout(self.options.timeout);
             // A detection names the rules that matched, never where their patterns did: a
             // pattern that a condition only tests for presence stops being searched at its first
@@ -179,7 +184,7 @@ impl<'r> FileScanner<'r> {
             s.fast_scan(true);
             *slot = Some(s);
         }
-        slot.as_mut()
+        Ok(slot.as_mut())
     }
 
     /// Frees what this scanner holds between files (the YARA scanner's memory, the read
@@ -202,7 +207,7 @@ impl<'r> FileScanner<'r> {
     /// names). A rule matches as [`MatchKind::Process`](crate::MatchKind::Process).
     pub fn scan_bytes(&mut self, data: &[u8]) -> Result<Vec<RuleMatch>, SkipReason> {
         let rules = self.rules;
-        let Some(scanner) = self.yara(data) else {
+        let Some(scanner) = self.yara(data)? else {
             return Ok(Vec::new());
         };
         for name in crate::rules::EXTERNALS {
@@ -418,7 +423,14 @@ impl<'r> FileScanner<'r> {
     ) -> Result<Vec<RuleMatch>, SkipReason> {
         let rules = self.rules;
         let buf = std::mem::take(&mut self.buf);
-        let scanned = self.yara(&buf).map(|scanner| {
+        let scanner = match self.yara(&buf) {
+            Ok(s) => s,
+            Err(e) => {
+                self.buf = buf;
+                return Err(e);
+            }
+        };
+        let scanned = scanner.map(|scanner| {
             set_externals(scanner, path, meta);
             scanner.scan(&buf).map(|results| {
                 results
@@ -576,7 +588,7 @@ mod tests {
             b"xxEFxxCDxxAB",
         ];
         let mut fast = FileScanner::new(&rs, ScanOptions::default());
-        let mut full = yara_x::Scanner::new(&rs.yara.as_ref().unwrap().sets()[0]);
+        let mut full = yara_x::Scanner::new(rs.yara.as_ref().unwrap().set(0).unwrap());
         let mut verdicts = Vec::new();
         for data in inputs {
             let mut got: Vec<String> = fast

@@ -134,7 +134,7 @@ pub fn serve(input: &mut dyn Read, output: &mut dyn Write) -> Result<(), ServeEr
     input.read_to_end(&mut data).map_err(ServeError::Read)?;
     let (sources, names, by_class) = parse_request(&data)?;
     drop(data);
-    let part = compile_yara(&sources, &names, by_class);
+    let part = compile_yara(&sources, &names, by_class, 1);
     drop(sources);
     let serialized = match &part.rules {
         Some(rules) => rules.serialize().map_err(ServeError::Serialize)?,

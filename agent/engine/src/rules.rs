@@ -660,6 +660,10 @@ pub(crate) struct YaraPart {
     pub slow_patterns: Vec<Problem>,
 }
 
+/// The class sets compiled at once in this process (the compiler process, paced by the agent's
+/// CPU budget, compiles one at a time: parallel, it would only hold twice the memory).
+const COMPILE_THREADS: usize = 2;
+
 /// How rules missing from the cache are compiled.
 struct Compile<'a> {
     compact: bool,
@@ -700,7 +704,7 @@ fn yara_part(
         }
     }
     let compact = how.compact || how.isolated.is_some();
-    let part = compile_yara(&sources, &names, how.by_class);
+    let part = compile_yara(&sources, &names, how.by_class, COMPILE_THREADS);
     if let Some(c) = cache {
         crate::compiled::save(c, fingerprint, &part);
     }
@@ -731,7 +735,7 @@ fn yara_part(
             slow_patterns,
         },
         // Rules serialized a moment ago always load; should they not, compile them again.
-        Err(_) => compile_yara(&sources, &names, how.by_class),
+        Err(_) => compile_yara(&sources, &names, how.by_class, COMPILE_THREADS),
     }
 }
 
@@ -757,17 +761,13 @@ pub(crate) fn compile_yara(
     sources: &[(PathBuf, Vec<u8>)],
     names: &[Option<String>],
     by_class: bool,
+    threads: usize,
 ) -> YaraPart {
     let plan = match by_class {
         true => crate::classes::plan(sources),
         false => crate::classes::Plan::whole(sources),
     };
-    let mut found = Found::default();
-    let sets = plan
-        .sets
-        .iter()
-        .map(|texts| compile_set(sources, texts, names, &mut found))
-        .collect();
+    let (sets, found) = compile_sets(sources, &plan.sets, names, threads);
     YaraPart {
         rules: Some(ClassRules::new(sets, plan.pick)),
         files_with_errors: found.files_with_errors.len(),
@@ -775,6 +775,53 @@ pub(crate) fn compile_yara(
         failure: None,
         slow_patterns: found.slow_patterns,
     }
+}
+
+/// Compiles each set, on up to `threads` threads; what they found in set order.
+fn compile_sets(
+    sources: &[(PathBuf, Vec<u8>)],
+    sets: &[Vec<std::borrow::Cow<'_, [u8]>>],
+    names: &[Option<String>],
+    threads: usize,
+) -> (Vec<yara_x::Rules>, Found) {
+    let threads = threads.clamp(1, sets.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut done: Vec<(usize, yara_x::Rules, Found)> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(texts) = sets.get(i) else { break mine };
+                        let mut found = Found::default();
+                        let rules = compile_set(sources, texts, names, &mut found);
+                        mine.push((i, rules, found));
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    done.sort_by_key(|(i, _, _)| *i);
+    let mut all = Found::default();
+    let mut rules = Vec::with_capacity(done.len());
+    for (_, set, found) in done {
+        all.files_with_errors.extend(found.files_with_errors);
+        for p in found.problems {
+            all.problem(p);
+        }
+        for p in found.slow_patterns {
+            if !all.slow_patterns.contains(&p) {
+                all.slow_patterns.push(p);
+            }
+        }
+        rules.push(set);
+    }
+    (rules, all)
 }
 
 /// What compiling the sets found, each thing once.
@@ -1058,7 +1105,12 @@ mod tests {
             b"rule fine { condition: true }\nrule broken { condition: \n",
         );
         let set = b.build(0);
-        let mut names: Vec<String> = set.yara.as_ref().unwrap().sets()[0]
+        let mut names: Vec<String> = set
+            .yara
+            .as_ref()
+            .unwrap()
+            .set(0)
+            .unwrap()
             .iter()
             .map(|r| r.identifier().to_string())
             .collect();

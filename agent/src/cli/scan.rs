@@ -103,7 +103,7 @@ fn build_rules(
         eprintln!("{}: {p}", if strict { "error" } else { "warning" });
     }
     let i = &r.iocs;
-    if let Some(c) = rules.yara_sets().filter(|c| c.sets().len() > 1) {
+    if let Some(c) = rules.yara_sets().filter(|c| c.len() > 1) {
         eprintln!("YARA rules by file class: {}", c.summary());
     }
     eprintln!(
