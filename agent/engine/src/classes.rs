@@ -170,6 +170,14 @@ impl ClassRules {
         self.set(self.pick[class as usize] as usize)
     }
 
+    /// Loads the sets of `classes` now, so that the first file of each does not wait for it.
+    pub fn preload(&self, classes: &[FileClass]) -> Result<(), String> {
+        for &c in classes {
+            self.of_class(c)?;
+        }
+        Ok(())
+    }
+
     /// Whether set `i` is loaded.
     pub fn is_loaded(&self, i: usize) -> bool {
         self.sets.get(i).is_some_and(|s| s.rules.get().is_some())

@@ -23,6 +23,7 @@ use prost::Message;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 use vedette_engine::bundle::{self, BundleContent, BundleError, PublicKey};
+use vedette_engine::classes::FileClass;
 use vedette_engine::findings::Resolved;
 use vedette_engine::{EngineError, IsolatedCompiler, Origin, ProblemKind, RuleSet, RuleSetBuilder};
 use vedette_proto::v1::RuleBundle;
@@ -326,6 +327,14 @@ impl ActiveRules {
         }
         for p in report.problems.iter() {
             warn!(problem = %p, "rule not loaded");
+        }
+        // Every host has executables and other files: their rules are loaded here, not by the
+        // first file that needs them. PE and Mach-O rules wait for a file of theirs.
+        if let Some(Err(e)) = set
+            .yara_sets()
+            .map(|c| c.preload(&[FileClass::Elf, FileClass::Other]))
+        {
+            return Err(RulesError::Compile { count: 1, shown: e });
         }
         self.yara_rules
             .store(report.yara_rules as u64, Ordering::Relaxed);
