@@ -178,11 +178,6 @@ impl ClassRules {
         Ok(())
     }
 
-    /// Whether set `i` is loaded.
-    pub fn is_loaded(&self, i: usize) -> bool {
-        self.sets.get(i).is_some_and(|s| s.rules.get().is_some())
-    }
-
     /// The number of distinct rules over every set.
     pub fn count(&self) -> usize {
         self.count
@@ -285,10 +280,8 @@ pub(crate) fn plan(sources: &[(std::path::PathBuf, Vec<u8>)]) -> Plan<'_> {
                 .unwrap_or_default(),
         );
     }
-    for rule in declared.iter_mut().flatten() {
-        if named.contains(&rule.name) {
-            rule.mask = EVERY;
-        }
+    for rules in &mut declared {
+        widen_named(rules, &named);
     }
     let restricted = |c: FileClass| {
         declared
@@ -326,22 +319,34 @@ pub(crate) fn plan(sources: &[(std::path::PathBuf, Vec<u8>)]) -> Plan<'_> {
     Plan { sets, pick }
 }
 
-/// `bytes` with the declarations of the rules not `wanted` turned to spaces (newlines kept,
-/// so that a problem's line is the same in every set).
+/// A rule whose name a condition uses belongs to every class: whoever names it must find it.
+fn widen_named(rules: &mut [Declared], named: &HashSet<String>) {
+    for rule in rules.iter_mut().filter(|r| named.contains(&r.name)) {
+        rule.mask = EVERY;
+    }
+}
+
+/// `bytes` with the declarations of the rules not `wanted` blanked (see [`blanked`]).
 fn blank<'s>(bytes: &'s [u8], rules: &[Declared], wanted: &dyn Fn(Mask) -> bool) -> Cow<'s, [u8]> {
-    let mut out: Option<Vec<u8>> = None;
-    for rule in rules.iter().filter(|r| !wanted(r.mask)) {
-        let text = out.get_or_insert_with(|| bytes.to_vec());
-        for b in &mut text[rule.span.clone()] {
+    let mut out = rules.iter().filter(|r| !wanted(r.mask)).peekable();
+    match out.peek() {
+        None => Cow::Borrowed(bytes),
+        Some(_) => Cow::Owned(blanked(bytes, out.map(|r| &r.span))),
+    }
+}
+
+/// `bytes` with each of `spans` turned to spaces, newlines kept: a problem's line is the same
+/// whichever rules are left out.
+pub(crate) fn blanked<'a>(bytes: &[u8], spans: impl Iterator<Item = &'a Range<usize>>) -> Vec<u8> {
+    let mut out = bytes.to_vec();
+    for span in spans {
+        for b in &mut out[span.clone()] {
             if *b != b'\n' {
                 *b = b' ';
             }
         }
     }
-    match out {
-        Some(v) => Cow::Owned(v),
-        None => Cow::Borrowed(bytes),
-    }
+    out
 }
 
 /// The rules of one source with their classes, and every name its conditions use (added to
@@ -471,11 +476,7 @@ mod tests {
     fn masks(src: &str) -> Vec<(String, Mask)> {
         let mut named = HashSet::new();
         let mut rules = analyse(src, &mut named).expect("parses");
-        for r in &mut rules {
-            if named.contains(&r.name) {
-                r.mask = EVERY;
-            }
-        }
+        widen_named(&mut rules, &named);
         rules.into_iter().map(|r| (r.name, r.mask)).collect()
     }
 

@@ -119,18 +119,12 @@ fn rule_costs(origin: &Path, ns: &str, bytes: &[u8], corpus: &[Vec<u8>]) -> Vec<
         return Vec::new();
     };
     let keep_only = |wanted: Option<usize>| -> Vec<u8> {
-        let mut out = bytes.to_vec();
-        for (j, (span, name)) in rules.iter().enumerate() {
-            if Some(j) == wanted || named.contains(name) {
-                continue;
-            }
-            for b in &mut out[span.clone()] {
-                if *b != b'\n' {
-                    *b = b' ';
-                }
-            }
-        }
-        out
+        let left_out = rules
+            .iter()
+            .enumerate()
+            .filter(|(j, (_, name))| Some(*j) != wanted && !named.contains(name))
+            .map(|(_, (span, _))| span);
+        crate::classes::blanked(bytes, left_out)
     };
     let helpers = measure(&alone(origin, ns, &keep_only(None)), corpus, 2);
     rules

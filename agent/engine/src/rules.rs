@@ -713,8 +713,9 @@ fn yara_part(
     }
     // The compiler leaves its rules spread over memory among what it freed; loaded back from
     // their serialized form they take a fraction of it (signature-base: about 75 MiB less,
-    // once the allocator gives the freed memory back), for about a second of loading. The
-    // compiled copy goes first, so that the loaded one fills the holes it leaves.
+    // once the allocator gives the freed memory back). Each class set is loaded when first
+    // used (see `ClassRules`); the compiled copy goes first, so that what is loaded fills the
+    // holes it leaves.
     let Some(Ok(bytes)) = part.rules.as_ref().map(ClassRules::serialize) else {
         return part;
     };
@@ -815,9 +816,7 @@ fn compile_sets(
             all.problem(p);
         }
         for p in found.slow_patterns {
-            if !all.slow_patterns.contains(&p) {
-                all.slow_patterns.push(p);
-            }
+            all.slow_pattern(p);
         }
         rules.push(set);
     }
@@ -837,6 +836,12 @@ impl Found {
         self.files_with_errors.insert(p.path.clone());
         if !self.problems.contains(&p) {
             self.problems.push(p);
+        }
+    }
+
+    fn slow_pattern(&mut self, p: Problem) {
+        if !self.slow_patterns.contains(&p) {
+            self.slow_patterns.push(p);
         }
     }
 }
@@ -890,16 +895,13 @@ pub(crate) fn compile_set(
         let Some((origin, text)) = label.origin().and_then(|o| by_origin.get(o)) else {
             continue;
         };
-        let p = Problem {
+        found.slow_pattern(Problem {
             path: origin.to_path_buf(),
             line: Some(line_at(text, label.span().0.start as usize)),
             reason: format!("{} ({})", w.title(), label.text()),
             kind: ProblemKind::Yara,
             origin: Origin::Local,
-        };
-        if !found.slow_patterns.contains(&p) {
-            found.slow_patterns.push(p);
-        }
+        });
     }
     compiler.build()
 }
