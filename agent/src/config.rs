@@ -97,7 +97,19 @@ pub struct RawConfig {
     /// Where Prometheus scrapes `/metrics` (plain HTTP), or `off` (the default).
     #[serde(default)]
     pub metrics_listen: Option<String>,
+    /// The response actions the collector may have this agent do: any of `kill`,
+    /// `quarantine`, `isolate`. Default none: every action is refused, whatever the collector
+    /// says.
+    #[serde(default)]
+    pub response: Vec<String>,
+    /// Networks (`CIDR`) an isolated host may still reach, beside the collectors, the DNS
+    /// resolvers of /etc/resolv.conf and loopback.
+    #[serde(default)]
+    pub isolation_allow: Vec<String>,
 }
+
+/// The response actions a host may allow.
+pub const RESPONSE_KINDS: &[&str] = &["kill", "quarantine", "isolate"];
 
 /// A size in bytes: a number, or a string with a unit (`B`, `KiB`, `MiB`, `GiB`, or `KB`,
 /// `MB`, `GB` in powers of 1000), or `off`.
@@ -238,6 +250,10 @@ pub struct Config {
     pub insecure_allow_unsigned_bundles: bool,
     /// None: no metrics endpoint.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The response actions allowed here (of [`RESPONSE_KINDS`]).
+    pub response: Vec<String>,
+    /// Networks an isolated host may reach, as `address/prefix`.
+    pub isolation_allow: Vec<String>,
 }
 
 /// Prevention mode: which execs are denied, and how long one may wait for its verdict.
@@ -246,6 +262,19 @@ pub struct Prevention {
     pub min_score: u32,
     pub timeout: Duration,
     pub on_timeout: OnTimeout,
+}
+
+/// A network as `address/prefix` (an address alone is the host itself), checked.
+pub fn cidr(text: &str) -> Result<String, String> {
+    let (addr, prefix) = text.trim().split_once('/').unwrap_or((text.trim(), ""));
+    let bad = || format!("`{text}` is not a network like `192.0.2.0/24` or `2001:db8::/32`");
+    let ip: std::net::IpAddr = addr.parse().map_err(|_| bad())?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let bits: u8 = match prefix {
+        "" => max,
+        p => p.parse().ok().filter(|b| *b <= max).ok_or_else(bad)?,
+    };
+    Ok(format!("{ip}/{bits}"))
 }
 
 /// The smallest `history_max_bytes`.
@@ -396,6 +425,19 @@ impl RawConfig {
                 problems.push(format!("`collectors`: `{c}` is not a host:port"));
             }
         }
+        for r in &self.response {
+            if !RESPONSE_KINDS.contains(&r.as_str()) {
+                problems.push(format!(
+                    "`response`: `{r}` is not an action; use {}",
+                    RESPONSE_KINDS.join(", ")
+                ));
+            }
+        }
+        for n in &self.isolation_allow {
+            if let Err(e) = cidr(n) {
+                problems.push(format!("`isolation_allow`: {e}"));
+            }
+        }
     }
 
     fn check_paths(&self, problems: &mut Vec<String>) {
@@ -417,6 +459,11 @@ impl RawConfig {
 
     /// The checked settings, defaults filled in.
     fn into_config(self, t: Durations) -> Config {
+        let isolation_allow = self
+            .isolation_allow
+            .iter()
+            .filter_map(|n| cidr(n).ok())
+            .collect();
         let cores = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
@@ -447,6 +494,8 @@ impl RawConfig {
                 // Refused by `check` before.
                 Some(Err(_)) => DEFAULT_MAX_RSS,
             },
+            response: self.response,
+            isolation_allow,
             exclude: self.exclude,
             event_source: self.event_source.unwrap_or_default(),
             processes: self.processes.unwrap_or(true),

@@ -298,19 +298,31 @@ fn start_delivery(
         answers_tx,
         counters.clone(),
     ));
+    let cfg = ship_config(settings, creds, state.clone());
+    let responder = crate::response::Responder::new(
+        settings.response.clone(),
+        &state.dir,
+        cfg.collectors.clone(),
+        settings.isolation_allow.clone(),
+    );
+    let (actions, requested) = mpsc::channel(8);
+    let (results_tx, results) = mpsc::channel(8);
+    tokio::spawn(crate::response::run(
+        responder,
+        requested,
+        results_tx,
+        shared.stop.clone(),
+    ));
     let link = BundleLink {
         rules: rules.clone(),
         offers,
         statuses,
         hunts,
         answers,
+        actions,
+        results,
     };
-    let shipper = Shipper::new(
-        ship_config(settings, creds, state),
-        spooled.clone(),
-        link,
-        counters.clone(),
-    );
+    let shipper = Shipper::new(cfg, spooled.clone(), link, counters.clone());
     let shipper = tokio::spawn(shipper.run(shared.stop.clone()));
     (shipper, applier)
 }

@@ -13,6 +13,7 @@ pub mod deliver;
 pub mod detect;
 pub mod governor;
 pub mod history;
+pub mod response;
 pub mod rules;
 pub mod state;
 pub mod telemetry;

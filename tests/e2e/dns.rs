@@ -87,7 +87,7 @@ fn client(names: &[&str], times: u32, every: f64, port: u16) -> Helper {
 }
 
 /// Spawns `cmd` and waits for a line of its output starting with `ready`.
-fn spawn_ready(cmd: &mut Command, ready: &str) -> Helper {
+pub(crate) fn spawn_ready(cmd: &mut Command, ready: &str) -> Helper {
     let mut child = cmd.stdout(Stdio::piped()).spawn().expect("python3");
     let stdout = child.stdout.take().expect("stdout");
     let mut line = String::new();

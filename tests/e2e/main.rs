@@ -18,6 +18,7 @@ mod lifecycle;
 mod onaccess;
 mod ops;
 mod output;
+mod response;
 mod retro;
 mod scaleout;
 mod tenancy;

@@ -1134,6 +1134,11 @@ impl Netns {
         Ok(ns)
     }
 
+    /// Its name, for `ip netns exec NAME` and `ip link set DEV netns NAME`.
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+
     /// Moves the calling thread into the namespace.
     pub fn enter(&self) -> std::io::Result<()> {
         let file = std::fs::File::open(format!("/run/netns/{}", self.0))?;

@@ -40,8 +40,8 @@ use vedette_proto::v1::agent_message::Msg;
 use vedette_proto::v1::agent_service_client::AgentServiceClient;
 use vedette_proto::v1::collector_message::Msg as Down;
 use vedette_proto::v1::{
-    AgentMessage, BundleStatus, CollectorMessage, DetectionBatch, Goodbye, Heartbeat, Hello,
-    HuntAnswer, HuntRequest, RuleBundle,
+    ActionResult, AgentMessage, BundleStatus, CollectorMessage, DetectionBatch, Goodbye, Heartbeat,
+    Hello, HuntAnswer, HuntRequest, ResponseAction, RuleBundle,
 };
 
 use super::inventory;
@@ -84,6 +84,9 @@ pub struct BundleLink {
     /// Hunts go to the history, and its answers come back.
     pub hunts: mpsc::Sender<HuntRequest>,
     pub answers: mpsc::Receiver<HuntAnswer>,
+    /// Response actions go to the responder, and their outcomes come back.
+    pub actions: mpsc::Sender<ResponseAction>,
+    pub results: mpsc::Receiver<ActionResult>,
 }
 
 /// Why a connection ended.
@@ -326,6 +329,10 @@ impl Shipper {
                     let msg = AgentMessage { msg: Some(Msg::HuntAnswer(answer)) };
                     up.send(msg).await.map_err(|_| End::Lost("stream closed".into()))
                 }
+                Some(result) = self.bundles.results.recv() => {
+                    let msg = AgentMessage { msg: Some(Msg::ActionResult(result)) };
+                    up.send(msg).await.map_err(|_| End::Lost("stream closed".into()))
+                }
                 _ = s.heartbeat.tick() => {
                     self.heartbeat(&up);
                     if !draining && self.renewal_due() {
@@ -439,6 +446,13 @@ impl Shipper {
                 if self.bundles.hunts.try_send(h).is_err() {
                     // Asked again at the next connection, while it has not expired.
                     warn!("too many hunts waiting; this one is answered after a reconnect");
+                }
+            }
+            Down::Action(a) => {
+                info!(action = %a.id, kind = %a.kind, "response action received");
+                if self.bundles.actions.try_send(a).is_err() {
+                    // Sent again at the next connection, while it has not expired.
+                    warn!("too many response actions waiting; this one is taken after a reconnect");
                 }
             }
             Down::Labels(l) => {
@@ -665,12 +679,16 @@ mod tests {
         let counters = Arc::new(Counters::default());
         let (hunts, _) = mpsc::channel(1);
         let (_, answers) = mpsc::channel(1);
+        let (actions, _) = mpsc::channel(1);
+        let (_, results) = mpsc::channel(1);
         let link = BundleLink {
             rules,
             offers,
             statuses,
             hunts,
             answers,
+            actions,
+            results,
         };
         let shipper = Shipper::new(cfg, sp.clone(), link, counters.clone());
         Rig {

@@ -72,6 +72,12 @@ pub enum Command {
     /// the hits leaves a host). Agents offline now answer when they reconnect, until the hunt
     /// expires. `hunt list` and `hunt show ID` follow the answers.
     Hunt(HuntCmd),
+    /// Response actions on one agent: kill a process, quarantine a file, isolate the host.
+    /// The agent does only what its own `response` setting (agent.toml) allows; where the
+    /// organisation requires it (`orgs set --response-approval two-person`), an action waits
+    /// for a second operator's `actions approve`. Every step is in the audit log.
+    #[command(subcommand)]
+    Actions(ActionsCmd),
     /// Write detections for others to read: STIX 2.1 sightings, a MISP event, ECS JSON lines.
     /// Each organisation's sharing policy applies, as in the collector's own exports: nothing
     /// of an organisation that shares `none`, no host, path or user of an `anonymised` one.
@@ -483,12 +489,17 @@ pub enum OrgsCmd {
     /// The next export batch follows the new policy.
     #[command(
         after_help = "Examples:\n  vedettectl orgs set acme-energy --share full --tlp green\n  \
-        vedettectl orgs set acme-energy --share none"
+        vedettectl orgs set acme-energy --share none\n  \
+        vedettectl orgs set acme-energy --response-approval two-person"
     )]
     Set {
         name: String,
         #[command(flatten)]
         fields: OrgFields,
+        /// Whether a response action on its agents (kill, quarantine, isolate, restore) waits
+        /// for a second operator with scope over it, never the requester.
+        #[arg(long, value_parser = ["none", "two-person"])]
+        response_approval: Option<String>,
     },
     /// Rename an organisation (its STIX identity stays). Refused while agents, console
     /// accounts or operator certificates belong to it; its tokens follow it.
@@ -721,4 +732,71 @@ mod tests {
         let e = when("last tuesday").unwrap_err();
         assert!(e.contains("`last tuesday` is not a time"), "{e}");
     }
+}
+
+#[derive(Subcommand)]
+pub enum ActionsCmd {
+    /// Ask an agent to act. Prints the action's id; `actions list` follows it.
+    #[command(
+        after_help = "Examples:\n  vedettectl actions request kill --agent 3f2a... --pid 4242 --start 1764979200 --reason \"miner\"\n  \
+        vedettectl actions request quarantine --detection 1841 --reason \"webshell, INC-1234\"\n  \
+        vedettectl actions request isolate --agent 3f2a... --expires 4h --reason \"Lazarus C2 beacon\""
+    )]
+    Request {
+        /// kill, quarantine or isolate.
+        #[arg(value_parser = ["kill", "quarantine", "isolate"])]
+        kind: String,
+        /// The agent (not needed with --detection).
+        #[arg(long, value_name = "ID")]
+        agent: Option<String>,
+        /// kill: the process id...
+        #[arg(long)]
+        pid: Option<u32>,
+        /// ...and its start time, seconds since the epoch (`start_time` in process detections):
+        /// a pid reused by another process is not killed.
+        #[arg(long, value_name = "SECONDS")]
+        start: Option<i64>,
+        /// quarantine: the file's absolute path...
+        #[arg(long)]
+        path: Option<String>,
+        /// ...and its SHA-256: a file that changed is not quarantined.
+        #[arg(long, value_name = "HASH")]
+        sha256: Option<String>,
+        /// Take the agent and the target from this stored detection (its SEQ in `detections
+        /// list --json`).
+        #[arg(long, value_name = "SEQ")]
+        detection: Option<u64>,
+        /// How long it may wait for an agent offline; an isolation ends then (24h by default,
+        /// 7d at most).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires: Option<Duration>,
+        /// Why (kept in the audit log).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Approve a pending action (a second operator: never the one who requested it).
+    Approve { id: String },
+    /// Deny a pending action (the requester may withdraw their own).
+    Deny {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Undo a quarantine (the file is put back with its owner, mode and times) or an isolation
+    /// (the agent's firewall table is removed): a new action.
+    Undo {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Actions, newest first, with their state: pending, approved, sent, done, refused,
+    /// failed, denied or expired.
+    List {
+        /// Only this agent's.
+        #[arg(long, value_name = "ID")]
+        agent: Option<String>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
 }

@@ -401,6 +401,7 @@ pub fn org_json(o: &Org) -> serde_json::Value {
         "country": o.country,
         "share": o.share,
         "tlp": o.tlp,
+        "response_approval": o.response_approval,
         "agents": o.agents,
         "created_at": rfc3339_ms(o.created_at_ms),
     })

@@ -34,6 +34,7 @@ pub async fn run(command: Command, cfg: CtlConfig) -> anyhow::Result<()> {
         Command::Alerts(cmd) => crate::triage::alerts(cmd, &cfg).await?,
         Command::Exceptions(cmd) => crate::triage::exceptions(cmd, &cfg).await?,
         Command::Hunt(cmd) => crate::hunt::run(cmd, &cfg).await?,
+        Command::Actions(cmd) => crate::actions::run(cmd, &cfg).await?,
         Command::Agents(cmd) => agents(cmd, &cfg).await?,
         Command::Certs(cmd) => certs(cmd, &cfg).await?,
         Command::Keys(_) => {}
@@ -511,12 +512,13 @@ fn show_org(o: &Org) {
         }
     };
     println!(
-        "{}: share {}, TLP:{}, sector {}, country {}, STIX {}",
+        "{}: share {}, TLP:{}, sector {}, country {}, response approval {}, STIX {}",
         printable(&o.name),
         o.share,
         o.tlp.to_uppercase(),
         or_dash(&o.sector),
         or_dash(&o.country),
+        o.response_approval,
         o.stix_id
     );
 }
@@ -616,13 +618,21 @@ async fn orgs(cmd: OrgsCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
             };
             show_org(&client::orgs_create(cfg, request).await?);
         }
-        OrgsCmd::Set { name, fields } => {
+        OrgsCmd::Set {
+            name,
+            fields,
+            response_approval,
+        } => {
             let [sector, country, share, tlp] = fields.into_request_fields();
-            if [&sector, &country, &share, &tlp]
+            let response_approval = response_approval.unwrap_or_default();
+            if [&sector, &country, &share, &tlp, &response_approval]
                 .iter()
                 .all(|f| f.is_empty())
             {
-                anyhow::bail!("nothing to change: give --share, --tlp, --sector or --country");
+                anyhow::bail!(
+                    "nothing to change: give --share, --tlp, --sector, --country or \
+                     --response-approval"
+                );
             }
             let request = SetOrgRequest {
                 name,
@@ -630,6 +640,7 @@ async fn orgs(cmd: OrgsCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
                 country,
                 share,
                 tlp,
+                response_approval,
             };
             show_org(&client::orgs_set(cfg, request).await?);
         }

@@ -1,6 +1,7 @@
 //! `vedettectl`: administer a Vedette collector from anywhere (enrollment tokens, agents,
 //! detections, rule bundles) with an operator or maintainer certificate.
 
+mod actions;
 mod args;
 mod client;
 mod commands;

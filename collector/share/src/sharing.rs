@@ -331,6 +331,7 @@ fn anonymise_rest(mut d: vedette_proto::v1::Detection, s: &StoredDetection) -> S
         alert_id: s.alert_id,
         alert_status: s.alert_status.clone(),
         exception_id: String::new(),
+        response: s.response.clone(),
     }
 }
 

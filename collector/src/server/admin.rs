@@ -9,6 +9,10 @@ use tracing::{info, warn};
 use vedette_engine::bundle::{self, BundleError};
 use vedette_proto::v1::admin_service_server::AdminService;
 use vedette_proto::v1::{
+    ActionInfo, DecideActionRequest, ListActionsRequest, ListActionsResponse, RequestActionRequest,
+    UndoActionRequest,
+};
+use vedette_proto::v1::{
     AddExceptionRequest, AddExceptionResponse, GetAlertRequest, GetAlertResponse,
     ListAlertsRequest, ListAlertsResponse, ListExceptionsRequest, ListExceptionsResponse,
     RemoveExceptionRequest, RemoveExceptionResponse, SetAlertStatusRequest, SetAlertStatusResponse,
@@ -120,6 +124,7 @@ fn org_info(o: OrgRow) -> Org {
         tlp: o.tlp,
         created_at_ms: o.created_at_ms,
         agents: o.agents,
+        response_approval: crate::store::approval(&o.response_approval).to_string(),
     }
 }
 
@@ -712,6 +717,16 @@ impl AdminSvc {
             .find(|o| o.name == req.name)
             .ok_or_else(|| Status::not_found(format!("no organisation `{}`", req.name)))?;
         apply_org_fields(&mut row, &req.sector, &req.country, &req.share, &req.tlp)?;
+        match req.response_approval.as_str() {
+            "" => {}
+            "none" | "two-person" => row.response_approval = req.response_approval.clone(),
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "`{}` is not a response approval; use none or two-person",
+                    vedette_ops::output::printable(&other.chars().take(80).collect::<String>())
+                )));
+            }
+        }
         let r = row.clone();
         if !blocking(&self.state.store, move |s| s.update_org(&r)).await? {
             return Err(Status::not_found(format!("no organisation `{}`", req.name)));
@@ -899,6 +914,72 @@ impl AdminService for AdminSvc {
         r.map(|h| Response::new(StartHuntResponse { hunt: Some(h) }))
     }
 
+    async fn request_action(
+        &self,
+        request: Request<RequestActionRequest>,
+    ) -> Result<Response<ActionInfo>, Status> {
+        let mut act = self.act(&request, "action.request");
+        let r = match self.operator(&request) {
+            Ok(who) => {
+                let actor = act.actor.clone();
+                self.request_action_as(&who, &actor, request.into_inner(), &mut act)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        audit::record(&self.state.store, act, &r).await;
+        r.map(Response::new)
+    }
+
+    async fn decide_action(
+        &self,
+        request: Request<DecideActionRequest>,
+    ) -> Result<Response<ActionInfo>, Status> {
+        let verb = if request.get_ref().approve {
+            "action.approve"
+        } else {
+            "action.deny"
+        };
+        let mut act = self.act(&request, verb);
+        let r = match self.operator(&request) {
+            Ok(who) => {
+                let actor = act.actor.clone();
+                self.decide_action_as(&who, &actor, request.into_inner(), &mut act)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        audit::record(&self.state.store, act, &r).await;
+        r.map(Response::new)
+    }
+
+    async fn undo_action(
+        &self,
+        request: Request<UndoActionRequest>,
+    ) -> Result<Response<ActionInfo>, Status> {
+        let mut act = self.act(&request, "action.undo");
+        let r = match self.operator(&request) {
+            Ok(who) => {
+                let actor = act.actor.clone();
+                self.undo_action_as(&who, &actor, request.into_inner(), &mut act)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        audit::record(&self.state.store, act, &r).await;
+        r.map(Response::new)
+    }
+
+    async fn list_actions(
+        &self,
+        request: Request<ListActionsRequest>,
+    ) -> Result<Response<ListActionsResponse>, Status> {
+        let who = self.operator(&request)?;
+        let agent = request.into_inner().agent_id.trim().to_string();
+        let actions = self.list_actions_as(&who, &agent).await?;
+        Ok(Response::new(ListActionsResponse { actions }))
+    }
+
     async fn list_hunts(
         &self,
         request: Request<ListHuntsRequest>,
@@ -1070,6 +1151,7 @@ impl AdminService for AdminSvc {
             ("country", &req.country),
             ("share", &req.share),
             ("tlp", &req.tlp),
+            ("response approval", &req.response_approval),
         ]
         .iter()
         .filter(|(_, v)| !v.is_empty())
@@ -1409,7 +1491,8 @@ impl AdminService for AdminSvc {
             suppressed: req.suppressed,
             alert_id: Some(req.alert_id).filter(|a| *a != 0),
         };
-        let page = blocking(&self.state.store, move |s| s.list_detections(&filter)).await?;
+        let mut page = blocking(&self.state.store, move |s| s.list_detections(&filter)).await?;
+        super::actions::mark_detections(&self.state, &mut page.detections).await?;
         Ok(Response::new(ListDetectionsResponse {
             detections: page.detections,
             next_before_seq: page.next_before_seq.unwrap_or(0),

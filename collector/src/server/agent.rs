@@ -364,15 +364,16 @@ fn check_agent(
 }
 
 /// Serves one agent stream until it ends, is revoked or replaced, or the collector stops.
-async fn run_stream(
+/// Waits for the agent's Hello and records it connected; the bundle version it runs (None:
+/// the stream ended first).
+async fn connected(
     state: &Arc<State>,
     agent_id: &str,
-    mut inbound: Streaming<AgentMessage>,
-    tx: &Down,
+    inbound: &mut Streaming<AgentMessage>,
     stop: &CancellationToken,
-) -> Result<(), Status> {
-    let Some(hello) = receive_hello(state, &mut inbound, stop).await? else {
-        return Ok(());
+) -> Result<Option<u64>, Status> {
+    let Some(hello) = receive_hello(state, inbound, stop).await? else {
+        return Ok(None);
     };
     let inventory = clamp_inventory(hello.inventory.unwrap_or_default());
     info!(agent = %agent_id, hostname = %inventory.hostname, version = %inventory.agent_version, "agent connected");
@@ -383,11 +384,23 @@ async fn run_stream(
         s.agent_connected(&id, &inventory, bundle, now_ms())
     })
     .await?;
+    Ok(Some(bundle))
+}
 
+async fn run_stream(
+    state: &Arc<State>,
+    agent_id: &str,
+    mut inbound: Streaming<AgentMessage>,
+    tx: &Down,
+    stop: &CancellationToken,
+) -> Result<(), Status> {
+    let Some(applied) = connected(state, agent_id, &mut inbound, stop).await? else {
+        return Ok(());
+    };
     // Push what the agent is due now if it runs an older version, then each newer one as the
     // rollout changes (a version published to all or to one of its labels, promoted, labels).
     let mut pusher = BundlePusher {
-        pushed: hello.applied_bundle_version,
+        pushed: applied,
         rollout: state.rollout.subscribe(),
         labels_sent: None,
     };
@@ -397,6 +410,11 @@ async fn run_stream(
     // Hunts that ask this agent: those waiting now, then each one started later.
     let (mut hunts, mut hunter) = super::hunts::HuntPusher::start(state);
     if !hunter.push(state, agent_id, tx).await? {
+        return Ok(());
+    }
+    // Response actions due to this agent: those waiting now, then each one approved later.
+    let (mut actions, mut relay) = super::actions::ActionPusher::start(state);
+    if !relay.push(state, agent_id, tx).await? {
         return Ok(());
     }
     let mut throttled = false;
@@ -412,6 +430,12 @@ async fn run_stream(
             changed = hunts.changed() => {
                 let news = hunts.borrow_and_update().clone();
                 if changed.is_ok() && !hunter.follow(state, news, agent_id, tx).await? {
+                    return Ok(());
+                }
+                continue;
+            }
+            changed = actions.changed() => {
+                if changed.is_ok() && !relay.push(state, agent_id, tx).await? {
                     return Ok(());
                 }
                 continue;
@@ -581,6 +605,7 @@ async fn on_message(state: &State, agent_id: &str, msg: Msg, tx: &Down) -> Resul
             .await?;
         }
         Msg::HuntAnswer(a) => super::hunts::record_answer(state, agent_id, a).await?,
+        Msg::ActionResult(r) => super::actions::record_result(state, agent_id, r).await?,
         Msg::Goodbye(g) => {
             let reason: String = g.reason.chars().take(64).collect();
             info!(agent = %agent_id, reason = %vedette_ops::output::printable(&reason), "agent stopped");

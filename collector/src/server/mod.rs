@@ -1,6 +1,7 @@
 //! The collector's gRPC server: `run(config, shutdown)` serves the agent and admin services over
 //! mutual TLS until `shutdown` fires, then drains open streams within the configured grace period.
 
+mod actions;
 mod admin;
 mod agent;
 pub(crate) mod audit;
@@ -72,6 +73,9 @@ pub(crate) struct State {
     /// Bumped when a hunt starts (here or through another collector): every agent stream
     /// looks for hunts its agent has not been sent.
     pub hunts: watch::Sender<hunts::HuntNews>,
+    /// Bumped when a response action is approved (here or through another collector): every
+    /// agent stream looks for actions due to its agent.
+    pub actions: watch::Sender<u64>,
 }
 
 impl State {
@@ -371,6 +375,7 @@ async fn open_state(config: &Config, shutdown: CancellationToken) -> anyhow::Res
         renewals: agent::Renewals::default(),
         metrics: Arc::new(Metrics::default()),
         hunts: watch::channel(hunts::HuntNews::default()).0,
+        actions: watch::channel(0).0,
         streams: Mutex::new(HashMap::new()),
         shutdown,
         tasks: TaskTracker::new(),
@@ -416,8 +421,10 @@ fn follow_other_collectors(state: &Arc<State>) -> anyhow::Result<()> {
                     }
                 }
                 StoreEvent::Hunt(id) => hunts::hunts_changed(&state, Some(&id)),
+                StoreEvent::Actions => actions::actions_changed(&state, false).await,
                 StoreEvent::Resync => {
                     hunts::hunts_changed(&state, None);
+                    actions::actions_changed(&state, false).await;
                     newer_bundle(&state, 0).await;
                     if let Ok(serials) = blocking(&state.store, |s| s.revoked_serials()).await {
                         for serial in serials {

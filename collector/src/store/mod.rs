@@ -166,6 +166,8 @@ pub enum StoreEvent {
     CertRevoked(String),
     /// A hunt was started: every agent stream looks for hunts to send.
     Hunt(String),
+    /// A response action was approved: every agent stream looks for actions due.
+    Actions,
     /// Events may have been missed (the listening connection was re-made): compare what is
     /// held with the store.
     Resync,
@@ -178,6 +180,7 @@ impl StoreEvent {
             StoreEvent::Revoked(id) => format!("revoked:{id}"),
             StoreEvent::CertRevoked(serial) => format!("cert:{serial}"),
             StoreEvent::Hunt(id) => format!("hunt:{id}"),
+            StoreEvent::Actions => "actions".into(),
             StoreEvent::Resync => "resync".into(),
         }
     }
@@ -191,6 +194,7 @@ impl StoreEvent {
             }
             Some(("hunt", id)) if !id.is_empty() => Some(StoreEvent::Hunt(id.to_string())),
             _ if text == "resync" => Some(StoreEvent::Resync),
+            _ if text == "actions" => Some(StoreEvent::Actions),
             _ => None,
         }
     }
@@ -307,6 +311,21 @@ pub trait Store: Send + Sync {
         at_ms: i64,
         answer: &[u8],
     ) -> Result<bool, StoreError>;
+
+    /// Stores a response action: a new one when `from_state` is None (false when the id
+    /// exists), else a change of the stored one that holds only while its state is still
+    /// `from_state` (false when another change came first).
+    fn put_action(&self, a: &ActionRow, from_state: Option<&str>) -> Result<bool, StoreError>;
+
+    /// One response action.
+    fn action(&self, id: &str) -> Result<Option<ActionRow>, StoreError>;
+
+    /// Response actions, newest first; of one organisation when `org` is given.
+    fn list_actions(&self, org: Option<&str>) -> Result<Vec<ActionRow>, StoreError>;
+
+    /// The actions due to an agent: approved or sent, without an outcome, not expired at
+    /// `now_ms`; oldest first.
+    fn due_actions(&self, agent: &str, now_ms: i64) -> Result<Vec<ActionRow>, StoreError>;
 
     /// Creates an organisation; false when one of that name exists (left as it is).
     fn create_org(&self, org: &OrgRow) -> Result<bool, StoreError>;
@@ -791,6 +810,24 @@ pub struct HuntRow {
     pub answered: u32,
 }
 
+/// An organisation's response approval as stored: `none` when not said.
+pub(crate) fn approval(value: &str) -> &str {
+    if value.is_empty() { "none" } else { value }
+}
+
+/// A response action as the store keeps it: the columns it is found by, and `info`, the
+/// encoded `ActionInfo` with everything else (its state too, the same as the column's).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ActionRow {
+    pub id: String,
+    pub org: String,
+    pub agent_id: String,
+    pub state: String,
+    pub created_at_ms: i64,
+    pub expires_at_ms: i64,
+    pub info: Vec<u8>,
+}
+
 /// One agent a hunt asked: its answer (an encoded `HuntAnswer`) once it gave one.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HuntAgentRow {
@@ -883,6 +920,9 @@ pub struct OrgRow {
     pub created_at_ms: i64,
     /// Agents enrolled in it (listings only).
     pub agents: u32,
+    /// `none` or `two-person`: whether response actions on its agents wait for a second
+    /// operator.
+    pub response_approval: String,
 }
 
 /// A console account.

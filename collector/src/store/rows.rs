@@ -64,7 +64,8 @@ pub(crate) fn user<R: Columns<Error = E> + ?Sized, E>(r: &R) -> Result<UserRow, 
     })
 }
 
-/// `SELECT name, stix_id, sector, country, share, tlp, created_at_ms, (agent count) FROM orgs`.
+/// `SELECT name, stix_id, sector, country, share, tlp, created_at_ms, (agent count),
+/// response_approval FROM orgs`.
 pub(crate) fn org<R: Columns<Error = E> + ?Sized, E>(r: &R) -> Result<OrgRow, E> {
     Ok(OrgRow {
         name: r.text(0)?,
@@ -75,6 +76,7 @@ pub(crate) fn org<R: Columns<Error = E> + ?Sized, E>(r: &R) -> Result<OrgRow, E>
         tlp: r.text(5)?,
         created_at_ms: r.int(6)?,
         agents: u32::try_from(r.count(7)?).unwrap_or(u32::MAX),
+        response_approval: r.text(8)?,
     })
 }
 
@@ -326,6 +328,7 @@ pub(crate) fn detection<R: Columns<Error = E> + ?Sized, E>(r: &R) -> Result<RawD
             alert_id: r.count(7)?,
             exception_id: r.text(8)?,
             alert_status: r.text(9)?,
+            response: String::new(),
         },
     })
 }
@@ -382,5 +385,22 @@ pub(crate) fn hunt<R: Columns>(r: &R) -> Result<super::HuntRow, R::Error> {
         request: r.bytes(5)?,
         asked: r.int(6)? as u32,
         answered: r.int(7)? as u32,
+    })
+}
+
+/// The columns of a response action, in the order [`action`] reads them.
+pub(crate) const ACTION_SELECT: &str =
+    "SELECT id, org, agent_id, state, created_at_ms, expires_at_ms, info FROM actions";
+
+/// A response action row of [`ACTION_SELECT`].
+pub(crate) fn action<R: Columns>(r: &R) -> Result<super::ActionRow, R::Error> {
+    Ok(super::ActionRow {
+        id: r.text(0)?,
+        org: r.text(1)?,
+        agent_id: r.text(2)?,
+        state: r.text(3)?,
+        created_at_ms: r.int(4)?,
+        expires_at_ms: r.int(5)?,
+        info: r.bytes(6)?,
     })
 }

@@ -10,14 +10,14 @@ use rusqlite::{Connection, OptionalExtension, params};
 use vedette_proto::v1::{Detection, Inventory, StoredDetection};
 
 use super::rows::{
-    self, AGENT_SELECT, ALERT_SELECT, AUDIT_SELECT, CERT_SELECT, DETECTION_SELECT,
+    self, ACTION_SELECT, AGENT_SELECT, ALERT_SELECT, AUDIT_SELECT, CERT_SELECT, DETECTION_SELECT,
     EXCEPTION_SELECT, HUNT_SELECT, IN_FORCE, TOKEN_SELECT, VERDICT_SELECT,
 };
 use super::{
-    AgentRow, AlertFilter, AlertRow, AuditRow, BundleRow, CertRow, DetectionFilter, DetectionPage,
-    ExceptionRow, ExportRow, HuntAgentRow, HuntRow, IntelBatch, IntelSourceRow, Opener, OrgRow,
-    Schema, StagedLine, StagingCounts, Store, StoreError, Tally, TokenError, TokenRow, UserRow,
-    VerdictRow, alert_subject, file_md5, indexed,
+    ActionRow, AgentRow, AlertFilter, AlertRow, AuditRow, BundleRow, CertRow, DetectionFilter,
+    DetectionPage, ExceptionRow, ExportRow, HuntAgentRow, HuntRow, IntelBatch, IntelSourceRow,
+    Opener, OrgRow, Schema, StagedLine, StagingCounts, Store, StoreError, Tally, TokenError,
+    TokenRow, UserRow, VerdictRow, alert_subject, approval, file_md5, indexed,
 };
 
 /// Schema migrations, applied in order; `PRAGMA user_version` is the number applied.
@@ -264,6 +264,18 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (hunt_id, agent_id)
     );
     CREATE INDEX hunt_agents_agent ON hunt_agents(agent_id, answered_at_ms);",
+    // 18: response actions, and whether each organisation's need a second operator.
+    "ALTER TABLE orgs ADD COLUMN response_approval TEXT NOT NULL DEFAULT 'none';
+    CREATE TABLE actions (
+        id TEXT PRIMARY KEY,
+        org TEXT NOT NULL,
+        agent_id TEXT NOT NULL,
+        state TEXT NOT NULL,
+        created_at_ms INTEGER NOT NULL,
+        expires_at_ms INTEGER NOT NULL,
+        info BLOB NOT NULL
+    );
+    CREATE INDEX actions_agent ON actions(agent_id, state);",
 ];
 
 /// Groups a batch's detections of one alert into it (`org`, `rule`, `subject`, `kind`, `score`,
@@ -587,8 +599,9 @@ impl Store for SqliteStore {
 
     fn create_org(&self, o: &OrgRow) -> Result<bool, StoreError> {
         let n = self.conn().execute(
-            "INSERT INTO orgs (name, stix_id, sector, country, share, tlp, created_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (name) DO NOTHING",
+            "INSERT INTO orgs (name, stix_id, sector, country, share, tlp, created_at_ms,
+                response_approval)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (name) DO NOTHING",
             params![
                 o.name,
                 o.stix_id,
@@ -596,7 +609,8 @@ impl Store for SqliteStore {
                 o.country,
                 o.share,
                 o.tlp,
-                o.created_at_ms
+                o.created_at_ms,
+                approval(&o.response_approval)
             ],
         )?;
         Ok(n == 1)
@@ -606,7 +620,7 @@ impl Store for SqliteStore {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
             "SELECT name, stix_id, sector, country, share, tlp, created_at_ms,
-                (SELECT COUNT(*) FROM agents a WHERE a.org = o.name)
+                (SELECT COUNT(*) FROM agents a WHERE a.org = o.name), response_approval
              FROM orgs o ORDER BY name",
         )?;
         let rows = stmt.query_map([], |r| rows::org(r))?;
@@ -649,8 +663,16 @@ impl Store for SqliteStore {
 
     fn update_org(&self, o: &OrgRow) -> Result<bool, StoreError> {
         let n = self.conn().execute(
-            "UPDATE orgs SET sector = ?2, country = ?3, share = ?4, tlp = ?5 WHERE name = ?1",
-            params![o.name, o.sector, o.country, o.share, o.tlp],
+            "UPDATE orgs SET sector = ?2, country = ?3, share = ?4, tlp = ?5,
+                response_approval = ?6 WHERE name = ?1",
+            params![
+                o.name,
+                o.sector,
+                o.country,
+                o.share,
+                o.tlp,
+                approval(&o.response_approval)
+            ],
         )?;
         Ok(n == 1)
     }
@@ -1209,6 +1231,59 @@ impl Store for SqliteStore {
              GROUP BY h.id ORDER BY h.created_at_ms, h.id"
         ))?;
         let rows = st.query_map(params![agent, now_ms], |r| rows::hunt(r))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn put_action(&self, a: &ActionRow, from_state: Option<&str>) -> Result<bool, StoreError> {
+        let conn = self.conn();
+        let n = match from_state {
+            None => conn.execute(
+                "INSERT INTO actions (id, org, agent_id, state, created_at_ms, expires_at_ms, info)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO NOTHING",
+                params![
+                    a.id,
+                    a.org,
+                    a.agent_id,
+                    a.state,
+                    a.created_at_ms,
+                    a.expires_at_ms,
+                    a.info
+                ],
+            )?,
+            Some(from) => conn.execute(
+                "UPDATE actions SET state = ?2, expires_at_ms = ?3, info = ?4
+                 WHERE id = ?1 AND state = ?5",
+                params![a.id, a.state, a.expires_at_ms, a.info, from],
+            )?,
+        };
+        Ok(n == 1)
+    }
+
+    fn action(&self, id: &str) -> Result<Option<ActionRow>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(&format!("{ACTION_SELECT} WHERE id = ?1"), [id], |r| {
+                rows::action(r)
+            })
+            .optional()?)
+    }
+
+    fn list_actions(&self, org: Option<&str>) -> Result<Vec<ActionRow>, StoreError> {
+        let conn = self.conn();
+        let mut st = conn.prepare(&format!(
+            "{ACTION_SELECT} WHERE (?1 IS NULL OR org = ?1) ORDER BY created_at_ms DESC, id"
+        ))?;
+        let rows = st.query_map([org], |r| rows::action(r))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn due_actions(&self, agent: &str, now_ms: i64) -> Result<Vec<ActionRow>, StoreError> {
+        let conn = self.conn();
+        let mut st = conn.prepare(&format!(
+            "{ACTION_SELECT} WHERE agent_id = ?1 AND state IN ('approved', 'sent')
+             AND expires_at_ms > ?2 ORDER BY created_at_ms, id"
+        ))?;
+        let rows = st.query_map(params![agent, now_ms], |r| rows::action(r))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 

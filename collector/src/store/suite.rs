@@ -90,6 +90,75 @@ fn tokens_are_single_use_and_expire() {
 }
 
 #[test]
+fn an_action_changes_state_only_from_the_state_it_was_read_in() {
+    both("actions", |s, reopen| {
+        let action = |id: &str, agent: &str, state: &str, at: i64| ActionRow {
+            id: id.into(),
+            org: if agent == "b1" { "bravo" } else { "alpha" }.into(),
+            agent_id: agent.into(),
+            state: state.into(),
+            created_at_ms: at,
+            expires_at_ms: 1_000,
+            info: vec![at as u8],
+        };
+        assert!(
+            s.put_action(&action("x1", "a1", "pending", 1), None)
+                .unwrap()
+        );
+        assert!(
+            s.put_action(&action("x2", "a1", "approved", 2), None)
+                .unwrap()
+        );
+        assert!(
+            s.put_action(&action("x3", "b1", "approved", 3), None)
+                .unwrap()
+        );
+        assert!(
+            !s.put_action(&action("x1", "a1", "approved", 9), None)
+                .unwrap(),
+            "ids are unique"
+        );
+        let ids = |rows: Vec<ActionRow>| rows.into_iter().map(|r| r.id).collect::<Vec<_>>();
+        assert_eq!(ids(s.due_actions("a1", 10).unwrap()), ["x2"]);
+        assert_eq!(
+            ids(s.due_actions("a1", 1_000).unwrap()),
+            Vec::<String>::new(),
+            "expired"
+        );
+        // Approved once: a second decision made from the same read changes nothing.
+        assert!(
+            s.put_action(&action("x1", "a1", "approved", 1), Some("pending"))
+                .unwrap()
+        );
+        assert!(
+            !s.put_action(&action("x1", "a1", "denied", 1), Some("pending"))
+                .unwrap()
+        );
+        assert_eq!(ids(s.due_actions("a1", 10).unwrap()), ["x1", "x2"]);
+        assert!(
+            s.put_action(&action("x2", "a1", "sent", 2), Some("approved"))
+                .unwrap()
+        );
+        assert_eq!(
+            ids(s.due_actions("a1", 10).unwrap()),
+            ["x1", "x2"],
+            "sent, no outcome yet"
+        );
+        assert!(
+            s.put_action(&action("x2", "a1", "done", 2), Some("sent"))
+                .unwrap()
+        );
+        assert_eq!(ids(s.due_actions("a1", 10).unwrap()), ["x1"]);
+        let s = reopen();
+        assert_eq!(s.action("x2").unwrap().unwrap().state, "done");
+        assert_eq!(s.action("x2").unwrap().unwrap().info, vec![2u8]);
+        assert!(s.action("nope").unwrap().is_none());
+        assert_eq!(ids(s.list_actions(None).unwrap()), ["x3", "x2", "x1"]);
+        assert_eq!(ids(s.list_actions(Some("bravo")).unwrap()), ["x3"]);
+    });
+}
+
+#[test]
 fn a_hunt_is_answered_once_per_agent_and_only_until_it_expires() {
     both("hunts", |s, reopen| {
         let hunt = |id: &str, org: &str, expires_at_ms: i64| HuntRow {
@@ -713,6 +782,7 @@ fn organisations_hold_their_agents_tokens_detections_and_certificates() {
             tlp: "amber".into(),
             created_at_ms: 5,
             agents: 0,
+            response_approval: "none".into(),
         };
         assert!(s.create_org(&alpha).unwrap());
         assert!(
@@ -766,6 +836,7 @@ fn organisations_hold_their_agents_tokens_detections_and_certificates() {
             s.update_org(&OrgRow {
                 share: "none".into(),
                 tlp: "red".into(),
+                response_approval: "two-person".into(),
                 ..alpha.clone()
             })
             .unwrap()
@@ -779,8 +850,12 @@ fn organisations_hold_their_agents_tokens_detections_and_certificates() {
         );
         let alpha_now = s.list_orgs().unwrap().remove(0);
         assert_eq!(
-            (alpha_now.share.as_str(), alpha_now.tlp.as_str()),
-            ("none", "red")
+            (
+                alpha_now.share.as_str(),
+                alpha_now.tlp.as_str(),
+                alpha_now.response_approval.as_str()
+            ),
+            ("none", "red", "two-person")
         );
         assert_eq!(alpha_now.stix_id, alpha.stix_id);
 

@@ -222,6 +222,9 @@ pub fn stored_json(s: &StoredDetection) -> Value {
     if !s.exception_id.is_empty() {
         v["exception_id"] = json!(s.exception_id);
     }
+    if !s.response.is_empty() {
+        v["response"] = json!(s.response);
+    }
     v
 }
 

@@ -247,6 +247,18 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (hunt_id, agent_id)
     );
     CREATE INDEX hunt_agents_agent ON hunt_agents(agent_id, answered_at_ms);",
+    // 16: response actions, and whether each organisation's need a second operator.
+    "ALTER TABLE orgs ADD COLUMN response_approval TEXT NOT NULL DEFAULT 'none';
+    CREATE TABLE actions (
+        id TEXT PRIMARY KEY,
+        org TEXT NOT NULL,
+        agent_id TEXT NOT NULL,
+        state TEXT NOT NULL,
+        created_at_ms BIGINT NOT NULL,
+        expires_at_ms BIGINT NOT NULL,
+        info BYTEA NOT NULL
+    );
+    CREATE INDEX actions_agent ON actions(agent_id, state);",
 ];
 
 /// The advisory lock key migrations run under ("vedette" in ASCII).

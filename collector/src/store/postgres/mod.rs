@@ -25,14 +25,14 @@ use self::listen::EVENTS;
 use self::migrate::migrate;
 use self::pool::{Conn, Pool, Tx, tls_connector};
 use super::rows::{
-    self, AGENT_SELECT, ALERT_SELECT, AUDIT_SELECT, CERT_SELECT, DETECTION_SELECT,
+    self, ACTION_SELECT, AGENT_SELECT, ALERT_SELECT, AUDIT_SELECT, CERT_SELECT, DETECTION_SELECT,
     EXCEPTION_SELECT, HUNT_SELECT, IN_FORCE, TOKEN_SELECT, VERDICT_SELECT,
 };
 use super::{
-    AgentRow, AlertFilter, AlertRow, AuditRow, BundleRow, CertRow, DetectionFilter, DetectionPage,
-    ExceptionRow, ExportRow, HuntAgentRow, HuntRow, IntelBatch, IntelSourceRow, Opener, OrgRow,
-    Schema, StagedLine, StagingCounts, Store, StoreError, StoreEvent, Tally, TokenError, TokenRow,
-    UserRow, VerdictRow, redact,
+    ActionRow, AgentRow, AlertFilter, AlertRow, AuditRow, BundleRow, CertRow, DetectionFilter,
+    DetectionPage, ExceptionRow, ExportRow, HuntAgentRow, HuntRow, IntelBatch, IntelSourceRow,
+    Opener, OrgRow, Schema, StagedLine, StagingCounts, Store, StoreError, StoreEvent, Tally,
+    TokenError, TokenRow, UserRow, VerdictRow, approval, redact,
 };
 
 pub struct PgStore {
@@ -248,8 +248,9 @@ impl Store for PgStore {
     fn create_org(&self, o: &OrgRow) -> Result<bool, StoreError> {
         self.with(|c| {
             let n = c.execute(
-                "INSERT INTO orgs (name, stix_id, sector, country, share, tlp, created_at_ms)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (name) DO NOTHING",
+                "INSERT INTO orgs (name, stix_id, sector, country, share, tlp, created_at_ms,
+                    response_approval)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (name) DO NOTHING",
                 &[
                     &o.name,
                     &o.stix_id,
@@ -258,6 +259,7 @@ impl Store for PgStore {
                     &o.share,
                     &o.tlp,
                     &o.created_at_ms,
+                    &approval(&o.response_approval),
                 ],
             )?;
             Ok(n == 1)
@@ -301,7 +303,7 @@ impl Store for PgStore {
         self.with(|c| {
             let rows = c.query(
                 "SELECT name, stix_id, sector, country, share, tlp, created_at_ms,
-                    (SELECT COUNT(*) FROM agents a WHERE a.org = o.name)
+                    (SELECT COUNT(*) FROM agents a WHERE a.org = o.name), response_approval
                  FROM orgs o ORDER BY name",
                 &[],
             )?;
@@ -312,8 +314,16 @@ impl Store for PgStore {
     fn update_org(&self, o: &OrgRow) -> Result<bool, StoreError> {
         self.with(|c| {
             let n = c.execute(
-                "UPDATE orgs SET sector = $2, country = $3, share = $4, tlp = $5 WHERE name = $1",
-                &[&o.name, &o.sector, &o.country, &o.share, &o.tlp],
+                "UPDATE orgs SET sector = $2, country = $3, share = $4, tlp = $5,
+                    response_approval = $6 WHERE name = $1",
+                &[
+                    &o.name,
+                    &o.sector,
+                    &o.country,
+                    &o.share,
+                    &o.tlp,
+                    &approval(&o.response_approval),
+                ],
             )?;
             Ok(n == 1)
         })
@@ -931,6 +941,66 @@ impl Store for PgStore {
                 })
                 .collect();
             Ok(Some((h, agents)))
+        })
+    }
+
+    fn put_action(&self, a: &ActionRow, from_state: Option<&str>) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let n = match from_state {
+                None => c.execute(
+                    "INSERT INTO actions (id, org, agent_id, state, created_at_ms, expires_at_ms,
+                        info)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
+                    &[
+                        &a.id,
+                        &a.org,
+                        &a.agent_id,
+                        &a.state,
+                        &a.created_at_ms,
+                        &a.expires_at_ms,
+                        &a.info,
+                    ],
+                )?,
+                Some(from) => c.execute(
+                    "UPDATE actions SET state = $2, expires_at_ms = $3, info = $4
+                     WHERE id = $1 AND state = $5",
+                    &[&a.id, &a.state, &a.expires_at_ms, &a.info, &from],
+                )?,
+            };
+            Ok(n == 1)
+        })
+    }
+
+    fn action(&self, id: &str) -> Result<Option<ActionRow>, StoreError> {
+        self.with(|c| {
+            let row = c.query_opt(&format!("{ACTION_SELECT} WHERE id = $1"), &[&id])?;
+            Ok(row.as_ref().map(rows::action).transpose()?)
+        })
+    }
+
+    fn list_actions(&self, org: Option<&str>) -> Result<Vec<ActionRow>, StoreError> {
+        self.with(|c| {
+            let rows = c.query(
+                &format!(
+                    "{ACTION_SELECT} WHERE ($1::text IS NULL OR org = $1)
+                     ORDER BY created_at_ms DESC, id"
+                ),
+                &[&org],
+            )?;
+            Ok(rows.iter().map(rows::action).collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn due_actions(&self, agent: &str, now_ms: i64) -> Result<Vec<ActionRow>, StoreError> {
+        self.with(|c| {
+            let rows = c.query(
+                &format!(
+                    "{ACTION_SELECT} WHERE agent_id = $1 AND state IN ('approved', 'sent')
+                     AND expires_at_ms > $2 ORDER BY created_at_ms, id"
+                ),
+                &[&agent, &now_ms],
+            )?;
+            Ok(rows.iter().map(rows::action).collect::<Result<_, _>>()?)
         })
     }
 
