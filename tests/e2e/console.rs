@@ -919,3 +919,121 @@ fn guessing_and_slow_or_greedy_clients_are_bounded() {
         "a trickled body held the connection {took:?}: {slow:?}"
     );
 }
+
+/// Signs `user` in on a browser of its own, at `base`.
+fn browser_as(tmp: &Path, base: &str, user: &str) -> Browser {
+    let shots = std::env::var_os("VEDETTE_SCREENSHOTS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("vedette-console-screenshots"));
+    let b = Browser::start(&tmp.join(format!("browser-{user}")), &shots);
+    b.goto(&format!("{base}/login"));
+    b.find("form#login");
+    b.type_into("#user", user);
+    b.type_into("#password", PASSWORD);
+    b.click("#signin");
+    wait_for(Duration::from_secs(10), "the console after sign-in", || {
+        b.url().ends_with("/detections").then_some(())
+    });
+    b.goto(&format!("{base}/actions"));
+    b.find("table#actions");
+    b
+}
+
+/// The text of the row of action `id` on the response page, once it says `state`.
+fn action_row(b: &Browser, id: &str, state: &str) -> String {
+    vedette_tests::wait_until(
+        Duration::from_secs(30),
+        &format!("{id} {state} on the page"),
+        || {
+            // Read apart, the row and its state cell may come from two loads of the page.
+            let row = b.text_now(&format!("tr#{id}")).unwrap_or_default();
+            match b.text_now(&format!("tr#{id} td.state")) {
+                Some(s) if s.starts_with(state) && row.contains(&format!(" {state}")) => Ok(row),
+                _ => Err(row),
+            }
+        },
+    )
+}
+
+#[test]
+fn in_chromium_one_operator_requests_a_quarantine_another_approves_and_both_see_it_done() {
+    if chromium().is_none() {
+        missing_peer(
+            "chromium and chromedriver",
+            "apt-get install chromium chromium-driver",
+        );
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (c, base) = console_collector(&tmp.path().join("collector"));
+    add_user(&c, "bob", PASSWORD);
+    c.ctl_ok(&[
+        "orgs",
+        "set",
+        "default",
+        "--response-approval",
+        "two-person",
+    ]);
+    let mut agent = Agent::enroll(&c, &tmp.path().join("agent"));
+    let watch = tmp.path().join("watch");
+    std::fs::create_dir_all(&watch).unwrap();
+    let rules = rule_dir(
+        &tmp.path().join("rules"),
+        "console_marker",
+        "VEDETTE-RESPOND-MARKER",
+    );
+    let config = tmp.path().join("agent.toml");
+    vedette_tests::watch_config(&config, &watch, &rules, "response = [\"quarantine\"]");
+    agent.run(&c, &["--config", config.to_str().unwrap()]);
+    let file = watch.join("webshell.php");
+    std::fs::write(&file, "<?php // VEDETTE-RESPOND-MARKER\n").unwrap();
+    let seq = wait_for(Duration::from_secs(30), "the detection", || {
+        detections_via_ctl(&c)
+            .into_iter()
+            .find(|d| d["path"] == file.to_str().unwrap())
+            .and_then(|d| d["seq"].as_u64())
+    });
+
+    // Alice asks for the quarantine from the detection's page; it waits for a second operator.
+    let alice = browser_as(tmp.path(), &base, "alice");
+    alice.goto(&format!("{base}/detections/{seq}"));
+    alice.type_into("form#request-quarantine input.reason", "webshell, INC-77");
+    alice.click("form#request-quarantine button");
+    wait_for(Duration::from_secs(10), "the response page", || {
+        alice.url().contains("/actions").then_some(())
+    });
+    let id = wait_for(Duration::from_secs(10), "the action's row", || {
+        alice
+            .text_now("table#actions tbody tr.action")
+            .and_then(|t| t.split_whitespace().next().map(str::to_string))
+    });
+    let row = action_row(&alice, &id, "pending");
+    assert!(row.contains("console:alice"), "{row}");
+    assert!(file.exists(), "nothing done while pending");
+    // Her own approval is refused.
+    alice.click(&format!("tr#{id} button.approve"));
+    wait_for(Duration::from_secs(10), "the refusal", || {
+        alice
+            .text_now("main")
+            .filter(|t| t.contains("second operator"))
+    });
+    alice.screenshot("action-own-approval-refused");
+
+    // Bob, in a session of his own, approves it; both pages then show it done.
+    let bob = browser_as(tmp.path(), &base, "bob");
+    action_row(&bob, &id, "pending");
+    bob.click(&format!("tr#{id} button.approve"));
+    let row = action_row(&bob, &id, "done");
+    assert!(row.contains("console:bob"), "decided by bob: {row}");
+    assert!(row.contains("quarantined"), "the agent's words: {row}");
+    bob.screenshot("action-approved-done");
+    alice.goto(&format!("{base}/actions"));
+    action_row(&alice, &id, "done");
+    assert!(!file.exists(), "quarantined");
+    alice.goto(&format!("{base}/detections/{seq}"));
+    wait_for(Duration::from_secs(10), "the detection marked", || {
+        alice
+            .text_now("#response")
+            .filter(|t| t.contains("quarantined"))
+    });
+}

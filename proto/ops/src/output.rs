@@ -518,6 +518,36 @@ pub fn exception_json(e: &ExceptionInfo) -> Value {
     })
 }
 
+/// An action as one JSON object.
+pub fn action_json(a: &vedette_proto::v1::ActionInfo) -> Value {
+    let when = |ms: i64| (ms > 0).then(|| rfc3339_ms(ms));
+    json!({
+        "id": a.id,
+        "kind": a.kind,
+        "agent_id": a.agent_id,
+        "hostname": a.hostname,
+        "org": a.org,
+        "pid": a.pid,
+        "start_time": a.start_time,
+        "path": a.path,
+        "sha256": a.sha256,
+        "detection_seq": a.detection_seq,
+        "reason": a.reason,
+        "state": a.state,
+        "requested_by": a.requested_by,
+        "requested_at": when(a.requested_at_ms),
+        "decided_by": a.decided_by,
+        "decided_at": when(a.decided_at_ms),
+        "approve_by": when(a.approve_by_ms),
+        "expires_at": when(a.expires_at_ms),
+        "sent_at": when(a.sent_at_ms),
+        "finished_at": when(a.finished_at_ms),
+        "detail": a.detail,
+        "undoes": a.undoes,
+        "undone_by": a.undone_by,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,6 +7,7 @@
 //! console sees and does exactly what that caller could with `vedettectl`, organisation scope
 //! included. Every state change carries a CSRF token; every response carries a strict CSP.
 
+mod actions;
 mod alerts;
 mod api;
 pub mod auth;
@@ -68,6 +69,9 @@ pub const API_ROUTES: &[(&str, &str)] = &[
     ("get", "/api/v1/hunts"),
     ("post", "/api/v1/hunts"),
     ("get", "/api/v1/hunts/{id}"),
+    ("get", "/api/v1/actions"),
+    ("post", "/api/v1/actions"),
+    ("post", "/api/v1/actions/{id}/{verb}"),
     ("get", "/api/v1/stats"),
     ("get", "/api/v1/openapi.json"),
 ];
@@ -256,6 +260,11 @@ fn router(console: Arc<Console>) -> Router {
         .route("/audit", get(pages::audit))
         .route("/hunts", get(hunts::hunts).post(hunts::start_form))
         .route("/hunts/{id}", get(hunts::hunt))
+        .route(
+            "/actions",
+            get(actions::actions).post(actions::request_form),
+        )
+        .route("/actions/{id}/{verb}", post(actions::decide_form))
         .route("/logout", post(pages::logout))
         .route("/api/v1/session", get(api::session))
         .route("/api/v1/alerts", get(alerts::api_alerts))
@@ -273,6 +282,11 @@ fn router(console: Arc<Console>) -> Router {
             get(hunts::api_hunts).post(hunts::api_start),
         )
         .route("/api/v1/hunts/{id}", get(hunts::api_hunt))
+        .route(
+            "/api/v1/actions",
+            get(actions::api_actions).post(actions::api_request),
+        )
+        .route("/api/v1/actions/{id}/{verb}", post(actions::api_decide))
         .route("/api/v1/stats", get(api::stats))
         .route("/api/v1/openapi.json", get(api::openapi))
         .route_layer(middleware::from_fn_with_state(console.clone(), require));

@@ -50,6 +50,7 @@ pub(super) fn layout(who: Option<&Who>, title: &str, active: &str, body: Markup)
         ("/rules", "Rules"),
         ("/intel", "Intel"),
         ("/hunts", "Hunts"),
+        ("/actions", "Response"),
         ("/audit", "Audit"),
     ];
     html! {
@@ -431,6 +432,30 @@ fn json_markup(v: &Value) -> Markup {
     }
 }
 
+/// The response a detection offers: kill its process, quarantine its file (as far as its
+/// host allows; the agent refuses the rest).
+fn respond_markup(who: &Who, s: &vedette_proto::v1::StoredDetection) -> Markup {
+    use vedette_proto::v1::detection::Target;
+    let seq = [("detection_seq", s.seq.to_string())];
+    let target = s.detection.as_ref().and_then(|d| d.target.as_ref());
+    let kill = matches!(target, Some(Target::Process(_)));
+    let quarantine = match target {
+        Some(Target::File(f)) => !f.sha256.is_empty(),
+        Some(Target::Process(p)) => !p.exe_sha256.is_empty(),
+        _ => false,
+    };
+    html! {
+        @if kill || quarantine {
+            section #respond {
+                h2 { "Response" }
+                @if !s.response.is_empty() { p #response { "Done: " (s.response) "." } }
+                @if kill { (super::actions::request_markup(who, "kill", "Kill this process", &seq)) }
+                @if quarantine { (super::actions::request_markup(who, "quarantine", "Quarantine this file", &seq)) }
+            }
+        }
+    }
+}
+
 pub async fn detection(
     State(console): State<Arc<Console>>,
     Extension(who): Extension<Who>,
@@ -462,6 +487,7 @@ pub async fn detection(
             (json_markup(&v))
         }
         p { a href={ "/detections?agent=" (s.agent_id) } { "More from this agent" } }
+        (respond_markup(&who, &s))
     };
     page(
         StatusCode::OK,
@@ -631,6 +657,12 @@ pub async fn agent(
     let body = html! {
         p { (agent_state_cell(&a)) " · " a href={ "/detections?agent=" (a.id) } { "Detections" }
             @if !a.revoked { " · " a.revoke href={ "/agents/" (a.id) "/revoke" } { "Revoke…" } } }
+        @if !a.revoked {
+            section #respond {
+                h2 { "Response" }
+                (super::actions::request_markup(&who, "isolate", "Isolate this host", &[("agent_id", a.id.clone())]))
+            }
+        }
         (json_markup(&output::agent_json(&a)))
     };
     page(
