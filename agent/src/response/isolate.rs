@@ -30,6 +30,10 @@ const NFT: &[&str] = &["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"];
 struct InForce {
     id: String,
     until_ms: i64,
+    /// The collectors' addresses when it began: after a reboot the names may not resolve
+    /// before the network is up, and the table must still let the collectors through.
+    #[serde(default)]
+    collectors: Vec<IpAddr>,
 }
 
 pub struct Isolation {
@@ -146,14 +150,15 @@ impl Isolation {
         self.in_force().map(|f| f.until_ms)
     }
 
-    /// The collectors' addresses, resolved now (before the network is cut).
-    fn collector_addrs(&self) -> Result<Vec<IpAddr>, Refusal> {
+    /// The collectors' addresses, resolved now, and those `known` from before.
+    fn collector_addrs(&self, known: &[IpAddr]) -> Result<Vec<IpAddr>, Refusal> {
         let addrs: BTreeSet<IpAddr> = self
             .collectors
             .iter()
             .filter_map(|c| c.to_socket_addrs().ok())
             .flatten()
             .map(|s| s.ip())
+            .chain(known.iter().copied())
             .collect();
         if addrs.is_empty() {
             return Err(refused(
@@ -163,20 +168,23 @@ impl Isolation {
         Ok(addrs.into_iter().collect())
     }
 
-    fn apply(&self) -> Result<(), Refusal> {
-        let script = ruleset(&self.collector_addrs()?, &resolvers(), &self.allow);
+    fn apply(&self, collectors: &[IpAddr]) -> Result<(), Refusal> {
+        let script = ruleset(collectors, &resolvers(), &self.allow);
         nft(&script).map_err(|e| failed(format!("cannot isolate: {e}")))
     }
 
     pub(super) fn isolate(&self, id: &str, until_ms: i64) -> Result<String, Refusal> {
+        // Resolved before the network is cut.
+        let collectors = self.collector_addrs(&[])?;
         let kept = InForce {
             id: id.to_string(),
             until_ms,
+            collectors: collectors.clone(),
         };
         let bytes = serde_json::to_vec(&kept).unwrap_or_default();
         crate::state::write_atomic(&self.file, &bytes, 0o600)
             .map_err(|e| failed(format!("cannot record the isolation: {e}")))?;
-        if let Err(e) = self.apply() {
+        if let Err(e) = self.apply(&collectors) {
             let _ = std::fs::remove_file(&self.file);
             return Err(e);
         }
@@ -217,7 +225,10 @@ impl Isolation {
         if f.until_ms <= vedette_proto::now_ms() {
             return self.expire();
         }
-        match self.apply() {
+        match self
+            .collector_addrs(&f.collectors)
+            .and_then(|addrs| self.apply(&addrs))
+        {
             Ok(()) => info!(action = %f.id, until_ms = f.until_ms, "isolation in force again"),
             Err(Refusal::Failed(e) | Refusal::Refused(e)) => {
                 warn!(action = %f.id, error = %e, "cannot isolate the host again");
