@@ -6,6 +6,10 @@
 //! walked again so that nothing written meanwhile goes unscanned. Rescans and directories moved
 //! in are walked by [`walk`](crate::detect::walk), and events on excluded paths are ignored, so
 //! the watcher skips exactly what full scans skip.
+//!
+//! A directory moved in is bulk work (a tree of any size arriving at once): a thread of its own
+//! walks it and feeds its files to the scan queue only while the queue is nearly empty, so
+//! files written meanwhile are scanned first, not behind the whole tree.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -28,6 +32,11 @@ const EVENT_QUEUE: usize = 4096;
 
 /// Quiet time after a modification before the file is scanned.
 pub const DEBOUNCE: Duration = Duration::from_millis(250);
+
+/// A moved-in tree's next file waits while the scan queue holds this many jobs or more.
+const BULK_LOW_WATER: u64 = 2;
+/// How often a waiting moved-in walk looks at the queue again.
+const BULK_POLL: Duration = Duration::from_millis(5);
 
 /// A running watcher; [`FileWatch::stop`] (or dropping it) stops watching.
 pub struct FileWatch {
@@ -154,17 +163,52 @@ fn is_rename_in(kind: &EventKind) -> bool {
 /// [`DEBOUNCE`] of quiet for other changes; a rescan of every root after an overflow.
 struct Debouncer {
     roots: Vec<PathBuf>,
-    target: WatchTarget,
+    target: Arc<WatchTarget>,
     /// Path → when it is due.
     pending: HashMap<PathBuf, Instant>,
+    /// Directories moved in, to the thread that walks them (started with the first).
+    moved: Option<std::sync::mpsc::Sender<PathBuf>>,
 }
 
 impl Debouncer {
     fn new(roots: Vec<PathBuf>, target: WatchTarget) -> Debouncer {
         Debouncer {
             roots,
-            target,
+            target: Arc::new(target),
             pending: HashMap::new(),
+            moved: None,
+        }
+    }
+
+    /// Hands a directory moved in to the walker of moved-in trees; false when the scan queue
+    /// has closed.
+    fn walk_moved(&mut self, dir: PathBuf) -> bool {
+        let dir = match &self.moved {
+            Some(tx) => match tx.send(dir) {
+                Ok(()) => return true,
+                Err(e) => e.0,
+            },
+            None => dir,
+        };
+        let (tx, rx) = std::sync::mpsc::channel::<PathBuf>();
+        let target = self.target.clone();
+        let started = std::thread::Builder::new()
+            .name("moved-walk".into())
+            .spawn(move || {
+                for root in rx {
+                    if !bulk_walk(&target, &root) {
+                        return;
+                    }
+                }
+            });
+        match started {
+            Ok(_) => {
+                let sent = tx.send(dir).is_ok();
+                self.moved = Some(tx);
+                sent
+            }
+            // No thread: walked here, as a rescan is.
+            Err(_) => self.walk_into(&dir),
         }
     }
 
@@ -237,7 +281,7 @@ impl Debouncer {
             self.pending.remove(&p);
             let open = if p.is_dir() {
                 // A directory moved into a watched tree: its files are new to us.
-                self.walk_into(&p)
+                self.walk_moved(p)
             } else {
                 self.target.queue.send(Job::Path(p)).is_ok()
             };
@@ -264,6 +308,30 @@ impl Debouncer {
         );
         open
     }
+}
+
+/// Queues every regular file under `root`, each once the scan queue is nearly empty. False
+/// when the queue closed or the agent is stopping.
+fn bulk_walk(t: &WatchTarget, root: &Path) -> bool {
+    let mut open = true;
+    each_file(
+        &[root.to_owned()],
+        &t.rules,
+        &t.counters,
+        &t.stop,
+        |found| {
+            while t.counters.get(Counter::ScanQueue) >= BULK_LOW_WATER {
+                if t.stop.is_cancelled() {
+                    open = false;
+                    return false;
+                }
+                std::thread::sleep(BULK_POLL);
+            }
+            open = t.queue.send(Job::Path(found.path)).is_ok();
+            open
+        },
+    );
+    open && !t.stop.is_cancelled()
 }
 
 #[cfg(test)]
@@ -341,6 +409,42 @@ mod tests {
             "two writes to `a` make one scan; skip.log none"
         );
         assert_eq!(d.target.counters.get(Counter::FsEvents), 5);
+    }
+
+    #[test]
+    fn a_directory_moved_in_waits_for_the_files_written_before_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let moved = tmp.path().join("moved");
+        std::fs::create_dir_all(&moved).unwrap();
+        std::fs::write(moved.join("one"), b"1").unwrap();
+        let (mut d, rx) = debouncer(&[tmp.path().to_owned()], &[]);
+        // Two written files are queued, not taken yet.
+        for name in ["w1", "w2"] {
+            d.target
+                .queue
+                .send(Job::Path(tmp.path().join(name)))
+                .unwrap();
+        }
+        let renamed = EventKind::Modify(ModifyKind::Name(RenameMode::To));
+        assert!(d.handle(event(renamed, &[&moved])));
+        assert!(d.flush(Instant::now()));
+        let first: Vec<PathBuf> = (0..2)
+            .map(|_| match rx.recv().unwrap() {
+                Job::Path(p) => p,
+                _ => panic!("paths only"),
+            })
+            .collect();
+        assert_eq!(first, [tmp.path().join("w1"), tmp.path().join("w2")]);
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "the moved tree waits while the queue is busy"
+        );
+        // The pool takes them: the queue is empty, and the moved tree's file follows.
+        d.target.counters.sub(Counter::ScanQueue, 2);
+        match rx.recv_timeout(Duration::from_secs(10)).unwrap() {
+            Job::Path(p) => assert_eq!(p, moved.join("one")),
+            _ => panic!("paths only"),
+        }
     }
 
     #[test]
