@@ -65,6 +65,9 @@ const MAX_ANSWERS: usize = 32;
 #[derive(Default)]
 pub struct DnsLinks {
     inner: Mutex<Links>,
+    /// Grows each time an answer for a matched name is linked: the connections open then are
+    /// checked again.
+    listed_changes: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
@@ -92,6 +95,12 @@ impl DnsLinks {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Links> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many times answers for matched names were linked so far.
+    pub fn listed_changes(&self) -> u64 {
+        self.listed_changes
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether any answer for a matched name holds now (the expired ones are forgotten).
@@ -148,6 +157,8 @@ impl DnsLinks {
                         until,
                     },
                 );
+                self.listed_changes
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         }
     }

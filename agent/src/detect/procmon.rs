@@ -303,8 +303,64 @@ pub struct ProcessJudge {
     mounts_read: std::time::Instant,
     /// The names DNS answers gave addresses (when DNS is seen).
     dns: Option<Arc<crate::detect::dns::DnsLinks>>,
+    /// Whether the TCP tables need reading this poll.
+    tcp_gate: TcpGate,
     /// Where each executable run is kept.
     history: Option<Arc<crate::history::History>>,
+}
+
+/// The longest the TCP tables go unread while no connection was opened: a change of
+/// indicators that the rule set's identity does not show is caught within it.
+const TCP_RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Reading the TCP tables makes the kernel walk its whole established-connections hash table,
+/// twice (IPv4, IPv6), whatever few sockets are in it: on a host with much memory, that was
+/// most of the idle agent's CPU, every second. They are read again only when the kernel counted
+/// a connection opened since the last read (`ActiveOpens` and `PassiveOpens` of
+/// `/proc/net/snmp`, IPv4 and IPv6 together, read before the tables), when the indicators or
+/// the DNS links changed, or after [`TCP_RECHECK`]. UDP sockets are read every poll (cheap).
+#[derive(Default)]
+struct TcpGate {
+    opens: Option<u64>,
+    rules: usize,
+    links: u64,
+    read: Option<std::time::Instant>,
+}
+
+impl TcpGate {
+    /// Whether the TCP tables must be read now (the state is then taken as read).
+    fn due(&mut self, rules: usize, links: u64) -> bool {
+        let opens = tcp_opens();
+        let fresh = self.read.is_some_and(|t| t.elapsed() < TCP_RECHECK);
+        let same =
+            opens.is_some() && opens == self.opens && rules == self.rules && links == self.links;
+        if fresh && same {
+            return false;
+        }
+        *self = TcpGate {
+            opens,
+            rules,
+            links,
+            read: Some(std::time::Instant::now()),
+        };
+        true
+    }
+}
+
+/// TCP connections the kernel opened so far (actively and passively), from `/proc/net/snmp`.
+fn tcp_opens() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut rows = text.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (rows.next()?, rows.next()?);
+    let mut sum = 0u64;
+    let mut found = 0;
+    for (n, v) in names.split_whitespace().zip(values.split_whitespace()) {
+        if n == "ActiveOpens" || n == "PassiveOpens" {
+            sum = sum.wrapping_add(v.parse::<u64>().ok()?);
+            found += 1;
+        }
+    }
+    (found == 2).then_some(sum)
 }
 
 /// How long the mounts read are trusted before they are read again.
@@ -376,6 +432,7 @@ impl ProcessJudge {
             mounts_read: std::time::Instant::now(),
             dns: None,
             history: None,
+            tcp_gate: TcpGate::default(),
         }
     }
 
@@ -519,7 +576,11 @@ impl ProcessJudge {
         if !rules.iocs().has_c2() && !linked {
             return Vec::new();
         }
-        let hits: Vec<(Conn, RuleMatch)> = connections()
+        let tcp = self.tcp_gate.due(
+            std::ptr::from_ref(rules) as usize,
+            links.as_ref().map_or(0, |l| l.listed_changes()),
+        );
+        let hits: Vec<(Conn, RuleMatch)> = connections(tcp)
             .into_iter()
             .flat_map(|c| {
                 let mut found = rules.iocs().match_ip(c.remote.0);
@@ -585,15 +646,17 @@ pub struct Conn {
     pub inode: u64,
 }
 
-/// Sockets with a remote end: from the kernel's socket diagnostics, else from `/proc/net`.
-pub fn connections() -> Vec<Conn> {
-    crate::detect::sockdiag::connections().unwrap_or_else(proc_net_connections)
+/// Sockets with a remote end (TCP ones only when `tcp`): from the kernel's socket
+/// diagnostics, else from `/proc/net`.
+pub fn connections(tcp: bool) -> Vec<Conn> {
+    crate::detect::sockdiag::connections(tcp).unwrap_or_else(|| proc_net_connections(tcp))
 }
 
-/// Sockets with a remote end, from `/proc/net/{tcp,tcp6,udp,udp6}`.
-pub fn proc_net_connections() -> Vec<Conn> {
+/// Sockets with a remote end (TCP ones only when `tcp`), from `/proc/net/{udp,udp6,tcp,tcp6}`.
+pub fn proc_net_connections(tcp: bool) -> Vec<Conn> {
     let mut out = Vec::new();
-    for proto in ["tcp", "tcp6", "udp", "udp6"] {
+    let all = ["udp", "udp6", "tcp", "tcp6"];
+    for proto in &all[..if tcp { 4 } else { 2 }] {
         let Ok(text) = std::fs::read_to_string(format!("/proc/net/{proto}")) else {
             continue;
         };
@@ -674,6 +737,24 @@ pub fn socket_owners(inodes: &HashSet<u64>) -> HashMap<u64, u32> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_tcp_tables_are_read_again_after_a_connection_opens_or_the_indicators_change() {
+        let before = tcp_opens().expect("/proc/net/snmp counts TCP opens");
+        let mut gate = TcpGate::default();
+        assert!(gate.due(1, 0), "the first poll reads them");
+        assert!(gate.due(2, 0), "another rule set");
+        assert!(gate.due(2, 1), "a new DNS link");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _conn = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let _accepted = listener.accept().unwrap();
+        let after = tcp_opens().unwrap();
+        assert!(
+            after >= before + 2,
+            "one active and one passive open: {before} -> {after}"
+        );
+        assert!(gate.due(2, 1), "a connection opened since");
+    }
+
     use super::*;
 
     #[test]

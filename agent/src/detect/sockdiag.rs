@@ -28,23 +28,21 @@ const IPPROTO_UDP: u8 = 17;
 /// A dump that stalls this long is abandoned (the caller falls back to `/proc/net`).
 const TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Every TCP and UDP socket, IPv4 and IPv6, with a remote address; None when the kernel's
-/// socket diagnostics cannot be used (the caller then reads `/proc/net`).
-pub fn connections() -> Option<Vec<Conn>> {
+/// Every UDP socket, and every TCP socket when `tcp`, IPv4 and IPv6, with a remote address;
+/// None when the kernel's socket diagnostics cannot be used (the caller then reads `/proc/net`).
+pub fn connections(tcp: bool) -> Option<Vec<Conn>> {
     let mut out = Vec::new();
-    dump(
-        &[
-            (AF_INET, IPPROTO_TCP, "tcp"),
-            (AF_INET6, IPPROTO_TCP, "tcp6"),
-            (AF_INET, IPPROTO_UDP, "udp"),
-            (AF_INET6, IPPROTO_UDP, "udp6"),
-        ],
-        |c| {
-            if !c.remote.0.is_unspecified() {
-                out.push(c);
-            }
-        },
-    )?;
+    let all = [
+        (AF_INET, IPPROTO_UDP, "udp"),
+        (AF_INET6, IPPROTO_UDP, "udp6"),
+        (AF_INET, IPPROTO_TCP, "tcp"),
+        (AF_INET6, IPPROTO_TCP, "tcp6"),
+    ];
+    dump(&all[..if tcp { 4 } else { 2 }], |c| {
+        if !c.remote.0.is_unspecified() {
+            out.push(c);
+        }
+    })?;
     Some(out)
 }
 
@@ -182,7 +180,7 @@ mod tests {
         let server = listener.local_addr().unwrap();
         let client = TcpStream::connect(server).unwrap();
         let (_accepted, _) = listener.accept().unwrap();
-        let Some(diag) = connections() else {
+        let Some(diag) = connections(true) else {
             eprintln!("skipped: the kernel's socket diagnostics are not available here");
             return;
         };
@@ -192,7 +190,7 @@ mod tests {
                 && c.local.1 == client.local_addr().unwrap().port()
         };
         let found = diag.iter().find(mine).expect("the connection in the dump");
-        let proc = crate::detect::procmon::proc_net_connections();
+        let proc = crate::detect::procmon::proc_net_connections(true);
         let same = proc
             .iter()
             .find(mine)
