@@ -16,7 +16,7 @@ fn ok(out: Output) -> String {
 }
 
 /// An operator certificate limited to `org`, and a vedettectl configuration using it.
-fn scoped_operator(c: &Collector, name: &str, org: &str) -> PathBuf {
+pub(crate) fn scoped_operator(c: &Collector, name: &str, org: &str) -> PathBuf {
     let issued = std::process::Command::new(bin("vedette-collector"))
         .args(["certs", "issue", "--config"])
         .arg(c.dir.join("collector.toml"))

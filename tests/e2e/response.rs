@@ -7,11 +7,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use crate::hunts::scoped_operator;
 use crate::intel::Helper;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use vedette_tests::{
-    Agent, Collector, Netns, bin, json_lines, output_text, vedettectl, wait_for, wait_until,
+    Agent, Collector, Netns, json_lines, output_text, vedettectl, wait_for, wait_until,
 };
 
 fn ok(out: Output) -> String {
@@ -279,19 +280,6 @@ fn quarantine_takes_the_file_of_a_detection_and_restore_gives_it_back_as_it_was(
     // Undone once only.
     let again = c.ctl(&["actions", "undo", &q]);
     assert!(!again.status.success(), "{}", output_text(&again));
-}
-
-/// An operator certificate limited to `org`, and a vedettectl configuration using it.
-fn scoped_operator(c: &Collector, name: &str, org: &str) -> PathBuf {
-    let issued = Command::new(bin("vedette-collector"))
-        .args(["certs", "issue", "--config"])
-        .arg(c.dir.join("collector.toml"))
-        .args(["--name", name, "--role", "operator", "--org", org, "--out"])
-        .arg(c.dir.join(name))
-        .output()
-        .unwrap();
-    assert!(issued.status.success(), "{}", output_text(&issued));
-    c.ctl_config_as(name)
 }
 
 #[test]

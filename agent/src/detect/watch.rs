@@ -294,25 +294,20 @@ impl Debouncer {
 
     /// Queues every regular file under `root`. False when the queue closed.
     fn walk_into(&self, root: &Path) -> bool {
-        let t = &self.target;
-        let mut open = true;
-        each_file(
-            &[root.to_owned()],
-            &t.rules,
-            &t.counters,
-            &t.stop,
-            |found| {
-                open = t.queue.send(Job::Path(found.path)).is_ok();
-                open
-            },
-        );
-        open
+        queue_tree(&self.target, root, false)
     }
 }
 
 /// Queues every regular file under `root`, each once the scan queue is nearly empty. False
 /// when the queue closed or the agent is stopping.
 fn bulk_walk(t: &WatchTarget, root: &Path) -> bool {
+    queue_tree(t, root, true) && !t.stop.is_cancelled()
+}
+
+/// Queues every regular file under `root`; when `yielding`, each waits until the scan queue
+/// holds fewer than [`BULK_LOW_WATER`] jobs. False when the queue closed (or, yielding, the
+/// agent is stopping).
+fn queue_tree(t: &WatchTarget, root: &Path, yielding: bool) -> bool {
     let mut open = true;
     each_file(
         &[root.to_owned()],
@@ -320,7 +315,7 @@ fn bulk_walk(t: &WatchTarget, root: &Path) -> bool {
         &t.counters,
         &t.stop,
         |found| {
-            while t.counters.get(Counter::ScanQueue) >= BULK_LOW_WATER {
+            while yielding && t.counters.get(Counter::ScanQueue) >= BULK_LOW_WATER {
                 if t.stop.is_cancelled() {
                     open = false;
                     return false;
@@ -331,7 +326,7 @@ fn bulk_walk(t: &WatchTarget, root: &Path) -> bool {
             open
         },
     );
-    open && !t.stop.is_cancelled()
+    open
 }
 
 #[cfg(test)]

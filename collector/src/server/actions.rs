@@ -73,6 +73,17 @@ fn person(actor: &str) -> &str {
     actor.split_once(':').map_or(actor, |(_, name)| name)
 }
 
+/// A new action requested at `now`: pending for a second operator (until the approval
+/// window ends) where `two_person`, else approved at once.
+fn gate(a: &mut ActionInfo, two_person: bool, now: i64) {
+    a.requested_at_ms = now;
+    (a.state, a.approve_by_ms) = if two_person {
+        ("pending".into(), now + APPROVAL_WINDOW_MS)
+    } else {
+        ("approved".into(), now)
+    };
+}
+
 fn new_id() -> String {
     let mut raw = [0u8; 8];
     rand::rng().fill_bytes(&mut raw);
@@ -196,14 +207,8 @@ impl AdminSvc {
         let now = now_ms();
         a.hostname = hostname;
         a.org = org;
-        a.requested_at_ms = now;
-        a.approve_by_ms = if two_person {
-            now + APPROVAL_WINDOW_MS
-        } else {
-            now
-        };
         a.expires_at_ms = now.saturating_add((secs * 1000) as i64);
-        a.state = if two_person { "pending" } else { "approved" }.into();
+        gate(&mut a, two_person, now);
         act.detail = describe(&a);
         let row = row_of(&a);
         blocking(&self.state.store, move |s| s.put_action(&row, None)).await?;
@@ -357,7 +362,7 @@ impl AdminSvc {
         };
         let two_person = kind == "restore" && self.two_person(&row.org).await?;
         let now = now_ms();
-        let undo = ActionInfo {
+        let mut undo = ActionInfo {
             id: new_id(),
             kind: kind.into(),
             agent_id: req.agent_id,
@@ -367,17 +372,11 @@ impl AdminSvc {
             sha256: req.sha256,
             reason: req.reason,
             requested_by: actor.to_string(),
-            requested_at_ms: now,
-            approve_by_ms: if two_person {
-                now + APPROVAL_WINDOW_MS
-            } else {
-                now
-            },
             expires_at_ms: now.saturating_add((DEFAULT_EXPIRY_SECS * 1000) as i64),
-            state: if two_person { "pending" } else { "approved" }.into(),
             undoes: id.clone(),
             ..ActionInfo::default()
         };
+        gate(&mut undo, two_person, now);
         done.undone_by = undo.id.clone();
         act.detail = format!("{} by {}", describe(&done), undo.id);
         let (new, old) = (row_of(&undo), row_of(&done));
