@@ -38,6 +38,10 @@ pub struct RawConfig {
     pub scan_on_start: Option<bool>,
     /// Interval between full scans, e.g. `6h`; `0s` turns periodic scans off. Default `6h`.
     pub scan_interval: Option<String>,
+    /// After each full scan, measure which YARA rules cost the most on a sample of the files
+    /// it read (in the rule compiler process, within `max_cpu_percent`), and send the costliest
+    /// in the heartbeat; default true.
+    pub profile_rules: Option<bool>,
     /// Percentage of one core all scanning work together may use (full scans, the rescan after a
     /// bundle, rule compilation), over 10-second windows (1-100); default 50.
     pub max_cpu_percent: Option<u32>,
@@ -229,6 +233,7 @@ pub struct Config {
     pub collectors: Vec<String>,
     pub scan_paths: Vec<PathBuf>,
     pub scan_on_start: bool,
+    pub profile_rules: bool,
     /// None: no periodic full scans.
     pub scan_interval: Option<Duration>,
     pub max_cpu_percent: u32,
@@ -486,6 +491,7 @@ impl RawConfig {
             backoff_max: t.backoff_max,
             collectors: self.collectors,
             scan_on_start: self.scan_on_start.unwrap_or(true),
+            profile_rules: self.profile_rules.unwrap_or(true),
             scan_interval: t.scan_interval,
             max_cpu_percent: self.max_cpu_percent.unwrap_or(50),
             max_rss: match self.max_rss.as_ref().map(ByteSize::bytes) {

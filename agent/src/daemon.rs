@@ -548,6 +548,7 @@ impl Background {
             interval: settings.scan_interval,
             reports: self.shared.reports.clone(),
             cache_path: self.cache_path.clone(),
+            profile_rules: settings.profile_rules,
         };
         let b = self.clone();
         std::thread::Builder::new()

@@ -1037,3 +1037,101 @@ fn in_chromium_one_operator_requests_a_quarantine_another_approves_and_both_see_
             .filter(|t| t.contains("quarantined"))
     });
 }
+
+#[test]
+fn agents_time_their_rules_on_their_own_files_and_the_rules_page_names_the_slowest_per_version() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (c, base) = console_collector(&tmp.path().join("collector"));
+    c.ctl_ok(&["orgs", "create", "bravo"]);
+    // Version 1: forty quick rules, and one whose regex has no atoms.
+    let bundle = tmp.path().join("bundle");
+    std::fs::create_dir_all(&bundle).unwrap();
+    let quick: String = (0..40)
+        .map(|i| format!("rule quick_{i} {{ strings: $a = \"MARKER-{i:04}\" condition: $a }}\n"))
+        .collect();
+    std::fs::write(bundle.join("quick.yar"), quick).unwrap();
+    std::fs::write(
+        bundle.join("mixed.yar"),
+        "rule cheap { strings: $a = \"CHEAP\" condition: $a }\n\
+         rule no_atoms { strings: $r = /[a-z]+[0-9]+[a-z]+[0-9]/ condition: $r }\n",
+    )
+    .unwrap();
+    c.ctl_ok(&["rules", "publish", bundle.to_str().unwrap()]);
+    // A host whose files that rule is slow on; it scans them once it has the bundle.
+    let mut agent = Agent::enroll(&c, &tmp.path().join("agent"));
+    agent
+        .env
+        .push(("VEDETTE_HOSTNAME".into(), "slow-host".into()));
+    let watch = tmp.path().join("watch");
+    let local = tmp.path().join("local-rules");
+    std::fs::create_dir_all(&watch).unwrap();
+    std::fs::create_dir_all(&local).unwrap();
+    for i in 0..5 {
+        std::fs::write(
+            watch.join(format!("notes-{i}.txt")),
+            "words4and2numbers ".repeat(5_000),
+        )
+        .unwrap();
+    }
+    let config = tmp.path().join("agent.toml");
+    vedette_tests::watch_config(&config, &watch, &local, "");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("scan_on_start = false", "scan_on_start = true"),
+    )
+    .unwrap();
+    agent.run(&c, &["--config", config.to_str().unwrap()]);
+
+    let version = wait_for(
+        Duration::from_secs(120),
+        "the agent's timing of version 1",
+        || {
+            vedette_tests::json_lines(&c.ctl_ok(&["rules", "slow", "--json"]))
+                .into_iter()
+                .find(|v| v["version"] == 1 && v["rules"].as_array().is_some_and(|r| !r.is_empty()))
+        },
+    );
+    assert_eq!(version["agents"], 1, "{version}");
+    let first = &version["rules"][0];
+    assert_eq!(first["rule"], "no_atoms", "{version}");
+    assert!(
+        first["file"].as_str().unwrap().ends_with("mixed.yar"),
+        "{version}"
+    );
+    assert_eq!(first["line"], 2, "{version}");
+    assert_eq!(first["hostname"], "slow-host", "{version}");
+    assert_eq!(first["agent_id"], agent.id.as_str(), "{version}");
+    assert!(first["share_percent"].as_f64().unwrap() > 50.0, "{version}");
+    let text = c.ctl_ok(&["rules", "slow", "1"]);
+    assert!(
+        text.starts_with("version 1, measured by 1 agent(s):"),
+        "{text}"
+    );
+    assert!(text.lines().nth(1).unwrap().contains("no_atoms"), "{text}");
+
+    // The console's Rules page names it under its version, and the API says the same.
+    let op = operator(&c, &base);
+    let page = op.get("/rules", &[]);
+    assert_eq!(page.status, 200);
+    let section = &page.body[page.body.find("id=\"slow-rules\"").expect("the section")..];
+    assert!(section.contains("Version 1 · 1 agent(s)"), "{section}");
+    let row = &section[section.find("no_atoms").expect("the rule")..];
+    assert!(row.contains("slow-host"), "{section}");
+    let api = op.get("/api/v1/rules/slow", &[]).json();
+    assert_eq!(api["versions"][0]["rules"][0]["rule"], "no_atoms", "{api}");
+
+    // Another organisation's operator sees none of it.
+    let bravo = crate::hunts::scoped_operator(&c, "bravo-soc", "bravo");
+    let theirs = vedette_tests::vedettectl(&bravo, &["rules", "slow", "--json"]);
+    assert!(
+        theirs.status.success(),
+        "{}",
+        vedette_tests::output_text(&theirs)
+    );
+    assert!(
+        theirs.stdout.is_empty(),
+        "{}",
+        vedette_tests::output_text(&theirs)
+    );
+}

@@ -234,12 +234,7 @@ fn a_full_disk_under_the_collector_acknowledges_nothing_it_did_not_write_and_los
         },
     );
     wait_until(Duration::from_secs(120), "2,000 lines in the sink", || {
-        // Complete lines only: the sink may be writing while this reads.
-        let text = std::fs::read_to_string(&sink).unwrap_or_default();
-        let lines: Vec<serde_json::Value> = text
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect();
+        let lines = vedette_tests::sink_lines(&sink);
         let markers: Vec<&serde_json::Value> =
             lines.iter().filter(|l| l["rule"]["name"] == RULE).collect();
         let ids: BTreeSet<String> = markers

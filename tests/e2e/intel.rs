@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use vedette_tests::{Agent, Collector, json_lines, wait_for};
+use vedette_tests::{Agent, Collector, json_lines, sink_lines, wait_for};
 
 /// SHA-256 of `data`, hex, by the system's sha256sum (a peer implementation).
 fn sha256(data: &[u8], dir: &Path) -> String {
@@ -618,11 +618,6 @@ fn the_jsonl_sink_exports_every_detection_once_across_kill_9() {
             rules.to_str().unwrap(),
         ],
     );
-    let lines = |path: &Path| -> Vec<Value> {
-        std::fs::read_to_string(path)
-            .map(|t| json_lines(&t))
-            .unwrap_or_default()
-    };
     let mut written = 0;
     for round in 0..3 {
         for i in 0..40 {
@@ -630,9 +625,9 @@ fn the_jsonl_sink_exports_every_detection_once_across_kill_9() {
             written += 1;
         }
         // Killed as soon as this round's first exports reach the file: mid-export.
-        let before = lines(&sink).len();
+        let before = sink_lines(&sink).len();
         wait_for(Duration::from_secs(30), "an export in this round", || {
-            (lines(&sink).len() > before).then_some(())
+            (sink_lines(&sink).len() > before).then_some(())
         });
         c.kill();
         c.start();
@@ -641,7 +636,7 @@ fn the_jsonl_sink_exports_every_detection_once_across_kill_9() {
     // file exactly once.
     let all = wait_for(Duration::from_secs(60), "every detection exported", || {
         let stored = c.detections();
-        let l = lines(&sink);
+        let l = sink_lines(&sink);
         let rule = stored.iter().filter(|d| d["rule"] == "sink_rule").count();
         (rule == written && l.len() >= stored.len()).then_some(l)
     });

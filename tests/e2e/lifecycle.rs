@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use vedette_tests::{
-    Agent, Collector, bin, json_lines, output_text, rule_dir, vedettectl, wait_for,
+    Agent, Collector, bin, json_lines, output_text, rule_dir, sink_lines, vedettectl, wait_for,
 };
 
 const RULE: &str = "lifecycle_marker";
@@ -255,7 +255,7 @@ fn tokens_agents_and_organisations_have_a_lifecycle_and_every_action_is_audited(
     // The JSONL sink carries every entry once beside the detection, as ECS events; the
     // anonymised organisation's without their detail.
     let lines = wait_for(Duration::from_secs(30), "the audit log in the sink", || {
-        let lines = json_lines(&std::fs::read_to_string(&sink).unwrap_or_default());
+        let lines = sink_lines(&sink);
         let audit = lines
             .iter()
             .filter(|l| l["event"]["dataset"] == "vedette.audit")

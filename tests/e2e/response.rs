@@ -12,7 +12,7 @@ use crate::intel::Helper;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use vedette_tests::{
-    Agent, Collector, Netns, json_lines, output_text, vedettectl, wait_for, wait_until,
+    Agent, Collector, Netns, json_lines, output_text, sink_lines, vedettectl, wait_for, wait_until,
 };
 
 fn ok(out: Output) -> String {
@@ -380,7 +380,7 @@ fn two_person_approval_needs_a_second_operator_of_the_organisation_and_every_ste
         Duration::from_secs(30),
         "the steps in the JSONL sink",
         || {
-            let lines = json_lines(&std::fs::read_to_string(&sink).unwrap_or_default());
+            let lines = sink_lines(&sink);
             steps
                 .iter()
                 .all(|s| {

@@ -233,9 +233,7 @@ fn two_collectors_export_each_detection_once_through_a_shared_sink() {
                 return None;
             }
             let stored = a.detections().len();
-            let lines: Vec<Value> = std::fs::read_to_string(&sink)
-                .map(|t| vedette_tests::json_lines(&t))
-                .unwrap_or_default();
+            let lines: Vec<Value> = vedette_tests::sink_lines(&sink);
             (lines.len() >= stored).then_some(lines)
         },
     );

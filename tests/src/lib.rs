@@ -430,6 +430,14 @@ pub fn json_lines(text: &str) -> Vec<Value> {
         .collect()
 }
 
+/// The complete lines of a JSONL file another process may be appending to: a last line without its
+/// newline is still being written and is left for the next read.
+pub fn sink_lines(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    json_lines(complete)
+}
+
 /// An agent with its own state directory.
 pub struct Agent {
     pub state: PathBuf,

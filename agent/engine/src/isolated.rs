@@ -14,6 +14,17 @@
 //!   | rules: u64le len + the class sets (see `ClassRules::serialize`) | sha256 of everything before: 32
 //! ```
 //!
+//! The same process measures which rules cost the most (see [`crate::profile`]), as it compiles
+//! them, so that a caller that profiles its rules never holds the compiler either:
+//!
+//! ```text
+//! request:  "VEDETTE-PROFILE-1\n" | top: u8 | sources as above | files: u32
+//!   | per file: bytes (u64le len + bytes) | sha256 of everything before: 32
+//! response: "VEDETTE-PROFILE-RESULT-1\n" | files: u32le | bytes: u64le | total ns: u64le
+//!   | rules: u32le | per rule: name (u32le len + text) | file (u64le len + bytes) | line: u64le
+//!   | ns: u64le | share, ppm: u32le | sha256 of everything before: 32
+//! ```
+//!
 //! The serialized rules are loaded back only from the process the caller started, through the
 //! pipe it holds, and only when their seal matches: the same trust as the compiled-rules cache
 //! (written by this user, see [`crate::compiled`]).
@@ -22,13 +33,19 @@ use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::codec::{Reader, Writer, unseal};
+use crate::profile::{Profile, RuleCost};
 use crate::rules::{YaraPart, compile_yara};
 use crate::{Origin, Problem, ProblemKind};
 
 const REQUEST: &[u8] = b"VEDETTE-COMPILE-2\n";
 const RESPONSE: &[u8] = b"VEDETTE-COMPILED-RULES-2\n";
+const PROFILE_REQUEST: &[u8] = b"VEDETTE-PROFILE-1\n";
+const PROFILE_RESPONSE: &[u8] = b"VEDETTE-PROFILE-RESULT-1\n";
+/// Most rules a profile answer names.
+const MAX_PROFILE_RULES: usize = 255;
 
 /// Why an [`IsolatedCompiler`] gave no compiled rules.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -85,6 +102,78 @@ pub(crate) fn request(
     let mut w = Writer::default();
     w.bytes(REQUEST);
     w.u8(by_class as u8);
+    write_sources(&mut w, sources, names);
+    w.seal()
+}
+
+/// The request to profile these sources on `corpus`, naming the `top` costliest rules.
+pub(crate) fn profile_request(
+    sources: &[(PathBuf, Vec<u8>)],
+    names: &[Option<String>],
+    corpus: &[Vec<u8>],
+    top: usize,
+) -> Vec<u8> {
+    let mut w = Writer::default();
+    w.bytes(PROFILE_REQUEST);
+    w.u8(top.min(MAX_PROFILE_RULES) as u8);
+    write_sources(&mut w, sources, names);
+    w.u32(corpus.len() as u32);
+    for data in corpus {
+        w.blob(data);
+    }
+    w.seal()
+}
+
+/// The profile in a response.
+pub(crate) fn profile_response(data: &[u8]) -> Result<Profile, IsolatedError> {
+    let bad = |why: &str| IsolatedError::Failed(format!("its answer {why}"));
+    if !data.starts_with(PROFILE_RESPONSE) {
+        return Err(bad(&format!("is not a profile ({} bytes)", data.len())));
+    }
+    let body = unseal(data).ok_or_else(|| bad("is damaged (checksum mismatch)"))?;
+    let mut r = Reader(&body[PROFILE_RESPONSE.len()..]);
+    read_profile(&mut r).ok_or_else(|| bad("is truncated"))
+}
+
+fn read_profile(r: &mut Reader<'_>) -> Option<Profile> {
+    let files = r.u32()? as usize;
+    let bytes = r.u64()?;
+    let total = Duration::from_nanos(r.u64()?);
+    let count = r.u32()? as usize;
+    let mut rules = Vec::with_capacity(count.min(MAX_PROFILE_RULES));
+    for _ in 0..count {
+        rules.push(RuleCost {
+            rule: r.text()?,
+            file: Path::new(OsStr::from_bytes(r.blob()?)).to_owned(),
+            line: usize::try_from(r.u64()?).ok()?,
+            time: Duration::from_nanos(r.u64()?),
+            share: f64::from(r.u32()?) / 1e6,
+        });
+    }
+    Some(Profile {
+        files,
+        bytes,
+        total,
+        rules,
+    })
+}
+
+fn write_profile(w: &mut Writer, p: &Profile) {
+    let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    w.u32(p.files as u32);
+    w.u64(p.bytes);
+    w.u64(ns(p.total));
+    w.u32(p.rules.len() as u32);
+    for c in &p.rules {
+        w.text(&c.rule);
+        w.blob(c.file.as_os_str().as_bytes());
+        w.u64(c.line as u64);
+        w.u64(ns(c.time));
+        w.u32((c.share.clamp(0.0, 1.0) * 1e6).round() as u32);
+    }
+}
+
+fn write_sources(w: &mut Writer, sources: &[(PathBuf, Vec<u8>)], names: &[Option<String>]) {
     w.u32(sources.len() as u32);
     for ((origin, bytes), ns) in sources.iter().zip(names) {
         w.blob(origin.as_os_str().as_bytes());
@@ -97,7 +186,6 @@ pub(crate) fn request(
         }
         w.blob(bytes);
     }
-    w.seal()
 }
 
 /// The compiled rules in a response, and their serialized form (for the compiled-rules cache).
@@ -132,6 +220,9 @@ pub(crate) fn response(data: &[u8]) -> Result<(YaraPart, &[u8]), IsolatedError> 
 pub fn serve(input: &mut dyn Read, output: &mut dyn Write) -> Result<(), ServeError> {
     let mut data = Vec::new();
     input.read_to_end(&mut data).map_err(ServeError::Read)?;
+    if data.starts_with(PROFILE_REQUEST) {
+        return serve_profile(&data, output);
+    }
     let (sources, names, by_class) = parse_request(&data)?;
     drop(data);
     let part = compile_yara(&sources, &names, by_class, 1);
@@ -143,6 +234,27 @@ pub fn serve(input: &mut dyn Read, output: &mut dyn Write) -> Result<(), ServeEr
     let mut w = Writer::default();
     w.bytes(RESPONSE);
     crate::compiled::write_body(&mut w, part.files_with_errors, &part.problems, &serialized);
+    output
+        .write_all(&w.seal())
+        .and_then(|()| output.flush())
+        .map_err(ServeError::Write)
+}
+
+/// Profiles what `data` asks for (see [`crate::profile`]) and writes the answer.
+fn serve_profile(data: &[u8], output: &mut dyn Write) -> Result<(), ServeError> {
+    let body = unseal(data).ok_or(ServeError::Damaged)?;
+    let mut r = Reader(&body[PROFILE_REQUEST.len()..]);
+    let top = usize::from(r.u8().ok_or(ServeError::Truncated)?);
+    let (sources, names) = read_sources(&mut r)?;
+    let count = r.u32().ok_or(ServeError::Truncated)?;
+    let mut corpus = Vec::new();
+    for _ in 0..count {
+        corpus.push(r.blob().ok_or(ServeError::Truncated)?.to_vec());
+    }
+    let profile = crate::profile::profile(&sources, &names, &corpus, top.max(5), top);
+    let mut w = Writer::default();
+    w.bytes(PROFILE_RESPONSE);
+    write_profile(&mut w, &profile);
     output
         .write_all(&w.seal())
         .and_then(|()| output.flush())
@@ -178,6 +290,13 @@ fn parse_request(data: &[u8]) -> Result<Sources, ServeError> {
     let body = unseal(data).ok_or(ServeError::Damaged)?;
     let mut r = Reader(&body[REQUEST.len()..]);
     let by_class = r.u8().ok_or(ServeError::Truncated)? != 0;
+    let (sources, names) = read_sources(&mut r)?;
+    Ok((sources, names, by_class))
+}
+
+type Named = (Vec<(PathBuf, Vec<u8>)>, Vec<Option<String>>);
+
+fn read_sources(r: &mut Reader<'_>) -> Result<Named, ServeError> {
     let count = r.u32().ok_or(ServeError::Truncated)?;
     let mut sources = Vec::new();
     let mut names = Vec::new();
@@ -192,7 +311,7 @@ fn parse_request(data: &[u8]) -> Result<Sources, ServeError> {
         sources.push((origin, bytes));
         names.push(ns);
     }
-    Ok((sources, names, by_class))
+    Ok((sources, names))
 }
 
 /// What the report says when the compiler process failed: every YARA source is left out.
@@ -271,6 +390,33 @@ mod tests {
         let hit = builder().compile_with(never).build_cached(0, &cache);
         assert_eq!(hit.yara_rules(), 1);
         assert_eq!(hit.report().problems, here.report().problems);
+    }
+
+    #[test]
+    fn rules_profiled_elsewhere_are_named_as_when_profiled_here() {
+        let mut b = RuleSetBuilder::new();
+        b.add_yara_source(
+            Path::new("mixed.yar"),
+            b"rule cheap { strings: $a = \"CHEAP-MARKER\" condition: $a }\n\
+              rule slow_regex { strings: $r = /[a-z]+[0-9]+[a-z]+[0-9]/ condition: $r }\n",
+        );
+        let line: Vec<u8> = b"abcdefgh12345ijklmnop ".repeat(4_000);
+        let corpus = vec![line.clone(), line];
+        let p = b.profile_with(&in_thread, &corpus, 2).unwrap();
+        assert_eq!((p.files, p.bytes), (2, 2 * 22 * 4_000));
+        assert_eq!(p.rules.len(), 2, "{p:?}");
+        let first = &p.rules[0];
+        assert_eq!(
+            (first.rule.as_str(), first.line),
+            ("slow_regex", 2),
+            "{p:?}"
+        );
+        assert_eq!(first.file, Path::new("mixed.yar"));
+        assert!(first.share > 0.5 && first.share <= 1.0, "{p:?}");
+        assert!(first.time >= p.rules[1].time && !p.total.is_zero(), "{p:?}");
+        // A compiler that fails is a failure, not an empty profile.
+        let fails = refusing(IsolatedError::Failed("killed by signal 9".into()));
+        assert!(b.profile_with(fails.as_ref(), &corpus, 2).is_err());
     }
 
     #[test]

@@ -17,7 +17,7 @@
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::rules::{Found, compile_set, line_at};
 
@@ -43,19 +43,21 @@ pub struct Profile {
     pub rules: Vec<RuleCost>,
 }
 
-/// How long scanning `corpus` with `rules` takes, the best of `rounds`.
+/// How long scanning `corpus` with `rules` takes, the best of `rounds`: this thread's CPU
+/// time, not the clock's, so that neither other work on the machine nor the pauses of a
+/// process paced within a CPU budget (the agent's rule compiler) count.
 fn measure(rules: &yara_x::Rules, corpus: &[Vec<u8>], rounds: usize) -> Duration {
     let mut scanner = yara_x::Scanner::new(rules);
     scanner.fast_scan(true);
     scanner.set_timeout(Duration::from_secs(60));
     (0..rounds.max(1))
         .map(|_| {
-            let start = Instant::now();
+            let start = crate::thread_cpu();
             for data in corpus {
                 // A timeout is a cost like any other: the time is what counts.
                 let _ = scanner.scan(data);
             }
-            start.elapsed()
+            crate::thread_cpu().saturating_sub(start)
         })
         .min()
         .unwrap_or_default()

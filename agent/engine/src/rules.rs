@@ -494,6 +494,19 @@ impl RuleSetBuilder {
         crate::profile::profile(&self.yara_sources, &names, corpus, top.max(5), top)
     }
 
+    /// [`Self::profile`] in the process `compiler` runs (see [`crate::isolated`]): this
+    /// process neither compiles the rules nor scans with them.
+    pub fn profile_with(
+        &self,
+        compiler: &dyn IsolatedCompiler,
+        corpus: &[Vec<u8>],
+        top: usize,
+    ) -> Result<crate::profile::Profile, IsolatedError> {
+        let names = assign_namespaces(&self.yara_sources);
+        let request = crate::isolated::profile_request(&self.yara_sources, &names, corpus, top);
+        crate::isolated::profile_response(&compiler.compile(&request)?)
+    }
+
     /// Compiles every YARA rule into one set that judges files of every class, instead of one
     /// set per file class with rules of its own (see [`crate::classes`]): what the class sets
     /// are compared with, and all that checking rules for problems needs (the problems are the

@@ -475,6 +475,7 @@ impl Shipper {
                 counters: self.counters.snapshot().into_iter().collect(),
                 dropped_total: self.sp.spool.dropped(),
                 sent_at_ms: vedette_proto::now_ms(),
+                rule_profile: self.bundles.rules.costs(),
             })),
         };
         let _ = up.try_send(hb);

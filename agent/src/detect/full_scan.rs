@@ -25,10 +25,18 @@ use crate::detect::walk::{Found, WalkRules, each_file_parallel};
 use crate::detect::{Ids, ReportFilter, file_detections};
 use crate::governor::governor;
 use crate::rules::ActiveRules;
+use crate::rules::costs::{Sample, SharedSample};
 use crate::telemetry::{Counter, Counters};
 
 /// Files listed and waiting for a scanner thread.
 const QUEUE_DEPTH: usize = 4096;
+
+/// Longest a full scan's thread waits, before each file, for the real-time queue to empty: a
+/// host that never stops writing files still gets its full scans, at one file per thread per
+/// this long at the least.
+const MAX_YIELD: Duration = Duration::from_secs(2);
+/// How often a waiting full scan's thread looks at the real-time queue again.
+const YIELD_POLL: Duration = Duration::from_millis(2);
 
 /// How a full scan runs.
 #[derive(Debug, Clone)]
@@ -243,6 +251,7 @@ fn scanner_thread(
         if cx.stop.is_cancelled() {
             continue;
         }
+        yield_to_realtime(cx.counters, cx.stop);
         // Making a scanner (and loading the rules for it) is charged with its first file.
         let cpu_before = crate::budget::thread_time();
         if gov.release_due(&mut made, cx.counters) {
@@ -285,6 +294,20 @@ fn scanner_thread(
     }
 }
 
+/// Files written or executed now go first: while the real-time scan queue (the watcher's,
+/// fanotify's) holds jobs, a full scan's thread waits, up to [`MAX_YIELD`]. The budget caps
+/// what a full scan uses; this keeps it off the cores a burst of real-time work needs.
+fn yield_to_realtime(counters: &Counters, stop: &CancellationToken) {
+    let until = Instant::now() + MAX_YIELD;
+    while counters.get(Counter::ScanQueue) > 0 && !stop.is_cancelled() {
+        let now = Instant::now();
+        if now >= until {
+            return;
+        }
+        std::thread::sleep(YIELD_POLL.min(until - now));
+    }
+}
+
 /// The daemon's full scans.
 pub struct FullScans {
     pub roots: Vec<PathBuf>,
@@ -295,6 +318,8 @@ pub struct FullScans {
     /// The result cache the watcher also records into, and where it is saved.
     pub reports: ReportFilter,
     pub cache_path: PathBuf,
+    /// Time the rules on a sample of each scan's files ([`crate::rules::costs`]).
+    pub profile_rules: bool,
 }
 
 impl FullScans {
@@ -324,21 +349,25 @@ impl FullScans {
                     return;
                 }
             }
-            self.once(&rules.current.load_full(), det, counters, stop);
+            let sample = self.once(&rules.current.load_full(), det, counters, stop);
             if first && self.on_start {
                 governor().startup_job_done();
+            }
+            if self.profile_rules && !stop.is_cancelled() {
+                rules.measure_costs(sample.files());
             }
             first = false;
         }
     }
 
+    /// One full scan; a sample of the files it read or answered from the cache.
     fn once(
         &self,
         rules: &RuleSet,
         det: &mpsc::Sender<Detection>,
         counters: &Counters,
         stop: &CancellationToken,
-    ) {
+    ) -> Sample {
         let cache = &self.reports.cache;
         let ids: &Ids = &self.reports.ids;
         let started = Instant::now();
@@ -346,8 +375,15 @@ impl FullScans {
             counters.get(Counter::FilesScanned),
             counters.get(Counter::CacheHits),
         );
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let sample = SharedSample::new(Sample::new(seed));
         let on_file = |path: &Path, outcome: Outcome| {
             if let Outcome::Scanned { report, new } = outcome {
+                if report.size > 0 {
+                    sample.lock().unwrap_or_else(|p| p.into_inner()).offer(path);
+                }
                 if let Some(h) = &self.reports.history {
                     h.file(path, &report);
                 }
@@ -382,6 +418,7 @@ impl FullScans {
             cache_hits = counters.get(Counter::CacheHits) - hits_before,
             "full scan finished"
         );
+        sample.into_inner().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -412,5 +449,46 @@ mod tests {
         assert_eq!(child, want);
         // Only that thread: this one keeps its priority.
         assert_eq!(own_nice(), base);
+    }
+
+    #[test]
+    fn a_full_scan_waits_while_the_real_time_queue_holds_files() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..3 {
+            std::fs::write(dir.path().join(format!("f{i}")), "text").unwrap();
+        }
+        let rules = RuleSet::empty();
+        let counters = Counters::default();
+        let stop = CancellationToken::new();
+        let plan = ScanPlan {
+            threads: 1,
+            walk: WalkRules::default(),
+            max_cpu_percent: 100,
+            scan: ScanOptions::default(),
+        };
+        // A file waits in the real-time queue.
+        counters.inc(Counter::ScanQueue);
+        std::thread::scope(|s| {
+            let scan = s.spawn(|| {
+                let cx = ScanContext {
+                    rules: ScanRules::ready(&rules),
+                    cache: None,
+                    counters: &counters,
+                    stop: &stop,
+                    digests: None,
+                };
+                let roots = [dir.path().to_owned()];
+                scan_tree(&roots, &plan, &cx, &|_, _| {});
+            });
+            // Well within MAX_YIELD: nothing scanned while the queue holds it.
+            let held = Instant::now() + MAX_YIELD / 4;
+            while Instant::now() < held {
+                assert_eq!(counters.get(Counter::FilesScanned), 0);
+                std::thread::yield_now();
+            }
+            counters.sub(Counter::ScanQueue, 1);
+            scan.join().unwrap();
+        });
+        assert_eq!(counters.get(Counter::FilesScanned), 3);
     }
 }

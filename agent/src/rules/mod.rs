@@ -12,6 +12,7 @@
 //! fleet it is for (its CA's fingerprint), and a bundle for another fleet is refused.
 
 pub(crate) mod applier;
+pub(crate) mod costs;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -98,6 +99,8 @@ pub struct ActiveRules {
     /// bundle's settings of built-in findings apply here.
     labels: std::sync::RwLock<Vec<String>>,
     labels_file: PathBuf,
+    /// The costliest rules on this host's files, as last measured ([`costs`]).
+    costs: std::sync::Mutex<Option<vedette_proto::v1::RuleProfile>>,
 }
 
 /// What is told of a change of rules: true when a rescan is still due.
@@ -163,6 +166,7 @@ impl ActiveRules {
             who,
             labels: std::sync::RwLock::new(labels),
             labels_file,
+            costs: std::sync::Mutex::new(None),
         };
         let saved = match fleet.read_last_good() {
             Ok(saved) => saved,

@@ -255,6 +255,20 @@ pub enum RulesCmd {
         #[arg(long)]
         json: bool,
     },
+    /// The rules that cost the most on the agents' own files, per bundle version: each agent
+    /// times its rules on a sample of the files of its last full scan (`profile_rules` in
+    /// agent.toml) and sends the costliest in its heartbeat.
+    #[command(after_help = "Example:\n  vedettectl rules slow\n  vedettectl rules slow --json")]
+    Slow {
+        /// Only this version (default: every version agents measured).
+        version: Option<u64>,
+        /// An organisation's agents only (your own if your certificate is limited to one).
+        #[arg(long, value_name = "NAME")]
+        org: Option<String>,
+        /// One JSON object per version.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]

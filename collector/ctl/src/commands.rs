@@ -727,6 +727,7 @@ async fn rules(cmd: RulesCmd, cfg: &CtlConfig) -> anyhow::Result<()> {
         RulesCmd::List { json } => list(cfg, json).await?,
         RulesCmd::Show { version, json } => show(cfg, version, json).await?,
         RulesCmd::Status { version, json } => status(cfg, version, json).await?,
+        RulesCmd::Slow { version, org, json } => slow(cfg, version, org, json).await?,
     }
     Ok(())
 }
@@ -798,6 +799,49 @@ fn signer(raw_hex: &str) -> String {
         Some(k) => format!("key id {} (SHA-256 {})", k.id(), k.sha256()),
         None => format!("an unreadable key ({raw_hex})"),
     }
+}
+
+async fn slow(
+    cfg: &CtlConfig,
+    version: Option<u64>,
+    org: Option<String>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let versions: Vec<_> = rules::slow(cfg, org.unwrap_or_default())
+        .await?
+        .into_iter()
+        .filter(|v| version.is_none_or(|want| v.bundle_version == want))
+        .collect();
+    if json {
+        for v in &versions {
+            println!("{}", output::rule_costs_json(v));
+        }
+        return Ok(());
+    }
+    if versions.is_empty() {
+        println!(
+            "no agent has timed its rules yet: each does after a full scan (`profile_rules` in agent.toml)"
+        );
+    }
+    for v in &versions {
+        let what = match v.bundle_version {
+            0 => "host-local rules only".to_string(),
+            n => format!("version {n}"),
+        };
+        println!("{what}, measured by {} agent(s):", v.agents);
+        for r in &v.rules {
+            println!(
+                "  {:>5.1} %  {}  {}:{}  (on {}; named by {} agent(s))",
+                f64::from(r.max_share_ppm) / 10_000.0,
+                printable(&r.rule),
+                printable(&r.file),
+                r.line,
+                printable(&r.hostname),
+                r.agents
+            );
+        }
+    }
+    Ok(())
 }
 
 async fn status(cfg: &CtlConfig, version: Option<u64>, json: bool) -> anyhow::Result<()> {

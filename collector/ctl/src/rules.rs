@@ -13,6 +13,7 @@ use vedette_engine::bundle::{self, BundleContent, SigningKey};
 use vedette_proto::v1::{
     BundleFile, BundleInfo, BundleRolloutRequest, BundleRolloutResponse, GetBundleRequest,
     ListBundlesRequest, ListExceptionsRequest, PublishBundleRequest, PublishBundleResponse,
+    SlowRulesRequest, VersionRuleCosts,
 };
 
 use vedette_proto::now_ms;
@@ -459,6 +460,16 @@ pub async fn list(cfg: &CtlConfig) -> anyhow::Result<Vec<BundleInfo>> {
         .map_err(status_error)?
         .into_inner()
         .bundles)
+}
+
+/// The costliest rules per bundle version, as the agents measured them.
+pub async fn slow(cfg: &CtlConfig, org: String) -> anyhow::Result<Vec<VersionRuleCosts>> {
+    let mut c = cfg.client().await?;
+    Ok(c.slow_rules(SlowRulesRequest { org })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .versions)
 }
 
 pub async fn rollout(cfg: &CtlConfig, version: u64) -> anyhow::Result<BundleRolloutResponse> {

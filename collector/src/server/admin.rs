@@ -25,8 +25,8 @@ use vedette_proto::v1::{
     ListBundlesResponse, ListCertsRequest, ListCertsResponse, ListDetectionsRequest,
     ListDetectionsResponse, ListIntelRequest, ListIntelResponse, ListOrgsRequest, ListOrgsResponse,
     Org, PublishBundleRequest, PublishBundleResponse, RevokeAgentRequest, RevokeAgentResponse,
-    RevokeCertRequest, RevokeCertResponse, SetOrgRequest, SetOrgResponse, StageIntelRequest,
-    StageIntelResponse,
+    RevokeCertRequest, RevokeCertResponse, SetOrgRequest, SetOrgResponse, SlowRulesRequest,
+    SlowRulesResponse, StageIntelRequest, StageIntelResponse,
 };
 use vedette_proto::v1::{
     AuditEntry, ListAuditRequest, ListAuditResponse, ListTokensRequest, ListTokensResponse,
@@ -1329,6 +1329,15 @@ impl AdminService for AdminSvc {
         Ok(Response::new(ListBundlesResponse {
             bundles: rows.iter().map(bundle_info).collect(),
         }))
+    }
+
+    async fn slow_rules(
+        &self,
+        request: Request<SlowRulesRequest>,
+    ) -> Result<Response<SlowRulesResponse>, Status> {
+        let who = self.reader(&request)?;
+        let versions = self.slow_rules_as(&who, &request.get_ref().org).await?;
+        Ok(Response::new(SlowRulesResponse { versions }))
     }
 
     async fn get_bundle(

@@ -574,8 +574,11 @@ async fn on_message(state: &State, agent_id: &str, msg: Msg, tx: &Down) -> Resul
             };
             return Ok(tx.send(Ok(ack)).await.is_ok());
         }
-        Msg::Heartbeat(hb) => {
+        Msg::Heartbeat(mut hb) => {
             check_heartbeat(&hb)?;
+            if let Some(profile) = hb.rule_profile.take() {
+                super::rule_costs::record(state, agent_id, profile).await?;
+            }
             state.metrics.heartbeats.inc();
             let dropped = hb.dropped_total;
             let counters = hb.counters.into_iter().collect();

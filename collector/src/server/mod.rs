@@ -9,6 +9,7 @@ pub mod console;
 mod guard;
 mod hunts;
 pub(crate) mod rollout;
+mod rule_costs;
 mod silence;
 pub mod throttle;
 pub mod tls;

@@ -327,6 +327,15 @@ pub trait Store: Send + Sync {
     /// `now_ms`; oldest first.
     fn due_actions(&self, agent: &str, now_ms: i64) -> Result<Vec<ActionRow>, StoreError>;
 
+    /// Keeps an agent's last rule profile (a [`RuleProfile`](vedette_proto::v1::RuleProfile),
+    /// encoded), replacing the one before, under the organisation it was enrolled into; false
+    /// when no such agent exists.
+    fn put_rule_profile(&self, agent: &str, profile: &[u8]) -> Result<bool, StoreError>;
+
+    /// Each agent's last rule profile (agent id, encoded profile); of one organisation when
+    /// `org` is given.
+    fn rule_profiles(&self, org: Option<&str>) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+
     /// Creates an organisation; false when one of that name exists (left as it is).
     fn create_org(&self, org: &OrgRow) -> Result<bool, StoreError>;
 

@@ -276,6 +276,12 @@ const MIGRATIONS: &[&str] = &[
         info BLOB NOT NULL
     );
     CREATE INDEX actions_agent ON actions(agent_id, state);",
+    // 19: the costliest rules each agent measured on its own files, its last measurement.
+    "CREATE TABLE rule_profiles (
+        agent_id TEXT PRIMARY KEY,
+        org TEXT NOT NULL,
+        profile BLOB NOT NULL
+    );",
 ];
 
 /// Groups a batch's detections of one alert into it (`org`, `rule`, `subject`, `kind`, `score`,
@@ -1284,6 +1290,26 @@ impl Store for SqliteStore {
              AND expires_at_ms > ?2 ORDER BY created_at_ms, id"
         ))?;
         let rows = st.query_map(params![agent, now_ms], |r| rows::action(r))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn put_rule_profile(&self, agent: &str, profile: &[u8]) -> Result<bool, StoreError> {
+        let n = self.conn().execute(
+            "INSERT INTO rule_profiles (agent_id, org, profile)
+             SELECT id, org, ?2 FROM agents WHERE id = ?1
+             ON CONFLICT (agent_id) DO UPDATE SET org = excluded.org, profile = excluded.profile",
+            params![agent, profile],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn rule_profiles(&self, org: Option<&str>) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let conn = self.conn();
+        let mut st = conn.prepare(
+            "SELECT agent_id, profile FROM rule_profiles WHERE (?1 IS NULL OR org = ?1)
+             ORDER BY agent_id",
+        )?;
+        let rows = st.query_map([org], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 

@@ -159,6 +159,33 @@ fn an_action_changes_state_only_from_the_state_it_was_read_in() {
 }
 
 #[test]
+fn an_agents_rule_profile_replaces_its_last_and_is_listed_by_organisation() {
+    both("rule_profiles", |s, reopen| {
+        for (hash, agent, org) in [("ta", "a1", "alpha"), ("tb", "b1", "bravo")] {
+            s.create_token(&token(hash, 0, i64::MAX, 1, org)).unwrap();
+            s.enroll(hash, agent, "host", 1).unwrap().unwrap();
+        }
+        assert!(s.put_rule_profile("a1", b"first").unwrap());
+        assert!(s.put_rule_profile("b1", b"other").unwrap());
+        assert!(s.put_rule_profile("a1", b"second").unwrap());
+        assert!(!s.put_rule_profile("nobody", b"x").unwrap(), "not enrolled");
+        let s = reopen();
+        assert_eq!(
+            s.rule_profiles(None).unwrap(),
+            [
+                ("a1".to_string(), b"second".to_vec()),
+                ("b1".to_string(), b"other".to_vec())
+            ]
+        );
+        assert_eq!(
+            s.rule_profiles(Some("bravo")).unwrap(),
+            [("b1".to_string(), b"other".to_vec())]
+        );
+        assert!(s.rule_profiles(Some("charlie")).unwrap().is_empty());
+    });
+}
+
+#[test]
 fn a_hunt_is_answered_once_per_agent_and_only_until_it_expires() {
     both("hunts", |s, reopen| {
         let hunt = |id: &str, org: &str, expires_at_ms: i64| HuntRow {

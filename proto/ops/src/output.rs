@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use vedette_proto::v1::{
     AgentInfo, Alert, AuditEntry, BundleInfo, BundleRolloutResponse, Detection, ExceptionInfo,
-    ExportSink, IntelSource, StoredDetection, TokenInfo, Verdict, detection,
+    ExportSink, IntelSource, StoredDetection, TokenInfo, Verdict, VersionRuleCosts, detection,
 };
 use vedette_proto::{action_name, kind_name};
 
@@ -434,6 +434,24 @@ pub fn rollout_json(r: &BundleRolloutResponse) -> serde_json::Value {
             "connected": a.connected,
             "labels": a.labels,
             "due_version": a.due_version,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// The costliest rules of a bundle version, as its agents measured them.
+pub fn rule_costs_json(v: &VersionRuleCosts) -> serde_json::Value {
+    json!({
+        "version": v.bundle_version,
+        "agents": v.agents,
+        "rules": v.rules.iter().map(|r| json!({
+            "rule": r.rule,
+            "file": r.file,
+            "line": r.line,
+            "share_percent": f64::from(r.max_share_ppm) / 10_000.0,
+            "time_us": r.max_time_us,
+            "agent_id": r.agent_id,
+            "hostname": r.hostname,
+            "agents": r.agents,
         })).collect::<Vec<_>>(),
     })
 }

@@ -16,7 +16,7 @@ use vedette_proto::v1::admin_service_server::AdminService;
 use vedette_proto::v1::{
     AgentInfo, BundleInfo, BundleRolloutRequest, IntelStatusRequest, IntelStatusResponse,
     ListAgentsRequest, ListBundlesRequest, ListDetectionsRequest, RevokeAgentRequest,
-    StoredDetection,
+    SlowRulesRequest, StoredDetection,
 };
 
 use super::auth::Who;
@@ -378,6 +378,21 @@ pub async fn rollout(
         .await?
         .into_inner();
     Ok(Json(output::rollout_json(&r)).into_response())
+}
+
+pub async fn slow_rules(
+    State(console): State<Arc<Console>>,
+    Extension(who): Extension<Who>,
+) -> ApiResult {
+    let r = console
+        .admin
+        .slow_rules(Console::request(&who, SlowRulesRequest::default()))
+        .await?
+        .into_inner();
+    Ok(Json(json!({
+        "versions": r.versions.iter().map(output::rule_costs_json).collect::<Vec<_>>(),
+    }))
+    .into_response())
 }
 
 pub async fn intel(

@@ -275,6 +275,7 @@ fn router(console: Arc<Console>) -> Router {
         .route("/api/v1/agents/{id}/revoke", post(api::revoke))
         .route("/api/v1/bundles", get(api::bundles))
         .route("/api/v1/bundles/{version}/rollout", get(api::rollout))
+        .route("/api/v1/rules/slow", get(api::slow_rules))
         .route("/api/v1/intel", get(api::intel))
         .route("/api/v1/audit", get(api::audit))
         .route(

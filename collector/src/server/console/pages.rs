@@ -15,7 +15,10 @@ use serde_json::Value;
 use tracing::{info, warn};
 use vedette_ops::output::{self, printable, rfc3339_ms, stored_json, target_text};
 use vedette_proto::v1::admin_service_server::AdminService;
-use vedette_proto::v1::{BundleRolloutRequest, GetBundleRequest, StoredDetection};
+use vedette_proto::v1::{
+    BundleInfo, BundleRolloutRequest, GetBundleRequest, SlowRulesRequest, StoredDetection,
+    VersionRuleCosts,
+};
 use vedette_proto::{action_name, kind_name};
 
 use super::api::{self, DetectionQuery, StatsQuery};
@@ -777,6 +780,14 @@ pub async fn rules(
         },
     };
     let by_label = rollout.as_ref().map(by_label).unwrap_or_default();
+    let slow = match console
+        .admin
+        .slow_rules(Console::request(&who, SlowRulesRequest::default()))
+        .await
+    {
+        Ok(r) => slow_rules(&r.into_inner().versions),
+        Err(s) => return Failure::from(s).page(),
+    };
     let body = html! {
         @if let Some(r) = &rollout {
             section #rollout {
@@ -802,18 +813,27 @@ pub async fn rules(
                 }
             }
         }
+        (bundle_history(&bundles))
+        (slow)
+    };
+    page(StatusCode::OK, layout(Some(&who), "Rules", "/rules", body))
+}
+
+/// Every published version, newest first, with a form to compare two.
+fn bundle_history(bundles: &[BundleInfo]) -> Markup {
+    html! {
         section #bundles {
             h2 { "Bundle history" }
             @if bundles.len() >= 2 {
                 form.filters method="get" action="/rules/diff" {
-                    label { "Compare" select name="from" { @for b in &bundles { option value=(b.version) selected[b.version == bundles[1].version] { (b.version) } } } }
-                    label { "with" select name="to" { @for b in &bundles { option value=(b.version) { (b.version) } } } }
+                    label { "Compare" select name="from" { @for b in bundles { option value=(b.version) selected[b.version == bundles[1].version] { (b.version) } } } }
+                    label { "with" select name="to" { @for b in bundles { option value=(b.version) { (b.version) } } } }
                     button #diff type="submit" { "Diff" }
                 }
             }
             table {
                 thead { tr { th { "Version" } th { "To" } th { "Name" } th { "Publisher" } th { "Published by" } th { "Published" } th { "Files" } th { "Size" } th { "Digest" } } }
-                tbody { @for b in &bundles {
+                tbody { @for b in bundles {
                     tr { td { (b.version) } td { @if b.target.is_empty() { "every agent" } @else { "label " code { (b.target) } } }
                          td { (printable(&b.name)) } td { (printable(&b.publisher)) } td { (b.published_by) }
                          td { (rfc3339_ms(b.published_at_ms)) } td.num { (b.files) } td.num { (b.size) } td { code { (b.digest.get(..16).unwrap_or(&b.digest)) } } }
@@ -821,8 +841,30 @@ pub async fn rules(
             }
             @if bundles.is_empty() { p.empty { "No bundle published yet: " code { "vedettectl rules publish" } "." } }
         }
-    };
-    page(StatusCode::OK, layout(Some(&who), "Rules", "/rules", body))
+    }
+}
+
+/// The costliest rules per version, as agents timed them on their own files.
+fn slow_rules(versions: &[VersionRuleCosts]) -> Markup {
+    html! {
+        section #slow-rules {
+            h2 { "Slowest rules on the hosts' own files" }
+            p { "Each agent times its rules on a sample of the files of its last full scan and sends the costliest. A share is of the time all rules took on that host's sample." }
+            @if versions.is_empty() { p.empty { "No agent has timed its rules yet: each does after a full scan (" code { "profile_rules" } " in agent.toml)." } }
+            @for v in versions {
+                h3 { @if v.bundle_version == 0 { "Host-local rules only" } @else { "Version " (v.bundle_version) } " · " (v.agents) " agent(s)" }
+                table.slow {
+                    thead { tr { th { "Rule" } th { "File" } th { "Highest share" } th { "On" } th { "Agents naming it" } } }
+                    tbody { @for r in &v.rules {
+                        tr { td { code { (printable(&r.rule)) } } td { (printable(&r.file)) ":" (r.line) }
+                             td.num { (format!("{:.1} %", f64::from(r.max_share_ppm) / 10_000.0)) }
+                             td { a href={ "/agents/" (r.agent_id) } { (printable(&r.hostname)) } }
+                             td.num { (r.agents) } }
+                    } }
+                }
+            }
+        }
+    }
 }
 
 #[derive(Deserialize)]

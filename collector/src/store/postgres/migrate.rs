@@ -259,6 +259,12 @@ const MIGRATIONS: &[&str] = &[
         info BYTEA NOT NULL
     );
     CREATE INDEX actions_agent ON actions(agent_id, state);",
+    // 17: the costliest rules each agent measured on its own files, its last measurement.
+    "CREATE TABLE rule_profiles (
+        agent_id TEXT PRIMARY KEY,
+        org TEXT NOT NULL,
+        profile BYTEA NOT NULL
+    );",
 ];
 
 /// The advisory lock key migrations run under ("vedette" in ASCII).

@@ -1004,6 +1004,30 @@ impl Store for PgStore {
         })
     }
 
+    fn put_rule_profile(&self, agent: &str, profile: &[u8]) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "INSERT INTO rule_profiles (agent_id, org, profile)
+                 SELECT id, org, $2 FROM agents WHERE id = $1
+                 ON CONFLICT (agent_id) DO UPDATE SET org = excluded.org,
+                    profile = excluded.profile",
+                &[&agent, &profile],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
+    fn rule_profiles(&self, org: Option<&str>) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.with(|c| {
+            let rows = c.query(
+                "SELECT agent_id, profile FROM rule_profiles
+                 WHERE ($1::text IS NULL OR org = $1) ORDER BY agent_id",
+                &[&org],
+            )?;
+            Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
+    }
+
     fn pending_hunts(&self, agent: &str, now_ms: i64) -> Result<Vec<HuntRow>, StoreError> {
         self.with(|c| {
             let rows = c.query(
