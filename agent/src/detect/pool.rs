@@ -6,11 +6,18 @@
 //! its memory. A scan that started on one rule set finishes on it; the next file picks up a
 //! swapped-in set. A worker idle for [`IDLE`] drops its scanner, and every worker releases its
 //! scanner when the agent goes over its memory ceiling ([`crate::governor`]).
+//!
+//! A burst (a package install, an archive unpacked, a build) can queue thousands of files at
+//! once. While more than [`BACKLOG`] wait, helper threads join the workers, up to one thread
+//! per core in all, at the low priority of background scans: they take the cores the host
+//! leaves idle, and give them back to the host's own work first. With the backlog gone, they
+//! drop their scanners and wait again.
 
 use std::fs::File;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -31,6 +38,11 @@ const QUEUE_DEPTH: usize = 1024;
 /// A worker with no file for this long releases its scanner.
 const IDLE: Duration = Duration::from_secs(30);
 
+/// Files waiting past which helpers join the workers.
+const BACKLOG: u64 = 64;
+/// Longest a helper waits for a backlog before it looks whether the pool stopped.
+const HELPER_WAKE: Duration = Duration::from_secs(1);
+
 /// One piece of work.
 pub enum Job {
     /// A file to open and scan (inotify, rescans).
@@ -47,17 +59,28 @@ pub enum Job {
 pub struct JobSender {
     tx: SyncSender<Job>,
     counters: Arc<Counters>,
+    /// Woken when the queue holds [`BACKLOG`] files (None: no helpers).
+    backlog: Option<Arc<Backlog>>,
 }
 
 impl JobSender {
     /// A sender over a queue of its own (tests, and producers outside the pool).
     pub fn new(tx: SyncSender<Job>, counters: Arc<Counters>) -> JobSender {
-        JobSender { tx, counters }
+        JobSender {
+            tx,
+            counters,
+            backlog: None,
+        }
     }
 
     /// Queues `job`, waiting while the queue is full; an error once the pool has stopped.
     pub fn send(&self, job: Job) -> Result<(), std::sync::mpsc::SendError<Job>> {
         self.counters.inc(Counter::ScanQueue);
+        if let Some(b) = &self.backlog
+            && self.counters.get(Counter::ScanQueue) == BACKLOG
+        {
+            b.wake.notify_all();
+        }
         let sent = self.tx.send(job);
         if sent.is_err() {
             self.counters.sub(Counter::ScanQueue, 1);
@@ -66,10 +89,19 @@ impl JobSender {
     }
 }
 
+/// Where helpers wait for a backlog.
+#[derive(Default)]
+struct Backlog {
+    lock: Mutex<()>,
+    wake: Condvar,
+    stopped: AtomicBool,
+}
+
 /// Handle to the pool: send jobs, then [`ScanPool::join`] to stop.
 pub struct ScanPool {
     tx: JobSender,
     workers: Vec<JoinHandle<()>>,
+    backlog: Arc<Backlog>,
 }
 
 /// What every worker shares.
@@ -85,7 +117,7 @@ struct Shared {
 
 impl ScanPool {
     /// `workers` threads that scan with the current `rules` and send what `reports` says is
-    /// new to `detections`.
+    /// new to `detections`, and helpers up to one thread per core for backlogs.
     pub fn start(
         workers: usize,
         rules: Arc<ArcSwap<RuleSet>>,
@@ -104,9 +136,13 @@ impl ScanPool {
             counters,
             users: Users::load(),
         });
-        let tx = JobSender::new(tx, shared.counters.clone());
+        let backlog = Arc::new(Backlog::default());
+        let mut tx = JobSender::new(tx, shared.counters.clone());
+        tx.backlog = Some(backlog.clone());
+        let workers = workers.max(1);
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
         let mut handles = Vec::new();
-        for i in 0..workers.max(1) {
+        for i in 0..workers {
             let shared = shared.clone();
             handles.push(
                 std::thread::Builder::new()
@@ -114,9 +150,18 @@ impl ScanPool {
                     .spawn(move || worker(&shared))?,
             );
         }
+        for i in 0..cores.saturating_sub(workers) {
+            let (shared, backlog) = (shared.clone(), backlog.clone());
+            handles.push(
+                std::thread::Builder::new()
+                    .name(format!("scan-helper-{i}"))
+                    .spawn(move || helper(&shared, &backlog))?,
+            );
+        }
         Ok(ScanPool {
             tx,
             workers: handles,
+            backlog,
         })
     }
 
@@ -127,6 +172,8 @@ impl ScanPool {
 
     /// Stops accepting work, lets the workers finish what is queued, and waits for them.
     pub fn join(self) {
+        self.backlog.stopped.store(true, Ordering::Relaxed);
+        self.backlog.wake.notify_all();
         drop(self.tx);
         for w in self.workers {
             let _ = w.join();
@@ -180,6 +227,48 @@ fn worker(shared: &Shared) {
                 Next::Job(next) => job = Some(next),
                 Next::Idle => gov.want_trim(),
                 Next::Stop => return,
+            }
+        }
+    }
+}
+
+/// A helper: at background priority, scans while a backlog lasts, then waits for the next one
+/// without a scanner.
+fn helper(shared: &Shared, backlog: &Backlog) {
+    crate::detect::full_scan::lower_thread_priority(crate::detect::full_scan::BACKGROUND_NICE);
+    let gov = governor();
+    loop {
+        {
+            let mut held = backlog.lock.lock().unwrap_or_else(|p| p.into_inner());
+            while shared.counters.get(Counter::ScanQueue) < BACKLOG {
+                if backlog.stopped.load(Ordering::Relaxed) {
+                    return;
+                }
+                held = backlog
+                    .wake
+                    .wait_timeout(held, HELPER_WAKE)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        }
+        let rules = shared.rules.load_full();
+        let mut scanner = FileScanner::new(&rules, shared.options);
+        let mut made = gov.generation();
+        // Until the queue is empty, the rules change or memory is short: then the scanner goes.
+        while shared.counters.get(Counter::ScanQueue) > 0
+            && Arc::ptr_eq(&shared.rules.load(), &rules)
+            && !gov.release_due(&mut made, &shared.counters)
+        {
+            let job = match shared.next(Some(HELPER_WAKE)) {
+                Next::Job(job) => job,
+                Next::Idle => break,
+                Next::Stop => return,
+            };
+            for d in gov.paced(|| shared.judge(job, &mut scanner, &rules)) {
+                shared.counters.inc(Counter::Detections);
+                if shared.detections.blocking_send(d).is_err() {
+                    return;
+                }
             }
         }
     }
@@ -244,5 +333,74 @@ impl Shared {
                 exec_detections(&self.reports.ids, &self.users, &exec, matches, rules)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Instant;
+
+    use super::*;
+    use crate::detect::Ids;
+    use crate::detect::cache::ScanCache;
+
+    #[test]
+    fn a_backlog_brings_helpers_that_scan_beside_the_workers_and_every_file_is_reported_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = vedette_engine::RuleSetBuilder::new();
+        b.add_yara_source(Path::new("all.yar"), b"rule every_file { condition: true }");
+        let rules = Arc::new(ArcSwap::from_pointee(b.build(0)));
+        // Room for one detection: a thread that made a second waits until the test reads.
+        let (det_tx, mut det_rx) = mpsc::channel(1);
+        let counters = Arc::new(Counters::default());
+        let reports = ReportFilter {
+            ids: Ids::for_agent("pool-test"),
+            cache: Arc::new(ScanCache::new()),
+            execs: Arc::new(ScanCache::keeping_digests()),
+            unjudged: Arc::default(),
+            history: None,
+        };
+        let pool = ScanPool::start(
+            1,
+            rules,
+            ScanOptions::default(),
+            det_tx,
+            reports,
+            counters.clone(),
+        )
+        .unwrap();
+        let n = 200u64;
+        let tx = pool.sender();
+        for i in 0..n {
+            let path = dir.path().join(format!("f{i}"));
+            std::fs::write(&path, format!("file {i}")).unwrap();
+            tx.send(Job::Path(path)).unwrap();
+        }
+        // The worker took two files and waits to hand over its second detection; each helper
+        // (one per core beyond the worker) takes one more and waits too.
+        let cores = std::thread::available_parallelism().map_or(1, usize::from) as u64;
+        let want = n - 2 - (cores - 1);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while counters.get(Counter::ScanQueue) != want {
+            assert!(
+                Instant::now() < deadline,
+                "{} files waiting, not {want}: no helper took the backlog",
+                counters.get(Counter::ScanQueue)
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut paths = std::collections::BTreeSet::new();
+        for _ in 0..n {
+            let d = det_rx.blocking_recv().expect("a detection");
+            let Some(vedette_proto::v1::detection::Target::File(f)) = d.target else {
+                panic!("not a file detection: {d:?}");
+            };
+            paths.insert(f.path);
+        }
+        assert_eq!(paths.len() as u64, n, "each file once");
+        drop(tx);
+        pool.join();
+        assert!(det_rx.try_recv().is_err(), "nothing more");
     }
 }
