@@ -64,6 +64,7 @@ pub const API_ROUTES: &[(&str, &str)] = &[
     ("post", "/api/v1/agents/{id}/revoke"),
     ("get", "/api/v1/bundles"),
     ("get", "/api/v1/bundles/{version}/rollout"),
+    ("get", "/api/v1/rules/slow"),
     ("get", "/api/v1/intel"),
     ("get", "/api/v1/audit"),
     ("get", "/api/v1/hunts"),
