@@ -122,6 +122,9 @@ pub struct Shipper {
 struct Session {
     /// Sequence numbers are per stream.
     next_seq: u64,
+    /// When the rule profile sent on this stream was measured (0: none sent): a profile goes
+    /// once per stream and measurement, not in every heartbeat.
+    profile_sent: i64,
     /// The next spool record to send.
     cursor: u64,
     in_flight: VecDeque<InFlight>,
@@ -283,6 +286,7 @@ impl Shipper {
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut s = Session {
             next_seq: 1,
+            profile_sent: 0,
             cursor: self.sp.spool.acked() + 1,
             in_flight: VecDeque::new(),
             idle: false,
@@ -334,7 +338,7 @@ impl Shipper {
                     up.send(msg).await.map_err(|_| End::Lost("stream closed".into()))
                 }
                 _ = s.heartbeat.tick() => {
-                    self.heartbeat(&up);
+                    self.heartbeat(&up, &mut s.profile_sent);
                     if !draining && self.renewal_due() {
                         Err(End::Renew)
                     } else {
@@ -464,21 +468,31 @@ impl Shipper {
         Ok(())
     }
 
-    /// Never waits: when the stream is congested the heartbeat is skipped.
-    fn heartbeat(&self, up: &Up) {
+    /// Never waits: when the stream is congested the heartbeat is skipped. Carries the rule
+    /// profile when this stream has not had this measurement yet (`profile_sent`).
+    fn heartbeat(&self, up: &Up, profile_sent: &mut i64) {
         self.counters
             .set(Counter::SpoolPending, self.sp.spool.pending());
         self.counters
             .set(Counter::SpoolBytes, self.sp.spool.bytes());
+        let profile = self
+            .bundles
+            .rules
+            .costs()
+            .filter(|p| p.measured_at_ms != *profile_sent);
         let hb = AgentMessage {
             msg: Some(Msg::Heartbeat(Heartbeat {
                 counters: self.counters.snapshot().into_iter().collect(),
                 dropped_total: self.sp.spool.dropped(),
                 sent_at_ms: vedette_proto::now_ms(),
-                rule_profile: self.bundles.rules.costs(),
+                rule_profile: profile.clone(),
             })),
         };
-        let _ = up.try_send(hb);
+        if up.try_send(hb).is_ok()
+            && let Some(p) = profile
+        {
+            *profile_sent = p.measured_at_ms;
+        }
     }
 }
 
