@@ -8,8 +8,8 @@
 //! scanner when the agent goes over its memory ceiling ([`crate::governor`]).
 //!
 //! A burst (a package install, an archive unpacked, a build) can queue thousands of files at
-//! once. While more than [`BACKLOG`] wait, helper threads join the workers, up to one thread
-//! per core in all, at the low priority of background scans: they take the cores the host
+//! once. While more than [`BACKLOG`] wait, helper threads join the workers (at most
+//! [`MAX_HELPERS`], one thread per core in all: each holds a scanner), at the low priority of background scans: they take the cores the host
 //! leaves idle, and give them back to the host's own work first. With the backlog gone, they
 //! drop their scanners and wait again.
 
@@ -40,6 +40,8 @@ const IDLE: Duration = Duration::from_secs(30);
 
 /// Files waiting past which helpers join the workers.
 const BACKLOG: u64 = 64;
+/// Most helpers.
+const MAX_HELPERS: usize = 4;
 /// Longest a helper waits for a backlog before it looks whether the pool stopped.
 const HELPER_WAKE: Duration = Duration::from_secs(1);
 
@@ -117,7 +119,7 @@ struct Shared {
 
 impl ScanPool {
     /// `workers` threads that scan with the current `rules` and send what `reports` says is
-    /// new to `detections`, and helpers up to one thread per core for backlogs.
+    /// new to `detections`, and helpers for backlogs (see the module's text).
     pub fn start(
         workers: usize,
         rules: Arc<ArcSwap<RuleSet>>,
@@ -150,7 +152,7 @@ impl ScanPool {
                     .spawn(move || worker(&shared))?,
             );
         }
-        for i in 0..cores.saturating_sub(workers) {
+        for i in 0..cores.saturating_sub(workers).min(MAX_HELPERS) {
             let (shared, backlog) = (shared.clone(), backlog.clone());
             handles.push(
                 std::thread::Builder::new()
@@ -378,9 +380,9 @@ mod tests {
             tx.send(Job::Path(path)).unwrap();
         }
         // The worker took two files and waits to hand over its second detection; each helper
-        // (one per core beyond the worker) takes one more and waits too.
-        let cores = std::thread::available_parallelism().map_or(1, usize::from) as u64;
-        let want = n - 2 - (cores - 1);
+        // (one per core beyond the worker, at most MAX_HELPERS) takes one more and waits too.
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let want = n - 2 - (cores - 1).min(MAX_HELPERS) as u64;
         let deadline = Instant::now() + Duration::from_secs(20);
         while counters.get(Counter::ScanQueue) != want {
             assert!(
