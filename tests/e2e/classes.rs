@@ -111,23 +111,9 @@ fn class_sets_judge_every_file_as_the_whole_set_does_with_the_engines_own_rules(
 #[test]
 fn rules_check_names_a_slow_rule_first_and_needs_no_collector() {
     let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("rules");
+    let rules = vedette_tests::rules_with_a_slow_one(&dir.path().join("rules"));
     let corpus = dir.path().join("corpus");
-    std::fs::create_dir(&rules).unwrap();
     std::fs::create_dir(&corpus).unwrap();
-    let mut quick = String::new();
-    for i in 0..40 {
-        quick.push_str(&format!(
-            "rule quick_{i} {{ strings: $a = \"MARKER-{i:04}\" condition: $a }}\n"
-        ));
-    }
-    std::fs::write(rules.join("quick.yar"), quick).unwrap();
-    std::fs::write(
-        rules.join("mixed.yar"),
-        "rule cheap { strings: $a = \"CHEAP\" condition: $a }\n\
-         rule no_atoms { strings: $r = /[a-z]+[0-9]+[a-z]+[0-9]/ condition: $r }\n",
-    )
-    .unwrap();
     for i in 0..5 {
         std::fs::write(
             corpus.join(format!("sample-{i}.txt")),

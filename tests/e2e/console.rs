@@ -1044,18 +1044,7 @@ fn agents_time_their_rules_on_their_own_files_and_the_rules_page_names_the_slowe
     let (c, base) = console_collector(&tmp.path().join("collector"));
     c.ctl_ok(&["orgs", "create", "bravo"]);
     // Version 1: forty quick rules, and one whose regex has no atoms.
-    let bundle = tmp.path().join("bundle");
-    std::fs::create_dir_all(&bundle).unwrap();
-    let quick: String = (0..40)
-        .map(|i| format!("rule quick_{i} {{ strings: $a = \"MARKER-{i:04}\" condition: $a }}\n"))
-        .collect();
-    std::fs::write(bundle.join("quick.yar"), quick).unwrap();
-    std::fs::write(
-        bundle.join("mixed.yar"),
-        "rule cheap { strings: $a = \"CHEAP\" condition: $a }\n\
-         rule no_atoms { strings: $r = /[a-z]+[0-9]+[a-z]+[0-9]/ condition: $r }\n",
-    )
-    .unwrap();
+    let bundle = vedette_tests::rules_with_a_slow_one(&tmp.path().join("bundle"));
     c.ctl_ok(&["rules", "publish", bundle.to_str().unwrap()]);
     // A host whose files that rule is slow on; it scans them once it has the bundle.
     let mut agent = Agent::enroll(&c, &tmp.path().join("agent"));

@@ -732,6 +732,24 @@ impl PgDb {
     }
 }
 
+/// Forty quick rules (`quick.yar`) and, in `mixed.yar` line 2, `no_atoms`, whose regex has no
+/// atoms: tried at every byte of a file, it costs more than all the others together. Written
+/// into `dir` (made if missing), which is returned.
+pub fn rules_with_a_slow_one(dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).expect("rule dir");
+    let quick: String = (0..40)
+        .map(|i| format!("rule quick_{i} {{ strings: $a = \"MARKER-{i:04}\" condition: $a }}\n"))
+        .collect();
+    std::fs::write(dir.join("quick.yar"), quick).expect("quick.yar");
+    std::fs::write(
+        dir.join("mixed.yar"),
+        "rule cheap { strings: $a = \"CHEAP\" condition: $a }\n\
+         rule no_atoms { strings: $r = /[a-z]+[0-9]+[a-z]+[0-9]/ condition: $r }\n",
+    )
+    .expect("mixed.yar");
+    dir.to_owned()
+}
+
 /// Writes an agent configuration at `path` watching `watch` for `rules`, with heartbeats every
 /// second, reconnects within a second, no process monitor and no scheduled scans (each test
 /// says what it wants scanned); `extra` is appended.

@@ -251,7 +251,7 @@ fn serve_profile(data: &[u8], output: &mut dyn Write) -> Result<(), ServeError> 
     for _ in 0..count {
         corpus.push(r.blob().ok_or(ServeError::Truncated)?.to_vec());
     }
-    let profile = crate::profile::profile(&sources, &names, &corpus, top.max(5), top);
+    let profile = crate::profile::profile(&sources, &names, &corpus, top);
     let mut w = Writer::default();
     w.bytes(PROFILE_RESPONSE);
     write_profile(&mut w, &profile);

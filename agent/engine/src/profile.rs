@@ -74,14 +74,14 @@ fn alone(origin: &Path, ns: &str, text: &[u8]) -> yara_x::Rules {
 }
 
 /// Profiles `sources` (YARA files with their namespaces) on `corpus`: the `top` costliest
-/// rules, looked for in the `files` costliest rule files.
+/// rules, looked for in the costliest rule files (`top` of them, and at least 5).
 pub(crate) fn profile(
     sources: &[(PathBuf, Vec<u8>)],
     names: &[Option<String>],
     corpus: &[Vec<u8>],
-    files: usize,
     top: usize,
 ) -> Profile {
+    let files = top.max(5);
     let nothing = alone(Path::new("empty"), "empty", b"");
     let base = measure(&nothing, corpus, 3);
     let mut by_file: Vec<(usize, Duration)> = Vec::new();

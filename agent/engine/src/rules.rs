@@ -491,7 +491,7 @@ impl RuleSetBuilder {
     /// costliest, costliest first (see [`crate::profile`]).
     pub fn profile(&self, corpus: &[Vec<u8>], top: usize) -> crate::profile::Profile {
         let names = assign_namespaces(&self.yara_sources);
-        crate::profile::profile(&self.yara_sources, &names, corpus, top.max(5), top)
+        crate::profile::profile(&self.yara_sources, &names, corpus, top)
     }
 
     /// [`Self::profile`] in the process `compiler` runs (see [`crate::isolated`]): this

@@ -9,9 +9,9 @@
 //!
 //! A burst (a package install, an archive unpacked, a build) can queue thousands of files at
 //! once. While more than [`BACKLOG`] wait, helper threads join the workers (at most
-//! [`MAX_HELPERS`], one thread per core in all: each holds a scanner), at the low priority of background scans: they take the cores the host
-//! leaves idle, and give them back to the host's own work first. With the backlog gone, they
-//! drop their scanners and wait again.
+//! [`MAX_HELPERS`], and one thread per core in all: each holds a scanner), at the low priority
+//! of background scans: they take the cores the host leaves idle, and give them back to the
+//! host's own work first. With the backlog gone, they drop their scanners and wait again.
 
 use std::fs::File;
 use std::path::PathBuf;
@@ -149,7 +149,7 @@ impl ScanPool {
             handles.push(
                 std::thread::Builder::new()
                     .name(format!("scan-{i}"))
-                    .spawn(move || worker(&shared))?,
+                    .spawn(move || worker(&shared, None))?,
             );
         }
         for i in 0..cores.saturating_sub(workers).min(MAX_HELPERS) {
@@ -157,7 +157,7 @@ impl ScanPool {
             handles.push(
                 std::thread::Builder::new()
                     .name(format!("scan-helper-{i}"))
-                    .spawn(move || helper(&shared, &backlog))?,
+                    .spawn(move || worker(&shared, Some(&backlog)))?,
             );
         }
         Ok(ScanPool {
@@ -192,7 +192,13 @@ enum Next {
     Stop,
 }
 
-fn worker(shared: &Shared) {
+/// A worker (`backlog` None), or a helper: at background priority, it takes files only while
+/// a backlog lasts, and drops its scanner when the queue is empty.
+fn worker(shared: &Shared, backlog: Option<&Backlog>) {
+    if backlog.is_some() {
+        crate::detect::full_scan::lower_thread_priority(crate::detect::full_scan::BACKGROUND_NICE);
+    }
+    let wait = if backlog.is_some() { HELPER_WAKE } else { IDLE };
     let gov = governor();
     let mut carried: Option<Job> = None;
     loop {
@@ -200,10 +206,19 @@ fn worker(shared: &Shared) {
         // YARA scanner's memory nor, after a swap, the previous rules alive.
         let first = match carried.take() {
             Some(job) => job,
-            None => match shared.next(None) {
-                Next::Job(job) => job,
-                Next::Idle | Next::Stop => return,
-            },
+            None => {
+                if let Some(b) = backlog
+                    && !b.wait(&shared.counters)
+                {
+                    return;
+                }
+                match shared.next(backlog.map(|_| HELPER_WAKE)) {
+                    Next::Job(job) => job,
+                    // A helper whose backlog was taken by the others.
+                    Next::Idle if backlog.is_some() => continue,
+                    Next::Idle | Next::Stop => return,
+                }
+            }
         };
         let rules = shared.rules.load_full();
         let mut scanner = FileScanner::new(&rules, shared.options);
@@ -218,10 +233,12 @@ fn worker(shared: &Shared) {
                     return;
                 }
             }
-            if gov.release_due(&mut made, &shared.counters) {
+            if gov.release_due(&mut made, &shared.counters)
+                || (backlog.is_some() && shared.counters.get(Counter::ScanQueue) == 0)
+            {
                 break;
             }
-            match shared.next(Some(IDLE)) {
+            match shared.next(Some(wait)) {
                 // New rules arrived: rebuild the scanner, then do this job with them.
                 Next::Job(next) if !Arc::ptr_eq(&shared.rules.load(), &rules) => {
                     carried = Some(next);
@@ -234,45 +251,21 @@ fn worker(shared: &Shared) {
     }
 }
 
-/// A helper: at background priority, scans while a backlog lasts, then waits for the next one
-/// without a scanner.
-fn helper(shared: &Shared, backlog: &Backlog) {
-    crate::detect::full_scan::lower_thread_priority(crate::detect::full_scan::BACKGROUND_NICE);
-    let gov = governor();
-    loop {
-        {
-            let mut held = backlog.lock.lock().unwrap_or_else(|p| p.into_inner());
-            while shared.counters.get(Counter::ScanQueue) < BACKLOG {
-                if backlog.stopped.load(Ordering::Relaxed) {
-                    return;
-                }
-                held = backlog
-                    .wake
-                    .wait_timeout(held, HELPER_WAKE)
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
+impl Backlog {
+    /// Waits until more than [`BACKLOG`] files wait; false once the pool stopped.
+    fn wait(&self, counters: &Counters) -> bool {
+        let mut held = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        while counters.get(Counter::ScanQueue) < BACKLOG {
+            if self.stopped.load(Ordering::Relaxed) {
+                return false;
             }
+            held = self
+                .wake
+                .wait_timeout(held, HELPER_WAKE)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
-        let rules = shared.rules.load_full();
-        let mut scanner = FileScanner::new(&rules, shared.options);
-        let mut made = gov.generation();
-        // Until the queue is empty, the rules change or memory is short: then the scanner goes.
-        while shared.counters.get(Counter::ScanQueue) > 0
-            && Arc::ptr_eq(&shared.rules.load(), &rules)
-            && !gov.release_due(&mut made, &shared.counters)
-        {
-            let job = match shared.next(Some(HELPER_WAKE)) {
-                Next::Job(job) => job,
-                Next::Idle => break,
-                Next::Stop => return,
-            };
-            for d in gov.paced(|| shared.judge(job, &mut scanner, &rules)) {
-                shared.counters.inc(Counter::Detections);
-                if shared.detections.blocking_send(d).is_err() {
-                    return;
-                }
-            }
-        }
+        true
     }
 }
 

@@ -737,6 +737,8 @@ pub fn socket_owners(inodes: &HashSet<u64>) -> HashMap<u64, u32> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn the_tcp_tables_are_read_again_after_a_connection_opens_or_the_indicators_change() {
         let before = tcp_opens().expect("/proc/net/snmp counts TCP opens");
@@ -754,8 +756,6 @@ mod tests {
         );
         assert!(gate.due(2, 1), "a connection opened since");
     }
-
-    use super::*;
 
     #[test]
     fn proc_net_lines_parse() {

@@ -152,21 +152,24 @@ impl ActiveRules {
     /// The sources of the rules that run: host-local ones and the bundle of `version` (None
     /// when that bundle is no longer the last good one: a newer one came meanwhile).
     fn builder_of(&self, version: u64) -> Option<RuleSetBuilder> {
-        let mut b = RuleSetBuilder::new();
-        for p in &self.local {
-            if let Err(e) = b.add_path(p) {
-                warn!(path = %p.display(), error = %e, "cannot read host-local rules to time them");
-                return None;
-            }
-        }
-        if version > 0 {
-            let content = self.read_last_good().ok().flatten()?;
-            if content.version != version || self.applied.load(Ordering::Relaxed) != version {
-                return None;
-            }
-            vedette_engine::bundle::add_to(&mut b, &content);
-        }
-        Some(b)
+        let content = match version {
+            0 => None,
+            _ => match self.read_last_good() {
+                Ok(Some(c))
+                    if c.version == version && self.applied.load(Ordering::Relaxed) == version =>
+                {
+                    Some(c)
+                }
+                Ok(_) => return None,
+                Err(e) => {
+                    warn!(error = %e, "cannot read the bundle to time its rules");
+                    return None;
+                }
+            },
+        };
+        self.sources(content.as_ref())
+            .inspect_err(|e| warn!(error = %e, "cannot read the rules to time them"))
+            .ok()
     }
 }
 

@@ -288,10 +288,8 @@ impl ActiveRules {
         }
     }
 
-    /// Builds host-local rules plus the bundle. Problems in host-local files are logged (the
-    /// rest loads, as at start); any problem in the bundle's YARA files fails the build.
-    fn compile(&self, content: Option<&BundleContent>) -> Result<RuleSet, RulesError> {
-        let started = std::time::Instant::now();
+    /// The sources of host-local rules plus the bundle's.
+    fn sources(&self, content: Option<&BundleContent>) -> Result<RuleSetBuilder, RulesError> {
         let mut b = RuleSetBuilder::new();
         for p in &self.local {
             b.add_path(p)?;
@@ -299,6 +297,14 @@ impl ActiveRules {
         if let Some(c) = content {
             bundle::add_to(&mut b, c);
         }
+        Ok(b)
+    }
+
+    /// Builds host-local rules plus the bundle. Problems in host-local files are logged (the
+    /// rest loads, as at start); any problem in the bundle's YARA files fails the build.
+    fn compile(&self, content: Option<&BundleContent>) -> Result<RuleSet, RulesError> {
+        let started = std::time::Instant::now();
+        let b = self.sources(content)?;
         let b = match &self.compiler {
             Some(c) => b.compile_with(c.clone()),
             None => b.compact(),
