@@ -284,7 +284,7 @@ fn stix_equality_is_exact_and_misp_domain_ip_matches_the_name() {
 }
 
 #[test]
-fn a_beacon_makes_one_detection_per_window_and_a_count() {
+fn a_beacon_makes_one_detection_per_window_with_its_count() {
     let Some(ns) = netns() else {
         return;
     };
@@ -296,19 +296,21 @@ fn a_beacon_makes_one_detection_per_window_and_a_count() {
         let asked = "c2.vedette-test.example";
         let me = client(&[asked], 25, 0.1, 0);
         let pid = u64::from(me.0.id());
-        let summary = wait_for(Duration::from_secs(30), "the window's count", || {
+        // Reported at its first query, at once: one detection, counting one.
+        let first = wait_for(Duration::from_secs(10), "the first query's report", || {
+            dns_detections(&c, asked).into_iter().next()
+        });
+        assert_eq!(first["pid"], pid, "{first}");
+        // The window ends: the same detection counts all 25.
+        let counted = wait_for(Duration::from_secs(30), "the window's count", || {
             dns_detections(&c, asked)
                 .into_iter()
                 .find(|d| d["count"] == 25)
         });
-        assert_eq!(summary["pid"], pid);
+        assert_eq!(counted["id"], first["id"]);
+        assert_eq!(counted["pid"], pid);
         let all = dns_detections(&c, asked);
-        assert_eq!(
-            all.len(),
-            2,
-            "the first query and the window's count: {all:?}"
-        );
-        assert!(all.iter().any(|d| d["count"] == 1), "{all:?}");
+        assert_eq!(all.len(), 1, "one incident, one detection: {all:?}");
         let row = agent.info(&c).unwrap();
         assert!(
             row["counters"]["dns_repeats"].as_u64().unwrap_or(0) >= 24,

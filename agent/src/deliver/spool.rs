@@ -6,7 +6,8 @@
 //! ```text
 //! STATE/spool/00000000000000000001.seg   segments, named by the id of their first record
 //! STATE/spool/00000000000000000733.seg
-//! STATE/spool/ack                        acknowledged-up-to id and dropped total (checksummed)
+//! STATE/spool/ack                        acknowledged-up-to id and dropped total (checksummed),
+//!                                        in two slots written in turn
 //! STATE/spool/reserve                    room kept for making room on a full disk (zeros)
 //! ```
 //!
@@ -51,7 +52,8 @@
 //! # What a crash or power cut can lose
 //!
 //! A process crash (SIGKILL included) loses nothing that reached the spool: records are written
-//! before they are sent, and the ack file is replaced atomically. A power cut can lose only
+//! before they are sent, and each ack write goes to the slot not holding the last state, so a
+//! write cut short leaves the state before it. A power cut can lose only
 //! detections that had not yet been synced, which were never sent nor acknowledged to anyone.
 //! The ack file is not synced on every ack; after a power cut it may be older than the truth, so
 //! some acknowledged detections are sent again, and the collector stores each detection id once.
@@ -59,7 +61,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -141,6 +143,7 @@ struct Inner {
     reserved: bool,
     /// When the reserve was last written (or tried).
     reserve_tried: Instant,
+    ack: AckFile,
 }
 
 pub struct Spool {
@@ -302,7 +305,7 @@ impl Spool {
             .create(dir)
             .map_err(|e| ctx(dir, e))?;
         let cap = cap.max(MIN_CAP);
-        let (acked, dropped) = read_ack(&dir.join("ack"));
+        let ((acked, dropped), ack_slot) = read_ack(&dir.join("ack"));
         remove_leftovers(dir);
         let names = segment_files(dir)?;
         let mut rec = Recovery::default();
@@ -341,6 +344,10 @@ impl Spool {
                 dropped_at: Instant::now(),
                 reserved: false,
                 reserve_tried: Instant::now(),
+                ack: AckFile {
+                    file: None,
+                    slot: ack_slot,
+                },
             }),
             stats: Stats::default(),
         };
@@ -907,36 +914,41 @@ impl Spool {
         self.write_ack(inner, false)
     }
 
-    fn write_ack(&self, inner: &Inner, sync: bool) -> io::Result<()> {
+    /// Writes the ack state into the slot of the ack file not holding the last one, in place
+    /// (no new file, no rename: an ack costs one small write, not an inode).
+    fn write_ack(&self, inner: &mut Inner, sync: bool) -> io::Result<()> {
         let path = self.dir.join("ack");
-        let tmp = self.dir.join("ack.tmp");
-        let mut body = Vec::with_capacity(20);
-        body.extend_from_slice(&inner.acked.to_le_bytes());
-        body.extend_from_slice(&inner.dropped.to_le_bytes());
-        let sum = crc32fast::hash(&body);
-        body.extend_from_slice(&sum.to_le_bytes());
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| ctx(&tmp, e))?;
-        f.write_all(&body).map_err(|e| ctx(&tmp, e))?;
+        let body = ack_slot(inner.acked, inner.dropped);
+        let slot = inner.ack.slot;
+        let file = match &inner.ack.file {
+            Some(f) => f,
+            None => {
+                let f = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(|e| ctx(&path, e))?;
+                // Its directory entry is made durable once.
+                sync_dir(&self.dir)?;
+                inner.ack.file.insert(f)
+            }
+        };
+        file.write_all_at(&body, slot * ACK_SLOT as u64)
+            .map_err(|e| ctx(&path, e))?;
         if sync {
-            f.sync_data().map_err(|e| ctx(&tmp, e))?;
+            file.sync_data().map_err(|e| ctx(&path, e))?;
         }
-        fs::rename(&tmp, &path).map_err(|e| ctx(&path, e))?;
-        if sync {
-            sync_dir(&self.dir)?;
-        }
+        inner.ack.slot = 1 - slot;
         Ok(())
     }
 
     /// Persists the ack state (at shutdown).
     pub fn sync(&self) -> io::Result<()> {
-        let g = self.lock();
-        self.write_ack(&g, true)
+        let mut g = self.lock();
+        self.write_ack(&mut g, true)
     }
 
     /// Highest acknowledged id.
@@ -1047,7 +1059,7 @@ pub struct Inspection {
 /// Reads a spool directory without repairing it. A record being written while this runs shows
 /// as a damaged tail.
 pub fn inspect(dir: &Path) -> io::Result<Inspection> {
-    let (acked, dropped_total) = read_ack(&dir.join("ack"));
+    let ((acked, dropped_total), _) = read_ack(&dir.join("ack"));
     let mut out = Inspection {
         acked,
         dropped_total,
@@ -1089,8 +1101,8 @@ fn disk_full(e: &io::Error) -> bool {
     )
 }
 
-/// Removes what a crash can leave half-made: temporary copies of segments and of the ack file
-/// (the files they were to replace are whole).
+/// Removes what a crash can leave half-made: temporary copies of segments (and the ack file's
+/// of earlier versions, which replaced it whole); the files they were to replace are whole.
 fn remove_leftovers(dir: &Path) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
@@ -1120,27 +1132,69 @@ fn segment_files(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
     Ok(out)
 }
 
-/// Reads the ack file; a missing or damaged one means nothing was acknowledged.
-fn read_ack(path: &Path) -> (u64, u64) {
+/// Bytes of one slot of the ack file: acknowledged-up-to id, dropped total, CRC-32 of both.
+const ACK_SLOT: usize = 20;
+
+/// The ack file, kept open: two slots written in turn, so a write cut short (a power cut)
+/// spoils only the slot it was writing, and the other holds the state before it.
+#[derive(Default)]
+struct AckFile {
+    file: Option<File>,
+    /// The slot the next write goes to.
+    slot: u64,
+}
+
+fn ack_slot(acked: u64, dropped: u64) -> [u8; ACK_SLOT] {
+    let mut body = [0u8; ACK_SLOT];
+    body[..8].copy_from_slice(&acked.to_le_bytes());
+    body[8..16].copy_from_slice(&dropped.to_le_bytes());
+    let sum = crc32fast::hash(&body[..16]);
+    body[16..].copy_from_slice(&sum.to_le_bytes());
+    body
+}
+
+/// One slot's state, if its checksum holds.
+fn read_slot(body: &[u8]) -> Option<(u64, u64)> {
+    let sum = u32::from_le_bytes(body.get(16..20)?.try_into().ok()?);
+    if crc32fast::hash(body.get(..16)?) != sum {
+        return None;
+    }
+    let acked = u64::from_le_bytes(body.get(0..8)?.try_into().ok()?);
+    let dropped = u64::from_le_bytes(body.get(8..16)?.try_into().ok()?);
+    Some((acked, dropped))
+}
+
+/// Reads the ack file: the acknowledged-up-to id and the dropped total, and the slot to write
+/// next. A missing or damaged file means nothing was acknowledged. Of two intact slots the
+/// higher is the newer (the id only grows; the dropped total grows, but for a count taken back
+/// after a failed rewrite, where reading the higher keeps the count high, never low).
+fn read_ack(path: &Path) -> ((u64, u64), u64) {
     let mut body = Vec::new();
     match File::open(path).and_then(|mut f| f.read_to_end(&mut body)) {
         Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return (0, 0),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return ((0, 0), 0),
         Err(e) => {
             warn!(path = %path.display(), error = %e, "cannot read the spool ack file; resending everything spooled");
-            return (0, 0);
+            return ((0, 0), 0);
         }
     }
-    if body.len() == 20 {
-        let sum = u32::from_le_bytes(body[16..20].try_into().unwrap_or_default());
-        if crc32fast::hash(&body[..16]) == sum {
-            let acked = u64::from_le_bytes(body[0..8].try_into().unwrap_or_default());
-            let dropped = u64::from_le_bytes(body[8..16].try_into().unwrap_or_default());
-            return (acked, dropped);
+    // One slot: the file as versions before slots wrote it.
+    if body.len() == ACK_SLOT || body.len() == 2 * ACK_SLOT {
+        let slots: Vec<(u64, Option<(u64, u64)>)> = body
+            .chunks(ACK_SLOT)
+            .zip(0u64..)
+            .map(|(b, i)| (i, read_slot(b)))
+            .collect();
+        if let Some((i, best)) = slots
+            .iter()
+            .filter_map(|(i, s)| s.map(|s| (*i, s)))
+            .max_by_key(|(_, s)| *s)
+        {
+            return (best, 1 - i);
         }
     }
     warn!(path = %path.display(), "damaged spool ack file; resending everything spooled (the collector stores each detection once)");
-    (0, 0)
+    ((0, 0), 0)
 }
 
 /// What [`check_segment`] found.
@@ -1287,6 +1341,7 @@ fn parse_header(head: &[u8; HEADER]) -> (usize, u32, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     fn det(n: u64) -> Detection {
         Detection {
@@ -1298,6 +1353,44 @@ mod tests {
 
     fn ids(b: &Batch) -> Vec<String> {
         b.detections.iter().map(|d| d.id.clone()).collect()
+    }
+
+    #[test]
+    fn the_ack_file_is_written_in_place_and_a_spoilt_slot_leaves_the_state_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let ack = dir.path().join("ack");
+        let (s, _) = Spool::open(dir.path(), 1 << 20).unwrap();
+        s.append(&(1..=10).map(det).collect::<Vec<_>>()).unwrap();
+        s.ack(3).unwrap();
+        let inode = || std::os::unix::fs::MetadataExt::ino(&fs::metadata(&ack).unwrap());
+        let first = inode();
+        s.ack(7).unwrap();
+        s.ack(9).unwrap();
+        assert_eq!(inode(), first, "written in place, not replaced");
+        drop(s);
+        assert_eq!(read_ack(&ack).0, (9, 0));
+        // The slot holding 9 spoilt (a write cut short): the one before, 7, is read.
+        let mut bytes = fs::read(&ack).unwrap();
+        assert_eq!(bytes.len(), 2 * ACK_SLOT);
+        let newest = if read_slot(&bytes[..ACK_SLOT]) == Some((9, 0)) {
+            0
+        } else {
+            ACK_SLOT
+        };
+        bytes[newest + 3] ^= 0x40;
+        fs::write(&ack, &bytes).unwrap();
+        let (s, rec) = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!((s.acked(), rec.pending), (7, 3));
+        // The next write goes over the spoilt slot, and is read back.
+        s.ack(10).unwrap();
+        drop(s);
+        assert_eq!(read_ack(&ack).0, (10, 0));
+        // A file of one slot (as written before slots) is read; both slots spoilt: nothing
+        // was acknowledged.
+        fs::write(&ack, ack_slot(5, 2)).unwrap();
+        assert_eq!(read_ack(&ack), ((5, 2), 1));
+        fs::write(&ack, [0u8; 2 * ACK_SLOT - 1]).unwrap();
+        assert_eq!(read_ack(&ack).0, (0, 0));
     }
 
     #[test]

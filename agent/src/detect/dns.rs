@@ -199,12 +199,8 @@ struct Incident {
     since: Instant,
     /// Queries in the window, the first included.
     count: u32,
-    /// The first query's detection (its answers once they came), and the window's start on
-    /// the wall clock: what the summary is made from.
+    /// The first query's detection (its answers once they came): what the count is sent in.
     first: Detection,
-    window_ms: i64,
-    /// The match it was made for.
-    rule: RuleMatch,
 }
 
 /// The watcher's memory: all of it bounded.
@@ -322,22 +318,19 @@ impl DnsWatch {
             if memory.incidents.len() >= MAX_INCIDENTS && !self.end_windows(memory, true) {
                 return;
             }
-            let window_ms = vedette_proto::now_ms();
             let seen = Seen {
                 name: &name,
                 qtype: qtype_name(q.qtype),
                 owner,
-                window_ms,
+                window_ms: vedette_proto::now_ms(),
             };
-            let detection = self.detection(d, &seen, m.clone());
+            let detection = self.detection(d, &seen, m);
             memory.incidents.insert(
                 key.clone(),
                 Incident {
                     since: Instant::now(),
                     count: 1,
                     first: detection.clone(),
-                    window_ms,
-                    rule: m,
                 },
             );
             if memory.pending.len() >= MAX_PENDING {
@@ -438,8 +431,8 @@ impl DnsWatch {
     }
 
     /// Ends the incidents whose window is over (all of them when `all`, to make room): each
-    /// with more than one query gets its summary, the count of all of them. False once the
-    /// spool writer is gone.
+    /// with more than one query is reported again with the count of all of them. False once
+    /// the spool writer is gone.
     fn end_windows(&self, memory: &mut Memory, all: bool) -> bool {
         let window = self.window;
         let waiting: std::collections::HashSet<&IncidentKey> =
@@ -454,35 +447,27 @@ impl DnsWatch {
             let Some(i) = memory.incidents.remove(&key) else {
                 continue;
             };
-            if i.count > 1 && !self.send(self.summary(&key, i, window)) {
+            if i.count > 1 && !self.send(Self::summary(i, window)) {
                 return false;
             }
         }
         true
     }
 
-    /// The detection that counts the queries of a window after its first.
-    fn summary(&self, key: &IncidentKey, i: Incident, window: Duration) -> Detection {
+    /// The report that counts the queries of a window: the first query's detection (its id,
+    /// so the collector raises the count of the one incident it stored) with the count.
+    fn summary(i: Incident, window: Duration) -> Detection {
         let mut d = i.first;
         let Some(Target::Dns(t)) = &mut d.target else {
             return d;
         };
         t.count = i.count;
-        let subject = Subject::Dns {
-            pid: t.pid,
-            start_ticks: key.1,
-            name: &t.name,
-            window_ms: i.window_ms,
-            summary: true,
-        };
-        d.id = self.ids.id(&subject, &i.rule);
         d.description = format!(
             "{} queries for {} within {}",
             i.count,
             t.name,
             humantime::format_duration(window)
         );
-        d.observed_at_ms = vedette_proto::now_ms();
         d
     }
 
@@ -494,7 +479,6 @@ impl DnsWatch {
             start_ticks,
             name,
             window_ms: seen.window_ms,
-            summary: false,
         };
         let id = self.ids.id(&subject, &m);
         let mut target = DnsTarget {

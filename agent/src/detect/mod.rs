@@ -60,14 +60,13 @@ pub(crate) enum Subject<'a> {
         port: u16,
     },
     /// The DNS queries of one process (pid 0: none found) for one name, in one reporting
-    /// window (begun at `window_ms`, ms since the epoch): its first query, or (`summary`) all
-    /// of them, counted when the window ends.
+    /// window (begun at `window_ms`, ms since the epoch): reported at its first query, and
+    /// again under the same id with their count when the window ends.
     Dns {
         pid: u32,
         start_ticks: u64,
         name: &'a str,
         window_ms: i64,
-        summary: bool,
     },
     /// An executable (SHA-256 in hex) that ran from `path` as `uid`, found in the history.
     Executable {
@@ -135,9 +134,8 @@ impl Ids {
                 start_ticks,
                 name,
                 window_ms,
-                summary,
             } => {
-                field(if summary { b"dns-summary" } else { b"dns" });
+                field(b"dns");
                 field(&pid.to_le_bytes());
                 field(&start_ticks.to_le_bytes());
                 field(name.as_bytes());

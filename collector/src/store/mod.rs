@@ -1095,6 +1095,39 @@ pub(crate) fn indexed(d: &Detection) -> (Option<&str>, Option<&str>, Option<u32>
     }
 }
 
+/// A later report of an incident that counts more of it (a DNS window's count, sent when the
+/// window ends under the id of its first query): the count, when there is one to raise.
+pub(crate) fn recount(d: &Detection) -> Option<u32> {
+    match &d.target {
+        Some(vedette_proto::v1::detection::Target::Dns(q)) if q.count > 1 => Some(q.count),
+        _ => None,
+    }
+}
+
+/// The stored body of an incident with the count and description of a later report of it
+/// ([`recount`]); None when the stored one counts as many already (or cannot be read: it is
+/// left as it is). What was first reported (when, by whom, the answers) stays.
+pub(crate) fn recounted(stored: &[u8], later: &Detection) -> Option<Vec<u8>> {
+    use prost::Message;
+    use vedette_proto::v1::detection::Target;
+    let count = recount(later)?;
+    let mut d = Detection::decode(stored).ok()?;
+    let Some(Target::Dns(q)) = &mut d.target else {
+        return None;
+    };
+    if q.count >= count {
+        return None;
+    }
+    q.count = count;
+    if q.answers.is_empty()
+        && let Some(Target::Dns(l)) = &later.target
+    {
+        q.answers.clone_from(&l.answers);
+    }
+    d.description.clone_from(&later.description);
+    Some(d.encode_to_vec())
+}
+
 /// The MD5 of a file detection's file, kept in its own column (executables carry SHA-256 only).
 pub(crate) fn file_md5(d: &vedette_proto::v1::Detection) -> Option<&str> {
     match &d.target {

@@ -346,6 +346,28 @@ fn fresh_detections<'a>(
     Ok(fresh)
 }
 
+/// Raises the count of the agent's stored incidents that reports of the batch count more of
+/// ([`super::recount`]): an incident stays one detection however often it is seen.
+fn recount_stored(
+    tx: &Connection,
+    agent_id: &str,
+    detections: &[Detection],
+) -> Result<(), StoreError> {
+    let mut read =
+        tx.prepare_cached("SELECT body FROM detections WHERE id = ?1 AND agent_id = ?2")?;
+    let mut write =
+        tx.prepare_cached("UPDATE detections SET body = ?3 WHERE id = ?1 AND agent_id = ?2")?;
+    for d in detections.iter().filter(|d| super::recount(d).is_some()) {
+        let stored: Option<Vec<u8>> = read
+            .query_row(params![d.id, agent_id], |r| r.get(0))
+            .optional()?;
+        if let Some(body) = stored.and_then(|b| super::recounted(&b, d)) {
+            write.execute(params![d.id, agent_id, body])?;
+        }
+    }
+    Ok(())
+}
+
 /// Upserts the alerts of a batch's detections (grouped by rule and subject, each with its
 /// sequence number), once per alert, and counts the agent as a host of each it is new to;
 /// the alerts' ids.
@@ -977,6 +999,8 @@ impl Store for SqliteStore {
         // this transaction ends, and the sequence numbers it takes are known beforehand.
         let fresh = fresh_detections(&tx, detections)?;
         if fresh.is_empty() {
+            recount_stored(&tx, agent_id, detections)?;
+            tx.commit()?;
             return Ok(0);
         }
         let exceptions = rows::in_force(
@@ -1029,6 +1053,7 @@ impl Store for SqliteStore {
             ])?;
         }
         drop(insert);
+        recount_stored(&tx, agent_id, detections)?;
         tx.commit()?;
         Ok(fresh.len())
     }

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use vedette_proto::v1::{Detection, FileTarget, Inventory, detection};
+use vedette_proto::v1::{Detection, DetectionKind, DnsTarget, FileTarget, Inventory, detection};
 
 use super::*;
 
@@ -455,6 +455,106 @@ fn detections_are_stored_once_and_survive_reopen() {
         assert_eq!(
             (labelled("web"), labelled("webX1"), labelled("canar")),
             (0, 0, 0)
+        );
+    });
+}
+
+/// A DNS incident's report: its id, the queries counted so far, and its description.
+fn dns_seen(id: &str, count: u32, answers: &[&str]) -> Detection {
+    Detection {
+        id: id.into(),
+        kind: DetectionKind::Dns as i32,
+        rule: "c2.example".into(),
+        observed_at_ms: 7,
+        description: format!("{count} queries"),
+        target: Some(detection::Target::Dns(DnsTarget {
+            name: "c2.example".into(),
+            pid: 42,
+            attributed: true,
+            count,
+            answers: answers.iter().map(|a| (*a).to_string()).collect(),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_later_report_of_an_incident_raises_its_count_and_it_stays_one_detection() {
+    both("recount", |s, reopen| {
+        enrolled(&*s, "default", &["a", "b"]);
+        let dns = |s: &dyn Store| -> Vec<(String, u32, String, Vec<String>, i64)> {
+            let page = s
+                .list_detections(&DetectionFilter {
+                    limit: 10,
+                    max_bytes: usize::MAX,
+                    ..Default::default()
+                })
+                .unwrap();
+            page.detections
+                .iter()
+                .map(|d| {
+                    let d = d.detection.as_ref().unwrap();
+                    let Some(detection::Target::Dns(q)) = &d.target else {
+                        panic!("{d:?}")
+                    };
+                    (
+                        d.id.clone(),
+                        q.count,
+                        d.description.clone(),
+                        q.answers.clone(),
+                        d.observed_at_ms,
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(
+            s.insert_detections("a", &[dns_seen("q1", 1, &["192.0.2.1"])], 5)
+                .unwrap(),
+            1
+        );
+        // The window's count, through another collector: no new detection, the count raised,
+        // the first report's answers and time kept.
+        assert_eq!(
+            reopen()
+                .insert_detections("a", &[dns_seen("q1", 25, &[])], 6)
+                .unwrap(),
+            0
+        );
+        let one = dns(&*s);
+        assert_eq!(
+            one,
+            [(
+                "q1".to_string(),
+                25,
+                "25 queries".to_string(),
+                vec!["192.0.2.1".to_string()],
+                7
+            )]
+        );
+        // A resend of an older count lowers nothing; another agent's report of the same id
+        // changes nothing of this one's.
+        s.insert_detections("a", &[dns_seen("q1", 3, &[])], 7)
+            .unwrap();
+        s.insert_detections("b", &[dns_seen("q1", 99, &[])], 7)
+            .unwrap();
+        assert_eq!(dns(&*s)[0].1, 25);
+        // First report and count in one batch (the agent was cut off for the whole window):
+        // one detection, with the count.
+        assert_eq!(
+            s.insert_detections(
+                "a",
+                &[dns_seen("q2", 1, &["192.0.2.2"]), dns_seen("q2", 9, &[])],
+                8
+            )
+            .unwrap(),
+            1
+        );
+        let q2: Vec<_> = dns(&*s).into_iter().filter(|d| d.0 == "q2").collect();
+        assert_eq!(q2.len(), 1, "{q2:?}");
+        assert_eq!(
+            (q2[0].1, q2[0].3.clone()),
+            (9, vec!["192.0.2.2".to_string()])
         );
     });
 }

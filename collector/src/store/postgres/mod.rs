@@ -672,6 +672,8 @@ impl Store for PgStore {
                 seqs,
             }) = prelude(&mut tx, agent_id, detections, received_at_ms)?
             else {
+                recount_stored(&mut tx, agent_id, detections)?;
+                tx.commit()?;
                 return Ok(0);
             };
             let mut groups = AlertGroups::default();
@@ -701,6 +703,7 @@ impl Store for PgStore {
                 groups.uncount(&mut tx, &alerts, &stored)?;
             }
             groups.count_host(&mut tx, &alerts, agent_id)?;
+            recount_stored(&mut tx, agent_id, detections)?;
             tx.commit()?;
             Ok(stored.len())
         })
@@ -1524,6 +1527,30 @@ fn prelude<'a>(
         exceptions,
         seqs: seqs.iter().map(|r| r.get(0)).collect(),
     }))
+}
+
+/// Raises the count of the agent's stored incidents that reports of the batch count more of
+/// ([`super::recount`]): an incident stays one detection however often it is seen. The row is
+/// locked while it is read, so two collectors raising one count keep the higher.
+fn recount_stored(
+    tx: &mut Tx<'_>,
+    agent_id: &str,
+    detections: &[Detection],
+) -> Result<(), StoreError> {
+    for d in detections.iter().filter(|d| super::recount(d).is_some()) {
+        let stored = tx.query_opt(
+            "SELECT body FROM detections WHERE id = $1 AND agent_id = $2 FOR UPDATE",
+            &[&d.id, &agent_id],
+        )?;
+        let body = stored.and_then(|r| super::recounted(&r.get::<_, Vec<u8>>(0), d));
+        if let Some(body) = body {
+            tx.execute(
+                "UPDATE detections SET body = $3 WHERE id = $1 AND agent_id = $2",
+                &[&d.id, &agent_id, &body],
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// The detections of a batch not stored yet (each id once), in batch order.
