@@ -67,8 +67,31 @@ pub fn bin(name: &str) -> PathBuf {
     })
 }
 
-/// A free TCP port on 127.0.0.1.
+/// A free TCP port on 127.0.0.1 for a process to listen on, picked at random below the
+/// kernel's range for the local ports of outgoing connections (`ip_local_port_range`): a port
+/// from that range (what binding port 0 gives) may be taken, between the pick and the bind, by
+/// any connection a test makes meanwhile, and a restarted collector must find its port again.
 pub fn free_port() -> u16 {
+    use std::hash::BuildHasher;
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let from = low.saturating_sub(16384).max(1024);
+    // Never the same port twice to the tests of one process (each picks before it binds).
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    if from < low {
+        let state = std::collections::hash_map::RandomState::new();
+        for attempt in 0u32..1000 {
+            let pick = state.hash_one((attempt, std::process::id(), Instant::now()));
+            let port = from + (pick % u64::from(low - from)) as u16;
+            if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                given.push(port);
+                return port;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
