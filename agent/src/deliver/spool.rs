@@ -1137,7 +1137,6 @@ const ACK_SLOT: usize = 20;
 
 /// The ack file, kept open: two slots written in turn, so a write cut short (a power cut)
 /// spoils only the slot it was writing, and the other holds the state before it.
-#[derive(Default)]
 struct AckFile {
     file: Option<File>,
     /// The slot the next write goes to.
@@ -1180,17 +1179,13 @@ fn read_ack(path: &Path) -> ((u64, u64), u64) {
     }
     // One slot: the file as versions before slots wrote it.
     if body.len() == ACK_SLOT || body.len() == 2 * ACK_SLOT {
-        let slots: Vec<(u64, Option<(u64, u64)>)> = body
+        let newest = body
             .chunks(ACK_SLOT)
             .zip(0u64..)
-            .map(|(b, i)| (i, read_slot(b)))
-            .collect();
-        if let Some((i, best)) = slots
-            .iter()
-            .filter_map(|(i, s)| s.map(|s| (*i, s)))
-            .max_by_key(|(_, s)| *s)
-        {
-            return (best, 1 - i);
+            .filter_map(|(b, i)| Some((i, read_slot(b)?)))
+            .max_by_key(|(_, state)| *state);
+        if let Some((i, state)) = newest {
+            return (state, 1 - i);
         }
     }
     warn!(path = %path.display(), "damaged spool ack file; resending everything spooled (the collector stores each detection once)");
