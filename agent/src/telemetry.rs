@@ -130,6 +130,8 @@ counters! {
     WatchLimitReached = "watch_limit_reached" counter,
     /// Files waiting for a scan worker.
     ScanQueue = "scan_queue" gauge,
+    /// Jobs the backlog helpers took from the scan queue (see `detect::pool`).
+    HelperScans = "helper_scans" counter,
     /// Detections waiting to be written to the spool.
     DetectionQueue = "detection_queue" gauge,
     /// Detections made durable in the spool.

@@ -13,14 +13,18 @@
 //! ```text
 //! cargo build --release --bins
 //! target/release/file-latency --files 10000 --scan-files 3000 --steady 300 --rate 30 \
-//!     [--rules ../shared/data/signature-base/yara]
+//!     [--rules ../shared/data/signature-base/yara] [--poll-ms 500]
 //! ```
+//!
+//! The benchmark asks the collector for new detections every `--poll-ms` (a `vedettectl` run
+//! each time, on the cores the agent scans with). How often it asks changes when it sees the
+//! last one, not the times it measures, which the agent and the collector stamp.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use vedette_tests::{
-    Agent, Collector, bench_arg as arg, json_lines, percentile as pct, rule_dir, wait_for,
+    Agent, Collector, bench_arg as arg, json_lines, percentile as pct, rule_dir, wait_for_every,
 };
 
 const MARKER: &str = "VEDETTE-LATENCY-MARKER";
@@ -94,8 +98,13 @@ struct Latencies {
     deliver: Vec<i64>,
 }
 
-/// Waits until every file has its detection.
-fn latencies(c: &Collector, files: &[(PathBuf, i64)], timeout: Duration) -> Latencies {
+/// Waits until every file has its detection, asking every `poll`.
+fn latencies(
+    c: &Collector,
+    files: &[(PathBuf, i64)],
+    timeout: Duration,
+    poll: Duration,
+) -> Latencies {
     let wanted: std::collections::HashMap<String, i64> = files
         .iter()
         .map(|(p, t)| {
@@ -109,7 +118,7 @@ fn latencies(c: &Collector, files: &[(PathBuf, i64)], timeout: Duration) -> Late
     // being measured). The times measured are the agent's and the collector's own.
     let mut since: Option<(i64, String)> = None;
     let mut seen: std::collections::HashMap<String, (i64, i64, i64)> = Default::default();
-    let found = wait_for(timeout, "every file's detection", || {
+    let found = wait_for_every(timeout, poll, "every file's detection", || {
         let mut args = vec!["detections", "list", "--json", "--limit", &limit];
         if let Some((_, t)) = &since {
             args.extend(["--since", t.as_str()]);
@@ -162,6 +171,7 @@ fn main() {
     let scan_files = arg("--scan-files", 3_000);
     let steady = arg("--steady", 300);
     let rate = arg("--rate", 30).max(1);
+    let poll = Duration::from_millis(arg("--poll-ms", 500) as u64);
     let extra_rules = std::env::args()
         .skip_while(|a| a != "--rules")
         .nth(1)
@@ -196,6 +206,8 @@ fn main() {
     if let Some(r) = &extra_rules {
         args.extend(["--rules".to_string(), r.display().to_string()]);
     }
+    let metrics = format!("127.0.0.1:{}", vedette_tests::free_port());
+    args.extend(["--metrics-listen".to_string(), metrics.clone()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     agent.run(&c, &args);
     println!(
@@ -214,7 +226,7 @@ fn main() {
         steady,
         Duration::from_secs(1) / rate as u32,
     );
-    let steady_lat = latencies(&c, &files, Duration::from_secs(120));
+    let steady_lat = latencies(&c, &files, Duration::from_secs(120), poll);
 
     // Burst, during a full scan: the bulk tree is added to the watched set by a forced rescan.
     let log_before = agent.log().len();
@@ -223,7 +235,7 @@ fn main() {
     let t = Instant::now();
     let files = write_files(&watch, "burst", burst, Duration::ZERO);
     let written = t.elapsed();
-    let burst_lat = latencies(&c, &files, Duration::from_secs(600));
+    let burst_lat = latencies(&c, &files, Duration::from_secs(600), poll);
     let log = agent.log();
     let scan_done = log[log_before.min(log.len())..].contains("full scan finished");
 
@@ -259,6 +271,26 @@ fn main() {
         "full scan of the corpus (forced with SIGUSR1 as the burst began) finished by the end: {}",
         if scan_done { "yes" } else { "no" }
     );
+    // What the agent says of its own work, from its metrics.
+    let text = vedette_tests::http_get(&metrics, "/metrics")
+        .map(|(_, body)| body)
+        .unwrap_or_default();
+    let shown: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            [
+                "vedette_agent_files_scanned_total ",
+                "vedette_agent_helper_scans_total ",
+                "vedette_agent_scanners_released_total ",
+                "vedette_agent_memory_limit_exceeded_total ",
+                "vedette_agent_resident_memory_bytes ",
+                "vedette_agent_cpu_seconds_total ",
+            ]
+            .iter()
+            .any(|name| l.starts_with(name))
+        })
+        .collect();
+    println!("agent: {}", shown.join(", "));
 }
 
 #[cfg(test)]

@@ -225,6 +225,9 @@ fn worker(shared: &Shared, backlog: Option<&Backlog>) {
         let mut made = gov.generation();
         let mut job = Some(first);
         while let Some(this) = job.take() {
+            if backlog.is_some() {
+                shared.counters.inc(Counter::HelperScans);
+            }
             let found = gov.paced(|| shared.judge(this, &mut scanner, &rules));
             for d in found {
                 shared.counters.inc(Counter::Detections);
@@ -375,13 +378,18 @@ mod tests {
         // The worker took two files and waits to hand over its second detection; each helper
         // (one per core beyond the worker, at most MAX_HELPERS) takes one more and waits too.
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
-        let want = n - 2 - (cores - 1).min(MAX_HELPERS) as u64;
+        let helpers = (cores - 1).min(MAX_HELPERS) as u64;
+        let want = n - 2 - helpers;
         let deadline = Instant::now() + Duration::from_secs(20);
-        while counters.get(Counter::ScanQueue) != want {
+        while counters.get(Counter::ScanQueue) != want
+            || counters.get(Counter::HelperScans) != helpers
+        {
             assert!(
                 Instant::now() < deadline,
-                "{} files waiting, not {want}: no helper took the backlog",
-                counters.get(Counter::ScanQueue)
+                "{} files waiting, not {want}, {} taken by helpers, not {helpers}: no helper \
+                 took the backlog",
+                counters.get(Counter::ScanQueue),
+                counters.get(Counter::HelperScans)
             );
             std::thread::sleep(Duration::from_millis(5));
         }
