@@ -281,6 +281,8 @@ fn main() {
             [
                 "vedette_agent_files_scanned_total ",
                 "vedette_agent_helper_scans_total ",
+                "vedette_agent_fs_events_total ",
+                "vedette_agent_watch_overflows_total ",
                 "vedette_agent_scanners_released_total ",
                 "vedette_agent_memory_limit_exceeded_total ",
                 "vedette_agent_resident_memory_bytes ",
