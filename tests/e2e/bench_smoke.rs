@@ -150,6 +150,11 @@ fn file_latency_benchmark_runs_in_a_tiny_configuration() {
     );
     assert!(text.contains("| steady, 50/s | 5 | - |"), "{text}");
     assert!(text.contains("| burst, with a full scan | 40 |"), "{text}");
+    // The agent's own counters, read from its metrics at the end.
+    assert!(
+        text.contains("agent: vedette_agent_files_scanned_total "),
+        "{text}"
+    );
 }
 
 #[test]
