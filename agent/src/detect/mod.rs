@@ -26,6 +26,7 @@ pub(crate) mod pool;
 pub(crate) mod prevent;
 pub(crate) mod processes;
 pub(crate) mod procmon;
+pub(crate) mod renames;
 pub(crate) mod sockdiag;
 pub(crate) mod sources;
 pub(crate) mod verdicts;

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, sync_channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::detect::pool::{Job, JobSender};
+use crate::detect::renames::RenameWatch;
 use crate::detect::walk::{WalkRules, each_file};
 use crate::telemetry::{Counter, Counters};
 
@@ -40,7 +41,9 @@ const BULK_POLL: Duration = Duration::from_millis(5);
 
 /// A running watcher; [`FileWatch::stop`] (or dropping it) stops watching.
 pub struct FileWatch {
-    watcher: Option<RecommendedWatcher>,
+    /// Where the events come from: a `notify` watcher of every change, or, beside fanotify,
+    /// one of renames in only ([`RenameWatch`]). Dropping either closes the event channel.
+    watcher: Option<(Option<RecommendedWatcher>, Option<RenameWatch>)>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -62,13 +65,41 @@ impl FileWatch {
         // Bounded: when scanning falls behind, the notify thread waits, the kernel queue fills
         // and overflows, and the overflow triggers a rescan. Memory never grows with the burst.
         let (tx, rx) = sync_channel::<notify::Result<Event>>(EVENT_QUEUE);
+        let source = if target.renames_only {
+            let (rules, counters) = (target.rules.clone(), target.counters.clone());
+            (None, Some(RenameWatch::start(roots, rules, counters, tx)?))
+        } else {
+            (Some(watch_all(roots, tx, &target.counters)?), None)
+        };
+        for root in roots {
+            info!(path = %root.display(), renames_only = target.renames_only, "watching");
+        }
+        let mut debouncer = Debouncer::new(roots.to_vec(), target);
+        let thread = std::thread::Builder::new()
+            .name("watch-debounce".into())
+            .spawn(move || debouncer.run(&rx))
+            .map_err(WatchError::Thread)?;
+        Ok(FileWatch {
+            watcher: Some(source),
+            thread: Some(thread),
+        })
+    }
+}
+
+/// A `notify` watcher of every change under `roots`, sending to `tx`.
+fn watch_all(
+    roots: &[PathBuf],
+    tx: SyncSender<notify::Result<Event>>,
+    counters: &Counters,
+) -> Result<RecommendedWatcher, WatchError> {
+    {
         let mut watcher = notify::recommended_watcher(move |ev| {
             let _ = tx.send(ev);
         })
         .map_err(WatchError::Start)?;
         for root in roots {
             match watcher.watch(root, RecursiveMode::Recursive) {
-                Ok(()) => info!(path = %root.display(), "watching"),
+                Ok(()) => {}
                 Err(e) if is_watch_limit(&e) => {
                     error!(
                         path = %root.display(),
@@ -76,7 +107,7 @@ impl FileWatch {
                         "inotify watch limit reached: raise fs.inotify.max_user_watches \
                          (sysctl -w fs.inotify.max_user_watches=524288); part of this tree is not watched"
                     );
-                    target.counters.inc(Counter::WatchLimitReached);
+                    counters.inc(Counter::WatchLimitReached);
                 }
                 Err(source) => {
                     return Err(WatchError::Root {
@@ -86,15 +117,7 @@ impl FileWatch {
                 }
             }
         }
-        let mut debouncer = Debouncer::new(roots.to_vec(), target);
-        let thread = std::thread::Builder::new()
-            .name("watch-debounce".into())
-            .spawn(move || debouncer.run(&rx))
-            .map_err(WatchError::Thread)?;
-        Ok(FileWatch {
-            watcher: Some(watcher),
-            thread: Some(thread),
-        })
+        Ok(watcher)
     }
 }
 

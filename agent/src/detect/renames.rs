@@ -1,0 +1,369 @@
+//! Files and directories moved into the watched trees, beside fanotify: fanotify reports every
+//! file closed after writing, not a file written elsewhere and renamed in.
+//!
+//! inotify watches each directory of the trees for two events only: something moved in, and a
+//! directory created (to watch it too). A file written in a watched tree costs one event (its
+//! creation), where a watcher of every change gets its open, each write and its close. What it
+//! sees goes to the [`watch`](crate::detect::watch) debouncer as `notify` events (a rename in,
+//! or a rescan after the kernel's queue overflowed), so both event sources share one path to
+//! the scan queue.
+//!
+//! A directory created in a tree is watched once its creation is read; anything already in it
+//! by then is reported as moved in (it may have been: fanotify has seen what was written there,
+//! and the scan cache answers for it).
+
+use std::ffi::OsStr;
+use std::mem::MaybeUninit;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::SyncSender;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use notify::event::{Flag, ModifyKind, RenameMode};
+use notify::{Event, EventKind};
+use rustix::event::{PollFd, PollFlags, Timespec, poll};
+use rustix::fs::inotify::{self, CreateFlags, ReadFlags, WatchFlags};
+use rustix::io::Errno;
+use tracing::{error, warn};
+
+use crate::detect::walk::WalkRules;
+use crate::detect::watch::WatchError;
+use crate::telemetry::{Counter, Counters};
+
+/// What each directory is watched for.
+const MASK: WatchFlags = WatchFlags::MOVED_TO
+    .union(WatchFlags::CREATE)
+    .union(WatchFlags::ONLYDIR)
+    .union(WatchFlags::DONT_FOLLOW)
+    .union(WatchFlags::EXCL_UNLINK);
+
+/// How often the reading thread looks whether it must stop.
+const STOP_POLL: Duration = Duration::from_millis(200);
+
+/// The running watch; dropping it stops the thread, which closes the event channel.
+pub(crate) struct RenameWatch {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for RenameWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The inotify descriptor and what each watch descriptor names.
+struct Watches {
+    fd: OwnedFd,
+    dirs: std::collections::HashMap<i32, PathBuf>,
+    rules: WalkRules,
+    counters: Arc<Counters>,
+    /// The roots' devices, when a walk stays on each root's file system.
+    devices: Vec<u64>,
+    /// Whether the watch limit was already reported.
+    limit_reported: bool,
+}
+
+impl RenameWatch {
+    /// Watches every directory under `roots` (an error for a root that cannot be watched) and
+    /// sends what moves in to `tx`.
+    pub(crate) fn start(
+        roots: &[PathBuf],
+        rules: WalkRules,
+        counters: Arc<Counters>,
+        tx: SyncSender<notify::Result<Event>>,
+    ) -> Result<RenameWatch, WatchError> {
+        let fd = inotify::init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK)
+            .map_err(|e| WatchError::Start(notify::Error::io(e.into())))?;
+        let devices = roots
+            .iter()
+            .filter(|_| rules.one_file_system)
+            .filter_map(|r| std::fs::metadata(r).ok().map(|m| m.dev()))
+            .collect();
+        let mut w = Watches {
+            fd,
+            dirs: Default::default(),
+            rules,
+            counters,
+            devices,
+            limit_reported: false,
+        };
+        for root in roots {
+            w.add(root, true).map_err(|e| WatchError::Root {
+                path: root.clone(),
+                source: notify::Error::io(e),
+            })?;
+            w.add_tree(root, &mut |_| {});
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let roots = roots.to_vec();
+        let thread = std::thread::Builder::new()
+            .name("watch-renames".into())
+            .spawn(move || w.run(&roots, &tx, &flag))
+            .map_err(WatchError::Thread)?;
+        Ok(RenameWatch {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Watches {
+    /// Watches one directory; a root's failure is the caller's, any other is logged.
+    fn add(&mut self, dir: &Path, root: bool) -> std::io::Result<()> {
+        match inotify::add_watch(&self.fd, dir, MASK) {
+            Ok(wd) => {
+                self.dirs.insert(wd, dir.to_owned());
+                Ok(())
+            }
+            Err(e) if root => Err(e.into()),
+            Err(Errno::NOSPC) => {
+                self.counters.inc(Counter::WatchLimitReached);
+                if !std::mem::replace(&mut self.limit_reported, true) {
+                    error!(
+                        path = %dir.display(),
+                        "inotify watch limit reached: raise fs.inotify.max_user_watches \
+                         (sysctl -w fs.inotify.max_user_watches=524288); files moved into \
+                         directories past it are not seen"
+                    );
+                }
+                Ok(())
+            }
+            // Gone or not a directory by now: nothing to watch.
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Watches every directory below `dir` (not `dir` itself), giving `found` each other entry.
+    fn add_tree(&mut self, dir: &Path, found: &mut dyn FnMut(PathBuf)) {
+        let mut pending = vec![dir.to_owned()];
+        while let Some(d) = pending.pop() {
+            let Ok(entries) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let Ok(ft) = entry.file_type() else {
+                    continue;
+                };
+                if !ft.is_dir() {
+                    found(path);
+                    continue;
+                }
+                if !self.rules.admits(&path) || !self.on_root_device(&path) {
+                    continue;
+                }
+                if self.add(&path, false).is_ok() {
+                    pending.push(path);
+                }
+            }
+        }
+    }
+
+    fn on_root_device(&self, dir: &Path) -> bool {
+        self.devices.is_empty()
+            || std::fs::symlink_metadata(dir).is_ok_and(|m| self.devices.contains(&m.dev()))
+    }
+
+    /// Reads events until told to stop or the debouncer is gone.
+    fn run(
+        &mut self,
+        roots: &[PathBuf],
+        tx: &SyncSender<notify::Result<Event>>,
+        stop: &AtomicBool,
+    ) {
+        let mut buf = vec![MaybeUninit::<u8>::uninit(); 64 << 10];
+        let wait = Timespec::try_from(STOP_POLL).unwrap_or_default();
+        while !stop.load(Ordering::Relaxed) {
+            let mut fds = [PollFd::new(&self.fd, PollFlags::IN)];
+            match poll(&mut fds, Some(&wait)) {
+                Ok(0) | Err(Errno::INTR) => continue,
+                Ok(_) => {}
+                Err(e) => {
+                    error!(error = %e, "cannot wait for inotify events; files moved in are no longer seen");
+                    return;
+                }
+            }
+            let mut events = Vec::new();
+            let mut reader = inotify::Reader::new(&self.fd, &mut buf);
+            loop {
+                match reader.next() {
+                    Ok(ev) => events.push((
+                        ev.wd(),
+                        ev.events(),
+                        ev.file_name()
+                            .map(|n| PathBuf::from(OsStr::from_bytes(n.to_bytes()))),
+                    )),
+                    Err(Errno::AGAIN) => break,
+                    Err(Errno::INTR) => continue,
+                    Err(e) => {
+                        warn!(error = %e, "reading inotify events");
+                        self.counters.inc(Counter::WatchErrors);
+                        break;
+                    }
+                }
+            }
+            for (wd, flags, name) in events {
+                for event in self.event(roots, wd, flags, name) {
+                    if tx.send(Ok(event)).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// What one inotify event means for the debouncer.
+    fn event(
+        &mut self,
+        roots: &[PathBuf],
+        wd: i32,
+        flags: ReadFlags,
+        name: Option<PathBuf>,
+    ) -> Vec<Event> {
+        if flags.contains(ReadFlags::QUEUE_OVERFLOW) {
+            // Directories created meanwhile may be unwatched: watch the trees again (a
+            // directory already watched keeps its descriptor) and rescan them.
+            for root in roots {
+                self.add_tree(root, &mut |_| {});
+            }
+            return vec![Event::new(EventKind::Other).set_flag(Flag::Rescan)];
+        }
+        if flags.contains(ReadFlags::IGNORED) {
+            self.dirs.remove(&wd);
+            return Vec::new();
+        }
+        let (Some(dir), Some(name)) = (self.dirs.get(&wd), name) else {
+            return Vec::new();
+        };
+        let path = dir.join(name);
+        let moved_in = |p: PathBuf| {
+            Event::new(EventKind::Modify(ModifyKind::Name(RenameMode::To))).add_path(p)
+        };
+        let is_dir = flags.contains(ReadFlags::ISDIR);
+        if is_dir && (!self.rules.admits(&path) || !self.on_root_device(&path)) {
+            return Vec::new();
+        }
+        if flags.contains(ReadFlags::MOVED_TO) {
+            if is_dir && self.add(&path, false).is_ok() {
+                // Its files are walked by the debouncer; its directories are watched here.
+                self.add_tree(&path, &mut |_| {});
+            }
+            return vec![moved_in(path)];
+        }
+        if flags.contains(ReadFlags::CREATE) && is_dir && self.add(&path, false).is_ok() {
+            let mut found = Vec::new();
+            self.add_tree(&path, &mut |p| found.push(moved_in(p)));
+            return found;
+        }
+        Vec::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::{Receiver, sync_channel};
+    use std::time::Instant;
+
+    use super::*;
+
+    fn rules() -> WalkRules {
+        WalkRules {
+            one_file_system: true,
+            excludes: globset::GlobSetBuilder::new().build().unwrap(),
+        }
+    }
+
+    /// The paths reported moved in, until `want` is among them.
+    fn until(rx: &Receiver<notify::Result<Event>>, want: &Path) -> Vec<PathBuf> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut seen = Vec::new();
+        while !seen.iter().any(|p| p == want) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ev = rx
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("{} not reported; saw {seen:?}", want.display()))
+                .unwrap();
+            assert!(
+                matches!(ev.kind, EventKind::Modify(ModifyKind::Name(RenameMode::To))),
+                "{ev:?}"
+            );
+            seen.extend(ev.paths);
+        }
+        seen
+    }
+
+    #[test]
+    fn renames_into_any_directory_of_the_tree_are_reported_and_writes_are_not() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (root, outside) = (tmp.path().join("root"), tmp.path().join("outside"));
+        std::fs::create_dir_all(root.join("old/deep")).unwrap();
+        std::fs::create_dir_all(outside.join("tree/sub")).unwrap();
+        let (tx, rx) = sync_channel(64);
+        let counters = Arc::new(Counters::default());
+        let watch = RenameWatch::start(std::slice::from_ref(&root), rules(), counters, tx).unwrap();
+
+        // Written in place: fanotify's, not reported here.
+        std::fs::write(root.join("written"), "x").unwrap();
+        std::fs::write(root.join("old/deep/written"), "x").unwrap();
+        // Moved into the root, into a directory there from the start, into a new one.
+        for (name, to) in [("a", root.join("a")), ("b", root.join("old/deep/b"))] {
+            std::fs::write(outside.join(name), name).unwrap();
+            std::fs::rename(outside.join(name), &to).unwrap();
+            let seen = until(&rx, &to);
+            assert!(!seen.iter().any(|p| p.ends_with("written")), "{seen:?}");
+        }
+        std::fs::create_dir(root.join("new")).unwrap();
+        std::fs::write(outside.join("c"), "c").unwrap();
+        // The new directory is watched once its creation is read; a file moved in before is
+        // reported as found in it.
+        std::fs::rename(outside.join("c"), root.join("new/c")).unwrap();
+        until(&rx, &root.join("new/c"));
+
+        // A tree moved in: reported itself, and a file moved later into its subdirectory.
+        std::fs::rename(outside.join("tree"), root.join("tree")).unwrap();
+        until(&rx, &root.join("tree"));
+        std::fs::write(outside.join("d"), "d").unwrap();
+        std::fs::rename(outside.join("d"), root.join("tree/sub/d")).unwrap();
+        until(&rx, &root.join("tree/sub/d"));
+
+        // Stopping closes the channel.
+        drop(watch);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(_) => continue,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(e) => panic!("the channel stayed open: {e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_root_that_cannot_be_watched_is_an_error_naming_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let missing = tmp.path().join("missing");
+        let (tx, _rx) = sync_channel(1);
+        let Err(e) = RenameWatch::start(
+            std::slice::from_ref(&missing),
+            rules(),
+            Arc::new(Counters::default()),
+            tx,
+        ) else {
+            panic!("a missing root was watched");
+        };
+        assert!(
+            e.to_string().contains(&missing.display().to_string()),
+            "{e}"
+        );
+    }
+}
