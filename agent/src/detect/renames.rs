@@ -22,7 +22,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::SyncSender;
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use notify::event::{Flag, ModifyKind, RenameMode};
 use notify::{Event, EventKind};
@@ -42,8 +41,8 @@ const MASK: WatchFlags = WatchFlags::MOVED_TO
     .union(WatchFlags::DONT_FOLLOW)
     .union(WatchFlags::EXCL_UNLINK);
 
-/// How often the reading thread looks whether it must stop.
-const STOP_POLL: Duration = Duration::from_millis(200);
+/// How often the reading thread looks whether it must stop, in nanoseconds (under a second).
+const STOP_POLL_NS: i64 = 200_000_000;
 
 /// The running watch; dropping it stops the thread, which closes the event channel.
 pub(crate) struct RenameWatch {
@@ -118,14 +117,17 @@ impl RenameWatch {
 }
 
 impl Watches {
-    /// Watches one directory; a root's failure is the caller's, any other is logged.
+    /// Watches one directory. A root's failure is the caller's, but for the watch limit,
+    /// logged once and counted like any directory's.
     fn add(&mut self, dir: &Path, root: bool) -> std::io::Result<()> {
         match inotify::add_watch(&self.fd, dir, MASK) {
             Ok(wd) => {
                 self.dirs.insert(wd, dir.to_owned());
                 Ok(())
             }
-            Err(e) if root => Err(e.into()),
+            // A root that is a file: nothing moves into it.
+            Err(Errno::NOTDIR) if root => Ok(()),
+            Err(e) if root && e != Errno::NOSPC => Err(e.into()),
             Err(Errno::NOSPC) => {
                 self.counters.inc(Counter::WatchLimitReached);
                 if !std::mem::replace(&mut self.limit_reported, true) {
@@ -182,7 +184,10 @@ impl Watches {
         stop: &AtomicBool,
     ) {
         let mut buf = vec![MaybeUninit::<u8>::uninit(); 64 << 10];
-        let wait = Timespec::try_from(STOP_POLL).unwrap_or_default();
+        let wait = Timespec {
+            tv_sec: 0,
+            tv_nsec: STOP_POLL_NS,
+        };
         while !stop.load(Ordering::Relaxed) {
             let mut fds = [PollFd::new(&self.fd, PollFlags::IN)];
             match poll(&mut fds, Some(&wait)) {
@@ -272,7 +277,7 @@ impl Watches {
 #[cfg(test)]
 mod tests {
     use std::sync::mpsc::{Receiver, sync_channel};
-    use std::time::Instant;
+    use std::time::{Duration, Instant};
 
     use super::*;
 
@@ -349,7 +354,7 @@ mod tests {
     }
 
     #[test]
-    fn a_root_that_cannot_be_watched_is_an_error_naming_it() {
+    fn a_root_that_cannot_be_watched_is_an_error_naming_it_and_a_file_root_is_none() {
         let tmp = tempfile::tempdir().unwrap();
         let missing = tmp.path().join("missing");
         let (tx, _rx) = sync_channel(1);
@@ -365,5 +370,11 @@ mod tests {
             e.to_string().contains(&missing.display().to_string()),
             "{e}"
         );
+        // A root that is a file is no error: nothing can move into it.
+        let file = tmp.path().join("file");
+        std::fs::write(&file, "x").unwrap();
+        let (tx, _rx) = sync_channel(1);
+        let counters = Arc::new(Counters::default());
+        assert!(RenameWatch::start(std::slice::from_ref(&file), rules(), counters, tx).is_ok());
     }
 }
