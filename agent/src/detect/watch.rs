@@ -92,33 +92,31 @@ fn watch_all(
     tx: SyncSender<notify::Result<Event>>,
     counters: &Counters,
 ) -> Result<RecommendedWatcher, WatchError> {
-    {
-        let mut watcher = notify::recommended_watcher(move |ev| {
-            let _ = tx.send(ev);
-        })
-        .map_err(WatchError::Start)?;
-        for root in roots {
-            match watcher.watch(root, RecursiveMode::Recursive) {
-                Ok(()) => {}
-                Err(e) if is_watch_limit(&e) => {
-                    error!(
-                        path = %root.display(),
-                        error = %e,
-                        "inotify watch limit reached: raise fs.inotify.max_user_watches \
-                         (sysctl -w fs.inotify.max_user_watches=524288); part of this tree is not watched"
-                    );
-                    counters.inc(Counter::WatchLimitReached);
-                }
-                Err(source) => {
-                    return Err(WatchError::Root {
-                        path: root.clone(),
-                        source,
-                    });
-                }
+    let mut watcher = notify::recommended_watcher(move |ev| {
+        let _ = tx.send(ev);
+    })
+    .map_err(WatchError::Start)?;
+    for root in roots {
+        match watcher.watch(root, RecursiveMode::Recursive) {
+            Ok(()) => {}
+            Err(e) if is_watch_limit(&e) => {
+                error!(
+                    path = %root.display(),
+                    error = %e,
+                    "inotify watch limit reached: raise fs.inotify.max_user_watches \
+                     (sysctl -w fs.inotify.max_user_watches=524288); part of this tree is not watched"
+                );
+                counters.inc(Counter::WatchLimitReached);
+            }
+            Err(source) => {
+                return Err(WatchError::Root {
+                    path: root.clone(),
+                    source,
+                });
             }
         }
-        Ok(watcher)
     }
+    Ok(watcher)
 }
 
 /// Why watching could not start.
