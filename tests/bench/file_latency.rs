@@ -274,7 +274,10 @@ fn main() {
     // What the agent says of its own work, from its metrics.
     let text = vedette_tests::http_get(&metrics, "/metrics")
         .map(|(_, body)| body)
-        .unwrap_or_default();
+        .unwrap_or_else(|e| {
+            eprintln!("cannot read the agent's metrics at {metrics}: {e}");
+            String::new()
+        });
     let shown: Vec<&str> = text
         .lines()
         .filter(|l| {

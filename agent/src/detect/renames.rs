@@ -198,16 +198,23 @@ impl Watches {
                     return;
                 }
             }
+            // One read's worth at a time (the buffer bounds it), handled before the next read:
+            // a writer that never stops cannot grow this list.
             let mut events = Vec::new();
             let mut reader = inotify::Reader::new(&self.fd, &mut buf);
             loop {
                 match reader.next() {
-                    Ok(ev) => events.push((
-                        ev.wd(),
-                        ev.events(),
-                        ev.file_name()
-                            .map(|n| PathBuf::from(OsStr::from_bytes(n.to_bytes()))),
-                    )),
+                    Ok(ev) => {
+                        events.push((
+                            ev.wd(),
+                            ev.events(),
+                            ev.file_name()
+                                .map(|n| PathBuf::from(OsStr::from_bytes(n.to_bytes()))),
+                        ));
+                        if reader.is_buffer_empty() {
+                            break;
+                        }
+                    }
                     Err(Errno::AGAIN) => break,
                     Err(Errno::INTR) => continue,
                     Err(e) => {
