@@ -11,6 +11,11 @@
 //! A directory created in a tree is watched once its creation is read; anything already in it
 //! by then is reported as moved in (it may have been: fanotify has seen what was written there,
 //! and the scan cache answers for it).
+//!
+//! A watched directory that moves is told too: moved within the trees, its new place was
+//! watched again when the move in was read (the kernel queues that first, and the watch keeps
+//! its descriptor), so its watches follow it; moved out, it and the directories below it are
+//! no longer watched, and nothing moved into them later is reported under their old paths.
 
 use std::ffi::OsStr;
 use std::mem::MaybeUninit;
@@ -37,6 +42,7 @@ use crate::telemetry::{Counter, Counters};
 /// What each directory is watched for.
 const MASK: WatchFlags = WatchFlags::MOVED_TO
     .union(WatchFlags::CREATE)
+    .union(WatchFlags::MOVE_SELF)
     .union(WatchFlags::ONLYDIR)
     .union(WatchFlags::DONT_FOLLOW)
     .union(WatchFlags::EXCL_UNLINK);
@@ -62,13 +68,19 @@ impl Drop for RenameWatch {
 /// The inotify descriptor and what each watch descriptor names.
 struct Watches {
     fd: OwnedFd,
-    dirs: std::collections::HashMap<i32, PathBuf>,
+    dirs: std::collections::HashMap<i32, Watched>,
     rules: WalkRules,
     counters: Arc<Counters>,
     /// The roots' devices, when a walk stays on each root's file system.
     devices: Vec<u64>,
     /// Whether the watch limit was already reported.
     limit_reported: bool,
+}
+
+/// A watched directory: its path, and its inode, to tell whether that path is still it.
+struct Watched {
+    path: PathBuf,
+    ino: u64,
 }
 
 impl RenameWatch {
@@ -122,7 +134,9 @@ impl Watches {
     fn add(&mut self, dir: &Path, root: bool) -> std::io::Result<()> {
         match inotify::add_watch(&self.fd, dir, MASK) {
             Ok(wd) => {
-                self.dirs.insert(wd, dir.to_owned());
+                let ino = std::fs::symlink_metadata(dir).map_or(0, |m| m.ino());
+                let path = dir.to_owned();
+                self.dirs.insert(wd, Watched { path, ino });
                 Ok(())
             }
             // A root that is a file: nothing moves into it.
@@ -254,10 +268,14 @@ impl Watches {
             self.dirs.remove(&wd);
             return Vec::new();
         }
+        if flags.contains(ReadFlags::MOVE_SELF) {
+            self.moved(roots, wd);
+            return Vec::new();
+        }
         let (Some(dir), Some(name)) = (self.dirs.get(&wd), name) else {
             return Vec::new();
         };
-        let path = dir.join(name);
+        let path = dir.path.join(name);
         let moved_in = |p: PathBuf| {
             Event::new(EventKind::Modify(ModifyKind::Name(RenameMode::To))).add_path(p)
         };
@@ -278,6 +296,30 @@ impl Watches {
             return found;
         }
         Vec::new()
+    }
+
+    /// A watched directory moved. Unless its path is still it (it moved within the trees, and
+    /// its new place was watched again before this event), it left them: it and the directories
+    /// below it are no longer watched. A root keeps its watch wherever it went.
+    fn moved(&mut self, roots: &[PathBuf], wd: i32) {
+        let Some(dir) = self.dirs.get(&wd) else {
+            return;
+        };
+        let still_there =
+            std::fs::symlink_metadata(&dir.path).is_ok_and(|m| m.is_dir() && m.ino() == dir.ino);
+        if still_there || roots.contains(&dir.path) {
+            return;
+        }
+        let gone = dir.path.clone();
+        let below: Vec<i32> = (self.dirs.iter())
+            .filter(|(_, d)| d.path.starts_with(&gone))
+            .map(|(wd, _)| *wd)
+            .collect();
+        for wd in below {
+            // The kernel's IN_IGNORED for it finds nothing left to remove.
+            let _ = inotify::remove_watch(&self.fd, wd);
+            self.dirs.remove(&wd);
+        }
     }
 }
 
@@ -358,6 +400,42 @@ mod tests {
                 Err(e) => panic!("the channel stayed open: {e}"),
             }
         }
+    }
+
+    #[test]
+    fn a_directory_moved_within_is_watched_where_it_went_and_one_moved_out_is_not_watched() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (root, outside) = (tmp.path().join("root"), tmp.path().join("outside"));
+        std::fs::create_dir_all(root.join("stays/sub")).unwrap();
+        std::fs::create_dir_all(root.join("leaves/sub")).unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        let (tx, rx) = sync_channel(64);
+        let counters = Arc::new(Counters::default());
+        let _watch =
+            RenameWatch::start(std::slice::from_ref(&root), rules(), counters, tx).unwrap();
+        let move_in = |name: &str, to: &Path| {
+            std::fs::write(outside.join(name), name).unwrap();
+            std::fs::rename(outside.join(name), to).unwrap();
+        };
+
+        // Renamed within the root: a file moved later into its subdirectory has the new path.
+        std::fs::rename(root.join("stays"), root.join("moved")).unwrap();
+        until(&rx, &root.join("moved"));
+        move_in("a", &root.join("moved/sub/a"));
+        until(&rx, &root.join("moved/sub/a"));
+
+        // Moved out: a file moved into it afterwards is not reported, under either path. A new
+        // directory made at its old path is watched as any new one.
+        std::fs::rename(root.join("leaves"), outside.join("left")).unwrap();
+        move_in("b", &outside.join("left/sub/b"));
+        move_in("c", &outside.join("left/c"));
+        std::fs::create_dir_all(root.join("leaves/sub")).unwrap();
+        move_in("d", &root.join("leaves/sub/d"));
+        let seen = until(&rx, &root.join("leaves/sub/d"));
+        assert!(
+            !seen.iter().any(|p| p.ends_with("b") || p.ends_with("c")),
+            "reported from a directory moved out: {seen:?}"
+        );
     }
 
     #[test]
