@@ -356,45 +356,79 @@ mod tests {
         seen
     }
 
+    /// A watched root and a directory beside it, each holding the directories named.
+    struct Trees {
+        _tmp: tempfile::TempDir,
+        root: PathBuf,
+        outside: PathBuf,
+        rx: Receiver<notify::Result<Event>>,
+        watch: RenameWatch,
+    }
+
+    impl Trees {
+        fn new(in_root: &[&str], beside: &[&str]) -> Trees {
+            let tmp = tempfile::tempdir().unwrap();
+            let (root, outside) = (tmp.path().join("root"), tmp.path().join("outside"));
+            for (base, dirs) in [(&root, in_root), (&outside, beside)] {
+                std::fs::create_dir(base).unwrap();
+                for d in dirs {
+                    std::fs::create_dir_all(base.join(d)).unwrap();
+                }
+            }
+            let (tx, rx) = sync_channel(64);
+            let counters = Arc::new(Counters::default());
+            let watch =
+                RenameWatch::start(std::slice::from_ref(&root), rules(), counters, tx).unwrap();
+            Trees {
+                _tmp: tmp,
+                root,
+                outside,
+                rx,
+                watch,
+            }
+        }
+
+        /// Writes `name` beside the root and moves it to `to`.
+        fn move_in(&self, name: &str, to: &Path) {
+            std::fs::write(self.outside.join(name), name).unwrap();
+            std::fs::rename(self.outside.join(name), to).unwrap();
+        }
+    }
+
     #[test]
     fn renames_into_any_directory_of_the_tree_are_reported_and_writes_are_not() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (root, outside) = (tmp.path().join("root"), tmp.path().join("outside"));
-        std::fs::create_dir_all(root.join("old/deep")).unwrap();
-        std::fs::create_dir_all(outside.join("tree/sub")).unwrap();
-        let (tx, rx) = sync_channel(64);
-        let counters = Arc::new(Counters::default());
-        let watch = RenameWatch::start(std::slice::from_ref(&root), rules(), counters, tx).unwrap();
+        let t = Trees::new(&["old/deep"], &["tree/sub"]);
+        let (root, rx) = (&t.root, &t.rx);
 
         // Written in place: fanotify's, not reported here.
         std::fs::write(root.join("written"), "x").unwrap();
         std::fs::write(root.join("old/deep/written"), "x").unwrap();
         // Moved into the root, into a directory there from the start, into a new one.
         for (name, to) in [("a", root.join("a")), ("b", root.join("old/deep/b"))] {
-            std::fs::write(outside.join(name), name).unwrap();
-            std::fs::rename(outside.join(name), &to).unwrap();
-            let seen = until(&rx, &to);
+            t.move_in(name, &to);
+            let seen = until(rx, &to);
             assert!(!seen.iter().any(|p| p.ends_with("written")), "{seen:?}");
         }
         std::fs::create_dir(root.join("new")).unwrap();
-        std::fs::write(outside.join("c"), "c").unwrap();
         // The new directory is watched once its creation is read; a file moved in before is
         // reported as found in it.
-        std::fs::rename(outside.join("c"), root.join("new/c")).unwrap();
-        until(&rx, &root.join("new/c"));
+        t.move_in("c", &root.join("new/c"));
+        until(rx, &root.join("new/c"));
 
         // A tree moved in: reported itself, and a file moved later into its subdirectory.
-        std::fs::rename(outside.join("tree"), root.join("tree")).unwrap();
-        until(&rx, &root.join("tree"));
-        std::fs::write(outside.join("d"), "d").unwrap();
-        std::fs::rename(outside.join("d"), root.join("tree/sub/d")).unwrap();
-        until(&rx, &root.join("tree/sub/d"));
+        std::fs::rename(t.outside.join("tree"), root.join("tree")).unwrap();
+        until(rx, &root.join("tree"));
+        t.move_in("d", &root.join("tree/sub/d"));
+        until(rx, &root.join("tree/sub/d"));
 
         // Stopping closes the channel.
-        drop(watch);
+        drop(t.watch);
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            match t
+                .rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
                 Ok(_) => continue,
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
                 Err(e) => panic!("the channel stayed open: {e}"),
@@ -404,34 +438,23 @@ mod tests {
 
     #[test]
     fn a_directory_moved_within_is_watched_where_it_went_and_one_moved_out_is_not_watched() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (root, outside) = (tmp.path().join("root"), tmp.path().join("outside"));
-        std::fs::create_dir_all(root.join("stays/sub")).unwrap();
-        std::fs::create_dir_all(root.join("leaves/sub")).unwrap();
-        std::fs::create_dir(&outside).unwrap();
-        let (tx, rx) = sync_channel(64);
-        let counters = Arc::new(Counters::default());
-        let _watch =
-            RenameWatch::start(std::slice::from_ref(&root), rules(), counters, tx).unwrap();
-        let move_in = |name: &str, to: &Path| {
-            std::fs::write(outside.join(name), name).unwrap();
-            std::fs::rename(outside.join(name), to).unwrap();
-        };
+        let t = Trees::new(&["stays/sub", "leaves/sub"], &[]);
+        let (root, outside, rx) = (&t.root, &t.outside, &t.rx);
 
         // Renamed within the root: a file moved later into its subdirectory has the new path.
         std::fs::rename(root.join("stays"), root.join("moved")).unwrap();
-        until(&rx, &root.join("moved"));
-        move_in("a", &root.join("moved/sub/a"));
-        until(&rx, &root.join("moved/sub/a"));
+        until(rx, &root.join("moved"));
+        t.move_in("a", &root.join("moved/sub/a"));
+        until(rx, &root.join("moved/sub/a"));
 
         // Moved out: a file moved into it afterwards is not reported, under either path. A new
         // directory made at its old path is watched as any new one.
         std::fs::rename(root.join("leaves"), outside.join("left")).unwrap();
-        move_in("b", &outside.join("left/sub/b"));
-        move_in("c", &outside.join("left/c"));
+        t.move_in("b", &outside.join("left/sub/b"));
+        t.move_in("c", &outside.join("left/c"));
         std::fs::create_dir_all(root.join("leaves/sub")).unwrap();
-        move_in("d", &root.join("leaves/sub/d"));
-        let seen = until(&rx, &root.join("leaves/sub/d"));
+        t.move_in("d", &root.join("leaves/sub/d"));
+        let seen = until(rx, &root.join("leaves/sub/d"));
         assert!(
             !seen.iter().any(|p| p.ends_with("b") || p.ends_with("c")),
             "reported from a directory moved out: {seen:?}"
